@@ -1,0 +1,87 @@
+"""Masked Autoencoder (He et al., 2022): visible-only encoder, transformer decoder, pixel MSE.
+
+Composed from the shared parts: `masking.random_masking_from_noise`, `models.vit.ViTEncoder`
+(visible-only mode), `models.decoders.MAEDecoder`, `targets.pixel_targets`, `losses.masked_mse`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mim_jax import losses, masking, targets
+from mim_jax.models.decoders import MAEDecoder
+from mim_jax.models.vit import ViTEncoder, encoder_from_config
+
+
+class MaskedAutoencoder(nn.Module):
+  """Encoder over visible patches + decoder over all positions.
+
+  images [B, H, W, C] -> (pred [B, N, p*p*C], MaskInfo). Pass `noise` [B, N] to fix the mask
+  (e.g. to compare with another implementation); otherwise it is drawn from the 'masking' rng.
+  """
+  encoder: ViTEncoder
+  decoder: MAEDecoder
+  mask_ratio: float
+
+  def __call__(self, images: jax.Array, *, noise: Optional[jax.Array] = None,
+               train: bool = False):
+    num_patches = self.encoder.grid_hw[0] * self.encoder.grid_hw[1]
+    if noise is None:
+      noise = jax.random.uniform(self.make_rng("masking"), (images.shape[0], num_patches))
+    info = masking.random_masking_from_noise(noise, self.mask_ratio)
+    latent, _ = self.encoder(images, ids_keep=info.ids_keep, train=train)
+    pred = self.decoder(latent, info.ids_restore, train=train)
+    return pred, info
+
+
+def build_model(config) -> MaskedAutoencoder:
+  """The MAE model described by a config (see configs/mae_*.py)."""
+  encoder = encoder_from_config(config.model, config.image_size, config.channels)
+  p = encoder.patch_size
+  decoder = MAEDecoder(
+      grid_hw=encoder.grid_hw, out_dim=p * p * config.channels, width=config.decoder.width,
+      depth=config.decoder.depth, num_heads=config.decoder.num_heads,
+      dtype=jnp.dtype(config.model.dtype), attention_impl=config.model.get("attention_impl") or None)
+  return MaskedAutoencoder(encoder=encoder, decoder=decoder, mask_ratio=config.masking.ratio)
+
+
+def mae_loss(pred: jax.Array, images: jax.Array, mask: jax.Array, patch_size: int,
+             norm_pix_loss: bool) -> jax.Array:
+  """MSE on masked patches against (optionally per-patch normalised) pixels."""
+  return losses.masked_mse(pred, targets.pixel_targets(images, patch_size, norm_pix_loss), mask)
+
+
+class MAE:
+  """The MAE method as the training loop sees it (see `methods.base.Method`)."""
+
+  name = "mae"
+
+  def __init__(self, config):
+    self.model = build_model(config)
+    self.norm_pix_loss = bool(config.target.norm_pix)
+    self.patch_size = self.model.encoder.patch_size
+
+  def init(self, rng, images):
+    params_rng, mask_rng = jax.random.split(rng)
+    return self.model.init({"params": params_rng, "masking": mask_rng}, images)["params"]
+
+  def _rngs(self, rng):
+    mask_rng, drop_rng = jax.random.split(rng)
+    return {"masking": mask_rng, "drop_path": drop_rng}
+
+  def loss(self, params, batch, rng, train=True):
+    images = batch["image"]
+    pred, info = self.model.apply({"params": params}, images, train=train, rngs=self._rngs(rng))
+    loss = mae_loss(pred, images, info.mask, self.patch_size, self.norm_pix_loss)
+    return loss, {"loss": loss}
+
+  def reconstruct(self, params, images, rng):
+    pred, info = self.model.apply({"params": params}, images, rngs=self._rngs(rng))
+    return {"pred": pred, "mask": info.mask}
+
+  def encoder_params(self, params):
+    return params["encoder"]

@@ -1,0 +1,265 @@
+"""Vision Transformer encoder pieces shared by every MIM method.
+
+Layout conventions (used across mim_jax):
+  images   [B, H, W, C]       channels last, normalised floats
+  patches  [B, N, p*p*C]      N = (H/p) * (W/p), row-major over the patch grid, each patch
+                              flattened in (row, col, channel) order (the official MAE `patchify`)
+  tokens   [B, T, D]          T = 1 + number of patch tokens given to the encoder (cls first)
+
+The block structure mirrors the official MAE / timm ViT (pre-norm, fused qkv with bias, exact
+GELU, LayerNorm eps 1e-6) so that released PyTorch weights map one to one onto these parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mim_jax.config_errors import config_error
+
+Dtype = Any
+
+# Xavier-uniform on every linear layer and N(0, 0.02) on learned tokens, as in the official MAE.
+dense_init = nn.initializers.xavier_uniform()
+token_init = nn.initializers.normal(stddev=0.02)
+LAYER_NORM_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTSize:
+  """Width, depth, heads and MLP size of one ViT variant."""
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+
+
+VIT_SIZES = {
+    # "mu" is not a published size: a two-block micro model for smoke tests and CI.
+    "mu": ViTSize(width=64, depth=2, num_heads=2, mlp_dim=256),
+    "Ti": ViTSize(width=192, depth=12, num_heads=3, mlp_dim=768),
+    "S": ViTSize(width=384, depth=12, num_heads=6, mlp_dim=1536),
+    "B": ViTSize(width=768, depth=12, num_heads=12, mlp_dim=3072),
+    "L": ViTSize(width=1024, depth=24, num_heads=16, mlp_dim=4096),
+    "H": ViTSize(width=1280, depth=32, num_heads=16, mlp_dim=5120),
+}
+
+
+def parse_variant(variant: str, field: str = "model.variant") -> tuple[ViTSize, int]:
+  """Parses "B/16" into (ViTSize, patch_size 16); the error names `field`."""
+  name, sep, patch = variant.partition("/")
+  if not sep or name not in VIT_SIZES or not patch.isdigit() or int(patch) <= 0:
+    raise config_error(
+        field, variant,
+        f"expected SIZE/PATCH with SIZE one of {sorted(VIT_SIZES)} and PATCH a positive "
+        "integer, e.g. 'B/16' or 'Ti/4'")
+  return VIT_SIZES[name], int(patch)
+
+
+def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+  """Fixed 1-D sin-cos embedding: positions [M] -> [M, dim] (sin half, then cos half)."""
+  assert dim % 2 == 0, dim
+  omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+  angles = np.einsum("m,d->md", positions.reshape(-1).astype(np.float64), omega)
+  return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_2d(dim: int, grid_hw: tuple[int, int], cls_token: bool) -> np.ndarray:
+  """Fixed 2-D sin-cos position embedding [1 + h*w or h*w, dim] (float32).
+
+  Matches the official MAE `get_2d_sincos_pos_embed` for square grids (and extends it to
+  h != w): the first half of the channels encodes the column index, the second the row index,
+  and the cls token, if any, gets zeros.
+  """
+  if dim % 4:
+    raise ValueError(f"sin-cos 2-D position embeddings need a width divisible by 4, got {dim}")
+  h, w = grid_hw
+  rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64),
+                           indexing="ij")
+  emb = np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
+  if cls_token:
+    emb = np.concatenate([np.zeros([1, dim]), emb], axis=0)
+  return emb.astype(np.float32)
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+  """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C] in the official MAE patch order."""
+  b, h, w, c = images.shape
+  p = patch_size
+  x = images.reshape(b, h // p, p, w // p, p, c)
+  x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches: jax.Array, patch_size: int, grid_hw: tuple[int, int],
+               channels: int) -> jax.Array:
+  """[B, N, p*p*C] -> [B, H, W, C], the inverse of `patchify`."""
+  b = patches.shape[0]
+  (gh, gw), p = grid_hw, patch_size
+  x = patches.reshape(b, gh, gw, p, p, channels)
+  x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))
+  return x.reshape(b, gh * p, gw * p, channels)
+
+
+def gather_tokens(x: jax.Array, ids: jax.Array) -> jax.Array:
+  """Picks tokens per example: x [B, N, D], ids [B, K] -> [B, K, D]."""
+  return jnp.take_along_axis(x, ids[:, :, None], axis=1)
+
+
+class Mlp(nn.Module):
+  """fc1 -> exact GELU -> fc2 (PyTorch's nn.GELU is the erf form)."""
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=dense_init, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)
+    return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name="fc2")(x)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection.
+
+  The core runs through `jax.nn.dot_product_attention`, which lowers to the cuDNN flash kernel
+  on GPU when `implementation` allows it, and to plain XLA elsewhere.
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  implementation: Optional[str] = None  # None (let JAX choose), "xla" or "cudnn"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, t, width = x.shape
+    head_dim = width // self.num_heads
+    qkv = nn.Dense(3 * width, dtype=self.dtype, kernel_init=dense_init, name="qkv")(x)
+    qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, heads, head_dim]
+    out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    out = out.reshape(b, t, width)
+    return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name="proj")(out)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
+
+  `drop_path` is stochastic depth (per-example residual dropout), used by fine-tuning.
+  """
+  num_heads: int
+  mlp_dim: int
+  drop_path: float = 0.0
+  dtype: Dtype = jnp.float32
+  attention_impl: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def residual(y):
+      if self.drop_path > 0.0:
+        # Broadcast over tokens and channels: the whole branch is dropped per example.
+        y = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), rng_collection="drop_path")(
+            y, deterministic=not train)
+      return y
+
+    norm = lambda name: nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name=name)
+    x = x + residual(Attention(self.num_heads, dtype=self.dtype,
+                               implementation=self.attention_impl, name="attn")(norm("norm1")(x)))
+    x = x + residual(Mlp(self.mlp_dim, dtype=self.dtype, name="mlp")(norm("norm2")(x)))
+    return x
+
+
+class Transformer(nn.Module):
+  """`depth` blocks followed by a final LayerNorm. Returns (output, per-block outputs)."""
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  drop_path_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  attention_impl: Optional[str] = None
+  norm_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, list[jax.Array]]:
+    block_outputs = []
+    for i in range(self.depth):
+      # Linearly increasing stochastic depth, as in DeiT / MAE fine-tuning.
+      rate = self.drop_path_rate * i / max(self.depth - 1, 1)
+      x = Block(self.num_heads, self.mlp_dim, drop_path=rate, dtype=self.dtype,
+                attention_impl=self.attention_impl, name=f"blocks_{i}")(x, train)
+      block_outputs.append(x)
+    x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name=self.norm_name)(x)
+    return x, block_outputs
+
+
+class ViTEncoder(nn.Module):
+  """ViT encoder over patch tokens with a cls token and fixed 2-D sin-cos positions.
+
+  Two input modes share all parameters and code:
+    * `ids_keep` [B, K]: only the K visible patches are embedded and encoded (MAE's asymmetric
+      encoder); cost scales with K.
+    * `token_mask` [B, N] bool: all N patches are encoded, masked ones replaced by a learned
+      mask token before the position embedding is added (SimMIM / BEiT / data2vec style);
+      requires `use_mask_token=True`.
+
+  Returns (tokens [B, 1 + K or N, D] after the final LayerNorm, aux) where aux holds
+  "blocks": the list of per-block outputs (before the final norm).
+  """
+  image_size: Sequence[int]
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  channels: int = 3
+  drop_path_rate: float = 0.0
+  use_mask_token: bool = False
+  dtype: Dtype = jnp.float32
+  attention_impl: Optional[str] = None
+
+  @property
+  def grid_hw(self) -> tuple[int, int]:
+    return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, ids_keep: Optional[jax.Array] = None,
+               token_mask: Optional[jax.Array] = None, train: bool = False):
+    if ids_keep is not None and token_mask is not None:
+      raise ValueError("pass either ids_keep (visible-only) or token_mask (mask tokens), not both")
+    x = patchify(images, self.patch_size).astype(self.dtype)
+    x = nn.Dense(self.width, dtype=self.dtype, kernel_init=dense_init, name="patch_embed")(x)
+    if self.use_mask_token:
+      mask_token = self.param("mask_token", token_init, (1, 1, self.width))
+      if token_mask is not None:
+        x = jnp.where(token_mask[:, :, None], mask_token.astype(x.dtype), x)
+    elif token_mask is not None:
+      raise ValueError("token_mask needs an encoder built with use_mask_token=True")
+
+    posemb = jnp.asarray(sincos_2d(self.width, self.grid_hw, cls_token=True))
+    x = x + posemb[None, 1:].astype(x.dtype)
+    if ids_keep is not None:
+      x = gather_tokens(x, ids_keep)
+
+    cls = self.param("cls_token", token_init, (1, 1, self.width))
+    cls = (cls + posemb[None, :1]).astype(x.dtype)
+    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
+
+    x, blocks = Transformer(self.depth, self.num_heads, self.mlp_dim,
+                            drop_path_rate=self.drop_path_rate, dtype=self.dtype,
+                            attention_impl=self.attention_impl, name="transformer")(x, train)
+    return x, {"blocks": blocks}
+
+
+def encoder_from_config(model_cfg, image_size: Sequence[int], channels: int, *,
+                        use_mask_token: bool = False) -> ViTEncoder:
+  """Builds the encoder described by `config.model` (variant, dtype, attention, drop path)."""
+  size, patch = parse_variant(model_cfg.variant)
+  return ViTEncoder(
+      image_size=tuple(image_size), patch_size=patch, width=size.width, depth=size.depth,
+      num_heads=size.num_heads, mlp_dim=size.mlp_dim, channels=channels,
+      drop_path_rate=model_cfg.get("drop_path_rate", 0.0), use_mask_token=use_mask_token,
+      dtype=jnp.dtype(model_cfg.dtype), attention_impl=model_cfg.get("attention_impl") or None)
