@@ -1,0 +1,17 @@
+"""MAE ViT-H/14 pre-training on ImageNet-1k (He et al., 2022, Table 8 / Appendix A.1).
+
+  python -m mim_jax.main --config=configs/mae_vith.py --workdir=DIR \
+      --config.data.tfds_data_dir=/path/to/tfds
+
+Arguments (after a colon): `variant=H/14` (any SIZE/PATCH), `runlocal` (a seconds-long smoke
+run on synthetic data), e.g. --config=configs/mae_vith.py:runlocal.
+Recipe: 800 epochs (the paper's main results also use 1600), batch 4096, AdamW (0.9, 0.95),
+wd 0.05, base lr 1.5e-4 (lr = base_lr * batch / 256), 40 warmup epochs, half-cosine,
+mask 0.75, norm_pix_loss, RandomResizedCrop(0.2, 1) + flip, decoder 512-d x 8.
+"""
+
+from mim_jax import config_defaults
+
+
+def get_config(arg=None):
+  return config_defaults.mae_imagenet_config(arg, default_variant="H/14")

@@ -1,0 +1,153 @@
+"""Checks a config before any data is read or anything is compiled.
+
+Each failure raises `ConfigError` naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+from mim_jax.config_errors import ConfigError, config_error
+from mim_jax.masking import num_visible
+from mim_jax.models.vit import parse_variant
+
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("", "xla", "cudnn")
+MASK_KINDS_BY_METHOD = {"mae": ("random",)}
+
+
+def _require(ok: bool, field: str, value, allowed: str, hint: str = "") -> None:
+  if not ok:
+    raise config_error(field, value, allowed, hint)
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _positive_int(config, field: str) -> int:
+  value = config[field] if "." not in field else _get(config, field)
+  _require(_is_int(value) and value > 0, field, value, "a positive integer")
+  return value
+
+
+def _get(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def validate_model(config) -> None:
+  from mim_jax.methods import METHODS  # here, not at import: methods import this module's peers
+  _require(config.method in METHODS, "method", config.method, f"one of {sorted(METHODS)}")
+  size, patch = parse_variant(config.model.variant)
+  _require(config.model.dtype in DTYPES, "model.dtype", config.model.dtype, f"one of {DTYPES}")
+  _require(config.model.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
+           config.model.attention_impl, f"one of {ATTENTION_IMPLS} ('' lets JAX choose)")
+  rate = config.model.drop_path_rate
+  _require(_is_number(rate) and 0 <= rate < 1, "model.drop_path_rate", rate, "a number in [0, 1)")
+
+  image_size = tuple(config.image_size)
+  _require(len(image_size) == 2 and all(_is_int(s) and s > 0 for s in image_size),
+           "image_size", image_size, "(height, width), two positive integers")
+  for axis, s in zip(("height", "width"), image_size):
+    _require(s % patch == 0, "image_size", image_size,
+             f"each side divisible by the patch size {patch} of model.variant="
+             f"{config.model.variant!r}; the {axis} {s} is not")
+  _require(_is_int(config.channels) and config.channels > 0, "channels", config.channels,
+           "a positive integer (1 for grayscale, 3 for RGB)")
+  _require(size.width % 4 == 0, "model.variant", config.model.variant,
+           "a width divisible by 4 (2-D sin-cos position embeddings)")
+
+  dec = config.decoder
+  for name in ("width", "depth", "num_heads"):
+    _positive_int(config, f"decoder.{name}")
+  _require(dec.width % dec.num_heads == 0, "decoder.num_heads", dec.num_heads,
+           f"a divisor of decoder.width={dec.width}")
+  _require(dec.width % 4 == 0, "decoder.width", dec.width,
+           "a multiple of 4 (2-D sin-cos position embeddings)")
+
+  kinds = MASK_KINDS_BY_METHOD[config.method]
+  _require(config.masking.kind in kinds, "masking.kind", config.masking.kind,
+           f"one of {kinds} for method {config.method!r}")
+  ratio = config.masking.ratio
+  _require(_is_number(ratio) and 0 < ratio < 1, "masking.ratio", ratio,
+           "a number strictly between 0 and 1 (MAE uses 0.75)")
+  num_patches = (image_size[0] // patch) * (image_size[1] // patch)
+  _require(num_visible(num_patches, ratio) >= 1, "masking.ratio", ratio,
+           f"a ratio that leaves at least one of the {num_patches} patches visible")
+  _require(isinstance(config.target.norm_pix, bool), "target.norm_pix", config.target.norm_pix,
+           "true or false")
+
+
+def validate_optimization(config) -> None:
+  _positive_int(config, "global_batch_size")
+  _positive_int(config, "grad_accum_steps")
+  _require(config.global_batch_size % config.grad_accum_steps == 0, "global_batch_size",
+           config.global_batch_size,
+           f"a multiple of grad_accum_steps={config.grad_accum_steps}")
+  _require(_is_number(config.num_epochs) and config.num_epochs > 0, "num_epochs",
+           config.num_epochs, "a positive number")
+  _require(_is_int(config.total_steps) and (config.total_steps == -1 or config.total_steps > 0),
+           "total_steps", config.total_steps, "-1 (the whole schedule) or a positive integer")
+  opt = config.optimizer
+  _require(opt.name == "adamw", "optimizer.name", opt.name, "'adamw'")
+  _require(_is_number(opt.base_lr) and opt.base_lr > 0, "optimizer.base_lr", opt.base_lr,
+           "a positive number")
+  _require(_is_number(opt.lr_batch_reference) and opt.lr_batch_reference > 0,
+           "optimizer.lr_batch_reference", opt.lr_batch_reference, "a positive number")
+  _require(_is_number(opt.min_lr) and 0 <= opt.min_lr, "optimizer.min_lr", opt.min_lr,
+           "a number >= 0")
+  for name in ("b1", "b2"):
+    _require(_is_number(opt[name]) and 0 <= opt[name] < 1, f"optimizer.{name}", opt[name],
+             "a number in [0, 1)")
+  _require(_is_number(opt.eps) and opt.eps > 0, "optimizer.eps", opt.eps, "a positive number")
+  _require(_is_number(opt.weight_decay) and opt.weight_decay >= 0, "optimizer.weight_decay",
+           opt.weight_decay, "a number >= 0")
+  _require(_is_number(opt.warmup_epochs) and 0 <= opt.warmup_epochs, "optimizer.warmup_epochs",
+           opt.warmup_epochs, "a number >= 0")
+  _require(opt.warmup_epochs <= config.num_epochs, "optimizer.warmup_epochs", opt.warmup_epochs,
+           f"at most num_epochs={config.num_epochs}")
+  _require(_is_number(opt.clip_grad_norm) and opt.clip_grad_norm >= 0, "optimizer.clip_grad_norm",
+           opt.clip_grad_norm, "a number >= 0 (0 disables clipping)")
+
+
+def validate_logging(config) -> None:
+  for name in ("log_every", "checkpoint_every", "keep_checkpoints", "viz_num_images"):
+    _positive_int(config, name)
+  _require(_is_int(config.viz_every) and config.viz_every >= 0, "viz_every", config.viz_every,
+           "an integer >= 0 (0 disables pictures)")
+  _require(_is_int(config.seed), "seed", config.seed, "an integer")
+  _require(isinstance(config.export_encoder, bool), "export_encoder", config.export_encoder,
+           "true or false")
+
+
+def validate_config(config) -> None:
+  """Static checks (no devices, no files beyond the data paths). Raises ConfigError."""
+  from mim_jax import data  # the data package validates its own sub-config
+  validate_model(config)
+  validate_optimization(config)
+  validate_logging(config)
+  data.validate_data_config(config.data, image_size=tuple(config.image_size),
+                            channels=config.channels)
+
+
+def validate_for_devices(config, *, batch_parallelism: int, process_count: int) -> None:
+  """Checks that need the mesh: the batch must split evenly over devices and accumulation."""
+  per_step = batch_parallelism * config.grad_accum_steps
+  if config.global_batch_size % per_step:
+    raise config_error(
+        "global_batch_size", config.global_batch_size,
+        f"a multiple of (data-parallel devices {batch_parallelism}) x (grad_accum_steps "
+        f"{config.grad_accum_steps}) = {per_step}")
+  if config.global_batch_size % process_count:
+    raise config_error("global_batch_size", config.global_batch_size,
+                       f"a multiple of the number of processes {process_count}")
+
+
+__all__ = ["ConfigError", "validate_config", "validate_for_devices"]

@@ -1,0 +1,268 @@
+"""The one training loop of mim_jax, shared by every pre-training method.
+
+Reusable pieces, importable on their own:
+  * `TrainState`            step, params and optimizer state (a pytree)
+  * `make_train_step`       (state, batch, rng) -> (state, metrics), pure and jittable
+  * `init_train_state`      shape-first, sharded initialisation
+and `run(config, workdir)`, which wires them to data, checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mim_jax import checkpoint, config_validation, data, metric_writers, optim, parallel, viz
+from mim_jax.methods import build_method
+
+log = logging.getLogger(__name__)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training (besides the data iterator).
+
+  step       int32 []  number of optimizer updates applied so far
+  params     pytree    model parameters (float32)
+  opt_state  pytree    optimizer state
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def init_train_state(method, tx: optax.GradientTransformation, rng: jax.Array,
+                     image_shape: tuple[int, ...]) -> TrainState:
+  """Fresh state for images of `image_shape` [B, H, W, C] (traced: use under jit/eval_shape)."""
+  params = method.init(rng, jnp.zeros(image_shape, jnp.float32))
+  return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def _split_microbatches(batch: Any, num_micro: int) -> Any:
+  """[B, ...] -> [num_micro, B / num_micro, ...] taking rows i::num_micro for microbatch i.
+
+  Strided rows keep every device's contiguous shard of the batch inside each microbatch, so
+  splitting needs no communication when the batch is sharded over devices.
+  """
+  def split(x):
+    x = x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    grad_accum_steps: int = 1) -> Callable:
+  """Returns the pure step `(state, batch, rng) -> (state, metrics)`.
+
+  `rng` is the run's base key; the step folds in `state.step`, so the randomness of step t is
+  the same whether or not the run was interrupted. With `grad_accum_steps` > 1 the batch is
+  split into that many microbatches whose gradients are averaged before one update.
+  Metrics are scalars: the method's (loss, ...), learning_rate and grad/param/update norms.
+  """
+  def grad_fn(params, batch, rng):
+    (loss, metrics), grads = jax.value_and_grad(
+        lambda p: method.loss(p, batch, rng, train=True), has_aux=True)(params)
+    return metrics, grads
+
+  def step_fn(state: TrainState, batch: Any, rng: jax.Array):
+    rng = jax.random.fold_in(rng, state.step)
+    if grad_accum_steps == 1:
+      metrics, grads = grad_fn(state.params, batch, rng)
+    else:
+      micro = _split_microbatches(batch, grad_accum_steps)
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      metric_shapes = jax.eval_shape(grad_fn, state.params,
+                                     jax.tree.map(lambda x: x[0], micro), rng)[0]
+      metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+
+      def accumulate(carry, inputs):
+        index, microbatch = inputs
+        m, g = grad_fn(state.params, microbatch, jax.random.fold_in(rng, index))
+        return jax.tree.map(jnp.add, carry, (m, g)), None
+
+      (metrics, grads), _ = jax.lax.scan(
+          accumulate, (metric_zeros, zeros), (jnp.arange(grad_accum_steps), micro))
+      metrics, grads = jax.tree.map(lambda x: x / grad_accum_steps, (metrics, grads))
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics)
+    metrics.update(learning_rate=schedule(state.step), grad_norm=optax.global_norm(grads),
+                   param_norm=optax.global_norm(params), update_norm=optax.global_norm(updates))
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return step_fn
+
+
+class _PreemptionFlag:
+  """Turns SIGTERM into a flag read at step boundaries (save, then exit cleanly)."""
+
+  def __init__(self):
+    self.triggered = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      log.warning("received signal %d: saving a checkpoint at the next step boundary", signum)
+      self.triggered = True
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. called from a notebook worker)
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _schedule_lengths(config, num_examples: int) -> tuple[int, int, int]:
+  """(steps_per_epoch, schedule_steps, last_step) for a dataset of `num_examples`."""
+  steps_per_epoch = num_examples // config.global_batch_size
+  if steps_per_epoch < 1:
+    raise config_validation.ConfigError(
+        f"config.global_batch_size={config.global_batch_size} is invalid: it must not exceed "
+        f"the {num_examples} training examples of config.data.source={config.data.source!r}.")
+  schedule_steps = max(1, int(round(config.num_epochs * steps_per_epoch)))
+  last_step = schedule_steps if config.total_steps == -1 else config.total_steps
+  return steps_per_epoch, schedule_steps, last_step
+
+
+def _model_info(config) -> dict:
+  return {"method": config.method, "variant": config.model.variant,
+          "image_size": list(config.image_size), "channels": config.channels,
+          "config": config.to_dict()}
+
+
+def run(config, workdir: str) -> TrainState:
+  """Pre-trains `config.method` in `workdir`, resuming from its latest checkpoint if any.
+
+  Returns the final TrainState. On SIGTERM it saves at the next step boundary and returns.
+  """
+  config_validation.validate_config(config)
+  mesh = parallel.make_mesh(config.mesh)
+  config_validation.validate_for_devices(
+      config, batch_parallelism=parallel.batch_parallelism(mesh),
+      process_count=jax.process_count())
+  checkpoint.ensure_writable(workdir)
+  is_chief = jax.process_index() == 0
+
+  image_size, channels = tuple(config.image_size), config.channels
+  num_examples = data.num_examples(config.data, image_size=image_size, channels=channels)
+  steps_per_epoch, schedule_steps, last_step = _schedule_lengths(config, num_examples)
+  schedule = optim.learning_rate_schedule(config.optimizer, config.global_batch_size,
+                                          steps_per_epoch, schedule_steps)
+  tx = optim.build_optimizer(config.optimizer, schedule)
+  method = build_method(config)
+
+  # Shape first, then shard: nothing is materialised before its sharding is known.
+  init_rng, base_rng = jax.random.split(jax.random.key(config.seed))
+  micro_shape = (config.global_batch_size // config.grad_accum_steps, *image_size, channels)
+  init_fn = functools.partial(init_train_state, method, tx, image_shape=(1, *image_size, channels))
+  abstract_state = jax.eval_shape(init_fn, init_rng)
+  state_shardings = parallel.tree_shardings(mesh, abstract_state, config.sharding_rules)
+  abstract_state = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      abstract_state, state_shardings)
+  batch_sharding = parallel.batch_sharding(mesh)
+  replicated = parallel.replicated(mesh)
+
+  train_iter = data.make_train_iterator(
+      config.data, image_size=image_size, channels=channels,
+      global_batch_size=config.global_batch_size, seed=config.seed)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 save_every=config.checkpoint_every, keep=config.keep_checkpoints)
+  start_step = ckpt.latest_step()
+  if start_step is not None:
+    state = ckpt.restore(start_step, abstract_state, train_iter)
+    log.info("resumed from %s at step %d", ckpt.directory, start_step)
+  else:
+    start_step = 0
+    state = jax.jit(init_fn, out_shardings=state_shardings)(init_rng)
+  base_rng = jax.device_put(base_rng, replicated)
+
+  train_step = jax.jit(
+      make_train_step(method, tx, schedule, config.grad_accum_steps),
+      in_shardings=(state_shardings, {"image": batch_sharding}, replicated),
+      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+  writer = metric_writers.MetricWriter(workdir, enabled=is_chief)
+  if start_step == 0:
+    writer.write_hparams(config.to_dict())
+  progress = metric_writers.ProgressLogger(last_step, start_step=start_step,
+                                           log_fn=(lambda s: log.info("%s", s)) if is_chief
+                                           else (lambda s: None))
+  log.info("%s %s: %d examples, %d steps/epoch, schedule %d steps, training to step %d on %d "
+           "device(s), micro-batch %s", config.method, config.model.variant, num_examples,
+           steps_per_epoch, schedule_steps, last_step, jax.device_count(), micro_shape)
+
+  draw = _make_drawer(config, method, workdir, writer, base_rng) if (
+      config.viz_every and is_chief) else None
+
+  step = start_step
+  t_last, step_last = time.perf_counter(), step
+  with _PreemptionFlag() as preempted:
+    while step < last_step:
+      batch = parallel.host_batch_to_global({"image": next(train_iter)["image"]}, batch_sharding)
+      state, metrics = train_step(state, batch, base_rng)
+      step += 1
+      # The only host-device synchronisation in the loop: metrics at the logging interval.
+      if step % config.log_every == 0 or step == last_step:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        metrics["images_per_sec"] = (step - step_last) * config.global_batch_size / (now - t_last)
+        t_last, step_last = now, step
+        writer.write_scalars(step, metrics)
+        progress.log(step, metrics)
+        if not np.isfinite(metrics["loss"]):
+          log.error("non-finite loss %s at step %d", metrics["loss"], step)
+      if draw is not None and (step % config.viz_every == 0 or step == last_step):
+        draw(step, state.params)
+      if preempted.triggered:
+        ckpt.save(step, state, train_iter, force=True)
+        ckpt.wait()
+        log.warning("checkpoint for step %d written after SIGTERM; exiting", step)
+        break
+      ckpt.save(step, state, train_iter)
+
+  if not preempted.triggered:
+    if ckpt.latest_step() != step:
+      ckpt.save(step, state, train_iter, force=True)
+    ckpt.wait()
+    if config.export_encoder and step == last_step:
+      encoder = jax.device_get(method.encoder_params(state.params))
+      if is_chief:
+        checkpoint.export_encoder(os.path.join(workdir, "encoder"), encoder, _model_info(config))
+  ckpt.close()
+  writer.close()
+  return state
+
+
+def _make_drawer(config, method, workdir: str, writer, rng: jax.Array) -> Callable:
+  """Reconstruction pictures of a fixed set of (unaugmented) images at every call."""
+  images = next(data.make_eval_iterator(
+      config.data, image_size=tuple(config.image_size), channels=config.channels,
+      batch_size=config.viz_num_images, process_index=0, process_count=1))["image"]
+  reconstruct = jax.jit(method.reconstruct)
+  patch = method.model.encoder.patch_size
+  viz_rng = jax.random.fold_in(rng, -1 % (2**31))
+
+  def draw(step: int, params) -> None:
+    out = jax.device_get(reconstruct(params, jnp.asarray(images), viz_rng))
+    grid = viz.reconstruction_grid(images, out["pred"], out["mask"], patch_size=patch,
+                                   mean=config.data.mean, std=config.data.std,
+                                   norm_pix_loss=config.target.norm_pix)
+    viz.save_png(grid, os.path.join(workdir, "reconstructions", f"step_{step:08d}.png"))
+    writer.write_image(step, "reconstructions", grid)
+
+  return draw
