@@ -97,8 +97,8 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics)
-    metrics.update(learning_rate=schedule(state.step), grad_norm=optax.global_norm(grads),
-                   param_norm=optax.global_norm(params), update_norm=optax.global_norm(updates))
+    metrics.update(learning_rate=schedule(state.step), grad_norm=optax.tree_utils.tree_l2_norm(grads),
+                   param_norm=optax.tree_utils.tree_l2_norm(params), update_norm=optax.tree_utils.tree_l2_norm(updates))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return step_fn

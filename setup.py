@@ -1,0 +1,32 @@
+"""mim_jax: masked image modeling (MAE, SimMIM, BEiT, data2vec, iBOT) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mim_jax",
+    version="0.1.0",
+    description="Masked image modeling pre-training and evaluation in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["mim_jax", "mim_jax.*"]),
+    python_requires=">=3.10",
+    # Lower bounds only: GPU images ship their own (newer) jax/flax/optax/orbax.
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.10",
+        "tensorflow-datasets>=4.9.7",
+        "ml-collections>=1.0",
+        "chex>=0.1.88",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "pillow>=10",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        # torch + transformers run the parity test against HF ViTMAEForPreTraining on the CPU.
+        "test": ["pytest>=8", "torch>=2.4", "transformers>=4.45", "safetensors>=0.4"],
+    },
+)

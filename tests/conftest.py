@@ -1,0 +1,41 @@
+"""Shared test setup: small configs and a place for the repo root."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+sys.path.insert(0, str(REPO))
+
+
+def tiny_mae_config(**overrides):
+  """A micro MAE config on synthetic 16x16 RGB images (4x4 patches -> 16 patches)."""
+  from mim_jax import config_defaults
+  c = config_defaults.base_config()
+  c.image_size = (16, 16)
+  c.model.variant = "mu/4"
+  c.decoder.update(width=32, depth=1, num_heads=2)
+  c.data.update(source="synthetic", synthetic_size=64, num_workers=0)
+  c.global_batch_size = 8
+  c.num_epochs = 2
+  c.optimizer.warmup_epochs = 1.0
+  c.log_every = 1
+  c.checkpoint_every = 2
+  c.viz_every = 0
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+requires_fmnist = pytest.mark.skipif(
+    not os.path.isdir(FMNIST_DIR),
+    reason=f"Fashion-MNIST not installed at {FMNIST_DIR} (apt-get install -y dataset-fashion-mnist)")

@@ -1,0 +1,157 @@
+"""ViT encoder / MAE decoder: structure, parameter counts, position embeddings, cost."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from mim_jax.config_errors import ConfigError
+from mim_jax.methods import mae
+from mim_jax.models import vit
+
+
+def _mae_config(variant, image_size=(224, 224), channels=3, decoder=(512, 8, 16), dtype="float32"):
+  return ml_collections.ConfigDict(dict(
+      method="mae", image_size=image_size, channels=channels,
+      model=dict(variant=variant, dtype=dtype, attention_impl="", drop_path_rate=0.0),
+      decoder=dict(width=decoder[0], depth=decoder[1], num_heads=decoder[2]),
+      masking=dict(kind="random", ratio=0.75), target=dict(norm_pix=True)))
+
+
+def _count(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _abstract_params(config):
+  model = mae.build_model(config)
+  images = jax.ShapeDtypeStruct((1, *config.image_size, config.channels), jnp.float32)
+  return jax.eval_shape(
+      lambda r, x: model.init({"params": r, "masking": r}, x)["params"], jax.random.key(0), images)
+
+
+# Official MAE (facebookresearch/mae models_mae.py) parameter counts. The official modules hold
+# the fixed sin-cos position embeddings as frozen nn.Parameters; here they are constants, so
+# the trainable counts below are the official totals minus (1 + N) * width for each embedding.
+OFFICIAL_COUNTS = {
+    # variant: (encoder incl. frozen pos_embed, decoder incl. frozen decoder_pos_embed)
+    "B/16": (85_798_656, 26_109_184),   # total 111,907,840
+    "L/16": (303_301_632, 26_240_256),  # total 329,541,888
+}
+
+
+@pytest.mark.parametrize("variant", sorted(OFFICIAL_COUNTS))
+def test_parameter_counts_match_official_mae(variant):
+  params = _abstract_params(_mae_config(variant))
+  width = vit.VIT_SIZES[variant.split("/")[0]].width
+  tokens = 1 + (224 // 16) ** 2
+  enc_official, dec_official = OFFICIAL_COUNTS[variant]
+  assert _count(params["encoder"]) + tokens * width == enc_official
+  assert _count(params["decoder"]) + tokens * 512 == dec_official
+
+
+def _official_sincos_2d(dim, grid_size):
+  """An independent transcription of the official MAE get_2d_sincos_pos_embed (square grids)."""
+  grid_h = np.arange(grid_size, dtype=np.float32)
+  grid_w = np.arange(grid_size, dtype=np.float32)
+  grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape([2, 1, grid_size, grid_size])
+
+  def one_d(d, pos):
+    omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  emb = np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
+  return np.concatenate([np.zeros([1, dim]), emb], axis=0)
+
+
+def test_sincos_matches_official_formula():
+  ours = vit.sincos_2d(64, (14, 14), cls_token=True)
+  np.testing.assert_allclose(ours, _official_sincos_2d(64, 14), atol=1e-6)
+
+
+def test_sincos_non_square_grid_rows_and_columns():
+  emb = vit.sincos_2d(32, (3, 5), cls_token=False).reshape(3, 5, 32)
+  # First half depends on the column only, second half on the row only.
+  np.testing.assert_allclose(emb[0, :, :16], emb[2, :, :16])
+  np.testing.assert_allclose(emb[:, 0, 16:], emb[:, 4, 16:])
+  assert not np.allclose(emb[0, 0, :16], emb[0, 1, :16])
+
+
+@pytest.mark.parametrize("shape", [(2, 12, 20, 1), (2, 8, 8, 3)])
+def test_patchify_round_trip(shape):
+  x = jax.random.normal(jax.random.key(0), shape)
+  patches = vit.patchify(x, 4)
+  assert patches.shape == (shape[0], (shape[1] // 4) * (shape[2] // 4), 16 * shape[3])
+  np.testing.assert_array_equal(
+      vit.unpatchify(patches, 4, (shape[1] // 4, shape[2] // 4), shape[3]), x)
+  # Patch 1 is the second patch of the first row: rows 0..3, columns 4..7.
+  np.testing.assert_array_equal(patches[:, 1].reshape(shape[0], 4, 4, shape[3]), x[:, :4, 4:8])
+
+
+def test_non_square_grayscale_forward_shapes():
+  config = _mae_config("mu/4", image_size=(12, 20), channels=1, decoder=(32, 1, 2))
+  model = mae.build_model(config)
+  images = jax.random.normal(jax.random.key(0), (3, 12, 20, 1))
+  variables = model.init({"params": jax.random.key(1), "masking": jax.random.key(2)}, images)
+  pred, info = model.apply(variables, images, rngs={"masking": jax.random.key(3)})
+  num_patches = 3 * 5
+  assert pred.shape == (3, num_patches, 16)
+  assert info.mask.shape == (3, num_patches)
+  assert int(info.mask.sum()) == 3 * (num_patches - int(num_patches * 0.25))
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  config = _mae_config("mu/4", image_size=(16, 16), decoder=(32, 1, 2), dtype="bfloat16")
+  model = mae.build_model(config)
+  images = jnp.ones((2, 16, 16, 3))
+  variables = model.init({"params": jax.random.key(1), "masking": jax.random.key(2)}, images)
+  assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype("float32")}
+  latent, _ = model.encoder.apply({"params": variables["params"]["encoder"]}, images)
+  assert latent.dtype == jnp.bfloat16
+  pred, _ = model.apply(variables, images, rngs={"masking": jax.random.key(3)})
+  assert pred.dtype == jnp.float32 and bool(jnp.isfinite(pred).all())
+
+
+def test_mask_token_mode_shares_parameters_with_visible_mode():
+  encoder = vit.ViTEncoder(image_size=(16, 16), patch_size=4, width=32, depth=2, num_heads=2,
+                           mlp_dim=64, use_mask_token=True)
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  params = encoder.init(jax.random.key(1), images)["params"]
+  all_ids = jnp.tile(jnp.arange(16)[None], (2, 1))
+  nothing_masked = jnp.zeros((2, 16), bool)
+  a, _ = encoder.apply({"params": params}, images, ids_keep=all_ids)
+  b, _ = encoder.apply({"params": params}, images, token_mask=nothing_masked)
+  np.testing.assert_allclose(a, b, atol=1e-6)
+  masked = nothing_masked.at[:, 3].set(True)
+  c, _ = encoder.apply({"params": params}, images, token_mask=masked)
+  assert not np.allclose(b, c)
+
+
+def _encoder_flops(ratio: float) -> float:
+  config = _mae_config("Ti/16", image_size=(224, 224), decoder=(64, 1, 2))
+  model = mae.build_model(config)
+  encoder = model.encoder
+  images = jnp.zeros((2, 224, 224, 3))
+  params = jax.eval_shape(encoder.init, jax.random.key(0), images)["params"]
+  keep = int(196 * (1 - ratio))
+  ids_keep = jnp.zeros((2, keep), jnp.int32)
+  lowered = jax.jit(lambda p, x, i: encoder.apply({"params": p}, x, ids_keep=i)[0]).lower(
+      params, images, ids_keep)
+  cost = lowered.compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"])
+
+
+def test_encoder_cost_scales_with_visible_patches():
+  """XLA's own FLOP count: the MAE encoder at mask 0.75 costs about a quarter of mask 0."""
+  ratio = _encoder_flops(0.75) / _encoder_flops(0.0)
+  # 49 + 1 tokens vs 196 + 1 (the cls token and the patch embedding of all patches add a bit).
+  assert 0.22 < ratio < 0.30, ratio
+
+
+def test_unknown_variant_is_a_config_error():
+  with pytest.raises(ConfigError, match=r"config.model.variant='X/16'.*Ti"):
+    vit.parse_variant("X/16")

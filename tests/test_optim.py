@@ -1,0 +1,73 @@
+"""AdamW weight-decay mask and the warmup + half-cosine schedule."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from mim_jax import optim
+from mim_jax.methods import mae
+
+from conftest import tiny_mae_config
+
+
+def _opt_cfg(**kw):
+  base = dict(name="adamw", base_lr=1.5e-4, lr_batch_reference=256, min_lr=1e-6, b1=0.9,
+              b2=0.95, eps=1e-8, weight_decay=0.05, warmup_epochs=2.0, clip_grad_norm=0.0)
+  base.update(kw)
+  return ml_collections.ConfigDict(base)
+
+
+def test_schedule_warmup_peak_and_half_cosine():
+  cfg = _opt_cfg()
+  sched = optim.learning_rate_schedule(cfg, global_batch_size=4096, steps_per_epoch=10,
+                                       schedule_steps=100)
+  peak = 1.5e-4 * 4096 / 256
+  assert float(sched(0)) == 0.0
+  np.testing.assert_allclose(float(sched(10)), peak / 2, rtol=1e-6)
+  np.testing.assert_allclose(float(sched(20)), peak, rtol=1e-6)
+  np.testing.assert_allclose(float(sched(60)), 1e-6 + (peak - 1e-6) * 0.5, rtol=1e-5)
+  np.testing.assert_allclose(float(sched(100)), 1e-6, rtol=1e-5)
+
+
+def test_weight_decay_mask_excludes_biases_norms_and_tokens():
+  model = mae.build_model(tiny_mae_config())
+  params = jax.eval_shape(lambda r: model.init({"params": r, "masking": r},
+                                               jnp.zeros((1, 16, 16, 3)))["params"],
+                          jax.random.key(0))
+  mask = optim.weight_decay_mask(params)
+  enc, dec = mask["encoder"], mask["decoder"]
+  assert enc["patch_embed"]["kernel"] and not enc["patch_embed"]["bias"]
+  assert enc["transformer"]["blocks_0"]["attn"]["qkv"]["kernel"]
+  assert not enc["transformer"]["blocks_0"]["attn"]["qkv"]["bias"]
+  assert not enc["transformer"]["blocks_0"]["norm1"]["scale"]
+  assert not enc["cls_token"] and not dec["mask_token"]
+  assert dec["decoder_pred"]["kernel"]
+
+
+def test_weight_decay_applies_only_to_masked_in_params():
+  cfg = _opt_cfg(warmup_epochs=0.0, min_lr=1.0, base_lr=256.0, weight_decay=0.5)
+  tx = optim.build_optimizer(cfg, lambda step: 1.0)
+  params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "cls_token": jnp.ones((1, 1, 2))}
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero_grads, tx.init(params), params)
+  assert float(jnp.abs(updates["dense"]["kernel"]).sum()) > 0  # decayed
+  assert float(jnp.abs(updates["dense"]["bias"]).sum()) == 0
+  assert float(jnp.abs(updates["cls_token"]).sum()) == 0
+
+
+@pytest.mark.parametrize("clip,expected_norm", [(1.0, 0.1), (0.0, 0.1 * 20.0)])
+def test_gradient_clipping_is_applied_before_adam(clip, expected_norm):
+  cfg = _opt_cfg(clip_grad_norm=clip, weight_decay=0.0)
+  tx = optim.build_optimizer(cfg, lambda step: 1.0)
+  grads = {"w": jnp.full((4,), 10.0)}  # global norm 20
+  _, state = tx.update(grads, tx.init(grads), grads)
+  adam_state = [s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu"))
+                if hasattr(s, "mu")][0]
+  # Adam's first moment after one step is (1 - b1) * (clipped) gradient.
+  np.testing.assert_allclose(float(optax.tree_utils.tree_l2_norm(adam_state.mu)), expected_norm,
+                             rtol=1e-5)
