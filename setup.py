@@ -27,6 +27,6 @@ setup(
     ],
     extras_require={
         # torch + transformers run the parity test against HF ViTMAEForPreTraining on the CPU.
-        "test": ["pytest>=8", "torch>=2.4", "transformers>=4.45", "safetensors>=0.4"],
+        "test": ["pytest>=8", "torch>=2.4", "transformers>=4.57,<6", "safetensors>=0.4"],
     },
 )
