@@ -1,0 +1,76 @@
+"""A process-safe record of the images that were skipped because they could not be decoded.
+
+Decoding runs in grain worker processes when `config.data.num_workers > 0`, so a plain module
+counter would stay at zero in the training process. Instead every process appends the paths
+it skipped to its own file (`<pid>.txt`) in one directory owned by the main process; the
+directory travels to the workers inside the (pickled) decode transform. Bad images are rare, so
+one small append per skip costs nothing measurable.
+
+Read it from the main process with `num_skipped_images()` / `skipped_images()`. Each skip is
+one entry: a bad file met in every epoch is counted once per epoch. With workers, the count
+includes images decoded ahead of the batches consumed so far (prefetching).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import tempfile
+import threading
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_directory: str | None = None
+_owner_pid: int | None = None
+
+
+def log_directory() -> str:
+  """The directory of this (main) process's skip log, created on first use."""
+  global _directory, _owner_pid
+  with _lock:
+    if _directory is None or _owner_pid != os.getpid():
+      _directory = tempfile.mkdtemp(prefix="mim_jax_skipped_images_")
+      _owner_pid = os.getpid()
+      atexit.register(_cleanup, _directory, _owner_pid)
+    return _directory
+
+
+def _cleanup(directory: str, owner_pid: int) -> None:
+  if os.getpid() == owner_pid:  # never from a forked child that inherited the handler
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def record_skip(directory: str, path: str, reason: str) -> None:
+  """Warns that `path` is skipped and appends it to this process's file in `directory`."""
+  log.warning("skipping bad image %s (%s); set config.data.on_bad_image='raise' to stop "
+              "instead", path, reason)
+  with _lock:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"{os.getpid()}.txt"), "a", encoding="utf-8") as f:
+      f.write(path.replace("\n", " ") + "\n")
+
+
+def skipped_images() -> list[str]:
+  """Paths skipped so far by this process and its grain workers (one entry per skip)."""
+  directory = log_directory()
+  paths: list[str] = []
+  for name in sorted(os.listdir(directory)):
+    with open(os.path.join(directory, name), encoding="utf-8") as f:
+      paths.extend(line.rstrip("\n") for line in f if line.strip())
+  return paths
+
+
+def num_skipped_images() -> int:
+  """How many images were skipped so far by this process and its grain workers."""
+  return len(skipped_images())
+
+
+def reset_skipped_images() -> None:
+  """Forgets all recorded skips (e.g. between tests or evaluation passes)."""
+  directory = log_directory()
+  with _lock:
+    for name in os.listdir(directory):
+      os.remove(os.path.join(directory, name))

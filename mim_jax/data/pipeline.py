@@ -1,0 +1,188 @@
+"""The grain pipelines: an infinite, sharded, shuffled training stream and a one-pass eval one.
+
+Training, per host (process_index of process_count):
+
+  source -> [process_index::process_count] (equal shards) -> shuffle -> repeat (reshuffled
+  per epoch) -> DecodeImage -> DropBadImages -> TrainAugment (random_map) -> to_iter_dataset
+  -> batch(local_batch, drop_remainder) -> mp_prefetch (if num_workers > 0)
+
+Everything up to `to_iter_dataset` is index-based (a `MapDataset`), so an element's content
+depends only on (seed, host, position in the stream): not on threads, workers or prefetching.
+Batches are formed inside each worker from its slice of the stream (positions w::num_workers,
+grain's `mp_prefetch` slicing) and interleaved round-robin, so (when no image is skipped) the
+*set* of examples in each group of num_workers consecutive batches is the same for every worker
+count, but which batch an example lands in depends on num_workers. The iterator state (`get_state`/`set_state`)
+holds stream positions only, so a restore is exact for the same config and num_workers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import grain
+import numpy as np
+
+from mim_jax.config_errors import config_error
+from mim_jax.data import bad_images, sources, transforms
+
+# Grain raises if more than this fraction of images is dropped (checked over windows of 1000
+# elements): a dataset that is mostly unreadable is misconfigured, and without the check an
+# all-bad source would make the infinite stream spin forever.
+MAX_BAD_IMAGE_FRACTION = 0.5
+EVAL_CROP_FRACTION = 0.875  # resize to size / 0.875, centre crop (224 <- 256), for real photos
+
+
+def _process_index_and_count(process_index: int | None,
+                             process_count: int | None) -> tuple[int, int]:
+  """Explicit values, or JAX's (imported lazily: the data package does not need devices)."""
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
+  return int(process_index), int(process_count)
+
+
+def _derive_seeds(seed: int, process_index: int) -> tuple[int, int]:
+  """(shuffle seed, augmentation seed), uint32 each, independent streams from one config seed.
+
+  The augmentation seed folds in the host, so host k's i-th crop differs from host 0's.
+  """
+  shuffle_seed, = np.random.SeedSequence([seed % 2**63, 0]).generate_state(1)
+  augment_seed, = np.random.SeedSequence([seed % 2**63, 1, process_index]).generate_state(1)
+  return int(shuffle_seed), int(augment_seed)
+
+
+def _read_options(num_workers: int, batch_size: int) -> grain.ReadOptions:
+  """Threads per process that run the map chain (PIL decode and resize release the GIL)."""
+  threads = 2 if num_workers > 0 else max(1, min(8, os.cpu_count() or 1))
+  return grain.ReadOptions(num_threads=threads,
+                           prefetch_buffer_size=int(np.clip(batch_size, 16, 512)))
+
+
+def _ensure_absl_flags_parsed() -> None:
+  """Lets grain read its absl flags when the program did not parse flags (tests, notebooks).
+
+  grain's `mp_prefetch` reads flags such as --grain_enable_multiprocess_worker_profiling and
+  fails with UnparsedFlagAccessError otherwise; under `absl.app.run` (mim_jax.main) flags are
+  already parsed and this does nothing.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _normalizer(data_cfg, channels: int) -> transforms.Normalizer:
+  return transforms.Normalizer(tuple(float(m) for m in data_cfg.mean),
+                               tuple(float(s) for s in data_cfg.std), channels)
+
+
+def _decoder(data_cfg, channels: int) -> transforms.DecodeImage:
+  return transforms.DecodeImage(channels=channels, on_bad_image=data_cfg.on_bad_image,
+                                skip_log_dir=bad_images.log_directory())
+
+
+def train_dataset(data_cfg, *, image_size: tuple[int, int], channels: int,
+                  global_batch_size: int, seed: int, process_index: int | None = None,
+                  process_count: int | None = None) -> grain.IterDataset:
+  """The training pipeline as a grain IterDataset of {"image": float32 [B, H, W, C]}."""
+  process_index, process_count = _process_index_and_count(process_index, process_count)
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise config_error("global_batch_size", global_batch_size,
+                       f"a positive multiple of the number of processes {process_count}")
+  local_batch = global_batch_size // process_count
+  image_size = tuple(int(s) for s in image_size)
+
+  source = sources.build_source(data_cfg, image_size=image_size, channels=channels)
+  # Equal shards (dropping < process_count examples) keep every host's epoch the same length.
+  per_host = len(source) // process_count
+  if per_host == 0:
+    raise ValueError(f"{source!r} has {len(source)} examples, fewer than the {process_count} "
+                     "processes sharing it")
+  ds = grain.MapDataset.source(source)
+  ds = ds[process_index:per_host * process_count:process_count]
+  shuffle_seed, augment_seed = _derive_seeds(seed, process_index)
+  ds = ds.shuffle(seed=shuffle_seed).repeat()  # infinite; each epoch reshuffled from the seed
+  ds = ds.map(_decoder(data_cfg, channels)).filter(transforms.DropBadImages())
+  ds = ds.random_map(transforms.TrainAugment(
+      image_size=image_size,
+      crop_scale=tuple(float(s) for s in data_cfg.crop_scale),
+      crop_ratio=tuple(float(r) for r in data_cfg.crop_ratio),
+      hflip=bool(data_cfg.hflip),
+      normalize=_normalizer(data_cfg, channels)), seed=augment_seed)
+
+  num_workers = int(data_cfg.num_workers)
+  it_ds = ds.to_iter_dataset(_read_options(num_workers, local_batch))
+  it_ds = grain.experimental.WithOptionsIterDataset(
+      it_ds, grain.experimental.DatasetOptions(
+          filter_raise_threshold_ratio=MAX_BAD_IMAGE_FRACTION))
+  it_ds = it_ds.batch(local_batch, drop_remainder=True)
+  if num_workers > 0:
+    _ensure_absl_flags_parsed()
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=int(data_cfg.prefetch_buffer_size)))
+  return it_ds
+
+
+def make_train_iterator(data_cfg, *, image_size: tuple[int, int], channels: int,
+                        global_batch_size: int, seed: int, process_index: int | None = None,
+                        process_count: int | None = None) -> grain.DatasetIterator:
+  """An infinite iterator of this host's batches {"image": float32 [B, H, W, C]} normalised.
+
+  B = global_batch_size // process_count. Deterministic for (config, seed, host, num_workers);
+  `get_state()` / `set_state()` (or `iterator_save_args` / `iterator_restore_args` with Orbax)
+  resume it exactly. Call `close()` when done to stop worker processes early.
+  """
+  return iter(train_dataset(data_cfg, image_size=image_size, channels=channels,
+                            global_batch_size=global_batch_size, seed=seed,
+                            process_index=process_index, process_count=process_count))
+
+
+def eval_dataset(data_cfg, *, image_size: tuple[int, int], channels: int, batch_size: int,
+                 process_index: int | None = None,
+                 process_count: int | None = None) -> grain.IterDataset:
+  """One pass over this host's shard, in source order, padded to whole batches.
+
+  Every host yields ceil(ceil(N / process_count) / batch_size) batches (the same count on all
+  hosts, so a jitted eval step runs in lockstep); rows past the shard's end, and images that
+  failed to decode with on_bad_image="skip", have mask=False, label=-1 and a zero image.
+  """
+  process_index, process_count = _process_index_and_count(process_index, process_count)
+  if batch_size <= 0:
+    raise ValueError(f"batch_size={batch_size} must be positive")
+  image_size = tuple(int(s) for s in image_size)
+  source = sources.build_source(data_cfg, image_size=image_size, channels=channels)
+  shard = grain.MapDataset.source(source)[process_index::process_count]
+  num_batches = math.ceil(math.ceil(len(source) / process_count) / batch_size)
+  num_padding = num_batches * batch_size - len(shard)
+
+  crop_fraction = 1.0 if sources.fixed_size_source(data_cfg) else EVAL_CROP_FRACTION
+  parts = []
+  if len(shard):
+    parts.append(shard.map(_decoder(data_cfg, channels)).map(transforms.EvalPreprocess(
+        image_size=image_size, crop_fraction=crop_fraction,
+        normalize=_normalizer(data_cfg, channels))))
+  if num_padding:
+    parts.append(grain.MapDataset.range(num_padding).map(
+        transforms.EvalPadding(image_size=image_size, channels=channels)))
+  ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
+  # In-process threads only: evaluation is one pass, and worker start-up (seconds) would
+  # dominate the common case of reading a few batches (e.g. reconstruction pictures).
+  it_ds = ds.to_iter_dataset(_read_options(0, batch_size))
+  return it_ds.batch(batch_size, drop_remainder=False)
+
+
+def make_eval_iterator(data_cfg, *, image_size: tuple[int, int], channels: int,
+                       batch_size: int, process_index: int | None = None,
+                       process_count: int | None = None) -> grain.DatasetIterator:
+  """One pass of {"image": float32 [B, H, W, C], "label": int32 [B], "mask": bool [B]}.
+
+  No shuffling, no random augmentation: resize + centre crop (crop fraction 0.875 for
+  image_folder / tfds photos, the whole image for fashion_mnist / synthetic; nothing at all when
+  an image already has `image_size`). See `eval_dataset` for padding and sharding.
+  """
+  return iter(eval_dataset(data_cfg, image_size=image_size, channels=channels,
+                           batch_size=batch_size, process_index=process_index,
+                           process_count=process_count))

@@ -1,0 +1,249 @@
+"""Per-element image transforms: decoding, RandomResizedCrop, flip, resize + centre crop, and
+normalisation, plus the grain transform classes that apply them.
+
+Images between transforms are uint8 numpy arrays [h, w, c] with c the model's channel count;
+only the last step produces float32. Randomness comes exclusively from the per-element
+`np.random.Generator` that grain's `random_map` derives from (seed, element position), so an
+element's augmentation does not depend on worker count, threads or prefetching.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+from mim_jax.data import bad_images
+
+Box = tuple[int, int, int, int]  # (top, left, height, width) in source pixels
+
+
+class BadImageError(ValueError):
+  """An image file is corrupt, truncated or not an image PIL can open."""
+
+
+# ----------------------------------------------------------------------------- channels
+
+
+def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+  """uint8 [h, w, c] or [h, w] -> uint8 [h, w, channels].
+
+  Grayscale to RGB repeats the channel; RGB to grayscale is PIL's 'L' conversion (ITU-R 601-2
+  luma), so array sources and decoded files convert identically.
+  """
+  if image.ndim == 2:
+    image = image[..., None]
+  c = image.shape[-1]
+  if c == channels:
+    return image
+  if c == 1 and channels == 3:
+    return np.repeat(image, 3, axis=-1)
+  if c == 4:  # RGBA arrays: drop alpha first
+    image, c = image[..., :3], 3
+    if channels == 3:
+      return np.ascontiguousarray(image)
+  if c == 3 and channels == 1:
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image), "RGB").convert("L"))[..., None]
+  raise ValueError(f"cannot convert an image with {c} channels to {channels}")
+
+
+def decode_image(data: bytes, channels: int) -> np.ndarray:
+  """Encoded JPEG/PNG/... bytes -> uint8 [h, w, channels]. Raises on corrupt data.
+
+  `load()` forces the full decode here, so a truncated file fails now (PIL otherwise decodes
+  lazily and would fail later inside a resize).
+  """
+  with Image.open(io.BytesIO(data)) as img:
+    img.load()
+    mode = "L" if channels == 1 else "RGB"
+    if img.mode != mode:
+      # Palette / alpha / CMYK / 16-bit images go through RGB first so 'L' sees real colours.
+      img = img.convert("RGB") if mode == "L" and img.mode not in ("RGB", "L") else img
+      img = img.convert(mode)
+    array = np.asarray(img)
+  return array.reshape(array.shape[0], array.shape[1], channels)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
+                            scale: Sequence[float], ratio: Sequence[float]) -> Box:
+  """torchvision `RandomResizedCrop.get_params`: the crop box for a [height, width] image.
+
+  Ten tries of (area fraction ~ U(scale), aspect w/h ~ logU(ratio)); the first crop that fits
+  wins. Otherwise the largest centred crop whose aspect is clamped into `ratio`.
+  """
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+    w = int(round(math.sqrt(target_area * aspect)))
+    h = int(round(math.sqrt(target_area / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return top, left, h, w
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif in_ratio > max(ratio):
+    h, w = height, int(round(height * max(ratio)))
+  else:
+    h, w = height, width
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def center_crop_box(height: int, width: int, out_size: tuple[int, int],
+                    crop_fraction: float) -> tuple[float, float, float, float]:
+  """Box (top, left, h, w), possibly fractional, of "resize shorter side, centre crop".
+
+  Equivalent to resizing the image so that it covers `out_size / crop_fraction` and cutting
+  the central `out_size`; computed in source pixels so one resize does both.
+  """
+  out_h, out_w = out_size
+  scale = max(out_h / height, out_w / width) / crop_fraction
+  h, w = min(out_h / scale, height), min(out_w / scale, width)
+  return (height - h) / 2, (width - w) / 2, h, w
+
+
+def resize_box(image: np.ndarray, box: Sequence[float], out_size: tuple[int, int]) -> np.ndarray:
+  """Bicubic resize of `image[box]` (uint8 [h, w, c]) to uint8 [out_h, out_w, c]."""
+  top, left, h, w = box
+  out_h, out_w = out_size
+  c = image.shape[-1]
+  pil = Image.fromarray(image[..., 0] if c == 1 else image, "L" if c == 1 else "RGB")
+  pil = pil.resize((out_w, out_h), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+  return np.asarray(pil).reshape(out_h, out_w, c)
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalizer:
+  """uint8 [..., C] -> float32 (x / 255 - mean) / std, as one multiply-add per pixel."""
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  channels: int
+
+  def __call__(self, image: np.ndarray) -> np.ndarray:
+    mean = np.broadcast_to(np.asarray(self.mean, np.float32), (self.channels,))
+    std = np.broadcast_to(np.asarray(self.std, np.float32), (self.channels,))
+    scale = (1.0 / (255.0 * std)).astype(np.float32)
+    offset = (-mean / std).astype(np.float32)
+    return image.astype(np.float32) * scale + offset
+
+
+# ----------------------------------------------------------------------------- grain transforms
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeImage(grain.transforms.Map):
+  """Raw source record -> {"image": uint8 [h, w, channels] or None, "label", "path"}.
+
+  A record carries its pixels as "image" (uint8 array, or encoded bytes) or, for files, only a
+  "path" that is read here (so listing never opens files). A file that cannot be read or
+  decoded: on_bad_image="raise" raises BadImageError naming it; "skip" warns, records the
+  skip (see `bad_images`) and returns image=None for `DropBadImages` (or the eval masking).
+  """
+  channels: int
+  on_bad_image: str
+  skip_log_dir: str
+
+  def map(self, record: dict[str, Any]) -> dict[str, Any]:
+    path = str(record.get("path", "<unknown>"))
+    image = record.get("image")
+    if isinstance(image, np.ndarray):
+      decoded = to_channels(image, self.channels)
+    else:
+      try:
+        if image is None:
+          with open(path, "rb") as f:
+            image = f.read()
+        decoded = decode_image(bytes(image), self.channels)
+      except Exception as e:  # pylint: disable=broad-except  # anything PIL/IO raises
+        reason = f"{type(e).__name__}: {e}"
+        if self.on_bad_image == "raise":
+          raise BadImageError(f"cannot decode image {path}: {reason}. Remove or replace the "
+                              "file, or set config.data.on_bad_image='skip'") from e
+        bad_images.record_skip(self.skip_log_dir, path, reason)
+        decoded = None
+    return {"image": decoded, "label": int(record.get("label", 0)), "path": path}
+
+
+class DropBadImages(grain.transforms.Filter):
+  """Drops records whose image could not be decoded, so batches stay full."""
+
+  def filter(self, element: dict[str, Any]) -> bool:
+    return element["image"] is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainAugment(grain.transforms.RandomMap):
+  """{"image": uint8 [h, w, C]} -> {"image": float32 [H, W, C]} normalised.
+
+  RandomResizedCrop (bicubic) to `image_size`, horizontal flip with p=0.5 if `hflip`.
+  """
+  image_size: tuple[int, int]
+  crop_scale: tuple[float, float]
+  crop_ratio: tuple[float, float]
+  hflip: bool
+  normalize: Normalizer
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    image = element["image"]
+    box = random_resized_crop_box(rng, image.shape[0], image.shape[1], self.crop_scale,
+                                  self.crop_ratio)
+    image = resize_box(image, box, self.image_size)
+    if self.hflip and rng.random() < 0.5:
+      image = image[:, ::-1]
+    return {"image": self.normalize(image)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPreprocess(grain.transforms.Map):
+  """Decoded record -> {"image": float32 [H, W, C], "label": int32, "mask": bool}.
+
+  Resize + centre crop keeping `crop_fraction` of the covering size (1.0: the whole image, a
+  plain resize when the aspect already matches; identity when the size does). A record whose
+  image failed to decode (skip mode) becomes a zero image with mask=False and label -1, so
+  every host still yields the same number of batches.
+  """
+  image_size: tuple[int, int]
+  crop_fraction: float
+  normalize: Normalizer
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    image = element["image"]
+    if image is None:
+      return padding_element(self.image_size, self.normalize.channels)
+    h, w = image.shape[:2]
+    if (h, w) != tuple(self.image_size):
+      box = center_crop_box(h, w, self.image_size, self.crop_fraction)
+      image = resize_box(image, box, self.image_size)
+    return {"image": self.normalize(image), "label": np.int32(element["label"]),
+            "mask": np.bool_(True)}
+
+
+def padding_element(image_size: tuple[int, int], channels: int) -> dict[str, Any]:
+  """A masked-out eval row: zero image, label -1, mask False."""
+  return {"image": np.zeros((*image_size, channels), np.float32), "label": np.int32(-1),
+          "mask": np.bool_(False)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPadding(grain.transforms.Map):
+  """Maps anything to `padding_element` (fills the last eval batch)."""
+  image_size: tuple[int, int]
+  channels: int
+
+  def map(self, element: Any) -> dict[str, Any]:
+    del element
+    return padding_element(self.image_size, self.channels)

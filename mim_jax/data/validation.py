@@ -1,0 +1,123 @@
+"""Cheap checks of `config.data` before anything is read or compiled.
+
+Every failure is a `ConfigError` naming the field as `config.data.<field>`. Nothing here opens
+an image or imports tfds: the paths are only checked for existence (and, for image folders,
+for at least one image file).
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from typing import Any
+
+from mim_jax.config_errors import config_error
+from mim_jax.data import idx
+from mim_jax.data.sources import IMAGE_EXTENSIONS, SOURCES, has_any_image
+
+ON_BAD_IMAGE = ("skip", "raise")
+FMNIST_HINT = ("Install it with `sudo apt-get install -y dataset-fashion-mnist` or set "
+               "config.data.path to the folder holding the IDX files.")
+
+
+def _require(ok: bool, field: str, value: Any, allowed: str, hint: str = "") -> None:
+  if not ok:
+    raise config_error(f"data.{field}", value, allowed, hint)
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _pair(value: Any) -> tuple | None:
+  """`value` as a tuple of two real numbers, or None."""
+  try:
+    pair = tuple(value)
+  except TypeError:
+    return None
+  return pair if len(pair) == 2 and all(_is_number(v) for v in pair) else None
+
+
+def _validate_source(data_cfg) -> None:
+  source = data_cfg.source
+  _require(source in SOURCES, "source", source, f"one of {SOURCES}")
+  if source == "fashion_mnist":
+    split = data_cfg.split
+    _require(split in idx.FMNIST_PREFIXES, "split", split,
+             f"one of {tuple(idx.FMNIST_PREFIXES)} for data.source='fashion_mnist'")
+    path = data_cfg.path
+    _require(isinstance(path, str) and os.path.isdir(path), "path", path,
+             "an existing folder with the Fashion-MNIST IDX files", FMNIST_HINT)
+    for kind in ("images", "labels"):
+      if idx.find_fmnist_file(path, split, kind) is None:
+        names = [os.path.basename(c) for c in idx.fmnist_file_candidates(path, split, kind)]
+        _require(False, "path", path, f"a folder containing one of {names[:2]} (missing the "
+                 f"{split} {kind} file)", FMNIST_HINT)
+  elif source == "image_folder":
+    path = data_cfg.path
+    _require(isinstance(path, str) and bool(path) and os.path.isdir(path), "path", path,
+             "an existing folder of images for data.source='image_folder'")
+    _require(has_any_image(path), "path", path,
+             f"a folder containing {'/'.join(IMAGE_EXTENSIONS)} images (searched recursively); "
+             "none found")
+  elif source == "tfds":
+    name = data_cfg.tfds_name
+    _require(isinstance(name, str) and bool(name.strip()), "tfds_name", name,
+             "a TFDS dataset name such as 'imagenet2012' for data.source='tfds'")
+    _require(isinstance(data_cfg.split, str) and bool(data_cfg.split), "split", data_cfg.split,
+             "a TFDS split such as 'train' or 'validation'")
+    _require(isinstance(data_cfg.tfds_data_dir, str), "tfds_data_dir", data_cfg.tfds_data_dir,
+             "a folder path string ('' = the TFDS default)")
+  elif source == "synthetic":
+    size = data_cfg.synthetic_size
+    _require(_is_int(size) and size > 0, "synthetic_size", size, "a positive integer")
+
+
+def _validate_augmentation(data_cfg) -> None:
+  scale = _pair(data_cfg.crop_scale)
+  _require(scale is not None and 0 < scale[0] <= scale[1] <= 1, "crop_scale",
+           data_cfg.crop_scale, "(min, max) area fractions with 0 < min <= max <= 1")
+  ratio = _pair(data_cfg.crop_ratio)
+  _require(ratio is not None and 0 < ratio[0] <= ratio[1], "crop_ratio", data_cfg.crop_ratio,
+           "(min, max) aspect ratios (width/height) with 0 < min <= max")
+  _require(isinstance(data_cfg.hflip, bool), "hflip", data_cfg.hflip, "true or false")
+
+
+def _validate_normalisation(data_cfg, channels: int) -> None:
+  for name in ("mean", "std"):
+    value = data_cfg[name]
+    try:
+      values = tuple(value)
+    except TypeError:
+      values = ()
+    _require(len(values) in (1, channels) and all(_is_number(v) for v in values), name, value,
+             f"a tuple of {channels} numbers (one per channel of the {channels}-channel model "
+             "input) or of 1 number for all channels")
+  _require(all(s > 0 for s in data_cfg.std), "std", data_cfg.std, "positive numbers")
+
+
+def _validate_loading(data_cfg) -> None:
+  _require(data_cfg.on_bad_image in ON_BAD_IMAGE, "on_bad_image", data_cfg.on_bad_image,
+           f"one of {ON_BAD_IMAGE}")
+  _require(_is_int(data_cfg.num_workers) and data_cfg.num_workers >= 0, "num_workers",
+           data_cfg.num_workers, "an integer >= 0 (0 decodes in the training process)")
+  _require(_is_int(data_cfg.prefetch_buffer_size) and data_cfg.prefetch_buffer_size > 0,
+           "prefetch_buffer_size", data_cfg.prefetch_buffer_size,
+           "a positive integer (batches buffered per worker)")
+
+
+def validate_data_config(data_cfg, *, image_size: tuple[int, int], channels: int) -> None:
+  """Checks `config.data` (and the geometry it is used with). Raises ConfigError."""
+  size = tuple(image_size)
+  if not (len(size) == 2 and all(_is_int(s) and s > 0 for s in size)):
+    raise config_error("image_size", image_size, "(height, width), two positive integers")
+  if channels not in (1, 3):
+    raise config_error("channels", channels, "1 (grayscale) or 3 (RGB)")
+  _validate_loading(data_cfg)
+  _validate_augmentation(data_cfg)
+  _validate_normalisation(data_cfg, channels)
+  _validate_source(data_cfg)  # last: the only check that touches the file system

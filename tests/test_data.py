@@ -1,0 +1,636 @@
+"""The input pipeline: sources, transforms, determinism, sharding, resume, bad images, config.
+
+Test data is written to tmp_path (tiny IDX files, PNG/JPEG folders, corrupt files); the real
+Fashion-MNIST files are used where installed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+import os
+import struct
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from mim_jax import config_defaults, data
+from mim_jax.config_errors import ConfigError
+from mim_jax.data import idx, sources, transforms
+
+from conftest import FMNIST_DIR, REPO, requires_fmnist
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def write_idx(path, array: np.ndarray, *, gz: bool = True, truncate: int = 0) -> str:
+  """Writes uint8 `array` as an IDX file (header + data), dropping the last `truncate` bytes."""
+  array = np.asarray(array, np.uint8)
+  raw = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+  raw += array.tobytes()
+  raw = raw[:len(raw) - truncate]
+  path = str(path)
+  if gz:
+    with gzip.open(path, "wb") as f:
+      f.write(raw)
+  else:
+    with open(path, "wb") as f:
+      f.write(raw)
+  return path
+
+
+def write_fmnist(folder, images: np.ndarray, labels=None, split: str = "train",
+                 gz: bool = True) -> str:
+  """A Fashion-MNIST-style folder holding `images` [N, H, W] for `split`."""
+  os.makedirs(folder, exist_ok=True)
+  prefix = idx.FMNIST_PREFIXES[split]
+  ext = ".gz" if gz else ""
+  labels = np.arange(len(images)) % 10 if labels is None else labels
+  write_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte{ext}"), images, gz=gz)
+  write_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte{ext}"), labels, gz=gz)
+  return str(folder)
+
+
+def indexed_images(n: int, size: int = 4) -> np.ndarray:
+  """n constant images [n, size, size]; image i has every pixel = 10 * i (recoverable)."""
+  return np.repeat((10 * np.arange(n, dtype=np.uint8))[:, None, None], size * size,
+                   axis=1).reshape(n, size, size)
+
+
+def save_image(path, array: np.ndarray, fmt: str | None = None) -> str:
+  os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+  Image.fromarray(array).save(str(path), format=fmt)
+  return str(path)
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+  """`config.data` from the defaults, made small and in-process, with `overrides`."""
+  fields = config_defaults.base_config().data.to_dict()
+  fields.update(source="synthetic", synthetic_size=20, num_workers=0, prefetch_buffer_size=2)
+  fields.update(overrides)  # not ConfigDict.update: bad-type values must get through
+  return ml_collections.ConfigDict(fields)
+
+
+def take(it, n: int) -> list[np.ndarray]:
+  return [next(it)["image"] for _ in range(n)]
+
+
+def ids_from_batches(batches) -> list[int]:
+  """Example ids of `indexed_images` batches normalised with mean 0, std 1."""
+  values = np.concatenate([b.reshape(b.shape[0], -1) for b in batches])
+  assert np.all(values.max(1) == values.min(1)), "indexed images must stay constant"
+  return [int(round(v * 255 / 10)) for v in values[:, 0]]
+
+
+@pytest.fixture
+def indexed_fmnist(tmp_path):
+  """A tiny IDX 'Fashion-MNIST' of 24 constant 4x4 images whose pixel value encodes the index,
+  with crops that keep the whole image, so batches reveal which examples they hold."""
+  folder = write_fmnist(tmp_path / "fmnist", indexed_images(24))
+  return data_config(source="fashion_mnist", path=folder, split="train", crop_scale=(1.0, 1.0),
+                     crop_ratio=(1.0, 1.0), mean=(0.0,), std=(1.0,))
+
+
+@pytest.fixture
+def bad_folder(tmp_path):
+  """An image folder with 6 good PNGs, a truncated JPEG and a '.png' that is not an image."""
+  root = tmp_path / "imgs"
+  rng = np.random.default_rng(0)
+  for i in range(6):
+    save_image(root / f"good_{i}.png", rng.integers(50, 256, (10, 12, 3), dtype=np.uint8))
+  buf = io.BytesIO()
+  Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, format="JPEG")
+  truncated = root / "truncated.jpg"
+  truncated.write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+  garbage = root / "garbage.png"
+  garbage.write_bytes(b"this is not a png" * 10)
+  return str(root), {str(truncated), str(garbage)}
+
+
+# ----------------------------------------------------------------------------- IDX
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_roundtrip_tiny(tmp_path, gz):
+  images = np.random.default_rng(0).integers(0, 256, (5, 3, 7), dtype=np.uint8)
+  path = write_idx(tmp_path / ("x.idx3" + (".gz" if gz else "")), images, gz=gz)
+  out = idx.read_idx(path)
+  assert out.shape == (5, 3, 7) and out.dtype == np.uint8
+  np.testing.assert_array_equal(out, images)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_truncated_file_names_it(tmp_path, gz):
+  path = write_idx(tmp_path / ("t.idx3" + (".gz" if gz else "")), np.ones((4, 5, 5)), gz=gz,
+                   truncate=7)
+  with pytest.raises(idx.IdxFormatError, match="truncated") as e:
+    idx.read_idx(path)
+  assert path in str(e.value)
+
+
+def test_idx_truncated_gzip_stream_names_it(tmp_path):
+  path = write_idx(tmp_path / "g.gz", np.ones((50, 8, 8)))
+  blob = open(path, "rb").read()
+  open(path, "wb").write(blob[:len(blob) // 2])
+  with pytest.raises(idx.IdxFormatError, match="truncated") as e:
+    idx.read_idx(path)
+  assert path in str(e.value)
+
+
+def test_idx_bad_magic_and_trailing_bytes():
+  with pytest.raises(idx.IdxFormatError, match="magic"):
+    idx.parse_idx(b"\x01\x00\x08\x01" + b"\x00" * 8, name="m")
+  good = struct.pack(">HBBI", 0, 8, 1, 3) + b"abc"
+  assert idx.parse_idx(good).tolist() == list(b"abc")
+  with pytest.raises(idx.IdxFormatError, match="longer"):
+    idx.parse_idx(good + b"z", name="m")
+
+
+def test_fashion_mnist_source_from_tiny_uncompressed_files(tmp_path):
+  images = indexed_images(7, size=5)
+  folder = write_fmnist(tmp_path / "f", images, labels=np.arange(7)[::-1], split="test",
+                        gz=False)
+  src = data.build_source(data_config(source="fashion_mnist", path=folder, split="test"),
+                          image_size=(5, 5), channels=1)
+  assert len(src) == 7
+  rec = src[3]
+  assert rec["image"].shape == (5, 5, 1) and rec["label"] == 3 and rec["index"] == 3
+  np.testing.assert_array_equal(rec["image"][..., 0], images[3])
+
+
+def test_fashion_mnist_mismatched_label_count(tmp_path):
+  folder = write_fmnist(tmp_path / "f", indexed_images(5), labels=np.zeros(4))
+  with pytest.raises(idx.IdxFormatError, match="labels"):
+    idx.load_fmnist(folder, "train")
+
+
+@requires_fmnist
+def test_real_fashion_mnist_files():
+  images, labels, _ = idx.load_fmnist(FMNIST_DIR, "train")
+  assert images.shape == (60000, 28, 28) and labels.shape == (60000,)
+  assert set(np.unique(labels)) == set(range(10))
+  test_images, _, _ = idx.load_fmnist(FMNIST_DIR, "test")
+  assert test_images.shape == (10000, 28, 28)
+  cfg = data_config(source="fashion_mnist", path=FMNIST_DIR, split="train")
+  assert data.num_examples(cfg, image_size=(28, 28), channels=1) == 60000
+
+
+@requires_fmnist
+def test_real_fashion_mnist_eval_is_exact_pixels():
+  """Same size as the source: no resize; rows are the IDX pixels normalised, in order."""
+  cfg = data_config(source="fashion_mnist", path=FMNIST_DIR, split="test", mean=(0.25,),
+                    std=(0.5,))
+  batch = next(data.make_eval_iterator(cfg, image_size=(28, 28), channels=1, batch_size=6,
+                                       process_index=0, process_count=1))
+  images, labels, _ = idx.load_fmnist(FMNIST_DIR, "test")
+  np.testing.assert_allclose(batch["image"][..., 0], (images[:6] / 255 - 0.25) / 0.5,
+                             atol=1e-6)
+  np.testing.assert_array_equal(batch["label"], labels[:6])
+  assert batch["mask"].all()
+
+
+# ----------------------------------------------------------------------------- image folder
+
+
+def test_image_folder_labels_and_recursive_listing(tmp_path):
+  root = tmp_path / "root"
+  px = np.full((6, 6, 3), 128, np.uint8)
+  b = save_image(root / "b_class" / "x.png", px)
+  a_deep = save_image(root / "a_class" / "sub" / "deep" / "y.jpg", px)
+  a = save_image(root / "a_class" / "z.PNG", px, fmt="PNG")
+  save_image(root / ".hidden" / "w.png", px)       # hidden folder: ignored
+  (root / "a_class" / "notes.txt").write_text("not an image")
+  src = data.build_source(data_config(source="image_folder", path=str(root)),
+                          image_size=(6, 6), channels=3)
+  labels = {src[i]["path"]: src[i]["label"] for i in range(len(src))}
+  assert labels == {a_deep: 0, a: 0, b: 1}
+  assert src.classes == ("a_class", "b_class")
+  assert "image" not in src[0]  # listing does not decode
+
+
+def test_image_folder_root_images_get_label_zero(tmp_path):
+  root = tmp_path / "flat"
+  for i in range(3):
+    save_image(root / f"{i}.png", np.full((4, 4, 3), 9, np.uint8))
+  src = data.build_source(data_config(source="image_folder", path=str(root)),
+                          image_size=(4, 4), channels=3)
+  assert len(src) == 3 and {src[i]["label"] for i in range(3)} == {0}
+
+
+# ----------------------------------------------------------------------------- channels
+
+
+def test_grayscale_source_to_three_channels(indexed_fmnist):
+  kw = dict(image_size=(4, 4), batch_size=8, process_index=0, process_count=1)
+  one = next(data.make_eval_iterator(indexed_fmnist, channels=1, **kw))["image"]
+  three = next(data.make_eval_iterator(indexed_fmnist, channels=3, **kw))["image"]
+  assert one.shape == (8, 4, 4, 1) and three.shape == (8, 4, 4, 3)
+  for c in range(3):
+    np.testing.assert_array_equal(three[..., c], one[..., 0])
+  assert ids_from_batches([one]) == list(range(8))
+
+
+def test_rgb_to_one_channel_is_pil_luminance(tmp_path):
+  root = tmp_path / "rgb"
+  save_image(root / "red.png", np.tile(np.array([255, 0, 0], np.uint8), (5, 5, 1)))
+  save_image(root / "teal.png", np.tile(np.array([0, 128, 128], np.uint8), (5, 5, 1)))
+  cfg = data_config(source="image_folder", path=str(root), mean=(0.0,), std=(1.0,))
+  batch = next(data.make_eval_iterator(cfg, image_size=(5, 5), channels=1, batch_size=2,
+                                       process_index=0, process_count=1))
+  assert batch["image"].shape == (2, 5, 5, 1)
+  expected = [Image.new("RGB", (1, 1), c).convert("L").getpixel((0, 0))
+              for c in [(255, 0, 0), (0, 128, 128)]]  # sorted order: red.png, teal.png
+  np.testing.assert_allclose(batch["image"][:, 0, 0, 0] * 255, expected, atol=1e-3)
+  assert expected[0] != expected[1]
+
+
+def test_to_channels_array_paths():
+  rgb = np.random.default_rng(0).integers(0, 256, (3, 4, 3), dtype=np.uint8)
+  gray = transforms.to_channels(rgb, 1)
+  assert gray.shape == (3, 4, 1)
+  np.testing.assert_array_equal(gray[..., 0], np.asarray(Image.fromarray(rgb).convert("L")))
+  assert transforms.to_channels(rgb[..., :1], 3).shape == (3, 4, 3)
+
+
+# ----------------------------------------------------------------------------- crops
+
+
+def test_random_resized_crop_box_follows_scale_and_ratio():
+  rng = np.random.default_rng(0)
+  areas, aspects, centres = [], [], []
+  for _ in range(300):
+    top, left, h, w = transforms.random_resized_crop_box(rng, 100, 80, (0.2, 0.5), (0.75, 1.5))
+    assert 0 <= top and top + h <= 100 and 0 <= left and left + w <= 80
+    areas.append(h * w / 8000)
+    aspects.append(w / h)
+    centres.append((top + h / 2, left + w / 2))
+  # Positions are uniform over the valid range: centres spread over the image.
+  assert np.ptp([c[0] for c in centres]) > 30 and np.ptp([c[1] for c in centres]) > 20
+  # Rounding to whole pixels moves area/aspect slightly outside the sampled ranges.
+  assert 0.18 < min(areas) and max(areas) < 0.53 and np.ptp(areas) > 0.2
+  assert 0.7 < min(aspects) and max(aspects) < 1.6
+  assert len(set(zip(areas, aspects))) > 100  # actually random
+
+
+def test_random_resized_crop_fallback_is_centred():
+  rng = np.random.default_rng(0)
+  # An aspect of 10 never fits a 50x60 image: fallback = full width, height 60/10, centred.
+  assert transforms.random_resized_crop_box(rng, 50, 60, (0.5, 1.0), (10.0, 10.0)) == (
+      22, 0, 6, 60)
+  assert transforms.random_resized_crop_box(rng, 50, 60, (1.0, 1.0), (1.2, 1.2)) == (
+      0, 0, 50, 60)
+
+
+def test_train_batches_shape_and_range_non_square():
+  cfg = data_config(synthetic_size=12, mean=(0.0,), std=(1.0,))
+  it = data.make_train_iterator(cfg, image_size=(12, 20), channels=3, global_batch_size=4,
+                                seed=0, process_index=0, process_count=1)
+  batch = next(it)
+  assert set(batch) == {"image"}
+  assert batch["image"].shape == (4, 12, 20, 3) and batch["image"].dtype == np.float32
+  assert batch["image"].min() >= 0.0 and batch["image"].max() <= 1.0
+  assert batch["image"].std() > 0.02
+
+
+def test_normalisation_uses_mean_and_std(indexed_fmnist):
+  indexed_fmnist.update(mean=(0.5,), std=(0.25,))
+  batch = next(data.make_eval_iterator(indexed_fmnist, image_size=(4, 4), channels=1,
+                                       batch_size=4, process_index=0, process_count=1))
+  np.testing.assert_allclose(batch["image"][:, 0, 0, 0], (10 * np.arange(4) / 255 - 0.5) / 0.25,
+                             rtol=1e-6)
+
+
+def test_hflip_flag(tmp_path):
+  half = np.zeros((6, 8, 8), np.uint8)
+  half[:, :, 4:] = 255  # left dark, right bright
+  folder = write_fmnist(tmp_path / "h", half)
+  cfg = data_config(source="fashion_mnist", path=folder, crop_scale=(1.0, 1.0),
+                    crop_ratio=(1.0, 1.0), mean=(0.0,), std=(1.0,))
+
+  def bright_right(hflip):
+    cfg.hflip = hflip
+    it = data.make_train_iterator(cfg, image_size=(8, 8), channels=1, global_batch_size=6,
+                                  seed=1, process_index=0, process_count=1)
+    imgs = np.concatenate(take(it, 6))[..., 0]
+    return imgs[:, :, 4:].mean((1, 2)) > imgs[:, :, :4].mean((1, 2))
+
+  assert bright_right(False).all()
+  flipped = ~bright_right(True)
+  assert 0 < flipped.sum() < len(flipped)
+
+
+def test_eval_resize_and_centre_crop(tmp_path):
+  root = tmp_path / "wide"
+  img = np.zeros((20, 40, 3), np.uint8)
+  img[:, :10] = 255  # a bright left quarter that the centre crop must cut away
+  save_image(root / "w.png", img)
+  cfg = data_config(source="image_folder", path=str(root), mean=(0.0,), std=(1.0,))
+  batch = next(data.make_eval_iterator(cfg, image_size=(8, 8), channels=3, batch_size=1,
+                                       process_index=0, process_count=1))
+  assert batch["image"].shape == (1, 8, 8, 3)
+  assert batch["image"].max() < 0.05
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_same_batches_different_seed_differs():
+  cfg = data_config(synthetic_size=10)
+  kw = dict(image_size=(8, 8), channels=3, global_batch_size=4, process_index=0,
+            process_count=1)
+  a = take(data.make_train_iterator(cfg, seed=3, **kw), 4)
+  b = take(data.make_train_iterator(cfg, seed=3, **kw), 4)
+  c = take(data.make_train_iterator(cfg, seed=4, **kw), 4)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  assert not all(np.array_equal(x, z) for x, z in zip(a, c))
+
+
+def test_epochs_cover_data_and_reshuffle(indexed_fmnist):
+  it = data.make_train_iterator(indexed_fmnist, image_size=(4, 4), channels=1,
+                                global_batch_size=8, seed=0, process_index=0, process_count=1)
+  epoch1, epoch2 = ids_from_batches(take(it, 3)), ids_from_batches(take(it, 3))
+  assert sorted(epoch1) == sorted(epoch2) == list(range(24))
+  assert epoch1 != epoch2 and epoch1 != list(range(24))
+
+
+def test_per_host_shards_are_disjoint_and_cover(indexed_fmnist):
+  shards = []
+  for host in range(2):
+    it = data.make_train_iterator(indexed_fmnist, image_size=(4, 4), channels=1,
+                                  global_batch_size=8, seed=0, process_index=host,
+                                  process_count=2)
+    batches = take(it, 3)  # 12 examples per host = one epoch of its shard
+    assert batches[0].shape == (4, 4, 4, 1)  # local batch = 8 / 2
+    shards.append(ids_from_batches(batches))
+  assert len(set(shards[0])) == len(set(shards[1])) == 12
+  assert not set(shards[0]) & set(shards[1])
+  assert set(shards[0]) | set(shards[1]) == set(range(24))
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_exact_resume_with_get_and_set_state(num_workers):
+  cfg = data_config(synthetic_size=10, num_workers=num_workers)
+  kw = dict(image_size=(8, 12), channels=3, global_batch_size=4, seed=7, process_index=0,
+            process_count=1)
+  it = data.make_train_iterator(cfg, **kw)
+  take(it, 3)
+  state = it.get_state()
+  expected = take(it, 4)  # crosses an epoch boundary (10 examples, 4 per batch)
+  it.close()
+  fresh = data.make_train_iterator(cfg, **kw)
+  fresh.set_state(state)
+  resumed = take(fresh, 4)
+  fresh.close()
+  for x, y in zip(expected, resumed):
+    np.testing.assert_array_equal(x, y)
+  assert not np.array_equal(expected[0], expected[1])
+
+
+def test_workers_process_the_same_examples_as_in_process():
+  """Augmentation is per element: 2 workers give the same examples, grouped differently."""
+  kw = dict(image_size=(8, 8), channels=3, global_batch_size=4, seed=0, process_index=0,
+            process_count=1)
+  rows = {}
+  for workers in (0, 2):
+    it = data.make_train_iterator(data_config(synthetic_size=10, num_workers=workers), **kw)
+    rows[workers] = sorted(x.tobytes() for b in take(it, 2) for x in b)
+    it.close()
+  assert rows[0] == rows[2]
+
+
+def test_orbax_checkpoint_manager_roundtrip(tmp_path):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  cfg = data_config(synthetic_size=10)
+  kw = dict(image_size=(8, 8), channels=3, global_batch_size=4, seed=0, process_index=0,
+            process_count=1)
+  it = data.make_train_iterator(cfg, **kw)
+  take(it, 2)
+  manager = ocp.CheckpointManager(str(tmp_path / "ckpt"))
+  manager.save(2, args=ocp.args.Composite(data=data.iterator_save_args(it)))
+  manager.wait_until_finished()
+  manager.close()
+  expected = take(it, 3)
+  assert os.path.exists(tmp_path / "ckpt" / "2" / "data" / "process_0-of-1.json")
+
+  fresh = data.make_train_iterator(cfg, **kw)
+  manager = ocp.CheckpointManager(str(tmp_path / "ckpt"))
+  restored = manager.restore(2, args=ocp.args.Composite(
+      data=data.iterator_restore_args(fresh))).data
+  manager.close()
+  assert restored is fresh
+  for x, y in zip(expected, take(fresh, 3)):
+    np.testing.assert_array_equal(x, y)
+  assert data.ITERATOR_HANDLER_NAME.endswith("CheckpointHandler")
+
+
+# ----------------------------------------------------------------------------- bad images
+
+
+def test_corrupt_images_skipped_with_warning_and_count(bad_folder, caplog):
+  root, bad = bad_folder
+  data.reset_skipped_images()
+  cfg = data_config(source="image_folder", path=root, on_bad_image="skip", mean=(0.0,),
+                    std=(1.0,), crop_scale=(0.5, 1.0))
+  it = data.make_train_iterator(cfg, image_size=(8, 8), channels=3, global_batch_size=4,
+                                seed=0, process_index=0, process_count=1)
+  with caplog.at_level(logging.WARNING):
+    batches = take(it, 4)  # 16 examples > 2 epochs of the 6 good images
+  for b in batches:
+    assert b.shape == (4, 8, 8, 3)
+    assert (b.reshape(4, -1).max(1) > 0.1).all()  # no zero images: good pixels are >= 50/255
+  warned = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+  for path in bad:
+    assert path in warned
+  assert set(data.skipped_images()) == bad
+  assert data.num_skipped_images() >= 4  # each bad file at least once per epoch
+
+
+def test_skip_count_is_seen_from_worker_processes(bad_folder):
+  root, bad = bad_folder
+  data.reset_skipped_images()
+  cfg = data_config(source="image_folder", path=root, num_workers=2)
+  it = data.make_train_iterator(cfg, image_size=(8, 8), channels=3, global_batch_size=4,
+                                seed=0, process_index=0, process_count=1)
+  take(it, 4)
+  it.close()
+  assert set(data.skipped_images()) == bad
+
+
+def test_corrupt_image_raise_mode_names_the_file(bad_folder):
+  root, bad = bad_folder
+  cfg = data_config(source="image_folder", path=root, on_bad_image="raise")
+  it = data.make_train_iterator(cfg, image_size=(8, 8), channels=3, global_batch_size=4,
+                                seed=0, process_index=0, process_count=1)
+  with pytest.raises(data.BadImageError) as e:
+    take(it, 4)
+  assert any(path in str(e.value) for path in bad)
+
+
+def test_decode_rejects_truncated_jpeg():
+  buf = io.BytesIO()
+  Image.fromarray(np.zeros((32, 32, 3), np.uint8) + 7).save(buf, format="JPEG")
+  assert transforms.decode_image(buf.getvalue(), 3).shape == (32, 32, 3)
+  with pytest.raises(OSError):
+    transforms.decode_image(buf.getvalue()[:len(buf.getvalue()) // 2], 3)
+
+
+def test_eval_masks_bad_images_instead_of_dropping(bad_folder):
+  root, bad = bad_folder
+  cfg = data_config(source="image_folder", path=root)
+  batches = list(data.make_eval_iterator(cfg, image_size=(8, 8), channels=3, batch_size=5,
+                                         process_index=0, process_count=1))
+  assert len(batches) == 2  # 8 files -> 5 + 3, padded with 2 rows
+  mask = np.concatenate([b["mask"] for b in batches])
+  images = np.concatenate([b["image"] for b in batches])
+  src = data.build_source(cfg, image_size=(8, 8), channels=3)
+  expected_mask = [src[i]["path"] not in bad for i in range(len(src))] + [False, False]
+  np.testing.assert_array_equal(mask, expected_mask)
+  assert (images[~mask] == 0).all() and (np.abs(images[mask]) > 0).any(axis=(1, 2, 3)).all()
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def test_eval_iterator_padding_and_mask():
+  cfg = data_config(synthetic_size=11)
+  per_host = []
+  for host in range(2):
+    batches = list(data.make_eval_iterator(cfg, image_size=(8, 8), channels=3, batch_size=4,
+                                           process_index=host, process_count=2))
+    assert len(batches) == 2  # ceil(ceil(11 / 2) / 4) on both hosts
+    mask = np.concatenate([b["mask"] for b in batches])
+    labels = np.concatenate([b["label"] for b in batches])
+    images = np.concatenate([b["image"] for b in batches])
+    assert batches[0]["label"].dtype == np.int32 and mask.dtype == bool
+    assert images.shape == (8, 8, 8, 3)
+    assert (images[~mask] == 0).all() and (labels[~mask] == -1).all()
+    assert (np.abs(images[mask]).reshape(mask.sum(), -1).max(1) > 0).all()
+    per_host.append(labels[mask])
+  # Host 0 has examples 0, 2, ..., 10 and host 1 has 1, 3, ..., 9, in order (label = i % 10).
+  np.testing.assert_array_equal(per_host[0], [0, 2, 4, 6, 8, 0])
+  np.testing.assert_array_equal(per_host[1], [1, 3, 5, 7, 9])
+
+
+# ----------------------------------------------------------------------------- synthetic, tfds
+
+
+def test_synthetic_source_deterministic_and_smooth():
+  a = sources.SyntheticSource(5, (16, 24), 3)
+  b = sources.SyntheticSource(5, (16, 24), 3)
+  r0 = a[0]["image"]
+  assert r0.shape == (16, 24, 3) and r0.dtype == np.uint8
+  np.testing.assert_array_equal(r0, b[0]["image"])
+  assert not np.array_equal(r0, a[1]["image"])
+  assert np.ptp(r0) > 50  # not flat
+  noise = np.random.default_rng(0).integers(0, 256, r0.shape).astype(float)
+  neighbour_diff = lambda x: np.abs(np.diff(x.astype(float), axis=1)).mean()
+  assert neighbour_diff(r0) < 0.25 * neighbour_diff(noise)
+  assert sources.SyntheticSource(3, (8, 8), 1)[2]["image"].shape == (8, 8, 1)
+  cfg = data_config(synthetic_size=37)
+  assert data.num_examples(cfg, image_size=(8, 8), channels=3) == 37
+
+
+def test_tfds_source_decodes_encoded_records(monkeypatch):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  Image.fromarray(np.full((10, 14, 3), 200, np.uint8)).save(buf, format="PNG")
+  records = [{"image": buf.getvalue(), "label": 3}] * 5
+  calls = {}
+
+  def fake_data_source(name, *, split, data_dir, **kwargs):
+    calls.update(name=name, split=split, data_dir=data_dir, **kwargs)
+    return records
+
+  monkeypatch.setattr(tfds, "data_source", fake_data_source)
+  cfg = data_config(source="tfds", tfds_name="fake_ds", split="train[:5]", tfds_data_dir="",
+                    mean=(0.0,), std=(1.0,))
+  assert data.num_examples(cfg, image_size=(8, 8), channels=3) == 5
+  assert calls["name"] == "fake_ds" and calls["split"] == "train[:5]"
+  assert calls["data_dir"] is None and calls["download"] is False
+  batch = next(data.make_eval_iterator(cfg, image_size=(8, 8), channels=3, batch_size=2,
+                                       process_index=0, process_count=1))
+  assert batch["image"].shape == (2, 8, 8, 3)
+  np.testing.assert_allclose(batch["image"], 200 / 255, atol=1e-6)
+  np.testing.assert_array_equal(batch["label"], [3, 3])
+
+
+# ----------------------------------------------------------------------------- config checks
+
+
+@pytest.fixture
+def fmnist_folder(tmp_path):
+  return write_fmnist(tmp_path / "fm", indexed_images(4))
+
+
+def _bad_cases(tmp_path, fmnist_folder):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  (empty / "readme.txt").write_text("no images here")
+  fm = dict(source="fashion_mnist", path=fmnist_folder, split="train")
+  return [
+      ("source", dict(source="imagenet")),
+      ("path", dict(fm, path=str(tmp_path / "nope"))),
+      ("path", dict(fm, path=str(empty))),             # folder without the IDX files
+      ("split", dict(fm, split="validation")),
+      ("path", dict(source="image_folder", path=str(tmp_path / "missing"))),
+      ("path", dict(source="image_folder", path=str(empty))),
+      ("tfds_name", dict(source="tfds", tfds_name="")),
+      ("synthetic_size", dict(synthetic_size=0)),
+      ("crop_scale", dict(crop_scale=(0.0, 1.0))),
+      ("crop_scale", dict(crop_scale=(0.6, 0.4))),
+      ("crop_scale", dict(crop_scale=(0.2, 1.5))),
+      ("crop_ratio", dict(crop_ratio=(0.0, 1.0))),
+      ("crop_ratio", dict(crop_ratio=(2.0, 1.0))),
+      ("on_bad_image", dict(on_bad_image="ignore")),
+      ("num_workers", dict(num_workers=-1)),
+      ("prefetch_buffer_size", dict(prefetch_buffer_size=0)),
+      ("mean", dict(mean=(0.5, 0.5))),
+      ("std", dict(std=(0.2, 0.2, 0.2, 0.2))),
+      ("std", dict(std=(0.2, 0.0, 0.2))),
+      ("hflip", dict(hflip="yes")),
+  ]
+
+
+def test_each_bad_field_is_named(tmp_path, fmnist_folder):
+  for field, overrides in _bad_cases(tmp_path, fmnist_folder):
+    cfg = data_config(**overrides)
+    with pytest.raises(ConfigError) as e:
+      data.validate_data_config(cfg, image_size=(8, 8), channels=3)
+    assert str(e.value).startswith(f"config.data.{field}="), (field, overrides, str(e.value))
+
+
+def test_fmnist_missing_hint_and_valid_configs(tmp_path, fmnist_folder):
+  cfg = data_config(source="fashion_mnist", path=str(tmp_path / "nope"), mean=(0.3,),
+                    std=(0.3,))
+  with pytest.raises(ConfigError, match="apt-get install -y dataset-fashion-mnist"):
+    data.validate_data_config(cfg, image_size=(28, 28), channels=1)
+  # Valid: 1-element mean/std broadcast; tfds name only checked for being non-empty.
+  data.validate_data_config(data_config(source="fashion_mnist", path=fmnist_folder,
+                                        mean=(0.3,), std=(0.3,)), image_size=(4, 4), channels=3)
+  data.validate_data_config(data_config(source="tfds", tfds_name="imagenet2012"),
+                            image_size=(224, 224), channels=3)
+  data.validate_data_config(data_config(), image_size=(8, 16), channels=3)
+  with pytest.raises(ConfigError, match="config.channels="):
+    data.validate_data_config(data_config(), image_size=(8, 8), channels=2)
+
+
+def test_validation_imports_neither_tfds_nor_tensorflow():
+  code = ("import sys\n"
+          "from mim_jax import config_defaults, data\n"
+          "c = config_defaults.base_config()\n"
+          "data.validate_data_config(c.data, image_size=(224, 224), channels=3)\n"
+          "bad = [m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules]\n"
+          "assert not bad, bad\n")
+  result = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True,
+                          text=True, timeout=60)
+  assert result.returncode == 0, result.stderr[-2000:]
