@@ -97,6 +97,7 @@ def apply_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.update(source="synthetic", synthetic_size=64, num_workers=0)
   c.global_batch_size = 8
   c.num_epochs = 1
+  c.optimizer.warmup_epochs = 0.5
   c.total_steps = 2
   c.log_every = 1
   c.checkpoint_every = 2

@@ -48,6 +48,11 @@ def init_train_state(method, tx: optax.GradientTransformation, rng: jax.Array,
   return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params))
 
 
+def _global_norm(tree: Any) -> jax.Array:
+  """L2 norm over all leaves of a pytree (in float32)."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
 def _split_microbatches(batch: Any, num_micro: int) -> Any:
   """[B, ...] -> [num_micro, B / num_micro, ...] taking rows i::num_micro for microbatch i.
 
@@ -97,8 +102,8 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics)
-    metrics.update(learning_rate=schedule(state.step), grad_norm=optax.tree_utils.tree_l2_norm(grads),
-                   param_norm=optax.tree_utils.tree_l2_norm(params), update_norm=optax.tree_utils.tree_l2_norm(updates))
+    metrics.update(learning_rate=schedule(state.step), grad_norm=_global_norm(grads),
+                   param_norm=_global_norm(params), update_norm=_global_norm(updates))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return step_fn

@@ -40,7 +40,9 @@ _SCRIPT = textwrap.dedent("""
     assert jax.device_count() == 8, jax.devices()
     config = tiny_mae_config(global_batch_size=16)
     method = build_method(config)
-    tx = optax.adamw(1e-3, b1=0.9, b2=0.95, weight_decay=0.05)
+    # SGD: the update is linear in the gradient, so float-order differences stay small (Adam's
+    # first step is ~sign(grad) and would amplify them on near-zero gradients).
+    tx = optax.sgd(0.5)
     images = np.asarray(jax.random.normal(jax.random.key(0), (16, 16, 16, 3)))
 
     def one_step(devices, accum):
@@ -62,8 +64,9 @@ _SCRIPT = textwrap.dedent("""
     p8, m8 = one_step(jax.devices(), 1)
     p8a, m8a = one_step(jax.devices(), 2)
     np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m1["grad_norm"], m8["grad_norm"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert np.isfinite(m8a["loss"])
     print("OK", float(m1["loss"]), float(m8["loss"]))
 """)
