@@ -24,6 +24,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       variant="B/16",          # SIZE/PATCH, SIZE in mu, Ti, S, B, L, H
+      # Non-zero values override the variant's size (an unpublished size, e.g. for CPU demos).
+      width=0,
+      depth=0,
+      num_heads=0,
+      mlp_dim=0,
       dtype="float32",         # computation dtype; parameters are always float32
       attention_impl="",       # "" lets JAX choose, or "xla" / "cudnn"
       drop_path_rate=0.0,
@@ -79,22 +84,32 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def parse_arg(arg: str | None) -> dict[str, str | bool]:
+def parse_arg(arg: str | None,
+              allowed: tuple[str, ...] = ("variant", "runlocal")) -> dict[str, str | bool]:
   """Parses a config argument like "variant=L/16,runlocal" into {"variant": "L/16", "runlocal": True}."""
   out: dict[str, str | bool] = {}
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
     out[key.strip()] = value.strip() if sep else True
+  unknown = set(out) - set(allowed)
+  if unknown:
+    raise ValueError(f"unknown config argument(s) {sorted(unknown)}; allowed: {', '.join(allowed)}")
   return out
 
 
-def apply_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Shrinks any recipe to a seconds-long smoke run on synthetic data (used by CI)."""
+def apply_runlocal(c: ml_collections.ConfigDict, keep_data: bool = False) -> ml_collections.ConfigDict:
+  """Shrinks any recipe to a seconds-long smoke run (used by CI).
+
+  The model becomes the micro size with the recipe's patch size; unless `keep_data`, the data
+  become synthetic images of 2 x 2 patches.
+  """
   patch = int(c.model.variant.split("/")[1])
-  c.model.variant = f"mu/{patch}"
+  c.model.update(variant=f"mu/{patch}", width=0, depth=0, num_heads=0, mlp_dim=0)
   c.decoder.update(width=32, depth=1, num_heads=2)
-  c.image_size = (2 * patch, 2 * patch)
-  c.data.update(source="synthetic", synthetic_size=64, num_workers=0)
+  c.data.num_workers = 0
+  if not keep_data:
+    c.image_size = (2 * patch, 2 * patch)
+    c.data.update(source="synthetic", synthetic_size=64)
   c.global_batch_size = 8
   c.num_epochs = 1
   c.optimizer.warmup_epochs = 0.5
@@ -109,10 +124,6 @@ def apply_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def mae_imagenet_config(arg: str | None, default_variant: str) -> ml_collections.ConfigDict:
   """The MAE ImageNet recipe for a ViT variant; `arg` may hold `variant=...` and `runlocal`."""
   args = parse_arg(arg)
-  unknown = set(args) - {"variant", "runlocal"}
-  if unknown:
-    raise ValueError(f"unknown config argument(s) {sorted(unknown)}; allowed: variant=SIZE/PATCH, "
-                     "runlocal")
   c = base_config()
   c.model.variant = str(args.get("variant", default_variant))
   if args.get("runlocal"):

@@ -9,7 +9,7 @@ import numbers
 
 from mim_jax.config_errors import ConfigError, config_error
 from mim_jax.masking import num_visible
-from mim_jax.models.vit import parse_variant
+from mim_jax.models.vit import parse_variant, size_from_config
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("", "xla", "cudnn")
@@ -45,7 +45,14 @@ def _get(config, dotted: str):
 def validate_model(config) -> None:
   from mim_jax.methods import METHODS  # here, not at import: methods import this module's peers
   _require(config.method in METHODS, "method", config.method, f"one of {sorted(METHODS)}")
-  size, patch = parse_variant(config.model.variant)
+  parse_variant(config.model.variant)
+  for name in ("width", "depth", "num_heads", "mlp_dim"):
+    value = config.model[name]
+    _require(_is_int(value) and value >= 0, f"model.{name}", value,
+             "an integer >= 0 (0 keeps the size of model.variant)")
+  size, patch = size_from_config(config.model)
+  _require(size.width % size.num_heads == 0, "model.num_heads", size.num_heads,
+           f"a divisor of the encoder width {size.width}")
   _require(config.model.dtype in DTYPES, "model.dtype", config.model.dtype, f"one of {DTYPES}")
   _require(config.model.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
            config.model.attention_impl, f"one of {ATTENTION_IMPLS} ('' lets JAX choose)")

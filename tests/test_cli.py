@@ -30,6 +30,8 @@ from conftest import REPO, tiny_mae_config
     ({"optimizer.name": "sgd"}, r"config.optimizer.name='sgd'"),
     ({"optimizer.b2": 1.0}, r"config.optimizer.b2=1.0"),
     ({"optimizer.warmup_epochs": 5.0}, r"config.optimizer.warmup_epochs=5.0 .*num_epochs=2"),
+    ({"model.num_heads": 5}, r"config.model.num_heads=5 .*divisor of the encoder width"),
+    ({"model.depth": -1}, r"config.model.depth=-1 .*integer >= 0 \(0 keeps the size"),
     ({"decoder.num_heads": 5}, r"config.decoder.num_heads=5 .*divisor of decoder.width=32"),
     ({"data.source": "imagenet"}, r"config.data.source='imagenet'"),
     ({"data.source": "fashion_mnist", "data.path": "/nonexistent/fmnist"},

@@ -155,3 +155,16 @@ def test_encoder_cost_scales_with_visible_patches():
 def test_unknown_variant_is_a_config_error():
   with pytest.raises(ConfigError, match=r"config.model.variant='X/16'.*Ti"):
     vit.parse_variant("X/16")
+
+
+def test_size_overrides_change_only_the_named_dimensions():
+  config = _mae_config("Ti/4", image_size=(28, 28), channels=1)
+  config.model.update(width=128, depth=6, num_heads=4, mlp_dim=0)
+  size, patch = vit.size_from_config(config.model)
+  assert (size.width, size.depth, size.num_heads, patch) == (128, 6, 4, 4)
+  assert size.mlp_dim == vit.VIT_SIZES["Ti"].mlp_dim  # 0 keeps the variant's value
+  params = _abstract_params(config)["encoder"]
+  assert sorted(k for k in params["transformer"] if k.startswith("blocks_")) == [
+      f"blocks_{i}" for i in range(6)]
+  assert params["transformer"]["blocks_0"]["mlp"]["fc1"]["kernel"].shape == (128, 768)
+  assert params["patch_embed"]["kernel"].shape == (4 * 4 * 1, 128)

@@ -254,10 +254,21 @@ class ViTEncoder(nn.Module):
     return x, {"blocks": blocks}
 
 
+def size_from_config(model_cfg) -> tuple[ViTSize, int]:
+  """(ViTSize, patch) of `config.model`: the variant's, with any non-zero override applied.
+
+  `model.width/depth/num_heads/mlp_dim` let a recipe use an unpublished size (e.g. a small
+  encoder for a CPU demo) without a new variant name.
+  """
+  size, patch = parse_variant(model_cfg.variant)
+  overrides = {k: model_cfg.get(k, 0) for k in ("width", "depth", "num_heads", "mlp_dim")}
+  return dataclasses.replace(size, **{k: v for k, v in overrides.items() if v}), patch
+
+
 def encoder_from_config(model_cfg, image_size: Sequence[int], channels: int, *,
                         use_mask_token: bool = False) -> ViTEncoder:
   """Builds the encoder described by `config.model` (variant, dtype, attention, drop path)."""
-  size, patch = parse_variant(model_cfg.variant)
+  size, patch = size_from_config(model_cfg)
   return ViTEncoder(
       image_size=tuple(image_size), patch_size=patch, width=size.width, depth=size.depth,
       num_heads=size.num_heads, mlp_dim=size.mlp_dim, channels=channels,
