@@ -1,67 +1,122 @@
-"""Logs a researcher can read: JSON lines, TensorBoard scalars/images and a progress line."""
+"""Logs a researcher can read: JSON lines, TensorBoard scalars/images and a progress line.
+
+Files under `workdir`:
+  metrics.jsonl   one JSON object per logged step, {"step": int, name: float | null, ...};
+                  appended to, so a resumed run continues the same file
+  config.json     the run's config (pretty JSON)
+  tensorboard/    tensorboardX event files (scalars, reconstruction images, config text)
+"""
 
 from __future__ import annotations
 
 import datetime
 import json
 import math
+import numbers
 import os
+import tempfile
 import time
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+TENSORBOARD_DIR = "tensorboard"
+
 
 def _plain(value: Any) -> Any:
-  """Python scalars for JSON; non-finite floats become null (JSON has no NaN)."""
-  if isinstance(value, (np.generic, np.ndarray)):
+  """A JSON-safe Python value: numpy/JAX scalars -> int/float, non-finite floats -> None.
+
+  JSON has no NaN/Infinity (json.dumps would write the invalid token `NaN`), so a diverged
+  loss is written as null. Nested dicts/lists/tuples are converted recursively (tuples become
+  lists); anything else that JSON cannot hold becomes its str().
+  """
+  if isinstance(value, Mapping):
+    return {str(k): _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  if value is None or isinstance(value, (bool, str)):
+    return value
+  if hasattr(value, "__array__") and np.ndim(value) == 0:  # numpy or JAX scalar
     value = np.asarray(value).item()
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  return value
+  elif hasattr(value, "__array__"):
+    return _plain(np.asarray(value).tolist())
+  if isinstance(value, bool):
+    return value
+  if isinstance(value, numbers.Integral):
+    return int(value)
+  if isinstance(value, numbers.Real):
+    value = float(value)
+    return value if math.isfinite(value) else None
+  return str(value)
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+  """Writes `text` to `path` via a temporary file + rename (never a half-written file)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=directory)
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 class MetricWriter:
   """Appends metrics to `workdir/metrics.jsonl` and TensorBoard; a no-op when not enabled.
 
-  Appending (not truncating) lets a resumed run continue the same files.
+  Use `enabled=False` on non-zero processes of a multi-host run: nothing is created or
+  written. `tensorboard=False` keeps only the JSON files. Usable as a context manager.
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
-    self.enabled = enabled
     self.workdir = workdir
+    self.enabled = enabled
+    self._jsonl = None
     self._tb = None
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    # Append mode: a resumed run continues the same file instead of erasing its history.
+    self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
     if tensorboard:
-      from tensorboardX import SummaryWriter  # pure Python; no TensorFlow
-      self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+      from tensorboardX import SummaryWriter  # pure Python protobufs; never imports TensorFlow
+      self._tb = SummaryWriter(logdir=os.path.join(workdir, TENSORBOARD_DIR))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Appends {"step": step, **scalars} as one JSON line and adds TensorBoard scalars."""
     if not self.enabled:
       return
-    row = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
-    self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
+    step = int(step)
+    # `step` stays the argument even if `scalars` has a "step" entry of its own.
+    row = {"step": step}
+    row.update((str(k), _plain(v)) for k, v in scalars.items() if k != "step")
+    self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
+    self._jsonl.flush()  # so a crash or a `tail -f` sees every logged step
     if self._tb is not None:
       for key, value in scalars.items():
-        self._tb.add_scalar(key, float(value), int(step))
+        # TensorBoard plots NaN/inf itself, so it gets the raw value; non-numbers are skipped.
+        if key != "step" and _is_real(value):
+          self._tb.add_scalar(str(key), float(np.asarray(value)), step)
 
   def write_image(self, step: int, tag: str, image: np.ndarray) -> None:
-    """image uint8 [H, W, 3]."""
+    """Adds uint8 image [H, W, 3] to TensorBoard (no-op without TensorBoard)."""
     if self.enabled and self._tb is not None:
-      self._tb.add_image(tag, image, int(step), dataformats="HWC")
+      self._tb.add_image(tag, np.asarray(image), int(step), dataformats="HWC")
 
   def write_hparams(self, config: Mapping[str, Any]) -> None:
+    """Writes `workdir/config.json` (pretty, nested dicts kept) and a TensorBoard text summary."""
     if not self.enabled:
       return
-    text = json.dumps(config, indent=2, sort_keys=True, default=str)
-    with open(os.path.join(self.workdir, "config.json"), "w") as f:
-      f.write(text + "\n")
+    text = json.dumps(_plain(config), indent=2, sort_keys=True, allow_nan=False)
+    _atomic_write_text(os.path.join(self.workdir, CONFIG_FILE), text + "\n")
     if self._tb is not None:
-      self._tb.add_text("config", f"```\n{text}\n```", 0)
+      # Indented by 4 spaces: TensorBoard renders text summaries as markdown code blocks.
+      self._tb.add_text("config", "\n".join("    " + line for line in text.splitlines()), 0)
 
   def flush(self) -> None:
     if self.enabled:
@@ -70,60 +125,116 @@ class MetricWriter:
         self._tb.flush()
 
   def close(self) -> None:
+    """Flushes and closes the files; later calls are no-ops."""
     if self.enabled:
       self._jsonl.close()
       if self._tb is not None:
         self._tb.close()
       self.enabled = False
 
-  def __enter__(self):
+  def __enter__(self) -> MetricWriter:
     return self
 
-  def __exit__(self, *exc):
+  def __exit__(self, *exc) -> None:
     self.close()
 
 
+def _is_real(value: Any) -> bool:
+  """Whether `value` is a real number (Python, numpy or JAX scalar), NaN included."""
+  if value is None or isinstance(value, (str, bytes)):
+    return False
+  try:
+    dtype = np.asarray(value).dtype
+  except Exception:  # pylint: disable=broad-except
+    return False
+  return np.ndim(value) == 0 and (np.issubdtype(dtype, np.integer) or
+                                  np.issubdtype(dtype, np.floating))
+
+
 def read_metrics(workdir: str) -> list[dict]:
-  """The rows of `workdir/metrics.jsonl`."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """The rows of `workdir/metrics.jsonl` in file order (null values come back as None).
+
+  A final line cut short by a crash mid-write is skipped rather than failing the whole read.
+  """
+  rows = []
+  with open(os.path.join(workdir, METRICS_FILE)) as f:
+    lines = f.read().splitlines()
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i != len(lines) - 1:
+        raise
+  return rows
 
 
 def _duration(seconds: float) -> str:
+  """Seconds -> H:MM:SS (days shown when needed)."""
   return str(datetime.timedelta(seconds=int(max(seconds, 0))))
 
 
 class ProgressLogger:
-  """One line per logged step with loss, lr, images/s, elapsed time and ETA.
+  """One line per logged step, e.g.
 
-  The rate is measured from the first `log` call, so compilation before it does not distort
-  the ETA.
+    step 1200/20000 (6.0%) | loss 0.4123 | lr 1.20e-04 | 1532.4 img/s | elapsed 0:03:12 |
+    ETA 0:49:37
+
+  The rate behind the ETA is measured from the first `log` call, not from process start, so
+  compilation before the first logged step does not distort it. `elapsed` counts from the
+  logger's creation (this process). `time_fn` is injectable for tests.
   """
 
   def __init__(self, total_steps: int, *, start_step: int = 0,
-               log_fn: Callable[[str], None] = print):
-    self.total_steps = total_steps
+               log_fn: Callable[[str], None] = print,
+               time_fn: Callable[[], float] = time.monotonic):
+    self.total_steps = int(total_steps)
+    self.start_step = int(start_step)
     self.log_fn = log_fn
-    self._start = time.perf_counter()
-    self._first: tuple[int, float] | None = None
+    self._time = time_fn
+    self._created = time_fn()
+    self._first: tuple[int, float] | None = None  # (step, time) of the first log call
+
+  def _eta(self, step: int, now: float) -> str:
+    if step >= self.total_steps:
+      return "0:00:00"
+    first_step, first_time = self._first
+    if step <= first_step or now <= first_time:
+      return "?"  # no rate measured yet
+    rate = (step - first_step) / (now - first_time)
+    return _duration((self.total_steps - step) / rate)
 
   def format(self, step: int, scalars: Mapping[str, Any]) -> str:
-    now = time.perf_counter()
+    """The progress line for `step` (also starts the rate clock on the first call)."""
+    step = int(step)
+    now = self._time()
     if self._first is None:
       self._first = (step, now)
-    parts = [f"step {step}/{self.total_steps} ({100.0 * step / max(self.total_steps, 1):.1f}%)"]
+    # total_steps <= 0 (or a run resumed at/after its end) counts as complete, not 1/0.
+    frac = min(step / self.total_steps, 1.0) if self.total_steps > 0 else 1.0
+    parts = [f"step {step}/{self.total_steps} ({100.0 * frac:.1f}%)"]
     if "loss" in scalars:
-      parts.append(f"loss {float(scalars['loss']):.4f}")
-    if "learning_rate" in scalars:
-      parts.append(f"lr {float(scalars['learning_rate']):.2e}")
+      parts.append(f"loss {_number(scalars['loss'], '.4f')}")
+    for key in ("learning_rate", "lr"):
+      if key in scalars:
+        parts.append(f"lr {_number(scalars[key], '.2e')}")
+        break
     if "images_per_sec" in scalars:
-      parts.append(f"{float(scalars['images_per_sec']):.1f} img/s")
-    parts.append(f"elapsed {_duration(now - self._start)}")
-    first_step, first_time = self._first
-    if step > first_step and self.total_steps > step:
-      rate = (step - first_step) / (now - first_time)
-      parts.append(f"ETA {_duration((self.total_steps - step) / rate)}")
+      parts.append(f"{_number(scalars['images_per_sec'], '.1f')} img/s")
+    parts.append(f"elapsed {_duration(now - self._created)}")
+    parts.append(f"ETA {self._eta(step, now)}")
     return " | ".join(parts)
 
   def log(self, step: int, scalars: Mapping[str, Any]) -> None:
     self.log_fn(self.format(step, scalars))
+
+
+def _number(value: Any, spec: str) -> str:
+  """Formats a scalar (None for a null metric); shows 'nan'/'inf' as such."""
+  if value is None:
+    return "nan"
+  try:
+    return format(float(np.asarray(value)), spec)
+  except (TypeError, ValueError):
+    return str(value)

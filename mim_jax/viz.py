@@ -1,4 +1,12 @@
-"""Reconstruction pictures (numpy + PIL only, so they can be drawn on any host)."""
+"""Reconstruction pictures (numpy + PIL only, so they can be drawn on any host).
+
+Shapes:
+  images   [B, H, W, C]     normalised with per-channel mean/std
+  patches  [B, N, p*p*C]    N = (H/p)*(W/p), row-major over the patch grid, each patch
+                            flattened in (row-in-patch, col-in-patch, channel) order; the same
+                            layout as `mim_jax.models.vit.patchify`
+  mask     [B, N]           1 = masked (hidden from the encoder), 0 = visible
+"""
 
 from __future__ import annotations
 
@@ -9,31 +17,54 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-GAP = 2          # white pixels between panels and rows
+GAP = 2          # white pixels between panels and between rows
 MIN_PANEL = 112  # small images (28x28) are upscaled by an integer factor to at least this
+MASK_GREY = 0.5  # display value of masked patches in the "masked" panel
+NORM_PIX_EPS = 1e-6  # the eps of the norm_pix target (MAE: (x - mean) / sqrt(var + 1e-6))
 
 
 def patchify(images: np.ndarray, patch_size: int) -> np.ndarray:
-  """[B, H, W, C] -> [B, N, p*p*C], the layout of `mim_jax.models.vit.patchify`."""
+  """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C]; H and W must be multiples of p."""
   b, h, w, c = images.shape
   p = patch_size
+  if h % p or w % p:
+    raise ValueError(f"image size {h}x{w} is not a multiple of patch_size {p}")
   x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
 def unpatchify(patches: np.ndarray, patch_size: int, grid_hw: tuple[int, int],
                channels: int) -> np.ndarray:
-  """[B, N, p*p*C] -> [B, H, W, C]."""
+  """[B, gh*gw, p*p*C] -> [B, gh*p, gw*p, C], the inverse of `patchify`."""
   (gh, gw), p = grid_hw, patch_size
-  x = patches.reshape(patches.shape[0], gh, gw, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(patches.shape[0], gh * p, gw * p, channels)
+  b = patches.shape[0]
+  x = patches.reshape(b, gh, gw, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, gh * p, gw * p, channels)
+
+
+def denormalize_patches(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+  """Undoes the per-patch standardisation of a norm_pix target.
+
+  pred, target  [B, N, p*p*C]; `target` holds the (mean/std-normalised) image patches.
+  Returns pred * sqrt(var + eps) + mean with each patch's own statistics (var with ddof=1,
+  as in the MAE loss), i.e. predictions back in normalised-image space.
+  """
+  mean_p = target.mean(-1, keepdims=True)
+  var_p = target.var(-1, ddof=1, keepdims=True)
+  return pred * np.sqrt(var_p + NORM_PIX_EPS) + mean_p
 
 
 def _to_display(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-  """Normalised [B, H, W, C] -> RGB floats in [0, 1]."""
+  """Normalised [B, H, W, C] -> RGB floats [B, H, W, 3] in [0, 1]."""
   x = images * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
-  x = np.clip(x, 0.0, 1.0)
+  # A diverged model can predict NaN/inf; draw those as black rather than garbage bytes.
+  x = np.clip(np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
   return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
+
+
+def upscale_factor(h: int, w: int) -> int:
+  """The integer factor that makes an h x w panel at least MIN_PANEL on its longer side."""
+  return max(1, -(-MIN_PANEL // max(h, w)))
 
 
 def reconstruction_grid(images: np.ndarray, pred_patches: np.ndarray, mask: np.ndarray, *,
@@ -42,50 +73,61 @@ def reconstruction_grid(images: np.ndarray, pred_patches: np.ndarray, mask: np.n
   """One row per example: original | masked | reconstruction | reconstruction + visible.
 
   images        [B, H, W, C] normalised inputs
-  pred_patches  [B, N, p*p*C] predictions in the model's target space
-  mask          [B, N] 1 = masked
-  Returns uint8 [rows * (H' + gap), 4 * (W' + gap), 3] where H', W' are upscaled sizes.
+  pred_patches  [B, N, p*p*C] predictions in the model's target space (per-patch standardised
+                pixels when `norm_pix_loss`, else normalised pixels)
+  mask          [B, N] 1 = masked, 0 = visible
+  Returns uint8 [R*H' + (R-1)*GAP, 4*W' + 3*GAP, 3] with R = min(B, max_rows) rows and
+  H' = s*H, W' = s*W for the integer upscale factor s = `upscale_factor(H, W)`.
   """
   images = np.asarray(images, np.float32)[:max_rows]
   pred = np.asarray(pred_patches, np.float32)[:max_rows]
-  mask = np.asarray(mask, np.float32)[:max_rows]
+  masked_p = np.asarray(mask)[:max_rows].astype(bool)[:, :, None]  # [B, N, 1]
   b, h, w, c = images.shape
   p = patch_size
   grid_hw = (h // p, w // p)
   target = patchify(images, p)
+  if pred.shape != target.shape or masked_p.shape[:2] != target.shape[:2]:
+    raise ValueError(f"pred {pred.shape} / mask {masked_p.shape[:2]} do not match the "
+                     f"{target.shape} patches of images {images.shape} (patch_size {p})")
   if norm_pix_loss:
-    # Predictions are per-patch standardised: put each patch's own mean and std back.
-    mean_p = target.mean(-1, keepdims=True)
-    var_p = target.var(-1, ddof=1, keepdims=True)
-    pred = pred * np.sqrt(var_p + 1e-6) + mean_p
-  m = mask[:, :, None]
-  recon = unpatchify(pred, p, grid_hw, c)
-  pasted = unpatchify(pred * m + target * (1 - m), p, grid_hw, c)
-  original = _to_display(images, mean, std)
-  masked = _to_display(unpatchify(target, p, grid_hw, c), mean, std)
-  masked = np.where(unpatchify(np.broadcast_to(m, target.shape), p, grid_hw, c)[..., :1] > 0,
-                    0.5, masked)
-  panels = [original, masked, _to_display(recon, mean, std), _to_display(pasted, mean, std)]
+    pred = denormalize_patches(pred, target)
+  # np.where, not pred*m + target*(1-m): visible patches must be the original bit for bit even
+  # when a prediction is NaN/inf.
+  pasted = np.where(masked_p, pred, target)
+  pixel_masked = unpatchify(np.broadcast_to(masked_p, target.shape), p, grid_hw, c)[..., :1]
 
-  scale = max(1, -(-MIN_PANEL // max(h, w)))
-  ph, pw = h * scale, w * scale
-  out = np.ones((b * (ph + GAP) - GAP, 4 * (pw + GAP) - GAP, 3), np.float32)
+  original = _to_display(images, mean, std)
+  masked = np.where(pixel_masked, np.float32(MASK_GREY), original)
+  recon = _to_display(unpatchify(pred, p, grid_hw, c), mean, std)
+  recon_pasted = _to_display(unpatchify(pasted, p, grid_hw, c), mean, std)
+  panels = [original, masked, recon, recon_pasted]
+
+  s = upscale_factor(h, w)
+  ph, pw = h * s, w * s
+  out = np.ones((b * (ph + GAP) - GAP, 4 * (pw + GAP) - GAP, 3), np.float32)  # white gaps
   for row in range(b):
     for col, panel in enumerate(panels):
-      big = panel[row].repeat(scale, axis=0).repeat(scale, axis=1)
       y, x = row * (ph + GAP), col * (pw + GAP)
-      out[y:y + ph, x:x + pw] = big
-  return (out * 255 + 0.5).astype(np.uint8)
+      out[y:y + ph, x:x + pw] = panel[row].repeat(s, axis=0).repeat(s, axis=1)
+  return np.round(out * 255).astype(np.uint8)
 
 
 def save_png(array: np.ndarray, path: str) -> None:
-  """Writes uint8 [H, W, 3] atomically (temporary file + rename), creating folders."""
+  """Writes uint8 [H, W, 3] (or [H, W]) atomically, creating parent folders.
+
+  The PNG goes to a temporary file in the same folder and is renamed over `path`, so a reader
+  (TensorBoard, a browser refreshing the folder) never sees a half-written picture.
+  """
+  array = np.asarray(array)
+  if array.dtype != np.uint8:
+    # Casting floats in [0, 1] would silently give a black picture.
+    raise ValueError(f"save_png expects uint8, got {array.dtype}")
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".png", dir=directory)
-  os.close(fd)
+  fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=directory)
   try:
-    Image.fromarray(array).save(tmp, format="PNG")
+    with os.fdopen(fd, "wb") as f:
+      Image.fromarray(array).save(f, format="PNG")
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

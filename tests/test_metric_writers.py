@@ -1,0 +1,119 @@
+"""Tests for mim_jax.metric_writers: JSON lines, TensorBoard files and the progress line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from mim_jax import metric_writers
+
+
+def _event_files(workdir):
+  tb = os.path.join(workdir, "tensorboard")
+  if not os.path.isdir(tb):
+    return []
+  return [os.path.join(tb, f) for f in os.listdir(tb) if f.startswith("events.out.tfevents.")]
+
+
+def test_metrics_append_across_writers_resume(tmp_path):
+  workdir = str(tmp_path / "run")
+  with metric_writers.MetricWriter(workdir, tensorboard=False) as w:
+    w.write_scalars(1, {"loss": np.float32(0.5), "learning_rate": 1e-4})
+    w.write_scalars(2, {"loss": 0.25, "skipped_images": np.int64(3)})
+  # A resumed run opens a new writer on the same workdir: it must append, not truncate.
+  with metric_writers.MetricWriter(workdir, tensorboard=False) as w:
+    w.write_scalars(3, {"loss": 0.125})
+  rows = metric_writers.read_metrics(workdir)
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  assert rows[0] == {"step": 1, "loss": 0.5, "learning_rate": 1e-4}
+  assert rows[1]["skipped_images"] == 3 and isinstance(rows[1]["skipped_images"], int)
+
+
+def test_non_finite_written_as_null(tmp_path):
+  workdir = str(tmp_path)
+  with metric_writers.MetricWriter(workdir, tensorboard=False) as w:
+    w.write_scalars(7, {"loss": float("nan"), "grad_norm": np.float32(np.inf), "ok": 1.0})
+  with open(tmp_path / "metrics.jsonl") as f:
+    line = f.read()
+  assert "NaN" not in line and "Infinity" not in line
+  # Strict parse: reject the non-standard tokens Python's json would otherwise accept.
+  row = json.loads(line, parse_constant=lambda t: pytest.fail(f"invalid JSON token {t}"))
+  assert row == {"step": 7, "loss": None, "grad_norm": None, "ok": 1.0}
+
+
+def test_metrics_flushed_each_call(tmp_path):
+  w = metric_writers.MetricWriter(str(tmp_path), tensorboard=False)
+  w.write_scalars(1, {"loss": 1.0})
+  # Readable before close: a crash or `tail -f` still sees the step.
+  assert metric_writers.read_metrics(str(tmp_path)) == [{"step": 1, "loss": 1.0}]
+  w.close()
+
+
+def test_tensorboard_event_files_and_hparams(tmp_path):
+  workdir = str(tmp_path)
+  config = {"model": {"variant": "mu/4", "patch": (4, 4)}, "lr": 1.5e-4, "seed": 0}
+  with metric_writers.MetricWriter(workdir) as w:
+    w.write_hparams(config)
+    w.write_scalars(1, {"loss": 0.5, "note": "text is skipped by TensorBoard"})
+    w.write_image(1, "reconstructions", np.zeros((8, 12, 3), np.uint8))
+  files = _event_files(workdir)
+  assert files and all(os.path.getsize(f) > 0 for f in files)
+  with open(tmp_path / "config.json") as f:
+    text = f.read()
+  assert "\n  " in text  # pretty-printed
+  assert json.loads(text) == {"model": {"variant": "mu/4", "patch": [4, 4]}, "lr": 1.5e-4,
+                              "seed": 0}
+
+
+def test_disabled_writer_is_a_no_op(tmp_path):
+  workdir = tmp_path / "not_created"
+  w = metric_writers.MetricWriter(str(workdir), enabled=False)
+  w.write_hparams({"a": 1})
+  w.write_scalars(1, {"loss": 1.0})
+  w.write_image(1, "x", np.zeros((4, 4, 3), np.uint8))
+  w.flush()
+  w.close()
+  assert not workdir.exists()
+
+
+class _Clock:
+  """A fake time source the test advances by hand."""
+
+  def __init__(self):
+    self.now = 1000.0
+
+  def __call__(self):
+    return self.now
+
+
+def test_progress_line_format_and_eta_ignores_time_before_first_log():
+  lines, clock = [], _Clock()
+  logger = metric_writers.ProgressLogger(20000, start_step=1000, log_fn=lines.append,
+                                         time_fn=clock)
+  clock.now += 120.0  # compilation: must not slow the measured rate
+  logger.log(1100, {"loss": 0.5})
+  assert "ETA ?" in lines[-1]  # no rate yet
+  clock.now += 100.0  # 100 steps in 100 s -> 1 step/s
+  logger.log(1200, {"loss": 0.41234, "learning_rate": 1.2e-4, "images_per_sec": 1532.42})
+  line = lines[-1]
+  assert line.startswith("step 1200/20000 (6.0%)")
+  assert "loss 0.4123" in line
+  assert "lr 1.20e-04" in line
+  assert "1532.4 img/s" in line
+  assert "elapsed 0:03:40" in line
+  assert line.endswith("ETA 5:13:20")  # 18800 steps at 1 step/s (120 s compile excluded)
+
+
+def test_progress_without_optional_metrics_and_finished_runs():
+  lines = []
+  metric_writers.ProgressLogger(10, log_fn=lines.append).log(3, {})
+  assert "step 3/10 (30.0%)" in lines[-1]
+  assert "loss" not in lines[-1] and "img/s" not in lines[-1]
+  # total_steps <= start_step: nothing to do, but logging must not divide by zero.
+  metric_writers.ProgressLogger(0, start_step=5, log_fn=lines.append).log(5, {"loss": math.nan})
+  assert "step 5/0 (100.0%)" in lines[-1] and "loss nan" in lines[-1]
+  assert "ETA 0:00:00" in lines[-1]
