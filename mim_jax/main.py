@@ -27,6 +27,8 @@ def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                       force=True)
+  # Orbax reports every save step at INFO through absl; keep the console for our progress line.
+  logging.getLogger("absl").setLevel(logging.WARNING)
   from mim_jax import checkpoint, train  # after flag parsing: keeps `--help` fast
   try:
     train.run(FLAGS.config, FLAGS.workdir)

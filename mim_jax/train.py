@@ -226,6 +226,7 @@ def run(config, workdir: str) -> TrainState:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         metrics["images_per_sec"] = (step - step_last) * config.global_batch_size / (now - t_last)
+        metrics["skipped_images"] = data.num_skipped_images()  # corrupt files dropped so far
         t_last, step_last = now, step
         writer.write_scalars(step, metrics)
         progress.log(step, metrics)

@@ -69,5 +69,5 @@ def test_gradient_clipping_is_applied_before_adam(clip, expected_norm):
   adam_state = [s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu"))
                 if hasattr(s, "mu")][0]
   # Adam's first moment after one step is (1 - b1) * (clipped) gradient.
-  np.testing.assert_allclose(float(optax.tree_utils.tree_l2_norm(adam_state.mu)), expected_norm,
+  np.testing.assert_allclose(float(optax.tree_utils.tree_norm(adam_state.mu)), expected_norm,
                              rtol=1e-5)

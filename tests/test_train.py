@@ -162,3 +162,26 @@ def test_sigterm_saves_and_exits_zero_then_resume_finishes(tmp_path):
   assert f"resumed from" in rerun.stderr + rerun.stdout
   steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
   assert steps[-2:] == [saved[-1] + 1, saved[-1] + 2]
+
+
+def test_corrupt_image_is_skipped_counted_and_never_fed(tmp_path):
+  from PIL import Image
+  from mim_jax import data
+  root = tmp_path / "images" / "class_a"
+  root.mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  for i in range(20):
+    Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / f"{i}.png")
+  (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+  data.reset_skipped_images()
+  config = tiny_mae_config(total_steps=3, log_every=3)
+  config.data.update(source="image_folder", path=str(tmp_path / "images"), on_bad_image="skip")
+  workdir = str(tmp_path / "w")
+  train.run(config, workdir)
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert rows[-1]["step"] == 3 and rows[-1]["skipped_images"] >= 1
+  assert any("broken.jpg" in path for path in data.skipped_images())
+
+  config.data.on_bad_image = "raise"
+  with pytest.raises(Exception, match="broken.jpg"):
+    train.run(config, str(tmp_path / "w2"))
