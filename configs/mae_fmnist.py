@@ -13,25 +13,13 @@ On a GPU scale it up unchanged, e.g. `:variant=S/4 --config.num_epochs=100
 
 from mim_jax import config_defaults
 
-FMNIST_MEAN = (0.2860,)
-FMNIST_STD = (0.3530,)
-
 
 def get_config(arg=None):
   args = config_defaults.parse_arg(arg)
-  c = config_defaults.base_config()
-  c.image_size = (28, 28)
-  c.channels = 1
-  if "variant" in args:
-    c.model.variant = str(args["variant"])
-  else:
-    c.model.update(variant="Ti/4", width=128, depth=6, num_heads=4, mlp_dim=512)
+  c = config_defaults.use_fashion_mnist(config_defaults.base_config())
+  if "variant" in args:  # a published size instead of the demo encoder
+    c.model.update(variant=str(args["variant"]), width=0, depth=0, num_heads=0, mlp_dim=0)
   c.decoder.update(width=64, depth=2, num_heads=4)
-  c.data.update(source="fashion_mnist", path="/usr/share/datasets/fashion-mnist", split="train",
-                num_workers=1, mean=FMNIST_MEAN, std=FMNIST_STD,
-                # Crops below ~1/3 of a 28x28 image are mostly upsampled blur.
-                crop_scale=(0.35, 1.0))
-  c.global_batch_size = 256
   c.num_epochs = 3
   # A short schedule: a higher peak lr than ImageNet's 1.5e-4 x batch/256 and a short warmup.
   c.optimizer.base_lr = 1e-3

@@ -11,12 +11,20 @@ import ml_collections
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+FMNIST_MEAN = (0.2860,)
+FMNIST_STD = (0.3530,)
+FMNIST_PATH = "/usr/share/datasets/fashion-mnist"
+# The Fashion-MNIST demo encoder: 6 blocks, 128 wide, 4-px patches (minutes on 2 CPU cores).
+FMNIST_DEMO_MODEL = dict(variant="Ti/4", width=128, depth=6, num_heads=4, mlp_dim=512)
 
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.method = "mae"
+  c.method = "mae"             # a pre-training method, "linprobe", "finetune" or "knn"
   c.seed = 0
+  # Evaluations start from a pre-trained encoder: a pre-training workdir (its `encoder/` export)
+  # or an encoder directory. Its model.json fixes the encoder size and patch.
+  c.init_from = ""
 
   # Input geometry: (height, width) and channels of the images the model sees.
   c.image_size = (224, 224)
@@ -52,6 +60,11 @@ def base_config() -> ml_collections.ConfigDict:
       mean=IMAGENET_MEAN,
       std=IMAGENET_STD,
       synthetic_size=10_000,
+      label_fraction=1.0,      # low-label runs: keep this fraction of every training class
+      subset_seed=0,           # picks that subset; not `seed`, so every seed sees the same labels
+      eval_split="",           # split scored by evaluations; "" = the source's usual one
+                               # (fashion_mnist "test", tfds "validation", image_folder eval_path)
+      eval_path="",            # image_folder: folder of the evaluation images (path = train)
   ))
 
   c.global_batch_size = 4096
@@ -70,7 +83,28 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=0.05,
       warmup_epochs=40.0,
       clip_grad_norm=0.0,      # 0 disables clipping
+      momentum=0.9,            # lars / sgd
+      trust_coefficient=0.001,  # lars
+      layer_decay=1.0,         # < 1: layer-wise lr decay (fine-tuning ViTs)
   ))
+
+  # Classification heads and features for linprobe / finetune / knn (ignored by pre-training).
+  c.classifier = ml_collections.ConfigDict(dict(
+      num_classes=0,           # 0: from the dataset
+      pool="cls",              # cls token, or "gap": mean of the patch tokens
+      probe_layer=0,           # linprobe / knn features: 0 = encoder output, k = block k's output
+      head_init_std=0.01,      # truncated-normal std of the head (MAE: 0.01 probe, 2e-5 fine-tune)
+      label_smoothing=0.0,
+      mixup_alpha=0.0,         # fine-tuning Mixup / CutMix (timm semantics); 0 disables each
+      cutmix_alpha=0.0,
+      mixup_prob=1.0,
+      mixup_switch_prob=0.5,
+  ))
+  # Test-set evaluation of classifiers: every `every_epochs` (0: only at the end).
+  c.eval = ml_collections.ConfigDict(dict(every_epochs=0.0, batch_size=256))
+  # Weighted k-NN (DINO protocol) on encoder features; `every_epochs` > 0 also runs it during
+  # pre-training.
+  c.knn = ml_collections.ConfigDict(dict(k=20, temperature=0.07, every_epochs=0.0))
 
   c.mesh = [("data", -1)]
   c.sharding_rules = [(".*", ())]  # replicate every parameter (pure data parallelism)
@@ -118,6 +152,7 @@ def apply_runlocal(c: ml_collections.ConfigDict, keep_data: bool = False) -> ml_
   c.checkpoint_every = 2
   c.viz_every = 2
   c.viz_num_images = 2
+  c.eval.batch_size = 8
   return c
 
 
@@ -128,4 +163,69 @@ def mae_imagenet_config(arg: str | None, default_variant: str) -> ml_collections
   c.model.variant = str(args.get("variant", default_variant))
   if args.get("runlocal"):
     apply_runlocal(c)
+  return c
+
+
+def use_fashion_mnist(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """28x28 grayscale Fashion-MNIST from the Debian package, batch 256 (all fmnist recipes)."""
+  c.image_size = (28, 28)
+  c.channels = 1
+  c.model.update(FMNIST_DEMO_MODEL)
+  c.data.update(source="fashion_mnist", path=FMNIST_PATH, split="train",
+                num_workers=1, mean=FMNIST_MEAN, std=FMNIST_STD,
+                # Crops below ~1/3 of a 28x28 image are mostly upsampled blur.
+                crop_scale=(0.35, 1.0))
+  c.global_batch_size = 256
+  c.eval.batch_size = 1000
+  return c
+
+
+def linprobe_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The MAE linear probe (He et al. 2022, A.3): BatchNorm(affine=False) + linear head on the
+  frozen cls token, LARS (momentum 0.9), base lr 0.1 x batch / 256, no weight decay, 90 epochs
+  with 10 warmup, batch 16384, RandomResizedCrop + flip."""
+  c.method = "linprobe"
+  c.optimizer.update(name="lars", base_lr=0.1, weight_decay=0.0, warmup_epochs=10.0,
+                     momentum=0.9, min_lr=0.0)
+  c.classifier.update(pool="cls", probe_layer=0, head_init_std=0.01)
+  c.num_epochs = 90
+  c.global_batch_size = 16384
+  c.data.crop_scale = (0.08, 1.0)
+  c.viz_every = 0
+  c.checkpoint_every = 1000
+  c.export_encoder = False
+  return c
+
+
+# MAE fine-tuning (He et al. 2022, A.2 / official FINETUNE.md) by encoder size:
+# (base lr, layer decay, drop path, epochs).
+MAE_FINETUNE = {"B": (5e-4, 0.65, 0.1, 100), "L": (1e-3, 0.75, 0.2, 50),
+                "H": (1e-3, 0.75, 0.3, 50)}
+
+
+def finetune_recipe(c: ml_collections.ConfigDict, size: str = "B") -> ml_collections.ConfigDict:
+  """The MAE end-to-end fine-tuning recipe: AdamW (0.9, 0.999), wd 0.05, batch 1024, layer-wise
+  lr decay, drop path, 5 warmup epochs, cosine to 1e-6, Mixup 0.8 / CutMix 1.0, label smoothing
+  0.1, global average pooling with fc_norm, head init std 2e-5."""
+  base_lr, layer_decay, drop_path, epochs = MAE_FINETUNE[size]
+  c.method = "finetune"
+  c.model.drop_path_rate = drop_path
+  c.optimizer.update(name="adamw", base_lr=base_lr, b1=0.9, b2=0.999, weight_decay=0.05,
+                     layer_decay=layer_decay, warmup_epochs=5.0, min_lr=1e-6)
+  c.classifier.update(pool="gap", head_init_std=2e-5, label_smoothing=0.1, mixup_alpha=0.8,
+                      cutmix_alpha=1.0, mixup_prob=1.0, mixup_switch_prob=0.5)
+  c.num_epochs = epochs
+  c.global_batch_size = 1024
+  c.data.crop_scale = (0.08, 1.0)
+  c.viz_every = 0
+  c.export_encoder = False
+  return c
+
+
+def knn_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Weighted k-NN on frozen cls-token features (DINO / iBOT: k = 20, T = 0.07)."""
+  c.method = "knn"
+  c.knn.update(k=20, temperature=0.07)
+  c.classifier.update(pool="cls", probe_layer=0)
+  c.eval.batch_size = 256
   return c

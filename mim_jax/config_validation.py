@@ -14,6 +14,9 @@ from mim_jax.models.vit import parse_variant, size_from_config
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("", "xla", "cudnn")
 MASK_KINDS_BY_METHOD = {"mae": ("random",)}
+PRETRAINING_METHODS = tuple(MASK_KINDS_BY_METHOD)
+# Evaluations of a pre-trained encoder; knn trains nothing and is run by its own job.
+EVALUATION_METHODS = ("linprobe", "finetune", "knn")
 
 
 def _require(ok: bool, field: str, value, allowed: str, hint: str = "") -> None:
@@ -44,7 +47,8 @@ def _get(config, dotted: str):
 
 def validate_model(config) -> None:
   from mim_jax.methods import METHODS  # here, not at import: methods import this module's peers
-  _require(config.method in METHODS, "method", config.method, f"one of {sorted(METHODS)}")
+  known = sorted(set(METHODS) | set(EVALUATION_METHODS))
+  _require(config.method in known, "method", config.method, f"one of {known}")
   parse_variant(config.model.variant)
   for name in ("width", "depth", "num_heads", "mlp_dim"):
     value = config.model[name]
@@ -70,7 +74,13 @@ def validate_model(config) -> None:
            "a positive integer (1 for grayscale, 3 for RGB)")
   _require(size.width % 4 == 0, "model.variant", config.model.variant,
            "a width divisible by 4 (2-D sin-cos position embeddings)")
+  if config.method in PRETRAINING_METHODS:
+    validate_pretraining(config, image_size, patch)
+  else:
+    validate_evaluation(config, size.depth)
 
+
+def validate_pretraining(config, image_size: tuple[int, int], patch: int) -> None:
   dec = config.decoder
   for name in ("width", "depth", "num_heads"):
     _positive_int(config, f"decoder.{name}")
@@ -92,6 +102,49 @@ def validate_model(config) -> None:
            "true or false")
 
 
+def validate_evaluation(config, depth: int) -> None:
+  """linprobe / finetune / knn: the classifier, k-NN and evaluation fields."""
+  from mim_jax.models.heads import POOLS
+  if config.method in ("linprobe", "knn"):
+    _require(isinstance(config.init_from, str) and config.init_from != "", "init_from",
+             config.init_from, f"a pre-training workdir or encoder directory ({config.method} "
+             "evaluates a pre-trained encoder)")
+  if config.init_from:
+    from mim_jax.evaluate.pretrained import encoder_directory
+    encoder_directory(config.init_from)  # raises a ConfigError naming init_from
+  c = config.classifier
+  _require(_is_int(c.num_classes) and c.num_classes >= 0, "classifier.num_classes",
+           c.num_classes, "an integer >= 0 (0: the dataset's class count)")
+  _require(c.pool in POOLS, "classifier.pool", c.pool, f"one of {POOLS}")
+  _require(_is_int(c.probe_layer) and 0 <= c.probe_layer <= depth, "classifier.probe_layer",
+           c.probe_layer, f"an integer in [0, {depth}] (0: encoder output, k: block k)")
+  _require(_is_number(c.head_init_std) and c.head_init_std > 0, "classifier.head_init_std",
+           c.head_init_std, "a positive number")
+  _require(_is_number(c.label_smoothing) and 0 <= c.label_smoothing < 1,
+           "classifier.label_smoothing", c.label_smoothing, "a number in [0, 1)")
+  for name in ("mixup_alpha", "cutmix_alpha"):
+    _require(_is_number(c[name]) and c[name] >= 0, f"classifier.{name}", c[name],
+             "a number >= 0 (0 disables it)")
+  for name in ("mixup_prob", "mixup_switch_prob"):
+    _require(_is_number(c[name]) and 0 <= c[name] <= 1, f"classifier.{name}", c[name],
+             "a probability in [0, 1]")
+  if config.method == "linprobe" and (c.mixup_alpha or c.cutmix_alpha):
+    raise config_error("classifier.mixup_alpha", (c.mixup_alpha, c.cutmix_alpha),
+                       "0 for linprobe (Mixup / CutMix apply to fine-tuning only)")
+  _positive_int(config, "eval.batch_size")
+  _require(_is_number(config.eval.every_epochs) and config.eval.every_epochs >= 0,
+           "eval.every_epochs", config.eval.every_epochs, "a number >= 0 (0: only at the end)")
+
+
+def validate_knn(config) -> None:
+  k = config.knn
+  _require(_is_int(k.k) and k.k > 0, "knn.k", k.k, "a positive integer (DINO uses 20)")
+  _require(_is_number(k.temperature) and k.temperature > 0, "knn.temperature", k.temperature,
+           "a positive number (DINO uses 0.07)")
+  _require(_is_number(k.every_epochs) and k.every_epochs >= 0, "knn.every_epochs",
+           k.every_epochs, "a number >= 0 (0: k-NN only as its own job)")
+
+
 def validate_optimization(config) -> None:
   _positive_int(config, "global_batch_size")
   _positive_int(config, "grad_accum_steps")
@@ -103,7 +156,14 @@ def validate_optimization(config) -> None:
   _require(_is_int(config.total_steps) and (config.total_steps == -1 or config.total_steps > 0),
            "total_steps", config.total_steps, "-1 (the whole schedule) or a positive integer")
   opt = config.optimizer
-  _require(opt.name == "adamw", "optimizer.name", opt.name, "'adamw'")
+  from mim_jax.optim import OPTIMIZERS
+  _require(opt.name in OPTIMIZERS, "optimizer.name", opt.name, f"one of {OPTIMIZERS}")
+  _require(_is_number(opt.momentum) and 0 <= opt.momentum < 1, "optimizer.momentum",
+           opt.momentum, "a number in [0, 1)")
+  _require(_is_number(opt.layer_decay) and 0 < opt.layer_decay <= 1, "optimizer.layer_decay",
+           opt.layer_decay, "a number in (0, 1] (1 disables layer-wise lr decay)")
+  _require(_is_number(opt.trust_coefficient) and opt.trust_coefficient > 0,
+           "optimizer.trust_coefficient", opt.trust_coefficient, "a positive number")
   _require(_is_number(opt.base_lr) and opt.base_lr > 0, "optimizer.base_lr", opt.base_lr,
            "a positive number")
   _require(_is_number(opt.lr_batch_reference) and opt.lr_batch_reference > 0,
@@ -138,6 +198,7 @@ def validate_config(config) -> None:
   """Static checks (no devices, no files beyond the data paths). Raises ConfigError."""
   from mim_jax import data  # the data package validates its own sub-config
   validate_model(config)
+  validate_knn(config)
   validate_optimization(config)
   validate_logging(config)
   data.validate_data_config(config.data, image_size=tuple(config.image_size),
@@ -157,4 +218,11 @@ def validate_for_devices(config, *, batch_parallelism: int, process_count: int) 
                        f"a multiple of the number of processes {process_count}")
 
 
-__all__ = ["ConfigError", "validate_config", "validate_for_devices"]
+def validate_eval_for_devices(config, batch_parallelism: int) -> None:
+  """The evaluation batch must split evenly over the data-parallel devices."""
+  if config.method in EVALUATION_METHODS and config.eval.batch_size % batch_parallelism:
+    raise config_error("eval.batch_size", config.eval.batch_size,
+                       f"a multiple of the data-parallel device count {batch_parallelism}")
+
+
+__all__ = ["ConfigError", "validate_config", "validate_eval_for_devices", "validate_for_devices"]

@@ -4,6 +4,8 @@ r"""Command-line entry point: flags in, one call to the trainer.
       [--config.total_steps=100] [--config.model.dtype=bfloat16]
 
 Running the same command again on the same workdir resumes from its latest checkpoint.
+Evaluations use the same entry point: configs/linprobe_*.py and configs/finetune_*.py train
+through the same loop, configs/knn_*.py runs the k-NN job (all with --config.init_from=DIR).
 """
 
 from __future__ import annotations
@@ -30,8 +32,12 @@ def main(argv):
   # Orbax reports every save step at INFO through absl; keep the console for our progress line.
   logging.getLogger("absl").setLevel(logging.WARNING)
   from mim_jax import checkpoint, train  # after flag parsing: keeps `--help` fast
+  from mim_jax.evaluate import knn_job
   try:
-    train.run(FLAGS.config, FLAGS.workdir)
+    if FLAGS.config.method == "knn":
+      knn_job.run(FLAGS.config, FLAGS.workdir)
+    else:
+      train.run(FLAGS.config, FLAGS.workdir)
   except (ConfigError, checkpoint.WorkdirNotWritableError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -1,11 +1,19 @@
-"""Optimizer and learning-rate schedule of the MAE recipe (shared by every method)."""
+"""Optimizers and the learning-rate schedule shared by every method and evaluation.
+
+AdamW (pre-training, fine-tuning), LARS (the MAE linear probe) and SGD, all with weight decay
+masked off biases, norms, tokens and position embeddings, optional global-norm clipping, and
+optional layer-wise learning-rate decay for fine-tuning ViTs (BEiT / MAE).
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
 import optax
+
+OPTIMIZERS = ("adamw", "lars", "sgd")
 
 # Parameters exempt from weight decay besides biases and norm scales (ndim <= 1).
 NO_DECAY_NAMES = frozenset({"cls_token", "mask_token", "pos_embed", "dist_token"})
@@ -37,11 +45,75 @@ def weight_decay_mask(params: Any) -> Any:
       lambda path, x: x.ndim > 1 and _leaf_name(path) not in NO_DECAY_NAMES, params)
 
 
+_BLOCK = re.compile(r"(?:^|/)blocks_(\d+)(?:/|$)")
+_EMBEDDING_NAMES = ("patch_embed", "cls_token", "pos_embed", "mask_token")
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def vit_layer_id(path: str, depth: int) -> int:
+  """Layer index of a parameter for layer-wise lr decay (as BEiT/MAE's `get_layer_id_for_vit`).
+
+  Embeddings (patch embedding, cls/mask tokens, position table) are layer 0, transformer block i
+  is layer i + 1, and everything after the blocks (final norm, fc_norm, head) is depth + 1.
+  """
+  match = _BLOCK.search(path)
+  if match:
+    return int(match.group(1)) + 1
+  if any(name in path.split("/") for name in _EMBEDDING_NAMES):
+    return 0
+  return depth + 1
+
+
+def layer_decay_scales(params: Any, decay: float) -> Any:
+  """Per-parameter lr multipliers decay ** (depth + 1 - layer_id); depth from `blocks_i` names."""
+  paths = [_path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  blocks = [int(m.group(1)) for m in map(_BLOCK.search, paths) if m]
+  depth = max(blocks) + 1 if blocks else 0
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: decay ** (depth + 1 - vit_layer_id(_path_str(p), depth)), params)
+
+
+def scale_by_layer_decay(decay: float) -> optax.GradientTransformation:
+  """Multiplies each update (weight decay included) by its layer's lr multiplier.
+
+  Scaling the final update is the same as giving each layer its own learning rate, which is
+  how the official implementations apply layer decay (lr_scale per parameter group).
+  """
+  def scale(updates, params):
+    del params
+    scales = layer_decay_scales(updates, decay)
+    return jax.tree.map(lambda u, s: u * s, updates, scales)
+  return optax.stateless(scale)
+
+
 def build_optimizer(opt_cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """AdamW with masked weight decay and optional global-norm clipping."""
+  """The configured optimizer with masked weight decay, clipping and layer decay.
+
+  adamw: decoupled weight decay (b1, b2, eps).  lars: the MAE linear-probe optimizer
+  (momentum, trust ratio and weight decay skip biases and norms).  sgd: momentum SGD with
+  decoupled weight decay.
+  """
   parts = []
   if opt_cfg.clip_grad_norm > 0:
     parts.append(optax.clip_by_global_norm(opt_cfg.clip_grad_norm))
-  parts.append(optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
-                           weight_decay=opt_cfg.weight_decay, mask=weight_decay_mask))
+  name = opt_cfg.name
+  if name == "adamw":
+    parts.append(optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
+                             weight_decay=opt_cfg.weight_decay, mask=weight_decay_mask))
+  elif name == "lars":
+    parts.append(optax.lars(schedule, weight_decay=opt_cfg.weight_decay,
+                            weight_decay_mask=weight_decay_mask,
+                            trust_coefficient=opt_cfg.trust_coefficient, eps=0.0,
+                            trust_ratio_mask=weight_decay_mask, momentum=opt_cfg.momentum))
+  elif name == "sgd":
+    parts.append(optax.chain(
+        optax.add_decayed_weights(opt_cfg.weight_decay, mask=weight_decay_mask),
+        optax.sgd(schedule, momentum=opt_cfg.momentum or None)))
+  else:
+    raise ValueError(f"optimizer.name={name!r}: expected one of {OPTIMIZERS}")
+  if opt_cfg.get("layer_decay", 1.0) < 1.0:
+    parts.append(scale_by_layer_decay(opt_cfg.layer_decay))
   return optax.chain(*parts)

@@ -33,19 +33,22 @@ class TrainState:
   """Everything that changes during training (besides the data iterator).
 
   step       int32 []  number of optimizer updates applied so far
-  params     pytree    model parameters (float32)
+  params     pytree    trainable parameters (float32)
   opt_state  pytree    optimizer state
+  extra      pytree    the method's other state (BatchNorm statistics, a frozen encoder, ...)
   """
   step: jax.Array
   params: Any
   opt_state: Any
+  extra: Any
 
 
 def init_train_state(method, tx: optax.GradientTransformation, rng: jax.Array,
                      image_shape: tuple[int, ...]) -> TrainState:
   """Fresh state for images of `image_shape` [B, H, W, C] (traced: use under jit/eval_shape)."""
-  params = method.init(rng, jnp.zeros(image_shape, jnp.float32))
-  return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params))
+  params, extra = method.init(rng, jnp.zeros(image_shape, jnp.float32))
+  return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
+                    extra=extra)
 
 
 def _global_norm(tree: Any) -> jax.Array:
@@ -74,29 +77,32 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
   split into that many microbatches whose gradients are averaged before one update.
   Metrics are scalars: the method's (loss, ...), learning_rate and grad/param/update norms.
   """
-  def grad_fn(params, batch, rng):
-    (loss, metrics), grads = jax.value_and_grad(
-        lambda p: method.loss(p, batch, rng, train=True), has_aux=True)(params)
-    return metrics, grads
+  def grad_fn(params, extra, batch, rng):
+    (_, (metrics, extra)), grads = jax.value_and_grad(
+        lambda p: method.loss(p, extra, batch, rng, train=True), has_aux=True)(params)
+    return metrics, grads, extra
 
   def step_fn(state: TrainState, batch: Any, rng: jax.Array):
     rng = jax.random.fold_in(rng, state.step)
     if grad_accum_steps == 1:
-      metrics, grads = grad_fn(state.params, batch, rng)
+      metrics, grads, extra = grad_fn(state.params, state.extra, batch, rng)
     else:
       micro = _split_microbatches(batch, grad_accum_steps)
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      metric_shapes = jax.eval_shape(grad_fn, state.params,
+      metric_shapes = jax.eval_shape(grad_fn, state.params, state.extra,
                                      jax.tree.map(lambda x: x[0], micro), rng)[0]
       metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
 
       def accumulate(carry, inputs):
+        # `extra` (e.g. BatchNorm statistics) threads through the microbatches in order.
+        metric_sum, grad_sum, extra = carry
         index, microbatch = inputs
-        m, g = grad_fn(state.params, microbatch, jax.random.fold_in(rng, index))
-        return jax.tree.map(jnp.add, carry, (m, g)), None
+        m, g, extra = grad_fn(state.params, extra, microbatch, jax.random.fold_in(rng, index))
+        return (jax.tree.map(jnp.add, metric_sum, m), jax.tree.map(jnp.add, grad_sum, g),
+                extra), None
 
-      (metrics, grads), _ = jax.lax.scan(
-          accumulate, (metric_zeros, zeros), (jnp.arange(grad_accum_steps), micro))
+      (metrics, grads, extra), _ = jax.lax.scan(
+          accumulate, (metric_zeros, zeros, state.extra), (jnp.arange(grad_accum_steps), micro))
       metrics, grads = jax.tree.map(lambda x: x / grad_accum_steps, (metrics, grads))
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -104,7 +110,8 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
     metrics = dict(metrics)
     metrics.update(learning_rate=schedule(state.step), grad_norm=_global_norm(grads),
                    param_norm=_global_norm(params), update_norm=_global_norm(updates))
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                      extra=extra), metrics
 
   return step_fn
 
@@ -154,11 +161,14 @@ def run(config, workdir: str) -> TrainState:
 
   Returns the final TrainState. On SIGTERM it saves at the next step boundary and returns.
   """
+  from mim_jax.evaluate import knn_job, pretrained  # evaluation builds on this module's peers
+  config = pretrained.adopt_encoder_config(config)
   config_validation.validate_config(config)
   mesh = parallel.make_mesh(config.mesh)
   config_validation.validate_for_devices(
       config, batch_parallelism=parallel.batch_parallelism(mesh),
       process_count=jax.process_count())
+  config_validation.validate_eval_for_devices(config, parallel.batch_parallelism(mesh))
   checkpoint.ensure_writable(workdir)
   is_chief = jax.process_index() == 0
 
@@ -194,11 +204,17 @@ def run(config, workdir: str) -> TrainState:
   else:
     start_step = 0
     state = jax.jit(init_fn, out_shardings=state_shardings)(init_rng)
+    if config.init_from:
+      # Pre-trained weights are merged on the host, then placed with the state's shardings.
+      params, extra = method.load_pretrained(jax.device_get(state.params),
+                                             jax.device_get(state.extra))
+      state = jax.device_put(state.replace(params=params, extra=extra), state_shardings)
+      log.info("initialised from %s", config.init_from)
   base_rng = jax.device_put(base_rng, replicated)
 
   train_step = jax.jit(
       make_train_step(method, tx, schedule, config.grad_accum_steps),
-      in_shardings=(state_shardings, {"image": batch_sharding}, replicated),
+      in_shardings=(state_shardings, batch_sharding, replicated),
       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
   writer = metric_writers.MetricWriter(workdir, enabled=is_chief)
@@ -212,13 +228,21 @@ def run(config, workdir: str) -> TrainState:
            steps_per_epoch, schedule_steps, last_step, jax.device_count(), micro_shape)
 
   draw = _make_drawer(config, method, workdir, writer, base_rng) if (
-      config.viz_every and is_chief) else None
+      config.viz_every and is_chief and hasattr(method, "reconstruct")) else None
+  evaluate = _make_evaluator(config, method, mesh, state_shardings) if hasattr(
+      method, "eval_metrics") else None
+  knn = knn_job.KnnMonitor(config, mesh) if config.knn.every_epochs > 0 else None
+  eval_every = _epochs_to_steps(config.eval.every_epochs, steps_per_epoch)
+  knn_every = _epochs_to_steps(config.knn.every_epochs, steps_per_epoch)
+  final_metrics: dict[str, float] = {}
 
   step = start_step
   t_last, step_last = time.perf_counter(), step
   with _PreemptionFlag() as preempted:
     while step < last_step:
-      batch = parallel.host_batch_to_global({"image": next(train_iter)["image"]}, batch_sharding)
+      host_batch = next(train_iter)
+      batch = parallel.host_batch_to_global(
+          {"image": host_batch["image"], "label": host_batch["label"]}, batch_sharding)
       state, metrics = train_step(state, batch, base_rng)
       step += 1
       # The only host-device synchronisation in the loop: metrics at the logging interval.
@@ -234,6 +258,14 @@ def run(config, workdir: str) -> TrainState:
           log.error("non-finite loss %s at step %d", metrics["loss"], step)
       if draw is not None and (step % config.viz_every == 0 or step == last_step):
         draw(step, state.params)
+      if evaluate is not None and ((eval_every and step % eval_every == 0) or step == last_step):
+        final_metrics.update(evaluate(state))
+        writer.write_scalars(step, final_metrics)
+        log.info("step %d | %s", step, _format(final_metrics))
+      if knn is not None and (step % knn_every == 0 or step == last_step):
+        final_metrics.update(knn(method.encoder_params(state.params, state.extra)))
+        writer.write_scalars(step, final_metrics)
+        log.info("step %d | %s", step, _format(final_metrics))
       if preempted.triggered:
         ckpt.save(step, state, train_iter, force=True)
         ckpt.wait()
@@ -246,12 +278,59 @@ def run(config, workdir: str) -> TrainState:
       ckpt.save(step, state, train_iter, force=True)
     ckpt.wait()
     if config.export_encoder and step == last_step:
-      encoder = jax.device_get(method.encoder_params(state.params))
+      encoder = jax.device_get(method.encoder_params(state.params, state.extra))
       if is_chief:
         checkpoint.export_encoder(os.path.join(workdir, "encoder"), encoder, _model_info(config))
+    if final_metrics and step == last_step and is_chief:
+      _write_results(workdir, config, step, final_metrics)
   ckpt.close()
   writer.close()
+  if hasattr(train_iter, "close"):
+    train_iter.close()  # stops grain worker processes and frees their shared memory
   return state
+
+
+def _epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
+  """An interval in epochs as a whole number of steps (0 stays 0: never)."""
+  return max(1, int(round(epochs * steps_per_epoch))) if epochs > 0 else 0
+
+
+def _format(metrics: dict[str, float]) -> str:
+  return " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in sorted(metrics.items()))
+
+
+def _write_results(workdir: str, config, step: int, metrics: dict[str, float]) -> None:
+  """results.json: the final evaluation numbers of a run, for tables and scripts."""
+  import json
+  out = {"method": config.method, "init_from": config.init_from, "step": step,
+         "variant": config.model.variant, **metrics}
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(out, f, indent=2)
+
+
+def _make_evaluator(config, method, mesh, state_shardings) -> Callable:
+  """Scores the state on the evaluation split: {"eval_accuracy", "eval_loss", "eval_count"}."""
+  sharding = parallel.batch_sharding(mesh)
+  eval_fn = jax.jit(lambda params, extra, batch: method.eval_metrics(params, extra, batch),
+                    in_shardings=(state_shardings.params, state_shardings.extra, sharding),
+                    out_shardings=parallel.replicated(mesh))
+  local_batch = config.eval.batch_size // jax.process_count()
+
+  def evaluate(state: TrainState) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    for batch in data.make_eval_iterator(
+        config.data, image_size=tuple(config.image_size), channels=config.channels,
+        batch_size=local_batch, split=data.eval_split(config.data)):
+      batch = parallel.host_batch_to_global(
+          {k: batch[k] for k in ("image", "label", "mask")}, sharding)
+      for k, v in jax.device_get(eval_fn(state.params, state.extra, batch)).items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+    count = max(sums.get("count", 0.0), 1.0)
+    return {"eval_accuracy": sums["correct"] / count, "eval_loss": sums["loss"] / count,
+            "eval_count": int(sums["count"])}
+
+  return evaluate
 
 
 def _make_drawer(config, method, workdir: str, writer, rng: jax.Array) -> Callable:

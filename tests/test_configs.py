@@ -9,8 +9,10 @@ import pytest
 from ml_collections import config_flags
 
 from mim_jax import config_validation, train
+from mim_jax.config_errors import ConfigError
+from mim_jax.evaluate import knn_job
 
-from conftest import REPO
+from conftest import REPO, tiny_mae_config
 
 CONFIG_FILES = sorted(glob.glob(str(REPO / "configs" / "*.py")))
 
@@ -22,14 +24,28 @@ def _load(path, arg=None):
 
 def test_there_are_configs():
   names = {os.path.basename(p) for p in CONFIG_FILES}
-  assert {"mae_vitb.py", "mae_vitl.py", "mae_vith.py", "mae_fmnist.py"} <= names
+  assert {"mae_vitb.py", "mae_vitl.py", "mae_vith.py", "mae_fmnist.py", "linprobe_fmnist.py",
+          "knn_fmnist.py", "finetune_fmnist.py", "linprobe_imagenet.py", "knn_imagenet.py",
+          "finetune_imagenet.py"} <= names
+
+
+@pytest.fixture(scope="module")
+def some_encoder(tmp_path_factory):
+  """An exported micro encoder, for configs that need `init_from` to validate."""
+  workdir = str(tmp_path_factory.mktemp("encoder"))
+  train.run(tiny_mae_config(total_steps=1), workdir)
+  return workdir
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
-def test_config_loads_and_validates(path):
+def test_config_loads_and_validates(path, some_encoder):
   config = _load(path)
   if config.data.source == "fashion_mnist" and not os.path.isdir(config.data.path):
     pytest.skip("Fashion-MNIST not installed")
+  if config.method in ("linprobe", "knn"):
+    with pytest.raises(ConfigError, match="config.init_from=''"):
+      config_validation.validate_config(config)
+    config.init_from = some_encoder
   config_validation.validate_config(config)
 
 
@@ -48,11 +64,40 @@ def test_unknown_config_argument_is_rejected():
     _load(str(REPO / "configs" / "mae_vitb.py"), "runlocl")
 
 
+def test_finetune_imagenet_sizes_follow_the_official_recipe():
+  for size, want in [("B", (5e-4, 0.65, 0.1, 100)), ("L", (1e-3, 0.75, 0.2, 50)),
+                     ("H", (1e-3, 0.75, 0.3, 50))]:
+    c = _load(str(REPO / "configs" / "finetune_imagenet.py"), f"size={size}")
+    assert (c.optimizer.base_lr, c.optimizer.layer_decay, c.model.drop_path_rate,
+            c.num_epochs) == want
+    assert (c.global_batch_size, c.optimizer.b2, c.optimizer.weight_decay) == (1024, 0.999, 0.05)
+    assert (c.classifier.mixup_alpha, c.classifier.cutmix_alpha) == (0.8, 1.0)
+    assert (c.classifier.label_smoothing, c.classifier.pool) == (0.1, "gap")
+  lp = _load(str(REPO / "configs" / "linprobe_imagenet.py"))
+  assert (lp.optimizer.name, lp.optimizer.base_lr, lp.optimizer.weight_decay) == ("lars", 0.1, 0.0)
+  assert (lp.global_batch_size, lp.num_epochs, lp.optimizer.warmup_epochs) == (16384, 90, 10)
+
+
+def _pretrain_like(config, workdir: str) -> str:
+  """A one-step MAE run on the same images as `config`, exporting an encoder for it."""
+  c = config.copy_and_resolve_references()
+  c.update(method="mae", init_from="", total_steps=1, export_encoder=True)
+  c.optimizer.update(name="adamw", layer_decay=1.0)
+  c.model.drop_path_rate = 0.0
+  train.run(c, workdir)
+  return workdir
+
+
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
 def test_runlocal_variant_trains(path, tmp_path):
   config = _load(path, "runlocal")
   if config.data.source == "fashion_mnist" and not os.path.isdir(config.data.path):
     pytest.skip("Fashion-MNIST not installed")
-  state = train.run(config, str(tmp_path))
+  if config.method in ("linprobe", "knn", "finetune"):
+    config.init_from = _pretrain_like(config, str(tmp_path / "pretrain"))
+  if config.method == "knn":
+    assert 0 <= knn_job.run(config, str(tmp_path / "run"))["knn_top1"] <= 1
+    return
+  state = train.run(config, str(tmp_path / "run"))
   assert int(state.step) == config.total_steps
-  assert os.path.isdir(tmp_path / "checkpoints" / str(config.total_steps))
+  assert os.path.isdir(tmp_path / "run" / "checkpoints" / str(config.total_steps))

@@ -292,8 +292,9 @@ def test_train_batches_shape_and_range_non_square():
   it = data.make_train_iterator(cfg, image_size=(12, 20), channels=3, global_batch_size=4,
                                 seed=0, process_index=0, process_count=1)
   batch = next(it)
-  assert set(batch) == {"image"}
+  assert set(batch) == {"image", "label"}
   assert batch["image"].shape == (4, 12, 20, 3) and batch["image"].dtype == np.float32
+  assert batch["label"].shape == (4,) and batch["label"].dtype == np.int32
   assert batch["image"].min() >= 0.0 and batch["image"].max() <= 1.0
   assert batch["image"].std() > 0.02
 

@@ -27,12 +27,13 @@ class _LinearRegression:
   name = "toy"
 
   def init(self, rng, images):
-    return {"w": jax.random.normal(rng, (images[0].size, 1)) * 0.1}
+    return {"w": jax.random.normal(rng, (images[0].size, 1)) * 0.1}, {"seen": jnp.zeros([])}
 
-  def loss(self, params, batch, rng, train=True):
+  def loss(self, params, extra, batch, rng, train=True):
     x = batch["image"].reshape(batch["image"].shape[0], -1)
     loss = jnp.mean(jnp.square(x @ params["w"] - 1.0))
-    return loss, {"loss": loss}
+    # `extra` threads through the microbatches: it counts the examples seen.
+    return loss, ({"loss": loss}, {"seen": extra["seen"] + x.shape[0]})
 
 
 def test_grad_accumulation_matches_full_batch():
@@ -47,6 +48,7 @@ def test_grad_accumulation_matches_full_batch():
   np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
   np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
   assert int(s4.step) == 1
+  assert float(s1.extra["seen"]) == float(s4.extra["seen"]) == 8
 
 
 def test_mae_step_metrics_and_learning():

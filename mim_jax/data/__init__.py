@@ -2,15 +2,27 @@
 
   validate_data_config(data_cfg, *, image_size, channels)            cheap config checks
   build_source(data_cfg, *, image_size, channels)                    raw random-access source
-  num_examples(data_cfg, *, image_size, channels)                    len of the whole source
+  build_train_source(data_cfg, *, image_size, channels)              + the label subset
+  num_examples(data_cfg, *, image_size, channels, split=None)        examples per epoch
+  num_classes(data_cfg)                                              classes of the source
+  per_class_subset(labels, fraction, seed)                           sorted kept indices
   make_train_iterator(data_cfg, *, image_size, channels, global_batch_size, seed,
-                      process_index=None, process_count=None)        {"image": f32 [B,H,W,C]}
+                      process_index=None, process_count=None)        {"image": f32 [B,H,W,C],
+                                                                      "label": i32 [B]}
   make_eval_iterator(data_cfg, *, image_size, channels, batch_size,
-                     process_index=None, process_count=None)         + "label", "mask"
+                     process_index=None, process_count=None,
+                     split=None)                                     + "mask": bool [B]
   iterator_save_args(it) / iterator_restore_args(it)                 Orbax composite items
   num_skipped_images() / skipped_images()                            bad images dropped so far
 
 `data_cfg` is `config.data` (see `config_defaults.base_config`).
+
+Labels are the source's class labels (0 for a source without labels, e.g. a flat image
+folder). Training reads `data.split`; with `data.label_fraction` < 1 only a per-class subset of
+it, chosen by `data.subset_seed` before per-host sharding (`num_examples` then counts the
+subset). Evaluation reads `data.split` or the `split` passed (callers pass
+`split=eval_split(data_cfg)` for test-set metrics) and never a subset. Image folders have no
+named splits: `data.path` is the training split and `data.eval_path` the evaluation one.
 """
 
 from mim_jax.data.bad_images import num_skipped_images, reset_skipped_images, skipped_images
@@ -19,14 +31,17 @@ from mim_jax.data.checkpointing import (ITERATOR_HANDLER, ITERATOR_HANDLER_NAME,
 from mim_jax.data.idx import IdxFormatError, parse_idx, read_idx
 from mim_jax.data.pipeline import (eval_dataset, make_eval_iterator, make_train_iterator,
                                    train_dataset)
-from mim_jax.data.sources import SOURCES, build_source, num_examples
+from mim_jax.data.sources import (SOURCES, build_source, build_train_source, eval_split,
+                                  num_classes, num_examples)
+from mim_jax.data.subsets import SubsetSource, per_class_subset
 from mim_jax.data.transforms import BadImageError
 from mim_jax.data.validation import validate_data_config
 
 __all__ = [
     "BadImageError", "ITERATOR_HANDLER", "ITERATOR_HANDLER_NAME", "IdxFormatError", "SOURCES",
-    "build_source", "eval_dataset", "iterator_restore_args", "iterator_save_args",
-    "make_eval_iterator", "make_train_iterator", "num_examples", "num_skipped_images",
-    "parse_idx", "read_idx", "reset_skipped_images", "skipped_images", "train_dataset",
+    "SubsetSource", "build_source", "build_train_source", "eval_dataset", "eval_split",
+    "iterator_restore_args", "iterator_save_args", "make_eval_iterator", "make_train_iterator",
+    "num_classes", "num_examples", "num_skipped_images", "parse_idx", "per_class_subset",
+    "read_idx", "reset_skipped_images", "skipped_images", "train_dataset",
     "validate_data_config",
 ]

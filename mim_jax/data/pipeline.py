@@ -2,9 +2,12 @@
 
 Training, per host (process_index of process_count):
 
-  source -> [process_index::process_count] (equal shards) -> shuffle -> repeat (reshuffled
-  per epoch) -> DecodeImage -> DropBadImages -> TrainAugment (random_map) -> to_iter_dataset
-  -> batch(local_batch, drop_remainder) -> mp_prefetch (if num_workers > 0)
+  source (data.split) -> per-class label subset (if data.label_fraction < 1; the same on
+  every host) -> [process_index::process_count] (equal shards) -> shuffle -> repeat
+  (reshuffled per epoch) -> DecodeImage -> DropBadImages -> TrainAugment (random_map) ->
+  to_iter_dataset -> batch(local_batch, drop_remainder) -> mp_prefetch (if num_workers > 0)
+
+Evaluation reads `data.split` or the `split` argument (e.g. data.eval_split), never subsetted.
 
 Everything up to `to_iter_dataset` is index-based (a `MapDataset`), so an element's content
 depends only on (seed, host, position in the stream): not on threads, workers or prefetching.
@@ -87,7 +90,11 @@ def _decoder(data_cfg, channels: int) -> transforms.DecodeImage:
 def train_dataset(data_cfg, *, image_size: tuple[int, int], channels: int,
                   global_batch_size: int, seed: int, process_index: int | None = None,
                   process_count: int | None = None) -> grain.IterDataset:
-  """The training pipeline as a grain IterDataset of {"image": float32 [B, H, W, C]}."""
+  """The training pipeline: grain IterDataset of {"image": f32 [B, H, W, C], "label": i32 [B]}.
+
+  Reads `data.split`, restricted to the per-class subset when data.label_fraction < 1 (see
+  `sources.build_train_source`).
+  """
   process_index, process_count = _process_index_and_count(process_index, process_count)
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise config_error("global_batch_size", global_batch_size,
@@ -95,7 +102,8 @@ def train_dataset(data_cfg, *, image_size: tuple[int, int], channels: int,
   local_batch = global_batch_size // process_count
   image_size = tuple(int(s) for s in image_size)
 
-  source = sources.build_source(data_cfg, image_size=image_size, channels=channels)
+  # The subset is taken from the whole source before sharding, so all hosts share one subset.
+  source = sources.build_train_source(data_cfg, image_size=image_size, channels=channels)
   # Equal shards (dropping < process_count examples) keep every host's epoch the same length.
   per_host = len(source) // process_count
   if per_host == 0:
@@ -129,11 +137,14 @@ def train_dataset(data_cfg, *, image_size: tuple[int, int], channels: int,
 def make_train_iterator(data_cfg, *, image_size: tuple[int, int], channels: int,
                         global_batch_size: int, seed: int, process_index: int | None = None,
                         process_count: int | None = None) -> grain.DatasetIterator:
-  """An infinite iterator of this host's batches {"image": float32 [B, H, W, C]} normalised.
+  """An infinite iterator of this host's batches {"image": float32 [B, H, W, C] normalised,
+  "label": int32 [B]} (the source's class labels; 0 for a source without labels).
 
-  B = global_batch_size // process_count. Deterministic for (config, seed, host, num_workers);
-  `get_state()` / `set_state()` (or `iterator_save_args` / `iterator_restore_args` with Orbax)
-  resume it exactly. Call `close()` when done to stop worker processes early.
+  B = global_batch_size // process_count. With data.label_fraction < 1 only the per-class
+  subset of the training split is read (`num_examples` gives its size). Deterministic for
+  (config, seed, host, num_workers); `get_state()` / `set_state()` (or `iterator_save_args` /
+  `iterator_restore_args` with Orbax) resume it exactly. Call `close()` when done to stop
+  worker processes early.
   """
   return iter(train_dataset(data_cfg, image_size=image_size, channels=channels,
                             global_batch_size=global_batch_size, seed=seed,
@@ -141,9 +152,13 @@ def make_train_iterator(data_cfg, *, image_size: tuple[int, int], channels: int,
 
 
 def eval_dataset(data_cfg, *, image_size: tuple[int, int], channels: int, batch_size: int,
-                 process_index: int | None = None,
-                 process_count: int | None = None) -> grain.IterDataset:
+                 process_index: int | None = None, process_count: int | None = None,
+                 split: str | None = None) -> grain.IterDataset:
   """One pass over this host's shard, in source order, padded to whole batches.
+
+  Reads `split` (e.g. data.eval_split for test-set evaluation) or, when None, data.split (the
+  training split, e.g. for k-NN features). Always the whole split: data.label_fraction does not
+  apply. Image folders: a split other than data.split is the folder data.eval_path.
 
   Every host yields ceil(ceil(N / process_count) / batch_size) batches (the same count on all
   hosts, so a jitted eval step runs in lockstep); rows past the shard's end, and images that
@@ -153,7 +168,8 @@ def eval_dataset(data_cfg, *, image_size: tuple[int, int], channels: int, batch_
   if batch_size <= 0:
     raise ValueError(f"batch_size={batch_size} must be positive")
   image_size = tuple(int(s) for s in image_size)
-  source = sources.build_source(data_cfg, image_size=image_size, channels=channels)
+  source = sources.build_source(data_cfg, image_size=image_size, channels=channels,
+                                split=split)
   shard = grain.MapDataset.source(source)[process_index::process_count]
   num_batches = math.ceil(math.ceil(len(source) / process_count) / batch_size)
   num_padding = num_batches * batch_size - len(shard)
@@ -176,8 +192,12 @@ def eval_dataset(data_cfg, *, image_size: tuple[int, int], channels: int, batch_
 
 def make_eval_iterator(data_cfg, *, image_size: tuple[int, int], channels: int,
                        batch_size: int, process_index: int | None = None,
-                       process_count: int | None = None) -> grain.DatasetIterator:
+                       process_count: int | None = None,
+                       split: str | None = None) -> grain.DatasetIterator:
   """One pass of {"image": float32 [B, H, W, C], "label": int32 [B], "mask": bool [B]}.
+
+  `split`: the split to read (callers pass split=data_cfg.eval_split for test-set evaluation);
+  None reads data.split. Never restricted by data.label_fraction.
 
   No shuffling, no random augmentation: resize + centre crop (crop fraction 0.875 for
   image_folder / tfds photos, the whole image for fashion_mnist / synthetic; nothing at all when
@@ -185,4 +205,4 @@ def make_eval_iterator(data_cfg, *, image_size: tuple[int, int], channels: int,
   """
   return iter(eval_dataset(data_cfg, image_size=image_size, channels=channels,
                            batch_size=batch_size, process_index=process_index,
-                           process_count=process_count))
+                           process_count=process_count, split=split))

@@ -8,6 +8,19 @@ and the pixels either as
   "image"  uint8 [h, w, c] array or encoded image bytes (fashion_mnist, tfds, synthetic)
 or, for image folders, no "image": the file at "path" is read and decoded by the pipeline's
 `DecodeImage` map, i.e. in the grain workers, never at listing time.
+
+Every source also has `labels()`, int32 [N], the label of every record without reading the
+images (cheap except for TFDS, see `TfdsSource.labels`); the low-label subsets of
+`build_train_source` are chosen from it.
+
+Splits: `build_source(..., split=None)` reads `config.data.split`; an explicit `split` reads that
+split instead (`config.data.eval_split` for evaluation). Fashion-MNIST has "train" and "test",
+TFDS takes any split string. Image folders have no split names: the folder `config.data.path`
+is the training split and `config.data.eval_path` holds the images of every other split, with
+the same class sub-folders (labels are looked up by the training folder's class names, so a
+class missing from one folder does not shift the others). A sub-folder-per-split convention
+was not used because a sub-folder named like a split could as well be a class. The synthetic
+source has the same images for every split.
 """
 
 from __future__ import annotations
@@ -19,10 +32,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mim_jax.data import idx
+from mim_jax.config_errors import config_error
+from mim_jax.data import idx, subsets
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 SOURCES = ("fashion_mnist", "image_folder", "tfds", "synthetic")
+FMNIST_NUM_CLASSES = 10
+SYNTHETIC_NUM_CLASSES = 10  # label = index % 10
 
 
 class FashionMnistSource:
@@ -33,15 +49,19 @@ class FashionMnistSource:
   """
 
   def __init__(self, folder: str, split: str):
-    self.images, self.labels, self.images_path = idx.load_fmnist(folder, split)
+    self.images, self._labels, self.images_path = idx.load_fmnist(folder, split)
 
   def __len__(self) -> int:
     return len(self.images)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = int(index)
-    return {"image": self.images[index][..., None], "label": int(self.labels[index]),
+    return {"image": self.images[index][..., None], "label": int(self._labels[index]),
             "index": index, "path": f"{self.images_path}[{index}]"}
+
+  def labels(self) -> np.ndarray:
+    """int32 [N]: the labels IDX file, already in memory."""
+    return self._labels.astype(np.int32)
 
   def __repr__(self) -> str:
     return f"FashionMnistSource({self.images_path!r}, n={len(self)})"
@@ -66,19 +86,36 @@ def has_any_image(root: str) -> bool:
 
 
 @functools.lru_cache(maxsize=8)
-def list_image_folder(root: str) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
+def list_image_folder(
+    root: str, classes: tuple[str, ...] | None = None,
+) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
   """(paths, labels, class names) of all images under `root`, recursively, sorted.
 
-  Label = index of the image's first-level sub-folder among the sorted first-level
-  sub-folders that contain images; images directly in `root` get label 0. Cached per process
-  because num_examples, the train and the eval iterator all need it (ImageNet: ~1.3M files).
+  Label = index of the image's first-level sub-folder among `classes`, by default the sorted
+  first-level sub-folders of `root` that contain images; images directly in `root` get label
+  0. An evaluation folder passes the training folder's `classes`, so its labels mean the same
+  classes; a sub-folder that is not among them raises ValueError. Cached per process because
+  num_examples, num_classes, the train and the eval iterator all need it (ImageNet: ~1.3M
+  files); callers pass both arguments positionally, as lru_cache keys on how they were given.
   """
   paths = tuple(_walk_images(root))
   firsts = [os.path.relpath(p, root).split(os.sep) for p in paths]
-  classes = tuple(sorted({parts[0] for parts in firsts if len(parts) > 1}))
+  found = sorted({parts[0] for parts in firsts if len(parts) > 1})
+  if classes is None:
+    classes = tuple(found)
+  unknown = sorted(set(found) - set(classes))
+  if unknown:
+    raise ValueError(f"image folder {root} has class sub-folders {unknown[:5]} that the "
+                     f"training folder does not have (its {len(classes)} classes start "
+                     f"{list(classes)[:5]})")
   class_index = {c: i for i, c in enumerate(classes)}
   labels = tuple(class_index[parts[0]] if len(parts) > 1 else 0 for parts in firsts)
   return paths, labels, classes
+
+
+def image_folder_classes(root: str) -> tuple[str, ...]:
+  """The class names (sorted first-level sub-folders with images) of the folder `root`."""
+  return list_image_folder(os.path.abspath(root), None)[2]
 
 
 class ImageFolderSource:
@@ -89,9 +126,11 @@ class ImageFolderSource:
   far faster than a million Python strings.
   """
 
-  def __init__(self, root: str):
+  def __init__(self, root: str, classes: tuple[str, ...] | None = None):
+    """`classes`: the class names labels index (default: this folder's own sub-folders)."""
     self.root = os.path.abspath(root)
-    paths, labels, self.classes = list_image_folder(self.root)
+    paths, labels, self.classes = list_image_folder(
+        self.root, None if classes is None else tuple(classes))
     if not paths:
       raise FileNotFoundError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under {self.root}")
     self._rel_paths = np.array(
@@ -108,6 +147,10 @@ class ImageFolderSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = int(index)
     return {"path": self.path(index), "label": int(self._labels[index]), "index": index}
+
+  def labels(self) -> np.ndarray:
+    """int32 [N]: the labels from the folder structure (no file is opened)."""
+    return self._labels.copy()
 
   def __repr__(self) -> str:
     return f"ImageFolderSource({self.root!r}, n={len(self)}, classes={len(self.classes)})"
@@ -137,6 +180,15 @@ class TfdsSource:
   def __getstate__(self) -> dict[str, Any]:
     return {**self.__dict__, "_source": None}
 
+  def labels(self) -> np.ndarray:
+    """int32 [N]: the "label" of every record (0 where a record has none).
+
+    ArrayRecord has no label column, so this reads every record, image bytes included: correct
+    but slow (minutes for ImageNet's 1.28M records). Cached per process by (name, split,
+    data_dir), so a subset's size and the subset itself read the records once.
+    """
+    return _tfds_labels(self.name, self.split, self.data_dir, self._data_source()).copy()
+
   def __len__(self) -> int:
     return self._len
 
@@ -153,11 +205,34 @@ class TfdsSource:
     return f"TfdsSource({self.name!r}, split={self.split!r}, n={len(self)})"
 
 
+_TFDS_LABELS: dict[tuple[str, str, str | None], np.ndarray] = {}
+
+
+def _tfds_labels(name: str, split: str, data_dir: str | None, source: Any) -> np.ndarray:
+  """int32 [len(source)]: labels of a tfds data source, read record by record, cached."""
+  key = (name, split, data_dir)
+  if key not in _TFDS_LABELS:
+    _TFDS_LABELS[key] = np.fromiter((int(source[i].get("label", 0)) for i in range(len(source))),
+                                    np.int32, count=len(source))
+  return _TFDS_LABELS[key]
+
+
+def tfds_num_classes(name: str, data_dir: str | None) -> int:
+  """`num_classes` of the dataset info's "label" feature (the prepared dataset must exist)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # heavy, optional
+  features = tfds.builder(name, data_dir=data_dir).info.features
+  if "label" not in features:
+    raise ValueError(f"TFDS dataset {name!r} has no 'label' feature (features: "
+                     f"{sorted(features.keys())})")
+  return int(features["label"].num_classes)
+
+
 class SyntheticSource:
   """Deterministic smooth random images: record i is the same in every process and run.
 
   A random grid of 2..8 x 2..8 colours from a Generator seeded by (tag, i), upsampled bicubic
-  to `image_size`, so crops and resizes cost what real images cost. Label = i % 10.
+  to `image_size`, so crops and resizes cost what real images cost. Label = i % 10. Every
+  split is the same images.
   """
 
   _TAG = 0x5EED
@@ -177,30 +252,98 @@ class SyntheticSource:
     mode = "L" if self.channels == 1 else "RGB"
     pil = Image.fromarray(grid[..., 0] if self.channels == 1 else grid, mode)
     image = np.asarray(pil.resize((w, h), Image.Resampling.BICUBIC)).reshape(h, w, self.channels)
-    return {"image": image, "label": index % 10, "index": index, "path": f"synthetic[{index}]"}
+    return {"image": image, "label": index % SYNTHETIC_NUM_CLASSES, "index": index,
+            "path": f"synthetic[{index}]"}
+
+  def labels(self) -> np.ndarray:
+    """int32 [N]: i % 10, the rule `__getitem__` uses."""
+    return (np.arange(self.size) % SYNTHETIC_NUM_CLASSES).astype(np.int32)
 
   def __repr__(self) -> str:
     return f"SyntheticSource(n={self.size}, image_size={self.image_size})"
 
 
-def build_source(data_cfg, *, image_size: tuple[int, int], channels: int):
-  """The random-access source `config.data.source` names (records: see module docstring)."""
+# The split evaluations read when config.data.eval_split is "" (image folders: data.eval_path).
+DEFAULT_EVAL_SPLITS = {"fashion_mnist": "test", "tfds": "validation", "image_folder": "eval",
+                       "synthetic": "test"}
+
+
+def eval_split(data_cfg) -> str:
+  """config.data.eval_split, or the source's usual evaluation split when it is ""."""
+  return data_cfg.eval_split or DEFAULT_EVAL_SPLITS.get(data_cfg.source, "test")
+
+
+def build_source(data_cfg, *, image_size: tuple[int, int], channels: int,
+                 split: str | None = None):
+  """The random-access source `config.data.source` names (records: see module docstring).
+
+  `split` None reads `config.data.split`; otherwise that split (image folders: see the module
+  docstring, any split other than `config.data.split` is the folder `config.data.eval_path`).
+  No label subset: see `build_train_source`.
+  """
   source = data_cfg.source
+  split = data_cfg.split if split is None else split
   if source == "fashion_mnist":
-    return FashionMnistSource(data_cfg.path, data_cfg.split)
+    return FashionMnistSource(data_cfg.path, split)
   if source == "image_folder":
-    return ImageFolderSource(data_cfg.path)
+    if split == data_cfg.split:
+      return ImageFolderSource(data_cfg.path)
+    if not data_cfg.eval_path:
+      raise config_error("data.eval_path", data_cfg.eval_path,
+                         f"a folder of evaluation images to read split {split!r} of "
+                         "data.source='image_folder' (data.path is the training split "
+                         f"{data_cfg.split!r})")
+    return ImageFolderSource(data_cfg.eval_path, classes=image_folder_classes(data_cfg.path))
   if source == "tfds":
-    return TfdsSource(data_cfg.tfds_name, data_cfg.split, data_cfg.tfds_data_dir)
+    return TfdsSource(data_cfg.tfds_name, split, data_cfg.tfds_data_dir)
   if source == "synthetic":
     return SyntheticSource(data_cfg.synthetic_size, image_size, channels)
-  from mim_jax.config_errors import config_error  # pylint: disable=g-import-not-at-top
   raise config_error("data.source", source, f"one of {SOURCES}")
 
 
-def num_examples(data_cfg, *, image_size: tuple[int, int], channels: int) -> int:
-  """Number of examples in the whole source (all hosts together)."""
-  return len(build_source(data_cfg, image_size=image_size, channels=channels))
+def build_train_source(data_cfg, *, image_size: tuple[int, int], channels: int):
+  """The training split, restricted to the per-class subset when data.label_fraction < 1.
+
+  The subset is chosen from the whole source (all hosts compute the same one) with
+  `subsets.per_class_subset(labels, data.label_fraction, data.subset_seed)`; the pipeline
+  shards it across hosts afterwards.
+  """
+  source = build_source(data_cfg, image_size=image_size, channels=channels)
+  fraction = float(data_cfg.label_fraction)
+  if fraction >= 1.0:
+    return source
+  labels = source.labels()
+  indices = subsets.per_class_subset(labels, fraction, int(data_cfg.subset_seed))
+  return subsets.SubsetSource(source, indices, labels)
+
+
+def num_examples(data_cfg, *, image_size: tuple[int, int], channels: int,
+                 split: str | None = None) -> int:
+  """Number of examples (all hosts together) the training iterator draws from.
+
+  That is the label subset's size when data.label_fraction < 1 (the trainer derives steps per
+  epoch from it). With an explicit `split`, the size of that whole split, as the eval iterator
+  reads it (no subset).
+  """
+  if split is not None:
+    return len(build_source(data_cfg, image_size=image_size, channels=channels, split=split))
+  return len(build_train_source(data_cfg, image_size=image_size, channels=channels))
+
+
+def num_classes(data_cfg) -> int:
+  """Number of classes: 10 for Fashion-MNIST and synthetic, the class sub-folders of an image
+  folder (at least 1: a folder of unsorted images is one class), and the "label" feature's
+  `num_classes` of a TFDS dataset's info."""
+  source = data_cfg.source
+  if source == "fashion_mnist":
+    return FMNIST_NUM_CLASSES
+  if source == "synthetic":
+    return SYNTHETIC_NUM_CLASSES
+  if source == "image_folder":
+    return max(1, len(image_folder_classes(data_cfg.path)))
+  if source == "tfds":
+    return tfds_num_classes(data_cfg.tfds_name, data_cfg.tfds_data_dir or None)
+  raise config_error("data.source", source, f"one of {SOURCES}")
 
 
 def fixed_size_source(data_cfg) -> bool:

@@ -187,7 +187,8 @@ class DropBadImages(grain.transforms.Filter):
 
 @dataclasses.dataclass(frozen=True)
 class TrainAugment(grain.transforms.RandomMap):
-  """{"image": uint8 [h, w, C]} -> {"image": float32 [H, W, C]} normalised.
+  """{"image": uint8 [h, w, C], "label"} -> {"image": float32 [H, W, C] normalised,
+  "label": int32 []}.
 
   RandomResizedCrop (bicubic) to `image_size`, horizontal flip with p=0.5 if `hflip`.
   """
@@ -204,7 +205,7 @@ class TrainAugment(grain.transforms.RandomMap):
     image = resize_box(image, box, self.image_size)
     if self.hflip and rng.random() < 0.5:
       image = image[:, ::-1]
-    return {"image": self.normalize(image)}
+    return {"image": self.normalize(image), "label": np.int32(element["label"])}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from mim_jax.config_errors import config_error
-from mim_jax.data import idx
+from mim_jax.data import idx, sources
 from mim_jax.data.sources import IMAGE_EXTENSIONS, SOURCES, has_any_image
 
 ON_BAD_IMAGE = ("skip", "raise")
@@ -64,6 +64,13 @@ def _validate_source(data_cfg) -> None:
     _require(has_any_image(path), "path", path,
              f"a folder containing {'/'.join(IMAGE_EXTENSIONS)} images (searched recursively); "
              "none found")
+    # Only checked when set: pre-training never reads it, and an unset one is reported when
+    # an evaluation asks for it.
+    eval_path = data_cfg.eval_path
+    if eval_path:
+      _require(os.path.isdir(eval_path) and has_any_image(eval_path), "eval_path", eval_path,
+               f"an existing folder containing {'/'.join(IMAGE_EXTENSIONS)} images (the "
+               "evaluation split of data.source='image_folder')")
   elif source == "tfds":
     name = data_cfg.tfds_name
     _require(isinstance(name, str) and bool(name.strip()), "tfds_name", name,
@@ -75,6 +82,25 @@ def _validate_source(data_cfg) -> None:
   elif source == "synthetic":
     size = data_cfg.synthetic_size
     _require(_is_int(size) and size > 0, "synthetic_size", size, "a positive integer")
+
+
+def _validate_labels_and_splits(data_cfg) -> None:
+  """The label subset and the evaluation split (checked without reading any data)."""
+  fraction = data_cfg.label_fraction
+  _require(_is_number(fraction) and 0 < fraction <= 1, "label_fraction", fraction,
+           "a number in (0, 1]: the fraction of each class of the training split to train on "
+           "(1.0 = all)")
+  _require(_is_int(data_cfg.subset_seed), "subset_seed", data_cfg.subset_seed, "an integer")
+  eval_split = data_cfg.eval_split
+  _require(isinstance(eval_split, str), "eval_split", eval_split,
+           "a split name such as 'test' (TFDS ImageNet: 'validation'), or '' for the source's "
+           "usual evaluation split")
+  if data_cfg.source == "fashion_mnist":
+    eval_split = sources.eval_split(data_cfg)
+    _require(eval_split in idx.FMNIST_PREFIXES, "eval_split", eval_split,
+             f"one of {tuple(idx.FMNIST_PREFIXES)} for data.source='fashion_mnist'")
+  _require(isinstance(data_cfg.eval_path, str), "eval_path", data_cfg.eval_path,
+           "a folder path string ('' = none; only data.source='image_folder' reads it)")
 
 
 def _validate_augmentation(data_cfg) -> None:
@@ -120,4 +146,5 @@ def validate_data_config(data_cfg, *, image_size: tuple[int, int], channels: int
   _validate_loading(data_cfg)
   _validate_augmentation(data_cfg)
   _validate_normalisation(data_cfg, channels)
+  _validate_labels_and_splits(data_cfg)
   _validate_source(data_cfg)  # last: the only check that touches the file system

@@ -1,10 +1,16 @@
-"""Pre-training methods by name. Each is a small module implementing `base.Method`."""
+"""Trainable methods by name. Each is a small module implementing `base.Method`.
+
+Pre-training methods live here; the trained evaluations (linear probe, fine-tuning) live in
+`mim_jax.evaluate` and run through the same training loop.
+"""
 
 from __future__ import annotations
 
+from mim_jax.evaluate.finetune import FineTune
+from mim_jax.evaluate.linear_probe import LinearProbe
 from mim_jax.methods import mae
 
-METHODS = {"mae": mae.MAE}
+METHODS = {"mae": mae.MAE, "linprobe": LinearProbe, "finetune": FineTune}
 
 
 def build_method(config):

@@ -67,21 +67,24 @@ class MAE:
 
   def init(self, rng, images):
     params_rng, mask_rng = jax.random.split(rng)
-    return self.model.init({"params": params_rng, "masking": mask_rng}, images)["params"]
+    return self.model.init({"params": params_rng, "masking": mask_rng}, images)["params"], {}
+
+  def load_pretrained(self, params, extra):
+    return params, extra
 
   def _rngs(self, rng):
     mask_rng, drop_rng = jax.random.split(rng)
     return {"masking": mask_rng, "drop_path": drop_rng}
 
-  def loss(self, params, batch, rng, train=True):
+  def loss(self, params, extra, batch, rng, train=True):
     images = batch["image"]
     pred, info = self.model.apply({"params": params}, images, train=train, rngs=self._rngs(rng))
     loss = mae_loss(pred, images, info.mask, self.patch_size, self.norm_pix_loss)
-    return loss, {"loss": loss}
+    return loss, ({"loss": loss}, extra)
 
   def reconstruct(self, params, images, rng):
     pred, info = self.model.apply({"params": params}, images, rngs=self._rngs(rng))
     return {"pred": pred, "mask": info.mask}
 
-  def encoder_params(self, params):
+  def encoder_params(self, params, extra):
     return params["encoder"]

@@ -206,6 +206,11 @@ class ViTEncoder(nn.Module):
       mask token before the position embedding is added (SimMIM / BEiT / data2vec style);
       requires `use_mask_token=True`.
 
+  Position embeddings: `posemb="sincos"` uses the fixed 2-D sin-cos table (pre-training);
+  `posemb="learn"` makes it a parameter `pos_embed` [1 + N, D] initialised to that same table,
+  so a pre-trained encoder computes the same function at first and the positions are then
+  fine-tuned (the official MAE fine-tuning does this).
+
   Returns (tokens [B, 1 + K or N, D] after the final LayerNorm, aux) where aux holds
   "blocks": the list of per-block outputs (before the final norm).
   """
@@ -218,6 +223,7 @@ class ViTEncoder(nn.Module):
   channels: int = 3
   drop_path_rate: float = 0.0
   use_mask_token: bool = False
+  posemb: str = "sincos"
   dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
 
@@ -239,7 +245,13 @@ class ViTEncoder(nn.Module):
     elif token_mask is not None:
       raise ValueError("token_mask needs an encoder built with use_mask_token=True")
 
-    posemb = jnp.asarray(sincos_2d(self.width, self.grid_hw, cls_token=True))
+    table = sincos_2d(self.width, self.grid_hw, cls_token=True)
+    if self.posemb == "sincos":
+      posemb = jnp.asarray(table)
+    elif self.posemb == "learn":
+      posemb = self.param("pos_embed", lambda rng, shape: jnp.asarray(table), table.shape)
+    else:
+      raise ValueError(f"posemb={self.posemb!r}: expected 'sincos' or 'learn'")
     x = x + posemb[None, 1:].astype(x.dtype)
     if ids_keep is not None:
       x = gather_tokens(x, ids_keep)
@@ -254,6 +266,25 @@ class ViTEncoder(nn.Module):
     return x, {"blocks": blocks}
 
 
+def resize_posemb(posemb: jax.Array, old_grid: tuple[int, int],
+                  new_grid: tuple[int, int]) -> jax.Array:
+  """Bicubic resize of a learned position table [1 + h*w, D] to another patch grid.
+
+  The cls position is kept; the patch positions are resized as an image of D channels (as the
+  official MAE / DeiT `interpolate_pos_embed` does when the fine-tuning resolution changes).
+  """
+  old_grid, new_grid = tuple(old_grid), tuple(new_grid)
+  if posemb.shape[0] != 1 + old_grid[0] * old_grid[1]:
+    raise ValueError(f"pos_embed has {posemb.shape[0]} rows; a {old_grid} grid with a cls token "
+                     f"needs {1 + old_grid[0] * old_grid[1]}")
+  if old_grid == new_grid:
+    return posemb
+  cls, grid = posemb[:1], posemb[1:].reshape(*old_grid, posemb.shape[-1])
+  grid = jax.image.resize(grid.astype(jnp.float32), (*new_grid, posemb.shape[-1]),
+                          method="bicubic")
+  return jnp.concatenate([cls, grid.reshape(-1, posemb.shape[-1]).astype(posemb.dtype)], axis=0)
+
+
 def size_from_config(model_cfg) -> tuple[ViTSize, int]:
   """(ViTSize, patch) of `config.model`: the variant's, with any non-zero override applied.
 
@@ -266,11 +297,11 @@ def size_from_config(model_cfg) -> tuple[ViTSize, int]:
 
 
 def encoder_from_config(model_cfg, image_size: Sequence[int], channels: int, *,
-                        use_mask_token: bool = False) -> ViTEncoder:
+                        use_mask_token: bool = False, posemb: str = "sincos") -> ViTEncoder:
   """Builds the encoder described by `config.model` (variant, dtype, attention, drop path)."""
   size, patch = size_from_config(model_cfg)
   return ViTEncoder(
       image_size=tuple(image_size), patch_size=patch, width=size.width, depth=size.depth,
       num_heads=size.num_heads, mlp_dim=size.mlp_dim, channels=channels,
       drop_path_rate=model_cfg.get("drop_path_rate", 0.0), use_mask_token=use_mask_token,
-      dtype=jnp.dtype(model_cfg.dtype), attention_impl=model_cfg.get("attention_impl") or None)
+      posemb=posemb, dtype=jnp.dtype(model_cfg.dtype), attention_impl=model_cfg.get("attention_impl") or None)

@@ -1,0 +1,83 @@
+"""k-NN evaluation of an encoder: as its own job (`method="knn"`) and during pre-training.
+
+Features of the training split (resize / centre crop, no augmentation) form the bank; each
+evaluation-split image votes with its k most cosine-similar bank images, weighted by
+exp(similarity / T) (DINO / iBOT protocol: k = 20, T = 0.07; `config.knn`). Features come from
+`classifier.probe_layer` with `classifier.pool`, as for the linear probe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+
+from mim_jax import checkpoint, config_validation, data, metric_writers
+from mim_jax.evaluate import classifier_base, knn, pretrained
+from mim_jax.models.heads import encoder_features
+from mim_jax.models.vit import encoder_from_config
+
+log = logging.getLogger(__name__)
+
+
+class KnnMonitor:
+  """Callable: encoder params -> {"knn_top1", "knn_top5"} on the evaluation split."""
+
+  def __init__(self, config, mesh=None):
+    del mesh  # features are computed on the default device of each process
+    if jax.process_count() > 1:
+      raise NotImplementedError("k-NN evaluation runs in a single process; set "
+                                "knn.every_epochs=0 for multi-host pre-training")
+    self.config = config
+    self.encoder = encoder_from_config(config.model, config.image_size, config.channels)
+    self.num_classes = classifier_base.num_classes(config)
+    pool, layer = config.classifier.pool, int(config.classifier.probe_layer)
+    self._features = jax.jit(lambda params, images: encoder_features(
+        self.encoder, params, images, pool=pool, layer=layer))
+
+  def _split_features(self, params, split: str) -> tuple[np.ndarray, np.ndarray]:
+    it = data.make_eval_iterator(self.config.data, image_size=tuple(self.config.image_size),
+                                 channels=self.config.channels,
+                                 batch_size=self.config.eval.batch_size, split=split)
+    return knn.extract_features(lambda images: self._features(params, images), it)
+
+  def __call__(self, encoder_params) -> dict[str, float]:
+    start = time.perf_counter()
+    cfg = self.config
+    bank, bank_labels = self._split_features(encoder_params, cfg.data.split)
+    if cfg.data.label_fraction < 1:
+      # The same per-class subset the trainer would use (source order, seeded).
+      keep = data.per_class_subset(bank_labels, cfg.data.label_fraction, cfg.data.subset_seed)
+      bank, bank_labels = bank[keep], bank_labels[keep]
+    queries, query_labels = self._split_features(encoder_params, data.eval_split(cfg.data))
+    acc = knn.knn_accuracy(bank, bank_labels, queries, query_labels,
+                           num_classes=self.num_classes, k=cfg.knn.k,
+                           temperature=cfg.knn.temperature)
+    out = {f"knn_{k}": v for k, v in acc.items()}
+    log.info("k-NN (k=%d, T=%g): bank %d, queries %d, %s in %.1fs", cfg.knn.k,
+             cfg.knn.temperature, len(bank_labels), len(query_labels),
+             ", ".join(f"{k} {v:.4f}" for k, v in out.items()), time.perf_counter() - start)
+    return out
+
+
+def run(config, workdir: str) -> dict[str, float]:
+  """The k-NN job: scores the encoder of `config.init_from`; writes results.json to workdir."""
+  config = pretrained.adopt_encoder_config(config)
+  config_validation.validate_config(config)
+  checkpoint.ensure_writable(workdir)
+  params, _ = checkpoint.load_encoder(pretrained.encoder_directory(config.init_from))
+  start = time.perf_counter()
+  metrics = KnnMonitor(config)(params)
+  metrics["seconds"] = time.perf_counter() - start
+  writer = metric_writers.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer.write_scalars(0, metrics)
+  writer.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump({"method": "knn", "init_from": config.init_from, "k": config.knn.k,
+                 "temperature": config.knn.temperature, **metrics}, f, indent=2)
+  return metrics

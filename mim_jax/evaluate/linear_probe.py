@@ -1,0 +1,75 @@
+"""Linear probing (MAE protocol): a BatchNorm(affine=False) + linear head on frozen features.
+
+The encoder is frozen: its weights live in `extra`, outside the optimizer, and its features are
+taken under stop_gradient from `classifier.probe_layer` (0 = encoder output) with
+`classifier.pool` (cls token or mean of patch tokens). Training images are augmented as in
+pre-training (RandomResizedCrop + flip); the MAE recipe uses LARS, lr 0.1 x batch / 256, no
+weight decay, 90 epochs with 10 of warmup (configs/linprobe_*.py).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mim_jax.evaluate import classifier_base, pretrained
+from mim_jax.models.heads import ProbeHead, encoder_features
+from mim_jax.models.vit import encoder_from_config
+
+
+class LinearProbe:
+  """The linear probe as the training loop sees it (see `methods.base.Method`).
+
+  params = {"head": Dense}; extra = {"encoder": frozen encoder, "batch_stats": BatchNorm stats}.
+  """
+
+  name = "linprobe"
+
+  def __init__(self, config):
+    self.config = config
+    self.encoder = encoder_from_config(config.model, config.image_size, config.channels)
+    self.pool = config.classifier.pool
+    self.layer = int(config.classifier.probe_layer)
+    self.head = ProbeHead(num_classes=classifier_base.num_classes(config),
+                          head_init_std=config.classifier.head_init_std)
+
+  def features(self, encoder_params, images):
+    """Frozen features [B, D] of images [B, H, W, C]."""
+    return jax.lax.stop_gradient(encoder_features(self.encoder, encoder_params, images,
+                                                  pool=self.pool, layer=self.layer))
+
+  def init(self, rng, images):
+    enc_rng, head_rng = jax.random.split(rng)
+    encoder = self.encoder.init(enc_rng, images)["params"]
+    variables = self.head.init(head_rng, self.features(encoder, images), train=False)
+    return ({"head": variables["params"]},
+            {"encoder": encoder, "batch_stats": variables["batch_stats"]})
+
+  def load_pretrained(self, params, extra):
+    if self.config.init_from:
+      extra = dict(extra, encoder=pretrained.load_encoder_into(
+          extra["encoder"], self.config.init_from, grid_hw=self.encoder.grid_hw))
+    return params, extra
+
+  def loss(self, params, extra, batch, rng, train=True):
+    del rng
+    feats = self.features(extra["encoder"], batch["image"])
+    logits, updates = self.head.apply(
+        {"params": params["head"], "batch_stats": extra["batch_stats"]}, feats, train=train,
+        mutable=["batch_stats"])
+    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]))
+    metrics = {"loss": loss, "accuracy": classifier_base.accuracy(logits, batch["label"])}
+    return loss, (metrics, dict(extra, batch_stats=updates["batch_stats"]))
+
+  def logits(self, params, extra, images):
+    """Evaluation logits [B, classes] with the running BatchNorm statistics."""
+    return self.head.apply({"params": params["head"], "batch_stats": extra["batch_stats"]},
+                           self.features(extra["encoder"], images), train=False)
+
+  def eval_metrics(self, params, extra, batch):
+    return classifier_base.classification_sums(self.logits(params, extra, batch["image"]),
+                                               batch["label"], batch["mask"])
+
+  def encoder_params(self, params, extra):
+    return extra["encoder"]

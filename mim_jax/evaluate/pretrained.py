@@ -1,0 +1,101 @@
+"""Starting an evaluation from a pre-trained encoder (`config.init_from`).
+
+  encoder_directory(init_from)       the encoder export inside a workdir, or the path itself
+  adopt_encoder_config(config)       config with the encoder size/patch of the export
+  load_encoder_into(params, ...)     pre-trained weights merged into freshly initialised ones
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from mim_jax import checkpoint
+from mim_jax.config_errors import config_error
+from mim_jax.models.vit import resize_posemb
+
+log = logging.getLogger(__name__)
+
+SIZE_FIELDS = ("variant", "width", "depth", "num_heads", "mlp_dim")
+
+
+def encoder_directory(init_from: str) -> str:
+  """`init_from`/encoder if that holds an export (a pre-training workdir), else `init_from`."""
+  for candidate in (os.path.join(init_from, "encoder"), init_from):
+    if os.path.isfile(os.path.join(candidate, "model.json")):
+      return candidate
+  raise config_error(
+      "init_from", init_from,
+      "a pre-training workdir whose run finished (it holds encoder/model.json) or an encoder "
+      "directory written by mim_jax.checkpoint.export_encoder",
+      hint="run the pre-training config first, e.g. python -m mim_jax.main "
+      "--config=configs/mae_fmnist.py --workdir=DIR, then pass --config.init_from=DIR")
+
+
+def read_model_info(init_from: str) -> dict:
+  """The model.json of the export that `init_from` points to."""
+  with open(os.path.join(encoder_directory(init_from), "model.json")) as f:
+    return json.load(f)
+
+
+def adopt_encoder_config(config):
+  """Returns a copy of `config` whose encoder size, patch and channels are the export's.
+
+  The encoder's shape is a property of the checkpoint, so evaluation configs need not repeat
+  it; dtype, drop path and attention settings stay as configured. The image size may differ
+  (fine-tuning at another resolution resizes the position table).
+  """
+  if not config.init_from:
+    return config
+  info = read_model_info(config.init_from)
+  config = config.copy_and_resolve_references()
+  model = info["config"]["model"]
+  with config.unlocked():
+    for name in SIZE_FIELDS:
+      config.model[name] = model.get(name, config.model[name])
+    config.channels = int(info["channels"])
+  log.info("encoder from %s: %s (width %s, depth %s), trained on images %s", config.init_from,
+           model["variant"], model.get("width"), model.get("depth"), info["image_size"])
+  return config
+
+
+def load_encoder_into(init_params: Any, init_from: str, *, grid_hw: tuple[int, int]) -> Any:
+  """Replaces the encoder weights in `init_params` by the pre-trained ones.
+
+  Every pre-trained parameter must exist in `init_params` with the same shape, except a learned
+  position table, which is resized (bicubic) when the patch grid differs. Parameters that the
+  export does not have (a learned `pos_embed` when pre-training used fixed sin-cos positions)
+  keep their initial values: `pos_embed` is initialised to the sin-cos table of the new grid,
+  which is exactly what the pre-trained encoder used.
+  """
+  directory = encoder_directory(init_from)
+  loaded, info = checkpoint.load_encoder(directory)
+  src_patch = int(info["config"]["model"]["variant"].split("/")[1])
+  src_grid = tuple(s // src_patch for s in info["image_size"])
+  flat_init = {jax.tree_util.keystr(p): (p, v)
+               for p, v in jax.tree_util.tree_leaves_with_path(init_params)}
+  out = dict((k, v) for k, (_, v) in flat_init.items())
+  for path, value in jax.tree_util.tree_leaves_with_path(loaded):
+    key = jax.tree_util.keystr(path)
+    if key not in flat_init:
+      raise ValueError(f"pre-trained parameter {key} from {directory} has no counterpart in the "
+                       "model; was the export written by a different encoder type?")
+    target = flat_init[key][1]
+    value = np.asarray(value)
+    if key.endswith("['pos_embed']") and value.shape != target.shape:
+      value = np.asarray(resize_posemb(value, src_grid, grid_hw))
+    if value.shape != target.shape:
+      raise ValueError(f"pre-trained parameter {key} has shape {value.shape}, the model "
+                       f"expects {target.shape}")
+    out[key] = value.astype(target.dtype)
+  missing = sorted(set(flat_init) - {jax.tree_util.keystr(p)
+                                     for p, _ in jax.tree_util.tree_leaves_with_path(loaded)})
+  if missing:
+    log.info("parameters not in the pre-trained encoder (kept at init): %s", ", ".join(missing))
+  treedef = jax.tree_util.tree_structure(init_params)
+  return jax.tree_util.tree_unflatten(treedef, [out[k] for k in flat_init])

@@ -1,0 +1,81 @@
+"""Classification heads on top of the ViT encoder (linear probe and fine-tuning).
+
+  pool_tokens      tokens [B, T, D] -> features [B, D] (cls token or mean of patch tokens)
+  ProbeHead        BatchNorm without affine parameters + linear layer (the MAE linear probe)
+  ViTClassifier    encoder + pooling (+ fc_norm for mean pooling) + linear head (fine-tuning)
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mim_jax.models.vit import LAYER_NORM_EPS, ViTEncoder
+
+POOLS = ("cls", "gap")
+
+
+def pool_tokens(tokens: jax.Array, pool: str) -> jax.Array:
+  """[B, 1 + N, D] -> [B, D]: the cls token ("cls") or the mean of the N patch tokens ("gap")."""
+  if pool == "cls":
+    return tokens[:, 0]
+  if pool == "gap":
+    return jnp.mean(tokens[:, 1:], axis=1)
+  raise ValueError(f"pool={pool!r}: expected one of {POOLS}")
+
+
+def encoder_features(encoder: ViTEncoder, encoder_params, images: jax.Array, *, pool: str,
+                     layer: int = 0) -> jax.Array:
+  """Frozen-encoder features [B, D] of images [B, H, W, C] (all patches, no masking).
+
+  layer 0 takes the encoder output (after its final LayerNorm); layer k in 1..depth takes the
+  output of block k, since masked-image-modeling features are often best below the top.
+  """
+  tokens, aux = encoder.apply({"params": encoder_params}, images, train=False)
+  if layer:
+    tokens = aux["blocks"][layer - 1]
+  return pool_tokens(tokens, pool).astype(jnp.float32)
+
+
+class ProbeHead(nn.Module):
+  """features [B, D] -> logits [B, num_classes] through BatchNorm(affine=False) + Dense.
+
+  The parameter-free BatchNorm (eps 1e-6, as in MAE) puts features of any scale on the same
+  footing, which matters for MIM encoders whose features are not linearly separable at their
+  raw scale. Its running statistics live in the "batch_stats" collection.
+  """
+  num_classes: int
+  head_init_std: float = 0.01
+
+  @nn.compact
+  def __call__(self, features: jax.Array, *, train: bool) -> jax.Array:
+    x = nn.BatchNorm(use_running_average=not train, use_bias=False, use_scale=False,
+                     momentum=0.9, epsilon=1e-6, name="bn")(features.astype(jnp.float32))
+    return nn.Dense(self.num_classes,
+                    kernel_init=nn.initializers.truncated_normal(self.head_init_std),
+                    name="head")(x)
+
+
+class ViTClassifier(nn.Module):
+  """images [B, H, W, C] -> logits [B, num_classes] (float32): the fine-tuning network.
+
+  pool "cls": the cls token after the encoder's final norm. pool "gap": the mean of the patch
+  tokens from the last block, then a new LayerNorm `fc_norm` (the MAE fine-tuning default).
+  """
+  encoder: ViTEncoder
+  num_classes: int
+  pool: str = "cls"
+  head_init_std: float = 2e-5
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    tokens, aux = self.encoder(images, train=train)
+    if self.pool == "gap":
+      x = pool_tokens(aux["blocks"][-1], "gap")
+      x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.encoder.dtype, name="fc_norm")(x)
+    else:
+      x = pool_tokens(tokens, self.pool)
+    return nn.Dense(self.num_classes,
+                    kernel_init=nn.initializers.truncated_normal(self.head_init_std),
+                    name="head")(x.astype(jnp.float32))

@@ -1,0 +1,246 @@
+"""Linear probe, fine-tuning and k-NN: pre-trained weights, frozen encoders, layer decay, jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from mim_jax import checkpoint, optim, train
+from mim_jax.config_errors import ConfigError
+from mim_jax.config_validation import validate_config
+from mim_jax.evaluate import knn_job, pretrained
+from mim_jax.evaluate.finetune import FineTune
+from mim_jax.evaluate.linear_probe import LinearProbe
+from mim_jax.models import vit
+from mim_jax.models.heads import encoder_features
+
+from conftest import tiny_mae_config
+
+
+@pytest.fixture(scope="module")
+def pretrained_workdir(tmp_path_factory):
+  """A finished (3-step) micro MAE pre-training on 16x16 synthetic images, with its export."""
+  workdir = str(tmp_path_factory.mktemp("mae"))
+  train.run(tiny_mae_config(total_steps=3, log_every=3), workdir)
+  assert os.path.isfile(os.path.join(workdir, "encoder", "model.json"))
+  return workdir
+
+
+def _eval_config(method, init_from, **overrides):
+  c = tiny_mae_config(method=method, init_from=init_from, **overrides)
+  c.eval.batch_size = 16
+  c.export_encoder = False
+  if method == "linprobe":
+    c.optimizer.update(name="sgd", base_lr=0.1, weight_decay=0.0)
+  if method == "finetune":
+    c.optimizer.layer_decay = 0.75
+    c.classifier.update(pool="gap", mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
+  return c
+
+
+# ---- layer-wise learning-rate decay ---------------------------------------------------------
+
+def test_layer_ids_follow_beit_mae_convention():
+  depth = 12
+  assert optim.vit_layer_id("encoder/patch_embed/kernel", depth) == 0
+  assert optim.vit_layer_id("encoder/cls_token", depth) == 0
+  assert optim.vit_layer_id("encoder/pos_embed", depth) == 0
+  assert optim.vit_layer_id("encoder/transformer/blocks_0/mlp/fc1/kernel", depth) == 1
+  assert optim.vit_layer_id("encoder/transformer/blocks_11/attn/qkv/bias", depth) == 12
+  assert optim.vit_layer_id("encoder/transformer/encoder_norm/scale", depth) == 13
+  assert optim.vit_layer_id("head/kernel", depth) == 13
+  assert optim.vit_layer_id("fc_norm/scale", depth) == 13
+
+
+def test_layer_decay_scales_updates_per_layer():
+  params = {"encoder": {"patch_embed": {"kernel": jnp.ones((4, 2))},
+                        "transformer": {"blocks_0": {"w": jnp.ones((2, 2))},
+                                        "blocks_1": {"w": jnp.ones((2, 2))}}},
+            "head": {"kernel": jnp.ones((2, 3))}}
+  cfg = ml_collections.ConfigDict(dict(name="sgd", momentum=0.0, weight_decay=0.0,
+                                       clip_grad_norm=0.0, layer_decay=0.5))
+  tx = optim.build_optimizer(cfg, optax.constant_schedule(1.0))
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # depth 2: embeddings 0.5^3, block 0 0.5^2, block 1 0.5, head 1.
+  assert float(updates["encoder"]["patch_embed"]["kernel"][0, 0]) == pytest.approx(-0.125)
+  assert float(updates["encoder"]["transformer"]["blocks_0"]["w"][0, 0]) == pytest.approx(-0.25)
+  assert float(updates["encoder"]["transformer"]["blocks_1"]["w"][0, 0]) == pytest.approx(-0.5)
+  assert float(updates["head"]["kernel"][0, 0]) == pytest.approx(-1.0)
+
+
+def test_lars_skips_weight_decay_and_trust_ratio_on_biases():
+  params = {"head": {"kernel": jnp.full((4, 3), 2.0), "bias": jnp.full((3,), 2.0)}}
+  cfg = ml_collections.ConfigDict(dict(name="lars", momentum=0.0, weight_decay=0.5,
+                                       trust_coefficient=0.001, clip_grad_norm=0.0))
+  tx = optim.build_optimizer(cfg, optax.constant_schedule(1.0))
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates["head"]["bias"], -1.0)  # plain SGD step for the bias
+  # kernel: g + wd * w = 2 per entry; trust ratio 0.001 * |w| / |g + wd w| = 0.001
+  np.testing.assert_allclose(updates["head"]["kernel"], -0.002, rtol=1e-5)
+
+
+# ---- position embeddings and loading pre-trained encoders ---------------------------------
+
+def test_resize_posemb_keeps_cls_and_is_identity_on_same_grid():
+  table = jnp.asarray(vit.sincos_2d(32, (4, 4), cls_token=True)).at[0].set(7.0)
+  assert vit.resize_posemb(table, (4, 4), (4, 4)) is table
+  resized = vit.resize_posemb(table, (4, 4), (6, 8))
+  assert resized.shape == (1 + 48, 32)
+  np.testing.assert_array_equal(resized[0], table[0])
+  const = jnp.concatenate([table[:1], jnp.full((16, 32), 0.25)])
+  np.testing.assert_allclose(vit.resize_posemb(const, (4, 4), (2, 3))[1:], 0.25, atol=1e-6)
+  with pytest.raises(ValueError, match="rows"):
+    vit.resize_posemb(table, (3, 3), (4, 4))
+
+
+def test_finetune_starts_from_the_pretrained_function(pretrained_workdir):
+  """At step 0 the fine-tuning encoder (learned positions) equals the pre-trained one."""
+  config = pretrained.adopt_encoder_config(_eval_config("finetune", pretrained_workdir))
+  method = FineTune(config)
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  params, extra = method.init(jax.random.key(1), images)
+  params, extra = method.load_pretrained(jax.device_get(params), extra)
+  loaded, _ = checkpoint.load_encoder(os.path.join(pretrained_workdir, "encoder"))
+  np.testing.assert_array_equal(params["encoder"]["patch_embed"]["kernel"],
+                                loaded["patch_embed"]["kernel"])
+  np.testing.assert_allclose(params["encoder"]["pos_embed"],
+                             vit.sincos_2d(64, (4, 4), cls_token=True))
+  sincos_encoder = vit.encoder_from_config(config.model, (16, 16), 3)
+  learned_encoder = method.model.encoder
+  want = encoder_features(sincos_encoder, loaded, images, pool="gap")
+  got = encoder_features(learned_encoder, params["encoder"], images, pool="gap")
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_finetune_at_a_new_resolution_resizes_positions(pretrained_workdir):
+  config = pretrained.adopt_encoder_config(
+      _eval_config("finetune", pretrained_workdir, image_size=(24, 32)))
+  method = FineTune(config)
+  params, extra = method.init(jax.random.key(1), jnp.zeros((1, 24, 32, 3)))
+  params, _ = method.load_pretrained(jax.device_get(params), extra)
+  # Pre-training used fixed sin-cos positions: the new grid gets its own sin-cos table.
+  np.testing.assert_allclose(params["encoder"]["pos_embed"],
+                             vit.sincos_2d(64, (6, 8), cls_token=True))
+
+
+def test_incompatible_pretrained_encoder_is_reported(pretrained_workdir):
+  config = pretrained.adopt_encoder_config(_eval_config("finetune", pretrained_workdir))
+  config.model.width = 32  # not the exported width
+  config.model.num_heads = 2
+  method = FineTune(config)
+  params, extra = method.init(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))
+  with pytest.raises(ValueError, match=r"pre-trained parameter .* has shape \(1, 1, 64\), the model expects \(1, 1, 32\)"):
+    method.load_pretrained(jax.device_get(params), extra)
+
+
+def test_adopt_encoder_config_takes_size_from_the_export(pretrained_workdir):
+  config = _eval_config("linprobe", pretrained_workdir)
+  config.model.update(variant="B/16", width=0)
+  adopted = pretrained.adopt_encoder_config(config)
+  assert adopted.model.variant == "mu/4" and config.model.variant == "B/16"
+
+
+# ---- the jobs, end to end ---------------------------------------------------------------------
+
+def test_linear_probe_trains_only_the_head(pretrained_workdir, tmp_path):
+  config = _eval_config("linprobe", pretrained_workdir, total_steps=4, log_every=2)
+  state = train.run(config, str(tmp_path))
+  loaded, _ = checkpoint.load_encoder(os.path.join(pretrained_workdir, "encoder"))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.extra["encoder"]), loaded)
+  assert set(state.params) == {"head"}
+  assert float(jnp.abs(state.extra["batch_stats"]["bn"]["mean"]).sum()) > 0
+  results = json.load(open(tmp_path / "results.json"))
+  assert results["method"] == "linprobe" and results["eval_count"] == 64
+  assert 0.0 <= results["eval_accuracy"] <= 1.0
+
+
+def test_linear_probe_learns_a_separable_problem():
+  """A probe on fixed features of class-dependent images reaches high accuracy."""
+  config = _eval_config("linprobe", "")
+  method = LinearProbe(config)
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 10, 256).astype(np.int32)
+  base = rng.normal(size=(10, 16, 16, 3)).astype(np.float32)
+  images = base[labels] + 0.1 * rng.normal(size=(256, 16, 16, 3)).astype(np.float32)
+  params, extra = method.init(jax.random.key(0), jnp.asarray(images[:2]))
+  tx = optax.sgd(0.5, momentum=0.9)
+  opt_state = tx.init(params)
+  batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
+
+  @jax.jit
+  def step(params, extra, opt_state):
+    (loss, (_, extra)), grads = jax.value_and_grad(
+        lambda p: method.loss(p, extra, batch, jax.random.key(0)), has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), extra, opt_state, loss
+
+  for _ in range(60):
+    params, extra, opt_state, loss = step(params, extra, opt_state)
+  sums = method.eval_metrics(params, extra, dict(batch, mask=jnp.ones(256, bool)))
+  assert float(sums["correct"]) / float(sums["count"]) > 0.95, float(loss)
+
+
+def test_finetune_from_pretrained_and_low_label_run(pretrained_workdir, tmp_path):
+  config = _eval_config("finetune", pretrained_workdir, total_steps=3, log_every=3)
+  config.data.label_fraction = 0.5
+  state = train.run(config, str(tmp_path))
+  assert int(state.step) == 3
+  results = json.load(open(tmp_path / "results.json"))
+  assert results["eval_count"] == 64 and np.isfinite(results["eval_loss"])
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert any("eval_accuracy" in r for r in rows)
+
+
+def test_knn_job_writes_results(pretrained_workdir, tmp_path):
+  config = _eval_config("knn", pretrained_workdir)
+  config.knn.k = 5
+  metrics = knn_job.run(config, str(tmp_path))
+  results = json.load(open(tmp_path / "results.json"))
+  assert results["knn_top1"] == metrics["knn_top1"] and 0 <= results["knn_top1"] <= 1
+  # Synthetic images of the same class are alike, so even a 3-step encoder beats chance.
+  assert results["knn_top1"] > 0.2
+
+
+def test_knn_during_pretraining_is_logged(tmp_path):
+  config = tiny_mae_config(total_steps=4, log_every=2)
+  config.knn.update(every_epochs=0.25, k=5)
+  config.eval.batch_size = 32
+  train.run(config, str(tmp_path))
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "knn_top1" in r] == [2, 4]
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,overrides,match", [
+    ("linprobe", {"init_from": ""}, r"config.init_from='' .*pre-training workdir"),
+    ("knn", {"init_from": "/nonexistent/run"}, r"config.init_from='/nonexistent/run'.*"
+     r"encoder/model.json.*--config.init_from=DIR"),
+    ("linprobe", {"classifier.probe_layer": 3}, r"config.classifier.probe_layer=3 .*\[0, 2\]"),
+    ("linprobe", {"classifier.pool": "max"}, r"config.classifier.pool='max'"),
+    ("linprobe", {"classifier.mixup_alpha": 0.8}, r"0 for linprobe"),
+    ("finetune", {"optimizer.layer_decay": 0.0}, r"config.optimizer.layer_decay=0.0"),
+    ("finetune", {"optimizer.name": "adam"}, r"config.optimizer.name='adam' .*'lars'"),
+    ("finetune", {"classifier.label_smoothing": 1.0}, r"config.classifier.label_smoothing=1.0"),
+    ("knn", {"knn.k": 0}, r"config.knn.k=0"),
+    ("finetune", {"data.label_fraction": 0.0}, r"data.label_fraction"),
+])
+def test_bad_evaluation_configs_fail_fast(pretrained_workdir, method, overrides, match):
+  config = _eval_config(method, pretrained_workdir)
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  with pytest.raises(ConfigError, match=match):
+    validate_config(config)
