@@ -4,8 +4,8 @@
       --config.init_from=workdirs/mae_fmnist --workdir=workdirs/finetune_fmnist
 
 The MAE fine-tuning recipe (AdamW 0.9/0.999, wd 0.05, layer-wise lr decay 0.75, drop path 0.1,
-Mixup 0.8 / CutMix 1.0, label smoothing 0.1, mean pooling + fc_norm) on a short schedule: 5
-epochs with 1 of warmup at batch 256. Leave init_from empty for the supervised from-scratch
+Mixup 0.8 / CutMix 1.0, label smoothing 0.1, mean pooling + fc_norm) on a short schedule: 3
+epochs with 0.5 of warmup at batch 256. Leave init_from empty for the supervised from-scratch
 baseline with the same recipe. Low-label fine-tuning: --config.data.label_fraction=0.01 (or
 0.1): a fixed per-class subset of the training labels. Arguments: `runlocal`.
 """
@@ -18,8 +18,8 @@ def get_config(arg=None):
   c = config_defaults.finetune_recipe(config_defaults.base_config(), size="B")
   config_defaults.use_fashion_mnist(c)
   c.optimizer.update(base_lr=1e-3, layer_decay=0.75)
-  c.num_epochs = 5
-  c.optimizer.warmup_epochs = 1.0
+  c.num_epochs = 3
+  c.optimizer.warmup_epochs = 0.5
   c.log_every = 50
   c.checkpoint_every = 500
   if args.get("runlocal"):

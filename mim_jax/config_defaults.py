@@ -23,7 +23,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.method = "mae"             # a pre-training method, "linprobe", "finetune" or "knn"
   c.seed = 0
   # Evaluations start from a pre-trained encoder: a pre-training workdir (its `encoder/` export)
-  # or an encoder directory. Its model.json fixes the encoder size and patch.
+  # or an encoder directory; its model.json fixes the encoder size and patch. "random" keeps
+  # the seeded random initialisation of config.model (a baseline).
   c.init_from = ""
 
   # Input geometry: (height, width) and channels of the images the model sees.
@@ -92,6 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.classifier = ml_collections.ConfigDict(dict(
       num_classes=0,           # 0: from the dataset
       pool="cls",              # cls token, or "gap": mean of the patch tokens
+      features="encoder",      # linprobe / knn: "encoder", or "pixels" (raw-pixel baseline)
       probe_layer=0,           # linprobe / knn features: 0 = encoder output, k = block k's output
       head_init_std=0.01,      # truncated-normal std of the head (MAE: 0.01 probe, 2e-5 fine-tune)
       label_smoothing=0.0,

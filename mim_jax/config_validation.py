@@ -105,14 +105,19 @@ def validate_pretraining(config, image_size: tuple[int, int], patch: int) -> Non
 def validate_evaluation(config, depth: int) -> None:
   """linprobe / finetune / knn: the classifier, k-NN and evaluation fields."""
   from mim_jax.models.heads import POOLS
-  if config.method in ("linprobe", "knn"):
+  c = config.classifier
+  _require(c.features in ("encoder", "pixels"), "classifier.features", c.features,
+           "'encoder' or 'pixels' (the raw-pixel baseline, for linprobe and knn)")
+  if config.method == "finetune":
+    _require(c.features == "encoder", "classifier.features", c.features,
+             "'encoder' for finetune")
+  if config.method in ("linprobe", "knn") and c.features == "encoder":
     _require(isinstance(config.init_from, str) and config.init_from != "", "init_from",
              config.init_from, f"a pre-training workdir or encoder directory ({config.method} "
-             "evaluates a pre-trained encoder)")
-  if config.init_from:
+             "evaluates a pre-trained encoder), or 'random' for a random-encoder baseline")
+  if config.init_from not in ("", "random"):
     from mim_jax.evaluate.pretrained import encoder_directory
     encoder_directory(config.init_from)  # raises a ConfigError naming init_from
-  c = config.classifier
   _require(_is_int(c.num_classes) and c.num_classes >= 0, "classifier.num_classes",
            c.num_classes, "an integer >= 0 (0: the dataset's class count)")
   _require(c.pool in POOLS, "classifier.pool", c.pool, f"one of {POOLS}")

@@ -204,7 +204,7 @@ def run(config, workdir: str) -> TrainState:
   else:
     start_step = 0
     state = jax.jit(init_fn, out_shardings=state_shardings)(init_rng)
-    if config.init_from:
+    if pretrained.is_pretrained(config.init_from):
       # Pre-trained weights are merged on the host, then placed with the state's shardings.
       params, extra = method.load_pretrained(jax.device_get(state.params),
                                              jax.device_get(state.extra))

@@ -244,3 +244,24 @@ def test_bad_evaluation_configs_fail_fast(pretrained_workdir, method, overrides,
     node[leaf] = value
   with pytest.raises(ConfigError, match=match):
     validate_config(config)
+
+
+# ---- baselines ----------------------------------------------------------------------------------
+
+def test_raw_pixel_and_random_encoder_baselines(tmp_path):
+  pixels = _eval_config("knn", "")
+  pixels.classifier.features = "pixels"
+  pixels.knn.k = 5
+  # Synthetic classes are pixel patterns: raw-pixel k-NN separates them well.
+  assert knn_job.run(pixels, str(tmp_path / "knn_pixels"))["knn_top1"] > 0.5
+  random = _eval_config("knn", "random")
+  random.knn.k = 5
+  assert 0 <= knn_job.run(random, str(tmp_path / "knn_random"))["knn_top1"] <= 1
+
+  probe = _eval_config("linprobe", "", total_steps=2, log_every=2)
+  probe.classifier.features = "pixels"
+  state = train.run(probe, str(tmp_path / "probe_pixels"))
+  assert state.params["head"]["head"]["kernel"].shape == (16 * 16 * 3, 10)
+  probe = _eval_config("linprobe", "random", total_steps=2, log_every=2)
+  state = train.run(probe, str(tmp_path / "probe_random"))
+  assert state.params["head"]["head"]["kernel"].shape == (64, 10)

@@ -41,7 +41,7 @@ class FineTune:
     return self.model.init(rng, images)["params"], {}
 
   def load_pretrained(self, params, extra):
-    if self.config.init_from:
+    if pretrained.is_pretrained(self.config.init_from):
       params = dict(params, encoder=pretrained.load_encoder_into(
           params["encoder"], self.config.init_from, grid_hw=self.model.encoder.grid_hw))
     return params, extra

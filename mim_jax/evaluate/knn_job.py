@@ -3,7 +3,9 @@
 Features of the training split (resize / centre crop, no augmentation) form the bank; each
 evaluation-split image votes with its k most cosine-similar bank images, weighted by
 exp(similarity / T) (DINO / iBOT protocol: k = 20, T = 0.07; `config.knn`). Features come from
-`classifier.probe_layer` with `classifier.pool`, as for the linear probe.
+`classifier.probe_layer` with `classifier.pool`, as for the linear probe; with
+`classifier.features="pixels"` they are the flattened normalised pixels (a baseline), and with
+`init_from="random"` a seeded random encoder's.
 """
 
 from __future__ import annotations
@@ -36,8 +38,11 @@ class KnnMonitor:
     self.encoder = encoder_from_config(config.model, config.image_size, config.channels)
     self.num_classes = classifier_base.num_classes(config)
     pool, layer = config.classifier.pool, int(config.classifier.probe_layer)
-    self._features = jax.jit(lambda params, images: encoder_features(
-        self.encoder, params, images, pool=pool, layer=layer))
+    if config.classifier.features == "pixels":
+      self._features = jax.jit(lambda params, images: images.reshape(images.shape[0], -1))
+    else:
+      self._features = jax.jit(lambda params, images: encoder_features(
+          self.encoder, params, images, pool=pool, layer=layer))
 
   def _split_features(self, params, split: str) -> tuple[np.ndarray, np.ndarray]:
     it = data.make_eval_iterator(self.config.data, image_size=tuple(self.config.image_size),
@@ -69,7 +74,14 @@ def run(config, workdir: str) -> dict[str, float]:
   config = pretrained.adopt_encoder_config(config)
   config_validation.validate_config(config)
   checkpoint.ensure_writable(workdir)
-  params, _ = checkpoint.load_encoder(pretrained.encoder_directory(config.init_from))
+  if config.classifier.features == "pixels":
+    params = {}
+  elif config.init_from == pretrained.RANDOM:
+    image = jax.numpy.zeros((1, *config.image_size, config.channels))
+    encoder = encoder_from_config(config.model, config.image_size, config.channels)
+    params = encoder.init(jax.random.key(config.seed), image)["params"]
+  else:
+    params, _ = checkpoint.load_encoder(pretrained.encoder_directory(config.init_from))
   start = time.perf_counter()
   metrics = KnnMonitor(config)(params)
   metrics["seconds"] = time.perf_counter() - start

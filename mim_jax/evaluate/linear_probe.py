@@ -2,7 +2,8 @@
 
 The encoder is frozen: its weights live in `extra`, outside the optimizer, and its features are
 taken under stop_gradient from `classifier.probe_layer` (0 = encoder output) with
-`classifier.pool` (cls token or mean of patch tokens). Training images are augmented as in
+`classifier.pool` (cls token or mean of patch tokens). `classifier.features="pixels"` probes
+the flattened normalised pixels instead (the raw-pixel baseline). Training images are augmented as in
 pre-training (RandomResizedCrop + flip); the MAE recipe uses LARS, lr 0.1 x batch / 256, no
 weight decay, 90 epochs with 10 of warmup (configs/linprobe_*.py).
 """
@@ -28,6 +29,7 @@ class LinearProbe:
 
   def __init__(self, config):
     self.config = config
+    self.pixels = config.classifier.features == "pixels"
     self.encoder = encoder_from_config(config.model, config.image_size, config.channels)
     self.pool = config.classifier.pool
     self.layer = int(config.classifier.probe_layer)
@@ -35,19 +37,21 @@ class LinearProbe:
                           head_init_std=config.classifier.head_init_std)
 
   def features(self, encoder_params, images):
-    """Frozen features [B, D] of images [B, H, W, C]."""
+    """Frozen features [B, D] of images [B, H, W, C] (D = H*W*C for raw pixels)."""
+    if self.pixels:
+      return images.reshape(images.shape[0], -1).astype(jnp.float32)
     return jax.lax.stop_gradient(encoder_features(self.encoder, encoder_params, images,
                                                   pool=self.pool, layer=self.layer))
 
   def init(self, rng, images):
     enc_rng, head_rng = jax.random.split(rng)
-    encoder = self.encoder.init(enc_rng, images)["params"]
+    encoder = {} if self.pixels else self.encoder.init(enc_rng, images)["params"]
     variables = self.head.init(head_rng, self.features(encoder, images), train=False)
     return ({"head": variables["params"]},
             {"encoder": encoder, "batch_stats": variables["batch_stats"]})
 
   def load_pretrained(self, params, extra):
-    if self.config.init_from:
+    if pretrained.is_pretrained(self.config.init_from) and not self.pixels:
       extra = dict(extra, encoder=pretrained.load_encoder_into(
           extra["encoder"], self.config.init_from, grid_hw=self.encoder.grid_hw))
     return params, extra

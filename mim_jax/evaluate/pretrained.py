@@ -22,6 +22,12 @@ from mim_jax.models.vit import resize_posemb
 log = logging.getLogger(__name__)
 
 SIZE_FIELDS = ("variant", "width", "depth", "num_heads", "mlp_dim")
+RANDOM = "random"  # init_from value: a randomly initialised encoder (baseline)
+
+
+def is_pretrained(init_from: str) -> bool:
+  """Whether `init_from` names weights to load (not "" or "random")."""
+  return init_from not in ("", RANDOM)
 
 
 def encoder_directory(init_from: str) -> str:
@@ -50,7 +56,7 @@ def adopt_encoder_config(config):
   it; dtype, drop path and attention settings stay as configured. The image size may differ
   (fine-tuning at another resolution resizes the position table).
   """
-  if not config.init_from:
+  if config.init_from in ("", RANDOM):
     return config
   info = read_model_info(config.init_from)
   config = config.copy_and_resolve_references()
