@@ -28,5 +28,7 @@ setup(
     extras_require={
         # torch + transformers run the parity test against HF ViTMAEForPreTraining on the CPU.
         "test": ["pytest>=8", "torch>=2.4", "transformers>=4.57,<6", "safetensors>=0.4"],
+        # Plots in docs/ (docs/plot_mask_ratio.py).
+        "docs": ["matplotlib>=3.8"],
     },
 )

@@ -148,6 +148,10 @@ def validate_knn(config) -> None:
            "a positive number (DINO uses 0.07)")
   _require(_is_number(k.every_epochs) and k.every_epochs >= 0, "knn.every_epochs",
            k.every_epochs, "a number >= 0 (0: k-NN only as its own job)")
+  if config.method not in PRETRAINING_METHODS:
+    _require(k.every_epochs == 0, "knn.every_epochs", k.every_epochs,
+             f"0 for method {config.method!r} (k-NN monitoring is for pre-training; classifiers "
+             "report eval_accuracy)")
 
 
 def validate_optimization(config) -> None:

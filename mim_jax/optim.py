@@ -92,9 +92,10 @@ def scale_by_layer_decay(decay: float) -> optax.GradientTransformation:
 def build_optimizer(opt_cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
   """The configured optimizer with masked weight decay, clipping and layer decay.
 
-  adamw: decoupled weight decay (b1, b2, eps).  lars: the MAE linear-probe optimizer
-  (momentum, trust ratio and weight decay skip biases and norms).  sgd: momentum SGD with
-  decoupled weight decay.
+  adamw: decoupled weight decay (b1, b2, eps).  lars: the MAE linear-probe optimizer (trust
+  ratio and weight decay skip biases and norms; momentum is applied before the learning rate,
+  as in MAE's util/lars.py, whereas optax.lars applies it after).  sgd: momentum SGD with L2
+  weight decay added to the gradient (as PyTorch's SGD).
   """
   parts = []
   if opt_cfg.clip_grad_norm > 0:
@@ -104,10 +105,12 @@ def build_optimizer(opt_cfg, schedule: optax.Schedule) -> optax.GradientTransfor
     parts.append(optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
                              weight_decay=opt_cfg.weight_decay, mask=weight_decay_mask))
   elif name == "lars":
-    parts.append(optax.lars(schedule, weight_decay=opt_cfg.weight_decay,
-                            weight_decay_mask=weight_decay_mask,
-                            trust_coefficient=opt_cfg.trust_coefficient, eps=0.0,
-                            trust_ratio_mask=weight_decay_mask, momentum=opt_cfg.momentum))
+    parts.append(optax.chain(
+        optax.add_decayed_weights(opt_cfg.weight_decay, mask=weight_decay_mask),
+        optax.masked(optax.scale_by_trust_ratio(trust_coefficient=opt_cfg.trust_coefficient,
+                                                eps=0.0), weight_decay_mask),
+        optax.trace(decay=opt_cfg.momentum),
+        optax.scale_by_learning_rate(schedule)))
   elif name == "sgd":
     parts.append(optax.chain(
         optax.add_decayed_weights(opt_cfg.weight_decay, mask=weight_decay_mask),

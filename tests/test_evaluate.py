@@ -76,6 +76,21 @@ def test_layer_decay_scales_updates_per_layer():
   assert float(updates["head"]["kernel"][0, 0]) == pytest.approx(-1.0)
 
 
+def test_lars_momentum_is_applied_before_the_learning_rate():
+  """MAE's LARS: mu = m * mu + update; p -= lr * mu (lr of the current step)."""
+  params = {"w": jnp.ones((2, 2))}
+  cfg = ml_collections.ConfigDict(dict(name="lars", momentum=0.9, weight_decay=0.0,
+                                       trust_coefficient=1.0, clip_grad_norm=0.0))
+  lrs = [1.0, 0.5]
+  tx = optim.build_optimizer(cfg, lambda step: jnp.asarray(lrs)[step])
+  state = tx.init(params)
+  grads = {"w": jnp.ones((2, 2))}
+  _, state = tx.update(grads, state, params)
+  second, _ = tx.update(grads, state, params)
+  # trust ratio 1 * |w| / |g| = 1: updates are the momentum buffer (1.9 at step 2) x lr 0.5.
+  np.testing.assert_allclose(second["w"], -0.5 * 1.9, rtol=1e-6)
+
+
 def test_lars_skips_weight_decay_and_trust_ratio_on_biases():
   params = {"head": {"kernel": jnp.full((4, 3), 2.0), "bias": jnp.full((3,), 2.0)}}
   cfg = ml_collections.ConfigDict(dict(name="lars", momentum=0.0, weight_decay=0.5,
@@ -127,9 +142,11 @@ def test_finetune_at_a_new_resolution_resizes_positions(pretrained_workdir):
   method = FineTune(config)
   params, extra = method.init(jax.random.key(1), jnp.zeros((1, 24, 32, 3)))
   params, _ = method.load_pretrained(jax.device_get(params), extra)
-  # Pre-training used fixed sin-cos positions: the new grid gets its own sin-cos table.
-  np.testing.assert_allclose(params["encoder"]["pos_embed"],
-                             vit.sincos_2d(64, (6, 8), cls_token=True))
+  # Pre-training used fixed sin-cos positions on a 4x4 grid: that table, resized (MAE's
+  # interpolate_pos_embed), starts the learned positions of the 6x8 grid.
+  want = vit.resize_posemb(jnp.asarray(vit.sincos_2d(64, (4, 4), cls_token=True)), (4, 4), (6, 8))
+  np.testing.assert_allclose(params["encoder"]["pos_embed"], want, rtol=1e-6, atol=1e-6)
+  assert params["encoder"]["pos_embed"].shape == (1 + 48, 64)
 
 
 def test_incompatible_pretrained_encoder_is_reported(pretrained_workdir):
@@ -232,6 +249,8 @@ def test_knn_during_pretraining_is_logged(tmp_path):
     ("finetune", {"optimizer.name": "adam"}, r"config.optimizer.name='adam' .*'lars'"),
     ("finetune", {"classifier.label_smoothing": 1.0}, r"config.classifier.label_smoothing=1.0"),
     ("knn", {"knn.k": 0}, r"config.knn.k=0"),
+    ("finetune", {"knn.every_epochs": 1.0}, r"config.knn.every_epochs=1.0 .*pre-training"),
+    ("knn", {"classifier.features": "rgb"}, r"config.classifier.features='rgb'"),
     ("finetune", {"data.label_fraction": 0.0}, r"data.label_fraction"),
 ])
 def test_bad_evaluation_configs_fail_fast(pretrained_workdir, method, overrides, match):
@@ -265,3 +284,12 @@ def test_raw_pixel_and_random_encoder_baselines(tmp_path):
   probe = _eval_config("linprobe", "random", total_steps=2, log_every=2)
   state = train.run(probe, str(tmp_path / "probe_random"))
   assert state.params["head"]["head"]["kernel"].shape == (64, 10)
+  # Both random-encoder baselines score the same (seeded) encoder.
+  knn_encoder = json.load(open(tmp_path / "knn_random" / "results.json"))
+  assert knn_encoder["init_from"] == "random"
+  from mim_jax.models.vit import encoder_from_config
+  enc = encoder_from_config(probe.model, probe.image_size, probe.channels)
+  init_rng = jax.random.split(jax.random.key(probe.seed))[0]
+  want = enc.init(jax.random.split(init_rng)[0], jnp.zeros((1, 16, 16, 3)))["params"]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               jax.device_get(state.extra["encoder"]), want)  # jit vs eager rounding

@@ -55,8 +55,15 @@ class KnnMonitor:
     cfg = self.config
     bank, bank_labels = self._split_features(encoder_params, cfg.data.split)
     if cfg.data.label_fraction < 1:
-      # The same per-class subset the trainer would use (source order, seeded).
-      keep = data.per_class_subset(bank_labels, cfg.data.label_fraction, cfg.data.subset_seed)
+      # The same per-class subset the trainer uses: chosen on the source's labels, so the bank
+      # must hold every source row (a skipped corrupt image would shift the positions).
+      source_labels = data.build_source(cfg.data, image_size=tuple(cfg.image_size),
+                                        channels=cfg.channels).labels()
+      if len(source_labels) != len(bank_labels):
+        raise ValueError(f"k-NN with data.label_fraction={cfg.data.label_fraction} needs every "
+                         f"training image: {len(source_labels) - len(bank_labels)} could not "
+                         "be decoded")
+      keep = data.per_class_subset(source_labels, cfg.data.label_fraction, cfg.data.subset_seed)
       bank, bank_labels = bank[keep], bank_labels[keep]
     queries, query_labels = self._split_features(encoder_params, data.eval_split(cfg.data))
     acc = knn.knn_accuracy(bank, bank_labels, queries, query_labels,
@@ -79,7 +86,10 @@ def run(config, workdir: str) -> dict[str, float]:
   elif config.init_from == pretrained.RANDOM:
     image = jax.numpy.zeros((1, *config.image_size, config.channels))
     encoder = encoder_from_config(config.model, config.image_size, config.channels)
-    params = encoder.init(jax.random.key(config.seed), image)["params"]
+    # The key the linear probe's random encoder gets (train.run's init key, then the
+    # method's encoder key), so both baselines score the same encoder.
+    init_rng = jax.random.split(jax.random.key(config.seed))[0]
+    params = encoder.init(jax.random.split(init_rng)[0], image)["params"]
   else:
     params, _ = checkpoint.load_encoder(pretrained.encoder_directory(config.init_from))
   start = time.perf_counter()

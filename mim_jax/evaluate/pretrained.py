@@ -13,11 +13,12 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mim_jax import checkpoint
 from mim_jax.config_errors import config_error
-from mim_jax.models.vit import resize_posemb
+from mim_jax.models.vit import resize_posemb, sincos_2d
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,11 @@ def load_encoder_into(init_params: Any, init_from: str, *, grid_hw: tuple[int, i
   """Replaces the encoder weights in `init_params` by the pre-trained ones.
 
   Every pre-trained parameter must exist in `init_params` with the same shape, except a learned
-  position table, which is resized (bicubic) when the patch grid differs. Parameters that the
-  export does not have (a learned `pos_embed` when pre-training used fixed sin-cos positions)
-  keep their initial values: `pos_embed` is initialised to the sin-cos table of the new grid,
-  which is exactly what the pre-trained encoder used.
+  position table, which is resized (bicubic) when the patch grid differs. When pre-training
+  used fixed sin-cos positions (no `pos_embed` in the export), a learned `pos_embed` starts
+  from the pre-training grid's sin-cos table, resized to the new grid if it differs (as MAE's
+  `interpolate_pos_embed` does with its checkpoints); other parameters the export lacks keep
+  their initial values.
   """
   directory = encoder_directory(init_from)
   loaded, info = checkpoint.load_encoder(directory)
@@ -99,8 +101,14 @@ def load_encoder_into(init_params: Any, init_from: str, *, grid_hw: tuple[int, i
       raise ValueError(f"pre-trained parameter {key} has shape {value.shape}, the model "
                        f"expects {target.shape}")
     out[key] = value.astype(target.dtype)
-  missing = sorted(set(flat_init) - {jax.tree_util.keystr(p)
-                                     for p, _ in jax.tree_util.tree_leaves_with_path(loaded)})
+  loaded_keys = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(loaded)}
+  posemb_key = "['pos_embed']"
+  if posemb_key in flat_init and posemb_key not in loaded_keys:
+    width = flat_init[posemb_key][1].shape[-1]
+    table = sincos_2d(width, src_grid, cls_token=True)
+    out[posemb_key] = np.asarray(resize_posemb(jnp.asarray(table), src_grid, grid_hw))
+    loaded_keys.add(posemb_key)
+  missing = sorted(set(flat_init) - loaded_keys)
   if missing:
     log.info("parameters not in the pre-trained encoder (kept at init): %s", ", ".join(missing))
   treedef = jax.tree_util.tree_structure(init_params)

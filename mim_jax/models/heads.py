@@ -50,8 +50,10 @@ class ProbeHead(nn.Module):
 
   @nn.compact
   def __call__(self, features: jax.Array, *, train: bool) -> jax.Array:
+    # Two-pass variance: E[x^2] - E[x]^2 loses precision on features with a large mean.
     x = nn.BatchNorm(use_running_average=not train, use_bias=False, use_scale=False,
-                     momentum=0.9, epsilon=1e-6, name="bn")(features.astype(jnp.float32))
+                     momentum=0.9, epsilon=1e-6, use_fast_variance=False,
+                     name="bn")(features.astype(jnp.float32))
     return nn.Dense(self.num_classes,
                     kernel_init=nn.initializers.truncated_normal(self.head_init_std),
                     name="head")(x)

@@ -272,6 +272,8 @@ def resize_posemb(posemb: jax.Array, old_grid: tuple[int, int],
 
   The cls position is kept; the patch positions are resized as an image of D channels (as the
   official MAE / DeiT `interpolate_pos_embed` does when the fine-tuning resolution changes).
+  The cubic kernel is Keys' (a = -0.5, JAX's), not PyTorch's a = -0.75, so values differ from
+  a PyTorch resize by a few percent of the table's range; no antialiasing, as in PyTorch.
   """
   old_grid, new_grid = tuple(old_grid), tuple(new_grid)
   if posemb.shape[0] != 1 + old_grid[0] * old_grid[1]:
@@ -281,7 +283,7 @@ def resize_posemb(posemb: jax.Array, old_grid: tuple[int, int],
     return posemb
   cls, grid = posemb[:1], posemb[1:].reshape(*old_grid, posemb.shape[-1])
   grid = jax.image.resize(grid.astype(jnp.float32), (*new_grid, posemb.shape[-1]),
-                          method="bicubic")
+                          method="bicubic", antialias=False)
   return jnp.concatenate([cls, grid.reshape(-1, posemb.shape[-1]).astype(posemb.dtype)], axis=0)
 
 

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Reproduces the Fashion-MNIST table of docs/results.md: MAE pre-training, k-NN, linear probe
+# and fine-tuning, the baselines, and the masking-ratio sweep. Every run's log, wall time
+# (ROOT/NAME.seconds) and results.json land under ROOT. Re-running skips finished runs.
+#
+#   bash docs/fmnist_results.sh [ROOT=workdirs/fmnist_results]
+#   python docs/plot_mask_ratio.py ROOT docs/mask_ratio_fmnist.png
+set -u
+cd "$(dirname "$0")/.."
+ROOT=${1:-workdirs/fmnist_results}
+mkdir -p "$ROOT"
+
+run() {  # NAME, then the arguments of mim_jax.main
+  local name=$1; shift
+  if [ -f "$ROOT/$name/results.json" ] || [ -f "$ROOT/$name/encoder/model.json" ]; then
+    return
+  fi
+  echo "python -m mim_jax.main $* --workdir=$ROOT/$name" | tee -a "$ROOT/commands.txt"
+  /usr/bin/time -f "%e" -o "$ROOT/$name.seconds" \
+      python -m mim_jax.main "$@" --workdir="$ROOT/$name" > "$ROOT/$name.log" 2>&1 \
+      || { echo "$name failed: see $ROOT/$name.log"; exit 1; }
+}
+
+for ratio in 0.75 0.5 0.6 0.9; do
+  run "mae_r$ratio" --config=configs/mae_fmnist.py --config.masking.ratio=$ratio
+  run "knn_mae_r$ratio" --config=configs/knn_fmnist.py --config.init_from="$ROOT/mae_r$ratio"
+  run "lp_mae_r$ratio" --config=configs/linprobe_fmnist.py --config.init_from="$ROOT/mae_r$ratio"
+  if [ "$ratio" = 0.75 ]; then
+    run ft_mae_r0.75 --config=configs/finetune_fmnist.py --config.init_from="$ROOT/mae_r0.75"
+    run knn_pixels --config=configs/knn_fmnist.py --config.classifier.features=pixels
+    run knn_random --config=configs/knn_fmnist.py --config.init_from=random
+    run lp_pixels --config=configs/linprobe_fmnist.py --config.classifier.features=pixels
+    run lp_random --config=configs/linprobe_fmnist.py --config.init_from=random
+    run ft_scratch --config=configs/finetune_fmnist.py
+  fi
+done
