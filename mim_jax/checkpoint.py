@@ -12,6 +12,7 @@ import os
 import uuid
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from mim_jax import data
@@ -74,14 +75,17 @@ def export_encoder(directory: str, encoder_params: Any, model_info: dict) -> str
   """Writes encoder-only parameters (Orbax) plus a JSON description for downstream use.
 
   Layout: `directory/params` (an Orbax StandardCheckpoint) and `directory/model.json`.
+  In a multi-process run every process calls it (the Orbax save is collective) with the same
+  host values; process 0 writes model.json.
   """
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(directory, "params"), encoder_params, force=True)
   checkpointer.wait_until_finished()
-  with open(os.path.join(directory, "model.json"), "w") as f:
-    json.dump(model_info, f, indent=2)
+  if jax.process_index() == 0:
+    with open(os.path.join(directory, "model.json"), "w") as f:
+      json.dump(model_info, f, indent=2)
   return directory
 
 

@@ -21,9 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from mim_jax import checkpoint, config_validation, data, metric_writers, optim, parallel, viz
 from mim_jax.methods import build_method
+from mim_jax.models import vit
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +182,13 @@ def run(config, workdir: str) -> TrainState:
   tx = optim.build_optimizer(config.optimizer, schedule)
   method = build_method(config)
 
+  batch_sharding = parallel.batch_sharding(mesh)
+  replicated = parallel.replicated(mesh)
+  # The keys are made under jit, replicated over the mesh: with several processes a host-local
+  # key array cannot be device_put onto the other processes' devices.
+  init_rng, base_rng = jax.jit(lambda: tuple(jax.random.split(jax.random.key(config.seed))),
+                               out_shardings=replicated)()
   # Shape first, then shard: nothing is materialised before its sharding is known.
-  init_rng, base_rng = jax.random.split(jax.random.key(config.seed))
   micro_shape = (config.global_batch_size // config.grad_accum_steps, *image_size, channels)
   init_fn = functools.partial(init_train_state, method, tx, image_shape=(1, *image_size, channels))
   abstract_state = jax.eval_shape(init_fn, init_rng)
@@ -189,8 +196,6 @@ def run(config, workdir: str) -> TrainState:
   abstract_state = jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
       abstract_state, state_shardings)
-  batch_sharding = parallel.batch_sharding(mesh)
-  replicated = parallel.replicated(mesh)
 
   train_iter = data.make_train_iterator(
       config.data, image_size=image_size, channels=channels,
@@ -206,11 +211,9 @@ def run(config, workdir: str) -> TrainState:
     state = jax.jit(init_fn, out_shardings=state_shardings)(init_rng)
     if pretrained.is_pretrained(config.init_from):
       # Pre-trained weights are merged on the host, then placed with the state's shardings.
-      params, extra = method.load_pretrained(jax.device_get(state.params),
-                                             jax.device_get(state.extra))
+      params, extra = method.load_pretrained(_to_host(state.params), _to_host(state.extra))
       state = jax.device_put(state.replace(params=params, extra=extra), state_shardings)
       log.info("initialised from %s", config.init_from)
-  base_rng = jax.device_put(base_rng, replicated)
 
   train_step = jax.jit(
       make_train_step(method, tx, schedule, config.grad_accum_steps),
@@ -224,11 +227,13 @@ def run(config, workdir: str) -> TrainState:
                                            log_fn=(lambda s: log.info("%s", s)) if is_chief
                                            else (lambda s: None))
   log.info("%s %s: %d examples, %d steps/epoch, schedule %d steps, training to step %d on %d "
-           "device(s), micro-batch %s", config.method, config.model.variant, num_examples,
-           steps_per_epoch, schedule_steps, last_step, jax.device_count(), micro_shape)
+           "device(s), micro-batch %s", config.method, vit.describe_size(config.model),
+           num_examples, steps_per_epoch, schedule_steps, last_step, jax.device_count(),
+           micro_shape)
 
-  draw = _make_drawer(config, method, workdir, writer, base_rng) if (
-      config.viz_every and is_chief and hasattr(method, "reconstruct")) else None
+  # Every process computes the pictures (the params span all processes); process 0 writes them.
+  draw = _make_drawer(config, method, workdir, writer, base_rng, replicated, is_chief) if (
+      config.viz_every and hasattr(method, "reconstruct")) else None
   evaluate = _make_evaluator(config, method, mesh, state_shardings) if hasattr(
       method, "eval_metrics") else None
   knn = knn_job.KnnMonitor(config, mesh) if config.knn.every_epochs > 0 else None
@@ -278,9 +283,9 @@ def run(config, workdir: str) -> TrainState:
       ckpt.save(step, state, train_iter, force=True)
     ckpt.wait()
     if config.export_encoder and step == last_step:
-      encoder = jax.device_get(method.encoder_params(state.params, state.extra))
-      if is_chief:
-        checkpoint.export_encoder(os.path.join(workdir, "encoder"), encoder, _model_info(config))
+      # Collective: every process gathers the encoder and takes part in the Orbax save.
+      encoder = _to_host(method.encoder_params(state.params, state.extra))
+      checkpoint.export_encoder(os.path.join(workdir, "encoder"), encoder, _model_info(config))
     if final_metrics and step == last_step and is_chief:
       _write_results(workdir, config, step, final_metrics)
   ckpt.close()
@@ -288,6 +293,17 @@ def run(config, workdir: str) -> TrainState:
   if hasattr(train_iter, "close"):
     train_iter.close()  # stops grain worker processes and frees their shared memory
   return state
+
+
+def _to_host(tree: Any) -> Any:
+  """The global value of every array as numpy, on every process.
+
+  A collective when the run spans processes (all must call it): `jax.device_get` cannot read
+  shards that live on other processes' devices.
+  """
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def _epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
@@ -304,7 +320,7 @@ def _write_results(workdir: str, config, step: int, metrics: dict[str, float]) -
   """results.json: the final evaluation numbers of a run, for tables and scripts."""
   import json
   out = {"method": config.method, "init_from": config.init_from, "step": step,
-         "variant": config.model.variant, **metrics}
+         "encoder": vit.describe_size(config.model), **metrics}
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(out, f, indent=2)
 
@@ -333,17 +349,25 @@ def _make_evaluator(config, method, mesh, state_shardings) -> Callable:
   return evaluate
 
 
-def _make_drawer(config, method, workdir: str, writer, rng: jax.Array) -> Callable:
-  """Reconstruction pictures of a fixed set of (unaugmented) images at every call."""
+def _make_drawer(config, method, workdir: str, writer, rng: jax.Array,
+                 replicated: jax.sharding.Sharding, write: bool = True) -> Callable:
+  """Reconstruction pictures of a fixed set of (unaugmented) images at every call.
+
+  Every process must call `draw` (the computation spans the mesh); only with `write` is the
+  picture saved. The images are the same on every process, placed replicated on the mesh.
+  """
   images = next(data.make_eval_iterator(
       config.data, image_size=tuple(config.image_size), channels=config.channels,
       batch_size=config.viz_num_images, process_index=0, process_count=1))["image"]
-  reconstruct = jax.jit(method.reconstruct)
+  reconstruct = jax.jit(method.reconstruct, out_shardings=replicated)
   patch = method.model.encoder.patch_size
   viz_rng = jax.random.fold_in(rng, -1 % (2**31))
+  device_images = jax.device_put(images, replicated)
 
   def draw(step: int, params) -> None:
-    out = jax.device_get(reconstruct(params, jnp.asarray(images), viz_rng))
+    out = jax.device_get(reconstruct(params, device_images, viz_rng))
+    if not write:
+      return
     grid = viz.reconstruction_grid(images, out["pred"], out["mask"], patch_size=patch,
                                    mean=config.data.mean, std=config.data.std,
                                    norm_pix_loss=config.target.norm_pix)

@@ -298,6 +298,15 @@ def size_from_config(model_cfg) -> tuple[ViTSize, int]:
   return dataclasses.replace(size, **{k: v for k, v in overrides.items() if v}), patch
 
 
+def describe_size(model_cfg) -> str:
+  """"B/16", or "Ti/4 + width 128, depth 6, ..." when size overrides are set (for logs)."""
+  size, _ = size_from_config(model_cfg)
+  base, _ = parse_variant(model_cfg.variant)
+  changed = [f"{k} {getattr(size, k)}" for k in ("width", "depth", "num_heads", "mlp_dim")
+             if getattr(size, k) != getattr(base, k)]
+  return model_cfg.variant + (f" ({', '.join(changed)})" if changed else "")
+
+
 def encoder_from_config(model_cfg, image_size: Sequence[int], channels: int, *,
                         use_mask_token: bool = False, posemb: str = "sincos") -> ViTEncoder:
   """Builds the encoder described by `config.model` (variant, dtype, attention, drop path)."""

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Submits a multi-node GPU run of mim_jax.main to SLURM: one task per GPU.
+#
+# Usage:
+#   bash launch/slurm.sh --nodes=N --gpus-per-node=G --workdir=DIR --config=CONFIG \
+#       [--partition=P] [--time=HH:MM:SS] [--account=A] [--job-name=NAME] [--python=BIN] \
+#       [--dry-run] [-- extra mim_jax.main flags]
+#
+# Example:
+#   bash launch/slurm.sh --nodes=2 --gpus-per-node=8 --workdir=/shared/ckpt/mae_vitl \
+#       --config=configs/mae_vitl.py --partition=gpu --time=48:00:00 \
+#       -- --config.data.tfds_data_dir=/shared/tfds --config.model.dtype=bfloat16
+#
+# Every task sees all GPUs of its node and drives GPU number SLURM_LOCALID: that is what JAX's
+# SLURM detection (which starts jax.distributed in mim_jax.main, no flags needed) expects, so
+# the job asks for --gpus-per-node rather than --gpus-per-task. DIR must be on a file system
+# that every node shares; the sbatch script and the job's output go to DIR/logs/. The job runs
+# in this checkout with the `python` (or --python) found at submission time: activate the
+# environment first. --dry-run prints the sbatch script and the sbatch command, and submits
+# nothing.
+set -euo pipefail
+
+usage() {
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2
+}
+
+die() {
+  echo "error: $*" >&2
+  exit 2
+}
+
+nodes="" gpus_per_node="" workdir="" config="" partition="" time_limit="" account=""
+job_name="mim_jax" python_bin="python" dry_run=0
+extra=()
+while (($#)); do
+  case "$1" in
+    --nodes=*) nodes="${1#*=}" ;;
+    --gpus-per-node=*) gpus_per_node="${1#*=}" ;;
+    --workdir=*) workdir="${1#*=}" ;;
+    --config=*) config="${1#*=}" ;;
+    --partition=*) partition="${1#*=}" ;;
+    --time=*) time_limit="${1#*=}" ;;
+    --account=*) account="${1#*=}" ;;
+    --job-name=*) job_name="${1#*=}" ;;
+    --python=*) python_bin="${1#*=}" ;;
+    --dry-run) dry_run=1 ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; extra=("$@"); break ;;
+    *) usage; die "unknown argument '$1' (flags for mim_jax.main go after --)" ;;
+  esac
+  shift
+done
+
+[[ -n "$nodes" ]] || die "--nodes is required (number of nodes)"
+[[ -n "$gpus_per_node" ]] || die "--gpus-per-node is required (GPUs on each node)"
+[[ -n "$workdir" ]] || die "--workdir is required (a directory on a file system all nodes share)"
+[[ -n "$config" ]] || die "--config is required (e.g. configs/mae_vitb.py)"
+[[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes=$nodes must be a positive integer"
+[[ "$gpus_per_node" =~ ^[1-9][0-9]*$ ]] || die "--gpus-per-node=$gpus_per_node must be a positive integer"
+if [[ -n "$time_limit" && ! "$time_limit" =~ ^([0-9]+-)?[0-9]+(:[0-9]{1,2}){0,2}$ ]]; then
+  die "--time=$time_limit must look like HH:MM:SS or D-HH:MM:SS"
+fi
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# Absolute paths: the job runs from the repository root, wherever sbatch was called.
+[[ "$workdir" = /* ]] || workdir="$PWD/$workdir"
+config_file="${config%%:*}"
+if [[ "$config_file" != /* && -e "$PWD/$config_file" ]]; then
+  config="$PWD/$config"
+fi
+
+# The interpreter found now (e.g. the activated environment's) is the one the job runs.
+python_bin="$(command -v "$python_bin" || echo "$python_bin")"
+logs="$workdir/logs"
+script_path="$logs/submit-$(date +%Y%m%d-%H%M%S).sbatch"
+quoted_extra=""
+if ((${#extra[@]})); then
+  quoted_extra=" $(printf '%q ' "${extra[@]}")"
+  quoted_extra="${quoted_extra% }"
+fi
+
+sbatch_script() {
+  cat <<EOF
+#!/usr/bin/env bash
+#SBATCH --job-name=${job_name}
+#SBATCH --nodes=${nodes}
+#SBATCH --ntasks-per-node=${gpus_per_node}
+#SBATCH --gpus-per-node=${gpus_per_node}
+#SBATCH --output=${logs}/%x-%j.out
+EOF
+  [[ -z "$partition" ]] || echo "#SBATCH --partition=${partition}"
+  [[ -z "$time_limit" ]] || echo "#SBATCH --time=${time_limit}"
+  [[ -z "$account" ]] || echo "#SBATCH --account=${account}"
+  cat <<EOF
+# ${nodes} node(s) x ${gpus_per_node} task(s) = $((nodes * gpus_per_node)) processes, one per GPU: every task sees its
+# node's GPUs and JAX's SLURM detection gives it GPU number SLURM_LOCALID.
+set -euo pipefail
+cd $(printf '%q' "$repo")
+export PYTHONUNBUFFERED=1
+srun --label --kill-on-bad-exit=1 $(printf '%q' "$python_bin") -m mim_jax.main \\
+    --config=$(printf '%q' "$config") --workdir=$(printf '%q' "$workdir")${quoted_extra}
+EOF
+}
+
+if ((dry_run)); then
+  echo "# sbatch script ($script_path):"
+  sbatch_script
+  echo "# command:"
+  echo "sbatch $(printf '%q' "$script_path")"
+  exit 0
+fi
+
+command -v sbatch >/dev/null || die "sbatch not found: run this on a SLURM login node"
+mkdir -p "$logs"
+sbatch_script >"$script_path"
+echo "wrote $script_path"
+sbatch "$script_path"
+echo "output: $logs/${job_name}-<jobid>.out"

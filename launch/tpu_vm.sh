@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# Runs mim_jax.main on a Cloud TPU VM (one or many hosts): create, install, run, delete.
+#
+# Usage:
+#   bash launch/tpu_vm.sh --name=NAME --zone=ZONE --accelerator=TYPE --workdir=DIR \
+#       --config=CONFIG [--version=tpu-ubuntu2204-base] [--project=P] [--queued] [--spot] \
+#       [--log=FILE] [--keep] [--dry-run] [-- extra mim_jax.main flags]
+#
+# Example:
+#   bash launch/tpu_vm.sh --name=mae-vitl --zone=us-central2-b --accelerator=v4-32 \
+#       --workdir=/mnt/shared/mae_vitl --config=configs/mae_vitl.py --queued --spot \
+#       -- --config.data.tfds_data_dir=/mnt/shared/tfds --config.model.dtype=bfloat16
+#
+# Steps, each a gcloud command:
+#   1. create the TPU VM (`tpu-vm create`), or with --queued a queued resource
+#      (`queued-resources create`) and wait until it is ACTIVE;
+#   2. copy this checkout (tracked and untracked, not ignored, files) to ~/mim_jax on every
+#      worker and install `jax[tpu]` and the package there (`--worker=all`);
+#   3. run `python3 -m mim_jax.main --config=CONFIG --workdir=DIR [extra flags]` on every
+#      worker at once (`--worker=all`), streaming the output to FILE (default
+#      logs/tpu-NAME-<time>.log); MIM_JAX_DISTRIBUTED=1 makes every worker start
+#      jax.distributed, which finds the other workers through the TPU metadata;
+#   4. delete the TPU VM (or the queued resource), also after a failure or Ctrl-C, unless --keep.
+# DIR must be reachable from every worker (one checkpoint directory for all of them); CONFIG
+# is a path relative to the repository root. --dry-run prints the commands in order and runs
+# nothing.
+set -euo pipefail
+
+usage() {
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2
+}
+
+die() {
+  echo "error: $*" >&2
+  exit 2
+}
+
+name="" zone="" accelerator="" version="tpu-ubuntu2204-base" workdir="" config="" project=""
+log_file="" queued=0 spot=0 keep=0 dry_run=0
+extra=()
+while (($#)); do
+  case "$1" in
+    --name=*) name="${1#*=}" ;;
+    --zone=*) zone="${1#*=}" ;;
+    --accelerator=*) accelerator="${1#*=}" ;;
+    --version=*) version="${1#*=}" ;;
+    --workdir=*) workdir="${1#*=}" ;;
+    --config=*) config="${1#*=}" ;;
+    --project=*) project="${1#*=}" ;;
+    --log=*) log_file="${1#*=}" ;;
+    --queued) queued=1 ;;
+    --spot) spot=1 ;;
+    --keep) keep=1 ;;
+    --dry-run) dry_run=1 ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; extra=("$@"); break ;;
+    *) usage; die "unknown argument '$1' (flags for mim_jax.main go after --)" ;;
+  esac
+  shift
+done
+
+[[ -n "$name" ]] || die "--name is required (the TPU VM's name)"
+[[ -n "$zone" ]] || die "--zone is required (e.g. us-central2-b)"
+[[ -n "$accelerator" ]] || die "--accelerator is required (e.g. v4-32)"
+[[ -n "$workdir" ]] || die "--workdir is required (a directory every worker reaches, e.g. gs://...)"
+[[ -n "$config" ]] || die "--config is required (e.g. configs/mae_vitb.py)"
+[[ "$name" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] || \
+  die "--name=$name must be lower-case letters, digits and dashes, starting with a letter"
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+log_file="${log_file:-logs/tpu-${name}-$(date +%Y%m%d-%H%M%S).log}"
+common=(--zone="$zone")
+[[ -z "$project" ]] || common+=(--project="$project")
+remote_dir="mim_jax"  # under the remote user's home
+archive="${TMPDIR:-/tmp}/mim_jax-${name}-$$.tar.gz"
+
+# Prints its arguments as one shell line: words with shell-special characters single-quoted.
+show() {
+  local out="" word prefix sq="'" escaped="'\\''"
+  for word in "$@"; do
+    if [[ -z "$word" || ! "$word" =~ ^[-A-Za-z0-9_./:=@%+,]+$ ]]; then
+      prefix=""
+      if [[ "$word" =~ ^(--[-A-Za-z0-9_.]+=)(.*)$ ]]; then  # --flag='value'
+        prefix="${BASH_REMATCH[1]}" word="${BASH_REMATCH[2]}"
+      fi
+      word="$prefix'${word//$sq/$escaped}'"
+    fi
+    out+="${out:+ }$word"
+  done
+  echo "$out"
+}
+
+# Runs a command, or only prints it with --dry-run.
+run() {
+  if ((dry_run)); then
+    show "$@"
+  else
+    echo "+ $(show "$@")" >&2
+    "$@"
+  fi
+}
+
+if ((queued)); then
+  create=(gcloud compute tpus queued-resources create "$name" --node-id="$name"
+          --accelerator-type="$accelerator" --runtime-version="$version" "${common[@]}")
+  delete=(gcloud compute tpus queued-resources delete "$name" --force --quiet "${common[@]}")
+else
+  create=(gcloud compute tpus tpu-vm create "$name" --accelerator-type="$accelerator"
+          --version="$version" "${common[@]}")
+  delete=(gcloud compute tpus tpu-vm delete "$name" --quiet "${common[@]}")
+fi
+if ((spot)); then
+  create+=(--spot)
+fi
+ssh_all=(gcloud compute tpus tpu-vm ssh "$name" --worker=all "${common[@]}")
+
+install_cmd="set -e; rm -rf ~/${remote_dir} && mkdir -p ~/${remote_dir}"
+install_cmd+=" && tar xzf ~/${remote_dir}.tar.gz -C ~/${remote_dir}"
+install_cmd+=" && python3 -m pip install -q --upgrade pip"
+install_cmd+=" && python3 -m pip install -q 'jax[tpu]' ~/${remote_dir}"
+
+train_cmd="cd ~/${remote_dir} && MIM_JAX_DISTRIBUTED=1 PYTHONUNBUFFERED=1 python3 -m mim_jax.main"
+train_cmd+=" $(show "--config=$config" "--workdir=$workdir")"
+if ((${#extra[@]})); then
+  train_cmd+=" $(show "${extra[@]}")"
+fi
+
+cleanup() {
+  local status=$?
+  if ((keep)); then
+    echo "kept $name (delete it with: $(show "${delete[@]}"))" >&2
+  else
+    run "${delete[@]}" || echo "warning: deleting $name failed; delete it by hand" >&2
+  fi
+  rm -f "$archive"
+  exit "$status"
+}
+
+# 1. Create.
+run "${create[@]}"
+if ((!dry_run)); then
+  trap cleanup EXIT
+  trap 'exit 130' INT TERM
+fi
+if ((queued)); then
+  state_cmd=(gcloud compute tpus queued-resources describe "$name" "${common[@]}"
+             --format='value(state.state)')
+  if ((dry_run)); then
+    echo "# repeated until the state is ACTIVE:"
+    show "${state_cmd[@]}"
+  else
+    while :; do
+      state="$("${state_cmd[@]}")"
+      echo "queued resource $name: $state" >&2
+      case "$state" in
+        ACTIVE) break ;;
+        FAILED|SUSPENDED) die "queued resource $name is $state" ;;
+      esac
+      sleep 30
+    done
+  fi
+fi
+
+# 2. Copy this checkout and install it on every worker.
+if ((dry_run)); then
+  echo "$(show git -C "$repo" ls-files -z --cached --others --exclude-standard)" \
+       "| $(show tar --null -czf "$archive" -C "$repo" -T -)"
+elif git -C "$repo" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  git -C "$repo" ls-files -z --cached --others --exclude-standard |
+    tar --null -czf "$archive" -C "$repo" -T -
+else
+  tar -czf "$archive" -C "$repo" --exclude=.venv --exclude=__pycache__ --exclude=workdirs \
+    setup.py README.md mim_jax configs
+fi
+run gcloud compute tpus tpu-vm scp "$archive" "$name:${remote_dir}.tar.gz" --worker=all \
+  "${common[@]}"
+run "${ssh_all[@]}" --command="$install_cmd"
+
+# 3. Train on every worker; the output of all workers goes to the console and the local log.
+if ((dry_run)); then
+  echo "$(show "${ssh_all[@]}" --command="$train_cmd") 2>&1 | tee -a $(show "$log_file")"
+else
+  mkdir -p "$(dirname "$log_file")"
+  echo "+ $(show "${ssh_all[@]}" --command="$train_cmd")" >&2
+  "${ssh_all[@]}" --command="$train_cmd" 2>&1 | tee -a "$log_file"
+  echo "log: $log_file" >&2
+fi
+
+# 4. Delete (on exit, see cleanup), unless --keep.
+if ((dry_run)); then
+  if ((keep)); then
+    echo "# --keep: $name is not deleted"
+  else
+    show "${delete[@]}"
+  fi
+fi

@@ -1,0 +1,212 @@
+"""launch/slurm.sh and launch/tpu_vm.sh: the commands they print or run (no cluster needed)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+
+import pytest
+
+from conftest import REPO
+
+SLURM = REPO / "launch" / "slurm.sh"
+TPU = REPO / "launch" / "tpu_vm.sh"
+
+
+def _bash(script: pathlib.Path, *args: str, env: dict | None = None,
+          cwd: pathlib.Path | None = None) -> subprocess.CompletedProcess:
+  return subprocess.run(["bash", str(script), *args], capture_output=True, text=True,
+                        timeout=60, cwd=cwd or REPO, env=env)
+
+
+def _fake_bin(tmp_path: pathlib.Path, name: str, body: str) -> dict:
+  """An environment whose PATH starts with a stub `name` that logs its arguments."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(exist_ok=True)
+  stub = bin_dir / name
+  stub.write_text(f"#!/usr/bin/env bash\nprintf '%s\\n' \"$*\" >> {tmp_path}/calls.log\n{body}\n")
+  stub.chmod(0o755)
+  return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", TMPDIR=str(tmp_path))
+
+
+# --- SLURM -------------------------------------------------------------------------------------
+
+SLURM_ARGS = ("--nodes=2", "--gpus-per-node=8", "--workdir=/shared/run", "--config=configs/mae_vitb.py")
+
+
+def test_slurm_dry_run_prints_one_task_per_gpu_and_the_srun_line():
+  out = _bash(SLURM, *SLURM_ARGS, "--partition=gpu", "--time=12:00:00", "--dry-run",
+              "--", "--config.model.dtype=bfloat16", "--config.data.path=/data/my images")
+  assert out.returncode == 0, out.stderr
+  text = out.stdout
+  for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+               "#SBATCH --partition=gpu", "#SBATCH --time=12:00:00",
+               "#SBATCH --output=/shared/run/logs/%x-%j.out"):
+    assert line in text.splitlines(), line
+  assert "--gpus-per-task" not in text  # JAX's SLURM detection wants every GPU visible
+  srun = re.search(r"^srun .*\\\n.*$", text, re.M).group(0)
+  assert re.search(r"-m mim_jax\.main", srun)
+  # A config path that exists from here is made absolute.
+  assert f"--config={REPO}/configs/mae_vitb.py --workdir=/shared/run" in srun
+  # Extra flags pass through to mim_jax.main, quoted for the shell.
+  assert srun.endswith(r"--config.model.dtype=bfloat16 --config.data.path=/data/my\ images")
+  assert f"cd {REPO}" in text
+  command = text.strip().splitlines()[-1]
+  assert re.fullmatch(r"sbatch /shared/run/logs/submit-\d{8}-\d{6}\.sbatch", command)
+  assert not os.path.exists("/shared/run")  # a dry run writes nothing
+
+
+def test_slurm_optional_settings_are_left_out_and_paths_made_absolute(tmp_path):
+  out = _bash(SLURM, "--nodes=1", "--gpus-per-node=4", "--workdir=rel/run",
+              "--config=configs/mae_vitb.py:runlocal", "--dry-run", cwd=tmp_path)
+  assert out.returncode == 0, out.stderr
+  assert "--partition" not in out.stdout and "--time" not in out.stdout
+  assert "#SBATCH --ntasks-per-node=4" in out.stdout
+  # A config path that does not exist here is resolved in the repository root by the job.
+  assert f"--config=configs/mae_vitb.py:runlocal --workdir={tmp_path}/rel/run" in out.stdout
+
+
+def test_slurm_submits_the_written_script(tmp_path):
+  env = _fake_bin(tmp_path, "sbatch", "echo 'Submitted batch job 42'")
+  workdir = tmp_path / "run"
+  out = _bash(SLURM, "--nodes=3", "--gpus-per-node=2", f"--workdir={workdir}",
+              "--config=configs/mae_vitb.py", "--", "--config.total_steps=10", env=env)
+  assert out.returncode == 0, out.stderr
+  assert "Submitted batch job 42" in out.stdout
+  scripts = list((workdir / "logs").glob("submit-*.sbatch"))
+  assert len(scripts) == 1
+  assert (tmp_path / "calls.log").read_text().split() == [str(scripts[0])]
+  body = scripts[0].read_text()
+  assert "#SBATCH --nodes=3" in body and "#SBATCH --ntasks-per-node=2" in body
+  assert body.rstrip().endswith(f"--workdir={workdir} --config.total_steps=10")
+  syntax = subprocess.run(["bash", "-n", str(scripts[0])], capture_output=True, text=True)
+  assert syntax.returncode == 0, syntax.stderr
+
+
+@pytest.mark.parametrize("missing", ["--nodes", "--gpus-per-node", "--workdir", "--config"])
+def test_slurm_missing_argument_is_named(missing):
+  args = [a for a in SLURM_ARGS if not a.startswith(missing + "=")]
+  out = _bash(SLURM, *args, "--dry-run")
+  assert out.returncode != 0
+  assert f"{missing} is required" in out.stderr
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("--nodes=0", "--nodes=0 must be a positive integer"),
+    ("--gpus-per-node=two", "--gpus-per-node=two must be a positive integer"),
+    ("--time=soon", "--time=soon must look like"),
+    ("--frobnicate", "unknown argument '--frobnicate'"),
+])
+def test_slurm_bad_argument_is_named(bad, match):
+  out = _bash(SLURM, *SLURM_ARGS, bad, "--dry-run")
+  assert out.returncode != 0
+  assert match in out.stderr
+
+
+# --- Cloud TPU VM ------------------------------------------------------------------------------
+
+TPU_ARGS = ("--name=mae-test", "--zone=us-central2-b", "--accelerator=v4-32",
+            "--workdir=gs://bucket/mae", "--config=configs/mae_vitb.py")
+
+
+def _lines(text: str) -> list[str]:
+  return [line for line in text.splitlines() if line.strip()]
+
+
+def test_tpu_dry_run_prints_create_install_run_delete_in_order():
+  out = _bash(TPU, *TPU_ARGS, "--dry-run", "--", "--config.total_steps=100",
+              "--config.data.path=/data/my images")
+  assert out.returncode == 0, out.stderr
+  lines = _lines(out.stdout)
+  create = [i for i, l in enumerate(lines) if l.startswith("gcloud compute tpus tpu-vm create ")]
+  copy = [i for i, l in enumerate(lines) if l.startswith("gcloud compute tpus tpu-vm scp ")]
+  ssh = [i for i, l in enumerate(lines) if l.startswith("gcloud compute tpus tpu-vm ssh ")]
+  delete = [i for i, l in enumerate(lines) if l.startswith("gcloud compute tpus tpu-vm delete ")]
+  assert len(create) == len(copy) == len(delete) == 1 and len(ssh) == 2
+  install, train = ssh
+  assert create[0] < copy[0] < install < train < delete[0] == len(lines) - 1
+
+  c = lines[create[0]]
+  assert "mae-test" in c and "--accelerator-type=v4-32" in c and "--zone=us-central2-b" in c
+  assert "--version=tpu-ubuntu2204-base" in c and "--spot" not in c
+  assert "--worker=all" in lines[copy[0]]
+  assert "--worker=all" in lines[install]
+  assert "pip install" in lines[install] and "jax[tpu]" in lines[install]
+  assert "~/mim_jax" in lines[install]
+  t = lines[train]
+  assert "--worker=all" in t and "python3 -m mim_jax.main" in t
+  assert "--config=configs/mae_vitb.py --workdir=gs://bucket/mae" in t
+  assert "MIM_JAX_DISTRIBUTED=1" in t
+  # Extra flags pass through to mim_jax.main (inside the remote command, shell-quoted).
+  assert "--config.total_steps=100 --config.data.path=" in t and "/data/my images" in t
+  assert re.search(r"2>&1 \| tee -a logs/tpu-mae-test-\d{8}-\d{6}\.log$", t)
+  assert "--quiet" in lines[delete[0]] and "mae-test" in lines[delete[0]]
+
+
+def test_tpu_queued_spot_keep():
+  out = _bash(TPU, *TPU_ARGS, "--queued", "--spot", "--keep", "--project=my-proj",
+              "--version=v2-alpha-tpuv5", "--dry-run")
+  assert out.returncode == 0, out.stderr
+  lines = _lines(out.stdout)
+  assert lines[0].startswith("gcloud compute tpus queued-resources create mae-test ")
+  for part in ("--node-id=mae-test", "--accelerator-type=v4-32", "--runtime-version=v2-alpha-tpuv5",
+               "--spot", "--project=my-proj"):
+    assert part in lines[0]
+  assert any(l.startswith("gcloud compute tpus queued-resources describe mae-test") for l in lines)
+  assert not any("tpu-vm create" in l for l in lines)
+  assert not any(" delete " in l for l in lines if not l.startswith("#"))  # --keep
+  assert all("--project=my-proj" in l for l in lines if l.startswith("gcloud"))
+
+
+def test_tpu_queued_resource_is_deleted_with_force():
+  out = _bash(TPU, *TPU_ARGS, "--queued", "--dry-run")
+  assert out.returncode == 0, out.stderr
+  last = _lines(out.stdout)[-1]
+  assert last.startswith("gcloud compute tpus queued-resources delete mae-test")
+  assert "--force" in last and "--quiet" in last
+
+
+def test_tpu_runs_the_commands_and_deletes_even_after_a_failed_run(tmp_path):
+  """With a stub gcloud: the real (not dry) path runs every step, logs, and cleans up."""
+  fail_train = 'if [[ "$*" == *mim_jax.main* ]]; then echo "worker output"; exit 3; fi'
+  env = _fake_bin(tmp_path, "gcloud", fail_train + "\n"
+                  'if [[ "$*" == *"queued-resources describe"* ]]; then echo ACTIVE; fi')
+  log = tmp_path / "train.log"
+  out = _bash(TPU, *TPU_ARGS, "--queued", f"--log={log}", env=env)
+  assert out.returncode == 3, out.stderr
+  calls = (tmp_path / "calls.log").read_text().splitlines()
+  kinds = [" ".join(c.split()[2:4]) for c in calls]
+  assert kinds == ["queued-resources create", "queued-resources describe", "tpu-vm scp",
+                   "tpu-vm ssh", "tpu-vm ssh", "queued-resources delete"]
+  assert "worker output" in log.read_text()
+  assert not list(tmp_path.glob("mim_jax-*.tar.gz"))  # the archive is removed
+
+
+def test_tpu_copies_this_checkout(tmp_path):
+  env = _fake_bin(tmp_path, "gcloud",
+                  'if [[ "$1 $2 $3 $4" == "compute tpus tpu-vm scp" ]]; then cp "$5" '
+                  f'{tmp_path}/copied.tar.gz; fi')
+  out = _bash(TPU, *TPU_ARGS, "--keep", f"--log={tmp_path}/train.log", env=env)
+  assert out.returncode == 0, out.stderr
+  assert "kept mae-test" in out.stderr
+  listing = subprocess.run(["tar", "tzf", str(tmp_path / "copied.tar.gz")], capture_output=True,
+                           text=True, check=True).stdout.split()
+  assert "setup.py" in listing and "mim_jax/main.py" in listing and "configs/mae_vitb.py" in listing
+  assert not any(p.startswith(".venv/") for p in listing)
+
+
+@pytest.mark.parametrize("missing", ["--name", "--zone", "--accelerator", "--workdir", "--config"])
+def test_tpu_missing_argument_is_named(missing):
+  args = [a for a in TPU_ARGS if not a.startswith(missing + "=")]
+  out = _bash(TPU, *args, "--dry-run")
+  assert out.returncode != 0
+  assert f"{missing} is required" in out.stderr
+
+
+def test_tpu_bad_name_and_unknown_argument():
+  out = _bash(TPU, *TPU_ARGS, "--name=Bad_Name", "--dry-run")
+  assert out.returncode != 0 and "--name=Bad_Name" in out.stderr
+  out = _bash(TPU, *TPU_ARGS, "--preemptible", "--dry-run")
+  assert out.returncode != 0 and "unknown argument '--preemptible'" in out.stderr

@@ -1,0 +1,166 @@
+"""Multi-process start-up: flags and cluster detection, and a real 2-process CPU run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from mim_jax import distributed, metric_writers
+
+from conftest import REPO
+
+SRUN = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_PROCID": "3",
+        "SLURM_LOCALID": "1"}
+CLUSTER_VARS = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID",
+                "SLURM_STEP_NODELIST", "SLURM_LOCALID", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS",
+                "MEGASCALE_NUM_SLICES", distributed.FORCE_ENV)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+  """Records jax.distributed.initialize's keyword arguments instead of starting a service."""
+  recorded: list[dict] = []
+  for name in CLUSTER_VARS:
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: bool(recorded))
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: recorded.append(kw))
+  return recorded
+
+
+def test_single_process_initializes_nothing(calls):
+  distributed.maybe_initialize()
+  distributed.maybe_initialize(num_processes=1)
+  distributed.maybe_initialize(num_processes=1, process_id=0)
+  assert calls == []
+
+
+def test_explicit_flags_are_passed_through_once(calls):
+  distributed.maybe_initialize("10.0.0.1:1234", 4, 3)
+  distributed.maybe_initialize("10.0.0.1:1234", 4, 3)
+  assert calls == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}]
+
+
+def test_explicit_flags_win_over_the_environment(calls, monkeypatch):
+  monkeypatch.setenv("SLURM_JOB_ID", "7")
+  monkeypatch.setenv("SLURM_NTASKS", "16")
+  distributed.maybe_initialize("host:1", 2, 0)
+  assert calls == [{"coordinator_address": "host:1", "num_processes": 2, "process_id": 0}]
+
+
+@pytest.mark.parametrize("args,match", [
+    (("host:1", 2, -1), "missing --process_id"),
+    (("", 2, 0), "missing --coordinator_address"),
+    (("host:1", 0, 0), "missing --num_processes"),
+    (("host:1", 2, 2), r"--process_id=2 must be in \[0, 2\)"),
+])
+def test_incomplete_or_inconsistent_flags_are_rejected(calls, args, match):
+  with pytest.raises(ValueError, match=match):
+    distributed.maybe_initialize(*args)
+  assert calls == []
+
+
+@pytest.mark.parametrize("env,cluster", [
+    ({**SRUN, "SLURM_NTASKS": "8"}, "slurm"),
+    ({**SRUN, "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "1"}, None),
+    ({**SRUN, "SLURM_NTASKS": "1", "SLURM_STEP_NUM_TASKS": "4"}, "slurm"),
+    ({**SRUN, "SLURM_NTASKS": "1"}, None),
+    # An allocation's shell or batch script without srun: no step, one process.
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"}, None),
+    ({"SLURM_NTASKS": "8"}, None),  # not inside a SLURM job
+    ({"TPU_WORKER_HOSTNAMES": "t1w0,t1w1,t1w2,t1w3"}, "tpu"),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, None),
+    ({"TPU_PROCESS_ADDRESSES": "a:8476,b:8476"}, "tpu"),
+    ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2"}, "tpu"),
+    ({"MEGASCALE_NUM_SLICES": "2"}, "tpu"),
+    ({"MEGASCALE_NUM_SLICES": "1"}, None),
+    ({}, None),
+])
+def test_detect_cluster(env, cluster):
+  assert distributed.detect_cluster(env) == cluster
+
+
+def test_detected_cluster_lets_jax_fill_in_the_arguments(calls, monkeypatch):
+  for name, value in {**SRUN, "SLURM_NTASKS": "8"}.items():
+    monkeypatch.setenv(name, value)
+  distributed.maybe_initialize()
+  assert calls == [{}]
+
+
+def test_environment_switch(calls, monkeypatch):
+  monkeypatch.setenv(distributed.FORCE_ENV, "0")
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "a,b")
+  distributed.maybe_initialize()
+  assert calls == []
+  monkeypatch.setenv(distributed.FORCE_ENV, "1")
+  monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
+  distributed.maybe_initialize()
+  assert calls == [{}]
+  monkeypatch.setenv(distributed.FORCE_ENV, "maybe")
+  with pytest.raises(ValueError, match=distributed.FORCE_ENV):
+    distributed.initialize_args()
+
+
+def test_cli_rejects_incomplete_flags(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "mim_jax.main", "--config=configs/mae_vitb.py:runlocal",
+       f"--workdir={tmp_path}", "--num_processes=2", "--process_id=0"],
+      cwd=REPO, capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "missing --coordinator_address" in proc.stderr
+
+
+def _free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_cpu_processes_train_into_one_workdir(tmp_path):
+  """Two processes, one CPU device each, one mesh of 2 devices: the runlocal MAE recipe."""
+  workdir = tmp_path / "run"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
+  env.pop("XLA_FLAGS", None)  # no simulated devices: exactly one device per process
+  for name in CLUSTER_VARS:
+    env.pop(name, None)
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "mim_jax.main", "--config=configs/mae_vitb.py:runlocal",
+       f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
+       "--num_processes=2", f"--process_id={i}"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  outputs = []
+  try:
+    for proc in procs:
+      outputs.append(proc.communicate(timeout=240)[0])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  for i, (proc, out) in enumerate(zip(procs, outputs)):
+    assert proc.returncode == 0, f"process {i} exited {proc.returncode}:\n{out[-4000:]}"
+    assert f"process {i} of 2, 1 local / 2 global device(s) (cpu)" in out, out[-4000:]
+  assert re.search(r"training to step 2 on 2 device\(s\)", outputs[0]), outputs[0][-4000:]
+  # Only process 0 reports progress.
+  assert "step 2/2" in outputs[0] and "step 2/2" not in outputs[1]
+
+  # One set of logs, each step once.
+  assert [row["step"] for row in metric_writers.read_metrics(str(workdir))] == [1, 2]
+  assert json.loads((workdir / "config.json").read_text())["total_steps"] == 2
+  assert (workdir / "reconstructions" / "step_00000002.png").is_file()
+  # The final checkpoint holds both processes' data-iterator positions.
+  final = workdir / "checkpoints" / "2"
+  assert (final / "commit_success.txt").is_file() or (final / "_CHECKPOINT_METADATA").is_file()
+  assert sorted(p.name for p in (final / "data").glob("process_*.json")) == [
+      "process_0-of-2.json", "process_1-of-2.json"]
+  assert not list((workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
+  assert json.loads((workdir / "encoder" / "model.json").read_text())["variant"] == "mu/16"
