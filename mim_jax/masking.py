@@ -1,13 +1,23 @@
 """Mask generators: pure functions of their own rng (or of explicit noise).
 
-Convention: `mask` is float32 [B, N] with 1 = masked (to predict) and 0 = visible, N the number
-of patches in row-major grid order.
+Convention: N is the number of patches of a (gh, gw) patch grid in row-major order (the order
+of the patch embedding). `MaskInfo.mask` is float32 [B, N] with 1 = masked (to predict) and
+0 = visible; the spatial generators below return bool [B, N] with True = masked, which
+`mask_to_ids` turns into a `MaskInfo` when every row has the same count.
+
+  random_masking         MAE: uniform per-patch masking (on device, jittable)
+  random_grouped_mask    SimMIM: uniform masking of group x group patch squares (on device)
+  blockwise_mask         BEiT: rectangles placed until a budget is spent (host, NumPy)
+  inverse_block_mask     data2vec 2.0: visible blocks, everything else masked (host, NumPy)
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 
@@ -49,3 +59,250 @@ def random_masking(rng: jax.Array, batch_size: int, num_patches: int,
   """Per-sample random masking (MAE) driven by its own rng."""
   noise = jax.random.uniform(rng, (batch_size, num_patches), jnp.float32)
   return random_masking_from_noise(noise, mask_ratio)
+
+
+# ---------------------------------------------------------------------------------------------
+# Spatial mask generators.
+
+
+def random_grouped_mask(rng: jax.Array, batch: int, grid_hw: tuple[int, int], ratio: float,
+                        group: int) -> jax.Array:
+  """SimMIM's random masking of square groups of patches (Xie et al. 2022, "SimMIM").
+
+  SimMIM masks at a coarser "mask patch" size than the model's patch size (e.g. 32-px mask
+  patches over a 16-px patch grid, so `group` = 32 // 16 = 2). On the (gh / group, gw / group)
+  group grid of T cells exactly `int(ceil(T * ratio))` cells are masked per sample, chosen
+  uniformly without replacement (the official `MaskGenerator` rule), and each cell is then
+  upsampled to its group x group patches.
+
+  Args:
+    rng: jax PRNG key.
+    batch: B (static).
+    grid_hw: (gh, gw) patch grid (static); both must be divisible by `group`.
+    ratio: fraction of groups to mask (static).
+    group: side of a mask group in patches (static), `mask_patch_size // model_patch_size`.
+
+  Returns:
+    bool [B, gh * gw], True = masked; every row has `int(ceil(T * ratio)) * group**2` True.
+  """
+  gh, gw = grid_hw
+  if group < 1 or gh % group or gw % group:
+    raise ValueError(f"group {group} must be >= 1 and divide the patch grid {grid_hw}")
+  if not 0.0 <= ratio <= 1.0:
+    raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+  rh, rw = gh // group, gw // group
+  token_count = rh * rw
+  # Same expression as SimMIM's data/data_simmim.py so that counts agree at every ratio.
+  mask_count = int(np.ceil(token_count * ratio))
+  # A uniform random permutation per sample: the ranks of iid uniform noise. Masking the
+  # lowest `mask_count` ranks equals SimMIM's `np.random.permutation(T)[:mask_count]`.
+  noise = jax.random.uniform(rng, (batch, token_count))
+  ranks = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
+  cells = (ranks < mask_count).reshape(batch, rh, rw)
+  patches = jnp.repeat(jnp.repeat(cells, group, axis=1), group, axis=2)  # [B, gh, gw]
+  return patches.reshape(batch, gh * gw)
+
+
+def _host_generator(rng: jax.Array | np.random.Generator) -> np.random.Generator:
+  """A NumPy generator for host-side sampling: used as is, or seeded from a jax key.
+
+  Seeding from `jax.random.bits` keeps the host generators pure functions of the jax rng, like
+  the on-device ones: the same key always gives the same masks.
+  """
+  if isinstance(rng, np.random.Generator):
+    return rng
+  seed = np.asarray(jax.random.bits(rng, (4,), jnp.uint32))
+  return np.random.default_rng(seed)
+
+
+def _beit_place_block(gen: np.random.Generator, mask: np.ndarray, max_mask_patches: int,
+                      min_block: int, log_aspect: tuple[float, float]) -> int:
+  """One call of BEiT's `MaskingGenerator._mask`: up to 10 rectangle attempts, in place.
+
+  mask: int [gh, gw] (1 = masked), updated in place. Returns the number of newly masked patches
+  (0 when all 10 attempts failed). The draws happen in the reference's order so that the same
+  generator state gives the same mask.
+  """
+  height, width = mask.shape
+
+  def uniform(a: float, b: float) -> float:
+    # Python's random.uniform: also defined for b < a, which happens whenever the budget left
+    # is below min_block (np.random.Generator.uniform rejects that).
+    return a + (b - a) * gen.random()
+
+  delta = 0
+  for _ in range(10):
+    target_area = uniform(min_block, max_mask_patches)
+    aspect_ratio = math.exp(uniform(*log_aspect))
+    h = int(round(math.sqrt(target_area * aspect_ratio)))
+    w = int(round(math.sqrt(target_area / aspect_ratio)))
+    # Strict `<` as in the reference: a rectangle never spans the whole grid side.
+    if w < width and h < height:
+      # Python's random.randint is inclusive on both ends.
+      top = int(gen.integers(0, height - h + 1))
+      left = int(gen.integers(0, width - w + 1))
+      window = mask[top:top + h, left:left + w]
+      new = h * w - int(window.sum())
+      # Accept only a rectangle that adds at least one patch and at most the remaining budget.
+      if 0 < new <= max_mask_patches:
+        window[...] = 1
+        delta += new
+      if delta > 0:
+        break
+  return delta
+
+
+def blockwise_mask(rng: jax.Array | np.random.Generator, batch: int, grid_hw: tuple[int, int],
+                   num_masked: int, min_block: int = 16, max_block: int | None = None,
+                   min_aspect: float = 0.3, max_aspect: float | None = None) -> np.ndarray:
+  """BEiT's blockwise masking (Bao et al. 2022, "BEiT"; unilm beit/masking_generator.py).
+
+  Rectangles with area uniform in [min_block, min(max_block, budget left)] and log-uniform
+  aspect ratio in [min_aspect, max_aspect] (default 1 / min_aspect) are placed at a uniform
+  top-left corner. A rectangle counts only its newly masked patches and is accepted only when
+  it adds between 1 and the remaining budget; each block gets at most 10 attempts, and the
+  loop stops when `num_masked` is reached or a block makes no progress. So a row never has more
+  than `num_masked` masked patches and usually has exactly that many (BEiT: 75 of 14 x 14).
+
+  This runs on the host in NumPy, as BEiT does in its data loader: each rectangle's acceptance
+  depends on the mask built so far, a data-dependent loop of variable length that has no
+  static-shape form under jit. Call it in the input pipeline and feed the mask to the step.
+
+  Args:
+    rng: jax PRNG key (seeds a NumPy generator), or a `np.random.Generator` to draw from.
+    batch: B; samples are drawn one after another from the same generator.
+    grid_hw: (gh, gw) patch grid.
+    num_masked: masking budget per sample (BEiT `num_mask_patches`, 75 for 14 x 14).
+    min_block: minimum rectangle area in patches (BEiT `min_mask_patches_per_block`, 16).
+    max_block: maximum rectangle area; None means `num_masked`.
+    min_aspect: minimum aspect ratio h / w (BEiT 0.3).
+    max_aspect: maximum aspect ratio; None means 1 / min_aspect.
+
+  Returns:
+    np.ndarray bool [B, gh * gw], True = masked, at most `num_masked` True per row.
+  """
+  gh, gw = grid_hw
+  if not 0 <= num_masked <= gh * gw:
+    raise ValueError(f"num_masked must be in [0, {gh * gw}], got {num_masked}")
+  if min_aspect <= 0:
+    raise ValueError(f"min_aspect must be positive, got {min_aspect}")
+  gen = _host_generator(rng)
+  max_block = num_masked if max_block is None else max_block
+  max_aspect = max_aspect or 1 / min_aspect
+  log_aspect = (math.log(min_aspect), math.log(max_aspect))
+  out = np.zeros((batch, gh * gw), bool)
+  for b in range(batch):
+    mask = np.zeros((gh, gw), np.int64)
+    count = 0
+    while count < num_masked:
+      budget = min(num_masked - count, max_block)
+      delta = _beit_place_block(gen, mask, budget, min_block, log_aspect)
+      if delta == 0:
+        break
+      count += delta
+    out[b] = mask.reshape(-1).astype(bool)
+  return out
+
+
+def inverse_block_mask(rng: jax.Array | np.random.Generator, batch: int,
+                       grid_hw: tuple[int, int], ratio: float, block: int = 3,
+                       adjust: float = 0.07) -> np.ndarray:
+  """data2vec 2.0's inverse block masking (Baevski et al. 2023, "Efficient Self-supervised
+  Learning with Contextualized Target Representations for Vision, Speech and Language";
+  fairseq `compute_block_mask_2d` with inverse_mask=True, require_same_masks=True).
+
+  Blocks of the *visible* region are sampled and everything else is masked, so the visible
+  context is a few contiguous blocks. With keep = 1 - ratio:
+    1. `int(N * (keep + adjust) / block**2)` block centres are drawn uniformly over the N
+       patches (with replacement); each marks the block x block square spanning
+       [c - block // 2, c - block // 2 + block) in both axes, cut at the grid edge.
+    2. Every row is then brought to exactly `int(N * keep)` visible patches (the reference's
+       require_same_masks=True, which the image modality always passes): surplus visible
+       patches are masked uniformly at random among the visible ones, a shortfall is filled
+       with uniformly chosen extra visible patches.
+    3. The complement is the mask.
+  The visible count is therefore `num_visible(N, ratio)` for every row, so |masked fraction -
+  ratio| < 1 / N and `mask_to_ids` applies. Defaults are data2vec 2.0's ImageNet setting
+  (mask_length 3, mask_prob_adjust 0.07; the paper uses ratio 0.8).
+
+  Differences from the reference: a rectangular (gh, gw) grid instead of a square one of side
+  int(sqrt(N)); no mask_dropout, expand_adjcent or non_overlapping options (all off in the
+  data2vec 2.0 image configs); NumPy instead of torch random streams; block = 1 is allowed.
+  Host-side for the same reason as `blockwise_mask`: the per-row equalisation draws a
+  data-dependent number of patches.
+
+  Args:
+    rng: jax PRNG key (seeds a NumPy generator), or a `np.random.Generator` to draw from.
+    batch: B.
+    grid_hw: (gh, gw) patch grid.
+    ratio: masked fraction (data2vec `mask_prob`).
+    block: side of a visible block in patches (data2vec `mask_length`).
+    adjust: extra keep probability for the centre count, compensating block overlap
+      (data2vec `mask_prob_adjust`).
+
+  Returns:
+    np.ndarray bool [B, gh * gw], True = masked, exactly N - int(N * (1 - ratio)) per row.
+  """
+  gh, gw = grid_hw
+  n = gh * gw
+  if block < 1:
+    raise ValueError(f"block must be >= 1, got {block}")
+  if not 0.0 <= ratio <= 1.0:
+    raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+  gen = _host_generator(rng)
+  keep_prob = 1 - ratio
+  num_centers = int(n * ((keep_prob + adjust) / block**2))
+  target = int(n * keep_prob)
+  # All centres for the batch first, then the per-row equalisation, as the reference does.
+  centers = gen.integers(0, n, size=(batch, num_centers))
+  offsets = np.arange(block) - block // 2
+  rows = np.clip(centers[:, :, None] // gw + offsets, 0, gh - 1)  # [B, C, block]
+  cols = np.clip(centers[:, :, None] % gw + offsets, 0, gw - 1)  # [B, C, block]
+  keep = np.zeros((batch, gh, gw), bool)
+  # Clipping (as the reference's clamp) only repeats edge indices, so it cuts blocks at the edge.
+  keep[np.arange(batch)[:, None, None, None], rows[:, :, :, None], cols[:, :, None, :]] = True
+  keep = keep.reshape(batch, n)
+  for b in range(batch):
+    count = int(keep[b].sum())
+    if count > target:
+      keep[b, gen.choice(np.flatnonzero(keep[b]), count - target, replace=False)] = False
+    elif count < target:
+      keep[b, gen.choice(np.flatnonzero(~keep[b]), target - count, replace=False)] = True
+  return ~keep
+
+
+def mask_to_ids(mask: jax.Array | np.ndarray, num_keep: int | None = None) -> MaskInfo:
+  """The `MaskInfo` of a mask with the same number of visible patches in every row.
+
+  Lets visible-only encoders (MAE-style gathering with `ids_keep`) consume any generator with
+  fixed counts. The "shuffle" is a stable sort: visible patches first in increasing index
+  order, then masked ones in increasing order, so `ids_keep` lists each row's visible patches
+  in grid order and `ids_restore` puts them (and the masked slots after them) back in place.
+
+  Args:
+    mask: bool or {0, 1} [B, N], True / 1 = masked.
+    num_keep: K, the visible count per row. None reads it from a concrete mask, which must then
+      have equal counts in every row (ValueError otherwise). Under jit the mask is a tracer
+      whose counts are unknown, so K must be given and rows are assumed to agree.
+
+  Returns:
+    MaskInfo with ids_keep int32 [B, K], ids_restore int32 [B, N], mask float32 [B, N].
+  """
+  if not isinstance(mask, jax.core.Tracer):
+    # Concrete input (NumPy or a materialised jax array): check the counts on the host.
+    host = np.asarray(mask).astype(bool)
+    visible = host.shape[1] - host.sum(axis=1)
+    if visible.size and not (visible == visible[0]).all():
+      raise ValueError(f"mask rows have different visible counts: {sorted(set(visible.tolist()))}")
+    count = int(visible[0]) if visible.size else 0
+    if num_keep is None:
+      num_keep = count
+    elif num_keep != count and visible.size:
+      raise ValueError(f"num_keep={num_keep} but the mask has {count} visible patches per row")
+  elif num_keep is None:
+    raise ValueError("num_keep is required when the mask is traced (under jit)")
+  mask = jnp.asarray(mask).astype(jnp.float32)
+  # A stable sort of the 0/1 mask keeps grid order within the visible and the masked groups.
+  ids_shuffle = jnp.argsort(mask, axis=1, stable=True).astype(jnp.int32)
+  ids_restore = jnp.argsort(ids_shuffle, axis=1, stable=True).astype(jnp.int32)
+  return MaskInfo(ids_keep=ids_shuffle[:, :num_keep], ids_restore=ids_restore, mask=mask)
