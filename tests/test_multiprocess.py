@@ -164,3 +164,30 @@ def test_two_cpu_processes_train_into_one_workdir(tmp_path):
       "process_0-of-2.json", "process_1-of-2.json"]
   assert not list((workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
   assert json.loads((workdir / "encoder" / "model.json").read_text())["variant"] == "mu/16"
+
+  # k-NN over two processes: each extracts its shard, the gathered bank is in source order,
+  # so the score equals a single-process run on the same encoder.
+  knn_args = ["--config=configs/knn_imagenet.py:runlocal", f"--config.init_from={workdir}"]
+  knn_port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "mim_jax.main", *knn_args, f"--workdir={tmp_path / 'knn2'}",
+       f"--coordinator_address=localhost:{knn_port}", "--num_processes=2",
+       f"--process_id={i}"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  try:
+    knn_out = [proc.communicate(timeout=240)[0] for proc in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  assert all(proc.returncode == 0 for proc in procs), knn_out[0][-3000:] + knn_out[1][-3000:]
+  assert "bank 64, queries 64" in knn_out[0], knn_out[0][-3000:]  # whole split, not a shard
+  single = subprocess.run([sys.executable, "-m", "mim_jax.main", *knn_args,
+                           f"--workdir={tmp_path / 'knn1'}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=240)
+  assert single.returncode == 0, single.stderr[-3000:]
+  two = json.loads((tmp_path / "knn2" / "results.json").read_text())
+  one = json.loads((tmp_path / "knn1" / "results.json").read_text())
+  assert two["knn_top1"] == one["knn_top1"] and two["knn_top5"] == one["knn_top5"]

@@ -17,6 +17,7 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mim_jax import checkpoint, config_validation, data, metric_writers
 from mim_jax.evaluate import classifier_base, knn, pretrained
@@ -30,10 +31,7 @@ class KnnMonitor:
   """Callable: encoder params -> {"knn_top1", "knn_top5"} on the evaluation split."""
 
   def __init__(self, config, mesh=None):
-    del mesh  # features are computed on the default device of each process
-    if jax.process_count() > 1:
-      raise NotImplementedError("k-NN evaluation runs in a single process; set "
-                                "knn.every_epochs=0 for multi-host pre-training")
+    del mesh  # features are computed on each process's default device, then gathered
     self.config = config
     self.encoder = encoder_from_config(config.model, config.image_size, config.channels)
     self.num_classes = classifier_base.num_classes(config)
@@ -45,10 +43,26 @@ class KnnMonitor:
           self.encoder, params, images, pool=pool, layer=layer))
 
   def _split_features(self, params, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(features [N, D], labels [N]) of a whole split, in source order, on every process."""
+    count = jax.process_count()
     it = data.make_eval_iterator(self.config.data, image_size=tuple(self.config.image_size),
                                  channels=self.config.channels,
-                                 batch_size=self.config.eval.batch_size, split=split)
-    return knn.extract_features(lambda images: self._features(params, images), it)
+                                 batch_size=self.config.eval.batch_size // count, split=split)
+    if count == 1:
+      return knn.extract_features(lambda images: self._features(params, images), it)
+    # Every process holds rows p, p + P, p + 2P, ... of the split, padded to the same number of
+    # batches; gather the padded arrays, interleave them back into source order, drop padding.
+    local_params = jax.device_put(_local_copy(params), jax.local_devices()[0])
+    feats, labels, mask = [], [], []
+    for batch in it:
+      feats.append(np.asarray(self._features(local_params, batch["image"]), np.float32))
+      labels.append(np.asarray(batch["label"], np.int32))
+      mask.append(np.asarray(batch["mask"], bool))
+    local = (np.concatenate(feats), np.concatenate(labels), np.concatenate(mask))
+    gathered = multihost_utils.process_allgather(local)  # each [P, n_local, ...]
+    feats, labels, mask = (np.swapaxes(np.asarray(g), 0, 1).reshape(-1, *g.shape[2:])
+                           for g in gathered)
+    return feats[mask], labels[mask]
 
   def __call__(self, encoder_params) -> dict[str, float]:
     start = time.perf_counter()
@@ -74,6 +88,15 @@ class KnnMonitor:
              cfg.knn.temperature, len(bank_labels), len(query_labels),
              ", ".join(f"{k} {v:.4f}" for k, v in out.items()), time.perf_counter() - start)
     return out
+
+
+def _local_copy(params):
+  """Numpy values of parameters that may span processes, on every process (a collective)."""
+  def to_numpy(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree.map(to_numpy, params)
 
 
 def run(config, workdir: str) -> dict[str, float]:
