@@ -32,5 +32,13 @@ for ratio in 0.75 0.5 0.6 0.9; do
     run lp_pixels --config=configs/linprobe_fmnist.py --config.classifier.features=pixels
     run lp_random --config=configs/linprobe_fmnist.py --config.init_from=random
     run ft_scratch --config=configs/finetune_fmnist.py
+    run knn_mae_r0.75_gap --config=configs/knn_fmnist.py --config.init_from="$ROOT/mae_r0.75" \
+        --config.classifier.pool=gap
+    run lp_mae_r0.75_gap --config=configs/linprobe_fmnist.py --config.init_from="$ROOT/mae_r0.75" \
+        --config.classifier.pool=gap
+    nomix=(--config.classifier.mixup_alpha=0 --config.classifier.cutmix_alpha=0)
+    run ft_mae_r0.75_nomix --config=configs/finetune_fmnist.py \
+        --config.init_from="$ROOT/mae_r0.75" "${nomix[@]}"
+    run ft_scratch_nomix --config=configs/finetune_fmnist.py "${nomix[@]}"
   fi
 done

@@ -159,9 +159,12 @@ def _model_info(config) -> dict:
 
 
 def run(config, workdir: str) -> TrainState:
-  """Pre-trains `config.method` in `workdir`, resuming from its latest checkpoint if any.
+  """Trains `config.method` in `workdir`, resuming from its latest checkpoint if any.
 
-  Returns the final TrainState. On SIGTERM it saves at the next step boundary and returns.
+  The method is a pre-training method or a trained evaluation (linprobe, finetune, which start
+  from `config.init_from` and score the evaluation split; results.json holds the final
+  numbers). Returns the final TrainState. On SIGTERM it saves at the next step boundary and
+  returns.
   """
   from mim_jax.evaluate import knn_job, pretrained  # evaluation builds on this module's peers
   config = pretrained.adopt_encoder_config(config)
