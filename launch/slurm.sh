@@ -20,14 +20,8 @@
 # nothing.
 set -euo pipefail
 
-usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2
-}
-
-die() {
-  echo "error: $*" >&2
-  exit 2
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh"
 
 nodes="" gpus_per_node="" workdir="" config="" partition="" time_limit="" account=""
 job_name="mim_jax" python_bin="python" dry_run=0

@@ -26,14 +26,8 @@
 # nothing.
 set -euo pipefail
 
-usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2
-}
-
-die() {
-  echo "error: $*" >&2
-  exit 2
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh"
 
 name="" zone="" accelerator="" version="tpu-ubuntu2204-base" workdir="" config="" project=""
 log_file="" queued=0 spot=0 keep=0 dry_run=0
