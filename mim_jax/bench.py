@@ -1,12 +1,15 @@
-r"""Training-step throughput of an MAE config, side by side with HF PyTorch ViTMAE.
+r"""Training-step throughput of pre-training configs, side by side with HF PyTorch ViTMAE.
 
   python -m mim_jax.bench --config=configs/mae_fmnist.py [--steps=20] [--peer=hf]
+  python -m mim_jax.bench --config=configs/mae_fmnist.py --also=configs/simmim_fmnist.py \
+      --peer=none [--batch=256]
 
-Both sides train the same architecture (encoder/decoder sizes, patch, image size, channels,
-mask ratio, norm-pix loss) with AdamW on the same synthetic batch of config.global_batch_size
-images, after warm-up steps; each step is timed to completion (block_until_ready for JAX, the
-loss's .item() for PyTorch). Prints one JSON line per implementation. A first version of the
-benchmark of issue 7 (no FLOPs/MFU yet).
+The mim_jax train step of `--config` (and of every `--also` config, e.g. another method on the
+same encoder) runs on one synthetic batch (`--batch`, default config.global_batch_size), after
+warm-up steps, each step timed to completion (block_until_ready). With `--peer=hf` (MAE configs)
+HF's ViTMAEForPreTraining trains the same architecture (encoder/decoder sizes, patch, image
+size, channels, mask ratio, norm-pix loss) with AdamW on the same batch size, timed to the
+loss's .item(). Prints one JSON line per measurement. (No FLOPs/MFU yet.)
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to an MAE config file.", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Path to a pre-training config file.",
+                                lock_config=True)
+flags.DEFINE_multi_string("also", [], "Further config files (PATH[:ARG]) timed in the same run.")
+flags.DEFINE_integer("batch", 0, "Global batch for every measurement (0: each config's own).")
 flags.DEFINE_integer("steps", 20, "Timed steps per implementation.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation).")
 flags.DEFINE_enum("peer", "hf", ["hf", "none"], "Peer implementation timed in the same run.")
@@ -30,7 +36,8 @@ def _summary(name: str, times: list[float], config, **extra) -> dict:
   median = statistics.median(times)
   from mim_jax.models.vit import describe_size
   return {"impl": name, "method": config.method, "model": describe_size(config.model),
-          "image_size": list(config.image_size), "mask_ratio": config.masking.ratio,
+          "image_size": list(config.image_size), "masking": config.masking.kind,
+          "mask_ratio": config.masking.ratio,
           "global_batch": config.global_batch_size, "steps": len(times),
           "step_s_median": round(median, 5), "step_s_min": round(min(times), 5),
           "step_s_max": round(max(times), 5),
@@ -42,7 +49,9 @@ def bench_mim_jax(config, steps: int, warmup: int) -> dict:
   import jax.numpy as jnp
   import optax
 
-  from mim_jax import optim, train
+  import numpy as np
+
+  from mim_jax import masking, optim, train
   from mim_jax.methods import build_method
 
   method = build_method(config)
@@ -54,6 +63,10 @@ def bench_mim_jax(config, steps: int, warmup: int) -> dict:
   step = jax.jit(train.make_train_step(method, tx, schedule), donate_argnums=(0,))
   batch = {"image": jax.random.normal(jax.random.key(1), shape),
            "label": jnp.zeros(shape[0], jnp.int32)}
+  generator = getattr(method, "mask_generator", None)
+  if generator is not None and generator.on_host:  # drawn by the input pipeline in training
+    batch[masking.TOKEN_MASK_KEY] = jnp.asarray(generator.host(np.random.default_rng(0),
+                                                                shape[0]))
   rng = jax.random.key(2)
   times = []
   for i in range(warmup + steps):
@@ -108,14 +121,37 @@ def bench_hf(config, steps: int, warmup: int) -> dict:
                   versions={"torch": torch.__version__, "transformers": transformers.__version__})
 
 
+def load_config(spec: str):
+  """A config from "PATH[:ARG]", as --config=PATH:ARG loads it."""
+  import importlib.util
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("bench_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def with_batch(config, batch: int):
+  if batch:
+    config = config.copy_and_resolve_references()
+    config.global_batch_size = batch
+  return config
+
+
 def main(argv):
   del argv
-  config = FLAGS.config
-  if config.method != "mae":
-    raise app.UsageError(f"config.method={config.method!r}: the benchmark times MAE configs")
-  print(json.dumps(bench_mim_jax(config, FLAGS.steps, FLAGS.warmup)), flush=True)
+  from mim_jax.config_validation import PRETRAINING_METHODS
+  configs = [with_batch(c, FLAGS.batch) for c in [FLAGS.config, *map(load_config, FLAGS.also)]]
+  for c in configs:
+    if c.method not in PRETRAINING_METHODS:
+      raise app.UsageError(f"config.method={c.method!r}: the benchmark times pre-training "
+                           f"methods {PRETRAINING_METHODS}")
+  for c in configs:
+    print(json.dumps(bench_mim_jax(c, FLAGS.steps, FLAGS.warmup)), flush=True)
   if FLAGS.peer == "hf":
-    print(json.dumps(bench_hf(config, FLAGS.steps, FLAGS.warmup)), flush=True)
+    if configs[0].method != "mae":
+      raise app.UsageError("--peer=hf times HF ViTMAE: the first config must be an MAE config")
+    print(json.dumps(bench_hf(configs[0], FLAGS.steps, FLAGS.warmup)), flush=True)
 
 
 if __name__ == "__main__":

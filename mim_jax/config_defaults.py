@@ -43,8 +43,23 @@ def base_config() -> ml_collections.ConfigDict:
       drop_path_rate=0.0,
   ))
   c.decoder = ml_collections.ConfigDict(dict(width=512, depth=8, num_heads=16))
-  c.masking = ml_collections.ConfigDict(dict(kind="random", ratio=0.75))
-  c.target = ml_collections.ConfigDict(dict(norm_pix=True))
+  c.masking = ml_collections.ConfigDict(dict(
+      kind="random",           # random | grouped (SimMIM) | blockwise (BEiT) | inverse_block
+      ratio=0.75,              # masked fraction (blockwise: budget int(N * ratio) per sample)
+      mask_patch_size=0,       # grouped: side of a mask group in pixels (0: the patch size)
+      min_block=16,            # blockwise: minimum rectangle area in patches
+      min_aspect=0.3,          # blockwise: aspect ratios in [min_aspect, 1 / min_aspect]
+      block=3,                 # inverse_block: side of a visible block in patches
+      adjust=0.07,             # inverse_block: extra keep probability for the block count
+  ))
+  c.target = ml_collections.ConfigDict(dict(
+      norm_pix=True,           # pixel targets: per-patch standardised (MAE's norm_pix_loss)
+      # HOG targets (MaskFeat): orientation bins over cell_size^2 cells, L2-normalised per
+      # cell and colour channel; gradient "sobel" (official MaskFeat) or "central"
+      # (scikit-image); gaussian_window > 0 weights magnitudes by a tiled Gaussian window.
+      hog=ml_collections.ConfigDict(dict(cell_size=8, num_bins=9, gradient="sobel",
+                                         gaussian_window=16)),
+  ))
 
   c.data = ml_collections.ConfigDict(dict(
       source="tfds",           # fashion_mnist | image_folder | tfds | synthetic
@@ -83,6 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
       eps=1e-8,
       weight_decay=0.05,
       warmup_epochs=40.0,
+      schedule="cosine",       # after warmup: "cosine" (half-cosine to min_lr) or "multistep"
+      decay_epochs=(),         # multistep: epochs at which the lr is multiplied by decay_factor
+      decay_factor=0.1,
       clip_grad_norm=0.0,      # 0 disables clipping
       momentum=0.9,            # lars / sgd
       trust_coefficient=0.001,  # lars
@@ -179,6 +197,26 @@ def use_fashion_mnist(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
                 crop_scale=(0.35, 1.0))
   c.global_batch_size = 256
   c.eval.batch_size = 1000
+  return c
+
+
+def fmnist_pretraining(c: ml_collections.ConfigDict,
+                       arg: str | None) -> ml_collections.ConfigDict:
+  """The Fashion-MNIST pre-training budget every method shares, so their rows compare: 3 epochs
+  of 256 images, AdamW at lr 1e-3 (a higher peak than ImageNet recipes suit a short schedule)
+  after half an epoch of warmup, half-cosine; `arg` may hold `variant=SIZE/4` (a published
+  encoder size instead of the demo one) and `runlocal`."""
+  args = parse_arg(arg)
+  use_fashion_mnist(c)
+  if "variant" in args:
+    c.model.update(variant=str(args["variant"]), width=0, depth=0, num_heads=0, mlp_dim=0)
+  c.num_epochs = 3
+  c.optimizer.update(base_lr=1e-3, lr_batch_reference=256, warmup_epochs=0.5, schedule="cosine")
+  c.log_every = 20
+  c.checkpoint_every = 200
+  c.viz_every = 200
+  if args.get("runlocal"):
+    apply_runlocal(c, keep_data=True)
   return c
 
 

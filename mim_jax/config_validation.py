@@ -8,12 +8,17 @@ from __future__ import annotations
 import numbers
 
 from mim_jax.config_errors import ConfigError, config_error
-from mim_jax.masking import num_visible
+from mim_jax.masking import MASK_KINDS, num_visible
 from mim_jax.models.vit import parse_variant, size_from_config
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("", "xla", "cudnn")
-MASK_KINDS_BY_METHOD = {"mae": ("random",)}
+# Visible-only encoders (MAE) need the same masked count in every sample; methods that encode
+# all tokens with mask tokens take any kind.
+FIXED_COUNT_MASK_KINDS = ("random", "grouped", "inverse_block")
+MASK_KINDS_BY_METHOD = {"mae": FIXED_COUNT_MASK_KINDS, "simmim": MASK_KINDS,
+                        "maskfeat": MASK_KINDS}
+HOG_GRADIENTS = ("sobel", "central")
 PRETRAINING_METHODS = tuple(MASK_KINDS_BY_METHOD)
 # Evaluations of a pre-trained encoder; knn trains nothing and is run by its own job.
 EVALUATION_METHODS = ("linprobe", "finetune", "knn")
@@ -81,25 +86,82 @@ def validate_model(config) -> None:
 
 
 def validate_pretraining(config, image_size: tuple[int, int], patch: int) -> None:
-  dec = config.decoder
-  for name in ("width", "depth", "num_heads"):
-    _positive_int(config, f"decoder.{name}")
-  _require(dec.width % dec.num_heads == 0, "decoder.num_heads", dec.num_heads,
-           f"a divisor of decoder.width={dec.width}")
-  _require(dec.width % 4 == 0, "decoder.width", dec.width,
-           "a multiple of 4 (2-D sin-cos position embeddings)")
-
-  kinds = MASK_KINDS_BY_METHOD[config.method]
-  _require(config.masking.kind in kinds, "masking.kind", config.masking.kind,
-           f"one of {kinds} for method {config.method!r}")
-  ratio = config.masking.ratio
-  _require(_is_number(ratio) and 0 < ratio < 1, "masking.ratio", ratio,
-           "a number strictly between 0 and 1 (MAE uses 0.75)")
-  num_patches = (image_size[0] // patch) * (image_size[1] // patch)
-  _require(num_visible(num_patches, ratio) >= 1, "masking.ratio", ratio,
-           f"a ratio that leaves at least one of the {num_patches} patches visible")
+  if config.method == "mae":
+    dec = config.decoder
+    for name in ("width", "depth", "num_heads"):
+      _positive_int(config, f"decoder.{name}")
+    _require(dec.width % dec.num_heads == 0, "decoder.num_heads", dec.num_heads,
+             f"a divisor of decoder.width={dec.width}")
+    _require(dec.width % 4 == 0, "decoder.width", dec.width,
+             "a multiple of 4 (2-D sin-cos position embeddings)")
+  validate_masking(config, image_size, patch)
   _require(isinstance(config.target.norm_pix, bool), "target.norm_pix", config.target.norm_pix,
            "true or false")
+  if config.method == "maskfeat":
+    validate_hog(config, image_size, patch)
+
+
+def validate_masking(config, image_size: tuple[int, int], patch: int) -> None:
+  m = config.masking
+  kinds = MASK_KINDS_BY_METHOD[config.method]
+  if config.method == "mae" and m.kind == "blockwise":
+    raise config_error(
+        "masking.kind", m.kind, f"one of {kinds} for method 'mae'",
+        "MAE's encoder sees only the visible patches, so every sample must mask the same number "
+        "of patches; blockwise masks vary in count per sample. Use a mask-token method "
+        "(simmim, maskfeat) for blockwise masking, or 'random' / 'grouped' / 'inverse_block'.")
+  _require(m.kind in kinds, "masking.kind", m.kind, f"one of {kinds} for method {config.method!r}")
+  ratio = m.ratio
+  _require(_is_number(ratio) and 0 < ratio < 1, "masking.ratio", ratio,
+           "a number strictly between 0 and 1 (MAE uses 0.75, SimMIM 0.6, BEiT / MaskFeat 0.4)")
+  grid = (image_size[0] // patch, image_size[1] // patch)
+  num_patches = grid[0] * grid[1]
+  _require(num_visible(num_patches, ratio) >= 1, "masking.ratio", ratio,
+           f"a ratio that leaves at least one of the {num_patches} patches visible")
+  mask_patch = m.mask_patch_size
+  _require(_is_int(mask_patch) and mask_patch >= 0, "masking.mask_patch_size", mask_patch,
+           "an integer >= 0 (0: the model's patch size)")
+  if mask_patch:
+    _require(mask_patch % patch == 0, "masking.mask_patch_size", mask_patch,
+             f"a multiple of the model's patch size {patch} (SimMIM: 32 over 16-px patches)")
+    group = mask_patch // patch
+    _require(grid[0] % group == 0 and grid[1] % group == 0, "masking.mask_patch_size",
+             mask_patch, f"a size whose groups of {group}x{group} patches tile the {grid[0]}x"
+             f"{grid[1]} patch grid of image_size={tuple(image_size)}")
+    _require(m.kind == "grouped" or group == 1, "masking.mask_patch_size", mask_patch,
+             f"0 or the patch size {patch} unless masking.kind='grouped'")
+  if m.kind == "blockwise":
+    _require(_is_int(m.min_block) and m.min_block > 0, "masking.min_block", m.min_block,
+             "a positive integer (BEiT: 16 patches)")
+    budget = int(num_patches * ratio)
+    _require(m.min_block <= budget, "masking.min_block", m.min_block,
+             f"at most the masking budget int({num_patches} x {ratio}) = {budget} patches")
+    _require(_is_number(m.min_aspect) and 0 < m.min_aspect <= 1, "masking.min_aspect",
+             m.min_aspect, "a number in (0, 1] (BEiT: 0.3)")
+  if m.kind == "inverse_block":
+    _require(_is_int(m.block) and 0 < m.block <= min(grid), "masking.block", m.block,
+             f"a positive integer at most the patch grid side {min(grid)} (data2vec 2.0: 3)")
+    _require(_is_number(m.adjust) and m.adjust >= 0, "masking.adjust", m.adjust,
+             "a number >= 0 (data2vec 2.0: 0.07)")
+
+
+def validate_hog(config, image_size: tuple[int, int], patch: int) -> None:
+  h = config.target.hog
+  _require(_is_int(h.cell_size) and h.cell_size > 0, "target.hog.cell_size", h.cell_size,
+           "a positive integer (MaskFeat: 8)")
+  _require(patch % h.cell_size == 0, "target.hog.cell_size", h.cell_size,
+           f"a divisor of the patch size {patch} (each patch holds whole HOG cells)")
+  _require(_is_int(h.num_bins) and h.num_bins > 0, "target.hog.num_bins", h.num_bins,
+           "a positive integer (MaskFeat: 9)")
+  _require(h.gradient in HOG_GRADIENTS, "target.hog.gradient", h.gradient,
+           f"one of {HOG_GRADIENTS}")
+  window = h.gaussian_window
+  _require(_is_int(window) and window >= 0, "target.hog.gaussian_window", window,
+           "an integer >= 0 (0: no Gaussian weighting; MaskFeat: 16)")
+  if window:
+    _require(image_size[0] % window == 0 and image_size[1] % window == 0,
+             "target.hog.gaussian_window", window,
+             f"a divisor of both image sides {tuple(image_size)} (the window is tiled)")
 
 
 def validate_evaluation(config, depth: int) -> None:
@@ -189,6 +251,16 @@ def validate_optimization(config) -> None:
            opt.warmup_epochs, "a number >= 0")
   _require(opt.warmup_epochs <= config.num_epochs, "optimizer.warmup_epochs", opt.warmup_epochs,
            f"at most num_epochs={config.num_epochs}")
+  from mim_jax.optim import SCHEDULES
+  _require(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, f"one of {SCHEDULES}")
+  if opt.schedule == "multistep":
+    epochs = tuple(opt.decay_epochs)
+    _require(all(_is_number(e) and opt.warmup_epochs <= e <= config.num_epochs for e in epochs)
+             and list(epochs) == sorted(epochs), "optimizer.decay_epochs", epochs,
+             f"increasing epochs between warmup_epochs={opt.warmup_epochs} and "
+             f"num_epochs={config.num_epochs}")
+    _require(_is_number(opt.decay_factor) and 0 < opt.decay_factor <= 1,
+             "optimizer.decay_factor", opt.decay_factor, "a number in (0, 1]")
   _require(_is_number(opt.clip_grad_norm) and opt.clip_grad_norm >= 0, "optimizer.clip_grad_norm",
            opt.clip_grad_norm, "a number >= 0 (0 disables clipping)")
 

@@ -9,11 +9,15 @@ of the patch embedding). `MaskInfo.mask` is float32 [B, N] with 1 = masked (to p
   random_grouped_mask    SimMIM: uniform masking of group x group patch squares (on device)
   blockwise_mask         BEiT: rectangles placed until a budget is spent (host, NumPy)
   inverse_block_mask     data2vec 2.0: visible blocks, everything else masked (host, NumPy)
+
+`MaskGenerator` is one of them as configured by `config.masking`, the part a method composes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -306,3 +310,114 @@ def mask_to_ids(mask: jax.Array | np.ndarray, num_keep: int | None = None) -> Ma
   ids_shuffle = jnp.argsort(mask, axis=1, stable=True).astype(jnp.int32)
   ids_restore = jnp.argsort(ids_shuffle, axis=1, stable=True).astype(jnp.int32)
   return MaskInfo(ids_keep=ids_shuffle[:, :num_keep], ids_restore=ids_restore, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask generators as configured parts of a method.
+
+MASK_KINDS = ("random", "grouped", "blockwise", "inverse_block")
+# Kinds drawn on the host, in the input pipeline (data-dependent loops, see `blockwise_mask`).
+HOST_MASK_KINDS = ("blockwise", "inverse_block")
+# The batch key under which host-drawn masks reach the train step: bool [B, N], True = masked.
+TOKEN_MASK_KEY = "token_mask"
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskGenerator:
+  """One configured mask generator over a (gh, gw) patch grid (`config.masking`).
+
+  kind            "random" (MAE), "grouped" (SimMIM), "blockwise" (BEiT), "inverse_block"
+                  (data2vec 2.0); see the functions above for each rule.
+  ratio           target masked fraction.
+  group           grouped: side of a mask group in patches (mask_patch_size // patch_size).
+  min_block       blockwise: minimum rectangle area in patches.
+  min_aspect      blockwise: minimum aspect ratio (maximum is its inverse).
+  block           inverse_block: side of a visible block in patches.
+  adjust          inverse_block: extra keep probability for the block-centre count.
+
+  Device kinds are drawn inside the jitted step from the step's rng (`sample`); host kinds are
+  drawn per example in the input pipeline (`host`) and arrive as batch[TOKEN_MASK_KEY].
+  """
+  kind: str
+  grid_hw: tuple[int, int]
+  ratio: float
+  group: int = 1
+  min_block: int = 16
+  min_aspect: float = 0.3
+  block: int = 3
+  adjust: float = 0.07
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid_hw[0] * self.grid_hw[1]
+
+  @property
+  def on_host(self) -> bool:
+    return self.kind in HOST_MASK_KINDS
+
+  @property
+  def budget(self) -> int:
+    """blockwise: the masking budget per sample, int(N * ratio) (BEiT: 75 of 196 at ~0.38)."""
+    return int(self.num_patches * self.ratio)
+
+  @property
+  def num_masked(self) -> int | None:
+    """The masked count every sample has, or None when it varies per sample (blockwise).
+
+    A visible-only encoder (MAE) needs a fixed count: its token sequence has a static length.
+    """
+    n = self.num_patches
+    if self.kind in ("random", "inverse_block"):
+      return n - num_visible(n, self.ratio)
+    if self.kind == "grouped":
+      cells = n // self.group**2
+      return int(np.ceil(cells * self.ratio)) * self.group**2
+    return None
+
+  def device(self, rng: jax.Array, batch: int) -> jax.Array:
+    """bool [B, N] drawn on device (random, grouped)."""
+    if self.kind == "random":
+      return random_masking(rng, batch, self.num_patches, self.ratio).mask.astype(bool)
+    if self.kind == "grouped":
+      return random_grouped_mask(rng, batch, self.grid_hw, self.ratio, self.group)
+    raise ValueError(f"masking kind {self.kind!r} is drawn on the host, in the input pipeline")
+
+  def host(self, rng: jax.Array | np.random.Generator, batch: int) -> np.ndarray:
+    """np.bool_ [B, N] drawn on the host (any kind; the device kinds through jax on the CPU)."""
+    if self.kind == "blockwise":
+      return blockwise_mask(rng, batch, self.grid_hw, self.budget, min_block=self.min_block,
+                            min_aspect=self.min_aspect)
+    if self.kind == "inverse_block":
+      return inverse_block_mask(rng, batch, self.grid_hw, self.ratio, block=self.block,
+                                adjust=self.adjust)
+    if isinstance(rng, np.random.Generator):
+      rng = jax.random.key(int(rng.integers(2**31)))
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+      return np.asarray(self.device(rng, batch))
+
+  def sample(self, batch: Mapping[str, jax.Array], rng: jax.Array) -> jax.Array:
+    """The masks of a training batch, bool [B, N]: batch[TOKEN_MASK_KEY] for host kinds (the
+    input pipeline drew them), otherwise drawn here from `rng`."""
+    b = batch["image"].shape[0]
+    if not self.on_host:
+      return self.device(rng, b)
+    if TOKEN_MASK_KEY not in batch:
+      raise ValueError(f"masking kind {self.kind!r} draws masks in the input pipeline, but the "
+                       f"batch has no {TOKEN_MASK_KEY!r}; build the iterator with the method's "
+                       "data transforms (see train.run)")
+    mask = batch[TOKEN_MASK_KEY]
+    if mask.shape != (b, self.num_patches):
+      raise ValueError(f"batch[{TOKEN_MASK_KEY!r}] has shape {mask.shape}, expected "
+                       f"{(b, self.num_patches)}")
+    return mask.astype(bool)
+
+
+def mask_generator_from_config(masking_cfg, grid_hw: tuple[int, int],
+                               patch_size: int) -> MaskGenerator:
+  """The `MaskGenerator` of `config.masking` for a model with this patch grid and size."""
+  mask_patch = masking_cfg.get("mask_patch_size", 0) or patch_size
+  return MaskGenerator(
+      kind=masking_cfg.kind, grid_hw=tuple(grid_hw), ratio=float(masking_cfg.ratio),
+      group=max(1, mask_patch // patch_size), min_block=int(masking_cfg.get("min_block", 16)),
+      min_aspect=float(masking_cfg.get("min_aspect", 0.3)),
+      block=int(masking_cfg.get("block", 3)), adjust=float(masking_cfg.get("adjust", 0.07)))

@@ -14,6 +14,7 @@ import jax
 import optax
 
 OPTIMIZERS = ("adamw", "lars", "sgd")
+SCHEDULES = ("cosine", "multistep")
 
 # Parameters exempt from weight decay besides biases and norm scales (ndim <= 1).
 NO_DECAY_NAMES = frozenset({"cls_token", "mask_token", "pos_embed", "dist_token"})
@@ -26,12 +27,28 @@ def peak_learning_rate(opt_cfg, global_batch_size: int) -> float:
 
 def learning_rate_schedule(opt_cfg, global_batch_size: int, steps_per_epoch: int,
                            schedule_steps: int) -> optax.Schedule:
-  """Per-step linear warmup from 0, then half-cosine down to `min_lr` at `schedule_steps`."""
-  warmup_steps = int(round(opt_cfg.warmup_epochs * steps_per_epoch))
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak_learning_rate(opt_cfg, global_batch_size),
-      warmup_steps=min(warmup_steps, schedule_steps), decay_steps=schedule_steps,
-      end_value=opt_cfg.min_lr)
+  """Per-step linear warmup from 0 to the peak lr, then the decay of `optimizer.schedule`.
+
+  cosine:     half-cosine down to `min_lr` at `schedule_steps` (MAE, MaskFeat).
+  multistep:  constant, multiplied by `decay_factor` at each of `decay_epochs` (SimMIM's
+              800-epoch recipe: x0.1 at epoch 700).
+  """
+  peak = peak_learning_rate(opt_cfg, global_batch_size)
+  warmup_steps = min(int(round(opt_cfg.warmup_epochs * steps_per_epoch)), schedule_steps)
+  name = opt_cfg.get("schedule", "cosine")
+  if name == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=warmup_steps, decay_steps=schedule_steps,
+        end_value=opt_cfg.min_lr)
+  if name == "multistep":
+    # Boundaries count steps from the end of warmup in optax.join_schedules, hence the shift.
+    boundaries = {int(round(e * steps_per_epoch)) - warmup_steps: opt_cfg.decay_factor
+                  for e in opt_cfg.decay_epochs}
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, max(warmup_steps, 1)),
+         optax.piecewise_constant_schedule(peak, boundaries)],
+        boundaries=[warmup_steps])
+  raise ValueError(f"optimizer.schedule={name!r}: expected one of {SCHEDULES}")
 
 
 def _leaf_name(path) -> str:

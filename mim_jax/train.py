@@ -23,9 +23,22 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from mim_jax import checkpoint, config_validation, data, metric_writers, optim, parallel, viz
+from mim_jax import (checkpoint, config_validation, data, masking, metric_writers, optim, parallel,
+                     viz)
 from mim_jax.methods import build_method
 from mim_jax.models import vit
+
+# What a training batch carries to the step: images, labels and, for methods whose masks are
+# drawn in the input pipeline, those masks.
+TRAIN_BATCH_KEYS = ("image", "label", masking.TOKEN_MASK_KEY)
+
+
+def method_data_transforms(method) -> tuple:
+  """The per-example steps a method adds to the input pipeline: host-drawn masks, if any."""
+  generator = getattr(method, "mask_generator", None)
+  if generator is not None and generator.on_host:
+    return (data.AddTokenMask(generator),)
+  return ()
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +215,8 @@ def run(config, workdir: str) -> TrainState:
 
   train_iter = data.make_train_iterator(
       config.data, image_size=image_size, channels=channels,
-      global_batch_size=config.global_batch_size, seed=config.seed)
+      global_batch_size=config.global_batch_size, seed=config.seed,
+      element_transforms=method_data_transforms(method))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  save_every=config.checkpoint_every, keep=config.keep_checkpoints)
   start_step = ckpt.latest_step()
@@ -250,7 +264,7 @@ def run(config, workdir: str) -> TrainState:
     while step < last_step:
       host_batch = next(train_iter)
       batch = parallel.host_batch_to_global(
-          {"image": host_batch["image"], "label": host_batch["label"]}, batch_sharding)
+          {k: host_batch[k] for k in TRAIN_BATCH_KEYS if k in host_batch}, batch_sharding)
       state, metrics = train_step(state, batch, base_rng)
       step += 1
       # The only host-device synchronisation in the loop: metrics at the logging interval.
@@ -354,26 +368,30 @@ def _make_evaluator(config, method, mesh, state_shardings) -> Callable:
 
 def _make_drawer(config, method, workdir: str, writer, rng: jax.Array,
                  replicated: jax.sharding.Sharding, write: bool = True) -> Callable:
-  """Reconstruction pictures of a fixed set of (unaugmented) images at every call.
+  """Pictures of the method's predictions for a fixed set of (unaugmented) images at every call.
 
-  Every process must call `draw` (the computation spans the mesh); only with `write` is the
-  picture saved. The images are the same on every process, placed replicated on the mesh.
+  `method.reconstruct` runs on device; `method.picture` turns its output into an image on the
+  host (reconstruction grids for pixel targets, HOG maps for MaskFeat). Every process must call
+  `draw` (the computation spans the mesh); only with `write` is the picture saved. The images
+  (and host-drawn masks, if the method uses them) are the same on every process, replicated.
   """
   images = next(data.make_eval_iterator(
       config.data, image_size=tuple(config.image_size), channels=config.channels,
       batch_size=config.viz_num_images, process_index=0, process_count=1))["image"]
+  batch = {"image": images}
+  generator = getattr(method, "mask_generator", None)
+  if generator is not None and generator.on_host:
+    batch[masking.TOKEN_MASK_KEY] = generator.host(
+        np.random.default_rng(config.seed), images.shape[0])
   reconstruct = jax.jit(method.reconstruct, out_shardings=replicated)
-  patch = method.model.encoder.patch_size
   viz_rng = jax.random.fold_in(rng, -1 % (2**31))
-  device_images = jax.device_put(images, replicated)
+  device_batch = jax.device_put(batch, replicated)
 
   def draw(step: int, params) -> None:
-    out = jax.device_get(reconstruct(params, device_images, viz_rng))
+    out = jax.device_get(reconstruct(params, device_batch, viz_rng))
     if not write:
       return
-    grid = viz.reconstruction_grid(images, out["pred"], out["mask"], patch_size=patch,
-                                   mean=config.data.mean, std=config.data.std,
-                                   norm_pix_loss=config.target.norm_pix)
+    grid = method.picture(images, out)
     viz.save_png(grid, os.path.join(workdir, "reconstructions", f"step_{step:08d}.png"))
     writer.write_image(step, "reconstructions", grid)
 

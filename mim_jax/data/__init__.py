@@ -34,10 +34,11 @@ from mim_jax.data.pipeline import (eval_dataset, make_eval_iterator, make_train_
 from mim_jax.data.sources import (SOURCES, build_source, build_train_source, eval_split,
                                   num_classes, num_examples)
 from mim_jax.data.subsets import SubsetSource, per_class_subset
-from mim_jax.data.transforms import BadImageError
+from mim_jax.data.transforms import AddTokenMask, BadImageError
 from mim_jax.data.validation import validate_data_config
 
 __all__ = [
+    "AddTokenMask",
     "BadImageError", "ITERATOR_HANDLER", "ITERATOR_HANDLER_NAME", "IdxFormatError", "SOURCES",
     "SubsetSource", "build_source", "build_train_source", "eval_dataset", "eval_split",
     "iterator_restore_args", "iterator_save_args", "make_eval_iterator", "make_train_iterator",

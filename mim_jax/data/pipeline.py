@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Sequence
 
 import grain
 import numpy as np
@@ -48,13 +49,14 @@ def _process_index_and_count(process_index: int | None,
   return int(process_index), int(process_count)
 
 
-def _derive_seeds(seed: int, process_index: int) -> tuple[int, int]:
-  """(shuffle seed, augmentation seed), uint32 each, independent streams from one config seed.
+def _derive_seeds(seed: int, process_index: int, stream: int = 1) -> tuple[int, int]:
+  """(shuffle seed, per-host seed of random stream `stream`), uint32 each, independent
+  streams from one config seed (stream 1: augmentation, 2, 3, ...: method transforms).
 
-  The augmentation seed folds in the host, so host k's i-th crop differs from host 0's.
+  The per-host seed folds in the host, so host k's i-th crop differs from host 0's.
   """
   shuffle_seed, = np.random.SeedSequence([seed % 2**63, 0]).generate_state(1)
-  augment_seed, = np.random.SeedSequence([seed % 2**63, 1, process_index]).generate_state(1)
+  augment_seed, = np.random.SeedSequence([seed % 2**63, stream, process_index]).generate_state(1)
   return int(shuffle_seed), int(augment_seed)
 
 
@@ -89,11 +91,14 @@ def _decoder(data_cfg, channels: int) -> transforms.DecodeImage:
 
 def train_dataset(data_cfg, *, image_size: tuple[int, int], channels: int,
                   global_batch_size: int, seed: int, process_index: int | None = None,
-                  process_count: int | None = None) -> grain.IterDataset:
+                  process_count: int | None = None,
+                  element_transforms: Sequence[grain.transforms.RandomMap] = ()
+                  ) -> grain.IterDataset:
   """The training pipeline: grain IterDataset of {"image": f32 [B, H, W, C], "label": i32 [B]}.
 
   Reads `data.split`, restricted to the per-class subset when data.label_fraction < 1 (see
-  `sources.build_train_source`).
+  `sources.build_train_source`). `element_transforms` are a method's own per-example random
+  steps after augmentation (e.g. `transforms.AddTokenMask`), each with its own seed stream.
   """
   process_index, process_count = _process_index_and_count(process_index, process_count)
   if global_batch_size <= 0 or global_batch_size % process_count:
@@ -120,6 +125,8 @@ def train_dataset(data_cfg, *, image_size: tuple[int, int], channels: int,
       crop_ratio=tuple(float(r) for r in data_cfg.crop_ratio),
       hflip=bool(data_cfg.hflip),
       normalize=_normalizer(data_cfg, channels)), seed=augment_seed)
+  for i, transform in enumerate(element_transforms):
+    ds = ds.random_map(transform, seed=_derive_seeds(seed, process_index, stream=2 + i)[1])
 
   num_workers = int(data_cfg.num_workers)
   it_ds = ds.to_iter_dataset(_read_options(num_workers, local_batch))
@@ -136,7 +143,9 @@ def train_dataset(data_cfg, *, image_size: tuple[int, int], channels: int,
 
 def make_train_iterator(data_cfg, *, image_size: tuple[int, int], channels: int,
                         global_batch_size: int, seed: int, process_index: int | None = None,
-                        process_count: int | None = None) -> grain.DatasetIterator:
+                        process_count: int | None = None,
+                        element_transforms: Sequence[grain.transforms.RandomMap] = ()
+                        ) -> grain.DatasetIterator:
   """An infinite iterator of this host's batches {"image": float32 [B, H, W, C] normalised,
   "label": int32 [B]} (the source's class labels; 0 for a source without labels).
 
@@ -148,7 +157,8 @@ def make_train_iterator(data_cfg, *, image_size: tuple[int, int], channels: int,
   """
   return iter(train_dataset(data_cfg, image_size=image_size, channels=channels,
                             global_batch_size=global_batch_size, seed=seed,
-                            process_index=process_index, process_count=process_count))
+                            process_index=process_index, process_count=process_count,
+                            element_transforms=element_transforms))
 
 
 def eval_dataset(data_cfg, *, image_size: tuple[int, int], channels: int, batch_size: int,

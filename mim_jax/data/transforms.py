@@ -209,6 +209,22 @@ class TrainAugment(grain.transforms.RandomMap):
 
 
 @dataclasses.dataclass(frozen=True)
+class AddTokenMask(grain.transforms.RandomMap):
+  """Adds a method's host-drawn mask: element["token_mask"] = bool [N], True = masked.
+
+  `generator` is a `masking.MaskGenerator` of a host kind (blockwise, inverse_block), whose
+  data-dependent loops run here in the worker processes instead of inside the train step. The
+  per-element generator makes the masks a function of (seed, position in the stream), so they
+  are reproduced exactly on resume.
+  """
+  generator: Any
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    from mim_jax.masking import TOKEN_MASK_KEY
+    return {**element, TOKEN_MASK_KEY: self.generator.host(rng, 1)[0]}
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalPreprocess(grain.transforms.Map):
   """Decoded record -> {"image": float32 [H, W, C], "label": int32, "mask": bool}.
 

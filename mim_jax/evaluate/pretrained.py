@@ -90,6 +90,11 @@ def load_encoder_into(init_params: Any, init_from: str, *, grid_hw: tuple[int, i
   out = dict((k, v) for k, (_, v) in flat_init.items())
   for path, value in jax.tree_util.tree_leaves_with_path(loaded):
     key = jax.tree_util.keystr(path)
+    if key == "['mask_token']" and key not in flat_init:
+      # Mask-token pre-training (SimMIM, MaskFeat, ...) exports the token; a model that never
+      # masks its input has no use for it.
+      log.info("pre-trained %s is not used by this model (it sees unmasked images)", key)
+      continue
     if key not in flat_init:
       raise ValueError(f"pre-trained parameter {key} from {directory} has no counterpart in the "
                        "model; was the export written by a different encoder type?")
@@ -102,6 +107,7 @@ def load_encoder_into(init_params: Any, init_from: str, *, grid_hw: tuple[int, i
                        f"expects {target.shape}")
     out[key] = value.astype(target.dtype)
   loaded_keys = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(loaded)}
+  loaded_keys &= set(flat_init)
   posemb_key = "['pos_embed']"
   if posemb_key in flat_init and posemb_key not in loaded_keys:
     width = flat_init[posemb_key][1].shape[-1]

@@ -1,7 +1,8 @@
 """Masked Autoencoder (He et al., 2022): visible-only encoder, transformer decoder, pixel MSE.
 
-Composed from the shared parts: `masking.random_masking_from_noise`, `models.vit.ViTEncoder`
-(visible-only mode), `models.decoders.MAEDecoder`, `targets.pixel_targets`, `losses.masked_mse`.
+Composed from the shared parts: a `masking.MaskGenerator` (random per patch by default; any
+kind with the same masked count in every sample works), `models.vit.ViTEncoder` (visible-only
+mode), `models.decoders.MAEDecoder`, `targets.pixel_targets`, `losses.masked_mse`.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from mim_jax import losses, masking, targets
+from mim_jax import losses, masking, targets, viz
 from mim_jax.models.decoders import MAEDecoder
 from mim_jax.models.vit import ViTEncoder, encoder_from_config
 
@@ -20,19 +22,25 @@ from mim_jax.models.vit import ViTEncoder, encoder_from_config
 class MaskedAutoencoder(nn.Module):
   """Encoder over visible patches + decoder over all positions.
 
-  images [B, H, W, C] -> (pred [B, N, p*p*C], MaskInfo). Pass `noise` [B, N] to fix the mask
-  (e.g. to compare with another implementation); otherwise it is drawn from the 'masking' rng.
+  images [B, H, W, C] -> (pred [B, N, p*p*C], MaskInfo). The mask comes from, in order:
+  `token_mask` bool [B, N] (True = masked, the same count K in every row, given as `num_masked`),
+  `noise` [B, N] (MAE's rule: the lowest-noise patches stay visible; fixes the mask e.g. to
+  compare with another implementation), or noise drawn from the 'masking' rng.
   """
   encoder: ViTEncoder
   decoder: MAEDecoder
   mask_ratio: float
 
   def __call__(self, images: jax.Array, *, noise: Optional[jax.Array] = None,
+               token_mask: Optional[jax.Array] = None, num_masked: Optional[int] = None,
                train: bool = False):
     num_patches = self.encoder.grid_hw[0] * self.encoder.grid_hw[1]
-    if noise is None:
-      noise = jax.random.uniform(self.make_rng("masking"), (images.shape[0], num_patches))
-    info = masking.random_masking_from_noise(noise, self.mask_ratio)
+    if token_mask is not None:
+      info = masking.mask_to_ids(token_mask, num_keep=num_patches - num_masked)
+    else:
+      if noise is None:
+        noise = jax.random.uniform(self.make_rng("masking"), (images.shape[0], num_patches))
+      info = masking.random_masking_from_noise(noise, self.mask_ratio)
     latent, _ = self.encoder(images, ids_keep=info.ids_keep, train=train)
     pred = self.decoder(latent, info.ids_restore, train=train)
     return pred, info
@@ -64,6 +72,9 @@ class MAE:
     self.model = build_model(config)
     self.norm_pix_loss = bool(config.target.norm_pix)
     self.patch_size = self.model.encoder.patch_size
+    self.mask_generator = masking.mask_generator_from_config(
+        config.masking, self.model.encoder.grid_hw, self.patch_size)
+    self.display = (tuple(config.data.mean), tuple(config.data.std))
 
   def init(self, rng, images):
     params_rng, mask_rng = jax.random.split(rng)
@@ -72,19 +83,30 @@ class MAE:
   def load_pretrained(self, params, extra):
     return params, extra
 
-  def _rngs(self, rng):
+  def _apply(self, params, batch, rng, train):
     mask_rng, drop_rng = jax.random.split(rng)
-    return {"masking": mask_rng, "drop_path": drop_rng}
+    kwargs = {}
+    if self.mask_generator.kind != "random":
+      # Random masking stays on MAE's noise rule (identical masks to the official code for the
+      # same noise); other kinds are drawn by the generator and gathered by index.
+      kwargs = dict(token_mask=self.mask_generator.sample(batch, mask_rng),
+                    num_masked=self.mask_generator.num_masked)
+    return self.model.apply({"params": params}, batch["image"], train=train,
+                            rngs={"masking": mask_rng, "drop_path": drop_rng}, **kwargs)
 
   def loss(self, params, extra, batch, rng, train=True):
-    images = batch["image"]
-    pred, info = self.model.apply({"params": params}, images, train=train, rngs=self._rngs(rng))
-    loss = mae_loss(pred, images, info.mask, self.patch_size, self.norm_pix_loss)
+    pred, info = self._apply(params, batch, rng, train)
+    loss = mae_loss(pred, batch["image"], info.mask, self.patch_size, self.norm_pix_loss)
     return loss, ({"loss": loss}, extra)
 
-  def reconstruct(self, params, images, rng):
-    pred, info = self.model.apply({"params": params}, images, rngs=self._rngs(rng))
+  def reconstruct(self, params, batch, rng):
+    pred, info = self._apply(params, batch, rng, train=False)
     return {"pred": pred, "mask": info.mask}
+
+  def picture(self, images: np.ndarray, out: dict) -> np.ndarray:
+    return viz.reconstruction_grid(images, out["pred"], out["mask"], patch_size=self.patch_size,
+                                   mean=self.display[0], std=self.display[1],
+                                   norm_pix_loss=self.norm_pix_loss)
 
   def encoder_params(self, params, extra):
     return params["encoder"]
