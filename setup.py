@@ -26,8 +26,10 @@ setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        # torch + transformers run the parity test against HF ViTMAEForPreTraining on the CPU.
-        "test": ["pytest>=8", "torch>=2.4", "transformers>=4.57,<6", "safetensors>=0.4"],
+        # torch + transformers run the parity test against HF ViTMAEForPreTraining on the CPU;
+        # scikit-image (which pulls in scipy) is the HOG reference in tests/test_hog.py.
+        "test": ["pytest>=8", "torch>=2.4", "transformers>=4.57,<6", "safetensors>=0.4",
+                 "scikit-image>=0.19"],
         # Plots in docs/ (docs/plot_mask_ratio.py).
         "docs": ["matplotlib>=3.8"],
     },

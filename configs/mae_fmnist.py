@@ -15,18 +15,6 @@ from mim_jax import config_defaults
 
 
 def get_config(arg=None):
-  args = config_defaults.parse_arg(arg)
-  c = config_defaults.use_fashion_mnist(config_defaults.base_config())
-  if "variant" in args:  # a published size instead of the demo encoder
-    c.model.update(variant=str(args["variant"]), width=0, depth=0, num_heads=0, mlp_dim=0)
+  c = config_defaults.base_config()
   c.decoder.update(width=64, depth=2, num_heads=4)
-  c.num_epochs = 3
-  # A short schedule: a higher peak lr than ImageNet's 1.5e-4 x batch/256 and a short warmup.
-  c.optimizer.base_lr = 1e-3
-  c.optimizer.warmup_epochs = 0.5
-  c.log_every = 20
-  c.checkpoint_every = 200
-  c.viz_every = 200
-  if args.get("runlocal"):
-    config_defaults.apply_runlocal(c, keep_data=True)
-  return c
+  return config_defaults.fmnist_pretraining(c, arg)

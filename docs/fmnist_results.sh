@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Reproduces the Fashion-MNIST table of docs/results.md: MAE pre-training, k-NN, linear probe
-# and fine-tuning, the baselines, and the masking-ratio sweep. Every run's log, wall time
-# (ROOT/NAME.seconds) and results.json land under ROOT. Re-running skips finished runs.
+# and fine-tuning, the baselines, the masking-ratio sweep, and the SimMIM and MaskFeat rows.
+# Every run's log, wall time (ROOT/NAME.seconds) and results.json land under ROOT. Re-running
+# skips finished runs. SECTIONS selects parts (default "mae methods"), METHODS the other
+# pre-training methods (default "simmim maskfeat").
 #
 #   bash docs/fmnist_results.sh [ROOT=workdirs/fmnist_results]
+#   SECTIONS=methods METHODS=simmim bash docs/fmnist_results.sh ROOT
 #   python docs/plot_mask_ratio.py ROOT docs/mask_ratio_fmnist.png
 set -u
 cd "$(dirname "$0")/.."
@@ -21,7 +24,9 @@ run() {  # NAME, then the arguments of mim_jax.main
       || { echo "$name failed: see $ROOT/$name.log"; exit 1; }
 }
 
-for ratio in 0.75 0.5 0.6 0.9; do
+has_section() { [[ " ${SECTIONS:-mae methods} " == *" $1 "* ]]; }
+
+has_section mae && for ratio in 0.75 0.5 0.6 0.9; do
   run "mae_r$ratio" --config=configs/mae_fmnist.py --config.masking.ratio=$ratio
   run "knn_mae_r$ratio" --config=configs/knn_fmnist.py --config.init_from="$ROOT/mae_r$ratio"
   run "lp_mae_r$ratio" --config=configs/linprobe_fmnist.py --config.init_from="$ROOT/mae_r$ratio"
@@ -41,4 +46,18 @@ for ratio in 0.75 0.5 0.6 0.9; do
         --config.init_from="$ROOT/mae_r0.75" "${nomix[@]}"
     run ft_scratch_nomix --config=configs/finetune_fmnist.py "${nomix[@]}"
   fi
+done
+
+# The other pre-training methods on the same encoder and budget, through the same protocols.
+has_section methods && for method in ${METHODS:-simmim maskfeat}; do
+  run "$method" --config=configs/${method}_fmnist.py
+  for pool in cls gap; do
+    run "knn_${method}_$pool" --config=configs/knn_fmnist.py --config.init_from="$ROOT/$method" \
+        --config.classifier.pool=$pool
+    run "lp_${method}_$pool" --config=configs/linprobe_fmnist.py \
+        --config.init_from="$ROOT/$method" --config.classifier.pool=$pool
+  done
+  run "ft_$method" --config=configs/finetune_fmnist.py --config.init_from="$ROOT/$method"
+  run "ft_${method}_nomix" --config=configs/finetune_fmnist.py --config.init_from="$ROOT/$method" \
+      --config.classifier.mixup_alpha=0 --config.classifier.cutmix_alpha=0
 done

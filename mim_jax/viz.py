@@ -133,3 +133,49 @@ def save_png(array: np.ndarray, path: str) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def hog_grid(images: np.ndarray, pred: np.ndarray, target: np.ndarray, mask: np.ndarray, *,
+             patch_size: int, cell_size: int, num_bins: int, mean: Sequence[float],
+             std: Sequence[float], max_rows: int = 8) -> np.ndarray:
+  """MaskFeat pictures, one row per example: original | masked | HOG target | HOG prediction.
+
+  images        [B, H, W, C] normalised inputs
+  pred, target  [B, N, F] HOG features per patch (`hog.hog_patch_targets` layout)
+  mask          [B, N] 1 = masked, 0 = visible
+  The last panel shows the predictions on masked patches and the target on visible ones (the
+  prediction of a visible patch is not trained). HOG maps average the colour channels and draw
+  each cell's histogram as oriented strokes, both maps on one brightness scale.
+  Returns uint8 [R*H' + (R-1)*GAP, 4*W' + 3*GAP, 3] as `reconstruction_grid`.
+  """
+  from mim_jax import hog  # here, so that importing viz needs only numpy and PIL
+  images = np.asarray(images, np.float32)[:max_rows]
+  pred = np.asarray(pred, np.float32)[:max_rows]
+  target = np.asarray(target, np.float32)[:max_rows]
+  masked_p = np.asarray(mask)[:max_rows].astype(bool)
+  b, h, w, c = images.shape
+  grid_hw = (h // patch_size, w // patch_size)
+  if pred.shape != target.shape or pred.shape[:2] != masked_p.shape:
+    raise ValueError(f"pred {pred.shape}, target {target.shape} and mask {masked_p.shape} "
+                     "do not match")
+  pasted = np.where(masked_p[:, :, None], pred, target)
+  s = upscale_factor(h, w)
+  cells = hog.patch_targets_to_cells(np.concatenate([target, pasted]), grid_hw, patch_size,
+                                     cell_size, c, num_bins)  # [2B, gh', gw', C, bins]
+  maps = hog.render_hog(np.asarray(cells).mean(axis=-2), pixels_per_cell=cell_size * s)
+  maps = np.repeat(maps[..., None], 3, axis=-1)  # [2B, H', W', 3]
+
+  original = _to_display(images, mean, std)
+  pixel_masked = unpatchify(np.broadcast_to(masked_p[:, :, None], (b, *masked_p.shape[1:],
+                                                                     patch_size**2 * c)),
+                            patch_size, grid_hw, c)[..., :1]
+  masked = np.where(pixel_masked, np.float32(MASK_GREY), original)
+  up = lambda x: x.repeat(s, axis=1).repeat(s, axis=2)
+  panels = [up(original), up(masked), maps[:b], maps[b:]]
+  ph, pw = h * s, w * s
+  out = np.ones((b * (ph + GAP) - GAP, 4 * (pw + GAP) - GAP, 3), np.float32)
+  for row in range(b):
+    for col, panel in enumerate(panels):
+      y, x = row * (ph + GAP), col * (pw + GAP)
+      out[y:y + ph, x:x + pw] = panel[row]
+  return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8)

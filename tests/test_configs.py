@@ -26,7 +26,8 @@ def test_there_are_configs():
   names = {os.path.basename(p) for p in CONFIG_FILES}
   assert {"mae_vitb.py", "mae_vitl.py", "mae_vith.py", "mae_fmnist.py", "linprobe_fmnist.py",
           "knn_fmnist.py", "finetune_fmnist.py", "linprobe_imagenet.py", "knn_imagenet.py",
-          "finetune_imagenet.py"} <= names
+          "finetune_imagenet.py", "simmim_vitb.py", "simmim_fmnist.py", "maskfeat_vitb.py",
+          "maskfeat_fmnist.py"} <= names
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,32 @@ def test_imagenet_configs_follow_the_paper():
     assert (c.optimizer.b1, c.optimizer.b2, c.optimizer.warmup_epochs) == (0.9, 0.95, 40)
     assert (c.masking.ratio, c.target.norm_pix, tuple(c.data.crop_scale)) == (0.75, True, (0.2, 1.0))
     assert (c.decoder.width, c.decoder.depth, c.decoder.num_heads) == (512, 8, 16)
+
+
+def test_simmim_and_maskfeat_configs_follow_their_papers():
+  s = _load(str(REPO / "configs" / "simmim_vitb.py"))
+  assert (s.method, s.model.variant, s.global_batch_size, s.num_epochs) == ("simmim", "B/16", 2048, 800)
+  assert (s.masking.kind, s.masking.ratio, s.masking.mask_patch_size) == ("grouped", 0.6, 32)
+  o = s.optimizer
+  assert (o.base_lr, o.lr_batch_reference, o.b1, o.b2, o.weight_decay) == (1e-4, 512, 0.9, 0.999, 0.05)
+  assert (o.warmup_epochs, o.schedule, tuple(o.decay_epochs), o.clip_grad_norm) == (
+      10, "multistep", (700,), 5.0)
+  assert (s.target.norm_pix, tuple(s.data.crop_scale), s.model.drop_path_rate) == (
+      False, (0.67, 1.0), 0.1)
+  m = _load(str(REPO / "configs" / "maskfeat_vitb.py"))
+  assert (m.method, m.model.variant, m.global_batch_size) == ("maskfeat", "B/16", 2048)
+  assert (m.masking.kind, m.masking.ratio, m.masking.min_block) == ("blockwise", 0.4, 16)
+  h = m.target.hog
+  assert (h.cell_size, h.num_bins, h.gradient, h.gaussian_window) == (8, 9, "sobel", 16)
+  o = m.optimizer
+  assert (o.base_lr, o.lr_batch_reference, o.b2, o.warmup_epochs, o.clip_grad_norm) == (
+      2e-4, 256, 0.999, 30, 0.02)
+  # The Fashion-MNIST versions share MAE's demo encoder and budget.
+  mae = _load(str(REPO / "configs" / "mae_fmnist.py"))
+  for name in ("simmim_fmnist.py", "maskfeat_fmnist.py"):
+    c = _load(str(REPO / "configs" / name))
+    assert c.model == mae.model and c.num_epochs == mae.num_epochs
+    assert (c.optimizer.base_lr, c.global_batch_size) == (mae.optimizer.base_lr, 256)
 
 
 def test_unknown_config_argument_is_rejected():

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from mim_jax.evaluate.finetune import FineTune
 from mim_jax.evaluate.linear_probe import LinearProbe
-from mim_jax.methods import mae
+from mim_jax.methods import mae, maskfeat, simmim
 
-METHODS = {"mae": mae.MAE, "linprobe": LinearProbe, "finetune": FineTune}
+METHODS = {"mae": mae.MAE, "simmim": simmim.SimMIM, "maskfeat": maskfeat.MaskFeat,
+           "linprobe": LinearProbe, "finetune": FineTune}
 
 
 def build_method(config):

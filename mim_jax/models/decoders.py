@@ -48,3 +48,22 @@ class MAEDecoder(nn.Module):
                        name="decoder")(x, train)
     x = nn.Dense(self.out_dim, dtype=self.dtype, kernel_init=dense_init, name="decoder_pred")(x)
     return x[:, 1:].astype(jnp.float32)
+
+
+class LinearPredictor(nn.Module):
+  """One linear layer per patch token: [B, 1 + N, D] -> [B, N, out_dim] (cls dropped).
+
+  SimMIM's prediction head is a 1x1 convolution to p*p*C channels followed by a pixel shuffle;
+  on the token grid that is exactly a per-token Dense to p*p*C values in patch order. MaskFeat's
+  linear head to HOG features is the same layer with out_dim = the HOG length of a patch.
+  """
+  out_dim: int
+  init_std: float = 0.02
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    x = nn.Dense(self.out_dim, dtype=self.dtype,
+                 kernel_init=nn.initializers.truncated_normal(self.init_std),
+                 name="head")(tokens[:, 1:])
+    return x.astype(jnp.float32)

@@ -1,0 +1,86 @@
+"""Masked prediction with mask tokens: the shared body of SimMIM, MaskFeat (and BEiT-style
+methods).
+
+Every patch token goes through the encoder, masked ones replaced by a learned mask token; a
+light predictor maps each output token to its patch's target, and a loss over the masked
+patches compares them. A method is this class with three choices filled in:
+
+  target_fn   images [B, H, W, C] -> targets [B, N, F] (pixels, HOG, ...), no gradient
+  loss_fn     (pred [B, N, F], target [B, N, F], mask [B, N]) -> scalar (losses.LOSSES)
+  target_dim  F
+
+and the mask generator of `config.masking` (any kind: masked counts may vary per sample,
+since the token sequence always has all N patches).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mim_jax import masking
+from mim_jax.models.decoders import LinearPredictor
+from mim_jax.models.vit import ViTEncoder, encoder_from_config
+
+
+class MaskTokenModel(nn.Module):
+  """images [B, H, W, C], token_mask bool [B, N] -> predictions [B, N, F] (float32)."""
+  encoder: ViTEncoder
+  predictor: nn.Module
+
+  def __call__(self, images: jax.Array, token_mask: jax.Array, *, train: bool = False):
+    tokens, _ = self.encoder(images, token_mask=token_mask, train=train)
+    return self.predictor(tokens)
+
+
+class MaskedPrediction:
+  """A mask-token method as the training loop sees it (see `methods.base.Method`)."""
+
+  name = "masked_prediction"
+
+  def __init__(self, config, *, target_dim: int, target_fn: Callable[[jax.Array], jax.Array],
+               loss_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]):
+    encoder = encoder_from_config(config.model, config.image_size, config.channels,
+                                  use_mask_token=True)
+    self.model = MaskTokenModel(
+        encoder=encoder,
+        predictor=LinearPredictor(target_dim, dtype=jnp.dtype(config.model.dtype)))
+    self.patch_size = encoder.patch_size
+    self.grid_hw = encoder.grid_hw
+    self.mask_generator = masking.mask_generator_from_config(
+        config.masking, encoder.grid_hw, encoder.patch_size)
+    self.target_fn = target_fn
+    self.loss_fn = loss_fn
+    self.display = (tuple(config.data.mean), tuple(config.data.std))
+
+  def init(self, rng, images):
+    mask = jnp.zeros((images.shape[0], self.grid_hw[0] * self.grid_hw[1]), bool)
+    return self.model.init({"params": rng}, images, mask)["params"], {}
+
+  def load_pretrained(self, params, extra):
+    return params, extra
+
+  def _predict(self, params, batch, rng, train):
+    mask_rng, drop_rng = jax.random.split(rng)
+    mask = self.mask_generator.sample(batch, mask_rng)
+    pred = self.model.apply({"params": params}, batch["image"], mask, train=train,
+                            rngs={"drop_path": drop_rng})
+    return pred, mask
+
+  def loss(self, params, extra, batch, rng, train=True):
+    pred, mask = self._predict(params, batch, rng, train)
+    target = jax.lax.stop_gradient(self.target_fn(batch["image"]))
+    loss = self.loss_fn(pred, target, mask)
+    return loss, ({"loss": loss, "mask_fraction": jnp.mean(mask.astype(jnp.float32))}, extra)
+
+  def reconstruct(self, params, batch, rng):
+    """{"pred", "target": [B, N, F], "mask": [B, N] float32} for pictures."""
+    pred, mask = self._predict(params, batch, rng, train=False)
+    return {"pred": pred, "target": self.target_fn(batch["image"]),
+            "mask": mask.astype(jnp.float32)}
+
+  def encoder_params(self, params, extra):
+    return params["encoder"]

@@ -1,0 +1,36 @@
+"""SimMIM (Xie et al., 2022): mask tokens, a linear head to pixels, L1 on masked pixels.
+
+Composed from `masked_prediction.MaskedPrediction` with pixel targets (the normalised input,
+no per-patch normalisation, as in SimMIM) and `losses.masked_l1`; masking is SimMIM's random
+masking of `masking.mask_patch_size` groups (configs/simmim_*.py).
+
+Differences from the official ViT-B recipe, kept on purpose: fixed 2-D sin-cos positions
+instead of shared relative position bias, and no layer scale (the same encoder as every other
+method here, so results compare encoders trained by different objectives).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mim_jax import losses, targets, viz
+from mim_jax.methods.masked_prediction import MaskedPrediction
+from mim_jax.models.vit import size_from_config
+
+
+class SimMIM(MaskedPrediction):
+  name = "simmim"
+
+  def __init__(self, config):
+    _, patch = size_from_config(config.model)
+    norm_pix = bool(config.target.norm_pix)
+    super().__init__(
+        config, target_dim=patch * patch * config.channels,
+        target_fn=lambda images: targets.pixel_targets(images, patch, norm_pix),
+        loss_fn=losses.masked_l1)
+    self.norm_pix = norm_pix
+
+  def picture(self, images: np.ndarray, out: dict) -> np.ndarray:
+    return viz.reconstruction_grid(images, out["pred"], out["mask"], patch_size=self.patch_size,
+                                   mean=self.display[0], std=self.display[1],
+                                   norm_pix_loss=self.norm_pix)
