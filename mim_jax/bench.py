@@ -1,15 +1,25 @@
-r"""Training-step throughput of pre-training configs, side by side with HF PyTorch ViTMAE.
+r"""Training-step throughput of pre-training configs, beside HF PyTorch ViTMAE, with FLOPs and MFU.
 
-  python -m mim_jax.bench --config=configs/mae_fmnist.py [--steps=20] [--peer=hf]
-  python -m mim_jax.bench --config=configs/mae_fmnist.py --also=configs/simmim_fmnist.py \
-      --peer=none [--batch=256]
+  python -m mim_jax.bench --config=configs/mae_vitb.py [--batch=B] [--steps=20] \
+      [--peer=hf,hf_compile] [--asymmetry] [--also=configs/simmim_vitb.py]
+  python -m mim_jax.bench --config=configs/mae_vitb.py --pipeline [--pipeline_images=512]
 
-The mim_jax train step of `--config` (and of every `--also` config, e.g. another method on the
-same encoder) runs on one synthetic batch (`--batch`, default config.global_batch_size), after
-warm-up steps, each step timed to completion (block_until_ready). With `--peer=hf` (MAE configs)
-HF's ViTMAEForPreTraining trains the same architecture (encoder/decoder sizes, patch, image
-size, channels, mask ratio, norm-pix loss) with AdamW on the same batch size, timed to the
-loss's .item(). Prints one JSON line per measurement. (No FLOPs/MFU yet.)
+Every measurement runs on one synthetic batch (`--batch`, default config.global_batch_size)
+after warm-up steps, each step timed to completion (block_until_ready; the loss's .item() for
+PyTorch), and prints one JSON line: method, model, image size, masking, batch, dtype, device
+kind and count, step time (median, min, max, interquartile range), images/s, model FLOPs per
+image (analytic, `mim_jax.flops`; XLA's cost analysis of the compiled step beside it),
+achieved TFLOP/s and MFU against the device's dense bf16 peak (`PEAK_TFLOPS`; none on CPU).
+
+  --also       further configs (PATH[:ARG]) timed in the same run, e.g. SimMIM on the same encoder
+  --asymmetry  also the first (MAE) config with all patches and mask tokens through the encoder
+               (the paper's "w/ [M]"), to measure what the visible-only encoder saves
+  --peer       hf: HF ViTMAEForPreTraining, same architecture, AdamW, eager PyTorch;
+               hf_compile: the same under torch.compile; on a GPU both use bf16 autocast when
+               the config's dtype is bfloat16
+  --pipeline   instead of steps: images/s of one input-pipeline worker (JPEG decode +
+               RandomResizedCrop + flip + normalise) on generated JPEGs, i.e. how many CPU cores
+               feed one accelerator at a given step rate
 """
 
 from __future__ import annotations
@@ -26,30 +36,73 @@ config_flags.DEFINE_config_file("config", None, "Path to a pre-training config f
                                 lock_config=True)
 flags.DEFINE_multi_string("also", [], "Further config files (PATH[:ARG]) timed in the same run.")
 flags.DEFINE_integer("batch", 0, "Global batch for every measurement (0: each config's own).")
-flags.DEFINE_integer("steps", 20, "Timed steps per implementation.")
+flags.DEFINE_integer("steps", 20, "Timed steps per measurement.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation).")
-flags.DEFINE_enum("peer", "hf", ["hf", "none"], "Peer implementation timed in the same run.")
+flags.DEFINE_list("peer", ["hf"], "Peers timed in the same run: hf, hf_compile, or none.")
+flags.DEFINE_bool("asymmetry", False, "Also time MAE with mask tokens through the encoder.")
+flags.DEFINE_bool("pipeline", False, "Benchmark the input pipeline instead of train steps.")
+flags.DEFINE_integer("pipeline_images", 512, "Generated JPEGs for --pipeline.")
+flags.DEFINE_integer("pipeline_batches", 8, "Timed batches for --pipeline.")
 flags.mark_flags_as_required(["config"])
 
+PEERS = ("hf", "hf_compile", "none")
+# Datasheet dense bf16 peaks (TFLOP/s) by a substring of jax's / torch's device kind.
+PEAK_TFLOPS = {
+    "H200": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "GH200": 989.4,
+    "A100": 312.0, "L40S": 362.0, "TPU v6 lite": 918.0, "TPU v5p": 459.0,
+    "TPU v5 lite": 197.0, "TPU v4": 275.0,
+}
 
-def _summary(name: str, times: list[float], config, **extra) -> dict:
-  median = statistics.median(times)
+
+def peak_tflops(device_kind: str) -> float | None:
+  """The dense bf16 peak of a device kind, or None when unknown (CPUs)."""
+  for key, value in PEAK_TFLOPS.items():  # more specific keys come first
+    if key.lower() in device_kind.lower():
+      return value
+  return None
+
+
+def _sig(x: float, digits: int = 4) -> float:
+  return float(f"{x:.{digits}g}")
+
+
+def _summary(name: str, times: list[float], config, device_kind: str, **extra) -> dict:
+  from mim_jax import flops
   from mim_jax.models.vit import describe_size
+  median = statistics.median(times)
+  q = statistics.quantiles(times, n=4) if len(times) > 1 else [median] * 3
+  images_per_s = config.global_batch_size / median
+  train_flops = flops.train_flops_per_image(config)
+  achieved = train_flops * images_per_s / 1e12
+  peak = peak_tflops(device_kind)
   return {"impl": name, "method": config.method, "model": describe_size(config.model),
           "image_size": list(config.image_size), "masking": config.masking.kind,
           "mask_ratio": config.masking.ratio,
-          "global_batch": config.global_batch_size, "steps": len(times),
-          "step_s_median": round(median, 5), "step_s_min": round(min(times), 5),
-          "step_s_max": round(max(times), 5),
-          "images_per_s": round(config.global_batch_size / median, 1), **extra}
+          "encoder_mask_tokens": bool(config.model.encoder_mask_tokens),
+          "global_batch": config.global_batch_size, "device": device_kind,
+          "steps": len(times), "step_s_median": round(median, 5),
+          "step_s_min": round(min(times), 5), "step_s_max": round(max(times), 5),
+          "step_s_iqr": round(q[2] - q[0], 5), "images_per_s": round(images_per_s, 1),
+          "train_gflops_per_image": _sig(train_flops / 1e9),
+          "achieved_tflops": _sig(achieved), "peak_tflops_bf16": peak,
+          "mfu": _sig(achieved / peak) if peak else None, **extra}
+
+
+def _timed(step, warmup: int, steps: int) -> list[float]:
+  times = []
+  for i in range(warmup + steps):
+    start = time.perf_counter()
+    step()
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+  return times
 
 
 def bench_mim_jax(config, steps: int, warmup: int) -> dict:
   import jax
   import jax.numpy as jnp
-  import optax
-
   import numpy as np
+  import optax
 
   from mim_jax import masking, optim, train
   from mim_jax.methods import build_method
@@ -68,21 +121,25 @@ def bench_mim_jax(config, steps: int, warmup: int) -> dict:
     batch[masking.TOKEN_MASK_KEY] = jnp.asarray(generator.host(np.random.default_rng(0),
                                                                 shape[0]))
   rng = jax.random.key(2)
-  times = []
-  for i in range(warmup + steps):
-    start = time.perf_counter()
-    state, metrics = step(state, batch, rng)
+  compiled = step.lower(state, batch, rng).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  holder = {"state": state}
+
+  def one_step():
+    holder["state"], metrics = compiled(holder["state"], batch, rng)
     jax.block_until_ready(metrics["loss"])
-    if i >= warmup:
-      times.append(time.perf_counter() - start)
-  device = jax.devices()[0]
-  params = sum(int(x.size) for x in jax.tree.leaves(state.params))
-  return _summary("mim_jax", times, config, params=params, device=device.device_kind,
+
+  times = _timed(one_step, warmup, steps)
+  params = sum(int(x.size) for x in jax.tree.leaves(holder["state"].params))
+  return _summary("mim_jax", times, config, jax.devices()[0].device_kind, params=params,
                   device_count=jax.device_count(), dtype=config.model.dtype,
+                  xla_gflops_per_image=_sig(xla_flops / shape[0] / 1e9),
                   versions={"jax": jax.__version__})
 
 
-def bench_hf(config, steps: int, warmup: int) -> dict:
+def bench_hf(config, steps: int, warmup: int, compile_model: bool = False) -> dict:
   import torch
   import transformers
 
@@ -99,26 +156,71 @@ def bench_hf(config, steps: int, warmup: int) -> dict:
       decoder_num_attention_heads=config.decoder.num_heads,
       decoder_intermediate_size=4 * config.decoder.width, mask_ratio=config.masking.ratio,
       norm_pix_loss=bool(config.target.norm_pix), layer_norm_eps=1e-6)
-  model = transformers.ViTMAEForPreTraining(hf_config).train()
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model = transformers.ViTMAEForPreTraining(hf_config).to(device).train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(config.optimizer.b1,
                                                              config.optimizer.b2),
                           weight_decay=config.optimizer.weight_decay)
-  images = torch.randn(config.global_batch_size, config.channels, *config.image_size)
-  times = []
-  for i in range(warmup + steps):
-    start = time.perf_counter()
-    loss = model(pixel_values=images).loss
+  images = torch.randn(config.global_batch_size, config.channels, *config.image_size,
+                       device=device)
+  bf16 = device == "cuda" and config.model.dtype == "bfloat16"
+  forward = torch.compile(model) if compile_model else model
+
+  def one_step():
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+      loss = forward(pixel_values=images).loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     loss.item()
-    if i >= warmup:
-      times.append(time.perf_counter() - start)
+
+  times = _timed(one_step, warmup, steps)
+  kind = torch.cuda.get_device_name() if device == "cuda" else "cpu"
   # Trainable only: HF keeps the fixed sin-cos tables as frozen parameters.
   params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-  return _summary("hf_transformers_pytorch", times, config, params=params, device="cpu",
-                  threads=torch.get_num_threads(), dtype="float32",
+  return _summary("hf_transformers_pytorch" + ("_compile" if compile_model else ""), times,
+                  config, kind, params=params, threads=torch.get_num_threads(),
+                  dtype="bfloat16 autocast" if bf16 else "float32",
                   versions={"torch": torch.__version__, "transformers": transformers.__version__})
+
+
+def bench_pipeline(config, num_images: int, num_batches: int) -> dict:
+  """Images/s of the training input pipeline in one process (one grain worker's work)."""
+  import os
+  import tempfile
+
+  import numpy as np
+  from PIL import Image
+
+  from mim_jax import data
+
+  rng = np.random.default_rng(0)
+  with tempfile.TemporaryDirectory() as root:
+    # Smooth images with edges (gradients + rectangles) at a typical ImageNet size and JPEG
+    # quality: noise would make decoding unrealistically slow.
+    yy, xx = np.mgrid[0:375, 0:500]
+    for i in range(num_images):
+      img = np.stack([(xx * rng.uniform(0.2, 0.5) + yy * rng.uniform(0.1, 0.4)) % 256] * 3, -1)
+      for _ in range(4):
+        y, x = rng.integers(0, 300), rng.integers(0, 400)
+        img[y:y + 70, x:x + 90] = rng.integers(0, 256, 3)
+      Image.fromarray(img.astype(np.uint8)).save(os.path.join(root, f"{i:05d}.jpg"), quality=90)
+    data_cfg = config.data.copy_and_resolve_references()
+    data_cfg.update(source="image_folder", path=root, num_workers=0)
+    batch = min(config.global_batch_size, num_images // 2)
+    it = data.make_train_iterator(data_cfg, image_size=tuple(config.image_size),
+                                  channels=config.channels, global_batch_size=batch, seed=0,
+                                  process_index=0, process_count=1)
+    next(it)  # warm-up: opening files, first decode
+    start = time.perf_counter()
+    for _ in range(num_batches):
+      next(it)
+    elapsed = time.perf_counter() - start
+  return {"impl": "mim_jax_input_pipeline", "image_size": list(config.image_size),
+          "source_images": "JPEG 500x375 quality 90", "batch": batch,
+          "batches": num_batches, "workers": 1,
+          "images_per_s_per_worker": round(batch * num_batches / elapsed, 1),
+          "crop_scale": list(config.data.crop_scale)}
 
 
 def load_config(spec: str):
@@ -131,27 +233,45 @@ def load_config(spec: str):
   return module.get_config(arg or None)
 
 
-def with_batch(config, batch: int):
-  if batch:
-    config = config.copy_and_resolve_references()
-    config.global_batch_size = batch
+def _variant(config, **changes):
+  config = config.copy_and_resolve_references()
+  for key, value in changes.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
   return config
 
 
 def main(argv):
   del argv
   from mim_jax.config_validation import PRETRAINING_METHODS
-  configs = [with_batch(c, FLAGS.batch) for c in [FLAGS.config, *map(load_config, FLAGS.also)]]
+  configs = [FLAGS.config, *map(load_config, FLAGS.also)]
+  if FLAGS.batch:
+    configs = [_variant(c, global_batch_size=FLAGS.batch) for c in configs]
+  if FLAGS.pipeline:
+    print(json.dumps(bench_pipeline(configs[0], FLAGS.pipeline_images, FLAGS.pipeline_batches)),
+          flush=True)
+    return
+  peers = [p for p in FLAGS.peer if p != "none"]
+  unknown = sorted(set(FLAGS.peer) - set(PEERS))
+  if unknown:
+    raise app.UsageError(f"--peer: unknown {unknown}; allowed: {', '.join(PEERS)}")
   for c in configs:
     if c.method not in PRETRAINING_METHODS:
       raise app.UsageError(f"config.method={c.method!r}: the benchmark times pre-training "
                            f"methods {PRETRAINING_METHODS}")
+  if (peers or FLAGS.asymmetry) and configs[0].method != "mae":
+    raise app.UsageError("--peer and --asymmetry compare against MAE: the first config must be "
+                         "an MAE config")
+  if FLAGS.asymmetry:
+    configs.insert(1, _variant(configs[0], **{"model.encoder_mask_tokens": True}))
   for c in configs:
     print(json.dumps(bench_mim_jax(c, FLAGS.steps, FLAGS.warmup)), flush=True)
-  if FLAGS.peer == "hf":
-    if configs[0].method != "mae":
-      raise app.UsageError("--peer=hf times HF ViTMAE: the first config must be an MAE config")
-    print(json.dumps(bench_hf(configs[0], FLAGS.steps, FLAGS.warmup)), flush=True)
+  for peer in peers:
+    print(json.dumps(bench_hf(configs[0], FLAGS.steps, FLAGS.warmup,
+                              compile_model=peer == "hf_compile")), flush=True)
 
 
 if __name__ == "__main__":

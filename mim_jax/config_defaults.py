@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
       dtype="float32",         # computation dtype; parameters are always float32
       attention_impl="",       # "" lets JAX choose, or "xla" / "cudnn"
       drop_path_rate=0.0,
+      # MAE only: encode all patches with mask tokens instead of the visible ones (the MAE
+      # paper's "w/ [M]" ablation; slower, for comparisons).
+      encoder_mask_tokens=False,
   ))
   c.decoder = ml_collections.ConfigDict(dict(width=512, depth=8, num_heads=16))
   c.masking = ml_collections.ConfigDict(dict(

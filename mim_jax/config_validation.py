@@ -95,6 +95,11 @@ def validate_pretraining(config, image_size: tuple[int, int], patch: int) -> Non
     _require(dec.width % 4 == 0, "decoder.width", dec.width,
              "a multiple of 4 (2-D sin-cos position embeddings)")
   validate_masking(config, image_size, patch)
+  emt = config.model.encoder_mask_tokens
+  _require(isinstance(emt, bool), "model.encoder_mask_tokens", emt, "true or false")
+  _require(not emt or config.method == "mae", "model.encoder_mask_tokens", emt,
+           f"false for method {config.method!r} (its encoder always sees mask tokens; the "
+           "option is MAE's 'w/ [M]' ablation)")
   _require(isinstance(config.target.norm_pix, bool), "target.norm_pix", config.target.norm_pix,
            "true or false")
   if config.method == "maskfeat":

@@ -1,4 +1,4 @@
-"""The benchmark runs end to end on a micro config and reports both implementations."""
+"""The benchmark runs end to end on micro configs: JSON lines with the fields docs rely on."""
 
 from __future__ import annotations
 
@@ -9,28 +9,48 @@ import sys
 from conftest import REPO
 
 
-def test_bench_prints_one_json_line_per_implementation():
-  out = subprocess.run(
-      [sys.executable, "-m", "mim_jax.bench", "--config=configs/mae_vitb.py:runlocal",
-       "--steps=2", "--warmup=1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+def _bench(*args):
+  out = subprocess.run([sys.executable, "-m", "mim_jax.bench", *args, "--steps=2", "--warmup=1"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
-  rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-  assert [r["impl"] for r in rows] == ["mim_jax", "hf_transformers_pytorch"]
-  # The same architecture on both sides.
-  assert rows[0]["params"] == rows[1]["params"] > 0
-  assert all(r["steps"] == 2 and r["images_per_s"] > 0 for r in rows)
+  return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def test_bench_times_mae_its_mask_token_variant_and_the_hf_peer():
+  rows = _bench("--config=configs/mae_vitb.py:runlocal", "--asymmetry", "--peer=hf")
+  assert [(r["impl"], r["encoder_mask_tokens"]) for r in rows] == [
+      ("mim_jax", False), ("mim_jax", True), ("hf_transformers_pytorch", False)]
+  # The same architecture on both sides (the mask-token variant adds the token).
+  assert rows[0]["params"] == rows[2]["params"] == rows[1]["params"] - 64 > 0
+  for r in rows:
+    assert r["steps"] == 2 and r["images_per_s"] > 0 and r["step_s_min"] <= r["step_s_median"]
+    assert r["train_gflops_per_image"] > 0 and r["achieved_tflops"] > 0
+    assert r["device"] == "cpu" and r["mfu"] is None  # no datasheet peak for CPUs
+  assert rows[1]["train_gflops_per_image"] > rows[0]["train_gflops_per_image"]
+  assert rows[0]["xla_gflops_per_image"] >= rows[0]["train_gflops_per_image"]
 
 
 def test_bench_times_other_methods_side_by_side():
-  out = subprocess.run(
-      [sys.executable, "-m", "mim_jax.bench", "--config=configs/mae_vitb.py:runlocal",
-       "--also=configs/simmim_vitb.py:runlocal", "--also=configs/maskfeat_vitb.py:runlocal",
-       "--peer=none", "--batch=4", "--steps=2", "--warmup=1"],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+  rows = _bench("--config=configs/mae_vitb.py:runlocal", "--also=configs/simmim_vitb.py:runlocal",
+                "--also=configs/maskfeat_vitb.py:runlocal", "--peer=none", "--batch=4")
   assert [r["method"] for r in rows] == ["mae", "simmim", "maskfeat"]
   assert [r["masking"] for r in rows] == ["random", "grouped", "blockwise"]
   assert all(r["global_batch"] == 4 and r["images_per_s"] > 0 for r in rows)
   # The same encoder: MAE adds a decoder, SimMIM a mask token and a linear head.
   assert rows[0]["model"] == rows[1]["model"] == rows[2]["model"]
+
+
+def test_pipeline_benchmark_reports_images_per_worker():
+  rows = _bench("--config=configs/mae_vitb.py", "--pipeline", "--pipeline_images=16",
+                "--pipeline_batches=2", "--batch=8")
+  assert len(rows) == 1 and rows[0]["images_per_s_per_worker"] > 0
+  assert rows[0]["image_size"] == [224, 224] and rows[0]["batch"] == 8
+
+
+def test_peak_table_matches_device_kinds():
+  from mim_jax.bench import peak_tflops
+  assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+  assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+  assert peak_tflops("NVIDIA H200") == 989.4
+  assert peak_tflops("TPU v5 lite") == 197.0
+  assert peak_tflops("cpu") is None
