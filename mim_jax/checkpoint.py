@@ -1,14 +1,24 @@
 """Orbax checkpoints: train state + rng + data-iterator state in one step directory.
 
 Saves are asynchronous (training continues while the write finishes), atomic (Orbax writes to a
-temporary directory and renames it, so a half-written step is never chosen on restore), and
-pruned to the newest `keep` steps.
+temporary directory `<step>.orbax-checkpoint-tmp*` and renames it when every item is written,
+so a half-written step is never chosen on restore, and leftover temporary directories are
+deleted when the next run opens the folder), and pruned to the newest `keep` steps. A write
+that fails (disk full, I/O error) is logged, its temporary directory removed and the save
+tried again at the next interval; `max_consecutive_failures` failures in a row stop the run.
+
+Nothing here unpickles: Orbax stores arrays with TensorStore and metadata as JSON, the data
+iterator's position is JSON, and model.json is JSON, so a checkpoint or encoder directory from
+elsewhere cannot run code when it is loaded.
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import os
+import shutil
 import uuid
 from typing import Any
 
@@ -16,30 +26,79 @@ import jax
 import orbax.checkpoint as ocp
 
 from mim_jax import data
+from mim_jax.run_errors import CheckpointSaveError
+
+log = logging.getLogger(__name__)
+
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 class WorkdirNotWritableError(OSError):
-  """The workdir (or its checkpoint folder) cannot be created or written."""
+  """The workdir (or its checkpoint folder) cannot be created or written, or has no room."""
 
 
 def ensure_writable(directory: str) -> None:
-  """Creates `directory` and proves a file can be written there, before training starts."""
+  """Creates `directory` and proves a file can be written there, before training starts.
+
+  The probe is flushed to the device (fsync), so a full disk fails here (ENOSPC) and not at
+  the first checkpoint.
+  """
   probe = os.path.join(directory, f".write_probe_{uuid.uuid4().hex}")
   try:
     os.makedirs(directory, exist_ok=True)
     with open(probe, "w") as f:
       f.write("ok")
+      f.flush()
+      os.fsync(f.fileno())
     os.remove(probe)
   except OSError as e:
+    try:
+      os.remove(probe)
+    except OSError:
+      pass  # never created, or the directory refuses even that
     raise WorkdirNotWritableError(
         f"cannot write to {directory!r} ({e.strerror or e}); checkpoints and logs go there, so "
-        "pass a writable --workdir") from e
+        "pass a writable --workdir with free space") from e
+
+
+def tree_bytes(tree: Any) -> int:
+  """Bytes of all array leaves of `tree` (arrays or jax.ShapeDtypeStruct), all shards together."""
+  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree)
+             if hasattr(x, "dtype") and hasattr(x, "size"))
+
+
+def ensure_free_space(directory: str, checkpoint_bytes: int, keep: int) -> None:
+  """Fails before training if `directory` cannot hold one checkpoint of `checkpoint_bytes`.
+
+  Warns when it cannot hold `keep` + 1 of them (the kept ones plus the one being written): the
+  run would then stop with a failed save later, not now.
+  """
+  free = shutil.disk_usage(directory).free
+  if free < checkpoint_bytes:
+    raise WorkdirNotWritableError(
+        f"{directory!r} has {_size(free)} free but one checkpoint needs about "
+        f"{_size(checkpoint_bytes)}; free some space or pass another --workdir")
+  if free < (keep + 1) * checkpoint_bytes:
+    log.warning("%s has %s free: room for fewer than keep_checkpoints + 1 = %d checkpoints of "
+                "about %s; saves will fail once it is full", directory, _size(free), keep + 1,
+                _size(checkpoint_bytes))
+
+
+def _size(num_bytes: int) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if num_bytes < 1024 or unit == "GiB":
+      return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+    num_bytes /= 1024
+  return ""
 
 
 class Checkpointer:
-  """A thin wrapper over `ocp.CheckpointManager` with the items mim_jax saves together."""
+  """A thin wrapper over `ocp.CheckpointManager` with the items mim_jax saves together, which
+  survives failed writes: each is logged and retried at the next interval, and
+  `max_consecutive_failures` failures in a row raise CheckpointSaveError."""
 
-  def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
+  def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True,
+               max_consecutive_failures: int = 3):
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_every, max_to_keep=keep,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
@@ -48,15 +107,39 @@ class Checkpointer:
         enable_should_save_is_saving_in_progress_check=False)
     self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self.max_consecutive_failures = max_consecutive_failures
+    self.consecutive_failures = 0
+    self._in_flight: int | None = None  # step of the asynchronous save not yet confirmed
+    self._failed_step: int | None = None  # the latest save attempt, if it failed
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def should_save(self, step: int) -> bool:
+    """Whether `step` is on the save interval (or a multi-host preemption sync point)."""
+    return self.manager.should_save(step)
+
   def save(self, step: int, state: Any, data_iterator, *, force: bool = False) -> bool:
-    """Starts an asynchronous save if `step` is on the interval (or `force`)."""
+    """Starts an asynchronous save if `step` is on the interval (or `force`).
+
+    Waits for the previous save first: if that one failed, or this one cannot start, the
+    failure is logged and counted and training goes on (the next interval tries again);
+    the `max_consecutive_failures`-th failure in a row raises CheckpointSaveError. Returns
+    whether a save was started.
+    """
+    if not force and not self.manager.should_save(step):
+      return False
+    self._confirm_in_flight()
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=data.iterator_save_args(data_iterator))
-    return self.manager.save(step, args=args, force=force)
+    try:
+      started = self.manager.save(step, args=args, force=force)
+    except Exception as e:  # pylint: disable=broad-except  # any I/O error of any backend
+      self._record_failure(step, e)
+      return False
+    if started:
+      self._in_flight = step
+    return started
 
   def restore(self, step: int, abstract_state: Any, data_iterator) -> Any:
     """Restores the state onto `abstract_state`'s shardings and rewinds `data_iterator`."""
@@ -65,10 +148,63 @@ class Checkpointer:
     return self.manager.restore(step, args=args).state
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Blocks until the save in flight is written; raises CheckpointSaveError if the latest
+    save attempt failed.
+
+    For the saves a run ends with (the last step, a preemption), which have no next interval.
+    """
+    self._confirm_in_flight()
+    if self._failed_step is not None:
+      raise CheckpointSaveError(
+          f"the checkpoint for step {self._failed_step} could not be written to "
+          f"{self.directory} (see the error above); the latest complete checkpoint is step "
+          f"{self.latest_step()}. Fix the storage and run the same command to resume.")
 
   def close(self) -> None:
+    """Waits for the save in flight (a failure is only logged) and releases the manager."""
+    self._confirm_in_flight(count=False)
     self.manager.close()
+
+  def _confirm_in_flight(self, count: bool = True) -> bool:
+    """Waits for the asynchronous save in flight; False if it failed (logged, and counted
+    unless not `count`)."""
+    step, self._in_flight = self._in_flight, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      if count:
+        self._record_failure(step, e)
+      else:
+        log.error("checkpoint for step %s failed: %s", step, e)
+      return False
+    if step is not None:
+      self.consecutive_failures = 0
+      self._failed_step = None
+    return True
+
+  def _record_failure(self, step: int | None, error: Exception) -> None:
+    self.consecutive_failures += 1
+    self._failed_step = step
+    self._remove_partial(step)
+    latest = self.latest_step()
+    log.error("checkpoint for step %s could not be written (%s: %s); the latest complete "
+              "checkpoint is step %s. Failure %d of at most %d in a row: the next save interval "
+              "tries again", step, type(error).__name__, error, latest,
+              self.consecutive_failures, self.max_consecutive_failures)
+    if self.consecutive_failures >= self.max_consecutive_failures:
+      raise CheckpointSaveError(
+          f"{self.consecutive_failures} checkpoint saves in a row failed (the last for step "
+          f"{step}: {type(error).__name__}: {error}); stopping instead of training on without "
+          f"checkpoints. The latest complete checkpoint in {self.directory} is step {latest}: "
+          "fix the storage (free space, permissions) and run the same command to resume. "
+          "config.max_consecutive_failed_saves sets how many failures are tolerated.") from error
+
+  def _remove_partial(self, step: int | None) -> None:
+    """Deletes the temporary directory a failed save left (Orbax would at the next start)."""
+    if step is None or jax.process_index() != 0:
+      return
+    for path in glob.glob(os.path.join(self.directory, f"{step}{TMP_SUFFIX}*")):
+      shutil.rmtree(path, ignore_errors=True)
 
 
 def export_encoder(directory: str, encoder_params: Any, model_info: dict) -> str:

@@ -138,6 +138,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.viz_every = 1000           # 0 disables reconstruction pictures
   c.viz_num_images = 8
   c.export_encoder = True
+  # Reliability (docs/reliability.md): a step with a NaN/Inf loss or gradient is skipped; this
+  # many in a row stop the run (exit 3). This many failed checkpoint writes in a row stop it
+  # too (exit 4) rather than training on without checkpoints.
+  c.max_consecutive_nonfinite = 10
+  c.max_consecutive_failed_saves = 3
   return c
 
 

@@ -6,7 +6,8 @@ a run without reading the source.
 
 from __future__ import annotations
 
-from typing import Any
+import difflib
+from typing import Any, Iterable
 
 
 class ConfigError(ValueError):
@@ -18,4 +19,47 @@ def config_error(field: str, value: Any, allowed: str, hint: str = "") -> Config
   message = f"config.{field}={value!r} is invalid: {allowed}."
   if hint:
     message += f" {hint}"
+  return ConfigError(message)
+
+
+def dotted_keys(config: Any, prefix: str = "") -> list[str]:
+  """Every field of a (nested) ConfigDict as a dotted path, sub-configs included:
+  ["data", "data.path", ..., "seed"]."""
+  keys = []
+  for name, value in config.items():
+    key = f"{prefix}{name}"
+    keys.append(key)
+    if hasattr(value, "items") and hasattr(value, "lock"):  # a nested ConfigDict
+      keys.extend(dotted_keys(value, prefix=f"{key}."))
+  return keys
+
+
+def similar_keys(field: str, known: Iterable[str], limit: int = 3) -> list[str]:
+  """The known dotted keys a mistyped `field` most likely meant, best first.
+
+  Whole-path matches (masking.ration -> masking.ratio, optimiser.base_lr ->
+  optimizer.base_lr) come first, then keys whose last part matches the last part of `field`
+  (ratio -> masking.ratio, num_worker -> data.num_workers).
+  """
+  known = list(known)
+  leaf = field.rsplit(".", 1)[-1]
+  by_leaf: dict[str, list[str]] = {}
+  for key in known:
+    by_leaf.setdefault(key.rsplit(".", 1)[-1], []).append(key)
+  found = difflib.get_close_matches(field, known, n=limit, cutoff=0.8)
+  found += by_leaf.get(leaf, [])
+  for close_leaf in difflib.get_close_matches(leaf, list(by_leaf), n=limit, cutoff=0.75):
+    found += by_leaf[close_leaf]
+  unique = list(dict.fromkeys(k for k in found if k != field))
+  return unique[:limit]
+
+
+def unknown_field_error(field: str, known: Iterable[str]) -> ConfigError:
+  """`config.<field> does not exist` with a "did you mean" list of similar fields."""
+  message = f"config.{field} does not exist"
+  suggestions = similar_keys(field, known)
+  if suggestions:
+    message += ": did you mean " + " or ".join(f"config.{k}" for k in suggestions) + "?"
+  else:
+    message += " (the fields are listed in mim_jax/config_defaults.py)."
   return ConfigError(message)

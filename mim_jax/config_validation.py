@@ -271,7 +271,8 @@ def validate_optimization(config) -> None:
 
 
 def validate_logging(config) -> None:
-  for name in ("log_every", "checkpoint_every", "keep_checkpoints", "viz_num_images"):
+  for name in ("log_every", "checkpoint_every", "keep_checkpoints", "viz_num_images",
+               "max_consecutive_nonfinite", "max_consecutive_failed_saves"):
     _positive_int(config, name)
   _require(_is_int(config.viz_every) and config.viz_every >= 0, "viz_every", config.viz_every,
            "an integer >= 0 (0 disables pictures)")

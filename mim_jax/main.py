@@ -23,30 +23,148 @@ e.g. two CPU processes on one machine:
       --coordinator_address=localhost:12355 --num_processes=2 --process_id=0 &
   python -m mim_jax.main --config=configs/mae_vitb.py:runlocal --workdir=/tmp/mp \
       --coordinator_address=localhost:12355 --num_processes=2 --process_id=1
+
+Exit codes (mim_jax/run_errors.py): 0 finished, or stopped after SIGTERM with its checkpoint
+written; 1 a bug (traceback); 2 bad input found before training (a flag, a config field, the
+workdir, a data file); 3 the loss stayed NaN/Inf (config.max_consecutive_nonfinite steps);
+4 checkpoint writes kept failing (config.max_consecutive_failed_saves).
+
+The config file is a Python module and runs as code: only pass config files you trust.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from typing import NoReturn, Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from mim_jax.config_errors import ConfigError
+from mim_jax import run_errors
+from mim_jax.config_errors import ConfigError, dotted_keys, unknown_field_error
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:arg]).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and pictures.")
-flags.DEFINE_string("coordinator_address", "",
-                    "Multi-process runs: HOST:PORT of process 0's coordinator service "
-                    "(empty: detect SLURM / Cloud TPU, else a single process).")
-flags.DEFINE_integer("num_processes", 0,
-                     "Multi-process runs: the number of processes (0: detect).")
-flags.DEFINE_integer("process_id", -1,
-                     "Multi-process runs: this process's index in [0, num_processes) (-1: detect).")
-flags.mark_flags_as_required(["config", "workdir"])
+
+# `--config.a.b=v` / `--config.a.b v` / `--noconfig.a.b`: the dotted field an argument overrides.
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
+
+
+def define_flags(flag_values: flags.FlagValues, argv: Sequence[str] | None = None) -> None:
+  """Defines the command-line flags on `flag_values`; `argv` is the command line to parse
+  (None: sys.argv), which ml_collections reads to define the `--config.*` override flags."""
+  config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:arg]).",
+                                  flag_values=flag_values, lock_config=True,
+                                  sys_argv=None if argv is None else list(argv))
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and pictures.",
+                      flag_values=flag_values)
+  flags.DEFINE_string("coordinator_address", "",
+                      "Multi-process runs: HOST:PORT of process 0's coordinator service "
+                      "(empty: detect SLURM / Cloud TPU, else a single process).",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("num_processes", 0,
+                       "Multi-process runs: the number of processes (0: detect).",
+                       flag_values=flag_values)
+  flags.DEFINE_integer("process_id", -1,
+                       "Multi-process runs: this process's index in [0, num_processes) (-1: "
+                       "detect).", flag_values=flag_values)
+  flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
+
+
+define_flags(FLAGS)
+
+
+def _fail(message: str, code: int = run_errors.EXIT_BAD_INPUT) -> NoReturn:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def _config_path(argv: Sequence[str]) -> str | None:
+  """The value of --config in `argv` (either `--config=PATH` or `--config PATH`)."""
+  for i, arg in enumerate(argv):
+    if re.match(r"^--?config=", arg):
+      return arg.split("=", 1)[1]
+    if re.match(r"^--?config$", arg) and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _unknown_overrides(argv: Sequence[str]) -> list[ConfigError]:
+  """An error with "did you mean" suggestions for every `--config.x` naming no field.
+
+  Loads the config file alone (no overrides) to learn its fields; [] if it cannot be loaded.
+  """
+  path = _config_path(argv)
+  if path is None:
+    return []
+  probe = flags.FlagValues()
+  probe_argv = [argv[0], f"--config={path}"]
+  config_flags.DEFINE_config_file("config", None, "", flag_values=probe, sys_argv=probe_argv)
+  try:
+    probe(probe_argv)
+    known = set(dotted_keys(probe.config))
+  except Exception:  # pylint: disable=broad-except  # the original error is reported instead
+    return []
+  fields = [m.group(1) for m in map(_OVERRIDE.match, argv[1:]) if m]
+  return [unknown_field_error(f, known) for f in dict.fromkeys(fields) if f not in known]
+
+
+def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
+  """Parses `argv` into `flag_values`; a bad flag prints `error: ...` and exits with code 2.
+
+  Covers values of the wrong type (`--config.seed=1.5`), unknown flags and config fields (with
+  the fields they were probably meant to be) and config files that fail to load.
+  """
+  try:
+    return flag_values(list(argv))
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    unknown = _unknown_overrides(argv)
+    if unknown:
+      _fail("\n".join(str(u) for u in unknown))
+    message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    name = getattr(e, "flagname", "")
+    if isinstance(e, flags.UnrecognizedFlagError) and "." in name:
+      # `--confg.seed=3`: a mistyped prefix of a config override.
+      message += f". Did you mean --config.{name.split('.', 1)[1]}?"
+    _fail(f"{message}\nPass --helpfull for the flags; config fields are in "
+          "mim_jax/config_defaults.py.")
+
+
+def run_from_flags(flag_values: flags.FlagValues) -> None:
+  """Starts the process group (if any) and the run the parsed flags describe.
+
+  Exits with a message and the code of run_errors for bad input (2), a diverged run (3) and
+  failed checkpoints (4); other exceptions are bugs and keep their traceback.
+  """
+  from mim_jax import distributed  # after flag parsing: keeps `--help` fast
+  try:
+    # Before anything touches JAX devices: the backend starts with the process group.
+    distributed.maybe_initialize(flag_values.coordinator_address, flag_values.num_processes,
+                                 flag_values.process_id)
+  except ValueError as e:
+    _fail(str(e))
+  from mim_jax import checkpoint, data, train
+  from mim_jax.evaluate import knn_job
+  try:
+    if flag_values.config.method == "knn":
+      knn_job.run(flag_values.config, flag_values.workdir)
+    else:
+      train.run(flag_values.config, flag_values.workdir)
+  except (ConfigError, checkpoint.WorkdirNotWritableError, data.IdxFormatError,
+          data.BadImageError) as e:
+    _fail(str(e))
+  except run_errors.RunError as e:
+    _fail(str(e), e.exit_code)
+
+
+def cli(argv: Sequence[str]) -> None:
+  """`python -m mim_jax.main ARGS` in this process, with its own flags (tests, notebooks):
+  cli(["mim_jax.main", "--config=...", "--workdir=..."]). Exits (SystemExit) on errors."""
+  flag_values = flags.FlagValues()
+  define_flags(flag_values, argv)
+  parse_flags(argv, flag_values)
+  run_from_flags(flag_values)
 
 
 def main(argv):
@@ -55,25 +173,8 @@ def main(argv):
                       force=True)
   # Orbax reports every save step at INFO through absl; keep the console for our progress line.
   logging.getLogger("absl").setLevel(logging.WARNING)
-  from mim_jax import distributed  # after flag parsing: keeps `--help` fast
-  try:
-    # Before anything touches JAX devices: the backend starts with the process group.
-    distributed.maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                                 FLAGS.process_id)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  from mim_jax import checkpoint, train
-  from mim_jax.evaluate import knn_job
-  try:
-    if FLAGS.config.method == "knn":
-      knn_job.run(FLAGS.config, FLAGS.workdir)
-    else:
-      train.run(FLAGS.config, FLAGS.workdir)
-  except (ConfigError, checkpoint.WorkdirNotWritableError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  run_from_flags(FLAGS)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import signal
 import time
 from typing import Any, Callable
 
@@ -23,8 +22,8 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from mim_jax import (checkpoint, config_validation, data, masking, metric_writers, optim, parallel,
-                     viz)
+from mim_jax import (checkpoint, config_validation, data, masking, metric_writers,
+                     metrics_rewind, optim, parallel, preemption, run_errors, viz)
 from mim_jax.methods import build_method
 from mim_jax.models import vit
 
@@ -47,23 +46,29 @@ log = logging.getLogger(__name__)
 class TrainState:
   """Everything that changes during training (besides the data iterator).
 
-  step       int32 []  number of optimizer updates applied so far
-  params     pytree    trainable parameters (float32)
-  opt_state  pytree    optimizer state
-  extra      pytree    the method's other state (BatchNorm statistics, a frozen encoder, ...)
+  step              int32 []  number of training steps taken (batches consumed) so far
+  params            pytree    trainable parameters (float32)
+  opt_state         pytree    optimizer state
+  extra             pytree    the method's other state (BatchNorm statistics, a frozen
+                              encoder, ...)
+  skipped_updates   int32 []  steps whose update was skipped for a non-finite loss/gradient
+  nonfinite_streak  int32 []  how many of the latest steps in a row were skipped
   """
   step: jax.Array
   params: Any
   opt_state: Any
   extra: Any
+  skipped_updates: jax.Array
+  nonfinite_streak: jax.Array
 
 
 def init_train_state(method, tx: optax.GradientTransformation, rng: jax.Array,
                      image_shape: tuple[int, ...]) -> TrainState:
   """Fresh state for images of `image_shape` [B, H, W, C] (traced: use under jit/eval_shape)."""
   params, extra = method.init(rng, jnp.zeros(image_shape, jnp.float32))
-  return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
-                    extra=extra)
+  zero = jnp.zeros([], jnp.int32)
+  return TrainState(step=zero, params=params, opt_state=tx.init(params), extra=extra,
+                    skipped_updates=zero, nonfinite_streak=zero)
 
 
 def _global_norm(tree: Any) -> jax.Array:
@@ -90,67 +95,65 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
   `rng` is the run's base key; the step folds in `state.step`, so the randomness of step t is
   the same whether or not the run was interrupted. With `grad_accum_steps` > 1 the batch is
   split into that many microbatches whose gradients are averaged before one update.
-  Metrics are scalars: the method's (loss, ...), learning_rate and grad/param/update norms.
+
+  A step whose loss or gradients hold a NaN or Inf changes nothing but the counters: params,
+  optimizer state and `extra` keep their values (one select per leaf, fused into the update),
+  `skipped_updates` and `nonfinite_streak` grow by one; a finite step resets the streak. The
+  step count advances either way, so the data and randomness of later steps do not shift.
+  Metrics are scalars: the method's (loss, ...), learning_rate, grad/param/update norms,
+  nonfinite (1 if this step was skipped), skipped_updates and nonfinite_streak.
   """
   def grad_fn(params, extra, batch, rng):
-    (_, (metrics, extra)), grads = jax.value_and_grad(
+    (loss, (metrics, extra)), grads = jax.value_and_grad(
         lambda p: method.loss(p, extra, batch, rng, train=True), has_aux=True)(params)
-    return metrics, grads, extra
+    return loss, metrics, grads, extra
 
   def step_fn(state: TrainState, batch: Any, rng: jax.Array):
     rng = jax.random.fold_in(rng, state.step)
     if grad_accum_steps == 1:
-      metrics, grads, extra = grad_fn(state.params, state.extra, batch, rng)
+      loss, metrics, grads, extra = grad_fn(state.params, state.extra, batch, rng)
     else:
       micro = _split_microbatches(batch, grad_accum_steps)
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      metric_shapes = jax.eval_shape(grad_fn, state.params, state.extra,
-                                     jax.tree.map(lambda x: x[0], micro), rng)[0]
-      metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+      shapes = jax.eval_shape(grad_fn, state.params, state.extra,
+                              jax.tree.map(lambda x: x[0], micro), rng)[:2]
+      loss_zero, metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
       def accumulate(carry, inputs):
         # `extra` (e.g. BatchNorm statistics) threads through the microbatches in order.
-        metric_sum, grad_sum, extra = carry
+        loss_sum, metric_sum, grad_sum, extra = carry
         index, microbatch = inputs
-        m, g, extra = grad_fn(state.params, extra, microbatch, jax.random.fold_in(rng, index))
-        return (jax.tree.map(jnp.add, metric_sum, m), jax.tree.map(jnp.add, grad_sum, g),
-                extra), None
+        l, m, g, extra = grad_fn(state.params, extra, microbatch,
+                                 jax.random.fold_in(rng, index))
+        return (loss_sum + l, jax.tree.map(jnp.add, metric_sum, m),
+                jax.tree.map(jnp.add, grad_sum, g), extra), None
 
-      (metrics, grads, extra), _ = jax.lax.scan(
-          accumulate, (metric_zeros, zeros, state.extra), (jnp.arange(grad_accum_steps), micro))
-      metrics, grads = jax.tree.map(lambda x: x / grad_accum_steps, (metrics, grads))
+      (loss, metrics, grads, extra), _ = jax.lax.scan(
+          accumulate, (loss_zero, metric_zeros, zeros, state.extra),
+          (jnp.arange(grad_accum_steps), micro))
+      loss, metrics, grads = jax.tree.map(lambda x: x / grad_accum_steps,
+                                          (loss, metrics, grads))
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    grad_norm = _global_norm(grads)
+    # One NaN/Inf anywhere in the gradients makes their norm non-finite.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt_state, extra = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old),
+        (params, opt_state, extra), (state.params, state.opt_state, state.extra))
+    skipped = (~finite).astype(jnp.int32)
+    streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
     metrics = dict(metrics)
-    metrics.update(learning_rate=schedule(state.step), grad_norm=_global_norm(grads),
-                   param_norm=_global_norm(params), update_norm=_global_norm(updates))
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                      extra=extra), metrics
+    metrics.update(learning_rate=schedule(state.step), grad_norm=grad_norm,
+                   param_norm=_global_norm(params), update_norm=_global_norm(updates),
+                   nonfinite=skipped, skipped_updates=state.skipped_updates + skipped,
+                   nonfinite_streak=streak)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, extra=extra,
+                      skipped_updates=state.skipped_updates + skipped,
+                      nonfinite_streak=streak), metrics
 
   return step_fn
-
-
-class _PreemptionFlag:
-  """Turns SIGTERM into a flag read at step boundaries (save, then exit cleanly)."""
-
-  def __init__(self):
-    self.triggered = False
-    self._previous = None
-
-  def __enter__(self):
-    def handler(signum, frame):
-      log.warning("received signal %d: saving a checkpoint at the next step boundary", signum)
-      self.triggered = True
-    try:
-      self._previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. called from a notebook worker)
-      self._previous = None
-    return self
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _schedule_lengths(config, num_examples: int) -> tuple[int, int, int]:
@@ -176,8 +179,10 @@ def run(config, workdir: str) -> TrainState:
 
   The method is a pre-training method or a trained evaluation (linprobe, finetune, which start
   from `config.init_from` and score the evaluation split; results.json holds the final
-  numbers). Returns the final TrainState. On SIGTERM it saves at the next step boundary and
-  returns.
+  numbers). Returns the final TrainState. On SIGTERM (a preemption notice) it saves at the
+  next step boundary, agreed by all processes, and returns. Raises NonFiniteError after
+  config.max_consecutive_nonfinite non-finite steps in a row and CheckpointSaveError after
+  config.max_consecutive_failed_saves failed checkpoint writes in a row (see run_errors).
   """
   from mim_jax.evaluate import knn_job, pretrained  # evaluation builds on this module's peers
   config = pretrained.adopt_encoder_config(config)
@@ -213,103 +218,159 @@ def run(config, workdir: str) -> TrainState:
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
       abstract_state, state_shardings)
 
+  # A workdir that cannot hold even one checkpoint fails now, not after the first interval.
+  checkpoint.ensure_free_space(workdir, checkpoint.tree_bytes(abstract_state),
+                               config.keep_checkpoints)
+
   train_iter = data.make_train_iterator(
       config.data, image_size=image_size, channels=channels,
       global_batch_size=config.global_batch_size, seed=config.seed,
       element_transforms=method_data_transforms(method))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                 save_every=config.checkpoint_every, keep=config.keep_checkpoints)
+                                 save_every=config.checkpoint_every, keep=config.keep_checkpoints,
+                                 max_consecutive_failures=config.max_consecutive_failed_saves)
+  writer = None
+  try:
+    state, start_step = _restore_or_init(config, method, ckpt, abstract_state, train_iter,
+                                         init_fn, init_rng, state_shardings)
+    train_step = jax.jit(
+        make_train_step(method, tx, schedule, config.grad_accum_steps),
+        in_shardings=(state_shardings, batch_sharding, replicated),
+        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+    if is_chief:
+      # Rows logged after the checkpoint are recomputed (identically) from here on.
+      metrics_rewind.rewind_metrics(workdir, start_step)
+    writer = metric_writers.MetricWriter(workdir, enabled=is_chief)
+    if start_step == 0:
+      writer.write_hparams(config.to_dict())
+    progress = metric_writers.ProgressLogger(last_step, start_step=start_step,
+                                             log_fn=(lambda s: log.info("%s", s)) if is_chief
+                                             else (lambda s: None))
+    log.info("%s %s: %d examples, %d steps/epoch, schedule %d steps, training to step %d on "
+             "%d device(s), micro-batch %s", config.method, vit.describe_size(config.model),
+             num_examples, steps_per_epoch, schedule_steps, last_step, jax.device_count(),
+             micro_shape)
+
+    # Every process computes the pictures (the params span all processes); process 0 writes.
+    draw = _make_drawer(config, method, workdir, writer, base_rng, replicated, is_chief) if (
+        config.viz_every and hasattr(method, "reconstruct")) else None
+    evaluate = _make_evaluator(config, method, mesh, state_shardings) if hasattr(
+        method, "eval_metrics") else None
+    knn = knn_job.KnnMonitor(config, mesh) if config.knn.every_epochs > 0 else None
+    eval_every = _epochs_to_steps(config.eval.every_epochs, steps_per_epoch)
+    knn_every = _epochs_to_steps(config.knn.every_epochs, steps_per_epoch)
+    final_metrics: dict[str, float] = {}
+
+    step = start_step
+    t_last, step_last = time.perf_counter(), step
+    with preemption.PreemptionWatcher(start_step, sync_every=config.log_every) as preempted:
+      while step < last_step:
+        host_batch = next(train_iter)
+        batch = parallel.host_batch_to_global(
+            {k: host_batch[k] for k in TRAIN_BATCH_KEYS if k in host_batch}, batch_sharding)
+        state, metrics = train_step(state, batch, base_rng)
+        step += 1
+        # The only host-device synchronisation in the loop besides checkpoints: metrics at the
+        # logging interval.
+        if step % config.log_every == 0 or step == last_step:
+          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          now = time.perf_counter()
+          metrics["images_per_sec"] = ((step - step_last) * config.global_batch_size
+                                       / (now - t_last))
+          metrics["skipped_images"] = data.num_skipped_images()  # corrupt files dropped so far
+          t_last, step_last = now, step
+          writer.write_scalars(step, metrics)
+          progress.log(step, metrics)
+          _check_nonfinite(int(metrics["nonfinite_streak"]), int(metrics["skipped_updates"]),
+                           step, config, ckpt)
+        if preempted.should_stop(step):
+          # Before pictures and evaluations: the scheduler's grace period is short.
+          ckpt.save(step, state, train_iter, force=True)
+          ckpt.wait()
+          log.warning("checkpoint for step %d written after SIGTERM (a preemption notice); "
+                      "exiting", step)
+          break
+        if draw is not None and (step % config.viz_every == 0 or step == last_step):
+          draw(step, state.params)
+        if evaluate is not None and ((eval_every and step % eval_every == 0)
+                                     or step == last_step):
+          final_metrics.update(evaluate(state))
+          writer.write_scalars(step, final_metrics)
+          log.info("step %d | %s", step, _format(final_metrics))
+        if knn is not None and (step % knn_every == 0 or step == last_step):
+          final_metrics.update(knn(method.encoder_params(state.params, state.extra)))
+          writer.write_scalars(step, final_metrics)
+          log.info("step %d | %s", step, _format(final_metrics))
+        if ckpt.should_save(step):
+          # The save copies the state to the host anyway, so reading the streak costs nothing;
+          # a run that has diverged stops here instead of writing a checkpoint.
+          _check_nonfinite(int(state.nonfinite_streak), int(state.skipped_updates), step,
+                           config, ckpt)
+          ckpt.save(step, state, train_iter)
+
+    if not preempted.triggered:
+      if ckpt.latest_step() != step:
+        ckpt.save(step, state, train_iter, force=True)
+      ckpt.wait()
+      if config.export_encoder and step == last_step:
+        # Collective: every process gathers the encoder and takes part in the Orbax save.
+        encoder = _to_host(method.encoder_params(state.params, state.extra))
+        checkpoint.export_encoder(os.path.join(workdir, "encoder"), encoder,
+                                  _model_info(config))
+      if final_metrics and step == last_step and is_chief:
+        _write_results(workdir, config, step, final_metrics)
+  finally:
+    # Also on errors: an in-flight checkpoint write completes, worker processes stop.
+    ckpt.close()
+    if writer is not None:
+      writer.close()
+    if hasattr(train_iter, "close"):
+      train_iter.close()  # stops grain worker processes and frees their shared memory
+  return state
+
+
+def _restore_or_init(config, method, ckpt: checkpoint.Checkpointer, abstract_state: TrainState,
+                     train_iter, init_fn: Callable, init_rng: jax.Array,
+                     state_shardings: Any) -> tuple[TrainState, int]:
+  """(state, start step): the latest complete checkpoint, else a fresh (or pre-trained) state.
+
+  Orbax lists only committed step directories, so a checkpoint cut short by a crash is never
+  chosen; its temporary directory was deleted when `ckpt` opened the folder.
+  """
+  from mim_jax.evaluate import pretrained
   start_step = ckpt.latest_step()
   if start_step is not None:
     state = ckpt.restore(start_step, abstract_state, train_iter)
     log.info("resumed from %s at step %d", ckpt.directory, start_step)
-  else:
-    start_step = 0
-    state = jax.jit(init_fn, out_shardings=state_shardings)(init_rng)
-    if pretrained.is_pretrained(config.init_from):
-      # Pre-trained weights are merged on the host, then placed with the state's shardings.
-      params, extra = method.load_pretrained(_to_host(state.params), _to_host(state.extra))
-      state = jax.device_put(state.replace(params=params, extra=extra), state_shardings)
-      log.info("initialised from %s", config.init_from)
+    return state, start_step
+  state = jax.jit(init_fn, out_shardings=state_shardings)(init_rng)
+  if pretrained.is_pretrained(config.init_from):
+    # Pre-trained weights are merged on the host, then placed with the state's shardings.
+    params, extra = method.load_pretrained(_to_host(state.params), _to_host(state.extra))
+    state = jax.device_put(state.replace(params=params, extra=extra), state_shardings)
+    log.info("initialised from %s", config.init_from)
+  return state, 0
 
-  train_step = jax.jit(
-      make_train_step(method, tx, schedule, config.grad_accum_steps),
-      in_shardings=(state_shardings, batch_sharding, replicated),
-      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
-  writer = metric_writers.MetricWriter(workdir, enabled=is_chief)
-  if start_step == 0:
-    writer.write_hparams(config.to_dict())
-  progress = metric_writers.ProgressLogger(last_step, start_step=start_step,
-                                           log_fn=(lambda s: log.info("%s", s)) if is_chief
-                                           else (lambda s: None))
-  log.info("%s %s: %d examples, %d steps/epoch, schedule %d steps, training to step %d on %d "
-           "device(s), micro-batch %s", config.method, vit.describe_size(config.model),
-           num_examples, steps_per_epoch, schedule_steps, last_step, jax.device_count(),
-           micro_shape)
+def _check_nonfinite(streak: int, skipped: int, step: int, config,
+                     ckpt: checkpoint.Checkpointer) -> None:
+  """Raises NonFiniteError once `streak` steps in a row had a non-finite loss or gradient.
 
-  # Every process computes the pictures (the params span all processes); process 0 writes them.
-  draw = _make_drawer(config, method, workdir, writer, base_rng, replicated, is_chief) if (
-      config.viz_every and hasattr(method, "reconstruct")) else None
-  evaluate = _make_evaluator(config, method, mesh, state_shardings) if hasattr(
-      method, "eval_metrics") else None
-  knn = knn_job.KnnMonitor(config, mesh) if config.knn.every_epochs > 0 else None
-  eval_every = _epochs_to_steps(config.eval.every_epochs, steps_per_epoch)
-  knn_every = _epochs_to_steps(config.knn.every_epochs, steps_per_epoch)
-  final_metrics: dict[str, float] = {}
-
-  step = start_step
-  t_last, step_last = time.perf_counter(), step
-  with _PreemptionFlag() as preempted:
-    while step < last_step:
-      host_batch = next(train_iter)
-      batch = parallel.host_batch_to_global(
-          {k: host_batch[k] for k in TRAIN_BATCH_KEYS if k in host_batch}, batch_sharding)
-      state, metrics = train_step(state, batch, base_rng)
-      step += 1
-      # The only host-device synchronisation in the loop: metrics at the logging interval.
-      if step % config.log_every == 0 or step == last_step:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        now = time.perf_counter()
-        metrics["images_per_sec"] = (step - step_last) * config.global_batch_size / (now - t_last)
-        metrics["skipped_images"] = data.num_skipped_images()  # corrupt files dropped so far
-        t_last, step_last = now, step
-        writer.write_scalars(step, metrics)
-        progress.log(step, metrics)
-        if not np.isfinite(metrics["loss"]):
-          log.error("non-finite loss %s at step %d", metrics["loss"], step)
-      if draw is not None and (step % config.viz_every == 0 or step == last_step):
-        draw(step, state.params)
-      if evaluate is not None and ((eval_every and step % eval_every == 0) or step == last_step):
-        final_metrics.update(evaluate(state))
-        writer.write_scalars(step, final_metrics)
-        log.info("step %d | %s", step, _format(final_metrics))
-      if knn is not None and (step % knn_every == 0 or step == last_step):
-        final_metrics.update(knn(method.encoder_params(state.params, state.extra)))
-        writer.write_scalars(step, final_metrics)
-        log.info("step %d | %s", step, _format(final_metrics))
-      if preempted.triggered:
-        ckpt.save(step, state, train_iter, force=True)
-        ckpt.wait()
-        log.warning("checkpoint for step %d written after SIGTERM; exiting", step)
-        break
-      ckpt.save(step, state, train_iter)
-
-  if not preempted.triggered:
-    if ckpt.latest_step() != step:
-      ckpt.save(step, state, train_iter, force=True)
-    ckpt.wait()
-    if config.export_encoder and step == last_step:
-      # Collective: every process gathers the encoder and takes part in the Orbax save.
-      encoder = _to_host(method.encoder_params(state.params, state.extra))
-      checkpoint.export_encoder(os.path.join(workdir, "encoder"), encoder, _model_info(config))
-    if final_metrics and step == last_step and is_chief:
-      _write_results(workdir, config, step, final_metrics)
-  ckpt.close()
-  writer.close()
-  if hasattr(train_iter, "close"):
-    train_iter.close()  # stops grain worker processes and frees their shared memory
-  return state
+  Skipped steps leave the parameters unchanged, so the checkpoints already written hold the
+  last good ones; stopping keeps the run from writing more checkpoints of a diverged run.
+  """
+  if streak and streak < config.max_consecutive_nonfinite:
+    log.warning("step %d: non-finite loss or gradients for the last %d step(s); their updates "
+                "were skipped (%d skipped in total)", step, streak, skipped)
+  if streak >= config.max_consecutive_nonfinite:
+    raise run_errors.NonFiniteError(
+        f"training stopped at step {step}: the loss or gradients were NaN/Inf for the last "
+        f"{streak} steps in a row (config.max_consecutive_nonfinite="
+        f"{config.max_consecutive_nonfinite}); their updates were skipped, so the parameters "
+        f"are those of step {step - streak}. The latest checkpoint ({ckpt.latest_step()}) "
+        "is intact. Lower optimizer.base_lr, set optimizer.clip_grad_norm, use "
+        "model.dtype='float32', or check the input data, then resume with the same command.")
 
 
 def _to_host(tree: Any) -> Any:

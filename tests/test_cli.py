@@ -21,7 +21,7 @@ from conftest import REPO, tiny_mae_config
     ({"image_size": (16, 18)}, r"config.image_size=\(16, 18\) .*divisible by the patch size 4.*width 18"),
     ({"model.variant": "Q/4"}, r"config.model.variant='Q/4'"),
     ({"model.variant": "B16"}, r"config.model.variant='B16'.*SIZE/PATCH"),
-    ({"method": "maee"}, r"config.method='maee' is invalid: one of \['finetune', 'knn', 'linprobe', 'mae'\]"),
+    ({"method": "maee"}, r"config.method='maee' is invalid: one of \['finetune', 'knn', 'linprobe', 'mae', 'maskfeat', 'simmim'\]"),
     ({"model.dtype": "float8"}, r"config.model.dtype='float8'"),
     ({"masking.kind": "blockwise"}, r"config.masking.kind='blockwise' .*'random'"),
     ({"global_batch_size": 0}, r"config.global_batch_size=0"),
@@ -72,3 +72,93 @@ def test_cli_unknown_field_is_rejected(tmp_path):
              "--config.masking.ration=0.5")
   assert out.returncode != 0
   assert "ration" in out.stderr
+
+
+# ----------------------------------------------------------------------------- fuzzing
+
+RUNLOCAL = f"--config={REPO}/configs/mae_vitb.py:runlocal"
+# (flags, text the one-line error must contain: the field, and for typos the right field).
+MALFORMED = [
+    # Wrong types.
+    (["--config.global_batch_size=abc"], "config.global_batch_size"),
+    (["--config.seed=1.5"], "config.seed"),
+    (["--config.masking.ratio=high"], "config.masking.ratio"),
+    (["--config.data.hflip=maybe"], "config.data.hflip"),
+    (["--config.model=3"], "config.model"),
+    (["--config.optimizer.base_lr=1e-3x"], "config.optimizer.base_lr"),
+    (["--config.export_encoder=2"], "config.export_encoder"),
+    (["--config.image_size=(16,)"], "config.image_size"),
+    (["--config.data.crop_scale=(0.5,)"], "config.data.crop_scale"),
+    # Out of range.
+    (["--config.masking.ratio=1.5"], "config.masking.ratio=1.5"),
+    (["--config.masking.ratio=-0.1"], "config.masking.ratio=-0.1"),
+    (["--config.global_batch_size=0"], "config.global_batch_size=0"),
+    (["--config.log_every=0"], "config.log_every=0"),
+    (["--config.checkpoint_every=-5"], "config.checkpoint_every=-5"),
+    (["--config.keep_checkpoints=0"], "config.keep_checkpoints=0"),
+    (["--config.optimizer.b1=1.0"], "config.optimizer.b1=1.0"),
+    (["--config.optimizer.eps=0.0"], "config.optimizer.eps=0.0"),
+    (["--config.optimizer.weight_decay=-1.0"], "config.optimizer.weight_decay=-1.0"),
+    (["--config.model.drop_path_rate=1.0"], "config.model.drop_path_rate=1.0"),
+    (["--config.data.num_workers=-1"], "config.data.num_workers=-1"),
+    (["--config.max_consecutive_nonfinite=0"], "config.max_consecutive_nonfinite=0"),
+    (["--config.max_consecutive_failed_saves=-1"], "config.max_consecutive_failed_saves=-1"),
+    (["--config.total_steps=0"], "config.total_steps=0"),
+    (["--config.data.label_fraction=0.0"], "config.data.label_fraction=0.0"),
+    (["--config.channels=2"], "config.channels=2"),
+    # Not one of the allowed values.
+    (["--config.data.on_bad_image=ignore"], "config.data.on_bad_image='ignore'"),
+    (["--config.model.dtype=float64"], "config.model.dtype='float64'"),
+    (["--config.method=byol"], "config.method='byol'"),
+    (["--config.optimizer.name=adam"], "config.optimizer.name='adam'"),
+    (["--config.data.source=imagenet"], "config.data.source='imagenet'"),
+    (["--config.masking.kind=checkerboard"], "config.masking.kind='checkerboard'"),
+    # Unknown fields: typos get the field they were probably meant to be.
+    (["--config.masking.ration=0.5"], "did you mean config.masking.ratio?"),
+    (["--config.ratio=0.5"], "did you mean config.masking.ratio?"),
+    (["--config.optimiser.base_lr=0.1"], "did you mean config.optimizer.base_lr?"),
+    (["--config.model.widht=64"], "did you mean config.model.width"),
+    (["--config.data.num_worker=2"], "did you mean config.data.num_workers?"),
+    (["--config.chekpoint_every=5"], "did you mean config.checkpoint_every?"),
+    (["--config.lerning_rate=0.1"], "config.lerning_rate does not exist"),
+    (["--confg.seed=3"], "Did you mean --config.seed?"),
+    # Values that are fine alone but not together.
+    (["--config.grad_accum_steps=3"], "multiple of grad_accum_steps=3"),
+    (["--config.optimizer.warmup_epochs=5.0"], "config.optimizer.warmup_epochs=5.0"),
+    (["--config.masking.kind=blockwise"], "config.masking.kind='blockwise'"),
+    (["--config.decoder.num_heads=5"], "config.decoder.num_heads=5"),
+    (["--config.masking.mask_patch_size=32"], "config.masking.mask_patch_size=32"),
+    (["--config.image_size=(40,40)"], "config.image_size=(40, 40)"),
+    (["--config.data.synthetic_size=4"], "config.global_batch_size=8"),
+    (["--config.optimizer.schedule=multistep", "--config.optimizer.decay_epochs=(5.0,)"],
+     "config.optimizer.decay_epochs"),
+    (["--config.data.mean=(0.5,0.5)"], "config.data.mean"),
+    (["--config.method=linprobe"], "config.init_from=''"),
+]
+
+
+def test_malformed_command_lines_fail_fast_naming_the_field(tmp_path, monkeypatch, capsys):
+  """Every input exits 2 with `error: ...` naming the field, before a model is built."""
+  import jax
+  from mim_jax import main, train
+
+  def build_method(config):
+    raise AssertionError("reached model building: the input was not rejected")
+  monkeypatch.setattr(train, "build_method", build_method)
+  compiled = []
+
+  def listener(event, *args, **kwargs):
+    if "compile" in event:
+      compiled.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    for flags, expected in MALFORMED:
+      with pytest.raises(SystemExit) as exit_info:
+        main.cli(["mim_jax.main", RUNLOCAL, f"--workdir={tmp_path / 'w'}", *flags])
+      err = capsys.readouterr().err
+      assert exit_info.value.code == 2, (flags, err)
+      assert err.startswith("error: ") and expected in err, (flags, err)
+      assert "Traceback" not in err, (flags, err)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert len(MALFORMED) >= 30 and not compiled, compiled

@@ -464,7 +464,8 @@ def test_skip_count_is_seen_from_worker_processes(bad_folder):
                                 seed=0, process_index=0, process_count=1)
   take(it, 4)
   it.close()
-  assert set(data.skipped_images()) == bad
+  # Only this folder's files: a previous test's read-ahead may still finish a batch.
+  assert {p for p in data.skipped_images() if p.startswith(root)} == bad
 
 
 def test_corrupt_image_raise_mode_names_the_file(bad_folder):

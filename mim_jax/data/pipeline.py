@@ -4,18 +4,20 @@ Training, per host (process_index of process_count):
 
   source (data.split) -> per-class label subset (if data.label_fraction < 1; the same on
   every host) -> [process_index::process_count] (equal shards) -> shuffle -> repeat
-  (reshuffled per epoch) -> DecodeImage -> DropBadImages -> TrainAugment (random_map) ->
-  to_iter_dataset -> batch(local_batch, drop_remainder) -> mp_prefetch (if num_workers > 0)
+  (reshuffled per epoch) -> DecodeImage -> TrainAugment (random_map; an undecodable image
+  becomes a row marked invalid) -> batch(local_batch) -> to_iter_dataset -> mp_prefetch (if
+  num_workers > 0) -> DropInvalidRows -> NonEmptyBatch -> rebatch(local_batch)
 
 Evaluation reads `data.split` or the `split` argument (e.g. data.eval_split), never subsetted.
 
 Everything up to `to_iter_dataset` is index-based (a `MapDataset`), so an element's content
 depends only on (seed, host, position in the stream): not on threads, workers or prefetching.
-Batches are formed inside each worker from its slice of the stream (positions w::num_workers,
-grain's `mp_prefetch` slicing) and interleaved round-robin, so (when no image is skipped) the
-*set* of examples in each group of num_workers consecutive batches is the same for every worker
-count, but which batch an example lands in depends on num_workers. The iterator state (`get_state`/`set_state`)
-holds stream positions only, so a restore is exact for the same config and num_workers.
+Batches are cut from the stream by position before the workers split it (worker w computes
+batches w::num_workers, grain's `mp_prefetch` slicing, and they are interleaved back in
+order), and the rows of skipped images are removed afterwards in the training process, so the
+batches are the same, example for example, for every value of data.num_workers. The iterator
+state (`get_state`/`set_state`) holds stream positions only, so a restore is exact for the
+same config and num_workers.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ import numpy as np
 from mim_jax.config_errors import config_error
 from mim_jax.data import bad_images, sources, transforms
 
-# Grain raises if more than this fraction of images is dropped (checked over windows of 1000
-# elements): a dataset that is mostly unreadable is misconfigured, and without the check an
+# Training stops if more than this fraction of images is bad (checked over windows of 1000
+# images): a dataset that is mostly unreadable is misconfigured, and without the check an
 # all-bad source would make the infinite stream spin forever.
 MAX_BAD_IMAGE_FRACTION = 0.5
 EVAL_CROP_FRACTION = 0.875  # resize to size / 0.875, centre crop (224 <- 256), for real photos
@@ -60,11 +62,11 @@ def _derive_seeds(seed: int, process_index: int, stream: int = 1) -> tuple[int, 
   return int(shuffle_seed), int(augment_seed)
 
 
-def _read_options(num_workers: int, batch_size: int) -> grain.ReadOptions:
-  """Threads per process that run the map chain (PIL decode and resize release the GIL)."""
+def _read_options(num_workers: int, read_ahead: int) -> grain.ReadOptions:
+  """Threads per process that run the map chain (PIL decode and resize release the GIL), and
+  `read_ahead` elements of the dataset read buffered (at least one per thread)."""
   threads = 2 if num_workers > 0 else max(1, min(8, os.cpu_count() or 1))
-  return grain.ReadOptions(num_threads=threads,
-                           prefetch_buffer_size=int(np.clip(batch_size, 16, 512)))
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, read_ahead))
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -118,7 +120,7 @@ def train_dataset(data_cfg, *, image_size: tuple[int, int], channels: int,
   ds = ds[process_index:per_host * process_count:process_count]
   shuffle_seed, augment_seed = _derive_seeds(seed, process_index)
   ds = ds.shuffle(seed=shuffle_seed).repeat()  # infinite; each epoch reshuffled from the seed
-  ds = ds.map(_decoder(data_cfg, channels)).filter(transforms.DropBadImages())
+  ds = ds.map(_decoder(data_cfg, channels))
   ds = ds.random_map(transforms.TrainAugment(
       image_size=image_size,
       crop_scale=tuple(float(s) for s in data_cfg.crop_scale),
@@ -129,16 +131,22 @@ def train_dataset(data_cfg, *, image_size: tuple[int, int], channels: int,
     ds = ds.random_map(transform, seed=_derive_seeds(seed, process_index, stream=2 + i)[1])
 
   num_workers = int(data_cfg.num_workers)
-  it_ds = ds.to_iter_dataset(_read_options(num_workers, local_batch))
-  it_ds = grain.experimental.WithOptionsIterDataset(
-      it_ds, grain.experimental.DatasetOptions(
-          filter_raise_threshold_ratio=MAX_BAD_IMAGE_FRACTION))
-  it_ds = it_ds.batch(local_batch, drop_remainder=True)
+  # Batches are cut by stream position here, before workers split the stream, so that their
+  # contents do not depend on the worker count; invalid rows are removed after the workers.
+  ds = ds.batch(local_batch, drop_remainder=True)
+  # As many batches read ahead as threads (at least 16 examples): more would only hold memory.
+  it_ds = ds.to_iter_dataset(_read_options(num_workers, max(1, 16 // local_batch)))
   if num_workers > 0:
     _ensure_absl_flags_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=num_workers, per_worker_buffer_size=int(data_cfg.prefetch_buffer_size)))
-  return it_ds
+  it_ds = it_ds.map(transforms.DropInvalidRows(MAX_BAD_IMAGE_FRACTION))
+  it_ds = it_ds.filter(transforms.NonEmptyBatch())
+  # An emptied batch is expected (all its images bad) and DropInvalidRows bounds how many
+  # there can be, so grain's warning about filtered-out elements would only mislead.
+  it_ds = grain.experimental.WithOptionsIterDataset(
+      it_ds, grain.experimental.DatasetOptions(filter_warn_threshold_ratio=None))
+  return grain.experimental.RebatchIterDataset(it_ds, local_batch, drop_remainder=True)
 
 
 def make_train_iterator(data_cfg, *, image_size: tuple[int, int], channels: int,
@@ -151,9 +159,9 @@ def make_train_iterator(data_cfg, *, image_size: tuple[int, int], channels: int,
 
   B = global_batch_size // process_count. With data.label_fraction < 1 only the per-class
   subset of the training split is read (`num_examples` gives its size). Deterministic for
-  (config, seed, host, num_workers); `get_state()` / `set_state()` (or `iterator_save_args` /
-  `iterator_restore_args` with Orbax) resume it exactly. Call `close()` when done to stop
-  worker processes early.
+  (config, seed, host), whatever data.num_workers; `get_state()` / `set_state()` (or
+  `iterator_save_args` / `iterator_restore_args` with Orbax) resume it exactly. Call `close()`
+  when done to stop worker processes early.
   """
   return iter(train_dataset(data_cfg, image_size=image_size, channels=channels,
                             global_batch_size=global_batch_size, seed=seed,
@@ -196,7 +204,7 @@ def eval_dataset(data_cfg, *, image_size: tuple[int, int], channels: int, batch_
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
   # In-process threads only: evaluation is one pass, and worker start-up (seconds) would
   # dominate the common case of reading a few batches (e.g. reconstruction pictures).
-  it_ds = ds.to_iter_dataset(_read_options(0, batch_size))
+  it_ds = ds.to_iter_dataset(_read_options(0, int(np.clip(batch_size, 16, 512))))
   return it_ds.batch(batch_size, drop_remainder=False)
 
 

@@ -21,6 +21,8 @@ from PIL import Image
 from mim_jax.data import bad_images
 
 Box = tuple[int, int, int, int]  # (top, left, height, width) in source pixels
+# Training rows carry this flag until `DropInvalidRows` removes the undecodable ones.
+VALID_KEY = "valid"
 
 
 class BadImageError(ValueError):
@@ -50,6 +52,14 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
   if c == 3 and channels == 1:
     return np.asarray(Image.fromarray(np.ascontiguousarray(image), "RGB").convert("L"))[..., None]
   raise ValueError(f"cannot convert an image with {c} channels to {channels}")
+
+
+def check_image_array(image: np.ndarray) -> np.ndarray:
+  """Returns uint8 [h, w, c] `image` unchanged; raises ValueError for an empty one (0 x w)."""
+  if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
+    raise ValueError(f"image has shape {image.shape}; expected [height, width, channels] with "
+                     "a positive height and width")
+  return image
 
 
 def decode_image(data: bytes, channels: int) -> np.ndarray:
@@ -150,8 +160,10 @@ class DecodeImage(grain.transforms.Map):
 
   A record carries its pixels as "image" (uint8 array, or encoded bytes) or, for files, only a
   "path" that is read here (so listing never opens files). A file that cannot be read or
-  decoded: on_bad_image="raise" raises BadImageError naming it; "skip" warns, records the
-  skip (see `bad_images`) and returns image=None for `DropBadImages` (or the eval masking).
+  decoded, or whose pixels have an unusable shape (no height or width, a channel count that
+  cannot be converted): on_bad_image="raise" raises BadImageError naming it; "skip" warns,
+  records the skip (see `bad_images`) and returns image=None, which training drops
+  (`TrainAugment` marks the row invalid, `DropInvalidRows` removes it) and evaluation masks.
   """
   channels: int
   on_bad_image: str
@@ -160,37 +172,35 @@ class DecodeImage(grain.transforms.Map):
   def map(self, record: dict[str, Any]) -> dict[str, Any]:
     path = str(record.get("path", "<unknown>"))
     image = record.get("image")
-    if isinstance(image, np.ndarray):
-      decoded = to_channels(image, self.channels)
-    else:
-      try:
+    try:
+      if isinstance(image, np.ndarray):
+        # Array records can hold channel counts no conversion exists for (e.g. 2): that is a
+        # bad image like a corrupt file, handled by the same policy and named the same way.
+        decoded = check_image_array(to_channels(image, self.channels))
+      else:
         if image is None:
           with open(path, "rb") as f:
             image = f.read()
-        decoded = decode_image(bytes(image), self.channels)
-      except Exception as e:  # pylint: disable=broad-except  # anything PIL/IO raises
-        reason = f"{type(e).__name__}: {e}"
-        if self.on_bad_image == "raise":
-          raise BadImageError(f"cannot decode image {path}: {reason}. Remove or replace the "
-                              "file, or set config.data.on_bad_image='skip'") from e
-        bad_images.record_skip(self.skip_log_dir, path, reason)
-        decoded = None
+        decoded = check_image_array(decode_image(bytes(image), self.channels))
+    except Exception as e:  # pylint: disable=broad-except  # anything PIL/IO/numpy raises
+      reason = f"{type(e).__name__}: {e}"
+      if self.on_bad_image == "raise":
+        raise BadImageError(f"cannot decode image {path}: {reason}. Remove or replace the "
+                            "file, or set config.data.on_bad_image='skip'") from e
+      bad_images.record_skip(self.skip_log_dir, path, reason)
+      decoded = None
     return {"image": decoded, "label": int(record.get("label", 0)), "path": path}
-
-
-class DropBadImages(grain.transforms.Filter):
-  """Drops records whose image could not be decoded, so batches stay full."""
-
-  def filter(self, element: dict[str, Any]) -> bool:
-    return element["image"] is not None
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainAugment(grain.transforms.RandomMap):
-  """{"image": uint8 [h, w, C], "label"} -> {"image": float32 [H, W, C] normalised,
-  "label": int32 []}.
+  """{"image": uint8 [h, w, C] or None, "label"} -> {"image": float32 [H, W, C] normalised,
+  "label": int32 [], "valid": bool []}.
 
-  RandomResizedCrop (bicubic) to `image_size`, horizontal flip with p=0.5 if `hflip`.
+  RandomResizedCrop (bicubic) to `image_size`, horizontal flip with p=0.5 if `hflip`. A record
+  whose image could not be decoded (None, skip mode) becomes a placeholder row with
+  valid=False: positions in the stream stay fixed (so batches can be formed before workers
+  split the stream) and `DropInvalidRows` removes the row before any batch is fed.
   """
   image_size: tuple[int, int]
   crop_scale: tuple[float, float]
@@ -200,12 +210,60 @@ class TrainAugment(grain.transforms.RandomMap):
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     image = element["image"]
+    if image is None:
+      return {"image": np.zeros((*self.image_size, self.normalize.channels), np.float32),
+              "label": np.int32(-1), VALID_KEY: np.bool_(False)}
     box = random_resized_crop_box(rng, image.shape[0], image.shape[1], self.crop_scale,
                                   self.crop_ratio)
     image = resize_box(image, box, self.image_size)
     if self.hflip and rng.random() < 0.5:
       image = image[:, ::-1]
-    return {"image": self.normalize(image), "label": np.int32(element["label"])}
+    return {"image": self.normalize(image), "label": np.int32(element["label"]),
+            VALID_KEY: np.bool_(True)}
+
+
+class DropInvalidRows(grain.transforms.Map):
+  """Removes the placeholder rows of undecodable images from a batch (and its "valid" key).
+
+  Runs in the training process on the batches the workers return, so the stream of kept
+  examples, and hence every batch after `RebatchIterDataset`, is the same for any number of
+  workers. Raises BadImageError when more than `max_bad_fraction` of a window of
+  `window` consecutive images was bad: a mostly unreadable dataset is misconfigured, and an
+  all-bad one would otherwise make the infinite stream spin forever.
+  """
+
+  def __init__(self, max_bad_fraction: float, window: int = 1000):
+    self.max_bad_fraction = max_bad_fraction
+    self.window = window
+    self._seen = 0
+    self._bad = 0
+
+  def map(self, batch: dict[str, Any]) -> dict[str, Any]:
+    batch = dict(batch)
+    valid = np.asarray(batch.pop(VALID_KEY), bool)
+    self._count(valid)
+    if valid.all():
+      return batch  # the common case: no copy
+    return {k: v[valid] for k, v in batch.items()}
+
+  def _count(self, valid: np.ndarray) -> None:
+    self._seen += valid.size
+    self._bad += int(valid.size - valid.sum())
+    if self._seen < self.window:
+      return
+    if self._bad > self.max_bad_fraction * self._seen:
+      raise BadImageError(
+          f"{self._bad} of the last {self._seen} training images could not be decoded (more "
+          f"than {self.max_bad_fraction:.0%}; the warnings above name them): the dataset is "
+          "mostly unreadable, so check config.data.path / config.data.source")
+    self._seen = self._bad = 0
+
+
+class NonEmptyBatch(grain.transforms.Filter):
+  """Drops a batch whose rows were all removed (every image in it was undecodable)."""
+
+  def filter(self, batch: dict[str, Any]) -> bool:
+    return len(batch["label"]) > 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,18 +2,22 @@
 
 Every failure is a `ConfigError` naming the field as `config.data.<field>`. Nothing here opens
 an image or imports tfds: the paths are only checked for existence (and, for image folders,
-for at least one image file).
+for at least one image file, and for class sub-folders without any, which are an error with
+data.on_bad_image='raise' and a warning otherwise).
 """
 
 from __future__ import annotations
 
+import logging
 import numbers
 import os
 from typing import Any
 
 from mim_jax.config_errors import config_error
 from mim_jax.data import idx, sources
-from mim_jax.data.sources import IMAGE_EXTENSIONS, SOURCES, has_any_image
+from mim_jax.data.sources import IMAGE_EXTENSIONS, SOURCES, empty_class_folders, has_any_image
+
+log = logging.getLogger(__name__)
 
 ON_BAD_IMAGE = ("skip", "raise")
 FMNIST_HINT = ("Install it with `sudo apt-get install -y dataset-fashion-mnist` or set "
@@ -64,6 +68,7 @@ def _validate_source(data_cfg) -> None:
     _require(has_any_image(path), "path", path,
              f"a folder containing {'/'.join(IMAGE_EXTENSIONS)} images (searched recursively); "
              "none found")
+    _check_empty_classes(data_cfg, "path", path)
     # Only checked when set: pre-training never reads it, and an unset one is reported when
     # an evaluation asks for it.
     eval_path = data_cfg.eval_path
@@ -71,6 +76,7 @@ def _validate_source(data_cfg) -> None:
       _require(os.path.isdir(eval_path) and has_any_image(eval_path), "eval_path", eval_path,
                f"an existing folder containing {'/'.join(IMAGE_EXTENSIONS)} images (the "
                "evaluation split of data.source='image_folder')")
+      _check_empty_classes(data_cfg, "eval_path", eval_path)
   elif source == "tfds":
     name = data_cfg.tfds_name
     _require(isinstance(name, str) and bool(name.strip()), "tfds_name", name,
@@ -82,6 +88,24 @@ def _validate_source(data_cfg) -> None:
   elif source == "synthetic":
     size = data_cfg.synthetic_size
     _require(_is_int(size) and size > 0, "synthetic_size", size, "a positive integer")
+
+
+def _check_empty_classes(data_cfg, field: str, root: str) -> None:
+  """Class folders without images: an error with on_bad_image='raise', else a warning.
+
+  Either way before training: such a folder is no class, so the labels of the classes after
+  it are one lower than a complete copy of the dataset would give them.
+  """
+  empty = empty_class_folders(root)
+  if not empty:
+    return
+  shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+  _require(data_cfg.on_bad_image != "raise", field, root,
+           "an image folder whose class sub-folders all hold images",
+           f"{len(empty)} hold none: {shown}. Remove them, or set "
+           "config.data.on_bad_image='skip' to ignore them (they are then no class).")
+  log.warning("image folder %s: %d class folder(s) hold no images and are ignored (no class, "
+              "no label): %s", root, len(empty), shown)
 
 
 def _validate_labels_and_splits(data_cfg) -> None:

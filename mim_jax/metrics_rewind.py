@@ -1,0 +1,45 @@
+"""Rewinds metrics.jsonl to the checkpoint a run resumes from.
+
+A run that was killed logged steps after its last checkpoint; the resumed run computes those
+steps again (identically, see docs/reliability.md) and logs them again. Dropping the old rows
+first keeps one row per step, and drops a last line cut short by the crash, which would
+otherwise be glued to the first new row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from mim_jax.metric_writers import METRICS_FILE
+
+
+def rewind_metrics(workdir: str, step: int) -> int:
+  """Keeps the rows of `workdir/metrics.jsonl` with "step" <= `step`; returns how many went.
+
+  Unparseable lines (a torn write) are dropped too. The file is replaced atomically, so a
+  crash during the rewind leaves either the old or the new file. No-op without the file.
+  """
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return 0
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().splitlines()
+  kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+  dropped = sum(1 for line in lines if line.strip()) - len(kept)
+  if dropped:
+    tmp = f"{path}.rewind.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+  return dropped
+
+
+def _step_of(line: str) -> int | None:
+  """The "step" of a metrics row, or None for a line that is not a complete row."""
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError:
+    return None
+  step = row.get("step") if isinstance(row, dict) else None
+  return step if isinstance(step, int) else None

@@ -1,0 +1,34 @@
+"""Errors that end a training run early, each with the exit code `python -m mim_jax.main` uses.
+
+  0  the run finished, or stopped cleanly after a preemption notice (its checkpoint is written)
+  1  an unexpected error: a bug, reported with Python's traceback
+  2  bad input found before training: configuration, command line, workdir, data files
+  3  training diverged: the loss or gradients were non-finite for too many consecutive steps
+  4  checkpoints could not be written for too many consecutive attempts
+
+A `RunError` carries its own code; main.py maps the start-up errors of other modules to 2.
+In every case the checkpoints already written stay intact: a run is resumed from the latest
+one by running the same command again.
+"""
+
+from __future__ import annotations
+
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+EXIT_CHECKPOINT_FAILED = 4
+
+
+class RunError(RuntimeError):
+  """A run stopped on purpose, with a message for the user and a process exit code."""
+  exit_code = 1
+
+
+class NonFiniteError(RunError):
+  """The loss or gradients stayed NaN / Inf for `config.max_consecutive_nonfinite` steps."""
+  exit_code = EXIT_DIVERGED
+
+
+class CheckpointSaveError(RunError):
+  """Checkpoint writes failed `config.max_consecutive_failed_saves` times in a row, or the
+  final / preemption checkpoint could not be written."""
+  exit_code = EXIT_CHECKPOINT_FAILED

@@ -1,0 +1,605 @@
+"""Fault injection: kill -9, preemption, NaNs, bad data, failing storage, untrusted files.
+
+Each test proves one guarantee of docs/reliability.md and fails if it breaks. Faults are
+injected from the test side only (signals, monkeypatched I/O, a wrapped train step), never
+through switches in the library.
+"""
+
+from __future__ import annotations
+
+import ast
+import errno
+import logging
+import os
+import pathlib
+import pickle
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+from mim_jax import checkpoint, data, main, metric_writers, run_errors, train
+from mim_jax.config_errors import ConfigError
+from mim_jax.data import transforms
+
+from conftest import REPO, tiny_mae_config
+
+RUNLOCAL = f"--config={REPO}/configs/mae_vitb.py:runlocal"
+# 12 steps of a 16-step schedule (so every step changes the parameters), a checkpoint every 3.
+KILL_RUN_FLAGS = ("--config.num_epochs=2", "--config.total_steps=12",
+                  "--config.checkpoint_every=3", "--config.keep_checkpoints=10",
+                  "--config.log_every=1", "--config.viz_every=0",
+                  "--config.export_encoder=False")
+
+# `python -c` launcher that SIGKILLs its own process in the middle of writing checkpoint
+# KILL_STEP: after every item is written but before the atomic rename ("commit"), or while
+# the data-iterator item is being written ("data"). Then it runs the normal command line.
+KILL_DURING_WRITE = r"""
+import os, signal
+import grain
+from orbax.checkpoint._src.path import atomicity
+step, point = os.environ["KILL_STEP"], os.environ["KILL_POINT"]
+def die():
+  os.kill(os.getpid(), signal.SIGKILL)
+finalize = atomicity.AtomicRenameTemporaryPath.finalize
+async def finalize_or_die(self, *args, **kwargs):
+  if point == "commit" and self.get_final().name == step:
+    die()
+  return await finalize(self, *args, **kwargs)
+atomicity.AtomicRenameTemporaryPath.finalize = finalize_or_die
+save = grain.checkpoint.CheckpointHandler.save
+def save_or_die(self, directory, *args, **kwargs):
+  if point == "data" and directory.parent.name.startswith(step + "."):
+    die()
+  return save(self, directory, *args, **kwargs)
+grain.checkpoint.CheckpointHandler.save = save_or_die
+from absl import app
+from mim_jax import main
+app.run(main.main, flags_parser=main.parse_flags)
+"""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _env() -> dict[str, str]:
+  return dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+
+
+def _start(args: list[str], log_path: pathlib.Path, env: dict | None = None,
+           launcher: list[str] | None = None) -> subprocess.Popen:
+  """`python -m mim_jax.main ARGS` (or `launcher` ARGS) with stdout + stderr in `log_path`."""
+  cmd = [sys.executable, *(launcher or ["-m", "mim_jax.main"]), *args]
+  return subprocess.Popen(cmd, cwd=REPO, env=env or _env(), stdout=open(log_path, "w"),
+                          stderr=subprocess.STDOUT)
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = 180) -> None:
+  """Polls `condition()` until true; fails if `proc` exits first or time runs out."""
+  deadline = time.time() + timeout
+  while not condition():
+    assert proc.poll() is None, f"the run exited ({proc.returncode}) before the fault"
+    assert time.time() < deadline, "timed out waiting for the moment to inject the fault"
+    time.sleep(0.02)
+
+
+def _kill9(proc: subprocess.Popen) -> None:
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait(timeout=60) == -signal.SIGKILL
+
+
+def _logged_steps(workdir: pathlib.Path) -> set[int]:
+  path = workdir / metric_writers.METRICS_FILE
+  if not path.exists():
+    return set()
+  return {row["step"] for row in metric_writers.read_metrics(str(workdir))}
+
+
+def _committed(workdir: pathlib.Path) -> list[int]:
+  folder = workdir / "checkpoints"
+  if not folder.exists():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+def _partial(workdir: pathlib.Path) -> list[str]:
+  return sorted(p.name for p in (workdir / "checkpoints").glob(f"*{checkpoint.TMP_SUFFIX}*"))
+
+
+def _saved_params(workdir: pathlib.Path, step: int) -> list[np.ndarray]:
+  state = ocp.StandardCheckpointer().restore(str(workdir / "checkpoints" / str(step) / "state"))
+  return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
+
+
+def _losses(workdir: pathlib.Path) -> list[tuple[int, float]]:
+  return [(row["step"], row["loss"]) for row in metric_writers.read_metrics(str(workdir))]
+
+
+# ----------------------------------------------------------------------------- 1. kill -9
+
+
+def test_kill9_at_random_moments_resumes_bit_exact(tmp_path):
+  """Killed during a step, at start-up and while a checkpoint is written, then resumed: same
+  final parameters and per-step losses as an uninterrupted run; no partial checkpoint used."""
+  rng = random.Random(8)  # the moments are random but fixed: the test is reproducible
+  straight, chain = tmp_path / "straight", tmp_path / "chain"
+  args = lambda w: [RUNLOCAL, f"--workdir={w}", *KILL_RUN_FLAGS]  # noqa: E731
+  baseline = _start(args(straight), tmp_path / "straight.log")
+
+  # 1. During a step: as soon as a random step has been logged (7+ steps before the end, so
+  # the kill lands mid-training even on a slow machine).
+  kill_step = rng.randint(4, 5)
+  proc = _start(args(chain), tmp_path / "run1.log")
+  _wait_for(lambda: kill_step in _logged_steps(chain), proc)
+  _kill9(proc)
+
+  # 2. During start-up: after the checkpoint is restored, before training starts.
+  proc = _start(args(chain), tmp_path / "run2.log")
+  _wait_for(lambda: "training to step" in (tmp_path / "run2.log").read_text(), proc)
+  time.sleep(rng.uniform(0.0, 0.3))
+  _kill9(proc)
+
+  # 3. During the asynchronous write of a random later checkpoint.
+  resume_step = max(_committed(chain), default=0)
+  write_step = rng.choice([s for s in (3, 6, 9) if s > resume_step])
+  point = rng.choice(["commit", "data"])
+  proc = _start(args(chain), tmp_path / "run3.log",
+                env=dict(_env(), KILL_STEP=str(write_step), KILL_POINT=point),
+                launcher=["-c", KILL_DURING_WRITE])
+  assert proc.wait(timeout=300) == -signal.SIGKILL, (tmp_path / "run3.log").read_text()[-3000:]
+  assert write_step not in _committed(chain)
+  assert any(name.startswith(f"{write_step}.") for name in _partial(chain)), _partial(chain)
+
+  # 4. Run to the end: resumes from the last complete checkpoint, ignoring the partial one.
+  last_complete = max(_committed(chain), default=0)
+  proc = _start(args(chain), tmp_path / "run4.log")
+  assert proc.wait(timeout=300) == 0, (tmp_path / "run4.log").read_text()[-3000:]
+  assert baseline.wait(timeout=300) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+  log4 = (tmp_path / "run4.log").read_text()
+  if last_complete:
+    assert f"at step {last_complete}" in log4, log4[-3000:]
+  assert _partial(chain) == []  # the half-written checkpoint was cleaned up
+
+  for a, b in zip(_saved_params(straight, 12), _saved_params(chain, 12), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # Every step logged once (rows after the resume point were rewound), losses bit-equal.
+  assert _losses(chain) == _losses(straight)
+  assert [s for s, _ in _losses(chain)] == list(range(1, 13))
+
+
+# ----------------------------------------------------------------------------- 2. preemption
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+  """JAX's preemption sync: SIGTERM to process 1 only; both save the same step and exit 0."""
+  from test_multiprocess import CLUSTER_VARS, _free_port
+  workdir = tmp_path / "run"
+  env = dict(_env(), JAX_NUM_CPU_DEVICES="1")
+  env.pop("XLA_FLAGS", None)
+  for name in CLUSTER_VARS:
+    env.pop(name, None)
+  port = _free_port()
+  args = [RUNLOCAL, f"--workdir={workdir}", "--config.total_steps=100000",
+          "--config.checkpoint_every=1000", "--config.log_every=1", "--config.viz_every=0",
+          f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+  logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+  procs = [_start([*args, f"--process_id={i}"], logs[i], env=env) for i in range(2)]
+  try:
+    _wait_for(lambda: len(_logged_steps(workdir)) >= 3, procs[0], timeout=240)
+    procs[1].send_signal(signal.SIGTERM)
+    signalled = time.time()
+    codes = [proc.wait(timeout=120) for proc in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  outputs = [log.read_text() for log in logs]
+  assert codes == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+  assert time.time() - signalled < 60
+  stops = [set(map(int, re.findall(r"checkpoint for step (\d+) written after SIGTERM", out)))
+           for out in outputs]
+  assert len(stops[0]) == 1 and stops[0] == stops[1], stops
+  step = stops[0].pop()
+  assert max(_logged_steps(workdir)) == step  # process 0 trained no further than the save
+  assert sorted(p.name for p in (workdir / "checkpoints" / str(step) / "data").glob("*.json")) == [
+      "process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_preemption_watcher_single_process_and_allgather_fallback(monkeypatch):
+  """One process: SIGTERM sets the flag. Several without JAX's preemption service: the flags
+  are all-gathered every `sync_every` steps, so a signal to any process stops all at once."""
+  from mim_jax import preemption
+  before = signal.getsignal(signal.SIGTERM)
+  with preemption.PreemptionWatcher(start_step=0) as watcher:
+    assert not watcher.should_stop(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert watcher.should_stop(2) and watcher.stopped_at == 2
+  assert signal.getsignal(signal.SIGTERM) == before  # the previous handler is back
+
+  gathered = []
+  monkeypatch.setattr(preemption.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(preemption, "_jax_preemption_service_running", lambda step: False)
+
+  def allgather(flag):
+    gathered.append(int(flag))
+    return np.asarray([int(flag), 1])  # the other process was signalled
+  monkeypatch.setattr(preemption.multihost_utils, "process_allgather", allgather)
+  with preemption.PreemptionWatcher(start_step=10, sync_every=4) as watcher:
+    assert [watcher.should_stop(step) for step in (11, 12)] == [False, True]
+  assert gathered == [0] and watcher.triggered
+
+
+# ----------------------------------------------------------------------------- 3. NaN / Inf
+
+
+class _Quadratic:
+  """A toy method with a BatchNorm-like `extra` counter, to see what a skipped step keeps."""
+
+  def init(self, rng, images):
+    return {"w": jax.random.normal(rng, (images[0].size, 1))}, {"seen": jnp.zeros([])}
+
+  def loss(self, params, extra, batch, rng, train=True):
+    x = batch["image"].reshape(batch["image"].shape[0], -1)
+    loss = jnp.mean(jnp.square(x @ params["w"] - 1.0))
+    return loss, ({"loss": loss}, {"seen": extra["seen"] + x.shape[0]})
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+def test_nonfinite_step_changes_nothing_but_the_counters(accum, bad):
+  method, tx = _Quadratic(), optax.adamw(1e-2)
+  state = train.init_train_state(method, tx, jax.random.key(0), (1, 2, 2, 1))
+  step = jax.jit(train.make_train_step(method, tx, lambda s: 1e-2, accum))
+  good = {"image": jnp.ones((4, 2, 2, 1))}
+  poisoned = {"image": good["image"].at[1, 0, 0, 0].set(bad)}
+
+  state, _ = step(state, good, jax.random.key(1))
+  before = state
+  state, metrics = step(state, poisoned, jax.random.key(1))
+  for a, b in zip(jax.tree.leaves((before.params, before.opt_state, before.extra)),
+                  jax.tree.leaves((state.params, state.opt_state, state.extra)), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert int(state.step) == 2 and int(metrics["nonfinite"]) == 1
+  state, metrics = step(state, poisoned, jax.random.key(1))
+  assert int(state.nonfinite_streak) == 2 and int(metrics["skipped_updates"]) == 2
+  state, metrics = step(state, good, jax.random.key(1))
+  assert int(state.nonfinite_streak) == 0 and int(state.skipped_updates) == 2
+  assert int(metrics["nonfinite"]) == 0 and np.isfinite(float(metrics["loss"]))
+  assert not np.array_equal(before.params["w"], state.params["w"])  # training went on
+
+
+def _poison_steps(monkeypatch, steps: set[int]) -> None:
+  """Makes the images of the given (1-based) steps NaN inside the jitted train step."""
+  make = train.make_train_step
+  bad = jnp.asarray(sorted(steps))
+
+  def make_poisoned(*args, **kwargs):
+    step_fn = make(*args, **kwargs)
+
+    def poisoned(state, batch, rng):
+      hit = jnp.any(state.step + 1 == bad)
+      batch = dict(batch, image=jnp.where(hit, jnp.nan, batch["image"]))
+      return step_fn(state, batch, rng)
+    return poisoned
+  monkeypatch.setattr(train, "make_train_step", make_poisoned)
+
+
+def test_nan_batches_are_skipped_counted_then_stop_the_run(tmp_path, monkeypatch):
+  """One NaN batch is skipped and training goes on; 3 in a row stop the run (exit 3) with
+  every checkpoint finite and the last one holding the last good parameters."""
+  _poison_steps(monkeypatch, {2, 5, 6, 7, 8, 9, 10})
+  workdir = tmp_path / "w"
+  config = tiny_mae_config(total_steps=10, checkpoint_every=2, keep_checkpoints=10,
+                           max_consecutive_nonfinite=3)
+  with pytest.raises(run_errors.NonFiniteError, match=r"step 7: .*NaN/Inf for the last 3 steps"):
+    train.run(config, str(workdir))
+  rows = {row["step"]: row for row in metric_writers.read_metrics(str(workdir))}
+  assert rows[2]["nonfinite"] == 1 and rows[2]["loss"] is None  # NaN is logged as null
+  assert rows[3]["nonfinite"] == 0 and rows[3]["skipped_updates"] == 1
+  assert rows[7]["nonfinite_streak"] == 3 and rows[7]["skipped_updates"] == 4
+  assert max(rows) == 7
+  # Steps 5 and 6 were skipped, so checkpoint 6 holds the parameters of checkpoint 4. (Orbax
+  # also saves the first step of a fresh run.)
+  assert _committed(workdir) == [1, 2, 4, 6]
+  for step in (1, 2, 4, 6):
+    assert all(np.isfinite(p).all() for p in _saved_params(workdir, step))
+  for a, b in zip(_saved_params(workdir, 4), _saved_params(workdir, 6), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_run_errors_map_to_exit_codes(monkeypatch, tmp_path, capsys):
+  for error in (run_errors.NonFiniteError("diverged"), run_errors.CheckpointSaveError("disk"),
+                ConfigError("config.x=1 is invalid"), data.IdxFormatError("truncated")):
+    def fail(config, workdir, error=error):
+      raise error
+    monkeypatch.setattr(train, "run", fail)
+    with pytest.raises(SystemExit) as exit_info:
+      main.cli(["mim_jax.main", RUNLOCAL, f"--workdir={tmp_path}"])
+    expected = getattr(error, "exit_code", run_errors.EXIT_BAD_INPUT)
+    assert exit_info.value.code == expected
+    assert capsys.readouterr().err.strip() == f"error: {error}"
+  assert (run_errors.NonFiniteError.exit_code, run_errors.CheckpointSaveError.exit_code) == (3, 4)
+
+
+# ----------------------------------------------------------------------------- 4. data faults
+
+
+def _png(path: pathlib.Path, array: np.ndarray) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(array).save(path)
+
+
+def test_unusual_image_modes_are_converted_not_skipped(tmp_path):
+  rng = np.random.default_rng(0)
+  rgb = rng.integers(1, 255, (6, 5, 3), dtype=np.uint8)
+  files = {
+      "gray_alpha.png": Image.fromarray(rng.integers(1, 255, (6, 5, 2), dtype=np.uint8), "LA"),
+      "rgba.png": Image.fromarray(rng.integers(1, 255, (6, 5, 4), dtype=np.uint8), "RGBA"),
+      "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
+      "palette.png": Image.fromarray(rgb).convert("P"),
+      "gray16.png": Image.fromarray(rng.integers(1, 60000, (6, 5), dtype=np.uint16)),
+  }
+  for channels in (1, 3):
+    decode = transforms.DecodeImage(channels=channels, on_bad_image="raise",
+                                    skip_log_dir=str(tmp_path / "skips"))
+    for name, image in files.items():
+      image.save(tmp_path / name)
+      out = decode.map({"path": str(tmp_path / name)})["image"]
+      assert out.shape == (6, 5, channels) and out.dtype == np.uint8 and out.any(), name
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 2), (0, 5, 3), (6, 5, 5)])
+def test_array_record_with_wrong_channels_is_a_named_bad_image(tmp_path, shape, caplog):
+  record = {"image": np.ones(shape, np.uint8), "path": "tfds:demo/train[7]", "label": 1}
+  with pytest.raises(data.BadImageError, match=r"tfds:demo/train\[7\]"):
+    transforms.DecodeImage(channels=3, on_bad_image="raise",
+                           skip_log_dir=str(tmp_path)).map(record)
+  with caplog.at_level(logging.WARNING):
+    out = transforms.DecodeImage(channels=3, on_bad_image="skip",
+                                 skip_log_dir=str(tmp_path)).map(record)
+  assert out["image"] is None and "tfds:demo/train[7]" in caplog.text
+
+
+def test_empty_class_folder_warns_or_fails_at_startup(tmp_path, caplog):
+  root = tmp_path / "images"
+  for cls in ("cat", "dog"):
+    _png(root / cls / "0.png", np.full((4, 4, 3), 9, np.uint8))
+  (root / "cow").mkdir()
+  (root / "cow" / "notes.txt").write_text("no images")
+  config = tiny_mae_config()
+  config.data.update(source="image_folder", path=str(root), on_bad_image="raise")
+  with pytest.raises(ConfigError, match=r"config.data.path=.*1 hold none: .*cow"):
+    data.validate_data_config(config.data, image_size=(16, 16), channels=3)
+  config.data.on_bad_image = "skip"
+  with caplog.at_level(logging.WARNING):
+    data.validate_data_config(config.data, image_size=(16, 16), channels=3)
+  assert str(root / "cow") in caplog.text
+  assert data.num_classes(config.data) == 2
+
+
+def test_mostly_unreadable_stream_stops_with_a_clear_error():
+  drop = transforms.DropInvalidRows(max_bad_fraction=0.5, window=8)
+  batch = {"image": np.arange(4.0), "label": np.arange(4), "valid": np.array([1, 0, 1, 1], bool)}
+  out = drop.map(batch)
+  np.testing.assert_array_equal(out["label"], [0, 2, 3])
+  assert "valid" not in out
+  with pytest.raises(data.BadImageError, match="of the last 8 training images could not be"):
+    drop.map(dict(batch, valid=np.zeros(4, bool)))
+
+
+def _fmnist_folder(folder: pathlib.Path, truncate: int = 0) -> str:
+  from test_data import indexed_images, write_fmnist
+  write_fmnist(folder, indexed_images(16), gz=False)
+  images = folder / "train-images-idx3-ubyte"
+  if truncate:
+    images.write_bytes(images.read_bytes()[:-truncate])
+  return str(folder)
+
+
+def test_bad_data_files_give_exit_2_and_one_line_naming_the_file(tmp_path, capsys):
+  """A truncated IDX file (at start-up) and a corrupt image met by a worker process in
+  on_bad_image='raise' mode: `error: ...` naming the file, no traceback."""
+  folder = _fmnist_folder(tmp_path / "fm", truncate=5)
+  base = ["mim_jax.main", RUNLOCAL, "--config.data.source=fashion_mnist",
+          f"--config.data.path={folder}", "--config.image_size=(32,32)", "--config.channels=1",
+          "--config.data.mean=(0.5,)", "--config.data.std=(0.5,)"]
+  with pytest.raises(SystemExit) as exit_info:
+    main.cli([*base, f"--workdir={tmp_path / 'w1'}"])
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 2
+  assert "train-images-idx3-ubyte is truncated" in err and "Traceback" not in err
+
+  images = tmp_path / "images" / "a"
+  for i in range(7):
+    _png(images / f"{i}.png", np.full((8, 8, 3), 50 + i, np.uint8))
+  (images / "3.png").write_bytes(b"\x89PNG not really")
+  with pytest.raises(SystemExit) as exit_info:
+    main.cli(["mim_jax.main", RUNLOCAL, f"--workdir={tmp_path / 'w2'}",
+              "--config.data.source=image_folder", f"--config.data.path={images.parent}",
+              "--config.data.on_bad_image=raise", "--config.data.num_workers=1",
+              "--config.global_batch_size=7"])
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 2, err
+  assert err.strip().splitlines()[-1].startswith(f"error: cannot decode image {images / '3.png'}")
+
+
+# ----------------------------------------------------------------------------- 5. storage
+
+
+def test_full_disk_is_detected_before_training(tmp_path, monkeypatch):
+  def no_space(fd):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  with monkeypatch.context() as m:
+    m.setattr(os, "fsync", no_space)  # what a full disk does to a buffered write
+    with pytest.raises(checkpoint.WorkdirNotWritableError, match="No space left on device"):
+      checkpoint.ensure_writable(str(tmp_path / "full"))
+  assert os.listdir(tmp_path / "full") == []  # no probe file left behind
+
+  def restore_or_init(*args, **kwargs):
+    raise AssertionError("reached the model's initialisation: the full disk was not detected")
+  monkeypatch.setattr(train, "_restore_or_init", restore_or_init)
+  monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+                      lambda path: type("Usage", (), {"free": 1000})())
+  with pytest.raises(checkpoint.WorkdirNotWritableError, match="1000 B free but one checkpoint"):
+    train.run(tiny_mae_config(total_steps=2), str(tmp_path / "small"))
+  assert not (tmp_path / "small" / "checkpoints").exists()
+
+
+def test_failed_checkpoint_writes_are_retried_then_stop_the_run(tmp_path, monkeypatch, caplog):
+  """Step 2's write fails in the background and step 5's and 6's fail at once (disk full):
+  the first is retried at step 3; with max_consecutive_failed_saves=2 the run stops at 6."""
+  import grain
+  from orbax.checkpoint._src.path import atomicity
+  finalize = atomicity.AtomicRenameTemporaryPath.finalize
+  save = grain.checkpoint.CheckpointHandler.save
+
+  async def failing_finalize(self, *args, **kwargs):
+    if self.get_final().name == "2":
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return await finalize(self, *args, **kwargs)
+
+  def failing_save(self, directory, *args, **kwargs):
+    if directory.parent.name.split(".")[0] in ("5", "6"):
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return save(self, directory, *args, **kwargs)
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", failing_finalize)
+  monkeypatch.setattr(grain.checkpoint.CheckpointHandler, "save", failing_save)
+
+  workdir = tmp_path / "w"
+  config = tiny_mae_config(total_steps=8, checkpoint_every=1, keep_checkpoints=10,
+                           max_consecutive_failed_saves=2)
+  with caplog.at_level(logging.ERROR, logger="mim_jax.checkpoint"):
+    with pytest.raises(run_errors.CheckpointSaveError,
+                       match=r"2 checkpoint saves in a row failed \(the last for step 6.*"
+                             r"latest complete checkpoint .* is step 4"):
+      train.run(config, str(workdir))
+  assert "checkpoint for step 2 could not be written" in caplog.text
+  assert _committed(workdir) == [1, 3, 4]
+  assert _partial(workdir) == []
+  assert max(_logged_steps(workdir)) == 6
+
+
+def test_failed_last_checkpoint_fails_the_run(tmp_path, monkeypatch):
+  """The final or preemption checkpoint has no next interval: its failure raises at once."""
+  import grain
+
+  def no_space(self, directory, *args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(grain.checkpoint.CheckpointHandler, "save", no_space)
+  it = data.make_train_iterator(tiny_mae_config().data, image_size=(8, 8), channels=3,
+                                global_batch_size=4, seed=0, process_index=0, process_count=1)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), save_every=10, keep=2)
+  assert not ckpt.save(7, {"w": np.zeros(2, np.float32)}, it, force=True)
+  with pytest.raises(run_errors.CheckpointSaveError, match="checkpoint for step 7 could not"):
+    ckpt.wait()
+  ckpt.close()
+  it.close()
+  assert _partial(tmp_path) == [] and _committed(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- 7. determinism
+
+
+def test_data_order_does_not_depend_on_the_number_of_workers(tmp_path):
+  """Batches (images, labels, host-drawn masks) are identical for 0 and 2 workers, also when
+  bad images are dropped."""
+  from mim_jax import masking
+  root = tmp_path / "images"
+  rng = np.random.default_rng(0)
+  for i in range(13):
+    _png(root / f"c{i % 3}" / f"{i}.png", rng.integers(0, 255, (9, 11, 3), dtype=np.uint8))
+  (root / "c1" / "broken.png").write_bytes(b"not an image")
+  cfg = tiny_mae_config().data
+  cfg.update(source="image_folder", path=str(root))
+  # A host-drawn mask kind, so the per-example random streams are compared too.
+  generator = masking.MaskGenerator(kind="blockwise", grid_hw=(4, 4), ratio=0.5, min_block=2)
+  extra = (data.AddTokenMask(generator),)
+  batches = {}
+  for workers in (0, 2):
+    cfg.num_workers = workers
+    it = data.make_train_iterator(cfg, image_size=(8, 8), channels=3, global_batch_size=4,
+                                  seed=3, process_index=0, process_count=1,
+                                  element_transforms=extra)
+    batches[workers] = [next(it) for _ in range(7)]  # > 2 epochs of the 13 good images
+    it.close()
+  for a, b in zip(batches[0], batches[2], strict=True):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+# ----------------------------------------------------------------------------- 8. untrusted files
+
+
+def test_no_module_can_unpickle_what_it_loads():
+  """Loading paths use Orbax (TensorStore + JSON) and json; nothing imports pickle or loads
+  numpy files with allow_pickle (mim_jax/convert is checked by its own tests)."""
+  banned_imports = {"pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
+  problems = []
+  for path in sorted((REPO / "mim_jax").rglob("*.py")):
+    if "convert" in path.relative_to(REPO / "mim_jax").parts:
+      continue
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+      names = []
+      if isinstance(node, ast.Import):
+        names = [a.name.split(".")[0] for a in node.names]
+      elif isinstance(node, ast.ImportFrom) and node.module:
+        names = [node.module.split(".")[0]]
+      problems += [f"{path}:{node.lineno} imports {n}" for n in names if n in banned_imports]
+      if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+        call = ast.unparse(node.func)
+        keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
+        if call in ("np.load", "numpy.load") and keywords.get("allow_pickle") != "False":
+          problems.append(f"{path}:{node.lineno} np.load without allow_pickle=False")
+        if call == "torch.load" and keywords.get("weights_only") != "True":
+          problems.append(f"{path}:{node.lineno} torch.load without weights_only=True")
+  assert not problems, problems
+
+
+class _Payload:
+  """Unpickling this creates a marker file: proof that a loader executed the file's code."""
+
+  def __init__(self, marker: str):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_tampered_checkpoint_and_encoder_do_not_run_code(tmp_path):
+  marker = tmp_path / "pwned"
+  payload = pickle.dumps(_Payload(str(marker)))
+  cfg = tiny_mae_config().data
+  it = data.make_train_iterator(cfg, image_size=(8, 8), channels=3, global_batch_size=4, seed=0,
+                                process_index=0, process_count=1)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), save_every=1, keep=2)
+  state = {"w": np.arange(4.0, dtype=np.float32)}
+  ckpt.save(1, state, it, force=True)
+  ckpt.wait()
+  abstract = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
+  np.testing.assert_array_equal(ckpt.restore(1, abstract, it)["w"], state["w"])  # loads intact
+  for path in [p for p in (tmp_path / "ckpt" / "1").rglob("*") if p.is_file()]:
+    path.write_bytes(payload)  # every file of the checkpoint, metadata included
+  with pytest.raises(Exception):
+    ckpt.restore(1, abstract, it)
+  ckpt.close()
+
+  encoder = checkpoint.export_encoder(str(tmp_path / "enc"), state, {"variant": "mu/4"})
+  assert checkpoint.load_encoder(encoder)[1] == {"variant": "mu/4"}
+  for path in [p for p in pathlib.Path(encoder).rglob("*") if p.is_file()]:
+    path.write_bytes(payload)
+  with pytest.raises(Exception):
+    checkpoint.load_encoder(encoder)
+  it.close()
+  assert not marker.exists()
