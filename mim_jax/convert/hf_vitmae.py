@@ -39,11 +39,29 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from mim_jax.convert.layouts import (
+    POSEMB_ATOL,
+    check_sincos,
+    count_indexed,
+    dim,
+    f32,
+    linear_from_torch,
+    linear_to_torch,
+    materialize,
+    norm_from_torch,
+    norm_to_torch,
+    patch_kernel_from_conv,
+    patch_kernel_to_conv,
+    square_grid,
+    state_problems,
+    to_numpy,
+)
 from mim_jax.models.vit import sincos_2d
 
-# Fixed embeddings must equal ours to this absolute tolerance (both are float64 sin/cos rounded
-# to float32, so real checkpoints agree to the last bit; 1e-5 only allows for other roundings).
-POSEMB_ATOL = 1e-5
+__all__ = ["POSEMB_ATOL", "expected_hf_shapes", "hf_vitmae_config", "hf_vitmae_geometry",
+           "hf_vitmae_state_dict_from_params", "is_hf_vitmae", "params_from_hf_vitmae"]
+
+_PATCH_CONV = "vit.embeddings.patch_embeddings.projection.weight"
 
 # transformers 4.x names -> transformers 5 names (the renames of transformers' own
 # conversion_mapping for ViTMAEForPreTraining, plus the `encoder.layer.` -> `layers.` move).
@@ -56,13 +74,6 @@ _LEGACY_RENAMES = (
     (re.compile(r"\.intermediate\.dense\."), ".mlp.fc1."),
     (re.compile(r"\.output\.dense\."), ".mlp.fc2."),
 )
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-  """A numpy array or torch tensor (any float dtype, incl. bfloat16) -> float32 numpy array."""
-  if hasattr(value, "detach"):  # a torch.Tensor; duck-typed so torch is never imported here
-    value = value.detach().to("cpu").float().numpy()
-  return np.asarray(value, dtype=np.float32)
 
 
 def _is_legacy(keys) -> bool:
@@ -88,6 +99,53 @@ def _to_legacy(key: str) -> str:
   return key
 
 
+def is_hf_vitmae(keys) -> bool:
+  """Whether a state dict's keys use HF ViTMAEForPreTraining names (either transformers)."""
+  return any(k.startswith(("vit.embeddings.", "vit.layers.", "vit.encoder.layer.")) for k in keys)
+
+
+def hf_vitmae_geometry(state_dict: Mapping[str, Any]) -> dict[str, int]:
+  """patch_size, channels, encoder_depth, decoder_depth of an HF ViTMAE state dict (4.x or 5
+  names), read from the patch projection [D, C, p, p] and the highest layer indices; the
+  arguments `params_from_hf_vitmae` needs, which then checks every tensor against them."""
+  keys = [_rename_legacy(k) for k in state_dict] if _is_legacy(state_dict) else list(state_dict)
+  conv = state_dict.get(_PATCH_CONV)
+  shape = tuple(getattr(conv, "shape", ()))
+  if len(shape) != 4 or shape[2] != shape[3]:
+    raise ValueError(f"HF ViTMAE state dict: {_PATCH_CONV} should be a square Conv2d weight "
+                     f"[D, C, p, p], got {shape if conv is not None else 'no such key'}")
+  return {"patch_size": int(shape[2]), "channels": int(shape[1]),
+          "encoder_depth": count_indexed(keys, "vit.layers."),
+          "decoder_depth": count_indexed(keys, "decoder.decoder_layers.")}
+
+
+def hf_vitmae_config(params: Mapping[str, Any], *, patch_size: int, channels: int,
+                     image_size: int, num_heads: int, decoder_num_heads: int,
+                     mask_ratio: float = 0.75, norm_pix_loss: bool = False) -> dict[str, Any]:
+  """The config.json of `ViTMAEForPreTraining` for `MaskedAutoencoder` params.
+
+  Exact GELU and LayerNorm eps 1e-6 are what `models.vit` computes (HF's defaults differ).
+  """
+  enc, dec = params["encoder"], params["decoder"]
+  width = int(np.shape(enc["cls_token"])[-1])
+  decoder_width = int(np.shape(dec["mask_token"])[-1])
+  first_mlp = lambda tree: int(np.shape(tree["blocks_0"]["mlp"]["fc1"]["kernel"])[-1])
+  return {
+      "architectures": ["ViTMAEForPreTraining"], "model_type": "vit_mae",
+      "image_size": int(image_size), "patch_size": int(patch_size),
+      "num_channels": int(channels), "hidden_size": width,
+      "num_hidden_layers": _depth(enc["transformer"]), "num_attention_heads": int(num_heads),
+      "intermediate_size": first_mlp(enc["transformer"]),
+      "decoder_hidden_size": decoder_width, "decoder_num_hidden_layers": _depth(dec["decoder"]),
+      "decoder_num_attention_heads": int(decoder_num_heads),
+      "decoder_intermediate_size": first_mlp(dec["decoder"]),
+      "hidden_act": "gelu", "layer_norm_eps": 1e-6, "qkv_bias": True,
+      "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+      "initializer_range": 0.02, "mask_ratio": float(mask_ratio),
+      "norm_pix_loss": bool(norm_pix_loss), "torch_dtype": "float32",
+  }
+
+
 def _layer_shapes(prefix: str, width: int, mlp_dim: int) -> dict[str, tuple[int, ...]]:
   """Expected HF shapes of one ViTMAELayer under `prefix` (e.g. 'vit.layers.0')."""
   shapes = {}
@@ -102,15 +160,6 @@ def _layer_shapes(prefix: str, width: int, mlp_dim: int) -> dict[str, tuple[int,
   shapes[f"{prefix}.mlp.fc2.weight"] = (width, mlp_dim)
   shapes[f"{prefix}.mlp.fc2.bias"] = (width,)
   return shapes
-
-
-def _dim(state: Mapping[str, np.ndarray], candidates, default: int) -> int:
-  """The first available of (key, axis) dims in `state`; malformed tensors are reported later."""
-  for key, axis in candidates:
-    value = state.get(key)
-    if value is not None and -value.ndim <= axis < value.ndim:
-      return int(value.shape[axis])
-  return default
 
 
 def expected_hf_shapes(*, width: int, mlp_dim: int, decoder_width: int, decoder_mlp_dim: int,
@@ -141,22 +190,6 @@ def expected_hf_shapes(*, width: int, mlp_dim: int, decoder_width: int, decoder_
   return shapes
 
 
-def _square_grid(num_patches: int) -> tuple[int, int]:
-  side = int(round(num_patches ** 0.5))
-  if side * side != num_patches:
-    raise ValueError(f"{num_patches} position embeddings do not form a square grid; pass grid_hw")
-  return side, side
-
-
-def _linear(state, key: str) -> dict[str, np.ndarray]:
-  """torch Linear (weight [out, in], bias [out]) -> flax Dense {kernel [in, out], bias [out]}."""
-  return {"kernel": state[f"{key}.weight"].T, "bias": state[f"{key}.bias"]}
-
-
-def _norm(state, key: str) -> dict[str, np.ndarray]:
-  return {"scale": state[f"{key}.weight"], "bias": state[f"{key}.bias"]}
-
-
 def _block(state, prefix: str) -> dict[str, Any]:
   """One HF ViTMAELayer -> one `models.vit.Block` param tree."""
   # Our attention reshapes the fused output as [3, heads, head_dim]: q columns, then k, then v,
@@ -166,23 +199,18 @@ def _block(state, prefix: str) -> dict[str, Any]:
   qkv_bias = np.concatenate([state[f"{prefix}.attention.{n}_proj.bias"] for n in "qkv"])
   return {
       "attn": {"qkv": {"kernel": qkv_kernel, "bias": qkv_bias},
-               "proj": _linear(state, f"{prefix}.attention.o_proj")},
-      "norm1": _norm(state, f"{prefix}.layernorm_before"),
-      "norm2": _norm(state, f"{prefix}.layernorm_after"),
-      "mlp": {"fc1": _linear(state, f"{prefix}.mlp.fc1"),
-              "fc2": _linear(state, f"{prefix}.mlp.fc2")},
+               "proj": linear_from_torch(state, f"{prefix}.attention.o_proj")},
+      "norm1": norm_from_torch(state, f"{prefix}.layernorm_before"),
+      "norm2": norm_from_torch(state, f"{prefix}.layernorm_after"),
+      "mlp": {"fc1": linear_from_torch(state, f"{prefix}.mlp.fc1"),
+              "fc2": linear_from_torch(state, f"{prefix}.mlp.fc2")},
   }
 
 
 def _check_posemb(name: str, value: np.ndarray, width: int, grid_hw: tuple[int, int]) -> None:
-  ours = sincos_2d(width, grid_hw, cls_token=True)
-  err = float(np.max(np.abs(value[0] - ours)))
-  if not err <= POSEMB_ATOL:  # also catches NaN
-    raise ValueError(
-        f"{name} differs from the fixed 2-D sin-cos embedding mim_jax computes "
-        f"(max abs difference {err:.3g} > {POSEMB_ATOL}); the converted model would compute a "
-        "different function. (A ViTMAE built from scratch by some transformers versions has "
-        "all-zero position embeddings.)")
+  check_sincos(name, value, width, grid_hw,
+               hint="(A ViTMAE built from scratch by some transformers versions has all-zero "
+               "position embeddings.)")
 
 
 def params_from_hf_vitmae(state_dict: Mapping[str, Any], *, patch_size: int, channels: int,
@@ -206,39 +234,29 @@ def params_from_hf_vitmae(state_dict: Mapping[str, Any], *, patch_size: int, cha
     ValueError listing every missing key, unknown key and shape mismatch (nothing is converted
     partially), or naming a fixed position embedding that differs from `vit.sincos_2d`.
   """
-  state = {k: _to_numpy(v) for k, v in state_dict.items()}
+  state = {k: to_numpy(v) for k, v in state_dict.items()}
   legacy = _is_legacy(state)
   if legacy:
     state = {_rename_legacy(k): v for k, v in state.items()}
 
   # Sizes come from the tensors, each from the first key that has it, so that one missing key is
   # reported once rather than as a cascade of shape mismatches.
-  width = _dim(state, [("vit.embeddings.cls_token", -1), ("vit.layernorm.weight", 0),
+  width = dim(state, [("vit.embeddings.cls_token", -1), ("vit.layernorm.weight", 0),
                        ("vit.embeddings.patch_embeddings.projection.weight", 0)], 0)
-  decoder_width = _dim(state, [("decoder.mask_token", -1), ("decoder.decoder_norm.weight", 0),
+  decoder_width = dim(state, [("decoder.mask_token", -1), ("decoder.decoder_norm.weight", 0),
                                ("decoder.decoder_embed.weight", 0)], 0)
-  mlp_dim = _dim(state, [("vit.layers.0.mlp.fc1.weight", 0), ("vit.layers.0.mlp.fc1.bias", 0)],
+  mlp_dim = dim(state, [("vit.layers.0.mlp.fc1.weight", 0), ("vit.layers.0.mlp.fc1.bias", 0)],
                  4 * width)
-  decoder_mlp_dim = _dim(state, [("decoder.decoder_layers.0.mlp.fc1.weight", 0),
+  decoder_mlp_dim = dim(state, [("decoder.decoder_layers.0.mlp.fc1.weight", 0),
                                  ("decoder.decoder_layers.0.mlp.fc1.bias", 0)], 4 * decoder_width)
-  num_patches = _dim(state, [("vit.embeddings.position_embeddings", 1),
+  num_patches = dim(state, [("vit.embeddings.position_embeddings", 1),
                              ("decoder.decoder_pos_embed", 1)], 1) - 1
   expected = expected_hf_shapes(
       width=width, mlp_dim=mlp_dim, decoder_width=decoder_width, decoder_mlp_dim=decoder_mlp_dim,
       patch_size=patch_size, channels=channels, num_patches=num_patches,
       encoder_depth=encoder_depth, decoder_depth=decoder_depth)
 
-  problems = []
-  missing = sorted(set(expected) - set(state))
-  unknown = sorted(set(state) - set(expected))
-  if missing:
-    problems.append("missing keys: " + ", ".join(missing))
-  if unknown:
-    problems.append("unknown keys: " + ", ".join(unknown))
-  bad = [f"{k}: got {tuple(state[k].shape)}, expected {expected[k]}"
-         for k in sorted(set(expected) & set(state)) if tuple(state[k].shape) != expected[k]]
-  if bad:
-    problems.append("shape mismatches: " + "; ".join(bad))
+  problems = state_problems(state, expected)
   if problems:
     raise ValueError(
         f"HF ViTMAE state dict does not match patch_size={patch_size}, channels={channels}, "
@@ -247,7 +265,7 @@ def params_from_hf_vitmae(state_dict: Mapping[str, Any], *, patch_size: int, cha
         + (", after renaming transformers 4.x keys to 5.x names" if legacy else "")
         + ":\n  " + "\n  ".join(problems))
 
-  grid = tuple(grid_hw) if grid_hw is not None else _square_grid(num_patches)
+  grid = tuple(grid_hw) if grid_hw is not None else square_grid(num_patches)
   if grid[0] * grid[1] != num_patches:
     raise ValueError(f"grid_hw={grid} has {grid[0] * grid[1]} patches, the position embeddings "
                      f"{num_patches}")
@@ -256,9 +274,7 @@ def params_from_hf_vitmae(state_dict: Mapping[str, Any], *, patch_size: int, cha
   _check_posemb("decoder.decoder_pos_embed", state["decoder.decoder_pos_embed"], decoder_width,
                 grid)
 
-  conv = state["vit.embeddings.patch_embeddings.projection.weight"]  # [D, C, kh, kw]
-  # A stride-p conv is a Dense on each flattened patch; our patches flatten as (row, col, chan).
-  patch_kernel = conv.transpose(2, 3, 1, 0).reshape(patch_size * patch_size * channels, width)
+  patch_kernel = patch_kernel_from_conv(state["vit.embeddings.patch_embeddings.projection.weight"])
   encoder = {
       "patch_embed": {"kernel": patch_kernel,
                       "bias": state["vit.embeddings.patch_embeddings.projection.bias"]},
@@ -266,24 +282,17 @@ def params_from_hf_vitmae(state_dict: Mapping[str, Any], *, patch_size: int, cha
       "transformer": {f"blocks_{i}": _block(state, f"vit.layers.{i}")
                       for i in range(encoder_depth)},
   }
-  encoder["transformer"]["norm"] = _norm(state, "vit.layernorm")
+  encoder["transformer"]["norm"] = norm_from_torch(state, "vit.layernorm")
   decoder_blocks = {f"blocks_{i}": _block(state, f"decoder.decoder_layers.{i}")
                     for i in range(decoder_depth)}
-  decoder_blocks["decoder_norm"] = _norm(state, "decoder.decoder_norm")
+  decoder_blocks["decoder_norm"] = norm_from_torch(state, "decoder.decoder_norm")
   decoder = {
-      "decoder_embed": _linear(state, "decoder.decoder_embed"),
+      "decoder_embed": linear_from_torch(state, "decoder.decoder_embed"),
       "mask_token": state["decoder.mask_token"],
       "decoder": decoder_blocks,
-      "decoder_pred": _linear(state, "decoder.decoder_pred"),
+      "decoder_pred": linear_from_torch(state, "decoder.decoder_pred"),
   }
-  return {"encoder": _materialize(encoder), "decoder": _materialize(decoder)}
-
-
-def _materialize(tree):
-  """Fresh contiguous float32 copies: no views into the caller's (or torch's) buffers."""
-  if isinstance(tree, dict):
-    return {k: _materialize(v) for k, v in tree.items()}
-  return np.array(tree, dtype=np.float32, order="C", copy=True)
+  return {"encoder": materialize(encoder), "decoder": materialize(decoder)}
 
 
 def _depth(tree: Mapping[str, Any]) -> int:
@@ -304,21 +313,14 @@ def hf_vitmae_state_dict_from_params(params: Mapping[str, Any], *, patch_size: i
   unexpected = sorted(set(enc) - {"patch_embed", "cls_token", "transformer"})
   if unexpected:  # e.g. a SimMIM-style encoder `mask_token`: HF's ViTMAE has no such weight
     raise ValueError(f"encoder params with no HF ViTMAE counterpart: {unexpected}")
-  np32 = lambda x: np.ascontiguousarray(np.asarray(x, dtype=np.float32))
   width = int(np.shape(enc["cls_token"])[-1])
   decoder_width = int(np.shape(dec["mask_token"])[-1])
   sd = {}
-
-  def put_linear(key, tree):
-    sd[f"{key}.weight"] = np32(tree["kernel"]).T
-    sd[f"{key}.bias"] = np32(tree["bias"])
-
-  def put_norm(key, tree):
-    sd[f"{key}.weight"] = np32(tree["scale"])
-    sd[f"{key}.bias"] = np32(tree["bias"])
+  put_linear = lambda key, tree: linear_to_torch(sd, key, tree)
+  put_norm = lambda key, tree: norm_to_torch(sd, key, tree)
 
   def put_block(prefix, tree):
-    kernel, bias = np32(tree["attn"]["qkv"]["kernel"]), np32(tree["attn"]["qkv"]["bias"])
+    kernel, bias = f32(tree["attn"]["qkv"]["kernel"]), f32(tree["attn"]["qkv"]["bias"])
     for j, n in enumerate("qkv"):
       d = kernel.shape[0]
       sd[f"{prefix}.attention.{n}_proj.weight"] = kernel[:, j * d:(j + 1) * d].T
@@ -329,17 +331,16 @@ def hf_vitmae_state_dict_from_params(params: Mapping[str, Any], *, patch_size: i
     put_linear(f"{prefix}.mlp.fc1", tree["mlp"]["fc1"])
     put_linear(f"{prefix}.mlp.fc2", tree["mlp"]["fc2"])
 
-  sd["vit.embeddings.cls_token"] = np32(enc["cls_token"])
+  sd["vit.embeddings.cls_token"] = f32(enc["cls_token"])
   sd["vit.embeddings.position_embeddings"] = sincos_2d(width, grid_hw, cls_token=True)[None]
-  kernel = np32(enc["patch_embed"]["kernel"])  # [p*p*C, D]
-  sd["vit.embeddings.patch_embeddings.projection.weight"] = np.ascontiguousarray(
-      kernel.reshape(patch_size, patch_size, channels, width).transpose(3, 2, 0, 1))
-  sd["vit.embeddings.patch_embeddings.projection.bias"] = np32(enc["patch_embed"]["bias"])
+  sd["vit.embeddings.patch_embeddings.projection.weight"] = patch_kernel_to_conv(
+      enc["patch_embed"]["kernel"], patch_size, channels)
+  sd["vit.embeddings.patch_embeddings.projection.bias"] = f32(enc["patch_embed"]["bias"])
   for i in range(_depth(enc["transformer"])):
     put_block(f"vit.layers.{i}", enc["transformer"][f"blocks_{i}"])
   put_norm("vit.layernorm", enc["transformer"]["norm"])
 
-  sd["decoder.mask_token"] = np32(dec["mask_token"])
+  sd["decoder.mask_token"] = f32(dec["mask_token"])
   sd["decoder.decoder_pos_embed"] = sincos_2d(decoder_width, grid_hw, cls_token=True)[None]
   put_linear("decoder.decoder_embed", dec["decoder_embed"])
   for i in range(_depth(dec["decoder"])):

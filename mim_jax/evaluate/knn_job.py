@@ -33,7 +33,8 @@ class KnnMonitor:
   def __init__(self, config, mesh=None):
     del mesh  # features are computed on each process's default device, then gathered
     self.config = config
-    self.encoder = encoder_from_config(config.model, config.image_size, config.channels)
+    self.encoder = encoder_from_config(config.model, config.image_size, config.channels,
+                                       posemb=pretrained.encoder_posemb(config.init_from))
     self.num_classes = classifier_base.num_classes(config)
     pool, layer = config.classifier.pool, int(config.classifier.probe_layer)
     if config.classifier.features == "pixels":

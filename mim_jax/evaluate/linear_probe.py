@@ -30,7 +30,8 @@ class LinearProbe:
   def __init__(self, config):
     self.config = config
     self.pixels = config.classifier.features == "pixels"
-    self.encoder = encoder_from_config(config.model, config.image_size, config.channels)
+    self.encoder = encoder_from_config(config.model, config.image_size, config.channels,
+                                       posemb=pretrained.encoder_posemb(config.init_from))
     self.pool = config.classifier.pool
     self.layer = int(config.classifier.probe_layer)
     self.head = ProbeHead(num_classes=classifier_base.num_classes(config),

@@ -50,6 +50,15 @@ def read_model_info(init_from: str) -> dict:
     return json.load(f)
 
 
+def encoder_posemb(init_from: str) -> str:
+  """The position-embedding kind of the encoder `init_from` names: "learn" when its export
+  carries a learned table (imported classifiers, timm ViTs), else "sincos" (pre-training
+  exports, random and from-scratch encoders)."""
+  if not is_pretrained(init_from):
+    return "sincos"
+  return read_model_info(init_from).get("posemb", "sincos")
+
+
 def adopt_encoder_config(config):
   """Returns a copy of `config` whose encoder size, patch and channels are the export's.
 

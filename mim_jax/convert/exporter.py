@@ -1,0 +1,116 @@
+"""Exporting mim_jax weights as safetensors that timm, the official MAE code or HF load.
+
+  export_weights(source, directory, fmt)
+
+  fmt "timm"  model.safetensors (timm ViT names) + config.json (timm's local-dir format):
+              timm.create_model("local-dir:DIR", pretrained=True), or a timm ViT of the same
+              size with pretrained_cfg_overlay=dict(file="DIR/model.safetensors", num_classes=0)
+  fmt "mae"   model.safetensors with the official MAE names, the decoder included for MAE
+              weights (the key layout of `mae_pretrain_vit_*_full.pth`)
+  fmt "hf"    model.safetensors (transformers 4.x names, which transformers 5 also reads) +
+              config.json: transformers.ViTMAEForPreTraining.from_pretrained(DIR)
+
+`source` is an export directory (`--config.init_from` style, or a `python -m mim_jax.convert
+import` output) or a training workdir (its latest checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import ml_collections
+import numpy as np
+
+from mim_jax.convert.hf_vitmae import hf_vitmae_config, hf_vitmae_state_dict_from_params
+from mim_jax.convert.our_weights import read_weights
+from mim_jax.convert.safetensors_io import write_safetensors
+from mim_jax.convert.timm_vit import timm_state_dict_from_params
+from mim_jax.models.vit import ViTSize, size_from_config
+
+FORMATS = ("timm", "mae", "hf")
+WEIGHTS_FILE = "model.safetensors"
+# timm architecture names per encoder width; the model_args in config.json set the exact size.
+TIMM_BASE_ARCH = {192: "vit_tiny", 384: "vit_small", 768: "vit_base", 1024: "vit_large",
+                  1280: "vit_huge"}
+
+
+def _model_size(info: dict) -> tuple[ViTSize, int]:
+  """(encoder size, patch size) of model.json `info`."""
+  return size_from_config(ml_collections.ConfigDict(info["config"]["model"]))
+
+
+def _geometry(info: dict) -> tuple[int, int, tuple[int, int]]:
+  """(patch size, channels, patch grid) of model.json `info`."""
+  _, patch = _model_size(info)
+  image_size = tuple(int(s) for s in info["image_size"])
+  return patch, int(info["channels"]), (image_size[0] // patch, image_size[1] // patch)
+
+
+def timm_config(info: dict, params: dict[str, Any]) -> dict[str, Any]:
+  """timm's config.json for `create_model("local-dir:DIR")`: architecture + exact sizes."""
+  size, patch = _model_size(info)
+  channels, image_size = int(info["channels"]), [int(s) for s in info["image_size"]]
+  num_classes = int(np.shape(params["head"]["kernel"])[-1]) if "head" in params else 0
+  pool = "avg" if "fc_norm" in params else "token"
+  arch = f"{TIMM_BASE_ARCH.get(size.width, 'vit_base')}_patch16_224"
+  mean, std = info["config"]["data"]["mean"], info["config"]["data"]["std"]
+  if len(mean) != channels:  # timm wants one value per input channel
+    mean, std = [float(np.mean(mean))] * channels, [float(np.mean(std))] * channels
+  return {
+      "architecture": arch, "num_classes": num_classes, "num_features": size.width,
+      "global_pool": pool,
+      "model_args": {"img_size": image_size, "patch_size": patch, "in_chans": channels,
+                     "embed_dim": size.width, "depth": size.depth,
+                     "num_heads": size.num_heads, "mlp_ratio": size.mlp_dim / size.width,
+                     "global_pool": pool, "class_token": True, "qkv_bias": True},
+      "pretrained_cfg": {"num_classes": num_classes, "input_size": [channels, *image_size],
+                         "fixed_input_size": True, "interpolation": "bicubic",
+                         "crop_pct": 1.0, "mean": list(mean), "std": list(std),
+                         "first_conv": "patch_embed.proj", "classifier": "head"},
+  }
+
+
+def export_weights(source: str, directory: str, fmt: str, *,
+                   step: Optional[int] = None) -> list[str]:
+  """Writes `source`'s weights to `directory` in format `fmt`; returns the files written."""
+  if fmt not in FORMATS:
+    raise ValueError(f"format {fmt!r}: expected one of {FORMATS}")
+  info, params = read_weights(source, step)
+  patch, channels, grid = _geometry(info)
+  os.makedirs(directory, exist_ok=True)
+  weights_path = os.path.join(directory, WEIGHTS_FILE)
+  written = [weights_path]
+  config = None
+  if fmt == "hf":
+    if "decoder" not in params:
+      raise ValueError(f"{source} has no MAE decoder: an HF ViTMAEForPreTraining export needs "
+                       "MAE weights (use --format=timm for an encoder)")
+    if grid[0] != grid[1]:
+      raise ValueError(f"HF ViTMAE supports square inputs only; these weights are for a {grid} "
+                       "patch grid")
+    cfg = info["config"]
+    state = hf_vitmae_state_dict_from_params(params, patch_size=patch, channels=channels,
+                                             grid_hw=grid, legacy_names=True)
+    config = hf_vitmae_config(params, patch_size=patch, channels=channels,
+                              image_size=grid[0] * patch,
+                              num_heads=_model_size(info)[0].num_heads,
+                              decoder_num_heads=int(cfg["decoder"]["num_heads"]),
+                              mask_ratio=float(cfg["masking"]["ratio"]),
+                              norm_pix_loss=bool(cfg["target"]["norm_pix"]))
+  else:
+    tree = dict(params)
+    if fmt == "timm":
+      tree.pop("decoder", None)  # timm's ViT has no decoder; "mae" keeps it
+      config = timm_config(info, tree)
+    state = timm_state_dict_from_params(tree, patch_size=patch, channels=channels, grid_hw=grid,
+                                        encoder_mask_token=fmt == "mae")
+  write_safetensors(weights_path, state, metadata={"format": "pt"})
+  if config is not None:
+    config_path = os.path.join(directory, "config.json")
+    with open(config_path, "w") as f:
+      json.dump(config, f, indent=2)
+    written.append(config_path)
+  return written
+

@@ -1,0 +1,182 @@
+"""mim_jax weights wherever they live, and the Flax models that run them.
+
+  read_weights(source)            (model info, params) of an export directory or a workdir
+  write_weights(directory, ...)   an export directory (what `--config.init_from` accepts)
+  build_mae(info, params)         MaskedAutoencoder for params with a "decoder"
+  build_classifier(info, params)  ViTClassifier for params with a "head"
+
+An export directory is `checkpoint.export_encoder`'s layout (model.json + params/, the encoder)
+plus, when the weights have them, Orbax sub-directories decoder/ (the MAE decoder, e.g. of an
+official `*_full.pth`) and classifier/ ({"fc_norm", "head"} of a fine-tuned classifier).
+Evaluations read only the encoder part. `params` here are always one tree, shaped like the
+model's: {"encoder", ["decoder"], ["fc_norm"], ["head"]}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mim_jax import checkpoint
+from mim_jax.models.decoders import MAEDecoder
+from mim_jax.models.heads import ViTClassifier
+from mim_jax.models.vit import ViTEncoder, encoder_from_config
+
+DECODER_DIR, CLASSIFIER_DIR = "decoder", "classifier"
+CLASSIFIER_PARTS = ("fc_norm", "head")
+
+
+def _numpy(tree: Any) -> Any:
+  return jax.tree.map(np.asarray, tree)
+
+
+def _restore(path: str) -> Any:
+  return _numpy(ocp.StandardCheckpointer().restore(os.path.abspath(path)))
+
+
+def _save(path: str, tree: Any) -> None:
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.abspath(path), tree, force=True)
+  checkpointer.wait_until_finished()
+
+
+def latest_step(checkpoint_dir: str) -> Optional[int]:
+  """The newest finished step directory of an Orbax CheckpointManager folder (None if none)."""
+  if not os.path.isdir(checkpoint_dir):
+    return None
+  steps = [int(name) for name in os.listdir(checkpoint_dir) if re.fullmatch(r"\d+", name)
+           and os.path.isdir(os.path.join(checkpoint_dir, name, "state"))]
+  return max(steps) if steps else None
+
+
+def info_from_config(config: dict) -> dict:
+  """A model.json (as `train._model_info` writes it) from a resolved config dict."""
+  return {"method": config["method"], "variant": config["model"]["variant"],
+          "image_size": list(config["image_size"]), "channels": config["channels"],
+          "config": config}
+
+
+def read_weights(source: str, step: Optional[int] = None) -> tuple[dict, dict]:
+  """(model info, params) of an export directory or a training workdir.
+
+  A workdir gives the params of its checkpoint at `step` (default: the latest), which include
+  the decoder of an MAE run and the head of a fine-tuning run; without checkpoints, its
+  encoder/ export.
+  """
+  if os.path.isfile(os.path.join(source, "model.json")):
+    encoder, info = checkpoint.load_encoder(source)
+    params = {"encoder": _numpy(encoder)}
+    if os.path.isdir(os.path.join(source, DECODER_DIR)):
+      params["decoder"] = _restore(os.path.join(source, DECODER_DIR))
+    if os.path.isdir(os.path.join(source, CLASSIFIER_DIR)):
+      params.update(_restore(os.path.join(source, CLASSIFIER_DIR)))
+    return info, params
+  config_path = os.path.join(source, "config.json")
+  step = step if step is not None else latest_step(os.path.join(source, "checkpoints"))
+  if os.path.isfile(config_path) and step is not None:
+    with open(config_path) as f:
+      info = info_from_config(json.load(f))
+    path = os.path.join(source, "checkpoints", str(step), "state")
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f"{source} has no checkpoint of step {step}")
+    state = ocp.StandardCheckpointer().restore(os.path.abspath(path))
+    keep = {"mae": ("encoder", "decoder"), "finetune": ("encoder",) + CLASSIFIER_PARTS}.get(
+        info["method"], ("encoder",))
+    params = {k: _numpy(v) for k, v in state["params"].items() if k in keep}
+    if "encoder" not in params:
+      raise ValueError(f"the {info['method']} run in {source} trains no encoder of its own "
+                       "(its encoder is frozen): export the workdir it was initialised from")
+    return info, params
+  if os.path.isfile(os.path.join(source, "encoder", "model.json")):
+    return read_weights(os.path.join(source, "encoder"))
+  raise FileNotFoundError(
+      f"{source} is neither an export directory (model.json + params/) nor a training workdir "
+      "(config.json + checkpoints/)")
+
+
+def write_weights(directory: str, params: dict, info: dict, *, overwrite: bool = False) -> str:
+  """Writes `params` as an export directory, all or nothing.
+
+  Everything goes to a temporary sibling directory first, renamed into place at the end, so an
+  error leaves no partial export behind.
+  """
+  directory = os.path.abspath(directory)
+  if os.path.exists(directory) and os.listdir(directory) and not overwrite:
+    raise FileExistsError(f"{directory} exists and is not empty (pass --overwrite to replace it)")
+  tmp = f"{directory}.partial-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    checkpoint.export_encoder(tmp, params["encoder"], info)
+    if "decoder" in params:
+      _save(os.path.join(tmp, DECODER_DIR), params["decoder"])
+    classifier = {k: params[k] for k in CLASSIFIER_PARTS if k in params}
+    if classifier:
+      _save(os.path.join(tmp, CLASSIFIER_DIR), classifier)
+    if os.path.exists(directory):
+      shutil.rmtree(directory)
+    os.replace(tmp, directory)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return directory
+
+
+def _config(info: dict) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(info["config"])
+
+
+def build_encoder(info: dict, params: dict) -> ViTEncoder:
+  """The encoder of `params["encoder"]`: learned positions if it holds `pos_embed`."""
+  config, enc = _config(info), params["encoder"]
+  return encoder_from_config(config.model, tuple(info["image_size"]), int(info["channels"]),
+                             use_mask_token="mask_token" in enc,
+                             posemb="learn" if "pos_embed" in enc else "sincos")
+
+
+def build_mae(info: dict, params: dict):
+  """(MaskedAutoencoder, params) for weights with a decoder."""
+  from mim_jax.methods.mae import MaskedAutoencoder  # pylint: disable=import-outside-toplevel
+  if "decoder" not in params:
+    raise ValueError("these weights have no MAE decoder (import a `*_full.pth` checkpoint, or "
+                     "export an MAE pre-training workdir)")
+  config, dec = _config(info), params["decoder"]
+  encoder = build_encoder(info, params)
+  width = int(np.shape(dec["mask_token"])[-1])
+  blocks = [k for k in dec["decoder"] if re.fullmatch(r"blocks_\d+", k)]
+  mlp = int(np.shape(dec["decoder"]["blocks_0"]["mlp"]["fc1"]["kernel"])[-1]) if blocks else 0
+  p, c = encoder.patch_size, encoder.channels
+  decoder = MAEDecoder(grid_hw=encoder.grid_hw, out_dim=p * p * c, width=width,
+                       depth=len(blocks), num_heads=int(config.decoder.num_heads),
+                       mlp_ratio=mlp // width if blocks else 4, dtype=encoder.dtype,
+                       attention_impl=encoder.attention_impl)
+  return MaskedAutoencoder(encoder=encoder, decoder=decoder,
+                           mask_ratio=float(config.masking.ratio)), params
+
+
+def build_classifier(info: dict, params: dict):
+  """(ViTClassifier, params) for weights with a classification head.
+
+  A mean-pooling classifier has no use for the encoder's final LayerNorm, and checkpoints
+  trained that way (the official MAE fine-tuning, timm global_pool="avg") have none; an
+  identity-initialised one is filled in so that the Flax tree is complete (it is not used).
+  """
+  if "head" not in params:
+    raise ValueError("these weights have no classification head")
+  pool = "gap" if "fc_norm" in params else "cls"
+  params = dict(params, encoder=dict(params["encoder"]))
+  transformer = dict(params["encoder"]["transformer"])
+  if "norm" not in transformer:
+    width = int(np.shape(params["encoder"]["cls_token"])[-1])
+    transformer["norm"] = {"scale": np.ones([width], np.float32),
+                           "bias": np.zeros([width], np.float32)}
+  params["encoder"]["transformer"] = transformer
+  model = ViTClassifier(encoder=build_encoder(info, params),
+                        num_classes=int(np.shape(params["head"]["kernel"])[-1]), pool=pool)
+  return model, {k: v for k, v in params.items() if k in ("encoder",) + CLASSIFIER_PARTS}

@@ -1,0 +1,782 @@
+"""Weight interop: timm / official MAE / BEiT / HF checkpoints in, safetensors out.
+
+Parity: small random PyTorch models (timm ViTs and BEiT, a transcription of the official MAE
+`models_mae.py` built from timm blocks, HF ViTMAEForPreTraining) and their conversions run on
+the same images (and masking noise); outputs agree to float32 round-off. Relative error is
+max|ours - ref| / max|ref| over the whole array (scalars: |ours - ref| / |ref|), below
+REL_TOL = 1e-5 (measured: ~3e-7 for features and logits).
+
+Also: exact round trips ours -> export -> import, the export directories that `init_from`
+accepts, reading checkpoints without executing their pickled code, and the messages for
+checkpoints that do not fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import io
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+import zipfile
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from mim_jax import config_defaults  # noqa: E402  (after the skip: no torch, no tests)
+from mim_jax.convert import safetensors_io  # noqa: E402
+from mim_jax.convert.__main__ import main as cli  # noqa: E402
+from mim_jax.convert.exporter import export_weights  # noqa: E402
+from mim_jax.convert.importer import import_checkpoint, import_state_dict  # noqa: E402
+from mim_jax.convert.our_weights import (  # noqa: E402
+    build_classifier,
+    build_encoder,
+    build_mae,
+    info_from_config,
+    read_weights,
+    write_weights,
+)
+from mim_jax.convert.state_dicts import read_state_dict  # noqa: E402
+from mim_jax.convert.torch_checkpoint import NotACheckpointError, read_torch_zip  # noqa: E402
+from mim_jax.methods import mae  # noqa: E402
+
+try:
+  import timm  # noqa: E402
+  from timm.models.vision_transformer import Block as TimmBlock  # noqa: E402
+  from timm.models.vision_transformer import PatchEmbed  # noqa: E402
+except ImportError:  # timm needs torchvision, which not every torch build has
+  timm = None
+requires_timm = pytest.mark.skipif(timm is None, reason="timm is not installed")
+
+IMAGE, PATCH = 32, 8
+GRID = (IMAGE // PATCH, IMAGE // PATCH)
+NUM_PATCHES = GRID[0] * GRID[1]
+WIDTH, DEPTH, HEADS, MLP = 64, 2, 4, 256
+DEC_WIDTH, DEC_DEPTH, DEC_HEADS = 32, 2, 4
+NUM_CLASSES = 5
+BATCH = 3
+REL_TOL = 1e-5
+
+
+def rel_err(ours, ref) -> float:
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+def _images(channels: int = 3, seed: int = 1):
+  """The same pixels NHWC (ours) and NCHW (torch)."""
+  images = np.random.default_rng(seed).standard_normal(
+      (BATCH, IMAGE, IMAGE, channels)).astype(np.float32)
+  return images, torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
+@torch.no_grad()
+def _randomize(model, seed: int = 0):
+  """Random values for every trainable weight, including those initialised to 0 or 1, so that
+  a swapped or transposed tensor cannot hide."""
+  gen = torch.Generator().manual_seed(seed)
+  for name, p in model.named_parameters():
+    if not p.requires_grad:  # fixed sin-cos tables
+      continue
+    noise = torch.randn(p.shape, generator=gen)
+    if p.ndim >= 2 and not name.endswith(("token", "pos_embed")):
+      p.copy_(noise / float(np.sqrt(p[0].numel())))
+    elif name.endswith(("norm1.weight", "norm2.weight", "norm.weight")):
+      p.copy_(1.0 + 0.2 * noise)
+    else:
+      p.copy_(0.2 * noise)
+  return model.eval()
+
+
+def _timm_vit(channels: int = 3, **kwargs):
+  kwargs = dict(dict(num_classes=0, global_pool="token"), **kwargs)
+  return _randomize(timm.create_model(
+      "vit_tiny_patch16_224", pretrained=False, img_size=IMAGE, patch_size=PATCH,
+      in_chans=channels, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS, mlp_ratio=MLP / WIDTH,
+      **kwargs))
+
+
+def _numpy_state(model) -> dict[str, np.ndarray]:
+  return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def _assert_trees_equal(ours, ref):
+  assert jax.tree.structure(ours) == jax.tree.structure(ref)
+  jax.tree.map(np.testing.assert_array_equal, ours, ref)
+
+
+# --- the official MAE (facebookresearch/mae models_mae.py), transcribed on timm blocks ---------
+
+def official_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
+  """util/pos_embed.py get_2d_sincos_pos_embed(..., cls_token=True) of the official code."""
+  def one_d(dim, pos):
+    omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+    omega = 1.0 / 10000 ** omega
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+  grid = np.stack(np.meshgrid(np.arange(grid_size, dtype=np.float32),
+                              np.arange(grid_size, dtype=np.float32)), axis=0)
+  grid = grid.reshape([2, 1, grid_size, grid_size])
+  emb = np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], axis=1)
+  return np.concatenate([np.zeros([1, embed_dim]), emb], axis=0)
+
+
+def _official_mae_class():
+  nn = torch.nn
+
+  class OfficialMAE(nn.Module):
+    """MaskedAutoencoderViT with its random masking driven by given noise."""
+
+    def __init__(self, channels=3, norm_pix_loss=True):
+      super().__init__()
+      norm = functools.partial(nn.LayerNorm, eps=1e-6)
+      self.patch_embed = PatchEmbed(IMAGE, PATCH, channels, WIDTH)
+      self.cls_token = nn.Parameter(torch.zeros(1, 1, WIDTH))
+      self.pos_embed = nn.Parameter(torch.zeros(1, NUM_PATCHES + 1, WIDTH), requires_grad=False)
+      self.blocks = nn.ModuleList([TimmBlock(WIDTH, HEADS, MLP / WIDTH, qkv_bias=True,
+                                             norm_layer=norm) for _ in range(DEPTH)])
+      self.norm = norm(WIDTH)
+      self.decoder_embed = nn.Linear(WIDTH, DEC_WIDTH, bias=True)
+      self.mask_token = nn.Parameter(torch.zeros(1, 1, DEC_WIDTH))
+      self.decoder_pos_embed = nn.Parameter(torch.zeros(1, NUM_PATCHES + 1, DEC_WIDTH),
+                                            requires_grad=False)
+      self.decoder_blocks = nn.ModuleList([TimmBlock(DEC_WIDTH, DEC_HEADS, 4.0, qkv_bias=True,
+                                                     norm_layer=norm) for _ in range(DEC_DEPTH)])
+      self.decoder_norm = norm(DEC_WIDTH)
+      self.decoder_pred = nn.Linear(DEC_WIDTH, PATCH ** 2 * channels, bias=True)
+      self.channels, self.norm_pix_loss = channels, norm_pix_loss
+      self.pos_embed.data.copy_(torch.from_numpy(
+          official_2d_sincos_pos_embed(WIDTH, GRID[0])).float().unsqueeze(0))
+      self.decoder_pos_embed.data.copy_(torch.from_numpy(
+          official_2d_sincos_pos_embed(DEC_WIDTH, GRID[0])).float().unsqueeze(0))
+
+    def patchify(self, imgs):
+      p, h = PATCH, imgs.shape[2] // PATCH
+      x = imgs.reshape(shape=(imgs.shape[0], self.channels, h, p, h, p))
+      x = torch.einsum("nchpwq->nhwpqc", x)
+      return x.reshape(shape=(imgs.shape[0], h * h, p ** 2 * self.channels))
+
+    def random_masking(self, x, mask_ratio, noise):
+      n, length, d = x.shape
+      len_keep = int(length * (1 - mask_ratio))
+      ids_shuffle = torch.argsort(noise, dim=1)
+      ids_restore = torch.argsort(ids_shuffle, dim=1)
+      ids_keep = ids_shuffle[:, :len_keep]
+      x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, d))
+      mask = torch.ones([n, length])
+      mask[:, :len_keep] = 0
+      return x_masked, torch.gather(mask, dim=1, index=ids_restore), ids_restore
+
+    def forward(self, imgs, noise, mask_ratio=0.75):
+      x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+      x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+      cls_token = self.cls_token + self.pos_embed[:, :1, :]
+      x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+      for blk in self.blocks:
+        x = blk(x)
+      x = self.decoder_embed(self.norm(x))
+      mask_tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
+      x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+      x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
+      x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+      for blk in self.decoder_blocks:
+        x = blk(x)
+      pred = self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+      target = self.patchify(imgs)
+      if self.norm_pix_loss:
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.e-6) ** .5
+      loss = ((pred - target) ** 2).mean(dim=-1)
+      return (loss * mask).sum() / mask.sum(), pred, mask
+
+  return OfficialMAE
+
+
+# --- our models with random weights ---------------------------------------------------------
+
+def _our_config(**model) -> ml_collections.ConfigDict:
+  c = config_defaults.base_config()
+  c.image_size, c.channels = (IMAGE, IMAGE), 3
+  c.model.update(variant=f"mu/{PATCH}", width=WIDTH, depth=DEPTH, num_heads=HEADS, mlp_dim=MLP)
+  c.model.update(model)
+  c.decoder.update(width=DEC_WIDTH, depth=DEC_DEPTH, num_heads=DEC_HEADS)
+  return c
+
+
+def _perturbed(params, seed: int):
+  """Non-trivial biases and norm scales (our init makes them 0 and 1)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda x: np.asarray(x) + 0.1 * rng.standard_normal(x.shape).astype(np.float32), params)
+
+
+@pytest.fixture(scope="module")
+def our_mae():
+  """(model info, params) of a random mim_jax MAE, as an MAE run would export them."""
+  config = _our_config()
+  model = mae.build_model(config)
+  images, _ = _images()
+  params = model.init({"params": jax.random.key(3), "masking": jax.random.key(4)}, images)
+  return info_from_config(config.to_dict()), _perturbed(params["params"], 5)
+
+
+@pytest.fixture(scope="module")
+def our_mae_dir(tmp_path_factory, our_mae):
+  return write_weights(str(tmp_path_factory.mktemp("ours") / "mae"), our_mae[1], our_mae[0])
+
+
+# --- timm: features and classifier logits ---------------------------------------------------
+
+@requires_timm
+@pytest.mark.parametrize("channels", [3, 1], ids=["rgb", "grayscale"])
+def test_timm_features_match(channels):
+  model = _timm_vit(channels)
+  images, images_nchw = _images(channels)
+  with torch.no_grad():
+    ref = model.forward_features(images_nchw).numpy()
+  # A timm ViT's table is learned: keep it (auto would check it against sin-cos).
+  imported = import_state_dict(model.state_dict(), num_heads=HEADS, posemb="learn")
+  encoder = build_encoder(imported.model_info(), imported.params)
+  tokens, _ = encoder.apply({"params": imported.params["encoder"]}, images)
+  assert tokens.shape == ref.shape == (BATCH, 1 + NUM_PATCHES, WIDTH)
+  assert rel_err(tokens, ref) < REL_TOL
+
+
+@requires_timm
+@pytest.mark.parametrize("global_pool", ["avg", "token"])
+def test_timm_classifier_logits_match(global_pool):
+  """avg: the official MAE fine-tuning head (mean of patch tokens, fc_norm, no final norm)."""
+  model = _timm_vit(num_classes=NUM_CLASSES, global_pool=global_pool)
+  assert (global_pool == "avg") == ("fc_norm.weight" in model.state_dict())
+  images, images_nchw = _images()
+  with torch.no_grad():
+    ref = model(images_nchw).numpy()
+  imported = import_state_dict(model.state_dict(), num_heads=HEADS)
+  assert imported.pool == {"avg": "gap", "token": "cls"}[global_pool]
+  assert imported.posemb == "learn" and imported.num_classes == NUM_CLASSES
+  classifier, params = build_classifier(imported.model_info(), imported.params)
+  logits = classifier.apply({"params": params}, images)
+  assert logits.shape == ref.shape == (BATCH, NUM_CLASSES)
+  assert rel_err(logits, ref) < REL_TOL
+
+
+@requires_timm
+def test_learned_table_is_resized_for_another_image_size():
+  from mim_jax.models.vit import resize_posemb
+  model = _timm_vit(num_classes=NUM_CLASSES, global_pool="avg")
+  imported = import_state_dict(model.state_dict(), num_heads=HEADS, image_size=(48, 48))
+  table = model.state_dict()["pos_embed"][0].numpy()
+  np.testing.assert_array_equal(imported.params["encoder"]["pos_embed"],
+                                resize_posemb(table, GRID, (6, 6)))
+  assert imported.image_size == (48, 48) and imported.model_info()["image_size"] == [48, 48]
+  assert any("resized from a (4, 4) to a (6, 6) patch grid" in n for n in imported.notes)
+  classifier, params = build_classifier(imported.model_info(), imported.params)
+  logits = classifier.apply({"params": params}, np.zeros((1, 48, 48, 3), np.float32))
+  assert logits.shape == (1, NUM_CLASSES)
+
+
+def _layer_scale_model(kind: str):
+  """BEiT (gamma_1/2, q/v biases) or DeiT III (ls1/ls2, no cls position), random weights."""
+  if kind == "beit":
+    from timm.models.beit import Beit
+    return _randomize(Beit(img_size=IMAGE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH,
+                           num_heads=HEADS, num_classes=NUM_CLASSES, use_abs_pos_emb=True,
+                           use_rel_pos_bias=False, init_values=0.1))
+  return _randomize(timm.create_model(
+      "deit3_small_patch16_224", pretrained=False, img_size=IMAGE, patch_size=PATCH,
+      embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS, num_classes=NUM_CLASSES))
+
+
+@requires_timm
+@pytest.mark.parametrize("kind", ["beit", "deit3"])
+def test_layer_scale_models_convert_exactly(kind):
+  """Layer scales folded into proj / fc2; BEiT's q and v biases merged into the qkv bias;
+  DeiT III's position table without a cls row padded with a zero row."""
+  model = _layer_scale_model(kind)
+  state = model.state_dict()
+  assert {"beit": "blocks.0.attn.q_bias", "deit3": "blocks.0.ls1.gamma"}[kind] in state
+  images, images_nchw = _images()
+  with torch.no_grad():
+    ref = model(images_nchw).numpy()
+  imported = import_state_dict(state, num_heads=HEADS)
+  assert imported.source_format == {"beit": "beit", "deit3": "timm"}[kind]
+  classifier, params = build_classifier(imported.model_info(), imported.params)
+  assert rel_err(classifier.apply({"params": params}, images), ref) < REL_TOL
+
+
+@requires_timm
+@pytest.mark.parametrize("shared", [False, True], ids=["per_block", "shared"])
+def test_beit_relative_position_bias_is_refused_by_name(shared):
+  from timm.models.beit import Beit
+  model = Beit(img_size=IMAGE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS,
+               use_abs_pos_emb=False, use_rel_pos_bias=not shared,
+               use_shared_rel_pos_bias=shared)
+  state = _numpy_state(model)
+  # The official BEiT checkpoints also store the index buffers.
+  state["blocks.0.attn.relative_position_index"] = np.zeros((17, 17), np.int64)
+  with pytest.raises(ValueError, match="relative position biases") as excinfo:
+    import_state_dict(state, num_heads=HEADS)
+  message = str(excinfo.value)
+  assert "blocks.0.attn.relative_position_index" in message
+  assert ("rel_pos_bias.relative_position_bias_table" if shared
+          else "blocks.1.attn.relative_position_bias_table") in message
+
+
+# --- the official MAE, pre-training checkpoints with the decoder ----------------------------
+
+@requires_timm
+@pytest.mark.parametrize("norm_pix", [True, False], ids=["norm_pix", "pixels"])
+def test_official_mae_full_checkpoint_matches(tmp_path, norm_pix):
+  """A `*_full.pth` (state dict under "model") -> import -> same reconstruction and loss."""
+  official = _randomize(_official_mae_class()(norm_pix_loss=norm_pix))
+  images, images_nchw = _images()
+  noise = np.random.default_rng(7).random((BATCH, NUM_PATCHES)).astype(np.float32)
+  with torch.no_grad():
+    ref_loss, ref_pred, ref_mask = official(images_nchw, torch.from_numpy(noise))
+  path = str(tmp_path / "mae_pretrain_vit_tiny_full.pth")
+  torch.save({"model": official.state_dict()}, path)
+
+  assert cli(["import", path, str(tmp_path / "out"), "--num_heads", str(HEADS),
+              "--decoder_num_heads", str(DEC_HEADS)]) == 0
+  info, params = read_weights(str(tmp_path / "out"))
+  assert info["imported_from"]["posemb"] == "sincos" and "pos_embed" not in params["encoder"]
+  model, params = build_mae(info, params)
+  pred, mask_info = model.apply({"params": params}, images, noise=noise)
+  np.testing.assert_array_equal(np.asarray(mask_info.mask), ref_mask.numpy())
+  assert rel_err(pred, ref_pred.numpy()) < REL_TOL
+  loss = float(mae.mae_loss(pred, images, mask_info.mask, PATCH, norm_pix))
+  assert rel_err(loss, float(ref_loss)) < REL_TOL
+
+
+@requires_timm
+def test_official_encoder_only_checkpoint_and_its_posemb_check():
+  official = _randomize(_official_mae_class()())
+  encoder_state = {k: v for k, v in _numpy_state(official).items()
+                   if not k.startswith("decoder_") and k != "mask_token"}
+  imported = import_state_dict(encoder_state, num_heads=HEADS)
+  assert sorted(imported.params) == ["encoder"] and imported.posemb == "sincos"
+  assert "pos_embed equals the fixed 2-D sin-cos table (checked)" in imported.notes[0]
+
+  encoder_state["pos_embed"] = encoder_state["pos_embed"] + 0.01
+  with pytest.raises(ValueError, match=r"pos_embed differs .*--posemb=learn"):
+    import_state_dict(encoder_state, num_heads=HEADS)
+  learned = import_state_dict(encoder_state, num_heads=HEADS, posemb="learn")
+  np.testing.assert_array_equal(learned.params["encoder"]["pos_embed"],
+                                encoder_state["pos_embed"][0])
+
+
+# --- exports that timm and HF load --------------------------------------------------------
+
+@requires_timm
+def test_timm_export_loads_into_timm(tmp_path, our_mae_dir, our_mae):
+  info, params = our_mae
+  out = str(tmp_path / "timm")
+  export_weights(our_mae_dir, out, "timm")
+  images, images_nchw = _images()
+  encoder = build_encoder(info, params)
+  ours = np.asarray(encoder.apply({"params": params["encoder"]}, images)[0])
+
+  from_dir = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+  overlay = timm.create_model(
+      "vit_tiny_patch16_224", pretrained=True, img_size=IMAGE, patch_size=PATCH,
+      embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS, num_classes=0,
+      pretrained_cfg_overlay=dict(file=os.path.join(out, "model.safetensors"),
+                                  num_classes=0)).eval()
+  for model in (from_dir, overlay):
+    with torch.no_grad():
+      assert rel_err(ours, model.forward_features(images_nchw).numpy()) < REL_TOL
+  # Key for key: a strict load raises on any missing or unexpected key.
+  from safetensors.torch import load_file
+  timm.create_model(f"local-dir:{out}", pretrained=False).load_state_dict(
+      load_file(os.path.join(out, "model.safetensors")), strict=True)
+
+
+@requires_timm
+def test_finetuned_classifier_exports_to_timm_avg_pool(tmp_path):
+  """A mean-pooling classifier -> timm global_pool='avg' (fc_norm, no final norm)."""
+  model = _timm_vit(num_classes=NUM_CLASSES, global_pool="avg")
+  imported = import_state_dict(model.state_dict(), num_heads=HEADS)
+  imported.write(str(tmp_path / "imported"))
+  export_weights(str(tmp_path / "imported"), str(tmp_path / "timm"), "timm")
+  reloaded = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+  images, images_nchw = _images()
+  classifier, params = build_classifier(imported.model_info(), imported.params)
+  with torch.no_grad():
+    ref = model(images_nchw).numpy()
+    assert rel_err(reloaded(images_nchw).numpy(), ref) < REL_TOL
+  assert rel_err(classifier.apply({"params": params}, images), ref) < REL_TOL
+
+
+def test_hf_export_loads_into_transformers_with_the_same_loss(tmp_path, our_mae_dir, our_mae):
+  transformers = pytest.importorskip("transformers")
+  info, params = our_mae
+  export_weights(our_mae_dir, str(tmp_path / "hf"), "hf")
+  hf_model, loading = transformers.ViTMAEForPreTraining.from_pretrained(
+      str(tmp_path / "hf"), output_loading_info=True)
+  assert not any(loading.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+  hf_model = hf_model.eval().float()
+  assert hf_model.config.norm_pix_loss is True and hf_model.config.layer_norm_eps == 1e-6
+
+  images, images_nchw = _images()
+  noise = np.random.default_rng(8).random((BATCH, NUM_PATCHES)).astype(np.float32)
+  with torch.no_grad():
+    out = hf_model(pixel_values=images_nchw, noise=torch.from_numpy(noise))
+  model, params = build_mae(info, params)
+  pred, mask_info = model.apply({"params": params}, images, noise=noise)
+  np.testing.assert_array_equal(np.asarray(mask_info.mask), out.mask.numpy())
+  assert rel_err(pred, out.logits.numpy()) < REL_TOL
+  loss = float(mae.mae_loss(pred, images, mask_info.mask, PATCH, True))
+  assert rel_err(loss, float(out.loss)) < REL_TOL
+
+
+# --- round trips ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["timm", "mae", "hf"])
+def test_round_trip_is_exact(tmp_path, our_mae_dir, our_mae, fmt):
+  """ours -> export -> import gives identical parameters (timm: the encoder only)."""
+  info, params = our_mae
+  out = str(tmp_path / fmt)
+  export_weights(our_mae_dir, out, fmt)
+  source = out if fmt == "hf" else os.path.join(out, "model.safetensors")
+  back = import_checkpoint(source, num_heads=HEADS, decoder_num_heads=DEC_HEADS)
+  expected = params if fmt != "timm" else {"encoder": params["encoder"]}
+  _assert_trees_equal(back.params, expected)
+  assert back.image_size == (IMAGE, IMAGE) and back.channels == 3
+  if fmt == "hf":  # heads and the loss settings travel in config.json
+    assert (back.num_heads, back.decoder_num_heads, back.norm_pix_loss) == (HEADS, DEC_HEADS, True)
+
+
+def test_export_of_a_training_workdir(tmp_path, our_mae):
+  """A workdir as `train.run` leaves it (config.json, checkpoints/<step>/state with the train
+  state): the params of the latest step, decoder included, export."""
+  import orbax.checkpoint as ocp
+  info, params = our_mae
+  workdir = tmp_path / "run"
+  for step, scale in ((2, 0.0), (4, 1.0)):  # the latest step is the one exported
+    state = {"step": np.int32(step), "params": jax.tree.map(lambda x: x * scale, params),
+             "opt_state": {"mu": jax.tree.map(np.zeros_like, params)}, "extra": {}}
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(str(workdir / "checkpoints" / str(step) / "state"), state)
+    checkpointer.wait_until_finished()
+  (workdir / "config.json").write_text(json.dumps(info["config"]))
+  export_weights(str(workdir), str(tmp_path / "mae"), "mae")
+  back = import_checkpoint(str(tmp_path / "mae" / "model.safetensors"), num_heads=HEADS,
+                           decoder_num_heads=DEC_HEADS)
+  _assert_trees_equal(back.params, params)
+
+
+# --- what init_from accepts ---------------------------------------------------------------
+
+def _import_to(tmp_path, state_dict, **kwargs) -> str:
+  path = str(tmp_path / "checkpoint.pth")
+  torch.save({"model": state_dict}, path)
+  return import_checkpoint(path, num_heads=HEADS, **kwargs).write(str(tmp_path / "imported"))
+
+
+@requires_timm
+def test_imported_classifier_fine_tunes_at_a_new_resolution(tmp_path):
+  """init_from=<import>: config adopted from model.json, encoder loaded, table resized."""
+  from mim_jax.evaluate import pretrained
+  from mim_jax.evaluate.finetune import FineTune
+  from mim_jax.models.vit import resize_posemb
+  model = _timm_vit(num_classes=NUM_CLASSES, global_pool="avg")
+  directory = _import_to(tmp_path, model.state_dict())
+  config = config_defaults.finetune_recipe(config_defaults.base_config())
+  config.init_from, config.image_size = directory, (48, 48)
+  config.classifier.num_classes = NUM_CLASSES
+  config = pretrained.adopt_encoder_config(config)
+  assert (config.model.width, config.model.depth, config.model.num_heads) == (WIDTH, DEPTH, HEADS)
+  method = FineTune(config)
+  params, extra = method.init(jax.random.key(0), np.zeros((1, 48, 48, 3), np.float32))
+  params, _ = method.load_pretrained(params, extra)
+  state = _numpy_state(model)
+  np.testing.assert_array_equal(params["encoder"]["cls_token"], state["cls_token"])
+  expected_posemb = resize_posemb(state["pos_embed"][0], GRID, (6, 6))
+  np.testing.assert_allclose(params["encoder"]["pos_embed"], expected_posemb, atol=1e-6)
+
+
+def test_imported_pretraining_encoder_is_an_init_from_directory(tmp_path, our_mae, our_mae_dir):
+  """An imported encoder-only checkpoint reads like an export of our own MAE run."""
+  from mim_jax.evaluate import pretrained
+  info, params = our_mae
+  export_weights(our_mae_dir, str(tmp_path / "timm"), "timm")
+  directory = str(tmp_path / "imported")
+  assert cli(["import", str(tmp_path / "timm" / "model.safetensors"), directory,
+              "--num_heads", str(HEADS)]) == 0
+  config = config_defaults.base_config()
+  config.method, config.init_from = "knn", directory
+  adopted = pretrained.adopt_encoder_config(config)
+  assert adopted.model.variant == f"mu/{PATCH}" and adopted.model.width == WIDTH
+  loaded = pretrained.load_encoder_into(params["encoder"], directory, grid_hw=GRID)
+  _assert_trees_equal(jax.tree.map(np.asarray, loaded), params["encoder"])
+
+
+# --- reading checkpoints without running their code -------------------------------------------
+
+def _touch(path: str) -> str:
+  """What a malicious checkpoint would make the unpickler call."""
+  with open(path, "w") as f:
+    f.write("code from the checkpoint ran")
+  return path
+
+
+class _Evil:
+  def __init__(self, path: str):
+    self.path = path
+
+  def __reduce__(self):
+    return _touch, (self.path,)
+
+
+def _training_checkpoint(path: str, state_dict, marker: str) -> None:
+  """An official-MAE-style training checkpoint: args Namespace, optimizer, scaler, epoch."""
+  args = argparse.Namespace(model="mae_vit_tiny", lr=1e-3, hook=_Evil(marker))
+  optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+  torch.save({"model": state_dict, "optimizer": optimizer.state_dict(), "epoch": 799,
+              "scaler": {"scale": 65536.0}, "args": args, "extra": _Evil(marker)}, path)
+
+
+def test_training_checkpoint_with_namespace_reads_without_running_code(tmp_path, our_mae):
+  info, params = our_mae
+  from mim_jax.convert.timm_vit import timm_state_dict_from_params
+  state = timm_state_dict_from_params(params, patch_size=PATCH, channels=3, grid_hw=GRID)
+  path, marker = str(tmp_path / "checkpoint-799.pth"), str(tmp_path / "marker")
+  _training_checkpoint(path, {k: torch.from_numpy(v) for k, v in state.items()}, marker)
+  with pytest.raises(pickle.UnpicklingError):  # torch's own safe loader refuses the file
+    torch.load(path, map_location="cpu", weights_only=True)
+
+  imported = import_checkpoint(path, num_heads=HEADS, decoder_num_heads=DEC_HEADS)
+  assert not os.path.exists(marker)
+  _assert_trees_equal(imported.params, params)
+  notes = " ".join(imported.notes)
+  assert "argparse.Namespace" in notes and "_touch" in notes
+  assert "optimizer" in notes and "epoch" in notes and "'model'" in notes
+
+
+def test_malicious_values_inside_the_state_dict_are_not_run(tmp_path):
+  path, marker = str(tmp_path / "evil.pth"), str(tmp_path / "marker")
+  torch.save({"model": {"cls_token": torch.zeros(1, 1, 8), "pos_embed": _Evil(marker)}}, path)
+  with pytest.raises(NotACheckpointError, match="holds no state dict"):
+    read_state_dict(path)
+  torch.save(_Evil(marker), path)  # the whole file is one object
+  with pytest.raises(NotACheckpointError):
+    read_state_dict(path)
+  assert not os.path.exists(marker)
+
+
+def test_restricted_reader_equals_torch_load(tmp_path):
+  base = torch.randn(6, 5)
+  tensors = collections.OrderedDict(
+      f32=torch.randn(2, 3), transposed=torch.randn(4, 4).t(), strided=base[1:4, ::2],
+      shared=base, bf16=torch.randn(3).bfloat16(), f16=torch.randn(3).half(),
+      i64=torch.arange(6).reshape(2, 3), empty=torch.zeros(0, 3), scalar=torch.tensor(2.5),
+      param=torch.nn.Parameter(torch.randn(2)))
+  path = str(tmp_path / "t.pth")
+  torch.save({"model": tensors, "args": argparse.Namespace(x=1)}, path)
+  obj, skipped = read_torch_zip(path)
+  assert skipped == ["argparse.Namespace"]
+  for key, ref in tensors.items():
+    ref = ref.detach()
+    ref = ref.float().numpy() if ref.dtype == torch.bfloat16 else ref.numpy()
+    ours = obj["model"][key]
+    assert ours.shape == ref.shape, key
+    np.testing.assert_array_equal(np.asarray(ours, ref.dtype), ref, err_msg=key)
+
+
+def test_restricted_reader_checks_storage_bounds(tmp_path):
+  path = str(tmp_path / "t.pth")
+  torch.save({"w": torch.randn(4, 4)}, path)
+  broken = str(tmp_path / "broken.pth")
+  with zipfile.ZipFile(path) as src, zipfile.ZipFile(broken, "w") as dst:
+    for item in src.infolist():
+      data = src.read(item)
+      dst.writestr(item, data[:8] if re.search(r"/data/\d+$", item.filename) else data)
+  with pytest.raises(NotACheckpointError, match="bytes for 16 elements"):
+    read_torch_zip(broken)
+
+
+# --- safetensors ----------------------------------------------------------------------------
+
+def test_safetensors_files_interoperate_with_the_reference_library(tmp_path):
+  st = pytest.importorskip("safetensors.numpy")
+  import ml_dtypes
+  arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float16),
+            "c": np.arange(4, dtype=np.int64), "d": np.zeros((0, 2), np.float32),
+            "e": np.asarray([1.5, -2.0], ml_dtypes.bfloat16)}
+  ours = str(tmp_path / "ours.safetensors")
+  safetensors_io.write_safetensors(ours, arrays, metadata={"format": "pt"})
+  for key, value in st.load_file(ours).items():
+    np.testing.assert_array_equal(value, arrays[key])
+  theirs = str(tmp_path / "theirs.safetensors")
+  st.save_file(arrays, theirs, metadata={"format": "np"})
+  read, metadata = safetensors_io.read_safetensors(theirs)
+  assert metadata == {"format": "np"} and sorted(read) == sorted(arrays)
+  for key, value in read.items():
+    assert value.dtype == arrays[key].dtype
+    np.testing.assert_array_equal(value, arrays[key])
+
+
+# --- bad input: one message with every problem, nothing written --------------------------------
+
+@pytest.fixture(scope="module")
+def timm_state(our_mae):
+  """The timm / official names of our MAE (encoder + decoder), as numpy."""
+  from mim_jax.convert.timm_vit import timm_state_dict_from_params
+  return timm_state_dict_from_params(our_mae[1], patch_size=PATCH, channels=3, grid_hw=GRID)
+
+
+def _import_fails(tmp_path, state, match) -> str:
+  """Import through the CLI; asserts status 2, the message, and that nothing was written."""
+  path = str(tmp_path / "bad.safetensors")
+  safetensors_io.write_safetensors(path, state)
+  with pytest.raises(ValueError, match=match) as excinfo:
+    import_checkpoint(path, num_heads=HEADS, decoder_num_heads=DEC_HEADS)
+  out = str(tmp_path / "out")
+  assert cli(["import", path, out, "--num_heads", str(HEADS)]) == 2
+  assert not os.path.exists(out) and not any("partial" in p for p in os.listdir(tmp_path))
+  return str(excinfo.value)
+
+
+def test_missing_key_is_named(tmp_path, timm_state):
+  state = dict(timm_state)
+  del state["blocks.1.mlp.fc2.bias"]
+  _import_fails(tmp_path, state, r"missing keys: blocks\.1\.mlp\.fc2\.bias$")
+
+
+def test_unexpected_shapes_are_named(tmp_path, timm_state):
+  state = dict(timm_state)
+  state["blocks.0.attn.qkv.weight"] = state["blocks.0.attn.qkv.weight"][:-1]
+  state["decoder_pred.bias"] = np.zeros(7, np.float32)
+  message = _import_fails(tmp_path, state, "shape mismatches")
+  assert "blocks.0.attn.qkv.weight: got (191, 64), expected (192, 64)" in message
+  assert "decoder_pred.bias: got (7,), expected (192,)" in message
+
+
+def test_unknown_keys_and_unsupported_features_are_named(tmp_path, timm_state):
+  state = dict(timm_state, **{"blocks.0.attn.extra.weight": np.zeros(3, np.float32)})
+  _import_fails(tmp_path, state, r"unknown keys: blocks\.0\.attn\.extra\.weight")
+  state = dict(timm_state, dist_token=np.zeros((1, 1, WIDTH), np.float32),
+               **{"head_dist.weight": np.zeros((2, WIDTH), np.float32)})
+  message = _import_fails(tmp_path, state, "DeiT distillation token")
+  assert "dist_token" in message and "head_dist.weight" in message
+
+
+def test_a_different_architecture_is_refused_with_its_keys(tmp_path):
+  resnet = {"conv1.weight": np.zeros((64, 3, 7, 7), np.float32),
+            "bn1.weight": np.ones(64, np.float32), "fc.weight": np.zeros((10, 64), np.float32)}
+  message = _import_fails(tmp_path, resnet, "not a ViT checkpoint of a known layout")
+  assert "conv1.weight" in message and "fc.weight" in message
+
+
+@pytest.mark.parametrize("content", [
+    b"", b"hello, this is text\n", bytes(range(256)) * 8, b"PK\x03\x04 truncated zip",
+    json.dumps({"cls_token": [0.0]}).encode(),
+], ids=["empty", "text", "binary", "truncated_zip", "json"])
+def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path, content):
+  path = str(tmp_path / "weights.pth")
+  with open(path, "wb") as f:
+    f.write(content)
+  with pytest.raises(NotACheckpointError, match="not"):
+    read_state_dict(path)
+  assert cli(["import", path, str(tmp_path / "out")]) == 2
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_zip_that_is_not_a_checkpoint_is_refused(tmp_path):
+  path = str(tmp_path / "archive.pth")
+  with zipfile.ZipFile(path, "w") as archive:
+    archive.writestr("readme.txt", "not weights")
+  with pytest.raises(NotACheckpointError, match="zip archive but not a PyTorch checkpoint"):
+    read_state_dict(path)
+
+
+def test_a_truncated_safetensors_file_is_refused(tmp_path, timm_state):
+  path = str(tmp_path / "w.safetensors")
+  safetensors_io.write_safetensors(path, timm_state)
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(data[:len(data) // 2])
+  with pytest.raises(NotACheckpointError, match="does not fit its byte range"):
+    read_state_dict(path)
+
+
+# --- the command line -----------------------------------------------------------------------
+
+def test_cli_import_inspect_reconstruct(tmp_path, our_mae_dir):
+  from PIL import Image
+  export_weights(our_mae_dir, str(tmp_path / "mae"), "mae")
+  checkpoint = str(tmp_path / "mae" / "model.safetensors")
+  out = str(tmp_path / "imported")
+  # The real entry point once, in a fresh process.
+  result = subprocess.run(
+      [sys.executable, "-m", "mim_jax.convert", "import", checkpoint, out, "--num_heads",
+       str(HEADS), "--decoder_num_heads", str(DEC_HEADS)], capture_output=True, text=True,
+      check=False, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode == 0, result.stderr
+  assert "--config.init_from=" in result.stdout
+  assert cli(["import", checkpoint, out, "--num_heads", "4"]) == 2  # exists: no overwrite
+
+  buffer = io.StringIO()
+  sys_stdout, sys.stdout = sys.stdout, buffer
+  try:
+    assert cli(["inspect", checkpoint]) == 0
+  finally:
+    sys.stdout = sys_stdout
+  assert "decoder_pred.weight: (192, 32)" in buffer.getvalue()
+  assert "imports as timm" in buffer.getvalue()
+
+  paths = []
+  for i, size in enumerate([(40, 50), (32, 32)]):
+    paths.append(str(tmp_path / f"img{i}.png"))
+    Image.fromarray(np.random.default_rng(i).integers(0, 255, (*size, 3), np.uint8)).save(
+        paths[-1])
+  png = str(tmp_path / "recon.png")
+  assert cli(["reconstruct", out, *paths, "--out", png, "--seed", "1"]) == 0
+  picture = np.asarray(Image.open(png))
+  assert picture.shape[0] > 2 * IMAGE and picture.shape[2] == 3
+
+
+def test_learned_position_tables_feed_the_probe_and_knn(tmp_path, our_mae, timm_state):
+  """An import that keeps a learned table (posemb='learn') is evaluated with that table: the
+  linear probe loads it and k-NN features use it, instead of failing or silently ignoring it."""
+  from mim_jax.evaluate import knn_job, pretrained
+  from mim_jax.evaluate.linear_probe import LinearProbe
+  from mim_jax.models.heads import encoder_features
+  from mim_jax.models.vit import sincos_2d
+  encoder_keys = {k: v for k, v in timm_state.items()
+                  if not k.startswith("decoder") and k != "mask_token"}
+  table = sincos_2d(WIDTH, GRID, cls_token=True)[None]
+  encoder_keys["pos_embed"] = table + 0.05 * np.random.default_rng(0).standard_normal(
+      table.shape).astype(np.float32)
+  path = str(tmp_path / "encoder.safetensors")
+  safetensors_io.write_safetensors(path, encoder_keys)
+  directory = import_checkpoint(path, num_heads=HEADS, posemb="learn").write(
+      str(tmp_path / "imported"))
+  assert pretrained.encoder_posemb(directory) == "learn"
+  assert pretrained.encoder_posemb("random") == pretrained.encoder_posemb("") == "sincos"
+
+  config = config_defaults.linprobe_recipe(config_defaults.base_config())
+  config.update(init_from=directory, image_size=(IMAGE, IMAGE))
+  config.classifier.num_classes = NUM_CLASSES
+  config = pretrained.adopt_encoder_config(config)
+  probe = LinearProbe(config)
+  params, extra = probe.init(jax.random.key(0), np.zeros((1, IMAGE, IMAGE, 3), np.float32))
+  _, extra = probe.load_pretrained(params, extra)
+  np.testing.assert_array_equal(extra["encoder"]["pos_embed"], encoder_keys["pos_embed"][0])
+
+  monitor = knn_job.KnnMonitor(config)
+  assert monitor.encoder.posemb == "learn"
+  images, _ = _images()
+  learned = encoder_features(monitor.encoder, extra["encoder"], images, pool="cls")
+  fixed = monitor.encoder.clone(parent=None, posemb="sincos")
+  assert not np.allclose(learned, encoder_features(fixed, extra["encoder"], images, pool="cls"))
