@@ -1,7 +1,7 @@
 r"""Training-step throughput of pre-training configs, beside HF PyTorch ViTMAE, with FLOPs and MFU.
 
-  python -m mim_jax.bench --config=configs/mae_vitb.py [--batch=B] [--steps=20] \
-      [--peer=hf,hf_compile] [--asymmetry] [--also=configs/simmim_vitb.py]
+  python -m mim_jax.bench --config=configs/mae_vitb.py [--batch=B] [--dtype=bfloat16] \
+      [--steps=20] [--peer=hf,hf_compile] [--asymmetry] [--also=configs/simmim_vitb.py]
   python -m mim_jax.bench --config=configs/mae_vitb.py --pipeline [--pipeline_images=512]
 
 Every measurement runs on one synthetic batch (`--batch`, default config.global_batch_size)
@@ -17,7 +17,7 @@ achieved TFLOP/s and MFU against the device's dense bf16 peak (`PEAK_TFLOPS`; no
   --peer       hf: HF ViTMAEForPreTraining, same architecture, AdamW, eager PyTorch;
                hf_compile: the same under torch.compile; on a GPU both use bf16 autocast when
                the config's dtype is bfloat16
-  --pipeline   instead of steps: images/s of one input-pipeline worker (JPEG decode +
+  --pipeline   instead of steps: images/s per CPU core of the input pipeline (JPEG decode +
                RandomResizedCrop + flip + normalise) on generated JPEGs, i.e. how many CPU cores
                feed one accelerator at a given step rate
 """
@@ -36,6 +36,7 @@ config_flags.DEFINE_config_file("config", None, "Path to a pre-training config f
                                 lock_config=True)
 flags.DEFINE_multi_string("also", [], "Further config files (PATH[:ARG]) timed in the same run.")
 flags.DEFINE_integer("batch", 0, "Global batch for every measurement (0: each config's own).")
+flags.DEFINE_string("dtype", "", "Computation dtype for every measurement ('': each config's).")
 flags.DEFINE_integer("steps", 20, "Timed steps per measurement.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation).")
 flags.DEFINE_list("peer", ["hf"], "Peers timed in the same run: hf, hf_compile, or none.")
@@ -185,7 +186,7 @@ def bench_hf(config, steps: int, warmup: int, compile_model: bool = False) -> di
 
 
 def bench_pipeline(config, num_images: int, num_batches: int) -> dict:
-  """Images/s of the training input pipeline in one process (one grain worker's work)."""
+  """Images/s of the training input pipeline in one process, in total and per core used."""
   import os
   import tempfile
 
@@ -216,10 +217,16 @@ def bench_pipeline(config, num_images: int, num_batches: int) -> dict:
     for _ in range(num_batches):
       next(it)
     elapsed = time.perf_counter() - start
+  # In one process (num_workers=0) the pipeline runs its map chain on this many threads.
+  from mim_jax.data import pipeline
+  threads = pipeline._read_options(0, 1).num_threads  # pylint: disable=protected-access
+  cores = min(threads, os.cpu_count() or 1)
+  images_per_s = batch * num_batches / elapsed
   return {"impl": "mim_jax_input_pipeline", "image_size": list(config.image_size),
           "source_images": "JPEG 500x375 quality 90", "batch": batch,
-          "batches": num_batches, "workers": 1,
-          "images_per_s_per_worker": round(batch * num_batches / elapsed, 1),
+          "batches": num_batches, "threads": threads, "cores_used": cores,
+          "images_per_s": round(images_per_s, 1),
+          "images_per_s_per_core": round(images_per_s / cores, 1),
           "crop_scale": list(config.data.crop_scale)}
 
 
@@ -250,6 +257,8 @@ def main(argv):
   configs = [FLAGS.config, *map(load_config, FLAGS.also)]
   if FLAGS.batch:
     configs = [_variant(c, global_batch_size=FLAGS.batch) for c in configs]
+  if FLAGS.dtype:
+    configs = [_variant(c, **{"model.dtype": FLAGS.dtype}) for c in configs]
   if FLAGS.pipeline:
     print(json.dumps(bench_pipeline(configs[0], FLAGS.pipeline_images, FLAGS.pipeline_batches)),
           flush=True)
