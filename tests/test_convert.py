@@ -502,6 +502,15 @@ def test_imported_classifier_fine_tunes_at_a_new_resolution(tmp_path):
   np.testing.assert_array_equal(params["encoder"]["cls_token"], state["cls_token"])
   expected_posemb = resize_posemb(state["pos_embed"][0], GRID, (6, 6))
   np.testing.assert_allclose(params["encoder"]["pos_embed"], expected_posemb, atol=1e-6)
+  # The released classifier's head and fc_norm come along (same classes, same pooling)...
+  np.testing.assert_array_equal(params["head"]["kernel"], state["head.weight"].T)
+  np.testing.assert_array_equal(params["fc_norm"]["scale"], state["fc_norm.weight"])
+  # ...and a head for another number of classes starts fresh.
+  config.classifier.num_classes = NUM_CLASSES + 1
+  method = FineTune(config)
+  fresh, extra = method.init(jax.random.key(0), np.zeros((1, 48, 48, 3), np.float32))
+  loaded, _ = method.load_pretrained(fresh, extra)
+  np.testing.assert_array_equal(loaded["head"]["kernel"], fresh["head"]["kernel"])
 
 
 def test_imported_pretraining_encoder_is_an_init_from_directory(tmp_path, our_mae, our_mae_dir):

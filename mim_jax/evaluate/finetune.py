@@ -44,6 +44,7 @@ class FineTune:
     if pretrained.is_pretrained(self.config.init_from):
       params = dict(params, encoder=pretrained.load_encoder_into(
           params["encoder"], self.config.init_from, grid_hw=self.model.encoder.grid_hw))
+      params = pretrained.load_classifier_head_into(params, self.config.init_from)
     return params, extra
 
   def loss(self, params, extra, batch, rng, train=True):

@@ -128,3 +128,29 @@ def load_encoder_into(init_params: Any, init_from: str, *, grid_hw: tuple[int, i
     log.info("parameters not in the pre-trained encoder (kept at init): %s", ", ".join(missing))
   treedef = jax.tree_util.tree_structure(init_params)
   return jax.tree_util.tree_unflatten(treedef, [out[k] for k in flat_init])
+
+
+CLASSIFIER_PARTS = ("fc_norm", "head")
+
+
+def load_classifier_head_into(params: Any, init_from: str) -> Any:
+  """Puts an imported classifier's `fc_norm` / `head` (an export's classifier/ folder, e.g. an
+  official MAE fine-tuned checkpoint) into fine-tuning params when their shapes match, so
+  fine-tuning continues from the released classifier; otherwise the new head is kept (another
+  number of classes, another pooling), with a log line saying so."""
+  directory = os.path.join(encoder_directory(init_from), "classifier")
+  if not os.path.isdir(directory):
+    return params
+  from mim_jax.convert.our_weights import read_weights  # the reader of export directories
+  _, loaded = read_weights(encoder_directory(init_from))
+  found = {k: loaded[k] for k in CLASSIFIER_PARTS if k in loaded}
+  shapes = lambda tree: jax.tree.map(lambda x: tuple(np.shape(x)), tree)
+  if set(found) != {k for k in CLASSIFIER_PARTS if k in params} or any(
+      shapes(found[k]) != shapes(params[k]) for k in found):
+    log.info("the classifier head in %s does not fit this model (%s vs %s): a new head is "
+             "trained", directory, shapes(found), shapes({k: params[k] for k in
+                                                          CLASSIFIER_PARTS if k in params}))
+    return params
+  log.info("classifier head loaded from %s", directory)
+  return dict(params, **{k: jax.tree.map(lambda v, t: np.asarray(v, t.dtype), found[k],
+                                         params[k]) for k in found})
