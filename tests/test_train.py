@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -192,3 +193,20 @@ def test_corrupt_image_is_skipped_counted_and_never_fed(tmp_path):
   config.data.on_bad_image = "raise"
   with pytest.raises(Exception, match="broken.jpg"):
     train.run(config, str(tmp_path / "w2"))
+
+
+def test_train_step_compiles_once_per_run_across_logging_checkpoints_and_resume(tmp_path,
+                                                                                caplog):
+  """No recompilation after the first step: logging, checkpoint and evaluation boundaries and a
+  resumed run all reuse the one compiled step (a changed shape, dtype or sharding would show up
+  as a second compilation)."""
+  def compilations(run_config):
+    caplog.clear()
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+      train.run(run_config, str(tmp_path))
+    return sum(r.getMessage().startswith("Compiling jit(step_fn)") for r in caplog.records)
+
+  config = tiny_mae_config(total_steps=5, log_every=2, checkpoint_every=2, viz_every=3)
+  assert compilations(config) == 1
+  config.total_steps = 8  # resume from step 5
+  assert compilations(config) == 1
