@@ -241,14 +241,8 @@ def load_config(spec: str):
 
 
 def _variant(config, **changes):
-  config = config.copy_and_resolve_references()
-  for key, value in changes.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  from mim_jax.config_defaults import override
+  return override(config.copy_and_resolve_references(), **changes)
 
 
 def main(argv):

@@ -146,6 +146,17 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def override(c: ml_collections.ConfigDict, **dotted) -> ml_collections.ConfigDict:
+  """Sets fields by dotted name in place, e.g. override(c, **{"model.dtype": "bfloat16"})."""
+  for key, value in dotted.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return c
+
+
 def parse_arg(arg: str | None,
               allowed: tuple[str, ...] = ("variant", "runlocal")) -> dict[str, str | bool]:
   """Parses a config argument like "variant=L/16,runlocal" into {"variant": "L/16", "runlocal": True}."""

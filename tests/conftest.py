@@ -27,13 +27,7 @@ def tiny_mae_config(**overrides):
   c.log_every = 1
   c.checkpoint_every = 2
   c.viz_every = 0
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return config_defaults.override(c, **overrides)
 
 
 requires_fmnist = pytest.mark.skipif(

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from mim_jax import checkpoint, optim, train
+from mim_jax import checkpoint, config_defaults, optim, train
 from mim_jax.config_errors import ConfigError
 from mim_jax.config_validation import validate_config
 from mim_jax.evaluate import knn_job, pretrained
@@ -255,12 +255,7 @@ def test_knn_during_pretraining_is_logged(tmp_path):
 ])
 def test_bad_evaluation_configs_fail_fast(pretrained_workdir, method, overrides, match):
   config = _eval_config(method, pretrained_workdir)
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config_defaults.override(config, **overrides)
   with pytest.raises(ConfigError, match=match):
     validate_config(config)
 

@@ -27,12 +27,7 @@ def tiny_config(method: str, **overrides):
   else:
     c.masking.update(kind="blockwise", ratio=0.4, min_block=2)
     c.target.hog.update(cell_size=2, num_bins=9, gradient="sobel", gaussian_window=4)
-  for key, value in overrides.items():  # again: the method defaults above must not win
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config_defaults.override(c, **overrides)  # again: the method defaults above must not win
   config_validation.validate_config(c)
   return c
 
@@ -253,12 +248,7 @@ def test_maskfeat_run_draws_hog_maps(tmp_path):
 ])
 def test_incompatible_choices_fail_at_validation(method, overrides, field, words):
   c = tiny_mae_config() if method == "mae" else tiny_config(method)
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config_defaults.override(c, **overrides)
   with pytest.raises(ConfigError) as err:
     config_validation.validate_config(c)
   assert f"config.{field}" in str(err.value) and words in str(err.value), str(err.value)
