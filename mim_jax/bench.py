@@ -9,7 +9,8 @@ after warm-up steps, each step timed to completion (block_until_ready; the loss'
 PyTorch), and prints one JSON line: method, model, image size, masking, batch, dtype, device
 kind and count, step time (median, min, max, interquartile range), images/s, model FLOPs per
 image (analytic, `mim_jax.flops`; XLA's cost analysis of the compiled step beside it),
-achieved TFLOP/s and MFU against the device's dense bf16 peak (`PEAK_TFLOPS`; none on CPU).
+achieved TFLOP/s and MFU against the device's dense bf16 peak (`flops.PEAK_TFLOPS`; none on
+CPU).
 
   --also       further configs (PATH[:ARG]) timed in the same run, e.g. SimMIM on the same encoder
   --asymmetry  also the first (MAE) config with all patches and mask tokens through the encoder
@@ -47,20 +48,6 @@ flags.DEFINE_integer("pipeline_batches", 8, "Timed batches for --pipeline.")
 flags.mark_flags_as_required(["config"])
 
 PEERS = ("hf", "hf_compile", "none")
-# Datasheet dense bf16 peaks (TFLOP/s) by a substring of jax's / torch's device kind.
-PEAK_TFLOPS = {
-    "H200": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "GH200": 989.4,
-    "A100": 312.0, "L40S": 362.0, "TPU v6 lite": 918.0, "TPU v5p": 459.0,
-    "TPU v5 lite": 197.0, "TPU v4": 275.0,
-}
-
-
-def peak_tflops(device_kind: str) -> float | None:
-  """The dense bf16 peak of a device kind, or None when unknown (CPUs)."""
-  for key, value in PEAK_TFLOPS.items():  # more specific keys come first
-    if key.lower() in device_kind.lower():
-      return value
-  return None
 
 
 def _sig(x: float, digits: int = 4) -> float:
@@ -75,7 +62,7 @@ def _summary(name: str, times: list[float], config, device_kind: str, **extra) -
   images_per_s = config.global_batch_size / median
   train_flops = flops.train_flops_per_image(config)
   achieved = train_flops * images_per_s / 1e12
-  peak = peak_tflops(device_kind)
+  peak = flops.peak_tflops(device_kind)
   return {"impl": name, "method": config.method, "model": describe_size(config.model),
           "image_size": list(config.image_size), "masking": config.masking.kind,
           "mask_ratio": config.masking.ratio,

@@ -15,6 +15,21 @@ from mim_jax import masking
 from mim_jax.models.vit import size_from_config
 
 TRAIN_FORWARD_RATIO = 3.0
+# Datasheet dense bf16 peaks (TFLOP/s) by a substring of jax's / torch's device kind; more
+# specific keys come first.
+PEAK_TFLOPS = {
+    "H200": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "GH200": 989.4,
+    "A100": 312.0, "L40S": 362.0, "TPU v6 lite": 918.0, "TPU v5p": 459.0,
+    "TPU v5 lite": 197.0, "TPU v4": 275.0,
+}
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  """The dense bf16 peak of a device kind for MFU, or None when unknown (CPUs)."""
+  for key, value in PEAK_TFLOPS.items():
+    if key.lower() in device_kind.lower():
+      return value
+  return None
 
 
 def transformer_forward_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> float:
