@@ -33,3 +33,11 @@ def tiny_mae_config(**overrides):
 requires_fmnist = pytest.mark.skipif(
     not os.path.isdir(FMNIST_DIR),
     reason=f"Fashion-MNIST not installed at {FMNIST_DIR} (apt-get install -y dataset-fashion-mnist)")
+
+
+def rel_err(ours, ref) -> float:
+  """max|ours - ref| / max|ref| over the whole array (scalars: |ours - ref| / |ref|): the
+  parity measure of the conversion tests."""
+  import numpy as np
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))

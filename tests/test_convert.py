@@ -49,6 +49,8 @@ from mim_jax.convert.state_dicts import read_state_dict  # noqa: E402
 from mim_jax.convert.torch_checkpoint import NotACheckpointError, read_torch_zip  # noqa: E402
 from mim_jax.methods import mae  # noqa: E402
 
+from conftest import rel_err  # noqa: E402
+
 try:
   import timm  # noqa: E402
   from timm.models.vision_transformer import Block as TimmBlock  # noqa: E402
@@ -65,11 +67,6 @@ DEC_WIDTH, DEC_DEPTH, DEC_HEADS = 32, 2, 4
 NUM_CLASSES = 5
 BATCH = 3
 REL_TOL = 1e-5
-
-
-def rel_err(ours, ref) -> float:
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
 
 
 def _images(channels: int = 3, seed: int = 1):

@@ -32,6 +32,8 @@ from mim_jax.methods import mae  # noqa: E402
 from mim_jax.models.decoders import MAEDecoder  # noqa: E402
 from mim_jax.models.vit import Block, ViTEncoder  # noqa: E402
 
+from conftest import rel_err  # noqa: E402
+
 IMAGE, PATCH = 32, 8
 GRID = (IMAGE // PATCH, IMAGE // PATCH)
 NUM_PATCHES = GRID[0] * GRID[1]
@@ -41,12 +43,6 @@ MASK_RATIO = 0.75
 BATCH = 3
 # float32 round-off through ~4 blocks of matmuls, summed in different orders by XLA and ATen.
 REL_TOL = 1e-5
-
-
-def rel_err(ours, ref) -> float:
-  """max|ours - ref| / max|ref| over the whole array (scalars: |ours - ref| / |ref|)."""
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
 
 
 def _hf_config(channels: int, **overrides):
