@@ -103,13 +103,19 @@ def reconstruction_grid(images: np.ndarray, pred_patches: np.ndarray, mask: np.n
   panels = [original, masked, recon, recon_pasted]
 
   s = upscale_factor(h, w)
-  ph, pw = h * s, w * s
-  out = np.ones((b * (ph + GAP) - GAP, 4 * (pw + GAP) - GAP, 3), np.float32)  # white gaps
+  return _tile([p.repeat(s, axis=1).repeat(s, axis=2) for p in panels])
+
+
+def _tile(panels: Sequence[np.ndarray]) -> np.ndarray:
+  """Panels [B, H', W', 3] in [0, 1] -> uint8 picture, one row per example, one column per
+  panel, separated by white GAP-pixel lines."""
+  b, ph, pw, _ = panels[0].shape
+  out = np.ones((b * (ph + GAP) - GAP, len(panels) * (pw + GAP) - GAP, 3), np.float32)
   for row in range(b):
     for col, panel in enumerate(panels):
       y, x = row * (ph + GAP), col * (pw + GAP)
-      out[y:y + ph, x:x + pw] = panel[row].repeat(s, axis=0).repeat(s, axis=1)
-  return np.round(out * 255).astype(np.uint8)
+      out[y:y + ph, x:x + pw] = panel[row]
+  return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8)
 
 
 def save_png(array: np.ndarray, path: str) -> None:
@@ -172,10 +178,4 @@ def hog_grid(images: np.ndarray, pred: np.ndarray, target: np.ndarray, mask: np.
   masked = np.where(pixel_masked, np.float32(MASK_GREY), original)
   up = lambda x: x.repeat(s, axis=1).repeat(s, axis=2)
   panels = [up(original), up(masked), maps[:b], maps[b:]]
-  ph, pw = h * s, w * s
-  out = np.ones((b * (ph + GAP) - GAP, 4 * (pw + GAP) - GAP, 3), np.float32)
-  for row in range(b):
-    for col, panel in enumerate(panels):
-      y, x = row * (ph + GAP), col * (pw + GAP)
-      out[y:y + ph, x:x + pw] = panel[row]
-  return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8)
+  return _tile(panels)
