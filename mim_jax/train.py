@@ -39,6 +39,18 @@ def method_data_transforms(method) -> tuple:
     return (data.AddTokenMask(generator),)
   return ()
 
+
+def method_train_augment(method, config):
+  """The method's own augmentation (e.g. multi-crop views), or None for the default crop+flip."""
+  if hasattr(method, "train_augment"):
+    return method.train_augment(config.data, tuple(config.image_size), config.channels)
+  return None
+
+
+def method_batch_keys(method) -> tuple[str, ...]:
+  """The keys of a pipeline batch that the method's train step reads."""
+  return TRAIN_BATCH_KEYS + tuple(getattr(method, "batch_keys", ()))
+
 log = logging.getLogger(__name__)
 
 
@@ -98,11 +110,14 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
 
   A step whose loss or gradients hold a NaN or Inf changes nothing but the counters: params,
   optimizer state and `extra` keep their values (one select per leaf, fused into the update),
-  `skipped_updates` and `nonfinite_streak` grow by one; a finite step resets the streak. The
+  `skipped_updates` and `nonfinite_streak` grow by one; a finite step resets the streak.
+  A method's `after_update(params, extra, step)` hook (EMA teachers) runs after the update. The
   step count advances either way, so the data and randomness of later steps do not shift.
   Metrics are scalars: the method's (loss, ...), learning_rate, grad/param/update norms,
   nonfinite (1 if this step was skipped), skipped_updates and nonfinite_streak.
   """
+  after_update = getattr(method, "after_update", None)
+
   def grad_fn(params, extra, batch, rng):
     (loss, (metrics, extra)), grads = jax.value_and_grad(
         lambda p: method.loss(p, extra, batch, rng, train=True), has_aux=True)(params)
@@ -136,6 +151,8 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if after_update is not None:
+      extra = after_update(params, extra, state.step)  # e.g. an EMA teacher follows params
     grad_norm = _global_norm(grads)
     # One NaN/Inf anywhere in the gradients makes their norm non-finite.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -201,7 +218,8 @@ def run(config, workdir: str) -> TrainState:
   schedule = optim.learning_rate_schedule(config.optimizer, config.global_batch_size,
                                           steps_per_epoch, schedule_steps)
   tx = optim.build_optimizer(config.optimizer, schedule)
-  method = build_method(config)
+  from mim_jax.methods.base import TrainLength
+  method = build_method(config, TrainLength(steps_per_epoch, schedule_steps))
 
   batch_sharding = parallel.batch_sharding(mesh)
   replicated = parallel.replicated(mesh)
@@ -225,7 +243,8 @@ def run(config, workdir: str) -> TrainState:
   train_iter = data.make_train_iterator(
       config.data, image_size=image_size, channels=channels,
       global_batch_size=config.global_batch_size, seed=config.seed,
-      element_transforms=method_data_transforms(method))
+      element_transforms=method_data_transforms(method),
+      augment=method_train_augment(method, config))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  save_every=config.checkpoint_every, keep=config.keep_checkpoints,
                                  max_consecutive_failures=config.max_consecutive_failed_saves)
@@ -262,13 +281,14 @@ def run(config, workdir: str) -> TrainState:
     knn_every = _epochs_to_steps(config.knn.every_epochs, steps_per_epoch)
     final_metrics: dict[str, float] = {}
 
+    batch_keys = method_batch_keys(method)
     step = start_step
     t_last, step_last = time.perf_counter(), step
     with preemption.PreemptionWatcher(start_step, sync_every=config.log_every) as preempted:
       while step < last_step:
         host_batch = next(train_iter)
         batch = parallel.host_batch_to_global(
-            {k: host_batch[k] for k in TRAIN_BATCH_KEYS if k in host_batch}, batch_sharding)
+            {k: host_batch[k] for k in batch_keys if k in host_batch}, batch_sharding)
         state, metrics = train_step(state, batch, base_rng)
         step += 1
         # The only host-device synchronisation in the loop besides checkpoints: metrics at the
@@ -313,7 +333,11 @@ def run(config, workdir: str) -> TrainState:
       if ckpt.latest_step() != step:
         ckpt.save(step, state, train_iter, force=True)
       ckpt.wait()
-      if config.export_encoder and step == last_step:
+      if config.export_encoder and step == last_step and hasattr(method, "export"):
+        # The method's own end product (a tokenizer); collective like the encoder export.
+        method.export(workdir, _to_host(state.params), _to_host(state.extra),
+                      _model_info(config))
+      elif config.export_encoder and step == last_step:
         # Collective: every process gathers the encoder and takes part in the Orbax save.
         encoder = _to_host(method.encoder_params(state.params, state.extra))
         checkpoint.export_encoder(os.path.join(workdir, "encoder"), encoder,
@@ -345,8 +369,9 @@ def _restore_or_init(config, method, ckpt: checkpoint.Checkpointer, abstract_sta
     log.info("resumed from %s at step %d", ckpt.directory, start_step)
     return state, start_step
   state = jax.jit(init_fn, out_shardings=state_shardings)(init_rng)
-  if pretrained.is_pretrained(config.init_from):
-    # Pre-trained weights are merged on the host, then placed with the state's shardings.
+  if pretrained.is_pretrained(config.init_from) or getattr(method, "loads_weights", False):
+    # Pre-trained weights (or a frozen tokenizer) are merged on the host, then placed with
+    # the state's shardings.
     params, extra = method.load_pretrained(_to_host(state.params), _to_host(state.extra))
     state = jax.device_put(state.replace(params=params, extra=extra), state_shardings)
     log.info("initialised from %s", config.init_from)

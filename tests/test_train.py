@@ -34,7 +34,7 @@ class _LinearRegression:
     x = batch["image"].reshape(batch["image"].shape[0], -1)
     loss = jnp.mean(jnp.square(x @ params["w"] - 1.0))
     # `extra` threads through the microbatches: it counts the examples seen.
-    return loss, ({"loss": loss}, {"seen": extra["seen"] + x.shape[0]})
+    return loss, ({"loss": loss}, {**extra, "seen": extra["seen"] + x.shape[0]})
 
 
 def test_grad_accumulation_matches_full_batch():
@@ -50,6 +50,36 @@ def test_grad_accumulation_matches_full_batch():
   np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
   assert int(s4.step) == 1
   assert float(s1.extra["seen"]) == float(s4.extra["seen"]) == 8
+
+
+class _WithAverage(_LinearRegression):
+  """The toy method with an `after_update` hook keeping an average of the weights."""
+
+  def init(self, rng, images):
+    params, extra = super().init(rng, images)
+    return params, {**extra, "avg": params["w"], "last_step": jnp.zeros([], jnp.int32)}
+
+  def after_update(self, params, extra, step):
+    return {**extra, "avg": 0.5 * extra["avg"] + 0.5 * params["w"], "last_step": step}
+
+
+def test_after_update_hook_sees_new_params_and_skipped_steps_discard_it():
+  method, tx = _WithAverage(), optax.sgd(0.1)
+  images = jax.random.normal(jax.random.key(0), (8, 4, 4, 1))
+  state = train.init_train_state(method, tx, jax.random.key(1), (1, 4, 4, 1))
+  step = jax.jit(train.make_train_step(method, tx, lambda s: 0.1))
+  s1, _ = step(state, {"image": images}, jax.random.key(2))
+  np.testing.assert_allclose(s1.extra["avg"], 0.5 * state.params["w"] + 0.5 * s1.params["w"],
+                             rtol=1e-6)
+  assert not np.allclose(s1.params["w"], state.params["w"])
+  assert int(s1.extra["last_step"]) == 0
+  s2, _ = step(s1, {"image": images}, jax.random.key(2))
+  assert int(s2.extra["last_step"]) == 1
+  # A NaN batch skips the update, and the hook's result with it.
+  s3, m3 = step(s2, {"image": images * jnp.nan}, jax.random.key(2))
+  assert int(m3["nonfinite"]) == 1
+  np.testing.assert_array_equal(s3.extra["avg"], s2.extra["avg"])
+  assert int(s3.extra["last_step"]) == 1
 
 
 def test_mae_step_metrics_and_learning():

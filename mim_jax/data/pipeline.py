@@ -94,13 +94,15 @@ def _decoder(data_cfg, channels: int) -> transforms.DecodeImage:
 def train_dataset(data_cfg, *, image_size: tuple[int, int], channels: int,
                   global_batch_size: int, seed: int, process_index: int | None = None,
                   process_count: int | None = None,
-                  element_transforms: Sequence[grain.transforms.RandomMap] = ()
-                  ) -> grain.IterDataset:
+                  element_transforms: Sequence[grain.transforms.RandomMap] = (),
+                  augment: grain.transforms.RandomMap | None = None) -> grain.IterDataset:
   """The training pipeline: grain IterDataset of {"image": f32 [B, H, W, C], "label": i32 [B]}.
 
   Reads `data.split`, restricted to the per-class subset when data.label_fraction < 1 (see
   `sources.build_train_source`). `element_transforms` are a method's own per-example random
   steps after augmentation (e.g. `transforms.AddTokenMask`), each with its own seed stream.
+  `augment` replaces the default RandomResizedCrop + flip (`transforms.TrainAugment`), e.g.
+  with a method's multi-crop views; it keeps the augmentation's seed stream.
   """
   process_index, process_count = _process_index_and_count(process_index, process_count)
   if global_batch_size <= 0 or global_batch_size % process_count:
@@ -121,12 +123,14 @@ def train_dataset(data_cfg, *, image_size: tuple[int, int], channels: int,
   shuffle_seed, augment_seed = _derive_seeds(seed, process_index)
   ds = ds.shuffle(seed=shuffle_seed).repeat()  # infinite; each epoch reshuffled from the seed
   ds = ds.map(_decoder(data_cfg, channels))
-  ds = ds.random_map(transforms.TrainAugment(
-      image_size=image_size,
-      crop_scale=tuple(float(s) for s in data_cfg.crop_scale),
-      crop_ratio=tuple(float(r) for r in data_cfg.crop_ratio),
-      hflip=bool(data_cfg.hflip),
-      normalize=_normalizer(data_cfg, channels)), seed=augment_seed)
+  if augment is None:
+    augment = transforms.TrainAugment(
+        image_size=image_size,
+        crop_scale=tuple(float(s) for s in data_cfg.crop_scale),
+        crop_ratio=tuple(float(r) for r in data_cfg.crop_ratio),
+        hflip=bool(data_cfg.hflip),
+        normalize=_normalizer(data_cfg, channels))
+  ds = ds.random_map(augment, seed=augment_seed)
   for i, transform in enumerate(element_transforms):
     ds = ds.random_map(transform, seed=_derive_seeds(seed, process_index, stream=2 + i)[1])
 
@@ -152,7 +156,8 @@ def train_dataset(data_cfg, *, image_size: tuple[int, int], channels: int,
 def make_train_iterator(data_cfg, *, image_size: tuple[int, int], channels: int,
                         global_batch_size: int, seed: int, process_index: int | None = None,
                         process_count: int | None = None,
-                        element_transforms: Sequence[grain.transforms.RandomMap] = ()
+                        element_transforms: Sequence[grain.transforms.RandomMap] = (),
+                        augment: grain.transforms.RandomMap | None = None
                         ) -> grain.DatasetIterator:
   """An infinite iterator of this host's batches {"image": float32 [B, H, W, C] normalised,
   "label": int32 [B]} (the source's class labels; 0 for a source without labels).
@@ -166,7 +171,7 @@ def make_train_iterator(data_cfg, *, image_size: tuple[int, int], channels: int,
   return iter(train_dataset(data_cfg, image_size=image_size, channels=channels,
                             global_batch_size=global_batch_size, seed=seed,
                             process_index=process_index, process_count=process_count,
-                            element_transforms=element_transforms))
+                            element_transforms=element_transforms, augment=augment))
 
 
 def eval_dataset(data_cfg, *, image_size: tuple[int, int], channels: int, batch_size: int,

@@ -14,6 +14,14 @@ METHODS = {"mae": mae.MAE, "simmim": simmim.SimMIM, "maskfeat": maskfeat.MaskFea
            "linprobe": LinearProbe, "finetune": FineTune}
 
 
-def build_method(config):
-  """Instantiates the method named by `config.method`."""
-  return METHODS[config.method](config)
+def build_method(config, length=None):
+  """Instantiates the method named by `config.method`.
+
+  `length` (`base.TrainLength`) reaches methods with epoch-based schedules of their own
+  (`needs_train_length`); without it they derive one from `config.num_epochs` and one step
+  per epoch, which only tools that never train (benchmarks, pictures) should rely on.
+  """
+  cls = METHODS[config.method]
+  if getattr(cls, "needs_train_length", False):
+    return cls(config, length=length)
+  return cls(config)

@@ -11,6 +11,7 @@ State comes in two parts:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Protocol
 
 import jax
@@ -18,6 +19,14 @@ import jax
 Params = Any
 Extra = Any
 Batch = Mapping[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainLength:
+  """How long the run is, for methods whose own schedules (EMA momentum, teacher temperature)
+  are given in epochs: `steps_per_epoch` and `schedule_steps` (the lr schedule's length)."""
+  steps_per_epoch: int
+  schedule_steps: int
 
 
 class Method(Protocol):
@@ -51,3 +60,26 @@ class Evaluates(Protocol):
 
   def eval_metrics(self, params: Params, extra: Extra, batch: Batch) -> dict[str, jax.Array]:
     """Sums over the valid rows (batch["mask"]) of a batch: "correct", "loss", "count"."""
+
+
+# Optional hooks. The loop calls each only when the method defines it, so simple methods stay
+# simple; teachers, tokenizers and multi-view inputs plug in here instead of into the loop.
+#
+#   after_update(params, extra, step) -> extra
+#       Runs inside the jitted step after the optimizer update, on the new params (an EMA
+#       teacher follows the student here). `step` (int32 []) is the index of the update just
+#       applied (0 for the first). A step skipped for non-finite values discards its result.
+#   train_augment(data_cfg, image_size, channels) -> grain RandomMap
+#       Replaces the input pipeline's RandomResizedCrop + flip (multi-crop views). It must map
+#       {"image": uint8 [h, w, C] or None, "label"} to a dict with "label", "valid" and the
+#       method's arrays, placeholder zeros with valid=False for a None image.
+#   batch_keys: tuple[str, ...]
+#       Keys of a pipeline element, besides "image", "label" and "token_mask", that reach the
+#       train step (e.g. extra views).
+#   loads_weights: bool
+#       True when `load_pretrained` must run on fresh state even without `config.init_from`
+#       (a frozen tokenizer read from its own file).
+#   export(path, params, extra, info) -> None
+#       Writes the run's end product to `path` instead of the encoder export (a tokenizer).
+#   needs_train_length: bool
+#       True when the constructor takes `length=TrainLength(...)`.
