@@ -1,0 +1,33 @@
+"""EMA teacher updates and their schedules."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from mim_jax import teachers
+
+
+def test_ema_update_equals_its_formula_on_every_leaf():
+  teacher = {"a": jnp.array([1.0, 2.0]), "b": {"c": jnp.array(-3.0)}}
+  student = {"a": jnp.array([5.0, -2.0]), "b": {"c": jnp.array(1.0)}}
+  out = teachers.ema_update(teacher, student, 0.9)
+  np.testing.assert_allclose(out["a"], 0.9 * np.array([1.0, 2.0]) + 0.1 * np.array([5.0, -2.0]),
+                             rtol=1e-6)
+  np.testing.assert_allclose(out["b"]["c"], 0.9 * -3.0 + 0.1 * 1.0, rtol=1e-6)
+  # decay 1 keeps the teacher, decay 0 copies the student.
+  np.testing.assert_array_equal(teachers.ema_update(teacher, student, 1.0)["a"], teacher["a"])
+  np.testing.assert_array_equal(teachers.ema_update(teacher, student, 0.0)["a"], student["a"])
+
+
+def test_linear_anneal_endpoints_and_midpoint():
+  f = lambda s: float(teachers.linear_anneal(s, 0.999, 0.9998, 100))
+  np.testing.assert_allclose([f(0), f(50), f(100), f(1000)],
+                             [0.999, 0.9994, 0.9998, 0.9998], rtol=1e-6)
+  assert float(teachers.linear_anneal(5, 0.999, 0.9998, 0)) == np.float32(0.9998)
+
+
+def test_cosine_anneal_endpoints_and_midpoint():
+  f = lambda s: float(teachers.cosine_anneal(s, 0.996, 1.0, 100))
+  np.testing.assert_allclose([f(0), f(50), f(100), f(500)], [0.996, 0.998, 1.0, 1.0], rtol=1e-6)
+  assert f(25) < f(50) < f(75)
