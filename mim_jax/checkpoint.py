@@ -141,11 +141,23 @@ class Checkpointer:
       self._in_flight = step
     return started
 
-  def restore(self, step: int, abstract_state: Any, data_iterator) -> Any:
-    """Restores the state onto `abstract_state`'s shardings and rewinds `data_iterator`."""
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                              data=data.iterator_restore_args(data_iterator))
-    return self.manager.restore(step, args=args).state
+  def has_iterator_state(self, step: int) -> bool:
+    """Whether checkpoint `step` holds this process's data-iterator position: not when it was
+    written by a different number of processes (one position file per process)."""
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    return os.path.exists(os.path.join(self.directory, str(step), "data", name))
+
+  def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
+    """Restores the state onto `abstract_state`'s shardings and rewinds `data_iterator`.
+
+    The shardings may differ from those the checkpoint was written with (another mesh shape,
+    device count or process count): Orbax reads each device's part of every array. Without
+    `data_iterator` only the state is read.
+    """
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = data.iterator_restore_args(data_iterator)
+    return self.manager.restore(step, args=ocp.args.Composite(**items)).state
 
   def wait(self) -> None:
     """Blocks until the save in flight is written; raises CheckpointSaveError if the latest

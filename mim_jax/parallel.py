@@ -1,17 +1,41 @@
 """Device mesh and shardings from the config.
 
-`config.mesh` is a sequence of (axis_name, size) with size -1 meaning "all remaining devices";
-`config.sharding_rules` is a sequence of (regex, spec): the first regex found (re.search) in a
-parameter's path "encoder/transformer/blocks_0/attn/qkv/kernel" gives its PartitionSpec, a tuple
-with one mesh-axis name (or None) per dimension; unmatched parameters are replicated. The batch
-is split over the mesh axes named in `BATCH_AXES`.
+`config.mesh` is a sequence of (axis_name, size) with size -1 meaning "all remaining devices",
+e.g. [("data", -1)] (data parallel), [("fsdp", -1)] (fully sharded) or
+[("data", 2), ("fsdp", -1)]. The batch is split over the mesh axes named in `BATCH_AXES`
+(data x fsdp), so every device of such a mesh sees its own slice of the batch.
+
+`config.sharding_rules` is a sequence of (regex, spec). Every leaf of the TrainState (params,
+optimizer state, and `extra`: EMA teachers, frozen tokenizers) has a path such as
+"params/encoder/transformer/blocks_0/attn/qkv/kernel" or
+"opt_state/1/0/mu/encoder/transformer/blocks_0/attn/qkv/kernel"; the first rule whose regex is
+found in it (re.search) gives its sharding, unmatched leaves are replicated. A spec is
+
+  * a tuple with one entry per leading dimension: a mesh-axis name, None, or a tuple of axis
+    names, e.g. (None, "fsdp") shards dim 1 over the fsdp axis; () replicates;
+  * "replicate";
+  * "largest:AXIS" or "largest:AXIS:MIN_SIZE": shard the largest dimension that the size of
+    mesh axis AXIS divides (the first of equal ones) over AXIS, for leaves of at least
+    MIN_SIZE elements; smaller leaves, and leaves with no divisible dimension, are replicated.
+    This is pure FSDP as in MaxText; `config_defaults.fsdp_rules()` returns the preset.
+
+Every rule must match at least one leaf, every named axis must exist in the mesh and divide the
+dimension it shards: a mistake fails at start-up (ConfigError) naming the rule, the mesh and
+the device count.
+
+Activations: `constrain_batch(x)` pins the batch dimension of a [B, ...] activation to the
+batch axes. It does something only while `activation_mesh(mesh)` is active (the train step is
+traced inside it) and is free otherwise, so models stay usable on one device without a mesh.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import re
-from typing import Any, Sequence
+import threading
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -79,22 +103,149 @@ def path_string(path) -> str:
   return "/".join(parts)
 
 
+LARGEST = "largest"
+
+
+def describe_mesh(mesh: Mesh) -> str:
+  """"mesh {'data': 2, 'fsdp': 4} on 8 devices" (for error messages and logs)."""
+  return f"mesh {dict(mesh.shape)} on {mesh.devices.size} devices"
+
+
+def _parse_spec(rule, mesh: Mesh):
+  """A rule's spec as ("explicit", tuple) or ("largest", axis, min_size)."""
+  spec = rule[1]
+  if spec is None or (isinstance(spec, str) and spec == "replicate"):
+    return ("explicit", ())
+  if isinstance(spec, str):
+    parts = spec.split(":")
+    ok = parts[0] == LARGEST and len(parts) in (2, 3) and parts[1]
+    if ok and len(parts) == 3:
+      ok = parts[2].isdigit()
+    if not ok:
+      raise config_error("sharding_rules", tuple(rule),
+                         "a spec that is a tuple of mesh axes (one per dimension), 'replicate', "
+                         "or 'largest:AXIS[:MIN_SIZE]'")
+    axis, min_size = parts[1], int(parts[2]) if len(parts) == 3 else 0
+    if axis not in mesh.shape:
+      raise config_error("sharding_rules", tuple(rule),
+                         f"axis {axis!r} is not an axis of the {describe_mesh(mesh)}")
+    return (LARGEST, axis, min_size)
+  entries = tuple(tuple(e) if isinstance(e, list) else e for e in spec)
+  for entry in entries:
+    for axis in (entry if isinstance(entry, tuple) else (entry,)):
+      if axis is not None and axis not in mesh.shape:
+        raise config_error("sharding_rules", tuple(rule),
+                           f"axis {axis!r} is not an axis of the {describe_mesh(mesh)}")
+  return ("explicit", entries)
+
+
+def _axes_size(mesh: Mesh, entry) -> int:
+  if entry is None:
+    return 1
+  return math.prod(mesh.shape[a] for a in (entry if isinstance(entry, tuple) else (entry,)))
+
+
+def leaf_spec(mesh: Mesh, parsed, shape: tuple[int, ...], rule, name: str) -> P:
+  """The PartitionSpec a parsed rule gives a leaf of `shape` (checked against the mesh)."""
+  if parsed[0] == LARGEST:
+    _, axis, min_size = parsed
+    n = mesh.shape[axis]
+    if n == 1 or math.prod(shape) < max(min_size, 1) or not shape:
+      return P()
+    candidates = [d for d in range(len(shape)) if shape[d] % n == 0]
+    if not candidates:
+      return P()
+    dim = max(candidates, key=lambda d: (shape[d], -d))
+    return P(*([None] * dim + [axis]))
+  spec = parsed[1]
+  if len(spec) > len(shape):
+    raise config_error("sharding_rules", tuple(rule),
+                       f"the spec has {len(spec)} entries but {name} has {len(shape)} dims")
+  for dim, entry in enumerate(spec):
+    size = _axes_size(mesh, entry)
+    if shape[dim] % size:
+      raise config_error("sharding_rules", tuple(rule),
+                         f"{name} has size {shape[dim]} in dim {dim}, which the {size} devices "
+                         f"of axis {entry!r} ({describe_mesh(mesh)}) do not divide")
+  return P(*spec)
+
+
 def tree_shardings(mesh: Mesh, abstract_tree: Any, rules: Sequence[Sequence[Any]]) -> Any:
-  """NamedShardings for every leaf of `abstract_tree` by the first matching rule."""
-  compiled = [(re.compile(str(r[0])), tuple(r[1]) if r[1] is not None else ()) for r in rules]
+  """NamedShardings for every leaf of `abstract_tree` by the first matching rule.
+
+  Raises ConfigError for a rule whose regex matches no leaf path (a typo would otherwise
+  silently replicate what it meant to shard), an unknown axis, or an axis size that does not
+  divide the dimension it shards.
+  """
+  rules = [tuple(r) for r in rules]
+  for rule in rules:
+    if len(rule) != 2:
+      raise config_error("sharding_rules", rule, "(regex, spec) pairs")
+  compiled = [(re.compile(str(r[0])), _parse_spec(r, mesh), r) for r in rules]
+  names = [path_string(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract_tree)[0]]
+  for regex, _, rule in compiled:
+    if not any(regex.search(n) for n in names):
+      example = next((n for n in names if "kernel" in n), names[0] if names else "")
+      raise config_error(
+          "sharding_rules", rule,
+          f"a regex that matches at least one path of the training state ({len(names)} "
+          f"leaves, e.g. {example!r}); this rule matches none ({describe_mesh(mesh)})")
 
   def leaf_sharding(path, leaf):
     name = path_string(path)
-    for regex, spec in compiled:
+    for regex, parsed, rule in compiled:
       if regex.search(name):
-        ndim = len(getattr(leaf, "shape", ()))
-        if len(spec) > ndim:
-          raise config_error("sharding_rules", (regex.pattern, spec),
-                             f"the spec has {len(spec)} entries but {name} has {ndim} dims")
-        return NamedSharding(mesh, P(*spec))
+        return NamedSharding(mesh, leaf_spec(mesh, parsed, tuple(getattr(leaf, "shape", ())),
+                                             rule, name))
     return NamedSharding(mesh, P())
 
   return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_tree)
+
+
+def per_device_bytes(shardings: Any, abstract_tree: Any) -> int:
+  """Bytes of `abstract_tree` held by one device under `shardings` (the largest shard)."""
+  total = 0
+  for sh, leaf in zip(jax.tree.leaves(shardings), jax.tree.leaves(abstract_tree)):
+    shape = sh.shard_shape(tuple(leaf.shape))
+    total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+# --- activation sharding -------------------------------------------------------------------------
+
+_ACTIVE = threading.local()
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh):
+  """While active, `constrain_batch` pins activations' batch dim to the mesh's batch axes."""
+  previous = getattr(_ACTIVE, "mesh", None)
+  _ACTIVE.mesh = mesh
+  try:
+    yield mesh
+  finally:
+    _ACTIVE.mesh = previous
+
+
+def with_activation_mesh(mesh: Mesh, fn: Callable) -> Callable:
+  """`fn` traced with `activation_mesh(mesh)` active (wrap before jax.jit)."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with activation_mesh(mesh):
+      return fn(*args, **kwargs)
+  return wrapped
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """`x` [B, ...] with B split over the batch axes of the active mesh; `x` itself when no
+  mesh is active, the mesh has one device, or B does not split evenly."""
+  mesh = getattr(_ACTIVE, "mesh", None)
+  if mesh is None or mesh.devices.size == 1 or not getattr(x, "ndim", 0):
+    return x
+  axes = batch_axes(mesh)
+  if not axes or x.shape[0] % batch_parallelism(mesh):
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(axes)))
 
 
 def host_batch_to_global(batch: Any, sharding: NamedSharding) -> Any:

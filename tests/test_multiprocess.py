@@ -165,6 +165,17 @@ def test_two_cpu_processes_train_into_one_workdir(tmp_path):
   assert not list((workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
   assert json.loads((workdir / "encoder" / "model.json").read_text())["variant"] == "mu/16"
 
+  # The two processes' run resumes in one process (one device): the state is resharded, the
+  # data iterator (saved per process) starts afresh.
+  resumed = subprocess.run(
+      [sys.executable, "-m", "mim_jax.main", "--config=configs/mae_vitb.py:runlocal",
+       f"--workdir={workdir}", "--config.total_steps=3", "--config.export_encoder=false"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+  assert resumed.returncode == 0, resumed.stderr[-4000:]
+  assert "written by a different number of processes" in resumed.stderr, resumed.stderr[-4000:]
+  assert "at step 2" in resumed.stderr, resumed.stderr[-4000:]
+  assert [row["step"] for row in metric_writers.read_metrics(str(workdir))] == [1, 2, 3]
+
   # k-NN over two processes: each extracts its shard, the gathered bank is in source order,
   # so the score equals a single-process run on the same encoder.
   knn_args = ["--config=configs/knn_imagenet.py:runlocal", f"--config.init_from={workdir}"]
@@ -191,3 +202,93 @@ def test_two_cpu_processes_train_into_one_workdir(tmp_path):
   two = json.loads((tmp_path / "knn2" / "results.json").read_text())
   one = json.loads((tmp_path / "knn1" / "results.json").read_text())
   assert two["knn_top1"] == one["knn_top1"] and two["knn_top5"] == one["knn_top5"]
+
+
+_SAME_STEPS = r"""
+import os, sys
+import jax
+mode, pid, nproc, port, workdir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+if nproc > 1:
+  jax.distributed.initialize(f"localhost:{port}", nproc, pid)
+import functools
+import numpy as np, optax
+from mim_jax import checkpoint, config_defaults, data, parallel, train
+from mim_jax.methods import build_method
+from conftest import tiny_mae_config
+
+assert jax.device_count() == nproc and jax.process_count() == nproc
+config = tiny_mae_config(global_batch_size=8)
+method = build_method(config)
+tx = optax.sgd(0.1, momentum=0.9)
+mesh = parallel.make_mesh([("fsdp", -1)])
+init = functools.partial(train.init_train_state, method, tx, image_shape=(1, 16, 16, 3))
+abstract = jax.eval_shape(init, jax.random.key(1))
+shardings = parallel.tree_shardings(mesh, abstract, config_defaults.fsdp_rules(min_size=64))
+rep, bsh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+key = jax.jit(lambda: jax.random.key(2), out_shardings=rep)()
+state = jax.jit(init, out_shardings=shardings)(jax.random.key(1))
+step = jax.jit(parallel.with_activation_mesh(mesh, train.make_train_step(method, tx, lambda s: 0.1)),
+               in_shardings=(shardings, bsh, rep), out_shardings=(shardings, rep))
+# The same global batches everywhere; each process feeds only its rows.
+images = np.random.default_rng(0).normal(size=(4, 8, 16, 16, 3)).astype(np.float32)
+rows = slice(pid * 8 // nproc, (pid + 1) * 8 // nproc)
+for s in range(3):
+  state, _ = step(state, parallel.host_batch_to_global({"image": images[s, rows]}, bsh), key)
+params = train._to_host(state.params)  # collective
+iterator = data.make_train_iterator(config.data, image_size=(16, 16), channels=3,
+                                    global_batch_size=8, seed=0)
+if mode == "multi":
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=1)
+  ckpt.save(3, state, iterator, force=True)  # collective: every process writes its shards
+  ckpt.wait()
+  ckpt.close()
+  if pid == 0:
+    np.savez(os.path.join(workdir, "params.npz"), *jax.tree.leaves(params))
+else:
+  multi = np.load(os.path.join(workdir, "params.npz"))
+  multi = [multi[f"arr_{i}"] for i in range(len(multi.files))]
+  for a, b in zip(jax.tree.leaves(params), multi):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # Resume the two processes' checkpoint here, on one device, and go on training.
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=1)
+  target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        abstract, shardings)
+  restored = ckpt.restore(3, target)
+  ckpt.close()
+  assert int(restored.step) == 3
+  for a, b in zip(jax.tree.leaves(jax.device_get(restored.params)), multi):
+    np.testing.assert_array_equal(a, b)
+  batch = parallel.host_batch_to_global({"image": images[3]}, bsh)
+  resumed, _ = step(restored, batch, key)
+  straight, _ = step(state, batch, key)
+  for a, b in zip(jax.tree.leaves(jax.device_get(resumed)), jax.tree.leaves(jax.device_get(straight))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+print("OK", mode, pid)
+"""
+
+
+def test_two_processes_take_the_same_steps_as_one_and_resume_in_one(tmp_path):
+  """Two processes (one CPU device each, FSDP over both) train 3 steps on the same global
+  batches as one process; their collective Orbax checkpoint resumes in the single process."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1",
+             PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
+  env.pop("XLA_FLAGS", None)
+  for name in CLUSTER_VARS:
+    env.pop(name, None)
+  port = str(_free_port())
+  procs = [subprocess.Popen([sys.executable, "-c", _SAME_STEPS, "multi", str(i), "2", port,
+                             str(tmp_path)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  for i, (proc, out) in enumerate(zip(procs, outputs)):
+    assert proc.returncode == 0 and f"OK multi {i}" in out, out[-4000:]
+  single = subprocess.run([sys.executable, "-c", _SAME_STEPS, "single", "0", "1", port,
+                           str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert single.returncode == 0 and "OK single 0" in single.stdout, single.stderr[-4000:]

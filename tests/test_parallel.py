@@ -1,18 +1,27 @@
-"""Mesh construction and a data-parallel step on 8 simulated CPU devices."""
+"""Mesh, sharding rules, remat and the 8-device checks (simulated CPU devices, one subprocess)."""
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import types
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
-from mim_jax import parallel
+from mim_jax import config_defaults, config_validation, parallel, train
 from mim_jax.config_errors import ConfigError
+from mim_jax.methods import build_method
 
-from conftest import REPO
+from conftest import REPO, tiny_mae_config
 
 
 def test_mesh_shape_resolves_minus_one():
@@ -31,50 +40,270 @@ def test_bad_mesh_is_a_config_error(mesh, match):
     parallel.mesh_shape(mesh, 8)
 
 
+def _fake_mesh(**shape):
+  """What leaf_spec reads of a mesh: its axis sizes and device count."""
+  return types.SimpleNamespace(shape=shape, devices=np.empty(int(np.prod(list(shape.values())))))
+
+
+def test_largest_rule_shards_the_largest_divisible_dim():
+  mesh = _fake_mesh(fsdp=4)
+  parsed = parallel._parse_spec((".*", "largest:fsdp:100"), mesh)
+  spec = lambda shape: parallel.leaf_spec(mesh, parsed, shape, (".*", "x"), "leaf")
+  assert spec((768, 2304)) == P(None, "fsdp")
+  assert spec((2304, 768)) == P("fsdp")
+  assert spec((6, 768, 768)) == P(None, "fsdp")      # the first of equal largest dims
+  assert spec((1, 197, 768)) == P(None, None, "fsdp")  # 197 is not divisible by 4
+  assert spec((768,)) == P("fsdp")
+  assert spec((10,)) == P()                           # below min_size: replicated
+  assert spec((99, 3)) == P()                         # nothing divisible: replicated
+  assert spec(()) == P()
+
+
+def test_fsdp_preset_and_config_arguments():
+  assert config_defaults.fsdp_rules() == ((".*", "largest:fsdp:16384"),)
+  c = configs_mae_vith("fsdp,remat=dots_saveable,bf16")
+  assert list(map(tuple, c.mesh)) == [("fsdp", -1)]
+  assert list(map(tuple, c.sharding_rules)) == [(".*", "largest:fsdp:16384")]
+  assert (c.model.remat, c.model.dtype) == ("dots_saveable", "bfloat16")
+  config_validation.validate_config(c)
+
+
+def configs_mae_vith(arg):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("mae_vith", REPO / "configs" / "mae_vith.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def mae_state():
+  """A micro MAE method, its abstract train state and a 1-device mesh."""
+  method = build_method(tiny_mae_config())
+  init = functools.partial(train.init_train_state, method, optax.adamw(1e-3),
+                           image_shape=(1, 16, 16, 3))
+  return method, jax.eval_shape(init, jax.random.key(0)), parallel.make_mesh([("data", -1)])
+
+
+@pytest.mark.parametrize("rules,match", [
+    ([(".*qkv/kernal", (None, "data"))], r"matches none \(mesh \{'data': 1\} on 1 devices\)"),
+    ([(".*", (None, "model"))], r"axis 'model' is not an axis of the mesh \{'data': 1\}"),
+    ([(".*", "largest")], "largest:AXIS"),
+    ([(".*", "largest:tensor")], "axis 'tensor'"),
+    ([(".*", (None, None, None, None, None))], "has 5 entries but"),
+])
+def test_bad_sharding_rules_fail_naming_rule_and_mesh(mae_state, rules, match):
+  _, abstract, mesh = mae_state
+  with pytest.raises(ConfigError, match=match):
+    parallel.tree_shardings(mesh, abstract, rules)
+
+
+def test_catch_all_rule_and_opt_state_paths(mae_state):
+  _, abstract, mesh = mae_state
+  shardings = parallel.tree_shardings(mesh, abstract, [("qkv/kernel", (None, "data")), (".*", ())])
+  names = {parallel.path_string(p): s for p, s in
+           jax.tree_util.tree_flatten_with_path(shardings)[0]}
+  qkv = [n for n in names if n.endswith("transformer/blocks_0/attn/qkv/kernel")]
+  # The rule reaches the parameter and both Adam moments of it.
+  assert any(n.startswith("params/") for n in qkv) and len(qkv) == 3, qkv
+  assert all(names[n].spec == P(None, "data") for n in qkv)
+
+
+def test_indivisible_dim_fails_naming_sizes():
+  mesh = _fake_mesh(fsdp=3)
+  rule = ("qkv", (None, "fsdp"))
+  with pytest.raises(ConfigError, match=r"size 100 in dim 1.*3 devices of axis 'fsdp'.*on 3 "):
+    parallel.leaf_spec(mesh, parallel._parse_spec(rule, mesh), (32, 100), rule, "qkv")
+
+
+def test_unsplittable_batch_names_mesh_and_sizes():
+  config = tiny_mae_config(global_batch_size=12)
+  with pytest.raises(ConfigError, match=r"global_batch_size=12.*= 8.*mesh \{'fsdp': 8\}"):
+    config_validation.validate_for_devices(config, batch_parallelism=8, process_count=1,
+                                           mesh_desc="mesh {'fsdp': 8} on 8 devices")
+
+
+def test_constrain_batch_is_identity_without_a_mesh():
+  x = jnp.ones((4, 3))
+  assert parallel.constrain_batch(x) is x
+  with parallel.activation_mesh(parallel.make_mesh([("data", -1)])):
+    assert parallel.constrain_batch(x) is x  # one device: nothing to constrain
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+  images = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+  results = {}
+  for policy in ("none", "full", "dots_saveable"):  # nothing_saveable is "full" by policy
+    method = build_method(tiny_mae_config(**{"model.remat": policy}))
+    params, extra = method.init(jax.random.key(1), images[:1])
+    (loss, _), grads = jax.jit(jax.value_and_grad(
+        lambda p: method.loss(p, extra, {"image": images}, jax.random.key(2), train=True),
+        has_aux=True))(params)
+    results[policy] = (loss, grads)
+  ref_loss, ref_grads = results["none"]
+  for policy, (loss, grads) in results.items():
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6, err_msg=policy)
+    assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=policy)
+
+
+def test_remat_is_validated():
+  with pytest.raises(ConfigError, match=r"model.remat='some'.*one of"):
+    config_validation.validate_config(tiny_mae_config(**{"model.remat": "some"}))
+
+
 _SCRIPT = textwrap.dedent("""
-    import jax, jax.numpy as jnp, numpy as np, optax, functools
-    from mim_jax import parallel, train
+    import functools, os, tempfile, time
+    T0 = time.time()
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from mim_jax import checkpoint, config_defaults, masking, memory_plan, parallel, train
     from mim_jax.methods import build_method
     from conftest import tiny_mae_config
 
     assert jax.device_count() == 8, jax.devices()
-    config = tiny_mae_config(global_batch_size=16)
-    method = build_method(config)
-    # SGD: the update is linear in the gradient, so float-order differences stay small (Adam's
-    # first step is ~sign(grad) and would amplify them on near-zero gradients).
-    tx = optax.sgd(0.5)
+    FSDP = config_defaults.fsdp_rules(min_size=64)
+    REPLICATE = [(".*", ())]
+    # SGD with momentum: the first update is linear in the gradient, so float-order differences
+    # stay small (Adam's first step is ~sign(grad) and would amplify them on near-zero
+    # gradients), and the momentum is optimizer state that the rules shard too.
+    tx = optax.sgd(0.5, momentum=0.9)
     images = np.asarray(jax.random.normal(jax.random.key(0), (16, 16, 16, 3)))
 
-    def one_step(devices, accum):
-      mesh = parallel.make_mesh([("data", -1)], devices)
+    def setup(method, devices, mesh_cfg, rules):
+      mesh = parallel.make_mesh(mesh_cfg, devices)
       init = functools.partial(train.init_train_state, method, tx, image_shape=(1, 16, 16, 3))
       abstract = jax.eval_shape(init, jax.random.key(1))
-      shardings = parallel.tree_shardings(mesh, abstract, [(".*", ())])
+      shardings = parallel.tree_shardings(mesh, abstract, rules)
+      return mesh, init, abstract, shardings
+
+    def one_step(method, batch, devices, mesh_cfg, rules, accum=1):
+      mesh, init, abstract, shardings = setup(method, devices, mesh_cfg, rules)
       state = jax.jit(init, out_shardings=shardings)(jax.random.key(1))
       bsh = parallel.batch_sharding(mesh)
-      batch = {"image": parallel.host_batch_to_global(images, bsh)}
+      batch = {k: parallel.host_batch_to_global(v, bsh) for k, v in batch.items()}
       assert len(batch["image"].addressable_shards) == len(devices)
-      step = jax.jit(train.make_train_step(method, tx, lambda s: 1e-3, accum),
-                     in_shardings=(shardings, {"image": bsh}, parallel.replicated(mesh)),
+      step = jax.jit(parallel.with_activation_mesh(
+                         mesh, train.make_train_step(method, tx, lambda s: 0.5, accum)),
+                     in_shardings=(shardings, {k: bsh for k in batch}, parallel.replicated(mesh)),
                      out_shardings=(shardings, parallel.replicated(mesh)))
+      lowered = step.lower(state, batch, jax.random.key(2))
+      if len(devices) > 1:  # the blocks' activation constraints are in the program
+        assert "@Sharding" in lowered.as_text() or "sharding_constraint" in lowered.as_text()
       new_state, metrics = step(state, batch, jax.random.key(2))
-      return jax.device_get(new_state.params), jax.device_get(metrics)
+      return new_state, jax.device_get(new_state.params), jax.device_get(metrics)
 
-    p1, m1 = one_step(jax.devices()[:1], 1)
-    p8, m8 = one_step(jax.devices(), 1)
-    p8a, m8a = one_step(jax.devices(), 2)
-    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
-    np.testing.assert_allclose(m1["grad_norm"], m8["grad_norm"], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert np.isfinite(m8a["loss"])
-    print("OK", float(m1["loss"]), float(m8["loss"]))
+    def assert_same(ref, other, what):
+      (_, p_ref, m_ref), (_, p, m) = ref, other
+      np.testing.assert_allclose(m["loss"], m_ref["loss"], rtol=1e-5, err_msg=what)
+      np.testing.assert_allclose(m["grad_norm"], m_ref["grad_norm"], rtol=1e-5, err_msg=what)
+      for a, b in zip(jax.tree.leaves(p_ref), jax.tree.leaves(p)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=what)
+
+    # 1. One device, data parallel, FSDP and data x FSDP: the same step.
+    method = build_method(tiny_mae_config(global_batch_size=16))
+    batch = {"image": images}
+    ref = one_step(method, batch, jax.devices()[:1], [("data", -1)], REPLICATE)
+    for mesh_cfg, rules in [([("data", -1)], REPLICATE), ([("fsdp", -1)], FSDP),
+                            ([("data", 2), ("fsdp", -1)], FSDP)]:
+      out = one_step(method, batch, jax.devices(), mesh_cfg, rules)
+      assert_same(ref, out, str(mesh_cfg))
+    # Under FSDP the big leaves (params and momentum) live in eighths on the devices.
+    state = out[0]
+    kernels = {parallel.path_string(p): x for p, x in
+               jax.tree_util.tree_flatten_with_path(state)[0]
+               if "transformer/blocks_0/mlp/fc1/kernel" in parallel.path_string(p)}
+    assert len(kernels) == 2, list(kernels)  # the parameter and its momentum
+    for name, x in kernels.items():
+      assert "fsdp" in str(x.sharding.spec), (name, x.sharding)
+      assert x.addressable_shards[0].data.size * 4 == x.size, name  # fsdp axis of 4
+    print("same step on 1 device, data, fsdp, data x fsdp", time.time() - T0)
+
+    # 2. Shape-first init: the jitted init with FSDP out_shardings gives each device only its
+    # shards (XLA's own output size per device), never the whole state.
+    mesh, init, abstract, shardings = setup(method, jax.devices(), [("fsdp", -1)], FSDP)
+    compiled = jax.jit(init, out_shardings=shardings).lower(jax.random.key(1)).compile()
+    total = checkpoint.tree_bytes(abstract)
+    per_device = compiled.memory_analysis().output_size_in_bytes
+    assert per_device < 0.3 * total, (per_device, total)
+    assert abs(per_device - parallel.per_device_bytes(shardings, abstract)) < 0.05 * total
+    print("init per device", per_device, "of", total, time.time() - T0)
+
+    # 3. Gradient accumulation over 2 micro-batches = one step on the whole batch (SimMIM:
+    # its masks come with the batch, so both see the same masks; 8 of 16 patches in every
+    # example, so the mean over masked pixels of the batch is the mean of the micro-batches').
+    sim = tiny_mae_config(global_batch_size=16)
+    sim.method = "simmim"
+    sim.masking.update(kind="blockwise", ratio=0.5, min_block=2)  # drawn on the host
+    sim.target.norm_pix = False
+    sim_method = build_method(sim)
+    assert sim_method.mask_generator.on_host
+    rng = np.random.default_rng(0)
+    sim_batch = {"image": images, masking.TOKEN_MASK_KEY: np.stack(
+        [rng.permutation(16) < 8 for _ in range(16)])}
+    assert_same(one_step(sim_method, sim_batch, jax.devices(), [("data", -1)], REPLICATE),
+                one_step(sim_method, sim_batch, jax.devices(), [("fsdp", -1)], FSDP, accum=2),
+                "accumulation")
+    print("accumulation", time.time() - T0)
+
+    # 4. A run on 8 devices with FSDP, restored onto other mesh shapes.
+    workdir = tempfile.mkdtemp()
+    config = tiny_mae_config(global_batch_size=16, total_steps=2, checkpoint_every=2,
+                             export_encoder=False, mesh=[("fsdp", -1)], sharding_rules=FSDP)
+    final = train.run(config, workdir)
+    saved = jax.device_get(final)
+    run_method = build_method(config)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=2, keep=2)
+    assert ckpt.latest_step() == 2
+    for devices, mesh_cfg, rules in [(jax.devices()[:4], [("data", -1)], REPLICATE),
+                                     (jax.devices()[:4], [("data", 2), ("fsdp", 2)], FSDP),
+                                     (jax.devices()[:1], [("data", -1)], REPLICATE)]:
+      mesh = parallel.make_mesh(mesh_cfg, devices)
+      abstract = jax.eval_shape(lambda: final)
+      shardings = parallel.tree_shardings(mesh, abstract, rules)
+      target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            abstract, shardings)
+      restored = ckpt.restore(2, target)
+      for x, sh in zip(jax.tree.leaves(restored), jax.tree.leaves(shardings)):
+        assert x.sharding == sh, (x.sharding, sh)
+      for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(jax.device_get(restored))):
+        np.testing.assert_array_equal(a, b)
+    ckpt.close()
+    print("restored onto 4 and 1 devices", time.time() - T0)
+
+    # 5. The memory plan under FSDP: far less than the whole state per device, in XLA's count
+    # of the step's arguments too.
+    c = tiny_mae_config(global_batch_size=16, mesh=[("fsdp", -1)], sharding_rules=FSDP)
+    plan = memory_plan.plan(c)
+    assert plan["xla_temp"] > 0 and plan["per_device_batch"] == 2, plan
+    whole = 4 * plan["num_params"]
+    assert plan["params"] < 0.3 * whole and plan["opt_state"] < 0.3 * whole, plan
+    assert plan["xla_arguments"] < 0.3 * checkpoint.tree_bytes(abstract) + plan["batch"], plan
+    print(memory_plan.format_plan(plan, hbm_gib=1))
+    print("OK")
 """)
 
 
-def test_data_parallel_step_on_8_devices_matches_one_device():
+def test_on_8_devices_steps_match_init_is_sharded_and_checkpoints_change_mesh():
+  """One subprocess with 8 simulated devices: a data-parallel, an FSDP and a data x FSDP step
+  equal the 1-device step; the sharded init; accumulation; restore onto 4 and 1 devices."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu", PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
   out = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=300)
-  assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
+                       text=True, timeout=600)
+  assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr[-6000:]
+
+
+def test_memory_plan_command(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "mim_jax.memory_plan", "--config=configs/mae_vitb.py:runlocal",
+       "--mesh=fsdp:4", "--rules=fsdp", "--batch=8", "--hbm_gib=1",
+       "--config.model.remat=full"],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, PYTHONPATH=str(REPO)))
+  assert out.returncode == 0, out.stderr[-4000:]
+  text = out.stdout
+  assert "mesh {'fsdp': 4} (4 devices), global batch 8 = 2 per device" in text, text
+  assert "remat full" in text and "fits in 1 GiB: yes" in text, text
+  for row in ("params", "opt_state", "xla temp", "peak estimate"):
+    assert re.search(rf"^  {row} +[0-9.]+ GiB", text, re.M), (row, text)

@@ -30,6 +30,7 @@ class MAEDecoder(nn.Module):
   mlp_ratio: int = 4
   dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
+  remat: str = "none"  # activation checkpointing per block, as the encoder's (model.remat)
 
   @nn.compact
   def __call__(self, latent: jax.Array, ids_restore: jax.Array, train: bool = False) -> jax.Array:
@@ -45,7 +46,7 @@ class MAEDecoder(nn.Module):
     x = x + posemb[None].astype(x.dtype)
     x, _ = Transformer(self.depth, self.num_heads, self.mlp_ratio * self.width, dtype=self.dtype,
                        attention_impl=self.attention_impl, norm_name="decoder_norm",
-                       name="decoder")(x, train)
+                       remat=self.remat, name="decoder")(x, train)
     x = nn.Dense(self.out_dim, dtype=self.dtype, kernel_init=dense_init, name="decoder_pred")(x)
     return x[:, 1:].astype(jnp.float32)
 

@@ -1,0 +1,213 @@
+r"""Per-device memory of a training step for a config and a mesh, without the hardware.
+
+  python -m mim_jax.memory_plan --config=configs/mae_vith.py --mesh=fsdp:8 --batch=4096 \
+      [--rules=fsdp] [--hbm_gib=80] [--config.model.dtype=bfloat16] [--config.model.remat=full]
+
+The train step of `mim_jax.train` (the same function, optimizer and shardings a run uses) is
+lowered and compiled for the mesh on simulated CPU devices, from abstract shapes only: no
+parameter or batch is ever allocated. It prints, per device:
+
+  params / opt_state / extra   bytes of the state shards each device holds (from the shardings)
+  batch                        bytes of the device's slice of the input batch
+  xla arguments / outputs      XLA's compiled memory analysis (outputs alias the donated state)
+  xla temp                     XLA's temporary buffers: activations kept for the backward pass,
+                               gradients, collectives' buffers
+  peak estimate                arguments + outputs - aliased + temp
+
+`--mesh` is AXIS:SIZE[,AXIS:SIZE] (replaces config.mesh; the simulated device count is the
+product); `--batch` the global batch (config.global_batch_size); `--rules=fsdp` uses
+`config_defaults.fsdp_rules()`, `--rules=replicate` pure replication, and the default keeps
+the config's rules. Compiling for N devices costs about as much as compiling one device's
+program, so only the per-device batch (batch / (data x fsdp)) drives the compile time.
+
+The numbers are XLA:CPU's, compiled with its memory-minimising scheduler (SCHEDULER_FLAG;
+with the default concurrency-optimised one, activation checkpointing shows no saving). GPU and TPU compilers fuse, lay out and schedule differently (and
+CPU may keep bfloat16 matmul results in float32), so read them as an estimate of the same
+order, not a guarantee; leave headroom (docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+import time
+from typing import Any
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:arg]).",
+                                lock_config=True)
+flags.DEFINE_string("mesh", "", "AXIS:SIZE[,AXIS:SIZE...], e.g. fsdp:8 or data:2,fsdp:4 "
+                    "(empty: config.mesh on --devices devices).")
+flags.DEFINE_integer("devices", 0, "Simulated devices when --mesh is empty (or has a -1).")
+flags.DEFINE_integer("batch", 0, "Global batch size (0: config.global_batch_size).")
+flags.DEFINE_enum("rules", "config", ["config", "fsdp", "replicate"],
+                  "Sharding rules: the config's, config_defaults.fsdp_rules(), or replicate.")
+flags.DEFINE_float("hbm_gib", 0.0, "Device memory in GiB: also say whether the step fits.")
+flags.DEFINE_bool("json", False, "Also print the numbers as one JSON line.")
+
+
+SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def parse_mesh(text: str) -> list[tuple[str, int]]:
+  """"data:2,fsdp:4" -> [("data", 2), ("fsdp", 4)]."""
+  out = []
+  for item in filter(None, (t.strip() for t in text.split(","))):
+    name, sep, size = item.partition(":")
+    if not sep or not size.lstrip("-").isdigit():
+      raise ValueError(f"--mesh={text!r}: expected AXIS:SIZE[,AXIS:SIZE...], e.g. fsdp:8")
+    out.append((name, int(size)))
+  return out
+
+
+def _abstract_batch(config, method, batch: int) -> dict[str, Any]:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from mim_jax import masking
+  h, w = config.image_size
+  out = {"image": jax.ShapeDtypeStruct((batch, h, w, config.channels), jnp.float32),
+         "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+  generator = getattr(method, "mask_generator", None)
+  if generator is not None and generator.on_host:
+    num_patches = generator.host(np.random.default_rng(0), 1).shape[1]
+    out[masking.TOKEN_MASK_KEY] = jax.ShapeDtypeStruct((batch, num_patches), jnp.bool_)
+  return out
+
+
+def plan(config, devices=None) -> dict[str, Any]:
+  """Compiles `config`'s train step for `config.mesh` on `devices` (default: all) from
+  abstract inputs and returns the per-device byte counts (see the module docstring)."""
+  import jax
+  from mim_jax import config_validation, optim, parallel, train
+  from mim_jax.methods import build_method
+  from mim_jax.methods.base import TrainLength
+
+  config_validation.validate_config(config)
+  mesh = parallel.make_mesh(config.mesh, devices)
+  config_validation.validate_for_devices(
+      config, batch_parallelism=parallel.batch_parallelism(mesh), process_count=1,
+      mesh_desc=parallel.describe_mesh(mesh))
+  steps_per_epoch = 1000  # nominal: the schedule's length does not change the memory
+  schedule_steps = max(1, int(config.num_epochs * steps_per_epoch))
+  schedule = optim.learning_rate_schedule(config.optimizer, config.global_batch_size,
+                                          steps_per_epoch, schedule_steps)
+  tx = optim.build_optimizer(config.optimizer, schedule)
+  method = build_method(config, TrainLength(steps_per_epoch, schedule_steps))
+  image_size, channels = tuple(config.image_size), config.channels
+  init_fn = functools.partial(train.init_train_state, method, tx,
+                              image_shape=(1, *image_size, channels))
+  abstract_state = jax.eval_shape(init_fn, jax.random.key(0))
+  shardings = parallel.tree_shardings(mesh, abstract_state, config.sharding_rules)
+  batch_sharding = parallel.batch_sharding(mesh)
+  replicated = parallel.replicated(mesh)
+  abstract_batch = _abstract_batch(config, method, config.global_batch_size)
+  keys = [k for k in train.method_batch_keys(method) if k in abstract_batch]
+  abstract_batch = {k: abstract_batch[k] for k in keys}
+  step = jax.jit(
+      parallel.with_activation_mesh(
+          mesh, train.make_train_step(method, tx, schedule, config.grad_accum_steps)),
+      in_shardings=(shardings, batch_sharding, replicated),
+      out_shardings=(shardings, replicated), donate_argnums=(0,))
+  t0 = time.perf_counter()
+  lowered = step.lower(abstract_state, abstract_batch, jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  stats = compiled.memory_analysis()
+  part = lambda name: parallel.per_device_bytes(getattr(shardings, name),
+                                                getattr(abstract_state, name))
+  per_device_batch = config.global_batch_size // parallel.batch_parallelism(mesh)
+  batch_bytes = sum(math.prod(x.shape[1:]) * x.dtype.itemsize * per_device_batch
+                    for x in abstract_batch.values())
+  out = {
+      "mesh": dict(mesh.shape), "devices": mesh.devices.size,
+      "global_batch": config.global_batch_size, "per_device_batch": per_device_batch,
+      "grad_accum_steps": config.grad_accum_steps, "dtype": config.model.dtype,
+      "remat": config.model.get("remat", "none"),
+      "num_params": sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params)),
+      "params": part("params"), "opt_state": part("opt_state"), "extra": part("extra"),
+      "batch": batch_bytes,
+      "xla_arguments": stats.argument_size_in_bytes, "xla_outputs": stats.output_size_in_bytes,
+      "xla_aliased": stats.alias_size_in_bytes, "xla_temp": stats.temp_size_in_bytes,
+      "compile_s": compile_s,
+  }
+  out["peak"] = (out["xla_arguments"] + out["xla_outputs"] - out["xla_aliased"]
+                 + out["xla_temp"])
+  return out
+
+
+def format_plan(result: dict[str, Any], hbm_gib: float = 0.0) -> str:
+  gib = lambda b: f"{b / 2**30:8.2f} GiB"
+  lines = [
+      f"mesh {result['mesh']} ({result['devices']} devices), global batch "
+      f"{result['global_batch']} = {result['per_device_batch']} per device, grad_accum "
+      f"{result['grad_accum_steps']}, dtype {result['dtype']}, remat {result['remat']}, "
+      f"{result['num_params'] / 1e6:.1f}M params (compiled in {result['compile_s']:.0f} s)",
+      f"  params          {gib(result['params'])}",
+      f"  opt_state       {gib(result['opt_state'])}",
+      f"  extra           {gib(result['extra'])}",
+      f"  batch           {gib(result['batch'])}",
+      f"  xla arguments   {gib(result['xla_arguments'])}",
+      f"  xla outputs     {gib(result['xla_outputs'])} ({gib(result['xla_aliased']).strip()} "
+      "aliased to the donated state)",
+      f"  xla temp        {gib(result['xla_temp'])}",
+      f"  peak estimate   {gib(result['peak'])}",
+  ]
+  if hbm_gib:
+    fits = result["peak"] <= hbm_gib * 2**30
+    lines.append(f"  fits in {hbm_gib:g} GiB: {'yes' if fits else 'NO'} "
+                 f"({100 * result['peak'] / (hbm_gib * 2**30):.0f}%)")
+  return "\n".join(lines)
+
+
+def _num_devices(mesh_cfg, devices_flag: int) -> int:
+  sizes = [int(s) for _, s in mesh_cfg]
+  if devices_flag:
+    return devices_flag
+  if -1 in sizes:
+    raise ValueError("--mesh has a -1 size: give the device count with --devices")
+  return math.prod(sizes)
+
+
+def main(argv) -> None:
+  del argv
+  from mim_jax import config_defaults
+  config = FLAGS.config
+  with config.unlocked():
+    if FLAGS.mesh:
+      config.mesh = parse_mesh(FLAGS.mesh)
+    if FLAGS.batch:
+      config.global_batch_size = FLAGS.batch
+    if FLAGS.rules == "fsdp":
+      axis = "fsdp" if any(a == "fsdp" for a, _ in config.mesh) else config.mesh[-1][0]
+      config.sharding_rules = config_defaults.fsdp_rules(axis)
+    elif FLAGS.rules == "replicate":
+      config.sharding_rules = [(".*", ())]
+  n = _num_devices(config.mesh, FLAGS.devices)
+  # XLA:CPU's default scheduler favours concurrency and keeps recomputed (remat) activations
+  # alive as long as stored ones; the memory-minimising scheduler is closer to what GPU and
+  # TPU compilers do under a memory limit. Read when JAX starts its backend, i.e. below.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " " + SCHEDULER_FLAG).strip()
+  import jax
+  # Simulated CPU devices; possible only before JAX starts its backends (nothing above has).
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", n)
+  if jax.device_count() != n:
+    sys.exit(f"error: asked for {n} simulated devices, JAX has {jax.device_count()}")
+  result = plan(config)
+  print(format_plan(result, FLAGS.hbm_gib))
+  if FLAGS.json:
+    import json
+    print("json:", json.dumps(result))
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
