@@ -69,6 +69,12 @@ def forward_flops_per_image(config) -> dict[str, float]:
       out_dim = hog_feature_dim(patch, config.channels, config.target.hog.cell_size,
                                 config.target.hog.num_bins)
     decoder = 2 * n * d * out_dim
+  elif config.method == "data2vec":
+    # Student and EMA teacher each encode all patches; the head maps tokens to the width.
+    encoder = 2 * n * pixels * d + transformer_forward_flops(1 + n, d, size.depth, size.mlp_dim)
+    decoder = 2 * n * d * d
+    return {"encoder": float(encoder), "decoder": float(decoder), "teacher": float(encoder),
+            "total": float(2 * encoder + decoder)}
   else:
     raise ValueError(f"no FLOPs formula for method {config.method!r}")
   return {"encoder": float(encoder), "decoder": float(decoder),
@@ -76,5 +82,8 @@ def forward_flops_per_image(config) -> dict[str, float]:
 
 
 def train_flops_per_image(config) -> float:
-  """Model FLOPs of one training step per image: 3 x the forward pass."""
-  return TRAIN_FORWARD_RATIO * forward_flops_per_image(config)["total"]
+  """Model FLOPs of one training step per image: 3 x the forward pass (an EMA teacher's
+  forward pass, which has no backward, once)."""
+  forward = forward_flops_per_image(config)
+  teacher = forward.get("teacher", 0.0)
+  return TRAIN_FORWARD_RATIO * (forward["total"] - teacher) + teacher

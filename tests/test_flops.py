@@ -37,7 +37,7 @@ def _xla_flops_per_image(config) -> float:
 
 @pytest.mark.parametrize("name,overrides", [
     ("mae_fmnist.py", {}), ("mae_fmnist.py", {"model.encoder_mask_tokens": True}),
-    ("simmim_fmnist.py", {}), ("maskfeat_fmnist.py", {})])
+    ("simmim_fmnist.py", {}), ("maskfeat_fmnist.py", {}), ("data2vec_fmnist.py", {})])
 def test_analytic_flops_match_xla_within_the_elementwise_share(name, overrides):
   config = _load(name)
   for key, value in overrides.items():

@@ -1,0 +1,132 @@
+"""data2vec (Baevski et al., 2022), vision: regress an EMA teacher's layer-averaged features.
+
+Student: the mask-token ViT encoder with a linear regression head to the encoder width
+(`masked_prediction.MaskTokenModel`), masked by `config.masking` (BEiT's blockwise masking at
+60% in configs/data2vec_*.py). Teacher: a copy of the student's encoder kept in
+extra["teacher"], so it is checkpointed and sharded like the student but never optimised; it
+sees the unmasked image, without stochastic depth, under stop_gradient. After every update it
+follows the student, teacher <- d * teacher + (1 - d) * student (`teachers.ema_update`), with d
+annealed linearly from `teacher.ema_decay` to `teacher.ema_end_decay` over the first
+`teacher.ema_anneal_fraction` of the lr schedule (then constant).
+
+Targets: the patch tokens of the teacher's last `teacher.top_k` block outputs (each block's
+output after its residual, before the final LayerNorm: the official vision code's "end" layer
+results), each normalised without affine parameters (`teacher.block_norm`), averaged, and the
+average normalised again (`teacher.final_norm`). The loss is smooth-L1 with beta
+`teacher.loss_beta` averaged over the channels and the masked patches (`losses.masked_smooth_l1`:
+the official vision code's mean-reduced `smooth_l1_loss` with its loss scale off; fairseq's port
+instead sums over channels and scales by 1/sqrt(D), the same objective times sqrt(D)).
+
+The exported encoder is the student's (`encoder_params`), as in the official release.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mim_jax import losses, masking, teachers
+from mim_jax.methods.base import TrainLength
+from mim_jax.methods.masked_prediction import MaskTokenModel
+from mim_jax.models.decoders import LinearPredictor
+from mim_jax.models.vit import encoder_from_config
+
+NORMS = ("instance", "layer", "none")
+NORM_EPS = 1e-5  # PyTorch's instance_norm / layer_norm default
+
+
+def normalize(x: jax.Array, kind: str, eps: float = NORM_EPS) -> jax.Array:
+  """Parameter-free normalisation of features [B, N, D] (float32).
+
+  "instance": each channel of each sample over its N tokens (`F.instance_norm` on [B, D, N]);
+  "layer": each token over its D channels (`F.layer_norm` without affine); "none": unchanged.
+  Biased variance, as PyTorch's normalisation layers use.
+  """
+  x = x.astype(jnp.float32)
+  if kind == "none":
+    return x
+  axis = {"instance": 1, "layer": -1}[kind]
+  mean = x.mean(axis=axis, keepdims=True)
+  var = x.var(axis=axis, keepdims=True)
+  return (x - mean) / jnp.sqrt(var + eps)
+
+
+def layer_average_targets(blocks, top_k: int, block_norm: str, final_norm: str) -> jax.Array:
+  """The mean of the last `top_k` of `blocks` (each [B, 1 + N, D]; the cls token is dropped),
+  each normalised by `block_norm` first and the mean by `final_norm`: [B, N, D] float32."""
+  layers = [normalize(b[:, 1:], block_norm) for b in blocks[-top_k:]]
+  return normalize(sum(layers) / top_k, final_norm)
+
+
+def feature_std(x: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean over channels of the std of x [B, N, D] over the masked tokens (a collapse monitor:
+  fairseq's `target_var` / `pred_var`)."""
+  w = mask.astype(jnp.float32)[..., None]
+  count = jnp.maximum(jnp.sum(w), 2.0)
+  mean = jnp.sum(x * w, axis=(0, 1)) / count
+  var = jnp.sum(jnp.square(x - mean) * w, axis=(0, 1)) / (count - 1.0)
+  return jnp.mean(jnp.sqrt(var + 1e-6))
+
+
+class Data2Vec:
+  """data2vec as the training loop sees it (see `methods.base.Method`)."""
+
+  name = "data2vec"
+  needs_train_length = True
+
+  def __init__(self, config, length: TrainLength | None = None):
+    encoder = encoder_from_config(config.model, config.image_size, config.channels,
+                                  use_mask_token=True)
+    self.model = MaskTokenModel(
+        encoder=encoder,
+        predictor=LinearPredictor(encoder.width, dtype=jnp.dtype(config.model.dtype)))
+    self.teacher = encoder.clone(drop_path_rate=0.0)  # same parameters, no stochastic depth
+    self.grid_hw = encoder.grid_hw
+    self.mask_generator = masking.mask_generator_from_config(
+        config.masking, encoder.grid_hw, encoder.patch_size)
+    t = config.teacher
+    length = length or TrainLength(1, max(1, int(round(config.num_epochs))))
+    self.anneal_steps = int(round(float(t.ema_anneal_fraction) * length.schedule_steps))
+    self.decay_start, self.decay_end = float(t.ema_decay), float(t.ema_end_decay)
+    self.top_k, self.block_norm, self.final_norm = int(t.top_k), t.block_norm, t.final_norm
+    self.beta = float(t.loss_beta)
+
+  def ema_decay(self, step: jax.Array) -> jax.Array:
+    """The decay of the update with index `step` (0 for the first)."""
+    return teachers.linear_anneal(step, self.decay_start, self.decay_end, self.anneal_steps)
+
+  def init(self, rng, images):
+    mask = jnp.zeros((images.shape[0], self.grid_hw[0] * self.grid_hw[1]), bool)
+    params = self.model.init({"params": rng}, images, mask)["params"]
+    # The decay the next update will use, kept for the metrics of the step that applies it.
+    extra = {"teacher": jax.tree.map(jnp.copy, params["encoder"]),
+             "ema_decay": self.ema_decay(jnp.zeros([], jnp.int32))}
+    return params, extra
+
+  def load_pretrained(self, params, extra):
+    return params, extra
+
+  def targets(self, teacher_params, images) -> jax.Array:
+    """Teacher targets [B, N, D] for the unmasked images (no gradient)."""
+    _, aux = self.teacher.apply({"params": teacher_params}, images, train=False)
+    return jax.lax.stop_gradient(
+        layer_average_targets(aux["blocks"], self.top_k, self.block_norm, self.final_norm))
+
+  def loss(self, params, extra, batch, rng, train=True):
+    mask_rng, drop_rng = jax.random.split(rng)
+    mask = self.mask_generator.sample(batch, mask_rng)
+    target = self.targets(extra["teacher"], batch["image"])
+    pred = self.model.apply({"params": params}, batch["image"], mask, train=train,
+                            rngs={"drop_path": drop_rng})
+    loss = losses.masked_smooth_l1(pred, target, mask, beta=self.beta)
+    metrics = {"loss": loss, "mask_fraction": jnp.mean(mask.astype(jnp.float32)),
+               "ema_decay": extra["ema_decay"], "target_std": feature_std(target, mask),
+               "pred_std": feature_std(pred, mask)}
+    return loss, (metrics, extra)
+
+  def after_update(self, params, extra, step):
+    teacher = teachers.ema_update(extra["teacher"], params["encoder"], self.ema_decay(step))
+    return {"teacher": teacher, "ema_decay": self.ema_decay(step + 1)}
+
+  def encoder_params(self, params, extra):
+    return params["encoder"]
