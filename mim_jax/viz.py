@@ -179,3 +179,13 @@ def hog_grid(images: np.ndarray, pred: np.ndarray, target: np.ndarray, mask: np.
   up = lambda x: x.repeat(s, axis=1).repeat(s, axis=2)
   panels = [up(original), up(masked), maps[:b], maps[b:]]
   return _tile(panels)
+
+
+def image_rows(panels: Sequence[np.ndarray], *, mean: Sequence[float], std: Sequence[float],
+               max_rows: int = 8) -> np.ndarray:
+  """Normalised images side by side, one row per example: panels, each [B, H, W, C] (the
+  same shape), become uint8 [R*H' + (R-1)*GAP, n*W' + (n-1)*GAP, 3] as `reconstruction_grid`
+  (tokenizer reconstructions, BEiT's decoded predictions)."""
+  shown = [_to_display(np.asarray(p, np.float32)[:max_rows], mean, std) for p in panels]
+  s = upscale_factor(*shown[0].shape[1:3])
+  return _tile([p.repeat(s, axis=1).repeat(s, axis=2) for p in shown])

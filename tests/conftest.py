@@ -41,3 +41,19 @@ def rel_err(ours, ref) -> float:
   import numpy as np
   ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
   return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+def export_random_tokenizer(config, directory: str, **tokenizer_overrides) -> str:
+  """Exports a randomly initialised micro VQ tokenizer that fits BEiT `config` (its image size,
+  patch grid, channels, vocabulary and normalisation) to `directory`; returns `directory`."""
+  import jax
+  import jax.numpy as jnp
+  from mim_jax.tokenizers.vq import VQTokenizer
+  c = config.copy_and_resolve_references()
+  c.method = "vq_tokenizer"
+  c.tokenizer.update(dict(width=8, num_blocks=1, code_dim=8), **tokenizer_overrides)
+  method = VQTokenizer(c)
+  params, extra = method.init(jax.random.key(0),
+                              jnp.zeros((1, *tuple(c.image_size), c.channels), jnp.float32))
+  method.export(directory, jax.device_get(params), jax.device_get(extra), {})
+  return directory

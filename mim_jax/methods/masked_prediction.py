@@ -70,11 +70,22 @@ class MaskedPrediction:
                             rngs={"drop_path": drop_rng})
     return pred, mask
 
+  def targets(self, extra, images):
+    """The targets of `images`; a method whose target needs its `extra` state (a frozen
+    tokenizer) overrides this."""
+    return self.target_fn(images)
+
+  def extra_metrics(self, pred, target, mask):
+    """Scalar metrics besides loss and mask_fraction (e.g. BEiT's masked-token accuracy)."""
+    return {}
+
   def loss(self, params, extra, batch, rng, train=True):
     pred, mask = self._predict(params, batch, rng, train)
-    target = jax.lax.stop_gradient(self.target_fn(batch["image"]))
+    target = jax.lax.stop_gradient(self.targets(extra, batch["image"]))
     loss = self.loss_fn(pred, target, mask)
-    return loss, ({"loss": loss, "mask_fraction": jnp.mean(mask.astype(jnp.float32))}, extra)
+    metrics = {"loss": loss, "mask_fraction": jnp.mean(mask.astype(jnp.float32)),
+               **self.extra_metrics(pred, target, mask)}
+    return loss, (metrics, extra)
 
   def reconstruct(self, params, batch, rng):
     """{"pred", "target": [B, N, F], "mask": [B, N] float32} for pictures."""

@@ -1,0 +1,42 @@
+"""BEiT ViT-B/16 pre-training on ImageNet-1k (Bao et al., 2022), stage 2.
+
+Stage 1 first (the tokenizer, configs/beit_tokenizer_imagenet.py), then:
+
+  python -m mim_jax.main --config=configs/beit_vitb.py --workdir=DIR \
+      --config.tokenizer.path=TOKENIZER_WORKDIR --config.data.tfds_data_dir=/path/to/tfds
+
+Recipe (paper, section 2.5 / appendix, and the official pre-training command in
+microsoft/unilm beit/README.md): 800 epochs, batch 2048, AdamW (0.9, 0.999), lr 1.5e-3 (given
+for batch 2048, so lr_batch_reference=2048), 10 warmup epochs then cosine (to min lr 1e-5,
+the script's default), wd 0.05, drop path 0.1, gradient clipping 3.0; blockwise masking of
+about 40% of the 196 patches (the official command masks 75; our budget is int(196 x 0.4) =
+78) with blocks of at least 16 patches and aspect ratios in [0.3, 1/0.3];
+RandomResizedCrop(0.08, 1) + flip; a linear head over 8192 visual tokens, cross-entropy on
+masked patches.
+Differences kept on purpose: fixed 2-D sin-cos positions, no relative position bias and no
+layer scale (the encoder every method here shares), no colour jitter, and our VQ tokenizer
+(trained on the same data, applied to the same 224-px view) instead of DALL-E's dVAE on a
+112-px second view. Arguments: `variant=B/16` (any SIZE/PATCH), `runlocal`.
+"""
+
+from mim_jax import config_defaults
+
+
+def get_config(arg=None):
+  args = config_defaults.parse_arg(arg)
+  c = config_defaults.base_config()
+  c.method = "beit"
+  c.model.variant = str(args.get("variant", "B/16"))
+  c.model.drop_path_rate = 0.1
+  c.masking.update(kind="blockwise", ratio=0.4, min_block=16, min_aspect=0.3)
+  c.tokenizer.update(vocab_size=8192, path="")
+  c.data.crop_scale = (0.08, 1.0)
+  c.global_batch_size = 2048
+  c.num_epochs = 800
+  c.optimizer.update(name="adamw", base_lr=1.5e-3, lr_batch_reference=2048, b1=0.9, b2=0.999,
+                     weight_decay=0.05, warmup_epochs=10.0, min_lr=1e-5, clip_grad_norm=3.0)
+  if args.get("runlocal"):
+    config_defaults.apply_runlocal(c)
+    c.masking.min_block = 1  # 2x2-patch synthetic images: a budget of one patch
+    c.tokenizer.vocab_size = 16  # the runlocal tokenizer of configs/beit_tokenizer_imagenet.py
+  return c

@@ -1,0 +1,9 @@
+"""BEiT's stage 1: discrete image tokenizers trained on the dataset itself.
+
+  codebook.py   the EMA-updated VQ codebook (Laplace smoothing, dead-code restarts, usage)
+  models.py     the convolutional encoder / decoder, one code per patch of the BEiT grid
+  vq.py         the "vq_tokenizer" training method, tokenize / decode helpers
+  dvae.py       the "dvae_tokenizer" method (Gumbel-softmax, annealed temperature, KL prior)
+  io.py         the export layout (WORKDIR/tokenizer/) and loading it for BEiT
+  validation.py config checks for tokenizer runs and for BEiT's `tokenizer.path`
+"""

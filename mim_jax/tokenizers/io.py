@@ -1,0 +1,137 @@
+"""Tokenizer files: the export a tokenizer run writes and BEiT reads (`config.tokenizer.path`).
+
+Layout of an export directory (a finished tokenizer run writes WORKDIR/tokenizer/):
+  tokenizer.json   what the tokenizer is, e.g.
+                   {"format": "mim_jax.tokenizer/1", "kind": "vq", "architecture": "conv",
+                    "vocab_size": 512, "code_dim": 32, "l2_normalize": true,
+                    "image_size": [28, 28], "patch_size": 4, "grid": [7, 7], "channels": 1,
+                    "mean": [0.286], "std": [0.353], "width": 64, "num_blocks": 2}
+  weights/         an Orbax StandardCheckpoint (TensorStore) of {"params": the ConvTokenizer
+                   parameters (tokenizers.models), "codebook": float32 [vocab_size, code_dim]}
+For kind "dvae" the encoder's last layer gives logits over the vocabulary, the code of a
+patch is their argmax and "codebook" is the dVAE's table of code vectors; for kind "vq" the
+code is the nearest codebook entry to the (l2-normalised with "l2_normalize") encoder output.
+A tokenizer trained elsewhere loads when it is written in this layout: its network must be
+`tokenizers.models.ConvTokenizer` with the JSON's sizes, its images normalised with the
+JSON's mean and std. `config.tokenizer.path` may name the export directory or a tokenizer
+run's workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mim_jax.config_errors import ConfigError, config_error
+
+EXPORT_DIR = "tokenizer"
+INFO_FILE = "tokenizer.json"
+WEIGHTS_DIR = "weights"
+FORMAT = "mim_jax.tokenizer/1"
+KINDS = ("vq", "dvae")
+TRAIN_HINT = (
+    "Train a tokenizer first: python -m mim_jax.main --config=configs/beit_tokenizer_fmnist.py "
+    "--workdir=DIR (configs/beit_tokenizer_imagenet.py for ImageNet, same image size, patch "
+    "size and vocabulary as the BEiT config), then pass --config.tokenizer.path=DIR (the "
+    "workdir or its tokenizer/ export directory).")
+
+
+def export_tokenizer(directory: str, params: Any, codebook: Any, info: dict) -> str:
+  """Writes `directory`/weights and `directory`/tokenizer.json (see the module docstring).
+
+  Collective in a multi-process run (every process calls it with the same host values).
+  """
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(directory, WEIGHTS_DIR),
+                    {"params": params, "codebook": np.asarray(codebook, np.float32)}, force=True)
+  checkpointer.wait_until_finished()
+  if jax.process_index() == 0:
+    with open(os.path.join(directory, INFO_FILE), "w") as f:
+      json.dump({"format": FORMAT, **info}, f, indent=2)
+  return directory
+
+
+def tokenizer_directory(path: str) -> str:
+  """The export directory `path` names (a tokenizer workdir or the export itself), else a
+  ConfigError on `tokenizer.path` that says how to get one."""
+  if not isinstance(path, str) or not path:
+    raise config_error("tokenizer.path", path, "the path of a trained tokenizer (BEiT predicts "
+                       "its codes)", TRAIN_HINT)
+  if not os.path.exists(path):
+    raise config_error("tokenizer.path", path, "an existing tokenizer workdir or export "
+                       "directory; nothing exists there", TRAIN_HINT)
+  for candidate in (os.path.join(path, EXPORT_DIR), path):
+    if os.path.isfile(os.path.join(candidate, INFO_FILE)):
+      return candidate
+  raise config_error(
+      "tokenizer.path", path,
+      f"a tokenizer workdir whose run finished (it holds {EXPORT_DIR}/{INFO_FILE}) or a "
+      f"tokenizer export directory (holding {INFO_FILE} and {WEIGHTS_DIR}/); this is not a "
+      "tokenizer", TRAIN_HINT)
+
+
+def read_info(path: str) -> dict:
+  """The tokenizer.json of the tokenizer `path` names."""
+  directory = tokenizer_directory(path)
+  try:
+    with open(os.path.join(directory, INFO_FILE)) as f:
+      info = json.load(f)
+  except (OSError, ValueError) as e:
+    raise config_error("tokenizer.path", path, f"a readable {INFO_FILE} ({e})", TRAIN_HINT)
+  if not isinstance(info, dict) or info.get("format") != FORMAT:
+    raise config_error("tokenizer.path", path,
+                       f"a tokenizer export of format {FORMAT!r}; its {INFO_FILE} says "
+                       f"{info.get('format') if isinstance(info, dict) else info!r}", TRAIN_HINT)
+  return info
+
+
+def load_tokenizer(path: str) -> tuple[dict, dict]:
+  """({"params", "codebook"} as numpy arrays, info) of the tokenizer `path` names."""
+  directory = tokenizer_directory(path)
+  info = read_info(directory)
+  state = ocp.StandardCheckpointer().restore(os.path.join(directory, WEIGHTS_DIR))
+  return jax.tree.map(np.asarray, state), info
+
+
+def check_matches(path: str, *, vocab_size: int, image_size: tuple[int, int], patch_size: int,
+                  channels: int, mean, std, variant: str = "") -> dict:
+  """The info of the tokenizer at `path` after checking that it fits the BEiT config: its
+  kind, vocabulary, image size, patch grid, channels and normalisation. Raises ConfigError."""
+  info = read_info(path)
+  where = f"the tokenizer at {tokenizer_directory(path)}"
+
+  def require(ok, field, value, allowed):
+    if not ok:
+      raise config_error(field, value, allowed, f"Point config.tokenizer.path to a tokenizer "
+                         f"trained for this config, or train one. {TRAIN_HINT}")
+
+  require(info.get("kind") in KINDS, "tokenizer.path", path,
+          f"a tokenizer of kind {KINDS}; {where} has kind {info.get('kind')!r}")
+  require(info.get("vocab_size") == vocab_size, "tokenizer.vocab_size", vocab_size,
+          f"the vocabulary size {info.get('vocab_size')} of {where}")
+  require(tuple(info.get("image_size", ())) == tuple(image_size), "image_size",
+          tuple(image_size), f"the image size {tuple(info.get('image_size', ()))} of {where}")
+  require(info.get("patch_size") == patch_size, "model.variant", variant or patch_size,
+          f"a patch size of {info.get('patch_size')}, the tokenizer's, not {patch_size} ({where} "
+          f"gives one code per patch: grid "
+          f"{info.get('grid')})")
+  require(info.get("channels") == channels, "channels", channels,
+          f"the {info.get('channels')} channels of {where}")
+  same = lambda a, b: len(a) == len(b) and np.allclose(a, b, atol=1e-6)
+  require(same(list(info.get("mean", ())), list(mean)) and same(list(info.get("std", ())),
+                                                                 list(std)),
+          "data.mean", (tuple(mean), tuple(std)),
+          f"the normalisation (mean, std) = ({info.get('mean')}, {info.get('std')}) {where} "
+          "was trained with")
+  return info
+
+
+__all__ = ["ConfigError", "check_matches", "export_tokenizer", "load_tokenizer", "read_info",
+           "tokenizer_directory"]

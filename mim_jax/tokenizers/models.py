@@ -1,0 +1,99 @@
+"""The tokenizer's networks: a convolutional encoder to one vector per patch and its decoder.
+
+  encoder  images [B, H, W, C] -> a p x p, stride-p convolution (one position per patch of the
+           BEiT encoder's grid) -> `num_blocks` residual blocks of two 3x3 convolutions at the
+           patch grid -> GELU + Dense to `code_dim` (VQ: z [B, gh, gw, D]) or to the
+           vocabulary (dVAE: logits [B, gh, gw, V])
+  decoder  z [B, gh, gw, D] -> a 3x3 convolution to `width` -> residual blocks -> a Dense to
+           p*p*C values per position, rearranged into pixels (a pixel shuffle) -> a 3x3
+           convolution at full resolution: images [B, H, W, C]
+
+The downsampling factor is the patch size itself (any size, not only powers of two), so one
+code stands for exactly one patch token of the BEiT encoder.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mim_jax.models.vit import unpatchify
+
+
+class ResBlock(nn.Module):
+  width: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = nn.Conv(self.width, (3, 3))(nn.gelu(x))
+    y = nn.Conv(self.width, (3, 3))(nn.gelu(y))
+    return x + y
+
+
+class Encoder(nn.Module):
+  patch_size: int
+  width: int
+  num_blocks: int
+  out_dim: int
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    p = self.patch_size
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID")(images)
+    for _ in range(self.num_blocks):
+      x = ResBlock(self.width)(x)
+    return nn.Dense(self.out_dim)(nn.gelu(x))
+
+
+class Decoder(nn.Module):
+  patch_size: int
+  channels: int
+  width: int
+  num_blocks: int
+
+  @nn.compact
+  def __call__(self, z: jax.Array) -> jax.Array:
+    b, gh, gw, _ = z.shape
+    p = self.patch_size
+    x = nn.Conv(self.width, (3, 3))(z)
+    for _ in range(self.num_blocks):
+      x = ResBlock(self.width)(x)
+    x = nn.Dense(p * p * self.channels)(nn.gelu(x))
+    x = unpatchify(x.reshape(b, gh * gw, -1), p, (gh, gw), self.channels)
+    return x + nn.Conv(self.channels, (3, 3))(x)
+
+
+class ConvTokenizer(nn.Module):
+  """`encode` images -> z [B, gh, gw, D] (a dVAE: logits [B, gh, gw, V], `logits_dim` = V);
+  `decode` code vectors [B, gh, gw, D] -> images; calling does both."""
+  patch_size: int
+  channels: int
+  width: int
+  num_blocks: int
+  code_dim: int
+  logits_dim: int = 0
+
+  def setup(self):
+    self.encoder = Encoder(self.patch_size, self.width, self.num_blocks,
+                           self.logits_dim or self.code_dim)
+    self.decoder = Decoder(self.patch_size, self.channels, self.width, self.num_blocks)
+
+  def encode(self, images: jax.Array) -> jax.Array:
+    return self.encoder(images.astype(jnp.float32))
+
+  def decode(self, z: jax.Array) -> jax.Array:
+    return self.decoder(z)
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    return self.decode(self.encode(images))
+
+
+def tokenizer_model(info: dict[str, Any]) -> ConvTokenizer:
+  """The network a tokenizer description (config fields or the export's JSON) names."""
+  return ConvTokenizer(patch_size=int(info["patch_size"]), channels=int(info["channels"]),
+                       width=int(info["width"]), num_blocks=int(info["num_blocks"]),
+                       code_dim=int(info["code_dim"]),
+                       logits_dim=int(info["vocab_size"]) if info["kind"] == "dvae" else 0)

@@ -1,0 +1,205 @@
+"""The VQ tokenizer (BEiT stage 1): EMA codebook, restarts, usage, export / reload, training."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mim_jax import config_validation, train
+from mim_jax.config_errors import ConfigError
+from mim_jax.tokenizers import codebook as cb
+from mim_jax.tokenizers import io, vq
+
+from conftest import REPO, requires_fmnist, tiny_mae_config
+
+
+def tiny_tokenizer_config(**overrides):
+  """A micro tokenizer run on synthetic 16x16 RGB images (a 4x4 grid of 4-px patches)."""
+  c = tiny_mae_config()
+  c.method = "vq_tokenizer"
+  c.tokenizer.update(vocab_size=16, code_dim=8, width=16, num_blocks=1, restart_after=2)
+  c.optimizer.update(base_lr=1e-3, weight_decay=0.0)
+  c.total_steps = 4
+  return _override(c, **overrides)
+
+
+def _override(c, **overrides):
+  from mim_jax import config_defaults
+  config_defaults.override(c, **overrides)
+  config_validation.validate_config(c)
+  return c
+
+
+# --- the codebook ---------------------------------------------------------------------------
+
+
+def test_ema_update_equals_its_formula():
+  rng = np.random.default_rng(0)
+  k, d, decay, eps = 4, 3, 0.9, 1e-3
+  state = {"codebook": rng.normal(size=(k, d)).astype(np.float32),
+           "cluster_size": np.array([2.0, 1.0, 0.5, 3.0], np.float32),
+           "embed_sum": rng.normal(size=(k, d)).astype(np.float32),
+           "unused_steps": np.array([0, 4, 1, 7], np.int32)}
+  z = rng.normal(size=(5, d)).astype(np.float32)
+  codes = np.array([0, 2, 0, 3, 0], np.int32)
+  new = jax.device_get(cb.ema_update(jax.tree.map(jnp.asarray, state), jnp.asarray(z),
+                                     jnp.asarray(codes), decay=decay, eps=eps, l2=False))
+  n = np.array([3.0, 0.0, 1.0, 1.0])
+  s = np.stack([z[codes == i].sum(0) if (codes == i).any() else np.zeros(d) for i in range(k)])
+  size = decay * state["cluster_size"] + (1 - decay) * n
+  m = decay * state["embed_sum"] + (1 - decay) * s
+  smoothed = (size + eps) / (size.sum() + k * eps) * size.sum()
+  np.testing.assert_allclose(new["cluster_size"], size, rtol=1e-6)
+  np.testing.assert_allclose(new["embed_sum"], m, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(new["codebook"], m / smoothed[:, None], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(new["unused_steps"], [0, 5, 0, 0])
+  # With l2 the codes are the same directions, unit length.
+  unit = jax.device_get(cb.ema_update(jax.tree.map(jnp.asarray, state), jnp.asarray(z),
+                                      jnp.asarray(codes), decay=decay, eps=eps, l2=True))
+  want = m / smoothed[:, None]
+  np.testing.assert_allclose(unit["codebook"], want / np.linalg.norm(want, axis=1, keepdims=True),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_dead_codes_are_restarted_from_the_batch():
+  state = cb.init_state(jax.random.key(0), 4, 2, l2=False)
+  state["unused_steps"] = jnp.array([0, 3, 2, 5], jnp.int32)
+  z = jnp.array([[10.0, 10.0], [20.0, 20.0], [30.0, 30.0]])
+  new, restarted = cb.restart_dead_codes(state, z, jax.random.key(1), restart_after=3)
+  assert int(restarted) == 2
+  for i in (1, 3):  # re-seeded: a row of z, N = 1, m = e, counter reset
+    assert any(np.allclose(new["codebook"][i], row) for row in np.asarray(z))
+    np.testing.assert_allclose(new["embed_sum"][i], new["codebook"][i])
+    assert float(new["cluster_size"][i]) == 1.0 and int(new["unused_steps"][i]) == 0
+  for i in (0, 2):  # alive: untouched
+    np.testing.assert_array_equal(new["codebook"][i], state["codebook"][i])
+    assert int(new["unused_steps"][i]) == int(state["unused_steps"][i])
+  same, none = cb.restart_dead_codes(state, z, jax.random.key(1), restart_after=0)
+  assert int(none) == 0 and same is state
+
+
+def test_usage_and_perplexity_on_known_assignments():
+  usage, ppl = cb.usage_and_perplexity(jnp.array([0, 0, 1, 1]), 4)
+  assert float(usage) == pytest.approx(0.5) and float(ppl) == pytest.approx(2.0)
+  usage, ppl = cb.usage_and_perplexity(jnp.array([[0, 1], [2, 3]]), 8)
+  assert float(usage) == pytest.approx(0.5) and float(ppl) == pytest.approx(4.0)
+  usage, ppl = cb.usage_and_perplexity(jnp.array([5, 5, 5]), 8)
+  assert float(usage) == pytest.approx(1 / 8) and float(ppl) == pytest.approx(1.0)
+
+
+def test_nearest_codes():
+  book = jnp.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+  z = jnp.array([[0.9, 0.1], [0.1, 1.6], [-0.2, 0.1]])
+  np.testing.assert_array_equal(cb.nearest_codes(z, book), [1, 2, 0])
+
+
+# --- the method, export and reload -----------------------------------------------------------
+
+
+def test_codes_are_stable_after_export_and_reload(tmp_path):
+  from mim_jax.methods import build_method
+  c = tiny_tokenizer_config()
+  method = build_method(c)
+  images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+  params, extra = method.init(jax.random.key(0), images)
+  tok = {"params": params, "codebook": extra["codebook"]}
+  codes = vq.tokenize(method.model, tok, images, l2=True)
+  assert codes.shape == (4, 16) and codes.dtype == jnp.int32
+  np.testing.assert_array_equal(codes, vq.tokenize(method.model, tok, images, l2=True))
+  method.export(str(tmp_path), jax.device_get(params), jax.device_get(extra), {})
+  loaded, info = io.load_tokenizer(str(tmp_path))  # a workdir: finds tokenizer/
+  assert (info["vocab_size"], info["grid"], info["patch_size"], info["channels"]) == (
+      16, [4, 4], 4, 3)
+  np.testing.assert_array_equal(codes, vq.tokenize(method.model, loaded, images, l2=True))
+  _, again = io.load_tokenizer(str(tmp_path / "tokenizer"))  # the export directory itself
+  assert again == info
+
+
+def test_training_updates_codebook_in_extra_and_resumes_exactly(tmp_path):
+  straight = train.run(tiny_tokenizer_config(), str(tmp_path / "a"))
+  train.run(tiny_tokenizer_config(total_steps=2), str(tmp_path / "b"))
+  resumed = train.run(tiny_tokenizer_config(), str(tmp_path / "b"))  # resumes at step 2
+  for key in ("codebook", "cluster_size", "embed_sum", "unused_steps"):
+    np.testing.assert_array_equal(straight.extra[key], resumed.extra[key])
+  jax.tree.map(np.testing.assert_array_equal, straight.params, resumed.params)
+  fresh = cb.init_state(jax.random.key(0), 16, 8, True)
+  assert not np.allclose(straight.extra["cluster_size"], fresh["cluster_size"])
+  with open(tmp_path / "a" / "tokenizer" / "tokenizer.json") as f:
+    assert json.load(f)["kind"] == "vq"
+  rows = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
+  assert {"recon_loss", "commit_loss", "codebook_usage", "perplexity"} <= set(rows[-1])
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("tokenizer.decay", 1.0, "tokenizer.decay=1.0"),
+    ("tokenizer.vocab_size", 1, "tokenizer.vocab_size=1"),
+    ("tokenizer.kind", "dvae", "'vq' for method 'vq_tokenizer'"),
+    ("tokenizer.restart_after", -1, "tokenizer.restart_after=-1")])
+def test_bad_tokenizer_fields_are_rejected(field, value, match):
+  with pytest.raises(ConfigError, match=match):
+    tiny_tokenizer_config(**{field: value})
+
+
+@requires_fmnist
+def test_short_run_on_fashion_mnist_lowers_reconstruction_loss(tmp_path):
+  from ml_collections import config_flags
+  c = config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
+      "config", str(REPO / "configs" / "beit_tokenizer_fmnist.py")).get_config()
+  c.update(total_steps=40, log_every=10, viz_every=0, global_batch_size=128)
+  c.tokenizer.update(width=32)
+  c.optimizer.update(base_lr=2e-3, warmup_epochs=0.02)  # peak 1e-3 after 10 steps
+  train.run(c, str(tmp_path))
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  first, last = rows[0], rows[-1]
+  assert last["recon_loss"] < 0.6 * first["recon_loss"], (first, last)
+  assert last["codebook_usage"] > 0.1 and last["perplexity"] > 10
+  assert os.path.isfile(tmp_path / "tokenizer" / "tokenizer.json")
+
+
+# --- the dVAE -------------------------------------------------------------------------------
+
+
+def test_dvae_kl_to_uniform_and_temperature_schedule():
+  from mim_jax.methods import build_method
+  from mim_jax.methods.base import TrainLength
+  from mim_jax.tokenizers.dvae import kl_to_uniform
+  assert float(kl_to_uniform(jnp.zeros((2, 3, 8)))) == pytest.approx(0.0, abs=1e-6)
+  q = np.array([0.7, 0.2, 0.1])
+  logits = jnp.asarray(np.log(q))[None]
+  assert float(kl_to_uniform(logits)) == pytest.approx(float(np.sum(q * np.log(3 * q))), rel=1e-5)
+  c = tiny_tokenizer_config(method="dvae_tokenizer", **{"tokenizer.kind": "dvae",
+                                                        "tokenizer.temp_anneal_fraction": 0.5})
+  method = build_method(c, TrainLength(steps_per_epoch=8, schedule_steps=100))
+  assert float(method.temperature(0)) == pytest.approx(1.0)
+  assert float(method.temperature(50)) == pytest.approx(1 / 16)
+  assert float(method.temperature(90)) == pytest.approx(1 / 16)
+  assert 1 / 16 < float(method.temperature(25)) < 1.0
+
+
+def test_dvae_trains_exports_and_feeds_beit(tmp_path):
+  from mim_jax.methods import build_method
+  from mim_jax.tokenizers.models import tokenizer_model
+  c = tiny_tokenizer_config(method="dvae_tokenizer", **{"tokenizer.kind": "dvae"})
+  state = train.run(c, str(tmp_path / "dvae"))
+  assert int(state.extra["step"]) == 4  # the annealing clock follows the updates
+  tok, info = io.load_tokenizer(str(tmp_path / "dvae"))
+  assert (info["kind"], info["vocab_size"]) == ("dvae", 16)
+  images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  model = tokenizer_model(info)
+  logits = model.apply({"params": tok["params"]}, images, method=model.encode)
+  codes = vq.tokenize(model, tok, images, l2=False, kind="dvae")
+  np.testing.assert_array_equal(codes, np.argmax(logits, -1).reshape(2, -1))
+  b = tiny_mae_config()
+  b.method = "beit"
+  b.masking.update(kind="blockwise", ratio=0.4, min_block=2)
+  b.tokenizer.update(vocab_size=16, path=str(tmp_path / "dvae"))
+  config_validation.validate_config(b)
+  beit = build_method(b)
+  params, extra = beit.init(jax.random.key(0), images)
+  _, extra = beit.load_pretrained(params, jax.device_get(extra))
+  np.testing.assert_array_equal(beit.targets(extra, images), codes)
