@@ -334,6 +334,10 @@ class MaskGenerator:
   min_aspect      blockwise: minimum aspect ratio (maximum is its inverse).
   block           inverse_block: side of a visible block in patches.
   adjust          inverse_block: extra keep probability for the block-centre count.
+  ratio_range     blockwise: () uses `ratio` for every sample; (lo, hi) draws each sample's
+                  ratio uniformly from it (iBOT's pred_ratio +- pred_ratio_var).
+  mask_probability  blockwise: each sample is masked with this probability and left whole
+                  otherwise (iBOT masks half of the views: pred_ratio (0, 0.3)).
 
   Device kinds are drawn inside the jitted step from the step's rng (`sample`); host kinds are
   drawn per example in the input pipeline (`host`) and arrive as batch[TOKEN_MASK_KEY].
@@ -346,6 +350,8 @@ class MaskGenerator:
   min_aspect: float = 0.3
   block: int = 3
   adjust: float = 0.07
+  ratio_range: tuple[float, ...] = ()
+  mask_probability: float = 1.0
 
   @property
   def num_patches(self) -> int:
@@ -384,6 +390,8 @@ class MaskGenerator:
 
   def host(self, rng: jax.Array | np.random.Generator, batch: int) -> np.ndarray:
     """np.bool_ [B, N] drawn on the host (any kind; the device kinds through jax on the CPU)."""
+    if self.kind == "blockwise" and (self.ratio_range or self.mask_probability < 1):
+      return self._variable_blockwise(_host_generator(rng), batch)
     if self.kind == "blockwise":
       return blockwise_mask(rng, batch, self.grid_hw, self.budget, min_block=self.min_block,
                             min_aspect=self.min_aspect)
@@ -394,6 +402,18 @@ class MaskGenerator:
       rng = jax.random.key(int(rng.integers(2**31)))
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
       return np.asarray(self.device(rng, batch))
+
+  def _variable_blockwise(self, gen: np.random.Generator, batch: int) -> np.ndarray:
+    """Blockwise masks whose budget int(N * r) varies per sample: a sample is masked with
+    probability `mask_probability`, r ~ U(ratio_range) (or `ratio`); the others stay whole."""
+    out = np.zeros((batch, self.num_patches), bool)
+    for b in range(batch):
+      if gen.random() >= self.mask_probability:
+        continue
+      ratio = gen.uniform(*self.ratio_range) if self.ratio_range else self.ratio
+      out[b] = blockwise_mask(gen, 1, self.grid_hw, int(self.num_patches * ratio),
+                              min_block=self.min_block, min_aspect=self.min_aspect)[0]
+    return out
 
   def sample(self, batch: Mapping[str, jax.Array], rng: jax.Array) -> jax.Array:
     """The masks of a training batch, bool [B, N]: batch[TOKEN_MASK_KEY] for host kinds (the
@@ -420,4 +440,6 @@ def mask_generator_from_config(masking_cfg, grid_hw: tuple[int, int],
       kind=masking_cfg.kind, grid_hw=tuple(grid_hw), ratio=float(masking_cfg.ratio),
       group=max(1, mask_patch // patch_size), min_block=int(masking_cfg.get("min_block", 16)),
       min_aspect=float(masking_cfg.get("min_aspect", 0.3)),
-      block=int(masking_cfg.get("block", 3)), adjust=float(masking_cfg.get("adjust", 0.07)))
+      block=int(masking_cfg.get("block", 3)), adjust=float(masking_cfg.get("adjust", 0.07)),
+      ratio_range=tuple(float(r) for r in masking_cfg.get("ratio_range", ())),
+      mask_probability=float(masking_cfg.get("mask_probability", 1.0)))

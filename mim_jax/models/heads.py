@@ -81,3 +81,36 @@ class ViTClassifier(nn.Module):
     return nn.Dense(self.num_classes,
                     kernel_init=nn.initializers.truncated_normal(self.head_init_std),
                     name="head")(x.astype(jnp.float32))
+
+
+class DINOHead(nn.Module):
+  """tokens [..., D] -> prototype logits [..., out_dim] (float32): DINO / iBOT's projection head.
+
+  An MLP of `num_layers` linear layers (GELU between them, `hidden_dim` wide, the last one to
+  `bottleneck_dim`), an L2 normalisation, then a weight-normalised linear layer without bias
+  whose columns (one per prototype) have unit norm times a scale: fixed at 1 with
+  `norm_last_layer` (DINO's default, iBOT ViT-B), a trainable per-prototype `last_layer_scale`
+  otherwise (iBOT ViT-S: norm_last_layer false). Sizes of iBOT: 3 layers, hidden 2048,
+  bottleneck 256, 8192 prototypes; linear layers start from N(0, 0.02) truncated, biases 0.
+  The parameter `last_layer` holds the direction matrix [bottleneck_dim, out_dim].
+  """
+  out_dim: int
+  hidden_dim: int = 2048
+  bottleneck_dim: int = 256
+  num_layers: int = 3
+  norm_last_layer: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    init = nn.initializers.truncated_normal(0.02)
+    x = x.astype(jnp.float32)
+    for i in range(self.num_layers - 1):
+      x = nn.gelu(nn.Dense(self.hidden_dim, kernel_init=init, name=f"mlp_{i}")(x),
+                  approximate=False)
+    x = nn.Dense(self.bottleneck_dim, kernel_init=init, name=f"mlp_{self.num_layers - 1}")(x)
+    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    v = self.param("last_layer", init, (self.bottleneck_dim, self.out_dim))
+    w = v / jnp.linalg.norm(v, axis=0, keepdims=True)
+    if not self.norm_last_layer:
+      w = w * self.param("last_layer_scale", nn.initializers.ones, (self.out_dim,))
+    return x @ w

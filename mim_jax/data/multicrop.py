@@ -1,0 +1,132 @@
+"""Multi-crop views (DINO / iBOT): two global crops and `num_local` small local crops per image.
+
+`MultiCropAugment` is a grain RandomMap that replaces the default crop + flip through a
+method's `train_augment` hook. From one decoded image it makes
+
+  "image"         float32 [H, W, C]        the first global view (pictures, evaluation)
+  "global_views"  float32 [2, H, W, C]     RandomResizedCrop(global_scale) at the config size
+  "local_views"   float32 [L, h, w, C]     RandomResizedCrop(local_scale) at `local_size`
+  "global_masks"  bool    [2, N]           (with a mask generator) host-drawn masks, one per
+                                           global view, True = masked
+  "label", "valid"
+
+Photometric steps follow DINO / iBOT's recipe (each view: flip, colour jitter with probability
+`jitter_prob` — brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1 in random order —,
+grayscale with `grayscale_prob`; Gaussian blur (sigma in [0.1, 2]) with probability 1.0 on
+global view 1, 0.1 on global view 2 and 0.5 on local views; solarisation with `solarize_prob`
+on global view 2 only). Saturation, hue and grayscale act on colour only, so 1-channel images
+get brightness / contrast jitter, blur and solarisation (configs choose which).
+
+An undecodable image (None, skip mode) gives zero placeholders of every shape with
+valid=False, as `transforms.TrainAugment` does. All randomness comes from the per-element
+generator of grain's `random_map`, so the views are a function of (seed, stream position) and
+resume exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+from mim_jax.data.transforms import (VALID_KEY, Normalizer, random_resized_crop_box,
+                                     resize_box)
+
+GLOBAL_VIEWS_KEY = "global_views"
+LOCAL_VIEWS_KEY = "local_views"
+GLOBAL_MASKS_KEY = "global_masks"
+NUM_GLOBAL = 2
+# Blur probabilities of global view 1, global view 2 and the local views (DINO / iBOT).
+BLUR_PROBS = (1.0, 0.1, 0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Photometric:
+  """DINO-style photometric augmentation of a uint8 [h, w, C] view (C = 1 or 3)."""
+  jitter_prob: float = 0.8
+  grayscale_prob: float = 0.2
+  blur: bool = True
+  solarize_prob: float = 0.2
+
+  def __call__(self, image: np.ndarray, rng: np.random.Generator, view: int) -> np.ndarray:
+    """`view`: 0 / 1 for the global views, 2 for a local one (picks the blur / solarise odds)."""
+    c = image.shape[-1]
+    pil = Image.fromarray(image[..., 0] if c == 1 else image, "L" if c == 1 else "RGB")
+    if rng.random() < self.jitter_prob:
+      ops = [("brightness", 0.4), ("contrast", 0.4)]
+      if c == 3:
+        ops += [("saturation", 0.2), ("hue", 0.1)]
+      for i in rng.permutation(len(ops)):
+        pil = _jitter(pil, *ops[i], rng)
+    if c == 3 and rng.random() < self.grayscale_prob:
+      pil = pil.convert("L").convert("RGB")
+    if self.blur and rng.random() < BLUR_PROBS[view]:
+      pil = pil.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.1, 2.0))))
+    if view == 1 and rng.random() < self.solarize_prob:
+      pil = ImageOps.solarize(pil, 128)
+    return np.asarray(pil).reshape(image.shape)
+
+
+def _jitter(pil: Image.Image, kind: str, strength: float, rng: np.random.Generator):
+  """torchvision ColorJitter's factors: U(1 - s, 1 + s) for brightness / contrast /
+  saturation, a hue shift U(-s, s) of the colour circle."""
+  if kind == "hue":
+    shift = int(round(float(rng.uniform(-strength, strength)) * 255))
+    h, s, v = pil.convert("HSV").split()
+    h = h.point(lambda x: (x + shift) % 256)
+    return Image.merge("HSV", (h, s, v)).convert("RGB")
+  factor = float(rng.uniform(max(0.0, 1 - strength), 1 + strength))
+  enhancer = {"brightness": ImageEnhance.Brightness, "contrast": ImageEnhance.Contrast,
+              "saturation": ImageEnhance.Color}[kind]
+  return enhancer(pil).enhance(factor)
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiCropAugment(grain.transforms.RandomMap):
+  """{"image": uint8 [h, w, C] or None, "label"} -> the multi-crop views (module docstring).
+
+  mask_generator: a `masking.MaskGenerator` whose `host` draws one mask per global view (any
+  kind; iBOT: blockwise with a per-view ratio range), or None for no masks.
+  """
+  image_size: tuple[int, int]
+  local_size: tuple[int, int]
+  num_local: int
+  global_scale: tuple[float, float]
+  local_scale: tuple[float, float]
+  crop_ratio: tuple[float, float]
+  hflip: bool
+  photometric: Photometric
+  normalize: Normalizer
+  mask_generator: Any = None
+
+  def _view(self, image, rng, scale, size, view):
+    box = random_resized_crop_box(rng, image.shape[0], image.shape[1], scale, self.crop_ratio)
+    out = resize_box(image, box, size)
+    if self.hflip and rng.random() < 0.5:
+      out = out[:, ::-1]
+    return self.photometric(np.ascontiguousarray(out), rng, view)
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    image, c = element["image"], self.normalize.channels
+    if image is None:
+      out = {GLOBAL_VIEWS_KEY: np.zeros((NUM_GLOBAL, *self.image_size, c), np.float32),
+             LOCAL_VIEWS_KEY: np.zeros((self.num_local, *self.local_size, c), np.float32),
+             "label": np.int32(-1), VALID_KEY: np.bool_(False)}
+      if self.mask_generator is not None:
+        out[GLOBAL_MASKS_KEY] = np.zeros((NUM_GLOBAL, self.mask_generator.num_patches), bool)
+    else:
+      views = [self._view(image, rng, self.global_scale, self.image_size, v)
+               for v in range(NUM_GLOBAL)]
+      local = [self._view(image, rng, self.local_scale, self.local_size, 2)
+               for _ in range(self.num_local)]
+      out = {GLOBAL_VIEWS_KEY: self.normalize(np.stack(views)),
+             LOCAL_VIEWS_KEY: (self.normalize(np.stack(local)) if local else
+                               np.zeros((0, *self.local_size, c), np.float32)),
+             "label": np.int32(element["label"]), VALID_KEY: np.bool_(True)}
+      if self.mask_generator is not None:
+        out[GLOBAL_MASKS_KEY] = self.mask_generator.host(rng, NUM_GLOBAL)
+    out["image"] = out[GLOBAL_VIEWS_KEY][0]
+    return out

@@ -1,0 +1,380 @@
+"""iBOT: EMA teacher and centres in the real train step, schedules, the distillation losses, the
+multi-crop pipeline with per-view masks, config errors, and a short Fashion-MNIST run."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mim_jax import config_defaults, config_validation, data, losses, masking, optim, train
+from mim_jax.config_errors import ConfigError
+from mim_jax.data import multicrop
+from mim_jax.methods import build_method
+from mim_jax.methods.base import TrainLength
+
+from conftest import FMNIST_DIR, requires_fmnist, tiny_mae_config
+
+
+def tiny_config(**overrides):
+  """Micro iBOT on synthetic 16x16 RGB images: 4x4 patch grid, 2 local 8-px views."""
+  c = tiny_mae_config()
+  c.method = "ibot"
+  c.masking.update(kind="blockwise", ratio=0.3, ratio_range=(0.2, 0.5), mask_probability=0.5,
+                   min_block=2)
+  c.ibot.update(out_dim=32, hidden_dim=32, bottleneck_dim=16, warmup_teacher_temp_epochs=1.0,
+                freeze_last_layer_epochs=0.0)
+  c.multicrop.update(num_local=2, local_size=(8, 8), blur=True)
+  config_defaults.override(c, **overrides)
+  config_validation.validate_config(c)
+  return c
+
+
+def _iterator(c, seed=0):
+  method = build_method(c, TrainLength(8, 16))
+  it = data.make_train_iterator(c.data, image_size=tuple(c.image_size), channels=c.channels,
+                                global_batch_size=c.global_batch_size, seed=seed,
+                                augment=train.method_train_augment(method, c))
+  return method, it
+
+
+def _device_batch(method, host_batch):
+  return {k: jnp.asarray(host_batch[k]) for k in train.method_batch_keys(method)
+          if k in host_batch}
+
+
+@pytest.fixture(scope="module")
+def stepped():
+  """Two real train steps of the tiny config: (method, batch, states before/after each)."""
+  c = tiny_config()
+  method, it = _iterator(c)
+  batch = _device_batch(method, next(it))
+  schedule = optim.learning_rate_schedule(c.optimizer, c.global_batch_size, 8, 16)
+  tx = optim.build_optimizer(c.optimizer, schedule)
+  state = jax.jit(lambda r: train.init_train_state(method, tx, r, (1, 16, 16, 3)))(
+      jax.random.key(0))
+  step = jax.jit(train.make_train_step(method, tx, schedule))
+  states, metrics = [state], []
+  for _ in range(2):
+    state, m = step(state, batch, jax.random.key(1))
+    states.append(state)
+    metrics.append(m)
+  return method, batch, states, metrics
+
+
+# --- teacher, centres and schedules -----------------------------------------------------------
+
+
+def test_train_step_moves_teacher_by_ema_of_new_student(stepped):
+  method, _, states, _ = stepped
+  for k in (1, 2):  # the update that made states[k] had index k - 1
+    before, after = states[k - 1], states[k]
+    m = float(method.momentum(k - 1))
+    assert 0.996 - 1e-6 <= m < 1
+    want = jax.tree.map(lambda t, s: m * t + (1 - m) * s, before.extra["teacher"], after.params)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(after.extra["teacher"])):
+      np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+    assert int(after.extra["step"]) == k
+  # The student moved away from the teacher it started equal to.
+  diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), states[2].params,
+                      states[2].extra["teacher"])
+  assert max(jax.tree.leaves(diff)) > 0
+
+
+def test_teacher_gets_no_gradient_and_centres_follow_their_formula(stepped):
+  method, batch, states, _ = stepped
+  state = states[1]
+  rng = jax.random.key(3)
+
+  def loss(params, teacher):
+    return method.loss(params, {**state.extra, "teacher": teacher}, batch, rng)
+
+  (_, (_, extra)), (student_grads, grads) = jax.jit(
+      jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(state.params, state.extra["teacher"])
+  assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(grads))
+  assert float(optax.tree.norm(student_grads)) > 0
+  views = multicrop.GLOBAL_VIEWS_KEY
+  images = jnp.swapaxes(batch[views], 0, 1).reshape(-1, *batch[views].shape[2:])
+  t_out = np.asarray(method.model.apply({"params": state.extra["teacher"]}, images))
+  cls_mean, patch_mean = t_out[:, 0].mean(0), t_out[:, 1:].mean((0, 1))
+  np.testing.assert_allclose(extra["center_cls"][0],
+                             0.9 * state.extra["center_cls"][0] + 0.1 * cls_mean, rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(extra["center_patch"][0, 0],
+                             0.9 * state.extra["center_patch"][0, 0] + 0.1 * patch_mean,
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_metrics_of_the_step(stepped):
+  _, _, _, metrics = stepped
+  m = metrics[0]
+  for name in ("loss", "cls_loss", "patch_loss", "teacher_temp", "teacher_momentum",
+               "teacher_entropy", "teacher_mean_entropy"):
+    assert np.isfinite(float(m[name])), name
+  np.testing.assert_allclose(float(m["loss"]), float(m["cls_loss"]) + float(m["patch_loss"]),
+                             rtol=1e-6)
+  assert float(m["teacher_temp"]) == pytest.approx(0.04)
+  assert 0 < float(m["teacher_entropy"]) <= np.log(32) + 1e-4
+
+
+def test_temperature_and_momentum_schedules():
+  c = tiny_config(**{"ibot.warmup_teacher_temp_epochs": 3.0, "ibot.warmup_teacher_patch_temp": 0.03,
+                     "ibot.teacher_patch_temp": 0.09, "num_epochs": 10})
+  method = build_method(c, TrainLength(steps_per_epoch=10, schedule_steps=100))
+  for step, cls_t, patch_t in [(0, 0.04, 0.03), (15, 0.055, 0.06), (30, 0.07, 0.09),
+                               (99, 0.07, 0.09)]:
+    got = [float(t) for t in method.teacher_temps(jnp.int32(step))]
+    np.testing.assert_allclose(got, [cls_t, patch_t], rtol=1e-6)
+  for step, want in [(0, 0.996), (50, 0.998), (100, 1.0), (200, 1.0)]:
+    assert float(method.momentum(jnp.int32(step))) == pytest.approx(want, abs=1e-7)
+
+
+def test_last_layer_frozen_for_its_epochs(stepped):
+  _, batch, states, _ = stepped
+  c = tiny_config(**{"ibot.freeze_last_layer_epochs": 1.0})
+  method = build_method(c, TrainLength(8, 16))
+  state = states[0]
+  for step, frozen in [(0, True), (7, True), (8, False)]:
+    extra = {**state.extra, "step": jnp.int32(step)}
+    g = jax.grad(lambda p: method.loss(p, extra, batch, jax.random.key(0))[0])(state.params)
+    norms = [float(jnp.max(jnp.abs(g["head"][k]))) for k in ("last_layer", "last_layer_scale")]
+    assert (max(norms) == 0.0) == frozen, (step, norms)
+    assert float(jnp.max(jnp.abs(g["head"]["mlp_0"]["kernel"]))) > 0
+
+
+# --- losses on known numbers ------------------------------------------------------------------
+
+
+def _np_ce(s, p, temp):
+  z = s / temp
+  log_q = z - z.max(-1, keepdims=True)
+  log_q = log_q - np.log(np.exp(log_q).sum(-1, keepdims=True))
+  return -(p * log_q).sum(-1)
+
+
+def test_cross_view_loss_is_the_mean_over_pairs_of_different_views():
+  rng = np.random.default_rng(0)
+  s = rng.normal(size=(5, 3, 7))  # 2 global + 3 local student views
+  p = rng.dirichlet(np.ones(7), size=(2, 3))
+  want = np.mean([_np_ce(s[i], p[j], 0.1).mean()
+                  for j in range(2) for i in range(5) if i != j])  # 8 pairs
+  got = float(losses.cross_view_distillation(jnp.asarray(s), jnp.asarray(p), 0.1))
+  assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_cross_view_loss_ignores_same_view_pairs():
+  rng = np.random.default_rng(1)
+  s = rng.normal(size=(2, 4, 6))
+  p = rng.dirichlet(np.ones(6), size=(2, 4))
+  # Student view 0 only pairs with teacher view 1 and vice versa: making each student view
+  # disagree wildly with its own teacher view leaves the loss unchanged.
+  base = float(losses.cross_view_distillation(jnp.asarray(s), jnp.asarray(p), 0.1))
+  want = (_np_ce(s[0], p[1], 0.1).mean() + _np_ce(s[1], p[0], 0.1).mean()) / 2
+  assert base == pytest.approx(want, rel=1e-5)
+  far = s.copy()
+  far[0] = -100 * p[0]  # view 0's student against view 0's teacher: a huge cross entropy
+  far[1] = -100 * p[1]
+  moved = float(losses.cross_view_distillation(jnp.asarray(far), jnp.asarray(p), 0.1))
+  want_far = (_np_ce(far[0], p[1], 0.1).mean() + _np_ce(far[1], p[0], 0.1).mean()) / 2
+  assert moved == pytest.approx(want_far, rel=1e-5)
+  assert want_far < (_np_ce(far[0], p[0], 0.1).mean() + _np_ce(far[1], p[1], 0.1).mean()) / 2
+
+
+def test_patch_loss_uses_only_masked_positions_and_weights_per_image():
+  rng = np.random.default_rng(2)
+  s = rng.normal(size=(2, 3, 5, 4))
+  p = rng.dirichlet(np.ones(4), size=(2, 3, 5))
+  mask = rng.random((2, 3, 5)) < 0.5
+  mask[1, 2] = False  # an unmasked image counts as 0
+  ce = _np_ce(s, p, 0.1)
+  want = np.mean((ce * mask).sum(-1) / np.maximum(mask.sum(-1), 1))
+  got = float(losses.masked_patch_distillation(jnp.asarray(s), jnp.asarray(p),
+                                               jnp.asarray(mask), 0.1))
+  assert got == pytest.approx(want, rel=1e-5)
+  s_visible_changed = np.where(mask[..., None], s, rng.normal(size=s.shape) * 10)
+  same = float(losses.masked_patch_distillation(jnp.asarray(s_visible_changed), jnp.asarray(p),
+                                                jnp.asarray(mask), 0.1))
+  assert same == pytest.approx(got, rel=1e-6)
+  s_masked_changed = np.where(mask[..., None], s + rng.normal(size=s.shape), s)
+  assert float(losses.masked_patch_distillation(jnp.asarray(s_masked_changed), jnp.asarray(p),
+                                                jnp.asarray(mask), 0.1)) != pytest.approx(got)
+
+
+def test_teacher_probs_and_center_update_formulas():
+  rng = np.random.default_rng(3)
+  t = rng.normal(size=(6, 5))
+  center = rng.normal(size=(1, 5))
+  z = (t - center) / 0.04
+  want = np.exp(z - z.max(-1, keepdims=True))
+  want /= want.sum(-1, keepdims=True)
+  np.testing.assert_allclose(losses.teacher_probs(jnp.asarray(t), jnp.asarray(center), 0.04),
+                             want, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(losses.center_update(jnp.asarray(center), jnp.asarray(t), 0.9),
+                             0.9 * center + 0.1 * t.mean(0, keepdims=True), rtol=1e-6)
+
+
+# --- multi-crop pipeline and masks ------------------------------------------------------------
+
+
+def test_multicrop_batches_shapes_masks_and_exact_resume():
+  c = tiny_config()
+  method, it = _iterator(c, seed=5)
+  first = next(it)
+  b = c.global_batch_size
+  assert first[multicrop.GLOBAL_VIEWS_KEY].shape == (b, 2, 16, 16, 3)
+  assert first[multicrop.LOCAL_VIEWS_KEY].shape == (b, 2, 8, 8, 3)
+  assert first[multicrop.GLOBAL_MASKS_KEY].shape == (b, 2, 16)
+  assert first[multicrop.GLOBAL_MASKS_KEY].dtype == bool
+  np.testing.assert_array_equal(first["image"], first[multicrop.GLOBAL_VIEWS_KEY][:, 0])
+  assert not np.array_equal(first[multicrop.GLOBAL_VIEWS_KEY][:, 0],
+                            first[multicrop.GLOBAL_VIEWS_KEY][:, 1])
+  state = it.get_state()
+  later = [next(it) for _ in range(2)]
+  _, it2 = _iterator(c, seed=5)
+  it2.set_state(state)
+  for want in later:
+    got = next(it2)
+    assert set(got) == set(want)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_multicrop_placeholder_for_undecodable_image():
+  c = tiny_config()
+  method = build_method(c, TrainLength(8, 16))
+  aug = method.train_augment(c.data, (16, 16), 3)
+  out = aug.random_map({"image": None, "label": 3}, np.random.default_rng(0))
+  assert not out["valid"] and out["label"] == -1
+  assert out[multicrop.GLOBAL_VIEWS_KEY].shape == (2, 16, 16, 3)
+  assert out[multicrop.LOCAL_VIEWS_KEY].shape == (2, 8, 8, 3)
+  assert out[multicrop.GLOBAL_MASKS_KEY].shape == (2, 16) and not out[multicrop.GLOBAL_MASKS_KEY].any()
+  assert not out["image"].any() and out["image"].shape == (16, 16, 3)
+  good = aug.random_map({"image": np.full((20, 20, 3), 128, np.uint8), "label": 3},
+                        np.random.default_rng(0))
+  assert good["valid"] and good["label"] == 3
+
+
+def test_variable_ratio_blockwise_masks_half_the_views_within_the_range():
+  gen = masking.MaskGenerator("blockwise", (14, 14), 0.3, ratio_range=(0.1, 0.5),
+                              mask_probability=0.5)
+  counts = gen.host(np.random.default_rng(0), 400).sum(axis=1)
+  unmasked = np.mean(counts == 0)
+  assert 0.4 < unmasked < 0.6
+  masked = counts[counts > 0]
+  assert masked.max() <= int(196 * 0.5) and masked.min() >= 1
+  assert masked.std() > 10  # the ratio varies per view
+  # The fixed-ratio generator is unchanged.
+  fixed = masking.MaskGenerator("blockwise", (14, 14), 0.4)
+  np.testing.assert_array_equal(fixed.host(np.random.default_rng(1), 4),
+                                masking.blockwise_mask(np.random.default_rng(1), 4, (14, 14), 78))
+
+
+def test_local_views_use_their_own_sincos_grid(stepped):
+  method, _, states, _ = stepped
+  out = method.model.apply({"params": states[0].params}, jnp.zeros((2, 8, 8, 3)))
+  assert out.shape == (2, 5, 32)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("ibot.teacher_temp", 0.0, "ibot.teacher_temp"),
+    ("ibot.student_temp", -0.1, "ibot.student_temp"),
+    ("ibot.momentum", 1.5, "ibot.momentum"),
+    ("ibot.center_momentum", 1.0, "ibot.center_momentum"),
+    ("ibot.warmup_teacher_temp_epochs", 5.0, "num_epochs=2"),
+    ("multicrop.local_size", (6, 6), "multiples of the patch size 4"),
+    ("multicrop.local_size", (20, 20), "at most image_size"),
+    ("multicrop.num_local", -1, "multicrop.num_local"),
+    ("multicrop.local_scale", (0.5, 0.2), "multicrop.local_scale"),
+    ("masking.ratio_range", (0.5, 0.1), "masking.ratio_range"),
+    ("masking.mask_probability", 1.5, "masking.mask_probability"),
+])
+def test_bad_fields_name_themselves(field, value, match):
+  with pytest.raises(ConfigError, match=match):
+    tiny_config(**{field: value})
+
+
+def test_ratio_range_needs_blockwise():
+  with pytest.raises(ConfigError, match="'blockwise' when masking.ratio_range"):
+    tiny_config(**{"masking.kind": "random"})
+
+
+# --- a short run on real data -----------------------------------------------------------------
+
+
+@requires_fmnist
+def test_short_fashion_mnist_run_lowers_the_loss_without_collapse():
+  """40 steps with an EMA teacher (momentum 0.99) at a constant teacher temperature.
+
+  The raw loss is no fixed objective here: it is the teacher's entropy plus the KL divergence
+  from the teacher's targets to the student's predictions, and the entropy moves with the
+  teacher and its centres (centring flattens the targets in the first steps). So the test
+  compares the part the student controls, the [CLS] KL = cls_loss - teacher_entropy (exact:
+  every teacher view enters the same number of pairs), at the start and the end: it must fall
+  by half. A collapsed teacher would make that trivial, so the targets must also stay
+  informative: sharper than uniform per image, and different across images (the batch-mean
+  target has a higher entropy than the per-image ones)."""
+  c = config_defaults.base_config()
+  c.method = "ibot"
+  config_defaults.use_fashion_mnist(c)
+  c.model.update(variant="mu/4")
+  c.data.update(path=FMNIST_DIR, num_workers=0)
+  c.masking.update(kind="blockwise", ratio=0.3, ratio_range=(0.1, 0.5), mask_probability=0.5,
+                   min_block=4)
+  c.ibot.update(out_dim=128, hidden_dim=128, bottleneck_dim=64, warmup_teacher_temp_epochs=0.0,
+                freeze_last_layer_epochs=0.0, teacher_temp=0.04, teacher_patch_temp=0.04,
+                momentum=0.99)
+  c.multicrop.update(num_local=2, local_size=(12, 12), blur=False, grayscale_prob=0.0)
+  c.global_batch_size = 32
+  c.optimizer.update(warmup_epochs=0.0, b2=0.999, weight_decay=0.04, clip_grad_norm=3.0)
+  c.num_epochs = 1
+  config_validation.validate_config(c)
+  method, it = _iterator(c)
+  schedule = optax.constant_schedule(1e-3)
+  tx = optim.build_optimizer(c.optimizer, schedule)
+  state = jax.jit(lambda r: train.init_train_state(method, tx, r, (1, 28, 28, 1)))(
+      jax.random.key(0))
+  step = jax.jit(train.make_train_step(method, tx, schedule), donate_argnums=(0,))
+  kl, ent, mean_ent = [], [], []
+  for _ in range(40):
+    state, m = step(state, _device_batch(method, next(it)), jax.random.key(1))
+    kl.append(float(m["cls_loss"]) - float(m["teacher_entropy"]))
+    ent.append(float(m["teacher_entropy"]))
+    mean_ent.append(float(m["teacher_mean_entropy"]))
+  assert np.all(np.isfinite(kl)) and int(state.skipped_updates) == 0
+  start, end = np.mean(kl[:3]), np.mean(kl[-5:])
+  assert end < 0.5 * start, (start, end, kl)
+  assert np.mean(ent[-5:]) < np.log(128) - 0.3, ent
+  assert np.mean(mean_ent[-5:]) > np.mean(ent[-5:]) + 0.2, (mean_ent, ent)
+
+
+def test_configs_follow_the_recipe():
+  from ml_collections import config_flags
+  from conftest import REPO
+
+  def load(name):
+    return config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
+        "config", str(REPO / "configs" / name)).get_config(None)
+
+  s = load("ibot_vits.py")
+  assert (s.method, s.model.variant, s.global_batch_size, s.num_epochs) == ("ibot", "S/16", 1024, 800)
+  o = s.optimizer
+  assert (o.base_lr, o.lr_batch_reference, o.warmup_epochs, o.weight_decay, o.clip_grad_norm,
+          o.min_lr) == (5e-4, 256, 10, 0.04, 3.0, 1e-6)
+  b = s.ibot
+  assert (b.out_dim, b.hidden_dim, b.bottleneck_dim, b.norm_last_layer) == (8192, 2048, 256, False)
+  assert (b.student_temp, b.warmup_teacher_temp, b.teacher_temp, b.warmup_teacher_temp_epochs,
+          b.momentum, b.center_momentum, b.freeze_last_layer_epochs) == (
+              0.1, 0.04, 0.07, 30, 0.996, 0.9, 1)
+  m = s.multicrop
+  assert (tuple(m.global_scale), tuple(m.local_scale), m.num_local, tuple(m.local_size)) == (
+      (0.25, 1.0), (0.05, 0.25), 10, (96, 96))
+  k = s.masking
+  assert (k.kind, tuple(k.ratio_range), k.mask_probability, k.min_block) == (
+      "blockwise", (0.1, 0.5), 0.5, 16)
+  assert s.model.drop_path_rate == 0.1
+  f, mae = load("ibot_fmnist.py"), load("mae_fmnist.py")
+  assert f.model == mae.model and f.num_epochs == mae.num_epochs
+  assert f.global_batch_size == mae.global_batch_size
+  assert f.optimizer.base_lr == mae.optimizer.base_lr
