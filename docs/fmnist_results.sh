@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Reproduces the Fashion-MNIST table of docs/results.md: MAE pre-training, k-NN, linear probe
-# and fine-tuning, the baselines, the masking-ratio sweep, and the SimMIM and MaskFeat rows.
+# and fine-tuning, the baselines, the masking-ratio sweep, and the rows of the other methods.
 # Every run's log, wall time (ROOT/NAME.seconds) and results.json land under ROOT. Re-running
 # skips finished runs. SECTIONS selects parts (default "mae methods"), METHODS the other
-# pre-training methods (default "simmim maskfeat").
+# pre-training methods (default "simmim maskfeat beit data2vec ibot"; BEiT first trains its
+# tokenizer).
 #
 #   bash docs/fmnist_results.sh [ROOT=workdirs/fmnist_results]
 #   SECTIONS=methods METHODS=simmim bash docs/fmnist_results.sh ROOT
@@ -15,7 +16,8 @@ mkdir -p "$ROOT"
 
 run() {  # NAME, then the arguments of mim_jax.main
   local name=$1; shift
-  if [ -f "$ROOT/$name/results.json" ] || [ -f "$ROOT/$name/encoder/model.json" ]; then
+  if [ -f "$ROOT/$name/results.json" ] || [ -f "$ROOT/$name/encoder/model.json" ] \
+      || [ -f "$ROOT/$name/tokenizer/tokenizer.json" ]; then
     return
   fi
   echo "python -m mim_jax.main $* --workdir=$ROOT/$name" | tee -a "$ROOT/commands.txt"
@@ -49,8 +51,13 @@ has_section mae && for ratio in 0.75 0.5 0.6 0.9; do
 done
 
 # The other pre-training methods on the same encoder and budget, through the same protocols.
-has_section methods && for method in ${METHODS:-simmim maskfeat}; do
-  run "$method" --config=configs/${method}_fmnist.py
+has_section methods && for method in ${METHODS:-simmim maskfeat beit data2vec ibot}; do
+  extra=()
+  if [ "$method" = beit ]; then  # BEiT's stage 1: its tokenizer, trained on the same images
+    run beit_tokenizer --config=configs/beit_tokenizer_fmnist.py
+    extra=(--config.tokenizer.path="$ROOT/beit_tokenizer")
+  fi
+  run "$method" --config=configs/${method}_fmnist.py "${extra[@]}"
   for pool in cls gap; do
     run "knn_${method}_$pool" --config=configs/knn_fmnist.py --config.init_from="$ROOT/$method" \
         --config.classifier.pool=$pool

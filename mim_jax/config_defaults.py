@@ -40,6 +40,10 @@ def base_config() -> ml_collections.ConfigDict:
       mlp_dim=0,
       dtype="float32",         # computation dtype; parameters are always float32
       attention_impl="",       # "" lets JAX choose, or "xla" / "cudnn"
+      # Activation checkpointing per transformer block (encoder and decoder): "none", "full"
+      # (recompute everything in the backward pass), "dots_saveable" (keep matmul outputs),
+      # "nothing_saveable" (= full, by policy); see models/vit.py REMAT_POLICIES.
+      remat="none",
       drop_path_rate=0.0,
       # MAE only: encode all patches with mask tokens instead of the visible ones (the MAE
       # paper's "w/ [M]" ablation; slower, for comparisons).
@@ -54,6 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
       min_aspect=0.3,          # blockwise: aspect ratios in [min_aspect, 1 / min_aspect]
       block=3,                 # inverse_block: side of a visible block in patches
       adjust=0.07,             # inverse_block: extra keep probability for the block count
+      ratio_range=(),          # blockwise: (lo, hi) draws each sample's ratio from U(lo, hi)
+      mask_probability=1.0,    # blockwise: fraction of samples masked (the rest stay whole)
   ))
   c.target = ml_collections.ConfigDict(dict(
       norm_pix=True,           # pixel targets: per-patch standardised (MAE's norm_pix_loss)
@@ -62,6 +68,76 @@ def base_config() -> ml_collections.ConfigDict:
       # (scikit-image); gaussian_window > 0 weights magnitudes by a tiled Gaussian window.
       hog=ml_collections.ConfigDict(dict(cell_size=8, num_bins=9, gradient="sobel",
                                          gaussian_window=16)),
+  ))
+  # EMA teacher and its regression targets (data2vec): the teacher encoder follows the student
+  # with a decay annealed linearly from ema_decay to ema_end_decay over the first
+  # ema_anneal_fraction of the lr schedule; targets average its top_k block outputs, each
+  # normalised by block_norm ("instance": per channel over the tokens; "layer": per token over
+  # the channels; "none"), then the average by final_norm (same choices); smooth-L1 with
+  # loss_beta (0: L1) on the masked patches.
+  c.teacher = ml_collections.ConfigDict(dict(
+      ema_decay=0.999,
+      ema_end_decay=0.9998,
+      ema_anneal_fraction=1.0,
+      top_k=6,
+      block_norm="layer",
+      final_norm="layer",
+      loss_beta=2.0,
+  ))
+
+  # BEiT's discrete tokenizer: trained by method "vq_tokenizer" (one code per patch of
+  # model.variant's grid), read by method "beit" from `path` (a tokenizer workdir or export).
+  c.tokenizer = ml_collections.ConfigDict(dict(
+      kind="vq",
+      vocab_size=8192,         # number of codes (BEiT: 8192)
+      code_dim=32,             # length of a code vector (BEiT v2: 32)
+      l2_normalize=True,       # codes and encoder outputs on the unit sphere (BEiT v2, ViT-VQGAN)
+      decay=0.99,              # codebook EMA decay
+      eps=1e-5,                # Laplace smoothing of the EMA cluster sizes
+      commitment=0.25,         # weight of the commitment loss (VQ-VAE: 0.25)
+      restart_after=100,       # re-seed codes unused for this many steps (0: never)
+      width=128,               # channels of the convolutional encoder / decoder
+      num_blocks=2,            # residual blocks in each
+      # dVAE ("dvae_tokenizer"): Gumbel-softmax temperature annealed (cosine) from temp_start to
+      # temp_end over temp_anneal_fraction of the lr schedule; KL to the uniform prior weighted
+      # by kl_weight.
+      temp_start=1.0,
+      temp_end=1.0 / 16,
+      temp_anneal_fraction=0.5,
+      kl_weight=0.01,
+      path="",                 # beit: the trained tokenizer
+  ))
+
+  # iBOT (methods/ibot.py): DINO head, temperatures, EMA teacher and loss weights; defaults are
+  # iBOT's ViT-S/16 values (bytedance/ibot main_ibot.py and its README command).
+  c.ibot = ml_collections.ConfigDict(dict(
+      out_dim=8192,            # prototypes of the shared [CLS] / patch head
+      hidden_dim=2048,
+      bottleneck_dim=256,
+      norm_last_layer=False,   # True fixes the prototype norms at 1 (ViT-B)
+      student_temp=0.1,
+      warmup_teacher_temp=0.04,
+      teacher_temp=0.07,
+      warmup_teacher_patch_temp=0.04,
+      teacher_patch_temp=0.07,
+      warmup_teacher_temp_epochs=30.0,
+      momentum=0.996,          # teacher EMA momentum, cosine to 1 over the lr schedule
+      center_momentum=0.9,
+      lambda_cls=1.0,
+      lambda_patch=1.0,
+      freeze_last_layer_epochs=1.0,
+  ))
+  # Multi-crop views (methods with `train_augment`, e.g. iBOT): two global crops at image_size
+  # and num_local crops at local_size; photometric odds as in DINO / iBOT (data/multicrop.py).
+  c.multicrop = ml_collections.ConfigDict(dict(
+      global_scale=(0.25, 1.0),
+      local_scale=(0.05, 0.25),
+      num_local=10,
+      local_size=(96, 96),
+      jitter_prob=0.8,
+      grayscale_prob=0.2,
+      blur=True,
+      solarize_prob=0.2,
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -129,8 +205,12 @@ def base_config() -> ml_collections.ConfigDict:
   # pre-training.
   c.knn = ml_collections.ConfigDict(dict(k=20, temperature=0.07, every_epochs=0.0))
 
-  c.mesh = [("data", -1)]
-  c.sharding_rules = [(".*", ())]  # replicate every parameter (pure data parallelism)
+  # Device mesh and parameter sharding (mim_jax/parallel.py, docs/scaling.md). The batch is
+  # split over the data and fsdp axes; `fsdp_rules()` below is the fully-sharded preset.
+  # Tuples, so that the command line can override them:
+  #   --config.mesh='(("fsdp", -1),)' --config.sharding_rules='((".*", "largest:fsdp:16384"),)'
+  c.mesh = (("data", -1),)
+  c.sharding_rules = ((".*", ()),)  # replicate every parameter (pure data parallelism)
 
   c.log_every = 50
   c.checkpoint_every = 1000
@@ -155,6 +235,33 @@ def override(c: ml_collections.ConfigDict, **dotted) -> ml_collections.ConfigDic
       node = node[part]
     node[leaf] = value
   return c
+
+
+def fsdp_rules(axis: str = "fsdp", min_size: int = 2**14) -> tuple[tuple[str, str], ...]:
+  """Pure FSDP: every state leaf of >= `min_size` elements (params, both Adam moments, EMA
+  teachers, tokenizers) split along its largest dimension that the `axis` size divides;
+  smaller leaves (biases, norms, counters) replicated. Use with a mesh that has `axis`, e.g.
+  mesh=[("fsdp", -1)]; on the command line:
+    --config.mesh='(("fsdp", -1),)' --config.sharding_rules='((".*", "largest:fsdp:16384"),)'
+  or the config argument `fsdp` of the MAE ImageNet recipes (configs/mae_vit*.py:fsdp).
+  """
+  return ((".*", f"largest:{axis}:{int(min_size)}"),)
+
+
+def apply_scale_args(c: ml_collections.ConfigDict, args: dict) -> ml_collections.ConfigDict:
+  """Config arguments for large runs: `fsdp` (all devices on one fsdp axis, `fsdp_rules()`),
+  `remat=POLICY` (model.remat) and `bf16` (model.dtype=bfloat16)."""
+  if args.get("fsdp"):
+    c.mesh = (("fsdp", -1),)
+    c.sharding_rules = fsdp_rules()
+  if "remat" in args:
+    c.model.remat = "full" if args["remat"] is True else str(args["remat"])
+  if args.get("bf16"):
+    c.model.dtype = "bfloat16"
+  return c
+
+
+SCALE_ARGS = ("fsdp", "remat", "bf16")
 
 
 def parse_arg(arg: str | None,
@@ -197,9 +304,10 @@ def apply_runlocal(c: ml_collections.ConfigDict, keep_data: bool = False) -> ml_
 
 def mae_imagenet_config(arg: str | None, default_variant: str) -> ml_collections.ConfigDict:
   """The MAE ImageNet recipe for a ViT variant; `arg` may hold `variant=...` and `runlocal`."""
-  args = parse_arg(arg)
+  args = parse_arg(arg, ("variant", "runlocal") + SCALE_ARGS)
   c = base_config()
   c.model.variant = str(args.get("variant", default_variant))
+  apply_scale_args(c, args)
   if args.get("runlocal"):
     apply_runlocal(c)
   return c

@@ -13,11 +13,13 @@ from mim_jax.models.vit import parse_variant, size_from_config
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("", "xla", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable")  # models/vit.py
 # Visible-only encoders (MAE) need the same masked count in every sample; methods that encode
 # all tokens with mask tokens take any kind.
 FIXED_COUNT_MASK_KINDS = ("random", "grouped", "inverse_block")
 MASK_KINDS_BY_METHOD = {"mae": FIXED_COUNT_MASK_KINDS, "simmim": MASK_KINDS,
-                        "maskfeat": MASK_KINDS}
+                        "maskfeat": MASK_KINDS, "data2vec": MASK_KINDS, "beit": MASK_KINDS,
+                        "ibot": MASK_KINDS}
 HOG_GRADIENTS = ("sobel", "central")
 PRETRAINING_METHODS = tuple(MASK_KINDS_BY_METHOD)
 # Evaluations of a pre-trained encoder; knn trains nothing and is run by its own job.
@@ -65,6 +67,8 @@ def validate_model(config) -> None:
   _require(config.model.dtype in DTYPES, "model.dtype", config.model.dtype, f"one of {DTYPES}")
   _require(config.model.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
            config.model.attention_impl, f"one of {ATTENTION_IMPLS} ('' lets JAX choose)")
+  remat = config.model.get("remat", "none")
+  _require(remat in REMAT_POLICIES, "model.remat", remat, f"one of {REMAT_POLICIES}")
   rate = config.model.drop_path_rate
   _require(_is_number(rate) and 0 <= rate < 1, "model.drop_path_rate", rate, "a number in [0, 1)")
 
@@ -79,8 +83,11 @@ def validate_model(config) -> None:
            "a positive integer (1 for grayscale, 3 for RGB)")
   _require(size.width % 4 == 0, "model.variant", config.model.variant,
            "a width divisible by 4 (2-D sin-cos position embeddings)")
+  from mim_jax.tokenizers import validation as tokenizer_validation
   if config.method in PRETRAINING_METHODS:
     validate_pretraining(config, image_size, patch)
+  elif config.method in tokenizer_validation.TOKENIZER_METHODS:
+    tokenizer_validation.validate_tokenizer_training(config)
   else:
     validate_evaluation(config, size.depth)
 
@@ -104,6 +111,77 @@ def validate_pretraining(config, image_size: tuple[int, int], patch: int) -> Non
            "true or false")
   if config.method == "maskfeat":
     validate_hog(config, image_size, patch)
+  if config.method == "beit":  # its frozen tokenizer exists and fits this config
+    from mim_jax.tokenizers.validation import validate_beit_tokenizer
+    validate_beit_tokenizer(config, image_size, patch)
+  if config.method == "data2vec":
+    validate_teacher(config)
+  if config.method == "ibot":
+    validate_ibot(config, image_size, patch)
+
+
+def validate_ibot(config, image_size: tuple[int, int], patch: int) -> None:
+  """iBOT's head, temperatures, teacher and loss weights (`config.ibot`) and its multi-crop
+  views (`config.multicrop`)."""
+  b = config.ibot
+  for name in ("out_dim", "hidden_dim", "bottleneck_dim"):
+    _positive_int(config, f"ibot.{name}")
+  _require(isinstance(b.norm_last_layer, bool), "ibot.norm_last_layer", b.norm_last_layer,
+           "true or false")
+  for name in ("student_temp", "warmup_teacher_temp", "teacher_temp",
+               "warmup_teacher_patch_temp", "teacher_patch_temp"):
+    _require(_is_number(b[name]) and b[name] > 0, f"ibot.{name}", b[name],
+             "a positive temperature (iBOT: student 0.1, teacher 0.04 -> 0.07)")
+  for name in ("warmup_teacher_temp_epochs", "freeze_last_layer_epochs"):
+    _require(_is_number(b[name]) and 0 <= b[name] <= config.num_epochs, f"ibot.{name}",
+             b[name], f"a number of epochs in [0, num_epochs={config.num_epochs}]")
+  _require(_is_number(b.momentum) and 0 <= b.momentum <= 1, "ibot.momentum", b.momentum,
+           "a number in [0, 1] (iBOT: 0.996, annealed to 1)")
+  _require(_is_number(b.center_momentum) and 0 <= b.center_momentum < 1,
+           "ibot.center_momentum", b.center_momentum, "a number in [0, 1) (iBOT: 0.9)")
+  for name in ("lambda_cls", "lambda_patch"):
+    _require(_is_number(b[name]) and b[name] >= 0, f"ibot.{name}", b[name],
+             "a number >= 0 (iBOT: 1.0)")
+  _require(b.lambda_cls + b.lambda_patch > 0, "ibot.lambda_patch", b.lambda_patch,
+           "a positive weight when ibot.lambda_cls is 0 (one loss must remain)")
+  c = config.multicrop
+  for name in ("global_scale", "local_scale"):
+    pair = tuple(c[name]) if isinstance(c[name], (tuple, list)) else ()
+    _require(len(pair) == 2 and all(_is_number(x) for x in pair) and 0 < pair[0] <= pair[1] <= 1,
+             f"multicrop.{name}", c[name], "(min, max) area fractions, 0 < min <= max <= 1")
+  _require(_is_int(c.num_local) and c.num_local >= 0, "multicrop.num_local", c.num_local,
+           "an integer >= 0 (iBOT: 10 local views; 0: global views only)")
+  size = tuple(c.local_size)
+  _require(len(size) == 2 and all(_is_int(s) and s > 0 and s % patch == 0 for s in size),
+           "multicrop.local_size", c.local_size,
+           f"(height, width), positive multiples of the patch size {patch} (iBOT: 96)")
+  _require(all(s <= g for s, g in zip(size, image_size)), "multicrop.local_size",
+           c.local_size, f"at most image_size={tuple(image_size)} on each side")
+  for name in ("jitter_prob", "grayscale_prob", "solarize_prob"):
+    _require(_is_number(c[name]) and 0 <= c[name] <= 1, f"multicrop.{name}", c[name],
+             "a probability in [0, 1]")
+  _require(isinstance(c.blur, bool), "multicrop.blur", c.blur, "true or false")
+
+
+def validate_teacher(config) -> None:
+  """data2vec's EMA teacher and targets (`config.teacher`)."""
+  from mim_jax.methods.data2vec import NORMS
+  t = config.teacher
+  depth = size_from_config(config.model)[0].depth
+  _require(_is_int(t.top_k) and 1 <= t.top_k <= depth, "teacher.top_k", t.top_k,
+           f"an integer in [1, {depth}] (the encoder depth; data2vec ViT-B: 6 of 12 blocks)")
+  for name in ("ema_decay", "ema_end_decay"):
+    _require(_is_number(t[name]) and 0 <= t[name] <= 1, f"teacher.{name}", t[name],
+             "a number in [0, 1] (data2vec: 0.999 -> 0.9998)")
+  _require(t.ema_end_decay >= t.ema_decay, "teacher.ema_end_decay", t.ema_end_decay,
+           f"at least teacher.ema_decay={t.ema_decay} (the teacher slows down, never speeds up)")
+  frac = t.ema_anneal_fraction
+  _require(_is_number(frac) and 0 <= frac <= 1, "teacher.ema_anneal_fraction", frac,
+           "a fraction of the lr schedule in [0, 1] (0: ema_end_decay from the start)")
+  for name in ("block_norm", "final_norm"):
+    _require(t[name] in NORMS, f"teacher.{name}", t[name], f"one of {NORMS}")
+  _require(_is_number(t.loss_beta) and t.loss_beta >= 0, "teacher.loss_beta", t.loss_beta,
+           "a number >= 0 (0: L1; data2vec: 2)")
 
 
 def validate_masking(config, image_size: tuple[int, int], patch: int) -> None:
@@ -135,6 +213,18 @@ def validate_masking(config, image_size: tuple[int, int], patch: int) -> None:
              f"{grid[1]} patch grid of image_size={tuple(image_size)}")
     _require(m.kind == "grouped" or group == 1, "masking.mask_patch_size", mask_patch,
              f"0 or the patch size {patch} unless masking.kind='grouped'")
+  ratio_range = tuple(m.get("ratio_range", ()))
+  _require(ratio_range == () or (len(ratio_range) == 2 and all(_is_number(r) for r in ratio_range)
+                                 and 0 <= ratio_range[0] <= ratio_range[1] < 1),
+           "masking.ratio_range", ratio_range,
+           "() (use masking.ratio) or (lo, hi) with 0 <= lo <= hi < 1 (iBOT: (0.1, 0.5))")
+  prob = m.get("mask_probability", 1.0)
+  _require(_is_number(prob) and 0 <= prob <= 1, "masking.mask_probability", prob,
+           "a probability in [0, 1] (iBOT: 0.5)")
+  _require(m.kind == "blockwise" or (ratio_range == () and prob == 1), "masking.kind", m.kind,
+           "'blockwise' when masking.ratio_range or masking.mask_probability is set")
+  _require(config.method != "mae" or (ratio_range == () and prob == 1),
+           "masking.ratio_range", ratio_range, "() for method 'mae' (fixed masked counts)")
   if m.kind == "blockwise":
     _require(_is_int(m.min_block) and m.min_block > 0, "masking.min_block", m.min_block,
              "a positive integer (BEiT: 16 patches)")
@@ -292,14 +382,18 @@ def validate_config(config) -> None:
                             channels=config.channels)
 
 
-def validate_for_devices(config, *, batch_parallelism: int, process_count: int) -> None:
-  """Checks that need the mesh: the batch must split evenly over devices and accumulation."""
+def validate_for_devices(config, *, batch_parallelism: int, process_count: int,
+                         mesh_desc: str = "") -> None:
+  """Checks that need the mesh: the batch must split evenly over devices and accumulation.
+  `mesh_desc` (parallel.describe_mesh) is named in the message."""
   per_step = batch_parallelism * config.grad_accum_steps
   if config.global_batch_size % per_step:
     raise config_error(
         "global_batch_size", config.global_batch_size,
         f"a multiple of (data-parallel devices {batch_parallelism}) x (grad_accum_steps "
-        f"{config.grad_accum_steps}) = {per_step}")
+        f"{config.grad_accum_steps}) = {per_step}",
+        f"The batch is split over the data and fsdp axes of the {mesh_desc}." if mesh_desc
+        else "")
   if config.global_batch_size % process_count:
     raise config_error("global_batch_size", config.global_batch_size,
                        f"a multiple of the number of processes {process_count}")

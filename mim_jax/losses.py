@@ -29,4 +29,84 @@ def masked_l1(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
   return masked_mean(per_patch, mask)
 
 
+def smooth_l1(x: jax.Array, beta: float) -> jax.Array:
+  """Huber-style smooth L1 of a difference x: 0.5 x^2 / beta where |x| < beta, else
+  |x| - 0.5 beta (PyTorch's `smooth_l1_loss`; beta = 0 is plain L1)."""
+  a = jnp.abs(x)
+  if beta <= 0:
+    return a
+  return jnp.where(a < beta, 0.5 * jnp.square(x) / beta, a - 0.5 * beta)
+
+
+def masked_smooth_l1(pred: jax.Array, target: jax.Array, mask: jax.Array,
+                     beta: float = 1.0) -> jax.Array:
+  """Smooth L1 averaged over channels, then over masked patches (data2vec's regression loss:
+  with every patch holding D values this equals the mean over all masked values, as PyTorch's
+  `smooth_l1_loss` with mean reduction on the masked rows computes it)."""
+  per_patch = jnp.mean(smooth_l1(pred.astype(jnp.float32) - target, beta), axis=-1)
+  return masked_mean(per_patch, mask)
+
+
+def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+  """Cross-entropy of logits [B, N, V] against integer labels [B, N], averaged over the masked
+  patches only (BEiT's loss on the visual tokens of masked positions)."""
+  log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  per_patch = -jnp.take_along_axis(log_p, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return masked_mean(per_patch, mask)
+
+
 LOSSES = {"mse": masked_mse, "l1": masked_l1}
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-distillation (DINO, iBOT): a student's logits against a centred, sharpened teacher.
+
+
+def teacher_probs(logits: jax.Array, center: jax.Array, temperature: jax.Array | float):
+  """softmax((logits - center) / temperature) over the last axis (float32, no gradient)."""
+  z = (logits.astype(jnp.float32) - center) / temperature
+  return jax.lax.stop_gradient(jax.nn.softmax(z, axis=-1))
+
+
+def soft_cross_entropy(student_logits: jax.Array, probs: jax.Array,
+                       student_temp: float) -> jax.Array:
+  """-sum_k p_k log softmax(s / student_temp)_k over the last axis."""
+  log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32) / student_temp, axis=-1)
+  return -jnp.sum(probs * log_q, axis=-1)
+
+
+def cross_view_distillation(student_logits: jax.Array, probs: jax.Array,
+                            student_temp: float) -> jax.Array:
+  """DINO / iBOT's [CLS] loss: the mean over view pairs (i, j), i != j, of the batch-mean cross
+  entropy between teacher view j and student view i.
+
+  student_logits [Vs, B, K]: student views, the first Vt of them the teacher's views (global)
+  and the rest local views; probs [Vt, B, K]: teacher probabilities. Pairs: every student view
+  against every teacher view except itself, Vt * Vs - Vt of them.
+  """
+  vt, vs = probs.shape[0], student_logits.shape[0]
+  ce = jnp.mean(jax.vmap(lambda p: jax.vmap(
+      lambda s: soft_cross_entropy(s, p, student_temp))(student_logits))(probs), axis=-1)
+  same = jnp.arange(vt)[:, None] == jnp.arange(vs)[None, :]  # ce: [Vt, Vs]
+  return jnp.sum(jnp.where(same, 0.0, ce)) / (vt * vs - vt)
+
+
+def masked_patch_distillation(student_logits: jax.Array, probs: jax.Array, mask: jax.Array,
+                              student_temp: float) -> jax.Array:
+  """iBOT's patch loss: per view and image the cross entropy averaged over its masked patches
+  (an image without masked patches counts as 0), then the mean over images and views.
+
+  student_logits, probs [V, B, N, K]; mask [V, B, N] (True = masked). The teacher saw the same
+  view unmasked; only the masked positions enter the loss.
+  """
+  m = mask.astype(jnp.float32)
+  ce = soft_cross_entropy(student_logits, probs, student_temp)  # [V, B, N]
+  per_image = jnp.sum(ce * m, axis=-1) / jnp.maximum(jnp.sum(m, axis=-1), 1.0)
+  return jnp.mean(per_image)
+
+
+def center_update(center: jax.Array, teacher_logits: jax.Array, momentum: float) -> jax.Array:
+  """center <- momentum * center + (1 - momentum) * mean of teacher_logits over all axes but
+  the last (the batch's mean teacher output; DINO / iBOT keep one per output kind)."""
+  batch_mean = jnp.mean(teacher_logits.astype(jnp.float32).reshape(-1, center.shape[-1]), axis=0)
+  return momentum * center + (1.0 - momentum) * batch_mean.reshape(center.shape)

@@ -207,7 +207,7 @@ def run(config, workdir: str) -> TrainState:
   mesh = parallel.make_mesh(config.mesh)
   config_validation.validate_for_devices(
       config, batch_parallelism=parallel.batch_parallelism(mesh),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), mesh_desc=parallel.describe_mesh(mesh))
   config_validation.validate_eval_for_devices(config, parallel.batch_parallelism(mesh))
   checkpoint.ensure_writable(workdir)
   is_chief = jax.process_index() == 0
@@ -232,6 +232,10 @@ def run(config, workdir: str) -> TrainState:
   init_fn = functools.partial(init_train_state, method, tx, image_shape=(1, *image_size, channels))
   abstract_state = jax.eval_shape(init_fn, init_rng)
   state_shardings = parallel.tree_shardings(mesh, abstract_state, config.sharding_rules)
+  log.info("%s, batch over %s: state %.1f MiB per device of %.1f MiB",
+           parallel.describe_mesh(mesh), parallel.batch_axes(mesh),
+           parallel.per_device_bytes(state_shardings, abstract_state) / 2**20,
+           checkpoint.tree_bytes(abstract_state) / 2**20)
   abstract_state = jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
       abstract_state, state_shardings)
@@ -252,8 +256,10 @@ def run(config, workdir: str) -> TrainState:
   try:
     state, start_step = _restore_or_init(config, method, ckpt, abstract_state, train_iter,
                                          init_fn, init_rng, state_shardings)
+    # Traced under the mesh: the blocks pin their tokens' batch dim to the data axes.
     train_step = jax.jit(
-        make_train_step(method, tx, schedule, config.grad_accum_steps),
+        parallel.with_activation_mesh(
+            mesh, make_train_step(method, tx, schedule, config.grad_accum_steps)),
         in_shardings=(state_shardings, batch_sharding, replicated),
         out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
@@ -312,7 +318,7 @@ def run(config, workdir: str) -> TrainState:
                       "exiting", step)
           break
         if draw is not None and (step % config.viz_every == 0 or step == last_step):
-          draw(step, state.params)
+          draw(step, state.params, state.extra)
         if evaluate is not None and ((eval_every and step % eval_every == 0)
                                      or step == last_step):
           final_metrics.update(evaluate(state))
@@ -365,7 +371,15 @@ def _restore_or_init(config, method, ckpt: checkpoint.Checkpointer, abstract_sta
   from mim_jax.evaluate import pretrained
   start_step = ckpt.latest_step()
   if start_step is not None:
-    state = ckpt.restore(start_step, abstract_state, train_iter)
+    if ckpt.has_iterator_state(start_step):
+      state = ckpt.restore(start_step, abstract_state, train_iter)
+    else:
+      # Another process count: the state is resharded onto this mesh, but the per-process
+      # data positions do not carry over, so the data order starts afresh.
+      state = ckpt.restore(start_step, abstract_state)
+      log.warning("checkpoint %d was written by a different number of processes: params and "
+                  "optimizer state restored onto this mesh, the data iterator starts afresh",
+                  start_step)
     log.info("resumed from %s at step %d", ckpt.directory, start_step)
     return state, start_step
   state = jax.jit(init_fn, out_shardings=state_shardings)(init_rng)
@@ -374,7 +388,8 @@ def _restore_or_init(config, method, ckpt: checkpoint.Checkpointer, abstract_sta
     # the state's shardings.
     params, extra = method.load_pretrained(_to_host(state.params), _to_host(state.extra))
     state = jax.device_put(state.replace(params=params, extra=extra), state_shardings)
-    log.info("initialised from %s", config.init_from)
+    log.info("initialised from %s", config.init_from or f"the {config.method} method's own "
+             "weight files")
   return state, 0
 
 
@@ -470,11 +485,13 @@ def _make_drawer(config, method, workdir: str, writer, rng: jax.Array,
     batch[masking.TOKEN_MASK_KEY] = generator.host(
         np.random.default_rng(config.seed), images.shape[0])
   reconstruct = jax.jit(method.reconstruct, out_shardings=replicated)
+  reads_extra = getattr(method, "reconstruct_reads_extra", False)
   viz_rng = jax.random.fold_in(rng, -1 % (2**31))
   device_batch = jax.device_put(batch, replicated)
 
-  def draw(step: int, params) -> None:
-    out = jax.device_get(reconstruct(params, device_batch, viz_rng))
+  def draw(step: int, params, extra=None) -> None:
+    args = (params, device_batch, viz_rng) + ((extra,) if reads_extra else ())
+    out = jax.device_get(reconstruct(*args))
     if not write:
       return
     grid = method.picture(images, out)

@@ -12,7 +12,7 @@ from mim_jax import config_validation, train
 from mim_jax.config_errors import ConfigError
 from mim_jax.evaluate import knn_job
 
-from conftest import REPO, tiny_mae_config
+from conftest import REPO, export_random_tokenizer, tiny_mae_config
 
 CONFIG_FILES = sorted(glob.glob(str(REPO / "configs" / "*.py")))
 
@@ -27,7 +27,9 @@ def test_there_are_configs():
   assert {"mae_vitb.py", "mae_vitl.py", "mae_vith.py", "mae_fmnist.py", "linprobe_fmnist.py",
           "knn_fmnist.py", "finetune_fmnist.py", "linprobe_imagenet.py", "knn_imagenet.py",
           "finetune_imagenet.py", "simmim_vitb.py", "simmim_fmnist.py", "maskfeat_vitb.py",
-          "maskfeat_fmnist.py"} <= names
+          "maskfeat_fmnist.py", "data2vec_vitb.py", "data2vec_fmnist.py", "beit_vitb.py", "beit_fmnist.py",
+          "beit_tokenizer_fmnist.py", "beit_tokenizer_imagenet.py", "ibot_vits.py",
+          "ibot_fmnist.py"} <= names
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +40,24 @@ def some_encoder(tmp_path_factory):
   return workdir
 
 
+@pytest.fixture(scope="module")
+def tokenizer_for(tmp_path_factory):
+  """For BEiT configs, which need a tokenizer to validate: `tokenizer_for(config)` exports a
+  random micro tokenizer that fits the config (once per geometry) and returns its directory."""
+  made = {}
+
+  def make(config):
+    key = (tuple(config.image_size), config.model.variant, config.channels,
+           config.tokenizer.vocab_size, tuple(config.data.mean), tuple(config.data.std))
+    if key not in made:
+      made[key] = export_random_tokenizer(config, str(tmp_path_factory.mktemp("tokenizer")))
+    return made[key]
+
+  return make
+
+
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
-def test_config_loads_and_validates(path, some_encoder):
+def test_config_loads_and_validates(path, some_encoder, tokenizer_for):
   config = _load(path)
   if config.data.source == "fashion_mnist" and not os.path.isdir(config.data.path):
     pytest.skip("Fashion-MNIST not installed")
@@ -47,6 +65,11 @@ def test_config_loads_and_validates(path, some_encoder):
     with pytest.raises(ConfigError, match="config.init_from=''"):
       config_validation.validate_config(config)
     config.init_from = some_encoder
+  if config.method == "beit":
+    config.tokenizer.path = ""
+    with pytest.raises(ConfigError, match="config.tokenizer.path=''.*beit_tokenizer_fmnist"):
+      config_validation.validate_config(config)
+    config.tokenizer.path = tokenizer_for(config)
   config_validation.validate_config(config)
 
 
@@ -116,12 +139,14 @@ def _pretrain_like(config, workdir: str) -> str:
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
-def test_runlocal_variant_trains(path, tmp_path):
+def test_runlocal_variant_trains(path, tmp_path, tokenizer_for):
   config = _load(path, "runlocal")
   if config.data.source == "fashion_mnist" and not os.path.isdir(config.data.path):
     pytest.skip("Fashion-MNIST not installed")
   if config.method in ("linprobe", "knn", "finetune"):
     config.init_from = _pretrain_like(config, str(tmp_path / "pretrain"))
+  if config.method == "beit":
+    config.tokenizer.path = tokenizer_for(config)
   if config.method == "knn":
     assert 0 <= knn_job.run(config, str(tmp_path / "run"))["knn_top1"] <= 1
     return

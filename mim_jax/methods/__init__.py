@@ -8,9 +8,15 @@ from __future__ import annotations
 
 from mim_jax.evaluate.finetune import FineTune
 from mim_jax.evaluate.linear_probe import LinearProbe
-from mim_jax.methods import mae, maskfeat, simmim
+from mim_jax.methods import beit, data2vec, ibot, mae, maskfeat, simmim
+from mim_jax.tokenizers.dvae import DVAETokenizer
+from mim_jax.tokenizers.vq import VQTokenizer
 
 METHODS = {"mae": mae.MAE, "simmim": simmim.SimMIM, "maskfeat": maskfeat.MaskFeat,
+           "data2vec": data2vec.Data2Vec,
+           "ibot": ibot.IBOT,
+           "beit": beit.BEiT, "vq_tokenizer": VQTokenizer,
+           "dvae_tokenizer": DVAETokenizer,
            "linprobe": LinearProbe, "finetune": FineTune}
 
 

@@ -83,3 +83,6 @@ class Evaluates(Protocol):
 #       Writes the run's end product to `path` instead of the encoder export (a tokenizer).
 #   needs_train_length: bool
 #       True when the constructor takes `length=TrainLength(...)`.
+#   reconstruct_reads_extra: bool
+#       True when `reconstruct(params, batch, rng, extra)` also needs the method's `extra`
+#       (a tokenizer's codebook, BEiT's frozen tokenizer) to draw its pictures.

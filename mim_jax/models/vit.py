@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mim_jax import parallel
 from mim_jax.config_errors import config_error
 
 Dtype = Any
@@ -173,8 +174,32 @@ class Block(nn.Module):
     return x
 
 
+# Activation checkpointing (`model.remat`): what each block keeps for the backward pass. "full"
+# and "nothing_saveable" keep only the block's input and recompute the rest; "dots_saveable"
+# keeps the matmul outputs and recomputes the cheap elementwise work (norms, GELU, softmax).
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
+
+
+def block_class(remat: str = "none"):
+  """`Block`, or `Block` under nn.remat with the named policy (parameters keep their names)."""
+  if remat not in REMAT_POLICIES:
+    raise config_error("model.remat", remat, f"one of {tuple(REMAT_POLICIES)}")
+  if remat == "none":
+    return Block
+  return nn.remat(Block, policy=REMAT_POLICIES[remat], static_argnums=(2,))  # 2: `train`
+
+
 class Transformer(nn.Module):
-  """`depth` blocks followed by a final LayerNorm. Returns (output, per-block outputs)."""
+  """`depth` blocks followed by a final LayerNorm. Returns (output, per-block outputs).
+
+  Under a mesh (`parallel.activation_mesh`) the tokens entering each block keep their batch
+  dimension split over the data axes; `remat` checkpoints each block (see REMAT_POLICIES).
+  """
   depth: int
   num_heads: int
   mlp_dim: int
@@ -182,14 +207,17 @@ class Transformer(nn.Module):
   dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
   norm_name: str = "norm"
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, list[jax.Array]]:
     block_outputs = []
+    block = block_class(self.remat)
     for i in range(self.depth):
       # Linearly increasing stochastic depth, as in DeiT / MAE fine-tuning.
       rate = self.drop_path_rate * i / max(self.depth - 1, 1)
-      x = Block(self.num_heads, self.mlp_dim, drop_path=rate, dtype=self.dtype,
+      x = parallel.constrain_batch(x)
+      x = block(self.num_heads, self.mlp_dim, drop_path=rate, dtype=self.dtype,
                 attention_impl=self.attention_impl, name=f"blocks_{i}")(x, train)
       block_outputs.append(x)
     x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name=self.norm_name)(x)
@@ -209,7 +237,9 @@ class ViTEncoder(nn.Module):
   Position embeddings: `posemb="sincos"` uses the fixed 2-D sin-cos table (pre-training);
   `posemb="learn"` makes it a parameter `pos_embed` [1 + N, D] initialised to that same table,
   so a pre-trained encoder computes the same function at first and the positions are then
-  fine-tuned (the official MAE fine-tuning does this).
+  fine-tuned (the official MAE fine-tuning does this). The sin-cos table is computed for the
+  input's own patch grid, so images smaller than `image_size` (multi-crop local views) work;
+  positions run 0 .. g - 1 on any grid.
 
   Returns (tokens [B, 1 + K or N, D] after the final LayerNorm, aux) where aux holds
   "blocks": the list of per-block outputs (before the final norm).
@@ -226,6 +256,7 @@ class ViTEncoder(nn.Module):
   posemb: str = "sincos"
   dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
+  remat: str = "none"
 
   @property
   def grid_hw(self) -> tuple[int, int]:
@@ -245,10 +276,16 @@ class ViTEncoder(nn.Module):
     elif token_mask is not None:
       raise ValueError("token_mask needs an encoder built with use_mask_token=True")
 
-    table = sincos_2d(self.width, self.grid_hw, cls_token=True)
+    # The grid of this input: smaller images (multi-crop local views) get the sin-cos table of
+    # their own grid; a learned table fits only the configured one.
+    grid = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
     if self.posemb == "sincos":
-      posemb = jnp.asarray(table)
+      posemb = jnp.asarray(sincos_2d(self.width, grid, cls_token=True))
     elif self.posemb == "learn":
+      if grid != tuple(self.grid_hw):
+        raise ValueError(f"a learned position table is for the {self.grid_hw} patch grid, not "
+                         f"{grid} (images {images.shape[1:3]}); resize it with resize_posemb")
+      table = sincos_2d(self.width, self.grid_hw, cls_token=True)
       posemb = self.param("pos_embed", lambda rng, shape: jnp.asarray(table), table.shape)
     else:
       raise ValueError(f"posemb={self.posemb!r}: expected 'sincos' or 'learn'")
@@ -262,7 +299,8 @@ class ViTEncoder(nn.Module):
 
     x, blocks = Transformer(self.depth, self.num_heads, self.mlp_dim,
                             drop_path_rate=self.drop_path_rate, dtype=self.dtype,
-                            attention_impl=self.attention_impl, name="transformer")(x, train)
+                            attention_impl=self.attention_impl, remat=self.remat,
+                            name="transformer")(x, train)
     return x, {"blocks": blocks}
 
 
@@ -309,10 +347,12 @@ def describe_size(model_cfg) -> str:
 
 def encoder_from_config(model_cfg, image_size: Sequence[int], channels: int, *,
                         use_mask_token: bool = False, posemb: str = "sincos") -> ViTEncoder:
-  """Builds the encoder described by `config.model` (variant, dtype, attention, drop path)."""
+  """Builds the encoder described by `config.model` (variant, dtype, attention, drop path,
+  remat)."""
   size, patch = size_from_config(model_cfg)
   return ViTEncoder(
       image_size=tuple(image_size), patch_size=patch, width=size.width, depth=size.depth,
       num_heads=size.num_heads, mlp_dim=size.mlp_dim, channels=channels,
       drop_path_rate=model_cfg.get("drop_path_rate", 0.0), use_mask_token=use_mask_token,
-      posemb=posemb, dtype=jnp.dtype(model_cfg.dtype), attention_impl=model_cfg.get("attention_impl") or None)
+      posemb=posemb, dtype=jnp.dtype(model_cfg.dtype), attention_impl=model_cfg.get("attention_impl") or None,
+      remat=model_cfg.get("remat", "none"))
