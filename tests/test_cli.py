@@ -21,7 +21,9 @@ from conftest import REPO, tiny_mae_config
     ({"image_size": (16, 18)}, r"config.image_size=\(16, 18\) .*divisible by the patch size 4.*width 18"),
     ({"model.variant": "Q/4"}, r"config.model.variant='Q/4'"),
     ({"model.variant": "B16"}, r"config.model.variant='B16'.*SIZE/PATCH"),
-    ({"method": "maee"}, r"config.method='maee' is invalid: one of \['finetune', 'knn', 'linprobe', 'mae', 'maskfeat', 'simmim'\]"),
+    ({"method": "maee"}, r"config.method='maee' is invalid: one of \['beit', 'data2vec', "
+     r"'dvae_tokenizer', 'finetune', 'ibot', 'knn', 'linprobe', 'mae', 'maskfeat', 'simmim', "
+     r"'vq_tokenizer'\]"),
     ({"model.dtype": "float8"}, r"config.model.dtype='float8'"),
     ({"masking.kind": "blockwise"}, r"config.masking.kind='blockwise' .*'random'"),
     ({"global_batch_size": 0}, r"config.global_batch_size=0"),
@@ -114,7 +116,8 @@ MALFORMED = [
     (["--config.data.source=imagenet"], "config.data.source='imagenet'"),
     (["--config.masking.kind=checkerboard"], "config.masking.kind='checkerboard'"),
     # Unknown fields: typos get the field they were probably meant to be.
-    (["--config.masking.ration=0.5"], "did you mean config.masking.ratio?"),
+    (["--config.masking.ration=0.5"], "did you mean config.masking.ratio or "
+                                      "config.masking.ratio_range?"),
     (["--config.ratio=0.5"], "did you mean config.masking.ratio?"),
     (["--config.optimiser.base_lr=0.1"], "did you mean config.optimizer.base_lr?"),
     (["--config.model.widht=64"], "did you mean config.model.width"),
