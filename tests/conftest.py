@@ -57,3 +57,14 @@ def export_random_tokenizer(config, directory: str, **tokenizer_overrides) -> st
                               jnp.zeros((1, *tuple(c.image_size), c.channels), jnp.float32))
   method.export(directory, jax.device_get(params), jax.device_get(extra), {})
   return directory
+
+
+def take_steps(step, state, batch, rng, num_steps: int = 2):
+  """Applies a jitted train `step` `num_steps` times to the same batch:
+  ([state, state_1, ..., state_n], [metrics_1, ..., metrics_n])."""
+  states, metrics = [state], []
+  for _ in range(num_steps):
+    state, m = step(state, batch, rng)
+    states.append(state)
+    metrics.append(m)
+  return states, metrics

@@ -20,7 +20,7 @@ from mim_jax.methods import build_method
 from mim_jax.methods.base import TrainLength
 from mim_jax.methods.data2vec import layer_average_targets, normalize
 
-from conftest import REPO, requires_fmnist, tiny_mae_config
+from conftest import REPO, requires_fmnist, take_steps, tiny_mae_config
 
 # A fast-moving schedule so every step's decay differs visibly: 0.5, 0.6, 0.7, 0.8, then 0.9.
 SCHEDULE = dict(ema_decay=0.5, ema_end_decay=0.9, ema_anneal_fraction=1.0)
@@ -103,11 +103,7 @@ def stepped():
   step = jax.jit(train.make_train_step(method, tx, lambda s: 1e-3))
   images = jax.random.normal(jax.random.key(1), (8, 16, 16, 3))
   batch = _batch(method, images)
-  states, metrics = [state], []
-  for _ in range(2):
-    state, m = step(state, batch, jax.random.key(2))
-    states.append(state)
-    metrics.append(m)
+  states, metrics = take_steps(step, state, batch, jax.random.key(2))
   return method, batch, states, metrics
 
 

@@ -15,7 +15,7 @@ from mim_jax.data import multicrop
 from mim_jax.methods import build_method
 from mim_jax.methods.base import TrainLength
 
-from conftest import FMNIST_DIR, requires_fmnist, tiny_mae_config
+from conftest import FMNIST_DIR, requires_fmnist, take_steps, tiny_mae_config
 
 
 def tiny_config(**overrides):
@@ -56,11 +56,7 @@ def stepped():
   state = jax.jit(lambda r: train.init_train_state(method, tx, r, (1, 16, 16, 3)))(
       jax.random.key(0))
   step = jax.jit(train.make_train_step(method, tx, schedule))
-  states, metrics = [state], []
-  for _ in range(2):
-    state, m = step(state, batch, jax.random.key(1))
-    states.append(state)
-    metrics.append(m)
+  states, metrics = take_steps(step, state, batch, jax.random.key(1))
   return method, batch, states, metrics
 
 

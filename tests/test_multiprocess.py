@@ -117,6 +117,21 @@ def test_cli_rejects_incomplete_flags(tmp_path):
   assert "missing --coordinator_address" in proc.stderr
 
 
+def _run_together(commands: list[list[str]], env: dict, timeout: int) -> tuple[list, list[str]]:
+  """Starts every command at once from the repository root and waits for all of them:
+  (processes, their combined stdout + stderr). Any still running at the end are killed."""
+  procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for cmd in commands]
+  try:
+    outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  return procs, outputs
+
+
 def _free_port() -> int:
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
     s.bind(("localhost", 0))
@@ -131,21 +146,10 @@ def test_two_cpu_processes_train_into_one_workdir(tmp_path):
   for name in CLUSTER_VARS:
     env.pop(name, None)
   port = _free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "mim_jax.main", "--config=configs/mae_vitb.py:runlocal",
-       f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
-       "--num_processes=2", f"--process_id={i}"],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
-  outputs = []
-  try:
-    for proc in procs:
-      outputs.append(proc.communicate(timeout=240)[0])
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+  procs, outputs = _run_together(
+      [[sys.executable, "-m", "mim_jax.main", "--config=configs/mae_vitb.py:runlocal",
+        f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
+        "--num_processes=2", f"--process_id={i}"] for i in range(2)], env, timeout=240)
   for i, (proc, out) in enumerate(zip(procs, outputs)):
     assert proc.returncode == 0, f"process {i} exited {proc.returncode}:\n{out[-4000:]}"
     assert f"process {i} of 2, 1 local / 2 global device(s) (cpu)" in out, out[-4000:]
@@ -180,19 +184,10 @@ def test_two_cpu_processes_train_into_one_workdir(tmp_path):
   # so the score equals a single-process run on the same encoder.
   knn_args = ["--config=configs/knn_imagenet.py:runlocal", f"--config.init_from={workdir}"]
   knn_port = _free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "mim_jax.main", *knn_args, f"--workdir={tmp_path / 'knn2'}",
-       f"--coordinator_address=localhost:{knn_port}", "--num_processes=2",
-       f"--process_id={i}"],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
-  try:
-    knn_out = [proc.communicate(timeout=240)[0] for proc in procs]
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+  procs, knn_out = _run_together(
+      [[sys.executable, "-m", "mim_jax.main", *knn_args, f"--workdir={tmp_path / 'knn2'}",
+        f"--coordinator_address=localhost:{knn_port}", "--num_processes=2",
+        f"--process_id={i}"] for i in range(2)], env, timeout=240)
   assert all(proc.returncode == 0 for proc in procs), knn_out[0][-3000:] + knn_out[1][-3000:]
   assert "bank 64, queries 64" in knn_out[0], knn_out[0][-3000:]  # whole split, not a shard
   single = subprocess.run([sys.executable, "-m", "mim_jax.main", *knn_args,
@@ -276,16 +271,9 @@ def test_two_processes_take_the_same_steps_as_one_and_resume_in_one(tmp_path):
   for name in CLUSTER_VARS:
     env.pop(name, None)
   port = str(_free_port())
-  procs = [subprocess.Popen([sys.executable, "-c", _SAME_STEPS, "multi", str(i), "2", port,
-                             str(tmp_path)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  try:
-    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+  procs, outputs = _run_together(
+      [[sys.executable, "-c", _SAME_STEPS, "multi", str(i), "2", port, str(tmp_path)]
+       for i in range(2)], env, timeout=300)
   for i, (proc, out) in enumerate(zip(procs, outputs)):
     assert proc.returncode == 0 and f"OK multi {i}" in out, out[-4000:]
   single = subprocess.run([sys.executable, "-c", _SAME_STEPS, "single", "0", "1", port,
