@@ -120,6 +120,27 @@ def test_codes_are_stable_after_export_and_reload(tmp_path):
   assert again == info
 
 
+def test_code_usage_over_a_split_counts_every_token_once(tmp_path):
+  from mim_jax import data
+  from mim_jax.methods import build_method
+  from mim_jax.tokenizers import usage
+  c = tiny_tokenizer_config(**{"data.synthetic_size": 37})
+  method = build_method(c)
+  params, extra = method.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  method.export(str(tmp_path), jax.device_get(params), jax.device_get(extra), {})
+  # Batches of 10 over 37 images: the last batch's padding rows must not be counted.
+  out = usage.code_usage(str(tmp_path), c.data, split="train", batch_size=10)
+  images = next(data.make_eval_iterator(c.data, image_size=(16, 16), channels=3, batch_size=37,
+                                        split="train"))["image"]
+  codes = np.asarray(vq.tokenize(method.model, {"params": params, "codebook": extra["codebook"]},
+                                 jnp.asarray(images), l2=True))
+  counts = np.bincount(codes.reshape(-1), minlength=16)
+  p = counts[counts > 0] / counts.sum()
+  assert out["tokens"] == 37 * 16 and out["vocab_size"] == 16
+  assert out["codes_used"] == int((counts > 0).sum())
+  np.testing.assert_allclose(out["perplexity"], np.exp(-np.sum(p * np.log(p))), rtol=1e-6)
+
+
 def test_training_updates_codebook_in_extra_and_resumes_exactly(tmp_path):
   straight = train.run(tiny_tokenizer_config(), str(tmp_path / "a"))
   train.run(tiny_tokenizer_config(total_steps=2), str(tmp_path / "b"))

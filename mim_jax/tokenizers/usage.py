@@ -1,0 +1,63 @@
+"""How much of its codebook a trained tokenizer uses on a whole dataset split.
+
+  python -m mim_jax.tokenizers.usage --config=configs/beit_tokenizer_fmnist.py \
+      --tokenizer=WORKDIR [--split=test]
+
+Tokenizes every image of the split (the evaluation split by default; centre view, no
+augmentation) and prints one JSON line: how many of the vocabulary's codes occur
+(`codes_used`, `usage` = codes_used / vocab_size) and the perplexity exp(H) of the code
+frequencies over all tokens. The training metrics report the same per batch; a whole split
+shows whether the codes a BEiT model learns to predict cover the data.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from mim_jax import data
+from mim_jax.tokenizers import io, vq
+from mim_jax.tokenizers.models import tokenizer_model
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a config naming the data to read")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "a tokenizer directory or its training workdir")
+_SPLIT = flags.DEFINE_string("split", "", "the split to read ('': the evaluation split)")
+_BATCH = flags.DEFINE_integer("batch_size", 500, "images per tokenizer call")
+
+
+def code_usage(path: str, data_cfg, *, split: str, batch_size: int = 500) -> dict:
+  """Counts the codes of tokenizer `path` over `split` of `data_cfg`: a dict with vocab_size,
+  tokens, codes_used, usage and perplexity. Images are read at the tokenizer's size."""
+  tokenizer, info = io.load_tokenizer(path)
+  model = tokenizer_model(info)
+  kind, l2 = info["kind"], bool(info.get("l2_normalize", False))
+  vocab = int(info["vocab_size"])
+  tokenize = jax.jit(lambda images: vq.tokenize(model, tokenizer, images, l2, kind))
+  counts = np.zeros(vocab, np.int64)
+  for batch in data.make_eval_iterator(data_cfg, image_size=tuple(info["image_size"]),
+                                       channels=int(info["channels"]), batch_size=batch_size,
+                                       split=split, process_index=0, process_count=1):
+    codes = np.asarray(tokenize(jnp.asarray(batch["image"])))[batch["mask"]]  # no padding rows
+    counts += np.bincount(codes.reshape(-1), minlength=vocab)
+  p = counts[counts > 0] / counts.sum()
+  used = int((counts > 0).sum())
+  return {"vocab_size": vocab, "tokens": int(counts.sum()), "codes_used": used,
+          "usage": used / vocab, "perplexity": float(np.exp(-np.sum(p * np.log(p))))}
+
+
+def main(argv) -> None:
+  del argv
+  config = _CONFIG.value
+  split = _SPLIT.value or data.eval_split(config.data)
+  out = code_usage(_TOKENIZER.value, config.data, split=split, batch_size=_BATCH.value)
+  print(json.dumps({"tokenizer": _TOKENIZER.value, "split": split, **out}))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "tokenizer"])
+  app.run(main)
