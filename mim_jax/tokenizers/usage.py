@@ -24,12 +24,6 @@ from mim_jax import data
 from mim_jax.tokenizers import io, vq
 from mim_jax.tokenizers.models import tokenizer_model
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a config naming the data to read")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "a tokenizer directory or its training workdir")
-_SPLIT = flags.DEFINE_string("split", "", "the split to read ('': the evaluation split)")
-_BATCH = flags.DEFINE_integer("batch_size", 500, "images per tokenizer call")
-
-
 def code_usage(path: str, data_cfg, *, split: str, batch_size: int = 500) -> dict:
   """Counts the codes of tokenizer `path` over `split` of `data_cfg`: a dict with vocab_size,
   tokens, codes_used, usage and perplexity. Images are read at the tokenizer's size."""
@@ -50,14 +44,26 @@ def code_usage(path: str, data_cfg, *, split: str, batch_size: int = 500) -> dic
           "usage": used / vocab, "perplexity": float(np.exp(-np.sum(p * np.log(p))))}
 
 
-def main(argv) -> None:
-  del argv
-  config = _CONFIG.value
-  split = _SPLIT.value or data.eval_split(config.data)
-  out = code_usage(_TOKENIZER.value, config.data, split=split, batch_size=_BATCH.value)
-  print(json.dumps({"tokenizer": _TOKENIZER.value, "split": split, **out}))
+def main() -> None:
+  # Flags are defined here, not at import, so that importing `code_usage` next to
+  # mim_jax.main (which has its own --config) in one process does not clash.
+  config_flag = config_flags.DEFINE_config_file("config", None,
+                                                "a config naming the data to read")
+  tokenizer = flags.DEFINE_string("tokenizer", None,
+                                  "a tokenizer directory or its training workdir")
+  split_flag = flags.DEFINE_string("split", "", "the split to read ('': the evaluation split)")
+  batch = flags.DEFINE_integer("batch_size", 500, "images per tokenizer call")
+  flags.mark_flags_as_required(["config", "tokenizer"])
+
+  def run(argv) -> None:
+    del argv
+    config = config_flag.value
+    split = split_flag.value or data.eval_split(config.data)
+    out = code_usage(tokenizer.value, config.data, split=split, batch_size=batch.value)
+    print(json.dumps({"tokenizer": tokenizer.value, "split": split, **out}))
+
+  app.run(run)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "tokenizer"])
-  app.run(main)
+  main()
