@@ -52,12 +52,18 @@ def code_counts(codes: jax.Array, vocab_size: int) -> jax.Array:
                              num_segments=vocab_size)
 
 
-def usage_and_perplexity(codes: jax.Array, vocab_size: int) -> tuple[jax.Array, jax.Array]:
-  """(fraction of the K codes that occur in `codes`, exp(entropy) of their frequencies)."""
-  counts = code_counts(codes, vocab_size)
+def usage_and_perplexity_of_counts(counts: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """counts [K] (how often each code occurs) -> (fraction of the K codes that occur,
+  exp(entropy) of their frequencies)."""
+  counts = jnp.asarray(counts, jnp.float32)
   p = counts / jnp.maximum(jnp.sum(counts), 1.0)
   entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
   return jnp.mean((counts > 0).astype(jnp.float32)), jnp.exp(entropy)
+
+
+def usage_and_perplexity(codes: jax.Array, vocab_size: int) -> tuple[jax.Array, jax.Array]:
+  """(fraction of the K codes that occur in `codes`, exp(entropy) of their frequencies)."""
+  return usage_and_perplexity_of_counts(code_counts(codes, vocab_size))
 
 
 def ema_update(state: dict, z: jax.Array, codes: jax.Array, *, decay: float, eps: float,

@@ -21,6 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mim_jax import data
+from mim_jax.tokenizers import codebook as cb
 from mim_jax.tokenizers import io, vq
 from mim_jax.tokenizers.models import tokenizer_model
 
@@ -38,10 +39,10 @@ def code_usage(path: str, data_cfg, *, split: str, batch_size: int = 500) -> dic
                                        split=split, process_index=0, process_count=1):
     codes = np.asarray(tokenize(jnp.asarray(batch["image"])))[batch["mask"]]  # no padding rows
     counts += np.bincount(codes.reshape(-1), minlength=vocab)
-  p = counts[counts > 0] / counts.sum()
+  usage, perplexity = cb.usage_and_perplexity_of_counts(counts)
   used = int((counts > 0).sum())
   return {"vocab_size": vocab, "tokens": int(counts.sum()), "codes_used": used,
-          "usage": used / vocab, "perplexity": float(np.exp(-np.sum(p * np.log(p))))}
+          "usage": float(usage), "perplexity": float(perplexity)}
 
 
 def main() -> None:
