@@ -18,6 +18,7 @@ CPU).
   --peer       hf: HF ViTMAEForPreTraining, same architecture, AdamW, eager PyTorch;
                hf_compile: the same under torch.compile; on a GPU both use bf16 autocast when
                the config's dtype is bfloat16
+  --peers_only only the peers (the first config sets their architecture and batch)
   --pipeline   instead of steps: images/s per CPU core of the input pipeline (JPEG decode +
                RandomResizedCrop + flip + normalise) on generated JPEGs, i.e. how many CPU cores
                feed one accelerator at a given step rate
@@ -26,8 +27,13 @@ CPU).
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
+
+# The PyTorch peer runs on the same GPU in this process: JAX must not reserve most of its memory
+# up front (its allocator still keeps what it has grown to, so step times are unaffected).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -41,6 +47,8 @@ flags.DEFINE_string("dtype", "", "Computation dtype for every measurement ('': e
 flags.DEFINE_integer("steps", 20, "Timed steps per measurement.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation).")
 flags.DEFINE_list("peer", ["hf"], "Peers timed in the same run: hf, hf_compile, or none.")
+flags.DEFINE_bool("peers_only", False, "Time only the --peer implementations (e.g. a slow "
+                  "torch.compile in a process of its own).")
 flags.DEFINE_bool("asymmetry", False, "Also time MAE with mask tokens through the encoder.")
 flags.DEFINE_bool("pipeline", False, "Benchmark the input pipeline instead of train steps.")
 flags.DEFINE_integer("pipeline_images", 512, "Generated JPEGs for --pipeline.")
@@ -123,6 +131,8 @@ def bench_mim_jax(config, steps: int, warmup: int) -> dict:
   params = sum(int(x.size) for x in jax.tree.leaves(holder["state"].params))
   return _summary("mim_jax", times, config, jax.devices()[0].device_kind, params=params,
                   device_count=jax.device_count(), dtype=config.model.dtype,
+                  attention_impl=config.model.get("attention_impl") or "default",
+                  remat=config.model.get("remat", "none"),
                   xla_gflops_per_image=_sig(xla_flops / shape[0] / 1e9),
                   versions={"jax": jax.__version__})
 
@@ -257,7 +267,9 @@ def main(argv):
                          "an MAE config")
   if FLAGS.asymmetry:
     configs.insert(1, _variant(configs[0], **{"model.encoder_mask_tokens": True}))
-  for c in configs:
+  if FLAGS.peers_only and not peers:
+    raise app.UsageError("--peers_only needs --peer=hf and/or hf_compile")
+  for c in ([] if FLAGS.peers_only else configs):
     print(json.dumps(bench_mim_jax(c, FLAGS.steps, FLAGS.warmup)), flush=True)
   for peer in peers:
     print(json.dumps(bench_hf(configs[0], FLAGS.steps, FLAGS.warmup,
