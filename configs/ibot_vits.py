@@ -9,7 +9,7 @@ seconds-long smoke run on synthetic data).
 
 Recipe (bytedance/ibot README, ViT-S/16 command, and main_ibot.py defaults): 800 epochs, batch
 1024, AdamW, lr 5e-4 x batch / 256 after 10 warmup epochs, half-cosine to 1e-6, gradient
-clipping 3.0, drop path 0.1; shared DINO head with 8192 prototypes (3 layers, hidden 2048,
+clipping 3.0, drop path 0.1, weight decay 0.04 -> 0.4 along a cosine; shared DINO head with 8192 prototypes (3 layers, hidden 2048,
 bottleneck 256, last layer not norm-fixed); student temperature 0.1, teacher temperatures 0.04
 -> 0.07 over 30 epochs for [CLS] and patches; teacher momentum 0.996 -> 1 (cosine), centre
 momentum 0.9; last layer frozen for the first epoch; lambda 1 for both losses. Views: 2 global
@@ -17,9 +17,6 @@ crops at 224 px of scale (0.25, 1) and 10 local crops at 96 px of scale (0.05, 0
 DINO's colour jitter / grayscale / blur / solarisation. Masking: blockwise (min block 16
 patches, aspect 0.3 .. 1/0.3) on half of the global views, each with a ratio drawn from
 (0.1, 0.5) (iBOT's pred_ratio 0 / 0.3 with pred_ratio_var 0 / 0.2).
-
-Kept different: iBOT raises the weight decay from 0.04 to 0.4 along a cosine; our optimizer
-has a constant weight decay, so this keeps the starting 0.04.
 """
 
 from mim_jax import config_defaults
@@ -44,8 +41,8 @@ def get_config(arg=None):
   c.global_batch_size = 1024
   c.num_epochs = 800
   c.optimizer.update(name="adamw", base_lr=5e-4, lr_batch_reference=256, min_lr=1e-6,
-                     b1=0.9, b2=0.999, weight_decay=0.04, warmup_epochs=10.0,
-                     clip_grad_norm=3.0)
+                     b1=0.9, b2=0.999, weight_decay=0.04, weight_decay_schedule="cosine",
+                     weight_decay_end=0.4, warmup_epochs=10.0, clip_grad_norm=3.0)
   c.viz_every = 0  # no pixel predictions to draw
   if args.get("runlocal"):
     config_defaults.apply_runlocal(c)

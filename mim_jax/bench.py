@@ -105,7 +105,7 @@ def bench_mim_jax(config, steps: int, warmup: int) -> dict:
 
   method = build_method(config)
   schedule = optax.constant_schedule(1e-4)
-  tx = optim.build_optimizer(config.optimizer, schedule)
+  tx = optim.build_optimizer(config.optimizer, schedule, schedule_steps=1000)
   shape = (config.global_batch_size, *config.image_size, config.channels)
   state = jax.jit(train.init_train_state, static_argnums=(0, 1, 3))(
       method, tx, jax.random.key(0), (1, *shape[1:]))

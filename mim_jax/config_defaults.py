@@ -176,6 +176,8 @@ def base_config() -> ml_collections.ConfigDict:
       b2=0.95,
       eps=1e-8,
       weight_decay=0.05,
+      weight_decay_schedule="constant",  # or "cosine": weight_decay -> weight_decay_end
+      weight_decay_end=0.0,    # cosine: the coefficient at the end of the schedule
       warmup_epochs=40.0,
       schedule="cosine",       # after warmup: "cosine" (half-cosine to min_lr) or "multistep"
       decay_epochs=(),         # multistep: epochs at which the lr is multiplied by decay_factor

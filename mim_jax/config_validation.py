@@ -342,6 +342,13 @@ def validate_optimization(config) -> None:
   _require(_is_number(opt.eps) and opt.eps > 0, "optimizer.eps", opt.eps, "a positive number")
   _require(_is_number(opt.weight_decay) and opt.weight_decay >= 0, "optimizer.weight_decay",
            opt.weight_decay, "a number >= 0")
+  from mim_jax.optim import WEIGHT_DECAY_SCHEDULES
+  wd_schedule = opt.get("weight_decay_schedule", "constant")
+  _require(wd_schedule in WEIGHT_DECAY_SCHEDULES, "optimizer.weight_decay_schedule",
+           wd_schedule, f"one of {WEIGHT_DECAY_SCHEDULES}")
+  if wd_schedule == "cosine":
+    _require(_is_number(opt.get("weight_decay_end")) and opt.weight_decay_end >= 0,
+             "optimizer.weight_decay_end", opt.get("weight_decay_end"), "a number >= 0")
   _require(_is_number(opt.warmup_epochs) and 0 <= opt.warmup_epochs, "optimizer.warmup_epochs",
            opt.warmup_epochs, "a number >= 0")
   _require(opt.warmup_epochs <= config.num_epochs, "optimizer.warmup_epochs", opt.warmup_epochs,

@@ -97,7 +97,7 @@ def plan(config, devices=None) -> dict[str, Any]:
   schedule_steps = max(1, int(config.num_epochs * steps_per_epoch))
   schedule = optim.learning_rate_schedule(config.optimizer, config.global_batch_size,
                                           steps_per_epoch, schedule_steps)
-  tx = optim.build_optimizer(config.optimizer, schedule)
+  tx = optim.build_optimizer(config.optimizer, schedule, schedule_steps)
   method = build_method(config, TrainLength(steps_per_epoch, schedule_steps))
   image_size, channels = tuple(config.image_size), config.channels
   init_fn = functools.partial(train.init_train_state, method, tx,

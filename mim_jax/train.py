@@ -217,7 +217,7 @@ def run(config, workdir: str) -> TrainState:
   steps_per_epoch, schedule_steps, last_step = _schedule_lengths(config, num_examples)
   schedule = optim.learning_rate_schedule(config.optimizer, config.global_batch_size,
                                           steps_per_epoch, schedule_steps)
-  tx = optim.build_optimizer(config.optimizer, schedule)
+  tx = optim.build_optimizer(config.optimizer, schedule, schedule_steps)
   from mim_jax.methods.base import TrainLength
   method = build_method(config, TrainLength(steps_per_epoch, schedule_steps))
 

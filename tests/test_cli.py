@@ -113,6 +113,8 @@ MALFORMED = [
     (["--config.model.dtype=float64"], "config.model.dtype='float64'"),
     (["--config.method=byol"], "config.method='byol'"),
     (["--config.optimizer.name=adam"], "config.optimizer.name='adam'"),
+    (["--config.optimizer.weight_decay_schedule=linear"],
+     "config.optimizer.weight_decay_schedule='linear'"),
     (["--config.data.source=imagenet"], "config.data.source='imagenet'"),
     (["--config.masking.kind=checkerboard"], "config.masking.kind='checkerboard'"),
     # Unknown fields: typos get the field they were probably meant to be.
@@ -128,6 +130,8 @@ MALFORMED = [
     # Values that are fine alone but not together.
     (["--config.grad_accum_steps=3"], "multiple of grad_accum_steps=3"),
     (["--config.optimizer.warmup_epochs=5.0"], "config.optimizer.warmup_epochs=5.0"),
+    (["--config.optimizer.weight_decay_schedule=cosine",
+      "--config.optimizer.weight_decay_end=-0.1"], "config.optimizer.weight_decay_end=-0.1"),
     (["--config.masking.kind=blockwise"], "config.masking.kind='blockwise'"),
     (["--config.decoder.num_heads=5"], "config.decoder.num_heads=5"),
     (["--config.masking.mask_patch_size=32"], "config.masking.mask_patch_size=32"),

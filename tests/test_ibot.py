@@ -358,6 +358,7 @@ def test_configs_follow_the_recipe():
   o = s.optimizer
   assert (o.base_lr, o.lr_batch_reference, o.warmup_epochs, o.weight_decay, o.clip_grad_norm,
           o.min_lr) == (5e-4, 256, 10, 0.04, 3.0, 1e-6)
+  assert (o.weight_decay_schedule, o.weight_decay_end) == ("cosine", 0.4)
   b = s.ibot
   assert (b.out_dim, b.hidden_dim, b.bottleneck_dim, b.norm_last_layer) == (8192, 2048, 256, False)
   assert (b.student_temp, b.warmup_teacher_temp, b.teacher_temp, b.warmup_teacher_temp_epochs,

@@ -71,3 +71,28 @@ def test_gradient_clipping_is_applied_before_adam(clip, expected_norm):
   # Adam's first moment after one step is (1 - b1) * (clipped) gradient.
   np.testing.assert_allclose(float(optax.tree_utils.tree_norm(adam_state.mu)), expected_norm,
                              rtol=1e-5)
+
+
+def test_cosine_weight_decay_schedule_decays_by_its_coefficient_at_each_step():
+  """With zero gradients AdamW's update is -lr * wd(step) * param on decayed leaves only."""
+  cfg = _opt_cfg(weight_decay=0.04, weight_decay_schedule="cosine", weight_decay_end=0.4)
+  tx = optim.build_optimizer(cfg, lambda step: 1.0, schedule_steps=10)
+  params = {"dense": {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.ones(2)}}
+  state = tx.init(params)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  expected = [0.4 + (0.04 - 0.4) * 0.5 * (1 + np.cos(np.pi * min(t / 10, 1.0)))
+              for t in range(12)]
+  for step in range(12):
+    updates, state = tx.update(zero, state, params)
+    np.testing.assert_allclose(np.asarray(updates["dense"]["kernel"]), -expected[step] * 2.0,
+                               rtol=1e-5)
+    assert float(jnp.abs(updates["dense"]["bias"]).sum()) == 0
+  assert expected[0] == pytest.approx(0.04) and expected[10] == pytest.approx(0.4)
+
+
+def test_weight_decay_schedule_needs_its_length_and_a_known_name():
+  with pytest.raises(ValueError, match="schedule's length"):
+    optim.build_optimizer(_opt_cfg(weight_decay_schedule="cosine", weight_decay_end=0.4),
+                          lambda step: 1.0)
+  with pytest.raises(ValueError, match="weight_decay_schedule='linear'"):
+    optim.build_optimizer(_opt_cfg(weight_decay_schedule="linear"), lambda step: 1.0, 10)
