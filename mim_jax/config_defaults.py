@@ -39,7 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_heads=0,
       mlp_dim=0,
       dtype="float32",         # computation dtype; parameters are always float32
-      attention_impl="",       # "" lets JAX choose, or "xla" / "cudnn"
+      attention_impl="",       # "" lets JAX choose, or "xla" / "cudnn" (layers cuDNN rejects: XLA)
       # Activation checkpointing per transformer block (encoder and decoder): "none", "full"
       # (recompute everything in the backward pass), "dots_saveable" (keep matmul outputs),
       # "nothing_saveable" (= full, by policy); see models/vit.py REMAT_POLICIES.

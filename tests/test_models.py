@@ -168,3 +168,37 @@ def test_size_overrides_change_only_the_named_dimensions():
       f"blocks_{i}" for i in range(6)]
   assert params["transformer"]["blocks_0"]["mlp"]["fc1"]["kernel"].shape == (128, 768)
   assert params["patch_embed"]["kernel"].shape == (4 * 4 * 1, 128)
+
+
+def test_cudnn_attention_falls_back_to_xla_only_for_shapes_cudnn_rejects(monkeypatch, caplog):
+  """Layers whose shape the cuDNN kernel rejects (raised while tracing, also under grad) use
+  XLA's attention with the same result; accepted shapes and other errors are left to cuDNN."""
+  from mim_jax.models import vit
+
+  real = jax.nn.dot_product_attention
+  calls = []
+
+  def fake(q, k, v, implementation=None):
+    calls.append((q.shape[1], implementation))
+    if implementation == "cudnn":
+      if q.shape[1] % 2:
+        raise NotImplementedError(f"Unsupported sequence length Q {q.shape[1]}")
+      return real(q, k, v, implementation="xla")  # stands in for the cuDNN kernel
+    return real(q, k, v, implementation=implementation)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+
+  q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 7, 4, 8))
+  loss = lambda q: vit.dot_product_attention(q, k, v, "cudnn").sum()
+  with caplog.at_level("INFO", logger=vit.__name__):
+    grad = jax.grad(loss)(q)
+  expected = jax.grad(lambda q: real(q, k, v, implementation="xla").sum())(q)
+  np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+  assert calls == [(7, "cudnn"), (7, "xla")]
+  assert "uses XLA's attention" in caplog.text
+
+  calls.clear()
+  vit.dot_product_attention(q[:, :6], k[:, :6], v[:, :6], "cudnn")
+  assert calls == [(6, "cudnn")]  # an accepted shape stays on cuDNN
+  monkeypatch.setattr(jax.nn, "dot_product_attention", real)
+  with pytest.raises(RuntimeError, match="cuDNN"):  # no cuDNN on this machine: an error
+    vit.dot_product_attention(q, k, v, "cudnn")

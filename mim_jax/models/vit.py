@@ -13,6 +13,7 @@ GELU, LayerNorm eps 1e-6) so that released PyTorch weights map one to one onto t
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -125,11 +126,31 @@ class Mlp(nn.Module):
     return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name="fc2")(x)
 
 
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          implementation: Optional[str] = None) -> jax.Array:
+  """`jax.nn.dot_product_attention` on [B, T, heads, head_dim]; "cudnn" where cuDNN takes it.
+
+  cuDNN's flash kernel rejects some shapes when traced (JAX 0.11 in training: odd sequence
+  lengths, e.g. MAE's decoder over 196 patches + [CLS]). With implementation="cudnn" such a
+  layer falls back to XLA's attention and says so in the log, so that the layers cuDNN does
+  take (MAE's encoder over 50 tokens) still use it; without cuDNN at all it is an error.
+  """
+  if implementation != "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+  try:
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+  except NotImplementedError as err:
+    logging.getLogger(__name__).info(
+        "cuDNN attention does not take q %s (%s); this layer uses XLA's attention", q.shape, err)
+    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with a fused qkv projection.
 
-  The core runs through `jax.nn.dot_product_attention`, which lowers to the cuDNN flash kernel
-  on GPU when `implementation` allows it, and to plain XLA elsewhere.
+  The core runs through `jax.nn.dot_product_attention`: the cuDNN flash kernel on GPU where
+  `implementation` asks for it and the shapes allow (see `dot_product_attention`), plain XLA
+  elsewhere.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
@@ -142,7 +163,7 @@ class Attention(nn.Module):
     qkv = nn.Dense(3 * width, dtype=self.dtype, kernel_init=dense_init, name="qkv")(x)
     qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, heads, head_dim]
-    out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    out = dot_product_attention(q, k, v, implementation=self.implementation)
     out = out.reshape(b, t, width)
     return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name="proj")(out)
 
