@@ -69,7 +69,15 @@ def _abstract_batch(config, method, batch: int) -> dict[str, Any]:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from mim_jax import masking
+  from mim_jax import masking, train
+  if hasattr(method, "train_augment"):
+    # Methods with their own views (iBOT's multi-crop): the shapes of one placeholder element,
+    # which the augmentation makes for a missing image, stacked `batch` times.
+    augment = method.train_augment(config.data, tuple(config.image_size), config.channels)
+    element = augment.random_map({"image": None, "label": np.int32(0)},
+                                 np.random.default_rng(0))
+    return {k: jax.ShapeDtypeStruct((batch, *np.shape(element[k])), np.asarray(element[k]).dtype)
+            for k in train.method_batch_keys(method) if k in element}
   h, w = config.image_size
   out = {"image": jax.ShapeDtypeStruct((batch, h, w, config.channels), jnp.float32),
          "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}

@@ -375,3 +375,14 @@ def test_configs_follow_the_recipe():
   assert f.model == mae.model and f.num_epochs == mae.num_epochs
   assert f.global_batch_size == mae.global_batch_size
   assert f.optimizer.base_lr == mae.optimizer.base_lr
+
+
+def test_memory_plan_compiles_the_multi_crop_step():
+  """The memory plan feeds iBOT's step the views and masks its pipeline makes."""
+  from mim_jax import memory_plan
+  c = tiny_config()
+  plan = memory_plan.plan(c)
+  b = c.global_batch_size
+  expected = 4 * b * (2 * 16 * 16 * 3 + 2 * 8 * 8 * 3 + 16 * 16 * 3) + b * (4 + 2 * 16)
+  assert plan["batch"] == expected, plan  # global + local views, the image, labels, masks
+  assert plan["xla_temp"] > 0 and plan["params"] > 0 and plan["extra"] > 0, plan
