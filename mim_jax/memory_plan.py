@@ -39,16 +39,21 @@ from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:arg]).",
-                                lock_config=True)
-flags.DEFINE_string("mesh", "", "AXIS:SIZE[,AXIS:SIZE...], e.g. fsdp:8 or data:2,fsdp:4 "
-                    "(empty: config.mesh on --devices devices).")
-flags.DEFINE_integer("devices", 0, "Simulated devices when --mesh is empty (or has a -1).")
-flags.DEFINE_integer("batch", 0, "Global batch size (0: config.global_batch_size).")
-flags.DEFINE_enum("rules", "config", ["config", "fsdp", "replicate"],
-                  "Sharding rules: the config's, config_defaults.fsdp_rules(), or replicate.")
-flags.DEFINE_float("hbm_gib", 0.0, "Device memory in GiB: also say whether the step fits.")
-flags.DEFINE_bool("json", False, "Also print the numbers as one JSON line.")
+
+
+def _define_flags() -> None:
+  """The command's flags, defined when it runs (importing the module, e.g. next to
+  mim_jax.main in one process, defines none)."""
+  config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:arg]).",
+                                  lock_config=True)
+  flags.DEFINE_string("mesh", "", "AXIS:SIZE[,AXIS:SIZE...], e.g. fsdp:8 or data:2,fsdp:4 "
+                      "(empty: config.mesh on --devices devices).")
+  flags.DEFINE_integer("devices", 0, "Simulated devices when --mesh is empty (or has a -1).")
+  flags.DEFINE_integer("batch", 0, "Global batch size (0: config.global_batch_size).")
+  flags.DEFINE_enum("rules", "config", ["config", "fsdp", "replicate"],
+                    "Sharding rules: the config's, config_defaults.fsdp_rules(), or replicate.")
+  flags.DEFINE_float("hbm_gib", 0.0, "Device memory in GiB: also say whether the step fits.")
+  flags.DEFINE_bool("json", False, "Also print the numbers as one JSON line.")
 
 
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
@@ -217,5 +222,6 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  _define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)
