@@ -90,6 +90,8 @@ def test_usage_and_perplexity_on_known_assignments():
   assert float(usage) == pytest.approx(0.5) and float(ppl) == pytest.approx(4.0)
   usage, ppl = cb.usage_and_perplexity(jnp.array([5, 5, 5]), 8)
   assert float(usage) == pytest.approx(1 / 8) and float(ppl) == pytest.approx(1.0)
+  weighted = cb.code_counts(jnp.array([[0, 1], [2, 3]]), 4, jnp.array([[1, 1], [0, 0]]))
+  np.testing.assert_array_equal(np.asarray(weighted), [1, 1, 0, 0])  # zero-weight rows left out
 
 
 def test_nearest_codes():

@@ -46,10 +46,13 @@ def nearest_codes(z: jax.Array, codebook: jax.Array) -> jax.Array:
   return jnp.argmin(dist, axis=-1).astype(jnp.int32)
 
 
-def code_counts(codes: jax.Array, vocab_size: int) -> jax.Array:
-  """codes int [M] -> float32 [K]: how often each code occurs."""
-  return jax.ops.segment_sum(jnp.ones((codes.size,), jnp.float32), codes.reshape(-1),
-                             num_segments=vocab_size)
+def code_counts(codes: jax.Array, vocab_size: int,
+                weights: jax.Array | None = None) -> jax.Array:
+  """codes int [...] -> float32 [K]: how often each code occurs (each occurrence counted with
+  its `weights` entry, same shape as codes, when given: 0 leaves padding rows out)."""
+  weights = (jnp.ones((codes.size,), jnp.float32) if weights is None
+             else jnp.asarray(weights, jnp.float32).reshape(-1))
+  return jax.ops.segment_sum(weights, codes.reshape(-1), num_segments=vocab_size)
 
 
 def usage_and_perplexity_of_counts(counts: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -25,6 +25,7 @@ from mim_jax.tokenizers import codebook as cb
 from mim_jax.tokenizers import io, vq
 from mim_jax.tokenizers.models import tokenizer_model
 
+
 def code_usage(path: str, data_cfg, *, split: str, batch_size: int = 500) -> dict:
   """Counts the codes of tokenizer `path` over `split` of `data_cfg`: a dict with vocab_size,
   tokens, codes_used, usage and perplexity. Images are read at the tokenizer's size."""
@@ -32,13 +33,20 @@ def code_usage(path: str, data_cfg, *, split: str, batch_size: int = 500) -> dic
   model = tokenizer_model(info)
   kind, l2 = info["kind"], bool(info.get("l2_normalize", False))
   vocab = int(info["vocab_size"])
-  tokenize = jax.jit(lambda images: vq.tokenize(model, tokenizer, images, l2, kind))
+
+  @jax.jit
+  def batch_counts(images, valid):
+    codes = vq.tokenize(model, tokenizer, images, l2, kind)  # [B, N]
+    weights = jnp.broadcast_to(valid[:, None], codes.shape)  # padding rows count 0
+    return cb.code_counts(codes, vocab, weights)
+
+  # Summed on the host in int64: float32 counts stop being exact past 2^24 tokens.
   counts = np.zeros(vocab, np.int64)
   for batch in data.make_eval_iterator(data_cfg, image_size=tuple(info["image_size"]),
                                        channels=int(info["channels"]), batch_size=batch_size,
                                        split=split, process_index=0, process_count=1):
-    codes = np.asarray(tokenize(jnp.asarray(batch["image"])))[batch["mask"]]  # no padding rows
-    counts += np.bincount(codes.reshape(-1), minlength=vocab)
+    counts += np.asarray(batch_counts(jnp.asarray(batch["image"]),
+                                      jnp.asarray(batch["mask"]))).astype(np.int64)
   usage, perplexity = cb.usage_and_perplexity_of_counts(counts)
   used = int((counts > 0).sum())
   return {"vocab_size": vocab, "tokens": int(counts.sum()), "codes_used": used,
