@@ -157,6 +157,10 @@ def base_config() -> ml_collections.ConfigDict:
       synthetic_size=10_000,
       label_fraction=1.0,      # low-label runs: keep this fraction of every training class
       subset_seed=0,           # picks that subset; not `seed`, so every seed sees the same labels
+      # Validation: this many training examples (the same share of every class, picked by
+      # subset_seed) are left out of training and read as split "holdout"; choose
+      # hyper-parameters with eval_split="holdout", never on the test split.
+      holdout=0,
       eval_split="",           # split scored by evaluations; "" = the source's usual one
                                # (fashion_mnist "test", tfds "validation", image_folder eval_path)
       eval_path="",            # image_folder: folder of the evaluation images (path = train)
@@ -201,6 +205,11 @@ def base_config() -> ml_collections.ConfigDict:
       mixup_prob=1.0,
       mixup_switch_prob=0.5,
   ))
+  # The converged probe (method "probe", evaluate/logistic.py): multinomial logistic regression
+  # on standardised cached features, L2 strength chosen from l2_grid on data.holdout examples,
+  # L-BFGS until the gradient norm is below tol (or max_iter iterations).
+  c.probe = ml_collections.ConfigDict(dict(l2_grid=(1e-2, 1e-3, 1e-4, 1e-5, 1e-6),
+                                           max_iter=3000, tol=1e-4))
   # Test-set evaluation of classifiers: every `every_epochs` (0: only at the end).
   c.eval = ml_collections.ConfigDict(dict(every_epochs=0.0, batch_size=256))
   # Weighted k-NN (DINO protocol) on encoder features; `every_epochs` > 0 also runs it during

@@ -145,10 +145,12 @@ def run_from_flags(flag_values: flags.FlagValues) -> None:
   except ValueError as e:
     _fail(str(e))
   from mim_jax import checkpoint, data, train
-  from mim_jax.evaluate import knn_job
+  from mim_jax.evaluate import frozen
   try:
     if flag_values.config.method == "knn":
-      knn_job.run(flag_values.config, flag_values.workdir)
+      frozen.run_knn(flag_values.config, flag_values.workdir)
+    elif flag_values.config.method == "probe":
+      frozen.run_probe(flag_values.config, flag_values.workdir)
     else:
       train.run(flag_values.config, flag_values.workdir)
   except (ConfigError, checkpoint.WorkdirNotWritableError, data.IdxFormatError,

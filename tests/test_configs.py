@@ -10,7 +10,7 @@ from ml_collections import config_flags
 
 from mim_jax import config_validation, train
 from mim_jax.config_errors import ConfigError
-from mim_jax.evaluate import knn_job
+from mim_jax.evaluate import frozen
 
 from conftest import REPO, export_random_tokenizer, tiny_mae_config
 
@@ -61,8 +61,13 @@ def test_config_loads_and_validates(path, some_encoder, tokenizer_for):
   config = _load(path)
   if config.data.source == "fashion_mnist" and not os.path.isdir(config.data.path):
     pytest.skip("Fashion-MNIST not installed")
-  if config.method in ("linprobe", "knn"):
+  if config.method in ("linprobe", "knn", "probe"):
     with pytest.raises(ConfigError, match="config.init_from=''"):
+      config_validation.validate_config(config)
+    config.init_from = some_encoder
+  if config.method == "finetune" and config.optimizer.layer_decay < 1:
+    # A pre-training recipe: from scratch it would handicap the baseline, so it is refused.
+    with pytest.raises(ConfigError, match="config.optimizer.layer_decay=.*without init_from"):
       config_validation.validate_config(config)
     config.init_from = some_encoder
   if config.method == "beit":
@@ -143,12 +148,13 @@ def test_runlocal_variant_trains(path, tmp_path, tokenizer_for):
   config = _load(path, "runlocal")
   if config.data.source == "fashion_mnist" and not os.path.isdir(config.data.path):
     pytest.skip("Fashion-MNIST not installed")
-  if config.method in ("linprobe", "knn", "finetune"):
+  if config.method in ("linprobe", "knn", "probe", "finetune"):
     config.init_from = _pretrain_like(config, str(tmp_path / "pretrain"))
   if config.method == "beit":
     config.tokenizer.path = tokenizer_for(config)
-  if config.method == "knn":
-    assert 0 <= knn_job.run(config, str(tmp_path / "run"))["knn_top1"] <= 1
+  if config.method in ("knn", "probe"):
+    run = frozen.run_knn if config.method == "knn" else frozen.run_probe
+    assert 0 <= run(config, str(tmp_path / "run"))["knn_top1_cls"] <= 1
     return
   state = train.run(config, str(tmp_path / "run"))
   assert int(state.step) == config.total_steps

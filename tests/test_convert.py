@@ -755,7 +755,7 @@ def test_cli_import_inspect_reconstruct(tmp_path, our_mae_dir):
 def test_learned_position_tables_feed_the_probe_and_knn(tmp_path, our_mae, timm_state):
   """An import that keeps a learned table (posemb='learn') is evaluated with that table: the
   linear probe loads it and k-NN features use it, instead of failing or silently ignoring it."""
-  from mim_jax.evaluate import knn_job, pretrained
+  from mim_jax.evaluate import frozen, pretrained
   from mim_jax.evaluate.linear_probe import LinearProbe
   from mim_jax.models.heads import encoder_features
   from mim_jax.models.vit import sincos_2d
@@ -780,7 +780,7 @@ def test_learned_position_tables_feed_the_probe_and_knn(tmp_path, our_mae, timm_
   _, extra = probe.load_pretrained(params, extra)
   np.testing.assert_array_equal(extra["encoder"]["pos_embed"], encoder_keys["pos_embed"][0])
 
-  monitor = knn_job.KnnMonitor(config)
+  monitor = frozen.KnnMonitor(config)
   assert monitor.encoder.posemb == "learn"
   images, _ = _images()
   learned = encoder_features(monitor.encoder, extra["encoder"], images, pool="cls")

@@ -202,3 +202,21 @@ def test_cudnn_attention_falls_back_to_xla_only_for_shapes_cudnn_rejects(monkeyp
   monkeypatch.setattr(jax.nn, "dot_product_attention", real)
   with pytest.raises(RuntimeError, match="cuDNN"):  # no cuDNN on this machine: an error
     vit.dot_product_attention(q, k, v, "cudnn")
+
+
+def test_gelu_with_its_own_gradient_equals_the_exact_gelu():
+  """models.vit.gelu (hand-written backward pass, docs/benchmarks.md) is nn.gelu's erf form
+  in value and gradient, in float32 and bfloat16."""
+  import flax.linen as nn
+  from mim_jax.models.vit import gelu
+  x = jnp.linspace(-8.0, 8.0, 4001)
+  for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)):  # bf16: 1-2 ulp
+    xd = x.astype(dtype)
+    np.testing.assert_allclose(np.asarray(gelu(xd), np.float32),
+                               np.asarray(nn.gelu(xd, approximate=False), np.float32),
+                               rtol=tol, atol=tol)
+    ours = jax.grad(lambda v: jnp.sum(gelu(v).astype(jnp.float32)))(xd)
+    ref = jax.grad(lambda v: jnp.sum(nn.gelu(v, approximate=False).astype(jnp.float32)))(xd)
+    assert ours.dtype == dtype
+    np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32),
+                               rtol=tol, atol=tol)

@@ -279,9 +279,40 @@ DEFAULT_EVAL_SPLITS = {"fashion_mnist": "test", "tfds": "validation", "image_fol
                        "synthetic": "test"}
 
 
+# The split name of the examples `data.holdout` keeps out of the training split (validation).
+HOLDOUT_SPLIT = "holdout"
+
+
 def eval_split(data_cfg) -> str:
   """config.data.eval_split, or the source's usual evaluation split when it is ""."""
   return data_cfg.eval_split or DEFAULT_EVAL_SPLITS.get(data_cfg.source, "test")
+
+
+def holdout_indices(data_cfg, labels: np.ndarray) -> np.ndarray:
+  """Sorted indices [M] into the training split (`labels`, int [N]) of the held-out examples.
+
+  `data.holdout` examples in all (0: none), the same share of every class, chosen with
+  `data.subset_seed`: the same for every training seed, host count and method, so
+  hyper-parameters chosen on it are chosen on data no run of that config trains on.
+  """
+  count = int(data_cfg.get("holdout", 0))
+  if count <= 0:
+    return np.zeros(0, np.int64)
+  if count >= len(labels):
+    raise config_error("data.holdout", count,
+                       f"fewer than the {len(labels)} examples of split {data_cfg.split!r}")
+  return subsets.per_class_count_subset(labels, count, int(data_cfg.subset_seed))
+
+
+def train_indices(data_cfg, labels: np.ndarray) -> np.ndarray:
+  """Sorted indices into the training split (`labels`, int [N]) that training reads: all of
+  them but the `data.holdout` examples, then the per-class `data.label_fraction` of the rest."""
+  indices = np.setdiff1d(np.arange(len(labels)), holdout_indices(data_cfg, labels))
+  fraction = float(data_cfg.label_fraction)
+  if fraction < 1.0:
+    indices = indices[subsets.per_class_subset(labels[indices], fraction,
+                                               int(data_cfg.subset_seed))]
+  return indices.astype(np.int64)
 
 
 def build_source(data_cfg, *, image_size: tuple[int, int], channels: int,
@@ -294,6 +325,10 @@ def build_source(data_cfg, *, image_size: tuple[int, int], channels: int,
   """
   source = data_cfg.source
   split = data_cfg.split if split is None else split
+  if split == HOLDOUT_SPLIT:
+    train = build_source(data_cfg, image_size=image_size, channels=channels)
+    labels = train.labels()
+    return subsets.SubsetSource(train, holdout_indices(data_cfg, labels), labels)
   if source == "fashion_mnist":
     return FashionMnistSource(data_cfg.path, split)
   if source == "image_folder":
@@ -313,19 +348,17 @@ def build_source(data_cfg, *, image_size: tuple[int, int], channels: int,
 
 
 def build_train_source(data_cfg, *, image_size: tuple[int, int], channels: int):
-  """The training split, restricted to the per-class subset when data.label_fraction < 1.
+  """The training split without the `data.holdout` examples, restricted to the per-class
+  subset when data.label_fraction < 1 (`train_indices`).
 
-  The subset is chosen from the whole source (all hosts compute the same one) with
-  `subsets.per_class_subset(labels, data.label_fraction, data.subset_seed)`; the pipeline
-  shards it across hosts afterwards.
+  Both are chosen from the whole source (all hosts compute the same ones); the pipeline
+  shards the result across hosts afterwards.
   """
   source = build_source(data_cfg, image_size=image_size, channels=channels)
-  fraction = float(data_cfg.label_fraction)
-  if fraction >= 1.0:
+  if float(data_cfg.label_fraction) >= 1.0 and int(data_cfg.get("holdout", 0)) <= 0:
     return source
   labels = source.labels()
-  indices = subsets.per_class_subset(labels, fraction, int(data_cfg.subset_seed))
-  return subsets.SubsetSource(source, indices, labels)
+  return subsets.SubsetSource(source, train_indices(data_cfg, labels), labels)
 
 
 def num_examples(data_cfg, *, image_size: tuple[int, int], channels: int,

@@ -30,12 +30,35 @@ def per_class_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarr
     raise ValueError(f"fraction={fraction} must be in (0, 1]")
   if fraction == 1.0:
     return np.arange(len(labels), dtype=np.int64)
+  return _take_per_class(labels, lambda counts: [max(1, round(fraction * int(n)))
+                                                 for n in counts], seed)
+
+
+def per_class_count_subset(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+  """Sorted int64 indices [count] into `labels` (int [N]): exactly `count` examples, each
+  class's share proportional to its size (largest remainders round up, ties to the lower
+  class), chosen as in `per_class_subset`. Used for held-out validation examples."""
+  labels = np.asarray(labels)
+  if not 0 <= count <= len(labels):
+    raise ValueError(f"count={count} must be in [0, {len(labels)}]")
+
+  def quotas(counts):
+    exact = np.asarray(counts, np.float64) * count / len(labels)
+    base = np.floor(exact).astype(np.int64)
+    order = np.lexsort((np.arange(len(base)), -(exact - base)))  # largest remainder first
+    base[order[:count - int(base.sum())]] += 1
+    return base.tolist()
+
+  return _take_per_class(labels, quotas, seed)
+
+
+def _take_per_class(labels: np.ndarray, quotas, seed: int) -> np.ndarray:
+  """Sorted indices: the first quotas(class sizes)[i] entries of a per-class permutation."""
   # One stable sort instead of a `labels == c` scan per class: O(N log N) for 1000 classes.
   order = np.argsort(labels, kind="stable")
   classes, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
   kept = []
-  for c, start, n in zip(classes, starts, counts):
-    k = max(1, round(fraction * int(n)))
+  for c, start, n, k in zip(classes, starts, counts, quotas(counts)):
     # `% 2**32` maps any int32 label (including -1 for "unlabelled") to a distinct seed word.
     rng = np.random.default_rng([int(seed) % 2**64, int(c) % 2**32])
     kept.append(order[start + rng.permutation(int(n))[:k]])

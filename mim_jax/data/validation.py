@@ -115,11 +115,18 @@ def _validate_labels_and_splits(data_cfg) -> None:
            "a number in (0, 1]: the fraction of each class of the training split to train on "
            "(1.0 = all)")
   _require(_is_int(data_cfg.subset_seed), "subset_seed", data_cfg.subset_seed, "an integer")
+  holdout = data_cfg.get("holdout", 0)
+  _require(_is_int(holdout) and holdout >= 0, "holdout", holdout,
+           "an integer >= 0: training examples kept out of training, the same share of every "
+           "class, scored as split 'holdout' (e.g. 5000 of Fashion-MNIST's 60,000)")
   eval_split = data_cfg.eval_split
+  _require(eval_split != sources.HOLDOUT_SPLIT or holdout > 0, "eval_split", eval_split,
+           "'holdout' only with config.data.holdout > 0 (how many training examples to hold "
+           "out)")
   _require(isinstance(eval_split, str), "eval_split", eval_split,
            "a split name such as 'test' (TFDS ImageNet: 'validation'), or '' for the source's "
            "usual evaluation split")
-  if data_cfg.source == "fashion_mnist":
+  if data_cfg.source == "fashion_mnist" and eval_split != sources.HOLDOUT_SPLIT:
     eval_split = sources.eval_split(data_cfg)
     _require(eval_split in idx.FMNIST_PREFIXES, "eval_split", eval_split,
              f"one of {tuple(idx.FMNIST_PREFIXES)} for data.source='fashion_mnist'")

@@ -1,0 +1,235 @@
+"""Frozen-feature evaluations: features computed once, then k-NN and a converged linear probe.
+
+  FeatureExtractor(config)   features of whole splits: {"cls", "gap"} of
+                             `classifier.probe_layer` from one encoder pass ({"pixels"} for
+                             the raw-pixel baseline)
+  KnnMonitor(config)         callable: encoder params -> k-NN scores of every pool (the `knn`
+                             job, and k-NN during pre-training)
+  run_knn(config, workdir)   method "knn": weighted k-NN (DINO: k = 20, T = 0.07)
+  run_probe(config, workdir) method "probe": k-NN plus multinomial logistic regression on
+                             standardised cached features (evaluate/logistic.py), its L2
+                             strength chosen on `data.holdout` training examples
+
+Protocol. The bank / training rows are the training split as training reads it
+(`data.label_fraction` applies); images are resized / centre-cropped, never augmented. Scored
+rows are `data.eval_split` ("holdout": the held-out training examples, which then leave the
+bank). The probe picks its L2 strength by fitting on the training rows without the holdout
+and scoring the holdout, then refits on all training rows and scores the evaluation split
+once. Every number is reported per pool: `knn_top1_cls`, `knn_top1_gap`, `probe_top1_cls`,
+... (`*_pixels` for the baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from mim_jax import checkpoint, config_validation, data, metric_writers
+from mim_jax.data import sources
+from mim_jax.evaluate import classifier_base, knn, logistic, pretrained
+from mim_jax.models.heads import pool_tokens
+from mim_jax.models.vit import encoder_from_config
+
+log = logging.getLogger(__name__)
+
+ENCODER_POOLS = ("cls", "gap")
+
+
+def _local_copy(params):
+  """Numpy values of parameters that may span processes, on every process (a collective)."""
+  def to_numpy(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree.map(to_numpy, params)
+
+
+class FeatureExtractor:
+  """Features of whole splits, in source order, on every process."""
+
+  def __init__(self, config):
+    self.config = config
+    self.pixels = config.classifier.features == "pixels"
+    self.pools = ("pixels",) if self.pixels else ENCODER_POOLS
+    self.encoder = encoder_from_config(config.model, config.image_size, config.channels,
+                                       posemb=pretrained.encoder_posemb(config.init_from))
+    layer = int(config.classifier.probe_layer)
+
+    def features(params, images):
+      """images [B, H, W, C] -> [B, P, D]: one row per pool, stacked."""
+      if self.pixels:
+        return images.reshape(images.shape[0], 1, -1).astype(jnp.float32)
+      tokens, aux = self.encoder.apply({"params": params}, images, train=False)
+      if layer:
+        tokens = aux["blocks"][layer - 1]
+      return jnp.stack([pool_tokens(tokens, p) for p in ENCODER_POOLS], 1).astype(jnp.float32)
+
+    self._features = jax.jit(features)
+
+  def split(self, params, split: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """({pool: float32 [N, D]}, labels int32 [N]) of a whole split."""
+    count = jax.process_count()
+    it = data.make_eval_iterator(self.config.data, image_size=tuple(self.config.image_size),
+                                 channels=self.config.channels,
+                                 batch_size=self.config.eval.batch_size // count, split=split)
+    if count == 1:
+      feats, labels = knn.extract_features(
+          lambda images: self._features(params, images).reshape(images.shape[0], -1), it)
+    else:
+      # Every process holds rows p, p + P, ... of the split, padded to the same number of
+      # batches; gather the padded arrays, interleave them back into source order.
+      local_params = jax.device_put(_local_copy(params), jax.local_devices()[0])
+      parts = ([], [], [])
+      for batch in it:
+        out = self._features(local_params, batch["image"])
+        parts[0].append(np.asarray(out, np.float32).reshape(out.shape[0], -1))
+        parts[1].append(np.asarray(batch["label"], np.int32))
+        parts[2].append(np.asarray(batch["mask"], bool))
+      gathered = multihost_utils.process_allgather(tuple(np.concatenate(p) for p in parts))
+      feats, labels, mask = (np.swapaxes(np.asarray(g), 0, 1).reshape(-1, *g.shape[2:])
+                             for g in gathered)
+      feats, labels = feats[mask], labels[mask]
+    feats = feats.reshape(feats.shape[0], len(self.pools), -1)
+    return {p: feats[:, i] for i, p in enumerate(self.pools)}, labels
+
+  def train_rows(self, labels: np.ndarray) -> np.ndarray:
+    """Indices into the whole training split of the rows training reads (no holdout, the
+    label subset); the split must have decoded completely for positions to line up."""
+    cfg = self.config
+    source_labels = data.build_source(cfg.data, image_size=tuple(cfg.image_size),
+                                      channels=cfg.channels).labels()
+    if len(source_labels) != len(labels):
+      raise ValueError(f"{len(source_labels) - len(labels)} training images could not be "
+                       "decoded; the bank needs every one to line up with the training rows")
+    return sources.train_indices(cfg.data, source_labels)
+
+
+class KnnMonitor:
+  """Callable: encoder params -> {"knn_top1_<pool>", "knn_top5_<pool>"} on data.eval_split."""
+
+  def __init__(self, config, mesh=None):
+    del mesh  # features are computed on each process's default device, then gathered
+    self.config = config
+    self.extractor = FeatureExtractor(config)
+    self.encoder = self.extractor.encoder
+    self.num_classes = classifier_base.num_classes(config)
+
+  def __call__(self, encoder_params) -> dict[str, float]:
+    start = time.perf_counter()
+    cfg, ex = self.config, self.extractor
+    bank, bank_labels = ex.split(encoder_params, cfg.data.split)
+    rows = ex.train_rows(bank_labels)
+    queries, query_labels = ex.split(encoder_params, data.eval_split(cfg.data))
+    out = {}
+    for pool in ex.pools:
+      acc = knn.knn_accuracy(bank[pool][rows], bank_labels[rows], queries[pool], query_labels,
+                             num_classes=self.num_classes, k=cfg.knn.k,
+                             temperature=cfg.knn.temperature)
+      out.update({f"knn_{k}_{pool}": v for k, v in acc.items()})
+    log.info("k-NN (k=%d, T=%g): bank %d, queries %d (%s), %s in %.1fs", cfg.knn.k,
+             cfg.knn.temperature, len(rows), len(query_labels), data.eval_split(cfg.data),
+             ", ".join(f"{k} {v:.4f}" for k, v in out.items()), time.perf_counter() - start)
+    return out
+
+
+def _encoder_params(config):
+  """The parameters the job scores: {} for pixels, a seeded random encoder, or the export."""
+  if config.classifier.features == "pixels":
+    return {}
+  if config.init_from == pretrained.RANDOM:
+    image = jnp.zeros((1, *config.image_size, config.channels))
+    encoder = encoder_from_config(config.model, config.image_size, config.channels)
+    # The key the loop's linear probe gives its random encoder (train.run's init key, then
+    # the method's encoder key), so every baseline scores the same encoder.
+    init_rng = jax.random.split(jax.random.key(config.seed))[0]
+    return encoder.init(jax.random.split(init_rng)[0], image)["params"]
+  params, _ = checkpoint.load_encoder(pretrained.encoder_directory(config.init_from))
+  return params
+
+
+def _start(config, workdir: str):
+  config = pretrained.adopt_encoder_config(config)
+  config_validation.validate_config(config)
+  checkpoint.ensure_writable(workdir)
+  return config
+
+
+def _finish(config, workdir: str, metrics: dict) -> dict:
+  writer = metric_writers.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer.write_scalars(0, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+  writer.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump({"method": config.method, "init_from": config.init_from,
+                 "features": config.classifier.features,
+                 "probe_layer": int(config.classifier.probe_layer),
+                 "eval_split": data.eval_split(config.data), "k": config.knn.k,
+                 "temperature": config.knn.temperature, **metrics}, f, indent=2)
+  return metrics
+
+
+def run_knn(config, workdir: str) -> dict[str, float]:
+  """The k-NN job (method "knn"): scores the encoder of `config.init_from`."""
+  config = _start(config, workdir)
+  start = time.perf_counter()
+  metrics = KnnMonitor(config)(_encoder_params(config))
+  metrics["seconds"] = time.perf_counter() - start
+  return _finish(config, workdir, metrics)
+
+
+def _probe(train_x, train_y, val_x, val_y, test_x, test_y, num_classes, grid, fit_kwargs):
+  """L2 chosen on (train -> val), then refit on train + val and scored on test."""
+  mean, scale = logistic.standardizer(train_x)
+  l2, scores = logistic.select_l2((train_x - mean) * scale, train_y, (val_x - mean) * scale,
+                                  val_y, num_classes, grid, **fit_kwargs)
+  all_x, all_y = np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y])
+  mean, scale = logistic.standardizer(all_x)
+  params, info = logistic.fit((all_x - mean) * scale, all_y, num_classes, l2, **fit_kwargs)
+  return logistic.accuracy(params, (test_x - mean) * scale, test_y), l2, scores, info
+
+
+def run_probe(config, workdir: str) -> dict:
+  """The probe job (method "probe"): k-NN and the converged logistic probe of every pool."""
+  config = _start(config, workdir)
+  start = time.perf_counter()
+  cfg = config
+  ex = FeatureExtractor(cfg)
+  params = _encoder_params(cfg)
+  train_feats, train_labels = ex.split(params, cfg.data.split)
+  rows = ex.train_rows(train_labels)
+  holdout = sources.holdout_indices(cfg.data, train_labels)  # train_rows checked the positions
+  if not len(holdout):
+    raise config_validation.ConfigError(
+        "config.data.holdout=0 is invalid: the probe chooses its L2 strength on held-out "
+        "training examples; set e.g. --config.data.holdout=5000")
+  all_rows = np.union1d(rows, holdout)  # the final fit and the k-NN bank use every row
+  test_feats, test_labels = ex.split(params, data.eval_split(cfg.data))
+  num_classes = classifier_base.num_classes(cfg)
+  fit_kwargs = dict(max_iter=int(cfg.probe.max_iter), tol=float(cfg.probe.tol))
+  metrics: dict = {}
+  for pool in ex.pools:
+    f = train_feats[pool]
+    acc = knn.knn_accuracy(f[all_rows], train_labels[all_rows], test_feats[pool], test_labels,
+                           num_classes=num_classes, k=cfg.knn.k, temperature=cfg.knn.temperature)
+    metrics.update({f"knn_{k}_{pool}": v for k, v in acc.items()})
+    top1, l2, scores, info = _probe(f[rows], train_labels[rows], f[holdout],
+                                    train_labels[holdout], test_feats[pool], test_labels,
+                                    num_classes, tuple(cfg.probe.l2_grid), fit_kwargs)
+    metrics.update({f"probe_top1_{pool}": top1, f"probe_l2_{pool}": l2,
+                    f"probe_holdout_top1_{pool}": {f"{k:g}": v for k, v in scores.items()},
+                    f"probe_iterations_{pool}": info.iterations,
+                    f"probe_converged_{pool}": info.converged})
+    log.info("%s: k-NN %.4f, probe %.4f (L2 %g chosen on %d held-out examples: %s; final fit "
+             "%d L-BFGS iterations, |grad| %.2e)", pool, acc["top1"], top1, l2, len(holdout),
+             ", ".join(f"{k:g} {v:.4f}" for k, v in scores.items()), info.iterations,
+             info.grad_norm)
+  metrics["seconds"] = time.perf_counter() - start
+  metrics["num_train"], metrics["num_holdout"] = len(all_rows), len(holdout)
+  return _finish(cfg, workdir, metrics)

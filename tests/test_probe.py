@@ -1,0 +1,124 @@
+"""The converged frozen-feature protocols: logistic probe, held-out split, k-NN of every pool."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mim_jax import config_defaults, data, train
+from mim_jax.config_errors import ConfigError
+from mim_jax.config_validation import validate_config
+from mim_jax.data import idx, sources
+from mim_jax.evaluate import frozen, logistic
+
+from conftest import FMNIST_DIR, requires_fmnist, tiny_mae_config
+
+
+def _pixels(split: str, n: int):
+  x, y, _ = idx.load_fmnist(FMNIST_DIR, split)
+  return x[:n].reshape(n, -1).astype(np.float32) / 255.0, y[:n].astype(np.int32)
+
+
+@requires_fmnist
+def test_probe_on_pixels_matches_scikit_learn():
+  """On standardised raw pixels the probe is scikit-learn's multinomial logistic regression:
+  the same L2 strength (C = 1 / (l2 N)) scores within 0.5 points on held-out test images."""
+  sklearn = pytest.importorskip("sklearn.linear_model")
+  x, y = _pixels("train", 6000)
+  xt, yt = _pixels("test", 2000)
+  mean, scale = logistic.standardizer(x)
+  x, xt = (x - mean) * scale, (xt - mean) * scale
+  l2 = 1e-3
+  params, info = logistic.fit(x, y, 10, l2, max_iter=3000, tol=1e-4)
+  ours = logistic.accuracy(params, xt, yt)
+  ref = sklearn.LogisticRegression(C=1.0 / (l2 * len(x)), max_iter=2000, tol=1e-6).fit(x, y)
+  assert info.converged, info
+  assert abs(ours - ref.score(xt, yt)) <= 0.005, (ours, ref.score(xt, yt))
+  # The same optimum: the weights agree, not only the accuracy.
+  w = ref.coef_.T - ref.coef_.T.mean(1, keepdims=True)
+  ours_w = params["w"] - params["w"].mean(1, keepdims=True)
+  assert np.abs(ours_w - w).max() < 0.02 * np.abs(w).max()
+
+
+def test_l2_is_chosen_on_the_validation_rows_only():
+  """A noisy problem: strong regularisation wins on the validation rows; the choice follows
+  them (not the training rows, where the weakest penalty always fits best)."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(200, 50)).astype(np.float32)
+  y = (x[:, 0] > 0).astype(np.int32)
+  y_noisy = np.where(rng.random(200) < 0.3, 1 - y, y)
+  xv = rng.normal(size=(400, 50)).astype(np.float32)
+  best, scores = logistic.select_l2(x, y_noisy, xv, (xv[:, 0] > 0).astype(np.int32), 2,
+                                    grid=(1.0, 1e-1, 1e-4))
+  assert set(scores) == {1.0, 1e-1, 1e-4}
+  assert best == max(scores, key=lambda k: (scores[k], k))
+  assert scores[1e-4] < max(scores.values())
+
+
+def test_holdout_rows_never_reach_training():
+  config = tiny_mae_config()
+  config.data.update(holdout=16, label_fraction=0.5)
+  labels = data.build_source(config.data, image_size=(16, 16), channels=3).labels()
+  held = sources.holdout_indices(config.data, labels)
+  rows = sources.train_indices(config.data, labels)
+  assert len(held) == 16 and not set(held) & set(rows)
+  # Every class keeps its share out (within one example), and the label subset applies to
+  # the rest.
+  share = np.bincount(labels) * 16 / 64
+  assert np.all(np.abs(np.bincount(labels[held], minlength=10) - share) < 1)
+  rest = np.setdiff1d(np.arange(64), held)
+  assert list(rows) == list(rest[data.per_class_subset(labels[rest], 0.5, 0)])
+  train_source = data.build_train_source(config.data, image_size=(16, 16), channels=3)
+  assert sorted(int(train_source[i]["index"]) for i in range(len(train_source))) == list(rows)
+  holdout = data.build_source(config.data, image_size=(16, 16), channels=3, split="holdout")
+  assert [int(holdout[i]["index"]) for i in range(len(holdout))] == list(held)
+  # Another training seed does not move the holdout.
+  config.seed = 5
+  np.testing.assert_array_equal(sources.holdout_indices(config.data, labels), held)
+
+
+def test_holdout_split_needs_a_holdout():
+  config = tiny_mae_config()
+  config.data.eval_split = "holdout"
+  with pytest.raises(ConfigError, match="data.eval_split='holdout'.*data.holdout > 0"):
+    validate_config(config)
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("encoder"))
+  train.run(tiny_mae_config(total_steps=2), workdir)
+  return workdir
+
+
+def _probe_config(init_from: str, **overrides):
+  c = config_defaults.knn_recipe(config_defaults.base_config())
+  c.method, c.init_from = "probe", init_from
+  c.image_size = (16, 16)
+  c.data.update(source="synthetic", synthetic_size=64, num_workers=0, holdout=16)
+  c.eval.batch_size = 16
+  c.knn.k = 5
+  c.probe.update(l2_grid=(1e-2, 1e-4), max_iter=200)
+  return config_defaults.override(c, **overrides)
+
+
+def test_probe_job_reports_every_pool_and_its_choices(tiny_encoder, tmp_path):
+  metrics = frozen.run_probe(_probe_config(tiny_encoder), str(tmp_path))
+  results = json.load(open(tmp_path / "results.json"))
+  for pool in ("cls", "gap"):
+    assert 0 <= results[f"probe_top1_{pool}"] <= 1 and 0 <= results[f"knn_top1_{pool}"] <= 1
+    assert results[f"probe_l2_{pool}"] in (1e-2, 1e-4)
+    assert set(results[f"probe_holdout_top1_{pool}"]) == {"0.01", "0.0001"}
+  assert results["num_holdout"] == 16 and results["num_train"] == 64
+  assert metrics["probe_top1_cls"] == results["probe_top1_cls"]
+
+
+def test_probe_on_pixels_and_without_a_holdout(tmp_path):
+  pixels = _probe_config("", **{"classifier.features": "pixels"})
+  results = frozen.run_probe(pixels, str(tmp_path / "pixels"))
+  # Synthetic classes are pixel patterns: a linear classifier separates them.
+  assert results["probe_top1_pixels"] > 0.9 and "probe_top1_cls" not in results
+  with pytest.raises(ConfigError, match="data.holdout=0.*method 'probe'"):
+    validate_config(_probe_config("", **{"classifier.features": "pixels", "data.holdout": 0}))
