@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numbers
 
+from mim_jax import continuation
 from mim_jax.config_errors import ConfigError, config_error
 from mim_jax.masking import MASK_KINDS, num_visible
 from mim_jax.models.vit import parse_variant, size_from_config
@@ -23,7 +24,9 @@ MASK_KINDS_BY_METHOD = {"mae": FIXED_COUNT_MASK_KINDS, "simmim": MASK_KINDS,
 HOG_GRADIENTS = ("sobel", "central")
 PRETRAINING_METHODS = tuple(MASK_KINDS_BY_METHOD)
 # Evaluations of a pre-trained encoder; knn trains nothing and is run by its own job.
-EVALUATION_METHODS = ("linprobe", "finetune", "knn")
+EVALUATION_METHODS = ("linprobe", "finetune", "knn", "probe")
+# Jobs on frozen features (evaluate/frozen.py): they compute features once and train nothing.
+FEATURE_JOBS = ("knn", "probe")
 
 
 def _require(ok: bool, field: str, value, allowed: str, hint: str = "") -> None:
@@ -87,6 +90,9 @@ def validate_model(config) -> None:
   if config.method in PRETRAINING_METHODS:
     validate_pretraining(config, image_size, patch)
   elif config.method in tokenizer_validation.TOKENIZER_METHODS:
+    _require(config.init_from == "", "init_from", config.init_from,
+             f"'' for method {config.method!r} (a tokenizer trains from scratch; BEiT reads a "
+             "trained one through tokenizer.path)")
     tokenizer_validation.validate_tokenizer_training(config)
   else:
     validate_evaluation(config, size.depth)
@@ -118,6 +124,8 @@ def validate_pretraining(config, image_size: tuple[int, int], patch: int) -> Non
     validate_teacher(config)
   if config.method == "ibot":
     validate_ibot(config, image_size, patch)
+  if continuation.wanted(config):
+    continuation.check_source_fits(config)  # continued pre-training: the encoder must fit
 
 
 def validate_ibot(config, image_size: tuple[int, int], patch: int) -> None:
@@ -268,7 +276,10 @@ def validate_evaluation(config, depth: int) -> None:
   if config.method == "finetune":
     _require(c.features == "encoder", "classifier.features", c.features,
              "'encoder' for finetune")
-  if config.method in ("linprobe", "knn") and c.features == "encoder":
+  if c.features == "pixels":
+    _require(config.init_from == "", "init_from", config.init_from,
+             "'' with classifier.features='pixels' (the raw-pixel baseline loads no encoder)")
+  if config.method in ("linprobe",) + FEATURE_JOBS and c.features == "encoder":
     _require(isinstance(config.init_from, str) and config.init_from != "", "init_from",
              config.init_from, f"a pre-training workdir or encoder directory ({config.method} "
              "evaluates a pre-trained encoder), or 'random' for a random-encoder baseline")
@@ -294,8 +305,23 @@ def validate_evaluation(config, depth: int) -> None:
     raise config_error("classifier.mixup_alpha", (c.mixup_alpha, c.cutmix_alpha),
                        "0 for linprobe (Mixup / CutMix apply to fine-tuning only)")
   _positive_int(config, "eval.batch_size")
+  if config.method == "probe":
+    validate_probe(config)
   _require(_is_number(config.eval.every_epochs) and config.eval.every_epochs >= 0,
            "eval.every_epochs", config.eval.every_epochs, "a number >= 0 (0: only at the end)")
+
+
+def validate_probe(config) -> None:
+  """The converged probe's L2 grid and stopping rule (`config.probe`)."""
+  p = config.probe
+  grid = tuple(p.l2_grid) if isinstance(p.l2_grid, (tuple, list)) else ()
+  _require(len(grid) > 0 and all(_is_number(x) and x >= 0 for x in grid), "probe.l2_grid",
+           p.l2_grid, "a non-empty tuple of L2 strengths >= 0, e.g. (1e-2, 1e-3, 1e-4)")
+  _positive_int(config, "probe.max_iter")
+  _require(_is_number(p.tol) and p.tol > 0, "probe.tol", p.tol, "a positive gradient norm")
+  _require(_is_int(config.data.holdout) and config.data.holdout > 0, "data.holdout",
+           config.data.holdout, "a positive number of training examples for method 'probe', "
+           "which chooses its L2 strength on them (e.g. 5000 of Fashion-MNIST's 60,000)")
 
 
 def validate_knn(config) -> None:
@@ -328,6 +354,11 @@ def validate_optimization(config) -> None:
            opt.momentum, "a number in [0, 1)")
   _require(_is_number(opt.layer_decay) and 0 < opt.layer_decay <= 1, "optimizer.layer_decay",
            opt.layer_decay, "a number in (0, 1] (1 disables layer-wise lr decay)")
+  _require(opt.layer_decay == 1 or config.init_from not in ("", "random"),
+           "optimizer.layer_decay", opt.layer_decay,
+           "1.0 without init_from: layer-wise lr decay protects pre-trained lower layers, and "
+           "a from-scratch encoder has none (it would only handicap the baseline)",
+           "Set --config.optimizer.layer_decay=1.0 (configs/finetune_*.py:scratch does).")
   _require(_is_number(opt.trust_coefficient) and opt.trust_coefficient > 0,
            "optimizer.trust_coefficient", opt.trust_coefficient, "a positive number")
   _require(_is_number(opt.base_lr) and opt.base_lr > 0, "optimizer.base_lr", opt.base_lr,

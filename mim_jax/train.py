@@ -201,8 +201,11 @@ def run(config, workdir: str) -> TrainState:
   config.max_consecutive_nonfinite non-finite steps in a row and CheckpointSaveError after
   config.max_consecutive_failed_saves failed checkpoint writes in a row (see run_errors).
   """
-  from mim_jax.evaluate import knn_job, pretrained  # evaluation builds on this module's peers
-  config = pretrained.adopt_encoder_config(config)
+  from mim_jax.evaluate import frozen, pretrained  # evaluation builds on this module's peers
+  if config.method in config_validation.EVALUATION_METHODS:
+    # An evaluation takes the encoder's size from its export; continued pre-training must fit
+    # the configured model (checked by validation).
+    config = pretrained.adopt_encoder_config(config)
   config_validation.validate_config(config)
   mesh = parallel.make_mesh(config.mesh)
   config_validation.validate_for_devices(
@@ -282,7 +285,7 @@ def run(config, workdir: str) -> TrainState:
         config.viz_every and hasattr(method, "reconstruct")) else None
     evaluate = _make_evaluator(config, method, mesh, state_shardings) if hasattr(
         method, "eval_metrics") else None
-    knn = knn_job.KnnMonitor(config, mesh) if config.knn.every_epochs > 0 else None
+    knn = frozen.KnnMonitor(config, mesh) if config.knn.every_epochs > 0 else None
     eval_every = _epochs_to_steps(config.eval.every_epochs, steps_per_epoch)
     knn_every = _epochs_to_steps(config.knn.every_epochs, steps_per_epoch)
     final_metrics: dict[str, float] = {}
@@ -388,8 +391,8 @@ def _restore_or_init(config, method, ckpt: checkpoint.Checkpointer, abstract_sta
     # the state's shardings.
     params, extra = method.load_pretrained(_to_host(state.params), _to_host(state.extra))
     state = jax.device_put(state.replace(params=params, extra=extra), state_shardings)
-    log.info("initialised from %s", config.init_from or f"the {config.method} method's own "
-             "weight files")
+    log.info("initial weights loaded: %s", config.init_from or f"the {config.method} method's "
+             "own weight files")
   return state, 0
 
 

@@ -1,6 +1,7 @@
 """mim_jax weights wherever they live, and the Flax models that run them.
 
   read_weights(source)            (model info, params) of an export directory or a workdir
+  read_info(source)               its model info alone (no arrays read)
   write_weights(directory, ...)   an export directory (what `--config.init_from` accepts)
   build_mae(info, params)         MaskedAutoencoder for params with a "decoder"
   build_classifier(info, params)  ViTClassifier for params with a "head"
@@ -64,11 +65,29 @@ def info_from_config(config: dict) -> dict:
           "config": config}
 
 
-def read_weights(source: str, step: Optional[int] = None) -> tuple[dict, dict]:
+def read_info(source: str) -> dict:
+  """The model info (model.json) of what `read_weights(source)` reads, without the arrays."""
+  if os.path.isfile(os.path.join(source, "model.json")):
+    with open(os.path.join(source, "model.json")) as f:
+      return json.load(f)
+  config_path = os.path.join(source, "config.json")
+  if os.path.isfile(config_path) and latest_step(os.path.join(source, "checkpoints")) is not None:
+    with open(config_path) as f:
+      return info_from_config(json.load(f))
+  if os.path.isfile(os.path.join(source, "encoder", "model.json")):
+    return read_info(os.path.join(source, "encoder"))
+  raise FileNotFoundError(
+      f"{source} is neither an export directory (model.json + params/) nor a training workdir "
+      "(config.json + checkpoints/)")
+
+
+def read_weights(source: str, step: Optional[int] = None,
+                 all_parts: bool = False) -> tuple[dict, dict]:
   """(model info, params) of an export directory or a training workdir.
 
   A workdir gives the params of its checkpoint at `step` (default: the latest), which include
-  the decoder of an MAE run and the head of a fine-tuning run; without checkpoints, its
+  the decoder of an MAE run and the head of a fine-tuning run (with `all_parts`, every
+  top-level part the run trains: predictors, iBOT's head, ...); without checkpoints, its
   encoder/ export.
   """
   if os.path.isfile(os.path.join(source, "model.json")):
@@ -90,7 +109,7 @@ def read_weights(source: str, step: Optional[int] = None) -> tuple[dict, dict]:
     state = ocp.StandardCheckpointer().restore(os.path.abspath(path))
     keep = {"mae": ("encoder", "decoder"), "finetune": ("encoder",) + CLASSIFIER_PARTS}.get(
         info["method"], ("encoder",))
-    params = {k: _numpy(v) for k, v in state["params"].items() if k in keep}
+    params = {k: _numpy(v) for k, v in state["params"].items() if all_parts or k in keep}
     if "encoder" not in params:
       raise ValueError(f"the {info['method']} run in {source} trains no encoder of its own "
                        "(its encoder is frozen): export the workdir it was initialised from")

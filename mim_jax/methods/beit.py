@@ -55,6 +55,7 @@ class BEiT(MaskedPrediction):
     if jax.tree.structure(tokenizer) != want:
       raise ValueError(f"the tokenizer at {self.tokenizer_path} does not hold the parameters its "
                        f"tokenizer.json describes ({jax.tree.structure(tokenizer)} vs {want})")
+    params, extra = super().load_pretrained(params, extra)  # init_from, if any
     return params, {**extra, "tokenizer": tokenizer}
 
   def targets(self, extra, images):

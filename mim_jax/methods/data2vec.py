@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from mim_jax import losses, masking, teachers
+from mim_jax import continuation, losses, masking, teachers
 from mim_jax.methods.base import TrainLength
 from mim_jax.methods.masked_prediction import MaskTokenModel
 from mim_jax.models.decoders import LinearPredictor
@@ -75,6 +76,7 @@ class Data2Vec:
   needs_train_length = True
 
   def __init__(self, config, length: TrainLength | None = None):
+    self.config = config
     encoder = encoder_from_config(config.model, config.image_size, config.channels,
                                   use_mask_token=True)
     self.model = MaskTokenModel(
@@ -104,7 +106,10 @@ class Data2Vec:
     return params, extra
 
   def load_pretrained(self, params, extra):
-    return params, extra
+    """Continued pre-training from `config.init_from`; the teacher starts as the loaded
+    student's encoder."""
+    params = continuation.load_into(params, self.config)
+    return params, {**extra, "teacher": jax.tree.map(np.copy, params["encoder"])}
 
   def targets(self, teacher_params, images) -> jax.Array:
     """Teacher targets [B, N, D] for the unmasked images (no gradient)."""

@@ -31,8 +31,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from mim_jax import losses, masking, teachers
+from mim_jax import continuation, losses, masking, teachers
 from mim_jax.data import multicrop
 from mim_jax.data.transforms import Normalizer
 from mim_jax.methods.base import TrainLength
@@ -65,6 +66,7 @@ class IBOT:
                 multicrop.GLOBAL_MASKS_KEY)
 
   def __init__(self, config, length: TrainLength | None = None):
+    self.config = config
     self.length = length or TrainLength(1, max(1, int(round(config.num_epochs))))
     self.cfg, self.crop = config.ibot, config.multicrop
     encoder = encoder_from_config(config.model, config.image_size, config.channels,
@@ -104,7 +106,10 @@ class IBOT:
     return params, extra
 
   def load_pretrained(self, params, extra):
-    return params, extra
+    """Continued pre-training from `config.init_from` (encoder, and the head of an iBOT
+    source); the teacher starts as a copy of the loaded student."""
+    params = continuation.load_into(params, self.config)
+    return params, {**extra, "teacher": jax.tree.map(np.copy, params)}
 
   def teacher_temps(self, step):
     """(cls, patch) teacher temperatures at `step`: linear warmup, then constant."""

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mim_jax import losses, masking, targets, viz
+from mim_jax import continuation, losses, masking, targets, viz
 from mim_jax.models.decoders import MAEDecoder
 from mim_jax.models.vit import ViTEncoder, encoder_from_config
 
@@ -82,6 +82,7 @@ class MAE:
   name = "mae"
 
   def __init__(self, config):
+    self.config = config
     self.model = build_model(config)
     self.norm_pix_loss = bool(config.target.norm_pix)
     self.patch_size = self.model.encoder.patch_size
@@ -94,7 +95,8 @@ class MAE:
     return self.model.init({"params": params_rng, "masking": mask_rng}, images)["params"], {}
 
   def load_pretrained(self, params, extra):
-    return params, extra
+    """Continued pre-training from `config.init_from`: encoder and, when it fits, decoder."""
+    return continuation.load_into(params, self.config), extra
 
   def _apply(self, params, batch, rng, train):
     mask_rng, drop_rng = jax.random.split(rng)

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mim_jax import masking
+from mim_jax import continuation, masking
 from mim_jax.models.decoders import LinearPredictor
 from mim_jax.models.vit import ViTEncoder, encoder_from_config
 
@@ -43,6 +43,7 @@ class MaskedPrediction:
 
   def __init__(self, config, *, target_dim: int, target_fn: Callable[[jax.Array], jax.Array],
                loss_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]):
+    self.config = config
     encoder = encoder_from_config(config.model, config.image_size, config.channels,
                                   use_mask_token=True)
     self.model = MaskTokenModel(
@@ -61,6 +62,9 @@ class MaskedPrediction:
     return self.model.init({"params": rng}, images, mask)["params"], {}
 
   def load_pretrained(self, params, extra):
+    """Continued pre-training from `config.init_from`: encoder and, when it fits, predictor."""
+    if continuation.wanted(self.config):
+      params = continuation.load_into(params, self.config)
     return params, extra
 
   def _predict(self, params, batch, rng, train):

@@ -1,0 +1,188 @@
+"""Continued pre-training (`init_from` on a pre-training method): what loads, what starts
+fresh, what is refused, and that a continued run starts where its source left off."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mim_jax import config_defaults, continuation, data, train
+from mim_jax.config_errors import ConfigError
+from mim_jax.convert.our_weights import read_weights
+from mim_jax.methods import build_method
+
+from conftest import tiny_mae_config
+
+
+def _source(tmp_path_factory, name: str, **overrides) -> str:
+  """A tiny finished pre-training run (4 steps on synthetic images); returns its workdir."""
+  workdir = str(tmp_path_factory.mktemp(name))
+  train.run(tiny_mae_config(total_steps=4, **overrides), workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def mae_source(tmp_path_factory):
+  return _source(tmp_path_factory, "mae_source")
+
+
+def _first_batch_and_rng(config):
+  """The batch and step key of step 1 of a run of `config` (as train.run draws them)."""
+  it = data.make_train_iterator(config.data, image_size=tuple(config.image_size),
+                                channels=config.channels,
+                                global_batch_size=config.global_batch_size, seed=config.seed,
+                                element_transforms=train.method_data_transforms(
+                                    build_method(config)))
+  batch = {k: jnp.asarray(v) for k, v in next(it).items() if k in train.TRAIN_BATCH_KEYS}
+  it.close() if hasattr(it, "close") else None
+  base_rng = jax.random.split(jax.random.key(config.seed))[1]
+  return batch, jax.random.fold_in(base_rng, 0)
+
+
+def _logged_losses(workdir: str) -> dict[int, float]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.mark.parametrize("source_kind", ["workdir", "export"])
+def test_continued_mae_run_starts_at_the_source_models_loss(tmp_path, mae_source, source_kind):
+  """Step 1 of the continued run scores the source's weights (encoder and decoder) on that
+  step's batch and masks, and differs from a fresh start."""
+  source = mae_source if source_kind == "workdir" else os.path.join(mae_source, "encoder")
+  if source_kind == "export":
+    # An export with the decoder, as `convert import` of an official *_full.pth writes it.
+    from mim_jax.convert.our_weights import write_weights
+    info, params = read_weights(mae_source)
+    source = write_weights(str(tmp_path / "export"), params, info)
+  config = tiny_mae_config(total_steps=2, init_from=source, seed=7)
+  workdir = str(tmp_path / "continued")
+  train.run(config, workdir)
+
+  _, src_params = read_weights(mae_source)
+  method = build_method(config)
+  batch, rng = _first_batch_and_rng(config)
+  source_loss = float(method.loss(src_params, {}, batch, rng, train=True)[0])
+  fresh = method.init(jax.random.key(0), batch["image"][:1])[0]
+  fresh_loss = float(method.loss(fresh, {}, batch, rng, train=True)[0])
+  logged = _logged_losses(workdir)[1]
+  np.testing.assert_allclose(logged, source_loss, rtol=1e-5)
+  assert abs(logged - fresh_loss) > 1e-3
+
+
+def test_report_names_loaded_fresh_and_unused_parts(mae_source, tmp_path_factory):
+  """MAE -> SimMIM: the encoder loads, its mask token and the predictor start fresh, the MAE
+  decoder goes unused."""
+  config = tiny_mae_config(method="simmim", init_from=mae_source)
+  method = build_method(config)
+  params, _ = method.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  merged, report = continuation.merge_source(jax.device_get(params), config)
+  assert report.loaded == ["encoder"]
+  assert "encoder['mask_token']" in report.fresh
+  assert "predictor (not in the source)" in report.fresh
+  assert report.unused == ["decoder"]
+  _, src = read_weights(mae_source)
+  np.testing.assert_array_equal(merged["encoder"]["patch_embed"]["kernel"],
+                                src["encoder"]["patch_embed"]["kernel"])
+  np.testing.assert_array_equal(merged["encoder"]["mask_token"], params["encoder"]["mask_token"])
+  assert "not used: decoder" in str(report)
+
+
+def test_continued_simmim_loads_its_predictor_and_keeps_the_source_loss(tmp_path_factory):
+  source = _source(tmp_path_factory, "simmim_source", method="simmim")
+  config = tiny_mae_config(method="simmim", init_from=source)
+  method = build_method(config)
+  images = jax.random.normal(jax.random.key(1), (8, 16, 16, 3))
+  params, _ = method.init(jax.random.key(0), images[:1])
+  merged, report = continuation.merge_source(jax.device_get(params), config)
+  assert report.loaded == ["encoder", "predictor"] and not report.fresh
+  _, src = read_weights(source, all_parts=True)
+  rng = jax.random.key(5)
+  np.testing.assert_allclose(method.loss(merged, {}, {"image": images}, rng)[0],
+                             method.loss(src, {}, {"image": images}, rng)[0], rtol=1e-6)
+
+
+def test_data2vec_teacher_starts_as_the_loaded_student(mae_source):
+  config = tiny_mae_config(method="data2vec", init_from=mae_source)
+  config.masking.update(kind="blockwise", ratio=0.5, min_block=2)
+  config.teacher.top_k = 2
+  method = build_method(config)
+  params, extra = jax.device_get(method.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
+  params, extra = method.load_pretrained(params, extra)
+  _, src = read_weights(mae_source)
+  for tree in (params["encoder"], extra["teacher"]):
+    np.testing.assert_array_equal(tree["patch_embed"]["kernel"],
+                                  src["encoder"]["patch_embed"]["kernel"])
+
+
+def test_mismatched_source_is_refused_before_training(tmp_path, mae_source):
+  config = tiny_mae_config(init_from=mae_source)
+  config.model.width = 32  # the source's encoder is 64 wide
+  with pytest.raises(ConfigError, match=r"init_from=.*width 32.*width 64.*model.width=64"):
+    train.run(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_decoder_of_another_size_starts_fresh_and_says_so(mae_source, caplog):
+  config = tiny_mae_config(init_from=mae_source)
+  config.decoder.width = 16
+  method = build_method(config)
+  params, extra = jax.device_get(method.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
+  with caplog.at_level(logging.INFO):
+    loaded, _ = method.load_pretrained(params, extra)
+  assert "decoder (its shapes differ from the source's)" in caplog.text
+  np.testing.assert_array_equal(loaded["decoder"]["mask_token"], params["decoder"]["mask_token"])
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(method="vq_tokenizer"), "init_from"),
+])
+def test_init_from_that_nothing_would_read_is_refused(mae_source, overrides, field):
+  from mim_jax import config_validation
+  config = tiny_mae_config(init_from=mae_source, **overrides)
+  with pytest.raises(ConfigError, match=f"config.{field}="):
+    config_validation.validate_config(config)
+
+
+@pytest.mark.parametrize("method", ["knn", "linprobe"])
+def test_pixel_baselines_refuse_an_init_from(mae_source, method):
+  from mim_jax import config_validation
+  config = config_defaults.base_config()
+  config_defaults.use_fashion_mnist(config)
+  config.method, config.init_from = method, mae_source
+  config.classifier.features = "pixels"
+  with pytest.raises(ConfigError, match="raw-pixel baseline loads no encoder"):
+    config_validation.validate_config(config)
+
+
+def test_continues_from_an_imported_official_full_checkpoint(tmp_path, mae_source):
+  """Official MAE layout (`mae_pretrain_vit_*_full.pth`: encoder + decoder under "model") ->
+  `convert import` -> a continued run that starts at that model's loss and trains."""
+  torch = pytest.importorskip("torch")
+  from mim_jax.convert.__main__ import main as convert_cli
+  from mim_jax.convert.exporter import export_weights
+  from mim_jax.convert.safetensors_io import read_safetensors
+  export_weights(mae_source, str(tmp_path / "official"), "mae")
+  tensors, _ = read_safetensors(str(tmp_path / "official" / "model.safetensors"))
+  assert any(k.startswith("decoder_blocks.") for k in tensors)
+  pth = str(tmp_path / "mae_pretrain_vit_mu_full.pth")
+  torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}}, pth)
+  imported = str(tmp_path / "imported")
+  assert convert_cli(["import", pth, imported, "--num_heads", "2",
+                      "--decoder_num_heads", "2"]) == 0
+
+  config = tiny_mae_config(total_steps=3, init_from=imported, seed=3)
+  workdir = str(tmp_path / "continued")
+  train.run(config, workdir)
+  _, src_params = read_weights(mae_source)
+  batch, rng = _first_batch_and_rng(config)
+  source_loss = float(build_method(config).loss(src_params, {}, batch, rng)[0])
+  losses = _logged_losses(workdir)
+  np.testing.assert_allclose(losses[1], source_loss, rtol=1e-5)
+  assert sorted(losses) == [1, 2, 3] and all(np.isfinite(v) for v in losses.values())
