@@ -1,17 +1,35 @@
 #!/usr/bin/env bash
-# Reproduces the Fashion-MNIST table of docs/results.md: MAE pre-training, k-NN, linear probe
-# and fine-tuning, the baselines, the masking-ratio sweep, and the rows of the other methods.
-# Every run's log, wall time (ROOT/NAME.seconds) and results.json land under ROOT. Re-running
-# skips finished runs. SECTIONS selects parts (default "mae methods"), METHODS the other
-# pre-training methods (default "simmim maskfeat beit data2vec ibot"; BEiT first trains its
-# tokenizer).
+# Reproduces the Fashion-MNIST results of docs/results.md. Every run's log, wall time
+# (ROOT/NAME.seconds) and results.json land under ROOT; re-running skips finished runs, and an
+# interrupted run resumes from its last checkpoint. SECTIONS picks what runs, in order:
 #
-#   bash docs/fmnist_results.sh [ROOT=workdirs/fmnist_results]
-#   SECTIONS=methods METHODS=simmim bash docs/fmnist_results.sh ROOT
-#   python docs/plot_mask_ratio.py ROOT docs/mask_ratio_fmnist.png
+#   pretrain_mae  MAE, MAE_EPOCHS (50) epochs, k-NN on the held-out split every 5 epochs
+#   baselines     probe + k-NN of raw pixels and of a random encoder
+#   probe_mae     probe + k-NN of the MAE encoder (cls and mean-pooled tokens)
+#   tune_scratch  fine-tuning lr x Mixup/CutMix on the held-out split (TUNE_EPOCHS (3) epochs,
+#   tune_mae      a proxy for the full length): from scratch, and from the MAE encoder
+#   finetune_mae  for each of SEEDS: FT_EPOCHS (15) of fine-tuning with the chosen settings:
+#   finetune_scratch  from MAE, from scratch, and from scratch for as many more epochs as MAE
+#   finetune_matched  pre-training cost in model FLOPs (docs/fmnist_tools.py matched_epochs)
+#   lowlabel      1% and 10% of the labels: MAE vs scratch
+#   methods       METHODS (simmim maskfeat beit data2vec ibot) for PRE_EPOCHS (30) epochs with
+#                 the same monitoring, then probe + k-NN and one fine-tuning run
+#   ratio         MAE at masking ratios 0.5 / 0.6 / 0.9: probe + k-NN + fine-tuning
+#
+#   SECTIONS="pretrain_mae probe_mae" bash docs/fmnist_results.sh ROOT
+# Hyper-parameters are chosen on 5,000 held-out training images (data.holdout,
+# eval_split=holdout), never on the test set; test numbers come from the final runs only.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=${1:-workdirs/fmnist_results}
+SECTIONS=${SECTIONS:-"pretrain_mae baselines probe_mae tune_scratch tune_mae finetune_mae
+finetune_scratch finetune_matched lowlabel methods ratio"}
+METHODS=${METHODS:-"maskfeat beit simmim data2vec ibot"}
+SEEDS=${SEEDS:-"0 1 2"}
+MAE_EPOCHS=${MAE_EPOCHS:-50}
+PRE_EPOCHS=${PRE_EPOCHS:-30}
+FT_EPOCHS=${FT_EPOCHS:-15}
+TUNE_EPOCHS=${TUNE_EPOCHS:-3}
 mkdir -p "$ROOT"
 
 run() {  # NAME, then the arguments of mim_jax.main
@@ -21,50 +39,105 @@ run() {  # NAME, then the arguments of mim_jax.main
     return
   fi
   echo "python -m mim_jax.main $* --workdir=$ROOT/$name" | tee -a "$ROOT/commands.txt"
-  /usr/bin/time -f "%e" -o "$ROOT/$name.seconds" \
-      python -m mim_jax.main "$@" --workdir="$ROOT/$name" > "$ROOT/$name.log" 2>&1 \
+  # An interrupted run resumes: its time so far is kept and added to.
+  local before=0
+  [ -f "$ROOT/$name.seconds" ] && before=$(cat "$ROOT/$name.seconds")
+  local start=$SECONDS
+  python -m mim_jax.main "$@" --workdir="$ROOT/$name" >> "$ROOT/$name.log" 2>&1 \
       || { echo "$name failed: see $ROOT/$name.log"; exit 1; }
+  echo $((before + SECONDS - start)) > "$ROOT/$name.seconds"
 }
 
-has_section() { [[ " ${SECTIONS:-mae methods} " == *" $1 "* ]]; }
+has() { [[ " $SECTIONS " == *" $1 "* ]]; }
+holdout=(--config.data.holdout=5000 --config.data.eval_split=holdout)
+pretrain() {  # NAME METHOD EPOCHS [overrides]: pre-training with k-NN on the held-out split
+  local name=$1 method=$2 epochs=$3; shift 3
+  run "$name" --config=configs/${method}_fmnist.py --config.num_epochs="$epochs" \
+      --config.optimizer.warmup_epochs="$(python -c "print($epochs / 10)")" \
+      "${holdout[@]}" --config.knn.every_epochs=5 "$@"
+}
+probe() { run "$1" --config=configs/linprobe_fmnist.py "${@:2}"; }
+ft() { run "$1" --config=configs/finetune_fmnist.py"${2}" --config.num_epochs="$FT_EPOCHS" "${@:3}"; }
+MAE="$ROOT/mae_e$MAE_EPOCHS"
 
-has_section mae && for ratio in 0.75 0.5 0.6 0.9; do
-  run "mae_r$ratio" --config=configs/mae_fmnist.py --config.masking.ratio=$ratio
-  run "knn_mae_r$ratio" --config=configs/knn_fmnist.py --config.init_from="$ROOT/mae_r$ratio"
-  run "lp_mae_r$ratio" --config=configs/linprobe_fmnist.py --config.init_from="$ROOT/mae_r$ratio"
-  if [ "$ratio" = 0.75 ]; then
-    run ft_mae_r0.75 --config=configs/finetune_fmnist.py --config.init_from="$ROOT/mae_r0.75"
-    run knn_pixels --config=configs/knn_fmnist.py --config.classifier.features=pixels
-    run knn_random --config=configs/knn_fmnist.py --config.init_from=random
-    run lp_pixels --config=configs/linprobe_fmnist.py --config.classifier.features=pixels
-    run lp_random --config=configs/linprobe_fmnist.py --config.init_from=random
-    run ft_scratch --config=configs/finetune_fmnist.py
-    run knn_mae_r0.75_gap --config=configs/knn_fmnist.py --config.init_from="$ROOT/mae_r0.75" \
-        --config.classifier.pool=gap
-    run lp_mae_r0.75_gap --config=configs/linprobe_fmnist.py --config.init_from="$ROOT/mae_r0.75" \
-        --config.classifier.pool=gap
-    nomix=(--config.classifier.mixup_alpha=0 --config.classifier.cutmix_alpha=0)
-    run ft_mae_r0.75_nomix --config=configs/finetune_fmnist.py \
-        --config.init_from="$ROOT/mae_r0.75" "${nomix[@]}"
-    run ft_scratch_nomix --config=configs/finetune_fmnist.py "${nomix[@]}"
-  fi
-done
+has pretrain_mae && pretrain "mae_e$MAE_EPOCHS" mae "$MAE_EPOCHS"
+if has baselines; then
+  probe probe_pixels --config.classifier.features=pixels
+  probe probe_random --config.init_from=random
+fi
+has probe_mae && probe "probe_mae_e$MAE_EPOCHS" --config.init_from="$MAE"
 
-# The other pre-training methods on the same encoder and budget, through the same protocols.
-has_section methods && for method in ${METHODS:-simmim maskfeat beit data2vec ibot}; do
-  extra=()
-  if [ "$method" = beit ]; then  # BEiT's stage 1: its tokenizer, trained on the same images
-    run beit_tokenizer --config=configs/beit_tokenizer_fmnist.py
-    extra=(--config.tokenizer.path="$ROOT/beit_tokenizer")
-  fi
-  run "$method" --config=configs/${method}_fmnist.py "${extra[@]}"
-  for pool in cls gap; do
-    run "knn_${method}_$pool" --config=configs/knn_fmnist.py --config.init_from="$ROOT/$method" \
-        --config.classifier.pool=$pool
-    run "lp_${method}_$pool" --config=configs/linprobe_fmnist.py \
-        --config.init_from="$ROOT/$method" --config.classifier.pool=$pool
+tune() {  # INIT (scratch | mae): the tuning grid of docs/fmnist_tools.py on the holdout
+  local init=$1 suffix flags cfg
+  cfg=(--config=configs/finetune_fmnist.py:scratch)
+  [ "$init" = mae ] && cfg=(--config=configs/finetune_fmnist.py --config.init_from="$MAE")
+  for suffix in lr1e-3 lr2e-3 lr1e-3_nomix lr2e-3_nomix; do
+    flags=$(python docs/fmnist_tools.py grid "$suffix")
+    # shellcheck disable=SC2086
+    run "tune_${init}_$suffix" "${cfg[@]}" --config.num_epochs="$TUNE_EPOCHS" \
+        --config.optimizer.warmup_epochs=0.5 "${holdout[@]}" $flags
   done
-  run "ft_$method" --config=configs/finetune_fmnist.py --config.init_from="$ROOT/$method"
-  run "ft_${method}_nomix" --config=configs/finetune_fmnist.py --config.init_from="$ROOT/$method" \
-      --config.classifier.mixup_alpha=0 --config.classifier.cutmix_alpha=0
+}
+has tune_scratch && tune scratch
+has tune_mae && tune mae
+
+pick() { python docs/fmnist_tools.py pick "$ROOT" "$1"; }
+for seed in $SEEDS; do
+  if has finetune_mae; then
+    flags=$(pick tune_mae) || exit 1
+    # shellcheck disable=SC2086
+    ft "ft_mae_s$seed" "" --config.init_from="$MAE" --config.seed="$seed" $flags
+  fi
+  if has finetune_scratch; then
+    flags=$(pick tune_scratch) || exit 1
+    # shellcheck disable=SC2086
+    ft "ft_scratch_s$seed" ":scratch" --config.seed="$seed" $flags
+  fi
+  if has finetune_matched; then
+    flags=$(pick tune_scratch) || exit 1
+    matched=$(python docs/fmnist_tools.py matched_epochs "$MAE" "$FT_EPOCHS") || exit 1
+    # shellcheck disable=SC2086
+    run "ft_scratch_matched_s$seed" --config=configs/finetune_fmnist.py:scratch \
+        --config.num_epochs="$matched" --config.optimizer.warmup_epochs=3 \
+        --config.seed="$seed" $flags
+  fi
 done
+
+if has lowlabel; then
+  for pct in 1 10; do
+    frac=$(python -c "print($pct / 100)")
+    mae_flags=$(pick tune_mae) || exit 1
+    scratch_flags=$(pick tune_scratch) || exit 1
+    # shellcheck disable=SC2086
+    ft "ft_mae_labels$pct" "" --config.init_from="$MAE" --config.data.label_fraction="$frac" \
+        $mae_flags
+    # shellcheck disable=SC2086
+    ft "ft_scratch_labels$pct" ":scratch" --config.data.label_fraction="$frac" $scratch_flags
+  done
+fi
+
+if has methods; then
+  for method in $METHODS; do
+    extra=()
+    if [ "$method" = beit ]; then  # BEiT's stage 1: its tokenizer, trained on the same images
+      run beit_tokenizer --config=configs/beit_tokenizer_fmnist.py "${holdout[@]}" \
+          --config.num_epochs=10 --config.optimizer.warmup_epochs=1
+      extra=(--config.tokenizer.path="$ROOT/beit_tokenizer")
+    fi
+    pretrain "${method}_e$PRE_EPOCHS" "$method" "$PRE_EPOCHS" "${extra[@]}"
+    probe "probe_${method}_e$PRE_EPOCHS" --config.init_from="$ROOT/${method}_e$PRE_EPOCHS"
+    flags=$(pick tune_mae) || exit 1
+    # shellcheck disable=SC2086
+    ft "ft_${method}_s0" "" --config.init_from="$ROOT/${method}_e$PRE_EPOCHS" $flags
+  done
+fi
+
+if has ratio; then
+  for ratio in 0.5 0.6 0.9; do
+    pretrain "mae_e${MAE_EPOCHS}_r$ratio" mae "$MAE_EPOCHS" --config.masking.ratio="$ratio"
+    probe "probe_mae_e${MAE_EPOCHS}_r$ratio" --config.init_from="$ROOT/mae_e${MAE_EPOCHS}_r$ratio"
+    flags=$(pick tune_mae) || exit 1
+    # shellcheck disable=SC2086
+    ft "ft_mae_r${ratio}_s0" "" --config.init_from="$ROOT/mae_e${MAE_EPOCHS}_r$ratio" $flags
+  done
+fi

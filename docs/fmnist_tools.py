@@ -1,0 +1,83 @@
+"""Helpers of docs/fmnist_results.sh: choices read off finished runs, never off test numbers.
+
+  python docs/fmnist_tools.py grid SUFFIX
+      the flags of one point of the tuning grid (run-name suffix, e.g. lr2e-3_nomix)
+  python docs/fmnist_tools.py pick ROOT PREFIX
+      the fine-tuning overrides whose run ROOT/PREFIX_* scored best on the held-out split
+      (results.json eval_accuracy with eval_split "holdout"); prints them as flags
+  python docs/fmnist_tools.py matched_epochs PRETRAIN_WORKDIR FT_EPOCHS
+      FT_EPOCHS plus the epochs of supervised fine-tuning that cost the pre-training's model
+      FLOPs (images seen x training FLOPs per image), rounded
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+import ml_collections
+
+# The tuning grid of docs/fmnist_results.sh: run-name suffix -> flags.
+GRID = {
+    "lr1e-3": ["--config.optimizer.base_lr=0.001"],
+    "lr2e-3": ["--config.optimizer.base_lr=0.002"],
+    "lr1e-3_nomix": ["--config.optimizer.base_lr=0.001", "--config.classifier.mixup_alpha=0",
+                     "--config.classifier.cutmix_alpha=0"],
+    "lr2e-3_nomix": ["--config.optimizer.base_lr=0.002", "--config.classifier.mixup_alpha=0",
+                     "--config.classifier.cutmix_alpha=0"],
+}
+
+
+def pick(root: str, prefix: str) -> list[str]:
+  scores = {}
+  for suffix in GRID:
+    path = os.path.join(root, f"{prefix}_{suffix}", "results.json")
+    if os.path.isfile(path):
+      with open(path) as f:
+        results = json.load(f)
+      config = _config(os.path.join(root, f"{prefix}_{suffix}"))
+      if config.data.eval_split != "holdout":
+        raise SystemExit(f"{path} was not scored on the held-out split")
+      scores[suffix] = results["eval_accuracy"]
+  if not scores:
+    raise SystemExit(f"no finished tuning runs {root}/{prefix}_*")
+  best = max(scores, key=lambda s: (scores[s], -list(GRID).index(s)))
+  print(f"{prefix}: held-out accuracy {scores}; chose {best}", file=sys.stderr)
+  return GRID[best]
+
+
+def _config(workdir: str) -> ml_collections.ConfigDict:
+  with open(os.path.join(workdir, "config.json")) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def matched_epochs(pretrain_workdir: str, ft_epochs: float) -> int:
+  from mim_jax import data, flops
+  from mim_jax.models.vit import size_from_config
+  config = _config(pretrain_workdir)
+  images = data.num_examples(config.data, image_size=tuple(config.image_size),
+                             channels=config.channels)
+  pretrain = config.num_epochs * images * flops.train_flops_per_image(config)
+  size, patch = size_from_config(config.model)
+  n = (config.image_size[0] // patch) * (config.image_size[1] // patch)
+  encoder = (2 * n * patch * patch * config.channels * size.width
+             + flops.transformer_forward_flops(1 + n, size.width, size.depth, size.mlp_dim))
+  ft_epoch = 60_000 * flops.TRAIN_FORWARD_RATIO * encoder
+  extra = pretrain / ft_epoch
+  print(f"pre-training {pretrain:.3e} FLOPs = {extra:.2f} fine-tuning epochs of "
+        f"{ft_epoch:.3e}", file=sys.stderr)
+  return int(round(ft_epochs + extra))
+
+
+if __name__ == "__main__":
+  command = sys.argv[1]
+  if command == "grid":
+    print(" ".join(GRID[sys.argv[2]]))
+  elif command == "pick":
+    print(" ".join(pick(sys.argv[2], sys.argv[3])))
+  elif command == "matched_epochs":
+    print(matched_epochs(sys.argv[2], float(sys.argv[3])))
+  else:
+    raise SystemExit(__doc__)
