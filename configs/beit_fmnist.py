@@ -15,18 +15,18 @@ tokens, a linear head over the 512 codes, cross-entropy on masked patches; AdamW
 wd 0.05, clipping 3.0 as in the ImageNet recipe. Arguments: `variant=SIZE/4`, `runlocal`.
 """
 
-from mim_jax import config_defaults
+from mim_jax import recipes, registry
+from mim_jax.config import defaults as config_defaults
 
 TOKENIZER_WORKDIR = "/tmp/beit_tokenizer_fmnist"
 
 
 def get_config(arg=None):
-  c = config_defaults.base_config()
-  c.method = "beit"
+  c = registry.base_config("beit")
   c.masking.update(kind="blockwise", ratio=0.4, min_block=4, min_aspect=0.3)
   c.tokenizer.update(path=TOKENIZER_WORKDIR, vocab_size=512)
   c.optimizer.update(b1=0.9, b2=0.999, weight_decay=0.05, clip_grad_norm=3.0)
-  c = config_defaults.fmnist_pretraining(c, arg)
+  c = recipes.fmnist_pretraining(c, arg)
   if config_defaults.parse_arg(arg).get("runlocal"):
     c.tokenizer.vocab_size = 16  # the runlocal tokenizer of configs/beit_tokenizer_fmnist.py
   return c

@@ -17,27 +17,30 @@ networks and vocabulary instead: temperature 1 -> 1/16 over the first half, KL t
 uniform prior weighted 0.01; `--config=configs/beit_tokenizer_fmnist.py:dvae`).
 """
 
-from mim_jax import config_defaults
+from mim_jax import registry
+from mim_jax.config import defaults as config_defaults
 
 
 def get_config(arg=None):
   args = config_defaults.parse_arg(arg, ("runlocal", "dvae"))
-  c = config_defaults.base_config()
-  c.method = "vq_tokenizer"
+  c = registry.base_config("dvae_tokenizer" if args.get("dvae") else "vq_tokenizer")
   config_defaults.use_fashion_mnist(c)
-  c.tokenizer.update(kind="vq", vocab_size=512, code_dim=32, l2_normalize=True, decay=0.99,
-                     eps=1e-5, commitment=0.25, restart_after=50, width=64, num_blocks=2)
+  c.tokenizer.update(vocab_size=512, code_dim=32, width=64, num_blocks=2)
+  if args.get("dvae"):
+    c.tokenizer.update(temp_start=1.0, temp_end=1.0 / 16, temp_anneal_fraction=0.5,
+                       kl_weight=0.01)
+  else:
+    c.tokenizer.update(l2_normalize=True, decay=0.99, eps=1e-5, commitment=0.25,
+                       restart_after=50)
   c.num_epochs = 3
   c.optimizer.update(name="adamw", base_lr=1e-3, lr_batch_reference=256, b1=0.9, b2=0.99,
                      weight_decay=1e-4, warmup_epochs=0.2, schedule="cosine")
   c.log_every = 20
   c.checkpoint_every = 200
   c.viz_every = 200
-  if args.get("dvae"):
-    c.method = "dvae_tokenizer"
-    c.tokenizer.update(kind="dvae", l2_normalize=False, temp_start=1.0, temp_end=1.0 / 16,
-                       temp_anneal_fraction=0.5, kl_weight=0.01)
   if args.get("runlocal"):
     config_defaults.apply_runlocal(c, keep_data=True)
-    c.tokenizer.update(vocab_size=16, width=16, num_blocks=1, restart_after=1)
+    c.tokenizer.update(vocab_size=16, width=16, num_blocks=1)
+    if not args.get("dvae"):
+      c.tokenizer.restart_after = 1
   return c

@@ -13,15 +13,15 @@ warmup. The export (DIR/tokenizer/) is what configs/beit_vitb.py reads through
 `runlocal`.
 """
 
-from mim_jax import config_defaults
+from mim_jax import registry
+from mim_jax.config import defaults as config_defaults
 
 
 def get_config(arg=None):
   args = config_defaults.parse_arg(arg)
-  c = config_defaults.base_config()
-  c.method = "vq_tokenizer"
+  c = registry.base_config("vq_tokenizer")
   c.model.variant = str(args.get("variant", "B/16"))
-  c.tokenizer.update(kind="vq", vocab_size=8192, code_dim=32, l2_normalize=True, decay=0.99,
+  c.tokenizer.update(vocab_size=8192, code_dim=32, l2_normalize=True, decay=0.99,
                      eps=1e-5, commitment=0.25, restart_after=100, width=256, num_blocks=2)
   c.data.crop_scale = (0.08, 1.0)
   c.global_batch_size = 1024

@@ -19,13 +19,13 @@ layer scale (the encoder every method here shares), no colour jitter, and our VQ
 112-px second view. Arguments: `variant=B/16` (any SIZE/PATCH), `runlocal`.
 """
 
-from mim_jax import config_defaults
+from mim_jax import registry
+from mim_jax.config import defaults as config_defaults
 
 
 def get_config(arg=None):
   args = config_defaults.parse_arg(arg)
-  c = config_defaults.base_config()
-  c.method = "beit"
+  c = registry.base_config("beit")
   c.model.variant = str(args.get("variant", "B/16"))
   c.model.drop_path_rate = 0.1
   c.masking.update(kind="blockwise", ratio=0.4, min_block=16, min_aspect=0.3)

@@ -13,18 +13,17 @@ the teacher near its random initialisation for the whole run. Arguments: `varian
 `runlocal`.
 """
 
-from mim_jax import config_defaults
+from mim_jax import recipes, registry
 from mim_jax.models.vit import size_from_config
 
 
 def get_config(arg=None):
-  c = config_defaults.base_config()
-  c.method = "data2vec"
+  c = registry.base_config("data2vec")
   c.masking.update(kind="blockwise", ratio=0.6, min_block=4, min_aspect=0.3)
   c.teacher.update(ema_decay=0.99, ema_end_decay=0.999, ema_anneal_fraction=1.0,
                    block_norm="layer", final_norm="layer", loss_beta=2.0)
   c.optimizer.update(b1=0.9, b2=0.999, weight_decay=0.05, clip_grad_norm=3.0)
-  c = config_defaults.fmnist_pretraining(c, arg)
+  c = recipes.fmnist_pretraining(c, arg)
   # The upper half of the blocks, whatever the encoder (variant=..., runlocal's micro model).
   c.teacher.top_k = max(1, size_from_config(c.model)[0].depth // 2)
   return c

@@ -23,13 +23,13 @@ other method. `--config.teacher.block_norm=instance --config.teacher.final_norm=
 per-channel instance-normalised targets of the data2vec paper's speech setup.
 """
 
-from mim_jax import config_defaults
+from mim_jax import registry
+from mim_jax.config import defaults as config_defaults
 
 
 def get_config(arg=None):
   args = config_defaults.parse_arg(arg)
-  c = config_defaults.base_config()
-  c.method = "data2vec"
+  c = registry.base_config("data2vec")
   c.model.variant = str(args.get("variant", "B/16"))
   c.model.drop_path_rate = 0.25
   c.masking.update(kind="blockwise", ratio=0.6, min_block=16, min_aspect=0.3)

@@ -14,12 +14,13 @@ Low-label fine-tuning: --config.data.label_fraction=0.01 (or 0.1): a fixed per-c
 the training labels. Arguments: `scratch`, `runlocal`.
 """
 
-from mim_jax import config_defaults
+from mim_jax import recipes
+from mim_jax.config import defaults as config_defaults
 
 
 def get_config(arg=None):
   args = config_defaults.parse_arg(arg, allowed=("scratch", "runlocal"))
-  c = config_defaults.finetune_recipe(config_defaults.base_config(), size="B")
+  c = recipes.finetune_recipe(size="B")
   config_defaults.use_fashion_mnist(c)
   c.optimizer.update(base_lr=1e-3, layer_decay=0.75)
   c.num_epochs = 15

@@ -12,15 +12,16 @@ Arguments: `size=B|L|H` (pick the size of the encoder in init_from: the encoder'
 from the export, the recipe from this argument), `runlocal`.
 """
 
-from mim_jax import config_defaults
+from mim_jax import recipes
+from mim_jax.config import defaults as config_defaults
 
 
 def get_config(arg=None):
   args = config_defaults.parse_arg(arg, allowed=("size", "runlocal"))
   size = str(args.get("size", "B"))
-  if size not in config_defaults.MAE_FINETUNE:
-    raise ValueError(f"size={size!r}: expected one of {sorted(config_defaults.MAE_FINETUNE)}")
-  c = config_defaults.finetune_recipe(config_defaults.base_config(), size=size)
+  if size not in recipes.MAE_FINETUNE:
+    raise ValueError(f"size={size!r}: expected one of {sorted(recipes.MAE_FINETUNE)}")
+  c = recipes.finetune_recipe(size=size)
   c.model.variant = {"B": "B/16", "L": "L/16", "H": "H/14"}[size]
   if args.get("runlocal"):
     config_defaults.apply_runlocal(c)

@@ -26,13 +26,13 @@ that projects to about 2.9 s per step, 34 minutes for the 702 steps. `multicrop.
 saves about 8%.
 """
 
-from mim_jax import config_defaults
+from mim_jax import recipes, registry
+from mim_jax.config import defaults as config_defaults
 
 
 def get_config(arg=None):
-  c = config_defaults.base_config()
-  c.method = "ibot"
-  c.masking.update(kind="blockwise", ratio=0.3, ratio_range=(0.1, 0.5), mask_probability=0.5,
+  c = registry.base_config("ibot")
+  c.masking.update(kind="blockwise", ratio_range=(0.1, 0.5), mask_probability=0.5,
                    min_block=4, min_aspect=0.3)
   c.ibot.update(out_dim=1024, hidden_dim=256, bottleneck_dim=128, norm_last_layer=False,
                 warmup_teacher_temp_epochs=1.0, momentum=0.99, freeze_last_layer_epochs=0.1)
@@ -40,8 +40,7 @@ def get_config(arg=None):
                      local_size=(12, 12), jitter_prob=0.8, grayscale_prob=0.0, blur=False,
                      solarize_prob=0.2)
   c.optimizer.update(b1=0.9, b2=0.999, weight_decay=0.04, clip_grad_norm=3.0)
-  c = config_defaults.fmnist_pretraining(c, arg)
-  c.viz_every = 0  # no pixel predictions to draw
+  c = recipes.fmnist_pretraining(c, arg)
   if config_defaults.parse_arg(arg).get("runlocal"):
     c.multicrop.num_local = 2
     c.ibot.update(out_dim=64, hidden_dim=32, bottleneck_dim=16, warmup_teacher_temp_epochs=0.5)

@@ -19,16 +19,16 @@ patches, aspect 0.3 .. 1/0.3) on half of the global views, each with a ratio dra
 (0.1, 0.5) (iBOT's pred_ratio 0 / 0.3 with pred_ratio_var 0 / 0.2).
 """
 
-from mim_jax import config_defaults
+from mim_jax import registry
+from mim_jax.config import defaults as config_defaults
 
 
 def get_config(arg=None):
   args = config_defaults.parse_arg(arg)
-  c = config_defaults.base_config()
-  c.method = "ibot"
+  c = registry.base_config("ibot")
   c.model.variant = str(args.get("variant", "S/16"))
   c.model.drop_path_rate = 0.1
-  c.masking.update(kind="blockwise", ratio=0.3, ratio_range=(0.1, 0.5), mask_probability=0.5,
+  c.masking.update(kind="blockwise", ratio_range=(0.1, 0.5), mask_probability=0.5,
                    min_block=16, min_aspect=0.3)
   c.ibot.update(out_dim=8192, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=False,
                 student_temp=0.1, warmup_teacher_temp=0.04, teacher_temp=0.07,
@@ -43,10 +43,8 @@ def get_config(arg=None):
   c.optimizer.update(name="adamw", base_lr=5e-4, lr_batch_reference=256, min_lr=1e-6,
                      b1=0.9, b2=0.999, weight_decay=0.04, weight_decay_schedule="cosine",
                      weight_decay_end=0.4, warmup_epochs=10.0, clip_grad_norm=3.0)
-  c.viz_every = 0  # no pixel predictions to draw
   if args.get("runlocal"):
     config_defaults.apply_runlocal(c)
-    c.viz_every = 0
     c.masking.min_block = 1  # 2x2-patch synthetic images
     c.multicrop.update(num_local=2, local_size=(16, 16))
     c.ibot.update(out_dim=64, hidden_dim=32, bottleneck_dim=16, warmup_teacher_temp_epochs=0.5,

@@ -8,12 +8,13 @@ Writes knn_top1 / knn_top5 to WORKDIR/results.json. Baselines: --config.classifi
 pixels (raw pixels), --config.init_from=random (a random encoder). Arguments: `runlocal`.
 """
 
-from mim_jax import config_defaults
+from mim_jax import recipes
+from mim_jax.config import defaults as config_defaults
 
 
 def get_config(arg=None):
   args = config_defaults.parse_arg(arg, allowed=("runlocal",))
-  c = config_defaults.knn_recipe(config_defaults.base_config())
+  c = recipes.knn_recipe()
   config_defaults.use_fashion_mnist(c)
   if args.get("runlocal"):
     config_defaults.apply_runlocal(c, keep_data=True)

@@ -7,12 +7,13 @@ The 1.28M training images (resize 256, centre crop 224) are the bank, the valida
 queries; features are the frozen cls token. Arguments: `runlocal`.
 """
 
-from mim_jax import config_defaults
+from mim_jax import recipes
+from mim_jax.config import defaults as config_defaults
 
 
 def get_config(arg=None):
   args = config_defaults.parse_arg(arg, allowed=("runlocal",))
-  c = config_defaults.knn_recipe(config_defaults.base_config())
+  c = recipes.knn_recipe()
   if args.get("runlocal"):
     config_defaults.apply_runlocal(c)
   return c

@@ -18,16 +18,14 @@ loop with augmentation (the official MAE ImageNet recipe) is configs/linprobe_im
 Arguments: `runlocal` (a smoke run: one L2 strength, a few iterations; still needs init_from).
 """
 
-from mim_jax import config_defaults
+from mim_jax import recipes
+from mim_jax.config import defaults as config_defaults
 
 
 def get_config(arg=None):
   args = config_defaults.parse_arg(arg, allowed=("runlocal",))
-  c = config_defaults.knn_recipe(config_defaults.base_config())
+  c = recipes.knn_recipe("probe")  # data.holdout: 5,000 training images
   config_defaults.use_fashion_mnist(c)
-  c.method = "probe"
-  c.data.holdout = 5000
-  c.eval.batch_size = 1000
   if args.get("runlocal"):
     config_defaults.apply_runlocal(c, keep_data=True)
     c.probe.update(l2_grid=(1e-3,), max_iter=20)

@@ -9,12 +9,13 @@ with 10 warmup, batch 16384, RandomResizedCrop + flip; evaluation on the validat
 (resize 256, centre crop 224). The encoder size comes from init_from. Arguments: `runlocal`.
 """
 
-from mim_jax import config_defaults
+from mim_jax import recipes
+from mim_jax.config import defaults as config_defaults
 
 
 def get_config(arg=None):
   args = config_defaults.parse_arg(arg, allowed=("runlocal",))
-  c = config_defaults.linprobe_recipe(config_defaults.base_config())
+  c = recipes.linprobe_recipe()
   if args.get("runlocal"):
     config_defaults.apply_runlocal(c)
   return c

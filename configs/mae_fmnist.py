@@ -11,10 +11,10 @@ On a GPU scale it up unchanged, e.g. `:variant=S/4 --config.num_epochs=100
 --config.model.dtype=bfloat16`.
 """
 
-from mim_jax import config_defaults
+from mim_jax import recipes, registry
 
 
 def get_config(arg=None):
-  c = config_defaults.base_config()
+  c = registry.base_config("mae")
   c.decoder.update(width=64, depth=2, num_heads=4)
-  return config_defaults.fmnist_pretraining(c, arg)
+  return recipes.fmnist_pretraining(c, arg)

@@ -10,8 +10,8 @@ wd 0.05, base lr 1.5e-4 (lr = base_lr * batch / 256), 40 warmup epochs, half-cos
 mask 0.75, norm_pix_loss, RandomResizedCrop(0.2, 1) + flip, decoder 512-d x 8.
 """
 
-from mim_jax import config_defaults
+from mim_jax import recipes
 
 
 def get_config(arg=None):
-  return config_defaults.mae_imagenet_config(arg, default_variant="L/16")
+  return recipes.mae_imagenet_config(arg, default_variant="L/16")

@@ -11,13 +11,12 @@ MSE on masked patches, AdamW (0.9, 0.999), clipping 0.02. Arguments: `variant=SI
 `runlocal`.
 """
 
-from mim_jax import config_defaults
+from mim_jax import recipes, registry
 
 
 def get_config(arg=None):
-  c = config_defaults.base_config()
-  c.method = "maskfeat"
+  c = registry.base_config("maskfeat")
   c.masking.update(kind="blockwise", ratio=0.4, min_block=4, min_aspect=0.3)
   c.target.hog.update(cell_size=4, num_bins=9, gradient="sobel", gaussian_window=4)
   c.optimizer.update(b1=0.9, b2=0.999, weight_decay=0.05, clip_grad_norm=0.02)
-  return config_defaults.fmnist_pretraining(c, arg)
+  return recipes.fmnist_pretraining(c, arg)

@@ -14,13 +14,13 @@ per cell and colour channel, 108 values per patch; a linear head and MSE on mask
 RandomResizedCrop(0.5, 1) + flip.
 """
 
-from mim_jax import config_defaults
+from mim_jax import registry
+from mim_jax.config import defaults as config_defaults
 
 
 def get_config(arg=None):
   args = config_defaults.parse_arg(arg)
-  c = config_defaults.base_config()
-  c.method = "maskfeat"
+  c = registry.base_config("maskfeat")
   c.model.variant = str(args.get("variant", "B/16"))
   c.masking.update(kind="blockwise", ratio=0.4, min_block=16, min_aspect=0.3)
   c.target.hog.update(cell_size=8, num_bins=9, gradient="sobel", gaussian_window=16)

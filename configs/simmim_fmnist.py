@@ -10,13 +10,12 @@ of each patch, L1 loss on masked pixels of the normalised image, AdamW (0.9, 0.9
 5.0. Arguments: `variant=SIZE/4`, `runlocal`.
 """
 
-from mim_jax import config_defaults
+from mim_jax import recipes, registry
 
 
 def get_config(arg=None):
-  c = config_defaults.base_config()
-  c.method = "simmim"
+  c = registry.base_config("simmim")
   c.masking.update(kind="grouped", ratio=0.6, mask_patch_size=4)
   c.target.norm_pix = False
   c.optimizer.update(b1=0.9, b2=0.999, weight_decay=0.05, clip_grad_norm=5.0)
-  return config_defaults.fmnist_pretraining(c, arg)
+  return recipes.fmnist_pretraining(c, arg)

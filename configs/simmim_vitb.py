@@ -15,13 +15,13 @@ Not reproduced: the official ViT uses shared relative position bias and layer sc
 the encoder is the same sin-cos ViT as every other method.
 """
 
-from mim_jax import config_defaults
+from mim_jax import registry
+from mim_jax.config import defaults as config_defaults
 
 
 def get_config(arg=None):
   args = config_defaults.parse_arg(arg)
-  c = config_defaults.base_config()
-  c.method = "simmim"
+  c = registry.base_config("simmim")
   c.model.variant = str(args.get("variant", "B/16"))
   c.model.drop_path_rate = 0.1
   c.masking.update(kind="grouped", ratio=0.6, mask_patch_size=32)

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import sys
@@ -54,7 +53,8 @@ def _config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def matched_epochs(pretrain_workdir: str, ft_epochs: float) -> int:
-  from mim_jax import data, flops
+  from mim_jax import data
+  from mim_jax.models import flops
   from mim_jax.models.vit import size_from_config
   config = _config(pretrain_workdir)
   images = data.num_examples(config.data, image_size=tuple(config.image_size),

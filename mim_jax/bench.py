@@ -8,7 +8,7 @@ Every measurement runs on one synthetic batch (`--batch`, default config.global_
 after warm-up steps, each step timed to completion (block_until_ready; the loss's .item() for
 PyTorch), and prints one JSON line: method, model, image size, masking, batch, dtype, device
 kind and count, step time (median, min, max, interquartile range), images/s, model FLOPs per
-image (analytic, `mim_jax.flops`; XLA's cost analysis of the compiled step beside it),
+image (analytic, `mim_jax.models.flops`; XLA's cost analysis of the compiled step beside it),
 achieved TFLOP/s and MFU against the device's dense bf16 peak (`flops.PEAK_TFLOPS`; none on
 CPU).
 
@@ -63,18 +63,20 @@ def _sig(x: float, digits: int = 4) -> float:
 
 
 def _summary(name: str, times: list[float], config, device_kind: str, **extra) -> dict:
-  from mim_jax import flops
+  from mim_jax import registry
+  from mim_jax.models import flops
   from mim_jax.models.vit import describe_size
   median = statistics.median(times)
   q = statistics.quantiles(times, n=4) if len(times) > 1 else [median] * 3
   images_per_s = config.global_batch_size / median
-  train_flops = flops.train_flops_per_image(config)
+  train_flops = flops.train_flops(registry.forward_flops(config))
   achieved = train_flops * images_per_s / 1e12
   peak = flops.peak_tflops(device_kind)
   return {"impl": name, "method": config.method, "model": describe_size(config.model),
-          "image_size": list(config.image_size), "masking": config.masking.kind,
-          "mask_ratio": config.masking.ratio,
-          "encoder_mask_tokens": bool(config.model.encoder_mask_tokens),
+          "image_size": list(config.image_size),
+          "masking": config.masking.kind if "masking" in config else None,
+          "mask_ratio": config.masking.ratio if "masking" in config else None,
+          "encoder_mask_tokens": bool(config.model.get("encoder_mask_tokens", False)),
           "global_batch": config.global_batch_size, "device": device_kind,
           "steps": len(times), "step_s_median": round(median, 5),
           "step_s_min": round(min(times), 5), "step_s_max": round(max(times), 5),
@@ -96,26 +98,25 @@ def _timed(step, warmup: int, steps: int) -> list[float]:
 
 def bench_mim_jax(config, steps: int, warmup: int) -> dict:
   import jax
-  import jax.numpy as jnp
   import numpy as np
-  import optax
 
-  from mim_jax import masking, optim, train
-  from mim_jax.methods import build_method
+  from mim_jax.training import setup
 
-  method = build_method(config)
-  schedule = optax.constant_schedule(1e-4)
-  tx = optim.build_optimizer(config.optimizer, schedule, schedule_steps=1000)
-  shape = (config.global_batch_size, *config.image_size, config.channels)
-  state = jax.jit(train.init_train_state, static_argnums=(0, 1, 3))(
-      method, tx, jax.random.key(0), (1, *shape[1:]))
-  step = jax.jit(train.make_train_step(method, tx, schedule), donate_argnums=(0,))
-  batch = {"image": jax.random.normal(jax.random.key(1), shape),
-           "label": jnp.zeros(shape[0], jnp.int32)}
-  generator = getattr(method, "mask_generator", None)
-  if generator is not None and generator.on_host:  # drawn by the input pipeline in training
-    batch[masking.TOKEN_MASK_KEY] = jnp.asarray(generator.host(np.random.default_rng(0),
-                                                                shape[0]))
+  # The run's own set-up (the step, optimizer and shardings a training run uses); the
+  # schedule's length does not change a step's cost.
+  r = setup.setup_run(setup.prepare(config), num_examples=1000 * config.global_batch_size)
+  state = r.init_state(r.keys()[0])
+  step = r.jit_step()
+  rng_np = np.random.default_rng(0)
+  batch = {}
+  for key, spec in setup.abstract_batch(r, config.global_batch_size).items():
+    if key == "image" or np.issubdtype(spec.dtype, np.floating):
+      batch[key] = jax.random.normal(jax.random.key(1), spec.shape, spec.dtype)
+    else:  # labels, view masks (no masking: the cost is the same)
+      batch[key] = np.zeros(spec.shape, spec.dtype)
+  batch.update(r.method.example_extras(config.global_batch_size, rng_np))
+  batch = jax.device_put(batch, r.batch_sharding)
+  shape = batch["image"].shape if "image" in batch else (config.global_batch_size,)
   rng = jax.random.key(2)
   compiled = step.lower(state, batch, rng).compile()
   cost = compiled.cost_analysis()
@@ -238,13 +239,13 @@ def load_config(spec: str):
 
 
 def _variant(config, **changes):
-  from mim_jax.config_defaults import override
+  from mim_jax.config.defaults import override
   return override(config.copy_and_resolve_references(), **changes)
 
 
 def main(argv):
   del argv
-  from mim_jax.config_validation import PRETRAINING_METHODS
+  from mim_jax import registry
   configs = [FLAGS.config, *map(load_config, FLAGS.also)]
   if FLAGS.batch:
     configs = [_variant(c, global_batch_size=FLAGS.batch) for c in configs]
@@ -259,9 +260,9 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"--peer: unknown {unknown}; allowed: {', '.join(PEERS)}")
   for c in configs:
-    if c.method not in PRETRAINING_METHODS:
-      raise app.UsageError(f"config.method={c.method!r}: the benchmark times pre-training "
-                           f"methods {PRETRAINING_METHODS}")
+    if registry.method_class(c.method).kind == "job":
+      raise app.UsageError(f"config.method={c.method!r} trains nothing: the benchmark times "
+                           "train steps")
   if (peers or FLAGS.asymmetry) and configs[0].method != "mae":
     raise app.UsageError("--peer and --asymmetry compare against MAE: the first config must be "
                          "an MAE config")

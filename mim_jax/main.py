@@ -9,7 +9,7 @@ through the same loop, configs/knn_*.py runs the k-NN job (all with --config.ini
 
 Multi-process runs start every process with the same command and the same --workdir; only
 process 0 writes logs and pictures. Under SLURM (one task per GPU, `srun`) and on multi-host
-Cloud TPU the processes find each other without flags (see mim_jax/distributed.py and
+Cloud TPU the processes find each other without flags (see mim_jax/training/distributed.py and
 launch/; MIM_JAX_DISTRIBUTED=1 in the environment forces JAX's own cluster detection,
 MIM_JAX_DISTRIBUTED=0 turns it off); anywhere else pass all three of
 
@@ -24,7 +24,7 @@ e.g. two CPU processes on one machine:
   python -m mim_jax.main --config=configs/mae_vitb.py:runlocal --workdir=/tmp/mp \
       --coordinator_address=localhost:12355 --num_processes=2 --process_id=1
 
-Exit codes (mim_jax/run_errors.py): 0 finished, or stopped after SIGTERM with its checkpoint
+Exit codes (mim_jax/training/run_errors.py): 0 finished, or stopped after SIGTERM with its checkpoint
 written; 1 a bug (traceback); 2 bad input found before training (a flag, a config field, the
 workdir, a data file); 3 the loss stayed NaN/Inf (config.max_consecutive_nonfinite steps);
 4 checkpoint writes kept failing (config.max_consecutive_failed_saves).
@@ -42,8 +42,8 @@ from typing import NoReturn, Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
-from mim_jax import run_errors
-from mim_jax.config_errors import ConfigError, dotted_keys, unknown_field_error
+from mim_jax.config.errors import ConfigError, dotted_keys, unknown_field_error
+from mim_jax.training import run_errors
 
 FLAGS = flags.FLAGS
 
@@ -107,7 +107,9 @@ def _unknown_overrides(argv: Sequence[str]) -> list[ConfigError]:
   except Exception:  # pylint: disable=broad-except  # the original error is reported instead
     return []
   fields = [m.group(1) for m in map(_OVERRIDE.match, argv[1:]) if m]
-  return [unknown_field_error(f, known) for f in dict.fromkeys(fields) if f not in known]
+  from mim_jax import registry  # only on this error path: keeps `--help` fast
+  return [registry.unused_field_error(f, probe.config.method) or unknown_field_error(f, known)
+          for f in dict.fromkeys(fields) if f not in known]
 
 
 def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
@@ -128,7 +130,7 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> l
       # `--confg.seed=3`: a mistyped prefix of a config override.
       message += f". Did you mean --config.{name.split('.', 1)[1]}?"
     _fail(f"{message}\nPass --helpfull for the flags; config fields are in "
-          "mim_jax/config_defaults.py.")
+          "mim_jax/config/defaults.py.")
 
 
 def run_from_flags(flag_values: flags.FlagValues) -> None:
@@ -137,22 +139,17 @@ def run_from_flags(flag_values: flags.FlagValues) -> None:
   Exits with a message and the code of run_errors for bad input (2), a diverged run (3) and
   failed checkpoints (4); other exceptions are bugs and keep their traceback.
   """
-  from mim_jax import distributed  # after flag parsing: keeps `--help` fast
+  from mim_jax.training import distributed  # after flag parsing: keeps `--help` fast
   try:
     # Before anything touches JAX devices: the backend starts with the process group.
     distributed.maybe_initialize(flag_values.coordinator_address, flag_values.num_processes,
                                  flag_values.process_id)
   except ValueError as e:
     _fail(str(e))
-  from mim_jax import checkpoint, data, train
-  from mim_jax.evaluate import frozen
+  from mim_jax import data
+  from mim_jax.training import checkpoint, loop
   try:
-    if flag_values.config.method == "knn":
-      frozen.run_knn(flag_values.config, flag_values.workdir)
-    elif flag_values.config.method == "probe":
-      frozen.run_probe(flag_values.config, flag_values.workdir)
-    else:
-      train.run(flag_values.config, flag_values.workdir)
+    loop.run(flag_values.config, flag_values.workdir)
   except (ConfigError, checkpoint.WorkdirNotWritableError, data.IdxFormatError,
           data.BadImageError) as e:
     _fail(str(e))

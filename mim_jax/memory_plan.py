@@ -3,7 +3,7 @@ r"""Per-device memory of a training step for a config and a mesh, without the ha
   python -m mim_jax.memory_plan --config=configs/mae_vith.py --mesh=fsdp:8 --batch=4096 \
       [--rules=fsdp] [--hbm_gib=80] [--config.model.dtype=bfloat16] [--config.model.remat=full]
 
-The train step of `mim_jax.train` (the same function, optimizer and shardings a run uses) is
+The train step of `mim_jax.training.setup` (the same function, optimizer and shardings a run uses) is
 lowered and compiled for the mesh on simulated CPU devices, from abstract shapes only: no
 parameter or batch is ever allocated. It prints, per device:
 
@@ -28,7 +28,6 @@ order, not a guarantee; leave headroom (docs/scaling.md).
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import sys
@@ -70,63 +69,18 @@ def parse_mesh(text: str) -> list[tuple[str, int]]:
   return out
 
 
-def _abstract_batch(config, method, batch: int) -> dict[str, Any]:
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from mim_jax import masking, train
-  if hasattr(method, "train_augment"):
-    # Methods with their own views (iBOT's multi-crop): the shapes of one placeholder element,
-    # which the augmentation makes for a missing image, stacked `batch` times.
-    augment = method.train_augment(config.data, tuple(config.image_size), config.channels)
-    element = augment.random_map({"image": None, "label": np.int32(0)},
-                                 np.random.default_rng(0))
-    return {k: jax.ShapeDtypeStruct((batch, *np.shape(element[k])), np.asarray(element[k]).dtype)
-            for k in train.method_batch_keys(method) if k in element}
-  h, w = config.image_size
-  out = {"image": jax.ShapeDtypeStruct((batch, h, w, config.channels), jnp.float32),
-         "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
-  generator = getattr(method, "mask_generator", None)
-  if generator is not None and generator.on_host:
-    num_patches = generator.host(np.random.default_rng(0), 1).shape[1]
-    out[masking.TOKEN_MASK_KEY] = jax.ShapeDtypeStruct((batch, num_patches), jnp.bool_)
-  return out
-
-
 def plan(config, devices=None) -> dict[str, Any]:
   """Compiles `config`'s train step for `config.mesh` on `devices` (default: all) from
   abstract inputs and returns the per-device byte counts (see the module docstring)."""
   import jax
-  from mim_jax import config_validation, optim, parallel, train
-  from mim_jax.methods import build_method
-  from mim_jax.methods.base import TrainLength
 
-  config_validation.validate_config(config)
-  mesh = parallel.make_mesh(config.mesh, devices)
-  config_validation.validate_for_devices(
-      config, batch_parallelism=parallel.batch_parallelism(mesh), process_count=1,
-      mesh_desc=parallel.describe_mesh(mesh))
-  steps_per_epoch = 1000  # nominal: the schedule's length does not change the memory
-  schedule_steps = max(1, int(config.num_epochs * steps_per_epoch))
-  schedule = optim.learning_rate_schedule(config.optimizer, config.global_batch_size,
-                                          steps_per_epoch, schedule_steps)
-  tx = optim.build_optimizer(config.optimizer, schedule, schedule_steps)
-  method = build_method(config, TrainLength(steps_per_epoch, schedule_steps))
-  image_size, channels = tuple(config.image_size), config.channels
-  init_fn = functools.partial(train.init_train_state, method, tx,
-                              image_shape=(1, *image_size, channels))
-  abstract_state = jax.eval_shape(init_fn, jax.random.key(0))
-  shardings = parallel.tree_shardings(mesh, abstract_state, config.sharding_rules)
-  batch_sharding = parallel.batch_sharding(mesh)
-  replicated = parallel.replicated(mesh)
-  abstract_batch = _abstract_batch(config, method, config.global_batch_size)
-  keys = [k for k in train.method_batch_keys(method) if k in abstract_batch]
-  abstract_batch = {k: abstract_batch[k] for k in keys}
-  step = jax.jit(
-      parallel.with_activation_mesh(
-          mesh, train.make_train_step(method, tx, schedule, config.grad_accum_steps)),
-      in_shardings=(shardings, batch_sharding, replicated),
-      out_shardings=(shardings, replicated), donate_argnums=(0,))
+  from mim_jax.training import parallel, setup
+  # The schedule's length does not change the memory: a nominal 1000 steps per epoch.
+  r = setup.setup_run(setup.prepare(config), devices=devices,
+                      num_examples=1000 * config.global_batch_size, process_count=1)
+  abstract_state, shardings, mesh = r.abstract_state, r.state_shardings, r.mesh
+  abstract_batch = setup.abstract_batch(r, config.global_batch_size)
+  step = r.jit_step()
   t0 = time.perf_counter()
   lowered = step.lower(abstract_state, abstract_batch, jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
   compiled = lowered.compile()
@@ -189,7 +143,7 @@ def _num_devices(mesh_cfg, devices_flag: int) -> int:
 
 def main(argv) -> None:
   del argv
-  from mim_jax import config_defaults
+  from mim_jax.config import defaults as config_defaults
   config = FLAGS.config
   with config.unlocked():
     if FLAGS.mesh:

@@ -154,7 +154,9 @@ def hog_grid(images: np.ndarray, pred: np.ndarray, target: np.ndarray, mask: np.
   each cell's histogram as oriented strokes, both maps on one brightness scale.
   Returns uint8 [R*H' + (R-1)*GAP, 4*W' + 3*GAP, 3] as `reconstruction_grid`.
   """
-  from mim_jax import hog  # here, so that importing viz needs only numpy and PIL
+  from mim_jax.objectives import (
+    hog,  # here, so that importing viz needs only numpy and PIL
+  )
   images = np.asarray(images, np.float32)[:max_rows]
   pred = np.asarray(pred, np.float32)[:max_rows]
   target = np.asarray(target, np.float32)[:max_rows]

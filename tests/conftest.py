@@ -13,21 +13,35 @@ FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 sys.path.insert(0, str(REPO))
 
 
-def tiny_mae_config(**overrides):
-  """A micro MAE config on synthetic 16x16 RGB images (4x4 patches -> 16 patches)."""
-  from mim_jax import config_defaults
-  c = config_defaults.base_config()
+def tiny_config(method: str = "mae", **overrides):
+  """A micro config of `method` on synthetic 16x16 RGB images (4x4 patches -> 16 patches);
+  only the fields the method has are set."""
+  from mim_jax import registry
+  from mim_jax.config import defaults as config_defaults
+  c = registry.base_config(method)
   c.image_size = (16, 16)
   c.model.variant = "mu/4"
-  c.decoder.update(width=32, depth=1, num_heads=2)
-  c.data.update(source="synthetic", synthetic_size=64, num_workers=0)
-  c.global_batch_size = 8
-  c.num_epochs = 2
-  c.optimizer.warmup_epochs = 1.0
-  c.log_every = 1
-  c.checkpoint_every = 2
-  c.viz_every = 0
+  if "decoder" in c:
+    c.decoder.update(width=32, depth=1, num_heads=2)
+  c.data.update(source="synthetic", synthetic_size=64)
+  if "num_workers" in c.data:
+    c.data.num_workers = 0
+  if "optimizer" in c:
+    c.global_batch_size = 8
+    c.num_epochs = 2
+    c.optimizer.warmup_epochs = 1.0
+    c.log_every = 1
+    c.checkpoint_every = 2
+  if "viz_every" in c:
+    c.viz_every = 0
+  if overrides.get("data.source", "synthetic") != "synthetic":
+    c.data.synthetic_size = registry.base_config(method).data.synthetic_size  # not read then
   return config_defaults.override(c, **overrides)
+
+
+def tiny_mae_config(**overrides):
+  """`tiny_config` of MAE, or of `method=...` when the overrides name one."""
+  return tiny_config(overrides.pop("method", "mae"), **overrides)
 
 
 requires_fmnist = pytest.mark.skipif(
@@ -48,10 +62,15 @@ def export_random_tokenizer(config, directory: str, **tokenizer_overrides) -> st
   patch grid, channels, vocabulary and normalisation) to `directory`; returns `directory`."""
   import jax
   import jax.numpy as jnp
+
+  from mim_jax import registry
   from mim_jax.tokenizers.vq import VQTokenizer
-  c = config.copy_and_resolve_references()
-  c.method = "vq_tokenizer"
-  c.tokenizer.update(dict(width=8, num_blocks=1, code_dim=8), **tokenizer_overrides)
+  c = registry.base_config("vq_tokenizer")
+  c.update(image_size=tuple(config.image_size), channels=config.channels)
+  c.model.variant = config.model.variant
+  c.data.update(mean=tuple(config.data.mean), std=tuple(config.data.std))
+  c.tokenizer.update(dict(width=8, num_blocks=1, code_dim=8,
+                          vocab_size=int(config.tokenizer.vocab_size)), **tokenizer_overrides)
   method = VQTokenizer(c)
   params, extra = method.init(jax.random.key(0),
                               jnp.zeros((1, *tuple(c.image_size), c.channels), jnp.float32))

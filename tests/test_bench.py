@@ -49,7 +49,9 @@ def test_pipeline_benchmark_reports_images_per_core():
 
 
 def test_peak_table_matches_device_kinds():
-  from mim_jax.flops import peak_tflops  # not mim_jax.bench: its flags clash with main's
+  from mim_jax.models.flops import (
+    peak_tflops,  # not mim_jax.bench: its flags clash with main's
+  )
   assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
   assert peak_tflops("NVIDIA H100 PCIe") == 756.0
   assert peak_tflops("NVIDIA H200") == 989.4

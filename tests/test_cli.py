@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from mim_jax import config_validation
-from mim_jax.config_errors import ConfigError
+from mim_jax import registry
+from mim_jax.config import validation
+from mim_jax.config.errors import ConfigError
 
 from conftest import REPO, tiny_mae_config
 
@@ -22,8 +23,8 @@ from conftest import REPO, tiny_mae_config
     ({"model.variant": "Q/4"}, r"config.model.variant='Q/4'"),
     ({"model.variant": "B16"}, r"config.model.variant='B16'.*SIZE/PATCH"),
     ({"method": "maee"}, r"config.method='maee' is invalid: one of \['beit', 'data2vec', "
-     r"'dvae_tokenizer', 'finetune', 'ibot', 'knn', 'linprobe', 'mae', 'maskfeat', 'simmim', "
-     r"'vq_tokenizer'\]"),
+     r"'dvae_tokenizer', 'finetune', 'ibot', 'knn', 'linprobe', 'mae', 'maskfeat', 'probe', "
+     r"'simmim', 'vq_tokenizer'\]"),
     ({"model.dtype": "float8"}, r"config.model.dtype='float8'"),
     ({"masking.kind": "blockwise"}, r"config.masking.kind='blockwise' .*'random'"),
     ({"global_batch_size": 0}, r"config.global_batch_size=0"),
@@ -43,15 +44,15 @@ from conftest import REPO, tiny_mae_config
 ])
 def test_invalid_config_names_field_value_and_allowed(overrides, match):
   with pytest.raises(ConfigError, match=match):
-    config_validation.validate_config(tiny_mae_config(**overrides))
+    registry.validate_config(tiny_mae_config(**overrides))
 
 
 def test_batch_must_split_over_devices_and_accumulation():
   config = tiny_mae_config(global_batch_size=12, grad_accum_steps=2)
-  config_validation.validate_for_devices(config, batch_parallelism=2, process_count=1)
+  validation.validate_for_devices(config, batch_parallelism=2, process_count=1)
   with pytest.raises(ConfigError, match=r"global_batch_size=12 .*\(data-parallel devices 8\) x "
                      r"\(grad_accum_steps 2\) = 16"):
-    config_validation.validate_for_devices(config, batch_parallelism=8, process_count=1)
+    validation.validate_for_devices(config, batch_parallelism=8, process_count=1)
 
 
 def _cli(*args):
@@ -140,18 +141,19 @@ MALFORMED = [
     (["--config.optimizer.schedule=multistep", "--config.optimizer.decay_epochs=(5.0,)"],
      "config.optimizer.decay_epochs"),
     (["--config.data.mean=(0.5,0.5)"], "config.data.mean"),
-    (["--config.method=linprobe"], "config.init_from=''"),
+    (["--config.method=linprobe"], "is not used by method='linprobe'"),
 ]
 
 
 def test_malformed_command_lines_fail_fast_naming_the_field(tmp_path, monkeypatch, capsys):
   """Every input exits 2 with `error: ...` naming the field, before a model is built."""
   import jax
-  from mim_jax import main, train
 
-  def build_method(config):
+  from mim_jax import main, registry
+
+  def build_method(config, length=None):
     raise AssertionError("reached model building: the input was not rejected")
-  monkeypatch.setattr(train, "build_method", build_method)
+  monkeypatch.setattr(registry, "build_method", build_method)
   compiled = []
 
   def listener(event, *args, **kwargs):

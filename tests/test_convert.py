@@ -32,18 +32,18 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from mim_jax import config_defaults  # noqa: E402  (after the skip: no torch, no tests)
+from mim_jax import recipes, registry  # noqa: E402  (after the skip: no torch, no tests)
 from mim_jax.convert import safetensors_io  # noqa: E402
 from mim_jax.convert.__main__ import main as cli  # noqa: E402
 from mim_jax.convert.exporter import export_weights  # noqa: E402
 from mim_jax.convert.importer import import_checkpoint, import_state_dict  # noqa: E402
 from mim_jax.convert.our_weights import (  # noqa: E402
-    build_classifier,
-    build_encoder,
-    build_mae,
-    info_from_config,
-    read_weights,
-    write_weights,
+  build_classifier,
+  build_encoder,
+  build_mae,
+  info_from_config,
+  read_weights,
+  write_weights,
 )
 from mim_jax.convert.state_dicts import read_state_dict  # noqa: E402
 from mim_jax.convert.torch_checkpoint import NotACheckpointError, read_torch_zip  # noqa: E402
@@ -201,7 +201,7 @@ def _official_mae_class():
 # --- our models with random weights ---------------------------------------------------------
 
 def _our_config(**model) -> ml_collections.ConfigDict:
-  c = config_defaults.base_config()
+  c = registry.base_config("mae")
   c.image_size, c.channels = (IMAGE, IMAGE), 3
   c.model.update(variant=f"mu/{PATCH}", width=WIDTH, depth=DEPTH, num_heads=HEADS, mlp_dim=MLP)
   c.model.update(model)
@@ -482,12 +482,12 @@ def _import_to(tmp_path, state_dict, **kwargs) -> str:
 @requires_timm
 def test_imported_classifier_fine_tunes_at_a_new_resolution(tmp_path):
   """init_from=<import>: config adopted from model.json, encoder loaded, table resized."""
-  from mim_jax.evaluate import pretrained
   from mim_jax.evaluate.finetune import FineTune
   from mim_jax.models.vit import resize_posemb
+  from mim_jax.weights import pretrained
   model = _timm_vit(num_classes=NUM_CLASSES, global_pool="avg")
   directory = _import_to(tmp_path, model.state_dict())
-  config = config_defaults.finetune_recipe(config_defaults.base_config())
+  config = recipes.finetune_recipe()
   config.init_from, config.image_size = directory, (48, 48)
   config.classifier.num_classes = NUM_CLASSES
   config = pretrained.adopt_encoder_config(config)
@@ -512,14 +512,14 @@ def test_imported_classifier_fine_tunes_at_a_new_resolution(tmp_path):
 
 def test_imported_pretraining_encoder_is_an_init_from_directory(tmp_path, our_mae, our_mae_dir):
   """An imported encoder-only checkpoint reads like an export of our own MAE run."""
-  from mim_jax.evaluate import pretrained
+  from mim_jax.weights import pretrained
   info, params = our_mae
   export_weights(our_mae_dir, str(tmp_path / "timm"), "timm")
   directory = str(tmp_path / "imported")
   assert cli(["import", str(tmp_path / "timm" / "model.safetensors"), directory,
               "--num_heads", str(HEADS)]) == 0
-  config = config_defaults.base_config()
-  config.method, config.init_from = "knn", directory
+  config = registry.base_config("knn")
+  config.init_from = directory
   adopted = pretrained.adopt_encoder_config(config)
   assert adopted.model.variant == f"mu/{PATCH}" and adopted.model.width == WIDTH
   loaded = pretrained.load_encoder_into(params["encoder"], directory, grid_hw=GRID)
@@ -755,10 +755,11 @@ def test_cli_import_inspect_reconstruct(tmp_path, our_mae_dir):
 def test_learned_position_tables_feed_the_probe_and_knn(tmp_path, our_mae, timm_state):
   """An import that keeps a learned table (posemb='learn') is evaluated with that table: the
   linear probe loads it and k-NN features use it, instead of failing or silently ignoring it."""
-  from mim_jax.evaluate import frozen, pretrained
+  from mim_jax.evaluate import frozen
   from mim_jax.evaluate.linear_probe import LinearProbe
   from mim_jax.models.heads import encoder_features
   from mim_jax.models.vit import sincos_2d
+  from mim_jax.weights import pretrained
   encoder_keys = {k: v for k, v in timm_state.items()
                   if not k.startswith("decoder") and k != "mask_token"}
   table = sincos_2d(WIDTH, GRID, cls_token=True)[None]
@@ -771,7 +772,7 @@ def test_learned_position_tables_feed_the_probe_and_knn(tmp_path, our_mae, timm_
   assert pretrained.encoder_posemb(directory) == "learn"
   assert pretrained.encoder_posemb("random") == pretrained.encoder_posemb("") == "sincos"
 
-  config = config_defaults.linprobe_recipe(config_defaults.base_config())
+  config = recipes.linprobe_recipe()
   config.update(init_from=directory, image_size=(IMAGE, IMAGE))
   config.classifier.num_classes = NUM_CLASSES
   config = pretrained.adopt_encoder_config(config)

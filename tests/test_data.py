@@ -19,12 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mim_jax import config_defaults, data
-from mim_jax.config_errors import ConfigError
+from mim_jax import data, registry
+from mim_jax.config.errors import ConfigError
 from mim_jax.data import idx, sources, transforms
 
 from conftest import FMNIST_DIR, REPO, requires_fmnist
-
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -71,7 +70,7 @@ def save_image(path, array: np.ndarray, fmt: str | None = None) -> str:
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
   """`config.data` from the defaults, made small and in-process, with `overrides`."""
-  fields = config_defaults.base_config().data.to_dict()
+  fields = registry.base_config("mae").data.to_dict()
   fields.update(source="synthetic", synthetic_size=20, num_workers=0, prefetch_buffer_size=2)
   fields.update(overrides)  # not ConfigDict.update: bad-type values must get through
   return ml_collections.ConfigDict(fields)
@@ -628,8 +627,8 @@ def test_fmnist_missing_hint_and_valid_configs(tmp_path, fmnist_folder):
 
 def test_validation_imports_neither_tfds_nor_tensorflow():
   code = ("import sys\n"
-          "from mim_jax import config_defaults, data\n"
-          "c = config_defaults.base_config()\n"
+          "from mim_jax import data, registry\n"
+          "c = registry.base_config('mae')\n"
           "data.validate_data_config(c.data, image_size=(224, 224), channels=3)\n"
           "bad = [m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules]\n"
           "assert not bad, bad\n")

@@ -13,12 +13,15 @@ import numpy as np
 import optax
 import pytest
 
-from mim_jax import (checkpoint, config_defaults, config_validation, losses, masking,
-                     teachers, train)
-from mim_jax.config_errors import ConfigError
-from mim_jax.methods import build_method
+from mim_jax import registry
+from mim_jax.config import defaults as config_defaults
+from mim_jax.config.errors import ConfigError
 from mim_jax.methods.base import TrainLength
 from mim_jax.methods.data2vec import layer_average_targets, normalize
+from mim_jax.objectives import losses, masking, teachers
+from mim_jax.training import checkpoint
+from mim_jax.training import loop as train
+from mim_jax.training import step as step_lib
 
 from conftest import REPO, requires_fmnist, take_steps, tiny_mae_config
 
@@ -29,13 +32,12 @@ LENGTH = TrainLength(steps_per_epoch=4, schedule_steps=4)
 
 def tiny_config(**overrides):
   """Micro data2vec on synthetic 16x16 RGB images (4x4 grid of 4-px patches, 2 blocks)."""
-  c = tiny_mae_config()
-  c.method = "data2vec"
+  c = tiny_mae_config(method="data2vec")
   c.masking.update(kind="blockwise", ratio=0.5, min_block=2)
   c.teacher.update(top_k=2, **SCHEDULE)
   c.model.drop_path_rate = 0.1  # the student's stochastic depth; the teacher runs without
   config_defaults.override(c, **overrides)
-  config_validation.validate_config(c)
+  registry.validate_config(c)
   return c
 
 
@@ -96,11 +98,11 @@ def test_smooth_l1_known_numbers_and_only_masked_patches_count():
 def stepped():
   """Two real train steps of the micro method with the fast schedule, and what went in."""
   config = tiny_config()
-  method = build_method(config, LENGTH)
+  method = registry.build_method(config, LENGTH)
   tx = optax.adamw(1e-3)
-  state = jax.jit(train.init_train_state, static_argnums=(0, 1, 3))(
+  state = jax.jit(step_lib.init_train_state, static_argnums=(0, 1, 3))(
       method, tx, jax.random.key(0), (1, 16, 16, 3))
-  step = jax.jit(train.make_train_step(method, tx, lambda s: 1e-3))
+  step = jax.jit(step_lib.make_train_step(method, tx, lambda s: 1e-3))
   images = jax.random.normal(jax.random.key(1), (8, 16, 16, 3))
   batch = _batch(method, images)
   states, metrics = take_steps(step, state, batch, jax.random.key(2))
@@ -164,7 +166,7 @@ def test_teacher_receives_no_gradient_and_loss_uses_masked_smooth_l1(stepped):
 
 
 def _run(workdir, **overrides):
-  return train.run(tiny_config(viz_every=0, **overrides), workdir)
+  return train.run(tiny_config(**overrides), workdir)
 
 
 def test_teacher_is_checkpointed_and_resume_continues_it(tmp_path):
@@ -185,7 +187,7 @@ def test_teacher_is_checkpointed_and_resume_continues_it(tmp_path):
   # A resumed run continues from it: step 3's teacher is the EMA of the restored one (a run
   # that re-initialised its teacher would differ).
   resumed = _run(workdir, total_steps=3)
-  d = float(build_method(tiny_config(), TrainLength(8, 16)).ema_decay(2))
+  d = float(registry.build_method(tiny_config(), TrainLength(8, 16)).ema_decay(2))
   assert d == pytest.approx(0.5 + 0.4 * 2 / 16)
   for t_old, s_new, t_new in zip(jax.tree.leaves(first.extra["teacher"]),
                                  jax.tree.leaves(resumed.params["encoder"]),
@@ -212,7 +214,7 @@ def test_short_run_on_fashion_mnist_lowers_the_loss(tmp_path):
   config_defaults.override(c, **{
       "teacher.ema_decay": 1.0, "teacher.ema_end_decay": 1.0, "global_batch_size": 64,
       "total_steps": 60, "optimizer.warmup_epochs": 0.0, "optimizer.base_lr": 4e-3,
-      "viz_every": 0, "checkpoint_every": 1000, "export_encoder": False})
+      "checkpoint_every": 1000, "export_encoder": False})
   workdir = str(tmp_path / "run")
   train.run(c, workdir)
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]

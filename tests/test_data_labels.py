@@ -17,19 +17,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mim_jax import config_defaults, data
-from mim_jax.config_errors import ConfigError
+from mim_jax import data, registry
+from mim_jax.config.errors import ConfigError
 from mim_jax.data import idx, sources, subsets
 
 from conftest import FMNIST_DIR, requires_fmnist
-
 
 # ----------------------------------------------------------------------------- helpers
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
   """`config.data` from the defaults, small and in-process, with `overrides`."""
-  fields = config_defaults.base_config().data.to_dict()
+  fields = registry.base_config("mae").data.to_dict()
   fields.update(source="synthetic", synthetic_size=20, num_workers=0, prefetch_buffer_size=2)
   fields.update(overrides)  # not ConfigDict.update: bad-type values must get through
   return ml_collections.ConfigDict(fields)

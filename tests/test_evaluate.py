@@ -12,14 +12,16 @@ import numpy as np
 import optax
 import pytest
 
-from mim_jax import checkpoint, config_defaults, optim, train
-from mim_jax.config_errors import ConfigError
-from mim_jax.config_validation import validate_config
-from mim_jax.evaluate import frozen, pretrained
+from mim_jax import registry
+from mim_jax.config import defaults as config_defaults
+from mim_jax.config.errors import ConfigError
 from mim_jax.evaluate.finetune import FineTune
 from mim_jax.evaluate.linear_probe import LinearProbe
 from mim_jax.models import vit
 from mim_jax.models.heads import encoder_features
+from mim_jax.training import checkpoint, optim
+from mim_jax.training import loop as train
+from mim_jax.weights import pretrained
 
 from conftest import tiny_mae_config
 
@@ -34,15 +36,14 @@ def pretrained_workdir(tmp_path_factory):
 
 
 def _eval_config(method, init_from, **overrides):
-  c = tiny_mae_config(method=method, init_from=init_from, **overrides)
+  c = tiny_mae_config(method=method, init_from=init_from)
   c.eval.batch_size = 16
-  c.export_encoder = False
   if method == "linprobe":
     c.optimizer.update(name="sgd", base_lr=0.1, weight_decay=0.0)
   if method == "finetune":
-    c.optimizer.layer_decay = 0.75
+    c.optimizer.layer_decay = 0.75 if init_from not in ("", "random") else 1.0
     c.classifier.update(pool="gap", mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
-  return c
+  return config_defaults.override(c, **overrides)
 
 
 # ---- layer-wise learning-rate decay ---------------------------------------------------------
@@ -220,7 +221,7 @@ def test_finetune_from_pretrained_and_low_label_run(pretrained_workdir, tmp_path
 def test_knn_job_writes_results(pretrained_workdir, tmp_path):
   config = _eval_config("knn", pretrained_workdir)
   config.knn.k = 5
-  metrics = frozen.run_knn(config, str(tmp_path))
+  metrics = train.run(config, str(tmp_path))
   results = json.load(open(tmp_path / "results.json"))
   for pool in ("cls", "gap"):  # every pool is reported
     key = f"knn_top1_{pool}"
@@ -246,12 +247,15 @@ def test_knn_during_pretraining_is_logged(tmp_path):
      r"encoder/model.json.*--config.init_from=DIR"),
     ("linprobe", {"classifier.probe_layer": 3}, r"config.classifier.probe_layer=3 .*\[0, 2\]"),
     ("linprobe", {"classifier.pool": "max"}, r"config.classifier.pool='max'"),
-    ("linprobe", {"classifier.mixup_alpha": 0.8}, r"0 for linprobe"),
+    ("linprobe", {"classifier.mixup_alpha": 0.8},
+     r"config.classifier.mixup_alpha is not used by method='linprobe'; it is a field of "
+     r"'finetune'"),
     ("finetune", {"optimizer.layer_decay": 0.0}, r"config.optimizer.layer_decay=0.0"),
     ("finetune", {"optimizer.name": "adam"}, r"config.optimizer.name='adam' .*'lars'"),
     ("finetune", {"classifier.label_smoothing": 1.0}, r"config.classifier.label_smoothing=1.0"),
     ("knn", {"knn.k": 0}, r"config.knn.k=0"),
-    ("finetune", {"knn.every_epochs": 1.0}, r"config.knn.every_epochs=1.0 .*pre-training"),
+    ("finetune", {"optimizer.layer_decay": 0.75, "init_from": ""},
+     r"config.optimizer.layer_decay=0.75 is invalid: 1.0 without init_from"),
     ("knn", {"classifier.features": "rgb"}, r"config.classifier.features='rgb'"),
     ("finetune", {"data.label_fraction": 0.0}, r"data.label_fraction"),
 ])
@@ -259,7 +263,7 @@ def test_bad_evaluation_configs_fail_fast(pretrained_workdir, method, overrides,
   config = _eval_config(method, pretrained_workdir)
   config_defaults.override(config, **overrides)
   with pytest.raises(ConfigError, match=match):
-    validate_config(config)
+    registry.validate_config(config)
 
 
 # ---- baselines ----------------------------------------------------------------------------------
@@ -269,10 +273,10 @@ def test_raw_pixel_and_random_encoder_baselines(tmp_path):
   pixels.classifier.features = "pixels"
   pixels.knn.k = 5
   # Synthetic classes are pixel patterns: raw-pixel k-NN separates them well.
-  assert frozen.run_knn(pixels, str(tmp_path / "knn_pixels"))["knn_top1_pixels"] > 0.5
+  assert train.run(pixels, str(tmp_path / "knn_pixels"))["knn_top1_pixels"] > 0.5
   random = _eval_config("knn", "random")
   random.knn.k = 5
-  assert 0 <= frozen.run_knn(random, str(tmp_path / "knn_random"))["knn_top1_cls"] <= 1
+  assert 0 <= train.run(random, str(tmp_path / "knn_random"))["knn_top1_cls"] <= 1
 
   probe = _eval_config("linprobe", "", total_steps=2, log_every=2)
   probe.classifier.features = "pixels"

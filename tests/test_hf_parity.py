@@ -16,17 +16,17 @@ import types
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from mim_jax import registry  # noqa: E402
 from mim_jax.convert import (  # noqa: E402  (after the skips, so no torch means a clean skip)
-    expected_hf_shapes,
-    hf_vitmae_state_dict_from_params,
-    params_from_hf_vitmae,
+  expected_hf_shapes,
+  hf_vitmae_state_dict_from_params,
+  params_from_hf_vitmae,
 )
 from mim_jax.methods import mae  # noqa: E402
 from mim_jax.models.decoders import MAEDecoder  # noqa: E402
@@ -360,10 +360,8 @@ def test_parameter_counts_match_hf(variant):
                                    if p.requires_grad == trainable)
   hf_encoder, hf_decoder = count(hf_model.vit, True), count(hf_model.decoder, True)
 
-  ours_config = ml_collections.ConfigDict(dict(
-      image_size=(224, 224), channels=3,
-      model=dict(variant=variant, dtype="float32", attention_impl="", drop_path_rate=0.0),
-      decoder=dict(width=512, depth=8, num_heads=16), masking=dict(ratio=0.75)))
+  ours_config = registry.base_config("mae")  # ImageNet defaults: 224 px, decoder 512 x 8 x 16
+  ours_config.model.variant = variant
   model = mae.build_model(ours_config)
   params = jax.eval_shape(
       lambda r, x: model.init({"params": r, "masking": r}, x)["params"], jax.random.key(0),

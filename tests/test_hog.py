@@ -1,4 +1,4 @@
-"""HOG targets (mim_jax.hog) against scikit-image on real images, plus layout, errors, rendering."""
+"""HOG targets (mim_jax.objectives.hog) against scikit-image on real images, plus layout, errors, rendering."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mim_jax import hog
 from mim_jax.models.vit import patchify
+from mim_jax.objectives import hog
 
 from conftest import FMNIST_DIR, requires_fmnist
 

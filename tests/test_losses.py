@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mim_jax import losses, targets
 from mim_jax.methods import mae
+from mim_jax.objectives import losses, targets
 
 
 def test_norm_pix_uses_unbiased_variance_and_eps():

@@ -8,8 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from mim_jax import masking
-
+from mim_jax.objectives import masking
 
 # ---------------------------------------------------------------------------------------------
 # Independent transcriptions of the references, driven by an explicit np.random.Generator in

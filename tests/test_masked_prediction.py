@@ -9,18 +9,20 @@ import numpy as np
 import optax
 import pytest
 
-from mim_jax import config_defaults, config_validation, data, hog, losses, masking, train
-from mim_jax.config_errors import ConfigError
-from mim_jax.methods import build_method
+from mim_jax import data, registry
+from mim_jax.config import defaults as config_defaults
+from mim_jax.config.errors import ConfigError
 from mim_jax.models.vit import patchify
+from mim_jax.objectives import hog, losses, masking
+from mim_jax.training import loop as train
+from mim_jax.training import step as step_lib
 
 from conftest import tiny_mae_config
 
 
 def tiny_config(method: str, **overrides):
   """A micro SimMIM / MaskFeat config on synthetic 16x16 RGB images (16 patches of 4x4)."""
-  c = tiny_mae_config(**overrides)
-  c.method = method
+  c = tiny_mae_config(method=method)
   if method == "simmim":
     c.masking.update(kind="grouped", ratio=0.6, mask_patch_size=8)
     c.target.norm_pix = False
@@ -28,7 +30,7 @@ def tiny_config(method: str, **overrides):
     c.masking.update(kind="blockwise", ratio=0.4, min_block=2)
     c.target.hog.update(cell_size=2, num_bins=9, gradient="sobel", gaussian_window=4)
   config_defaults.override(c, **overrides)  # again: the method defaults above must not win
-  config_validation.validate_config(c)
+  registry.validate_config(c)
   return c
 
 
@@ -138,28 +140,28 @@ def test_masked_patch_content_never_reaches_the_prediction(name):
   (a mask token replaces them, or MAE drops them)."""
   config = tiny_config(name) if name != "mae" else tiny_mae_config(
       **{"masking.kind": "grouped", "masking.mask_patch_size": 8, "masking.ratio": 0.5})
-  method = build_method(config)
+  method = registry.build_method(config)
   params, _ = method.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
   images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
   batch = _batch(method, images)
-  out = method.reconstruct(params, batch, jax.random.key(7))
+  out = method.reconstruct(params, batch, jax.random.key(7), {})
   mask = np.asarray(out["mask"]).astype(bool)
   assert mask.any() and (~mask).any()
   noise = jax.random.normal(jax.random.key(2), images.shape) * 10
   pixel_mask = np.repeat(np.repeat(mask.reshape(4, 4, 4), 4, 1), 4, 2)[..., None]
   scrambled = jnp.where(pixel_mask, images + noise, images)
-  out2 = method.reconstruct(params, {**batch, "image": scrambled}, jax.random.key(7))
+  out2 = method.reconstruct(params, {**batch, "image": scrambled}, jax.random.key(7), {})
   np.testing.assert_array_equal(np.asarray(out2["mask"]), np.asarray(out["mask"]))
   np.testing.assert_allclose(np.asarray(out2["pred"]), np.asarray(out["pred"]), atol=1e-5)
 
 
 def test_simmim_loss_is_l1_on_masked_pixels_of_its_prediction():
-  method = build_method(tiny_config("simmim"))
+  method = registry.build_method(tiny_config("simmim"))
   params, extra = method.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
   images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
   loss, (metrics, _) = method.loss(params, extra, {"image": images}, jax.random.key(3),
                                    train=False)
-  out = method.reconstruct(params, {"image": images}, jax.random.key(3))
+  out = method.reconstruct(params, {"image": images}, jax.random.key(3), {})
   want = losses.masked_l1(out["pred"], patchify(images, 4), out["mask"])
   np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
   np.testing.assert_allclose(float(metrics["mask_fraction"]), 0.75)  # ceil(4 x 0.6) of 4 groups
@@ -168,12 +170,12 @@ def test_simmim_loss_is_l1_on_masked_pixels_of_its_prediction():
 def test_maskfeat_targets_are_hog_and_masks_vary_per_sample():
   # 32x32 images: an 8x8 patch grid, where blockwise masks of budget 25 vary in count.
   config = tiny_config("maskfeat", image_size=(32, 32), **{"masking.min_block": 4})
-  method = build_method(config)
+  method = registry.build_method(config)
   params, extra = method.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   images = jax.random.normal(jax.random.key(1), (16, 32, 32, 3))
   batch = _batch(method, images, seed=4)
   assert len(set(np.asarray(batch["token_mask"]).sum(1).tolist())) > 1
-  out = method.reconstruct(params, batch, jax.random.key(0))
+  out = method.reconstruct(params, batch, jax.random.key(0), {})
   np.testing.assert_array_equal(np.asarray(out["mask"]), np.asarray(batch["token_mask"]))
   want = hog.hog_patch_targets(images, 4, cell_size=2, num_bins=9, gradient="sobel",
                                gaussian_window=4)
@@ -186,11 +188,11 @@ def test_maskfeat_targets_are_hog_and_masks_vary_per_sample():
 
 @pytest.mark.parametrize("name", ["simmim", "maskfeat"])
 def test_training_lowers_the_loss(name):
-  method = build_method(tiny_config(name))
+  method = registry.build_method(tiny_config(name))
   tx = optax.adamw(3e-3, b1=0.9, b2=0.999)
-  state = jax.jit(train.init_train_state, static_argnums=(0, 1, 3))(
+  state = jax.jit(step_lib.init_train_state, static_argnums=(0, 1, 3))(
       method, tx, jax.random.key(0), (1, 16, 16, 3))
-  step = jax.jit(train.make_train_step(method, tx, lambda s: 3e-3), donate_argnums=(0,))
+  step = jax.jit(step_lib.make_train_step(method, tx, lambda s: 3e-3), donate_argnums=(0,))
   images = jax.random.uniform(jax.random.key(1), (8, 16, 16, 3))
   batch = _batch(method, images)
   losses_ = []
@@ -209,8 +211,7 @@ def test_export_of_a_mask_token_encoder_feeds_the_evaluations(tmp_path):
   assert "mask_token" in state.params["encoder"]
   assert (tmp_path / "simmim" / "reconstructions" / "step_00000002.png").exists()
   for name in ("linprobe", "finetune"):
-    c = tiny_mae_config(total_steps=1)
-    c.update(method=name, init_from=str(tmp_path / "simmim"), export_encoder=False)
+    c = tiny_mae_config(method=name, total_steps=1, init_from=str(tmp_path / "simmim"))
     c.classifier.num_classes = 10
     c.optimizer.name = "sgd" if name == "linprobe" else "adamw"
     out = train.run(c, str(tmp_path / name))
@@ -250,13 +251,13 @@ def test_incompatible_choices_fail_at_validation(method, overrides, field, words
   c = tiny_mae_config() if method == "mae" else tiny_config(method)
   config_defaults.override(c, **overrides)
   with pytest.raises(ConfigError) as err:
-    config_validation.validate_config(c)
+    registry.validate_config(c)
   assert f"config.{field}" in str(err.value) and words in str(err.value), str(err.value)
 
 
 def test_multistep_schedule_decays_at_the_given_epochs():
-  from mim_jax import optim
-  opt = config_defaults.base_config().optimizer
+  from mim_jax.training import optim
+  opt = registry.base_config("mae").optimizer
   opt.update(base_lr=1e-4, lr_batch_reference=512, warmup_epochs=2.0, schedule="multistep",
              decay_epochs=(7.0, 9.0), decay_factor=0.1)
   sched = optim.learning_rate_schedule(opt, 1024, steps_per_epoch=10, schedule_steps=100)

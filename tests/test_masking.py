@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from mim_jax import masking
+from mim_jax.objectives import masking
 
 
 def _official_masking(noise: np.ndarray, ratio: float):

@@ -1,4 +1,4 @@
-"""Tests for mim_jax.metric_writers: JSON lines, TensorBoard files and the progress line."""
+"""Tests for mim_jax.training.metric_writers: JSON lines, TensorBoard files and the progress line."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from mim_jax import metric_writers
+from mim_jax.training import metric_writers
 
 
 def _event_files(workdir):

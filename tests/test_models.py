@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from mim_jax.config_errors import ConfigError
+from mim_jax import registry
+from mim_jax.config.errors import ConfigError
 from mim_jax.methods import mae
 from mim_jax.models import vit
 
 
 def _mae_config(variant, image_size=(224, 224), channels=3, decoder=(512, 8, 16), dtype="float32"):
-  return ml_collections.ConfigDict(dict(
-      method="mae", image_size=image_size, channels=channels,
-      model=dict(variant=variant, dtype=dtype, attention_impl="", drop_path_rate=0.0),
-      decoder=dict(width=decoder[0], depth=decoder[1], num_heads=decoder[2]),
-      masking=dict(kind="random", ratio=0.75), target=dict(norm_pix=True)))
+  c = registry.base_config("mae")
+  c.update(image_size=image_size, channels=channels)
+  c.model.update(variant=variant, dtype=dtype)
+  c.decoder.update(width=decoder[0], depth=decoder[1], num_heads=decoder[2])
+  return c
 
 
 def _count(tree) -> int:
@@ -208,6 +208,7 @@ def test_gelu_with_its_own_gradient_equals_the_exact_gelu():
   """models.vit.gelu (hand-written backward pass, docs/benchmarks.md) is nn.gelu's erf form
   in value and gradient, in float32 and bfloat16."""
   import flax.linen as nn
+
   from mim_jax.models.vit import gelu
   x = jnp.linspace(-8.0, 8.0, 4001)
   for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)):  # bf16: 1-2 ulp

@@ -12,7 +12,7 @@ import sys
 import jax
 import pytest
 
-from mim_jax import distributed, metric_writers
+from mim_jax.training import distributed, metric_writers
 
 from conftest import REPO
 
@@ -207,22 +207,25 @@ if nproc > 1:
   jax.distributed.initialize(f"localhost:{port}", nproc, pid)
 import functools
 import numpy as np, optax
-from mim_jax import checkpoint, config_defaults, data, parallel, train
-from mim_jax.methods import build_method
+from mim_jax import data, registry
+from mim_jax.config import defaults as config_defaults
+from mim_jax.training import checkpoint, parallel
+from mim_jax.training import loop as train
+from mim_jax.training import step as step_lib
 from conftest import tiny_mae_config
 
 assert jax.device_count() == nproc and jax.process_count() == nproc
 config = tiny_mae_config(global_batch_size=8)
-method = build_method(config)
+method = registry.build_method(config)
 tx = optax.sgd(0.1, momentum=0.9)
 mesh = parallel.make_mesh([("fsdp", -1)])
-init = functools.partial(train.init_train_state, method, tx, image_shape=(1, 16, 16, 3))
+init = functools.partial(step_lib.init_train_state, method, tx, image_shape=(1, 16, 16, 3))
 abstract = jax.eval_shape(init, jax.random.key(1))
 shardings = parallel.tree_shardings(mesh, abstract, config_defaults.fsdp_rules(min_size=64))
 rep, bsh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
 key = jax.jit(lambda: jax.random.key(2), out_shardings=rep)()
 state = jax.jit(init, out_shardings=shardings)(jax.random.key(1))
-step = jax.jit(parallel.with_activation_mesh(mesh, train.make_train_step(method, tx, lambda s: 0.1)),
+step = jax.jit(parallel.with_activation_mesh(mesh, step_lib.make_train_step(method, tx, lambda s: 0.1)),
                in_shardings=(shardings, bsh, rep), out_shardings=(shardings, rep))
 # The same global batches everywhere; each process feeds only its rows.
 images = np.random.default_rng(0).normal(size=(4, 8, 16, 16, 3)).astype(np.float32)

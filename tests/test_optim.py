@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from mim_jax import optim
 from mim_jax.methods import mae
+from mim_jax.training import optim
 
 from conftest import tiny_mae_config
 

@@ -17,9 +17,12 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from mim_jax import config_defaults, config_validation, parallel, train
-from mim_jax.config_errors import ConfigError
-from mim_jax.methods import build_method
+from mim_jax import registry
+from mim_jax.config import defaults as config_defaults
+from mim_jax.config import validation
+from mim_jax.config.errors import ConfigError
+from mim_jax.training import parallel
+from mim_jax.training import step as step_lib
 
 from conftest import REPO, tiny_mae_config
 
@@ -65,7 +68,7 @@ def test_fsdp_preset_and_config_arguments():
   assert list(map(tuple, c.mesh)) == [("fsdp", -1)]
   assert list(map(tuple, c.sharding_rules)) == [(".*", "largest:fsdp:16384")]
   assert (c.model.remat, c.model.dtype) == ("dots_saveable", "bfloat16")
-  config_validation.validate_config(c)
+  registry.validate_config(c)
 
 
 def configs_mae_vith(arg):
@@ -79,8 +82,8 @@ def configs_mae_vith(arg):
 @pytest.fixture(scope="module")
 def mae_state():
   """A micro MAE method, its abstract train state and a 1-device mesh."""
-  method = build_method(tiny_mae_config())
-  init = functools.partial(train.init_train_state, method, optax.adamw(1e-3),
+  method = registry.build_method(tiny_mae_config())
+  init = functools.partial(step_lib.init_train_state, method, optax.adamw(1e-3),
                            image_shape=(1, 16, 16, 3))
   return method, jax.eval_shape(init, jax.random.key(0)), parallel.make_mesh([("data", -1)])
 
@@ -119,7 +122,7 @@ def test_indivisible_dim_fails_naming_sizes():
 def test_unsplittable_batch_names_mesh_and_sizes():
   config = tiny_mae_config(global_batch_size=12)
   with pytest.raises(ConfigError, match=r"global_batch_size=12.*= 8.*mesh \{'fsdp': 8\}"):
-    config_validation.validate_for_devices(config, batch_parallelism=8, process_count=1,
+    validation.validate_for_devices(config, batch_parallelism=8, process_count=1,
                                            mesh_desc="mesh {'fsdp': 8} on 8 devices")
 
 
@@ -134,7 +137,7 @@ def test_remat_gives_the_same_loss_and_gradients():
   images = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
   results = {}
   for policy in ("none", "full", "dots_saveable"):  # nothing_saveable is "full" by policy
-    method = build_method(tiny_mae_config(**{"model.remat": policy}))
+    method = registry.build_method(tiny_mae_config(**{"model.remat": policy}))
     params, extra = method.init(jax.random.key(1), images[:1])
     (loss, _), grads = jax.jit(jax.value_and_grad(
         lambda p: method.loss(p, extra, {"image": images}, jax.random.key(2), train=True),
@@ -150,15 +153,18 @@ def test_remat_gives_the_same_loss_and_gradients():
 
 def test_remat_is_validated():
   with pytest.raises(ConfigError, match=r"model.remat='some'.*one of"):
-    config_validation.validate_config(tiny_mae_config(**{"model.remat": "some"}))
+    registry.validate_config(tiny_mae_config(**{"model.remat": "some"}))
 
 
 _SCRIPT = textwrap.dedent("""
     import functools, os, tempfile, time
     T0 = time.time()
     import jax, jax.numpy as jnp, numpy as np, optax
-    from mim_jax import checkpoint, config_defaults, masking, memory_plan, parallel, train
-    from mim_jax.methods import build_method
+    from mim_jax import memory_plan, registry
+    from mim_jax.config import defaults as config_defaults
+    from mim_jax.objectives import masking
+    from mim_jax.training import checkpoint, loop as train, parallel
+    from mim_jax.training import step as step_lib
     from conftest import tiny_mae_config
 
     assert jax.device_count() == 8, jax.devices()
@@ -172,7 +178,7 @@ _SCRIPT = textwrap.dedent("""
 
     def setup(method, devices, mesh_cfg, rules):
       mesh = parallel.make_mesh(mesh_cfg, devices)
-      init = functools.partial(train.init_train_state, method, tx, image_shape=(1, 16, 16, 3))
+      init = functools.partial(step_lib.init_train_state, method, tx, image_shape=(1, 16, 16, 3))
       abstract = jax.eval_shape(init, jax.random.key(1))
       shardings = parallel.tree_shardings(mesh, abstract, rules)
       return mesh, init, abstract, shardings
@@ -184,7 +190,7 @@ _SCRIPT = textwrap.dedent("""
       batch = {k: parallel.host_batch_to_global(v, bsh) for k, v in batch.items()}
       assert len(batch["image"].addressable_shards) == len(devices)
       step = jax.jit(parallel.with_activation_mesh(
-                         mesh, train.make_train_step(method, tx, lambda s: 0.5, accum)),
+                         mesh, step_lib.make_train_step(method, tx, lambda s: 0.5, accum)),
                      in_shardings=(shardings, {k: bsh for k in batch}, parallel.replicated(mesh)),
                      out_shardings=(shardings, parallel.replicated(mesh)))
       lowered = step.lower(state, batch, jax.random.key(2))
@@ -201,7 +207,7 @@ _SCRIPT = textwrap.dedent("""
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=what)
 
     # 1. One device, data parallel, FSDP and data x FSDP: the same step.
-    method = build_method(tiny_mae_config(global_batch_size=16))
+    method = registry.build_method(tiny_mae_config(global_batch_size=16))
     batch = {"image": images}
     ref = one_step(method, batch, jax.devices()[:1], [("data", -1)], REPLICATE)
     for mesh_cfg, rules in [([("data", -1)], REPLICATE), ([("fsdp", -1)], FSDP),
@@ -232,11 +238,10 @@ _SCRIPT = textwrap.dedent("""
     # 3. Gradient accumulation over 2 micro-batches = one step on the whole batch (SimMIM:
     # its masks come with the batch, so both see the same masks; 8 of 16 patches in every
     # example, so the mean over masked pixels of the batch is the mean of the micro-batches').
-    sim = tiny_mae_config(global_batch_size=16)
-    sim.method = "simmim"
+    sim = tiny_mae_config(method="simmim", global_batch_size=16)
     sim.masking.update(kind="blockwise", ratio=0.5, min_block=2)  # drawn on the host
     sim.target.norm_pix = False
-    sim_method = build_method(sim)
+    sim_method = registry.build_method(sim)
     assert sim_method.mask_generator.on_host
     rng = np.random.default_rng(0)
     sim_batch = {"image": images, masking.TOKEN_MASK_KEY: np.stack(
@@ -252,7 +257,7 @@ _SCRIPT = textwrap.dedent("""
                              export_encoder=False, mesh=[("fsdp", -1)], sharding_rules=FSDP)
     final = train.run(config, workdir)
     saved = jax.device_get(final)
-    run_method = build_method(config)
+    run_method = registry.build_method(config)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=2, keep=2)
     assert ckpt.latest_step() == 2
     for devices, mesh_cfg, rules in [(jax.devices()[:4], [("data", -1)], REPLICATE),

@@ -7,11 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from mim_jax import config_defaults, data, train
-from mim_jax.config_errors import ConfigError
-from mim_jax.config_validation import validate_config
+from mim_jax import data, recipes, registry
+from mim_jax.config import defaults as config_defaults
+from mim_jax.config.errors import ConfigError
 from mim_jax.data import idx, sources
-from mim_jax.evaluate import frozen, logistic
+from mim_jax.evaluate import logistic
+from mim_jax.training import loop as train
 
 from conftest import FMNIST_DIR, requires_fmnist, tiny_mae_config
 
@@ -83,7 +84,7 @@ def test_holdout_split_needs_a_holdout():
   config = tiny_mae_config()
   config.data.eval_split = "holdout"
   with pytest.raises(ConfigError, match="data.eval_split='holdout'.*data.holdout > 0"):
-    validate_config(config)
+    registry.validate_config(config)
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +95,10 @@ def tiny_encoder(tmp_path_factory):
 
 
 def _probe_config(init_from: str, **overrides):
-  c = config_defaults.knn_recipe(config_defaults.base_config())
-  c.method, c.init_from = "probe", init_from
+  c = recipes.knn_recipe("probe")
+  c.init_from = init_from
   c.image_size = (16, 16)
-  c.data.update(source="synthetic", synthetic_size=64, num_workers=0, holdout=16)
+  c.data.update(source="synthetic", synthetic_size=64, holdout=16)
   c.eval.batch_size = 16
   c.knn.k = 5
   c.probe.update(l2_grid=(1e-2, 1e-4), max_iter=200)
@@ -105,7 +106,7 @@ def _probe_config(init_from: str, **overrides):
 
 
 def test_probe_job_reports_every_pool_and_its_choices(tiny_encoder, tmp_path):
-  metrics = frozen.run_probe(_probe_config(tiny_encoder), str(tmp_path))
+  metrics = train.run(_probe_config(tiny_encoder), str(tmp_path))
   results = json.load(open(tmp_path / "results.json"))
   for pool in ("cls", "gap"):
     assert 0 <= results[f"probe_top1_{pool}"] <= 1 and 0 <= results[f"knn_top1_{pool}"] <= 1
@@ -117,8 +118,8 @@ def test_probe_job_reports_every_pool_and_its_choices(tiny_encoder, tmp_path):
 
 def test_probe_on_pixels_and_without_a_holdout(tmp_path):
   pixels = _probe_config("", **{"classifier.features": "pixels"})
-  results = frozen.run_probe(pixels, str(tmp_path / "pixels"))
+  results = train.run(pixels, str(tmp_path / "pixels"))
   # Synthetic classes are pixel patterns: a linear classifier separates them.
   assert results["probe_top1_pixels"] > 0.9 and "probe_top1_cls" not in results
   with pytest.raises(ConfigError, match="data.holdout=0.*method 'probe'"):
-    validate_config(_probe_config("", **{"classifier.features": "pixels", "data.holdout": 0}))
+    registry.validate_config(_probe_config("", **{"classifier.features": "pixels", "data.holdout": 0}))

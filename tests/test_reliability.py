@@ -28,9 +28,13 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from mim_jax import checkpoint, data, main, metric_writers, run_errors, train
-from mim_jax.config_errors import ConfigError
+from mim_jax import data, main
+from mim_jax.config.errors import ConfigError
 from mim_jax.data import transforms
+from mim_jax.methods import base
+from mim_jax.training import checkpoint, metric_writers, run_errors
+from mim_jax.training import loop as train
+from mim_jax.training import step as step_lib
 
 from conftest import REPO, tiny_mae_config
 
@@ -218,7 +222,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
 def test_preemption_watcher_single_process_and_allgather_fallback(monkeypatch):
   """One process: SIGTERM sets the flag. Several without JAX's preemption service: the flags
   are all-gathered every `sync_every` steps, so a signal to any process stops all at once."""
-  from mim_jax import preemption
+  from mim_jax.training import preemption
   before = signal.getsignal(signal.SIGTERM)
   with preemption.PreemptionWatcher(start_step=0) as watcher:
     assert not watcher.should_stop(1)
@@ -242,7 +246,7 @@ def test_preemption_watcher_single_process_and_allgather_fallback(monkeypatch):
 # ----------------------------------------------------------------------------- 3. NaN / Inf
 
 
-class _Quadratic:
+class _Quadratic(base.Method):
   """A toy method with a BatchNorm-like `extra` counter, to see what a skipped step keeps."""
 
   def init(self, rng, images):
@@ -258,8 +262,8 @@ class _Quadratic:
 @pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
 def test_nonfinite_step_changes_nothing_but_the_counters(accum, bad):
   method, tx = _Quadratic(), optax.adamw(1e-2)
-  state = train.init_train_state(method, tx, jax.random.key(0), (1, 2, 2, 1))
-  step = jax.jit(train.make_train_step(method, tx, lambda s: 1e-2, accum))
+  state = step_lib.init_train_state(method, tx, jax.random.key(0), (1, 2, 2, 1))
+  step = jax.jit(step_lib.make_train_step(method, tx, lambda s: 1e-2, accum))
   good = {"image": jnp.ones((4, 2, 2, 1))}
   poisoned = {"image": good["image"].at[1, 0, 0, 0].set(bad)}
 
@@ -280,7 +284,7 @@ def test_nonfinite_step_changes_nothing_but_the_counters(accum, bad):
 
 def _poison_steps(monkeypatch, steps: set[int]) -> None:
   """Makes the images of the given (1-based) steps NaN inside the jitted train step."""
-  make = train.make_train_step
+  make = step_lib.make_train_step
   bad = jnp.asarray(sorted(steps))
 
   def make_poisoned(*args, **kwargs):
@@ -291,7 +295,7 @@ def _poison_steps(monkeypatch, steps: set[int]) -> None:
       batch = dict(batch, image=jnp.where(hit, jnp.nan, batch["image"]))
       return step_fn(state, batch, rng)
     return poisoned
-  monkeypatch.setattr(train, "make_train_step", make_poisoned)
+  monkeypatch.setattr(step_lib, "make_train_step", make_poisoned)
 
 
 def test_nan_batches_are_skipped_counted_then_stop_the_run(tmp_path, monkeypatch):
@@ -411,6 +415,7 @@ def test_bad_data_files_give_exit_2_and_one_line_naming_the_file(tmp_path, capsy
   on_bad_image='raise' mode: `error: ...` naming the file, no traceback."""
   folder = _fmnist_folder(tmp_path / "fm", truncate=5)
   base = ["mim_jax.main", RUNLOCAL, "--config.data.source=fashion_mnist",
+          "--config.data.synthetic_size=10000",  # runlocal's 64, which a file source never reads
           f"--config.data.path={folder}", "--config.image_size=(32,32)", "--config.channels=1",
           "--config.data.mean=(0.5,)", "--config.data.std=(0.5,)"]
   with pytest.raises(SystemExit) as exit_info:
@@ -426,7 +431,7 @@ def test_bad_data_files_give_exit_2_and_one_line_naming_the_file(tmp_path, capsy
   with pytest.raises(SystemExit) as exit_info:
     main.cli(["mim_jax.main", RUNLOCAL, f"--workdir={tmp_path / 'w2'}",
               "--config.data.source=image_folder", f"--config.data.path={images.parent}",
-              "--config.data.on_bad_image=raise", "--config.data.num_workers=1",
+              "--config.data.synthetic_size=10000", "--config.data.on_bad_image=raise", "--config.data.num_workers=1",
               "--config.global_batch_size=7"])
   err = capsys.readouterr().err
   assert exit_info.value.code == 2, err
@@ -478,7 +483,7 @@ def test_failed_checkpoint_writes_are_retried_then_stop_the_run(tmp_path, monkey
   workdir = tmp_path / "w"
   config = tiny_mae_config(total_steps=8, checkpoint_every=1, keep_checkpoints=10,
                            max_consecutive_failed_saves=2)
-  with caplog.at_level(logging.ERROR, logger="mim_jax.checkpoint"):
+  with caplog.at_level(logging.ERROR, logger="mim_jax.training.checkpoint"):
     with pytest.raises(run_errors.CheckpointSaveError,
                        match=r"2 checkpoint saves in a row failed \(the last for step 6.*"
                              r"latest complete checkpoint .* is step 4"):
@@ -513,7 +518,7 @@ def test_failed_last_checkpoint_fails_the_run(tmp_path, monkeypatch):
 def test_data_order_does_not_depend_on_the_number_of_workers(tmp_path):
   """Batches (images, labels, host-drawn masks) are identical for 0 and 2 workers, also when
   bad images are dropped."""
-  from mim_jax import masking
+  from mim_jax.objectives import masking
   root = tmp_path / "images"
   rng = np.random.default_rng(0)
   for i in range(13):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from mim_jax import teachers
+from mim_jax.objectives import teachers
 
 
 def test_ema_update_equals_its_formula_on_every_leaf():

@@ -10,28 +10,31 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mim_jax import config_validation, train
-from mim_jax.config_errors import ConfigError
+from mim_jax import registry
+from mim_jax.config.errors import ConfigError
 from mim_jax.tokenizers import codebook as cb
 from mim_jax.tokenizers import io, vq
+from mim_jax.training import loop as train
 
 from conftest import REPO, requires_fmnist, tiny_mae_config
 
 
 def tiny_tokenizer_config(**overrides):
   """A micro tokenizer run on synthetic 16x16 RGB images (a 4x4 grid of 4-px patches)."""
-  c = tiny_mae_config()
-  c.method = "vq_tokenizer"
-  c.tokenizer.update(vocab_size=16, code_dim=8, width=16, num_blocks=1, restart_after=2)
+  method = overrides.pop("method", "vq_tokenizer")
+  c = tiny_mae_config(method=method)
+  c.tokenizer.update(vocab_size=16, code_dim=8, width=16, num_blocks=1)
+  if method == "vq_tokenizer":
+    c.tokenizer.restart_after = 2
   c.optimizer.update(base_lr=1e-3, weight_decay=0.0)
   c.total_steps = 4
   return _override(c, **overrides)
 
 
 def _override(c, **overrides):
-  from mim_jax import config_defaults
+  from mim_jax.config import defaults as config_defaults
   config_defaults.override(c, **overrides)
-  config_validation.validate_config(c)
+  registry.validate_config(c)
   return c
 
 
@@ -104,9 +107,8 @@ def test_nearest_codes():
 
 
 def test_codes_are_stable_after_export_and_reload(tmp_path):
-  from mim_jax.methods import build_method
   c = tiny_tokenizer_config()
-  method = build_method(c)
+  method = registry.build_method(c)
   images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
   params, extra = method.init(jax.random.key(0), images)
   tok = {"params": params, "codebook": extra["codebook"]}
@@ -124,10 +126,9 @@ def test_codes_are_stable_after_export_and_reload(tmp_path):
 
 def test_code_usage_over_a_split_counts_every_token_once(tmp_path):
   from mim_jax import data
-  from mim_jax.methods import build_method
   from mim_jax.tokenizers import usage
   c = tiny_tokenizer_config(**{"data.synthetic_size": 37})
-  method = build_method(c)
+  method = registry.build_method(c)
   params, extra = method.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
   method.export(str(tmp_path), jax.device_get(params), jax.device_get(extra), {})
   # Batches of 10 over 37 images: the last batch's padding rows must not be counted.
@@ -161,7 +162,6 @@ def test_training_updates_codebook_in_extra_and_resumes_exactly(tmp_path):
 @pytest.mark.parametrize("field,value,match", [
     ("tokenizer.decay", 1.0, "tokenizer.decay=1.0"),
     ("tokenizer.vocab_size", 1, "tokenizer.vocab_size=1"),
-    ("tokenizer.kind", "dvae", "'vq' for method 'vq_tokenizer'"),
     ("tokenizer.restart_after", -1, "tokenizer.restart_after=-1")])
 def test_bad_tokenizer_fields_are_rejected(field, value, match):
   with pytest.raises(ConfigError, match=match):
@@ -188,16 +188,14 @@ def test_short_run_on_fashion_mnist_lowers_reconstruction_loss(tmp_path):
 
 
 def test_dvae_kl_to_uniform_and_temperature_schedule():
-  from mim_jax.methods import build_method
   from mim_jax.methods.base import TrainLength
   from mim_jax.tokenizers.dvae import kl_to_uniform
   assert float(kl_to_uniform(jnp.zeros((2, 3, 8)))) == pytest.approx(0.0, abs=1e-6)
   q = np.array([0.7, 0.2, 0.1])
   logits = jnp.asarray(np.log(q))[None]
   assert float(kl_to_uniform(logits)) == pytest.approx(float(np.sum(q * np.log(3 * q))), rel=1e-5)
-  c = tiny_tokenizer_config(method="dvae_tokenizer", **{"tokenizer.kind": "dvae",
-                                                        "tokenizer.temp_anneal_fraction": 0.5})
-  method = build_method(c, TrainLength(steps_per_epoch=8, schedule_steps=100))
+  c = tiny_tokenizer_config(method="dvae_tokenizer", **{"tokenizer.temp_anneal_fraction": 0.5})
+  method = registry.build_method(c, TrainLength(steps_per_epoch=8, schedule_steps=100))
   assert float(method.temperature(0)) == pytest.approx(1.0)
   assert float(method.temperature(50)) == pytest.approx(1 / 16)
   assert float(method.temperature(90)) == pytest.approx(1 / 16)
@@ -205,9 +203,8 @@ def test_dvae_kl_to_uniform_and_temperature_schedule():
 
 
 def test_dvae_trains_exports_and_feeds_beit(tmp_path):
-  from mim_jax.methods import build_method
   from mim_jax.tokenizers.models import tokenizer_model
-  c = tiny_tokenizer_config(method="dvae_tokenizer", **{"tokenizer.kind": "dvae"})
+  c = tiny_tokenizer_config(method="dvae_tokenizer")
   state = train.run(c, str(tmp_path / "dvae"))
   assert int(state.extra["step"]) == 4  # the annealing clock follows the updates
   tok, info = io.load_tokenizer(str(tmp_path / "dvae"))
@@ -217,12 +214,11 @@ def test_dvae_trains_exports_and_feeds_beit(tmp_path):
   logits = model.apply({"params": tok["params"]}, images, method=model.encode)
   codes = vq.tokenize(model, tok, images, l2=False, kind="dvae")
   np.testing.assert_array_equal(codes, np.argmax(logits, -1).reshape(2, -1))
-  b = tiny_mae_config()
-  b.method = "beit"
+  b = tiny_mae_config(method="beit")
   b.masking.update(kind="blockwise", ratio=0.4, min_block=2)
   b.tokenizer.update(vocab_size=16, path=str(tmp_path / "dvae"))
-  config_validation.validate_config(b)
-  beit = build_method(b)
+  registry.validate_config(b)
+  beit = registry.build_method(b)
   params, extra = beit.init(jax.random.key(0), images)
   _, extra = beit.load_pretrained(params, jax.device_get(extra))
   np.testing.assert_array_equal(beit.targets(extra, images), codes)

@@ -17,13 +17,16 @@ import numpy as np
 import optax
 import pytest
 
-from mim_jax import checkpoint, train
-from mim_jax.methods import build_method
+from mim_jax import registry
+from mim_jax.methods import base
+from mim_jax.training import checkpoint
+from mim_jax.training import loop as train
+from mim_jax.training import step as step_lib
 
 from conftest import REPO, tiny_mae_config
 
 
-class _LinearRegression:
+class _LinearRegression(base.Method):
   """A toy method whose loss is a plain mean over examples (no masking randomness)."""
   name = "toy"
 
@@ -40,9 +43,9 @@ class _LinearRegression:
 def test_grad_accumulation_matches_full_batch():
   method, tx = _LinearRegression(), optax.adamw(1e-2)
   images = jax.random.normal(jax.random.key(0), (8, 4, 4, 1))
-  state = train.init_train_state(method, tx, jax.random.key(1), (1, 4, 4, 1))
-  full = jax.jit(train.make_train_step(method, tx, lambda s: 1e-2, 1))
-  accum = jax.jit(train.make_train_step(method, tx, lambda s: 1e-2, 4))
+  state = step_lib.init_train_state(method, tx, jax.random.key(1), (1, 4, 4, 1))
+  full = jax.jit(step_lib.make_train_step(method, tx, lambda s: 1e-2, 1))
+  accum = jax.jit(step_lib.make_train_step(method, tx, lambda s: 1e-2, 4))
   s1, m1 = full(state, {"image": images}, jax.random.key(2))
   s4, m4 = accum(state, {"image": images}, jax.random.key(2))
   np.testing.assert_allclose(s1.params["w"], s4.params["w"], rtol=1e-5, atol=1e-7)
@@ -66,8 +69,8 @@ class _WithAverage(_LinearRegression):
 def test_after_update_hook_sees_new_params_and_skipped_steps_discard_it():
   method, tx = _WithAverage(), optax.sgd(0.1)
   images = jax.random.normal(jax.random.key(0), (8, 4, 4, 1))
-  state = train.init_train_state(method, tx, jax.random.key(1), (1, 4, 4, 1))
-  step = jax.jit(train.make_train_step(method, tx, lambda s: 0.1))
+  state = step_lib.init_train_state(method, tx, jax.random.key(1), (1, 4, 4, 1))
+  step = jax.jit(step_lib.make_train_step(method, tx, lambda s: 0.1))
   s1, _ = step(state, {"image": images}, jax.random.key(2))
   np.testing.assert_allclose(s1.extra["avg"], 0.5 * state.params["w"] + 0.5 * s1.params["w"],
                              rtol=1e-6)
@@ -84,11 +87,11 @@ def test_after_update_hook_sees_new_params_and_skipped_steps_discard_it():
 
 def test_mae_step_metrics_and_learning():
   config = tiny_mae_config()
-  method = build_method(config)
+  method = registry.build_method(config)
   tx = optax.adamw(3e-3, b1=0.9, b2=0.95)
-  state = jax.jit(train.init_train_state, static_argnums=(0, 1, 3))(
+  state = jax.jit(step_lib.init_train_state, static_argnums=(0, 1, 3))(
       method, tx, jax.random.key(0), (1, 16, 16, 3))
-  step = jax.jit(train.make_train_step(method, tx, lambda s: 3e-3), donate_argnums=(0,))
+  step = jax.jit(step_lib.make_train_step(method, tx, lambda s: 3e-3), donate_argnums=(0,))
   images = jax.random.uniform(jax.random.key(1), (8, 16, 16, 3))
   losses = []
   for _ in range(30):
@@ -197,13 +200,14 @@ def test_sigterm_saves_and_exits_zero_then_resume_finishes(tmp_path):
   cmd[5] = f"--config.total_steps={saved[-1] + 2}"
   rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
   assert rerun.returncode == 0, rerun.stderr
-  assert f"resumed from" in rerun.stderr + rerun.stdout
+  assert "resumed from" in rerun.stderr + rerun.stdout
   steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
   assert steps[-2:] == [saved[-1] + 1, saved[-1] + 2]
 
 
 def test_corrupt_image_is_skipped_counted_and_never_fed(tmp_path):
   from PIL import Image
+
   from mim_jax import data
   root = tmp_path / "images" / "class_a"
   root.mkdir(parents=True)
@@ -213,7 +217,8 @@ def test_corrupt_image_is_skipped_counted_and_never_fed(tmp_path):
   (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
   data.reset_skipped_images()
   config = tiny_mae_config(total_steps=3, log_every=3)
-  config.data.update(source="image_folder", path=str(tmp_path / "images"), on_bad_image="skip")
+  config.data.update(source="image_folder", path=str(tmp_path / "images"), on_bad_image="skip",
+                     synthetic_size=10_000)  # the default: an image folder does not read it
   workdir = str(tmp_path / "w")
   train.run(config, workdir)
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 from mim_jax import viz
 
@@ -74,7 +74,7 @@ def test_grid_shape_masked_grey_and_visible_pasted(channels):
   grey = np.uint8(round(viz.MASK_GREY * 255))
   for r, (orig, masked, recon, pasted) in enumerate(_panels(grid, rows, s * h, s * w)):
     np.testing.assert_array_equal(orig, original[r])
-    gh, gw = h // p, w // p
+    gw = w // p
     for k in range(n):
       y, x = (k // gw) * p * s, (k % gw) * p * s
       tile = np.s_[y:y + p * s, x:x + p * s]

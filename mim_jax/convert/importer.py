@@ -21,12 +21,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mim_jax import config_defaults
+from mim_jax import registry
 from mim_jax.convert import our_weights
-from mim_jax.convert.hf_vitmae import hf_vitmae_geometry, is_hf_vitmae, params_from_hf_vitmae
+from mim_jax.convert.hf_vitmae import (
+  hf_vitmae_geometry,
+  is_hf_vitmae,
+  params_from_hf_vitmae,
+)
 from mim_jax.convert.layouts import square_grid
 from mim_jax.convert.state_dicts import read_state_dict
-from mim_jax.convert.timm_vit import is_timm_vit, params_from_timm_vit, refuse_unsupported
+from mim_jax.convert.timm_vit import (
+  is_timm_vit,
+  params_from_timm_vit,
+  refuse_unsupported,
+)
 from mim_jax.models.vit import VIT_SIZES, ViTSize, resize_posemb
 
 log = logging.getLogger(__name__)
@@ -88,9 +96,9 @@ class ImportedModel:
     return int(self.params["head"]["kernel"].shape[-1]) if "head" in self.params else 0
 
   def config(self) -> ml_collections.ConfigDict:
-    """A full mim_jax config (`base_config()`) describing these weights."""
-    c = config_defaults.base_config()
-    c.method = "finetune" if "head" in self.params else "mae"
+    """A full mim_jax config (`registry.base_config`) describing these weights: a fine-tuned
+    classifier's, or an MAE's."""
+    c = registry.base_config("finetune" if "head" in self.params else "mae")
     c.image_size = tuple(self.image_size)
     c.channels = self.channels
     c.model.update(model_size_fields(ViTSize(self.width, self.depth, self.num_heads,
@@ -100,8 +108,9 @@ class ImportedModel:
       c.decoder.update(width=int(self.params["decoder"]["mask_token"].shape[-1]),
                        depth=sum(1 for k in dec if k.startswith("blocks_")),
                        num_heads=self.decoder_num_heads)
-    c.masking.ratio = self.mask_ratio
-    c.target.norm_pix = self.norm_pix_loss
+    if "masking" in c:  # an MAE
+      c.masking.ratio = self.mask_ratio
+      c.target.norm_pix = self.norm_pix_loss
     if "head" in self.params:
       c.classifier.update(pool=self.pool, num_classes=self.num_classes)
     return c

@@ -26,10 +26,11 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mim_jax import checkpoint
+from mim_jax.models.autoencoder import MaskedAutoencoder
 from mim_jax.models.decoders import MAEDecoder
 from mim_jax.models.heads import ViTClassifier
 from mim_jax.models.vit import ViTEncoder, encoder_from_config
+from mim_jax.training import checkpoint
 
 DECODER_DIR, CLASSIFIER_DIR = "decoder", "classifier"
 CLASSIFIER_PARTS = ("fc_norm", "head")
@@ -161,7 +162,6 @@ def build_encoder(info: dict, params: dict) -> ViTEncoder:
 
 def build_mae(info: dict, params: dict):
   """(MaskedAutoencoder, params) for weights with a decoder."""
-  from mim_jax.methods.mae import MaskedAutoencoder  # pylint: disable=import-outside-toplevel
   if "decoder" not in params:
     raise ValueError("these weights have no MAE decoder (import a `*_full.pth` checkpoint, or "
                      "export an MAE pre-training workdir)")

@@ -15,7 +15,7 @@
   iterator_save_args(it) / iterator_restore_args(it)                 Orbax composite items
   num_skipped_images() / skipped_images()                            bad images dropped so far
 
-`data_cfg` is `config.data` (see `config_defaults.base_config`).
+`data_cfg` is `config.data` (see `config.defaults.core_fields`).
 
 Labels are the source's class labels (0 for a source without labels, e.g. a flat image
 folder). Training reads `data.split`; with `data.label_fraction` < 1 only a per-class subset of
@@ -25,14 +25,32 @@ subset). Evaluation reads `data.split` or the `split` passed (callers pass
 named splits: `data.path` is the training split and `data.eval_path` the evaluation one.
 """
 
-from mim_jax.data.bad_images import num_skipped_images, reset_skipped_images, skipped_images
-from mim_jax.data.checkpointing import (ITERATOR_HANDLER, ITERATOR_HANDLER_NAME,
-                                        iterator_restore_args, iterator_save_args)
+from mim_jax.data.bad_images import (
+                                        num_skipped_images,
+                                        reset_skipped_images,
+                                        skipped_images,
+)
+from mim_jax.data.checkpointing import (
+                                        ITERATOR_HANDLER,
+                                        ITERATOR_HANDLER_NAME,
+                                        iterator_restore_args,
+                                        iterator_save_args,
+)
 from mim_jax.data.idx import IdxFormatError, parse_idx, read_idx
-from mim_jax.data.pipeline import (eval_dataset, make_eval_iterator, make_train_iterator,
-                                   train_dataset)
-from mim_jax.data.sources import (SOURCES, build_source, build_train_source, eval_split,
-                                  num_classes, num_examples)
+from mim_jax.data.pipeline import (
+                                        eval_dataset,
+                                        make_eval_iterator,
+                                        make_train_iterator,
+                                        train_dataset,
+)
+from mim_jax.data.sources import (
+                                        SOURCES,
+                                        build_source,
+                                        build_train_source,
+                                        eval_split,
+                                        num_classes,
+                                        num_examples,
+)
 from mim_jax.data.subsets import SubsetSource, per_class_subset
 from mim_jax.data.transforms import AddTokenMask, BadImageError
 from mim_jax.data.validation import validate_data_config

@@ -32,8 +32,12 @@ import grain
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-from mim_jax.data.transforms import (VALID_KEY, Normalizer, random_resized_crop_box,
-                                     resize_box)
+from mim_jax.data.transforms import (
+  VALID_KEY,
+  Normalizer,
+  random_resized_crop_box,
+  resize_box,
+)
 
 GLOBAL_VIEWS_KEY = "global_views"
 LOCAL_VIEWS_KEY = "local_views"

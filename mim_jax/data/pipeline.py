@@ -29,7 +29,7 @@ from typing import Sequence
 import grain
 import numpy as np
 
-from mim_jax.config_errors import config_error
+from mim_jax.config.errors import config_error
 from mim_jax.data import bad_images, sources, transforms
 
 # Training stops if more than this fraction of images is bad (checked over windows of 1000

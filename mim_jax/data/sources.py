@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mim_jax.config_errors import config_error
+from mim_jax.config.errors import config_error
 from mim_jax.data import idx, subsets
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")

@@ -278,7 +278,7 @@ class AddTokenMask(grain.transforms.RandomMap):
   generator: Any
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    from mim_jax.masking import TOKEN_MASK_KEY
+    from mim_jax.objectives.masking import TOKEN_MASK_KEY
     return {**element, TOKEN_MASK_KEY: self.generator.host(rng, 1)[0]}
 
 

@@ -13,9 +13,14 @@ import numbers
 import os
 from typing import Any
 
-from mim_jax.config_errors import config_error
+from mim_jax.config.errors import config_error
 from mim_jax.data import idx, sources
-from mim_jax.data.sources import IMAGE_EXTENSIONS, SOURCES, empty_class_folders, has_any_image
+from mim_jax.data.sources import (
+  IMAGE_EXTENSIONS,
+  SOURCES,
+  empty_class_folders,
+  has_any_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +140,8 @@ def _validate_labels_and_splits(data_cfg) -> None:
 
 
 def _validate_augmentation(data_cfg) -> None:
+  if "crop_scale" not in data_cfg:  # methods that never augment (frozen-feature jobs)
+    return
   scale = _pair(data_cfg.crop_scale)
   _require(scale is not None and 0 < scale[0] <= scale[1] <= 1, "crop_scale",
            data_cfg.crop_scale, "(min, max) area fractions with 0 < min <= max <= 1")
@@ -160,6 +167,8 @@ def _validate_normalisation(data_cfg, channels: int) -> None:
 def _validate_loading(data_cfg) -> None:
   _require(data_cfg.on_bad_image in ON_BAD_IMAGE, "on_bad_image", data_cfg.on_bad_image,
            f"one of {ON_BAD_IMAGE}")
+  if "num_workers" not in data_cfg:  # no training pipeline (frozen-feature jobs)
+    return
   _require(_is_int(data_cfg.num_workers) and data_cfg.num_workers >= 0, "num_workers",
            data_cfg.num_workers, "an integer >= 0 (0 decodes in the training process)")
   _require(_is_int(data_cfg.prefetch_buffer_size) and data_cfg.prefetch_buffer_size > 0,

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from mim_jax import data
+from mim_jax.config import defaults
+from mim_jax.config import validation as v
 
 
 def num_classes(config) -> int:
-  """config.classifier.num_classes, or the dataset's class count when it is 0."""
-  return int(config.classifier.num_classes) or data.num_classes(config.data)
+  """config.classifier.num_classes, or the dataset's class count when it is 0 (or when the
+  config has no classifier: the k-NN monitor of a pre-training run)."""
+  if "classifier" in config and config.classifier.num_classes:
+    return int(config.classifier.num_classes)
+  return data.num_classes(config.data)
 
 
 def classification_sums(logits: jax.Array, labels: jax.Array,
@@ -30,3 +36,24 @@ def classification_sums(logits: jax.Array, labels: jax.Array,
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Top-1 accuracy of logits [B, C] against integer labels [B]."""
   return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+
+
+def add_classifier_config(c: ml_collections.ConfigDict, **classifier_fields) -> None:
+  """The fields every evaluation has: init_from, `config.classifier` with `classifier_fields`
+  (None: the default value) and `config.eval` (its batch and, for methods trained by the
+  loop, how often the evaluation split is scored)."""
+  defaults.init_from_field(c)
+  c.classifier = defaults.classifier_block(num_classes=None, **classifier_fields)
+  c.eval = ml_collections.ConfigDict(dict(batch_size=256))
+
+
+def add_scored_config(c: ml_collections.ConfigDict) -> None:
+  """`eval.every_epochs`: evaluation-split scoring during training (0: only at the end)."""
+  c.eval.every_epochs = 0.0
+
+
+def validate_scored(config) -> None:
+  v.validate_classifier(config)
+  e = config.eval.every_epochs
+  v.require(v.is_number(e) and e >= 0, "eval.every_epochs", e,
+            "a number >= 0 (0: only at the end)")

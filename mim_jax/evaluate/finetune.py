@@ -13,19 +13,59 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mim_jax import mixup
-from mim_jax.evaluate import classifier_base, pretrained
+from mim_jax.config import validation as v
+from mim_jax.evaluate import classifier_base, mixup
+from mim_jax.methods import base
+from mim_jax.models import flops
 from mim_jax.models.heads import ViTClassifier
 from mim_jax.models.vit import encoder_from_config
+from mim_jax.weights import pretrained
 
 
-class FineTune:
+class FineTune(base.Method):
   """Fine-tuning as the training loop sees it: params = {"encoder", "head"[, "fc_norm"]}."""
 
   name = "finetune"
+  kind = "classifier"
+  evaluates = True
 
-  def __init__(self, config):
-    self.config = config
+  @classmethod
+  def add_config(cls, c):
+    super().add_config(c)
+    classifier_base.add_classifier_config(
+        c, pool=None, head_init_std=None, label_smoothing=None, mixup_alpha=None,
+        cutmix_alpha=None, mixup_prob=None, mixup_switch_prob=None)
+    classifier_base.add_scored_config(c)
+    c.optimizer.layer_decay = 1.0  # < 1: layer-wise lr decay (pre-trained encoders)
+
+  @classmethod
+  def validate(cls, config):
+    classifier_base.validate_scored(config)
+    c, opt = config.classifier, config.optimizer
+    v.require(v.is_number(c.label_smoothing) and 0 <= c.label_smoothing < 1,
+              "classifier.label_smoothing", c.label_smoothing, "a number in [0, 1)")
+    for name in ("mixup_alpha", "cutmix_alpha"):
+      v.require(v.is_number(c[name]) and c[name] >= 0, f"classifier.{name}", c[name],
+                "a number >= 0 (0 disables it)")
+    for name in ("mixup_prob", "mixup_switch_prob"):
+      v.require(v.is_number(c[name]) and 0 <= c[name] <= 1, f"classifier.{name}", c[name],
+                "a probability in [0, 1]")
+    v.require(v.is_number(opt.layer_decay) and 0 < opt.layer_decay <= 1,
+              "optimizer.layer_decay", opt.layer_decay,
+              "a number in (0, 1] (1 disables layer-wise lr decay)")
+    v.require(opt.layer_decay == 1 or pretrained.is_pretrained(config.init_from),
+              "optimizer.layer_decay", opt.layer_decay,
+              "1.0 without init_from: layer-wise lr decay protects pre-trained lower layers, "
+              "and a from-scratch encoder has none (it would only handicap the baseline)",
+              "Set --config.optimizer.layer_decay=1.0 (configs/finetune_*.py:scratch does).")
+
+  @classmethod
+  def forward_flops(cls, config):
+    encoder = flops.encoder_flops(config.model, config.image_size, config.channels)
+    return {"encoder": encoder, "total": encoder}
+
+  def __init__(self, config, length=None):
+    super().__init__(config, length)
     encoder = encoder_from_config(config.model, config.image_size, config.channels,
                                   posemb="learn")
     self.num_classes = classifier_base.num_classes(config)
@@ -37,15 +77,16 @@ class FineTune:
                     prob=float(c.mixup_prob), switch_prob=float(c.mixup_switch_prob),
                     label_smoothing=float(c.label_smoothing))
 
+  def wants_weights(self) -> bool:
+    return pretrained.is_pretrained(self.config.init_from)
+
   def init(self, rng, images):
     return self.model.init(rng, images)["params"], {}
 
   def load_pretrained(self, params, extra):
-    if pretrained.is_pretrained(self.config.init_from):
-      params = dict(params, encoder=pretrained.load_encoder_into(
-          params["encoder"], self.config.init_from, grid_hw=self.model.encoder.grid_hw))
-      params = pretrained.load_classifier_head_into(params, self.config.init_from)
-    return params, extra
+    params = dict(params, encoder=pretrained.load_encoder_into(
+        params["encoder"], self.config.init_from, grid_hw=self.model.encoder.grid_hw))
+    return pretrained.load_classifier_head_into(params, self.config.init_from), extra
 
   def loss(self, params, extra, batch, rng, train=True):
     mix_rng, drop_rng = jax.random.split(rng)
@@ -66,6 +107,3 @@ class FineTune:
   def eval_metrics(self, params, extra, batch):
     logits = self.model.apply({"params": params}, batch["image"], train=False)
     return classifier_base.classification_sums(logits, batch["label"], batch["mask"])
-
-  def encoder_params(self, params, extra):
-    return params["encoder"]

@@ -28,14 +28,20 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mim_jax import checkpoint, config_validation, data, metric_writers
+from mim_jax import data
+from mim_jax.config import validation as v
 from mim_jax.data import sources
-from mim_jax.evaluate import classifier_base, knn, logistic, pretrained
+from mim_jax.evaluate import classifier_base, knn, logistic
+from mim_jax.methods import base
+from mim_jax.models import flops
 from mim_jax.models.heads import pool_tokens
 from mim_jax.models.vit import encoder_from_config
+from mim_jax.training import checkpoint, metric_writers
+from mim_jax.weights import pretrained
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +60,16 @@ def _local_copy(params):
 class FeatureExtractor:
   """Features of whole splits, in source order, on every process."""
 
-  def __init__(self, config):
+  def __init__(self, config, *, pixels: bool = False, layer: int = 0):
+    """Features of `config`'s encoder (`pixels`: of the raw pixels instead) at block `layer`
+    (0: the encoder output)."""
     self.config = config
-    self.pixels = config.classifier.features == "pixels"
+    self.pixels = pixels
     self.pools = ("pixels",) if self.pixels else ENCODER_POOLS
+    # A pre-training run's own encoder has fixed sin-cos positions; a job's, its export's.
+    posemb = pretrained.encoder_posemb(config.init_from) if "classifier" in config else "sincos"
     self.encoder = encoder_from_config(config.model, config.image_size, config.channels,
-                                       posemb=pretrained.encoder_posemb(config.init_from))
-    layer = int(config.classifier.probe_layer)
+                                       posemb=posemb)
 
     def features(params, images):
       """images [B, H, W, C] -> [B, P, D]: one row per pool, stacked."""
@@ -111,13 +120,21 @@ class FeatureExtractor:
     return sources.train_indices(cfg.data, source_labels)
 
 
-class KnnMonitor:
-  """Callable: encoder params -> {"knn_top1_<pool>", "knn_top5_<pool>"} on data.eval_split."""
+def job_extractor(config) -> FeatureExtractor:
+  """The features a job's `config.classifier` asks for."""
+  c = config.classifier
+  return FeatureExtractor(config, pixels=c.features == "pixels", layer=int(c.probe_layer))
 
-  def __init__(self, config, mesh=None):
-    del mesh  # features are computed on each process's default device, then gathered
+
+class KnnMonitor:
+  """Callable: encoder params -> {"knn_top1_<pool>", "knn_top5_<pool>"} on data.eval_split.
+
+  During pre-training it scores the encoder output; the k-NN job passes its own extractor.
+  """
+
+  def __init__(self, config, extractor: FeatureExtractor | None = None):
     self.config = config
-    self.extractor = FeatureExtractor(config)
+    self.extractor = extractor or FeatureExtractor(config)
     self.encoder = self.extractor.encoder
     self.num_classes = classifier_base.num_classes(config)
 
@@ -155,8 +172,8 @@ def _encoder_params(config):
 
 
 def _start(config, workdir: str):
-  config = pretrained.adopt_encoder_config(config)
-  config_validation.validate_config(config)
+  """`config` comes prepared (its encoder adopted from init_from and validated:
+  `registry.prepare`, which training.loop.run calls before it runs a job)."""
   checkpoint.ensure_writable(workdir)
   return config
 
@@ -179,7 +196,7 @@ def run_knn(config, workdir: str) -> dict[str, float]:
   """The k-NN job (method "knn"): scores the encoder of `config.init_from`."""
   config = _start(config, workdir)
   start = time.perf_counter()
-  metrics = KnnMonitor(config)(_encoder_params(config))
+  metrics = KnnMonitor(config, job_extractor(config))(_encoder_params(config))
   metrics["seconds"] = time.perf_counter() - start
   return _finish(config, workdir, metrics)
 
@@ -200,15 +217,11 @@ def run_probe(config, workdir: str) -> dict:
   config = _start(config, workdir)
   start = time.perf_counter()
   cfg = config
-  ex = FeatureExtractor(cfg)
+  ex = job_extractor(cfg)
   params = _encoder_params(cfg)
   train_feats, train_labels = ex.split(params, cfg.data.split)
   rows = ex.train_rows(train_labels)
   holdout = sources.holdout_indices(cfg.data, train_labels)  # train_rows checked the positions
-  if not len(holdout):
-    raise config_validation.ConfigError(
-        "config.data.holdout=0 is invalid: the probe chooses its L2 strength on held-out "
-        "training examples; set e.g. --config.data.holdout=5000")
   all_rows = np.union1d(rows, holdout)  # the final fit and the k-NN bank use every row
   test_feats, test_labels = ex.split(params, data.eval_split(cfg.data))
   num_classes = classifier_base.num_classes(cfg)
@@ -233,3 +246,64 @@ def run_probe(config, workdir: str) -> dict:
   metrics["seconds"] = time.perf_counter() - start
   metrics["num_train"], metrics["num_holdout"] = len(all_rows), len(holdout)
   return _finish(cfg, workdir, metrics)
+
+
+class KnnJob(base.Job):
+  """Method "knn": weighted k-NN on frozen features of every pool (module docstring)."""
+
+  name = "knn"
+
+  @classmethod
+  def add_config(cls, c):
+    super().add_config(c)
+    classifier_base.add_classifier_config(c, features=None, probe_layer=None)
+    c.knn = ml_collections.ConfigDict(dict(k=20, temperature=0.07))
+
+  @classmethod
+  def validate(cls, config):
+    v.validate_classifier(config)
+    v.validate_knn(config)
+
+  @classmethod
+  def forward_flops(cls, config):
+    encoder = (0.0 if config.classifier.features == "pixels" else
+               flops.encoder_flops(config.model, config.image_size, config.channels))
+    return {"encoder": encoder, "total": encoder}
+
+  @classmethod
+  def run(cls, config, workdir):
+    return run_knn(config, workdir)
+
+
+class ProbeJob(KnnJob):
+  """Method "probe": k-NN and the converged logistic probe on the same cached features."""
+
+  name = "probe"
+
+  @classmethod
+  def add_config(cls, c):
+    super().add_config(c)
+    # Multinomial logistic regression on standardised cached features (evaluate/logistic.py),
+    # its L2 strength chosen from l2_grid on data.holdout examples; L-BFGS until the gradient
+    # norm is below tol (or max_iter iterations).
+    c.probe = ml_collections.ConfigDict(dict(l2_grid=logistic.DEFAULT_L2_GRID, max_iter=3000,
+                                             tol=1e-4))
+    c.data.holdout = 5000
+
+  @classmethod
+  def validate(cls, config):
+    super().validate(config)
+    p = config.probe
+    grid = tuple(p.l2_grid) if isinstance(p.l2_grid, (tuple, list)) else ()
+    v.require(len(grid) > 0 and all(v.is_number(x) and x >= 0 for x in grid), "probe.l2_grid",
+              p.l2_grid, "a non-empty tuple of L2 strengths >= 0, e.g. (1e-2, 1e-3, 1e-4)")
+    v.positive_int(config, "probe.max_iter")
+    v.require(v.is_number(p.tol) and p.tol > 0, "probe.tol", p.tol, "a positive gradient norm")
+    v.require(v.is_int(config.data.holdout) and config.data.holdout > 0, "data.holdout",
+              config.data.holdout, "a positive number of training examples for method "
+              "'probe', which chooses its L2 strength on them (e.g. 5000 of Fashion-MNIST's "
+              "60,000)")
+
+  @classmethod
+  def run(cls, config, workdir):
+    return run_probe(config, workdir)

@@ -14,21 +14,43 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mim_jax.evaluate import classifier_base, pretrained
+from mim_jax.evaluate import classifier_base
+from mim_jax.methods import base
+from mim_jax.models import flops
 from mim_jax.models.heads import ProbeHead, encoder_features
 from mim_jax.models.vit import encoder_from_config
+from mim_jax.weights import pretrained
 
 
-class LinearProbe:
+class LinearProbe(base.Method):
   """The linear probe as the training loop sees it (see `methods.base.Method`).
 
   params = {"head": Dense}; extra = {"encoder": frozen encoder, "batch_stats": BatchNorm stats}.
   """
 
   name = "linprobe"
+  kind = "classifier"
+  evaluates = True
 
-  def __init__(self, config):
-    self.config = config
+  @classmethod
+  def add_config(cls, c):
+    super().add_config(c)
+    classifier_base.add_classifier_config(c, pool=None, features=None, probe_layer=None,
+                                          head_init_std=None)
+    classifier_base.add_scored_config(c)
+
+  @classmethod
+  def validate(cls, config):
+    classifier_base.validate_scored(config)
+
+  @classmethod
+  def forward_flops(cls, config):
+    encoder = (0.0 if config.classifier.features == "pixels" else
+               flops.encoder_flops(config.model, config.image_size, config.channels))
+    return {"encoder": encoder, "teacher": encoder, "total": encoder}  # frozen: forward only
+
+  def __init__(self, config, length=None):
+    super().__init__(config, length)
     self.pixels = config.classifier.features == "pixels"
     self.encoder = encoder_from_config(config.model, config.image_size, config.channels,
                                        posemb=pretrained.encoder_posemb(config.init_from))
@@ -36,6 +58,9 @@ class LinearProbe:
     self.layer = int(config.classifier.probe_layer)
     self.head = ProbeHead(num_classes=classifier_base.num_classes(config),
                           head_init_std=config.classifier.head_init_std)
+
+  def wants_weights(self) -> bool:
+    return pretrained.is_pretrained(self.config.init_from) and not self.pixels
 
   def features(self, encoder_params, images):
     """Frozen features [B, D] of images [B, H, W, C] (D = H*W*C for raw pixels)."""
@@ -52,9 +77,8 @@ class LinearProbe:
             {"encoder": encoder, "batch_stats": variables["batch_stats"]})
 
   def load_pretrained(self, params, extra):
-    if pretrained.is_pretrained(self.config.init_from) and not self.pixels:
-      extra = dict(extra, encoder=pretrained.load_encoder_into(
-          extra["encoder"], self.config.init_from, grid_hw=self.encoder.grid_hw))
+    extra = dict(extra, encoder=pretrained.load_encoder_into(
+        extra["encoder"], self.config.init_from, grid_hw=self.encoder.grid_hw))
     return params, extra
 
   def loss(self, params, extra, batch, rng, train=True):

@@ -9,16 +9,15 @@ loop on random images. Replace `images` with your own data pipeline.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 
+from mim_jax import registry
 from mim_jax.methods.mae import MAE
-from mim_jax.train import init_train_state, make_train_step
-from mim_jax import config_defaults
+from mim_jax.training.step import init_train_state, make_train_step
 
 
 def main(steps: int = 5) -> list[float]:
-  config = config_defaults.base_config()            # the MAE recipe's fields and defaults
+  config = registry.base_config("mae")               # the MAE recipe's fields and defaults
   config.image_size, config.channels = (32, 32), 3
   config.model.variant = "mu/8"                      # any SIZE/PATCH, e.g. "B/16"
   config.decoder.update(width=64, depth=2, num_heads=4)

@@ -1,24 +1,51 @@
-"""What the training loop needs from a method (a pre-training method or a trained evaluation).
+"""The one interface between the training loop and a method: every hook, with its default.
 
-A method bundles a Flax model with its loss. The loop only calls what is listed here, so a new
-method (SimMIM, BEiT, a linear probe, ...) is a new small module, never a new trainer.
+A method (a pre-training objective, a trained evaluation, a tokenizer) subclasses `Method` and
+overrides what it needs; the loop (training/loop.py), the run set-up (training/setup.py), the
+benchmark and the memory planner call these hooks and nothing else. Adding a method is one
+module plus a config file and a line in `mim_jax/registry.py`; tests/test_registry.py proves it
+with a toy method defined in the test.
 
 State comes in two parts:
   params   the trainable parameters (the optimizer sees these and only these)
   extra    everything else the method carries from step to step and checkpoints with them:
            BatchNorm statistics, a frozen encoder, an EMA teacher; {} when there is none.
+
+Hooks, by when they run:
+  configuration (class methods, before anything is built)
+    add_config(c)        adds the method's own config blocks / fields to the shared ones and
+                         removes shared fields it does not read (registry.base_config)
+    validate(config)     the checks of those fields (ConfigError naming field, value, allowed)
+    forward_flops(config)  {"encoder", "decoder", ..., "total"} forward FLOPs per image
+  construction           Method(config, length): `length` (TrainLength) for epoch schedules
+  state                  init(rng, images) -> (params, extra); wants_weights();
+                         load_pretrained(params, extra) on fresh host state
+  input                  data_transforms(), train_augment(...), batch_keys, example_extras(...)
+  step                   loss(...), after_update(...)
+  outputs                encoder_params(...), export(...), draws + reconstruct(...) + picture(...),
+                         evaluates + eval_metrics(...)
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Protocol
+import os
+from typing import Any, Mapping, Optional
 
 import jax
+import ml_collections
+import numpy as np
+
+from mim_jax.config import defaults
+from mim_jax.objectives import masking
+from mim_jax.weights import continuation
 
 Params = Any
 Extra = Any
 Batch = Mapping[str, jax.Array]
+
+# What every training batch carries to the step: images and labels (plus `batch_keys`).
+BATCH_KEYS = ("image", "label")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,61 +55,161 @@ class TrainLength:
   steps_per_epoch: int
   schedule_steps: int
 
+  @classmethod
+  def nominal(cls, config) -> "TrainLength":
+    """One step per epoch: for tools that never train (benchmarks, pictures, shapes)."""
+    return cls(1, max(1, int(round(config.num_epochs))))
 
-class Method(Protocol):
-  """The interface every trainable method implements."""
 
-  name: str
+class Method:
+  """Base class of every method; see the module docstring for the hooks."""
+
+  name: str = ""
+  # "pretraining" (exports an encoder, k-NN monitor), "classifier" (scored on the evaluation
+  # split, results.json) or "tokenizer" (exports a tokenizer).
+  kind: str = "pretraining"
+  # Extra keys of a pipeline element that reach the train step (e.g. multi-crop views).
+  batch_keys: tuple[str, ...] = ()
+  # The mask generator drawing this method's masks (None: no masks); host kinds are drawn in
+  # the input pipeline's workers and arrive as batch["token_mask"].
+  mask_generator: Optional[masking.MaskGenerator] = None
+  # Whether the method draws pictures (reconstruct + picture) and is scored (eval_metrics).
+  draws: bool = False
+  evaluates: bool = False
+
+  # --- configuration -------------------------------------------------------------------------
+  @classmethod
+  def add_config(cls, c: ml_collections.ConfigDict) -> None:
+    """Adds this method's fields to `c` (in place): by default the shared fields of every
+    method trained by the loop (config/defaults.py core_fields + training_fields)."""
+    defaults.core_fields(c)
+    defaults.training_fields(c)
+
+  @classmethod
+  def validate(cls, config) -> None:
+    """Checks this method's fields; raises ConfigError."""
+
+  @classmethod
+  def forward_flops(cls, config) -> dict[str, float]:
+    """Forward FLOPs per image by part, with "total"."""
+    raise NotImplementedError(f"method {cls.name!r} has no FLOP count")
+
+  # --- construction and state ------------------------------------------------------------------
+  def __init__(self, config=None, length: Optional[TrainLength] = None):
+    """`config` may be None for a method built by hand in user code (then it reads none)."""
+    self.config = config
+    self.length = length or (TrainLength.nominal(config) if config is not None
+                             else TrainLength(1, 1))
 
   def init(self, rng: jax.Array, images: jax.Array) -> tuple[Params, Extra]:
-    """Returns fresh (params, extra) for example images [B, H, W, C] (traceable)."""
+    """Fresh (params, extra) for example images [B, H, W, C] (traceable)."""
+    raise NotImplementedError
+
+  def wants_weights(self) -> bool:
+    """Whether fresh state must go through `load_pretrained` (init_from, a frozen tokenizer)."""
+    return self.config is not None and continuation.wanted(self.config)
 
   def load_pretrained(self, params: Params, extra: Extra) -> tuple[Params, Extra]:
-    """Puts pre-trained weights (e.g. `config.init_from`) into fresh host-side state."""
+    """Existing weights into fresh host-side state. Default: continued pre-training from
+    `config.init_from` (weights/continuation.py); teachers override to copy the student."""
+    if continuation.wanted(self.config):
+      params = continuation.load_into(params, self.config)
+    return params, extra
 
+  # --- input -----------------------------------------------------------------------------------
+  def data_transforms(self) -> tuple:
+    """Per-example steps added to the input pipeline after augmentation (host-drawn masks)."""
+    from mim_jax.data.transforms import AddTokenMask
+    if self.mask_generator is not None and self.mask_generator.on_host:
+      return (AddTokenMask(self.mask_generator),)
+    return ()
+
+  def train_augment(self, data_cfg, image_size: tuple[int, int], channels: int):
+    """A grain RandomMap replacing the default RandomResizedCrop + flip (multi-crop views), or
+    None. It maps {"image": uint8 [h, w, C] or None, "label"} to a dict with "label", "valid"
+    and the method's arrays (placeholder zeros with valid=False for a None image)."""
+    return None
+
+  def train_batch_keys(self) -> tuple[str, ...]:
+    """The keys of a pipeline batch that the train step reads."""
+    keys = BATCH_KEYS + tuple(self.batch_keys)
+    if self.mask_generator is not None and self.mask_generator.on_host:
+      keys += (masking.TOKEN_MASK_KEY,)
+    return keys
+
+  def example_extras(self, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """What the input pipeline would add to `batch_size` images besides "image" and "label"
+    (host-drawn masks), for pictures, benchmarks and shape planning."""
+    if self.mask_generator is not None and self.mask_generator.on_host:
+      return {masking.TOKEN_MASK_KEY: self.mask_generator.host(rng, batch_size)}
+    return {}
+
+  # --- the step --------------------------------------------------------------------------------
   def loss(self, params: Params, extra: Extra, batch: Batch, rng: jax.Array,
            train: bool = True) -> tuple[jax.Array, tuple[dict[str, jax.Array], Extra]]:
-    """Returns (scalar loss, (scalar metrics, new extra)) for one batch; pure and jittable."""
+    """(scalar loss, (scalar metrics, new extra)) for one batch; pure and jittable."""
+    raise NotImplementedError
 
+  def after_update(self, params: Params, extra: Extra, step: jax.Array) -> Extra:
+    """Runs inside the jitted step after the optimizer update, on the new params (an EMA
+    teacher follows the student here). `step` (int32 []) is the index of the update just
+    applied (0 for the first); a step skipped for non-finite values discards the result."""
+    return extra
+
+  # --- outputs ---------------------------------------------------------------------------------
   def encoder_params(self, params: Params, extra: Extra) -> Params:
     """The encoder's sub-tree, which downstream evaluation and export use."""
+    return params["encoder"]
 
+  def export(self, workdir: str, params: Params, extra: Extra, info: dict) -> None:
+    """The run's end product: the encoder (Orbax + model.json) in `workdir`/encoder. Collective:
+    every process calls it with the same host values."""
+    from mim_jax.training import checkpoint
+    checkpoint.export_encoder(os.path.join(workdir, "encoder"),
+                              self.encoder_params(params, extra), info)
 
-class Reconstructs(Protocol):
-  """Methods with pixel-space predictions also draw reconstruction pictures."""
+  def reconstruct(self, params: Params, batch: Batch, rng: jax.Array,
+                  extra: Extra) -> dict[str, jax.Array]:
+    """Device-side predictions for pictures of `batch` (when `draws`)."""
+    raise NotImplementedError
 
-  def reconstruct(self, params: Params, images: jax.Array, rng: jax.Array) -> dict[str, jax.Array]:
-    """Returns {"pred": [B, N, P] in target space, "mask": [B, N]} for pictures."""
-
-
-class Evaluates(Protocol):
-  """Classifiers are scored on the evaluation split during and after training."""
+  def picture(self, images: np.ndarray, out: dict) -> np.ndarray:
+    """A picture (uint8 [H, W, 3]) of `reconstruct`'s output for `images` (when `draws`)."""
+    raise NotImplementedError
 
   def eval_metrics(self, params: Params, extra: Extra, batch: Batch) -> dict[str, jax.Array]:
-    """Sums over the valid rows (batch["mask"]) of a batch: "correct", "loss", "count"."""
+    """Sums over the valid rows (batch["mask"]): "correct", "loss", "count" (when `evaluates`)."""
+    raise NotImplementedError
 
 
-# Optional hooks. The loop calls each only when the method defines it, so simple methods stay
-# simple; teachers, tokenizers and multi-view inputs plug in here instead of into the loop.
-#
-#   after_update(params, extra, step) -> extra
-#       Runs inside the jitted step after the optimizer update, on the new params (an EMA
-#       teacher follows the student here). `step` (int32 []) is the index of the update just
-#       applied (0 for the first). A step skipped for non-finite values discards its result.
-#   train_augment(data_cfg, image_size, channels) -> grain RandomMap
-#       Replaces the input pipeline's RandomResizedCrop + flip (multi-crop views). It must map
-#       {"image": uint8 [h, w, C] or None, "label"} to a dict with "label", "valid" and the
-#       method's arrays, placeholder zeros with valid=False for a None image.
-#   batch_keys: tuple[str, ...]
-#       Keys of a pipeline element, besides "image", "label" and "token_mask", that reach the
-#       train step (e.g. extra views).
-#   loads_weights: bool
-#       True when `load_pretrained` must run on fresh state even without `config.init_from`
-#       (a frozen tokenizer read from its own file).
-#   export(path, params, extra, info) -> None
-#       Writes the run's end product to `path` instead of the encoder export (a tokenizer).
-#   needs_train_length: bool
-#       True when the constructor takes `length=TrainLength(...)`.
-#   reconstruct_reads_extra: bool
-#       True when `reconstruct(params, batch, rng, extra)` also needs the method's `extra`
-#       (a tokenizer's codebook, BEiT's frozen tokenizer) to draw its pictures.
+class Job(Method):
+  """A method that trains nothing and runs once (frozen-feature evaluations): `run` replaces
+  the training loop; the loop's hooks are never called."""
+
+  kind = "job"
+
+  @classmethod
+  def add_config(cls, c):
+    defaults.core_fields(c)
+    defaults.init_from_field(c)
+
+  @classmethod
+  def run(cls, config, workdir: str) -> dict:
+    """Runs the job in `workdir` (results.json) and returns its metrics."""
+    raise NotImplementedError
+
+
+class PretrainingMethod(Method):
+  """What pre-training methods share: masking, the k-NN monitor, pictures and the export."""
+
+  kind = "pretraining"
+
+  @classmethod
+  def add_config(cls, c):
+    super().add_config(c)
+    defaults.pretraining_fields(c, pictures=cls.draws)
+
+  @classmethod
+  def validate(cls, config):
+    from mim_jax.config import validation
+    validation.validate_pretraining_fields(config)

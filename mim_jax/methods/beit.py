@@ -5,7 +5,7 @@ patch through the encoder with a learned mask token in place of the masked ones,
 head over the tokenizer's vocabulary, and cross-entropy against the tokenizer's code of each
 masked patch (`losses.masked_cross_entropy`). The tokenizer (stage 1, trained by
 `configs/beit_tokenizer_*.py`, see `mim_jax.tokenizers`) is frozen: it is read from
-`config.tokenizer.path` into the method's `extra` (`loads_weights` + `load_pretrained`, so it
+`config.tokenizer.path` into the method's `extra` (`wants_weights` + `load_pretrained`, so it
 is checkpointed with the run) and encodes the batch inside the jitted step under
 stop_gradient.
 
@@ -19,27 +19,60 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from mim_jax import losses, viz
+from mim_jax import viz
+from mim_jax.config import validation
 from mim_jax.methods.masked_prediction import MaskedPrediction
+from mim_jax.models.vit import size_from_config
+from mim_jax.objectives import losses
 from mim_jax.tokenizers import io, vq
-from mim_jax.tokenizers.models import tokenizer_model
+from mim_jax.tokenizers.models import encode_flops, tokenizer_model
 
 
 class BEiT(MaskedPrediction):
   name = "beit"
-  loads_weights = True            # the frozen tokenizer comes from its own files
-  reconstruct_reads_extra = True  # pictures decode codes with the tokenizer in `extra`
 
-  def __init__(self, config):
+  @classmethod
+  def add_config(cls, c):
+    super().add_config(c)
+    c.masking.update(kind="blockwise", ratio=0.4)
+    # The frozen tokenizer: a tokenizer workdir or export (`tokenizers.io`); its vocabulary
+    # must be vocab_size (BEiT: 8192) and its geometry this config's (checked at start-up).
+    c.tokenizer = ml_collections.ConfigDict(dict(path="", vocab_size=8192))
+
+  @classmethod
+  def validate(cls, config):
+    super().validate(config)
+    t, image_size = config.tokenizer, tuple(config.image_size)
+    _, patch = size_from_config(config.model)
+    validation.require(validation.is_int(t.vocab_size) and t.vocab_size >= 2,
+                       "tokenizer.vocab_size", t.vocab_size, "an integer >= 2 (BEiT: 8192)")
+    io.check_matches(t.path, vocab_size=t.vocab_size, image_size=image_size, patch_size=patch,
+                     channels=config.channels, mean=config.data.mean, std=config.data.std,
+                     variant=config.model.variant)
+
+  @classmethod
+  def target_dim(cls, config):
+    return int(config.tokenizer.vocab_size)
+
+  @classmethod
+  def forward_flops(cls, config):
+    out = super().forward_flops(config)
+    tokenizer = encode_flops(io.read_info(str(config.tokenizer.path)))
+    return {**out, "tokenizer": tokenizer, "total": out["total"] + tokenizer}
+
+  def __init__(self, config, length=None):
     self.tokenizer_path = str(config.tokenizer.path)
     self.tokenizer_info = io.read_info(self.tokenizer_path)
     self.tokenizer = tokenizer_model(self.tokenizer_info)
     self.l2 = bool(self.tokenizer_info.get("l2_normalize", False))
     self.vocab_size = int(self.tokenizer_info["vocab_size"])
-    super().__init__(config, target_dim=self.vocab_size, target_fn=None,
-                     loss_fn=losses.masked_cross_entropy)
+    super().__init__(config, length, target_fn=None, loss_fn=losses.masked_cross_entropy)
+
+  def wants_weights(self) -> bool:
+    return True  # the frozen tokenizer comes from its own files, with or without init_from
 
   def init(self, rng, images):
     params, _ = super().init(rng, images)

@@ -24,13 +24,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from mim_jax import continuation, losses, masking, teachers
-from mim_jax.methods.base import TrainLength
+from mim_jax.config import validation as v
+from mim_jax.methods import base
 from mim_jax.methods.masked_prediction import MaskTokenModel
+from mim_jax.models import flops
 from mim_jax.models.decoders import LinearPredictor
-from mim_jax.models.vit import encoder_from_config
+from mim_jax.models.vit import encoder_from_config, size_from_config
+from mim_jax.objectives import losses, masking, teachers
+from mim_jax.weights import continuation
 
 NORMS = ("instance", "layer", "none")
 NORM_EPS = 1e-5  # PyTorch's instance_norm / layer_norm default
@@ -69,14 +73,57 @@ def feature_std(x: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.mean(jnp.sqrt(var + 1e-6))
 
 
-class Data2Vec:
+class Data2Vec(base.PretrainingMethod):
   """data2vec as the training loop sees it (see `methods.base.Method`)."""
 
   name = "data2vec"
-  needs_train_length = True
 
-  def __init__(self, config, length: TrainLength | None = None):
-    self.config = config
+  @classmethod
+  def add_config(cls, c):
+    super().add_config(c)
+    c.masking.update(kind="blockwise", ratio=0.6)
+    # The EMA teacher and its regression targets (module docstring): decay annealed linearly
+    # from ema_decay to ema_end_decay over the first ema_anneal_fraction of the lr schedule;
+    # targets average its top_k block outputs, each normalised by block_norm ("instance": per
+    # channel over the tokens; "layer": per token over the channels; "none"), the average by
+    # final_norm; smooth-L1 with loss_beta (0: L1) on the masked patches.
+    c.teacher = ml_collections.ConfigDict(dict(
+        ema_decay=0.999, ema_end_decay=0.9998, ema_anneal_fraction=1.0, top_k=6,
+        block_norm="layer", final_norm="layer", loss_beta=2.0))
+
+  @classmethod
+  def validate(cls, config):
+    v.validate_pretraining_fields(config)
+    t = config.teacher
+    depth = size_from_config(config.model)[0].depth
+    v.require(v.is_int(t.top_k) and 1 <= t.top_k <= depth, "teacher.top_k", t.top_k,
+              f"an integer in [1, {depth}] (the encoder depth; data2vec ViT-B: 6 of 12 blocks)")
+    for name in ("ema_decay", "ema_end_decay"):
+      v.require(v.is_number(t[name]) and 0 <= t[name] <= 1, f"teacher.{name}", t[name],
+                "a number in [0, 1] (data2vec: 0.999 -> 0.9998)")
+    v.require(t.ema_end_decay >= t.ema_decay, "teacher.ema_end_decay", t.ema_end_decay,
+              f"at least teacher.ema_decay={t.ema_decay} (the teacher slows down, never "
+              "speeds up)")
+    frac = t.ema_anneal_fraction
+    v.require(v.is_number(frac) and 0 <= frac <= 1, "teacher.ema_anneal_fraction", frac,
+              "a fraction of the lr schedule in [0, 1] (0: ema_end_decay from the start)")
+    for name in ("block_norm", "final_norm"):
+      v.require(t[name] in NORMS, f"teacher.{name}", t[name], f"one of {NORMS}")
+    v.require(v.is_number(t.loss_beta) and t.loss_beta >= 0, "teacher.loss_beta", t.loss_beta,
+              "a number >= 0 (0: L1; data2vec: 2)")
+
+  @classmethod
+  def forward_flops(cls, config):
+    # Student and EMA teacher each encode all patches; the head maps tokens to the width.
+    size, patch = size_from_config(config.model)
+    n = (config.image_size[0] // patch) * (config.image_size[1] // patch)
+    encoder = flops.encoder_flops(config.model, config.image_size, config.channels)
+    decoder = float(2 * n * size.width * size.width)
+    return {"encoder": encoder, "decoder": decoder, "teacher": encoder,
+            "total": 2 * encoder + decoder}
+
+  def __init__(self, config, length=None):
+    super().__init__(config, length)
     encoder = encoder_from_config(config.model, config.image_size, config.channels,
                                   use_mask_token=True)
     self.model = MaskTokenModel(
@@ -87,8 +134,7 @@ class Data2Vec:
     self.mask_generator = masking.mask_generator_from_config(
         config.masking, encoder.grid_hw, encoder.patch_size)
     t = config.teacher
-    length = length or TrainLength(1, max(1, int(round(config.num_epochs))))
-    self.anneal_steps = int(round(float(t.ema_anneal_fraction) * length.schedule_steps))
+    self.anneal_steps = int(round(float(t.ema_anneal_fraction) * self.length.schedule_steps))
     self.decay_start, self.decay_end = float(t.ema_decay), float(t.ema_end_decay)
     self.top_k, self.block_norm, self.final_norm = int(t.top_k), t.block_norm, t.final_norm
     self.beta = float(t.loss_beta)
@@ -132,6 +178,3 @@ class Data2Vec:
   def after_update(self, params, extra, step):
     teacher = teachers.ema_update(extra["teacher"], params["encoder"], self.ema_decay(step))
     return {"teacher": teacher, "ema_decay": self.ema_decay(step + 1)}
-
-  def encoder_params(self, params, extra):
-    return params["encoder"]

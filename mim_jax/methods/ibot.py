@@ -31,14 +31,18 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from mim_jax import continuation, losses, masking, teachers
+from mim_jax.config import validation as v
 from mim_jax.data import multicrop
 from mim_jax.data.transforms import Normalizer
-from mim_jax.methods.base import TrainLength
+from mim_jax.methods import base
+from mim_jax.models import flops
 from mim_jax.models.heads import DINOHead
-from mim_jax.models.vit import ViTEncoder, encoder_from_config
+from mim_jax.models.vit import ViTEncoder, encoder_from_config, size_from_config
+from mim_jax.objectives import losses, masking, teachers
+from mim_jax.weights import continuation
 
 
 class IBOTModel(nn.Module):
@@ -57,17 +61,109 @@ def _views_first(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
-class IBOT:
+def _head_flops(tokens: int, width: int, c) -> float:
+  """Forward FLOPs of the DINO head (3 linear layers + the prototypes) on `tokens` tokens."""
+  h, b, k = int(c.hidden_dim), int(c.bottleneck_dim), int(c.out_dim)
+  return float(2 * tokens * (width * h + h * h + h * b + b * k))
+
+
+class IBOT(base.PretrainingMethod):
   """iBOT as the training loop sees it (see `methods.base.Method` and its hooks)."""
 
   name = "ibot"
-  needs_train_length = True
   batch_keys = (multicrop.GLOBAL_VIEWS_KEY, multicrop.LOCAL_VIEWS_KEY,
                 multicrop.GLOBAL_MASKS_KEY)
 
-  def __init__(self, config, length: TrainLength | None = None):
-    self.config = config
-    self.length = length or TrainLength(1, max(1, int(round(config.num_epochs))))
+  @classmethod
+  def add_config(cls, c):
+    super().add_config(c)
+    c.masking.update(kind="blockwise", ratio_range=(0.1, 0.5), mask_probability=0.5)
+    del c.data["crop_scale"]  # the views' scales are multicrop.global_scale / local_scale
+    # DINO head, temperatures, EMA teacher and loss weights; defaults are iBOT's ViT-S/16
+    # values (bytedance/ibot main_ibot.py and its README command).
+    c.ibot = ml_collections.ConfigDict(dict(
+        out_dim=8192,            # prototypes of the shared [CLS] / patch head
+        hidden_dim=2048,
+        bottleneck_dim=256,
+        norm_last_layer=False,   # True fixes the prototype norms at 1 (ViT-B)
+        student_temp=0.1,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.07,
+        warmup_teacher_patch_temp=0.04,
+        teacher_patch_temp=0.07,
+        warmup_teacher_temp_epochs=30.0,
+        momentum=0.996,          # teacher EMA momentum, cosine to 1 over the lr schedule
+        center_momentum=0.9,
+        lambda_cls=1.0,
+        lambda_patch=1.0,
+        freeze_last_layer_epochs=1.0,
+    ))
+    # Two global crops at image_size and num_local crops at local_size; photometric odds as
+    # in DINO / iBOT (data/multicrop.py).
+    c.multicrop = ml_collections.ConfigDict(dict(
+        global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), num_local=10, local_size=(96, 96),
+        jitter_prob=0.8, grayscale_prob=0.2, blur=True, solarize_prob=0.2))
+
+  @classmethod
+  def validate(cls, config):
+    v.validate_pretraining_fields(config)
+    image_size = tuple(config.image_size)
+    _, patch = size_from_config(config.model)
+    b = config.ibot
+    for name in ("out_dim", "hidden_dim", "bottleneck_dim"):
+      v.positive_int(config, f"ibot.{name}")
+    v.require(isinstance(b.norm_last_layer, bool), "ibot.norm_last_layer", b.norm_last_layer,
+              "true or false")
+    for name in ("student_temp", "warmup_teacher_temp", "teacher_temp",
+                 "warmup_teacher_patch_temp", "teacher_patch_temp"):
+      v.require(v.is_number(b[name]) and b[name] > 0, f"ibot.{name}", b[name],
+                "a positive temperature (iBOT: student 0.1, teacher 0.04 -> 0.07)")
+    for name in ("warmup_teacher_temp_epochs", "freeze_last_layer_epochs"):
+      v.require(v.is_number(b[name]) and 0 <= b[name] <= config.num_epochs, f"ibot.{name}",
+                b[name], f"a number of epochs in [0, num_epochs={config.num_epochs}]")
+    v.require(v.is_number(b.momentum) and 0 <= b.momentum <= 1, "ibot.momentum", b.momentum,
+              "a number in [0, 1] (iBOT: 0.996, annealed to 1)")
+    v.require(v.is_number(b.center_momentum) and 0 <= b.center_momentum < 1,
+              "ibot.center_momentum", b.center_momentum, "a number in [0, 1) (iBOT: 0.9)")
+    for name in ("lambda_cls", "lambda_patch"):
+      v.require(v.is_number(b[name]) and b[name] >= 0, f"ibot.{name}", b[name],
+                "a number >= 0 (iBOT: 1.0)")
+    v.require(b.lambda_cls + b.lambda_patch > 0, "ibot.lambda_patch", b.lambda_patch,
+              "a positive weight when ibot.lambda_cls is 0 (one loss must remain)")
+    c = config.multicrop
+    for name in ("global_scale", "local_scale"):
+      p = v.pair(c[name])
+      v.require(p is not None and 0 < p[0] <= p[1] <= 1, f"multicrop.{name}", c[name],
+                "(min, max) area fractions, 0 < min <= max <= 1")
+    v.require(v.is_int(c.num_local) and c.num_local >= 0, "multicrop.num_local", c.num_local,
+              "an integer >= 0 (iBOT: 10 local views; 0: global views only)")
+    size = tuple(c.local_size)
+    v.require(len(size) == 2 and all(v.is_int(s) and s > 0 and s % patch == 0 for s in size),
+              "multicrop.local_size", c.local_size,
+              f"(height, width), positive multiples of the patch size {patch} (iBOT: 96)")
+    v.require(all(s <= g for s, g in zip(size, image_size)), "multicrop.local_size",
+              c.local_size, f"at most image_size={image_size} on each side")
+    for name in ("jitter_prob", "grayscale_prob", "solarize_prob"):
+      v.require(v.is_number(c[name]) and 0 <= c[name] <= 1, f"multicrop.{name}", c[name],
+                "a probability in [0, 1]")
+    v.require(isinstance(c.blur, bool), "multicrop.blur", c.blur, "true or false")
+
+  @classmethod
+  def forward_flops(cls, config):
+    """Per image: the student on 2 global views (all tokens through the head) and the local
+    views ([CLS] through the head), the teacher on the 2 global views (forward only)."""
+    size, patch = size_from_config(config.model)
+    n = (config.image_size[0] // patch) * (config.image_size[1] // patch)
+    local = tuple(config.multicrop.local_size)
+    glob = (flops.encoder_flops(config.model, config.image_size, config.channels)
+            + _head_flops(1 + n, size.width, config.ibot))
+    loc = (flops.encoder_flops(config.model, local, config.channels)
+           + _head_flops(1, size.width, config.ibot))
+    student = 2 * glob + int(config.multicrop.num_local) * loc
+    return {"encoder": student, "teacher": 2 * glob, "total": student + 2 * glob}
+
+  def __init__(self, config, length=None):
+    super().__init__(config, length)
     self.cfg, self.crop = config.ibot, config.multicrop
     encoder = encoder_from_config(config.model, config.image_size, config.channels,
                                   use_mask_token=True)
@@ -76,8 +172,8 @@ class IBOT:
         bottleneck_dim=int(self.cfg.bottleneck_dim),
         norm_last_layer=bool(self.cfg.norm_last_layer)))
     self.grid_hw = encoder.grid_hw
-    # Drawn per global view in the multi-crop transform (not `mask_generator`: the loop would
-    # add its single-view mask transform).
+    # Drawn per global view by the multi-crop transform (`mask_generator` stays None: the loop
+    # adds no single-view mask of its own).
     self.masks = masking.mask_generator_from_config(config.masking, encoder.grid_hw,
                                                     encoder.patch_size)
 
@@ -168,4 +264,4 @@ class IBOT:
     return {**extra, "teacher": teacher, "step": jnp.asarray(step + 1, jnp.int32)}
 
   def encoder_params(self, params, extra):
-    return extra["teacher"]["encoder"]
+    return extra["teacher"]["encoder"]  # iBOT releases the teacher

@@ -7,57 +7,24 @@ mode), `models.decoders.MAEDecoder`, `targets.pixel_targets`, `losses.masked_mse
 
 from __future__ import annotations
 
-from typing import Optional
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from mim_jax import continuation, losses, masking, targets, viz
+from mim_jax import viz
+from mim_jax.config import validation
+from mim_jax.methods import base
+from mim_jax.models import flops
+from mim_jax.models.autoencoder import MaskedAutoencoder
 from mim_jax.models.decoders import MAEDecoder
-from mim_jax.models.vit import ViTEncoder, encoder_from_config
-
-
-class MaskedAutoencoder(nn.Module):
-  """Encoder over visible patches + decoder over all positions.
-
-  images [B, H, W, C] -> (pred [B, N, p*p*C], MaskInfo). The mask comes from, in order:
-  `token_mask` bool [B, N] (True = masked, the same count K in every row, given as `num_masked`),
-  `noise` [B, N] (MAE's rule: the lowest-noise patches stay visible; fixes the mask e.g. to
-  compare with another implementation), or noise drawn from the 'masking' rng.
-  """
-  encoder: ViTEncoder
-  decoder: MAEDecoder
-  mask_ratio: float
-  # The paper's "encoder w/ [M]" ablation (Table 1c): all patches through the encoder with
-  # masked ones replaced by a mask token. Same loss, ~3-4x the encoder cost at ratio 0.75.
-  encoder_mask_tokens: bool = False
-
-  def __call__(self, images: jax.Array, *, noise: Optional[jax.Array] = None,
-               token_mask: Optional[jax.Array] = None, num_masked: Optional[int] = None,
-               train: bool = False):
-    num_patches = self.encoder.grid_hw[0] * self.encoder.grid_hw[1]
-    if token_mask is not None:
-      info = masking.mask_to_ids(token_mask, num_keep=num_patches - num_masked)
-    else:
-      if noise is None:
-        noise = jax.random.uniform(self.make_rng("masking"), (images.shape[0], num_patches))
-      info = masking.random_masking_from_noise(noise, self.mask_ratio)
-    if self.encoder_mask_tokens:
-      latent, _ = self.encoder(images, token_mask=info.mask > 0, train=train)
-      # Every position is already in place: the decoder adds no mask tokens and keeps the order.
-      identity = jnp.broadcast_to(jnp.arange(num_patches, dtype=jnp.int32), info.mask.shape)
-      pred = self.decoder(latent, identity, train=train)
-    else:
-      latent, _ = self.encoder(images, ids_keep=info.ids_keep, train=train)
-      pred = self.decoder(latent, info.ids_restore, train=train)
-    return pred, info
+from mim_jax.models.vit import encoder_from_config, size_from_config
+from mim_jax.objectives import losses, masking, targets
 
 
 def build_model(config) -> MaskedAutoencoder:
   """The MAE model described by a config (see configs/mae_*.py)."""
-  encoder_mask_tokens = bool(config.model.get("encoder_mask_tokens", False))
+  encoder_mask_tokens = bool(config.model.encoder_mask_tokens)
   encoder = encoder_from_config(config.model, config.image_size, config.channels,
                                 use_mask_token=encoder_mask_tokens)
   p = encoder.patch_size
@@ -76,13 +43,50 @@ def mae_loss(pred: jax.Array, images: jax.Array, mask: jax.Array, patch_size: in
   return losses.masked_mse(pred, targets.pixel_targets(images, patch_size, norm_pix_loss), mask)
 
 
-class MAE:
+class MAE(base.PretrainingMethod):
   """The MAE method as the training loop sees it (see `methods.base.Method`)."""
 
   name = "mae"
+  draws = True
 
-  def __init__(self, config):
-    self.config = config
+  @classmethod
+  def add_config(cls, c):
+    super().add_config(c)
+    # The paper's "encoder w/ [M]" ablation (Table 1c): all patches with mask tokens.
+    c.model.encoder_mask_tokens = False
+    c.decoder = ml_collections.ConfigDict(dict(width=512, depth=8, num_heads=16))
+    c.target = ml_collections.ConfigDict(dict(norm_pix=True))  # per-patch standardised pixels
+
+  @classmethod
+  def validate(cls, config):
+    v = validation
+    v.validate_pretraining_fields(config, mask_kinds=v.FIXED_COUNT_MASK_KINDS, fixed_count=True)
+    dec = config.decoder
+    for name in ("width", "depth", "num_heads"):
+      v.positive_int(config, f"decoder.{name}")
+    v.require(dec.width % dec.num_heads == 0, "decoder.num_heads", dec.num_heads,
+              f"a divisor of decoder.width={dec.width}")
+    v.require(dec.width % 4 == 0, "decoder.width", dec.width,
+              "a multiple of 4 (2-D sin-cos position embeddings)")
+    for name in ("model.encoder_mask_tokens", "target.norm_pix"):
+      v.require(isinstance(v.get(config, name), bool), name, v.get(config, name), "true or false")
+
+  @classmethod
+  def forward_flops(cls, config):
+    size, patch = size_from_config(config.model)
+    gh, gw = config.image_size[0] // patch, config.image_size[1] // patch
+    n, pixels = gh * gw, patch * patch * config.channels
+    visible = n - masking.mask_generator_from_config(config.masking, (gh, gw), patch).num_masked
+    encoded = n if config.model.encoder_mask_tokens else visible
+    encoder = flops.encoder_flops(config.model, config.image_size, config.channels, encoded)
+    dd = config.decoder.width
+    decoder = (2 * (1 + encoded) * size.width * dd
+               + flops.transformer_forward_flops(1 + n, dd, config.decoder.depth, 4 * dd)
+               + 2 * n * dd * pixels)
+    return {"encoder": encoder, "decoder": float(decoder), "total": encoder + decoder}
+
+  def __init__(self, config, length=None):
+    super().__init__(config, length)
     self.model = build_model(config)
     self.norm_pix_loss = bool(config.target.norm_pix)
     self.patch_size = self.model.encoder.patch_size
@@ -93,10 +97,6 @@ class MAE:
   def init(self, rng, images):
     params_rng, mask_rng = jax.random.split(rng)
     return self.model.init({"params": params_rng, "masking": mask_rng}, images)["params"], {}
-
-  def load_pretrained(self, params, extra):
-    """Continued pre-training from `config.init_from`: encoder and, when it fits, decoder."""
-    return continuation.load_into(params, self.config), extra
 
   def _apply(self, params, batch, rng, train):
     mask_rng, drop_rng = jax.random.split(rng)
@@ -114,7 +114,7 @@ class MAE:
     loss = mae_loss(pred, batch["image"], info.mask, self.patch_size, self.norm_pix_loss)
     return loss, ({"loss": loss}, extra)
 
-  def reconstruct(self, params, batch, rng):
+  def reconstruct(self, params, batch, rng, extra):
     pred, info = self._apply(params, batch, rng, train=False)
     return {"pred": pred, "mask": info.mask}
 
@@ -122,6 +122,3 @@ class MAE:
     return viz.reconstruction_grid(images, out["pred"], out["mask"], patch_size=self.patch_size,
                                    mean=self.display[0], std=self.display[1],
                                    norm_pix_loss=self.norm_pix_loss)
-
-  def encoder_params(self, params, extra):
-    return params["encoder"]

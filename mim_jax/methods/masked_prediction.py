@@ -21,9 +21,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mim_jax import continuation, masking
+from mim_jax.config import validation
+from mim_jax.methods import base
+from mim_jax.models import flops
 from mim_jax.models.decoders import LinearPredictor
-from mim_jax.models.vit import ViTEncoder, encoder_from_config
+from mim_jax.models.vit import ViTEncoder, encoder_from_config, size_from_config
+from mim_jax.objectives import masking
 
 
 class MaskTokenModel(nn.Module):
@@ -36,19 +39,36 @@ class MaskTokenModel(nn.Module):
     return self.predictor(tokens)
 
 
-class MaskedPrediction:
-  """A mask-token method as the training loop sees it (see `methods.base.Method`)."""
+class MaskedPrediction(base.PretrainingMethod):
+  """A mask-token method as the training loop sees it (see `methods.base.Method`); subclasses
+  pass their target, its width and their loss (and may add config fields)."""
 
-  name = "masked_prediction"
+  draws = True
 
-  def __init__(self, config, *, target_dim: int, target_fn: Callable[[jax.Array], jax.Array],
+  @classmethod
+  def validate(cls, config):
+    validation.validate_pretraining_fields(config)
+
+  @classmethod
+  def target_dim(cls, config) -> int:
+    """F, the width of one patch's target (the linear head's output)."""
+    raise NotImplementedError
+
+  @classmethod
+  def forward_flops(cls, config):
+    size, _ = size_from_config(config.model)
+    encoder = flops.encoder_flops(config.model, config.image_size, config.channels)
+    decoder = float(2 * _num_patches(config) * size.width * cls.target_dim(config))
+    return {"encoder": encoder, "decoder": decoder, "total": encoder + decoder}
+
+  def __init__(self, config, length=None, *, target_fn: Callable[[jax.Array], jax.Array],
                loss_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]):
-    self.config = config
+    super().__init__(config, length)
     encoder = encoder_from_config(config.model, config.image_size, config.channels,
                                   use_mask_token=True)
     self.model = MaskTokenModel(
         encoder=encoder,
-        predictor=LinearPredictor(target_dim, dtype=jnp.dtype(config.model.dtype)))
+        predictor=LinearPredictor(self.target_dim(config), dtype=jnp.dtype(config.model.dtype)))
     self.patch_size = encoder.patch_size
     self.grid_hw = encoder.grid_hw
     self.mask_generator = masking.mask_generator_from_config(
@@ -60,12 +80,6 @@ class MaskedPrediction:
   def init(self, rng, images):
     mask = jnp.zeros((images.shape[0], self.grid_hw[0] * self.grid_hw[1]), bool)
     return self.model.init({"params": rng}, images, mask)["params"], {}
-
-  def load_pretrained(self, params, extra):
-    """Continued pre-training from `config.init_from`: encoder and, when it fits, predictor."""
-    if continuation.wanted(self.config):
-      params = continuation.load_into(params, self.config)
-    return params, extra
 
   def _predict(self, params, batch, rng, train):
     mask_rng, drop_rng = jax.random.split(rng)
@@ -91,11 +105,14 @@ class MaskedPrediction:
                **self.extra_metrics(pred, target, mask)}
     return loss, (metrics, extra)
 
-  def reconstruct(self, params, batch, rng):
+  def reconstruct(self, params, batch, rng, extra):
     """{"pred", "target": [B, N, F], "mask": [B, N] float32} for pictures."""
     pred, mask = self._predict(params, batch, rng, train=False)
     return {"pred": pred, "target": self.target_fn(batch["image"]),
             "mask": mask.astype(jnp.float32)}
 
-  def encoder_params(self, params, extra):
-    return params["encoder"]
+
+
+def _num_patches(config) -> int:
+  _, patch = size_from_config(config.model)
+  return (config.image_size[0] // patch) * (config.image_size[1] // patch)

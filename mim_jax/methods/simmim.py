@@ -11,23 +11,41 @@ method here, so results compare encoders trained by different objectives).
 
 from __future__ import annotations
 
+import ml_collections
 import numpy as np
 
-from mim_jax import losses, targets, viz
+from mim_jax import viz
+from mim_jax.config import validation
 from mim_jax.methods.masked_prediction import MaskedPrediction
 from mim_jax.models.vit import size_from_config
+from mim_jax.objectives import losses, targets
 
 
 class SimMIM(MaskedPrediction):
   name = "simmim"
 
-  def __init__(self, config):
+  @classmethod
+  def add_config(cls, c):
+    super().add_config(c)
+    c.target = ml_collections.ConfigDict(dict(norm_pix=False))  # per-patch standardised pixels
+
+  @classmethod
+  def validate(cls, config):
+    super().validate(config)
+    validation.require(isinstance(config.target.norm_pix, bool), "target.norm_pix",
+                       config.target.norm_pix, "true or false")
+
+  @classmethod
+  def target_dim(cls, config):
+    _, patch = size_from_config(config.model)
+    return patch * patch * config.channels
+
+  def __init__(self, config, length=None):
     _, patch = size_from_config(config.model)
     norm_pix = bool(config.target.norm_pix)
-    super().__init__(
-        config, target_dim=patch * patch * config.channels,
-        target_fn=lambda images: targets.pixel_targets(images, patch, norm_pix),
-        loss_fn=losses.masked_l1)
+    super().__init__(config, length,
+                     target_fn=lambda images: targets.pixel_targets(images, patch, norm_pix),
+                     loss_fn=losses.masked_l1)
     self.norm_pix = norm_pix
 
   def picture(self, images: np.ndarray, out: dict) -> np.ndarray:

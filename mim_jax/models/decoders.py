@@ -8,7 +8,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mim_jax.models.vit import Transformer, dense_init, gather_tokens, sincos_2d, token_init
+from mim_jax.models.vit import (
+  Transformer,
+  dense_init,
+  gather_tokens,
+  sincos_2d,
+  token_init,
+)
 
 Dtype = Any
 

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mim_jax import parallel
-from mim_jax.config_errors import config_error
+from mim_jax.config.errors import config_error
+from mim_jax.training import parallel
 
 Dtype = Any
 

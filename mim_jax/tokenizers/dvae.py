@@ -20,10 +20,17 @@ import os
 import jax
 import jax.numpy as jnp
 
-from mim_jax import teachers
+from mim_jax.config import validation as v
+from mim_jax.models.vit import patchify
+from mim_jax.objectives import teachers
 from mim_jax.tokenizers import codebook as cb
 from mim_jax.tokenizers import io
-from mim_jax.tokenizers.vq import VQTokenizer, tokenizer_info
+from mim_jax.tokenizers.vq import (
+  VQTokenizer,
+  tokenizer_fields,
+  tokenizer_info,
+  validate_tokenizer_fields,
+)
 
 
 def kl_to_uniform(logits: jax.Array) -> jax.Array:
@@ -36,15 +43,31 @@ class DVAETokenizer(VQTokenizer):
   """A dVAE tokenizer as the training loop sees it (see `methods.base.Method`)."""
 
   name = "dvae_tokenizer"
-  needs_train_length = True
-  reconstruct_reads_extra = True
+
+  @classmethod
+  def add_config(cls, c):
+    # The Gumbel-softmax temperature is annealed (cosine) from temp_start to temp_end over
+    # temp_anneal_fraction of the lr schedule; KL to the uniform prior weighted by kl_weight.
+    tokenizer_fields(c, temp_start=1.0, temp_end=1.0 / 16, temp_anneal_fraction=0.5,
+                     kl_weight=0.01)
+
+  @classmethod
+  def validate(cls, config):
+    validate_tokenizer_fields(config)
+    t = config.tokenizer
+    for name in ("temp_start", "temp_end"):
+      v.require(v.is_number(t[name]) and t[name] > 0, f"tokenizer.{name}", t[name],
+                "a positive number (DALL-E: 1 -> 1/16)")
+    v.require(v.is_number(t.temp_anneal_fraction) and 0 <= t.temp_anneal_fraction <= 1,
+              "tokenizer.temp_anneal_fraction", t.temp_anneal_fraction, "a number in [0, 1]")
+    v.require(v.is_number(t.kl_weight) and t.kl_weight >= 0, "tokenizer.kl_weight",
+              t.kl_weight, "a number >= 0")
 
   def __init__(self, config, length=None):
-    super().__init__(config)
+    super().__init__(config, length)
     t = config.tokenizer
-    steps = length.schedule_steps if length is not None else 1
     self.temp = (float(t.temp_start), float(t.temp_end),
-                 int(round(float(t.temp_anneal_fraction) * steps)))
+                 int(round(float(t.temp_anneal_fraction) * self.length.schedule_steps)))
     self.kl_weight = float(t.kl_weight)
 
   def init(self, rng, images):
@@ -85,7 +108,6 @@ class DVAETokenizer(VQTokenizer):
     """The decoding of the hard codes argmax(logits), as BEiT's pictures show them."""
     logits = self.model.apply({"params": params["net"]}, batch["image"], method=self.model.encode)
     y = jax.nn.one_hot(jnp.argmax(logits, -1), self.vocab_size)
-    from mim_jax.models.vit import patchify
     pred = patchify(self._decode_soft(params, y), self.patch_size)
     return {"pred": pred, "mask": jnp.zeros(pred.shape[:2], jnp.float32)}
 

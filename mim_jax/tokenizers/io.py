@@ -27,7 +27,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mim_jax.config_errors import ConfigError, config_error
+from mim_jax.config.errors import ConfigError, config_error
 
 EXPORT_DIR = "tokenizer"
 INFO_FILE = "tokenizer.json"

@@ -97,3 +97,24 @@ def tokenizer_model(info: dict[str, Any]) -> ConvTokenizer:
                        width=int(info["width"]), num_blocks=int(info["num_blocks"]),
                        code_dim=int(info["code_dim"]),
                        logits_dim=int(info["vocab_size"]) if info["kind"] == "dvae" else 0)
+
+
+def encode_flops(info: dict[str, Any]) -> float:
+  """Forward FLOPs of `encode` for one image (the stride-p convolution, the residual blocks at
+  the patch grid, the output layer) plus, for a VQ tokenizer, the nearest-code search."""
+  (gh, gw), p, c = info["grid"], int(info["patch_size"]), int(info["channels"])
+  n, w, blocks = gh * gw, int(info["width"]), int(info["num_blocks"])
+  out = int(info["vocab_size"]) if info["kind"] == "dvae" else int(info["code_dim"])
+  total = 2 * n * p * p * c * w + blocks * 2 * (2 * n * 9 * w * w) + 2 * n * w * out
+  if info["kind"] != "dvae":
+    total += 2 * n * int(info["code_dim"]) * int(info["vocab_size"])
+  return float(total)
+
+
+def decode_flops(info: dict[str, Any]) -> float:
+  """Forward FLOPs of `decode` for one image."""
+  (gh, gw), p, c = info["grid"], int(info["patch_size"]), int(info["channels"])
+  n, w, blocks, d = gh * gw, int(info["width"]), int(info["num_blocks"]), int(info["code_dim"])
+  h, wd = info["image_size"]
+  return float(2 * n * 9 * d * w + blocks * 2 * (2 * n * 9 * w * w) + 2 * n * w * p * p * c
+               + 2 * h * wd * 9 * c * c)

@@ -20,24 +20,28 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from mim_jax import viz
-from mim_jax.models.vit import patchify, size_from_config
+from mim_jax.config import defaults
+from mim_jax.config import validation as v
+from mim_jax.methods import base
+from mim_jax.models.vit import parse_variant, patchify
 from mim_jax.tokenizers import codebook as cb
-from mim_jax.tokenizers import io
+from mim_jax.tokenizers import io, models
 from mim_jax.tokenizers.models import tokenizer_model
 
 
 def tokenizer_info(config) -> dict:
   """The tokenizer.json description of the tokenizer `config` trains."""
   t = config.tokenizer
-  _, patch = size_from_config(config.model)
+  _, patch = parse_variant(config.model.variant)
   h, w = tuple(config.image_size)
   dvae = config.method == "dvae_tokenizer"
   return {"kind": "dvae" if dvae else "vq", "architecture": "conv",
           "vocab_size": int(t.vocab_size), "code_dim": int(t.code_dim),
-          "l2_normalize": bool(t.l2_normalize) and not dvae,
+          "l2_normalize": bool(t.get("l2_normalize", False)),
           "image_size": [h, w], "patch_size": patch, "grid": [h // patch, w // patch],
           "channels": int(config.channels), "mean": list(config.data.mean),
           "std": list(config.data.std), "width": int(t.width), "num_blocks": int(t.num_blocks)}
@@ -65,29 +69,96 @@ def decode(model, tokenizer: dict, codes: jax.Array, grid_hw: tuple[int, int]) -
   return model.apply({"params": tokenizer["params"]}, e, method=model.decode)
 
 
-class VQTokenizer:
+def tokenizer_fields(c, **fields) -> None:
+  """The shared fields of a tokenizer run: the loop's (core + training, of the model only its
+  variant, whose patch size sets the code grid), pictures, the export, and `config.tokenizer`
+  with the sizes every tokenizer has plus `fields`."""
+  defaults.core_fields(c)
+  defaults.training_fields(c)
+  c.model = ml_collections.ConfigDict(dict(variant=c.model.variant))
+  c.viz_every = 1000
+  c.viz_num_images = 8
+  c.export_encoder = True
+  c.tokenizer = ml_collections.ConfigDict(dict(
+      vocab_size=8192,         # number of codes (BEiT: 8192)
+      code_dim=32,             # length of a code vector (BEiT v2: 32)
+      width=128,               # channels of the convolutional encoder / decoder
+      num_blocks=2,            # residual blocks in each
+      **fields))
+
+
+def validate_tokenizer_fields(config) -> None:
+  t = config.tokenizer
+  v.require(v.is_int(t.vocab_size) and t.vocab_size >= 2, "tokenizer.vocab_size", t.vocab_size,
+            "an integer >= 2 (BEiT: 8192)")
+  for name in ("code_dim", "width", "num_blocks"):
+    v.require(v.is_int(t[name]) and t[name] > 0, f"tokenizer.{name}", t[name],
+              "a positive integer")
+  v.require(v.is_int(config.viz_every) and config.viz_every >= 0, "viz_every",
+            config.viz_every, "an integer >= 0 (0 disables pictures)")
+  v.positive_int(config, "viz_num_images")
+  v.require(isinstance(config.export_encoder, bool), "export_encoder", config.export_encoder,
+            "true or false (whether the run exports WORKDIR/tokenizer/)")
+
+
+class VQTokenizer(base.Method):
   """A VQ tokenizer as the training loop sees it (see `methods.base.Method`)."""
 
   name = "vq_tokenizer"
-  reconstruct_reads_extra = True
+  kind = "tokenizer"
+  draws = True
 
-  def __init__(self, config):
+  @classmethod
+  def add_config(cls, c):
+    tokenizer_fields(
+        c,
+        l2_normalize=True,     # codes and encoder outputs on the unit sphere (BEiT v2, ViT-VQGAN)
+        decay=0.99,            # codebook EMA decay
+        eps=1e-5,              # Laplace smoothing of the EMA cluster sizes
+        commitment=0.25,       # weight of the commitment loss (VQ-VAE: 0.25)
+        restart_after=100)     # re-seed codes unused for this many steps (0: never)
+
+  @classmethod
+  def validate(cls, config):
+    validate_tokenizer_fields(config)
+    t = config.tokenizer
+    v.require(v.is_number(t.decay) and 0 <= t.decay < 1, "tokenizer.decay", t.decay,
+              "a number in [0, 1) (the codebook EMA decay, e.g. 0.99)")
+    v.require(v.is_number(t.eps) and t.eps > 0, "tokenizer.eps", t.eps,
+              "a positive number (Laplace smoothing, e.g. 1e-5)")
+    v.require(v.is_number(t.commitment) and t.commitment >= 0, "tokenizer.commitment",
+              t.commitment, "a number >= 0 (VQ-VAE: 0.25)")
+    v.require(v.is_int(t.restart_after) and t.restart_after >= 0, "tokenizer.restart_after",
+              t.restart_after, "an integer >= 0 (steps a code may go unused before it is "
+              "re-seeded; 0 disables restarts)")
+    v.require(isinstance(t.l2_normalize, bool), "tokenizer.l2_normalize", t.l2_normalize,
+              "true or false")
+
+  @classmethod
+  def forward_flops(cls, config):
+    info = tokenizer_info(config)
+    enc, dec = models.encode_flops(info), models.decode_flops(info)
+    return {"encoder": enc, "decoder": dec, "total": enc + dec}
+
+  def __init__(self, config, length=None):
+    super().__init__(config, length)
     self.info = tokenizer_info(config)
     t = config.tokenizer
     self.model = tokenizer_model(self.info)
-    self.vocab_size, self.l2 = int(t.vocab_size), bool(t.l2_normalize)
-    self.decay, self.eps = float(t.decay), float(t.eps)
-    self.commitment, self.restart_after = float(t.commitment), int(t.restart_after)
+    self.vocab_size, self.l2 = int(t.vocab_size), bool(t.get("l2_normalize", False))
+    if config.method == "vq_tokenizer":
+      self.decay, self.eps = float(t.decay), float(t.eps)
+      self.commitment, self.restart_after = float(t.commitment), int(t.restart_after)
     self.patch_size = self.info["patch_size"]
     self.display = (tuple(config.data.mean), tuple(config.data.std))
+
+  def wants_weights(self) -> bool:
+    return False  # a tokenizer trains from scratch (init_from does not exist for it)
 
   def init(self, rng, images):
     model_rng, code_rng = jax.random.split(rng)
     params = self.model.init({"params": model_rng}, images)["params"]
     return params, cb.init_state(code_rng, self.vocab_size, self.info["code_dim"], self.l2)
-
-  def load_pretrained(self, params, extra):
-    return params, extra
 
   def _forward(self, params, extra, images):
     z = encode(self.model, params, images, self.l2)

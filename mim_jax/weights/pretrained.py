@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mim_jax import checkpoint
-from mim_jax.config_errors import config_error
+from mim_jax.config.errors import config_error
 from mim_jax.models.vit import resize_posemb, sincos_2d
+from mim_jax.training import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def encoder_directory(init_from: str) -> str:
   raise config_error(
       "init_from", init_from,
       "a pre-training workdir whose run finished (it holds encoder/model.json) or an encoder "
-      "directory written by mim_jax.checkpoint.export_encoder",
+      "directory written by mim_jax.training.checkpoint.export_encoder",
       hint="run the pre-training config first, e.g. python -m mim_jax.main "
       "--config=configs/mae_fmnist.py --workdir=DIR, then pass --config.init_from=DIR")
 
@@ -141,7 +141,9 @@ def load_classifier_head_into(params: Any, init_from: str) -> Any:
   directory = os.path.join(encoder_directory(init_from), "classifier")
   if not os.path.isdir(directory):
     return params
-  from mim_jax.convert.our_weights import read_weights  # the reader of export directories
+  from mim_jax.convert.our_weights import (
+    read_weights,  # the reader of export directories
+  )
   _, loaded = read_weights(encoder_directory(init_from))
   found = {k: loaded[k] for k in CLASSIFIER_PARTS if k in loaded}
   shapes = lambda tree: jax.tree.map(lambda x: tuple(np.shape(x)), tree)

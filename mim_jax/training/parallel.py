@@ -39,9 +39,10 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from mim_jax.config_errors import config_error
+from mim_jax.config.errors import config_error
 
 BATCH_AXES = ("data", "fsdp")
 

@@ -26,7 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from mim_jax import data
-from mim_jax.run_errors import CheckpointSaveError
+from mim_jax.training.run_errors import CheckpointSaveError
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mim_jax.config_errors import config_error
+from mim_jax.config.errors import config_error
 from mim_jax.convert import our_weights
 from mim_jax.models.vit import size_from_config
 
@@ -127,7 +127,7 @@ def _decoder_heads(info: dict) -> int:
 
 def wanted(config) -> bool:
   """Whether `config.init_from` names weights to continue from."""
-  return config.init_from not in ("", "random")
+  return config.get("init_from", "") not in ("", "random")
 
 
 def load_into(params: dict, config) -> dict:

@@ -84,7 +84,9 @@ class MetricWriter:
     # Append mode: a resumed run continues the same file instead of erasing its history.
     self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
     if tensorboard:
-      from tensorboardX import SummaryWriter  # pure Python protobufs; never imports TensorFlow
+      from tensorboardX import (
+        SummaryWriter,  # pure Python protobufs; never imports TensorFlow
+      )
       self._tb = SummaryWriter(logdir=os.path.join(workdir, TENSORBOARD_DIR))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:

@@ -61,5 +61,5 @@ def unknown_field_error(field: str, known: Iterable[str]) -> ConfigError:
   if suggestions:
     message += ": did you mean " + " or ".join(f"config.{k}" for k in suggestions) + "?"
   else:
-    message += " (the fields are listed in mim_jax/config_defaults.py)."
+    message += " (the fields are listed in mim_jax/config/defaults.py)."
   return ConfigError(message)

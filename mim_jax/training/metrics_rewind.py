@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 
-from mim_jax.metric_writers import METRICS_FILE
+from mim_jax.training.metric_writers import METRICS_FILE
 
 
 def rewind_metrics(workdir: str, step: int) -> int:

@@ -1,0 +1,390 @@
+"""Checks every method shares, and the helpers methods write their own checks with.
+
+Each failure raises `ConfigError` naming the field, the value and what is allowed, before any
+data is read or anything is compiled. `registry.validate_config` runs, in order: the field set
+(exactly the method's), `validate_shared`, the method's `validate`, and `check_unread` (a field
+its method reads only under a condition that does not hold must keep its default).
+
+  require(ok, field, value, allowed, hint="")     the one way to fail a check
+  is_int / is_number / positive_int / pair        value tests
+  validate_shared(config)                          model, geometry, data, training fields
+  validate_pretraining_fields(config)              masking (per method), k-NN monitor, pictures
+  validate_masking(config, kinds, fixed_count)     config.masking for a method's allowed kinds
+  validate_classifier(config)                      config.classifier of an evaluation
+  check_unread(config, defaults)                   conditional fields left at their defaults
+  validate_for_devices / validate_eval_for_devices the checks that need the mesh
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable
+
+from mim_jax import data
+from mim_jax.config.errors import ConfigError, config_error
+from mim_jax.models.vit import parse_variant, size_from_config
+from mim_jax.objectives.masking import MASK_KINDS, num_visible
+from mim_jax.weights import continuation, pretrained
+
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("", "xla", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable")  # models/vit.py
+OPTIMIZERS = ("adamw", "lars", "sgd")  # training/optim.py
+SCHEDULES = ("cosine", "multistep")
+WEIGHT_DECAY_SCHEDULES = ("constant", "cosine")
+# Visible-only encoders (MAE) need the same masked count in every sample.
+FIXED_COUNT_MASK_KINDS = ("random", "grouped", "inverse_block")
+POOLS = ("cls", "gap")  # models/heads.py
+
+
+def require(ok: bool, field: str, value: Any, allowed: str, hint: str = "") -> None:
+  if not ok:
+    raise config_error(field, value, allowed, hint)
+
+
+def is_int(x: Any) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def is_number(x: Any) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def get(config, dotted: str) -> Any:
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def positive_int(config, field: str) -> int:
+  value = get(config, field)
+  require(is_int(value) and value > 0, field, value, "a positive integer")
+  return value
+
+
+def pair(value: Any) -> tuple | None:
+  """`value` as a tuple of two real numbers, or None."""
+  try:
+    out = tuple(value)
+  except TypeError:
+    return None
+  return out if len(out) == 2 and all(is_number(v) for v in out) else None
+
+
+# --- shared ----------------------------------------------------------------------------------
+
+def validate_model(config) -> None:
+  m = config.model
+  parse_variant(m.variant)
+  for name in ("width", "depth", "num_heads", "mlp_dim"):
+    if name in m:
+      require(is_int(m[name]) and m[name] >= 0, f"model.{name}", m[name],
+              "an integer >= 0 (0 keeps the size of model.variant)")
+  size, patch = size_from_config(m)
+  require(size.width % size.num_heads == 0, "model.num_heads", size.num_heads,
+          f"a divisor of the encoder width {size.width}")
+  require(size.width % 4 == 0, "model.variant", m.variant,
+          "a width divisible by 4 (2-D sin-cos position embeddings)")
+  if "dtype" in m:
+    require(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {DTYPES}")
+  if "attention_impl" in m:
+    require(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl", m.attention_impl,
+            f"one of {ATTENTION_IMPLS} ('' lets JAX choose)")
+  if "remat" in m:
+    require(m.remat in REMAT_POLICIES, "model.remat", m.remat, f"one of {REMAT_POLICIES}")
+  if "drop_path_rate" in m:
+    rate = m.drop_path_rate
+    require(is_number(rate) and 0 <= rate < 1, "model.drop_path_rate", rate,
+            "a number in [0, 1)")
+  image_size = tuple(config.image_size)
+  require(len(image_size) == 2 and all(is_int(s) and s > 0 for s in image_size),
+          "image_size", image_size, "(height, width), two positive integers")
+  for axis, s in zip(("height", "width"), image_size):
+    require(s % patch == 0, "image_size", image_size,
+            f"each side divisible by the patch size {patch} of model.variant="
+            f"{m.variant!r}; the {axis} {s} is not")
+  require(is_int(config.channels) and config.channels > 0, "channels", config.channels,
+          "a positive integer (1 for grayscale, 3 for RGB)")
+
+
+def validate_optimization(config) -> None:
+  positive_int(config, "global_batch_size")
+  positive_int(config, "grad_accum_steps")
+  require(config.global_batch_size % config.grad_accum_steps == 0, "global_batch_size",
+          config.global_batch_size, f"a multiple of grad_accum_steps={config.grad_accum_steps}")
+  require(is_number(config.num_epochs) and config.num_epochs > 0, "num_epochs",
+          config.num_epochs, "a positive number")
+  require(is_int(config.total_steps) and (config.total_steps == -1 or config.total_steps > 0),
+          "total_steps", config.total_steps, "-1 (the whole schedule) or a positive integer")
+  opt = config.optimizer
+  require(opt.name in OPTIMIZERS, "optimizer.name", opt.name, f"one of {OPTIMIZERS}")
+  require(is_number(opt.momentum) and 0 <= opt.momentum < 1, "optimizer.momentum",
+          opt.momentum, "a number in [0, 1)")
+  require(is_number(opt.trust_coefficient) and opt.trust_coefficient > 0,
+          "optimizer.trust_coefficient", opt.trust_coefficient, "a positive number")
+  require(is_number(opt.base_lr) and opt.base_lr > 0, "optimizer.base_lr", opt.base_lr,
+          "a positive number")
+  require(is_number(opt.lr_batch_reference) and opt.lr_batch_reference > 0,
+          "optimizer.lr_batch_reference", opt.lr_batch_reference, "a positive number")
+  require(is_number(opt.min_lr) and 0 <= opt.min_lr, "optimizer.min_lr", opt.min_lr,
+          "a number >= 0")
+  for name in ("b1", "b2"):
+    require(is_number(opt[name]) and 0 <= opt[name] < 1, f"optimizer.{name}", opt[name],
+            "a number in [0, 1)")
+  require(is_number(opt.eps) and opt.eps > 0, "optimizer.eps", opt.eps, "a positive number")
+  require(is_number(opt.weight_decay) and opt.weight_decay >= 0, "optimizer.weight_decay",
+          opt.weight_decay, "a number >= 0")
+  require(opt.weight_decay_schedule in WEIGHT_DECAY_SCHEDULES,
+          "optimizer.weight_decay_schedule", opt.weight_decay_schedule,
+          f"one of {WEIGHT_DECAY_SCHEDULES}")
+  require(is_number(opt.weight_decay_end) and opt.weight_decay_end >= 0,
+          "optimizer.weight_decay_end", opt.weight_decay_end, "a number >= 0")
+  require(is_number(opt.warmup_epochs) and 0 <= opt.warmup_epochs, "optimizer.warmup_epochs",
+          opt.warmup_epochs, "a number >= 0")
+  require(opt.warmup_epochs <= config.num_epochs, "optimizer.warmup_epochs", opt.warmup_epochs,
+          f"at most num_epochs={config.num_epochs}")
+  require(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, f"one of {SCHEDULES}")
+  if opt.schedule == "multistep":
+    epochs = tuple(opt.decay_epochs)
+    require(all(is_number(e) and opt.warmup_epochs <= e <= config.num_epochs for e in epochs)
+            and list(epochs) == sorted(epochs), "optimizer.decay_epochs", epochs,
+            f"increasing epochs between warmup_epochs={opt.warmup_epochs} and "
+            f"num_epochs={config.num_epochs}")
+    require(is_number(opt.decay_factor) and 0 < opt.decay_factor <= 1,
+            "optimizer.decay_factor", opt.decay_factor, "a number in (0, 1]")
+  require(is_number(opt.clip_grad_norm) and opt.clip_grad_norm >= 0, "optimizer.clip_grad_norm",
+          opt.clip_grad_norm, "a number >= 0 (0 disables clipping)")
+  for name in ("log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_nonfinite",
+               "max_consecutive_failed_saves"):
+    positive_int(config, name)
+
+
+def validate_shared(config) -> None:
+  """The fields `config.defaults.core_fields` and `training_fields` create, where present."""
+  require(is_int(config.seed), "seed", config.seed, "an integer")
+  validate_model(config)
+  if "optimizer" in config:
+    validate_optimization(config)
+  data.validate_data_config(config.data, image_size=tuple(config.image_size),
+                            channels=config.channels)
+
+
+# --- pre-training ----------------------------------------------------------------------------
+
+def validate_pretraining_fields(config, *, mask_kinds: tuple[str, ...] = MASK_KINDS,
+                                fixed_count: bool = False) -> None:
+  """What `defaults.pretraining_fields` adds: masking (of `mask_kinds`; `fixed_count` for a
+  visible-only encoder), pictures, export, the k-NN monitor, and an init_from that fits."""
+  if "masking" in config:
+    size, patch = size_from_config(config.model)
+    validate_masking(config, tuple(config.image_size), patch, mask_kinds, fixed_count)
+  if "viz_every" in config:
+    require(is_int(config.viz_every) and config.viz_every >= 0, "viz_every", config.viz_every,
+            "an integer >= 0 (0 disables pictures)")
+    positive_int(config, "viz_num_images")
+  require(isinstance(config.export_encoder, bool), "export_encoder", config.export_encoder,
+          "true or false")
+  validate_knn(config)
+  positive_int(config, "eval.batch_size")
+  if continuation.wanted(config):
+    continuation.check_source_fits(config)  # continued pre-training: the encoder must fit
+
+
+def validate_knn(config) -> None:
+  k = config.knn
+  require(is_int(k.k) and k.k > 0, "knn.k", k.k, "a positive integer (DINO uses 20)")
+  require(is_number(k.temperature) and k.temperature > 0, "knn.temperature", k.temperature,
+          "a positive number (DINO uses 0.07)")
+  if "every_epochs" in k:
+    require(is_number(k.every_epochs) and k.every_epochs >= 0, "knn.every_epochs",
+            k.every_epochs, "a number >= 0 (0: k-NN only as its own job)")
+
+
+def validate_masking(config, image_size: tuple[int, int], patch: int,
+                     kinds: tuple[str, ...] = MASK_KINDS, fixed_count: bool = False) -> None:
+  m = config.masking
+  if fixed_count and m.kind == "blockwise":
+    raise config_error(
+        "masking.kind", m.kind, f"one of {kinds} for method {config.method!r}",
+        "Its encoder sees only the visible patches, so every sample must mask the same number "
+        "of patches; blockwise masks vary in count per sample. Use a mask-token method "
+        "(simmim, maskfeat) for blockwise masking, or 'random' / 'grouped' / 'inverse_block'.")
+  require(m.kind in kinds, "masking.kind", m.kind, f"one of {kinds} for method {config.method!r}")
+  ratio = m.ratio
+  require(is_number(ratio) and 0 < ratio < 1, "masking.ratio", ratio,
+          "a number strictly between 0 and 1 (MAE uses 0.75, SimMIM 0.6, BEiT / MaskFeat 0.4)")
+  grid = (image_size[0] // patch, image_size[1] // patch)
+  num_patches = grid[0] * grid[1]
+  require(num_visible(num_patches, ratio) >= 1, "masking.ratio", ratio,
+          f"a ratio that leaves at least one of the {num_patches} patches visible")
+  mask_patch = m.mask_patch_size
+  require(is_int(mask_patch) and mask_patch >= 0, "masking.mask_patch_size", mask_patch,
+          "an integer >= 0 (0: the model's patch size)")
+  if mask_patch:
+    require(mask_patch % patch == 0, "masking.mask_patch_size", mask_patch,
+            f"a multiple of the model's patch size {patch} (SimMIM: 32 over 16-px patches)")
+    group = mask_patch // patch
+    require(grid[0] % group == 0 and grid[1] % group == 0, "masking.mask_patch_size",
+            mask_patch, f"a size whose groups of {group}x{group} patches tile the {grid[0]}x"
+            f"{grid[1]} patch grid of image_size={tuple(image_size)}")
+  ratio_range = tuple(m.ratio_range)
+  require(ratio_range == () or (len(ratio_range) == 2 and all(is_number(r) for r in ratio_range)
+                                and 0 <= ratio_range[0] <= ratio_range[1] < 1),
+          "masking.ratio_range", ratio_range,
+          "() (use masking.ratio) or (lo, hi) with 0 <= lo <= hi < 1 (iBOT: (0.1, 0.5))")
+  prob = m.mask_probability
+  require(is_number(prob) and 0 <= prob <= 1, "masking.mask_probability", prob,
+          "a probability in [0, 1] (iBOT: 0.5)")
+  if m.kind == "blockwise":
+    require(is_int(m.min_block) and m.min_block > 0, "masking.min_block", m.min_block,
+            "a positive integer (BEiT: 16 patches)")
+    # The budget of the largest ratio a sample can draw.
+    top = ratio_range[1] if ratio_range else ratio
+    budget = int(num_patches * top)
+    require(m.min_block <= budget, "masking.min_block", m.min_block,
+            f"at most the masking budget int({num_patches} x {top}) = {budget} patches")
+    require(is_number(m.min_aspect) and 0 < m.min_aspect <= 1, "masking.min_aspect",
+            m.min_aspect, "a number in (0, 1] (BEiT: 0.3)")
+  if m.kind == "inverse_block":
+    require(is_int(m.block) and 0 < m.block <= min(grid), "masking.block", m.block,
+            f"a positive integer at most the patch grid side {min(grid)} (data2vec 2.0: 3)")
+    require(is_number(m.adjust) and m.adjust >= 0, "masking.adjust", m.adjust,
+            "a number >= 0 (data2vec 2.0: 0.07)")
+
+
+# --- evaluations -----------------------------------------------------------------------------
+
+def validate_classifier(config) -> None:
+  """The `config.classifier` fields an evaluation has, and its init_from."""
+  c = config.classifier
+  if "features" in c:
+    require(c.features in ("encoder", "pixels"), "classifier.features", c.features,
+            "'encoder' or 'pixels' (the raw-pixel baseline)")
+    if c.features == "pixels":
+      require(config.init_from == "", "init_from", config.init_from,
+              "'' with classifier.features='pixels' (the raw-pixel baseline loads no encoder)")
+    else:
+      require(isinstance(config.init_from, str) and config.init_from != "", "init_from",
+              config.init_from, f"a pre-training workdir or encoder directory ({config.method} "
+              "evaluates a pre-trained encoder), or 'random' for a random-encoder baseline")
+  if config.init_from not in ("", "random"):
+    pretrained.encoder_directory(config.init_from)  # raises a ConfigError naming init_from
+  require(is_int(c.num_classes) and c.num_classes >= 0, "classifier.num_classes",
+          c.num_classes, "an integer >= 0 (0: the dataset's class count)")
+  if "pool" in c:
+    require(c.pool in POOLS, "classifier.pool", c.pool, f"one of {POOLS}")
+  if "probe_layer" in c:
+    depth = size_from_config(config.model)[0].depth
+    require(is_int(c.probe_layer) and 0 <= c.probe_layer <= depth, "classifier.probe_layer",
+            c.probe_layer, f"an integer in [0, {depth}] (0: encoder output, k: block k)")
+  if "head_init_std" in c:
+    require(is_number(c.head_init_std) and c.head_init_std > 0, "classifier.head_init_std",
+            c.head_init_std, "a positive number")
+  positive_int(config, "eval.batch_size")
+
+
+# --- fields read only under a condition --------------------------------------------------------
+
+# (fields, reads(config) -> bool, why): each field is read only when `reads` holds; otherwise
+# it must keep its default, so that an override never silently does nothing.
+UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
+    (("optimizer.b1", "optimizer.b2", "optimizer.eps"),
+     lambda c: c.optimizer.name == "adamw", "only optimizer.name='adamw' reads it"),
+    (("optimizer.momentum",), lambda c: c.optimizer.name in ("lars", "sgd"),
+     "only optimizer.name='lars' or 'sgd' reads it"),
+    (("optimizer.trust_coefficient",), lambda c: c.optimizer.name == "lars",
+     "only optimizer.name='lars' reads it"),
+    (("optimizer.decay_epochs", "optimizer.decay_factor"),
+     lambda c: c.optimizer.schedule == "multistep", "only optimizer.schedule='multistep' reads it"),
+    (("optimizer.min_lr",), lambda c: c.optimizer.schedule == "cosine",
+     "only optimizer.schedule='cosine' reads it (multistep decays by decay_factor)"),
+    (("optimizer.weight_decay_end",), lambda c: c.optimizer.weight_decay_schedule == "cosine",
+     "only optimizer.weight_decay_schedule='cosine' reads it"),
+    (("masking.mask_patch_size",), lambda c: c.masking.kind == "grouped",
+     "only masking.kind='grouped' reads it"),
+    (("masking.min_block", "masking.min_aspect", "masking.ratio_range",
+      "masking.mask_probability"), lambda c: c.masking.kind == "blockwise",
+     "only masking.kind='blockwise' reads it"),
+    (("masking.ratio",), lambda c: c.masking.kind != "blockwise" or not c.masking.ratio_range,
+     "masking.ratio_range sets each sample's ratio instead"),
+    (("masking.block", "masking.adjust"), lambda c: c.masking.kind == "inverse_block",
+     "only masking.kind='inverse_block' reads it"),
+    (("data.path",), lambda c: c.data.source in ("fashion_mnist", "image_folder"),
+     "only data.source 'fashion_mnist' and 'image_folder' read it"),
+    (("data.eval_path",), lambda c: c.data.source == "image_folder",
+     "only data.source='image_folder' reads it"),
+    (("data.tfds_name", "data.tfds_data_dir"), lambda c: c.data.source == "tfds",
+     "only data.source='tfds' reads it"),
+    (("data.synthetic_size",), lambda c: c.data.source == "synthetic",
+     "only data.source='synthetic' reads it"),
+    (("knn.k", "knn.temperature"),
+     lambda c: "every_epochs" not in c.knn or c.knn.every_epochs > 0,
+     "the k-NN monitor is off (knn.every_epochs=0)"),
+    (("classifier.probe_layer",), lambda c: c.classifier.get("features") != "pixels",
+     "classifier.features='pixels' takes no encoder block"),
+]
+
+
+def check_unread(config, defaults) -> None:
+  """Raises ConfigError for a field that differs from its default in `defaults` (the method's
+  base config) while its rule says the config does not read it."""
+  for fields, reads, why in UNREAD_RULES:
+    present = [f for f in fields if _has(config, f)]
+    if not present or _reads(reads, config):
+      continue
+    for field in present:
+      value, default = get(config, field), get(defaults, field)
+      if _normal(value) != _normal(default):
+        raise ConfigError(f"config.{field}={value!r} is not used: {why}. Leave it at its "
+                          f"default ({default!r}) or change the setting that would read it.")
+
+
+def _reads(reads, config) -> bool:
+  try:
+    return bool(reads(config))
+  except (AttributeError, KeyError):
+    return True  # the rule's condition field is absent: nothing to check
+
+
+def _has(config, dotted: str) -> bool:
+  node = config
+  for part in dotted.split("."):
+    if not hasattr(node, "keys") or part not in node:
+      return False
+    node = node[part]
+  return True
+
+
+def _normal(value):
+  return tuple(_normal(v) for v in value) if isinstance(value, (tuple, list)) else value
+
+
+# --- with the mesh -----------------------------------------------------------------------------
+
+def validate_for_devices(config, *, batch_parallelism: int, process_count: int,
+                         mesh_desc: str = "") -> None:
+  """Checks that need the mesh: the batch must split evenly over devices and accumulation.
+  `mesh_desc` (parallel.describe_mesh) is named in the message."""
+  per_step = batch_parallelism * config.grad_accum_steps
+  if config.global_batch_size % per_step:
+    raise config_error(
+        "global_batch_size", config.global_batch_size,
+        f"a multiple of (data-parallel devices {batch_parallelism}) x (grad_accum_steps "
+        f"{config.grad_accum_steps}) = {per_step}",
+        f"The batch is split over the data and fsdp axes of the {mesh_desc}." if mesh_desc
+        else "")
+  if config.global_batch_size % process_count:
+    raise config_error("global_batch_size", config.global_batch_size,
+                       f"a multiple of the number of processes {process_count}")
+
+
+def validate_eval_for_devices(config, batch_parallelism: int) -> None:
+  """The evaluation batch must split evenly over the data-parallel devices."""
+  if "eval" in config and config.eval.batch_size % batch_parallelism:
+    raise config_error("eval.batch_size", config.eval.batch_size,
+                       f"a multiple of the data-parallel device count {batch_parallelism}")
+
+
+__all__ = ["ConfigError", "require", "validate_shared", "validate_for_devices",
+           "validate_eval_for_devices", "check_unread"]

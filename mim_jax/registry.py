@@ -1,0 +1,101 @@
+"""Every method by name, and what needs to know them all: configs, validation, FLOPs.
+
+Imports run one way: registry -> methods / evaluate / tokenizers -> parts (models, objectives,
+data, weights, config, training infrastructure). Nothing below imports this module; the
+entry point, the loop's set-up, the benchmark, the memory planner and the config files do.
+
+  METHODS                    name -> Method class (methods/base.py)
+  register(cls)              adds a method (a test's toy method, a user's own)
+  method_class(name)         the class, or a ConfigError listing the known names
+  base_config(name)          the shared fields + exactly the fields that method reads
+  validate_config(config)    shared checks, the method's checks, and no field it ignores
+  build_method(config, length=None)
+  forward_flops(config)      the method's FLOPs per image
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from mim_jax.config import validation
+from mim_jax.config.errors import ConfigError, config_error, dotted_keys
+from mim_jax.evaluate.finetune import FineTune
+from mim_jax.evaluate.frozen import KnnJob, ProbeJob
+from mim_jax.evaluate.linear_probe import LinearProbe
+from mim_jax.methods import beit, data2vec, ibot, mae, maskfeat, simmim
+from mim_jax.methods.base import Method, TrainLength
+from mim_jax.tokenizers.dvae import DVAETokenizer
+from mim_jax.tokenizers.vq import VQTokenizer
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+  """Adds `cls` under `cls.name` (usable as a class decorator); returns it."""
+  if not cls.name:
+    raise ValueError(f"{cls.__name__} has no name")
+  METHODS[cls.name] = cls
+  return cls
+
+
+for _cls in (mae.MAE, simmim.SimMIM, maskfeat.MaskFeat, data2vec.Data2Vec, ibot.IBOT, beit.BEiT,
+             VQTokenizer, DVAETokenizer, LinearProbe, FineTune, KnnJob, ProbeJob):
+  register(_cls)
+
+
+def method_class(name: str) -> type[Method]:
+  if name not in METHODS:
+    raise config_error("method", name, f"one of {sorted(METHODS)}")
+  return METHODS[name]
+
+
+def base_config(name: str) -> ml_collections.ConfigDict:
+  """A config with the shared fields and the fields of method `name`, at their defaults."""
+  cls = method_class(name)
+  c = ml_collections.ConfigDict()
+  cls.add_config(c)
+  c.method = name
+  return c
+
+
+def _owners(field: str) -> list[str]:
+  """The methods whose configs have `field`."""
+  return sorted(n for n in METHODS if field in set(dotted_keys(base_config(n))))
+
+
+def unused_field_error(field: str, method: str) -> ConfigError | None:
+  """"config.X is not used by method=M" when another method reads X, else None."""
+  owners = _owners(field)
+  if not owners:
+    return None
+  return ConfigError(f"config.{field} is not used by method={method!r}; it is a field of "
+                     f"{', '.join(repr(o) for o in owners)}. Remove the override, or use that "
+                     "method's config file.")
+
+
+def validate_config(config) -> None:
+  """All static checks (no devices, no data read beyond paths). Raises ConfigError."""
+  cls = method_class(config.method)
+  want, have = set(dotted_keys(base_config(config.method))), set(dotted_keys(config))
+  for field in sorted(have - want):
+    error = unused_field_error(field, config.method)
+    raise error or config_error(field, config.get(field, "?") if "." not in field else "?",
+                                f"a field of method {config.method!r}: it has no such field")
+  if want - have:
+    raise ConfigError(f"the config of method {config.method!r} lacks the field(s) "
+                      f"{', '.join(sorted(want - have))}: start it from "
+                      f"registry.base_config({config.method!r})")
+  validation.validate_shared(config)
+  cls.validate(config)
+  validation.check_unread(config, base_config(config.method))
+
+
+def build_method(config, length: TrainLength | None = None) -> Method:
+  """The method `config.method` names, for a run of `length` (None: a nominal length, for
+  tools that never train)."""
+  return method_class(config.method)(config, length)
+
+
+def forward_flops(config) -> dict[str, float]:
+  """{"encoder", ..., "total"}: forward FLOPs per image of the method's model."""
+  return method_class(config.method).forward_flops(config)

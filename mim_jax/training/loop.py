@@ -1,0 +1,320 @@
+"""The one training loop of mim_jax, shared by every method, and the entry to every run.
+
+  run(config, workdir)     a job (k-NN, probe) once, or `train`
+  train(config, workdir)   the loop: the step of training/step.py on the set-up of
+                           training/setup.py, fed by the data pipeline, with checkpoints
+                           (exact resume), logs, pictures, evaluations and the export
+
+The loop talks to the method only through `methods.base.Method`'s hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from mim_jax import data, registry, viz
+from mim_jax.evaluate import frozen
+from mim_jax.models import vit
+from mim_jax.training import (
+  checkpoint,
+  metric_writers,
+  metrics_rewind,
+  parallel,
+  preemption,
+  run_errors,
+  setup,
+)
+from mim_jax.training import step as step_lib
+
+log = logging.getLogger(__name__)
+
+
+def _model_info(config) -> dict:
+  return {"method": config.method, "variant": config.model.variant,
+          "image_size": list(config.image_size), "channels": config.channels,
+          "config": config.to_dict()}
+
+
+def run(config, workdir: str):
+  """Runs `config.method` in `workdir`: a job (k-NN, probe) once, anything else through the
+  training loop (`train`). Returns the job's metrics or the final TrainState."""
+  config = setup.prepare(config)
+  cls = registry.method_class(config.method)
+  if cls.kind == "job":
+    return cls.run(config, workdir)
+  return train(config, workdir)
+
+
+def train(config, workdir: str) -> step_lib.TrainState:
+  """Trains a prepared `config` in `workdir`, resuming from its latest checkpoint if any.
+
+  The method is a pre-training method, a tokenizer or a trained evaluation (linprobe,
+  finetune, which start from `config.init_from` and score the evaluation split; results.json
+  holds the final numbers). Returns the final TrainState. On SIGTERM (a preemption notice) it
+  saves at the next step boundary, agreed by all processes, and returns. Raises
+  NonFiniteError after config.max_consecutive_nonfinite non-finite steps in a row and
+  CheckpointSaveError after config.max_consecutive_failed_saves failed checkpoint writes in
+  a row (see run_errors).
+  """
+  r = setup.setup_run(config)
+  method, mesh, last_step = r.method, r.mesh, r.last_step
+  checkpoint.ensure_writable(workdir)
+  is_chief = jax.process_index() == 0
+  image_size, channels = tuple(config.image_size), config.channels
+  init_rng, base_rng = r.keys()
+  log.info("%s, batch over %s: state %.1f MiB per device of %.1f MiB",
+           parallel.describe_mesh(mesh), parallel.batch_axes(mesh),
+           parallel.per_device_bytes(r.state_shardings, r.abstract_state) / 2**20,
+           checkpoint.tree_bytes(r.abstract_state) / 2**20)
+  # A workdir that cannot hold even one checkpoint fails now, not after the first interval.
+  checkpoint.ensure_free_space(workdir, checkpoint.tree_bytes(r.abstract_state),
+                               config.keep_checkpoints)
+  micro_shape = (config.global_batch_size // config.grad_accum_steps, *image_size, channels)
+  train_iter = data.make_train_iterator(
+      config.data, image_size=image_size, channels=channels,
+      global_batch_size=config.global_batch_size, seed=config.seed,
+      element_transforms=method.data_transforms(),
+      augment=method.train_augment(config.data, image_size, channels))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 save_every=config.checkpoint_every, keep=config.keep_checkpoints,
+                                 max_consecutive_failures=config.max_consecutive_failed_saves)
+  writer = None
+  try:
+    state, start_step = _restore_or_init(config, r, ckpt, train_iter, init_rng)
+    train_step = r.jit_step()
+
+    if is_chief:
+      # Rows logged after the checkpoint are recomputed (identically) from here on.
+      metrics_rewind.rewind_metrics(workdir, start_step)
+    writer = metric_writers.MetricWriter(workdir, enabled=is_chief)
+    if start_step == 0:
+      writer.write_hparams(config.to_dict())
+    progress = metric_writers.ProgressLogger(last_step, start_step=start_step,
+                                             log_fn=(lambda s: log.info("%s", s)) if is_chief
+                                             else (lambda s: None))
+    log.info("%s %s: %d examples per epoch, %d steps/epoch, schedule %d steps, training to step %d on "
+             "%d device(s), micro-batch %s", config.method, vit.describe_size(config.model),
+             r.steps_per_epoch * config.global_batch_size, r.steps_per_epoch,
+             r.schedule_steps, last_step, jax.device_count(), micro_shape)
+
+    # Every process computes the pictures (the params span all processes); process 0 writes.
+    viz_every = config.viz_every if method.draws else 0
+    draw = _make_drawer(config, method, workdir, writer, base_rng, r.replicated,
+                        is_chief) if viz_every else None
+    evaluate = _make_evaluator(config, method, mesh, r.state_shardings) if (
+        method.evaluates) else None
+    eval_every = _epochs_to_steps(config.eval.every_epochs if method.evaluates else 0,
+                                  r.steps_per_epoch)
+    knn_every = _epochs_to_steps(config.knn.every_epochs if method.kind == "pretraining" else 0,
+                                 r.steps_per_epoch)
+    knn = frozen.KnnMonitor(config) if knn_every else None
+    final_metrics: dict[str, float] = {}
+
+    batch_keys = method.train_batch_keys()
+    step = start_step
+    t_last, step_last = time.perf_counter(), step
+    with preemption.PreemptionWatcher(start_step, sync_every=config.log_every) as preempted:
+      while step < last_step:
+        host_batch = next(train_iter)
+        batch = parallel.host_batch_to_global(
+            {k: host_batch[k] for k in batch_keys if k in host_batch}, r.batch_sharding)
+        state, metrics = train_step(state, batch, base_rng)
+        step += 1
+        # The only host-device synchronisation in the loop besides checkpoints: metrics at the
+        # logging interval.
+        if step % config.log_every == 0 or step == last_step:
+          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          now = time.perf_counter()
+          metrics["images_per_sec"] = ((step - step_last) * config.global_batch_size
+                                       / (now - t_last))
+          metrics["skipped_images"] = data.num_skipped_images()  # corrupt files dropped so far
+          t_last, step_last = now, step
+          writer.write_scalars(step, metrics)
+          progress.log(step, metrics)
+          _check_nonfinite(int(metrics["nonfinite_streak"]), int(metrics["skipped_updates"]),
+                           step, config, ckpt)
+        if preempted.should_stop(step):
+          # Before pictures and evaluations: the scheduler's grace period is short.
+          ckpt.save(step, state, train_iter, force=True)
+          ckpt.wait()
+          log.warning("checkpoint for step %d written after SIGTERM (a preemption notice); "
+                      "exiting", step)
+          break
+        if draw is not None and (step % viz_every == 0 or step == last_step):
+          draw(step, state.params, state.extra)
+        if evaluate is not None and ((eval_every and step % eval_every == 0)
+                                     or step == last_step):
+          final_metrics.update(evaluate(state))
+          writer.write_scalars(step, final_metrics)
+          log.info("step %d | %s", step, _format(final_metrics))
+        if knn is not None and (step % knn_every == 0 or step == last_step):
+          final_metrics.update(knn(method.encoder_params(state.params, state.extra)))
+          writer.write_scalars(step, final_metrics)
+          log.info("step %d | %s", step, _format(final_metrics))
+        if ckpt.should_save(step):
+          # The save copies the state to the host anyway, so reading the streak costs nothing;
+          # a run that has diverged stops here instead of writing a checkpoint.
+          _check_nonfinite(int(state.nonfinite_streak), int(state.skipped_updates), step,
+                           config, ckpt)
+          ckpt.save(step, state, train_iter)
+
+    if not preempted.triggered:
+      if ckpt.latest_step() != step:
+        ckpt.save(step, state, train_iter, force=True)
+      ckpt.wait()
+      if config.get("export_encoder", False) and step == last_step:
+        # The run's end product (the encoder, a tokenizer). Collective: every process gathers
+        # the state and takes part in the Orbax save.
+        method.export(workdir, _to_host(state.params), _to_host(state.extra),
+                      _model_info(config))
+      if final_metrics and step == last_step and is_chief:
+        _write_results(workdir, config, step, final_metrics)
+  finally:
+    # Also on errors: an in-flight checkpoint write completes, worker processes stop.
+    ckpt.close()
+    if writer is not None:
+      writer.close()
+    train_iter.close()  # stops grain worker processes and frees their shared memory
+  return state
+
+
+def _restore_or_init(config, r: setup.Run, ckpt: checkpoint.Checkpointer, train_iter,
+                     init_rng: jax.Array) -> tuple[step_lib.TrainState, int]:
+  """(state, start step): the latest complete checkpoint, else a fresh (or pre-trained) state.
+
+  Orbax lists only committed step directories, so a checkpoint cut short by a crash is never
+  chosen; its temporary directory was deleted when `ckpt` opened the folder.
+  """
+  abstract_state, method = r.abstract_state, r.method
+  start_step = ckpt.latest_step()
+  if start_step is not None:
+    if ckpt.has_iterator_state(start_step):
+      state = ckpt.restore(start_step, abstract_state, train_iter)
+    else:
+      # Another process count: the state is resharded onto this mesh, but the per-process
+      # data positions do not carry over, so the data order starts afresh.
+      state = ckpt.restore(start_step, abstract_state)
+      log.warning("checkpoint %d was written by a different number of processes: params and "
+                  "optimizer state restored onto this mesh, the data iterator starts afresh",
+                  start_step)
+    log.info("resumed from %s at step %d", ckpt.directory, start_step)
+    return state, start_step
+  state = r.init_state(init_rng)
+  if method.wants_weights():
+    # Pre-trained weights (or a frozen tokenizer) are merged on the host, then placed with
+    # the state's shardings.
+    params, extra = method.load_pretrained(_to_host(state.params), _to_host(state.extra))
+    state = jax.device_put(state.replace(params=params, extra=extra), r.state_shardings)
+    log.info("initial weights loaded: %s", config.get("init_from") or f"the {config.method} "
+             "method's own weight files")
+  return state, 0
+
+
+def _check_nonfinite(streak: int, skipped: int, step: int, config,
+                     ckpt: checkpoint.Checkpointer) -> None:
+  """Raises NonFiniteError once `streak` steps in a row had a non-finite loss or gradient.
+
+  Skipped steps leave the parameters unchanged, so the checkpoints already written hold the
+  last good ones; stopping keeps the run from writing more checkpoints of a diverged run.
+  """
+  if streak and streak < config.max_consecutive_nonfinite:
+    log.warning("step %d: non-finite loss or gradients for the last %d step(s); their updates "
+                "were skipped (%d skipped in total)", step, streak, skipped)
+  if streak >= config.max_consecutive_nonfinite:
+    raise run_errors.NonFiniteError(
+        f"training stopped at step {step}: the loss or gradients were NaN/Inf for the last "
+        f"{streak} steps in a row (config.max_consecutive_nonfinite="
+        f"{config.max_consecutive_nonfinite}); their updates were skipped, so the parameters "
+        f"are those of step {step - streak}. The latest checkpoint ({ckpt.latest_step()}) "
+        "is intact. Lower optimizer.base_lr, set optimizer.clip_grad_norm, use "
+        "model.dtype='float32', or check the input data, then resume with the same command.")
+
+
+def _to_host(tree: Any) -> Any:
+  """The global value of every array as numpy, on every process.
+
+  A collective when the run spans processes (all must call it): `jax.device_get` cannot read
+  shards that live on other processes' devices.
+  """
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
+  """An interval in epochs as a whole number of steps (0 stays 0: never)."""
+  return max(1, int(round(epochs * steps_per_epoch))) if epochs > 0 else 0
+
+
+def _format(metrics: dict[str, float]) -> str:
+  return " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in sorted(metrics.items()))
+
+
+def _write_results(workdir: str, config, step: int, metrics: dict[str, float]) -> None:
+  """results.json: the final evaluation numbers of a run, for tables and scripts."""
+  out = {"method": config.method, "init_from": config.get("init_from", ""), "step": step,
+         "encoder": vit.describe_size(config.model), **metrics}
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(out, f, indent=2)
+
+
+def _make_evaluator(config, method, mesh, state_shardings) -> Callable:
+  """Scores the state on the evaluation split: {"eval_accuracy", "eval_loss", "eval_count"}."""
+  sharding = parallel.batch_sharding(mesh)
+  eval_fn = jax.jit(lambda params, extra, batch: method.eval_metrics(params, extra, batch),
+                    in_shardings=(state_shardings.params, state_shardings.extra, sharding),
+                    out_shardings=parallel.replicated(mesh))
+  local_batch = config.eval.batch_size // jax.process_count()
+
+  def evaluate(state: step_lib.TrainState) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    for batch in data.make_eval_iterator(
+        config.data, image_size=tuple(config.image_size), channels=config.channels,
+        batch_size=local_batch, split=data.eval_split(config.data)):
+      batch = parallel.host_batch_to_global(
+          {k: batch[k] for k in ("image", "label", "mask")}, sharding)
+      for k, v in jax.device_get(eval_fn(state.params, state.extra, batch)).items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+    count = max(sums.get("count", 0.0), 1.0)
+    return {"eval_accuracy": sums["correct"] / count, "eval_loss": sums["loss"] / count,
+            "eval_count": int(sums["count"])}
+
+  return evaluate
+
+
+def _make_drawer(config, method, workdir: str, writer, rng: jax.Array,
+                 replicated: jax.sharding.Sharding, write: bool = True) -> Callable:
+  """Pictures of the method's predictions for a fixed set of (unaugmented) images at every call.
+
+  `method.reconstruct` runs on device; `method.picture` turns its output into an image on the
+  host (reconstruction grids for pixel targets, HOG maps for MaskFeat). Every process must call
+  `draw` (the computation spans the mesh); only with `write` is the picture saved. The images
+  (and host-drawn masks, if the method uses them) are the same on every process, replicated.
+  """
+  images = next(data.make_eval_iterator(
+      config.data, image_size=tuple(config.image_size), channels=config.channels,
+      batch_size=config.viz_num_images, process_index=0, process_count=1))["image"]
+  batch = {"image": images,
+           **method.example_extras(images.shape[0], np.random.default_rng(config.seed))}
+  reconstruct = jax.jit(method.reconstruct, out_shardings=replicated)
+  viz_rng = jax.random.fold_in(rng, -1 % (2**31))
+  device_batch = jax.device_put(batch, replicated)
+
+  def draw(step: int, params, extra) -> None:
+    out = jax.device_get(reconstruct(params, device_batch, viz_rng, extra))
+    if not write:
+      return
+    grid = method.picture(images, out)
+    viz.save_png(grid, os.path.join(workdir, "reconstructions", f"step_{step:08d}.png"))
+    writer.write_image(step, "reconstructions", grid)
+
+  return draw

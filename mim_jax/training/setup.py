@@ -1,0 +1,141 @@
+"""The one run set-up: mesh, method, optimizer, state shapes and shardings, the jitted step.
+
+`training.loop.run`, `memory_plan.plan` and `bench` all start from `setup_run`, so the step
+they train, plan or time is the same function with the same shardings.
+
+  prepare(config) -> config      an evaluation adopts its encoder from init_from; validation
+  setup_run(config, ...) -> Run  everything but data and checkpoints, from abstract shapes
+  Run.jit_step()                 the jitted, sharded, donating train step
+  Run.init_state()               the freshly initialised, sharded state
+  abstract_batch(run, size)      ShapeDtypeStructs of a training batch (planning, benchmarks)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mim_jax import data, registry
+from mim_jax.config import validation
+from mim_jax.config.errors import ConfigError
+from mim_jax.methods.base import Method, TrainLength
+from mim_jax.training import optim, parallel, step
+from mim_jax.weights import pretrained
+
+log = logging.getLogger(__name__)
+
+
+def prepare(config):
+  """The config a run uses: an evaluation takes its encoder's size, patch and channels from
+  the export in `init_from` (continued pre-training must fit the configured model instead);
+  then every static check. Raises ConfigError."""
+  if registry.method_class(config.method).kind in ("classifier", "job"):
+    config = pretrained.adopt_encoder_config(config)
+  registry.validate_config(config)
+  return config
+
+
+def schedule_lengths(config, num_examples: int) -> tuple[int, int, int]:
+  """(steps_per_epoch, schedule_steps, last_step) for a dataset of `num_examples`."""
+  steps_per_epoch = num_examples // config.global_batch_size
+  if steps_per_epoch < 1:
+    raise ConfigError(
+        f"config.global_batch_size={config.global_batch_size} is invalid: it must not exceed "
+        f"the {num_examples} training examples of config.data.source={config.data.source!r}.")
+  schedule_steps = max(1, int(round(config.num_epochs * steps_per_epoch)))
+  last_step = schedule_steps if config.total_steps == -1 else config.total_steps
+  return steps_per_epoch, schedule_steps, last_step
+
+
+@dataclasses.dataclass
+class Run:
+  """A run's pieces, built from shapes only (nothing materialised)."""
+  config: Any
+  mesh: jax.sharding.Mesh
+  method: Method
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  steps_per_epoch: int
+  schedule_steps: int
+  last_step: int
+  init_fn: Callable                 # rng -> TrainState (trace it under jit)
+  abstract_state: Any               # TrainState of ShapeDtypeStructs with their shardings
+  state_shardings: Any
+  batch_sharding: jax.sharding.Sharding
+  replicated: jax.sharding.Sharding
+
+  def jit_step(self):
+    """The train step under jit, traced under the mesh (the blocks pin their tokens' batch
+    dim to the data axes), with the state donated."""
+    fn = step.make_train_step(self.method, self.tx, self.schedule,
+                              self.config.grad_accum_steps)
+    return jax.jit(parallel.with_activation_mesh(self.mesh, fn),
+                   in_shardings=(self.state_shardings, self.batch_sharding, self.replicated),
+                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+
+  def keys(self) -> tuple[jax.Array, jax.Array]:
+    """(init_rng, base_rng) of config.seed, made under jit and replicated over the mesh: with
+    several processes a host-local key array cannot be device_put onto the others' devices."""
+    seed = self.config.seed
+    return jax.jit(lambda: tuple(jax.random.split(jax.random.key(seed))),
+                   out_shardings=self.replicated)()
+
+  def init_state(self, init_rng: jax.Array):
+    return jax.jit(self.init_fn, out_shardings=self.state_shardings)(init_rng)
+
+
+def setup_run(config, *, devices=None, num_examples: Optional[int] = None,
+              process_count: Optional[int] = None) -> Run:
+  """The run of a prepared `config` on `devices` (default: all). `num_examples` (default: the
+  training source's size) sets the schedule's length in steps."""
+  mesh = parallel.make_mesh(config.mesh, devices)
+  validation.validate_for_devices(
+      config, batch_parallelism=parallel.batch_parallelism(mesh),
+      process_count=jax.process_count() if process_count is None else process_count,
+      mesh_desc=parallel.describe_mesh(mesh))
+  validation.validate_eval_for_devices(config, parallel.batch_parallelism(mesh))
+  image_size, channels = tuple(config.image_size), config.channels
+  if num_examples is None:
+    num_examples = data.num_examples(config.data, image_size=image_size, channels=channels)
+  steps_per_epoch, schedule_steps, last_step = schedule_lengths(config, num_examples)
+  schedule = optim.learning_rate_schedule(config.optimizer, config.global_batch_size,
+                                          steps_per_epoch, schedule_steps)
+  tx = optim.build_optimizer(config.optimizer, schedule, schedule_steps)
+  method = registry.build_method(config, TrainLength(steps_per_epoch, schedule_steps))
+  # Shape first, then shard: nothing is materialised before its sharding is known.
+  init_fn = functools.partial(step.init_train_state, method, tx,
+                              image_shape=(1, *image_size, channels))
+  abstract = jax.eval_shape(init_fn, jax.random.key(0))
+  shardings = parallel.tree_shardings(mesh, abstract, config.sharding_rules)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          abstract, shardings)
+  return Run(config=config, mesh=mesh, method=method, tx=tx, schedule=schedule,
+             steps_per_epoch=steps_per_epoch, schedule_steps=schedule_steps,
+             last_step=last_step, init_fn=init_fn, abstract_state=abstract,
+             state_shardings=shardings, batch_sharding=parallel.batch_sharding(mesh),
+             replicated=parallel.replicated(mesh))
+
+
+def abstract_batch(run: Run, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """The keys and shapes of a training batch of `batch_size` as the step reads it: the
+  method's own augmentation's element (multi-crop views) or images + labels, plus what the
+  method's input transforms add (host-drawn masks)."""
+  config, method = run.config, run.method
+  augment = method.train_augment(config.data, tuple(config.image_size), config.channels)
+  if augment is not None:
+    element = augment.random_map({"image": None, "label": np.int32(0)},
+                                 np.random.default_rng(0))
+  else:
+    h, w = config.image_size
+    element = {"image": np.zeros((h, w, config.channels), np.float32), "label": np.int32(0)}
+  element.update({k: v[0] for k, v in method.example_extras(1, np.random.default_rng(0)).items()})
+  return {k: jax.ShapeDtypeStruct((batch_size, *np.shape(element[k])),
+                                  jnp.asarray(element[k]).dtype)
+          for k in method.train_batch_keys() if k in element}

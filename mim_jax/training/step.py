@@ -1,0 +1,134 @@
+"""The pure training step every method shares, importable on its own.
+
+  TrainState                 step, params, optimizer state, the method's extra state (a pytree)
+  init_train_state(...)      fresh state (traced: use under jit / eval_shape)
+  make_train_step(...)       (state, batch, rng) -> (state, metrics), pure and jittable
+
+No data, checkpoints or logs here (training/loop.py wires those); a user's own loop can call
+these directly (mim_jax/examples/custom_loop.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training (besides the data iterator).
+
+  step              int32 []  number of training steps taken (batches consumed) so far
+  params            pytree    trainable parameters (float32)
+  opt_state         pytree    optimizer state
+  extra             pytree    the method's other state (BatchNorm statistics, a frozen
+                              encoder, ...)
+  skipped_updates   int32 []  steps whose update was skipped for a non-finite loss/gradient
+  nonfinite_streak  int32 []  how many of the latest steps in a row were skipped
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  extra: Any
+  skipped_updates: jax.Array
+  nonfinite_streak: jax.Array
+
+
+def init_train_state(method, tx: optax.GradientTransformation, rng: jax.Array,
+                     image_shape: tuple[int, ...]) -> TrainState:
+  """Fresh state for images of `image_shape` [B, H, W, C] (traced: use under jit/eval_shape)."""
+  params, extra = method.init(rng, jnp.zeros(image_shape, jnp.float32))
+  zero = jnp.zeros([], jnp.int32)
+  return TrainState(step=zero, params=params, opt_state=tx.init(params), extra=extra,
+                    skipped_updates=zero, nonfinite_streak=zero)
+
+
+def _global_norm(tree: Any) -> jax.Array:
+  """L2 norm over all leaves of a pytree (in float32)."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def _split_microbatches(batch: Any, num_micro: int) -> Any:
+  """[B, ...] -> [num_micro, B / num_micro, ...] taking rows i::num_micro for microbatch i.
+
+  Strided rows keep every device's contiguous shard of the batch inside each microbatch, so
+  splitting needs no communication when the batch is sharded over devices.
+  """
+  def split(x):
+    x = x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    grad_accum_steps: int = 1) -> Callable:
+  """Returns the pure step `(state, batch, rng) -> (state, metrics)`.
+
+  `rng` is the run's base key; the step folds in `state.step`, so the randomness of step t is
+  the same whether or not the run was interrupted. With `grad_accum_steps` > 1 the batch is
+  split into that many microbatches whose gradients are averaged before one update.
+
+  A step whose loss or gradients hold a NaN or Inf changes nothing but the counters: params,
+  optimizer state and `extra` keep their values (one select per leaf, fused into the update),
+  `skipped_updates` and `nonfinite_streak` grow by one; a finite step resets the streak.
+  A method's `after_update(params, extra, step)` hook (EMA teachers) runs after the update. The
+  step count advances either way, so the data and randomness of later steps do not shift.
+  Metrics are scalars: the method's (loss, ...), learning_rate, grad/param/update norms,
+  nonfinite (1 if this step was skipped), skipped_updates and nonfinite_streak.
+  """
+  def grad_fn(params, extra, batch, rng):
+    (loss, (metrics, extra)), grads = jax.value_and_grad(
+        lambda p: method.loss(p, extra, batch, rng, train=True), has_aux=True)(params)
+    return loss, metrics, grads, extra
+
+  def step_fn(state: TrainState, batch: Any, rng: jax.Array):
+    rng = jax.random.fold_in(rng, state.step)
+    if grad_accum_steps == 1:
+      loss, metrics, grads, extra = grad_fn(state.params, state.extra, batch, rng)
+    else:
+      micro = _split_microbatches(batch, grad_accum_steps)
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      shapes = jax.eval_shape(grad_fn, state.params, state.extra,
+                              jax.tree.map(lambda x: x[0], micro), rng)[:2]
+      loss_zero, metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+      def accumulate(carry, inputs):
+        # `extra` (e.g. BatchNorm statistics) threads through the microbatches in order.
+        loss_sum, metric_sum, grad_sum, extra = carry
+        index, microbatch = inputs
+        l, m, g, extra = grad_fn(state.params, extra, microbatch,
+                                 jax.random.fold_in(rng, index))
+        return (loss_sum + l, jax.tree.map(jnp.add, metric_sum, m),
+                jax.tree.map(jnp.add, grad_sum, g), extra), None
+
+      (loss, metrics, grads, extra), _ = jax.lax.scan(
+          accumulate, (loss_zero, metric_zeros, zeros, state.extra),
+          (jnp.arange(grad_accum_steps), micro))
+      loss, metrics, grads = jax.tree.map(lambda x: x / grad_accum_steps,
+                                          (loss, metrics, grads))
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    extra = method.after_update(params, extra, state.step)  # e.g. an EMA teacher follows params
+    grad_norm = _global_norm(grads)
+    # One NaN/Inf anywhere in the gradients makes their norm non-finite.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt_state, extra = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old),
+        (params, opt_state, extra), (state.params, state.opt_state, state.extra))
+    skipped = (~finite).astype(jnp.int32)
+    streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+    metrics = dict(metrics)
+    metrics.update(learning_rate=schedule(state.step), grad_norm=grad_norm,
+                   param_norm=_global_norm(params), update_norm=_global_norm(updates),
+                   nonfinite=skipped, skipped_updates=state.skipped_updates + skipped,
+                   nonfinite_streak=streak)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, extra=extra,
+                      skipped_updates=state.skipped_updates + skipped,
+                      nonfinite_streak=streak), metrics
+
+  return step_fn

@@ -1,0 +1,197 @@
+"""One method, one file: a method defined here trains through the loop with no other file
+changed; every config holds exactly its method's fields; the import graph has no cycle."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from mim_jax import registry
+from mim_jax.config import validation as v
+from mim_jax.config.errors import ConfigError
+from mim_jax.methods import base
+from mim_jax.models import flops
+from mim_jax.models.vit import encoder_from_config, patchify
+from mim_jax.training import loop
+
+from conftest import REPO, tiny_config
+
+
+class ToyDenoiser(base.PretrainingMethod):
+  """A toy objective: the encoder's patch tokens regress the noise-free patches of a noisy
+  image through a linear head. Owns one field, `toy.noise`."""
+
+  name = "toy_denoiser"
+
+  @classmethod
+  def add_config(cls, c):
+    super().add_config(c)
+    del c["masking"]  # it masks nothing
+    c.toy = ml_collections.ConfigDict(dict(noise=0.5))
+
+  @classmethod
+  def validate(cls, config):
+    v.validate_pretraining_fields(config)
+    v.require(v.is_number(config.toy.noise) and config.toy.noise >= 0, "toy.noise",
+              config.toy.noise, "a number >= 0")
+
+  @classmethod
+  def forward_flops(cls, config):
+    encoder = flops.encoder_flops(config.model, config.image_size, config.channels)
+    return {"encoder": encoder, "total": encoder}
+
+  def __init__(self, config, length=None):
+    super().__init__(config, length)
+    self.encoder = encoder_from_config(config.model, config.image_size, config.channels)
+    self.head = nn.Dense(self.encoder.patch_size ** 2 * config.channels)
+    self.noise = float(config.toy.noise)
+
+  def init(self, rng, images):
+    enc_rng, head_rng = jax.random.split(rng)
+    encoder = self.encoder.init(enc_rng, images)["params"]
+    tokens, _ = self.encoder.apply({"params": encoder}, images)
+    return {"encoder": encoder, "head": self.head.init(head_rng, tokens)["params"]}, {}
+
+  def loss(self, params, extra, batch, rng, train=True):
+    images = batch["image"]
+    noisy = images + self.noise * jax.random.normal(rng, images.shape)
+    tokens, _ = self.encoder.apply({"params": params["encoder"]}, noisy)
+    pred = self.head.apply({"params": params["head"]}, tokens[:, 1:])
+    loss = jnp.mean(jnp.square(pred - patchify(images, self.encoder.patch_size)))
+    return loss, ({"loss": loss}, extra)
+
+
+@pytest.fixture
+def toy():
+  registry.register(ToyDenoiser)
+  yield ToyDenoiser
+  del registry.METHODS[ToyDenoiser.name]
+
+
+def _toy_config(**overrides):
+  return tiny_config("toy_denoiser", **{"num_epochs": 1, "optimizer.warmup_epochs": 0.0,
+                                        "checkpoint_every": 2, **overrides})
+
+
+def test_a_method_is_one_class_and_a_config(toy, tmp_path):
+  """Registered, it validates, trains, checkpoints, resumes exactly and exports; its field
+  is refused for other methods and theirs for it."""
+  config = _toy_config()
+  assert set(config.keys()) >= {"toy", "knn", "export_encoder"} and "masking" not in config
+  registry.validate_config(config)
+  assert registry.forward_flops(config)["total"] > 0
+
+  # Two steps of a run of 8 (64 synthetic images / 8), then the rest: the same as one run.
+  interrupted, whole = str(tmp_path / "interrupted"), str(tmp_path / "whole")
+  loop.run(_toy_config(total_steps=2), interrupted)
+  assert max(map(int, os.listdir(os.path.join(interrupted, "checkpoints")))) == 2
+  resumed = loop.run(_toy_config(), interrupted)
+  uninterrupted = loop.run(_toy_config(), whole)
+  assert int(resumed.step) == int(uninterrupted.step) == 8
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.params),
+               jax.device_get(uninterrupted.params))
+  info = json.load(open(os.path.join(interrupted, "encoder", "model.json")))
+  assert info["method"] == "toy_denoiser" and info["config"]["toy"]["noise"] == 0.5
+
+  with pytest.raises(ConfigError, match=r"config.toy.noise=-1.0 is invalid: a number >= 0"):
+    registry.validate_config(_toy_config(**{"toy.noise": -1.0}))
+  mae = tiny_config("mae")
+  with mae.unlocked():
+    mae.toy = ml_collections.ConfigDict(dict(noise=0.1))
+  with pytest.raises(ConfigError, match=r"config.toy is not used by method='mae'.*'toy_denoiser'"):
+    registry.validate_config(mae)
+
+
+@pytest.mark.parametrize("method", sorted(registry.METHODS))
+def test_every_config_field_is_read_by_its_method(method):
+  """Blocks only some methods read exist only for them (the audit of issue 19)."""
+  c = registry.base_config(method)
+  keys = set(c.keys())
+  owned = {"decoder": {"mae"}, "teacher": {"data2vec"}, "ibot": {"ibot"}, "multicrop": {"ibot"},
+           "tokenizer": {"beit", "vq_tokenizer", "dvae_tokenizer"}, "probe": {"probe"},
+           "classifier": {"linprobe", "finetune", "knn", "probe"}}
+  for block, methods in owned.items():
+    assert (block in keys) == (method in methods), (method, block)
+  assert ("masking" in keys) == (registry.method_class(method).kind == "pretraining")
+  assert ("optimizer" in keys) == (registry.method_class(method).kind != "job")
+  if method == "ibot":
+    assert "crop_scale" not in c.data  # its views use multicrop.global_scale
+  if "tokenizer" in keys and method == "dvae_tokenizer":
+    assert not {"decay", "eps", "commitment", "restart_after", "l2_normalize"} & set(c.tokenizer)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # Fields read only under a condition that does not hold keep their defaults.
+    ({"optimizer.name": "sgd", "optimizer.b2": 0.99}, r"optimizer.b2=0.99 is not used"),
+    ({"optimizer.schedule": "multistep", "optimizer.min_lr": 1e-5,
+      "optimizer.decay_epochs": (1.0,)}, r"optimizer.min_lr=1e-05 is not used"),
+    ({"masking.kind": "random", "masking.min_block": 4}, r"masking.min_block=4 is not used"),
+    ({"data.tfds_name": "cifar10"}, r"data.tfds_name='cifar10' is not used"),
+    ({"knn.k": 5}, r"knn.k=5 is not used: the k-NN monitor is off"),
+])
+def test_fields_a_setting_does_not_read_must_keep_their_defaults(overrides, message):
+  with pytest.raises(ConfigError, match=message):
+    registry.validate_config(tiny_config("mae", **overrides))
+
+
+def test_ibot_ratio_is_not_read_beside_a_ratio_range():
+  c = tiny_config("ibot", **{"masking.ratio_range": (0.1, 0.5), "masking.min_block": 1,
+                             "masking.ratio": 0.3, "ibot.warmup_teacher_temp_epochs": 1.0,
+                             "ibot.freeze_last_layer_epochs": 0.0,
+                             "multicrop.local_size": (8, 8)})
+  with pytest.raises(ConfigError, match=r"masking.ratio=0.3 is not used: masking.ratio_range"):
+    registry.validate_config(c)
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+  """Every mim_jax module `path` imports, at the top or inside a function."""
+  tree = ast.parse(path.read_text())
+  out = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      out |= {a.name for a in node.names if a.name.startswith("mim_jax")}
+    elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mim_jax"):
+      out.add(node.module)
+      out |= {f"{node.module}.{a.name}" for a in node.names}
+  return out
+
+
+def test_the_import_graph_has_no_cycle():
+  """Imports run one way, lazy ones included (registry -> methods / evaluate / tokenizers ->
+  parts); a cycle means a layer is wrong."""
+  root = REPO / "mim_jax"
+  modules = {}
+  for path in root.rglob("*.py"):
+    rel = path.relative_to(REPO).with_suffix("")
+    name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+    modules[name] = path
+  def with_packages(target):  # importing a.b.c runs the __init__ of a.b too
+    parts = target.split(".")
+    return {".".join(parts[:i]) for i in range(2, len(parts) + 1)}
+
+  graph = {name: {m for t in _imports(path) for m in with_packages(t)
+                  if m in modules and m != name and not name.startswith(m + ".")}
+           for name, path in modules.items()}
+  state: dict[str, int] = {}
+
+  def visit(node, stack):
+    state[node] = 1
+    for nxt in sorted(graph[node]):
+      if state.get(nxt) == 1:
+        raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+      if nxt not in state:
+        visit(nxt, stack + [nxt])
+    state[node] = 2
+
+  for name in sorted(graph):
+    if name not in state:
+      visit(name, [name])
