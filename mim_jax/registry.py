@@ -18,7 +18,7 @@ from __future__ import annotations
 import ml_collections
 
 from mim_jax.config import validation
-from mim_jax.config.errors import ConfigError, config_error, dotted_keys
+from mim_jax.config.errors import ConfigError, config_error, dotted_keys, unknown_field_error
 from mim_jax.evaluate.finetune import FineTune
 from mim_jax.evaluate.frozen import KnnJob, ProbeJob
 from mim_jax.evaluate.linear_probe import LinearProbe
@@ -58,18 +58,18 @@ def base_config(name: str) -> ml_collections.ConfigDict:
   return c
 
 
-def _owners(field: str) -> list[str]:
+def owners(field: str) -> list[str]:
   """The methods whose configs have `field`."""
   return sorted(n for n in METHODS if field in set(dotted_keys(base_config(n))))
 
 
 def unused_field_error(field: str, method: str) -> ConfigError | None:
   """"config.X is not used by method=M" when another method reads X, else None."""
-  owners = _owners(field)
-  if not owners:
+  names = owners(field)
+  if not names:
     return None
   return ConfigError(f"config.{field} is not used by method={method!r}; it is a field of "
-                     f"{', '.join(repr(o) for o in owners)}. Remove the override, or use that "
+                     f"{', '.join(repr(o) for o in names)}. Remove the override, or use that "
                      "method's config file.")
 
 
@@ -78,9 +78,7 @@ def validate_config(config) -> None:
   cls = method_class(config.method)
   want, have = set(dotted_keys(base_config(config.method))), set(dotted_keys(config))
   for field in sorted(have - want):
-    error = unused_field_error(field, config.method)
-    raise error or config_error(field, config.get(field, "?") if "." not in field else "?",
-                                f"a field of method {config.method!r}: it has no such field")
+    raise unused_field_error(field, config.method) or unknown_field_error(field, want)
   if want - have:
     raise ConfigError(f"the config of method {config.method!r} lacks the field(s) "
                       f"{', '.join(sorted(want - have))}: start it from "

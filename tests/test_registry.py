@@ -195,3 +195,43 @@ def test_the_import_graph_has_no_cycle():
   for name in sorted(graph):
     if name not in state:
       visit(name, [name])
+
+
+@pytest.mark.parametrize("method, field, value", [
+    # The audit of issue 19: each of these was accepted and silently did nothing.
+    ("linprobe", "classifier.label_smoothing", 0.9),   # the probe has no label smoothing
+    ("ibot", "teacher.ema_decay", 0.9),                # iBOT's teacher reads ibot.momentum
+    ("simmim", "decoder.width", 64),                    # only MAE has a decoder
+    ("ibot", "data.crop_scale", (0.5, 1.0)),           # iBOT crops with multicrop.*_scale
+    ("dvae_tokenizer", "tokenizer.l2_normalize", True),  # VQ-only fields
+    ("dvae_tokenizer", "tokenizer.decay", 0.9),
+    ("vq_tokenizer", "tokenizer.kind", "vq"),          # the method is the kind (no method has it)
+    ("mae", "classifier.probe_layer", 3),              # the k-NN monitor reads the output
+    ("knn", "optimizer.base_lr", 0.1),                 # a job trains nothing
+])
+def test_fields_a_method_does_not_read_are_refused_by_name(method, field, value):
+  c = tiny_config(method)
+  node = c
+  with c.unlocked():
+    for part in field.split(".")[:-1]:
+      if part not in node:
+        node[part] = ml_collections.ConfigDict()
+      node = node[part]
+    node[field.split(".")[-1]] = value
+  block = field.split(".")[0] if field.split(".")[0] not in registry.base_config(method) else field
+  message = (rf"config.{block} is not used by method='{method}'" if registry.owners(block)
+             else rf"config.{block} does not exist")
+  with pytest.raises(ConfigError, match=message):
+    registry.validate_config(c)
+
+
+def test_pretraining_validates_what_its_k_nn_monitor_reads():
+  with pytest.raises(ConfigError, match=r"config.eval.batch_size=0"):
+    registry.validate_config(tiny_config("mae", **{"eval.batch_size": 0}))
+
+
+def test_exports_describe_only_parts_that_exist(tmp_path):
+  """A SimMIM encoder's model.json carries no decoder, no iBOT or tokenizer fields."""
+  loop.run(tiny_config("simmim", total_steps=1), str(tmp_path))
+  info = json.load(open(tmp_path / "encoder" / "model.json"))
+  assert not {"decoder", "ibot", "tokenizer", "teacher", "classifier"} & set(info["config"])
