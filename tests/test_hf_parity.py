@@ -381,3 +381,155 @@ def test_parameter_counts_match_hf(variant):
   assert state == expected_hf_shapes(
       width=width, mlp_dim=4 * width, decoder_width=512, decoder_mlp_dim=2048, patch_size=16,
       channels=3, num_patches=196, encoder_depth=depth, decoder_depth=8)
+
+
+# --- training dynamics: optimizer steps beside the PyTorch reference ----------------------------
+
+STEPS, STEPS_PER_EPOCH, TRAIN_BATCH = 10, 5, 8
+BLR, WARMUP_EPOCHS, EPOCHS, WEIGHT_DECAY = 0.05, 1.0, 2, 0.05
+
+
+def official_mae_lr(it: int) -> float:
+  """The official MAE pre-training's lr at iteration `it` (util/lr_sched.py), transcribed: the
+  linear scaling rule, then per-iteration linear warmup and a half-cosine over fractional
+  epochs, set before each step."""
+  lr = BLR * TRAIN_BATCH / 256
+  epoch = it / STEPS_PER_EPOCH
+  if epoch < WARMUP_EPOCHS:
+    return lr * epoch / WARMUP_EPOCHS
+  return lr * 0.5 * (1.0 + np.cos(np.pi * (epoch - WARMUP_EPOCHS) / (EPOCHS - WARMUP_EPOCHS)))
+
+
+def official_param_groups(model):
+  """AdamW groups as the official MAE pre-training builds them (timm's weight-decay groups):
+  no decay on 1-d parameters (biases, norms) and on the cls / mask tokens; the sin-cos position
+  tables are frozen and not in any group."""
+  decay, no_decay = [], []
+  for name, p in model.named_parameters():
+    if not p.requires_grad:
+      continue
+    skip = p.ndim <= 1 or name.endswith(".bias") or name.endswith(("cls_token", "mask_token"))
+    (no_decay if skip else decay).append(p)
+  return [{"params": no_decay, "weight_decay": 0.0},
+          {"params": decay, "weight_decay": WEIGHT_DECAY}]
+
+
+def test_adamw_steps_follow_hf_vitmae_with_the_official_optimizer():
+  """Ten AdamW steps of our MAE (our optimizer, schedule and train step) and of HF
+  ViTMAEForPreTraining with torch AdamW set up as the official MAE pre-training, from the same
+  weights on the same batches and masks: the loss curves and the final weights agree.
+
+  Tolerance: the forward passes agree to ~1e-6 relative (float32 round-off, REL_TOL above);
+  Adam divides by sqrt(v), so gradients that differ by round-off give updates that differ by
+  about the same relative amount, and ten steps of lr <= 1.6e-3 move a weight by at most
+  ~1.6e-2. Differences of 1e-4 relative in the losses and 1e-5 absolute in the weights are
+  ~100x the round-off and ~1000x below what one mis-set detail (weight decay on a token, a
+  shifted schedule, another beta) produces: each alone breaks this test.
+  """
+  hf_model = _hf_model(3, seed=2)
+  hf_model.config.norm_pix_loss = True
+  hf_model.train()
+  params = _convert(hf_model.state_dict(), 3)
+
+  config = registry.base_config("mae")
+  config.update(image_size=(IMAGE, IMAGE), channels=3, global_batch_size=TRAIN_BATCH,
+                num_epochs=EPOCHS)
+  config.model.update(variant=f"mu/{PATCH}", width=WIDTH, depth=DEPTH, num_heads=HEADS,
+                      mlp_dim=MLP)
+  config.decoder.update(width=DEC_WIDTH, depth=DEC_DEPTH, num_heads=DEC_HEADS)
+  config.optimizer.update(base_lr=BLR, warmup_epochs=WARMUP_EPOCHS, weight_decay=WEIGHT_DECAY,
+                          b1=0.9, b2=0.95, eps=1e-8, min_lr=0.0)
+  from mim_jax.training import optim
+  from mim_jax.training import step as step_lib
+  schedule = optim.learning_rate_schedule(config.optimizer, TRAIN_BATCH, STEPS_PER_EPOCH, STEPS)
+  tx = optim.build_optimizer(config.optimizer, schedule, STEPS)
+  method = registry.build_method(config)
+  state = step_lib.init_train_state(method, tx, jax.random.key(0), (1, IMAGE, IMAGE, 3))
+  state = state.replace(params=params, opt_state=tx.init(params))
+  train_step = jax.jit(step_lib.make_train_step(method, tx, schedule))
+  opt = torch.optim.AdamW(official_param_groups(hf_model), lr=0.0, betas=(0.9, 0.95), eps=1e-8)
+
+  rng = np.random.default_rng(5)
+  ours, theirs = [], []
+  for it in range(STEPS):
+    images = rng.standard_normal((TRAIN_BATCH, IMAGE, IMAGE, 3)).astype(np.float32)
+    noise = rng.random((TRAIN_BATCH, NUM_PATCHES)).astype(np.float32)
+    assert float(schedule(it)) == pytest.approx(official_mae_lr(it), rel=1e-6, abs=1e-12)
+    state, metrics = train_step(state, {"image": images, mae.NOISE_KEY: noise},
+                                jax.random.key(it))
+    ours.append(float(metrics["loss"]))
+    for group in opt.param_groups:
+      group["lr"] = official_mae_lr(it)
+    out = hf_model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
+                   noise=torch.from_numpy(noise))
+    opt.zero_grad()
+    out.loss.backward()
+    opt.step()
+    theirs.append(float(out.loss))
+
+  np.testing.assert_allclose(ours, theirs, rtol=1e-4)
+  assert ours[-1] < ours[0]  # it trains
+  final = _convert(hf_model.state_dict(), 3)
+  moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+              for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(params)))
+  assert moved > 1e-3  # the weights did move, so the comparison below means something
+  ours_final = jax.device_get(state.params)
+  for (path, a), b, start in zip(jax.tree_util.tree_leaves_with_path(ours_final),
+                                 jax.tree.leaves(final), jax.tree.leaves(params)):
+    a, b, start, name = np.asarray(a), np.asarray(b), np.asarray(start), jax.tree_util.keystr(path)
+    if name.endswith("['qkv']['bias']"):
+      # The key bias adds q.b to every logit of a query: softmax ignores it, its gradient is
+      # exactly 0, and both frameworks update it by round-off that Adam scales up to ~lr per
+      # step. Its movement is bounded instead of compared.
+      keys = np.s_[a.shape[-1] // 3:2 * a.shape[-1] // 3]
+      for x in (a, b):
+        assert np.max(np.abs(x[keys] - start[keys])) <= sum(map(official_mae_lr, range(STEPS)))
+      a, b = np.delete(a, keys), np.delete(b, keys)
+    np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name)
+
+
+def official_layer_id(name: str, num_layers: int) -> int:
+  """`get_layer_id_for_vit` of the official MAE / BEiT fine-tuning (util/lr_decay.py),
+  transcribed; `num_layers` = blocks + 1, names in timm's layout."""
+  if name in ("cls_token", "pos_embed"):
+    return 0
+  if name.startswith("patch_embed"):
+    return 0
+  if name.startswith("blocks"):
+    return int(name.split(".")[1]) + 1
+  return num_layers
+
+
+def test_layer_decay_scales_equal_the_official_parameter_groups():
+  """Our per-parameter lr scale under layer-wise decay equals the official assignment
+  (`param_groups_lrd`: scale = decay ** (num_layers - layer_id)) for every parameter of a
+  fine-tuning ViT, matched through the converter's timm names."""
+  from mim_jax.convert import timm_state_dict_from_params
+  from mim_jax.evaluate.finetune import FineTune
+  from mim_jax.training import optim
+  config = registry.base_config("finetune")
+  config.update(image_size=(IMAGE, IMAGE), channels=3, init_from="")
+  config.model.update(variant=f"mu/{PATCH}", width=WIDTH, depth=DEPTH, num_heads=HEADS,
+                      mlp_dim=MLP)
+  config.classifier.update(pool="gap", num_classes=10)
+  method = FineTune(config)
+  params = jax.device_get(method.init(jax.random.key(0), jnp.zeros((1, IMAGE, IMAGE, 3)))[0])
+  # Tag every leaf with its index, so a timm tensor names the leaf it came from.
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  tagged = jax.tree_util.tree_unflatten(
+      treedef, [np.full(np.shape(x), float(i), np.float32) for i, x in enumerate(leaves)])
+  decay = 0.65
+  scales = jax.tree_util.tree_leaves(optim.layer_decay_scales(tagged, decay))
+  state = timm_state_dict_from_params(tagged, patch_size=PATCH, channels=3, grid_hw=GRID)
+  num_layers = DEPTH + 1
+  seen = set()
+  for name, tensor in state.items():
+    index = int(np.asarray(tensor).flat[0])
+    assert np.all(np.asarray(tensor) == index), name  # one leaf per timm tensor
+    want = decay ** (num_layers - official_layer_id(name, num_layers))
+    assert float(np.max(scales[index])) == pytest.approx(want, rel=1e-6), name
+    seen.add(index)
+  # Every parameter but the encoder's final norm, unused under mean pooling (timm has none).
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  unused = {i for i, p in enumerate(paths) if "['transformer']['norm']" in p}
+  assert len(unused) == 2 and seen == set(range(len(leaves))) - unused

@@ -43,6 +43,11 @@ def mae_loss(pred: jax.Array, images: jax.Array, mask: jax.Array, patch_size: in
   return losses.masked_mse(pred, targets.pixel_targets(images, patch_size, norm_pix_loss), mask)
 
 
+# A batch key that fixes random masking: uniform noise [B, N], the lowest-noise patches stay
+# visible (as the official MAE and HF ViTMAE take it).
+NOISE_KEY = "noise"
+
+
 class MAE(base.PretrainingMethod):
   """The MAE method as the training loop sees it (see `methods.base.Method`)."""
 
@@ -101,7 +106,11 @@ class MAE(base.PretrainingMethod):
   def _apply(self, params, batch, rng, train):
     mask_rng, drop_rng = jax.random.split(rng)
     kwargs = {}
-    if self.mask_generator.kind != "random":
+    if NOISE_KEY in batch:
+      # Masks fixed by the caller (MAE's rule on given noise [B, N]), e.g. to train step by
+      # step beside another implementation (tests/test_hf_parity.py).
+      kwargs = dict(noise=batch[NOISE_KEY])
+    elif self.mask_generator.kind != "random":
       # Random masking stays on MAE's noise rule (identical masks to the official code for the
       # same noise); other kinds are drawn by the generator and gathered by index.
       kwargs = dict(token_mask=self.mask_generator.sample(batch, mask_rng),
