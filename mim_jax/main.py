@@ -1,7 +1,9 @@
 r"""Command-line entry point: flags in, one call to the trainer.
 
-  python -m mim_jax.main --config=configs/mae_fmnist.py --workdir=/tmp/mae_fmnist \
+  python -m mim_jax.main --config=configs/mae_fmnist.py [--workdir=/tmp/mae_fmnist] \
       [--config.total_steps=100] [--config.model.dtype=bfloat16]
+
+Without --workdir the run lives in workdirs/<config file name> (printed at start-up).
 
 Running the same command again on the same workdir resumes from its latest checkpoint.
 Evaluations use the same entry point: configs/linprobe_*.py and configs/finetune_*.py train
@@ -35,6 +37,7 @@ The config file is a Python module and runs as code: only pass config files you 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from typing import NoReturn, Sequence
@@ -57,8 +60,8 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str] | None = Non
   config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:arg]).",
                                   flag_values=flag_values, lock_config=True,
                                   sys_argv=None if argv is None else list(argv))
-  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and pictures.",
-                      flag_values=flag_values)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and pictures "
+                      "(default: workdirs/<config file name>).", flag_values=flag_values)
   flags.DEFINE_string("coordinator_address", "",
                       "Multi-process runs: HOST:PORT of process 0's coordinator service "
                       "(empty: detect SLURM / Cloud TPU, else a single process).",
@@ -69,7 +72,7 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str] | None = Non
   flags.DEFINE_integer("process_id", -1,
                        "Multi-process runs: this process's index in [0, num_processes) (-1: "
                        "detect).", flag_values=flag_values)
-  flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
+  flags.mark_flags_as_required(["config"], flag_values=flag_values)
 
 
 define_flags(FLAGS)
@@ -149,12 +152,24 @@ def run_from_flags(flag_values: flags.FlagValues) -> None:
   from mim_jax import data
   from mim_jax.training import checkpoint, loop
   try:
-    loop.run(flag_values.config, flag_values.workdir)
+    loop.run(flag_values.config, workdir_of(flag_values))
   except (ConfigError, checkpoint.WorkdirNotWritableError, data.IdxFormatError,
           data.BadImageError) as e:
     _fail(str(e))
   except run_errors.RunError as e:
     _fail(str(e), e.exit_code)
+
+
+def workdir_of(flag_values: flags.FlagValues) -> str:
+  """--workdir, or workdirs/<config file name> (announced) when it is not given."""
+  if flag_values.workdir:
+    return flag_values.workdir
+  path, _, arg = flag_values["config"].config_filename.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  suffix = "_" + "".join(c if c.isalnum() else "_" for c in arg) if arg else ""
+  workdir = os.path.join("workdirs", name + suffix)
+  print(f"workdir: {workdir} (pass --workdir to choose another)", file=sys.stderr)
+  return workdir
 
 
 def cli(argv: Sequence[str]) -> None:

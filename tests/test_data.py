@@ -23,7 +23,7 @@ from mim_jax import data, registry
 from mim_jax.config.errors import ConfigError
 from mim_jax.data import idx, sources, transforms
 
-from conftest import FMNIST_DIR, REPO, requires_fmnist
+from conftest import FMNIST_DIR, REPO, build_tfds_fashion_mnist, requires_fmnist
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -541,28 +541,30 @@ def test_synthetic_source_deterministic_and_smooth():
   assert data.num_examples(cfg, image_size=(8, 8), channels=3) == 37
 
 
-def test_tfds_source_decodes_encoded_records(monkeypatch):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  buf = io.BytesIO()
-  Image.fromarray(np.full((10, 14, 3), 200, np.uint8)).save(buf, format="PNG")
-  records = [{"image": buf.getvalue(), "label": 3}] * 5
-  calls = {}
-
-  def fake_data_source(name, *, split, data_dir, **kwargs):
-    calls.update(name=name, split=split, data_dir=data_dir, **kwargs)
-    return records
-
-  monkeypatch.setattr(tfds, "data_source", fake_data_source)
-  cfg = data_config(source="tfds", tfds_name="fake_ds", split="train[:5]", tfds_data_dir="",
+@requires_fmnist
+def test_tfds_dataset_is_read_by_name_without_tensorflow(tmp_path):
+  """A real TFDS dataset (ArrayRecord, built by TFDS from the Fashion-MNIST files) read through
+  tfds.data_source: sizes, class count from its info, labels and decoded pixels; TensorFlow is
+  never imported."""
+  name = build_tfds_fashion_mnist(str(tmp_path))
+  cfg = data_config(source="tfds", tfds_name=name, split="train", tfds_data_dir=str(tmp_path),
                     mean=(0.0,), std=(1.0,))
-  assert data.num_examples(cfg, image_size=(8, 8), channels=3) == 5
-  assert calls["name"] == "fake_ds" and calls["split"] == "train[:5]"
-  assert calls["data_dir"] is None and calls["download"] is False
-  batch = next(data.make_eval_iterator(cfg, image_size=(8, 8), channels=3, batch_size=2,
-                                       process_index=0, process_count=1))
-  assert batch["image"].shape == (2, 8, 8, 3)
-  np.testing.assert_allclose(batch["image"], 200 / 255, atol=1e-6)
-  np.testing.assert_array_equal(batch["label"], [3, 3])
+  data.validate_data_config(cfg, image_size=(28, 28), channels=1)
+  assert data.num_examples(cfg, image_size=(28, 28), channels=1) == 256
+  assert data.num_classes(cfg) == 10  # from the dataset's info
+  # TFDS stores examples in its own (hashed) order: every decoded image is one of the first 64
+  # test images, with its label.
+  images, labels, _ = idx.load_fmnist(FMNIST_DIR, "test")
+  batch = next(data.make_eval_iterator(cfg, image_size=(28, 28), channels=1, batch_size=8,
+                                       process_index=0, process_count=1, split="test"))
+  for image, label in zip(batch["image"][..., 0], batch["label"]):
+    found = np.flatnonzero(np.all(np.abs(images[:64] / 255.0 - image) < 1e-6, axis=(1, 2)))
+    assert len(found) >= 1 and labels[found[0]] == label
+  source = data.build_source(cfg, image_size=(28, 28), channels=1)
+  np.testing.assert_array_equal(np.bincount(source.labels(), minlength=10),
+                                np.bincount(idx.load_fmnist(FMNIST_DIR, "train")[1][:256],
+                                            minlength=10))
+  assert "tensorflow" not in sys.modules
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -615,23 +617,50 @@ def test_fmnist_missing_hint_and_valid_configs(tmp_path, fmnist_folder):
                     std=(0.3,))
   with pytest.raises(ConfigError, match="apt-get install -y dataset-fashion-mnist"):
     data.validate_data_config(cfg, image_size=(28, 28), channels=1)
-  # Valid: 1-element mean/std broadcast; tfds name only checked for being non-empty.
+  # Valid: 1-element mean/std broadcast.
   data.validate_data_config(data_config(source="fashion_mnist", path=fmnist_folder,
                                         mean=(0.3,), std=(0.3,)), image_size=(4, 4), channels=3)
-  data.validate_data_config(data_config(source="tfds", tfds_name="imagenet2012"),
-                            image_size=(224, 224), channels=3)
   data.validate_data_config(data_config(), image_size=(8, 16), channels=3)
   with pytest.raises(ConfigError, match="config.channels="):
     data.validate_data_config(data_config(), image_size=(8, 8), channels=2)
+
+
+def test_an_unprepared_tfds_dataset_is_named_with_the_command_that_prepares_it(tmp_path):
+  with pytest.raises(ConfigError, match=r"config.data.tfds_name='imagenet2012'.*"
+                     r"tfds build imagenet2012 --data_dir=.*--file_format=array_record"):
+    data.validate_data_config(data_config(source="tfds", tfds_name="imagenet2012",
+                                          tfds_data_dir=str(tmp_path)),
+                              image_size=(224, 224), channels=3)
 
 
 def test_validation_imports_neither_tfds_nor_tensorflow():
   code = ("import sys\n"
           "from mim_jax import data, registry\n"
           "c = registry.base_config('mae')\n"
-          "data.validate_data_config(c.data, image_size=(224, 224), channels=3)\n"
+          "try:\n"
+          "  data.validate_data_config(c.data, image_size=(224, 224), channels=3)\n"
+          "except Exception as e:\n"
+          "  assert 'tfds build imagenet2012' in str(e), e  # not prepared here: named\n"
           "bad = [m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules]\n"
           "assert not bad, bad\n")
   result = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True,
                           text=True, timeout=60)
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+@requires_fmnist
+def test_training_reads_a_tfds_dataset_by_name(tmp_path):
+  """The trainer on a real TFDS ArrayRecord dataset: two MAE steps and a probe of the export,
+  whose class count comes from the dataset's info."""
+  from mim_jax.training import loop
+
+  from conftest import tiny_config
+  name = build_tfds_fashion_mnist(str(tmp_path / "tfds"))
+  tfds_fields = {"data.source": "tfds", "data.tfds_name": name, "data.mean": (0.5,),
+                 "data.std": (0.5,), "data.tfds_data_dir": str(tmp_path / "tfds"),
+                 "image_size": (28, 28), "channels": 1}
+  state = loop.run(tiny_config("mae", total_steps=2, **tfds_fields), str(tmp_path / "mae"))
+  assert int(state.step) == 2
+  results = loop.run(tiny_config("knn", init_from=str(tmp_path / "mae"), **{
+      "knn.k": 5, "data.eval_split": "test", **tfds_fields}), str(tmp_path / "knn"))
+  assert 0 <= results["knn_top1_cls"] <= 1

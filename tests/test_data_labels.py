@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-import types
 
 import ml_collections
 import numpy as np
@@ -21,7 +20,7 @@ from mim_jax import data, registry
 from mim_jax.config.errors import ConfigError
 from mim_jax.data import idx, sources, subsets
 
-from conftest import FMNIST_DIR, requires_fmnist
+from conftest import FMNIST_DIR, build_tfds_fashion_mnist, requires_fmnist
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -139,17 +138,19 @@ def test_labels_method_of_each_source(tmp_path):
   np.testing.assert_array_equal(folder.labels(), [0, 1, 1, 2])
 
 
-def test_tfds_labels_read_every_record(monkeypatch):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  records = [{"image": b"", "label": int(v)} for v in np.arange(30) % 3]
-  monkeypatch.setattr(tfds, "data_source", lambda name, **kw: records)
-  cfg = data_config(source="tfds", tfds_name="labels_test_ds", split="train", tfds_data_dir="")
-  src = data.build_source(cfg, image_size=(4, 4), channels=3)
-  np.testing.assert_array_equal(src.labels(), np.arange(30) % 3)
+@requires_fmnist
+def test_tfds_labels_and_label_subsets(tmp_path):
+  """The labels of a real TFDS dataset (read record by record) and a per-class subset."""
+  name = build_tfds_fashion_mnist(str(tmp_path), train=300, test=10)
+  cfg = data_config(source="tfds", tfds_name=name, split="train", tfds_data_dir=str(tmp_path))
+  src = data.build_source(cfg, image_size=(28, 28), channels=1)
+  want = idx.load_fmnist(FMNIST_DIR, "train")[1][:300]
+  counts = np.bincount(want, minlength=10)  # TFDS keeps its own order of the examples
+  np.testing.assert_array_equal(np.bincount(src.labels(), minlength=10), counts)
   cfg.label_fraction = 0.2
-  assert data.num_examples(cfg, image_size=(4, 4), channels=3) == 6  # 2 of each 10
-  subset = data.build_train_source(cfg, image_size=(4, 4), channels=3)
-  assert np.bincount(subset.labels()).tolist() == [2, 2, 2]
+  subset = data.build_train_source(cfg, image_size=(28, 28), channels=1)
+  assert np.bincount(subset.labels(), minlength=10).tolist() == [
+      max(1, round(0.2 * c)) for c in counts]
 
 
 # ----------------------------------------------------------------------------- train batches
@@ -286,18 +287,10 @@ def test_num_classes_for_each_source(tmp_path, monkeypatch):
   save_png(tmp_path / "flat" / "1.png")
   assert data.num_classes(data_config(source="image_folder", path=str(tmp_path / "flat"))) == 1
 
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  asked = {}
-
-  def fake_builder(name, *, data_dir):
-    asked.update(name=name, data_dir=data_dir)
-    label = types.SimpleNamespace(num_classes=1000)
-    return types.SimpleNamespace(info=types.SimpleNamespace(features={"label": label}))
-
-  monkeypatch.setattr(tfds, "builder", fake_builder)
-  cfg = data_config(source="tfds", tfds_name="imagenet2012", tfds_data_dir="/data/tfds")
-  assert data.num_classes(cfg) == 1000
-  assert asked == {"name": "imagenet2012", "data_dir": "/data/tfds"}
+  if os.path.isdir(FMNIST_DIR):  # a real TFDS dataset: the count from its info
+    name = build_tfds_fashion_mnist(str(tmp_path / "tfds"), train=20, test=10)
+    assert data.num_classes(data_config(source="tfds", tfds_name=name,
+                                        tfds_data_dir=str(tmp_path / "tfds"))) == 10
 
 
 # ----------------------------------------------------------------------------- config checks

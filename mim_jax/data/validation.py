@@ -90,9 +90,35 @@ def _validate_source(data_cfg) -> None:
              "a TFDS split such as 'train' or 'validation'")
     _require(isinstance(data_cfg.tfds_data_dir, str), "tfds_data_dir", data_cfg.tfds_data_dir,
              "a folder path string ('' = the TFDS default)")
+    _require_prepared_tfds(name, data_cfg.tfds_data_dir)
   elif source == "synthetic":
     size = data_cfg.synthetic_size
     _require(_is_int(size) and size > 0, "synthetic_size", size, "a positive integer")
+
+
+def tfds_data_dir(data_dir: str) -> str:
+  """The folder TFDS reads prepared datasets from: `data_dir`, else $TFDS_DATA_DIR, else
+  ~/tensorflow_datasets (TFDS's own default), without importing tensorflow_datasets."""
+  return os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR", "")
+                            or "~/tensorflow_datasets")
+
+
+def _require_prepared_tfds(name: str, data_dir: str) -> None:
+  """A prepared TFDS dataset is a folder DATA_DIR/NAME/VERSION/ with dataset_info.json."""
+  root = tfds_data_dir(data_dir)
+  folder = os.path.join(root, name.split(":")[0])
+  prepared = os.path.isdir(folder) and any(
+      os.path.isfile(os.path.join(folder, v, "dataset_info.json")) for v in os.listdir(folder)
+      if os.path.isdir(os.path.join(folder, v)))
+  if not prepared:
+    manual = ("; ImageNet's tars go to " + os.path.join(root, "downloads", "manual") + " first"
+              if name.startswith("imagenet") else "")
+    raise config_error(
+        "data.tfds_name", name, f"a TFDS dataset prepared in {root} (no {folder}/VERSION/"
+        "dataset_info.json there)",
+        f"Prepare it once with `tfds build {name} --data_dir={root} "
+        f"--file_format=array_record`{manual}, or point --config.data.tfds_data_dir at the "
+        "folder holding it.")
 
 
 def _check_empty_classes(data_cfg, field: str, root: str) -> None:
