@@ -187,6 +187,9 @@ def main(argv):
                       force=True)
   # Orbax reports every save step at INFO through absl; keep the console for our progress line.
   logging.getLogger("absl").setLevel(logging.WARNING)
+  # JAX probes for a TPU on every start and logs the failure ("Failed to open libtpu.so") at
+  # INFO: on CPU and GPU machines that is expected, not news.
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   run_from_flags(FLAGS)
 
 

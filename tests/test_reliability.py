@@ -608,3 +608,46 @@ def test_tampered_checkpoint_and_encoder_do_not_run_code(tmp_path):
     checkpoint.load_encoder(encoder)
   it.close()
   assert not marker.exists()
+
+
+def _children(pid: int) -> set[int]:
+  """The pids whose parent is `pid` (from /proc)."""
+  out = set()
+  for entry in os.listdir("/proc"):
+    if entry.isdigit():
+      try:
+        with open(f"/proc/{entry}/stat") as f:
+          fields = f.read().rsplit(")", 1)[1].split()
+      except OSError:
+        continue
+      if int(fields[1]) == pid:
+        out.add(int(entry))
+  return out
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process parents from /proc")
+def test_data_workers_exit_when_the_trainer_is_killed(tmp_path):
+  """kill -9 of the trainer (no clean-up runs in it): its grain worker processes are gone
+  within a few seconds instead of lingering with their memory."""
+  workdir = tmp_path / "run"
+  proc = _start([RUNLOCAL, f"--workdir={workdir}", "--config.data.num_workers=2",
+                 "--config.total_steps=100000", "--config.log_every=1",
+                 "--config.checkpoint_every=100000"], tmp_path / "log.txt")
+  try:
+    _wait_for(lambda: len(_logged_steps(workdir)) >= 2, proc)
+    workers = _children(proc.pid)
+    assert len(workers) >= 2, workers  # the grain workers (and a resource tracker)
+  finally:
+    _kill9(proc)
+  deadline = time.time() + 10
+  while any(map(_alive, workers)) and time.time() < deadline:
+    time.sleep(0.1)
+  assert not any(map(_alive, workers)), [w for w in workers if _alive(w)]

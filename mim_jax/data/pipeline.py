@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+import time
 from typing import Sequence
 
 import grain
@@ -67,6 +69,30 @@ def _read_options(num_workers: int, read_ahead: int) -> grain.ReadOptions:
   `read_ahead` elements of the dataset read buffered (at least one per thread)."""
   threads = 2 if num_workers > 0 else max(1, min(8, os.cpu_count() or 1))
   return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, read_ahead))
+
+
+# How often a worker checks that the training process is still alive (seconds).
+PARENT_POLL_SECONDS = 0.5
+
+
+def exit_with_parent(worker_index: int, worker_count: int) -> None:
+  """grain worker init: the worker exits within PARENT_POLL_SECONDS of the training process,
+  however that dies (kill -9 included, which runs no clean-up in the parent).
+
+  A daemon thread compares the worker's parent pid with the one at start: once the parent is
+  gone the worker is re-parented and the thread ends the process. Polling, not
+  PR_SET_PDEATHSIG, because that signal follows the thread that started the worker, which
+  may end long before the training process does.
+  """
+  del worker_index, worker_count
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(PARENT_POLL_SECONDS)
+    os._exit(1)  # pylint: disable=protected-access  # no clean-up left to do: the run is over
+
+  threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -143,7 +169,8 @@ def train_dataset(data_cfg, *, image_size: tuple[int, int], channels: int,
   if num_workers > 0:
     _ensure_absl_flags_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=int(data_cfg.prefetch_buffer_size)))
+        num_workers=num_workers, per_worker_buffer_size=int(data_cfg.prefetch_buffer_size)),
+        worker_init_fn=exit_with_parent)
   it_ds = it_ds.map(transforms.DropInvalidRows(MAX_BAD_IMAGE_FRACTION))
   it_ds = it_ds.filter(transforms.NonEmptyBatch())
   # An emptied batch is expected (all its images bad) and DropInvalidRows bounds how many
