@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import chex
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mim_jax.methods import mae
 from mim_jax.objectives import losses, targets
@@ -27,6 +29,32 @@ def test_masked_mse_ignores_visible_patches():
   changed = pred.copy()
   changed[mask == 0] += 100.0  # visible patches do not count
   np.testing.assert_allclose(losses.masked_mse(changed, target, mask), expected, rtol=1e-6)
+
+
+class MaskedLossesTest(chex.TestCase):
+  """The masked losses are the same functions under jit and without it, and check the shapes
+  of what they are given (chex assertions at the boundary)."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_every_masked_loss_scores_masked_patches_only(self):
+    rng = np.random.default_rng(3)
+    pred, target = (rng.normal(size=(2, 5, 3)).astype(np.float32) for _ in range(2))
+    mask = np.array([[1, 0, 0, 1, 1], [0, 1, 0, 0, 0]], np.float32)
+    for loss_fn in (losses.masked_mse, losses.masked_l1, losses.masked_smooth_l1):
+      loss = self.variant(loss_fn)(pred, target, mask)
+      changed = np.where(mask[..., None] > 0, pred, pred + 50.0)
+      chex.assert_trees_all_close(self.variant(loss_fn)(changed, target, mask), loss,
+                                  rtol=1e-6)
+    logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+    labels = rng.integers(0, 7, (2, 5))
+    ce = self.variant(losses.masked_cross_entropy)(logits, labels, mask)
+    chex.assert_shape(ce, ())
+
+  def test_mismatched_shapes_are_refused(self):
+    with pytest.raises(AssertionError):
+      losses.masked_mse(np.zeros((2, 5, 3)), np.zeros((2, 5, 4)), np.ones((2, 5)))
+    with pytest.raises(AssertionError):
+      losses.masked_mean(np.zeros((2, 5)), np.ones((2, 4)))
 
 
 def test_mae_loss_against_numpy_reference():

@@ -159,7 +159,7 @@ def test_remat_is_validated():
 _SCRIPT = textwrap.dedent("""
     import functools, os, tempfile, time
     T0 = time.time()
-    import jax, jax.numpy as jnp, numpy as np, optax
+    import chex, jax, jax.numpy as jnp, numpy as np, optax
     from mim_jax import memory_plan, registry
     from mim_jax.config import defaults as config_defaults
     from mim_jax.objectives import masking
@@ -201,10 +201,10 @@ _SCRIPT = textwrap.dedent("""
 
     def assert_same(ref, other, what):
       (_, p_ref, m_ref), (_, p, m) = ref, other
-      np.testing.assert_allclose(m["loss"], m_ref["loss"], rtol=1e-5, err_msg=what)
-      np.testing.assert_allclose(m["grad_norm"], m_ref["grad_norm"], rtol=1e-5, err_msg=what)
-      for a, b in zip(jax.tree.leaves(p_ref), jax.tree.leaves(p)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=what)
+      chex.assert_trees_all_close((m["loss"], m["grad_norm"]),
+                                  (m_ref["loss"], m_ref["grad_norm"]), rtol=1e-5,
+                                  custom_message=what)
+      chex.assert_trees_all_close(p, p_ref, rtol=1e-5, atol=1e-6, custom_message=what)
 
     # 1. One device, data parallel, FSDP and data x FSDP: the same step.
     method = registry.build_method(tiny_mae_config(global_batch_size=16))

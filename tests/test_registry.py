@@ -8,11 +8,11 @@ import json
 import os
 import pathlib
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import pytest
 
 from mim_jax import registry
@@ -97,8 +97,8 @@ def test_a_method_is_one_class_and_a_config(toy, tmp_path):
   resumed = loop.run(_toy_config(), interrupted)
   uninterrupted = loop.run(_toy_config(), whole)
   assert int(resumed.step) == int(uninterrupted.step) == 8
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.params),
-               jax.device_get(uninterrupted.params))
+  chex.assert_trees_all_equal(jax.device_get(resumed.params),
+                              jax.device_get(uninterrupted.params))
   info = json.load(open(os.path.join(interrupted, "encoder", "model.json")))
   assert info["method"] == "toy_denoiser" and info["config"]["toy"]["noise"] == 0.5
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,9 +49,9 @@ def test_grad_accumulation_matches_full_batch():
   accum = jax.jit(step_lib.make_train_step(method, tx, lambda s: 1e-2, 4))
   s1, m1 = full(state, {"image": images}, jax.random.key(2))
   s4, m4 = accum(state, {"image": images}, jax.random.key(2))
-  np.testing.assert_allclose(s1.params["w"], s4.params["w"], rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
-  np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
+  chex.assert_trees_all_close(s1.params, s4.params, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close((m1["loss"], m1["grad_norm"]), (m4["loss"], m4["grad_norm"]),
+                              rtol=1e-5)
   assert int(s4.step) == 1
   assert float(s1.extra["seen"]) == float(s4.extra["seen"]) == 8
 

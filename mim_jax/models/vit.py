@@ -16,6 +16,7 @@ import dataclasses
 import logging
 from typing import Any, Optional, Sequence
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -318,6 +319,13 @@ class ViTEncoder(nn.Module):
                token_mask: Optional[jax.Array] = None, train: bool = False):
     if ids_keep is not None and token_mask is not None:
       raise ValueError("pass either ids_keep (visible-only) or token_mask (mask tokens), not both")
+    chex.assert_rank(images, 4)  # [B, H, W, C]
+    chex.assert_axis_dimension(images, 3, self.channels)
+    if ids_keep is not None:
+      chex.assert_rank(ids_keep, 2)  # [B, K]
+    if token_mask is not None:
+      chex.assert_shape(token_mask, (images.shape[0], (images.shape[1] // self.patch_size)
+                                     * (images.shape[2] // self.patch_size)))
     x = patchify(images, self.patch_size).astype(self.dtype)
     x = nn.Dense(self.width, dtype=self.dtype, kernel_init=dense_init, name="patch_embed")(x)
     if self.use_mask_token:

@@ -7,24 +7,29 @@ per-pixel average over masked pixels is the same number, since every patch has P
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
 
 def masked_mean(per_patch: jax.Array, mask: jax.Array) -> jax.Array:
   """Mean of per_patch [B, N] over the masked entries of mask [B, N] (0 when none are)."""
+  chex.assert_rank(per_patch, 2)
+  chex.assert_equal_shape([per_patch, mask])
   mask = mask.astype(jnp.float32)
   return jnp.sum(per_patch * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
-  """Mean squared error over masked patches (MAE, MaskFeat)."""
+  """Mean squared error over masked patches (MAE, MaskFeat): pred, target [B, N, F]."""
+  chex.assert_equal_shape([pred, target])
   per_patch = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)
   return masked_mean(per_patch, mask)
 
 
 def masked_l1(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
   """Mean absolute error over masked patches (SimMIM's `l1_loss` on masked pixels)."""
+  chex.assert_equal_shape([pred, target])
   per_patch = jnp.mean(jnp.abs(pred.astype(jnp.float32) - target), axis=-1)
   return masked_mean(per_patch, mask)
 
@@ -43,6 +48,7 @@ def masked_smooth_l1(pred: jax.Array, target: jax.Array, mask: jax.Array,
   """Smooth L1 averaged over channels, then over masked patches (data2vec's regression loss:
   with every patch holding D values this equals the mean over all masked values, as PyTorch's
   `smooth_l1_loss` with mean reduction on the masked rows computes it)."""
+  chex.assert_equal_shape([pred, target])
   per_patch = jnp.mean(smooth_l1(pred.astype(jnp.float32) - target, beta), axis=-1)
   return masked_mean(per_patch, mask)
 
@@ -50,6 +56,7 @@ def masked_smooth_l1(pred: jax.Array, target: jax.Array, mask: jax.Array,
 def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
   """Cross-entropy of logits [B, N, V] against integer labels [B, N], averaged over the masked
   patches only (BEiT's loss on the visual tokens of masked positions)."""
+  chex.assert_equal_shape_prefix([logits, labels], 2)
   log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   per_patch = -jnp.take_along_axis(log_p, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
   return masked_mean(per_patch, mask)

@@ -19,6 +19,7 @@ import dataclasses
 import math
 from typing import Mapping
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,6 +49,7 @@ def random_masking_from_noise(noise: jax.Array, mask_ratio: float) -> MaskInfo:
 
   Identical noise gives masks identical to the official MAE and HF ViTMAE implementations.
   """
+  chex.assert_rank(noise, 2)
   b, n = noise.shape
   keep = num_visible(n, mask_ratio)
   ids_shuffle = jnp.argsort(noise, axis=1).astype(jnp.int32)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import chex
 import flax
 import jax
 import jax.numpy as jnp
@@ -86,6 +87,10 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
     return loss, metrics, grads, extra
 
   def step_fn(state: TrainState, batch: Any, rng: jax.Array):
+    # Every array of the batch is per example: one leading batch dimension, split into
+    # micro-batches below.
+    chex.assert_equal_shape_prefix(jax.tree.leaves(batch), 1)
+    chex.assert_rank(state.step, 0)
     rng = jax.random.fold_in(rng, state.step)
     if grad_accum_steps == 1:
       loss, metrics, grads, extra = grad_fn(state.params, state.extra, batch, rng)
