@@ -84,6 +84,10 @@ def validate_config(config) -> None:
                       f"{', '.join(sorted(want - have))}: start it from "
                       f"registry.base_config({config.method!r})")
   validation.validate_shared(config)
+  if config.get("parallel", {}).get("step") == "shard_map" and not cls.shards:
+    raise config_error("parallel.step", "shard_map",
+                       f"'jit' for method {config.method!r}: its batch statistics do not yet "
+                       "follow a mesh axis")
   cls.validate(config)
   validation.check_unread(config, base_config(config.method))
 

@@ -106,6 +106,10 @@ def training_fields(c: ml_collections.ConfigDict) -> None:
   # Parameter sharding rules (`fsdp_rules()` is the fully-sharded preset), e.g.
   #   --config.sharding_rules='((".*", "largest:fsdp:16384"),)'
   c.sharding_rules = ((".*", ()),)  # replicate every parameter (pure data parallelism)
+  # The train step: "jit", the global step with the batch sharded over the mesh (XLA inserts
+  # the communication; any sharding rules), or "shard_map", the per-device step with explicit
+  # collectives over the batch axes (replicated state; training/step.py).
+  c.parallel = _block(step="jit")
   c.log_every = 50
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3

@@ -30,6 +30,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable")  # models/vit.py
 OPTIMIZERS = ("adamw", "lars", "sgd")  # training/optim.py
+PARALLEL_STEPS = ("jit", "shard_map")  # training/setup.py
 SCHEDULES = ("cosine", "multistep")
 WEIGHT_DECAY_SCHEDULES = ("constant", "cosine")
 # Visible-only encoders (MAE) need the same masked count in every sample.
@@ -158,6 +159,13 @@ def validate_optimization(config) -> None:
   for name in ("log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_nonfinite",
                "max_consecutive_failed_saves"):
     positive_int(config, name)
+  require(config.parallel.step in PARALLEL_STEPS, "parallel.step", config.parallel.step,
+          f"one of {PARALLEL_STEPS}")
+  if config.parallel.step == "shard_map":
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    require(all(not tuple(spec) for _, spec in rules), "sharding_rules", rules,
+            "replicate-only rules ((\".*\", ()),) with parallel.step='shard_map' (its state is "
+            "replicated; shard parameters with the global step, parallel.step='jit')")
 
 
 def validate_shared(config) -> None:

@@ -28,6 +28,7 @@ class FineTune(base.Method):
   name = "finetune"
   kind = "classifier"
   evaluates = True
+  shards = False  # Mixup / CutMix pair images within the batch a step sees
 
   @classmethod
   def add_config(cls, c):

@@ -62,6 +62,11 @@ class LinearProbe(base.Method):
   def wants_weights(self) -> bool:
     return pretrained.is_pretrained(self.config.init_from) and not self.pixels
 
+  def with_axis(self, axis_name):
+    clone = super().with_axis(axis_name)
+    clone.head = self.head.clone(axis_name=axis_name)  # BatchNorm over every device's features
+    return clone
+
   def features(self, encoder_params, images):
     """Frozen features [B, D] of images [B, H, W, C] (D = H*W*C for raw pixels)."""
     if self.pixels:

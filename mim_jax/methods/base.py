@@ -28,6 +28,7 @@ Hooks, by when they run:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from typing import Any, Mapping, Optional
@@ -76,6 +77,11 @@ class Method:
   # Whether the method draws pictures (reconstruct + picture) and is scored (eval_metrics).
   draws: bool = False
   evaluates: bool = False
+  # The mesh axis (or axes) the method reduces batch statistics over in a per-device step under
+  # shard_map (set by `with_axis`); None in a global (jit) step. `shards` says whether every
+  # batch reduction of the method honours it.
+  axis_name = None
+  shards: bool = True
 
   # --- configuration -------------------------------------------------------------------------
   @classmethod
@@ -115,6 +121,19 @@ class Method:
     if continuation.wanted(self.config):
       params = continuation.load_into(params, self.config)
     return params, extra
+
+  def with_axis(self, axis_name) -> "Method":
+    """This method for a per-device step under shard_map over `axis_name`: its batch
+    statistics (masked-loss counts, iBOT's centres, BatchNorm) become means over every
+    device's share of the batch, so that the step's pmean of gradients and metrics equals the
+    global step (training/step.py). A copy; the method itself is unchanged."""
+    if not self.shards:
+      raise NotImplementedError(
+          f"method {self.name!r} has batch reductions that do not yet follow a mesh axis: use "
+          "parallel.step='jit' (the global step over the same mesh)")
+    clone = copy.copy(self)
+    clone.axis_name = axis_name
+    return clone
 
   # --- input -----------------------------------------------------------------------------------
   def data_transforms(self) -> tuple:

@@ -98,7 +98,7 @@ class BEiT(MaskedPrediction):
 
   def extra_metrics(self, pred, target, mask):
     hit = (jnp.argmax(pred, axis=-1) == target).astype(jnp.float32)
-    return {"accuracy": losses.masked_mean(hit, mask)}
+    return {"accuracy": losses.masked_mean(hit, mask, self.axis_name)}
 
   def reconstruct(self, params, batch, rng, extra):
     """Decoded images [B, H, W, C] of the target codes and of the predicted codes (predictions

@@ -63,13 +63,14 @@ def layer_average_targets(blocks, top_k: int, block_norm: str, final_norm: str) 
   return normalize(sum(layers) / top_k, final_norm)
 
 
-def feature_std(x: jax.Array, mask: jax.Array) -> jax.Array:
+def feature_std(x: jax.Array, mask: jax.Array, axis_name=None) -> jax.Array:
   """Mean over channels of the std of x [B, N, D] over the masked tokens (a collapse monitor:
-  fairseq's `target_var` / `pred_var`)."""
+  fairseq's `target_var` / `pred_var`); with `axis_name`, over every device's tokens."""
+  total = (lambda v: jax.lax.psum(v, axis_name)) if axis_name is not None else (lambda v: v)
   w = mask.astype(jnp.float32)[..., None]
-  count = jnp.maximum(jnp.sum(w), 2.0)
-  mean = jnp.sum(x * w, axis=(0, 1)) / count
-  var = jnp.sum(jnp.square(x - mean) * w, axis=(0, 1)) / (count - 1.0)
+  count = jnp.maximum(total(jnp.sum(w)), 2.0)
+  mean = total(jnp.sum(x * w, axis=(0, 1))) / count
+  var = total(jnp.sum(jnp.square(x - mean) * w, axis=(0, 1))) / (count - 1.0)
   return jnp.mean(jnp.sqrt(var + 1e-6))
 
 
@@ -169,10 +170,12 @@ class Data2Vec(base.PretrainingMethod):
     target = self.targets(extra["teacher"], batch["image"])
     pred = self.model.apply({"params": params}, batch["image"], mask, train=train,
                             rngs={"drop_path": drop_rng})
-    loss = losses.masked_smooth_l1(pred, target, mask, beta=self.beta)
+    loss = losses.masked_smooth_l1(pred, target, mask, beta=self.beta,
+                                   axis_name=self.axis_name)
     metrics = {"loss": loss, "mask_fraction": jnp.mean(mask.astype(jnp.float32)),
-               "ema_decay": extra["ema_decay"], "target_std": feature_std(target, mask),
-               "pred_std": feature_std(pred, mask)}
+               "ema_decay": extra["ema_decay"],
+               "target_std": feature_std(target, mask, self.axis_name),
+               "pred_std": feature_std(pred, mask, self.axis_name)}
     return loss, (metrics, extra)
 
   def after_update(self, params, extra, step):

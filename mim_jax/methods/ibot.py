@@ -249,14 +249,18 @@ class IBOT(base.PretrainingMethod):
     loss = c.lambda_cls * cls_loss + c.lambda_patch * patch_loss
     entropy = -jnp.sum(p_cls * jnp.log(p_cls + 1e-12), axis=-1)
     mean_p = jnp.mean(p_cls, axis=0)
+    if self.axis_name is not None:
+      mean_p = jax.lax.pmean(mean_p, self.axis_name)
     metrics = {"loss": loss, "cls_loss": cls_loss, "patch_loss": patch_loss,
                "teacher_temp": temp, "teacher_momentum": self.momentum(step),
                "teacher_entropy": jnp.mean(entropy),
                "teacher_mean_entropy": -jnp.sum(mean_p * jnp.log(mean_p + 1e-12)),
                "mask_fraction": jnp.mean(masks.astype(jnp.float32))}
     m = float(c.center_momentum)
-    extra = {**extra, "center_cls": losses.center_update(extra["center_cls"], t_cls, m),
-             "center_patch": losses.center_update(extra["center_patch"], t_patch, m)}
+    extra = {**extra,
+             "center_cls": losses.center_update(extra["center_cls"], t_cls, m, self.axis_name),
+             "center_patch": losses.center_update(extra["center_patch"], t_patch, m,
+                                                  self.axis_name)}
     return loss, (metrics, extra)
 
   def after_update(self, params, extra, step):

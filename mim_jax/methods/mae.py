@@ -38,9 +38,10 @@ def build_model(config) -> MaskedAutoencoder:
 
 
 def mae_loss(pred: jax.Array, images: jax.Array, mask: jax.Array, patch_size: int,
-             norm_pix_loss: bool) -> jax.Array:
+             norm_pix_loss: bool, axis_name=None) -> jax.Array:
   """MSE on masked patches against (optionally per-patch normalised) pixels."""
-  return losses.masked_mse(pred, targets.pixel_targets(images, patch_size, norm_pix_loss), mask)
+  return losses.masked_mse(pred, targets.pixel_targets(images, patch_size, norm_pix_loss), mask,
+                           axis_name)
 
 
 # A batch key that fixes random masking: uniform noise [B, N], the lowest-noise patches stay
@@ -120,7 +121,8 @@ class MAE(base.PretrainingMethod):
 
   def loss(self, params, extra, batch, rng, train=True):
     pred, info = self._apply(params, batch, rng, train)
-    loss = mae_loss(pred, batch["image"], info.mask, self.patch_size, self.norm_pix_loss)
+    loss = mae_loss(pred, batch["image"], info.mask, self.patch_size, self.norm_pix_loss,
+                    self.axis_name)
     return loss, ({"loss": loss}, extra)
 
   def reconstruct(self, params, batch, rng, extra):

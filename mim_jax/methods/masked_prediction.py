@@ -6,7 +6,7 @@ light predictor maps each output token to its patch's target, and a loss over th
 patches compares them. A method is this class with three choices filled in:
 
   target_fn   images [B, H, W, C] -> targets [B, N, F] (pixels, HOG, ...), no gradient
-  loss_fn     (pred [B, N, F], target [B, N, F], mask [B, N]) -> scalar (losses.LOSSES)
+  loss_fn     (pred [B, N, F], target [B, N, F], mask [B, N], axis_name) -> scalar
   target_dim  F
 
 and the mask generator of `config.masking` (any kind: masked counts may vary per sample,
@@ -100,7 +100,7 @@ class MaskedPrediction(base.PretrainingMethod):
   def loss(self, params, extra, batch, rng, train=True):
     pred, mask = self._predict(params, batch, rng, train)
     target = jax.lax.stop_gradient(self.targets(extra, batch["image"]))
-    loss = self.loss_fn(pred, target, mask)
+    loss = self.loss_fn(pred, target, mask, axis_name=self.axis_name)
     metrics = {"loss": loss, "mask_fraction": jnp.mean(mask.astype(jnp.float32)),
                **self.extra_metrics(pred, target, mask)}
     return loss, (metrics, extra)

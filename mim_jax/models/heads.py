@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -47,13 +49,15 @@ class ProbeHead(nn.Module):
   """
   num_classes: int
   head_init_std: float = 0.01
+  # A per-device step under shard_map: batch statistics over every device's share.
+  axis_name: Any = None
 
   @nn.compact
   def __call__(self, features: jax.Array, *, train: bool) -> jax.Array:
     # Two-pass variance: E[x^2] - E[x]^2 loses precision on features with a large mean.
     x = nn.BatchNorm(use_running_average=not train, use_bias=False, use_scale=False,
                      momentum=0.9, epsilon=1e-6, use_fast_variance=False,
-                     name="bn")(features.astype(jnp.float32))
+                     axis_name=self.axis_name, name="bn")(features.astype(jnp.float32))
     return nn.Dense(self.num_classes,
                     kernel_init=nn.initializers.truncated_normal(self.head_init_std),
                     name="head")(x)

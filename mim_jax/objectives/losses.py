@@ -7,31 +7,48 @@ per-pixel average over masked pixels is the same number, since every patch has P
 
 from __future__ import annotations
 
+from typing import Hashable, Optional, Sequence, Union
+
 import chex
 import jax
 import jax.numpy as jnp
 
+# A named mesh axis (or several) of a per-device step under shard_map; None in a global step.
+AxisName = Optional[Union[Hashable, Sequence[Hashable]]]
 
-def masked_mean(per_patch: jax.Array, mask: jax.Array) -> jax.Array:
-  """Mean of per_patch [B, N] over the masked entries of mask [B, N] (0 when none are)."""
+
+def masked_mean(per_patch: jax.Array, mask: jax.Array,
+                axis_name: AxisName = None) -> jax.Array:
+  """Mean of per_patch [B, N] over the masked entries of mask [B, N] (0 when none are).
+
+  With `axis_name` (a per-device step under shard_map, each device holding an equal share of
+  the batch) the count is averaged over the devices first: each device returns its sum over
+  the mean count, and the mean of those over the devices is the mean over the whole batch,
+  also when devices hold different numbers of masked patches.
+  """
   chex.assert_rank(per_patch, 2)
   chex.assert_equal_shape([per_patch, mask])
   mask = mask.astype(jnp.float32)
-  return jnp.sum(per_patch * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  count = jnp.sum(mask)
+  if axis_name is not None:
+    count = jax.lax.pmean(count, axis_name)
+  return jnp.sum(per_patch * mask) / jnp.maximum(count, 1.0)
 
 
-def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array,
+               axis_name: AxisName = None) -> jax.Array:
   """Mean squared error over masked patches (MAE, MaskFeat): pred, target [B, N, F]."""
   chex.assert_equal_shape([pred, target])
   per_patch = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)
-  return masked_mean(per_patch, mask)
+  return masked_mean(per_patch, mask, axis_name)
 
 
-def masked_l1(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+def masked_l1(pred: jax.Array, target: jax.Array, mask: jax.Array,
+              axis_name: AxisName = None) -> jax.Array:
   """Mean absolute error over masked patches (SimMIM's `l1_loss` on masked pixels)."""
   chex.assert_equal_shape([pred, target])
   per_patch = jnp.mean(jnp.abs(pred.astype(jnp.float32) - target), axis=-1)
-  return masked_mean(per_patch, mask)
+  return masked_mean(per_patch, mask, axis_name)
 
 
 def smooth_l1(x: jax.Array, beta: float) -> jax.Array:
@@ -44,22 +61,23 @@ def smooth_l1(x: jax.Array, beta: float) -> jax.Array:
 
 
 def masked_smooth_l1(pred: jax.Array, target: jax.Array, mask: jax.Array,
-                     beta: float = 1.0) -> jax.Array:
+                     beta: float = 1.0, axis_name: AxisName = None) -> jax.Array:
   """Smooth L1 averaged over channels, then over masked patches (data2vec's regression loss:
   with every patch holding D values this equals the mean over all masked values, as PyTorch's
   `smooth_l1_loss` with mean reduction on the masked rows computes it)."""
   chex.assert_equal_shape([pred, target])
   per_patch = jnp.mean(smooth_l1(pred.astype(jnp.float32) - target, beta), axis=-1)
-  return masked_mean(per_patch, mask)
+  return masked_mean(per_patch, mask, axis_name)
 
 
-def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array,
+                         axis_name: AxisName = None) -> jax.Array:
   """Cross-entropy of logits [B, N, V] against integer labels [B, N], averaged over the masked
   patches only (BEiT's loss on the visual tokens of masked positions)."""
   chex.assert_equal_shape_prefix([logits, labels], 2)
   log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   per_patch = -jnp.take_along_axis(log_p, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return masked_mean(per_patch, mask)
+  return masked_mean(per_patch, mask, axis_name)
 
 
 LOSSES = {"mse": masked_mse, "l1": masked_l1}
@@ -112,8 +130,12 @@ def masked_patch_distillation(student_logits: jax.Array, probs: jax.Array, mask:
   return jnp.mean(per_image)
 
 
-def center_update(center: jax.Array, teacher_logits: jax.Array, momentum: float) -> jax.Array:
+def center_update(center: jax.Array, teacher_logits: jax.Array, momentum: float,
+                  axis_name: AxisName = None) -> jax.Array:
   """center <- momentum * center + (1 - momentum) * mean of teacher_logits over all axes but
-  the last (the batch's mean teacher output; DINO / iBOT keep one per output kind)."""
+  the last (the batch's mean teacher output; DINO / iBOT keep one per output kind). With
+  `axis_name` the mean covers every device's share of the batch (iBOT's all-reduce)."""
   batch_mean = jnp.mean(teacher_logits.astype(jnp.float32).reshape(-1, center.shape[-1]), axis=0)
+  if axis_name is not None:
+    batch_mean = jax.lax.pmean(batch_mean, axis_name)
   return momentum * center + (1.0 - momentum) * batch_mean.reshape(center.shape)

@@ -107,6 +107,7 @@ class VQTokenizer(base.Method):
   name = "vq_tokenizer"
   kind = "tokenizer"
   draws = True
+  shards = False  # the codebook's EMA statistics are sums over the batch a step sees
 
   @classmethod
   def add_config(cls, c):

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from mim_jax import data, registry
 from mim_jax.config import validation
@@ -72,12 +73,21 @@ class Run:
   replicated: jax.sharding.Sharding
 
   def jit_step(self):
-    """The train step under jit, traced under the mesh (the blocks pin their tokens' batch
-    dim to the data axes), with the state donated."""
-    fn = step.make_train_step(self.method, self.tx, self.schedule,
-                              self.config.grad_accum_steps)
-    return jax.jit(parallel.with_activation_mesh(self.mesh, fn),
-                   in_shardings=(self.state_shardings, self.batch_sharding, self.replicated),
+    """The train step under jit, with the state donated. `parallel.step="jit"`: the global
+    step, traced under the mesh (the blocks pin their tokens' batch dim to the data axes);
+    "shard_map": the per-device step with explicit collectives over the batch axes
+    (training/step.py), the state replicated."""
+    if self.config.parallel.step == "shard_map":
+      axes = parallel.batch_axes(self.mesh)
+      fn = step.make_train_step(self.method, self.tx, self.schedule,
+                                self.config.grad_accum_steps, axis_name=axes)
+      state_spec = jax.tree.map(lambda _: P(), self.abstract_state)
+      fn = jax.shard_map(fn, mesh=self.mesh, in_specs=(state_spec, P(axes), P()),
+                         out_specs=(state_spec, P()))
+    else:
+      fn = parallel.with_activation_mesh(self.mesh, step.make_train_step(
+          self.method, self.tx, self.schedule, self.config.grad_accum_steps))
+    return jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding, self.replicated),
                    out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
 
   def keys(self) -> tuple[jax.Array, jax.Array]:

@@ -65,9 +65,25 @@ def _split_microbatches(batch: Any, num_micro: int) -> Any:
   return jax.tree.map(split, batch)
 
 
+def _to_varying(x: jax.Array, axis_name) -> jax.Array:
+  """`x` marked as differing per device along `axis_name` (jax.lax.pcast; pvary before it)."""
+  if hasattr(jax.lax, "pcast"):
+    return jax.lax.pcast(x, axis_name, to="varying")
+  return jax.lax.pvary(x, axis_name)
+
+
 def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum_steps: int = 1) -> Callable:
+                    grad_accum_steps: int = 1, axis_name=None) -> Callable:
   """Returns the pure step `(state, batch, rng) -> (state, metrics)`.
+
+  Without `axis_name` the step is global: jit it with the batch sharded over a mesh and XLA
+  inserts the communication. With `axis_name` (a mesh axis name or a tuple of them) it is the
+  per-device step for `jax.shard_map` over those axes, its collectives explicit: the state is
+  replicated, each device holds an equal share of the batch, the method's batch statistics
+  follow the axis (`Method.with_axis`: masked-loss counts, iBOT's centres, BatchNorm), and the
+  gradients, loss and metrics are `pmean`ed, so the update equals the global step's. Each
+  device draws its own randomness (the key folded with its index on the axis). See
+  mim_jax/examples/shard_map_loop.py.
 
   `rng` is the run's base key; the step folds in `state.step`, so the randomness of step t is
   the same whether or not the run was interrupted. With `grad_accum_steps` > 1 the batch is
@@ -81,7 +97,14 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
   Metrics are scalars: the method's (loss, ...), learning_rate, grad/param/update norms,
   nonfinite (1 if this step was skipped), skipped_updates and nonfinite_streak.
   """
+  if axis_name is not None:
+    method = method.with_axis(axis_name)
+
   def grad_fn(params, extra, batch, rng):
+    if axis_name is not None:
+      # Differentiate per device: replicated params would get their cotangents summed over
+      # the axis by autodiff; the explicit pmean below averages the devices' gradients.
+      params = jax.tree.map(lambda p: _to_varying(p, axis_name), params)
     (loss, (metrics, extra)), grads = jax.value_and_grad(
         lambda p: method.loss(p, extra, batch, rng, train=True), has_aux=True)(params)
     return loss, metrics, grads, extra
@@ -92,6 +115,8 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
     chex.assert_equal_shape_prefix(jax.tree.leaves(batch), 1)
     chex.assert_rank(state.step, 0)
     rng = jax.random.fold_in(rng, state.step)
+    if axis_name is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     if grad_accum_steps == 1:
       loss, metrics, grads, extra = grad_fn(state.params, state.extra, batch, rng)
     else:
@@ -100,6 +125,9 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
       shapes = jax.eval_shape(grad_fn, state.params, state.extra,
                               jax.tree.map(lambda x: x[0], micro), rng)[:2]
       loss_zero, metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+      if axis_name is not None:  # the sums hold per-device values until the pmean
+        zeros, loss_zero, metric_zeros = jax.tree.map(
+            lambda x: _to_varying(x, axis_name), (zeros, loss_zero, metric_zeros))
 
       def accumulate(carry, inputs):
         # `extra` (e.g. BatchNorm statistics) threads through the microbatches in order.
@@ -115,6 +143,8 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
           (jnp.arange(grad_accum_steps), micro))
       loss, metrics, grads = jax.tree.map(lambda x: x / grad_accum_steps,
                                           (loss, metrics, grads))
+    if axis_name is not None:
+      loss, metrics, grads = jax.lax.pmean((loss, metrics, grads), axis_name)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -1,0 +1,117 @@
+"""The shard_map form of the train step (explicit collectives) equals the global jit step."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mim_jax import registry
+from mim_jax.config.errors import ConfigError
+
+from conftest import REPO, tiny_config
+
+_SCRIPT = textwrap.dedent("""
+    import chex, jax, numpy as np
+    from mim_jax.methods.mae import NOISE_KEY
+    from mim_jax.training import setup
+    from conftest import tiny_config
+
+    assert jax.device_count() == 8
+
+    def run(config, steps=3):
+      r = setup.setup_run(setup.prepare(config), num_examples=64)
+      state = r.init_state(r.keys()[0])
+      if r.method.wants_weights():
+        params, extra = r.method.load_pretrained(*jax.device_get((state.params, state.extra)))
+        state = jax.device_put(state.replace(params=params, extra=extra), r.state_shardings)
+      step = r.jit_step()
+      shapes = setup.abstract_batch(r, 16)
+      rng = np.random.default_rng(0)
+      metrics = []
+      for i in range(steps):
+        batch = {}
+        for key, spec in shapes.items():
+          if spec.dtype == np.bool_:      # host-drawn masks: any pattern, varying per image
+            batch[key] = rng.random(spec.shape) < 0.4
+          elif np.issubdtype(spec.dtype, np.integer):
+            batch[key] = rng.integers(0, 10, spec.shape).astype(spec.dtype)
+          else:
+            batch[key] = rng.standard_normal(spec.shape).astype(spec.dtype)
+        if config.method == "mae":        # MAE's masks from given noise: the same in both steps
+          batch[NOISE_KEY] = rng.random((16, 16)).astype(np.float32)
+        batch = jax.device_put(batch, r.batch_sharding)
+        state, m = step(state, batch, jax.random.key(7))
+        metrics.append(jax.device_get(m))
+      return jax.device_get(state), metrics
+
+    def compare(method, **overrides):
+      base = dict(global_batch_size=16, **overrides)
+      g_state, g_metrics = run(tiny_config(method, **base))
+      s_state, s_metrics = run(tiny_config(method, **{**base, "parallel.step": "shard_map"}))
+      for g, s in zip(g_metrics, s_metrics):
+        chex.assert_trees_all_close({k: g[k] for k in ("loss", "grad_norm")},
+                                    {k: s[k] for k in ("loss", "grad_norm")}, rtol=2e-5)
+      chex.assert_trees_all_close(g_state.params, s_state.params, rtol=2e-5, atol=2e-6)
+      chex.assert_trees_all_close(g_state.extra, s_state.extra, rtol=2e-5, atol=2e-6)
+      print(method, "same after 3 steps: loss", [float(m["loss"]) for m in s_metrics])
+
+    compare("mae")
+    compare("ibot", **{"masking.min_block": 1, "ibot.out_dim": 32, "ibot.hidden_dim": 32,
+                       "ibot.bottleneck_dim": 16, "ibot.warmup_teacher_temp_epochs": 1.0,
+                       "ibot.freeze_last_layer_epochs": 0.0, "multicrop.num_local": 2,
+                       "multicrop.local_size": (8, 8), "multicrop.blur": False})
+    compare("linprobe", init_from="random", **{"optimizer.name": "sgd",
+                                               "optimizer.base_lr": 0.5,
+                                               "optimizer.weight_decay": 0.0})
+    compare("simmim", **{"masking.kind": "blockwise", "masking.ratio": 0.5,
+                         "masking.min_block": 2}, grad_accum_steps=2)
+    # The trainer with the switch: checkpoints, metrics and the export as with the jit step.
+    import os, tempfile
+    from mim_jax.training import loop
+    workdir = tempfile.mkdtemp()
+    state = loop.run(tiny_config("mae", global_batch_size=16, total_steps=2,
+                                 **{"parallel.step": "shard_map"}), workdir)
+    assert int(state.step) == 2 and os.path.isfile(os.path.join(workdir, "encoder", "model.json"))
+    print("OK")
+""")
+
+
+def test_shard_map_step_equals_the_jit_step_on_8_devices():
+  """MAE (masks from noise), iBOT (per-view host masks of varying counts, centres), the linear
+  probe (BatchNorm statistics) and SimMIM with accumulation: three steps of the per-device
+  step under shard_map give the loss, gradient norm, parameters and extra state of the global
+  step; the trainer runs with parallel.step='shard_map'."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
+  out = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=900)
+  assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr[-6000:]
+
+
+def test_user_code_calls_the_step_under_its_own_shard_map():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-m", "mim_jax.examples.shard_map_loop"], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert "step 3:" in out.stdout and "on 4 device(s)" in out.stdout
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"sharding_rules": ((".*", "largest:fsdp:16384"),), "mesh": (("fsdp", -1),)},
+     r"config.sharding_rules=.*replicate-only rules"),
+    ({"parallel.step": "pmap"}, r"config.parallel.step='pmap' is invalid: one of"),
+])
+def test_shard_map_needs_replicated_state(overrides, match):
+  with pytest.raises(ConfigError, match=match):
+    registry.validate_config(tiny_config("mae", **{"parallel.step": "shard_map", **overrides}))
+
+
+def test_methods_whose_statistics_do_not_follow_an_axis_refuse_shard_map():
+  with pytest.raises(ConfigError, match=r"config.parallel.step='shard_map' is invalid: 'jit' "
+                     r"for method 'vq_tokenizer'"):
+    registry.validate_config(tiny_config("vq_tokenizer", **{"parallel.step": "shard_map"}))
