@@ -23,6 +23,7 @@ setup(
         "absl-py>=2.1",
         "numpy>=1.26",
         "pillow>=10",
+        "tifffile>=2023.1",  # multi-channel and high-bit-depth TIFF images
         "tensorboardX>=2.6",
     ],
     extras_require={

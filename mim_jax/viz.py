@@ -54,9 +54,21 @@ def denormalize_patches(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
   return pred * np.sqrt(var_p + NORM_PIX_EPS) + mean_p
 
 
-def _to_display(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-  """Normalised [B, H, W, C] -> RGB floats [B, H, W, 3] in [0, 1]."""
+def shown_channels(num_channels: int, channels: Sequence[int] = ()) -> list[int]:
+  """The channels a picture shows: `channels` (one: grayscale, three: RGB) or, by default,
+  the image's own 1 or 3, the first three of more, the first of two."""
+  if channels:
+    return list(channels)
+  if num_channels in (1, 3):
+    return list(range(num_channels))
+  return [0, 1, 2] if num_channels > 3 else [0]
+
+
+def _to_display(images: np.ndarray, mean: Sequence[float], std: Sequence[float],
+                channels: Sequence[int] = ()) -> np.ndarray:
+  """Normalised [B, H, W, C] -> RGB floats [B, H, W, 3] in [0, 1] (`shown_channels`)."""
   x = images * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
+  x = x[..., shown_channels(x.shape[-1], channels)]
   # A diverged model can predict NaN/inf; draw those as black rather than garbage bytes.
   x = np.clip(np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
   return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
@@ -69,7 +81,8 @@ def upscale_factor(h: int, w: int) -> int:
 
 def reconstruction_grid(images: np.ndarray, pred_patches: np.ndarray, mask: np.ndarray, *,
                         patch_size: int, mean: Sequence[float], std: Sequence[float],
-                        norm_pix_loss: bool, max_rows: int = 8) -> np.ndarray:
+                        norm_pix_loss: bool, max_rows: int = 8,
+                        channels: Sequence[int] = ()) -> np.ndarray:
   """One row per example: original | masked | reconstruction | reconstruction + visible.
 
   images        [B, H, W, C] normalised inputs
@@ -96,10 +109,10 @@ def reconstruction_grid(images: np.ndarray, pred_patches: np.ndarray, mask: np.n
   pasted = np.where(masked_p, pred, target)
   pixel_masked = unpatchify(np.broadcast_to(masked_p, target.shape), p, grid_hw, c)[..., :1]
 
-  original = _to_display(images, mean, std)
+  original = _to_display(images, mean, std, channels)
   masked = np.where(pixel_masked, np.float32(MASK_GREY), original)
-  recon = _to_display(unpatchify(pred, p, grid_hw, c), mean, std)
-  recon_pasted = _to_display(unpatchify(pasted, p, grid_hw, c), mean, std)
+  recon = _to_display(unpatchify(pred, p, grid_hw, c), mean, std, channels)
+  recon_pasted = _to_display(unpatchify(pasted, p, grid_hw, c), mean, std, channels)
   panels = [original, masked, recon, recon_pasted]
 
   s = upscale_factor(h, w)
@@ -143,7 +156,8 @@ def save_png(array: np.ndarray, path: str) -> None:
 
 def hog_grid(images: np.ndarray, pred: np.ndarray, target: np.ndarray, mask: np.ndarray, *,
              patch_size: int, cell_size: int, num_bins: int, mean: Sequence[float],
-             std: Sequence[float], max_rows: int = 8) -> np.ndarray:
+             std: Sequence[float], max_rows: int = 8,
+             channels: Sequence[int] = ()) -> np.ndarray:
   """MaskFeat pictures, one row per example: original | masked | HOG target | HOG prediction.
 
   images        [B, H, W, C] normalised inputs
@@ -173,7 +187,7 @@ def hog_grid(images: np.ndarray, pred: np.ndarray, target: np.ndarray, mask: np.
   maps = hog.render_hog(np.asarray(cells).mean(axis=-2), pixels_per_cell=cell_size * s)
   maps = np.repeat(maps[..., None], 3, axis=-1)  # [2B, H', W', 3]
 
-  original = _to_display(images, mean, std)
+  original = _to_display(images, mean, std, channels)
   pixel_masked = unpatchify(np.broadcast_to(masked_p[:, :, None], (b, *masked_p.shape[1:],
                                                                      patch_size**2 * c)),
                             patch_size, grid_hw, c)[..., :1]
@@ -184,10 +198,11 @@ def hog_grid(images: np.ndarray, pred: np.ndarray, target: np.ndarray, mask: np.
 
 
 def image_rows(panels: Sequence[np.ndarray], *, mean: Sequence[float], std: Sequence[float],
-               max_rows: int = 8) -> np.ndarray:
+               max_rows: int = 8, channels: Sequence[int] = ()) -> np.ndarray:
   """Normalised images side by side, one row per example: panels, each [B, H, W, C] (the
   same shape), become uint8 [R*H' + (R-1)*GAP, n*W' + (n-1)*GAP, 3] as `reconstruction_grid`
   (tokenizer reconstructions, BEiT's decoded predictions)."""
-  shown = [_to_display(np.asarray(p, np.float32)[:max_rows], mean, std) for p in panels]
+  shown = [_to_display(np.asarray(p, np.float32)[:max_rows], mean, std, channels)
+           for p in panels]
   s = upscale_factor(*shown[0].shape[1:3])
   return _tile([p.repeat(s, axis=1).repeat(s, axis=2) for p in shown])

@@ -43,8 +43,8 @@ def core_fields(c: ml_collections.ConfigDict) -> None:
       attention_impl="",       # "" lets JAX choose, or "xla" / "cudnn" (layers cuDNN rejects: XLA)
   )
   c.data = _block(
-      source="tfds",           # fashion_mnist | image_folder | tfds | synthetic
-      path="",                 # fashion_mnist / image_folder root
+      source="tfds",           # fashion_mnist | image_folder | tfds | npy | synthetic
+      path="",                 # fashion_mnist / image_folder root; npy: DIR with SPLIT.npy
       split="train",
       tfds_name="imagenet2012",
       tfds_data_dir="",
@@ -155,6 +155,9 @@ def pretraining_fields(c: ml_collections.ConfigDict, *, masking: bool = True,
   if pictures:
     c.viz_every = 1000         # 0 disables reconstruction pictures
     c.viz_num_images = 8
+    # Channels the pictures show: () = the image's own 1 or 3 (the first 3 of more); (k,) one
+    # channel in grayscale; (a, b, c) three as RGB.
+    c.viz_channels = ()
   c.export_encoder = True
   c.knn = _block(k=20, temperature=0.07, every_epochs=0.0)
   c.eval = _block(batch_size=256)  # batch of the k-NN monitor's feature passes

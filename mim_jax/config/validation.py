@@ -191,12 +191,20 @@ def validate_pretraining_fields(config, *, mask_kinds: tuple[str, ...] = MASK_KI
     require(is_int(config.viz_every) and config.viz_every >= 0, "viz_every", config.viz_every,
             "an integer >= 0 (0 disables pictures)")
     positive_int(config, "viz_num_images")
+    validate_viz_channels(config)
   require(isinstance(config.export_encoder, bool), "export_encoder", config.export_encoder,
           "true or false")
   validate_knn(config)
   positive_int(config, "eval.batch_size")
   if continuation.wanted(config):
     continuation.check_source_fits(config)  # continued pre-training: the encoder must fit
+
+
+def validate_viz_channels(config) -> None:
+  shown = tuple(config.viz_channels)
+  require(len(shown) in (0, 1, 3) and all(is_int(k) and 0 <= k < config.channels for k in shown),
+          "viz_channels", shown, f"(), one channel or three, each in [0, {config.channels}) "
+          "(the pictures' grayscale or RGB)")
 
 
 def validate_knn(config) -> None:
@@ -318,8 +326,8 @@ UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
      "masking.ratio_range sets each sample's ratio instead"),
     (("masking.block", "masking.adjust"), lambda c: c.masking.kind == "inverse_block",
      "only masking.kind='inverse_block' reads it"),
-    (("data.path",), lambda c: c.data.source in ("fashion_mnist", "image_folder"),
-     "only data.source 'fashion_mnist' and 'image_folder' read it"),
+    (("data.path",), lambda c: c.data.source in ("fashion_mnist", "image_folder", "npy"),
+     "only data.source 'fashion_mnist', 'image_folder' and 'npy' read it"),
     (("data.eval_path",), lambda c: c.data.source == "image_folder",
      "only data.source='image_folder' reads it"),
     (("data.tfds_name", "data.tfds_data_dir"), lambda c: c.data.source == "tfds",

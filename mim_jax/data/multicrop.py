@@ -58,6 +58,13 @@ class Photometric:
   def __call__(self, image: np.ndarray, rng: np.random.Generator, view: int) -> np.ndarray:
     """`view`: 0 / 1 for the global views, 2 for a local one (picks the blur / solarise odds)."""
     c = image.shape[-1]
+    if image.dtype != np.uint8 or c not in (1, 3):
+      if self.jitter_prob or self.grayscale_prob or self.blur or self.solarize_prob:
+        raise ValueError(
+            f"the photometric views work on 8-bit grayscale or RGB images, not {image.dtype} "
+            f"with {c} channels: set multicrop.jitter_prob, grayscale_prob and solarize_prob "
+            "to 0 and multicrop.blur to false for this data")
+      return image
     pil = Image.fromarray(image[..., 0] if c == 1 else image, "L" if c == 1 else "RGB")
     if rng.random() < self.jitter_prob:
       ops = [("brightness", 0.4), ("contrast", 0.4)]

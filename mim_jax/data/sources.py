@@ -35,8 +35,8 @@ from PIL import Image
 from mim_jax.config.errors import config_error
 from mim_jax.data import idx, subsets
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-SOURCES = ("fashion_mnist", "image_folder", "tfds", "synthetic")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+SOURCES = ("fashion_mnist", "image_folder", "tfds", "npy", "synthetic")
 FMNIST_NUM_CLASSES = 10
 SYNTHETIC_NUM_CLASSES = 10  # label = index % 10
 
@@ -65,6 +65,42 @@ class FashionMnistSource:
 
   def __repr__(self) -> str:
     return f"FashionMnistSource({self.images_path!r}, n={len(self)})"
+
+
+class NpySource:
+  """Arrays in .npy files: DIR/SPLIT.npy holds the images [N, H, W] or [N, H, W, C] of any
+  dtype (uint8; uint16 and other integers, read as a fraction of their maximum; floats as
+  they are, e.g. reflectances in [0, 1]); DIR/SPLIT_labels.npy, if present, the int labels
+  [N] (else every label is 0). Opened memory-mapped: arrays larger than memory work."""
+
+  def __init__(self, folder: str, split: str):
+    self.images_path = os.path.join(folder, f"{split}.npy")
+    self.images = np.load(self.images_path, mmap_mode="r")
+    if self.images.ndim not in (3, 4):
+      raise ValueError(f"{self.images_path} holds an array of shape {self.images.shape}; "
+                       "expected [N, H, W] or [N, H, W, C]")
+    labels_path = os.path.join(folder, f"{split}_labels.npy")
+    self._labels = (np.asarray(np.load(labels_path), np.int32).reshape(-1)
+                    if os.path.isfile(labels_path) else np.zeros(len(self.images), np.int32))
+    if len(self._labels) != len(self.images):
+      raise ValueError(f"{labels_path} has {len(self._labels)} labels for "
+                       f"{len(self.images)} images")
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    image = np.asarray(self.images[index])
+    return {"image": image if image.ndim == 3 else image[..., None],
+            "label": int(self._labels[index]), "index": index,
+            "path": f"{self.images_path}[{index}]"}
+
+  def labels(self) -> np.ndarray:
+    return self._labels.copy()
+
+  def __repr__(self) -> str:
+    return f"NpySource({self.images_path!r}, n={len(self)})"
 
 
 def _is_image_file(name: str) -> bool:
@@ -276,6 +312,7 @@ class SyntheticSource:
 
 # The split evaluations read when config.data.eval_split is "" (image folders: data.eval_path).
 DEFAULT_EVAL_SPLITS = {"fashion_mnist": "test", "tfds": "validation", "image_folder": "eval",
+                       "npy": "test",
                        "synthetic": "test"}
 
 
@@ -329,6 +366,8 @@ def build_source(data_cfg, *, image_size: tuple[int, int], channels: int,
     train = build_source(data_cfg, image_size=image_size, channels=channels)
     labels = train.labels()
     return subsets.SubsetSource(train, holdout_indices(data_cfg, labels), labels)
+  if source == "npy":
+    return NpySource(data_cfg.path, split)
   if source == "fashion_mnist":
     return FashionMnistSource(data_cfg.path, split)
   if source == "image_folder":
@@ -379,6 +418,8 @@ def num_classes(data_cfg) -> int:
   folder (at least 1: a folder of unsorted images is one class), and the "label" feature's
   `num_classes` of a TFDS dataset's info."""
   source = data_cfg.source
+  if source == "npy":  # the largest label of the training split + 1
+    return int(NpySource(data_cfg.path, data_cfg.split).labels().max(initial=0)) + 1
   if source == "fashion_mnist":
     return FMNIST_NUM_CLASSES
   if source == "synthetic":
@@ -392,4 +433,4 @@ def num_classes(data_cfg) -> int:
 
 def fixed_size_source(data_cfg) -> bool:
   """True for sources whose images are already framed (no eval centre crop needed)."""
-  return data_cfg.source in ("fashion_mnist", "synthetic")
+  return data_cfg.source in ("fashion_mnist", "synthetic", "npy")

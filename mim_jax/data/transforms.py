@@ -1,8 +1,10 @@
 """Per-element image transforms: decoding, RandomResizedCrop, flip, resize + centre crop, and
 normalisation, plus the grain transform classes that apply them.
 
-Images between transforms are uint8 numpy arrays [h, w, c] with c the model's channel count;
-only the last step produces float32. Randomness comes exclusively from the per-element
+Images between transforms are numpy arrays [h, w, c] with c the model's channel count: uint8
+for 8-bit files (PIL's exact L / RGB path, unchanged since the first results), float32 in
+[0, 1] for everything else (16-bit PNG / TIFF, float or uint16 arrays, any channel count), so
+no bit of a 16-bit image is lost (float32 holds 24). Only the last step normalises. Randomness comes exclusively from the per-element
 `np.random.Generator` that grain's `random_map` derives from (seed, element position), so an
 element's augmentation does not depend on worker count, threads or prefetching.
 """
@@ -32,17 +34,34 @@ class BadImageError(ValueError):
 # ----------------------------------------------------------------------------- channels
 
 
+def as_unit_range(image: np.ndarray) -> np.ndarray:
+  """uint8 stays uint8; uint16 / int / float become float32 in [0, 1] (integers divided by
+  their type's maximum, floats as they are)."""
+  if image.dtype == np.uint8:
+    return image
+  if np.issubdtype(image.dtype, np.integer):
+    return (image.astype(np.float32) / float(np.iinfo(image.dtype).max)).astype(np.float32)
+  return image.astype(np.float32)
+
+
 def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
-  """uint8 [h, w, c] or [h, w] -> uint8 [h, w, channels].
+  """[h, w, c] or [h, w] -> [h, w, channels] (uint8 stays uint8, other types become float32
+  in [0, 1], see `as_unit_range`).
 
   Grayscale to RGB repeats the channel; RGB to grayscale is PIL's 'L' conversion (ITU-R 601-2
-  luma), so array sources and decoded files convert identically.
+  luma), so array sources and decoded files convert identically. Other channel counts must
+  match the model's.
   """
+  image = as_unit_range(np.asarray(image))
   if image.ndim == 2:
     image = image[..., None]
   c = image.shape[-1]
   if c == channels:
     return image
+  if image.dtype != np.uint8:
+    if c == 1 and channels == 3:
+      return np.repeat(image, 3, axis=-1)
+    raise ValueError(f"cannot convert an image with {c} channels to {channels}")
   if c == 1 and channels == 3:
     return np.repeat(image, 3, axis=-1)
   if c == 4:  # RGBA arrays: drop alpha first
@@ -62,14 +81,45 @@ def check_image_array(image: np.ndarray) -> np.ndarray:
   return image
 
 
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _png_bit_depth_and_colour(data: bytes) -> tuple[int, int] | None:
+  """(bit depth, colour type) from a PNG's IHDR, or None for other data."""
+  if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 26:
+    return data[24], data[25]
+  return None
+
+
+def _decode_tiff(data: bytes, channels: int) -> np.ndarray:
+  """A TIFF (any bit depth, any channel count, [h, w], [h, w, c] or planar [c, h, w]) ->
+  [h, w, channels], read with tifffile."""
+  import tifffile  # pylint: disable=g-import-not-at-top  # only images in TIFF need it
+  array = np.asarray(tifffile.imread(io.BytesIO(data)))
+  if array.ndim == 3 and array.shape[-1] != channels and array.shape[0] == channels:
+    array = np.moveaxis(array, 0, -1)  # planar (channel-first) storage
+  return to_channels(array, channels)
+
+
 def decode_image(data: bytes, channels: int) -> np.ndarray:
-  """Encoded JPEG/PNG/... bytes -> uint8 [h, w, channels]. Raises on corrupt data.
+  """Encoded JPEG/PNG/TIFF bytes -> [h, w, channels]: uint8 for 8-bit images, float32 in
+  [0, 1] for 16-bit PNG (grayscale) and TIFF (any depth and channel count). Raises on corrupt
+  data, and on 16-bit colour PNG, which PIL would cut to 8 bits (store those as TIFF).
 
   `load()` forces the full decode here, so a truncated file fails now (PIL otherwise decodes
   lazily and would fail later inside a resize).
   """
+  if data[:4] in TIFF_MAGIC:
+    return _decode_tiff(data, channels)
+  png = _png_bit_depth_and_colour(data)
+  if png is not None and png[0] == 16 and png[1] != 0:
+    raise ValueError("16-bit colour PNG: PIL reads it as 8 bits; store the image as TIFF or in "
+                     "a .npy array to keep its bits")
   with Image.open(io.BytesIO(data)) as img:
     img.load()
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: every bit kept
+      return to_channels(np.asarray(img).astype(np.uint16 if img.mode != "I" else np.int32),
+                         channels)
     mode = "L" if channels == 1 else "RGB"
     if img.mode != mode:
       # Palette / alpha / CMYK / 16-bit images go through RGB first so 'L' sees real colours.
@@ -124,13 +174,23 @@ def center_crop_box(height: int, width: int, out_size: tuple[int, int],
 
 
 def resize_box(image: np.ndarray, box: Sequence[float], out_size: tuple[int, int]) -> np.ndarray:
-  """Bicubic resize of `image[box]` (uint8 [h, w, c]) to uint8 [out_h, out_w, c]."""
+  """Bicubic resize of `image[box]` ([h, w, c]) to [out_h, out_w, c] of the same dtype.
+
+  uint8 grayscale / RGB: PIL's 8-bit resize (rounded to uint8). float32 (high bit depth, any
+  channel count): PIL's 32-bit float resize of each channel, no rounding.
+  """
   top, left, h, w = box
   out_h, out_w = out_size
   c = image.shape[-1]
-  pil = Image.fromarray(image[..., 0] if c == 1 else image, "L" if c == 1 else "RGB")
-  pil = pil.resize((out_w, out_h), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
-  return np.asarray(pil).reshape(out_h, out_w, c)
+  pil_box = (left, top, left + w, top + h)
+  if image.dtype == np.uint8 and c in (1, 3):
+    pil = Image.fromarray(image[..., 0] if c == 1 else image, "L" if c == 1 else "RGB")
+    pil = pil.resize((out_w, out_h), Image.Resampling.BICUBIC, box=pil_box)
+    return np.asarray(pil).reshape(out_h, out_w, c)
+  channels = [np.asarray(Image.fromarray(np.ascontiguousarray(image[..., k], np.float32), "F")
+                         .resize((out_w, out_h), Image.Resampling.BICUBIC, box=pil_box))
+              for k in range(c)]
+  return np.stack(channels, axis=-1).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- normalisation
@@ -138,7 +198,8 @@ def resize_box(image: np.ndarray, box: Sequence[float], out_size: tuple[int, int
 
 @dataclasses.dataclass(frozen=True)
 class Normalizer:
-  """uint8 [..., C] -> float32 (x / 255 - mean) / std, as one multiply-add per pixel."""
+  """[..., C] -> float32 (x / 255 - mean) / std for uint8, (x - mean) / std for float32 in
+  [0, 1] (see `as_unit_range`): one multiply-add per pixel."""
   mean: tuple[float, ...]
   std: tuple[float, ...]
   channels: int
@@ -146,7 +207,7 @@ class Normalizer:
   def __call__(self, image: np.ndarray) -> np.ndarray:
     mean = np.broadcast_to(np.asarray(self.mean, np.float32), (self.channels,))
     std = np.broadcast_to(np.asarray(self.std, np.float32), (self.channels,))
-    scale = (1.0 / (255.0 * std)).astype(np.float32)
+    scale = (1.0 / ((255.0 if image.dtype == np.uint8 else 1.0) * std)).astype(np.float32)
     offset = (-mean / std).astype(np.float32)
     return image.astype(np.float32) * scale + offset
 

@@ -91,6 +91,13 @@ def _validate_source(data_cfg) -> None:
     _require(isinstance(data_cfg.tfds_data_dir, str), "tfds_data_dir", data_cfg.tfds_data_dir,
              "a folder path string ('' = the TFDS default)")
     _require_prepared_tfds(name, data_cfg.tfds_data_dir)
+  elif source == "npy":
+    # The training split's file; an evaluation split's is checked when it is read.
+    path, split = data_cfg.path, data_cfg.split
+    file = os.path.join(path, f"{split}.npy")
+    _require(isinstance(path, str) and os.path.isfile(file), "path", path,
+             f"a folder holding {split}.npy (images [N, H, W(, C)]) and optionally "
+             f"{split}_labels.npy for data.source='npy'; {file} does not exist")
   elif source == "synthetic":
     size = data_cfg.synthetic_size
     _require(_is_int(size) and size > 0, "synthetic_size", size, "a positive integer")
@@ -207,8 +214,9 @@ def validate_data_config(data_cfg, *, image_size: tuple[int, int], channels: int
   size = tuple(image_size)
   if not (len(size) == 2 and all(_is_int(s) and s > 0 for s in size)):
     raise config_error("image_size", image_size, "(height, width), two positive integers")
-  if channels not in (1, 3):
-    raise config_error("channels", channels, "1 (grayscale) or 3 (RGB)")
+  if not (_is_int(channels) and channels >= 1):
+    raise config_error("channels", channels, "a positive integer (1 grayscale, 3 RGB, or the "
+                       "band count of multi-channel data)")
   _validate_loading(data_cfg)
   _validate_augmentation(data_cfg)
   _validate_normalisation(data_cfg, channels)

@@ -115,8 +115,7 @@ class BEiT(MaskedPrediction):
     """original | masked | tokenizer decoding of the target codes | of the predicted codes."""
     (gh, gw), p = self.grid_hw, self.patch_size
     mask = np.asarray(out["mask"]).reshape(-1, gh, gw).repeat(p, 1).repeat(p, 2)[..., None] > 0
-    mean, std = (np.asarray(x, np.float32) for x in self.display)
+    mean, std = (np.asarray(self.display[k], np.float32) for k in ("mean", "std"))
     grey = (viz.MASK_GREY - mean) / std  # shows as mid-grey after de-normalisation
     masked = np.where(mask, grey, images)
-    return viz.image_rows([images, masked, out["target"], out["pred"]], mean=self.display[0],
-                          std=self.display[1])
+    return viz.image_rows([images, masked, out["target"], out["pred"]], **self.display)

@@ -98,7 +98,9 @@ class MAE(base.PretrainingMethod):
     self.patch_size = self.model.encoder.patch_size
     self.mask_generator = masking.mask_generator_from_config(
         config.masking, self.model.encoder.grid_hw, self.patch_size)
-    self.display = (tuple(config.data.mean), tuple(config.data.std))
+    # How pictures show the (normalised) images: the data's mean / std, the chosen channels.
+    self.display = dict(mean=tuple(config.data.mean), std=tuple(config.data.std),
+                        channels=tuple(config.viz_channels))
 
   def init(self, rng, images):
     params_rng, mask_rng = jax.random.split(rng)
@@ -131,5 +133,5 @@ class MAE(base.PretrainingMethod):
 
   def picture(self, images: np.ndarray, out: dict) -> np.ndarray:
     return viz.reconstruction_grid(images, out["pred"], out["mask"], patch_size=self.patch_size,
-                                   mean=self.display[0], std=self.display[1],
+                                   **self.display,
                                    norm_pix_loss=self.norm_pix_loss)

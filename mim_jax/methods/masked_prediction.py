@@ -75,7 +75,9 @@ class MaskedPrediction(base.PretrainingMethod):
         config.masking, encoder.grid_hw, encoder.patch_size)
     self.target_fn = target_fn
     self.loss_fn = loss_fn
-    self.display = (tuple(config.data.mean), tuple(config.data.std))
+    # How pictures show the (normalised) images: the data's mean / std, the chosen channels.
+    self.display = dict(mean=tuple(config.data.mean), std=tuple(config.data.std),
+                        channels=tuple(config.viz_channels))
 
   def init(self, rng, images):
     mask = jnp.zeros((images.shape[0], self.grid_hw[0] * self.grid_hw[1]), bool)

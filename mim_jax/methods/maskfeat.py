@@ -74,5 +74,4 @@ class MaskFeat(MaskedPrediction):
   def picture(self, images: np.ndarray, out: dict) -> np.ndarray:
     return viz.hog_grid(images, out["pred"], out["target"], out["mask"],
                         patch_size=self.patch_size, cell_size=self.hog_kwargs["cell_size"],
-                        num_bins=self.hog_kwargs["num_bins"], mean=self.display[0],
-                        std=self.display[1])
+                        num_bins=self.hog_kwargs["num_bins"], **self.display)

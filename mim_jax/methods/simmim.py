@@ -50,5 +50,5 @@ class SimMIM(MaskedPrediction):
 
   def picture(self, images: np.ndarray, out: dict) -> np.ndarray:
     return viz.reconstruction_grid(images, out["pred"], out["mask"], patch_size=self.patch_size,
-                                   mean=self.display[0], std=self.display[1],
+                                   **self.display,
                                    norm_pix_loss=self.norm_pix)

@@ -78,6 +78,7 @@ def tokenizer_fields(c, **fields) -> None:
   c.model = ml_collections.ConfigDict(dict(variant=c.model.variant))
   c.viz_every = 1000
   c.viz_num_images = 8
+  c.viz_channels = ()
   c.export_encoder = True
   c.tokenizer = ml_collections.ConfigDict(dict(
       vocab_size=8192,         # number of codes (BEiT: 8192)
@@ -97,6 +98,7 @@ def validate_tokenizer_fields(config) -> None:
   v.require(v.is_int(config.viz_every) and config.viz_every >= 0, "viz_every",
             config.viz_every, "an integer >= 0 (0 disables pictures)")
   v.positive_int(config, "viz_num_images")
+  v.validate_viz_channels(config)
   v.require(isinstance(config.export_encoder, bool), "export_encoder", config.export_encoder,
             "true or false (whether the run exports WORKDIR/tokenizer/)")
 
@@ -151,7 +153,9 @@ class VQTokenizer(base.Method):
       self.decay, self.eps = float(t.decay), float(t.eps)
       self.commitment, self.restart_after = float(t.commitment), int(t.restart_after)
     self.patch_size = self.info["patch_size"]
-    self.display = (tuple(config.data.mean), tuple(config.data.std))
+    # How pictures show the (normalised) images: the data's mean / std, the chosen channels.
+    self.display = dict(mean=tuple(config.data.mean), std=tuple(config.data.std),
+                        channels=tuple(config.viz_channels))
 
   def wants_weights(self) -> bool:
     return False  # a tokenizer trains from scratch (init_from does not exist for it)
@@ -199,7 +203,7 @@ class VQTokenizer(base.Method):
     h, w, c = images.shape[1:]
     recon = viz.unpatchify(np.asarray(out["pred"]), self.patch_size,
                            (h // self.patch_size, w // self.patch_size), c)
-    return viz.image_rows([images, recon], mean=self.display[0], std=self.display[1])
+    return viz.image_rows([images, recon], **self.display)
 
   def encoder_params(self, params, extra):
     return params["encoder"]

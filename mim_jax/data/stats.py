@@ -1,0 +1,74 @@
+r"""Per-channel mean and std of a data source, printed as the config overrides that use them.
+
+  python -m mim_jax.data.stats --config=configs/mae_fmnist.py \
+      [--config.data.source=npy --config.data.path=/data/bands --config.channels=5] \
+      [--max_images=0]
+
+The training split the config names is read as training reads it (same decoder: 8-bit images
+in [0, 1] as x / 255, 16-bit and other integer images as a fraction of their type's maximum,
+floats as they are) but without augmentation, every image whole (`--max_images` > 0: the
+first that many). Sums are accumulated in float64 over all pixels; std is the population std.
+Prints one line, e.g.
+
+  --config.data.mean='(0.286,)' --config.data.std='(0.353,)'
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from mim_jax.data import sources
+from mim_jax.data.transforms import DecodeImage
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  config_flags.DEFINE_config_file("config", None, "A config file naming the data source.",
+                                  lock_config=True)
+  flags.DEFINE_integer("max_images", 0, "Read only the first this many images (0: all).")
+  flags.mark_flags_as_required(["config"])
+
+
+def channel_stats(data_cfg, *, channels: int, max_images: int = 0) -> tuple[np.ndarray, ...]:
+  """(mean [C], std [C], images read) of the training split of `data_cfg`, in [0, 1] units."""
+  source = sources.build_source(data_cfg, image_size=(1, 1), channels=channels)
+  decode = DecodeImage(channels=channels, on_bad_image="raise", skip_log_dir="")
+  count = len(source) if max_images <= 0 else min(max_images, len(source))
+  total = np.zeros(channels, np.float64)
+  total_sq = np.zeros(channels, np.float64)
+  pixels = 0
+  for i in range(count):
+    image = decode.map(source[i])["image"]  # uint8, or float32 already in [0, 1]
+    scale = 255.0 if image.dtype == np.uint8 else 1.0
+    flat = image.reshape(-1, channels).astype(np.float64) / scale
+    total += flat.sum(axis=0)
+    total_sq += np.square(flat).sum(axis=0)
+    pixels += flat.shape[0]
+  mean = total / pixels
+  std = np.sqrt(np.maximum(total_sq / pixels - np.square(mean), 0.0))
+  return mean, std, count
+
+
+def format_overrides(mean: np.ndarray, std: np.ndarray) -> str:
+  fmt = lambda v: "(" + ", ".join(f"{x:.4f}" for x in v) + ("," if len(v) == 1 else "") + ")"
+  return f"--config.data.mean='{fmt(mean)}' --config.data.std='{fmt(std)}'"
+
+
+def main(argv) -> None:
+  del argv
+  config = FLAGS.config
+  mean, std, count = channel_stats(config.data, channels=config.channels,
+                                   max_images=FLAGS.max_images)
+  print(f"{count} images of {config.data.source} split {config.data.split!r}, "
+        f"{config.channels} channel(s):", file=sys.stderr)
+  print(format_overrides(mean, std))
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

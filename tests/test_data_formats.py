@@ -1,0 +1,161 @@
+"""Data beyond 8-bit RGB: 16-bit PNG and TIFF without lost bits, any channel count, .npy
+arrays, per-channel statistics, and pictures of N-channel data; 8-bit data unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mim_jax import data, recipes, registry
+from mim_jax.config.errors import ConfigError
+from mim_jax.data import stats, transforms
+from mim_jax.training import loop
+
+from conftest import REPO, requires_fmnist, tiny_config
+
+tifffile = pytest.importorskip("tifffile")
+
+
+def _png16(array: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(array.astype(np.uint16)).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def _tiff(array: np.ndarray, **kwargs) -> bytes:
+  buf = io.BytesIO()
+  tifffile.imwrite(buf, array, **kwargs)
+  return buf.getvalue()
+
+
+def test_16_bit_grayscale_png_keeps_every_bit():
+  values = np.arange(0, 65536, 16, dtype=np.uint16).reshape(64, 64)  # 4096 distinct levels
+  decoded = transforms.decode_image(_png16(values), channels=1)
+  assert decoded.dtype == np.float32 and decoded.shape == (64, 64, 1)
+  np.testing.assert_array_equal(decoded[..., 0], values.astype(np.float32) / 65535.0)
+  assert len(np.unique(decoded)) == 4096  # 8 bits would leave 256
+
+
+def test_16_bit_colour_png_is_refused_rather_than_cut_to_8_bits():
+  buf = io.BytesIO()
+  Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(buf, format="PNG")
+  raw = bytearray(buf.getvalue())
+  raw[24] = 16  # the IHDR bit depth of a 48-bit RGB PNG (PIL reads those as 8-bit RGB)
+  with pytest.raises(ValueError, match="16-bit colour PNG.*TIFF"):
+    transforms.decode_image(bytes(raw), channels=3)
+
+
+@pytest.mark.parametrize("planar", [False, True], ids=["interleaved", "planar"])
+def test_multichannel_16_bit_tiff(planar):
+  rng = np.random.default_rng(0)
+  bands = rng.integers(0, 65536, (12, 10, 5)).astype(np.uint16)
+  stored = np.moveaxis(bands, -1, 0) if planar else bands
+  decoded = transforms.decode_image(_tiff(stored), channels=5)
+  np.testing.assert_array_equal(decoded, bands.astype(np.float32) / 65535.0)
+
+
+def test_float_resize_and_normalise_keep_high_bit_depth():
+  image = (np.arange(20 * 20 * 2, dtype=np.float32).reshape(20, 20, 2) / 800.0)
+  out = transforms.resize_box(image, (0, 0, 20, 20), (20, 20))
+  np.testing.assert_allclose(out, image, atol=1e-6)  # an identity resize stays exact
+  half = transforms.resize_box(image, (0, 0, 20, 20), (10, 10))
+  assert half.dtype == np.float32 and half.shape == (10, 10, 2)
+  norm = transforms.Normalizer((0.5, 0.25), (0.5, 0.25), 2)
+  np.testing.assert_allclose(norm(image), (image - [0.5, 0.25]) / [0.5, 0.25], rtol=1e-5,
+                             atol=1e-6)
+
+
+@requires_fmnist
+def test_fashion_mnist_batches_are_bit_identical_to_before():
+  """The 8-bit path is the one every published result used: the first training batches and
+  an evaluation batch hash to what the code produced before high-bit-depth support."""
+  c = recipes.fmnist_pretraining(registry.base_config("mae"), None)
+  c.data.num_workers = 0
+  it = data.make_train_iterator(c.data, image_size=(28, 28), channels=1, global_batch_size=32,
+                                seed=3)
+  first, second = next(it), next(it)
+  it.close()
+  ev = next(data.make_eval_iterator(c.data, image_size=(28, 28), channels=1, batch_size=16,
+                                    process_index=0, process_count=1))
+  digest = hashlib.sha256(b"".join(np.ascontiguousarray(x["image"]).tobytes()
+                                   for x in (first, second, ev))).hexdigest()
+  assert digest == "11756d5eba95881c40d8897c6cce2a05bf78310c3cba6b2d471a577eb32292be"
+
+
+def _npy_folder(tmp_path, channels=5, n=64, dtype=np.uint16):
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 60000, (n, 16, 16, channels)).astype(dtype)
+  images[:, :8] //= 4  # structure: the top half darker
+  np.save(tmp_path / "train.npy", images)
+  np.save(tmp_path / "train_labels.npy", np.arange(n) % 4)
+  np.save(tmp_path / "test.npy", images[:16])
+  np.save(tmp_path / "test_labels.npy", np.arange(16) % 4)
+  return images
+
+
+def test_five_band_npy_data_through_training_pictures_and_evaluation(tmp_path):
+  """MAE and MaskFeat (HOG per band) train on 5-band 16-bit arrays; pictures show a chosen
+  band; k-NN reads the same source; the class count comes from the labels."""
+  folder = tmp_path / "bands"
+  folder.mkdir()
+  images = _npy_folder(folder)
+  fields = {"data.source": "npy", "data.path": str(folder), "channels": 5,
+            "data.mean": (0.4,), "data.std": (0.3,)}
+  state = loop.run(tiny_config("mae", total_steps=2, viz_every=2, viz_channels=(4,), **fields),
+                   str(tmp_path / "mae"))
+  assert state.params["encoder"]["patch_embed"]["kernel"].shape[0] == 4 * 4 * 5
+  picture = np.asarray(Image.open(tmp_path / "mae" / "reconstructions" / "step_00000002.png"))
+  assert picture.ndim == 3 and picture.shape[-1] == 3
+  loop.run(tiny_config("maskfeat", total_steps=1, **{"masking.min_block": 2,
+                                                     "target.hog.cell_size": 2,
+                                                     "target.hog.gaussian_window": 4, **fields}),
+           str(tmp_path / "maskfeat"))
+  results = loop.run(tiny_config("knn", init_from=str(tmp_path / "mae"), **{"knn.k": 5,
+                                                                          **fields}),
+                     str(tmp_path / "knn"))
+  assert 0 <= results["knn_top1_cls"] <= 1
+  assert data.num_classes(_npy_cfg(folder)) == 4
+  batch = next(data.make_eval_iterator(_npy_cfg(folder), image_size=(16, 16), channels=5,
+                                       batch_size=4, process_index=0, process_count=1))
+  np.testing.assert_allclose(batch["image"], (images[:4] / 65535.0 - 0.4) / 0.3, rtol=1e-5,
+                             atol=1e-5)
+
+
+def _npy_cfg(folder):
+  c = registry.base_config("mae").data
+  c.update(source="npy", path=str(folder), mean=(0.4,), std=(0.3,), split="train")
+  return c
+
+
+def test_channel_statistics_and_their_overrides(tmp_path):
+  folder = tmp_path / "bands"
+  folder.mkdir()
+  images = _npy_folder(folder, channels=3)
+  mean, std, count = stats.channel_stats(_npy_cfg(folder), channels=3)
+  unit = images.astype(np.float64) / 65535.0
+  np.testing.assert_allclose(mean, unit.mean(axis=(0, 1, 2)), rtol=1e-9)
+  np.testing.assert_allclose(std, unit.std(axis=(0, 1, 2)), rtol=1e-9)
+  assert count == 64
+  line = stats.format_overrides(mean, std)
+  assert line.startswith("--config.data.mean='(") and "--config.data.std=" in line
+  # The command prints the same line.
+  out = subprocess.run([sys.executable, "-m", "mim_jax.data.stats",
+                        f"--config={REPO}/configs/mae_fmnist.py", "--config.data.source=npy",
+                        f"--config.data.path={folder}", "--config.channels=3"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == line
+
+
+def test_channel_count_and_shown_channels_are_checked():
+  with pytest.raises(ConfigError, match=r"config.viz_channels=\(5,\) is invalid"):
+    registry.validate_config(tiny_config("mae", channels=5, viz_channels=(5,),
+                                         **{"data.mean": (0.5,), "data.std": (0.5,)}))
+  with pytest.raises(ConfigError, match="config.channels=0"):
+    registry.validate_config(tiny_config("mae", channels=0))
