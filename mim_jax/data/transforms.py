@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import grain
 import numpy as np
+import tifffile
 from PIL import Image
 
 from mim_jax.data import bad_images
@@ -94,7 +95,6 @@ def _png_bit_depth_and_colour(data: bytes) -> tuple[int, int] | None:
 def _decode_tiff(data: bytes, channels: int) -> np.ndarray:
   """A TIFF (any bit depth, any channel count, [h, w], [h, w, c] or planar [c, h, w]) ->
   [h, w, channels], read with tifffile."""
-  import tifffile  # pylint: disable=g-import-not-at-top  # only images in TIFF need it
   array = np.asarray(tifffile.imread(io.BytesIO(data)))
   if array.ndim == 3 and array.shape[-1] != channels and array.shape[0] == channels:
     array = np.moveaxis(array, 0, -1)  # planar (channel-first) storage

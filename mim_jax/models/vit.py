@@ -194,6 +194,11 @@ class Attention(nn.Module):
     qkv = nn.Dense(3 * width, dtype=self.dtype, kernel_init=dense_init, name="qkv")(x)
     qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, heads, head_dim]
+    if self.is_mutable_collection("intermediates"):
+      # Asked for (features.py): the attention weights [B, heads, T, T], computed once more
+      # in float32 beside the fused kernel, which never materialises them.
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
+      self.sow("intermediates", "attention", jax.nn.softmax(logits * head_dim ** -0.5, -1))
     out = dot_product_attention(q, k, v, implementation=self.implementation)
     out = out.reshape(b, t, width)
     return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name="proj")(out)

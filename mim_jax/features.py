@@ -1,0 +1,253 @@
+r"""Features of a pre-trained encoder for downstream work: embeddings, patch tokens, attention.
+
+  python -m mim_jax.features --encoder=workdirs/mae_fmnist --images=photos/ --out=feats.npz \
+      [--blocks=0,4] [--patch_tokens] [--attention] [--image_size=224,224] [--pictures=maps/]
+
+From Python:
+
+  from mim_jax import features
+  enc = features.load("workdirs/mae_fmnist", image_size=(28, 28))   # any encoder mim_jax reads
+  out = features.extract(enc, images)        # images: uint8 / uint16 / float [N, H, W, C]
+  out["cls_block0"], out["gap_block0"]       # [N, D]: cls token, mean of the patch tokens
+
+The encoder is a pre-training workdir (its encoder/ export), an export directory, or a
+checkpoint imported with `python -m mim_jax.convert import` (official MAE, timm, BEiT, HF).
+Images are resized to the encoder's resolution (or `image_size`: the position table is
+resized, bicubic, if it is learned; sin-cos tables are recomputed for the grid) and normalised
+with the export's mean/std, exactly as the evaluations see them. Blocks: 0 is the encoder's
+output (after its final LayerNorm), k the output of block k. The output holds, per block b,
+`cls_block{b}` and `gap_block{b}` [N, D], with `patch_tokens` also `patch_block{b}`
+[N, h*w, D]; with `attention`, `attention` [N, heads, 1 + h*w, 1 + h*w] of the last block and
+`rollout` [N, h, w] (attention rollout, Abnar & Zuidema 2020: the heads' mean plus the
+residual identity, rows renormalised, multiplied through the blocks; the cls row). Results are
+deterministic (no dropout, no masking) and batched over every local device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tifffile
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from PIL import Image
+
+from mim_jax import viz
+from mim_jax.data import sources, transforms
+from mim_jax.models.heads import pool_tokens
+from mim_jax.models.vit import ViTEncoder, encoder_from_config
+from mim_jax.weights import pretrained
+
+
+@dataclasses.dataclass
+class Encoder:
+  """A loaded encoder: the module, its parameters and how its inputs are prepared."""
+  module: ViTEncoder
+  params: Any
+  image_size: tuple[int, int]
+  channels: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  info: dict
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    return self.module.grid_hw
+
+
+def load(source: str, *, image_size: Optional[Sequence[int]] = None) -> Encoder:
+  """The encoder in `source` (workdir, export or imported checkpoint) at `image_size`
+  (default: the resolution it was trained at)."""
+  info = pretrained.read_model_info(source)
+  config = ml_collections.ConfigDict(info["config"])
+  size = tuple(int(s) for s in (image_size or info["image_size"]))
+  posemb = pretrained.encoder_posemb(source)
+  module = encoder_from_config(config.model, size, int(info["channels"]), posemb=posemb)
+  init = jax.eval_shape(module.init, jax.random.key(0),
+                        jnp.zeros((1, *size, int(info["channels"])), jnp.float32))["params"]
+  init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), init)
+  params = pretrained.load_encoder_into(init, source, grid_hw=module.grid_hw)
+  data = info["config"].get("data", {})
+  return Encoder(module=module, params=params, image_size=size, channels=int(info["channels"]),
+                 mean=tuple(data.get("mean", (0.5,))), std=tuple(data.get("std", (0.5,))),
+                 info=info)
+
+
+def prepare(enc: Encoder, images: np.ndarray) -> np.ndarray:
+  """Raw images [N, H, W(, C)] (uint8, uint16 / other integers, or float in [0, 1]) ->
+  normalised float32 [N, *image_size, C]: the evaluation preprocessing (resize + centre
+  crop when the size differs), as `data.make_eval_iterator` does it."""
+  normalize = transforms.Normalizer(enc.mean, enc.std, enc.channels)
+  out = []
+  for image in images:
+    image = transforms.to_channels(np.asarray(image), enc.channels)
+    h, w = image.shape[:2]
+    if (h, w) != enc.image_size:
+      box = transforms.center_crop_box(h, w, enc.image_size, 1.0)
+      image = transforms.resize_box(image, box, enc.image_size)
+    out.append(normalize(image))
+  return np.stack(out)
+
+
+def read_images(path: str) -> np.ndarray:
+  """An .npy array [N, H, W(, C)], or every image file of a folder (sorted paths), as arrays
+  of their own dtype (8-bit uint8, 16-bit and TIFF float32 in [0, 1])."""
+  if path.endswith(".npy"):
+    return np.load(path)
+  paths = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
+                 for name in names if name.lower().endswith(sources.IMAGE_EXTENSIONS))
+  if not paths:
+    raise FileNotFoundError(f"no {'/'.join(sources.IMAGE_EXTENSIONS)} images under {path}")
+  decoded = []
+  for p in paths:
+    with open(p, "rb") as f:
+      data = f.read()
+    decoded.append(transforms.decode_image(data, channels=_file_channels(data)))
+  return _stack(decoded, paths)
+
+
+def _file_channels(data: bytes) -> int:
+  """The channel count a file has (its own, not converted)."""
+  if data[:4] in transforms.TIFF_MAGIC:
+    shape = tifffile.TiffFile(io.BytesIO(data)).series[0].shape
+    return 1 if len(shape) == 2 else int(min(shape[0], shape[-1]))
+  with Image.open(io.BytesIO(data)) as img:
+    return 1 if img.mode in ("L", "I", "I;16", "I;16B", "I;16L", "1", "F") else 3
+
+
+def _stack(images: list[np.ndarray], paths: list[str]) -> np.ndarray:
+  shapes = {im.shape for im in images}
+  if len(shapes) > 1:
+    # Differently sized files: each is resized on its own by `prepare`; keep them as a list.
+    return np.asarray(images, dtype=object)
+  return np.stack(images)
+
+
+def attention_rollout(attentions: Sequence[jax.Array]) -> jax.Array:
+  """[B, heads, T, T] per block -> [B, T - 1]: the cls token's rolled-out attention to the
+  patches (heads averaged, + identity for the residual path, rows renormalised, multiplied
+  from the first block to the last), normalised to sum 1."""
+  rollout = None
+  for a in attentions:
+    a = jnp.mean(a, axis=1)
+    a = 0.5 * a + 0.5 * jnp.eye(a.shape[-1], dtype=a.dtype)
+    a = a / jnp.sum(a, axis=-1, keepdims=True)
+    rollout = a if rollout is None else jnp.einsum("bij,bjk->bik", a, rollout)
+  cls = rollout[:, 0, 1:]
+  return cls / jnp.sum(cls, axis=-1, keepdims=True)
+
+
+def _feature_fn(enc: Encoder, blocks: tuple[int, ...], patch_tokens: bool, attention: bool):
+  depth = enc.module.depth
+
+  def fn(params, images):
+    if attention:
+      (tokens, aux), state = enc.module.apply({"params": params}, images,
+                                              mutable=["intermediates"])
+      maps = [state["intermediates"]["transformer"][f"blocks_{i}"]["attn"]["attention"][0]
+              for i in range(depth)]
+    else:
+      tokens, aux = enc.module.apply({"params": params}, images)
+    out = {}
+    for b in blocks:
+      t = tokens if b == 0 else aux["blocks"][b - 1]
+      out[f"cls_block{b}"] = pool_tokens(t, "cls").astype(jnp.float32)
+      out[f"gap_block{b}"] = pool_tokens(t, "gap").astype(jnp.float32)
+      if patch_tokens:
+        out[f"patch_block{b}"] = t[:, 1:].astype(jnp.float32)
+    if attention:
+      out["attention"] = maps[-1]
+      out["rollout"] = attention_rollout(maps).reshape(-1, *enc.grid)
+    return out
+
+  return fn
+
+
+def extract(enc: Encoder, images: Any, *, blocks: Sequence[int] = (0,),
+            patch_tokens: bool = False, attention: bool = False,
+            batch_size: int = 64) -> dict[str, np.ndarray]:
+  """Features of raw `images` ([N, H, W(, C)] array or list of arrays) in input order."""
+  blocks = tuple(int(b) for b in blocks)
+  for b in blocks:
+    if not 0 <= b <= enc.module.depth:
+      raise ValueError(f"block {b}: expected 0 (the encoder output) to {enc.module.depth}")
+  devices = jax.local_devices()
+  mesh = Mesh(np.array(devices), ("batch",))
+  batch_size = -(-batch_size // len(devices)) * len(devices)  # a multiple of the devices
+  fn = jax.jit(_feature_fn(enc, blocks, patch_tokens, attention),
+               in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))))
+  params = jax.device_put(enc.params, NamedSharding(mesh, P()))
+  chunks: dict[str, list[np.ndarray]] = {}
+  n = len(images)
+  for start in range(0, n, batch_size):
+    batch = prepare(enc, images[start:start + batch_size])
+    real = len(batch)
+    if real < batch_size:  # static shapes: pad the last batch, drop the padding after
+      batch = np.concatenate([batch, np.zeros((batch_size - real, *batch.shape[1:]),
+                                              batch.dtype)])
+    out = jax.device_get(fn(params, batch))
+    for k, v in out.items():
+      chunks.setdefault(k, []).append(np.asarray(v)[:real])
+  return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+def attention_picture(enc: Encoder, images: np.ndarray, out: dict[str, np.ndarray],
+                      max_rows: int = 8) -> np.ndarray:
+  """uint8 picture, one row per image: the image | the last block's cls attention of each
+  head | the rollout, maps scaled to [0, 1] per panel and upsampled to the image."""
+  prepared = prepare(enc, images[:max_rows])
+  shown = viz._to_display(prepared, enc.mean, enc.std)  # pylint: disable=protected-access
+  gh, gw = enc.grid
+  cls = out["attention"][:max_rows, :, 0, 1:].reshape(len(prepared), -1, gh, gw)
+  maps = [cls[:, h] for h in range(cls.shape[1])] + [out["rollout"][:max_rows]]
+  ph, pw = prepared.shape[1] // gh, prepared.shape[2] // gw
+
+  def panel(m):
+    m = m - m.min(axis=(1, 2), keepdims=True)
+    m = m / np.maximum(m.max(axis=(1, 2), keepdims=True), 1e-12)
+    m = m.repeat(ph, axis=1).repeat(pw, axis=2)
+    return np.repeat(m[..., None], 3, axis=-1)
+
+  panels = [shown] + [panel(np.asarray(m, np.float32)) for m in maps]
+  s = viz.upscale_factor(*shown.shape[1:3])
+  return viz._tile([p.repeat(s, axis=1).repeat(s, axis=2) for p in panels])  # pylint: disable=protected-access
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m mim_jax.features", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--encoder", required=True, help="workdir, export or imported checkpoint")
+  parser.add_argument("--images", required=True, help="a folder of images or an .npy array")
+  parser.add_argument("--out", required=True, help=".npz file to write")
+  parser.add_argument("--blocks", default="0", help="comma-separated blocks (0: the output)")
+  parser.add_argument("--patch_tokens", action="store_true", help="also per-patch tokens")
+  parser.add_argument("--attention", action="store_true", help="attention maps and rollout")
+  parser.add_argument("--image_size", default="", help="H,W (default: the encoder's own)")
+  parser.add_argument("--batch_size", type=int, default=64)
+  parser.add_argument("--pictures", default="", help="with --attention: a PNG of the maps")
+  args = parser.parse_args(argv)
+  size = tuple(int(s) for s in args.image_size.split(",")) if args.image_size else None
+  enc = load(args.encoder, image_size=size)
+  images = read_images(args.images)
+  out = extract(enc, images, blocks=[int(b) for b in args.blocks.split(",")],
+                patch_tokens=args.patch_tokens, attention=args.attention,
+                batch_size=args.batch_size)
+  np.savez(args.out, **out)
+  print(f"wrote {args.out}: " + ", ".join(f"{k} {v.shape}" for k, v in out.items()),
+        file=sys.stderr)
+  if args.pictures and args.attention:
+    viz.save_png(attention_picture(enc, images, out), args.pictures)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

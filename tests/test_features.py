@@ -1,0 +1,78 @@
+"""Features for downstream work: the same numbers the evaluations use, at any resolution, with
+attention maps, from Python and from the command line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mim_jax import features
+from mim_jax.data import make_eval_iterator
+from mim_jax.evaluate import frozen
+from mim_jax.training import loop, setup
+
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("mae"))
+  loop.run(tiny_config("mae", total_steps=2), workdir)
+  return workdir
+
+
+def _raw_images(n=10, size=16, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3)).astype(np.uint8)
+
+
+def test_features_equal_the_k_nn_jobs(encoder_dir, tmp_path):
+  """cls and mean-pooled features of the export equal those the k-NN / probe jobs compute on
+  the same (synthetic) images, block 0 and block 1."""
+  prepared = setup.prepare(tiny_config("knn", init_from=encoder_dir))
+  batch = next(make_eval_iterator(prepared.data, image_size=(16, 16), channels=3,
+                                  batch_size=16, process_index=0, process_count=1))
+  enc = features.load(encoder_dir)
+  params = enc.params
+  for block in (0, 1):
+    extractor = frozen.FeatureExtractor(prepared, layer=block)
+    want = np.asarray(extractor._features(params, batch["image"]))  # [B, pools, D]
+    # The same images as raw pixels through the public path: de-normalise the batch.
+    raw = batch["image"] * np.asarray(enc.std, np.float32) + np.asarray(enc.mean, np.float32)
+    got = features.extract(enc, raw.astype(np.float32), blocks=(block,), batch_size=5)
+    np.testing.assert_allclose(got[f"cls_block{block}"], want[:, 0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[f"gap_block{block}"], want[:, 1], rtol=1e-5, atol=1e-5)
+
+
+def test_two_resolutions_patch_tokens_and_attention(encoder_dir):
+  images = _raw_images()
+  small = features.extract(features.load(encoder_dir), images, blocks=(0, 2),
+                           patch_tokens=True, attention=True)
+  big_enc = features.load(encoder_dir, image_size=(32, 32))
+  big = features.extract(big_enc, np.repeat(np.repeat(images, 2, 1), 2, 2),
+                         patch_tokens=True, attention=True)
+  assert small["patch_block0"].shape == (10, 16, 64) and big["patch_block0"].shape == (10, 64, 64)
+  assert small["attention"].shape == (10, 2, 17, 17) and big["attention"].shape == (10, 2, 65, 65)
+  np.testing.assert_allclose(small["attention"].sum(-1), 1.0, rtol=1e-5)
+  assert small["rollout"].shape == (10, 4, 4) and big["rollout"].shape == (10, 8, 8)
+  np.testing.assert_allclose(big["rollout"].sum(axis=(1, 2)), 1.0, rtol=1e-5)
+  assert all(np.isfinite(v).all() for v in (*small.values(), *big.values()))
+  # Deterministic, and batching does not change a row.
+  again = features.extract(features.load(encoder_dir), images[3:4], blocks=(0, 2))
+  np.testing.assert_allclose(again["cls_block2"][0], small["cls_block2"][3], rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_command_line_writes_features_and_attention_pictures(encoder_dir, tmp_path):
+  folder = tmp_path / "photos"
+  folder.mkdir()
+  for i, image in enumerate(_raw_images(n=3, size=20)):
+    Image.fromarray(image).save(folder / f"{i}.png")
+  out, png = tmp_path / "feats.npz", tmp_path / "maps.png"
+  assert features.main(["--encoder", encoder_dir, "--images", str(folder), "--out", str(out),
+                        "--blocks", "0,1", "--attention", "--pictures", str(png)]) == 0
+  saved = np.load(out)
+  assert saved["cls_block0"].shape == (3, 64) and saved["gap_block1"].shape == (3, 64)
+  assert saved["rollout"].shape == (3, 4, 4)
+  picture = np.asarray(Image.open(png))
+  assert picture.ndim == 3 and picture.shape[0] > 3 * 16  # one row per image
