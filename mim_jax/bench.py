@@ -53,6 +53,8 @@ flags.DEFINE_bool("asymmetry", False, "Also time MAE with mask tokens through th
 flags.DEFINE_bool("pipeline", False, "Benchmark the input pipeline instead of train steps.")
 flags.DEFINE_integer("pipeline_images", 512, "Generated JPEGs for --pipeline.")
 flags.DEFINE_integer("pipeline_batches", 8, "Timed batches for --pipeline.")
+flags.DEFINE_string("profile", "", "Also trace a few steps of each mim_jax row into this folder "
+                    "and report kernel time by category and the top kernels (mim_jax/profiling.py)")
 flags.mark_flags_as_required(["config"])
 
 PEERS = ("hf", "hf_compile", "none")
@@ -96,7 +98,8 @@ def _timed(step, warmup: int, steps: int) -> list[float]:
   return times
 
 
-def bench_mim_jax(config, steps: int, warmup: int) -> dict:
+def bench_mim_jax(config, steps: int, warmup: int, profile_dir: str = "",
+                  profile_steps: int = 5) -> dict:
   import jax
   import numpy as np
 
@@ -129,13 +132,18 @@ def bench_mim_jax(config, steps: int, warmup: int) -> dict:
     jax.block_until_ready(metrics["loss"])
 
   times = _timed(one_step, warmup, steps)
+  extra = {}
+  if profile_dir:  # after the timing, so the trace costs the measurement nothing
+    from mim_jax import profiling
+    extra["profile"] = profiling.profile(one_step, compiled.as_text(), profile_steps,
+                                         profile_dir)
   params = sum(int(x.size) for x in jax.tree.leaves(holder["state"].params))
   return _summary("mim_jax", times, config, jax.devices()[0].device_kind, params=params,
                   device_count=jax.device_count(), dtype=config.model.dtype,
                   attention_impl=config.model.get("attention_impl") or "default",
                   remat=config.model.get("remat", "none"),
                   xla_gflops_per_image=_sig(xla_flops / shape[0] / 1e9),
-                  versions={"jax": jax.__version__})
+                  versions={"jax": jax.__version__}, **extra)
 
 
 def bench_hf(config, steps: int, warmup: int, compile_model: bool = False) -> dict:
@@ -271,7 +279,8 @@ def main(argv):
   if FLAGS.peers_only and not peers:
     raise app.UsageError("--peers_only needs --peer=hf and/or hf_compile")
   for c in ([] if FLAGS.peers_only else configs):
-    print(json.dumps(bench_mim_jax(c, FLAGS.steps, FLAGS.warmup)), flush=True)
+    profile_dir = os.path.join(FLAGS.profile, f"{c.method}_{len(os.listdir(FLAGS.profile)) if os.path.isdir(FLAGS.profile) else 0}") if FLAGS.profile else ""
+    print(json.dumps(bench_mim_jax(c, FLAGS.steps, FLAGS.warmup, profile_dir)), flush=True)
   for peer in peers:
     print(json.dumps(bench_hf(configs[0], FLAGS.steps, FLAGS.warmup,
                               compile_model=peer == "hf_compile")), flush=True)

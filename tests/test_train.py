@@ -246,3 +246,41 @@ def test_train_step_compiles_once_per_run_across_logging_checkpoints_and_resume(
   assert compilations(config) == 1
   config.total_steps = 8  # resume from step 5
   assert compilations(config) == 1
+
+
+def test_norms_are_computed_at_logged_steps_only_with_the_same_values():
+  """Parameter / update norms at the logging interval equal those of a step that computes
+  them every step; in between they are NaN (not computed)."""
+  method, tx = _LinearRegression(), optax.adamw(1e-2)
+  images = jax.random.normal(jax.random.key(0), (8, 4, 4, 1))
+  state = step_lib.init_train_state(method, tx, jax.random.key(1), (1, 4, 4, 1))
+  every = jax.jit(step_lib.make_train_step(method, tx, lambda s: 1e-2))
+  logged = jax.jit(step_lib.make_train_step(method, tx, lambda s: 1e-2, norms_every=2,
+                                            last_step=5))
+  a = b = state
+  for i in range(5):
+    a, ma = every(a, {"image": images}, jax.random.key(2))
+    b, mb = logged(b, {"image": images}, jax.random.key(2))
+    chex.assert_trees_all_equal(a.params, b.params)
+    if (i + 1) % 2 == 0 or i + 1 == 5:
+      assert float(mb["param_norm"]) == float(ma["param_norm"]) > 0
+      assert float(mb["update_norm"]) == float(ma["update_norm"]) > 0
+    else:
+      assert np.isnan(float(mb["param_norm"])) and np.isnan(float(mb["update_norm"]))
+    assert float(mb["grad_norm"]) == float(ma["grad_norm"])
+
+
+def test_profile_reports_kernel_time_by_category(tmp_path):
+  """bench's --profile: a traced step's kernels mapped to categories (the optimizer's by its
+  named scope), the top kernels named."""
+  from mim_jax import bench
+  config = tiny_mae_config(global_batch_size=8)
+  result = bench.bench_mim_jax(config, steps=2, warmup=1, profile_dir=str(tmp_path / "trace"),
+                               profile_steps=2)
+  profile = result["profile"]
+  assert set(profile["categories"]) == {"attention", "matmul", "norms/reductions",
+                                        "scatter/gather", "copies/transposes", "optimizer",
+                                        "other"}
+  assert profile["categories"]["matmul"] > 0 and profile["categories"]["attention"] > 0
+  assert profile["categories"]["optimizer"] > 0
+  assert profile["top_kernels"] and all(k["ms"] >= 0 for k in profile["top_kernels"])

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from mim_jax.models.vit import (
   Transformer,
   dense_init,
-  gather_tokens,
+  permute_tokens,
   sincos_2d,
   token_init,
 )
@@ -46,7 +46,7 @@ class MAEDecoder(nn.Module):
     num_masked = num_patches - (x.shape[1] - 1)
     fill = jnp.broadcast_to(mask_token.astype(x.dtype), (b, num_masked, self.width))
     # Visible tokens come first in shuffled order; ids_restore puts every token back in place.
-    patches = gather_tokens(jnp.concatenate([x[:, 1:], fill], axis=1), ids_restore)
+    patches = permute_tokens(jnp.concatenate([x[:, 1:], fill], axis=1), ids_restore)
     x = jnp.concatenate([x[:, :1], patches], axis=1)
     posemb = jnp.asarray(sincos_2d(self.width, self.grid_hw, cls_token=True))
     x = x + posemb[None].astype(x.dtype)

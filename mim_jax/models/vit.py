@@ -114,6 +114,29 @@ def gather_tokens(x: jax.Array, ids: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, ids[:, :, None], axis=1)
 
 
+@jax.custom_vjp
+def permute_tokens(x: jax.Array, ids: jax.Array) -> jax.Array:
+  """x [B, N, D] reordered per example by a permutation ids [B, N] (out[b, i] = x[b, ids[b, i]]).
+
+  The same as `gather_tokens`, with a gradient that is a gather too: a permutation's transpose
+  is its inverse, so the backward pass reorders the cotangent by argsort(ids) instead of
+  scatter-adding it (MAE's decoder un-shuffle).
+  """
+  return gather_tokens(x, ids)
+
+
+def _permute_fwd(x, ids):
+  return gather_tokens(x, ids), ids
+
+
+def _permute_bwd(ids, g):
+  inverse = jnp.argsort(ids, axis=1).astype(ids.dtype)
+  return gather_tokens(g, inverse), None
+
+
+permute_tokens.defvjp(_permute_fwd, _permute_bwd)
+
+
 _SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
@@ -332,6 +355,11 @@ class ViTEncoder(nn.Module):
       chex.assert_shape(token_mask, (images.shape[0], (images.shape[1] // self.patch_size)
                                      * (images.shape[2] // self.patch_size)))
     x = patchify(images, self.patch_size).astype(self.dtype)
+    if ids_keep is not None:
+      # Only the visible patches' pixels are embedded: the same rows as embedding every patch
+      # and then picking, without a backward pass over masked rows or a scatter-add into the
+      # full token tensor (the input pixels need no gradient).
+      x = gather_tokens(x, ids_keep)
     x = nn.Dense(self.width, dtype=self.dtype, kernel_init=dense_init, name="patch_embed")(x)
     if self.use_mask_token:
       mask_token = self.param("mask_token", token_init, (1, 1, self.width))
@@ -353,9 +381,8 @@ class ViTEncoder(nn.Module):
       posemb = self.param("pos_embed", lambda rng, shape: jnp.asarray(table), table.shape)
     else:
       raise ValueError(f"posemb={self.posemb!r}: expected 'sincos' or 'learn'")
-    x = x + posemb[None, 1:].astype(x.dtype)
-    if ids_keep is not None:
-      x = gather_tokens(x, ids_keep)
+    patch_posemb = posemb[1:][ids_keep] if ids_keep is not None else posemb[None, 1:]
+    x = x + patch_posemb.astype(x.dtype)
 
     cls = self.param("cls_token", token_init, (1, 1, self.width))
     cls = (cls + posemb[None, :1]).astype(x.dtype)

@@ -80,13 +80,15 @@ class Run:
     if self.config.parallel.step == "shard_map":
       axes = parallel.batch_axes(self.mesh)
       fn = step.make_train_step(self.method, self.tx, self.schedule,
-                                self.config.grad_accum_steps, axis_name=axes)
+                                self.config.grad_accum_steps, axis_name=axes,
+                                norms_every=self.config.log_every, last_step=self.last_step)
       state_spec = jax.tree.map(lambda _: P(), self.abstract_state)
       fn = jax.shard_map(fn, mesh=self.mesh, in_specs=(state_spec, P(axes), P()),
                          out_specs=(state_spec, P()))
     else:
       fn = parallel.with_activation_mesh(self.mesh, step.make_train_step(
-          self.method, self.tx, self.schedule, self.config.grad_accum_steps))
+          self.method, self.tx, self.schedule, self.config.grad_accum_steps,
+          norms_every=self.config.log_every, last_step=self.last_step))
     return jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding, self.replicated),
                    out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
 

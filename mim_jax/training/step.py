@@ -10,7 +10,7 @@ these directly (mim_jax/examples/custom_loop.py).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import chex
 import flax
@@ -73,7 +73,8 @@ def _to_varying(x: jax.Array, axis_name) -> jax.Array:
 
 
 def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum_steps: int = 1, axis_name=None) -> Callable:
+                    grad_accum_steps: int = 1, axis_name=None, norms_every: int = 1,
+                    last_step: Optional[int] = None) -> Callable:
   """Returns the pure step `(state, batch, rng) -> (state, metrics)`.
 
   Without `axis_name` the step is global: jit it with the batch sharded over a mesh and XLA
@@ -95,7 +96,10 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
   A method's `after_update(params, extra, step)` hook (EMA teachers) runs after the update. The
   step count advances either way, so the data and randomness of later steps do not shift.
   Metrics are scalars: the method's (loss, ...), learning_rate, grad/param/update norms,
-  nonfinite (1 if this step was skipped), skipped_updates and nonfinite_streak.
+  nonfinite (1 if this step was skipped), skipped_updates and nonfinite_streak. The parameter
+  and update norms are computed only at the steps that are logged (`norms_every`: the loop's
+  logging interval, and `last_step`) and are NaN in between; the gradient norm, which the
+  finiteness check needs, every step.
   """
   if axis_name is not None:
     method = method.with_axis(axis_name)
@@ -146,8 +150,9 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
     if axis_name is not None:
       loss, metrics, grads = jax.lax.pmean((loss, metrics, grads), axis_name)
 
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    with jax.named_scope("optimizer"):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
     extra = method.after_update(params, extra, state.step)  # e.g. an EMA teacher follows params
     grad_norm = _global_norm(grads)
     # One NaN/Inf anywhere in the gradients makes their norm non-finite.
@@ -157,9 +162,17 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
         (params, opt_state, extra), (state.params, state.opt_state, state.extra))
     skipped = (~finite).astype(jnp.int32)
     streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+    # Parameter and update norms are only read where they are logged: computed there alone.
+    logged = (state.step + 1) % norms_every == 0
+    if last_step is not None:
+      logged |= state.step + 1 == last_step
+    with jax.named_scope("diagnostics"):
+      param_norm, update_norm = jax.lax.cond(
+          logged, lambda: (_global_norm(params), _global_norm(updates)),
+          lambda: (jnp.float32(jnp.nan), jnp.float32(jnp.nan)))
     metrics = dict(metrics)
     metrics.update(learning_rate=schedule(state.step), grad_norm=grad_norm,
-                   param_norm=_global_norm(params), update_norm=_global_norm(updates),
+                   param_norm=param_norm, update_norm=update_norm,
                    nonfinite=skipped, skipped_updates=state.skipped_updates + skipped,
                    nonfinite_streak=streak)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, extra=extra,

@@ -1,0 +1,143 @@
+"""Where a compiled step's time goes, without a UI: kernel time by category from a JAX trace.
+
+  profile(run_step, compiled_text, steps, trace_dir) -> {"step_ms", "categories": {...},
+                                                          "top_kernels": [...]}
+
+`run_step()` runs one step to completion; it is called `steps` times under
+`jax.profiler.trace(trace_dir)`. The trace's device events (XLA:CPU thunks, GPU kernels) are
+mapped to the instructions of `compiled_text` (the compiled HLO, `compiled.as_text()`) by name
+(CPU) or by their "hlo_op" stat (GPU), and each instruction to one category by what it
+computes and where it comes from (its op_name metadata):
+
+  attention         the fused attention kernel, or the attention core's dots / softmax
+  matmul            the other dots and convolutions (projections, MLPs, patch embedding)
+  norms/reductions  reductions and LayerNorm arithmetic
+  scatter/gather    scatter, gather, dynamic (update-)slice
+  copies/transposes copies, transposes, layout changes
+  optimizer         the optimizer update (`jax.named_scope("optimizer")` in the train step)
+  other             everything else (element-wise work, the loss, diagnostics)
+
+Times are per step (total over the traced steps / steps); on CPU, thunks of independent
+instructions can run on several threads at once, so the categories may add up to more than
+the step's wall time.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import re
+from typing import Callable
+
+import jax
+
+CATEGORIES = ("attention", "matmul", "norms/reductions", "scatter/gather", "copies/transposes",
+              "optimizer", "other")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\(")
+_COMP = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+_CALLS = re.compile(r"(?:calls|to_apply)=%?([\w.\-]+)")
+_OP_NAME = re.compile(r'op_name="([^"]+)"')
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+
+
+def _parse(hlo: str) -> tuple[dict, dict]:
+  """(instructions: name -> (opcode, line), computations: name -> [instruction names])."""
+  instrs, comps, current = {}, collections.defaultdict(list), None
+  for line in hlo.splitlines():
+    m = _COMP.match(line)
+    if m and "=" not in line.split("{")[0]:
+      current = m.group(1)
+      continue
+    m = _INSTR.match(line)
+    if m and current is not None:
+      instrs[m.group(1)] = (m.group(2), line)
+      comps[current].append(m.group(1))
+  return instrs, comps
+
+
+def _ops_inside(name: str, instrs: dict, comps: dict, depth: int = 0) -> set[str]:
+  """Opcodes of an instruction and of the computations it calls (fusions), recursively."""
+  opcode, line = instrs.get(name, ("", ""))
+  ops = {opcode}
+  if opcode == "custom-call":
+    target = _TARGET.search(line)
+    ops.add("custom-call:" + (target.group(1) if target else ""))
+  if depth < 4:
+    for called in _CALLS.findall(line):
+      for inner in comps.get(called, ()):
+        ops |= _ops_inside(inner, instrs, comps, depth + 1)
+  return ops
+
+
+def categorize(name: str, instrs: dict, comps: dict) -> tuple[str, str]:
+  """(category, op_name) of instruction `name`."""
+  ops = _ops_inside(name, instrs, comps)
+  op_name = ""
+  for inner in [name] + [i for c in _CALLS.findall(instrs.get(name, ("", ""))[1])
+                         for i in comps.get(c, ())]:
+    m = _OP_NAME.search(instrs.get(inner, ("", ""))[1])
+    if m:
+      op_name = m.group(1)
+      break
+  path = op_name.lower()
+  if any(o.startswith("custom-call:") and ("fmha" in o or "attention" in o or "flash" in o)
+         for o in ops):
+    return "attention", op_name
+  if "/optimizer/" in path or path.endswith("/optimizer"):
+    return "optimizer", op_name
+  in_attention_core = "/attn/" in path and not re.search(r"/attn/(qkv|proj)\b", path)
+  if ops & {"dot", "convolution"} or any("gemm" in o or "matmul" in o for o in ops):
+    return ("attention" if in_attention_core else "matmul"), op_name
+  if in_attention_core:
+    return "attention", op_name
+  if ops & {"scatter", "gather", "dynamic-slice", "dynamic-update-slice"}:
+    return "scatter/gather", op_name
+  if ops & {"reduce", "reduce-window"} or re.search(r"/(norm\w*|layernorm)\b", path):
+    return "norms/reductions", op_name
+  if ops & {"copy", "transpose", "copy-start", "copy-done"}:
+    return "copies/transposes", op_name
+  return "other", op_name
+
+
+def _event_instruction(event) -> str:
+  for key, value in getattr(event, "stats", ()):
+    if key == "hlo_op":
+      return str(value)
+  return event.name
+
+
+def profile(run_step: Callable[[], None], compiled_text: str, steps: int, trace_dir: str,
+            top: int = 15) -> dict:
+  """Traces `steps` calls of `run_step` and returns the per-step kernel time by category."""
+  instrs, comps = _parse(compiled_text)
+  os.makedirs(trace_dir, exist_ok=True)
+  with jax.profiler.trace(trace_dir):
+    for _ in range(steps):
+      run_step()
+  files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
+                 key=os.path.getmtime)
+  data = jax.profiler.ProfileData.from_file(files[-1])
+  per_instr = collections.Counter()
+  for plane in data.planes:
+    device = plane.name.startswith("/device:")
+    for line in plane.lines:
+      # CPU: XLA thunks run on the Eigen threads; GPU: kernels on the device's streams.
+      if not (device or line.name.startswith("tf_XLAEigen")):
+        continue
+      for event in line.events:
+        name = _event_instruction(event)
+        if name in instrs:
+          per_instr[name] += event.duration_ns
+  categories = dict.fromkeys(CATEGORIES, 0.0)
+  rows = []
+  for name, ns in per_instr.items():
+    category, op_name = categorize(name, instrs, comps)
+    ms = ns / 1e6 / steps
+    categories[category] += ms
+    rows.append({"kernel": name, "ms": round(ms, 3), "category": category,
+                 "op_name": op_name[-120:]})
+  rows.sort(key=lambda r: -r["ms"])
+  return {"steps": steps, "kernel_ms_per_step": round(sum(categories.values()), 3),
+          "categories": {k: round(v, 3) for k, v in categories.items()},
+          "top_kernels": rows[:top]}
