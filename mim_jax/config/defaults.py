@@ -79,6 +79,11 @@ def training_fields(c: ml_collections.ConfigDict) -> None:
       crop_scale=(0.2, 1.0),   # RandomResizedCrop area range
       crop_ratio=(3.0 / 4.0, 4.0 / 3.0),
       hflip=True,
+      # Where RandomResizedCrop, flip and normalisation run: "host" (grain workers, PIL) or
+      # "device" (batched in the train step; the host draws the same boxes and flips, and
+      # ships decoded images; sources whose images all have one size: fashion_mnist, npy,
+      # synthetic).
+      augment_on="host",
   )
   c.global_batch_size = 4096
   c.grad_accum_steps = 1

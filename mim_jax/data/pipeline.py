@@ -149,6 +149,12 @@ def train_dataset(data_cfg, *, image_size: tuple[int, int], channels: int,
   shuffle_seed, augment_seed = _derive_seeds(seed, process_index)
   ds = ds.shuffle(seed=shuffle_seed).repeat()  # infinite; each epoch reshuffled from the seed
   ds = ds.map(_decoder(data_cfg, channels))
+  if augment is None and data_cfg.get("augment_on", "host") == "device":
+    augment = transforms.DeviceAugmentDraws(
+        crop_scale=tuple(float(s) for s in data_cfg.crop_scale),
+        crop_ratio=tuple(float(r) for r in data_cfg.crop_ratio),
+        hflip=bool(data_cfg.hflip), source_size=source_image_size(source, data_cfg, channels),
+        channels=channels)
   if augment is None:
     augment = transforms.TrainAugment(
         image_size=image_size,
@@ -178,6 +184,14 @@ def train_dataset(data_cfg, *, image_size: tuple[int, int], channels: int,
   it_ds = grain.experimental.WithOptionsIterDataset(
       it_ds, grain.experimental.DatasetOptions(filter_warn_threshold_ratio=None))
   return grain.experimental.RebatchIterDataset(it_ds, local_batch, drop_remainder=True)
+
+
+def source_image_size(source, data_cfg, channels: int) -> tuple[int, int]:
+  """The (height, width) every image of a fixed-size source has (its first decoded one)."""
+  first = _decoder(data_cfg, channels).map(source[0])["image"]
+  if first is None:
+    raise ValueError(f"the first image of {source!r} cannot be decoded")
+  return tuple(int(s) for s in first.shape[:2])
 
 
 def make_train_iterator(data_cfg, *, image_size: tuple[int, int], channels: int,

@@ -283,6 +283,44 @@ class TrainAugment(grain.transforms.RandomMap):
             VALID_KEY: np.bool_(True)}
 
 
+# Keys of a training element whose crop and flip are applied on the device (device_augment.py).
+CROP_BOX_KEY, FLIP_KEY = "crop_box", "flip"
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceAugmentDraws(grain.transforms.RandomMap):
+  """`TrainAugment`'s random draws without its pixel work: {"image": [h, w, C] or None,
+  "label"} -> {"image": the decoded image as it is, "crop_box": float32 [4] (top, left,
+  height, width), "flip": bool, "label", "valid"}.
+
+  The same per-element generator, called in the same order (the RandomResizedCrop box, then
+  the flip coin), so the boxes and flips equal the host path's for the same seed; the crop,
+  resize, flip and normalisation run batched on the device (`device_augment.apply`). All
+  images of a source must have one size (they are batched before the resize).
+  """
+  crop_scale: tuple[float, float]
+  crop_ratio: tuple[float, float]
+  hflip: bool
+  source_size: tuple[int, int]
+  channels: int
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    image = element["image"]
+    if image is None:
+      return {"image": np.zeros((*self.source_size, self.channels), np.uint8),
+              CROP_BOX_KEY: np.zeros(4, np.float32), FLIP_KEY: np.bool_(False),
+              "label": np.int32(-1), VALID_KEY: np.bool_(False)}
+    if tuple(image.shape[:2]) != tuple(self.source_size):
+      raise ValueError(f"image of size {image.shape[:2]}: augmentation on the device needs "
+                       f"every image at {tuple(self.source_size)} (data.augment_on='host' "
+                       "takes any size)")
+    box = random_resized_crop_box(rng, image.shape[0], image.shape[1], self.crop_scale,
+                                  self.crop_ratio)
+    flip = bool(self.hflip and rng.random() < 0.5)
+    return {"image": image, CROP_BOX_KEY: np.asarray(box, np.float32), FLIP_KEY: np.bool_(flip),
+            "label": np.int32(element["label"]), VALID_KEY: np.bool_(True)}
+
+
 class DropInvalidRows(grain.transforms.Map):
   """Removes the placeholder rows of undecodable images from a batch (and its "valid" key).
 

@@ -172,7 +172,16 @@ def _validate_labels_and_splits(data_cfg) -> None:
            "a folder path string ('' = none; only data.source='image_folder' reads it)")
 
 
+FIXED_SIZE_SOURCES = ("fashion_mnist", "npy", "synthetic")
+
+
 def _validate_augmentation(data_cfg) -> None:
+  if "augment_on" in data_cfg:
+    where = data_cfg.augment_on
+    _require(where in ("host", "device"), "augment_on", where, "'host' or 'device'")
+    _require(where == "host" or data_cfg.source in FIXED_SIZE_SOURCES, "augment_on", where,
+             f"'host' for data.source={data_cfg.source!r}: on the device every image must have "
+             f"one size (sources {FIXED_SIZE_SOURCES})")
   if "crop_scale" not in data_cfg:  # methods that never augment (frozen-feature jobs)
     return
   scale = _pair(data_cfg.crop_scale)

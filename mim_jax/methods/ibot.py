@@ -107,6 +107,8 @@ class IBOT(base.PretrainingMethod):
   @classmethod
   def validate(cls, config):
     v.validate_pretraining_fields(config)
+    v.require(config.data.augment_on == "host", "data.augment_on", config.data.augment_on,
+              "'host' for method 'ibot' (its multi-crop views are made in the input pipeline)")
     image_size = tuple(config.image_size)
     _, patch = size_from_config(config.model)
     b = config.ibot

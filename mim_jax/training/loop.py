@@ -118,7 +118,7 @@ def train(config, workdir: str) -> step_lib.TrainState:
     knn = frozen.KnnMonitor(config) if knn_every else None
     final_metrics: dict[str, float] = {}
 
-    batch_keys = method.train_batch_keys()
+    batch_keys = r.batch_keys()
     step = start_step
     t_last, step_last = time.perf_counter(), step
     with preemption.PreemptionWatcher(start_step, sync_every=config.log_every) as preempted:

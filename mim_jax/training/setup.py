@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 from mim_jax import data, registry
 from mim_jax.config import validation
 from mim_jax.config.errors import ConfigError
+from mim_jax.data import device_augment
 from mim_jax.methods.base import Method, TrainLength
 from mim_jax.training import optim, parallel, step
 from mim_jax.weights import pretrained
@@ -89,8 +90,17 @@ class Run:
       fn = parallel.with_activation_mesh(self.mesh, step.make_train_step(
           self.method, self.tx, self.schedule, self.config.grad_accum_steps,
           norms_every=self.config.log_every, last_step=self.last_step))
+    if self.config.data.get("augment_on", "host") == "device":
+      fn = _augmenting(fn, self.config)
     return jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding, self.replicated),
                    out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+
+  def batch_keys(self) -> tuple[str, ...]:
+    """The keys of a pipeline batch the jitted step reads."""
+    keys = self.method.train_batch_keys()
+    if self.config.data.get("augment_on", "host") == "device":
+      keys += device_augment.KEYS
+    return keys
 
   def keys(self) -> tuple[jax.Array, jax.Array]:
     """(init_rng, base_rng) of config.seed, made under jit and replicated over the mesh: with
@@ -101,6 +111,15 @@ class Run:
 
   def init_state(self, init_rng: jax.Array):
     return jax.jit(self.init_fn, out_shardings=self.state_shardings)(init_rng)
+
+
+def _augmenting(step_fn: Callable, config) -> Callable:
+  """`step_fn` fed batches augmented on the device first (data/device_augment.py)."""
+  size, mean, std = tuple(config.image_size), tuple(config.data.mean), tuple(config.data.std)
+
+  def fn(state, batch, rng):
+    return step_fn(state, device_augment.apply(batch, size, mean, std), rng)
+  return fn
 
 
 def setup_run(config, *, devices=None, num_examples: Optional[int] = None,

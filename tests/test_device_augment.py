@@ -1,0 +1,86 @@
+"""Augmentation on the device (data.augment_on="device") against the host path it replaces."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from mim_jax.config.errors import ConfigError
+from mim_jax.data import device_augment, pipeline
+from mim_jax.data.transforms import CROP_BOX_KEY, FLIP_KEY
+from mim_jax.registry import validate_config
+from mim_jax.training import loop as train
+
+from conftest import FMNIST_DIR, requires_fmnist, tiny_config
+
+
+def _batches(config, where: str, count: int = 2):
+  data_cfg = config.data.copy_and_resolve_references()
+  data_cfg.augment_on = where
+  it = pipeline.make_train_iterator(data_cfg, image_size=tuple(config.image_size),
+                                    channels=config.channels, global_batch_size=32,
+                                    seed=config.seed)
+  try:
+    return [next(it) for _ in range(count)]
+  finally:
+    if hasattr(it, "close"):
+      it.close()
+
+
+def _unit_range(images, config):
+  """Normalised images back in [0, 1] units, so the tolerance reads as a fraction of white."""
+  return np.asarray(images) * np.asarray(config.data.std) + np.asarray(config.data.mean)
+
+
+@pytest.mark.parametrize("source", ["synthetic", pytest.param("fashion_mnist",
+                                                              marks=requires_fmnist)])
+def test_device_batches_match_the_host_pipeline(source):
+  """Same seed -> the same examples, boxes and flips; the pixels agree to resampling error
+  (PIL's bicubic on uint8 vs jax.image on float32)."""
+  overrides = {"data.source": source}
+  if source == "fashion_mnist":
+    overrides.update({"image_size": (28, 28), "channels": 1, "data.mean": (0.286,),
+                      "data.std": (0.353,), "data.path": FMNIST_DIR})
+  config = tiny_config("mae", **overrides)
+  host, device = _batches(config, "host"), _batches(config, "device")
+  for h, d in zip(host, device):
+    np.testing.assert_array_equal(h["label"], d["label"])
+    assert d["image"].dtype == np.uint8 and d[CROP_BOX_KEY].shape == (32, 4)
+    assert 0 < d[FLIP_KEY].sum() < 32  # both sides of the coin were drawn
+    out = jax.jit(device_augment.apply, static_argnums=(1, 2, 3))(
+        {k: d[k] for k in ("image", "label", CROP_BOX_KEY, FLIP_KEY)},
+        tuple(config.image_size), tuple(config.data.mean), tuple(config.data.std))
+    assert set(out) == {"image", "label"}
+    assert out["image"].shape == h["image"].shape and out["image"].dtype == np.float32
+    diff = np.abs(_unit_range(out["image"], config) - _unit_range(h["image"], config))
+    assert diff.mean() < 0.01, diff.mean()
+    assert np.quantile(diff, 0.99) < 0.08, np.quantile(diff, 0.99)
+    # A wrong box or flip would move whole edges: far above resampling error.
+    other = np.abs(_unit_range(out["image"][::-1], config) - _unit_range(h["image"], config))
+    assert other.mean() > 5 * diff.mean()
+
+
+def test_crop_of_the_whole_image_at_its_own_size_is_the_image():
+  image = np.random.default_rng(0).uniform(size=(12, 10, 3)).astype(np.float32)
+  out = device_augment.crop_resize(image, np.array([0, 0, 12, 10], np.float32), (12, 10))
+  np.testing.assert_allclose(np.asarray(out), image, atol=1e-5)
+
+
+def test_training_with_device_augmentation_runs_and_resumes(tmp_path):
+  workdir = str(tmp_path / "w")
+  train.run(tiny_config("mae", total_steps=2, **{"data.augment_on": "device"}), workdir)
+  state = train.run(tiny_config("mae", total_steps=3, **{"data.augment_on": "device"}),
+                    workdir)
+  assert int(state.step) == 3
+
+
+@pytest.mark.parametrize("method,overrides,match", [
+    ("mae", {"data.source": "image_folder", "data.path": "/nonexistent"}, "fashion_mnist"),
+    ("ibot", {"masking.min_block": 4}, "multi-crop"),
+    ("mae", {"data.augment_on": "gpu"}, "'host' or 'device'"),
+])
+def test_device_augmentation_is_refused_where_it_cannot_act(method, overrides, match):
+  overrides.setdefault("data.augment_on", "device")
+  with pytest.raises(ConfigError, match=match):
+    validate_config(tiny_config(method, **overrides))
