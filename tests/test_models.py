@@ -170,38 +170,65 @@ def test_size_overrides_change_only_the_named_dimensions():
   assert params["patch_embed"]["kernel"].shape == (4 * 4 * 1, 128)
 
 
-def test_cudnn_attention_falls_back_to_xla_only_for_shapes_cudnn_rejects(monkeypatch, caplog):
-  """Layers whose shape the cuDNN kernel rejects (raised while tracing, also under grad) use
-  XLA's attention with the same result; accepted shapes and other errors are left to cuDNN."""
-  from mim_jax.models import vit
-
+def test_cudnn_attention_pads_odd_lengths_and_falls_back_only_for_rejected_shapes(
+    monkeypatch, caplog):
+  """Odd lengths (no cuDNN backward) are padded to a multiple of 8 and stay on cuDNN; a layer
+  cuDNN still rejects (raised while tracing, also under grad) uses XLA's attention with the
+  same result; other errors are left to cuDNN."""
   real = jax.nn.dot_product_attention
   calls = []
 
-  def fake(q, k, v, implementation=None):
+  def fake(q, k, v, implementation=None, **lengths):
     calls.append((q.shape[1], implementation))
     if implementation == "cudnn":
-      if q.shape[1] % 2:
+      if q.shape[1] % 2 or q.shape[-1] % 8:
         raise NotImplementedError(f"Unsupported sequence length Q {q.shape[1]}")
-      return real(q, k, v, implementation="xla")  # stands in for the cuDNN kernel
-    return real(q, k, v, implementation=implementation)
+      return real(q, k, v, implementation="xla", **lengths)  # stands in for the cuDNN kernel
+    return real(q, k, v, implementation=implementation, **lengths)
   monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
 
   q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 7, 4, 8))
-  loss = lambda q: vit.dot_product_attention(q, k, v, "cudnn").sum()
-  with caplog.at_level("INFO", logger=vit.__name__):
-    grad = jax.grad(loss)(q)
-  expected = jax.grad(lambda q: real(q, k, v, implementation="xla").sum())(q)
+  expected = jax.grad(lambda q: (real(q, k, v, implementation="xla") ** 2).sum())(q)
+  grad = jax.grad(lambda q: (vit.dot_product_attention(q, k, v, "cudnn") ** 2).sum())(q)
   np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
-  assert calls == [(7, "cudnn"), (7, "xla")]
-  assert "uses XLA's attention" in caplog.text
+  assert calls == [(8, "cudnn")]  # 7 tokens padded to 8, on cuDNN
 
   calls.clear()
   vit.dot_product_attention(q[:, :6], k[:, :6], v[:, :6], "cudnn")
-  assert calls == [(6, "cudnn")]  # an accepted shape stays on cuDNN
+  assert calls == [(6, "cudnn")]  # an even length is not padded
+
+  calls.clear()
+  q4, k4, v4 = q[..., :4], k[..., :4], v[..., :4]  # head dim 4: rejected whatever the length
+  with caplog.at_level("INFO", logger=vit.__name__):
+    grad = jax.grad(lambda q: (vit.dot_product_attention(q, k4, v4, "cudnn") ** 2).sum())(q4)
+  expected = jax.grad(lambda q: (real(q, k4, v4, implementation="xla") ** 2).sum())(q4)
+  np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+  assert calls == [(8, "cudnn"), (7, "xla")]
+  assert "uses XLA's attention" in caplog.text
+
+  calls.clear()
+  vit.dot_product_attention(q, k, v)  # the default on this CPU machine: XLA, unpadded
+  assert calls == [(7, None)]
   monkeypatch.setattr(jax.nn, "dot_product_attention", real)
   with pytest.raises(RuntimeError, match="cuDNN"):  # no cuDNN on this machine: an error
     vit.dot_product_attention(q, k, v, "cudnn")
+
+
+@pytest.mark.parametrize("tokens,multiple", [(197, 8), (197, 64), (50, 64), (17, 2)])
+def test_padded_attention_equals_unpadded_in_value_and_gradient(tokens, multiple):
+  """The padding of odd lengths for cuDNN, run through XLA's kernel with the same padding and
+  length masks: the real tokens' outputs and all gradients are the unpadded ones."""
+  q, k, v, w = jax.random.normal(jax.random.key(1), (4, 2, tokens, 3, 16))
+
+  def loss(fn, q, k, v):
+    return (fn(q, k, v) * w).sum()
+  plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")
+  padded = lambda q, k, v: vit.padded_attention(q, k, v, multiple, implementation="xla")
+  np.testing.assert_allclose(padded(q, k, v), plain(q, k, v), rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.grad(lambda *a: loss(padded, *a), argnums=(0, 1, 2))(q, k, v),
+                  jax.grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2))(q, k, v)):
+    assert np.isfinite(np.asarray(a)).all()
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_gelu_with_its_own_gradient_equals_the_exact_gelu():

@@ -40,7 +40,8 @@ def core_fields(c: ml_collections.ConfigDict) -> None:
       num_heads=0,
       mlp_dim=0,
       dtype="float32",         # computation dtype; parameters are always float32
-      attention_impl="",       # "" lets JAX choose, or "xla" / "cudnn" (layers cuDNN rejects: XLA)
+      # "": cuDNN's fused kernel on GPU (odd lengths padded), XLA elsewhere; or "xla" / "cudnn"
+      attention_impl="",
   )
   c.data = _block(
       source="tfds",           # fashion_mnist | image_folder | tfds | npy | synthetic

@@ -91,7 +91,7 @@ def validate_model(config) -> None:
     require(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {DTYPES}")
   if "attention_impl" in m:
     require(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl", m.attention_impl,
-            f"one of {ATTENTION_IMPLS} ('' lets JAX choose)")
+            f"one of {ATTENTION_IMPLS} ('': cuDNN on GPU, XLA elsewhere)")
   if "remat" in m:
     require(m.remat in REMAT_POLICIES, "model.remat", m.remat, f"one of {REMAT_POLICIES}")
   if "drop_path_rate" in m:

@@ -182,21 +182,48 @@ class Mlp(nn.Module):
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           implementation: Optional[str] = None) -> jax.Array:
-  """`jax.nn.dot_product_attention` on [B, T, heads, head_dim]; "cudnn" where cuDNN takes it.
+  """`jax.nn.dot_product_attention` on [B, T, heads, head_dim] -> [B, T, heads, head_dim].
 
-  cuDNN's flash kernel rejects some shapes when traced (JAX 0.11 in training: odd sequence
-  lengths, e.g. MAE's decoder over 196 patches + [CLS]). With implementation="cudnn" such a
-  layer falls back to XLA's attention and says so in the log, so that the layers cuDNN does
-  take (MAE's encoder over 50 tokens) still use it; without cuDNN at all it is an error.
+  implementation: "xla", "cudnn", or None for the default: cuDNN's fused (flash) kernel on a
+  GPU, XLA's attention elsewhere. cuDNN's kernel has no backward pass for odd sequence lengths
+  (MAE's decoder: 196 patches + [CLS]), so those are padded to a multiple of 8 with key and
+  query length masks (`padded_attention`): each real query attends to exactly its keys, so the
+  output is the unpadded one. A layer cuDNN still rejects (e.g. float32, or a head dim that
+  is not a multiple of 8) falls back to XLA's attention and says so in the log.
   """
+  if implementation is None and jax.default_backend() == "gpu":
+    implementation = "cudnn"
   if implementation != "cudnn":
     return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
   try:
+    if q.shape[1] % 2:
+      return padded_attention(q, k, v, multiple=8, implementation="cudnn")
     return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
   except NotImplementedError as err:
     logging.getLogger(__name__).info(
-        "cuDNN attention does not take q %s (%s); this layer uses XLA's attention", q.shape, err)
+        "cuDNN attention does not take q %s %s (%s); this layer uses XLA's attention",
+        q.shape, q.dtype, err)
     return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+
+def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, multiple: int,
+                     implementation: Optional[str]) -> jax.Array:
+  """Attention over the tokens padded to a multiple of `multiple`, equal to the unpadded one.
+
+  Zero tokens are appended to q, k and v; `key_value_seq_lengths` hides the padded keys from
+  every query (so the softmax runs over the real keys only) and `query_seq_lengths` marks the
+  padded queries, whose rows are sliced off (no gradient reaches them).
+  """
+  b, t = q.shape[:2]
+  padded = -(-t // multiple) * multiple
+  if padded == t:
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+  widths = ((0, 0), (0, padded - t), (0, 0), (0, 0))
+  lengths = jnp.full((b,), t, jnp.int32)
+  out = jax.nn.dot_product_attention(
+      jnp.pad(q, widths), jnp.pad(k, widths), jnp.pad(v, widths), query_seq_lengths=lengths,
+      key_value_seq_lengths=lengths, implementation=implementation)
+  return out[:, :t]
 
 
 class Attention(nn.Module):
@@ -208,7 +235,7 @@ class Attention(nn.Module):
   """
   num_heads: int
   dtype: Dtype = jnp.float32
-  implementation: Optional[str] = None  # None (let JAX choose), "xla" or "cudnn"
+  implementation: Optional[str] = None  # None (cuDNN on GPU, XLA elsewhere), "xla" or "cudnn"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
