@@ -96,3 +96,34 @@ def test_weight_decay_schedule_needs_its_length_and_a_known_name():
                           lambda step: 1.0)
   with pytest.raises(ValueError, match="weight_decay_schedule='linear'"):
     optim.build_optimizer(_opt_cfg(weight_decay_schedule="linear"), lambda step: 1.0, 10)
+
+
+def test_bfloat16_first_moment_keeps_the_second_in_float32_and_follows_float32_adam():
+  params = {"w": jax.random.normal(jax.random.key(0), (64,))}
+  runs = {}
+  for mu_dtype in ("", "bfloat16"):
+    tx = optim.build_optimizer(_opt_cfg(mu_dtype=mu_dtype, weight_decay=0.0), lambda s: 1e-2)
+    p, state = params, tx.init(params)
+    for i in range(10):
+      grads = {"w": jax.random.normal(jax.random.key(i + 1), (64,)) + p["w"]}
+      updates, state = tx.update(grads, state, p)
+      p = optax.apply_updates(p, updates)
+    adam = [s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu"))
+            if hasattr(s, "mu")][0]
+    runs[mu_dtype] = p["w"], adam
+  assert runs["bfloat16"][1].mu["w"].dtype == jnp.bfloat16
+  assert runs["bfloat16"][1].nu["w"].dtype == jnp.float32 == runs[""][1].mu["w"].dtype
+  moved = np.abs(np.asarray(runs[""][0] - params["w"])).max()
+  gap = np.abs(np.asarray(runs["bfloat16"][0] - runs[""][0])).max()
+  assert gap < 0.02 * moved, (gap, moved)  # bfloat16 rounding, not a different optimizer
+
+
+def test_mu_dtype_is_checked_and_read_by_adamw_only():
+  from mim_jax.config.errors import ConfigError
+  from mim_jax.registry import validate_config
+  validate_config(tiny_mae_config(**{"optimizer.mu_dtype": "bfloat16"}))
+  with pytest.raises(ConfigError, match="optimizer.mu_dtype='float16' is invalid"):
+    validate_config(tiny_mae_config(**{"optimizer.mu_dtype": "float16"}))
+  with pytest.raises(ConfigError, match="optimizer.mu_dtype.*only optimizer.name='adamw'"):
+    validate_config(tiny_mae_config(**{"optimizer.mu_dtype": "bfloat16",
+                                       "optimizer.name": "sgd"}))

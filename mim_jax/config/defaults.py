@@ -98,6 +98,7 @@ def training_fields(c: ml_collections.ConfigDict) -> None:
       b1=0.9,                  # adamw
       b2=0.95,                 # adamw
       eps=1e-8,                # adamw
+      mu_dtype="",             # adamw first moment: "" (float32, as the params) or "bfloat16"
       weight_decay=0.05,
       weight_decay_schedule="constant",  # or "cosine": weight_decay -> weight_decay_end
       weight_decay_end=0.0,    # cosine weight decay: the coefficient at the end

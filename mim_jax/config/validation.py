@@ -134,6 +134,9 @@ def validate_optimization(config) -> None:
     require(is_number(opt[name]) and 0 <= opt[name] < 1, f"optimizer.{name}", opt[name],
             "a number in [0, 1)")
   require(is_number(opt.eps) and opt.eps > 0, "optimizer.eps", opt.eps, "a positive number")
+  if "mu_dtype" in opt:
+    require(opt.mu_dtype in ("", "bfloat16"), "optimizer.mu_dtype", opt.mu_dtype,
+            "'' (float32) or 'bfloat16'")
   require(is_number(opt.weight_decay) and opt.weight_decay >= 0, "optimizer.weight_decay",
           opt.weight_decay, "a number >= 0")
   require(opt.weight_decay_schedule in WEIGHT_DECAY_SCHEDULES,
@@ -305,7 +308,7 @@ def validate_classifier(config) -> None:
 # (fields, reads(config) -> bool, why): each field is read only when `reads` holds; otherwise
 # it must keep its default, so that an override never silently does nothing.
 UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
-    (("optimizer.b1", "optimizer.b2", "optimizer.eps"),
+    (("optimizer.b1", "optimizer.b2", "optimizer.eps", "optimizer.mu_dtype"),
      lambda c: c.optimizer.name == "adamw", "only optimizer.name='adamw' reads it"),
     (("optimizer.momentum",), lambda c: c.optimizer.name in ("lars", "sgd"),
      "only optimizer.name='lars' or 'sgd' reads it"),

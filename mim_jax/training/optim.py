@@ -136,7 +136,9 @@ def build_optimizer(opt_cfg, schedule: optax.Schedule,
                     schedule_steps: Optional[int] = None) -> optax.GradientTransformation:
   """The configured optimizer with masked weight decay, clipping and layer decay.
 
-  adamw: decoupled weight decay (b1, b2, eps).  lars: the MAE linear-probe optimizer (trust
+  adamw: decoupled weight decay (b1, b2, eps; the first moment in `mu_dtype`, e.g. bfloat16
+  to halve its memory and traffic; the second stays float32, whose squares bfloat16's 8-bit
+  mantissa would round too coarsely).  lars: the MAE linear-probe optimizer (trust
   ratio and weight decay skip biases and norms; momentum is applied before the learning rate,
   as in MAE's util/lars.py, whereas optax.lars applies it after).  sgd: momentum SGD with L2
   weight decay added to the gradient (as PyTorch's SGD). `schedule_steps` is the length of a
@@ -149,6 +151,7 @@ def build_optimizer(opt_cfg, schedule: optax.Schedule,
   name = opt_cfg.name
   if name == "adamw":
     parts.append(optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
+                             mu_dtype=opt_cfg.get("mu_dtype") or None,
                              weight_decay=weight_decay, mask=weight_decay_mask))
   elif name == "lars":
     parts.append(optax.chain(
