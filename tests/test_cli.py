@@ -108,7 +108,7 @@ MALFORMED = [
     (["--config.max_consecutive_failed_saves=-1"], "config.max_consecutive_failed_saves=-1"),
     (["--config.total_steps=0"], "config.total_steps=0"),
     (["--config.data.label_fraction=0.0"], "config.data.label_fraction=0.0"),
-    (["--config.channels=2"], "config.channels=2"),
+    (["--config.channels=0"], "config.channels=0"),
     # Not one of the allowed values.
     (["--config.data.on_bad_image=ignore"], "config.data.on_bad_image='ignore'"),
     (["--config.model.dtype=float64"], "config.model.dtype='float64'"),

@@ -58,10 +58,19 @@ def tokenizer_for(tmp_path_factory):
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
-def test_config_loads_and_validates(path, some_encoder, tokenizer_for):
+def test_config_loads_and_validates(path, some_encoder, tokenizer_for, tmp_path, monkeypatch):
   config = _load(path)
   if config.data.source == "fashion_mnist" and not os.path.isdir(config.data.path):
     pytest.skip("Fashion-MNIST not installed")
+  if config.data.source == "tfds":
+    # Validation looks for the prepared dataset (its dataset_info.json) before anything starts.
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    config.data.tfds_data_dir = ""
+    with pytest.raises(ConfigError, match="tfds build " + config.data.tfds_name):
+      registry.validate_config(config)
+    version = tmp_path / config.data.tfds_name / "5.1.0"
+    version.mkdir(parents=True)
+    (version / "dataset_info.json").write_text("{}")
   if config.method in ("linprobe", "knn", "probe"):
     with pytest.raises(ConfigError, match="config.init_from=''"):
       registry.validate_config(config)
