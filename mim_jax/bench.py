@@ -223,6 +223,8 @@ def bench_pipeline(config, num_images: int, num_batches: int) -> dict:
     for _ in range(num_batches):
       next(it)
     elapsed = time.perf_counter() - start
+    it.close()  # its reader threads stop before the folder goes
+    decode = _decode_rates(root, config.channels)
   # In one process (num_workers=0) the pipeline runs its map chain on this many threads.
   from mim_jax.data import pipeline
   threads = pipeline._read_options(0, 1).num_threads  # pylint: disable=protected-access
@@ -233,7 +235,35 @@ def bench_pipeline(config, num_images: int, num_batches: int) -> dict:
           "batches": num_batches, "threads": threads, "cores_used": cores,
           "images_per_s": round(images_per_s, 1),
           "images_per_s_per_core": round(images_per_s / cores, 1),
-          "crop_scale": list(config.data.crop_scale)}
+          "crop_scale": list(config.data.crop_scale), **decode}
+
+
+def _decode_rates(root: str, channels: int) -> dict:
+  """Decode-only images/s on one core: mim_jax's decoder (simplejpeg for JPEG) and PIL's."""
+  import io
+
+  import numpy as np
+  from PIL import Image
+
+  from mim_jax.data import transforms
+  blobs = []
+  for name in sorted(os.listdir(root))[:128]:
+    with open(os.path.join(root, name), "rb") as f:
+      blobs.append(f.read())
+
+  def pil(b):
+    with Image.open(io.BytesIO(b)) as img:
+      return np.asarray(img.convert("RGB" if channels == 3 else "L"))
+  rates = {"decode_images_per_s_per_core": 0.0, "decode_pil_images_per_s_per_core": 0.0}
+  for _ in range(3):  # alternated, best of three: the first pass also warms caches
+    for name, fn in (("decode_images_per_s_per_core",
+                      lambda b: transforms.decode_image(b, channels)),
+                     ("decode_pil_images_per_s_per_core", pil)):
+      start = time.perf_counter()
+      for b in blobs:
+        fn(b)
+      rates[name] = max(rates[name], round(len(blobs) / (time.perf_counter() - start), 1))
+  return rates
 
 
 def load_config(spec: str):

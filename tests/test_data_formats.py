@@ -159,3 +159,27 @@ def test_channel_count_and_shown_channels_are_checked():
                                          **{"data.mean": (0.5,), "data.std": (0.5,)}))
   with pytest.raises(ConfigError, match="config.channels=0"):
     registry.validate_config(tiny_config("mae", channels=0))
+
+
+@pytest.mark.parametrize("mode,channels,subsampling,fast", [
+    ("RGB", 3, 0, True), ("RGB", 3, 2, True), ("L", 1, 0, True),
+    ("RGB", 1, 2, False), ("L", 3, 0, False), ("CMYK", 3, 0, False)])
+def test_jpeg_fast_path_decodes_pil_s_pixels(mode, channels, subsampling, fast):
+  """simplejpeg takes the JPEGs it decodes exactly as PIL does (same DCT and upsampling);
+  colour conversions it would do differently stay with PIL."""
+  rng = np.random.default_rng(0)
+  yy, xx = np.mgrid[0:75, 0:100]
+  array = np.stack([(xx * 0.3 + yy * 0.2) % 256, (xx * 0.7) % 256, yy % 256], -1)
+  array[10:30, 20:50] = rng.integers(0, 256, 3)
+  img = Image.fromarray(array.astype(np.uint8)).convert(mode)
+  buf = io.BytesIO()
+  img.save(buf, "JPEG", quality=90, subsampling=subsampling)
+  encoded = buf.getvalue()
+  assert (transforms._decode_jpeg_fast(encoded, channels) is not None) == fast
+  with Image.open(io.BytesIO(encoded)) as ref:
+    ref = ref.convert("RGB") if ref.mode not in ("RGB", "L") else ref
+    ref = np.asarray(ref.convert("L" if channels == 1 else "RGB"))
+  np.testing.assert_array_equal(transforms.decode_image(encoded, channels),
+                                ref.reshape(*ref.shape[:2], channels))
+  with pytest.raises(Exception):  # a truncated file still fails (PIL's error)
+    transforms.decode_image(encoded[:len(encoded) // 2], channels)
