@@ -17,6 +17,9 @@
 #   ratio         MAE at masking ratios 0.5 / 0.6 / 0.9: probe + k-NN + fine-tuning
 #
 #   SECTIONS="pretrain_mae probe_mae" bash docs/fmnist_results.sh ROOT
+# TRAIN_FLAGS (space-separated --config.x=y) are added to every training run (pre-training,
+# tuning, fine-tuning; not the frozen-feature probes), e.g. for a GPU (docs/fmnist_gpu.sh);
+# KNN_EVERY (5) sets the epochs between k-NN scores of a pre-training run.
 # Hyper-parameters are chosen on 5,000 held-out training images (data.holdout,
 # eval_split=holdout), never on the test set; test numbers come from the final runs only.
 set -u
@@ -30,6 +33,8 @@ MAE_EPOCHS=${MAE_EPOCHS:-50}
 PRE_EPOCHS=${PRE_EPOCHS:-30}
 FT_EPOCHS=${FT_EPOCHS:-15}
 TUNE_EPOCHS=${TUNE_EPOCHS:-3}
+KNN_EVERY=${KNN_EVERY:-5}
+read -r -a TRAIN=<<< "${TRAIN_FLAGS:-}"
 mkdir -p "$ROOT"
 
 run() {  # NAME, then the arguments of mim_jax.main
@@ -54,10 +59,13 @@ pretrain() {  # NAME METHOD EPOCHS [overrides]: pre-training with k-NN on the he
   local name=$1 method=$2 epochs=$3; shift 3
   run "$name" --config=configs/${method}_fmnist.py --config.num_epochs="$epochs" \
       --config.optimizer.warmup_epochs="$(python -c "print($epochs / 10)")" \
-      "${holdout[@]}" --config.knn.every_epochs=5 "$@"
+      "${holdout[@]}" --config.knn.every_epochs="$KNN_EVERY" "${TRAIN[@]}" "$@"
 }
 probe() { run "$1" --config=configs/linprobe_fmnist.py "${@:2}"; }
-ft() { run "$1" --config=configs/finetune_fmnist.py"${2}" --config.num_epochs="$FT_EPOCHS" "${@:3}"; }
+ft() {
+  run "$1" --config=configs/finetune_fmnist.py"${2}" --config.num_epochs="$FT_EPOCHS" \
+      "${TRAIN[@]}" "${@:3}"
+}
 MAE="$ROOT/mae_e$MAE_EPOCHS"
 
 has pretrain_mae && pretrain "mae_e$MAE_EPOCHS" mae "$MAE_EPOCHS"
@@ -75,7 +83,7 @@ tune() {  # INIT (scratch | mae): the tuning grid of docs/fmnist_tools.py on the
     flags=$(python docs/fmnist_tools.py grid "$suffix")
     # shellcheck disable=SC2086
     run "tune_${init}_$suffix" "${cfg[@]}" --config.num_epochs="$TUNE_EPOCHS" \
-        --config.optimizer.warmup_epochs=0.5 "${holdout[@]}" $flags
+        --config.optimizer.warmup_epochs=0.5 "${holdout[@]}" "${TRAIN[@]}" $flags
   done
 }
 has tune_scratch && tune scratch
@@ -99,7 +107,7 @@ for seed in $SEEDS; do
     # shellcheck disable=SC2086
     run "ft_scratch_matched_s$seed" --config=configs/finetune_fmnist.py:scratch \
         --config.num_epochs="$matched" --config.optimizer.warmup_epochs=3 \
-        --config.seed="$seed" $flags
+        --config.seed="$seed" "${TRAIN[@]}" $flags
   fi
 done
 
@@ -121,7 +129,7 @@ if has methods; then
     extra=()
     if [ "$method" = beit ]; then  # BEiT's stage 1: its tokenizer, trained on the same images
       run beit_tokenizer --config=configs/beit_tokenizer_fmnist.py "${holdout[@]}" \
-          --config.num_epochs=10 --config.optimizer.warmup_epochs=1
+          --config.num_epochs=10 --config.optimizer.warmup_epochs=1 "${TRAIN[@]}"
       extra=(--config.tokenizer.path="$ROOT/beit_tokenizer")
     fi
     pretrain "${method}_e$PRE_EPOCHS" "$method" "$PRE_EPOCHS" "${extra[@]}"

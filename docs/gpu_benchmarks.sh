@@ -1,55 +1,101 @@
 #!/usr/bin/env bash
-# The GPU rows of docs/benchmarks.md in one run on one GPU, most important first: each
-# measurement appends one JSON line per implementation to OUT/bench.jsonl (commands, timings and
-# the end of each stderr beside it), so a run cut short keeps what it finished.
+# The GPU rows of docs/benchmarks.md in one run on one GPU, within BUDGET seconds (480), most
+# important first. Each row is one process; each measurement appends one JSON line to
+# OUT/bench.jsonl as it finishes (commands, timings and the end of each stderr beside it), so a
+# run cut short keeps what it measured. A row that would not fit in the time left is skipped
+# and says so.
 #
 #   bash docs/gpu_benchmarks.sh [OUT=workdirs/gpu_bench]
 #
-# VITB / VITL / BATCH / LIMIT override the configs, the global batch and the seconds allowed per
-# measurement (e.g. VITB=configs/mae_fmnist.py VITL=configs/mae_fmnist.py BATCH=16 to try the
-# script on a CPU).
+# Rows: (1) MAE ViT-L/16 bf16 with a profile by kernel category, and its levers in the same
+# process (XLA's attention instead of cuDNN's, bfloat16 AdamW moments); (2) HF ViTMAE eager
+# (bf16 autocast) on ViT-L/16, its own process; (3) ViT-B/16: MAE, MAE with mask tokens in the
+# encoder, SimMIM, MaskFeat; (4) the training loop on Fashion-MNIST with the augmentation on
+# the device, and on the host, beside the bare step; (5) HF ViTMAE under torch.compile with
+# fused AdamW on ViT-L/16; (6) XLA flags, one per process, on ViT-B/16; (7) the input pipeline
+# on JPEGs (CPU cores); (8) ViT-L/16 mim_jax again, after the peers (order effects).
+#
+# VITB / VITL / BATCH / STEPS / LOOP_STEPS override the configs, the global batch, the timed
+# steps and the loop rows' steps (e.g. VITB=configs/mae_fmnist.py VITL=configs/mae_fmnist.py
+# BATCH=16 STEPS=3 LOOP_STEPS=24 BUDGET=1200 to try it on a CPU).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-workdirs/gpu_bench}
 VITB=${VITB:-configs/mae_vitb.py}
 VITL=${VITL:-configs/mae_vitl.py}
 BATCH=${BATCH:-256}
-LIMIT=${LIMIT:-240}
+STEPS=${STEPS:-20}
+BUDGET=${BUDGET:-480}
+LOOP_STEPS=${LOOP_STEPS:-600}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 
-bench() {  # NAME, then the arguments of mim_jax.bench
-  local name=$1; shift
-  echo "== $name: python -m mim_jax.bench $*" | tee -a "$OUT/commands.txt"
+bench() {  # NAME SECONDS_NEEDED, then the arguments of mim_jax.bench (XLA_FLAGS from the env)
+  local name=$1 need=$2; shift 2
+  local left=$((BUDGET - SECONDS))
+  if [ "$left" -lt "$need" ]; then
+    echo "== $name: skipped, $left s left of $BUDGET (needs about $need)" | tee -a "$OUT/commands.txt"
+    return
+  fi
+  echo "== $name: XLA_FLAGS='${XLA_FLAGS:-}' python -m mim_jax.bench $*" | tee -a "$OUT/commands.txt"
   local start=$SECONDS
-  timeout "$LIMIT" "$PY" -m mim_jax.bench "$@" 2> "$OUT/$name.err" | tee -a "$OUT/bench.jsonl" \
-      || echo "== $name: failed or cut short, see $name.err" | tee -a "$OUT/commands.txt"
+  timeout "$left" "$PY" -m mim_jax.bench --steps="$STEPS" "$@" 2> "$OUT/$name.err" \
+      | tee -a "$OUT/bench.jsonl" \
+      || echo "== $name: failed or cut short, see errors.log" | tee -a "$OUT/commands.txt"
   echo "== $name: $((SECONDS - start)) s" | tee -a "$OUT/commands.txt"
   { echo "== $name"; tail -n 40 "$OUT/$name.err"; } >> "$OUT/errors.log" && rm "$OUT/$name.err"
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
-  "$PY" -c "import jax, flax, optax, torch, transformers
-print({m.__name__: m.__version__ for m in (jax, flax, optax, torch, transformers)})
-print(jax.devices())"; } > "$OUT/machine.txt" 2>&1
+  "$PY" -c "import jax, flax, optax
+print({m.__name__: m.__version__ for m in (jax, flax, optax)}, jax.devices())
+try:
+  import torch, transformers; print(torch.__version__, transformers.__version__)
+except ImportError as e: print('no PyTorch peer:', e)"; } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
 common=(--batch="$BATCH" --dtype=bfloat16)
-# 1. ViT-L/16 MAE beside HF ViTMAE eager.
-bench vitl "--config=$VITL" "${common[@]}" --peer=hf
-# 2. ViT-B/16: MAE, MAE with mask tokens in the encoder, SimMIM and MaskFeat; HF ViTMAE eager.
-bench vitb "--config=$VITB" "${common[@]}" --asymmetry --peer=hf \
+# 1. ViT-L/16: the default step (cuDNN attention, odd lengths padded), profiled, and levers.
+bench vitl 90 "--config=$VITL" "${common[@]}" --peer=none --profile="$OUT/profile_vitl" \
+    --variant=model.attention_impl=xla --variant=optimizer.mu_dtype=bfloat16
+# 2. The eager PyTorch peer in its own process.
+bench vitl_hf 60 "--config=$VITL" "${common[@]}" --peer=hf --peers_only
+# 3. ViT-B/16: MAE, with mask tokens through the encoder, SimMIM and MaskFeat.
+bench vitb 90 "--config=$VITB" "${common[@]}" --asymmetry --peer=none \
     --also="${VITB/mae_/simmim_}" --also="${VITB/mae_/maskfeat_}"
-# 3. ViT-L/16 with mask tokens in its encoder, at half the batch: at the full batch it needs
-#    about 95 GiB of temporaries, more than is left beside the first measurement in one process.
-bench vitl_asymmetry "--config=$VITL" --batch=$((BATCH / 2)) --dtype=bfloat16 --asymmetry \
-    --peer=none
-# 4. Levers on MAE ViT-B/16, one at a time against row 2.
-bench vitb_fp32 "--config=$VITB" --batch="$BATCH" --dtype=float32 --peer=none
-bench vitb_batch2x "--config=$VITB" --batch=$((2 * BATCH)) --dtype=bfloat16 --peer=none
-bench vitb_remat "--config=$VITB" "${common[@]}" --config.model.remat=full --peer=none
-# 5. The compiled PyTorch peer, each in a process of its own (slow to compile).
-LIMIT=$((2 * LIMIT)) bench vitl_hf_compile "--config=$VITL" "${common[@]}" --peer=hf_compile \
-    --peers_only
-LIMIT=$((2 * LIMIT)) bench vitb_hf_compile "--config=$VITB" "${common[@]}" --peer=hf_compile \
-    --peers_only
+# 4. The whole loop on Fashion-MNIST (the docs/fmnist_gpu.sh recipe) against its bare step.
+loop() {  # NAME, then overrides
+  local name=$1; shift
+  local left=$((BUDGET - SECONDS))
+  [ "$left" -lt 60 ] && { echo "== $name: skipped, $left s left" | tee -a "$OUT/commands.txt"; return; }
+  local cmd=(-m mim_jax.main --config=configs/mae_fmnist.py --config.model.dtype=bfloat16
+             --config.total_steps="$LOOP_STEPS" --config.log_every=$((LOOP_STEPS / 6))
+             --config.checkpoint_every=100000
+             --config.viz_every=0 --config.data.num_workers=4 "$@" --workdir="$OUT/$name")
+  echo "== $name: python ${cmd[*]}" | tee -a "$OUT/commands.txt"
+  rm -rf "${OUT:?}/$name"
+  timeout "$left" "$PY" "${cmd[@]}" > "$OUT/$name.log" 2>&1 || echo "== $name: failed" >> "$OUT/commands.txt"
+  # The last logged rate (the last sixth of the steps), after compilation and the start.
+  "$PY" - "$OUT/$name" "$name" <<'EOF' | tee -a "$OUT/bench.jsonl"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl") if "images_per_sec" in l]
+print(json.dumps({"impl": "mim_jax_loop", "row": sys.argv[2], "step": rows[-1]["step"],
+                  "images_per_s": round(rows[-1]["images_per_sec"], 1)}))
+EOF
+}
+loop loop_fmnist_device --config.data.augment_on=device
+bench loop_fmnist_bare 40 --config=configs/mae_fmnist.py --dtype=bfloat16 --peer=none \
+    --variant=data.augment_on=device
+loop loop_fmnist_host --config.data.augment_on=host
+# 5. The compiled PyTorch peer (slow to compile) with fused AdamW.
+bench vitl_hf_compile 150 "--config=$VITL" "${common[@]}" --peer=hf_compile --peers_only
+# 6. XLA options, one process each, on ViT-B/16 MAE (jax version in each row).
+for flag in --xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_command_buffer= \
+    --xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cublaslt=true; do
+  XLA_FLAGS="$flag" bench "vitb_xla${flag%%=*}" 45 "--config=$VITB" "${common[@]}" --peer=none
+done
+# 7. The host input pipeline on 500x375 JPEGs: images/s per core (decode alone and in all).
+bench pipeline 40 "--config=$VITB" --pipeline
+# 8. Our ViT-L/16 row again, after the peers.
+bench vitl_again 60 "--config=$VITL" "${common[@]}" --peer=none
+echo "== total: $SECONDS s of $BUDGET" | tee -a "$OUT/commands.txt"

@@ -49,6 +49,9 @@ flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation).")
 flags.DEFINE_list("peer", ["hf"], "Peers timed in the same run: hf, hf_compile, or none.")
 flags.DEFINE_bool("peers_only", False, "Time only the --peer implementations (e.g. a slow "
                   "torch.compile in a process of its own).")
+flags.DEFINE_multi_string("variant", [], "The first config with FIELD=VALUE[,FIELD=VALUE...] "
+                          "overrides, timed in the same run (a lever against the base row), "
+                          "e.g. --variant=model.attention_impl=xla.")
 flags.DEFINE_bool("asymmetry", False, "Also time MAE with mask tokens through the encoder.")
 flags.DEFINE_bool("pipeline", False, "Benchmark the input pipeline instead of train steps.")
 flags.DEFINE_integer("pipeline_images", 512, "Generated JPEGs for --pipeline.")
@@ -99,10 +102,11 @@ def _timed(step, warmup: int, steps: int) -> list[float]:
 
 
 def bench_mim_jax(config, steps: int, warmup: int, profile_dir: str = "",
-                  profile_steps: int = 5) -> dict:
+                  profile_steps: int = 5, variant: str = "") -> dict:
   import jax
   import numpy as np
 
+  from mim_jax.data.transforms import CROP_BOX_KEY
   from mim_jax.training import setup
 
   # The run's own set-up (the step, optimizer and shardings a training run uses); the
@@ -113,9 +117,15 @@ def bench_mim_jax(config, steps: int, warmup: int, profile_dir: str = "",
   rng_np = np.random.default_rng(0)
   batch = {}
   for key, spec in setup.abstract_batch(r, config.global_batch_size).items():
-    if key == "image" or np.issubdtype(spec.dtype, np.floating):
+    if key == CROP_BOX_KEY:  # augmentation on the device: crop boxes in the source images
+      h, w = config.image_size
+      batch[key] = np.tile(np.array([0.1 * h, 0.1 * w, 0.8 * h, 0.8 * w], spec.dtype),
+                           (spec.shape[0], 1))
+    elif spec.dtype == np.uint8:  # images shipped as decoded
+      batch[key] = rng_np.integers(0, 256, spec.shape, np.uint8)
+    elif key == "image" or np.issubdtype(spec.dtype, np.floating):
       batch[key] = jax.random.normal(jax.random.key(1), spec.shape, spec.dtype)
-    else:  # labels, view masks (no masking: the cost is the same)
+    else:  # labels, flips, view masks (no masking: the cost is the same)
       batch[key] = np.zeros(spec.shape, spec.dtype)
   batch.update(r.method.example_extras(config.global_batch_size, rng_np))
   batch = jax.device_put(batch, r.batch_sharding)
@@ -143,6 +153,9 @@ def bench_mim_jax(config, steps: int, warmup: int, profile_dir: str = "",
                   attention_impl=config.model.get("attention_impl") or "default",
                   remat=config.model.get("remat", "none"),
                   xla_gflops_per_image=_sig(xla_flops / shape[0] / 1e9),
+                  variant=variant,
+                  augment_on=config.data.get("augment_on", "host"),
+                  xla_flags=os.environ.get("XLA_FLAGS", ""),
                   versions={"jax": jax.__version__}, **extra)
 
 
@@ -165,9 +178,11 @@ def bench_hf(config, steps: int, warmup: int, compile_model: bool = False) -> di
       norm_pix_loss=bool(config.target.norm_pix), layer_norm_eps=1e-6)
   device = "cuda" if torch.cuda.is_available() else "cpu"
   model = transformers.ViTMAEForPreTraining(hf_config).to(device).train()
+  # The compiled peer gets PyTorch's fastest AdamW too (one fused kernel over all tensors).
+  fused = compile_model and device == "cuda"
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(config.optimizer.b1,
                                                              config.optimizer.b2),
-                          weight_decay=config.optimizer.weight_decay)
+                          weight_decay=config.optimizer.weight_decay, fused=fused or None)
   images = torch.randn(config.global_batch_size, config.channels, *config.image_size,
                        device=device)
   bf16 = device == "cuda" and config.model.dtype == "bfloat16"
@@ -187,7 +202,7 @@ def bench_hf(config, steps: int, warmup: int, compile_model: bool = False) -> di
   params = sum(p.numel() for p in model.parameters() if p.requires_grad)
   return _summary("hf_transformers_pytorch" + ("_compile" if compile_model else ""), times,
                   config, kind, params=params, threads=torch.get_num_threads(),
-                  dtype="bfloat16 autocast" if bf16 else "float32",
+                  dtype="bfloat16 autocast" if bf16 else "float32", fused_adamw=fused,
                   versions={"torch": torch.__version__, "transformers": transformers.__version__})
 
 
@@ -281,6 +296,22 @@ def _variant(config, **changes):
   return override(config.copy_and_resolve_references(), **changes)
 
 
+def parse_variant(config, spec: str):
+  """`config` with the overrides "FIELD=VALUE[,FIELD=VALUE...]" (values as Python literals,
+  else strings)."""
+  import ast
+  changes = {}
+  for item in spec.split(","):
+    field, sep, value = item.partition("=")
+    if not sep or not field.strip():
+      raise app.UsageError(f"--variant={spec!r}: expected FIELD=VALUE[,FIELD=VALUE...]")
+    try:
+      changes[field.strip()] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      changes[field.strip()] = value
+  return _variant(config, **changes)
+
+
 def main(argv):
   del argv
   from mim_jax import registry
@@ -306,11 +337,16 @@ def main(argv):
                          "an MAE config")
   if FLAGS.asymmetry:
     configs.insert(1, _variant(configs[0], **{"model.encoder_mask_tokens": True}))
+  labels = {}  # id(config) -> its --variant
+  for spec in reversed(FLAGS.variant):
+    configs.insert(1, parse_variant(configs[0], spec))
+    labels[id(configs[1])] = spec
   if FLAGS.peers_only and not peers:
     raise app.UsageError("--peers_only needs --peer=hf and/or hf_compile")
-  for c in ([] if FLAGS.peers_only else configs):
-    profile_dir = os.path.join(FLAGS.profile, f"{c.method}_{len(os.listdir(FLAGS.profile)) if os.path.isdir(FLAGS.profile) else 0}") if FLAGS.profile else ""
-    print(json.dumps(bench_mim_jax(c, FLAGS.steps, FLAGS.warmup, profile_dir)), flush=True)
+  for i, c in enumerate([] if FLAGS.peers_only else configs):
+    profile_dir = os.path.join(FLAGS.profile, f"{i}_{c.method}") if FLAGS.profile else ""
+    print(json.dumps(bench_mim_jax(c, FLAGS.steps, FLAGS.warmup, profile_dir,
+                                   variant=labels.get(id(c), ""))), flush=True)
   for peer in peers:
     print(json.dumps(bench_hf(configs[0], FLAGS.steps, FLAGS.warmup,
                               compile_model=peer == "hf_compile")), flush=True)

@@ -621,8 +621,11 @@ def test_fmnist_missing_hint_and_valid_configs(tmp_path, fmnist_folder):
   data.validate_data_config(data_config(source="fashion_mnist", path=fmnist_folder,
                                         mean=(0.3,), std=(0.3,)), image_size=(4, 4), channels=3)
   data.validate_data_config(data_config(), image_size=(8, 16), channels=3)
-  with pytest.raises(ConfigError, match="config.channels="):
+  # Any channel count; the statistics must give one value per channel (or one for all).
+  with pytest.raises(ConfigError, match=r"config.data.mean=.*a tuple of 2 numbers"):
     data.validate_data_config(data_config(), image_size=(8, 8), channels=2)
+  data.validate_data_config(data_config(mean=(0.5, 0.4), std=(0.2, 0.3)), image_size=(8, 8),
+                            channels=2)
 
 
 def test_an_unprepared_tfds_dataset_is_named_with_the_command_that_prepares_it(tmp_path):

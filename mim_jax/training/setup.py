@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 from mim_jax import data, registry
 from mim_jax.config import validation
 from mim_jax.config.errors import ConfigError
-from mim_jax.data import device_augment
+from mim_jax.data import device_augment, transforms
 from mim_jax.methods.base import Method, TrainLength
 from mim_jax.training import optim, parallel, step
 from mim_jax.weights import pretrained
@@ -154,19 +154,27 @@ def setup_run(config, *, devices=None, num_examples: Optional[int] = None,
              replicated=parallel.replicated(mesh))
 
 
-def abstract_batch(run: Run, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(run: Run, batch_size: int,
+                   source_size: Optional[tuple[int, int]] = None) -> dict[str, jax.ShapeDtypeStruct]:
   """The keys and shapes of a training batch of `batch_size` as the step reads it: the
   method's own augmentation's element (multi-crop views) or images + labels, plus what the
-  method's input transforms add (host-drawn masks)."""
+  method's input transforms add (host-drawn masks). With data.augment_on="device" the images
+  arrive as decoded (uint8, `source_size`, default config.image_size) with their crop boxes
+  and flips."""
   config, method = run.config, run.method
   augment = method.train_augment(config.data, tuple(config.image_size), config.channels)
+  h, w = config.image_size
   if augment is not None:
     element = augment.random_map({"image": None, "label": np.int32(0)},
                                  np.random.default_rng(0))
+  elif config.data.get("augment_on", "host") == "device":
+    draws = transforms.DeviceAugmentDraws(
+        crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=False,
+        source_size=tuple(source_size or (h, w)), channels=config.channels)
+    element = draws.random_map({"image": None, "label": np.int32(0)}, np.random.default_rng(0))
   else:
-    h, w = config.image_size
     element = {"image": np.zeros((h, w, config.channels), np.float32), "label": np.int32(0)}
   element.update({k: v[0] for k, v in method.example_extras(1, np.random.default_rng(0)).items()})
   return {k: jax.ShapeDtypeStruct((batch_size, *np.shape(element[k])),
                                   jnp.asarray(element[k]).dtype)
-          for k in method.train_batch_keys() if k in element}
+          for k in run.batch_keys() if k in element}
