@@ -22,7 +22,7 @@ from mim_jax.config.errors import ConfigError, config_error, dotted_keys, unknow
 from mim_jax.evaluate.finetune import FineTune
 from mim_jax.evaluate.frozen import KnnJob, ProbeJob
 from mim_jax.evaluate.linear_probe import LinearProbe
-from mim_jax.methods import beit, data2vec, ibot, mae, maskfeat, simmim
+from mim_jax.methods import beit, data2vec, ibot, mae, maskdistill, maskfeat, mim, simmim
 from mim_jax.methods.base import Method, TrainLength
 from mim_jax.tokenizers.dvae import DVAETokenizer
 from mim_jax.tokenizers.vq import VQTokenizer
@@ -39,6 +39,7 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 for _cls in (mae.MAE, simmim.SimMIM, maskfeat.MaskFeat, data2vec.Data2Vec, ibot.IBOT, beit.BEiT,
+             maskdistill.MaskDistill, mim.MIM,
              VQTokenizer, DVAETokenizer, LinearProbe, FineTune, KnnJob, ProbeJob):
   register(_cls)
 
@@ -89,7 +90,7 @@ def validate_config(config) -> None:
                        f"'jit' for method {config.method!r}: its batch statistics do not yet "
                        "follow a mesh axis")
   cls.validate(config)
-  validation.check_unread(config, base_config(config.method))
+  validation.check_unread(config, base_config(config.method), cls.unread_rules())
 
 
 def build_method(config, length: TrainLength | None = None) -> Method:

@@ -206,3 +206,31 @@ def image_rows(panels: Sequence[np.ndarray], *, mean: Sequence[float], std: Sequ
            for p in panels]
   s = upscale_factor(*shown[0].shape[1:3])
   return _tile([p.repeat(s, axis=1).repeat(s, axis=2) for p in shown])
+
+
+def masked_images(images: np.ndarray, mask: np.ndarray, grid_hw: tuple[int, int], patch: int,
+                  mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """Normalised images [B, H, W, C] with their masked patches (mask [B, N], 1 = masked)
+  mid-grey once de-normalised: a panel for `image_rows`."""
+  (gh, gw), p = grid_hw, patch
+  mask = np.asarray(mask).reshape(-1, gh, gw).repeat(p, 1).repeat(p, 2)[..., None] > 0
+  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+  return np.where(mask, (MASK_GREY - mean) / std, images)
+
+
+def patch_map_images(values: np.ndarray, grid_hw: tuple[int, int], patch: int, channels: int,
+                     mean: Sequence[float], std: Sequence[float],
+                     value_range: tuple[float, float] | None = None) -> np.ndarray:
+  """Per-patch values [B, N] shown as grey levels (`value_range` black to white; None: each
+  example's min to max), as normalised images [B, H, W, C] for `image_rows` beside the inputs
+  (attention maps, a prediction's per-patch similarity to its target)."""
+  (gh, gw), p = grid_hw, patch
+  v = np.asarray(values, np.float32).reshape(-1, gh, gw)
+  if value_range is None:
+    lo, hi = v.min(axis=(1, 2), keepdims=True), v.max(axis=(1, 2), keepdims=True)
+  else:
+    lo, hi = value_range
+  v = (v - lo) / np.maximum(hi - lo, 1e-12)
+  v = v.repeat(p, 1).repeat(p, 2)[..., None].repeat(channels, -1)
+  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+  return (v - mean) / std

@@ -30,7 +30,8 @@ def test_there_are_configs():
           "finetune_imagenet.py", "simmim_vitb.py", "simmim_fmnist.py", "maskfeat_vitb.py",
           "maskfeat_fmnist.py", "data2vec_vitb.py", "data2vec_fmnist.py", "beit_vitb.py", "beit_fmnist.py",
           "beit_tokenizer_fmnist.py", "beit_tokenizer_imagenet.py", "ibot_vits.py",
-          "ibot_fmnist.py"} <= names
+          "ibot_fmnist.py", "maskdistill_vitb.py", "maskdistill_fmnist.py",
+          "mim_fmnist.py"} <= names
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +58,36 @@ def tokenizer_for(tmp_path_factory):
   return make
 
 
+@pytest.fixture(scope="module")
+def teacher_for(tmp_path_factory):
+  """For configs that distil a frozen teacher: `teacher_for(config)` trains a one-step MAE
+  encoder on the config's images (once per geometry) and returns its workdir."""
+  made = {}
+
+  def make(config):
+    key = (tuple(config.image_size), config.model.variant, config.channels, config.data.source,
+           tuple(config.data.mean), tuple(config.data.std))
+    if key not in made:
+      like = config.copy_and_resolve_references()
+      if like.data.source not in ("fashion_mnist", "synthetic"):  # same geometry, no download
+        like.data.source = "synthetic"
+      made[key] = _pretrain_like(like, str(tmp_path_factory.mktemp("teacher")))
+    return made[key]
+
+  return make
+
+
+def _set_teacher(config, teacher_for) -> None:
+  if config.method == "maskdistill":
+    config.teacher.path = ""
+    with pytest.raises(ConfigError, match="config.teacher.path=''.*mim_jax.convert"):
+      registry.validate_config(config)
+    config.teacher.path = teacher_for(config)
+
+
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
-def test_config_loads_and_validates(path, some_encoder, tokenizer_for, tmp_path, monkeypatch):
+def test_config_loads_and_validates(path, some_encoder, tokenizer_for, teacher_for, tmp_path,
+                                    monkeypatch):
   config = _load(path)
   if config.data.source == "fashion_mnist" and not os.path.isdir(config.data.path):
     pytest.skip("Fashion-MNIST not installed")
@@ -85,6 +114,7 @@ def test_config_loads_and_validates(path, some_encoder, tokenizer_for, tmp_path,
     with pytest.raises(ConfigError, match="config.tokenizer.path=''.*beit_tokenizer_fmnist"):
       registry.validate_config(config)
     config.tokenizer.path = tokenizer_for(config)
+  _set_teacher(config, teacher_for)
   registry.validate_config(config)
 
 
@@ -159,7 +189,7 @@ def _pretrain_like(config, workdir: str) -> str:
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
-def test_runlocal_variant_trains(path, tmp_path, tokenizer_for):
+def test_runlocal_variant_trains(path, tmp_path, tokenizer_for, teacher_for):
   config = _load(path, "runlocal")
   if config.data.source == "fashion_mnist" and not os.path.isdir(config.data.path):
     pytest.skip("Fashion-MNIST not installed")
@@ -167,6 +197,7 @@ def test_runlocal_variant_trains(path, tmp_path, tokenizer_for):
     config.init_from = _pretrain_like(config, str(tmp_path / "pretrain"))
   if config.method == "beit":
     config.tokenizer.path = tokenizer_for(config)
+  _set_teacher(config, teacher_for)
   if config.method in ("knn", "probe"):
     assert 0 <= train.run(config, str(tmp_path / "run"))["knn_top1_cls"] <= 1
     return

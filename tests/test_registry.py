@@ -116,7 +116,8 @@ def test_every_config_field_is_read_by_its_method(method):
   """Blocks only some methods read exist only for them (the audit of issue 19)."""
   c = registry.base_config(method)
   keys = set(c.keys())
-  owned = {"decoder": {"mae"}, "teacher": {"data2vec"}, "ibot": {"ibot"}, "multicrop": {"ibot"},
+  owned = {"decoder": {"mae"}, "teacher": {"data2vec", "maskdistill"}, "ibot": {"ibot"},
+           "multicrop": {"ibot"},
            "tokenizer": {"beit", "vq_tokenizer", "dvae_tokenizer"}, "probe": {"probe"},
            "classifier": {"linprobe", "finetune", "knn", "probe"}}
   for block, methods in owned.items():
@@ -137,10 +138,16 @@ def test_every_config_field_is_read_by_its_method(method):
     ({"masking.kind": "random", "masking.min_block": 4}, r"masking.min_block=4 is not used"),
     ({"data.tfds_name": "cifar10"}, r"data.tfds_name='cifar10' is not used"),
     ({"knn.k": 5}, r"knn.k=5 is not used: the k-NN monitor is off"),
+    # A method's own conditional fields (Method.unread_rules): a target kind's settings.
+    ({"method": "mim", "target.tokenizer.vocab_size": 512},
+     r"target.tokenizer.vocab_size=512 is not used: only target.kind='tokens'"),
 ])
 def test_fields_a_setting_does_not_read_must_keep_their_defaults(overrides, message):
+  overrides = dict(overrides)
+  method = overrides.pop("method", "mae")
   with pytest.raises(ConfigError, match=message):
-    registry.validate_config(tiny_config("mae", **overrides))
+    registry.validate_config(tiny_config(method, **{"masking.min_block": 2, **overrides}
+                                         if method != "mae" else overrides))
 
 
 def test_ibot_ratio_is_not_read_beside_a_ratio_range():

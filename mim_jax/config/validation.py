@@ -345,10 +345,11 @@ UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
 ]
 
 
-def check_unread(config, defaults) -> None:
+def check_unread(config, defaults, method_rules=()) -> None:
   """Raises ConfigError for a field that differs from its default in `defaults` (the method's
-  base config) while its rule says the config does not read it."""
-  for fields, reads, why in UNREAD_RULES:
+  base config) while its rule (UNREAD_RULES, or the method's own) says the config does not
+  read it."""
+  for fields, reads, why in [*UNREAD_RULES, *method_rules]:
     present = [f for f in fields if _has(config, f)]
     if not present or _reads(reads, config):
       continue

@@ -16,6 +16,7 @@ Hooks, by when they run:
     add_config(c)        adds the method's own config blocks / fields to the shared ones and
                          removes shared fields it does not read (registry.base_config)
     validate(config)     the checks of those fields (ConfigError naming field, value, allowed)
+    unread_rules()       its fields read only under a condition (overrides must act)
     forward_flops(config)  {"encoder", "decoder", ..., "total"} forward FLOPs per image
   construction           Method(config, length): `length` (TrainLength) for epoch schedules
   state                  init(rng, images) -> (params, extra); wants_weights();
@@ -94,6 +95,13 @@ class Method:
   @classmethod
   def validate(cls, config) -> None:
     """Checks this method's fields; raises ConfigError."""
+
+  @classmethod
+  def unread_rules(cls) -> list:
+    """(fields, reads(config) -> bool, why) of the method's fields read only under a
+    condition (e.g. a target kind's settings): such a field that differs from its default
+    while unread is an error (as config/validation.py's UNREAD_RULES for shared fields)."""
+    return []
 
   @classmethod
   def forward_flops(cls, config) -> dict[str, float]:

@@ -3,14 +3,16 @@ methods).
 
 Every patch token goes through the encoder, masked ones replaced by a learned mask token; a
 light predictor maps each output token to its patch's target, and a loss over the masked
-patches compares them. A method is this class with three choices filled in:
+patches compares them. A method is this class with two choices filled in:
 
-  target_fn   images [B, H, W, C] -> targets [B, N, F] (pixels, HOG, ...), no gradient
+  target      an `objectives.patch_targets.PatchTarget`: images -> targets [B, N, F] (pixels,
+              HOG, a frozen tokenizer's codes, a frozen teacher's features), no gradient; a
+              target with frozen state keeps it in extra[target.key]
   loss_fn     (pred [B, N, F], target [B, N, F], mask [B, N], axis_name) -> scalar
-  target_dim  F
 
-and the mask generator of `config.masking` (any kind: masked counts may vary per sample,
-since the token sequence always has all N patches).
+(and `target_dim(config)`, F, for the FLOP count before anything is built), and the mask
+generator of `config.masking` (any kind: masked counts may vary per sample, since the token
+sequence always has all N patches).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from mim_jax.models import flops
 from mim_jax.models.decoders import LinearPredictor
 from mim_jax.models.vit import ViTEncoder, encoder_from_config, size_from_config
 from mim_jax.objectives import masking
+from mim_jax.objectives.patch_targets import PatchTarget
 
 
 class MaskTokenModel(nn.Module):
@@ -59,21 +62,30 @@ class MaskedPrediction(base.PretrainingMethod):
     size, _ = size_from_config(config.model)
     encoder = flops.encoder_flops(config.model, config.image_size, config.channels)
     decoder = float(2 * _num_patches(config) * size.width * cls.target_dim(config))
-    return {"encoder": encoder, "decoder": decoder, "total": encoder + decoder}
+    target = cls.target_flops(config)
+    out = {"encoder": encoder, "decoder": decoder, "total": encoder + decoder + target}
+    if target:
+      out["target"] = target
+    return out
 
-  def __init__(self, config, length=None, *, target_fn: Callable[[jax.Array], jax.Array],
-               loss_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]):
+  @classmethod
+  def target_flops(cls, config) -> float:
+    """Forward FLOPs per image of the target (a frozen network's pass; 0 for pixels, HOG)."""
+    return 0.0
+
+  def __init__(self, config, length=None, *, target: PatchTarget,
+               loss_fn: Callable[..., jax.Array]):
     super().__init__(config, length)
     encoder = encoder_from_config(config.model, config.image_size, config.channels,
                                   use_mask_token=True)
     self.model = MaskTokenModel(
         encoder=encoder,
-        predictor=LinearPredictor(self.target_dim(config), dtype=jnp.dtype(config.model.dtype)))
+        predictor=LinearPredictor(target.dim, dtype=jnp.dtype(config.model.dtype)))
     self.patch_size = encoder.patch_size
     self.grid_hw = encoder.grid_hw
     self.mask_generator = masking.mask_generator_from_config(
         config.masking, encoder.grid_hw, encoder.patch_size)
-    self.target_fn = target_fn
+    self.target = target
     self.loss_fn = loss_fn
     # How pictures show the (normalised) images: the data's mean / std, the chosen channels.
     self.display = dict(mean=tuple(config.data.mean), std=tuple(config.data.std),
@@ -81,7 +93,20 @@ class MaskedPrediction(base.PretrainingMethod):
 
   def init(self, rng, images):
     mask = jnp.zeros((images.shape[0], self.grid_hw[0] * self.grid_hw[1]), bool)
-    return self.model.init({"params": rng}, images, mask)["params"], {}
+    params = self.model.init({"params": rng}, images, mask)["params"]
+    if self.target.key is None:
+      return params, {}
+    # Placeholders of the frozen target's shapes; `load_pretrained` (or a checkpoint) fills them.
+    return params, {self.target.key: self.target.init_extra()}
+
+  def wants_weights(self) -> bool:
+    return self.target.key is not None or super().wants_weights()
+
+  def load_pretrained(self, params, extra):
+    params, extra = super().load_pretrained(params, extra)  # init_from, if any
+    if self.target.key is None:
+      return params, extra
+    return params, {**extra, self.target.key: self.target.load_extra()}
 
   def _predict(self, params, batch, rng, train):
     mask_rng, drop_rng = jax.random.split(rng)
@@ -91,9 +116,9 @@ class MaskedPrediction(base.PretrainingMethod):
     return pred, mask
 
   def targets(self, extra, images):
-    """The targets of `images`; a method whose target needs its `extra` state (a frozen
-    tokenizer) overrides this."""
-    return self.target_fn(images)
+    """The targets of `images` (no gradient), from the target's frozen state if it has one."""
+    state = extra[self.target.key] if self.target.key is not None else None
+    return jax.lax.stop_gradient(self.target(state, images))
 
   def extra_metrics(self, pred, target, mask):
     """Scalar metrics besides loss and mask_fraction (e.g. BEiT's masked-token accuracy)."""
@@ -101,7 +126,7 @@ class MaskedPrediction(base.PretrainingMethod):
 
   def loss(self, params, extra, batch, rng, train=True):
     pred, mask = self._predict(params, batch, rng, train)
-    target = jax.lax.stop_gradient(self.targets(extra, batch["image"]))
+    target = self.targets(extra, batch["image"])
     loss = self.loss_fn(pred, target, mask, axis_name=self.axis_name)
     metrics = {"loss": loss, "mask_fraction": jnp.mean(mask.astype(jnp.float32)),
                **self.extra_metrics(pred, target, mask)}
@@ -110,9 +135,8 @@ class MaskedPrediction(base.PretrainingMethod):
   def reconstruct(self, params, batch, rng, extra):
     """{"pred", "target": [B, N, F], "mask": [B, N] float32} for pictures."""
     pred, mask = self._predict(params, batch, rng, train=False)
-    return {"pred": pred, "target": self.target_fn(batch["image"]),
+    return {"pred": pred, "target": self.targets(extra, batch["image"]),
             "mask": mask.astype(jnp.float32)}
-
 
 
 def _num_patches(config) -> int:

@@ -18,7 +18,7 @@ from mim_jax import viz
 from mim_jax.config import validation
 from mim_jax.methods.masked_prediction import MaskedPrediction
 from mim_jax.models.vit import size_from_config
-from mim_jax.objectives import losses, targets
+from mim_jax.objectives import losses, patch_targets
 
 
 class SimMIM(MaskedPrediction):
@@ -44,7 +44,7 @@ class SimMIM(MaskedPrediction):
     _, patch = size_from_config(config.model)
     norm_pix = bool(config.target.norm_pix)
     super().__init__(config, length,
-                     target_fn=lambda images: targets.pixel_targets(images, patch, norm_pix),
+                     target=patch_targets.Pixels(patch, config.channels, norm_pix),
                      loss_fn=losses.masked_l1)
     self.norm_pix = norm_pix
 

@@ -59,9 +59,12 @@ def encoder_flops(model_cfg, image_size, channels: int, tokens: int | None = Non
       1 + tokens, size.width, size.depth, size.mlp_dim)
 
 
+FORWARD_ONLY = ("teacher", "tokenizer", "target")
+
+
 def train_flops(forward: dict[str, float]) -> float:
   """Model FLOPs of one training step per image from a method's forward FLOPs: 3 x the
   forward pass, except for parts that run forward only (an EMA teacher: "teacher", a frozen
-  tokenizer: "tokenizer"), counted once."""
-  frozen = forward.get("teacher", 0.0) + forward.get("tokenizer", 0.0)
+  tokenizer: "tokenizer", a frozen network computing the target: "target"), counted once."""
+  frozen = sum(forward.get(k, 0.0) for k in FORWARD_ONLY)
   return TRAIN_FORWARD_RATIO * (forward["total"] - frozen) + frozen

@@ -70,6 +70,34 @@ def masked_smooth_l1(pred: jax.Array, target: jax.Array, mask: jax.Array,
   return masked_mean(per_patch, mask, axis_name)
 
 
+def masked_cosine(pred: jax.Array, target: jax.Array, mask: jax.Array,
+                  axis_name: AxisName = None) -> jax.Array:
+  """1 - cosine similarity of each masked patch's prediction and target, averaged over the
+  masked patches (the feature-distillation loss of MVP / BEiT v2's VQ-KD): pred, target
+  [B, N, F]."""
+  chex.assert_equal_shape([pred, target])
+  pred = pred.astype(jnp.float32)
+  cos = jnp.sum(pred * target, -1) / jnp.maximum(
+      jnp.linalg.norm(pred, axis=-1) * jnp.linalg.norm(target, axis=-1), 1e-8)
+  return masked_mean(1.0 - cos, mask, axis_name)
+
+
+LOSSES = ("l1", "mse", "smooth_l1", "cosine", "cross_entropy")
+
+
+def masked_loss(name: str, beta: float = 1.0):
+  """The masked loss `name` (one of LOSSES) as fn(pred, target, mask, axis_name=None);
+  `beta` is smooth-L1's."""
+  if name == "smooth_l1":
+    return lambda pred, target, mask, axis_name=None: masked_smooth_l1(
+        pred, target, mask, beta=beta, axis_name=axis_name)
+  fns = {"l1": masked_l1, "mse": masked_mse, "cosine": masked_cosine,
+         "cross_entropy": masked_cross_entropy}
+  if name not in fns:
+    raise ValueError(f"loss {name!r}: expected one of {LOSSES}")
+  return fns[name]
+
+
 def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array,
                          axis_name: AxisName = None) -> jax.Array:
   """Cross-entropy of logits [B, N, V] against integer labels [B, N], averaged over the masked
@@ -78,9 +106,6 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array,
   log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   per_patch = -jnp.take_along_axis(log_p, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
   return masked_mean(per_patch, mask, axis_name)
-
-
-LOSSES = {"mse": masked_mse, "l1": masked_l1}
 
 
 # ---------------------------------------------------------------------------------------------

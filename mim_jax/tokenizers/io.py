@@ -58,35 +58,35 @@ def export_tokenizer(directory: str, params: Any, codebook: Any, info: dict) -> 
   return directory
 
 
-def tokenizer_directory(path: str) -> str:
+def tokenizer_directory(path: str, field: str = "tokenizer.path") -> str:
   """The export directory `path` names (a tokenizer workdir or the export itself), else a
-  ConfigError on `tokenizer.path` that says how to get one."""
+  ConfigError on `field` that says how to get one."""
   if not isinstance(path, str) or not path:
-    raise config_error("tokenizer.path", path, "the path of a trained tokenizer (BEiT predicts "
+    raise config_error(field, path, "the path of a trained tokenizer (BEiT predicts "
                        "its codes)", TRAIN_HINT)
   if not os.path.exists(path):
-    raise config_error("tokenizer.path", path, "an existing tokenizer workdir or export "
+    raise config_error(field, path, "an existing tokenizer workdir or export "
                        "directory; nothing exists there", TRAIN_HINT)
   for candidate in (os.path.join(path, EXPORT_DIR), path):
     if os.path.isfile(os.path.join(candidate, INFO_FILE)):
       return candidate
   raise config_error(
-      "tokenizer.path", path,
+      field, path,
       f"a tokenizer workdir whose run finished (it holds {EXPORT_DIR}/{INFO_FILE}) or a "
       f"tokenizer export directory (holding {INFO_FILE} and {WEIGHTS_DIR}/); this is not a "
       "tokenizer", TRAIN_HINT)
 
 
-def read_info(path: str) -> dict:
-  """The tokenizer.json of the tokenizer `path` names."""
-  directory = tokenizer_directory(path)
+def read_info(path: str, field: str = "tokenizer.path") -> dict:
+  """The tokenizer.json of the tokenizer `path` names (errors name the config's `field`)."""
+  directory = tokenizer_directory(path, field)
   try:
     with open(os.path.join(directory, INFO_FILE)) as f:
       info = json.load(f)
   except (OSError, ValueError) as e:
-    raise config_error("tokenizer.path", path, f"a readable {INFO_FILE} ({e})", TRAIN_HINT)
+    raise config_error(field, path, f"a readable {INFO_FILE} ({e})", TRAIN_HINT)
   if not isinstance(info, dict) or info.get("format") != FORMAT:
-    raise config_error("tokenizer.path", path,
+    raise config_error(field, path,
                        f"a tokenizer export of format {FORMAT!r}; its {INFO_FILE} says "
                        f"{info.get('format') if isinstance(info, dict) else info!r}", TRAIN_HINT)
   return info
@@ -101,20 +101,21 @@ def load_tokenizer(path: str) -> tuple[dict, dict]:
 
 
 def check_matches(path: str, *, vocab_size: int, image_size: tuple[int, int], patch_size: int,
-                  channels: int, mean, std, variant: str = "") -> dict:
+                  channels: int, mean, std, variant: str = "", prefix: str = "tokenizer") -> dict:
   """The info of the tokenizer at `path` after checking that it fits the BEiT config: its
-  kind, vocabulary, image size, patch grid, channels and normalisation. Raises ConfigError."""
-  info = read_info(path)
+  kind, vocabulary, image size, patch grid, channels and normalisation. Raises ConfigError
+  naming the config's fields (the tokenizer's under `prefix`)."""
+  info = read_info(path, f"{prefix}.path")
   where = f"the tokenizer at {tokenizer_directory(path)}"
 
   def require(ok, field, value, allowed):
     if not ok:
-      raise config_error(field, value, allowed, f"Point config.tokenizer.path to a tokenizer "
+      raise config_error(field, value, allowed, f"Point config.{prefix}.path to a tokenizer "
                          f"trained for this config, or train one. {TRAIN_HINT}")
 
-  require(info.get("kind") in KINDS, "tokenizer.path", path,
+  require(info.get("kind") in KINDS, f"{prefix}.path", path,
           f"a tokenizer of kind {KINDS}; {where} has kind {info.get('kind')!r}")
-  require(info.get("vocab_size") == vocab_size, "tokenizer.vocab_size", vocab_size,
+  require(info.get("vocab_size") == vocab_size, f"{prefix}.vocab_size", vocab_size,
           f"the vocabulary size {info.get('vocab_size')} of {where}")
   require(tuple(info.get("image_size", ())) == tuple(image_size), "image_size",
           tuple(image_size), f"the image size {tuple(info.get('image_size', ()))} of {where}")
