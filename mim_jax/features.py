@@ -102,7 +102,7 @@ def read_images(path: str) -> np.ndarray:
   """An .npy array [N, H, W(, C)], or every image file of a folder (sorted paths), as arrays
   of their own dtype (8-bit uint8, 16-bit and TIFF float32 in [0, 1])."""
   if path.endswith(".npy"):
-    return np.load(path)
+    return np.load(path, allow_pickle=False)
   paths = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
                  for name in names if name.lower().endswith(sources.IMAGE_EXTENSIONS))
   if not paths:

@@ -44,6 +44,18 @@ def tiny_mae_config(**overrides):
   return tiny_config(overrides.pop("method", "mae"), **overrides)
 
 
+@pytest.fixture
+def prepared_tfds_root(tmp_path, monkeypatch):
+  """TFDS_DATA_DIR pointing at a folder where ImageNet looks prepared to the start-up check
+  (imagenet2012/5.1.0/dataset_info.json), for tests that validate the ImageNet configs
+  without reading any data."""
+  version = tmp_path / "tfds" / "imagenet2012" / "5.1.0"
+  version.mkdir(parents=True)
+  (version / "dataset_info.json").write_text("{}")
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+  return str(tmp_path / "tfds")
+
+
 requires_fmnist = pytest.mark.skipif(
     not os.path.isdir(FMNIST_DIR),
     reason=f"Fashion-MNIST not installed at {FMNIST_DIR} (apt-get install -y dataset-fashion-mnist)")

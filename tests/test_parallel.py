@@ -62,7 +62,7 @@ def test_largest_rule_shards_the_largest_divisible_dim():
   assert spec(()) == P()
 
 
-def test_fsdp_preset_and_config_arguments():
+def test_fsdp_preset_and_config_arguments(prepared_tfds_root):
   assert config_defaults.fsdp_rules() == ((".*", "largest:fsdp:16384"),)
   c = configs_mae_vith("fsdp,remat=dots_saveable,bf16")
   assert list(map(tuple, c.mesh)) == [("fsdp", -1)]

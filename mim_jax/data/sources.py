@@ -75,12 +75,12 @@ class NpySource:
 
   def __init__(self, folder: str, split: str):
     self.images_path = os.path.join(folder, f"{split}.npy")
-    self.images = np.load(self.images_path, mmap_mode="r")
+    self.images = np.load(self.images_path, mmap_mode="r", allow_pickle=False)
     if self.images.ndim not in (3, 4):
       raise ValueError(f"{self.images_path} holds an array of shape {self.images.shape}; "
                        "expected [N, H, W] or [N, H, W, C]")
     labels_path = os.path.join(folder, f"{split}_labels.npy")
-    self._labels = (np.asarray(np.load(labels_path), np.int32).reshape(-1)
+    self._labels = (np.asarray(np.load(labels_path, allow_pickle=False), np.int32).reshape(-1)
                     if os.path.isfile(labels_path) else np.zeros(len(self.images), np.int32))
     if len(self._labels) != len(self.images):
       raise ValueError(f"{labels_path} has {len(self._labels)} labels for "
