@@ -39,26 +39,33 @@ from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a pre-training config file.",
-                                lock_config=True)
-flags.DEFINE_multi_string("also", [], "Further config files (PATH[:ARG]) timed in the same run.")
-flags.DEFINE_integer("batch", 0, "Global batch for every measurement (0: each config's own).")
-flags.DEFINE_string("dtype", "", "Computation dtype for every measurement ('': each config's).")
-flags.DEFINE_integer("steps", 20, "Timed steps per measurement.")
-flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation).")
-flags.DEFINE_list("peer", ["hf"], "Peers timed in the same run: hf, hf_compile, or none.")
-flags.DEFINE_bool("peers_only", False, "Time only the --peer implementations (e.g. a slow "
-                  "torch.compile in a process of its own).")
-flags.DEFINE_multi_string("variant", [], "The first config with FIELD=VALUE[,FIELD=VALUE...] "
-                          "overrides, timed in the same run (a lever against the base row), "
-                          "e.g. --variant=model.attention_impl=xla.")
-flags.DEFINE_bool("asymmetry", False, "Also time MAE with mask tokens through the encoder.")
-flags.DEFINE_bool("pipeline", False, "Benchmark the input pipeline instead of train steps.")
-flags.DEFINE_integer("pipeline_images", 512, "Generated JPEGs for --pipeline.")
-flags.DEFINE_integer("pipeline_batches", 8, "Timed batches for --pipeline.")
-flags.DEFINE_string("profile", "", "Also trace a few steps of each mim_jax row into this folder "
-                    "and report kernel time by category and the top kernels (mim_jax/profiling.py)")
-flags.mark_flags_as_required(["config"])
+
+
+def define_flags() -> None:
+  """The command line of `python -m mim_jax.bench`; defined only when bench runs as the program, so
+  that importing bench beside mim_jax.main (tests, notebooks) defines no flag twice."""
+  config_flags.DEFINE_config_file("config", None, "Path to a pre-training config file.",
+                                  lock_config=True)
+  flags.DEFINE_multi_string("also", [], "Further config files (PATH[:ARG]) timed in the same run.")
+  flags.DEFINE_integer("batch", 0, "Global batch for every measurement (0: each config's own).")
+  flags.DEFINE_string("dtype", "", "Computation dtype for every measurement ('': each config's).")
+  flags.DEFINE_integer("steps", 20, "Timed steps per measurement.")
+  flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation).")
+  flags.DEFINE_list("peer", ["hf"], "Peers timed in the same run: hf, hf_compile, or none.")
+  flags.DEFINE_bool("peers_only", False, "Time only the --peer implementations (e.g. a slow "
+                    "torch.compile in a process of its own).")
+  flags.DEFINE_multi_string("variant", [], "The first config with FIELD=VALUE[,FIELD=VALUE...] "
+                            "overrides, timed in the same run (a lever against the base row), "
+                            "e.g. --variant=model.attention_impl=xla.")
+  flags.DEFINE_bool("asymmetry", False, "Also time MAE with mask tokens through the encoder.")
+  flags.DEFINE_bool("pipeline", False, "Benchmark the input pipeline instead of train steps.")
+  flags.DEFINE_integer("pipeline_images", 512, "Generated JPEGs for --pipeline.")
+  flags.DEFINE_integer("pipeline_batches", 8, "Timed batches for --pipeline.")
+  flags.DEFINE_string("profile", "", "Also trace a few steps of each mim_jax row into this "
+                      "folder and report kernel time by category and the top kernels "
+                      "(mim_jax/profiling.py)")
+  flags.mark_flags_as_required(["config"])
+
 
 PEERS = ("hf", "hf_compile", "none")
 
@@ -353,4 +360,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -42,6 +42,8 @@ def _state(config, batch_size=4):
   images = jax.random.normal(jax.random.key(1), (batch_size, 16, 16, 3))
   params, extra = method.init(jax.random.key(0), images)
   params, extra = method.load_pretrained(jax.device_get(params), jax.device_get(extra))
+  if method.mask_generator.needs_scores:  # drawn in the step from the teacher's attention
+    return method, params, extra, {"image": images}
   mask = method.mask_generator.host(np.random.default_rng(0), batch_size)
   return method, params, extra, {"image": images, masking.TOKEN_MASK_KEY: jnp.asarray(mask)}
 
@@ -218,3 +220,74 @@ def test_bad_fields_fail_at_start_up_naming_the_field(method, overrides, match, 
     overrides = {"teacher.path": teacher_dir, **overrides}
   with pytest.raises(ConfigError, match=match):
     registry.validate_config(tiny_config(method, **{"masking.min_block": 2, **overrides}))
+
+
+# --- attention-guided masking (AttMask) ----------------------------------------------------------
+
+
+def test_attention_guided_mask_picks_the_most_or_least_attended_patches():
+  scores = jnp.asarray(np.random.default_rng(0).permutation(16)[None].astype(np.float32))
+  rng = jax.random.key(0)
+  high = np.asarray(masking.attention_guided_mask(scores, 6, 0.0, rng, "high"))[0]
+  low = np.asarray(masking.attention_guided_mask(scores, 6, 0.0, rng, "low"))[0]
+  order = np.argsort(-np.asarray(scores[0]))
+  assert set(np.flatnonzero(high)) == set(order[:6])
+  assert set(np.flatnonzero(low)) == set(order[-6:])
+  # A random share: round(6 x 0.5) = 3 by attention, 3 drawn from the rest, always 6 in all.
+  for seed in range(5):
+    half = np.asarray(masking.attention_guided_mask(scores, 6, 0.5, jax.random.key(seed)))[0]
+    assert half.sum() == 6 and set(order[:3]) <= set(np.flatnonzero(half))
+  draws = {tuple(np.flatnonzero(masking.attention_guided_mask(
+      scores, 6, 1.0, jax.random.key(seed))[0])) for seed in range(5)}
+  assert len(draws) > 1  # all random: the draws differ
+
+
+def test_attention_masking_masks_what_the_teacher_attends_to(teacher_dir, tmp_path):
+  config = tiny_distill_config(teacher_dir, **{"masking.kind": "attention",
+                                               "masking.ratio": 0.5, "masking.min_block": 16})
+  registry.validate_config(config)
+  method, params, extra, batch = _state(config)
+  out = method.forward(params, extra, batch, jax.random.key(2), train=False)
+  enc = features.load(teacher_dir)
+  (_, _), state = enc.module.apply({"params": enc.params}, batch["image"],
+                                   mutable=["intermediates"])
+  weights = state["intermediates"]["transformer"]["blocks_1"]["attn"]["attention"][0]
+  scores = np.asarray(weights[:, :, 0, 1:].mean(1))
+  mask = np.asarray(out["mask"])
+  assert (mask.sum(1) == 8).all()
+  for row, m in zip(scores, mask):
+    assert set(np.flatnonzero(m)) == set(np.argsort(-row)[:8])
+  # Training with it writes pictures with one attention panel per teacher head.
+  state = train.run(config_defaults.override(config, total_steps=2, viz_every=2),
+                    str(tmp_path / "w"))
+  assert int(state.step) == 2
+  pic = method.picture(np.asarray(batch["image"]),
+                       jax.device_get(method.reconstruct(params, batch, jax.random.key(3), extra)))
+  plain = tiny_distill_config(teacher_dir)
+  m2, p2, e2, b2 = _state(plain)
+  base = m2.picture(np.asarray(b2["image"]),
+                    jax.device_get(m2.reconstruct(p2, b2, jax.random.key(3), e2)))
+  assert pic.shape[1] > base.shape[1]  # 2 heads more than the 3 panels
+
+
+def test_data2vec_masks_by_its_ema_teachers_attention(tmp_path):
+  c = tiny_config("data2vec", total_steps=2, **{"masking.kind": "attention",
+                                                "masking.ratio": 0.5, "teacher.top_k": 2})
+  registry.validate_config(c)
+  state = train.run(c, str(tmp_path / "w"))
+  assert int(state.step) == 2
+
+
+@pytest.mark.parametrize("method,overrides,match", [
+    ("simmim", {}, r"masking.kind='attention' .*needs a teacher"),
+    ("mim", {"target.kind": "hog", "target.hog.cell_size": 4, "target.hog.gaussian_window": 4},
+     r"needs a teacher"),
+    ("maskdistill", {"masking.random_share": 1.5}, r"config.masking.random_share=1.5"),
+    ("maskdistill", {"masking.attention_order": "middle"}, r"masking.attention_order='middle'"),
+])
+def test_attention_masking_is_refused_without_a_teacher_or_with_bad_fields(
+    method, overrides, match, teacher_dir):
+  if method == "maskdistill":
+    overrides = {"teacher.path": teacher_dir, **overrides}
+  with pytest.raises(ConfigError, match=match):
+    registry.validate_config(tiny_config(method, **{"masking.kind": "attention", **overrides}))

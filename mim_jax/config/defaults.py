@@ -139,7 +139,9 @@ def masking_block(**overrides) -> ml_collections.ConfigDict:
   """`config.masking` (objectives/masking.py); fields a kind does not read must keep their
   defaults."""
   return _block(**{**dict(
-      kind="random",           # random | grouped (SimMIM) | blockwise (BEiT) | inverse_block
+      # random | grouped (SimMIM) | blockwise (BEiT) | inverse_block (data2vec 2.0) |
+      # attention (AttMask; methods with a teacher)
+      kind="random",
       ratio=0.75,              # masked fraction (blockwise: budget int(N * ratio) per sample)
       mask_patch_size=0,       # grouped: side of a mask group in pixels (0: the patch size)
       min_block=16,            # blockwise: minimum rectangle area in patches
@@ -148,6 +150,8 @@ def masking_block(**overrides) -> ml_collections.ConfigDict:
       mask_probability=1.0,    # blockwise: fraction of samples masked (the rest stay whole)
       block=3,                 # inverse_block: side of a visible block in patches
       adjust=0.07,             # inverse_block: extra keep probability for the block count
+      attention_order="high",  # attention: mask the most ("high") or least ("low") attended
+      random_share=0.0,        # attention: share of the masked patches drawn at random
   ), **overrides})
 
 

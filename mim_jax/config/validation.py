@@ -23,7 +23,7 @@ from typing import Any, Callable
 from mim_jax import data
 from mim_jax.config.errors import ConfigError, config_error
 from mim_jax.models.vit import parse_variant, size_from_config
-from mim_jax.objectives.masking import MASK_KINDS, num_visible
+from mim_jax.objectives.masking import ATTENTION_ORDERS, MASK_KINDS, num_visible
 from mim_jax.weights import continuation, pretrained
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -229,7 +229,10 @@ def validate_masking(config, image_size: tuple[int, int], patch: int,
         "Its encoder sees only the visible patches, so every sample must mask the same number "
         "of patches; blockwise masks vary in count per sample. Use a mask-token method "
         "(simmim, maskfeat) for blockwise masking, or 'random' / 'grouped' / 'inverse_block'.")
-  require(m.kind in kinds, "masking.kind", m.kind, f"one of {kinds} for method {config.method!r}")
+  require(m.kind in kinds, "masking.kind", m.kind, f"one of {kinds} for method {config.method!r}",
+          "masking.kind='attention' (AttMask) needs a teacher whose attention picks the "
+          "patches: methods 'data2vec', 'maskdistill', and 'mim' with "
+          "target.kind='teacher_features'." if m.kind == "attention" else None)
   ratio = m.ratio
   require(is_number(ratio) and 0 < ratio < 1, "masking.ratio", ratio,
           "a number strictly between 0 and 1 (MAE uses 0.75, SimMIM 0.6, BEiT / MaskFeat 0.4)")
@@ -255,6 +258,12 @@ def validate_masking(config, image_size: tuple[int, int], patch: int,
   prob = m.mask_probability
   require(is_number(prob) and 0 <= prob <= 1, "masking.mask_probability", prob,
           "a probability in [0, 1] (iBOT: 0.5)")
+  if m.kind == "attention":
+    require(m.attention_order in ATTENTION_ORDERS, "masking.attention_order",
+            m.attention_order, f"one of {ATTENTION_ORDERS}")
+    share = m.random_share
+    require(is_number(share) and 0 <= share <= 1, "masking.random_share", share,
+            "a fraction in [0, 1] of the masked patches drawn at random")
   if m.kind == "blockwise":
     require(is_int(m.min_block) and m.min_block > 0, "masking.min_block", m.min_block,
             "a positive integer (BEiT: 16 patches)")
@@ -329,6 +338,8 @@ UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
      "masking.ratio_range sets each sample's ratio instead"),
     (("masking.block", "masking.adjust"), lambda c: c.masking.kind == "inverse_block",
      "only masking.kind='inverse_block' reads it"),
+    (("masking.attention_order", "masking.random_share"),
+     lambda c: c.masking.kind == "attention", "only masking.kind='attention' reads it"),
     (("data.path",), lambda c: c.data.source in ("fashion_mnist", "image_folder", "npy"),
      "only data.source 'fashion_mnist', 'image_folder' and 'npy' read it"),
     (("data.eval_path",), lambda c: c.data.source == "image_folder",

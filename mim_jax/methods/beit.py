@@ -69,8 +69,8 @@ class BEiT(MaskedPrediction):
     return {"accuracy": losses.masked_mean(hit, mask, self.axis_name)}
 
   def reconstruct(self, params, batch, rng, extra):
-    logits, mask = self._predict(params, batch, rng, train=False)
-    return decoded_codes(self.target, extra, logits, self.targets(extra, batch["image"]), mask,
+    out = self.forward(params, extra, batch, rng, train=False)
+    return decoded_codes(self.target, extra, out["pred"], out["target"], out["mask"],
                          self.grid_hw)
 
   def picture(self, images: np.ndarray, out: dict) -> np.ndarray:

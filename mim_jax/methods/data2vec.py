@@ -34,6 +34,7 @@ from mim_jax.models import flops
 from mim_jax.models.decoders import LinearPredictor
 from mim_jax.models.vit import encoder_from_config, size_from_config
 from mim_jax.objectives import losses, masking, teachers
+from mim_jax.objectives.frozen_teacher import cls_attention
 from mim_jax.weights import continuation
 
 NORMS = ("instance", "layer", "none")
@@ -94,7 +95,9 @@ class Data2Vec(base.PretrainingMethod):
 
   @classmethod
   def validate(cls, config):
-    v.validate_pretraining_fields(config)
+    # The EMA teacher's attention can pick the masks (AttMask, masking.kind='attention').
+    v.validate_pretraining_fields(config,
+                                  mask_kinds=masking.MASK_KINDS + (masking.ATTENTION_KIND,))
     t = config.teacher
     depth = size_from_config(config.model)[0].depth
     v.require(v.is_int(t.top_k) and 1 <= t.top_k <= depth, "teacher.top_k", t.top_k,
@@ -158,16 +161,28 @@ class Data2Vec(base.PretrainingMethod):
     params = continuation.load_into(params, self.config)
     return params, {**extra, "teacher": jax.tree.map(np.copy, params["encoder"])}
 
-  def targets(self, teacher_params, images) -> jax.Array:
-    """Teacher targets [B, N, D] for the unmasked images (no gradient)."""
-    _, aux = self.teacher.apply({"params": teacher_params}, images, train=False)
+  def targets(self, teacher_params, images, attention: bool = False):
+    """Teacher targets [B, N, D] for the unmasked images (no gradient); with `attention`, also
+    its last block's [CLS] attention over the patches [B, heads, N]."""
+    if attention:
+      (_, aux), state = self.teacher.apply({"params": teacher_params}, images, train=False,
+                                           mutable=["intermediates"])
+    else:
+      _, aux = self.teacher.apply({"params": teacher_params}, images, train=False)
+    target = layer_average_targets(aux["blocks"], self.top_k, self.block_norm, self.final_norm)
+    if not attention:
+      return jax.lax.stop_gradient(target)
     return jax.lax.stop_gradient(
-        layer_average_targets(aux["blocks"], self.top_k, self.block_norm, self.final_norm))
+        (target, cls_attention(state["intermediates"], self.teacher.depth)))
 
   def loss(self, params, extra, batch, rng, train=True):
     mask_rng, drop_rng = jax.random.split(rng)
-    mask = self.mask_generator.sample(batch, mask_rng)
-    target = self.targets(extra["teacher"], batch["image"])
+    if self.mask_generator.needs_scores:  # AttMask: the teacher's attention picks the masks
+      target, attention = self.targets(extra["teacher"], batch["image"], attention=True)
+      mask = self.mask_generator.from_scores(attention.mean(axis=1), mask_rng)
+    else:
+      mask = self.mask_generator.sample(batch, mask_rng)
+      target = self.targets(extra["teacher"], batch["image"])
     pred = self.model.apply({"params": params}, batch["image"], mask, train=train,
                             rngs={"drop_path": drop_rng})
     loss = losses.masked_smooth_l1(pred, target, mask, beta=self.beta,

@@ -25,7 +25,7 @@ from mim_jax import viz
 from mim_jax.config import validation as v
 from mim_jax.config.errors import ConfigError, config_error
 from mim_jax.methods.masked_prediction import MaskedPrediction
-from mim_jax.objectives import losses, patch_targets
+from mim_jax.objectives import losses, masking, patch_targets
 from mim_jax.objectives.frozen_teacher import FrozenTeacher
 
 DISTILL_LOSSES = ("smooth_l1", "cosine", "mse", "l1")
@@ -81,7 +81,9 @@ def teacher_width(config, t, prefix: str) -> int:
 
 def similarity_picture(images: np.ndarray, out: dict, grid_hw, patch: int, channels: int,
                        display: dict) -> np.ndarray:
-  """original | masked | per-patch cosine similarity of prediction and target (white = 1)."""
+  """original | masked | per-patch cosine similarity of prediction and target (white = 1),
+  and with attention-guided masking the teacher's last-layer [CLS] attention of each head
+  (white = the most attended patch of that head)."""
   pred, target = np.asarray(out["pred"], np.float32), np.asarray(out["target"], np.float32)
   cos = (pred * target).sum(-1) / np.maximum(
       np.linalg.norm(pred, axis=-1) * np.linalg.norm(target, axis=-1), 1e-8)
@@ -89,7 +91,12 @@ def similarity_picture(images: np.ndarray, out: dict, grid_hw, patch: int, chann
                              display["std"])
   sims = viz.patch_map_images(cos, grid_hw, patch, channels, display["mean"], display["std"],
                               value_range=(-1.0, 1.0))
-  return viz.image_rows([images, masked, sims], **display)
+  heads = []
+  if "attention" in out:
+    attention = np.asarray(out["attention"], np.float32)  # [B, heads, N]
+    heads = [viz.patch_map_images(attention[:, h], grid_hw, patch, channels, display["mean"],
+                                  display["std"]) for h in range(attention.shape[1])]
+  return viz.image_rows([images, masked, sims, *heads], **display)
 
 
 class MaskDistill(MaskedPrediction):
@@ -111,6 +118,10 @@ class MaskDistill(MaskedPrediction):
     v.require(v.is_number(t.smooth_l1_beta) and t.smooth_l1_beta >= 0, "target.smooth_l1_beta",
               t.smooth_l1_beta, "a number >= 0 (0: L1)")
     validate_teacher(config, config.teacher, "teacher")
+
+  @classmethod
+  def mask_kinds(cls, config):
+    return masking.MASK_KINDS + (masking.ATTENTION_KIND,)
 
   @classmethod
   def unread_rules(cls):

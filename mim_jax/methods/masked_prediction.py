@@ -50,7 +50,12 @@ class MaskedPrediction(base.PretrainingMethod):
 
   @classmethod
   def validate(cls, config):
-    validation.validate_pretraining_fields(config)
+    validation.validate_pretraining_fields(config, mask_kinds=cls.mask_kinds(config))
+
+  @classmethod
+  def mask_kinds(cls, config) -> tuple[str, ...]:
+    """The masking kinds this method offers; a target with a teacher adds 'attention'."""
+    return masking.MASK_KINDS
 
   @classmethod
   def target_dim(cls, config) -> int:
@@ -108,12 +113,22 @@ class MaskedPrediction(base.PretrainingMethod):
       return params, extra
     return params, {**extra, self.target.key: self.target.load_extra()}
 
-  def _predict(self, params, batch, rng, train):
+  def forward(self, params, extra, batch, rng, train: bool) -> dict[str, jax.Array]:
+    """{"pred" [B, N, F], "target" [B, N, F] (or int codes [B, N]), "mask" bool [B, N]} and,
+    with masking.kind='attention', the teacher's last [CLS] attention "attention" [B, heads,
+    N] whose head average chose the mask (one teacher pass gives targets and attention)."""
     mask_rng, drop_rng = jax.random.split(rng)
-    mask = self.mask_generator.sample(batch, mask_rng)
+    out = {}
+    if self.mask_generator.needs_scores:
+      target, attention = self.target.with_attention(extra[self.target.key], batch["image"])
+      target, out["attention"] = jax.lax.stop_gradient((target, attention))
+      mask = self.mask_generator.from_scores(attention.mean(axis=1), mask_rng)
+    else:
+      target = self.targets(extra, batch["image"])
+      mask = self.mask_generator.sample(batch, mask_rng)
     pred = self.model.apply({"params": params}, batch["image"], mask, train=train,
                             rngs={"drop_path": drop_rng})
-    return pred, mask
+    return {**out, "pred": pred, "target": target, "mask": mask}
 
   def targets(self, extra, images):
     """The targets of `images` (no gradient), from the target's frozen state if it has one."""
@@ -125,18 +140,17 @@ class MaskedPrediction(base.PretrainingMethod):
     return {}
 
   def loss(self, params, extra, batch, rng, train=True):
-    pred, mask = self._predict(params, batch, rng, train)
-    target = self.targets(extra, batch["image"])
+    out = self.forward(params, extra, batch, rng, train)
+    pred, target, mask = out["pred"], out["target"], out["mask"]
     loss = self.loss_fn(pred, target, mask, axis_name=self.axis_name)
     metrics = {"loss": loss, "mask_fraction": jnp.mean(mask.astype(jnp.float32)),
                **self.extra_metrics(pred, target, mask)}
     return loss, (metrics, extra)
 
   def reconstruct(self, params, batch, rng, extra):
-    """{"pred", "target": [B, N, F], "mask": [B, N] float32} for pictures."""
-    pred, mask = self._predict(params, batch, rng, train=False)
-    return {"pred": pred, "target": self.targets(extra, batch["image"]),
-            "mask": mask.astype(jnp.float32)}
+    """{"pred", "target": [B, N, F], "mask": [B, N] float32 (, "attention")} for pictures."""
+    out = self.forward(params, extra, batch, rng, train=False)
+    return {**out, "mask": out["mask"].astype(jnp.float32)}
 
 
 def _num_patches(config) -> int:

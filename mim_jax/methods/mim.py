@@ -28,7 +28,7 @@ from mim_jax.config import validation as v
 from mim_jax.methods import beit, maskdistill, maskfeat
 from mim_jax.methods.masked_prediction import MaskedPrediction
 from mim_jax.models.vit import size_from_config
-from mim_jax.objectives import hog, losses, patch_targets
+from mim_jax.objectives import hog, losses, masking, patch_targets
 from mim_jax.tokenizers import io
 
 
@@ -74,6 +74,12 @@ class MIM(MaskedPrediction):
                        variant=config.model.variant, prefix="target.tokenizer")
     elif t.kind == "teacher_features":
       maskdistill.validate_teacher(config, t.teacher, "target.teacher")
+
+  @classmethod
+  def mask_kinds(cls, config):
+    if config.target.kind == "teacher_features":
+      return masking.MASK_KINDS + (masking.ATTENTION_KIND,)
+    return masking.MASK_KINDS
 
   @classmethod
   def unread_rules(cls):
@@ -137,9 +143,9 @@ class MIM(MaskedPrediction):
   def reconstruct(self, params, batch, rng, extra):
     if self.target.kind != "tokens":
       return super().reconstruct(params, batch, rng, extra)
-    logits, mask = self._predict(params, batch, rng, train=False)
-    return beit.decoded_codes(self.target, extra, logits, self.targets(extra, batch["image"]),
-                              mask, self.grid_hw)
+    out = self.forward(params, extra, batch, rng, train=False)
+    return beit.decoded_codes(self.target, extra, out["pred"], out["target"], out["mask"],
+                              self.grid_hw)
 
   def picture(self, images: np.ndarray, out: dict) -> np.ndarray:
     kind, p = self.target.kind, self.patch_size

@@ -119,15 +119,14 @@ class FrozenTeacher:
     feats = jax.lax.stop_gradient(out[:, 1:].astype(jnp.float32))
     if not attention:
       return feats
-    last = _last_block_attention(state["intermediates"], self.depth)
-    return feats, jax.lax.stop_gradient(last[:, :, 0, 1:])
+    return feats, jax.lax.stop_gradient(cls_attention(state["intermediates"], self.depth))
 
   def forward_flops(self) -> float:
     return flops.encoder_flops(self.model_cfg, self.image_size, self.channels)
 
 
-def _last_block_attention(intermediates, depth: int) -> jax.Array:
-  """The attention weights the last block sowed, [B, heads, T, T]."""
-  blocks = intermediates["transformer"]
-  last = blocks[f"blocks_{depth - 1}"]
-  return last["attn"]["attention"][0]
+def cls_attention(intermediates, depth: int) -> jax.Array:
+  """The last block's [CLS] attention over the patches, [B, heads, N], from the
+  "intermediates" a ViTEncoder sows when that collection is mutable (models/vit.Attention)."""
+  weights = intermediates["transformer"][f"blocks_{depth - 1}"]["attn"]["attention"][0]
+  return weights[:, :, 0, 1:]

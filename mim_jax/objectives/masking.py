@@ -315,9 +315,32 @@ def mask_to_ids(mask: jax.Array | np.ndarray, num_keep: int | None = None) -> Ma
 
 
 # ---------------------------------------------------------------------------------------------
+def attention_guided_mask(scores: jax.Array, num_masked: int, random_share: float,
+                          rng: jax.Array, order: str = "high") -> jax.Array:
+  """AttMask (Kakogeorgiou et al., 2022): mask the patches a teacher attends to most ("high")
+  or least ("low"), with a share drawn at random instead.
+
+  scores [B, N] (e.g. the teacher's last-layer [CLS] attention averaged over heads) ->
+  bool [B, N] with exactly `num_masked` True per row: the round(num_masked * (1 -
+  random_share)) patches ranked first by `order`, plus the rest drawn uniformly from the
+  remaining patches. Ties break by position.
+  """
+  b, n = scores.shape
+  by_attention = int(round(num_masked * (1.0 - random_share)))
+  ranked = jnp.argsort(-scores if order == "high" else scores, axis=-1)  # stable
+  chosen = jnp.zeros((b, n), bool).at[jnp.arange(b)[:, None], ranked[:, :by_attention]].set(
+      True)
+  noise = jnp.where(chosen, jnp.inf, jax.random.uniform(rng, (b, n)))
+  extra = jnp.argsort(noise, axis=-1)[:, :num_masked - by_attention]
+  return chosen.at[jnp.arange(b)[:, None], extra].set(True)
+
+
 # Mask generators as configured parts of a method.
 
 MASK_KINDS = ("random", "grouped", "blockwise", "inverse_block")
+# Drawn from a teacher's attention inside the step: only methods with a teacher offer it.
+ATTENTION_KIND = "attention"
+ATTENTION_ORDERS = ("high", "low")
 # Kinds drawn on the host, in the input pipeline (data-dependent loops, see `blockwise_mask`).
 HOST_MASK_KINDS = ("blockwise", "inverse_block")
 # The batch key under which host-drawn masks reach the train step: bool [B, N], True = masked.
@@ -340,6 +363,9 @@ class MaskGenerator:
                   ratio uniformly from it (iBOT's pred_ratio +- pred_ratio_var).
   mask_probability  blockwise: each sample is masked with this probability and left whole
                   otherwise (iBOT masks half of the views: pred_ratio (0, 0.3)).
+  attention_order, random_share  attention (AttMask): mask the patches a teacher attends to
+                  most ("high") or least ("low"), `random_share` of them drawn at random
+                  instead; drawn in the step from the teacher's scores (`from_scores`).
 
   Device kinds are drawn inside the jitted step from the step's rng (`sample`); host kinds are
   drawn per example in the input pipeline (`host`) and arrive as batch[TOKEN_MASK_KEY].
@@ -354,6 +380,8 @@ class MaskGenerator:
   adjust: float = 0.07
   ratio_range: tuple[float, ...] = ()
   mask_probability: float = 1.0
+  attention_order: str = "high"
+  random_share: float = 0.0
 
   @property
   def num_patches(self) -> int:
@@ -362,6 +390,16 @@ class MaskGenerator:
   @property
   def on_host(self) -> bool:
     return self.kind in HOST_MASK_KINDS
+
+  @property
+  def needs_scores(self) -> bool:
+    """Whether masks come from a teacher's attention (`from_scores`), not from `sample`."""
+    return self.kind == ATTENTION_KIND
+
+  def from_scores(self, scores: jax.Array, rng: jax.Array) -> jax.Array:
+    """bool [B, N] from per-patch teacher scores [B, N] (kind "attention")."""
+    return attention_guided_mask(scores, self.num_masked, self.random_share, rng,
+                                 self.attention_order)
 
   @property
   def budget(self) -> int:
@@ -375,7 +413,7 @@ class MaskGenerator:
     A visible-only encoder (MAE) needs a fixed count: its token sequence has a static length.
     """
     n = self.num_patches
-    if self.kind in ("random", "inverse_block"):
+    if self.kind in ("random", "inverse_block", ATTENTION_KIND):
       return n - num_visible(n, self.ratio)
     if self.kind == "grouped":
       cells = n // self.group**2
@@ -388,6 +426,9 @@ class MaskGenerator:
       return random_masking(rng, batch, self.num_patches, self.ratio).mask.astype(bool)
     if self.kind == "grouped":
       return random_grouped_mask(rng, batch, self.grid_hw, self.ratio, self.group)
+    if self.needs_scores:
+      raise ValueError("masking kind 'attention' draws masks from a teacher's attention: "
+                       "call from_scores(scores, rng)")
     raise ValueError(f"masking kind {self.kind!r} is drawn on the host, in the input pipeline")
 
   def host(self, rng: jax.Array | np.random.Generator, batch: int) -> np.ndarray:
@@ -444,4 +485,6 @@ def mask_generator_from_config(masking_cfg, grid_hw: tuple[int, int],
       min_aspect=float(masking_cfg.get("min_aspect", 0.3)),
       block=int(masking_cfg.get("block", 3)), adjust=float(masking_cfg.get("adjust", 0.07)),
       ratio_range=tuple(float(r) for r in masking_cfg.get("ratio_range", ())),
-      mask_probability=float(masking_cfg.get("mask_probability", 1.0)))
+      mask_probability=float(masking_cfg.get("mask_probability", 1.0)),
+      attention_order=str(masking_cfg.get("attention_order", "high")),
+      random_share=float(masking_cfg.get("random_share", 0.0)))
