@@ -10,9 +10,8 @@ wd 0.05, drop path 0.1, gradient clipping 3.0; blockwise masking of 40% of the 1
 (blocks of at least 16 patches); RandomResizedCrop(0.08, 1) + flip; a linear head to the
 teacher's width, smooth-L1 on the teacher's layer-normalised last-layer patch features. The teacher sees the student's view, re-normalised with its own
 statistics (CLIP's mean and std, read from its export).
-Differences kept on purpose: fixed 2-D sin-cos positions and no layer scale by default (the
-encoder every method here shares; `model.rel_pos_bias` / `model.layer_scale` turn the
-paper's on). Arguments: `variant=B/16` (any SIZE/PATCH), `runlocal`.
+The student is BEiT v2's ViT: a shared relative position bias, layer scale 0.1, no absolute
+positions (`model.rel_pos_bias`, `model.layer_scale`, `model.abs_posemb`). Arguments: `variant=B/16` (any SIZE/PATCH), `runlocal`.
 """
 
 from mim_jax import registry
@@ -24,6 +23,9 @@ def get_config(arg=None):
   c = registry.base_config("maskdistill")
   c.model.variant = str(args.get("variant", "B/16"))
   c.model.drop_path_rate = 0.1
+  # The official ViT: a relative position bias shared by all blocks, layer scale, no
+  # absolute positions.
+  c.model.update(rel_pos_bias="shared", layer_scale=0.1, abs_posemb=False)
   c.masking.update(kind="blockwise", ratio=0.4, min_block=16, min_aspect=0.3)
   c.data.crop_scale = (0.08, 1.0)
   c.global_batch_size = 2048

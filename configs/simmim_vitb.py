@@ -11,8 +11,8 @@ batch / 512), 10 warmup epochs, lr x0.1 at epoch 700 (`--config.optimizer.schedu
 the cosine variant), gradient clipping 5.0, drop path 0.1; random masking of 60% of 32x32-px
 groups (2x2 patches), a linear head to the 16x16x3 pixels of each patch, L1 loss on masked
 pixels of the normalised image (no per-patch normalisation); RandomResizedCrop(0.67, 1) + flip.
-Not reproduced: the official ViT uses shared relative position bias and layer scale 0.1; here
-the encoder is the same sin-cos ViT as every other method.
+The official ViT's shared relative position bias and layer scale 0.1, without absolute
+positions (`model.rel_pos_bias`, `model.layer_scale`, `model.abs_posemb`).
 """
 
 from mim_jax import registry
@@ -24,6 +24,9 @@ def get_config(arg=None):
   c = registry.base_config("simmim")
   c.model.variant = str(args.get("variant", "B/16"))
   c.model.drop_path_rate = 0.1
+  # The official ViT: a relative position bias shared by all blocks, layer scale, no
+  # absolute positions.
+  c.model.update(rel_pos_bias="shared", layer_scale=0.1, abs_posemb=False)
   c.masking.update(kind="grouped", ratio=0.6, mask_patch_size=32)
   c.target.norm_pix = False
   c.data.crop_scale = (0.67, 1.0)

@@ -187,3 +187,27 @@ def test_continues_from_an_imported_official_full_checkpoint(tmp_path, mae_sourc
   losses = _logged_losses(workdir)
   np.testing.assert_allclose(losses[1], source_loss, rtol=1e-5)
   assert sorted(losses) == [1, 2, 3] and all(np.isfinite(v) for v in losses.values())
+
+
+def test_beit_style_encoder_carries_its_architecture_into_evaluations(tmp_path_factory):
+  """A source pre-trained with a shared relative position bias, layer scale and no absolute
+  positions: a fine-tuning run adopts the three fields with the size and loads every array;
+  continued pre-training with another setting is refused by field before training."""
+  from mim_jax.training import setup
+
+  from conftest import tiny_config
+  source = _source(tmp_path_factory, "beit_style", **{
+      "model.rel_pos_bias": "shared", "model.layer_scale": 0.1, "model.abs_posemb": False})
+  _, params = read_weights(source)
+  assert "rel_pos_bias" in params["encoder"]["transformer"]
+  assert "gamma_1" in params["encoder"]["transformer"]["blocks_0"]
+  assert "pos_embed" not in params["encoder"]
+  finetune = setup.prepare(tiny_config("finetune", init_from=source))
+  assert (finetune.model.rel_pos_bias, finetune.model.layer_scale,
+          finetune.model.abs_posemb) == ("shared", 0.1, False)
+  workdir = str(tmp_path_factory.mktemp("ft"))
+  train.run(tiny_config("finetune", init_from=source, total_steps=1), workdir)
+  config = tiny_mae_config(init_from=source, **{"model.rel_pos_bias": "shared",
+                                                "model.abs_posemb": False})
+  with pytest.raises(ConfigError, match=r"config.model.layer_scale=0.0.*0.1"):
+    setup.prepare(config)

@@ -310,22 +310,69 @@ def test_layer_scale_models_convert_exactly(kind):
   assert rel_err(classifier.apply({"params": params}, images), ref) < REL_TOL
 
 
+def _with_index_buffers(model) -> dict[str, np.ndarray]:
+  """The state dict as the official BEiT checkpoints store it: with the relative position
+  index buffers (timm keeps them out of its state dict)."""
+  state = _numpy_state(model)
+  state.update({k: v.numpy() for k, v in model.named_buffers()
+                if k.endswith("relative_position_index")})
+  return state
+
+
+def _rel_pos_beit(shared: bool, **kwargs):
+  """timm's Beit (the official BEiT code's names) with relative positions only, random
+  weights (tables included: zeros would hide a misread index)."""
+  from timm.models.beit import Beit
+  return _randomize(Beit(img_size=IMAGE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH,
+                         num_heads=HEADS, use_abs_pos_emb=False, use_rel_pos_bias=not shared,
+                         use_shared_rel_pos_bias=shared, init_values=0.1, **kwargs))
+
+
 @requires_timm
 @pytest.mark.parametrize("shared", [False, True], ids=["per_block", "shared"])
-def test_beit_relative_position_bias_is_refused_by_name(shared):
-  from timm.models.beit import Beit
-  model = Beit(img_size=IMAGE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS,
-               use_abs_pos_emb=False, use_rel_pos_bias=not shared,
-               use_shared_rel_pos_bias=shared)
-  state = _numpy_state(model)
-  # The official BEiT checkpoints also store the index buffers.
-  state["blocks.0.attn.relative_position_index"] = np.zeros((17, 17), np.int64)
-  with pytest.raises(ValueError, match="relative position biases") as excinfo:
+def test_beit_relative_position_bias_converts_exactly(shared):
+  """BEiT with a shared (pre-training) or per-block (fine-tuning) relative position bias, layer
+  scale and no absolute positions: the imported encoder's tokens and classifier logits equal
+  timm's; the index buffers official checkpoints store are checked and dropped. The shared
+  case pools the cls token (the final norm kept), the per-block case the mean (fc_norm)."""
+  model = _rel_pos_beit(shared, num_classes=NUM_CLASSES,
+                        global_pool="token" if shared else "avg")
+  state = _with_index_buffers(model)
+  index = ("rel_pos_bias.relative_position_index" if shared
+           else "blocks.0.attn.relative_position_index")
+  assert index in state and ("rel_pos_bias.relative_position_bias_table" in state) == shared
+  images, images_nchw = _images()
+  with torch.no_grad():
+    ref_logits = model(images_nchw).numpy()
+    ref_tokens = model.forward_features(images_nchw).numpy()
+  imported = import_state_dict(state, num_heads=HEADS)
+  info = imported.model_info()
+  assert info["posemb"] == "none"
+  assert info["config"]["model"]["rel_pos_bias"] == ("shared" if shared else "per_block")
+  assert info["config"]["model"]["layer_scale"] > 0
+  classifier, params = build_classifier(info, imported.params)
+  assert rel_err(classifier.apply({"params": params}, images), ref_logits) < REL_TOL
+  if shared:  # with the final norm, the tokens themselves
+    tokens, _ = classifier.encoder.apply({"params": params["encoder"]}, images)
+    assert rel_err(tokens, ref_tokens) < REL_TOL
+
+
+@requires_timm
+def test_beit_relative_index_numbered_otherwise_is_refused():
+  state = _with_index_buffers(_rel_pos_beit(shared=True))
+  state["rel_pos_bias.relative_position_index"] = state[
+      "rel_pos_bias.relative_position_index"].T.copy()
+  with pytest.raises(ValueError, match="relative_position_index: a relative position index "
+                     "numbered unlike BEiT's"):
     import_state_dict(state, num_heads=HEADS)
-  message = str(excinfo.value)
-  assert "blocks.0.attn.relative_position_index" in message
-  assert ("rel_pos_bias.relative_position_bias_table" if shared
-          else "blocks.1.attn.relative_position_bias_table") in message
+
+
+@requires_timm
+def test_beit_export_refuses_parts_timm_vit_cannot_hold(tmp_path):
+  imported = import_state_dict(_numpy_state(_rel_pos_beit(shared=True)), num_heads=HEADS)
+  imported.write(str(tmp_path / "beit"))
+  with pytest.raises(ValueError, match="BEiT-style parts .*rel_pos_bias='shared'"):
+    export_weights(str(tmp_path / "beit"), str(tmp_path / "out"), "timm")
 
 
 # --- the official MAE, pre-training checkpoints with the decoder ----------------------------

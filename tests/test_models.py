@@ -12,6 +12,8 @@ from mim_jax.config.errors import ConfigError
 from mim_jax.methods import mae
 from mim_jax.models import vit
 
+from conftest import tiny_mae_config  # noqa: E402
+
 
 def _mae_config(variant, image_size=(224, 224), channels=3, decoder=(512, 8, 16), dtype="float32"):
   c = registry.base_config("mae")
@@ -178,13 +180,14 @@ def test_cudnn_attention_pads_odd_lengths_and_falls_back_only_for_rejected_shape
   real = jax.nn.dot_product_attention
   calls = []
 
-  def fake(q, k, v, implementation=None, **lengths):
+  def fake(q, k, v, bias=None, implementation=None, **lengths):
     calls.append((q.shape[1], implementation))
     if implementation == "cudnn":
       if q.shape[1] % 2 or q.shape[-1] % 8:
         raise NotImplementedError(f"Unsupported sequence length Q {q.shape[1]}")
-      return real(q, k, v, implementation="xla", **lengths)  # stands in for the cuDNN kernel
-    return real(q, k, v, implementation=implementation, **lengths)
+      # stands in for the cuDNN kernel
+      return real(q, k, v, bias, implementation="xla", **lengths)
+    return real(q, k, v, bias, implementation=implementation, **lengths)
   monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
 
   q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 7, 4, 8))
@@ -281,3 +284,91 @@ def test_visible_only_encoder_equals_embedding_everything_then_picking():
   embedded = got["intermediates"]["patch_embed"]["__call__"][0]
   np.testing.assert_allclose(embedded + pos[1:][ids_keep], picked, rtol=1e-6, atol=1e-6)
   assert ours.shape == (2, 5, 32)
+
+
+def test_padded_attention_with_a_bias_equals_unpadded():
+  """A relative position bias [B, heads, T, T] is padded with the tokens (cuDNN's odd
+  lengths): the real tokens' outputs are the unpadded ones."""
+  q, k, v = jax.random.normal(jax.random.key(2), (3, 2, 17, 4, 8))
+  bias = jax.random.normal(jax.random.key(3), (2, 4, 17, 17))
+  plain = jax.nn.dot_product_attention(q, k, v, bias, implementation="xla")
+  padded = vit.padded_attention(q, k, v, 8, implementation="xla", bias=bias)
+  np.testing.assert_allclose(padded, plain, rtol=1e-5, atol=1e-6)
+
+
+def _beit_style_encoder(rel_pos_bias: str, layer_scale: float = 0.1, **kwargs):
+  return vit.ViTEncoder(image_size=(16, 16), patch_size=4, width=32, depth=2, num_heads=4,
+                        mlp_dim=64, channels=1, rel_pos_bias=rel_pos_bias,
+                        layer_scale=layer_scale, **kwargs)
+
+
+def _randomized(params, seed=0):
+  """Every leaf random (the bias tables start at zero, which would hide a misread index)."""
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree_util.tree_unflatten(
+      tree, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+@pytest.mark.parametrize("rel_pos_bias", ["shared", "per_block"])
+def test_relative_position_bias_follows_the_visible_patches(rel_pos_bias):
+  """The visible-only encoder (MAE) given every patch in a shuffled order computes the full
+  encoder's tokens in that order: each token's bias is read at its own grid position."""
+  enc = _beit_style_encoder(rel_pos_bias, posemb="none")
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
+  params = _randomized(enc.init(jax.random.key(1), images))
+  full, _ = enc.apply(params, images)
+  order = jnp.stack([jax.random.permutation(jax.random.key(s), 16) for s in (2, 3)])
+  shuffled, _ = enc.apply(params, images, ids_keep=order)
+  np.testing.assert_allclose(shuffled[:, 1:], vit.gather_tokens(full[:, 1:], order),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(shuffled[:, 0], full[:, 0], rtol=1e-5, atol=1e-5)
+  # With positions only in the bias, the order of the patches matters only through it: a
+  # shuffle read at the wrong positions would change the tokens.
+  wrong = enc.apply(params, vit.unpatchify(
+      vit.gather_tokens(vit.patchify(images, 4), order), 4, (4, 4), 1))[0]
+  assert not np.allclose(wrong[:, 1:], vit.gather_tokens(full[:, 1:], order), atol=1e-3)
+
+
+def test_relative_index_of_a_smaller_grid_reads_the_same_offsets():
+  """A 2 x 2 view (multi-crop) reads the entries of a 4 x 4 table that the top-left 2 x 2
+  patches of a full image read: the same offsets."""
+  small = vit.relative_position_index((4, 4), (2, 2))[0]
+  full = vit.relative_position_index((4, 4), (4, 4))[0]
+  tokens = np.array([0, 1, 2, 5, 6])  # [CLS], then grid cells (0,0) (0,1) (1,0) (1,1)
+  np.testing.assert_array_equal(small, full[tokens][:, tokens])
+  with pytest.raises(ValueError, match="cannot serve a"):
+    vit.relative_position_index((2, 2), (4, 4))
+
+
+def test_layer_scale_of_one_is_the_plain_block():
+  """gamma = 1 on both branches computes the block without layer scale; the scales start at
+  the configured value."""
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
+  plain = _beit_style_encoder("", layer_scale=0.0)
+  scaled = _beit_style_encoder("", layer_scale=1.0)
+  params = _randomized(plain.init(jax.random.key(1), images))
+  scaled_params = scaled.init(jax.random.key(1), images)
+  np.testing.assert_array_equal(
+      scaled_params["params"]["transformer"]["blocks_1"]["gamma_2"], np.ones(32))
+  merged = jax.tree_util.tree_map(lambda x: x, params)
+  for i in range(2):
+    block = merged["params"]["transformer"][f"blocks_{i}"]
+    block["gamma_1"], block["gamma_2"] = jnp.ones(32), jnp.ones(32)
+  np.testing.assert_allclose(scaled.apply(merged, images)[0], plain.apply(params, images)[0],
+                             rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"model.rel_pos_bias": "global"}, r"config.model.rel_pos_bias='global'.*shared"),
+    ({"model.layer_scale": -0.1}, r"config.model.layer_scale=-0.1"),
+    ({"model.abs_posemb": False}, r"config.model.abs_posemb=False.*no positions"),
+])
+def test_beit_style_model_fields_are_checked(overrides, match):
+  config = tiny_mae_config()
+  with config.unlocked():
+    for key, value in overrides.items():
+      section, field = key.split(".")
+      config[section][field] = value
+  with pytest.raises(ConfigError, match=match):
+    registry.validate_config(config)

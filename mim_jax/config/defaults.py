@@ -42,6 +42,12 @@ def core_fields(c: ml_collections.ConfigDict) -> None:
       dtype="float32",         # computation dtype; parameters are always float32
       # "": cuDNN's fused kernel on GPU (odd lengths padded), XLA elsewhere; or "xla" / "cudnn"
       attention_impl="",
+      # BEiT-style options (models/vit.py): the initial per-channel scale of each residual
+      # branch (0: none), a learned relative position bias ("" | "shared" | "per_block"),
+      # and whether absolute positions (2-D sin-cos; learned when fine-tuning) are added.
+      layer_scale=0.0,
+      rel_pos_bias="",
+      abs_posemb=True,
   )
   c.data = _block(
       source="tfds",           # fashion_mnist | image_folder | tfds | npy | synthetic

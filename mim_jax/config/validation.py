@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from mim_jax import data
 from mim_jax.config.errors import ConfigError, config_error
-from mim_jax.models.vit import parse_variant, size_from_config
+from mim_jax.models.vit import REL_POS_BIAS, parse_variant, size_from_config
 from mim_jax.objectives.masking import ATTENTION_ORDERS, MASK_KINDS, num_visible
 from mim_jax.weights import continuation, pretrained
 
@@ -94,6 +94,18 @@ def validate_model(config) -> None:
             f"one of {ATTENTION_IMPLS} ('': cuDNN on GPU, XLA elsewhere)")
   if "remat" in m:
     require(m.remat in REMAT_POLICIES, "model.remat", m.remat, f"one of {REMAT_POLICIES}")
+  if "layer_scale" in m:
+    require(is_number(m.layer_scale) and m.layer_scale >= 0, "model.layer_scale",
+            m.layer_scale, "a number >= 0: the initial per-channel scale of each residual "
+            "branch (0: no layer scale; BEiT uses 0.1 for ViT-B, 1e-5 for ViT-L)")
+  if "abs_posemb" in m:
+    require(isinstance(m.abs_posemb, bool), "model.abs_posemb", m.abs_posemb, "True or False")
+    require(m.abs_posemb or m.get("rel_pos_bias", ""), "model.abs_posemb", m.abs_posemb,
+            "True unless model.rel_pos_bias is set: an encoder with neither has no positions")
+  if "rel_pos_bias" in m:
+    require(m.rel_pos_bias in REL_POS_BIAS, "model.rel_pos_bias", m.rel_pos_bias,
+            f"one of {REL_POS_BIAS} ('': none; 'shared': one table for all blocks, as BEiT "
+            "pre-training; 'per_block': one per block, as BEiT fine-tuning)")
   if "drop_path_rate" in m:
     rate = m.drop_path_rate
     require(is_number(rate) and 0 <= rate < 1, "model.drop_path_rate", rate,

@@ -78,6 +78,16 @@ def export_weights(source: str, directory: str, fmt: str, *,
   if fmt not in FORMATS:
     raise ValueError(f"format {fmt!r}: expected one of {FORMATS}")
   info, params = read_weights(source, step)
+  model = info["config"]["model"]
+  beit_style = [f"model.{k}={model[k]!r}" for k in ("layer_scale", "rel_pos_bias")
+                if model.get(k)] + (["no absolute positions"] if info.get("posemb") == "none"
+                                    or not model.get("abs_posemb", True) else [])
+  if beit_style:
+    # timm's VisionTransformer and HF ViTMAE have no place for these parameters: writing the
+    # rest would be a different function under the same names.
+    raise ValueError(f"{source} has BEiT-style parts ({', '.join(beit_style)}) that the "
+                     f"{fmt!r} export layouts (timm VisionTransformer, HF ViTMAE) cannot hold; "
+                     "use the mim_jax export directory itself")
   patch, channels, grid = _geometry(info)
   os.makedirs(directory, exist_ok=True)
   weights_path = os.path.join(directory, WEIGHTS_FILE)

@@ -66,6 +66,7 @@ class ImportedModel:
   mask_ratio: float = 0.75
   norm_pix_loss: bool = True
   notes: list[str] = dataclasses.field(default_factory=list)
+  abs_posemb: bool = True      # False: BEiT's relative positions only (posemb "none")
 
   @property
   def encoder(self) -> dict[str, Any]:
@@ -85,7 +86,22 @@ class ImportedModel:
 
   @property
   def posemb(self) -> str:
+    if not self.abs_posemb:
+      return "none"
     return "learn" if "pos_embed" in self.encoder else "sincos"
+
+  @property
+  def layer_scale(self) -> float:
+    """model.layer_scale: > 0 when the blocks carry gamma_1 / gamma_2 (their values are the
+    weights'; the field's value only initialises fresh models)."""
+    return 0.1 if "gamma_1" in self.encoder["transformer"]["blocks_0"] else 0.0
+
+  @property
+  def rel_pos_bias(self) -> str:
+    transformer = self.encoder["transformer"]
+    if "rel_pos_bias" in transformer:
+      return "shared"
+    return "per_block" if "rel_pos_bias" in transformer["blocks_0"]["attn"] else ""
 
   @property
   def pool(self) -> str:
@@ -103,6 +119,8 @@ class ImportedModel:
     c.channels = self.channels
     c.model.update(model_size_fields(ViTSize(self.width, self.depth, self.num_heads,
                                              self.mlp_dim), self.patch_size))
+    c.model.update(layer_scale=self.layer_scale, rel_pos_bias=self.rel_pos_bias,
+                   abs_posemb=self.abs_posemb)
     if "decoder" in self.params:
       dec = self.params["decoder"]["decoder"]
       c.decoder.update(width=int(self.params["decoder"]["mask_token"].shape[-1]),
@@ -196,13 +214,19 @@ def _from_timm(tensors: dict[str, Any], posemb: str, notes: list[str]) -> dict[s
   has_head = any(k.startswith(("head.", "fc_norm.")) for k in tensors)
   mode = posemb if posemb != "auto" else ("learn" if has_head else "sincos")
   params, layout = params_from_timm_vit(tensors, posemb=mode)
-  if mode == "sincos":
+  if layout.abs_posemb and mode == "sincos":
     notes.append("pos_embed equals the fixed 2-D sin-cos table (checked): the encoder uses "
                  "fixed positions")
-  else:
+  elif layout.abs_posemb:
     notes.append("pos_embed kept as a learned table (encoder posemb='learn')")
   if layout.layer_scale:
-    notes.append("layer scales (gamma) folded into attn/proj and mlp/fc2")
+    notes.append("layer scales (gamma) kept as the blocks' gamma_1 / gamma_2 "
+                 "(model.layer_scale)")
+  if layout.rel_pos_bias:
+    notes.append(f"relative position bias tables kept ({layout.rel_pos_bias}; index buffers, "
+                 "if any, checked equal to BEiT's numbering)")
+  if not layout.abs_posemb:
+    notes.append("no absolute position table: the encoder adds none (posemb='none')")
   if not layout.cls_posemb:
     notes.append("pos_embed has no cls row (timm no_embed_class): a zero row was added")
   if layout.qv_bias:
@@ -212,9 +236,14 @@ def _from_timm(tensors: dict[str, Any], posemb: str, notes: list[str]) -> dict[s
                  "transformer/norm; cls-token features need a new one")
   return dict(params=params, patch_size=layout.patch_size, channels=layout.channels,
               grid=square_grid(layout.num_patches), num_heads=None, decoder_num_heads=None,
-              mask_ratio=0.75, norm_pix_loss=True,
-              source_format="beit" if layout.layer_scale == "gamma" or layout.qv_bias
+              mask_ratio=0.75, norm_pix_loss=True, abs_posemb=layout.abs_posemb,
+              num_heads_hint=layout.rel_pos_heads, source_format="beit" if layout.layer_scale == "gamma" or layout.qv_bias
               else "timm")
+
+
+def _has_rel_pos_bias(encoder: dict[str, Any]) -> bool:
+  transformer = encoder["transformer"]
+  return "rel_pos_bias" in transformer or "rel_pos_bias" in transformer["blocks_0"]["attn"]
 
 
 def import_state_dict(tensors: dict[str, Any], *, num_heads: Optional[int] = None,
@@ -247,8 +276,8 @@ def import_state_dict(tensors: dict[str, Any], *, num_heads: Optional[int] = Non
 
   params, patch = found["params"], found["patch_size"]
   width = int(params["encoder"]["cls_token"].shape[-1])
-  heads = _heads(num_heads or found["num_heads"], width, HEADS_BY_WIDTH, "encoder",
-                 "--num_heads")
+  heads = _heads(num_heads or found["num_heads"] or found.get("num_heads_hint"), width,
+                 HEADS_BY_WIDTH, "encoder", "--num_heads")
   decoder_heads = 0
   if "decoder" in params:
     decoder_width = int(params["decoder"]["mask_token"].shape[-1])
@@ -256,6 +285,10 @@ def import_state_dict(tensors: dict[str, Any], *, num_heads: Optional[int] = Non
                            DECODER_HEADS_BY_WIDTH, "decoder", "--decoder_num_heads")
   size, grid = _image_size(image_size, patch, found["grid"])
   if grid != found["grid"]:
+    if _has_rel_pos_bias(params["encoder"]):
+      raise ValueError(f"image size {size}: these weights' relative position bias tables are for "
+                       f"a {found['grid']} patch grid; resizing them is not supported, import "
+                       "at the checkpoint's own size")
     if "pos_embed" in params["encoder"]:
       params["encoder"]["pos_embed"] = np.asarray(
           resize_posemb(jnp.asarray(params["encoder"]["pos_embed"]), found["grid"], grid))
@@ -267,7 +300,8 @@ def import_state_dict(tensors: dict[str, Any], *, num_heads: Optional[int] = Non
       params=params, source=source, source_format=found["source_format"], patch_size=patch,
       channels=found["channels"], image_size=size, num_heads=heads,
       decoder_num_heads=decoder_heads, mask_ratio=found["mask_ratio"],
-      norm_pix_loss=found["norm_pix_loss"], notes=notes)
+      norm_pix_loss=found["norm_pix_loss"], notes=notes,
+      abs_posemb=found.get("abs_posemb", True))
   for note in notes:
     log.info("%s", note)
   return model

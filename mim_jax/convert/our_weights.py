@@ -153,11 +153,13 @@ def _config(info: dict) -> ml_collections.ConfigDict:
 
 
 def build_encoder(info: dict, params: dict) -> ViTEncoder:
-  """The encoder of `params["encoder"]`: learned positions if it holds `pos_embed`."""
+  """The encoder of `params["encoder"]`: learned positions if it holds `pos_embed`, none if
+  model.json says so (relative positions only), else fixed sin-cos."""
   config, enc = _config(info), params["encoder"]
+  posemb = ("learn" if "pos_embed" in enc else
+            "none" if info.get("posemb") == "none" else "sincos")
   return encoder_from_config(config.model, tuple(info["image_size"]), int(info["channels"]),
-                             use_mask_token="mask_token" in enc,
-                             posemb="learn" if "pos_embed" in enc else "sincos")
+                             use_mask_token="mask_token" in enc, posemb=posemb)
 
 
 def build_mae(info: dict, params: dict):

@@ -20,13 +20,17 @@ the MAE fine-tuned classifiers share one naming:
   decoder_blocks.{i}.*, decoder_norm             decoder/decoder/blocks_{i}/*, .../decoder_norm
   decoder_pred                                   decoder/decoder_pred
 
-BEiT-style blocks convert too, exactly, into the plain block: the layer scales
-(`blocks.{i}.gamma_1/gamma_2`, timm's `ls1.gamma/ls2.gamma`) multiply the outputs of attn/proj
-and mlp/fc2, so they are folded into those layers' weights and biases; `attn.q_bias/v_bias`
-(no key bias) become the qkv bias with zeros for k. A position table without a cls row (timm
-no_embed_class, e.g. DeiT III) gets a zero row for it. Relative position biases have no
-counterpart in an absolute-position ViT and are refused, as are other features mim_jax's ViT
-lacks (`UNSUPPORTED`).
+BEiT-style blocks (the official BEiT / BEiT v2 / data2vec / SimMIM checkpoints, timm's Beit)
+convert exactly:
+  blocks.{i}.gamma_1 / gamma_2 (timm ls1/ls2.gamma)  .../blocks_{i}/gamma_1 / gamma_2
+                                                 (model.layer_scale > 0)
+  blocks.{i}.attn.q_bias / v_bias                .../attn/qkv bias, zeros for k
+  rel_pos_bias.relative_position_bias_table      encoder/transformer/rel_pos_bias/... (shared)
+  blocks.{i}.attn.relative_position_bias_table   .../attn/rel_pos_bias/... (per_block)
+  *.relative_position_index (buffers)            nothing: checked equal to ours
+  no pos_embed (use_abs_pos_emb=False)           posemb="none"
+A position table without a cls row (timm no_embed_class, e.g. DeiT III) gets a zero row for
+it. Features mim_jax's ViT lacks are refused by name (`UNSUPPORTED`).
 
 A state dict does not record timm's pooling: `norm` + `head` is read as global_pool="token"
 (timm's default for ViTs); a model trained with global_pool="avg" and fc_norm=False (mean of
@@ -61,7 +65,7 @@ from mim_jax.convert.layouts import (
     state_problems,
     to_numpy,
 )
-from mim_jax.models.vit import sincos_2d
+from mim_jax.models.vit import num_relative_positions, relative_position_index, sincos_2d
 
 POSEMBS = ("sincos", "learn")
 
@@ -69,10 +73,6 @@ POSEMBS = ("sincos", "learn")
 # holding any of them is refused with the keys named, rather than converted to a different
 # function.
 UNSUPPORTED = (
-    (("relative_position_bias_table", "relative_position_index", "rel_pos_bias"),
-     "relative position biases (BEiT / BEiT v2 / data2vec style); mim_jax's ViT adds absolute "
-     "position embeddings only. BEiT models trained with use_abs_pos_emb=True and without "
-     "relative position bias do convert"),
     (("reg_token",), "register tokens"),
     (("dist_token", "head_dist"), "a DeiT distillation token and head"),
     (("norm_pre",), "a LayerNorm before the blocks (pre_norm, CLIP style)"),
@@ -109,6 +109,9 @@ class TimmLayout:
   decoder_width: int = 0
   decoder_depth: int = 0
   decoder_mlp_dim: int = 0
+  abs_posemb: bool = True
+  rel_pos_bias: str = ""      # "" | "shared" | "per_block" (models.vit.REL_POS_BIAS)
+  rel_pos_heads: int = 0
 
   @property
   def has_decoder(self) -> bool:
@@ -177,7 +180,13 @@ def timm_layout(state: Mapping[str, np.ndarray]) -> TimmLayout:
   # A table of a square number of rows, one more than a square, has no cls row.
   cls_posemb = not (rows > 1 and _is_square(rows) and not _is_square(rows - 1))
   num_patches = rows - 1 if cls_posemb else rows
-  if not rows:
+  rel_key = next((k for k in (SHARED_REL_TABLE, "blocks.0.attn.relative_position_bias_table")
+                  if k in state), "")
+  rel_rows = dim(state, [(rel_key, 0)], 0) if rel_key else 0
+  if not rows and rel_rows > 3 and _is_square(rel_rows - 3):
+    # (2s - 1)^2 offsets + 3 [CLS] entries for an s x s grid.
+    num_patches = ((int(round((rel_rows - 3) ** 0.5)) + 1) // 2) ** 2
+  elif not rows:
     num_patches = dim(state, [("decoder_pos_embed", 1)], 1) - 1
   return TimmLayout(
       width=width, depth=count_indexed(keys, "blocks."),
@@ -190,14 +199,22 @@ def timm_layout(state: Mapping[str, np.ndarray]) -> TimmLayout:
       fc_norm=any(k.startswith("fc_norm.") for k in keys),
       num_classes=dim(state, [("head.weight", 0), ("head.bias", 0)], 0),
       encoder_mask_token="mask_token" in state and not decoder,
+      abs_posemb=rows > 0,
+      rel_pos_bias=("shared" if rel_key == SHARED_REL_TABLE else "per_block" if rel_key
+                    else ""),
+      rel_pos_heads=dim(state, [(rel_key, 1)], 0) if rel_key else 0,
       decoder_width=decoder_width,
       decoder_depth=count_indexed(keys, "decoder_blocks.") if decoder else 0,
       decoder_mlp_dim=dim(state, [("decoder_blocks.0.mlp.fc1.weight", 0),
                                   ("decoder_blocks.0.mlp.fc1.bias", 0)], 4 * decoder_width))
 
 
+SHARED_REL_TABLE = "rel_pos_bias.relative_position_bias_table"
+
+
 def _block_shapes(prefix: str, width: int, mlp_dim: int, layer_scale: str = "",
-                  qv_bias: bool = False) -> dict[str, tuple[int, ...]]:
+                  qv_bias: bool = False,
+                  rel_table: tuple[int, ...] = ()) -> dict[str, tuple[int, ...]]:
   d, m = width, mlp_dim
   shapes = {f"{prefix}.norm1.weight": (d,), f"{prefix}.norm1.bias": (d,),
             f"{prefix}.attn.qkv.weight": (3 * d, d),
@@ -212,17 +229,27 @@ def _block_shapes(prefix: str, width: int, mlp_dim: int, layer_scale: str = "",
   if layer_scale:
     names = ("gamma_1", "gamma_2") if layer_scale == "gamma" else ("ls1.gamma", "ls2.gamma")
     shapes.update({f"{prefix}.{n}": (d,) for n in names})
+  if rel_table:
+    shapes[f"{prefix}.attn.relative_position_bias_table"] = rel_table
   return shapes
 
 
 def expected_timm_shapes(layout: TimmLayout) -> dict[str, tuple[int, ...]]:
   """Every key a state dict with `layout` must hold -> its shape."""
   d, p, c, n = layout.width, layout.patch_size, layout.channels, layout.num_patches
-  shapes = {"cls_token": (1, 1, d), "pos_embed": (1, n + layout.cls_posemb, d),
+  shapes = {"cls_token": (1, 1, d),
             "patch_embed.proj.weight": (d, c, p, p), "patch_embed.proj.bias": (d,)}
+  if layout.abs_posemb:
+    shapes["pos_embed"] = (1, n + layout.cls_posemb, d)
+  rel_table = ()
+  if layout.rel_pos_bias:
+    rel_table = (num_relative_positions(square_grid(n)), layout.rel_pos_heads)
+  if layout.rel_pos_bias == "shared":
+    shapes[SHARED_REL_TABLE] = rel_table
   for i in range(layout.depth):
     shapes.update(_block_shapes(f"blocks.{i}", d, layout.mlp_dim, layout.layer_scale,
-                                layout.qv_bias))
+                                layout.qv_bias,
+                                rel_table if layout.rel_pos_bias == "per_block" else ()))
   if layout.final_norm or not layout.fc_norm:
     shapes.update({"norm.weight": (d,), "norm.bias": (d,)})
   if layout.fc_norm:
@@ -243,29 +270,28 @@ def expected_timm_shapes(layout: TimmLayout) -> dict[str, tuple[int, ...]]:
 
 
 def _block(state: Mapping[str, np.ndarray], prefix: str, layer_scale: str = "",
-           qv_bias: bool = False) -> dict[str, Any]:
-  """One timm / BEiT block -> one `models.vit.Block` param tree (layer scales folded in)."""
+           qv_bias: bool = False, rel_table: bool = False) -> dict[str, Any]:
+  """One timm / BEiT block -> one `models.vit.Block` param tree."""
   if qv_bias:
     q_bias = state[f"{prefix}.attn.q_bias"]
     qkv_bias = np.concatenate([q_bias, np.zeros_like(q_bias), state[f"{prefix}.attn.v_bias"]])
   else:
     qkv_bias = state[f"{prefix}.attn.qkv.bias"]
-  proj = linear_from_torch(state, f"{prefix}.attn.proj")
-  fc2 = linear_from_torch(state, f"{prefix}.mlp.fc2")
-  if layer_scale:
-    names = ("gamma_1", "gamma_2") if layer_scale == "gamma" else ("ls1.gamma", "ls2.gamma")
-    for layer, name in ((proj, names[0]), (fc2, names[1])):
-      # gamma * (x W + b) = x (W * gamma) + b * gamma: the scale is part of the layer.
-      gamma = state[f"{prefix}.{name}"]
-      layer["kernel"] = layer["kernel"] * gamma[None, :]
-      layer["bias"] = layer["bias"] * gamma
-  return {
+  block = {
       "norm1": norm_from_torch(state, f"{prefix}.norm1"),
       "attn": {"qkv": {"kernel": state[f"{prefix}.attn.qkv.weight"].T, "bias": qkv_bias},
-               "proj": proj},
+               "proj": linear_from_torch(state, f"{prefix}.attn.proj")},
       "norm2": norm_from_torch(state, f"{prefix}.norm2"),
-      "mlp": {"fc1": linear_from_torch(state, f"{prefix}.mlp.fc1"), "fc2": fc2},
+      "mlp": {"fc1": linear_from_torch(state, f"{prefix}.mlp.fc1"),
+              "fc2": linear_from_torch(state, f"{prefix}.mlp.fc2")},
   }
+  if layer_scale:
+    names = ("gamma_1", "gamma_2") if layer_scale == "gamma" else ("ls1.gamma", "ls2.gamma")
+    block["gamma_1"], block["gamma_2"] = (state[f"{prefix}.{n}"] for n in names)
+  if rel_table:
+    block["attn"]["rel_pos_bias"] = {
+        "relative_position_bias_table": state[f"{prefix}.attn.relative_position_bias_table"]}
+  return block
 
 
 _POSEMB_HINT = ("Official MAE pre-training checkpoints hold exactly this fixed table; one that "
@@ -300,6 +326,7 @@ def params_from_timm_vit(state_dict: Mapping[str, Any], *,
   state = {k: to_numpy(v) for k, v in state_dict.items()}
   refuse_unsupported(state)
   layout = timm_layout(state)
+  _check_rel_index_buffers(state, layout)
   problems = state_problems(state, expected_timm_shapes(layout))
   if problems:
     raise ValueError(f"timm / MAE ViT state dict ({layout.describe()}) is not complete and "
@@ -311,17 +338,22 @@ def params_from_timm_vit(state_dict: Mapping[str, Any], *,
                       "bias": state["patch_embed.proj.bias"]},
       "cls_token": state["cls_token"],
       "transformer": {f"blocks_{i}": _block(state, f"blocks.{i}", layout.layer_scale,
-                                            layout.qv_bias) for i in range(layout.depth)},
+                                            layout.qv_bias, layout.rel_pos_bias == "per_block")
+                      for i in range(layout.depth)},
   }
   if layout.final_norm:
     encoder["transformer"]["norm"] = norm_from_torch(state, "norm")
-  table = state["pos_embed"][0]
-  if not layout.cls_posemb:  # the cls token gets no position: a zero row adds nothing
-    table = np.concatenate([np.zeros_like(table[:1]), table])
-  if posemb == "learn":
-    encoder["pos_embed"] = table
-  else:
-    check_sincos("pos_embed", table, layout.width, grid, hint=_POSEMB_HINT)
+  if layout.rel_pos_bias == "shared":
+    encoder["transformer"]["rel_pos_bias"] = {
+        "relative_position_bias_table": state[SHARED_REL_TABLE]}
+  if layout.abs_posemb:
+    table = state["pos_embed"][0]
+    if not layout.cls_posemb:  # the cls token gets no position: a zero row adds nothing
+      table = np.concatenate([np.zeros_like(table[:1]), table])
+    if posemb == "learn":
+      encoder["pos_embed"] = table
+    else:
+      check_sincos("pos_embed", table, layout.width, grid, hint=_POSEMB_HINT)
   if layout.encoder_mask_token:
     encoder["mask_token"] = state["mask_token"]
   params: dict[str, Any] = {"encoder": encoder}
@@ -339,6 +371,23 @@ def params_from_timm_vit(state_dict: Mapping[str, Any], *,
   if layout.num_classes:
     params["head"] = linear_from_torch(state, "head")
   return materialize(params), layout
+
+
+def _check_rel_index_buffers(state: dict[str, np.ndarray], layout: TimmLayout) -> None:
+  """Removes the `relative_position_index` buffers official BEiT checkpoints store, after
+  checking each equals the index mim_jax computes (`vit.relative_position_index`): a table
+  numbered another way would load without error and compute another function."""
+  buffers = sorted(k for k in state if k.endswith("relative_position_index"))
+  if not buffers:
+    return
+  grid = square_grid(layout.num_patches)
+  ours = np.asarray(relative_position_index(grid, grid))[0]
+  for key in buffers:
+    value = state.pop(key)
+    if value.shape != ours.shape or not np.array_equal(value.astype(np.int64), ours):
+      raise ValueError(f"{key}: a relative position index numbered unlike BEiT's (shape "
+                       f"{value.shape}, expected {ours.shape}); mim_jax reads tables in "
+                       "BEiT's numbering only")
 
 
 def _depth(tree: Mapping[str, Any]) -> int:

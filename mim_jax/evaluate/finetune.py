@@ -67,8 +67,11 @@ class FineTune(base.Method):
 
   def __init__(self, config, length=None):
     super().__init__(config, length)
+    # Fine-tuning learns the absolute positions (MAE's recipe); an encoder with relative
+    # positions only (imported BEiT, posemb "none") keeps none.
+    posemb = "none" if pretrained.encoder_posemb(config.init_from) == "none" else "learn"
     encoder = encoder_from_config(config.model, config.image_size, config.channels,
-                                  posemb="learn")
+                                  posemb=posemb)
     self.num_classes = classifier_base.num_classes(config)
     self.model = ViTClassifier(encoder=encoder, num_classes=self.num_classes,
                                pool=config.classifier.pool,

@@ -181,8 +181,12 @@ class Mlp(nn.Module):
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          implementation: Optional[str] = None) -> jax.Array:
+                          implementation: Optional[str] = None,
+                          bias: Optional[jax.Array] = None) -> jax.Array:
   """`jax.nn.dot_product_attention` on [B, T, heads, head_dim] -> [B, T, heads, head_dim].
+
+  bias: added to the attention logits after scaling, [B or 1, heads, T, T] (relative position
+  bias).
 
   implementation: "xla", "cudnn", or None for the default: cuDNN's fused (flash) kernel on a
   GPU, XLA's attention elsewhere. cuDNN's kernel has no backward pass for odd sequence lengths
@@ -193,21 +197,24 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   """
   if implementation is None and jax.default_backend() == "gpu":
     implementation = "cudnn"
+  if bias is not None:
+    bias = bias.astype(q.dtype)
   if implementation != "cudnn":
-    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    return jax.nn.dot_product_attention(q, k, v, bias, implementation=implementation)
   try:
     if q.shape[1] % 2:
-      return padded_attention(q, k, v, multiple=8, implementation="cudnn")
-    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+      return padded_attention(q, k, v, multiple=8, implementation="cudnn", bias=bias)
+    return jax.nn.dot_product_attention(q, k, v, bias, implementation="cudnn")
   except NotImplementedError as err:
     logging.getLogger(__name__).info(
         "cuDNN attention does not take q %s %s (%s); this layer uses XLA's attention",
         q.shape, q.dtype, err)
-    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    return jax.nn.dot_product_attention(q, k, v, bias, implementation="xla")
 
 
 def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, multiple: int,
-                     implementation: Optional[str]) -> jax.Array:
+                     implementation: Optional[str],
+                     bias: Optional[jax.Array] = None) -> jax.Array:
   """Attention over the tokens padded to a multiple of `multiple`, equal to the unpadded one.
 
   Zero tokens are appended to q, k and v; `key_value_seq_lengths` hides the padded keys from
@@ -217,13 +224,70 @@ def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, multiple: int,
   b, t = q.shape[:2]
   padded = -(-t // multiple) * multiple
   if padded == t:
-    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    return jax.nn.dot_product_attention(q, k, v, bias, implementation=implementation)
   widths = ((0, 0), (0, padded - t), (0, 0), (0, 0))
+  if bias is not None:  # [B, heads, T, T]: zeros for the padded rows and columns
+    bias = jnp.pad(bias, ((0, 0), (0, 0), (0, padded - t), (0, padded - t)))
   lengths = jnp.full((b,), t, jnp.int32)
   out = jax.nn.dot_product_attention(
-      jnp.pad(q, widths), jnp.pad(k, widths), jnp.pad(v, widths), query_seq_lengths=lengths,
-      key_value_seq_lengths=lengths, implementation=implementation)
+      jnp.pad(q, widths), jnp.pad(k, widths), jnp.pad(v, widths), bias,
+      query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation=implementation)
   return out[:, :t]
+
+
+# Relative position bias (BEiT, and the BEiT-style recipes of SimMIM and data2vec):
+# "" none, "shared" one table for all blocks, "per_block" one table per block.
+REL_POS_BIAS = ("", "shared", "per_block")
+
+
+def num_relative_positions(grid_hw: tuple[int, int]) -> int:
+  """Rows of a relative position bias table for a patch grid (h, w): one per 2-D offset,
+  (2h - 1)(2w - 1), plus [CLS]->patch, patch->[CLS] and [CLS]->[CLS]."""
+  h, w = grid_hw
+  return (2 * h - 1) * (2 * w - 1) + 3
+
+
+def relative_position_index(table_grid: tuple[int, int], grid: tuple[int, int],
+                            positions: Optional[jax.Array] = None) -> jax.Array:
+  """int32 [B or 1, T, T]: the table row that token pair (query i, key j) reads; token 0 is
+  [CLS], the others patches.
+
+  table_grid: the (h, w) grid the table was made for (its offsets span +-(h-1), +-(w-1));
+  grid: the input's patch grid, at most table_grid (smaller multi-crop views read the same
+  table: their offsets are a subset); positions [B, K]: the patches present, as indices into
+  `grid` (MAE's visible patches), None for all of them in order. The numbering is BEiT's
+  (offsets (dr + h - 1) * (2w - 1) + (dc + w - 1); then [CLS]->patch, patch->[CLS],
+  [CLS]->[CLS]), so official tables load unchanged.
+  """
+  (th, tw), (gh, gw) = table_grid, grid
+  if gh > th or gw > tw:
+    raise ValueError(f"a relative position table for a {table_grid} patch grid cannot serve a "
+                     f"{grid} grid (larger offsets than it holds)")
+  if positions is None:
+    positions = jnp.arange(gh * gw, dtype=jnp.int32)[None]
+  rows, cols = positions // gw, positions % gw  # [B, K]
+  offsets = ((rows[:, :, None] - rows[:, None, :] + th - 1) * (2 * tw - 1)
+             + cols[:, :, None] - cols[:, None, :] + tw - 1)
+  m = (2 * th - 1) * (2 * tw - 1)
+  b, k = positions.shape
+  index = jnp.zeros((b, k + 1, k + 1), jnp.int32)
+  index = index.at[:, 1:, 1:].set(offsets.astype(jnp.int32))
+  index = index.at[:, 0, :].set(m)       # [CLS] query -> patch keys
+  index = index.at[:, :, 0].set(m + 1)   # patch queries -> [CLS] key
+  return index.at[:, 0, 0].set(m + 2)
+
+
+class RelativePositionBias(nn.Module):
+  """A learned table [num_relative_positions, heads] -> bias [B or 1, heads, T, T] for
+  `relative_position_index` (zeros at first: attention starts position-agnostic, as BEiT's)."""
+  table_grid: tuple[int, int]
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, index: jax.Array) -> jax.Array:
+    table = self.param("relative_position_bias_table", nn.initializers.zeros,
+                       (num_relative_positions(self.table_grid), self.num_heads))
+    return jnp.transpose(table[index], (0, 3, 1, 2))
 
 
 class Attention(nn.Module):
@@ -231,25 +295,33 @@ class Attention(nn.Module):
 
   The core runs through `jax.nn.dot_product_attention`: the cuDNN flash kernel on GPU where
   `implementation` asks for it and the shapes allow (see `dot_product_attention`), plain XLA
-  elsewhere.
+  elsewhere. `rel_pos_grid` (h, w) gives the layer its own relative position bias table
+  (BEiT's per-block bias), read at `rel_index`; a shared bias arrives as `bias`.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
   implementation: Optional[str] = None  # None (cuDNN on GPU, XLA elsewhere), "xla" or "cudnn"
+  rel_pos_grid: Optional[tuple[int, int]] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, bias: Optional[jax.Array] = None,
+               rel_index: Optional[jax.Array] = None) -> jax.Array:
     b, t, width = x.shape
     head_dim = width // self.num_heads
     qkv = nn.Dense(3 * width, dtype=self.dtype, kernel_init=dense_init, name="qkv")(x)
     qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, heads, head_dim]
+    if self.rel_pos_grid is not None:
+      own = RelativePositionBias(tuple(self.rel_pos_grid), self.num_heads,
+                                 name="rel_pos_bias")(rel_index)
+      bias = own if bias is None else bias + own
     if self.is_mutable_collection("intermediates"):
       # Asked for (features.py): the attention weights [B, heads, T, T], computed once more
       # in float32 beside the fused kernel, which never materialises them.
       logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
-      self.sow("intermediates", "attention", jax.nn.softmax(logits * head_dim ** -0.5, -1))
-    out = dot_product_attention(q, k, v, implementation=self.implementation)
+      logits = logits * head_dim ** -0.5 + (0.0 if bias is None else bias.astype(jnp.float32))
+      self.sow("intermediates", "attention", jax.nn.softmax(logits, -1))
+    out = dot_product_attention(q, k, v, implementation=self.implementation, bias=bias)
     out = out.reshape(b, t, width)
     return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name="proj")(out)
 
@@ -258,15 +330,27 @@ class Block(nn.Module):
   """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
 
   `drop_path` is stochastic depth (per-example residual dropout), used by fine-tuning.
+  `layer_scale` > 0 multiplies each branch by a learned per-channel scale starting at that
+  value (CaiT's LayerScale, `gamma_1` / `gamma_2` in BEiT): deep pre-training starts close to
+  the identity. `rel_pos_grid`: this block's own relative position bias (see `Attention`).
   """
   num_heads: int
   mlp_dim: int
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
+  layer_scale: float = 0.0
+  rel_pos_grid: Optional[tuple[int, int]] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, bias: Optional[jax.Array] = None,
+               rel_index: Optional[jax.Array] = None) -> jax.Array:
+    def scaled(y, name):
+      if self.layer_scale <= 0.0:
+        return y
+      gamma = self.param(name, nn.initializers.constant(self.layer_scale), (y.shape[-1],))
+      return y * gamma.astype(y.dtype)
+
     def residual(y):
       if self.drop_path > 0.0:
         # Broadcast over tokens and channels: the whole branch is dropped per example.
@@ -275,9 +359,11 @@ class Block(nn.Module):
       return y
 
     norm = lambda name: nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name=name)
-    x = x + residual(Attention(self.num_heads, dtype=self.dtype,
-                               implementation=self.attention_impl, name="attn")(norm("norm1")(x)))
-    x = x + residual(Mlp(self.mlp_dim, dtype=self.dtype, name="mlp")(norm("norm2")(x)))
+    attn = Attention(self.num_heads, dtype=self.dtype, implementation=self.attention_impl,
+                     rel_pos_grid=self.rel_pos_grid, name="attn")
+    x = x + residual(scaled(attn(norm("norm1")(x), bias, rel_index), "gamma_1"))
+    x = x + residual(scaled(Mlp(self.mlp_dim, dtype=self.dtype, name="mlp")(norm("norm2")(x)),
+                            "gamma_2"))
     return x
 
 
@@ -306,6 +392,8 @@ class Transformer(nn.Module):
 
   Under a mesh (`parallel.activation_mesh`) the tokens entering each block keep their batch
   dimension split over the data axes; `remat` checkpoints each block (see REMAT_POLICIES).
+  `rel_pos_bias` ("shared" | "per_block", see REL_POS_BIAS) needs `rel_index` [B or 1, T, T]
+  (`relative_position_index`) and `rel_pos_grid`, the table's patch grid.
   """
   depth: int
   num_heads: int
@@ -315,9 +403,22 @@ class Transformer(nn.Module):
   attention_impl: Optional[str] = None
   norm_name: str = "norm"
   remat: str = "none"
+  layer_scale: float = 0.0
+  rel_pos_bias: str = ""
+  rel_pos_grid: Optional[tuple[int, int]] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, list[jax.Array]]:
+  def __call__(self, x: jax.Array, train: bool = False,
+               rel_index: Optional[jax.Array] = None) -> tuple[jax.Array, list[jax.Array]]:
+    if self.rel_pos_bias not in REL_POS_BIAS:
+      raise ValueError(f"rel_pos_bias={self.rel_pos_bias!r}: expected one of {REL_POS_BIAS}")
+    if self.rel_pos_bias and (rel_index is None or self.rel_pos_grid is None):
+      raise ValueError("a relative position bias needs rel_pos_grid and rel_index")
+    shared = None
+    if self.rel_pos_bias == "shared":
+      shared = RelativePositionBias(tuple(self.rel_pos_grid), self.num_heads,
+                                    name="rel_pos_bias")(rel_index)
+    own_grid = tuple(self.rel_pos_grid) if self.rel_pos_bias == "per_block" else None
     block_outputs = []
     block = block_class(self.remat)
     for i in range(self.depth):
@@ -325,7 +426,9 @@ class Transformer(nn.Module):
       rate = self.drop_path_rate * i / max(self.depth - 1, 1)
       x = parallel.constrain_batch(x)
       x = block(self.num_heads, self.mlp_dim, drop_path=rate, dtype=self.dtype,
-                attention_impl=self.attention_impl, name=f"blocks_{i}")(x, train)
+                attention_impl=self.attention_impl, layer_scale=self.layer_scale,
+                rel_pos_grid=own_grid, name=f"blocks_{i}")(
+                    x, train, shared, rel_index if own_grid else None)
       block_outputs.append(x)
     x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name=self.norm_name)(x)
     return x, block_outputs
@@ -344,7 +447,10 @@ class ViTEncoder(nn.Module):
   Position embeddings: `posemb="sincos"` uses the fixed 2-D sin-cos table (pre-training);
   `posemb="learn"` makes it a parameter `pos_embed` [1 + N, D] initialised to that same table,
   so a pre-trained encoder computes the same function at first and the positions are then
-  fine-tuned (the official MAE fine-tuning does this). The sin-cos table is computed for the
+  fine-tuned (the official MAE fine-tuning does this); `posemb="none"` adds none (BEiT models
+  whose only positions are a relative position bias). `rel_pos_bias` and `layer_scale` are
+  the BEiT-style options of `Transformer` / `Block`; the bias table is sized for the
+  configured grid and read at the tokens' grid positions (visible patches, smaller views). The sin-cos table is computed for the
   input's own patch grid, so images smaller than `image_size` (multi-crop local views) work;
   positions run 0 .. g - 1 on any grid.
 
@@ -364,6 +470,8 @@ class ViTEncoder(nn.Module):
   dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
   remat: str = "none"
+  layer_scale: float = 0.0
+  rel_pos_bias: str = ""
 
   @property
   def grid_hw(self) -> tuple[int, int]:
@@ -406,8 +514,10 @@ class ViTEncoder(nn.Module):
                          f"{grid} (images {images.shape[1:3]}); resize it with resize_posemb")
       table = sincos_2d(self.width, self.grid_hw, cls_token=True)
       posemb = self.param("pos_embed", lambda rng, shape: jnp.asarray(table), table.shape)
+    elif self.posemb == "none":
+      posemb = jnp.zeros((1 + grid[0] * grid[1], self.width), jnp.float32)
     else:
-      raise ValueError(f"posemb={self.posemb!r}: expected 'sincos' or 'learn'")
+      raise ValueError(f"posemb={self.posemb!r}: expected 'sincos', 'learn' or 'none'")
     patch_posemb = posemb[1:][ids_keep] if ids_keep is not None else posemb[None, 1:]
     x = x + patch_posemb.astype(x.dtype)
 
@@ -415,10 +525,15 @@ class ViTEncoder(nn.Module):
     cls = (cls + posemb[None, :1]).astype(x.dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
 
+    rel_index = None
+    if self.rel_pos_bias:
+      rel_index = relative_position_index(tuple(self.grid_hw), grid, ids_keep)
     x, blocks = Transformer(self.depth, self.num_heads, self.mlp_dim,
                             drop_path_rate=self.drop_path_rate, dtype=self.dtype,
                             attention_impl=self.attention_impl, remat=self.remat,
-                            name="transformer")(x, train)
+                            layer_scale=self.layer_scale, rel_pos_bias=self.rel_pos_bias,
+                            rel_pos_grid=tuple(self.grid_hw), name="transformer")(
+                                x, train, rel_index)
     return x, {"blocks": blocks}
 
 
@@ -466,11 +581,15 @@ def describe_size(model_cfg) -> str:
 def encoder_from_config(model_cfg, image_size: Sequence[int], channels: int, *,
                         use_mask_token: bool = False, posemb: str = "sincos") -> ViTEncoder:
   """Builds the encoder described by `config.model` (variant, dtype, attention, drop path,
-  remat)."""
+  remat, layer scale, relative position bias). `model.abs_posemb=False` (BEiT's recipe:
+  relative positions only) overrides `posemb` with "none"."""
   size, patch = size_from_config(model_cfg)
+  if not model_cfg.get("abs_posemb", True):
+    posemb = "none"
   return ViTEncoder(
       image_size=tuple(image_size), patch_size=patch, width=size.width, depth=size.depth,
       num_heads=size.num_heads, mlp_dim=size.mlp_dim, channels=channels,
       drop_path_rate=model_cfg.get("drop_path_rate", 0.0), use_mask_token=use_mask_token,
       posemb=posemb, dtype=jnp.dtype(model_cfg.dtype), attention_impl=model_cfg.get("attention_impl") or None,
-      remat=model_cfg.get("remat", "none"))
+      remat=model_cfg.get("remat", "none"), layer_scale=float(model_cfg.get("layer_scale", 0.0)),
+      rel_pos_bias=str(model_cfg.get("rel_pos_bias", "")))

@@ -36,6 +36,7 @@ import numpy as np
 from mim_jax.config.errors import config_error
 from mim_jax.convert import our_weights
 from mim_jax.models.vit import size_from_config
+from mim_jax.weights import pretrained
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,15 @@ def check_source_fits(config) -> None:
     raise config_error("init_from", config.init_from,
                        "a training workdir, an export directory or an imported checkpoint "
                        "(python -m mim_jax.convert import ...)", str(e)) from None
-  src_size, src_patch = size_from_config(_source_model_config(info))
+  src_model_cfg = _source_model_config(info)
+  for name, off in pretrained.ARCH_DEFAULTS.items():
+    theirs, ours = src_model_cfg.get(name, off), config.model.get(name, off)
+    if theirs != ours:
+      raise config_error(
+          f"model.{name}", ours, f"the source's value {theirs!r} (init_from={config.init_from})",
+          f"Continued pre-training keeps the source's architecture: set "
+          f"--config.model.{name}={theirs}.")
+  src_size, src_patch = size_from_config(src_model_cfg)
   size, patch = size_from_config(config.model)
   src_channels = int(info["channels"])
   if (src_size, src_patch, src_channels) != (size, patch, config.channels):

@@ -23,6 +23,9 @@ from mim_jax.training import checkpoint
 log = logging.getLogger(__name__)
 
 SIZE_FIELDS = ("variant", "width", "depth", "num_heads", "mlp_dim")
+# Architecture options that change the parameter tree (models/vit.py): adopted from the export
+# like its size; an export without them had them off.
+ARCH_DEFAULTS = {"layer_scale": 0.0, "rel_pos_bias": "", "abs_posemb": True}
 RANDOM = "random"  # init_from value: a randomly initialised encoder (baseline)
 
 
@@ -74,6 +77,8 @@ def adopt_encoder_config(config):
   with config.unlocked():
     for name in SIZE_FIELDS:
       config.model[name] = model.get(name, config.model[name])
+    for name, off in ARCH_DEFAULTS.items():
+      config.model[name] = model.get(name, off)
     config.channels = int(info["channels"])
   log.info("encoder from %s: %s (width %s, depth %s), trained on images %s", config.init_from,
            model["variant"], model.get("width"), model.get("depth"), info["image_size"])
