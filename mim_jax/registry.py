@@ -26,6 +26,7 @@ from mim_jax.methods import beit, data2vec, ibot, mae, maskdistill, maskfeat, mi
 from mim_jax.methods.base import Method, TrainLength
 from mim_jax.tokenizers.dvae import DVAETokenizer
 from mim_jax.tokenizers.vq import VQTokenizer
+from mim_jax.tokenizers.vqkd import VQKDTokenizer
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -40,7 +41,7 @@ def register(cls: type[Method]) -> type[Method]:
 
 for _cls in (mae.MAE, simmim.SimMIM, maskfeat.MaskFeat, data2vec.Data2Vec, ibot.IBOT, beit.BEiT,
              maskdistill.MaskDistill, mim.MIM,
-             VQTokenizer, DVAETokenizer, LinearProbe, FineTune, KnnJob, ProbeJob):
+             VQTokenizer, VQKDTokenizer, DVAETokenizer, LinearProbe, FineTune, KnnJob, ProbeJob):
   register(_cls)
 
 

@@ -31,7 +31,7 @@ def test_there_are_configs():
           "maskfeat_fmnist.py", "data2vec_vitb.py", "data2vec_fmnist.py", "beit_vitb.py", "beit_fmnist.py",
           "beit_tokenizer_fmnist.py", "beit_tokenizer_imagenet.py", "ibot_vits.py",
           "ibot_fmnist.py", "maskdistill_vitb.py", "maskdistill_fmnist.py",
-          "mim_fmnist.py"} <= names
+          "mim_fmnist.py", "vqkd_tokenizer_fmnist.py", "vqkd_tokenizer_imagenet.py"} <= names
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def teacher_for(tmp_path_factory):
 
 
 def _set_teacher(config, teacher_for) -> None:
-  if config.method == "maskdistill":
+  if config.method in ("maskdistill", "vqkd_tokenizer"):
     config.teacher.path = ""
     with pytest.raises(ConfigError, match="config.teacher.path=''.*mim_jax.convert"):
       registry.validate_config(config)

@@ -70,10 +70,17 @@ class BEiT(MaskedPrediction):
 
   def reconstruct(self, params, batch, rng, extra):
     out = self.forward(params, extra, batch, rng, train=False)
+    if self.target.info.get("feature_dim"):
+      # A VQ-KD tokenizer decodes to a teacher's features, not pixels: show where the
+      # predicted code is right instead.
+      hit = jnp.argmax(out["pred"], axis=-1) == out["target"]
+      return {"hit": hit.astype(jnp.float32), "mask": out["mask"].astype(jnp.float32)}
     return decoded_codes(self.target, extra, out["pred"], out["target"], out["mask"],
                          self.grid_hw)
 
   def picture(self, images: np.ndarray, out: dict) -> np.ndarray:
+    if "hit" in out:
+      return hit_picture(images, out, self.grid_hw, self.patch_size, self.display)
     return token_picture(images, out, self.grid_hw, self.patch_size, self.display)
 
 
@@ -84,6 +91,18 @@ def decoded_codes(target: patch_targets.Tokens, extra, logits, codes, mask, grid
   decoded = target.decode(extra[target.key], jnp.concatenate([codes, pred]), grid_hw)
   b = codes.shape[0]
   return {"target": decoded[:b], "pred": decoded[b:], "mask": mask.astype(jnp.float32)}
+
+
+def hit_picture(images: np.ndarray, out: dict, grid_hw, patch: int, display: dict):
+  """original | masked | masked patches whose code was predicted right (white), wrong (black);
+  visible patches grey."""
+  masked = viz.masked_images(images, out["mask"], grid_hw, patch, display["mean"],
+                             display["std"])
+  mask = np.asarray(out["mask"]) > 0
+  value = np.where(mask, np.asarray(out["hit"]), 0.5)
+  hits = viz.patch_map_images(value, grid_hw, patch, images.shape[-1], display["mean"],
+                              display["std"], value_range=(0.0, 1.0))
+  return viz.image_rows([images, masked, hits], **display)
 
 
 def token_picture(images: np.ndarray, out: dict, grid_hw, patch: int, display: dict):

@@ -3,6 +3,8 @@
   codebook.py   the EMA-updated VQ codebook (Laplace smoothing, dead-code restarts, usage)
   models.py     the convolutional encoder / decoder, one code per patch of the BEiT grid
   vq.py         the "vq_tokenizer" training method, tokenize / decode helpers
+  vqkd.py       the "vqkd_tokenizer" method (BEiT v2): codes that reconstruct a frozen
+                teacher's features through an l2-normalised codebook
   dvae.py       the "dvae_tokenizer" method (Gumbel-softmax, annealed temperature, KL prior)
   io.py         the export layout (WORKDIR/tokenizer/) and loading it for BEiT
   validation.py config checks for tokenizer runs and for BEiT's `tokenizer.path`

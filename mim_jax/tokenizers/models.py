@@ -7,6 +7,8 @@
   decoder  z [B, gh, gw, D] -> a 3x3 convolution to `width` -> residual blocks -> a Dense to
            p*p*C values per position, rearranged into pixels (a pixel shuffle) -> a 3x3
            convolution at full resolution: images [B, H, W, C]
+  feature decoder (VQ-KD, `feature_dim` > 0)  z [B, gh, gw, D] -> a 3x3 convolution ->
+           residual blocks -> GELU + Dense: a teacher's features [B, gh, gw, F] per patch
 
 The downsampling factor is the patch size itself (any size, not only powers of two), so one
 code stands for exactly one patch token of the BEiT encoder.
@@ -66,20 +68,39 @@ class Decoder(nn.Module):
     return x + nn.Conv(self.channels, (3, 3))(x)
 
 
+class FeatureDecoder(nn.Module):
+  """Code vectors [B, gh, gw, D] -> per-patch features [B, gh, gw, F] (VQ-KD's decoder)."""
+  width: int
+  num_blocks: int
+  feature_dim: int
+
+  @nn.compact
+  def __call__(self, z: jax.Array) -> jax.Array:
+    x = nn.Conv(self.width, (3, 3))(z)
+    for _ in range(self.num_blocks):
+      x = ResBlock(self.width)(x)
+    return nn.Dense(self.feature_dim)(nn.gelu(x))
+
+
 class ConvTokenizer(nn.Module):
   """`encode` images -> z [B, gh, gw, D] (a dVAE: logits [B, gh, gw, V], `logits_dim` = V);
-  `decode` code vectors [B, gh, gw, D] -> images; calling does both."""
+  `decode` code vectors [B, gh, gw, D] -> images, or with `feature_dim` > 0 (VQ-KD) -> a
+  teacher's features [B, gh, gw, F]; calling does both."""
   patch_size: int
   channels: int
   width: int
   num_blocks: int
   code_dim: int
   logits_dim: int = 0
+  feature_dim: int = 0
 
   def setup(self):
     self.encoder = Encoder(self.patch_size, self.width, self.num_blocks,
                            self.logits_dim or self.code_dim)
-    self.decoder = Decoder(self.patch_size, self.channels, self.width, self.num_blocks)
+    if self.feature_dim:
+      self.decoder = FeatureDecoder(self.width, self.num_blocks, self.feature_dim)
+    else:
+      self.decoder = Decoder(self.patch_size, self.channels, self.width, self.num_blocks)
 
   def encode(self, images: jax.Array) -> jax.Array:
     return self.encoder(images.astype(jnp.float32))
@@ -96,7 +117,8 @@ def tokenizer_model(info: dict[str, Any]) -> ConvTokenizer:
   return ConvTokenizer(patch_size=int(info["patch_size"]), channels=int(info["channels"]),
                        width=int(info["width"]), num_blocks=int(info["num_blocks"]),
                        code_dim=int(info["code_dim"]),
-                       logits_dim=int(info["vocab_size"]) if info["kind"] == "dvae" else 0)
+                       logits_dim=int(info["vocab_size"]) if info["kind"] == "dvae" else 0,
+                       feature_dim=int(info.get("feature_dim", 0)))
 
 
 def encode_flops(info: dict[str, Any]) -> float:
@@ -115,6 +137,9 @@ def decode_flops(info: dict[str, Any]) -> float:
   """Forward FLOPs of `decode` for one image."""
   (gh, gw), p, c = info["grid"], int(info["patch_size"]), int(info["channels"])
   n, w, blocks, d = gh * gw, int(info["width"]), int(info["num_blocks"]), int(info["code_dim"])
+  if int(info.get("feature_dim", 0)):
+    return float(2 * n * 9 * d * w + blocks * 2 * (2 * n * 9 * w * w)
+                 + 2 * n * w * int(info["feature_dim"]))
   h, wd = info["image_size"]
   return float(2 * n * 9 * d * w + blocks * 2 * (2 * n * 9 * w * w) + 2 * n * w * p * p * c
                + 2 * h * wd * 9 * c * c)

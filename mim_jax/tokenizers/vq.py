@@ -149,7 +149,7 @@ class VQTokenizer(base.Method):
     t = config.tokenizer
     self.model = tokenizer_model(self.info)
     self.vocab_size, self.l2 = int(t.vocab_size), bool(t.get("l2_normalize", False))
-    if config.method == "vq_tokenizer":
+    if "decay" in t:  # a codebook trained by EMA (VQ, VQ-KD); a dVAE has none
       self.decay, self.eps = float(t.decay), float(t.eps)
       self.commitment, self.restart_after = float(t.commitment), int(t.restart_after)
     self.patch_size = self.info["patch_size"]

@@ -1,0 +1,168 @@
+"""BEiT v2's VQ-KD tokenizer ("vqkd_tokenizer"): codes that stand for a teacher's features.
+
+Vector-quantised knowledge distillation (Peng et al., 2022): the tokenizer's encoder maps
+each patch to a unit vector z, which is replaced by its nearest code of an l2-normalised
+codebook (nearest by cosine; the codebook follows the assigned vectors by EMA, with dead-code
+restarts, `tokenizers.codebook`); the decoder then reconstructs not pixels but the frozen
+teacher's features of that patch, and the loss is their cosine distance:
+
+  loss = mean over patches (1 - cos(decoded, teacher features)) + commitment * |z - sg(e)|^2
+
+so the codes keep what the teacher's features say about a patch (its semantics, for a CLIP
+teacher) rather than its pixels. The teacher is any encoder mim_jax loads (`teacher.path`:
+its own exports, or timm / HF / CLIP ViTs imported with `python -m mim_jax.convert`), run
+forward only on the tokenizer's view, re-normalised with its own statistics; its weights live
+in the run's `extra` beside the codebook (checkpointed, never optimised).
+
+The export (WORKDIR/tokenizer/) has the layout of the VQ tokenizer's, with "feature_dim" in
+tokenizer.json: BEiT stage 2 reads it with `--config.tokenizer.path` exactly as it reads a
+pixel VQ tokenizer (only the encoder and the codebook make its targets).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mim_jax import viz
+from mim_jax.config import validation as v
+from mim_jax.config.errors import ConfigError, config_error
+from mim_jax.methods.maskdistill import TEACHER_HINT, teacher_fields
+from mim_jax.models.vit import parse_variant
+from mim_jax.objectives import losses, patch_targets
+from mim_jax.objectives.frozen_teacher import FrozenTeacher
+from mim_jax.tokenizers import codebook as cb
+from mim_jax.tokenizers import models
+from mim_jax.tokenizers.models import tokenizer_model
+from mim_jax.tokenizers.vq import VQTokenizer, encode, tokenizer_info
+
+CODEBOOK_KEYS = ("codebook", "cluster_size", "embed_sum", "unused_steps")
+
+
+def build_teacher(config) -> FrozenTeacher:
+  """The frozen teacher of a VQ-KD run, on the tokenizer's view and patch grid."""
+  t = config.teacher
+  if not isinstance(t.path, str) or not t.path:
+    raise config_error("teacher.path", t.path, "the path of the frozen teacher encoder",
+                       TEACHER_HINT)
+  _, patch = parse_variant(config.model.variant)
+  h, w = tuple(config.image_size)
+  return FrozenTeacher.from_source(
+      t.path, image_size=(h, w), grid_hw=(h // patch, w // patch), channels=config.channels,
+      mean=tuple(config.data.mean), std=tuple(config.data.std), dtype="float32",
+      attention_impl="", field="teacher.path")
+
+
+class VQKDTokenizer(VQTokenizer):
+  """A VQ-KD tokenizer as the training loop sees it (see `methods.base.Method`)."""
+
+  name = "vqkd_tokenizer"
+
+  @classmethod
+  def add_config(cls, c):
+    super().add_config(c)
+    c.teacher = teacher_fields()
+
+  @classmethod
+  def validate(cls, config):
+    super().validate(config)
+    v.require(config.tokenizer.l2_normalize is True, "tokenizer.l2_normalize",
+              config.tokenizer.l2_normalize,
+              "True: VQ-KD's codebook is l2-normalised (codes chosen by cosine similarity)")
+    t = config.teacher
+    teacher = build_teacher(config)
+    v.require(v.is_int(t.layer) and -1 <= t.layer < teacher.depth, "teacher.layer", t.layer,
+              f"-1 (the output after the final norm) or a block index in [0, {teacher.depth}) "
+              f"of the teacher at {t.path}")
+    v.require(t.norm in patch_targets.FEATURE_NORMS, "teacher.norm", t.norm,
+              f"one of {patch_targets.FEATURE_NORMS}")
+
+  @classmethod
+  def _info(cls, config) -> dict:
+    info = tokenizer_info(config)
+    try:
+      info["feature_dim"] = build_teacher(config).width
+    except ConfigError:
+      info["feature_dim"] = 1  # unknown before the teacher exists (FLOPs of an unchecked config)
+    info["teacher"] = {"path": str(config.teacher.path), "layer": int(config.teacher.layer),
+                       "norm": str(config.teacher.norm)}
+    return info
+
+  @classmethod
+  def forward_flops(cls, config):
+    info = cls._info(config)
+    enc, dec = models.encode_flops(info), models.decode_flops(info)
+    try:
+      teacher = build_teacher(config).forward_flops()
+    except ConfigError:
+      teacher = 0.0
+    return {"encoder": enc, "decoder": dec, "teacher": teacher, "total": enc + dec + teacher}
+
+  def __init__(self, config, length=None):
+    super().__init__(config, length)
+    self.info = self._info(config)
+    self.model = tokenizer_model(self.info)
+    t = config.teacher
+    self.target = patch_targets.TeacherFeatures(build_teacher(config), int(t.layer), t.norm)
+    self.grid_hw = tuple(self.info["grid"])
+    self.channels = int(config.channels)
+
+  def wants_weights(self) -> bool:
+    return True  # the teacher's weights (load_pretrained)
+
+  def init(self, rng, images):
+    params, state = super().init(rng, images)
+    return params, {**state, "teacher": self.target.init_extra()}
+
+  def load_pretrained(self, params, extra):
+    return params, {**extra, "teacher": self.target.load_extra()}
+
+  def _decode(self, params, extra, images):
+    """(z [B, gh, gw, D], code vectors e, codes [M], decoded features [B, N, F])."""
+    z = encode(self.model, params, images, self.l2)
+    flat = z.reshape(-1, z.shape[-1])
+    codes = cb.nearest_codes(jax.lax.stop_gradient(flat), extra["codebook"])
+    e = extra["codebook"][codes].reshape(z.shape)
+    z_q = z + jax.lax.stop_gradient(e - z)  # straight-through estimator
+    decoded = self.model.apply({"params": params}, z_q, method=self.model.decode)
+    return z, e, codes, decoded.reshape(z.shape[0], -1, decoded.shape[-1])
+
+  def loss(self, params, extra, batch, rng, train=True):
+    images = batch["image"].astype(jnp.float32)
+    target = jax.lax.stop_gradient(self.target(extra["teacher"], images))  # [B, N, F]
+    z, e, codes, decoded = self._decode(params, extra, images)
+    everywhere = jnp.ones(target.shape[:2], jnp.float32)
+    recon_loss = losses.masked_cosine(decoded, target, everywhere)
+    commit_loss = jnp.mean(jnp.square(z - jax.lax.stop_gradient(e)))
+    loss = recon_loss + self.commitment * commit_loss
+    usage, perplexity = cb.usage_and_perplexity(codes, self.vocab_size)
+    restarted = jnp.zeros([], jnp.int32)
+    if train:
+      state = {k: extra[k] for k in CODEBOOK_KEYS}
+      flat = jax.lax.stop_gradient(z).reshape(-1, z.shape[-1])
+      state = cb.ema_update(state, flat, codes, decay=self.decay, eps=self.eps, l2=self.l2)
+      state, restarted = cb.restart_dead_codes(state, flat, rng,
+                                               restart_after=self.restart_after)
+      extra = {**extra, **state}
+    metrics = {"loss": loss, "recon_loss": recon_loss, "commit_loss": commit_loss,
+               "cosine": 1.0 - recon_loss, "codebook_usage": usage, "perplexity": perplexity,
+               "restarted_codes": restarted.astype(jnp.float32)}
+    return loss, (metrics, extra)
+
+  def reconstruct(self, params, batch, rng, extra):
+    """{"pred": decoded features [B, N, F], "target": the teacher's [B, N, F]}."""
+    images = batch["image"].astype(jnp.float32)
+    _, _, _, decoded = self._decode(params, extra, images)
+    return {"pred": decoded, "target": self.target(extra["teacher"], images)}
+
+  def picture(self, images: np.ndarray, out: dict) -> np.ndarray:
+    """original | per-patch cosine similarity of the decoded and the teacher's features
+    (white = 1, black = -1)."""
+    pred, target = np.asarray(out["pred"], np.float32), np.asarray(out["target"], np.float32)
+    cos = (pred * target).sum(-1) / np.maximum(
+        np.linalg.norm(pred, axis=-1) * np.linalg.norm(target, axis=-1), 1e-8)
+    sims = viz.patch_map_images(cos, self.grid_hw, self.patch_size, self.channels,
+                                self.display["mean"], self.display["std"],
+                                value_range=(-1.0, 1.0))
+    return viz.image_rows([images, sims], **self.display)
