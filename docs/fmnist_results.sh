@@ -4,7 +4,8 @@
 # interrupted run resumes from its last checkpoint. SECTIONS picks what runs, in order:
 #
 #   pretrain_mae  MAE, MAE_EPOCHS (50) epochs, k-NN on the held-out split every 5 epochs
-#   baselines     probe + k-NN of raw pixels and of a random encoder
+#   baselines     probe + k-NN of raw pixels and of a random encoder; scikit-learn's logistic
+#                 regression on the same pixels (the reference the probe is held to)
 #   probe_mae     probe + k-NN of the MAE encoder (cls and mean-pooled tokens)
 #   tune_scratch  fine-tuning lr x Mixup/CutMix on the held-out split (TUNE_EPOCHS (3) epochs,
 #   tune_mae      a proxy for the full length): from scratch, and from the MAE encoder
@@ -72,6 +73,8 @@ has pretrain_mae && pretrain "mae_e$MAE_EPOCHS" mae "$MAE_EPOCHS"
 if has baselines; then
   probe probe_pixels --config.classifier.features=pixels
   probe probe_random --config.init_from=random
+  [ -f "$ROOT/sklearn_pixels.json" ] || python docs/fmnist_tools.py sklearn_pixels \
+      "$ROOT/sklearn_pixels.json"
 fi
 has probe_mae && probe "probe_mae_e$MAE_EPOCHS" --config.init_from="$MAE"
 
