@@ -24,7 +24,7 @@ from conftest import REPO, tiny_mae_config
     ({"model.variant": "B16"}, r"config.model.variant='B16'.*SIZE/PATCH"),
     ({"method": "maee"}, r"config.method='maee' is invalid: one of \['beit', 'data2vec', "
      r"'dvae_tokenizer', 'finetune', 'ibot', 'knn', 'linprobe', 'mae', 'maskdistill', "
-     r"'maskfeat', 'mim', 'probe', 'simmim', 'vq_tokenizer'\]"),
+     r"'maskfeat', 'mim', 'probe', 'simmim', 'vq_tokenizer', 'vqkd_tokenizer'\]"),
     ({"model.dtype": "float8"}, r"config.model.dtype='float8'"),
     ({"masking.kind": "blockwise"}, r"config.masking.kind='blockwise' .*'random'"),
     ({"global_batch_size": 0}, r"config.global_batch_size=0"),

@@ -310,6 +310,29 @@ def test_layer_scale_models_convert_exactly(kind):
   assert rel_err(classifier.apply({"params": params}, images), ref) < REL_TOL
 
 
+@requires_timm
+def test_clip_style_pre_norm_converts_exactly_and_exports_back(tmp_path):
+  """A timm ViT with `norm_pre` (CLIP's ln_pre before the blocks): the imported encoder's
+  tokens equal timm's forward_features, and the timm export of it loads back into timm with the
+  same features."""
+  model = _timm_vit(pre_norm=True)
+  assert "norm_pre.weight" in model.state_dict()
+  images, images_nchw = _images()
+  with torch.no_grad():
+    ref = model.forward_features(images_nchw).numpy()
+  imported = import_state_dict(model.state_dict(), num_heads=HEADS, posemb="learn")
+  info = imported.model_info()
+  assert info["config"]["model"]["pre_norm"] is True
+  encoder = build_encoder(info, imported.params)
+  tokens, _ = encoder.apply({"params": imported.params["encoder"]}, images)
+  assert rel_err(tokens, ref) < REL_TOL
+  imported.write(str(tmp_path / "ours"))
+  export_weights(str(tmp_path / "ours"), str(tmp_path / "timm"), "timm")
+  again = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True)
+  with torch.no_grad():
+    assert rel_err(again.forward_features(images_nchw).numpy(), ref) < REL_TOL
+
+
 def _with_index_buffers(model) -> dict[str, np.ndarray]:
   """The state dict as the official BEiT checkpoints store it: with the relative position
   index buffers (timm keeps them out of its state dict)."""

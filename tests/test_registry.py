@@ -116,9 +116,11 @@ def test_every_config_field_is_read_by_its_method(method):
   """Blocks only some methods read exist only for them (the audit of issue 19)."""
   c = registry.base_config(method)
   keys = set(c.keys())
-  owned = {"decoder": {"mae"}, "teacher": {"data2vec", "maskdistill"}, "ibot": {"ibot"},
+  owned = {"decoder": {"mae"}, "teacher": {"data2vec", "maskdistill", "vqkd_tokenizer"},
+           "ibot": {"ibot"},
            "multicrop": {"ibot"},
-           "tokenizer": {"beit", "vq_tokenizer", "dvae_tokenizer"}, "probe": {"probe"},
+           "tokenizer": {"beit", "vq_tokenizer", "vqkd_tokenizer", "dvae_tokenizer"},
+           "probe": {"probe"},
            "classifier": {"linprobe", "finetune", "knn", "probe"}}
   for block, methods in owned.items():
     assert (block in keys) == (method in methods), (method, block)

@@ -48,6 +48,7 @@ def core_fields(c: ml_collections.ConfigDict) -> None:
       layer_scale=0.0,
       rel_pos_bias="",
       abs_posemb=True,
+      pre_norm=False,          # a LayerNorm before the first block (CLIP's ln_pre)
   )
   c.data = _block(
       source="tfds",           # fashion_mnist | image_folder | tfds | npy | synthetic

@@ -98,6 +98,8 @@ def validate_model(config) -> None:
     require(is_number(m.layer_scale) and m.layer_scale >= 0, "model.layer_scale",
             m.layer_scale, "a number >= 0: the initial per-channel scale of each residual "
             "branch (0: no layer scale; BEiT uses 0.1 for ViT-B, 1e-5 for ViT-L)")
+  if "pre_norm" in m:
+    require(isinstance(m.pre_norm, bool), "model.pre_norm", m.pre_norm, "True or False")
   if "abs_posemb" in m:
     require(isinstance(m.abs_posemb, bool), "model.abs_posemb", m.abs_posemb, "True or False")
     require(m.abs_posemb or m.get("rel_pos_bias", ""), "model.abs_posemb", m.abs_posemb,

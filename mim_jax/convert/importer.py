@@ -120,7 +120,7 @@ class ImportedModel:
     c.model.update(model_size_fields(ViTSize(self.width, self.depth, self.num_heads,
                                              self.mlp_dim), self.patch_size))
     c.model.update(layer_scale=self.layer_scale, rel_pos_bias=self.rel_pos_bias,
-                   abs_posemb=self.abs_posemb)
+                   abs_posemb=self.abs_posemb, pre_norm="norm_pre" in self.encoder)
     if "decoder" in self.params:
       dec = self.params["decoder"]["decoder"]
       c.decoder.update(width=int(self.params["decoder"]["mask_token"].shape[-1]),
@@ -227,6 +227,8 @@ def _from_timm(tensors: dict[str, Any], posemb: str, notes: list[str]) -> dict[s
                  "if any, checked equal to BEiT's numbering)")
   if not layout.abs_posemb:
     notes.append("no absolute position table: the encoder adds none (posemb='none')")
+  if layout.pre_norm:
+    notes.append("norm_pre kept: a LayerNorm before the first block (model.pre_norm)")
   if not layout.cls_posemb:
     notes.append("pos_embed has no cls row (timm no_embed_class): a zero row was added")
   if layout.qv_bias:

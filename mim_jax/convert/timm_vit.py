@@ -29,6 +29,7 @@ convert exactly:
   blocks.{i}.attn.relative_position_bias_table   .../attn/rel_pos_bias/... (per_block)
   *.relative_position_index (buffers)            nothing: checked equal to ours
   no pos_embed (use_abs_pos_emb=False)           posemb="none"
+  norm_pre (timm pre_norm=True, CLIP's ln_pre)   encoder/norm_pre (model.pre_norm)
 A position table without a cls row (timm no_embed_class, e.g. DeiT III) gets a zero row for
 it. Features mim_jax's ViT lacks are refused by name (`UNSUPPORTED`).
 
@@ -75,7 +76,6 @@ POSEMBS = ("sincos", "learn")
 UNSUPPORTED = (
     (("reg_token",), "register tokens"),
     (("dist_token", "head_dist"), "a DeiT distillation token and head"),
-    (("norm_pre",), "a LayerNorm before the blocks (pre_norm, CLIP style)"),
     (("q_norm", "k_norm"), "query/key normalisation"),
     (("attn_pool",), "attention pooling (global_pool='map')"),
     (("lm_head",), "BEiT's visual-token prediction head"),
@@ -110,6 +110,8 @@ class TimmLayout:
   decoder_depth: int = 0
   decoder_mlp_dim: int = 0
   abs_posemb: bool = True
+  pre_norm: bool = False      # norm_pre: a LayerNorm before the blocks (CLIP style)
+  patch_bias: bool = True     # timm's pre_norm models have none
   rel_pos_bias: str = ""      # "" | "shared" | "per_block" (models.vit.REL_POS_BIAS)
   rel_pos_heads: int = 0
 
@@ -200,6 +202,8 @@ def timm_layout(state: Mapping[str, np.ndarray]) -> TimmLayout:
       num_classes=dim(state, [("head.weight", 0), ("head.bias", 0)], 0),
       encoder_mask_token="mask_token" in state and not decoder,
       abs_posemb=rows > 0,
+      pre_norm="norm_pre.weight" in state,
+      patch_bias="patch_embed.proj.bias" in state or "norm_pre.weight" not in state,
       rel_pos_bias=("shared" if rel_key == SHARED_REL_TABLE else "per_block" if rel_key
                     else ""),
       rel_pos_heads=dim(state, [(rel_key, 1)], 0) if rel_key else 0,
@@ -238,9 +242,13 @@ def expected_timm_shapes(layout: TimmLayout) -> dict[str, tuple[int, ...]]:
   """Every key a state dict with `layout` must hold -> its shape."""
   d, p, c, n = layout.width, layout.patch_size, layout.channels, layout.num_patches
   shapes = {"cls_token": (1, 1, d),
-            "patch_embed.proj.weight": (d, c, p, p), "patch_embed.proj.bias": (d,)}
+            "patch_embed.proj.weight": (d, c, p, p)}
+  if layout.patch_bias:
+    shapes["patch_embed.proj.bias"] = (d,)
   if layout.abs_posemb:
     shapes["pos_embed"] = (1, n + layout.cls_posemb, d)
+  if layout.pre_norm:
+    shapes.update({"norm_pre.weight": (d,), "norm_pre.bias": (d,)})
   rel_table = ()
   if layout.rel_pos_bias:
     rel_table = (num_relative_positions(square_grid(n)), layout.rel_pos_heads)
@@ -335,7 +343,9 @@ def params_from_timm_vit(state_dict: Mapping[str, Any], *,
 
   encoder: dict[str, Any] = {
       "patch_embed": {"kernel": patch_kernel_from_conv(state["patch_embed.proj.weight"]),
-                      "bias": state["patch_embed.proj.bias"]},
+                      # timm's pre_norm (CLIP) patch embedding has no bias: zeros add nothing
+                      "bias": state.get("patch_embed.proj.bias",
+                                        np.zeros(layout.width, np.float32))},
       "cls_token": state["cls_token"],
       "transformer": {f"blocks_{i}": _block(state, f"blocks.{i}", layout.layer_scale,
                                             layout.qv_bias, layout.rel_pos_bias == "per_block")
@@ -343,6 +353,8 @@ def params_from_timm_vit(state_dict: Mapping[str, Any], *,
   }
   if layout.final_norm:
     encoder["transformer"]["norm"] = norm_from_torch(state, "norm")
+  if layout.pre_norm:
+    encoder["norm_pre"] = norm_from_torch(state, "norm_pre")
   if layout.rel_pos_bias == "shared":
     encoder["transformer"]["rel_pos_bias"] = {
         "relative_position_bias_table": state[SHARED_REL_TABLE]}
@@ -394,7 +406,8 @@ def _depth(tree: Mapping[str, Any]) -> int:
   return sum(1 for k in tree if re.fullmatch(r"blocks_\d+", k))
 
 
-_ENCODER_PARTS = {"patch_embed", "cls_token", "transformer", "pos_embed", "mask_token"}
+_ENCODER_PARTS = {"patch_embed", "cls_token", "transformer", "pos_embed", "mask_token",
+                  "norm_pre"}
 
 
 def timm_state_dict_from_params(params: Mapping[str, Any], *, patch_size: int, channels: int,
@@ -430,7 +443,14 @@ def timm_state_dict_from_params(params: Mapping[str, Any], *, patch_size: int, c
   sd["pos_embed"] = f32(table)[None]
   sd["patch_embed.proj.weight"] = patch_kernel_to_conv(enc["patch_embed"]["kernel"], patch_size,
                                                        channels)
-  sd["patch_embed.proj.bias"] = f32(enc["patch_embed"]["bias"])
+  bias = f32(enc["patch_embed"]["bias"])
+  if "norm_pre" not in enc:
+    sd["patch_embed.proj.bias"] = bias
+  elif np.any(bias):  # timm builds a pre_norm model's patch embedding without a bias
+    raise ValueError("a pre_norm encoder with a non-zero patch-embedding bias has no timm "
+                     "counterpart (timm's pre_norm=True patch embedding has no bias)")
+  if "norm_pre" in enc:
+    norm_to_torch(sd, "norm_pre", enc["norm_pre"])
   for i in range(_depth(enc["transformer"])):
     put_block(f"blocks.{i}", enc["transformer"][f"blocks_{i}"])
   if "norm" in enc["transformer"] and "fc_norm" not in params:

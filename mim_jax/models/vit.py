@@ -450,7 +450,9 @@ class ViTEncoder(nn.Module):
   fine-tuned (the official MAE fine-tuning does this); `posemb="none"` adds none (BEiT models
   whose only positions are a relative position bias). `rel_pos_bias` and `layer_scale` are
   the BEiT-style options of `Transformer` / `Block`; the bias table is sized for the
-  configured grid and read at the tokens' grid positions (visible patches, smaller views). The sin-cos table is computed for the
+  configured grid and read at the tokens' grid positions (visible patches, smaller views).
+  `pre_norm` adds a LayerNorm `norm_pre` over the tokens before the first block (CLIP's
+  ln_pre; timm's pre_norm=True), so CLIP-style towers load as teachers. The sin-cos table is computed for the
   input's own patch grid, so images smaller than `image_size` (multi-crop local views) work;
   positions run 0 .. g - 1 on any grid.
 
@@ -472,6 +474,7 @@ class ViTEncoder(nn.Module):
   remat: str = "none"
   layer_scale: float = 0.0
   rel_pos_bias: str = ""
+  pre_norm: bool = False
 
   @property
   def grid_hw(self) -> tuple[int, int]:
@@ -524,6 +527,8 @@ class ViTEncoder(nn.Module):
     cls = self.param("cls_token", token_init, (1, 1, self.width))
     cls = (cls + posemb[None, :1]).astype(x.dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
+    if self.pre_norm:
+      x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="norm_pre")(x)
 
     rel_index = None
     if self.rel_pos_bias:
@@ -592,4 +597,5 @@ def encoder_from_config(model_cfg, image_size: Sequence[int], channels: int, *,
       drop_path_rate=model_cfg.get("drop_path_rate", 0.0), use_mask_token=use_mask_token,
       posemb=posemb, dtype=jnp.dtype(model_cfg.dtype), attention_impl=model_cfg.get("attention_impl") or None,
       remat=model_cfg.get("remat", "none"), layer_scale=float(model_cfg.get("layer_scale", 0.0)),
-      rel_pos_bias=str(model_cfg.get("rel_pos_bias", "")))
+      rel_pos_bias=str(model_cfg.get("rel_pos_bias", "")),
+      pre_norm=bool(model_cfg.get("pre_norm", False)))

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The CPU rows of docs/benchmarks.md's lever table, each lever beside its peer in one process:
+#   gelu       docs/gelu_lever.py: the ViT MLP's fwd+bwd with mim_jax's GELU, JAX's, ReLU
+#   step       the demo MAE step: base, optimizer.mu_dtype=bfloat16, augmentation on the
+#              device; HF ViTMAE eager as the peer
+#   pipeline   JPEG decode (simplejpeg vs PIL) and the whole host pipeline at 224 px
+# JSON lines go to OUT/NAME.jsonl; a finished lever (its file exists) is skipped.
+#   bash docs/cpu_levers.sh OUT
+set -u
+cd "$(dirname "$0")/.."
+OUT=${1:-workdirs/cpu_levers}
+mkdir -p "$OUT"
+lever() {  # NAME, then the command
+  local name=$1; shift
+  [ -s "$OUT/$name.jsonl" ] && return
+  echo "$*" > "$OUT/$name.cmd"
+  "$@" > "$OUT/$name.tmp" 2> "$OUT/$name.log" && mv "$OUT/$name.tmp" "$OUT/$name.jsonl"
+}
+lever gelu python docs/gelu_lever.py
+lever step python -m mim_jax.bench --config=configs/mae_fmnist.py --steps=20 --peer=hf \
+    --variant=optimizer.mu_dtype=bfloat16 --variant=data.augment_on=device
+lever pipeline python -m mim_jax.bench --config=configs/mae_vitb.py --pipeline
