@@ -121,10 +121,12 @@ def profile(run_step: Callable[[], None], compiled_text: str, steps: int, trace_
   per_instr = collections.Counter()
   for plane in data.planes:
     device = plane.name.startswith("/device:")
+    if not device and not plane.name.startswith("/host:CPU"):
+      continue
     for line in plane.lines:
-      # CPU: XLA thunks run on the Eigen threads; GPU: kernels on the device's streams.
-      if not (device or line.name.startswith("tf_XLAEigen")):
-        continue
+      # GPU: kernels on the device's streams. CPU: XLA's thunks run on the Eigen threads, or
+      # on the calling thread when small or when the pool is busy; any line's events count
+      # whose name is an instruction of the compiled step.
       for event in line.events:
         name = _event_instruction(event)
         if name in instrs:
