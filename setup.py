@@ -31,9 +31,10 @@ setup(
         # torch + transformers run the parity test against HF ViTMAEForPreTraining on the CPU;
         # timm (>= 1.0.16 reads "local-dir:" exports; it needs torchvision) is the reference ViT
         # and BEiT of tests/test_convert.py;
-        # scikit-image (which pulls in scipy) is the HOG reference in tests/test_hog.py.
+        # scikit-image (which pulls in scipy) is the HOG reference in tests/test_hog.py;
+        # scikit-learn's logistic regression is the converged probe's (tests/test_probe.py).
         "test": ["pytest>=8", "torch>=2.4", "transformers>=4.57,<6", "safetensors>=0.4",
-                 "timm>=1.0.16", "scikit-image>=0.19"],
+                 "timm>=1.0.16", "scikit-image>=0.19", "scikit-learn>=1.3"],
         # Plots in docs/ (docs/plot_mask_ratio.py).
         "docs": ["matplotlib>=3.8"],
     },
