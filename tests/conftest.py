@@ -39,6 +39,16 @@ def tiny_config(method: str = "mae", **overrides):
   return config_defaults.override(c, **overrides)
 
 
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+  """A micro MAE encoder (16x16 RGB, patch 4) trained 2 steps: a frozen teacher for the
+  distillation tests (MaskDistill, mim with teacher features, VQ-KD)."""
+  from mim_jax.training import loop as train
+  workdir = str(tmp_path_factory.mktemp("teacher"))
+  train.run(tiny_config("mae", total_steps=2), workdir)
+  return workdir
+
+
 def tiny_mae_config(**overrides):
   """`tiny_config` of MAE, or of `method=...` when the overrides name one."""
   return tiny_config(overrides.pop("method", "mae"), **overrides)

@@ -24,14 +24,6 @@ from mim_jax.training import loop as train
 from conftest import REPO, export_random_tokenizer, requires_fmnist, tiny_config
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-  """A micro MAE encoder (16x16 RGB, patch 4) trained 2 steps: the frozen teacher."""
-  workdir = str(tmp_path_factory.mktemp("teacher"))
-  train.run(tiny_config("mae", total_steps=2), workdir)
-  return workdir
-
-
 def tiny_distill_config(teacher: str, **overrides):
   return tiny_config("maskdistill", **{"teacher.path": teacher, "masking.min_block": 2,
                                        **overrides})

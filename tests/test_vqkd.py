@@ -23,14 +23,6 @@ from mim_jax.training import loop as train
 from conftest import REPO, requires_fmnist, tiny_config
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-  """A micro MAE encoder (16x16 RGB, patch 4) trained 2 steps: the frozen teacher."""
-  workdir = str(tmp_path_factory.mktemp("teacher"))
-  train.run(tiny_config("mae", total_steps=2), workdir)
-  return workdir
-
-
 def tiny_vqkd_config(teacher: str, **overrides):
   return tiny_config("vqkd_tokenizer", **{
       "teacher.path": teacher, "tokenizer.vocab_size": 16, "tokenizer.code_dim": 8,

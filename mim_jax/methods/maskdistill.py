@@ -43,7 +43,8 @@ def teacher_fields() -> ml_collections.ConfigDict:
 
 
 def build_teacher(config, t, prefix: str) -> FrozenTeacher:
-  """The teacher of fields `t` (at `prefix`) for the student of `config`."""
+  """The teacher of fields `t` (at `prefix`) for the student (or tokenizer) of `config`: the
+  same view, its patch grid."""
   from mim_jax.models.vit import size_from_config
   _, patch = size_from_config(config.model)
   grid = (config.image_size[0] // patch, config.image_size[1] // patch)
@@ -52,7 +53,8 @@ def build_teacher(config, t, prefix: str) -> FrozenTeacher:
                        TEACHER_HINT)
   return FrozenTeacher.from_source(
       t.path, image_size=tuple(config.image_size), grid_hw=grid, channels=config.channels,
-      mean=tuple(config.data.mean), std=tuple(config.data.std), dtype=config.model.dtype,
+      mean=tuple(config.data.mean), std=tuple(config.data.std),
+      dtype=config.model.get("dtype", "float32"),  # a tokenizer's model has no dtype field
       attention_impl=config.model.get("attention_impl", ""), field=f"{prefix}.path")
 
 

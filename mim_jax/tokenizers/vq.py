@@ -174,6 +174,14 @@ class VQTokenizer(base.Method):
     recon = self.model.apply({"params": params}, z_q, method=self.model.decode)
     return z, e, codes, recon
 
+  def update_codebook(self, extra, z, codes, rng):
+    """The codebook's EMA step and dead-code restarts for the encoder's vectors z and their
+    codes; other entries of `extra` (a VQ-KD teacher) are kept. Returns (extra, restarted)."""
+    flat = jax.lax.stop_gradient(z).reshape(-1, z.shape[-1])
+    state = cb.ema_update(extra, flat, codes, decay=self.decay, eps=self.eps, l2=self.l2)
+    state, restarted = cb.restart_dead_codes(state, flat, rng, restart_after=self.restart_after)
+    return {**extra, **state}, restarted
+
   def loss(self, params, extra, batch, rng, train=True):
     images = batch["image"].astype(jnp.float32)
     z, e, codes, recon = self._forward(params, extra, images)
@@ -183,10 +191,7 @@ class VQTokenizer(base.Method):
     usage, perplexity = cb.usage_and_perplexity(codes, self.vocab_size)
     restarted = jnp.zeros([], jnp.int32)
     if train:
-      flat = jax.lax.stop_gradient(z).reshape(-1, z.shape[-1])
-      extra = cb.ema_update(extra, flat, codes, decay=self.decay, eps=self.eps, l2=self.l2)
-      extra, restarted = cb.restart_dead_codes(extra, flat, rng,
-                                               restart_after=self.restart_after)
+      extra, restarted = self.update_codebook(extra, z, codes, rng)
     metrics = {"loss": loss, "recon_loss": recon_loss, "commit_loss": commit_loss,
                "codebook_usage": usage, "perplexity": perplexity,
                "restarted_codes": restarted.astype(jnp.float32)}

@@ -27,31 +27,19 @@ import numpy as np
 
 from mim_jax import viz
 from mim_jax.config import validation as v
-from mim_jax.config.errors import ConfigError, config_error
-from mim_jax.methods.maskdistill import TEACHER_HINT, teacher_fields
-from mim_jax.models.vit import parse_variant
-from mim_jax.objectives import losses, patch_targets
-from mim_jax.objectives.frozen_teacher import FrozenTeacher
+from mim_jax.config.errors import ConfigError
+from mim_jax.methods.maskdistill import (
+  build_teacher,
+  teacher_fields,
+  teacher_target,
+  teacher_width,
+  validate_teacher,
+)
+from mim_jax.objectives import losses
 from mim_jax.tokenizers import codebook as cb
 from mim_jax.tokenizers import models
 from mim_jax.tokenizers.models import tokenizer_model
-from mim_jax.tokenizers.vq import VQTokenizer, encode, tokenizer_info
-
-CODEBOOK_KEYS = ("codebook", "cluster_size", "embed_sum", "unused_steps")
-
-
-def build_teacher(config) -> FrozenTeacher:
-  """The frozen teacher of a VQ-KD run, on the tokenizer's view and patch grid."""
-  t = config.teacher
-  if not isinstance(t.path, str) or not t.path:
-    raise config_error("teacher.path", t.path, "the path of the frozen teacher encoder",
-                       TEACHER_HINT)
-  _, patch = parse_variant(config.model.variant)
-  h, w = tuple(config.image_size)
-  return FrozenTeacher.from_source(
-      t.path, image_size=(h, w), grid_hw=(h // patch, w // patch), channels=config.channels,
-      mean=tuple(config.data.mean), std=tuple(config.data.std), dtype="float32",
-      attention_impl="", field="teacher.path")
+from mim_jax.tokenizers.vq import VQTokenizer, tokenizer_info
 
 
 class VQKDTokenizer(VQTokenizer):
@@ -70,21 +58,13 @@ class VQKDTokenizer(VQTokenizer):
     v.require(config.tokenizer.l2_normalize is True, "tokenizer.l2_normalize",
               config.tokenizer.l2_normalize,
               "True: VQ-KD's codebook is l2-normalised (codes chosen by cosine similarity)")
-    t = config.teacher
-    teacher = build_teacher(config)
-    v.require(v.is_int(t.layer) and -1 <= t.layer < teacher.depth, "teacher.layer", t.layer,
-              f"-1 (the output after the final norm) or a block index in [0, {teacher.depth}) "
-              f"of the teacher at {t.path}")
-    v.require(t.norm in patch_targets.FEATURE_NORMS, "teacher.norm", t.norm,
-              f"one of {patch_targets.FEATURE_NORMS}")
+    validate_teacher(config, config.teacher, "teacher")
 
   @classmethod
   def _info(cls, config) -> dict:
     info = tokenizer_info(config)
-    try:
-      info["feature_dim"] = build_teacher(config).width
-    except ConfigError:
-      info["feature_dim"] = 1  # unknown before the teacher exists (FLOPs of an unchecked config)
+    # 0 before the teacher exists (FLOPs of an unchecked config): a decoder to 1 feature then
+    info["feature_dim"] = teacher_width(config, config.teacher, "teacher") or 1
     info["teacher"] = {"path": str(config.teacher.path), "layer": int(config.teacher.layer),
                        "norm": str(config.teacher.norm)}
     return info
@@ -94,7 +74,7 @@ class VQKDTokenizer(VQTokenizer):
     info = cls._info(config)
     enc, dec = models.encode_flops(info), models.decode_flops(info)
     try:
-      teacher = build_teacher(config).forward_flops()
+      teacher = build_teacher(config, config.teacher, "teacher").forward_flops()
     except ConfigError:
       teacher = 0.0
     return {"encoder": enc, "decoder": dec, "teacher": teacher, "total": enc + dec + teacher}
@@ -103,8 +83,7 @@ class VQKDTokenizer(VQTokenizer):
     super().__init__(config, length)
     self.info = self._info(config)
     self.model = tokenizer_model(self.info)
-    t = config.teacher
-    self.target = patch_targets.TeacherFeatures(build_teacher(config), int(t.layer), t.norm)
+    self.target = teacher_target(config, config.teacher, "teacher")
     self.grid_hw = tuple(self.info["grid"])
     self.channels = int(config.channels)
 
@@ -119,13 +98,8 @@ class VQKDTokenizer(VQTokenizer):
     return params, {**extra, "teacher": self.target.load_extra()}
 
   def _decode(self, params, extra, images):
-    """(z [B, gh, gw, D], code vectors e, codes [M], decoded features [B, N, F])."""
-    z = encode(self.model, params, images, self.l2)
-    flat = z.reshape(-1, z.shape[-1])
-    codes = cb.nearest_codes(jax.lax.stop_gradient(flat), extra["codebook"])
-    e = extra["codebook"][codes].reshape(z.shape)
-    z_q = z + jax.lax.stop_gradient(e - z)  # straight-through estimator
-    decoded = self.model.apply({"params": params}, z_q, method=self.model.decode)
+    """The VQ forward pass (`VQTokenizer._forward`) with the decoded features as [B, N, F]."""
+    z, e, codes, decoded = self._forward(params, extra, images)
     return z, e, codes, decoded.reshape(z.shape[0], -1, decoded.shape[-1])
 
   def loss(self, params, extra, batch, rng, train=True):
@@ -139,12 +113,7 @@ class VQKDTokenizer(VQTokenizer):
     usage, perplexity = cb.usage_and_perplexity(codes, self.vocab_size)
     restarted = jnp.zeros([], jnp.int32)
     if train:
-      state = {k: extra[k] for k in CODEBOOK_KEYS}
-      flat = jax.lax.stop_gradient(z).reshape(-1, z.shape[-1])
-      state = cb.ema_update(state, flat, codes, decay=self.decay, eps=self.eps, l2=self.l2)
-      state, restarted = cb.restart_dead_codes(state, flat, rng,
-                                               restart_after=self.restart_after)
-      extra = {**extra, **state}
+      extra, restarted = self.update_codebook(extra, z, codes, rng)
     metrics = {"loss": loss, "recon_loss": recon_loss, "commit_loss": commit_loss,
                "cosine": 1.0 - recon_loss, "codebook_usage": usage, "perplexity": perplexity,
                "restarted_codes": restarted.astype(jnp.float32)}
