@@ -8,7 +8,7 @@
 #
 # Example:
 #   bash launch/tpu_vm.sh --name=mae-vitl --zone=us-central2-b --accelerator=v4-32 \
-#       --workdir=/mnt/shared/mae_vitl --config=configs/mae_vitl.py --queued --spot \
+#       --workdir=gs://BUCKET/mae_vitl --config=configs/mae_vitl.py --queued --spot \
 #       -- --config.data.tfds_data_dir=/mnt/shared/tfds --config.model.dtype=bfloat16
 #
 # Steps, each a gcloud command:
@@ -111,7 +111,8 @@ ssh_all=(gcloud compute tpus tpu-vm ssh "$name" --worker=all "${common[@]}")
 install_cmd="set -e; rm -rf ~/${remote_dir} && mkdir -p ~/${remote_dir}"
 install_cmd+=" && tar xzf ~/${remote_dir}.tar.gz -C ~/${remote_dir}"
 install_cmd+=" && python3 -m pip install -q --upgrade pip"
-install_cmd+=" && python3 -m pip install -q 'jax[tpu]' ~/${remote_dir}"
+# The gcs extra: gs:// workdirs (checkpoints, logs and exports written straight to a bucket).
+install_cmd+=" && python3 -m pip install -q 'jax[tpu]' ~/${remote_dir}'[gcs]'"
 
 train_cmd="cd ~/${remote_dir} && MIM_JAX_DISTRIBUTED=1 PYTHONUNBUFFERED=1 python3 -m mim_jax.main"
 train_cmd+=" $(show "--config=$config" "--workdir=$workdir")"

@@ -10,12 +10,13 @@ Shapes:
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
+
+from mim_jax import storage
 
 GAP = 2          # white pixels between panels and between rows
 MIN_PANEL = 112  # small images (28x28) are upscaled by an integer factor to at least this
@@ -134,24 +135,17 @@ def _tile(panels: Sequence[np.ndarray]) -> np.ndarray:
 def save_png(array: np.ndarray, path: str) -> None:
   """Writes uint8 [H, W, 3] (or [H, W]) atomically, creating parent folders.
 
-  The PNG goes to a temporary file in the same folder and is renamed over `path`, so a reader
-  (TensorBoard, a browser refreshing the folder) never sees a half-written picture.
+  The PNG is written whole (storage.write_bytes: a temporary file renamed over `path`, or one
+  gs:// object), so a reader (TensorBoard, a browser refreshing the folder) never sees a
+  half-written picture.
   """
   array = np.asarray(array)
   if array.dtype != np.uint8:
     # Casting floats in [0, 1] would silently give a black picture.
     raise ValueError(f"save_png expects uint8, got {array.dtype}")
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=directory)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      Image.fromarray(array).save(f, format="PNG")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format="PNG")
+  storage.write_bytes(path, buffer.getvalue())
 
 
 def hog_grid(images: np.ndarray, pred: np.ndarray, target: np.ndarray, mask: np.ndarray, *,

@@ -23,6 +23,7 @@ from typing import Any, Optional
 import ml_collections
 import numpy as np
 
+from mim_jax import storage
 from mim_jax.convert.hf_vitmae import hf_vitmae_config, hf_vitmae_state_dict_from_params
 from mim_jax.convert.our_weights import read_weights
 from mim_jax.convert.safetensors_io import write_safetensors
@@ -90,7 +91,7 @@ def export_weights(source: str, directory: str, fmt: str, *,
                      f"{fmt!r} export layouts (timm VisionTransformer, HF ViTMAE) cannot hold; "
                      "use the mim_jax export directory itself")
   patch, channels, grid = _geometry(info)
-  os.makedirs(directory, exist_ok=True)
+  storage.makedirs(directory)
   weights_path = os.path.join(directory, WEIGHTS_FILE)
   written = [weights_path]
   config = None
@@ -120,8 +121,7 @@ def export_weights(source: str, directory: str, fmt: str, *,
   write_safetensors(weights_path, state, metadata={"format": "pt"})
   if config is not None:
     config_path = os.path.join(directory, "config.json")
-    with open(config_path, "w") as f:
-      json.dump(config, f, indent=2)
+    storage.write_text(config_path, json.dumps(config, indent=2))
     written.append(config_path)
   return written
 

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mim_jax import storage
 from mim_jax.models.autoencoder import MaskedAutoencoder
 from mim_jax.models.decoders import MAEDecoder
 from mim_jax.models.heads import ViTClassifier
@@ -41,21 +42,21 @@ def _numpy(tree: Any) -> Any:
 
 
 def _restore(path: str) -> Any:
-  return _numpy(ocp.StandardCheckpointer().restore(os.path.abspath(path)))
+  return _numpy(ocp.StandardCheckpointer().restore(storage.absolute(path)))
 
 
 def _save(path: str, tree: Any) -> None:
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(path), tree, force=True)
+  checkpointer.save(storage.absolute(path), tree, force=True)
   checkpointer.wait_until_finished()
 
 
 def latest_step(checkpoint_dir: str) -> Optional[int]:
   """The newest finished step directory of an Orbax CheckpointManager folder (None if none)."""
-  if not os.path.isdir(checkpoint_dir):
+  if not storage.isdir(checkpoint_dir):
     return None
-  steps = [int(name) for name in os.listdir(checkpoint_dir) if re.fullmatch(r"\d+", name)
-           and os.path.isdir(os.path.join(checkpoint_dir, name, "state"))]
+  steps = [int(name) for name in storage.listdir(checkpoint_dir) if re.fullmatch(r"\d+", name)
+           and storage.isdir(os.path.join(checkpoint_dir, name, "state"))]
   return max(steps) if steps else None
 
 
@@ -68,14 +69,12 @@ def info_from_config(config: dict) -> dict:
 
 def read_info(source: str) -> dict:
   """The model info (model.json) of what `read_weights(source)` reads, without the arrays."""
-  if os.path.isfile(os.path.join(source, "model.json")):
-    with open(os.path.join(source, "model.json")) as f:
-      return json.load(f)
+  if storage.isfile(os.path.join(source, "model.json")):
+    return json.loads(storage.read_text(os.path.join(source, "model.json")))
   config_path = os.path.join(source, "config.json")
-  if os.path.isfile(config_path) and latest_step(os.path.join(source, "checkpoints")) is not None:
-    with open(config_path) as f:
-      return info_from_config(json.load(f))
-  if os.path.isfile(os.path.join(source, "encoder", "model.json")):
+  if storage.isfile(config_path) and latest_step(os.path.join(source, "checkpoints")) is not None:
+    return info_from_config(json.loads(storage.read_text(config_path)))
+  if storage.isfile(os.path.join(source, "encoder", "model.json")):
     return read_info(os.path.join(source, "encoder"))
   raise FileNotFoundError(
       f"{source} is neither an export directory (model.json + params/) nor a training workdir "
@@ -91,23 +90,22 @@ def read_weights(source: str, step: Optional[int] = None,
   top-level part the run trains: predictors, iBOT's head, ...); without checkpoints, its
   encoder/ export.
   """
-  if os.path.isfile(os.path.join(source, "model.json")):
+  if storage.isfile(os.path.join(source, "model.json")):
     encoder, info = checkpoint.load_encoder(source)
     params = {"encoder": _numpy(encoder)}
-    if os.path.isdir(os.path.join(source, DECODER_DIR)):
+    if storage.isdir(os.path.join(source, DECODER_DIR)):
       params["decoder"] = _restore(os.path.join(source, DECODER_DIR))
-    if os.path.isdir(os.path.join(source, CLASSIFIER_DIR)):
+    if storage.isdir(os.path.join(source, CLASSIFIER_DIR)):
       params.update(_restore(os.path.join(source, CLASSIFIER_DIR)))
     return info, params
   config_path = os.path.join(source, "config.json")
   step = step if step is not None else latest_step(os.path.join(source, "checkpoints"))
-  if os.path.isfile(config_path) and step is not None:
-    with open(config_path) as f:
-      info = info_from_config(json.load(f))
+  if storage.isfile(config_path) and step is not None:
+    info = info_from_config(json.loads(storage.read_text(config_path)))
     path = os.path.join(source, "checkpoints", str(step), "state")
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
       raise FileNotFoundError(f"{source} has no checkpoint of step {step}")
-    state = ocp.StandardCheckpointer().restore(os.path.abspath(path))
+    state = ocp.StandardCheckpointer().restore(storage.absolute(path))
     keep = {"mae": ("encoder", "decoder"), "finetune": ("encoder",) + CLASSIFIER_PARTS}.get(
         info["method"], ("encoder",))
     params = {k: _numpy(v) for k, v in state["params"].items() if all_parts or k in keep}
@@ -115,7 +113,7 @@ def read_weights(source: str, step: Optional[int] = None,
       raise ValueError(f"the {info['method']} run in {source} trains no encoder of its own "
                        "(its encoder is frozen): export the workdir it was initialised from")
     return info, params
-  if os.path.isfile(os.path.join(source, "encoder", "model.json")):
+  if storage.isfile(os.path.join(source, "encoder", "model.json")):
     return read_weights(os.path.join(source, "encoder"))
   raise FileNotFoundError(
       f"{source} is neither an export directory (model.json + params/) nor a training workdir "
@@ -126,26 +124,35 @@ def write_weights(directory: str, params: dict, info: dict, *, overwrite: bool =
   """Writes `params` as an export directory, all or nothing.
 
   Everything goes to a temporary sibling directory first, renamed into place at the end, so an
-  error leaves no partial export behind.
+  error leaves no partial export behind. Cloud Storage has no rename: a gs:// export is
+  written in place, model.json last among the encoder's files.
   """
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory) and os.listdir(directory) and not overwrite:
+  directory = storage.absolute(directory)
+  if storage.exists(directory) and storage.listdir(directory) and not overwrite:
     raise FileExistsError(f"{directory} exists and is not empty (pass --overwrite to replace it)")
+  if storage.is_url(directory):
+    storage.rmtree(directory)
+    _write_parts(directory, params, info)
+    return directory
   tmp = f"{directory}.partial-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   try:
-    checkpoint.export_encoder(tmp, params["encoder"], info)
-    if "decoder" in params:
-      _save(os.path.join(tmp, DECODER_DIR), params["decoder"])
-    classifier = {k: params[k] for k in CLASSIFIER_PARTS if k in params}
-    if classifier:
-      _save(os.path.join(tmp, CLASSIFIER_DIR), classifier)
+    _write_parts(tmp, params, info)
     if os.path.exists(directory):
       shutil.rmtree(directory)
     os.replace(tmp, directory)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return directory
+
+
+def _write_parts(directory: str, params: dict, info: dict) -> None:
+  checkpoint.export_encoder(directory, params["encoder"], info)
+  if "decoder" in params:
+    _save(os.path.join(directory, DECODER_DIR), params["decoder"])
+  classifier = {k: params[k] for k in CLASSIFIER_PARTS if k in params}
+  if classifier:
+    _save(os.path.join(directory, CLASSIFIER_DIR), classifier)
 
 
 def _config(info: dict) -> ml_collections.ConfigDict:

@@ -17,6 +17,8 @@ from typing import Mapping, Optional
 import ml_dtypes
 import numpy as np
 
+from mim_jax import storage
+
 DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
     "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
@@ -74,7 +76,8 @@ def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
                       metadata: Optional[Mapping[str, str]] = None) -> str:
-  """Writes numpy arrays (little-endian) to `path` atomically (a temporary file renamed)."""
+  """Writes numpy arrays (little-endian) to `path` atomically (a temporary file renamed; a
+  gs:// URL gets one object upload, see mim_jax.storage)."""
   arrays = {}
   for name, value in tensors.items():
     array = np.asarray(value)
@@ -93,6 +96,10 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
     header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
   text = json.dumps(header, separators=(",", ":")).encode()
   text += b" " * (-len(text) % 8)  # tensor data 8-byte aligned, as the reference writer does
+  if storage.is_url(path):
+    storage.write_bytes(path, b"".join([struct.pack("<Q", len(text)), text] +
+                                       [arrays[name].tobytes() for name in sorted(arrays)]))
+    return path
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "wb") as f:
     f.write(struct.pack("<Q", len(text)))

@@ -13,6 +13,7 @@ import numbers
 import os
 from typing import Any
 
+from mim_jax import storage
 from mim_jax.config.errors import config_error
 from mim_jax.data import idx, sources
 from mim_jax.data.sources import (
@@ -114,9 +115,10 @@ def _require_prepared_tfds(name: str, data_dir: str) -> None:
   """A prepared TFDS dataset is a folder DATA_DIR/NAME/VERSION/ with dataset_info.json."""
   root = tfds_data_dir(data_dir)
   folder = os.path.join(root, name.split(":")[0])
-  prepared = os.path.isdir(folder) and any(
-      os.path.isfile(os.path.join(folder, v, "dataset_info.json")) for v in os.listdir(folder)
-      if os.path.isdir(os.path.join(folder, v)))
+  # storage: a gs:// data_dir (TFDS reads buckets itself) is checked the same way.
+  prepared = storage.isdir(folder) and any(
+      storage.isfile(os.path.join(folder, v, "dataset_info.json"))
+      for v in storage.listdir(folder))
   if not prepared:
     manual = ("; ImageNet's tars go to " + os.path.join(root, "downloads", "manual") + " first"
               if name.startswith("imagenet") else "")

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mim_jax import data
+from mim_jax import data, storage
 from mim_jax.config import validation as v
 from mim_jax.data import sources
 from mim_jax.evaluate import classifier_base, knn, logistic
@@ -183,12 +183,12 @@ def _finish(config, workdir: str, metrics: dict) -> dict:
   writer.write_scalars(0, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
   writer.close()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump({"method": config.method, "init_from": config.init_from,
-                 "features": config.classifier.features,
-                 "probe_layer": int(config.classifier.probe_layer),
-                 "eval_split": data.eval_split(config.data), "k": config.knn.k,
-                 "temperature": config.knn.temperature, **metrics}, f, indent=2)
+    storage.write_text(os.path.join(workdir, "results.json"), json.dumps(
+        {"method": config.method, "init_from": config.init_from,
+         "features": config.classifier.features,
+         "probe_layer": int(config.classifier.probe_layer),
+         "eval_split": data.eval_split(config.data), "k": config.knn.k,
+         "temperature": config.knn.temperature, **metrics}, indent=2))
   return metrics
 
 

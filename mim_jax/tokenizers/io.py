@@ -27,6 +27,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mim_jax import storage
 from mim_jax.config.errors import ConfigError, config_error
 
 EXPORT_DIR = "tokenizer"
@@ -46,15 +47,15 @@ def export_tokenizer(directory: str, params: Any, codebook: Any, info: dict) -> 
 
   Collective in a multi-process run (every process calls it with the same host values).
   """
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
+  directory = storage.absolute(directory)
+  storage.makedirs(directory)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(directory, WEIGHTS_DIR),
                     {"params": params, "codebook": np.asarray(codebook, np.float32)}, force=True)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    with open(os.path.join(directory, INFO_FILE), "w") as f:
-      json.dump({"format": FORMAT, **info}, f, indent=2)
+    storage.write_text(os.path.join(directory, INFO_FILE),
+                       json.dumps({"format": FORMAT, **info}, indent=2))
   return directory
 
 
@@ -64,11 +65,11 @@ def tokenizer_directory(path: str, field: str = "tokenizer.path") -> str:
   if not isinstance(path, str) or not path:
     raise config_error(field, path, "the path of a trained tokenizer (BEiT predicts "
                        "its codes)", TRAIN_HINT)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise config_error(field, path, "an existing tokenizer workdir or export "
                        "directory; nothing exists there", TRAIN_HINT)
   for candidate in (os.path.join(path, EXPORT_DIR), path):
-    if os.path.isfile(os.path.join(candidate, INFO_FILE)):
+    if storage.isfile(os.path.join(candidate, INFO_FILE)):
       return candidate
   raise config_error(
       field, path,
@@ -81,8 +82,7 @@ def read_info(path: str, field: str = "tokenizer.path") -> dict:
   """The tokenizer.json of the tokenizer `path` names (errors name the config's `field`)."""
   directory = tokenizer_directory(path, field)
   try:
-    with open(os.path.join(directory, INFO_FILE)) as f:
-      info = json.load(f)
+    info = json.loads(storage.read_text(os.path.join(directory, INFO_FILE)))
   except (OSError, ValueError) as e:
     raise config_error(field, path, f"a readable {INFO_FILE} ({e})", TRAIN_HINT)
   if not isinstance(info, dict) or info.get("format") != FORMAT:

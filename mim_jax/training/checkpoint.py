@@ -14,7 +14,6 @@ elsewhere cannot run code when it is loaded.
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from mim_jax import data
+from mim_jax import data, storage
 from mim_jax.training.run_errors import CheckpointSaveError
 
 log = logging.getLogger(__name__)
@@ -41,9 +40,19 @@ def ensure_writable(directory: str) -> None:
   """Creates `directory` and proves a file can be written there, before training starts.
 
   The probe is flushed to the device (fsync), so a full disk fails here (ENOSPC) and not at
-  the first checkpoint.
+  the first checkpoint. For a URL (gs://) the probe is an object written and deleted: a
+  missing bucket or permission fails here.
   """
   probe = os.path.join(directory, f".write_probe_{uuid.uuid4().hex}")
+  if storage.is_url(directory):
+    try:
+      storage.write_text(probe, "ok")
+      storage.remove(probe)
+    except Exception as e:  # pylint: disable=broad-except  # each backend raises its own
+      raise WorkdirNotWritableError(
+          f"cannot write to {directory!r} ({type(e).__name__}: {e}); checkpoints and logs go "
+          "there, so pass a --workdir in a bucket this machine may write to") from e
+    return
   try:
     os.makedirs(directory, exist_ok=True)
     with open(probe, "w") as f:
@@ -71,8 +80,10 @@ def ensure_free_space(directory: str, checkpoint_bytes: int, keep: int) -> None:
   """Fails before training if `directory` cannot hold one checkpoint of `checkpoint_bytes`.
 
   Warns when it cannot hold `keep` + 1 of them (the kept ones plus the one being written): the
-  run would then stop with a failed save later, not now.
+  run would then stop with a failed save later, not now. A URL (a bucket) has no such limit.
   """
+  if storage.is_url(directory):
+    return
   free = shutil.disk_usage(directory).free
   if free < checkpoint_bytes:
     raise WorkdirNotWritableError(
@@ -105,7 +116,7 @@ class Checkpointer:
         # A save that falls due while the previous one is still writing waits for it instead
         # of being skipped: no interval ever goes without a checkpoint.
         enable_should_save_is_saving_in_progress_check=False)
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self.max_consecutive_failures = max_consecutive_failures
     self.consecutive_failures = 0
@@ -145,7 +156,7 @@ class Checkpointer:
     """Whether checkpoint `step` holds this process's data-iterator position: not when it was
     written by a different number of processes (one position file per process)."""
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    return os.path.exists(os.path.join(self.directory, str(step), "data", name))
+    return storage.exists(os.path.join(self.directory, str(step), "data", name))
 
   def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
     """Restores the state onto `abstract_state`'s shardings and rewinds `data_iterator`.
@@ -215,8 +226,8 @@ class Checkpointer:
     """Deletes the temporary directory a failed save left (Orbax would at the next start)."""
     if step is None or jax.process_index() != 0:
       return
-    for path in glob.glob(os.path.join(self.directory, f"{step}{TMP_SUFFIX}*")):
-      shutil.rmtree(path, ignore_errors=True)
+    for path in storage.glob(os.path.join(self.directory, f"{step}{TMP_SUFFIX}*")):
+      storage.rmtree(path)
 
 
 def export_encoder(directory: str, encoder_params: Any, model_info: dict) -> str:
@@ -226,21 +237,19 @@ def export_encoder(directory: str, encoder_params: Any, model_info: dict) -> str
   In a multi-process run every process calls it (the Orbax save is collective) with the same
   host values; process 0 writes model.json.
   """
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
+  directory = storage.absolute(directory)
+  storage.makedirs(directory)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(directory, "params"), encoder_params, force=True)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    with open(os.path.join(directory, "model.json"), "w") as f:
-      json.dump(model_info, f, indent=2)
+    storage.write_text(os.path.join(directory, "model.json"), json.dumps(model_info, indent=2))
   return directory
 
 
 def load_encoder(directory: str) -> tuple[Any, dict]:
   """Reads what `export_encoder` wrote: (encoder params as numpy/jax arrays, model info)."""
-  directory = os.path.abspath(directory)
-  with open(os.path.join(directory, "model.json")) as f:
-    info = json.load(f)
+  directory = storage.absolute(directory)
+  info = json.loads(storage.read_text(os.path.join(directory, "model.json")))
   params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"))
   return params, info

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mim_jax import data, registry, viz
+from mim_jax import data, registry, storage, viz
 from mim_jax.evaluate import frozen
 from mim_jax.models import vit
 from mim_jax.training import (
@@ -164,6 +164,7 @@ def train(config, workdir: str) -> step_lib.TrainState:
           # a run that has diverged stops here instead of writing a checkpoint.
           _check_nonfinite(int(state.nonfinite_streak), int(state.skipped_updates), step,
                            config, ckpt)
+          writer.flush()  # the rows up to a checkpoint are stored before it (gs:// buffers)
           ckpt.save(step, state, train_iter)
 
     if not preempted.triggered:
@@ -263,8 +264,7 @@ def _write_results(workdir: str, config, step: int, metrics: dict[str, float]) -
   """results.json: the final evaluation numbers of a run, for tables and scripts."""
   out = {"method": config.method, "init_from": config.get("init_from", ""), "step": step,
          "encoder": vit.describe_size(config.model), **metrics}
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(out, f, indent=2)
+  storage.write_text(os.path.join(workdir, "results.json"), json.dumps(out, indent=2))
 
 
 def _make_evaluator(config, method, mesh, state_shardings) -> Callable:

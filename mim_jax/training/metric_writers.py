@@ -2,7 +2,9 @@
 
 Files under `workdir`:
   metrics.jsonl   one JSON object per logged step, {"step": int, name: float | null, ...};
-                  appended to, so a resumed run continues the same file
+                  appended to, so a resumed run continues the same file (in a gs:// workdir
+                  the file is rewritten whole at most every REMOTE_UPLOAD_SECONDS and at every
+                  flush: Cloud Storage has no append)
   config.json     the run's config (pretty JSON)
   tensorboard/    tensorboardX event files (scalars, reconstruction images, config text)
 """
@@ -14,15 +16,17 @@ import json
 import math
 import numbers
 import os
-import tempfile
 import time
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from mim_jax import storage
+
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 TENSORBOARD_DIR = "tensorboard"
+REMOTE_UPLOAD_SECONDS = 30.0
 
 
 def _plain(value: Any) -> Any:
@@ -52,18 +56,32 @@ def _plain(value: Any) -> Any:
   return str(value)
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-  """Writes `text` to `path` via a temporary file + rename (never a half-written file)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=directory)
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+class _RemoteLines:
+  """An append-only text file in Cloud Storage, which has no append: the lines are kept and
+  the object rewritten whole, at most every `every` seconds and at each `flush`.
+
+  The trainer flushes before each checkpoint, so the rows up to a checkpoint are stored
+  before it; rows logged after it are recomputed by a resumed run anyway.
+  """
+
+  def __init__(self, path: str, every: float = REMOTE_UPLOAD_SECONDS):
+    self.path, self.every = path, every
+    self._text = storage.read_text(path) if storage.exists(path) else ""
+    if self._text and not self._text.endswith("\n"):
+      self._text += "\n"
+    self._dirty, self._uploaded = False, time.monotonic()
+
+  def write(self, text: str) -> None:
+    self._text += text
+    self._dirty = True
+
+  def flush(self, force: bool = True) -> None:
+    if self._dirty and (force or time.monotonic() - self._uploaded >= self.every):
+      storage.write_text(self.path, self._text)
+      self._dirty, self._uploaded = False, time.monotonic()
+
+  def close(self) -> None:
+    self.flush()
 
 
 class MetricWriter:
@@ -80,9 +98,10 @@ class MetricWriter:
     self._tb = None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
+    path = os.path.join(workdir, METRICS_FILE)
     # Append mode: a resumed run continues the same file instead of erasing its history.
-    self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
+    self._jsonl = _RemoteLines(path) if storage.is_url(workdir) else open(path, "a")
     if tensorboard:
       from tensorboardX import (
         SummaryWriter,  # pure Python protobufs; never imports TensorFlow
@@ -98,7 +117,10 @@ class MetricWriter:
     row = {"step": step}
     row.update((str(k), _plain(v)) for k, v in scalars.items() if k != "step")
     self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
-    self._jsonl.flush()  # so a crash or a `tail -f` sees every logged step
+    if isinstance(self._jsonl, _RemoteLines):
+      self._jsonl.flush(force=False)  # an upload per row would dominate a fast loop
+    else:
+      self._jsonl.flush()  # so a crash or a `tail -f` sees every logged step
     if self._tb is not None:
       for key, value in scalars.items():
         # TensorBoard plots NaN/inf itself, so it gets the raw value; non-numbers are skipped.
@@ -115,7 +137,7 @@ class MetricWriter:
     if not self.enabled:
       return
     text = json.dumps(_plain(config), indent=2, sort_keys=True, allow_nan=False)
-    _atomic_write_text(os.path.join(self.workdir, CONFIG_FILE), text + "\n")
+    storage.write_text(os.path.join(self.workdir, CONFIG_FILE), text + "\n")
     if self._tb is not None:
       # Indented by 4 spaces: TensorBoard renders text summaries as markdown code blocks.
       self._tb.add_text("config", "\n".join("    " + line for line in text.splitlines()), 0)
@@ -159,8 +181,7 @@ def read_metrics(workdir: str) -> list[dict]:
   A final line cut short by a crash mid-write is skipped rather than failing the whole read.
   """
   rows = []
-  with open(os.path.join(workdir, METRICS_FILE)) as f:
-    lines = f.read().splitlines()
+  lines = storage.read_text(os.path.join(workdir, METRICS_FILE)).splitlines()
   for i, line in enumerate(lines):
     if not line.strip():
       continue

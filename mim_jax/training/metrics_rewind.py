@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+from mim_jax import storage
 from mim_jax.training.metric_writers import METRICS_FILE
 
 
@@ -21,17 +22,13 @@ def rewind_metrics(workdir: str, step: int) -> int:
   crash during the rewind leaves either the old or the new file. No-op without the file.
   """
   path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return 0
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().splitlines()
+  lines = storage.read_text(path).splitlines()
   kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
   dropped = sum(1 for line in lines if line.strip()) - len(kept)
   if dropped:
-    tmp = f"{path}.rewind.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    storage.write_text(path, "".join(line + "\n" for line in kept))
   return dropped
 
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mim_jax import storage
 from mim_jax.config.errors import config_error
 from mim_jax.models.vit import resize_posemb, sincos_2d
 from mim_jax.training import checkpoint
@@ -37,7 +38,7 @@ def is_pretrained(init_from: str) -> bool:
 def encoder_directory(init_from: str) -> str:
   """`init_from`/encoder if that holds an export (a pre-training workdir), else `init_from`."""
   for candidate in (os.path.join(init_from, "encoder"), init_from):
-    if os.path.isfile(os.path.join(candidate, "model.json")):
+    if storage.isfile(os.path.join(candidate, "model.json")):
       return candidate
   raise config_error(
       "init_from", init_from,
@@ -49,8 +50,7 @@ def encoder_directory(init_from: str) -> str:
 
 def read_model_info(init_from: str) -> dict:
   """The model.json of the export that `init_from` points to."""
-  with open(os.path.join(encoder_directory(init_from), "model.json")) as f:
-    return json.load(f)
+  return json.loads(storage.read_text(os.path.join(encoder_directory(init_from), "model.json")))
 
 
 def encoder_posemb(init_from: str) -> str:
@@ -144,7 +144,7 @@ def load_classifier_head_into(params: Any, init_from: str) -> Any:
   fine-tuning continues from the released classifier; otherwise the new head is kept (another
   number of classes, another pooling), with a log line saying so."""
   directory = os.path.join(encoder_directory(init_from), "classifier")
-  if not os.path.isdir(directory):
+  if not storage.isdir(directory):
     return params
   from mim_jax.convert.our_weights import (
     read_weights,  # the reader of export directories
