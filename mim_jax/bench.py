@@ -27,6 +27,7 @@ CPU).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 import time
@@ -321,6 +322,9 @@ def parse_variant(config, spec: str):
 
 def main(argv):
   del argv
+  # JAX probes for a TPU at start-up and logs the failure ("Failed to open libtpu.so") at INFO
+  # through absl: expected on CPU and GPU machines (main.py quiets it the same way).
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   from mim_jax import registry
   configs = [FLAGS.config, *map(load_config, FLAGS.also)]
   if FLAGS.batch:

@@ -29,7 +29,9 @@ e.g. two CPU processes on one machine:
 Exit codes (mim_jax/training/run_errors.py): 0 finished, or stopped after SIGTERM with its checkpoint
 written; 1 a bug (traceback); 2 bad input found before training (a flag, a config field, the
 workdir, a data file); 3 the loss stayed NaN/Inf (config.max_consecutive_nonfinite steps);
-4 checkpoint writes kept failing (config.max_consecutive_failed_saves).
+4 checkpoint writes kept failing (config.max_consecutive_failed_saves); 5 another process of a
+multi-process run died, so this one stopped too (run the same command on every process to
+resume).
 
 The config file is a Python module and runs as code: only pass config files you trust.
 """
@@ -149,15 +151,46 @@ def run_from_flags(flag_values: flags.FlagValues) -> None:
                                  flag_values.process_id)
   except ValueError as e:
     _fail(str(e))
+  import jax
+
   from mim_jax import data
   from mim_jax.training import checkpoint, loop
+  workdir = workdir_of(flag_values)
   try:
-    loop.run(flag_values.config, workdir_of(flag_values))
+    loop.run(flag_values.config, workdir)
   except (ConfigError, checkpoint.WorkdirNotWritableError, data.IdxFormatError,
           data.BadImageError) as e:
     _fail(str(e))
   except run_errors.RunError as e:
     _fail(str(e), e.exit_code)
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() > 1:
+      _stop_after_lost_process(e, workdir)
+    raise
+
+
+def _stop_after_lost_process(error: Exception, workdir: str) -> None:
+  """Ends this process of a multi-process run whose collective failed: another process died.
+
+  On CPU the collective fails at once (the peer's connection closes); on GPU and TPU, where a
+  collective can wait for ever, JAX's coordination service ends every process once the dead
+  one misses its heartbeats (jax.distributed's heartbeat_timeout_seconds, 100 s). Either way
+  the cause gets one line here instead of a traceback. `os._exit`: a normal exit would wait
+  at jax.distributed's shutdown barrier for the dead process until that timeout, then abort.
+  The loop has already closed its checkpointer and data workers (its `finally`).
+  """
+  import jax
+
+  from mim_jax.convert import our_weights
+  latest = our_weights.latest_step(os.path.join(workdir, "checkpoints"))
+  first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  print(f"process {jax.process_index()} of {jax.process_count()} stops: a collective with the "
+        f"other processes failed ({first_line[:300]}), so another process of this run has most "
+        f"likely died. The latest complete checkpoint in {workdir} is step {latest}: run the "
+        "same command on every process to resume from it.", file=sys.stderr, flush=True)
+  logging.shutdown()
+  sys.stdout.flush()
+  os._exit(run_errors.EXIT_PEER_LOST)
 
 
 def workdir_of(flag_values: flags.FlagValues) -> str:
@@ -187,6 +220,7 @@ def main(argv):
                       force=True)
   # Orbax reports every save step at INFO through absl; keep the console for our progress line.
   logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.getLogger("gcsfs").setLevel(logging.WARNING)  # a line per file read of a gs:// run
   # JAX probes for a TPU on every start and logs the failure ("Failed to open libtpu.so") at
   # INFO: on CPU and GPU machines that is expected, not news.
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)

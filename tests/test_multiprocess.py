@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import pytest
 
-from mim_jax.training import distributed, metric_writers
+from mim_jax.training import distributed, metric_writers, run_errors
 
 from conftest import REPO
 
@@ -283,3 +285,51 @@ def test_two_processes_take_the_same_steps_as_one_and_resume_in_one(tmp_path):
                            str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
   assert single.returncode == 0 and "OK single 0" in single.stdout, single.stderr[-4000:]
+
+
+def test_killing_one_process_stops_the_other_and_the_same_command_resumes_both(tmp_path):
+  """kill -9 of process 1: process 0 stops within seconds with exit code 5 and one line naming
+  the latest checkpoint (not a traceback, not a wait for the dead process); the same two
+  commands then finish the run, each step logged once."""
+  workdir = tmp_path / "run"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", PYTHONUNBUFFERED="1")
+  env.pop("XLA_FLAGS", None)
+  for name in CLUSTER_VARS:
+    env.pop(name, None)
+
+  def commands(port: int) -> list[list[str]]:
+    return [[sys.executable, "-m", "mim_jax.main", "--config=configs/mae_vitb.py:runlocal",
+             f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
+             "--num_processes=2", f"--process_id={i}", "--config.total_steps=60",
+             "--config.num_epochs=8", "--config.checkpoint_every=5", "--config.log_every=1",
+             "--config.viz_every=0", "--config.export_encoder=false"] for i in range(2)]
+
+  log0 = tmp_path / "p0.log"
+  procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(tmp_path / f"p{i}.log", "w"),
+                            stderr=subprocess.STDOUT)
+           for i, cmd in enumerate(commands(_free_port()))]
+  try:
+    deadline = time.time() + 240
+    while "step 7/60" not in log0.read_text():
+      assert procs[0].poll() is None, log0.read_text()[-3000:]
+      assert time.time() < deadline, "the run did not reach step 7"
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.time()
+    assert procs[0].wait(timeout=150) == run_errors.EXIT_PEER_LOST, log0.read_text()[-3000:]
+    assert time.time() - killed < 30  # not the 100 s heartbeat timeout
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+      proc.wait()
+  out = log0.read_text()
+  assert "process 0 of 2 stops" in out and "Traceback" not in out, out[-3000:]
+  latest = int(re.search(r"latest complete checkpoint in \S+ is step (\d+)", out).group(1))
+  assert 5 <= latest < 60
+
+  resumed, outputs = _run_together(commands(_free_port()), env, timeout=300)
+  for i, (proc, text) in enumerate(zip(resumed, outputs)):
+    assert proc.returncode == 0, f"process {i} exited {proc.returncode}:\n{text[-3000:]}"
+  assert f"at step {latest}" in outputs[0], outputs[0][-3000:]
+  assert [row["step"] for row in metric_writers.read_metrics(str(workdir))] == list(range(1, 61))

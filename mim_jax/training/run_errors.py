@@ -5,6 +5,8 @@
   2  bad input found before training: configuration, command line, workdir, data files
   3  training diverged: the loss or gradients were non-finite for too many consecutive steps
   4  checkpoints could not be written for too many consecutive attempts
+  5  a multi-process run lost one of its processes (killed, crashed, preempted without notice):
+     the others stop too instead of waiting for it
 
 A `RunError` carries its own code; main.py maps the start-up errors of other modules to 2.
 In every case the checkpoints already written stay intact: a run is resumed from the latest
@@ -16,6 +18,7 @@ from __future__ import annotations
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 EXIT_CHECKPOINT_FAILED = 4
+EXIT_PEER_LOST = 5
 
 
 class RunError(RuntimeError):
