@@ -22,7 +22,17 @@ from mim_jax.config.errors import ConfigError, config_error, dotted_keys, unknow
 from mim_jax.evaluate.finetune import FineTune
 from mim_jax.evaluate.frozen import KnnJob, ProbeJob
 from mim_jax.evaluate.linear_probe import LinearProbe
-from mim_jax.methods import beit, data2vec, ibot, mae, maskdistill, maskfeat, mim, simmim
+from mim_jax.methods import (
+  beit,
+  data2vec,
+  data2vec2,
+  ibot,
+  mae,
+  maskdistill,
+  maskfeat,
+  mim,
+  simmim,
+)
 from mim_jax.methods.base import Method, TrainLength
 from mim_jax.tokenizers.dvae import DVAETokenizer
 from mim_jax.tokenizers.vq import VQTokenizer
@@ -39,7 +49,8 @@ def register(cls: type[Method]) -> type[Method]:
   return cls
 
 
-for _cls in (mae.MAE, simmim.SimMIM, maskfeat.MaskFeat, data2vec.Data2Vec, ibot.IBOT, beit.BEiT,
+for _cls in (mae.MAE, simmim.SimMIM, maskfeat.MaskFeat, data2vec.Data2Vec, data2vec2.Data2Vec2,
+             ibot.IBOT, beit.BEiT,
              maskdistill.MaskDistill, mim.MIM,
              VQTokenizer, VQKDTokenizer, DVAETokenizer, LinearProbe, FineTune, KnnJob, ProbeJob):
   register(_cls)

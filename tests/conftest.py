@@ -22,7 +22,8 @@ def tiny_config(method: str = "mae", **overrides):
   c.image_size = (16, 16)
   c.model.variant = "mu/4"
   if "decoder" in c:
-    c.decoder.update(width=32, depth=1, num_heads=2)
+    c.decoder.update({k: v for k, v in dict(width=32, depth=1, num_heads=2).items()
+                      if k in c.decoder})
   c.data.update(source="synthetic", synthetic_size=64)
   if "num_workers" in c.data:
     c.data.num_workers = 0

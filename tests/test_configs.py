@@ -31,7 +31,8 @@ def test_there_are_configs():
           "maskfeat_fmnist.py", "data2vec_vitb.py", "data2vec_fmnist.py", "beit_vitb.py", "beit_fmnist.py",
           "beit_tokenizer_fmnist.py", "beit_tokenizer_imagenet.py", "ibot_vits.py",
           "ibot_fmnist.py", "maskdistill_vitb.py", "maskdistill_fmnist.py",
-          "mim_fmnist.py", "vqkd_tokenizer_fmnist.py", "vqkd_tokenizer_imagenet.py"} <= names
+          "mim_fmnist.py", "vqkd_tokenizer_fmnist.py", "vqkd_tokenizer_imagenet.py",
+          "data2vec2_vitb.py", "data2vec2_fmnist.py"} <= names
 
 
 @pytest.fixture(scope="module")

@@ -262,7 +262,8 @@ def apply_runlocal(c: ml_collections.ConfigDict, keep_data: bool = False) -> ml_
   c.model.variant = f"mu/{patch}"
   c.model.update({k: 0 for k in ("width", "depth", "num_heads", "mlp_dim") if k in c.model})
   if "decoder" in c:
-    c.decoder.update(width=32, depth=1, num_heads=2)
+    c.decoder.update({k: v for k, v in dict(width=32, depth=1, num_heads=2).items()
+                      if k in c.decoder})
   if "num_workers" in c.data:
     c.data.num_workers = 0
   if not keep_data:

@@ -75,6 +75,26 @@ def feature_std(x: jax.Array, mask: jax.Array, axis_name=None) -> jax.Array:
   return jnp.mean(jnp.sqrt(var + 1e-6))
 
 
+def validate_ema_teacher(config) -> None:
+  """The EMA teacher's fields shared by data2vec and data2vec 2.0: top_k, the decays and their
+  annealing, the target normalisations."""
+  t = config.teacher
+  depth = size_from_config(config.model)[0].depth
+  v.require(v.is_int(t.top_k) and 1 <= t.top_k <= depth, "teacher.top_k", t.top_k,
+            f"an integer in [1, {depth}] (the encoder depth; data2vec ViT-B: 6 of 12 blocks)")
+  for name in ("ema_decay", "ema_end_decay"):
+    v.require(v.is_number(t[name]) and 0 <= t[name] <= 1, f"teacher.{name}", t[name],
+              "a number in [0, 1] (data2vec: 0.999 -> 0.9998)")
+  v.require(t.ema_end_decay >= t.ema_decay, "teacher.ema_end_decay", t.ema_end_decay,
+            f"at least teacher.ema_decay={t.ema_decay} (the teacher slows down, never "
+            "speeds up)")
+  frac = t.ema_anneal_fraction
+  v.require(v.is_number(frac) and 0 <= frac <= 1, "teacher.ema_anneal_fraction", frac,
+            "a fraction of the lr schedule in [0, 1] (0: ema_end_decay from the start)")
+  for name in ("block_norm", "final_norm"):
+    v.require(t[name] in NORMS, f"teacher.{name}", t[name], f"one of {NORMS}")
+
+
 class Data2Vec(base.PretrainingMethod):
   """data2vec as the training loop sees it (see `methods.base.Method`)."""
 
@@ -98,21 +118,8 @@ class Data2Vec(base.PretrainingMethod):
     # The EMA teacher's attention can pick the masks (AttMask, masking.kind='attention').
     v.validate_pretraining_fields(config,
                                   mask_kinds=masking.MASK_KINDS + (masking.ATTENTION_KIND,))
+    validate_ema_teacher(config)
     t = config.teacher
-    depth = size_from_config(config.model)[0].depth
-    v.require(v.is_int(t.top_k) and 1 <= t.top_k <= depth, "teacher.top_k", t.top_k,
-              f"an integer in [1, {depth}] (the encoder depth; data2vec ViT-B: 6 of 12 blocks)")
-    for name in ("ema_decay", "ema_end_decay"):
-      v.require(v.is_number(t[name]) and 0 <= t[name] <= 1, f"teacher.{name}", t[name],
-                "a number in [0, 1] (data2vec: 0.999 -> 0.9998)")
-    v.require(t.ema_end_decay >= t.ema_decay, "teacher.ema_end_decay", t.ema_end_decay,
-              f"at least teacher.ema_decay={t.ema_decay} (the teacher slows down, never "
-              "speeds up)")
-    frac = t.ema_anneal_fraction
-    v.require(v.is_number(frac) and 0 <= frac <= 1, "teacher.ema_anneal_fraction", frac,
-              "a fraction of the lr schedule in [0, 1] (0: ema_end_decay from the start)")
-    for name in ("block_norm", "final_norm"):
-      v.require(t[name] in NORMS, f"teacher.{name}", t[name], f"one of {NORMS}")
     v.require(v.is_number(t.loss_beta) and t.loss_beta >= 0, "teacher.loss_beta", t.loss_beta,
               "a number >= 0 (0: L1; data2vec: 2)")
 

@@ -74,3 +74,52 @@ class LinearPredictor(nn.Module):
                  kernel_init=nn.initializers.truncated_normal(self.init_std),
                  name="head")(tokens[:, 1:])
     return x.astype(jnp.float32)
+
+
+class ConvDecoder(nn.Module):
+  """data2vec 2.0's convolutional decoder: visible latents + noise at masked positions ->
+  features for every patch, by 2-D convolutions over the patch grid.
+
+  Inputs:
+    visible     [B, K, D_enc]  the encoder's patch tokens (cls dropped) for the K visible patches
+    ids_restore [B, N]         inverse of the visible-first order (`masking.mask_to_ids`)
+  Output:
+    [B, N, out_dim] float32.
+
+  The N - K masked positions hold Gaussian noise of std `noise_std` (the release's
+  mask_noise_std; drawn from the "mask_noise" rng, zeros without it), not a learned token and
+  no position: the convolutions see where a patch is from its neighbours. Each of `depth`
+  blocks is a grouped k x k convolution ('same' padding) to `width` channels, a LayerNorm over
+  the channels without affine parameters and an exact GELU, with a residual connection where
+  the block keeps the channel count; a Dense maps `width` to `out_dim` (the encoder width).
+  """
+  grid_hw: tuple[int, int]
+  out_dim: int
+  width: int = 768
+  depth: int = 6
+  kernel: int = 3
+  groups: int = 16
+  noise_std: float = 0.01
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, visible: jax.Array, ids_restore: jax.Array) -> jax.Array:
+    b, n = ids_restore.shape
+    num_masked = n - visible.shape[1]
+    if self.noise_std > 0 and self.has_rng("mask_noise"):
+      fill = self.noise_std * jax.random.normal(self.make_rng("mask_noise"),
+                                                (b, num_masked, visible.shape[-1]))
+    else:
+      fill = jnp.zeros((b, num_masked, visible.shape[-1]))
+    x = jnp.concatenate([visible, fill.astype(visible.dtype)], axis=1)
+    x = permute_tokens(x, ids_restore).astype(self.dtype)
+    x = x.reshape(b, *self.grid_hw, x.shape[-1])  # tokens are in row-major grid order
+    for i in range(self.depth):
+      y = nn.Conv(self.width, (self.kernel, self.kernel), padding="SAME",
+                  feature_group_count=self.groups, dtype=self.dtype, name=f"conv_{i}")(x)
+      y = nn.LayerNorm(epsilon=1e-5, use_bias=False, use_scale=False, dtype=self.dtype,
+                       name=f"norm_{i}")(y)
+      y = nn.gelu(y, approximate=False)
+      x = x + y if y.shape[-1] == x.shape[-1] else y
+    x = nn.Dense(self.out_dim, dtype=self.dtype, kernel_init=dense_init, name="proj")(x)
+    return x.reshape(b, n, self.out_dim).astype(jnp.float32)
