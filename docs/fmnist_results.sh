@@ -16,6 +16,11 @@
 #   methods       METHODS (simmim maskfeat beit data2vec ibot) for PRE_EPOCHS (30) epochs with
 #                 the same monitoring, then probe + k-NN and one fine-tuning run
 #   ratio         MAE at masking ratios 0.5 / 0.6 / 0.9: probe + k-NN + fine-tuning
+#   study         the target-level study: configs/mim_fmnist.py with each of TARGETS (pixels
+#                 norm_pixels hog tokens teacher_features) for STUDY_EPOCHS (5) epochs, the
+#                 same encoder, blockwise masking 0.4 and budget; the teacher is the MAE encoder
+#                 of pretrain_mae, the tokenizer BEiT's (as in methods); held-out k-NN at the
+#                 end of each run, then k-NN on the test split
 #
 #   SECTIONS="pretrain_mae probe_mae" bash docs/fmnist_results.sh ROOT
 # TRAIN_FLAGS (space-separated --config.x=y) are added to every training run (pre-training,
@@ -27,8 +32,10 @@ set -u
 cd "$(dirname "$0")/.."
 ROOT=${1:-workdirs/fmnist_results}
 SECTIONS=${SECTIONS:-"pretrain_mae baselines probe_mae tune_scratch tune_mae finetune_mae
-finetune_scratch finetune_matched lowlabel methods ratio"}
+finetune_scratch finetune_matched lowlabel methods ratio study"}
 METHODS=${METHODS:-"maskfeat beit simmim data2vec ibot"}
+TARGETS=${TARGETS:-"pixels norm_pixels hog tokens teacher_features"}
+STUDY_EPOCHS=${STUDY_EPOCHS:-5}
 SEEDS=${SEEDS:-"0 1 2"}
 MAE_EPOCHS=${MAE_EPOCHS:-50}
 PRE_EPOCHS=${PRE_EPOCHS:-30}
@@ -127,12 +134,16 @@ if has lowlabel; then
   done
 fi
 
+tokenizer() {
+  run beit_tokenizer --config=configs/beit_tokenizer_fmnist.py "${holdout[@]}" \
+      --config.num_epochs=10 --config.optimizer.warmup_epochs=1 "${TRAIN[@]}"
+}
+
 if has methods; then
   for method in $METHODS; do
     extra=()
     if [ "$method" = beit ]; then  # BEiT's stage 1: its tokenizer, trained on the same images
-      run beit_tokenizer --config=configs/beit_tokenizer_fmnist.py "${holdout[@]}" \
-          --config.num_epochs=10 --config.optimizer.warmup_epochs=1 "${TRAIN[@]}"
+      tokenizer
       extra=(--config.tokenizer.path="$ROOT/beit_tokenizer")
     fi
     pretrain "${method}_e$PRE_EPOCHS" "$method" "$PRE_EPOCHS" "${extra[@]}"
@@ -150,5 +161,20 @@ if has ratio; then
     flags=$(pick tune_mae) || exit 1
     # shellcheck disable=SC2086
     ft "ft_mae_r${ratio}_s0" "" --config.init_from="$ROOT/mae_e${MAE_EPOCHS}_r$ratio" $flags
+  done
+fi
+
+if has study; then
+  for target in $TARGETS; do
+    extra=()
+    case $target in
+      tokens) tokenizer; extra=(--config.target.tokenizer.path="$ROOT/beit_tokenizer") ;;
+      teacher_features) extra=(--config.target.teacher.path="$MAE") ;;
+    esac
+    run "study_$target" --config=configs/mim_fmnist.py:target="$target" \
+        --config.num_epochs="$STUDY_EPOCHS" \
+        --config.optimizer.warmup_epochs="$(python -c "print($STUDY_EPOCHS / 10)")" \
+        "${holdout[@]}" --config.knn.every_epochs="$STUDY_EPOCHS" "${TRAIN[@]}" "${extra[@]}"
+    run "knn_study_$target" --config=configs/knn_fmnist.py --config.init_from="$ROOT/study_$target"
   done
 fi
