@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +19,7 @@ from mim_jax import registry
 from mim_jax.config import defaults as config_defaults
 from mim_jax.config.errors import ConfigError
 from mim_jax.methods.base import TrainLength
-from mim_jax.models.decoders import ConvDecoder
+from mim_jax.models.decoders import ConvDecoder, GroupedConv
 from mim_jax.objectives import masking
 from mim_jax.training import loop as train
 from mim_jax.training import step as step_lib
@@ -132,6 +133,21 @@ def test_student_never_sees_masked_pixels_and_teacher_gets_no_gradient(stepped):
   per_patch = np.abs(g).reshape(4 * M, 4, 4, 4, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(
       4 * M, 16, -1).sum(-1)
   assert np.all(per_patch[mask] == 0) and np.all(per_patch[~mask] > 0)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_grouped_conv_equals_flax_conv_in_value_init_and_gradient(groups):
+  x = jax.random.normal(jax.random.key(0), (2, 5, 6, 8))
+  ours = GroupedConv(12, 3, groups)
+  ref = nn.Conv(12, (3, 3), padding="SAME", feature_group_count=groups)
+  p_ours = ours.init(jax.random.key(1), x)["params"]
+  p_ref = ref.init(jax.random.key(1), x)["params"]
+  jax.tree.map(np.testing.assert_array_equal, p_ours, p_ref)  # same shapes, same draws
+  np.testing.assert_allclose(ours.apply({"params": p_ours}, x), ref.apply({"params": p_ref}, x),
+                             rtol=1e-5, atol=1e-5)
+  g_ours = jax.grad(lambda p: jnp.sum(ours.apply({"params": p}, x) ** 2))(p_ours)
+  g_ref = jax.grad(lambda p: jnp.sum(ref.apply({"params": p}, x) ** 2))(p_ref)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_ours, g_ref)
 
 
 def test_conv_decoder_is_local_grouped_and_fills_masked_positions_with_noise():

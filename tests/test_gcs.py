@@ -20,6 +20,7 @@ import time
 import pytest
 
 from mim_jax import storage
+from mim_jax.convert import our_weights
 from mim_jax.training import metric_writers
 
 from conftest import REPO, requires_fmnist
@@ -133,6 +134,8 @@ def test_fashion_mnist_run_in_a_bucket_survives_kill9_and_is_evaluated(gcs, tmp_
   assert proc.wait(timeout=60) == -signal.SIGKILL
   killed_at = max(_committed_steps(f"{run}/checkpoints"))
   assert killed_at < 12
+  # What exports and the lost-process message read: the newest committed step.
+  assert our_weights.latest_step(f"{run}/checkpoints") == killed_at
 
   proc = _run(args, tmp_path / "run2.log")  # the same command resumes
   assert proc.wait(timeout=600) == 0, (tmp_path / "run2.log").read_text()[-3000:]

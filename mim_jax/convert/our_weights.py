@@ -52,11 +52,22 @@ def _save(path: str, tree: Any) -> None:
 
 
 def latest_step(checkpoint_dir: str) -> Optional[int]:
-  """The newest finished step directory of an Orbax CheckpointManager folder (None if none)."""
+  """The newest finished step directory of an Orbax CheckpointManager folder (None if none).
+
+  Locally an unfinished step has a temporary name; in Cloud Storage (no rename) it has its
+  final name and is finished once Orbax has written its commit_success.txt.
+  """
   if not storage.isdir(checkpoint_dir):
     return None
-  steps = [int(name) for name in storage.listdir(checkpoint_dir) if re.fullmatch(r"\d+", name)
-           and storage.isdir(os.path.join(checkpoint_dir, name, "state"))]
+
+  def finished(name: str) -> bool:
+    step_dir = os.path.join(checkpoint_dir, name)
+    return storage.isdir(os.path.join(step_dir, "state")) and (
+        not storage.is_url(checkpoint_dir)
+        or storage.exists(os.path.join(step_dir, "commit_success.txt")))
+
+  steps = [int(name) for name in storage.listdir(checkpoint_dir)
+           if re.fullmatch(r"\d+", name) and finished(name)]
   return max(steps) if steps else None
 
 

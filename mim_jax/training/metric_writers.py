@@ -66,18 +66,20 @@ class _RemoteLines:
 
   def __init__(self, path: str, every: float = REMOTE_UPLOAD_SECONDS):
     self.path, self.every = path, every
-    self._text = storage.read_text(path) if storage.exists(path) else ""
-    if self._text and not self._text.endswith("\n"):
-      self._text += "\n"
+    text = storage.read_text(path) if storage.exists(path) else ""
+    if text and not text.endswith("\n"):
+      text += "\n"
+    self._parts = [text]  # joined only to upload: appending to one string is quadratic
     self._dirty, self._uploaded = False, time.monotonic()
 
   def write(self, text: str) -> None:
-    self._text += text
+    self._parts.append(text)
     self._dirty = True
 
   def flush(self, force: bool = True) -> None:
     if self._dirty and (force or time.monotonic() - self._uploaded >= self.every):
-      storage.write_text(self.path, self._text)
+      self._parts = ["".join(self._parts)]
+      storage.write_text(self.path, self._parts[0])
       self._dirty, self._uploaded = False, time.monotonic()
 
   def close(self) -> None:
