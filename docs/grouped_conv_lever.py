@@ -1,0 +1,69 @@
+"""The grouped-convolution lever of docs/benchmarks.md: forward + backward of data2vec 2.0's
+convolutional decoder (models/decoders.ConvDecoder) with its grouped 3x3 convolutions computed
+as shifted views + one matmul per group (`GroupedConv`, what the decoder uses) and through
+flax's `nn.Conv(feature_group_count=G)` (XLA's grouped convolution), timed in the same
+process. One JSON line per implementation.
+
+  python docs/grouped_conv_lever.py [BATCH] [STEPS]
+  (default 1024 = batch 256 x 4 masks of configs/data2vec2_fmnist.py: 4 layers of 128
+  channels in 16 groups over the 7x7 grid)
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mim_jax.models import decoders
+
+
+class FlaxGroupedConv(nn.Module):
+  """The peer: the same layer through flax's grouped convolution."""
+  features: int
+  kernel_size: int = 3
+  groups: int = 1
+  dtype: object = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Conv(self.features, (self.kernel_size, self.kernel_size), padding="SAME",
+                   feature_group_count=self.groups, dtype=self.dtype, name="conv")(x)
+
+
+def main(batch: int = 1024, steps: int = 5) -> None:
+  grid, width, visible = (7, 7), 128, 10
+  n = grid[0] * grid[1]
+  x = jax.random.normal(jax.random.key(0), (batch, visible, width))
+  order = jnp.argsort(jax.random.uniform(jax.random.key(1), (batch, n)), axis=1)
+  ids_restore = jnp.argsort(order, axis=1).astype(jnp.int32)
+  for name, conv in (("matmul_per_group", decoders.GroupedConv), ("xla_grouped_conv",
+                                                                 FlaxGroupedConv)):
+    original = decoders.GroupedConv
+    decoders.GroupedConv = conv  # the decoder builds its layers from this name
+    try:
+      dec = decoders.ConvDecoder(grid_hw=grid, out_dim=width, width=width, depth=4, groups=16)
+      params = dec.init(jax.random.key(2), x, ids_restore)["params"]
+      # ids_restore is an argument, not a constant XLA would fold at compile time.
+      step = jax.jit(jax.grad(lambda p, v, ids: jnp.sum(dec.apply({"params": p}, v, ids) ** 2),
+                              argnums=(0, 1)))
+      jax.block_until_ready(step(params, x, ids_restore))
+      times = []
+      for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(step(params, x, ids_restore))
+        times.append(time.perf_counter() - start)
+    finally:
+      decoders.GroupedConv = original
+    print(json.dumps({"conv": name, "batch": batch, "median_s": statistics.median(times),
+                      "min_s": min(times), "backend": jax.default_backend(),
+                      "jax": jax.__version__}), flush=True)
+
+
+if __name__ == "__main__":
+  main(*(int(a) for a in sys.argv[1:]))
