@@ -9,7 +9,11 @@ release's 16 would make the student ~3x the teacher's cost on a CPU; 4 keep it b
 encoder pass); a decoder of 4 grouped 3x3 convolutions (128 channels, 16 groups) over the 7x7
 grid; targets: the mean of the teacher's last 5 of 6 blocks (the release: 10 of 12),
 instance-normalised, then layer-normalised; the [CLS] loss weight of the ViT-B recipe. The
-teacher decay is scaled to the ~640-step run as in configs/data2vec_fmnist.py: 0.99 -> 0.999.
+teacher decay is scaled to the ~700-step run as in configs/data2vec_fmnist.py: 0.99 -> 0.999.
+Cost: 242 MFLOPs forward per image (data2vec_fmnist.py: 253), but about 4.4 s per step of 256
+images on 2 CPU cores (measured 2026-11-30), 2.7x data2vec's: the decoder runs over all 49
+positions of the 1,024 masked copies and is memory-bound on a CPU (about 3 s of it, fwd+bwd,
+`python docs/grouped_conv_lever.py`); `--config.masking.num_masks=2` halves that.
 Arguments: `variant=SIZE/4`, `runlocal`.
 """
 
