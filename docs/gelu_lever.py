@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
+from mim_jax.bench import timed
 from mim_jax.models.vit import gelu
 
 ACTIVATIONS = {"mim_jax_gelu": gelu, "jax_gelu_autodiff": lambda x: jax.nn.gelu(x, False),
@@ -30,12 +30,7 @@ def main(tokens: int = 12800, width: int = 128, steps: int = 30) -> None:
   for name, act in ACTIVATIONS.items():
     step = jax.jit(jax.grad(lambda w1, w2, x: jnp.sum(act(x @ w1) @ w2) ** 2 / x.size,
                             argnums=(0, 1, 2)))
-    jax.block_until_ready(step(w1, w2, x))
-    times = []
-    for _ in range(steps):
-      start = time.perf_counter()
-      jax.block_until_ready(step(w1, w2, x))
-      times.append(time.perf_counter() - start)
+    times = timed(lambda: jax.block_until_ready(step(w1, w2, x)), warmup=1, steps=steps)
     print(json.dumps({"activation": name, "tokens": tokens, "width": width,
                       "median_s": statistics.median(times), "min_s": min(times),
                       "device": jax.devices()[0].device_kind}), flush=True)

@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mim_jax.bench import timed
 from mim_jax.models import decoders
 
 
@@ -52,12 +52,8 @@ def main(batch: int = 1024, steps: int = 5) -> None:
       # ids_restore is an argument, not a constant XLA would fold at compile time.
       step = jax.jit(jax.grad(lambda p, v, ids: jnp.sum(dec.apply({"params": p}, v, ids) ** 2),
                               argnums=(0, 1)))
-      jax.block_until_ready(step(params, x, ids_restore))
-      times = []
-      for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(step(params, x, ids_restore))
-        times.append(time.perf_counter() - start)
+      times = timed(lambda: jax.block_until_ready(step(params, x, ids_restore)), warmup=1,
+                    steps=steps)
     finally:
       decoders.GroupedConv = original
     print(json.dumps({"conv": name, "batch": batch, "median_s": statistics.median(times),

@@ -99,7 +99,9 @@ def _summary(name: str, times: list[float], config, device_kind: str, **extra) -
           "mfu": _sig(achieved / peak) if peak else None, **extra}
 
 
-def _timed(step, warmup: int, steps: int) -> list[float]:
+def timed(step, warmup: int, steps: int) -> list[float]:
+  """Wall seconds of each of `steps` calls of `step()` after `warmup` untimed ones; `step`
+  must block until its work is done (jax.block_until_ready)."""
   times = []
   for i in range(warmup + steps):
     start = time.perf_counter()
@@ -149,7 +151,7 @@ def bench_mim_jax(config, steps: int, warmup: int, profile_dir: str = "",
     holder["state"], metrics = compiled(holder["state"], batch, rng)
     jax.block_until_ready(metrics["loss"])
 
-  times = _timed(one_step, warmup, steps)
+  times = timed(one_step, warmup, steps)
   extra = {}
   if profile_dir:  # after the timing, so the trace costs the measurement nothing
     from mim_jax import profiling
@@ -204,7 +206,7 @@ def bench_hf(config, steps: int, warmup: int, compile_model: bool = False) -> di
     opt.step()
     loss.item()
 
-  times = _timed(one_step, warmup, steps)
+  times = timed(one_step, warmup, steps)
   kind = torch.cuda.get_device_name() if device == "cuda" else "cpu"
   # Trainable only: HF keeps the fixed sin-cos tables as frozen parameters.
   params = sum(p.numel() for p in model.parameters() if p.requires_grad)

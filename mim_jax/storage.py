@@ -59,12 +59,6 @@ def _fresh(path: str):
   return p
 
 
-def check_url(path: str) -> None:
-  """Fails early (ImportError naming the package) if `path` is a URL this machine cannot use."""
-  if is_url(path):
-    _epath(path)
-
-
 def exists(path: str) -> bool:
   return _fresh(path).exists() if is_url(path) else os.path.exists(path)
 
@@ -118,13 +112,6 @@ def remove(path: str) -> None:
       p.unlink()
   elif os.path.exists(path):
     os.remove(path)
-
-
-def open_file(path: str, mode: str = "r"):
-  """A file object for `path` ('r', 'rb', 'w', 'wb'); prefer write_text / write_bytes to write."""
-  if is_url(path):
-    return _epath(path).open(mode)
-  return open(path, mode)  # pylint: disable=unspecified-encoding
 
 
 def read_text(path: str) -> str:

@@ -101,6 +101,20 @@ def export_random_tokenizer(config, directory: str, **tokenizer_overrides) -> st
   return directory
 
 
+def init_and_step(method, batch, num_steps: int = 2, lr: float = 1e-3):
+  """A fresh state of `method` (AdamW at `lr`, init key 0, the batch's image shape) and
+  `num_steps` jitted train steps on `batch` (step rng key 2): `take_steps`'s result."""
+  import jax
+  import optax
+
+  from mim_jax.training import step as step_lib
+  tx = optax.adamw(lr)
+  state = jax.jit(step_lib.init_train_state, static_argnums=(0, 1, 3))(
+      method, tx, jax.random.key(0), (1, *batch["image"].shape[1:]))
+  step = jax.jit(step_lib.make_train_step(method, tx, lambda s: lr))
+  return take_steps(step, state, batch, jax.random.key(2), num_steps)
+
+
 def take_steps(step, state, batch, rng, num_steps: int = 2):
   """Applies a jitted train `step` `num_steps` times to the same batch:
   ([state, state_1, ..., state_n], [metrics_1, ..., metrics_n])."""

@@ -13,7 +13,6 @@ from ml_collections import config_flags
 from mim_jax import registry
 from mim_jax.config import defaults as config_defaults
 from mim_jax.config.errors import ConfigError
-from mim_jax.training import checkpoint
 from mim_jax.training import loop as train
 
 from conftest import REPO, export_random_tokenizer, tiny_mae_config
@@ -194,9 +193,7 @@ def _pretrain_like(config, workdir: str) -> str:
   method = registry.build_method(c)
   images = jnp.zeros((1, *c.image_size, c.channels), jnp.float32)
   params, extra = jax.jit(method.init)(jax.random.key(0), images)
-  checkpoint.export_encoder(os.path.join(workdir, "encoder"),
-                            jax.device_get(method.encoder_params(params, extra)),
-                            train._model_info(c))
+  method.export(workdir, *jax.device_get((params, extra)), train._model_info(c))
   return workdir
 
 

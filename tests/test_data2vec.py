@@ -10,7 +10,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from mim_jax import registry
@@ -21,9 +20,8 @@ from mim_jax.methods.data2vec import layer_average_targets, normalize
 from mim_jax.objectives import losses, masking, teachers
 from mim_jax.training import checkpoint
 from mim_jax.training import loop as train
-from mim_jax.training import step as step_lib
 
-from conftest import REPO, requires_fmnist, take_steps, tiny_mae_config
+from conftest import REPO, init_and_step, requires_fmnist, tiny_mae_config
 
 # A fast-moving schedule so every step's decay differs visibly: 0.5, 0.6, 0.7, 0.8, then 0.9.
 SCHEDULE = dict(ema_decay=0.5, ema_end_decay=0.9, ema_anneal_fraction=1.0)
@@ -99,13 +97,9 @@ def stepped():
   """Two real train steps of the micro method with the fast schedule, and what went in."""
   config = tiny_config()
   method = registry.build_method(config, LENGTH)
-  tx = optax.adamw(1e-3)
-  state = jax.jit(step_lib.init_train_state, static_argnums=(0, 1, 3))(
-      method, tx, jax.random.key(0), (1, 16, 16, 3))
-  step = jax.jit(step_lib.make_train_step(method, tx, lambda s: 1e-3))
   images = jax.random.normal(jax.random.key(1), (8, 16, 16, 3))
   batch = _batch(method, images)
-  states, metrics = take_steps(step, state, batch, jax.random.key(2))
+  states, metrics = init_and_step(method, batch)
   return method, batch, states, metrics
 
 

@@ -12,7 +12,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from mim_jax import registry
@@ -22,9 +21,8 @@ from mim_jax.methods.base import TrainLength
 from mim_jax.models.decoders import ConvDecoder, GroupedConv
 from mim_jax.objectives import masking
 from mim_jax.training import loop as train
-from mim_jax.training import step as step_lib
 
-from conftest import REPO, requires_fmnist, take_steps, tiny_config
+from conftest import REPO, init_and_step, requires_fmnist, tiny_config
 
 LENGTH = TrainLength(steps_per_epoch=4, schedule_steps=4)
 M = 3  # masks per image
@@ -51,13 +49,9 @@ def _batch(method, images, seed=0):
 def stepped():
   config = tiny()
   method = registry.build_method(config, LENGTH)
-  tx = optax.adamw(1e-3)
-  state = jax.jit(step_lib.init_train_state, static_argnums=(0, 1, 3))(
-      method, tx, jax.random.key(0), (1, 16, 16, 3))
-  step = jax.jit(step_lib.make_train_step(method, tx, lambda s: 1e-3))
   images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
   batch = _batch(method, images)
-  states, metrics = take_steps(step, state, batch, jax.random.key(2))
+  states, metrics = init_and_step(method, batch)
   return method, batch, states, metrics
 
 

@@ -96,15 +96,19 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
     header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
   text = json.dumps(header, separators=(",", ":")).encode()
   text += b" " * (-len(text) % 8)  # tensor data 8-byte aligned, as the reference writer does
+
+  def chunks():  # one array at a time: a large model's bytes are not all held at once locally
+    yield struct.pack("<Q", len(text))
+    yield text
+    for name in sorted(arrays):
+      yield arrays[name].tobytes()
+
   if storage.is_url(path):
-    storage.write_bytes(path, b"".join([struct.pack("<Q", len(text)), text] +
-                                       [arrays[name].tobytes() for name in sorted(arrays)]))
+    storage.write_bytes(path, b"".join(chunks()))
     return path
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "wb") as f:
-    f.write(struct.pack("<Q", len(text)))
-    f.write(text)
-    for name in sorted(arrays):
-      f.write(arrays[name].tobytes())
+    for chunk in chunks():
+      f.write(chunk)
   os.replace(tmp, path)
   return path

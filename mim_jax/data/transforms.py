@@ -394,7 +394,7 @@ class NonEmptyBatch(grain.transforms.Filter):
 @dataclasses.dataclass(frozen=True)
 class AddTokenMask(grain.transforms.RandomMap):
   """Adds a method's host-drawn mask: element["token_mask"] = bool [N], True = masked; with
-  `count` > 0, that many independent masks, bool [count, N] (data2vec 2.0's masks per image).
+  `count` > 1, that many independent masks, bool [count, N] (data2vec 2.0's masks per image).
 
   `generator` is a `masking.MaskGenerator` of a host kind (blockwise, inverse_block), whose
   data-dependent loops run here in the worker processes instead of inside the train step. The
@@ -402,12 +402,12 @@ class AddTokenMask(grain.transforms.RandomMap):
   are reproduced exactly on resume.
   """
   generator: Any
-  count: int = 0
+  count: int = 1
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     from mim_jax.objectives.masking import TOKEN_MASK_KEY
-    masks = self.generator.host(rng, max(self.count, 1))
-    return {**element, TOKEN_MASK_KEY: masks if self.count else masks[0]}
+    masks = self.generator.host(rng, self.count)
+    return {**element, TOKEN_MASK_KEY: masks if self.count > 1 else masks[0]}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -73,8 +73,10 @@ class Method:
   # Extra keys of a pipeline element that reach the train step (e.g. multi-crop views).
   batch_keys: tuple[str, ...] = ()
   # The mask generator drawing this method's masks (None: no masks); host kinds are drawn in
-  # the input pipeline's workers and arrive as batch["token_mask"].
+  # the input pipeline's workers and arrive as batch["token_mask"]; `masks_per_image` > 1
+  # draws that many per image ([B, M, N], data2vec 2.0's masked copies).
   mask_generator: Optional[masking.MaskGenerator] = None
+  masks_per_image: int = 1
   # Whether the method draws pictures (reconstruct + picture) and is scored (eval_metrics).
   draws: bool = False
   evaluates: bool = False
@@ -148,7 +150,7 @@ class Method:
     """Per-example steps added to the input pipeline after augmentation (host-drawn masks)."""
     from mim_jax.data.transforms import AddTokenMask
     if self.mask_generator is not None and self.mask_generator.on_host:
-      return (AddTokenMask(self.mask_generator),)
+      return (AddTokenMask(self.mask_generator, count=self.masks_per_image),)
     return ()
 
   def train_augment(self, data_cfg, image_size: tuple[int, int], channels: int):
@@ -168,7 +170,9 @@ class Method:
     """What the input pipeline would add to `batch_size` images besides "image" and "label"
     (host-drawn masks), for pictures, benchmarks and shape planning."""
     if self.mask_generator is not None and self.mask_generator.on_host:
-      return {masking.TOKEN_MASK_KEY: self.mask_generator.host(rng, batch_size)}
+      m = self.masks_per_image
+      masks = self.mask_generator.host(rng, batch_size * m)
+      return {masking.TOKEN_MASK_KEY: masks if m == 1 else masks.reshape(batch_size, m, -1)}
     return {}
 
   # --- the step --------------------------------------------------------------------------------

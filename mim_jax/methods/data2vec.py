@@ -144,11 +144,14 @@ class Data2Vec(base.PretrainingMethod):
     self.grid_hw = encoder.grid_hw
     self.mask_generator = masking.mask_generator_from_config(
         config.masking, encoder.grid_hw, encoder.patch_size)
-    t = config.teacher
+    self.read_teacher_fields(config.teacher)
+    self.beta = float(config.teacher.loss_beta)
+
+  def read_teacher_fields(self, t) -> None:
+    """The EMA schedule and the target recipe of `config.teacher` (data2vec and 2.0 alike)."""
     self.anneal_steps = int(round(float(t.ema_anneal_fraction) * self.length.schedule_steps))
     self.decay_start, self.decay_end = float(t.ema_decay), float(t.ema_end_decay)
     self.top_k, self.block_norm, self.final_norm = int(t.top_k), t.block_norm, t.final_norm
-    self.beta = float(t.loss_beta)
 
   def ema_decay(self, step: jax.Array) -> jax.Array:
     """The decay of the update with index `step` (0 for the first)."""

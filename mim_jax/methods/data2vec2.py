@@ -111,40 +111,10 @@ class Data2Vec2(data2vec.Data2Vec):
     self.grid_hw = self.encoder.grid_hw
     self.mask_generator = masking.mask_generator_from_config(
         config.masking, self.grid_hw, self.encoder.patch_size)
-    self.num_masks = int(config.masking.num_masks)
+    self.masks_per_image = int(config.masking.num_masks)
     self.num_keep = self.grid_hw[0] * self.grid_hw[1] - self.mask_generator.num_masked
-    t = config.teacher
-    self.anneal_steps = int(round(float(t.ema_anneal_fraction) * self.length.schedule_steps))
-    self.decay_start, self.decay_end = float(t.ema_decay), float(t.ema_end_decay)
-    self.top_k, self.block_norm, self.final_norm = int(t.top_k), t.block_norm, t.final_norm
-    self.cls_weight = float(t.cls_weight)
-
-  # --- masks: num_masks per image --------------------------------------------------------------
-  def data_transforms(self):
-    from mim_jax.data.transforms import AddTokenMask
-    if self.mask_generator.on_host:
-      return (AddTokenMask(self.mask_generator, count=self.num_masks),)
-    return ()
-
-  def example_extras(self, batch_size, rng):
-    if self.mask_generator.on_host:
-      masks = self.mask_generator.host(rng, batch_size * self.num_masks)
-      return {masking.TOKEN_MASK_KEY: masks.reshape(batch_size, self.num_masks, -1)}
-    return {}
-
-  def masks(self, batch, rng) -> jax.Array:
-    """bool [B * num_masks, N], the copies of each image adjacent (the release's
-    repeat_interleave): the pipeline's [B, num_masks, N], or drawn here for device kinds."""
-    b, n = batch["image"].shape[0], self.grid_hw[0] * self.grid_hw[1]
-    if self.mask_generator.on_host:
-      mask = batch.get(masking.TOKEN_MASK_KEY)
-      if mask is None or mask.shape != (b, self.num_masks, n):
-        raise ValueError(f"batch[{masking.TOKEN_MASK_KEY!r}] must hold {self.num_masks} masks "
-                         f"per image, shape {(b, self.num_masks, n)}; got "
-                         f"{None if mask is None else mask.shape} (build the iterator with the "
-                         "method's data transforms)")
-      return mask.reshape(b * self.num_masks, n).astype(bool)
-    return self.mask_generator.device(rng, b * self.num_masks)
+    self.read_teacher_fields(config.teacher)
+    self.cls_weight = float(config.teacher.cls_weight)
 
   # --- model -----------------------------------------------------------------------------------
   def init(self, rng, images):
@@ -161,18 +131,19 @@ class Data2Vec2(data2vec.Data2Vec):
   def loss(self, params, extra, batch, rng, train=True):
     mask_rng, drop_rng, noise_rng = jax.random.split(rng, 3)
     images = batch["image"]
-    mask = self.masks(batch, mask_rng)
+    # [B * M, N]: each image's M masks adjacent, like the copies below.
+    mask = self.mask_generator.sample(batch, mask_rng, per_image=self.masks_per_image)
     info = masking.mask_to_ids(mask, num_keep=self.num_keep)
     target = self.targets(extra["teacher"], images)  # [B, N, D]: one teacher pass per image
-    copies = jnp.repeat(images, self.num_masks, axis=0)
+    copies = jnp.repeat(images, self.masks_per_image, axis=0)
     latent, _ = self.encoder.apply({"params": params["encoder"]}, copies,
                                    ids_keep=info.ids_keep, train=train,
                                    rngs={"drop_path": drop_rng})
     pred = self.decoder.apply({"params": params["decoder"]}, latent[:, 1:], info.ids_restore,
                               rngs={"mask_noise": noise_rng})
-    target_copies = jnp.repeat(target, self.num_masks, axis=0)
+    target_copies = jnp.repeat(target, self.masks_per_image, axis=0)
     regression = losses.masked_mse(pred, target_copies, info.mask, self.axis_name)
-    cls_target = jnp.repeat(target.mean(axis=1), self.num_masks, axis=0)
+    cls_target = jnp.repeat(target.mean(axis=1), self.masks_per_image, axis=0)
     cls_loss = jnp.mean(jnp.square(latent[:, 0].astype(jnp.float32) - cls_target))
     loss = regression + self.cls_weight * cls_loss
     metrics = {"loss": loss, "regression_loss": regression, "cls_loss": cls_loss,

@@ -458,21 +458,23 @@ class MaskGenerator:
                               min_block=self.min_block, min_aspect=self.min_aspect)[0]
     return out
 
-  def sample(self, batch: Mapping[str, jax.Array], rng: jax.Array) -> jax.Array:
-    """The masks of a training batch, bool [B, N]: batch[TOKEN_MASK_KEY] for host kinds (the
-    input pipeline drew them), otherwise drawn here from `rng`."""
+  def sample(self, batch: Mapping[str, jax.Array], rng: jax.Array,
+             per_image: int = 1) -> jax.Array:
+    """The masks of a training batch, bool [B * per_image, N] (each image's masks adjacent):
+    batch[TOKEN_MASK_KEY] for host kinds (the input pipeline drew them, [B, N], or
+    [B, per_image, N] when per_image > 1), otherwise drawn here from `rng`."""
     b = batch["image"].shape[0]
     if not self.on_host:
-      return self.device(rng, b)
+      return self.device(rng, b * per_image)
     if TOKEN_MASK_KEY not in batch:
       raise ValueError(f"masking kind {self.kind!r} draws masks in the input pipeline, but the "
                        f"batch has no {TOKEN_MASK_KEY!r}; build the iterator with the method's "
                        "data transforms (see train.run)")
     mask = batch[TOKEN_MASK_KEY]
-    if mask.shape != (b, self.num_patches):
-      raise ValueError(f"batch[{TOKEN_MASK_KEY!r}] has shape {mask.shape}, expected "
-                       f"{(b, self.num_patches)}")
-    return mask.astype(bool)
+    want = (b, self.num_patches) if per_image == 1 else (b, per_image, self.num_patches)
+    if mask.shape != want:
+      raise ValueError(f"batch[{TOKEN_MASK_KEY!r}] has shape {mask.shape}, expected {want}")
+    return mask.reshape(b * per_image, self.num_patches).astype(bool)
 
 
 def mask_generator_from_config(masking_cfg, grid_hw: tuple[int, int],

@@ -73,8 +73,11 @@ class _RemoteLines:
     self._dirty, self._uploaded = False, time.monotonic()
 
   def write(self, text: str) -> None:
+    """Appends `text`; uploads when the last upload is `every` seconds old (an upload per
+    row would dominate a fast loop)."""
     self._parts.append(text)
     self._dirty = True
+    self.flush(force=False)
 
   def flush(self, force: bool = True) -> None:
     if self._dirty and (force or time.monotonic() - self._uploaded >= self.every):
@@ -102,8 +105,10 @@ class MetricWriter:
       return
     storage.makedirs(workdir)
     path = os.path.join(workdir, METRICS_FILE)
-    # Append mode: a resumed run continues the same file instead of erasing its history.
-    self._jsonl = _RemoteLines(path) if storage.is_url(workdir) else open(path, "a")
+    # Append mode: a resumed run continues the same file instead of erasing its history; line
+    # buffered, so a crash or a `tail -f` sees every logged step.
+    self._jsonl = (_RemoteLines(path) if storage.is_url(workdir)
+                   else open(path, "a", buffering=1))
     if tensorboard:
       from tensorboardX import (
         SummaryWriter,  # pure Python protobufs; never imports TensorFlow
@@ -119,10 +124,6 @@ class MetricWriter:
     row = {"step": step}
     row.update((str(k), _plain(v)) for k, v in scalars.items() if k != "step")
     self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
-    if isinstance(self._jsonl, _RemoteLines):
-      self._jsonl.flush(force=False)  # an upload per row would dominate a fast loop
-    else:
-      self._jsonl.flush()  # so a crash or a `tail -f` sees every logged step
     if self._tb is not None:
       for key, value in scalars.items():
         # TensorBoard plots NaN/inf itself, so it gets the raw value; non-numbers are skipped.
