@@ -42,7 +42,8 @@ PRE_EPOCHS=${PRE_EPOCHS:-30}
 FT_EPOCHS=${FT_EPOCHS:-15}
 TUNE_EPOCHS=${TUNE_EPOCHS:-3}
 KNN_EVERY=${KNN_EVERY:-5}
-read -r -a TRAIN=<<< "${TRAIN_FLAGS:-}"
+# Split on spaces and newlines alike (fmnist_gpu.sh spreads its flags over lines).
+read -r -d '' -a TRAIN <<< "${TRAIN_FLAGS:-}" || true
 mkdir -p "$ROOT"
 
 run() {  # NAME, then the arguments of mim_jax.main

@@ -210,3 +210,55 @@ def test_tpu_bad_name_and_unknown_argument():
   assert out.returncode != 0 and "--name=Bad_Name" in out.stderr
   out = _bash(TPU, *TPU_ARGS, "--preemptible", "--dry-run")
   assert out.returncode != 0 and "unknown argument '--preemptible'" in out.stderr
+
+
+# --- docs/fmnist_results.sh and docs/fmnist_gpu.sh ---------------------------------------------
+
+RESULTS = REPO / "docs" / "fmnist_results.sh"
+GPU_RESULTS = REPO / "docs" / "fmnist_gpu.sh"
+
+# Stands in for `python -m mim_jax.main`: logs the call and leaves what a finished run leaves
+# (config.json with the held-out split, results.json); every other python call is the real one.
+_MAIN_STUB = """
+if [ "$1 $2" = "-m mim_jax.main" ]; then
+  for a in "$@"; do
+    case $a in --workdir=*) w=${a#--workdir=}; mkdir -p "$w"
+      echo '{"data": {"eval_split": "holdout"}}' > "$w/config.json"
+      echo '{"eval_accuracy": 0.5}' > "$w/results.json";; esac
+  done
+  exit 0
+fi
+exec %s "$@"
+"""
+
+
+def _results_calls(tmp_path, script, **env) -> list[str]:
+  import sys
+  stub_env = _fake_bin(tmp_path, "python", _MAIN_STUB % sys.executable)
+  out = _bash(script, str(tmp_path / "root"), env=dict(stub_env, **env))
+  assert out.returncode == 0, out.stdout + out.stderr
+  return [c for c in (tmp_path / "calls.log").read_text().splitlines()
+          if c.startswith("-m mim_jax.main")]
+
+
+def test_results_script_passes_train_flags_to_training_runs_only(tmp_path):
+  calls = _results_calls(tmp_path, RESULTS, SECTIONS="pretrain_mae probe_mae tune_mae",
+                         TRAIN_FLAGS="--config.a=1 --config.b=2\n--config.c=3")
+  pretrain, probe, *tunes = calls
+  assert "--config.num_epochs=50 " in pretrain and "--config.optimizer.warmup_epochs=5.0" in pretrain
+  assert probe.startswith("-m mim_jax.main --config=configs/linprobe_fmnist.py")
+  assert len(tunes) == 4
+  for call in (pretrain, *tunes):  # every flag, also those on a second line
+    assert "--config.a=1 --config.b=2 --config.c=3" in call
+  assert "--config.a=1" not in probe
+  # A second run skips what finished.
+  assert _results_calls(tmp_path, RESULTS, SECTIONS="pretrain_mae probe_mae") == calls
+
+
+def test_gpu_results_script_sets_the_device_flags(tmp_path):
+  calls = _results_calls(tmp_path, GPU_RESULTS, SECTIONS="pretrain_mae")
+  assert len(calls) == 1
+  assert "--config.num_epochs=200 " in calls[0]
+  for flag in ("--config.model.dtype=bfloat16", "--config.data.augment_on=device",
+               "--config.data.num_workers=4"):
+    assert flag in calls[0]
