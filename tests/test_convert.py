@@ -311,18 +311,20 @@ def test_layer_scale_models_convert_exactly(kind):
 
 
 @requires_timm
-def test_clip_style_pre_norm_converts_exactly_and_exports_back(tmp_path):
-  """A timm ViT with `norm_pre` (CLIP's ln_pre before the blocks): the imported encoder's
-  tokens equal timm's forward_features, and the timm export of it loads back into timm with the
-  same features."""
-  model = _timm_vit(pre_norm=True)
+@pytest.mark.parametrize("act", ["gelu", "quick_gelu"], ids=["laion", "openai"])
+def test_clip_style_pre_norm_converts_exactly_and_exports_back(tmp_path, act):
+  """A timm ViT with `norm_pre` (CLIP's ln_pre before the blocks), with exact GELU (LAION /
+  OpenCLIP towers) or QuickGELU (OpenAI's): the imported encoder's tokens equal timm's
+  forward_features, and the timm export of it loads back into timm with the same features."""
+  model = _timm_vit(pre_norm=True, act_layer=act)
   assert "norm_pre.weight" in model.state_dict()
   images, images_nchw = _images()
   with torch.no_grad():
     ref = model.forward_features(images_nchw).numpy()
-  imported = import_state_dict(model.state_dict(), num_heads=HEADS, posemb="learn")
+  imported = import_state_dict(model.state_dict(), num_heads=HEADS, posemb="learn", mlp_act=act)
   info = imported.model_info()
   assert info["config"]["model"]["pre_norm"] is True
+  assert info["config"]["model"]["mlp_act"] == act
   encoder = build_encoder(info, imported.params)
   tokens, _ = encoder.apply({"params": imported.params["encoder"]}, images)
   assert rel_err(tokens, ref) < REL_TOL
@@ -331,6 +333,31 @@ def test_clip_style_pre_norm_converts_exactly_and_exports_back(tmp_path):
   again = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True)
   with torch.no_grad():
     assert rel_err(again.forward_features(images_nchw).numpy(), ref) < REL_TOL
+
+
+@requires_timm
+def test_clip_style_tower_needs_its_activation_named(tmp_path):
+  """A state dict does not say whether a CLIP tower was trained with QuickGELU (OpenAI) or
+  GELU (LAION): the import refuses to guess, and the wrong choice is a different function."""
+  model = _timm_vit(pre_norm=True, act_layer="quick_gelu")
+  with pytest.raises(ValueError, match="--mlp_act=quick_gelu"):
+    import_state_dict(model.state_dict(), num_heads=HEADS, posemb="learn")
+  images, images_nchw = _images()
+  with torch.no_grad():
+    ref = model.forward_features(images_nchw).numpy()
+  wrong = import_state_dict(model.state_dict(), num_heads=HEADS, posemb="learn", mlp_act="gelu")
+  tokens, _ = build_encoder(wrong.model_info(), wrong.params).apply(
+      {"params": wrong.params["encoder"]}, images)
+  assert rel_err(tokens, ref) > 100 * REL_TOL
+  right = import_state_dict(model.state_dict(), num_heads=HEADS, posemb="learn",
+                            mlp_act="quick_gelu")
+  right.write(str(tmp_path / "ours"))
+  for fmt in ("mae", "hf"):
+    with pytest.raises(ValueError, match="quick_gelu in its encoder's MLPs"):
+      export_weights(str(tmp_path / "ours"), str(tmp_path / fmt), fmt)
+  # Plain ViTs (no norm_pre) are exact GELU without being told.
+  assert import_state_dict(_timm_vit().state_dict(), num_heads=HEADS,
+                           posemb="learn").mlp_act == "gelu"
 
 
 def _with_index_buffers(model) -> dict[str, np.ndarray]:

@@ -49,6 +49,7 @@ def core_fields(c: ml_collections.ConfigDict) -> None:
       rel_pos_bias="",
       abs_posemb=True,
       pre_norm=False,          # a LayerNorm before the first block (CLIP's ln_pre)
+      mlp_act="gelu",          # MLP activation: exact "gelu", or "quick_gelu" (OpenAI CLIP)
   )
   c.data = _block(
       source="tfds",           # fashion_mnist | image_folder | tfds | npy | synthetic

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from mim_jax import data
 from mim_jax.config.errors import ConfigError, config_error
-from mim_jax.models.vit import REL_POS_BIAS, parse_variant, size_from_config
+from mim_jax.models.vit import MLP_ACTS, REL_POS_BIAS, parse_variant, size_from_config
 from mim_jax.objectives.masking import ATTENTION_ORDERS, MASK_KINDS, num_visible
 from mim_jax.weights import continuation, pretrained
 
@@ -100,6 +100,9 @@ def validate_model(config) -> None:
             "branch (0: no layer scale; BEiT uses 0.1 for ViT-B, 1e-5 for ViT-L)")
   if "pre_norm" in m:
     require(isinstance(m.pre_norm, bool), "model.pre_norm", m.pre_norm, "True or False")
+  if "mlp_act" in m:
+    require(m.mlp_act in MLP_ACTS, "model.mlp_act", m.mlp_act,
+            f"one of {tuple(MLP_ACTS)} (quick_gelu: OpenAI CLIP towers)")
   if "abs_posemb" in m:
     require(isinstance(m.abs_posemb, bool), "model.abs_posemb", m.abs_posemb, "True or False")
     require(m.abs_posemb or m.get("rel_pos_bias", ""), "model.abs_posemb", m.abs_posemb,

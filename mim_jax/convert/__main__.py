@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
   imp.add_argument("--posemb", choices=("auto", "sincos", "learn"), default="auto",
                    help="sincos: check pos_embed is the fixed table (pre-training); learn: keep "
                    "it as a learned table; auto: learn for classifiers, else sincos")
+  imp.add_argument("--mlp_act", choices=("gelu", "quick_gelu"), default=None,
+                   help="the MLP activation, where the checkpoint does not record it (timm "
+                   "state dicts): needed for CLIP-style towers, quick_gelu for OpenAI CLIP, "
+                   "gelu for LAION / OpenCLIP")
   imp.add_argument("--overwrite", action="store_true", help="replace an existing `out`")
 
   exp = sub.add_parser("export", help="mim_jax weights -> safetensors for timm / MAE / HF")
@@ -82,14 +86,15 @@ def _import(args) -> None:
   from mim_jax.convert.importer import FORMAT_NAMES, import_checkpoint
   model = import_checkpoint(args.checkpoint, key=args.key, num_heads=args.num_heads,
                             decoder_num_heads=args.decoder_num_heads,
-                            image_size=args.image_size, posemb=args.posemb)
+                            image_size=args.image_size, posemb=args.posemb,
+                            mlp_act=args.mlp_act)
   directory = model.write(args.out, overwrite=args.overwrite)
   config = model.config()
   print(f"imported {args.checkpoint} ({FORMAT_NAMES[model.source_format]}): encoder "
         f"{config.model.variant} width {model.width} depth {model.depth} "
         f"heads {model.num_heads}, "
         f"images {model.image_size[0]}x{model.image_size[1]}x{model.channels}, "
-        f"positions {model.posemb}, parts {sorted(model.params)}")
+        f"positions {model.posemb}, MLP {model.mlp_act}, parts {sorted(model.params)}")
   for note in model.notes:
     print(f"  - {note}")
   print(f"wrote {directory}; use it with --config.init_from={directory}")

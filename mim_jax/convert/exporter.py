@@ -66,7 +66,8 @@ def timm_config(info: dict, params: dict[str, Any]) -> dict[str, Any]:
                      "embed_dim": size.width, "depth": size.depth,
                      "num_heads": size.num_heads, "mlp_ratio": size.mlp_dim / size.width,
                      "global_pool": pool, "class_token": True, "qkv_bias": True,
-                     "pre_norm": "norm_pre" in params["encoder"]},
+                     "pre_norm": "norm_pre" in params["encoder"],
+                     "act_layer": info["config"]["model"].get("mlp_act", "gelu")},
       "pretrained_cfg": {"num_classes": num_classes, "input_size": [channels, *image_size],
                          "fixed_input_size": True, "interpolation": "bicubic",
                          "crop_pct": 1.0, "mean": list(mean), "std": list(std),
@@ -90,6 +91,12 @@ def export_weights(source: str, directory: str, fmt: str, *,
     raise ValueError(f"{source} has BEiT-style parts ({', '.join(beit_style)}) that the "
                      f"{fmt!r} export layouts (timm VisionTransformer, HF ViTMAE) cannot hold; "
                      "use the mim_jax export directory itself")
+  if model.get("mlp_act", "gelu") != "gelu" and fmt != "timm":
+    # HF ViTMAE has one hidden_act for encoder and decoder (ours is GELU); the official MAE
+    # layout has no config at all.
+    raise ValueError(f"{source} computes {model['mlp_act']} in its encoder's MLPs, which the "
+                     f"{fmt!r} layout cannot say; use --format=timm (its config.json sets "
+                     "act_layer)")
   patch, channels, grid = _geometry(info)
   storage.makedirs(directory)
   weights_path = os.path.join(directory, WEIGHTS_FILE)

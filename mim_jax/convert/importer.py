@@ -35,7 +35,7 @@ from mim_jax.convert.timm_vit import (
   params_from_timm_vit,
   refuse_unsupported,
 )
-from mim_jax.models.vit import VIT_SIZES, ViTSize, resize_posemb
+from mim_jax.models.vit import MLP_ACTS, VIT_SIZES, ViTSize, resize_posemb
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class ImportedModel:
   norm_pix_loss: bool = True
   notes: list[str] = dataclasses.field(default_factory=list)
   abs_posemb: bool = True      # False: BEiT's relative positions only (posemb "none")
+  mlp_act: str = "gelu"        # "quick_gelu": OpenAI CLIP towers (models.vit.MLP_ACTS)
 
   @property
   def encoder(self) -> dict[str, Any]:
@@ -120,7 +121,8 @@ class ImportedModel:
     c.model.update(model_size_fields(ViTSize(self.width, self.depth, self.num_heads,
                                              self.mlp_dim), self.patch_size))
     c.model.update(layer_scale=self.layer_scale, rel_pos_bias=self.rel_pos_bias,
-                   abs_posemb=self.abs_posemb, pre_norm="norm_pre" in self.encoder)
+                   abs_posemb=self.abs_posemb, pre_norm="norm_pre" in self.encoder,
+                   mlp_act=self.mlp_act)
     if "decoder" in self.params:
       dec = self.params["decoder"]["decoder"]
       c.decoder.update(width=int(self.params["decoder"]["mask_token"].shape[-1]),
@@ -189,9 +191,9 @@ def _from_hf(tensors: dict[str, Any], hf_config: Optional[dict], posemb: str,
     raise ValueError("HF ViTMAE position embeddings are fixed sin-cos tables; posemb='learn' "
                      "does not apply (fine-tuning makes them learned from the same table)")
   config = hf_config or {}
-  if config.get("hidden_act", "gelu") != "gelu":
+  if config.get("hidden_act", "gelu") not in MLP_ACTS:
     raise ValueError(f"HF config hidden_act={config['hidden_act']!r}: mim_jax's ViT computes "
-                     "exact GELU ('gelu') only")
+                     f"one of {tuple(MLP_ACTS)}")
   if not config.get("qkv_bias", True):
     raise ValueError("HF config qkv_bias=false: mim_jax's ViT has qkv biases")
   eps = config.get("layer_norm_eps", 1e-6)
@@ -207,7 +209,8 @@ def _from_hf(tensors: dict[str, Any], hf_config: Optional[dict], posemb: str,
               num_heads=config.get("num_attention_heads"),
               decoder_num_heads=config.get("decoder_num_attention_heads"),
               mask_ratio=float(config.get("mask_ratio", 0.75)),
-              norm_pix_loss=bool(config.get("norm_pix_loss", False)))
+              norm_pix_loss=bool(config.get("norm_pix_loss", False)),
+              mlp_act=config.get("hidden_act", "gelu"))
 
 
 def _from_timm(tensors: dict[str, Any], posemb: str, notes: list[str]) -> dict[str, Any]:
@@ -239,6 +242,7 @@ def _from_timm(tensors: dict[str, Any], posemb: str, notes: list[str]) -> dict[s
   return dict(params=params, patch_size=layout.patch_size, channels=layout.channels,
               grid=square_grid(layout.num_patches), num_heads=None, decoder_num_heads=None,
               mask_ratio=0.75, norm_pix_loss=True, abs_posemb=layout.abs_posemb,
+              pre_norm=layout.pre_norm,
               num_heads_hint=layout.rel_pos_heads, source_format="beit" if layout.layer_scale == "gamma" or layout.qv_bias
               else "timm")
 
@@ -248,20 +252,51 @@ def _has_rel_pos_bias(encoder: dict[str, Any]) -> bool:
   return "rel_pos_bias" in transformer or "rel_pos_bias" in transformer["blocks_0"]["attn"]
 
 
+def _mlp_act(found: dict[str, Any], given: Optional[str], notes: list[str]) -> str:
+  """The MLP activation of the imported blocks: the HF config's hidden_act, or `given`.
+
+  A timm state dict does not record its activation. For ViTs and BEiTs it is exact GELU; a
+  CLIP-style tower (norm_pre) is ambiguous: OpenAI's CLIP weights were trained with QuickGELU,
+  LAION / OpenCLIP's with GELU, and the wrong one silently changes every feature, so it must be
+  named.
+  """
+  recorded = found.get("mlp_act")
+  if recorded is not None:
+    if given is not None and given != recorded:
+      raise ValueError(f"mlp_act={given!r}, but the checkpoint's config says hidden_act="
+                       f"{recorded!r}")
+    return recorded
+  if given is not None:
+    if given != "gelu":
+      notes.append(f"MLP activation {given} (as asked: the state dict does not record it)")
+    return given
+  if found.get("pre_norm"):
+    raise ValueError(
+        "a CLIP-style tower (norm_pre before the blocks): its state dict does not record the "
+        "MLP activation, and the two CLIP families differ: OpenAI CLIP weights need QuickGELU, "
+        "LAION / OpenCLIP weights exact GELU. Name it: --mlp_act=quick_gelu (OpenAI) or "
+        "--mlp_act=gelu (python -m mim_jax.convert import), mlp_act=... (import_state_dict)")
+  return "gelu"
+
+
 def import_state_dict(tensors: dict[str, Any], *, num_heads: Optional[int] = None,
                       decoder_num_heads: Optional[int] = None,
                       image_size: Optional[Sequence[int]] = None, posemb: str = "auto",
                       hf_config: Optional[dict] = None, source: str = "",
-                      notes: Sequence[str] = ()) -> ImportedModel:
+                      notes: Sequence[str] = (), mlp_act: Optional[str] = None) -> ImportedModel:
   """A state dict (name -> numpy array or torch tensor) -> ImportedModel.
 
   posemb: "sincos" checks `pos_embed` against the fixed sin-cos table and drops it (official
   MAE pre-training checkpoints); "learn" keeps it as a learned table; "auto" is "learn" for
   classifiers (a head or fc_norm), else "sincos". image_size (H, W): the input size the
-  weights are for; a learned table is resized (bicubic) to its patch grid.
+  weights are for; a learned table is resized (bicubic) to its patch grid. mlp_act: the
+  blocks' activation ("gelu" | "quick_gelu") where the checkpoint does not record it; a
+  CLIP-style tower (norm_pre) needs it named (OpenAI CLIP: "quick_gelu").
   """
   if posemb not in POSEMB_MODES:
     raise ValueError(f"posemb={posemb!r}: expected one of {POSEMB_MODES}")
+  if mlp_act is not None and mlp_act not in MLP_ACTS:
+    raise ValueError(f"mlp_act={mlp_act!r}: expected one of {tuple(MLP_ACTS)}")
   notes = list(notes)
   keys = list(tensors)
   refuse_unsupported(keys)
@@ -277,6 +312,7 @@ def import_state_dict(tensors: dict[str, Any], *, num_heads: Optional[int] = Non
         f"ViTMAE names (vit.embeddings.cls_token, ...); found {shown}")
 
   params, patch = found["params"], found["patch_size"]
+  act = _mlp_act(found, mlp_act, notes)
   width = int(params["encoder"]["cls_token"].shape[-1])
   heads = _heads(num_heads or found["num_heads"] or found.get("num_heads_hint"), width,
                  HEADS_BY_WIDTH, "encoder", "--num_heads")
@@ -303,7 +339,7 @@ def import_state_dict(tensors: dict[str, Any], *, num_heads: Optional[int] = Non
       channels=found["channels"], image_size=size, num_heads=heads,
       decoder_num_heads=decoder_heads, mask_ratio=found["mask_ratio"],
       norm_pix_loss=found["norm_pix_loss"], notes=notes,
-      abs_posemb=found.get("abs_posemb", True))
+      abs_posemb=found.get("abs_posemb", True), mlp_act=act)
   for note in notes:
     log.info("%s", note)
   return model

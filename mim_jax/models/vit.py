@@ -167,16 +167,30 @@ def _gelu_bwd(x, g):
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """x * sigmoid(1.702 x): the sigmoid approximation of GELU that OpenAI's CLIP towers were
+  trained with (their weights compute a measurably different function under exact GELU)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+# model.mlp_act: the MLP's activation. Exact GELU is what MAE, BEiT, timm and HF ViTs use;
+# quick_gelu is OpenAI CLIP's (LAION / OpenCLIP towers use exact GELU).
+MLP_ACTS = {"gelu": gelu, "quick_gelu": quick_gelu}
+
+
 class Mlp(nn.Module):
-  """fc1 -> exact GELU -> fc2 (PyTorch's nn.GELU is the erf form)."""
+  """fc1 -> activation (`MLP_ACTS`; exact GELU, PyTorch's nn.GELU, by default) -> fc2."""
   mlp_dim: int
   dtype: Dtype = jnp.float32
+  act: str = "gelu"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    if self.act not in MLP_ACTS:
+      raise config_error("model.mlp_act", self.act, f"one of {tuple(MLP_ACTS)}")
     width = x.shape[-1]
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=dense_init, name="fc1")(x)
-    x = gelu(x)
+    x = MLP_ACTS[self.act](x)
     return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name="fc2")(x)
 
 
@@ -341,6 +355,7 @@ class Block(nn.Module):
   attention_impl: Optional[str] = None
   layer_scale: float = 0.0
   rel_pos_grid: Optional[tuple[int, int]] = None
+  mlp_act: str = "gelu"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, bias: Optional[jax.Array] = None,
@@ -362,7 +377,7 @@ class Block(nn.Module):
     attn = Attention(self.num_heads, dtype=self.dtype, implementation=self.attention_impl,
                      rel_pos_grid=self.rel_pos_grid, name="attn")
     x = x + residual(scaled(attn(norm("norm1")(x), bias, rel_index), "gamma_1"))
-    x = x + residual(scaled(Mlp(self.mlp_dim, dtype=self.dtype, name="mlp")(norm("norm2")(x)),
+    x = x + residual(scaled(Mlp(self.mlp_dim, dtype=self.dtype, act=self.mlp_act, name="mlp")(norm("norm2")(x)),
                             "gamma_2"))
     return x
 
@@ -406,6 +421,7 @@ class Transformer(nn.Module):
   layer_scale: float = 0.0
   rel_pos_bias: str = ""
   rel_pos_grid: Optional[tuple[int, int]] = None
+  mlp_act: str = "gelu"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -427,7 +443,7 @@ class Transformer(nn.Module):
       x = parallel.constrain_batch(x)
       x = block(self.num_heads, self.mlp_dim, drop_path=rate, dtype=self.dtype,
                 attention_impl=self.attention_impl, layer_scale=self.layer_scale,
-                rel_pos_grid=own_grid, name=f"blocks_{i}")(
+                rel_pos_grid=own_grid, mlp_act=self.mlp_act, name=f"blocks_{i}")(
                     x, train, shared, rel_index if own_grid else None)
       block_outputs.append(x)
     x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name=self.norm_name)(x)
@@ -452,8 +468,8 @@ class ViTEncoder(nn.Module):
   the BEiT-style options of `Transformer` / `Block`; the bias table is sized for the
   configured grid and read at the tokens' grid positions (visible patches, smaller views).
   `pre_norm` adds a LayerNorm `norm_pre` over the tokens before the first block (CLIP's
-  ln_pre; timm's pre_norm=True), so CLIP-style towers load as teachers. The sin-cos table is computed for the
-  input's own patch grid, so images smaller than `image_size` (multi-crop local views) work;
+  ln_pre; timm's pre_norm=True) and `mlp_act="quick_gelu"` OpenAI CLIP's activation, so
+  CLIP towers load as teachers. The sin-cos table is computed for the input's own patch grid, so images smaller than `image_size` (multi-crop local views) work;
   positions run 0 .. g - 1 on any grid.
 
   Returns (tokens [B, 1 + K or N, D] after the final LayerNorm, aux) where aux holds
@@ -475,6 +491,7 @@ class ViTEncoder(nn.Module):
   layer_scale: float = 0.0
   rel_pos_bias: str = ""
   pre_norm: bool = False
+  mlp_act: str = "gelu"
 
   @property
   def grid_hw(self) -> tuple[int, int]:
@@ -537,7 +554,8 @@ class ViTEncoder(nn.Module):
                             drop_path_rate=self.drop_path_rate, dtype=self.dtype,
                             attention_impl=self.attention_impl, remat=self.remat,
                             layer_scale=self.layer_scale, rel_pos_bias=self.rel_pos_bias,
-                            rel_pos_grid=tuple(self.grid_hw), name="transformer")(
+                            rel_pos_grid=tuple(self.grid_hw), mlp_act=self.mlp_act,
+                            name="transformer")(
                                 x, train, rel_index)
     return x, {"blocks": blocks}
 
@@ -598,4 +616,5 @@ def encoder_from_config(model_cfg, image_size: Sequence[int], channels: int, *,
       posemb=posemb, dtype=jnp.dtype(model_cfg.dtype), attention_impl=model_cfg.get("attention_impl") or None,
       remat=model_cfg.get("remat", "none"), layer_scale=float(model_cfg.get("layer_scale", 0.0)),
       rel_pos_bias=str(model_cfg.get("rel_pos_bias", "")),
-      pre_norm=bool(model_cfg.get("pre_norm", False)))
+      pre_norm=bool(model_cfg.get("pre_norm", False)),
+      mlp_act=str(model_cfg.get("mlp_act", "gelu")))

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 SIZE_FIELDS = ("variant", "width", "depth", "num_heads", "mlp_dim")
 # Architecture options that change the parameter tree (models/vit.py): adopted from the export
 # like its size; an export without them had them off.
-ARCH_DEFAULTS = {"layer_scale": 0.0, "rel_pos_bias": "", "abs_posemb": True, "pre_norm": False}
+ARCH_DEFAULTS = {"layer_scale": 0.0, "rel_pos_bias": "", "abs_posemb": True, "pre_norm": False,
+                 "mlp_act": "gelu"}
 RANDOM = "random"  # init_from value: a randomly initialised encoder (baseline)
 
 
