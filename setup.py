@@ -33,8 +33,9 @@ setup(
         # and BEiT of tests/test_convert.py;
         # scikit-image (which pulls in scipy) is the HOG reference in tests/test_hog.py;
         # scikit-learn's logistic regression is the converged probe's (tests/test_probe.py);
-        # tests/test_gcs.py runs gs:// workdirs against gcp-storage-emulator.
-        "test": ["pytest>=8", "torch>=2.4", "transformers>=4.57,<6", "safetensors>=0.4",
+        # tests/test_gcs.py runs gs:// workdirs against gcp-storage-emulator; pytest-xdist runs
+        # the suite in two processes (most tests are bound by one-threaded XLA compilation).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch>=2.4", "transformers>=4.57,<6", "safetensors>=0.4",
                  "timm>=1.0.16", "scikit-image>=0.19", "scikit-learn>=1.3", "gcsfs>=2024.2",
                  "gcp-storage-emulator>=2024.8"],
         # gs:// workdirs (etils.epath's Cloud Storage backend without TensorFlow).

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import time
 from typing import Sequence
 
 import jax
@@ -31,6 +33,7 @@ import optax.tree_utils as otu
 # BatchNorm's epsilon in the MAE probe head (models/heads.ProbeHead).
 STANDARDIZE_EPS = 1e-6
 DEFAULT_L2_GRID = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +114,13 @@ def select_l2(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray
   """
   scores = {}
   for l2 in sorted(grid, reverse=True):
-    params, _ = fit(x, y, num_classes, l2, **fit_kwargs)
+    start = time.perf_counter()
+    params, info = fit(x, y, num_classes, l2, **fit_kwargs)
     scores[float(l2)] = accuracy(params, x_val, y_val)
+    # One line per fit: a probe over a grid on 60,000 examples takes minutes on a CPU.
+    log.info("probe L2 %g: held-out top-1 %.4f, %d L-BFGS iterations (%s, |grad| %.2e), %.0f s",
+             l2, scores[float(l2)], info.iterations,
+             "converged" if info.converged else "stopped at max_iter", info.grad_norm,
+             time.perf_counter() - start)
   best = max(scores, key=lambda l2: (scores[l2], l2))
   return best, scores
