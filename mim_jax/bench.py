@@ -64,7 +64,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("pipeline_batches", 8, "Timed batches for --pipeline.")
   flags.DEFINE_string("profile", "", "Also trace a few steps of each mim_jax row into this "
                       "folder and report kernel time by category and the top kernels "
-                      "(mim_jax/profiling.py)")
+                      "(mim_jax/profiling.py); the PyTorch peers get the same breakdown "
+                      "from torch.profiler")
   flags.mark_flags_as_required(["config"])
 
 
@@ -169,7 +170,8 @@ def bench_mim_jax(config, steps: int, warmup: int, profile_dir: str = "",
                   versions={"jax": jax.__version__}, **extra)
 
 
-def bench_hf(config, steps: int, warmup: int, compile_model: bool = False) -> dict:
+def bench_hf(config, steps: int, warmup: int, compile_model: bool = False,
+             profile: bool = False, profile_steps: int = 5) -> dict:
   import torch
   import transformers
 
@@ -207,13 +209,18 @@ def bench_hf(config, steps: int, warmup: int, compile_model: bool = False) -> di
     loss.item()
 
   times = timed(one_step, warmup, steps)
+  extra = {}
+  if profile:  # after the timing, as for mim_jax's rows
+    from mim_jax import profiling
+    extra["profile"] = profiling.profile_torch(one_step, profile_steps)
   kind = torch.cuda.get_device_name() if device == "cuda" else "cpu"
   # Trainable only: HF keeps the fixed sin-cos tables as frozen parameters.
   params = sum(p.numel() for p in model.parameters() if p.requires_grad)
   return _summary("hf_transformers_pytorch" + ("_compile" if compile_model else ""), times,
                   config, kind, params=params, threads=torch.get_num_threads(),
                   dtype="bfloat16 autocast" if bf16 else "float32", fused_adamw=fused,
-                  versions={"torch": torch.__version__, "transformers": transformers.__version__})
+                  versions={"torch": torch.__version__, "transformers": transformers.__version__},
+                  **extra)
 
 
 def bench_pipeline(config, num_images: int, num_batches: int) -> dict:
@@ -362,7 +369,8 @@ def main(argv):
                                    variant=labels.get(id(c), ""))), flush=True)
   for peer in peers:
     print(json.dumps(bench_hf(configs[0], FLAGS.steps, FLAGS.warmup,
-                              compile_model=peer == "hf_compile")), flush=True)
+                              compile_model=peer == "hf_compile",
+                              profile=bool(FLAGS.profile))), flush=True)
 
 
 if __name__ == "__main__":

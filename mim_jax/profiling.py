@@ -2,6 +2,7 @@
 
   profile(run_step, compiled_text, steps, trace_dir) -> {"step_ms", "categories": {...},
                                                           "top_kernels": [...]}
+  profile_torch(run_step, steps)  the same for a PyTorch peer (torch.profiler's self times)
 
 `run_step()` runs one step to completion; it is called `steps` times under
 `jax.profiler.trace(trace_dir)`. The trace's device events (XLA:CPU thunks, GPU kernels) are
@@ -98,6 +99,54 @@ def categorize(name: str, instrs: dict, comps: dict) -> tuple[str, str]:
   if ops & {"copy", "transpose", "copy-start", "copy-done"}:
     return "copies/transposes", op_name
   return "other", op_name
+
+
+# PyTorch operators -> the same categories, for the peers' profiles (`profile_torch`).
+_TORCH_CATEGORIES = (
+    ("attention", re.compile(r"scaled_dot_product|flash_attention|efficient_attention|_attention")),
+    ("optimizer", re.compile(r"^Optimizer\.|_foreach_|adam|lerp")),
+    ("matmul", re.compile(r"^aten::(mm|addmm|bmm|baddbmm|matmul|linear|mkldnn_convolution|"
+                          r"convolution_backward|_convolution)$")),
+    ("norms/reductions", re.compile(r"layer_norm|^aten::(sum|mean|var|var_mean|std|norm|amax)$")),
+    ("scatter/gather", re.compile(r"gather|scatter|index_select|^aten::index")),
+    ("copies/transposes", re.compile(r"^aten::(copy_|contiguous|clone|_to_copy|cat)$")),
+)
+
+
+def torch_category(op: str) -> str:
+  """The category of a PyTorch operator name (e.g. "aten::addmm")."""
+  for category, pattern in _TORCH_CATEGORIES:
+    if pattern.search(op):
+      return category
+  return "other"
+
+
+def profile_torch(run_step: Callable[[], None], steps: int, top: int = 15) -> dict:
+  """`profile` for a PyTorch step: self time per operator from torch.profiler (CPU time on a
+  CPU, CUDA kernel time on a GPU), in the same categories, per step."""
+  import torch
+  from torch.profiler import ProfilerActivity
+  cuda = torch.cuda.is_available()
+  activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+  with torch.profiler.profile(activities=activities) as prof:
+    for _ in range(steps):
+      run_step()
+  categories = dict.fromkeys(CATEGORIES, 0.0)
+  rows = []
+  for event in prof.key_averages():
+    # Self time only: an operator's children are counted under their own names.
+    us = event.self_device_time_total if cuda else event.self_cpu_time_total
+    if us <= 0 or event.key.startswith(("ProfilerStep", "autograd::engine")):
+      continue
+    category = torch_category(event.key)
+    ms = us / 1e3 / steps
+    categories[category] += ms
+    rows.append({"kernel": event.key, "ms": round(ms, 3), "category": category,
+                 "calls": event.count // steps})
+  rows.sort(key=lambda r: -r["ms"])
+  return {"steps": steps, "kernel_ms_per_step": round(sum(categories.values()), 3),
+          "categories": {k: round(v, 3) for k, v in categories.items()},
+          "top_kernels": rows[:top]}
 
 
 def _event_instruction(event) -> str:

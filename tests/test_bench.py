@@ -16,8 +16,9 @@ def _bench(*args):
   return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
-def test_bench_times_mae_its_mask_token_variant_and_the_hf_peer():
-  rows = _bench("--config=configs/mae_vitb.py:runlocal", "--asymmetry", "--peer=hf")
+def test_bench_times_mae_its_mask_token_variant_and_the_hf_peer(tmp_path):
+  rows = _bench("--config=configs/mae_vitb.py:runlocal", "--asymmetry", "--peer=hf",
+                f"--profile={tmp_path}")
   assert [(r["impl"], r["encoder_mask_tokens"]) for r in rows] == [
       ("mim_jax", False), ("mim_jax", True), ("hf_transformers_pytorch", False)]
   # The same architecture on both sides (the mask-token variant adds the token).
@@ -28,6 +29,14 @@ def test_bench_times_mae_its_mask_token_variant_and_the_hf_peer():
     assert r["device"] == "cpu" and r["mfu"] is None  # no datasheet peak for CPUs
   assert rows[1]["train_gflops_per_image"] > rows[0]["train_gflops_per_image"]
   assert rows[0]["xla_gflops_per_image"] >= rows[0]["train_gflops_per_image"]
+  # --profile: both sides broken down into the same categories, matmuls and attention found.
+  from mim_jax.profiling import CATEGORIES
+  for r in rows:
+    profile = r["profile"]
+    assert tuple(profile["categories"]) == CATEGORIES
+    assert profile["categories"]["matmul"] > 0 and profile["categories"]["attention"] > 0
+    assert profile["kernel_ms_per_step"] > 0 and profile["top_kernels"]
+  assert any(k["kernel"] == "aten::addmm" for k in rows[2]["profile"]["top_kernels"])
 
 
 def test_bench_times_other_methods_side_by_side():
