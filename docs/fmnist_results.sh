@@ -18,7 +18,8 @@
 #   ratio         MAE at masking ratios 0.5 / 0.6 / 0.9: probe + k-NN + fine-tuning
 #   study         the target-level study: configs/mim_fmnist.py with each of TARGETS (pixels
 #                 norm_pixels hog tokens teacher_features) for STUDY_EPOCHS (5) epochs, the
-#                 same encoder, blockwise masking 0.4 and budget; the teacher is the MAE encoder
+#                 same encoder and budget, under each of STUDY_MASKINGS (blockwise: 0.4 of the
+#                 grid in blocks; random75: 75% of the patches at random); the teacher is the MAE encoder
 #                 of pretrain_mae, the tokenizer BEiT's (as in methods); held-out k-NN at the
 #                 end of each run, then k-NN on the test split
 #
@@ -36,6 +37,7 @@ finetune_scratch finetune_matched lowlabel methods ratio study"}
 METHODS=${METHODS:-"maskfeat beit simmim data2vec ibot"}
 TARGETS=${TARGETS:-"pixels norm_pixels hog tokens teacher_features"}
 STUDY_EPOCHS=${STUDY_EPOCHS:-5}
+STUDY_MASKINGS=${STUDY_MASKINGS:-"blockwise random75"}
 SEEDS=${SEEDS:-"0 1 2"}
 MAE_EPOCHS=${MAE_EPOCHS:-50}
 PRE_EPOCHS=${PRE_EPOCHS:-30}
@@ -166,16 +168,25 @@ if has ratio; then
 fi
 
 if has study; then
-  for target in $TARGETS; do
-    extra=()
-    case $target in
-      tokens) tokenizer; extra=(--config.target.tokenizer.path="$ROOT/beit_tokenizer") ;;
-      teacher_features) extra=(--config.target.teacher.path="$MAE") ;;
+  for masking in $STUDY_MASKINGS; do
+    case $masking in  # blockwise 0.4 is configs/mim_fmnist.py's own
+      blockwise) suffix=""; mask=() ;;
+      random75) suffix="_random75"; mask=(--config.masking.kind=random --config.masking.ratio=0.75) ;;
+      *) echo "STUDY_MASKINGS: unknown '$masking' (blockwise, random75)"; exit 1 ;;
     esac
-    run "study_$target" --config=configs/mim_fmnist.py:target="$target" \
-        --config.num_epochs="$STUDY_EPOCHS" \
-        --config.optimizer.warmup_epochs="$(python -c "print($STUDY_EPOCHS / 10)")" \
-        "${holdout[@]}" --config.knn.every_epochs="$STUDY_EPOCHS" "${TRAIN[@]}" "${extra[@]}"
-    run "knn_study_$target" --config=configs/knn_fmnist.py --config.init_from="$ROOT/study_$target"
+    for target in $TARGETS; do
+      extra=()
+      case $target in
+        tokens) tokenizer; extra=(--config.target.tokenizer.path="$ROOT/beit_tokenizer") ;;
+        teacher_features) extra=(--config.target.teacher.path="$MAE") ;;
+      esac
+      name="study_$target$suffix"
+      run "$name" --config=configs/mim_fmnist.py:target="$target" \
+          --config.num_epochs="$STUDY_EPOCHS" \
+          --config.optimizer.warmup_epochs="$(python -c "print($STUDY_EPOCHS / 10)")" \
+          "${holdout[@]}" --config.knn.every_epochs="$STUDY_EPOCHS" "${TRAIN[@]}" "${mask[@]}" \
+          "${extra[@]}"
+      run "knn_$name" --config=configs/knn_fmnist.py --config.init_from="$ROOT/$name"
+    done
   done
 fi

@@ -262,3 +262,17 @@ def test_gpu_results_script_sets_the_device_flags(tmp_path):
   for flag in ("--config.model.dtype=bfloat16", "--config.data.augment_on=device",
                "--config.data.num_workers=4"):
     assert flag in calls[0]
+
+
+def test_results_script_runs_the_study_under_both_maskings(tmp_path):
+  calls = _results_calls(tmp_path, RESULTS, SECTIONS="study", TARGETS="pixels teacher_features")
+  names = [c.split("--workdir=")[-1].rsplit("/", 1)[-1] for c in calls]
+  assert names == ["study_pixels", "knn_study_pixels", "study_teacher_features",
+                   "knn_study_teacher_features", "study_pixels_random75",
+                   "knn_study_pixels_random75", "study_teacher_features_random75",
+                   "knn_study_teacher_features_random75"]
+  for call, name in zip(calls, names):
+    random = "--config.masking.kind=random --config.masking.ratio=0.75" in call
+    assert random == (name.startswith("study_") and name.endswith("_random75"))
+    if name.startswith("study_teacher"):
+      assert f"--config.target.teacher.path={tmp_path}/root/mae_e50" in call
