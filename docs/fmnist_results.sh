@@ -21,7 +21,8 @@
 #                 same encoder and budget, under each of STUDY_MASKINGS (blockwise: 0.4 of the
 #                 grid in blocks; random75: 75% of the patches at random); the teacher is the MAE encoder
 #                 of pretrain_mae, the tokenizer BEiT's (as in methods); held-out k-NN at the
-#                 end of each run, then k-NN on the test split
+#                 end of each run, then k-NN on the test split (table + plot:
+#                 python docs/plot_study.py ROOT docs/study_fmnist.png)
 #
 #   SECTIONS="pretrain_mae probe_mae" bash docs/fmnist_results.sh ROOT
 # TRAIN_FLAGS (space-separated --config.x=y) are added to every training run (pre-training,
