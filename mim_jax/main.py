@@ -153,11 +153,16 @@ def run_from_flags(flag_values: flags.FlagValues) -> None:
     _fail(str(e))
   import jax
 
-  from mim_jax import data
+  from mim_jax import data, registry
   from mim_jax.training import checkpoint, loop
+  from mim_jax.weights import pretrained
   workdir = workdir_of(flag_values)
   try:
-    loop.run(flag_values.config, workdir)
+    config = flag_values.config
+    if registry.method_class(config.method).kind in ("classifier", "job"):
+      pretrained.refuse_dropped_overrides(
+          config, config_flags.get_override_values(flag_values["config"]))
+    loop.run(config, workdir)
   except (ConfigError, checkpoint.WorkdirNotWritableError, data.IdxFormatError,
           data.BadImageError) as e:
     _fail(str(e))

@@ -47,6 +47,28 @@ def test_invalid_config_names_field_value_and_allowed(overrides, match):
     registry.validate_config(tiny_mae_config(**overrides))
 
 
+@pytest.mark.parametrize("method,overrides,match", [
+    ("mae", {"data.eval_split": "holdout"}, r"data.eval_split='holdout' is not used: the k-NN "),
+    ("linprobe", {"model.drop_path_rate": 0.1}, r"model.drop_path_rate=0.1 is not used: the "
+     "probe's encoder is frozen"),
+    ("linprobe", {"model.remat": "full"}, r"model.remat='full' is not used"),
+    ("vq_tokenizer", {"data.eval_split": "test"}, r"data.eval_split='test' is not used: a "
+     "tokenizer"),
+    ("vqkd_tokenizer", {"data.eval_path": "/x"}, r"data.eval_path='/x' is not used"),
+])
+def test_fields_a_method_would_not_read_are_refused(method, overrides, match):
+  """Settings that would silently do nothing (no k-NN monitor to score eval_split, a frozen
+  probe encoder, a tokenizer without an evaluation) are errors, not ignored."""
+  c = registry.base_config(method)
+  c.update_from_flattened_dict(overrides)
+  with pytest.raises(ConfigError, match=match):
+    validation.check_unread(c, registry.base_config(method),
+                            registry.method_class(method).unread_rules())
+  if method == "mae":  # with the monitor on, it is read
+    c.knn.every_epochs = 1
+    validation.check_unread(c, registry.base_config(method))
+
+
 def test_batch_must_split_over_devices_and_accumulation():
   config = tiny_mae_config(global_batch_size=12, grad_accum_steps=2)
   validation.validate_for_devices(config, batch_parallelism=2, process_count=1)
@@ -171,3 +193,34 @@ def test_malformed_command_lines_fail_fast_naming_the_field(tmp_path, monkeypatc
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert len(MALFORMED) >= 30 and not compiled, compiled
+
+
+def test_encoder_fields_beside_init_from_must_match_the_export(tmp_path, capsys):
+  """An evaluation takes its encoder from init_from; a command-line encoder field that the
+  export would silently replace is an error, one that agrees with it is accepted."""
+  from mim_jax import main
+  from mim_jax.config import defaults as config_defaults
+  from mim_jax.weights import pretrained
+
+  from conftest import export_fresh_encoder
+  c = registry.base_config("finetune")
+  config_defaults.use_fashion_mnist(c)
+  export = export_fresh_encoder(c, str(tmp_path / "mae"))
+  info = pretrained.read_model_info(export)["config"]["model"]
+  base = [f"--config={REPO}/configs/finetune_fmnist.py:runlocal", f"--workdir={tmp_path / 'ft'}",
+          f"--config.init_from={export}"]
+  for flag, field in [("--config.model.width=256", "model.width"),
+                      ("--config.model.variant=S/4", "model.variant"),
+                      ("--config.model.mlp_act=quick_gelu", "model.mlp_act"),
+                      ("--config.channels=3", "channels")]:
+    with pytest.raises(SystemExit) as exit_info:
+      main.cli(["mim_jax.main", *base, flag])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, (flag, err)
+    assert f"config.{field}=" in err and f"init_from={export}" in err, err
+  assert not os.path.exists(tmp_path / "ft")
+  # Values equal to the export's pass the check.
+  asked = {f"model.{k}": info[k] for k in pretrained.SIZE_FIELDS} | {"model.mlp_act": "gelu"}
+  c.init_from = export
+  c.model.update({k[6:]: v for k, v in asked.items()})
+  pretrained.refuse_dropped_overrides(c, asked)

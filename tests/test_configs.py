@@ -5,17 +5,14 @@ from __future__ import annotations
 import glob
 import os
 
-import jax
-import jax.numpy as jnp
 import pytest
 from ml_collections import config_flags
 
 from mim_jax import registry
-from mim_jax.config import defaults as config_defaults
 from mim_jax.config.errors import ConfigError
 from mim_jax.training import loop as train
 
-from conftest import REPO, export_random_tokenizer, tiny_mae_config
+from conftest import REPO, export_fresh_encoder, export_random_tokenizer, tiny_mae_config
 
 CONFIG_FILES = sorted(glob.glob(str(REPO / "configs" / "*.py")))
 
@@ -74,7 +71,7 @@ def teacher_for(tmp_path_factory):
       like = config.copy_and_resolve_references()
       if like.data.source not in ("fashion_mnist", "synthetic"):  # same geometry, no download
         like.data.source = "synthetic"
-      made[key] = _pretrain_like(like, str(tmp_path_factory.mktemp("teacher")))
+      made[key] = export_fresh_encoder(like, str(tmp_path_factory.mktemp("teacher")))
     return made[key]
 
   return make
@@ -177,24 +174,6 @@ def test_finetune_imagenet_sizes_follow_the_official_recipe():
   assert (lp.global_batch_size, lp.num_epochs, lp.optimizer.warmup_epochs) == (16384, 90, 10)
 
 
-def _pretrain_like(config, workdir: str) -> str:
-  """What a finished MAE run on the same images as `config` leaves for evaluations and
-  teachers (workdir/encoder: weights + model.json), with freshly initialised weights: only the
-  initialisation is compiled, not a train step (a ViT-B/16 step costs ~25 s on 2 CPU cores)."""
-  c = registry.base_config("mae")
-  config_defaults.apply_runlocal(c, keep_data=True)
-  c.update(image_size=tuple(config.image_size), channels=config.channels)
-  c.model.variant = config.model.variant
-  c.data.update(source=config.data.source, path=config.data.path, mean=tuple(config.data.mean),
-                std=tuple(config.data.std))
-  if c.data.source != "synthetic":
-    c.data.synthetic_size = registry.base_config("mae").data.synthetic_size
-  registry.validate_config(c)
-  method = registry.build_method(c)
-  images = jnp.zeros((1, *c.image_size, c.channels), jnp.float32)
-  params, extra = jax.jit(method.init)(jax.random.key(0), images)
-  method.export(workdir, *jax.device_get((params, extra)), train._model_info(c))
-  return workdir
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
@@ -203,7 +182,7 @@ def test_runlocal_variant_trains(path, tmp_path, tokenizer_for, teacher_for):
   if config.data.source == "fashion_mnist" and not os.path.isdir(config.data.path):
     pytest.skip("Fashion-MNIST not installed")
   if config.method in ("linprobe", "knn", "probe", "finetune"):
-    config.init_from = _pretrain_like(config, str(tmp_path / "pretrain"))
+    config.init_from = export_fresh_encoder(config, str(tmp_path / "pretrain"))
   if config.method == "beit":
     config.tokenizer.path = tokenizer_for(config)
   _set_teacher(config, teacher_for)

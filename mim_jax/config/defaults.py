@@ -71,14 +71,15 @@ def core_fields(c: ml_collections.ConfigDict) -> None:
                                # (fashion_mnist "test", tfds "validation", image_folder eval_path)
       eval_path="",            # image_folder: folder of the evaluation images (path = train)
   )
-  # Device mesh (training/parallel.py, docs/scaling.md); the batch is split over its data and
-  # fsdp axes. A tuple, so that the command line can override it: --config.mesh='(("fsdp", -1),)'
-  c.mesh = (("data", -1),)
 
 
 def training_fields(c: ml_collections.ConfigDict) -> None:
   """What every method trained by the loop reads: batch, schedule, optimizer, sharding,
   logging, checkpoints and the reliability limits."""
+  # Device mesh (training/parallel.py, docs/scaling.md); the batch is split over its data and
+  # fsdp axes. A tuple, so that the command line can override it: --config.mesh='(("fsdp", -1),)'
+  # (Frozen-feature jobs run on one device and have no mesh.)
+  c.mesh = (("data", -1),)
   c.model.remat = "none"       # per-block activation checkpointing: "none", "full",
                                # "dots_saveable", "nothing_saveable" (models/vit.py)
   c.model.drop_path_rate = 0.0

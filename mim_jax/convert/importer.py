@@ -191,9 +191,10 @@ def _from_hf(tensors: dict[str, Any], hf_config: Optional[dict], posemb: str,
     raise ValueError("HF ViTMAE position embeddings are fixed sin-cos tables; posemb='learn' "
                      "does not apply (fine-tuning makes them learned from the same table)")
   config = hf_config or {}
-  if config.get("hidden_act", "gelu") not in MLP_ACTS:
-    raise ValueError(f"HF config hidden_act={config['hidden_act']!r}: mim_jax's ViT computes "
-                     f"one of {tuple(MLP_ACTS)}")
+  if config.get("hidden_act", "gelu") != "gelu":
+    # One hidden_act covers HF's encoder and decoder; mim_jax's MAE decoder is exact GELU.
+    raise ValueError(f"HF config hidden_act={config['hidden_act']!r}: mim_jax's MAE computes "
+                     "exact GELU ('gelu')")
   if not config.get("qkv_bias", True):
     raise ValueError("HF config qkv_bias=false: mim_jax's ViT has qkv biases")
   eps = config.get("layer_norm_eps", 1e-6)
@@ -209,8 +210,7 @@ def _from_hf(tensors: dict[str, Any], hf_config: Optional[dict], posemb: str,
               num_heads=config.get("num_attention_heads"),
               decoder_num_heads=config.get("decoder_num_attention_heads"),
               mask_ratio=float(config.get("mask_ratio", 0.75)),
-              norm_pix_loss=bool(config.get("norm_pix_loss", False)),
-              mlp_act=config.get("hidden_act", "gelu"))
+              norm_pix_loss=bool(config.get("norm_pix_loss", False)), mlp_act="gelu")
 
 
 def _from_timm(tensors: dict[str, Any], posemb: str, notes: list[str]) -> dict[str, Any]:
@@ -253,7 +253,8 @@ def _has_rel_pos_bias(encoder: dict[str, Any]) -> bool:
 
 
 def _mlp_act(found: dict[str, Any], given: Optional[str], notes: list[str]) -> str:
-  """The MLP activation of the imported blocks: the HF config's hidden_act, or `given`.
+  """The MLP activation of the imported blocks: what the checkpoint records (HF: exact GELU,
+  checked), else `given`.
 
   A timm state dict does not record its activation. For ViTs and BEiTs it is exact GELU; a
   CLIP-style tower (norm_pre) is ambiguous: OpenAI's CLIP weights were trained with QuickGELU,

@@ -44,6 +44,13 @@ class LinearProbe(base.Method):
     classifier_base.validate_scored(config)
 
   @classmethod
+  def unread_rules(cls):
+    # The frozen encoder runs forward only, in inference mode, with no gradient to keep.
+    return [(("model.drop_path_rate", "model.remat"), lambda c: False,
+             "the probe's encoder is frozen (forward only, no stochastic depth, nothing to "
+             "recompute)")]
+
+  @classmethod
   def forward_flops(cls, config):
     encoder = (0.0 if config.classifier.features == "pixels" else
                flops.encoder_flops(config.model, config.image_size, config.channels))

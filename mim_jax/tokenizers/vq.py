@@ -122,6 +122,11 @@ class VQTokenizer(base.Method):
         restart_after=100)     # re-seed codes unused for this many steps (0: never)
 
   @classmethod
+  def unread_rules(cls):
+    return [(("data.eval_split", "data.eval_path"), lambda c: False,
+             "a tokenizer run scores no evaluation split (its pictures use data.split)")]
+
+  @classmethod
   def validate(cls, config):
     validate_tokenizer_fields(config)
     t = config.tokenizer

@@ -2,6 +2,7 @@
 
   encoder_directory(init_from)       the encoder export inside a workdir, or the path itself
   adopt_encoder_config(config)       config with the encoder size/patch of the export
+  refuse_dropped_overrides(config, fields)  an error for command-line encoder fields it replaces
   load_encoder_into(params, ...)     pre-trained weights merged into freshly initialised ones
 """
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from mim_jax import storage
 from mim_jax.config.errors import config_error
-from mim_jax.models.vit import resize_posemb, sincos_2d
+from mim_jax.models.vit import resize_posemb, sincos_2d, size_from_config
 from mim_jax.training import checkpoint
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,42 @@ def adopt_encoder_config(config):
   log.info("encoder from %s: %s (width %s, depth %s), trained on images %s", config.init_from,
            model["variant"], model.get("width"), model.get("depth"), info["image_size"])
   return config
+
+
+def refuse_dropped_overrides(config, overridden) -> None:
+  """Raises ConfigError when the command line set an encoder field that `init_from` decides.
+
+  `adopt_encoder_config` takes the encoder's size, patch, architecture options and channels
+  from the export, so `--config.model.width=256` beside an init_from of another width would
+  otherwise be accepted and silently replaced. `overridden`: the dotted fields set on the
+  command line (ml_collections' override values); a value equal to the export's is fine.
+  """
+  if not is_pretrained(config.init_from):
+    return
+  size_fields = {f"model.{n}" for n in SIZE_FIELDS}
+  arch_fields = {f"model.{n}" for n in ARCH_DEFAULTS} | {"channels"}
+  asked = [f for f in overridden if f in size_fields | arch_fields]
+  if not asked:
+    return
+  adopted = adopt_encoder_config(config)
+  read = lambda c, field: c.channels if field == "channels" else c.model.get(field[6:])
+  def size(c):
+    resolved, patch = size_from_config(c.model)
+    return (f"width {resolved.width}, depth {resolved.depth}, {resolved.num_heads} heads, "
+            f"MLP {resolved.mlp_dim}, patch {patch}"), (resolved, patch)
+  for field in asked:
+    if field in size_fields:  # compare resolved sizes: width=0 means the variant's width
+      if size(config)[1] == size(adopted)[1]:
+        continue
+      theirs, ours = size(adopted)[0], size(config)[0]
+    elif read(config, field) == read(adopted, field):
+      continue
+    else:
+      theirs, ours = f"{field}={read(adopted, field)!r}", f"{field}={read(config, field)!r}"
+    raise config_error(
+        field, read(config, field), f"the encoder in init_from={config.init_from} is {theirs} "
+        f"(this flag asks for {ours})", "An evaluation builds the encoder its weights were "
+        "trained as: drop the flag, or pre-train / import an encoder of the shape you want.")
 
 
 def load_encoder_into(init_params: Any, init_from: str, *, grid_hw: tuple[int, int]) -> Any:
