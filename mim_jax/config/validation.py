@@ -371,6 +371,12 @@ UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
      "scores an evaluation split"),
     (("classifier.probe_layer",), lambda c: c.classifier.get("features") != "pixels",
      "classifier.features='pixels' takes no encoder block"),
+    (("data.subset_seed",), lambda c: c.data.label_fraction < 1 or c.data.holdout > 0,
+     "it draws only a label subset (data.label_fraction < 1) or a holdout (data.holdout > 0)"),
+    (("data.prefetch_buffer_size",), lambda c: c.data.num_workers > 0,
+     "only worker processes (data.num_workers > 0) prefetch"),
+    (("viz_num_images", "viz_channels"), lambda c: c.viz_every > 0,
+     "pictures are off (viz_every=0)"),
 ]
 
 

@@ -40,7 +40,7 @@ import numpy as np
 
 from mim_jax.config import defaults
 from mim_jax.objectives import masking
-from mim_jax.weights import continuation
+from mim_jax.weights import continuation, pretrained
 
 Params = Any
 Extra = Any
@@ -223,6 +223,12 @@ class Job(Method):
   def add_config(cls, c):
     defaults.core_fields(c)
     defaults.init_from_field(c)
+
+  @classmethod
+  def unread_rules(cls):
+    return [(("seed",), lambda c: c.init_from == pretrained.RANDOM,
+             "frozen-feature jobs are deterministic; only the random-encoder baseline "
+             "(init_from='random') draws its weights with it")]
 
   @classmethod
   def run(cls, config, workdir: str) -> dict:
