@@ -12,8 +12,9 @@ blockwise masking of 40% of the 7x7 grid (blocks of at least 4 patches), as in
 configs/maskfeat_fmnist.py; each target with its paper's loss (`target.loss=''`). `target=`
 picks the kind (pixels, norm_pixels (default), hog, tokens, teacher_features) and its
 Fashion-MNIST settings: HOG over 4x4-px cells (one per patch) with a 4-px Gaussian window, a
-tokenizer of 512 codes (configs/beit_tokenizer_fmnist.py). Further arguments: `variant=SIZE/4`,
-`runlocal`.
+tokenizer of 512 codes (configs/beit_tokenizer_fmnist.py). `masking=random75` replaces the
+blockwise masks by 75% of the patches at random (the study's second masking). Further
+arguments: `variant=SIZE/4`, `runlocal`.
 """
 
 from mim_jax import recipes, registry
@@ -21,10 +22,17 @@ from mim_jax.config import defaults as config_defaults
 
 
 def get_config(arg=None):
-  args = config_defaults.parse_arg(arg, allowed=("target", "variant", "runlocal"))
+  args = config_defaults.parse_arg(arg, allowed=("target", "masking", "variant", "runlocal"))
   c = registry.base_config("mim")
   c.target.kind = str(args.pop("target", "norm_pixels"))
-  c.masking.update(kind="blockwise", ratio=0.4, min_block=4, min_aspect=0.3)
+  masking = str(args.pop("masking", "blockwise"))
+  if masking == "blockwise":
+    c.masking.update(kind="blockwise", ratio=0.4, min_block=4, min_aspect=0.3)
+  elif masking == "random75":
+    c.masking.update(kind="random", ratio=0.75)
+  else:
+    raise ValueError(f"configs/mim_fmnist.py: masking={masking!r}: expected blockwise or "
+                     "random75")
   if c.target.kind == "hog":
     c.target.hog.update(cell_size=4, num_bins=9, gradient="sobel", gaussian_window=4)
   if c.target.kind == "tokens":

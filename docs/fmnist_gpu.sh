@@ -9,6 +9,8 @@
 #   bash docs/fmnist_gpu.sh [ROOT=workdirs/fmnist_gpu]
 #
 # On a CPU it runs too (slowly): e.g. MAE_EPOCHS=1 FT_EPOCHS=1 TUNE_EPOCHS=1 SEEDS=0 to try it.
+# Its TRAIN_FLAGS suit the default SECTIONS; for `methods` with iBOT drop
+# --config.data.augment_on=device from them (iBOT's multi-crop views are cut on the host).
 set -u
 cd "$(dirname "$0")/.."
 ROOT=${1:-workdirs/fmnist_gpu}

@@ -69,9 +69,12 @@ has() { [[ " $SECTIONS " == *" $1 "* ]]; }
 holdout=(--config.data.holdout=5000 --config.data.eval_split=holdout)
 pretrain() {  # NAME METHOD EPOCHS [overrides]: pre-training with k-NN on the held-out split
   local name=$1 method=$2 epochs=$3; shift 3
+  local monitor=("${holdout[@]}" --config.knn.every_epochs="$KNN_EVERY")
+  # KNN_EVERY=0: no monitor, so no split to score (the same 55,000 training images).
+  [ "$KNN_EVERY" = 0 ] && monitor=(--config.data.holdout=5000)
   run "$name" --config=configs/${method}_fmnist.py --config.num_epochs="$epochs" \
       --config.optimizer.warmup_epochs="$(python -c "print($epochs / 10)")" \
-      "${holdout[@]}" --config.knn.every_epochs="$KNN_EVERY" "${TRAIN[@]}" "$@"
+      "${monitor[@]}" "${TRAIN[@]}" "$@"
 }
 probe() { run "$1" --config=configs/linprobe_fmnist.py "${@:2}"; }
 ft() {
@@ -139,8 +142,10 @@ if has lowlabel; then
 fi
 
 tokenizer() {
-  run beit_tokenizer --config=configs/beit_tokenizer_fmnist.py "${holdout[@]}" \
-      --config.num_epochs=10 --config.optimizer.warmup_epochs=1 "${TRAIN[@]}"
+  # The same training images (holdout left out); a tokenizer scores no evaluation split and
+  # takes no TRAIN_FLAGS (its convolutional model has no dtype or attention settings).
+  run beit_tokenizer --config=configs/beit_tokenizer_fmnist.py --config.data.holdout=5000 \
+      --config.num_epochs=10 --config.optimizer.warmup_epochs=1
 }
 
 if has methods; then
@@ -171,8 +176,8 @@ fi
 if has study; then
   for masking in $STUDY_MASKINGS; do
     case $masking in  # blockwise 0.4 is configs/mim_fmnist.py's own
-      blockwise) suffix=""; mask=() ;;
-      random75) suffix="_random75"; mask=(--config.masking.kind=random --config.masking.ratio=0.75) ;;
+      blockwise) suffix="" ;;
+      random75) suffix="_random75" ;;
       *) echo "STUDY_MASKINGS: unknown '$masking' (blockwise, random75)"; exit 1 ;;
     esac
     for target in $TARGETS; do
@@ -182,11 +187,10 @@ if has study; then
         teacher_features) extra=(--config.target.teacher.path="$MAE") ;;
       esac
       name="study_$target$suffix"
-      run "$name" --config=configs/mim_fmnist.py:target="$target" \
+      run "$name" --config=configs/mim_fmnist.py:target="$target",masking="$masking" \
           --config.num_epochs="$STUDY_EPOCHS" \
           --config.optimizer.warmup_epochs="$(python -c "print($STUDY_EPOCHS / 10)")" \
-          "${holdout[@]}" --config.knn.every_epochs="$STUDY_EPOCHS" "${TRAIN[@]}" "${mask[@]}" \
-          "${extra[@]}"
+          "${holdout[@]}" --config.knn.every_epochs="$STUDY_EPOCHS" "${TRAIN[@]}" "${extra[@]}"
       run "knn_$name" --config=configs/knn_fmnist.py --config.init_from="$ROOT/$name"
     done
   done

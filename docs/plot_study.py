@@ -6,7 +6,7 @@ run scored at its end (the number the study's choices may rest on).
 
 Reads ROOT/knn_study_TARGET[_random75]/results.json (test split), the last k-NN row of
 ROOT/study_TARGET[_random75]/metrics.jsonl (held-out split), ROOT/study_*.seconds and
-ROOT/probe_pixels/results.json (raw pixels' test k-NN); prints the markdown table of
+ROOT/probe_pixels/results.json (raw pixels' test k-NN, if there); prints the markdown table of
 docs/results.md and writes the bar chart. Runs not finished yet are left out of both.
 """
 
@@ -63,7 +63,8 @@ def markdown(rows: list[dict], pixels: float) -> str:
     lines.append(f"| {r['masking']} | {r['target']} | {fmt(r['test_gap'])} / "
                  f"{fmt(r['test_cls'])} | {fmt(r['holdout_gap'])} / {fmt(r['holdout_cls'])} | "
                  f"{'–' if r['seconds'] is None else str(r['seconds']) + ' s'} |")
-  lines.append(f"| – | raw pixels | {pixels:.2f} | | |")
+  if pixels is not None:
+    lines.append(f"| – | raw pixels | {pixels:.2f} | | |")
   return "\n".join(lines)
 
 
@@ -71,7 +72,9 @@ def main(root: str, out: str) -> None:
   rows = study_rows(root)
   if not rows:
     raise SystemExit(f"no finished study runs under {root} (knn_study_*/results.json)")
-  pixels = 100 * _json(os.path.join(root, "probe_pixels", "results.json"))["knn_top1_pixels"]
+  pixels_path = os.path.join(root, "probe_pixels", "results.json")
+  pixels = (100 * _json(pixels_path)["knn_top1_pixels"] if os.path.isfile(pixels_path)
+            else None)
   print(markdown(rows, pixels))
   maskings = [m for m in MASKINGS.values() if any(r["masking"] == m for r in rows)]
   fig, ax = plt.subplots(figsize=(8, 3.4), dpi=120)
@@ -81,8 +84,9 @@ def main(root: str, out: str) -> None:
     xs = [t for t in range(len(TARGETS)) if TARGETS[t] in by_target]
     ax.bar([x + (i - (len(maskings) - 1) / 2) * width for x in xs],
            [by_target[TARGETS[x]]["test_gap"] for x in xs], width, label=masking)
-  ax.axhline(pixels, color="gray", linestyle=":", label="raw pixels")
-  values = [r["test_gap"] for r in rows] + [pixels]
+  if pixels is not None:
+    ax.axhline(pixels, color="gray", linestyle=":", label="raw pixels")
+  values = [r["test_gap"] for r in rows] + ([pixels] if pixels is not None else [])
   ax.set_ylim(min(values) - 3, max(values) + 1.5)
   ax.set_xticks(range(len(TARGETS)), [t.replace("_", " ") for t in TARGETS])
   ax.set_ylabel("k-NN top-1, test (%)\nmean of patch tokens")

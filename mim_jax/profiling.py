@@ -125,6 +125,7 @@ def profile_torch(run_step: Callable[[], None], steps: int, top: int = 15) -> di
   """`profile` for a PyTorch step: self time per operator from torch.profiler (CPU time on a
   CPU, CUDA kernel time on a GPU), in the same categories, per step."""
   import torch
+  from torch.autograd import DeviceType
   from torch.profiler import ProfilerActivity
   cuda = torch.cuda.is_available()
   activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -134,6 +135,10 @@ def profile_torch(run_step: Callable[[], None], steps: int, top: int = 15) -> di
   categories = dict.fromkeys(CATEGORIES, 0.0)
   rows = []
   for event in prof.key_averages():
+    # On a GPU the kernels appear twice: as their own CUDA rows and as the device time of the
+    # operator that launched them; the operator rows are kept (their names categorise).
+    if cuda and event.device_type != DeviceType.CPU:
+      continue
     # Self time only: an operator's children are counted under their own names.
     us = event.self_device_time_total if cuda else event.self_cpu_time_total
     if us <= 0 or event.key.startswith(("ProfilerStep", "autograd::engine")):

@@ -217,10 +217,12 @@ def test_tpu_bad_name_and_unknown_argument():
 RESULTS = REPO / "docs" / "fmnist_results.sh"
 GPU_RESULTS = REPO / "docs" / "fmnist_gpu.sh"
 
-# Stands in for `python -m mim_jax.main`: logs the call and leaves what a finished run leaves
-# (config.json with the held-out split, results.json); every other python call is the real one.
+# Stands in for `python -m mim_jax.main`: logs its arguments (tab-separated, one call per line)
+# and leaves what a finished run leaves (config.json with the held-out split, results.json);
+# every other python call is the real one.
 _MAIN_STUB = """
 if [ "$1 $2" = "-m mim_jax.main" ]; then
+  printf '%%s\\t' "${@:3}" >> "$MAIN_CALLS"; echo >> "$MAIN_CALLS"
   for a in "$@"; do
     case $a in --workdir=*) w=${a#--workdir=}; mkdir -p "$w"
       echo '{"data": {"eval_split": "holdout"}}' > "$w/config.json"
@@ -232,47 +234,88 @@ exec %s "$@"
 """
 
 
-def _results_calls(tmp_path, script, **env) -> list[str]:
+def _results_calls(tmp_path, script, **env) -> list[list[str]]:
+  """The argument lists of every `python -m mim_jax.main` the script runs, in order."""
   import sys
+  calls = tmp_path / "main_calls.log"
   stub_env = _fake_bin(tmp_path, "python", _MAIN_STUB % sys.executable)
-  out = _bash(script, str(tmp_path / "root"), env=dict(stub_env, **env))
+  out = _bash(script, str(tmp_path / "root"),
+              env=dict(stub_env, MAIN_CALLS=str(calls), **env))
   assert out.returncode == 0, out.stdout + out.stderr
-  return [c for c in (tmp_path / "calls.log").read_text().splitlines()
-          if c.startswith("-m mim_jax.main")]
+  return [line.rstrip("\t").split("\t") for line in calls.read_text().splitlines()]
+
+
+def _unread_settings(args: list[str]) -> None:
+  """Loads the config a logged command line describes and applies the checks that refuse
+  settings the run would not read (what the stand-in trainer cannot notice)."""
+  from absl import flags
+
+  from mim_jax import main, registry
+  from mim_jax.config import validation
+  flag_values = flags.FlagValues()
+  argv = ["mim_jax.main", *args]
+  main.define_flags(flag_values, argv)
+  flag_values(argv)
+  config = flag_values.config
+  validation.check_unread(config, registry.base_config(config.method),
+                          registry.method_class(config.method).unread_rules())
 
 
 def test_results_script_passes_train_flags_to_training_runs_only(tmp_path):
   calls = _results_calls(tmp_path, RESULTS, SECTIONS="pretrain_mae probe_mae tune_mae",
                          TRAIN_FLAGS="--config.a=1 --config.b=2\n--config.c=3")
   pretrain, probe, *tunes = calls
-  assert "--config.num_epochs=50 " in pretrain and "--config.optimizer.warmup_epochs=5.0" in pretrain
-  assert probe.startswith("-m mim_jax.main --config=configs/linprobe_fmnist.py")
+  assert "--config.num_epochs=50" in pretrain
+  assert "--config.optimizer.warmup_epochs=5.0" in pretrain
+  assert probe[0] == "--config=configs/linprobe_fmnist.py"
   assert len(tunes) == 4
-  for call in (pretrain, *tunes):  # every flag, also those on a second line
-    assert "--config.a=1 --config.b=2 --config.c=3" in call
+  for call in (pretrain, *tunes):  # every flag its own argument, also those on a second line
+    first = call.index("--config.a=1")
+    assert call[first:first + 3] == ["--config.a=1", "--config.b=2", "--config.c=3"], call
   assert "--config.a=1" not in probe
   # A second run skips what finished.
   assert _results_calls(tmp_path, RESULTS, SECTIONS="pretrain_mae probe_mae") == calls
 
 
+def test_results_script_command_lines_are_valid_configs(tmp_path, monkeypatch):
+  """The real pre-training and k-NN command lines load and pass the unread-field checks
+  (monitor on and off)."""
+  monkeypatch.chdir(REPO)
+  for knn_every in ("5", "0"):
+    root = tmp_path / f"knn{knn_every}"
+    root.mkdir()
+    calls = _results_calls(root, RESULTS, SECTIONS="pretrain_mae probe_mae",
+                           KNN_EVERY=knn_every)
+    assert ("--config.knn.every_epochs=5" in calls[0]) == (knn_every == "5")
+    for call in calls:
+      _unread_settings(call)
+
+
 def test_gpu_results_script_sets_the_device_flags(tmp_path):
   calls = _results_calls(tmp_path, GPU_RESULTS, SECTIONS="pretrain_mae")
   assert len(calls) == 1
-  assert "--config.num_epochs=200 " in calls[0]
+  assert "--config.num_epochs=200" in calls[0]
   for flag in ("--config.model.dtype=bfloat16", "--config.data.augment_on=device",
                "--config.data.num_workers=4"):
     assert flag in calls[0]
 
 
-def test_results_script_runs_the_study_under_both_maskings(tmp_path):
-  calls = _results_calls(tmp_path, RESULTS, SECTIONS="study", TARGETS="pixels teacher_features")
-  names = [c.split("--workdir=")[-1].rsplit("/", 1)[-1] for c in calls]
-  assert names == ["study_pixels", "knn_study_pixels", "study_teacher_features",
-                   "knn_study_teacher_features", "study_pixels_random75",
-                   "knn_study_pixels_random75", "study_teacher_features_random75",
-                   "knn_study_teacher_features_random75"]
+def test_results_script_runs_the_study_under_both_maskings(tmp_path, monkeypatch):
+  monkeypatch.chdir(REPO)
+  calls = _results_calls(tmp_path, RESULTS, SECTIONS="study")
+  names = [c[-1].rsplit("/", 1)[-1] for c in calls]
+  targets = ["pixels", "norm_pixels", "hog", "tokens", "teacher_features"]
+  expected = []
+  for suffix in ("", "_random75"):
+    for target in targets:
+      if target == "tokens" and not suffix:
+        expected.append("beit_tokenizer")  # trained once, before its first reader
+      expected += [f"study_{target}{suffix}", f"knn_study_{target}{suffix}"]
+  assert names == expected
   for call, name in zip(calls, names):
-    random = "--config.masking.kind=random --config.masking.ratio=0.75" in call
-    assert random == (name.startswith("study_") and name.endswith("_random75"))
+    if name.startswith("study_"):
+      masking = "random75" if name.endswith("_random75") else "blockwise"
+      assert call[0].endswith(f",masking={masking}"), call
     if name.startswith("study_teacher"):
       assert f"--config.target.teacher.path={tmp_path}/root/mae_e50" in call
+    _unread_settings(call)  # every command line is a config the run reads in full

@@ -365,7 +365,7 @@ UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
      "only data.source='tfds' reads it"),
     (("data.synthetic_size",), lambda c: c.data.source == "synthetic",
      "only data.source='synthetic' reads it"),
-    (("knn.k", "knn.temperature", "data.eval_split"),
+    (("knn.k", "knn.temperature", "data.eval_split", "data.eval_path"),
      lambda c: "every_epochs" not in c.knn or c.knn.every_epochs > 0,
      "the k-NN monitor is off (knn.every_epochs=0), and nothing else of a pre-training run "
      "scores an evaluation split"),

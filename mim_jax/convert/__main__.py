@@ -125,11 +125,16 @@ def _inspect(args) -> None:
   for name, value in loaded.tensors.items():
     print(f"  {name}: {tuple(value.shape)} {value.dtype}")
   try:
+    # mlp_act only fills in what a state dict cannot record (shapes do not depend on it);
+    # `import` asks for it where it matters (CLIP-style towers).
     model = import_state_dict(loaded.tensors, hf_config=loaded.hf_config, num_heads=1,
-                              decoder_num_heads=1)
+                              decoder_num_heads=1, mlp_act="gelu")
     print(f"imports as {model.source_format}: parts {sorted(model.params)}, "
           f"width {model.width}, depth {model.depth}, patch {model.patch_size}, "
           f"images {model.image_size}, positions {model.posemb}")
+    if "norm_pre" in model.encoder:
+      print("  a CLIP-style tower: `import` needs --mlp_act (quick_gelu for OpenAI CLIP, gelu "
+            "for LAION / OpenCLIP)")
   except ValueError as e:
     print(f"does not import: {e}")
 

@@ -264,8 +264,8 @@ def _mlp_act(found: dict[str, Any], given: Optional[str], notes: list[str]) -> s
   recorded = found.get("mlp_act")
   if recorded is not None:
     if given is not None and given != recorded:
-      raise ValueError(f"mlp_act={given!r}, but the checkpoint's config says hidden_act="
-                       f"{recorded!r}")
+      raise ValueError(f"mlp_act={given!r} does not apply: {found['source_format']} "
+                       f"checkpoints import with {recorded!r} MLPs")
     return recorded
   if given is not None:
     if given != "gelu":
