@@ -59,7 +59,6 @@ def test_invalid_config_names_field_value_and_allowed(overrides, match):
     ("finetune", {"data.subset_seed": 1}, r"data.subset_seed=1 is not used"),
     ("mae", {"data.num_workers": 0, "data.prefetch_buffer_size": 8},
      r"data.prefetch_buffer_size=8 is not used"),
-    ("simmim", {"viz_every": 0, "viz_num_images": 4}, r"viz_num_images=4 is not used"),
 ])
 def test_fields_a_method_would_not_read_are_refused(method, overrides, match):
   """Settings that would silently do nothing (no k-NN monitor to score eval_split, a frozen
@@ -71,8 +70,7 @@ def test_fields_a_method_would_not_read_are_refused(method, overrides, match):
                             registry.method_class(method).unread_rules())
   # With the setting that reads them, the same values are fine.
   reading = {"mae": {"knn.every_epochs": 1, "data.num_workers": 2},
-             "knn": {"init_from": "random"}, "finetune": {"data.holdout": 100},
-             "simmim": {"viz_every": 5}}
+             "knn": {"init_from": "random"}, "finetune": {"data.holdout": 100}}
   if method in reading:
     c.update_from_flattened_dict(reading[method])
     validation.check_unread(c, registry.base_config(method),

@@ -375,8 +375,6 @@ UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
      "it draws only a label subset (data.label_fraction < 1) or a holdout (data.holdout > 0)"),
     (("data.prefetch_buffer_size",), lambda c: c.data.num_workers > 0,
      "only worker processes (data.num_workers > 0) prefetch"),
-    (("viz_num_images", "viz_channels"), lambda c: c.viz_every > 0,
-     "pictures are off (viz_every=0)"),
 ]
 
 
