@@ -132,7 +132,6 @@ def profile_torch(run_step: Callable[[], None], steps: int, top: int = 15) -> di
   with torch.profiler.profile(activities=activities) as prof:
     for _ in range(steps):
       run_step()
-  categories = dict.fromkeys(CATEGORIES, 0.0)
   rows = []
   for event in prof.key_averages():
     # On a GPU the kernels appear twice: as their own CUDA rows and as the device time of the
@@ -143,15 +142,9 @@ def profile_torch(run_step: Callable[[], None], steps: int, top: int = 15) -> di
     us = event.self_device_time_total if cuda else event.self_cpu_time_total
     if us <= 0 or event.key.startswith(("ProfilerStep", "autograd::engine")):
       continue
-    category = torch_category(event.key)
-    ms = us / 1e3 / steps
-    categories[category] += ms
-    rows.append({"kernel": event.key, "ms": round(ms, 3), "category": category,
-                 "calls": event.count // steps})
-  rows.sort(key=lambda r: -r["ms"])
-  return {"steps": steps, "kernel_ms_per_step": round(sum(categories.values()), 3),
-          "categories": {k: round(v, 3) for k, v in categories.items()},
-          "top_kernels": rows[:top]}
+    rows.append({"kernel": event.key, "ms": us / 1e3 / steps,
+                 "category": torch_category(event.key), "calls": event.count // steps})
+  return _summary(rows, steps, top)
 
 
 def _event_instruction(event) -> str:
@@ -185,15 +178,21 @@ def profile(run_step: Callable[[], None], compiled_text: str, steps: int, trace_
         name = _event_instruction(event)
         if name in instrs:
           per_instr[name] += event.duration_ns
-  categories = dict.fromkeys(CATEGORIES, 0.0)
   rows = []
   for name, ns in per_instr.items():
     category, op_name = categorize(name, instrs, comps)
-    ms = ns / 1e6 / steps
-    categories[category] += ms
-    rows.append({"kernel": name, "ms": round(ms, 3), "category": category,
+    rows.append({"kernel": name, "ms": ns / 1e6 / steps, "category": category,
                  "op_name": op_name[-120:]})
-  rows.sort(key=lambda r: -r["ms"])
+  return _summary(rows, steps, top)
+
+
+def _summary(rows: list[dict], steps: int, top: int) -> dict:
+  """Per-step totals by category and the `top` kernels of `rows` (each with "ms" per step and
+  "category"), as `profile` and `profile_torch` return them."""
+  categories = dict.fromkeys(CATEGORIES, 0.0)
+  for row in rows:
+    categories[row["category"]] += row["ms"]
+  rows = sorted(({**r, "ms": round(r["ms"], 3)} for r in rows), key=lambda r: -r["ms"])
   return {"steps": steps, "kernel_ms_per_step": round(sum(categories.values()), 3),
           "categories": {k: round(v, 3) for k, v in categories.items()},
           "top_kernels": rows[:top]}

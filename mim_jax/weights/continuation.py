@@ -61,15 +61,6 @@ class Report:
             "schedules start fresh")
 
 
-def _source_model_config(info: dict) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(info["config"]["model"])
-
-
-def _describe(size, patch: int, channels: int) -> str:
-  return (f"patch {patch}, width {size.width}, depth {size.depth}, {size.num_heads} heads, "
-          f"MLP {size.mlp_dim}, {channels} channel(s)")
-
-
 def check_source_fits(config) -> None:
   """Raises ConfigError (naming init_from, both encoders and the flags to set) unless the
   configured encoder has the source's size, patch and channels. Reads only model metadata."""
@@ -79,27 +70,27 @@ def check_source_fits(config) -> None:
     raise config_error("init_from", config.init_from,
                        "a training workdir, an export directory or an imported checkpoint "
                        "(python -m mim_jax.convert import ...)", str(e)) from None
-  src_model_cfg = _source_model_config(info)
-  for name, off in pretrained.ARCH_DEFAULTS.items():
-    theirs, ours = src_model_cfg.get(name, off), config.model.get(name, off)
-    if theirs != ours:
+  mismatches = pretrained.encoder_mismatches(config.model, config.channels, info)
+  for name in pretrained.ARCH_DEFAULTS:
+    if f"model.{name}" in mismatches:
+      ours, theirs = mismatches[f"model.{name}"]
       raise config_error(
           f"model.{name}", ours, f"the source's value {theirs!r} (init_from={config.init_from})",
           f"Continued pre-training keeps the source's architecture: set "
           f"--config.model.{name}={theirs}.")
-  src_size, src_patch = size_from_config(src_model_cfg)
-  size, patch = size_from_config(config.model)
-  src_channels = int(info["channels"])
-  if (src_size, src_patch, src_channels) != (size, patch, config.channels):
-    src_model = info["config"]["model"]
-    flags = (f"--config.model.variant={src_model['variant']} "
+  if "size" in mismatches or "channels" in mismatches:
+    (size, patch), (src_size, src_patch) = size_from_config(config.model), size_from_config(
+        ml_collections.ConfigDict(info["config"]["model"]))
+    src_channels = int(info["channels"])
+    flags = (f"--config.model.variant={info['config']['model']['variant']} "
              + " ".join(f"--config.model.{k}={getattr(src_size, k)}"
                         for k in ("width", "depth", "num_heads", "mlp_dim"))
              + f" --config.channels={src_channels}")
     raise config_error(
         "init_from", config.init_from,
-        f"weights whose encoder fits the configured one ({_describe(size, patch, config.channels)}); "
-        f"the source's encoder has {_describe(src_size, src_patch, src_channels)}",
+        "weights whose encoder fits the configured one "
+        f"({pretrained.describe_encoder(size, patch, config.channels)}); the source's encoder "
+        f"has {pretrained.describe_encoder(src_size, src_patch, src_channels)}",
         f"Continued pre-training keeps the source's architecture: set {flags}.")
 
 

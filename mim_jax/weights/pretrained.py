@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from mim_jax import storage
@@ -87,6 +88,31 @@ def adopt_encoder_config(config):
   return config
 
 
+def describe_encoder(size, patch: int, channels: int | None = None) -> str:
+  """"patch 16, width 768, depth 12, 12 heads, MLP 3072[, 3 channel(s)]" (error messages)."""
+  text = (f"patch {patch}, width {size.width}, depth {size.depth}, {size.num_heads} heads, "
+          f"MLP {size.mlp_dim}")
+  return text if channels is None else f"{text}, {channels} channel(s)"
+
+
+def encoder_mismatches(model_cfg, channels: int, info: dict) -> dict[str, tuple[Any, Any]]:
+  """Where the configured encoder differs from the one model.json `info` describes, as
+  {key: (ours, theirs)}: "model.<option>" for the ARCH_DEFAULTS options (their values),
+  "size" for the size and patch ((ViTSize, patch) pairs), "channels"."""
+  source = ml_collections.ConfigDict(info["config"]["model"])
+  found = {}
+  for name, off in ARCH_DEFAULTS.items():
+    ours, theirs = model_cfg.get(name, off), source.get(name, off)
+    if ours != theirs:
+      found[f"model.{name}"] = (ours, theirs)
+  ours, theirs = size_from_config(model_cfg), size_from_config(source)
+  if ours != theirs:
+    found["size"] = (ours, theirs)
+  if int(channels) != int(info["channels"]):
+    found["channels"] = (int(channels), int(info["channels"]))
+  return found
+
+
 def refuse_dropped_overrides(config, overridden) -> None:
   """Raises ConfigError when the command line set an encoder field that `init_from` decides.
 
@@ -98,27 +124,24 @@ def refuse_dropped_overrides(config, overridden) -> None:
   if not is_pretrained(config.init_from):
     return
   size_fields = {f"model.{n}" for n in SIZE_FIELDS}
-  arch_fields = {f"model.{n}" for n in ARCH_DEFAULTS} | {"channels"}
-  asked = [f for f in overridden if f in size_fields | arch_fields]
-  if not asked:
-    return
-  adopted = adopt_encoder_config(config)
-  read = lambda c, field: c.channels if field == "channels" else c.model.get(field[6:])
-  def size(c):
-    resolved, patch = size_from_config(c.model)
-    return (f"width {resolved.width}, depth {resolved.depth}, {resolved.num_heads} heads, "
-            f"MLP {resolved.mlp_dim}, patch {patch}"), (resolved, patch)
-  for field in asked:
-    if field in size_fields:  # compare resolved sizes: width=0 means the variant's width
-      if size(config)[1] == size(adopted)[1]:
-        continue
-      theirs, ours = size(adopted)[0], size(config)[0]
-    elif read(config, field) == read(adopted, field):
+  keys = {"size", "channels"} | {f"model.{n}" for n in ARCH_DEFAULTS}
+  mismatches = None
+  for field in overridden:
+    key = "size" if field in size_fields else field
+    if key not in keys:
       continue
+    if mismatches is None:
+      mismatches = encoder_mismatches(config.model, config.channels,
+                                      read_model_info(config.init_from))
+    if key not in mismatches:
+      continue
+    ours, theirs = mismatches[key]
+    if key == "size":  # width=0 means the variant's width: compare the resolved sizes
+      ours, theirs = describe_encoder(*ours), describe_encoder(*theirs)
     else:
-      theirs, ours = f"{field}={read(adopted, field)!r}", f"{field}={read(config, field)!r}"
+      ours, theirs = f"{key}={ours!r}", f"{key}={theirs!r}"
     raise config_error(
-        field, read(config, field), f"the encoder in init_from={config.init_from} is {theirs} "
+        field, overridden[field], f"the encoder in init_from={config.init_from} is {theirs} "
         f"(this flag asks for {ours})", "An evaluation builds the encoder its weights were "
         "trained as: drop the flag, or pre-train / import an encoder of the shape you want.")
 
