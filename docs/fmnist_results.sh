@@ -28,6 +28,8 @@
 # TRAIN_FLAGS (space-separated --config.x=y) are added to every training run (pre-training,
 # tuning, fine-tuning; not the frozen-feature probes), e.g. for a GPU (docs/fmnist_gpu.sh);
 # KNN_EVERY (5) sets the epochs between k-NN scores of a pre-training run.
+# `python docs/fmnist_tools.py summary ROOT` tabulates every finished run (scores, split, wall
+# time) and the seed means +- std.
 # Hyper-parameters are chosen on 5,000 held-out training images (data.holdout,
 # eval_split=holdout), never on the test set; test numbers come from the final runs only.
 set -u

@@ -8,6 +8,10 @@
   python docs/fmnist_tools.py matched_epochs PRETRAIN_WORKDIR FT_EPOCHS
       FT_EPOCHS plus the epochs of supervised fine-tuning that cost the pre-training's model
       FLOPs (images seen x training FLOPs per image), rounded
+  python docs/fmnist_tools.py summary ROOT
+      every finished run under ROOT as a markdown table (k-NN, probe and fine-tuning accuracy
+      with the split each was scored on, wall time from ROOT/NAME.seconds), then the runs
+      that differ only by seed (NAME_sK) as mean +- sample std over their seeds
   python docs/fmnist_tools.py sklearn_pixels OUT_JSON [DATA_DIR]
       the reference the converged linear probe is held to: scikit-learn's multinomial logistic
       regression (lbfgs, 300 iterations, default C) on standardised raw pixels, all 60,000
@@ -34,21 +38,96 @@ GRID = {
 
 
 def pick(root: str, prefix: str) -> list[str]:
-  scores = {}
+  scores, missing = {}, []
   for suffix in GRID:
     path = os.path.join(root, f"{prefix}_{suffix}", "results.json")
-    if os.path.isfile(path):
-      with open(path) as f:
-        results = json.load(f)
-      config = _config(os.path.join(root, f"{prefix}_{suffix}"))
-      if config.data.eval_split != "holdout":
-        raise SystemExit(f"{path} was not scored on the held-out split")
-      scores[suffix] = results["eval_accuracy"]
-  if not scores:
-    raise SystemExit(f"no finished tuning runs {root}/{prefix}_*")
+    if not os.path.isfile(path):
+      missing.append(path)
+      continue
+    with open(path) as f:
+      results = json.load(f)
+    config = _config(os.path.join(root, f"{prefix}_{suffix}"))
+    if config.data.eval_split != "holdout":
+      raise SystemExit(f"{path} was not scored on the held-out split")
+    scores[suffix] = results["eval_accuracy"]
+  if missing:  # a choice from part of the grid would be a different experiment
+    raise SystemExit(f"the tuning grid {prefix}_* is not finished: no {', '.join(missing)}")
   best = max(scores, key=lambda s: (scores[s], -list(GRID).index(s)))
   print(f"{prefix}: held-out accuracy {scores}; chose {best}", file=sys.stderr)
   return GRID[best]
+
+
+def _row(root: str, name: str) -> dict | None:
+  """One finished run's scores (fractions), the split they were measured on and its wall
+  seconds; None if ROOT/NAME is not a finished run (no results.json, no exported encoder)."""
+  workdir = os.path.join(root, name)
+  path = os.path.join(workdir, "results.json")
+  if os.path.isfile(path):
+    with open(path) as f:
+      r = json.load(f)
+  elif os.path.isfile(os.path.join(workdir, "encoder", "model.json")):
+    r = {"method": _config(workdir).get("method", "?")}  # pre-training without a monitor
+  else:
+    return None
+  row = {"name": name, "method": r.get("method", "?"), "split": r.get("eval_split")}
+  if row["split"] is None and any(k.startswith("knn_") for k in r):  # pre-training's monitor
+    row["split"] = _config(workdir).data.get("eval_split")
+  for key in ("knn_top1_cls", "knn_top1_gap", "knn_top1_pixels", "probe_top1_cls",
+              "probe_top1_gap", "probe_top1_pixels"):
+    if key in r:
+      row[key] = r[key]
+  if "eval_accuracy" in r:  # fine-tuning: the split is the run's data.eval_split
+    row["finetune"] = r["eval_accuracy"]
+    row["split"] = _config(workdir).data.get("eval_split", "test")
+  seconds = os.path.join(root, f"{name}.seconds")
+  if os.path.isfile(seconds):
+    with open(seconds) as f:
+      row["seconds"] = int(f.read().strip())
+  return row
+
+
+def _pct(value) -> str:
+  return "" if value is None else f"{100 * value:.2f}"
+
+
+def _pair(row: dict, kind: str) -> str:
+  """'cls / mean' for an encoder, the single pixel score for raw pixels."""
+  if f"{kind}_top1_pixels" in row:
+    return _pct(row[f"{kind}_top1_pixels"]) + " (pixels)"
+  if f"{kind}_top1_cls" not in row and f"{kind}_top1_gap" not in row:
+    return ""
+  return f"{_pct(row.get(f'{kind}_top1_cls'))} / {_pct(row.get(f'{kind}_top1_gap'))}"
+
+
+def _wall(seconds) -> str:
+  if seconds is None:
+    return ""
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+      f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def summary(root: str) -> str:
+  """Markdown: one row per finished run, then mean +- sample std over seeds (NAME_sK)."""
+  import re
+  import statistics
+  rows = [r for name in sorted(os.listdir(root)) if (r := _row(root, name)) is not None]
+  lines = ["| run | protocol | split | k-NN cls / mean | probe cls / mean | fine-tuning | wall |",
+           "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['name']} | {r['method']} | {r['split'] or ''} | {_pair(r, 'knn')} | "
+                 f"{_pair(r, 'probe')} | {_pct(r.get('finetune'))} | {_wall(r.get('seconds'))} |")
+  groups: dict[str, list[float]] = {}
+  for r in rows:
+    m = re.fullmatch(r"(.+)_s\d+", r["name"])
+    if m and "finetune" in r and r["split"] == "test":
+      groups.setdefault(m.group(1), []).append(r["finetune"])
+  if groups:
+    lines += ["", "| runs | seeds | fine-tuning, test: mean +- std |", "|---|---|---|"]
+    for prefix, accs in groups.items():
+      std = statistics.stdev(accs) if len(accs) > 1 else float("nan")
+      lines.append(f"| {prefix}_s* | {len(accs)} | {100 * statistics.mean(accs):.2f} +- "
+                   f"{100 * std:.2f} |")
+  return "\n".join(lines)
 
 
 def _config(workdir: str) -> ml_collections.ConfigDict:
@@ -107,6 +186,8 @@ if __name__ == "__main__":
     print(" ".join(pick(sys.argv[2], sys.argv[3])))
   elif command == "matched_epochs":
     print(matched_epochs(sys.argv[2], float(sys.argv[3])))
+  elif command == "summary":
+    print(summary(sys.argv[2]))
   elif command == "sklearn_pixels":
     print(sklearn_pixels(*sys.argv[2:4]))
   else:

@@ -319,3 +319,19 @@ def test_results_script_runs_the_study_under_both_maskings(tmp_path, monkeypatch
     if name.startswith("study_teacher"):
       assert f"--config.target.teacher.path={tmp_path}/root/mae_e50" in call
     _unread_settings(call)  # every command line is a config the run reads in full
+
+
+def test_results_script_fine_tunes_each_seed_with_the_held_out_choice(tmp_path, monkeypatch):
+  monkeypatch.chdir(REPO)
+  calls = _results_calls(tmp_path, RESULTS, SECTIONS="tune_mae finetune_mae", SEEDS="0 1")
+  names = [c[-1].rsplit("/", 1)[-1] for c in calls]
+  assert names == [f"tune_mae_{s}" for s in ("lr1e-3", "lr2e-3", "lr1e-3_nomix",
+                                             "lr2e-3_nomix")] + ["ft_mae_s0", "ft_mae_s1"]
+  for seed, call in enumerate(calls[4:]):
+    # Every grid point scored 0.5 on the held-out split: the tie goes to the first.
+    assert "--config.optimizer.base_lr=0.001" in call and "--config.num_epochs=15" in call
+    assert f"--config.seed={seed}" in call
+    assert f"--config.init_from={tmp_path}/root/mae_e50" in call
+    assert not any("holdout" in a for a in call)  # the final runs are scored on test
+  for call in calls:
+    _unread_settings(call)

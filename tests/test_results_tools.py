@@ -1,0 +1,59 @@
+"""docs/fmnist_tools.py: the held-out choice of fine-tuning settings and the results summary."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("fmnist_tools", REPO / "docs" / "fmnist_tools.py")
+tools = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tools)
+
+
+def _run(root, name, results, eval_split="holdout", seconds=None, method="finetune"):
+  workdir = root / name
+  workdir.mkdir(parents=True)
+  (workdir / "config.json").write_text(
+      json.dumps({"method": method, "data": {"eval_split": eval_split}}))
+  if results is not None:
+    (workdir / "results.json").write_text(json.dumps({"method": method, **results}))
+  if seconds is not None:
+    (root / f"{name}.seconds").write_text(str(seconds))
+
+
+def test_pick_takes_the_best_held_out_point_of_the_whole_grid(tmp_path):
+  scores = {"lr1e-3": 0.85, "lr2e-3": 0.86, "lr1e-3_nomix": 0.87, "lr2e-3_nomix": 0.84}
+  for suffix, acc in scores.items():
+    _run(tmp_path, f"tune_mae_{suffix}", {"eval_accuracy": acc})
+  assert tools.pick(str(tmp_path), "tune_mae") == tools.GRID["lr1e-3_nomix"]
+
+
+def test_pick_refuses_a_partial_grid_and_a_test_split(tmp_path):
+  _run(tmp_path, "tune_mae_lr1e-3", {"eval_accuracy": 0.9})
+  with pytest.raises(SystemExit, match="not finished: no .*tune_mae_lr2e-3"):
+    tools.pick(str(tmp_path), "tune_mae")
+  for suffix in list(tools.GRID)[1:]:
+    _run(tmp_path, f"tune_mae_{suffix}", {"eval_accuracy": 0.5}, eval_split="test")
+  with pytest.raises(SystemExit, match="not scored on the held-out split"):
+    tools.pick(str(tmp_path), "tune_mae")
+
+
+def test_summary_lists_runs_and_seed_means(tmp_path):
+  for seed, acc in enumerate((0.91, 0.92, 0.93)):
+    _run(tmp_path, f"ft_mae_s{seed}", {"eval_accuracy": acc}, eval_split="test",
+         seconds=4800)
+  _run(tmp_path, "probe_mae", {"eval_split": "test", "knn_top1_cls": 0.85,
+                               "knn_top1_gap": 0.8541, "probe_top1_cls": 0.8605,
+                               "probe_top1_gap": 0.8742}, seconds=850, method="probe")
+  _run(tmp_path, "mae_e50", None, method="mae")
+  (tmp_path / "mae_e50" / "encoder").mkdir()
+  (tmp_path / "mae_e50" / "encoder" / "model.json").write_text("{}")
+  _run(tmp_path, "unfinished", None)
+  table = tools.summary(str(tmp_path)).splitlines()
+  assert "| probe_mae | probe | test | 85.00 / 85.41 | 86.05 / 87.42 |  | 14m10s |" in table
+  assert "| ft_mae_s1 | finetune | test |  |  | 92.00 | 1h20m |" in table
+  assert "| mae_e50 | mae |  |  |  |  |  |" in table
+  assert not any("unfinished" in line for line in table)
+  assert table[-1] == "| ft_mae_s* | 3 | 92.00 +- 1.00 |"
