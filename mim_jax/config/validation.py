@@ -5,8 +5,8 @@ data is read or anything is compiled. `registry.validate_config` runs, in order:
 (exactly the method's), `validate_shared`, the method's `validate`, and `check_unread` (a field
 its method reads only under a condition that does not hold must keep its default).
 
-  require(ok, field, value, allowed, hint="")     the one way to fail a check
-  is_int / is_number / positive_int / pair        value tests
+  require(ok, field, value, allowed, hint="")     the one way to fail a check (config/checks.py)
+  is_int / is_number / positive_int / pair        value tests (config/checks.py)
   validate_shared(config)                          model, geometry, data, training fields
   validate_pretraining_fields(config)              masking (per method), k-NN monitor, pictures
   validate_masking(config, kinds, fixed_count)     config.masking for a method's allowed kinds
@@ -17,10 +17,12 @@ its method reads only under a condition that does not hold must keep its default
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable
 
 from mim_jax import data
+
+# Re-exported: methods write their checks as v.require(...), v.is_number(...).
+from mim_jax.config.checks import get, is_int, is_number, pair, positive_int, require  # noqa: F401
 from mim_jax.config.errors import ConfigError, config_error
 from mim_jax.models.vit import MLP_ACTS, REL_POS_BIAS, parse_variant, size_from_config
 from mim_jax.objectives.masking import ATTENTION_ORDERS, MASK_KINDS, num_visible
@@ -36,41 +38,6 @@ WEIGHT_DECAY_SCHEDULES = ("constant", "cosine")
 # Visible-only encoders (MAE) need the same masked count in every sample.
 FIXED_COUNT_MASK_KINDS = ("random", "grouped", "inverse_block")
 POOLS = ("cls", "gap")  # models/heads.py
-
-
-def require(ok: bool, field: str, value: Any, allowed: str, hint: str = "") -> None:
-  if not ok:
-    raise config_error(field, value, allowed, hint)
-
-
-def is_int(x: Any) -> bool:
-  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def is_number(x: Any) -> bool:
-  return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def get(config, dotted: str) -> Any:
-  node = config
-  for part in dotted.split("."):
-    node = node[part]
-  return node
-
-
-def positive_int(config, field: str) -> int:
-  value = get(config, field)
-  require(is_int(value) and value > 0, field, value, "a positive integer")
-  return value
-
-
-def pair(value: Any) -> tuple | None:
-  """`value` as a tuple of two real numbers, or None."""
-  try:
-    out = tuple(value)
-  except TypeError:
-    return None
-  return out if len(out) == 2 and all(is_number(v) for v in out) else None
 
 
 # --- shared ----------------------------------------------------------------------------------

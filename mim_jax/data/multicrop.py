@@ -17,6 +17,9 @@ global view 1, 0.1 on global view 2 and 0.5 on local views; solarisation with `s
 on global view 2 only). Saturation, hue and grayscale act on colour only, so 1-channel images
 get brightness / contrast jitter, blur and solarisation (configs choose which).
 
+A method that trains on these views owns `config.multicrop` through `default_config()`,
+`validate_config(...)` and `augment_from_config(...)` (iBOT does).
+
 An undecodable image (None, skip mode) gives zero placeholders of every shape with
 valid=False, as `transforms.TrainAugment` does. All randomness comes from the per-element
 generator of grain's `random_map`, so the views are a function of (seed, stream position) and
@@ -29,9 +32,11 @@ import dataclasses
 from typing import Any
 
 import grain
+import ml_collections
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
+from mim_jax.config import checks as v
 from mim_jax.data.transforms import (
   VALID_KEY,
   Normalizer,
@@ -141,3 +146,50 @@ class MultiCropAugment(grain.transforms.RandomMap):
         out[GLOBAL_MASKS_KEY] = self.mask_generator.host(rng, NUM_GLOBAL)
     out["image"] = out[GLOBAL_VIEWS_KEY][0]
     return out
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """`config.multicrop` of a method that trains on multi-crop views: two global crops at
+  image_size and `num_local` crops at `local_size`; photometric odds as in DINO / iBOT."""
+  return ml_collections.ConfigDict(dict(
+      global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), num_local=10, local_size=(96, 96),
+      jitter_prob=0.8, grayscale_prob=0.2, blur=True, solarize_prob=0.2))
+
+
+def validate_config(c: ml_collections.ConfigDict, image_size: tuple[int, int],
+                    patch: int) -> None:
+  """Checks `config.multicrop` (ConfigError naming the field) for images of `image_size` cut
+  into `patch`-pixel patches."""
+  for name in ("global_scale", "local_scale"):
+    p = v.pair(c[name])
+    v.require(p is not None and 0 < p[0] <= p[1] <= 1, f"multicrop.{name}", c[name],
+              "(min, max) area fractions, 0 < min <= max <= 1")
+  v.require(v.is_int(c.num_local) and c.num_local >= 0, "multicrop.num_local", c.num_local,
+            "an integer >= 0 (iBOT: 10 local views; 0: global views only)")
+  size = tuple(c.local_size)
+  v.require(len(size) == 2 and all(v.is_int(s) and s > 0 and s % patch == 0 for s in size),
+            "multicrop.local_size", c.local_size,
+            f"(height, width), positive multiples of the patch size {patch} (iBOT: 96)")
+  v.require(all(s <= g for s, g in zip(size, image_size)), "multicrop.local_size",
+            c.local_size, f"at most image_size={tuple(image_size)} on each side")
+  for name in ("jitter_prob", "grayscale_prob", "solarize_prob"):
+    v.require(v.is_number(c[name]) and 0 <= c[name] <= 1, f"multicrop.{name}", c[name],
+              "a probability in [0, 1]")
+  v.require(isinstance(c.blur, bool), "multicrop.blur", c.blur, "true or false")
+
+
+def augment_from_config(c: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict,
+                        image_size: tuple[int, int], channels: int,
+                        mask_generator: Any = None) -> MultiCropAugment:
+  """The `MultiCropAugment` of `config.multicrop` (crop aspect ratios, flips and normalisation
+  from `config.data`)."""
+  return MultiCropAugment(
+      image_size=tuple(image_size), local_size=tuple(int(s) for s in c.local_size),
+      num_local=int(c.num_local), global_scale=tuple(c.global_scale),
+      local_scale=tuple(c.local_scale), crop_ratio=tuple(data_cfg.crop_ratio),
+      hflip=bool(data_cfg.hflip),
+      photometric=Photometric(
+          jitter_prob=float(c.jitter_prob), grayscale_prob=float(c.grayscale_prob),
+          blur=bool(c.blur), solarize_prob=float(c.solarize_prob)),
+      normalize=Normalizer(tuple(data_cfg.mean), tuple(data_cfg.std), channels),
+      mask_generator=mask_generator)

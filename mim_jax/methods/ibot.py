@@ -36,10 +36,9 @@ import numpy as np
 
 from mim_jax.config import validation as v
 from mim_jax.data import multicrop
-from mim_jax.data.transforms import Normalizer
 from mim_jax.methods import base
 from mim_jax.models import flops
-from mim_jax.models.heads import DINOHead
+from mim_jax.models.heads import DINOHead, dino_head_flops
 from mim_jax.models.vit import ViTEncoder, encoder_from_config, size_from_config
 from mim_jax.objectives import losses, masking, teachers
 from mim_jax.weights import continuation
@@ -59,12 +58,6 @@ class IBOTModel(nn.Module):
 def _views_first(x: jax.Array) -> jax.Array:
   """[B, V, ...] -> [V * B, ...] (view-major)."""
   return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
-
-
-def _head_flops(tokens: int, width: int, c) -> float:
-  """Forward FLOPs of the DINO head (3 linear layers + the prototypes) on `tokens` tokens."""
-  h, b, k = int(c.hidden_dim), int(c.bottleneck_dim), int(c.out_dim)
-  return float(2 * tokens * (width * h + h * h + h * b + b * k))
 
 
 class IBOT(base.PretrainingMethod):
@@ -98,11 +91,7 @@ class IBOT(base.PretrainingMethod):
         lambda_patch=1.0,
         freeze_last_layer_epochs=1.0,
     ))
-    # Two global crops at image_size and num_local crops at local_size; photometric odds as
-    # in DINO / iBOT (data/multicrop.py).
-    c.multicrop = ml_collections.ConfigDict(dict(
-        global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), num_local=10, local_size=(96, 96),
-        jitter_prob=0.8, grayscale_prob=0.2, blur=True, solarize_prob=0.2))
+    c.multicrop = multicrop.default_config()  # 2 global + 10 local views, DINO's photometrics
 
   @classmethod
   def validate(cls, config):
@@ -132,23 +121,7 @@ class IBOT(base.PretrainingMethod):
                 "a number >= 0 (iBOT: 1.0)")
     v.require(b.lambda_cls + b.lambda_patch > 0, "ibot.lambda_patch", b.lambda_patch,
               "a positive weight when ibot.lambda_cls is 0 (one loss must remain)")
-    c = config.multicrop
-    for name in ("global_scale", "local_scale"):
-      p = v.pair(c[name])
-      v.require(p is not None and 0 < p[0] <= p[1] <= 1, f"multicrop.{name}", c[name],
-                "(min, max) area fractions, 0 < min <= max <= 1")
-    v.require(v.is_int(c.num_local) and c.num_local >= 0, "multicrop.num_local", c.num_local,
-              "an integer >= 0 (iBOT: 10 local views; 0: global views only)")
-    size = tuple(c.local_size)
-    v.require(len(size) == 2 and all(v.is_int(s) and s > 0 and s % patch == 0 for s in size),
-              "multicrop.local_size", c.local_size,
-              f"(height, width), positive multiples of the patch size {patch} (iBOT: 96)")
-    v.require(all(s <= g for s, g in zip(size, image_size)), "multicrop.local_size",
-              c.local_size, f"at most image_size={image_size} on each side")
-    for name in ("jitter_prob", "grayscale_prob", "solarize_prob"):
-      v.require(v.is_number(c[name]) and 0 <= c[name] <= 1, f"multicrop.{name}", c[name],
-                "a probability in [0, 1]")
-    v.require(isinstance(c.blur, bool), "multicrop.blur", c.blur, "true or false")
+    multicrop.validate_config(config.multicrop, image_size, patch)
 
   @classmethod
   def forward_flops(cls, config):
@@ -157,10 +130,11 @@ class IBOT(base.PretrainingMethod):
     size, patch = size_from_config(config.model)
     n = (config.image_size[0] // patch) * (config.image_size[1] // patch)
     local = tuple(config.multicrop.local_size)
-    glob = (flops.encoder_flops(config.model, config.image_size, config.channels)
-            + _head_flops(1 + n, size.width, config.ibot))
-    loc = (flops.encoder_flops(config.model, local, config.channels)
-           + _head_flops(1, size.width, config.ibot))
+    b = config.ibot
+    head = lambda tokens: dino_head_flops(tokens, size.width, b.hidden_dim, b.bottleneck_dim,
+                                          b.out_dim)
+    glob = flops.encoder_flops(config.model, config.image_size, config.channels) + head(1 + n)
+    loc = flops.encoder_flops(config.model, local, config.channels) + head(1)
     student = 2 * glob + int(config.multicrop.num_local) * loc
     return {"encoder": student, "teacher": 2 * glob, "total": student + 2 * glob}
 
@@ -183,17 +157,7 @@ class IBOT(base.PretrainingMethod):
     return int(round(float(epochs) * self.length.steps_per_epoch))
 
   def train_augment(self, data_cfg, image_size, channels):
-    c = self.crop
-    return multicrop.MultiCropAugment(
-        image_size=tuple(image_size), local_size=tuple(int(s) for s in c.local_size),
-        num_local=int(c.num_local), global_scale=tuple(c.global_scale),
-        local_scale=tuple(c.local_scale), crop_ratio=tuple(data_cfg.crop_ratio),
-        hflip=bool(data_cfg.hflip),
-        photometric=multicrop.Photometric(
-            jitter_prob=float(c.jitter_prob), grayscale_prob=float(c.grayscale_prob),
-            blur=bool(c.blur), solarize_prob=float(c.solarize_prob)),
-        normalize=Normalizer(tuple(data_cfg.mean), tuple(data_cfg.std), channels),
-        mask_generator=self.masks)
+    return multicrop.augment_from_config(self.crop, data_cfg, image_size, channels, self.masks)
 
   def init(self, rng, images):
     params = self.model.init({"params": rng}, images)["params"]

@@ -87,6 +87,13 @@ class ViTClassifier(nn.Module):
                     name="head")(x.astype(jnp.float32))
 
 
+def dino_head_flops(tokens: int, width: int, hidden_dim: int, bottleneck_dim: int,
+                    out_dim: int) -> float:
+  """Forward FLOPs of `DINOHead` (3 linear layers + the prototypes) on `tokens` tokens."""
+  h, b, k = int(hidden_dim), int(bottleneck_dim), int(out_dim)
+  return float(2 * tokens * (width * h + h * h + h * b + b * k))
+
+
 class DINOHead(nn.Module):
   """tokens [..., D] -> prototype logits [..., out_dim] (float32): DINO / iBOT's projection head.
 
