@@ -16,8 +16,8 @@ from mim_jax import registry
 from mim_jax.config import defaults as config_defaults
 from mim_jax.config.errors import ConfigError
 from mim_jax.methods.base import TrainLength
-from mim_jax.methods.data2vec import layer_average_targets, normalize
 from mim_jax.objectives import losses, masking, teachers
+from mim_jax.objectives.teachers import layer_average_targets, normalize
 from mim_jax.training import checkpoint
 from mim_jax.training import loop as train
 

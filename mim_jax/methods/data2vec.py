@@ -37,43 +37,6 @@ from mim_jax.objectives import losses, masking, teachers
 from mim_jax.objectives.frozen_teacher import cls_attention
 from mim_jax.weights import continuation
 
-NORMS = ("instance", "layer", "none")
-NORM_EPS = 1e-5  # PyTorch's instance_norm / layer_norm default
-
-
-def normalize(x: jax.Array, kind: str, eps: float = NORM_EPS) -> jax.Array:
-  """Parameter-free normalisation of features [B, N, D] (float32).
-
-  "instance": each channel of each sample over its N tokens (`F.instance_norm` on [B, D, N]);
-  "layer": each token over its D channels (`F.layer_norm` without affine); "none": unchanged.
-  Biased variance, as PyTorch's normalisation layers use.
-  """
-  x = x.astype(jnp.float32)
-  if kind == "none":
-    return x
-  axis = {"instance": 1, "layer": -1}[kind]
-  mean = x.mean(axis=axis, keepdims=True)
-  var = x.var(axis=axis, keepdims=True)
-  return (x - mean) / jnp.sqrt(var + eps)
-
-
-def layer_average_targets(blocks, top_k: int, block_norm: str, final_norm: str) -> jax.Array:
-  """The mean of the last `top_k` of `blocks` (each [B, 1 + N, D]; the cls token is dropped),
-  each normalised by `block_norm` first and the mean by `final_norm`: [B, N, D] float32."""
-  layers = [normalize(b[:, 1:], block_norm) for b in blocks[-top_k:]]
-  return normalize(sum(layers) / top_k, final_norm)
-
-
-def feature_std(x: jax.Array, mask: jax.Array, axis_name=None) -> jax.Array:
-  """Mean over channels of the std of x [B, N, D] over the masked tokens (a collapse monitor:
-  fairseq's `target_var` / `pred_var`); with `axis_name`, over every device's tokens."""
-  total = (lambda v: jax.lax.psum(v, axis_name)) if axis_name is not None else (lambda v: v)
-  w = mask.astype(jnp.float32)[..., None]
-  count = jnp.maximum(total(jnp.sum(w)), 2.0)
-  mean = total(jnp.sum(x * w, axis=(0, 1))) / count
-  var = total(jnp.sum(jnp.square(x - mean) * w, axis=(0, 1))) / (count - 1.0)
-  return jnp.mean(jnp.sqrt(var + 1e-6))
-
 
 def validate_ema_teacher(config) -> None:
   """The EMA teacher's fields shared by data2vec and data2vec 2.0: top_k, the decays and their
@@ -92,7 +55,8 @@ def validate_ema_teacher(config) -> None:
   v.require(v.is_number(frac) and 0 <= frac <= 1, "teacher.ema_anneal_fraction", frac,
             "a fraction of the lr schedule in [0, 1] (0: ema_end_decay from the start)")
   for name in ("block_norm", "final_norm"):
-    v.require(t[name] in NORMS, f"teacher.{name}", t[name], f"one of {NORMS}")
+    v.require(t[name] in teachers.TARGET_NORMS, f"teacher.{name}", t[name],
+              f"one of {teachers.TARGET_NORMS}")
 
 
 class Data2Vec(base.PretrainingMethod):
@@ -179,7 +143,7 @@ class Data2Vec(base.PretrainingMethod):
                                            mutable=["intermediates"])
     else:
       _, aux = self.teacher.apply({"params": teacher_params}, images, train=False)
-    target = layer_average_targets(aux["blocks"], self.top_k, self.block_norm, self.final_norm)
+    target = teachers.layer_average_targets(aux["blocks"], self.top_k, self.block_norm, self.final_norm)
     if not attention:
       return jax.lax.stop_gradient(target)
     return jax.lax.stop_gradient(
@@ -199,8 +163,8 @@ class Data2Vec(base.PretrainingMethod):
                                    axis_name=self.axis_name)
     metrics = {"loss": loss, "mask_fraction": jnp.mean(mask.astype(jnp.float32)),
                "ema_decay": extra["ema_decay"],
-               "target_std": feature_std(target, mask, self.axis_name),
-               "pred_std": feature_std(pred, mask, self.axis_name)}
+               "target_std": teachers.feature_std(target, mask, self.axis_name),
+               "pred_std": teachers.feature_std(pred, mask, self.axis_name)}
     return loss, (metrics, extra)
 
   def after_update(self, params, extra, step):

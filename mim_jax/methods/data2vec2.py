@@ -14,7 +14,7 @@ What makes it efficient, each a shared part composed here:
     their grid positions, masked positions hold small Gaussian noise, and grouped 3x3
     convolutions predict the targets there.
 
-Targets are data2vec's (`data2vec.layer_average_targets`): the teacher's last `teacher.top_k`
+Targets are data2vec's (`teachers.layer_average_targets`): the teacher's last `teacher.top_k`
 block outputs, each instance-normalised (per channel over the tokens) in the release's image
 recipe, averaged and layer-normalised. The loss is the squared error averaged over channels
 and masked patches (the release sums over channels and scales by 1/sqrt(D): the same objective
@@ -41,7 +41,7 @@ from mim_jax.methods.base import PretrainingMethod
 from mim_jax.models import flops
 from mim_jax.models.decoders import ConvDecoder
 from mim_jax.models.vit import encoder_from_config, size_from_config
-from mim_jax.objectives import losses, masking
+from mim_jax.objectives import losses, masking, teachers
 
 
 class Data2Vec2(data2vec.Data2Vec):
@@ -148,6 +148,6 @@ class Data2Vec2(data2vec.Data2Vec):
     loss = regression + self.cls_weight * cls_loss
     metrics = {"loss": loss, "regression_loss": regression, "cls_loss": cls_loss,
                "mask_fraction": jnp.mean(info.mask), "ema_decay": extra["ema_decay"],
-               "target_std": data2vec.feature_std(target_copies, info.mask, self.axis_name),
-               "pred_std": data2vec.feature_std(pred, info.mask, self.axis_name)}
+               "target_std": teachers.feature_std(target_copies, info.mask, self.axis_name),
+               "pred_std": teachers.feature_std(pred, info.mask, self.axis_name)}
     return loss, (metrics, extra)
