@@ -13,7 +13,8 @@ import pytest
 from mim_jax import registry
 from mim_jax.config.errors import ConfigError
 from mim_jax.tokenizers import codebook as cb
-from mim_jax.tokenizers import io, vq
+from mim_jax.tokenizers import io
+from mim_jax.tokenizers import models as tokenizers_models
 from mim_jax.training import loop as train
 
 from conftest import REPO, requires_fmnist, tiny_mae_config
@@ -112,14 +113,14 @@ def test_codes_are_stable_after_export_and_reload(tmp_path):
   images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
   params, extra = method.init(jax.random.key(0), images)
   tok = {"params": params, "codebook": extra["codebook"]}
-  codes = vq.tokenize(method.model, tok, images, l2=True)
+  codes = tokenizers_models.tokenize(method.model, tok, images, l2=True)
   assert codes.shape == (4, 16) and codes.dtype == jnp.int32
-  np.testing.assert_array_equal(codes, vq.tokenize(method.model, tok, images, l2=True))
+  np.testing.assert_array_equal(codes, tokenizers_models.tokenize(method.model, tok, images, l2=True))
   method.export(str(tmp_path), jax.device_get(params), jax.device_get(extra), {})
   loaded, info = io.load_tokenizer(str(tmp_path))  # a workdir: finds tokenizer/
   assert (info["vocab_size"], info["grid"], info["patch_size"], info["channels"]) == (
       16, [4, 4], 4, 3)
-  np.testing.assert_array_equal(codes, vq.tokenize(method.model, loaded, images, l2=True))
+  np.testing.assert_array_equal(codes, tokenizers_models.tokenize(method.model, loaded, images, l2=True))
   _, again = io.load_tokenizer(str(tmp_path / "tokenizer"))  # the export directory itself
   assert again == info
 
@@ -135,7 +136,7 @@ def test_code_usage_over_a_split_counts_every_token_once(tmp_path):
   out = usage.code_usage(str(tmp_path), c.data, split="train", batch_size=10)
   images = next(data.make_eval_iterator(c.data, image_size=(16, 16), channels=3, batch_size=37,
                                         split="train"))["image"]
-  codes = np.asarray(vq.tokenize(method.model, {"params": params, "codebook": extra["codebook"]},
+  codes = np.asarray(tokenizers_models.tokenize(method.model, {"params": params, "codebook": extra["codebook"]},
                                  jnp.asarray(images), l2=True))
   counts = np.bincount(codes.reshape(-1), minlength=16)
   p = counts[counts > 0] / counts.sum()
@@ -212,7 +213,7 @@ def test_dvae_trains_exports_and_feeds_beit(tmp_path):
   images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
   model = tokenizer_model(info)
   logits = model.apply({"params": tok["params"]}, images, method=model.encode)
-  codes = vq.tokenize(model, tok, images, l2=False, kind="dvae")
+  codes = tokenizers_models.tokenize(model, tok, images, l2=False, kind="dvae")
   np.testing.assert_array_equal(codes, np.argmax(logits, -1).reshape(2, -1))
   b = tiny_mae_config(method="beit")
   b.masking.update(kind="blockwise", ratio=0.4, min_block=2)

@@ -23,6 +23,7 @@ import tifffile
 from PIL import Image
 
 from mim_jax.data import bad_images
+from mim_jax.objectives.masking import TOKEN_MASK_KEY
 
 Box = tuple[int, int, int, int]  # (top, left, height, width) in source pixels
 # Training rows carry this flag until `DropInvalidRows` removes the undecodable ones.
@@ -405,7 +406,6 @@ class AddTokenMask(grain.transforms.RandomMap):
   count: int = 1
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    from mim_jax.objectives.masking import TOKEN_MASK_KEY
     masks = self.generator.host(rng, self.count)
     return {**element, TOKEN_MASK_KEY: masks if self.count > 1 else masks[0]}
 

@@ -38,8 +38,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from mim_jax.config import defaults
+from mim_jax.config import defaults, validation
+from mim_jax.data.transforms import AddTokenMask
 from mim_jax.objectives import masking
+from mim_jax.training import checkpoint
 from mim_jax.weights import continuation, pretrained
 
 Params = Any
@@ -148,7 +150,6 @@ class Method:
   # --- input -----------------------------------------------------------------------------------
   def data_transforms(self) -> tuple:
     """Per-example steps added to the input pipeline after augmentation (host-drawn masks)."""
-    from mim_jax.data.transforms import AddTokenMask
     if self.mask_generator is not None and self.mask_generator.on_host:
       return (AddTokenMask(self.mask_generator, count=self.masks_per_image),)
     return ()
@@ -195,7 +196,6 @@ class Method:
   def export(self, workdir: str, params: Params, extra: Extra, info: dict) -> None:
     """The run's end product: the encoder (Orbax + model.json) in `workdir`/encoder. Collective:
     every process calls it with the same host values."""
-    from mim_jax.training import checkpoint
     checkpoint.export_encoder(os.path.join(workdir, "encoder"),
                               self.encoder_params(params, extra), info)
 
@@ -248,5 +248,4 @@ class PretrainingMethod(Method):
 
   @classmethod
   def validate(cls, config):
-    from mim_jax.config import validation
     validation.validate_pretraining_fields(config)

@@ -25,6 +25,7 @@ from mim_jax import viz
 from mim_jax.config import validation as v
 from mim_jax.config.errors import ConfigError, config_error
 from mim_jax.methods.masked_prediction import MaskedPrediction
+from mim_jax.models.vit import size_from_config
 from mim_jax.objectives import losses, masking, patch_targets
 from mim_jax.objectives.frozen_teacher import FrozenTeacher
 
@@ -45,7 +46,6 @@ def teacher_fields() -> ml_collections.ConfigDict:
 def build_teacher(config, t, prefix: str) -> FrozenTeacher:
   """The teacher of fields `t` (at `prefix`) for the student (or tokenizer) of `config`: the
   same view, its patch grid."""
-  from mim_jax.models.vit import size_from_config
   _, patch = size_from_config(config.model)
   grid = (config.image_size[0] // patch, config.image_size[1] // patch)
   if not isinstance(t.path, str) or not t.path:

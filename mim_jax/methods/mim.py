@@ -30,6 +30,7 @@ from mim_jax.methods.masked_prediction import MaskedPrediction
 from mim_jax.models.vit import size_from_config
 from mim_jax.objectives import hog, losses, masking, patch_targets
 from mim_jax.tokenizers import io
+from mim_jax.tokenizers.models import encode_flops
 
 
 def _loss_name(t) -> str:
@@ -113,7 +114,6 @@ class MIM(MaskedPrediction):
   def target_flops(cls, config):
     t = config.target
     if t.kind == "tokens":
-      from mim_jax.tokenizers.models import encode_flops
       return encode_flops(io.read_info(str(t.tokenizer.path), "target.tokenizer.path"))
     if t.kind == "teacher_features":
       return maskdistill.build_teacher(config, t.teacher, "target.teacher").forward_flops()

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 
 from mim_jax.objectives import hog, targets
 from mim_jax.objectives.frozen_teacher import FrozenTeacher
+from mim_jax.tokenizers import io
+from mim_jax.tokenizers import models as tokenizers
 
 # The loss each target kind is trained with in its paper (a study may override it).
 DEFAULT_LOSS = {"pixels": "l1", "norm_pixels": "mse", "hog": "mse", "tokens": "cross_entropy",
@@ -89,17 +91,14 @@ class Tokens(PatchTarget):
   kind, key, discrete = "tokens", "tokenizer", True
 
   def __init__(self, path: str):
-    from mim_jax.tokenizers import io
-    from mim_jax.tokenizers.models import tokenizer_model
     self.path = str(path)
     self.info = io.read_info(self.path)
-    self.model = tokenizer_model(self.info)
+    self.model = tokenizers.tokenizer_model(self.info)
     self.l2 = bool(self.info.get("l2_normalize", False))
     super().__init__(int(self.info["vocab_size"]))
 
   def __call__(self, state, images):
-    from mim_jax.tokenizers import vq
-    return vq.tokenize(self.model, jax.lax.stop_gradient(state), images, self.l2,
+    return tokenizers.tokenize(self.model, jax.lax.stop_gradient(state), images, self.l2,
                        self.info["kind"])
 
   def init_extra(self):
@@ -110,7 +109,6 @@ class Tokens(PatchTarget):
     return {"params": zeros, "codebook": codebook}
 
   def load_extra(self):
-    from mim_jax.tokenizers import io
     tokenizer, _ = io.load_tokenizer(self.path)
     want = jax.tree.structure(jax.eval_shape(self.init_extra))
     if jax.tree.structure(tokenizer) != want:
@@ -120,12 +118,10 @@ class Tokens(PatchTarget):
 
   def decode(self, state, codes: jax.Array, grid_hw: tuple[int, int]) -> jax.Array:
     """Codes [B, N] -> the tokenizer's decoded images [B, H, W, C]."""
-    from mim_jax.tokenizers import vq
-    return vq.decode(self.model, state, codes, grid_hw)
+    return tokenizers.decode(self.model, state, codes, grid_hw)
 
   def forward_flops(self):
-    from mim_jax.tokenizers.models import encode_flops
-    return encode_flops(self.info)
+    return tokenizers.encode_flops(self.info)
 
 
 def normalize_features(x: jax.Array, kind: str, eps: float = 1e-6) -> jax.Array:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from mim_jax.models.vit import unpatchify
+from mim_jax.tokenizers import codebook as cb
 
 
 class ResBlock(nn.Module):
@@ -119,6 +120,28 @@ def tokenizer_model(info: dict[str, Any]) -> ConvTokenizer:
                        code_dim=int(info["code_dim"]),
                        logits_dim=int(info["vocab_size"]) if info["kind"] == "dvae" else 0,
                        feature_dim=int(info.get("feature_dim", 0)))
+
+
+def encode(model, params, images: jax.Array, l2: bool) -> jax.Array:
+  """images [B, H, W, C] -> the encoder's vectors z [B, gh, gw, D] (unit length when `l2`)."""
+  z = model.apply({"params": params}, images, method=model.encode)
+  return cb.l2_normalize(z) if l2 else z
+
+
+def tokenize(model, tokenizer: dict, images: jax.Array, l2: bool, kind: str = "vq") -> jax.Array:
+  """images -> codes int32 [B, gh*gw] (patch order) of a tokenizer {"params", "codebook"}:
+  the nearest code (VQ) or the most likely one (dVAE)."""
+  z = encode(model, tokenizer["params"], images, l2)
+  if kind == "dvae":
+    return jnp.argmax(z, axis=-1).astype(jnp.int32).reshape(z.shape[0], -1)
+  return cb.nearest_codes(z.reshape(-1, z.shape[-1]), tokenizer["codebook"]).reshape(
+      z.shape[0], -1)
+
+
+def decode(model, tokenizer: dict, codes: jax.Array, grid_hw: tuple[int, int]) -> jax.Array:
+  """codes int [B, gh*gw] -> decoded images [B, H, W, C] (normalised pixels)."""
+  e = jnp.asarray(tokenizer["codebook"])[codes].reshape(codes.shape[0], *grid_hw, -1)
+  return model.apply({"params": tokenizer["params"]}, e, method=model.decode)
 
 
 def encode_flops(info: dict[str, Any]) -> float:

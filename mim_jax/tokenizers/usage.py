@@ -22,8 +22,8 @@ from ml_collections import config_flags
 
 from mim_jax import data
 from mim_jax.tokenizers import codebook as cb
-from mim_jax.tokenizers import io, vq
-from mim_jax.tokenizers.models import tokenizer_model
+from mim_jax.tokenizers import io
+from mim_jax.tokenizers.models import tokenize, tokenizer_model
 
 
 def code_usage(path: str, data_cfg, *, split: str, batch_size: int = 500) -> dict:
@@ -36,7 +36,7 @@ def code_usage(path: str, data_cfg, *, split: str, batch_size: int = 500) -> dic
 
   @jax.jit
   def batch_counts(images, valid):
-    codes = vq.tokenize(model, tokenizer, images, l2, kind)  # [B, N]
+    codes = tokenize(model, tokenizer, images, l2, kind)  # [B, N]
     weights = jnp.broadcast_to(valid[:, None], codes.shape)  # padding rows count 0
     return cb.code_counts(codes, vocab, weights)
 

@@ -47,28 +47,6 @@ def tokenizer_info(config) -> dict:
           "std": list(config.data.std), "width": int(t.width), "num_blocks": int(t.num_blocks)}
 
 
-def encode(model, params, images: jax.Array, l2: bool) -> jax.Array:
-  """images [B, H, W, C] -> the encoder's vectors z [B, gh, gw, D] (unit length when `l2`)."""
-  z = model.apply({"params": params}, images, method=model.encode)
-  return cb.l2_normalize(z) if l2 else z
-
-
-def tokenize(model, tokenizer: dict, images: jax.Array, l2: bool, kind: str = "vq") -> jax.Array:
-  """images -> codes int32 [B, gh*gw] (patch order) of a tokenizer {"params", "codebook"}:
-  the nearest code (VQ) or the most likely one (dVAE)."""
-  z = encode(model, tokenizer["params"], images, l2)
-  if kind == "dvae":
-    return jnp.argmax(z, axis=-1).astype(jnp.int32).reshape(z.shape[0], -1)
-  return cb.nearest_codes(z.reshape(-1, z.shape[-1]), tokenizer["codebook"]).reshape(
-      z.shape[0], -1)
-
-
-def decode(model, tokenizer: dict, codes: jax.Array, grid_hw: tuple[int, int]) -> jax.Array:
-  """codes int [B, gh*gw] -> decoded images [B, H, W, C] (normalised pixels)."""
-  e = jnp.asarray(tokenizer["codebook"])[codes].reshape(codes.shape[0], *grid_hw, -1)
-  return model.apply({"params": tokenizer["params"]}, e, method=model.decode)
-
-
 def tokenizer_fields(c, **fields) -> None:
   """The shared fields of a tokenizer run: the loop's (core + training, of the model only its
   variant, whose patch size sets the code grid), pictures, the export, and `config.tokenizer`
@@ -171,7 +149,7 @@ class VQTokenizer(base.Method):
     return params, cb.init_state(code_rng, self.vocab_size, self.info["code_dim"], self.l2)
 
   def _forward(self, params, extra, images):
-    z = encode(self.model, params, images, self.l2)
+    z = models.encode(self.model, params, images, self.l2)
     flat = z.reshape(-1, z.shape[-1])
     codes = cb.nearest_codes(jax.lax.stop_gradient(flat), extra["codebook"])
     e = extra["codebook"][codes].reshape(z.shape)

@@ -20,6 +20,7 @@ import numpy as np
 
 from mim_jax import storage
 from mim_jax.config.errors import config_error
+from mim_jax.convert import our_weights
 from mim_jax.models.vit import resize_posemb, sincos_2d, size_from_config
 from mim_jax.training import checkpoint
 
@@ -207,10 +208,7 @@ def load_classifier_head_into(params: Any, init_from: str) -> Any:
   directory = os.path.join(encoder_directory(init_from), "classifier")
   if not storage.isdir(directory):
     return params
-  from mim_jax.convert.our_weights import (
-    read_weights,  # the reader of export directories
-  )
-  _, loaded = read_weights(encoder_directory(init_from))
+  _, loaded = our_weights.read_weights(encoder_directory(init_from))
   found = {k: loaded[k] for k in CLASSIFIER_PARTS if k in loaded}
   shapes = lambda tree: jax.tree.map(lambda x: tuple(np.shape(x)), tree)
   if set(found) != {k for k in CLASSIFIER_PARTS if k in params} or any(
