@@ -1,8 +1,9 @@
 """BEiT's stage 1: discrete image tokenizers trained on the dataset itself.
 
   codebook.py   the EMA-updated VQ codebook (Laplace smoothing, dead-code restarts, usage)
-  models.py     the convolutional encoder / decoder, one code per patch of the BEiT grid
-  vq.py         the "vq_tokenizer" training method, tokenize / decode helpers
+  models.py     the convolutional encoder / decoder, one code per patch of the BEiT grid;
+                encode / tokenize / decode with a trained tokenizer
+  vq.py         the "vq_tokenizer" training method
   vqkd.py       the "vqkd_tokenizer" method (BEiT v2): codes that reconstruct a frozen
                 teacher's features through an l2-normalised codebook
   dvae.py       the "dvae_tokenizer" method (Gumbel-softmax, annealed temperature, KL prior)
