@@ -136,17 +136,14 @@ def _config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def matched_epochs(pretrain_workdir: str, ft_epochs: float) -> int:
-  from mim_jax import data
+  from mim_jax import data, registry
   from mim_jax.models import flops
-  from mim_jax.models.vit import size_from_config
   config = _config(pretrain_workdir)
   images = data.num_examples(config.data, image_size=tuple(config.image_size),
                              channels=config.channels)
-  pretrain = config.num_epochs * images * flops.train_flops_per_image(config)
-  size, patch = size_from_config(config.model)
-  n = (config.image_size[0] // patch) * (config.image_size[1] // patch)
-  encoder = (2 * n * patch * patch * config.channels * size.width
-             + flops.transformer_forward_flops(1 + n, size.width, size.depth, size.mlp_dim))
+  pretrain = config.num_epochs * images * flops.train_flops(registry.forward_flops(config))
+  # A fine-tuning epoch: all 60,000 training images through the whole encoder, 3x forward.
+  encoder = flops.encoder_flops(config.model, tuple(config.image_size), config.channels)
   ft_epoch = 60_000 * flops.TRAIN_FORWARD_RATIO * encoder
   extra = pretrain / ft_epoch
   print(f"pre-training {pretrain:.3e} FLOPs = {extra:.2f} fine-tuning epochs of "

@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 
 from mim_jax import registry  # pylint: disable=wrong-import-position
+from mim_jax.models import flops as model_flops  # pylint: disable=wrong-import-position
 from mim_jax.training import metric_writers  # pylint: disable=wrong-import-position
 
 
@@ -30,8 +31,8 @@ def curve(root: str, run: str):
   rows = [r for r in metric_writers.read_metrics(os.path.join(root, run))
           if "knn_top1_cls" in r]
   steps_per_epoch = (60000 - config.data.holdout) // config.global_batch_size
-  # Training FLOPs per image: forward x 3 (forward + backward).
-  flops = 3 * registry.forward_flops(config)["total"] * config.global_batch_size
+  # Training FLOPs per step: 3x the forward pass, frozen teachers / tokenizers forward only.
+  flops = model_flops.train_flops(registry.forward_flops(config)) * config.global_batch_size
   epochs = [r["step"] / steps_per_epoch for r in rows]
   return (epochs, [100 * r["knn_top1_cls"] for r in rows],
           [100 * r["knn_top1_gap"] for r in rows], [r["step"] * flops / 1e15 for r in rows])

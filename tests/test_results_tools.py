@@ -57,3 +57,20 @@ def test_summary_lists_runs_and_seed_means(tmp_path):
   assert "| mae_e50 | mae |  |  |  |  |  |" in table
   assert not any("unfinished" in line for line in table)
   assert table[-1] == "| ft_mae_s* | 3 | 92.00 +- 1.00 |"
+
+
+def test_matched_epochs_spends_the_pre_training_flops_on_fine_tuning(tmp_path):
+  """50 MAE epochs on 55,000 images of configs/mae_fmnist.py, counted by hand per image
+  (2 FLOPs per multiply-add): encoder on 12 visible patches + cls, 6 blocks 128 wide (MLP
+  512) = 31.24 MFLOPs; decoder (embedding 128 -> 64 of 50 tokens, 2 blocks 64 wide, MLP
+  256, prediction head to 16 pixels) = 12.03 MFLOPs; a fine-tuning image: the encoder on
+  all 49 patches + cls = 125.85 MFLOPs. 3x forward each, so the pre-training buys
+  50 * 55,000 * 43.27 / (60,000 * 125.85) = 15.8 fine-tuning epochs: 15 + 15.8 -> 31."""
+  spec = importlib.util.spec_from_file_location("cfg", REPO / "configs" / "mae_fmnist.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.num_epochs = 50
+  config.data.holdout = 5000
+  (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+  assert tools.matched_epochs(str(tmp_path), 15) in (30, 31)
