@@ -98,7 +98,7 @@ tune() {  # INIT (scratch | mae): the tuning grid of docs/fmnist_tools.py on the
   local init=$1 suffix flags cfg
   cfg=(--config=configs/finetune_fmnist.py:scratch)
   [ "$init" = mae ] && cfg=(--config=configs/finetune_fmnist.py --config.init_from="$MAE")
-  for suffix in lr1e-3 lr2e-3 lr1e-3_nomix lr2e-3_nomix; do
+  for suffix in $(python docs/fmnist_tools.py grid); do
     flags=$(python docs/fmnist_tools.py grid "$suffix")
     # shellcheck disable=SC2086
     run "tune_${init}_$suffix" "${cfg[@]}" --config.num_epochs="$TUNE_EPOCHS" \

@@ -1,7 +1,8 @@
 """Helpers of docs/fmnist_results.sh: choices read off finished runs, never off test numbers.
 
-  python docs/fmnist_tools.py grid SUFFIX
-      the flags of one point of the tuning grid (run-name suffix, e.g. lr2e-3_nomix)
+  python docs/fmnist_tools.py grid [SUFFIX]
+      the flags of one point of the tuning grid (run-name suffix, e.g. lr2e-3_nomix); without
+      SUFFIX the grid's points
   python docs/fmnist_tools.py pick ROOT PREFIX
       the fine-tuning overrides whose run ROOT/PREFIX_* scored best on the held-out split
       (results.json eval_accuracy with eval_split "holdout"); prints them as flags
@@ -33,6 +34,10 @@ GRID = {
     "lr1e-3_nomix": ["--config.optimizer.base_lr=0.001", "--config.classifier.mixup_alpha=0",
                      "--config.classifier.cutmix_alpha=0"],
     "lr2e-3_nomix": ["--config.optimizer.base_lr=0.002", "--config.classifier.mixup_alpha=0",
+                     "--config.classifier.cutmix_alpha=0"],
+    # Added when lr2e-3_nomix won the four above at the grid's edge (MAE, 2026-11-30): the
+    # grid extends along the winning direction until the best point is inside it.
+    "lr4e-3_nomix": ["--config.optimizer.base_lr=0.004", "--config.classifier.mixup_alpha=0",
                      "--config.classifier.cutmix_alpha=0"],
 }
 
@@ -178,7 +183,7 @@ def sklearn_pixels(out_json: str, data_dir: str = "/usr/share/datasets/fashion-m
 if __name__ == "__main__":
   command = sys.argv[1]
   if command == "grid":
-    print(" ".join(GRID[sys.argv[2]]))
+    print(" ".join(GRID[sys.argv[2]]) if len(sys.argv) > 2 else " ".join(GRID))
   elif command == "pick":
     print(" ".join(pick(sys.argv[2], sys.argv[3])))
   elif command == "matched_epochs":

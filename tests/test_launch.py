@@ -268,7 +268,7 @@ def test_results_script_passes_train_flags_to_training_runs_only(tmp_path):
   assert "--config.num_epochs=50" in pretrain
   assert "--config.optimizer.warmup_epochs=5.0" in pretrain
   assert probe[0] == "--config=configs/linprobe_fmnist.py"
-  assert len(tunes) == 4
+  assert len(tunes) == 5  # the points of docs/fmnist_tools.py's GRID
   for call in (pretrain, *tunes):  # every flag its own argument, also those on a second line
     first = call.index("--config.a=1")
     assert call[first:first + 3] == ["--config.a=1", "--config.b=2", "--config.c=3"], call
@@ -326,8 +326,9 @@ def test_results_script_fine_tunes_each_seed_with_the_held_out_choice(tmp_path, 
   calls = _results_calls(tmp_path, RESULTS, SECTIONS="tune_mae finetune_mae", SEEDS="0 1")
   names = [c[-1].rsplit("/", 1)[-1] for c in calls]
   assert names == [f"tune_mae_{s}" for s in ("lr1e-3", "lr2e-3", "lr1e-3_nomix",
-                                             "lr2e-3_nomix")] + ["ft_mae_s0", "ft_mae_s1"]
-  for seed, call in enumerate(calls[4:]):
+                                             "lr2e-3_nomix", "lr4e-3_nomix")] + [
+                                                 "ft_mae_s0", "ft_mae_s1"]
+  for seed, call in enumerate(calls[5:]):
     # Every grid point scored 0.5 on the held-out split: the tie goes to the first.
     assert "--config.optimizer.base_lr=0.001" in call and "--config.num_epochs=15" in call
     assert f"--config.seed={seed}" in call
