@@ -76,19 +76,25 @@ def _row(root: str, name: str) -> dict | None:
     return None
   row = {"name": name, "method": r.get("method", "?"), "split": r.get("eval_split")}
   if row["split"] is None and any(k.startswith("knn_") for k in r):  # pre-training's monitor
-    row["split"] = _config(workdir).data.get("eval_split")
+    row["split"] = _split(workdir)
   for key in ("knn_top1_cls", "knn_top1_gap", "knn_top1_pixels", "probe_top1_cls",
               "probe_top1_gap", "probe_top1_pixels"):
     if key in r:
       row[key] = r[key]
   if "eval_accuracy" in r:  # fine-tuning: the split is the run's data.eval_split
     row["finetune"] = r["eval_accuracy"]
-    row["split"] = _config(workdir).data.get("eval_split", "test")
+    row["split"] = _split(workdir)
   seconds = os.path.join(root, f"{name}.seconds")
   if os.path.isfile(seconds):
     with open(seconds) as f:
       row["seconds"] = int(f.read().strip())
   return row
+
+
+def _split(workdir: str) -> str:
+  """The split a run scored: its data.eval_split, or the source's default when that is ""."""
+  from mim_jax.data import sources
+  return sources.eval_split(_config(workdir).data)
 
 
 def _pct(value) -> str:

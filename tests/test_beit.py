@@ -78,7 +78,8 @@ def test_targets_are_the_frozen_tokenizers_codes_and_get_no_gradient(tokenizer_d
   loaded, _ = io.load_tokenizer(tokenizer_dir)
   np.testing.assert_array_equal(extra["tokenizer"]["codebook"], loaded["codebook"])
   codes = method.targets(extra, batch["image"])
-  np.testing.assert_array_equal(codes, tokenizers_models.tokenize(method.target.model, loaded, batch["image"], True))
+  np.testing.assert_array_equal(
+      codes, tokenizers_models.tokenize(method.target.model, loaded, batch["image"], True))
   loss_of_extra = lambda ex: method.loss(params, ex, batch, jax.random.key(2))[0]
   grads = jax.grad(loss_of_extra)(jax.tree.map(jnp.asarray, extra))
   assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(grads))

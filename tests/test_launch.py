@@ -331,6 +331,7 @@ def test_results_script_fine_tunes_each_seed_with_the_held_out_choice(tmp_path, 
   for seed, call in enumerate(calls[5:]):
     # Every grid point scored 0.5 on the held-out split: the tie goes to the first.
     assert "--config.optimizer.base_lr=0.001" in call and "--config.num_epochs=15" in call
+    assert "--config.classifier.mixup_alpha=0" not in call  # lr1e-3, not lr1e-3_nomix
     assert f"--config.seed={seed}" in call
     assert f"--config.init_from={tmp_path}/root/mae_e50" in call
     assert not any("holdout" in a for a in call)  # the final runs are scored on test

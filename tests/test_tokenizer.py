@@ -115,12 +115,14 @@ def test_codes_are_stable_after_export_and_reload(tmp_path):
   tok = {"params": params, "codebook": extra["codebook"]}
   codes = tokenizers_models.tokenize(method.model, tok, images, l2=True)
   assert codes.shape == (4, 16) and codes.dtype == jnp.int32
-  np.testing.assert_array_equal(codes, tokenizers_models.tokenize(method.model, tok, images, l2=True))
+  np.testing.assert_array_equal(
+      codes, tokenizers_models.tokenize(method.model, tok, images, l2=True))
   method.export(str(tmp_path), jax.device_get(params), jax.device_get(extra), {})
   loaded, info = io.load_tokenizer(str(tmp_path))  # a workdir: finds tokenizer/
   assert (info["vocab_size"], info["grid"], info["patch_size"], info["channels"]) == (
       16, [4, 4], 4, 3)
-  np.testing.assert_array_equal(codes, tokenizers_models.tokenize(method.model, loaded, images, l2=True))
+  np.testing.assert_array_equal(
+      codes, tokenizers_models.tokenize(method.model, loaded, images, l2=True))
   _, again = io.load_tokenizer(str(tmp_path / "tokenizer"))  # the export directory itself
   assert again == info
 
@@ -136,8 +138,9 @@ def test_code_usage_over_a_split_counts_every_token_once(tmp_path):
   out = usage.code_usage(str(tmp_path), c.data, split="train", batch_size=10)
   images = next(data.make_eval_iterator(c.data, image_size=(16, 16), channels=3, batch_size=37,
                                         split="train"))["image"]
-  codes = np.asarray(tokenizers_models.tokenize(method.model, {"params": params, "codebook": extra["codebook"]},
-                                 jnp.asarray(images), l2=True))
+  tokenizer = {"params": params, "codebook": extra["codebook"]}
+  codes = np.asarray(tokenizers_models.tokenize(method.model, tokenizer, jnp.asarray(images),
+                                                l2=True))
   counts = np.bincount(codes.reshape(-1), minlength=16)
   p = counts[counts > 0] / counts.sum()
   assert out["tokens"] == 37 * 16 and out["vocab_size"] == 16

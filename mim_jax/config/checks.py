@@ -1,5 +1,5 @@
-"""The helpers every config check is written with; they import no other part of mim_jax, so
-any module (the input pipeline's parts included) can check its own config block.
+"""The helpers every config check is written with; they import only config/errors.py, so any
+module (the input pipeline's parts included) can check its own config block.
 
   require(ok, field, value, allowed, hint="")     the one way to fail a check
   is_int / is_number / positive_int / pair        value tests

@@ -143,7 +143,8 @@ class Data2Vec(base.PretrainingMethod):
                                            mutable=["intermediates"])
     else:
       _, aux = self.teacher.apply({"params": teacher_params}, images, train=False)
-    target = teachers.layer_average_targets(aux["blocks"], self.top_k, self.block_norm, self.final_norm)
+    target = teachers.layer_average_targets(aux["blocks"], self.top_k, self.block_norm,
+                                            self.final_norm)
     if not attention:
       return jax.lax.stop_gradient(target)
     return jax.lax.stop_gradient(

@@ -3,6 +3,7 @@
   pool_tokens      tokens [B, T, D] -> features [B, D] (cls token or mean of patch tokens)
   ProbeHead        BatchNorm without affine parameters + linear layer (the MAE linear probe)
   ViTClassifier    encoder + pooling (+ fc_norm for mean pooling) + linear head (fine-tuning)
+  DINOHead         DINO / iBOT's projection head over prototypes; dino_head_flops its cost
 """
 
 from __future__ import annotations

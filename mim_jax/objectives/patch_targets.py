@@ -99,7 +99,7 @@ class Tokens(PatchTarget):
 
   def __call__(self, state, images):
     return tokenizers.tokenize(self.model, jax.lax.stop_gradient(state), images, self.l2,
-                       self.info["kind"])
+                               self.info["kind"])
 
   def init_extra(self):
     shapes = jax.eval_shape(self.model.init, jax.random.key(0),

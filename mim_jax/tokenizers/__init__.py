@@ -8,5 +8,5 @@
                 teacher's features through an l2-normalised codebook
   dvae.py       the "dvae_tokenizer" method (Gumbel-softmax, annealed temperature, KL prior)
   io.py         the export layout (WORKDIR/tokenizer/) and loading it for BEiT
-  validation.py config checks for tokenizer runs and for BEiT's `tokenizer.path`
+  usage.py      codebook usage of a trained tokenizer over a whole split (a command line)
 """
