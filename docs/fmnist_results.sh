@@ -13,8 +13,12 @@
 #   finetune_scratch  from MAE, from scratch, and from scratch for as many more epochs as MAE
 #   finetune_matched  pre-training cost in model FLOPs (docs/fmnist_tools.py matched_epochs)
 #   lowlabel      1% and 10% of the labels: MAE vs scratch
-#   methods       METHODS (simmim maskfeat beit data2vec ibot) for PRE_EPOCHS (30) epochs with
-#                 the same monitoring, then probe + k-NN and one fine-tuning run
+#   methods       METHODS (maskfeat beit simmim data2vec ibot data2vec2 maskdistill) for
+#                 PRE_EPOCHS (30) epochs with the same monitoring, then probe + k-NN and one
+#                 fine-tuning run; MaskDistill distils the MAE encoder of pretrain_mae
+#   distill       the 3-epoch rows of the feature-distillation methods beside the other
+#                 3-epoch rows: MaskDistill (teacher: the MAE encoder), BEiT v2's VQ-KD
+#                 tokenizer (same teacher), BEiT reading it; k-NN on the test split of each
 #   ratio         MAE at masking ratios 0.5 / 0.6 / 0.9: probe + k-NN + fine-tuning
 #   study         the target-level study: configs/mim_fmnist.py with each of TARGETS (pixels
 #                 norm_pixels hog tokens teacher_features) for STUDY_EPOCHS (5) epochs, the
@@ -36,8 +40,8 @@ set -u
 cd "$(dirname "$0")/.."
 ROOT=${1:-workdirs/fmnist_results}
 SECTIONS=${SECTIONS:-"pretrain_mae baselines probe_mae tune_scratch tune_mae finetune_mae
-finetune_scratch finetune_matched lowlabel methods ratio study"}
-METHODS=${METHODS:-"maskfeat beit simmim data2vec ibot"}
+finetune_scratch finetune_matched lowlabel methods ratio distill study"}
+METHODS=${METHODS:-"maskfeat beit simmim data2vec ibot data2vec2 maskdistill"}
 TARGETS=${TARGETS:-"pixels norm_pixels hog tokens teacher_features"}
 STUDY_EPOCHS=${STUDY_EPOCHS:-5}
 STUDY_MASKINGS=${STUDY_MASKINGS:-"blockwise random75"}
@@ -157,6 +161,7 @@ if has methods; then
       tokenizer
       extra=(--config.tokenizer.path="$ROOT/beit_tokenizer")
     fi
+    [ "$method" = maskdistill ] && extra=(--config.teacher.path="$MAE")
     pretrain "${method}_e$PRE_EPOCHS" "$method" "$PRE_EPOCHS" "${extra[@]}"
     probe "probe_${method}_e$PRE_EPOCHS" --config.init_from="$ROOT/${method}_e$PRE_EPOCHS"
     flags=$(pick tune_mae) || exit 1
@@ -173,6 +178,18 @@ if has ratio; then
     # shellcheck disable=SC2086
     ft "ft_mae_r${ratio}_s0" "" --config.init_from="$ROOT/mae_e${MAE_EPOCHS}_r$ratio" $flags
   done
+fi
+
+if has distill; then
+  # The settings of the other 3-epoch rows (configs/*_fmnist.py as they are: all 60,000
+  # training images, no monitor), so these rows sit in the same table.
+  run maskdistill_e3 --config=configs/maskdistill_fmnist.py --config.teacher.path="$MAE" \
+      "${TRAIN[@]}"
+  run knn_maskdistill_e3 --config=configs/knn_fmnist.py --config.init_from="$ROOT/maskdistill_e3"
+  run vqkd_tokenizer --config=configs/vqkd_tokenizer_fmnist.py --config.teacher.path="$MAE"
+  run beit_vqkd_e3 --config=configs/beit_fmnist.py --config.tokenizer.path="$ROOT/vqkd_tokenizer" \
+      "${TRAIN[@]}"
+  run knn_beit_vqkd_e3 --config=configs/knn_fmnist.py --config.init_from="$ROOT/beit_vqkd_e3"
 fi
 
 if has study; then
