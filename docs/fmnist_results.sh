@@ -83,6 +83,7 @@ pretrain() {  # NAME METHOD EPOCHS [overrides]: pre-training with k-NN on the he
       "${monitor[@]}" "${TRAIN[@]}" "$@"
 }
 probe() { run "$1" --config=configs/linprobe_fmnist.py "${@:2}"; }
+knn() { run "knn_$1" --config=configs/knn_fmnist.py --config.init_from="$ROOT/$1"; }  # on test
 ft() {
   run "$1" --config=configs/finetune_fmnist.py"${2}" --config.num_epochs="$FT_EPOCHS" \
       "${TRAIN[@]}" "${@:3}"
@@ -185,11 +186,11 @@ if has distill; then
   # training images, no monitor), so these rows sit in the same table.
   run maskdistill_e3 --config=configs/maskdistill_fmnist.py --config.teacher.path="$MAE" \
       "${TRAIN[@]}"
-  run knn_maskdistill_e3 --config=configs/knn_fmnist.py --config.init_from="$ROOT/maskdistill_e3"
+  knn maskdistill_e3
   run vqkd_tokenizer --config=configs/vqkd_tokenizer_fmnist.py --config.teacher.path="$MAE"
   run beit_vqkd_e3 --config=configs/beit_fmnist.py --config.tokenizer.path="$ROOT/vqkd_tokenizer" \
       "${TRAIN[@]}"
-  run knn_beit_vqkd_e3 --config=configs/knn_fmnist.py --config.init_from="$ROOT/beit_vqkd_e3"
+  knn beit_vqkd_e3
 fi
 
 if has study; then
@@ -210,7 +211,7 @@ if has study; then
           --config.num_epochs="$STUDY_EPOCHS" \
           --config.optimizer.warmup_epochs="$(python -c "print($STUDY_EPOCHS / 10)")" \
           "${holdout[@]}" --config.knn.every_epochs="$STUDY_EPOCHS" "${TRAIN[@]}" "${extra[@]}"
-      run "knn_$name" --config=configs/knn_fmnist.py --config.init_from="$ROOT/$name"
+      knn "$name"
     done
   done
 fi
