@@ -65,10 +65,14 @@ run() {  # NAME, then the arguments of mim_jax.main
   # An interrupted run resumes: its time so far is kept and added to.
   local before=0
   [ -f "$ROOT/$name.seconds" ] && before=$(cat "$ROOT/$name.seconds")
-  local start=$SECONDS
-  python -m mim_jax.main "$@" --workdir="$ROOT/$name" >> "$ROOT/$name.log" 2>&1 \
-      || { echo "$name failed: see $ROOT/$name.log"; exit 1; }
+  local start=$SECONDS status=0
+  python -m mim_jax.main "$@" --workdir="$ROOT/$name" >> "$ROOT/$name.log" 2>&1 || status=$?
   echo $((before + SECONDS - start)) > "$ROOT/$name.seconds"
+  case $status in
+    0) ;;
+    75) echo "$name stopped by SIGTERM with its checkpoint written: rerun to resume"; exit 75 ;;
+    *) echo "$name failed (exit $status): see $ROOT/$name.log"; exit 1 ;;
+  esac
 }
 
 has() { [[ " $SECTIONS " == *" $1 "* ]]; }

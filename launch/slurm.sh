@@ -4,7 +4,7 @@
 # Usage:
 #   bash launch/slurm.sh --nodes=N --gpus-per-node=G --workdir=DIR --config=CONFIG \
 #       [--partition=P] [--time=HH:MM:SS] [--account=A] [--job-name=NAME] [--python=BIN] \
-#       [--dry-run] [-- extra mim_jax.main flags]
+#       [--requeue[=SECONDS]] [--dry-run] [-- extra mim_jax.main flags]
 #
 # Example:
 #   bash launch/slurm.sh --nodes=2 --gpus-per-node=8 --workdir=/shared/ckpt/mae_vitl \
@@ -18,13 +18,18 @@
 # in this checkout with the `python` (or --python) found at submission time: activate the
 # environment first. --dry-run prints the sbatch script and the sbatch command, and submits
 # nothing.
+#
+# --requeue[=SECONDS] (default 120) makes a run longer than --time, or one preempted, go on by
+# itself: SLURM sends SIGTERM that many seconds before the time limit (--signal), every
+# process saves a checkpoint at the same step and exits 75, and the job requeues itself
+# (scontrol requeue); the requeued job resumes from that checkpoint. Any other exit ends it.
 set -euo pipefail
 
 # shellcheck source=launch/common.sh
 source "$(dirname "$0")/common.sh"
 
 nodes="" gpus_per_node="" workdir="" config="" partition="" time_limit="" account=""
-job_name="mim_jax" python_bin="python" dry_run=0
+job_name="mim_jax" python_bin="python" dry_run=0 requeue=""
 extra=()
 while (($#)); do
   case "$1" in
@@ -37,6 +42,8 @@ while (($#)); do
     --account=*) account="${1#*=}" ;;
     --job-name=*) job_name="${1#*=}" ;;
     --python=*) python_bin="${1#*=}" ;;
+    --requeue) requeue=120 ;;
+    --requeue=*) requeue="${1#*=}" ;;
     --dry-run) dry_run=1 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; extra=("$@"); break ;;
@@ -51,6 +58,9 @@ done
 [[ -n "$config" ]] || die "--config is required (e.g. configs/mae_vitb.py)"
 [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes=$nodes must be a positive integer"
 [[ "$gpus_per_node" =~ ^[1-9][0-9]*$ ]] || die "--gpus-per-node=$gpus_per_node must be a positive integer"
+if [[ -n "$requeue" && ! "$requeue" =~ ^[1-9][0-9]*$ ]]; then
+  die "--requeue=$requeue must be a positive number of seconds (the warning before the time limit)"
+fi
 if [[ -n "$time_limit" && ! "$time_limit" =~ ^([0-9]+-)?[0-9]+(:[0-9]{1,2}){0,2}$ ]]; then
   die "--time=$time_limit must look like HH:MM:SS or D-HH:MM:SS"
 fi
@@ -73,6 +83,17 @@ if ((${#extra[@]})); then
   quoted_extra="${quoted_extra% }"
 fi
 
+requeue_tail=""
+if [[ -n "$requeue" ]]; then
+  # 75: every process saved the checkpoint of one step after SIGTERM (mim_jax run_errors).
+  requeue_tail=' && status=0 || status=$?
+if [[ $status -eq 75 ]]; then
+  echo "stopped by SIGTERM with a checkpoint written: requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit $status'
+fi
+
 sbatch_script() {
   cat <<EOF
 #!/usr/bin/env bash
@@ -85,6 +106,10 @@ EOF
   [[ -z "$partition" ]] || echo "#SBATCH --partition=${partition}"
   [[ -z "$time_limit" ]] || echo "#SBATCH --time=${time_limit}"
   [[ -z "$account" ]] || echo "#SBATCH --account=${account}"
+  if [[ -n "$requeue" ]]; then
+    echo "#SBATCH --requeue"
+    echo "#SBATCH --signal=TERM@${requeue}"
+  fi
   cat <<EOF
 # ${nodes} node(s) x ${gpus_per_node} task(s) = $((nodes * gpus_per_node)) processes, one per GPU: every task sees its
 # node's GPUs and JAX's SLURM detection gives it GPU number SLURM_LOCALID.
@@ -92,7 +117,7 @@ set -euo pipefail
 cd $(printf '%q' "$repo")
 export PYTHONUNBUFFERED=1
 srun --label --kill-on-bad-exit=1 $(printf '%q' "$python_bin") -m mim_jax.main \\
-    --config=$(printf '%q' "$config") --workdir=$(printf '%q' "$workdir")${quoted_extra}
+    --config=$(printf '%q' "$config") --workdir=$(printf '%q' "$workdir")${quoted_extra}${requeue_tail}
 EOF
 }
 

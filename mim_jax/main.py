@@ -166,6 +166,9 @@ def run_from_flags(flag_values: flags.FlagValues) -> None:
   except (ConfigError, checkpoint.WorkdirNotWritableError, data.IdxFormatError,
           data.BadImageError) as e:
     _fail(str(e))
+  except run_errors.Preempted as e:  # not an error: the checkpoint is written
+    print(str(e), file=sys.stderr)
+    sys.exit(e.exit_code)
   except run_errors.RunError as e:
     _fail(str(e), e.exit_code)
   except jax.errors.JaxRuntimeError as e:

@@ -216,6 +216,11 @@ def test_finetune_from_pretrained_and_low_label_run(pretrained_workdir, tmp_path
   assert results["eval_count"] == 64 and np.isfinite(results["eval_loss"])
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert any("eval_accuracy" in r for r in rows)
+  # Resumed from its final checkpoint without results (as after a preemption at the last
+  # step), the run evaluates again instead of ending without results.json.
+  os.remove(tmp_path / "results.json")
+  assert int(train.run(config, str(tmp_path)).step) == 3
+  assert json.load(open(tmp_path / "results.json")) == results
 
 
 def test_knn_job_writes_results(pretrained_workdir, tmp_path):

@@ -85,6 +85,32 @@ def test_slurm_submits_the_written_script(tmp_path):
   assert syntax.returncode == 0, syntax.stderr
 
 
+@pytest.mark.parametrize("status,requeued", [(75, True), (0, False), (3, False)])
+def test_slurm_requeue_resubmits_only_a_run_stopped_by_sigterm(tmp_path, status, requeued):
+  """--requeue: SIGTERM before the time limit; exit 75 (checkpoint written) requeues the job,
+  a finished (0) or failed (3) run does not. The generated script runs against stub srun and
+  scontrol."""
+  env = _fake_bin(tmp_path, "srun", f"exit {status}")
+  _fake_bin(tmp_path, "scontrol", "")
+  out = _bash(SLURM, *SLURM_ARGS, "--requeue=300", "--dry-run")
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.splitlines()
+  assert "#SBATCH --requeue" in lines and "#SBATCH --signal=TERM@300" in lines
+  script = tmp_path / "job.sbatch"
+  script.write_text("\n".join(lines[1:lines.index("# command:")]) + "\n")
+  job = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60,
+                       env=dict(env, SLURM_JOB_ID="42"))
+  assert job.returncode == status, job.stderr
+  calls = (tmp_path / "calls.log").read_text().splitlines()
+  assert calls[0].startswith("--label --kill-on-bad-exit=1 ") and "-m mim_jax.main" in calls[0]
+  assert calls[1:] == (["requeue 42"] if requeued else [])
+
+
+def test_slurm_without_requeue_has_no_signal_or_requeue():
+  out = _bash(SLURM, *SLURM_ARGS, "--dry-run")
+  assert "--signal" not in out.stdout and "requeue" not in out.stdout
+
+
 @pytest.mark.parametrize("missing", ["--nodes", "--gpus-per-node", "--workdir", "--config"])
 def test_slurm_missing_argument_is_named(missing):
   args = [a for a in SLURM_ARGS if not a.startswith(missing + "=")]
@@ -97,6 +123,7 @@ def test_slurm_missing_argument_is_named(missing):
     ("--nodes=0", "--nodes=0 must be a positive integer"),
     ("--gpus-per-node=two", "--gpus-per-node=two must be a positive integer"),
     ("--time=soon", "--time=soon must look like"),
+    ("--requeue=0", "--requeue=0 must be a positive number of seconds"),
     ("--frobnicate", "unknown argument '--frobnicate'"),
 ])
 def test_slurm_bad_argument_is_named(bad, match):
@@ -223,6 +250,7 @@ GPU_RESULTS = REPO / "docs" / "fmnist_gpu.sh"
 _MAIN_STUB = """
 if [ "$1 $2" = "-m mim_jax.main" ]; then
   printf '%%s\\t' "${@:3}" >> "$MAIN_CALLS"; echo >> "$MAIN_CALLS"
+  [ "${MAIN_STATUS:-0}" = 0 ] || exit "$MAIN_STATUS"
   for a in "$@"; do
     case $a in --workdir=*) w=${a#--workdir=}; mkdir -p "$w"
       echo '{"data": {"eval_split": "holdout"}}' > "$w/config.json"
@@ -275,6 +303,22 @@ def test_results_script_passes_train_flags_to_training_runs_only(tmp_path):
   assert "--config.a=1" not in probe
   # A second run skips what finished.
   assert _results_calls(tmp_path, RESULTS, SECTIONS="pretrain_mae probe_mae") == calls
+
+
+@pytest.mark.parametrize("status,code,says", [(75, 75, "stopped by SIGTERM"),
+                                               (3, 1, "failed (exit 3)")])
+def test_results_script_stops_at_a_run_that_did_not_finish(tmp_path, status, code, says):
+  """A preempted run (exit 75) or a failed one stops the script at that run, with its time so
+  far kept for the resumed run, instead of going on as if it had finished."""
+  import sys
+  stub_env = _fake_bin(tmp_path, "python", _MAIN_STUB % sys.executable)
+  calls = tmp_path / "main_calls.log"
+  out = _bash(RESULTS, str(tmp_path / "root"), env=dict(
+      stub_env, MAIN_CALLS=str(calls), MAIN_STATUS=str(status), SECTIONS="pretrain_mae probe_mae"))
+  assert out.returncode == code, out.stdout + out.stderr
+  assert f"mae_e50 {says}" in out.stdout
+  assert len(calls.read_text().splitlines()) == 1  # the probe did not start
+  assert (tmp_path / "root" / "mae_e50.seconds").read_text().strip().isdigit()
 
 
 def test_results_script_command_lines_are_valid_configs(tmp_path, monkeypatch):

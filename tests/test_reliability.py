@@ -185,7 +185,7 @@ def test_kill9_at_random_moments_resumes_bit_exact(tmp_path):
 
 
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
-  """JAX's preemption sync: SIGTERM to process 1 only; both save the same step and exit 0."""
+  """JAX's preemption sync: SIGTERM to process 1 only; both save the same step and exit 75."""
   from test_multiprocess import CLUSTER_VARS, _free_port
   workdir = tmp_path / "run"
   env = dict(_env(), JAX_NUM_CPU_DEVICES="1")
@@ -208,7 +208,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
       if proc.poll() is None:
         proc.kill()
   outputs = [log.read_text() for log in logs]
-  assert codes == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+  assert codes == [75, 75], outputs[0][-2000:] + outputs[1][-2000:]
   assert time.time() - signalled < 60
   stops = [set(map(int, re.findall(r"checkpoint for step (\d+) written after SIGTERM", out)))
            for out in outputs]
@@ -333,6 +333,15 @@ def test_run_errors_map_to_exit_codes(monkeypatch, tmp_path, capsys):
     assert exit_info.value.code == expected
     assert capsys.readouterr().err.strip() == f"error: {error}"
   assert (run_errors.NonFiniteError.exit_code, run_errors.CheckpointSaveError.exit_code) == (3, 4)
+  # A preempted run is not an error, and not a finished run either.
+  def preempted(config, workdir):
+    raise run_errors.Preempted(7, workdir)
+  monkeypatch.setattr(train, "run", preempted)
+  with pytest.raises(SystemExit) as exit_info:
+    main.cli(["mim_jax.main", RUNLOCAL, f"--workdir={tmp_path}"])
+  assert exit_info.value.code == run_errors.EXIT_PREEMPTED == 75
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("stopped after a preemption notice") and "step 7" in err
 
 
 # ----------------------------------------------------------------------------- 4. data faults

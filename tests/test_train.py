@@ -171,7 +171,7 @@ def test_unwritable_workdir_fails_before_training(tmp_path):
     os.chmod(tmp_path / "ro", 0o700)
 
 
-def test_sigterm_saves_and_exits_zero_then_resume_finishes(tmp_path):
+def test_sigterm_saves_and_exits_75_then_resume_finishes(tmp_path):
   workdir = tmp_path / "w"
   cmd = [sys.executable, "-m", "mim_jax.main", f"--config={REPO}/configs/mae_vitb.py:runlocal",
          f"--workdir={workdir}", "--config.total_steps=100000", "--config.checkpoint_every=1000",
@@ -190,10 +190,11 @@ def test_sigterm_saves_and_exits_zero_then_resume_finishes(tmp_path):
   out, _ = proc.communicate(timeout=120)
   # Bounded: the step in progress, one checkpoint write and shutdown (generous for loaded CI).
   assert time.time() - signalled < 30, out
-  assert proc.returncode == 0, out
+  # Not 0: a preempted run must not pass for a finished one (run_errors.EXIT_PREEMPTED).
+  assert proc.returncode == 75, out
   saved = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
   assert saved and saved[-1] >= 3, (saved, out)
-  assert "after SIGTERM" in out
+  assert "after SIGTERM" in out and "run the same command to continue" in out
   # It stopped at a step boundary and saved exactly that step: the last one it logged.
   assert max(json.loads(line)["step"] for line in metrics.read_text().splitlines()) == saved[-1]
 

@@ -59,7 +59,8 @@ def train(config, workdir: str) -> step_lib.TrainState:
   The method is a pre-training method, a tokenizer or a trained evaluation (linprobe,
   finetune, which start from `config.init_from` and score the evaluation split; results.json
   holds the final numbers). Returns the final TrainState. On SIGTERM (a preemption notice) it
-  saves at the next step boundary, agreed by all processes, and returns. Raises
+  saves at the next step boundary, agreed by all processes, and raises run_errors.Preempted
+  (exit code 75), so that no caller mistakes a stopped run for a finished one. Raises
   NonFiniteError after config.max_consecutive_nonfinite non-finite steps in a row and
   CheckpointSaveError after config.max_consecutive_failed_saves failed checkpoint writes in
   a row (see run_errors).
@@ -118,6 +119,17 @@ def train(config, workdir: str) -> step_lib.TrainState:
     knn = frozen.KnnMonitor(config) if knn_every else None
     final_metrics: dict[str, float] = {}
 
+    def evaluations(step: int, state, at_end: bool) -> None:
+      """The evaluation and k-NN monitor due at `step` (both at the end of the run)."""
+      if evaluate is not None and (at_end or (eval_every and step % eval_every == 0)):
+        final_metrics.update(evaluate(state))
+        writer.write_scalars(step, final_metrics)
+        log.info("step %d | %s", step, _format(final_metrics))
+      if knn is not None and (at_end or step % knn_every == 0):
+        final_metrics.update(knn(method.encoder_params(state.params, state.extra)))
+        writer.write_scalars(step, final_metrics)
+        log.info("step %d | %s", step, _format(final_metrics))
+
     batch_keys = r.batch_keys()
     step = start_step
     t_last, step_last = time.perf_counter(), step
@@ -150,15 +162,7 @@ def train(config, workdir: str) -> step_lib.TrainState:
           break
         if draw is not None and (step % viz_every == 0 or step == last_step):
           draw(step, state.params, state.extra)
-        if evaluate is not None and ((eval_every and step % eval_every == 0)
-                                     or step == last_step):
-          final_metrics.update(evaluate(state))
-          writer.write_scalars(step, final_metrics)
-          log.info("step %d | %s", step, _format(final_metrics))
-        if knn is not None and (step % knn_every == 0 or step == last_step):
-          final_metrics.update(knn(method.encoder_params(state.params, state.extra)))
-          writer.write_scalars(step, final_metrics)
-          log.info("step %d | %s", step, _format(final_metrics))
+        evaluations(step, state, at_end=step == last_step)
         if ckpt.should_save(step):
           # The save copies the state to the host anyway, so reading the streak costs nothing;
           # a run that has diverged stops here instead of writing a checkpoint.
@@ -167,17 +171,22 @@ def train(config, workdir: str) -> step_lib.TrainState:
           writer.flush()  # the rows up to a checkpoint are stored before it (gs:// buffers)
           ckpt.save(step, state, train_iter)
 
-    if not preempted.triggered:
-      if ckpt.latest_step() != step:
-        ckpt.save(step, state, train_iter, force=True)
-      ckpt.wait()
-      if config.get("export_encoder", False) and step == last_step:
-        # The run's end product (the encoder, a tokenizer). Collective: every process gathers
-        # the state and takes part in the Orbax save.
-        method.export(workdir, _to_host(state.params), _to_host(state.extra),
-                      _model_info(config))
-      if final_metrics and step == last_step and is_chief:
-        _write_results(workdir, config, step, final_metrics)
+    if preempted.triggered:
+      raise run_errors.Preempted(step, workdir)
+    if start_step == last_step:
+      # Resumed from the final checkpoint (one written after a notice at the last step, or a
+      # rerun whose results were removed): the end-of-run evaluations have not run yet.
+      evaluations(step, state, at_end=True)
+    if ckpt.latest_step() != step:
+      ckpt.save(step, state, train_iter, force=True)
+    ckpt.wait()
+    if config.get("export_encoder", False) and step == last_step:
+      # The run's end product (the encoder, a tokenizer). Collective: every process gathers
+      # the state and takes part in the Orbax save.
+      method.export(workdir, _to_host(state.params), _to_host(state.extra),
+                    _model_info(config))
+    if final_metrics and step == last_step and is_chief:
+      _write_results(workdir, config, step, final_metrics)
   finally:
     # Also on errors: an in-flight checkpoint write completes, worker processes stop.
     ckpt.close()

@@ -1,12 +1,15 @@
 """Errors that end a training run early, each with the exit code `python -m mim_jax.main` uses.
 
-  0  the run finished, or stopped cleanly after a preemption notice (its checkpoint is written)
+  0  the run finished
   1  an unexpected error: a bug, reported with Python's traceback
   2  bad input found before training: configuration, command line, workdir, data files
   3  training diverged: the loss or gradients were non-finite for too many consecutive steps
   4  checkpoints could not be written for too many consecutive attempts
   5  a multi-process run lost one of its processes (killed, crashed, preempted without notice):
      the others stop too instead of waiting for it
+ 75  the run stopped cleanly after a preemption notice (SIGTERM): its checkpoint is written and
+     the same command continues it (75 is sysexits' EX_TEMPFAIL, "try again later"; not 0, so
+     that a scheduler, a job array or a script never takes a preempted run for a finished one)
 
 A `RunError` carries its own code; main.py maps the start-up errors of other modules to 2.
 In every case the checkpoints already written stay intact: a run is resumed from the latest
@@ -19,6 +22,7 @@ EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 EXIT_CHECKPOINT_FAILED = 4
 EXIT_PEER_LOST = 5
+EXIT_PREEMPTED = 75
 
 
 class RunError(RuntimeError):
@@ -35,3 +39,17 @@ class CheckpointSaveError(RunError):
   """Checkpoint writes failed `config.max_consecutive_failed_saves` times in a row, or the
   final / preemption checkpoint could not be written."""
   exit_code = EXIT_CHECKPOINT_FAILED
+
+
+class Preempted(RunError):
+  """The run saved a checkpoint after a preemption notice (SIGTERM) and stopped before its end.
+
+  Not a failure: `python -m mim_jax.main` prints the message without "error:" and exits
+  EXIT_PREEMPTED, and the same command resumes from `step`.
+  """
+  exit_code = EXIT_PREEMPTED
+
+  def __init__(self, step: int, workdir: str):
+    super().__init__(f"stopped after a preemption notice (SIGTERM) with the checkpoint of step "
+                     f"{step} written in {workdir}: run the same command to continue")
+    self.step = step
