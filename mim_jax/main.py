@@ -103,18 +103,24 @@ def _unknown_overrides(argv: Sequence[str]) -> list[ConfigError]:
   path = _config_path(argv)
   if path is None:
     return []
-  probe = flags.FlagValues()
-  probe_argv = [argv[0], f"--config={path}"]
-  config_flags.DEFINE_config_file("config", None, "", flag_values=probe, sys_argv=probe_argv)
   try:
-    probe(probe_argv)
-    known = set(dotted_keys(probe.config))
+    file_config = _load_config_file(path)
+    known = set(dotted_keys(file_config))
   except Exception:  # pylint: disable=broad-except  # the original error is reported instead
     return []
   fields = [m.group(1) for m in map(_OVERRIDE.match, argv[1:]) if m]
   from mim_jax import registry  # only on this error path: keeps `--help` fast
-  return [registry.unused_field_error(f, probe.config.method) or unknown_field_error(f, known)
+  return [registry.unused_field_error(f, file_config.method) or unknown_field_error(f, known)
           for f in dict.fromkeys(fields) if f not in known]
+
+
+def _load_config_file(path: str):
+  """The config `path` (configs/X.py[:arg]) describes, without any `--config.*` override."""
+  probe = flags.FlagValues()
+  probe_argv = ["mim_jax.main", f"--config={path}"]
+  config_flags.DEFINE_config_file("config", None, "", flag_values=probe, sys_argv=probe_argv)
+  probe(probe_argv)
+  return probe.config
 
 
 def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
@@ -159,10 +165,15 @@ def run_from_flags(flag_values: flags.FlagValues) -> None:
   workdir = workdir_of(flag_values)
   try:
     config = flag_values.config
+    overrides = config_flags.get_override_values(flag_values["config"])
     if registry.method_class(config.method).kind in ("classifier", "job"):
-      pretrained.refuse_dropped_overrides(
-          config, config_flags.get_override_values(flag_values["config"]))
-    loop.run(config, workdir)
+      pretrained.refuse_dropped_overrides(config, overrides)
+    # Settings that would do nothing: the config file's own (against the method's defaults),
+    # then the overrides (against the file), so that an override switching a feature off
+    # does not turn the file's settings for it into errors.
+    file_config = _load_config_file(flag_values["config"].config_filename)
+    registry.check_unread_fields(file_config)
+    loop.run(config, workdir, file_config=file_config)
   except (ConfigError, checkpoint.WorkdirNotWritableError, data.IdxFormatError,
           data.BadImageError) as e:
     _fail(str(e))

@@ -86,8 +86,14 @@ def unused_field_error(field: str, method: str) -> ConfigError | None:
                      "method's config file.")
 
 
-def validate_config(config) -> None:
-  """All static checks (no devices, no data read beyond paths). Raises ConfigError."""
+def validate_config(config, file_config=None) -> None:
+  """All static checks (no devices, no data read beyond paths). Raises ConfigError.
+
+  `file_config`: for a command line, its config file loaded without the overrides; settings
+  a run would not read are then checked in the overrides only (the file's own are checked by
+  `check_unread_fields(file_config)`), else in every field that differs from the method's base
+  config.
+  """
   cls = method_class(config.method)
   want, have = set(dotted_keys(base_config(config.method))), set(dotted_keys(config))
   for field in sorted(have - want):
@@ -102,7 +108,18 @@ def validate_config(config) -> None:
                        f"'jit' for method {config.method!r}: its batch statistics do not yet "
                        "follow a mesh axis")
   cls.validate(config)
-  validation.check_unread(config, base_config(config.method), cls.unread_rules())
+  if file_config is None:
+    check_unread_fields(config)
+  else:
+    validation.check_unread(config, file_config, cls.unread_rules(),
+                            reference="config file's value")
+
+
+def check_unread_fields(config) -> None:
+  """ConfigError for a field that differs from the method's base config while the config
+  does not read it (validation.check_unread with the method's rules)."""
+  validation.check_unread(config, base_config(config.method),
+                          method_class(config.method).unread_rules())
 
 
 def build_method(config, length: TrainLength | None = None) -> Method:

@@ -41,6 +41,8 @@ from conftest import REPO, tiny_mae_config
      r"config.data.path='/nonexistent/fmnist'.*apt-get install -y dataset-fashion-mnist"),
     ({"data.source": "image_folder", "data.path": "/nonexistent/images"}, r"config.data.path"),
     ({"viz_every": -1}, r"config.viz_every=-1"),
+    # multistep without epochs would be a constant lr that ignores decay_factor.
+    ({"optimizer.schedule": "multistep"}, r"config.optimizer.decay_epochs=\(\) is invalid"),
 ])
 def test_invalid_config_names_field_value_and_allowed(overrides, match):
   with pytest.raises(ConfigError, match=match):
@@ -59,6 +61,29 @@ def test_invalid_config_names_field_value_and_allowed(overrides, match):
     ("finetune", {"data.subset_seed": 1}, r"data.subset_seed=1 is not used"),
     ("mae", {"data.num_workers": 0, "data.prefetch_buffer_size": 8},
      r"data.prefetch_buffer_size=8 is not used"),
+    ("mae", {"eval.batch_size": 64}, r"eval.batch_size=64 is not used: the k-NN monitor is off"),
+    ("mae", {"data.source": "fashion_mnist", "data.on_bad_image": "raise"},
+     r"on_bad_image='raise' is not used: only data.source 'image_folder', 'tfds' and 'npy'"),
+    ("mae", {"viz_every": 0, "viz_num_images": 4}, r"viz_num_images=4 is not used: pictures"),
+    ("simmim", {"viz_every": 0, "viz_channels": (0,)}, r"viz_channels=\(0,\) is not used"),
+    ("finetune", {"classifier.mixup_alpha": 0.0, "classifier.cutmix_alpha": 0.0,
+                  "classifier.mixup_prob": 0.5}, r"mixup_prob=0.5 is not used: Mixup and CutMix"),
+    ("finetune", {"classifier.mixup_alpha": 0.8, "classifier.mixup_switch_prob": 0.2},
+     r"mixup_switch_prob=0.2 is not used: it chooses between Mixup and CutMix"),
+    ("linprobe", {"classifier.features": "pixels", "classifier.pool": "gap"},
+     r"classifier.pool='gap' is not used: classifier.features='pixels' runs no encoder"),
+    ("ibot", {"channels": 1, "multicrop.grayscale_prob": 0.5},
+     r"grayscale_prob=0.5 is not used: grayscale conversion"),
+    ("ibot", {"multicrop.num_local": 0, "multicrop.local_size": (32, 32)},
+     r"local_size=\(32, 32\) is not used: there are no local views"),
+    ("ibot", {"ibot.warmup_teacher_temp_epochs": 0.0, "ibot.warmup_teacher_temp": 0.05},
+     r"warmup_teacher_temp=0.05 is not used: the teacher temperatures start"),
+    ("data2vec", {"teacher.ema_anneal_fraction": 0.0, "teacher.ema_decay": 0.99},
+     r"ema_decay=0.99 is not used: the EMA decay is teacher.ema_end_decay"),
+    ("data2vec2", {"teacher.ema_anneal_fraction": 0.0, "teacher.ema_decay": 0.99},
+     r"ema_decay=0.99 is not used"),
+    ("dvae_tokenizer", {"tokenizer.temp_anneal_fraction": 0.0, "tokenizer.temp_start": 2.0},
+     r"temp_start=2.0 is not used: the temperature is tokenizer.temp_end"),
 ])
 def test_fields_a_method_would_not_read_are_refused(method, overrides, match):
   """Settings that would silently do nothing (no k-NN monitor to score eval_split, a frozen
@@ -69,12 +94,45 @@ def test_fields_a_method_would_not_read_are_refused(method, overrides, match):
     validation.check_unread(c, registry.base_config(method),
                             registry.method_class(method).unread_rules())
   # With the setting that reads them, the same values are fine.
-  reading = {"mae": {"knn.every_epochs": 1, "data.num_workers": 2},
-             "knn": {"init_from": "random"}, "finetune": {"data.holdout": 100}}
-  if method in reading:
-    c.update_from_flattened_dict(reading[method])
+  # The setting that reads the refused field (the last one set); absent: never read.
+  reading = {"data.eval_split": {"knn.every_epochs": 1}, "eval.batch_size": {"knn.every_epochs": 1},
+             "data.prefetch_buffer_size": {"data.num_workers": 2},
+             "data.on_bad_image": {"data.source": "npy"},
+             "viz_num_images": {"viz_every": 10}, "viz_channels": {"viz_every": 10},
+             "seed": {"init_from": "random"}, "data.subset_seed": {"data.holdout": 100},
+             "classifier.mixup_prob": {"classifier.mixup_alpha": 0.8},
+             "classifier.mixup_switch_prob": {"classifier.mixup_alpha": 0.8,
+                                              "classifier.cutmix_alpha": 1.0},
+             "classifier.pool": {"classifier.features": "encoder"},
+             "multicrop.grayscale_prob": {"channels": 3},
+             "multicrop.local_size": {"multicrop.num_local": 2},
+             "ibot.warmup_teacher_temp": {"ibot.warmup_teacher_temp_epochs": 1.0},
+             "teacher.ema_decay": {"teacher.ema_anneal_fraction": 0.5},
+             "tokenizer.temp_start": {"tokenizer.temp_anneal_fraction": 0.5}}
+  fix = reading.get(list(overrides)[-1], {})
+  if fix and all(validation._has(c, field) for field in fix):
+    c.update_from_flattened_dict(fix)
     validation.check_unread(c, registry.base_config(method),
                             registry.method_class(method).unread_rules())
+
+
+def test_command_line_checks_its_overrides_against_the_config_file():
+  """mim_jax.main: the file's own settings are checked against the method's defaults, the
+  overrides against the file, so switching a feature off (no local views) is fine although
+  the file configures it, while an override the run would not read is still refused."""
+  from mim_jax import main
+  path = f"{REPO}/configs/ibot_fmnist.py"
+  file_config = main._load_config_file(path)
+  registry.check_unread_fields(file_config)
+  final = main._load_config_file(path)
+  final.multicrop.num_local = 0
+  with pytest.raises(ConfigError, match=r"local_scale=\(0.1, 0.35\) is not used"):
+    registry.validate_config(final)  # what a program building this config is told
+  registry.validate_config(final, file_config=file_config)
+  final.multicrop.local_size = (8, 8)
+  with pytest.raises(ConfigError, match=r"local_size=\(8, 8\) is not used: there are no local "
+                     r"views .* Leave it at its config file's value \(\(12, 12\)\)"):
+    registry.validate_config(final, file_config=file_config)
 
 
 def test_batch_must_split_over_devices_and_accumulation():
@@ -232,3 +290,10 @@ def test_encoder_fields_beside_init_from_must_match_the_export(tmp_path, capsys)
   c.init_from = export
   c.model.update({k[6:]: v for k, v in asked.items()})
   pretrained.refuse_dropped_overrides(c, asked)
+  # The raw-pixel baseline builds no encoder: its settings are refused, the variant (whose
+  # patch is still checked against image_size) is not.
+  c.init_from, c.classifier.features = "", "pixels"
+  with pytest.raises(ConfigError, match=r"config.model.dtype='bfloat16' is not used: "
+                     r"classifier.features='pixels' runs no encoder"):
+    pretrained.refuse_dropped_overrides(c, {"model.dtype": "bfloat16"})
+  pretrained.refuse_dropped_overrides(c, {"model.variant": "mu/4"})

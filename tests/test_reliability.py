@@ -426,7 +426,6 @@ def test_bad_data_files_give_exit_2_and_one_line_naming_the_file(tmp_path, capsy
   on_bad_image='raise' mode: `error: ...` naming the file, no traceback."""
   folder = _fmnist_folder(tmp_path / "fm", truncate=5)
   base = ["mim_jax.main", RUNLOCAL, "--config.data.source=fashion_mnist",
-          "--config.data.synthetic_size=10000",  # runlocal's 64, which a file source never reads
           f"--config.data.path={folder}", "--config.image_size=(32,32)", "--config.channels=1",
           "--config.data.mean=(0.5,)", "--config.data.std=(0.5,)"]
   with pytest.raises(SystemExit) as exit_info:
@@ -442,7 +441,7 @@ def test_bad_data_files_give_exit_2_and_one_line_naming_the_file(tmp_path, capsy
   with pytest.raises(SystemExit) as exit_info:
     main.cli(["mim_jax.main", RUNLOCAL, f"--workdir={tmp_path / 'w2'}",
               "--config.data.source=image_folder", f"--config.data.path={images.parent}",
-              "--config.data.synthetic_size=10000", "--config.data.on_bad_image=raise", "--config.data.num_workers=1",
+              "--config.data.on_bad_image=raise", "--config.data.num_workers=1",
               "--config.global_batch_size=7"])
   err = capsys.readouterr().err
   assert exit_info.value.code == 2, err

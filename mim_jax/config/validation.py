@@ -135,10 +135,12 @@ def validate_optimization(config) -> None:
   require(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, f"one of {SCHEDULES}")
   if opt.schedule == "multistep":
     epochs = tuple(opt.decay_epochs)
-    require(all(is_number(e) and opt.warmup_epochs <= e <= config.num_epochs for e in epochs)
+    # Empty would be a constant lr that ignores decay_factor: say 'cosine' or give epochs.
+    require(epochs and all(is_number(e) and opt.warmup_epochs <= e <= config.num_epochs
+                           for e in epochs)
             and list(epochs) == sorted(epochs), "optimizer.decay_epochs", epochs,
-            f"increasing epochs between warmup_epochs={opt.warmup_epochs} and "
-            f"num_epochs={config.num_epochs}")
+            f"one or more increasing epochs between warmup_epochs={opt.warmup_epochs} and "
+            f"num_epochs={config.num_epochs} (schedule='multistep' decays the lr there)")
     require(is_number(opt.decay_factor) and 0 < opt.decay_factor <= 1,
             "optimizer.decay_factor", opt.decay_factor, "a number in (0, 1]")
   require(is_number(opt.clip_grad_norm) and opt.clip_grad_norm >= 0, "optimizer.clip_grad_norm",
@@ -332,12 +334,19 @@ UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
      "only data.source='tfds' reads it"),
     (("data.synthetic_size",), lambda c: c.data.source == "synthetic",
      "only data.source='synthetic' reads it"),
-    (("knn.k", "knn.temperature", "data.eval_split", "data.eval_path"),
+    # Fashion-MNIST's IDX arrays and generated images cannot be undecodable (a malformed IDX
+    # file is an error of its own): only decoded files and free-form arrays can be bad.
+    (("data.on_bad_image",), lambda c: c.data.source in ("image_folder", "tfds", "npy"),
+     "only data.source 'image_folder', 'tfds' and 'npy' can hold undecodable images"),
+    (("knn.k", "knn.temperature", "data.eval_split", "data.eval_path", "eval.batch_size"),
      lambda c: "every_epochs" not in c.knn or c.knn.every_epochs > 0,
      "the k-NN monitor is off (knn.every_epochs=0), and nothing else of a pre-training run "
      "scores an evaluation split"),
-    (("classifier.probe_layer",), lambda c: c.classifier.get("features") != "pixels",
-     "classifier.features='pixels' takes no encoder block"),
+    (("classifier.probe_layer", "classifier.pool"),
+     lambda c: c.classifier.get("features") != "pixels",
+     "classifier.features='pixels' runs no encoder (no block to read, no tokens to pool)"),
+    (("viz_num_images", "viz_channels"), lambda c: c.viz_every > 0,
+     "pictures are off (viz_every=0)"),
     (("data.subset_seed",), lambda c: c.data.label_fraction < 1 or c.data.holdout > 0,
      "it draws only a label subset (data.label_fraction < 1) or a holdout (data.holdout > 0)"),
     (("data.prefetch_buffer_size",), lambda c: c.data.num_workers > 0,
@@ -345,10 +354,16 @@ UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
 ]
 
 
-def check_unread(config, defaults, method_rules=()) -> None:
-  """Raises ConfigError for a field that differs from its default in `defaults` (the method's
-  base config) while its rule (UNREAD_RULES, or the method's own) says the config does not
-  read it."""
+def check_unread(config, defaults, method_rules=(), reference: str = "default") -> None:
+  """Raises ConfigError for a field that differs from its value in `defaults` while its rule
+  (UNREAD_RULES, or the method's own) says the config does not read it.
+
+  `defaults` is the method's base config (every field a config file or a program sets is
+  checked), or, for a command line, the config file as loaded without its overrides
+  (`reference="config file's value"`): then only what the command line changed is checked, so
+  an override that switches a feature off (e.g. viz_every=0) does not make the file's settings
+  for that feature errors.
+  """
   for fields, reads, why in [*UNREAD_RULES, *method_rules]:
     present = [f for f in fields if _has(config, f)]
     if not present or _reads(reads, config):
@@ -357,7 +372,8 @@ def check_unread(config, defaults, method_rules=()) -> None:
       value, default = get(config, field), get(defaults, field)
       if _normal(value) != _normal(default):
         raise ConfigError(f"config.{field}={value!r} is not used: {why}. Leave it at its "
-                          f"default ({default!r}) or change the setting that would read it.")
+                          f"{reference} ({default!r}) or change the setting that would read "
+                          "it.")
 
 
 def _reads(reads, config) -> bool:

@@ -40,6 +40,19 @@ class FineTune(base.Method):
     c.optimizer.layer_decay = 1.0  # < 1: layer-wise lr decay (pre-trained encoders)
 
   @classmethod
+  def unread_rules(cls):
+    def mixing(both):
+      def reads(config):
+        alphas = (config.classifier.mixup_alpha > 0, config.classifier.cutmix_alpha > 0)
+        return all(alphas) if both else any(alphas)
+      return reads
+    return [(("classifier.mixup_prob",), mixing(both=False),
+             "Mixup and CutMix are both off (mixup_alpha = cutmix_alpha = 0)"),
+            (("classifier.mixup_switch_prob",), mixing(both=True),
+             "it chooses between Mixup and CutMix, which needs both mixup_alpha and "
+             "cutmix_alpha > 0")]
+
+  @classmethod
   def validate(cls, config):
     classifier_base.validate_scored(config)
     c, opt = config.classifier, config.optimizer

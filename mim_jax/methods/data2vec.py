@@ -78,6 +78,12 @@ class Data2Vec(base.PretrainingMethod):
         block_norm="layer", final_norm="layer", loss_beta=2.0))
 
   @classmethod
+  def unread_rules(cls):
+    return [(("teacher.ema_decay",), lambda c: c.teacher.ema_anneal_fraction > 0,
+             "the EMA decay is teacher.ema_end_decay from the start "
+             "(teacher.ema_anneal_fraction=0)")]
+
+  @classmethod
   def validate(cls, config):
     # The EMA teacher's attention can pick the masks (AttMask, masking.kind='attention').
     v.validate_pretraining_fields(config,

@@ -94,6 +94,21 @@ class IBOT(base.PretrainingMethod):
     c.multicrop = multicrop.default_config()  # 2 global + 10 local views, DINO's photometrics
 
   @classmethod
+  def unread_rules(cls):
+    return [
+        (("ibot.warmup_teacher_temp", "ibot.warmup_teacher_patch_temp"),
+         lambda c: c.ibot.warmup_teacher_temp_epochs > 0,
+         "the teacher temperatures start at their final values "
+         "(ibot.warmup_teacher_temp_epochs=0)"),
+        (("multicrop.local_scale", "multicrop.local_size"),
+         lambda c: c.multicrop.num_local > 0, "there are no local views (multicrop.num_local=0)"),
+        # 0 is what a one-channel image gets anyway (ibot_fmnist.py sets it).
+        (("multicrop.grayscale_prob",),
+         lambda c: c.channels == 3 or c.multicrop.grayscale_prob == 0,
+         "grayscale conversion applies to 3-channel images only"),
+    ]
+
+  @classmethod
   def validate(cls, config):
     v.validate_pretraining_fields(config)
     v.require(config.data.augment_on == "host", "data.augment_on", config.data.augment_on,

@@ -52,6 +52,13 @@ class DVAETokenizer(VQTokenizer):
                      kl_weight=0.01)
 
   @classmethod
+  def unread_rules(cls):
+    return [*super().unread_rules(),
+            (("tokenizer.temp_start",), lambda c: c.tokenizer.temp_anneal_fraction > 0,
+             "the temperature is tokenizer.temp_end from the start "
+             "(tokenizer.temp_anneal_fraction=0)")]
+
+  @classmethod
   def validate(cls, config):
     validate_tokenizer_fields(config)
     t = config.tokenizer

@@ -43,10 +43,11 @@ def _model_info(config) -> dict:
           "config": config.to_dict()}
 
 
-def run(config, workdir: str):
+def run(config, workdir: str, file_config=None):
   """Runs `config.method` in `workdir`: a job (k-NN, probe) once, anything else through the
-  training loop (`train`). Returns the job's metrics or the final TrainState."""
-  config = setup.prepare(config)
+  training loop (`train`). Returns the job's metrics or the final TrainState. `file_config`:
+  see registry.validate_config (mim_jax.main passes the config file without overrides)."""
+  config = setup.prepare(config, file_config)
   cls = registry.method_class(config.method)
   if cls.kind == "job":
     return cls.run(config, workdir)

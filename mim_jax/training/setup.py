@@ -34,13 +34,13 @@ from mim_jax.weights import pretrained
 log = logging.getLogger(__name__)
 
 
-def prepare(config):
+def prepare(config, file_config=None):
   """The config a run uses: an evaluation takes its encoder's size, patch and channels from
   the export in `init_from` (continued pre-training must fit the configured model instead);
-  then every static check. Raises ConfigError."""
+  then every static check (`file_config`: see registry.validate_config). Raises ConfigError."""
   if registry.method_class(config.method).kind in ("classifier", "job"):
     config = pretrained.adopt_encoder_config(config)
-  registry.validate_config(config)
+  registry.validate_config(config, file_config)
   return config
 
 

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from mim_jax import storage
-from mim_jax.config.errors import config_error
+from mim_jax.config.errors import ConfigError, config_error
 from mim_jax.convert import our_weights
 from mim_jax.models.vit import resize_posemb, sincos_2d, size_from_config
 from mim_jax.training import checkpoint
@@ -115,13 +115,22 @@ def encoder_mismatches(model_cfg, channels: int, info: dict) -> dict[str, tuple[
 
 
 def refuse_dropped_overrides(config, overridden) -> None:
-  """Raises ConfigError when the command line set an encoder field that `init_from` decides.
+  """Raises ConfigError when the command line set an encoder field that `init_from` decides,
+  or any encoder field but the variant for the raw-pixel baseline (which builds no encoder).
 
   `adopt_encoder_config` takes the encoder's size, patch, architecture options and channels
   from the export, so `--config.model.width=256` beside an init_from of another width would
   otherwise be accepted and silently replaced. `overridden`: the dotted fields set on the
   command line (ml_collections' override values); a value equal to the export's is fine.
   """
+  if config.get("classifier", {}).get("features") == "pixels":
+    # The raw-pixel baseline builds no encoder (only the variant's patch is still checked
+    # against image_size): its settings would do nothing.
+    for field in overridden:
+      if field.startswith("model.") and field != "model.variant":
+        raise ConfigError(f"config.{field}={overridden[field]!r} is not used: "
+                          "classifier.features='pixels' runs no encoder. Drop the flag, or "
+                          "probe an encoder (classifier.features='encoder' with init_from).")
   if not is_pretrained(config.init_from):
     return
   size_fields = {f"model.{n}" for n in SIZE_FIELDS}
