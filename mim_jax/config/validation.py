@@ -334,6 +334,8 @@ UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
      "only data.source='tfds' reads it"),
     (("data.synthetic_size",), lambda c: c.data.source == "synthetic",
      "only data.source='synthetic' reads it"),
+    (("data.split",), lambda c: c.data.source != "synthetic",
+     "data.source='synthetic' has the same images for every split"),
     # Fashion-MNIST's IDX arrays and generated images cannot be undecodable (a malformed IDX
     # file is an error of its own): only decoded files and free-form arrays can be bad.
     (("data.on_bad_image",), lambda c: c.data.source in ("image_folder", "tfds", "npy"),
