@@ -198,6 +198,8 @@ if has distill; then
 fi
 
 if has study; then
+  # The raw-pixel line of the table and plot (the baselines' probe_pixels holds it too).
+  run knn_pixels --config=configs/knn_fmnist.py --config.classifier.features=pixels
   for masking in $STUDY_MASKINGS; do
     case $masking in  # blockwise 0.4 is configs/mim_fmnist.py's own
       blockwise) suffix="" ;;

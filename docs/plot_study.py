@@ -6,8 +6,9 @@ run scored at its end (the number the study's choices may rest on).
 
 Reads ROOT/knn_study_TARGET[_random75]/results.json (test split), the last k-NN row of
 ROOT/study_TARGET[_random75]/metrics.jsonl (held-out split), ROOT/study_*.seconds and
-ROOT/probe_pixels/results.json (raw pixels' test k-NN, if there); prints the markdown table of
-docs/results.md and writes the bar chart. Runs not finished yet are left out of both.
+ROOT/probe_pixels/ or ROOT/knn_pixels/results.json (raw pixels' test k-NN, if there); prints
+the markdown table of docs/results.md and writes the bar chart. Runs not finished yet are left
+out of both.
 """
 
 from __future__ import annotations
@@ -72,9 +73,12 @@ def main(root: str, out: str) -> None:
   rows = study_rows(root)
   if not rows:
     raise SystemExit(f"no finished study runs under {root} (knn_study_*/results.json)")
-  pixels_path = os.path.join(root, "probe_pixels", "results.json")
-  pixels = (100 * _json(pixels_path)["knn_top1_pixels"] if os.path.isfile(pixels_path)
-            else None)
+  pixels = None
+  for run in ("probe_pixels", "knn_pixels"):  # the same k-NN of raw pixels on test
+    path = os.path.join(root, run, "results.json")
+    if os.path.isfile(path):
+      pixels = 100 * _json(path)["knn_top1_pixels"]
+      break
   print(markdown(rows, pixels))
   maskings = [m for m in MASKINGS.values() if any(r["masking"] == m for r in rows)]
   fig, ax = plt.subplots(figsize=(8, 3.4), dpi=120)

@@ -324,7 +324,7 @@ def test_nan_batches_are_skipped_counted_then_stop_the_run(tmp_path, monkeypatch
 def test_run_errors_map_to_exit_codes(monkeypatch, tmp_path, capsys):
   for error in (run_errors.NonFiniteError("diverged"), run_errors.CheckpointSaveError("disk"),
                 ConfigError("config.x=1 is invalid"), data.IdxFormatError("truncated")):
-    def fail(config, workdir, error=error):
+    def fail(config, workdir, file_config=None, error=error):
       raise error
     monkeypatch.setattr(train, "run", fail)
     with pytest.raises(SystemExit) as exit_info:
@@ -334,7 +334,7 @@ def test_run_errors_map_to_exit_codes(monkeypatch, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: {error}"
   assert (run_errors.NonFiniteError.exit_code, run_errors.CheckpointSaveError.exit_code) == (3, 4)
   # A preempted run is not an error, and not a finished run either.
-  def preempted(config, workdir):
+  def preempted(config, workdir, file_config=None):
     raise run_errors.Preempted(7, workdir)
   monkeypatch.setattr(train, "run", preempted)
   with pytest.raises(SystemExit) as exit_info:
