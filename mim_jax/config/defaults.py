@@ -280,16 +280,15 @@ def apply_runlocal(c: ml_collections.ConfigDict, keep_data: bool = False) -> ml_
     c.checkpoint_every = 2
   if "viz_every" in c:
     c.viz_every = 2
-  if reads_eval_batch(c):
+  if "eval" in c and scores_eval_split(c):
     c.eval.batch_size = 8
   return c
 
 
-def reads_eval_batch(c: ml_collections.ConfigDict) -> bool:
-  """Whether `c` reads eval.batch_size: an evaluation does; a pre-training run only for its
-  k-NN monitor (the presets leave it alone otherwise: set, it would be an unread setting)."""
-  if "eval" not in c:
-    return False
+def scores_eval_split(c: ml_collections.ConfigDict) -> bool:
+  """Whether a run of `c` scores an evaluation split (and so reads eval.batch_size, eval_split
+  and the k-NN settings): an evaluation always, a pre-training run only through its k-NN
+  monitor. The presets set those fields only then; validation refuses them otherwise."""
   return "knn" not in c or "every_epochs" not in c.knn or c.knn.every_epochs > 0
 
 
@@ -307,6 +306,6 @@ def use_fashion_mnist(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     c.data.crop_scale = (0.35, 1.0)  # crops below ~1/3 of a 28x28 image are mostly blur
   if "optimizer" in c:
     c.global_batch_size = 256
-  if reads_eval_batch(c):
+  if "eval" in c and scores_eval_split(c):
     c.eval.batch_size = 1000
   return c

@@ -22,6 +22,7 @@ from typing import Any, Callable
 from mim_jax import data
 
 # Re-exported: methods write their checks as v.require(...), v.is_number(...).
+from mim_jax.config import defaults
 from mim_jax.config.checks import get, is_int, is_number, pair, positive_int, require  # noqa: F401
 from mim_jax.config.errors import ConfigError, config_error
 from mim_jax.models.vit import MLP_ACTS, REL_POS_BIAS, parse_variant, size_from_config
@@ -341,7 +342,7 @@ UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
     (("data.on_bad_image",), lambda c: c.data.source in ("image_folder", "tfds", "npy"),
      "only data.source 'image_folder', 'tfds' and 'npy' can hold undecodable images"),
     (("knn.k", "knn.temperature", "data.eval_split", "data.eval_path", "eval.batch_size"),
-     lambda c: "every_epochs" not in c.knn or c.knn.every_epochs > 0,
+     defaults.scores_eval_split,
      "the k-NN monitor is off (knn.every_epochs=0), and nothing else of a pre-training run "
      "scores an evaluation split"),
     (("classifier.probe_layer", "classifier.pool"),
