@@ -194,9 +194,11 @@ def _stop_after_lost_process(error: Exception, workdir: str) -> None:
   On CPU the collective fails at once (the peer's connection closes); on GPU and TPU, where a
   collective can wait for ever, JAX's coordination service ends every process once the dead
   one misses its heartbeats (jax.distributed's heartbeat_timeout_seconds, 100 s). Either way
-  the cause gets one line here instead of a traceback. `os._exit`: a normal exit would wait
+  the cause gets one line here instead of a traceback. (A death noticed while a checkpoint save
+  waits at its barrier across processes also ends with the coordination service's abort.) `os._exit`: a normal exit would wait
   at jax.distributed's shutdown barrier for the dead process until that timeout, then abort.
-  The loop has already closed its checkpointer and data workers (its `finally`).
+  The loop has already stopped its data workers and left its save in flight, which cannot
+  complete without the dead process (its `finally`, after `Checkpointer.abandon`).
   """
   import jax
 

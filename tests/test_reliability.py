@@ -522,6 +522,24 @@ def test_failed_last_checkpoint_fails_the_run(tmp_path, monkeypatch):
   assert _partial(tmp_path) == [] and _committed(tmp_path) == []
 
 
+def test_an_abandoned_checkpointer_closes_without_waiting_for_its_save(tmp_path, monkeypatch):
+  """After a peer process died the save in flight can never pass its barrier: close() must
+  return at once (the process then exits with code 5), not wait for it."""
+  it = data.make_train_iterator(tiny_mae_config().data, image_size=(8, 8), channels=3,
+                                global_batch_size=4, seed=0, process_index=0, process_count=1)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), save_every=10, keep=2)
+  assert ckpt.save(7, {"w": np.zeros(2, np.float32)}, it, force=True)
+  ckpt.manager.wait_until_finished()
+  waits = []
+  monkeypatch.setattr(ckpt.manager, "wait_until_finished", lambda: waits.append(1))
+  ckpt.abandon()
+  ckpt.close()
+  assert waits == []
+  monkeypatch.undo()
+  ckpt.manager.close()
+  it.close()
+
+
 # ----------------------------------------------------------------------------- 7. determinism
 
 

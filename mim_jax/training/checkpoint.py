@@ -122,6 +122,7 @@ class Checkpointer:
     self.consecutive_failures = 0
     self._in_flight: int | None = None  # step of the asynchronous save not yet confirmed
     self._failed_step: int | None = None  # the latest save attempt, if it failed
+    self._abandoned = False  # a peer process is gone: close() must not wait on the save
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -184,9 +185,21 @@ class Checkpointer:
           f"{self.latest_step()}. Fix the storage and run the same command to resume.")
 
   def close(self) -> None:
-    """Waits for the save in flight (a failure is only logged) and releases the manager."""
+    """Waits for the save in flight (a failure is only logged) and releases the manager;
+    after `abandon()`, returns at once."""
+    if self._abandoned:
+      return
     self._confirm_in_flight(count=False)
     self.manager.close()
+
+  def abandon(self) -> None:
+    """For a multi-process run that lost a process: `close()` will not wait for the save in
+    flight. That save ends with a barrier across all processes, which the dead one never
+    reaches; waiting would hang until JAX's coordination service aborts this process (SIGABRT
+    after its heartbeat timeout) instead of exiting with a clear message. The unfinished save
+    is a temporary directory that the next start removes; the latest complete checkpoint is
+    untouched."""
+    self._abandoned = True
 
   def _confirm_in_flight(self, count: bool = True) -> bool:
     """Waits for the asynchronous save in flight; False if it failed (logged, and counted

@@ -188,6 +188,10 @@ def train(config, workdir: str) -> step_lib.TrainState:
                     _model_info(config))
     if final_metrics and step == last_step and is_chief:
       _write_results(workdir, config, step, final_metrics)
+  except jax.errors.JaxRuntimeError:
+    if jax.process_count() > 1:  # a collective failed: another process has most likely died
+      ckpt.abandon()
+    raise
   finally:
     # Also on errors: an in-flight checkpoint write completes, worker processes stop.
     ckpt.close()
