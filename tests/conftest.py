@@ -4,13 +4,33 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 sys.path.insert(0, str(REPO))
+
+# One persistent XLA compilation cache for the whole session, shared by the pytest-xdist
+# workers and every process a test starts (JAX reads these variables when it starts; set here,
+# before any test imports it). Tests compile the same micro models' steps again and again, as
+# fresh closures or in fresh processes, and on two cores compiling is a large share of the
+# suite's time. A cache the caller set (JAX_COMPILATION_CACHE_DIR) is used as it is.
+_OWN_XLA_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_XLA_CACHE = tempfile.mkdtemp(prefix="mim_jax_tests_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_XLA_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_unconfigure(config):
+  """The process that made the cache (the controller, or a run without xdist) removes it."""
+  if _OWN_XLA_CACHE is not None and not hasattr(config, "workerinput"):
+    shutil.rmtree(_OWN_XLA_CACHE, ignore_errors=True)
 
 
 def tiny_config(method: str = "mae", **overrides):
