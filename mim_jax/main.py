@@ -195,8 +195,9 @@ def _stop_after_lost_process(error: Exception, workdir: str) -> None:
   collective can wait for ever, JAX's coordination service ends every process once the dead
   one misses its heartbeats (jax.distributed's heartbeat_timeout_seconds, 100 s). Either way
   the cause gets one line here instead of a traceback. (A death noticed while a checkpoint save
-  waits at its barrier across processes also ends with the coordination service's abort.) `os._exit`: a normal exit would wait
-  at jax.distributed's shutdown barrier for the dead process until that timeout, then abort.
+  waits at its barrier across processes also ends with the coordination service's abort.)
+  `os._exit`: a normal exit would wait at jax.distributed's shutdown barrier for the dead
+  process until that timeout, then abort.
   The loop has already stopped its data workers and left its save in flight, which cannot
   complete without the dead process (its `finally`, after `Checkpointer.abandon`).
   """

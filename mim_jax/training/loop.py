@@ -193,7 +193,8 @@ def train(config, workdir: str) -> step_lib.TrainState:
       ckpt.abandon()
     raise
   finally:
-    # Also on errors: an in-flight checkpoint write completes, worker processes stop.
+    # Also on errors: an in-flight checkpoint write completes (unless abandoned above: it
+    # could not without the lost process), worker processes stop.
     ckpt.close()
     if writer is not None:
       writer.close()
