@@ -467,6 +467,32 @@ def test_skip_count_is_seen_from_worker_processes(bad_folder):
   assert {p for p in data.skipped_images() if p.startswith(root)} == bad
 
 
+def test_a_run_without_bad_images_leaves_no_skip_log_even_when_killed(tmp_path):
+  """The skip log's directory is made by the first skip, not at start-up: runs that end
+  without their exit handlers (kill -9, a lost peer's os._exit) used to leave one behind."""
+  root = tmp_path / "imgs"
+  rng = np.random.default_rng(0)
+  for i in range(4):
+    save_image(root / f"good_{i}.png", rng.integers(0, 256, (10, 12, 3), dtype=np.uint8))
+  script = f"""
+import os
+from mim_jax import data
+from mim_jax.data import bad_images
+import test_data
+cfg = test_data.data_config(source="image_folder", path={str(root)!r})
+it = data.make_train_iterator(cfg, image_size=(8, 8), channels=3, global_batch_size=4,
+                              seed=0, process_index=0, process_count=1)
+next(iter(it))
+print(bad_images.log_directory(), data.num_skipped_images(), flush=True)
+os._exit(0)  # no atexit handlers, as after kill -9
+"""
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       cwd=os.path.dirname(__file__), timeout=300, check=True)
+  directory, skipped = out.stdout.split()
+  assert skipped == "0"
+  assert "mim_jax_skipped_images_" in directory and not os.path.exists(directory)
+
+
 def test_corrupt_image_raise_mode_names_the_file(bad_folder):
   root, bad = bad_folder
   cfg = data_config(source="image_folder", path=root, on_bad_image="raise")

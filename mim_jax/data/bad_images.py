@@ -9,6 +9,9 @@ one small append per skip costs nothing measurable.
 Read it from the main process with `num_skipped_images()` / `skipped_images()`. Each skip is
 one entry: a bad file met in every epoch is counted once per epoch. With workers, the count
 includes images decoded ahead of the batches consumed so far (prefetching).
+
+The directory's name is chosen at start-up but the directory is made by the first skip: a run
+without bad images leaves nothing behind, even when it is killed before its exit handlers run.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import threading
@@ -28,11 +32,16 @@ _owner_pid: int | None = None
 
 
 def log_directory() -> str:
-  """The directory of this (main) process's skip log, created on first use."""
+  """The path of this (main) process's skip log; the directory exists once an image is skipped.
+
+  The name is unguessable (64 random bits), so no other user can plant it in the shared
+  temporary directory before the first skip makes it (private to this user, mode 0o700).
+  """
   global _directory, _owner_pid
   with _lock:
     if _directory is None or _owner_pid != os.getpid():
-      _directory = tempfile.mkdtemp(prefix="mim_jax_skipped_images_")
+      _directory = os.path.join(tempfile.gettempdir(), f"mim_jax_skipped_images_{os.getpid()}_"
+                                f"{secrets.token_hex(8)}")
       _owner_pid = os.getpid()
       atexit.register(_cleanup, _directory, _owner_pid)
     return _directory
@@ -48,7 +57,7 @@ def record_skip(directory: str, path: str, reason: str) -> None:
   log.warning("skipping bad image %s (%s); set config.data.on_bad_image='raise' to stop "
               "instead", path, reason)
   with _lock:
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
     with open(os.path.join(directory, f"{os.getpid()}.txt"), "a", encoding="utf-8") as f:
       f.write(path.replace("\n", " ") + "\n")
 
@@ -57,6 +66,8 @@ def skipped_images() -> list[str]:
   """Paths skipped so far by this process and its grain workers (one entry per skip)."""
   directory = log_directory()
   paths: list[str] = []
+  if not os.path.isdir(directory):  # nothing skipped yet
+    return paths
   for name in sorted(os.listdir(directory)):
     with open(os.path.join(directory, name), encoding="utf-8") as f:
       paths.extend(line.rstrip("\n") for line in f if line.strip())
@@ -72,5 +83,7 @@ def reset_skipped_images() -> None:
   """Forgets all recorded skips (e.g. between tests or evaluation passes)."""
   directory = log_directory()
   with _lock:
+    if not os.path.isdir(directory):
+      return
     for name in os.listdir(directory):
       os.remove(os.path.join(directory, name))
