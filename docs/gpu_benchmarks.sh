@@ -10,8 +10,8 @@
 # Rows: (1) MAE ViT-L/16 bf16 with a profile by kernel category, and its levers in the same
 # process (XLA's attention instead of cuDNN's, bfloat16 AdamW moments); (2) HF ViTMAE eager
 # (bf16 autocast) on ViT-L/16, its own process; (3) ViT-B/16: MAE, MAE with mask tokens in the
-# encoder, SimMIM, MaskFeat; (4) the training loop on Fashion-MNIST with the augmentation on
-# the device, and on the host, beside the bare step; (5) HF ViTMAE under torch.compile with
+# encoder, SimMIM, MaskFeat; (4) the training loop on Fashion-MNIST with the split held on the
+# device, with grain workers feeding device or host augmentation, beside the bare step; (5) HF ViTMAE under torch.compile with
 # fused AdamW on ViT-L/16; (6) XLA flags, one per process, on ViT-B/16; (7) the input pipeline
 # on JPEGs (CPU cores); (8) ViT-L/16 mim_jax again, after the peers (order effects).
 #
@@ -71,7 +71,7 @@ loop() {  # NAME, then overrides
   local cmd=(-m mim_jax.main --config=configs/mae_fmnist.py --config.model.dtype=bfloat16
              --config.total_steps="$LOOP_STEPS" --config.log_every=$((LOOP_STEPS / 6))
              --config.checkpoint_every=100000
-             --config.viz_every=0 --config.data.num_workers=4 "$@" --workdir="$OUT/$name")
+             --config.viz_every=0 "$@" --workdir="$OUT/$name")
   echo "== $name: python ${cmd[*]}" | tee -a "$OUT/commands.txt"
   rm -rf "${OUT:?}/$name"
   timeout "$left" "$PY" "${cmd[@]}" > "$OUT/$name.log" 2>&1 || echo "== $name: failed" >> "$OUT/commands.txt"
@@ -83,10 +83,11 @@ print(json.dumps({"impl": "mim_jax_loop", "row": sys.argv[2], "step": rows[-1]["
                   "images_per_s": round(rows[-1]["images_per_sec"], 1)}))
 EOF
 }
-loop loop_fmnist_device --config.data.augment_on=device
+loop loop_fmnist_resident --config.data.augment_on=device --config.data.device_resident=True
 bench loop_fmnist_bare 40 --config=configs/mae_fmnist.py --dtype=bfloat16 --peer=none \
     --variant=data.augment_on=device
-loop loop_fmnist_host --config.data.augment_on=host
+loop loop_fmnist_device --config.data.augment_on=device --config.data.num_workers=4
+loop loop_fmnist_host --config.data.augment_on=host --config.data.num_workers=4
 # 5. The compiled PyTorch peer (slow to compile) with fused AdamW.
 bench vitl_hf_compile 150 "--config=$VITL" "${common[@]}" --peer=hf_compile --peers_only
 # 6. XLA options, one process each, on ViT-B/16 MAE (jax version in each row).

@@ -3,6 +3,7 @@ r"""Training-step throughput of pre-training configs, beside HF PyTorch ViTMAE, 
   python -m mim_jax.bench --config=configs/mae_vitb.py [--batch=B] [--dtype=bfloat16] \
       [--steps=20] [--peer=hf,hf_compile] [--asymmetry] [--also=configs/simmim_vitb.py]
   python -m mim_jax.bench --config=configs/mae_vitb.py --pipeline [--pipeline_images=512]
+  python -m mim_jax.bench --config=configs/mae_fmnist.py --feed [--pipeline_batches=8]
 
 Every measurement runs on one synthetic batch (`--batch`, default config.global_batch_size)
 after warm-up steps, each step timed to completion (block_until_ready; the loss's .item() for
@@ -22,6 +23,10 @@ CPU).
   --pipeline   instead of steps: images/s per CPU core of the input pipeline (JPEG decode +
                RandomResizedCrop + flip + normalise) on generated JPEGs, i.e. how many CPU cores
                feed one accelerator at a given step rate
+  --feed       instead of steps: images/s of the training iterators over the config's own data,
+               one process, alternated: grain with the host's augmentation, grain feeding
+               augmentation on the device, and the split held on the device
+               (data.device_resident); the rate a step must stay under to be fed
 """
 
 from __future__ import annotations
@@ -61,7 +66,9 @@ def define_flags() -> None:
   flags.DEFINE_bool("asymmetry", False, "Also time MAE with mask tokens through the encoder.")
   flags.DEFINE_bool("pipeline", False, "Benchmark the input pipeline instead of train steps.")
   flags.DEFINE_integer("pipeline_images", 512, "Generated JPEGs for --pipeline.")
-  flags.DEFINE_integer("pipeline_batches", 8, "Timed batches for --pipeline.")
+  flags.DEFINE_integer("pipeline_batches", 8, "Timed batches for --pipeline and --feed.")
+  flags.DEFINE_bool("feed", False, "Benchmark the training iterators on the config's data "
+                    "instead of train steps.")
   flags.DEFINE_string("profile", "", "Also trace a few steps of each mim_jax row into this "
                       "folder and report kernel time by category and the top kernels "
                       "(mim_jax/profiling.py); the PyTorch peers get the same breakdown "
@@ -270,6 +277,58 @@ def bench_pipeline(config, num_images: int, num_batches: int) -> dict:
           "crop_scale": list(config.data.crop_scale), **decode}
 
 
+FEEDS = {  # name -> data overrides
+    "grain_host_augment": {"augment_on": "host", "device_resident": False},
+    "grain_device_augment": {"augment_on": "device", "device_resident": False},
+    "device_resident": {"augment_on": "device", "device_resident": True, "num_workers": 0},
+}
+
+
+def bench_feed(config, num_batches: int, rounds: int = 3) -> list[dict]:
+  """Images/s of each training iterator of FEEDS on `config`'s data (its batch, workers and
+  seed), rounds alternated, each batch's arrays ready on the device before the next; the
+  median round per iterator. The step is not run: this is what the input side can deliver."""
+  import jax
+  import numpy as np
+
+  from mim_jax import data
+  from mim_jax.data import device_resident
+  from mim_jax.training import parallel
+
+  mesh = parallel.make_mesh(config.mesh)
+  sharding = parallel.batch_sharding(mesh)
+  size, channels, batch = tuple(config.image_size), config.channels, config.global_batch_size
+
+  def make(name):
+    data_cfg = config.data.copy_and_resolve_references()
+    data_cfg.update(FEEDS[name])
+    kw = dict(image_size=size, channels=channels, global_batch_size=batch, seed=config.seed)
+    if data_cfg.device_resident:
+      return device_resident.make_train_iterator(data_cfg, batch_sharding=sharding, **kw)
+    return data.make_train_iterator(data_cfg, **kw)
+
+  rates = {name: [] for name in FEEDS}
+  iterators = {name: make(name) for name in FEEDS}
+  try:
+    for _ in range(rounds):
+      for name, it in iterators.items():
+        for _ in range(2):  # warm-up: worker start, first gather's compilation
+          next(it)
+        start = time.perf_counter()
+        for _ in range(num_batches):
+          jax.block_until_ready(parallel.host_batch_to_global(next(it), sharding))
+        rates[name].append(batch * num_batches / (time.perf_counter() - start))
+  finally:
+    for it in iterators.values():
+      it.close()
+  return [{"impl": "mim_jax_feed", "iterator": name, "data": config.data.source,
+           "batch": batch, "batches": num_batches, "rounds": rounds,
+           "num_workers": 0 if FEEDS[name].get("device_resident") else config.data.num_workers,
+           "images_per_s": round(float(np.median(r)), 1),
+           "images_per_s_range": [round(min(r), 1), round(max(r), 1)], "cpu_count": os.cpu_count(),
+           "device_kind": jax.devices()[0].device_kind} for name, r in rates.items()]
+
+
 def _decode_rates(root: str, channels: int) -> dict:
   """Decode-only images/s on one core: mim_jax's decoder (simplejpeg for JPEG) and PIL's."""
   import io
@@ -340,6 +399,10 @@ def main(argv):
     configs = [_variant(c, global_batch_size=FLAGS.batch) for c in configs]
   if FLAGS.dtype:
     configs = [_variant(c, **{"model.dtype": FLAGS.dtype}) for c in configs]
+  if FLAGS.feed:
+    for row in bench_feed(configs[0], FLAGS.pipeline_batches):
+      print(json.dumps(row), flush=True)
+    return
   if FLAGS.pipeline:
     print(json.dumps(bench_pipeline(configs[0], FLAGS.pipeline_images, FLAGS.pipeline_batches)),
           flush=True)

@@ -57,6 +57,16 @@ def test_pipeline_benchmark_reports_images_per_core():
   assert rows[0]["image_size"] == [224, 224] and rows[0]["batch"] == 8
 
 
+def test_feed_benchmark_times_every_training_iterator_on_the_configs_data():
+  rows = _bench("--config=configs/mae_vitb.py:runlocal", "--feed", "--pipeline_batches=2",
+                "--batch=8")
+  assert [r["iterator"] for r in rows] == ["grain_host_augment", "grain_device_augment",
+                                           "device_resident"]
+  for r in rows:
+    assert r["images_per_s"] > 0 and r["batch"] == 8 and r["rounds"] == 3
+    assert r["images_per_s_range"][0] <= r["images_per_s"] <= r["images_per_s_range"][1]
+
+
 def test_peak_table_matches_device_kinds():
   from mim_jax.models.flops import (
     peak_tflops,  # not mim_jax.bench: its flags clash with main's

@@ -285,7 +285,10 @@ def _unread_settings(args: list[str]) -> None:
   main.define_flags(flag_values, argv)
   flag_values(argv)
   config = flag_values.config
-  validation.check_unread(config, registry.base_config(config.method),
+  # As main.py checks: the file against the method's defaults, the overrides against the file.
+  file_config = main._load_config_file(flag_values["config"].config_filename)
+  registry.check_unread_fields(file_config)
+  validation.check_unread(config, file_config,
                           registry.method_class(config.method).unread_rules())
 
 
@@ -335,13 +338,15 @@ def test_results_script_command_lines_are_valid_configs(tmp_path, monkeypatch):
       _unread_settings(call)
 
 
-def test_gpu_results_script_sets_the_device_flags(tmp_path):
+def test_gpu_results_script_sets_the_device_flags(tmp_path, monkeypatch):
+  monkeypatch.chdir(REPO)
   calls = _results_calls(tmp_path, GPU_RESULTS, SECTIONS="pretrain_mae")
   assert len(calls) == 1
   assert "--config.num_epochs=200" in calls[0]
   for flag in ("--config.model.dtype=bfloat16", "--config.data.augment_on=device",
-               "--config.data.num_workers=4"):
+               "--config.data.device_resident=True"):
     assert flag in calls[0]
+  _unread_settings(calls[0])
 
 
 def test_results_script_runs_the_study_under_both_maskings(tmp_path, monkeypatch):

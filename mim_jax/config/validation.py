@@ -354,6 +354,10 @@ UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
      "it draws only a label subset (data.label_fraction < 1) or a holdout (data.holdout > 0)"),
     (("data.prefetch_buffer_size",), lambda c: c.data.num_workers > 0,
      "only worker processes (data.num_workers > 0) prefetch"),
+    # 0 says what a device-resident split does anyway (tests set it everywhere).
+    (("data.num_workers", "data.prefetch_buffer_size"),
+     lambda c: not c.data.device_resident or c.data.num_workers == 0,
+     "a device-resident split (data.device_resident=True) is read by no worker processes"),
 ]
 
 

@@ -12,6 +12,8 @@
   make_eval_iterator(data_cfg, *, image_size, channels, batch_size,
                      process_index=None, process_count=None,
                      split=None)                                     + "mask": bool [B]
+  device_resident.make_train_iterator(..., batch_sharding)           the split held on the
+                                                                     devices (small datasets)
   iterator_save_args(it) / iterator_restore_args(it)                 Orbax composite items
   num_skipped_images() / skipped_images()                            bad images dropped so far
 

@@ -184,6 +184,12 @@ def _validate_augmentation(data_cfg) -> None:
     _require(where == "host" or data_cfg.source in FIXED_SIZE_SOURCES, "augment_on", where,
              f"'host' for data.source={data_cfg.source!r}: on the device every image must have "
              f"one size (sources {FIXED_SIZE_SOURCES})")
+  if "device_resident" in data_cfg:
+    resident = data_cfg.device_resident
+    _require(isinstance(resident, bool), "device_resident", resident, "true or false")
+    _require(not resident or data_cfg.get("augment_on") == "device", "device_resident",
+             resident, "False with data.augment_on='host': the images held on the device are "
+             "augmented there (set data.augment_on='device')")
   if "crop_scale" not in data_cfg:  # methods that never augment (frozen-feature jobs)
     return
   scale = _pair(data_cfg.crop_scale)

@@ -21,6 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mim_jax import data, registry, storage, viz
+from mim_jax.data import device_resident
 from mim_jax.evaluate import frozen
 from mim_jax.models import vit
 from mim_jax.training import (
@@ -80,11 +81,17 @@ def train(config, workdir: str) -> step_lib.TrainState:
   checkpoint.ensure_free_space(workdir, checkpoint.tree_bytes(r.abstract_state),
                                config.keep_checkpoints)
   micro_shape = (config.global_batch_size // config.grad_accum_steps, *image_size, channels)
-  train_iter = data.make_train_iterator(
-      config.data, image_size=image_size, channels=channels,
-      global_batch_size=config.global_batch_size, seed=config.seed,
-      element_transforms=method.data_transforms(),
-      augment=method.train_augment(config.data, image_size, channels))
+  if config.data.get("device_resident", False):
+    train_iter = device_resident.make_train_iterator(
+        config.data, image_size=image_size, channels=channels,
+        global_batch_size=config.global_batch_size, seed=config.seed,
+        batch_sharding=r.batch_sharding, batch_extras=method.example_extras)
+  else:
+    train_iter = data.make_train_iterator(
+        config.data, image_size=image_size, channels=channels,
+        global_batch_size=config.global_batch_size, seed=config.seed,
+        element_transforms=method.data_transforms(),
+        augment=method.train_augment(config.data, image_size, channels))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  save_every=config.checkpoint_every, keep=config.keep_checkpoints,
                                  max_consecutive_failures=config.max_consecutive_failed_saves)

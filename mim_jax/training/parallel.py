@@ -250,5 +250,7 @@ def constrain_batch(x: jax.Array) -> jax.Array:
 
 
 def host_batch_to_global(batch: Any, sharding: NamedSharding) -> Any:
-  """Turns this process's local batch (numpy) into global jax Arrays split by `sharding`."""
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+  """Turns this process's local batch (numpy) into global jax Arrays split by `sharding`;
+  arrays that are global already (a device-resident split's images) pass as they are."""
+  return jax.tree.map(lambda x: x if isinstance(x, jax.Array)
+                      else jax.make_array_from_process_local_data(sharding, x), batch)

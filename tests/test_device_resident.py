@@ -1,0 +1,171 @@
+"""A training split held in device memory (data.device_resident=True, data/device_resident.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mim_jax.config.errors import ConfigError
+from mim_jax.data import device_resident, transforms
+from mim_jax.data.transforms import CROP_BOX_KEY, FLIP_KEY
+from mim_jax.objectives.masking import TOKEN_MASK_KEY
+from mim_jax.registry import validate_config
+from mim_jax.training import loop as train
+
+from conftest import REPO, tiny_config
+
+RESIDENT = {"data.augment_on": "device", "data.device_resident": True}
+
+
+def _one_device_sharding():
+  return NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)),
+                       PartitionSpec("data"))
+
+
+@pytest.mark.parametrize("height,width,scale,ratio", [
+    (28, 28, (0.2, 1.0), (3 / 4, 4 / 3)),   # the Fashion-MNIST recipe
+    (12, 40, (0.5, 1.0), (0.9, 1.1)),       # a wide image: many tries fail, the fallback acts
+])
+def test_batched_crop_boxes_follow_the_per_image_rule(height, width, scale, ratio):
+  """Same distribution as transforms.random_resized_crop_box (torchvision's rule): the means
+  of every coordinate and the share of fallback crops agree over 20,000 draws."""
+  n = 20000
+  batched = device_resident.random_resized_crop_boxes(np.random.default_rng(0), n, height,
+                                                      width, scale, ratio)
+  rng = np.random.default_rng(1)
+  single = np.array([transforms.random_resized_crop_box(rng, height, width, scale, ratio)
+                     for _ in range(n)], np.float32)
+  assert batched.shape == (n, 4) and batched.dtype == np.float32
+  for boxes in (batched, single):
+    top, left, h, w = boxes.T
+    assert (h >= 1).all() and (w >= 1).all() and (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= height).all() and (left + w <= width).all()
+    assert (boxes == np.round(boxes)).all()  # whole pixels
+  np.testing.assert_allclose(batched.mean(0), single.mean(0), rtol=0.03, atol=0.15)
+  np.testing.assert_allclose(batched.std(0), single.std(0), rtol=0.05, atol=0.15)
+  full = lambda b: np.mean((b[:, 2] == height) | (b[:, 3] == width))  # noqa: E731
+  assert abs(full(batched) - full(single)) < 0.02
+
+
+def test_each_epoch_visits_each_example_of_the_host_shard_once():
+  n, batch = 50, 8  # 50 // 2 hosts = 25 per host: batches straddle epochs
+  for count in (1, 2):
+    seen = {k: [] for k in range(count)}
+    for k in range(count):
+      rows = np.concatenate([device_resident.stream_rows(3, k, count, n, b, batch)
+                             for b in range(3 * (n // count) // batch + 1)])
+      per_host = n // count
+      for epoch in range(3):
+        chunk = rows[epoch * per_host:(epoch + 1) * per_host]
+        assert sorted(chunk) == list(range(k, per_host * count, count))
+      seen[k] = rows[:per_host]
+    # Epochs are reshuffled; hosts hold disjoint shards.
+    assert not np.array_equal(rows[:per_host], rows[per_host:2 * per_host])
+    if count == 2:
+      assert not set(seen[0]) & set(seen[1])
+
+
+def _iterator(config, sharding=None):
+  return device_resident.make_train_iterator(
+      config.data, image_size=tuple(config.image_size), channels=config.channels,
+      global_batch_size=config.global_batch_size, seed=config.seed,
+      batch_sharding=sharding or _one_device_sharding())
+
+
+def test_batches_are_the_split_rows_with_their_labels_and_resume_exactly():
+  config = tiny_config("mae", **RESIDENT)
+  images, labels = device_resident.load_split(config.data, image_size=(16, 16), channels=3)
+  it = _iterator(config)
+  first = [next(it) for _ in range(3)]
+  state = it.get_state()
+  after = [next(it) for _ in range(3)]
+  for batch in first + after:
+    gathered = np.asarray(batch["image"])
+    assert gathered.shape == (8, 16, 16, 3) and gathered.dtype == np.uint8
+    assert batch[CROP_BOX_KEY].shape == (8, 4) and batch[FLIP_KEY].dtype == bool
+    for image, label in zip(gathered, batch["label"]):  # every row is a row of the split
+      row = np.flatnonzero((images == image).all(axis=(1, 2, 3)))
+      assert len(row) >= 1 and labels[row[0]] == label
+  fresh = _iterator(config)
+  fresh.set_state(state)
+  for a, b in zip(after, [next(fresh) for _ in range(3)]):
+    for key in a:
+      np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
+  with pytest.raises(ValueError, match="grain pipeline"):
+    fresh.set_state(b'{"next_index": 3}')  # a grain iterator's position
+
+
+def test_training_from_a_device_resident_split_resumes_bit_for_bit(tmp_path):
+  """2 steps, stop, 2 more == 4 in one go; a method with host-drawn masks gets them per
+  batch (BEiT-style blockwise masks of MaskFeat)."""
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  final = train.run(tiny_config("mae", total_steps=4, **RESIDENT), straight)
+  train.run(tiny_config("mae", total_steps=2, **RESIDENT), resumed)
+  again = train.run(tiny_config("mae", total_steps=4, **RESIDENT), resumed)
+  for a, b in zip(jax.tree.leaves(final.params), jax.tree.leaves(again.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  config = tiny_config("maskfeat", total_steps=2, **RESIDENT, **{
+      "masking.min_block": 2, "target.hog.cell_size": 2, "target.hog.gaussian_window": 4})
+  assert config.masking.kind == "blockwise"  # drawn on the host, per batch here
+  state = train.run(config, str(tmp_path / "maskfeat"))
+  assert int(state.step) == 2
+
+
+def test_host_drawn_extras_are_added_per_batch_and_replayed_after_a_restore():
+  config = tiny_config("mae", **RESIDENT)
+  extras = lambda n, rng: {TOKEN_MASK_KEY: rng.random((n, 16)) < 0.5}  # noqa: E731
+  make = lambda: device_resident.make_train_iterator(  # noqa: E731
+      config.data, image_size=(16, 16), channels=3, global_batch_size=8, seed=0,
+      batch_sharding=_one_device_sharding(), batch_extras=extras)
+  it = make()
+  first = next(it)
+  state = it.get_state()
+  second = next(it)
+  assert first[TOKEN_MASK_KEY].shape == (8, 16)
+  assert not np.array_equal(first[TOKEN_MASK_KEY], second[TOKEN_MASK_KEY])
+  again = make()
+  again.set_state(state)
+  np.testing.assert_array_equal(next(again)[TOKEN_MASK_KEY], second[TOKEN_MASK_KEY])
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"data.device_resident": True}, "augment_on"),
+    ({**RESIDENT, "data.num_workers": 4}, "no worker processes"),
+])
+def test_device_resident_is_refused_where_it_cannot_act(overrides, match):
+  with pytest.raises(ConfigError, match=match):
+    validate_config(tiny_config("mae", **overrides))
+
+
+_SCRIPT = r"""
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from conftest import tiny_config
+from mim_jax.data import device_resident
+config = tiny_config("mae", global_batch_size=16, **{"data.augment_on": "device",
+                                                     "data.device_resident": True})
+def batches(devices):
+  sharding = NamedSharding(Mesh(np.array(devices), ("data",)), P("data"))
+  it = device_resident.make_train_iterator(config.data, image_size=(16, 16), channels=3,
+      global_batch_size=16, seed=0, batch_sharding=sharding)
+  out = [next(it) for _ in range(2)]
+  assert out[0]["image"].sharding == sharding, out[0]["image"].sharding
+  return [np.asarray(b["image"]) for b in out]
+for a, b in zip(batches(jax.devices()[:4]), batches(jax.devices()[:1])):
+  np.testing.assert_array_equal(a, b)
+print("OK")
+"""
+
+
+def test_batches_gathered_on_4_devices_equal_one_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu", PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
+  out = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr[-4000:]
