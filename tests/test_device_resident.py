@@ -97,7 +97,7 @@ def test_batches_are_the_split_rows_with_their_labels_and_resume_exactly():
   for a, b in zip(after, [next(fresh) for _ in range(3)]):
     for key in a:
       np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
-  with pytest.raises(ValueError, match="grain pipeline"):
+  with pytest.raises(ConfigError, match="grain pipeline"):
     fresh.set_state(b'{"next_index": 3}')  # a grain iterator's position
 
 
@@ -115,6 +115,20 @@ def test_training_from_a_device_resident_split_resumes_bit_for_bit(tmp_path):
   assert config.masking.kind == "blockwise"  # drawn on the host, per batch here
   state = train.run(config, str(tmp_path / "maskfeat"))
   assert int(state.step) == 2
+
+
+def test_resuming_with_the_other_iterator_is_refused_before_anything_is_restored(tmp_path):
+  grain_run, resident_run = str(tmp_path / "grain"), str(tmp_path / "resident")
+  device_augment = {"data.augment_on": "device"}
+  train.run(tiny_config("mae", total_steps=2, **device_augment), grain_run)
+  with pytest.raises(ConfigError, match="data position of the grain pipeline"):
+    train.run(tiny_config("mae", total_steps=4, **RESIDENT), grain_run)
+  train.run(tiny_config("mae", total_steps=2, **RESIDENT), resident_run)
+  with pytest.raises(ConfigError, match="data position of a device-resident split"):
+    train.run(tiny_config("mae", total_steps=4, **device_augment), resident_run)
+  # Both runs still resume with their own setting.
+  assert int(train.run(tiny_config("mae", total_steps=3, **device_augment), grain_run).step) == 3
+  assert int(train.run(tiny_config("mae", total_steps=3, **RESIDENT), resident_run).step) == 3
 
 
 def test_host_drawn_extras_are_added_per_batch_and_replayed_after_a_restore():

@@ -141,21 +141,28 @@ class DeviceResidentIterator:
     return json.dumps({"kind": _STATE_KIND, "next_batch": self._next_batch}).encode()
 
   def set_state(self, state: bytes) -> None:
-    try:
-      saved = json.loads(state)
-      ok = saved.get("kind") == _STATE_KIND
-    except (ValueError, AttributeError):
-      ok = False
-    if not ok:
-      raise ValueError("the checkpoint's data position was written by the grain pipeline: "
-                       "resume with the data.device_resident setting of the run that wrote it")
-    self._next_batch = int(saved["next_batch"])
+    check_saved_position(state, resident=True)
+    self._next_batch = int(json.loads(state)["next_batch"])
 
   def start_prefetch(self) -> None:
     """Called by grain's checkpoint handler after a restore: nothing is prefetched here."""
 
   def close(self) -> None:
     self._table = None  # the device copy is freed with the last reference
+
+
+def check_saved_position(position: str | bytes, *, resident: bool) -> None:
+  """ConfigError unless a saved iterator position (JSON) was written by the iterator this run
+  builds: a device-resident split's position means nothing to a grain pipeline and back."""
+  try:
+    saved = json.loads(position)
+    was_resident = isinstance(saved, dict) and saved.get("kind") == _STATE_KIND
+  except ValueError:
+    was_resident = False
+  if was_resident != resident:
+    writer = "a device-resident split" if was_resident else "the grain pipeline"
+    raise config_error("data.device_resident", resident, f"{not resident} to resume this run: "
+                       f"its checkpoint holds the data position of {writer}")
 
 
 def load_split(data_cfg, *, image_size: tuple[int, int],

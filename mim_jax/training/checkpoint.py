@@ -159,6 +159,11 @@ class Checkpointer:
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
     return storage.exists(os.path.join(self.directory, str(step), "data", name))
 
+  def iterator_position(self, step: int) -> str:
+    """This process's saved data-iterator position in checkpoint `step` (JSON text)."""
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    return storage.read_text(os.path.join(self.directory, str(step), "data", name))
+
   def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
     """Restores the state onto `abstract_state`'s shardings and rewinds `data_iterator`.
 

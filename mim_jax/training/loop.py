@@ -220,6 +220,8 @@ def _restore_or_init(config, r: setup.Run, ckpt: checkpoint.Checkpointer, train_
   start_step = ckpt.latest_step()
   if start_step is not None:
     if ckpt.has_iterator_state(start_step):
+      device_resident.check_saved_position(ckpt.iterator_position(start_step),
+                                           resident=config.data.get("device_resident", False))
       state = ckpt.restore(start_step, abstract_state, train_iter)
     else:
       # Another process count: the state is resharded onto this mesh, but the per-process
