@@ -267,6 +267,30 @@ print("OK", mode, pid)
 """
 
 
+def test_two_processes_train_from_a_device_resident_split(tmp_path):
+  """Each process draws the rows of its shard; the gather on the 2-device mesh puts each
+  process's rows on its own device (data/device_resident.py)."""
+  workdir = tmp_path / "run"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
+  env.pop("XLA_FLAGS", None)
+  for name in CLUSTER_VARS:
+    env.pop(name, None)
+  port = _free_port()
+  procs, outputs = _run_together(
+      [[sys.executable, "-m", "mim_jax.main", "--config=configs/mae_vitb.py:runlocal",
+        "--config.data.augment_on=device", "--config.data.device_resident=True",
+        "--config.viz_every=0", "--config.export_encoder=false", f"--workdir={workdir}",
+        f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"]
+       for i in range(2)], env, timeout=240)
+  for i, (proc, out) in enumerate(zip(procs, outputs)):
+    assert proc.returncode == 0, f"process {i} exited {proc.returncode}:\n{out[-4000:]}"
+  assert [row["step"] for row in metric_writers.read_metrics(str(workdir))] == [1, 2]
+  for i in range(2):
+    position = json.loads((workdir / "checkpoints" / "2" / "data" /
+                           f"process_{i}-of-2.json").read_text())
+    assert position == {"kind": "mim_jax.device_resident", "next_batch": 2}
+
+
 def test_two_processes_take_the_same_steps_as_one_and_resume_in_one(tmp_path):
   """Two processes (one CPU device each, FSDP over both) train 3 steps on the same global
   batches as one process; their collective Orbax checkpoint resumes in the single process."""
