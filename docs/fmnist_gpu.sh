@@ -3,9 +3,10 @@
 # same runs, protocols and hyper-parameter selection as docs/fmnist_results.sh (which this
 # calls), with MAE pre-trained MAE_EPOCHS (200) epochs instead of 50, bf16 compute, and the
 # training split held on the device with the augmentation there (a grain pipeline feeds about
-# 9,000 Fashion-MNIST images/s per process, less than a GPU trains this ViT on). Most important first (MAE, its probe and k-NN, the baselines,
-# then tuning and fine-tuning per seed), each run writing its results.json as it finishes, so a
-# run cut short keeps what it finished and a rerun skips it.
+# 9,000 Fashion-MNIST images/s per process, less than a GPU trains this ViT on). Most important
+# first (MAE, its probe and k-NN, the baselines, then tuning and fine-tuning per seed), each
+# run writing its results.json as it finishes, so a run cut short keeps what it finished and a
+# rerun skips it.
 #
 #   bash docs/fmnist_gpu.sh [ROOT=workdirs/fmnist_gpu]
 #

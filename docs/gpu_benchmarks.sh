@@ -11,9 +11,10 @@
 # process (XLA's attention instead of cuDNN's, bfloat16 AdamW moments); (2) HF ViTMAE eager
 # (bf16 autocast) on ViT-L/16, its own process; (3) ViT-B/16: MAE, MAE with mask tokens in the
 # encoder, SimMIM, MaskFeat; (4) the training loop on Fashion-MNIST with the split held on the
-# device, with grain workers feeding device or host augmentation, beside the bare step; (5) HF ViTMAE under torch.compile with
-# fused AdamW on ViT-L/16; (6) XLA flags, one per process, on ViT-B/16; (7) the input pipeline
-# on JPEGs (CPU cores); (8) ViT-L/16 mim_jax again, after the peers (order effects).
+# device, with grain workers feeding device or host augmentation, beside the bare step; (5) HF
+# ViTMAE under torch.compile with fused AdamW on ViT-L/16; (6) XLA flags, one per process, on
+# ViT-B/16; (7) the input pipeline on JPEGs (CPU cores); (8) ViT-L/16 mim_jax again, after the
+# peers (order effects).
 #
 # VITB / VITL / BATCH / STEPS / LOOP_STEPS override the configs, the global batch, the timed
 # steps and the loop rows' steps (e.g. VITB=configs/mae_fmnist.py VITL=configs/mae_fmnist.py

@@ -30,7 +30,8 @@ def _one_device_sharding():
 
 @pytest.mark.parametrize("height,width,scale,ratio", [
     (28, 28, (0.2, 1.0), (3 / 4, 4 / 3)),   # the Fashion-MNIST recipe
-    (12, 40, (0.5, 1.0), (0.9, 1.1)),       # a wide image: many tries fail, the fallback acts
+    (12, 40, (0.5, 1.0), (0.9, 1.1)),       # every try fails: the centred fallback crop
+    (20, 40, (0.9, 1.0), (0.5, 2.0)),       # about half the images fit a try, half fall back
 ])
 def test_batched_crop_boxes_follow_the_per_image_rule(height, width, scale, ratio):
   """Same distribution as transforms.random_resized_crop_box (torchvision's rule): the means
@@ -102,8 +103,8 @@ def test_batches_are_the_split_rows_with_their_labels_and_resume_exactly():
 
 
 def test_training_from_a_device_resident_split_resumes_bit_for_bit(tmp_path):
-  """2 steps, stop, 2 more == 4 in one go; a method with host-drawn masks gets them per
-  batch (BEiT-style blockwise masks of MaskFeat)."""
+  """2 steps, stop, 2 more == 4 in one go; a method with host-drawn masks (MaskFeat's
+  blockwise masks) trains too (test_host_drawn_extras_... checks the masks themselves)."""
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   final = train.run(tiny_config("mae", total_steps=4, **RESIDENT), straight)
   train.run(tiny_config("mae", total_steps=2, **RESIDENT), resumed)
@@ -146,6 +147,23 @@ def test_host_drawn_extras_are_added_per_batch_and_replayed_after_a_restore():
   again = make()
   again.set_state(state)
   np.testing.assert_array_equal(next(again)[TOKEN_MASK_KEY], second[TOKEN_MASK_KEY])
+
+
+@pytest.mark.parametrize("good,bad", [(6, 2), (1, 3)])
+def test_undecodable_images_are_left_out_unless_most_are_bad(tmp_path, good, bad):
+  from test_data import data_config, save_image
+  rng = np.random.default_rng(0)
+  for i in range(good):
+    save_image(tmp_path / f"good_{i}.png", rng.integers(0, 256, (10, 12, 3), dtype=np.uint8))
+  for i in range(bad):
+    (tmp_path / f"bad_{i}.png").write_bytes(b"not an image")
+  cfg = data_config(source="image_folder", path=str(tmp_path), on_bad_image="skip")
+  if bad > good:  # as the grain pipeline: a mostly unreadable folder is misconfigured
+    with pytest.raises(transforms.BadImageError, match=f"{bad} of the {good + bad} images"):
+      device_resident.load_split(cfg, image_size=(8, 8), channels=3)
+  else:
+    images, labels = device_resident.load_split(cfg, image_size=(8, 8), channels=3)
+    assert images.shape == (good, 10, 12, 3) and labels.shape == (good,)
 
 
 @pytest.mark.parametrize("overrides,match", [

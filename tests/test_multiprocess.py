@@ -267,14 +267,49 @@ print("OK", mode, pid)
 """
 
 
+_RESIDENT_ROWS = r"""
+import sys
+import jax
+pid, port = int(sys.argv[1]), sys.argv[2]
+jax.distributed.initialize(f"localhost:{port}", 2, pid)
+import numpy as np
+from mim_jax.data import device_resident
+from mim_jax.training import parallel
+from conftest import tiny_config
+config = tiny_config("mae", global_batch_size=8, **{"data.augment_on": "device",
+                                                    "data.device_resident": True})
+sharding = parallel.batch_sharding(parallel.make_mesh([("data", -1)]))
+it = device_resident.make_train_iterator(config.data, image_size=(16, 16), channels=3,
+                                         global_batch_size=8, seed=0, batch_sharding=sharding)
+images, labels = device_resident.load_split(config.data, image_size=(16, 16), channels=3)
+for b in range(3):  # 64 images, 32 per process: batch 2 ends the first epoch
+  batch = next(it)
+  rows = device_resident.stream_rows(0, pid, 2, len(labels), b, 4)
+  assert (rows % 2 == pid).all(), rows  # this process's shard
+  local = np.concatenate([np.asarray(s.data) for s in batch["image"].addressable_shards])
+  np.testing.assert_array_equal(local, images[rows])  # its rows, on its device, in order
+  np.testing.assert_array_equal(batch["label"], labels[rows])  # and their labels beside them
+print(f"OK {pid}")
+"""
+
+
 def test_two_processes_train_from_a_device_resident_split(tmp_path):
-  """Each process draws the rows of its shard; the gather on the 2-device mesh puts each
-  process's rows on its own device (data/device_resident.py)."""
-  workdir = tmp_path / "run"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
+  """Each process draws the rows of its shard and the gather on the 2-device mesh puts exactly
+  those rows, in order, on its device beside their labels; the CLI trains and checkpoints both
+  positions (data/device_resident.py)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1",
+             PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
   env.pop("XLA_FLAGS", None)
   for name in CLUSTER_VARS:
     env.pop(name, None)
+  port = str(_free_port())
+  procs, outputs = _run_together(
+      [[sys.executable, "-c", _RESIDENT_ROWS, str(i), port] for i in range(2)], env,
+      timeout=240)
+  for i, (proc, out) in enumerate(zip(procs, outputs)):
+    assert proc.returncode == 0 and f"OK {i}" in out, out[-4000:]
+
+  workdir = tmp_path / "run"
   port = _free_port()
   procs, outputs = _run_together(
       [[sys.executable, "-m", "mim_jax.main", "--config=configs/mae_vitb.py:runlocal",

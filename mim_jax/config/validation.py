@@ -357,7 +357,8 @@ UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
     # 0 says what a device-resident split does anyway (tests set it everywhere).
     (("data.num_workers", "data.prefetch_buffer_size"),
      lambda c: not c.data.device_resident or c.data.num_workers == 0,
-     "a device-resident split (data.device_resident=True) is read by no worker processes"),
+     "a device-resident split (data.device_resident=True) is read by no worker processes "
+     "(data.num_workers=0 says so and is accepted)"),
 ]
 
 

@@ -9,12 +9,14 @@ the method's host-drawn masks (`Method.example_extras`); the crop, resize, flip 
 normalisation run in the train step, as with data.augment_on="device" (required).
 
 The stream: host k reads its shard [k::process_count] of the split (holdout and label subset
-taken first, as in the grain pipeline), in an order reshuffled every epoch; batch b is
-positions [b B, (b + 1) B) of the epochs laid end to end, so a batch may span two epochs (as in
-the grain pipeline). Every draw of batch b comes from generators seeded by (seed, stream,
-host, b): the iterator's state is one integer, a restore is exact, and the batches do not
-depend on how many were drawn before. The draws have the grain pipeline's distributions but
-are a different stream (it seeds one generator per image, the cost this path avoids).
+taken first, as in the grain pipeline), in an order reshuffled every epoch (seeded by (seed,
+epoch), the same permutation of every host's shard, as grain's shuffle); batch b is positions
+[b B, (b + 1) B) of the epochs laid end to end, so a batch may span two epochs (as in the
+grain pipeline). The boxes, flips and masks of batch b come from generators seeded by (seed,
+stream, host, b): the iterator's state is one integer, a restore is exact, and the batches do
+not depend on how many were drawn before. The draws have the grain pipeline's distributions
+but are a different stream (it seeds one generator per image, the cost this path avoids).
+Undecodable images (data.on_bad_image='skip') are left out once, at load, and counted once.
 
   make_train_iterator(data_cfg, *, image_size, channels, global_batch_size, seed,
                       batch_sharding, batch_extras=None, process_index=None,
@@ -29,14 +31,17 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from mim_jax.config.errors import config_error
-from mim_jax.data import pipeline, sources
+from mim_jax.data import pipeline, sources, transforms
 from mim_jax.data.transforms import CROP_BOX_KEY, FLIP_KEY
+
+log = logging.getLogger(__name__)
 
 # A copy of the split lives on every device: beyond this it would crowd out the model (and it
 # is no longer a "small" dataset; use the grain pipeline with workers).
@@ -62,16 +67,8 @@ def random_resized_crop_boxes(rng: np.random.Generator, n: int, height: int, wid
   h, w = h[rows, first], w[rows, first]
   top = np.floor(rng.random(n) * (height - h + 1))  # uniform integers in [0, height - h]
   left = np.floor(rng.random(n) * (width - w + 1))
-  in_ratio = width / height
-  if in_ratio < min(ratio):
-    fh, fw = int(round(width / min(ratio))), width
-  elif in_ratio > max(ratio):
-    fh, fw = height, int(round(height * max(ratio)))
-  else:
-    fh, fw = height, width
-  fallback = ~fits.any(axis=1)
   boxes = np.stack([top, left, h, w], axis=1)
-  boxes[fallback] = ((height - fh) // 2, (width - fw) // 2, fh, fw)
+  boxes[~fits.any(axis=1)] = transforms.fallback_crop_box(height, width, ratio)
   return boxes.astype(np.float32)
 
 
@@ -171,27 +168,31 @@ def load_split(data_cfg, *, image_size: tuple[int, int],
   label subset applied); undecodable images are left out (data.on_bad_image='skip')."""
   source = sources.build_train_source(data_cfg, image_size=image_size, channels=channels)
   decoder = pipeline._decoder(data_cfg, channels)  # pylint: disable=protected-access
-  first = decoder.map(source[0])["image"]
-  if first is None:
-    raise ValueError(f"the first image of {source!r} cannot be decoded")
-  size = len(source) * first.nbytes
-  if size > MAX_BYTES:
-    raise config_error("data.device_resident", True,
-                       f"False for {source!r}: its {size / 2**30:.1f} GiB would be copied to "
-                       f"every device (at most {MAX_BYTES / 2**30:.0f} GiB); the grain pipeline "
-                       "with data.num_workers reads it from the host")
-  images = np.empty((len(source), *first.shape), first.dtype)
-  labels = np.empty(len(source), np.int32)
+  images = labels = None
   kept = 0
   for i in range(len(source)):
     record = decoder.map(source[i])
-    if record["image"] is None:
+    image = record["image"]
+    if image is None:
       continue
-    if record["image"].shape != first.shape:
-      raise ValueError(f"{record['path']} has shape {record['image'].shape}, the first image "
-                       f"{first.shape}: data.device_resident needs one size")
-    images[kept], labels[kept] = record["image"], record["label"]
+    if images is None:  # the first decodable image sets the size, dtype and memory
+      size = len(source) * image.nbytes
+      if size > MAX_BYTES:
+        raise config_error("data.device_resident", True,
+                           f"False for {source!r}: its {size / 2**30:.1f} GiB would be copied "
+                           f"to every device (at most {MAX_BYTES / 2**30:.0f} GiB); the grain "
+                           "pipeline with data.num_workers reads it from the host")
+      images = np.empty((len(source), *image.shape), image.dtype)
+      labels = np.empty(len(source), np.int32)
+    elif image.shape != images.shape[1:]:
+      raise ValueError(f"{record['path']} has shape {image.shape}, the first image "
+                       f"{images.shape[1:]}: data.device_resident needs one size")
+    images[kept], labels[kept] = image, record["label"]
     kept += 1
+  if kept == 0 or kept < (1 - pipeline.MAX_BAD_IMAGE_FRACTION) * len(source):  # as grain
+    raise transforms.BadImageError(
+        f"{len(source) - kept} of the {len(source)} images of {source!r} cannot be decoded "
+        f"(more than {pipeline.MAX_BAD_IMAGE_FRACTION:.0%}): is data.path the right folder?")
   return images[:kept], labels[:kept]
 
 
@@ -206,21 +207,21 @@ def make_train_iterator(data_cfg, *, image_size: tuple[int, int], channels: int,
   import jax  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
 
-  process_index, process_count = pipeline._process_index_and_count(  # pylint: disable=protected-access
-      process_index, process_count)
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise config_error("global_batch_size", global_batch_size,
-                       f"a positive multiple of the number of processes {process_count}")
+  # pylint: disable-next=protected-access
+  process_index, process_count = pipeline._process_index_and_count(process_index, process_count)
+  local_batch = pipeline.local_batch_size(global_batch_size, process_count)
   images, labels = load_split(data_cfg, image_size=image_size, channels=channels)
   if len(labels) < process_count:
     raise ValueError(f"{len(labels)} decodable training images, fewer than the "
                      f"{process_count} processes sharing them")
   replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
   table = jax.make_array_from_callback(images.shape, replicated, lambda index: images[index])
+  log.info("training split held on every device: %d images %s %s, %.1f MiB per device",
+           len(labels), images.shape[1:], images.dtype, images.nbytes / 2**20)
   gather = jax.jit(lambda t, i: t[i], out_shardings=batch_sharding)
   return DeviceResidentIterator(
       table=table, labels=labels, gather=gather, batch_sharding=batch_sharding,
-      local_batch=global_batch_size // process_count, seed=seed,
+      local_batch=local_batch, seed=seed,
       process_index=process_index, process_count=process_count,
       crop_scale=tuple(float(s) for s in data_cfg.crop_scale),
       crop_ratio=tuple(float(r) for r in data_cfg.crop_ratio), hflip=bool(data_cfg.hflip),

@@ -64,6 +64,14 @@ def _derive_seeds(seed: int, process_index: int, stream: int = 1) -> tuple[int, 
   return int(shuffle_seed), int(augment_seed)
 
 
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+  """Each host's share of the global batch (a ConfigError unless it divides evenly)."""
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise config_error("global_batch_size", global_batch_size,
+                       f"a positive multiple of the number of processes {process_count}")
+  return global_batch_size // process_count
+
+
 def _read_options(num_workers: int, read_ahead: int) -> grain.ReadOptions:
   """Threads per process that run the map chain (PIL decode and resize release the GIL), and
   `read_ahead` elements of the dataset read buffered (at least one per thread)."""
@@ -131,10 +139,7 @@ def train_dataset(data_cfg, *, image_size: tuple[int, int], channels: int,
   with a method's multi-crop views; it keeps the augmentation's seed stream.
   """
   process_index, process_count = _process_index_and_count(process_index, process_count)
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise config_error("global_batch_size", global_batch_size,
-                       f"a positive multiple of the number of processes {process_count}")
-  local_batch = global_batch_size // process_count
+  local_batch = local_batch_size(global_batch_size, process_count)
   image_size = tuple(int(s) for s in image_size)
 
   # The subset is taken from the whole source before sharding, so all hosts share one subset.

@@ -177,6 +177,12 @@ def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
       top = int(rng.integers(0, height - h + 1))
       left = int(rng.integers(0, width - w + 1))
       return top, left, h, w
+  return fallback_crop_box(height, width, ratio)
+
+
+def fallback_crop_box(height: int, width: int, ratio: Sequence[float]) -> Box:
+  """RandomResizedCrop's box when no try fits: the largest centred crop whose aspect (w/h) is
+  clamped into `ratio`."""
   in_ratio = width / height
   if in_ratio < min(ratio):
     w, h = width, int(round(width / min(ratio)))

@@ -168,8 +168,9 @@ class Method:
     return keys
 
   def example_extras(self, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """What the input pipeline would add to `batch_size` images besides "image" and "label"
-    (host-drawn masks), for pictures, benchmarks and shape planning."""
+    """What the input pipeline adds to `batch_size` images besides "image" and "label"
+    (host-drawn masks), drawn for a whole batch: a device-resident split's batches, pictures,
+    benchmarks and shape planning."""
     if self.mask_generator is not None and self.mask_generator.on_host:
       m = self.masks_per_image
       masks = self.mask_generator.host(rng, batch_size * m)

@@ -156,13 +156,16 @@ class Checkpointer:
   def has_iterator_state(self, step: int) -> bool:
     """Whether checkpoint `step` holds this process's data-iterator position: not when it was
     written by a different number of processes (one position file per process)."""
-    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    return storage.exists(os.path.join(self.directory, str(step), "data", name))
+    return storage.exists(self._iterator_file(step))
 
   def iterator_position(self, step: int) -> str:
     """This process's saved data-iterator position in checkpoint `step` (JSON text)."""
+    return storage.read_text(self._iterator_file(step))
+
+  def _iterator_file(self, step: int) -> str:
+    """Grain's handler writes one position file per process under the "data" item."""
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    return storage.read_text(os.path.join(self.directory, str(step), "data", name))
+    return os.path.join(self.directory, str(step), "data", name)
 
   def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
     """Restores the state onto `abstract_state`'s shardings and rewinds `data_iterator`.

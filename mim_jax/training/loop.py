@@ -21,6 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mim_jax import data, registry, storage, viz
+from mim_jax.config.errors import config_error
 from mim_jax.data import device_resident
 from mim_jax.evaluate import frozen
 from mim_jax.models import vit
@@ -82,6 +83,11 @@ def train(config, workdir: str) -> step_lib.TrainState:
                                config.keep_checkpoints)
   micro_shape = (config.global_batch_size // config.grad_accum_steps, *image_size, channels)
   if config.data.get("device_resident", False):
+    if method.train_augment(config.data, image_size, channels) is not None:
+      raise config_error("data.device_resident", True,
+                         f"False for method {config.method!r}: its own augmentation (e.g. "
+                         "multi-crop views) runs in the grain pipeline")
+    # The method's host-drawn masks come per batch (example_extras), not per image.
     train_iter = device_resident.make_train_iterator(
         config.data, image_size=image_size, channels=channels,
         global_batch_size=config.global_batch_size, seed=config.seed,
