@@ -287,7 +287,8 @@ FEEDS = {  # name -> data overrides
 def bench_feed(config, num_batches: int, rounds: int = 3) -> list[dict]:
   """Images/s of each training iterator of FEEDS on `config`'s data (its batch, workers and
   seed), rounds alternated, each batch's arrays ready on the device before the next; the
-  median round per iterator. The step is not run: this is what the input side can deliver."""
+  median round per iterator. The step is not run: this is what the input side can deliver
+  (images, labels, boxes and flips; a method's host-drawn masks on neither side)."""
   import jax
   import numpy as np
 
