@@ -103,18 +103,17 @@ def test_batches_are_the_split_rows_with_their_labels_and_resume_exactly():
 
 
 def test_training_from_a_device_resident_split_resumes_bit_for_bit(tmp_path):
-  """2 steps, stop, 2 more == 4 in one go; a method with host-drawn masks (MaskFeat's
-  blockwise masks) trains too (test_host_drawn_extras_... checks the masks themselves)."""
+  """2 steps, stop, 2 more == 4 in one go; a method with host-drawn masks (blockwise) trains
+  too (test_host_drawn_extras_... checks the masks themselves)."""
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   final = train.run(tiny_config("mae", total_steps=4, **RESIDENT), straight)
   train.run(tiny_config("mae", total_steps=2, **RESIDENT), resumed)
   again = train.run(tiny_config("mae", total_steps=4, **RESIDENT), resumed)
   for a, b in zip(jax.tree.leaves(final.params), jax.tree.leaves(again.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  config = tiny_config("maskfeat", total_steps=2, **RESIDENT, **{
-      "masking.min_block": 2, "target.hog.cell_size": 2, "target.hog.gaussian_window": 4})
+  config = tiny_config("mim", total_steps=2, **RESIDENT, **{"masking.min_block": 2})
   assert config.masking.kind == "blockwise"  # drawn on the host, per batch here
-  state = train.run(config, str(tmp_path / "maskfeat"))
+  state = train.run(config, str(tmp_path / "blockwise"))
   assert int(state.step) == 2
 
 
