@@ -293,7 +293,6 @@ def bench_feed(config, num_batches: int, rounds: int = 3) -> list[dict]:
   import numpy as np
 
   from mim_jax import data
-  from mim_jax.data import device_resident
   from mim_jax.training import parallel
 
   mesh = parallel.make_mesh(config.mesh)
@@ -303,10 +302,9 @@ def bench_feed(config, num_batches: int, rounds: int = 3) -> list[dict]:
   def make(name):
     data_cfg = config.data.copy_and_resolve_references()
     data_cfg.update(FEEDS[name])
-    kw = dict(image_size=size, channels=channels, global_batch_size=batch, seed=config.seed)
-    if data_cfg.device_resident:
-      return device_resident.make_train_iterator(data_cfg, batch_sharding=sharding, **kw)
-    return data.make_train_iterator(data_cfg, **kw)
+    return data.make_train_iterator(data_cfg, image_size=size, channels=channels,
+                                    global_batch_size=batch, seed=config.seed,
+                                    batch_sharding=sharding)
 
   rates = {name: [] for name in FEEDS}
   iterators = {name: make(name) for name in FEEDS}

@@ -134,6 +134,17 @@ def _run_together(commands: list[list[str]], env: dict, timeout: int) -> tuple[l
   return procs, outputs
 
 
+def _one_device_per_process_env(**extra: str) -> dict:
+  """The environment of a multi-process test: one CPU device per process (no simulated
+  devices, no cluster variables that jax.distributed would read), the tests on the path."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1",
+             PYTHONPATH=f"{REPO}:{REPO / 'tests'}", **extra)
+  env.pop("XLA_FLAGS", None)
+  for name in CLUSTER_VARS:
+    env.pop(name, None)
+  return env
+
+
 def _free_port() -> int:
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
     s.bind(("localhost", 0))
@@ -143,10 +154,7 @@ def _free_port() -> int:
 def test_two_cpu_processes_train_into_one_workdir(tmp_path):
   """Two processes, one CPU device each, one mesh of 2 devices: the runlocal MAE recipe."""
   workdir = tmp_path / "run"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
-  env.pop("XLA_FLAGS", None)  # no simulated devices: exactly one device per process
-  for name in CLUSTER_VARS:
-    env.pop(name, None)
+  env = _one_device_per_process_env()
   port = _free_port()
   procs, outputs = _run_together(
       [[sys.executable, "-m", "mim_jax.main", "--config=configs/mae_vitb.py:runlocal",
@@ -297,11 +305,7 @@ def test_two_processes_train_from_a_device_resident_split(tmp_path):
   """Each process draws the rows of its shard and the gather on the 2-device mesh puts exactly
   those rows, in order, on its device beside their labels; the CLI trains and checkpoints both
   positions (data/device_resident.py)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1",
-             PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
-  env.pop("XLA_FLAGS", None)
-  for name in CLUSTER_VARS:
-    env.pop(name, None)
+  env = _one_device_per_process_env()
   port = str(_free_port())
   procs, outputs = _run_together(
       [[sys.executable, "-c", _RESIDENT_ROWS, str(i), port] for i in range(2)], env,
@@ -329,11 +333,7 @@ def test_two_processes_train_from_a_device_resident_split(tmp_path):
 def test_two_processes_take_the_same_steps_as_one_and_resume_in_one(tmp_path):
   """Two processes (one CPU device each, FSDP over both) train 3 steps on the same global
   batches as one process; their collective Orbax checkpoint resumes in the single process."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1",
-             PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
-  env.pop("XLA_FLAGS", None)
-  for name in CLUSTER_VARS:
-    env.pop(name, None)
+  env = _one_device_per_process_env()
   port = str(_free_port())
   procs, outputs = _run_together(
       [[sys.executable, "-c", _SAME_STEPS, "multi", str(i), "2", port, str(tmp_path)]
@@ -355,10 +355,7 @@ def test_killing_one_process_stops_the_other_and_the_same_command_resumes_both(t
   flight ends at a barrier across processes, where a dead peer is only noticed by JAX's
   coordination service after its heartbeat timeout (it then aborts the survivor)."""
   workdir = tmp_path / "run"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", PYTHONUNBUFFERED="1")
-  env.pop("XLA_FLAGS", None)
-  for name in CLUSTER_VARS:
-    env.pop(name, None)
+  env = _one_device_per_process_env(PYTHONUNBUFFERED="1")
 
   def commands(port: int) -> list[list[str]]:
     return [[sys.executable, "-m", "mim_jax.main", "--config=configs/mae_vitb.py:runlocal",

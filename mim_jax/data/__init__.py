@@ -12,8 +12,10 @@
   make_eval_iterator(data_cfg, *, image_size, channels, batch_size,
                      process_index=None, process_count=None,
                      split=None)                                     + "mask": bool [B]
-  device_resident.make_train_iterator(..., batch_sharding)           the split held on the
-                                                                     devices (small datasets)
+  make_train_iterator(..., batch_sharding=, batch_extras=) with data.device_resident: the
+                      split held on the devices (small datasets, data/device_resident.py)
+  check_saved_position(position, resident=)                          resume with the iterator
+                                                                     that wrote the position
   iterator_save_args(it) / iterator_restore_args(it)                 Orbax composite items
   num_skipped_images() / skipped_images()                            bad images dropped so far
 
@@ -38,6 +40,7 @@ from mim_jax.data.checkpointing import (
                                         iterator_restore_args,
                                         iterator_save_args,
 )
+from mim_jax.data.device_resident import check_saved_position
 from mim_jax.data.idx import IdxFormatError, parse_idx, read_idx
 from mim_jax.data.pipeline import (
                                         eval_dataset,
@@ -60,7 +63,8 @@ from mim_jax.data.validation import validate_data_config
 __all__ = [
     "AddTokenMask",
     "BadImageError", "ITERATOR_HANDLER", "ITERATOR_HANDLER_NAME", "IdxFormatError", "SOURCES",
-    "SubsetSource", "build_source", "build_train_source", "eval_dataset", "eval_split",
+    "SubsetSource", "build_source", "build_train_source", "check_saved_position",
+    "eval_dataset", "eval_split",
     "iterator_restore_args", "iterator_save_args", "make_eval_iterator", "make_train_iterator",
     "num_classes", "num_examples", "num_skipped_images", "parse_idx", "per_class_subset",
     "read_idx", "reset_skipped_images", "skipped_images", "train_dataset",

@@ -21,8 +21,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mim_jax import data, registry, storage, viz
-from mim_jax.config.errors import config_error
-from mim_jax.data import device_resident
 from mim_jax.evaluate import frozen
 from mim_jax.models import vit
 from mim_jax.training import (
@@ -82,22 +80,12 @@ def train(config, workdir: str) -> step_lib.TrainState:
   checkpoint.ensure_free_space(workdir, checkpoint.tree_bytes(r.abstract_state),
                                config.keep_checkpoints)
   micro_shape = (config.global_batch_size // config.grad_accum_steps, *image_size, channels)
-  if config.data.get("device_resident", False):
-    if method.train_augment(config.data, image_size, channels) is not None:
-      raise config_error("data.device_resident", True,
-                         f"False for method {config.method!r}: its own augmentation (e.g. "
-                         "multi-crop views) runs in the grain pipeline")
-    # The method's host-drawn masks come per batch (example_extras), not per image.
-    train_iter = device_resident.make_train_iterator(
-        config.data, image_size=image_size, channels=channels,
-        global_batch_size=config.global_batch_size, seed=config.seed,
-        batch_sharding=r.batch_sharding, batch_extras=method.example_extras)
-  else:
-    train_iter = data.make_train_iterator(
-        config.data, image_size=image_size, channels=channels,
-        global_batch_size=config.global_batch_size, seed=config.seed,
-        element_transforms=method.data_transforms(),
-        augment=method.train_augment(config.data, image_size, channels))
+  train_iter = data.make_train_iterator(
+      config.data, image_size=image_size, channels=channels,
+      global_batch_size=config.global_batch_size, seed=config.seed,
+      element_transforms=method.data_transforms(),
+      augment=method.train_augment(config.data, image_size, channels),
+      batch_sharding=r.batch_sharding, batch_extras=method.example_extras)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  save_every=config.checkpoint_every, keep=config.keep_checkpoints,
                                  max_consecutive_failures=config.max_consecutive_failed_saves)
@@ -226,8 +214,8 @@ def _restore_or_init(config, r: setup.Run, ckpt: checkpoint.Checkpointer, train_
   start_step = ckpt.latest_step()
   if start_step is not None:
     if ckpt.has_iterator_state(start_step):
-      device_resident.check_saved_position(ckpt.iterator_position(start_step),
-                                           resident=config.data.get("device_resident", False))
+      data.check_saved_position(ckpt.iterator_position(start_step),
+                                resident=config.data.get("device_resident", False))
       state = ckpt.restore(start_step, abstract_state, train_iter)
     else:
       # Another process count: the state is resharded onto this mesh, but the per-process
