@@ -13,7 +13,8 @@
                      process_index=None, process_count=None,
                      split=None)                                     + "mask": bool [B]
   make_train_iterator(..., batch_sharding=, batch_extras=) with data.device_resident: the
-                      split held on the devices (small datasets, data/device_resident.py)
+                      split held on the devices (small datasets, data/device_resident.py;
+                      the choice is made in data/train_iterator.py)
   check_saved_position(position, resident=)                          resume with the iterator
                                                                      that wrote the position
   iterator_save_args(it) / iterator_restore_args(it)                 Orbax composite items
@@ -45,7 +46,6 @@ from mim_jax.data.idx import IdxFormatError, parse_idx, read_idx
 from mim_jax.data.pipeline import (
                                         eval_dataset,
                                         make_eval_iterator,
-                                        make_train_iterator,
                                         train_dataset,
 )
 from mim_jax.data.sources import (
@@ -57,6 +57,7 @@ from mim_jax.data.sources import (
                                         num_examples,
 )
 from mim_jax.data.subsets import SubsetSource, per_class_subset
+from mim_jax.data.train_iterator import make_train_iterator
 from mim_jax.data.transforms import AddTokenMask, BadImageError
 from mim_jax.data.validation import validate_data_config
 

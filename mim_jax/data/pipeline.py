@@ -203,8 +203,7 @@ def make_train_iterator(data_cfg, *, image_size: tuple[int, int], channels: int,
                         global_batch_size: int, seed: int, process_index: int | None = None,
                         process_count: int | None = None,
                         element_transforms: Sequence[grain.transforms.RandomMap] = (),
-                        augment: grain.transforms.RandomMap | None = None,
-                        batch_sharding=None, batch_extras=None):
+                        augment: grain.transforms.RandomMap | None = None):
   """An infinite iterator of this host's batches {"image": float32 [B, H, W, C] normalised,
   "label": int32 [B]} (the source's class labels; 0 for a source without labels).
 
@@ -212,26 +211,10 @@ def make_train_iterator(data_cfg, *, image_size: tuple[int, int], channels: int,
   subset of the training split is read (`num_examples` gives its size). Deterministic for
   (config, seed, host), whatever data.num_workers; `get_state()` / `set_state()` (or
   `iterator_save_args` / `iterator_restore_args` with Orbax) resume it exactly. Call `close()`
-  when done to stop worker processes early.
-
-  With data.device_resident the split is held on the devices of `batch_sharding` instead
-  (data/device_resident.py): per-batch `batch_extras(n, rng)` (a method's host-drawn masks,
-  `Method.example_extras`) take the place of the per-image `element_transforms`, and a
-  method's own `augment` cannot run there.
+  when done to stop worker processes early. The grain pipeline only: callers go through
+  `mim_jax.data.make_train_iterator` (data/train_iterator.py), which also honours
+  data.device_resident.
   """
-  if data_cfg.get("device_resident", False):
-    from mim_jax.data import device_resident  # pylint: disable=g-import-not-at-top  # cycle
-    if augment is not None:
-      raise config_error("data.device_resident", True,
-                         "False with a method's own augmentation (e.g. multi-crop views), "
-                         "which runs in the grain pipeline")
-    if batch_sharding is None:
-      raise ValueError("data.device_resident: make_train_iterator needs the batch's sharding "
-                       "(batch_sharding) to place the split and its batches")
-    return device_resident.make_train_iterator(
-        data_cfg, image_size=image_size, channels=channels,
-        global_batch_size=global_batch_size, seed=seed, batch_sharding=batch_sharding,
-        batch_extras=batch_extras, process_index=process_index, process_count=process_count)
   return iter(train_dataset(data_cfg, image_size=image_size, channels=channels,
                             global_batch_size=global_batch_size, seed=seed,
                             process_index=process_index, process_count=process_count,
