@@ -27,6 +27,20 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "long: about a minute or more on two cores (several processes, 8 simulated "
+      "devices, kill-and-resume cycles); collected first, see pytest_collection_modifyitems")
+
+
+def pytest_collection_modifyitems(config, items):
+  """The long tests go first (otherwise in collection order): pytest-xdist hands out the rest
+  as workers free up, so the suite does not end with one worker on a long test while the
+  other waits. Every worker collects the same order, which xdist requires."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 def pytest_unconfigure(config):
   """The process that made the cache (the controller, or a run without xdist) removes it."""
   if _OWN_XLA_CACHE is not None and not hasattr(config, "workerinput"):

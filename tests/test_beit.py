@@ -134,6 +134,7 @@ def test_bad_tokenizer_fails_at_start_up(case, match, tokenizer_dir, tmp_path):
 # --- a short run on real data ---------------------------------------------------------------
 
 
+@pytest.mark.long
 @requires_fmnist
 def test_short_beit_run_on_a_trained_tokenizer_lowers_its_loss(tmp_path):
   from ml_collections import config_flags

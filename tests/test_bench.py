@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -16,6 +18,7 @@ def _bench(*args):
   return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.long
 def test_bench_times_mae_its_mask_token_variant_and_the_hf_peer(tmp_path):
   rows = _bench("--config=configs/mae_vitb.py:runlocal", "--asymmetry", "--peer=hf",
                 f"--profile={tmp_path}")

@@ -117,6 +117,7 @@ def _committed_steps(checkpoints: str) -> list[int]:
                 storage.exists(f"{checkpoints}/{n}/commit_success.txt"))
 
 
+@pytest.mark.long
 @requires_fmnist
 def test_fashion_mnist_run_in_a_bucket_survives_kill9_and_is_evaluated(gcs, tmp_path):
   run = f"{gcs}/runs/mae"

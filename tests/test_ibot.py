@@ -303,6 +303,7 @@ def test_ratio_range_needs_blockwise():
 # --- a short run on real data -----------------------------------------------------------------
 
 
+@pytest.mark.long
 @requires_fmnist
 def test_short_fashion_mnist_run_lowers_the_loss_without_collapse():
   """40 steps with an EMA teacher (momentum 0.99) at a constant teacher temperature.

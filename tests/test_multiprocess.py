@@ -151,6 +151,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.long
 def test_two_cpu_processes_train_into_one_workdir(tmp_path):
   """Two processes, one CPU device each, one mesh of 2 devices: the runlocal MAE recipe."""
   workdir = tmp_path / "run"
@@ -301,6 +302,7 @@ print(f"OK {pid}")
 """
 
 
+@pytest.mark.long
 def test_two_processes_train_from_a_device_resident_split(tmp_path):
   """Each process draws the rows of its shard and the gather on the 2-device mesh puts exactly
   those rows, in order, on its device beside their labels; the CLI trains and checkpoints both
@@ -330,6 +332,7 @@ def test_two_processes_train_from_a_device_resident_split(tmp_path):
     assert position == {"kind": "mim_jax.device_resident", "next_batch": 2}
 
 
+@pytest.mark.long
 def test_two_processes_take_the_same_steps_as_one_and_resume_in_one(tmp_path):
   """Two processes (one CPU device each, FSDP over both) train 3 steps on the same global
   batches as one process; their collective Orbax checkpoint resumes in the single process."""
@@ -346,6 +349,7 @@ def test_two_processes_take_the_same_steps_as_one_and_resume_in_one(tmp_path):
   assert single.returncode == 0 and "OK single 0" in single.stdout, single.stderr[-4000:]
 
 
+@pytest.mark.long
 def test_killing_one_process_stops_the_other_and_the_same_command_resumes_both(tmp_path):
   """kill -9 of process 1: process 0 stops within seconds with exit code 5 and one line naming
   the latest checkpoint (not a traceback, not a wait for the dead process); the same two

@@ -289,6 +289,7 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.long
 def test_on_8_devices_steps_match_init_is_sharded_and_checkpoints_change_mesh():
   """One subprocess with 8 simulated devices: a data-parallel, an FSDP and a data x FSDP step
   equal the 1-device step; the sharded init; accumulation; restore onto 4 and 1 devices."""

@@ -22,6 +22,7 @@ def _pixels(split: str, n: int):
   return x[:n].reshape(n, -1).astype(np.float32) / 255.0, y[:n].astype(np.int32)
 
 
+@pytest.mark.long
 @requires_fmnist
 def test_probe_on_pixels_matches_scikit_learn():
   """On standardised raw pixels the probe is scikit-learn's multinomial logistic regression:

@@ -132,6 +132,7 @@ def _losses(workdir: pathlib.Path) -> list[tuple[int, float]]:
 # ----------------------------------------------------------------------------- 1. kill -9
 
 
+@pytest.mark.long
 def test_kill9_at_random_moments_resumes_bit_exact(tmp_path):
   """Killed during a step, at start-up and while a checkpoint is written, then resumed: same
   final parameters and per-step losses as an uninterrupted run; no partial checkpoint used."""
@@ -184,6 +185,7 @@ def test_kill9_at_random_moments_resumes_bit_exact(tmp_path):
 # ----------------------------------------------------------------------------- 2. preemption
 
 
+@pytest.mark.long
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
   """JAX's preemption sync: SIGTERM to process 1 only; both save the same step and exit 75."""
   from test_multiprocess import CLUSTER_VARS, _free_port

@@ -80,6 +80,7 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.long
 def test_shard_map_step_equals_the_jit_step_on_8_devices():
   """MAE (masks from noise), iBOT (per-view host masks of varying counts, centres), the linear
   probe (BatchNorm statistics) and SimMIM with accumulation: three steps of the per-device
