@@ -189,6 +189,8 @@ def sklearn_pixels(out_json: str, data_dir: str = "/usr/share/datasets/fashion-m
 if __name__ == "__main__":
   command = sys.argv[1]
   if command == "grid":
+    if len(sys.argv) > 2 and sys.argv[2] not in GRID:
+      raise SystemExit(f"no grid point {sys.argv[2]!r}: one of {', '.join(GRID)}")
     print(" ".join(GRID[sys.argv[2]]) if len(sys.argv) > 2 else " ".join(GRID))
   elif command == "pick":
     print(" ".join(pick(sys.argv[2], sys.argv[3])))

@@ -308,6 +308,23 @@ def test_results_script_passes_train_flags_to_training_runs_only(tmp_path):
   assert _results_calls(tmp_path, RESULTS, SECTIONS="pretrain_mae probe_mae") == calls
 
 
+def test_results_script_fine_tunes_with_a_recorded_choice_when_the_grid_runs_are_gone(tmp_path):
+  """CHOSEN_tune_mae names a grid point (recorded in docs/results.md): fine-tuning takes its
+  flags without the grid's runs; without it, the missing grid stops the script."""
+  calls = _results_calls(tmp_path, RESULTS, SECTIONS="finetune_mae", SEEDS="1",
+                         CHOSEN_tune_mae="lr4e-3_nomix")
+  (ft,) = calls
+  assert ft[0] == "--config=configs/finetune_fmnist.py" and "--config.seed=1" in ft
+  assert ft[-4:-1] == ["--config.optimizer.base_lr=0.004", "--config.classifier.mixup_alpha=0",
+                     "--config.classifier.cutmix_alpha=0"], ft
+  assert ft[-1].endswith("/ft_mae_s1")
+  import sys
+  stub_env = _fake_bin(tmp_path, "python", _MAIN_STUB % sys.executable)
+  out = _bash(RESULTS, str(tmp_path / "other"), env=dict(
+      stub_env, MAIN_CALLS=str(tmp_path / "other.log"), SECTIONS="finetune_mae"))
+  assert out.returncode == 1 and "tuning grid tune_mae_* is not finished" in out.stderr
+
+
 @pytest.mark.parametrize("status,code,says", [(75, 75, "stopped by SIGTERM"),
                                                (3, 1, "failed (exit 3)")])
 def test_results_script_stops_at_a_run_that_did_not_finish(tmp_path, status, code, says):
