@@ -174,6 +174,21 @@ def test_device_resident_is_refused_where_it_cannot_act(overrides, match):
     validate_config(tiny_config("mae", **overrides))
 
 
+def test_the_chooser_refuses_what_the_device_resident_split_would_drop():
+  """data.make_train_iterator with data.device_resident: a method's own augmentation and
+  per-image transforms without their per-batch form are refused, not silently left out."""
+  from mim_jax import data
+  config = tiny_config("mae", **RESIDENT)
+  kw = dict(image_size=(16, 16), channels=3, global_batch_size=8, seed=0,
+            batch_sharding=_one_device_sharding())
+  with pytest.raises(ConfigError, match="own augmentation"):
+    data.make_train_iterator(config.data, augment=object(), **kw)
+  with pytest.raises(ValueError, match="batch_extras"):
+    data.make_train_iterator(config.data, element_transforms=(object(),), **kw)
+  with pytest.raises(ValueError, match="batch_sharding"):
+    data.make_train_iterator(config.data, **{**kw, "batch_sharding": None})
+
+
 _SCRIPT = r"""
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P

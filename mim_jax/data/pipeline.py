@@ -203,7 +203,8 @@ def make_train_iterator(data_cfg, *, image_size: tuple[int, int], channels: int,
                         global_batch_size: int, seed: int, process_index: int | None = None,
                         process_count: int | None = None,
                         element_transforms: Sequence[grain.transforms.RandomMap] = (),
-                        augment: grain.transforms.RandomMap | None = None):
+                        augment: grain.transforms.RandomMap | None = None
+                        ) -> grain.DatasetIterator:
   """An infinite iterator of this host's batches {"image": float32 [B, H, W, C] normalised,
   "label": int32 [B]} (the source's class labels; 0 for a source without labels).
 

@@ -7,7 +7,7 @@ either would make the two import each other.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import grain
 
@@ -20,7 +20,7 @@ def make_train_iterator(data_cfg, *, image_size: tuple[int, int], channels: int,
                         process_count: int | None = None,
                         element_transforms: Sequence[grain.transforms.RandomMap] = (),
                         augment: grain.transforms.RandomMap | None = None,
-                        batch_sharding=None, batch_extras: Optional[Callable] = None):
+                        batch_sharding=None, batch_extras: Callable | None = None):
   """An infinite iterator of this host's batches {"image": [B, H, W, C], "label": int32 [B]}.
 
   Without data.device_resident: the grain pipeline (`pipeline.make_train_iterator`), float32
@@ -40,6 +40,10 @@ def make_train_iterator(data_cfg, *, image_size: tuple[int, int], channels: int,
     raise config_error("data.device_resident", True,
                        "False with a method's own augmentation (e.g. multi-crop views), "
                        "which runs in the grain pipeline")
+  if element_transforms and batch_extras is None:
+    raise ValueError("data.device_resident: per-image element_transforms cannot run on the "
+                     "split held on the devices; pass their per-batch form as batch_extras "
+                     "(Method.example_extras)")
   if batch_sharding is None:
     raise ValueError("data.device_resident: make_train_iterator needs the batch's sharding "
                      "(batch_sharding) to place the split and its batches")
