@@ -172,20 +172,26 @@ def test_unwritable_workdir_fails_before_training(tmp_path):
 
 
 def test_sigterm_saves_and_exits_75_then_resume_finishes(tmp_path):
+  """SIGTERM to every process of the run, as SLURM and `kill -- -PGID` send it: the data
+  worker outlives it, the trainer saves and exits 75, and the same command resumes."""
   workdir = tmp_path / "w"
+  # A data worker process and the k-NN monitor (on a held-out part of the synthetic split):
+  # shared-memory batches and an evaluation at the end of the resumed run.
   cmd = [sys.executable, "-m", "mim_jax.main", f"--config={REPO}/configs/mae_vitb.py:runlocal",
          f"--workdir={workdir}", "--config.total_steps=100000", "--config.checkpoint_every=1000",
-         "--config.viz_every=0", "--config.log_every=1"]
+         "--config.viz_every=0", "--config.log_every=1", "--config.data.num_workers=1",
+         "--config.data.holdout=16", "--config.data.eval_split=holdout",
+         "--config.knn.every_epochs=1000"]
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+                          text=True, start_new_session=True)
   deadline = time.time() + 120
   metrics = workdir / "metrics.jsonl"
   while time.time() < deadline and proc.poll() is None and not (
       metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
     time.sleep(0.2)
   assert proc.poll() is None, proc.communicate()[0]
-  proc.send_signal(signal.SIGTERM)
+  os.killpg(proc.pid, signal.SIGTERM)  # the trainer, its data worker, the resource tracker
   signalled = time.time()
   out, _ = proc.communicate(timeout=120)
   # Bounded: the step in progress, one checkpoint write and shutdown (generous for loaded CI).
@@ -195,6 +201,9 @@ def test_sigterm_saves_and_exits_75_then_resume_finishes(tmp_path):
   saved = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
   assert saved and saved[-1] >= 3, (saved, out)
   assert "after SIGTERM" in out and "run the same command to continue" in out
+  # Every batch block in shared memory was released by the trainer, none left to Python's
+  # resource tracker (which would also report a worker killed mid-batch).
+  assert "leaked shared_memory" not in out, out
   # It stopped at a step boundary and saved exactly that step: the last one it logged.
   assert max(json.loads(line)["step"] for line in metrics.read_text().splitlines()) == saved[-1]
 
@@ -203,8 +212,10 @@ def test_sigterm_saves_and_exits_75_then_resume_finishes(tmp_path):
   rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
   assert rerun.returncode == 0, rerun.stderr
   assert "resumed from" in rerun.stderr + rerun.stdout
+  assert "knn_top1_cls" in rerun.stderr and "leaked shared_memory" not in rerun.stderr, (
+      rerun.stderr)
   steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-  assert steps[-2:] == [saved[-1] + 1, saved[-1] + 2]
+  assert steps[-3:] == [saved[-1] + 1, saved[-1] + 2, saved[-1] + 2]  # the last: k-NN
 
 
 def test_corrupt_image_is_skipped_counted_and_never_fed(tmp_path):

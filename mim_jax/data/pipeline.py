@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import threading
 import time
 from typing import Sequence
@@ -83,16 +84,22 @@ def _read_options(num_workers: int, read_ahead: int) -> grain.ReadOptions:
 PARENT_POLL_SECONDS = 0.5
 
 
-def exit_with_parent(worker_index: int, worker_count: int) -> None:
-  """grain worker init: the worker exits within PARENT_POLL_SECONDS of the training process,
-  however that dies (kill -9 included, which runs no clean-up in the parent).
+def init_worker(worker_index: int, worker_count: int) -> None:
+  """grain worker init: the worker outlives a SIGTERM and exits within PARENT_POLL_SECONDS of
+  the training process, however that dies (kill -9 included, which runs no clean-up in the
+  parent).
 
-  A daemon thread compares the worker's parent pid with the one at start: once the parent is
-  gone the worker is re-parented and the thread ends the process. Polling, not
+  SIGTERM is ignored because a preemption notice is the trainer's to handle: schedulers send
+  it to every process of the job (SLURM, `kill -- -PGID`, `timeout`), and a worker that died
+  of it would fail the trainer's next batch ("Worker process was terminated unexpectedly")
+  before the checkpoint it is about to write; the trainer stops its workers once it has
+  saved. A daemon thread compares the worker's parent pid with the one at start: once the
+  parent is gone the worker is re-parented and the thread ends the process. Polling, not
   PR_SET_PDEATHSIG, because that signal follows the thread that started the worker, which
   may end long before the training process does.
   """
   del worker_index, worker_count
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
   parent = os.getppid()
 
   def watch():
@@ -181,7 +188,7 @@ def train_dataset(data_cfg, *, image_size: tuple[int, int], channels: int,
     _ensure_absl_flags_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=num_workers, per_worker_buffer_size=int(data_cfg.prefetch_buffer_size)),
-        worker_init_fn=exit_with_parent)
+        worker_init_fn=init_worker)
   it_ds = it_ds.map(transforms.DropInvalidRows(MAX_BAD_IMAGE_FRACTION))
   it_ds = it_ds.filter(transforms.NonEmptyBatch())
   # An emptied batch is expected (all its images bad) and DropInvalidRows bounds how many
