@@ -263,9 +263,12 @@ def eval_dataset(data_cfg, *, image_size: tuple[int, int], channels: int, batch_
         transforms.EvalPadding(image_size=image_size, channels=channels)))
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
   # In-process threads only: evaluation is one pass, and worker start-up (seconds) would
-  # dominate the common case of reading a few batches (e.g. reconstruction pictures).
-  it_ds = ds.to_iter_dataset(_read_options(0, int(np.clip(batch_size, 16, 512))))
-  return it_ds.batch(batch_size, drop_remainder=False)
+  # dominate the common case of reading a few batches (e.g. reconstruction pictures). Batched
+  # before the read-ahead, so that each thread fills a whole batch: per image, grain's
+  # iterator costs more Python than Fashion-MNIST's decode (its prefetch scans the whole
+  # read-ahead buffer on every element), and a one-pass read of the 10,000 test images
+  # took 3.1 s that way at batch 256 against 1.5 s batched first.
+  return ds.batch(batch_size, drop_remainder=False).to_iter_dataset(_read_options(0, 1))
 
 
 def make_eval_iterator(data_cfg, *, image_size: tuple[int, int], channels: int,
