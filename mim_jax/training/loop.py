@@ -202,11 +202,11 @@ def train(config, workdir: str) -> step_lib.TrainState:
     if writer is not None:
       writer.close()
     train_iter.close()  # stops grain worker processes
-    # The last batch lives in blocks of shared memory that the worker processes wrote (and the
-    # device array of a CPU run aliases it); grain's iterator holds earlier ones in reference
-    # cycles. Dropped and collected here, they are unlinked now, not left to the resource
-    # tracker at interpreter exit (a "leaked shared_memory objects" warning), also when an
-    # exception's traceback keeps this frame alive (Preempted: exit 75).
+    # The last batches live in shared-memory blocks that the worker processes wrote, held by
+    # this frame and by reference cycles inside grain's iterator. Dropped and collected here,
+    # they are unlinked now; left to interpreter exit, grain can no longer unlink them
+    # (google/grain#398) and Python's resource tracker reports them as leaked. Cleared
+    # locals also matter when an exception's traceback keeps this frame alive (Preempted).
     train_iter = host_batch = batch = None
     gc.collect()
   return state
