@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -67,6 +69,28 @@ def test_tensorboard_event_files_and_hparams(tmp_path):
   assert "\n  " in text  # pretty-printed
   assert json.loads(text) == {"model": {"variant": "mu/4", "patch": [4, 4]}, "lr": 1.5e-4,
                               "seed": 0}
+
+
+def test_tensorboard_without_loading_torch(tmp_path):
+  """tensorboardX imports torch when it is installed (seconds and hundreds of MB per training
+  process); the writer loads it without, and torch stays importable after."""
+  script = f"""
+import importlib.util, os, sys
+import numpy as np
+from mim_jax.training import metric_writers
+with metric_writers.MetricWriter({str(tmp_path)!r}) as w:
+  w.write_scalars(1, {{"loss": 0.5}})
+  w.write_image(1, "reconstructions", np.zeros((4, 4, 3), np.uint8))
+assert "torch" not in sys.modules, "torch was imported"
+assert any(f.startswith("events.out.tfevents.") for f in os.listdir({str(tmp_path / "tensorboard")!r}))
+if importlib.util.find_spec("torch") is not None:
+  import torch
+  print("torch", torch.__version__)
+print("OK")
+"""
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr[-3000:]
 
 
 def test_disabled_writer_is_a_no_op(tmp_path):
