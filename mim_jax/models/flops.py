@@ -8,7 +8,7 @@ token and the visible patches only, its decoder on all positions; mask-token met
 on all patches. Element-wise work (norms, softmax, GELU, the optimizer) is left out; a training
 step costs 3x the forward pass (the backward pass needs the gradients of activations and of
 weights, each as costly as the forward). `tests/test_flops.py` checks these numbers against
-XLA's cost analysis of the compiled step.
+XLA's cost analysis of the step's lowered program.
 """
 
 from __future__ import annotations
