@@ -124,6 +124,16 @@ def test_idx_roundtrip_tiny(tmp_path, gz):
   np.testing.assert_array_equal(out, images)
 
 
+def test_idx_read_again_only_when_the_file_changed(tmp_path):
+  path = write_idx(tmp_path / "x.idx3.gz", np.zeros((5, 3, 7), np.uint8), gz=True)
+  first = idx.read_idx(path)
+  assert idx.read_idx(path) is first and not first.flags.writeable  # kept, and shared safely
+  write_idx(tmp_path / "x.idx3.gz", np.ones((6, 3, 7), np.uint8), gz=True)  # rewritten
+  os.utime(path, ns=(0, os.stat(path).st_mtime_ns + 1))  # even within the clock's resolution
+  again = idx.read_idx(path)
+  assert again.shape == (6, 3, 7) and again.min() == 1
+
+
 @pytest.mark.parametrize("gz", [True, False])
 def test_idx_truncated_file_names_it(tmp_path, gz):
   path = write_idx(tmp_path / ("t.idx3" + (".gz" if gz else "")), np.ones((4, 5, 5)), gz=gz,

@@ -6,6 +6,7 @@ dimensions, then the data in C order. Only dtype 0x08 (uint8) occurs in (Fashion
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import struct
@@ -66,7 +67,18 @@ def parse_idx(data: bytes, *, name: str = "<bytes>") -> np.ndarray:
 
 
 def read_idx(path: str) -> np.ndarray:
-  """Reads an IDX file (optionally .gz) into a read-only uint8 array."""
+  """Reads an IDX file (optionally .gz) into a read-only uint8 array.
+
+  Kept per process while the file is unchanged (same path, size and modification time): a
+  run opens its splits several times (training, evaluation, the example count), and
+  decompressing Fashion-MNIST's training images takes about 0.5 s each time."""
+  stat = os.stat(path)
+  return _read_idx_unchanged(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)  # images and labels of a train and a test split
+def _read_idx_unchanged(path: str, size: int, mtime_ns: int) -> np.ndarray:
+  del size, mtime_ns  # part of the cache key only
   return parse_idx(_read_bytes(path), name=path)
 
 
