@@ -97,8 +97,9 @@ def test_non_square_grayscale_forward_shapes():
   config = _mae_config("mu/4", image_size=(12, 20), channels=1, decoder=(32, 1, 2))
   model = mae.build_model(config)
   images = jax.random.normal(jax.random.key(0), (3, 12, 20, 1))
-  variables = model.init({"params": jax.random.key(1), "masking": jax.random.key(2)}, images)
-  pred, info = model.apply(variables, images, rngs={"masking": jax.random.key(3)})
+  variables = jax.jit(model.init)({"params": jax.random.key(1), "masking": jax.random.key(2)},
+                                  images)
+  pred, info = jax.jit(model.apply)(variables, images, rngs={"masking": jax.random.key(3)})
   num_patches = 3 * 5
   assert pred.shape == (3, num_patches, 16)
   assert info.mask.shape == (3, num_patches)
@@ -109,11 +110,12 @@ def test_bfloat16_compute_keeps_float32_params():
   config = _mae_config("mu/4", image_size=(16, 16), decoder=(32, 1, 2), dtype="bfloat16")
   model = mae.build_model(config)
   images = jnp.ones((2, 16, 16, 3))
-  variables = model.init({"params": jax.random.key(1), "masking": jax.random.key(2)}, images)
+  variables = jax.jit(model.init)({"params": jax.random.key(1), "masking": jax.random.key(2)},
+                                  images)
   assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype("float32")}
-  latent, _ = model.encoder.apply({"params": variables["params"]["encoder"]}, images)
+  latent, _ = jax.jit(model.encoder.apply)({"params": variables["params"]["encoder"]}, images)
   assert latent.dtype == jnp.bfloat16
-  pred, _ = model.apply(variables, images, rngs={"masking": jax.random.key(3)})
+  pred, _ = jax.jit(model.apply)(variables, images, rngs={"masking": jax.random.key(3)})
   assert pred.dtype == jnp.float32 and bool(jnp.isfinite(pred).all())
 
 
@@ -225,11 +227,12 @@ def test_padded_attention_equals_unpadded_in_value_and_gradient(tokens, multiple
 
   def loss(fn, q, k, v):
     return (fn(q, k, v) * w).sum()
-  plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")
-  padded = lambda q, k, v: vit.padded_attention(q, k, v, multiple, implementation="xla")
+  # Jitted: op by op, the gradients' hundreds of small operations take seconds each case.
+  plain = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))
+  padded = jax.jit(lambda q, k, v: vit.padded_attention(q, k, v, multiple, implementation="xla"))
   np.testing.assert_allclose(padded(q, k, v), plain(q, k, v), rtol=1e-5, atol=1e-6)
-  for a, b in zip(jax.grad(lambda *a: loss(padded, *a), argnums=(0, 1, 2))(q, k, v),
-                  jax.grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2))(q, k, v)):
+  grad = lambda fn: jax.jit(jax.grad(lambda *a: loss(fn, *a), argnums=(0, 1, 2)))
+  for a, b in zip(grad(padded)(q, k, v), grad(plain)(q, k, v)):
     assert np.isfinite(np.asarray(a)).all()
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -316,16 +319,17 @@ def test_relative_position_bias_follows_the_visible_patches(rel_pos_bias):
   encoder's tokens in that order: each token's bias is read at its own grid position."""
   enc = _beit_style_encoder(rel_pos_bias, posemb="none")
   images = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
-  params = _randomized(enc.init(jax.random.key(1), images))
-  full, _ = enc.apply(params, images)
+  params = _randomized(jax.jit(enc.init)(jax.random.key(1), images))
+  apply = jax.jit(enc.apply)
+  full, _ = apply(params, images)
   order = jnp.stack([jax.random.permutation(jax.random.key(s), 16) for s in (2, 3)])
-  shuffled, _ = enc.apply(params, images, ids_keep=order)
+  shuffled, _ = apply(params, images, ids_keep=order)
   np.testing.assert_allclose(shuffled[:, 1:], vit.gather_tokens(full[:, 1:], order),
                              rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(shuffled[:, 0], full[:, 0], rtol=1e-5, atol=1e-5)
   # With positions only in the bias, the order of the patches matters only through it: a
   # shuffle read at the wrong positions would change the tokens.
-  wrong = enc.apply(params, vit.unpatchify(
+  wrong = apply(params, vit.unpatchify(
       vit.gather_tokens(vit.patchify(images, 4), order), 4, (4, 4), 1))[0]
   assert not np.allclose(wrong[:, 1:], vit.gather_tokens(full[:, 1:], order), atol=1e-3)
 
