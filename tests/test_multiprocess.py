@@ -16,7 +16,7 @@ import pytest
 
 from mim_jax.training import distributed, metric_writers, run_errors
 
-from conftest import REPO
+from conftest import FAST_COMPILE_XLA_FLAGS, REPO
 
 SRUN = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_PROCID": "3",
         "SLURM_LOCALID": "1"}
@@ -138,8 +138,7 @@ def _one_device_per_process_env(**extra: str) -> dict:
   """The environment of a multi-process test: one CPU device per process (no simulated
   devices, no cluster variables that jax.distributed would read), the tests on the path."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1",
-             PYTHONPATH=f"{REPO}:{REPO / 'tests'}", **extra)
-  env.pop("XLA_FLAGS", None)
+             PYTHONPATH=f"{REPO}:{REPO / 'tests'}", XLA_FLAGS=FAST_COMPILE_XLA_FLAGS, **extra)
   for name in CLUSTER_VARS:
     env.pop(name, None)
   return env

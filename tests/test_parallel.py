@@ -24,7 +24,7 @@ from mim_jax.config.errors import ConfigError
 from mim_jax.training import parallel
 from mim_jax.training import step as step_lib
 
-from conftest import REPO, tiny_mae_config
+from conftest import FAST_COMPILE_XLA_FLAGS, REPO, tiny_mae_config
 
 
 def test_mesh_shape_resolves_minus_one():
@@ -293,7 +293,8 @@ _SCRIPT = textwrap.dedent("""
 def test_on_8_devices_steps_match_init_is_sharded_and_checkpoints_change_mesh():
   """One subprocess with 8 simulated devices: a data-parallel, an FSDP and a data x FSDP step
   equal the 1-device step; the sharded init; accumulation; restore onto 4 and 1 devices."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 "
+             + FAST_COMPILE_XLA_FLAGS,
              JAX_PLATFORMS="cpu", PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
   out = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=600)

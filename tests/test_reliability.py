@@ -36,7 +36,7 @@ from mim_jax.training import checkpoint, metric_writers, run_errors
 from mim_jax.training import loop as train
 from mim_jax.training import step as step_lib
 
-from conftest import REPO, tiny_mae_config
+from conftest import FAST_COMPILE_XLA_FLAGS, REPO, tiny_mae_config
 
 RUNLOCAL = f"--config={REPO}/configs/mae_vitb.py:runlocal"
 # 12 steps of a 16-step schedule (so every step changes the parameters), a checkpoint every 3.
@@ -77,7 +77,8 @@ app.run(main.main, flags_parser=main.parse_flags)
 
 
 def _env() -> dict[str, str]:
-  return dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+  return dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
+              XLA_FLAGS=FAST_COMPILE_XLA_FLAGS)
 
 
 def _start(args: list[str], log_path: pathlib.Path, env: dict | None = None,
@@ -190,8 +191,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
   """JAX's preemption sync: SIGTERM to process 1 only; both save the same step and exit 75."""
   from test_multiprocess import CLUSTER_VARS, _free_port
   workdir = tmp_path / "run"
-  env = dict(_env(), JAX_NUM_CPU_DEVICES="1")
-  env.pop("XLA_FLAGS", None)
+  env = dict(_env(), JAX_NUM_CPU_DEVICES="1")  # _env's XLA_FLAGS simulate no devices
   for name in CLUSTER_VARS:
     env.pop(name, None)
   port = _free_port()

@@ -12,7 +12,7 @@ import pytest
 from mim_jax import registry
 from mim_jax.config.errors import ConfigError
 
-from conftest import REPO, tiny_config
+from conftest import FAST_COMPILE_XLA_FLAGS, REPO, tiny_config
 
 _SCRIPT = textwrap.dedent("""
     import chex, jax, numpy as np
@@ -86,7 +86,8 @@ def test_shard_map_step_equals_the_jit_step_on_8_devices():
   probe (BatchNorm statistics) and SimMIM with accumulation: three steps of the per-device
   step under shard_map give the loss, gradient norm, parameters and extra state of the global
   step; the trainer runs with parallel.step='shard_map'."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 "
+             + FAST_COMPILE_XLA_FLAGS,
              JAX_PLATFORMS="cpu", PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
   out = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=900)
