@@ -69,9 +69,9 @@ def test_continued_mae_run_starts_at_the_source_models_loss(tmp_path, mae_source
   _, src_params = read_weights(mae_source)
   method = registry.build_method(config)
   batch, rng = _first_batch_and_rng(config)
-  source_loss = float(method.loss(src_params, {}, batch, rng, train=True)[0])
-  fresh = method.init(jax.random.key(0), batch["image"][:1])[0]
-  fresh_loss = float(method.loss(fresh, {}, batch, rng, train=True)[0])
+  loss = jax.jit(lambda params: method.loss(params, {}, batch, rng, train=True)[0])
+  source_loss = float(loss(src_params))
+  fresh_loss = float(loss(jax.jit(method.init)(jax.random.key(0), batch["image"][:1])[0]))
   logged = _logged_losses(workdir)[1]
   np.testing.assert_allclose(logged, source_loss, rtol=1e-5)
   assert abs(logged - fresh_loss) > 1e-3
