@@ -189,11 +189,9 @@ def test_kill9_at_random_moments_resumes_bit_exact(tmp_path):
 @pytest.mark.long
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
   """JAX's preemption sync: SIGTERM to process 1 only; both save the same step and exit 75."""
-  from test_multiprocess import CLUSTER_VARS, _free_port
+  from test_multiprocess import _free_port, _one_device_per_process_env
   workdir = tmp_path / "run"
-  env = dict(_env(), JAX_NUM_CPU_DEVICES="1")  # _env's XLA_FLAGS simulate no devices
-  for name in CLUSTER_VARS:
-    env.pop(name, None)
+  env = _one_device_per_process_env(PYTHONUNBUFFERED="1")
   port = _free_port()
   args = [RUNLOCAL, f"--workdir={workdir}", "--config.total_steps=100000",
           "--config.checkpoint_every=1000", "--config.log_every=1", "--config.viz_every=0",
