@@ -416,14 +416,19 @@ def test_results_script_every_section_is_a_valid_command_line(tmp_path, monkeypa
       SECTIONS="tune_scratch tune_mae finetune_mae finetune_scratch lowlabel methods ratio "
                "distill")
   names = [c[-1].rsplit("/", 1)[-1] for c in calls]
-  for expected in ("ft_scratch_s0", "ft_mae_labels1", "ft_scratch_labels10", "beit_tokenizer",
-                   "ibot_e30", "probe_ibot_e30", "ft_ibot_s0", "data2vec2_e30",
+  for expected in ("ft_scratch_s0", "ft_mae_labels1_s0", "ft_scratch_labels10_s0",
+                   "beit_tokenizer", "ibot_e30", "probe_ibot_e30", "ft_ibot_s0", "data2vec2_e30",
                    "ft_maskdistill_s0", "mae_e50_r0.9", "ft_mae_r0.5_s0", "knn_maskdistill_e3",
                    "vqkd_tokenizer", "knn_beit_vqkd_e3"):
     assert expected in names, names
   teacher = f"--config.teacher.path={tmp_path}/root/mae_e50"
   for name in ("maskdistill_e30", "maskdistill_e3", "vqkd_tokenizer"):
     assert teacher in calls[names.index(name)], name
+  for name, fraction, epochs in (("ft_mae_labels1_s0", "0.01", "60"),
+                                 ("ft_scratch_labels10_s0", "0.1", "30")):
+    call = calls[names.index(name)]  # the subset's epochs, not the 15-epoch recipe's
+    assert f"--config.data.label_fraction={fraction}" in call
+    assert f"--config.num_epochs={epochs}" in call and "--config.num_epochs=15" not in call
   beit_vqkd = calls[names.index("beit_vqkd_e3")]
   assert f"--config.tokenizer.path={tmp_path}/root/vqkd_tokenizer" in beit_vqkd
   for call in calls:
