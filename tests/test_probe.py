@@ -117,6 +117,41 @@ def test_probe_job_reports_every_pool_and_its_choices(tiny_encoder, tmp_path):
   assert metrics["probe_top1_cls"] == results["probe_top1_cls"]
 
 
+def test_a_low_label_probe_encodes_only_its_labelled_rows(tiny_encoder, tmp_path, monkeypatch):
+  """With data.label_fraction < 1 the probe (and its k-NN bank) decodes the labelled subset
+  and the holdout of the training split, not every training image (a 1%-label probe on
+  ImageNet would otherwise encode 100x the images it uses)."""
+  config = _probe_config(tiny_encoder, **{"data.label_fraction": 0.25})
+  labels = data.build_source(config.data, image_size=(16, 16), channels=3).labels()
+  wanted = set(sources.train_indices(config.data, labels)) | set(
+      sources.holdout_indices(config.data, labels))
+  read = set()
+  build = sources.build_source
+
+  class Recorded:
+    def __init__(self, source):
+      self.source = source
+
+    def __len__(self):
+      return len(self.source)
+
+    def __getitem__(self, index):
+      read.add(int(index))
+      return self.source[index]
+
+    def labels(self):
+      return self.source.labels()
+
+  def recording(data_cfg, *, image_size, channels, split=None):
+    source = build(data_cfg, image_size=image_size, channels=channels, split=split)
+    return Recorded(source) if split in (None, data_cfg.split) else source
+
+  monkeypatch.setattr(sources, "build_source", recording)
+  results = train.run(config, str(tmp_path))
+  assert read == wanted and len(wanted) < 40  # of 64 training images
+  assert results["num_train"] == len(wanted) and results["num_holdout"] == 16
+
+
 def test_probe_on_pixels_and_without_a_holdout(tmp_path):
   pixels = _probe_config("", **{"classifier.features": "pixels"})
   results = train.run(pixels, str(tmp_path / "pixels"))

@@ -11,7 +11,7 @@
                                                                       "label": i32 [B]}
   make_eval_iterator(data_cfg, *, image_size, channels, batch_size,
                      process_index=None, process_count=None,
-                     split=None)                                     + "mask": bool [B]
+                     split=None, rows=None)                          + "mask": bool [B]
   make_train_iterator(..., batch_sharding=, batch_extras=) with data.device_resident: the
                       split held on the devices (small datasets, data/device_resident.py;
                       the choice is made in data/train_iterator.py)

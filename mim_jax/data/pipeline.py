@@ -33,7 +33,7 @@ import grain
 import numpy as np
 
 from mim_jax.config.errors import config_error
-from mim_jax.data import bad_images, sources, transforms
+from mim_jax.data import bad_images, sources, subsets, transforms
 
 # Training stops if more than this fraction of images is bad (checked over windows of 1000
 # images): a dataset that is mostly unreadable is misconfigured, and without the check an
@@ -231,12 +231,14 @@ def make_train_iterator(data_cfg, *, image_size: tuple[int, int], channels: int,
 
 def eval_dataset(data_cfg, *, image_size: tuple[int, int], channels: int, batch_size: int,
                  process_index: int | None = None, process_count: int | None = None,
-                 split: str | None = None) -> grain.IterDataset:
+                 split: str | None = None, rows: np.ndarray | None = None) -> grain.IterDataset:
   """One pass over this host's shard, in source order, padded to whole batches.
 
   Reads `split` (e.g. data.eval_split for test-set evaluation) or, when None, data.split (the
-  training split, e.g. for k-NN features). Always the whole split: data.label_fraction does not
-  apply. Image folders: a split other than data.split is the folder data.eval_path.
+  training split, e.g. for k-NN features): the whole split, or only its `rows` (int [M],
+  positions in the split, read in that order; e.g. `sources.train_indices`, so that a
+  low-label probe decodes its labelled subset, not every training image). data.label_fraction
+  itself does not apply. Image folders: a split other than data.split is data.eval_path.
 
   Every host yields ceil(ceil(N / process_count) / batch_size) batches (the same count on all
   hosts, so a jitted eval step runs in lockstep); rows past the shard's end, and images that
@@ -248,9 +250,13 @@ def eval_dataset(data_cfg, *, image_size: tuple[int, int], channels: int, batch_
   image_size = tuple(int(s) for s in image_size)
   source = sources.build_source(data_cfg, image_size=image_size, channels=channels,
                                 split=split)
+  if rows is not None:
+    source = subsets.SubsetSource(source, rows, source.labels())
   shard = grain.MapDataset.source(source)[process_index::process_count]
   num_batches = math.ceil(math.ceil(len(source) / process_count) / batch_size)
   num_padding = num_batches * batch_size - len(shard)
+  if num_batches == 0:  # an empty split or `rows`: no batches
+    return grain.MapDataset.source([]).to_iter_dataset()
 
   crop_fraction = 1.0 if sources.fixed_size_source(data_cfg) else EVAL_CROP_FRACTION
   parts = []
@@ -275,12 +281,13 @@ def eval_dataset(data_cfg, *, image_size: tuple[int, int], channels: int, batch_
 
 def make_eval_iterator(data_cfg, *, image_size: tuple[int, int], channels: int,
                        batch_size: int, process_index: int | None = None,
-                       process_count: int | None = None,
-                       split: str | None = None) -> grain.DatasetIterator:
+                       process_count: int | None = None, split: str | None = None,
+                       rows: np.ndarray | None = None) -> grain.DatasetIterator:
   """One pass of {"image": float32 [B, H, W, C], "label": int32 [B], "mask": bool [B]}.
 
   `split`: the split to read (callers pass split=data_cfg.eval_split for test-set evaluation);
-  None reads data.split. Never restricted by data.label_fraction.
+  None reads data.split. `rows`: only these positions of the split, in that order (None: all).
+  Never restricted by data.label_fraction itself.
 
   No shuffling, no random augmentation: resize + centre crop (crop fraction 0.875 for
   image_folder / tfds photos, the whole image for fashion_mnist / synthetic; nothing at all when
@@ -288,4 +295,4 @@ def make_eval_iterator(data_cfg, *, image_size: tuple[int, int], channels: int,
   """
   return iter(eval_dataset(data_cfg, image_size=image_size, channels=channels,
                            batch_size=batch_size, process_index=process_index,
-                           process_count=process_count, split=split))
+                           process_count=process_count, split=split, rows=rows))

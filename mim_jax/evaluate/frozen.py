@@ -82,12 +82,16 @@ class FeatureExtractor:
 
     self._features = jax.jit(features)
 
-  def split(self, params, split: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """({pool: float32 [N, D]}, labels int32 [N]) of a whole split."""
+  def split(self, params, split: str, rows: np.ndarray | None = None
+            ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """({pool: float32 [N, D]}, labels int32 [N]) of a whole split, or of its `rows` (int
+    positions, in that order); images that failed to decode (data.on_bad_image="skip") are
+    left out."""
     count = jax.process_count()
     it = data.make_eval_iterator(self.config.data, image_size=tuple(self.config.image_size),
                                  channels=self.config.channels,
-                                 batch_size=self.config.eval.batch_size // count, split=split)
+                                 batch_size=self.config.eval.batch_size // count, split=split,
+                                 rows=rows)
     if count == 1:
       feats, labels = knn.extract_features(
           lambda images: self._features(params, images).reshape(images.shape[0], -1), it)
@@ -101,6 +105,8 @@ class FeatureExtractor:
         parts[0].append(np.asarray(out, np.float32).reshape(out.shape[0], -1))
         parts[1].append(np.asarray(batch["label"], np.int32))
         parts[2].append(np.asarray(batch["mask"], bool))
+      if not parts[0]:  # no rows at all
+        return {p: np.zeros((0, 0), np.float32) for p in self.pools}, np.zeros(0, np.int32)
       gathered = multihost_utils.process_allgather(tuple(np.concatenate(p) for p in parts))
       feats, labels, mask = (np.swapaxes(np.asarray(g), 0, 1).reshape(-1, *g.shape[2:])
                              for g in gathered)
@@ -108,16 +114,14 @@ class FeatureExtractor:
     feats = feats.reshape(feats.shape[0], len(self.pools), -1)
     return {p: feats[:, i] for i, p in enumerate(self.pools)}, labels
 
-  def train_rows(self, labels: np.ndarray) -> np.ndarray:
-    """Indices into the whole training split of the rows training reads (no holdout, the
-    label subset); the split must have decoded completely for positions to line up."""
+  def training_rows(self) -> tuple[np.ndarray, np.ndarray]:
+    """(train, holdout): sorted positions in the training split of the rows training reads
+    (no holdout, the `data.label_fraction` subset) and of the `data.holdout` examples. Only
+    these are encoded: a 1%-label probe reads 1% of the training images."""
     cfg = self.config
-    source_labels = data.build_source(cfg.data, image_size=tuple(cfg.image_size),
-                                      channels=cfg.channels).labels()
-    if len(source_labels) != len(labels):
-      raise ValueError(f"{len(source_labels) - len(labels)} training images could not be "
-                       "decoded; the bank needs every one to line up with the training rows")
-    return sources.train_indices(cfg.data, source_labels)
+    labels = data.build_source(cfg.data, image_size=tuple(cfg.image_size),
+                               channels=cfg.channels).labels()
+    return sources.train_indices(cfg.data, labels), sources.holdout_indices(cfg.data, labels)
 
 
 def job_extractor(config) -> FeatureExtractor:
@@ -141,17 +145,16 @@ class KnnMonitor:
   def __call__(self, encoder_params) -> dict[str, float]:
     start = time.perf_counter()
     cfg, ex = self.config, self.extractor
-    bank, bank_labels = ex.split(encoder_params, cfg.data.split)
-    rows = ex.train_rows(bank_labels)
+    bank, bank_labels = ex.split(encoder_params, cfg.data.split, ex.training_rows()[0])
     queries, query_labels = ex.split(encoder_params, data.eval_split(cfg.data))
     out = {}
     for pool in ex.pools:
-      acc = knn.knn_accuracy(bank[pool][rows], bank_labels[rows], queries[pool], query_labels,
+      acc = knn.knn_accuracy(bank[pool], bank_labels, queries[pool], query_labels,
                              num_classes=self.num_classes, k=cfg.knn.k,
                              temperature=cfg.knn.temperature)
       out.update({f"knn_{k}_{pool}": v for k, v in acc.items()})
     log.info("k-NN (k=%d, T=%g): bank %d, queries %d (%s), %s in %.1fs", cfg.knn.k,
-             cfg.knn.temperature, len(rows), len(query_labels), data.eval_split(cfg.data),
+             cfg.knn.temperature, len(bank_labels), len(query_labels), data.eval_split(cfg.data),
              ", ".join(f"{k} {v:.4f}" for k, v in out.items()), time.perf_counter() - start)
     return out
 
@@ -219,32 +222,33 @@ def run_probe(config, workdir: str) -> dict:
   cfg = config
   ex = job_extractor(cfg)
   params = _encoder_params(cfg)
-  train_feats, train_labels = ex.split(params, cfg.data.split)
-  rows = ex.train_rows(train_labels)
-  holdout = sources.holdout_indices(cfg.data, train_labels)  # train_rows checked the positions
-  all_rows = np.union1d(rows, holdout)  # the final fit and the k-NN bank use every row
+  rows, holdout = ex.training_rows()
+  train_feats, train_labels = ex.split(params, cfg.data.split, rows)
+  hold_feats, hold_labels = ex.split(params, cfg.data.split, holdout)
   test_feats, test_labels = ex.split(params, data.eval_split(cfg.data))
   num_classes = classifier_base.num_classes(cfg)
   fit_kwargs = dict(max_iter=int(cfg.probe.max_iter), tol=float(cfg.probe.tol))
   metrics: dict = {}
+  # The k-NN bank (like the probe's final fit) uses every training row, holdout included.
+  all_labels = np.concatenate([train_labels, hold_labels])
   for pool in ex.pools:
-    f = train_feats[pool]
-    acc = knn.knn_accuracy(f[all_rows], train_labels[all_rows], test_feats[pool], test_labels,
+    bank = np.concatenate([train_feats[pool], hold_feats[pool]])
+    acc = knn.knn_accuracy(bank, all_labels, test_feats[pool], test_labels,
                            num_classes=num_classes, k=cfg.knn.k, temperature=cfg.knn.temperature)
     metrics.update({f"knn_{k}_{pool}": v for k, v in acc.items()})
-    top1, l2, scores, info = _probe(f[rows], train_labels[rows], f[holdout],
-                                    train_labels[holdout], test_feats[pool], test_labels,
+    top1, l2, scores, info = _probe(train_feats[pool], train_labels, hold_feats[pool],
+                                    hold_labels, test_feats[pool], test_labels,
                                     num_classes, tuple(cfg.probe.l2_grid), fit_kwargs)
     metrics.update({f"probe_top1_{pool}": top1, f"probe_l2_{pool}": l2,
                     f"probe_holdout_top1_{pool}": {f"{k:g}": v for k, v in scores.items()},
                     f"probe_iterations_{pool}": info.iterations,
                     f"probe_converged_{pool}": info.converged})
     log.info("%s: k-NN %.4f, probe %.4f (L2 %g chosen on %d held-out examples: %s; final fit "
-             "%d L-BFGS iterations, |grad| %.2e)", pool, acc["top1"], top1, l2, len(holdout),
+             "%d L-BFGS iterations, |grad| %.2e)", pool, acc["top1"], top1, l2, len(hold_labels),
              ", ".join(f"{k:g} {v:.4f}" for k, v in scores.items()), info.iterations,
              info.grad_norm)
   metrics["seconds"] = time.perf_counter() - start
-  metrics["num_train"], metrics["num_holdout"] = len(all_rows), len(holdout)
+  metrics["num_train"], metrics["num_holdout"] = len(all_labels), len(hold_labels)
   return _finish(cfg, workdir, metrics)
 
 
