@@ -27,6 +27,7 @@ from mim_jax.config.checks import get, is_int, is_number, pair, positive_int, re
 from mim_jax.config.errors import ConfigError, config_error
 from mim_jax.models.vit import MLP_ACTS, REL_POS_BIAS, parse_variant, size_from_config
 from mim_jax.objectives.masking import ATTENTION_ORDERS, MASK_KINDS, num_visible
+from mim_jax.training import compiler_options
 from mim_jax.weights import continuation, pretrained
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -161,6 +162,7 @@ def validate_optimization(config) -> None:
 def validate_shared(config) -> None:
   """The fields `config.defaults.core_fields` and `training_fields` create, where present."""
   require(is_int(config.seed), "seed", config.seed, "an integer")
+  compiler_options.validate(config)
   validate_model(config)
   if "optimizer" in config:
     validate_optimization(config)

@@ -40,7 +40,7 @@ from mim_jax.methods import base
 from mim_jax.models import flops
 from mim_jax.models.heads import pool_tokens
 from mim_jax.models.vit import encoder_from_config
-from mim_jax.training import checkpoint, metric_writers
+from mim_jax.training import checkpoint, compiler_options, metric_writers
 from mim_jax.weights import pretrained
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class FeatureExtractor:
         tokens = aux["blocks"][layer - 1]
       return jnp.stack([pool_tokens(tokens, p) for p in ENCODER_POOLS], 1).astype(jnp.float32)
 
-    self._features = jax.jit(features)
+    self._features = compiler_options.jit(config, features)
 
   def split(self, params, split: str, rows: np.ndarray | None = None
             ) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -93,26 +93,30 @@ class FeatureExtractor:
                                  batch_size=self.config.eval.batch_size // count, split=split,
                                  rows=rows)
     if count == 1:
-      feats, labels = knn.extract_features(
-          lambda images: self._features(params, images).reshape(images.shape[0], -1), it)
+      feats, labels = knn.extract_features(lambda images: self._features(params, images), it,
+                                           jit=False)
     else:
       # Every process holds rows p, p + P, ... of the split, padded to the same number of
       # batches; gather the padded arrays, interleave them back into source order.
       local_params = jax.device_put(_local_copy(params), jax.local_devices()[0])
       parts = ([], [], [])
       for batch in it:
-        out = self._features(local_params, batch["image"])
-        parts[0].append(np.asarray(out, np.float32).reshape(out.shape[0], -1))
+        parts[0].append(np.asarray(self._features(local_params, batch["image"]), np.float32))
         parts[1].append(np.asarray(batch["label"], np.int32))
         parts[2].append(np.asarray(batch["mask"], bool))
       if not parts[0]:  # no rows at all
-        return {p: np.zeros((0, 0), np.float32) for p in self.pools}, np.zeros(0, np.int32)
+        return self._empty()
       gathered = multihost_utils.process_allgather(tuple(np.concatenate(p) for p in parts))
       feats, labels, mask = (np.swapaxes(np.asarray(g), 0, 1).reshape(-1, *g.shape[2:])
                              for g in gathered)
       feats, labels = feats[mask], labels[mask]
+    if not len(labels):
+      return self._empty()
     feats = feats.reshape(feats.shape[0], len(self.pools), -1)
     return {p: feats[:, i] for i, p in enumerate(self.pools)}, labels
+
+  def _empty(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    return {p: np.zeros((0, 0), np.float32) for p in self.pools}, np.zeros(0, np.int32)
 
   def training_rows(self) -> tuple[np.ndarray, np.ndarray]:
     """(train, holdout): sorted positions in the training split of the rows training reads
@@ -178,6 +182,7 @@ def _start(config, workdir: str):
   """`config` comes prepared (its encoder adopted from init_from and validated:
   `registry.prepare`, which training.loop.run calls before it runs a job)."""
   checkpoint.ensure_writable(workdir)
+  compiler_options.check(config)
   return config
 
 

@@ -201,18 +201,20 @@ def knn_accuracy(train_features: Any, train_labels: Any, test_features: Any, tes
 
 
 def extract_features(feature_fn: Callable[[jax.Array], jax.Array],
-                     iterator: Iterable[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+                     iterator: Iterable[Mapping[str, Any]], *,
+                     jit: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """Runs `feature_fn` over an evaluation iterator and keeps the real (unpadded) rows.
 
   Args:
-    feature_fn: images [B, H, W, C] -> features [B, D]; jitted here (a no-op if it already is).
+    feature_fn: images [B, H, W, C] -> features [B, D]; jitted here unless `jit` is False
+      (a caller that calls its own compiled program, e.g. one with compiler options).
     iterator: batches {"image" [B, H, W, C], "label" int [B], "mask" bool [B]}; rows with
       mask False pad the last batch and are dropped. Without "mask" every row is kept.
 
   Returns:
     (features float32 [N, D], labels int32 [N]) on the host, N the number of kept rows.
   """
-  fn = jax.jit(feature_fn)
+  fn = jax.jit(feature_fn) if jit else feature_fn
   features: list[np.ndarray] = []
   labels: list[np.ndarray] = []
   pending = None

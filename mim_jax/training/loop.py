@@ -26,6 +26,7 @@ from mim_jax.evaluate import frozen
 from mim_jax.models import vit
 from mim_jax.training import (
   checkpoint,
+  compiler_options,
   metric_writers,
   metrics_rewind,
   parallel,
@@ -297,9 +298,10 @@ def _write_results(workdir: str, config, step: int, metrics: dict[str, float]) -
 def _make_evaluator(config, method, mesh, state_shardings) -> Callable:
   """Scores the state on the evaluation split: {"eval_accuracy", "eval_loss", "eval_count"}."""
   sharding = parallel.batch_sharding(mesh)
-  eval_fn = jax.jit(lambda params, extra, batch: method.eval_metrics(params, extra, batch),
-                    in_shardings=(state_shardings.params, state_shardings.extra, sharding),
-                    out_shardings=parallel.replicated(mesh))
+  eval_fn = compiler_options.jit(
+      config, lambda params, extra, batch: method.eval_metrics(params, extra, batch),
+      in_shardings=(state_shardings.params, state_shardings.extra, sharding),
+      out_shardings=parallel.replicated(mesh))
   local_batch = config.eval.batch_size // jax.process_count()
 
   def evaluate(state: step_lib.TrainState) -> dict[str, float]:
@@ -332,7 +334,7 @@ def _make_drawer(config, method, workdir: str, writer, rng: jax.Array,
       batch_size=config.viz_num_images, process_index=0, process_count=1))["image"]
   batch = {"image": images,
            **method.example_extras(images.shape[0], np.random.default_rng(config.seed))}
-  reconstruct = jax.jit(method.reconstruct, out_shardings=replicated)
+  reconstruct = compiler_options.jit(config, method.reconstruct, out_shardings=replicated)
   viz_rng = jax.random.fold_in(rng, -1 % (2**31))
   device_batch = jax.device_put(batch, replicated)
 

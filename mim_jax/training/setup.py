@@ -28,7 +28,7 @@ from mim_jax.config import validation
 from mim_jax.config.errors import ConfigError
 from mim_jax.data import device_augment, transforms
 from mim_jax.methods.base import Method, TrainLength
-from mim_jax.training import optim, parallel, step
+from mim_jax.training import compiler_options, optim, parallel, step
 from mim_jax.weights import pretrained
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,10 @@ class Run:
           norms_every=self.config.log_every, last_step=self.last_step))
     if self.config.data.get("augment_on", "host") == "device":
       fn = _augmenting(fn, self.config)
-    return jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding, self.replicated),
-                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+    return compiler_options.jit(
+        self.config, fn, in_shardings=(self.state_shardings, self.batch_sharding,
+                                       self.replicated),
+        out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
 
   def batch_keys(self) -> tuple[str, ...]:
     """The keys of a pipeline batch the jitted step reads."""
@@ -106,11 +108,12 @@ class Run:
     """(init_rng, base_rng) of config.seed, made under jit and replicated over the mesh: with
     several processes a host-local key array cannot be device_put onto the others' devices."""
     seed = self.config.seed
-    return jax.jit(lambda: tuple(jax.random.split(jax.random.key(seed))),
-                   out_shardings=self.replicated)()
+    return compiler_options.jit(self.config, lambda: tuple(jax.random.split(jax.random.key(seed))),
+                                out_shardings=self.replicated)()
 
   def init_state(self, init_rng: jax.Array):
-    return jax.jit(self.init_fn, out_shardings=self.state_shardings)(init_rng)
+    return compiler_options.jit(self.config, self.init_fn,
+                                out_shardings=self.state_shardings)(init_rng)
 
 
 def _augmenting(step_fn: Callable, config) -> Callable:
@@ -132,6 +135,7 @@ def setup_run(config, *, devices=None, num_examples: Optional[int] = None,
       process_count=jax.process_count() if process_count is None else process_count,
       mesh_desc=parallel.describe_mesh(mesh))
   validation.validate_eval_for_devices(config, parallel.batch_parallelism(mesh))
+  compiler_options.check(config)
   image_size, channels = tuple(config.image_size), config.channels
   if num_examples is None:
     num_examples = data.num_examples(config.data, image_size=image_size, channels=channels)

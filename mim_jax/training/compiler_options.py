@@ -1,0 +1,86 @@
+"""XLA compiler options of one run: `config.compiler_options`, written as in XLA_FLAGS.
+
+  parse(text)                 "--xla_backend_optimization_level=0 --xla_gpu_enable_command_buffer="
+                              -> {"xla_backend_optimization_level": 0,
+                                  "xla_gpu_enable_command_buffer": ""}
+  validate(config)            the syntax (static: no backend started)
+  check(config)               each name known to this backend's XLA (one trivial compile)
+  jit(config, fn, **kwargs)   jax.jit(fn, **kwargs) compiled with the run's options
+
+XLA_FLAGS applies to every program of a process and is read once, when the backend starts.
+These options apply to the programs of one run (its train step, initialisation, evaluation,
+reconstruction pictures and frozen features), so a benchmark can time variants side by side in
+one process, and a smoke run (`:runlocal`) compiles at LLVM's lowest optimisation level: a
+2-step run is bound by compilation, not by the speed of the code.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import jax
+
+from mim_jax.config.errors import config_error
+
+_OPTION = re.compile(r"--(xla_[A-Za-z0-9_]+)=(\S*)")
+_SYNTAX = ("space-separated --xla_NAME=VALUE options, as in XLA_FLAGS (e.g. "
+           "'--xla_backend_optimization_level=0'), or ''")
+
+
+def _value(text: str) -> Any:
+  """XLA's option types: booleans, integers, floats, else the string itself."""
+  if text in ("true", "false"):
+    return text == "true"
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
+def parse(text: str) -> dict[str, Any]:
+  """{name: value} of `text`; ValueError naming the first malformed word."""
+  options = {}
+  for word in text.split():
+    match = _OPTION.fullmatch(word)
+    if not match:
+      raise ValueError(f"{word!r} is not --xla_NAME=VALUE")
+    options[match.group(1)] = _value(match.group(2))
+  return options
+
+
+def of(config) -> dict[str, Any] | None:
+  """The run's options, None without any (jax.jit's default)."""
+  return parse(config.get("compiler_options", "")) or None
+
+
+def validate(config) -> None:
+  text = config.get("compiler_options", "")
+  if not isinstance(text, str):
+    raise config_error("compiler_options", text, _SYNTAX)
+  try:
+    parse(text)
+  except ValueError as e:
+    raise config_error("compiler_options", text, _SYNTAX, str(e)) from None
+
+
+def check(config) -> None:
+  """Compiles a trivial program with the options, so that a name this backend's XLA does not
+  know fails here, named, before the run builds anything (needs the backend: call it after
+  jax.distributed.initialize)."""
+  options = of(config)
+  if not options:
+    return
+  try:
+    jax.jit(lambda: 0, compiler_options=options).lower().compile()
+  except jax.errors.JaxRuntimeError as e:  # "No such compile option", a value of a wrong type
+    raise config_error("compiler_options", config.compiler_options,
+                       f"options the {jax.default_backend()} backend's XLA knows, with values "
+                       "of their types", str(e).splitlines()[0] if str(e) else "") from None
+
+
+def jit(config, fn: Callable, **kwargs) -> Callable:
+  """jax.jit(fn, **kwargs) with the run's compiler options."""
+  return jax.jit(fn, compiler_options=of(config), **kwargs)
