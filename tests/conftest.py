@@ -66,6 +66,11 @@ def tiny_config(method: str = "mae", **overrides):
     c.decoder.update({k: v for k, v in dict(width=32, depth=1, num_heads=2).items()
                       if k in c.decoder})
   c.data.update(source="synthetic", synthetic_size=64)
+  if overrides.get("data.source", "synthetic") == "synthetic":
+    # A few steps of a micro model on synthetic images are bound by compilation, as in
+    # `:runlocal` (config.defaults.apply_runlocal); runs on real data train long enough
+    # for the generated code's speed to matter and keep XLA's default.
+    c.compiler_options = "--xla_backend_optimization_level=0"
   if "num_workers" in c.data:
     c.data.num_workers = 0
   if "optimizer" in c:
