@@ -135,7 +135,6 @@ def setup_run(config, *, devices=None, num_examples: Optional[int] = None,
       process_count=jax.process_count() if process_count is None else process_count,
       mesh_desc=parallel.describe_mesh(mesh))
   validation.validate_eval_for_devices(config, parallel.batch_parallelism(mesh))
-  compiler_options.check(config)
   image_size, channels = tuple(config.image_size), config.channels
   if num_examples is None:
     num_examples = data.num_examples(config.data, image_size=image_size, channels=channels)
@@ -151,6 +150,8 @@ def setup_run(config, *, devices=None, num_examples: Optional[int] = None,
   shardings = parallel.tree_shardings(mesh, abstract, config.sharding_rules)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           abstract, shardings)
+  # Last: every other check of the run is static, this one compiles (a trivial program).
+  compiler_options.check(config)
   return Run(config=config, mesh=mesh, method=method, tx=tx, schedule=schedule,
              steps_per_epoch=steps_per_epoch, schedule_steps=schedule_steps,
              last_step=last_step, init_fn=init_fn, abstract_state=abstract,
