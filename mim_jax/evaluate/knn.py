@@ -206,13 +206,15 @@ def extract_features(feature_fn: Callable[[jax.Array], jax.Array],
   """Runs `feature_fn` over an evaluation iterator and keeps the real (unpadded) rows.
 
   Args:
-    feature_fn: images [B, H, W, C] -> features [B, D]; jitted here unless `jit` is False
-      (a caller that calls its own compiled program, e.g. one with compiler options).
+    feature_fn: images [B, H, W, C] -> features [B, D] (or [B, ...]: rows are what is kept);
+      jitted here unless `jit` is False (a caller that calls its own compiled program, e.g.
+      one with compiler options).
     iterator: batches {"image" [B, H, W, C], "label" int [B], "mask" bool [B]}; rows with
       mask False pad the last batch and are dropped. Without "mask" every row is kept.
 
   Returns:
-    (features float32 [N, D], labels int32 [N]) on the host, N the number of kept rows.
+    (features float32 [N, D] (or [N, ...]), labels int32 [N]) on the host, N the number of
+    kept rows.
   """
   fn = jax.jit(feature_fn) if jit else feature_fn
   features: list[np.ndarray] = []
