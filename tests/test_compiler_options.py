@@ -51,7 +51,7 @@ def test_the_options_reach_the_runs_programs(tmp_path):
   dump = tmp_path / "dump"
   script = (
       "import sys; sys.path.insert(0, 'tests')\n"
-      "from conftest import REPO, tiny_mae_config\n"
+      "from conftest import tiny_mae_config\n"
       "from mim_jax.training import loop\n"
       f"loop.run(tiny_mae_config(total_steps=2, compiler_options='--xla_dump_to={dump} "
       f"--xla_backend_optimization_level=0'), {str(tmp_path / 'run')!r})\n")
