@@ -19,6 +19,8 @@
                                                                      that wrote the position
   iterator_save_args(it) / iterator_restore_args(it)                 Orbax composite items
   num_skipped_images() / skipped_images()                            bad images dropped so far
+  release_shared_memory()                                            unlink dropped batches'
+                                                                     blocks before exit
 
 `data_cfg` is `config.data` (see `config.defaults.core_fields`).
 
@@ -46,6 +48,7 @@ from mim_jax.data.idx import IdxFormatError, parse_idx, read_idx
 from mim_jax.data.pipeline import (
                                         eval_dataset,
                                         make_eval_iterator,
+                                        release_shared_memory,
                                         train_dataset,
 )
 from mim_jax.data.sources import (
@@ -68,6 +71,6 @@ __all__ = [
     "eval_dataset", "eval_split",
     "iterator_restore_args", "iterator_save_args", "make_eval_iterator", "make_train_iterator",
     "num_classes", "num_examples", "num_skipped_images", "parse_idx", "per_class_subset",
-    "read_idx", "reset_skipped_images", "skipped_images", "train_dataset",
-    "validate_data_config",
+    "read_idx", "release_shared_memory", "reset_skipped_images", "skipped_images",
+    "train_dataset", "validate_data_config",
 ]

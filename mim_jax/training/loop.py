@@ -10,7 +10,6 @@ The loop talks to the method only through `methods.base.Method`'s hooks.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -204,12 +203,12 @@ def train(config, workdir: str) -> step_lib.TrainState:
       writer.close()
     train_iter.close()  # stops grain worker processes
     # The last batches live in shared-memory blocks that the worker processes wrote, held by
-    # this frame and by reference cycles inside grain's iterator. Dropped and collected here,
-    # they are unlinked now; left to interpreter exit, grain can no longer unlink them
-    # (google/grain#398) and Python's resource tracker reports them as leaked. Cleared
-    # locals also matter when an exception's traceback keeps this frame alive (Preempted).
+    # this frame and by reference cycles inside grain's iterator. Dropped here and unlinked
+    # before the process can exit (see data.release_shared_memory); left to interpreter exit,
+    # Python's resource tracker would report them as leaked. Cleared locals also matter when
+    # an exception's traceback keeps this frame alive (Preempted).
     train_iter = host_batch = batch = None
-    gc.collect()
+    data.release_shared_memory()
   return state
 
 
