@@ -152,6 +152,29 @@ def test_a_low_label_probe_encodes_only_its_labelled_rows(tiny_encoder, tmp_path
   assert results["num_train"] == len(wanted) and results["num_holdout"] == 16
 
 
+def test_a_holdout_that_cannot_be_decoded_is_named(tmp_path):
+  """data.on_bad_image='skip' leaves undecodable images out; when that leaves none of the
+  held-out rows, the job stops with the reason instead of failing on empty arrays."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for c in range(2):
+    for i in range(8):
+      path = tmp_path / "imgs" / f"class{c}" / f"{i}.png"
+      path.parent.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+  config = _probe_config("", **{"classifier.features": "pixels", "data.source": "image_folder",
+                                "data.path": str(tmp_path / "imgs"),
+                                "data.eval_path": str(tmp_path / "imgs"), "data.holdout": 4,
+                                "data.synthetic_size": 10000})  # the synthetic source's default
+  source = data.build_source(config.data, image_size=(16, 16), channels=3)
+  for index in sources.holdout_indices(config.data, source.labels()):
+    with open(source.path(int(index)), "wb") as f:
+      f.write(b"not an image")
+  with pytest.raises(data.BadImageError, match="none of the images of the 4 rows of split "
+                     "'train' read here could be decoded.*on_bad_image='skip'"):
+    train.run(config, str(tmp_path / "w"))
+
+
 def test_probe_on_pixels_and_without_a_holdout(tmp_path):
   pixels = _probe_config("", **{"classifier.features": "pixels"})
   results = train.run(pixels, str(tmp_path / "pixels"))

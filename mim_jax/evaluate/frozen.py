@@ -105,17 +105,25 @@ class FeatureExtractor:
         parts[1].append(np.asarray(batch["label"], np.int32))
         parts[2].append(np.asarray(batch["mask"], bool))
       if not parts[0]:  # no rows at all
-        return self._empty()
+        return self._checked_empty(split, rows)
       gathered = multihost_utils.process_allgather(tuple(np.concatenate(p) for p in parts))
       feats, labels, mask = (np.swapaxes(np.asarray(g), 0, 1).reshape(-1, *g.shape[2:])
                              for g in gathered)
       feats, labels = feats[mask], labels[mask]
     if not len(labels):
-      return self._empty()
+      return self._checked_empty(split, rows)
     feats = feats.reshape(feats.shape[0], len(self.pools), -1)
     return {p: feats[:, i] for i, p in enumerate(self.pools)}, labels
 
-  def _empty(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  def _checked_empty(self, split: str, rows: np.ndarray | None
+                     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """No features: fine when no rows were asked for, else every image failed to decode."""
+    if rows is None or len(rows):
+      asked = f"split {split!r}" if rows is None else f"the {len(rows)} rows of split {split!r}"
+      raise data.BadImageError(
+          f"none of the images of {asked} read here could be decoded, and features need at "
+          f"least one (data.on_bad_image={self.config.data.on_bad_image!r} leaves undecodable "
+          "images out; the warnings above name them)")
     return {p: np.zeros((0, 0), np.float32) for p in self.pools}, np.zeros(0, np.int32)
 
   def training_rows(self) -> tuple[np.ndarray, np.ndarray]:
