@@ -21,9 +21,11 @@ the config's rules. Compiling for N devices costs about as much as compiling one
 program, so only the per-device batch (batch / (data x fsdp)) drives the compile time.
 
 The numbers are XLA:CPU's, compiled with its memory-minimising scheduler (SCHEDULER_FLAG;
-with the default concurrency-optimised one, activation checkpointing shows no saving). GPU and TPU compilers fuse, lay out and schedule differently (and
-CPU may keep bfloat16 matmul results in float32), so read them as an estimate of the same
-order, not a guarantee; leave headroom (docs/scaling.md).
+with the default concurrency-optimised one, activation checkpointing shows no saving) and
+without config.compiler_options (the target backend's options). GPU and TPU compilers fuse,
+lay out and schedule differently (and CPU may keep bfloat16 matmul results in float32), so
+read them as an estimate of the same order, not a guarantee; leave headroom
+(docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -155,6 +157,12 @@ def main(argv) -> None:
       config.sharding_rules = config_defaults.fsdp_rules(axis)
     elif FLAGS.rules == "replicate":
       config.sharding_rules = [(".*", ())]
+    if config.get("compiler_options"):
+      # The run's options are its backend's (e.g. --xla_gpu_*); XLA:CPU stands in for that
+      # backend here and would refuse them, or change its own program, which is not the plan.
+      print(f"config.compiler_options={config.compiler_options!r} not applied: the plan is "
+            "compiled by XLA:CPU", file=sys.stderr)
+      config.compiler_options = ""
   n = _num_devices(config.mesh, FLAGS.devices)
   # XLA:CPU's default scheduler favours concurrency and keeps recomputed (remat) activations
   # alive as long as stored ones; the memory-minimising scheduler is closer to what GPU and

@@ -305,10 +305,13 @@ def test_memory_plan_command(tmp_path):
   out = subprocess.run(
       [sys.executable, "-m", "mim_jax.memory_plan", "--config=configs/mae_vitb.py:runlocal",
        "--mesh=fsdp:4", "--rules=fsdp", "--batch=8", "--hbm_gib=1",
-       "--config.model.remat=full"],
+       "--config.model.remat=full",
+       # The target's options (a GPU one here): not for the CPU compile that stands in for it.
+       "--config.compiler_options=--xla_gpu_enable_command_buffer="],
       cwd=REPO, capture_output=True, text=True, timeout=300,
       env=dict(os.environ, PYTHONPATH=str(REPO)))
   assert out.returncode == 0, out.stderr[-4000:]
+  assert "not applied: the plan is compiled by XLA:CPU" in out.stderr, out.stderr[-4000:]
   text = out.stdout
   assert "mesh {'fsdp': 4} (4 devices), global batch 8 = 2 per device" in text, text
   assert "remat full" in text and "fits in 1 GiB: yes" in text, text
