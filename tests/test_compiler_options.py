@@ -19,13 +19,24 @@ from mim_jax.training import loop as train
 from conftest import REPO, tiny_mae_config
 
 
-def test_options_are_parsed_with_xla_types():
+def test_options_are_parsed_as_xla_takes_them():
   assert compiler_options.parse("") == {}
   assert compiler_options.parse(
       " --xla_backend_optimization_level=0  --xla_cpu_enable_fast_math=false "
       "--xla_dump_to=/tmp/x --xla_gpu_enable_command_buffer= --xla_some_ratio=0.5") == {
-          "xla_backend_optimization_level": 0, "xla_cpu_enable_fast_math": False,
-          "xla_dump_to": "/tmp/x", "xla_gpu_enable_command_buffer": "", "xla_some_ratio": 0.5}
+          "xla_backend_optimization_level": "0", "xla_cpu_enable_fast_math": False,
+          "xla_dump_to": "/tmp/x", "xla_gpu_enable_command_buffer": "", "xla_some_ratio": "0.5"}
+
+
+@pytest.mark.parametrize("text", [
+    "--xla_backend_optimization_level=0",  # int
+    "--xla_cpu_enable_fast_math=false",  # bool
+    "--xla_gpu_auto_spmd_partitioning_memory_budget_ratio=1",  # float written as an integer
+    "--xla_dump_hlo_module_re=1",  # text that reads as a number
+    "--xla_gpu_enable_command_buffer=",  # an empty list of enums
+])
+def test_xla_accepts_each_kind_of_option_value(text):
+  compiler_options.check(tiny_mae_config(compiler_options=text))
 
 
 @pytest.mark.parametrize("text", ["xla_backend_optimization_level=0", "--xla_opt", "--foo=1"])

@@ -1,7 +1,7 @@
 """XLA compiler options of one run: `config.compiler_options`, written as in XLA_FLAGS.
 
   parse(text)                 "--xla_backend_optimization_level=0 --xla_gpu_enable_command_buffer="
-                              -> {"xla_backend_optimization_level": 0,
+                              -> {"xla_backend_optimization_level": "0",
                                   "xla_gpu_enable_command_buffer": ""}
   validate(config)            the syntax (static: no backend started)
   check(config)               each name known to this backend's XLA (one trivial compile)
@@ -29,14 +29,10 @@ _SYNTAX = ("space-separated --xla_NAME=VALUE options, as in XLA_FLAGS (e.g. "
 
 
 def _value(text: str) -> Any:
-  """XLA's option types: booleans, integers, floats, else the string itself."""
+  """The value as XLA takes it: booleans as such (XLA refuses the text "true"), everything else
+  as text, which XLA parses by the option's own type ("1" is a valid float option, 1 is not)."""
   if text in ("true", "false"):
     return text == "true"
-  for kind in (int, float):
-    try:
-      return kind(text)
-    except ValueError:
-      pass
   return text
 
 
