@@ -13,9 +13,13 @@
 # On a CPU it runs too (slowly): e.g. MAE_EPOCHS=1 FT_EPOCHS=1 TUNE_EPOCHS=1 SEEDS=0 to try it.
 # Its TRAIN_FLAGS suit the default SECTIONS; for `methods` with iBOT drop
 # --config.data.augment_on=device and --config.data.device_resident=True from them (iBOT's
-# multi-crop views are cut on the host).
+# multi-crop views are cut on the host). On a machine without internet or without the Debian
+# package, docs/offline_bundle.sh prepares the missing wheels and the Fashion-MNIST files
+# (FMNIST_DIR).
 set -u
 cd "$(dirname "$0")/.."
+# Machines whose Python answers only to python3.
+command -v python > /dev/null || python() { python3 "$@"; }
 ROOT=${1:-workdirs/fmnist_gpu}
 mkdir -p "$ROOT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true

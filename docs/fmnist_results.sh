@@ -33,6 +33,9 @@
 # TRAIN_FLAGS (space-separated --config.x=y) are added to every training run (pre-training,
 # tuning, fine-tuning; not the frozen-feature probes), e.g. for a GPU (docs/fmnist_gpu.sh);
 # KNN_EVERY (5) sets the epochs between k-NN scores of a pre-training run.
+# FMNIST_DIR: the Fashion-MNIST files' folder, when not the Debian package's
+# /usr/share/datasets/fashion-mnist (e.g. copied to a machine without the package); given to
+# every run as --config.data.path, and to the scikit-learn baseline.
 # CHOSEN_tune_mae / CHOSEN_tune_scratch (e.g. lr4e-3_nomix): a grid point chosen earlier on the
 # held-out split and recorded in docs/results.md, used instead of ROOT's tune_* runs (when
 # those are gone, not to skip a grid that never ran).
@@ -42,6 +45,8 @@
 # eval_split=holdout), never on the test set; test numbers come from the final runs only.
 set -u
 cd "$(dirname "$0")/.."
+# Machines whose Python answers only to python3.
+command -v python > /dev/null || python() { python3 "$@"; }
 ROOT=${1:-workdirs/fmnist_results}
 SECTIONS=${SECTIONS:-"pretrain_mae baselines probe_mae tune_scratch tune_mae finetune_mae
 finetune_scratch finetune_matched lowlabel methods ratio distill study"}
@@ -58,6 +63,9 @@ KNN_EVERY=${KNN_EVERY:-5}
 LOWLABEL=${LOWLABEL:-"1:60 10:30"}
 # Split on spaces and newlines alike (fmnist_gpu.sh spreads its flags over lines).
 read -r -d '' -a TRAIN <<< "${TRAIN_FLAGS:-}" || true
+FMNIST_DIR=${FMNIST_DIR:-/usr/share/datasets/fashion-mnist}
+DATA=()
+[ "$FMNIST_DIR" = /usr/share/datasets/fashion-mnist ] || DATA=(--config.data.path="$FMNIST_DIR")
 mkdir -p "$ROOT"
 
 run() {  # NAME, then the arguments of mim_jax.main
@@ -66,12 +74,13 @@ run() {  # NAME, then the arguments of mim_jax.main
       || [ -f "$ROOT/$name/tokenizer/tokenizer.json" ]; then
     return
   fi
-  echo "python -m mim_jax.main $* --workdir=$ROOT/$name" | tee -a "$ROOT/commands.txt"
+  local args=("$@" "${DATA[@]}" --workdir="$ROOT/$name")
+  echo "python -m mim_jax.main ${args[*]}" | tee -a "$ROOT/commands.txt"
   # An interrupted run resumes: its time so far is kept and added to.
   local before=0
   [ -f "$ROOT/$name.seconds" ] && before=$(cat "$ROOT/$name.seconds")
   local start=$SECONDS status=0
-  python -m mim_jax.main "$@" --workdir="$ROOT/$name" >> "$ROOT/$name.log" 2>&1 || status=$?
+  python -m mim_jax.main "${args[@]}" >> "$ROOT/$name.log" 2>&1 || status=$?
   echo $((before + SECONDS - start)) > "$ROOT/$name.seconds"
   case $status in
     0) ;;
@@ -104,7 +113,7 @@ if has baselines; then
   probe probe_pixels --config.classifier.features=pixels
   probe probe_random --config.init_from=random
   [ -f "$ROOT/sklearn_pixels.json" ] || python docs/fmnist_tools.py sklearn_pixels \
-      "$ROOT/sklearn_pixels.json"
+      "$ROOT/sklearn_pixels.json" "$FMNIST_DIR"
 fi
 has probe_mae && probe "probe_mae_e$MAE_EPOCHS" --config.init_from="$MAE"
 

@@ -308,6 +308,16 @@ def test_results_script_passes_train_flags_to_training_runs_only(tmp_path):
   assert _results_calls(tmp_path, RESULTS, SECTIONS="pretrain_mae probe_mae") == calls
 
 
+def test_results_script_reads_fashion_mnist_from_fmnist_dir(tmp_path):
+  """FMNIST_DIR (a machine without the Debian package) reaches every run, probes included."""
+  calls = _results_calls(tmp_path, RESULTS, SECTIONS="pretrain_mae probe_mae",
+                         FMNIST_DIR="/data/fm")
+  assert len(calls) == 2
+  for call in calls:
+    assert call[-2:-1] == ["--config.data.path=/data/fm"], call
+  _unread_settings(calls[1][:-1])  # the probe reads the path (fashion_mnist's source)
+
+
 def test_results_script_fine_tunes_with_a_recorded_choice_when_the_grid_runs_are_gone(tmp_path):
   """CHOSEN_tune_mae names a grid point (recorded in docs/results.md): fine-tuning takes its
   flags without the grid's runs; without it, the missing grid stops the script."""
