@@ -18,7 +18,8 @@
 #
 # VITB / VITL / BATCH / STEPS / LOOP_STEPS override the configs, the global batch, the timed
 # steps and the loop rows' steps (e.g. VITB=configs/mae_fmnist.py VITL=configs/mae_fmnist.py
-# BATCH=16 STEPS=3 LOOP_STEPS=24 BUDGET=1200 to try it on a CPU).
+# BATCH=16 STEPS=3 LOOP_STEPS=24 BUDGET=1200 to try it on a CPU). Without internet:
+# docs/offline_bundle.sh.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-workdirs/gpu_bench}
@@ -64,7 +65,10 @@ bench vitl_hf 60 "--config=$VITL" "${common[@]}" --peer=hf --peers_only
 # 3. ViT-B/16: MAE, with mask tokens through the encoder, SimMIM and MaskFeat.
 bench vitb 90 "--config=$VITB" "${common[@]}" --asymmetry --peer=none \
     --also="${VITB/mae_/simmim_}" --also="${VITB/mae_/maskfeat_}"
-# 4. The whole loop on Fashion-MNIST (the docs/fmnist_gpu.sh recipe) against its bare step.
+# 4. The whole loop on Fashion-MNIST (the docs/fmnist_gpu.sh recipe) against its bare step;
+#    FMNIST_DIR: the data's folder when not the Debian package's.
+FMNIST=()
+[ -n "${FMNIST_DIR:-}" ] && FMNIST=(--config.data.path="$FMNIST_DIR")
 loop() {  # NAME, then overrides
   local name=$1; shift
   local left=$((BUDGET - SECONDS))
@@ -72,7 +76,7 @@ loop() {  # NAME, then overrides
   local cmd=(-m mim_jax.main --config=configs/mae_fmnist.py --config.model.dtype=bfloat16
              --config.total_steps="$LOOP_STEPS" --config.log_every=$((LOOP_STEPS / 6))
              --config.checkpoint_every=100000
-             --config.viz_every=0 "$@" --workdir="$OUT/$name")
+             --config.viz_every=0 "${FMNIST[@]}" "$@" --workdir="$OUT/$name")
   echo "== $name: python ${cmd[*]}" | tee -a "$OUT/commands.txt"
   rm -rf "${OUT:?}/$name"
   timeout "$left" "$PY" "${cmd[@]}" > "$OUT/$name.log" 2>&1 || echo "== $name: failed" >> "$OUT/commands.txt"
