@@ -23,6 +23,7 @@ same config and num_workers.
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import os
 import signal
@@ -125,10 +126,16 @@ def release_shared_memory() -> None:
   gc.collect()
   # Private to grain: there is no public way to wait for the pool. grain starts it with one
   # thread, so requests run in order and a no-op submitted last returns after all of them.
-  from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
-  pool = getattr(shared_memory_array.SharedMemoryArray, "_del_thread_pool", None)
-  if pool is not None:
-    pool.apply(int)
+  # Runs in the loop's `finally`: a grain that moved or stopped the pool must not replace the
+  # run's own outcome with an ImportError (the blocks are then the resource tracker's again).
+  try:
+    from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=protected-access
+    pool = shared_memory_array.SharedMemoryArray._del_thread_pool
+    if pool is not None:
+      pool.apply(int)
+  except (ImportError, AttributeError, ValueError) as e:  # ValueError: the pool has stopped
+    logging.getLogger(__name__).debug("grain's shared-memory deletion pool not awaited: %r", e)
 
 
 def _ensure_absl_flags_parsed() -> None:
