@@ -21,10 +21,10 @@ the config's rules. Compiling for N devices costs about as much as compiling one
 program, so only the per-device batch (batch / (data x fsdp)) drives the compile time.
 
 The numbers are XLA:CPU's, compiled with its memory-minimising scheduler (SCHEDULER_FLAG;
-with the default concurrency-optimised one, activation checkpointing shows no saving) and
-without config.compiler_options (the target backend's options). GPU and TPU compilers fuse,
-lay out and schedule differently (and CPU may keep bfloat16 matmul results in float32), so
-read them as an estimate of the same order, not a guarantee; leave headroom
+with the default concurrency-optimised one, activation checkpointing shows no saving); the
+command leaves config.compiler_options out (`plan()` takes the config as given). GPU and TPU
+compilers fuse, lay out and schedule differently (and CPU may keep bfloat16 matmul results
+in float32), so read them as an estimate of the same order, not a guarantee; leave headroom
 (docs/scaling.md).
 """
 
@@ -158,8 +158,9 @@ def main(argv) -> None:
     elif FLAGS.rules == "replicate":
       config.sharding_rules = [(".*", ())]
     if config.get("compiler_options"):
-      # The run's options are its backend's (e.g. --xla_gpu_*); XLA:CPU stands in for that
-      # backend here and would refuse them, or change its own program, which is not the plan.
+      # The run's options are for its own backend. XLA:CPU stands in for that backend here:
+      # options it acts on (e.g. :runlocal's optimisation level 0) would change the program
+      # planned, and ones it does not know would fail the compile.
       print(f"config.compiler_options={config.compiler_options!r} not applied: the plan is "
             "compiled by XLA:CPU", file=sys.stderr)
       config.compiler_options = ""

@@ -306,7 +306,7 @@ def test_memory_plan_command(tmp_path):
       [sys.executable, "-m", "mim_jax.memory_plan", "--config=configs/mae_vitb.py:runlocal",
        "--mesh=fsdp:4", "--rules=fsdp", "--batch=8", "--hbm_gib=1",
        "--config.model.remat=full",
-       # The target's options (a GPU one here): not for the CPU compile that stands in for it.
+       # The run's options (a GPU one here) are not applied to the CPU compile standing in.
        "--config.compiler_options=--xla_gpu_enable_command_buffer="],
       cwd=REPO, capture_output=True, text=True, timeout=300,
       env=dict(os.environ, PYTHONPATH=str(REPO)))
