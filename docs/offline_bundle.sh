@@ -6,6 +6,7 @@
 #
 #   bash docs/offline_bundle.sh DIR [PYTHON_VERSION=3.12]
 #
+# (the Fashion-MNIST files come from this machine's Debian package dataset-fashion-mnist),
 # then on the machine without internet, from the repository root:
 #
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site DIR/wheels/*.whl
@@ -17,10 +18,11 @@
 set -eu
 DIR=${1:?usage: bash docs/offline_bundle.sh DIR [PYTHON_VERSION]}
 PYVER=${2:-3.12}
-# grain and its two dependencies outside the usual stack, the config library, the JPEG decoder
-# and the metric writer (setup.py's install_requires less the stack; tensorflow-datasets only
-# for TFDS sources).
-PACKAGES=(grain array-record portpicker ml-collections simplejpeg tensorboardX)
+# grain and its dependencies outside that stack (array-record, portpicker, cloudpickle), the
+# config library, the JPEG decoder, the TIFF reader and the metric writer: setup.py's
+# install_requires less the stack (tensorflow-datasets only for TFDS sources, not needed here).
+PACKAGES=(grain array-record portpicker cloudpickle ml-collections simplejpeg tifffile
+          tensorboardX)
 PLATFORMS=()
 for p in manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014; do
   PLATFORMS+=(--platform "${p}_x86_64")
