@@ -63,9 +63,8 @@ KNN_EVERY=${KNN_EVERY:-5}
 LOWLABEL=${LOWLABEL:-"1:60 10:30"}
 # Split on spaces and newlines alike (fmnist_gpu.sh spreads its flags over lines).
 read -r -d '' -a TRAIN <<< "${TRAIN_FLAGS:-}" || true
-FMNIST_DIR=${FMNIST_DIR:-/usr/share/datasets/fashion-mnist}
 DATA=()
-[ "$FMNIST_DIR" = /usr/share/datasets/fashion-mnist ] || DATA=(--config.data.path="$FMNIST_DIR")
+[ -n "${FMNIST_DIR:-}" ] && DATA=(--config.data.path="$FMNIST_DIR")
 mkdir -p "$ROOT"
 
 run() {  # NAME, then the arguments of mim_jax.main
@@ -113,7 +112,7 @@ if has baselines; then
   probe probe_pixels --config.classifier.features=pixels
   probe probe_random --config.init_from=random
   [ -f "$ROOT/sklearn_pixels.json" ] || python docs/fmnist_tools.py sklearn_pixels \
-      "$ROOT/sklearn_pixels.json" "$FMNIST_DIR"
+      "$ROOT/sklearn_pixels.json" "${FMNIST_DIR:-}"
 fi
 has probe_mae && probe "probe_mae_e$MAE_EPOCHS" --config.init_from="$MAE"
 

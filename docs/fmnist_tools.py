@@ -162,20 +162,22 @@ def matched_epochs(pretrain_workdir: str, ft_epochs: float) -> int:
   return int(round(ft_epochs + extra))
 
 
-def sklearn_pixels(out_json: str, data_dir: str = "/usr/share/datasets/fashion-mnist") -> dict:
+def sklearn_pixels(out_json: str, data_dir: str = "") -> dict:
+  """scikit-learn's logistic regression on standardised pixels (data_dir: the Debian
+  package's folder by default, as the configs read)."""
   import time
 
   import numpy as np
   from sklearn.linear_model import LogisticRegression
   from sklearn.preprocessing import StandardScaler
 
-  from mim_jax.data.idx import read_idx
+  from mim_jax.config.defaults import FMNIST_PATH
+  from mim_jax.data.idx import load_fmnist
 
-  def split(prefix):
-    x = read_idx(os.path.join(data_dir, f"{prefix}-images-idx3-ubyte.gz"))
-    y = read_idx(os.path.join(data_dir, f"{prefix}-labels-idx1-ubyte.gz"))
+  def split(name):
+    x, y, _ = load_fmnist(data_dir or FMNIST_PATH, name)
     return x.reshape(len(x), -1).astype(np.float32) / 255.0, y
-  (x, y), (x_test, y_test) = split("train"), split("t10k")
+  (x, y), (x_test, y_test) = split("train"), split("test")
   start = time.perf_counter()
   scaler = StandardScaler().fit(x)
   model = LogisticRegression(max_iter=300).fit(scaler.transform(x), y)
