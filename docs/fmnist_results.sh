@@ -13,7 +13,7 @@
 #   finetune_scratch  from MAE, from scratch, and from scratch for as many more epochs as MAE
 #   finetune_matched  pre-training cost in model FLOPs (docs/fmnist_tools.py matched_epochs)
 #   lowlabel      for each of SEEDS: 1% and 10% of the labels, MAE vs scratch (LOWLABEL,
-#                 percent:epochs, "1:60 10:30")
+#                 percent:epochs, "1:60 10:30"; LOWLABEL_INITS, "mae scratch", which inits)
 #   methods       METHODS (maskfeat beit simmim data2vec ibot data2vec2 maskdistill) for
 #                 PRE_EPOCHS (30) epochs with the same monitoring, then probe + k-NN and one
 #                 fine-tuning run; MaskDistill distils the MAE encoder of pretrain_mae
@@ -61,6 +61,7 @@ FT_EPOCHS=${FT_EPOCHS:-15}
 TUNE_EPOCHS=${TUNE_EPOCHS:-3}
 KNN_EVERY=${KNN_EVERY:-5}
 LOWLABEL=${LOWLABEL:-"1:60 10:30"}
+LOWLABEL_INITS=${LOWLABEL_INITS:-"mae scratch"}
 # Split on spaces and newlines alike (fmnist_gpu.sh spreads its flags over lines).
 read -r -d '' -a TRAIN <<< "${TRAIN_FLAGS:-}" || true
 DATA=()
@@ -165,8 +166,9 @@ if has lowlabel; then
   # ImageNet, 30 on 10%): 15 epochs of 600 images would be 35 steps. Both inits get the same
   # budget and their own lr / Mixup chosen on the held-out split with all the labels; warmup
   # is a tenth of the run, as in the 15-epoch recipe.
-  mae_flags=$(pick tune_mae) || exit 1
-  scratch_flags=$(pick tune_scratch) || exit 1
+  lowlabel_has() { [[ " $LOWLABEL_INITS " == *" $1 "* ]]; }
+  lowlabel_has mae && { mae_flags=$(pick tune_mae) || exit 1; }
+  lowlabel_has scratch && { scratch_flags=$(pick tune_scratch) || exit 1; }
   for spec in $LOWLABEL; do
     pct=${spec%%:*} epochs=${spec#*:}
     low=(--config.data.label_fraction="$(python -c "print($pct / 100)")"
@@ -174,11 +176,12 @@ if has lowlabel; then
          --config.optimizer.warmup_epochs="$(python -c "print($epochs / 10)")")
     for seed in $SEEDS; do
       # shellcheck disable=SC2086
-      run "ft_mae_labels${pct}_s$seed" --config=configs/finetune_fmnist.py \
+      lowlabel_has mae && run "ft_mae_labels${pct}_s$seed" --config=configs/finetune_fmnist.py \
           --config.init_from="$MAE" "${low[@]}" --config.seed="$seed" "${TRAIN[@]}" $mae_flags
       # shellcheck disable=SC2086
-      run "ft_scratch_labels${pct}_s$seed" --config=configs/finetune_fmnist.py:scratch \
-          "${low[@]}" --config.seed="$seed" "${TRAIN[@]}" $scratch_flags
+      lowlabel_has scratch && run "ft_scratch_labels${pct}_s$seed" \
+          --config=configs/finetune_fmnist.py:scratch "${low[@]}" --config.seed="$seed" \
+          "${TRAIN[@]}" $scratch_flags
     done
   done
 fi

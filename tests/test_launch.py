@@ -443,3 +443,15 @@ def test_results_script_every_section_is_a_valid_command_line(tmp_path, monkeypa
   assert f"--config.tokenizer.path={tmp_path}/root/vqkd_tokenizer" in beit_vqkd
   for call in calls:
     _unread_settings(call)
+
+
+def test_results_script_low_label_rows_of_one_init(tmp_path, monkeypatch):
+  """LOWLABEL_INITS=scratch runs the scratch rows alone: they need no pre-trained encoder, so
+  they can run while (or without) the MAE checkpoint that the MAE rows read."""
+  monkeypatch.chdir(REPO)
+  calls = _results_calls(tmp_path, RESULTS, SECTIONS="tune_scratch lowlabel", SEEDS="0 1",
+                         LOWLABEL="10:30", LOWLABEL_INITS="scratch")
+  names = [c[-1].rsplit("/", 1)[-1] for c in calls]
+  assert [n for n in names if not n.startswith("tune_")] == [
+      "ft_scratch_labels10_s0", "ft_scratch_labels10_s1"]
+  assert not any("init_from" in a for call in calls for a in call)
