@@ -212,8 +212,11 @@ def test_cudnn_attention_pads_odd_lengths_and_falls_back_only_for_rejected_shape
   assert "uses XLA's attention" in caplog.text
 
   calls.clear()
-  vit.dot_product_attention(q, k, v)  # the default on this CPU machine: XLA, unpadded
-  assert calls == [(7, None)]
+  vit.dot_product_attention(q, k, v, "xla")  # XLA's attention, unpadded
+  assert calls == [(7, "xla")]
+  calls.clear()
+  vit.dot_product_attention(q, k, v)  # the default on this CPU machine: heads-major, no jax.nn
+  assert calls == []
   monkeypatch.setattr(jax.nn, "dot_product_attention", real)
   with pytest.raises(RuntimeError, match="cuDNN"):  # no cuDNN on this machine: an error
     vit.dot_product_attention(q, k, v, "cudnn")
@@ -235,6 +238,34 @@ def test_padded_attention_equals_unpadded_in_value_and_gradient(tokens, multiple
   for a, b in zip(grad(padded)(q, k, v), grad(plain)(q, k, v)):
     assert np.isfinite(np.asarray(a)).all()
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,head_dim,with_bias", [
+    ("float32", 16, False), ("float32", 32, True), ("bfloat16", 32, True)])
+def test_heads_major_attention_equals_jax_attention_in_value_and_gradient(
+    dtype, head_dim, with_bias):
+  """The CPU default (`heads_major_attention`) is `jax.nn.dot_product_attention`'s XLA path
+  in value and in the gradients of q, k, v and the bias: float32 to rounding (the scale on q
+  instead of the logits), bfloat16 to a few ulp."""
+  keys = jax.random.split(jax.random.key(3), 5)
+  q, k, v, w = (jax.random.normal(key, (3, 13, 4, head_dim), dtype) for key in keys[:4])
+  bias = jax.random.normal(keys[4], (3, 4, 13, 13), jnp.float32) if with_bias else None
+
+  def loss(fn, q, k, v, bias):
+    return jnp.sum((fn(q, k, v, bias) * w).astype(jnp.float32))
+  ours = lambda q, k, v, b: vit.dot_product_attention(q, k, v, "heads_major", bias=b)
+  ref = lambda q, k, v, b: jax.nn.dot_product_attention(
+      q, k, v, None if b is None else b.astype(q.dtype), implementation="xla")
+  tol = 1e-5 if dtype == "float32" else 3e-2
+  f32 = lambda x: np.asarray(x, np.float32)
+  np.testing.assert_allclose(f32(jax.jit(ours)(q, k, v, bias)), f32(jax.jit(ref)(q, k, v, bias)),
+                             rtol=tol, atol=tol)
+  argnums = (0, 1, 2, 3) if with_bias else (0, 1, 2)
+  grads = [jax.jit(jax.grad(lambda *a, fn=fn: loss(fn, *a), argnums=argnums))(q, k, v, bias)
+           for fn in (ours, ref)]
+  for a, b in zip(*grads):
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(f32(a), f32(b), rtol=tol, atol=tol * np.abs(f32(b)).max())
 
 
 def test_gelu_with_its_own_gradient_equals_the_exact_gelu():

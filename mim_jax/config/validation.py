@@ -31,7 +31,7 @@ from mim_jax.training import compiler_options
 from mim_jax.weights import continuation, pretrained
 
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("", "xla", "cudnn")
+ATTENTION_IMPLS = ("", "xla", "cudnn", "heads_major")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable")  # models/vit.py
 OPTIMIZERS = ("adamw", "lars", "sgd")  # training/optim.py
 PARALLEL_STEPS = ("jit", "shard_map")  # training/setup.py
@@ -60,7 +60,7 @@ def validate_model(config) -> None:
     require(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {DTYPES}")
   if "attention_impl" in m:
     require(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl", m.attention_impl,
-            f"one of {ATTENTION_IMPLS} ('': cuDNN on GPU, XLA elsewhere)")
+            f"one of {ATTENTION_IMPLS} ('': cuDNN on GPU, heads_major on CPU, XLA elsewhere)")
   if "remat" in m:
     require(m.remat in REMAT_POLICIES, "model.remat", m.remat, f"one of {REMAT_POLICIES}")
   if "layer_scale" in m:
