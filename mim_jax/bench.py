@@ -20,6 +20,10 @@ CPU).
                hf_compile: the same under torch.compile; on a GPU both use bf16 autocast when
                the config's dtype is bfloat16
   --peers_only only the peers (the first config sets their architecture and batch)
+  --variant    the first config with FIELD=VALUE overrides, a lever against the base row
+  --rounds=N   the mim_jax rows timed in turn, N rounds of steps/N steps each (an A/B of levers a
+               few % apart on a shared machine), e.g.
+               --variant=model.attention_impl=xla --steps=30 --rounds=6 --peer=none
   --pipeline   instead of steps: images/s per CPU core of the input pipeline (JPEG decode +
                RandomResizedCrop + flip + normalise) on generated JPEGs, i.e. how many CPU cores
                feed one accelerator at a given step rate
@@ -36,6 +40,7 @@ import logging
 import os
 import statistics
 import time
+from typing import Any, Callable, NamedTuple
 
 # The PyTorch peer runs on the same GPU in this process: JAX must not reserve most of its memory
 # up front (its allocator still keeps what it has grown to, so step times are unaffected).
@@ -57,6 +62,10 @@ def define_flags() -> None:
   flags.DEFINE_string("dtype", "", "Computation dtype for every measurement ('': each config's).")
   flags.DEFINE_integer("steps", 20, "Timed steps per measurement.")
   flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation).")
+  flags.DEFINE_integer("rounds", 1, "Time the mim_jax rows (configs, variants) in turn, this "
+                       "many rounds of steps/rounds steps each, instead of one after the other: "
+                       "an A/B of levers a few % apart on a noisy machine. Every row's state "
+                       "is held at once.")
   flags.DEFINE_list("peer", ["hf"], "Peers timed in the same run: hf, hf_compile, or none.")
   flags.DEFINE_bool("peers_only", False, "Time only the --peer implementations (e.g. a slow "
                     "torch.compile in a process of its own).")
@@ -121,6 +130,39 @@ def timed(step, warmup: int, steps: int) -> list[float]:
 
 def bench_mim_jax(config, steps: int, warmup: int, profile_dir: str = "",
                   profile_steps: int = 5, variant: str = "") -> dict:
+  """The row of one config: `steps` timed steps after `warmup`, then the optional profile."""
+  prepared = prepare_mim_jax(config)
+  times = timed(prepared.one_step, warmup, steps)
+  return summarise_mim_jax(prepared, times, config, profile_dir, profile_steps, variant)
+
+
+def bench_alternated(configs, steps: int, warmup: int, rounds: int,
+                     variants: list[str]) -> list[dict]:
+  """The rows of `configs` timed in turn: every step compiled and warmed up first, then
+  `rounds` rounds of steps / rounds steps each, so that a slow spell of a shared machine
+  falls on every row alike (levers a few % apart). Holds every row's train state at once."""
+  prepared = [prepare_mim_jax(c) for c in configs]
+  for p in prepared:
+    timed(p.one_step, warmup, 0)
+  times = [[] for _ in configs]
+  per_round = max(1, steps // rounds)
+  for _ in range(rounds):
+    for p, row_times in zip(prepared, times):
+      row_times += timed(p.one_step, 0, per_round)
+  return [summarise_mim_jax(p, t, c, variant=v, rounds=rounds)
+          for p, t, c, v in zip(prepared, times, configs, variants)]
+
+
+class _Prepared(NamedTuple):
+  one_step: Callable[[], None]  # one train step, blocking until done
+  compiled: Any
+  holder: dict                  # {"state": the train state the steps advance}
+  batch_size: int
+  xla_flops: float
+
+
+def prepare_mim_jax(config) -> _Prepared:
+  """A config's compiled train step on a synthetic batch, ready to time."""
   import jax
   import numpy as np
 
@@ -159,18 +201,23 @@ def bench_mim_jax(config, steps: int, warmup: int, profile_dir: str = "",
     holder["state"], metrics = compiled(holder["state"], batch, rng)
     jax.block_until_ready(metrics["loss"])
 
-  times = timed(one_step, warmup, steps)
-  extra = {}
+  return _Prepared(one_step, compiled, holder, shape[0], xla_flops)
+
+
+def summarise_mim_jax(prepared: _Prepared, times: list[float], config, profile_dir: str = "",
+                      profile_steps: int = 5, variant: str = "", rounds: int = 1) -> dict:
+  import jax
+  extra = {"rounds": rounds} if rounds > 1 else {}
   if profile_dir:  # after the timing, so the trace costs the measurement nothing
     from mim_jax import profiling
-    extra["profile"] = profiling.profile(one_step, compiled.as_text(), profile_steps,
-                                         profile_dir)
-  params = sum(int(x.size) for x in jax.tree.leaves(holder["state"].params))
+    extra["profile"] = profiling.profile(prepared.one_step, prepared.compiled.as_text(),
+                                         profile_steps, profile_dir)
+  params = sum(int(x.size) for x in jax.tree.leaves(prepared.holder["state"].params))
   return _summary("mim_jax", times, config, jax.devices()[0].device_kind, params=params,
                   device_count=jax.device_count(), dtype=config.model.dtype,
                   attention_impl=config.model.get("attention_impl") or "default",
                   remat=config.model.get("remat", "none"),
-                  xla_gflops_per_image=_sig(xla_flops / shape[0] / 1e9),
+                  xla_gflops_per_image=_sig(prepared.xla_flops / prepared.batch_size / 1e9),
                   variant=variant,
                   augment_on=config.data.get("augment_on", "host"),
                   xla_flags=os.environ.get("XLA_FLAGS", ""),
@@ -425,7 +472,15 @@ def main(argv):
     labels[id(configs[1])] = spec
   if FLAGS.peers_only and not peers:
     raise app.UsageError("--peers_only needs --peer=hf and/or hf_compile")
-  for i, c in enumerate([] if FLAGS.peers_only else configs):
+  if FLAGS.rounds < 1:
+    raise app.UsageError(f"--rounds={FLAGS.rounds}: at least 1")
+  if FLAGS.rounds > 1 and FLAGS.profile:
+    raise app.UsageError("--rounds and --profile: profile the rows in a run of their own")
+  if FLAGS.rounds > 1 and not FLAGS.peers_only:
+    for row in bench_alternated(configs, FLAGS.steps, FLAGS.warmup, FLAGS.rounds,
+                                [labels.get(id(c), "") for c in configs]):
+      print(json.dumps(row), flush=True)
+  for i, c in enumerate([] if FLAGS.peers_only or FLAGS.rounds > 1 else configs):
     profile_dir = os.path.join(FLAGS.profile, f"{i}_{c.method}") if FLAGS.profile else ""
     print(json.dumps(bench_mim_jax(c, FLAGS.steps, FLAGS.warmup, profile_dir,
                                    variant=labels.get(id(c), ""))), flush=True)

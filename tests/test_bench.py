@@ -54,6 +54,16 @@ def test_bench_times_other_methods_side_by_side():
   assert rows[0]["model"] == rows[1]["model"] == rows[2]["model"]
 
 
+def test_bench_alternates_a_variant_with_its_base_row_in_rounds():
+  """--rounds: the rows timed in turn, each row's steps split over the rounds."""
+  rows = _bench("--config=configs/mae_vitb.py:runlocal", "--variant=model.attention_impl=xla",
+                "--peer=none", "--batch=4", "--rounds=2")
+  assert [(r["variant"], r["attention_impl"]) for r in rows] == [
+      ("", "default"), ("model.attention_impl=xla", "xla")]
+  for r in rows:
+    assert r["rounds"] == 2 and r["steps"] == 2 and r["images_per_s"] > 0
+
+
 def test_pipeline_benchmark_reports_images_per_core():
   rows = _bench("--config=configs/mae_vitb.py", "--pipeline", "--pipeline_images=16",
                 "--pipeline_batches=2", "--batch=8")
