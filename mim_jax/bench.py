@@ -161,6 +161,34 @@ class _Prepared(NamedTuple):
   xla_flops: float
 
 
+def on_synthetic_data(config):
+  """`config` reading synthetic images of its own size and channels instead of its dataset:
+  the step is timed on a generated batch, so the dataset need not be on the machine (the
+  ImageNet configs on a GPU host). A classifier keeps its dataset's class count (its head's
+  size), which must then be readable here or given as classifier.num_classes."""
+  from mim_jax import data, registry
+  from mim_jax.config import validation
+  from mim_jax.config.errors import ConfigError
+  changes = {"data.source": "synthetic"}
+  # The fields only the dataset's source read (its path, split, TFDS name...) go back to their
+  # defaults: the unread-field checks would refuse them beside a synthetic source.
+  synthetic, base = _variant(config, **changes), registry.base_config(config.method)
+  for fields, reads, _ in validation.UNREAD_RULES:
+    for field in fields:
+      if (field.startswith("data.") and field[len("data."):] in base.data
+          and not reads(synthetic)):
+        changes[field] = validation.get(base, field)
+  if "classifier" in config and not config.classifier.num_classes:
+    try:
+      changes["classifier.num_classes"] = data.num_classes(config.data)
+    except (ConfigError, OSError) as err:
+      raise app.UsageError(
+          f"the benchmark times {config.method!r} on synthetic images and needs its class "
+          f"count, which data.source={config.data.source!r} cannot give here ({err}); set "
+          "--config.classifier.num_classes") from err
+  return _variant(config, **changes)
+
+
 def prepare_mim_jax(config) -> _Prepared:
   """A config's compiled train step on a synthetic batch, ready to time."""
   import jax
@@ -171,6 +199,7 @@ def prepare_mim_jax(config) -> _Prepared:
 
   # The run's own set-up (the step, optimizer and shardings a training run uses); the
   # schedule's length does not change a step's cost.
+  config = on_synthetic_data(config)
   r = setup.setup_run(setup.prepare(config), num_examples=1000 * config.global_batch_size)
   state = r.init_state(r.keys()[0])
   step = r.jit_step()

@@ -64,6 +64,15 @@ def test_bench_alternates_a_variant_with_its_base_row_in_rounds():
     assert r["rounds"] == 2 and r["steps"] == 2 and r["images_per_s"] > 0
 
 
+def test_bench_times_a_config_whose_dataset_is_not_on_the_machine(tmp_path):
+  """The step runs on a generated batch: an ImageNet config benchmarks on a host without
+  ImageNet (a GPU machine), where a training run is refused at start-up."""
+  rows = _bench("--config=configs/mae_vitb.py:runlocal", "--config.data.source=tfds",
+                "--config.data.tfds_name=imagenet2012", f"--config.data.tfds_data_dir={tmp_path}",
+                "--peer=none", "--batch=4")
+  assert len(rows) == 1 and rows[0]["images_per_s"] > 0
+
+
 def test_pipeline_benchmark_reports_images_per_core():
   rows = _bench("--config=configs/mae_vitb.py", "--pipeline", "--pipeline_images=16",
                 "--pipeline_batches=2", "--batch=8")
