@@ -71,7 +71,7 @@ class FineTune(base.Method):
               "optimizer.layer_decay", opt.layer_decay,
               "1.0 without init_from: layer-wise lr decay protects pre-trained lower layers, "
               "and a from-scratch encoder has none (it would only handicap the baseline)",
-              "Set --config.optimizer.layer_decay=1.0 (configs/finetune_*.py:scratch does).")
+              "Set --config.optimizer.layer_decay=1.0 (configs/finetune_fmnist.py:scratch does).")
 
   @classmethod
   def forward_flops(cls, config):
