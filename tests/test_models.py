@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -266,6 +267,25 @@ def test_heads_major_attention_equals_jax_attention_in_value_and_gradient(
   for a, b in zip(*grads):
     assert a.dtype == b.dtype
     np.testing.assert_allclose(f32(a), f32(b), rtol=tol, atol=tol * np.abs(f32(b)).max())
+
+
+def test_attention_layer_is_one_function_of_one_set_of_parameters_in_every_implementation():
+  """The CPU default (blockwise qkv matmuls + heads-major core) and jax.nn's XLA path: the
+  same parameter tree from the same key, the same outputs and gradients (parameters, input)."""
+  x = jax.random.normal(jax.random.key(0), (2, 13, 64))
+  layers = {impl: vit.Attention(num_heads=4, implementation=impl) for impl in ("heads_major",
+                                                                             "xla")}
+  params = {impl: layer.init(jax.random.key(1), x) for impl, layer in layers.items()}
+  chex.assert_trees_all_equal(params["heads_major"], params["xla"])
+  params = params["xla"]
+  w = jax.random.normal(jax.random.key(2), x.shape)
+
+  def loss(impl, p, x):
+    return jnp.sum(layers[impl].apply(p, x) * w)
+  assert vit.default_attention_impl(None) == "heads_major"  # this CPU's default
+  values = {impl: jax.jit(jax.value_and_grad(lambda p, x, i=impl: loss(i, p, x),
+                                             argnums=(0, 1)))(params, x) for impl in layers}
+  chex.assert_trees_all_close(values["heads_major"], values["xla"], rtol=1e-5, atol=1e-5)
 
 
 def test_gelu_with_its_own_gradient_equals_the_exact_gelu():
