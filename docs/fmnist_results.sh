@@ -167,6 +167,12 @@ if has lowlabel; then
   # budget and their own lr / Mixup chosen on the held-out split with all the labels; warmup
   # is a tenth of the run, as in the 15-epoch recipe.
   lowlabel_has() { [[ " $LOWLABEL_INITS " == *" $1 "* ]]; }
+  for init in $LOWLABEL_INITS; do
+    case $init in
+      mae|scratch) ;;
+      *) echo "LOWLABEL_INITS: unknown '$init' (mae, scratch)"; exit 1 ;;
+    esac
+  done
   lowlabel_has mae && { mae_flags=$(pick tune_mae) || exit 1; }
   lowlabel_has scratch && { scratch_flags=$(pick tune_scratch) || exit 1; }
   for spec in $LOWLABEL; do

@@ -145,7 +145,7 @@ def bench_alternated(configs, steps: int, warmup: int, rounds: int,
   for p in prepared:
     timed(p.one_step, warmup, 0)
   times = [[] for _ in configs]
-  per_round = max(1, steps // rounds)
+  per_round = steps // rounds
   for _ in range(rounds):
     for p, row_times in zip(prepared, times):
       row_times += timed(p.one_step, 0, per_round)
@@ -176,7 +176,7 @@ def on_synthetic_data(config):
   for fields, reads, _ in validation.UNREAD_RULES:
     for field in fields:
       if (field.startswith("data.") and field[len("data."):] in base.data
-          and not reads(synthetic)):
+          and not validation.rule_reads(reads, synthetic)):
         changes[field] = validation.get(base, field)
   if "classifier" in config and not config.classifier.num_classes:
     try:
@@ -244,13 +244,20 @@ def summarise_mim_jax(prepared: _Prepared, times: list[float], config, profile_d
   params = sum(int(x.size) for x in jax.tree.leaves(prepared.holder["state"].params))
   return _summary("mim_jax", times, config, jax.devices()[0].device_kind, params=params,
                   device_count=jax.device_count(), dtype=config.model.dtype,
-                  attention_impl=config.model.get("attention_impl") or "default",
+                  attention_impl=_attention_impl(config),
                   remat=config.model.get("remat", "none"),
                   xla_gflops_per_image=_sig(prepared.xla_flops / prepared.batch_size / 1e9),
                   variant=variant,
                   augment_on=config.data.get("augment_on", "host"),
                   xla_flags=os.environ.get("XLA_FLAGS", ""),
                   versions={"jax": jax.__version__}, **extra)
+
+
+def _attention_impl(config) -> str:
+  """The attention implementation the row ran: the config's, or the backend's default
+  resolved ("heads_major" on a CPU, "cudnn" on a GPU; "jax_default" where jax.nn chooses)."""
+  from mim_jax.models import vit
+  return vit.default_attention_impl(config.model.get("attention_impl") or None) or "jax_default"
 
 
 def bench_hf(config, steps: int, warmup: int, compile_model: bool = False,
@@ -503,6 +510,9 @@ def main(argv):
     raise app.UsageError("--peers_only needs --peer=hf and/or hf_compile")
   if FLAGS.rounds < 1:
     raise app.UsageError(f"--rounds={FLAGS.rounds}: at least 1")
+  if FLAGS.steps % FLAGS.rounds:
+    raise app.UsageError(f"--steps={FLAGS.steps} over --rounds={FLAGS.rounds}: a multiple of "
+                         "the rounds, so that every round times as many steps")
   if FLAGS.rounds > 1 and FLAGS.profile:
     raise app.UsageError("--rounds and --profile: profile the rows in a run of their own")
   if FLAGS.rounds > 1 and not FLAGS.peers_only:

@@ -59,9 +59,23 @@ def test_bench_alternates_a_variant_with_its_base_row_in_rounds():
   rows = _bench("--config=configs/mae_vitb.py:runlocal", "--variant=model.attention_impl=xla",
                 "--peer=none", "--batch=4", "--rounds=2")
   assert [(r["variant"], r["attention_impl"]) for r in rows] == [
-      ("", "default"), ("model.attention_impl=xla", "xla")]
+      ("", "heads_major"), ("model.attention_impl=xla", "xla")]  # this CPU's default
   for r in rows:
     assert r["rounds"] == 2 and r["steps"] == 2 and r["images_per_s"] > 0
+
+
+def test_alternated_rows_take_turns_round_by_round(monkeypatch):
+  """bench_alternated: every row warmed up first, then the rows in turn, `steps / rounds`
+  timed steps each per round (not one row's steps after the other's)."""
+  from mim_jax import bench
+  calls = []
+  monkeypatch.setattr(bench, "prepare_mim_jax",
+                      lambda c: bench._Prepared(lambda: calls.append(c), None, {}, 1, 0.0))
+  monkeypatch.setattr(bench, "summarise_mim_jax",
+                      lambda p, times, c, variant, rounds: (c, len(times), variant, rounds))
+  rows = bench.bench_alternated(["a", "b"], steps=6, warmup=2, rounds=3, variants=["", "v"])
+  assert rows == [("a", 6, "", 3), ("b", 6, "v", 3)]
+  assert "".join(calls) == "aabb" + "aabb" * 3
 
 
 def test_bench_times_a_config_whose_dataset_is_not_on_the_machine(tmp_path):

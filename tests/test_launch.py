@@ -455,3 +455,6 @@ def test_results_script_low_label_rows_of_one_init(tmp_path, monkeypatch):
   assert [n for n in names if not n.startswith("tune_")] == [
       "ft_scratch_labels10_s0", "ft_scratch_labels10_s1"]
   assert not any("init_from" in a for call in calls for a in call)
+  out = _bash(RESULTS, str(tmp_path / "root2"),
+              env=dict(os.environ, SECTIONS="lowlabel", LOWLABEL_INITS="mae,scratch"))
+  assert out.returncode == 1 and "LOWLABEL_INITS: unknown 'mae,scratch'" in out.stdout

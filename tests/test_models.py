@@ -269,23 +269,40 @@ def test_heads_major_attention_equals_jax_attention_in_value_and_gradient(
     np.testing.assert_allclose(f32(a), f32(b), rtol=tol, atol=tol * np.abs(f32(b)).max())
 
 
-def test_attention_layer_is_one_function_of_one_set_of_parameters_in_every_implementation():
+@pytest.mark.parametrize("dtype,rel_pos", [("float32", False), ("bfloat16", True)])
+def test_attention_layer_is_one_function_of_one_set_of_parameters_in_every_implementation(
+    dtype, rel_pos):
   """The CPU default (blockwise qkv matmuls + heads-major core) and jax.nn's XLA path: the
-  same parameter tree from the same key, the same outputs and gradients (parameters, input)."""
-  x = jax.random.normal(jax.random.key(0), (2, 13, 64))
-  layers = {impl: vit.Attention(num_heads=4, implementation=impl) for impl in ("heads_major",
-                                                                             "xla")}
-  params = {impl: layer.init(jax.random.key(1), x) for impl, layer in layers.items()}
+  same parameter tree from the same key, the same outputs and gradients (parameters, input),
+  float32 to rounding, bfloat16 with a relative position bias to bfloat16's rounding."""
+  grid = (3, 4) if rel_pos else None  # 12 patches + [CLS]
+  x = jax.random.normal(jax.random.key(0), (2, 13, 64)).astype(dtype)
+  index = vit.relative_position_index(grid, grid) if rel_pos else None
+  layers = {impl: vit.Attention(num_heads=4, dtype=jnp.dtype(dtype), implementation=impl,
+                                rel_pos_grid=grid) for impl in ("heads_major", "xla")}
+  params = {impl: layer.init(jax.random.key(1), x, rel_index=index)
+            for impl, layer in layers.items()}
   chex.assert_trees_all_equal(params["heads_major"], params["xla"])
-  params = params["xla"]
+  # Perturbed, so that the (zero-initialised) bias table and qkv bias take part.
+  leaves, tree = jax.tree.flatten(params["xla"])
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  params = jax.tree.unflatten(tree, [p + 0.2 * jax.random.normal(k, p.shape, p.dtype)
+                                     for p, k in zip(leaves, keys)])
   w = jax.random.normal(jax.random.key(2), x.shape)
 
   def loss(impl, p, x):
-    return jnp.sum(layers[impl].apply(p, x) * w)
-  assert vit.default_attention_impl(None) == "heads_major"  # this CPU's default
+    return jnp.sum(layers[impl].apply(p, x, rel_index=index).astype(jnp.float32) * w)
   values = {impl: jax.jit(jax.value_and_grad(lambda p, x, i=impl: loss(i, p, x),
                                              argnums=(0, 1)))(params, x) for impl in layers}
-  chex.assert_trees_all_close(values["heads_major"], values["xla"], rtol=1e-5, atol=1e-5)
+  (value, grads), (ref_value, ref_grads) = values["heads_major"], values["xla"]
+  tol = 1e-5 if dtype == "float32" else 3e-2
+  np.testing.assert_allclose(value, ref_value, rtol=tol, atol=tol * abs(float(ref_value)))
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    assert a.dtype == b.dtype
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
+  if jax.default_backend() == "cpu":
+    assert vit.default_attention_impl(None) == "heads_major"
 
 
 def test_gelu_with_its_own_gradient_equals_the_exact_gelu():

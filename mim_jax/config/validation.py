@@ -376,7 +376,7 @@ def check_unread(config, defaults, method_rules=(), reference: str = "default") 
   """
   for fields, reads, why in [*UNREAD_RULES, *method_rules]:
     present = [f for f in fields if _has(config, f)]
-    if not present or _reads(reads, config):
+    if not present or rule_reads(reads, config):
       continue
     for field in present:
       value, default = get(config, field), get(defaults, field)
@@ -386,7 +386,9 @@ def check_unread(config, defaults, method_rules=(), reference: str = "default") 
                           "it.")
 
 
-def _reads(reads, config) -> bool:
+def rule_reads(reads, config) -> bool:
+  """Whether an UNREAD_RULES condition holds for `config` (a rule whose condition field the
+  config lacks counts as reading: nothing to check)."""
   try:
     return bool(reads(config))
   except (AttributeError, KeyError):

@@ -197,7 +197,7 @@ class Mlp(nn.Module):
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           implementation: Optional[str] = None,
                           bias: Optional[jax.Array] = None) -> jax.Array:
-  """`jax.nn.dot_product_attention` on [B, T, heads, head_dim] -> [B, T, heads, head_dim].
+  """Attention on [B, T, heads, head_dim] -> [B, T, heads, head_dim], by `implementation`.
 
   bias: added to the attention logits after scaling, [B or 1, heads, T, T] (relative position
   bias).
@@ -240,7 +240,9 @@ def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   the output cost a fraction of that. The 1/sqrt(d) scale multiplies q (T x d values) rather
   than the logits (T x T), which also keeps the scaling out of the softmax's backward: equal up
   to rounding (exactly equal where d is a power of 4). Logits, bias and softmax in float32, as
-  in `jax.nn`.
+  in `jax.nn`; in bfloat16 the scale is applied to q in bfloat16, and the bias is added in
+  float32 without first being rounded to bfloat16 (as the `jax.nn` path's is): the same
+  function up to bfloat16 rounding.
   """
   qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
   qh = qh * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
@@ -352,8 +354,9 @@ class BlockwiseQKV(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    kernel = self.param("kernel", dense_init, (x.shape[-1], self.features))
-    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    # float32 parameters, as nn.Dense's default param_dtype.
+    kernel = self.param("kernel", dense_init, (x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     x, kernel, bias = (jnp.asarray(a, self.dtype) for a in (x, kernel, bias))
     w = self.features // 3
     return tuple(x @ kernel[:, i * w:(i + 1) * w] + bias[i * w:(i + 1) * w] for i in range(3))
@@ -365,8 +368,9 @@ class Attention(nn.Module):
   The core runs through `dot_product_attention`: the cuDNN flash kernel on GPU where
   `implementation` asks for it and the shapes allow, `heads_major_attention` on a CPU (with
   q, k, v from `BlockwiseQKV`: the same parameters), `jax.nn`'s XLA attention elsewhere; every
-  implementation computes the same function of the same parameters. `rel_pos_grid` (h, w) gives the layer its own relative position bias table
-  (BEiT's per-block bias), read at `rel_index`; a shared bias arrives as `bias`.
+  implementation computes the same function of the same parameters (up to rounding).
+  `rel_pos_grid` (h, w) gives the layer its own relative position bias table (BEiT's
+  per-block bias), read at `rel_index`; a shared bias arrives as `bias`.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
