@@ -481,6 +481,9 @@ def main(argv):
     configs = [_variant(c, global_batch_size=FLAGS.batch) for c in configs]
   if FLAGS.dtype:
     configs = [_variant(c, **{"model.dtype": FLAGS.dtype}) for c in configs]
+  if FLAGS.rounds > 1 and (FLAGS.feed or FLAGS.pipeline or FLAGS.peers_only):
+    raise app.UsageError("--rounds alternates the mim_jax train-step rows; --feed, --pipeline "
+                         "and --peers_only time none")
   if FLAGS.feed:
     for row in bench_feed(configs[0], FLAGS.pipeline_batches):
       print(json.dumps(row), flush=True)

@@ -64,6 +64,15 @@ def test_bench_alternates_a_variant_with_its_base_row_in_rounds():
     assert r["rounds"] == 2 and r["steps"] == 2 and r["images_per_s"] > 0
 
 
+def test_rounds_without_train_step_rows_is_refused():
+  """--rounds acts on the mim_jax step rows only: with none to time it is an error, not a
+  flag that silently does nothing."""
+  out = subprocess.run([sys.executable, "-m", "mim_jax.bench", "--config=configs/mae_fmnist.py",
+                        "--pipeline", "--rounds=2"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode != 0 and "--rounds alternates the mim_jax" in out.stderr
+
+
 def test_alternated_rows_take_turns_round_by_round(monkeypatch):
   """bench_alternated: every row warmed up first, then the rows in turn, `steps / rounds`
   timed steps each per round (not one row's steps after the other's)."""
