@@ -4,6 +4,9 @@
 #   step       the demo MAE step: base, optimizer.mu_dtype=bfloat16, augmentation on the
 #              device; HF ViTMAE eager as the peer
 #   pipeline   JPEG decode (simplejpeg vs PIL) and the whole host pipeline at 224 px
+#   attention  the CPU attention default (heads-major core, blockwise qkv) against jax.nn's
+#              XLA path with fused qkv slices, alternated in rounds: the demo MAE step (HF
+#              eager as the peer), the fine-tuning step, MAE ViT-B/16 at batch 8
 # JSON lines go to OUT/NAME.jsonl; a finished lever (its file exists) is skipped.
 #   bash docs/cpu_levers.sh OUT
 set -u
@@ -20,3 +23,9 @@ lever gelu python docs/gelu_lever.py
 lever step python -m mim_jax.bench --config=configs/mae_fmnist.py --steps=20 --peer=hf \
     --variant=optimizer.mu_dtype=bfloat16 --variant=data.augment_on=device
 lever pipeline python -m mim_jax.bench --config=configs/mae_vitb.py --pipeline
+lever attention_demo python -m mim_jax.bench --config=configs/mae_fmnist.py \
+    --variant=model.attention_impl=xla --steps=30 --rounds=6 --peer=hf
+lever attention_finetune python -m mim_jax.bench --config=configs/finetune_fmnist.py:scratch \
+    --variant=model.attention_impl=xla --steps=16 --rounds=4 --peer=none
+lever attention_vitb python -m mim_jax.bench --config=configs/mae_vitb.py \
+    --variant=model.attention_impl=xla --batch=8 --steps=8 --warmup=2 --rounds=4 --peer=hf
