@@ -235,6 +235,7 @@ def prepare_mim_jax(config) -> _Prepared:
 
 def summarise_mim_jax(prepared: _Prepared, times: list[float], config, profile_dir: str = "",
                       profile_steps: int = 5, variant: str = "", rounds: int = 1) -> dict:
+  """The JSON row of a prepared step's timed `times` (and its profile, when asked)."""
   import jax
   extra = {"rounds": rounds} if rounds > 1 else {}
   if profile_dir:  # after the timing, so the trace costs the measurement nothing
