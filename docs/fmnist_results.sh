@@ -89,7 +89,8 @@ run() {  # NAME, then the arguments of mim_jax.main
   esac
 }
 
-has() { [[ " $SECTIONS " == *" $1 "* ]]; }
+listed() { [[ " $1 " == *" $2 "* ]]; }  # LIST WORD: WORD is one of LIST's words
+has() { listed "$SECTIONS" "$1"; }
 holdout=(--config.data.holdout=5000 --config.data.eval_split=holdout)
 pretrain() {  # NAME METHOD EPOCHS [overrides]: pre-training with k-NN on the held-out split
   local name=$1 method=$2 epochs=$3; shift 3
@@ -166,15 +167,14 @@ if has lowlabel; then
   # ImageNet, 30 on 10%): 15 epochs of 600 images would be 35 steps. Both inits get the same
   # budget and their own lr / Mixup chosen on the held-out split with all the labels; warmup
   # is a tenth of the run, as in the 15-epoch recipe.
-  lowlabel_has() { [[ " $LOWLABEL_INITS " == *" $1 "* ]]; }
   for init in $LOWLABEL_INITS; do
     case $init in
       mae|scratch) ;;
       *) echo "LOWLABEL_INITS: unknown '$init' (mae, scratch)"; exit 1 ;;
     esac
   done
-  lowlabel_has mae && { mae_flags=$(pick tune_mae) || exit 1; }
-  lowlabel_has scratch && { scratch_flags=$(pick tune_scratch) || exit 1; }
+  listed "$LOWLABEL_INITS" mae && { mae_flags=$(pick tune_mae) || exit 1; }
+  listed "$LOWLABEL_INITS" scratch && { scratch_flags=$(pick tune_scratch) || exit 1; }
   for spec in $LOWLABEL; do
     pct=${spec%%:*} epochs=${spec#*:}
     low=(--config.data.label_fraction="$(python -c "print($pct / 100)")"
@@ -182,10 +182,11 @@ if has lowlabel; then
          --config.optimizer.warmup_epochs="$(python -c "print($epochs / 10)")")
     for seed in $SEEDS; do
       # shellcheck disable=SC2086
-      lowlabel_has mae && run "ft_mae_labels${pct}_s$seed" --config=configs/finetune_fmnist.py \
-          --config.init_from="$MAE" "${low[@]}" --config.seed="$seed" "${TRAIN[@]}" $mae_flags
+      listed "$LOWLABEL_INITS" mae && run "ft_mae_labels${pct}_s$seed" \
+          --config=configs/finetune_fmnist.py --config.init_from="$MAE" "${low[@]}" \
+          --config.seed="$seed" "${TRAIN[@]}" $mae_flags
       # shellcheck disable=SC2086
-      lowlabel_has scratch && run "ft_scratch_labels${pct}_s$seed" \
+      listed "$LOWLABEL_INITS" scratch && run "ft_scratch_labels${pct}_s$seed" \
           --config=configs/finetune_fmnist.py:scratch "${low[@]}" --config.seed="$seed" \
           "${TRAIN[@]}" $scratch_flags
     done

@@ -482,9 +482,16 @@ def main(argv):
     configs = [_variant(c, global_batch_size=FLAGS.batch) for c in configs]
   if FLAGS.dtype:
     configs = [_variant(c, **{"model.dtype": FLAGS.dtype}) for c in configs]
+  if FLAGS.rounds < 1:
+    raise app.UsageError(f"--rounds={FLAGS.rounds}: at least 1")
   if FLAGS.rounds > 1 and (FLAGS.feed or FLAGS.pipeline or FLAGS.peers_only):
     raise app.UsageError("--rounds alternates the mim_jax train-step rows; --feed, --pipeline "
                          "and --peers_only time none")
+  if FLAGS.rounds > 1 and FLAGS.profile:
+    raise app.UsageError("--rounds and --profile: profile the rows in a run of their own")
+  if FLAGS.steps % FLAGS.rounds:
+    raise app.UsageError(f"--steps={FLAGS.steps} over --rounds={FLAGS.rounds}: a multiple of "
+                         "the rounds, so that every round times as many steps")
   if FLAGS.feed:
     for row in bench_feed(configs[0], FLAGS.pipeline_batches):
       print(json.dumps(row), flush=True)
@@ -512,14 +519,7 @@ def main(argv):
     labels[id(configs[1])] = spec
   if FLAGS.peers_only and not peers:
     raise app.UsageError("--peers_only needs --peer=hf and/or hf_compile")
-  if FLAGS.rounds < 1:
-    raise app.UsageError(f"--rounds={FLAGS.rounds}: at least 1")
-  if FLAGS.steps % FLAGS.rounds:
-    raise app.UsageError(f"--steps={FLAGS.steps} over --rounds={FLAGS.rounds}: a multiple of "
-                         "the rounds, so that every round times as many steps")
-  if FLAGS.rounds > 1 and FLAGS.profile:
-    raise app.UsageError("--rounds and --profile: profile the rows in a run of their own")
-  if FLAGS.rounds > 1 and not FLAGS.peers_only:
+  if FLAGS.rounds > 1:
     for row in bench_alternated(configs, FLAGS.steps, FLAGS.warmup, FLAGS.rounds,
                                 [labels.get(id(c), "") for c in configs]):
       print(json.dumps(row), flush=True)
