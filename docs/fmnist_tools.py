@@ -81,6 +81,8 @@ def _row(root: str, name: str) -> dict | None:
               "probe_top1_gap", "probe_top1_pixels"):
     if key in r:
       row[key] = r[key]
+  if "probe_layer_cls" in r:  # probe.select_layer: the blocks chosen on the holdout
+    row["method"] += f" (blocks {r['probe_layer_cls']} / {r['probe_layer_gap']})"
   if "eval_accuracy" in r:  # fine-tuning: the split is the run's data.eval_split
     row["finetune"] = r["eval_accuracy"]
     row["split"] = _split(workdir)

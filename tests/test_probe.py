@@ -52,11 +52,29 @@ def test_l2_is_chosen_on_the_validation_rows_only():
   y = (x[:, 0] > 0).astype(np.int32)
   y_noisy = np.where(rng.random(200) < 0.3, 1 - y, y)
   xv = rng.normal(size=(400, 50)).astype(np.float32)
-  best, scores = logistic.select_l2(x, y_noisy, xv, (xv[:, 0] > 0).astype(np.int32), 2,
-                                    grid=(1.0, 1e-1, 1e-4))
+  chosen = logistic.select_l2(x, y_noisy, xv, (xv[:, 0] > 0).astype(np.int32), 2,
+                              grid=(1.0, 1e-1, 1e-4))
+  scores = chosen.scores
   assert set(scores) == {1.0, 1e-1, 1e-4}
-  assert best == max(scores, key=lambda k: (scores[k], k))
+  assert chosen.l2 == max(scores, key=lambda k: (scores[k], k))
   assert scores[1e-4] < max(scores.values())
+  params, _ = logistic.fit(x, y_noisy, 2, chosen.l2)
+  np.testing.assert_allclose(chosen.params["w"], params["w"], atol=1e-3)
+
+
+def test_a_warm_start_reaches_the_same_optimum_in_fewer_iterations():
+  """The regularisation path: a fit started from the solution of a stronger penalty converges
+  to the optimum of a fit from zeros (strictly convex objective), in fewer iterations."""
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(300, 20)).astype(np.float32)
+  y = np.argmax(x[:, :3] + 0.5 * rng.normal(size=(300, 3)), axis=1).astype(np.int32)
+  strong, _ = logistic.fit(x, y, 3, 1e-3, tol=1e-6)
+  cold, cold_info = logistic.fit(x, y, 3, 3e-4, tol=1e-6)
+  warm, warm_info = logistic.fit(x, y, 3, 3e-4, tol=1e-6, init=strong)
+  assert cold_info.converged and warm_info.converged
+  assert warm_info.iterations < cold_info.iterations, (warm_info, cold_info)
+  for k in ("w", "b"):
+    np.testing.assert_allclose(warm[k], cold[k], atol=1e-4)
 
 
 def test_holdout_rows_never_reach_training():
@@ -115,6 +133,32 @@ def test_probe_job_reports_every_pool_and_its_choices(tiny_encoder, tmp_path):
     assert set(results[f"probe_holdout_top1_{pool}"]) == {"0.01", "0.0001"}
   assert results["num_holdout"] == 16 and results["num_train"] == 64
   assert metrics["probe_top1_cls"] == results["probe_top1_cls"]
+
+
+def test_the_block_is_chosen_on_the_holdout_and_scored_as_a_fixed_block_would_be(tiny_encoder,
+                                                                                tmp_path):
+  """probe.select_layer: per pool, the block with the best held-out score among the output
+  and every block; its test figures are those of a probe told that block."""
+  chosen = train.run(_probe_config(tiny_encoder, **{"probe.select_layer": True}),
+                     str(tmp_path / "chosen"))
+  results = json.load(open(tmp_path / "chosen" / "results.json"))
+  assert results["probe_layers"] == [0, 1, 2] and "probe_layer" not in results
+  for pool in ("cls", "gap"):
+    by_layer = results[f"probe_holdout_by_layer_{pool}"]
+    layer = results[f"probe_layer_{pool}"]
+    assert set(by_layer) == {"0", "1", "2"}
+    assert by_layer[str(layer)] == max(by_layer.values())
+    assert by_layer[str(layer)] == max(results[f"probe_holdout_top1_{pool}"].values())
+    fixed = train.run(_probe_config(tiny_encoder, **{"classifier.probe_layer": layer}),
+                      str(tmp_path / f"{pool}{layer}"))
+    for key in ("probe_top1", "probe_l2", "knn_top1", "probe_holdout_top1"):
+      assert chosen[f"{key}_{pool}"] == fixed[f"{key}_{pool}"], key
+  with pytest.raises(ConfigError, match="classifier.probe_layer=1 is not used.*select_layer"):
+    registry.validate_config(_probe_config(tiny_encoder, **{"probe.select_layer": True,
+                                                            "classifier.probe_layer": 1}))
+  with pytest.raises(ConfigError, match="probe.select_layer=True is not used.*pixels"):
+    registry.validate_config(_probe_config("", **{"probe.select_layer": True,
+                                                  "classifier.features": "pixels"}))
 
 
 def test_a_low_label_probe_encodes_only_its_labelled_rows(tiny_encoder, tmp_path, monkeypatch):

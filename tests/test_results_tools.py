@@ -50,12 +50,18 @@ def test_summary_lists_runs_and_seed_means(tmp_path):
   _run(tmp_path, "probe_mae", {"eval_split": "test", "knn_top1_cls": 0.85,
                                "knn_top1_gap": 0.8541, "probe_top1_cls": 0.8605,
                                "probe_top1_gap": 0.8742}, seconds=850, method="probe")
+  _run(tmp_path, "probe_mae_blocks", {"eval_split": "test", "knn_top1_cls": 0.85,
+                                      "knn_top1_gap": 0.86, "probe_top1_cls": 0.87,
+                                      "probe_top1_gap": 0.88, "probe_layer_cls": 4,
+                                      "probe_layer_gap": 0}, seconds=65, method="probe")
   _run(tmp_path, "mae_e50", None, method="mae")
   (tmp_path / "mae_e50" / "encoder").mkdir()
   (tmp_path / "mae_e50" / "encoder" / "model.json").write_text("{}")
   _run(tmp_path, "unfinished", None)
   table = tools.summary(str(tmp_path)).splitlines()
   assert "| probe_mae | probe | test | 85.00 / 85.41 | 86.05 / 87.42 |  | 14m10s |" in table
+  assert ("| probe_mae_blocks | probe (blocks 4 / 0) | test | 85.00 / 86.00 | 87.00 / 88.00 |  | "
+          "1m05s |") in table
   assert "| ft_mae_s1 | finetune | test |  |  | 92.00 | 1h20m |" in table
   assert "| mae_e50 | mae |  |  |  |  |  |" in table
   assert not any("unfinished" in line for line in table)

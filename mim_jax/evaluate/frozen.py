@@ -2,20 +2,24 @@
 
   FeatureExtractor(config)   features of whole splits: {"cls", "gap"} of
                              `classifier.probe_layer` from one encoder pass ({"pixels"} for
-                             the raw-pixel baseline)
+                             the raw-pixel baseline; "cls_block<k>", ... for several blocks)
   KnnMonitor(config)         callable: encoder params -> k-NN scores of every pool (the `knn`
                              job, and k-NN during pre-training)
   run_knn(config, workdir)   method "knn": weighted k-NN (DINO: k = 20, T = 0.07)
   run_probe(config, workdir) method "probe": k-NN plus multinomial logistic regression on
                              standardised cached features (evaluate/logistic.py), its L2
-                             strength chosen on `data.holdout` training examples
+                             strength (and with `probe.select_layer`, the block) chosen on
+                             `data.holdout` training examples
 
 Protocol. The bank / training rows are the training split as training reads it
 (`data.label_fraction` applies); images are resized / centre-cropped, never augmented. Scored
 rows are `data.eval_split` ("holdout": the held-out training examples, which then leave the
 bank). The probe picks its L2 strength by fitting on the training rows without the holdout
 and scoring the holdout, then refits on all training rows and scores the evaluation split
-once. Every number is reported per pool: `knn_top1_cls`, `knn_top1_gap`, `probe_top1_cls`,
+once. With `probe.select_layer` it does so for the encoder output and every block (one encoder
+pass gives them all) and keeps, per pool, the block and strength with the best held-out score
+(BEiT and data2vec report their probes at the best block: MIM features are often most
+linear in the middle of the encoder); the k-NN row of that pool uses the same block. Every number is reported per pool: `knn_top1_cls`, `knn_top1_gap`, `probe_top1_cls`,
 ... (`*_pixels` for the baseline).
 """
 
@@ -39,7 +43,7 @@ from mim_jax.evaluate import classifier_base, knn, logistic
 from mim_jax.methods import base
 from mim_jax.models import flops
 from mim_jax.models.heads import pool_tokens
-from mim_jax.models.vit import encoder_from_config
+from mim_jax.models.vit import encoder_from_config, size_from_config
 from mim_jax.training import checkpoint, compiler_options, metric_writers
 from mim_jax.weights import pretrained
 
@@ -60,25 +64,35 @@ def _local_copy(params):
 class FeatureExtractor:
   """Features of whole splits, in source order, on every process."""
 
-  def __init__(self, config, *, pixels: bool = False, layer: int = 0):
+  def __init__(self, config, *, pixels: bool = False, layer: int = 0,
+               layers: tuple[int, ...] | None = None):
     """Features of `config`'s encoder (`pixels`: of the raw pixels instead) at block `layer`
-    (0: the encoder output)."""
+    (0: the encoder output), named by pool; or at each of `layers`, named
+    "<pool>_block<k>" (features.extract's names)."""
     self.config = config
     self.pixels = pixels
-    self.pools = ("pixels",) if self.pixels else ENCODER_POOLS
+    self.layers = (layer,) if layers is None else tuple(layers)
+    if self.pixels:
+      self.pools = ("pixels",)
+    elif layers is None:
+      self.pools = ENCODER_POOLS
+    else:
+      self.pools = tuple(f"{p}_block{k}" for k in self.layers for p in ENCODER_POOLS)
     # A pre-training run's own encoder has fixed sin-cos positions; a job's, its export's.
     posemb = pretrained.encoder_posemb(config.init_from) if "classifier" in config else "sincos"
     self.encoder = encoder_from_config(config.model, config.image_size, config.channels,
                                        posemb=posemb)
 
     def features(params, images):
-      """images [B, H, W, C] -> [B, P, D]: one row per pool, stacked."""
+      """images [B, H, W, C] -> [B, P, D]: one row per name of `self.pools`, stacked."""
       if self.pixels:
         return images.reshape(images.shape[0], 1, -1).astype(jnp.float32)
-      tokens, aux = self.encoder.apply({"params": params}, images, train=False)
-      if layer:
-        tokens = aux["blocks"][layer - 1]
-      return jnp.stack([pool_tokens(tokens, p) for p in ENCODER_POOLS], 1).astype(jnp.float32)
+      output, aux = self.encoder.apply({"params": params}, images, train=False)
+      rows = []
+      for k in self.layers:
+        tokens = aux["blocks"][k - 1] if k else output
+        rows += [pool_tokens(tokens, p) for p in ENCODER_POOLS]
+      return jnp.stack(rows, 1).astype(jnp.float32)
 
     self._features = compiler_options.jit(config, features)
 
@@ -137,9 +151,23 @@ class FeatureExtractor:
 
 
 def job_extractor(config) -> FeatureExtractor:
-  """The features a job's `config.classifier` asks for."""
+  """The features a job's `config.classifier` asks for (every block with the probe's
+  `probe.select_layer`)."""
   c = config.classifier
+  if selects_layer(config):
+    return FeatureExtractor(config, layers=candidate_layers(config))
   return FeatureExtractor(config, pixels=c.features == "pixels", layer=int(c.probe_layer))
+
+
+def selects_layer(config) -> bool:
+  """Whether the job chooses the block on the held-out split (the probe, on an encoder)."""
+  return bool(config.get("probe", {}).get("select_layer")) and (
+      config.classifier.features != "pixels")
+
+
+def candidate_layers(config) -> tuple[int, ...]:
+  """The blocks `probe.select_layer` chooses from: 0 (the encoder output), 1, ..., depth."""
+  return tuple(range(size_from_config(config.model)[0].depth + 1))
 
 
 class KnnMonitor:
@@ -202,7 +230,8 @@ def _finish(config, workdir: str, metrics: dict) -> dict:
     storage.write_text(os.path.join(workdir, "results.json"), json.dumps(
         {"method": config.method, "init_from": config.init_from,
          "features": config.classifier.features,
-         "probe_layer": int(config.classifier.probe_layer),
+         **({"probe_layers": list(candidate_layers(config))} if selects_layer(config) else
+            {"probe_layer": int(config.classifier.probe_layer)}),
          "eval_split": data.eval_split(config.data), "k": config.knn.k,
          "temperature": config.knn.temperature, **metrics}, indent=2))
   return metrics
@@ -217,15 +246,22 @@ def run_knn(config, workdir: str) -> dict[str, float]:
   return _finish(config, workdir, metrics)
 
 
-def _probe(train_x, train_y, val_x, val_y, test_x, test_y, num_classes, grid, fit_kwargs):
-  """L2 chosen on (train -> val), then refit on train + val and scored on test."""
-  mean, scale = logistic.standardizer(train_x)
-  l2, scores = logistic.select_l2((train_x - mean) * scale, train_y, (val_x - mean) * scale,
-                                  val_y, num_classes, grid, **fit_kwargs)
-  all_x, all_y = np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y])
+def _select(train, val, num_classes, grid, fit_kwargs) -> logistic.Selection:
+  """The L2 strength fitted on train = (x, y) and chosen on val (x standardised with train's
+  statistics)."""
+  mean, scale = logistic.standardizer(train[0])
+  return logistic.select_l2((train[0] - mean) * scale, train[1], (val[0] - mean) * scale,
+                            val[1], num_classes, grid, **fit_kwargs)
+
+
+def _refit(train, val, test, num_classes, chosen: logistic.Selection, fit_kwargs):
+  """(test top-1, FitInfo): refit with the chosen strength on train + val (warm-started from
+  the selection's fit), scored on test."""
+  all_x = np.concatenate([train[0], val[0]])
   mean, scale = logistic.standardizer(all_x)
-  params, info = logistic.fit((all_x - mean) * scale, all_y, num_classes, l2, **fit_kwargs)
-  return logistic.accuracy(params, (test_x - mean) * scale, test_y), l2, scores, info
+  params, info = logistic.fit((all_x - mean) * scale, np.concatenate([train[1], val[1]]),
+                              num_classes, chosen.l2, init=chosen.params, **fit_kwargs)
+  return logistic.accuracy(params, (test[0] - mean) * scale, test[1]), info
 
 
 def run_probe(config, workdir: str) -> dict:
@@ -241,24 +277,43 @@ def run_probe(config, workdir: str) -> dict:
   test_feats, test_labels = ex.split(params, data.eval_split(cfg.data))
   num_classes = classifier_base.num_classes(cfg)
   fit_kwargs = dict(max_iter=int(cfg.probe.max_iter), tol=float(cfg.probe.tol))
+  grid = tuple(cfg.probe.l2_grid)
+  # Feature name of every (pool, block): one block per pool unless the block is chosen.
+  if selects_layer(cfg):
+    named = {p: {k: f"{p}_block{k}" for k in ex.layers} for p in ENCODER_POOLS}
+  else:
+    named = {p: {int(cfg.classifier.probe_layer): p} for p in ex.pools}
   metrics: dict = {}
   # The k-NN bank (like the probe's final fit) uses every training row, holdout included.
   all_labels = np.concatenate([train_labels, hold_labels])
-  for pool in ex.pools:
-    bank = np.concatenate([train_feats[pool], hold_feats[pool]])
-    acc = knn.knn_accuracy(bank, all_labels, test_feats[pool], test_labels,
+  for pool, blocks in named.items():
+    selections = {}
+    for k, name in blocks.items():
+      selections[k] = _select((train_feats[name], train_labels), (hold_feats[name], hold_labels),
+                              num_classes, grid, fit_kwargs)
+    # Ties go to the earlier block of the list (0, the encoder output, first).
+    layer = max(selections, key=lambda k: (max(selections[k].scores.values()), -k))
+    chosen, name = selections[layer], blocks[layer]
+    top1, info = _refit((train_feats[name], train_labels), (hold_feats[name], hold_labels),
+                        (test_feats[name], test_labels), num_classes, chosen, fit_kwargs)
+    bank = np.concatenate([train_feats[name], hold_feats[name]])
+    acc = knn.knn_accuracy(bank, all_labels, test_feats[name], test_labels,
                            num_classes=num_classes, k=cfg.knn.k, temperature=cfg.knn.temperature)
     metrics.update({f"knn_{k}_{pool}": v for k, v in acc.items()})
-    top1, l2, scores, info = _probe(train_feats[pool], train_labels, hold_feats[pool],
-                                    hold_labels, test_feats[pool], test_labels,
-                                    num_classes, tuple(cfg.probe.l2_grid), fit_kwargs)
-    metrics.update({f"probe_top1_{pool}": top1, f"probe_l2_{pool}": l2,
-                    f"probe_holdout_top1_{pool}": {f"{k:g}": v for k, v in scores.items()},
+    metrics.update({f"probe_top1_{pool}": top1, f"probe_l2_{pool}": chosen.l2,
+                    f"probe_holdout_top1_{pool}": {f"{k:g}": v for k, v in chosen.scores.items()},
                     f"probe_iterations_{pool}": info.iterations,
                     f"probe_converged_{pool}": info.converged})
-    log.info("%s: k-NN %.4f, probe %.4f (L2 %g chosen on %d held-out examples: %s; final fit "
-             "%d L-BFGS iterations, |grad| %.2e)", pool, acc["top1"], top1, l2, len(hold_labels),
-             ", ".join(f"{k:g} {v:.4f}" for k, v in scores.items()), info.iterations,
+    if len(blocks) > 1:
+      metrics[f"probe_layer_{pool}"] = layer
+      metrics[f"probe_holdout_by_layer_{pool}"] = {
+          str(k): max(sel.scores.values()) for k, sel in selections.items()}
+    log.info("%s%s: k-NN %.4f, probe %.4f (L2 %g chosen on %d held-out examples: %s; final fit "
+             "%d L-BFGS iterations, |grad| %.2e)", pool,
+             f" block {layer} (held-out best per block: " + ", ".join(
+                 f"{k} {max(sel.scores.values()):.4f}" for k, sel in selections.items()) + ")"
+             if len(blocks) > 1 else "", acc["top1"], top1, chosen.l2, len(hold_labels),
+             ", ".join(f"{k:g} {v:.4f}" for k, v in chosen.scores.items()), info.iterations,
              info.grad_norm)
   metrics["seconds"] = time.perf_counter() - start
   metrics["num_train"], metrics["num_holdout"] = len(all_labels), len(hold_labels)
@@ -303,8 +358,10 @@ class ProbeJob(KnnJob):
     # Multinomial logistic regression on standardised cached features (evaluate/logistic.py),
     # its L2 strength chosen from l2_grid on data.holdout examples; L-BFGS until the gradient
     # norm is below tol (or max_iter iterations).
+    # select_layer: choose, per pool, the block (0: the output, 1..depth) on the holdout too,
+    # instead of reading classifier.probe_layer.
     c.probe = ml_collections.ConfigDict(dict(l2_grid=logistic.DEFAULT_L2_GRID, max_iter=3000,
-                                             tol=1e-4))
+                                             tol=1e-4, select_layer=False))
     c.data.holdout = 5000
 
   @classmethod
@@ -316,10 +373,20 @@ class ProbeJob(KnnJob):
               p.l2_grid, "a non-empty tuple of L2 strengths >= 0, e.g. (1e-2, 1e-3, 1e-4)")
     v.positive_int(config, "probe.max_iter")
     v.require(v.is_number(p.tol) and p.tol > 0, "probe.tol", p.tol, "a positive gradient norm")
+    v.require(isinstance(p.select_layer, bool), "probe.select_layer", p.select_layer,
+              "True (choose the block on data.holdout) or False (classifier.probe_layer)")
     v.require(v.is_int(config.data.holdout) and config.data.holdout > 0, "data.holdout",
               config.data.holdout, "a positive number of training examples for method "
               "'probe', which chooses its L2 strength on them (e.g. 5000 of Fashion-MNIST's "
               "60,000)")
+
+  @classmethod
+  def unread_rules(cls):
+    return [*super().unread_rules(),
+            (("classifier.probe_layer",), lambda c: not c.probe.select_layer,
+             "probe.select_layer=True chooses the block on data.holdout"),
+            (("probe.select_layer",), lambda c: c.classifier.features != "pixels",
+             "classifier.features='pixels' runs no encoder (no block to choose)")]
 
   @classmethod
   def run(cls, config, workdir):
