@@ -6,7 +6,8 @@
 #   pretrain_mae  MAE, MAE_EPOCHS (50) epochs, k-NN on the held-out split every 5 epochs
 #   baselines     probe + k-NN of raw pixels and of a random encoder; scikit-learn's logistic
 #                 regression on the same pixels (the reference the probe is held to)
-#   probe_mae     probe + k-NN of the MAE encoder (cls and mean-pooled tokens)
+#   probe_mae     probe + k-NN of the MAE encoder (cls and mean-pooled tokens; every probe of an
+#                 encoder reads the block chosen per pool on the held-out split)
 #   tune_scratch  fine-tuning lr x Mixup/CutMix on the held-out split (TUNE_EPOCHS (3) epochs,
 #   tune_mae      a proxy for the full length): from scratch, and from the MAE encoder
 #   finetune_mae  for each of SEEDS: FT_EPOCHS (15) of fine-tuning with the chosen settings:

@@ -289,6 +289,8 @@ def run_probe(config, workdir: str) -> dict:
   for pool, blocks in named.items():
     selections = {}
     for k, name in blocks.items():
+      if len(blocks) > 1:
+        log.info("probe %s: block %d of %s", pool, k, list(blocks))
       selections[k] = _select((train_feats[name], train_labels), (hold_feats[name], hold_labels),
                               num_classes, grid, fit_kwargs)
     # Ties go to the earlier block of the list (0, the encoder output, first).
