@@ -19,8 +19,9 @@ and scoring the holdout, then refits on all training rows and scores the evaluat
 once. With `probe.select_layer` it does so for the encoder output and every block (one encoder
 pass gives them all) and keeps, per pool, the block and strength with the best held-out score
 (BEiT and data2vec report their probes at the best block: MIM features are often most
-linear in the middle of the encoder); the k-NN row of that pool uses the same block. Every number is reported per pool: `knn_top1_cls`, `knn_top1_gap`, `probe_top1_cls`,
-... (`*_pixels` for the baseline).
+linear in the middle of the encoder); the k-NN row of that pool uses the same block. Every
+number is reported per pool: `knn_top1_cls`, `knn_top1_gap`, `probe_top1_cls`, ...
+(`*_pixels` for the baseline).
 """
 
 from __future__ import annotations
