@@ -13,9 +13,10 @@ are chosen per pool by fitting on 55,000 training images and scoring the other 5
 (`--config.probe.select_layer=False --config.classifier.probe_layer=k`: block k only, 0 the
 output). The same features of the chosen block give the k-NN scores (k = 20, T = 0.07).
 WORKDIR/results.json holds probe_top1_cls / probe_top1_gap / knn_top1_cls / knn_top1_gap, the
-chosen blocks and L2 strengths and their held-out scores. Baselines with the same protocol: --config.classifier.features=pixels
-(raw pixels), --config.init_from=random (a random encoder). The SGD probe through the training
-loop with augmentation (the official MAE ImageNet recipe) is configs/linprobe_imagenet.py.
+chosen blocks and L2 strengths and their held-out scores. Baselines with the same protocol:
+--config.classifier.features=pixels (raw pixels), --config.init_from=random (a random
+encoder). The SGD probe through the training loop with augmentation (the official MAE
+ImageNet recipe) is configs/linprobe_imagenet.py.
 Arguments: `runlocal` (a smoke run: one L2 strength, a few iterations; still needs init_from).
 """
 
@@ -30,5 +31,6 @@ def get_config(arg=None):
   c.probe.select_layer = True
   if args.get("runlocal"):
     config_defaults.apply_runlocal(c, keep_data=True)
+    c.data.eval_split = ""  # the probe chooses on the holdout: it scores the test split
     c.probe.update(l2_grid=(1e-3,), max_iter=20)
   return c

@@ -11,7 +11,7 @@ from mim_jax import data, recipes, registry
 from mim_jax.config import defaults as config_defaults
 from mim_jax.config.errors import ConfigError
 from mim_jax.data import idx, sources
-from mim_jax.evaluate import logistic
+from mim_jax.evaluate import frozen, logistic
 from mim_jax.training import loop as train
 
 from conftest import FMNIST_DIR, requires_fmnist, tiny_mae_config
@@ -149,6 +149,7 @@ def test_the_block_is_chosen_on_the_holdout_and_scored_as_a_fixed_block_would_be
     assert set(by_layer) == {"0", "1", "2"}
     assert by_layer[str(layer)] == max(by_layer.values())
     assert by_layer[str(layer)] == max(results[f"probe_holdout_top1_{pool}"].values())
+    assert set(results[f"probe_holdout_converged_{pool}"]) == {"0.01", "0.0001"}
     fixed = train.run(_probe_config(tiny_encoder, **{"classifier.probe_layer": layer}),
                       str(tmp_path / f"{pool}{layer}"))
     for key in ("probe_top1", "probe_l2", "knn_top1", "probe_holdout_top1"):
@@ -159,6 +160,32 @@ def test_the_block_is_chosen_on_the_holdout_and_scored_as_a_fixed_block_would_be
   with pytest.raises(ConfigError, match="probe.select_layer=True is not used.*pixels"):
     registry.validate_config(_probe_config("", **{"probe.select_layer": True,
                                                   "classifier.features": "pixels"}))
+
+
+def test_the_block_with_the_best_held_out_score_wins_ties_to_the_lowest_index():
+  def sel(*scores):
+    return logistic.Selection(l2=1e-3, scores=dict(zip((1e-2, 1e-3), scores)),
+                              converged={1e-2: True, 1e-3: True}, params={})
+  assert frozen.choose_layer({0: sel(0.80, 0.81), 1: sel(0.83, 0.79), 2: sel(0.82, 0.80)}) == 1
+  # A tie between blocks 3 and 5 (and the output below them) goes to block 3, listed or not
+  # in order.
+  assert frozen.choose_layer({5: sel(0.7, 0.9), 0: sel(0.8, 0.8), 3: sel(0.9, 0.1)}) == 3
+  assert frozen.choose_layer({6: sel(0.9, 0.9), 0: sel(0.9, 0.2)}) == 0
+
+
+def test_the_probe_refuses_to_score_its_holdout_and_features_beyond_memory(tiny_encoder,
+                                                                           tmp_path,
+                                                                           monkeypatch):
+  with pytest.raises(ConfigError, match="data.eval_split='holdout'.*method 'probe'"):
+    registry.validate_config(_probe_config(tiny_encoder, **{"data.eval_split": "holdout"}))
+  # 64 training + 64 test images x 3 blocks x 2 pools x 64 floats = 196,608 bytes.
+  monkeypatch.setattr(frozen.os, "sysconf", lambda name: {"SC_PAGE_SIZE": 1024,
+                                                           "SC_PHYS_PAGES": 200}[name])
+  with pytest.raises(ConfigError, match=r"128 images x 3 blocks x 2 pools .*select_layer=True.*"
+                     r"0\.0 GiB.*probe_layer=k"):
+    train.run(_probe_config(tiny_encoder, **{"probe.select_layer": True}), str(tmp_path / "a"))
+  assert not (tmp_path / "a" / "results.json").exists()
+  train.run(_probe_config(tiny_encoder), str(tmp_path / "b"))  # 2 pools: 65,536 bytes fit
 
 
 def test_a_low_label_probe_encodes_only_its_labelled_rows(tiny_encoder, tmp_path, monkeypatch):

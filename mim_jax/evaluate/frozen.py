@@ -39,6 +39,7 @@ from jax.experimental import multihost_utils
 
 from mim_jax import data, storage
 from mim_jax.config import validation as v
+from mim_jax.config.errors import ConfigError
 from mim_jax.data import sources
 from mim_jax.evaluate import classifier_base, knn, logistic
 from mim_jax.methods import base
@@ -265,6 +266,35 @@ def _refit(train, val, test, num_classes, chosen: logistic.Selection, fit_kwargs
   return logistic.accuracy(params, (test[0] - mean) * scale, test[1]), info
 
 
+def choose_layer(selections: dict[int, logistic.Selection]) -> int:
+  """The block whose best L2 strength scores highest on the held-out rows; ties go to the
+  lowest block index (0, the encoder output, first)."""
+  return max(selections, key=lambda k: (max(selections[k].scores.values()), -k))
+
+
+def check_feature_memory(config, extractor: FeatureExtractor, rows: int) -> None:
+  """Raises ConfigError before any encoding when the cached features of `rows` images (every
+  name of `extractor.pools`, float32, on every process after the gather) would not fit in
+  80% of this host's memory (e.g. probe.select_layer on ImageNet)."""
+  if extractor.pixels:
+    width = int(np.prod(config.image_size)) * config.channels
+  else:
+    width = size_from_config(config.model)[0].width
+  need = rows * len(extractor.pools) * width * 4
+  try:
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    return  # no way to know here
+  if need > 0.8 * have:
+    what = (f"{len(extractor.layers)} blocks x {len(ENCODER_POOLS)} pools (probe.select_layer"
+            "=True)" if len(extractor.pools) > 2 else f"{len(extractor.pools)} pool(s)")
+    raise ConfigError(
+        f"the probe caches {rows:,} images x {what} x {width} float32 features: "
+        f"{need / 2**30:.1f} GiB, more than 80% of this host's {have / 2**30:.1f} GiB. Use "
+        "data.label_fraction < 1, or probe.select_layer=False with classifier.probe_layer=k "
+        "(one block)")
+
+
 def run_probe(config, workdir: str) -> dict:
   """The probe job (method "probe"): k-NN and the converged logistic probe of every pool."""
   config = _start(config, workdir)
@@ -273,6 +303,9 @@ def run_probe(config, workdir: str) -> dict:
   ex = job_extractor(cfg)
   params = _encoder_params(cfg)
   rows, holdout = ex.training_rows()
+  test_rows = len(data.build_source(cfg.data, image_size=tuple(cfg.image_size),
+                                    channels=cfg.channels, split=data.eval_split(cfg.data)))
+  check_feature_memory(cfg, ex, len(rows) + len(holdout) + test_rows)
   train_feats, train_labels = ex.split(params, cfg.data.split, rows)
   hold_feats, hold_labels = ex.split(params, cfg.data.split, holdout)
   test_feats, test_labels = ex.split(params, data.eval_split(cfg.data))
@@ -294,9 +327,13 @@ def run_probe(config, workdir: str) -> dict:
         log.info("probe %s: block %d of %s", pool, k, list(blocks))
       selections[k] = _select((train_feats[name], train_labels), (hold_feats[name], hold_labels),
                               num_classes, grid, fit_kwargs)
-    # Ties go to the earlier block of the list (0, the encoder output, first).
-    layer = max(selections, key=lambda k: (max(selections[k].scores.values()), -k))
+    layer = choose_layer(selections)
     chosen, name = selections[layer], blocks[layer]
+    if not chosen.converged[chosen.l2]:
+      log.warning("%s: the chosen fit (block %d, L2 %g) stopped at probe.max_iter=%d before "
+                  "its gradient norm reached probe.tol: its held-out score, and so the choice, "
+                  "may move with a larger max_iter", pool, layer, chosen.l2,
+                  fit_kwargs["max_iter"])
     top1, info = _refit((train_feats[name], train_labels), (hold_feats[name], hold_labels),
                         (test_feats[name], test_labels), num_classes, chosen, fit_kwargs)
     bank = np.concatenate([train_feats[name], hold_feats[name]])
@@ -305,6 +342,8 @@ def run_probe(config, workdir: str) -> dict:
     metrics.update({f"knn_{k}_{pool}": v for k, v in acc.items()})
     metrics.update({f"probe_top1_{pool}": top1, f"probe_l2_{pool}": chosen.l2,
                     f"probe_holdout_top1_{pool}": {f"{k:g}": v for k, v in chosen.scores.items()},
+                    f"probe_holdout_converged_{pool}": {
+                        f"{k:g}": v for k, v in chosen.converged.items()},
                     f"probe_iterations_{pool}": info.iterations,
                     f"probe_converged_{pool}": info.converged})
     if len(blocks) > 1:
@@ -378,6 +417,10 @@ class ProbeJob(KnnJob):
     v.require(v.is_number(p.tol) and p.tol > 0, "probe.tol", p.tol, "a positive gradient norm")
     v.require(isinstance(p.select_layer, bool), "probe.select_layer", p.select_layer,
               "True (choose the block on data.holdout) or False (classifier.probe_layer)")
+    v.require(config.data.eval_split != "holdout", "data.eval_split", config.data.eval_split,
+              "the test split ('' or 'test') for method 'probe': it chooses its L2 strength "
+              "(and block) on the data.holdout rows and refits on them, so it cannot score "
+              "them")
     v.require(v.is_int(config.data.holdout) and config.data.holdout > 0, "data.holdout",
               config.data.holdout, "a positive number of training examples for method "
               "'probe', which chooses its L2 strength on them (e.g. 5000 of Fashion-MNIST's "

@@ -89,15 +89,21 @@ def fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float, *, max_iter: 
   """Fits W [D, C], b [C] on standardised features x [N, D] and labels y int [N].
 
   Starts from zeros, or from `init` ({"w", "b"} of the same shapes: a warm start, e.g. the
-  solution for a nearby L2 strength). With l2 > 0 the objective is strictly convex, so the
-  start changes the iterations taken, not the optimum the fit converges to. Stops when the
-  gradient's L2 norm falls below `tol` (converged) or after `max_iter` L-BFGS iterations.
-  Deterministic for the same inputs, start and device.
+  solution for a nearby L2 strength). With l2 > 0 the objective is strictly convex in W and
+  in b up to a shift of every class's bias by the same constant (which leaves the softmax
+  unchanged), so a fit that converges reaches the same predictions from any start; a fit
+  stopped at `max_iter` ends where its start led it. Stops when the gradient's L2 norm falls
+  below `tol` (converged) or after `max_iter` L-BFGS iterations. Deterministic for the same
+  inputs, start and device.
   """
+  shapes = {"w": (x.shape[1], num_classes), "b": (num_classes,)}
   if init is None:
-    init = {"w": np.zeros((x.shape[1], num_classes), np.float32),
-            "b": np.zeros((num_classes,), np.float32)}
-  init = {k: jnp.asarray(init[k], jnp.float32) for k in ("w", "b")}
+    init = {k: np.zeros(shape, np.float32) for k, shape in shapes.items()}
+  got = {k: tuple(np.shape(init[k])) for k in shapes}
+  if got != shapes:
+    raise ValueError(f"init has shapes {got}; features [{x.shape[1]}] and {num_classes} "
+                     f"classes need {shapes}")
+  init = {k: jnp.asarray(init[k], jnp.float32) for k in shapes}
   params, iterations, grad_norm, loss = _fit(
       init, jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32), jnp.float32(l2),
       jnp.float32(tol), max_iter=int(max_iter))
@@ -115,10 +121,11 @@ def accuracy(params: dict, x: np.ndarray, y: np.ndarray) -> float:
 @dataclasses.dataclass(frozen=True)
 class Selection:
   """What `select_l2` chose: the `l2` strength, the validation accuracy of every strength
-  (`scores`) and the parameters fitted with the chosen one (`params`, a warm start for a
-  refit)."""
+  (`scores`), whether each strength's fit converged (`converged`) and the parameters fitted
+  with the chosen one (`params`, a warm start for a refit)."""
   l2: float
   scores: dict[float, float]
+  converged: dict[float, bool]
   params: dict
 
 
@@ -130,18 +137,19 @@ def select_l2(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray
 
   x and x_val must be standardised with x's statistics. The strengths are fitted from the
   strongest to the weakest, each fit starting from the previous solution (a regularisation
-  path, as glmnet walks it): the optima are those of fits from zeros, reached in fewer
+  path, as glmnet walks it): fits that converge reach the optima of fits from zeros, in fewer
   iterations.
   """
-  scores, fitted, init = {}, {}, None
+  scores, converged, fitted, init = {}, {}, {}, None
   for l2 in sorted(grid, reverse=True):
     start = time.perf_counter()
     params, info = fit(x, y, num_classes, l2, init=init, **fit_kwargs)
     scores[float(l2)], fitted[float(l2)], init = accuracy(params, x_val, y_val), params, params
+    converged[float(l2)] = info.converged
     # One line per fit: a probe over a grid on 60,000 examples takes minutes on a CPU.
     log.info("probe L2 %g: held-out top-1 %.4f, %d L-BFGS iterations (%s, |grad| %.2e), %.0f s",
              l2, scores[float(l2)], info.iterations,
              "converged" if info.converged else "stopped at max_iter", info.grad_norm,
              time.perf_counter() - start)
   best = max(scores, key=lambda l2: (scores[l2], l2))
-  return Selection(l2=best, scores=scores, params=fitted[best])
+  return Selection(l2=best, scores=scores, converged=converged, params=fitted[best])
