@@ -347,16 +347,14 @@ def run_probe(config, workdir: str) -> dict:
                     f"probe_iterations_{pool}": info.iterations,
                     f"probe_converged_{pool}": info.converged})
     if len(blocks) > 1:
+      by_layer = {str(k): max(sel.scores.values()) for k, sel in selections.items()}
       metrics[f"probe_layer_{pool}"] = layer
-      metrics[f"probe_holdout_by_layer_{pool}"] = {
-          str(k): max(sel.scores.values()) for k, sel in selections.items()}
-    log.info("%s%s: k-NN %.4f, probe %.4f (L2 %g chosen on %d held-out examples: %s; final fit "
-             "%d L-BFGS iterations, |grad| %.2e)", pool,
-             f" block {layer} (held-out best per block: " + ", ".join(
-                 f"{k} {max(sel.scores.values()):.4f}" for k, sel in selections.items()) + ")"
-             if len(blocks) > 1 else "", acc["top1"], top1, chosen.l2, len(hold_labels),
-             ", ".join(f"{k:g} {v:.4f}" for k, v in chosen.scores.items()), info.iterations,
-             info.grad_norm)
+      metrics[f"probe_holdout_by_layer_{pool}"] = by_layer
+      log.info("%s: block %d chosen (held-out best per block: %s)", pool, layer, by_layer)
+    log.info("%s: k-NN %.4f, probe %.4f (L2 %g chosen on %d held-out examples: %s; final fit "
+             "%d L-BFGS iterations, |grad| %.2e)", pool, acc["top1"], top1, chosen.l2,
+             len(hold_labels), ", ".join(f"{k:g} {v:.4f}" for k, v in chosen.scores.items()),
+             info.iterations, info.grad_norm)
   metrics["seconds"] = time.perf_counter() - start
   metrics["num_train"], metrics["num_holdout"] = len(all_labels), len(hold_labels)
   return _finish(cfg, workdir, metrics)
