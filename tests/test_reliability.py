@@ -305,7 +305,7 @@ def test_nan_batches_are_skipped_counted_then_stop_the_run(tmp_path, monkeypatch
   workdir = tmp_path / "w"
   config = tiny_mae_config(total_steps=10, checkpoint_every=2, keep_checkpoints=10,
                            max_consecutive_nonfinite=3)
-  with pytest.raises(run_errors.NonFiniteError, match=r"step 7: .*NaN/Inf for the last 3 steps"):
+  with pytest.raises(run_errors.NonFiniteError, match=r"step 7: .*NaN/Inf for .*=3 steps in a row; the updates of the last 3 "):
     train.run(config, str(workdir))
   rows = {row["step"]: row for row in metric_writers.read_metrics(str(workdir))}
   assert rows[2]["nonfinite"] == 1 and rows[2]["loss"] is None  # NaN is logged as null
@@ -319,6 +319,22 @@ def test_nan_batches_are_skipped_counted_then_stop_the_run(tmp_path, monkeypatch
     assert all(np.isfinite(p).all() for p in _saved_params(workdir, step))
   for a, b in zip(_saved_params(workdir, 4), _saved_params(workdir, 6), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_streak_between_two_logging_steps_still_stops_the_run(tmp_path, monkeypatch):
+  """The loop reads the streak every log_every steps: steps 2-3 reach the limit of 2 and step
+  4 would reset it, but the reached streak holds (steps 4 and 5 are skipped although finite),
+  so the run stops at the logging step 5 with the parameters of step 1."""
+  _poison_steps(monkeypatch, {2, 3})
+  workdir = tmp_path / "w"
+  config = tiny_mae_config(total_steps=10, log_every=5, checkpoint_every=100,
+                           max_consecutive_nonfinite=2)
+  with pytest.raises(run_errors.NonFiniteError, match=r"step 5: .*the updates of the last 4 "
+                     r"steps were skipped, so the parameters are those of step 1"):
+    train.run(config, str(workdir))
+  rows = {row["step"]: row for row in metric_writers.read_metrics(str(workdir))}
+  assert rows[5]["nonfinite_streak"] == 4 and rows[5]["skipped_updates"] == 4
+  assert rows[5]["nonfinite"] == 1 and np.isfinite(rows[5]["loss"])  # finite, yet skipped
 
 
 def test_run_errors_map_to_exit_codes(monkeypatch, tmp_path, capsys):
@@ -679,3 +695,35 @@ def test_data_workers_exit_when_the_trainer_is_killed(tmp_path):
   while any(map(_alive, workers)) and time.time() < deadline:
     time.sleep(0.1)
   assert not any(map(_alive, workers)), [w for w in workers if _alive(w)]
+
+
+def test_resume_refuses_a_config_that_would_train_something_else(tmp_path):
+  """A workdir with checkpoints resumes the run that wrote them: another init_from, lr or
+  seed would be silently ignored (the checkpoint's weights win) or change the run halfway, so
+  it is refused before anything is restored; where it stops, logging and the machine's
+  settings may change."""
+  from mim_jax.training import resume_check
+  workdir = str(tmp_path / "run")
+  train.run(tiny_mae_config(total_steps=2, checkpoint_every=2), workdir)
+  saved = (tmp_path / "run" / "config.json").read_text()
+  steps = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
+
+  with pytest.raises(ConfigError) as err:
+    train.run(tiny_mae_config(total_steps=3, seed=7, **{"optimizer.base_lr": 0.5}), workdir)
+  message = str(err.value)
+  assert "config.seed: 0 in this run, 7 now" in message
+  assert "config.optimizer.base_lr" in message and "total_steps" not in message
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == steps  # none written
+  assert (tmp_path / "run" / "config.json").read_text() == saved  # nothing rewritten
+
+  # Stopping later, logging and checkpoint cadence may change: it resumes.
+  state = train.run(tiny_mae_config(total_steps=3, log_every=1, checkpoint_every=3), workdir)
+  assert int(state.step) == 3
+
+  # The comparison itself: nested fields, the changeable ones and fields only one side has.
+  saved_cfg = {"init_from": "/a", "data": {"path": "/x", "holdout": 0}, "old_field": 1,
+               "model": {"remat": False, "dtype": "float32"}}
+  new_cfg = {"init_from": "/b", "data": {"path": "/y", "holdout": 5000}, "new_field": 2,
+             "model": {"remat": True, "dtype": "float32"}}
+  assert resume_check.changed_fields(saved_cfg, new_cfg) == [
+      ("data.holdout", 0, 5000), ("init_from", "/a", "/b")]

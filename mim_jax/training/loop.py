@@ -30,6 +30,7 @@ from mim_jax.training import (
   metrics_rewind,
   parallel,
   preemption,
+  resume_check,
   run_errors,
   setup,
 )
@@ -93,7 +94,7 @@ def train(config, workdir: str) -> step_lib.TrainState:
   writer = None
   host_batch = batch = None
   try:
-    state, start_step = _restore_or_init(config, r, ckpt, train_iter, init_rng)
+    state, start_step = _restore_or_init(config, workdir, r, ckpt, train_iter, init_rng)
     train_step = r.jit_step()
 
     if is_chief:
@@ -212,16 +213,19 @@ def train(config, workdir: str) -> step_lib.TrainState:
   return state
 
 
-def _restore_or_init(config, r: setup.Run, ckpt: checkpoint.Checkpointer, train_iter,
-                     init_rng: jax.Array) -> tuple[step_lib.TrainState, int]:
+def _restore_or_init(config, workdir: str, r: setup.Run, ckpt: checkpoint.Checkpointer,
+                     train_iter, init_rng: jax.Array) -> tuple[step_lib.TrainState, int]:
   """(state, start step): the latest complete checkpoint, else a fresh (or pre-trained) state.
 
   Orbax lists only committed step directories, so a checkpoint cut short by a crash is never
-  chosen; its temporary directory was deleted when `ckpt` opened the folder.
+  chosen; its temporary directory was deleted when `ckpt` opened the folder. A config that
+  differs from the run's own in a field that cannot change on resume is refused first
+  (resume_check).
   """
   abstract_state, method = r.abstract_state, r.method
   start_step = ckpt.latest_step()
   if start_step is not None:
+    resume_check.check_same_run(workdir, config)
     if ckpt.has_iterator_state(start_step):
       data.check_saved_position(ckpt.iterator_position(start_step),
                                 resident=config.data.get("device_resident", False))
@@ -258,10 +262,10 @@ def _check_nonfinite(streak: int, skipped: int, step: int, config,
                 "were skipped (%d skipped in total)", step, streak, skipped)
   if streak >= config.max_consecutive_nonfinite:
     raise run_errors.NonFiniteError(
-        f"training stopped at step {step}: the loss or gradients were NaN/Inf for the last "
-        f"{streak} steps in a row (config.max_consecutive_nonfinite="
-        f"{config.max_consecutive_nonfinite}); their updates were skipped, so the parameters "
-        f"are those of step {step - streak}. The latest checkpoint ({ckpt.latest_step()}) "
+        f"training stopped at step {step}: the loss or gradients were NaN/Inf for "
+        f"config.max_consecutive_nonfinite={config.max_consecutive_nonfinite} steps in a row; "
+        f"the updates of the last {streak} steps were skipped, so the parameters are those of "
+        f"step {step - streak}. The latest checkpoint ({ckpt.latest_step()}) "
         "is intact. Lower optimizer.base_lr, set optimizer.clip_grad_norm, use "
         "model.dtype='float32', or check the input data, then resume with the same command.")
 

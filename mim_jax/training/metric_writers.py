@@ -106,6 +106,12 @@ def _summary_writer_class():
   return SummaryWriter
 
 
+
+def config_text(config: Mapping[str, Any]) -> str:
+  """The text of a run's config.json: plain JSON (tuples as lists, numpy values as numbers)."""
+  return json.dumps(_plain(config), indent=2, sort_keys=True, allow_nan=False)
+
+
 class MetricWriter:
   """Appends metrics to `workdir/metrics.jsonl` and TensorBoard; a no-op when not enabled.
 
@@ -153,7 +159,7 @@ class MetricWriter:
     """Writes `workdir/config.json` (pretty, nested dicts kept) and a TensorBoard text summary."""
     if not self.enabled:
       return
-    text = json.dumps(_plain(config), indent=2, sort_keys=True, allow_nan=False)
+    text = config_text(config)
     storage.write_text(os.path.join(self.workdir, CONFIG_FILE), text + "\n")
     if self._tb is not None:
       # Indented by 4 spaces: TensorBoard renders text summaries as markdown code blocks.

@@ -82,14 +82,16 @@ class Run:
       axes = parallel.batch_axes(self.mesh)
       fn = step.make_train_step(self.method, self.tx, self.schedule,
                                 self.config.grad_accum_steps, axis_name=axes,
-                                norms_every=self.config.log_every, last_step=self.last_step)
+                                norms_every=self.config.log_every, last_step=self.last_step,
+                                stop_streak=self.config.max_consecutive_nonfinite)
       state_spec = jax.tree.map(lambda _: P(), self.abstract_state)
       fn = jax.shard_map(fn, mesh=self.mesh, in_specs=(state_spec, P(axes), P()),
                          out_specs=(state_spec, P()))
     else:
       fn = parallel.with_activation_mesh(self.mesh, step.make_train_step(
           self.method, self.tx, self.schedule, self.config.grad_accum_steps,
-          norms_every=self.config.log_every, last_step=self.last_step))
+          norms_every=self.config.log_every, last_step=self.last_step,
+          stop_streak=self.config.max_consecutive_nonfinite))
     if self.config.data.get("augment_on", "host") == "device":
       fn = _augmenting(fn, self.config)
     return compiler_options.jit(

@@ -74,7 +74,8 @@ def _to_varying(x: jax.Array, axis_name) -> jax.Array:
 
 def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     grad_accum_steps: int = 1, axis_name=None, norms_every: int = 1,
-                    last_step: Optional[int] = None) -> Callable:
+                    last_step: Optional[int] = None,
+                    stop_streak: Optional[int] = None) -> Callable:
   """Returns the pure step `(state, batch, rng) -> (state, metrics)`.
 
   Without `axis_name` the step is global: jit it with the batch sharded over a mesh and XLA
@@ -93,6 +94,10 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
   A step whose loss or gradients hold a NaN or Inf changes nothing but the counters: params,
   optimizer state and `extra` keep their values (one select per leaf, fused into the update),
   `skipped_updates` and `nonfinite_streak` grow by one; a finite step resets the streak.
+  With `stop_streak` (the loop's `max_consecutive_nonfinite`) a streak that reaches it holds:
+  every later step is skipped too, finite or not, so that a loop which reads the streak only at
+  its logging steps still sees a streak that ended between two of them, and stops there with
+  the parameters of the step before the streak.
   A method's `after_update(params, extra, step)` hook (EMA teachers) runs after the update. The
   step count advances either way, so the data and randomness of later steps do not shift.
   Metrics are scalars: the method's (loss, ...), learning_rate, grad/param/update norms,
@@ -157,11 +162,14 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
     grad_norm = _global_norm(grads)
     # One NaN/Inf anywhere in the gradients makes their norm non-finite.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    apply = finite
+    if stop_streak is not None:
+      apply &= state.nonfinite_streak < stop_streak
     params, opt_state, extra = jax.tree.map(
-        lambda new, old: jnp.where(finite, new, old),
+        lambda new, old: jnp.where(apply, new, old),
         (params, opt_state, extra), (state.params, state.opt_state, state.extra))
-    skipped = (~finite).astype(jnp.int32)
-    streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+    skipped = (~apply).astype(jnp.int32)
+    streak = jnp.where(apply, 0, state.nonfinite_streak + 1)
     # Parameter and update norms are only read where they are logged: computed there alone.
     logged = (state.step + 1) % norms_every == 0
     if last_step is not None:

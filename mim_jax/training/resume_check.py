@@ -1,0 +1,90 @@
+"""Refuses to resume a run under a config that would train something else.
+
+A workdir with checkpoints is resumed, not started: its weights, optimizer state and data
+position come from the checkpoint, and `init_from`, the schedule, the model and the method's
+settings were fixed when the run started. Resuming it with another value for one of those
+would silently keep the old one (e.g. a probe rerun with another `init_from` scores the first
+encoder again, and results.json would name the second), or would change the run halfway
+(another lr or number of epochs). So the config is compared with the `config.json` the run
+wrote at step 0, and a difference in any field outside `CHANGEABLE_ON_RESUME` is an error
+before anything is restored.
+
+Fields missing on either side are not compared: a field added by a newer mim_jax has its
+default, which is what the run used before the field existed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from mim_jax import storage
+from mim_jax.config.errors import ConfigError
+from mim_jax.training import metric_writers
+
+# Fields that may differ when a run is resumed: they decide where and how the same training
+# runs (machine, devices, memory, logging, checkpoint cadence, where it stops, what is
+# monitored on the side), not what it computes. Dotted prefixes: "data.path" covers it alone.
+CHANGEABLE_ON_RESUME = (
+    # Where to stop: the schedule comes from num_epochs; total_steps only ends it earlier.
+    "total_steps",
+    # Machine and memory: the same global batch, the same maths.
+    "mesh", "sharding_rules", "parallel.step", "grad_accum_steps", "compiler_options",
+    "model.remat", "model.attention_impl",
+    # Files that move with the machine, and how the host reads them.
+    "data.path", "data.eval_path", "data.tfds_data_dir", "data.num_workers",
+    "data.prefetch_buffer_size",
+    # Logging, pictures, checkpoints, failure limits.
+    "log_every", "viz_every", "viz_num_images", "viz_channels", "checkpoint_every",
+    "keep_checkpoints", "max_consecutive_nonfinite", "max_consecutive_failed_saves",
+    "export_encoder",
+    # Evaluations on the side, which never feed back into training.
+    "eval.every_epochs", "eval.batch_size", "knn.every_epochs", "knn.k", "knn.temperature",
+)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  """{"data.path": ..., "seed": ...}: the leaves of nested dicts by dotted path."""
+  out: dict[str, Any] = {}
+  for key, value in tree.items():
+    path = f"{prefix}.{key}" if prefix else key
+    if isinstance(value, dict):
+      out.update(_flatten(value, path))
+    else:
+      out[path] = value
+  return out
+
+
+def _changeable(key: str) -> bool:
+  return any(key == field or key.startswith(field + ".") for field in CHANGEABLE_ON_RESUME)
+
+
+def changed_fields(saved: dict, config: dict) -> list[tuple[str, Any, Any]]:
+  """(field, saved value, new value) for every compared field that differs, sorted by field.
+
+  Both are plain JSON-like dicts (config.json's, and the config as `write_hparams` writes it).
+  """
+  old, new = _flatten(saved), _flatten(config)
+  return sorted((key, old[key], new[key]) for key in old.keys() & new.keys()
+                if old[key] != new[key] and not _changeable(key))
+
+
+def check_same_run(workdir: str, config) -> None:
+  """Raises ConfigError if `config` differs from the run's saved config.json in a field that
+  cannot change on resume. Call it only when `workdir` holds a checkpoint to resume."""
+  path = os.path.join(workdir, metric_writers.CONFIG_FILE)
+  if not storage.exists(path):
+    return  # written at step 0 before any checkpoint; absent only for foreign workdirs
+  saved = json.loads(storage.read_text(path))
+  current = json.loads(metric_writers.config_text(config.to_dict()))
+  changes = changed_fields(saved, current)
+  if not changes:
+    return
+  lines = "\n".join(f"  config.{key}: {old!r} in this run, {new!r} now"
+                    for key, old, new in changes)
+  raise ConfigError(
+      f"{workdir} holds a run to resume, started with other settings:\n{lines}\n"
+      "Resuming keeps the run's weights, optimizer state and schedule, so these values would be "
+      "ignored or change the run halfway. Run the command that started it to resume it, or "
+      "give the new settings another --workdir.")
