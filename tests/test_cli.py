@@ -43,6 +43,19 @@ from conftest import REPO, tiny_mae_config
     ({"viz_every": -1}, r"config.viz_every=-1"),
     # multistep without epochs would be a constant lr that ignores decay_factor.
     ({"optimizer.schedule": "multistep"}, r"config.optimizer.decay_epochs=\(\) is invalid"),
+    # A repeated epoch would merge into one decay (the schedule keys decays by step).
+    ({"optimizer.schedule": "multistep", "optimizer.decay_epochs": (1.0, 1.0)},
+     r"config.optimizer.decay_epochs=\(1.0, 1.0\) is invalid: one or more strictly increasing"),
+    # An axis nothing splits over: every device would compute the whole global batch.
+    ({"mesh": (("dp", -1),)}, r"config.mesh=\(\('dp', -1\),\) is invalid: mesh axes named "
+     r"'data' or 'fsdp'.*nothing splits over axis 'dp'"),
+    ({"mesh": (("data", 2), ("model", -1))}, r"config.mesh=.* nothing splits over axis 'model'"),
+    # Synthetic labels are index % 10: a smaller head would get empty one-hot targets.
+    ({"method": "finetune", "classifier.num_classes": 5},
+     r"config.classifier.num_classes=5 is invalid: 0 \(the dataset's class count\) or at "
+     r"least the 10 classes of data.source='synthetic'"),
+    ({"method": "linprobe", "init_from": "random", "classifier.num_classes": 9},
+     r"config.classifier.num_classes=9 is invalid"),
 ])
 def test_invalid_config_names_field_value_and_allowed(overrides, match):
   with pytest.raises(ConfigError, match=match):
@@ -72,6 +85,14 @@ def test_invalid_config_names_field_value_and_allowed(overrides, match):
                   "classifier.mixup_prob": 0.5}, r"mixup_prob=0.5 is not used: Mixup and CutMix"),
     ("finetune", {"classifier.mixup_alpha": 0.8, "classifier.mixup_switch_prob": 0.2},
      r"mixup_switch_prob=0.2 is not used: it chooses between Mixup and CutMix"),
+    # mixup_prob=0 skips Mixup and CutMix whatever their settings (evaluate/mixup.py).
+    ("finetune", {"classifier.mixup_prob": 0.0, "classifier.mixup_alpha": 0.8},
+     r"mixup_alpha=0.8 is not used: Mixup and CutMix are never applied "
+     r"\(classifier.mixup_prob=0\)"),
+    ("finetune", {"classifier.mixup_prob": 0.0, "classifier.cutmix_alpha": 1.0},
+     r"cutmix_alpha=1.0 is not used: Mixup and CutMix are never applied"),
+    ("finetune", {"data.source": "synthetic", "data.eval_split": "test"},
+     r"data.eval_split='test' is not used: data.source='synthetic' has the same images"),
     ("linprobe", {"classifier.features": "pixels", "classifier.pool": "gap"},
      r"classifier.pool='gap' is not used: classifier.features='pixels' runs no encoder"),
     ("ibot", {"channels": 1, "multicrop.grayscale_prob": 0.5},
@@ -106,6 +127,8 @@ def test_fields_a_method_would_not_read_are_refused(method, overrides, match):
              "classifier.mixup_prob": {"classifier.mixup_alpha": 0.8},
              "classifier.mixup_switch_prob": {"classifier.mixup_alpha": 0.8,
                                               "classifier.cutmix_alpha": 1.0},
+             "classifier.mixup_alpha": {"classifier.mixup_prob": 1.0},
+             "classifier.cutmix_alpha": {"classifier.mixup_prob": 1.0},
              "classifier.pool": {"classifier.features": "encoder"},
              "multicrop.grayscale_prob": {"channels": 3},
              "multicrop.local_size": {"multicrop.num_local": 2},
@@ -136,6 +159,104 @@ def test_command_line_checks_its_overrides_against_the_config_file():
   with pytest.raises(ConfigError, match=r"local_size=\(8, 8\) is not used: there are no local "
                      r"views .* Leave it at its config file's value \(\(12, 12\)\)"):
     registry.validate_config(final, file_config=file_config)
+
+
+def test_synthetic_eval_split_may_only_name_the_holdout():
+  """data.source='synthetic' has one set of images for every split; only 'holdout' (training
+  examples held out by data.holdout) reads other ones, so it stays allowed."""
+  c = tiny_mae_config(method="finetune", **{"data.holdout": 16, "data.eval_split": "holdout"})
+  registry.validate_config(c)
+  c.data.eval_split = "validation"
+  with pytest.raises(ConfigError, match=r"data.eval_split='validation' is not used"):
+    registry.validate_config(c)
+
+
+def test_mesh_axis_a_sharding_rule_names_is_allowed():
+  """An axis besides data / fsdp is fine when a sharding rule shards over it."""
+  from mim_jax.training import parallel
+  parallel.check_mesh_axes((("data", 2), ("model", -1)), ((".*kernel", (None, "model")),))
+  parallel.check_mesh_axes((("tp", -1),), ((".*", "largest:tp:16"),))
+  with pytest.raises(ConfigError, match=r"nothing splits over axis 'model'"):
+    parallel.check_mesh_axes((("data", 2), ("model", -1)), ((".*", "largest:fsdp"),))
+
+
+def test_command_line_mixup_prob_0_refuses_only_what_it_changes():
+  """Against the config file: switching Mixup / CutMix off (mixup_prob=0) over a recipe that
+  configures them is fine, an override of a setting that then does nothing is refused."""
+  from mim_jax import main
+  path = f"{REPO}/configs/finetune_fmnist.py"
+  file_config = main._load_config_file(path)
+  registry.check_unread_fields(file_config)
+  rules = registry.method_class("finetune").unread_rules()
+  final = main._load_config_file(path)
+  final.classifier.update(mixup_prob=0.0, label_smoothing=0.2)
+  validation.check_unread(final, file_config, rules, reference="config file's value")
+  final.classifier.mixup_switch_prob = 0.2
+  with pytest.raises(ConfigError, match=r"mixup_switch_prob=0.2 is not used: Mixup and CutMix "
+                     r"are never applied .* Leave it at its config file's value \(0.5\)"):
+    validation.check_unread(final, file_config, rules, reference="config file's value")
+
+
+# ------------------------------------------------- checks that need the dataset's size or labels
+
+def _fmnist_mae_config():
+  from mim_jax import main
+  return main._load_config_file(f"{REPO}/configs/mae_fmnist.py")
+
+
+def test_total_steps_past_the_schedule_is_refused_with_the_num_epochs_that_fits():
+  """total_steps only stops a run early: past the schedule (Fashion-MNIST MAE: 3 epochs of
+  60,000 // 256 = 234 steps) the last steps would train at min_lr."""
+  from mim_jax.training import setup
+  config = _fmnist_mae_config()
+  assert setup.schedule_lengths(config, 60_000) == (234, 702, 702)
+  config.total_steps = 702
+  assert setup.schedule_lengths(config, 60_000) == (234, 702, 702)
+  config.total_steps = 100
+  assert setup.schedule_lengths(config, 60_000) == (234, 702, 100)
+  config.total_steps = 1000
+  with pytest.raises(ConfigError, match=r"config.total_steps=1000 is invalid: -1 \(the whole "
+                     r"schedule\) or at most the schedule's 702 steps \(num_epochs=3 x 234 "
+                     r"steps per epoch.* --config.num_epochs=5 gives 1170 steps"):
+    setup.schedule_lengths(config, 60_000)
+
+
+def test_decay_epochs_on_one_step_are_refused():
+  """Distinct epochs that round to one step would merge into one decay (optim keys them by
+  step): 8 steps per epoch put epochs 1.0 and 1.05 both at step 8."""
+  from mim_jax.training import optim
+  config = tiny_mae_config(**{"optimizer.schedule": "multistep",
+                              "optimizer.decay_epochs": (1.0, 1.05)})
+  registry.validate_config(config)  # the epochs alone are fine: the steps need the data size
+  with pytest.raises(ConfigError, match=r"config.optimizer.decay_epochs=\(1.0, 1.05\) is "
+                     r"invalid: epochs on distinct steps; with 8 steps per epoch they fall on "
+                     r"steps \[8, 8\]"):
+    optim.learning_rate_schedule(config.optimizer, 8, 8, 16)
+  schedule = optim.learning_rate_schedule(config.optimizer, 8, 80, 160)  # steps 80 and 84
+  # Two decays: one at step 80, the other at step 84.
+  assert float(schedule(90)) == pytest.approx(float(schedule(82)) * 0.1, rel=1e-5)
+
+
+def test_num_classes_below_an_image_folders_classes_is_refused_before_training(tmp_path):
+  """An image folder counts its classes only by listing them: setup_run refuses a smaller
+  classifier.num_classes once it has listed the training folder, before building anything."""
+  from PIL import Image
+
+  from mim_jax.training import setup
+  for name in ("a", "b", "c"):
+    (tmp_path / name).mkdir()
+    for i in range(4):
+      Image.new("RGB", (16, 16), (i, 0, 0)).save(tmp_path / name / f"{i}.png")
+  config = tiny_mae_config(method="finetune", global_batch_size=4, **{
+      "data.source": "image_folder", "data.path": str(tmp_path), "classifier.num_classes": 2})
+  registry.validate_config(config)  # the class count needs the listing
+  with pytest.raises(ConfigError, match=r"config.classifier.num_classes=2 is invalid: 0 \(the "
+                     r"dataset's class count\) or at least the 3 classes of "
+                     r"data.source='image_folder'"):
+    setup.setup_run(config)
+  for fine in (0, 3, 5):  # the dataset's count, exactly it, or more
+    config.classifier.num_classes = fine
+    setup.check_num_classes(config)
 
 
 def test_batch_must_split_over_devices_and_accumulation():
@@ -229,6 +350,10 @@ MALFORMED = [
     (["--config.masking.mask_patch_size=32"], "config.masking.mask_patch_size=32"),
     (["--config.image_size=(40,40)"], "config.image_size=(40, 40)"),
     (["--config.data.synthetic_size=4"], "config.global_batch_size=8"),
+    # 64 synthetic images // batch 8 x num_epochs 1: an 8-step schedule.
+    (["--config.total_steps=9"], "config.total_steps=9 is invalid: -1 (the whole schedule) or "
+                                 "at most the schedule's 8 steps"),
+    (["--config.mesh=(('batch',-1),)"], "nothing splits over axis 'batch'"),
     (["--config.optimizer.schedule=multistep", "--config.optimizer.decay_epochs=(5.0,)"],
      "config.optimizer.decay_epochs"),
     (["--config.data.mean=(0.5,0.5)"], "config.data.mean"),

@@ -193,7 +193,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
   workdir = tmp_path / "run"
   env = _one_device_per_process_env(PYTHONUNBUFFERED="1")
   port = _free_port()
-  args = [RUNLOCAL, f"--workdir={workdir}", "--config.total_steps=100000",
+  args = [RUNLOCAL, f"--workdir={workdir}", "--config.num_epochs=100000",
           "--config.checkpoint_every=1000", "--config.log_every=1", "--config.viz_every=0",
           f"--coordinator_address=localhost:{port}", "--num_processes=2"]
   logs = [tmp_path / f"process_{i}.log" for i in range(2)]
@@ -683,7 +683,7 @@ def test_data_workers_exit_when_the_trainer_is_killed(tmp_path):
   within a few seconds instead of lingering with their memory."""
   workdir = tmp_path / "run"
   proc = _start([RUNLOCAL, f"--workdir={workdir}", "--config.data.num_workers=2",
-                 "--config.total_steps=100000", "--config.log_every=1",
+                 "--config.num_epochs=100000", "--config.log_every=1",
                  "--config.checkpoint_every=100000"], tmp_path / "log.txt")
   try:
     _wait_for(lambda: len(_logged_steps(workdir)) >= 2, proc)

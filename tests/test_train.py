@@ -181,7 +181,9 @@ def test_sigterm_saves_and_exits_75_then_resume_finishes(tmp_path):
          f"--workdir={workdir}", "--config.total_steps=100000", "--config.checkpoint_every=1000",
          "--config.viz_every=0", "--config.log_every=1", "--config.data.num_workers=1",
          "--config.data.holdout=16", "--config.data.eval_split=holdout",
-         "--config.knn.every_epochs=1000"]
+         "--config.knn.every_epochs=1000",
+         # A schedule that outlasts the test: total_steps may only stop a run early.
+         "--config.num_epochs=100000"]
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, start_new_session=True)

@@ -27,7 +27,7 @@ from mim_jax.config.checks import get, is_int, is_number, pair, positive_int, re
 from mim_jax.config.errors import ConfigError, config_error
 from mim_jax.models.vit import MLP_ACTS, REL_POS_BIAS, parse_variant, size_from_config
 from mim_jax.objectives.masking import ATTENTION_ORDERS, MASK_KINDS, num_visible
-from mim_jax.training import compiler_options
+from mim_jax.training import compiler_options, parallel
 from mim_jax.weights import continuation, pretrained
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -103,7 +103,8 @@ def validate_optimization(config) -> None:
   require(is_number(config.num_epochs) and config.num_epochs > 0, "num_epochs",
           config.num_epochs, "a positive number")
   require(is_int(config.total_steps) and (config.total_steps == -1 or config.total_steps > 0),
-          "total_steps", config.total_steps, "-1 (the whole schedule) or a positive integer")
+          "total_steps", config.total_steps, "-1 (the whole schedule) or a positive integer "
+          "(the step to stop at: at most the schedule's length, which num_epochs sets)")
   opt = config.optimizer
   require(opt.name in OPTIMIZERS, "optimizer.name", opt.name, f"one of {OPTIMIZERS}")
   require(is_number(opt.momentum) and 0 <= opt.momentum < 1, "optimizer.momentum",
@@ -138,11 +139,15 @@ def validate_optimization(config) -> None:
   if opt.schedule == "multistep":
     epochs = tuple(opt.decay_epochs)
     # Empty would be a constant lr that ignores decay_factor: say 'cosine' or give epochs.
+    # Strictly increasing: the schedule keys its decays by step, so a repeated epoch would
+    # merge into one decay (optim.learning_rate_schedule also refuses epochs on one step).
     require(epochs and all(is_number(e) and opt.warmup_epochs <= e <= config.num_epochs
                            for e in epochs)
-            and list(epochs) == sorted(epochs), "optimizer.decay_epochs", epochs,
-            f"one or more increasing epochs between warmup_epochs={opt.warmup_epochs} and "
-            f"num_epochs={config.num_epochs} (schedule='multistep' decays the lr there)")
+            and all(a < b for a, b in zip(epochs, epochs[1:])), "optimizer.decay_epochs",
+            epochs, f"one or more strictly increasing epochs (no repeats) between "
+            f"warmup_epochs={opt.warmup_epochs} and num_epochs={config.num_epochs} "
+            "(schedule='multistep' decays the lr there, by decay_factor at each)",
+            "For a larger drop at one epoch give it once with a smaller decay_factor.")
     require(is_number(opt.decay_factor) and 0 < opt.decay_factor <= 1,
             "optimizer.decay_factor", opt.decay_factor, "a number in (0, 1]")
   require(is_number(opt.clip_grad_norm) and opt.clip_grad_norm >= 0, "optimizer.clip_grad_norm",
@@ -152,6 +157,7 @@ def validate_optimization(config) -> None:
     positive_int(config, name)
   require(config.parallel.step in PARALLEL_STEPS, "parallel.step", config.parallel.step,
           f"one of {PARALLEL_STEPS}")
+  parallel.check_mesh_axes(config.mesh, config.sharding_rules)
   if config.parallel.step == "shard_map":
     rules = tuple(tuple(r) for r in config.sharding_rules)
     require(all(not tuple(spec) for _, spec in rules), "sharding_rules", rules,
@@ -289,6 +295,8 @@ def validate_classifier(config) -> None:
     pretrained.encoder_directory(config.init_from)  # raises a ConfigError naming init_from
   require(is_int(c.num_classes) and c.num_classes >= 0, "classifier.num_classes",
           c.num_classes, "an integer >= 0 (0: the dataset's class count)")
+  if config.data.source in CONSTANT_CLASS_SOURCES:
+    check_num_classes(config, data.num_classes(config.data))
   if "pool" in c:
     require(c.pool in POOLS, "classifier.pool", c.pool, f"one of {POOLS}")
   if "probe_layer" in c:
@@ -299,6 +307,25 @@ def validate_classifier(config) -> None:
     require(is_number(c.head_init_std) and c.head_init_std > 0, "classifier.head_init_std",
             c.head_init_std, "a positive number")
   positive_int(config, "eval.batch_size")
+
+
+# Sources whose class count is a constant (data/sources.py): checked here. The others know
+# theirs only from their files (class folders, labels, TFDS info), counted where training
+# builds its source (training/setup.py: setup_run).
+CONSTANT_CLASS_SOURCES = ("fashion_mnist", "synthetic")
+
+
+def check_num_classes(config, dataset_classes: int) -> None:
+  """classifier.num_classes, when set (> 0), must cover the `dataset_classes` classes of
+  config.data: a smaller head would get empty one-hot targets for the labels beyond it."""
+  n = config.classifier.num_classes
+  if n and n < dataset_classes:
+    raise config_error(
+        "classifier.num_classes", n, f"0 (the dataset's class count) or at least the "
+        f"{dataset_classes} classes of data.source={config.data.source!r}",
+        f"Its labels run to {dataset_classes - 1}: a head of {n} outputs has none for the "
+        f"labels from {n} on, whose one-hot targets would be empty. More classes than the "
+        "dataset has are fine (an unused output stays unused).")
 
 
 # --- fields read only under a condition --------------------------------------------------------
@@ -339,6 +366,10 @@ UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
      "only data.source='synthetic' reads it"),
     (("data.split",), lambda c: c.data.source != "synthetic",
      "data.source='synthetic' has the same images for every split"),
+    (("data.eval_split",),
+     lambda c: c.data.source != "synthetic" or c.data.eval_split == data.sources.HOLDOUT_SPLIT,
+     "data.source='synthetic' has the same images for every split (only 'holdout', training "
+     "examples held out by data.holdout, is other images)"),
     # Fashion-MNIST's IDX arrays and generated images cannot be undecodable (a malformed IDX
     # file is an error of its own): only decoded files and free-form arrays can be bad.
     (("data.on_bad_image",), lambda c: c.data.source in ("image_folder", "tfds", "npy"),

@@ -46,8 +46,14 @@ class FineTune(base.Method):
         alphas = (config.classifier.mixup_alpha > 0, config.classifier.cutmix_alpha > 0)
         return all(alphas) if both else any(alphas)
       return reads
+    # mixup_prob=0 turns both off whatever the alphas (evaluate/mixup.py: mix_batch), and
+    # alphas of 0 leave mixup_prob nothing to apply: each refuses the other's settings.
     return [(("classifier.mixup_prob",), mixing(both=False),
              "Mixup and CutMix are both off (mixup_alpha = cutmix_alpha = 0)"),
+            (("classifier.mixup_alpha", "classifier.cutmix_alpha",
+              "classifier.mixup_switch_prob"), lambda c: c.classifier.mixup_prob > 0,
+             "Mixup and CutMix are never applied (classifier.mixup_prob=0); "
+             "label_smoothing still is"),
             (("classifier.mixup_switch_prob",), mixing(both=True),
              "it chooses between Mixup and CutMix, which needs both mixup_alpha and "
              "cutmix_alpha > 0")]

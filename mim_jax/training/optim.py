@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mim_jax.config.errors import config_error
+
 OPTIMIZERS = ("adamw", "lars", "sgd")
 SCHEDULES = ("cosine", "multistep")
 
@@ -43,8 +45,15 @@ def learning_rate_schedule(opt_cfg, global_batch_size: int, steps_per_epoch: int
         end_value=opt_cfg.min_lr)
   if name == "multistep":
     # Boundaries count steps from the end of warmup in optax.join_schedules, hence the shift.
-    boundaries = {int(round(e * steps_per_epoch)) - warmup_steps: opt_cfg.decay_factor
-                  for e in opt_cfg.decay_epochs}
+    steps = [int(round(e * steps_per_epoch)) for e in opt_cfg.decay_epochs]
+    if len(set(steps)) < len(steps):
+      # The boundaries are dict keys: two epochs on one step would merge into a single decay.
+      raise config_error(
+          "optimizer.decay_epochs", tuple(opt_cfg.decay_epochs),
+          f"epochs on distinct steps; with {steps_per_epoch} steps per epoch they fall on steps "
+          f"{steps}", "Space them at least one step apart, or give one epoch with a stronger "
+          "decay_factor.")
+    boundaries = {step - warmup_steps: opt_cfg.decay_factor for step in steps}
     return optax.join_schedules(
         [optax.linear_schedule(0.0, peak, max(warmup_steps, 1)),
          optax.piecewise_constant_schedule(peak, boundaries)],

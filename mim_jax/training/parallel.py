@@ -3,7 +3,9 @@
 `config.mesh` is a sequence of (axis_name, size) with size -1 meaning "all remaining devices",
 e.g. [("data", -1)] (data parallel), [("fsdp", -1)] (fully sharded) or
 [("data", 2), ("fsdp", -1)]. The batch is split over the mesh axes named in `BATCH_AXES`
-(data x fsdp), so every device of such a mesh sees its own slice of the batch.
+(data x fsdp), so every device of such a mesh sees its own slice of the batch. Any other axis
+must be one that `config.sharding_rules` shard over (`check_mesh_axes`, run by validation): an
+axis nothing splits over would only repeat the same work on its devices.
 
 `config.sharding_rules` is a sequence of (regex, spec). Every leaf of the TrainState (params,
 optimizer state, and `extra`: EMA teachers, frozen tokenizers) has a path such as
@@ -67,6 +69,47 @@ def mesh_shape(mesh_cfg: Sequence[Sequence[Any]], num_devices: int) -> dict[str,
     raise config_error("mesh", list(map(tuple, mesh_cfg)),
                        f"the sizes multiply to {math.prod(sizes)} but there are {num_devices} devices")
   return dict(zip(names, sizes))
+
+
+def rule_axes(rules: Sequence[Sequence[Any]]) -> tuple[str, ...]:
+  """The mesh axes `config.sharding_rules` shard over, in order of first use (a malformed rule
+  names none here: `tree_shardings` reports it)."""
+  axes: list[str] = []
+  for rule in rules:
+    spec = tuple(rule)[1] if len(tuple(rule)) == 2 else None
+    if isinstance(spec, str):
+      parts = spec.split(":")
+      named = parts[1:2] if parts[0] == LARGEST else []
+    elif isinstance(spec, (tuple, list)):
+      named = [a for e in spec for a in (e if isinstance(e, (tuple, list)) else (e,))]
+    else:
+      named = []
+    axes += [str(a) for a in named if a is not None and str(a) not in axes]
+  return tuple(axes)
+
+
+def check_mesh_axes(mesh_cfg: Sequence[Sequence[Any]], rules: Sequence[Sequence[Any]]) -> None:
+  """ConfigError for a mesh axis that nothing splits over: not a batch axis (`BATCH_AXES`) and
+  named by no sharding rule. Its devices would each hold the same state and compute the same
+  batch slice (with only such axes, the whole global batch), so it is a typo, not a layout."""
+  try:
+    names = [str(a[0]) for a in mesh_cfg]
+  except (TypeError, IndexError, KeyError):
+    raise config_error("mesh", mesh_cfg, "a non-empty list of (axis, size) pairs, e.g. "
+                       "[('data', -1)]") from None
+  used = rule_axes(rules)
+  allowed = BATCH_AXES + tuple(a for a in used if a not in BATCH_AXES)
+  for name in names:
+    if name not in allowed:
+      raise config_error(
+          "mesh", tuple(map(tuple, mesh_cfg)),
+          f"mesh axes named {' or '.join(repr(a) for a in allowed)}: the batch is split over "
+          f"{' x '.join(repr(a) for a in BATCH_AXES)}"
+          + (f", and config.sharding_rules shard over {used}" if used else "")
+          + f"; nothing splits over axis {name!r}, so each of its devices would compute the "
+          "same batch",
+          "Rename it, e.g. mesh=(('data', -1),) for data parallelism or (('fsdp', -1),) with "
+          "sharding_rules=config_defaults.fsdp_rules() (docs/scaling.md).")
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 from typing import Any, Callable, Optional
 
 import jax
@@ -25,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from mim_jax import data, registry
 from mim_jax.config import validation
-from mim_jax.config.errors import ConfigError
+from mim_jax.config.errors import ConfigError, config_error
 from mim_jax.data import device_augment, transforms
 from mim_jax.methods.base import Method, TrainLength
 from mim_jax.training import compiler_options, optim, parallel, step
@@ -45,15 +46,38 @@ def prepare(config, file_config=None):
 
 
 def schedule_lengths(config, num_examples: int) -> tuple[int, int, int]:
-  """(steps_per_epoch, schedule_steps, last_step) for a dataset of `num_examples`."""
+  """(steps_per_epoch, schedule_steps, last_step) for a dataset of `num_examples`.
+
+  total_steps only stops a run early (-1: at the end of the schedule); the schedule's length
+  is num_epochs. Raises ConfigError for a total_steps beyond the schedule (its last steps would
+  train at the schedule's end value, min_lr)."""
   steps_per_epoch = num_examples // config.global_batch_size
   if steps_per_epoch < 1:
     raise ConfigError(
         f"config.global_batch_size={config.global_batch_size} is invalid: it must not exceed "
         f"the {num_examples} training examples of config.data.source={config.data.source!r}.")
   schedule_steps = max(1, int(round(config.num_epochs * steps_per_epoch)))
+  per_epoch = (f"{steps_per_epoch} steps per epoch ({num_examples} training examples // "
+               f"global_batch_size={config.global_batch_size})")
+  if config.total_steps > schedule_steps:
+    epochs = math.ceil(config.total_steps / steps_per_epoch)
+    raise config_error(
+        "total_steps", config.total_steps,
+        f"-1 (the whole schedule) or at most the schedule's {schedule_steps} steps "
+        f"(num_epochs={config.num_epochs} x {per_epoch}); total_steps only stops a run early",
+        f"Steps past the schedule would train at its end learning rate. To train longer, "
+        f"lengthen the schedule: --config.num_epochs={epochs} gives "
+        f"{int(round(epochs * steps_per_epoch))} steps.")
   last_step = schedule_steps if config.total_steps == -1 else config.total_steps
   return steps_per_epoch, schedule_steps, last_step
+
+
+def check_num_classes(config) -> None:
+  """An evaluation's classifier.num_classes, when set, against its dataset's class count
+  (data.num_classes: the class folders, labels or TFDS info of the training source, which
+  setup_run has just listed). Fashion-MNIST and synthetic data are checked by validation."""
+  if "classifier" in config and config.classifier.num_classes:
+    validation.check_num_classes(config, data.num_classes(config.data))
 
 
 @dataclasses.dataclass
@@ -138,8 +162,9 @@ def setup_run(config, *, devices=None, num_examples: Optional[int] = None,
       mesh_desc=parallel.describe_mesh(mesh))
   validation.validate_eval_for_devices(config, parallel.batch_parallelism(mesh))
   image_size, channels = tuple(config.image_size), config.channels
-  if num_examples is None:
+  if num_examples is None:  # the run's own data (else a nominal length: no data is read)
     num_examples = data.num_examples(config.data, image_size=image_size, channels=channels)
+    check_num_classes(config)
   steps_per_epoch, schedule_steps, last_step = schedule_lengths(config, num_examples)
   schedule = optim.learning_rate_schedule(config.optimizer, config.global_batch_size,
                                           steps_per_epoch, schedule_steps)
