@@ -91,6 +91,10 @@ def test_invalid_config_names_field_value_and_allowed(overrides, match):
      r"\(classifier.mixup_prob=0\)"),
     ("finetune", {"classifier.mixup_prob": 0.0, "classifier.cutmix_alpha": 1.0},
      r"cutmix_alpha=1.0 is not used: Mixup and CutMix are never applied"),
+    ("finetune", {"data.source": "image_folder", "data.path": "/train", "data.holdout": 100,
+                  "data.eval_split": "holdout", "data.eval_path": "/eval"},
+     r"data.eval_path='/eval' is not used: only data.source='image_folder' reads it, for an "
+     r"eval_split other than"),
     ("finetune", {"data.source": "synthetic", "data.eval_split": "test"},
      r"data.eval_split='test' is not used: data.source='synthetic' has the same images"),
     ("linprobe", {"classifier.features": "pixels", "classifier.pool": "gap"},

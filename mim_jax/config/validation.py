@@ -358,8 +358,11 @@ UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
      lambda c: c.masking.kind == "attention", "only masking.kind='attention' reads it"),
     (("data.path",), lambda c: c.data.source in ("fashion_mnist", "image_folder", "npy"),
      "only data.source 'fashion_mnist', 'image_folder' and 'npy' read it"),
-    (("data.eval_path",), lambda c: c.data.source == "image_folder",
-     "only data.source='image_folder' reads it"),
+    (("data.eval_path",),
+     lambda c: c.data.source == "image_folder"
+     and c.data.eval_split not in (data.sources.HOLDOUT_SPLIT, c.data.split),
+     "only data.source='image_folder' reads it, for an eval_split other than the training "
+     "folder's data.split and 'holdout' (both read data.path)"),
     (("data.tfds_name", "data.tfds_data_dir"), lambda c: c.data.source == "tfds",
      "only data.source='tfds' reads it"),
     (("data.synthetic_size",), lambda c: c.data.source == "synthetic",
