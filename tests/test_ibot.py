@@ -13,6 +13,7 @@ from mim_jax import data, registry
 from mim_jax.config import defaults as config_defaults
 from mim_jax.config.errors import ConfigError
 from mim_jax.data import multicrop
+from mim_jax.methods import ibot
 from mim_jax.methods.base import TrainLength
 from mim_jax.objectives import losses, masking
 from mim_jax.training import optim
@@ -143,6 +144,75 @@ def test_last_layer_frozen_for_its_epochs(stepped):
     assert float(jnp.max(jnp.abs(g["head"]["mlp_0"]["kernel"]))) > 0
 
 
+def _freeze_run(hold: bool, num_steps: int = 4):
+  """`num_steps` real train steps with a 2-step last-layer freeze (1 epoch of 2 steps), AdamW
+  with weight decay 0.05 at a constant lr: (the method, the states before/after each step)."""
+  c = tiny_config(**{"ibot.freeze_last_layer_epochs": 1.0, "optimizer.weight_decay": 0.05})
+  method = registry.build_method(c, TrainLength(steps_per_epoch=2, schedule_steps=16))
+  _, it = _iterator(c)
+  batch = _device_batch(method, next(it))
+  schedule = optax.constant_schedule(1e-3)
+  tx = optim.build_optimizer(c.optimizer, schedule, 16)
+  if hold:
+    tx = method.wrap_optimizer(tx)
+  state = jax.jit(lambda r: step_lib.init_train_state(method, tx, r, (1, 16, 16, 3)))(
+      jax.random.key(0))
+  step = jax.jit(step_lib.make_train_step(method, tx, schedule))
+  states, _ = take_steps(step, state, batch, jax.random.key(1), num_steps)
+  return method, states
+
+
+def _last_layer(params):
+  return {k: np.asarray(params["head"][k]) for k in ibot.LAST_LAYER if k in params["head"]}
+
+
+def _others(params):
+  head = {k: v for k, v in params["head"].items() if k not in ibot.LAST_LAYER}
+  return [np.asarray(x) for x in jax.tree.leaves({**params, "head": head})]
+
+
+def test_last_layer_is_bitwise_unchanged_during_the_freeze_and_moves_after():
+  """DINO / iBOT's AdamW skips the frozen last layer (its grad is None): no weight decay, no
+  moments. Steps 0 and 1 are in the freeze, 2 and 3 after it."""
+  _, states = _freeze_run(hold=True)
+  assert set(_last_layer(states[0].params)) == {"last_layer", "last_layer_scale"}
+  for k in range(1, 5):
+    before, after = states[k - 1].params, states[k].params
+    frozen = k - 1 < 2
+    for name, value in _last_layer(after).items():
+      same = np.array_equal(value, _last_layer(before)[name])
+      assert same == frozen, (k, name)
+    # Everything else moves at every step.
+    assert all(not np.array_equal(a, b) for a, b in zip(_others(after), _others(before))), k
+  # The last layer's AdamW moments stay exactly zero while frozen (zero gradient, as
+  # PyTorch's state created at the first gradient), and fill after.
+  for k, frozen in [(2, True), (3, False)]:
+    opt = states[k].opt_state
+    for moment in ("mu", "nu"):
+      m = optax.tree_utils.tree_get(opt, moment)["head"]["last_layer"]
+      assert (float(jnp.max(jnp.abs(m))) == 0.0) == frozen, (k, moment)
+  # The hold's count is the number of applied updates, as the loss's extra["step"].
+  assert int(states[4].opt_state[-1].inner_state.step) == int(states[4].extra["step"]) == 4
+  # The trainer builds its optimizer through the method: the hold is in a run's state.
+  from mim_jax.training import setup
+  def opt_leaves(freeze):
+    run = setup.setup_run(tiny_config(**{"ibot.freeze_last_layer_epochs": freeze}))
+    return len(jax.tree.leaves(run.abstract_state.opt_state))
+  assert opt_leaves(1.0) == opt_leaves(0.0) + 1
+
+
+def test_without_the_hold_weight_decay_moves_the_frozen_last_layer():
+  """The stop_gradient alone (the loss) leaves AdamW's decoupled weight decay: the defect that
+  `wrap_optimizer` removes. Without a freeze the optimizer is returned as is."""
+  _, states = _freeze_run(hold=False, num_steps=1)
+  before, after = _last_layer(states[0].params), _last_layer(states[1].params)
+  assert not np.array_equal(after["last_layer"], before["last_layer"])
+  np.testing.assert_allclose(after["last_layer"], before["last_layer"] * (1 - 1e-3 * 0.05),
+                             rtol=1e-6)
+  tx = optax.sgd(0.1)
+  assert registry.build_method(tiny_config(), TrainLength(2, 16)).wrap_optimizer(tx) is tx
+
+
 # --- losses on known numbers ------------------------------------------------------------------
 
 
@@ -270,6 +340,58 @@ def test_variable_ratio_blockwise_masks_half_the_views_within_the_range():
                                 masking.blockwise_mask(np.random.default_rng(1), 4, (14, 14), 78))
 
 
+def test_variable_ratio_blockwise_draws_as_before():
+  """The blockwise masks of a variable ratio are those of the per-sample rule they had: one
+  generator, mask-or-not, the ratio, then BEiT's rectangles at budget int(N * r)."""
+  gen = masking.MaskGenerator("blockwise", (14, 14), 0.3, ratio_range=(0.1, 0.5),
+                              mask_probability=0.5)
+  ref, want = np.random.default_rng(7), np.zeros((64, 196), bool)
+  for b in range(64):
+    if ref.random() >= 0.5:
+      continue
+    want[b] = masking.blockwise_mask(ref, 1, (14, 14), int(196 * ref.uniform(0.1, 0.5)))[0]
+  np.testing.assert_array_equal(gen.host(np.random.default_rng(7), 64), want)
+
+
+def test_random_masks_follow_ratio_range_and_mask_probability():
+  """iBOT with masking.kind='random' (iBOT's 'rand' shape) draws its views' masks from the same
+  range and probability as blockwise: 2,000 views of the real multi-crop transform (1,000
+  images) on an 8x8 patch grid, kind random, ratio_range (0.1, 0.5), mask_probability 0.5.
+
+  Tolerances are 4 standard errors of the sample: the masked-view fraction is a Bernoulli(0.5)
+  mean over 2,000 views (SE 0.011); a masked view's ratio is N - int(N * (1 - r)) over N = 64
+  for r ~ U(0.1, 0.5), whose mean is computed exactly below and whose spread is about
+  0.4 / sqrt(12) = 0.115, over ~1,000 masked views (SE ~0.0037). A fixed ratio (the defect:
+  every view at masking.ratio 0.75) fails both by far."""
+  c = tiny_config(**{"masking.kind": "random", "masking.ratio_range": (0.1, 0.5),
+                     "masking.min_block": 16, "image_size": (32, 32)})
+  method = registry.build_method(c, TrainLength(8, 16))
+  assert method.masks.kind == "random" and method.masks.grid_hw == (8, 8)
+  aug = method.train_augment(c.data, (32, 32), 3)
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+  masks = np.concatenate([
+      aug.random_map({"image": image, "label": 0}, rng)[multicrop.GLOBAL_MASKS_KEY]
+      for _ in range(1000)])
+  n, views = 64, len(masks)
+  assert masks.shape == (2000, n)
+  counts = masks.sum(axis=1)
+  masked = counts > 0  # a masked view has at least N - int(N * 0.9) = 7 patches
+  fraction = masked.mean()
+  assert abs(fraction - 0.5) < 4 * np.sqrt(0.25 / views), fraction
+  ratios = counts[masked] / n
+  r = np.linspace(0.1, 0.5, 400_001)
+  exact = np.mean(n - np.floor(n * (1 - r))) / n  # E[ratio | masked], ~0.308
+  se = np.sqrt(0.4**2 / 12 / masked.sum())
+  assert abs(ratios.mean() - exact) < 4 * se, (ratios.mean(), exact)
+  assert ratios.min() >= (n - int(n * 0.9)) / n and ratios.max() <= (n - int(n * 0.5)) / n
+  assert 0.09 < ratios.std() < 0.14  # spread over the range, not one fixed ratio
+  # Masks that vary per view are drawn on the host only.
+  with pytest.raises(ValueError, match="drawn on the host"):
+    method.masks.device(jax.random.key(0), 2)
+  assert method.masks.num_masked is None and method.masks.on_host
+
+
 def test_local_views_use_their_own_sincos_grid(stepped):
   method, _, states, _ = stepped
   out = method.model.apply({"params": states[0].params}, jnp.zeros((2, 8, 8, 3)))
@@ -294,10 +416,27 @@ def test_bad_fields_name_themselves(field, value, match):
     tiny_config(**{field: value})
 
 
-def test_ratio_range_needs_blockwise():
-  with pytest.raises(ConfigError, match=r"masking.ratio_range=\(0.2, 0.5\) is not used: only "
+def test_a_per_sample_ratio_goes_with_any_host_kind_but_not_a_fixed_count():
+  """ratio_range / mask_probability hold for every kind drawn in the input pipeline (iBOT's
+  'rand' shape too), are refused where every sample must mask the same count (MAE's
+  visible-only encoder) and for attention masks, which the step chooses at masking.ratio."""
+  from mim_jax.config import validation
+  c = tiny_config(**{"masking.kind": "random", "masking.ratio_range": (0.1, 0.3),
+                     "masking.min_block": 16})
+  assert registry.build_method(c, TrainLength(8, 16)).masks.variable_ratio
+  with pytest.raises(ConfigError, match=r"masking.min_block=2 is not used: only "
                      "masking.kind='blockwise' reads it"):
-    tiny_config(**{"masking.kind": "random", "masking.min_block": 16})
+    tiny_config(**{"masking.kind": "random"})  # the file's min_block=2
+  mae = tiny_mae_config(**{"masking.ratio_range": (0.5, 0.8)})
+  with pytest.raises(ConfigError, match=r"masking.ratio_range=\(0.5, 0.8\) is invalid: \(\) "
+                     "for method 'mae'. Its encoder sees only the visible patches"):
+    registry.validate_config(mae)
+  with pytest.raises(ConfigError, match=r"masking.mask_probability=0.5 is invalid: 1.0 with "
+                     "masking.kind='attention'"):
+    validation.validate_masking(
+        config_defaults.override(tiny_mae_config(), **{"masking.kind": "attention",
+                                                       "masking.mask_probability": 0.5}),
+        (16, 16), 4, kinds=(*masking.MASK_KINDS, masking.ATTENTION_KIND))
 
 
 # --- a short run on real data -----------------------------------------------------------------

@@ -164,8 +164,8 @@ def masking_block(**overrides) -> ml_collections.ConfigDict:
       mask_patch_size=0,       # grouped: side of a mask group in pixels (0: the patch size)
       min_block=16,            # blockwise: minimum rectangle area in patches
       min_aspect=0.3,          # blockwise: aspect ratios in [min_aspect, 1 / min_aspect]
-      ratio_range=(),          # blockwise: (lo, hi) draws each sample's ratio from U(lo, hi)
-      mask_probability=1.0,    # blockwise: fraction of samples masked (the rest stay whole)
+      ratio_range=(),          # (lo, hi) draws each sample's ratio from U(lo, hi)
+      mask_probability=1.0,    # fraction of samples masked (the rest stay whole)
       block=3,                 # inverse_block: side of a visible block in patches
       adjust=0.07,             # inverse_block: extra keep probability for the block count
       attention_order="high",  # attention: mask the most ("high") or least ("low") attended

@@ -253,6 +253,17 @@ def validate_masking(config, image_size: tuple[int, int], patch: int,
   prob = m.mask_probability
   require(is_number(prob) and 0 <= prob <= 1, "masking.mask_probability", prob,
           "a probability in [0, 1] (iBOT: 0.5)")
+  if ratio_range or prob < 1:  # a per-sample ratio (MaskGenerator.variable_ratio)
+    field, value = (("masking.ratio_range", ratio_range) if ratio_range
+                    else ("masking.mask_probability", prob))
+    if fixed_count:
+      raise config_error(
+          field, value, f"{'()' if ratio_range else '1.0'} for method {config.method!r}",
+          "Its encoder sees only the visible patches, so every sample must mask the same "
+          "number of patches (masking.ratio); a per-sample ratio varies it.")
+    require(m.kind != "attention", field, value,
+            f"{'()' if ratio_range else '1.0'} with masking.kind='attention' (its masks are "
+            "chosen in the step from the teacher's attention, at masking.ratio)")
   if m.kind == "attention":
     require(m.attention_order in ATTENTION_ORDERS, "masking.attention_order",
             m.attention_order, f"one of {ATTENTION_ORDERS}")
@@ -347,10 +358,11 @@ UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
      "only optimizer.weight_decay_schedule='cosine' reads it"),
     (("masking.mask_patch_size",), lambda c: c.masking.kind == "grouped",
      "only masking.kind='grouped' reads it"),
-    (("masking.min_block", "masking.min_aspect", "masking.ratio_range",
-      "masking.mask_probability"), lambda c: c.masking.kind == "blockwise",
+    (("masking.min_block", "masking.min_aspect"), lambda c: c.masking.kind == "blockwise",
      "only masking.kind='blockwise' reads it"),
-    (("masking.ratio",), lambda c: c.masking.kind != "blockwise" or not c.masking.ratio_range,
+    # Every kind drawn in the input pipeline honours a per-sample ratio (MaskGenerator._variable,
+    # iBOT's 'block' and 'rand' shapes); attention masks are chosen in the step (refused there).
+    (("masking.ratio",), lambda c: not c.masking.ratio_range,
      "masking.ratio_range sets each sample's ratio instead"),
     (("masking.block", "masking.adjust"), lambda c: c.masking.kind == "inverse_block",
      "only masking.kind='inverse_block' reads it"),

@@ -24,7 +24,8 @@ def main(steps: int = 5) -> list[float]:
 
   method = MAE(config)                               # model + masking + norm-pix MSE loss
   schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 2, steps)
-  tx = optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.05)
+  # wrap_optimizer: `tx` itself for MAE; iBOT holds its head's prototypes still at first.
+  tx = method.wrap_optimizer(optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.05))
   state = jax.jit(init_train_state, static_argnums=(0, 1, 3))(
       method, tx, jax.random.key(0), (1, 32, 32, 3))
   train_step = jax.jit(make_train_step(method, tx, schedule), donate_argnums=(0,))

@@ -183,6 +183,12 @@ class Method:
     """(scalar loss, (scalar metrics, new extra)) for one batch; pure and jittable."""
     raise NotImplementedError
 
+  def wrap_optimizer(self, tx):
+    """The optimizer the method trains with, given the config's `tx` (an optax
+    GradientTransformation): `tx` itself unless the method holds some parameters still for a
+    while (iBOT's head prototypes). Loops that build their own `tx` pass it through here."""
+    return tx
+
   def after_update(self, params: Params, extra: Extra, step: jax.Array) -> Extra:
     """Runs inside the jitted step after the optimizer update, on the new params (an EMA
     teacher follows the student here). `step` (int32 []) is the index of the update just

@@ -12,18 +12,24 @@ One head serves [CLS] and patch tokens (iBOT's shared head). Teacher outputs are
 linearly from `warmup_teacher_temp` to `teacher_temp` over `warmup_teacher_temp_epochs`; the
 student temperature is fixed. The teacher follows the student after every update
 (`after_update`) with a momentum going from `ibot.momentum` to 1 along a half cosine over the
-lr schedule. The last layer of the student head gets no gradient for the first
-`freeze_last_layer_epochs`. The exported encoder is the teacher's, as iBOT evaluates it.
+lr schedule. The last layer of the student head (its prototypes) stays exactly as it is for
+the first `freeze_last_layer_epochs`: no gradient (`loss`) and no update, weight decay included
+(`wrap_optimizer`). The exported encoder is the teacher's, as iBOT evaluates it.
 
 Views and masks come from the input pipeline (`data.multicrop.MultiCropAugment` through
 `train_augment`): "global_views" [B, 2, H, W, C], "local_views" [B, L, h, w, C] and
 "global_masks" [B, 2, N] from `config.masking` (iBOT: blockwise, half the views masked with a
-ratio drawn from (0.1, 0.5)).
+ratio drawn from (0.1, 0.5)). `masking.ratio_range` and `masking.mask_probability` hold for
+every kind, as iBOT's pred_ratio range and masked-image probability hold for both its 'block'
+and 'rand' shapes (`masking.MaskGenerator`: a variable ratio).
 
 Differences from the official code, kept on purpose: the teacher temperature warms up per
 step instead of per epoch; local views use the sin-cos table of their own grid (positions
 0 .. g - 1) instead of an interpolated learned table; a step's `extra["step"]` counts applied
-updates (it also stops during skipped non-finite steps).
+updates (it also stops during skipped non-finite steps); a random mask at ratio r masks
+N - int(N * (1 - r)) patches (the project's MAE rule) where iBOT's 'rand' masks int(N * r);
+after the last-layer freeze, AdamW's bias correction for the last layer counts from the start of
+the run, not from its first gradient (see `wrap_optimizer`).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from mim_jax.config import validation as v
 from mim_jax.data import multicrop
@@ -53,6 +60,19 @@ class IBOTModel(nn.Module):
   def __call__(self, images, token_mask=None, *, cls_only: bool = False, train: bool = False):
     tokens, _ = self.encoder(images, token_mask=token_mask, train=train)
     return self.head(tokens[:, :1] if cls_only else tokens)
+
+
+# The parameters of the head's last layer (DINOHead: the prototype directions and, without
+# norm_last_layer, their scales), frozen for `ibot.freeze_last_layer_epochs`.
+LAST_LAYER = ("last_layer", "last_layer_scale")
+
+
+def last_layer_mask(params):
+  """The pytree of `params` with True at the head's last-layer leaves, False elsewhere."""
+  def frozen(path, _):
+    keys = [getattr(k, "key", None) for k in path]
+    return len(keys) >= 2 and keys[0] == "head" and keys[1] in LAST_LAYER
+  return jax.tree_util.tree_map_with_path(frozen, params)
 
 
 def _views_first(x: jax.Array) -> jax.Array:
@@ -171,6 +191,32 @@ class IBOT(base.PretrainingMethod):
   def _epochs(self, epochs: float) -> int:
     return int(round(float(epochs) * self.length.steps_per_epoch))
 
+  def wrap_optimizer(self, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` followed by a hold of the head's last layer: its updates are zero, weight decay
+    included, while fewer than the freeze's steps (`ibot.freeze_last_layer_epochs`) have been
+    applied; `tx` itself when there is no freeze.
+
+    DINO / iBOT set the last layer's gradient to None while frozen (cancel_gradients_last_layer),
+    so PyTorch's AdamW skips it: no decoupled weight decay and no moment update. Here `loss`
+    stops its gradient, so its AdamW moments stay exactly zero (at the end of the freeze they
+    equal PyTorch's state, which is created at the first gradient), and this hold removes the
+    weight decay the zero gradient leaves (and any update the optimizer makes of zeros). The
+    hold counts the updates it has seen in the optimizer state; a step skipped for non-finite
+    values restores that state, so it agrees with `extra["step"]`, which `loss` reads.
+
+    Not reproduced: optax keeps one bias-correction count for every parameter, so once the
+    freeze ends the last layer's first AdamW updates are corrected with the run's step count
+    rather than PyTorch's per-parameter count from 1: with b1 0.9, b2 0.999 and a freeze of
+    1,251 steps, its k-th update after the freeze is 2.7x PyTorch's at k = 1, 5.5x at k = 12,
+    under 1.5x from k = 452. Matching it would need an Adam of its own for the last layer, with
+    the learning-rate and weight-decay schedules still on the global step.
+    """
+    steps = self._epochs(self.cfg.freeze_last_layer_epochs)
+    if steps <= 0:
+      return tx
+    hold = optax.transforms.conditionally_mask(optax.identity(), lambda count: count >= steps)
+    return optax.chain(tx, optax.masked(hold, last_layer_mask))
+
   def train_augment(self, data_cfg, image_size, channels):
     return multicrop.augment_from_config(self.crop, data_cfg, image_size, channels, self.masks)
 
@@ -204,8 +250,8 @@ class IBOT(base.PretrainingMethod):
     images, masks = _views_first(views), _views_first(batch[multicrop.GLOBAL_MASKS_KEY])
     head = dict(params["head"])
     frozen = step < self._epochs(c.freeze_last_layer_epochs)
-    for name in ("last_layer", "last_layer_scale"):
-      if name in head:  # no gradient to the prototypes while frozen
+    for name in LAST_LAYER:
+      if name in head:  # no gradient to the prototypes while frozen (see wrap_optimizer)
         head[name] = jnp.where(frozen, jax.lax.stop_gradient(head[name]), head[name])
     student = {**params, "head": head}
     global_rng, local_rng = jax.random.split(rng)

@@ -359,16 +359,19 @@ class MaskGenerator:
   min_aspect      blockwise: minimum aspect ratio (maximum is its inverse).
   block           inverse_block: side of a visible block in patches.
   adjust          inverse_block: extra keep probability for the block-centre count.
-  ratio_range     blockwise: () uses `ratio` for every sample; (lo, hi) draws each sample's
-                  ratio uniformly from it (iBOT's pred_ratio +- pred_ratio_var).
-  mask_probability  blockwise: each sample is masked with this probability and left whole
-                  otherwise (iBOT masks half of the views: pred_ratio (0, 0.3)).
+  ratio_range     () uses `ratio` for every sample; (lo, hi) draws each sample's ratio
+                  uniformly from it (iBOT's pred_ratio +- pred_ratio_var).
+  mask_probability  each sample is masked with this probability and left whole otherwise
+                  (iBOT masks half of the views: pred_ratio (0, 0.3)).
+                  Either makes the ratio vary per sample (`variable_ratio`): such masks are
+                  drawn by `host` only, for any kind (iBOT's 'block' and 'rand' shapes alike).
   attention_order, random_share  attention (AttMask): mask the patches a teacher attends to
                   most ("high") or least ("low"), `random_share` of them drawn at random
                   instead; drawn in the step from the teacher's scores (`from_scores`).
 
-  Device kinds are drawn inside the jitted step from the step's rng (`sample`); host kinds are
-  drawn per example in the input pipeline (`host`) and arrive as batch[TOKEN_MASK_KEY].
+  Device kinds are drawn inside the jitted step from the step's rng (`sample`); host kinds (and
+  any kind with a variable ratio, `on_host`) are drawn per example in the input pipeline
+  (`host`) and arrive as batch[TOKEN_MASK_KEY].
   """
   kind: str
   grid_hw: tuple[int, int]
@@ -389,7 +392,7 @@ class MaskGenerator:
 
   @property
   def on_host(self) -> bool:
-    return self.kind in HOST_MASK_KINDS
+    return self.kind in HOST_MASK_KINDS or self.variable_ratio
 
   @property
   def needs_scores(self) -> bool:
@@ -407,11 +410,20 @@ class MaskGenerator:
     return int(self.num_patches * self.ratio)
 
   @property
+  def variable_ratio(self) -> bool:
+    """Whether each sample draws its own ratio or may stay whole (`ratio_range`,
+    `mask_probability` < 1)."""
+    return bool(self.ratio_range) or self.mask_probability < 1
+
+  @property
   def num_masked(self) -> int | None:
-    """The masked count every sample has, or None when it varies per sample (blockwise).
+    """The masked count every sample has, or None when it varies per sample (blockwise, or
+    a variable ratio).
 
     A visible-only encoder (MAE) needs a fixed count: its token sequence has a static length.
     """
+    if self.variable_ratio:
+      return None
     n = self.num_patches
     if self.kind in ("random", "inverse_block", ATTENTION_KIND):
       return n - num_visible(n, self.ratio)
@@ -421,7 +433,10 @@ class MaskGenerator:
     return None
 
   def device(self, rng: jax.Array, batch: int) -> jax.Array:
-    """bool [B, N] drawn on device (random, grouped)."""
+    """bool [B, N] drawn on device (random, grouped; at a fixed ratio)."""
+    if self.variable_ratio:
+      raise ValueError("masks with a per-sample ratio (ratio_range, mask_probability < 1) are "
+                       "drawn on the host: call host(rng, batch)")
     if self.kind == "random":
       return random_masking(rng, batch, self.num_patches, self.ratio).mask.astype(bool)
     if self.kind == "grouped":
@@ -433,8 +448,8 @@ class MaskGenerator:
 
   def host(self, rng: jax.Array | np.random.Generator, batch: int) -> np.ndarray:
     """np.bool_ [B, N] drawn on the host (any kind; the device kinds through jax on the CPU)."""
-    if self.kind == "blockwise" and (self.ratio_range or self.mask_probability < 1):
-      return self._variable_blockwise(_host_generator(rng), batch)
+    if self.variable_ratio:
+      return self._variable(_host_generator(rng), batch)
     if self.kind == "blockwise":
       return blockwise_mask(rng, batch, self.grid_hw, self.budget, min_block=self.min_block,
                             min_aspect=self.min_aspect)
@@ -446,16 +461,19 @@ class MaskGenerator:
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
       return np.asarray(self.device(rng, batch))
 
-  def _variable_blockwise(self, gen: np.random.Generator, batch: int) -> np.ndarray:
-    """Blockwise masks whose budget int(N * r) varies per sample: a sample is masked with
-    probability `mask_probability`, r ~ U(ratio_range) (or `ratio`); the others stay whole."""
+  def _variable(self, gen: np.random.Generator, batch: int) -> np.ndarray:
+    """Masks whose ratio varies per sample (iBOT's ImageFolderMask, for both its 'block' and
+    'rand' shapes): a sample is masked with probability `mask_probability`, at a ratio
+    r ~ U(ratio_range) (or `ratio`), by this generator's own rule at the fixed ratio r (its
+    `host` draw of one sample: blockwise budget int(N * r), random N - int(N * (1 - r))
+    patches); the others stay whole. One generator feeds every draw, in sample order."""
+    fixed = dataclasses.replace(self, ratio_range=(), mask_probability=1.0)
     out = np.zeros((batch, self.num_patches), bool)
     for b in range(batch):
       if gen.random() >= self.mask_probability:
         continue
       ratio = gen.uniform(*self.ratio_range) if self.ratio_range else self.ratio
-      out[b] = blockwise_mask(gen, 1, self.grid_hw, int(self.num_patches * ratio),
-                              min_block=self.min_block, min_aspect=self.min_aspect)[0]
+      out[b] = dataclasses.replace(fixed, ratio=float(ratio)).host(gen, 1)[0]
     return out
 
   def sample(self, batch: Mapping[str, jax.Array], rng: jax.Array,

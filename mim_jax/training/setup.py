@@ -168,8 +168,8 @@ def setup_run(config, *, devices=None, num_examples: Optional[int] = None,
   steps_per_epoch, schedule_steps, last_step = schedule_lengths(config, num_examples)
   schedule = optim.learning_rate_schedule(config.optimizer, config.global_batch_size,
                                           steps_per_epoch, schedule_steps)
-  tx = optim.build_optimizer(config.optimizer, schedule, schedule_steps)
   method = registry.build_method(config, TrainLength(steps_per_epoch, schedule_steps))
+  tx = method.wrap_optimizer(optim.build_optimizer(config.optimizer, schedule, schedule_steps))
   # Shape first, then shard: nothing is materialised before its sharding is known.
   init_fn = functools.partial(step.init_train_state, method, tx,
                               image_shape=(1, *image_size, channels))
