@@ -74,6 +74,11 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str] | None = Non
   flags.DEFINE_integer("process_id", -1,
                        "Multi-process runs: this process's index in [0, num_processes) (-1: "
                        "detect).", flag_values=flag_values)
+  flags.DEFINE_bool("resume_with_changes", False,
+                    "Resume a workdir's run although the config differs from the one it started "
+                    "with (e.g. a lower lr after a divergence): the differences are logged and "
+                    "appended to the workdir's config_changes.jsonl. Off: such a resume is "
+                    "refused, naming the fields.", flag_values=flag_values)
   flags.mark_flags_as_required(["config"], flag_values=flag_values)
 
 
@@ -173,7 +178,8 @@ def run_from_flags(flag_values: flags.FlagValues) -> None:
     # does not turn the file's settings for it into errors.
     file_config = _load_config_file(flag_values["config"].config_filename)
     registry.check_unread_fields(file_config)
-    loop.run(config, workdir, file_config=file_config)
+    loop.run(config, workdir, file_config=file_config,
+             resume_with_changes=flag_values.resume_with_changes)
   except (ConfigError, checkpoint.WorkdirNotWritableError, data.IdxFormatError,
           data.BadImageError) as e:
     _fail(str(e))

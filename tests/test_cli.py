@@ -182,6 +182,7 @@ def test_mesh_axis_a_sharding_rule_names_is_allowed():
   parallel.check_mesh_axes((("tp", -1),), ((".*", "largest:tp:16"),))
   with pytest.raises(ConfigError, match=r"nothing splits over axis 'model'"):
     parallel.check_mesh_axes((("data", 2), ("model", -1)), ((".*", "largest:fsdp"),))
+  parallel.check_mesh_axes((("data", -1), ("model", 1)), ())  # size 1: repeats nothing
 
 
 def test_command_line_mixup_prob_0_refuses_only_what_it_changes():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import errno
+import json
 import logging
 import os
 import pathlib
@@ -719,6 +720,17 @@ def test_resume_refuses_a_config_that_would_train_something_else(tmp_path):
   # Stopping later, logging and checkpoint cadence may change: it resumes.
   state = train.run(tiny_mae_config(total_steps=3, log_every=1, checkpoint_every=3), workdir)
   assert int(state.step) == 3
+
+  # On purpose (--resume_with_changes): recorded, and later resumes compare with the new
+  # settings.
+  lower_lr = {"optimizer.base_lr": 1e-4}
+  state = train.run(tiny_mae_config(total_steps=4, **lower_lr), workdir, resume_with_changes=True)
+  assert int(state.step) == 4
+  changes = [json.loads(line) for line in
+             (tmp_path / "run" / resume_check.CHANGES_FILE).read_text().splitlines()]
+  assert changes == [{"step": 3, "changes": {"optimizer.base_lr": {"was": 1.5e-4,
+                                                                   "now": 1e-4}}}]
+  assert int(train.run(tiny_mae_config(total_steps=5, **lower_lr), workdir).step) == 5
 
   # The comparison itself: nested fields, the changeable ones and fields only one side has.
   saved_cfg = {"init_from": "/a", "data": {"path": "/x", "holdout": 0}, "old_field": 1,

@@ -204,6 +204,9 @@ class IBOT(base.PretrainingMethod):
     hold counts the updates it has seen in the optimizer state; a step skipped for non-finite
     values restores that state, so it agrees with `extra["step"]`, which `loss` reads.
 
+    The hold adds a counter to the optimizer state: iBOT checkpoints written before it existed
+    (2026-12-02) do not restore into runs with a freeze.
+
     Not reproduced: optax keeps one bias-correction count for every parameter, so once the
     freeze ends the last layer's first AdamW updates are corrected with the run's step count
     rather than PyTorch's per-parameter count from 1: with b1 0.9, b2 0.999 and a freeze of

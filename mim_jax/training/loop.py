@@ -21,6 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mim_jax import data, registry, storage, viz
+from mim_jax.config.errors import ConfigError
 from mim_jax.evaluate import frozen
 from mim_jax.models import vit
 from mim_jax.training import (
@@ -45,18 +46,19 @@ def _model_info(config) -> dict:
           "config": config.to_dict()}
 
 
-def run(config, workdir: str, file_config=None):
+def run(config, workdir: str, file_config=None, resume_with_changes: bool = False):
   """Runs `config.method` in `workdir`: a job (k-NN, probe) once, anything else through the
   training loop (`train`). Returns the job's metrics or the final TrainState. `file_config`:
-  see registry.validate_config (mim_jax.main passes the config file without overrides)."""
+  see registry.validate_config (mim_jax.main passes the config file without overrides);
+  `resume_with_changes`: see `train`."""
   config = setup.prepare(config, file_config)
   cls = registry.method_class(config.method)
   if cls.kind == "job":
     return cls.run(config, workdir)
-  return train(config, workdir)
+  return train(config, workdir, resume_with_changes=resume_with_changes)
 
 
-def train(config, workdir: str) -> step_lib.TrainState:
+def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.TrainState:
   """Trains a prepared `config` in `workdir`, resuming from its latest checkpoint if any.
 
   The method is a pre-training method, a tokenizer or a trained evaluation (linprobe,
@@ -66,7 +68,9 @@ def train(config, workdir: str) -> step_lib.TrainState:
   (exit code 75), so that no caller mistakes a stopped run for a finished one. Raises
   NonFiniteError after config.max_consecutive_nonfinite non-finite steps in a row and
   CheckpointSaveError after config.max_consecutive_failed_saves failed checkpoint writes in
-  a row (see run_errors).
+  a row (see run_errors). A workdir with checkpoints resumes only under the config it started
+  with, up to the fields of resume_check.CHANGEABLE_ON_RESUME, unless `resume_with_changes`
+  (then the differences are logged and recorded in the workdir).
   """
   r = setup.setup_run(config)
   method, mesh, last_step = r.method, r.mesh, r.last_step
@@ -81,6 +85,16 @@ def train(config, workdir: str) -> step_lib.TrainState:
   # A workdir that cannot hold even one checkpoint fails now, not after the first interval.
   checkpoint.ensure_free_space(workdir, checkpoint.tree_bytes(r.abstract_state),
                                config.keep_checkpoints)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 save_every=config.checkpoint_every, keep=config.keep_checkpoints,
+                                 max_consecutive_failures=config.max_consecutive_failed_saves)
+  if ckpt.latest_step() is not None:  # before the data (a device-resident split) is loaded
+    try:
+      resume_check.check_same_run(workdir, config, allow_changes=resume_with_changes,
+                                  step=ckpt.latest_step(), record=is_chief)
+    except ConfigError:
+      ckpt.close()
+      raise
   micro_shape = (config.global_batch_size // config.grad_accum_steps, *image_size, channels)
   train_iter = data.make_train_iterator(
       config.data, image_size=image_size, channels=channels,
@@ -88,13 +102,10 @@ def train(config, workdir: str) -> step_lib.TrainState:
       element_transforms=method.data_transforms(),
       augment=method.train_augment(config.data, image_size, channels),
       batch_sharding=r.batch_sharding, batch_extras=method.example_extras)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                 save_every=config.checkpoint_every, keep=config.keep_checkpoints,
-                                 max_consecutive_failures=config.max_consecutive_failed_saves)
   writer = None
   host_batch = batch = None
   try:
-    state, start_step = _restore_or_init(config, workdir, r, ckpt, train_iter, init_rng)
+    state, start_step = _restore_or_init(config, r, ckpt, train_iter, init_rng)
     train_step = r.jit_step()
 
     if is_chief:
@@ -159,6 +170,9 @@ def train(config, workdir: str) -> step_lib.TrainState:
           _check_nonfinite(int(metrics["nonfinite_streak"]), int(metrics["skipped_updates"]),
                            step, config, ckpt)
         if preempted.should_stop(step):
+          # A run whose streak reached the limit stops (exit 3) without a checkpoint, as below.
+          _check_nonfinite(int(state.nonfinite_streak), int(state.skipped_updates), step,
+                           config, ckpt)
           # Before pictures and evaluations: the scheduler's grace period is short.
           ckpt.save(step, state, train_iter, force=True)
           ckpt.wait()
@@ -213,19 +227,16 @@ def train(config, workdir: str) -> step_lib.TrainState:
   return state
 
 
-def _restore_or_init(config, workdir: str, r: setup.Run, ckpt: checkpoint.Checkpointer,
-                     train_iter, init_rng: jax.Array) -> tuple[step_lib.TrainState, int]:
+def _restore_or_init(config, r: setup.Run, ckpt: checkpoint.Checkpointer, train_iter,
+                     init_rng: jax.Array) -> tuple[step_lib.TrainState, int]:
   """(state, start step): the latest complete checkpoint, else a fresh (or pre-trained) state.
 
   Orbax lists only committed step directories, so a checkpoint cut short by a crash is never
-  chosen; its temporary directory was deleted when `ckpt` opened the folder. A config that
-  differs from the run's own in a field that cannot change on resume is refused first
-  (resume_check).
+  chosen; its temporary directory was deleted when `ckpt` opened the folder.
   """
   abstract_state, method = r.abstract_state, r.method
   start_step = ckpt.latest_step()
   if start_step is not None:
-    resume_check.check_same_run(workdir, config)
     if ckpt.has_iterator_state(start_step):
       data.check_saved_position(ckpt.iterator_position(start_step),
                                 resident=config.data.get("device_resident", False))
@@ -267,7 +278,8 @@ def _check_nonfinite(streak: int, skipped: int, step: int, config,
         f"the updates of the last {streak} steps were skipped, so the parameters are those of "
         f"step {step - streak}. The latest checkpoint ({ckpt.latest_step()}) "
         "is intact. Lower optimizer.base_lr, set optimizer.clip_grad_norm, use "
-        "model.dtype='float32', or check the input data, then resume with the same command.")
+        "model.dtype='float32', or check the input data, then resume: the same command with "
+        "the changed settings and --resume_with_changes.")
 
 
 def _to_host(tree: Any) -> Any:

@@ -106,7 +106,6 @@ def _summary_writer_class():
   return SummaryWriter
 
 
-
 def config_text(config: Mapping[str, Any]) -> str:
   """The text of a run's config.json: plain JSON (tuples as lists, numpy values as numbers)."""
   return json.dumps(_plain(config), indent=2, sort_keys=True, allow_nan=False)

@@ -93,7 +93,9 @@ def check_mesh_axes(mesh_cfg: Sequence[Sequence[Any]], rules: Sequence[Sequence[
   named by no sharding rule. Its devices would each hold the same state and compute the same
   batch slice (with only such axes, the whole global batch), so it is a typo, not a layout."""
   try:
-    names = [str(a[0]) for a in mesh_cfg]
+    # An axis of size 1 splits nothing and repeats nothing: harmless (e.g. a model axis kept
+    # for later).
+    names = [str(a[0]) for a in mesh_cfg if a[1] != 1]
   except (TypeError, IndexError, KeyError):
     raise config_error("mesh", mesh_cfg, "a non-empty list of (axis, size) pairs, e.g. "
                        "[('data', -1)]") from None

@@ -11,11 +11,18 @@ before anything is restored.
 
 Fields missing on either side are not compared: a field added by a newer mim_jax has its
 default, which is what the run used before the field existed.
+
+A change on purpose (a lower lr or gradient clipping after a divergence, a recipe whose
+defaults moved) resumes with `allow_changes` (`python -m mim_jax.main ...
+--resume_with_changes`): the differences are logged, appended to the workdir's
+config_changes.jsonl with the step they start at, and config.json then holds the new config,
+which later resumes are compared with.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -23,18 +30,25 @@ from mim_jax import storage
 from mim_jax.config.errors import ConfigError
 from mim_jax.training import metric_writers
 
+log = logging.getLogger(__name__)
+
+# One JSON line per resume with changed settings: {"step": ..., "changes": {field: {was, now}}}.
+CHANGES_FILE = "config_changes.jsonl"
+
 # Fields that may differ when a run is resumed: they decide where and how the same training
 # runs (machine, devices, memory, logging, checkpoint cadence, where it stops, what is
-# monitored on the side), not what it computes. Dotted prefixes: "data.path" covers it alone.
+# monitored on the side), not what it learns. Dotted prefixes: "data.path" covers it alone.
 CHANGEABLE_ON_RESUME = (
     # Where to stop: the schedule comes from num_epochs; total_steps only ends it earlier.
     "total_steps",
-    # Machine and memory: the same global batch, the same maths.
+    # Machine and memory: the same global batch and recipe. Not bit-exact against an
+    # uninterrupted run: micro-batches draw their own randomness (grad_accum_steps), and a
+    # shard_map step's depends on the device index (mesh).
     "mesh", "sharding_rules", "parallel.step", "grad_accum_steps", "compiler_options",
     "model.remat", "model.attention_impl",
-    # Files that move with the machine, and how the host reads them.
-    "data.path", "data.eval_path", "data.tfds_data_dir", "data.num_workers",
-    "data.prefetch_buffer_size",
+    # Files that move with the machine, and how the host reads them (not data.num_workers:
+    # the saved data position is per worker, docs/reliability.md).
+    "data.path", "data.eval_path", "data.tfds_data_dir", "data.prefetch_buffer_size",
     # Logging, pictures, checkpoints, failure limits.
     "log_every", "viz_every", "viz_num_images", "viz_channels", "checkpoint_every",
     "keep_checkpoints", "max_consecutive_nonfinite", "max_consecutive_failed_saves",
@@ -70,21 +84,34 @@ def changed_fields(saved: dict, config: dict) -> list[tuple[str, Any, Any]]:
                 if old[key] != new[key] and not _changeable(key))
 
 
-def check_same_run(workdir: str, config) -> None:
+def check_same_run(workdir: str, config, *, allow_changes: bool = False, step: int = 0,
+                   record: bool = True) -> None:
   """Raises ConfigError if `config` differs from the run's saved config.json in a field that
-  cannot change on resume. Call it only when `workdir` holds a checkpoint to resume."""
+  cannot change on resume, unless `allow_changes`: then it logs them and, where `record` (the
+  chief process), appends them to config_changes.jsonl (from `step` on) and rewrites
+  config.json. Call it only when `workdir` holds a checkpoint to resume."""
   path = os.path.join(workdir, metric_writers.CONFIG_FILE)
   if not storage.exists(path):
     return  # written at step 0 before any checkpoint; absent only for foreign workdirs
   saved = json.loads(storage.read_text(path))
-  current = json.loads(metric_writers.config_text(config.to_dict()))
-  changes = changed_fields(saved, current)
+  text = metric_writers.config_text(config.to_dict())
+  changes = changed_fields(saved, json.loads(text))
   if not changes:
     return
   lines = "\n".join(f"  config.{key}: {old!r} in this run, {new!r} now"
                     for key, old, new in changes)
-  raise ConfigError(
-      f"{workdir} holds a run to resume, started with other settings:\n{lines}\n"
-      "Resuming keeps the run's weights, optimizer state and schedule, so these values would be "
-      "ignored or change the run halfway. Run the command that started it to resume it, or "
-      "give the new settings another --workdir.")
+  if not allow_changes:
+    raise ConfigError(
+        f"{workdir} holds a run to resume, started with other settings:\n{lines}\n"
+        "Resuming keeps the run's weights, optimizer state and schedule, so these values would "
+        "be ignored or change the run halfway. Run the command that started it, give the new "
+        "settings another --workdir, or resume with them on purpose: --resume_with_changes.")
+  log.warning("resuming %s at step %d with changed settings (--resume_with_changes):\n%s",
+              workdir, step, lines)
+  if record:
+    entry = {"step": step, "changes": {key: {"was": old, "now": new}
+                                       for key, old, new in changes}}
+    log_path = os.path.join(workdir, CHANGES_FILE)
+    previous = storage.read_text(log_path) if storage.exists(log_path) else ""
+    storage.write_text(log_path, previous + json.dumps(entry) + "\n")
+    storage.write_text(path, text + "\n")
