@@ -121,11 +121,16 @@ def test_resuming_with_the_other_iterator_is_refused_before_anything_is_restored
   grain_run, resident_run = str(tmp_path / "grain"), str(tmp_path / "resident")
   device_augment = {"data.augment_on": "device"}
   train.run(tiny_config("mae", total_steps=2, **device_augment), grain_run)
-  with pytest.raises(ConfigError, match="data position of the grain pipeline"):
+  with pytest.raises(ConfigError, match="data.device_resident: False in this run, True now"):
     train.run(tiny_config("mae", total_steps=4, **RESIDENT), grain_run)
+  # Even as a change on purpose: the saved data position cannot serve the other iterator
+  # (and nothing is recorded, so the run keeps its own setting).
+  with pytest.raises(ConfigError, match="data position of the grain pipeline"):
+    train.run(tiny_config("mae", total_steps=4, **RESIDENT), grain_run, resume_with_changes=True)
   train.run(tiny_config("mae", total_steps=2, **RESIDENT), resident_run)
   with pytest.raises(ConfigError, match="data position of a device-resident split"):
-    train.run(tiny_config("mae", total_steps=4, **device_augment), resident_run)
+    train.run(tiny_config("mae", total_steps=4, **device_augment), resident_run,
+              resume_with_changes=True)
   # Both runs still resume with their own setting.
   assert int(train.run(tiny_config("mae", total_steps=3, **device_augment), grain_run).step) == 3
   assert int(train.run(tiny_config("mae", total_steps=3, **RESIDENT), resident_run).step) == 3

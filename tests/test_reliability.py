@@ -195,7 +195,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
   env = _one_device_per_process_env(PYTHONUNBUFFERED="1")
   port = _free_port()
   args = [RUNLOCAL, f"--workdir={workdir}", "--config.num_epochs=100000",
-          "--config.checkpoint_every=1000", "--config.log_every=1", "--config.viz_every=0",
+          "--config.total_steps=100000", "--config.checkpoint_every=1000", "--config.log_every=1", "--config.viz_every=0",
           f"--coordinator_address=localhost:{port}", "--num_processes=2"]
   logs = [tmp_path / f"process_{i}.log" for i in range(2)]
   procs = [_start([*args, f"--process_id={i}"], logs[i], env=env) for i in range(2)]
@@ -341,7 +341,7 @@ def test_a_streak_between_two_logging_steps_still_stops_the_run(tmp_path, monkey
 def test_run_errors_map_to_exit_codes(monkeypatch, tmp_path, capsys):
   for error in (run_errors.NonFiniteError("diverged"), run_errors.CheckpointSaveError("disk"),
                 ConfigError("config.x=1 is invalid"), data.IdxFormatError("truncated")):
-    def fail(config, workdir, file_config=None, error=error):
+    def fail(config, workdir, file_config=None, resume_with_changes=False, error=error):
       raise error
     monkeypatch.setattr(train, "run", fail)
     with pytest.raises(SystemExit) as exit_info:
@@ -351,7 +351,7 @@ def test_run_errors_map_to_exit_codes(monkeypatch, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: {error}"
   assert (run_errors.NonFiniteError.exit_code, run_errors.CheckpointSaveError.exit_code) == (3, 4)
   # A preempted run is not an error, and not a finished run either.
-  def preempted(config, workdir, file_config=None):
+  def preempted(config, workdir, file_config=None, resume_with_changes=False):
     raise run_errors.Preempted(7, workdir)
   monkeypatch.setattr(train, "run", preempted)
   with pytest.raises(SystemExit) as exit_info:
@@ -459,7 +459,7 @@ def test_bad_data_files_give_exit_2_and_one_line_naming_the_file(tmp_path, capsy
     main.cli(["mim_jax.main", RUNLOCAL, f"--workdir={tmp_path / 'w2'}",
               "--config.data.source=image_folder", f"--config.data.path={images.parent}",
               "--config.data.on_bad_image=raise", "--config.data.num_workers=1",
-              "--config.global_batch_size=7"])
+              "--config.global_batch_size=7", "--config.num_epochs=2"])
   err = capsys.readouterr().err
   assert exit_info.value.code == 2, err
   assert err.strip().splitlines()[-1].startswith(f"error: cannot decode image {images / '3.png'}")
@@ -684,7 +684,8 @@ def test_data_workers_exit_when_the_trainer_is_killed(tmp_path):
   within a few seconds instead of lingering with their memory."""
   workdir = tmp_path / "run"
   proc = _start([RUNLOCAL, f"--workdir={workdir}", "--config.data.num_workers=2",
-                 "--config.num_epochs=100000", "--config.log_every=1",
+                 "--config.num_epochs=100000", "--config.total_steps=100000",
+                 "--config.log_every=1",
                  "--config.checkpoint_every=100000"], tmp_path / "log.txt")
   try:
     _wait_for(lambda: len(_logged_steps(workdir)) >= 2, proc)

@@ -88,10 +88,10 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  save_every=config.checkpoint_every, keep=config.keep_checkpoints,
                                  max_consecutive_failures=config.max_consecutive_failed_saves)
+  changes = []
   if ckpt.latest_step() is not None:  # before the data (a device-resident split) is loaded
     try:
-      resume_check.check_same_run(workdir, config, allow_changes=resume_with_changes,
-                                  step=ckpt.latest_step(), record=is_chief)
+      changes = resume_check.check_same_run(workdir, config, allow_changes=resume_with_changes)
     except ConfigError:
       ckpt.close()
       raise
@@ -106,6 +106,8 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
   host_batch = batch = None
   try:
     state, start_step = _restore_or_init(config, r, ckpt, train_iter, init_rng)
+    if changes and is_chief:
+      resume_check.record_changes(workdir, config, start_step, changes)
     train_step = r.jit_step()
 
     if is_chief:

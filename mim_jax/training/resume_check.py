@@ -84,20 +84,18 @@ def changed_fields(saved: dict, config: dict) -> list[tuple[str, Any, Any]]:
                 if old[key] != new[key] and not _changeable(key))
 
 
-def check_same_run(workdir: str, config, *, allow_changes: bool = False, step: int = 0,
-                   record: bool = True) -> None:
-  """Raises ConfigError if `config` differs from the run's saved config.json in a field that
-  cannot change on resume, unless `allow_changes`: then it logs them and, where `record` (the
-  chief process), appends them to config_changes.jsonl (from `step` on) and rewrites
-  config.json. Call it only when `workdir` holds a checkpoint to resume."""
+def check_same_run(workdir: str, config, *, allow_changes: bool = False) -> list:
+  """The changes to record (`record_changes`) once the run has resumed: [] when `config`
+  matches the run's saved config.json in every field that cannot change on resume. Raises
+  ConfigError for a difference unless `allow_changes`, which logs them instead. Call it only
+  when `workdir` holds a checkpoint to resume."""
   path = os.path.join(workdir, metric_writers.CONFIG_FILE)
   if not storage.exists(path):
-    return  # written at step 0 before any checkpoint; absent only for foreign workdirs
+    return []  # written at step 0 before any checkpoint; absent only for foreign workdirs
   saved = json.loads(storage.read_text(path))
-  text = metric_writers.config_text(config.to_dict())
-  changes = changed_fields(saved, json.loads(text))
+  changes = changed_fields(saved, json.loads(metric_writers.config_text(config.to_dict())))
   if not changes:
-    return
+    return []
   lines = "\n".join(f"  config.{key}: {old!r} in this run, {new!r} now"
                     for key, old, new in changes)
   if not allow_changes:
@@ -106,12 +104,18 @@ def check_same_run(workdir: str, config, *, allow_changes: bool = False, step: i
         "Resuming keeps the run's weights, optimizer state and schedule, so these values would "
         "be ignored or change the run halfway. Run the command that started it, give the new "
         "settings another --workdir, or resume with them on purpose: --resume_with_changes.")
-  log.warning("resuming %s at step %d with changed settings (--resume_with_changes):\n%s",
-              workdir, step, lines)
-  if record:
-    entry = {"step": step, "changes": {key: {"was": old, "now": new}
-                                       for key, old, new in changes}}
-    log_path = os.path.join(workdir, CHANGES_FILE)
-    previous = storage.read_text(log_path) if storage.exists(log_path) else ""
-    storage.write_text(log_path, previous + json.dumps(entry) + "\n")
-    storage.write_text(path, text + "\n")
+  log.warning("resuming %s with changed settings (--resume_with_changes):\n%s", workdir, lines)
+  return changes
+
+
+def record_changes(workdir: str, config, step: int, changes: list) -> None:
+  """After a resume with `changes` (from `check_same_run`) at `step`: appends them to
+  config_changes.jsonl and makes config.json the new config, which later resumes compare with.
+  Only once the checkpoint has been restored, so a resume that fails records nothing."""
+  entry = {"step": step, "changes": {key: {"was": old, "now": new}
+                                     for key, old, new in changes}}
+  log_path = os.path.join(workdir, CHANGES_FILE)
+  previous = storage.read_text(log_path) if storage.exists(log_path) else ""
+  storage.write_text(log_path, previous + json.dumps(entry) + "\n")
+  storage.write_text(os.path.join(workdir, metric_writers.CONFIG_FILE),
+                     metric_writers.config_text(config.to_dict()) + "\n")
