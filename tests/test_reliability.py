@@ -338,6 +338,29 @@ def test_a_streak_between_two_logging_steps_still_stops_the_run(tmp_path, monkey
   assert rows[5]["nonfinite"] == 1 and np.isfinite(rows[5]["loss"])  # finite, yet skipped
 
 
+def test_a_notice_after_a_reached_streak_stops_the_run_without_a_checkpoint(tmp_path,
+                                                                            monkeypatch):
+  """SIGTERM after step 4, when steps 2-3 have reached the limit of 2 but no logging step has
+  read the streak yet: the run ends as diverged (exit 3), not preempted (exit 75), and writes no
+  checkpoint after the notice, so a rerun does not resume into the latched streak."""
+  from mim_jax.training import preemption
+  _poison_steps(monkeypatch, {2, 3})
+  should_stop = preemption.PreemptionWatcher.should_stop
+
+  def notice_after_step_4(self, step):
+    if step == 4:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return should_stop(self, step)
+  monkeypatch.setattr(preemption.PreemptionWatcher, "should_stop", notice_after_step_4)
+  workdir = tmp_path / "w"
+  config = tiny_mae_config(total_steps=10, log_every=5, checkpoint_every=100,
+                           max_consecutive_nonfinite=2)
+  with pytest.raises(run_errors.NonFiniteError, match=r"step 4: .*the updates of the last 3 "
+                     r"steps were skipped, so the parameters are those of step 1"):
+    train.run(config, str(workdir))
+  assert _committed(workdir) == [1]  # Orbax's save of a fresh run's first step, nothing later
+
+
 def test_run_errors_map_to_exit_codes(monkeypatch, tmp_path, capsys):
   for error in (run_errors.NonFiniteError("diverged"), run_errors.CheckpointSaveError("disk"),
                 ConfigError("config.x=1 is invalid"), data.IdxFormatError("truncated")):
