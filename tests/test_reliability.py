@@ -488,6 +488,23 @@ def test_bad_data_files_give_exit_2_and_one_line_naming_the_file(tmp_path, capsy
   assert err.strip().splitlines()[-1].startswith(f"error: cannot decode image {images / '3.png'}")
 
 
+def test_a_run_stopped_by_a_bad_image_resumes_skipping_it(tmp_path):
+  """BadImageError advises on_bad_image='skip': a run that checkpointed under 'raise' resumes
+  under 'skip' (a field that may change on resume) instead of being refused."""
+  images = tmp_path / "images" / "a"
+  for i in range(14):
+    _png(images / f"{i}.png", np.full((8, 8, 3), 50 + i, np.uint8))
+  run = ["mim_jax.main", RUNLOCAL, f"--workdir={tmp_path / 'w'}",
+         "--config.data.source=image_folder", f"--config.data.path={images.parent}",
+         "--config.global_batch_size=7", "--config.num_epochs=3", "--config.log_every=1"]
+  main.cli([*run, "--config.data.on_bad_image=raise", "--config.total_steps=2"])
+  (images / "3.png").write_bytes(b"\x89PNG not really")  # the file goes bad meanwhile
+  main.cli([*run, "--config.data.on_bad_image=skip", "--config.total_steps=6"])
+  rows = metric_writers.read_metrics(str(tmp_path / "w"))
+  assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4, 5, 6]
+  assert rows[-1]["skipped_images"] >= 1
+
+
 # ----------------------------------------------------------------------------- 5. storage
 
 
@@ -757,9 +774,9 @@ def test_resume_refuses_a_config_that_would_train_something_else(tmp_path):
   assert int(train.run(tiny_mae_config(total_steps=5, **lower_lr), workdir).step) == 5
 
   # The comparison itself: nested fields, the changeable ones and fields only one side has.
-  saved_cfg = {"init_from": "/a", "data": {"path": "/x", "holdout": 0}, "old_field": 1,
-               "model": {"remat": False, "dtype": "float32"}}
-  new_cfg = {"init_from": "/b", "data": {"path": "/y", "holdout": 5000}, "new_field": 2,
-             "model": {"remat": True, "dtype": "float32"}}
+  saved_cfg = {"init_from": "/a", "data": {"path": "/x", "holdout": 0, "on_bad_image": "raise"},
+               "old_field": 1, "model": {"remat": False, "dtype": "float32"}}
+  new_cfg = {"init_from": "/b", "data": {"path": "/y", "holdout": 5000, "on_bad_image": "skip"},
+             "new_field": 2, "model": {"remat": True, "dtype": "float32"}}
   assert resume_check.changed_fields(saved_cfg, new_cfg) == [
       ("data.holdout", 0, 5000), ("init_from", "/a", "/b")]

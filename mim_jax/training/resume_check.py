@@ -47,8 +47,12 @@ CHANGEABLE_ON_RESUME = (
     "mesh", "sharding_rules", "parallel.step", "grad_accum_steps", "compiler_options",
     "model.remat", "model.attention_impl",
     # Files that move with the machine, and how the host reads them (not data.num_workers:
-    # the saved data position is per worker, docs/reliability.md).
+    # the saved data position is per worker, docs/reliability.md). data.on_bad_image: a run
+    # stopped by a corrupt file under "raise" resumes with "skip", as BadImageError advises
+    # (the position counts images before bad rows are dropped; a device-resident split loaded
+    # under "raise" has no bad rows to drop).
     "data.path", "data.eval_path", "data.tfds_data_dir", "data.prefetch_buffer_size",
+    "data.on_bad_image",
     # Logging, pictures, checkpoints, failure limits.
     "log_every", "viz_every", "viz_num_images", "viz_channels", "checkpoint_every",
     "keep_checkpoints", "max_consecutive_nonfinite", "max_consecutive_failed_saves",
