@@ -780,3 +780,35 @@ def test_resume_refuses_a_config_that_would_train_something_else(tmp_path):
              "new_field": 2, "model": {"remat": True, "dtype": "float32"}}
   assert resume_check.changed_fields(saved_cfg, new_cfg) == [
       ("data.holdout", 0, 5000), ("init_from", "/a", "/b")]
+
+
+def test_a_diverged_run_resumes_with_clipping_switched_on(tmp_path):
+  """NonFiniteError advises setting optimizer.clip_grad_norm and resuming with
+  --resume_with_changes: clipping adds a stage to the optimizer's state tree (without arrays),
+  and the checkpoint written without it is read into the new tree, its moments intact (a clip
+  that never triggers trains exactly as the uninterrupted run), and back off again."""
+  train.run(tiny_mae_config(total_steps=3), str(tmp_path / "straight"))
+  workdir = str(tmp_path / "run")
+  train.run(tiny_mae_config(total_steps=2), workdir)
+  clip = {"optimizer.clip_grad_norm": 1e9}
+  state = train.run(tiny_mae_config(total_steps=3, **clip), workdir, resume_with_changes=True)
+  assert int(state.step) == 3
+  for a, b in zip(_saved_params(tmp_path / "run", 3), _saved_params(tmp_path / "straight", 3),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)
+  state = train.run(tiny_mae_config(total_steps=4), workdir, resume_with_changes=True)
+  assert int(state.step) == 4
+
+
+def test_resume_with_changes_that_do_not_fit_the_checkpoint_is_a_config_error(tmp_path):
+  """--resume_with_changes cannot give a checkpoint another model depth or optimizer: a
+  ConfigError naming the fields (exit 2, nothing recorded), not Orbax's ValueError."""
+  workdir = str(tmp_path / "run")
+  train.run(tiny_mae_config(total_steps=2), workdir)
+  saved = (tmp_path / "run" / "config.json").read_text()
+  for change in ({"model.depth": 3}, {"optimizer.name": "sgd"}):
+    with pytest.raises(ConfigError, match=r"cannot be resumed with the changed settings \(.*"
+                       + re.escape(f"config.{next(iter(change))}")):
+      train.run(tiny_mae_config(total_steps=3, **change), workdir, resume_with_changes=True)
+  assert (tmp_path / "run" / "config.json").read_text() == saved
+  assert not (tmp_path / "run" / "config_changes.jsonl").exists()

@@ -105,7 +105,7 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
   writer = None
   host_batch = batch = None
   try:
-    state, start_step = _restore_or_init(config, r, ckpt, train_iter, init_rng)
+    state, start_step = _restore_or_init(config, r, ckpt, train_iter, init_rng, changes)
     if changes and is_chief:
       resume_check.record_changes(workdir, config, start_step, changes)
     train_step = r.jit_step()
@@ -230,26 +230,49 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
 
 
 def _restore_or_init(config, r: setup.Run, ckpt: checkpoint.Checkpointer, train_iter,
-                     init_rng: jax.Array) -> tuple[step_lib.TrainState, int]:
+                     init_rng: jax.Array,
+                     changes: list = ()) -> tuple[step_lib.TrainState, int]:
   """(state, start step): the latest complete checkpoint, else a fresh (or pre-trained) state.
 
   Orbax lists only committed step directories, so a checkpoint cut short by a crash is never
-  chosen; its temporary directory was deleted when `ckpt` opened the folder.
+  chosen; its temporary directory was deleted when `ckpt` opened the folder. `changes`: the
+  settings a resume changes (resume_check.check_same_run); a checkpoint written under other
+  optimizer settings is read in that optimizer's state tree (clipping switched on after a
+  divergence), and one the changed config's state does not fit is a ConfigError.
   """
   abstract_state, method = r.abstract_state, r.method
   start_step = ckpt.latest_step()
   if start_step is not None:
-    if ckpt.has_iterator_state(start_step):
-      data.check_saved_position(ckpt.iterator_position(start_step),
-                                resident=config.data.get("device_resident", False))
-      state = ckpt.restore(start_step, abstract_state, train_iter)
-    else:
-      # Another process count: the state is resharded onto this mesh, but the per-process
-      # data positions do not carry over, so the data order starts afresh.
-      state = ckpt.restore(start_step, abstract_state)
-      log.warning("checkpoint %d was written by a different number of processes: params and "
-                  "optimizer state restored onto this mesh, the data iterator starts afresh",
-                  start_step)
+    target = abstract_state
+    saved_optimizer = {key.split(".", 1)[1]: old for key, old, _ in changes
+                       if key.startswith("optimizer.")}
+    if saved_optimizer:
+      target = r.abstract_state_saved_with(saved_optimizer) or abstract_state
+    try:
+      if ckpt.has_iterator_state(start_step):
+        data.check_saved_position(ckpt.iterator_position(start_step),
+                                  resident=config.data.get("device_resident", False))
+        state = ckpt.restore(start_step, target, train_iter)
+      else:
+        # Another process count: the state is resharded onto this mesh, but the per-process
+        # data positions do not carry over, so the data order starts afresh.
+        state = ckpt.restore(start_step, target)
+        log.warning("checkpoint %d was written by a different number of processes: params and "
+                    "optimizer state restored onto this mesh, the data iterator starts afresh",
+                    start_step)
+    except ValueError as e:  # Orbax: the tree or a shape differs from the checkpoint's
+      if not changes or isinstance(e, ConfigError):
+        raise
+      fields = ", ".join(f"config.{key}" for key, _, _ in changes)
+      first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise ConfigError(
+          f"checkpoint {start_step} in {ckpt.directory} cannot be resumed with the changed "
+          f"settings ({fields}): one of them changes the arrays of the training state (model "
+          f"size, optimizer.name, method parts) that the checkpoint holds (Orbax: "
+          f"{first_line}). Give the new settings another --workdir, or resume without them.") from e
+    if target is not abstract_state:  # read in the saved optimizer's tree: the same arrays
+      state = state.replace(opt_state=jax.tree.unflatten(
+          jax.tree.structure(abstract_state.opt_state), jax.tree.leaves(state.opt_state)))
     log.info("resumed from %s at step %d", ckpt.directory, start_step)
     return state, start_step
   state = r.init_state(init_rng)

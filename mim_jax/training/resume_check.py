@@ -107,7 +107,9 @@ def check_same_run(workdir: str, config, *, allow_changes: bool = False) -> list
         f"{workdir} holds a run to resume, started with other settings:\n{lines}\n"
         "Resuming keeps the run's weights, optimizer state and schedule, so these values would "
         "be ignored or change the run halfway. Run the command that started it, give the new "
-        "settings another --workdir, or resume with them on purpose: --resume_with_changes.")
+        "settings another --workdir, or resume with them on purpose: --resume_with_changes "
+        "(not for settings that change the arrays of the training state, such as the model's "
+        "size or optimizer.name).")
   log.warning("resuming %s with changed settings (--resume_with_changes):\n%s", workdir, lines)
   return changes
 

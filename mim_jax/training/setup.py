@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
@@ -140,6 +141,25 @@ class Run:
   def init_state(self, init_rng: jax.Array):
     return compiler_options.jit(self.config, self.init_fn,
                                 out_shardings=self.state_shardings)(init_rng)
+
+  def abstract_state_saved_with(self, optimizer_fields: dict) -> Any:
+    """`abstract_state` as a checkpoint written under other optimizer settings holds it
+    (`optimizer_fields`: {name: value} of config.optimizer then, e.g. {"clip_grad_norm": 0.0}):
+    the same arrays, with their shardings, in that optimizer's state tree. Clipping and
+    layer-wise lr decay add or remove stages without state, so a run that diverged can resume
+    with them (`--resume_with_changes`). None when that optimizer's state holds other arrays
+    (another optimizer.name, or another count or shape of arrays): no checkpoint of it fits."""
+    saved = {**self.config.optimizer.to_dict(), **optimizer_fields}
+    if saved["name"] != self.config.optimizer.name:
+      return None  # another optimizer's moments are not this one's, whatever their shapes
+    tx = self.method.wrap_optimizer(optim.build_optimizer(
+        ml_collections.ConfigDict(saved), self.schedule, self.schedule_steps))
+    opt_state = jax.eval_shape(tx.init, self.abstract_state.params)
+    theirs, ours = jax.tree.leaves(opt_state), jax.tree.leaves(self.abstract_state.opt_state)
+    if len(theirs) != len(ours) or any(a.shape != b.shape for a, b in zip(theirs, ours)):
+      return None
+    return self.abstract_state.replace(
+        opt_state=jax.tree.unflatten(jax.tree.structure(opt_state), ours))
 
 
 def _augmenting(step_fn: Callable, config) -> Callable:
