@@ -179,6 +179,18 @@ def test_device_resident_is_refused_where_it_cannot_act(overrides, match):
     validate_config(tiny_config("mae", **overrides))
 
 
+def test_device_resident_refused_for_images_of_mixed_sizes_names_what_works(tmp_path):
+  """An image folder cannot be device-resident: the refusal says so, instead of advising
+  data.augment_on='device', which that source refuses in turn; its advice is accepted."""
+  from test_data import save_image
+  save_image(tmp_path / "a" / "0.png", np.zeros((8, 8, 3), np.uint8))
+  folder = {"data.source": "image_folder", "data.path": str(tmp_path)}
+  with pytest.raises(ConfigError, match=r"config.data.device_resident=True is invalid: False "
+                     r"for data.source='image_folder'"):
+    validate_config(tiny_config("mae", **folder, **{"data.device_resident": True}))
+  validate_config(tiny_config("mae", **folder, **{"data.device_resident": False}))
+
+
 def test_the_chooser_refuses_what_the_device_resident_split_would_drop():
   """data.make_train_iterator with data.device_resident: a method's own augmentation and
   per-image transforms without their per-batch form are refused, not silently left out."""

@@ -187,6 +187,11 @@ def _validate_augmentation(data_cfg) -> None:
   if "device_resident" in data_cfg:
     resident = data_cfg.device_resident
     _require(isinstance(resident, bool), "device_resident", resident, "true or false")
+    # Before the augment_on advice below, which such a source cannot follow.
+    _require(not resident or data_cfg.source in FIXED_SIZE_SOURCES, "device_resident",
+             resident, f"False for data.source={data_cfg.source!r}: the images held on the "
+             "device are augmented there (data.augment_on='device'), which needs images of one "
+             f"size (sources {FIXED_SIZE_SOURCES}); the grain pipeline reads this source")
     _require(not resident or data_cfg.get("augment_on") == "device", "device_resident",
              resident, "False with data.augment_on='host': the images held on the device are "
              "augmented there (set data.augment_on='device')")
