@@ -26,12 +26,12 @@ e.g. two CPU processes on one machine:
   python -m mim_jax.main --config=configs/mae_vitb.py:runlocal --workdir=/tmp/mp \
       --coordinator_address=localhost:12355 --num_processes=2 --process_id=1
 
-Exit codes (mim_jax/training/run_errors.py): 0 finished, or stopped after SIGTERM with its checkpoint
-written; 1 a bug (traceback); 2 bad input found before training (a flag, a config field, the
-workdir, a data file); 3 the loss stayed NaN/Inf (config.max_consecutive_nonfinite steps);
-4 checkpoint writes kept failing (config.max_consecutive_failed_saves); 5 another process of a
-multi-process run died, so this one stopped too (run the same command on every process to
-resume).
+Exit codes (mim_jax/training/run_errors.py): 0 finished; 1 a bug (traceback); 2 bad input found
+before training (a flag, a config field, the workdir, a data file); 3 the loss stayed NaN/Inf
+(config.max_consecutive_nonfinite steps); 4 checkpoint writes kept failing
+(config.max_consecutive_failed_saves); 5 another process of a multi-process run died, so this
+one stopped too (run the same command on every process to resume); 75 stopped after SIGTERM (a
+preemption notice) with its checkpoint written (run the same command to continue).
 
 The config file is a Python module and runs as code: only pass config files you trust.
 """

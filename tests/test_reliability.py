@@ -382,6 +382,9 @@ def test_run_errors_map_to_exit_codes(monkeypatch, tmp_path, capsys):
   assert exit_info.value.code == run_errors.EXIT_PREEMPTED == 75
   err = capsys.readouterr().err.strip()
   assert err.startswith("stopped after a preemption notice") and "step 7" in err
+  # `--help` (the module docstring) lists the codes as they are: 75 after SIGTERM, not 0.
+  codes = " ".join(main.__doc__.split("Exit codes")[1].split())
+  assert "0 finished;" in codes and "75 stopped after SIGTERM" in codes
 
 
 # ----------------------------------------------------------------------------- 4. data faults

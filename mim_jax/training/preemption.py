@@ -3,7 +3,8 @@
 Cluster schedulers (SLURM, Kubernetes, Cloud TPU maintenance) send SIGTERM some time before
 they kill a job. The training loop asks `PreemptionWatcher.should_stop(step)` after every
 step; when it says yes, the loop writes a checkpoint for that step, waits for the write and
-exits 0, so the same command resumes from it.
+stops (run_errors.Preempted: `python -m mim_jax.main` exits 75), so the same command resumes
+from it.
 
   * One process: a Python SIGTERM handler sets a flag; the loop stops after the step in
     progress.
