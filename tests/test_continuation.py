@@ -211,3 +211,34 @@ def test_beit_style_encoder_carries_its_architecture_into_evaluations(tmp_path_f
                                                 "model.abs_posemb": False})
   with pytest.raises(ConfigError, match=r"config.model.layer_scale=0.0.*0.1"):
     setup.prepare(config)
+
+
+def test_an_architecture_mismatch_gives_every_flag_that_fits_the_source(mae_source):
+  """A BEiT-style config continuing from an MAE source differs in three settings: the refusal
+  gives all three flags at once, an empty string quoted for the shell, and the config with
+  them applied (as the shell passes them) is accepted. One by one, the old message's
+  `--config.model.rel_pos_bias=.` set '.', and '' alone was refused for abs_posemb=False."""
+  import shlex
+
+  from absl import flags
+
+  from mim_jax import main
+  beit_style = ["--config.model.rel_pos_bias=shared", "--config.model.layer_scale=0.1",
+                "--config.model.abs_posemb=False", "--config.model.depth=3"]
+
+  def command_line(*extra):
+    argv = ["mim_jax.main", "--config=configs/mae_vitb.py:runlocal",
+            f"--config.init_from={mae_source}", "--config.image_size=(16, 16)",
+            "--config.model.variant=mu/4", *beit_style, *extra]
+    flag_values = flags.FlagValues()
+    main.define_flags(flag_values, argv)
+    main.parse_flags(argv, flag_values)
+    return flag_values.config
+
+  with pytest.raises(ConfigError) as err:
+    registry.validate_config(command_line())
+  message = str(err.value)
+  assert message.startswith("config.model.layer_scale=0.1 is invalid: the source's value 0.0")
+  advice = message.split("set it with ", 1)[1]
+  assert "--config.model.rel_pos_bias='' " in advice and "depth=2" in advice
+  registry.validate_config(command_line(*shlex.split(advice)))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shlex
 from typing import Any
 
 import jax
@@ -71,27 +72,37 @@ def check_source_fits(config) -> None:
                        "a training workdir, an export directory or an imported checkpoint "
                        "(python -m mim_jax.convert import ...)", str(e)) from None
   mismatches = pretrained.encoder_mismatches(config.model, config.channels, info)
-  for name in pretrained.ARCH_DEFAULTS:
-    if f"model.{name}" in mismatches:
-      ours, theirs = mismatches[f"model.{name}"]
-      raise config_error(
-          f"model.{name}", ours, f"the source's value {theirs!r} (init_from={config.init_from})",
-          f"Continued pre-training keeps the source's architecture: set "
-          f"--config.model.{name}={theirs}.")
-  if "size" in mismatches or "channels" in mismatches:
-    (size, patch), (src_size, src_patch) = size_from_config(config.model), size_from_config(
-        ml_collections.ConfigDict(info["config"]["model"]))
-    src_channels = int(info["channels"])
-    flags = (f"--config.model.variant={info['config']['model']['variant']} "
-             + " ".join(f"--config.model.{k}={getattr(src_size, k)}"
-                        for k in ("width", "depth", "num_heads", "mlp_dim"))
-             + f" --config.channels={src_channels}")
+  source_model = info["config"]["model"]
+  # Every differing setting at once, each as a flag the shell passes as it is ('' for an empty
+  # string), last in the message (no full stop to copy): set one by one, the next would be
+  # refused in turn, or by validation (an encoder without rel_pos_bias needs abs_posemb=True).
+  arch = [(name, *mismatches[f"model.{name}"]) for name in pretrained.ARCH_DEFAULTS
+          if f"model.{name}" in mismatches]
+  flags = [f"--config.model.{name}={shlex.quote(str(theirs))}" for name, _, theirs in arch]
+  src_size, src_patch = size_from_config(ml_collections.ConfigDict(source_model))
+  src_channels = int(info["channels"])
+  resized = "size" in mismatches or "channels" in mismatches
+  if resized:
+    flags += [f"--config.model.variant={shlex.quote(source_model['variant'])}"]
+    flags += [f"--config.model.{k}={getattr(src_size, k)}"
+              for k in ("width", "depth", "num_heads", "mlp_dim")]
+    flags += [f"--config.channels={src_channels}"]
+  hint = ("Continued pre-training keeps the source's architecture; set it with "
+          + " ".join(flags))
+  if arch:
+    name, ours, theirs = arch[0]
+    others = "".join(f"; model.{n} is {o!r} here, {t!r} there" for n, o, t in arch[1:])
+    raise config_error(
+        f"model.{name}", ours,
+        f"the source's value {theirs!r} (init_from={config.init_from}){others}"
+        + ("; its size differs too" if resized else ""), hint)
+  if resized:
+    size, patch = size_from_config(config.model)
     raise config_error(
         "init_from", config.init_from,
         "weights whose encoder fits the configured one "
         f"({pretrained.describe_encoder(size, patch, config.channels)}); the source's encoder "
-        f"has {pretrained.describe_encoder(src_size, src_patch, src_channels)}",
-        f"Continued pre-training keeps the source's architecture: set {flags}.")
+        f"has {pretrained.describe_encoder(src_size, src_patch, src_channels)}", hint)
 
 
 def _flat(tree: Any) -> dict[str, Any]:
