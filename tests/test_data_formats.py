@@ -153,6 +153,25 @@ def test_channel_statistics_and_their_overrides(tmp_path):
   assert out.stdout.strip() == line
 
 
+def test_channel_statistics_skip_a_bad_image_as_its_error_advises(tmp_path):
+  """BadImageError advises data.on_bad_image='skip', and the statistics tool follows the
+  setting as training does (it used to decode with 'raise' whatever the config said)."""
+  folder = tmp_path / "images" / "a"
+  folder.mkdir(parents=True)
+  for i, value in enumerate((51, 102)):
+    Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(folder / f"{i}.png")
+  (folder / "2.png").write_bytes(b"\x89PNG not really")
+  cfg = registry.base_config("mae").data
+  cfg.update(source="image_folder", path=str(tmp_path / "images"), on_bad_image="raise")
+  with pytest.raises(transforms.BadImageError, match=r"2.png.*on_bad_image='skip'"):
+    stats.channel_stats(cfg, channels=3)
+  cfg.on_bad_image = "skip"
+  mean, std, count = stats.channel_stats(cfg, channels=3)
+  assert count == 2
+  np.testing.assert_allclose(mean, [0.3] * 3)
+  np.testing.assert_allclose(std, [0.1] * 3, atol=1e-7)
+
+
 def test_channel_count_and_shown_channels_are_checked():
   with pytest.raises(ConfigError, match=r"config.viz_channels=\(5,\) is invalid"):
     registry.validate_config(tiny_config("mae", channels=5, viz_channels=(5,),

@@ -21,8 +21,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mim_jax.data import sources
-from mim_jax.data.transforms import DecodeImage
+from mim_jax.data import bad_images, sources
+from mim_jax.data.transforms import BadImageError, DecodeImage
 
 FLAGS = flags.FLAGS
 
@@ -35,20 +35,30 @@ def _define_flags() -> None:
 
 
 def channel_stats(data_cfg, *, channels: int, max_images: int = 0) -> tuple[np.ndarray, ...]:
-  """(mean [C], std [C], images read) of the training split of `data_cfg`, in [0, 1] units."""
+  """(mean [C], std [C], images used) of the training split of `data_cfg`, in [0, 1] units.
+
+  An undecodable image is handled as training handles it (data.on_bad_image): "raise" stops
+  with BadImageError, "skip" warns and leaves it out of the sums and the count."""
   source = sources.build_source(data_cfg, image_size=(1, 1), channels=channels)
-  decode = DecodeImage(channels=channels, on_bad_image="raise", skip_log_dir="")
-  count = len(source) if max_images <= 0 else min(max_images, len(source))
+  decode = DecodeImage(channels=channels, on_bad_image=data_cfg.on_bad_image,
+                       skip_log_dir=bad_images.log_directory())
+  read = len(source) if max_images <= 0 else min(max_images, len(source))
   total = np.zeros(channels, np.float64)
   total_sq = np.zeros(channels, np.float64)
-  pixels = 0
-  for i in range(count):
+  pixels = count = 0
+  for i in range(read):
     image = decode.map(source[i])["image"]  # uint8, or float32 already in [0, 1]
+    if image is None:  # skipped (on_bad_image="skip"), warned by the decoder
+      continue
+    count += 1
     scale = 255.0 if image.dtype == np.uint8 else 1.0
     flat = image.reshape(-1, channels).astype(np.float64) / scale
     total += flat.sum(axis=0)
     total_sq += np.square(flat).sum(axis=0)
     pixels += flat.shape[0]
+  if not pixels:
+    raise BadImageError(f"none of the {read} images of {data_cfg.source} split "
+                        f"{data_cfg.split!r} could be decoded")
   mean = total / pixels
   std = np.sqrt(np.maximum(total_sq / pixels - np.square(mean), 0.0))
   return mean, std, count
