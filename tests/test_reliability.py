@@ -803,6 +803,20 @@ def test_a_diverged_run_resumes_with_clipping_switched_on(tmp_path):
   assert int(state.step) == 4
 
 
+def test_resume_with_changes_refuses_another_number_of_data_workers(tmp_path):
+  """The resume refusal offers --resume_with_changes, but the saved data position is per
+  worker: another data.num_workers is refused by name before anything is restored (it was a
+  KeyError from grain's restore)."""
+  workdir = str(tmp_path / "run")
+  train.run(tiny_mae_config(total_steps=2), workdir)
+  saved = (tmp_path / "run" / "config.json").read_text()
+  with pytest.raises(ConfigError, match=r"config.data.num_workers=0 \(1 now\).*resumes only "
+                     r"with data.num_workers=0 \(also with --resume_with_changes\)"):
+    train.run(tiny_mae_config(total_steps=3, **{"data.num_workers": 1}), workdir,
+              resume_with_changes=True)
+  assert (tmp_path / "run" / "config.json").read_text() == saved
+
+
 def test_resume_with_changes_that_do_not_fit_the_checkpoint_is_a_config_error(tmp_path):
   """--resume_with_changes cannot give a checkpoint another model depth or optimizer: a
   ConfigError naming the fields (exit 2, nothing recorded), not Orbax's ValueError."""

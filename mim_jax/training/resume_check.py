@@ -62,6 +62,12 @@ CHANGEABLE_ON_RESUME = (
 )
 
 
+# Fields that no resume may change, not even with `allow_changes`: the checkpoint's data
+# position is saved per worker process (docs/reliability.md), and grain cannot restore it
+# into another number of workers.
+FIXED_ON_RESUME = ("data.num_workers",)
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
   """{"data.path": ..., "seed": ...}: the leaves of nested dicts by dotted path."""
   out: dict[str, Any] = {}
@@ -102,6 +108,14 @@ def check_same_run(workdir: str, config, *, allow_changes: bool = False) -> list
     return []
   lines = "\n".join(f"  config.{key}: {old!r} in this run, {new!r} now"
                     for key, old, new in changes)
+  fixed = [(key, old, new) for key, old, new in changes if key in FIXED_ON_RESUME]
+  if fixed:
+    key, old, new = fixed[0]
+    raise ConfigError(
+        f"{workdir} holds a run to resume, started with config.{key}={old!r} ({new!r} now): "
+        "its checkpoints hold the data position of each worker process, which no other "
+        f"number of workers can take up, so it resumes only with {key}={old!r} (also with "
+        "--resume_with_changes). Give the new setting another --workdir.")
   if not allow_changes:
     raise ConfigError(
         f"{workdir} holds a run to resume, started with other settings:\n{lines}\n"
