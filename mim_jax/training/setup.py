@@ -68,7 +68,8 @@ def schedule_lengths(config, num_examples: int) -> tuple[int, int, int]:
         f"(num_epochs={config.num_epochs} x {per_epoch}); total_steps only stops a run early",
         f"Steps past the schedule would train at its end learning rate. To train longer, "
         f"lengthen the schedule: --config.num_epochs={epochs} gives "
-        f"{int(round(epochs * steps_per_epoch))} steps.")
+        f"{int(round(epochs * steps_per_epoch))} steps (a run with checkpoints takes a longer "
+        f"schedule with --resume_with_changes).")
   last_step = schedule_steps if config.total_steps == -1 else config.total_steps
   return steps_per_epoch, schedule_steps, last_step
 
