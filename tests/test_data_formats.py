@@ -165,6 +165,16 @@ def test_channel_statistics_skip_a_bad_image_as_its_error_advises(tmp_path):
   cfg.update(source="image_folder", path=str(tmp_path / "images"), on_bad_image="raise")
   with pytest.raises(transforms.BadImageError, match=r"2.png.*on_bad_image='skip'"):
     stats.channel_stats(cfg, channels=3)
+  # The command says so in one line, as the trainer does (it printed a traceback).
+  out = subprocess.run([sys.executable, "-m", "mim_jax.data.stats",
+                        f"--config={REPO}/configs/mae_fmnist.py",
+                        "--config.data.source=image_folder",
+                        f"--config.data.path={tmp_path / 'images'}",
+                        "--config.data.on_bad_image=raise"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.startswith("error: ") and "2.png" in out.stderr, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
   cfg.on_bad_image = "skip"
   mean, std, count = stats.channel_stats(cfg, channels=3)
   assert count == 2

@@ -21,8 +21,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from mim_jax.config.errors import ConfigError
 from mim_jax.data import bad_images, sources
+from mim_jax.data.idx import IdxFormatError
 from mim_jax.data.transforms import BadImageError, DecodeImage
+from mim_jax.training.run_errors import EXIT_BAD_INPUT
 
 FLAGS = flags.FLAGS
 
@@ -72,8 +75,13 @@ def format_overrides(mean: np.ndarray, std: np.ndarray) -> str:
 def main(argv) -> None:
   del argv
   config = FLAGS.config
-  mean, std, count = channel_stats(config.data, channels=config.channels,
-                                   max_images=FLAGS.max_images)
+  try:
+    mean, std, count = channel_stats(config.data, channels=config.channels,
+                                     max_images=FLAGS.max_images)
+  except (BadImageError, ConfigError, IdxFormatError) as e:
+    # Bad input, reported as the trainer reports it: one line and exit 2, no traceback.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
   print(f"{count} images of {config.data.source} split {config.data.split!r}, "
         f"{config.channels} channel(s):", file=sys.stderr)
   print(format_overrides(mean, std))
