@@ -165,7 +165,8 @@ def on_synthetic_data(config):
   """`config` reading synthetic images of its own size and channels instead of its dataset:
   the step is timed on a generated batch, so the dataset need not be on the machine (the
   ImageNet configs on a GPU host). A classifier keeps its dataset's class count (its head's
-  size), which must then be readable here or given as classifier.num_classes."""
+  size), which must then be readable here or given as classifier.num_classes; the synthetic
+  source then has that many classes (data.synthetic_classes), whatever the count."""
   from mim_jax import data, registry
   from mim_jax.config import validation
   from mim_jax.config.errors import ConfigError
@@ -178,14 +179,18 @@ def on_synthetic_data(config):
       if (field.startswith("data.") and field[len("data."):] in base.data
           and not validation.rule_reads(reads, synthetic)):
         changes[field] = validation.get(base, field)
-  if "classifier" in config and not config.classifier.num_classes:
-    try:
-      changes["classifier.num_classes"] = data.num_classes(config.data)
-    except (ConfigError, OSError) as err:
-      raise app.UsageError(
-          f"the benchmark times {config.method!r} on synthetic images and needs its class "
-          f"count, which data.source={config.data.source!r} cannot give here ({err}); set "
-          "--config.classifier.num_classes") from err
+  if "classifier" in config:
+    classes = config.classifier.num_classes
+    if not classes:
+      try:
+        classes = data.num_classes(config.data)
+      except (ConfigError, OSError) as err:
+        raise app.UsageError(
+            f"the benchmark times {config.method!r} on synthetic images and needs its class "
+            f"count, which data.source={config.data.source!r} cannot give here ({err}); set "
+            "--config.classifier.num_classes") from err
+    changes["classifier.num_classes"] = classes
+    changes["data.synthetic_classes"] = classes  # the head's size, even below 10 classes
   return _variant(config, **changes)
 
 

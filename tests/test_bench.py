@@ -96,6 +96,23 @@ def test_bench_times_a_config_whose_dataset_is_not_on_the_machine(tmp_path):
   assert len(rows) == 1 and rows[0]["images_per_s"] > 0
 
 
+def test_a_classifier_off_its_dataset_keeps_the_head_size_it_is_given(tmp_path):
+  """The class count a classifier's dataset cannot give here (the folder is on another
+  machine) comes from classifier.num_classes, as the refusal advises, even below the synthetic
+  source's 10 classes (the advice used to fail validation against those 10)."""
+  from mim_jax import bench, data, registry
+  config = bench.load_config(f"{REPO}/configs/finetune_fmnist.py:scratch")
+  config.data.update(source="image_folder", path=str(tmp_path / "elsewhere"))
+  with pytest.raises(bench.app.UsageError, match=r"data.path=.*--config.classifier.num_classes"):
+    bench.on_synthetic_data(config)
+  config.classifier.num_classes = 5
+  synthetic = bench.on_synthetic_data(config)
+  assert synthetic.classifier.num_classes == 5 and synthetic.data.synthetic_classes == 5
+  registry.validate_config(synthetic)
+  source = data.build_train_source(synthetic.data, image_size=(28, 28), channels=1)
+  assert sorted({int(source[i]["label"]) for i in range(10)}) == [0, 1, 2, 3, 4]
+
+
 def test_pipeline_benchmark_reports_images_per_core():
   rows = _bench("--config=configs/mae_vitb.py", "--pipeline", "--pipeline_images=16",
                 "--pipeline_batches=2", "--batch=8")

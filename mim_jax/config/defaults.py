@@ -63,6 +63,7 @@ def core_fields(c: ml_collections.ConfigDict) -> None:
       tfds_name="imagenet2012",
       tfds_data_dir="",
       synthetic_size=10_000,
+      synthetic_classes=10,    # synthetic labels: image index % synthetic_classes
       on_bad_image="skip",     # skip (warn + count) | raise
       mean=IMAGENET_MEAN,
       std=IMAGENET_STD,

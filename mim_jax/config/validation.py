@@ -377,7 +377,7 @@ UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
      "folder's data.split and 'holdout' (both read data.path)"),
     (("data.tfds_name", "data.tfds_data_dir"), lambda c: c.data.source == "tfds",
      "only data.source='tfds' reads it"),
-    (("data.synthetic_size",), lambda c: c.data.source == "synthetic",
+    (("data.synthetic_size", "data.synthetic_classes"), lambda c: c.data.source == "synthetic",
      "only data.source='synthetic' reads it"),
     (("data.split",), lambda c: c.data.source != "synthetic",
      "data.source='synthetic' has the same images for every split"),

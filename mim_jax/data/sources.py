@@ -38,8 +38,6 @@ from mim_jax.data import idx, subsets
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 SOURCES = ("fashion_mnist", "image_folder", "tfds", "npy", "synthetic")
 FMNIST_NUM_CLASSES = 10
-SYNTHETIC_NUM_CLASSES = 10  # label = index % 10
-
 
 class FashionMnistSource:
   """Fashion-MNIST from the IDX files: records {"image": uint8 [28, 28, 1], "label", ...}.
@@ -278,14 +276,16 @@ class SyntheticSource:
   """Deterministic smooth random images: record i is the same in every process and run.
 
   A random grid of 2..8 x 2..8 colours from a Generator seeded by (tag, i), upsampled bicubic
-  to `image_size`, so crops and resizes cost what real images cost. Label = i % 10. Every
-  split is the same images.
+  to `image_size`, so crops and resizes cost what real images cost. Label = i % num_classes.
+  Every split is the same images.
   """
 
   _TAG = 0x5EED
 
-  def __init__(self, size: int, image_size: tuple[int, int], channels: int):
+  def __init__(self, size: int, image_size: tuple[int, int], channels: int,
+               num_classes: int = 10):
     self.size, self.image_size, self.channels = int(size), tuple(image_size), int(channels)
+    self.num_classes = int(num_classes)
 
   def __len__(self) -> int:
     return self.size
@@ -299,12 +299,12 @@ class SyntheticSource:
     mode = "L" if self.channels == 1 else "RGB"
     pil = Image.fromarray(grid[..., 0] if self.channels == 1 else grid, mode)
     image = np.asarray(pil.resize((w, h), Image.Resampling.BICUBIC)).reshape(h, w, self.channels)
-    return {"image": image, "label": index % SYNTHETIC_NUM_CLASSES, "index": index,
+    return {"image": image, "label": index % self.num_classes, "index": index,
             "path": f"synthetic[{index}]"}
 
   def labels(self) -> np.ndarray:
     """int32 [N]: i % 10, the rule `__getitem__` uses."""
-    return (np.arange(self.size) % SYNTHETIC_NUM_CLASSES).astype(np.int32)
+    return (np.arange(self.size) % self.num_classes).astype(np.int32)
 
   def __repr__(self) -> str:
     return f"SyntheticSource(n={self.size}, image_size={self.image_size})"
@@ -382,7 +382,8 @@ def build_source(data_cfg, *, image_size: tuple[int, int], channels: int,
   if source == "tfds":
     return TfdsSource(data_cfg.tfds_name, split, data_cfg.tfds_data_dir)
   if source == "synthetic":
-    return SyntheticSource(data_cfg.synthetic_size, image_size, channels)
+    return SyntheticSource(data_cfg.synthetic_size, image_size, channels,
+                           data_cfg.synthetic_classes)
   raise config_error("data.source", source, f"one of {SOURCES}")
 
 
@@ -414,7 +415,7 @@ def num_examples(data_cfg, *, image_size: tuple[int, int], channels: int,
 
 
 def num_classes(data_cfg) -> int:
-  """Number of classes: 10 for Fashion-MNIST and synthetic, the class sub-folders of an image
+  """Number of classes: 10 for Fashion-MNIST, data.synthetic_classes for synthetic, the class sub-folders of an image
   folder (at least 1: a folder of unsorted images is one class), and the "label" feature's
   `num_classes` of a TFDS dataset's info."""
   source = data_cfg.source
@@ -423,8 +424,12 @@ def num_classes(data_cfg) -> int:
   if source == "fashion_mnist":
     return FMNIST_NUM_CLASSES
   if source == "synthetic":
-    return SYNTHETIC_NUM_CLASSES
+    return data_cfg.synthetic_classes
   if source == "image_folder":
+    if not (isinstance(data_cfg.path, str) and os.path.isdir(data_cfg.path)):
+      # Counted as one class otherwise (a folder of unsorted images), with no images behind it.
+      raise config_error("data.path", data_cfg.path,
+                         "an existing folder of images for data.source='image_folder'")
     return max(1, len(image_folder_classes(data_cfg.path)))
   if source == "tfds":
     return tfds_num_classes(data_cfg.tfds_name, data_cfg.tfds_data_dir or None)

@@ -102,6 +102,9 @@ def _validate_source(data_cfg) -> None:
   elif source == "synthetic":
     size = data_cfg.synthetic_size
     _require(_is_int(size) and size > 0, "synthetic_size", size, "a positive integer")
+    classes = data_cfg.synthetic_classes
+    _require(_is_int(classes) and classes > 0, "synthetic_classes", classes,
+             "a positive integer")
 
 
 def tfds_data_dir(data_dir: str) -> str:
