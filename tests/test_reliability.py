@@ -829,3 +829,23 @@ def test_resume_with_changes_that_do_not_fit_the_checkpoint_is_a_config_error(tm
       train.run(tiny_mae_config(total_steps=3, **change), workdir, resume_with_changes=True)
   assert (tmp_path / "run" / "config.json").read_text() == saved
   assert not (tmp_path / "run" / "config_changes.jsonl").exists()
+
+
+def test_a_restore_failure_unrelated_to_the_changed_settings_keeps_its_own_error(
+    tmp_path, monkeypatch):
+  """The changed settings are blamed only when the arrays they build differ from the
+  checkpoint's (read from its metadata): another failure of the restore (here an injected
+  one) under a changed lr keeps its own error instead of a ConfigError naming base_lr."""
+  workdir = str(tmp_path / "run")
+  train.run(tiny_mae_config(total_steps=2), workdir)
+
+  def failing_restore(*args, **kwargs):
+    raise ValueError("the storage said no")
+  monkeypatch.setattr(checkpoint.Checkpointer, "restore", failing_restore)
+  with pytest.raises(ValueError, match="the storage said no") as e:
+    train.run(tiny_mae_config(total_steps=3, **{"optimizer.base_lr": 1e-4}), workdir,
+              resume_with_changes=True)
+  assert not isinstance(e.value, ConfigError)
+  with pytest.raises(ConfigError, match=r"changed settings \(config.model.depth\)"):
+    train.run(tiny_mae_config(total_steps=3, **{"model.depth": 3}), workdir,
+              resume_with_changes=True)

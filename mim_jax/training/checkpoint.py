@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from mim_jax import data, storage
 from mim_jax.training.run_errors import CheckpointSaveError
@@ -178,6 +179,17 @@ class Checkpointer:
     if data_iterator is not None:
       items["data"] = data.iterator_restore_args(data_iterator)
     return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+
+  def saved_arrays(self, step: int) -> list[tuple[tuple[int, ...], str]] | None:
+    """(shape, dtype) of every array of checkpoint `step`'s state, sorted, from its metadata
+    (nothing is read but the JSON); None when the metadata cannot be read."""
+    try:
+      tree = ocp.PyTreeCheckpointHandler().metadata(
+          epath.Path(self.directory) / str(step) / "state")
+      leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape"))
+      return sorted((tuple(a.shape), str(a.dtype)) for a in leaves)
+    except Exception:  # pylint: disable=broad-except  # only used to word an error
+      return None
 
   def wait(self) -> None:
     """Blocks until the save in flight is written; raises CheckpointSaveError if the latest

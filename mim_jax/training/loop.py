@@ -263,6 +263,9 @@ def _restore_or_init(config, r: setup.Run, ckpt: checkpoint.Checkpointer, train_
     except ValueError as e:  # Orbax: the tree or a shape differs from the checkpoint's
       if not changes or isinstance(e, ConfigError):
         raise
+      ours = sorted((tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(target))
+      if ckpt.saved_arrays(start_step) == ours:
+        raise  # the changed settings build the checkpoint's arrays: something else failed
       fields = ", ".join(f"config.{key}" for key, _, _ in changes)
       first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise ConfigError(
