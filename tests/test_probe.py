@@ -189,9 +189,10 @@ def test_the_probe_refuses_to_score_its_holdout_and_features_beyond_memory(tiny_
 
 
 def test_a_low_label_probe_encodes_only_its_labelled_rows(tiny_encoder, tmp_path, monkeypatch):
-  """With data.label_fraction < 1 the probe (and its k-NN bank) decodes the labelled subset
-  and the holdout of the training split, not every training image (a 1%-label probe on
-  ImageNet would otherwise encode 100x the images it uses)."""
+  """With data.label_fraction < 1 the probe decodes the labelled subset and the holdout of
+  the training split, not every training image (a 1%-label probe on ImageNet would otherwise
+  encode 100x the images it uses); its final fit and k-NN bank hold the labelled rows alone
+  (the holdout's labels only choose the L2 strength: they were fitted on as well)."""
   config = _probe_config(tiny_encoder, **{"data.label_fraction": 0.25})
   labels = data.build_source(config.data, image_size=(16, 16), channels=3).labels()
   wanted = set(sources.train_indices(config.data, labels)) | set(
@@ -218,9 +219,17 @@ def test_a_low_label_probe_encodes_only_its_labelled_rows(tiny_encoder, tmp_path
     return Recorded(source) if split in (None, data_cfg.split) else source
 
   monkeypatch.setattr(sources, "build_source", recording)
+  fitted_rows, banks = [], []
+  fit, knn_accuracy = frozen.logistic.fit, frozen.knn.knn_accuracy
+  monkeypatch.setattr(frozen.logistic, "fit",
+                      lambda x, *a, **k: fitted_rows.append(len(x)) or fit(x, *a, **k))
+  monkeypatch.setattr(frozen.knn, "knn_accuracy",
+                      lambda bank, *a, **k: banks.append(len(bank)) or knn_accuracy(bank, *a, **k))
   results = train.run(config, str(tmp_path))
   assert read == wanted and len(wanted) < 40  # of 64 training images
-  assert results["num_train"] == len(wanted) and results["num_holdout"] == 16
+  assert set(fitted_rows) == set(banks) == {len(wanted) - 16}  # selection fits and the refit
+  labelled = len(sources.train_indices(config.data, labels))
+  assert results["num_train"] == labelled == len(wanted) - 16 and results["num_holdout"] == 16
 
 
 def test_a_holdout_that_cannot_be_decoded_is_named(tmp_path):

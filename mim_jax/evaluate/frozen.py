@@ -16,7 +16,8 @@ Protocol. The bank / training rows are the training split as training reads it
 rows are `data.eval_split` ("holdout": the held-out training examples, which then leave the
 bank). The probe picks its L2 strength by fitting on the training rows without the holdout
 and scoring the holdout, then refits on all training rows and scores the evaluation split
-once. With `probe.select_layer` it does so for the encoder output and every block (one encoder
+once (with `data.label_fraction` < 1, on the labelled rows alone: the holdout's labels only
+choose). With `probe.select_layer` it does so for the encoder output and every block (one encoder
 pass gives them all) and keeps, per pool, the block and strength with the best held-out score
 (BEiT and data2vec report their probes at the best block: MIM features are often most
 linear in the middle of the encoder); the k-NN row of that pool uses the same block. Every
@@ -257,11 +258,12 @@ def _select(train, val, num_classes, grid, fit_kwargs) -> logistic.Selection:
 
 
 def _refit(train, val, test, num_classes, chosen: logistic.Selection, fit_kwargs):
-  """(test top-1, FitInfo): refit with the chosen strength on train + val (warm-started from
-  the selection's fit), scored on test."""
-  all_x = np.concatenate([train[0], val[0]])
+  """(test top-1, FitInfo): refit with the chosen strength on train + val (`val` None: on
+  train alone), warm-started from the selection's fit, scored on test."""
+  all_x = train[0] if val is None else np.concatenate([train[0], val[0]])
+  all_y = train[1] if val is None else np.concatenate([train[1], val[1]])
   mean, scale = logistic.standardizer(all_x)
-  params, info = logistic.fit((all_x - mean) * scale, np.concatenate([train[1], val[1]]),
+  params, info = logistic.fit((all_x - mean) * scale, all_y,
                               num_classes, chosen.l2, init=chosen.params, **fit_kwargs)
   return logistic.accuracy(params, (test[0] - mean) * scale, test[1]), info
 
@@ -318,8 +320,12 @@ def run_probe(config, workdir: str) -> dict:
   else:
     named = {p: {int(cfg.classifier.probe_layer): p} for p in ex.pools}
   metrics: dict = {}
-  # The k-NN bank (like the probe's final fit) uses every training row, holdout included.
-  all_labels = np.concatenate([train_labels, hold_labels])
+  # The k-NN bank, like the probe's final fit, uses every training row, holdout included; with
+  # data.label_fraction < 1 only the labelled rows: the holdout's labels choose the L2 strength
+  # (and block) and nothing else, so a 1%-label probe is fitted on 1% of the labels (it was
+  # fitted on them plus the 5,000 held-out ones), at the size its L2 was chosen for.
+  low_label = float(cfg.data.label_fraction) < 1.0
+  all_labels = train_labels if low_label else np.concatenate([train_labels, hold_labels])
   for pool, blocks in named.items():
     selections = {}
     for k, name in blocks.items():
@@ -334,9 +340,11 @@ def run_probe(config, workdir: str) -> dict:
                   "its gradient norm reached probe.tol: its held-out score, and so the choice, "
                   "may move with a larger max_iter", pool, layer, chosen.l2,
                   fit_kwargs["max_iter"])
-    top1, info = _refit((train_feats[name], train_labels), (hold_feats[name], hold_labels),
+    top1, info = _refit((train_feats[name], train_labels),
+                        None if low_label else (hold_feats[name], hold_labels),
                         (test_feats[name], test_labels), num_classes, chosen, fit_kwargs)
-    bank = np.concatenate([train_feats[name], hold_feats[name]])
+    bank = (train_feats[name] if low_label
+            else np.concatenate([train_feats[name], hold_feats[name]]))
     acc = knn.knn_accuracy(bank, all_labels, test_feats[name], test_labels,
                            num_classes=num_classes, k=cfg.knn.k, temperature=cfg.knn.temperature)
     metrics.update({f"knn_{k}_{pool}": v for k, v in acc.items()})
