@@ -659,6 +659,7 @@ def _bad_cases(tmp_path, fmnist_folder):
       ("path", dict(fm, path=str(tmp_path / "nope"))),
       ("path", dict(fm, path=str(empty))),             # folder without the IDX files
       ("split", dict(fm, split="validation")),
+      ("eval_split", dict(fm, eval_split="train")),  # would score the training images
       ("synthetic_size", dict(source="synthetic", synthetic_size=0)),
       ("synthetic_classes", dict(source="synthetic", synthetic_classes=0)),
       ("path", dict(source="image_folder", path=str(tmp_path / "missing"))),

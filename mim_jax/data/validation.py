@@ -169,6 +169,11 @@ def _validate_labels_and_splits(data_cfg) -> None:
   _require(isinstance(eval_split, str), "eval_split", eval_split,
            "a split name such as 'test' (TFDS ImageNet: 'validation'), or '' for the source's "
            "usual evaluation split")
+  if data_cfg.source != "synthetic":  # synthetic: every split is the same images anyway
+    _require(sources.eval_split(data_cfg) != data_cfg.split, "eval_split", eval_split,
+             f"a split other than the training split data.split={data_cfg.split!r}: "
+             "evaluations would score the images they train on (k-NN finds every query in its "
+             "own bank); for a validation score use 'holdout' with data.holdout > 0")
   if data_cfg.source == "fashion_mnist" and eval_split != sources.HOLDOUT_SPLIT:
     eval_split = sources.eval_split(data_cfg)
     _require(eval_split in idx.FMNIST_PREFIXES, "eval_split", eval_split,
