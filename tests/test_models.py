@@ -444,3 +444,17 @@ def test_beit_style_model_fields_are_checked(overrides, match):
       config[section][field] = value
   with pytest.raises(ConfigError, match=match):
     registry.validate_config(config)
+
+
+def test_heads_start_from_the_official_truncated_normal():
+  """The heads' init is timm's trunc_normal_(std) (cut at -2 and 2, not at -2 std and 2 std):
+  its std is the one asked for (flax's truncated_normal(std) gives 0.88 std)."""
+  from mim_jax.models import decoders, heads
+  x = jnp.ones((2, 512))
+  for module, std in ((heads.ProbeHead(num_classes=1000, head_init_std=0.01), 0.01),
+                      (decoders.LinearPredictor(out_dim=1000), 0.02)):
+    inputs = x if isinstance(module, heads.ProbeHead) else jnp.ones((2, 3, 512))
+    kwargs = {"train": False} if isinstance(module, heads.ProbeHead) else {}
+    params = module.init(jax.random.key(0), inputs, **kwargs)["params"]
+    kernel = np.asarray(params["head"]["kernel"])
+    assert abs(kernel.std() / std - 1) < 0.01, (type(module).__name__, kernel.std())

@@ -1,4 +1,5 @@
-"""Mixup / CutMix with label smoothing for fine-tuning, as timm's `Mixup(mode="batch")`.
+"""Mixup / CutMix with label smoothing for fine-tuning, as timm's `Mixup(mode="batch")`
+(timm 0.3.2, the version the official MAE fine-tuning pins).
 
 One mixing decision and one lambda per batch; row i is mixed with row B-1-i (timm mixes a batch
 with its flip). The MAE fine-tuning recipe is mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0,
@@ -65,7 +66,8 @@ def cutmix_bbox_and_lam(image_hw: tuple[int, int], lam: jax.Array, cy: jax.Array
   """timm `rand_bbox` (margin 0) for a given centre, then `correct_lam`.
 
   The cut is floor(side * sqrt(1 - lam)) per side, centred at (cy, cx), half-widths rounded
-  down (so an odd cut loses a pixel, as in timm) and clipped to the image.
+  down (so an odd cut loses a pixel, as in timm 0.3.2; timm 1.x rounds the lower edge down and
+  the upper one up) and clipped to the image. lam follows the box actually cut either way.
 
   Returns ((yl, yh, xl, xh) int32 scalars, half-open; lam float32 = 1 - box area / (H * W)).
   """

@@ -14,6 +14,7 @@ from mim_jax.models.vit import (
   permute_tokens,
   sincos_2d,
   token_init,
+  trunc_normal,
 )
 
 Dtype = Any
@@ -71,7 +72,7 @@ class LinearPredictor(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
     x = nn.Dense(self.out_dim, dtype=self.dtype,
-                 kernel_init=nn.initializers.truncated_normal(self.init_std),
+                 kernel_init=trunc_normal(self.init_std),
                  name="head")(tokens[:, 1:])
     return x.astype(jnp.float32)
 

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mim_jax.models.vit import LAYER_NORM_EPS, ViTEncoder
+from mim_jax.models.vit import LAYER_NORM_EPS, ViTEncoder, trunc_normal
 
 POOLS = ("cls", "gap")
 
@@ -60,7 +60,7 @@ class ProbeHead(nn.Module):
                      momentum=0.9, epsilon=1e-6, use_fast_variance=False,
                      axis_name=self.axis_name, name="bn")(features.astype(jnp.float32))
     return nn.Dense(self.num_classes,
-                    kernel_init=nn.initializers.truncated_normal(self.head_init_std),
+                    kernel_init=trunc_normal(self.head_init_std),
                     name="head")(x)
 
 
@@ -84,7 +84,7 @@ class ViTClassifier(nn.Module):
     else:
       x = pool_tokens(tokens, self.pool)
     return nn.Dense(self.num_classes,
-                    kernel_init=nn.initializers.truncated_normal(self.head_init_std),
+                    kernel_init=trunc_normal(self.head_init_std),
                     name="head")(x.astype(jnp.float32))
 
 
@@ -114,7 +114,7 @@ class DINOHead(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    init = nn.initializers.truncated_normal(0.02)
+    init = trunc_normal(0.02)
     x = x.astype(jnp.float32)
     for i in range(self.num_layers - 1):
       x = nn.gelu(nn.Dense(self.hidden_dim, kernel_init=init, name=f"mlp_{i}")(x),
