@@ -8,7 +8,8 @@ rows of docs/results.md compare objectives, not schedules. Inverse block masking
 release's 16 would make the student ~3x the teacher's cost on a CPU; 4 keep it below one full
 encoder pass); a decoder of 4 grouped 3x3 convolutions (128 channels, 16 groups) over the 7x7
 grid; targets: the mean of the teacher's last 5 of 6 blocks (the release: 10 of 12),
-instance-normalised, then layer-normalised; the [CLS] loss weight of the ViT-B recipe. The
+instance-normalised, then layer-normalised; the [CLS] loss weight and gradient clipping (4.0,
+in the release's loss units) of the ViT-B recipe. The
 teacher decay is scaled to the ~700-step run as in configs/data2vec_fmnist.py: 0.99 -> 0.999.
 Cost: 242 MFLOPs forward per image (data2vec_fmnist.py: 253), but about 4.4 s per step of 256
 images on 2 CPU cores (measured 2026-11-30), 2.7x data2vec's: the decoder runs over all 49

@@ -67,7 +67,7 @@ def test_loss_is_one_teacher_pass_shared_by_every_mask(stepped):
   """The loss equals its definition computed by hand: the teacher encodes each image once,
   each of its M copies is encoded from its visible patches only, decoded by the conv decoder,
   and scored by squared error on its masked patches, plus the [CLS] loss against the targets'
-  mean over patches."""
+  mean over patches; both in the release's units (summed over the D channels / sqrt(D))."""
   method, batch, states, _ = stepped
   state, rng = states[1], jax.random.key(7)
   params, teacher = state.params, state.extra["teacher"]
@@ -86,9 +86,11 @@ def test_loss_is_one_teacher_pass_shared_by_every_mask(stepped):
   pred = method.decoder.apply({"params": params["decoder"]}, latent[:, 1:], info.ids_restore,
                               rngs={"mask_noise": noise_rng})
   t = np.repeat(np.asarray(target), M, axis=0)
-  per_patch = np.mean((np.asarray(pred) - t) ** 2, axis=-1)
+  d = target.shape[-1]
+  per_patch = np.sum((np.asarray(pred) - t) ** 2, axis=-1) / np.sqrt(d)
   regression = (per_patch * mask).sum() / mask.sum()
-  cls = np.mean((np.asarray(latent[:, 0]) - np.repeat(np.asarray(target).mean(1), M, 0)) ** 2)
+  cls = np.mean(np.sum((np.asarray(latent[:, 0])
+                        - np.repeat(np.asarray(target).mean(1), M, 0)) ** 2, -1)) / np.sqrt(d)
   np.testing.assert_allclose(metrics["regression_loss"], regression, rtol=1e-5)
   np.testing.assert_allclose(metrics["cls_loss"], cls, rtol=1e-5)
   np.testing.assert_allclose(loss, regression + 2.56 * cls, rtol=1e-5)

@@ -16,11 +16,12 @@ What makes it efficient, each a shared part composed here:
 
 Targets are data2vec's (`teachers.layer_average_targets`): the teacher's last `teacher.top_k`
 block outputs, each instance-normalised (per channel over the tokens) in the release's image
-recipe, averaged and layer-normalised. The loss is the squared error averaged over channels
-and masked patches (the release sums over channels and scales by 1/sqrt(D): the same objective
-times sqrt(D)), plus `teacher.cls_weight` times the squared error between the student's final
-[CLS] token and the mean of the targets over all patches (the release's cls_loss; see
-configs/data2vec2_vitb.py for how its weight maps). The teacher follows the student's encoder
+recipe, averaged and layer-normalised. The loss is the release's `d2v_loss`: the squared error
+summed over the D channels and scaled by 1/sqrt(D), averaged over masked patches (sqrt(D)
+times the per-element mean), plus `teacher.cls_weight` times the same loss between the
+student's final [CLS] token and the mean of the targets over all patches (the release's
+cls_loss; see configs/data2vec2_vitb.py for how its weight maps). Its units are the
+release's, so that the recipe's gradient clipping (4.0) clips what it clips there. The teacher follows the student's encoder
 as in data2vec (`teachers.ema_update`, decay annealed linearly).
 
 Differences from the release, all of the model rather than the method: the release's image
@@ -34,6 +35,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from mim_jax.config import validation as v
 from mim_jax.methods import data2vec
@@ -142,9 +144,11 @@ class Data2Vec2(data2vec.Data2Vec):
     pred = self.decoder.apply({"params": params["decoder"]}, latent[:, 1:], info.ids_restore,
                               rngs={"mask_noise": noise_rng})
     target_copies = jnp.repeat(target, self.masks_per_image, axis=0)
-    regression = losses.masked_mse(pred, target_copies, info.mask, self.axis_name)
+    # The release's d2v_loss: summed over channels, scaled by 1/sqrt(D) = sqrt(D) x the mean.
+    scale = float(np.sqrt(target.shape[-1]))
+    regression = scale * losses.masked_mse(pred, target_copies, info.mask, self.axis_name)
     cls_target = jnp.repeat(target.mean(axis=1), self.masks_per_image, axis=0)
-    cls_loss = jnp.mean(jnp.square(latent[:, 0].astype(jnp.float32) - cls_target))
+    cls_loss = scale * jnp.mean(jnp.square(latent[:, 0].astype(jnp.float32) - cls_target))
     loss = regression + self.cls_weight * cls_loss
     metrics = {"loss": loss, "regression_loss": regression, "cls_loss": cls_loss,
                "mask_fraction": jnp.mean(info.mask), "ema_decay": extra["ema_decay"],
