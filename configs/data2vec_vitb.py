@@ -7,8 +7,8 @@ release's ViT-B 800-epoch command).
 Arguments (after a colon): `variant=B/16` (any SIZE/PATCH), `runlocal` (a seconds-long smoke
 run on synthetic data).
 Recipe (release command: 16 GPUs x 128 images): 800 epochs, batch 2048, AdamW (0.9, 0.999),
-wd 0.05, lr 2e-3 at batch 2048 (scaled linearly with the batch), 10 warmup epochs, half-cosine,
-gradient clipping 3.0, drop path 0.25; BEiT's blockwise masking of 60% of the patches (the paper;
+wd 0.05, lr 2e-3 at batch 2048 (scaled linearly with the batch), 10 warmup epochs, half-cosine
+to 1e-5 (run_cyclical.py's min_lr), gradient clipping 3.0, drop path 0.25; BEiT's blockwise masking of 60% of the patches (the paper;
 the release masks 120 of 196, 61%) in blocks of at least 16 patches with aspect ratio in
 [0.3, 1/0.3]; targets: the mean of the last 6 block outputs of the EMA teacher (block outputs
 after the residual, the release's `layer_results end`), each normalised per token over channels
@@ -42,7 +42,7 @@ def get_config(arg=None):
   c.global_batch_size = 2048
   c.num_epochs = 800
   c.optimizer.update(name="adamw", base_lr=2e-3, lr_batch_reference=2048, b1=0.9, b2=0.999,
-                     weight_decay=0.05, warmup_epochs=10.0, clip_grad_norm=3.0)
+                     weight_decay=0.05, warmup_epochs=10.0, clip_grad_norm=3.0, min_lr=1e-5)
   if args.get("runlocal"):
     config_defaults.apply_runlocal(c)
     c.masking.min_block = 1  # 2x2-patch synthetic images: a budget of two patches

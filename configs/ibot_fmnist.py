@@ -12,7 +12,9 @@ at least 4 patches (iBOT's (side // 3)^2 rule), half the views masked at a ratio
 (0.1, 0.5). Teacher momentum 0.99 -> 1 instead of 0.996 (a 700-step run would leave a 0.996
 teacher close to its initialisation), teacher temperature 0.04 -> 0.07 over the first epoch,
 last layer frozen for 0.1 epoch, AdamW (0.9, 0.999), constant wd 0.04 (not ImageNet's
-0.04 -> 0.4 cosine: the results table was measured with it), clipping 3.0.
+0.04 -> 0.4 cosine: the results table was measured with it), clipping 3.0 of the global
+gradient norm (ImageNet's recipe clips each parameter's: `optimizer.clip_per_tensor=True`; the
+results table was measured with the global clip).
 
 Photometric views for 1-channel images: brightness / contrast jitter (p 0.8) and solarisation
 of the second global view (p 0.2) are kept; saturation, hue and grayscale act on colour only,

@@ -9,7 +9,7 @@ seconds-long smoke run on synthetic data).
 
 Recipe (bytedance/ibot README, ViT-S/16 command, and main_ibot.py defaults): 800 epochs, batch
 1024, AdamW, lr 5e-4 x batch / 256 after 10 warmup epochs, half-cosine to 1e-6, gradient
-clipping 3.0, drop path 0.1, weight decay 0.04 -> 0.4 along a cosine; shared DINO head with 8192 prototypes (3 layers, hidden 2048,
+clipping 3.0 per parameter (utils.clip_gradients: each tensor's norm on its own), drop path 0.1, weight decay 0.04 -> 0.4 along a cosine; shared DINO head with 8192 prototypes (3 layers, hidden 2048,
 bottleneck 256, last layer not norm-fixed); student temperature 0.1, teacher temperatures 0.04
 -> 0.07 over 30 epochs for [CLS] and patches; teacher momentum 0.996 -> 1 (cosine), centre
 momentum 0.9; last layer frozen for the first epoch; lambda 1 for both losses. Views: 2 global
@@ -42,7 +42,8 @@ def get_config(arg=None):
   c.num_epochs = 800
   c.optimizer.update(name="adamw", base_lr=5e-4, lr_batch_reference=256, min_lr=1e-6,
                      b1=0.9, b2=0.999, weight_decay=0.04, weight_decay_schedule="cosine",
-                     weight_decay_end=0.4, warmup_epochs=10.0, clip_grad_norm=3.0)
+                     weight_decay_end=0.4, warmup_epochs=10.0, clip_grad_norm=3.0,
+                     clip_per_tensor=True)
   if args.get("runlocal"):
     config_defaults.apply_runlocal(c)
     c.masking.min_block = 1  # 2x2-patch synthetic images

@@ -73,6 +73,19 @@ def test_gradient_clipping_is_applied_before_adam(clip, expected_norm):
                              rtol=1e-5)
 
 
+def test_per_tensor_clipping_scales_each_gradient_above_the_threshold_on_its_own():
+  """optimizer.clip_per_tensor: DINO/iBOT's clip_gradients, each parameter's gradient scaled by
+  clip / (norm + 1e-6) where that is < 1; the others untouched (a global clip would scale all)."""
+  cfg = _opt_cfg(clip_grad_norm=3.0, clip_per_tensor=True, weight_decay=0.0)
+  tx = optim.build_optimizer(cfg, lambda step: 1.0)
+  grads = {"big": jnp.full((4,), 10.0), "small": jnp.array([0.3, -0.4])}  # norms 20 and 0.5
+  _, state = tx.update(grads, tx.init(grads), grads)
+  mu = [s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu"))
+        if hasattr(s, "mu")][0].mu
+  np.testing.assert_allclose(mu["big"], 0.1 * 10.0 * 3.0 / (20.0 + 1e-6), rtol=1e-6)
+  np.testing.assert_allclose(mu["small"], 0.1 * np.array([0.3, -0.4]), rtol=1e-6)
+
+
 def test_cosine_weight_decay_schedule_decays_by_its_coefficient_at_each_step():
   """With zero gradients AdamW's update is -lr * wd(step) * param on decayed leaves only."""
   cfg = _opt_cfg(weight_decay=0.04, weight_decay_schedule="cosine", weight_decay_end=0.4)

@@ -126,6 +126,7 @@ def training_fields(c: ml_collections.ConfigDict) -> None:
       decay_epochs=(),         # multistep: epochs at which the lr is multiplied by decay_factor
       decay_factor=0.1,        # multistep
       clip_grad_norm=0.0,      # 0 disables clipping
+      clip_per_tensor=False,   # True: each parameter's gradient clipped on its own (DINO/iBOT)
       momentum=0.9,            # lars / sgd
       trust_coefficient=0.001,  # lars
   )

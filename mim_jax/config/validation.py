@@ -152,6 +152,9 @@ def validate_optimization(config) -> None:
             "optimizer.decay_factor", opt.decay_factor, "a number in (0, 1]")
   require(is_number(opt.clip_grad_norm) and opt.clip_grad_norm >= 0, "optimizer.clip_grad_norm",
           opt.clip_grad_norm, "a number >= 0 (0 disables clipping)")
+  require(isinstance(opt.clip_per_tensor, bool), "optimizer.clip_per_tensor",
+          opt.clip_per_tensor, "True (each parameter's gradient clipped to clip_grad_norm on its "
+          "own, as DINO and iBOT) or False (the global norm of all of them)")
   for name in ("log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_nonfinite",
                "max_consecutive_failed_saves"):
     positive_int(config, name)
@@ -354,6 +357,8 @@ UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
      lambda c: c.optimizer.schedule == "multistep", "only optimizer.schedule='multistep' reads it"),
     (("optimizer.min_lr",), lambda c: c.optimizer.schedule == "cosine",
      "only optimizer.schedule='cosine' reads it (multistep decays by decay_factor)"),
+    (("optimizer.clip_per_tensor",), lambda c: c.optimizer.clip_grad_norm > 0,
+     "only clipping (optimizer.clip_grad_norm > 0) reads it"),
     (("optimizer.weight_decay_end",), lambda c: c.optimizer.weight_decay_schedule == "cosine",
      "only optimizer.weight_decay_schedule='cosine' reads it"),
     (("masking.mask_patch_size",), lambda c: c.masking.kind == "grouped",

@@ -141,6 +141,19 @@ def weight_decay_schedule(opt_cfg, schedule_steps: Optional[int] = None):
   return cosine
 
 
+def clip_each_by_norm(max_norm: float) -> optax.GradientTransformation:
+  """DINO's and iBOT's `clip_gradients`: every parameter's gradient on its own is scaled by
+  max_norm / (|g| + 1e-6) where that is below 1 (optax's clip_by_block_rms bounds the RMS, not
+  the L2 norm). Stateless."""
+
+  def clip(g):
+    norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+    coef = max_norm / (norm + 1e-6)
+    return jnp.where(coef < 1, g * coef.astype(g.dtype), g)
+
+  return optax.stateless(lambda updates, params=None: jax.tree.map(clip, updates))
+
+
 def build_optimizer(opt_cfg, schedule: optax.Schedule,
                     schedule_steps: Optional[int] = None) -> optax.GradientTransformation:
   """The configured optimizer with masked weight decay, clipping and layer decay.
@@ -156,7 +169,8 @@ def build_optimizer(opt_cfg, schedule: optax.Schedule,
   weight_decay = weight_decay_schedule(opt_cfg, schedule_steps)
   parts = []
   if opt_cfg.clip_grad_norm > 0:
-    parts.append(optax.clip_by_global_norm(opt_cfg.clip_grad_norm))
+    parts.append(clip_each_by_norm(opt_cfg.clip_grad_norm) if opt_cfg.get("clip_per_tensor")
+                 else optax.clip_by_global_norm(opt_cfg.clip_grad_norm))
   name = opt_cfg.name
   if name == "adamw":
     parts.append(optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
