@@ -8,9 +8,9 @@ device. The host draws only the batch's rows, crop boxes and flips, with batched
 the method's host-drawn masks (`Method.example_extras`); the crop, resize, flip and
 normalisation run in the train step, as with data.augment_on="device" (required).
 
-The stream: host k reads its shard [k::process_count] of the split (holdout and label subset
-taken first, as in the grain pipeline), in an order reshuffled every epoch (seeded by (seed,
-epoch), the same permutation of every host's shard, as grain's shuffle); batch b is positions
+The stream: every epoch is one permutation of the split (holdout and label subset taken first,
+as in the grain pipeline; seeded by (seed, epoch), the same on every host), of which host k
+reads positions k, k + process_count, ... (a disjoint, equal share); batch b is positions
 [b B, (b + 1) B) of the epochs laid end to end, so a batch may span two epochs (as in the
 grain pipeline). The boxes, flips and masks of batch b come from generators seeded by (seed,
 stream, host, b): the iterator's state is one integer, a restore is exact, and the batches do
@@ -73,10 +73,10 @@ def random_resized_crop_boxes(rng: np.random.Generator, n: int, height: int, wid
 
 
 @functools.lru_cache(maxsize=4)
-def _epoch_order(seed: int, epoch: int, per_host: int) -> np.ndarray:
-  """The shard's order in `epoch` (computed once per epoch: a permutation of 60,000 costs
+def _epoch_order(seed: int, epoch: int, rows: int) -> np.ndarray:
+  """The split's order in `epoch` (computed once per epoch: a permutation of 60,000 costs
   about a millisecond, more than the rest of a batch's draws)."""
-  order = np.random.default_rng([seed % 2**63, _SHUFFLE, epoch]).permutation(per_host)
+  order = np.random.default_rng([seed % 2**63, _SHUFFLE, epoch]).permutation(rows)
   order.flags.writeable = False
   return order
 
@@ -89,10 +89,10 @@ def stream_rows(seed: int, process_index: int, process_count: int, num_examples:
   epochs, offsets = np.divmod(positions, per_host)
   rows = np.empty(local_batch, np.int64)
   for epoch in np.unique(epochs):
-    order = _epoch_order(seed, int(epoch), per_host)
+    order = _epoch_order(seed, int(epoch), per_host * process_count)
     here = epochs == epoch
-    rows[here] = order[offsets[here]]
-  return rows * process_count + process_index  # shard k holds rows k, k + count, ...
+    rows[here] = order[offsets[here] * process_count + process_index]  # host k: k::count
+  return rows
 
 
 class DeviceResidentIterator:

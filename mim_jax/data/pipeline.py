@@ -3,8 +3,9 @@
 Training, per host (process_index of process_count):
 
   source (data.split) -> per-class label subset (if data.label_fraction < 1; the same on
-  every host) -> [process_index::process_count] (equal shards) -> shuffle -> repeat
-  (reshuffled per epoch) -> DecodeImage -> TrainAugment (random_map; an undecodable image
+  every host) -> shuffle (one permutation of the whole split, the same on every host) ->
+  repeat (reshuffled per epoch) -> [process_index::process_count] (every host a disjoint,
+  equal share of each epoch, as PyTorch's DistributedSampler) -> DecodeImage -> TrainAugment (random_map; an undecodable image
   becomes a row marked invalid) -> batch(local_batch) -> to_iter_dataset -> mp_prefetch (if
   num_workers > 0) -> DropInvalidRows -> NonEmptyBatch -> rebatch(local_batch)
 
@@ -184,10 +185,14 @@ def train_dataset(data_cfg, *, image_size: tuple[int, int], channels: int,
   if per_host == 0:
     raise ValueError(f"{source!r} has {len(source)} examples, fewer than the {process_count} "
                      "processes sharing it")
-  ds = grain.MapDataset.source(source)
-  ds = ds[process_index:per_host * process_count:process_count]
+  ds = grain.MapDataset.source(source)[:per_host * process_count]
   shuffle_seed, augment_seed = _derive_seeds(seed, process_index)
+  # One permutation of the whole split per epoch, then every process_count-th element: each
+  # host a disjoint share of each epoch, mixing all of the split. (Sharding first and shuffling
+  # each shard with the same seed made a global batch groups of process_count neighbouring
+  # rows: a few classes per batch in a class-sorted image folder.)
   ds = ds.shuffle(seed=shuffle_seed).repeat()  # infinite; each epoch reshuffled from the seed
+  ds = ds[process_index::process_count]
   ds = ds.map(_decoder(data_cfg, channels))
   if augment is None and data_cfg.get("augment_on", "host") == "device":
     augment = transforms.DeviceAugmentDraws(
