@@ -345,6 +345,9 @@ def test_eval_resize_and_centre_crop(tmp_path):
                                        process_index=0, process_count=1))
   assert batch["image"].shape == (1, 8, 8, 3)
   assert batch["image"].max() < 0.05
+  # Above 224 pixels, MAE's evaluation resizes the whole image (crop fraction 1.0).
+  assert data.pipeline.eval_crop_fraction(cfg, (224, 224)) == 0.875
+  assert data.pipeline.eval_crop_fraction(cfg, (384, 384)) == 1.0
 
 
 # ----------------------------------------------------------------------------- determinism

@@ -42,6 +42,22 @@ def test_16_bit_grayscale_png_keeps_every_bit():
   assert len(np.unique(decoded)) == 4096  # 8 bits would leave 256
 
 
+def test_16_bit_grayscale_png_opened_as_32_bit_by_older_pillow(monkeypatch):
+  """Pillow before 12 opens a 16-bit grayscale PNG in mode "I" (int32): its values are still
+  16-bit and are scaled by 1/65535 (as int32 they came out about 3e-5 at most, black)."""
+  values = np.arange(0, 65536, 16, dtype=np.uint16).reshape(64, 64)
+  open_image = transforms.Image.open
+
+  def as_older_pillow(fp, *args, **kwargs):
+    img = open_image(fp, *args, **kwargs)
+    img.load()
+    assert img.mode.startswith("I;16")
+    return img.convert("I")
+  monkeypatch.setattr(transforms.Image, "open", as_older_pillow)
+  decoded = transforms.decode_image(_png16(values), channels=1)
+  np.testing.assert_array_equal(decoded[..., 0], values.astype(np.float32) / 65535.0)
+
+
 def test_16_bit_colour_png_is_refused_rather_than_cut_to_8_bits():
   buf = io.BytesIO()
   Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(buf, format="PNG")

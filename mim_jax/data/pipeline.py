@@ -45,6 +45,15 @@ MAX_BAD_IMAGE_FRACTION = 0.5
 EVAL_CROP_FRACTION = 0.875  # resize to size / 0.875, centre crop (224 <- 256), for real photos
 
 
+def eval_crop_fraction(data_cfg, image_size: tuple[int, int]) -> float:
+  """The evaluation's centre-crop fraction: 1.0 for sources whose images are already framed
+  (Fashion-MNIST, arrays, synthetic) and, as MAE's evaluation transform, for inputs above 224
+  pixels (fine-tuning at 384 or 448 resizes the whole image); 0.875 otherwise."""
+  if sources.fixed_size_source(data_cfg) or max(image_size) > 224:
+    return 1.0
+  return EVAL_CROP_FRACTION
+
+
 def _process_index_and_count(process_index: int | None,
                              process_count: int | None) -> tuple[int, int]:
   """Explicit values, or JAX's (imported lazily: the data package does not need devices)."""
@@ -291,7 +300,7 @@ def eval_dataset(data_cfg, *, image_size: tuple[int, int], channels: int, batch_
   if num_batches == 0:  # an empty split or `rows`: no batches
     return grain.MapDataset.source([]).to_iter_dataset()
 
-  crop_fraction = 1.0 if sources.fixed_size_source(data_cfg) else EVAL_CROP_FRACTION
+  crop_fraction = eval_crop_fraction(data_cfg, image_size)
   parts = []
   if len(shard):
     parts.append(shard.map(_decoder(data_cfg, channels)).map(transforms.EvalPreprocess(

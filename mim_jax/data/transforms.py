@@ -145,8 +145,14 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
   with Image.open(io.BytesIO(data)) as img:
     img.load()
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: every bit kept
-      return to_channels(np.asarray(img).astype(np.uint16 if img.mode != "I" else np.int32),
-                         channels)
+      array = np.asarray(img)
+      # Pillow before 12 opens 16-bit grayscale PNGs as 32-bit "I" (TIFFs, the one format
+      # with real 32-bit integers, do not come here): their values are 16-bit, and scaled as
+      # int32 they would all be near 0.
+      if img.mode == "I" and array.size and (array.min() < 0 or array.max() > 65535):
+        raise ValueError(f"32-bit integer {img.format} image: store it as a .npy array or a "
+                         "TIFF (float or integer) to keep its range")
+      return to_channels(array.astype(np.uint16), channels)
     mode = "L" if channels == 1 else "RGB"
     if img.mode != mode:
       # Palette / alpha / CMYK / 16-bit images go through RGB first so 'L' sees real colours.
@@ -420,8 +426,11 @@ class AddTokenMask(grain.transforms.RandomMap):
 class EvalPreprocess(grain.transforms.Map):
   """Decoded record -> {"image": float32 [H, W, C], "label": int32, "mask": bool}.
 
-  Resize + centre crop keeping `crop_fraction` of the covering size (1.0: the whole image, a
-  plain resize when the aspect already matches; identity when the size does). A record whose
+  Resize + centre crop keeping `crop_fraction` of the covering size, as torchvision's
+  Resize(size / crop_fraction) + CenterCrop(size) (1.0: the whole image, a plain resize when
+  the aspect already matches). An image already at the output size is taken as framed and
+  passes unchanged whatever the fraction (a TFDS Fashion-MNIST or CIFAR at its own size; a
+  torchvision pipeline would enlarge and crop it). A record whose
   image failed to decode (skip mode) becomes a zero image with mask=False and label -1, so
   every host still yields the same number of batches.
   """
