@@ -43,7 +43,7 @@ def test_16_bit_grayscale_png_keeps_every_bit():
 
 
 def test_16_bit_grayscale_png_opened_as_32_bit_by_older_pillow(monkeypatch):
-  """Pillow before 12 opens a 16-bit grayscale PNG in mode "I" (int32): its values are still
+  """Older Pillow (10, 11) opens a 16-bit grayscale PNG in mode "I" (int32): its values are still
   16-bit and are scaled by 1/65535 (as int32 they came out about 3e-5 at most, black)."""
   values = np.arange(0, 65536, 16, dtype=np.uint16).reshape(64, 64)
   open_image = transforms.Image.open

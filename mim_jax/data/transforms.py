@@ -146,7 +146,7 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
     img.load()
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: every bit kept
       array = np.asarray(img)
-      # Pillow before 12 opens 16-bit grayscale PNGs as 32-bit "I" (TIFFs, the one format
+      # Older Pillow (10, 11) opens 16-bit grayscale PNGs as 32-bit "I" (TIFFs, the one format
       # with real 32-bit integers, do not come here): their values are 16-bit, and scaled as
       # int32 they would all be near 0.
       if img.mode == "I" and array.size and (array.min() < 0 or array.max() > 65535):
