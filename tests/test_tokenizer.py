@@ -226,3 +226,16 @@ def test_dvae_trains_exports_and_feeds_beit(tmp_path):
   params, extra = beit.init(jax.random.key(0), images)
   _, extra = beit.load_pretrained(params, jax.device_get(extra))
   np.testing.assert_array_equal(beit.targets(extra, images), codes)
+  # The placeholder the checkpoint is restored onto has the tokenizer's shapes (its decoder
+  # reads code vectors, not the V logits): a BEiT run on a dVAE resumes.
+  for name, s in jax.tree_util.tree_leaves_with_path(
+      jax.eval_shape(beit.target.init_extra)["params"]):
+    want = tok["params"]
+    for k in name:
+      want = want[k.key]
+    assert s.shape == want.shape, (name, s.shape, want.shape)
+  workdir = str(tmp_path / "beit")
+  fields = {"masking.kind": "blockwise", "masking.ratio": 0.4, "masking.min_block": 2,
+            "tokenizer.vocab_size": 16, "tokenizer.path": str(tmp_path / "dvae")}
+  train.run(tiny_mae_config(method="beit", total_steps=1, **fields), workdir)
+  assert int(train.run(tiny_mae_config(method="beit", total_steps=2, **fields), workdir).step) == 2

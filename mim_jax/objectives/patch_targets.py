@@ -102,9 +102,16 @@ class Tokens(PatchTarget):
                                self.info["kind"])
 
   def init_extra(self):
-    shapes = jax.eval_shape(self.model.init, jax.random.key(0),
-                            jnp.zeros((1, *self.info["image_size"], self.info["channels"])))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["params"])
+    # The encoder's shapes from images, the decoder's from code vectors: a dVAE's encoder emits
+    # V logits while its decoder reads code_dim-wide codes (a full forward pass would size the
+    # decoder for V, and a checkpoint could not be restored onto those shapes).
+    model, (h, w), p = self.model, self.info["image_size"], int(self.info["patch_size"])
+    images = jnp.zeros((1, h, w, self.info["channels"]))
+    codes = jnp.zeros((1, h // p, w // p, int(self.info["code_dim"])))
+    enc = jax.eval_shape(lambda: model.init(jax.random.key(0), images, method=model.encode))
+    dec = jax.eval_shape(lambda: model.init(jax.random.key(0), codes, method=model.decode))
+    shapes = {**enc["params"], **dec["params"]}
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     codebook = jnp.zeros((self.dim, int(self.info["code_dim"])), jnp.float32)
     return {"params": zeros, "codebook": codebook}
 
