@@ -99,12 +99,37 @@ def test_teacher_gets_no_gradient_and_centres_follow_their_formula(stepped):
   images = jnp.swapaxes(batch[views], 0, 1).reshape(-1, *batch[views].shape[2:])
   t_out = np.asarray(method.model.apply({"params": state.extra["teacher"]}, images))
   cls_mean, patch_mean = t_out[:, 0].mean(0), t_out[:, 1:].mean((0, 1))
+  # The loss gathers the batch's mean teacher outputs; the centres move after the update.
+  np.testing.assert_allclose(extra["batch_center_cls"][0], cls_mean, rtol=1e-5, atol=1e-6)
+  extra = method.after_update(state.params, extra, state.extra["step"])
   np.testing.assert_allclose(extra["center_cls"][0],
                              0.9 * state.extra["center_cls"][0] + 0.1 * cls_mean, rtol=1e-5,
                              atol=1e-6)
   np.testing.assert_allclose(extra["center_patch"][0, 0],
                              0.9 * state.extra["center_patch"][0, 0] + 0.1 * patch_mean,
                              rtol=1e-5, atol=1e-6)
+  assert not np.any(extra["batch_center_cls"]) and not np.any(extra["batch_center_patch"])
+
+
+def test_centres_move_once_per_step_with_gradient_accumulation():
+  """With grad_accum_steps = 2 the centres take one EMA step by the whole batch's mean teacher
+  output, as with one micro-batch (updated per micro-batch they moved twice a step)."""
+  centres = []
+  for accum in (1, 2):
+    c = tiny_config(grad_accum_steps=accum)
+    method, it = _iterator(c)
+    batch = _device_batch(method, next(it))
+    schedule = optim.learning_rate_schedule(c.optimizer, c.global_batch_size, 8, 16)
+    tx = optim.build_optimizer(c.optimizer, schedule)
+    state = jax.jit(lambda r: step_lib.init_train_state(method, tx, r, (1, 16, 16, 3)))(
+        jax.random.key(0))
+    state = state.replace(extra={**state.extra, "center_cls": state.extra["center_cls"] + 1.0})
+    step = jax.jit(step_lib.make_train_step(method, tx, schedule, grad_accum_steps=accum))
+    state, _ = step(state, batch, jax.random.key(1))
+    centres.append((np.asarray(state.extra["center_cls"]),
+                    np.asarray(state.extra["center_patch"])))
+  for one, two in zip(*centres):
+    np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-6)
 
 
 def test_metrics_of_the_step(stepped):

@@ -8,7 +8,10 @@ the same head shape) predicts them
   * for patch tokens at the masked positions of the same global view
     (`losses.masked_patch_distillation`, per image over its masked count).
 One head serves [CLS] and patch tokens (iBOT's shared head). Teacher outputs are centred
-(centres in `extra`, EMA `ibot.center_momentum`) and sharpened by a temperature warmed up
+(centres in `extra`, EMA `ibot.center_momentum`, one step per update by the whole batch's mean
+teacher output, also with gradient accumulation: the loss sums the micro-batches' means into
+`extra["batch_center_*"]` and `after_update` moves the centres; iBOT checkpoints written before
+2026-12-03 lack those two arrays and do not restore) and sharpened by a temperature warmed up
 linearly from `warmup_teacher_temp` to `teacher_temp` over `warmup_teacher_temp_epochs`; the
 student temperature is fixed. The teacher follows the student after every update
 (`after_update`) with a momentum going from `ibot.momentum` to 1 along a half cosine over the
@@ -65,6 +68,7 @@ class IBOTModel(nn.Module):
 # The parameters of the head's last layer (DINOHead: the prototype directions and, without
 # norm_last_layer, their scales), frozen for `ibot.freeze_last_layer_epochs`.
 LAST_LAYER = ("last_layer", "last_layer_scale")
+CENTRES = ("center_cls", "center_patch")  # the teacher-output centres in `extra`
 
 
 def last_layer_mask(params):
@@ -229,6 +233,10 @@ class IBOT(base.PretrainingMethod):
     extra = {"teacher": jax.tree.map(jnp.copy, params), "step": jnp.zeros([], jnp.int32),
              "center_cls": jnp.zeros((1, k), jnp.float32),
              "center_patch": jnp.zeros((1, 1, k), jnp.float32)}
+    # The step's mean teacher outputs, summed over its micro-batches (zero between steps):
+    # the centres move once per optimizer step, by the whole batch's mean, as in iBOT,
+    # whatever grad_accum_steps (updated per micro-batch they would move k times a step).
+    extra.update({f"batch_{name}": jnp.zeros_like(extra[name]) for name in CENTRES})
     return params, extra
 
   def load_pretrained(self, params, extra):
@@ -286,16 +294,20 @@ class IBOT(base.PretrainingMethod):
                "teacher_entropy": jnp.mean(entropy),
                "teacher_mean_entropy": -jnp.sum(mean_p * jnp.log(mean_p + 1e-12)),
                "mask_fraction": jnp.mean(masks.astype(jnp.float32))}
-    m = float(c.center_momentum)
-    extra = {**extra,
-             "center_cls": losses.center_update(extra["center_cls"], t_cls, m, self.axis_name),
-             "center_patch": losses.center_update(extra["center_patch"], t_patch, m,
-                                                  self.axis_name)}
+    extra = dict(extra)
+    for name, logits in (("center_cls", t_cls), ("center_patch", t_patch)):
+      extra[f"batch_{name}"] = extra[f"batch_{name}"] + losses.mean_output(
+          logits, extra[name].shape, self.axis_name) / self.config.grad_accum_steps
     return loss, (metrics, extra)
 
   def after_update(self, params, extra, step):
     teacher = teachers.ema_update(extra["teacher"], params, self.momentum(step))
-    return {**extra, "teacher": teacher, "step": jnp.asarray(step + 1, jnp.int32)}
+    m = float(self.cfg.center_momentum)
+    centres = {}
+    for name in CENTRES:  # once per step, by the batch's mean teacher output
+      centres[name] = m * extra[name] + (1.0 - m) * extra[f"batch_{name}"]
+      centres[f"batch_{name}"] = jnp.zeros_like(extra[name])
+    return {**extra, **centres, "teacher": teacher, "step": jnp.asarray(step + 1, jnp.int32)}
 
   def encoder_params(self, params, extra):
     return extra["teacher"]["encoder"]  # iBOT releases the teacher

@@ -160,7 +160,15 @@ def center_update(center: jax.Array, teacher_logits: jax.Array, momentum: float,
   """center <- momentum * center + (1 - momentum) * mean of teacher_logits over all axes but
   the last (the batch's mean teacher output; DINO / iBOT keep one per output kind). With
   `axis_name` the mean covers every device's share of the batch (iBOT's all-reduce)."""
-  batch_mean = jnp.mean(teacher_logits.astype(jnp.float32).reshape(-1, center.shape[-1]), axis=0)
+  return momentum * center + (1.0 - momentum) * mean_output(teacher_logits, center.shape,
+                                                            axis_name)
+
+
+def mean_output(teacher_logits: jax.Array, shape: tuple[int, ...],
+                axis_name: AxisName = None) -> jax.Array:
+  """The mean of teacher_logits over all axes but the last (every device's share with
+  `axis_name`), float32 in `shape` (a centre's)."""
+  batch_mean = jnp.mean(teacher_logits.astype(jnp.float32).reshape(-1, shape[-1]), axis=0)
   if axis_name is not None:
     batch_mean = jax.lax.pmean(batch_mean, axis_name)
-  return momentum * center + (1.0 - momentum) * batch_mean.reshape(center.shape)
+  return batch_mean.reshape(shape)
