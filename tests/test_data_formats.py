@@ -58,6 +58,13 @@ def test_16_bit_grayscale_png_opened_as_32_bit_by_older_pillow(monkeypatch):
   np.testing.assert_array_equal(decoded[..., 0], values.astype(np.float32) / 65535.0)
 
 
+def test_a_16_bit_image_with_a_fourth_channel_is_refused_with_the_fields_to_set():
+  """An 8-bit RGBA image loses its alpha; beyond 8 bits the fourth channel may be a band, so
+  it is refused, naming config.channels (the message said only 'cannot convert')."""
+  with pytest.raises(ValueError, match=r"uint16 image with 4 channels to 3.*config.channels=4"):
+    transforms.decode_image(_tiff(np.zeros((4, 4, 4), np.uint16)), channels=3)
+
+
 def test_16_bit_colour_png_is_refused_rather_than_cut_to_8_bits():
   buf = io.BytesIO()
   Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(buf, format="PNG")

@@ -55,6 +55,7 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
   luma), so array sources and decoded files convert identically. Other channel counts must
   match the model's.
   """
+  stored = np.asarray(image).dtype
   image = as_unit_range(np.asarray(image))
   if image.ndim == 2:
     image = image[..., None]
@@ -64,7 +65,10 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
   if image.dtype != np.uint8:
     if c == 1 and channels == 3:
       return np.repeat(image, 3, axis=-1)
-    raise ValueError(f"cannot convert an image with {c} channels to {channels}")
+    raise ValueError(f"cannot convert a {stored} image with {c} channels to {channels}: "
+                     "beyond 8 bits a channel may be a band rather than alpha or colour, so "
+                     f"none is dropped or mixed; set config.channels={c} or convert the data "
+                     "beforehand")
   if c == 1 and channels == 3:
     return np.repeat(image, 3, axis=-1)
   if c == 4:  # RGBA arrays: drop alpha first
@@ -140,8 +144,9 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
       return fast
   png = _png_bit_depth_and_colour(data)
   if png is not None and png[0] == 16 and png[1] != 0:
-    raise ValueError("16-bit colour PNG: PIL reads it as 8 bits; store the image as TIFF or in "
-                     "a .npy array to keep its bits")
+    kind = "grayscale + alpha" if png[1] == 4 else "colour"
+    raise ValueError(f"16-bit {kind} PNG: PIL reads it as 8 bits; store the image as TIFF or "
+                     "in a .npy array to keep its bits")
   with Image.open(io.BytesIO(data)) as img:
     img.load()
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: every bit kept
