@@ -283,6 +283,31 @@ def test_nonfinite_step_changes_nothing_but_the_counters(accum, bad):
   assert not np.array_equal(before.params["w"], state.params["w"])  # training went on
 
 
+def test_schedules_run_on_applied_updates_after_a_skipped_step():
+  """The optimizer's count (lr, weight decay) stops on a skipped step; the method's schedules
+  (after_update's step) and the logged lr stop with it, so they stay on one clock (the logged
+  lr was the global step's, and EMA / temperature schedules ran ahead by the skips)."""
+  class Recording(_Quadratic):
+    def after_update(self, params, extra, step):
+      return {**extra, "clock": jnp.asarray(step, jnp.int32)}
+
+  method = Recording()
+  schedule = lambda s: 0.1 * (s + 1.0)  # noqa: E731
+  tx = optax.sgd(schedule)
+  state = step_lib.init_train_state(method, tx, jax.random.key(0), (1, 2, 2, 1))
+  state = state.replace(extra={**state.extra, "clock": jnp.zeros([], jnp.int32)})
+  step = jax.jit(step_lib.make_train_step(method, tx, schedule))
+  good = {"image": jnp.ones((4, 2, 2, 1))}
+  poisoned = {"image": good["image"].at[0, 0, 0, 0].set(jnp.nan)}
+  rows = []
+  for batch in (good, poisoned, poisoned, good, good):
+    state, metrics = step(state, batch, jax.random.key(1))
+    rows.append((int(state.extra["clock"]), float(metrics["learning_rate"])))
+  count = int(optax.tree_utils.tree_get(state.opt_state, "count"))
+  assert count == 3 and int(state.step) == 5  # 3 applied updates of 5 steps
+  assert rows[-1] == (2, pytest.approx(schedule(2)))  # the update that made count 3 used lr(2)
+
+
 def _poison_steps(monkeypatch, steps: set[int]) -> None:
   """Makes the images of the given (1-based) steps NaN inside the jitted train step."""
   make = step_lib.make_train_step

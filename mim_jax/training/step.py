@@ -158,7 +158,11 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
     with jax.named_scope("optimizer"):
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-    extra = method.after_update(params, extra, state.step)  # e.g. an EMA teacher follows params
+    # The updates applied before this one: the optimizer's own count (a skipped step restores
+    # its state), so the method's schedules (EMA momentum, temperatures) and the logged lr run
+    # on the clock the lr and weight-decay schedules run on, skipped steps or not.
+    applied = state.step - state.skipped_updates
+    extra = method.after_update(params, extra, applied)  # e.g. an EMA teacher follows params
     grad_norm = _global_norm(grads)
     # One NaN/Inf anywhere in the gradients makes their norm non-finite.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -179,7 +183,7 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
           logged, lambda: (_global_norm(params), _global_norm(updates)),
           lambda: (jnp.float32(jnp.nan), jnp.float32(jnp.nan)))
     metrics = dict(metrics)
-    metrics.update(learning_rate=schedule(state.step), grad_norm=grad_norm,
+    metrics.update(learning_rate=schedule(applied), grad_norm=grad_norm,
                    param_norm=param_norm, update_norm=update_norm,
                    nonfinite=skipped, skipped_updates=state.skipped_updates + skipped,
                    nonfinite_streak=streak)
