@@ -556,3 +556,26 @@ def test_memory_plan_compiles_the_multi_crop_step():
   expected = 4 * b * (2 * 16 * 16 * 3 + 2 * 8 * 8 * 3 + 16 * 16 * 3) + b * (4 + 2 * 16)
   assert plan["batch"] == expected, plan  # global + local views, the image, labels, masks
   assert plan["xla_temp"] > 0 and plan["params"] > 0 and plan["extra"] > 0, plan
+
+
+def test_init_from_a_workdir_reads_the_teacher_it_exports(tmp_path):
+  """iBOT releases its EMA teacher: a workdir's checkpoint is read as the teacher by init_from
+  and the converter, the weights its export and the evaluations hold (it was the student)."""
+  from mim_jax.convert import our_weights
+  from mim_jax.training import loop as train
+  workdir = str(tmp_path / "ibot")
+  state = train.run(tiny_config(total_steps=2), workdir)
+  _, from_checkpoint = our_weights.read_weights(workdir, all_parts=True)
+  _, exported = our_weights.read_weights(f"{workdir}/encoder")
+  teacher, student = state.extra["teacher"], state.params
+  for a, b, t, s in zip(jax.tree.leaves(from_checkpoint["encoder"]),
+                        jax.tree.leaves(exported["encoder"]),
+                        jax.tree.leaves(teacher["encoder"]), jax.tree.leaves(student["encoder"]),
+                        strict=True):
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, np.asarray(t))
+  assert any(not np.array_equal(t, s) for t, s in zip(jax.tree.leaves(teacher["encoder"]),
+                                                      jax.tree.leaves(student["encoder"])))
+  for a, t in zip(jax.tree.leaves(from_checkpoint["head"]), jax.tree.leaves(teacher["head"]),
+                  strict=True):
+    np.testing.assert_array_equal(a, np.asarray(t))

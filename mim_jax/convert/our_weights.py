@@ -98,7 +98,8 @@ def read_weights(source: str, step: Optional[int] = None,
 
   A workdir gives the params of its checkpoint at `step` (default: the latest), which include
   the decoder of an MAE run and the head of a fine-tuning run (with `all_parts`, every
-  top-level part the run trains: predictors, iBOT's head, ...); without checkpoints, its
+  top-level part the run trains: predictors, iBOT's head, ...), as the method releases them
+  (iBOT: its EMA teacher, which its export and evaluations hold); without checkpoints, its
   encoder/ export.
   """
   if storage.isfile(os.path.join(source, "model.json")):
@@ -119,7 +120,10 @@ def read_weights(source: str, step: Optional[int] = None,
     state = ocp.StandardCheckpointer().restore(storage.absolute(path))
     keep = {"mae": ("encoder", "decoder"), "finetune": ("encoder",) + CLASSIFIER_PARTS}.get(
         info["method"], ("encoder",))
-    params = {k: _numpy(v) for k, v in state["params"].items() if all_parts or k in keep}
+    from mim_jax import registry  # pylint: disable=g-import-not-at-top  # methods import this
+    released = registry.method_class(info["method"]).released_params(state["params"],
+                                                                     state.get("extra", {}))
+    params = {k: _numpy(v) for k, v in released.items() if all_parts or k in keep}
     if "encoder" not in params:
       raise ValueError(f"the {info['method']} run in {source} trains no encoder of its own "
                        "(its encoder is frozen): export the workdir it was initialised from")

@@ -192,13 +192,22 @@ class Method:
   def after_update(self, params: Params, extra: Extra, step: jax.Array) -> Extra:
     """Runs inside the jitted step after the optimizer update, on the new params (an EMA
     teacher follows the student here). `step` (int32 []) is the index of the update just
-    applied (0 for the first); a step skipped for non-finite values discards the result."""
+    applied (0 for the first), counting applied updates only, as the optimizer's schedules do;
+    a step skipped for non-finite values discards the result."""
     return extra
 
   # --- outputs ---------------------------------------------------------------------------------
   def encoder_params(self, params: Params, extra: Extra) -> Params:
     """The encoder's sub-tree, which downstream evaluation and export use."""
-    return params["encoder"]
+    return self.released_params(params, extra)["encoder"]
+
+  @classmethod
+  def released_params(cls, params: Params, extra: Extra) -> Params:
+    """The parameter tree the method releases ({"encoder", ...}): its trained params. A
+    workdir's checkpoint is read as this tree by `init_from` and the converter, so that they
+    load what the export and the evaluations hold."""
+    del extra
+    return params
 
   def export(self, workdir: str, params: Params, extra: Extra, info: dict) -> None:
     """The run's end product: the encoder (Orbax + model.json) in `workdir`/encoder. Collective:

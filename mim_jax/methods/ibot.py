@@ -309,5 +309,6 @@ class IBOT(base.PretrainingMethod):
       centres[f"batch_{name}"] = jnp.zeros_like(extra[name])
     return {**extra, **centres, "teacher": teacher, "step": jnp.asarray(step + 1, jnp.int32)}
 
-  def encoder_params(self, params, extra):
-    return extra["teacher"]["encoder"]  # iBOT releases the teacher
+  @classmethod
+  def released_params(cls, params, extra):
+    return extra["teacher"]  # iBOT releases (and evaluates) the EMA teacher, head included
