@@ -13,8 +13,10 @@ From Python:
 The encoder is a pre-training workdir (its encoder/ export), an export directory, or a
 checkpoint imported with `python -m mim_jax.convert import` (official MAE, timm, BEiT, HF).
 Images are resized to the encoder's resolution (or `image_size`: the position table is
-resized, bicubic, if it is learned; sin-cos tables are recomputed for the grid) and normalised
-with the export's mean/std, exactly as the evaluations see them. Blocks: 0 is the encoder's
+resized, bicubic, if it is learned; sin-cos tables are recomputed for the grid), centre-cropped
+to `crop_fraction` when their size differs (1.0, the whole image, as the evaluations of
+Fashion-MNIST and arrays; 0.875 as those of image folders up to 224 px, the command's default
+for a folder) and normalised with the export's mean/std, as the evaluations see them. Blocks: 0 is the encoder's
 output (after its final LayerNorm), k the output of block k. The output holds, per block b,
 `cls_block{b}` and `gap_block{b}` [N, D], with `patch_tokens` also `patch_block{b}`
 [N, h*w, D]; with `attention`, `attention` [N, heads, 1 + h*w, 1 + h*w] of the last block and
@@ -42,7 +44,7 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from mim_jax import viz
-from mim_jax.data import sources, transforms
+from mim_jax.data import pipeline, sources, transforms
 from mim_jax.models.heads import pool_tokens
 from mim_jax.models.vit import ViTEncoder, encoder_from_config
 from mim_jax.weights import pretrained
@@ -82,17 +84,17 @@ def load(source: str, *, image_size: Optional[Sequence[int]] = None) -> Encoder:
                  info=info)
 
 
-def prepare(enc: Encoder, images: np.ndarray) -> np.ndarray:
+def prepare(enc: Encoder, images: np.ndarray, crop_fraction: float = 1.0) -> np.ndarray:
   """Raw images [N, H, W(, C)] (uint8, uint16 / other integers, or float in [0, 1]) ->
   normalised float32 [N, *image_size, C]: the evaluation preprocessing (resize + centre
-  crop when the size differs), as `data.make_eval_iterator` does it."""
+  crop keeping `crop_fraction` when the size differs), as `data.make_eval_iterator` does it."""
   normalize = transforms.Normalizer(enc.mean, enc.std, enc.channels)
   out = []
   for image in images:
     image = transforms.to_channels(np.asarray(image), enc.channels)
     h, w = image.shape[:2]
     if (h, w) != enc.image_size:
-      box = transforms.center_crop_box(h, w, enc.image_size, 1.0)
+      box = transforms.center_crop_box(h, w, enc.image_size, crop_fraction)
       image = transforms.resize_box(image, box, enc.image_size)
     out.append(normalize(image))
   return np.stack(out)
@@ -174,8 +176,9 @@ def _feature_fn(enc: Encoder, blocks: tuple[int, ...], patch_tokens: bool, atten
 
 def extract(enc: Encoder, images: Any, *, blocks: Sequence[int] = (0,),
             patch_tokens: bool = False, attention: bool = False,
-            batch_size: int = 64) -> dict[str, np.ndarray]:
-  """Features of raw `images` ([N, H, W(, C)] array or list of arrays) in input order."""
+            batch_size: int = 64, crop_fraction: float = 1.0) -> dict[str, np.ndarray]:
+  """Features of raw `images` ([N, H, W(, C)] array or list of arrays) in input order
+  (`crop_fraction`: see `prepare`)."""
   blocks = tuple(int(b) for b in blocks)
   for b in blocks:
     if not 0 <= b <= enc.module.depth:
@@ -189,7 +192,7 @@ def extract(enc: Encoder, images: Any, *, blocks: Sequence[int] = (0,),
   chunks: dict[str, list[np.ndarray]] = {}
   n = len(images)
   for start in range(0, n, batch_size):
-    batch = prepare(enc, images[start:start + batch_size])
+    batch = prepare(enc, images[start:start + batch_size], crop_fraction)
     real = len(batch)
     if real < batch_size:  # static shapes: pad the last batch, drop the padding after
       batch = np.concatenate([batch, np.zeros((batch_size - real, *batch.shape[1:]),
@@ -201,10 +204,10 @@ def extract(enc: Encoder, images: Any, *, blocks: Sequence[int] = (0,),
 
 
 def attention_picture(enc: Encoder, images: np.ndarray, out: dict[str, np.ndarray],
-                      max_rows: int = 8) -> np.ndarray:
+                      max_rows: int = 8, crop_fraction: float = 1.0) -> np.ndarray:
   """uint8 picture, one row per image: the image | the last block's cls attention of each
   head | the rollout, maps scaled to [0, 1] per panel and upsampled to the image."""
-  prepared = prepare(enc, images[:max_rows])
+  prepared = prepare(enc, images[:max_rows], crop_fraction)
   shown = viz._to_display(prepared, enc.mean, enc.std)  # pylint: disable=protected-access
   gh, gw = enc.grid
   cls = out["attention"][:max_rows, :, 0, 1:].reshape(len(prepared), -1, gh, gw)
@@ -233,19 +236,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--attention", action="store_true", help="attention maps and rollout")
   parser.add_argument("--image_size", default="", help="H,W (default: the encoder's own)")
   parser.add_argument("--batch_size", type=int, default=64)
+  parser.add_argument("--crop_fraction", type=float, default=None,
+                      help="centre crop of images of another size (default: as the "
+                      "evaluations, 0.875 for a folder at up to 224 px, else 1.0)")
   parser.add_argument("--pictures", default="", help="with --attention: a PNG of the maps")
   args = parser.parse_args(argv)
   size = tuple(int(s) for s in args.image_size.split(",")) if args.image_size else None
   enc = load(args.encoder, image_size=size)
   images = read_images(args.images)
+  crop = args.crop_fraction
+  if crop is None:  # an image folder is evaluated as photos (data.pipeline.eval_crop_fraction)
+    photos = not args.images.endswith(".npy") and max(enc.image_size) <= 224
+    crop = pipeline.EVAL_CROP_FRACTION if photos else 1.0
+  if not 0 < crop <= 1:
+    parser.error(f"--crop_fraction={crop}: expected a number in (0, 1]")
   out = extract(enc, images, blocks=[int(b) for b in args.blocks.split(",")],
                 patch_tokens=args.patch_tokens, attention=args.attention,
-                batch_size=args.batch_size)
+                batch_size=args.batch_size, crop_fraction=crop)
   np.savez(args.out, **out)
   print(f"wrote {args.out}: " + ", ".join(f"{k} {v.shape}" for k, v in out.items()),
         file=sys.stderr)
   if args.pictures and args.attention:
-    viz.save_png(attention_picture(enc, images, out), args.pictures)
+    viz.save_png(attention_picture(enc, images, out, crop_fraction=crop), args.pictures)
   return 0
 
 

@@ -73,6 +73,16 @@ def test_command_line_writes_features_and_attention_pictures(encoder_dir, tmp_pa
                         "--blocks", "0,1", "--attention", "--pictures", str(png)]) == 0
   saved = np.load(out)
   assert saved["cls_block0"].shape == (3, 64) and saved["gap_block1"].shape == (3, 64)
+  # A folder of photos of another size is centre-cropped as the evaluations crop an image
+  # folder (0.875; the command kept the whole image).
+  enc = features.load(encoder_dir)
+  raw = np.stack([np.asarray(Image.open(folder / f"{i}.png")) for i in range(3)])
+  cfg = tiny_config("mae", **{"data.source": "image_folder", "data.path": str(folder)}).data
+  batch = next(make_eval_iterator(cfg, image_size=(16, 16), channels=3, batch_size=3,
+                                  process_index=0, process_count=1, split=cfg.split))
+  np.testing.assert_allclose(features.prepare(enc, raw, 0.875), batch["image"], atol=1e-6)
+  np.testing.assert_allclose(saved["cls_block0"], features.extract(
+      enc, raw, crop_fraction=0.875)["cls_block0"], rtol=1e-6, atol=1e-6)
   assert saved["rollout"].shape == (3, 4, 4)
   picture = np.asarray(Image.open(png))
   assert picture.ndim == 3 and picture.shape[0] > 3 * 16  # one row per image
