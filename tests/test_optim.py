@@ -73,6 +73,16 @@ def test_gradient_clipping_is_applied_before_adam(clip, expected_norm):
                              rtol=1e-5)
 
 
+@pytest.mark.parametrize("warmup_epochs", [1.0, 0.96])
+def test_a_warmup_as_long_as_the_run_is_a_linear_rise(warmup_epochs):
+  """warmup_epochs = num_epochs passes validation; the cosine had no steps left and optax
+  raised (also when rounding made the warmup the whole run)."""
+  cfg = _opt_cfg(base_lr=1.0, lr_batch_reference=256, warmup_epochs=warmup_epochs)
+  schedule = optim.learning_rate_schedule(cfg, 256, steps_per_epoch=10, schedule_steps=10)
+  np.testing.assert_allclose([float(schedule(s)) for s in (0, 5, 9)], [0.0, 0.5, 0.9],
+                             rtol=1e-6)
+
+
 def test_per_tensor_clipping_scales_each_gradient_above_the_threshold_on_its_own():
   """optimizer.clip_per_tensor: DINO/iBOT's clip_gradients, each parameter's gradient scaled by
   clip / (norm + 1e-6) where that is < 1; the others untouched (a global clip would scale all)."""

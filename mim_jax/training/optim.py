@@ -40,6 +40,8 @@ def learning_rate_schedule(opt_cfg, global_batch_size: int, steps_per_epoch: int
   warmup_steps = min(int(round(opt_cfg.warmup_epochs * steps_per_epoch)), schedule_steps)
   name = opt_cfg.get("schedule", "cosine")
   if name == "cosine":
+    if warmup_steps >= schedule_steps:  # warmup_epochs = num_epochs: no steps left to decay
+      return optax.linear_schedule(0.0, peak, max(warmup_steps, 1))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=peak, warmup_steps=warmup_steps, decay_steps=schedule_steps,
         end_value=opt_cfg.min_lr)
