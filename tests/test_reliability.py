@@ -828,6 +828,17 @@ def test_a_diverged_run_resumes_with_clipping_switched_on(tmp_path):
   assert int(state.step) == 4
 
 
+def test_a_shorter_schedule_than_the_checkpoint_is_refused_not_silently_done(tmp_path):
+  """total_steps may change on resume; below the checkpoint's step the loop never ran and the
+  run exited 0 without evaluations, export or results: now a ConfigError naming the field."""
+  workdir = str(tmp_path / "run")
+  train.run(tiny_mae_config(total_steps=3), workdir)
+  with pytest.raises(ConfigError, match=r"config.total_steps=2 is invalid: a schedule reaching "
+                     r"the step of the latest checkpoint .*, 3: this run ends at step 2"):
+    train.run(tiny_mae_config(total_steps=2), workdir, resume_with_changes=True)
+  assert int(train.run(tiny_mae_config(total_steps=3), workdir).step) == 3  # unchanged
+
+
 def test_resume_with_changes_refuses_another_number_of_data_workers(tmp_path):
   """The resume refusal offers --resume_with_changes, but the saved data position is per
   worker: another data.num_workers is refused by name before anything is restored (it was a

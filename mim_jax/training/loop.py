@@ -21,7 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mim_jax import data, registry, storage, viz
-from mim_jax.config.errors import ConfigError
+from mim_jax.config.errors import ConfigError, config_error
 from mim_jax.evaluate import frozen
 from mim_jax.models import vit
 from mim_jax.training import (
@@ -92,6 +92,13 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
   if ckpt.latest_step() is not None:  # before the data (a device-resident split) is loaded
     try:
       changes = resume_check.check_same_run(workdir, config, allow_changes=resume_with_changes)
+      if ckpt.latest_step() > last_step:  # the loop would not run: no evaluation, no export
+        field = "total_steps" if config.total_steps > 0 else "num_epochs"
+        raise config_error(
+            field, config[field], f"a schedule reaching the step of the latest checkpoint in "
+            f"{ckpt.directory}, {ckpt.latest_step()}: this run ends at step {last_step}",
+            "A shorter schedule cannot resume a run that is past its end; start it in another "
+            "--workdir.")
     except ConfigError:
       ckpt.close()
       raise
