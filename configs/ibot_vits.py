@@ -9,14 +9,15 @@ seconds-long smoke run on synthetic data).
 
 Recipe (bytedance/ibot README, ViT-S/16 command, and main_ibot.py defaults): 800 epochs, batch
 1024, AdamW, lr 5e-4 x batch / 256 after 10 warmup epochs, half-cosine to 1e-6, gradient
-clipping 3.0 per parameter (utils.clip_gradients: each tensor's norm on its own), drop path 0.1, weight decay 0.04 -> 0.4 along a cosine; shared DINO head with 8192 prototypes (3 layers, hidden 2048,
-bottleneck 256, last layer not norm-fixed); student temperature 0.1, teacher temperatures 0.04
--> 0.07 over 30 epochs for [CLS] and patches; teacher momentum 0.996 -> 1 (cosine), centre
+clipping 3.0 per parameter (utils.clip_gradients: each tensor's norm on its own), drop path 0.1,
+weight decay 0.04 -> 0.4 along a cosine; shared DINO head with 8192 prototypes (3 layers, hidden
+2048, bottleneck 256, last layer not norm-fixed); student temperature 0.1, teacher temperatures
+0.04 -> 0.07 over 30 epochs for [CLS] and patches; teacher momentum 0.996 -> 1 (cosine), centre
 momentum 0.9; last layer frozen for the first epoch; lambda 1 for both losses. Views: 2 global
 crops at 224 px of scale (0.25, 1) and 10 local crops at 96 px of scale (0.05, 0.25), with
 DINO's colour jitter / grayscale / blur / solarisation. Masking: blockwise (min block 16
-patches, aspect 0.3 .. 1/0.3) on half of the global views, each with a ratio drawn from
-(0.1, 0.5) (iBOT's pred_ratio 0 / 0.3 with pred_ratio_var 0 / 0.2).
+patches, aspect 0.3 .. 1/0.3) on half of the global views, each with a ratio drawn from (0.1,
+0.5) (iBOT's pred_ratio 0 / 0.3 with pred_ratio_var 0 / 0.2).
 """
 
 from mim_jax import registry

@@ -3,15 +3,15 @@
   python -m mim_jax.main --config=configs/maskfeat_vitb.py --workdir=DIR \
       --config.data.tfds_data_dir=/path/to/tfds
 
-Arguments (after a colon): `variant=B/16` (any SIZE/PATCH), `runlocal` (a seconds-long smoke
-run on synthetic data).
-Recipe: 1600 epochs (300 for the short schedule: --config.num_epochs=300), batch 2048, AdamW
-(0.9, 0.999), wd 0.05, base lr 2e-4 (lr = base_lr x batch / 256), 30 warmup epochs,
-half-cosine to 1e-6 (SOLVER.COSINE_END_LR; warmup starts at 0, not at 1e-6), gradient clipping 0.02, no drop path; blockwise masking (BEiT's generator) of 40%
-of the patches (78 of 196, blocks of at least 16 patches); targets: HOG with 9 orientation bins
-over 8x8-px cells (2x2 cells per patch), Sobel gradients, a 16-px Gaussian window, L2-normalised
-per cell and colour channel, 108 values per patch; a linear head and MSE on masked patches;
-RandomResizedCrop(0.5, 1) + flip.
+Arguments (after a colon): `variant=B/16` (any SIZE/PATCH), `runlocal` (a seconds-long smoke run
+on synthetic data). Recipe: 1600 epochs (300 for the short schedule: --config.num_epochs=300),
+batch 2048, AdamW (0.9, 0.999), wd 0.05, base lr 2e-4 (lr = base_lr x batch / 256), 30 warmup
+epochs, half-cosine to 1e-6 (SOLVER.COSINE_END_LR; warmup starts at 0, not at 1e-6), gradient
+clipping 0.02, no drop path; blockwise masking (BEiT's generator) of 40% of the patches (78 of
+196, blocks of at least 16 patches); targets: HOG with 9 orientation bins over 8x8-px cells (2x2
+cells per patch), Sobel gradients, a 16-px Gaussian window, L2-normalised per cell and colour
+channel, 108 values per patch; a linear head and MSE on masked patches; RandomResizedCrop(0.5,
+1) + flip.
 """
 
 from mim_jax import registry

@@ -6,15 +6,17 @@
   python -m mim_jax.main --config=configs/beit_vitb.py --config.tokenizer.path=DIR ...
 
 From the paper and its release: 8192 codes of 32 dimensions, l2-normalised (codes chosen by
-cosine similarity), EMA codebook (decay 0.99), commitment weight 1 (modeling_vqkd.py's
-beta), cosine loss to the teacher's last-layer patch features, the teacher seeing the same 224-px view (re-normalised with its own statistics),
-RandomResizedCrop(0.08, 1), AdamW (0.9, 0.99), weight decay 1e-4, 100 epochs.
+cosine similarity), EMA codebook (decay 0.99), commitment weight 1 (modeling_vqkd.py's beta),
+cosine loss to the teacher's last-layer patch features, the teacher seeing the same 224-px view
+(re-normalised with its own statistics), RandomResizedCrop(0.08, 1), AdamW (0.9, 0.99), weight
+decay 1e-4, 100 epochs.
 Differences kept on purpose: the tokenizer's networks are mim_jax's convolutional encoder and
 feature decoder (256 wide, 2 residual blocks each), not the release's ViT-B encoder and
 3-block transformer decoder; codes start random rather than from k-means; lr 1e-3 at batch
 1024 with 5 warm-up epochs (the release: batch 512, 10 warm-up epochs); the targets are the
 teacher's final-norm patch tokens layer-normalised (teacher.norm), where the release takes
-CLIP's tokens after its 512-wide output projection, without a further norm. Arguments: `variant=B/16` (the patch grid), `runlocal`.
+CLIP's tokens after its 512-wide output projection, without a further norm.
+Arguments: `variant=B/16` (the patch grid), `runlocal`.
 """
 
 from mim_jax import registry

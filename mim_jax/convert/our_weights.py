@@ -19,7 +19,7 @@ import json
 import os
 import re
 import shutil
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import ml_collections
@@ -92,6 +92,23 @@ def read_info(source: str) -> dict:
       "(config.json + checkpoints/)")
 
 
+RELEASED_FILE = "released_params.json"  # {"path": where the released params lie in the state}
+
+
+def released_path(workdir: str) -> tuple[str, ...]:
+  """Where in a workdir's checkpointed state its method's released params lie
+  (`Method.released_path`, written by the loop); ("params",) for runs from before the file."""
+  path = os.path.join(workdir, RELEASED_FILE)
+  if not storage.isfile(path):
+    return ("params",)
+  return tuple(json.loads(storage.read_text(path))["path"])
+
+
+def write_released_path(workdir: str, path: Sequence[str]) -> None:
+  storage.write_text(os.path.join(workdir, RELEASED_FILE),
+                     json.dumps({"path": list(path)}) + "\n")
+
+
 def read_weights(source: str, step: Optional[int] = None,
                  all_parts: bool = False) -> tuple[dict, dict]:
   """(model info, params) of an export directory or a training workdir.
@@ -120,9 +137,9 @@ def read_weights(source: str, step: Optional[int] = None,
     state = ocp.StandardCheckpointer().restore(storage.absolute(path))
     keep = {"mae": ("encoder", "decoder"), "finetune": ("encoder",) + CLASSIFIER_PARTS}.get(
         info["method"], ("encoder",))
-    from mim_jax import registry  # pylint: disable=g-import-not-at-top  # methods import this
-    released = registry.method_class(info["method"]).released_params(state["params"],
-                                                                     state.get("extra", {}))
+    released = state
+    for key in released_path(source):
+      released = released[key]
     params = {k: _numpy(v) for k, v in released.items() if all_parts or k in keep}
     if "encoder" not in params:
       raise ValueError(f"the {info['method']} run in {source} trains no encoder of its own "

@@ -415,9 +415,9 @@ def num_examples(data_cfg, *, image_size: tuple[int, int], channels: int,
 
 
 def num_classes(data_cfg) -> int:
-  """Number of classes: 10 for Fashion-MNIST, data.synthetic_classes for synthetic, the class sub-folders of an image
-  folder (at least 1: a folder of unsorted images is one class), and the "label" feature's
-  `num_classes` of a TFDS dataset's info."""
+  """Number of classes: 10 for Fashion-MNIST, data.synthetic_classes for synthetic, the class
+  sub-folders of an image folder (at least 1: a folder of unsorted images is one class), and
+  the "label" feature's `num_classes` of a TFDS dataset's info."""
   source = data_cfg.source
   if source == "npy":  # the largest label of the training split + 1
     return int(NpySource(data_cfg.path, data_cfg.split).labels().max(initial=0)) + 1

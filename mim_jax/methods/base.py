@@ -201,13 +201,18 @@ class Method:
     """The encoder's sub-tree, which downstream evaluation and export use."""
     return self.released_params(params, extra)["encoder"]
 
+  # Where in the training state the parameter tree the method releases ({"encoder", ...})
+  # lies: its trained params, or e.g. ("extra", "teacher") for an EMA teacher. The loop writes
+  # it to the workdir (RELEASED_FILE), and `init_from` and the converter read a workdir's
+  # checkpoint there, so that they load what the export and the evaluations hold.
+  released_path: tuple[str, ...] = ("params",)
+
   @classmethod
   def released_params(cls, params: Params, extra: Extra) -> Params:
-    """The parameter tree the method releases ({"encoder", ...}): its trained params. A
-    workdir's checkpoint is read as this tree by `init_from` and the converter, so that they
-    load what the export and the evaluations hold."""
-    del extra
-    return params
+    tree = {"params": params, "extra": extra}
+    for key in cls.released_path:
+      tree = tree[key]
+    return tree
 
   def export(self, workdir: str, params: Params, extra: Extra, info: dict) -> None:
     """The run's end product: the encoder (Orbax + model.json) in `workdir`/encoder. Collective:

@@ -21,8 +21,9 @@ summed over the D channels and scaled by 1/sqrt(D), averaged over masked patches
 times the per-element mean), plus `teacher.cls_weight` times the same loss between the
 student's final [CLS] token and the mean of the targets over all patches (the release's
 cls_loss; see configs/data2vec2_vitb.py for how its weight maps). Its units are the
-release's, so that the recipe's gradient clipping (4.0) clips what it clips there. The teacher follows the student's encoder
-as in data2vec (`teachers.ema_update`, decay annealed linearly).
+release's, so that the recipe's gradient clipping (4.0) clips what it clips there. The
+teacher follows the student's encoder as in data2vec (`teachers.ema_update`, decay annealed
+linearly).
 
 Differences from the release, all of the model rather than the method: the release's image
 blocks are post-LayerNorm and take targets from each block's feed-forward output before its

@@ -309,6 +309,4 @@ class IBOT(base.PretrainingMethod):
       centres[f"batch_{name}"] = jnp.zeros_like(extra[name])
     return {**extra, **centres, "teacher": teacher, "step": jnp.asarray(step + 1, jnp.int32)}
 
-  @classmethod
-  def released_params(cls, params, extra):
-    return extra["teacher"]  # iBOT releases (and evaluates) the EMA teacher, head included
+  released_path = ("extra", "teacher")  # iBOT releases (and evaluates) its EMA teacher

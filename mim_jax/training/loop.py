@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 
 from mim_jax import data, registry, storage, viz
 from mim_jax.config.errors import ConfigError, config_error
+from mim_jax.convert import our_weights
 from mim_jax.evaluate import frozen
 from mim_jax.models import vit
 from mim_jax.training import (
@@ -123,6 +124,8 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
     writer = metric_writers.MetricWriter(workdir, enabled=is_chief)
     if start_step == 0:
       writer.write_hparams(config.to_dict())
+    if is_chief:
+      our_weights.write_released_path(workdir, method.released_path)
     progress = metric_writers.ProgressLogger(last_step, start_step=start_step,
                                              log_fn=(lambda s: log.info("%s", s)) if is_chief
                                              else (lambda s: None))
