@@ -6,8 +6,8 @@ Training, per host (process_index of process_count):
   every host) -> shuffle (one permutation of the whole split, the same on every host) ->
   repeat (reshuffled per epoch) -> [process_index::process_count] (every host a disjoint,
   equal share of each epoch, as PyTorch's DistributedSampler) -> DecodeImage -> TrainAugment
-  (random_map; an undecodable image becomes a row marked invalid) -> batch(local_batch) -> to_iter_dataset -> mp_prefetch (if
-  num_workers > 0) -> DropInvalidRows -> NonEmptyBatch -> rebatch(local_batch)
+  (random_map; an undecodable image becomes a row marked invalid) -> batch(local_batch) ->
+  to_iter_dataset -> mp_prefetch (if num_workers > 0) -> DropInvalidRows -> NonEmptyBatch -> rebatch(local_batch)
 
 Evaluation reads `data.split` or the `split` argument (e.g. data.eval_split), never subsetted.
 
