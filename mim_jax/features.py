@@ -12,16 +12,16 @@ From Python:
 
 The encoder is a pre-training workdir (its encoder/ export), an export directory, or a
 checkpoint imported with `python -m mim_jax.convert import` (official MAE, timm, BEiT, HF).
-Images are resized to the encoder's resolution (or `image_size`: the position table is
-resized, bicubic, if it is learned; sin-cos tables are recomputed for the grid), centre-cropped
-to `crop_fraction` when their size differs (1.0, the whole image, as the evaluations of
+Images are resized to the encoder's resolution (or `image_size`: the position table is resized,
+bicubic, if it is learned; sin-cos tables are recomputed for the grid), centre-cropped to
+`crop_fraction` when their size differs (1.0, the whole image, as the evaluations of
 Fashion-MNIST and arrays; 0.875 as those of image folders up to 224 px, the command's default
-for a folder) and normalised with the export's mean/std, as the evaluations see them.
-Blocks: 0 is the encoder's output (after its final LayerNorm), k the output of block k. The
-output holds, per block b, `cls_block{b}` and `gap_block{b}` [N, D], with `patch_tokens` also `patch_block{b}`
+for a folder) and normalised with the export's mean/std, as the evaluations see them. Blocks: 0
+is the encoder's output (after its final LayerNorm), k the output of block k. The output holds,
+per block b, `cls_block{b}` and `gap_block{b}` [N, D], with `patch_tokens` also `patch_block{b}`
 [N, h*w, D]; with `attention`, `attention` [N, heads, 1 + h*w, 1 + h*w] of the last block and
-`rollout` [N, h, w] (attention rollout, Abnar & Zuidema 2020: the heads' mean plus the
-residual identity, rows renormalised, multiplied through the blocks; the cls row). Results are
+`rollout` [N, h, w] (attention rollout, Abnar & Zuidema 2020: the heads' mean plus the residual
+identity, rows renormalised, multiplied through the blocks; the cls row). Results are
 deterministic (no dropout, no masking) and batched over every local device.
 """
 

@@ -2,12 +2,12 @@
 
 Training, per host (process_index of process_count):
 
-  source (data.split) -> per-class label subset (if data.label_fraction < 1; the same on
-  every host) -> shuffle (one permutation of the whole split, the same on every host) ->
-  repeat (reshuffled per epoch) -> [process_index::process_count] (every host a disjoint,
-  equal share of each epoch, as PyTorch's DistributedSampler) -> DecodeImage -> TrainAugment
-  (random_map; an undecodable image becomes a row marked invalid) -> batch(local_batch) ->
-  to_iter_dataset -> mp_prefetch (if num_workers > 0) -> DropInvalidRows -> NonEmptyBatch -> rebatch(local_batch)
+  source (data.split) -> per-class label subset (if data.label_fraction < 1; the same on every
+  host) -> shuffle (one permutation of the whole split, the same on every host) -> repeat
+  (reshuffled per epoch) -> [process_index::process_count] (every host a disjoint, equal share
+  of each epoch, as PyTorch's DistributedSampler) -> DecodeImage -> TrainAugment (random_map; an
+  undecodable image becomes a row marked invalid) -> batch(local_batch) -> to_iter_dataset ->
+  mp_prefetch (if num_workers > 0) -> DropInvalidRows -> NonEmptyBatch -> rebatch(local_batch)
 
 Evaluation reads `data.split` or the `split` argument (e.g. data.eval_split), never subsetted.
 
