@@ -5,7 +5,10 @@ with `tokenizer.l2_normalize`, as in BEiT v2 / ViT-VQGAN), which is replaced by 
 code; the decoder reconstructs the normalised image from the codes. Gradients pass the
 quantiser unchanged (the straight-through estimator, z + sg(e - z)); the codebook is not
 trained by gradients but follows the assigned vectors by EMA with Laplace smoothing and
-dead-code restarts (`tokenizers.codebook`), its state in the method's `extra`.
+dead-code restarts (`tokenizers.codebook`), its state in the method's `extra`. With
+`grad_accum_steps` = k the EMA and the restarts run once per micro-batch, as a PyTorch
+quantiser does per forward pass: the codebook's decay acts k times per optimizer step
+(`tokenizer.decay` ** (1 / k) gives the per-step decay of a run without accumulation).
 
   loss = mean (decoded - image)^2 + commitment * mean (z - sg(e))^2
 
