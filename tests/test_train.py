@@ -20,7 +20,7 @@ import pytest
 
 from mim_jax import registry
 from mim_jax.methods import base
-from mim_jax.training import checkpoint
+from mim_jax.training import checkpoint, metric_writers
 from mim_jax.training import loop as train
 from mim_jax.training import step as step_lib
 
@@ -298,3 +298,18 @@ def test_profile_reports_kernel_time_by_category(tmp_path):
   assert profile["categories"]["matmul"] > 0 and profile["categories"]["attention"] > 0
   assert profile["categories"]["optimizer"] > 0
   assert profile["top_kernels"] and all(k["ms"] >= 0 for k in profile["top_kernels"])
+
+
+def test_loss_mean_averages_the_logging_interval(tmp_path):
+  """metrics.jsonl holds beside each logged step's loss the mean loss of the steps since the
+  previous log (the last step's alone is a one-batch sample)."""
+  every_step = tmp_path / "every"
+  train.run(tiny_mae_config(total_steps=4, log_every=1), str(every_step))
+  losses = [row["loss"] for row in metric_writers.read_metrics(str(every_step))]
+  assert [row["loss_mean"] for row in metric_writers.read_metrics(str(every_step))] == losses
+  pairs = tmp_path / "pairs"
+  train.run(tiny_mae_config(total_steps=4, log_every=2), str(pairs))
+  rows = metric_writers.read_metrics(str(pairs))
+  assert [row["step"] for row in rows] == [2, 4]
+  np.testing.assert_allclose([row["loss_mean"] for row in rows],
+                             [np.mean(losses[:2]), np.mean(losses[2:])], rtol=1e-5)

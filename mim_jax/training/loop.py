@@ -17,6 +17,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -161,6 +162,15 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
     batch_keys = r.batch_keys()
     step = start_step
     t_last, step_last = time.perf_counter(), step
+    # The loss summed over the finite steps since the last log, on the device (no sync):
+    # logged as loss_mean beside the last step's loss, the curve a reader compares runs by.
+    # Jitted with replicated outputs: the loss is a global array over every process's devices.
+    loss_zero = jax.jit(lambda: (jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32)),
+                        out_shardings=r.replicated)
+    loss_add = jax.jit(lambda acc, loss: (acc[0] + jnp.where(jnp.isfinite(loss), loss, 0.0),
+                                          acc[1] + jnp.isfinite(loss).astype(jnp.int32)),
+                       out_shardings=r.replicated, donate_argnums=(0,))
+    loss_acc = loss_zero()
     with preemption.PreemptionWatcher(start_step, sync_every=config.log_every) as preempted:
       while step < last_step:
         host_batch = next(train_iter)
@@ -168,10 +178,14 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
             {k: host_batch[k] for k in batch_keys if k in host_batch}, r.batch_sharding)
         state, metrics = train_step(state, batch, base_rng)
         step += 1
+        loss_acc = loss_add(loss_acc, metrics["loss"])
         # The only host-device synchronisation in the loop besides checkpoints: metrics at the
         # logging interval.
         if step % config.log_every == 0 or step == last_step:
-          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          metrics, (summed, counted) = jax.device_get((metrics, loss_acc))
+          metrics = {k: float(v) for k, v in metrics.items()}
+          metrics["loss_mean"] = float(summed) / int(counted) if counted else float("nan")
+          loss_acc = loss_zero()
           now = time.perf_counter()
           metrics["images_per_sec"] = ((step - step_last) * config.global_batch_size
                                        / (now - t_last))
