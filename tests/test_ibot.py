@@ -49,17 +49,23 @@ def _device_batch(method, host_batch):
           if k in host_batch}
 
 
-@pytest.fixture(scope="module")
-def stepped():
-  """Two real train steps of the tiny config: (method, batch, states before/after each)."""
-  c = tiny_config()
+def _first_step(c):
+  """(method, first batch, initial state, jitted train step) of config `c`."""
   method, it = _iterator(c)
   batch = _device_batch(method, next(it))
   schedule = optim.learning_rate_schedule(c.optimizer, c.global_batch_size, 8, 16)
   tx = optim.build_optimizer(c.optimizer, schedule)
   state = jax.jit(lambda r: step_lib.init_train_state(method, tx, r, (1, 16, 16, 3)))(
       jax.random.key(0))
-  step = jax.jit(step_lib.make_train_step(method, tx, schedule))
+  step = jax.jit(step_lib.make_train_step(method, tx, schedule,
+                                          grad_accum_steps=c.grad_accum_steps))
+  return method, batch, state, step
+
+
+@pytest.fixture(scope="module")
+def stepped():
+  """Two real train steps of the tiny config: (method, batch, states before/after each)."""
+  method, batch, state, step = _first_step(tiny_config())
   states, metrics = take_steps(step, state, batch, jax.random.key(1))
   return method, batch, states, metrics
 
@@ -116,15 +122,8 @@ def test_centres_move_once_per_step_with_gradient_accumulation():
   output, as with one micro-batch (updated per micro-batch they moved twice a step)."""
   centres = []
   for accum in (1, 2):
-    c = tiny_config(grad_accum_steps=accum)
-    method, it = _iterator(c)
-    batch = _device_batch(method, next(it))
-    schedule = optim.learning_rate_schedule(c.optimizer, c.global_batch_size, 8, 16)
-    tx = optim.build_optimizer(c.optimizer, schedule)
-    state = jax.jit(lambda r: step_lib.init_train_state(method, tx, r, (1, 16, 16, 3)))(
-        jax.random.key(0))
+    _, batch, state, step = _first_step(tiny_config(grad_accum_steps=accum))
     state = state.replace(extra={**state.extra, "center_cls": state.extra["center_cls"] + 1.0})
-    step = jax.jit(step_lib.make_train_step(method, tx, schedule, grad_accum_steps=accum))
     state, _ = step(state, batch, jax.random.key(1))
     centres.append((np.asarray(state.extra["center_cls"]),
                     np.asarray(state.extra["center_patch"])))
