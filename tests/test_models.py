@@ -458,3 +458,4 @@ def test_heads_start_from_the_official_truncated_normal():
     params = module.init(jax.random.key(0), inputs, **kwargs)["params"]
     kernel = np.asarray(params["head"]["kernel"])
     assert abs(kernel.std() / std - 1) < 0.01, (type(module).__name__, kernel.std())
+    assert np.abs(kernel).max() <= 5 * std * (1 + 1e-6)  # never a weight at the far cut

@@ -303,7 +303,7 @@ class SyntheticSource:
             "path": f"synthetic[{index}]"}
 
   def labels(self) -> np.ndarray:
-    """int32 [N]: i % 10, the rule `__getitem__` uses."""
+    """int32 [N]: i % num_classes, the rule `__getitem__` uses."""
     return (np.arange(self.size) % self.num_classes).astype(np.int32)
 
   def __repr__(self) -> str:

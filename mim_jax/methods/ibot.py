@@ -10,7 +10,8 @@ the same head shape) predicts them
 One head serves [CLS] and patch tokens (iBOT's shared head). Teacher outputs are centred
 (centres in `extra`, EMA `ibot.center_momentum`, one step per update by the whole batch's mean
 teacher output, also with gradient accumulation: the loss sums the micro-batches' means into
-`extra["batch_center_*"]` and `after_update` moves the centres; iBOT checkpoints written before
+`extra["batch_center_*"]`, counted in `extra["batch_micro_batches"]`, and `after_update` moves
+the centres by their mean; iBOT checkpoints written before
 2026-12-03 lack those two arrays and do not restore) and sharpened by a temperature warmed up
 linearly from `warmup_teacher_temp` to `teacher_temp` over `warmup_teacher_temp_epochs`; the
 student temperature is fixed. The teacher follows the student after every update
@@ -237,6 +238,7 @@ class IBOT(base.PretrainingMethod):
     # the centres move once per optimizer step, by the whole batch's mean, as in iBOT,
     # whatever grad_accum_steps (updated per micro-batch they would move k times a step).
     extra.update({f"batch_{name}": jnp.zeros_like(extra[name]) for name in CENTRES})
+    extra["batch_micro_batches"] = jnp.zeros([], jnp.float32)  # how many the sums hold
     return params, extra
 
   def load_pretrained(self, params, extra):
@@ -297,15 +299,18 @@ class IBOT(base.PretrainingMethod):
     extra = dict(extra)
     for name, logits in (("center_cls", t_cls), ("center_patch", t_patch)):
       extra[f"batch_{name}"] = extra[f"batch_{name}"] + losses.mean_output(
-          logits, extra[name].shape, self.axis_name) / self.config.grad_accum_steps
+          logits, extra[name].shape, self.axis_name)
+    extra["batch_micro_batches"] = extra["batch_micro_batches"] + 1.0
     return loss, (metrics, extra)
 
   def after_update(self, params, extra, step):
     teacher = teachers.ema_update(extra["teacher"], params, self.momentum(step))
     m = float(self.cfg.center_momentum)
-    centres = {}
+    # Counted, not read from the config: the step may be built with another accumulation.
+    count = jnp.maximum(extra["batch_micro_batches"], 1.0)
+    centres = {"batch_micro_batches": jnp.zeros_like(extra["batch_micro_batches"])}
     for name in CENTRES:  # once per step, by the batch's mean teacher output
-      centres[name] = m * extra[name] + (1.0 - m) * extra[f"batch_{name}"]
+      centres[name] = m * extra[name] + (1.0 - m) * extra[f"batch_{name}"] / count
       centres[f"batch_{name}"] = jnp.zeros_like(extra[name])
     return {**extra, **centres, "teacher": teacher, "step": jnp.asarray(step + 1, jnp.int32)}
 

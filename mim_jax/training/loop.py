@@ -120,7 +120,7 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
     train_step = r.jit_step()
 
     if is_chief:
-      # Rows logged after the checkpoint are recomputed (identically) from here on.
+      # Rows logged after the checkpoint are recomputed (identically, but loss_mean) from here on.
       metrics_rewind.rewind_metrics(workdir, start_step)
     writer = metric_writers.MetricWriter(workdir, enabled=is_chief)
     if start_step == 0:
@@ -164,6 +164,8 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
     t_last, step_last = time.perf_counter(), step
     # The loss summed over the finite steps since the last log, on the device (no sync):
     # logged as loss_mean beside the last step's loss, the curve a reader compares runs by.
+    # Not checkpointed: after a resume between two logging steps, the first row's mean covers
+    # the steps since the resume (the only value of a rewound row that can differ).
     # Jitted with replicated outputs: the loss is a global array over every process's devices.
     loss_zero = jax.jit(lambda: (jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32)),
                         out_shardings=r.replicated)
