@@ -245,9 +245,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   enc = load(args.encoder, image_size=size)
   images = read_images(args.images)
   crop = args.crop_fraction
-  if crop is None:  # an image folder is evaluated as photos (data.pipeline.eval_crop_fraction)
-    photos = not args.images.endswith(".npy") and max(enc.image_size) <= 224
-    crop = pipeline.EVAL_CROP_FRACTION if photos else 1.0
+  if crop is None:  # the evaluations' rule for this kind of source
+    source = "npy" if args.images.endswith(".npy") else "image_folder"
+    crop = pipeline.eval_crop_fraction(ml_collections.ConfigDict({"source": source}),
+                                       enc.image_size)
   if not 0 < crop <= 1:
     parser.error(f"--crop_fraction={crop}: expected a number in (0, 1]")
   out = extract(enc, images, blocks=[int(b) for b in args.blocks.split(",")],

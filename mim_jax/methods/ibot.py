@@ -309,8 +309,9 @@ class IBOT(base.PretrainingMethod):
     # Counted, not read from the config: the step may be built with another accumulation.
     count = jnp.maximum(extra["batch_micro_batches"], 1.0)
     centres = {"batch_micro_batches": jnp.zeros_like(extra["batch_micro_batches"])}
-    for name in CENTRES:  # once per step, by the batch's mean teacher output
-      centres[name] = m * extra[name] + (1.0 - m) * extra[f"batch_{name}"] / count
+    for name in CENTRES:  # once per step, by the batch's mean teacher output (the mean of
+      # the one-row sum / count is itself: center_update's EMA, with no further reduction)
+      centres[name] = losses.center_update(extra[name], extra[f"batch_{name}"] / count, m)
       centres[f"batch_{name}"] = jnp.zeros_like(extra[name])
     return {**extra, **centres, "teacher": teacher, "step": jnp.asarray(step + 1, jnp.int32)}
 

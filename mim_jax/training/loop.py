@@ -17,7 +17,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -162,17 +161,12 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
     batch_keys = r.batch_keys()
     step = start_step
     t_last, step_last = time.perf_counter(), step
-    # The loss summed over the finite steps since the last log, on the device (no sync):
-    # logged as loss_mean beside the last step's loss, the curve a reader compares runs by.
-    # Not checkpointed: after a resume between two logging steps, the first row's mean covers
-    # the steps since the resume (the only value of a rewound row that can differ).
-    # Jitted with replicated outputs: the loss is a global array over every process's devices.
-    loss_zero = jax.jit(lambda: (jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32)),
-                        out_shardings=r.replicated)
-    loss_add = jax.jit(lambda acc, loss: (acc[0] + jnp.where(jnp.isfinite(loss), loss, 0.0),
-                                          acc[1] + jnp.isfinite(loss).astype(jnp.int32)),
-                       out_shardings=r.replicated, donate_argnums=(0,))
-    loss_acc = loss_zero()
+    # The losses (device scalars, not read) since the last log: their finite mean is logged as
+    # loss_mean beside the last step's loss, fetched with the metrics at the logging sync (no
+    # per-step work). Not checkpointed: after a resume between two logging steps, the first
+    # row's mean covers the steps since the resume (the only value of a rewound row that can
+    # differ).
+    interval_losses = []
     with preemption.PreemptionWatcher(start_step, sync_every=config.log_every) as preempted:
       while step < last_step:
         host_batch = next(train_iter)
@@ -180,14 +174,15 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
             {k: host_batch[k] for k in batch_keys if k in host_batch}, r.batch_sharding)
         state, metrics = train_step(state, batch, base_rng)
         step += 1
-        loss_acc = loss_add(loss_acc, metrics["loss"])
+        interval_losses.append(metrics["loss"])
         # The only host-device synchronisation in the loop besides checkpoints: metrics at the
         # logging interval.
         if step % config.log_every == 0 or step == last_step:
-          metrics, (summed, counted) = jax.device_get((metrics, loss_acc))
+          metrics, losses = jax.device_get((metrics, interval_losses))
           metrics = {k: float(v) for k, v in metrics.items()}
-          metrics["loss_mean"] = float(summed) / int(counted) if counted else float("nan")
-          loss_acc = loss_zero()
+          finite = [float(x) for x in losses if np.isfinite(x)]
+          metrics["loss_mean"] = float(np.mean(finite)) if finite else float("nan")
+          interval_losses = []
           now = time.perf_counter()
           metrics["images_per_sec"] = ((step - step_last) * config.global_batch_size
                                        / (now - t_last))
