@@ -885,3 +885,34 @@ def test_a_restore_failure_unrelated_to_the_changed_settings_keeps_its_own_error
   with pytest.raises(ConfigError, match=r"changed settings \(config.model.depth\)"):
     train.run(tiny_mae_config(total_steps=3, **{"model.depth": 3}), workdir,
               resume_with_changes=True)
+
+
+def test_evaluations_due_at_a_preempted_step_run_when_the_run_resumes(tmp_path, monkeypatch):
+  """A notice at step 4, where a k-NN point is due: the checkpoint is written first (the grace
+  period is short) and flagged; the resumed run measures step 4 before training on, so the
+  curve misses no point. A regular checkpoint carries no flag (its evaluations ran before it)."""
+  from mim_jax.training import preemption
+  should_stop = preemption.PreemptionWatcher.should_stop
+
+  def notice_at_step_4(self, step):
+    if step == 4:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return should_stop(self, step)
+  workdir = tmp_path / "w"
+  # 8 steps per epoch: k-NN every 2 steps, a regular checkpoint every 2 steps.
+  config = tiny_mae_config(total_steps=8, checkpoint_every=2, keep_checkpoints=10,
+                           **{"knn.every_epochs": 0.25, "export_encoder": False})
+  with monkeypatch.context() as m:
+    m.setattr(preemption.PreemptionWatcher, "should_stop", notice_at_step_4)
+    with pytest.raises(run_errors.Preempted):
+      train.run(config, str(workdir))
+
+  def knn_steps():
+    return sorted(row["step"] for row in metric_writers.read_metrics(str(workdir))
+                  if "knn_top1_cls" in row)
+  assert _committed(workdir) == [1, 2, 4] and knn_steps() == [2]
+  ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"), save_every=2, keep=10)
+  assert [ckpt.evaluations_pending(s) for s in (1, 2, 4)] == [False, False, True]
+  ckpt.close()
+  train.run(config, str(workdir))
+  assert knn_steps() == [2, 4, 6, 8]

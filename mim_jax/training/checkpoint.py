@@ -132,8 +132,13 @@ class Checkpointer:
     """Whether `step` is on the save interval (or a multi-host preemption sync point)."""
     return self.manager.should_save(step)
 
-  def save(self, step: int, state: Any, data_iterator, *, force: bool = False) -> bool:
+  def save(self, step: int, state: Any, data_iterator, *, force: bool = False,
+           evaluations_pending: bool = False) -> bool:
     """Starts an asynchronous save if `step` is on the interval (or `force`).
+
+    `evaluations_pending`: the evaluations (and pictures) due at `step` have not run, because
+    a preemption notice came first; stored in the step's metadata, so that the run that
+    resumes from it runs them (`evaluations_pending(step)`).
 
     Waits for the previous save first: if that one failed, or this one cannot start, the
     failure is logged and counted and training goes on (the next interval tries again);
@@ -145,14 +150,25 @@ class Checkpointer:
     self._confirm_in_flight()
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=data.iterator_save_args(data_iterator))
+    metadata = {"evaluations_pending": True} if evaluations_pending else None
     try:
-      started = self.manager.save(step, args=args, force=force)
+      started = self.manager.save(step, args=args, force=force, custom_metadata=metadata)
     except Exception as e:  # pylint: disable=broad-except  # any I/O error of any backend
       self._record_failure(step, e)
       return False
     if started:
       self._in_flight = step
     return started
+
+  def evaluations_pending(self, step: int) -> bool:
+    """Whether checkpoint `step` was saved before the evaluations due at its step ran (see
+    `save`). A checkpoint without the flag (any regular save, or one written before the flag
+    existed) had them run before it was written."""
+    try:
+      metadata = self.manager.metadata(step).custom_metadata or {}
+    except Exception:  # pylint: disable=broad-except  # no readable step metadata: no flag
+      return False
+    return bool(metadata.get("evaluations_pending", False))
 
   def has_iterator_state(self, step: int) -> bool:
     """Whether checkpoint `step` holds this process's data-iterator position: not when it was

@@ -147,16 +147,33 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
     knn = frozen.KnnMonitor(config) if knn_every else None
     final_metrics: dict[str, float] = {}
 
+    def eval_due(step: int, at_end: bool) -> bool:
+      return evaluate is not None and (at_end or bool(eval_every and step % eval_every == 0))
+
+    def knn_due(step: int, at_end: bool) -> bool:
+      return knn is not None and (at_end or step % knn_every == 0)
+
+    def draw_due(step: int, at_end: bool) -> bool:
+      return draw is not None and (at_end or step % viz_every == 0)
+
     def evaluations(step: int, state, at_end: bool) -> None:
       """The evaluation and k-NN monitor due at `step` (both at the end of the run)."""
-      if evaluate is not None and (at_end or (eval_every and step % eval_every == 0)):
+      if eval_due(step, at_end):
         final_metrics.update(evaluate(state))
         writer.write_scalars(step, final_metrics)
         log.info("step %d | %s", step, _format(final_metrics))
-      if knn is not None and (at_end or step % knn_every == 0):
+      if knn_due(step, at_end):
         final_metrics.update(knn(method.encoder_params(state.params, state.extra)))
         writer.write_scalars(step, final_metrics)
         log.info("step %d | %s", step, _format(final_metrics))
+
+    if 0 < start_step < last_step and ckpt.evaluations_pending(start_step):
+      # The checkpoint was written on a preemption notice before the evaluations and pictures
+      # due at its step: they run now, so a preempted run's curves miss no point.
+      log.info("step %d: running the evaluations the preempted run left undone", start_step)
+      if draw_due(start_step, at_end=False):
+        draw(start_step, state.params, state.extra)
+      evaluations(start_step, state, at_end=False)
 
     batch_keys = r.batch_keys()
     step = start_step
@@ -196,13 +213,16 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
           # A run whose streak reached the limit stops (exit 3) without a checkpoint, as below.
           _check_nonfinite(int(state.nonfinite_streak), int(state.skipped_updates), step,
                            config, ckpt)
-          # Before pictures and evaluations: the scheduler's grace period is short.
-          ckpt.save(step, state, train_iter, force=True)
+          # Before pictures and evaluations: the scheduler's grace period is short. Those due
+          # now are flagged in the checkpoint and run by the resumed run.
+          at_end = step == last_step
+          pending = draw_due(step, at_end) or eval_due(step, at_end) or knn_due(step, at_end)
+          ckpt.save(step, state, train_iter, force=True, evaluations_pending=pending)
           ckpt.wait()
           log.warning("checkpoint for step %d written after SIGTERM (a preemption notice); "
                       "exiting", step)
           break
-        if draw is not None and (step % viz_every == 0 or step == last_step):
+        if draw_due(step, at_end=step == last_step):
           draw(step, state.params, state.extra)
         evaluations(step, state, at_end=step == last_step)
         if ckpt.should_save(step):
