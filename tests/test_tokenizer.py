@@ -87,6 +87,39 @@ def test_dead_codes_are_restarted_from_the_batch():
   assert int(none) == 0 and same is state
 
 
+def test_restart_candidates_are_a_uniform_draw_over_the_step_s_micro_batches():
+  """Reservoir sampling across micro-batches: with three equal micro-batches each supplies
+  about a third of the codes' restart candidates (the last one would supply all of them if
+  each replaced the previous picks), and each pick is a row of its micro-batch."""
+  k, d = 6000, 2
+  extra = {**cb.init_state(jax.random.key(0), k, d, l2=False), **cb.init_step_stats(k, d)}
+  for i in range(3):
+    z = jnp.full((5, d), float(i + 1)) + jnp.arange(5.0)[:, None] * 10.0
+    extra = cb.accumulate_step_stats(extra, z, jnp.zeros((5,), jnp.int32), jax.random.key(i))
+  source = np.asarray(extra["batch_picks"][:, 0]) % 10.0
+  shares = [np.mean(source == i + 1) for i in range(3)]
+  np.testing.assert_allclose(shares, [1 / 3] * 3, atol=0.03)
+  assert float(extra["batch_micro_batches"]) == 3 and float(extra["batch_counts"][0]) == 15
+  after = cb.apply_step_stats({**extra, "unused_steps": jnp.full((k,), 9, jnp.int32)},
+                              decay=0.9, eps=1e-5, l2=False, restart_after=5)
+  assert int(after["restarted_codes"]) == k - 1  # code 0 was assigned this step
+  np.testing.assert_array_equal(after["codebook"][1:], extra["batch_picks"][1:])
+  assert not np.any(after["batch_counts"]) and float(after["batch_micro_batches"]) == 0
+
+
+def test_codebook_takes_one_ema_step_per_update_with_gradient_accumulation(tmp_path):
+  """Two micro-batches move the codebook exactly as the whole batch does: one EMA step from
+  the whole batch's assignments (updated per micro-batch it took two steps of the decay)."""
+  states = [train.run(tiny_tokenizer_config(total_steps=1, grad_accum_steps=a,
+                                            export_encoder=False), str(tmp_path / str(a)))
+            for a in (1, 2)]
+  one, two = (s.extra for s in states)
+  for key in ("codebook", "cluster_size", "embed_sum"):
+    np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  np.testing.assert_array_equal(two["unused_steps"], one["unused_steps"])
+  assert set(np.unique(one["unused_steps"])) <= {0, 1}  # one step: counted once
+
+
 def test_usage_and_perplexity_on_known_assignments():
   usage, ppl = cb.usage_and_perplexity(jnp.array([0, 0, 1, 1]), 4)
   assert float(usage) == pytest.approx(0.5) and float(ppl) == pytest.approx(2.0)

@@ -69,14 +69,27 @@ def usage_and_perplexity(codes: jax.Array, vocab_size: int) -> tuple[jax.Array, 
   return usage_and_perplexity_of_counts(code_counts(codes, vocab_size))
 
 
+def assignment_stats(z: jax.Array, codes: jax.Array,
+                     vocab_size: int) -> tuple[jax.Array, jax.Array]:
+  """Vectors z [M, D] assigned to codes int [M] -> (n [K]: how many each code got, s [K, D]:
+  the sum of its vectors), the batch statistics of the EMA step."""
+  z = z.astype(jnp.float32).reshape(codes.size, -1)
+  return (code_counts(codes, vocab_size),
+          jax.ops.segment_sum(z, codes.reshape(-1), num_segments=vocab_size))
+
+
 def ema_update(state: dict, z: jax.Array, codes: jax.Array, *, decay: float, eps: float,
                l2: bool) -> dict:
   """The EMA step of the module docstring for vectors z [M, D] assigned to codes int [M];
   `unused_steps` counts up for codes absent from `codes` and resets for the others."""
+  counts, sums = assignment_stats(z, codes, state["codebook"].shape[0])
+  return ema_update_from_stats(state, counts, sums, decay=decay, eps=eps, l2=l2)
+
+
+def ema_update_from_stats(state: dict, counts: jax.Array, sums: jax.Array, *, decay: float,
+                          eps: float, l2: bool) -> dict:
+  """`ema_update` from a batch's statistics (`assignment_stats`): counts [K], sums [K, D]."""
   vocab_size = state["codebook"].shape[0]
-  z = z.astype(jnp.float32).reshape(-1, state["codebook"].shape[1])
-  counts = code_counts(codes, vocab_size)
-  sums = jax.ops.segment_sum(z, codes.reshape(-1), num_segments=vocab_size)
   size = decay * state["cluster_size"] + (1.0 - decay) * counts
   embed_sum = decay * state["embed_sum"] + (1.0 - decay) * sums
   total = jnp.sum(size)
@@ -97,12 +110,73 @@ def restart_dead_codes(state: dict, z: jax.Array, rng: jax.Array, *,
   """
   if restart_after <= 0:
     return state, jnp.zeros([], jnp.int32)
-  z = z.astype(jnp.float32).reshape(-1, state["codebook"].shape[1])
+  return restart_dead_codes_from(state, random_rows(rng, z, state["codebook"].shape[0]),
+                                 restart_after=restart_after)
+
+
+def random_rows(rng: jax.Array, z: jax.Array, num: int) -> jax.Array:
+  """`num` rows of z [M, D] drawn uniformly with replacement: [num, D] float32."""
+  z = z.astype(jnp.float32).reshape(-1, z.shape[-1])
+  return z[jax.random.randint(rng, (num,), 0, z.shape[0])]
+
+
+def restart_dead_codes_from(state: dict, picks: jax.Array, *,
+                            restart_after: int) -> tuple[dict, jax.Array]:
+  """`restart_dead_codes` with the replacement vectors given: picks [K, D], row k for code k."""
+  if restart_after <= 0:
+    return state, jnp.zeros([], jnp.int32)
   dead = state["unused_steps"] >= restart_after
-  picks = z[jax.random.randint(rng, (state["codebook"].shape[0],), 0, z.shape[0])]
   keep = lambda new, old: jnp.where(dead.reshape(-1, *([1] * (old.ndim - 1))), new, old)
-  state = {"codebook": keep(picks, state["codebook"]),
+  state = {**state, "codebook": keep(picks, state["codebook"]),
            "cluster_size": keep(jnp.ones_like(state["cluster_size"]), state["cluster_size"]),
            "embed_sum": keep(picks, state["embed_sum"]),
            "unused_steps": keep(jnp.zeros_like(state["unused_steps"]), state["unused_steps"])}
   return state, jnp.sum(dead.astype(jnp.int32))
+
+
+# --- one EMA step per optimizer step, whatever the gradient accumulation ----------------------
+# The loss adds each micro-batch's statistics to these entries of the method's `extra`;
+# `apply_step_stats` (in the method's after_update) takes the step's one EMA step from them and
+# zeroes them. A batch split into k micro-batches then moves the codebook exactly as the whole
+# batch does (updated per micro-batch it would take k EMA steps of the decay per update).
+STEP_KEYS = ("batch_counts", "batch_sums", "batch_picks", "batch_micro_batches")
+
+
+def init_step_stats(vocab_size: int, code_dim: int) -> dict:
+  """Empty step statistics: counts [K], sums [K, D], restart candidates picks [K, D], and how
+  many micro-batches they hold; plus `restarted_codes`, the latest update's restarts."""
+  return {"batch_counts": jnp.zeros((vocab_size,), jnp.float32),
+          "batch_sums": jnp.zeros((vocab_size, code_dim), jnp.float32),
+          "batch_picks": jnp.zeros((vocab_size, code_dim), jnp.float32),
+          "batch_micro_batches": jnp.zeros([], jnp.float32),
+          "restarted_codes": jnp.zeros([], jnp.int32)}
+
+
+def accumulate_step_stats(extra: dict, z: jax.Array, codes: jax.Array, rng: jax.Array) -> dict:
+  """`extra` with one micro-batch's vectors z [M, D] and codes int [M] added to its step
+  statistics. Each code's restart candidate is a reservoir sample: a random row of this
+  micro-batch replaces it with probability 1 / (micro-batches so far + 1), so that with equal
+  micro-batches it is a uniform draw over the whole batch, as without accumulation."""
+  counts, sums = assignment_stats(z, codes, extra["batch_counts"].shape[0])
+  pick_rng, keep_rng = jax.random.split(rng)
+  picks = random_rows(pick_rng, z.reshape(codes.size, -1), counts.shape[0])
+  seen = extra["batch_micro_batches"]
+  replace = jax.random.uniform(keep_rng, counts.shape) * (seen + 1.0) < 1.0
+  return {**extra, "batch_counts": extra["batch_counts"] + counts,
+          "batch_sums": extra["batch_sums"] + sums,
+          "batch_picks": jnp.where(replace[:, None], picks, extra["batch_picks"]),
+          "batch_micro_batches": seen + 1.0}
+
+
+def apply_step_stats(extra: dict, *, decay: float, eps: float, l2: bool,
+                     restart_after: int) -> dict:
+  """The step's EMA update and dead-code restarts from the statistics that
+  `accumulate_step_stats` gathered; they are zeroed for the next step, the number of codes
+  restarted kept in `restarted_codes`. Other entries of `extra` are kept."""
+  state = {k: extra[k] for k in ("codebook", "cluster_size", "embed_sum", "unused_steps")}
+  state = ema_update_from_stats(state, extra["batch_counts"], extra["batch_sums"], decay=decay,
+                                eps=eps, l2=l2)
+  state, restarted = restart_dead_codes_from(state, extra["batch_picks"],
+                                             restart_after=restart_after)
+  cleared = {k: jnp.zeros_like(extra[k]) for k in STEP_KEYS}
+  return {**extra, **state, **cleared, "restarted_codes": restarted.astype(jnp.int32)}

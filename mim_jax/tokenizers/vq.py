@@ -5,10 +5,12 @@ with `tokenizer.l2_normalize`, as in BEiT v2 / ViT-VQGAN), which is replaced by 
 code; the decoder reconstructs the normalised image from the codes. Gradients pass the
 quantiser unchanged (the straight-through estimator, z + sg(e - z)); the codebook is not
 trained by gradients but follows the assigned vectors by EMA with Laplace smoothing and
-dead-code restarts (`tokenizers.codebook`), its state in the method's `extra`. With
-`grad_accum_steps` = k the EMA and the restarts run once per micro-batch, as a PyTorch
-quantiser does per forward pass: the codebook's decay acts k times per optimizer step
-(`tokenizer.decay` ** (1 / k) gives the per-step decay of a run without accumulation).
+dead-code restarts (`tokenizers.codebook`), its state in the method's `extra`. The codebook
+takes one EMA step (and its restarts) per optimizer step, in `after_update`, from statistics the
+loss sums over the step's micro-batches: with `grad_accum_steps` = k it moves exactly as with
+the whole batch at once, as the parameters do (a PyTorch quantiser, updated per forward pass,
+would take k EMA steps per update). `restarted_codes` is the number of codes the previous
+update re-seeded.
 
   loss = mean (decoded - image)^2 + commitment * mean (z - sg(e))^2
 
@@ -149,7 +151,9 @@ class VQTokenizer(base.Method):
   def init(self, rng, images):
     model_rng, code_rng = jax.random.split(rng)
     params = self.model.init({"params": model_rng}, images)["params"]
-    return params, cb.init_state(code_rng, self.vocab_size, self.info["code_dim"], self.l2)
+    code_dim = self.info["code_dim"]
+    return params, {**cb.init_state(code_rng, self.vocab_size, code_dim, self.l2),
+                    **cb.init_step_stats(self.vocab_size, code_dim)}
 
   def _forward(self, params, extra, images):
     z = models.encode(self.model, params, images, self.l2)
@@ -160,13 +164,18 @@ class VQTokenizer(base.Method):
     recon = self.model.apply({"params": params}, z_q, method=self.model.decode)
     return z, e, codes, recon
 
-  def update_codebook(self, extra, z, codes, rng):
-    """The codebook's EMA step and dead-code restarts for the encoder's vectors z and their
-    codes; other entries of `extra` (a VQ-KD teacher) are kept. Returns (extra, restarted)."""
-    flat = jax.lax.stop_gradient(z).reshape(-1, z.shape[-1])
-    state = cb.ema_update(extra, flat, codes, decay=self.decay, eps=self.eps, l2=self.l2)
-    state, restarted = cb.restart_dead_codes(state, flat, rng, restart_after=self.restart_after)
-    return {**extra, **state}, restarted
+  def gather_codebook_stats(self, extra, z, codes, rng, train):
+    """`extra` with the encoder's vectors z and their codes added to the step's codebook
+    statistics (when training); `after_update` takes the EMA step from them."""
+    if not train:
+      return extra
+    return cb.accumulate_step_stats(extra, jax.lax.stop_gradient(z), codes, rng)
+
+  def after_update(self, params, extra, step):
+    """The codebook's one EMA step of this optimizer step, and its dead-code restarts; other
+    entries of `extra` (a VQ-KD teacher) are kept."""
+    return cb.apply_step_stats(extra, decay=self.decay, eps=self.eps, l2=self.l2,
+                               restart_after=self.restart_after)
 
   def loss(self, params, extra, batch, rng, train=True):
     images = batch["image"].astype(jnp.float32)
@@ -175,12 +184,10 @@ class VQTokenizer(base.Method):
     commit_loss = jnp.mean(jnp.square(z - jax.lax.stop_gradient(e)))
     loss = recon_loss + self.commitment * commit_loss
     usage, perplexity = cb.usage_and_perplexity(codes, self.vocab_size)
-    restarted = jnp.zeros([], jnp.int32)
-    if train:
-      extra, restarted = self.update_codebook(extra, z, codes, rng)
     metrics = {"loss": loss, "recon_loss": recon_loss, "commit_loss": commit_loss,
                "codebook_usage": usage, "perplexity": perplexity,
-               "restarted_codes": restarted.astype(jnp.float32)}
+               "restarted_codes": extra["restarted_codes"].astype(jnp.float32)}
+    extra = self.gather_codebook_stats(extra, z, codes, rng, train)
     return loss, (metrics, extra)
 
   def reconstruct(self, params, batch, rng, extra):

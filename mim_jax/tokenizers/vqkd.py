@@ -111,12 +111,10 @@ class VQKDTokenizer(VQTokenizer):
     commit_loss = jnp.mean(jnp.square(z - jax.lax.stop_gradient(e)))
     loss = recon_loss + self.commitment * commit_loss
     usage, perplexity = cb.usage_and_perplexity(codes, self.vocab_size)
-    restarted = jnp.zeros([], jnp.int32)
-    if train:
-      extra, restarted = self.update_codebook(extra, z, codes, rng)
     metrics = {"loss": loss, "recon_loss": recon_loss, "commit_loss": commit_loss,
                "cosine": 1.0 - recon_loss, "codebook_usage": usage, "perplexity": perplexity,
-               "restarted_codes": restarted.astype(jnp.float32)}
+               "restarted_codes": extra["restarted_codes"].astype(jnp.float32)}
+    extra = self.gather_codebook_stats(extra, z, codes, rng, train)
     return loss, (metrics, extra)
 
   def reconstruct(self, params, batch, rng, extra):
