@@ -23,7 +23,8 @@ def get_config(arg=None):
   c = registry.base_config("maskfeat")
   c.model.variant = str(args.get("variant", "B/16"))
   c.masking.update(kind="blockwise", ratio=0.4, min_block=16, min_aspect=0.3)
-  c.target.hog.update(cell_size=8, num_bins=9, gradient="sobel", gaussian_window=16)
+  c.target.hog.update(cell_size=8, num_bins=9, gradient="sobel", gaussian_window=16,
+                      binning="maskfeat")
   c.data.crop_scale = (0.5, 1.0)
   c.global_batch_size = 2048
   c.num_epochs = 1600

@@ -151,7 +151,7 @@ def save_png(array: np.ndarray, path: str) -> None:
 def hog_grid(images: np.ndarray, pred: np.ndarray, target: np.ndarray, mask: np.ndarray, *,
              patch_size: int, cell_size: int, num_bins: int, mean: Sequence[float],
              std: Sequence[float], max_rows: int = 8,
-             channels: Sequence[int] = ()) -> np.ndarray:
+             channels: Sequence[int] = (), binning: str = "skimage") -> np.ndarray:
   """MaskFeat pictures, one row per example: original | masked | HOG target | HOG prediction.
 
   images        [B, H, W, C] normalised inputs
@@ -159,7 +159,8 @@ def hog_grid(images: np.ndarray, pred: np.ndarray, target: np.ndarray, mask: np.
   mask          [B, N] 1 = masked, 0 = visible
   The last panel shows the predictions on masked patches and the target on visible ones (the
   prediction of a visible patch is not trained). HOG maps average the colour channels and draw
-  each cell's histogram as oriented strokes, both maps on one brightness scale.
+  each cell's histogram as oriented strokes (bins read by `binning`, `hog.orientation_bins`),
+  both maps on one brightness scale.
   Returns uint8 [R*H' + (R-1)*GAP, 4*W' + 3*GAP, 3] as `reconstruction_grid`.
   """
   from mim_jax.objectives import (
@@ -178,7 +179,8 @@ def hog_grid(images: np.ndarray, pred: np.ndarray, target: np.ndarray, mask: np.
   s = upscale_factor(h, w)
   cells = hog.patch_targets_to_cells(np.concatenate([target, pasted]), grid_hw, patch_size,
                                      cell_size, c, num_bins)  # [2B, gh', gw', C, bins]
-  maps = hog.render_hog(np.asarray(cells).mean(axis=-2), pixels_per_cell=cell_size * s)
+  maps = hog.render_hog(np.asarray(cells).mean(axis=-2), pixels_per_cell=cell_size * s,
+                        binning=binning)
   maps = np.repeat(maps[..., None], 3, axis=-1)  # [2B, H', W', 3]
 
   original = _to_display(images, mean, std, channels)

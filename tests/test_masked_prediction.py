@@ -178,7 +178,7 @@ def test_maskfeat_targets_are_hog_and_masks_vary_per_sample():
   out = method.reconstruct(params, batch, jax.random.key(0), {})
   np.testing.assert_array_equal(np.asarray(out["mask"]), np.asarray(batch["token_mask"]))
   want = hog.hog_patch_targets(images, 4, cell_size=2, num_bins=9, gradient="sobel",
-                               gaussian_window=4)
+                               gaussian_window=4, binning="maskfeat")  # the method's default
   assert out["pred"].shape == want.shape == (16, 64, 4 * 3 * 9)
   np.testing.assert_allclose(np.asarray(out["target"]), np.asarray(want), atol=1e-6)
   loss, _ = method.loss(params, extra, batch, jax.random.key(0), train=False)

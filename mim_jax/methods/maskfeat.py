@@ -32,6 +32,8 @@ def validate_hog(config, h, prefix: str) -> None:
             "a positive integer (MaskFeat: 9)")
   v.require(h.gradient in HOG_GRADIENTS, f"{prefix}.gradient", h.gradient,
             f"one of {HOG_GRADIENTS}")
+  v.require(h.binning in hog.BINNINGS, f"{prefix}.binning", h.binning,
+            f"one of {hog.BINNINGS} (how orientations fall into bins; MaskFeat: 'maskfeat')")
   window = h.gaussian_window
   v.require(v.is_int(window) and window >= 0, f"{prefix}.gaussian_window", window,
             "an integer >= 0 (0: no Gaussian weighting; MaskFeat: 16)")
@@ -44,14 +46,15 @@ def validate_hog(config, h, prefix: str) -> None:
 def hog_defaults() -> ml_collections.ConfigDict:
   """MaskFeat's HOG: 9 orientation bins over 8x8 cells, L2-normalised per cell and colour
   channel; gradient "sobel" (official MaskFeat) or "central" (scikit-image); gaussian_window
-  > 0 weights magnitudes by a tiled Gaussian window."""
+  > 0 weights magnitudes by a tiled Gaussian window; binning "maskfeat" (the official bins) or
+  "skimage" (scikit-image's: the same bins mirrored and shifted by half a bin)."""
   return ml_collections.ConfigDict(dict(cell_size=8, num_bins=9, gradient="sobel",
-                                        gaussian_window=16))
+                                        gaussian_window=16, binning="maskfeat"))
 
 
 def hog_kwargs(h) -> dict:
   return dict(cell_size=int(h.cell_size), num_bins=int(h.num_bins), gradient=str(h.gradient),
-              gaussian_window=int(h.gaussian_window))
+              gaussian_window=int(h.gaussian_window), binning=str(h.binning))
 
 
 class MaskFeat(MaskedPrediction):
@@ -85,4 +88,5 @@ class MaskFeat(MaskedPrediction):
   def picture(self, images: np.ndarray, out: dict) -> np.ndarray:
     return viz.hog_grid(images, out["pred"], out["target"], out["mask"],
                         patch_size=self.patch_size, cell_size=self.hog_kwargs["cell_size"],
-                        num_bins=self.hog_kwargs["num_bins"], **self.display)
+                        num_bins=self.hog_kwargs["num_bins"],
+                        binning=self.hog_kwargs["binning"], **self.display)

@@ -88,7 +88,7 @@ class MIM(MaskedPrediction):
       return lambda c: c.target.kind == kind
     return [
         (("target.hog.cell_size", "target.hog.num_bins", "target.hog.gradient",
-          "target.hog.gaussian_window"), of_kind("hog"), "only target.kind='hog' reads it"),
+          "target.hog.gaussian_window", "target.hog.binning"), of_kind("hog"), "only target.kind='hog' reads it"),
         (("target.tokenizer.path", "target.tokenizer.vocab_size"), of_kind("tokens"),
          "only target.kind='tokens' reads it"),
         (("target.teacher.path", "target.teacher.layer", "target.teacher.norm"),
@@ -155,7 +155,8 @@ class MIM(MaskedPrediction):
     if kind == "hog":
       return viz.hog_grid(images, out["pred"], out["target"], out["mask"], patch_size=p,
                           cell_size=self.target.kwargs["cell_size"],
-                          num_bins=self.target.kwargs["num_bins"], **self.display)
+                          num_bins=self.target.kwargs["num_bins"],
+                          binning=self.target.kwargs["binning"], **self.display)
     if kind == "tokens":
       return beit.token_picture(images, out, self.grid_hw, p, self.display)
     return maskdistill.similarity_picture(images, out, self.grid_hw, p, self.channels,

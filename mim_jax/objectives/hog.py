@@ -13,8 +13,12 @@ Conventions (the same for both gradient kinds):
 * The unsigned orientation of a pixel is `o = rad2deg(arctan2(g_row, g_col)) % 180` degrees,
   i.e. the gradient angle measured from the +col axis towards the +row axis, folded to [0, 180).
   A vertical edge (intensity changing along columns) has o = 0; a horizontal edge o = 90.
-* Hard assignment: bin `i` holds `i * w <= o < (i + 1) * w` with `w = 180 / num_bins`
-  (scikit-image's rule; no interpolation between bins or cells).
+* Hard assignment (no interpolation between bins or cells), by one of two rules
+  (`BINNINGS`), `w = 180 / num_bins`:
+  "skimage": bin `i` holds `i * w <= o < (i + 1) * w` (scikit-image's rule);
+  "maskfeat": bin `i` holds `i * w <= (90 - o) mod 180 < (i + 1) * w`, the official MaskFeat
+  rule (`floor(atan2(gx, gy) / pi * num_bins) mod num_bins` with its (gx, gy) =
+  (-g_col, -g_row)): the same bins mirrored and shifted by w / 2 (10 degrees for 9 bins).
 * Cell histograms hold the sum of the magnitudes of their pixels per bin divided by the cell
   area, then are L2-normalised per (cell, channel) as scikit-image's `block_norm='L2'` with
   `cells_per_block=(1, 1)`: `v / sqrt(sum(v**2) + eps**2)`.
@@ -23,12 +27,10 @@ With `gradient="central"` the cells match `skimage.feature.hog(..., orientations
 pixels_per_cell=(cs, cs), cells_per_block=(1, 1), block_norm='L2', feature_vector=False)` on each
 channel up to float32 rounding (see tests/test_hog.py for the measured discrepancy).
 
-Differences from the official MaskFeat / mmpretrain `HOGGenerator` (even with
-`gradient="sobel", gaussian_window=16`), worth knowing when comparing numbers:
+Differences from the official MaskFeat / mmpretrain `HOGGenerator` with
+`gradient="sobel", gaussian_window=16, binning="maskfeat"` (the pixel bins are the same, tested
+against a transcription of its phase rule), worth knowing when comparing numbers:
 
-* It measures the phase as `atan2(gx, gy)` with `gx = -g_col`, `gy = -g_row` (its kernels are
-  applied as a cross-correlation), i.e. angle `90 - o` (mod 180) in our terms, so its 20-degree
-  bins are shifted by 10 degrees and mirrored with respect to ours.
 * Its Gaussian kernel is divided by its sum and it does not divide by the cell area; both are
   global scales that the per-cell L2 normalisation removes (up to the eps).
 * Its per-patch feature order is (channel, bin, cell row, cell col); ours is (cell, channel,
@@ -42,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 GRADIENT_KINDS = ("central", "sobel")
+BINNINGS = ("skimage", "maskfeat")
 
 
 def _as_float(images: jax.Array) -> jax.Array:
@@ -107,12 +110,20 @@ def gaussian_window_weights(window: int) -> np.ndarray:
   return np.outer(w1, w1).astype(np.float32)
 
 
-def orientation_bins(g_row: jax.Array, g_col: jax.Array, num_bins: int) -> jax.Array:
+def orientation_bins(g_row: jax.Array, g_col: jax.Array, num_bins: int,
+                     binning: str = "skimage") -> jax.Array:
   """Hard unsigned-orientation bin per pixel: int32, same shape as the gradients.
 
-  o = rad2deg(arctan2(g_row, g_col)) % 180 and bin i holds i*w <= o < (i+1)*w, w = 180/num_bins
-  (scikit-image's rule). Zero gradients land in bin 0 with zero magnitude, so they vote nothing.
+  "skimage": o = rad2deg(arctan2(g_row, g_col)) % 180 and bin i holds i*w <= o < (i+1)*w,
+  w = 180/num_bins. "maskfeat": floor(arctan2(-g_col, -g_row) / pi * num_bins) mod num_bins, the
+  official rule in its own terms (see the module docstring). Zero gradients land in some bin
+  with zero magnitude, so they vote nothing.
   """
+  if binning == "maskfeat":
+    phase = jnp.arctan2(-g_col, -g_row) / jnp.pi * num_bins  # in [-num_bins, num_bins]
+    return jnp.floor(phase).astype(jnp.int32) % num_bins
+  if binning != "skimage":
+    raise ValueError(f"HOG binning must be one of {BINNINGS}; got {binning!r}")
   orientation = jnp.rad2deg(jnp.arctan2(g_row, g_col)) % 180.0
   # The clip catches float32 `%` returning exactly 180 for tiny negative angles (and any
   # rounding at the top edge); scikit-image, in float64, puts those angles in the last bin too.
@@ -120,9 +131,20 @@ def orientation_bins(g_row: jax.Array, g_col: jax.Array, num_bins: int) -> jax.A
                   num_bins - 1)
 
 
+def bin_centres(num_bins: int, binning: str = "skimage") -> np.ndarray:
+  """[num_bins] float64: the orientation o (degrees, the convention above) at each bin's
+  centre; "maskfeat" bin i is centred on (90 - (i + 0.5) w) mod 180."""
+  centres = (np.arange(num_bins) + 0.5) * 180.0 / num_bins
+  if binning == "maskfeat":
+    return (90.0 - centres) % 180.0
+  if binning != "skimage":
+    raise ValueError(f"HOG binning must be one of {BINNINGS}; got {binning!r}")
+  return centres
+
+
 def hog_cells(images: jax.Array, *, cell_size: int = 8, num_bins: int = 9,
               gradient: str = "central", gaussian_window: int = 0,
-              eps: float = 1e-5) -> jax.Array:
+              binning: str = "skimage", eps: float = 1e-5) -> jax.Array:
   """Per-channel, per-cell L2-normalised HOG histograms.
 
   Args:
@@ -133,6 +155,7 @@ def hog_cells(images: jax.Array, *, cell_size: int = 8, num_bins: int = 9,
     gaussian_window: if > 0, magnitudes are weighted by `gaussian_window_weights(window)` tiled
       over the image before binning (MaskFeat uses 16, the patch size); H and W must then be
       multiples of the window.
+    binning: "skimage" or "maskfeat" (official MaskFeat); see `orientation_bins`.
     eps: the L2 normalisation is v / sqrt(sum(v**2) + eps**2) (scikit-image's 'L2').
 
   Returns:
@@ -149,6 +172,8 @@ def hog_cells(images: jax.Array, *, cell_size: int = 8, num_bins: int = 9,
                      f"H={h}, W={w}")
   if num_bins < 1:
     raise ValueError(f"num_bins must be >= 1; got {num_bins}")
+  if binning not in BINNINGS:
+    raise ValueError(f"HOG binning must be one of {BINNINGS}; got {binning!r}")
 
   g_row, g_col = image_gradients(images.astype(jnp.float32), gradient)
   magnitude = jnp.hypot(g_row, g_col)
@@ -156,7 +181,7 @@ def hog_cells(images: jax.Array, *, cell_size: int = 8, num_bins: int = 9,
     reps = (h // gaussian_window, w // gaussian_window)
     weights = np.tile(gaussian_window_weights(gaussian_window), reps)  # [H, W]
     magnitude = magnitude * jnp.asarray(weights)[None, :, :, None]
-  bins = orientation_bins(g_row, g_col, num_bins)
+  bins = orientation_bins(g_row, g_col, num_bins, binning)
   # one_hot * magnitude then a reshape-sum, not a scatter-add (serialised atomics on GPU): an
   # elementwise producer feeding a reduction, which XLA may fuse. Not checked on GPU; the CPU
   # backend (jax 0.10.2) does materialise the [B, H, W, C, bins] votes (9x the image).
@@ -183,7 +208,7 @@ def hog_feature_dim(patch_size: int, channels: int, cell_size: int = 8, num_bins
 
 def hog_patch_targets(images: jax.Array, patch_size: int, *, cell_size: int = 8,
                       num_bins: int = 9, gradient: str = "central",
-                      gaussian_window: int = 0) -> jax.Array:
+                      gaussian_window: int = 0, binning: str = "skimage") -> jax.Array:
   """HOG regression targets per patch.
 
   Args:
@@ -202,7 +227,7 @@ def hog_patch_targets(images: jax.Array, patch_size: int, *, cell_size: int = 8,
   if h % patch_size or w % patch_size:
     raise ValueError(f"patch_size={patch_size} must divide the image size; got H={h}, W={w}")
   cells = hog_cells(images, cell_size=cell_size, num_bins=num_bins, gradient=gradient,
-                    gaussian_window=gaussian_window)
+                    gaussian_window=gaussian_window, binning=binning)
   gh, gw = h // patch_size, w // patch_size
   x = cells.reshape(b, gh, k, gw, k, c, num_bins)
   x = jnp.transpose(x, (0, 1, 3, 2, 4, 5, 6))  # [B, gh, gw, k, k, C, bins]
@@ -228,20 +253,20 @@ def patch_targets_to_cells(targets, grid_hw: tuple[int, int], patch_size: int, c
   return x.reshape(b, gh * k, gw * k, channels, num_bins)
 
 
-def hog_glyphs(num_bins: int, pixels_per_cell: int) -> np.ndarray:
+def hog_glyphs(num_bins: int, pixels_per_cell: int, binning: str = "skimage") -> np.ndarray:
   """[num_bins, ppc, ppc] float32 anti-aliased line per bin, through the cell centre.
 
-  Bin i's line is perpendicular to the gradient at the bin's centre angle
-  theta_i = (i + 0.5) * 180 / num_bins (gradient direction (row, col) = (sin, cos) theta), so
-  it follows the edge: direction (row, col) = (cos theta, -sin theta). For 9 bins, bin 0
-  (theta = 10 deg, a left-to-right intensity change) is a near-vertical line leaning like '/',
-  and bin 4 (theta = 90 deg, a top-to-bottom change) a horizontal line. Half-length
-  ppc / 2 - 1, as scikit-image's visualisation.
+  Bin i's line is perpendicular to the gradient at the bin's centre angle theta_i
+  (`bin_centres`; gradient direction (row, col) = (sin, cos) theta), so it follows the edge:
+  direction (row, col) = (cos theta, -sin theta). For 9 "skimage" bins, bin 0 (theta = 10 deg,
+  a left-to-right intensity change) is a near-vertical line leaning like '/', and bin 4
+  (theta = 90 deg, a top-to-bottom change) a horizontal line. Half-length ppc / 2 - 1, as
+  scikit-image's visualisation.
   """
   ppc = pixels_per_cell
   offsets = np.arange(ppc, dtype=np.float64) + 0.5 - ppc / 2  # pixel centres from the centre
   rr, cc = np.meshgrid(offsets, offsets, indexing="ij")
-  theta = np.pi * (np.arange(num_bins) + 0.5) / num_bins
+  theta = np.deg2rad(bin_centres(num_bins, binning))
   d_row, d_col = np.cos(theta)[:, None, None], -np.sin(theta)[:, None, None]
   along = rr * d_row + cc * d_col  # position along the line
   across = np.abs(rr * d_col - cc * d_row)  # distance from the line
@@ -251,13 +276,14 @@ def hog_glyphs(num_bins: int, pixels_per_cell: int) -> np.ndarray:
   return glyphs.astype(np.float32)
 
 
-def render_hog(cells, pixels_per_cell: int = 16) -> np.ndarray:
+def render_hog(cells, pixels_per_cell: int = 16, binning: str = "skimage") -> np.ndarray:
   """Host-side picture of HOG cells, like skimage's `hog(..., visualize=True)`.
 
   Args:
     cells: [..., gh, gw, num_bins] non-negative histograms (one channel, or the mean over
       channels); NumPy or JAX.
     pixels_per_cell: side of each cell's square in the picture.
+    binning: the rule the histograms were binned by (`orientation_bins`).
 
   Returns:
     float32 [..., gh * ppc, gw * ppc] in [0, 1]: per cell, the sum over bins of the bin value
@@ -269,7 +295,7 @@ def render_hog(cells, pixels_per_cell: int = 16) -> np.ndarray:
   if cells.ndim < 3:
     raise ValueError(f"render_hog expects [..., gh, gw, num_bins]; got shape {cells.shape}")
   *lead, gh, gw, num_bins = cells.shape
-  glyphs = hog_glyphs(num_bins, pixels_per_cell)
+  glyphs = hog_glyphs(num_bins, pixels_per_cell, binning)
   picture = np.einsum("...hwn,npq->...hpwq", cells, glyphs)
   picture = picture.reshape(*lead, gh * pixels_per_cell, gw * pixels_per_cell)
   peak = float(picture.max()) if picture.size else 0.0

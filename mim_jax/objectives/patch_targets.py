@@ -76,11 +76,11 @@ class Hog(PatchTarget):
   kind = "hog"
 
   def __init__(self, patch_size: int, channels: int, *, cell_size: int, num_bins: int,
-               gradient: str, gaussian_window: int):
+               gradient: str, gaussian_window: int, binning: str = "skimage"):
     super().__init__(hog.hog_feature_dim(patch_size, channels, cell_size, num_bins))
     self.patch_size = patch_size
     self.kwargs = dict(cell_size=cell_size, num_bins=num_bins, gradient=gradient,
-                       gaussian_window=gaussian_window)
+                       gaussian_window=gaussian_window, binning=binning)
 
   def __call__(self, state, images):
     return hog.hog_patch_targets(images, self.patch_size, **self.kwargs)
