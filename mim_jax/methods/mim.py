@@ -88,7 +88,8 @@ class MIM(MaskedPrediction):
       return lambda c: c.target.kind == kind
     return [
         (("target.hog.cell_size", "target.hog.num_bins", "target.hog.gradient",
-          "target.hog.gaussian_window", "target.hog.binning"), of_kind("hog"), "only target.kind='hog' reads it"),
+          "target.hog.gaussian_window", "target.hog.binning"), of_kind("hog"),
+         "only target.kind='hog' reads it"),
         (("target.tokenizer.path", "target.tokenizer.vocab_size"), of_kind("tokens"),
          "only target.kind='tokens' reads it"),
         (("target.teacher.path", "target.teacher.layer", "target.teacher.norm"),
