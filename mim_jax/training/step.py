@@ -89,7 +89,12 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
 
   `rng` is the run's base key; the step folds in `state.step`, so the randomness of step t is
   the same whether or not the run was interrupted. With `grad_accum_steps` > 1 the batch is
-  split into that many microbatches whose gradients are averaged before one update.
+  split into that many microbatches whose gradients are averaged before one update. Each
+  microbatch's loss is its own mean, as PyTorch's accumulation computes it: a masked loss is
+  divided by the microbatch's masked count, so where that count varies per image (blockwise
+  masks) the update weighs patches slightly differently from the whole batch's one mean.
+  Statistics a method keeps by EMA (iBOT's centres, VQ codebooks) move once per update from
+  the whole batch (summed in `extra` by the loss, applied in `after_update`).
 
   A step whose loss or gradients hold a NaN or Inf changes nothing but the counters: params,
   optimizer state and `extra` keep their values (one select per leaf, fused into the update),
