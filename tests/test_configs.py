@@ -142,7 +142,8 @@ def test_simmim_and_maskfeat_configs_follow_their_papers():
   assert (m.method, m.model.variant, m.global_batch_size) == ("maskfeat", "B/16", 2048)
   assert (m.masking.kind, m.masking.ratio, m.masking.min_block) == ("blockwise", 0.4, 16)
   h = m.target.hog
-  assert (h.cell_size, h.num_bins, h.gradient, h.gaussian_window) == (8, 9, "sobel", 16)
+  assert (h.cell_size, h.num_bins, h.gradient, h.gaussian_window, h.binning) == (
+      8, 9, "sobel", 16, "maskfeat")
   o = m.optimizer
   assert (o.base_lr, o.lr_batch_reference, o.b2, o.warmup_epochs, o.clip_grad_norm) == (
       2e-4, 256, 0.999, 30, 0.02)

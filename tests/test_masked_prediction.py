@@ -178,7 +178,7 @@ def test_maskfeat_targets_are_hog_and_masks_vary_per_sample():
   out = method.reconstruct(params, batch, jax.random.key(0), {})
   np.testing.assert_array_equal(np.asarray(out["mask"]), np.asarray(batch["token_mask"]))
   want = hog.hog_patch_targets(images, 4, cell_size=2, num_bins=9, gradient="sobel",
-                               gaussian_window=4, binning="maskfeat")  # the method's default
+                               gaussian_window=4)
   assert out["pred"].shape == want.shape == (16, 64, 4 * 3 * 9)
   np.testing.assert_allclose(np.asarray(out["target"]), np.asarray(want), atol=1e-6)
   loss, _ = method.loss(params, extra, batch, jax.random.key(0), train=False)
@@ -243,6 +243,7 @@ def test_maskfeat_run_draws_hog_maps(tmp_path):
     ("maskfeat", {"target.hog.cell_size": 3}, "target.hog.cell_size", "divisor of the patch"),
     ("maskfeat", {"target.hog.gaussian_window": 5}, "target.hog.gaussian_window", "divisor"),
     ("maskfeat", {"target.hog.gradient": "prewitt"}, "target.hog.gradient", "sobel"),
+    ("maskfeat", {"target.hog.binning": "dalal"}, "target.hog.binning", "maskfeat"),
     ("maskfeat", {"masking.min_block": 9}, "masking.min_block", "budget"),
     ("simmim", {"optimizer.schedule": "multistep", "optimizer.decay_epochs": (3.0,)},
      "optimizer.decay_epochs", "num_epochs"),

@@ -808,6 +808,16 @@ def test_resume_refuses_a_config_that_would_train_something_else(tmp_path):
              "new_field": 2, "model": {"remat": True, "dtype": "float32"}}
   assert resume_check.changed_fields(saved_cfg, new_cfg) == [
       ("data.holdout", 0, 5000), ("init_from", "/a", "/b")]
+  # A field added later, which a config file may set otherwise: compared with the value the
+  # run used before it existed, where the run had its block.
+  hog = {"cell_size": 8, "num_bins": 9}
+  assert resume_check.changed_fields({"target": {"hog": hog}},
+                                     {"target": {"hog": {**hog, "binning": "maskfeat"}}}) == [
+      ("target.hog.binning", "skimage", "maskfeat")]
+  assert resume_check.changed_fields({"target": {"hog": hog}},
+                                     {"target": {"hog": {**hog, "binning": "skimage"}}}) == []
+  assert resume_check.changed_fields({"target": {"kind": "pixels"}}, {"target": {
+      "kind": "pixels", "hog": {**hog, "binning": "maskfeat"}}}) == []
 
 
 def test_a_diverged_run_resumes_with_clipping_switched_on(tmp_path):
@@ -888,31 +898,54 @@ def test_a_restore_failure_unrelated_to_the_changed_settings_keeps_its_own_error
 
 
 def test_evaluations_due_at_a_preempted_step_run_when_the_run_resumes(tmp_path, monkeypatch):
-  """A notice at step 4, where a k-NN point is due: the checkpoint is written first (the grace
-  period is short) and flagged; the resumed run measures step 4 before training on, so the
-  curve misses no point. A regular checkpoint carries no flag (its evaluations ran before it)."""
+  """A notice at step 2, where a k-NN point and a picture are due: the checkpoint is written
+  first (the grace period is short) and flagged; the resumed run measures and draws step 2
+  before training on, so the curve misses no point. A crash before the next checkpoint makes
+  the next resume run them again, without logging step 2 twice. A notice at the last step owes
+  the end-of-run evaluations and the picture. A regular checkpoint carries no flag."""
   from mim_jax.training import preemption
   should_stop = preemption.PreemptionWatcher.should_stop
 
-  def notice_at_step_4(self, step):
-    if step == 4:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return should_stop(self, step)
+  def notice_at(*steps):
+    def watcher(self, step):
+      if step in steps:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return should_stop(self, step)
+    return watcher
   workdir = tmp_path / "w"
-  # 8 steps per epoch: k-NN every 2 steps, a regular checkpoint every 2 steps.
-  config = tiny_mae_config(total_steps=8, checkpoint_every=2, keep_checkpoints=10,
+  # 8 steps per epoch: k-NN and pictures every 2 steps, a regular checkpoint every 4 steps.
+  config = tiny_mae_config(total_steps=8, checkpoint_every=4, keep_checkpoints=10, viz_every=2,
                            **{"knn.every_epochs": 0.25, "export_encoder": False})
-  with monkeypatch.context() as m:
-    m.setattr(preemption.PreemptionWatcher, "should_stop", notice_at_step_4)
-    with pytest.raises(run_errors.Preempted):
-      train.run(config, str(workdir))
+
+  def run_with_notice(*steps):
+    with monkeypatch.context() as m:
+      m.setattr(preemption.PreemptionWatcher, "should_stop", notice_at(*steps))
+      with pytest.raises(run_errors.Preempted):
+        train.run(config, str(workdir))
 
   def knn_steps():
     return sorted(row["step"] for row in metric_writers.read_metrics(str(workdir))
                   if "knn_top1_cls" in row)
-  assert _committed(workdir) == [1, 2, 4] and knn_steps() == [2]
-  ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"), save_every=2, keep=10)
-  assert [ckpt.evaluations_pending(s) for s in (1, 2, 4)] == [False, False, True]
+
+  def pictures():
+    return sorted(int(p.stem.split("_")[1]) for p in (workdir / "reconstructions").glob("*.png"))
+  run_with_notice(2)
+  assert _committed(workdir) == [1, 2] and knn_steps() == [] and pictures() == []
+  ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"), save_every=4, keep=10)
+  assert [ckpt.evaluations_pending(s) for s in (1, 2)] == [False, True]
   ckpt.close()
+
+  def crash_after_step_3(self, step):
+    if step == 3:
+      raise RuntimeError("the machine died")
+    return should_stop(self, step)
+  with monkeypatch.context() as m:  # the owed step-2 evaluations run, then a crash
+    m.setattr(preemption.PreemptionWatcher, "should_stop", crash_after_step_3)
+    with pytest.raises(RuntimeError, match="the machine died"):
+      train.run(config, str(workdir))
+  assert _committed(workdir) == [1, 2] and knn_steps() == [2] and pictures() == [2]
+  run_with_notice(8)  # from step 2 again (once more its owed evaluations), then the last step
+  assert knn_steps() == [2, 4, 6] and pictures() == [2, 4, 6]
   train.run(config, str(workdir))
-  assert knn_steps() == [2, 4, 6, 8]
+  assert knn_steps() == [2, 4, 6, 8] and pictures() == [2, 4, 6, 8]
+  assert (workdir / "encoder").exists() is False and _committed(workdir)[-1] == 8

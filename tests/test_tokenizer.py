@@ -96,7 +96,10 @@ def test_restart_candidates_are_a_uniform_draw_over_the_step_s_micro_batches():
   for i in range(3):
     z = jnp.full((5, d), float(i + 1)) + jnp.arange(5.0)[:, None] * 10.0
     extra = cb.accumulate_step_stats(extra, z, jnp.zeros((5,), jnp.int32), jax.random.key(i))
-  source = np.asarray(extra["batch_picks"][:, 0]) % 10.0
+  picks = np.asarray(extra["batch_picks"])
+  source = picks[:, 0] % 10.0
+  np.testing.assert_array_equal(picks[:, 1], picks[:, 0])  # whole rows
+  assert set(np.unique(picks[:, 0] - source)) <= {0.0, 10.0, 20.0, 30.0, 40.0}
   shares = [np.mean(source == i + 1) for i in range(3)]
   np.testing.assert_allclose(shares, [1 / 3] * 3, atol=0.03)
   assert float(extra["batch_micro_batches"]) == 3 and float(extra["batch_counts"][0]) == 15
@@ -117,7 +120,7 @@ def test_codebook_takes_one_ema_step_per_update_with_gradient_accumulation(tmp_p
   for key in ("codebook", "cluster_size", "embed_sum"):
     np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-6, err_msg=key)
   np.testing.assert_array_equal(two["unused_steps"], one["unused_steps"])
-  assert set(np.unique(one["unused_steps"])) <= {0, 1}  # one step: counted once
+  assert set(np.unique(two["unused_steps"])) <= {0, 1}  # one step, counted once
 
 
 def test_usage_and_perplexity_on_known_assignments():

@@ -46,10 +46,11 @@ def validate_hog(config, h, prefix: str) -> None:
 def hog_defaults() -> ml_collections.ConfigDict:
   """MaskFeat's HOG: 9 orientation bins over 8x8 cells, L2-normalised per cell and colour
   channel; gradient "sobel" (official MaskFeat) or "central" (scikit-image); gaussian_window
-  > 0 weights magnitudes by a tiled Gaussian window; binning "maskfeat" (the official bins) or
-  "skimage" (scikit-image's: the same bins mirrored and shifted by half a bin)."""
+  > 0 weights magnitudes by a tiled Gaussian window; binning "skimage" (scikit-image's bins,
+  the default: every run before the field existed used them) or "maskfeat" (the official bins:
+  the same mirrored and shifted by half a bin; configs/maskfeat_vitb.py)."""
   return ml_collections.ConfigDict(dict(cell_size=8, num_bins=9, gradient="sobel",
-                                        gaussian_window=16, binning="maskfeat"))
+                                        gaussian_window=16, binning="skimage"))
 
 
 def hog_kwargs(h) -> dict:

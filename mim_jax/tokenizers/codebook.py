@@ -5,6 +5,9 @@ The codebook state, kept in a method's `extra` (float32 unless noted):
   cluster_size  [K]     EMA of how many vectors each code was assigned
   embed_sum     [K, D]  EMA of the sum of the vectors assigned to each code
   unused_steps  int32 [K]  training steps since each code was last assigned
+and, for one EMA step per optimizer step under gradient accumulation (`init_step_stats`, below),
+the step's summed statistics batch_counts [K], batch_sums [K, D], restart candidates
+batch_picks [K, D], batch_micro_batches [] and the last update's restarted_codes (int32 []).
 
 The update after a batch with per-code counts n_k and sums s_k (van den Oord et al. 2017,
 appendix A.1; Razavi et al. 2019):

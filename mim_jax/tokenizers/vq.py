@@ -10,12 +10,14 @@ takes one EMA step (and its restarts) per optimizer step, in `after_update`, fro
 loss sums over the step's micro-batches: with `grad_accum_steps` = k it moves exactly as with
 the whole batch at once, as the parameters do (a PyTorch quantiser, updated per forward pass,
 would take k EMA steps per update). `restarted_codes` is the number of codes the previous
-update re-seeded.
+update re-seeded. VQ / VQ-KD checkpoints written before 2026-12-03 lack these step statistics
+in `extra` and do not restore.
 
   loss = mean (decoded - image)^2 + commitment * mean (z - sg(e))^2
 
 Metrics: loss, recon_loss, commit_loss, codebook_usage (fraction of the codes used in the
-batch), perplexity (exp of the entropy of the batch's code frequencies) and restarted codes.
+batch), perplexity (exp of the entropy of the batch's code frequencies) and restarted_codes
+(of the previous update).
 At the end the run exports WORKDIR/tokenizer/ (`tokenizers.io`).
 """
 

@@ -22,8 +22,10 @@ import uuid
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from mim_jax import data, storage
 from mim_jax.training.run_errors import CheckpointSaveError
@@ -164,11 +166,18 @@ class Checkpointer:
     """Whether checkpoint `step` was saved before the evaluations due at its step ran (see
     `save`). A checkpoint without the flag (any regular save, or one written before the flag
     existed) had them run before it was written."""
+    pending = False
     try:
       metadata = self.manager.metadata(step).custom_metadata or {}
-    except Exception:  # pylint: disable=broad-except  # no readable step metadata: no flag
-      return False
-    return bool(metadata.get("evaluations_pending", False))
+      pending = bool(metadata.get("evaluations_pending", False))
+    except Exception as e:  # pylint: disable=broad-except  # any backend's read error
+      log.warning("could not read the metadata of checkpoint %d (%s: %s): evaluations due at "
+                  "its step are taken as done", step, type(e).__name__, e)
+    if jax.process_count() > 1:
+      # Process 0's answer for all: processes that disagreed would not all enter the
+      # collective evaluations.
+      pending = bool(multihost_utils.broadcast_one_to_all(np.int32(pending)))
+    return pending
 
   def has_iterator_state(self, step: int) -> bool:
     """Whether checkpoint `step` holds this process's data-iterator position: not when it was

@@ -118,9 +118,17 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
       resume_check.record_changes(workdir, config, start_step, changes)
     train_step = r.jit_step()
 
+    # Evaluations due at the checkpoint's step that have not run: a checkpoint written on a
+    # preemption notice is flagged so (its pictures are owed too), and a run resumed at its
+    # last step (a notice there, or a rerun whose results were removed) owes the end-of-run
+    # ones. They run below, once the loop's monitors exist.
+    owed = start_step > 0 and ckpt.evaluations_pending(start_step)
+    catch_up = owed or 0 < start_step == last_step
     if is_chief:
-      # Rows logged after the checkpoint are recomputed (identically, but loss_mean) from here on.
-      metrics_rewind.rewind_metrics(workdir, start_step)
+      # Rows logged after the checkpoint are recomputed (identically, but loss_mean) from here
+      # on; the evaluation rows of the checkpoint's step go too when its evaluations run again
+      # (a catch-up that a second stop interrupted would otherwise log them twice).
+      metrics_rewind.rewind_metrics(workdir, start_step, drop_evaluations=catch_up)
     writer = metric_writers.MetricWriter(workdir, enabled=is_chief)
     if start_step == 0:
       writer.write_hparams(config.to_dict())
@@ -167,13 +175,15 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
         writer.write_scalars(step, final_metrics)
         log.info("step %d | %s", step, _format(final_metrics))
 
-    if 0 < start_step < last_step and ckpt.evaluations_pending(start_step):
-      # The checkpoint was written on a preemption notice before the evaluations and pictures
-      # due at its step: they run now, so a preempted run's curves miss no point.
-      log.info("step %d: running the evaluations the preempted run left undone", start_step)
-      if draw_due(start_step, at_end=False):
-        draw(start_step, state.params, state.extra)
-      evaluations(start_step, state, at_end=False)
+    def owed_evaluations(step: int, state) -> None:
+      """The pictures and evaluations a preempted run left undone at `step`, so that its
+      curves miss no point; at the last step the end-of-run evaluations."""
+      at_end = step == last_step
+      log.info("step %d: running the evaluations %s", step,
+               "the preempted run left undone" if owed else "of the end of the run")
+      if owed and draw_due(step, at_end):
+        draw(step, state.params, state.extra)
+      evaluations(step, state, at_end=at_end)
 
     batch_keys = r.batch_keys()
     step = start_step
@@ -185,6 +195,8 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
     # differ).
     interval_losses = []
     with preemption.PreemptionWatcher(start_step, sync_every=config.log_every) as preempted:
+      if catch_up:  # inside the watcher: a notice during a long evaluation still exits 75
+        owed_evaluations(start_step, state)
       while step < last_step:
         host_batch = next(train_iter)
         batch = parallel.host_batch_to_global(
@@ -235,10 +247,6 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
 
     if preempted.triggered:
       raise run_errors.Preempted(step, workdir)
-    if start_step == last_step:
-      # Resumed from the final checkpoint (one written after a notice at the last step, or a
-      # rerun whose results were removed): the end-of-run evaluations have not run yet.
-      evaluations(step, state, at_end=True)
     if ckpt.latest_step() != step:
       ckpt.save(step, state, train_iter, force=True)
     ckpt.wait()

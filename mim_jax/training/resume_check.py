@@ -10,7 +10,8 @@ wrote at step 0, and a difference in any field outside `CHANGEABLE_ON_RESUME` is
 before anything is restored.
 
 Fields missing on either side are not compared: a field added by a newer mim_jax has its
-default, which is what the run used before the field existed.
+default, which is what the run used before the field existed. A field whose config file may
+set another value than that (`VALUE_BEFORE_FIELD`) is compared with the value the run used.
 
 A change on purpose (a lower lr or gradient clipping after a divergence, a recipe whose
 defaults moved) resumes with `allow_changes` (`python -m mim_jax.main ...
@@ -68,6 +69,13 @@ CHANGEABLE_ON_RESUME = (
 FIXED_ON_RESUME = ("data.num_workers",)
 
 
+# Fields added after runs had started, with the value those runs used implicitly, for fields
+# a config file may set otherwise (configs/maskfeat_vitb.py asks MaskFeat's own HOG bins; the
+# earlier runs binned as scikit-image does). Compared only where the run's config.json has the
+# field's parent block.
+VALUE_BEFORE_FIELD = {"target.hog.binning": "skimage"}
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
   """{"data.path": ..., "seed": ...}: the leaves of nested dicts by dotted path."""
   out: dict[str, Any] = {}
@@ -90,6 +98,10 @@ def changed_fields(saved: dict, config: dict) -> list[tuple[str, Any, Any]]:
   Both are plain JSON-like dicts (config.json's, and the config as `write_hparams` writes it).
   """
   old, new = _flatten(saved), _flatten(config)
+  for key, before in VALUE_BEFORE_FIELD.items():
+    parent = key.rsplit(".", 1)[0] + "."
+    if key not in old and key in new and any(k.startswith(parent) for k in old):
+      old[key] = before
   return sorted((key, old[key], new[key]) for key in old.keys() & new.keys()
                 if old[key] != new[key] and not _changeable(key))
 

@@ -94,7 +94,8 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
   divided by the microbatch's masked count, so where that count varies per image (blockwise
   masks) the update weighs patches slightly differently from the whole batch's one mean.
   Statistics a method keeps by EMA (iBOT's centres, VQ codebooks) move once per update from
-  the whole batch (summed in `extra` by the loss, applied in `after_update`).
+  the whole batch (summed in `extra` by the loss, applied in `after_update`); BatchNorm running
+  statistics (the linear probe's) move once per microbatch, as in PyTorch.
 
   A step whose loss or gradients hold a NaN or Inf changes nothing but the counters: params,
   optimizer state and `extra` keep their values (one select per leaf, fused into the update),
