@@ -6,8 +6,9 @@
 By encoder size (argument `size`, default B): base lr 5e-4 / 1e-3 / 1e-3 (lr = base_lr x
 batch / 256), layer decay 0.65 / 0.75 / 0.75, drop path 0.1 / 0.2 / 0.3, 100 / 50 / 50 epochs
 for B / L / H; AdamW (0.9, 0.999), wd 0.05, batch 1024, 5 warmup epochs, cosine to 1e-6,
-Mixup 0.8, CutMix 1.0, label smoothing 0.1, mean pooling + fc_norm. Not yet reproduced from
-the official recipe: RandAugment (rand-m9-mstd0.5-inc1) and random erasing (0.25).
+Mixup 0.8, CutMix 1.0, label smoothing 0.1, mean pooling + fc_norm, RandomResizedCrop
+(0.08, 1) + flip, RandAugment rand-m9-mstd0.5-inc1 and random erasing 0.25 (timm's, as the
+official code applies them: data/rand_augment.py).
 Arguments: `size=B|L|H` (pick the size of the encoder in init_from: the encoder's shape comes
 from the export, the recipe from this argument), `runlocal`.
 """

@@ -73,7 +73,9 @@ MAE_FINETUNE = {"B": (5e-4, 0.65, 0.1, 100), "L": (1e-3, 0.75, 0.2, 50),
 def finetune_recipe(size: str = "B") -> ml_collections.ConfigDict:
   """The MAE end-to-end fine-tuning recipe: AdamW (0.9, 0.999), wd 0.05, batch 1024, layer-wise
   lr decay, drop path, 5 warmup epochs, cosine to 1e-6, Mixup 0.8 / CutMix 1.0, label smoothing
-  0.1, global average pooling with fc_norm, head init std 2e-5."""
+  0.1, global average pooling with fc_norm, head init std 2e-5; RandomResizedCrop (0.08, 1),
+  flip, RandAugment "rand-m9-mstd0.5-inc1" and random erasing 0.25 (timm's `create_transform`
+  as MAE's main_finetune.py calls it)."""
   base_lr, layer_decay, drop_path, epochs = MAE_FINETUNE[size]
   c = registry.base_config("finetune")
   c.model.drop_path_rate = drop_path
@@ -83,7 +85,7 @@ def finetune_recipe(size: str = "B") -> ml_collections.ConfigDict:
                       cutmix_alpha=1.0, mixup_prob=1.0, mixup_switch_prob=0.5)
   c.num_epochs = epochs
   c.global_batch_size = 1024
-  c.data.crop_scale = (0.08, 1.0)
+  c.data.update(crop_scale=(0.08, 1.0), rand_augment="rand-m9-mstd0.5-inc1", random_erasing=0.25)
   return c
 
 

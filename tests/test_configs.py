@@ -170,6 +170,8 @@ def test_finetune_imagenet_sizes_follow_the_official_recipe():
     assert (c.global_batch_size, c.optimizer.b2, c.optimizer.weight_decay) == (1024, 0.999, 0.05)
     assert (c.classifier.mixup_alpha, c.classifier.cutmix_alpha) == (0.8, 1.0)
     assert (c.classifier.label_smoothing, c.classifier.pool) == (0.1, "gap")
+    assert (c.data.crop_scale, c.data.rand_augment, c.data.random_erasing) == (
+        (0.08, 1.0), "rand-m9-mstd0.5-inc1", 0.25)
   lp = _load(str(REPO / "configs" / "linprobe_imagenet.py"))
   assert (lp.optimizer.name, lp.optimizer.base_lr, lp.optimizer.weight_decay) == ("lars", 0.1, 0.0)
   assert (lp.global_batch_size, lp.num_epochs, lp.optimizer.warmup_epochs) == (16384, 90, 10)

@@ -95,6 +95,12 @@ def training_fields(c: ml_collections.ConfigDict) -> None:
       crop_scale=(0.2, 1.0),   # RandomResizedCrop area range
       crop_ratio=(3.0 / 4.0, 4.0 / 3.0),
       hflip=True,
+      # timm's RandAugment after crop and flip (data/rand_augment.py), as its config string:
+      # "" (off) or e.g. "rand-m9-mstd0.5-inc1" (MAE / BEiT fine-tuning); 8-bit images.
+      rand_augment="",
+      # Probability of timm's random erasing (one rectangle of per-pixel noise) on the
+      # normalised image: 0 (off) or e.g. 0.25 (MAE / BEiT fine-tuning).
+      random_erasing=0.0,
       # Where RandomResizedCrop, flip and normalisation run: "host" (grain workers, PIL) or
       # "device" (batched in the train step; the host draws the same boxes and flips, and
       # ships decoded images; sources whose images all have one size: fashion_mnist, npy,

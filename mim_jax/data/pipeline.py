@@ -36,7 +36,7 @@ import grain
 import numpy as np
 
 from mim_jax.config.errors import config_error
-from mim_jax.data import bad_images, sources, subsets, transforms
+from mim_jax.data import bad_images, rand_augment, sources, subsets, transforms
 
 # Training stops if more than this fraction of images is bad (checked over windows of 1000
 # images): a dataset that is mostly unreadable is misconfigured, and without the check an
@@ -215,7 +215,10 @@ def train_dataset(data_cfg, *, image_size: tuple[int, int], channels: int,
         crop_scale=tuple(float(s) for s in data_cfg.crop_scale),
         crop_ratio=tuple(float(r) for r in data_cfg.crop_ratio),
         hflip=bool(data_cfg.hflip),
-        normalize=_normalizer(data_cfg, channels))
+        normalize=_normalizer(data_cfg, channels),
+        rand_augment=(rand_augment.RandAugment.parse(data_cfg.rand_augment)
+                      if data_cfg.get("rand_augment", "") else None),
+        erasing=float(data_cfg.get("random_erasing", 0.0)))
   ds = ds.random_map(augment, seed=augment_seed)
   for i, transform in enumerate(element_transforms):
     ds = ds.random_map(transform, seed=_derive_seeds(seed, process_index, stream=2 + i)[1])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import grain
 import numpy as np
@@ -23,6 +23,7 @@ import tifffile
 from PIL import Image
 
 from mim_jax.data import bad_images
+from mim_jax.data import rand_augment as rand_augment_lib
 from mim_jax.objectives.masking import TOKEN_MASK_KEY
 
 Box = tuple[int, int, int, int]  # (top, left, height, width) in source pixels
@@ -302,7 +303,9 @@ class TrainAugment(grain.transforms.RandomMap):
   """{"image": uint8 [h, w, C] or None, "label"} -> {"image": float32 [H, W, C] normalised,
   "label": int32 [], "valid": bool []}.
 
-  RandomResizedCrop (bicubic) to `image_size`, horizontal flip with p=0.5 if `hflip`. A record
+  RandomResizedCrop (bicubic) to `image_size`, horizontal flip with p=0.5 if `hflip`, then
+  (timm's fine-tuning order) `rand_augment` on the 8-bit image, normalisation, and random
+  erasing with probability `erasing` (data/rand_augment.py). A record
   whose image could not be decoded (None, skip mode) becomes a placeholder row with
   valid=False: positions in the stream stay fixed (so batches can be formed before workers
   split the stream) and `DropInvalidRows` removes the row before any batch is fed.
@@ -312,6 +315,8 @@ class TrainAugment(grain.transforms.RandomMap):
   crop_ratio: tuple[float, float]
   hflip: bool
   normalize: Normalizer
+  rand_augment: Optional[rand_augment_lib.RandAugment] = None
+  erasing: float = 0.0
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     image = element["image"]
@@ -323,8 +328,13 @@ class TrainAugment(grain.transforms.RandomMap):
     image = resize_box(image, box, self.image_size)
     if self.hflip and rng.random() < 0.5:
       image = image[:, ::-1]
-    return {"image": self.normalize(image), "label": np.int32(element["label"]),
-            VALID_KEY: np.bool_(True)}
+    if self.rand_augment is not None:
+      image = self.rand_augment(np.ascontiguousarray(image), rng,
+                                rand_augment_lib.fill_value(self.normalize.mean))
+    image = self.normalize(image)
+    if self.erasing > 0:
+      image = rand_augment_lib.random_erasing(image, rng, self.erasing)
+    return {"image": image, "label": np.int32(element["label"]), VALID_KEY: np.bool_(True)}
 
 
 # Keys of a training element whose crop and flip are applied on the device (device_augment.py).

@@ -15,7 +15,7 @@ from typing import Any
 
 from mim_jax import storage
 from mim_jax.config.errors import config_error
-from mim_jax.data import idx, sources
+from mim_jax.data import idx, rand_augment, sources
 from mim_jax.data.sources import (
   IMAGE_EXTENSIONS,
   SOURCES,
@@ -212,6 +212,26 @@ def _validate_augmentation(data_cfg) -> None:
   _require(ratio is not None and 0 < ratio[0] <= ratio[1], "crop_ratio", data_cfg.crop_ratio,
            "(min, max) aspect ratios (width/height) with 0 < min <= max")
   _require(isinstance(data_cfg.hflip, bool), "hflip", data_cfg.hflip, "true or false")
+  _validate_rand_augment(data_cfg)
+
+
+def _validate_rand_augment(data_cfg) -> None:
+  """RandAugment and random erasing: a parseable spec, a probability, and the host pipeline
+  (they run in the grain workers, not in the device augmentation)."""
+  spec, erasing = data_cfg.get("rand_augment", ""), data_cfg.get("random_erasing", 0.0)
+  _require(isinstance(spec, str), "rand_augment", spec,
+           "a timm RandAugment string such as 'rand-m9-mstd0.5-inc1', or '' (off)")
+  if spec:
+    try:
+      rand_augment.RandAugment.parse(spec)
+    except ValueError as e:
+      _require(False, "rand_augment", spec, f"a timm RandAugment string ({e})")
+  _require(_is_number(erasing) and 0 <= erasing <= 1, "random_erasing", erasing,
+           "a probability in [0, 1] (0: off; MAE fine-tuning: 0.25)")
+  on_host = data_cfg.get("augment_on", "host") == "host"
+  for name, value, off in (("rand_augment", spec, ""), ("random_erasing", erasing, 0.0)):
+    _require(on_host or value == off, name, value,
+             f"{off!r} with data.augment_on='device': it runs in the host pipeline's workers")
 
 
 def _validate_normalisation(data_cfg, channels: int) -> None:

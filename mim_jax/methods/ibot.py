@@ -96,7 +96,10 @@ class IBOT(base.PretrainingMethod):
   def add_config(cls, c):
     super().add_config(c)
     c.masking.update(kind="blockwise", ratio_range=(0.1, 0.5), mask_probability=0.5)
-    del c.data["crop_scale"]  # the views' scales are multicrop.global_scale / local_scale
+    # The views' scales are multicrop.global_scale / local_scale; multi-crop has its own
+    # augmentation (no RandAugment or random erasing).
+    for name in ("crop_scale", "rand_augment", "random_erasing"):
+      del c.data[name]
     # DINO head, temperatures, EMA teacher and loss weights; defaults are iBOT's ViT-S/16
     # values (bytedance/ibot main_ibot.py and its README command).
     c.ibot = ml_collections.ConfigDict(dict(
