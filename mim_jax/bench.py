@@ -363,7 +363,9 @@ def bench_pipeline(config, num_images: int, num_batches: int) -> dict:
           "batches": num_batches, "threads": threads, "cores_used": cores,
           "images_per_s": round(images_per_s, 1),
           "images_per_s_per_core": round(images_per_s / cores, 1),
-          "crop_scale": list(config.data.crop_scale), **decode}
+          "crop_scale": list(config.data.crop_scale),
+          "rand_augment": config.data.get("rand_augment", ""),
+          "random_erasing": config.data.get("random_erasing", 0.0), **decode}
 
 
 FEEDS = {  # name -> data overrides
