@@ -6,9 +6,9 @@
 
 The MAE fine-tuning recipe (AdamW 0.9/0.999, wd 0.05, layer-wise lr decay 0.75, drop path 0.1,
 Mixup 0.8 / CutMix 1.0, label smoothing 0.1, mean pooling + fc_norm; not its RandAugment and
-random erasing) for 15 epochs (1.5 of
-warmup) at batch 256. `scratch` is the supervised baseline: the same ViT without init_from and
-without layer-wise lr decay (it only makes sense for pre-trained layers). Choose the lr and
+random erasing) for 15 epochs (1.5 of warmup) at batch 256. `scratch` is the supervised
+baseline: the same ViT without init_from and without layer-wise lr decay (it only makes sense
+for pre-trained layers). Choose the lr and
 the augmentation on held-out training images, never on the test set:
 --config.data.holdout=5000 --config.data.eval_split=holdout (docs/fmnist_results.sh does).
 Low-label fine-tuning: --config.data.label_fraction=0.01 (or 0.1): a fixed per-class subset of

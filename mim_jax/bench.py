@@ -393,6 +393,9 @@ def bench_feed(config, num_batches: int, rounds: int = 3) -> list[dict]:
   def make(name):
     data_cfg = config.data.copy_and_resolve_references()
     data_cfg.update(FEEDS[name])
+    # The same work on every side: the device feeds have no RandAugment or random erasing.
+    data_cfg.update({k: v for k, v in (("rand_augment", ""), ("random_erasing", 0.0))
+                     if k in data_cfg})
     return data.make_train_iterator(data_cfg, image_size=size, channels=channels,
                                     global_batch_size=batch, seed=config.seed,
                                     batch_sharding=sharding)

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from mim_jax import data, registry
+from mim_jax.config import defaults as config_defaults
 from mim_jax.config.errors import ConfigError
 from mim_jax.data import rand_augment as ra
 from mim_jax.data import transforms
@@ -53,6 +54,27 @@ def test_each_op_equals_timm_at_every_magnitude_and_sign(name, monkeypatch):
                                       err_msg=f"{name} m={magnitude} negate={negate} {mode}")
 
 
+def test_the_signed_ops_are_those_whose_argument_has_a_sign():
+  """`SIGNED` (the ops that draw a sign) against timm: the ops whose argument flips with its
+  coin."""
+  signed = set()
+  for name in set(ra.OPS) | set(ra.OPS_INCREASING):
+    level_fn = timm_aa.LEVEL_TO_ARG[name]
+    if level_fn is None:
+      continue
+    args = set()
+    for negate in (False, True):
+      timm_aa._randomly_negate, saved = (lambda v, n=negate: -v if n else v), \
+          timm_aa._randomly_negate
+      try:
+        args.add(level_fn(5.0, {}))
+      finally:
+        timm_aa._randomly_negate = saved
+    if len(args) == 2:
+      signed.add(name)
+  assert signed == ra.SIGNED
+
+
 def test_policy_parses_like_timm():
   """The op sets are timm's, in its order; "rand-m9-mstd0.5-inc1" (MAE / BEiT fine-tuning) reads
   as timm's `rand_augment_transform` builds it."""
@@ -66,6 +88,11 @@ def test_policy_parses_like_timm():
     for op in theirs.ops:
       assert (ours.magnitude, ours.prob, ours.magnitude_std) == (
           op.magnitude, op.prob, op.magnitude_std), spec
+  # mstd above 100: magnitudes uniform in [0, M] (timm's reading), not a Gaussian of std 101.
+  wide = ra.RandAugment.parse("rand-m9-mstd101-p1")
+  rng = np.random.default_rng(0)
+  seen = [wide.magnitude_draw(rng) for _ in range(2000)]
+  assert 0 <= min(seen) < 0.5 and 8.5 < max(seen) <= 9 and abs(np.mean(seen) - 4.5) < 0.3
   for bad in ("rand-m9-x3", "augmix-m5", "rand-n0", "rand-p2"):
     with pytest.raises(ValueError, match="RandAugment"):
       ra.RandAugment.parse(bad)
@@ -83,8 +110,22 @@ def test_policy_draws_are_the_elements_and_change_the_image():
   # magnitude or on this image change nothing).
   assert 0.5 < changed < 0.95 and all(o.dtype == np.uint8 and o.shape == img.shape
                                       for o in outs)
-  with pytest.raises(ValueError, match="8-bit grayscale or RGB"):
-    policy(np.zeros((4, 4, 3), np.float32), np.random.default_rng(0), (0, 0, 0))
+  with pytest.raises(ValueError, match="grayscale or RGB"):
+    policy(np.zeros((4, 4, 2), np.uint8), np.random.default_rng(0), (0, 0))
+  # High-bit-depth images (float32 in [0, 1]) go through the same ops rounded to 8 bits.
+  unit = img.astype(np.float32) / 255.0
+  for s in range(10):
+    as_float = policy(unit, np.random.default_rng(s), (124, 116, 104))
+    assert as_float.dtype == np.float32
+    np.testing.assert_allclose(as_float * 255.0, outs[s], atol=1e-3)
+
+
+def test_fill_is_the_mean_on_every_channel():
+  """One mean value for all channels (as the normalisation allows) fills grey, not red."""
+  assert ra.fill_value((0.5,), 3) == (128, 128, 128)
+  assert ra.fill_value((0.485, 0.456, 0.406), 3) == (124, 116, 104)
+  rotated = ra.apply_op("Rotate", Image.new("RGB", (8, 8)), 45.0, ra.fill_value((0.5,), 3))
+  assert np.asarray(rotated)[0, 0].tolist() == [128, 128, 128]
 
 
 def test_random_erasing_rectangle_and_rate():
@@ -118,9 +159,9 @@ def _data_config(**overrides):
   return ml_collections.ConfigDict(fields)
 
 
-def test_the_pipeline_applies_them_after_crop_and_flip():
-  """Both fields act in the training pipeline (same seed, same crops: only they differ), and
-  the unaugmented stream is unchanged by their code."""
+def test_the_pipeline_applies_them():
+  """Both fields act in the training pipeline (same seed, same crops: only they differ); the
+  erasing comes after the normalisation (its noise has std 1 whatever data.std is)."""
   def batch(**fields):
     it = data.make_train_iterator(_data_config(**fields), image_size=(16, 16), channels=3,
                                   global_batch_size=16, seed=0, process_index=0,
@@ -132,6 +173,10 @@ def test_the_pipeline_applies_them_after_crop_and_flip():
   erased = batch(random_erasing=1.0)
   assert np.mean(np.any(augmented != plain, axis=(1, 2, 3))) > 0.4
   assert np.all(np.any(erased != plain, axis=(1, 2, 3)))
+  # A small data.std spreads the normalised pixels over +-50; the erased ones stay N(0, 1).
+  narrow, narrow_erased = batch(std=(0.01,)), batch(random_erasing=1.0, std=(0.01,))
+  noise = narrow_erased[narrow_erased != narrow]
+  assert noise.size > 100 and abs(noise.std() - 1.0) < 0.1 and abs(noise.mean()) < 0.1
   # TrainAugment with neither is the plain crop + flip.
   aug = transforms.TrainAugment(image_size=(8, 8), crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0),
                                 hflip=False,
@@ -146,9 +191,10 @@ def test_the_pipeline_applies_them_after_crop_and_flip():
     ({"data.random_erasing": 1.5}, "data.random_erasing"),
     ({"data.rand_augment": "rand-m9-mstd0.5-inc1", "data.augment_on": "device",
       "data.source": "fashion_mnist"}, "data.rand_augment"),
+    ({"data.rand_augment": "rand-m9-mstd0.5-inc1", "channels": 4, "data.mean": (0.5,),
+      "data.std": (0.5,)}, "data.rand_augment"),
 ])
 def test_bad_settings_fail_at_validation(overrides, field):
-  from mim_jax.config import defaults as config_defaults
   c = registry.base_config("mae")
   config_defaults.override(c, **overrides)
   with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

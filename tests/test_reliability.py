@@ -818,6 +818,10 @@ def test_resume_refuses_a_config_that_would_train_something_else(tmp_path):
                                      {"target": {"hog": {**hog, "binning": "skimage"}}}) == []
   assert resume_check.changed_fields({"target": {"kind": "pixels"}}, {"target": {
       "kind": "pixels", "hog": {**hog, "binning": "maskfeat"}}}) == []
+  recipe = {"crop_scale": [0.08, 1.0], "rand_augment": "rand-m9-mstd0.5-inc1",
+            "random_erasing": 0.25}
+  assert resume_check.changed_fields({"data": {"crop_scale": [0.08, 1.0]}}, {"data": recipe}) == [
+      ("data.rand_augment", "", "rand-m9-mstd0.5-inc1"), ("data.random_erasing", 0.0, 0.25)]
 
 
 def test_a_diverged_run_resumes_with_clipping_switched_on(tmp_path):

@@ -10,9 +10,9 @@ draw from the element's `np.random.Generator` (so a run is reproducible and resu
 RandAugment (Cubuk et al., 2020) in timm's form, from its config string
 `rand-m{M}-n{N}-mstd{S}-inc{0|1}-p{P}` (sections in any order; defaults M=10, N=2, S=0,
 inc0, P=0.5): N ops drawn uniformly with replacement from the 15 of `OPS_INCREASING` (inc1) or
-`OPS` (inc0); each applied with probability P at a magnitude drawn from N(M, S) (S = 0: M),
-clipped to [0, 10]; each op's argument is its magnitude scaled as below, with a random sign
-where the op has one. Geometric ops resample bicubically and fill with the data mean (timm's
+`OPS` (inc0); each applied with probability P at a magnitude drawn from N(M, S) (S = 0: M;
+S > 100: uniform in [0, M], as timm reads it), clipped to [0, 10]; each op's argument is its
+magnitude scaled as below, with a random sign where the op has one. Geometric ops resample bicubically and fill with the data mean (timm's
 `img_mean` with `interpolation='bicubic'`, as MAE's recipe passes them).
 """
 
@@ -140,30 +140,46 @@ class RandAugment:
       raise ValueError(f"RandAugment spec {spec!r}: n must be >= 1 and p in [0, 1]")
     return cls(ops=OPS_INCREASING if increasing else OPS, **fields)
 
+  def magnitude_draw(self, rng: np.random.Generator) -> float:
+    """One op's magnitude: N(M, S) (M when S = 0; uniform in [0, M] when S > 100), clipped to
+    [0, 10]."""
+    magnitude = self.magnitude
+    if self.magnitude_std > 100:
+      magnitude = rng.uniform(0.0, magnitude)
+    elif self.magnitude_std > 0:
+      magnitude = rng.normal(magnitude, self.magnitude_std)
+    return min(MAX_LEVEL, max(0.0, float(magnitude)))
+
   def __call__(self, image: np.ndarray, rng: np.random.Generator,
                fill: tuple[int, ...]) -> np.ndarray:
-    """uint8 [H, W, C] -> uint8 [H, W, C]; `fill` per channel (the data mean in 0-255)."""
-    if image.dtype != np.uint8 or image.shape[-1] not in (1, 3):
-      raise ValueError(f"RandAugment runs on 8-bit grayscale or RGB images; got {image.dtype} "
-                       f"with {image.shape[-1]} channels (set config.data.rand_augment='')")
+    """[H, W, C] (C = 1 or 3) -> the same shape and dtype; `fill` per channel (the data mean
+    in 0-255). uint8 images go through the PIL ops as they are; float32 ones (high bit depth,
+    in [0, 1]) are rounded to 8 bits first, the only depth the ops are defined for, and come
+    back as float32 multiples of 1/255."""
+    if image.shape[-1] not in (1, 3):
+      raise ValueError(f"RandAugment runs on grayscale or RGB images; got {image.shape[-1]} "
+                       "channels (config.data.rand_augment='' for other channel counts)")
+    if image.dtype != np.uint8:
+      unit = np.asarray(image, np.float32)
+      out = self(np.round(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8), rng, fill)
+      return out.astype(np.float32) / np.float32(255.0)
     gray = image.shape[-1] == 1
     img = Image.fromarray(image[..., 0] if gray else image, "L" if gray else "RGB")
     pil_fill = int(fill[0]) if gray else tuple(int(f) for f in fill)
     for name in rng.choice(self.ops, size=self.num_layers, replace=True):
       if rng.random() > self.prob:
         continue
-      magnitude = self.magnitude
-      if self.magnitude_std > 0:
-        magnitude = rng.normal(magnitude, self.magnitude_std)
-      magnitude = min(MAX_LEVEL, max(0.0, magnitude))
+      magnitude = self.magnitude_draw(rng)
       negate = bool(name in SIGNED and rng.random() > 0.5)
       img = apply_op(str(name), img, op_argument(str(name), magnitude, negate), pil_fill)
     return np.asarray(img).reshape(image.shape)
 
 
-def fill_value(mean) -> tuple[int, ...]:
-  """The data mean as 0-255 fill values (timm's `img_mean`: min(255, round(255 * m)))."""
-  return tuple(min(255, int(round(255 * float(m)))) for m in mean)
+def fill_value(mean, channels: int) -> tuple[int, ...]:
+  """The data mean as `channels` 0-255 fill values (timm's `img_mean`: min(255,
+  round(255 * m))); one mean value serves every channel, as in the normalisation."""
+  values = np.broadcast_to(np.asarray(mean, np.float64), (channels,))
+  return tuple(min(255, int(round(255 * float(m)))) for m in values)
 
 
 def erase_box(rng: np.random.Generator, height: int, width: int, min_area: float = 0.02,
@@ -184,7 +200,7 @@ def erase_box(rng: np.random.Generator, height: int, width: int, min_area: float
 def random_erasing(image: np.ndarray, rng: np.random.Generator, probability: float) -> np.ndarray:
   """timm's RandomErasing(probability, mode='pixel') on a normalised float32 [H, W, C] image:
   with `probability`, one rectangle (`erase_box`) is replaced by N(0, 1) noise per pixel and
-  channel. Returns a new array (the input is not modified)."""
+  channel, in a copy (the input is never modified; returned as it is when nothing is erased)."""
   if probability <= 0 or rng.random() > probability:
     return image
   box = erase_box(rng, image.shape[0], image.shape[1])

@@ -329,8 +329,8 @@ class TrainAugment(grain.transforms.RandomMap):
     if self.hflip and rng.random() < 0.5:
       image = image[:, ::-1]
     if self.rand_augment is not None:
-      image = self.rand_augment(np.ascontiguousarray(image), rng,
-                                rand_augment_lib.fill_value(self.normalize.mean))
+      image = self.rand_augment(np.ascontiguousarray(image), rng, rand_augment_lib.fill_value(
+          self.normalize.mean, self.normalize.channels))
     image = self.normalize(image)
     if self.erasing > 0:
       image = rand_augment_lib.random_erasing(image, rng, self.erasing)

@@ -212,10 +212,9 @@ def _validate_augmentation(data_cfg) -> None:
   _require(ratio is not None and 0 < ratio[0] <= ratio[1], "crop_ratio", data_cfg.crop_ratio,
            "(min, max) aspect ratios (width/height) with 0 < min <= max")
   _require(isinstance(data_cfg.hflip, bool), "hflip", data_cfg.hflip, "true or false")
-  _validate_rand_augment(data_cfg)
 
 
-def _validate_rand_augment(data_cfg) -> None:
+def _validate_rand_augment(data_cfg, channels: int) -> None:
   """RandAugment and random erasing: a parseable spec, a probability, and the host pipeline
   (they run in the grain workers, not in the device augmentation)."""
   spec, erasing = data_cfg.get("rand_augment", ""), data_cfg.get("random_erasing", 0.0)
@@ -228,6 +227,8 @@ def _validate_rand_augment(data_cfg) -> None:
       _require(False, "rand_augment", spec, f"a timm RandAugment string ({e})")
   _require(_is_number(erasing) and 0 <= erasing <= 1, "random_erasing", erasing,
            "a probability in [0, 1] (0: off; MAE fine-tuning: 0.25)")
+  _require(not spec or channels in (1, 3), "rand_augment", spec,
+           f"'' for a {channels}-channel model input: its ops are defined for grayscale and RGB")
   on_host = data_cfg.get("augment_on", "host") == "host"
   for name, value, off in (("rand_augment", spec, ""), ("random_erasing", erasing, 0.0)):
     _require(on_host or value == off, name, value,
@@ -269,6 +270,8 @@ def validate_data_config(data_cfg, *, image_size: tuple[int, int], channels: int
                        "band count of multi-channel data)")
   _validate_loading(data_cfg)
   _validate_augmentation(data_cfg)
+  if "crop_scale" in data_cfg:  # a training pipeline with the default augmentation
+    _validate_rand_augment(data_cfg, channels)
   _validate_normalisation(data_cfg, channels)
   _validate_labels_and_splits(data_cfg)
   _validate_source(data_cfg)  # last: the only check that touches the file system

@@ -70,10 +70,12 @@ FIXED_ON_RESUME = ("data.num_workers",)
 
 
 # Fields added after runs had started, with the value those runs used implicitly, for fields
-# a config file may set otherwise (configs/maskfeat_vitb.py asks MaskFeat's own HOG bins; the
-# earlier runs binned as scikit-image does). Compared only where the run's config.json has the
-# field's parent block.
-VALUE_BEFORE_FIELD = {"target.hog.binning": "skimage"}
+# a config file may set otherwise (configs/maskfeat_vitb.py asks MaskFeat's own HOG bins, the
+# ImageNet fine-tuning recipe RandAugment and random erasing; the earlier runs binned as
+# scikit-image does and augmented without them). Compared only where the run's config.json has
+# the field's parent block.
+VALUE_BEFORE_FIELD = {"target.hog.binning": "skimage", "data.rand_augment": "",
+                      "data.random_erasing": 0.0}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
