@@ -222,7 +222,10 @@ def resize_box(image: np.ndarray, box: Sequence[float], out_size: tuple[int, int
   """Bicubic resize of `image[box]` ([h, w, c]) to [out_h, out_w, c] of the same dtype.
 
   uint8 grayscale / RGB: PIL's 8-bit resize (rounded to uint8). float32 (high bit depth, any
-  channel count): PIL's 32-bit float resize of each channel, no rounding.
+  channel count): PIL's 32-bit float resize of each channel, no rounding. The bicubic filter
+  reads the pixels just outside the box where the image has them (PIL's `resize(box=)`);
+  torchvision's RandomResizedCrop crops first and so repeats the box's edge: the outermost
+  output pixels differ slightly, the interior is the same.
   """
   top, left, h, w = box
   out_h, out_w = out_size
