@@ -60,6 +60,9 @@ def define_flags() -> None:
   flags.DEFINE_multi_string("also", [], "Further config files (PATH[:ARG]) timed in the same run.")
   flags.DEFINE_integer("batch", 0, "Global batch for every measurement (0: each config's own).")
   flags.DEFINE_string("dtype", "", "Computation dtype for every measurement ('': each config's).")
+  flags.DEFINE_string("cpu_devices", "auto", "JAX CPU devices (CPU runs): 'auto' = one per "
+                      "core, as many as split every row's batch evenly, as mim_jax.main trains; "
+                      "or a count (1: one device parallelising each operation).")
   flags.DEFINE_integer("steps", 20, "Timed steps per measurement.")
   flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation).")
   flags.DEFINE_integer("rounds", 1, "Time the mim_jax rows (configs, variants) in turn, this "
@@ -228,7 +231,9 @@ def prepare_mim_jax(config) -> _Prepared:
   compiled = step.lower(state, batch, rng).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  # The cost of the partitioned program, one device's share: times the devices for the step's
+  # whole work (replicated parts, the optimizer's, counted on every device as they run there).
+  xla_flops = float(cost.get("flops", 0.0)) * jax.device_count() if cost else 0.0
   holder = {"state": state}
 
   def one_step():
@@ -492,6 +497,11 @@ def main(argv):
     configs = [_variant(c, global_batch_size=FLAGS.batch) for c in configs]
   if FLAGS.dtype:
     configs = [_variant(c, **{"model.dtype": FLAGS.dtype}) for c in configs]
+  from mim_jax.training import cpu_devices
+  try:  # before any JAX work: the count is fixed when the backends start
+    cpu_devices.configure(FLAGS.cpu_devices, configs, multi_process=False)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   if FLAGS.rounds < 1:
     raise app.UsageError(f"--rounds={FLAGS.rounds}: at least 1")
   if FLAGS.rounds > 1 and (FLAGS.feed or FLAGS.pipeline or FLAGS.peers_only):

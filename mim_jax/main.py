@@ -74,6 +74,12 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str] | None = Non
   flags.DEFINE_integer("process_id", -1,
                        "Multi-process runs: this process's index in [0, num_processes) (-1: "
                        "detect).", flag_values=flag_values)
+  flags.DEFINE_string("cpu_devices", "auto",
+                      "JAX CPU devices of this process (CPU runs): 'auto' = one per usable core, "
+                      "as many as split the batches evenly (the batch runs data parallel across "
+                      "the cores; mim_jax/training/cpu_devices.py), or a count. XLA_FLAGS' "
+                      "--xla_force_host_platform_device_count, when set, wins.",
+                      flag_values=flag_values)
   flags.DEFINE_bool("resume_with_changes", False,
                     "Resume a workdir's run although the config differs from the one it started "
                     "with (e.g. a lower lr after a divergence): the differences are logged and "
@@ -149,15 +155,26 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> l
           "mim_jax/config/defaults.py.")
 
 
-def run_from_flags(flag_values: flags.FlagValues) -> None:
+def run_from_flags(flag_values: flags.FlagValues, cpu_devices_auto: bool = True) -> None:
   """Starts the process group (if any) and the run the parsed flags describe.
 
   Exits with a message and the code of run_errors for bad input (2), a diverged run (3) and
-  failed checkpoints (4); other exceptions are bugs and keep their traceback.
+  failed checkpoints (4); other exceptions are bugs and keep their traceback. Without
+  `cpu_devices_auto` only an explicit --cpu_devices count changes the CPU device count.
   """
-  from mim_jax.training import distributed  # after flag parsing: keeps `--help` fast
+  from mim_jax.training import cpu_devices, distributed  # after flag parsing: fast `--help`
   try:
-    # Before anything touches JAX devices: the backend starts with the process group.
+    # Before anything touches JAX devices: the backends start with the device count and the
+    # process group.
+    multi_process = distributed.initialize_args(
+        flag_values.coordinator_address, flag_values.num_processes,
+        flag_values.process_id) is not None
+    if cpu_devices_auto or flag_values.cpu_devices != cpu_devices.AUTO:
+      count = cpu_devices.configure(flag_values.cpu_devices, [flag_values.config],
+                                    multi_process)
+      if count is not None and count > 1:
+        logging.info("%d JAX CPU devices (--cpu_devices=%s): on the CPU the batch runs data "
+                     "parallel across the cores", count, flag_values.cpu_devices)
     distributed.maybe_initialize(flag_values.coordinator_address, flag_values.num_processes,
                                  flag_values.process_id)
   except ValueError as e:
@@ -235,11 +252,13 @@ def workdir_of(flag_values: flags.FlagValues) -> str:
 
 def cli(argv: Sequence[str]) -> None:
   """`python -m mim_jax.main ARGS` in this process, with its own flags (tests, notebooks):
-  cli(["mim_jax.main", "--config=...", "--workdir=..."]). Exits (SystemExit) on errors."""
+  cli(["mim_jax.main", "--config=...", "--workdir=..."]). Exits (SystemExit) on errors. The
+  process's JAX may already run (or run other work later), so its CPU device count changes
+  only with an explicit --cpu_devices count."""
   flag_values = flags.FlagValues()
   define_flags(flag_values, argv)
   parse_flags(argv, flag_values)
-  run_from_flags(flag_values)
+  run_from_flags(flag_values, cpu_devices_auto=False)
 
 
 def main(argv):

@@ -20,7 +20,8 @@ computes and where it comes from (its op_name metadata):
 
 Times are per step (total over the traced steps / steps); on CPU, thunks of independent
 instructions can run on several threads at once, so the categories may add up to more than
-the step's wall time.
+the step's wall time; with several devices (GPUs, or CPU devices of `--cpu_devices`) the
+times are summed over them, the work of the whole step.
 """
 
 from __future__ import annotations

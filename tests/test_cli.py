@@ -11,6 +11,7 @@ import pytest
 from mim_jax import registry
 from mim_jax.config import validation
 from mim_jax.config.errors import ConfigError
+from mim_jax.training import cpu_devices
 
 from conftest import REPO, tiny_mae_config
 
@@ -292,6 +293,30 @@ def test_cli_unknown_field_is_rejected(tmp_path):
              "--config.masking.ration=0.5")
   assert out.returncode != 0
   assert "ration" in out.stderr
+
+
+def test_cpu_devices_split_the_batch_across_the_cores(tmp_path, monkeypatch):
+  """On the CPU a run gets one JAX device per usable core, as many as split its batches
+  evenly (the batch runs data parallel); an explicit count and XLA_FLAGS' own count win."""
+  config = tiny_mae_config(global_batch_size=12, grad_accum_steps=2,
+                           **{"eval.batch_size": 12})  # micro-batch 6
+  assert [cpu_devices.count_for(config, cores) for cores in (1, 2, 4, 6, 16)] == [1, 2, 3, 6, 6]
+  config.eval.batch_size = 4  # the evaluation batch is split over the devices too
+  assert cpu_devices.count_for(config, 16) == 2
+  fixed = tiny_mae_config(mesh=(("data", 2), ("fsdp", -1)))
+  assert cpu_devices.count_for(fixed, 16) == 1  # the config chose its devices
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
+  assert cpu_devices.configure("auto", [config], multi_process=False) is None
+  with pytest.raises(ValueError, match="--cpu_devices='two'"):
+    cpu_devices.configure("two", [config], multi_process=False)
+  # A real start: two devices, and the run says so.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "-m", "mim_jax.main",
+                        f"--config={REPO}/configs/mae_fmnist.py:runlocal", "--cpu_devices=2",
+                        "--config.export_encoder=False", f"--workdir={tmp_path}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "2 JAX CPU devices" in out.stderr and "on 2 device(s)" in out.stderr
 
 
 # ----------------------------------------------------------------------------- fuzzing

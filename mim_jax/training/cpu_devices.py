@@ -1,0 +1,70 @@
+"""On the CPU, one JAX device per core: the batch split across the cores (data parallel).
+
+XLA:CPU runs a program on one device and parallelises each operation over the cores; the small
+operations of a small ViT (attention over 13-50 tokens, norms, element-wise fusions) leave
+cores idle that way. Several CPU devices, one per core, each run the whole step on their share
+of the batch: the demo MAE step ran 1.21x and the Fashion-MNIST fine-tuning step 1.18x faster
+on 2 cores (docs/benchmarks.md). The count is a property of the process: JAX reads
+`jax_num_cpu_devices` once, when its backends start, so `configure` runs before anything else
+touches JAX (mim_jax.main and mim_jax.bench call it first). GPU and TPU runs are unaffected:
+their devices are the accelerators, the CPU backend only grows devices nobody uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+
+
+def usable_cores() -> int:
+  """The cores this process may run on (its CPU affinity, e.g. under taskset or a cgroup)."""
+  if hasattr(os, "sched_getaffinity"):
+    return max(1, len(os.sched_getaffinity(0)))
+  return max(1, os.cpu_count() or 1)
+
+
+def count_for(config, cores: int) -> int:
+  """The largest device count <= `cores` that splits every batch the run shards over its
+  devices evenly: the micro-batch (global_batch_size / grad_accum_steps) and the evaluation
+  batch. 1 for a mesh with fixed axis sizes (the config chose its devices) and for jobs
+  without a training loop."""
+  mesh = tuple(tuple(axis) for axis in config.get("mesh", ()))
+  if "global_batch_size" not in config or len(mesh) != 1 or mesh[0][1] != -1:
+    return 1
+  micro = config.global_batch_size // max(1, config.get("grad_accum_steps", 1))
+  eval_batch = config.eval.batch_size if "eval" in config else micro
+  for n in range(max(1, cores), 0, -1):
+    if micro % n == 0 and eval_batch % n == 0 and config.global_batch_size % n == 0:
+      return n
+  return 1
+
+
+def configure(requested: str, configs, multi_process: bool) -> int | None:
+  """Sets JAX's CPU device count for this process from `requested` ("auto": the smallest
+  `count_for` the usable cores over `configs`, the runs this process will run; or a number) and
+  returns it; None when it is left as it is: XLA_FLAGS or
+  JAX_NUM_CPU_DEVICES already choose it, the run spans several processes ("auto" only), or
+  JAX's backends have already started (a notebook or test that ran JAX before)."""
+  requested = str(requested).strip().lower()
+  explicit = requested != AUTO
+  if explicit and not (requested.isdigit() and int(requested) >= 1):
+    raise ValueError(f"--cpu_devices={requested!r}: expected 'auto' or a count >= 1")
+  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or (
+      os.environ.get("JAX_NUM_CPU_DEVICES")):
+    return None
+  if multi_process and not explicit:
+    return None
+  count = int(requested) if explicit else min(count_for(c, usable_cores()) for c in configs)
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:  # the backends are running: the count they started with stays
+    log.info("JAX's backends were started before --cpu_devices could act: the CPU device count "
+             "stays as it is")
+    return None
+  return count
