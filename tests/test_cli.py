@@ -6,11 +6,14 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from mim_jax import registry
 from mim_jax.config import validation
 from mim_jax.config.errors import ConfigError
+from mim_jax.convert import our_weights
 from mim_jax.training import cpu_devices
 
 from conftest import REPO, tiny_mae_config
@@ -305,8 +308,9 @@ def test_cpu_devices_split_the_batch_across_the_cores(tmp_path, monkeypatch):
   assert cpu_devices.count_for(config, 16) == 2
   fixed = tiny_mae_config(mesh=(("data", 2), ("fsdp", -1)))
   assert cpu_devices.count_for(fixed, 16) == 1  # the config chose its devices
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
-  assert cpu_devices.configure("auto", [config], multi_process=False) is None
+  with monkeypatch.context() as m:  # undone before anything starts this process's JAX
+    m.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
+    assert cpu_devices.configure("auto", [config], multi_process=False) is None
   with pytest.raises(ValueError, match="--cpu_devices='two'"):
     cpu_devices.configure("two", [config], multi_process=False)
   # A real start: two devices, and the run says so.
@@ -317,6 +321,11 @@ def test_cpu_devices_split_the_batch_across_the_cores(tmp_path, monkeypatch):
                        cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "2 JAX CPU devices" in out.stderr and "on 2 device(s)" in out.stderr
+  # Its checkpoint, written by 2 devices, reads in this 1-device process (init_from a workdir,
+  # the converter): restored on the host, not onto the devices named in it.
+  info, params = our_weights.read_weights(str(tmp_path))
+  assert info["method"] == "mae" and len(jax.devices()) == 1
+  assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params["encoder"]))
 
 
 # ----------------------------------------------------------------------------- fuzzing

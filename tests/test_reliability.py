@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
@@ -123,7 +122,7 @@ def _partial(workdir: pathlib.Path) -> list[str]:
 
 
 def _saved_params(workdir: pathlib.Path, step: int) -> list[np.ndarray]:
-  state = ocp.StandardCheckpointer().restore(str(workdir / "checkpoints" / str(step) / "state"))
+  state = checkpoint.restore_on_host(str(workdir / "checkpoints" / str(step) / "state"))
   return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
 
 

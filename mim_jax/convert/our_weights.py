@@ -42,7 +42,7 @@ def _numpy(tree: Any) -> Any:
 
 
 def _restore(path: str) -> Any:
-  return _numpy(ocp.StandardCheckpointer().restore(storage.absolute(path)))
+  return checkpoint.restore_on_host(path)
 
 
 def _save(path: str, tree: Any) -> None:
@@ -134,7 +134,7 @@ def read_weights(source: str, step: Optional[int] = None,
     path = os.path.join(source, "checkpoints", str(step), "state")
     if not storage.isdir(path):
       raise FileNotFoundError(f"{source} has no checkpoint of step {step}")
-    state = ocp.StandardCheckpointer().restore(storage.absolute(path))
+    state = checkpoint.restore_on_host(path)
     keep = {"mae": ("encoder", "decoder"), "finetune": ("encoder",) + CLASSIFIER_PARTS}.get(
         info["method"], ("encoder",))
     released = state

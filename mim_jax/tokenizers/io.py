@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 
 from mim_jax import storage
 from mim_jax.config.errors import ConfigError, config_error
+from mim_jax.training import checkpoint
 
 EXPORT_DIR = "tokenizer"
 INFO_FILE = "tokenizer.json"
@@ -96,8 +97,7 @@ def load_tokenizer(path: str) -> tuple[dict, dict]:
   """({"params", "codebook"} as numpy arrays, info) of the tokenizer `path` names."""
   directory = tokenizer_directory(path)
   info = read_info(directory)
-  state = ocp.StandardCheckpointer().restore(os.path.join(directory, WEIGHTS_DIR))
-  return jax.tree.map(np.asarray, state), info
+  return checkpoint.restore_on_host(os.path.join(directory, WEIGHTS_DIR)), info
 
 
 def check_matches(path: str, *, vocab_size: int, image_size: tuple[int, int], patch_size: int,

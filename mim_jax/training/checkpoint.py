@@ -305,9 +305,22 @@ def export_encoder(directory: str, encoder_params: Any, model_info: dict) -> str
   return directory
 
 
+def restore_on_host(path: str) -> Any:
+  """A pytree that Orbax saved at `path` (a StandardCheckpointer item: a training state, an
+  export) as numpy arrays on the host, whatever devices wrote it. Restoring without a target
+  would place each array on the devices named in the checkpoint's sharding metadata, and fails
+  in a process with other devices (a run on 8 GPUs, or on 2 CPU devices, read on 1)."""
+  checkpointer = ocp.StandardCheckpointer()
+  path = storage.absolute(path)
+  metadata = checkpointer.metadata(path)
+  tree = getattr(metadata, "item_metadata", metadata)  # newer Orbax wraps the tree
+  target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree,
+                        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+  return checkpointer.restore(path, target)
+
+
 def load_encoder(directory: str) -> tuple[Any, dict]:
-  """Reads what `export_encoder` wrote: (encoder params as numpy/jax arrays, model info)."""
+  """Reads what `export_encoder` wrote: (encoder params as numpy arrays, model info)."""
   directory = storage.absolute(directory)
   info = json.loads(storage.read_text(os.path.join(directory, "model.json")))
-  params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"))
-  return params, info
+  return restore_on_host(os.path.join(directory, "params")), info
