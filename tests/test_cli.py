@@ -308,6 +308,8 @@ def test_cpu_devices_split_the_batch_across_the_cores(tmp_path, monkeypatch):
   assert cpu_devices.count_for(config, 16) == 2
   fixed = tiny_mae_config(mesh=(("data", 2), ("fsdp", -1)))
   assert cpu_devices.count_for(fixed, 16) == 1  # the config chose its devices
+  large = tiny_mae_config(**{"model.variant": "B/16", "eval.batch_size": 12})
+  assert cpu_devices.count_for(large, 16) == 1  # matmul-bound, and its state twice as costly
   with monkeypatch.context() as m:  # undone before anything starts this process's JAX
     m.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
     assert cpu_devices.configure("auto", [config], multi_process=False) is None

@@ -4,7 +4,9 @@ XLA:CPU runs a program on one device and parallelises each operation over the co
 operations of a small ViT (attention over 13-50 tokens, norms, element-wise fusions) leave
 cores idle that way. Several CPU devices, one per core, each run the whole step on their share
 of the batch: the demo MAE step ran 1.21x and the Fashion-MNIST fine-tuning step 1.18x faster
-on 2 cores (docs/benchmarks.md). The count is a property of the process: JAX reads
+on 2 cores (docs/benchmarks.md). Large models keep one device: the matmuls of ViT-B/16 already
+fill every core, and each device would hold a replica of its state, whose update and gradient
+all-reduce then run twice (its step at batch 8 took 2.0x longer on 2 devices). The count is a property of the process: JAX reads
 `jax_num_cpu_devices` once, when its backends start, so `configure` runs before anything else
 touches JAX (mim_jax.main and mim_jax.bench call it first). GPU and TPU runs are unaffected:
 their devices are the accelerators, the CPU backend only grows devices nobody uses.
@@ -17,9 +19,15 @@ import os
 
 import jax
 
+from mim_jax.models import vit
+
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
+# Widest encoder "auto" splits over the cores: width 128 (the Fashion-MNIST ViT) ran 1.20x
+# faster on 2 devices, width 768 (ViT-B/16) 2.0x slower; between them unmeasured, so the
+# small end.
+MAX_AUTO_WIDTH = 256
 
 
 def usable_cores() -> int:
@@ -32,10 +40,13 @@ def usable_cores() -> int:
 def count_for(config, cores: int) -> int:
   """The largest device count <= `cores` that splits every batch the run shards over its
   devices evenly: the micro-batch (global_batch_size / grad_accum_steps) and the evaluation
-  batch. 1 for a mesh with fixed axis sizes (the config chose its devices) and for jobs
-  without a training loop."""
+  batch. 1 for a mesh with fixed axis sizes (the config chose its devices), for jobs
+  without a training loop, and for encoders wider than MAX_AUTO_WIDTH."""
   mesh = tuple(tuple(axis) for axis in config.get("mesh", ()))
-  if "global_batch_size" not in config or len(mesh) != 1 or mesh[0][1] != -1:
+  if ("global_batch_size" not in config or "model" not in config or len(mesh) != 1
+      or mesh[0][1] != -1):
+    return 1
+  if vit.size_from_config(config.model)[0].width > MAX_AUTO_WIDTH:
     return 1
   micro = config.global_batch_size // max(1, config.get("grad_accum_steps", 1))
   eval_batch = config.eval.batch_size if "eval" in config else micro
