@@ -60,9 +60,10 @@ def define_flags() -> None:
   flags.DEFINE_multi_string("also", [], "Further config files (PATH[:ARG]) timed in the same run.")
   flags.DEFINE_integer("batch", 0, "Global batch for every measurement (0: each config's own).")
   flags.DEFINE_string("dtype", "", "Computation dtype for every measurement ('': each config's).")
-  flags.DEFINE_string("cpu_devices", "auto", "JAX CPU devices (CPU runs): 'auto' = one per "
-                      "core, as many as split every row's batch evenly, as mim_jax.main trains; "
-                      "or a count (1: one device parallelising each operation).")
+  flags.DEFINE_string("cpu_devices", "auto", "JAX CPU devices (CPU runs): 'auto' as "
+                      "mim_jax.main trains (small encoders: one per core, as many as split "
+                      "every row's batch evenly; else 1), or a count (1: one device "
+                      "parallelising each operation).")
   flags.DEFINE_integer("steps", 20, "Timed steps per measurement.")
   flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation).")
   flags.DEFINE_integer("rounds", 1, "Time the mim_jax rows (configs, variants) in turn, this "

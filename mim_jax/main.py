@@ -75,9 +75,10 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str] | None = Non
                        "Multi-process runs: this process's index in [0, num_processes) (-1: "
                        "detect).", flag_values=flag_values)
   flags.DEFINE_string("cpu_devices", "auto",
-                      "JAX CPU devices of this process (CPU runs): 'auto' = one per usable core, "
-                      "as many as split the batches evenly (the batch runs data parallel across "
-                      "the cores; mim_jax/training/cpu_devices.py), or a count. XLA_FLAGS' "
+                      "JAX CPU devices of this process (CPU runs): 'auto' = for encoders up to "
+                      "256 wide one per usable core, as many as split the batches evenly (the "
+                      "batch runs data parallel across the cores; "
+                      "mim_jax/training/cpu_devices.py), else 1; or a count. XLA_FLAGS' "
                       "--xla_force_host_platform_device_count, when set, wins.",
                       flag_values=flag_values)
   flags.DEFINE_bool("resume_with_changes", False,
