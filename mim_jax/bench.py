@@ -499,8 +499,13 @@ def main(argv):
   if FLAGS.dtype:
     configs = [_variant(c, **{"model.dtype": FLAGS.dtype}) for c in configs]
   from mim_jax.training import cpu_devices
-  try:  # before any JAX work: the count is fixed when the backends start
-    cpu_devices.configure(FLAGS.cpu_devices, configs, multi_process=False)
+  # Every row the run will time (the --asymmetry and --variant ones too), before any JAX work:
+  # the count is fixed when the backends start.
+  rows = list(configs) + [parse_variant(configs[0], spec) for spec in FLAGS.variant]
+  if FLAGS.asymmetry:
+    rows.append(_variant(configs[0], **{"model.encoder_mask_tokens": True}))
+  try:
+    cpu_devices.configure(FLAGS.cpu_devices, rows, multi_process=False)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   if FLAGS.rounds < 1:

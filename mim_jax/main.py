@@ -174,8 +174,8 @@ def run_from_flags(flag_values: flags.FlagValues, cpu_devices_auto: bool = True)
       count = cpu_devices.configure(flag_values.cpu_devices, [flag_values.config],
                                     multi_process)
       if count is not None and count > 1:
-        logging.info("%d JAX CPU devices (--cpu_devices=%s): on the CPU the batch runs data "
-                     "parallel across the cores", count, flag_values.cpu_devices)
+        logging.info("%d JAX CPU devices (--cpu_devices=%s): a run on the CPU splits its "
+                     "batch across the cores", count, flag_values.cpu_devices)
     distributed.maybe_initialize(flag_values.coordinator_address, flag_values.num_processes,
                                  flag_values.process_id)
   except ValueError as e:

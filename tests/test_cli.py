@@ -304,6 +304,9 @@ def test_cpu_devices_split_the_batch_across_the_cores(tmp_path, monkeypatch):
   config = tiny_mae_config(global_batch_size=12, grad_accum_steps=2,
                            **{"eval.batch_size": 12})  # micro-batch 6
   assert [cpu_devices.count_for(config, cores) for cores in (1, 2, 4, 6, 16)] == [1, 2, 3, 6, 6]
+  resident = tiny_mae_config(**{"eval.batch_size": 12, "data.device_resident": True,
+                                "data.augment_on": "device"})
+  assert cpu_devices.count_for(resident, 16) == 1  # the split would be copied to every device
   config.eval.batch_size = 4  # the evaluation batch is split over the devices too
   assert cpu_devices.count_for(config, 16) == 2
   fixed = tiny_mae_config(mesh=(("data", 2), ("fsdp", -1)))
@@ -316,7 +319,7 @@ def test_cpu_devices_split_the_batch_across_the_cores(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="--cpu_devices='two'"):
     cpu_devices.configure("two", [config], multi_process=False)
   # A real start: two devices, and the run says so.
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
   out = subprocess.run([sys.executable, "-m", "mim_jax.main",
                         f"--config={REPO}/configs/mae_fmnist.py:runlocal", "--cpu_devices=2",
                         "--config.export_encoder=False", f"--workdir={tmp_path}"],

@@ -110,6 +110,10 @@ class FeatureExtractor:
                                  batch_size=self.config.eval.batch_size // count, split=split,
                                  rows=rows)
     if count == 1:
+      if len(jax.local_devices()) > 1:
+        # Parameters replicated over several devices (a data-parallel run) with unsharded
+        # images would run the whole pass on every device: one device does it once.
+        params = jax.device_put(_local_copy(params), jax.local_devices()[0])
       feats, labels = knn.extract_features(lambda images: self._features(params, images), it,
                                            jit=False)
     else:

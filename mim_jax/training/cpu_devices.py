@@ -3,7 +3,7 @@
 XLA:CPU runs a program on one device and parallelises each operation over the cores; the small
 operations of a small ViT (attention over 13-50 tokens, norms, element-wise fusions) leave
 cores idle that way. Several CPU devices, one per core, each run the whole step on their share
-of the batch: the demo MAE step ran 1.21x and the Fashion-MNIST fine-tuning step 1.18x faster
+of the batch: the demo MAE step ran 1.20x and the Fashion-MNIST fine-tuning step 1.18x faster
 on 2 cores (docs/benchmarks.md). Large models keep one device: the matmuls of ViT-B/16 already
 fill every core, and each device would hold a replica of its state, whose update and gradient
 all-reduce then run twice (its step at batch 8 took 2.0x longer on 2 devices). The count is a property of the process: JAX reads
@@ -28,6 +28,10 @@ AUTO = "auto"
 # faster on 2 devices, width 768 (ViT-B/16) 2.0x slower; between them unmeasured, so the
 # small end.
 MAX_AUTO_WIDTH = 256
+# At most this many devices for "auto": each holds a replica of the training state and joins
+# the gradient all-reduce, and only 2 were measured. (The usable cores are the affinity mask;
+# a container's CPU quota is not read: pass --cpu_devices there.)
+MAX_AUTO_DEVICES = 8
 
 
 def usable_cores() -> int:
@@ -41,16 +45,19 @@ def count_for(config, cores: int) -> int:
   """The largest device count <= `cores` that splits every batch the run shards over its
   devices evenly: the micro-batch (global_batch_size / grad_accum_steps) and the evaluation
   batch. 1 for a mesh with fixed axis sizes (the config chose its devices), for jobs
-  without a training loop, and for encoders wider than MAX_AUTO_WIDTH."""
+  without a training loop, for encoders wider than MAX_AUTO_WIDTH and for a split held on the
+  device (it would be copied to every device); at most MAX_AUTO_DEVICES. The encoder is the
+  config's own: one that `init_from` brings later is not read here."""
   mesh = tuple(tuple(axis) for axis in config.get("mesh", ()))
   if ("global_batch_size" not in config or "model" not in config or len(mesh) != 1
       or mesh[0][1] != -1):
     return 1
-  if vit.size_from_config(config.model)[0].width > MAX_AUTO_WIDTH:
+  if (vit.size_from_config(config.model)[0].width > MAX_AUTO_WIDTH
+      or config.get("data", {}).get("device_resident", False)):
     return 1
   micro = config.global_batch_size // max(1, config.get("grad_accum_steps", 1))
   eval_batch = config.eval.batch_size if "eval" in config else micro
-  for n in range(max(1, cores), 0, -1):
+  for n in range(max(1, min(cores, MAX_AUTO_DEVICES)), 0, -1):
     if micro % n == 0 and eval_batch % n == 0 and config.global_batch_size % n == 0:
       return n
   return 1
