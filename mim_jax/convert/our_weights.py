@@ -21,7 +21,6 @@ import re
 import shutil
 from typing import Any, Optional, Sequence
 
-import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -35,10 +34,6 @@ from mim_jax.training import checkpoint
 
 DECODER_DIR, CLASSIFIER_DIR = "decoder", "classifier"
 CLASSIFIER_PARTS = ("fc_norm", "head")
-
-
-def _numpy(tree: Any) -> Any:
-  return jax.tree.map(np.asarray, tree)
 
 
 def _restore(path: str) -> Any:
@@ -121,7 +116,7 @@ def read_weights(source: str, step: Optional[int] = None,
   """
   if storage.isfile(os.path.join(source, "model.json")):
     encoder, info = checkpoint.load_encoder(source)
-    params = {"encoder": _numpy(encoder)}
+    params = {"encoder": encoder}  # numpy, as every restore here
     if storage.isdir(os.path.join(source, DECODER_DIR)):
       params["decoder"] = _restore(os.path.join(source, DECODER_DIR))
     if storage.isdir(os.path.join(source, CLASSIFIER_DIR)):
@@ -140,7 +135,7 @@ def read_weights(source: str, step: Optional[int] = None,
     released = state
     for key in released_path(source):
       released = released[key]
-    params = {k: _numpy(v) for k, v in released.items() if all_parts or k in keep}
+    params = {k: v for k, v in released.items() if all_parts or k in keep}
     if "encoder" not in params:
       raise ValueError(f"the {info['method']} run in {source} trains no encoder of its own "
                        "(its encoder is frozen): export the workdir it was initialised from")

@@ -109,20 +109,20 @@ class FeatureExtractor:
                                  channels=self.config.channels,
                                  batch_size=self.config.eval.batch_size // count, split=split,
                                  rows=rows)
+    if count > 1 or len(jax.local_devices()) > 1:
+      # Parameters that span processes, or are replicated over several devices (a data-parallel
+      # run; with unsharded images the whole pass would run on every device): one copy on one
+      # device does the pass once.
+      params = jax.device_put(_local_copy(params), jax.local_devices()[0])
     if count == 1:
-      if len(jax.local_devices()) > 1:
-        # Parameters replicated over several devices (a data-parallel run) with unsharded
-        # images would run the whole pass on every device: one device does it once.
-        params = jax.device_put(_local_copy(params), jax.local_devices()[0])
       feats, labels = knn.extract_features(lambda images: self._features(params, images), it,
                                            jit=False)
     else:
       # Every process holds rows p, p + P, ... of the split, padded to the same number of
       # batches; gather the padded arrays, interleave them back into source order.
-      local_params = jax.device_put(_local_copy(params), jax.local_devices()[0])
       parts = ([], [], [])
       for batch in it:
-        parts[0].append(np.asarray(self._features(local_params, batch["image"]), np.float32))
+        parts[0].append(np.asarray(self._features(params, batch["image"]), np.float32))
         parts[1].append(np.asarray(batch["label"], np.int32))
         parts[2].append(np.asarray(batch["mask"], bool))
       if not parts[0]:  # no rows at all
