@@ -298,6 +298,28 @@ def test_cli_unknown_field_is_rejected(tmp_path):
   assert "ration" in out.stderr
 
 
+def test_cgroup_cpu_quota_caps_the_usable_cores(tmp_path):
+  """A container's CPU quota (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us`), the smallest of the
+  process's cgroup and those above it, rounds down to the cores "auto" uses."""
+  def tree(files: dict[str, str], proc: str):
+    for path, text in files.items():
+      (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+      (tmp_path / path).write_text(text)
+    (tmp_path / "proc").write_text(proc)
+    return cpu_devices.cgroup_cpu_quota(str(tmp_path / "proc"), str(tmp_path / "cg"))
+
+  assert tree({"cg/cpu.max": "max 100000\n"}, "0::/\n") is None
+  assert tree({"cg/job/cpu.max": "150000 100000\n", "cg/job/task/cpu.max": "max 100000\n"},
+              "0::/job/task\n") == 1.5
+  v1 = {"cg/cpu,cpuacct/a/cpu.cfs_quota_us": "300000\n",
+        "cg/cpu,cpuacct/a/cpu.cfs_period_us": "100000\n",
+        "cg/cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cg/cpu,cpuacct/cpu.cfs_period_us": "100000\n"}
+  assert tree(v1, "4:memory:/x\n2:cpu,cpuacct:/a\n") == 3.0
+  assert tree({}, "2:cpu,cpuacct:/unmounted\n") is None
+  assert cpu_devices.cgroup_cpu_quota(str(tmp_path / "no_proc_file")) is None
+  assert 1 <= cpu_devices.usable_cores() <= (os.cpu_count() or 1)
+
+
 def test_cpu_devices_split_the_batch_across_the_cores(tmp_path, monkeypatch):
   """On the CPU a run gets one JAX device per usable core, as many as split its batches
   evenly (the batch runs data parallel); an explicit count and XLA_FLAGS' own count win."""
@@ -313,6 +335,15 @@ def test_cpu_devices_split_the_batch_across_the_cores(tmp_path, monkeypatch):
   assert cpu_devices.count_for(fixed, 16) == 1  # the config chose its devices
   large = tiny_mae_config(**{"model.variant": "B/16", "eval.batch_size": 12})
   assert cpu_devices.count_for(large, 16) == 1  # matmul-bound, and its state twice as costly
+  # The encoder that init_from brings decides, not the config's own (an evaluation adopts it).
+  export = tmp_path / "vitb_export"
+  export.mkdir()
+  (export / "model.json").write_text('{"config": {"model": {"variant": "B/16"}}}')
+  brought = tiny_mae_config(global_batch_size=12, grad_accum_steps=2, init_from=str(export),
+                            **{"eval.batch_size": 12})
+  assert cpu_devices.count_for(brought, 16) == 1
+  brought.init_from = str(tmp_path / "missing")  # unreadable: the run's own checks say so later
+  assert cpu_devices.count_for(brought, 16) == 6
   with monkeypatch.context() as m:  # undone before anything starts this process's JAX
     m.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
     assert cpu_devices.configure("auto", [config], multi_process=False) is None

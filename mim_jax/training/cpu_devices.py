@@ -18,8 +18,11 @@ import logging
 import os
 
 import jax
+import ml_collections
 
+from mim_jax.convert import our_weights
 from mim_jax.models import vit
+from mim_jax.weights import pretrained
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +32,80 @@ AUTO = "auto"
 # small end.
 MAX_AUTO_WIDTH = 256
 # At most this many devices for "auto": each holds a replica of the training state and joins
-# the gradient all-reduce, and only 2 were measured. (The usable cores are the affinity mask;
-# a container's CPU quota is not read: pass --cpu_devices there.)
+# the gradient all-reduce, and only 2 were measured.
 MAX_AUTO_DEVICES = 8
 
 
+def cgroup_cpu_quota(proc_cgroup: str = "/proc/self/cgroup",
+                     root: str = "/sys/fs/cgroup") -> float | None:
+  """The CPUs a container's cgroup lets this process use (quota / period, e.g. 1.5 for
+  `docker run --cpus=1.5`), the smallest over its cgroup and the ones above it; None when
+  unlimited or not readable. cgroup v2 (`cpu.max`: "<quota> <period>" or "max <period>") and
+  v1 (`cpu.cfs_quota_us`, -1 when unlimited, and `cpu.cfs_period_us`)."""
+  try:
+    with open(proc_cgroup) as f:
+      lines = f.read().splitlines()
+  except OSError:
+    return None
+  limits = []
+  for line in lines:
+    hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+    if hierarchy == "0" and not controllers:  # v2: one unified hierarchy
+      files, base = [("cpu.max",)], root
+    elif "cpu" in controllers.split(","):  # v1: the cpu controller's own hierarchy
+      files, base = [("cpu.cfs_quota_us", "cpu.cfs_period_us")], os.path.join(root, controllers)
+      if not os.path.isdir(base):  # mounted as "cpu" (or "cpu,cpuacct") under another name
+        base = os.path.join(root, "cpu")
+    else:
+      continue
+    parts = [part for part in path.split("/") if part]
+    for depth in range(len(parts), -1, -1):  # this cgroup, then each one above it
+      directory = os.path.join(base, *parts[:depth])
+      limit = _read_quota(directory, files[0])
+      if limit is not None:
+        limits.append(limit)
+  return min(limits) if limits else None
+
+
+def _read_quota(directory: str, names: tuple[str, ...]) -> float | None:
+  try:
+    values = []
+    for name in names:
+      with open(os.path.join(directory, name)) as f:
+        values.extend(f.read().split())
+  except OSError:
+    return None
+  quota, period = values[0], values[-1]
+  if quota in ("max", "-1") or not quota.lstrip("-").isdigit() or not period.isdigit():
+    return None
+  return int(quota) / int(period) if int(period) > 0 and int(quota) > 0 else None
+
+
 def usable_cores() -> int:
-  """The cores this process may run on (its CPU affinity, e.g. under taskset or a cgroup)."""
+  """The cores this process may run on: its CPU affinity (taskset, cpuset), capped by its
+  cgroup's CPU quota rounded down (2 devices on a 1.5-CPU quota would be throttled)."""
   if hasattr(os, "sched_getaffinity"):
-    return max(1, len(os.sched_getaffinity(0)))
-  return max(1, os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0))
+  else:
+    cores = os.cpu_count() or 1
+  quota = cgroup_cpu_quota()
+  if quota is not None:
+    cores = min(cores, int(quota))
+  return max(1, cores)
+
+
+def encoder_width(config) -> int:
+  """The width of the encoder the run trains: the one `init_from` names when it holds one
+  (an export's or a workdir's model info decides an evaluation's encoder, and a continued
+  pre-training must match it), else the config's."""
+  init_from = str(config.get("init_from", "") or "")
+  if pretrained.is_pretrained(init_from):
+    try:
+      model = our_weights.read_info(init_from)["config"]["model"]
+      return vit.size_from_config(ml_collections.ConfigDict(model))[0].width
+    except (OSError, KeyError, TypeError, ValueError):
+      pass  # not readable here: the run's own checks name the problem later
+  return vit.size_from_config(config.model)[0].width
 
 
 def count_for(config, cores: int) -> int:
@@ -47,12 +114,12 @@ def count_for(config, cores: int) -> int:
   batch. 1 for a mesh with fixed axis sizes (the config chose its devices), for jobs
   without a training loop, for encoders wider than MAX_AUTO_WIDTH and for a split held on the
   device (it would be copied to every device); at most MAX_AUTO_DEVICES. The encoder is the
-  config's own: one that `init_from` brings later is not read here."""
+  one `init_from` brings, when it names one (`encoder_width`)."""
   mesh = tuple(tuple(axis) for axis in config.get("mesh", ()))
   if ("global_batch_size" not in config or "model" not in config or len(mesh) != 1
       or mesh[0][1] != -1):
     return 1
-  if (vit.size_from_config(config.model)[0].width > MAX_AUTO_WIDTH
+  if (encoder_width(config) > MAX_AUTO_WIDTH
       or config.get("data", {}).get("device_resident", False)):
     return 1
   micro = config.global_batch_size // max(1, config.get("grad_accum_steps", 1))
