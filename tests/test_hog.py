@@ -347,6 +347,12 @@ def test_maskfeat_binning_equals_the_official_hog():
   ours = np.asarray(hog.hog_cells(jnp.asarray(x), cell_size=4, num_bins=9, gradient="sobel",
                                   gaussian_window=8, binning="maskfeat"))
   np.testing.assert_allclose(ours, official, rtol=1e-4, atol=1e-6)
+  # Faint cells too (|v| far below scikit-image's eps of 1e-5, e.g. near-flat sky in
+  # normalised pixels): normalised as the official code does, not damped towards zero.
+  faint = np.asarray(hog.hog_cells(jnp.asarray(x * 1e-7), cell_size=4, num_bins=9,
+                                   gradient="sobel", gaussian_window=8, binning="maskfeat"))
+  np.testing.assert_allclose(faint, _official_maskfeat_cells(x * 1e-7, nbins=9, pool=4,
+                                                             window=8), rtol=1e-4, atol=1e-6)
   skimage_bins = np.asarray(hog.hog_cells(jnp.asarray(x), cell_size=4, num_bins=9,
                                           gradient="sobel", gaussian_window=8))
   assert np.abs(skimage_bins - official).max() > 0.1

@@ -20,8 +20,10 @@ Conventions (the same for both gradient kinds):
   rule (`floor(atan2(gx, gy) / pi * num_bins) mod num_bins` with its (gx, gy) =
   (-g_col, -g_row)): the same bins mirrored and shifted by w / 2 (10 degrees for 9 bins).
 * Cell histograms hold the sum of the magnitudes of their pixels per bin divided by the cell
-  area, then are L2-normalised per (cell, channel) as scikit-image's `block_norm='L2'` with
-  `cells_per_block=(1, 1)`: `v / sqrt(sum(v**2) + eps**2)`.
+  area, then are L2-normalised per (cell, channel): with "skimage" as scikit-image's
+  `block_norm='L2'` with `cells_per_block=(1, 1)`, `v / sqrt(sum(v**2) + eps**2)`; with
+  "maskfeat" as the official `F.normalize`, `u / max(|u|, 1e-12)` of its histogram u (which
+  differs from ours by a global scale, see below), so faint cells match it too.
 
 With `gradient="central"` the cells match `skimage.feature.hog(..., orientations=num_bins,
 pixels_per_cell=(cs, cs), cells_per_block=(1, 1), block_norm='L2', feature_vector=False)` on each
@@ -32,7 +34,8 @@ Differences from the official MaskFeat / mmpretrain `HOGGenerator` with
 against a transcription of its phase rule), worth knowing when comparing numbers:
 
 * Its Gaussian kernel is divided by its sum and it does not divide by the cell area; both are
-  global scales that the per-cell L2 normalisation removes (up to the eps).
+  global scales that the per-cell L2 normalisation removes ("maskfeat" scales its 1e-12 floor
+  by the same factor, so the cells are equal down to flat ones).
 * Its per-patch feature order is (channel, bin, cell row, cell col); ours is (cell, channel,
   bin). A permutation of the target does not matter for a linear prediction head.
 """
@@ -156,7 +159,8 @@ def hog_cells(images: jax.Array, *, cell_size: int = 8, num_bins: int = 9,
       over the image before binning (MaskFeat uses 16, the patch size); H and W must then be
       multiples of the window.
     binning: "skimage" or "maskfeat" (official MaskFeat); see `orientation_bins`.
-    eps: the L2 normalisation is v / sqrt(sum(v**2) + eps**2) (scikit-image's 'L2').
+    eps: with binning "skimage" the L2 normalisation is v / sqrt(sum(v**2) + eps**2)
+      (scikit-image's 'L2'); "maskfeat" normalises as the official code (see the module doc).
 
   Returns:
     float32 [B, H // cell_size, W // cell_size, C, num_bins].
@@ -189,6 +193,14 @@ def hog_cells(images: jax.Array, *, cell_size: int = 8, num_bins: int = 9,
   gh, gw = h // cell_size, w // cell_size
   votes = votes.reshape(b, gh, cell_size, gw, cell_size, c, num_bins)
   hist = votes.sum(axis=(2, 4)) / float(cell_size * cell_size)  # [B, gh, gw, C, bins]
+  if binning == "maskfeat":
+    # The official histogram is ours times area / (window sum): its Gaussian sums to 1 and it
+    # does not average over the cell. Its F.normalize floor of 1e-12, in our scale:
+    scale = float(cell_size * cell_size)
+    if gaussian_window:
+      scale /= float(gaussian_window_weights(gaussian_window).astype(np.float64).sum())
+    floor = 1e-12 / scale
+    return hist / jnp.maximum(jnp.sqrt(jnp.sum(hist * hist, axis=-1, keepdims=True)), floor)
   norm = jnp.sqrt(jnp.sum(hist * hist, axis=-1, keepdims=True) + eps * eps)
   return hist / norm
 
