@@ -49,6 +49,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 from absl import app, flags
 from ml_collections import config_flags
 
+from mim_jax.config.errors import refuse_extra_arguments
+
 FLAGS = flags.FLAGS
 
 
@@ -488,7 +490,7 @@ def parse_variant(config, spec: str):
 
 
 def main(argv):
-  del argv
+  refuse_extra_arguments(argv)
   # JAX probes for a TPU at start-up and logs the failure ("Failed to open libtpu.so") at INFO
   # through absl: expected on CPU and GPU machines (main.py quiets it the same way).
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)

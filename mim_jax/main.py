@@ -47,7 +47,12 @@ from typing import NoReturn, Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
-from mim_jax.config.errors import ConfigError, dotted_keys, unknown_field_error
+from mim_jax.config.errors import (
+  ConfigError,
+  dotted_keys,
+  extra_arguments_message,
+  unknown_field_error,
+)
 from mim_jax.training import run_errors
 
 FLAGS = flags.FLAGS
@@ -142,7 +147,7 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> l
   the fields they were probably meant to be) and config files that fail to load.
   """
   try:
-    return flag_values(list(argv))
+    remaining = flag_values(list(argv))
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     unknown = _unknown_overrides(argv)
     if unknown:
@@ -154,6 +159,9 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> l
       message += f". Did you mean --config.{name.split('.', 1)[1]}?"
     _fail(f"{message}\nPass --helpfull for the flags; config fields are in "
           "mim_jax/config/defaults.py.")
+  if remaining[1:]:
+    _fail(extra_arguments_message(remaining[1:]))
+  return remaining
 
 
 def run_from_flags(flag_values: flags.FlagValues, cpu_devices_auto: bool = True) -> None:

@@ -39,6 +39,8 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
+from mim_jax.config.errors import refuse_extra_arguments
+
 FLAGS = flags.FLAGS
 
 
@@ -144,7 +146,7 @@ def _num_devices(mesh_cfg, devices_flag: int) -> int:
 
 
 def main(argv) -> None:
-  del argv
+  refuse_extra_arguments(argv)
   from mim_jax.config import defaults as config_defaults
   config = FLAGS.config
   with config.unlocked():

@@ -150,6 +150,24 @@ def test_fields_a_method_would_not_read_are_refused(method, overrides, match):
                             registry.method_class(method).unread_rules())
 
 
+def test_arguments_that_are_not_flags_are_refused(tmp_path, capsys):
+  """`config.seed=3` without its dashes, or a flag after a bare `--`, is left over by flag
+  parsing: every tool refuses it instead of running without it."""
+  from absl import app
+
+  from mim_jax import main
+  from mim_jax.config import errors
+  for extra in (["config.total_steps=5"], ["--", "--config.seed=3"]):
+    with pytest.raises(SystemExit) as exited:
+      main.cli(["mim_jax.main", RUNLOCAL, f"--workdir={tmp_path}", *extra])
+    assert exited.value.code == 2
+    assert f"unexpected argument(s) {extra[-1]}" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "config.json")
+  with pytest.raises(app.UsageError, match=r"unexpected argument\(s\) x: every setting"):
+    errors.refuse_extra_arguments(["mim_jax.bench", "x"])  # bench, memory_plan, stats, usage
+  errors.refuse_extra_arguments(["mim_jax.bench"])
+
+
 def test_command_line_checks_its_overrides_against_the_config_file():
   """mim_jax.main: the file's own settings are checked against the method's defaults, the
   overrides against the file, so switching a feature off (no local views) is fine although

@@ -7,7 +7,9 @@ a run without reading the source.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
+
+from absl import app
 
 
 class ConfigError(ValueError):
@@ -63,3 +65,17 @@ def unknown_field_error(field: str, known: Iterable[str]) -> ConfigError:
   else:
     message += " (the fields are listed in mim_jax/config/defaults.py)."
   return ConfigError(message)
+
+
+def refuse_extra_arguments(argv: Sequence[str]) -> None:
+  """Raises absl's UsageError when `argv` (what flag parsing left: the program, then the rest)
+  holds more than the program: `config.seed=3` without its dashes, or anything after `--`,
+  would otherwise be dropped without a word."""
+  extra = list(argv[1:])
+  if extra:
+    raise app.UsageError(extra_arguments_message(extra))
+
+
+def extra_arguments_message(extra: Sequence[str]) -> str:
+  return (f"unexpected argument(s) {' '.join(extra)}: every setting is a flag, config fields "
+          "as --config.FIELD=VALUE (two dashes; nothing after a bare --)")

@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mim_jax.config.errors import ConfigError
+from mim_jax.config.errors import ConfigError, refuse_extra_arguments
 from mim_jax.data import bad_images, sources
 from mim_jax.data.idx import IdxFormatError
 from mim_jax.data.transforms import BadImageError, DecodeImage
@@ -73,7 +73,7 @@ def format_overrides(mean: np.ndarray, std: np.ndarray) -> str:
 
 
 def main(argv) -> None:
-  del argv
+  refuse_extra_arguments(argv)
   config = FLAGS.config
   try:
     mean, std, count = channel_stats(config.data, channels=config.channels,

@@ -21,6 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mim_jax import data
+from mim_jax.config.errors import refuse_extra_arguments
 from mim_jax.tokenizers import codebook as cb
 from mim_jax.tokenizers import io
 from mim_jax.tokenizers.models import tokenize, tokenizer_model
@@ -65,7 +66,7 @@ def main() -> None:
   flags.mark_flags_as_required(["config", "tokenizer"])
 
   def run(argv) -> None:
-    del argv
+    refuse_extra_arguments(argv)
     config = config_flag.value
     split = split_flag.value or data.eval_split(config.data)
     out = code_usage(tokenizer.value, config.data, split=split, batch_size=batch.value)
