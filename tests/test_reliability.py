@@ -36,7 +36,7 @@ from mim_jax.training import checkpoint, metric_writers, run_errors
 from mim_jax.training import loop as train
 from mim_jax.training import step as step_lib
 
-from conftest import FAST_COMPILE_XLA_FLAGS, REPO, tiny_mae_config
+from conftest import FAST_COMPILE_XLA_FLAGS, REPO, tiny_config, tiny_mae_config
 
 RUNLOCAL = f"--config={REPO}/configs/mae_vitb.py:runlocal"
 # 12 steps of a 16-step schedule (so every step changes the parameters), a checkpoint every 3.
@@ -864,6 +864,30 @@ def test_resume_with_changes_refuses_another_number_of_data_workers(tmp_path):
     train.run(tiny_mae_config(total_steps=3, **{"data.num_workers": 1}), workdir,
               resume_with_changes=True)
   assert (tmp_path / "run" / "config.json").read_text() == saved
+
+
+def test_resume_with_changes_refuses_other_weights_to_start_from(tmp_path):
+  """init_from and a frozen tokenizer's or teacher's path were read at step 0 and live in the
+  checkpoint: --resume_with_changes would log the new path as taken while the restored arrays
+  stay the old ones, so they are refused with it too."""
+  from mim_jax.training import metric_writers, resume_check
+  for method, field in (("mae", "init_from"), ("beit", "tokenizer.path"),
+                        ("maskdistill", "teacher.path"), ("mim", "target.tokenizer.path")):
+    started = tiny_config(method)
+    started.unlock()
+    parent, _, leaf = ("." + field).rpartition(".")
+    block = started
+    for name in filter(None, parent.split(".")):
+      block = block[name]
+    block[leaf] = "/weights/first"
+    workdir = tmp_path / method
+    workdir.mkdir()
+    (workdir / metric_writers.CONFIG_FILE).write_text(metric_writers.config_text(started.to_dict()))
+    block[leaf] = "/weights/second"
+    with pytest.raises(ConfigError, match=rf"config.{field}='/weights/first' "
+                       r"\('/weights/second' now\): the weights it names were read when the run "
+                       r"started .* \(also with --resume_with_changes\)"):
+      resume_check.check_same_run(str(workdir), started, allow_changes=True)
 
 
 def test_resume_with_changes_that_do_not_fit_the_checkpoint_is_a_config_error(tmp_path):

@@ -63,10 +63,22 @@ CHANGEABLE_ON_RESUME = (
 )
 
 
-# Fields that no resume may change, not even with `allow_changes`: the checkpoint's data
-# position is saved per worker process (docs/reliability.md), and grain cannot restore it
-# into another number of workers.
-FIXED_ON_RESUME = ("data.num_workers",)
+# Fields that no resume may change, not even with `allow_changes`, and why.
+_WEIGHTS_READ_AT_START = (
+    "the weights it names were read when the run started and live in its checkpoints since "
+    "(a frozen teacher's or tokenizer's included): a resume restores those and would never "
+    "read the new ones")
+FIXED_ON_RESUME = {
+    # The checkpoint's data position is saved per worker process (docs/reliability.md), and
+    # grain cannot restore it into another number of workers.
+    "data.num_workers": "its checkpoints hold the data position of each worker process, which "
+                        "no other number of workers can take up",
+    "init_from": _WEIGHTS_READ_AT_START,
+    "tokenizer.path": _WEIGHTS_READ_AT_START,
+    "teacher.path": _WEIGHTS_READ_AT_START,
+    "target.tokenizer.path": _WEIGHTS_READ_AT_START,
+    "target.teacher.path": _WEIGHTS_READ_AT_START,
+}
 
 
 # Fields added after runs had started, with the value those runs used implicitly, for fields
@@ -127,8 +139,7 @@ def check_same_run(workdir: str, config, *, allow_changes: bool = False) -> list
     key, old, new = fixed[0]
     raise ConfigError(
         f"{workdir} holds a run to resume, started with config.{key}={old!r} ({new!r} now): "
-        "its checkpoints hold the data position of each worker process, which no other "
-        f"number of workers can take up, so it resumes only with {key}={old!r} (also with "
+        f"{FIXED_ON_RESUME[key]}, so it resumes only with {key}={old!r} (also with "
         "--resume_with_changes). Give the new setting another --workdir.")
   if not allow_changes:
     raise ConfigError(
