@@ -489,6 +489,38 @@ def parse_variant(config, spec: str):
   return _variant(config, **changes)
 
 
+# The flags --feed and --pipeline read (they time the input, not train steps); any other one
+# given with them would be dropped, so it is refused.
+_MODE_FLAGS = {
+    "feed": {"config", "batch", "cpu_devices", "pipeline_batches", "feed"},
+    "pipeline": {"config", "batch", "cpu_devices", "pipeline_batches", "pipeline_images",
+                 "pipeline"},
+}
+
+
+def _check_mode_flags(config) -> None:
+  """UsageError for a flag --feed / --pipeline would not read, and for a pipeline row that
+  would not time what it reports (a batch over half the generated images, augmentation on the
+  device)."""
+  for mode, read in _MODE_FLAGS.items():
+    if not FLAGS[mode].value:
+      continue
+    own = FLAGS.flags_by_module_dict()[FLAGS.find_module_defining_flag(mode)]
+    ignored = sorted(f.name for f in own if f.name not in read and f.present)
+    if ignored:
+      raise app.UsageError(f"--{mode} times the input pipeline and reads only "
+                           f"{', '.join('--' + n for n in sorted(read - {mode}))}: "
+                           f"{', '.join('--' + n for n in ignored)} would have no effect")
+  if FLAGS.pipeline:
+    if FLAGS.batch > FLAGS.pipeline_images // 2:
+      raise app.UsageError(f"--pipeline: --batch={FLAGS.batch} needs --pipeline_images >= "
+                           f"{2 * FLAGS.batch} (batches are drawn from the generated images)")
+    if config.data.get("augment_on", "host") != "host":
+      raise app.UsageError("--pipeline times the host's decode and augmentation: pass "
+                           "--config.data.augment_on=host (--feed times augmentation on the "
+                           "device)")
+
+
 def main(argv):
   refuse_extra_arguments(argv)
   # JAX probes for a TPU at start-up and logs the failure ("Failed to open libtpu.so") at INFO
@@ -520,6 +552,7 @@ def main(argv):
   if FLAGS.steps % FLAGS.rounds:
     raise app.UsageError(f"--steps={FLAGS.steps} over --rounds={FLAGS.rounds}: a multiple of "
                          "the rounds, so that every round times as many steps")
+  _check_mode_flags(configs[0])
   if FLAGS.feed:
     for row in bench_feed(configs[0], FLAGS.pipeline_batches):
       print(json.dumps(row), flush=True)
