@@ -241,6 +241,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       "evaluations, 0.875 for a folder at up to 224 px, else 1.0)")
   parser.add_argument("--pictures", default="", help="with --attention: a PNG of the maps")
   args = parser.parse_args(argv)
+  if args.pictures and not args.attention:
+    parser.error("--pictures draws the attention maps: pass --attention too")
+  if args.crop_fraction is not None and not 0 < args.crop_fraction <= 1:
+    parser.error(f"--crop_fraction={args.crop_fraction}: expected a number in (0, 1]")
   size = tuple(int(s) for s in args.image_size.split(",")) if args.image_size else None
   enc = load(args.encoder, image_size=size)
   images = read_images(args.images)
@@ -249,15 +253,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     source = "npy" if args.images.endswith(".npy") else "image_folder"
     crop = pipeline.eval_crop_fraction(ml_collections.ConfigDict({"source": source}),
                                        enc.image_size)
-  if not 0 < crop <= 1:
-    parser.error(f"--crop_fraction={crop}: expected a number in (0, 1]")
   out = extract(enc, images, blocks=[int(b) for b in args.blocks.split(",")],
                 patch_tokens=args.patch_tokens, attention=args.attention,
                 batch_size=args.batch_size, crop_fraction=crop)
   np.savez(args.out, **out)
   print(f"wrote {args.out}: " + ", ".join(f"{k} {v.shape}" for k, v in out.items()),
         file=sys.stderr)
-  if args.pictures and args.attention:
+  if args.pictures:
     viz.save_png(attention_picture(enc, images, out, crop_fraction=crop), args.pictures)
   return 0
 

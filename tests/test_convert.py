@@ -466,6 +466,11 @@ def test_official_encoder_only_checkpoint_and_its_posemb_check():
   learned = import_state_dict(encoder_state, num_heads=HEADS, posemb="learn")
   np.testing.assert_array_equal(learned.params["encoder"]["pos_embed"],
                                 encoder_state["pos_embed"][0])
+  # Settings these weights have no use for are refused, not dropped.
+  with pytest.raises(ValueError, match=r"decoder_num_heads=4: these weights hold no MAE decoder"):
+    import_state_dict(encoder_state, num_heads=HEADS, posemb="learn", decoder_num_heads=4)
+  with pytest.raises(ValueError, match=r"image size \[32, 32, 32\]: one side"):
+    import_state_dict(encoder_state, num_heads=HEADS, posemb="learn", image_size=(32, 32, 32))
 
 
 # --- exports that timm and HF load --------------------------------------------------------
@@ -566,6 +571,15 @@ def test_export_of_a_training_workdir(tmp_path, our_mae):
   back = import_checkpoint(str(tmp_path / "mae" / "model.safetensors"), num_heads=HEADS,
                            decoder_num_heads=DEC_HEADS)
   _assert_trees_equal(back.params, params)
+  # --step picks a workdir's checkpoint: an export (one set of weights) refuses it.
+  export_weights(str(workdir), str(tmp_path / "mae_step2"), "mae", step=2)
+  back = import_checkpoint(str(tmp_path / "mae_step2" / "model.safetensors"), num_heads=HEADS,
+                           decoder_num_heads=DEC_HEADS)
+  _assert_trees_equal(back.params, jax.tree.map(lambda x: x * 0.0, params))
+  ours = tmp_path / "ours"
+  write_weights(str(ours), params, info)
+  with pytest.raises(ValueError, match=r"step=2 picks a checkpoint of a training workdir"):
+    export_weights(str(ours), str(tmp_path / "again"), "mae", step=2)
 
 
 # --- what init_from accepts ---------------------------------------------------------------

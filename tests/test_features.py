@@ -86,3 +86,16 @@ def test_command_line_writes_features_and_attention_pictures(encoder_dir, tmp_pa
   assert saved["rollout"].shape == (3, 4, 4)
   picture = np.asarray(Image.open(png))
   assert picture.ndim == 3 and picture.shape[0] > 3 * 16  # one row per image
+
+
+def test_command_line_refuses_flags_it_would_not_use(tmp_path, capsys):
+  """--pictures draws the attention maps, so without --attention it is an error (it wrote
+  nothing, silently); a crop fraction outside (0, 1] is refused before the encoder loads."""
+  common = ["--encoder", str(tmp_path / "absent"), "--images", str(tmp_path / "absent.npy"),
+            "--out", str(tmp_path / "f.npz")]
+  for extra, message in ((["--pictures", str(tmp_path / "m.png")], "pass --attention too"),
+                         (["--crop_fraction", "1.5"], "--crop_fraction=1.5: expected")):
+    with pytest.raises(SystemExit) as exited:
+      features.main(common + extra)
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+  assert not (tmp_path / "f.npz").exists()

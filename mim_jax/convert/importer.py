@@ -179,6 +179,8 @@ def _image_size(image_size: Optional[Sequence[int]], patch: int,
   """(target image size, target grid): `image_size` if given, else the checkpoint's."""
   if not image_size:
     return (source_grid[0] * patch, source_grid[1] * patch), source_grid
+  if len(image_size) not in (1, 2):
+    raise ValueError(f"image size {list(image_size)}: one side (square) or height and width")
   size = (int(image_size[0]), int(image_size[-1]))
   if size[0] % patch or size[1] % patch:
     raise ValueError(f"image size {size} is not a multiple of the patch size {patch}")
@@ -318,6 +320,9 @@ def import_state_dict(tensors: dict[str, Any], *, num_heads: Optional[int] = Non
   heads = _heads(num_heads or found["num_heads"] or found.get("num_heads_hint"), width,
                  HEADS_BY_WIDTH, "encoder", "--num_heads")
   decoder_heads = 0
+  if decoder_num_heads and "decoder" not in params:
+    raise ValueError(f"decoder_num_heads={decoder_num_heads}: these weights hold no MAE decoder "
+                     "(an encoder or classifier checkpoint); leave it out")
   if "decoder" in params:
     decoder_width = int(params["decoder"]["mask_token"].shape[-1])
     decoder_heads = _heads(decoder_num_heads or found["decoder_num_heads"], decoder_width,

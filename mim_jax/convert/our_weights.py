@@ -114,6 +114,9 @@ def read_weights(source: str, step: Optional[int] = None,
   (iBOT: its EMA teacher, which its export and evaluations hold); without checkpoints, its
   encoder/ export.
   """
+  if step is not None and not storage.isfile(os.path.join(source, "config.json")):
+    raise ValueError(f"step={step} picks a checkpoint of a training workdir (config.json + "
+                     f"checkpoints/); {source} is not one (an export holds one set of weights)")
   if storage.isfile(os.path.join(source, "model.json")):
     encoder, info = checkpoint.load_encoder(source)
     params = {"encoder": encoder}  # numpy, as every restore here
@@ -141,6 +144,9 @@ def read_weights(source: str, step: Optional[int] = None,
                        "(its encoder is frozen): export the workdir it was initialised from")
     return info, params
   if storage.isfile(os.path.join(source, "encoder", "model.json")):
+    if step is not None:
+      raise FileNotFoundError(f"{source} has no checkpoint of step {step} (only its encoder/ "
+                              "export: read it without a step)")
     return read_weights(os.path.join(source, "encoder"))
   raise FileNotFoundError(
       f"{source} is neither an export directory (model.json + params/) nor a training workdir "
