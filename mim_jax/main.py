@@ -84,7 +84,8 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str] | None = Non
                       "256 wide one per usable core, as many as split the batches evenly (the "
                       "batch runs data parallel across the cores; "
                       "mim_jax/training/cpu_devices.py), else 1; or a count. XLA_FLAGS' "
-                      "--xla_force_host_platform_device_count, when set, wins.",
+                      "--xla_force_host_platform_device_count or JAX_NUM_CPU_DEVICES, when "
+                      "set, wins.",
                       flag_values=flag_values)
   flags.DEFINE_bool("resume_with_changes", False,
                     "Resume a workdir's run although the config differs from the one it started "

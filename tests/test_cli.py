@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -338,7 +339,7 @@ def test_cgroup_cpu_quota_caps_the_usable_cores(tmp_path):
   assert 1 <= cpu_devices.usable_cores() <= (os.cpu_count() or 1)
 
 
-def test_cpu_devices_split_the_batch_across_the_cores(tmp_path, monkeypatch):
+def test_cpu_devices_split_the_batch_across_the_cores(tmp_path, monkeypatch, caplog):
   """On the CPU a run gets one JAX device per usable core, as many as split its batches
   evenly (the batch runs data parallel); an explicit count and XLA_FLAGS' own count win."""
   config = tiny_mae_config(global_batch_size=12, grad_accum_steps=2,
@@ -365,6 +366,11 @@ def test_cpu_devices_split_the_batch_across_the_cores(tmp_path, monkeypatch):
   with monkeypatch.context() as m:  # undone before anything starts this process's JAX
     m.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
     assert cpu_devices.configure("auto", [config], multi_process=False) is None
+    m.delenv("XLA_FLAGS")
+    m.setenv("JAX_NUM_CPU_DEVICES", "3")
+    with caplog.at_level(logging.WARNING):
+      assert cpu_devices.configure("2", [config], multi_process=False) is None
+    assert "--cpu_devices=2 is not used" in caplog.text
   with pytest.raises(ValueError, match="--cpu_devices='two'"):
     cpu_devices.configure("two", [config], multi_process=False)
   # A real start: two devices, and the run says so.

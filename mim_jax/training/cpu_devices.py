@@ -142,6 +142,10 @@ def configure(requested: str, configs, multi_process: bool) -> int | None:
     raise ValueError(f"--cpu_devices={requested!r}: expected 'auto' or a count >= 1")
   if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or (
       os.environ.get("JAX_NUM_CPU_DEVICES")):
+    if explicit:
+      log.warning("--cpu_devices=%s is not used: XLA_FLAGS' "
+                  "--xla_force_host_platform_device_count or JAX_NUM_CPU_DEVICES sets the CPU "
+                  "device count of this process", requested)
     return None
   if multi_process and not explicit:
     return None
