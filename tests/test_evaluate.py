@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import jax
@@ -160,11 +161,15 @@ def test_incompatible_pretrained_encoder_is_reported(pretrained_workdir):
     method.load_pretrained(jax.device_get(params), extra)
 
 
-def test_adopt_encoder_config_takes_size_from_the_export(pretrained_workdir):
+def test_adopt_encoder_config_takes_size_from_the_export(pretrained_workdir, caplog):
+  """The export decides the encoder; the fields it replaces are named in the log (a config
+  file's or a program's values; the command line's are refused, `refuse_dropped_overrides`)."""
   config = _eval_config("linprobe", pretrained_workdir)
   config.model.update(variant="B/16", width=0)
-  adopted = pretrained.adopt_encoder_config(config)
+  with caplog.at_level(logging.INFO, logger="mim_jax.weights.pretrained"):
+    adopted = pretrained.adopt_encoder_config(config)
   assert adopted.model.variant == "mu/4" and config.model.variant == "B/16"
+  assert "the config's encoder fields replaced: model.variant='B/16' -> 'mu/4'" in caplog.text
 
 
 # ---- the jobs, end to end ---------------------------------------------------------------------

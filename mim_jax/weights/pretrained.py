@@ -78,14 +78,19 @@ def adopt_encoder_config(config):
   info = read_model_info(config.init_from)
   config = config.copy_and_resolve_references()
   model = info["config"]["model"]
+  replaced = []
   with config.unlocked():
-    for name in SIZE_FIELDS:
-      config.model[name] = model.get(name, config.model[name])
-    for name, off in ARCH_DEFAULTS.items():
-      config.model[name] = model.get(name, off)
-    config.channels = int(info["channels"])
-  log.info("encoder from %s: %s (width %s, depth %s), trained on images %s", config.init_from,
-           model["variant"], model.get("width"), model.get("depth"), info["image_size"])
+    adopted = {**{f"model.{n}": model.get(n, config.model[n]) for n in SIZE_FIELDS},
+               **{f"model.{n}": model.get(n, off) for n, off in ARCH_DEFAULTS.items()},
+               "channels": int(info["channels"])}
+    for field, value in adopted.items():
+      block, name = (config.model, field[6:]) if field.startswith("model.") else (config, field)
+      if block.get(name) != value:
+        replaced.append(f"{field}={block.get(name)!r} -> {value!r}")
+      block[name] = value
+  log.info("encoder from %s: %s (width %s, depth %s), trained on images %s%s", config.init_from,
+           model["variant"], model.get("width"), model.get("depth"), info["image_size"],
+           f"; the config's encoder fields replaced: {', '.join(replaced)}" if replaced else "")
   return config
 
 
