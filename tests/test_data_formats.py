@@ -14,7 +14,7 @@ from PIL import Image
 
 from mim_jax import data, recipes, registry
 from mim_jax.config.errors import ConfigError
-from mim_jax.data import stats, transforms
+from mim_jax.data import sources, stats, transforms
 from mim_jax.training import loop
 
 from conftest import REPO, requires_fmnist, tiny_config
@@ -165,6 +165,15 @@ def test_channel_statistics_and_their_overrides(tmp_path):
   np.testing.assert_allclose(mean, unit.mean(axis=(0, 1, 2)), rtol=1e-9)
   np.testing.assert_allclose(std, unit.std(axis=(0, 1, 2)), rtol=1e-9)
   assert count == 64
+  # As training reads the split: without the held-out examples, only the label subset.
+  held = _npy_cfg(folder)
+  held.update(holdout=16, label_fraction=0.5)
+  rows = sources.train_indices(held, np.arange(64) % 4)
+  assert len(rows) == 24
+  got_mean, got_std, got_count = stats.channel_stats(held, channels=3)
+  assert got_count == 24
+  np.testing.assert_allclose(got_mean, unit[rows].mean(axis=(0, 1, 2)), rtol=1e-9)
+  np.testing.assert_allclose(got_std, unit[rows].std(axis=(0, 1, 2)), rtol=1e-8)
   line = stats.format_overrides(mean, std)
   assert line.startswith("--config.data.mean='(") and "--config.data.std=" in line
   # The command prints the same line.

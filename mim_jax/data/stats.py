@@ -4,7 +4,8 @@ r"""Per-channel mean and std of a data source, printed as the config overrides t
       [--config.data.source=npy --config.data.path=/data/bands --config.channels=5] \
       [--max_images=0]
 
-The training split the config names is read as training reads it (same decoder: 8-bit images
+The training split the config names is read as training reads it (without the `data.holdout`
+examples, only the `data.label_fraction` subset when below 1; same decoder: 8-bit images
 in [0, 1] as x / 255, 16-bit and other integer images as a fraction of their type's maximum,
 floats as they are) but without augmentation, every image whole (`--max_images` > 0: the
 first that many). Sums are accumulated in float64 over all pixels; std is the population std.
@@ -38,11 +39,12 @@ def _define_flags() -> None:
 
 
 def channel_stats(data_cfg, *, channels: int, max_images: int = 0) -> tuple[np.ndarray, ...]:
-  """(mean [C], std [C], images used) of the training split of `data_cfg`, in [0, 1] units.
+  """(mean [C], std [C], images used) of the training split of `data_cfg` as training reads
+  it (`sources.build_train_source`: holdout and label subset applied), in [0, 1] units.
 
   An undecodable image is handled as training handles it (data.on_bad_image): "raise" stops
   with BadImageError, "skip" warns and leaves it out of the sums and the count."""
-  source = sources.build_source(data_cfg, image_size=(1, 1), channels=channels)
+  source = sources.build_train_source(data_cfg, image_size=(1, 1), channels=channels)
   decode = DecodeImage(channels=channels, on_bad_image=data_cfg.on_bad_image,
                        skip_log_dir=bad_images.log_directory())
   read = len(source) if max_images <= 0 else min(max_images, len(source))
