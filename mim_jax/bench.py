@@ -521,6 +521,12 @@ def _check_mode_flags(config) -> None:
                            "device)")
 
 
+def _emit(row: dict) -> None:
+  """Prints one result row as a JSON line, with the process's malloc settings (rows measured
+  under other GLIBC_TUNABLES do not compare; training/malloc_tunables.py)."""
+  print(json.dumps({**row, "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}), flush=True)
+
+
 def main(argv):
   refuse_extra_arguments(argv)
   # JAX probes for a TPU at start-up and logs the failure ("Failed to open libtpu.so") at INFO
@@ -555,11 +561,10 @@ def main(argv):
   _check_mode_flags(configs[0])
   if FLAGS.feed:
     for row in bench_feed(configs[0], FLAGS.pipeline_batches):
-      print(json.dumps(row), flush=True)
+      _emit(row)
     return
   if FLAGS.pipeline:
-    print(json.dumps(bench_pipeline(configs[0], FLAGS.pipeline_images, FLAGS.pipeline_batches)),
-          flush=True)
+    _emit(bench_pipeline(configs[0], FLAGS.pipeline_images, FLAGS.pipeline_batches))
     return
   peers = [p for p in FLAGS.peer if p != "none"]
   unknown = sorted(set(FLAGS.peer) - set(PEERS))
@@ -583,17 +588,18 @@ def main(argv):
   if FLAGS.rounds > 1:
     for row in bench_alternated(configs, FLAGS.steps, FLAGS.warmup, FLAGS.rounds,
                                 [labels.get(id(c), "") for c in configs]):
-      print(json.dumps(row), flush=True)
+      _emit(row)
   for i, c in enumerate([] if FLAGS.peers_only or FLAGS.rounds > 1 else configs):
     profile_dir = os.path.join(FLAGS.profile, f"{i}_{c.method}") if FLAGS.profile else ""
-    print(json.dumps(bench_mim_jax(c, FLAGS.steps, FLAGS.warmup, profile_dir,
-                                   variant=labels.get(id(c), ""))), flush=True)
+    _emit(bench_mim_jax(c, FLAGS.steps, FLAGS.warmup, profile_dir,
+                        variant=labels.get(id(c), "")))
   for peer in peers:
-    print(json.dumps(bench_hf(configs[0], FLAGS.steps, FLAGS.warmup,
-                              compile_model=peer == "hf_compile",
-                              profile=bool(FLAGS.profile))), flush=True)
+    _emit(bench_hf(configs[0], FLAGS.steps, FLAGS.warmup, compile_model=peer == "hf_compile",
+                   profile=bool(FLAGS.profile)))
 
 
 if __name__ == "__main__":
+  from mim_jax.training import malloc_tunables  # first: glibc reads its settings at start-up
+  malloc_tunables.reexec_with_tunables()
   define_flags()
   app.run(main)

@@ -281,8 +281,12 @@ def main(argv):
   # JAX probes for a TPU on every start and logs the failure ("Failed to open libtpu.so") at
   # INFO: on CPU and GPU machines that is expected, not news.
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  from mim_jax.training import malloc_tunables
+  malloc_tunables.log_if_tuned()
   run_from_flags(FLAGS)
 
 
 if __name__ == "__main__":
+  from mim_jax.training import malloc_tunables  # first: glibc reads its settings at start-up
+  malloc_tunables.reexec_with_tunables()
   app.run(main, flags_parser=parse_flags)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import subprocess
 import sys
 
@@ -381,6 +382,8 @@ def test_cpu_devices_split_the_batch_across_the_cores(tmp_path, monkeypatch, cap
                        cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "2 JAX CPU devices" in out.stderr and "on 2 device(s)" in out.stderr
+  if platform.libc_ver()[0] == "glibc" and "GLIBC_TUNABLES" not in env:
+    assert "glibc malloc: huge pages" in out.stderr  # re-executed with malloc_tunables
   # Its checkpoint, written by 2 devices, reads in this 1-device process (init_from a workdir,
   # the converter): restored on the host, not onto the devices named in it.
   info, params = our_weights.read_weights(str(tmp_path))
