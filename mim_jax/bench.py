@@ -59,7 +59,9 @@ def define_flags() -> None:
   that importing bench beside mim_jax.main (tests, notebooks) defines no flag twice."""
   config_flags.DEFINE_config_file("config", None, "Path to a pre-training config file.",
                                   lock_config=True)
-  flags.DEFINE_multi_string("also", [], "Further config files (PATH[:ARG]) timed in the same run.")
+  flags.DEFINE_multi_string("also", [], "Further config files (PATH[:ARG]) timed in the same "
+                            "run, with --batch and --dtype (the --config.FIELD overrides act on "
+                            "--config alone).")
   flags.DEFINE_integer("batch", 0, "Global batch for every measurement (0: each config's own).")
   flags.DEFINE_string("dtype", "", "Computation dtype for every measurement ('': each config's).")
   flags.DEFINE_string("cpu_devices", "auto", "JAX CPU devices (CPU runs): 'auto' as "
@@ -585,6 +587,9 @@ def main(argv):
     labels[id(configs[1])] = spec
   if FLAGS.peers_only and not peers:
     raise app.UsageError("--peers_only needs --peer=hf and/or hf_compile")
+  if FLAGS.peers_only and (FLAGS.also or FLAGS.variant or FLAGS.asymmetry):
+    raise app.UsageError("--peers_only times only the peers: --also, --variant and "
+                         "--asymmetry add mim_jax rows it would not run")
   if FLAGS.rounds > 1:
     for row in bench_alternated(configs, FLAGS.steps, FLAGS.warmup, FLAGS.rounds,
                                 [labels.get(id(c), "") for c in configs]):
