@@ -866,13 +866,15 @@ def test_resume_with_changes_refuses_another_number_of_data_workers(tmp_path):
   assert (tmp_path / "run" / "config.json").read_text() == saved
 
 
-def test_resume_with_changes_refuses_other_weights_to_start_from(tmp_path):
+def test_a_moved_weights_path_resumes_only_on_purpose_and_says_what_it_means(tmp_path, caplog):
   """init_from and a frozen tokenizer's or teacher's path were read at step 0 and live in the
-  checkpoint: --resume_with_changes would log the new path as taken while the restored arrays
-  stay the old ones, so they are refused with it too."""
+  checkpoint: another path is refused with the reason, and --resume_with_changes takes it as
+  the same weights moved (a new machine, another mount), saying that they are not read again
+  (it listed the path as a change taken, while the restored arrays stayed the old ones)."""
   from mim_jax.training import metric_writers, resume_check
   for method, field in (("mae", "init_from"), ("beit", "tokenizer.path"),
-                        ("maskdistill", "teacher.path"), ("mim", "target.tokenizer.path")):
+                        ("maskdistill", "teacher.path"), ("mim", "target.tokenizer.path"),
+                        ("mim", "target.teacher.path")):
     started = tiny_config(method)
     started.unlock()
     parent, _, leaf = ("." + field).rpartition(".")
@@ -880,14 +882,20 @@ def test_resume_with_changes_refuses_other_weights_to_start_from(tmp_path):
     for name in filter(None, parent.split(".")):
       block = block[name]
     block[leaf] = "/weights/first"
-    workdir = tmp_path / method
-    workdir.mkdir()
+    workdir = tmp_path / method / field
+    workdir.mkdir(parents=True)
     (workdir / metric_writers.CONFIG_FILE).write_text(metric_writers.config_text(started.to_dict()))
-    block[leaf] = "/weights/second"
-    with pytest.raises(ConfigError, match=rf"config.{field}='/weights/first' "
-                       r"\('/weights/second' now\): the weights it names were read when the run "
-                       r"started .* \(also with --resume_with_changes\)"):
-      resume_check.check_same_run(str(workdir), started, allow_changes=True)
+    block[leaf] = "/mnt/weights/first"
+    with pytest.raises(ConfigError, match=rf"config.{field}: '/weights/first' in this run, "
+                       rf"'/mnt/weights/first' now\n.* {field}: the weights were read when the "
+                       r"run started .* taken as the same weights moved"):
+      resume_check.check_same_run(str(workdir), started)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mim_jax.training.resume_check"):
+      changes = resume_check.check_same_run(str(workdir), started, allow_changes=True)
+    assert changes == [(field, "/weights/first", "/mnt/weights/first")]
+    assert f"config.{field} changed on resume: the run keeps the weights its checkpoint holds" \
+        in caplog.text
 
 
 def test_resume_with_changes_that_do_not_fit_the_checkpoint_is_a_config_error(tmp_path):

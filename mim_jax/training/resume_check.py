@@ -63,22 +63,17 @@ CHANGEABLE_ON_RESUME = (
 )
 
 
-# Fields that no resume may change, not even with `allow_changes`, and why.
-_WEIGHTS_READ_AT_START = (
-    "the weights it names were read when the run started and live in its checkpoints since "
-    "(a frozen teacher's or tokenizer's included): a resume restores those and would never "
-    "read the new ones")
-FIXED_ON_RESUME = {
-    # The checkpoint's data position is saved per worker process (docs/reliability.md), and
-    # grain cannot restore it into another number of workers.
-    "data.num_workers": "its checkpoints hold the data position of each worker process, which "
-                        "no other number of workers can take up",
-    "init_from": _WEIGHTS_READ_AT_START,
-    "tokenizer.path": _WEIGHTS_READ_AT_START,
-    "teacher.path": _WEIGHTS_READ_AT_START,
-    "target.tokenizer.path": _WEIGHTS_READ_AT_START,
-    "target.teacher.path": _WEIGHTS_READ_AT_START,
-}
+# Fields that no resume may change, not even with `allow_changes`: the checkpoint's data
+# position is saved per worker process (docs/reliability.md), and grain cannot restore it
+# into another number of workers.
+FIXED_ON_RESUME = ("data.num_workers",)
+
+# Weights a run reads when it starts (the encoder to start from, a frozen tokenizer or teacher)
+# and keeps in its checkpoints from then on: a resume restores those arrays, whatever the path
+# says now. Another path resumes only with `allow_changes`, taken as the same weights moved (a
+# new machine, a bucket mounted elsewhere); other weights need another workdir.
+WEIGHTS_READ_AT_START = ("init_from", "tokenizer.path", "teacher.path",
+                         "target.tokenizer.path", "target.teacher.path")
 
 
 # Fields added after runs had started, with the value those runs used implicitly, for fields
@@ -139,17 +134,27 @@ def check_same_run(workdir: str, config, *, allow_changes: bool = False) -> list
     key, old, new = fixed[0]
     raise ConfigError(
         f"{workdir} holds a run to resume, started with config.{key}={old!r} ({new!r} now): "
-        f"{FIXED_ON_RESUME[key]}, so it resumes only with {key}={old!r} (also with "
+        "its checkpoints hold the data position of each worker process, which no other "
+        f"number of workers can take up, so it resumes only with {key}={old!r} (also with "
         "--resume_with_changes). Give the new setting another --workdir.")
+  moved = [key for key, _, _ in changes if key in WEIGHTS_READ_AT_START]
   if not allow_changes:
+    weights = (f" {', '.join(moved)}: the weights were read when the run started and are "
+               "restored from its checkpoints, so with --resume_with_changes the new path is "
+               "taken as the same weights moved elsewhere (not read again); other weights need "
+               "another --workdir." if moved else "")
     raise ConfigError(
         f"{workdir} holds a run to resume, started with other settings:\n{lines}\n"
         "Resuming keeps the run's weights, optimizer state and schedule, so these values would "
         "be ignored or change the run halfway. Run the command that started it, give the new "
         "settings another --workdir, or resume with them on purpose: --resume_with_changes "
         "(not for settings that change the arrays of the training state, such as the model's "
-        "size or optimizer.name).")
+        f"size or optimizer.name).{weights}")
   log.warning("resuming %s with changed settings (--resume_with_changes):\n%s", workdir, lines)
+  for key in moved:
+    log.warning("config.%s changed on resume: the run keeps the weights its checkpoint holds "
+                "(read from the old path when it started); the new path is recorded as where "
+                "the same weights lie now, not read into the run", key)
   return changes
 
 
