@@ -370,6 +370,8 @@ def bench_pipeline(config, num_images: int, num_batches: int) -> dict:
   images_per_s = batch * num_batches / elapsed
   return {"impl": "mim_jax_input_pipeline", "image_size": list(config.image_size),
           "source_images": "JPEG 500x375 quality 90", "batch": batch,
+          # the config's batch, capped at half the generated images (--pipeline_images)
+          "config_batch": config.global_batch_size,
           "batches": num_batches, "threads": threads, "cores_used": cores,
           "images_per_s": round(images_per_s, 1),
           "images_per_s_per_core": round(images_per_s / cores, 1),
@@ -526,7 +528,8 @@ def _check_mode_flags(config) -> None:
 def _emit(row: dict) -> None:
   """Prints one result row as a JSON line, with the process's malloc settings (rows measured
   under other GLIBC_TUNABLES do not compare; training/malloc_tunables.py)."""
-  print(json.dumps({**row, "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}), flush=True)
+  from mim_jax.training import malloc_tunables
+  print(json.dumps({**row, "glibc_tunables": malloc_tunables.active()}), flush=True)
 
 
 def main(argv):
@@ -605,6 +608,6 @@ def main(argv):
 
 if __name__ == "__main__":
   from mim_jax.training import malloc_tunables  # first: glibc reads its settings at start-up
-  malloc_tunables.reexec_with_tunables()
+  malloc_tunables.reexec_with_tunables("mim_jax.bench")
   define_flags()
   app.run(main)

@@ -288,5 +288,5 @@ def main(argv):
 
 if __name__ == "__main__":
   from mim_jax.training import malloc_tunables  # first: glibc reads its settings at start-up
-  malloc_tunables.reexec_with_tunables()
+  malloc_tunables.reexec_with_tunables("mim_jax.main")
   app.run(main, flags_parser=parse_flags)

@@ -349,10 +349,14 @@ def test_maskfeat_binning_equals_the_official_hog():
   np.testing.assert_allclose(ours, official, rtol=1e-4, atol=1e-6)
   # Faint cells too (|v| far below scikit-image's eps of 1e-5, e.g. near-flat sky in
   # normalised pixels): normalised as the official code does, not damped towards zero.
-  faint = np.asarray(hog.hog_cells(jnp.asarray(x * 1e-7), cell_size=4, num_bins=9,
-                                   gradient="sobel", gaussian_window=8, binning="maskfeat"))
-  np.testing.assert_allclose(faint, _official_maskfeat_cells(x * 1e-7, nbins=9, pool=4,
-                                                             window=8), rtol=1e-4, atol=1e-6)
+  # And cells whose official norm is below its F.normalize floor of 1e-12 (x 1e-17): divided
+  # by the floor, in our histogram's scale (its Gaussian sums to 1, ours averages over cells).
+  for scale in (1e-7, 1e-17):
+    faint = np.asarray(hog.hog_cells(jnp.asarray(x * scale), cell_size=4, num_bins=9,
+                                     gradient="sobel", gaussian_window=8, binning="maskfeat"))
+    official_faint = _official_maskfeat_cells(x * scale, nbins=9, pool=4, window=8)
+    np.testing.assert_allclose(faint, official_faint, rtol=1e-4, atol=1e-9)
+  assert 1e-5 < np.abs(official_faint).max() < 0.1  # the floor acted: far from unit norm
   skimage_bins = np.asarray(hog.hog_cells(jnp.asarray(x), cell_size=4, num_bins=9,
                                           gradient="sobel", gaussian_window=8))
   assert np.abs(skimage_bins - official).max() > 0.1

@@ -103,8 +103,8 @@ def encoder_width(config) -> int:
     try:
       model = our_weights.read_info(init_from)["config"]["model"]
       return vit.size_from_config(ml_collections.ConfigDict(model))[0].width
-    except (OSError, KeyError, TypeError, ValueError):
-      pass  # not readable here: the run's own checks name the problem later
+    except Exception:  # pylint: disable=broad-except
+      pass  # not readable here (a missing file, gs:// credentials): the run's checks say so
   return vit.size_from_config(config.model)[0].width
 
 
