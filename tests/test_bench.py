@@ -12,7 +12,9 @@ from conftest import REPO
 
 
 def _bench(*args):
-  out = subprocess.run([sys.executable, "-m", "mim_jax.bench", *args, "--steps=2", "--warmup=1"],
+  # Few steps for step rows; --pipeline and --feed time no steps (and refuse the flags).
+  steps = [] if {"--pipeline", "--feed"} & set(args) else ["--steps=2", "--warmup=1"]
+  out = subprocess.run([sys.executable, "-m", "mim_jax.bench", *args, *steps],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]

@@ -546,7 +546,8 @@ def test_round_trip_is_exact(tmp_path, our_mae_dir, our_mae, fmt):
   out = str(tmp_path / fmt)
   export_weights(our_mae_dir, out, fmt)
   source = out if fmt == "hf" else os.path.join(out, "model.safetensors")
-  back = import_checkpoint(source, num_heads=HEADS, decoder_num_heads=DEC_HEADS)
+  decoder = {} if fmt == "timm" else {"decoder_num_heads": DEC_HEADS}  # timm: no decoder
+  back = import_checkpoint(source, num_heads=HEADS, **decoder)
   expected = params if fmt != "timm" else {"encoder": params["encoder"]}
   _assert_trees_equal(back.params, expected)
   assert back.image_size == (IMAGE, IMAGE) and back.channels == 3
