@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -107,6 +108,13 @@ def test_environment_switch(calls, monkeypatch):
   monkeypatch.setenv(distributed.FORCE_ENV, "maybe")
   with pytest.raises(ValueError, match=distributed.FORCE_ENV):
     distributed.initialize_args()
+
+
+def test_one_process_says_its_coordinator_is_not_used(caplog):
+  with caplog.at_level(logging.INFO, logger="mim_jax.training.distributed"):
+    assert distributed.initialize_args("10.0.0.1:1234", num_processes=1, process_id=0,
+                                       env={}) is None
+  assert "--coordinator_address=10.0.0.1:1234 is not used" in caplog.text
 
 
 def test_cli_rejects_incomplete_flags(tmp_path):

@@ -88,6 +88,9 @@ def initialize_args(coordinator_address: str = "", num_processes: int = 0,
               "num_processes": num_processes > 0, "process_id": process_id >= 0}
   if any(explicit.values()):
     if num_processes == 1 and process_id in (-1, 0):
+      if coordinator_address:  # a launcher's template with N = 1: nothing to coordinate
+        log.info("--num_processes=1: one process, --coordinator_address=%s is not used",
+                 coordinator_address)
       return None  # an explicit single process
     missing = [f"--{name}" for name, given in explicit.items() if not given]
     if missing:
