@@ -51,9 +51,9 @@ def cgroup_cpu_quota(proc_cgroup: str = "/proc/self/cgroup",
   for line in lines:
     hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
     if hierarchy == "0" and not controllers:  # v2: one unified hierarchy
-      files, base = [("cpu.max",)], root
+      names, base = ("cpu.max",), root
     elif "cpu" in controllers.split(","):  # v1: the cpu controller's own hierarchy
-      files, base = [("cpu.cfs_quota_us", "cpu.cfs_period_us")], os.path.join(root, controllers)
+      names, base = ("cpu.cfs_quota_us", "cpu.cfs_period_us"), os.path.join(root, controllers)
       if not os.path.isdir(base):  # mounted as "cpu" (or "cpu,cpuacct") under another name
         base = os.path.join(root, "cpu")
     else:
@@ -61,7 +61,7 @@ def cgroup_cpu_quota(proc_cgroup: str = "/proc/self/cgroup",
     parts = [part for part in path.split("/") if part]
     for depth in range(len(parts), -1, -1):  # this cgroup, then each one above it
       directory = os.path.join(base, *parts[:depth])
-      limit = _read_quota(directory, files[0])
+      limit = _read_quota(directory, names)
       if limit is not None:
         limits.append(limit)
   return min(limits) if limits else None
@@ -75,10 +75,10 @@ def _read_quota(directory: str, names: tuple[str, ...]) -> float | None:
         values.extend(f.read().split())
   except OSError:
     return None
-  quota, period = values[0], values[-1]
-  if quota in ("max", "-1") or not quota.lstrip("-").isdigit() or not period.isdigit():
+  quota, period = values[0], values[-1]  # "max" / "-1": unlimited
+  if not (quota.isdigit() and period.isdigit()) or int(quota) == 0 or int(period) == 0:
     return None
-  return int(quota) / int(period) if int(period) > 0 and int(quota) > 0 else None
+  return int(quota) / int(period)
 
 
 def usable_cores() -> int:
