@@ -133,6 +133,18 @@ def test_every_config_field_is_read_by_its_method(method):
     assert not {"decay", "eps", "commitment", "restart_after", "l2_normalize"} & set(c.tokenizer)
 
 
+@pytest.mark.parametrize("method", sorted(registry.METHODS))
+def test_each_method_declares_the_weight_paths_its_config_has(method):
+  """`Method.weight_fields` names exactly the fields of the method's config that point at
+  weights read at start (init_from, every *.path outside data.*): a resume compares them as
+  moved weights (resume_check), so a method whose field is missing there would refuse or
+  take a moved path without saying that its weights are not read again."""
+  from mim_jax.config.errors import dotted_keys
+  fields = {key for key in dotted_keys(registry.base_config(method))
+            if not key.startswith("data.") and (key == "init_from" or key.endswith(".path"))}
+  assert set(registry.method_class(method).weight_fields) == fields
+
+
 @pytest.mark.parametrize("overrides, message", [
     # Fields read only under a condition that does not hold keep their defaults.
     ({"optimizer.name": "sgd", "optimizer.b2": 0.99}, r"optimizer.b2=0.99 is not used"),

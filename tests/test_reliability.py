@@ -871,10 +871,11 @@ def test_a_moved_weights_path_resumes_only_on_purpose_and_says_what_it_means(tmp
   checkpoint: another path is refused with the reason, and --resume_with_changes takes it as
   the same weights moved (a new machine, another mount), saying that they are not read again
   (it listed the path as a change taken, while the restored arrays stayed the old ones)."""
+  from mim_jax import registry
   from mim_jax.training import metric_writers, resume_check
   for method, field in (("mae", "init_from"), ("beit", "tokenizer.path"),
                         ("maskdistill", "teacher.path"), ("mim", "target.tokenizer.path"),
-                        ("mim", "target.teacher.path")):
+                        ("mim", "target.teacher.path"), ("vqkd_tokenizer", "teacher.path")):
     started = tiny_config(method)
     started.unlock()
     parent, _, leaf = ("." + field).rpartition(".")
@@ -886,13 +887,15 @@ def test_a_moved_weights_path_resumes_only_on_purpose_and_says_what_it_means(tmp
     workdir.mkdir(parents=True)
     (workdir / metric_writers.CONFIG_FILE).write_text(metric_writers.config_text(started.to_dict()))
     block[leaf] = "/mnt/weights/first"
+    weights = registry.method_class(method).weight_fields
     with pytest.raises(ConfigError, match=rf"config.{field}: '/weights/first' in this run, "
                        rf"'/mnt/weights/first' now\n.* {field}: the weights were read when the "
                        r"run started .* taken as the same weights moved"):
-      resume_check.check_same_run(str(workdir), started)
+      resume_check.check_same_run(str(workdir), started, weight_fields=weights)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="mim_jax.training.resume_check"):
-      changes = resume_check.check_same_run(str(workdir), started, allow_changes=True)
+      changes = resume_check.check_same_run(str(workdir), started, weight_fields=weights,
+                                            allow_changes=True)
     assert changes == [(field, "/weights/first", "/mnt/weights/first")]
     assert f"config.{field} changed on resume: the run keeps the weights its checkpoint holds" \
         in caplog.text

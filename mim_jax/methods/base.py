@@ -20,7 +20,8 @@ Hooks, by when they run:
     forward_flops(config)  {"encoder", "decoder", ..., "total"} forward FLOPs per image
   construction           Method(config, length): `length` (TrainLength) for epoch schedules
   state                  init(rng, images) -> (params, extra); wants_weights();
-                         load_pretrained(params, extra) on fresh host state
+                         load_pretrained(params, extra) on fresh host state; weight_fields
+                         (the config fields naming the weights it loads, for resumes)
   input                  data_transforms(), train_augment(...), batch_keys, example_extras(...)
   step                   loss(...), after_update(...)
   outputs                encoder_params(...), export(...), draws + reconstruct(...) + picture(...),
@@ -87,6 +88,11 @@ class Method:
   # batch reduction of the method honours it.
   axis_name = None
   shards: bool = True
+  # The config fields naming weights the run reads when it starts (the encoder to continue
+  # from, a frozen tokenizer or teacher), dotted: their arrays live in the checkpoints from
+  # then on, so a resume does not read the path again (training/resume_check.py). A method
+  # that adds such a field lists it here.
+  weight_fields: tuple[str, ...] = ("init_from",)
 
   # --- configuration -------------------------------------------------------------------------
   @classmethod

@@ -32,6 +32,7 @@ from mim_jax.tokenizers.models import encode_flops
 
 class BEiT(MaskedPrediction):
   name = "beit"
+  weight_fields = MaskedPrediction.weight_fields + ("tokenizer.path",)
 
   @classmethod
   def add_config(cls, c):

@@ -103,6 +103,7 @@ def similarity_picture(images: np.ndarray, out: dict, grid_hw, patch: int, chann
 
 class MaskDistill(MaskedPrediction):
   name = "maskdistill"
+  weight_fields = MaskedPrediction.weight_fields + ("teacher.path",)
 
   @classmethod
   def add_config(cls, c):

@@ -39,6 +39,8 @@ def _loss_name(t) -> str:
 
 class MIM(MaskedPrediction):
   name = "mim"
+  weight_fields = MaskedPrediction.weight_fields + ("target.tokenizer.path",
+                                                    "target.teacher.path")
 
   @classmethod
   def add_config(cls, c):

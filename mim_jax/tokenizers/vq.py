@@ -95,6 +95,7 @@ class VQTokenizer(base.Method):
   kind = "tokenizer"
   draws = True
   shards = False  # the codebook's EMA statistics are sums over the batch a step sees
+  weight_fields = ()  # trained from scratch: no init_from
 
   @classmethod
   def add_config(cls, c):

@@ -46,6 +46,7 @@ class VQKDTokenizer(VQTokenizer):
   """A VQ-KD tokenizer as the training loop sees it (see `methods.base.Method`)."""
 
   name = "vqkd_tokenizer"
+  weight_fields = VQTokenizer.weight_fields + ("teacher.path",)
 
   @classmethod
   def add_config(cls, c):

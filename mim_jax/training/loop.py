@@ -92,7 +92,9 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
   changes = []
   if ckpt.latest_step() is not None:  # before the data (a device-resident split) is loaded
     try:
-      changes = resume_check.check_same_run(workdir, config, allow_changes=resume_with_changes)
+      changes = resume_check.check_same_run(
+          workdir, config, weight_fields=method.weight_fields,
+          allow_changes=resume_with_changes)
       if ckpt.latest_step() > last_step:  # the loop would not run: no evaluation, no export
         field = "total_steps" if config.total_steps > 0 else "num_epochs"
         raise config_error(

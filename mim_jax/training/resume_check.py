@@ -68,14 +68,6 @@ CHANGEABLE_ON_RESUME = (
 # into another number of workers.
 FIXED_ON_RESUME = ("data.num_workers",)
 
-# Weights a run reads when it starts (the encoder to start from, a frozen tokenizer or teacher)
-# and keeps in its checkpoints from then on: a resume restores those arrays, whatever the path
-# says now. Another path resumes only with `allow_changes`, taken as the same weights moved (a
-# new machine, a bucket mounted elsewhere); other weights need another workdir.
-WEIGHTS_READ_AT_START = ("init_from", "tokenizer.path", "teacher.path",
-                         "target.tokenizer.path", "target.teacher.path")
-
-
 # Fields added after runs had started, with the value those runs used implicitly, for fields
 # a config file may set otherwise (configs/maskfeat_vitb.py asks MaskFeat's own HOG bins, the
 # ImageNet fine-tuning recipe RandAugment and random erasing; the earlier runs binned as
@@ -115,11 +107,17 @@ def changed_fields(saved: dict, config: dict) -> list[tuple[str, Any, Any]]:
                 if old[key] != new[key] and not _changeable(key))
 
 
-def check_same_run(workdir: str, config, *, allow_changes: bool = False) -> list:
+def check_same_run(workdir: str, config, *, weight_fields: tuple[str, ...] = ("init_from",),
+                   allow_changes: bool = False) -> list:
   """The changes to record (`record_changes`) once the run has resumed: [] when `config`
   matches the run's saved config.json in every field that cannot change on resume. Raises
   ConfigError for a difference unless `allow_changes`, which logs them instead. Call it only
-  when `workdir` holds a checkpoint to resume."""
+  when `workdir` holds a checkpoint to resume.
+
+  `weight_fields` (the method's `Method.weight_fields`) name the weights the run read when it
+  started and keeps in its checkpoints: a resume restores those arrays whatever the path says
+  now, so another path resumes only with `allow_changes`, taken as the same weights moved (a
+  new machine, a bucket mounted elsewhere); other weights need another workdir."""
   path = os.path.join(workdir, metric_writers.CONFIG_FILE)
   if not storage.exists(path):
     return []  # written at step 0 before any checkpoint; absent only for foreign workdirs
@@ -137,7 +135,7 @@ def check_same_run(workdir: str, config, *, allow_changes: bool = False) -> list
         "its checkpoints hold the data position of each worker process, which no other "
         f"number of workers can take up, so it resumes only with {key}={old!r} (also with "
         "--resume_with_changes). Give the new setting another --workdir.")
-  moved = [key for key, _, _ in changes if key in WEIGHTS_READ_AT_START]
+  moved = [key for key, _, _ in changes if key in weight_fields]
   if not allow_changes:
     weights = (f" {', '.join(moved)}: the weights were read when the run started and are "
                "restored from its checkpoints, so with --resume_with_changes the new path is "
