@@ -87,3 +87,49 @@ def test_the_lowest_optimisation_level_leaves_the_results_alone(tmp_path):
   plain = train.run(tiny_mae_config(total_steps=2, compiler_options=""), str(tmp_path / "plain"))
   for a, b in zip(jax.tree.leaves(fast.params), jax.tree.leaves(plain.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_the_knn_and_probe_helpers_compile_with_the_options_they_are_given():
+  """k-NN scoring and the logistic probe's L-BFGS fit are library helpers (no config): the
+  options passed reach their programs (an option XLA does not know fails in them), and
+  without options they keep XLA's defaults."""
+  from mim_jax.evaluate import knn, logistic
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=(40, 6)).astype(np.float32), rng.integers(0, 3, 40)
+  unknown = {"xla_no_such_option": "1"}
+  with pytest.raises(jax.errors.JaxRuntimeError, match="No such compile option"):
+    knn.knn_scores(x, y, x[:8], num_classes=3, k=5, compiler_options=unknown)
+  with pytest.raises(jax.errors.JaxRuntimeError, match="No such compile option"):
+    logistic.fit(x, y, 3, 1e-2, max_iter=20, compiler_options=unknown)
+  o0 = compiler_options.parse("--xla_backend_optimization_level=0")
+  np.testing.assert_allclose(knn.knn_scores(x, y, x[:8], num_classes=3, k=5, compiler_options=o0),
+                             knn.knn_scores(x, y, x[:8], num_classes=3, k=5), rtol=1e-6)
+  fitted, _ = logistic.fit(x, y, 3, 1e-2, max_iter=20, compiler_options=o0)
+  plain, _ = logistic.fit(x, y, 3, 1e-2, max_iter=20)
+  np.testing.assert_allclose(fitted["w"], plain["w"], rtol=1e-5, atol=1e-6)
+
+
+def test_the_probe_jobs_knn_and_logistic_programs_get_the_runs_options(tmp_path):
+  """The probe job's k-NN kernels and L-BFGS fit are compiled with config.compiler_options,
+  as its feature pass is (they kept XLA's defaults). In a fresh process, as above."""
+  dump = tmp_path / "dump"
+  script = (
+      "import sys; sys.path.insert(0, 'tests')\n"
+      "from mim_jax import recipes\n"
+      "from mim_jax.training import loop\n"
+      "c = recipes.knn_recipe('probe')\n"
+      "c.image_size = (16, 16); c.classifier.features = 'pixels'; c.eval.batch_size = 16\n"
+      "c.data.update(source='synthetic', synthetic_size=64, holdout=16); c.knn.k = 5\n"
+      "c.probe.update(l2_grid=(1e-2,), max_iter=50)\n"
+      f"c.compiler_options = '--xla_dump_to={dump} --xla_backend_optimization_level=0'\n"
+      f"loop.run(c, {str(tmp_path / 'run')!r})\n")
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  env.update(JAX_ENABLE_COMPILATION_CACHE="false", JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, check=True,
+                 capture_output=True, timeout=300)
+  modules = {os.path.basename(p).split(".")[1] for p in glob.glob(str(dump / "*.debug_options"))}
+  assert {"jit__normalize_queries", "jit__merge_bank_chunk", "jit__class_scores",
+          "jit__fit"} <= modules, modules
+  for path in glob.glob(str(dump / "*.debug_options")):
+    assert "xla_backend_optimization_level: 0" in open(path).read()

@@ -198,7 +198,8 @@ class KnnMonitor:
     for pool in ex.pools:
       acc = knn.knn_accuracy(bank[pool], bank_labels, queries[pool], query_labels,
                              num_classes=self.num_classes, k=cfg.knn.k,
-                             temperature=cfg.knn.temperature)
+                             temperature=cfg.knn.temperature,
+                             compiler_options=compiler_options.of(cfg))
       out.update({f"knn_{k}_{pool}": v for k, v in acc.items()})
     log.info("k-NN (k=%d, T=%g): bank %d, queries %d (%s), %s in %.1fs", cfg.knn.k,
              cfg.knn.temperature, len(bank_labels), len(query_labels), data.eval_split(cfg.data),
@@ -316,7 +317,8 @@ def run_probe(config, workdir: str) -> dict:
   hold_feats, hold_labels = ex.split(params, cfg.data.split, holdout)
   test_feats, test_labels = ex.split(params, data.eval_split(cfg.data))
   num_classes = classifier_base.num_classes(cfg)
-  fit_kwargs = dict(max_iter=int(cfg.probe.max_iter), tol=float(cfg.probe.tol))
+  fit_kwargs = dict(max_iter=int(cfg.probe.max_iter), tol=float(cfg.probe.tol),
+                    compiler_options=compiler_options.of(cfg))
   grid = tuple(cfg.probe.l2_grid)
   # Feature name of every (pool, block): one block per pool unless the block is chosen.
   if selects_layer(cfg):
@@ -350,7 +352,8 @@ def run_probe(config, workdir: str) -> dict:
     bank = (train_feats[name] if low_label
             else np.concatenate([train_feats[name], hold_feats[name]]))
     acc = knn.knn_accuracy(bank, all_labels, test_feats[name], test_labels,
-                           num_classes=num_classes, k=cfg.knn.k, temperature=cfg.knn.temperature)
+                           num_classes=num_classes, k=cfg.knn.k, temperature=cfg.knn.temperature,
+                           compiler_options=compiler_options.of(cfg))
     metrics.update({f"knn_{k}_{pool}": v for k, v in acc.items()})
     metrics.update({f"probe_top1_{pool}": top1, f"probe_l2_{pool}": chosen.l2,
                     f"probe_holdout_top1_{pool}": {f"{k:g}": v for k, v in chosen.scores.items()},

@@ -15,12 +15,13 @@ compiles once per (chunk sizes, k, D) and not once per chunk.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mim_jax.training.compiler_options import jit_with
 
 # Same epsilon as torch.nn.functional.normalize, which DINO applies to its features.
 _NORM_EPS = 1e-12
@@ -33,13 +34,11 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
   return x / jnp.maximum(norm, _NORM_EPS)
 
 
-@jax.jit
 def _normalize_queries(queries: jax.Array) -> jax.Array:
   """[Q, qc, D] -> the same rows L2-normalised, float32."""
   return _l2_normalize(queries)
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
 def _merge_bank_chunk(queries: jax.Array, top_sims: jax.Array, top_labels: jax.Array,
                       bank: jax.Array, bank_labels: jax.Array, *, k: int
                       ) -> tuple[jax.Array, jax.Array]:
@@ -77,7 +76,6 @@ def _merge_bank_chunk(queries: jax.Array, top_sims: jax.Array, top_labels: jax.A
   return top_sims, top_labels
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "temperature"))
 def _class_scores(top_sims: jax.Array, top_labels: jax.Array, *, num_classes: int,
                   temperature: float) -> jax.Array:
   """[Q, qc, k] neighbour similarities and labels -> float32 [Q, qc, C] weighted votes."""
@@ -108,7 +106,8 @@ def _as_float32(x: Any) -> Any:
 
 def knn_scores(train_features: Any, train_labels: Any, test_features: Any, *,
                num_classes: int, k: int = 20, temperature: float = 0.07,
-               query_chunk: int = 1024, bank_chunk: int = 8192) -> np.ndarray:
+               query_chunk: int = 1024, bank_chunk: int = 8192,
+               compiler_options: Mapping[str, Any] | None = None) -> np.ndarray:
   """Weighted k-NN class scores (DINO `knn_classifier`).
 
   Args:
@@ -121,6 +120,8 @@ def knn_scores(train_features: Any, train_labels: Any, test_features: Any, *,
       a near-identical neighbour overflows float32, as it would in DINO.
     query_chunk: test rows per kernel step.
     bank_chunk: bank rows per kernel step; may be smaller than k.
+    compiler_options: XLA options of its programs ({name: value}, a run's
+      `training.compiler_options.of(config)`); None: XLA's defaults.
 
   Returns:
     float32 [Nte, C] (NumPy): per-class sums of the neighbour weights.
@@ -143,7 +144,11 @@ def knn_scores(train_features: Any, train_labels: Any, test_features: Any, *,
 
   num_q = -(-num_test // query_chunk)
   queries = _pad_rows(_as_float32(test_features), num_q * query_chunk, 0.0)
-  queries = _normalize_queries(jnp.asarray(queries.reshape(num_q, query_chunk, dim)))
+  normalize = jit_with(_normalize_queries, compiler_options)
+  merge = jit_with(_merge_bank_chunk, compiler_options, static_argnames=("k",))
+  class_scores = jit_with(_class_scores, compiler_options,
+                          static_argnames=("num_classes", "temperature"))
+  queries = normalize(jnp.asarray(queries.reshape(num_q, query_chunk, dim)))
   top_sims = jnp.full((num_q, query_chunk, k), -jnp.inf, jnp.float32)
   top_labels = jnp.full((num_q, query_chunk, k), -1, jnp.int32)
 
@@ -153,9 +158,9 @@ def knn_scores(train_features: Any, train_labels: Any, test_features: Any, *,
     # sliced where it lives.
     bank = _pad_rows(_as_float32(train_features[start:stop]), bank_chunk, 0.0)
     labels = _pad_rows(train_labels[start:stop], bank_chunk, -1)
-    top_sims, top_labels = _merge_bank_chunk(queries, top_sims, top_labels, bank, labels, k=k)
+    top_sims, top_labels = merge(queries, top_sims, top_labels, bank, labels, k=k)
 
-  scores = _class_scores(top_sims, top_labels, num_classes=num_classes,
+  scores = class_scores(top_sims, top_labels, num_classes=num_classes,
                          temperature=float(temperature))
   return np.asarray(scores).reshape(num_q * query_chunk, num_classes)[:num_test]
 
@@ -177,7 +182,8 @@ def topk_correct(scores: np.ndarray, labels: np.ndarray, topk: int) -> np.ndarra
 
 def knn_accuracy(train_features: Any, train_labels: Any, test_features: Any, test_labels: Any,
                  *, num_classes: int, k: int = 20, temperature: float = 0.07,
-                 query_chunk: int = 1024, bank_chunk: int = 8192) -> dict[str, float]:
+                 query_chunk: int = 1024, bank_chunk: int = 8192,
+                 compiler_options: Mapping[str, Any] | None = None) -> dict[str, float]:
   """k-NN accuracy as fractions in [0, 1]: {"top1"} plus {"top5"} when num_classes >= 5.
 
   test_labels int [Nte]; rows labelled -1 (padding) are ignored. NaN when no row is valid.
@@ -196,7 +202,7 @@ def knn_accuracy(train_features: Any, train_labels: Any, test_features: Any, tes
     return {f"top{t}": float("nan") for t in topks}
   scores = knn_scores(train_features, train_labels, test_features, num_classes=num_classes,
                       k=k, temperature=temperature, query_chunk=query_chunk,
-                      bank_chunk=bank_chunk)
+                      bank_chunk=bank_chunk, compiler_options=compiler_options)
   return {f"top{t}": float(topk_correct(scores, test_labels, t).mean()) for t in topks}
 
 

@@ -24,13 +24,15 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import optax.tree_utils as otu
+
+from mim_jax.training.compiler_options import jit_with
 
 # BatchNorm's epsilon in the MAE probe head (models/heads.ProbeHead).
 STANDARDIZE_EPS = 1e-6
@@ -62,7 +64,6 @@ def _loss(params, x, y, l2):
   return ce + 0.5 * l2 * jnp.sum(jnp.square(params["w"]))
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter",))
 def _fit(params, x, y, l2, tol, *, max_iter: int):
   loss_fn = functools.partial(_loss, x=x, y=y, l2=l2)
   opt = optax.lbfgs()
@@ -85,7 +86,8 @@ def _fit(params, x, y, l2, tol, *, max_iter: int):
 
 
 def fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float, *, max_iter: int = 3000,
-        tol: float = 1e-4, init: dict | None = None) -> tuple[dict, FitInfo]:
+        tol: float = 1e-4, init: dict | None = None,
+        compiler_options: Mapping[str, Any] | None = None) -> tuple[dict, FitInfo]:
   """Fits W [D, C], b [C] on standardised features x [N, D] and labels y int [N].
 
   Starts from zeros, or from `init` ({"w", "b"} of the same shapes: a warm start, e.g. the
@@ -94,7 +96,8 @@ def fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float, *, max_iter: 
   unchanged), so a fit that converges reaches the same predictions from any start; a fit
   stopped at `max_iter` ends where its start led it. Stops when the gradient's L2 norm falls
   below `tol` (converged) or after `max_iter` L-BFGS iterations. Deterministic for the same
-  inputs, start and device.
+  inputs, start and device. `compiler_options`: XLA options of the fit's program ({name:
+  value}, a run's `training.compiler_options.of(config)`); None: XLA's defaults.
   """
   shapes = {"w": (x.shape[1], num_classes), "b": (num_classes,)}
   if init is None:
@@ -104,7 +107,8 @@ def fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float, *, max_iter: 
     raise ValueError(f"init has shapes {got}; features [{x.shape[1]}] and {num_classes} "
                      f"classes need {shapes}")
   init = {k: jnp.asarray(init[k], jnp.float32) for k in shapes}
-  params, iterations, grad_norm, loss = _fit(
+  fit_program = jit_with(_fit, compiler_options, static_argnames=("max_iter",))
+  params, iterations, grad_norm, loss = fit_program(
       init, jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32), jnp.float32(l2),
       jnp.float32(tol), max_iter=int(max_iter))
   info = FitInfo(iterations=int(iterations), grad_norm=float(grad_norm), loss=float(loss),

@@ -6,18 +6,21 @@
   validate(config)            the syntax (static: no backend started)
   check(config)               each name known to this backend's XLA (one trivial compile)
   jit(config, fn, **kwargs)   jax.jit(fn, **kwargs) compiled with the run's options
+  jit_with(fn, options, ...)  the same for library helpers that take options, not a config
+                              (k-NN, the logistic probe): one wrapper per (fn, options)
 
 XLA_FLAGS applies to every program of a process and is read once, when the backend starts.
 These options apply to the programs of one run (its train step, initialisation, evaluation,
-reconstruction pictures and frozen features), so a benchmark can time variants side by side in
+reconstruction pictures, frozen features, k-NN scoring and probe fits), so a benchmark can time variants side by side in
 one process, and a smoke run (`:runlocal`) compiles at LLVM's lowest optimisation level: a
 2-step run is bound by compilation, not by the speed of the code.
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 
@@ -80,3 +83,16 @@ def check(config) -> None:
 def jit(config, fn: Callable, **kwargs) -> Callable:
   """jax.jit(fn, **kwargs) with the run's compiler options."""
   return jax.jit(fn, compiler_options=of(config), **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(fn: Callable, options: tuple, static_argnames: tuple) -> Callable:
+  return jax.jit(fn, static_argnames=static_argnames, compiler_options=dict(options) or None)
+
+
+def jit_with(fn: Callable, options: Mapping[str, Any] | None, *,
+             static_argnames: tuple[str, ...] = ()) -> Callable:
+  """jax.jit(fn, static_argnames=...) compiled with `options` ({name: value}, as `of(config)`
+  gives them; None: XLA's defaults). The wrapper is kept for the process, one per (fn,
+  options), so a helper called once per evaluation traces and compiles once per shape."""
+  return _jitted(fn, tuple(sorted((options or {}).items())), tuple(static_argnames))
