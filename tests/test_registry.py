@@ -150,6 +150,9 @@ def test_each_method_declares_the_weight_paths_its_config_has(method):
     ({"optimizer.name": "sgd", "optimizer.b2": 0.99}, r"optimizer.b2=0.99 is not used"),
     ({"optimizer.schedule": "multistep", "optimizer.min_lr": 1e-5,
       "optimizer.decay_epochs": (1.0,)}, r"optimizer.min_lr=1e-05 is not used"),
+    # A warmup-only schedule (warmup_epochs = num_epochs) has no decay to end at min_lr.
+    ({"optimizer.warmup_epochs": 2.0, "optimizer.min_lr": 1e-5},
+     r"optimizer.min_lr=1e-05 is not used: .*warmup_epochs = num_epochs leaves no decay"),
     ({"masking.kind": "random", "masking.min_block": 4}, r"masking.min_block=4 is not used"),
     ({"data.tfds_name": "cifar10"}, r"data.tfds_name='cifar10' is not used"),
     ({"knn.k": 5}, r"knn.k=5 is not used: the k-NN monitor is off"),

@@ -355,8 +355,10 @@ UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
      "only optimizer.name='lars' reads it"),
     (("optimizer.decay_epochs", "optimizer.decay_factor"),
      lambda c: c.optimizer.schedule == "multistep", "only optimizer.schedule='multistep' reads it"),
-    (("optimizer.min_lr",), lambda c: c.optimizer.schedule == "cosine",
-     "only optimizer.schedule='cosine' reads it (multistep decays by decay_factor)"),
+    (("optimizer.min_lr",),
+     lambda c: c.optimizer.schedule == "cosine" and c.optimizer.warmup_epochs < c.num_epochs,
+     "only optimizer.schedule='cosine' reads it, after the warmup (multistep decays by "
+     "decay_factor; warmup_epochs = num_epochs leaves no decay to end at min_lr)"),
     (("optimizer.clip_per_tensor",), lambda c: c.optimizer.clip_grad_norm > 0,
      "only clipping (optimizer.clip_grad_norm > 0) reads it"),
     (("optimizer.weight_decay_end",), lambda c: c.optimizer.weight_decay_schedule == "cosine",
