@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -182,6 +184,31 @@ def test_code_usage_over_a_split_counts_every_token_once(tmp_path):
   assert out["tokens"] == 37 * 16 and out["vocab_size"] == 16
   assert out["codes_used"] == int((counts > 0).sum())
   np.testing.assert_allclose(out["perplexity"], np.exp(-np.sum(p * np.log(p))), rtol=1e-6)
+  # The tokenizer's normalisation, not the config's: another data.mean counts the same codes,
+  # while images normalised with it would give other ones.
+  other = c.data.copy_and_resolve_references()
+  other.mean = (0.9, 0.1, 0.5)
+  assert usage.code_usage(str(tmp_path), other, split="train", batch_size=10) == out
+  shifted = next(data.make_eval_iterator(other, image_size=(16, 16), channels=3, batch_size=37,
+                                         split="train"))["image"]
+  assert not np.array_equal(codes, np.asarray(tokenizers_models.tokenize(
+      method.model, tokenizer, jnp.asarray(shifted), l2=True)))
+
+
+def test_code_usage_refuses_config_overrides_it_would_not_read():
+  """The tool reads data.* and takes image size, channels and normalisation from the
+  tokenizer: --config.image_size or --config.data.mean would do nothing (they were accepted).
+  Refused by name with exit 2 before anything is read."""
+  for flag, field in (("--config.image_size=(32,32)", "image_size"),
+                      ("--config.data.mean=(0.5,)", "data.mean")):
+    done = subprocess.run(
+        [sys.executable, "-m", "mim_jax.tokenizers.usage",
+         "--config=configs/beit_tokenizer_fmnist.py", "--tokenizer=/nonexistent", flag],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert f"error: config.{field}=" in done.stderr
+    assert "is not read by mim_jax.tokenizers.usage" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_training_updates_codebook_in_extra_and_resumes_exactly(tmp_path):

@@ -8,11 +8,17 @@ augmentation) and prints one JSON line: how many of the vocabulary's codes occur
 (`codes_used`, `usage` = codes_used / vocab_size) and the perplexity exp(H) of the code
 frequencies over all tokens. The training metrics report the same per batch; a whole split
 shows whether the codes a BEiT model learns to predict cover the data.
+
+The config names the images (its `data` block: source, path, splits); their size, channels
+and normalisation are the tokenizer's, as a BEiT run reading it must have them. A command-line
+override of any other field, or of data.mean / data.std, would do nothing and is refused.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,16 +27,21 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mim_jax import data
-from mim_jax.config.errors import refuse_extra_arguments
+from mim_jax.config.errors import ConfigError, refuse_extra_arguments
 from mim_jax.tokenizers import codebook as cb
 from mim_jax.tokenizers import io
 from mim_jax.tokenizers.models import tokenize, tokenizer_model
+from mim_jax.training.run_errors import EXIT_BAD_INPUT
 
 
 def code_usage(path: str, data_cfg, *, split: str, batch_size: int = 500) -> dict:
   """Counts the codes of tokenizer `path` over `split` of `data_cfg`: a dict with vocab_size,
-  tokens, codes_used, usage and perplexity. Images are read at the tokenizer's size."""
+  tokens, codes_used, usage and perplexity. Images are read at the tokenizer's size and
+  channels and normalised with its mean and std (not data_cfg's: codes of images normalised
+  otherwise would count codes the tokenizer never gives its BEiT run)."""
   tokenizer, info = io.load_tokenizer(path)
+  data_cfg = copy.deepcopy(data_cfg)
+  data_cfg.mean, data_cfg.std = tuple(info["mean"]), tuple(info["std"])
   model = tokenizer_model(info)
   kind, l2 = info["kind"], bool(info.get("l2_normalize", False))
   vocab = int(info["vocab_size"])
@@ -54,6 +65,22 @@ def code_usage(path: str, data_cfg, *, split: str, batch_size: int = 500) -> dic
           "usage": float(usage), "perplexity": float(perplexity)}
 
 
+# What this tool reads of a config: the data block, less what the tokenizer decides.
+_TOKENIZER_DECIDES = ("data.mean", "data.std")
+
+
+def refuse_unread_overrides(overridden) -> None:
+  """Raises ConfigError for a `--config.FIELD` the tool
+  would not read: anything outside data.*, and data.mean / data.std (the tokenizer's own
+  normalisation is used). `overridden`: {dotted field: value} of the command line."""
+  for field, value in sorted(overridden.items()):
+    if not field.startswith("data.") or field in _TOKENIZER_DECIDES:
+      raise ConfigError(
+          f"config.{field}={value!r} is not read by mim_jax.tokenizers.usage: it reads the "
+          "images the config's data.* fields name, at the tokenizer's image size and channels "
+          "and with its normalisation (data.mean, data.std). Drop the flag.")
+
+
 def main() -> None:
   # Flags are defined here, not at import, so that importing `code_usage` next to
   # mim_jax.main (which has its own --config) in one process does not clash.
@@ -69,7 +96,13 @@ def main() -> None:
     refuse_extra_arguments(argv)
     config = config_flag.value
     split = split_flag.value or data.eval_split(config.data)
-    out = code_usage(tokenizer.value, config.data, split=split, batch_size=batch.value)
+    try:
+      refuse_unread_overrides(config_flags.get_override_values(flags.FLAGS["config"]))
+      out = code_usage(tokenizer.value, config.data, split=split, batch_size=batch.value)
+    except (ConfigError, data.IdxFormatError) as e:
+      # Bad input, reported as the trainer reports it: one line and exit 2, no traceback.
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(EXIT_BAD_INPUT)
     print(json.dumps({"tokenizer": tokenizer.value, "split": split, **out}))
 
   app.run(run)
