@@ -582,6 +582,16 @@ def main(argv):
   if (peers or FLAGS.asymmetry) and configs[0].method != "mae":
     raise app.UsageError("--peer and --asymmetry compare against MAE: the first config must be "
                          "an MAE config")
+  if peers:
+    # The peer is HF's MAE as it is: uniform random masking and AdamW. A first config that
+    # masks or optimises otherwise would be timed against a peer doing other work.
+    c = configs[0]
+    for field, value, theirs in (("masking.kind", c.masking.kind, "random"),
+                                 ("optimizer.name", c.optimizer.name, "adamw")):
+      if value != theirs:
+        raise app.UsageError(f"--peer times HF's MAE, which uses {field}={theirs!r}: the first "
+                             f"config has {value!r}. Time the peer with an MAE config that "
+                             f"matches it, or --peer=none")
   if FLAGS.asymmetry:
     configs.insert(1, _variant(configs[0], **{"model.encoder_mask_tokens": True}))
   labels = {}  # id(config) -> its --variant

@@ -79,13 +79,17 @@ def test_feed_pipeline_and_peers_only_refuse_flags_they_do_not_read():
   """--feed and --pipeline time the input, not train steps: a step flag given with them (or
   the other mode) is refused by name, as is a pipeline row that would time something else than
   it reports (a batch the generated images cannot fill, augmentation on the device);
-  --peers_only refuses rows of ours it would not run."""
+  --peers_only refuses rows of ours it would not run; the HF peer (random masking, AdamW) a
+  config that masks otherwise."""
   cases = {("--feed", "--steps=3"): "--feed times the input pipeline and reads only --batch, "
                                     "--config, --cpu_devices, --pipeline_batches: --steps would",
            ("--pipeline", "--feed", "--dtype=bfloat16"): "--dtype, --pipeline would have no",
            ("--pipeline", "--batch=300"): "--batch=300 needs --pipeline_images >= 600",
            ("--pipeline", "--config.data.augment_on=device"): "pass --config.data.augment_on=host",
-           ("--peers_only", "--variant=model.remat=full"): "--also, --variant and --asymmetry add"}
+           ("--peers_only", "--variant=model.remat=full"): "--also, --variant and --asymmetry add",
+           ("--config.masking.kind=blockwise",): "--peer times HF's MAE, which uses "
+                                                  "masking.kind='random': the first config has "
+                                                  "'blockwise'"}
   for args, message in cases.items():
     out = subprocess.run([sys.executable, "-m", "mim_jax.bench", "--config=configs/mae_fmnist.py",
                           *args], cwd=REPO, capture_output=True, text=True, timeout=120)
