@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -81,6 +83,20 @@ def test_a_warmup_as_long_as_the_run_is_a_linear_rise(warmup_epochs):
   schedule = optim.learning_rate_schedule(cfg, 256, steps_per_epoch=10, schedule_steps=10)
   np.testing.assert_allclose([float(schedule(s)) for s in (0, 5, 9)], [0.0, 0.5, 0.9],
                              rtol=1e-6)
+
+
+def test_a_min_lr_that_rounding_leaves_unread_is_named_in_the_log(caplog):
+  """Validation refuses min_lr with warmup_epochs = num_epochs; a warmup that rounds to the
+  whole schedule in steps (0.96 epochs of 10 steps) cannot be seen there: the log says it."""
+  cfg = _opt_cfg(base_lr=1.0, lr_batch_reference=256, warmup_epochs=0.96, min_lr=1e-5)
+  with caplog.at_level(logging.WARNING, logger="mim_jax.training.optim"):
+    optim.learning_rate_schedule(cfg, 256, steps_per_epoch=10, schedule_steps=10)
+  assert "optimizer.min_lr=1e-05 is not used: warmup_epochs=0.96 rounds to all 10 steps" \
+      in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="mim_jax.training.optim"):
+    optim.learning_rate_schedule(cfg, 256, steps_per_epoch=10, schedule_steps=20)
+  assert "min_lr" not in caplog.text
 
 
 def test_per_tensor_clipping_scales_each_gradient_above_the_threshold_on_its_own():

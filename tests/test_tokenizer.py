@@ -198,7 +198,7 @@ def test_code_usage_over_a_split_counts_every_token_once(tmp_path):
 def test_code_usage_refuses_config_overrides_it_would_not_read():
   """The tool reads data.* and takes image size, channels and normalisation from the
   tokenizer: --config.image_size or --config.data.mean would do nothing (they were accepted).
-  Refused by name with exit 2 before anything is read."""
+  Refused by name with exit 2 before anything is read; data fields pass."""
   for flag, field in (("--config.image_size=(32,32)", "image_size"),
                       ("--config.data.mean=(0.5,)", "data.mean")):
     done = subprocess.run(
@@ -209,6 +209,14 @@ def test_code_usage_refuses_config_overrides_it_would_not_read():
     assert f"error: config.{field}=" in done.stderr
     assert "is not read by mim_jax.tokenizers.usage" in done.stderr
     assert "Traceback" not in done.stderr
+  # A data override is the tool's business: accepted, and the missing tokenizer named by flag.
+  done = subprocess.run(
+      [sys.executable, "-m", "mim_jax.tokenizers.usage",
+       "--config=configs/beit_tokenizer_fmnist.py", "--tokenizer=/nonexistent",
+       "--config.data.split=test"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2 and "error: --tokenizer='/nonexistent' is invalid: an existing " \
+      "tokenizer workdir" in done.stderr, done.stderr
 
 
 def test_training_updates_codebook_in_extra_and_resumes_exactly(tmp_path):

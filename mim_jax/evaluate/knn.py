@@ -161,7 +161,7 @@ def knn_scores(train_features: Any, train_labels: Any, test_features: Any, *,
     top_sims, top_labels = merge(queries, top_sims, top_labels, bank, labels, k=k)
 
   scores = class_scores(top_sims, top_labels, num_classes=num_classes,
-                         temperature=float(temperature))
+                        temperature=float(temperature))
   return np.asarray(scores).reshape(num_q * query_chunk, num_classes)[:num_test]
 
 

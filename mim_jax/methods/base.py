@@ -91,7 +91,8 @@ class Method:
   # The config fields naming weights the run reads when it starts (the encoder to continue
   # from, a frozen tokenizer or teacher), dotted: their arrays live in the checkpoints from
   # then on, so a resume does not read the path again (training/resume_check.py). A method
-  # that adds such a field lists it here.
+  # that adds such a field lists it here and names it `path` (tests/test_registry.py holds
+  # every method's list to its config's init_from and *.path fields).
   weight_fields: tuple[str, ...] = ("init_from",)
 
   # --- configuration -------------------------------------------------------------------------

@@ -11,7 +11,9 @@ shows whether the codes a BEiT model learns to predict cover the data.
 
 The config names the images (its `data` block: source, path, splits); their size, channels
 and normalisation are the tokenizer's, as a BEiT run reading it must have them. A command-line
-override of any other field, or of data.mean / data.std, would do nothing and is refused.
+override outside data.*, or of data.mean / data.std, would do nothing and is refused (data
+fields the evaluation view does not read, such as the training augmentation, are not
+checked).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ def code_usage(path: str, data_cfg, *, split: str, batch_size: int = 500) -> dic
   channels and normalised with its mean and std (not data_cfg's: codes of images normalised
   otherwise would count codes the tokenizer never gives its BEiT run)."""
   tokenizer, info = io.load_tokenizer(path)
+  if "mean" not in info or "std" not in info:
+    raise ConfigError(f"the tokenizer at {path} records no normalisation (mean and std) in its "
+                      f"{io.INFO_FILE}: export it with mim_jax, which writes them")
   data_cfg = copy.deepcopy(data_cfg)
   data_cfg.mean, data_cfg.std = tuple(info["mean"]), tuple(info["std"])
   model = tokenizer_model(info)
@@ -100,8 +105,10 @@ def main() -> None:
       refuse_unread_overrides(config_flags.get_override_values(flags.FLAGS["config"]))
       out = code_usage(tokenizer.value, config.data, split=split, batch_size=batch.value)
     except (ConfigError, data.IdxFormatError) as e:
-      # Bad input, reported as the trainer reports it: one line and exit 2, no traceback.
-      print(f"error: {e}", file=sys.stderr)
+      # Bad input, reported as the trainer reports it: one line and exit 2, no traceback. The
+      # tokenizer's loader names BEiT's field for the path; here it is the --tokenizer flag.
+      message = str(e).replace("config.tokenizer.path=", "--tokenizer=", 1)
+      print(f"error: {message}", file=sys.stderr)
       sys.exit(EXIT_BAD_INPUT)
     print(json.dumps({"tokenizer": tokenizer.value, "split": split, **out}))
 

@@ -11,9 +11,9 @@
 
 XLA_FLAGS applies to every program of a process and is read once, when the backend starts.
 These options apply to the programs of one run (its train step, initialisation, evaluation,
-reconstruction pictures, frozen features, k-NN scoring and probe fits), so a benchmark can time variants side by side in
-one process, and a smoke run (`:runlocal`) compiles at LLVM's lowest optimisation level: a
-2-step run is bound by compilation, not by the speed of the code.
+reconstruction pictures, frozen features, k-NN scoring and probe fits), so a benchmark can
+time variants side by side in one process, and a smoke run (`:runlocal`) compiles at LLVM's
+lowest optimisation level: a 2-step run is bound by compilation, not by the speed of the code.
 """
 
 from __future__ import annotations
@@ -87,12 +87,18 @@ def jit(config, fn: Callable, **kwargs) -> Callable:
 
 @functools.lru_cache(maxsize=None)
 def _jitted(fn: Callable, options: tuple, static_argnames: tuple) -> Callable:
-  return jax.jit(fn, static_argnames=static_argnames, compiler_options=dict(options) or None)
+  return jax.jit(fn, static_argnames=static_argnames,
+                 compiler_options={name: value for name, _, value in options} or None)
 
 
-def jit_with(fn: Callable, options: Mapping[str, Any] | None, *,
-             static_argnames: tuple[str, ...] = ()) -> Callable:
-  """jax.jit(fn, static_argnames=...) compiled with `options` ({name: value}, as `of(config)`
-  gives them; None: XLA's defaults). The wrapper is kept for the process, one per (fn,
-  options), so a helper called once per evaluation traces and compiles once per shape."""
-  return _jitted(fn, tuple(sorted((options or {}).items())), tuple(static_argnames))
+def jit_with(fn: Callable, options: Mapping[str, str | bool] | None, *,
+             static_argnames: str | tuple[str, ...] = ()) -> Callable:
+  """jax.jit(fn, static_argnames=...) compiled with `options` ({name: text or bool}, as
+  `of(config)` gives them; None: XLA's defaults). The wrapper is kept for the process, one per
+  (fn, options), so a helper called once per evaluation traces and compiles once per shape."""
+  if isinstance(static_argnames, str):
+    static_argnames = (static_argnames,)
+  # The value's type is part of the key: True == 1 in Python, not to XLA (`_value`).
+  key = tuple(sorted((name, type(value).__name__, value)
+                     for name, value in (options or {}).items()))
+  return _jitted(fn, key, tuple(static_argnames))

@@ -7,6 +7,7 @@ optional layer-wise learning-rate decay for fine-tuning ViTs (BEiT / MAE).
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any, Optional
 
@@ -15,6 +16,8 @@ import jax.numpy as jnp
 import optax
 
 from mim_jax.config.errors import config_error
+
+log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "lars", "sgd")
 SCHEDULES = ("cosine", "multistep")
@@ -41,6 +44,10 @@ def learning_rate_schedule(opt_cfg, global_batch_size: int, steps_per_epoch: int
   name = opt_cfg.get("schedule", "cosine")
   if name == "cosine":
     if warmup_steps >= schedule_steps:  # warmup_epochs = num_epochs: no steps left to decay
+      if opt_cfg.min_lr:  # validation refuses it in epochs; steps can round to the same end
+        log.warning("optimizer.min_lr=%g is not used: warmup_epochs=%g rounds to all %d steps "
+                    "of the schedule, which leaves no decay to end at it", opt_cfg.min_lr,
+                    opt_cfg.warmup_epochs, schedule_steps)
       return optax.linear_schedule(0.0, peak, max(warmup_steps, 1))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=peak, warmup_steps=warmup_steps, decay_steps=schedule_steps,

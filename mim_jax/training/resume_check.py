@@ -107,7 +107,7 @@ def changed_fields(saved: dict, config: dict) -> list[tuple[str, Any, Any]]:
                 if old[key] != new[key] and not _changeable(key))
 
 
-def check_same_run(workdir: str, config, *, weight_fields: tuple[str, ...] = ("init_from",),
+def check_same_run(workdir: str, config, *, weight_fields: tuple[str, ...],
                    allow_changes: bool = False) -> list:
   """The changes to record (`record_changes`) once the run has resumed: [] when `config`
   matches the run's saved config.json in every field that cannot change on resume. Raises
