@@ -166,3 +166,21 @@ def test_mu_dtype_is_checked_and_read_by_adamw_only():
   with pytest.raises(ConfigError, match="optimizer.mu_dtype.*only optimizer.name='adamw'"):
     validate_config(tiny_mae_config(**{"optimizer.mu_dtype": "bfloat16",
                                        "optimizer.name": "sgd"}))
+
+
+def test_a_hold_keeps_the_masked_leaves_exactly_for_its_updates_then_lets_them_move():
+  """optim.hold_during_first_updates: the selected leaves stay bitwise (weight decay
+  included) for the first `steps` updates; the others move from the first one."""
+  params = {"held": jnp.ones(2), "free": jnp.ones(2)}
+  tx = optim.hold_during_first_updates(optax.adamw(0.1, weight_decay=0.5), 2,
+                                       {"held": True, "free": False})
+  state = tx.init(params)
+  history = []
+  for _ in range(3):
+    updates, state = tx.update({k: jnp.full(2, 0.3) for k in params}, state, params)
+    params = optax.apply_updates(params, updates)
+    history.append({k: np.asarray(v) for k, v in params.items()})
+  np.testing.assert_array_equal(history[1]["held"], np.ones(2))
+  assert np.all(history[0]["free"] < 1) and np.all(history[2]["held"] < 1)
+  sgd = optax.sgd(0.1)
+  assert optim.hold_during_first_updates(sgd, 0, {"a": True}) is sgd  # no hold, no state

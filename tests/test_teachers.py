@@ -31,3 +31,18 @@ def test_cosine_anneal_endpoints_and_midpoint():
   f = lambda s: float(teachers.cosine_anneal(s, 0.996, 1.0, 100))
   np.testing.assert_allclose([f(0), f(50), f(100), f(500)], [0.996, 0.998, 1.0, 1.0], rtol=1e-6)
   assert f(25) < f(50) < f(75)
+
+
+def test_centres_move_once_per_step_by_the_mean_of_the_micro_batches():
+  """DINO / iBOT centring: two micro-batches' mean teacher outputs are summed and counted,
+  then the centre moves once by their mean (EMA with momentum m); sums and count reset."""
+  extra = teachers.centre_state({"c": (1, 3)})
+  assert set(extra) == {"c", "batch_c", teachers.MICRO_BATCHES}
+  a = jnp.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])  # mean (2, 2, 2)
+  b = jnp.array([[0.0, 4.0, 8.0]])
+  for logits in (a, b):
+    extra = teachers.count_micro_batch(teachers.accumulate_centre(extra, "c", logits))
+  moved = teachers.update_centres({**extra, "c": jnp.ones((1, 3))}, ["c"], momentum=0.9)
+  np.testing.assert_allclose(moved["c"], 0.9 * 1.0 + 0.1 * np.array([[1.0, 3.0, 5.0]]),
+                             rtol=1e-6)
+  assert float(moved[teachers.MICRO_BATCHES]) == 0.0 and not np.any(moved["batch_c"])

@@ -9,9 +9,8 @@ the same head shape) predicts them
     (`losses.masked_patch_distillation`, per image over its masked count).
 One head serves [CLS] and patch tokens (iBOT's shared head). Teacher outputs are centred
 (centres in `extra`, EMA `ibot.center_momentum`, one step per update by the whole batch's mean
-teacher output, also with gradient accumulation: the loss sums the micro-batches' means into
-`extra["batch_center_*"]`, counted in `extra["batch_micro_batches"]`, and `after_update` moves
-the centres by their mean; iBOT checkpoints written before
+teacher output, also with gradient accumulation: `teachers.accumulate_centre` /
+`update_centres`; iBOT checkpoints written before
 2026-12-03 lack those two arrays and do not restore) and sharpened by a temperature warmed up
 linearly from `warmup_teacher_temp` to `teacher_temp` over `warmup_teacher_temp_epochs`; the
 student temperature is fixed. The teacher follows the student after every update
@@ -52,6 +51,7 @@ from mim_jax.models import flops
 from mim_jax.models.heads import DINOHead, dino_head_flops
 from mim_jax.models.vit import ViTEncoder, encoder_from_config, size_from_config
 from mim_jax.objectives import losses, masking, teachers
+from mim_jax.training import optim
 from mim_jax.weights import continuation
 
 
@@ -222,11 +222,8 @@ class IBOT(base.PretrainingMethod):
     under 1.5x from k = 452. Matching it would need an Adam of its own for the last layer, with
     the learning-rate and weight-decay schedules still on the global step.
     """
-    steps = self._epochs(self.cfg.freeze_last_layer_epochs)
-    if steps <= 0:
-      return tx
-    hold = optax.transforms.conditionally_mask(optax.identity(), lambda count: count >= steps)
-    return optax.chain(tx, optax.masked(hold, last_layer_mask))
+    return optim.hold_during_first_updates(tx, self._epochs(self.cfg.freeze_last_layer_epochs),
+                                           last_layer_mask)
 
   def train_augment(self, data_cfg, image_size, channels):
     return multicrop.augment_from_config(self.crop, data_cfg, image_size, channels, self.masks)
@@ -234,15 +231,8 @@ class IBOT(base.PretrainingMethod):
   def init(self, rng, images):
     params = self.model.init({"params": rng}, images)["params"]
     k = int(self.cfg.out_dim)
-    extra = {"teacher": jax.tree.map(jnp.copy, params), "step": jnp.zeros([], jnp.int32),
-             "center_cls": jnp.zeros((1, k), jnp.float32),
-             "center_patch": jnp.zeros((1, 1, k), jnp.float32)}
-    # The step's mean teacher outputs, summed over its micro-batches (zero between steps):
-    # the centres move once per optimizer step, by the whole batch's mean, as in iBOT,
-    # whatever grad_accum_steps (updated per micro-batch they would move k times a step).
-    extra.update({f"batch_{name}": jnp.zeros_like(extra[name]) for name in CENTRES})
-    extra["batch_micro_batches"] = jnp.zeros([], jnp.float32)  # how many the sums hold
-    return params, extra
+    return params, {"teacher": jax.tree.map(jnp.copy, params), "step": jnp.zeros([], jnp.int32),
+                    **teachers.centre_state({"center_cls": (1, k), "center_patch": (1, 1, k)})}
 
   def load_pretrained(self, params, extra):
     """Continued pre-training from `config.init_from` (encoder, and the head of an iBOT
@@ -299,23 +289,13 @@ class IBOT(base.PretrainingMethod):
                "teacher_entropy": jnp.mean(entropy),
                "teacher_mean_entropy": -jnp.sum(mean_p * jnp.log(mean_p + 1e-12)),
                "mask_fraction": jnp.mean(masks.astype(jnp.float32))}
-    extra = dict(extra)
     for name, logits in (("center_cls", t_cls), ("center_patch", t_patch)):
-      extra[f"batch_{name}"] = extra[f"batch_{name}"] + losses.mean_output(
-          logits, extra[name].shape, self.axis_name)
-    extra["batch_micro_batches"] = extra["batch_micro_batches"] + 1.0
-    return loss, (metrics, extra)
+      extra = teachers.accumulate_centre(extra, name, logits, self.axis_name)
+    return loss, (metrics, teachers.count_micro_batch(extra))
 
   def after_update(self, params, extra, step):
     teacher = teachers.ema_update(extra["teacher"], params, self.momentum(step))
-    m = float(self.cfg.center_momentum)
-    # Counted, not read from the config: the step may be built with another accumulation.
-    count = jnp.maximum(extra["batch_micro_batches"], 1.0)
-    centres = {"batch_micro_batches": jnp.zeros_like(extra["batch_micro_batches"])}
-    for name in CENTRES:  # once per step, by the batch's mean teacher output (the mean of
-      # the one-row sum / count is itself: center_update's EMA, with no further reduction)
-      centres[name] = losses.center_update(extra[name], extra[f"batch_{name}"] / count, m)
-      centres[f"batch_{name}"] = jnp.zeros_like(extra[name])
-    return {**extra, **centres, "teacher": teacher, "step": jnp.asarray(step + 1, jnp.int32)}
+    extra = teachers.update_centres(extra, CENTRES, float(self.cfg.center_momentum))
+    return {**extra, "teacher": teacher, "step": jnp.asarray(step + 1, jnp.int32)}
 
   released_path = ("extra", "teacher")  # iBOT releases (and evaluates) its EMA teacher

@@ -163,6 +163,19 @@ def clip_each_by_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.stateless(lambda updates, params=None: jax.tree.map(clip, updates))
 
 
+def hold_during_first_updates(tx: optax.GradientTransformation, steps: int,
+                              mask) -> optax.GradientTransformation:
+  """`tx`, then zero updates for the leaves `mask` selects (a pytree of bools like the params,
+  or a function of them) while fewer than `steps` updates have been applied: they stay exactly
+  as they are, weight decay included (DINO / iBOT's frozen last layer). `tx` itself for
+  steps <= 0. The hold counts the updates it sees in its own state, so a step whose update is
+  skipped (its state restored) does not count."""
+  if steps <= 0:
+    return tx
+  hold = optax.transforms.conditionally_mask(optax.identity(), lambda count: count >= steps)
+  return optax.chain(tx, optax.masked(hold, mask))
+
+
 def build_optimizer(opt_cfg, schedule: optax.Schedule,
                     schedule_steps: Optional[int] = None) -> optax.GradientTransformation:
   """The configured optimizer with masked weight decay, clipping and layer decay.
