@@ -7,17 +7,30 @@
 #   attention  the CPU attention default (heads-major core, blockwise qkv) against jax.nn's
 #              XLA path with fused qkv slices, alternated in rounds: the demo MAE step (HF
 #              eager as the peer), the fine-tuning step, MAE ViT-B/16 at batch 8
-# JSON lines go to OUT/NAME.jsonl; a finished lever (its file exists) is skipped.
+# JSON lines go to OUT/NAME.jsonl; a finished lever (its file exists) is skipped. The exit
+# status counts the levers that failed (their stderr in OUT/NAME.log).
 #   bash docs/cpu_levers.sh OUT
 set -u
-cd "$(dirname "$0")/.."
+if [ $# -gt 1 ] || [[ ${1:-} == -* ]]; then
+  echo "usage: bash docs/cpu_levers.sh [OUT]" >&2
+  exit 2
+fi
+# OUT as the caller wrote it (relative to where the command runs), the default in the repo.
 OUT=${1:-workdirs/cpu_levers}
+[ -n "${1:-}" ] && [[ $OUT != /* ]] && OUT="$PWD/$OUT"
+cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
+failed=0
 lever() {  # NAME, then the command
   local name=$1; shift
   [ -s "$OUT/$name.jsonl" ] && return
   echo "$*" > "$OUT/$name.cmd"
-  "$@" > "$OUT/$name.tmp" 2> "$OUT/$name.log" && mv "$OUT/$name.tmp" "$OUT/$name.jsonl"
+  if "$@" > "$OUT/$name.tmp" 2> "$OUT/$name.log"; then
+    mv "$OUT/$name.tmp" "$OUT/$name.jsonl"
+  else
+    echo "$name failed: see $OUT/$name.log" >&2
+    failed=$((failed + 1))
+  fi
 }
 lever gelu python docs/gelu_lever.py
 lever step python -m mim_jax.bench --config=configs/mae_fmnist.py --steps=20 --peer=hf \
@@ -29,3 +42,4 @@ lever attention_finetune python -m mim_jax.bench --config=configs/finetune_fmnis
     --variant=model.attention_impl=xla --steps=16 --rounds=4 --peer=none
 lever attention_vitb python -m mim_jax.bench --config=configs/mae_vitb.py \
     --variant=model.attention_impl=xla --batch=8 --steps=8 --warmup=2 --rounds=4 --peer=hf
+exit $failed

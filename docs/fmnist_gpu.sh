@@ -17,10 +17,16 @@
 # package, docs/offline_bundle.sh prepares the missing wheels and the Fashion-MNIST files
 # (FMNIST_DIR).
 set -u
+if [ $# -gt 1 ] || [[ ${1:-} == -* ]]; then
+  echo "usage: [SECTIONS=... MAE_EPOCHS=... ...] bash docs/fmnist_gpu.sh [ROOT]" >&2
+  exit 2
+fi
+# ROOT as the caller wrote it (relative to where the command runs), the default in the repo.
+ROOT=${1:-workdirs/fmnist_gpu}
+[ -n "${1:-}" ] && [[ $ROOT != /* ]] && ROOT="$PWD/$ROOT"
 cd "$(dirname "$0")/.."
 # Machines whose Python answers only to python3.
 command -v python > /dev/null || python() { python3 "$@"; }
-ROOT=${1:-workdirs/fmnist_gpu}
 mkdir -p "$ROOT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
   python -c "import jax; print(jax.__version__, jax.devices())"; } > "$ROOT/machine.txt" 2>&1
@@ -33,7 +39,13 @@ export TRAIN_FLAGS=${TRAIN_FLAGS:-"--config.model.dtype=bfloat16 --config.data.a
 --config.data.device_resident=True"}
 export SECTIONS=${SECTIONS:-"pretrain_mae probe_mae baselines tune_mae finetune_mae tune_scratch
 finetune_scratch"}
-bash docs/fmnist_results.sh "$ROOT"
-status=$?
+# A SIGTERM or Ctrl-C here reaches the script and through it the run (a checkpoint, exit 75).
+bash docs/fmnist_results.sh "$ROOT" < /dev/null &
+pid=$!
+trap 'kill -TERM "$pid" 2> /dev/null' TERM INT
+while :; do
+  wait "$pid"; status=$?
+  kill -0 "$pid" 2> /dev/null || break
+done
 echo "fmnist_gpu: $((SECONDS - start)) s, exit $status" | tee -a "$ROOT/machine.txt"
 exit $status

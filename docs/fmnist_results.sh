@@ -31,6 +31,9 @@
 #                 python docs/plot_study.py ROOT docs/study_fmnist.png)
 #
 #   SECTIONS="pretrain_mae probe_mae" bash docs/fmnist_results.sh ROOT
+# ROOT (default workdirs/fmnist_results in the repository) is relative to where the command
+# runs. A SIGTERM or Ctrl-C stops the current run with its checkpoint written (exit 75); the
+# same command resumes it. Unknown SECTIONS, seeds or LOWLABEL entries are refused.
 # TRAIN_FLAGS (space-separated --config.x=y) are added to every training run (pre-training,
 # tuning, fine-tuning; not the frozen-feature probes), e.g. for a GPU (docs/fmnist_gpu.sh);
 # KNN_EVERY (5) sets the epochs between k-NN scores of a pre-training run.
@@ -45,12 +48,20 @@
 # Hyper-parameters are chosen on 5,000 held-out training images (data.holdout,
 # eval_split=holdout), never on the test set; test numbers come from the final runs only.
 set -u
+ALL_SECTIONS="pretrain_mae baselines probe_mae tune_scratch tune_mae finetune_mae
+finetune_scratch finetune_matched lowlabel methods ratio distill study"
+if [ $# -gt 1 ] || [[ ${1:-} == -* ]]; then
+  echo "usage: [SECTIONS=... SEEDS=... ...] bash docs/fmnist_results.sh [ROOT]" \
+       "(settings are environment variables, listed at the top of this script)" >&2
+  exit 2
+fi
+# ROOT as the caller wrote it (relative to where the command runs), the default in the repo.
+ROOT=${1:-workdirs/fmnist_results}
+[ -n "${1:-}" ] && [[ $ROOT != /* ]] && ROOT="$PWD/$ROOT"
 cd "$(dirname "$0")/.."
 # Machines whose Python answers only to python3.
 command -v python > /dev/null || python() { python3 "$@"; }
-ROOT=${1:-workdirs/fmnist_results}
-SECTIONS=${SECTIONS:-"pretrain_mae baselines probe_mae tune_scratch tune_mae finetune_mae
-finetune_scratch finetune_matched lowlabel methods ratio distill study"}
+SECTIONS=${SECTIONS:-$ALL_SECTIONS}
 METHODS=${METHODS:-"maskfeat beit simmim data2vec ibot data2vec2 maskdistill"}
 TARGETS=${TARGETS:-"pixels norm_pixels hog tokens teacher_features"}
 STUDY_EPOCHS=${STUDY_EPOCHS:-5}
@@ -65,6 +76,18 @@ LOWLABEL=${LOWLABEL:-"1:60 10:30"}
 LOWLABEL_INITS=${LOWLABEL_INITS:-"mae scratch"}
 # Split on spaces and newlines alike (fmnist_gpu.sh spreads its flags over lines).
 read -r -d '' -a TRAIN <<< "${TRAIN_FLAGS:-}" || true
+# A misspelt section or seed would run nothing and end with success.
+for section in $SECTIONS; do
+  [[ " ${ALL_SECTIONS//$'\n'/ } " == *" $section "* ]] \
+      || { echo "SECTIONS: unknown '$section' (one of: ${ALL_SECTIONS//$'\n'/ })" >&2; exit 2; }
+done
+for seed in $SEEDS; do
+  [[ $seed =~ ^[0-9]+$ ]] || { echo "SEEDS: '$seed' is not an integer seed" >&2; exit 2; }
+done
+for spec in $LOWLABEL; do
+  [[ $spec =~ ^[0-9]+(\.[0-9]+)?:[0-9]+$ ]] \
+      || { echo "LOWLABEL: '$spec' is not PERCENT:EPOCHS (e.g. 1:60)" >&2; exit 2; }
+done
 DATA=()
 [ -n "${FMNIST_DIR:-}" ] && DATA=(--config.data.path="$FMNIST_DIR")
 mkdir -p "$ROOT"
@@ -80,8 +103,18 @@ run() {  # NAME, then the arguments of mim_jax.main
   # An interrupted run resumes: its time so far is kept and added to.
   local before=0
   [ -f "$ROOT/$name.seconds" ] && before=$(cat "$ROOT/$name.seconds")
-  local start=$SECONDS status=0
-  python -m mim_jax.main "${args[@]}" >> "$ROOT/$name.log" 2>&1 || status=$?
+  local start=$SECONDS status=0 pid
+  # In the background with the signals passed on: a SIGTERM or Ctrl-C to this script reaches
+  # the run, which writes a checkpoint and exits 75 (a foreground run would outlive a SIGTERM
+  # to the script, and a background job of a script ignores SIGINT).
+  python -m mim_jax.main "${args[@]}" >> "$ROOT/$name.log" 2>&1 < /dev/null &
+  pid=$!
+  trap 'kill -TERM "$pid" 2> /dev/null' TERM INT
+  while :; do
+    wait "$pid"; status=$?
+    kill -0 "$pid" 2> /dev/null || break  # exited, not a wait cut short by a signal
+  done
+  trap - TERM INT
   echo $((before + SECONDS - start)) > "$ROOT/$name.seconds"
   case $status in
     0) ;;
@@ -115,16 +148,17 @@ if has baselines; then
   probe probe_pixels --config.classifier.features=pixels
   probe probe_random --config.init_from=random
   [ -f "$ROOT/sklearn_pixels.json" ] || python docs/fmnist_tools.py sklearn_pixels \
-      "$ROOT/sklearn_pixels.json" "${FMNIST_DIR:-}"
+      "$ROOT/sklearn_pixels.json" "${FMNIST_DIR:-}" || exit 1
 fi
 has probe_mae && probe "probe_mae_e$MAE_EPOCHS" --config.init_from="$MAE"
 
 tune() {  # INIT (scratch | mae): the tuning grid of docs/fmnist_tools.py on the holdout
-  local init=$1 suffix flags cfg
+  local init=$1 suffix flags cfg points
   cfg=(--config=configs/finetune_fmnist.py:scratch)
   [ "$init" = mae ] && cfg=(--config=configs/finetune_fmnist.py --config.init_from="$MAE")
-  for suffix in $(python docs/fmnist_tools.py grid); do
-    flags=$(python docs/fmnist_tools.py grid "$suffix")
+  points=$(python docs/fmnist_tools.py grid) && [ -n "$points" ] || exit 1
+  for suffix in $points; do
+    flags=$(python docs/fmnist_tools.py grid "$suffix") || exit 1
     # shellcheck disable=SC2086
     run "tune_${init}_$suffix" "${cfg[@]}" --config.num_epochs="$TUNE_EPOCHS" \
         --config.optimizer.warmup_epochs=0.5 "${holdout[@]}" "${TRAIN[@]}" $flags

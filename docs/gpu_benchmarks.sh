@@ -16,13 +16,20 @@
 # ViT-B/16; (7) the input pipeline on JPEGs (CPU cores); (8) ViT-L/16 mim_jax again, after the
 # peers (order effects).
 #
-# VITB / VITL / BATCH / STEPS / LOOP_STEPS override the configs, the global batch, the timed
-# steps and the loop rows' steps (e.g. VITB=configs/mae_fmnist.py VITL=configs/mae_fmnist.py
+# VITB / VITL / BATCH / STEPS / LOOP_STEPS override the configs, the global batch of the bench
+# rows (the loop rows of (4) train the Fashion-MNIST recipe's batch), the timed steps and the
+# loop rows' steps (e.g. VITB=configs/mae_fmnist.py VITL=configs/mae_fmnist.py
 # BATCH=16 STEPS=3 LOOP_STEPS=24 BUDGET=1200 to try it on a CPU). Without internet:
 # docs/offline_bundle.sh.
 set -u -o pipefail
-cd "$(dirname "$0")/.."
+if [ $# -gt 1 ] || [[ ${1:-} == -* ]]; then
+  echo "usage: [VITB=... BUDGET=... ...] bash docs/gpu_benchmarks.sh [OUT]" >&2
+  exit 2
+fi
+# OUT as the caller wrote it (relative to where the command runs), the default in the repo.
 OUT=${1:-workdirs/gpu_bench}
+[ -n "${1:-}" ] && [[ $OUT != /* ]] && OUT="$PWD/$OUT"
+cd "$(dirname "$0")/.."
 VITB=${VITB:-configs/mae_vitb.py}
 VITL=${VITL:-configs/mae_vitl.py}
 BATCH=${BATCH:-256}
@@ -30,6 +37,13 @@ STEPS=${STEPS:-20}
 BUDGET=${BUDGET:-480}
 LOOP_STEPS=${LOOP_STEPS:-600}
 PY=${PYTHON:-python3}
+# Row 3 times VITB's SimMIM and MaskFeat siblings (mae_ -> simmim_, maskfeat_); row 4 logs a
+# sixth of LOOP_STEPS apart.
+[[ $(basename "$VITB") == mae_* ]] \
+    || { echo "VITB=$VITB: an MAE config named mae_*.py (row 3 times its simmim_ and maskfeat_" \
+              "siblings)" >&2; exit 2; }
+[[ $LOOP_STEPS =~ ^[0-9]+$ ]] && [ "$LOOP_STEPS" -ge 6 ] \
+    || { echo "LOOP_STEPS=$LOOP_STEPS: an integer >= 6" >&2; exit 2; }
 mkdir -p "$OUT"
 
 bench() {  # NAME SECONDS_NEEDED, then the arguments of mim_jax.bench (XLA_FLAGS from the env)
@@ -42,7 +56,8 @@ bench() {  # NAME SECONDS_NEEDED, then the arguments of mim_jax.bench (XLA_FLAGS
   echo "== $name: XLA_FLAGS='${XLA_FLAGS:-}' python -m mim_jax.bench $*" | tee -a "$OUT/commands.txt"
   local start=$SECONDS steps=(--steps="$STEPS")
   case " $* " in *" --pipeline "*|*" --feed "*) steps=() ;; esac  # they time no steps
-  timeout "$left" "$PY" -m mim_jax.bench "${steps[@]}" "$@" 2> "$OUT/$name.err" \
+  # --foreground: the benchmark stays in this process group, so a Ctrl-C reaches it too.
+  timeout --foreground "$left" "$PY" -m mim_jax.bench "${steps[@]}" "$@" 2> "$OUT/$name.err" \
       | tee -a "$OUT/bench.jsonl" \
       || echo "== $name: failed or cut short, see errors.log" | tee -a "$OUT/commands.txt"
   echo "== $name: $((SECONDS - start)) s" | tee -a "$OUT/commands.txt"
@@ -80,7 +95,7 @@ loop() {  # NAME, then overrides
              --config.viz_every=0 "${FMNIST[@]}" "$@" --workdir="$OUT/$name")
   echo "== $name: python ${cmd[*]}" | tee -a "$OUT/commands.txt"
   rm -rf "${OUT:?}/$name"
-  timeout "$left" "$PY" "${cmd[@]}" > "$OUT/$name.log" 2>&1 || echo "== $name: failed" >> "$OUT/commands.txt"
+  timeout --foreground "$left" "$PY" "${cmd[@]}" > "$OUT/$name.log" 2>&1 || echo "== $name: failed" >> "$OUT/commands.txt"
   # The last logged rate (the last sixth of the steps), after compilation and the start.
   "$PY" - "$OUT/$name" "$name" <<'EOF' | tee -a "$OUT/bench.jsonl"
 import json, sys

@@ -351,6 +351,70 @@ def test_results_script_stops_at_a_run_that_did_not_finish(tmp_path, status, cod
   assert (tmp_path / "root" / "mae_e50.seconds").read_text().strip().isdigit()
 
 
+@pytest.mark.parametrize("env,args,says", [
+    ({"SECTIONS": "finetune_mached"}, (), "SECTIONS: unknown 'finetune_mached'"),
+    ({"SEEDS": "0 one"}, (), "SEEDS: 'one' is not an integer seed"),
+    ({"LOWLABEL": "10"}, (), "LOWLABEL: '10' is not PERCENT:EPOCHS"),
+    ({}, ("--help",), "usage: [SECTIONS=... SEEDS=... ...] bash docs/fmnist_results.sh [ROOT]"),
+    ({}, ("a", "b"), "usage:"),
+])
+def test_results_script_refuses_settings_that_would_run_nothing(tmp_path, env, args, says):
+  """A misspelt section, a seed or low-label entry that is not one, or an option / extra
+  argument would run nothing (or something else) and end with success: refused, nothing run."""
+  import sys
+  stub_env = _fake_bin(tmp_path, "python", _MAIN_STUB % sys.executable)
+  calls = tmp_path / "main_calls.log"
+  out = _bash(RESULTS, *(args or (str(tmp_path / "root"),)),
+              env=dict(stub_env, MAIN_CALLS=str(calls), **env))
+  assert out.returncode == 2 and says in out.stderr, out.stdout + out.stderr
+  assert not calls.exists() and not (tmp_path / "root").exists()
+
+
+def test_a_sigterm_to_the_results_script_reaches_its_run_and_nothing_outlives_it(tmp_path):
+  """The run gets the script's SIGTERM (it writes a checkpoint and exits 75, here a stand-in
+  that does the same), and the script stops with 75: before, the script died alone and the
+  run went on unseen."""
+  import signal
+  import sys
+  import time
+  stub = """
+if [ "$1 $2" = "-m mim_jax.main" ]; then
+  echo $$ > "$STUB_PID"
+  trap 'echo stopped > "$STUB_PID.term"; exit 75' TERM
+  while :; do sleep 0.1; done
+fi
+exec %s "$@"
+""" % sys.executable
+  env = dict(_fake_bin(tmp_path, "python", stub), STUB_PID=str(tmp_path / "pid"),
+             SECTIONS="pretrain_mae")
+  script = subprocess.Popen(["bash", str(RESULTS), str(tmp_path / "root")], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 30
+    while not (tmp_path / "pid").exists() and time.time() < deadline:
+      time.sleep(0.1)
+    run_pid = int((tmp_path / "pid").read_text())
+    script.send_signal(signal.SIGTERM)
+    out, _ = script.communicate(timeout=30)
+    time.sleep(0.2)
+    alive = _alive(run_pid)
+  finally:
+    script.kill()
+    if (tmp_path / "pid").exists() and _alive(int((tmp_path / "pid").read_text())):
+      os.kill(int((tmp_path / "pid").read_text()), signal.SIGKILL)  # no stand-in left behind
+  assert not alive, "the run outlived the script"
+  assert script.returncode == 75 and "mae_e50 stopped by SIGTERM" in out, out
+  assert (tmp_path / "pid.term").read_text().strip() == "stopped"
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  return True
+
+
 def test_results_script_command_lines_are_valid_configs(tmp_path, monkeypatch):
   """The real pre-training and k-NN command lines load and pass the unread-field checks
   (monitor on and off)."""
@@ -458,3 +522,27 @@ def test_results_script_low_label_rows_of_one_init(tmp_path, monkeypatch):
   out = _bash(RESULTS, str(tmp_path / "root2"),
               env=dict(os.environ, SECTIONS="lowlabel", LOWLABEL_INITS="mae,scratch"))
   assert out.returncode == 1 and "LOWLABEL_INITS: unknown 'mae,scratch'" in out.stdout
+
+
+# --- docs/gpu_benchmarks.sh and docs/cpu_levers.sh ---------------------------------------------
+
+@pytest.mark.parametrize("env,args,says", [
+    ({"VITB": "configs/beit_vitb.py"}, ("OUT",), "VITB=configs/beit_vitb.py: an MAE config"),
+    ({"LOOP_STEPS": "3"}, ("OUT",), "LOOP_STEPS=3: an integer >= 6"),
+    ({}, ("--help",), "usage: [VITB=... BUDGET=... ...] bash docs/gpu_benchmarks.sh [OUT]"),
+])
+def test_gpu_benchmark_script_refuses_settings_it_would_misapply(tmp_path, env, args, says):
+  """Row 3 times VITB's simmim_ / maskfeat_ siblings (another name timed the same config
+  twice under their names), row 4 logs every LOOP_STEPS / 6 steps; an option is no OUT."""
+  args = tuple(str(tmp_path / a) if a == "OUT" else a for a in args)
+  out = _bash(REPO / "docs" / "gpu_benchmarks.sh", *args, env=dict(os.environ, **env))
+  assert out.returncode == 2 and says in out.stderr, out.stderr
+  assert not (tmp_path / "OUT").exists()
+
+
+def test_cpu_lever_script_exits_with_the_number_of_failed_levers(tmp_path):
+  """A lever that fails is named and counted in the exit status (it was only the last one's)."""
+  env = _fake_bin(tmp_path, "python", "exit 3")
+  out = _bash(REPO / "docs" / "cpu_levers.sh", str(tmp_path / "out"), env=env)
+  assert out.returncode == 6 and out.stderr.count(" failed: see ") == 6, out.stderr
+  assert not list((tmp_path / "out").glob("*.jsonl"))
