@@ -9,3 +9,9 @@ die() {
   echo "error: $*" >&2
   exit 2
 }
+
+# Dies for an option written with '=' and nothing after it (`--python=`): an empty value would
+# otherwise switch the setting off or pass an empty word on.
+refuse_empty_value() {
+  [[ "$1" != --*= ]] || die "$1 has no value (leave the option out for its default)"
+}

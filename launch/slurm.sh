@@ -32,6 +32,7 @@ nodes="" gpus_per_node="" workdir="" config="" partition="" time_limit="" accoun
 job_name="mim_jax" python_bin="python" dry_run=0 requeue=""
 extra=()
 while (($#)); do
+  refuse_empty_value "$1"
   case "$1" in
     --nodes=*) nodes="${1#*=}" ;;
     --gpus-per-node=*) gpus_per_node="${1#*=}" ;;
@@ -64,6 +65,9 @@ fi
 if [[ -n "$time_limit" && ! "$time_limit" =~ ^([0-9]+-)?[0-9]+(:[0-9]{1,2}){0,2}$ ]]; then
   die "--time=$time_limit must look like HH:MM:SS or D-HH:MM:SS"
 fi
+
+[[ "$workdir" != *://* ]] || die "--workdir=$workdir must be a path on a file system every node \
+shares (the job's sbatch script and output go under it; gs:// workdirs are for launch/tpu_vm.sh)"
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # Absolute paths: the job runs from the repository root, wherever sbatch was called.

@@ -33,6 +33,7 @@ name="" zone="" accelerator="" version="tpu-ubuntu2204-base" workdir="" config="
 log_file="" queued=0 spot=0 keep=0 dry_run=0
 extra=()
 while (($#)); do
+  refuse_empty_value "$1"
   case "$1" in
     --name=*) name="${1#*=}" ;;
     --zone=*) zone="${1#*=}" ;;
@@ -62,6 +63,15 @@ done
   die "--name=$name must be lower-case letters, digits and dashes, starting with a letter"
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# Checked here, not after minutes of creating and installing: the workers run CONFIG from their
+# copy of this checkout, and a relative DIR would be a folder of each worker's own copy,
+# deleted with the VM.
+[[ "$config" != /* && -f "$repo/${config%%:*}" ]] || \
+  die "--config=$config must be a config file of this checkout, relative to its root" \
+      "(e.g. configs/mae_vitb.py)"
+[[ "$workdir" == gs://* || "$workdir" == /* ]] || \
+  die "--workdir=$workdir must be gs://... or an absolute path every worker shares (a relative" \
+      "one would lie in each worker's copy of the checkout, deleted with the VM)"
 log_file="${log_file:-logs/tpu-${name}-$(date +%Y%m%d-%H%M%S).log}"
 common=(--zone="$zone")
 [[ -z "$project" ]] || common+=(--project="$project")
@@ -123,20 +133,23 @@ fi
 cleanup() {
   local status=$?
   if ((keep)); then
-    echo "kept $name (delete it with: $(show "${delete[@]}"))" >&2
+    echo "kept $name (delete it with: $(show "${delete[@]}"); a run stopped here may still be" \
+         "training on its workers)" >&2
   else
-    run "${delete[@]}" || echo "warning: deleting $name failed; delete it by hand" >&2
+    run "${delete[@]}" || echo "warning: deleting $name failed; if it was created, delete it" \
+                              "by hand" >&2
   fi
   rm -f "$archive"
   exit "$status"
 }
 
-# 1. Create.
-run "${create[@]}"
+# 1. Create. The clean-up is armed first: a Ctrl-C during the minutes a creation takes would
+# otherwise leave the VM (or the queued resource) being created, and never deleted.
 if ((!dry_run)); then
   trap cleanup EXIT
   trap 'exit 130' INT TERM
 fi
+run "${create[@]}"
 if ((queued)); then
   state_cmd=(gcloud compute tpus queued-resources describe "$name" "${common[@]}"
              --format='value(state.state)')

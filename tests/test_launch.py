@@ -232,11 +232,49 @@ def test_tpu_missing_argument_is_named(missing):
   assert f"{missing} is required" in out.stderr
 
 
+@pytest.mark.parametrize("args,says", [
+    (("--config=configs/no_such.py",), "--config=configs/no_such.py must be a config file of"),
+    (("--workdir=runs/mae",), "--workdir=runs/mae must be gs://... or an absolute path"),
+    (("--project=",), "--project= has no value"),
+])
+def test_tpu_settings_that_would_fail_after_the_vm_exists_are_refused_first(tmp_path, args,
+                                                                             says):
+  """A config the workers' copy lacks, a relative (per-worker, deleted) workdir or an empty
+  value fail before anything is created: no gcloud call at all."""
+  env = _fake_bin(tmp_path, "gcloud", "")
+  out = _bash(TPU, *TPU_ARGS, *args, env=env)
+  assert out.returncode == 2 and says in out.stderr, out.stderr
+  assert not (tmp_path / "calls.log").exists()
+
+
+def test_tpu_deletes_what_an_interrupted_or_failed_creation_may_have_left(tmp_path):
+  """The clean-up is armed before the creation: a creation that fails (or a Ctrl-C during its
+  minutes) still ends with the delete."""
+  env = _fake_bin(tmp_path, "gcloud", 'if [[ "$*" == *" create "* ]]; then exit 4; fi')
+  out = _bash(TPU, *TPU_ARGS, f"--log={tmp_path}/train.log", env=env)
+  assert out.returncode == 4, out.stderr
+  calls = (tmp_path / "calls.log").read_text().splitlines()
+  assert [" ".join(c.split()[2:4]) for c in calls] == ["tpu-vm create", "tpu-vm delete"]
+
+
 def test_tpu_bad_name_and_unknown_argument():
   out = _bash(TPU, *TPU_ARGS, "--name=Bad_Name", "--dry-run")
   assert out.returncode != 0 and "--name=Bad_Name" in out.stderr
   out = _bash(TPU, *TPU_ARGS, "--preemptible", "--dry-run")
   assert out.returncode != 0 and "unknown argument '--preemptible'" in out.stderr
+
+
+@pytest.mark.parametrize("arg,says", [
+    ("--workdir=gs://bucket/run", "must be a path on a file system every node shares"),
+    ("--python=", "--python= has no value"),
+    ("--requeue=", "--requeue= has no value"),
+])
+def test_slurm_refuses_a_bucket_workdir_and_empty_values(arg, says):
+  """A gs:// workdir became $PWD/gs:/bucket/run (a local folder); `--python=` wrote `srun ''`
+  into the job and `--requeue=` switched requeueing off without a word."""
+  args = [a for a in SLURM_ARGS if not (arg.startswith("--workdir") and a.startswith("--workdir"))]
+  out = _bash(SLURM, *args, arg, "--dry-run")
+  assert out.returncode == 2 and says in out.stderr, out.stderr
 
 
 # --- docs/fmnist_results.sh and docs/fmnist_gpu.sh ---------------------------------------------
