@@ -54,6 +54,18 @@ def test_an_option_xla_does_not_know_fails_before_the_run_builds_anything(tmp_pa
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
+def _dumped_programs(script: str, dump) -> set[str]:
+  """Runs `script` in a fresh Python on the CPU without the persistent compilation cache and
+  returns the names of the programs XLA dumped to `dump` (the script's --xla_dump_to)."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  env.update(JAX_ENABLE_COMPILATION_CACHE="false", JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  return {os.path.basename(p).split(".")[1] for p in glob.glob(str(dump / "*.debug_options"))}
+
+
 def test_the_options_reach_the_runs_programs(tmp_path):
   """XLA dumps every program compiled with --xla_dump_to: the run's initialisation and train
   step are there, compiled at the optimisation level asked for. In a fresh process without
@@ -66,12 +78,7 @@ def test_the_options_reach_the_runs_programs(tmp_path):
       "from mim_jax.training import loop\n"
       f"loop.run(tiny_mae_config(total_steps=2, compiler_options='--xla_dump_to={dump} "
       f"--xla_backend_optimization_level=0'), {str(tmp_path / 'run')!r})\n")
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-  env.update(JAX_ENABLE_COMPILATION_CACHE="false", JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, check=True,
-                 capture_output=True, timeout=300)
-  modules = {os.path.basename(p).split(".")[1] for p in glob.glob(str(dump / "*.debug_options"))}
+  modules = _dumped_programs(script, dump)
   assert {"jit_step_fn", "jit_init_train_state"} <= modules, modules
   for path in glob.glob(str(dump / "*.debug_options")):
     assert "xla_backend_optimization_level: 0" in open(path).read()
@@ -128,13 +135,7 @@ def test_the_probe_jobs_knn_and_logistic_programs_get_the_runs_options(tmp_path)
       "c.probe.update(l2_grid=(1e-2,), max_iter=50)\n"
       f"c.compiler_options = '--xla_dump_to={dump} --xla_backend_optimization_level=0'\n"
       f"loop.run(c, {str(tmp_path / 'run')!r})\n")
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-  env.update(JAX_ENABLE_COMPILATION_CACHE="false", JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=300)
-  assert done.returncode == 0, done.stderr[-2000:]
   # Dumped at all means compiled with the run's options (--xla_dump_to is one of them).
-  modules = {os.path.basename(p).split(".")[1] for p in glob.glob(str(dump / "*.debug_options"))}
+  modules = _dumped_programs(script, dump)
   assert {"jit__normalize_queries", "jit__merge_bank_chunk", "jit__class_scores",
           "jit__fit"} <= modules, modules
