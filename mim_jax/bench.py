@@ -14,6 +14,7 @@ achieved TFLOP/s and MFU against the device's dense bf16 peak (`flops.PEAK_TFLOP
 CPU).
 
   --also       further configs (PATH[:ARG]) timed in the same run, e.g. SimMIM on the same encoder
+               (the --config.FIELD overrides act on them too)
   --asymmetry  also the first (MAE) config with all patches and mask tokens through the encoder
                (the paper's "w/ [M]"), to measure what the visible-only encoder saves
   --peer       hf: HF ViTMAEForPreTraining, same architecture, AdamW, eager PyTorch;
@@ -60,8 +61,8 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Path to a pre-training config file.",
                                   lock_config=True)
   flags.DEFINE_multi_string("also", [], "Further config files (PATH[:ARG]) timed in the same "
-                            "run, with --batch and --dtype (the --config.FIELD overrides act on "
-                            "--config alone).")
+                            "run, with --batch, --dtype and the --config.FIELD overrides (each "
+                            "field must exist in every --also config).")
   flags.DEFINE_integer("batch", 0, "Global batch for every measurement (0: each config's own).")
   flags.DEFINE_string("dtype", "", "Computation dtype for every measurement ('': each config's).")
   flags.DEFINE_string("cpu_devices", "auto", "JAX CPU devices (CPU runs): 'auto' as "
@@ -472,6 +473,18 @@ def load_config(spec: str):
   return module.get_config(arg or None)
 
 
+def with_overrides(config, spec: str):
+  """An --also config with the command line's --config.FIELD overrides, so that every row is
+  timed under the same settings (they acted on --config alone); UsageError for a field the
+  --also config does not have."""
+  overrides = config_flags.get_override_values(FLAGS["config"])
+  try:
+    return _variant(config, **overrides) if overrides else config
+  except (AttributeError, KeyError, TypeError) as e:
+    raise app.UsageError(f"--also={spec}: the --config overrides act on every row, and this "
+                         f"config cannot take one of {sorted(overrides)} ({e})") from None
+
+
 def _variant(config, **changes):
   from mim_jax.config.defaults import override
   return override(config.copy_and_resolve_references(), **changes)
@@ -538,7 +551,7 @@ def main(argv):
   # through absl: expected on CPU and GPU machines (main.py quiets it the same way).
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   from mim_jax import registry
-  configs = [FLAGS.config, *map(load_config, FLAGS.also)]
+  configs = [FLAGS.config, *(with_overrides(load_config(spec), spec) for spec in FLAGS.also)]
   if FLAGS.batch:
     configs = [_variant(c, global_batch_size=FLAGS.batch) for c in configs]
   if FLAGS.dtype:

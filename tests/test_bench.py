@@ -163,3 +163,20 @@ def test_peak_table_matches_device_kinds():
   assert peak_tflops("NVIDIA H200") == 989.4
   assert peak_tflops("TPU v5 lite") == 197.0
   assert peak_tflops("cpu") is None
+
+
+def test_also_configs_take_the_command_lines_overrides(monkeypatch):
+  """--config.FIELD overrides act on every row (they changed --config alone, so an --also row
+  was timed under other settings); a field an --also config lacks is a usage error."""
+  from mim_jax import bench
+  monkeypatch.setattr(bench, "FLAGS", {"config": None})
+  overrides = {"model.remat": "full", "masking.ratio": 0.5}
+  monkeypatch.setattr(bench.config_flags, "get_override_values", lambda flag: overrides)
+  spec = f"{REPO}/configs/simmim_fmnist.py"
+  config = bench.with_overrides(bench.load_config(spec), spec)
+  assert config.model.remat == "full" and config.masking.ratio == 0.5
+  overrides = {"decoder.depth": 2}  # SimMIM has no decoder
+  with pytest.raises(bench.app.UsageError, match=r"--also=.*simmim_fmnist.py: the --config "
+                     r"overrides act on every row, and this config cannot take one of "
+                     r"\['decoder.depth'\]"):
+    bench.with_overrides(bench.load_config(spec), spec)
