@@ -15,7 +15,8 @@
 # --config.data.augment_on=device and --config.data.device_resident=True from them (iBOT's
 # multi-crop views are cut on the host). On a machine without internet or without the Debian
 # package, docs/offline_bundle.sh prepares the missing wheels and the Fashion-MNIST files
-# (FMNIST_DIR).
+# (FMNIST_DIR). A SIGTERM or Ctrl-C stops the current run with its checkpoint written (exit 75);
+# the same command resumes.
 set -u
 if [ $# -gt 1 ] || [[ ${1:-} == -* ]]; then
   echo "usage: [SECTIONS=... MAE_EPOCHS=... ...] bash docs/fmnist_gpu.sh [ROOT]" >&2
@@ -40,9 +41,11 @@ export TRAIN_FLAGS=${TRAIN_FLAGS:-"--config.model.dtype=bfloat16 --config.data.a
 export SECTIONS=${SECTIONS:-"pretrain_mae probe_mae baselines tune_mae finetune_mae tune_scratch
 finetune_scratch"}
 # A SIGTERM or Ctrl-C here reaches the script and through it the run (a checkpoint, exit 75).
+pid="" stop=0
+trap 'stop=1; [ -n "$pid" ] && kill -TERM "$pid" 2> /dev/null' TERM INT
 bash docs/fmnist_results.sh "$ROOT" < /dev/null &
 pid=$!
-trap 'kill -TERM "$pid" 2> /dev/null' TERM INT
+((stop)) && kill -TERM "$pid" 2> /dev/null
 while :; do
   wait "$pid"; status=$?
   kill -0 "$pid" 2> /dev/null || break

@@ -32,8 +32,9 @@
 #
 #   SECTIONS="pretrain_mae probe_mae" bash docs/fmnist_results.sh ROOT
 # ROOT (default workdirs/fmnist_results in the repository) is relative to where the command
-# runs. A SIGTERM or Ctrl-C stops the current run with its checkpoint written (exit 75); the
-# same command resumes it. Unknown SECTIONS, seeds or LOWLABEL entries are refused.
+# runs. A SIGTERM or Ctrl-C is passed on to the current run, which stops with its checkpoint
+# written; the script exits 75 and the same command resumes. Unknown SECTIONS, seeds, LOWLABEL
+# entries, LOWLABEL_INITS or STUDY_MASKINGS are refused before anything runs.
 # TRAIN_FLAGS (space-separated --config.x=y) are added to every training run (pre-training,
 # tuning, fine-tuning; not the frozen-feature probes), e.g. for a GPU (docs/fmnist_gpu.sh);
 # KNN_EVERY (5) sets the epochs between k-NN scores of a pre-training run.
@@ -59,8 +60,10 @@ fi
 ROOT=${1:-workdirs/fmnist_results}
 [ -n "${1:-}" ] && [[ $ROOT != /* ]] && ROOT="$PWD/$ROOT"
 cd "$(dirname "$0")/.."
-# Machines whose Python answers only to python3.
-command -v python > /dev/null || python() { python3 "$@"; }
+# Machines whose Python answers only to python3. The runs start the interpreter itself (PY):
+# a background function would be a subshell, and a signal to it would not reach the run.
+PY=python
+command -v python > /dev/null || { PY=python3; python() { python3 "$@"; }; }
 SECTIONS=${SECTIONS:-$ALL_SECTIONS}
 METHODS=${METHODS:-"maskfeat beit simmim data2vec ibot data2vec2 maskdistill"}
 TARGETS=${TARGETS:-"pixels norm_pixels hog tokens teacher_features"}
@@ -81,12 +84,21 @@ for section in $SECTIONS; do
   [[ " ${ALL_SECTIONS//$'\n'/ } " == *" $section "* ]] \
       || { echo "SECTIONS: unknown '$section' (one of: ${ALL_SECTIONS//$'\n'/ })" >&2; exit 2; }
 done
+[ -n "${SEEDS//[[:space:]]/}" ] || { echo "SEEDS: empty (e.g. SEEDS=\"0 1 2\")" >&2; exit 2; }
 for seed in $SEEDS; do
   [[ $seed =~ ^[0-9]+$ ]] || { echo "SEEDS: '$seed' is not an integer seed" >&2; exit 2; }
 done
 for spec in $LOWLABEL; do
   [[ $spec =~ ^[0-9]+(\.[0-9]+)?:[0-9]+$ ]] \
       || { echo "LOWLABEL: '$spec' is not PERCENT:EPOCHS (e.g. 1:60)" >&2; exit 2; }
+done
+for init in $LOWLABEL_INITS; do
+  [[ " mae scratch " == *" $init "* ]] \
+      || { echo "LOWLABEL_INITS: unknown '$init' (mae, scratch)" >&2; exit 2; }
+done
+for masking in $STUDY_MASKINGS; do
+  [[ " blockwise random75 " == *" $masking "* ]] \
+      || { echo "STUDY_MASKINGS: unknown '$masking' (blockwise, random75)" >&2; exit 2; }
 done
 DATA=()
 [ -n "${FMNIST_DIR:-}" ] && DATA=(--config.data.path="$FMNIST_DIR")
@@ -103,22 +115,28 @@ run() {  # NAME, then the arguments of mim_jax.main
   # An interrupted run resumes: its time so far is kept and added to.
   local before=0
   [ -f "$ROOT/$name.seconds" ] && before=$(cat "$ROOT/$name.seconds")
-  local start=$SECONDS status=0 pid
+  local start=$SECONDS status=0 pid="" stop=0
   # In the background with the signals passed on: a SIGTERM or Ctrl-C to this script reaches
   # the run, which writes a checkpoint and exits 75 (a foreground run would outlive a SIGTERM
-  # to the script, and a background job of a script ignores SIGINT).
-  python -m mim_jax.main "${args[@]}" >> "$ROOT/$name.log" 2>&1 < /dev/null &
+  # to the script, and a background job of a script ignores SIGINT). The trap is armed before
+  # the start, so a signal in between is passed on once the pid is known.
+  trap 'stop=1; [ -n "$pid" ] && kill -TERM "$pid" 2> /dev/null' TERM INT
+  "$PY" -m mim_jax.main "${args[@]}" >> "$ROOT/$name.log" 2>&1 < /dev/null &
   pid=$!
-  trap 'kill -TERM "$pid" 2> /dev/null' TERM INT
+  ((stop)) && kill -TERM "$pid" 2> /dev/null
   while :; do
     wait "$pid"; status=$?
     kill -0 "$pid" 2> /dev/null || break  # exited, not a wait cut short by a signal
   done
   trap - TERM INT
   echo $((before + SECONDS - start)) > "$ROOT/$name.seconds"
+  # Stopped on request: a training run exits 75 with its checkpoint written; one stopped before
+  # its first step, or an evaluation job (no checkpoint: it starts again), dies of the signal.
+  ((stop)) && [ "$status" -gt 128 ] && status=75
   case $status in
     0) ;;
-    75) echo "$name stopped by SIGTERM with its checkpoint written: rerun to resume"; exit 75 ;;
+    75) echo "$name stopped by SIGTERM (a training run with its checkpoint written): rerun" \
+             "to resume"; exit 75 ;;
     *) echo "$name failed (exit $status): see $ROOT/$name.log"; exit 1 ;;
   esac
 }
@@ -205,12 +223,6 @@ if has lowlabel; then
   # ImageNet, 30 on 10%): 15 epochs of 600 images would be 35 steps. Both inits get the same
   # budget and their own lr / Mixup chosen on the held-out split with all the labels; warmup
   # is a tenth of the run, as in the 15-epoch recipe.
-  for init in $LOWLABEL_INITS; do
-    case $init in
-      mae|scratch) ;;
-      *) echo "LOWLABEL_INITS: unknown '$init' (mae, scratch)"; exit 1 ;;
-    esac
-  done
   listed "$LOWLABEL_INITS" mae && { mae_flags=$(pick tune_mae) || exit 1; }
   listed "$LOWLABEL_INITS" scratch && { scratch_flags=$(pick tune_scratch) || exit 1; }
   for spec in $LOWLABEL; do

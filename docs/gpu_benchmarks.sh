@@ -56,8 +56,9 @@ bench() {  # NAME SECONDS_NEEDED, then the arguments of mim_jax.bench (XLA_FLAGS
   echo "== $name: XLA_FLAGS='${XLA_FLAGS:-}' python -m mim_jax.bench $*" | tee -a "$OUT/commands.txt"
   local start=$SECONDS steps=(--steps="$STEPS")
   case " $* " in *" --pipeline "*|*" --feed "*) steps=() ;; esac  # they time no steps
-  # --foreground: the benchmark stays in this process group, so a Ctrl-C reaches it too.
-  timeout --foreground "$left" "$PY" -m mim_jax.bench "${steps[@]}" "$@" 2> "$OUT/$name.err" \
+  # --foreground: the benchmark stays in this process group, so a Ctrl-C reaches it too
+  # (--kill-after: one that ignores the SIGTERM at the time limit is killed 30 s later).
+  timeout --foreground --kill-after=30 "$left" "$PY" -m mim_jax.bench "${steps[@]}" "$@" 2> "$OUT/$name.err" \
       | tee -a "$OUT/bench.jsonl" \
       || echo "== $name: failed or cut short, see errors.log" | tee -a "$OUT/commands.txt"
   echo "== $name: $((SECONDS - start)) s" | tee -a "$OUT/commands.txt"
@@ -79,8 +80,9 @@ bench vitl 90 "--config=$VITL" "${common[@]}" --peer=none --profile="$OUT/profil
 # 2. The eager PyTorch peer in its own process.
 bench vitl_hf 60 "--config=$VITL" "${common[@]}" --peer=hf --peers_only
 # 3. ViT-B/16: MAE, with mask tokens through the encoder, SimMIM and MaskFeat.
+vitb_dir=$(dirname "$VITB") vitb_file=$(basename "$VITB")
 bench vitb 90 "--config=$VITB" "${common[@]}" --asymmetry --peer=none \
-    --also="${VITB/mae_/simmim_}" --also="${VITB/mae_/maskfeat_}"
+    --also="$vitb_dir/simmim_${vitb_file#mae_}" --also="$vitb_dir/maskfeat_${vitb_file#mae_}"
 # 4. The whole loop on Fashion-MNIST (the docs/fmnist_gpu.sh recipe) against its bare step;
 #    FMNIST_DIR: the data's folder when not the Debian package's.
 FMNIST=()
@@ -95,7 +97,7 @@ loop() {  # NAME, then overrides
              --config.viz_every=0 "${FMNIST[@]}" "$@" --workdir="$OUT/$name")
   echo "== $name: python ${cmd[*]}" | tee -a "$OUT/commands.txt"
   rm -rf "${OUT:?}/$name"
-  timeout --foreground "$left" "$PY" "${cmd[@]}" > "$OUT/$name.log" 2>&1 || echo "== $name: failed" >> "$OUT/commands.txt"
+  timeout --foreground --kill-after=30 "$left" "$PY" "${cmd[@]}" > "$OUT/$name.log" 2>&1 || echo "== $name: failed" >> "$OUT/commands.txt"
   # The last logged rate (the last sixth of the steps), after compilation and the start.
   "$PY" - "$OUT/$name" "$name" <<'EOF' | tee -a "$OUT/bench.jsonl"
 import json, sys

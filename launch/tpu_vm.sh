@@ -144,12 +144,19 @@ cleanup() {
 }
 
 # 1. Create. The clean-up is armed first: a Ctrl-C during the minutes a creation takes would
-# otherwise leave the VM (or the queued resource) being created, and never deleted.
+# otherwise leave the VM (or the queued resource) being created, and never deleted. A creation
+# that fails by itself (e.g. the name is taken by a VM of another run) deletes nothing.
 if ((!dry_run)); then
   trap cleanup EXIT
   trap 'exit 130' INT TERM
 fi
-run "${create[@]}"
+create_status=0
+run "${create[@]}" || create_status=$?
+if ((create_status)); then
+  trap - EXIT
+  rm -f "$archive"
+  exit "$create_status"
+fi
 if ((queued)); then
   state_cmd=(gcloud compute tpus queued-resources describe "$name" "${common[@]}"
              --format='value(state.state)')

@@ -478,8 +478,10 @@ def with_overrides(config, spec: str):
   timed under the same settings (they acted on --config alone); UsageError for a field the
   --also config does not have."""
   overrides = config_flags.get_override_values(FLAGS["config"])
+  locked = config.copy_and_resolve_references()
+  locked.lock()  # a field it lacks is an error, not a new field nobody reads
   try:
-    return _variant(config, **overrides) if overrides else config
+    return _variant(locked, **overrides) if overrides else config
   except (AttributeError, KeyError, TypeError) as e:
     raise app.UsageError(f"--also={spec}: the --config overrides act on every row, and this "
                          f"config cannot take one of {sorted(overrides)} ({e})") from None

@@ -175,8 +175,9 @@ def test_also_configs_take_the_command_lines_overrides(monkeypatch):
   spec = f"{REPO}/configs/simmim_fmnist.py"
   config = bench.with_overrides(bench.load_config(spec), spec)
   assert config.model.remat == "full" and config.masking.ratio == 0.5
-  overrides = {"decoder.depth": 2}  # SimMIM has no decoder
-  with pytest.raises(bench.app.UsageError, match=r"--also=.*simmim_fmnist.py: the --config "
-                     r"overrides act on every row, and this config cannot take one of "
-                     r"\['decoder.depth'\]"):
-    bench.with_overrides(bench.load_config(spec), spec)
+  for missing in ("decoder.depth", "masking.no_such_field"):  # SimMIM has no decoder
+    overrides = {missing: 2}
+    with pytest.raises(bench.app.UsageError, match=r"--also=.*simmim_fmnist.py: the --config "
+                       r"overrides act on every row, and this config cannot take one of "
+                       rf"\['{missing}'\]"):
+      bench.with_overrides(bench.load_config(spec), spec)

@@ -247,14 +247,23 @@ def test_tpu_settings_that_would_fail_after_the_vm_exists_are_refused_first(tmp_
   assert not (tmp_path / "calls.log").exists()
 
 
-def test_tpu_deletes_what_an_interrupted_or_failed_creation_may_have_left(tmp_path):
-  """The clean-up is armed before the creation: a creation that fails (or a Ctrl-C during its
-  minutes) still ends with the delete."""
+def test_tpu_deletes_what_an_interrupted_creation_may_have_left_but_not_after_a_refusal(
+    tmp_path):
+  """The clean-up is armed before the creation: a Ctrl-C during its minutes (here the stand-in
+  gcloud interrupts the script) ends with the delete; a creation that fails by itself (a name
+  already taken by another run's VM) deletes nothing."""
+  interrupted = 'if [[ "$*" == *" create "* ]]; then kill -INT $PPID; exit 130; fi'
+  env = _fake_bin(tmp_path, "gcloud", interrupted)
+  out = _bash(TPU, *TPU_ARGS, f"--log={tmp_path}/train.log", env=env)
+  assert out.returncode == 130, out.stderr
+  calls = (tmp_path / "calls.log").read_text().splitlines()
+  assert [" ".join(c.split()[2:4]) for c in calls] == ["tpu-vm create", "tpu-vm delete"]
+  (tmp_path / "calls.log").unlink()
   env = _fake_bin(tmp_path, "gcloud", 'if [[ "$*" == *" create "* ]]; then exit 4; fi')
   out = _bash(TPU, *TPU_ARGS, f"--log={tmp_path}/train.log", env=env)
   assert out.returncode == 4, out.stderr
   calls = (tmp_path / "calls.log").read_text().splitlines()
-  assert [" ".join(c.split()[2:4]) for c in calls] == ["tpu-vm create", "tpu-vm delete"]
+  assert [" ".join(c.split()[2:4]) for c in calls] == ["tpu-vm create"]
 
 
 def test_tpu_bad_name_and_unknown_argument():
@@ -393,6 +402,8 @@ def test_results_script_stops_at_a_run_that_did_not_finish(tmp_path, status, cod
     ({"SECTIONS": "finetune_mached"}, (), "SECTIONS: unknown 'finetune_mached'"),
     ({"SEEDS": "0 one"}, (), "SEEDS: 'one' is not an integer seed"),
     ({"LOWLABEL": "10"}, (), "LOWLABEL: '10' is not PERCENT:EPOCHS"),
+    ({"STUDY_MASKINGS": "random"}, (), "STUDY_MASKINGS: unknown 'random'"),
+    ({"SEEDS": " "}, (), "SEEDS: empty"),
     ({}, ("--help",), "usage: [SECTIONS=... SEEDS=... ...] bash docs/fmnist_results.sh [ROOT]"),
     ({}, ("a", "b"), "usage:"),
 ])
@@ -408,23 +419,28 @@ def test_results_script_refuses_settings_that_would_run_nothing(tmp_path, env, a
   assert not calls.exists() and not (tmp_path / "root").exists()
 
 
-def test_a_sigterm_to_the_results_script_reaches_its_run_and_nothing_outlives_it(tmp_path):
+@pytest.mark.parametrize("interpreter", ["python", "python3"])
+def test_a_sigterm_to_the_results_script_reaches_its_run_and_nothing_outlives_it(tmp_path,
+                                                                                 interpreter):
   """The run gets the script's SIGTERM (it writes a checkpoint and exits 75, here a stand-in
   that does the same), and the script stops with 75: before, the script died alone and the
-  run went on unseen."""
+  run went on unseen. Also where only python3 exists (a wrapper function run in the background
+  would be a subshell that the signal stops alone)."""
   import signal
   import sys
   import time
   stub = """
 if [ "$1 $2" = "-m mim_jax.main" ]; then
-  echo $$ > "$STUB_PID"
   trap 'echo stopped > "$STUB_PID.term"; exit 75' TERM
+  echo $$ > "$STUB_PID.tmp" && mv "$STUB_PID.tmp" "$STUB_PID"
   while :; do sleep 0.1; done
 fi
 exec %s "$@"
 """ % sys.executable
-  env = dict(_fake_bin(tmp_path, "python", stub), STUB_PID=str(tmp_path / "pid"),
+  env = dict(_fake_bin(tmp_path, interpreter, stub), STUB_PID=str(tmp_path / "pid"),
              SECTIONS="pretrain_mae")
+  if interpreter == "python3":  # a machine whose Python answers only to python3
+    env["PATH"] = f"{tmp_path / 'bin'}:/usr/bin:/bin"
   script = subprocess.Popen(["bash", str(RESULTS), str(tmp_path / "root")], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
@@ -559,7 +575,7 @@ def test_results_script_low_label_rows_of_one_init(tmp_path, monkeypatch):
   assert not any("init_from" in a for call in calls for a in call)
   out = _bash(RESULTS, str(tmp_path / "root2"),
               env=dict(os.environ, SECTIONS="lowlabel", LOWLABEL_INITS="mae,scratch"))
-  assert out.returncode == 1 and "LOWLABEL_INITS: unknown 'mae,scratch'" in out.stdout
+  assert out.returncode == 2 and "LOWLABEL_INITS: unknown 'mae,scratch'" in out.stderr
 
 
 # --- docs/gpu_benchmarks.sh and docs/cpu_levers.sh ---------------------------------------------

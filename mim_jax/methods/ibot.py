@@ -10,12 +10,12 @@ the same head shape) predicts them
 One head serves [CLS] and patch tokens (iBOT's shared head). Teacher outputs are centred
 (centres in `extra`, EMA `ibot.center_momentum`, one step per update by the whole batch's mean
 teacher output, also with gradient accumulation: `teachers.accumulate_centre` /
-`update_centres`; iBOT checkpoints written before
-2026-12-03 lack those two arrays and do not restore) and sharpened by a temperature warmed up
-linearly from `warmup_teacher_temp` to `teacher_temp` over `warmup_teacher_temp_epochs`; the
-student temperature is fixed. The teacher follows the student after every update
-(`after_update`) with a momentum going from `ibot.momentum` to 1 along a half cosine over the
-lr schedule. The last layer of the student head (its prototypes) stays exactly as it is for
+`update_centres`; iBOT checkpoints written before 2026-12-03 lack the sums batch_center_cls,
+batch_center_patch and the count batch_micro_batches, and do not restore) and sharpened by a
+temperature warmed up linearly from `warmup_teacher_temp` to `teacher_temp` over
+`warmup_teacher_temp_epochs`; the student temperature is fixed. The teacher follows the
+student after every update (`after_update`) with a momentum going from `ibot.momentum` to 1
+along a half cosine over the lr schedule. The last layer of the student head (its prototypes) stays exactly as it is for
 the first `freeze_last_layer_epochs`: no gradient (`loss`) and no update, weight decay included
 (`wrap_optimizer`). The exported encoder is the teacher's, as iBOT evaluates it.
 
