@@ -15,9 +15,10 @@ batch_center_patch and the count batch_micro_batches, and do not restore) and sh
 temperature warmed up linearly from `warmup_teacher_temp` to `teacher_temp` over
 `warmup_teacher_temp_epochs`; the student temperature is fixed. The teacher follows the
 student after every update (`after_update`) with a momentum going from `ibot.momentum` to 1
-along a half cosine over the lr schedule. The last layer of the student head (its prototypes) stays exactly as it is for
-the first `freeze_last_layer_epochs`: no gradient (`loss`) and no update, weight decay included
-(`wrap_optimizer`). The exported encoder is the teacher's, as iBOT evaluates it.
+along a half cosine over the lr schedule. The last layer of the student head (its
+prototypes) stays exactly as it is for the first `freeze_last_layer_epochs`: no gradient
+(`loss`) and no update, weight decay included (`wrap_optimizer`). The exported encoder is
+the teacher's, as iBOT evaluates it.
 
 Views and masks come from the input pipeline (`data.multicrop.MultiCropAugment` through
 `train_augment`): "global_views" [B, 2, H, W, C], "local_views" [B, L, h, w, C] and
