@@ -17,8 +17,10 @@ class ConfigError(ValueError):
 
 
 def config_error(field: str, value: Any, allowed: str, hint: str = "") -> ConfigError:
-  """Builds a ConfigError of the form `config.<field>=<value> is invalid: <allowed>. <hint>`."""
-  message = f"config.{field}={value!r} is invalid: {allowed}."
+  """Builds a ConfigError of the form `config.<field>=<value> is invalid: <allowed>. <hint>`;
+  a `field` written as a flag ("--tokenizer") is named as it is."""
+  name = field if field.startswith("--") else f"config.{field}"
+  message = f"{name}={value!r} is invalid: {allowed}."
   if hint:
     message += f" {hint}"
   return ConfigError(message)

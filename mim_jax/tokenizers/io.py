@@ -93,10 +93,11 @@ def read_info(path: str, field: str = "tokenizer.path") -> dict:
   return info
 
 
-def load_tokenizer(path: str) -> tuple[dict, dict]:
-  """({"params", "codebook"} as numpy arrays, info) of the tokenizer `path` names."""
-  directory = tokenizer_directory(path)
-  info = read_info(directory)
+def load_tokenizer(path: str, field: str = "tokenizer.path") -> tuple[dict, dict]:
+  """({"params", "codebook"} as numpy arrays, info) of the tokenizer `path` names (errors name
+  `field`: the config's, or a tool's flag such as "--tokenizer")."""
+  directory = tokenizer_directory(path, field)
+  info = read_info(directory, field)
   return checkpoint.restore_on_host(os.path.join(directory, WEIGHTS_DIR)), info
 
 

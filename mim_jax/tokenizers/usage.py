@@ -36,12 +36,14 @@ from mim_jax.tokenizers.models import tokenize, tokenizer_model
 from mim_jax.training.run_errors import EXIT_BAD_INPUT
 
 
-def code_usage(path: str, data_cfg, *, split: str, batch_size: int = 500) -> dict:
+def code_usage(path: str, data_cfg, *, split: str, batch_size: int = 500,
+               field: str = "tokenizer.path") -> dict:
   """Counts the codes of tokenizer `path` over `split` of `data_cfg`: a dict with vocab_size,
   tokens, codes_used, usage and perplexity. Images are read at the tokenizer's size and
   channels and normalised with its mean and std (not data_cfg's: codes of images normalised
-  otherwise would count codes the tokenizer never gives its BEiT run)."""
-  tokenizer, info = io.load_tokenizer(path)
+  otherwise would count codes the tokenizer never gives its BEiT run). Errors name `field`
+  for the path (a tool passes its flag, "--tokenizer")."""
+  tokenizer, info = io.load_tokenizer(path, field)
   if "mean" not in info or "std" not in info:
     raise ConfigError(f"the tokenizer at {path} records no normalisation (mean and std) in its "
                       f"{io.INFO_FILE}: export it with mim_jax, which writes them")
@@ -103,12 +105,11 @@ def main() -> None:
     split = split_flag.value or data.eval_split(config.data)
     try:
       refuse_unread_overrides(config_flags.get_override_values(flags.FLAGS["config"]))
-      out = code_usage(tokenizer.value, config.data, split=split, batch_size=batch.value)
+      out = code_usage(tokenizer.value, config.data, split=split, batch_size=batch.value,
+                       field="--tokenizer")
     except (ConfigError, data.IdxFormatError) as e:
-      # Bad input, reported as the trainer reports it: one line and exit 2, no traceback. The
-      # tokenizer's loader names BEiT's field for the path; here it is the --tokenizer flag.
-      message = str(e).replace("config.tokenizer.path=", "--tokenizer=", 1)
-      print(f"error: {message}", file=sys.stderr)
+      # Bad input, reported as the trainer reports it: one line and exit 2, no traceback.
+      print(f"error: {e}", file=sys.stderr)
       sys.exit(EXIT_BAD_INPUT)
     print(json.dumps({"tokenizer": tokenizer.value, "split": split, **out}))
 
