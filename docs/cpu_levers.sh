@@ -11,13 +11,8 @@
 # status counts the levers that failed (their stderr in OUT/NAME.log).
 #   bash docs/cpu_levers.sh OUT
 set -u
-if [ $# -gt 1 ] || [[ ${1:-} == -* ]]; then
-  echo "usage: bash docs/cpu_levers.sh [OUT]" >&2
-  exit 2
-fi
-# OUT as the caller wrote it (relative to where the command runs), the default in the repo.
-OUT=${1:-workdirs/cpu_levers}
-[ -n "${1:-}" ] && [[ $OUT != /* ]] && OUT="$PWD/$OUT"
+source "$(dirname "$0")/script_args.sh"
+OUT=$(output_dir "bash docs/cpu_levers.sh [OUT]" workdirs/cpu_levers "$@") || exit 2
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 failed=0

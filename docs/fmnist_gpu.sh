@@ -18,13 +18,9 @@
 # (FMNIST_DIR). A SIGTERM or Ctrl-C stops the current run with its checkpoint written (exit 75);
 # the same command resumes.
 set -u
-if [ $# -gt 1 ] || [[ ${1:-} == -* ]]; then
-  echo "usage: [SECTIONS=... MAE_EPOCHS=... ...] bash docs/fmnist_gpu.sh [ROOT]" >&2
-  exit 2
-fi
-# ROOT as the caller wrote it (relative to where the command runs), the default in the repo.
-ROOT=${1:-workdirs/fmnist_gpu}
-[ -n "${1:-}" ] && [[ $ROOT != /* ]] && ROOT="$PWD/$ROOT"
+source "$(dirname "$0")/script_args.sh"
+ROOT=$(output_dir "[SECTIONS=... MAE_EPOCHS=... ...] bash docs/fmnist_gpu.sh [ROOT]" \
+       workdirs/fmnist_gpu "$@") || exit 2
 cd "$(dirname "$0")/.."
 # Machines whose Python answers only to python3.
 command -v python > /dev/null || python() { python3 "$@"; }
@@ -41,14 +37,7 @@ export TRAIN_FLAGS=${TRAIN_FLAGS:-"--config.model.dtype=bfloat16 --config.data.a
 export SECTIONS=${SECTIONS:-"pretrain_mae probe_mae baselines tune_mae finetune_mae tune_scratch
 finetune_scratch"}
 # A SIGTERM or Ctrl-C here reaches the script and through it the run (a checkpoint, exit 75).
-pid="" stop=0
-trap 'stop=1; [ -n "$pid" ] && kill -TERM "$pid" 2> /dev/null' TERM INT
-bash docs/fmnist_results.sh "$ROOT" < /dev/null &
-pid=$!
-((stop)) && kill -TERM "$pid" 2> /dev/null
-while :; do
-  wait "$pid"; status=$?
-  kill -0 "$pid" 2> /dev/null || break
-done
+status=0
+run_passing_signals bash docs/fmnist_results.sh "$ROOT" || status=$?
 echo "fmnist_gpu: $((SECONDS - start)) s, exit $status" | tee -a "$ROOT/machine.txt"
 exit $status

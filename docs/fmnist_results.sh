@@ -51,14 +51,10 @@
 set -u
 ALL_SECTIONS="pretrain_mae baselines probe_mae tune_scratch tune_mae finetune_mae
 finetune_scratch finetune_matched lowlabel methods ratio distill study"
-if [ $# -gt 1 ] || [[ ${1:-} == -* ]]; then
-  echo "usage: [SECTIONS=... SEEDS=... ...] bash docs/fmnist_results.sh [ROOT]" \
-       "(settings are environment variables, listed at the top of this script)" >&2
-  exit 2
-fi
-# ROOT as the caller wrote it (relative to where the command runs), the default in the repo.
-ROOT=${1:-workdirs/fmnist_results}
-[ -n "${1:-}" ] && [[ $ROOT != /* ]] && ROOT="$PWD/$ROOT"
+source "$(dirname "$0")/script_args.sh"
+ROOT=$(output_dir "[SECTIONS=... SEEDS=... ...] bash docs/fmnist_results.sh [ROOT] (settings \
+are environment variables, listed at the top of this script)" workdirs/fmnist_results "$@") \
+    || exit 2
 cd "$(dirname "$0")/.."
 # Machines whose Python answers only to python3. The runs start the interpreter itself (PY):
 # a background function would be a subshell, and a signal to it would not reach the run.
@@ -115,24 +111,13 @@ run() {  # NAME, then the arguments of mim_jax.main
   # An interrupted run resumes: its time so far is kept and added to.
   local before=0
   [ -f "$ROOT/$name.seconds" ] && before=$(cat "$ROOT/$name.seconds")
-  local start=$SECONDS status=0 pid="" stop=0
-  # In the background with the signals passed on: a SIGTERM or Ctrl-C to this script reaches
-  # the run, which writes a checkpoint and exits 75 (a foreground run would outlive a SIGTERM
-  # to the script, and a background job of a script ignores SIGINT). The trap is armed before
-  # the start, so a signal in between is passed on once the pid is known.
-  trap 'stop=1; [ -n "$pid" ] && kill -TERM "$pid" 2> /dev/null' TERM INT
-  "$PY" -m mim_jax.main "${args[@]}" >> "$ROOT/$name.log" 2>&1 < /dev/null &
-  pid=$!
-  ((stop)) && kill -TERM "$pid" 2> /dev/null
-  while :; do
-    wait "$pid"; status=$?
-    kill -0 "$pid" 2> /dev/null || break  # exited, not a wait cut short by a signal
-  done
-  trap - TERM INT
+  local start=$SECONDS status=0
+  # A SIGTERM or Ctrl-C to this script reaches the run, which writes a checkpoint and exits 75.
+  run_passing_signals "$PY" -m mim_jax.main "${args[@]}" >> "$ROOT/$name.log" 2>&1 || status=$?
   echo $((before + SECONDS - start)) > "$ROOT/$name.seconds"
   # Stopped on request: a training run exits 75 with its checkpoint written; one stopped before
   # its first step, or an evaluation job (no checkpoint: it starts again), dies of the signal.
-  ((stop)) && [ "$status" -gt 128 ] && status=75
+  ((STOPPED)) && [ "$status" -gt 128 ] && status=75
   case $status in
     0) ;;
     75) echo "$name stopped by SIGTERM (a training run with its checkpoint written): rerun" \

@@ -22,13 +22,9 @@
 # BATCH=16 STEPS=3 LOOP_STEPS=24 BUDGET=1200 to try it on a CPU). Without internet:
 # docs/offline_bundle.sh.
 set -u -o pipefail
-if [ $# -gt 1 ] || [[ ${1:-} == -* ]]; then
-  echo "usage: [VITB=... BUDGET=... ...] bash docs/gpu_benchmarks.sh [OUT]" >&2
-  exit 2
-fi
-# OUT as the caller wrote it (relative to where the command runs), the default in the repo.
-OUT=${1:-workdirs/gpu_bench}
-[ -n "${1:-}" ] && [[ $OUT != /* ]] && OUT="$PWD/$OUT"
+source "$(dirname "$0")/script_args.sh"
+OUT=$(output_dir "[VITB=... BUDGET=... ...] bash docs/gpu_benchmarks.sh [OUT]" \
+      workdirs/gpu_bench "$@") || exit 2
 cd "$(dirname "$0")/.."
 VITB=${VITB:-configs/mae_vitb.py}
 VITL=${VITL:-configs/mae_vitl.py}

@@ -1,0 +1,39 @@
+# Shared by the docs scripts (sourced, not run): their one argument, and a command that gets the
+# script's signals.
+
+# output_dir USAGE DEFAULT "$@": prints the output folder the script was given (relative to
+# where the command runs) or DEFAULT (relative to the repository); an option or a second
+# argument prints USAGE to stderr and exits 2. Call it before the script changes directory.
+output_dir() {
+  local usage=$1 default=$2; shift 2
+  if [ $# -gt 1 ] || [[ ${1:-} == -* ]]; then
+    echo "usage: $usage" >&2
+    exit 2
+  fi
+  if [ -z "${1:-}" ]; then
+    echo "$default"
+  elif [[ $1 == /* ]]; then
+    echo "$1"
+  else
+    echo "$PWD/$1"
+  fi
+}
+
+# run_passing_signals COMMAND...: runs COMMAND in the background with this script's SIGTERM and
+# SIGINT passed on to it as a SIGTERM (a foreground command would outlive a SIGTERM to the
+# script, and a background job of a script ignores SIGINT); the trap is armed before the start.
+# Returns COMMAND's status; STOPPED is 1 when a signal was passed on.
+run_passing_signals() {
+  local pid="" status
+  STOPPED=0
+  trap 'STOPPED=1; [ -n "$pid" ] && kill -TERM "$pid" 2> /dev/null' TERM INT
+  "$@" < /dev/null &
+  pid=$!
+  ((STOPPED)) && kill -TERM "$pid" 2> /dev/null
+  while :; do
+    wait "$pid"; status=$?
+    kill -0 "$pid" 2> /dev/null || break  # exited, not a wait cut short by a signal
+  done
+  trap - TERM INT
+  return "$status"
+}
