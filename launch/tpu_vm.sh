@@ -21,6 +21,10 @@
 #      logs/tpu-NAME-<time>.log); MIM_JAX_DISTRIBUTED=1 makes every worker start
 #      jax.distributed, which finds the other workers through the TPU metadata;
 #   4. delete the TPU VM (or the queued resource), also after a failure or Ctrl-C, unless --keep.
+#      A Ctrl-C or SIGTERM while training first sends SIGTERM to the training on every worker
+#      and waits for it to exit (the trainer writes a checkpoint at the next step boundary and
+#      exits 75), so neither the delete nor --keep leaves a run without its latest checkpoint
+#      or a run still training on a kept VM.
 # DIR must be reachable from every worker (one checkpoint directory for all of them); CONFIG
 # is a path relative to the repository root. --dry-run prints the commands in order and runs
 # nothing.
@@ -124,17 +128,32 @@ install_cmd+=" && python3 -m pip install -q --upgrade pip"
 # The gcs extra: gs:// workdirs (checkpoints, logs and exports written straight to a bucket).
 install_cmd+=" && python3 -m pip install -q 'jax[tpu]' ~/${remote_dir}'[gcs]'"
 
+# Stops the training on a worker the way a preemption notice would: SIGTERM, then wait for the
+# process to exit (bounded: a checkpoint written to a bucket takes seconds to minutes).
+stop_wait_s=600
+stop_cmd="pkill -TERM -f '^python3 -m mim_jax[.]main' || true; for _ in \$(seq $((stop_wait_s / 5)));"
+stop_cmd+=" do pgrep -f '^python3 -m mim_jax[.]main' >/dev/null || exit 0; sleep 5; done;"
+stop_cmd+=" echo \"mim_jax.main still running on \$(hostname) after ${stop_wait_s} s\" >&2; exit 1"
+
 train_cmd="cd ~/${remote_dir} && MIM_JAX_DISTRIBUTED=1 PYTHONUNBUFFERED=1 python3 -m mim_jax.main"
 train_cmd+=" $(show "--config=$config" "--workdir=$workdir")"
 if ((${#extra[@]})); then
   train_cmd+=" $(show "${extra[@]}")"
 fi
 
+training_pid=""  # the local end of the training command while it runs
 cleanup() {
   local status=$?
+  if [[ -n "$training_pid" ]]; then
+    echo "stopping the training on every worker (SIGTERM: checkpoint, then exit)" >&2
+    if ! run "${ssh_all[@]}" --command="$stop_cmd"; then
+      echo "warning: the training on some worker did not confirm its stop" >&2
+      pkill -TERM -P "$training_pid" 2>/dev/null || true  # the local stream, not to wait on
+    fi
+    wait "$training_pid" 2>/dev/null || true  # the stream ends with the workers' processes
+  fi
   if ((keep)); then
-    echo "kept $name (delete it with: $(show "${delete[@]}"); a run stopped here may still be" \
-         "training on its workers)" >&2
+    echo "kept $name (delete it with: $(show "${delete[@]}"))" >&2
   else
     run "${delete[@]}" || echo "warning: deleting $name failed; if it was created, delete it" \
                               "by hand" >&2
@@ -148,7 +167,8 @@ cleanup() {
 # that fails by itself (e.g. the name is taken by a VM of another run) deletes nothing.
 if ((!dry_run)); then
   trap cleanup EXIT
-  trap 'exit 130' INT TERM
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
 fi
 create_status=0
 run "${create[@]}" || create_status=$?
@@ -194,11 +214,20 @@ run "${ssh_all[@]}" --command="$install_cmd"
 # 3. Train on every worker; the output of all workers goes to the console and the local log.
 if ((dry_run)); then
   echo "$(show "${ssh_all[@]}" --command="$train_cmd") 2>&1 | tee -a $(show "$log_file")"
+  echo "# on Ctrl-C or SIGTERM while it runs: $(show "${ssh_all[@]}" --command="$stop_cmd")"
 else
   mkdir -p "$(dirname "$log_file")"
   echo "+ $(show "${ssh_all[@]}" --command="$train_cmd")" >&2
-  "${ssh_all[@]}" --command="$train_cmd" 2>&1 | tee -a "$log_file"
+  # In the background and waited for: a signal to this script runs its trap at once (bash
+  # defers traps until a foreground command returns), and the stream, which ignores Ctrl-C as
+  # a background job of a script, keeps showing the workers' output while they stop.
+  ( "${ssh_all[@]}" --command="$train_cmd" 2>&1 | tee -a "$log_file" ) &
+  training_pid=$!
+  train_status=0
+  wait "$training_pid" || train_status=$?
+  training_pid=""
   echo "log: $log_file" >&2
+  ((train_status == 0)) || exit "$train_status"
 fi
 
 # 4. Delete (on exit, see cleanup), unless --keep.

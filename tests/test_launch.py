@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -264,6 +266,58 @@ def test_tpu_deletes_what_an_interrupted_creation_may_have_left_but_not_after_a_
   assert out.returncode == 4, out.stderr
   calls = (tmp_path / "calls.log").read_text().splitlines()
   assert [" ".join(c.split()[2:4]) for c in calls] == ["tpu-vm create"]
+
+
+def _running(pid: int) -> bool:
+  """Whether process `pid` exists and has not exited (an exited orphan may wait as a zombie
+  where PID 1 does not reap)."""
+  try:
+    status = pathlib.Path(f"/proc/{pid}/status").read_text()
+  except FileNotFoundError:
+    return False
+  return "State:\tZ" not in status
+
+
+_TRAINING_WORKER = """
+if [[ "$*" == *pkill* ]]; then
+  pid=$(cat "$STUB_DIR/train.pid"); kill -TERM "$pid"
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+elif [[ "$*" == *mim_jax.main* ]]; then
+  echo $$ > "$STUB_DIR/train.pid.tmp"; mv "$STUB_DIR/train.pid.tmp" "$STUB_DIR/train.pid"
+  sleep 120 & echo $! > "$STUB_DIR/sleep.pid"
+  trap 'kill $!; echo "worker: checkpoint written after SIGTERM"; exit 75' TERM
+  wait
+fi
+"""
+
+
+@pytest.mark.parametrize("signal_name, keep", [("SIGTERM", False), ("SIGINT", True)])
+def test_tpu_interrupted_run_stops_the_training_before_deleting_or_keeping(tmp_path, signal_name,
+                                                                           keep):
+  """A Ctrl-C or SIGTERM to the launcher while the workers train sends SIGTERM to the training
+  on every worker and waits for it to exit (the trainer checkpoints first) before the VM is
+  deleted, or kept with nothing left training on it."""
+  env = dict(_fake_bin(tmp_path, "gcloud", _TRAINING_WORKER), STUB_DIR=str(tmp_path))
+  log = tmp_path / "train.log"
+  args = [*TPU_ARGS, f"--log={log}"] + (["--keep"] if keep else [])
+  proc = subprocess.Popen(["bash", str(TPU), *args], cwd=REPO, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  deadline = time.monotonic() + 30
+  while not (tmp_path / "train.pid").exists():
+    assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+    time.sleep(0.1)
+  proc.send_signal(getattr(signal, signal_name))
+  _, stderr = proc.communicate(timeout=60)
+  assert proc.returncode == 128 + getattr(signal, signal_name), stderr
+  calls = (tmp_path / "calls.log").read_text().splitlines()
+  kinds = [" ".join(c.split()[2:4]) for c in calls]
+  assert kinds == (["tpu-vm create", "tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh", "tpu-vm ssh"]
+                   + ([] if keep else ["tpu-vm delete"])), stderr
+  assert "pkill -TERM" in calls[4] and "stopping the training on every worker" in stderr
+  assert "worker: checkpoint written after SIGTERM" in log.read_text()
+  assert ("kept mae-test" in stderr) == keep
+  for pid_file in ("train.pid", "sleep.pid"):  # nothing outlives the launcher
+    assert not _running(int((tmp_path / pid_file).read_text())), pid_file
 
 
 def test_tpu_bad_name_and_unknown_argument():
