@@ -434,6 +434,15 @@ def test_local_views_use_their_own_sincos_grid(stepped):
     ("multicrop.local_scale", (0.5, 0.2), "multicrop.local_scale"),
     ("masking.ratio_range", (0.5, 0.1), "masking.ratio_range"),
     ("masking.mask_probability", 1.5, "masking.mask_probability"),
+    # Settings that would mask nothing, or views that feed no loss: refused, not trained on.
+    ("masking.mask_probability", 0.0, r"mask_probability=0.0 is invalid: a probability in "
+     r"\(0, 1\] \(iBOT: 0.5; 0 masks no sample\)"),
+    ("masking.ratio_range", (0.0, 0.0), r"ratio_range=\(0.0, 0.0\) is invalid: \(lo, hi\) with "
+     r"hi > 0"),
+    ("ibot.lambda_cls", 0.0, r"multicrop.num_local=2 is invalid: 0 when ibot.lambda_cls=0: the "
+     r"local views enter only the \[CLS\] loss"),
+    # iBOT has no data.crop_scale (multi-crop's scales replace it); its views read crop_ratio.
+    ("data.crop_ratio", (2.0, 1.0), r"data.crop_ratio=\(2.0, 1.0\) is invalid"),
 ])
 def test_bad_fields_name_themselves(field, value, match):
   with pytest.raises(ConfigError, match=match):

@@ -866,6 +866,26 @@ def test_resume_with_changes_refuses_another_number_of_data_workers(tmp_path):
   assert (tmp_path / "run" / "config.json").read_text() == saved
 
 
+def test_resume_refuses_initial_values_it_would_not_read(tmp_path):
+  """classifier.head_init_std and model.layer_scale set initial weights only: a resume
+  restores the weights, so another value is refused, also with --resume_with_changes (it was
+  logged and recorded as a change taken, and changed nothing)."""
+  from mim_jax.training import metric_writers, resume_check
+  for method, field, value in (("finetune", "classifier.head_init_std", 0.02),
+                               ("mae", "model.layer_scale", 0.2)):
+    started = tiny_config(method, **{"model.layer_scale": 0.1})
+    workdir = tmp_path / method
+    workdir.mkdir()
+    (workdir / metric_writers.CONFIG_FILE).write_text(
+        metric_writers.config_text(started.to_dict()))
+    resumed = tiny_config(method, **{"model.layer_scale": 0.1, field: value})
+    for allow in (False, True):
+      with pytest.raises(ConfigError, match=rf"config.{field}=.* \({value!r} now\): {field} "
+                         r"sets initial weights only.*\(also with --resume_with_changes\)"):
+        resume_check.check_same_run(str(workdir), resumed, weight_fields=(),
+                                    allow_changes=allow)
+
+
 def test_a_moved_weights_path_resumes_only_on_purpose_and_says_what_it_means(tmp_path, caplog):
   """init_from and a frozen tokenizer's or teacher's path were read at step 0 and live in the
   checkpoint: another path is refused with the reason, and --resume_with_changes takes it as

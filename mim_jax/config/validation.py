@@ -253,9 +253,13 @@ def validate_masking(config, image_size: tuple[int, int], patch: int,
                                 and 0 <= ratio_range[0] <= ratio_range[1] < 1),
           "masking.ratio_range", ratio_range,
           "() (use masking.ratio) or (lo, hi) with 0 <= lo <= hi < 1 (iBOT: (0.1, 0.5))")
+  # Nothing masked in any sample: the masked-patch losses are empty (0) and the masking
+  # settings unread, so the run would train nothing without a word.
+  require(ratio_range == () or ratio_range[1] > 0, "masking.ratio_range", ratio_range,
+          "(lo, hi) with hi > 0 ((0, 0) masks no patch in any sample)")
   prob = m.mask_probability
-  require(is_number(prob) and 0 <= prob <= 1, "masking.mask_probability", prob,
-          "a probability in [0, 1] (iBOT: 0.5)")
+  require(is_number(prob) and 0 < prob <= 1, "masking.mask_probability", prob,
+          "a probability in (0, 1] (iBOT: 0.5; 0 masks no sample)")
   if ratio_range or prob < 1:  # a per-sample ratio (MaskGenerator.variable_ratio)
     field, value = (("masking.ratio_range", ratio_range) if ratio_range
                     else ("masking.mask_probability", prob))

@@ -203,11 +203,14 @@ def _validate_augmentation(data_cfg) -> None:
     _require(not resident or data_cfg.get("augment_on") == "device", "device_resident",
              resident, "False with data.augment_on='host': the images held on the device are "
              "augmented there (set data.augment_on='device')")
-  if "crop_scale" not in data_cfg:  # methods that never augment (frozen-feature jobs)
+  # Each field where the method has it: frozen-feature jobs never augment (none of them), and
+  # iBOT's multi-crop views take their scales from config.multicrop (no crop_scale).
+  if "crop_scale" in data_cfg:
+    scale = _pair(data_cfg.crop_scale)
+    _require(scale is not None and 0 < scale[0] <= scale[1] <= 1, "crop_scale",
+             data_cfg.crop_scale, "(min, max) area fractions with 0 < min <= max <= 1")
+  if "crop_ratio" not in data_cfg:
     return
-  scale = _pair(data_cfg.crop_scale)
-  _require(scale is not None and 0 < scale[0] <= scale[1] <= 1, "crop_scale",
-           data_cfg.crop_scale, "(min, max) area fractions with 0 < min <= max <= 1")
   ratio = _pair(data_cfg.crop_ratio)
   _require(ratio is not None and 0 < ratio[0] <= ratio[1], "crop_ratio", data_cfg.crop_ratio,
            "(min, max) aspect ratios (width/height) with 0 < min <= max")

@@ -124,11 +124,24 @@ class IBOT(base.PretrainingMethod):
 
   @classmethod
   def unread_rules(cls):
+    def warms(c, warmup: str, final: str, weight: str) -> bool:
+      return c.ibot[weight] > 0 and c.ibot[warmup] != c.ibot[final]
     return [
         (("ibot.warmup_teacher_temp", "ibot.warmup_teacher_patch_temp"),
          lambda c: c.ibot.warmup_teacher_temp_epochs > 0,
          "the teacher temperatures start at their final values "
          "(ibot.warmup_teacher_temp_epochs=0)"),
+        (("ibot.warmup_teacher_temp_epochs",),
+         lambda c: (warms(c, "warmup_teacher_temp", "teacher_temp", "lambda_cls")
+                    or warms(c, "warmup_teacher_patch_temp", "teacher_patch_temp",
+                             "lambda_patch")),
+         "no weighted loss's teacher temperature changes during the warmup (each warmup_* "
+         "temperature equals its final one, or its loss weight is 0)"),
+        # A loss weighted 0 leaves its teacher temperatures in the logged metrics alone.
+        (("ibot.teacher_temp", "ibot.warmup_teacher_temp"), lambda c: c.ibot.lambda_cls > 0,
+         "the [CLS] loss is off (ibot.lambda_cls=0)"),
+        (("ibot.teacher_patch_temp", "ibot.warmup_teacher_patch_temp"),
+         lambda c: c.ibot.lambda_patch > 0, "the patch loss is off (ibot.lambda_patch=0)"),
         (("multicrop.local_scale", "multicrop.local_size"),
          lambda c: c.multicrop.num_local > 0, "there are no local views (multicrop.num_local=0)"),
         # 0 is what a one-channel image gets anyway (ibot_fmnist.py sets it).
@@ -165,6 +178,9 @@ class IBOT(base.PretrainingMethod):
                 "a number >= 0 (iBOT: 1.0)")
     v.require(b.lambda_cls + b.lambda_patch > 0, "ibot.lambda_patch", b.lambda_patch,
               "a positive weight when ibot.lambda_cls is 0 (one loss must remain)")
+    v.require(b.lambda_cls > 0 or config.multicrop.num_local == 0, "multicrop.num_local",
+              config.multicrop.num_local, "0 when ibot.lambda_cls=0: the local views enter "
+              "only the [CLS] loss, so they would cost compute and change nothing")
     multicrop.validate_config(config.multicrop, image_size, patch)
 
   @classmethod

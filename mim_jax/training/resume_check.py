@@ -68,6 +68,10 @@ CHANGEABLE_ON_RESUME = (
 # into another number of workers.
 FIXED_ON_RESUME = ("data.num_workers",)
 
+# Fields read only when the weights are first made (initial values): a resume restores the
+# weights, so another value would change nothing, with or without `allow_changes`.
+READ_AT_INIT = ("classifier.head_init_std", "model.layer_scale")
+
 # Fields added after runs had started, with the value those runs used implicitly, for fields
 # a config file may set otherwise (configs/maskfeat_vitb.py asks MaskFeat's own HOG bins, the
 # ImageNet fine-tuning recipe RandAugment and random erasing; the earlier runs binned as
@@ -135,6 +139,14 @@ def check_same_run(workdir: str, config, *, weight_fields: tuple[str, ...],
         "its checkpoints hold the data position of each worker process, which no other "
         f"number of workers can take up, so it resumes only with {key}={old!r} (also with "
         "--resume_with_changes). Give the new setting another --workdir.")
+  at_init = [(key, old, new) for key, old, new in changes if key in READ_AT_INIT]
+  if at_init:
+    key, old, new = at_init[0]
+    raise ConfigError(
+        f"{workdir} holds a run to resume, started with config.{key}={old!r} ({new!r} now): "
+        f"{key} sets initial weights only, and a resume restores the weights from the "
+        f"checkpoint, so the new value would change nothing (also with --resume_with_changes). "
+        "Give the new setting another --workdir.")
   moved = [key for key, _, _ in changes if key in weight_fields]
   if not allow_changes:
     weights = (f" {', '.join(moved)}: the weights were read when the run started and are "
