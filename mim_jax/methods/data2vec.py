@@ -81,10 +81,7 @@ class Data2Vec(base.PretrainingMethod):
   def unread_rules(cls):
     return [(("teacher.ema_decay",), lambda c: c.teacher.ema_anneal_fraction > 0,
              "the EMA decay is teacher.ema_end_decay from the start "
-             "(teacher.ema_anneal_fraction=0)"),
-            (("teacher.ema_anneal_fraction",),
-             lambda c: c.teacher.ema_decay != c.teacher.ema_end_decay,
-             "the EMA decay has nothing to anneal (teacher.ema_decay = teacher.ema_end_decay)")]
+             "(teacher.ema_anneal_fraction=0)")]
 
   @classmethod
   def validate(cls, config):

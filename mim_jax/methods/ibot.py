@@ -124,19 +124,11 @@ class IBOT(base.PretrainingMethod):
 
   @classmethod
   def unread_rules(cls):
-    def warms(c, warmup: str, final: str, weight: str) -> bool:
-      return c.ibot[weight] > 0 and c.ibot[warmup] != c.ibot[final]
     return [
         (("ibot.warmup_teacher_temp", "ibot.warmup_teacher_patch_temp"),
          lambda c: c.ibot.warmup_teacher_temp_epochs > 0,
          "the teacher temperatures start at their final values "
          "(ibot.warmup_teacher_temp_epochs=0)"),
-        (("ibot.warmup_teacher_temp_epochs",),
-         lambda c: (warms(c, "warmup_teacher_temp", "teacher_temp", "lambda_cls")
-                    or warms(c, "warmup_teacher_patch_temp", "teacher_patch_temp",
-                             "lambda_patch")),
-         "no weighted loss's teacher temperature changes during the warmup (each warmup_* "
-         "temperature equals its final one, or its loss weight is 0)"),
         # A loss weighted 0 leaves its teacher temperatures in the logged metrics alone.
         (("ibot.teacher_temp", "ibot.warmup_teacher_temp"), lambda c: c.ibot.lambda_cls > 0,
          "the [CLS] loss is off (ibot.lambda_cls=0)"),

@@ -56,10 +56,7 @@ class DVAETokenizer(VQTokenizer):
     return [*super().unread_rules(),
             (("tokenizer.temp_start",), lambda c: c.tokenizer.temp_anneal_fraction > 0,
              "the temperature is tokenizer.temp_end from the start "
-             "(tokenizer.temp_anneal_fraction=0)"),
-            (("tokenizer.temp_anneal_fraction",),
-             lambda c: c.tokenizer.temp_start != c.tokenizer.temp_end,
-             "the temperature has nothing to anneal (tokenizer.temp_start = tokenizer.temp_end)")]
+             "(tokenizer.temp_anneal_fraction=0)")]
 
   @classmethod
   def validate(cls, config):
