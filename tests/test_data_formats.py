@@ -160,7 +160,7 @@ def test_channel_statistics_and_their_overrides(tmp_path):
   folder = tmp_path / "bands"
   folder.mkdir()
   images = _npy_folder(folder, channels=3)
-  mean, std, count = stats.channel_stats(_npy_cfg(folder), channels=3)
+  mean, std, count = stats.channel_stats(_npy_cfg(folder), image_size=(8, 8), channels=3)
   unit = images.astype(np.float64) / 65535.0
   np.testing.assert_allclose(mean, unit.mean(axis=(0, 1, 2)), rtol=1e-9)
   np.testing.assert_allclose(std, unit.std(axis=(0, 1, 2)), rtol=1e-9)
@@ -170,7 +170,7 @@ def test_channel_statistics_and_their_overrides(tmp_path):
   held.update(holdout=16, label_fraction=0.5)
   rows = sources.train_indices(held, np.arange(64) % 4)
   assert len(rows) == 24
-  got_mean, got_std, got_count = stats.channel_stats(held, channels=3)
+  got_mean, got_std, got_count = stats.channel_stats(held, image_size=(8, 8), channels=3)
   assert got_count == 24
   np.testing.assert_allclose(got_mean, unit[rows].mean(axis=(0, 1, 2)), rtol=1e-9)
   np.testing.assert_allclose(got_std, unit[rows].std(axis=(0, 1, 2)), rtol=1e-8)
@@ -185,6 +185,31 @@ def test_channel_statistics_and_their_overrides(tmp_path):
   assert out.stdout.strip() == line
 
 
+def test_channel_statistics_of_generated_images_at_the_configs_size(tmp_path):
+  """Synthetic images are made at the size asked: the statistics read them at the config's
+  image_size (they were made at 1x1, whose one pixel per image gave a std 3.7x too small)."""
+  cfg = registry.base_config("mae").data
+  cfg.update(source="synthetic", synthetic_size=20)
+  mean, std, count = stats.channel_stats(cfg, image_size=(16, 16), channels=3)
+  images = np.stack([sources.SyntheticSource(20, (16, 16), 3)[i]["image"] for i in range(20)])
+  unit = images.astype(np.float64) / 255.0
+  assert count == 20
+  np.testing.assert_allclose(mean, unit.mean(axis=(0, 1, 2)), rtol=1e-9)
+  np.testing.assert_allclose(std, unit.std(axis=(0, 1, 2)), rtol=1e-8)
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--max_images=-1",), "error: --max_images=-1 is invalid: an image count >= 0"),
+    (("--config.data.path=/no/such/folder",), "error: config.data.path='/no/such/folder' is "
+     "invalid: an existing folder with the Fashion-MNIST IDX files"),
+])
+def test_channel_statistics_command_refuses_bad_input_in_one_line(args, says):
+  out = subprocess.run([sys.executable, "-m", "mim_jax.data.stats",
+                        f"--config={REPO}/configs/mae_fmnist.py", *args],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and out.stderr.startswith(says), out.stderr[-2000:]
+
+
 def test_channel_statistics_skip_a_bad_image_as_its_error_advises(tmp_path):
   """BadImageError advises data.on_bad_image='skip', and the statistics tool follows the
   setting as training does (it used to decode with 'raise' whatever the config said)."""
@@ -196,7 +221,7 @@ def test_channel_statistics_skip_a_bad_image_as_its_error_advises(tmp_path):
   cfg = registry.base_config("mae").data
   cfg.update(source="image_folder", path=str(tmp_path / "images"), on_bad_image="raise")
   with pytest.raises(transforms.BadImageError, match=r"2.png.*on_bad_image='skip'"):
-    stats.channel_stats(cfg, channels=3)
+    stats.channel_stats(cfg, image_size=(8, 8), channels=3)
   # The command says so in one line, as the trainer does (it printed a traceback).
   out = subprocess.run([sys.executable, "-m", "mim_jax.data.stats",
                         f"--config={REPO}/configs/mae_fmnist.py",
@@ -208,7 +233,7 @@ def test_channel_statistics_skip_a_bad_image_as_its_error_advises(tmp_path):
   assert out.stderr.startswith("error: ") and "2.png" in out.stderr, out.stderr[-2000:]
   assert "Traceback" not in out.stderr
   cfg.on_bad_image = "skip"
-  mean, std, count = stats.channel_stats(cfg, channels=3)
+  mean, std, count = stats.channel_stats(cfg, image_size=(8, 8), channels=3)
   assert count == 2
   np.testing.assert_allclose(mean, [0.3] * 3)
   np.testing.assert_allclose(std, [0.1] * 3, atol=1e-7)

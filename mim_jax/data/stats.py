@@ -22,10 +22,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mim_jax.config.errors import ConfigError, refuse_extra_arguments
+from mim_jax.config.errors import ConfigError, config_error, refuse_extra_arguments
 from mim_jax.data import bad_images, sources
 from mim_jax.data.idx import IdxFormatError
 from mim_jax.data.transforms import BadImageError, DecodeImage
+from mim_jax.data.validation import validate_data_config
 from mim_jax.training.run_errors import EXIT_BAD_INPUT
 
 FLAGS = flags.FLAGS
@@ -38,13 +39,16 @@ def _define_flags() -> None:
   flags.mark_flags_as_required(["config"])
 
 
-def channel_stats(data_cfg, *, channels: int, max_images: int = 0) -> tuple[np.ndarray, ...]:
+def channel_stats(data_cfg, *, image_size: tuple[int, int], channels: int,
+                  max_images: int = 0) -> tuple[np.ndarray, ...]:
   """(mean [C], std [C], images used) of the training split of `data_cfg` as training reads
   it (`sources.build_train_source`: holdout and label subset applied), in [0, 1] units.
+  `image_size` (the config's) matters where the source makes the images at the size asked
+  (synthetic); stored images are read at their own size.
 
   An undecodable image is handled as training handles it (data.on_bad_image): "raise" stops
   with BadImageError, "skip" warns and leaves it out of the sums and the count."""
-  source = sources.build_train_source(data_cfg, image_size=(1, 1), channels=channels)
+  source = sources.build_train_source(data_cfg, image_size=tuple(image_size), channels=channels)
   decode = DecodeImage(channels=channels, on_bad_image=data_cfg.on_bad_image,
                        skip_log_dir=bad_images.log_directory())
   read = len(source) if max_images <= 0 else min(max_images, len(source))
@@ -78,8 +82,16 @@ def main(argv) -> None:
   refuse_extra_arguments(argv)
   config = FLAGS.config
   try:
-    mean, std, count = channel_stats(config.data, channels=config.channels,
-                                     max_images=FLAGS.max_images)
+    if FLAGS.max_images < 0:
+      raise config_error("--max_images", FLAGS.max_images, "an image count >= 0 (0: all)")
+    # The checks training makes first (a missing folder or file is one line, not a traceback),
+    # but for the normalisation this command computes: the config's may not fit the data yet.
+    checked = config.data.copy_and_resolve_references()
+    with checked.unlocked():
+      checked.mean, checked.std = (0.0,), (1.0,)
+    validate_data_config(checked, image_size=tuple(config.image_size), channels=config.channels)
+    mean, std, count = channel_stats(config.data, image_size=config.image_size,
+                                     channels=config.channels, max_images=FLAGS.max_images)
   except (BadImageError, ConfigError, IdxFormatError) as e:
     # Bad input, reported as the trainer reports it: one line and exit 2, no traceback.
     print(f"error: {e}", file=sys.stderr)
