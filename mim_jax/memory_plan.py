@@ -39,7 +39,8 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
-from mim_jax.config.errors import refuse_extra_arguments
+from mim_jax.config.errors import ConfigError, config_error, refuse_extra_arguments
+from mim_jax.training.run_errors import EXIT_BAD_INPUT
 
 FLAGS = flags.FLAGS
 
@@ -51,7 +52,8 @@ def _define_flags() -> None:
                                   lock_config=True)
   flags.DEFINE_string("mesh", "", "AXIS:SIZE[,AXIS:SIZE...], e.g. fsdp:8 or data:2,fsdp:4 "
                       "(empty: config.mesh on --devices devices).")
-  flags.DEFINE_integer("devices", 0, "Simulated devices when --mesh is empty (or has a -1).")
+  flags.DEFINE_integer("devices", 0, "Simulated devices for a mesh with a -1 axis (the config's "
+                       "default data:-1 among them); otherwise the mesh's product.")
   flags.DEFINE_integer("batch", 0, "Global batch size (0: config.global_batch_size).")
   flags.DEFINE_enum("rules", "config", ["config", "fsdp", "replicate"],
                     "Sharding rules: the config's, config_defaults.fsdp_rules(), or replicate.")
@@ -63,13 +65,18 @@ SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
 def parse_mesh(text: str) -> list[tuple[str, int]]:
-  """"data:2,fsdp:4" -> [("data", 2), ("fsdp", 4)]."""
+  """"data:2,fsdp:4" -> [("data", 2), ("fsdp", 4)]; ConfigError naming --mesh otherwise (a
+  size is a positive count, or -1 for one axis that takes the remaining devices)."""
   out = []
   for item in filter(None, (t.strip() for t in text.split(","))):
     name, sep, size = item.partition(":")
-    if not sep or not size.lstrip("-").isdigit():
-      raise ValueError(f"--mesh={text!r}: expected AXIS:SIZE[,AXIS:SIZE...], e.g. fsdp:8")
+    if not sep or not name or not size.lstrip("-").isdigit() or int(size) == 0 \
+        or int(size) < -1:
+      raise config_error("--mesh", text, "AXIS:SIZE[,AXIS:SIZE...] with positive sizes (or -1 "
+                         "for one axis: the remaining devices), e.g. fsdp:8 or data:2,fsdp:4")
     out.append((name, int(size)))
+  if [size for _, size in out].count(-1) > 1:
+    raise config_error("--mesh", text, "at most one axis of size -1")
   return out
 
 
@@ -136,19 +143,51 @@ def format_plan(result: dict[str, Any], hbm_gib: float = 0.0) -> str:
   return "\n".join(lines)
 
 
-def _num_devices(mesh_cfg, devices_flag: int) -> int:
+def num_devices(mesh_cfg, devices_flag: int, mesh_source: str) -> int:
+  """The simulated device count: the mesh's product, or --devices where the mesh has a -1
+  axis (or none). ConfigError for a count the mesh contradicts or cannot take; `mesh_source`
+  names where the mesh came from ("--mesh", or the config's field "mesh")."""
   sizes = [int(s) for _, s in mesh_cfg]
-  if devices_flag:
-    return devices_flag
-  if -1 in sizes:
-    raise ValueError("--mesh has a -1 size: give the device count with --devices")
-  return math.prod(sizes)
+  fixed = math.prod(s for s in sizes if s != -1)
+  shown = mesh_source if mesh_source.startswith("--") else f"config.{mesh_source}"
+  if devices_flag < 0:
+    raise config_error("--devices", devices_flag, "a device count >= 0 (0: the mesh's product)")
+  if -1 not in sizes and sizes:
+    if devices_flag and devices_flag != fixed:
+      raise config_error("--devices", devices_flag, f"{fixed}, the product of {shown}'s "
+                         "sizes, or left out: it counts the devices only for a mesh with a -1 "
+                         "axis")
+    return fixed
+  if not devices_flag:
+    raise config_error(mesh_source, mesh_cfg, "sizes that multiply to a device count: it has a "
+                       "-1 axis (the remaining devices) and no simulated machine to fill it; give "
+                       "--devices=N, or --mesh=AXIS:SIZE[,...] with every size")
+  if devices_flag % fixed:
+    raise config_error("--devices", devices_flag, f"a multiple of {fixed}, the product of "
+                       f"{shown}'s other axes")
+  return devices_flag
 
 
 def main(argv) -> None:
   refuse_extra_arguments(argv)
+  try:
+    _plan_from_flags()
+  except ConfigError as e:  # bad input: one line and exit 2, as the trainer reports it
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def _plan_from_flags() -> None:
+  from mim_jax import registry
   from mim_jax.config import defaults as config_defaults
   config = FLAGS.config
+  if FLAGS.batch < 0:
+    raise config_error("--batch", FLAGS.batch, "a global batch size >= 0 (0: the config's)")
+  if FLAGS.hbm_gib < 0:
+    raise config_error("--hbm_gib", FLAGS.hbm_gib, "device memory in GiB >= 0 (0: no fit check)")
+  if registry.method_class(config.method).kind == "job":
+    raise config_error("method", config.method, "a method with a train step (frozen-feature "
+                       "jobs such as knn and probe train nothing to plan)")
   with config.unlocked():
     if FLAGS.mesh:
       config.mesh = parse_mesh(FLAGS.mesh)
@@ -166,7 +205,10 @@ def main(argv) -> None:
       print(f"config.compiler_options={config.compiler_options!r} not applied: the plan is "
             "compiled by XLA:CPU", file=sys.stderr)
       config.compiler_options = ""
-  n = _num_devices(config.mesh, FLAGS.devices)
+  n = num_devices(config.mesh, FLAGS.devices, "--mesh" if FLAGS.mesh else "mesh")
+  # Every check a run makes before it starts (the batch against the mesh among them), before
+  # JAX starts and the compile.
+  registry.validate_config(config)
   # XLA:CPU's default scheduler favours concurrency and keeps recomputed (remat) activations
   # alive as long as stored ones; the memory-minimising scheduler is closer to what GPU and
   # TPU compilers do under a memory limit. Read when JAX starts its backend, i.e. below.

@@ -317,3 +317,36 @@ def test_memory_plan_command(tmp_path):
   assert "remat full" in text and "fits in 1 GiB: yes" in text, text
   for row in ("params", "opt_state", "xla temp", "peak estimate"):
     assert re.search(rf"^  {row} +[0-9.]+ GiB", text, re.M), (row, text)
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--mesh=fsdp8",), "--mesh='fsdp8' is invalid: AXIS:SIZE[,AXIS:SIZE...] with positive"),
+    (("--mesh=data:0",), "--mesh='data:0' is invalid"),
+    (("--mesh=data:-1,fsdp:-1", "--devices=4"), "--mesh='data:-1,fsdp:-1' is invalid: at most "
+     "one axis of size -1"),
+    (("--mesh=fsdp:8", "--devices=4"), "--devices=4 is invalid: 8, the product of --mesh's "
+     "sizes, or left out"),
+    (("--mesh=data:-1,fsdp:2", "--devices=3"), "--devices=3 is invalid: a multiple of 2"),
+    (("--mesh=data:-1", "--devices=-2"), "--devices=-2 is invalid: a device count >= 0"),
+    # The config's own mesh, data:-1, with no machine to count: the field is named, not --mesh.
+    ((), "config.mesh=(('data', -1),) is invalid: sizes that multiply to a device count: it "
+     "has a -1 axis"),
+    (("--mesh=data:2", "--batch=7"), "config.global_batch_size=7 is invalid: a multiple of"),
+    (("--mesh=data:2", "--batch=-4"), "--batch=-4 is invalid"),
+    (("--mesh=data:2", "--hbm_gib=-1"), "--hbm_gib=-1.0 is invalid"),
+    (("--mesh=data:2", "--config=configs/knn_fmnist.py"), "config.method='knn' is invalid: a "
+     "method with a train step"),
+])
+def test_memory_plan_refuses_bad_flags_in_one_line_before_compiling(args, says):
+  """Each bad value is one line naming the flag or field and exit 2, before JAX compiles
+  anything (they were tracebacks, a plain --config=X among them, naming a --mesh never given);
+  --devices beside a mesh of fixed sizes that it contradicts was silently ignored."""
+  config = [a for a in args if a.startswith("--config=")] or ["--config=configs/mae_fmnist.py"]
+  out = subprocess.run(
+      [sys.executable, "-m", "mim_jax.memory_plan", *config,
+       *[a for a in args if not a.startswith("--config=")]],
+      cwd=REPO, capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, PYTHONPATH=str(REPO)))
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert out.stderr.startswith(f"error: {says}"), out.stderr[-3000:]
+  assert "Traceback" not in out.stderr
