@@ -62,10 +62,27 @@ def test_explicit_flags_win_over_the_environment(calls, monkeypatch):
     (("", 2, 0), "missing --coordinator_address"),
     (("host:1", 0, 0), "missing --num_processes"),
     (("host:1", 2, 2), r"--process_id=2 must be in \[0, 2\)"),
+    # Below the "not given" values: they were taken as not given, without a word.
+    (("", -2, -1), r"--num_processes=-2 must be >= 1 \(or left out\)"),
+    (("", 0, -5), r"--process_id=-5 must be >= 0 \(or left out\)"),
 ])
 def test_incomplete_or_inconsistent_flags_are_rejected(calls, args, match):
   with pytest.raises(ValueError, match=match):
     distributed.maybe_initialize(*args)
+  assert calls == []
+
+
+def test_one_process_asked_inside_a_cluster_job_of_several_is_refused(calls, monkeypatch):
+  """--num_processes=1 in every task of a multi-task srun step made each task train alone
+  into the one workdir (an explicit flag wins over the environment)."""
+  for name, value in {**SRUN, "SLURM_NTASKS": "4"}.items():
+    monkeypatch.setenv(name, value)
+  with pytest.raises(ValueError, match=r"--num_processes=1 inside a slurm job of several "
+                     "processes: each of them would train alone"):
+    distributed.maybe_initialize(num_processes=1)
+  assert calls == []
+  monkeypatch.setenv("SLURM_NTASKS", "1")  # a one-task step: one process, as asked
+  distributed.maybe_initialize(num_processes=1)
   assert calls == []
 
 

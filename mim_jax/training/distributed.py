@@ -84,10 +84,21 @@ def initialize_args(coordinator_address: str = "", num_processes: int = 0,
   Raises ValueError for an incomplete or inconsistent set of explicit arguments.
   """
   env = os.environ if env is None else env
+  # 0 and -1 are the flags' "not given"; below them a value would count as not given too.
+  if num_processes < 0:
+    raise ValueError(f"--num_processes={num_processes} must be >= 1 (or left out)")
+  if process_id < -1:
+    raise ValueError(f"--process_id={process_id} must be >= 0 (or left out)")
   explicit = {"coordinator_address": bool(coordinator_address),
               "num_processes": num_processes > 0, "process_id": process_id >= 0}
   if any(explicit.values()):
     if num_processes == 1 and process_id in (-1, 0):
+      cluster = detect_cluster(env)
+      if cluster is not None:
+        raise ValueError(
+            f"--num_processes=1 inside a {cluster} job of several processes: each of them "
+            "would train alone, all into the same workdir. Leave --num_processes out (the "
+            "job's processes then form one run), or start a single process.")
       if coordinator_address:  # a launcher's template with N = 1: nothing to coordinate
         log.info("--num_processes=1: one process, --coordinator_address=%s is not used",
                  coordinator_address)
