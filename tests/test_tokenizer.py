@@ -193,6 +193,10 @@ def test_code_usage_over_a_split_counts_every_token_once(tmp_path):
                                          split="train"))["image"]
   assert not np.array_equal(codes, np.asarray(tokenizers_models.tokenize(
       method.model, tokenizer, jnp.asarray(shifted), l2=True)))
+  # A held-out split of a config that holds nothing out was read as no images and reported
+  # as tokens=0, usage 0: the trainer's check names it before anything is read.
+  with pytest.raises(ConfigError, match=r"config.data.eval_split='holdout' is invalid"):
+    usage.code_usage(str(tmp_path), c.data, split="holdout", batch_size=10)
 
 
 def test_code_usage_refuses_config_overrides_it_would_not_read():
@@ -209,6 +213,15 @@ def test_code_usage_refuses_config_overrides_it_would_not_read():
     assert f"error: config.{field}=" in done.stderr
     assert "is not read by mim_jax.tokenizers.usage" in done.stderr
     assert "Traceback" not in done.stderr
+  # Flags of its own that would fail late or read nothing: one line, before the tokenizer.
+  for flags_, says in ((("--batch_size=0",), "--batch_size=0 is invalid: a positive number"),
+                       (("--split=test", "--config.data.source=synthetic"),
+                        "--split='test' is invalid: left out, or 'holdout'")):
+    done = subprocess.run(
+        [sys.executable, "-m", "mim_jax.tokenizers.usage",
+         "--config=configs/beit_tokenizer_fmnist.py", "--tokenizer=/nonexistent", *flags_],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith(f"error: {says}"), done.stderr
   # A data override is the tool's business: accepted, and the missing tokenizer named by flag.
   done = subprocess.run(
       [sys.executable, "-m", "mim_jax.tokenizers.usage",

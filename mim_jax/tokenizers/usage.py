@@ -29,7 +29,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mim_jax import data
-from mim_jax.config.errors import ConfigError, refuse_extra_arguments
+from mim_jax.config.errors import ConfigError, config_error, refuse_extra_arguments
 from mim_jax.tokenizers import codebook as cb
 from mim_jax.tokenizers import io
 from mim_jax.tokenizers.models import tokenize, tokenizer_model
@@ -49,6 +49,11 @@ def code_usage(path: str, data_cfg, *, split: str, batch_size: int = 500,
                       f"{io.INFO_FILE}: export it with mim_jax, which writes them")
   data_cfg = copy.deepcopy(data_cfg)
   data_cfg.mean, data_cfg.std = tuple(info["mean"]), tuple(info["std"])
+  # The checks training makes before it reads (a missing folder, a holdout split of a config
+  # that holds none out), with `split` as the split evaluated.
+  data_cfg.eval_split = split
+  data.validate_data_config(data_cfg, image_size=tuple(info["image_size"]),
+                            channels=int(info["channels"]))
   model = tokenizer_model(info)
   kind, l2 = info["kind"], bool(info.get("l2_normalize", False))
   vocab = int(info["vocab_size"])
@@ -105,9 +110,17 @@ def main() -> None:
     split = split_flag.value or data.eval_split(config.data)
     try:
       refuse_unread_overrides(config_flags.get_override_values(flags.FLAGS["config"]))
+      if batch.value <= 0:
+        raise config_error("--batch_size", batch.value, "a positive number of images per "
+                           "tokenizer call")
+      if split_flag.value and config.data.source == "synthetic" \
+          and split_flag.value != data.HOLDOUT_SPLIT:
+        raise config_error("--split", split_flag.value, "left out, or 'holdout' (training "
+                           "images held out by data.holdout): data.source='synthetic' has the "
+                           "same images for every split")
       out = code_usage(tokenizer.value, config.data, split=split, batch_size=batch.value,
                        field="--tokenizer")
-    except (ConfigError, data.IdxFormatError) as e:
+    except (ConfigError, data.IdxFormatError, data.BadImageError) as e:
       # Bad input, reported as the trainer reports it: one line and exit 2, no traceback.
       print(f"error: {e}", file=sys.stderr)
       sys.exit(EXIT_BAD_INPUT)
