@@ -67,7 +67,8 @@ from mim_jax.data.validation import validate_data_config
 
 __all__ = [
     "AddTokenMask",
-    "BadImageError", "HOLDOUT_SPLIT", "ITERATOR_HANDLER", "ITERATOR_HANDLER_NAME", "IdxFormatError", "SOURCES",
+    "BadImageError", "HOLDOUT_SPLIT", "ITERATOR_HANDLER", "ITERATOR_HANDLER_NAME",
+    "IdxFormatError", "SOURCES",
     "SubsetSource", "build_source", "build_train_source", "check_saved_position",
     "eval_dataset", "eval_split",
     "iterator_restore_args", "iterator_save_args", "make_eval_iterator", "make_train_iterator",
