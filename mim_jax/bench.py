@@ -63,18 +63,20 @@ def define_flags() -> None:
   flags.DEFINE_multi_string("also", [], "Further config files (PATH[:ARG]) timed in the same "
                             "run, with --batch, --dtype and the --config.FIELD overrides (each "
                             "field must exist in every --also config).")
-  flags.DEFINE_integer("batch", 0, "Global batch for every measurement (0: each config's own).")
+  # Bounds checked by absl when the flags are parsed: one line, before anything runs.
+  flags.DEFINE_integer("batch", 0, "Global batch for every measurement (0: each config's own).",
+                       lower_bound=0)
   flags.DEFINE_string("dtype", "", "Computation dtype for every measurement ('': each config's).")
   flags.DEFINE_string("cpu_devices", "auto", "JAX CPU devices (CPU runs): 'auto' as "
                       "mim_jax.main trains (small encoders: one per core, as many as split "
                       "every row's batch evenly; else 1), or a count (1: one device "
                       "parallelising each operation).")
-  flags.DEFINE_integer("steps", 20, "Timed steps per measurement.")
-  flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation).")
+  flags.DEFINE_integer("steps", 20, "Timed steps per measurement.", lower_bound=1)
+  flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation).", lower_bound=0)
   flags.DEFINE_integer("rounds", 1, "Time the mim_jax rows (configs, variants) in turn, this "
                        "many rounds of steps/rounds steps each, instead of one after the other: "
                        "an A/B of levers a few % apart on a noisy machine. Every row's state "
-                       "is held at once.")
+                       "is held at once.", lower_bound=1)
   flags.DEFINE_list("peer", ["hf"], "Peers timed in the same run: hf, hf_compile, or none.")
   flags.DEFINE_bool("peers_only", False, "Time only the --peer implementations (e.g. a slow "
                     "torch.compile in a process of its own).")
@@ -83,8 +85,9 @@ def define_flags() -> None:
                             "e.g. --variant=model.attention_impl=xla.")
   flags.DEFINE_bool("asymmetry", False, "Also time MAE with mask tokens through the encoder.")
   flags.DEFINE_bool("pipeline", False, "Benchmark the input pipeline instead of train steps.")
-  flags.DEFINE_integer("pipeline_images", 512, "Generated JPEGs for --pipeline.")
-  flags.DEFINE_integer("pipeline_batches", 8, "Timed batches for --pipeline and --feed.")
+  flags.DEFINE_integer("pipeline_images", 512, "Generated JPEGs for --pipeline.", lower_bound=1)
+  flags.DEFINE_integer("pipeline_batches", 8, "Timed batches for --pipeline and --feed.",
+                       lower_bound=1)
   flags.DEFINE_bool("feed", False, "Benchmark the training iterators on the config's data "
                     "instead of train steps.")
   flags.DEFINE_string("profile", "", "Also trace a few steps of each mim_jax row into this "
@@ -568,8 +571,6 @@ def main(argv):
     cpu_devices.configure(FLAGS.cpu_devices, rows, multi_process=False)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  if FLAGS.rounds < 1:
-    raise app.UsageError(f"--rounds={FLAGS.rounds}: at least 1")
   if FLAGS.rounds > 1 and (FLAGS.feed or FLAGS.pipeline or FLAGS.peers_only):
     raise app.UsageError("--rounds alternates the mim_jax train-step rows; --feed, --pipeline "
                          "and --peers_only time none")

@@ -75,6 +75,21 @@ def test_rounds_without_train_step_rows_is_refused():
   assert out.returncode != 0 and "--rounds alternates the mim_jax" in out.stderr
 
 
+@pytest.mark.parametrize("flag, says", [
+    ("--steps=0", "flag --steps=0: 0 is not a positive integer"),  # a median of no steps
+    ("--warmup=-1", "flag --warmup=-1: -1 is not a non-negative integer"),
+    ("--rounds=0", "flag --rounds=0: 0 is not a positive integer"),
+    ("--pipeline_batches=0", "flag --pipeline_batches=0: 0 is not a positive integer"),
+    ("--batch=-8", "flag --batch=-8: -8 is not a non-negative integer"),
+])
+def test_counts_out_of_range_are_refused_when_the_flags_are_parsed(flag, says):
+  """--steps=0 failed at statistics.median([]) after compiling and warming up."""
+  out = subprocess.run([sys.executable, "-m", "mim_jax.bench", "--config=configs/mae_fmnist.py",
+                        flag], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0 and says in out.stderr, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
+
+
 def test_feed_pipeline_and_peers_only_refuse_flags_they_do_not_read():
   """--feed and --pipeline time the input, not train steps: a step flag given with them (or
   the other mode) is refused by name, as is a pipeline row that would time something else than
