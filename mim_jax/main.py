@@ -173,6 +173,7 @@ def run_from_flags(flag_values: flags.FlagValues, cpu_devices_auto: bool = True)
   `cpu_devices_auto` only an explicit --cpu_devices count changes the CPU device count.
   """
   from mim_jax.training import cpu_devices, distributed  # after flag parsing: fast `--help`
+  count = None
   try:
     # Before anything touches JAX devices: the backends start with the device count and the
     # process group.
@@ -182,14 +183,14 @@ def run_from_flags(flag_values: flags.FlagValues, cpu_devices_auto: bool = True)
     if cpu_devices_auto or flag_values.cpu_devices != cpu_devices.AUTO:
       count = cpu_devices.configure(flag_values.cpu_devices, [flag_values.config],
                                     multi_process)
-      if count is not None and count > 1:
-        logging.info("%d JAX CPU devices (--cpu_devices=%s): a run on the CPU splits its "
-                     "batch across the cores", count, flag_values.cpu_devices)
     distributed.maybe_initialize(flag_values.coordinator_address, flag_values.num_processes,
                                  flag_values.process_id)
   except ValueError as e:
     _fail(str(e))
   import jax
+  said = cpu_devices.report(count, flag_values.cpu_devices, jax.default_backend())
+  if said is not None:
+    logging.log(*said)
 
   from mim_jax import data, registry
   from mim_jax.training import checkpoint, loop

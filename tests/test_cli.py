@@ -347,6 +347,22 @@ def test_cgroup_cpu_quota_caps_the_usable_cores(tmp_path):
   assert 1 <= cpu_devices.usable_cores() <= (os.cpu_count() or 1)
 
 
+def test_cpu_device_count_is_reported_for_the_backend_that_trains():
+  """On a GPU or TPU the CPU devices train nothing: an explicit --cpu_devices is reported as
+  not used (it was logged as splitting the batch across the cores), "auto" says nothing."""
+  import logging
+
+  from mim_jax.training import cpu_devices
+  assert cpu_devices.report(2, "auto", "cpu") == (
+      logging.INFO, "2 JAX CPU devices (--cpu_devices=auto): the batch is split across the cores")
+  assert cpu_devices.report(1, "1", "cpu") is None
+  assert cpu_devices.report(None, "4", "cpu") is None  # set by XLA_FLAGS: said when configured
+  assert cpu_devices.report(2, "auto", "gpu") is None
+  assert cpu_devices.report(4, "4", "gpu") == (
+      logging.WARNING, "--cpu_devices=4 is not used: the run trains on gpu, and the CPU devices "
+      "only on the CPU")
+
+
 def test_cpu_devices_split_the_batch_across_the_cores(tmp_path, monkeypatch, caplog):
   """On the CPU a run gets one JAX device per usable core, as many as split its batches
   evenly (the batch runs data parallel); an explicit count and XLA_FLAGS' own count win."""

@@ -866,6 +866,22 @@ def test_resume_with_changes_refuses_another_number_of_data_workers(tmp_path):
   assert (tmp_path / "run" / "config.json").read_text() == saved
 
 
+def test_resume_with_changes_where_nothing_resumes_says_so(tmp_path, caplog, monkeypatch):
+  """A fresh workdir, or a job (k-NN, probe) that runs whole each time: the flag has nothing
+  to act on, and the log says so instead of accepting it without a word."""
+  from mim_jax import registry
+  with caplog.at_level(logging.WARNING, logger="mim_jax.training.loop"):
+    train.run(tiny_mae_config(total_steps=1), str(tmp_path / "fresh"), resume_with_changes=True)
+  assert f"--resume_with_changes is not used: {tmp_path / 'fresh'} holds no checkpoint" \
+      in caplog.text
+  caplog.clear()
+  monkeypatch.setattr(registry.method_class("knn"), "run", classmethod(lambda cls, c, w: {}))
+  with caplog.at_level(logging.WARNING, logger="mim_jax.training.loop"):
+    train.run(tiny_config("knn", init_from="random"), str(tmp_path / "knn"),
+              resume_with_changes=True)
+  assert "--resume_with_changes is not used: method 'knn' is a job" in caplog.text
+
+
 def test_resume_refuses_initial_values_it_would_not_read(tmp_path):
   """classifier.head_init_std and model.layer_scale set initial weights only: a resume
   restores the weights, so another value is refused, also with --resume_with_changes (it was

@@ -148,6 +148,8 @@ def configure(requested: str, configs, multi_process: bool) -> int | None:
                   "device count of this process", requested)
     return None
   if multi_process and not explicit:
+    log.info("--cpu_devices=auto keeps JAX's CPU device count in a run of several processes "
+             "(each process its own share of the cores); give a count to change it")
     return None
   count = int(requested) if explicit else min(count_for(c, usable_cores()) for c in configs)
   try:
@@ -157,3 +159,22 @@ def configure(requested: str, configs, multi_process: bool) -> int | None:
              "stays as it is")
     return None
   return count
+
+
+def report(count: int | None, requested: str, backend: str) -> tuple[int, str] | None:
+  """(logging level, message) about the CPU device count `configure` set (`count`, None when
+  it set none), once JAX's default `backend` is known; None when there is nothing to say.
+  On a GPU or TPU the CPU devices train nothing: an explicit count is then a setting with no
+  effect (a warning), "auto" says nothing."""
+  if count is None:
+    return None
+  if backend != "cpu":
+    if str(requested).strip().lower() == AUTO:
+      return None
+    return (logging.WARNING, f"--cpu_devices={requested} is not used: the run trains on "
+            f"{backend}, and the CPU devices only on the CPU")
+  if count > 1:
+    return (logging.INFO, f"{count} JAX CPU devices (--cpu_devices={requested}): the batch is "
+            "split across the cores")
+  return None
+

@@ -55,6 +55,9 @@ def run(config, workdir: str, file_config=None, resume_with_changes: bool = Fals
   config = setup.prepare(config, file_config)
   cls = registry.method_class(config.method)
   if cls.kind == "job":
+    if resume_with_changes:
+      log.warning("--resume_with_changes is not used: method %r is a job that runs whole "
+                  "each time, with no checkpoint to resume", config.method)
     return cls.run(config, workdir)
   return train(config, workdir, resume_with_changes=resume_with_changes)
 
@@ -90,6 +93,9 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
                                  save_every=config.checkpoint_every, keep=config.keep_checkpoints,
                                  max_consecutive_failures=config.max_consecutive_failed_saves)
   changes = []
+  if ckpt.latest_step() is None and resume_with_changes:
+    log.warning("--resume_with_changes is not used: %s holds no checkpoint, so the run starts "
+                "at step 0 with this config", workdir)
   if ckpt.latest_step() is not None:  # before the data (a device-resident split) is loaded
     try:
       changes = resume_check.check_same_run(
