@@ -71,6 +71,26 @@ def _state(config):
   return method, params, extra, {"image": images, masking.TOKEN_MASK_KEY: jnp.asarray(mask)}
 
 
+def test_a_fresh_state_takes_the_frozen_tokenizer_through_with_initial_weights(tokenizer_dir):
+  """init_train_state holds zeros where the frozen tokenizer goes (a loop of one's own that
+  stopped there trained against them without an error); with_initial_weights, what the
+  trainer calls, reads it in; a method that reads no weights keeps its state as it is."""
+  import optax
+
+  from mim_jax.tokenizers import io
+  from mim_jax.training import step as step_lib
+  method = registry.build_method(tiny_beit_config(tokenizer_dir))
+  tx = optax.adamw(1e-3)
+  fresh = step_lib.init_train_state(method, tx, jax.random.key(0), (1, 16, 16, 3))
+  assert not np.any(np.asarray(fresh.extra["tokenizer"]["codebook"]))
+  state = step_lib.with_initial_weights(method, fresh)
+  loaded, _ = io.load_tokenizer(tokenizer_dir)
+  np.testing.assert_array_equal(state.extra["tokenizer"]["codebook"], loaded["codebook"])
+  mae = registry.build_method(tiny_mae_config())
+  mae_state = step_lib.init_train_state(mae, tx, jax.random.key(0), (1, 16, 16, 3))
+  assert step_lib.with_initial_weights(mae, mae_state) is mae_state
+
+
 def test_targets_are_the_frozen_tokenizers_codes_and_get_no_gradient(tokenizer_dir):
   from mim_jax.tokenizers import io
   from mim_jax.tokenizers import models as tokenizers_models

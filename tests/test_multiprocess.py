@@ -267,7 +267,7 @@ images = np.random.default_rng(0).normal(size=(4, 8, 16, 16, 3)).astype(np.float
 rows = slice(pid * 8 // nproc, (pid + 1) * 8 // nproc)
 for s in range(3):
   state, _ = step(state, parallel.host_batch_to_global({"image": images[s, rows]}, bsh), key)
-params = train._to_host(state.params)  # collective
+params = step_lib.to_host(state.params)  # collective
 iterator = data.make_train_iterator(config.data, image_size=(16, 16), channels=3,
                                     global_batch_size=8, seed=0)
 if mode == "multi":

@@ -260,3 +260,25 @@ def test_exports_describe_only_parts_that_exist(tmp_path):
   loop.run(tiny_config("simmim", total_steps=1), str(tmp_path))
   info = json.load(open(tmp_path / "encoder" / "model.json"))
   assert not {"decoder", "ibot", "tokenizer", "teacher", "classifier"} & set(info["config"])
+
+
+@pytest.mark.parametrize("name", ["ibot", "data2vec", "data2vec2", "dvae_tokenizer"])
+def test_a_method_with_schedules_over_the_run_needs_its_length_for_a_train_step(name):
+  """Built without the run's TrainLength, a method's epochs were steps (one per epoch): iBOT's
+  teacher warmed up over 30 steps and its momentum reached 1 after num_epochs steps, with no
+  error. Its train step now asks for the length; with it, the step is made."""
+  import optax
+
+  from mim_jax.methods.base import TrainLength
+  from mim_jax.training import step as step_lib
+  config = registry.base_config(name)
+  tx = optax.sgd(0.1)
+  with pytest.raises(ValueError, match=rf"method {name!r} schedules its own settings over the "
+                     r"run .* build it with the run's length"):
+    step_lib.make_train_step(registry.build_method(config), tx, optax.constant_schedule(0.1))
+  method = registry.build_method(config, TrainLength(steps_per_epoch=10, schedule_steps=100))
+  assert callable(step_lib.make_train_step(method, tx, optax.constant_schedule(0.1)))
+  # The methods without such schedules need none (a MAE step built as README shows).
+  assert callable(step_lib.make_train_step(registry.build_method(registry.base_config("mae")),
+                                           tx, optax.constant_schedule(0.1)))
+

@@ -18,6 +18,7 @@ _SCRIPT = textwrap.dedent("""
     import chex, jax, numpy as np
     from mim_jax.methods.mae import NOISE_KEY
     from mim_jax.training import setup
+    from mim_jax.training import step as step_lib
     from conftest import tiny_config
 
     assert jax.device_count() == 8
@@ -25,9 +26,7 @@ _SCRIPT = textwrap.dedent("""
     def run(config, steps=3):
       r = setup.setup_run(setup.prepare(config), num_examples=64)
       state = r.init_state(r.keys()[0])
-      if r.method.wants_weights():
-        params, extra = r.method.load_pretrained(*jax.device_get((state.params, state.extra)))
-        state = jax.device_put(state.replace(params=params, extra=extra), r.state_shardings)
+      state = step_lib.with_initial_weights(r.method, state, r.state_shardings)
       step = r.jit_step()
       shapes = setup.abstract_batch(r, 16)
       rng = np.random.default_rng(0)

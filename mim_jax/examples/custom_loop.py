@@ -13,7 +13,7 @@ import optax
 
 from mim_jax import registry
 from mim_jax.methods.mae import MAE
-from mim_jax.training.step import init_train_state, make_train_step
+from mim_jax.training.step import init_train_state, make_train_step, with_initial_weights
 
 
 def main(steps: int = 5) -> list[float]:
@@ -28,6 +28,8 @@ def main(steps: int = 5) -> list[float]:
   tx = method.wrap_optimizer(optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.05))
   state = jax.jit(init_train_state, static_argnums=(0, 1, 3))(
       method, tx, jax.random.key(0), (1, 32, 32, 3))
+  # The weights a method reads at start (init_from, BEiT's tokenizer, a teacher): none here.
+  state = with_initial_weights(method, state)
   train_step = jax.jit(make_train_step(method, tx, schedule), donate_argnums=(0,))
 
   rng, losses = jax.random.key(1), []

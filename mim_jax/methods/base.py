@@ -94,6 +94,10 @@ class Method:
   # that adds such a field lists it here and names it `path` (tests/test_registry.py holds
   # every method's list to its config's init_from and *.path fields).
   weight_fields: tuple[str, ...] = ("init_from",)
+  # Whether the method has schedules of its own given in epochs or as a fraction of the run
+  # (EMA momentum, teacher temperature, a frozen last layer): it reads `self.length`, so a
+  # train step needs the method built with the run's TrainLength (`make_train_step` checks).
+  schedules_by_length: bool = False
 
   # --- configuration -------------------------------------------------------------------------
   @classmethod
@@ -123,6 +127,7 @@ class Method:
   def __init__(self, config=None, length: Optional[TrainLength] = None):
     """`config` may be None for a method built by hand in user code (then it reads none)."""
     self.config = config
+    self.length_given = length is not None
     self.length = length or (TrainLength.nominal(config) if config is not None
                              else TrainLength(1, 1))
 

@@ -63,6 +63,7 @@ class Data2Vec(base.PretrainingMethod):
   """data2vec as the training loop sees it (see `methods.base.Method`)."""
 
   name = "data2vec"
+  schedules_by_length = True
 
   @classmethod
   def add_config(cls, c):

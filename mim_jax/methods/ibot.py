@@ -90,6 +90,7 @@ class IBOT(base.PretrainingMethod):
   """iBOT as the training loop sees it (see `methods.base.Method` and its hooks)."""
 
   name = "ibot"
+  schedules_by_length = True
   batch_keys = (multicrop.GLOBAL_VIEWS_KEY, multicrop.LOCAL_VIEWS_KEY,
                 multicrop.GLOBAL_MASKS_KEY)
 

@@ -43,6 +43,7 @@ class DVAETokenizer(VQTokenizer):
   """A dVAE tokenizer as the training loop sees it (see `methods.base.Method`)."""
 
   name = "dvae_tokenizer"
+  schedules_by_length = True
 
   @classmethod
   def add_config(cls, c):

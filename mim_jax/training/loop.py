@@ -14,11 +14,10 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from mim_jax import data, registry, storage, viz
 from mim_jax.config.errors import ConfigError, config_error
@@ -261,7 +260,7 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
     if config.get("export_encoder", False) and step == last_step:
       # The run's end product (the encoder, a tokenizer). Collective: every process gathers
       # the state and takes part in the Orbax save.
-      method.export(workdir, _to_host(state.params), _to_host(state.extra),
+      method.export(workdir, step_lib.to_host(state.params), step_lib.to_host(state.extra),
                     _model_info(config))
     if final_metrics and step == last_step and is_chief:
       _write_results(workdir, config, step, final_metrics)
@@ -339,8 +338,7 @@ def _restore_or_init(config, r: setup.Run, ckpt: checkpoint.Checkpointer, train_
   if method.wants_weights():
     # Pre-trained weights (or a frozen tokenizer) are merged on the host, then placed with
     # the state's shardings.
-    params, extra = method.load_pretrained(_to_host(state.params), _to_host(state.extra))
-    state = jax.device_put(state.replace(params=params, extra=extra), r.state_shardings)
+    state = step_lib.with_initial_weights(method, state, r.state_shardings)
     log.info("initial weights loaded: %s", config.get("init_from") or f"the {config.method} "
              "method's own weight files")
   return state, 0
@@ -365,17 +363,6 @@ def _check_nonfinite(streak: int, skipped: int, step: int, config,
         "is intact. Lower optimizer.base_lr, set optimizer.clip_grad_norm, use "
         "model.dtype='float32', or check the input data, then resume: the same command with "
         "the changed settings and --resume_with_changes.")
-
-
-def _to_host(tree: Any) -> Any:
-  """The global value of every array as numpy, on every process.
-
-  A collective when the run spans processes (all must call it): `jax.device_get` cannot read
-  shards that live on other processes' devices.
-  """
-  if jax.process_count() == 1:
-    return jax.device_get(tree)
-  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def _epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:

@@ -17,6 +17,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental import multihost_utils
 
 
 @flax.struct.dataclass
@@ -41,11 +42,41 @@ class TrainState:
 
 def init_train_state(method, tx: optax.GradientTransformation, rng: jax.Array,
                      image_shape: tuple[int, ...]) -> TrainState:
-  """Fresh state for images of `image_shape` [B, H, W, C] (traced: use under jit/eval_shape)."""
+  """Fresh state for images of `image_shape` [B, H, W, C] (traced: use under jit/eval_shape).
+
+  A method that reads weights when a run starts (`method.wants_weights()`: init_from, BEiT's
+  frozen tokenizer, MaskDistill's teacher) holds placeholders for them here, zeros for a
+  tokenizer: pass the state through `with_initial_weights` before the first step."""
   params, extra = method.init(rng, jnp.zeros(image_shape, jnp.float32))
   zero = jnp.zeros([], jnp.int32)
   return TrainState(step=zero, params=params, opt_state=tx.init(params), extra=extra,
                     skipped_updates=zero, nonfinite_streak=zero)
+
+
+def to_host(tree: Any) -> Any:
+  """The global value of every array as numpy, on every process.
+
+  A collective when the run spans processes (all must call it): `jax.device_get` cannot read
+  shards that live on other processes' devices.
+  """
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def with_initial_weights(method, state: TrainState, shardings: Any = None) -> TrainState:
+  """A fresh `state` (`init_train_state`) with the weights `method` reads when a run starts:
+  the encoder `init_from` names, a frozen tokenizer or teacher; `state` itself for a method
+  that reads none (`method.wants_weights()` false, e.g. MAE from scratch).
+
+  On the host, not under jit (it reads files): once, before the first step, on every process
+  of a run (a collective then). The merged arrays are placed with `shardings` (the state's
+  NamedShardings, or None: JAX's default device). A resumed run restores them from its
+  checkpoint instead."""
+  if not method.wants_weights():
+    return state
+  params, extra = method.load_pretrained(to_host(state.params), to_host(state.extra))
+  return jax.device_put(state.replace(params=params, extra=extra), shardings)
 
 
 def _global_norm(tree: Any) -> jax.Array:
@@ -112,6 +143,16 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
   logging interval, and `last_step`) and are NaN in between; the gradient norm, which the
   finiteness check needs, every step.
   """
+  if (getattr(method, "schedules_by_length", False)
+      and not getattr(method, "length_given", True)):
+    # Built without the run's length, its epochs would be steps (TrainLength.nominal: one
+    # step per epoch): a teacher temperature warmed up over 30 steps, a momentum at 1 after
+    # num_epochs steps, all without an error.
+    raise ValueError(
+        f"method {method.name!r} schedules its own settings over the run (EMA momentum, "
+        "teacher temperature, annealing): build it with the run's length, "
+        "registry.build_method(config, TrainLength(steps_per_epoch, schedule_steps)), "
+        "before making its train step")
   if axis_name is not None:
     method = method.with_axis(axis_name)
 
