@@ -43,10 +43,6 @@ import statistics
 import time
 from typing import Any, Callable, NamedTuple
 
-# The PyTorch peer runs on the same GPU in this process: JAX must not reserve most of its memory
-# up front (its allocator still keeps what it has grown to, so step times are unaffected).
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -635,5 +631,9 @@ def main(argv):
 if __name__ == "__main__":
   from mim_jax.training import malloc_tunables  # first: glibc reads its settings at start-up
   malloc_tunables.reexec_with_tunables("mim_jax.bench")
+  # The PyTorch peer runs on the same GPU in this process: JAX must not reserve most of its
+  # memory up front (its allocator still keeps what it has grown to, so step times are
+  # unaffected). Here, not at import: a program importing this module keeps its own setting.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   define_flags()
   app.run(main)

@@ -95,8 +95,6 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str] | None = Non
   flags.mark_flags_as_required(["config"], flag_values=flag_values)
 
 
-define_flags(FLAGS)
-
 
 def _fail(message: str, code: int = run_errors.EXIT_BAD_INPUT) -> NoReturn:
   print(f"error: {message}", file=sys.stderr)
@@ -290,4 +288,7 @@ def main(argv):
 if __name__ == "__main__":
   from mim_jax.training import malloc_tunables  # first: glibc reads its settings at start-up
   malloc_tunables.reexec_with_tunables("mim_jax.main")
+  # Defined here, not at import: importing mim_jax.main (cli(), run_from_flags) leaves the
+  # process's global absl flags to the program that imports it.
+  define_flags(FLAGS)
   app.run(main, flags_parser=parse_flags)

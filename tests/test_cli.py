@@ -347,6 +347,20 @@ def test_cgroup_cpu_quota_caps_the_usable_cores(tmp_path):
   assert 1 <= cpu_devices.usable_cores() <= (os.cpu_count() or 1)
 
 
+def test_importing_the_entry_points_leaves_the_process_alone():
+  """mim_jax.main defined its absl flags (config, workdir, ...) on the global FLAGS at import,
+  so a program of one's own with a flag of the same name failed to start; mim_jax.bench
+  switched off JAX's GPU memory preallocation for the importing process."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}
+  out = subprocess.run(
+      [sys.executable, "-c", "import os; from absl import flags; import mim_jax.main, "
+       "mim_jax.bench; print(sorted(set(flags.FLAGS) & {'config', 'workdir', 'peer'}), "
+       "'XLA_PYTHON_CLIENT_PREALLOCATE' in os.environ)"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "[] False"
+
+
 def test_cpu_device_count_is_reported_for_the_backend_that_trains():
   """On a GPU or TPU the CPU devices train nothing: an explicit --cpu_devices is reported as
   not used (it was logged as splitting the batch across the cores), "auto" says nothing."""
