@@ -61,6 +61,30 @@ def test_device_batches_match_the_host_pipeline(source):
     assert other.mean() > 5 * diff.mean()
 
 
+def test_a_train_step_of_ones_own_refuses_batches_still_to_augment():
+  """make_train_step fed the iterator's device-augmentation batches directly (raw uint8
+  images beside their crop boxes) trained on uncropped, unnormalised images; it now says to
+  wrap the step with device_augment.augmenting, which then trains."""
+  import optax
+
+  from mim_jax import registry
+  from mim_jax.training import step as step_lib
+  assert step_lib.DEVICE_AUGMENT_KEY == CROP_BOX_KEY
+  config = tiny_config("mae", **{"data.augment_on": "device"})
+  batch = {k: v for k, v in _batches(config, "device", count=1)[0].items()
+           if k in ("image", "label", CROP_BOX_KEY, FLIP_KEY)}
+  method, tx = registry.build_method(config), optax.adamw(1e-3)
+  state = step_lib.init_train_state(method, tx, jax.random.key(0),
+                                    (1, *config.image_size, config.channels))
+  step = step_lib.make_train_step(method, tx, lambda s: 1e-3)
+  with pytest.raises(ValueError, match=r"the batch holds 'crop_box': its images are to be "
+                     r"augmented on the device .*device_augment.augmenting\(step, config\)"):
+    jax.jit(step)(state, batch, jax.random.key(1))
+  state, metrics = jax.jit(device_augment.augmenting(step, config))(state, batch,
+                                                                    jax.random.key(1))
+  assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
+
+
 def test_crop_of_the_whole_image_at_its_own_size_is_the_image():
   image = np.random.default_rng(0).uniform(size=(12, 10, 3)).astype(np.float32)
   out = device_augment.crop_resize(image, np.array([0, 0, 12, 10], np.float32), (12, 10))

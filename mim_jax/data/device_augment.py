@@ -7,11 +7,12 @@ antialiasing, as PIL's resize of a box), flips and normalises the whole batch in
 jitted train step, so a fast accelerator is not held back by per-image resizing on the host.
 
   apply(batch, image_size, mean, std) -> batch with "image" float32 [B, H, W, C] normalised
+  augmenting(step_fn, config)         a train step fed such batches, augmented first
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,3 +48,15 @@ def apply(batch: dict[str, Any], image_size: Sequence[int], mean: Sequence[float
   out = {k: v for k, v in batch.items() if k not in KEYS}
   out["image"] = (x - mean) / std
   return out
+
+
+def augmenting(step_fn: Callable, config) -> Callable:
+  """`step_fn` (state, batch, rng) fed batches of the input pipeline's device augmentation
+  (data.augment_on='device'): each batch is augmented with `apply` first, at config's
+  image_size and data.mean / data.std. Wrap before jax.jit."""
+  size, mean, std = tuple(config.image_size), tuple(config.data.mean), tuple(config.data.std)
+
+  def fn(state, batch, rng):
+    return step_fn(state, apply(batch, size, mean, std), rng)
+  return fn
+

@@ -119,7 +119,7 @@ class Run:
           norms_every=self.config.log_every, last_step=self.last_step,
           stop_streak=self.config.max_consecutive_nonfinite))
     if self.config.data.get("augment_on", "host") == "device":
-      fn = _augmenting(fn, self.config)
+      fn = device_augment.augmenting(fn, self.config)
     return compiler_options.jit(
         self.config, fn, in_shardings=(self.state_shardings, self.batch_sharding,
                                        self.replicated),
@@ -161,15 +161,6 @@ class Run:
       return None
     return self.abstract_state.replace(
         opt_state=jax.tree.unflatten(jax.tree.structure(opt_state), ours))
-
-
-def _augmenting(step_fn: Callable, config) -> Callable:
-  """`step_fn` fed batches augmented on the device first (data/device_augment.py)."""
-  size, mean, std = tuple(config.image_size), tuple(config.data.mean), tuple(config.data.std)
-
-  def fn(state, batch, rng):
-    return step_fn(state, device_augment.apply(batch, size, mean, std), rng)
-  return fn
 
 
 def setup_run(config, *, devices=None, num_examples: Optional[int] = None,

@@ -40,6 +40,11 @@ class TrainState:
   nonfinite_streak: jax.Array
 
 
+# The key of the crop boxes a batch for device augmentation carries (data/transforms.py's
+# CROP_BOX_KEY; not imported: the step stays free of the input pipeline's modules).
+DEVICE_AUGMENT_KEY = "crop_box"
+
+
 def init_train_state(method, tx: optax.GradientTransformation, rng: jax.Array,
                      image_shape: tuple[int, ...]) -> TrainState:
   """Fresh state for images of `image_shape` [B, H, W, C] (traced: use under jit/eval_shape).
@@ -166,6 +171,13 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
     return loss, metrics, grads, extra
 
   def step_fn(state: TrainState, batch: Any, rng: jax.Array):
+    if isinstance(batch, dict) and DEVICE_AUGMENT_KEY in batch:
+      # Raw images and their crop boxes (data.augment_on='device'): trained on as they are,
+      # the images would be neither cropped nor normalised.
+      raise ValueError(
+          f"the batch holds {DEVICE_AUGMENT_KEY!r}: its images are to be augmented on the "
+          "device (data.augment_on='device'); wrap the step with "
+          "mim_jax.data.device_augment.augmenting(step, config) (as the trainer does)")
     # Every array of the batch is per example: one leading batch dimension, split into
     # micro-batches below.
     chex.assert_equal_shape_prefix(jax.tree.leaves(batch), 1)
