@@ -41,10 +41,17 @@ from mim_jax.tokenizers.vqkd import VQKDTokenizer
 METHODS: dict[str, type[Method]] = {}
 
 
-def register(cls: type[Method]) -> type[Method]:
-  """Adds `cls` under `cls.name` (usable as a class decorator); returns it."""
+def register(cls: type[Method], replace: bool = False) -> type[Method]:
+  """Adds `cls` under `cls.name` (usable as a class decorator); returns it. A name already
+  taken by another class is an error unless `replace` (a method of one's own that stands in
+  for a built-in one on purpose)."""
   if not cls.name:
     raise ValueError(f"{cls.__name__} has no name")
+  taken = METHODS.get(cls.name)
+  if taken is not None and taken is not cls and not replace:
+    raise ValueError(f"method name {cls.name!r} is taken by {taken.__module__}."
+                     f"{taken.__qualname__}: give {cls.__qualname__} another name, or "
+                     "register(cls, replace=True) to stand in for it")
   METHODS[cls.name] = cls
   return cls
 

@@ -18,7 +18,7 @@ import pytest
 from mim_jax import registry
 from mim_jax.config import validation as v
 from mim_jax.config.errors import ConfigError
-from mim_jax.methods import base
+from mim_jax.methods import base, mae
 from mim_jax.models import flops
 from mim_jax.models.vit import encoder_from_config, patchify
 from mim_jax.training import loop
@@ -75,6 +75,22 @@ def toy():
   registry.register(ToyDenoiser)
   yield ToyDenoiser
   del registry.METHODS[ToyDenoiser.name]
+
+
+def test_a_name_taken_by_another_method_is_not_silently_replaced(toy):
+  """register() replaced a built-in method of the same name without a word."""
+  class Impostor(ToyDenoiser):
+    name = "mae"
+
+  with pytest.raises(ValueError, match=r"method name 'mae' is taken by mim_jax.methods.mae.MAE"):
+    registry.register(Impostor)
+  assert registry.method_class("mae").__name__ == "MAE"
+  registry.register(toy)  # the same class again: nothing changes
+  registry.register(Impostor, replace=True)  # on purpose
+  try:
+    assert registry.method_class("mae") is Impostor
+  finally:
+    registry.register(mae.MAE, replace=True)
 
 
 def _toy_config(**overrides):
