@@ -20,7 +20,7 @@ from mim_jax import data, registry
 from mim_jax.config.errors import ConfigError
 from mim_jax.data import idx, sources, subsets
 
-from conftest import FMNIST_DIR, build_tfds_fashion_mnist, requires_fmnist
+from conftest import FMNIST_DIR, build_tfds_fashion_mnist, requires_fmnist, tiny_config
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -272,6 +272,25 @@ def test_image_folder_eval_path_uses_the_training_class_names(tmp_path):
   sources.list_image_folder.cache_clear()
   with pytest.raises(ValueError, match="fox"):
     data.build_source(cfg, image_size=(6, 6), channels=3, split="test")
+
+
+def test_each_run_lists_an_image_folder_as_it_is_when_the_run_starts(tmp_path, monkeypatch):
+  """Listings are cached within a process (a run lists its folder several times); a second
+  run in the same process (a notebook) listed the folder as the first run saw it."""
+  from mim_jax.training import loop
+  for name in ("a/1.png", "b/2.png"):
+    save_png(tmp_path / "images" / name)
+  root = str(tmp_path / "images")
+  seen = []
+  monkeypatch.setattr(registry.method_class("knn"), "run", classmethod(
+      lambda cls, c, w: seen.append(len(sources.list_image_folder(c.data.path)[0]))))
+  config = tiny_config("knn", init_from="random", **{
+      "data.source": "image_folder", "data.path": root, "data.eval_path": root,
+      "data.mean": (0.5,), "data.std": (0.5,)})
+  loop.run(config, str(tmp_path / "first"))
+  save_png(tmp_path / "images" / "b" / "3.png")
+  loop.run(config, str(tmp_path / "second"))
+  assert seen == [2, 3]
 
 
 # ----------------------------------------------------------------------------- num_classes

@@ -253,6 +253,13 @@ class TfdsSource:
 _TFDS_LABELS: dict[tuple[str, str, str | None], np.ndarray] = {}
 
 
+def forget_listings() -> None:
+  """Drops the cached image-folder listings and TFDS labels: a run reads its folders as they
+  are when it starts (a notebook may add images between two runs), then from the cache."""
+  list_image_folder.cache_clear()
+  _TFDS_LABELS.clear()
+
+
 def _tfds_labels(name: str, split: str, data_dir: str | None, source: Any) -> np.ndarray:
   """int32 [len(source)]: labels of a tfds data source, read record by record, cached."""
   key = (name, split, data_dir)

@@ -51,6 +51,7 @@ def run(config, workdir: str, file_config=None, resume_with_changes: bool = Fals
   training loop (`train`). Returns the job's metrics or the final TrainState. `file_config`:
   see registry.validate_config (mim_jax.main passes the config file without overrides);
   `resume_with_changes`: see `train`."""
+  data.sources.forget_listings()  # folders as they are now, not as an earlier run saw them
   config = setup.prepare(config, file_config)
   cls = registry.method_class(config.method)
   if cls.kind == "job":
