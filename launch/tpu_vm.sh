@@ -22,9 +22,9 @@
 #      jax.distributed, which finds the other workers through the TPU metadata;
 #   4. delete the TPU VM (or the queued resource), also after a failure or Ctrl-C, unless --keep.
 #      A Ctrl-C or SIGTERM while training first sends SIGTERM to the training on every worker
-#      and waits for it to exit (the trainer writes a checkpoint at the next step boundary and
-#      exits 75), so neither the delete nor --keep leaves a run without its latest checkpoint
-#      or a run still training on a kept VM.
+#      (its process id is in ~/mim_jax.pid there) and waits for it to exit (the trainer writes
+#      a checkpoint at the next step boundary and exits 75), so neither the delete nor --keep
+#      leaves a run without its latest checkpoint or a run still training on a kept VM.
 # DIR must be reachable from every worker (one checkpoint directory for all of them); CONFIG
 # is a path relative to the repository root. --dry-run prints the commands in order and runs
 # nothing.
@@ -128,14 +128,20 @@ install_cmd+=" && python3 -m pip install -q --upgrade pip"
 # The gcs extra: gs:// workdirs (checkpoints, logs and exports written straight to a bucket).
 install_cmd+=" && python3 -m pip install -q 'jax[tpu]' ~/${remote_dir}'[gcs]'"
 
+# The training's process id on each worker, written by the training command (the process
+# keeps it: `exec`, and mim_jax.main's own re-execution with malloc tunables, replace the
+# program, not the process).
+pid_file="~/${remote_dir}.pid"
 # Stops the training on a worker the way a preemption notice would: SIGTERM, then wait for the
 # process to exit (bounded: a checkpoint written to a bucket takes seconds to minutes).
 stop_wait_s=600
-stop_cmd="pkill -TERM -f '^python3 -m mim_jax[.]main' || true; for _ in \$(seq $((stop_wait_s / 5)));"
-stop_cmd+=" do pgrep -f '^python3 -m mim_jax[.]main' >/dev/null || exit 0; sleep 5; done;"
-stop_cmd+=" echo \"mim_jax.main still running on \$(hostname) after ${stop_wait_s} s\" >&2; exit 1"
+stop_cmd="pid=\$(cat ${pid_file} 2>/dev/null) && kill -TERM \"\$pid\" 2>/dev/null || exit 0;"
+stop_cmd+=" for _ in \$(seq ${stop_wait_s}); do kill -0 \"\$pid\" 2>/dev/null || exit 0; sleep 1;"
+stop_cmd+=" done; echo \"mim_jax.main still running on \$(hostname) after ${stop_wait_s} s\" >&2;"
+stop_cmd+=" exit 1"
 
-train_cmd="cd ~/${remote_dir} && MIM_JAX_DISTRIBUTED=1 PYTHONUNBUFFERED=1 python3 -m mim_jax.main"
+train_cmd="cd ~/${remote_dir} && echo \$\$ > ${pid_file} && exec env MIM_JAX_DISTRIBUTED=1"
+train_cmd+=" PYTHONUNBUFFERED=1 python3 -m mim_jax.main"
 train_cmd+=" $(show "--config=$config" "--workdir=$workdir")"
 if ((${#extra[@]})); then
   train_cmd+=" $(show "${extra[@]}")"
@@ -144,13 +150,19 @@ fi
 training_pid=""  # the local end of the training command while it runs
 cleanup() {
   local status=$?
+  # A second Ctrl-C while the workers stop must not end the script before the delete.
+  trap '' INT TERM
   if [[ -n "$training_pid" ]]; then
     echo "stopping the training on every worker (SIGTERM: checkpoint, then exit)" >&2
-    if ! run "${ssh_all[@]}" --command="$stop_cmd"; then
+    run "${ssh_all[@]}" --command="$stop_cmd" ||
       echo "warning: the training on some worker did not confirm its stop" >&2
-      pkill -TERM -P "$training_pid" 2>/dev/null || true  # the local stream, not to wait on
-    fi
-    wait "$training_pid" 2>/dev/null || true  # the stream ends with the workers' processes
+    # The local stream ends with the workers' processes; give it a minute, then end it.
+    for _ in $(seq 60); do
+      kill -0 "$training_pid" 2>/dev/null || break
+      sleep 1
+    done
+    pkill -TERM -P "$training_pid" 2>/dev/null || true
+    wait "$training_pid" 2>/dev/null || true
   fi
   if ((keep)); then
     echo "kept $name (delete it with: $(show "${delete[@]}"))" >&2
@@ -219,8 +231,8 @@ else
   mkdir -p "$(dirname "$log_file")"
   echo "+ $(show "${ssh_all[@]}" --command="$train_cmd")" >&2
   # In the background and waited for: a signal to this script runs its trap at once (bash
-  # defers traps until a foreground command returns), and the stream, which ignores Ctrl-C as
-  # a background job of a script, keeps showing the workers' output while they stop.
+  # defers traps until a foreground command returns). A Ctrl-C in the terminal may end the
+  # stream too (gcloud handles SIGINT itself); the trap's stop reaches the workers either way.
   ( "${ssh_all[@]}" --command="$train_cmd" 2>&1 | tee -a "$log_file" ) &
   training_pid=$!
   train_status=0

@@ -95,7 +95,6 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str] | None = Non
   flags.mark_flags_as_required(["config"], flag_values=flag_values)
 
 
-
 def _fail(message: str, code: int = run_errors.EXIT_BAD_INPUT) -> NoReturn:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(code)
@@ -186,9 +185,10 @@ def run_from_flags(flag_values: flags.FlagValues, cpu_devices_auto: bool = True)
   except ValueError as e:
     _fail(str(e))
   import jax
-  said = cpu_devices.report(count, flag_values.cpu_devices, jax.default_backend())
-  if said is not None:
-    logging.log(*said)
+  if count is not None:  # (default_backend starts the backends: only when there is news)
+    said = cpu_devices.report(count, flag_values.cpu_devices, jax.default_backend())
+    if said is not None:
+      logging.log(*said)
 
   from mim_jax import data, registry
   from mim_jax.training import checkpoint, loop

@@ -148,6 +148,9 @@ def num_devices(mesh_cfg, devices_flag: int, mesh_source: str) -> int:
   axis (or none). ConfigError for a count the mesh contradicts or cannot take; `mesh_source`
   names where the mesh came from ("--mesh", or the config's field "mesh")."""
   sizes = [int(s) for _, s in mesh_cfg]
+  if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+    raise config_error(mesh_source, mesh_cfg, "axis sizes that are positive counts, or -1 for "
+                       "one axis (the remaining devices)")
   fixed = math.prod(s for s in sizes if s != -1)
   shown = mesh_source if mesh_source.startswith("--") else f"config.{mesh_source}"
   if devices_flag < 0:
@@ -206,9 +209,11 @@ def _plan_from_flags() -> None:
             "compiled by XLA:CPU", file=sys.stderr)
       config.compiler_options = ""
   n = num_devices(config.mesh, FLAGS.devices, "--mesh" if FLAGS.mesh else "mesh")
-  # Every check a run makes before it starts (the batch against the mesh among them), before
-  # JAX starts and the compile.
-  registry.validate_config(config)
+  # The static checks a run makes before it starts (an evaluation's encoder adopted from its
+  # export first), before JAX starts and the compile; the batch against the mesh follows in
+  # plan() (setup_run).
+  from mim_jax.training import setup
+  config = setup.prepare(config)
   # XLA:CPU's default scheduler favours concurrency and keeps recomputed (remat) activations
   # alive as long as stored ones; the memory-minimising scheduler is closer to what GPU and
   # TPU compilers do under a memory limit. Read when JAX starts its backend, i.e. below.

@@ -48,7 +48,10 @@ def register(cls: type[Method], replace: bool = False) -> type[Method]:
   if not cls.name:
     raise ValueError(f"{cls.__name__} has no name")
   taken = METHODS.get(cls.name)
-  if taken is not None and taken is not cls and not replace:
+  # The same class defined again (a notebook cell run twice) is no other method.
+  same = taken is not None and (taken.__module__, taken.__qualname__) == (cls.__module__,
+                                                                          cls.__qualname__)
+  if taken is not None and not same and not replace:
     raise ValueError(f"method name {cls.name!r} is taken by {taken.__module__}."
                      f"{taken.__qualname__}: give {cls.__qualname__} another name, or "
                      "register(cls, replace=True) to stand in for it")

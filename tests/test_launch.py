@@ -278,16 +278,25 @@ def _running(pid: int) -> bool:
   return "State:\tZ" not in status
 
 
-_TRAINING_WORKER = """
-if [[ "$*" == *pkill* ]]; then
-  pid=$(cat "$STUB_DIR/train.pid"); kill -TERM "$pid"
-  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
-elif [[ "$*" == *mim_jax.main* ]]; then
-  echo $$ > "$STUB_DIR/train.pid.tmp"; mv "$STUB_DIR/train.pid.tmp" "$STUB_DIR/train.pid"
-  sleep 120 & echo $! > "$STUB_DIR/sleep.pid"
-  trap 'kill $!; echo "worker: checkpoint written after SIGTERM"; exit 75' TERM
-  wait
+# gcloud standing in for the workers: the training and stop commands run here, as the remote
+# shell would run them, with HOME a folder of the test; every other call does nothing.
+_WORKER_SHELL = """
+for arg in "$@"; do
+  case "$arg" in --command=*) cmd="${arg#--command=}" ;; esac
+done
+if [[ "${cmd:-}" == *mim_jax.pid* ]]; then
+  HOME="$STUB_DIR/home" bash -c "$cmd"
+  exit $?
 fi
+"""
+
+# python3 on the "worker": a training run that, on SIGTERM, says it wrote its checkpoint and
+# exits 75, as mim_jax.main does.
+_FAKE_TRAINER = """#!/usr/bin/env bash
+echo $$ > "$STUB_DIR/train.pid"
+sleep 120 & echo $! > "$STUB_DIR/sleep.pid"
+trap 'kill $!; echo "worker: checkpoint written after SIGTERM"; exit 75' TERM
+wait
 """
 
 
@@ -295,25 +304,32 @@ fi
 def test_tpu_interrupted_run_stops_the_training_before_deleting_or_keeping(tmp_path, signal_name,
                                                                            keep):
   """A Ctrl-C or SIGTERM to the launcher while the workers train sends SIGTERM to the training
-  on every worker and waits for it to exit (the trainer checkpoints first) before the VM is
-  deleted, or kept with nothing left training on it."""
-  env = dict(_fake_bin(tmp_path, "gcloud", _TRAINING_WORKER), STUB_DIR=str(tmp_path))
+  on every worker (the process id its command wrote) and waits for it to exit (the trainer
+  checkpoints first) before the VM is deleted, or kept with nothing left training on it. The
+  launcher's own training and stop commands run, in a shell standing in for a worker."""
+  env = dict(_fake_bin(tmp_path, "gcloud", _WORKER_SHELL), STUB_DIR=str(tmp_path))
+  trainer = tmp_path / "bin" / "python3"
+  trainer.write_text(_FAKE_TRAINER)
+  trainer.chmod(0o755)
+  (tmp_path / "home" / "mim_jax").mkdir(parents=True)
   log = tmp_path / "train.log"
   args = [*TPU_ARGS, f"--log={log}"] + (["--keep"] if keep else [])
   proc = subprocess.Popen(["bash", str(TPU), *args], cwd=REPO, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   deadline = time.monotonic() + 30
-  while not (tmp_path / "train.pid").exists():
+  while not (tmp_path / "sleep.pid").exists():
     assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
     time.sleep(0.1)
   proc.send_signal(getattr(signal, signal_name))
   _, stderr = proc.communicate(timeout=60)
   assert proc.returncode == 128 + getattr(signal, signal_name), stderr
+  # The pid the training command wrote is the trainer's (exec keeps the process).
+  assert (tmp_path / "home" / "mim_jax.pid").read_text() == (tmp_path / "train.pid").read_text()
   calls = (tmp_path / "calls.log").read_text().splitlines()
   kinds = [" ".join(c.split()[2:4]) for c in calls]
   assert kinds == (["tpu-vm create", "tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh", "tpu-vm ssh"]
                    + ([] if keep else ["tpu-vm delete"])), stderr
-  assert "pkill -TERM" in calls[4] and "stopping the training on every worker" in stderr
+  assert "kill -TERM" in calls[4] and "stopping the training on every worker" in stderr
   assert "worker: checkpoint written after SIGTERM" in log.read_text()
   assert ("kept mae-test" in stderr) == keep
   for pid_file in ("train.pid", "sleep.pid"):  # nothing outlives the launcher

@@ -81,6 +81,9 @@ def test_one_process_asked_inside_a_cluster_job_of_several_is_refused(calls, mon
                      "processes: each of them would train alone"):
     distributed.maybe_initialize(num_processes=1)
   assert calls == []
+  monkeypatch.setenv(distributed.FORCE_ENV, "0")  # each process alone, on purpose
+  distributed.maybe_initialize(num_processes=1)
+  monkeypatch.delenv(distributed.FORCE_ENV)
   monkeypatch.setenv("SLURM_NTASKS", "1")  # a one-task step: one process, as asked
   distributed.maybe_initialize(num_processes=1)
   assert calls == []

@@ -86,6 +86,10 @@ def test_a_name_taken_by_another_method_is_not_silently_replaced(toy):
     registry.register(Impostor)
   assert registry.method_class("mae").__name__ == "MAE"
   registry.register(toy)  # the same class again: nothing changes
+  redefined = type("ToyDenoiser", (ToyDenoiser,), {"__module__": ToyDenoiser.__module__,
+                                                   "__qualname__": ToyDenoiser.__qualname__})
+  registry.register(redefined)  # its definition run again (a notebook cell): taken as it
+  registry.register(toy, replace=True)
   registry.register(Impostor, replace=True)  # on purpose
   try:
     assert registry.method_class("mae") is Impostor

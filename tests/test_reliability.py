@@ -69,6 +69,7 @@ def save_or_die(self, directory, *args, **kwargs):
 grain.checkpoint.CheckpointHandler.save = save_or_die
 from absl import app
 from mim_jax import main
+main.define_flags(main.FLAGS)
 app.run(main.main, flags_parser=main.parse_flags)
 """
 
@@ -900,6 +901,10 @@ def test_resume_refuses_initial_values_it_would_not_read(tmp_path):
                          r"sets initial weights only.*\(also with --resume_with_changes\)"):
         resume_check.check_same_run(str(workdir), resumed, weight_fields=(),
                                     allow_changes=allow)
+  # To or from 0 the scale parameters come or go: not an initial value, the restore decides.
+  no_scale = tiny_config("mae", **{"model.layer_scale": 0.0})
+  assert resume_check.check_same_run(str(tmp_path / "mae"), no_scale, weight_fields=(),
+                                     allow_changes=True) == [("model.layer_scale", 0.1, 0.0)]
 
 
 def test_a_moved_weights_path_resumes_only_on_purpose_and_says_what_it_means(tmp_path, caplog):

@@ -195,7 +195,8 @@ def test_code_usage_over_a_split_counts_every_token_once(tmp_path):
       method.model, tokenizer, jnp.asarray(shifted), l2=True)))
   # A held-out split of a config that holds nothing out was read as no images and reported
   # as tokens=0, usage 0: the trainer's check names it before anything is read.
-  with pytest.raises(ConfigError, match=r"config.data.eval_split='holdout' is invalid"):
+  with pytest.raises(ConfigError, match=r"split 'holdout' is the training images data.holdout "
+                     r"holds out, and config.data.holdout is 0"):
     usage.code_usage(str(tmp_path), c.data, split="holdout", batch_size=10)
 
 

@@ -94,11 +94,13 @@ def initialize_args(coordinator_address: str = "", num_processes: int = 0,
   if any(explicit.values()):
     if num_processes == 1 and process_id in (-1, 0):
       cluster = detect_cluster(env)
-      if cluster is not None:
+      if cluster is not None and env.get(FORCE_ENV, "").strip().lower() not in _FALSE:
         raise ValueError(
             f"--num_processes=1 inside a {cluster} job of several processes: each of them "
             "would train alone, all into the same workdir. Leave --num_processes out (the "
-            "job's processes then form one run), or start a single process.")
+            f"job's processes then form one run), start a single process, or set "
+            f"{FORCE_ENV}=0 if each process is meant to train alone (give each its own "
+            "--workdir).")
       if coordinator_address:  # a launcher's template with N = 1: nothing to coordinate
         log.info("--num_processes=1: one process, --coordinator_address=%s is not used",
                  coordinator_address)
