@@ -198,6 +198,23 @@ def test_channel_statistics_of_generated_images_at_the_configs_size(tmp_path):
   np.testing.assert_allclose(std, unit.std(axis=(0, 1, 2)), rtol=1e-8)
 
 
+def test_bad_npy_arrays_are_one_line_errors(tmp_path):
+  """An array of the wrong rank, or labels that do not match the images: bad input, one line
+  and exit 2 (ConfigError) from the trainer and the tools, not a ValueError's traceback."""
+  np.save(tmp_path / "train.npy", np.zeros((4, 8), np.uint8))
+  with pytest.raises(ConfigError, match=r"train.npy holds an array of shape \(4, 8\)"):
+    sources.NpySource(str(tmp_path), "train")
+  np.save(tmp_path / "train.npy", np.zeros((4, 8, 8), np.uint8))
+  np.save(tmp_path / "train_labels.npy", np.zeros(3, np.int64))
+  out = subprocess.run([sys.executable, "-m", "mim_jax.data.stats",
+                        f"--config={REPO}/configs/mae_fmnist.py", "--config.data.source=npy",
+                        f"--config.data.path={tmp_path}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.startswith("error: ") and "has 3 labels for 4 images" in out.stderr
+  assert "Traceback" not in out.stderr
+
+
 @pytest.mark.parametrize("args, says", [
     (("--max_images=-1",), "error: --max_images=-1 is invalid: an image count >= 0"),
     (("--config.data.path=/no/such/folder",), "error: config.data.path='/no/such/folder' is "

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mim_jax.config.errors import config_error
+from mim_jax.config.errors import ConfigError, config_error
 from mim_jax.data import idx, subsets
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
@@ -74,15 +74,16 @@ class NpySource:
   def __init__(self, folder: str, split: str):
     self.images_path = os.path.join(folder, f"{split}.npy")
     self.images = np.load(self.images_path, mmap_mode="r", allow_pickle=False)
+    # Bad input, as the trainer reports it (ConfigError: one line, exit 2), not a traceback.
     if self.images.ndim not in (3, 4):
-      raise ValueError(f"{self.images_path} holds an array of shape {self.images.shape}; "
-                       "expected [N, H, W] or [N, H, W, C]")
+      raise ConfigError(f"{self.images_path} holds an array of shape {self.images.shape}; "
+                        "expected [N, H, W] or [N, H, W, C] (config.data.path)")
     labels_path = os.path.join(folder, f"{split}_labels.npy")
     self._labels = (np.asarray(np.load(labels_path, allow_pickle=False), np.int32).reshape(-1)
                     if os.path.isfile(labels_path) else np.zeros(len(self.images), np.int32))
     if len(self._labels) != len(self.images):
-      raise ValueError(f"{labels_path} has {len(self._labels)} labels for "
-                       f"{len(self.images)} images")
+      raise ConfigError(f"{labels_path} has {len(self._labels)} labels for "
+                        f"{len(self.images)} images (config.data.path)")
 
   def __len__(self) -> int:
     return len(self.images)
@@ -139,7 +140,7 @@ def list_image_folder(
   Label = index of the image's first-level sub-folder among `classes`, by default the sorted
   first-level sub-folders of `root` that contain images; images directly in `root` get label
   0. An evaluation folder passes the training folder's `classes`, so its labels mean the same
-  classes; a sub-folder that is not among them raises ValueError. Cached per process because
+  classes; a sub-folder that is not among them raises ConfigError. Cached per process because
   num_examples, num_classes, the train and the eval iterator all need it (ImageNet: ~1.3M
   files); callers pass both arguments positionally, as lru_cache keys on how they were given.
   """
@@ -150,9 +151,9 @@ def list_image_folder(
     classes = tuple(found)
   unknown = sorted(set(found) - set(classes))
   if unknown:
-    raise ValueError(f"image folder {root} has class sub-folders {unknown[:5]} that the "
-                     f"training folder does not have (its {len(classes)} classes start "
-                     f"{list(classes)[:5]})")
+    raise ConfigError(f"image folder {root} has class sub-folders {unknown[:5]} that the "
+                      f"training folder does not have (its {len(classes)} classes start "
+                      f"{list(classes)[:5]})")
   class_index = {c: i for i, c in enumerate(classes)}
   labels = tuple(class_index[parts[0]] if len(parts) > 1 else 0 for parts in firsts)
   return paths, labels, classes
@@ -274,8 +275,8 @@ def tfds_num_classes(name: str, data_dir: str | None) -> int:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # heavy, optional
   features = tfds.builder(name, data_dir=data_dir).info.features
   if "label" not in features:
-    raise ValueError(f"TFDS dataset {name!r} has no 'label' feature (features: "
-                     f"{sorted(features.keys())})")
+    raise ConfigError(f"TFDS dataset {name!r} has no 'label' feature (features: "
+                      f"{sorted(features.keys())}; config.data.tfds_name)")
   return int(features["label"].num_classes)
 
 
