@@ -18,9 +18,11 @@ Hooks, by when they run:
     validate(config)     the checks of those fields (ConfigError naming field, value, allowed)
     unread_rules()       its fields read only under a condition (overrides must act)
     forward_flops(config)  {"encoder", "decoder", ..., "total"} forward FLOPs per image
-  construction           Method(config, length): `length` (TrainLength) for epoch schedules
+  construction           Method(config, length): `length` (TrainLength) for epoch schedules;
+                         schedules_by_length (such a method's train step needs it)
   state                  init(rng, images) -> (params, extra); wants_weights();
-                         load_pretrained(params, extra) on fresh host state; weight_fields
+                         load_pretrained(params, extra) on fresh host state (through
+                         training.step.with_initial_weights); weight_fields
                          (the config fields naming the weights it loads, for resumes)
   input                  data_transforms(), train_augment(...), batch_keys, example_extras(...)
   step                   loss(...), after_update(...)
