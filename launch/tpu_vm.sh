@@ -135,7 +135,9 @@ pid_file="~/${remote_dir}.pid"
 # Stops the training on a worker the way a preemption notice would: SIGTERM, then wait for the
 # process to exit (bounded: a checkpoint written to a bucket takes seconds to minutes).
 stop_wait_s=600
-stop_cmd="pid=\$(cat ${pid_file} 2>/dev/null) && kill -TERM \"\$pid\" 2>/dev/null || exit 0;"
+# A stop sent while the connection is still being made waits a little for the pid to appear.
+stop_cmd="[ -e ${pid_file} ] || sleep 15;"
+stop_cmd+=" pid=\$(cat ${pid_file} 2>/dev/null) && kill -TERM \"\$pid\" 2>/dev/null || exit 0;"
 stop_cmd+=" for _ in \$(seq ${stop_wait_s}); do kill -0 \"\$pid\" 2>/dev/null || exit 0; sleep 1;"
 stop_cmd+=" done; echo \"mim_jax.main still running on \$(hostname) after ${stop_wait_s} s\" >&2;"
 stop_cmd+=" exit 1"
@@ -161,7 +163,7 @@ cleanup() {
       kill -0 "$training_pid" 2>/dev/null || break
       sleep 1
     done
-    pkill -TERM -P "$training_pid" 2>/dev/null || true
+    pkill -TERM -P "$training_pid" 2>/dev/null || kill -TERM "$training_pid" 2>/dev/null || true
     wait "$training_pid" 2>/dev/null || true
   fi
   if ((keep)); then

@@ -44,7 +44,7 @@ METHODS: dict[str, type[Method]] = {}
 def register(cls: type[Method], replace: bool = False) -> type[Method]:
   """Adds `cls` under `cls.name` (usable as a class decorator); returns it. A name already
   taken by another class is an error unless `replace` (a method of one's own that stands in
-  for a built-in one on purpose)."""
+  for a built-in one on purpose; as a decorator: `functools.partial(register, replace=True)`)."""
   if not cls.name:
     raise ValueError(f"{cls.__name__} has no name")
   taken = METHODS.get(cls.name)

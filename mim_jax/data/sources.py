@@ -255,10 +255,10 @@ _TFDS_LABELS: dict[tuple[str, str, str | None], np.ndarray] = {}
 
 
 def forget_listings() -> None:
-  """Drops the cached image-folder listings and TFDS labels: a run reads its folders as they
-  are when it starts (a notebook may add images between two runs), then from the cache."""
+  """Drops the cached image-folder listings: a run reads its folders as they are when it
+  starts (a notebook may add images between two runs), then from the cache. (TFDS labels
+  stay cached: a prepared dataset does not change, and ImageNet's take minutes to read.)"""
   list_image_folder.cache_clear()
-  _TFDS_LABELS.clear()
 
 
 def _tfds_labels(name: str, split: str, data_dir: str | None, source: Any) -> np.ndarray:

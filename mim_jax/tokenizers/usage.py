@@ -49,13 +49,16 @@ def code_usage(path: str, data_cfg, *, split: str, batch_size: int = 500,
                       f"{io.INFO_FILE}: export it with mim_jax, which writes them")
   data_cfg = copy.deepcopy(data_cfg)
   data_cfg.mean, data_cfg.std = tuple(info["mean"]), tuple(info["std"])
-  # The checks training makes before it reads (a missing folder, a missing file), and a
-  # holdout split of a config that holds none out (read as no images: tokens=0).
-  data.validate_data_config(data_cfg, image_size=tuple(info["image_size"]),
-                            channels=int(info["channels"]))
-  if split == data.HOLDOUT_SPLIT and not data_cfg.holdout:
+  if split == data.HOLDOUT_SPLIT and not data_cfg.holdout:  # read as no images: tokens=0
     raise ConfigError(f"split {split!r} is the training images data.holdout holds out, and "
                       "config.data.holdout is 0: set it (e.g. 5000), or read another split")
+  # The checks training makes before it reads (a missing folder or file, a split name the
+  # source lacks) with `split` as the evaluation split, unless it is the training split
+  # (which an evaluation may not read, this tool may).
+  if split != data_cfg.split:
+    data_cfg.eval_split = split
+  data.validate_data_config(data_cfg, image_size=tuple(info["image_size"]),
+                            channels=int(info["channels"]))
   model = tokenizer_model(info)
   kind, l2 = info["kind"], bool(info.get("l2_normalize", False))
   vocab = int(info["vocab_size"])

@@ -98,7 +98,7 @@ def initialize_args(coordinator_address: str = "", num_processes: int = 0,
         raise ValueError(
             f"--num_processes=1 inside a {cluster} job of several processes: each of them "
             "would train alone, all into the same workdir. Leave --num_processes out (the "
-            f"job's processes then form one run), start a single process, or set "
+            "job's processes then form one run), start a single process, or set "
             f"{FORCE_ENV}=0 if each process is meant to train alone (give each its own "
             "--workdir).")
       if coordinator_address:  # a launcher's template with N = 1: nothing to coordinate
