@@ -65,18 +65,15 @@ SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
 def parse_mesh(text: str) -> list[tuple[str, int]]:
-  """"data:2,fsdp:4" -> [("data", 2), ("fsdp", 4)]; ConfigError naming --mesh otherwise (a
-  size is a positive count, or -1 for one axis that takes the remaining devices)."""
+  """"data:2,fsdp:4" -> [("data", 2), ("fsdp", 4)]; ConfigError naming --mesh for text of
+  another form (the sizes are checked with the config's mesh, in `num_devices`)."""
   out = []
   for item in filter(None, (t.strip() for t in text.split(","))):
     name, sep, size = item.partition(":")
-    if not sep or not name or not size.lstrip("-").isdigit() or int(size) == 0 \
-        or int(size) < -1:
+    if not sep or not name or not size.lstrip("-").isdigit():
       raise config_error("--mesh", text, "AXIS:SIZE[,AXIS:SIZE...] with positive sizes (or -1 "
                          "for one axis: the remaining devices), e.g. fsdp:8 or data:2,fsdp:4")
     out.append((name, int(size)))
-  if [size for _, size in out].count(-1) > 1:
-    raise config_error("--mesh", text, "at most one axis of size -1")
   return out
 
 
@@ -143,14 +140,18 @@ def format_plan(result: dict[str, Any], hbm_gib: float = 0.0) -> str:
   return "\n".join(lines)
 
 
-def num_devices(mesh_cfg, devices_flag: int, mesh_source: str) -> int:
+def num_devices(mesh_cfg, devices_flag: int, mesh_source: str, written=None) -> int:
   """The simulated device count: the mesh's product, or --devices where the mesh has a -1
-  axis (or none). ConfigError for a count the mesh contradicts or cannot take; `mesh_source`
-  names where the mesh came from ("--mesh", or the config's field "mesh")."""
+  axis (or none). ConfigError for sizes that are no mesh, or a count the mesh contradicts or
+  cannot take; `mesh_source` names where the mesh came from ("--mesh", or the config's field
+  "mesh"), `written` the value as given there (default: `mesh_cfg`)."""
+  written = mesh_cfg if written is None else written
   sizes = [int(s) for _, s in mesh_cfg]
-  if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
-    raise config_error(mesh_source, mesh_cfg, "axis sizes that are positive counts, or -1 for "
+  if any(s == 0 or s < -1 for s in sizes):
+    raise config_error(mesh_source, written, "axis sizes that are positive counts, or -1 for "
                        "one axis (the remaining devices)")
+  if sizes.count(-1) > 1:
+    raise config_error(mesh_source, written, "at most one axis of size -1")
   fixed = math.prod(s for s in sizes if s != -1)
   shown = mesh_source if mesh_source.startswith("--") else f"config.{mesh_source}"
   if devices_flag < 0:
@@ -162,7 +163,7 @@ def num_devices(mesh_cfg, devices_flag: int, mesh_source: str) -> int:
                          "axis")
     return fixed
   if not devices_flag:
-    raise config_error(mesh_source, mesh_cfg, "sizes that multiply to a device count: it has a "
+    raise config_error(mesh_source, written, "sizes that multiply to a device count: it has a "
                        "-1 axis (the remaining devices) and no simulated machine to fill it; give "
                        "--devices=N, or --mesh=AXIS:SIZE[,...] with every size")
   if devices_flag % fixed:
@@ -208,7 +209,8 @@ def _plan_from_flags() -> None:
       print(f"config.compiler_options={config.compiler_options!r} not applied: the plan is "
             "compiled by XLA:CPU", file=sys.stderr)
       config.compiler_options = ""
-  n = num_devices(config.mesh, FLAGS.devices, "--mesh" if FLAGS.mesh else "mesh")
+  n = (num_devices(config.mesh, FLAGS.devices, "--mesh", FLAGS.mesh) if FLAGS.mesh
+       else num_devices(config.mesh, FLAGS.devices, "mesh"))
   # The static checks a run makes before it starts (an evaluation's encoder adopted from its
   # export first), before JAX starts and the compile; the batch against the mesh follows in
   # plan() (setup_run).
