@@ -46,6 +46,7 @@ from typing import Any, Callable, NamedTuple
 from absl import app, flags
 from ml_collections import config_flags
 
+from mim_jax.config import files
 from mim_jax.config.errors import refuse_extra_arguments
 
 FLAGS = flags.FLAGS
@@ -462,16 +463,6 @@ def _decode_rates(root: str, channels: int) -> dict:
   return rates
 
 
-def load_config(spec: str):
-  """A config from "PATH[:ARG]", as --config=PATH:ARG loads it."""
-  import importlib.util
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
-
-
 def with_overrides(config, spec: str):
   """An --also config with the command line's --config.FIELD overrides, so that every row is
   timed under the same settings (they acted on --config alone); UsageError for a field the
@@ -552,7 +543,16 @@ def main(argv):
   # through absl: expected on CPU and GPU machines (main.py quiets it the same way).
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   from mim_jax import registry
-  configs = [FLAGS.config, *(with_overrides(load_config(spec), spec) for spec in FLAGS.also)]
+  configs = [FLAGS.config, *(with_overrides(files.load_config_file(spec), spec)
+                             for spec in FLAGS.also)]
+  from mim_jax.config import validation
+  from mim_jax.config.errors import ConfigError
+  overrides = config_flags.get_override_values(FLAGS["config"])
+  try:  # a --config.model.variant the files' size fields would override
+    for config, spec in zip(configs, [FLAGS["config"].config_filename, *FLAGS.also]):
+      validation.refuse_shadowed_variant(config, files.load_config_file(spec), overrides)
+  except ConfigError as e:
+    raise app.UsageError(str(e)) from None
   if FLAGS.batch:
     configs = [_variant(c, global_batch_size=FLAGS.batch) for c in configs]
   if FLAGS.dtype:

@@ -47,6 +47,7 @@ from typing import NoReturn, Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
+from mim_jax.config import files
 from mim_jax.config.errors import (
   ConfigError,
   dotted_keys,
@@ -119,7 +120,7 @@ def _unknown_overrides(argv: Sequence[str]) -> list[ConfigError]:
   if path is None:
     return []
   try:
-    file_config = _load_config_file(path)
+    file_config = files.load_config_file(path)
     known = set(dotted_keys(file_config))
   except Exception:  # pylint: disable=broad-except  # the original error is reported instead
     return []
@@ -127,15 +128,6 @@ def _unknown_overrides(argv: Sequence[str]) -> list[ConfigError]:
   from mim_jax import registry  # only on this error path: keeps `--help` fast
   return [registry.unused_field_error(f, file_config.method) or unknown_field_error(f, known)
           for f in dict.fromkeys(fields) if f not in known]
-
-
-def _load_config_file(path: str):
-  """The config `path` (configs/X.py[:arg]) describes, without any `--config.*` override."""
-  probe = flags.FlagValues()
-  probe_argv = ["mim_jax.main", f"--config={path}"]
-  config_flags.DEFINE_config_file("config", None, "", flag_values=probe, sys_argv=probe_argv)
-  probe(probe_argv)
-  return probe.config
 
 
 def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
@@ -191,6 +183,7 @@ def run_from_flags(flag_values: flags.FlagValues, cpu_devices_auto: bool = True)
       logging.log(*said)
 
   from mim_jax import data, registry
+  from mim_jax.config import validation
   from mim_jax.training import checkpoint, loop
   from mim_jax.weights import pretrained
   workdir = workdir_of(flag_values)
@@ -199,10 +192,11 @@ def run_from_flags(flag_values: flags.FlagValues, cpu_devices_auto: bool = True)
     overrides = config_flags.get_override_values(flag_values["config"])
     if registry.method_class(config.method).kind in ("classifier", "job"):
       pretrained.refuse_dropped_overrides(config, overrides)
+    file_config = files.load_config_file(flag_values["config"].config_filename)
+    validation.refuse_shadowed_variant(config, file_config, overrides)
     # Settings that would do nothing: the config file's own (against the method's defaults),
     # then the overrides (against the file), so that an override switching a feature off
     # does not turn the file's settings for it into errors.
-    file_config = _load_config_file(flag_values["config"].config_filename)
     registry.check_unread_fields(file_config)
     loop.run(config, workdir, file_config=file_config,
              resume_with_changes=flag_values.resume_with_changes)

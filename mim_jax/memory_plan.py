@@ -214,7 +214,11 @@ def _plan_from_flags() -> None:
   # The static checks a run makes before it starts (an evaluation's encoder adopted from its
   # export first), before JAX starts and the compile; the batch against the mesh follows in
   # plan() (setup_run).
+  from mim_jax.config import files, validation
   from mim_jax.training import setup
+  validation.refuse_shadowed_variant(
+      config, files.load_config_file(FLAGS["config"].config_filename),
+      config_flags.get_override_values(FLAGS["config"]))
   config = setup.prepare(config)
   # XLA:CPU's default scheduler favours concurrency and keeps recomputed (remat) activations
   # alive as long as stored ones; the memory-minimising scheduler is closer to what GPU and

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from mim_jax.config import files
+
 from conftest import REPO
 
 
@@ -139,7 +141,7 @@ def test_a_classifier_off_its_dataset_keeps_the_head_size_it_is_given(tmp_path):
   machine) comes from classifier.num_classes, as the refusal advises, even below the synthetic
   source's 10 classes (the advice used to fail validation against those 10)."""
   from mim_jax import bench, data, registry
-  config = bench.load_config(f"{REPO}/configs/finetune_fmnist.py:scratch")
+  config = files.load_config_file(f"{REPO}/configs/finetune_fmnist.py:scratch")
   config.data.update(source="image_folder", path=str(tmp_path / "elsewhere"))
   with pytest.raises(bench.app.UsageError, match=r"data.path=.*--config.classifier.num_classes"):
     bench.on_synthetic_data(config)
@@ -188,11 +190,11 @@ def test_also_configs_take_the_command_lines_overrides(monkeypatch):
   overrides = {"model.remat": "full", "masking.ratio": 0.5}
   monkeypatch.setattr(bench.config_flags, "get_override_values", lambda flag: overrides)
   spec = f"{REPO}/configs/simmim_fmnist.py"
-  config = bench.with_overrides(bench.load_config(spec), spec)
+  config = bench.with_overrides(files.load_config_file(spec), spec)
   assert config.model.remat == "full" and config.masking.ratio == 0.5
   for missing in ("decoder.depth", "masking.no_such_field"):  # SimMIM has no decoder
     overrides = {missing: 2}
     with pytest.raises(bench.app.UsageError, match=r"--also=.*simmim_fmnist.py: the --config "
                        r"overrides act on every row, and this config cannot take one of "
                        rf"\['{missing}'\]"):
-      bench.with_overrides(bench.load_config(spec), spec)
+      bench.with_overrides(files.load_config_file(spec), spec)

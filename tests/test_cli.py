@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mim_jax import registry
-from mim_jax.config import validation
+from mim_jax.config import files, validation
 from mim_jax.config.errors import ConfigError
 from mim_jax.convert import our_weights
 from mim_jax.training import cpu_devices
@@ -181,11 +181,10 @@ def test_command_line_checks_its_overrides_against_the_config_file():
   """mim_jax.main: the file's own settings are checked against the method's defaults, the
   overrides against the file, so switching a feature off (no local views) is fine although
   the file configures it, while an override the run would not read is still refused."""
-  from mim_jax import main
   path = f"{REPO}/configs/ibot_fmnist.py"
-  file_config = main._load_config_file(path)
+  file_config = files.load_config_file(path)
   registry.check_unread_fields(file_config)
-  final = main._load_config_file(path)
+  final = files.load_config_file(path)
   final.multicrop.num_local = 0
   with pytest.raises(ConfigError, match=r"local_scale=\(0.1, 0.35\) is not used"):
     registry.validate_config(final)  # what a program building this config is told
@@ -219,12 +218,11 @@ def test_mesh_axis_a_sharding_rule_names_is_allowed():
 def test_command_line_mixup_prob_0_refuses_only_what_it_changes():
   """Against the config file: switching Mixup / CutMix off (mixup_prob=0) over a recipe that
   configures them is fine, an override of a setting that then does nothing is refused."""
-  from mim_jax import main
   path = f"{REPO}/configs/finetune_fmnist.py"
-  file_config = main._load_config_file(path)
+  file_config = files.load_config_file(path)
   registry.check_unread_fields(file_config)
   rules = registry.method_class("finetune").unread_rules()
-  final = main._load_config_file(path)
+  final = files.load_config_file(path)
   final.classifier.update(mixup_prob=0.0, label_smoothing=0.2)
   validation.check_unread(final, file_config, rules, reference="config file's value")
   final.classifier.mixup_switch_prob = 0.2
@@ -236,8 +234,7 @@ def test_command_line_mixup_prob_0_refuses_only_what_it_changes():
 # ------------------------------------------------- checks that need the dataset's size or labels
 
 def _fmnist_mae_config():
-  from mim_jax import main
-  return main._load_config_file(f"{REPO}/configs/mae_fmnist.py")
+  return files.load_config_file(f"{REPO}/configs/mae_fmnist.py")
 
 
 def test_total_steps_past_the_schedule_is_refused_with_the_num_epochs_that_fits():
@@ -526,6 +523,45 @@ def test_malformed_command_lines_fail_fast_naming_the_field(tmp_path, monkeypatc
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert len(MALFORMED) >= 30 and not compiled, compiled
+
+
+def test_a_command_line_variant_sets_the_size_or_is_refused(tmp_path, capsys):
+  """The Fashion-MNIST recipes set width, depth, heads and MLP beside variant Ti/4, and those
+  fields take precedence over a variant's size: `--config.model.variant=S/4` alone trained the
+  recipe's 128-wide encoder under the name S/4. It is refused with the flags that make it act
+  (trainer and benchmark; the memory planner in test_parallel); the size fields set too, a new
+  patch under the same size name, or a size that agrees pass."""
+  from mim_jax import main
+  from mim_jax.config import defaults as config_defaults
+  path = f"{REPO}/configs/mae_fmnist.py"
+  with pytest.raises(SystemExit) as exit_info:
+    main.cli(["mim_jax.main", f"--config={path}", f"--workdir={tmp_path / 'w'}",
+              "--config.model.variant=S/4"])
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 2, err
+  assert ("config.model.variant='S/4' would not set the size: the config file sets "
+          "model.width=128, model.depth=6, model.num_heads=4, model.mlp_dim=512") in err, err
+  assert ("Add --config.model.width=0 --config.model.depth=0 --config.model.num_heads=0 "
+          "--config.model.mlp_dim=0 to train the S size") in err, err
+  assert not os.path.exists(tmp_path / "w")
+  out = subprocess.run([sys.executable, "-m", "mim_jax.bench", f"--config={path}",
+                        "--config.model.variant=B/4", "--peer=none", "--steps=1"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0 and "config.model.variant='B/4' would not set the size" in out.stderr
+
+  file_config = files.load_config_file(path)
+
+  def check(**overrides):
+    config = config_defaults.override(file_config.copy_and_resolve_references(), **overrides)
+    validation.refuse_shadowed_variant(config, file_config, overrides)
+
+  check(**{"model.variant": "S/4", "model.width": 0, "model.depth": 0, "model.num_heads": 0,
+           "model.mlp_dim": 0})
+  check(**{"model.variant": "Ti/2"})  # the file's size name: only the patch changes
+  check(**{"model.width": 256})  # no variant given
+  with pytest.raises(ConfigError, match=r"the config file sets model.depth=6, model.mlp_dim=512"
+                     r".*Add --config.model.depth=0 --config.model.mlp_dim=0 to train the S"):
+    check(**{"model.variant": "S/4", "model.width": 384, "model.num_heads": 6})
 
 
 def test_encoder_fields_beside_init_from_must_match_the_export(tmp_path, capsys):

@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from mim_jax.config import files
+
 from conftest import REPO
 
 SLURM = REPO / "launch" / "slurm.sh"
@@ -403,7 +405,7 @@ def _unread_settings(args: list[str]) -> None:
   flag_values(argv)
   config = flag_values.config
   # As main.py checks: the file against the method's defaults, the overrides against the file.
-  file_config = main._load_config_file(flag_values["config"].config_filename)
+  file_config = files.load_config_file(flag_values["config"].config_filename)
   registry.check_unread_fields(file_config)
   validation.check_unread(config, file_config,
                           registry.method_class(config.method).unread_rules())

@@ -336,6 +336,8 @@ def test_memory_plan_command(tmp_path):
     (("--mesh=data:2", "--hbm_gib=-1"), "--hbm_gib=-1.0 is invalid"),
     (("--mesh=data:2", "--config=configs/knn_fmnist.py"), "config.method='knn' is invalid: a "
      "method with a train step"),
+    (("--mesh=data:2", "--config.model.variant=B/4"), "config.model.variant='B/4' would not "
+     "set the size"),
 ])
 def test_memory_plan_refuses_bad_flags_in_one_line_before_compiling(args, says):
   """Each bad value is one line naming the flag or field and exit 2, before JAX compiles

@@ -25,7 +25,7 @@ from mim_jax import data
 from mim_jax.config import defaults
 from mim_jax.config.checks import get, is_int, is_number, pair, positive_int, require  # noqa: F401
 from mim_jax.config.errors import ConfigError, config_error
-from mim_jax.models.vit import MLP_ACTS, REL_POS_BIAS, parse_variant, size_from_config
+from mim_jax.models.vit import MLP_ACTS, REL_POS_BIAS, VIT_SIZES, parse_variant, size_from_config
 from mim_jax.objectives.masking import ATTENTION_ORDERS, MASK_KINDS, num_visible
 from mim_jax.training import compiler_options, parallel
 from mim_jax.weights import continuation, pretrained
@@ -93,6 +93,36 @@ def validate_model(config) -> None:
             f"{m.variant!r}; the {axis} {s} is not")
   require(is_int(config.channels) and config.channels > 0, "channels", config.channels,
           "a positive integer (1 for grayscale, 3 for RGB)")
+
+
+def refuse_shadowed_variant(config, file_config, overridden) -> None:
+  """ConfigError when the command line set model.variant to another size than its config
+  file's, while size fields the file sets stay: they take precedence over the variant's size
+  (size_from_config), so `--config.model.variant=S/4` on a Fashion-MNIST recipe (width 128,
+  depth 6) would train the recipe's encoder under the name S/4. A new patch under the file's
+  size name (Ti/4 -> Ti/7) changes only the patch, as asked; size fields also set on the
+  command line are the user's own. `overridden`: the dotted fields the command line set."""
+  if "model.variant" not in overridden or "variant" not in file_config.get("model", {}):
+    return
+  if config.get("classifier", {}).get("features") == "pixels":
+    return  # the raw-pixel baseline builds no encoder: only the variant's patch is checked
+  variant, file_variant = config.model.variant, file_config.model.variant
+  name = variant.partition("/")[0]
+  if name == file_variant.partition("/")[0] or name not in VIT_SIZES:
+    return  # same size name, or a bad variant (validate_model names it)
+  wanted = VIT_SIZES[name]
+  kept = [f for f in ("width", "depth", "num_heads", "mlp_dim")
+          if f"model.{f}" not in overridden and config.model.get(f, 0)
+          and config.model[f] != getattr(wanted, f)]
+  if not kept:
+    return
+  raise ConfigError(
+      f"config.model.variant={variant!r} would not set the size: the config file sets "
+      f"{', '.join(f'model.{f}={config.model[f]}' for f in kept)}, which take precedence over "
+      f"the size of {name!r} (width {wanted.width}, depth {wanted.depth}, num_heads "
+      f"{wanted.num_heads}, mlp_dim {wanted.mlp_dim}). Add "
+      f"{' '.join(f'--config.model.{f}=0' for f in kept)} to train the {name} size (0 keeps "
+      "the variant's), or set the size fields you want.")
 
 
 def validate_optimization(config) -> None:
