@@ -48,17 +48,25 @@ def test_device_batches_match_the_host_pipeline(source):
     np.testing.assert_array_equal(h["label"], d["label"])
     assert d["image"].dtype == np.uint8 and d[CROP_BOX_KEY].shape == (32, 4)
     assert 0 < d[FLIP_KEY].sum() < 32  # both sides of the coin were drawn
-    out = jax.jit(device_augment.apply, static_argnums=(1, 2, 3))(
-        {k: d[k] for k in ("image", "label", CROP_BOX_KEY, FLIP_KEY)},
-        tuple(config.image_size), tuple(config.data.mean), tuple(config.data.std))
+    def augment(**changed):
+      inputs = {k: d[k] for k in ("image", "label", CROP_BOX_KEY, FLIP_KEY)} | changed
+      return jax.jit(device_augment.apply, static_argnums=(1, 2, 3))(
+          inputs, tuple(config.image_size), tuple(config.data.mean), tuple(config.data.std))
+
+    def error(images):
+      return np.abs(_unit_range(images, config) - _unit_range(h["image"], config))
+
+    out = augment()
     assert set(out) == {"image", "label"}
     assert out["image"].shape == h["image"].shape and out["image"].dtype == np.float32
-    diff = np.abs(_unit_range(out["image"], config) - _unit_range(h["image"], config))
+    diff = error(out["image"])
     assert diff.mean() < 0.01, diff.mean()
     assert np.quantile(diff, 0.99) < 0.08, np.quantile(diff, 0.99)
-    # A wrong box or flip would move whole edges: far above resampling error.
-    other = np.abs(_unit_range(out["image"][::-1], config) - _unit_range(h["image"], config))
-    assert other.mean() > 5 * diff.mean()
+    # The tolerance tells a wrong flip or box (each image cropped with its neighbour's box) from
+    # resampling error: both move whole edges.
+    wrong_flip = error(augment(**{FLIP_KEY: ~d[FLIP_KEY]})["image"]).mean()
+    wrong_box = error(augment(**{CROP_BOX_KEY: np.roll(d[CROP_BOX_KEY], 1, axis=0)})["image"])
+    assert min(wrong_flip, wrong_box.mean()) > 5 * diff.mean(), (wrong_flip, wrong_box.mean())
 
 
 def test_a_train_step_of_ones_own_refuses_batches_still_to_augment():
