@@ -134,14 +134,23 @@ def test_constrain_batch_is_identity_without_a_mesh():
 
 
 def test_remat_gives_the_same_loss_and_gradients():
+  """Each policy recomputes every block (2 encoder + 1 decoder in the micro MAE) under its own
+  policy, with the loss and gradients of no remat: a policy lost on the way to the model
+  would pass the comparison alone."""
   images = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
   results = {}
-  for policy in ("none", "full", "dots_saveable"):  # nothing_saveable is "full" by policy
+  for policy, policy_name in (("none", None), ("full", "None"),
+                              ("dots_saveable", "DotsSaveable")):
     method = registry.build_method(tiny_mae_config(**{"model.remat": policy}))
     params, extra = method.init(jax.random.key(1), images[:1])
-    (loss, _), grads = jax.jit(jax.value_and_grad(
+    grad_fn = jax.value_and_grad(
         lambda p: method.loss(p, extra, {"image": images}, jax.random.key(2), train=True),
-        has_aux=True))(params)
+        has_aux=True)
+    remats = [e for e in jax.make_jaxpr(grad_fn)(params).jaxpr.eqns
+              if e.primitive.name.startswith("remat")]
+    assert len(remats) == (0 if policy == "none" else 3), (policy, len(remats))
+    assert all(repr(e.params["policy"]).startswith(policy_name) for e in remats), policy
+    (loss, _), grads = jax.jit(grad_fn)(params)
     results[policy] = (loss, grads)
   ref_loss, ref_grads = results["none"]
   for policy, (loss, grads) in results.items():
