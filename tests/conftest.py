@@ -139,7 +139,10 @@ def export_fresh_encoder(config, workdir: str) -> str:
   c = registry.base_config("mae")
   config_defaults.apply_runlocal(c, keep_data=True)
   c.update(image_size=tuple(config.image_size), channels=config.channels)
+  # The size as `config` resolves it: a recipe's explicit width/depth/heads/MLP take
+  # precedence over its variant's (apply_runlocal zeroed them for the micro model).
   c.model.variant = config.model.variant
+  c.model.update({k: config.model.get(k, 0) for k in ("width", "depth", "num_heads", "mlp_dim")})
   c.data.update(source=config.data.source, path=config.data.path, mean=tuple(config.data.mean),
                 std=tuple(config.data.std))
   if c.data.source != "synthetic":
@@ -149,6 +152,27 @@ def export_fresh_encoder(config, workdir: str) -> str:
   images = jnp.zeros((1, *c.image_size, c.channels), jnp.float32)
   params, extra = jax.jit(method.init)(jax.random.key(0), images)
   method.export(workdir, *jax.device_get((params, extra)), train._model_info(c))
+  return workdir
+
+
+def train_micro_mae_teacher(workdir: str, steps: int = 30) -> str:
+  """A micro MAE encoder trained on Fashion-MNIST for `steps` steps (`mae_fmnist.py:runlocal`
+  at batch 64 and lr 1e-3 from the first step: the runlocal schedule's warmup would leave it at
+  its initial weights), for the tests that distil a trained teacher; checks that it learnt."""
+  import importlib.util
+  import json
+
+  from mim_jax.config import defaults as config_defaults
+  from mim_jax.training import loop as train
+  spec = importlib.util.spec_from_file_location("cfg", REPO / "configs" / "mae_fmnist.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  train.run(config_defaults.override(module.get_config("runlocal"), **{
+      "total_steps": steps, "global_batch_size": 64, "optimizer.warmup_epochs": 0.0,
+      "optimizer.base_lr": 4e-3, "checkpoint_every": 1000}), workdir)
+  loss = [r["loss"] for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))
+          if "loss" in r]
+  assert sum(loss[-5:]) < 0.6 * sum(loss[:5]), loss  # 1.97 -> 0.77 on 2026-12-03
   return workdir
 
 
@@ -162,7 +186,10 @@ def export_random_tokenizer(config, directory: str, **tokenizer_overrides) -> st
   from mim_jax.tokenizers.vq import VQTokenizer
   c = registry.base_config("vq_tokenizer")
   c.update(image_size=tuple(config.image_size), channels=config.channels)
+  # The size as `config` resolves it: a recipe's explicit width/depth/heads/MLP take
+  # precedence over its variant's (apply_runlocal zeroed them for the micro model).
   c.model.variant = config.model.variant
+  c.model.update({k: config.model.get(k, 0) for k in ("width", "depth", "num_heads", "mlp_dim")})
   c.data.update(mean=tuple(config.data.mean), std=tuple(config.data.std))
   c.tokenizer.update(dict(width=8, num_blocks=1, code_dim=8,
                           vocab_size=int(config.tokenizer.vocab_size)), **tokenizer_overrides)

@@ -60,12 +60,15 @@ def tokenizer_for(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teacher_for(tmp_path_factory):
-  """For configs that distil a frozen teacher: `teacher_for(config)` trains a one-step MAE
-  encoder on the config's images (once per geometry) and returns its workdir."""
+  """For configs that distil a frozen teacher: `teacher_for(config)` exports a freshly
+  initialised MAE encoder of the config's size for its images (once per geometry; validation
+  reads its shape, not its weights) and returns its workdir."""
   made = {}
 
   def make(config):
-    key = (tuple(config.image_size), config.model.variant, config.channels, config.data.source,
+    key = (tuple(config.image_size), config.model.variant,
+           *(config.model.get(k, 0) for k in ("width", "depth", "num_heads", "mlp_dim")),
+           config.channels, config.data.source,
            tuple(config.data.mean), tuple(config.data.std))
     if key not in made:
       like = config.copy_and_resolve_references()

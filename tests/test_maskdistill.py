@@ -21,7 +21,13 @@ from mim_jax.models import flops
 from mim_jax.objectives import masking
 from mim_jax.training import loop as train
 
-from conftest import REPO, export_random_tokenizer, requires_fmnist, tiny_config
+from conftest import (
+  REPO,
+  export_random_tokenizer,
+  requires_fmnist,
+  tiny_config,
+  train_micro_mae_teacher,
+)
 
 
 def tiny_distill_config(teacher: str, **overrides):
@@ -132,8 +138,7 @@ def test_short_run_on_fashion_mnist_lowers_the_loss(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config("runlocal")
-  teacher = str(tmp_path / "teacher")
-  train.run(config_defaults.override(load("mae_fmnist.py"), total_steps=20), teacher)
+  teacher = train_micro_mae_teacher(str(tmp_path / "teacher"))
   c = config_defaults.override(load("maskdistill_fmnist.py"), **{
       "teacher.path": teacher, "global_batch_size": 64, "total_steps": 50,
       "optimizer.warmup_epochs": 0.0, "optimizer.base_lr": 4e-3, "checkpoint_every": 1000,

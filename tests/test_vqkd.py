@@ -20,7 +20,7 @@ from mim_jax.objectives.patch_targets import normalize_features
 from mim_jax.tokenizers import io
 from mim_jax.training import loop as train
 
-from conftest import REPO, requires_fmnist, tiny_config
+from conftest import REPO, requires_fmnist, tiny_config, train_micro_mae_teacher
 
 
 def tiny_vqkd_config(teacher: str, **overrides):
@@ -82,10 +82,10 @@ def _fmnist_config(name: str, **overrides):
 
 @requires_fmnist
 def test_short_run_on_fashion_mnist_lowers_the_loss_and_beit_reads_the_export(tmp_path):
-  """A micro MAE teacher on Fashion-MNIST, 40 VQ-KD steps distilling it, then BEiT stage 2
-  on the exported codes (with its picture of right and wrong predicted codes)."""
+  """A micro MAE teacher trained on Fashion-MNIST, 40 VQ-KD steps distilling it, then BEiT
+  stage 2 on the exported codes (with its picture of right and wrong predicted codes)."""
   teacher, tokenizer = str(tmp_path / "teacher"), str(tmp_path / "vqkd")
-  train.run(_fmnist_config("mae_fmnist.py", total_steps=10), teacher)
+  train_micro_mae_teacher(teacher)
   train.run(_fmnist_config("vqkd_tokenizer_fmnist.py", **{
       "teacher.path": teacher, "global_batch_size": 64, "total_steps": 40,
       "optimizer.warmup_epochs": 0.0, "optimizer.base_lr": 3e-3, "checkpoint_every": 1000,
