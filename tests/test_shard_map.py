@@ -47,13 +47,21 @@ _SCRIPT = textwrap.dedent("""
         metrics.append(jax.device_get(m))
       return jax.device_get(state), metrics
 
+    # SGD at lr 0.25 from the first step: the weights move by about 0.1 a step, so that the
+    # steps after the first compare updated weights (the tiny configs' AdamW warmup starts at
+    # lr 0 and stays below 5e-6 over three steps).
+    MOVING = {"optimizer.name": "sgd", "optimizer.base_lr": 4.0, "optimizer.warmup_epochs": 0.0,
+              "optimizer.weight_decay": 0.0}
+
     def compare(method, **overrides):
-      base = dict(global_batch_size=16, **overrides)
+      base = dict(global_batch_size=16, **{**MOVING, **overrides})
       g_state, g_metrics = run(tiny_config(method, **base))
       s_state, s_metrics = run(tiny_config(method, **{**base, "parallel.step": "shard_map"}))
       for g, s in zip(g_metrics, s_metrics):
-        chex.assert_trees_all_close({k: g[k] for k in ("loss", "grad_norm")},
-                                    {k: s[k] for k in ("loss", "grad_norm")}, rtol=2e-5)
+        assert float(g["update_norm"]) > 0.02, (method, g["update_norm"])
+        chex.assert_trees_all_close({k: g[k] for k in ("loss", "grad_norm", "update_norm")},
+                                    {k: s[k] for k in ("loss", "grad_norm", "update_norm")},
+                                    rtol=2e-5)
       chex.assert_trees_all_close(g_state.params, s_state.params, rtol=2e-5, atol=2e-6)
       chex.assert_trees_all_close(g_state.extra, s_state.extra, rtol=2e-5, atol=2e-6)
       print(method, "same after 3 steps: loss", [float(m["loss"]) for m in s_metrics])
