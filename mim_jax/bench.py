@@ -485,6 +485,11 @@ def _variant(config, **changes):
 def parse_variant(config, spec: str):
   """`config` with the overrides "FIELD=VALUE[,FIELD=VALUE...]" (values as Python literals,
   else strings)."""
+  return _variant(config, **variant_changes(spec))
+
+
+def variant_changes(spec: str) -> dict[str, Any]:
+  """"FIELD=VALUE[,FIELD=VALUE...]" -> {FIELD: VALUE} (Python literals, else strings)."""
   import ast
   changes = {}
   for item in spec.split(","):
@@ -495,7 +500,7 @@ def parse_variant(config, spec: str):
       changes[field.strip()] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       changes[field.strip()] = value
-  return _variant(config, **changes)
+  return changes
 
 
 # The flags --feed and --pipeline read (they time the input, not train steps); any other one
@@ -545,12 +550,21 @@ def main(argv):
   from mim_jax import registry
   configs = [FLAGS.config, *(with_overrides(files.load_config_file(spec), spec)
                              for spec in FLAGS.also)]
-  from mim_jax.config import validation
   from mim_jax.config.errors import ConfigError
   overrides = config_flags.get_override_values(FLAGS["config"])
-  try:  # a --config.model.variant the files' size fields would override
-    for config, spec in zip(configs, [FLAGS["config"].config_filename, *FLAGS.also]):
-      validation.refuse_shadowed_variant(config, files.load_config_file(spec), overrides)
+  for flag, field in (("batch", "global_batch_size"), ("dtype", "model.dtype")):
+    if FLAGS[flag].present and field in overrides:
+      raise app.UsageError(f"--{flag}={FLAGS[flag].value!r} given beside --config.{field}, "
+                           "which it replaces: give one of the two")
+  from mim_jax.training import setup
+  file_configs = [files.load_config_file(s) for s in [FLAGS["config"].config_filename,
+                                                       *FLAGS.also]]
+  try:  # overrides the rows would not act on (e.g. a variant the files' size fields override)
+    for config, file_config in zip(configs, file_configs):
+      setup.refuse_inert_overrides(config, file_config, overrides)
+    for spec in FLAGS.variant:
+      setup.refuse_inert_overrides(parse_variant(configs[0], spec), file_configs[0],
+                                   {**overrides, **variant_changes(spec)})
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
   if FLAGS.batch:

@@ -183,17 +183,13 @@ def run_from_flags(flag_values: flags.FlagValues, cpu_devices_auto: bool = True)
       logging.log(*said)
 
   from mim_jax import data, registry
-  from mim_jax.config import validation
-  from mim_jax.training import checkpoint, loop
-  from mim_jax.weights import pretrained
+  from mim_jax.training import checkpoint, loop, setup
   workdir = workdir_of(flag_values)
   try:
     config = flag_values.config
-    overrides = config_flags.get_override_values(flag_values["config"])
-    if registry.method_class(config.method).kind in ("classifier", "job"):
-      pretrained.refuse_dropped_overrides(config, overrides)
     file_config = files.load_config_file(flag_values["config"].config_filename)
-    validation.refuse_shadowed_variant(config, file_config, overrides)
+    setup.refuse_inert_overrides(config, file_config,
+                                 config_flags.get_override_values(flag_values["config"]))
     # Settings that would do nothing: the config file's own (against the method's defaults),
     # then the overrides (against the file), so that an override switching a feature off
     # does not turn the file's settings for it into errors.

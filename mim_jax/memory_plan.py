@@ -192,6 +192,16 @@ def _plan_from_flags() -> None:
   if registry.method_class(config.method).kind == "job":
     raise config_error("method", config.method, "a method with a train step (frozen-feature "
                        "jobs such as knn and probe train nothing to plan)")
+  overrides = config_flags.get_override_values(FLAGS["config"])
+  for flag, field in (("mesh", "mesh"), ("batch", "global_batch_size"),
+                      ("rules", "sharding_rules")):
+    if FLAGS[flag].present and field in overrides:
+      raise config_error(f"--{flag}", FLAGS[flag].value, f"given beside --config.{field}, "
+                         "which it replaces: give one of the two")
+  from mim_jax.config import files
+  from mim_jax.training import setup
+  setup.refuse_inert_overrides(config, files.load_config_file(FLAGS["config"].config_filename),
+                               overrides)
   with config.unlocked():
     if FLAGS.mesh:
       config.mesh = parse_mesh(FLAGS.mesh)
@@ -214,11 +224,6 @@ def _plan_from_flags() -> None:
   # The static checks a run makes before it starts (an evaluation's encoder adopted from its
   # export first), before JAX starts and the compile; the batch against the mesh follows in
   # plan() (setup_run).
-  from mim_jax.config import files, validation
-  from mim_jax.training import setup
-  validation.refuse_shadowed_variant(
-      config, files.load_config_file(FLAGS["config"].config_filename),
-      config_flags.get_override_values(FLAGS["config"]))
   config = setup.prepare(config)
   # XLA:CPU's default scheduler favours concurrency and keeps recomputed (remat) activations
   # alive as long as stored ones; the memory-minimising scheduler is closer to what GPU and

@@ -32,6 +32,9 @@ from conftest import REPO, tiny_mae_config
      r"'dvae_tokenizer', 'finetune', 'ibot', 'knn', 'linprobe', 'mae', 'maskdistill', "
      r"'maskfeat', 'mim', 'probe', 'simmim', 'vq_tokenizer', 'vqkd_tokenizer'\]"),
     ({"model.dtype": "float8"}, r"config.model.dtype='float8'"),
+    # cuDNN's fused attention takes no float32: every layer would fall back to XLA's.
+    ({"model.attention_impl": "cudnn"}, r"config.model.attention_impl='cudnn' is invalid: "
+     r"'cudnn' with model.dtype='bfloat16'"),
     ({"masking.kind": "blockwise"}, r"config.masking.kind='blockwise' .*'random'"),
     ({"global_batch_size": 0}, r"config.global_batch_size=0"),
     ({"grad_accum_steps": 3}, r"config.global_batch_size=8 .*multiple of grad_accum_steps=3"),
@@ -548,6 +551,14 @@ def test_a_command_line_variant_sets_the_size_or_is_refused(tmp_path, capsys):
                         "--config.model.variant=B/4", "--peer=none", "--steps=1"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
   assert out.returncode != 0 and "config.model.variant='B/4' would not set the size" in out.stderr
+  # The same through a benchmark's --variant row, and a bench flag beside the field it sets.
+  for flags, says in ((["--variant=model.variant=S/4"], "config.model.variant='S/4' would not"),
+                      (["--batch=8", "--config.global_batch_size=16"],
+                       "--batch=8 given beside --config.global_batch_size")):
+    out = subprocess.run([sys.executable, "-m", "mim_jax.bench", f"--config={path}", *flags,
+                          "--peer=none", "--steps=1"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0 and says in out.stderr, out.stderr[-2000:]
 
   file_config = files.load_config_file(path)
 

@@ -347,6 +347,10 @@ def test_memory_plan_command(tmp_path):
      "method with a train step"),
     (("--mesh=data:2", "--config.model.variant=B/4"), "config.model.variant='B/4' would not "
      "set the size"),
+    (("--mesh=data:2", "--config.mesh=(('data', 4),)"), "--mesh='data:2' is invalid: given "
+     "beside --config.mesh, which it replaces"),
+    (("--mesh=data:2", "--batch=8", "--config.global_batch_size=16"), "--batch=8 is invalid: "
+     "given beside --config.global_batch_size"),
 ])
 def test_memory_plan_refuses_bad_flags_in_one_line_before_compiling(args, says):
   """Each bad value is one line naming the flag or field and exit 2, before JAX compiles

@@ -61,6 +61,11 @@ def validate_model(config) -> None:
   if "attention_impl" in m:
     require(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl", m.attention_impl,
             f"one of {ATTENTION_IMPLS} ('': cuDNN on GPU, heads_major on CPU, XLA elsewhere)")
+    # cuDNN's fused attention takes bfloat16 / float16 only: asked for in float32, every layer
+    # would fall back to XLA's attention (models.vit.dot_product_attention) under its name.
+    require(m.attention_impl != "cudnn" or m.get("dtype", "float32") != "float32",
+            "model.attention_impl", m.attention_impl, "'cudnn' with model.dtype='bfloat16' or "
+            "'float16' (cuDNN's fused attention takes no float32; '' picks it where it runs)")
   if "remat" in m:
     require(m.remat in REMAT_POLICIES, "model.remat", m.remat, f"one of {REMAT_POLICIES}")
   if "layer_scale" in m:

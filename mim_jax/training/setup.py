@@ -46,6 +46,18 @@ def prepare(config, file_config=None):
   return config
 
 
+def refuse_inert_overrides(config, file_config, overridden) -> None:
+  """ConfigError for a command-line override the run would not act on, given the config
+  file's own config and the dotted fields the command line set (ml_collections' override
+  values): an evaluation's encoder fields that its init_from decides
+  (pretrained.refuse_dropped_overrides), a model.variant whose size the file's size fields
+  override (validation.refuse_shadowed_variant). The trainer, the benchmark and the memory
+  planner call it before anything else."""
+  if registry.method_class(config.method).kind in ("classifier", "job"):
+    pretrained.refuse_dropped_overrides(config, overridden)
+  validation.refuse_shadowed_variant(config, file_config, overridden)
+
+
 def schedule_lengths(config, num_examples: int) -> tuple[int, int, int]:
   """(steps_per_epoch, schedule_steps, last_step) for a dataset of `num_examples`.
 
