@@ -127,7 +127,9 @@ def refuse_shadowed_variant(config, file_config, overridden) -> None:
       f"the size of {name!r} (width {wanted.width}, depth {wanted.depth}, num_heads "
       f"{wanted.num_heads}, mlp_dim {wanted.mlp_dim}). Add "
       f"{' '.join(f'--config.model.{f}=0' for f in kept)} to train the {name} size (0 keeps "
-      "the variant's), or set the size fields you want.")
+      "the variant's), or set the size fields you want; a recipe that takes a variant argument "
+      f"(the pre-training *_fmnist.py files: --config=FILE:variant={variant}) also sizes what "
+      "it derives from the encoder (e.g. data2vec's teacher.top_k, its decoder width).")
 
 
 def validate_optimization(config) -> None:
