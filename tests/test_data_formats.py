@@ -219,6 +219,10 @@ def test_bad_npy_arrays_are_one_line_errors(tmp_path):
     (("--max_images=-1",), "error: --max_images=-1 is invalid: an image count >= 0"),
     (("--config.data.path=/no/such/folder",), "error: config.data.path='/no/such/folder' is "
      "invalid: an existing folder with the Fashion-MNIST IDX files"),
+    # Fields it would not read: it computes data.mean / data.std and trains nothing.
+    (("--config.data.std=(0.5,)",), "error: config.data.std=(0.5,) is not read by "
+     "mim_jax.data.stats"),
+    (("--config.optimizer.base_lr=0.1",), "error: config.optimizer.base_lr=0.1 is not read"),
 ])
 def test_channel_statistics_command_refuses_bad_input_in_one_line(args, says):
   out = subprocess.run([sys.executable, "-m", "mim_jax.data.stats",

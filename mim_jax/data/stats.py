@@ -78,10 +78,24 @@ def format_overrides(mean: np.ndarray, std: np.ndarray) -> str:
   return f"--config.data.mean='{fmt(mean)}' --config.data.std='{fmt(std)}'"
 
 
+def refuse_unread_overrides(overridden) -> None:
+  """ConfigError for a `--config.FIELD` this command would not read: it reads the images
+  the data.* fields name, at image_size and channels; data.mean / data.std are what it
+  computes. `overridden`: {dotted field: value} of the command line."""
+  for field, value in sorted(overridden.items()):
+    if (not field.startswith("data.") and field not in ("image_size", "channels")
+        or field in ("data.mean", "data.std")):
+      raise ConfigError(
+          f"config.{field}={value!r} is not read by mim_jax.data.stats: it reads the images "
+          "the config's data.* fields name, at its image_size and channels, and computes "
+          "data.mean and data.std. Drop the flag.")
+
+
 def main(argv) -> None:
   refuse_extra_arguments(argv)
   config = FLAGS.config
   try:
+    refuse_unread_overrides(config_flags.get_override_values(FLAGS["config"]))
     if FLAGS.max_images < 0:
       raise config_error("--max_images", FLAGS.max_images, "an image count >= 0 (0: all)")
     # The checks training makes first (a missing folder or file is one line, not a traceback),
