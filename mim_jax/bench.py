@@ -512,13 +512,28 @@ _MODE_FLAGS = {
 }
 
 
+# The config fields each mode sets itself: a --config override of one would do nothing.
+_MODE_FIELDS = {
+    "feed": ("data.augment_on", "data.device_resident", "data.rand_augment",
+             "data.random_erasing"),
+    "pipeline": ("data.source", "data.path", "data.num_workers", "seed"),
+}
+
+
 def _check_mode_flags(config) -> None:
-  """UsageError for a flag --feed / --pipeline would not read, and for a pipeline row that
-  would not time what it reports (a batch over half the generated images, augmentation on the
-  device)."""
+  """UsageError for a flag --feed / --pipeline would not read, or a --config field it sets
+  itself, and for a pipeline row that would not time what it reports (a batch over half the
+  generated images, augmentation on the device)."""
+  overrides = config_flags.get_override_values(FLAGS["config"])
   for mode, read in _MODE_FLAGS.items():
     if not FLAGS[mode].value:
       continue
+    replaced = sorted(f for f in _MODE_FIELDS[mode] if f in overrides)
+    if replaced:
+      raise app.UsageError(f"--{mode} sets {', '.join(_MODE_FIELDS[mode])} itself (each feed "
+                           "its own, the generated JPEG folder one process and seed): "
+                           f"{', '.join('--config.' + f for f in replaced)} would have no "
+                           "effect")
     own = FLAGS.flags_by_module_dict()[FLAGS.find_module_defining_flag(mode)]
     ignored = sorted(f.name for f in own if f.name not in read and f.present)
     if ignored:

@@ -103,6 +103,10 @@ def test_feed_pipeline_and_peers_only_refuse_flags_they_do_not_read():
            ("--pipeline", "--feed", "--dtype=bfloat16"): "--dtype, --pipeline would have no",
            ("--pipeline", "--batch=300"): "--batch=300 needs --pipeline_images >= 600",
            ("--pipeline", "--config.data.augment_on=device"): "pass --config.data.augment_on=host",
+           ("--pipeline", "--config.data.num_workers=4"): "--pipeline sets data.source, "
+                                                        "data.path, data.num_workers, seed itself",
+           ("--feed", "--config.data.device_resident=True"): "--config.data.device_resident "
+                                                             "would have no effect",
            ("--peers_only", "--variant=model.remat=full"): "--also, --variant and --asymmetry add",
            ("--config.masking.kind=blockwise",): "--peer times HF's MAE, which uses "
                                                   "masking.kind='random': the first config has "
