@@ -736,8 +736,9 @@ def test_validation_imports_neither_tfds_nor_tensorflow():
 
 @requires_fmnist
 def test_training_reads_a_tfds_dataset_by_name(tmp_path):
-  """The trainer on a real TFDS ArrayRecord dataset: two MAE steps and a probe of the export,
-  whose class count comes from the dataset's info."""
+  """The trainer on a real TFDS ArrayRecord dataset: two MAE steps, then a k-NN of the export
+  that reads the dataset's test split (its labels: twice chance at least, as any encoder of
+  these images scores with 256 labelled neighbours)."""
   from mim_jax.training import loop
 
   from conftest import tiny_config
@@ -749,4 +750,4 @@ def test_training_reads_a_tfds_dataset_by_name(tmp_path):
   assert int(state.step) == 2
   results = loop.run(tiny_config("knn", init_from=str(tmp_path / "mae"), **{
       "knn.k": 5, "data.eval_split": "test", **tfds_fields}), str(tmp_path / "knn"))
-  assert 0 <= results["knn_top1_cls"] <= 1
+  assert 0.2 < results["knn_top1_cls"] <= 1, results
