@@ -218,8 +218,9 @@ def test_two_cpu_processes_train_into_one_workdir(tmp_path):
   assert "at step 2" in resumed.stderr, resumed.stderr[-4000:]
   assert [row["step"] for row in metric_writers.read_metrics(str(workdir))] == [1, 2, 3]
 
-  # k-NN over two processes: each extracts its shard, the gathered bank is in source order,
-  # so the score equals a single-process run on the same encoder.
+  # k-NN over two processes: each extracts its shard, and the gathered bank keeps every
+  # feature beside its own label (features and labels gathered alike), so the scores equal a
+  # single-process run's on the same encoder. (k-NN does not see the bank's order itself.)
   knn_args = ["--config=configs/knn_imagenet.py:runlocal", f"--config.init_from={workdir}"]
   knn_port = _free_port()
   procs, knn_out = _run_together(
