@@ -148,10 +148,16 @@ def test_run_writes_everything_and_resumes_exactly(tmp_path):
 
 
 def test_rerun_after_completion_is_a_no_op(tmp_path):
+  """The finished run's state comes back and nothing trains again: no step is logged or
+  checkpointed (a deterministic re-run from step 0 would end with the same weights)."""
   workdir = str(tmp_path / "w")
   first = train.run(tiny_mae_config(total_steps=2), workdir)
+  metrics = open(os.path.join(workdir, "metrics.jsonl")).read()
+  checkpoints = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   again = train.run(tiny_mae_config(total_steps=2), workdir)
   assert int(again.step) == 2
+  assert open(os.path.join(workdir, "metrics.jsonl")).read() == metrics
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints
   np.testing.assert_array_equal(np.asarray(first.params["encoder"]["cls_token"]),
                                 np.asarray(again.params["encoder"]["cls_token"]))
 
