@@ -3,7 +3,7 @@
   load_config_file("configs/mae_fmnist.py:runlocal")   the file's config, no --config.* override
 
 The trainer, the benchmark and the memory planner compare a command line's config with its
-file's (e.g. validation.check_variant_override), and the benchmark loads its --also configs.
+file's (setup.refuse_inert_overrides), and the benchmark loads its --also configs.
 """
 
 from __future__ import annotations
