@@ -30,7 +30,8 @@ def get_config(arg=None):
   c.optimizer.update(b1=0.9, b2=0.95, weight_decay=0.05, clip_grad_norm=4.0)
   c = recipes.fmnist_pretraining(c, arg)
   # Sized from the encoder: `variant=SIZE/4` resizes them with it, command-line size fields
-  # (--config.model.depth=N) do not (set teacher.top_k and decoder.width too).
+  # and variants (--config.model.depth=N, --config.model.variant=...) do not (set
+  # teacher.top_k and decoder.width too).
   size = size_from_config(c.model)[0]
   c.decoder.update(width=size.width, depth=4, kernel=3, groups=16, noise_std=0.01)
   c.teacher.top_k = max(1, round(size.depth * 10 / 12))

@@ -25,6 +25,7 @@ def get_config(arg=None):
   c.optimizer.update(b1=0.9, b2=0.999, weight_decay=0.05, clip_grad_norm=3.0)
   c = recipes.fmnist_pretraining(c, arg)
   # The upper half of the blocks, whatever the encoder (variant=..., runlocal's micro model;
-  # --config.model.depth=N on the command line keeps this value: set teacher.top_k too).
+  # --config.model.depth=N or --config.model.variant=... on the command line keep this
+  # value: set teacher.top_k too).
   c.teacher.top_k = max(1, size_from_config(c.model)[0].depth // 2)
   return c

@@ -518,6 +518,8 @@ _MODE_FIELDS = {
              "data.random_erasing"),
     "pipeline": ("data.source", "data.path", "data.num_workers", "seed"),
 }
+_MODE_WHY = {"feed": "each feed its own", "pipeline": "a generated JPEG folder read by one "
+             "process, seed 0"}
 
 
 def _check_mode_flags(config) -> None:
@@ -530,8 +532,8 @@ def _check_mode_flags(config) -> None:
       continue
     replaced = sorted(f for f in _MODE_FIELDS[mode] if f in overrides)
     if replaced:
-      raise app.UsageError(f"--{mode} sets {', '.join(_MODE_FIELDS[mode])} itself (each feed "
-                           "its own, the generated JPEG folder one process and seed): "
+      raise app.UsageError(f"--{mode} sets {', '.join(_MODE_FIELDS[mode])} itself "
+                           f"({_MODE_WHY[mode]}): "
                            f"{', '.join('--config.' + f for f in replaced)} would have no "
                            "effect")
     own = FLAGS.flags_by_module_dict()[FLAGS.find_module_defining_flag(mode)]
@@ -568,7 +570,7 @@ def main(argv):
   from mim_jax.config.errors import ConfigError
   overrides = config_flags.get_override_values(FLAGS["config"])
   for flag, field in (("batch", "global_batch_size"), ("dtype", "model.dtype")):
-    if FLAGS[flag].present and field in overrides:
+    if FLAGS[flag].value not in (0, "") and field in overrides:  # 0 / '': the config's
       raise app.UsageError(f"--{flag}={FLAGS[flag].value!r} given beside --config.{field}, "
                            "which it replaces: give one of the two")
   from mim_jax.training import setup

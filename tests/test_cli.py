@@ -573,6 +573,10 @@ def test_a_command_line_variant_sets_the_size_or_is_refused(tmp_path, capsys):
   with pytest.raises(ConfigError, match=r"the config file sets model.depth=6, model.mlp_dim=512"
                      r".*Add --config.model.depth=0 --config.model.mlp_dim=0 to train the S"):
     check(**{"model.variant": "S/4", "model.width": 384, "model.num_heads": 6})
+  # With weights to start from the encoder is theirs: no advice to resize it.
+  with pytest.raises(ConfigError, match=r"would not set the size: the encoder is the one in "
+                     r"init_from=/some/run .*Drop the flag"):
+    check(**{"model.variant": "S/4", "init_from": "/some/run"})
 
 
 def test_encoder_fields_beside_init_from_must_match_the_export(tmp_path, capsys):

@@ -304,7 +304,7 @@ def test_raw_pixel_and_random_encoder_baselines(tmp_path):
   want = enc.init(jax.random.split(init_rng)[0], jnp.zeros((1, 16, 16, 3)))["params"]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                jax.device_get(state.extra["encoder"]), want)  # jit vs eager rounding
-  # The k-NN job's encoder (what run_knn scores) is that one too.
+  # The k-NN job's encoder is that one too (run_knn scores frozen._encoder_params(config)).
   from mim_jax.evaluate import frozen
   from mim_jax.training import setup
   jax.tree.map(np.testing.assert_array_equal,

@@ -65,7 +65,7 @@ def _first_step(c):
 @pytest.fixture(scope="module")
 def stepped():
   """Two real train steps of the tiny config: (method, batch, states before/after each), at
-  lr 1e-3 from the first step (tiny_config's warmup would start them at lr 0 and 6e-7, where a
+  lr 5e-4 from the first step (tiny_config's warmup would start them at lr 0 and 6e-7, where a
   teacher update of (1 - m) times the student's move is below any tolerance)."""
   method, batch, state, step = _first_step(tiny_config(**{"optimizer.warmup_epochs": 0.0,
                                                           "optimizer.base_lr": 1.6e-2}))

@@ -121,6 +121,11 @@ def refuse_shadowed_variant(config, file_config, overridden) -> None:
           and config.model[f] != getattr(wanted, f)]
   if not kept:
     return
+  if pretrained.is_pretrained(config.get("init_from", "")):
+    raise ConfigError(
+        f"config.model.variant={variant!r} would not set the size: the encoder is the one in "
+        f"init_from={config.init_from} (an evaluation takes its size from the export, continued "
+        "pre-training must match it). Drop the flag.")
   raise ConfigError(
       f"config.model.variant={variant!r} would not set the size: the config file sets "
       f"{', '.join(f'model.{f}={config.model[f]}' for f in kept)}, which take precedence over "

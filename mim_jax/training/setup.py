@@ -52,7 +52,7 @@ def refuse_inert_overrides(config, file_config, overridden) -> None:
   values): an evaluation's encoder fields that its init_from decides
   (pretrained.refuse_dropped_overrides), a model.variant whose size the file's size fields
   override (validation.refuse_shadowed_variant). The trainer, the benchmark and the memory
-  planner call it before anything else."""
+  planner call it before any data is read or anything compiled."""
   if registry.method_class(config.method).kind in ("classifier", "job"):
     pretrained.refuse_dropped_overrides(config, overridden)
   validation.refuse_shadowed_variant(config, file_config, overridden)
