@@ -231,6 +231,7 @@ def load_classifier_head_into(params: Any, init_from: str) -> Any:
              "trained", directory, shapes(found), shapes({k: params[k] for k in
                                                           CLASSIFIER_PARTS if k in params}))
     return params
-  log.info("classifier head loaded from %s", directory)
+  log.info("classifier head loaded from %s (classifier.head_init_std is not used: fine-tuning "
+           "continues from this head)", directory)
   return dict(params, **{k: jax.tree.map(lambda v, t: np.asarray(v, t.dtype), found[k],
                                          params[k]) for k in found})
