@@ -565,18 +565,16 @@ def main(argv):
   # through absl: expected on CPU and GPU machines (main.py quiets it the same way).
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   from mim_jax import registry
-  configs = [FLAGS.config, *(with_overrides(files.load_config_file(spec), spec)
-                             for spec in FLAGS.also)]
   from mim_jax.config.errors import ConfigError
-  overrides = config_flags.get_override_values(FLAGS["config"])
-  for flag, field in (("batch", "global_batch_size"), ("dtype", "model.dtype")):
-    if FLAGS[flag].value not in (0, "") and field in overrides:  # 0 / '': the config's
-      raise app.UsageError(f"--{flag}={FLAGS[flag].value!r} given beside --config.{field}, "
-                           "which it replaces: give one of the two")
   from mim_jax.training import setup
   file_configs = [files.load_config_file(s) for s in [FLAGS["config"].config_filename,
                                                        *FLAGS.also]]
+  configs = [FLAGS.config, *(with_overrides(c, spec)
+                             for c, spec in zip(file_configs[1:], FLAGS.also))]
+  overrides = config_flags.get_override_values(FLAGS["config"])
   try:  # overrides the rows would not act on (e.g. a variant the files' size fields override)
+    files.refuse_flags_beside_fields(FLAGS, overrides,
+                                     {"batch": "global_batch_size", "dtype": "model.dtype"})
     for config, file_config in zip(configs, file_configs):
       setup.refuse_inert_overrides(config, file_config, overrides)
     for spec in FLAGS.variant:

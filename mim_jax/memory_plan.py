@@ -193,14 +193,10 @@ def _plan_from_flags() -> None:
     raise config_error("method", config.method, "a method with a train step (frozen-feature "
                        "jobs such as knn and probe train nothing to plan)")
   overrides = config_flags.get_override_values(FLAGS["config"])
-  # A flag at its "the config's" value (--batch=0, --rules=config, --mesh='') replaces nothing.
-  for flag, field in (("mesh", "mesh"), ("batch", "global_batch_size"),
-                      ("rules", "sharding_rules")):
-    if FLAGS[flag].value not in ("", 0, "config") and field in overrides:
-      raise config_error(f"--{flag}", FLAGS[flag].value, f"given beside --config.{field}, "
-                         "which it replaces: give one of the two")
   from mim_jax.config import files
   from mim_jax.training import setup
+  files.refuse_flags_beside_fields(FLAGS, overrides, {
+      "mesh": "mesh", "batch": "global_batch_size", "rules": "sharding_rules"})
   setup.refuse_inert_overrides(config, files.load_config_file(FLAGS["config"].config_filename),
                                overrides)
   with config.unlocked():

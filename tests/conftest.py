@@ -159,15 +159,13 @@ def train_micro_mae_teacher(workdir: str, steps: int = 30) -> str:
   """A micro MAE encoder trained on Fashion-MNIST for `steps` steps (`mae_fmnist.py:runlocal`
   at batch 64 and lr 1e-3 from the first step: the runlocal schedule's warmup would leave it at
   its initial weights), for the tests that distil a trained teacher; checks that it learnt."""
-  import importlib.util
   import json
 
   from mim_jax.config import defaults as config_defaults
+  from mim_jax.config import files
   from mim_jax.training import loop as train
-  spec = importlib.util.spec_from_file_location("cfg", REPO / "configs" / "mae_fmnist.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  train.run(config_defaults.override(module.get_config("runlocal"), **{
+  config = files.load_config_file(f"{REPO}/configs/mae_fmnist.py:runlocal")
+  train.run(config_defaults.override(config, **{
       "total_steps": steps, "global_batch_size": 64, "optimizer.warmup_epochs": 0.0,
       "optimizer.base_lr": 4e-3, "checkpoint_every": 1000}), workdir)
   loss = [r["loss"] for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))

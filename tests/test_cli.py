@@ -554,7 +554,7 @@ def test_a_command_line_variant_sets_the_size_or_is_refused(tmp_path, capsys):
   # The same through a benchmark's --variant row, and a bench flag beside the field it sets.
   for flags, says in ((["--variant=model.variant=S/4"], "config.model.variant='S/4' would not"),
                       (["--batch=8", "--config.global_batch_size=16"],
-                       "--batch=8 given beside --config.global_batch_size")):
+                       "--batch=8 is invalid: given beside --config.global_batch_size")):
     out = subprocess.run([sys.executable, "-m", "mim_jax.bench", f"--config={path}", *flags,
                           "--peer=none", "--steps=1"], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
