@@ -13,13 +13,14 @@ from mim_jax import data, registry
 from mim_jax.config import defaults as config_defaults
 from mim_jax.config.errors import ConfigError
 from mim_jax.data import multicrop
-from mim_jax.methods import ibot
 from mim_jax.methods.base import TrainLength
-from mim_jax.objectives import losses, masking
+from mim_jax.objectives import losses, masking, self_distillation
 from mim_jax.training import optim
 from mim_jax.training import step as step_lib
 
 from conftest import FMNIST_DIR, requires_fmnist, take_steps, tiny_mae_config
+
+LAST_LAYER = self_distillation.LAST_LAYER
 
 
 def tiny_config(**overrides):
@@ -195,11 +196,11 @@ def _freeze_run(hold: bool, num_steps: int = 4):
 
 
 def _last_layer(params):
-  return {k: np.asarray(params["head"][k]) for k in ibot.LAST_LAYER if k in params["head"]}
+  return {k: np.asarray(params["head"][k]) for k in LAST_LAYER if k in params["head"]}
 
 
 def _others(params):
-  head = {k: v for k, v in params["head"].items() if k not in ibot.LAST_LAYER}
+  head = {k: v for k, v in params["head"].items() if k not in LAST_LAYER}
   return [np.asarray(x) for x in jax.tree.leaves({**params, "head": head})]
 
 

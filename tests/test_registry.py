@@ -4,6 +4,7 @@ changed; every config holds exactly its method's fields; the import graph has no
 from __future__ import annotations
 
 import ast
+import inspect
 import json
 import os
 import pathlib
@@ -129,6 +130,18 @@ def test_a_method_is_one_class_and_a_config(toy, tmp_path):
     mae.toy = ml_collections.ConfigDict(dict(noise=0.1))
   with pytest.raises(ConfigError, match=r"config.toy is not used by method='mae'.*'toy_denoiser'"):
     registry.validate_config(mae)
+
+
+def test_each_pre_training_method_is_one_file_of_under_200_lines():
+  """A method composes the shared parts (masking, targets, teachers, decoders, losses); one
+  that grows past 200 lines is keeping a part to itself that belongs among them."""
+  files = {name: pathlib.Path(inspect.getsourcefile(cls)) for name, cls in registry.METHODS.items()
+           if issubclass(cls, base.PretrainingMethod) and cls.__module__.startswith(
+               "mim_jax.methods.")}
+  assert {"mae", "simmim", "maskfeat", "data2vec", "data2vec2", "ibot", "beit",
+          "maskdistill"} <= set(files)
+  lines = {name: len(path.read_text().splitlines()) for name, path in files.items()}
+  assert max(lines.values()) < 200, lines
 
 
 @pytest.mark.parametrize("method", sorted(registry.METHODS))

@@ -17,8 +17,8 @@ global view 1, 0.1 on global view 2 and 0.5 on local views; solarisation with `s
 on global view 2 only). Saturation, hue and grayscale act on colour only, so 1-channel images
 get brightness / contrast jitter, blur and solarisation (configs choose which).
 
-A method that trains on these views owns `config.multicrop` through `default_config()`,
-`validate_config(...)` and `augment_from_config(...)` (iBOT does).
+A method that trains on these views owns `config.multicrop` through `add_config(...)`,
+`UNREAD_RULES`, `validate_config(...)` and `augment_from_config(...)` (iBOT does).
 
 An undecodable image (None, skip mode) gives zero placeholders of every shape with
 valid=False, as `transforms.TrainAugment` does. All randomness comes from the per-element
@@ -154,6 +154,31 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), num_local=10, local_size=(96, 96),
       jitter_prob=0.8, grayscale_prob=0.2, blur=True, solarize_prob=0.2))
+
+
+def views_first(x):
+  """[B, V, ...] -> [V * B, ...] (view-major): a batch's views as one batch for the encoder."""
+  return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
+
+
+def add_config(c: ml_collections.ConfigDict) -> None:
+  """Gives a method's config `multicrop` (`default_config`) in place of the single-view
+  augmentation fields it no longer reads: the views' scales are global_scale / local_scale,
+  and multi-crop has its own photometrics (no RandAugment or random erasing)."""
+  for name in ("crop_scale", "rand_augment", "random_erasing"):
+    del c.data[name]
+  c.multicrop = default_config()
+
+
+# `Method.unread_rules` entries of `config.multicrop`.
+UNREAD_RULES = [
+    (("multicrop.local_scale", "multicrop.local_size"),
+     lambda c: c.multicrop.num_local > 0, "there are no local views (multicrop.num_local=0)"),
+    # 0 is what a one-channel image gets anyway (ibot_fmnist.py sets it).
+    (("multicrop.grayscale_prob",),
+     lambda c: c.channels == 3 or c.multicrop.grayscale_prob == 0,
+     "grayscale conversion applies to 3-channel images only"),
+]
 
 
 def validate_config(c: ml_collections.ConfigDict, image_size: tuple[int, int],
