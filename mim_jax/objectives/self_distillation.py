@@ -1,12 +1,20 @@
 """DINO-style self-distillation against an EMA teacher's prototype distributions (iBOT's
-online tokenizer; DINO's [CLS] objective): the head / temperature / momentum fields with their
-checks, the teacher-temperature warmup, the hold of the head's last layer during its first
-epochs, and the collapse diagnostics.
+online tokenizer; DINO's [CLS] objective), the parts a method composes:
 
-The fields live in one config group (iBOT: `config.ibot`), defaults from iBOT's ViT-S/16 recipe
-(bytedance/ibot main_ibot.py and its README command). The losses are `losses.teacher_probs`,
-`losses.cross_view_distillation` and `losses.masked_patch_distillation`; the centres and the
-EMA are `teachers`.
+  default_config / validate / unread_rules   the head, temperature, momentum and freeze fields
+                                             of one config group (iBOT: `config.ibot`),
+                                             defaults from iBOT's ViT-S/16 recipe (bytedance/ibot
+                                             main_ibot.py and its README command)
+  head_from_config / head_flops              the DINO head (`models.heads.DINOHead`)
+  teacher_temps                              the teacher temperatures' linear warmup
+  teacher_state / teacher_momentum / update_teacher / accumulate_centres
+                                             the teacher in the method's `extra`: its EMA
+                                             (`teachers.ema_update`, momentum cosine to 1) and
+                                             centres (one step per update by the whole batch's
+                                             mean output, also with gradient accumulation)
+  distillation_losses                        the [CLS] and masked-patch losses (`losses`)
+  stop_last_layer_gradient / hold_last_layer the head's last layer frozen for its first epochs
+  collapse_metrics                           entropies that show a collapse
 """
 
 from __future__ import annotations
