@@ -32,6 +32,7 @@ from mim_jax.training import optim
 # The parameters of the head's last layer (`models.heads.DINOHead`: the prototype directions
 # and, without norm_last_layer, their scales), frozen for `freeze_last_layer_epochs`.
 LAST_LAYER = ("last_layer", "last_layer_scale")
+CENTRES = ("center_cls", "center_patch")  # the teacher-output centres in `extra`
 TEMPERATURES = ("student_temp", "warmup_teacher_temp", "teacher_temp",
                 "warmup_teacher_patch_temp", "teacher_patch_temp")
 
@@ -143,9 +144,6 @@ def hold_last_layer(tx: optax.GradientTransformation,
   the learning-rate and weight-decay schedules still on the global step.
   """
   return optim.hold_during_first_updates(tx, freeze_steps, last_layer_mask)
-
-
-CENTRES = ("center_cls", "center_patch")  # the teacher-output centres in `extra`
 
 
 def teacher_state(params, out_dim: int) -> dict:
