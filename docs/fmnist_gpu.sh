@@ -34,6 +34,8 @@ export KNN_EVERY=${KNN_EVERY:-25}
 export SEEDS=${SEEDS:-"0 1 2"}
 export TRAIN_FLAGS=${TRAIN_FLAGS:-"--config.model.dtype=bfloat16 --config.data.augment_on=device
 --config.data.device_resident=True"}
+# The grid without its RandAugment points: those run in the host pipeline, which cannot keep up.
+export TUNE_POINTS=${TUNE_POINTS:-"lr1e-3 lr2e-3 lr1e-3_nomix lr2e-3_nomix lr4e-3_nomix"}
 export SECTIONS=${SECTIONS:-"pretrain_mae probe_mae baselines tune_mae finetune_mae tune_scratch
 finetune_scratch"}
 # A SIGTERM or Ctrl-C here reaches the script and through it the run (a checkpoint, exit 75).

@@ -41,6 +41,8 @@
 # FMNIST_DIR: the Fashion-MNIST files' folder, when not the Debian package's
 # /usr/share/datasets/fashion-mnist (e.g. copied to a machine without the package); given to
 # every run as --config.data.path, and to the scikit-learn baseline.
+# TUNE_POINTS (default: the whole grid of docs/fmnist_tools.py): the grid points tune_* runs and
+# fine-tuning chooses from, e.g. a point recorded earlier beside one added to the grid since.
 # CHOSEN_tune_mae / CHOSEN_tune_scratch (e.g. lr4e-3_nomix): a grid point chosen earlier on the
 # held-out split and recorded in docs/results.md, used instead of ROOT's tune_* runs (when
 # those are gone, not to skip a grid that never ran).
@@ -73,6 +75,7 @@ TUNE_EPOCHS=${TUNE_EPOCHS:-3}
 KNN_EVERY=${KNN_EVERY:-5}
 LOWLABEL=${LOWLABEL:-"1:60 10:30"}
 LOWLABEL_INITS=${LOWLABEL_INITS:-"mae scratch"}
+TUNE_POINTS=${TUNE_POINTS:-}
 # Split on spaces and newlines alike (fmnist_gpu.sh spreads its flags over lines).
 read -r -d '' -a TRAIN <<< "${TRAIN_FLAGS:-}" || true
 # A misspelt section or seed would run nothing and end with success.
@@ -95,6 +98,10 @@ done
 for masking in $STUDY_MASKINGS; do
   [[ " blockwise random75 " == *" $masking "* ]] \
       || { echo "STUDY_MASKINGS: unknown '$masking' (blockwise, random75)" >&2; exit 2; }
+done
+for point in $TUNE_POINTS; do
+  python docs/fmnist_tools.py grid "$point" > /dev/null 2> /dev/null || { echo "TUNE_POINTS:" \
+      "unknown '$point' (one of: $(python docs/fmnist_tools.py grid))" >&2; exit 2; }
 done
 DATA=()
 [ -n "${FMNIST_DIR:-}" ] && DATA=(--config.data.path="$FMNIST_DIR")
@@ -159,7 +166,7 @@ tune() {  # INIT (scratch | mae): the tuning grid of docs/fmnist_tools.py on the
   local init=$1 suffix flags cfg points
   cfg=(--config=configs/finetune_fmnist.py:scratch)
   [ "$init" = mae ] && cfg=(--config=configs/finetune_fmnist.py --config.init_from="$MAE")
-  points=$(python docs/fmnist_tools.py grid) && [ -n "$points" ] || exit 1
+  points=${TUNE_POINTS:-$(python docs/fmnist_tools.py grid)} && [ -n "$points" ] || exit 1
   for suffix in $points; do
     flags=$(python docs/fmnist_tools.py grid "$suffix") || exit 1
     # shellcheck disable=SC2086
@@ -177,7 +184,8 @@ pick() {  # GRID (tune_mae | tune_scratch): the flags of its best held-out point
     python docs/fmnist_tools.py grid "${!recorded}"
     return
   fi
-  python docs/fmnist_tools.py pick "$ROOT" "$1"
+  # shellcheck disable=SC2086
+  python docs/fmnist_tools.py pick "$ROOT" "$1" $TUNE_POINTS
 }
 for seed in $SEEDS; do
   if has finetune_mae; then

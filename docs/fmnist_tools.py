@@ -3,9 +3,10 @@
   python docs/fmnist_tools.py grid [SUFFIX]
       the flags of one point of the tuning grid (run-name suffix, e.g. lr2e-3_nomix); without
       SUFFIX the grid's points
-  python docs/fmnist_tools.py pick ROOT PREFIX
+  python docs/fmnist_tools.py pick ROOT PREFIX [POINT ...]
       the fine-tuning overrides whose run ROOT/PREFIX_* scored best on the held-out split
-      (results.json eval_accuracy with eval_split "holdout"); prints them as flags
+      (results.json eval_accuracy with eval_split "holdout"); prints them as flags. POINTs
+      (default: the whole grid) name the grid points that compete
   python docs/fmnist_tools.py matched_epochs PRETRAIN_WORKDIR FT_EPOCHS
       FT_EPOCHS plus the epochs of supervised fine-tuning that cost the pre-training's model
       FLOPs (images seen x training FLOPs per image), rounded
@@ -40,11 +41,22 @@ GRID = {
     "lr4e-3_nomix": ["--config.optimizer.base_lr=0.004", "--config.classifier.mixup_alpha=0",
                      "--config.classifier.cutmix_alpha=0"],
 }
+# Added on 2026-12-04, when both inits had chosen their lr without Mixup/CutMix: the official
+# fine-tuning recipe's RandAugment and random erasing on each init's chosen point (scratch
+# 2e-3, MAE 4e-3), run beside that point again (TUNE_POINTS) for a same-machine comparison.
+_AUGMENT = ["--config.data.rand_augment=rand-m9-mstd0.5-inc1", "--config.data.random_erasing=0.25"]
+GRID.update({f"{point}_ra": GRID[point] + _AUGMENT for point in ("lr2e-3_nomix", "lr4e-3_nomix")})
 
 
-def pick(root: str, prefix: str) -> list[str]:
+def pick(root: str, prefix: str, points: list[str] | None = None) -> list[str]:
+  """The flags of the grid point (of `points`, default the whole grid) whose run
+  ROOT/PREFIX_POINT scored best on the held-out split; ties go to the earlier point."""
+  points = list(points or GRID)
+  unknown = [p for p in points if p not in GRID]
+  if unknown:
+    raise SystemExit(f"no grid point {', '.join(unknown)}: one of {', '.join(GRID)}")
   scores, missing = {}, []
-  for suffix in GRID:
+  for suffix in points:
     path = os.path.join(root, f"{prefix}_{suffix}", "results.json")
     if not os.path.isfile(path):
       missing.append(path)
@@ -57,7 +69,7 @@ def pick(root: str, prefix: str) -> list[str]:
     scores[suffix] = results["eval_accuracy"]
   if missing:  # a choice from part of the grid would be a different experiment
     raise SystemExit(f"the tuning grid {prefix}_* is not finished: no {', '.join(missing)}")
-  best = max(scores, key=lambda s: (scores[s], -list(GRID).index(s)))
+  best = max(scores, key=lambda s: (scores[s], -points.index(s)))
   print(f"{prefix}: held-out accuracy {scores}; chose {best}", file=sys.stderr)
   return GRID[best]
 
@@ -197,7 +209,7 @@ if __name__ == "__main__":
       raise SystemExit(f"no grid point {sys.argv[2]!r}: one of {', '.join(GRID)}")
     print(" ".join(GRID[sys.argv[2]]) if len(sys.argv) > 2 else " ".join(GRID))
   elif command == "pick":
-    print(" ".join(pick(sys.argv[2], sys.argv[3])))
+    print(" ".join(pick(sys.argv[2], sys.argv[3], sys.argv[4:])))
   elif command == "matched_epochs":
     print(matched_epochs(sys.argv[2], float(sys.argv[3])))
   elif command == "summary":

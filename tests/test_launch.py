@@ -418,7 +418,7 @@ def test_results_script_passes_train_flags_to_training_runs_only(tmp_path):
   assert "--config.num_epochs=50" in pretrain
   assert "--config.optimizer.warmup_epochs=5.0" in pretrain
   assert probe[0] == "--config=configs/linprobe_fmnist.py"
-  assert len(tunes) == 5  # the points of docs/fmnist_tools.py's GRID
+  assert len(tunes) == 7  # the points of docs/fmnist_tools.py's GRID
   for call in (pretrain, *tunes):  # every flag its own argument, also those on a second line
     first = call.index("--config.a=1")
     assert call[first:first + 3] == ["--config.a=1", "--config.b=2", "--config.c=3"], call
@@ -454,6 +454,21 @@ def test_results_script_fine_tunes_with_a_recorded_choice_when_the_grid_runs_are
   assert out.returncode == 1 and "tuning grid tune_mae_* is not finished" in out.stderr
 
 
+def test_results_script_tunes_and_chooses_among_the_tune_points_only(tmp_path):
+  """TUNE_POINTS: the grid points run (a recorded winner beside a point added since) and the
+  only ones fine-tuning chooses from, so the rest of the grid need not run again."""
+  calls = _results_calls(tmp_path, RESULTS, SECTIONS="tune_mae finetune_mae", SEEDS="0",
+                         TUNE_POINTS="lr4e-3_nomix lr4e-3_nomix_ra")
+  *tunes, ft = calls
+  assert [call[-1].rsplit("/", 1)[1] for call in tunes] == [
+      "tune_mae_lr4e-3_nomix", "tune_mae_lr4e-3_nomix_ra"]
+  assert "--config.data.rand_augment=rand-m9-mstd0.5-inc1" in tunes[1]
+  assert "--config.data.random_erasing=0.25" in tunes[1]
+  # Every stand-in run scores 0.5: the tie goes to the first point.
+  assert "--config.optimizer.base_lr=0.004" in ft and not any("rand_augment" in a for a in ft)
+  _unread_settings(tunes[1][:-1])
+
+
 @pytest.mark.parametrize("status,code,says", [(75, 75, "stopped by SIGTERM"),
                                                (3, 1, "failed (exit 3)")])
 def test_results_script_stops_at_a_run_that_did_not_finish(tmp_path, status, code, says):
@@ -475,6 +490,7 @@ def test_results_script_stops_at_a_run_that_did_not_finish(tmp_path, status, cod
     ({"SEEDS": "0 one"}, (), "SEEDS: 'one' is not an integer seed"),
     ({"LOWLABEL": "10"}, (), "LOWLABEL: '10' is not PERCENT:EPOCHS"),
     ({"STUDY_MASKINGS": "random"}, (), "STUDY_MASKINGS: unknown 'random'"),
+    ({"TUNE_POINTS": "lr4e-3_nomix lr4e-3_ra"}, (), "TUNE_POINTS: unknown 'lr4e-3_ra'"),
     ({"SEEDS": " "}, (), "SEEDS: empty"),
     ({}, ("--help",), "usage: [SECTIONS=... SEEDS=... ...] bash docs/fmnist_results.sh [ROOT]"),
     ({}, ("a", "b"), "usage:"),
@@ -556,14 +572,26 @@ def test_results_script_command_lines_are_valid_configs(tmp_path, monkeypatch):
 
 
 def test_gpu_results_script_sets_the_device_flags(tmp_path, monkeypatch):
+  """Every run gets the device flags, and the tuning grid leaves out its RandAugment points
+  (host-only augmentation, refused beside data.augment_on='device')."""
+  from absl import flags
+
+  from mim_jax import main, registry
   monkeypatch.chdir(REPO)
-  calls = _results_calls(tmp_path, GPU_RESULTS, SECTIONS="pretrain_mae")
-  assert len(calls) == 1
+  calls = _results_calls(tmp_path, GPU_RESULTS, SECTIONS="pretrain_mae tune_scratch")
+  assert len(calls) == 6  # MAE, then the grid's five points without RandAugment
   assert "--config.num_epochs=200" in calls[0]
-  for flag in ("--config.model.dtype=bfloat16", "--config.data.augment_on=device",
-               "--config.data.device_resident=True"):
-    assert flag in calls[0]
-  _unread_settings(calls[0])
+  for call in calls:
+    for flag in ("--config.model.dtype=bfloat16", "--config.data.augment_on=device",
+                 "--config.data.device_resident=True"):
+      assert flag in call
+    _unread_settings(call)
+    flag_values = flags.FlagValues()
+    argv = ["mim_jax.main", *call]
+    main.define_flags(flag_values, argv)
+    flag_values(argv)
+    file_config = files.load_config_file(flag_values["config"].config_filename)
+    registry.validate_config(flag_values.config, file_config)  # all static checks pass
 
 
 def test_results_script_runs_the_study_under_both_maskings(tmp_path, monkeypatch):
@@ -591,10 +619,10 @@ def test_results_script_fine_tunes_each_seed_with_the_held_out_choice(tmp_path, 
   monkeypatch.chdir(REPO)
   calls = _results_calls(tmp_path, RESULTS, SECTIONS="tune_mae finetune_mae", SEEDS="0 1")
   names = [c[-1].rsplit("/", 1)[-1] for c in calls]
-  assert names == [f"tune_mae_{s}" for s in ("lr1e-3", "lr2e-3", "lr1e-3_nomix",
-                                             "lr2e-3_nomix", "lr4e-3_nomix")] + [
-                                                 "ft_mae_s0", "ft_mae_s1"]
-  for seed, call in enumerate(calls[5:]):
+  assert names == [f"tune_mae_{s}" for s in (
+      "lr1e-3", "lr2e-3", "lr1e-3_nomix", "lr2e-3_nomix", "lr4e-3_nomix", "lr2e-3_nomix_ra",
+      "lr4e-3_nomix_ra")] + ["ft_mae_s0", "ft_mae_s1"]
+  for seed, call in enumerate(calls[7:]):
     # Every grid point scored 0.5 on the held-out split: the tie goes to the first.
     assert "--config.optimizer.base_lr=0.001" in call and "--config.num_epochs=15" in call
     assert "--config.classifier.mixup_alpha=0" not in call  # lr1e-3, not lr1e-3_nomix

@@ -33,6 +33,16 @@ def test_pick_takes_the_best_held_out_point_of_the_whole_grid(tmp_path):
   assert tools.pick(str(tmp_path), "tune_mae") == tools.GRID["lr1e-3_nomix"]
 
 
+def test_pick_among_named_points_ignores_the_rest_of_the_grid(tmp_path):
+  _run(tmp_path, "tune_mae_lr4e-3_nomix", {"eval_accuracy": 0.89})
+  _run(tmp_path, "tune_mae_lr4e-3_nomix_ra", {"eval_accuracy": 0.90})
+  assert tools.pick(str(tmp_path), "tune_mae", ["lr4e-3_nomix", "lr4e-3_nomix_ra"]) == [
+      *tools.GRID["lr4e-3_nomix"], "--config.data.rand_augment=rand-m9-mstd0.5-inc1",
+      "--config.data.random_erasing=0.25"]
+  with pytest.raises(SystemExit, match="no grid point lr4e-3_ra"):
+    tools.pick(str(tmp_path), "tune_mae", ["lr4e-3_ra"])
+
+
 def test_pick_refuses_a_partial_grid_and_a_test_split(tmp_path):
   _run(tmp_path, "tune_mae_lr1e-3", {"eval_accuracy": 0.9})
   with pytest.raises(SystemExit, match="not finished: no .*tune_mae_lr2e-3"):
