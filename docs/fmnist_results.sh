@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces the Fashion-MNIST results of docs/results.md. Every run's log, wall time
-# (ROOT/NAME.seconds) and results.json land under ROOT; re-running skips finished runs, and an
-# interrupted run resumes from its last checkpoint. SECTIONS picks what runs, in order:
+# (ROOT/NAME.seconds), arguments (ROOT/NAME.args) and results.json land under ROOT; re-running
+# skips finished runs (a finished run asked for with other arguments stops the script instead),
+# and an interrupted run resumes from its last checkpoint. SECTIONS picks what runs, in order:
 #
 #   pretrain_mae  MAE, MAE_EPOCHS (50) epochs, k-NN on the held-out split every 5 epochs
 #   baselines     probe + k-NN of raw pixels and of a random encoder; scikit-learn's logistic
@@ -76,6 +77,11 @@ KNN_EVERY=${KNN_EVERY:-5}
 LOWLABEL=${LOWLABEL:-"1:60 10:30"}
 LOWLABEL_INITS=${LOWLABEL_INITS:-"mae scratch"}
 TUNE_POINTS=${TUNE_POINTS:-}
+# A length other than the default joins the run names, so that a longer schedule runs beside the
+# default one instead of being taken for it (e.g. FT_EPOCHS=30: ft_mae_e30_s0).
+FT_TAG="" TUNE_TAG=""
+[ "$FT_EPOCHS" = 15 ] || FT_TAG="_e$FT_EPOCHS"
+[ "$TUNE_EPOCHS" = 3 ] || TUNE_TAG="_e$TUNE_EPOCHS"
 # Split on spaces and newlines alike (fmnist_gpu.sh spreads its flags over lines).
 read -r -d '' -a TRAIN <<< "${TRAIN_FLAGS:-}" || true
 # A misspelt section or seed would run nothing and end with success.
@@ -107,10 +113,25 @@ DATA=()
 [ -n "${FMNIST_DIR:-}" ] && DATA=(--config.data.path="$FMNIST_DIR")
 mkdir -p "$ROOT"
 
+settings() {  # a run's arguments, one per line, ROOT written as ROOT (a moved ROOT still matches)
+  local arg
+  for arg in "$@"; do echo "${arg//"$ROOT"/ROOT}"; done
+}
+
 run() {  # NAME, then the arguments of mim_jax.main
   local name=$1; shift
+  local asked
+  asked=$(settings "$@")
   if [ -f "$ROOT/$name/results.json" ] || [ -f "$ROOT/$name/encoder/model.json" ] \
       || [ -f "$ROOT/$name/tokenizer/tokenizer.json" ]; then
+    # A finished run is skipped only if it ran with the settings asked now: else a changed
+    # setting (TRAIN_FLAGS, a length, a choice) would be taken as done and never run.
+    if [ -f "$ROOT/$name.args" ] && [ "$(cat "$ROOT/$name.args")" != "$asked" ]; then
+      { echo "$ROOT/$name finished with other settings than asked now (< then, > now):"
+        diff "$ROOT/$name.args" <(echo "$asked")
+        echo "Move it away or use another ROOT to run it with the new settings."; } >&2
+      exit 2
+    fi
     return
   fi
   local args=("$@" "${DATA[@]}" --workdir="$ROOT/$name")
@@ -126,7 +147,7 @@ run() {  # NAME, then the arguments of mim_jax.main
   # its first step, or an evaluation job (no checkpoint: it starts again), dies of the signal.
   ((STOPPED)) && [ "$status" -gt 128 ] && status=75
   case $status in
-    0) ;;
+    0) echo "$asked" > "$ROOT/$name.args" ;;
     75) echo "$name stopped by SIGTERM (a training run with its checkpoint written): rerun" \
              "to resume"; exit 75 ;;
     *) echo "$name failed (exit $status): see $ROOT/$name.log"; exit 1 ;;
@@ -170,7 +191,7 @@ tune() {  # INIT (scratch | mae): the tuning grid of docs/fmnist_tools.py on the
   for suffix in $points; do
     flags=$(python docs/fmnist_tools.py grid "$suffix") || exit 1
     # shellcheck disable=SC2086
-    run "tune_${init}_$suffix" "${cfg[@]}" --config.num_epochs="$TUNE_EPOCHS" \
+    run "tune_${init}${TUNE_TAG}_$suffix" "${cfg[@]}" --config.num_epochs="$TUNE_EPOCHS" \
         --config.optimizer.warmup_epochs=0.5 "${holdout[@]}" "${TRAIN[@]}" $flags
   done
 }
@@ -185,18 +206,18 @@ pick() {  # GRID (tune_mae | tune_scratch): the flags of its best held-out point
     return
   fi
   # shellcheck disable=SC2086
-  python docs/fmnist_tools.py pick "$ROOT" "$1" $TUNE_POINTS
+  python docs/fmnist_tools.py pick "$ROOT" "$1$TUNE_TAG" $TUNE_POINTS
 }
 for seed in $SEEDS; do
   if has finetune_mae; then
     flags=$(pick tune_mae) || exit 1
     # shellcheck disable=SC2086
-    ft "ft_mae_s$seed" "" --config.init_from="$MAE" --config.seed="$seed" $flags
+    ft "ft_mae${FT_TAG}_s$seed" "" --config.init_from="$MAE" --config.seed="$seed" $flags
   fi
   if has finetune_scratch; then
     flags=$(pick tune_scratch) || exit 1
     # shellcheck disable=SC2086
-    ft "ft_scratch_s$seed" ":scratch" --config.seed="$seed" $flags
+    ft "ft_scratch${FT_TAG}_s$seed" ":scratch" --config.seed="$seed" $flags
   fi
   if has finetune_matched; then
     flags=$(pick tune_scratch) || exit 1
@@ -205,7 +226,7 @@ for seed in $SEEDS; do
     [ -n "$matched" ] \
         || matched=$(python docs/fmnist_tools.py matched_epochs "$MAE" "$FT_EPOCHS") || exit 1
     # shellcheck disable=SC2086
-    run "ft_scratch_matched_s$seed" --config=configs/finetune_fmnist.py:scratch \
+    run "ft_scratch_matched${FT_TAG}_s$seed" --config=configs/finetune_fmnist.py:scratch \
         --config.num_epochs="$matched" --config.optimizer.warmup_epochs=3 \
         --config.seed="$seed" "${TRAIN[@]}" $flags
   fi
@@ -255,7 +276,7 @@ if has methods; then
     probe "probe_${method}_e$PRE_EPOCHS" --config.init_from="$ROOT/${method}_e$PRE_EPOCHS"
     flags=$(pick tune_mae) || exit 1
     # shellcheck disable=SC2086
-    ft "ft_${method}_s0" "" --config.init_from="$ROOT/${method}_e$PRE_EPOCHS" $flags
+    ft "ft_${method}${FT_TAG}_s0" "" --config.init_from="$ROOT/${method}_e$PRE_EPOCHS" $flags
   done
 fi
 
@@ -265,7 +286,7 @@ if has ratio; then
     probe "probe_mae_e${MAE_EPOCHS}_r$ratio" --config.init_from="$ROOT/mae_e${MAE_EPOCHS}_r$ratio"
     flags=$(pick tune_mae) || exit 1
     # shellcheck disable=SC2086
-    ft "ft_mae_r${ratio}_s0" "" --config.init_from="$ROOT/mae_e${MAE_EPOCHS}_r$ratio" $flags
+    ft "ft_mae_r${ratio}${FT_TAG}_s0" "" --config.init_from="$ROOT/mae_e${MAE_EPOCHS}_r$ratio" $flags
   done
 fi
 

@@ -423,8 +423,9 @@ def test_results_script_passes_train_flags_to_training_runs_only(tmp_path):
     first = call.index("--config.a=1")
     assert call[first:first + 3] == ["--config.a=1", "--config.b=2", "--config.c=3"], call
   assert "--config.a=1" not in probe
-  # A second run skips what finished.
-  assert _results_calls(tmp_path, RESULTS, SECTIONS="pretrain_mae probe_mae") == calls
+  # A second run with the same settings skips what finished.
+  assert _results_calls(tmp_path, RESULTS, SECTIONS="pretrain_mae probe_mae",
+                        TRAIN_FLAGS="--config.a=1 --config.b=2\n--config.c=3") == calls
 
 
 def test_results_script_reads_fashion_mnist_from_fmnist_dir(tmp_path):
@@ -467,6 +468,43 @@ def test_results_script_tunes_and_chooses_among_the_tune_points_only(tmp_path):
   # Every stand-in run scores 0.5: the tie goes to the first point.
   assert "--config.optimizer.base_lr=0.004" in ft and not any("rand_augment" in a for a in ft)
   _unread_settings(tunes[1][:-1])
+
+
+def test_results_script_refuses_a_finished_run_asked_for_with_other_settings(tmp_path):
+  """A finished run is skipped only if asked for with the arguments it ran with (ROOT may
+  move); with others (here TRAIN_FLAGS) the script stops before running anything, instead of
+  taking the old run for the new one."""
+  import shutil
+  import sys
+  first = _results_calls(tmp_path, RESULTS, SECTIONS="pretrain_mae")
+  assert len(first) == 1
+  moved = tmp_path / "moved"
+  shutil.move(tmp_path / "root", moved)
+  stub_env = _fake_bin(tmp_path, "python", _MAIN_STUB % sys.executable)
+  calls = tmp_path / "main_calls.log"
+  out = _bash(RESULTS, str(moved), env=dict(stub_env, MAIN_CALLS=str(calls),
+                                            SECTIONS="pretrain_mae"))
+  assert out.returncode == 0 and len(calls.read_text().splitlines()) == 1  # skipped
+  out = _bash(RESULTS, str(moved), env=dict(stub_env, MAIN_CALLS=str(calls),
+                                            SECTIONS="pretrain_mae probe_mae",
+                                            TRAIN_FLAGS="--config.model.dtype=bfloat16"))
+  assert out.returncode == 2, out.stdout + out.stderr
+  assert f"{moved}/mae_e50 finished with other settings" in out.stderr
+  assert "> --config.model.dtype=bfloat16" in out.stderr
+  assert len(calls.read_text().splitlines()) == 1  # nothing ran, the probe neither
+
+
+def test_results_script_names_runs_of_other_lengths_apart(tmp_path):
+  """FT_EPOCHS / TUNE_EPOCHS other than 15 / 3 join the run names, so a longer schedule runs
+  beside the default one (and fine-tuning picks from the tuning runs of its own length)."""
+  env = dict(SECTIONS="tune_mae finetune_mae", SEEDS="0", TUNE_POINTS="lr4e-3_nomix")
+  default = _results_calls(tmp_path, RESULTS, **env)
+  # The calls log is the same file: the second script's calls follow the first's.
+  longer = _results_calls(tmp_path, RESULTS, FT_EPOCHS="30", TUNE_EPOCHS="6", **env)[2:]
+  names = [c[-1].rsplit("/", 1)[-1] for c in (*default, *longer)]
+  assert names == ["tune_mae_lr4e-3_nomix", "ft_mae_s0", "tune_mae_e6_lr4e-3_nomix",
+                   "ft_mae_e30_s0"]
+  assert "--config.num_epochs=6" in longer[0] and "--config.num_epochs=30" in longer[1]
 
 
 @pytest.mark.parametrize("status,code,says", [(75, 75, "stopped by SIGTERM"),
