@@ -169,8 +169,12 @@ pretrain() {  # NAME METHOD EPOCHS [overrides]: pre-training with k-NN on the he
 probe() { run "$1" --config=configs/linprobe_fmnist.py "${@:2}"; }
 knn() { run "knn_$1" --config=configs/knn_fmnist.py --config.init_from="$ROOT/$1"; }  # on test
 ft() {
+  # The config's warmup (1.5 epochs) is a tenth of its 15; other lengths keep that proportion.
+  local warmup=()
+  [ -n "$FT_TAG" ] \
+      && warmup=(--config.optimizer.warmup_epochs="$(python -c "print($FT_EPOCHS / 10)")")
   run "$1" --config=configs/finetune_fmnist.py"${2}" --config.num_epochs="$FT_EPOCHS" \
-      "${TRAIN[@]}" "${@:3}"
+      "${warmup[@]}" "${TRAIN[@]}" "${@:3}"
 }
 MAE="$ROOT/mae_e$MAE_EPOCHS"
 
@@ -184,15 +188,17 @@ fi
 has probe_mae && probe "probe_mae_e$MAE_EPOCHS" --config.init_from="$MAE"
 
 tune() {  # INIT (scratch | mae): the tuning grid of docs/fmnist_tools.py on the holdout
-  local init=$1 suffix flags cfg points
+  local init=$1 suffix flags cfg points tune_warmup
   cfg=(--config=configs/finetune_fmnist.py:scratch)
   [ "$init" = mae ] && cfg=(--config=configs/finetune_fmnist.py --config.init_from="$MAE")
   points=${TUNE_POINTS:-$(python docs/fmnist_tools.py grid)} && [ -n "$points" ] || exit 1
+  # Half an epoch for the 3-epoch proxy; a tenth of longer ones, as the fine-tuning runs have.
+  tune_warmup=$(python -c "print(max(0.5, $TUNE_EPOCHS / 10))")
   for suffix in $points; do
     flags=$(python docs/fmnist_tools.py grid "$suffix") || exit 1
     # shellcheck disable=SC2086
     run "tune_${init}${TUNE_TAG}_$suffix" "${cfg[@]}" --config.num_epochs="$TUNE_EPOCHS" \
-        --config.optimizer.warmup_epochs=0.5 "${holdout[@]}" "${TRAIN[@]}" $flags
+        --config.optimizer.warmup_epochs="$tune_warmup" "${holdout[@]}" "${TRAIN[@]}" $flags
   done
 }
 has tune_scratch && tune scratch

@@ -504,7 +504,12 @@ def test_results_script_names_runs_of_other_lengths_apart(tmp_path):
   names = [c[-1].rsplit("/", 1)[-1] for c in (*default, *longer)]
   assert names == ["tune_mae_lr4e-3_nomix", "ft_mae_s0", "tune_mae_e6_lr4e-3_nomix",
                    "ft_mae_e30_s0"]
+  assert "--config.optimizer.warmup_epochs=0.5" in default[0]  # the 3-epoch proxy's
+  assert not any("warmup" in a for a in default[1])  # the config's 1.5 of 15 epochs
   assert "--config.num_epochs=6" in longer[0] and "--config.num_epochs=30" in longer[1]
+  # Warmup a tenth of the run, as the 15-epoch config has.
+  assert "--config.optimizer.warmup_epochs=0.6" in longer[0]
+  assert "--config.optimizer.warmup_epochs=3.0" in longer[1]
 
 
 @pytest.mark.parametrize("status,code,says", [(75, 75, "stopped by SIGTERM"),
