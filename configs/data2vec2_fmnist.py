@@ -4,7 +4,7 @@
 
 The demo encoder and budget of configs/mae_fmnist.py (3 epochs, lr 1e-3, half-cosine), so the
 rows of docs/results.md compare objectives, not schedules. Inverse block masking of 80% of the
-7x7 patch grid (visible blocks of 2x2, then exactly 10 of 49 visible), 4 masks per image (the
+7x7 patch grid (visible blocks of 2x2, then exactly 9 of 49 visible), 4 masks per image (the
 release's 16 would make the student ~3x the teacher's cost on a CPU; 4 keep it below one full
 encoder pass); a decoder of 4 grouped 3x3 convolutions (128 channels, 16 groups) over the 7x7
 grid; targets: the mean of the teacher's last 5 of 6 blocks (the release: 10 of 12),

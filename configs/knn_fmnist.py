@@ -4,7 +4,8 @@
       --config.init_from=workdirs/mae_fmnist --workdir=workdirs/knn_fmnist
 
 The 60,000 training images (no augmentation) are the bank, the 10,000 test images the queries.
-Writes knn_top1 / knn_top5 to WORKDIR/results.json. Baselines: --config.classifier.features=
+Writes knn_top1 / knn_top5 of the cls token (`knn_top1_cls`, ...) and of the mean-pooled
+patch tokens (`knn_top1_gap`, ...) to WORKDIR/results.json. Baselines: --config.classifier.features=
 pixels (raw pixels), --config.init_from=random (a random encoder). Arguments: `runlocal`.
 """
 

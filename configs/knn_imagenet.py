@@ -4,7 +4,8 @@
       --config.init_from=/ckpt/mae_vitb --config.data.tfds_data_dir=/data/tfds --workdir=DIR
 
 The 1.28M training images (resize 256, centre crop 224) are the bank, the validation split the
-queries; features are the frozen cls token. Arguments: `runlocal`.
+queries; features are the frozen cls token and the mean-pooled patch tokens, each scored
+(`knn_top1_cls`, `knn_top1_gap`). Arguments: `runlocal`.
 """
 
 from mim_jax import recipes

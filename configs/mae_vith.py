@@ -3,8 +3,10 @@
   python -m mim_jax.main --config=configs/mae_vith.py --workdir=DIR \
       --config.data.tfds_data_dir=/path/to/tfds
 
-Arguments (after a colon): `variant=H/14` (any SIZE/PATCH), `runlocal` (a seconds-long smoke
-run on synthetic data), e.g. --config=configs/mae_vith.py:runlocal.
+Arguments (after a colon, comma-separated): `variant=H/14` (any SIZE/PATCH), `runlocal` (a
+seconds-long smoke run on synthetic data), `fsdp` (every device on one FSDP axis), `remat=POLICY`
+(activation checkpointing, e.g. `full`), `bf16` (bfloat16 compute), e.g.
+--config=configs/mae_vith.py:runlocal or --config=configs/mae_vith.py:fsdp,remat=full,bf16.
 Recipe: 800 epochs (the paper's main results also use 1600), batch 4096, AdamW (0.9, 0.95),
 wd 0.05, base lr 1.5e-4 (lr = base_lr * batch / 256), 40 warmup epochs, half-cosine,
 mask 0.75, norm_pix_loss, RandomResizedCrop(0.2, 1) + flip, decoder 512-d x 8.
