@@ -138,7 +138,11 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> l
   """
   try:
     remaining = flag_values(list(argv))
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    if "config" in flag_values:
+      # ml_collections reports a file it failed to load when the config is first read (at
+      # parsing only when an override reads it): read it here, so that is an error line too.
+      flag_values.config.keys()
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
     unknown = _unknown_overrides(argv)
     if unknown:
       _fail("\n".join(str(u) for u in unknown))

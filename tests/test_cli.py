@@ -460,6 +460,17 @@ MALFORMED = [
     (["--config.total_steps=0"], "config.total_steps=0"),
     (["--config.data.label_fraction=0.0"], "config.data.label_fraction=0.0"),
     (["--config.channels=0"], "config.channels=0"),
+    (["--config.seed=-1"], "config.seed=-1"),  # NumPy's generators refuse it (pictures)
+    (["--config.seed=4294967296"], "config.seed=4294967296"),  # JAX keys keep 32 bits
+    (["--config.optimizer.base_lr=inf"], "config.optimizer.base_lr=inf"),
+    # The peak lr of 8 images: a min_lr above it makes the schedule climb.
+    (["--config.optimizer.min_lr=1.0"], "config.optimizer.min_lr=1.0 is invalid: at most the "
+                                        "peak lr"),
+    # exp(cosine / T) of 20 votes overflows float32 below T = 0.0117: NaN scores.
+    (["--config.knn.every_epochs=1.0", "--config.knn.temperature=0.005"],
+     "config.knn.temperature=0.005"),
+    (["--config.sharding_rules=(('[', ()),)"], "a rule whose regex compiles"),
+    (["--config.sharding_rules=(-1.0,)"], "a sequence of (regex, spec) pairs"),
     # Not one of the allowed values.
     (["--config.data.on_bad_image=ignore"], "config.data.on_bad_image='ignore'"),
     (["--config.model.dtype=float64"], "config.model.dtype='float64'"),
@@ -497,6 +508,11 @@ MALFORMED = [
      "config.optimizer.decay_epochs"),
     (["--config.data.mean=(0.5,0.5)"], "config.data.mean"),
     (["--config.method=linprobe"], "is not used by method='linprobe'"),
+    # 4 of the 64 synthetic images: the error names the field that left so few.
+    (["--config.data.holdout=60"], "that config.data.holdout=60 leave"),
+    # A config file that does not load (ml_collections reports it when the config is read).
+    ([f"--config={REPO}/configs/no_such_recipe.py"], "no_such_recipe.py"),
+    ([f"--config={REPO}/configs"], "Is a directory"),
 ]
 
 

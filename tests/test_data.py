@@ -719,6 +719,83 @@ def test_an_unprepared_tfds_dataset_is_named_with_the_command_that_prepares_it(t
                               image_size=(224, 224), channels=3)
 
 
+def test_the_evaluation_split_a_run_scores_is_checked_before_it_starts(tmp_path):
+  """An evaluation split that cannot be read failed at the first evaluation (for fine-tuning:
+  at the end, before its last checkpoint), and a split name TFDS lacks only inside TFDS:
+  checked by validation now, where the run scores that split."""
+  def check(cfg, scores=True, channels=1):
+    data.validate_data_config(cfg, image_size=(8, 8), channels=channels,
+                              scores_eval_split=scores)
+
+  # An image folder: the evaluation split is data.eval_path, which must be set.
+  (tmp_path / "img" / "a").mkdir(parents=True)
+  Image.new("L", (8, 8)).save(tmp_path / "img" / "a" / "0.png")
+  folder = data_config(source="image_folder", path=str(tmp_path / "img"), mean=(0.5,),
+                       std=(0.5,))
+  check(folder, scores=False)  # pre-training without a k-NN monitor never reads it
+  with pytest.raises(ConfigError, match=r"config.data.eval_path='' is invalid: a folder of "
+                     r"evaluation images: this run scores split 'eval'"):
+    check(folder)
+  check(data_config(**{**folder.to_dict(), "holdout": 1, "eval_split": "holdout"}))
+  # .npy arrays: the evaluation split's file, read by its header.
+  npy = tmp_path / "npy"
+  npy.mkdir()
+  np.save(npy / "train.npy", np.zeros((4, 8, 8), np.uint8))
+  arrays = data_config(source="npy", path=str(npy), mean=(0.5,), std=(0.5,))
+  check(arrays, scores=False)
+  with pytest.raises(ConfigError, match=r"config.data.eval_split='' is invalid: .*test.npy .*"
+                     r"does not exist"):
+    check(arrays)
+  with pytest.raises(ConfigError, match=r"config.data.eval_split='val' is invalid: .*val.npy"):
+    check(data_config(**{**arrays.to_dict(), "eval_split": "val"}))
+  np.save(npy / "test.npy", np.zeros((4, 8, 8, 3), np.float32))  # 3 bands of floats
+  with pytest.raises(ConfigError, match=r"config.channels=1 is invalid: .*they have 3, stored "
+                     r"as float32.*set config.channels=3"):
+    check(arrays)
+  check(arrays, channels=3)
+  # TFDS: split names from the prepared dataset's dataset_info.json, slices and sums allowed.
+  (tmp_path / "tfds" / "toy" / "1.0.0").mkdir(parents=True)
+  (tmp_path / "tfds" / "toy" / "1.0.0" / "dataset_info.json").write_text(
+      '{"name": "toy", "splits": [{"name": "train"}, {"name": "validation"}]}')
+  tfds_cfg = dict(source="tfds", tfds_name="toy", tfds_data_dir=str(tmp_path / "tfds"),
+                  mean=(0.5,), std=(0.5,))
+  check(data_config(**tfds_cfg, split="train[:90%]+validation[:10]",
+                    eval_split="validation[10:]"))
+  with pytest.raises(ConfigError, match=r"config.data.split='trian' is invalid: a split of the "
+                     r"prepared 'toy': one of \['train', 'validation'\]"):
+    check(data_config(**tfds_cfg, split="trian"), scores=False)
+  with pytest.raises(ConfigError, match=r"config.data.eval_split='val' is invalid"):
+    check(data_config(**tfds_cfg, split="train", eval_split="val"))
+  check(data_config(**tfds_cfg, split="train", eval_split="val"), scores=False)
+
+
+@requires_fmnist
+def test_a_channel_count_the_images_cannot_take_is_refused_before_training(tmp_path):
+  """`channels=2` on Fashion-MNIST (or 1 on 3-band float arrays) made every image fail to
+  convert: all skipped as undecodable, and the run stopped at its first batch blaming
+  data.path. Validation applies to_channels' rules to what the source holds."""
+  with pytest.raises(ConfigError, match=r"config.channels=2 is invalid: a channel count the "
+                     r"images of data.source='fashion_mnist' convert to \(they have 1, stored as "
+                     r"uint8\): cannot convert an image with 1 channels to 2"):
+    data.validate_data_config(data_config(source="fashion_mnist", path=FMNIST_DIR,
+                                          mean=(0.5,), std=(0.5,)),
+                              image_size=(28, 28), channels=2)
+  for stored, shape, channels, ok in ((np.uint8, (3, 4, 4, 4), 1, True),  # RGBA -> luma
+                                      (np.uint8, (3, 4, 4, 2), 3, False),
+                                      (np.uint16, (3, 4, 4), 3, True),   # gray -> RGB
+                                      (np.uint16, (3, 4, 4, 3), 1, False)):
+    np.save(tmp_path / "train.npy", np.zeros(shape, stored))
+    cfg = data_config(source="npy", path=str(tmp_path), mean=(0.5,), std=(0.5,))
+    if ok:
+      data.validate_data_config(cfg, image_size=(4, 4), channels=channels)
+      transforms.to_channels(np.zeros(shape[1:], stored), channels)  # and it converts
+    else:
+      with pytest.raises(ConfigError, match=f"config.channels={channels} is invalid"):
+        data.validate_data_config(cfg, image_size=(4, 4), channels=channels)
+      with pytest.raises(ValueError, match="cannot convert"):
+        transforms.to_channels(np.zeros(shape[1:], stored), channels)
+
+
 def test_validation_imports_neither_tfds_nor_tensorflow():
   code = ("import sys\n"
           "from mim_jax import data, registry\n"

@@ -154,3 +154,20 @@ def test_extract_features_drops_masked_rows():
 def test_extract_features_empty_iterator():
   features, labels = knn.extract_features(lambda x: x, iter([]))
   assert features.shape[0] == 0 and labels.shape == (0,)
+
+
+def test_a_temperature_whose_votes_overflow_is_refused_and_nan_scores_count_as_wrong():
+  """Below min_temperature(k) the votes exp(cosine / T) of k neighbours overflow float32: the
+  scores became inf and NaN (inf x 0 in the vote sum), and a NaN row ranked its true class
+  first, so random features scored near 100%. Refused now; a NaN row counts as wrong."""
+  train, labels, test = _random_problem(5, num_train=40, num_test=6, dim=4, num_classes=3)
+  floor = knn.min_temperature(20)
+  # The bound is tight: finite at it, inf 1% below.
+  assert 20 * np.exp(np.float32(1 / floor)) < np.finfo(np.float32).max
+  assert not np.isfinite(np.float32(20) * np.exp(np.float32(1 / (0.99 * floor))))
+  scores = knn.knn_scores(train, labels, test, num_classes=3, k=20, temperature=floor)
+  assert np.isfinite(scores).all()
+  with pytest.raises(ValueError, match=r"temperature must be >= 0.01166 for k = 20"):
+    knn.knn_scores(train, labels, test, num_classes=3, k=20, temperature=0.005)
+  nan_row = np.array([[np.nan, 0.0, 0.0], [0.2, 0.5, 0.1]])
+  np.testing.assert_array_equal(knn.topk_correct(nan_row, np.array([0, 1]), 1), [False, True])

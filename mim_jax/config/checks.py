@@ -7,6 +7,7 @@ module (the input pipeline's parts included) can check its own config block.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -23,7 +24,9 @@ def is_int(x: Any) -> bool:
 
 
 def is_number(x: Any) -> bool:
-  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+  """A finite real number (no bool): inf and NaN are no setting (an lr of inf trains to NaN,
+  an interval of inf overflows the step count)."""
+  return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def get(config, dotted: str) -> Any:

@@ -25,9 +25,10 @@ from mim_jax import data
 from mim_jax.config import defaults
 from mim_jax.config.checks import get, is_int, is_number, pair, positive_int, require  # noqa: F401
 from mim_jax.config.errors import ConfigError, config_error
+from mim_jax.evaluate import knn
 from mim_jax.models.vit import MLP_ACTS, REL_POS_BIAS, VIT_SIZES, parse_variant, size_from_config
 from mim_jax.objectives.masking import ATTENTION_ORDERS, MASK_KINDS, num_visible
-from mim_jax.training import compiler_options, parallel
+from mim_jax.training import compiler_options, optim, parallel
 from mim_jax.weights import continuation, pretrained
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -178,6 +179,12 @@ def validate_optimization(config) -> None:
   require(opt.warmup_epochs <= config.num_epochs, "optimizer.warmup_epochs", opt.warmup_epochs,
           f"at most num_epochs={config.num_epochs}")
   require(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, f"one of {SCHEDULES}")
+  if opt.schedule == "cosine" and opt.warmup_epochs < config.num_epochs:  # it reads min_lr
+    peak = optim.peak_learning_rate(opt, config.global_batch_size)
+    require(opt.min_lr <= peak, "optimizer.min_lr", opt.min_lr,
+            f"at most the peak lr {peak:g} (base_lr={opt.base_lr:g} x global_batch_size="
+            f"{config.global_batch_size} / lr_batch_reference={opt.lr_batch_reference:g}): the "
+            "schedule decays from the peak to min_lr, so a larger one would make it climb")
   if opt.schedule == "multistep":
     epochs = tuple(opt.decay_epochs)
     # Empty would be a constant lr that ignores decay_factor: say 'cosine' or give epochs.
@@ -212,13 +219,19 @@ def validate_optimization(config) -> None:
 
 def validate_shared(config) -> None:
   """The fields `config.defaults.core_fields` and `training_fields` create, where present."""
-  require(is_int(config.seed), "seed", config.seed, "an integer")
+  # JAX keys hold 32 bits of the seed (x64 off): 2**32 + 5 would repeat seed 5; NumPy's
+  # generators (pictures, host masks) refuse negative seeds.
+  require(is_int(config.seed) and 0 <= config.seed < 2**32, "seed", config.seed,
+          "an integer in [0, 2**32)")
   compiler_options.validate(config)
   validate_model(config)
   if "optimizer" in config:
     validate_optimization(config)
   data.validate_data_config(config.data, image_size=tuple(config.image_size),
-                            channels=config.channels)
+                            channels=config.channels,
+                            # Tokenizers (no eval block) score no split.
+                            scores_eval_split="eval" in config
+                            and defaults.scores_eval_split(config))
 
 
 # --- pre-training ----------------------------------------------------------------------------
@@ -255,6 +268,10 @@ def validate_knn(config) -> None:
   require(is_int(k.k) and k.k > 0, "knn.k", k.k, "a positive integer (DINO uses 20)")
   require(is_number(k.temperature) and k.temperature > 0, "knn.temperature", k.temperature,
           "a positive number (DINO uses 0.07)")
+  lowest = knn.min_temperature(k.k)
+  require(k.temperature >= lowest, "knn.temperature", k.temperature,
+          f">= {lowest:.4g} for knn.k={k.k}: below it the votes exp(cosine / T) overflow "
+          "float32 and every score is inf or NaN (DINO uses 0.07)")
   if "every_epochs" in k:
     require(is_number(k.every_epochs) and k.every_epochs >= 0, "knn.every_epochs",
             k.every_epochs, "a number >= 0 (0: k-NN only as its own job)")

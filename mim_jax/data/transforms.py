@@ -61,24 +61,32 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
   if image.ndim == 2:
     image = image[..., None]
   c = image.shape[-1]
+  error = channel_conversion_error(stored, c, channels)
+  if error:
+    raise ValueError(error)
   if c == channels:
     return image
-  if image.dtype != np.uint8:
-    if c == 1 and channels == 3:
-      return np.repeat(image, 3, axis=-1)
-    raise ValueError(f"cannot convert a {stored} image with {c} channels to {channels}: "
-                     "beyond 8 bits a channel may be a band rather than alpha or colour, so "
-                     f"none is dropped or mixed; set config.channels={c} or convert the data "
-                     "beforehand")
-  if c == 1 and channels == 3:
+  if c == 1:  # grayscale to RGB
     return np.repeat(image, 3, axis=-1)
-  if c == 4:  # RGBA arrays: drop alpha first
-    image, c = image[..., :3], 3
+  if c == 4:  # RGBA (8 bits): drop alpha first
+    image = image[..., :3]
     if channels == 3:
       return np.ascontiguousarray(image)
-  if c == 3 and channels == 1:
-    return np.asarray(Image.fromarray(np.ascontiguousarray(image), "RGB").convert("L"))[..., None]
-  raise ValueError(f"cannot convert an image with {c} channels to {channels}")
+  return np.asarray(Image.fromarray(np.ascontiguousarray(image), "RGB").convert("L"))[..., None]
+
+
+def channel_conversion_error(stored: np.dtype, c: int, channels: int) -> str | None:
+  """Why `to_channels` cannot turn an image of `c` channels stored as `stored` into `channels`
+  channels, or None when it can (validation asks before a run reads an image)."""
+  if c == channels or (c == 1 and channels == 3):
+    return None
+  if np.dtype(stored) != np.uint8:
+    return (f"cannot convert a {np.dtype(stored)} image with {c} channels to {channels}: "
+            "beyond 8 bits a channel may be a band rather than alpha or colour, so none is "
+            f"dropped or mixed; set config.channels={c} or convert the data beforehand")
+  if (c == 4 and channels in (1, 3)) or (c == 3 and channels == 1):
+    return None
+  return f"cannot convert an image with {c} channels to {channels}"
 
 
 def check_image_array(image: np.ndarray) -> np.ndarray:

@@ -1,21 +1,29 @@
 """Cheap checks of `config.data` before anything is read or compiled.
 
 Every failure is a `ConfigError` naming the field as `config.data.<field>`. Nothing here opens
-an image or imports tfds: the paths are only checked for existence (and, for image folders,
-for at least one image file, and for class sub-folders without any, which are an error with
-data.on_bad_image='raise' and a warning otherwise).
+an image or imports tfds: the paths are checked for existence (image folders: for at least one
+image file, and for class sub-folders without any, which are an error with
+data.on_bad_image='raise' and a warning otherwise), .npy files by their header (shape, dtype:
+convertible to config.channels), TFDS split names by the prepared dataset's
+dataset_info.json, and the evaluation split where the run scores one.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import numbers
 import os
+import re
 from typing import Any
 
+import numpy as np
+
 from mim_jax import storage
+from mim_jax.config.checks import is_int as _is_int
+from mim_jax.config.checks import is_number as _is_number
+from mim_jax.config.checks import pair as _pair
 from mim_jax.config.errors import config_error
-from mim_jax.data import idx, rand_augment, sources
+from mim_jax.data import idx, rand_augment, sources, transforms
 from mim_jax.data.sources import (
   IMAGE_EXTENSIONS,
   SOURCES,
@@ -35,24 +43,45 @@ def _require(ok: bool, field: str, value: Any, allowed: str, hint: str = "") -> 
     raise config_error(f"data.{field}", value, allowed, hint)
 
 
-def _is_int(x: Any) -> bool:
-  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+def _check_fmnist_split(path: str, split: str) -> None:
+  for kind in ("images", "labels"):
+    if idx.find_fmnist_file(path, split, kind) is None:
+      names = [os.path.basename(c) for c in idx.fmnist_file_candidates(path, split, kind)]
+      _require(False, "path", path, f"a folder containing one of {names[:2]} (missing the "
+               f"{split} {kind} file)", FMNIST_HINT)
 
 
-def _is_number(x: Any) -> bool:
-  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+def _check_channels(field: str, value: Any, stored: np.dtype, stored_channels: int,
+                    channels: int) -> None:
+  """The model's `channels` against images of `stored_channels` channels of dtype `stored`:
+  every image would otherwise fail to convert, and be skipped as undecodable."""
+  error = transforms.channel_conversion_error(stored, stored_channels, channels)
+  if error:
+    raise config_error("channels", channels, f"a channel count the images of data.{field}="
+                       f"{value!r} convert to (they have {stored_channels}, stored as "
+                       f"{np.dtype(stored)}): {error}")
 
 
-def _pair(value: Any) -> tuple | None:
-  """`value` as a tuple of two real numbers, or None."""
+def _check_npy_split(data_cfg, split: str, field: str, channels: int) -> None:
+  """SPLIT.npy exists, holds [N, H, W(, C)] and converts to `channels` (header only)."""
+  path = data_cfg.path
+  file = os.path.join(path, f"{split}.npy") if isinstance(path, str) else ""
+  value = data_cfg[field]
+  _require(bool(file) and os.path.isfile(file), field, value,
+           f"a split whose images are a file of data.path, for data.source='npy': {split}.npy "
+           f"(images [N, H, W(, C)]) and optionally {split}_labels.npy; {file or path!r} does "
+           "not exist")
   try:
-    pair = tuple(value)
-  except TypeError:
-    return None
-  return pair if len(pair) == 2 and all(_is_number(v) for v in pair) else None
+    images = np.load(file, mmap_mode="r", allow_pickle=False)  # reads the header only
+  except ValueError as e:
+    raise config_error(field, value, f"a split whose {file} is a .npy array ({e})") from None
+  _require(images.ndim in (3, 4), field, value, f"a split whose {file} holds images [N, H, W] "
+           f"or [N, H, W, C]; it holds an array of shape {images.shape}")
+  _check_channels(field, value, images.dtype, 1 if images.ndim == 3 else images.shape[-1],
+                  channels)
 
 
-def _validate_source(data_cfg) -> None:
+def _validate_source(data_cfg, channels: int) -> None:
   source = data_cfg.source
   _require(source in SOURCES, "source", source, f"one of {SOURCES}")
   if source == "fashion_mnist":
@@ -62,11 +91,8 @@ def _validate_source(data_cfg) -> None:
     path = data_cfg.path
     _require(isinstance(path, str) and os.path.isdir(path), "path", path,
              "an existing folder with the Fashion-MNIST IDX files", FMNIST_HINT)
-    for kind in ("images", "labels"):
-      if idx.find_fmnist_file(path, split, kind) is None:
-        names = [os.path.basename(c) for c in idx.fmnist_file_candidates(path, split, kind)]
-        _require(False, "path", path, f"a folder containing one of {names[:2]} (missing the "
-                 f"{split} {kind} file)", FMNIST_HINT)
+    _check_fmnist_split(path, split)
+    _check_channels("source", source, np.uint8, 1, channels)
   elif source == "image_folder":
     path = data_cfg.path
     _require(isinstance(path, str) and bool(path) and os.path.isdir(path), "path", path,
@@ -75,8 +101,7 @@ def _validate_source(data_cfg) -> None:
              f"a folder containing {'/'.join(IMAGE_EXTENSIONS)} images (searched recursively); "
              "none found")
     _check_empty_classes(data_cfg, "path", path)
-    # Only checked when set: pre-training never reads it, and an unset one is reported when
-    # an evaluation asks for it.
+    # Checked when set; `_validate_eval_source` requires it where a run scores the split.
     eval_path = data_cfg.eval_path
     if eval_path:
       _require(os.path.isdir(eval_path) and has_any_image(eval_path), "eval_path", eval_path,
@@ -92,19 +117,38 @@ def _validate_source(data_cfg) -> None:
     _require(isinstance(data_cfg.tfds_data_dir, str), "tfds_data_dir", data_cfg.tfds_data_dir,
              "a folder path string ('' = the TFDS default)")
     _require_prepared_tfds(name, data_cfg.tfds_data_dir)
+    _require_tfds_split(data_cfg, data_cfg.split, "split")
   elif source == "npy":
-    # The training split's file; an evaluation split's is checked when it is read.
-    path, split = data_cfg.path, data_cfg.split
-    file = os.path.join(path, f"{split}.npy")
-    _require(isinstance(path, str) and os.path.isfile(file), "path", path,
-             f"a folder holding {split}.npy (images [N, H, W(, C)]) and optionally "
-             f"{split}_labels.npy for data.source='npy'; {file} does not exist")
+    path = data_cfg.path
+    _require(isinstance(path, str) and os.path.isdir(path), "path", path,
+             f"an existing folder holding {data_cfg.split}.npy (images [N, H, W(, C)]) and "
+             f"optionally {data_cfg.split}_labels.npy for data.source='npy'")
+    _check_npy_split(data_cfg, data_cfg.split, "split", channels)
   elif source == "synthetic":
     size = data_cfg.synthetic_size
     _require(_is_int(size) and size > 0, "synthetic_size", size, "a positive integer")
     classes = data_cfg.synthetic_classes
     _require(_is_int(classes) and classes > 0, "synthetic_classes", classes,
              "a positive integer")
+
+
+def _validate_eval_source(data_cfg, channels: int) -> None:
+  """The evaluation split a run scores can be read: its folder, file or TFDS split exists."""
+  split = sources.eval_split(data_cfg)
+  if split == sources.HOLDOUT_SPLIT:  # training images: checked with the training split
+    return
+  source = data_cfg.source
+  if source == "fashion_mnist":
+    _check_fmnist_split(data_cfg.path, split)
+  elif source == "image_folder":
+    _require(bool(data_cfg.eval_path), "eval_path", data_cfg.eval_path,
+             f"a folder of evaluation images: this run scores split {split!r}, which "
+             f"data.source='image_folder' reads from data.eval_path (data.path is the training "
+             f"split {data_cfg.split!r}); or data.eval_split='holdout' with data.holdout > 0")
+  elif source == "npy":
+    _check_npy_split(data_cfg, split, "eval_split", channels)
+  elif source == "tfds":
+    _require_tfds_split(data_cfg, split, "eval_split")
 
 
 def tfds_data_dir(data_dir: str) -> str:
@@ -131,6 +175,36 @@ def _require_prepared_tfds(name: str, data_dir: str) -> None:
         f"Prepare it once with `tfds build {name} --data_dir={root} "
         f"--file_format=array_record`{manual}, or point --config.data.tfds_data_dir at the "
         "folder holding it.")
+
+
+def _tfds_split_names(name: str, data_dir: str) -> set[str]:
+  """The split names the prepared versions of TFDS dataset `name` list in their
+  dataset_info.json (empty when none lists any)."""
+  dataset, _, version = name.partition(":")
+  folder = os.path.join(tfds_data_dir(data_dir), dataset)
+  names: set[str] = set()
+  for v in [version] if version else storage.listdir(folder):
+    info = os.path.join(folder, v, "dataset_info.json")
+    if not storage.isfile(info):
+      continue
+    try:
+      splits = json.loads(storage.read_text(info)).get("splits", [])
+      names.update(str(s["name"]) for s in splits)
+    except (ValueError, KeyError, TypeError, AttributeError):
+      continue  # an unreadable file: TFDS itself reports it
+  return names
+
+
+def _require_tfds_split(data_cfg, split: str, field: str) -> None:
+  """Each split a TFDS split expression names ('train', 'train[:10%]+validation') is one the
+  prepared dataset has."""
+  known = _tfds_split_names(data_cfg.tfds_name, data_cfg.tfds_data_dir)
+  if not known or not isinstance(split, str):
+    return
+  for part in split.split("+"):
+    base = re.sub(r"\[.*\]$", "", part.strip())
+    _require(base in known, field, split, f"a split of the prepared {data_cfg.tfds_name!r}: one "
+             f"of {sorted(known)}" + (" (with an optional [slice])" if base != part else ""))
 
 
 def _check_empty_classes(data_cfg, field: str, root: str) -> None:
@@ -263,8 +337,13 @@ def _validate_loading(data_cfg) -> None:
            "a positive integer (batches buffered per worker)")
 
 
-def validate_data_config(data_cfg, *, image_size: tuple[int, int], channels: int) -> None:
-  """Checks `config.data` (and the geometry it is used with). Raises ConfigError."""
+def validate_data_config(data_cfg, *, image_size: tuple[int, int], channels: int,
+                         scores_eval_split: bool = False) -> None:
+  """Checks `config.data` (and the geometry it is used with). Raises ConfigError.
+
+  `scores_eval_split`: the run reads the evaluation split (an evaluation, a k-NN monitor), so
+  that split's folder, file or TFDS split must exist too.
+  """
   size = tuple(image_size)
   if not (len(size) == 2 and all(_is_int(s) and s > 0 for s in size)):
     raise config_error("image_size", image_size, "(height, width), two positive integers")
@@ -277,4 +356,6 @@ def validate_data_config(data_cfg, *, image_size: tuple[int, int], channels: int
     _validate_rand_augment(data_cfg, channels)
   _validate_normalisation(data_cfg, channels)
   _validate_labels_and_splits(data_cfg)
-  _validate_source(data_cfg)  # last: the only check that touches the file system
+  _validate_source(data_cfg, channels)  # last: the checks that touch the file system
+  if scores_eval_split:
+    _validate_eval_source(data_cfg, channels)

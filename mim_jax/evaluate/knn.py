@@ -104,6 +104,12 @@ def _as_float32(x: Any) -> Any:
   return x.astype(jnp.float32) if isinstance(x, jax.Array) else np.asarray(x, np.float32)
 
 
+def min_temperature(k: int) -> float:
+  """The lowest temperature at which k votes of the largest weight, exp(1 / T) (cosine 1), add
+  up to a finite float32; below it the class scores overflow to inf, then NaN (inf x 0)."""
+  return 1.0 / (float(np.log(np.finfo(np.float32).max)) - float(np.log(k)))
+
+
 def knn_scores(train_features: Any, train_labels: Any, test_features: Any, *,
                num_classes: int, k: int = 20, temperature: float = 0.07,
                query_chunk: int = 1024, bank_chunk: int = 8192,
@@ -116,8 +122,8 @@ def knn_scores(train_features: Any, train_labels: Any, test_features: Any, *,
     test_features: [Nte, D] query features; need not be normalised.
     num_classes: C, the number of classes.
     k: neighbours per query. A bank with fewer than k valid rows just contributes fewer votes.
-    temperature: votes are exp(cosine / temperature). Below ~0.0113 (1/T > 88.7) the weight of
-      a near-identical neighbour overflows float32, as it would in DINO.
+    temperature: votes are exp(cosine / temperature); at least `min_temperature(k)` (0.0117
+      for k = 20), below which the votes overflow float32 (as they would in DINO).
     query_chunk: test rows per kernel step.
     bank_chunk: bank rows per kernel step; may be smaller than k.
     compiler_options: XLA options of its programs ({name: value}, a run's
@@ -129,8 +135,9 @@ def knn_scores(train_features: Any, train_labels: Any, test_features: Any, *,
   if k < 1 or query_chunk < 1 or bank_chunk < 1:
     raise ValueError(f"k, query_chunk and bank_chunk must be >= 1, got {k}, {query_chunk}, "
                      f"{bank_chunk}")
-  if temperature <= 0:
-    raise ValueError(f"temperature must be > 0, got {temperature}")
+  if not temperature >= min_temperature(k):
+    raise ValueError(f"temperature must be >= {min_temperature(k):.4g} for k = {k} (the votes "
+                     f"overflow float32 below), got {temperature}")
   train_labels = np.asarray(train_labels).astype(np.int32).reshape(-1)
   num_train, num_test = train_labels.shape[0], test_features.shape[0]
   if train_features.shape[0] != num_train:
@@ -170,14 +177,15 @@ def topk_correct(scores: np.ndarray, labels: np.ndarray, topk: int) -> np.ndarra
 
   Ties are broken towards the lower class index (a stable descending sort), so the answer is
   deterministic: the rank of the true class is the number of classes scoring strictly higher
-  plus the number of lower-indexed classes scoring the same.
+  plus the number of lower-indexed classes scoring the same. A row with a NaN score counts as
+  wrong (a comparison with NaN is false, which would rank its true class first).
   """
   scores = np.asarray(scores)
   labels = np.asarray(labels).astype(np.int64)
   true = np.take_along_axis(scores, labels[:, None], axis=1)  # [N, 1]
   lower = np.arange(scores.shape[1])[None, :] < labels[:, None]
   rank = (scores > true).sum(axis=1) + ((scores == true) & lower).sum(axis=1)
-  return rank < topk
+  return (rank < topk) & ~np.isnan(scores).any(axis=1)
 
 
 def knn_accuracy(train_features: Any, train_labels: Any, test_features: Any, test_labels: Any,

@@ -88,10 +88,30 @@ def rule_axes(rules: Sequence[Sequence[Any]]) -> tuple[str, ...]:
   return tuple(axes)
 
 
+def check_rule_form(rules: Any) -> None:
+  """ConfigError unless `rules` is a sequence of (regex, spec) pairs whose regexes compile (the
+  specs are checked against the mesh and the state by `tree_shardings`)."""
+  example = "e.g. ((\".*qkv/kernel\", (None, \"fsdp\")), (\".*\", ()))"
+  try:
+    listed = [tuple(rule) for rule in rules]
+  except TypeError:
+    raise config_error("sharding_rules", rules, f"a sequence of (regex, spec) pairs, {example}"
+                       ) from None
+  for rule in listed:
+    if len(rule) != 2 or not isinstance(rule[0], str):
+      raise config_error("sharding_rules", rule, f"a (regex, spec) pair, {example}")
+    try:
+      re.compile(rule[0])
+    except re.error as e:
+      raise config_error("sharding_rules", rule, f"a rule whose regex compiles ({e})") from None
+
+
 def check_mesh_axes(mesh_cfg: Sequence[Sequence[Any]], rules: Sequence[Sequence[Any]]) -> None:
-  """ConfigError for a mesh axis that nothing splits over: not a batch axis (`BATCH_AXES`) and
-  named by no sharding rule. Its devices would each hold the same state and compute the same
-  batch slice (with only such axes, the whole global batch), so it is a typo, not a layout."""
+  """ConfigError for malformed rules (`check_rule_form`) and for a mesh axis that nothing
+  splits over: not a batch axis (`BATCH_AXES`) and named by no sharding rule. Its devices would
+  each hold the same state and compute the same batch slice (with only such axes, the whole
+  global batch), so it is a typo, not a layout."""
+  check_rule_form(rules)
   try:
     # An axis of size 1 splits nothing and repeats nothing: harmless (e.g. a model axis kept
     # for later).

@@ -66,9 +66,13 @@ def schedule_lengths(config, num_examples: int) -> tuple[int, int, int]:
   train at the schedule's end value, min_lr)."""
   steps_per_epoch = num_examples // config.global_batch_size
   if steps_per_epoch < 1:
+    # What made the split that small, where it is not the source itself.
+    kept = [f"config.data.{name}={config.data[name]}" for name, default in
+            (("label_fraction", 1.0), ("holdout", 0)) if config.data.get(name, default) != default]
     raise ConfigError(
         f"config.global_batch_size={config.global_batch_size} is invalid: it must not exceed "
-        f"the {num_examples} training examples of config.data.source={config.data.source!r}.")
+        f"the {num_examples} training examples of config.data.source={config.data.source!r}"
+        + (f" that {' and '.join(kept)} leave" if kept else "") + ".")
   schedule_steps = max(1, int(round(config.num_epochs * steps_per_epoch)))
   per_epoch = (f"{steps_per_epoch} steps per epoch ({num_examples} training examples // "
                f"global_batch_size={config.global_batch_size})")
