@@ -567,6 +567,10 @@ def main(argv):
   from mim_jax import registry
   from mim_jax.config.errors import ConfigError
   from mim_jax.training import setup
+  try:
+    files.require_loaded(FLAGS)
+  except ConfigError as e:
+    raise app.UsageError(str(e)) from None
   file_configs = [files.load_config_file(s) for s in [FLAGS["config"].config_filename,
                                                        *FLAGS.also]]
   configs = [FLAGS.config, *(with_overrides(c, spec)

@@ -139,9 +139,9 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> l
   try:
     remaining = flag_values(list(argv))
     if "config" in flag_values:
-      # ml_collections reports a file it failed to load when the config is first read (at
-      # parsing only when an override reads it): read it here, so that is an error line too.
-      flag_values.config.keys()
+      files.require_loaded(flag_values)
+  except ConfigError as e:
+    _fail(str(e))
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
     unknown = _unknown_overrides(argv)
     if unknown:

@@ -184,6 +184,8 @@ def main(argv) -> None:
 def _plan_from_flags() -> None:
   from mim_jax import registry
   from mim_jax.config import defaults as config_defaults
+  from mim_jax.config import files
+  files.require_loaded(FLAGS)
   config = FLAGS.config
   if FLAGS.batch < 0:
     raise config_error("--batch", FLAGS.batch, "a global batch size >= 0 (0: the config's)")
@@ -193,7 +195,6 @@ def _plan_from_flags() -> None:
     raise config_error("method", config.method, "a method with a train step (frozen-feature "
                        "jobs such as knn and probe train nothing to plan)")
   overrides = config_flags.get_override_values(FLAGS["config"])
-  from mim_jax.config import files
   from mim_jax.training import setup
   files.refuse_flags_beside_fields(FLAGS, overrides, {
       "mesh": "mesh", "batch": "global_batch_size", "rules": "sharding_rules"})

@@ -7,9 +7,12 @@ file's (setup.refuse_inert_overrides), and the benchmark loads its --also config
 
   refuse_flags_beside_fields(flag_values, overrides, {"batch": "global_batch_size"})
       a tool's flag given beside the --config field it would overwrite
+  require_loaded(flag_values)        ConfigError for a --config file that did not load
 """
 
 from __future__ import annotations
+
+import re
 
 from absl import flags
 from ml_collections import config_flags
@@ -25,6 +28,22 @@ def load_config_file(spec: str):
   config_flags.DEFINE_config_file("config", None, "", flag_values=probe, sys_argv=probe_argv)
   probe(probe_argv)
   return probe.config
+
+
+def require_loaded(flag_values, name: str = "config") -> None:
+  """ConfigError for a --NAME file that did not load (missing, a folder): ml_collections
+  raises OSError when such a config is first read (at parsing only if an override reads it),
+  with a traceback; every tool asks here first."""
+  try:
+    flag_values[name].value.keys()
+  except OSError as e:
+    # The operating system's reason ("[Errno 2] No such file or directory: ..."), not the
+    # lines ml_collections wraps it in.
+    found = re.search(r"\[Errno \d+\][^\n]*", str(e))
+    reason = found.group(0) if found else str(e).strip().splitlines()[-1]
+    raise config_error(f"--{name}", flag_values[name].config_filename,
+                       "a config file that loads, e.g. configs/mae_fmnist.py[:ARG]", reason
+                       ) from None
 
 
 # The values by which a tool's flag says "the config's own": such a flag replaces nothing.
