@@ -284,7 +284,8 @@ def test_num_classes_below_an_image_folders_classes_is_refused_before_training(t
     for i in range(4):
       Image.new("RGB", (16, 16), (i, 0, 0)).save(tmp_path / name / f"{i}.png")
   config = tiny_mae_config(method="finetune", global_batch_size=4, **{
-      "data.source": "image_folder", "data.path": str(tmp_path), "classifier.num_classes": 2})
+      "data.source": "image_folder", "data.path": str(tmp_path), "data.eval_path": str(tmp_path),
+      "classifier.num_classes": 2})
   registry.validate_config(config)  # the class count needs the listing
   with pytest.raises(ConfigError, match=r"config.classifier.num_classes=2 is invalid: 0 \(the "
                      r"dataset's class count\) or at least the 3 classes of "
