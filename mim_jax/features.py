@@ -228,9 +228,12 @@ def attention_picture(enc: Encoder, images: np.ndarray, out: dict[str, np.ndarra
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m mim_jax.features", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--encoder", required=True, help="workdir, export or imported checkpoint")
-  parser.add_argument("--images", required=True, help="a folder of images or an .npy array")
-  parser.add_argument("--out", required=True, help=".npz file to write")
+  # type=expanduser: the shell leaves `~` in `--out=~/feats.npz` as written.
+  parser.add_argument("--encoder", required=True, type=os.path.expanduser,
+                      help="workdir, export or imported checkpoint")
+  parser.add_argument("--images", required=True, type=os.path.expanduser,
+                      help="a folder of images or an .npy array")
+  parser.add_argument("--out", required=True, type=os.path.expanduser, help=".npz file to write")
   parser.add_argument("--blocks", default="0", help="comma-separated blocks (0: the output)")
   parser.add_argument("--patch_tokens", action="store_true", help="also per-patch tokens")
   parser.add_argument("--attention", action="store_true", help="attention maps and rollout")
@@ -239,7 +242,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--crop_fraction", type=float, default=None,
                       help="centre crop of images of another size (default: as the "
                       "evaluations, 0.875 for a folder at up to 224 px, else 1.0)")
-  parser.add_argument("--pictures", default="", help="with --attention: a PNG of the maps")
+  parser.add_argument("--pictures", default="", type=os.path.expanduser,
+                      help="with --attention: a PNG of the maps")
   args = parser.parse_args(argv)
   if args.pictures and not args.attention:
     parser.error("--pictures draws the attention maps: pass --attention too")

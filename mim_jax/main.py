@@ -244,7 +244,8 @@ def _stop_after_lost_process(error: Exception, workdir: str) -> None:
 def workdir_of(flag_values: flags.FlagValues) -> str:
   """--workdir, or workdirs/<config file name> (announced) when it is not given."""
   if flag_values.workdir:
-    return flag_values.workdir
+    # The shell leaves `~` in `--workdir=~/runs` as written (see setup.expand_home).
+    return os.path.expanduser(flag_values.workdir)
   path, _, arg = flag_values["config"].config_filename.partition(":")
   name = os.path.splitext(os.path.basename(path))[0]
   suffix = "_" + "".join(c if c.isalnum() else "_" for c in arg) if arg else ""

@@ -242,3 +242,25 @@ def test_an_architecture_mismatch_gives_every_flag_that_fits_the_source(mae_sour
   advice = message.split("set it with ", 1)[1]
   assert "--config.model.rel_pos_bias='' " in advice and "depth=2" in advice
   registry.validate_config(command_line(*shlex.split(advice)))
+
+
+def test_a_leading_tilde_in_path_fields_names_the_home_folder(mae_source, monkeypatch):
+  """`--config.init_from=~/run` reaches the trainer with its `~` (the shell expands it only at
+  the start of a word): init_from, data paths, teacher paths and --workdir read it as the home
+  folder, and the caller's config is left as it was."""
+  from types import SimpleNamespace
+
+  from mim_jax import main
+  from mim_jax.training import setup
+
+  from conftest import tiny_config
+  home, name = os.path.split(mae_source)
+  monkeypatch.setenv("HOME", home)
+  config = tiny_config("finetune", init_from=f"~/{name}")
+  assert setup.prepare(config).init_from == mae_source  # read: it adopted the source's size
+  assert config.init_from == f"~/{name}"
+  folder = setup.expand_home(tiny_config("mae", **{"data.path": "~/images"}))
+  assert folder.data.path == os.path.join(home, "images")
+  teacher = setup.expand_home(tiny_config("maskdistill", **{"teacher.path": "~/t"}))
+  assert teacher.teacher.path == os.path.join(home, "t")
+  assert main.workdir_of(SimpleNamespace(workdir="~/run")) == os.path.join(home, "run")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -66,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
   rec = sub.add_parser("reconstruct", help="draw MAE reconstructions of image files")
   rec.add_argument("source", help="export directory with a decoder, or an MAE workdir")
   rec.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
-  rec.add_argument("--out", required=True, help="PNG to write")
+  rec.add_argument("--out", required=True, type=os.path.expanduser, help="PNG to write")
   rec.add_argument("--mask_ratio", type=float, default=None)
   rec.add_argument("--seed", type=int, default=0, help="seed of the random masks")
   rec.add_argument("--norm_pix", choices=("auto", "true", "false"), default="auto",

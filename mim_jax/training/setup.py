@@ -3,7 +3,8 @@
 `training.loop.run`, `memory_plan.plan` and `bench` all start from `setup_run`, so the step
 they train, plan or time is the same function with the same shardings.
 
-  prepare(config) -> config      an evaluation adopts its encoder from init_from; validation
+  prepare(config) -> config      `~` in paths expanded; an evaluation adopts its encoder from
+                                 init_from; validation
   setup_run(config, ...) -> Run  everything but data and checkpoints, from abstract shapes
   Run.jit_step()                 the jitted, sharded, donating train step
   Run.init_state()               the freshly initialised, sharded state
@@ -16,6 +17,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 from typing import Any, Callable, Optional
 
 import jax
@@ -26,7 +28,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from mim_jax import data, registry
-from mim_jax.config import validation
+from mim_jax.config import checks, validation
 from mim_jax.config.errors import ConfigError, config_error
 from mim_jax.data import device_augment, transforms
 from mim_jax.methods.base import Method, TrainLength
@@ -36,10 +38,41 @@ from mim_jax.weights import pretrained
 log = logging.getLogger(__name__)
 
 
+# Config fields that hold a local path (besides each method's `weight_fields`).
+DATA_PATH_FIELDS = ("data.path", "data.eval_path", "data.tfds_data_dir")
+
+
+def expand_home(config):
+  """`config`, or a copy with a leading `~` in its path fields (DATA_PATH_FIELDS and the
+  method's `weight_fields`: init_from, teacher and tokenizer paths) replaced by the home folder.
+
+  The shell expands `~` only at the start of a word, so `--config.data.path=~/fmnist` arrives
+  as written; read literally it names a folder "~" in the current directory."""
+  names = DATA_PATH_FIELDS + tuple(registry.method_class(config.method).weight_fields)
+  flat = {name: checks.get(config, name) for name in names if _has(config, name)}
+  home = {name: os.path.expanduser(value) for name, value in flat.items()
+          if isinstance(value, str) and value.startswith("~")}
+  if not home:
+    return config
+  config = config.copy_and_resolve_references()
+  config.update_from_flattened_dict(home)
+  return config
+
+
+def _has(config, dotted: str) -> bool:
+  try:
+    checks.get(config, dotted)
+  except (KeyError, AttributeError):
+    return False
+  return True
+
+
 def prepare(config, file_config=None):
-  """The config a run uses: an evaluation takes its encoder's size, patch and channels from
-  the export in `init_from` (continued pre-training must fit the configured model instead);
-  then every static check (`file_config`: see registry.validate_config). Raises ConfigError."""
+  """The config a run uses: `~` in its paths expanded (expand_home); an evaluation takes its
+  encoder's size, patch and channels from the export in `init_from` (continued pre-training
+  must fit the configured model instead); then every static check (`file_config`: see
+  registry.validate_config). Raises ConfigError."""
+  config = expand_home(config)
   if registry.method_class(config.method).kind in ("classifier", "job"):
     config = pretrained.adopt_encoder_config(config)
   registry.validate_config(config, file_config)
@@ -53,6 +86,7 @@ def refuse_inert_overrides(config, file_config, overridden) -> None:
   (pretrained.refuse_dropped_overrides), a model.variant whose size the file's size fields
   override (validation.refuse_shadowed_variant). The trainer, the benchmark and the memory
   planner call it before any data is read or anything compiled."""
+  config = expand_home(config)
   if registry.method_class(config.method).kind in ("classifier", "job"):
     pretrained.refuse_dropped_overrides(config, overridden)
   validation.refuse_shadowed_variant(config, file_config, overridden)
