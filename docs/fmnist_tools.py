@@ -46,6 +46,9 @@ GRID = {
 # 2e-3, MAE 4e-3), run beside that point again (TUNE_POINTS) for a same-machine comparison.
 _AUGMENT = ["--config.data.rand_augment=rand-m9-mstd0.5-inc1", "--config.data.random_erasing=0.25"]
 GRID.update({f"{point}_ra": GRID[point] + _AUGMENT for point in ("lr2e-3_nomix", "lr4e-3_nomix")})
+# Added on 2026-12-04 for the 15-epoch held-out comparison (TUNE_EPOCHS=15): Mixup 0.8 /
+# CutMix 1.0 at MAE's chosen lr, which the 3-epoch proxy switched off.
+GRID["lr4e-3"] = ["--config.optimizer.base_lr=0.004"]
 
 
 def pick(root: str, prefix: str, points: list[str] | None = None) -> list[str]:

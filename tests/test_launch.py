@@ -418,7 +418,7 @@ def test_results_script_passes_train_flags_to_training_runs_only(tmp_path):
   assert "--config.num_epochs=50" in pretrain
   assert "--config.optimizer.warmup_epochs=5.0" in pretrain
   assert probe[0] == "--config=configs/linprobe_fmnist.py"
-  assert len(tunes) == 7  # the points of docs/fmnist_tools.py's GRID
+  assert len(tunes) == 8  # the points of docs/fmnist_tools.py's GRID
   for call in (pretrain, *tunes):  # every flag its own argument, also those on a second line
     first = call.index("--config.a=1")
     assert call[first:first + 3] == ["--config.a=1", "--config.b=2", "--config.c=3"], call
@@ -664,8 +664,8 @@ def test_results_script_fine_tunes_each_seed_with_the_held_out_choice(tmp_path, 
   names = [c[-1].rsplit("/", 1)[-1] for c in calls]
   assert names == [f"tune_mae_{s}" for s in (
       "lr1e-3", "lr2e-3", "lr1e-3_nomix", "lr2e-3_nomix", "lr4e-3_nomix", "lr2e-3_nomix_ra",
-      "lr4e-3_nomix_ra")] + ["ft_mae_s0", "ft_mae_s1"]
-  for seed, call in enumerate(calls[7:]):
+      "lr4e-3_nomix_ra", "lr4e-3")] + ["ft_mae_s0", "ft_mae_s1"]
+  for seed, call in enumerate(calls[8:]):
     # Every grid point scored 0.5 on the held-out split: the tie goes to the first.
     assert "--config.optimizer.base_lr=0.001" in call and "--config.num_epochs=15" in call
     assert "--config.classifier.mixup_alpha=0" not in call  # lr1e-3, not lr1e-3_nomix
