@@ -216,6 +216,9 @@ def test_mesh_axis_a_sharding_rule_names_is_allowed():
   with pytest.raises(ConfigError, match=r"nothing splits over axis 'model'"):
     parallel.check_mesh_axes((("data", 2), ("model", -1)), ((".*", "largest:fsdp"),))
   parallel.check_mesh_axes((("data", -1), ("model", 1)), ())  # size 1: repeats nothing
+  for malformed in ((), (("data",),), (("data", "-1"),), ((-1, "data"),), 5):
+    with pytest.raises(ConfigError, match=r"config.mesh=.*a non-empty tuple of \(axis name, "):
+      parallel.check_mesh_axes(malformed, ())
 
 
 def test_command_line_mixup_prob_0_refuses_only_what_it_changes():
@@ -505,6 +508,8 @@ MALFORMED = [
     (["--config.total_steps=9"], "config.total_steps=9 is invalid: -1 (the whole schedule) or "
                                  "at most the schedule's 8 steps"),
     (["--config.mesh=(('batch',-1),)"], "nothing splits over axis 'batch'"),
+    # The shell ate the quotes: ml_collections gives the string's letters.
+    (["--config.mesh=((fsdp,-1),)"], "arrived as the letters of '((fsdp,-1),)'"),
     (["--config.optimizer.schedule=multistep", "--config.optimizer.decay_epochs=(5.0,)"],
      "config.optimizer.decay_epochs"),
     (["--config.data.mean=(0.5,0.5)"], "config.data.mean"),

@@ -106,19 +106,39 @@ def check_rule_form(rules: Any) -> None:
       raise config_error("sharding_rules", rule, f"a rule whose regex compiles ({e})") from None
 
 
+def check_mesh_form(mesh_cfg: Any) -> None:
+  """ConfigError unless `mesh_cfg` is a non-empty sequence of (axis name, integer size) pairs.
+
+  A command-line value that is not a Python literal reaches the config as its characters:
+  the shell drops the quotes of --config.mesh=(("fsdp",-1),), and ml_collections turns the
+  string ((fsdp,-1),) into a tuple of 10 one-letter strings; the message says so."""
+  allowed = "a non-empty tuple of (axis name, size) pairs, e.g. (('data', -1),)"
+  try:
+    axes = [tuple(a) for a in mesh_cfg]
+  except TypeError:
+    raise config_error("mesh", mesh_cfg, allowed) from None
+  if axes and all(len(a) == 2 and isinstance(a[0], str) and isinstance(a[1], int)
+                  and not isinstance(a[1], bool) for a in axes):
+    return
+  letters = [a for a in axes if len(a) > 2 and all(isinstance(c, str) and len(c) == 1 for c in a)]
+  hint = ""
+  if letters:
+    hint = (f"The value arrived as the letters of {''.join(letters[0])!r}, which is not a Python "
+            "literal: the shell removed its quotes. Quote the whole value, e.g. "
+            "--config.mesh='((\"fsdp\", -1),)'.")
+  raise config_error("mesh", tuple(axes), allowed, hint)
+
+
 def check_mesh_axes(mesh_cfg: Sequence[Sequence[Any]], rules: Sequence[Sequence[Any]]) -> None:
   """ConfigError for malformed rules (`check_rule_form`) and for a mesh axis that nothing
   splits over: not a batch axis (`BATCH_AXES`) and named by no sharding rule. Its devices would
   each hold the same state and compute the same batch slice (with only such axes, the whole
   global batch), so it is a typo, not a layout."""
   check_rule_form(rules)
-  try:
-    # An axis of size 1 splits nothing and repeats nothing: harmless (e.g. a model axis kept
-    # for later).
-    names = [str(a[0]) for a in mesh_cfg if a[1] != 1]
-  except (TypeError, IndexError, KeyError):
-    raise config_error("mesh", mesh_cfg, "a non-empty list of (axis, size) pairs, e.g. "
-                       "[('data', -1)]") from None
+  check_mesh_form(mesh_cfg)
+  # An axis of size 1 splits nothing and repeats nothing: harmless (e.g. a model axis kept for
+  # later).
+  names = [a[0] for a in mesh_cfg if a[1] != 1]
   used = rule_axes(rules)
   allowed = BATCH_AXES + tuple(a for a in used if a not in BATCH_AXES)
   for name in names:
