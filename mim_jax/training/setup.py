@@ -49,22 +49,19 @@ def expand_home(config):
   The shell expands `~` only at the start of a word, so `--config.data.path=~/fmnist` arrives
   as written; read literally it names a folder "~" in the current directory."""
   names = DATA_PATH_FIELDS + tuple(registry.method_class(config.method).weight_fields)
-  flat = {name: checks.get(config, name) for name in names if _has(config, name)}
-  home = {name: os.path.expanduser(value) for name, value in flat.items()
-          if isinstance(value, str) and value.startswith("~")}
+  home = {}
+  for name in names:
+    try:
+      value = checks.get(config, name)
+    except KeyError:  # a method without this field
+      continue
+    if isinstance(value, str) and value.startswith("~"):
+      home[name] = os.path.expanduser(value)
   if not home:
     return config
   config = config.copy_and_resolve_references()
   config.update_from_flattened_dict(home)
   return config
-
-
-def _has(config, dotted: str) -> bool:
-  try:
-    checks.get(config, dotted)
-  except (KeyError, AttributeError):
-    return False
-  return True
 
 
 def prepare(config, file_config=None):
