@@ -111,7 +111,7 @@ def check_mesh_form(mesh_cfg: Any) -> None:
 
   A command-line value that is not a Python literal reaches the config as its characters:
   the shell drops the quotes of --config.mesh=(("fsdp",-1),), and ml_collections turns the
-  string ((fsdp,-1),) into a tuple of 10 one-letter strings; the message says so."""
+  string ((fsdp,-1),) into a tuple of its 12 characters; the message says so."""
   allowed = "a non-empty tuple of (axis name, size) pairs, e.g. (('data', -1),)"
   try:
     axes = [tuple(a) for a in mesh_cfg]
