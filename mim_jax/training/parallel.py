@@ -51,11 +51,12 @@ BATCH_AXES = ("data", "fsdp")
 
 def mesh_shape(mesh_cfg: Sequence[Sequence[Any]], num_devices: int) -> dict[str, int]:
   """Resolves sizes (one -1 allowed) so that their product is `num_devices`."""
-  names = [str(a[0]) for a in mesh_cfg]
-  sizes = [int(a[1]) for a in mesh_cfg]
-  if not names or len(set(names)) != len(names):
-    raise config_error("mesh", list(map(tuple, mesh_cfg)), "a non-empty list of (axis, size) "
-                       "pairs with distinct axis names, e.g. [('data', -1)]")
+  check_mesh_form(mesh_cfg)
+  names = [a[0] for a in mesh_cfg]
+  sizes = [a[1] for a in mesh_cfg]
+  if len(set(names)) != len(names):
+    raise config_error("mesh", list(map(tuple, mesh_cfg)), "(axis, size) pairs with distinct "
+                       "axis names, e.g. (('data', 2), ('fsdp', -1))")
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
     raise config_error("mesh", list(map(tuple, mesh_cfg)),
                        "sizes must be positive, with at most one -1 (= the remaining devices)")
