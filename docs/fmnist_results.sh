@@ -38,7 +38,11 @@
 # entries, LOWLABEL_INITS or STUDY_MASKINGS are refused before anything runs.
 # TRAIN_FLAGS (space-separated --config.x=y) are added to every training run (pre-training,
 # tuning, fine-tuning; not the frozen-feature probes), e.g. for a GPU (docs/fmnist_gpu.sh);
-# KNN_EVERY (5) sets the epochs between k-NN scores of a pre-training run.
+# KNN_EVERY (5) sets the epochs between k-NN scores of a pre-training run. PRETRAIN_FLAGS are
+# added to the pre-training runs alone (e.g. their checkpoint and picture intervals, which
+# fine-tuning configs set apart). RANDOM_ENCODER_FLAGS: the random encoder's size when the
+# pre-trained one is not the configs' demo ViT (e.g. --config.model.variant=Ti/4 and the
+# explicit sizes at 0), so that the random-encoder probe has the same architecture.
 # FMNIST_DIR: the Fashion-MNIST files' folder, when not the Debian package's
 # /usr/share/datasets/fashion-mnist (e.g. copied to a machine without the package); given to
 # every run as --config.data.path, and to the scikit-learn baseline.
@@ -84,6 +88,7 @@ FT_TAG="" TUNE_TAG=""
 [ "$TUNE_EPOCHS" = 3 ] || TUNE_TAG="_e$TUNE_EPOCHS"
 # Split on spaces and newlines alike (fmnist_gpu.sh spreads its flags over lines).
 read -r -d '' -a TRAIN <<< "${TRAIN_FLAGS:-}" || true
+read -r -d '' -a PRETRAIN <<< "${PRETRAIN_FLAGS:-}" || true
 # A misspelt section or seed would run nothing and end with success.
 for section in $SECTIONS; do
   [[ " ${ALL_SECTIONS//$'\n'/ } " == *" $section "* ]] \
@@ -164,7 +169,7 @@ pretrain() {  # NAME METHOD EPOCHS [overrides]: pre-training with k-NN on the he
   [ "$KNN_EVERY" = 0 ] && monitor=(--config.data.holdout=5000)
   run "$name" --config=configs/${method}_fmnist.py --config.num_epochs="$epochs" \
       --config.optimizer.warmup_epochs="$(python -c "print($epochs / 10)")" \
-      "${monitor[@]}" "${TRAIN[@]}" "$@"
+      "${monitor[@]}" "${TRAIN[@]}" "${PRETRAIN[@]}" "$@"
 }
 probe() { run "$1" --config=configs/linprobe_fmnist.py "${@:2}"; }
 knn() { run "knn_$1" --config=configs/knn_fmnist.py --config.init_from="$ROOT/$1"; }  # on test
@@ -181,7 +186,8 @@ MAE="$ROOT/mae_e$MAE_EPOCHS"
 has pretrain_mae && pretrain "mae_e$MAE_EPOCHS" mae "$MAE_EPOCHS"
 if has baselines; then
   probe probe_pixels --config.classifier.features=pixels
-  probe probe_random --config.init_from=random
+  # shellcheck disable=SC2086
+  probe probe_random --config.init_from=random ${RANDOM_ENCODER_FLAGS:-}
   [ -f "$ROOT/sklearn_pixels.json" ] || python docs/fmnist_tools.py sklearn_pixels \
       "$ROOT/sklearn_pixels.json" "${FMNIST_DIR:-}" || exit 1
 fi

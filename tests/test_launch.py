@@ -20,9 +20,9 @@ TPU = REPO / "launch" / "tpu_vm.sh"
 
 
 def _bash(script: pathlib.Path, *args: str, env: dict | None = None,
-          cwd: pathlib.Path | None = None) -> subprocess.CompletedProcess:
+          cwd: pathlib.Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
   return subprocess.run(["bash", str(script), *args], capture_output=True, text=True,
-                        timeout=60, cwd=cwd or REPO, env=env)
+                        timeout=timeout, cwd=cwd or REPO, env=env)
 
 
 def _fake_bin(tmp_path: pathlib.Path, name: str, body: str) -> dict:
@@ -368,7 +368,8 @@ GPU_RESULTS = REPO / "docs" / "fmnist_gpu.sh"
 # every other python call is the real one.
 _MAIN_STUB = """
 if [ "$1 $2" = "-m mim_jax.main" ]; then
-  printf '%%s\\t' "${@:3}" >> "$MAIN_CALLS"; echo >> "$MAIN_CALLS"
+  # One write per call: fmnist_gpu.sh runs several at once.
+  line=$(printf '%%s\\t' "${@:3}"); printf '%%s\\n' "$line" >> "$MAIN_CALLS"
   [ "${MAIN_STATUS:-0}" = 0 ] || exit "$MAIN_STATUS"
   for a in "$@"; do
     case $a in --workdir=*) w=${a#--workdir=}; mkdir -p "$w"
@@ -386,8 +387,9 @@ def _results_calls(tmp_path, script, **env) -> list[list[str]]:
   import sys
   calls = tmp_path / "main_calls.log"
   stub_env = _fake_bin(tmp_path, "python", _MAIN_STUB % sys.executable)
+  # Each results script starts Python a few times (grid points, choices): 180 s on a busy CPU.
   out = _bash(script, str(tmp_path / "root"),
-              env=dict(stub_env, MAIN_CALLS=str(calls), **env))
+              env=dict(stub_env, MAIN_CALLS=str(calls), **env), timeout=180)
   assert out.returncode == 0, out.stdout + out.stderr
   return [line.rstrip("\t").split("\t") for line in calls.read_text().splitlines()]
 
@@ -615,18 +617,23 @@ def test_results_script_command_lines_are_valid_configs(tmp_path, monkeypatch):
 
 
 def test_gpu_results_script_sets_the_device_flags(tmp_path, monkeypatch):
-  """Every run gets the device flags, and the tuning grid leaves out its RandAugment points
-  (host-only augmentation, refused beside data.augment_on='device')."""
+  """Every run gets the device flags and the Ti/4 encoder, pre-training its own checkpoint and
+  picture intervals, and the tuning grid leaves out its RandAugment points (host-only
+  augmentation, refused beside data.augment_on='device') and runs at the full length."""
   from absl import flags
 
   from mim_jax import main, registry
   monkeypatch.chdir(REPO)
-  calls = _results_calls(tmp_path, GPU_RESULTS, SECTIONS="pretrain_mae tune_scratch")
+  calls = _results_calls(tmp_path, GPU_RESULTS, SECTIONS="pretrain_mae tune_scratch",
+                         PARALLEL="0")
   assert len(calls) == 6  # MAE, then the grid's five points without RandAugment
-  assert "--config.num_epochs=200" in calls[0]
+  assert "--config.num_epochs=100" in calls[0]
+  assert "--config.checkpoint_every=2000" in calls[0]
+  assert not any("checkpoint_every" in a for call in calls[1:] for a in call)
   for call in calls:
     for flag in ("--config.model.dtype=bfloat16", "--config.data.augment_on=device",
-                 "--config.data.device_resident=True"):
+                 "--config.data.device_resident=True", "--config.model.variant=Ti/4",
+                 "--config.model.width=0"):
       assert flag in call
     _unread_settings(call)
     flag_values = flags.FlagValues()
@@ -635,6 +642,43 @@ def test_gpu_results_script_sets_the_device_flags(tmp_path, monkeypatch):
     flag_values(argv)
     file_config = files.load_config_file(flag_values["config"].config_filename)
     registry.validate_config(flag_values.config, file_config)  # all static checks pass
+  for call in calls[1:]:
+    assert "--config.num_epochs=15" in call and call[-1].split("/")[-1].startswith(
+        "tune_scratch_e15_")
+
+
+def test_gpu_results_script_runs_its_waves_side_by_side_in_order(tmp_path):
+  """PARALLEL (default): the runs of a wave at once, waves in order: MAE; its probe and both
+  grids; fine-tuning per seed from the held-out choices and the baselines. VARIANT="" keeps
+  the demo ViT."""
+  (tmp_path / "root").mkdir()
+  (tmp_path / "root" / "sklearn_pixels.json").write_text("{}")  # the baselines' CPU minutes
+  calls = _results_calls(tmp_path, GPU_RESULTS, SEEDS="1", VARIANT="",
+                         TUNE_POINTS="lr4e-3_nomix")
+  names = [call[-1].rsplit("/", 1)[1] for call in calls]
+  waves = [{"mae_e100"},
+           {"probe_mae_e100", "tune_mae_e15_lr4e-3_nomix", "tune_scratch_e15_lr4e-3_nomix"},
+           {"ft_mae_s1", "ft_scratch_s1", "probe_pixels", "probe_random"}]
+  start = 0
+  for wave in waves:
+    assert set(names[start:start + len(wave)]) == wave, names
+    start += len(wave)
+  assert start == len(names)
+  assert not any("variant" in a for call in calls for a in call)
+  # The random encoder of the baselines has the pre-trained one's size, here Ti/4.
+  (tmp_path / "ti" / "root").mkdir(parents=True)
+  (tmp_path / "ti" / "root" / "sklearn_pixels.json").write_text("{}")
+  calls = _results_calls(tmp_path / "ti", GPU_RESULTS, SECTIONS="baselines")
+  probe_random = [call for call in calls if call[-1].endswith("/probe_random")][0]
+  assert "--config.model.variant=Ti/4" in probe_random
+  _unread_settings(probe_random[:-1])
+
+
+def test_gpu_results_script_refuses_sections_it_does_not_run(tmp_path):
+  out = _bash(GPU_RESULTS, str(tmp_path / "root"),
+              env=dict(os.environ, SECTIONS="pretrain_mae methods"))
+  assert out.returncode == 2 and "SECTIONS: 'methods' is not one of" in out.stderr
+  assert not (tmp_path / "root").exists()  # refused before anything ran
 
 
 def test_results_script_runs_the_study_under_both_maskings(tmp_path, monkeypatch):
