@@ -212,3 +212,41 @@ def test_sampling_frequencies_follow_prob_and_switch_prob():
     np.testing.assert_allclose(sel.var(), 1 / (4 * (2 * alpha + 1)), atol=0.015)
   cy, cx = np.asarray(params.cy), np.asarray(params.cx)
   assert cy.min() == 0 and cy.max() == 15 and cx.min() == 0 and cx.max() == 11
+
+
+def _fits_beta(draws: np.ndarray, a: float, b: float) -> bool:
+  """Whether `draws` pass as Beta(a, b): the float32 roundings at the ends (Beta(0.2, 0.2) puts
+  1.9% of its mass within 6e-8 of 1, which rounds to 1.0) checked as masses within 4 standard
+  errors, the interior by Kolmogorov-Smirnov (p > 1e-3)."""
+  from scipy import stats
+  beta, eps = stats.beta(a, b), 1e-6
+  low, high = beta.cdf(eps), beta.cdf(1 - eps)
+  for share, mass in (((draws <= eps).mean(), low), ((draws >= 1 - eps).mean(), 1 - high)):
+    if abs(share - mass) > 4 * np.sqrt(mass * (1 - mass) / len(draws)) + 1e-3:
+      return False
+  inner = draws[(draws > eps) & (draws < 1 - eps)]
+  return stats.kstest(inner, lambda x: (beta.cdf(x) - low) / (high - low)).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("a, b", [(0.8, 0.8), (1.0, 1.0), (0.2, 0.2), (2.0, 0.5)])
+def test_beta_without_loops_draws_the_beta_distribution(a, b):
+  """The loop-free sampler against scipy's Beta (20,000 draws from fixed keys), shapes below
+  and above 1 (the boost branch and the plain one)."""
+  keys = jax.random.split(jax.random.key(3), 20000)
+  draws = np.asarray(jax.jit(jax.vmap(lambda k: mixup.beta_without_loops(k, a, b)))(keys))
+  assert np.isfinite(draws).all() and draws.min() >= 0 and draws.max() <= 1
+  assert _fits_beta(draws, a, b)
+  # The check has power: the draws squeezed by a tenth towards 1/2 fail it.
+  assert not _fits_beta(draws * 0.9 + 0.05, a, b)
+
+
+def test_mixing_step_has_no_while_loops():
+  """XLA:GPU reads a `while` condition on the host each iteration; the mixing draws have none
+  (jax.random.beta's random_gamma, whose rejection loops put 45 into this function)."""
+  images, labels = _batch(5)
+  jaxpr = jax.make_jaxpr(lambda rng, x, y: mixup.mix_batch(
+      rng, x, y, num_classes=NUM_CLASSES, **RECIPE))(jax.random.key(0), images, labels)
+  for loop in ("while[", "random_gamma["):
+    assert loop not in str(jaxpr), loop
+  assert "random_gamma[" in str(jax.make_jaxpr(lambda k: jax.random.beta(k, 0.8, 0.8))(
+      jax.random.key(0)))  # what the check would catch

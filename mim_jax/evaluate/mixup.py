@@ -85,27 +85,74 @@ def cutmix_bbox_and_lam(image_hw: tuple[int, int], lam: jax.Array, cy: jax.Array
   return (yl, yh, xl, xh), 1.0 - area / float(img_h * img_w)
 
 
+# Candidates per Gamma draw in `beta_without_loops`. Marsaglia-Tsang accepts a candidate with
+# probability >= 0.95 for shape >= 1 (the shape it samples at), so all 16 are rejected with
+# probability < 0.05 ** 16, about 1.5e-21.
+GAMMA_CANDIDATES = 16
+
+
+def _gamma_without_loops(rng: jax.Array, alpha: float) -> jax.Array:
+  """One Gamma(alpha, 1) draw, float32 scalar, with no `while` loop in the compiled code.
+
+  Marsaglia & Tsang (2000): candidates d * (1 + c x)^3 with x ~ N(0, 1), each accepted when
+  log u < x^2 / 2 + d - d v + d log v; the first accepted of GAMMA_CANDIDATES independent ones
+  has the distribution of the sequential rejection loop (which `jax.random.gamma` runs as a
+  `lax.while_loop`); if none is, the first candidate stands in (probability < 1.5e-21).
+  alpha < 1 draws at alpha + 1 and scales by U^(1 / alpha) (their boost).
+  """
+  k_normal, k_accept, k_boost = jax.random.split(rng, 3)
+  shape = alpha + 1.0 if alpha < 1 else alpha
+  d = shape - 1.0 / 3.0
+  c = 1.0 / (9.0 * d) ** 0.5
+  x = jax.random.normal(k_normal, (GAMMA_CANDIDATES,), jnp.float32)
+  v = (1.0 + c * x) ** 3
+  log_v = jnp.log(jnp.where(v > 0, v, 1.0))
+  log_u = jnp.log(jax.random.uniform(k_accept, (GAMMA_CANDIDATES,), jnp.float32,
+                                     minval=jnp.finfo(jnp.float32).tiny))
+  accepted = (v > 0) & (log_u < 0.5 * x * x + d - d * v + d * log_v)
+  draw = d * v[jnp.argmax(accepted)]  # the first accepted one
+  if alpha < 1:
+    u = jax.random.uniform(k_boost, (), jnp.float32, minval=jnp.finfo(jnp.float32).tiny)
+    draw = draw * jnp.exp(jnp.log(u) / alpha)
+  return draw
+
+
+def beta_without_loops(rng: jax.Array, a: float, b: float) -> jax.Array:
+  """One Beta(a, b) draw, float32 scalar in [0, 1], as X / (X + Y) with X ~ Gamma(a) and
+  Y ~ Gamma(b), sampled without `while` loops.
+
+  `jax.random.beta` rejects in `while` loops (45 of them in the compiled mixing step), and
+  XLA:GPU reads each loop's condition on the host, one round trip per iteration. That costs
+  every fine-tuning step with Mixup/CutMix host round trips; processes sharing one GPU wait
+  for their turn at each of them.
+  """
+  k_a, k_b = jax.random.split(rng)
+  x, y = _gamma_without_loops(k_a, a), _gamma_without_loops(k_b, b)
+  return x / jnp.maximum(x + y, jnp.finfo(jnp.float32).tiny)
+
+
 def sample_mix_params(rng: jax.Array, image_hw: tuple[int, int], *, mixup_alpha: float,
                       cutmix_alpha: float, prob: float, switch_prob: float) -> MixParams:
   """timm `Mixup._params_per_batch` plus the box centre of `rand_bbox`.
 
   With probability `prob` the batch is mixed: by CutMix with probability `switch_prob` when
   both alphas are > 0 (otherwise by whichever is enabled), lam ~ Beta(alpha, alpha) of the
-  chosen method. The centre is drawn whatever the mode so the draw count is static.
+  chosen method (`beta_without_loops`). The centre is drawn whatever the mode so the draw
+  count is static.
   """
   img_h, img_w = image_hw
   k_apply, k_switch, k_mixup, k_cutmix, k_cy, k_cx = jax.random.split(rng, 6)
   apply = jax.random.uniform(k_apply) < prob
   if mixup_alpha > 0 and cutmix_alpha > 0:
     use_cutmix = jax.random.uniform(k_switch) < switch_prob
-    lam = jnp.where(use_cutmix, jax.random.beta(k_cutmix, cutmix_alpha, cutmix_alpha),
-                    jax.random.beta(k_mixup, mixup_alpha, mixup_alpha))
+    lam = jnp.where(use_cutmix, beta_without_loops(k_cutmix, cutmix_alpha, cutmix_alpha),
+                    beta_without_loops(k_mixup, mixup_alpha, mixup_alpha))
   elif mixup_alpha > 0:
     use_cutmix = jnp.asarray(False)
-    lam = jax.random.beta(k_mixup, mixup_alpha, mixup_alpha)
+    lam = beta_without_loops(k_mixup, mixup_alpha, mixup_alpha)
   elif cutmix_alpha > 0:
     use_cutmix = jnp.asarray(True)
-    lam = jax.random.beta(k_cutmix, cutmix_alpha, cutmix_alpha)
+    lam = beta_without_loops(k_cutmix, cutmix_alpha, cutmix_alpha)
   else:
     apply = jnp.asarray(False)
     use_cutmix = jnp.asarray(False)
