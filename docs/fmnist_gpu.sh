@@ -7,14 +7,20 @@
 # images/s per process, less than a GPU trains this ViT on). The tuning grid runs at the full
 # fine-tuning length (TUNE_EPOCHS 15, not the CPU's 3-epoch proxy).
 #
-# A ViT this small leaves one GPU mostly idle, so the runs go in three waves of processes side
-# by side (PARALLEL=0: one at a time, as on a CPU), most important first:
+# A ViT this small leaves one GPU mostly idle, so the training runs go in waves of processes
+# side by side (PARALLEL=0: one at a time, as on a CPU), most important first:
 #   1. MAE pre-training, alone (k-NN on the held-out split every KNN_EVERY (20) epochs);
-#   2. the MAE probe, the tuning grids of MAE and of scratch fine-tuning (one process per point);
-#   3. fine-tuning per seed, from MAE and from scratch, with the held-out choices; the baselines
-#      (raw-pixel probe, scikit-learn, and the probe of a random encoder of the same size).
+#   2. the tuning grids of MAE and of scratch fine-tuning (one process per point);
+#   3. fine-tuning per seed, from MAE and from scratch, with the held-out choices;
+#   4. one at a time: the MAE probe, then the baselines (raw-pixel probe, scikit-learn, and the
+#      probe of a random encoder of the same size). The probe's L-BFGS fits loop on the device,
+#      and XLA:GPU reads each loop condition on the host: beside other processes each of those
+#      round trips waits for the GPU's turn (on one H200: fits of 1-6 s while the grid's runs
+#      compiled, 18-89 s once they trained).
 # Each run writes its results.json as it finishes, so a run cut short keeps what it finished and
 # a rerun skips it. Wall times of runs that shared the GPU are not comparable with the CPU's.
+# On one H200 (docs/results.md) pre-training took 263 s and the fine-tuning wave 3.5 minutes;
+# the whole script needs more than one 10-minute call: split it with SECTIONS.
 #
 #   bash docs/fmnist_gpu.sh [ROOT=workdirs/fmnist_gpu]
 #
@@ -112,11 +118,12 @@ for seed in $SEEDS; do
   ft_jobs+=("SECTIONS=finetune_mae SEEDS=$seed" "SECTIONS=finetune_scratch SEEDS=$seed")
 done
 status=0
-for step in 1 2 3; do
+for step in 1 2 3 4; do
   case $step in
     1) wave pretrain "SECTIONS=pretrain_mae" ;;
-    2) wave tune "SECTIONS=probe_mae" "${tune_jobs[@]}" ;;
-    3) wave finetune "${ft_jobs[@]}" "SECTIONS=baselines" ;;
+    2) wave tune "${tune_jobs[@]}" ;;
+    3) wave finetune "${ft_jobs[@]}" ;;
+    4) PARALLEL=0 wave probe "SECTIONS=probe_mae" "SECTIONS=baselines" ;;
   esac
   code=$?
   [ "$code" = 0 ] || status=$code

@@ -648,17 +648,17 @@ def test_gpu_results_script_sets_the_device_flags(tmp_path, monkeypatch):
 
 
 def test_gpu_results_script_runs_its_waves_side_by_side_in_order(tmp_path):
-  """PARALLEL (default): the runs of a wave at once, waves in order: MAE; its probe and both
-  grids; fine-tuning per seed from the held-out choices and the baselines. VARIANT="" keeps
-  the demo ViT."""
+  """PARALLEL (default): the runs of a wave at once, waves in order: MAE; both grids;
+  fine-tuning per seed from the held-out choices; then, one at a time, the probes (MAE's and
+  the baselines'). VARIANT="" keeps the demo ViT."""
   (tmp_path / "root").mkdir()
   (tmp_path / "root" / "sklearn_pixels.json").write_text("{}")  # the baselines' CPU minutes
   calls = _results_calls(tmp_path, GPU_RESULTS, SEEDS="1", VARIANT="",
                          TUNE_POINTS="lr4e-3_nomix")
   names = [call[-1].rsplit("/", 1)[1] for call in calls]
-  waves = [{"mae_e100"},
-           {"probe_mae_e100", "tune_mae_e15_lr4e-3_nomix", "tune_scratch_e15_lr4e-3_nomix"},
-           {"ft_mae_s1", "ft_scratch_s1", "probe_pixels", "probe_random"}]
+  waves = [{"mae_e100"}, {"tune_mae_e15_lr4e-3_nomix", "tune_scratch_e15_lr4e-3_nomix"},
+           {"ft_mae_s1", "ft_scratch_s1"}, {"probe_mae_e100"}, {"probe_pixels"},
+           {"probe_random"}]  # the probes one at a time
   start = 0
   for wave in waves:
     assert set(names[start:start + len(wave)]) == wave, names
