@@ -25,11 +25,10 @@
 #   bash docs/fmnist_gpu.sh [ROOT=workdirs/fmnist_gpu]
 #
 # On a CPU it runs too (slowly): e.g. PARALLEL=0 MAE_EPOCHS=1 FT_EPOCHS=1 TUNE_EPOCHS=1 SEEDS=0
-# to try it. Its TRAIN_FLAGS suit the default SECTIONS; for `methods` with iBOT drop
-# --config.data.augment_on=device and --config.data.device_resident=True from them (iBOT's
-# multi-crop views are cut on the host). On a machine without internet or without the Debian
-# package, docs/offline_bundle.sh prepares the missing wheels and the Fashion-MNIST files
-# (FMNIST_DIR). A SIGTERM or Ctrl-C stops the current runs with their checkpoints written (exit
+# to try it. TRAIN_FLAGS replaces the device flags (bf16, the split and augmentation on the
+# device); VARIANT's size flags are added to it either way. On a machine without internet or
+# without the Debian package, docs/offline_bundle.sh prepares the missing wheels and the
+# Fashion-MNIST files (FMNIST_DIR). A SIGTERM or Ctrl-C stops the current runs with their checkpoints written (exit
 # 75); the same command resumes.
 set -u
 source "$(dirname "$0")/script_args.sh"
@@ -49,8 +48,8 @@ VARIANT=${VARIANT-Ti/4}
 size=""
 [ -n "$VARIANT" ] && size="--config.model.variant=$VARIANT --config.model.width=0
 --config.model.depth=0 --config.model.num_heads=0 --config.model.mlp_dim=0"
-export TRAIN_FLAGS=${TRAIN_FLAGS:-"--config.model.dtype=bfloat16 --config.data.augment_on=device
---config.data.device_resident=True $size"}
+export TRAIN_FLAGS="${TRAIN_FLAGS:-"--config.model.dtype=bfloat16 --config.data.augment_on=device
+--config.data.device_resident=True"} $size"
 export RANDOM_ENCODER_FLAGS=${RANDOM_ENCODER_FLAGS-$size}
 # A checkpoint and a picture every 200 steps (the CPU recipe's) would stall a GPU step of a few
 # milliseconds: every 2,000 instead.
@@ -94,6 +93,7 @@ wave() {
     # shellcheck disable=SC2086
     env $job bash docs/fmnist_results.sh "$ROOT" < /dev/null > "$ROOT/jobs/$label.$n.out" 2>&1 &
     pids+=($!)
+    ((STOPPED)) && kill -TERM "$!" 2> /dev/null  # a signal between the start and the line above
     if [ "$PARALLEL" = 0 ]; then
       while :; do wait "$!"; code=$?; kill -0 "$!" 2> /dev/null || break; done
       [ "$code" = 0 ] || status=$code

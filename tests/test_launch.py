@@ -674,6 +674,19 @@ def test_gpu_results_script_runs_its_waves_side_by_side_in_order(tmp_path):
   _unread_settings(probe_random[:-1])
 
 
+def test_gpu_results_script_reports_a_failed_run(tmp_path):
+  """A run that fails fails its wave and the script (exit 1, the wave named), while the later
+  waves still run what they can."""
+  import sys
+  stub_env = _fake_bin(tmp_path, "python", _MAIN_STUB % sys.executable)
+  out = _bash(GPU_RESULTS, str(tmp_path / "root"), timeout=180, env=dict(
+      stub_env, MAIN_CALLS=str(tmp_path / "calls.log"), MAIN_STATUS="1",
+      SECTIONS="pretrain_mae tune_scratch", TUNE_POINTS="lr4e-3_nomix"))
+  assert out.returncode == 1, out.stdout + out.stderr
+  assert "wave pretrain: a job failed" in out.stdout and "wave tune: a job failed" in out.stdout
+  assert "exit 1" in out.stdout
+
+
 def test_gpu_results_script_refuses_sections_it_does_not_run(tmp_path):
   out = _bash(GPU_RESULTS, str(tmp_path / "root"),
               env=dict(os.environ, SECTIONS="pretrain_mae methods"))

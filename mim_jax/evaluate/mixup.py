@@ -91,14 +91,15 @@ def cutmix_bbox_and_lam(image_hw: tuple[int, int], lam: jax.Array, cy: jax.Array
 GAMMA_CANDIDATES = 16
 
 
-def _gamma_without_loops(rng: jax.Array, alpha: float) -> jax.Array:
-  """One Gamma(alpha, 1) draw, float32 scalar, with no `while` loop in the compiled code.
+def _log_gamma_without_loops(rng: jax.Array, alpha: float) -> jax.Array:
+  """log of one Gamma(alpha, 1) draw, float32 scalar, with no `while` loop in the compiled code.
 
   Marsaglia & Tsang (2000): candidates d * (1 + c x)^3 with x ~ N(0, 1), each accepted when
   log u < x^2 / 2 + d - d v + d log v; the first accepted of GAMMA_CANDIDATES independent ones
   has the distribution of the sequential rejection loop (which `jax.random.gamma` runs as a
-  `lax.while_loop`); if none is, the first candidate stands in (probability < 1.5e-21).
-  alpha < 1 draws at alpha + 1 and scales by U^(1 / alpha) (their boost).
+  `lax.while_loop`); if none is, d itself stands in (probability < 1.5e-21). alpha < 1 draws at
+  alpha + 1 and adds log(U) / alpha (their boost, U^(1 / alpha)). In logs, as `jax.random.beta`
+  works, because the boost underflows float32 for small alpha.
   """
   k_normal, k_accept, k_boost = jax.random.split(rng, 3)
   shape = alpha + 1.0 if alpha < 1 else alpha
@@ -106,20 +107,20 @@ def _gamma_without_loops(rng: jax.Array, alpha: float) -> jax.Array:
   c = 1.0 / (9.0 * d) ** 0.5
   x = jax.random.normal(k_normal, (GAMMA_CANDIDATES,), jnp.float32)
   v = (1.0 + c * x) ** 3
-  log_v = jnp.log(jnp.where(v > 0, v, 1.0))
+  log_v = jnp.log(jnp.where(v > 0, v, 1.0))  # v <= 0 is rejected; 1.0 keeps the log finite
   log_u = jnp.log(jax.random.uniform(k_accept, (GAMMA_CANDIDATES,), jnp.float32,
                                      minval=jnp.finfo(jnp.float32).tiny))
   accepted = (v > 0) & (log_u < 0.5 * x * x + d - d * v + d * log_v)
-  draw = d * v[jnp.argmax(accepted)]  # the first accepted one
+  log_draw = jnp.log(d) + log_v[jnp.argmax(accepted)]  # the first accepted one
   if alpha < 1:
     u = jax.random.uniform(k_boost, (), jnp.float32, minval=jnp.finfo(jnp.float32).tiny)
-    draw = draw * jnp.exp(jnp.log(u) / alpha)
-  return draw
+    log_draw = log_draw + jnp.log(u) / alpha
+  return log_draw
 
 
 def beta_without_loops(rng: jax.Array, a: float, b: float) -> jax.Array:
-  """One Beta(a, b) draw, float32 scalar in [0, 1], as X / (X + Y) with X ~ Gamma(a) and
-  Y ~ Gamma(b), sampled without `while` loops.
+  """One Beta(a, b) draw, float32 scalar in [0, 1], as X / (X + Y) = sigmoid(log X - log Y)
+  with X ~ Gamma(a) and Y ~ Gamma(b), sampled without `while` loops.
 
   `jax.random.beta` rejects in `while` loops (45 of them in the compiled mixing step), and
   XLA:GPU reads each loop's condition on the host, one round trip per iteration. That costs
@@ -127,8 +128,7 @@ def beta_without_loops(rng: jax.Array, a: float, b: float) -> jax.Array:
   for their turn at each of them.
   """
   k_a, k_b = jax.random.split(rng)
-  x, y = _gamma_without_loops(k_a, a), _gamma_without_loops(k_b, b)
-  return x / jnp.maximum(x + y, jnp.finfo(jnp.float32).tiny)
+  return jax.nn.sigmoid(_log_gamma_without_loops(k_a, a) - _log_gamma_without_loops(k_b, b))
 
 
 def sample_mix_params(rng: jax.Array, image_hw: tuple[int, int], *, mixup_alpha: float,
