@@ -28,8 +28,8 @@
 # to try it. TRAIN_FLAGS replaces the device flags (bf16, the split and augmentation on the
 # device); VARIANT's size flags are added to it either way. On a machine without internet or
 # without the Debian package, docs/offline_bundle.sh prepares the missing wheels and the
-# Fashion-MNIST files (FMNIST_DIR). A SIGTERM or Ctrl-C stops the current runs with their checkpoints written (exit
-# 75); the same command resumes.
+# Fashion-MNIST files (FMNIST_DIR). A SIGTERM or Ctrl-C stops the current runs with their
+# checkpoints written (exit 75); the same command resumes.
 set -u
 source "$(dirname "$0")/script_args.sh"
 ROOT=$(output_dir "[SECTIONS=... MAE_EPOCHS=... PARALLEL=0 ...] bash docs/fmnist_gpu.sh [ROOT]" \
@@ -75,19 +75,19 @@ mkdir -p "$ROOT/jobs"
   python -c "import jax; print(jax.__version__, jax.devices())"; } > "$ROOT/machine.txt" 2>&1
 cat "$ROOT/machine.txt"
 
-# wave LABEL JOB...: each JOB ("VAR=value ..." settings of docs/fmnist_results.sh, a section
-# among them) runs as its own docs/fmnist_results.sh, all at once (PARALLEL=1) or one after
-# another; its output goes to ROOT/jobs/LABEL.N.out. A SIGTERM or Ctrl-C reaches every job
-# (each stops its run with a checkpoint). Returns 75 if stopped, 1 if a job failed.
+# wave LABEL JOB...: each JOB ("SECTIONS=<section> VAR=value ...", settings of
+# docs/fmnist_results.sh) runs as its own docs/fmnist_results.sh, all at once (PARALLEL=1) or
+# one after another; its output goes to ROOT/jobs/LABEL.N.out. A SIGTERM or Ctrl-C reaches
+# every job (each stops its run with a checkpoint). Returns 75 if stopped, 1 if a job failed.
 STOPPED=0
 wave() {
-  local label=$1 job pids=() status=0 n=0 pid code
+  local label=$1 job first pids=() status=0 n=0 pid
   shift
   trap 'STOPPED=1; for pid in "${pids[@]}"; do kill -TERM "$pid" 2> /dev/null; done' TERM INT
   for job in "$@"; do
     ((STOPPED)) && break
-    [[ " $SECTIONS " == *" $(sed -n 's/.*SECTIONS=\([a-z_]*\).*/\1/p' <<< "$job") "* ]] \
-        || continue
+    first=${job%% *}
+    [[ " $SECTIONS " == *" ${first#SECTIONS=} "* ]] || continue
     n=$((n + 1))
     echo "wave $label.$n: $job"
     # shellcheck disable=SC2086
@@ -95,15 +95,11 @@ wave() {
     pids+=($!)
     ((STOPPED)) && kill -TERM "$!" 2> /dev/null  # a signal between the start and the line above
     if [ "$PARALLEL" = 0 ]; then
-      while :; do wait "$!"; code=$?; kill -0 "$!" 2> /dev/null || break; done
-      [ "$code" = 0 ] || status=$code
+      wait_for_exit "$!" || status=$?
     fi
   done
   if [ "$PARALLEL" = 1 ]; then
-    for pid in "${pids[@]}"; do
-      while :; do wait "$pid"; code=$?; kill -0 "$pid" 2> /dev/null || break; done
-      [ "$code" = 0 ] || status=$code
-    done
+    for pid in "${pids[@]}"; do wait_for_exit "$pid" || status=$?; done
   fi
   trap - TERM INT
   ((STOPPED)) && return 75

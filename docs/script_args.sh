@@ -30,10 +30,17 @@ run_passing_signals() {
   "$@" < /dev/null &
   pid=$!
   ((STOPPED)) && kill -TERM "$pid" 2> /dev/null
-  while :; do
-    wait "$pid"; status=$?
-    kill -0 "$pid" 2> /dev/null || break  # exited, not a wait cut short by a signal
-  done
+  wait_for_exit "$pid"; status=$?
   trap - TERM INT
   return "$status"
+}
+
+# wait_for_exit PID: returns the status of background job PID once it has exited (a trapped
+# signal cuts a plain `wait` short with status > 128 while the job runs on).
+wait_for_exit() {
+  local status
+  while :; do
+    wait "$1"; status=$?
+    kill -0 "$1" 2> /dev/null || return "$status"
+  done
 }

@@ -687,6 +687,36 @@ def test_gpu_results_script_reports_a_failed_run(tmp_path):
   assert "exit 1" in out.stdout
 
 
+def test_gpu_results_script_passes_a_sigterm_to_every_run_of_a_wave(tmp_path):
+  """A SIGTERM to the script reaches each run of the wave under way (each stops with its
+  checkpoint, exit 75 here), the script exits 75, and no later wave starts."""
+  import sys
+  stub = _fake_bin(tmp_path, "python", """
+if [ "$1 $2" = "-m mim_jax.main" ]; then
+  echo started >> "$STARTED"
+  trap 'echo stopped >> "$STARTED"; exit 75' TERM
+  sleep 60 & wait
+  exit 0
+fi
+exec %s "$@"
+""" % sys.executable)
+  started = tmp_path / "started.log"
+  proc = subprocess.Popen(
+      ["bash", str(GPU_RESULTS), str(tmp_path / "root")], cwd=REPO, text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      env=dict(stub, STARTED=str(started), SECTIONS="tune_mae tune_scratch finetune_scratch",
+               TUNE_POINTS="lr4e-3_nomix", VARIANT=""))
+  deadline = time.time() + 120
+  while time.time() < deadline and (not started.exists()
+                                    or started.read_text().count("started") < 2):
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 75, out
+  assert started.read_text().split() == ["started"] * 2 + ["stopped"] * 2, out
+  assert "wave finetune" not in out
+
+
 def test_gpu_results_script_refuses_sections_it_does_not_run(tmp_path):
   out = _bash(GPU_RESULTS, str(tmp_path / "root"),
               env=dict(os.environ, SECTIONS="pretrain_mae methods"))
