@@ -16,7 +16,9 @@
 #      probe of a random encoder of the same size). The probe's L-BFGS fits loop on the device,
 #      and XLA:GPU reads each loop condition on the host: beside other processes each of those
 #      round trips waits for the GPU's turn (on one H200: fits of 1-6 s while the grid's runs
-#      compiled, 18-89 s once they trained).
+#      compiled, 18-89 s once they trained). On a GPU the probe fits its 26 feature sets (2
+#      pools x 13 blocks of a Ti/4) together, one loop per L2 strength instead of 26
+#      (probe.fit_sets, "auto"); not yet timed on a GPU.
 # Each run writes its results.json as it finishes, so a run cut short keeps what it finished and
 # a rerun skips it. Wall times of runs that shared the GPU are not comparable with the CPU's.
 # On one H200 (docs/results.md) pre-training took 263 s and the fine-tuning wave 3.5 minutes;

@@ -77,6 +77,35 @@ def test_a_warm_start_reaches_the_same_optimum_in_fewer_iterations():
     np.testing.assert_allclose(warm[k], cold[k], atol=1e-4)
 
 
+def test_sets_fitted_together_end_as_each_would_alone():
+  """fit_together: one vmapped L-BFGS over several feature sets; a set that converges early
+  (a separable one) is carried unchanged while the others iterate, so each set ends at its
+  own fit's iteration count and weights; select_l2_many chooses the same strengths either
+  way."""
+  rng = np.random.default_rng(2)
+  xs = rng.normal(size=(3, 300, 12)).astype(np.float32)
+  xs[0] *= 1e-3  # nearly no signal: the L2 term dominates, few iterations
+  y = np.argmax(xs[1, :, :3] + xs[2, :, 3:6] + 0.5 * rng.normal(size=(300, 3)),
+                axis=1).astype(np.int32)
+  together, infos = logistic.fit_together(xs, y, 3, 1e-4, tol=1e-5, max_iter=500)
+  alone = [logistic.fit(x, y, 3, 1e-4, tol=1e-5, max_iter=500) for x in xs]
+  assert len({info.iterations for info in infos}) > 1, infos  # they did stop apart
+  for params, info, (ref, ref_info) in zip(together, infos, alone):
+    assert info.iterations == ref_info.iterations and info.converged == ref_info.converged
+    for k in ("w", "b"):
+      np.testing.assert_allclose(params[k], ref[k], atol=1e-5)
+  xv = rng.normal(size=(3, 200, 12)).astype(np.float32)
+  yv = np.argmax(xv[1, :, :3] + xv[2, :, 3:6], axis=1).astype(np.int32)
+  grid = (1e-1, 1e-3, 1e-5)
+  one_by_one = logistic.select_l2_many(list(xs), y, list(xv), yv, 3, grid, tol=1e-5)
+  fitted_together = logistic.select_l2_many(list(xs), y, list(xv), yv, 3, grid, together=True,
+                                            tol=1e-5)
+  assert [s.scores for s in one_by_one] == [s.scores for s in fitted_together]
+  assert [s.l2 for s in one_by_one] == [s.l2 for s in fitted_together]
+  with pytest.raises(ValueError, match="2 training and 3 validation feature sets"):
+    logistic.select_l2_many(list(xs[:2]), y, list(xv), yv, 3, grid)
+
+
 def test_holdout_rows_never_reach_training():
   config = tiny_mae_config()
   config.data.update(holdout=16, label_fraction=0.5)
@@ -138,8 +167,11 @@ def test_probe_job_reports_every_pool_and_its_choices(tiny_encoder, tmp_path):
 def test_the_block_is_chosen_on_the_holdout_and_scored_as_a_fixed_block_would_be(tiny_encoder,
                                                                                 tmp_path):
   """probe.select_layer: per pool, the block with the best held-out score among the output
-  and every block; its test figures are those of a probe told that block."""
-  chosen = train.run(_probe_config(tiny_encoder, **{"probe.select_layer": True}),
+  and every block; its test figures are those of a probe told that block. The choosing run
+  fits its six feature sets together (one program per L2 strength, as on an accelerator), the
+  fixed ones one by one: the same figures."""
+  chosen = train.run(_probe_config(tiny_encoder, **{"probe.select_layer": True,
+                                                    "probe.fit_sets": "together"}),
                      str(tmp_path / "chosen"))
   results = json.load(open(tmp_path / "chosen" / "results.json"))
   assert results["probe_layers"] == [0, 1, 2] and "probe_layer" not in results
@@ -150,13 +182,16 @@ def test_the_block_is_chosen_on_the_holdout_and_scored_as_a_fixed_block_would_be
     assert by_layer[str(layer)] == max(by_layer.values())
     assert by_layer[str(layer)] == max(results[f"probe_holdout_top1_{pool}"].values())
     assert set(results[f"probe_holdout_converged_{pool}"]) == {"0.01", "0.0001"}
-    fixed = train.run(_probe_config(tiny_encoder, **{"classifier.probe_layer": layer}),
+    fixed = train.run(_probe_config(tiny_encoder, **{"classifier.probe_layer": layer,
+                                                     "probe.fit_sets": "one_by_one"}),
                       str(tmp_path / f"{pool}{layer}"))
     for key in ("probe_top1", "probe_l2", "knn_top1", "probe_holdout_top1"):
       assert chosen[f"{key}_{pool}"] == fixed[f"{key}_{pool}"], key
   with pytest.raises(ConfigError, match="classifier.probe_layer=1 is not used.*select_layer"):
     registry.validate_config(_probe_config(tiny_encoder, **{"probe.select_layer": True,
                                                             "classifier.probe_layer": 1}))
+  with pytest.raises(ConfigError, match="probe.fit_sets='all'.*one of.*together"):
+    registry.validate_config(_probe_config(tiny_encoder, **{"probe.fit_sets": "all"}))
   with pytest.raises(ConfigError, match="probe.select_layer=True is not used.*pixels"):
     registry.validate_config(_probe_config("", **{"probe.select_layer": True,
                                                   "classifier.features": "pixels"}))

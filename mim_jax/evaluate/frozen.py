@@ -9,7 +9,9 @@
   run_probe(config, workdir) method "probe": k-NN plus multinomial logistic regression on
                              standardised cached features (evaluate/logistic.py), its L2
                              strength (and with `probe.select_layer`, the block) chosen on
-                             `data.holdout` training examples
+                             `data.holdout` training examples; the feature sets are fitted
+                             one after another on a CPU, together on an accelerator
+                             (`probe.fit_sets`)
 
 Protocol. The bank / training rows are the training split as training reads it
 (`data.label_fraction` applies); images are resized / centre-cropped, never augmented. Scored
@@ -53,6 +55,7 @@ from mim_jax.weights import pretrained
 log = logging.getLogger(__name__)
 
 ENCODER_POOLS = ("cls", "gap")
+FIT_SETS = ("auto", "together", "one_by_one")
 
 
 def _local_copy(params):
@@ -254,12 +257,33 @@ def run_knn(config, workdir: str) -> dict[str, float]:
   return _finish(config, workdir, metrics)
 
 
-def _select(train, val, num_classes, grid, fit_kwargs) -> logistic.Selection:
-  """The L2 strength fitted on train = (x, y) and chosen on val (x standardised with train's
-  statistics)."""
-  mean, scale = logistic.standardizer(train[0])
-  return logistic.select_l2((train[0] - mean) * scale, train[1], (val[0] - mean) * scale,
-                            val[1], num_classes, grid, **fit_kwargs)
+def fits_together(config) -> bool:
+  """`probe.fit_sets`: whether the probe fits its feature sets (pools x blocks) as one program
+  per L2 strength ("together") or one after another ("one_by_one"); "auto": together on an
+  accelerator, whose time per fit is host round trips, one by one on a CPU, whose time is
+  arithmetic (evaluate/logistic.py)."""
+  mode = config.probe.fit_sets
+  return mode == "together" or (mode == "auto" and jax.default_backend() != "cpu")
+
+
+def _select_all(train_feats: dict, train_labels, hold_feats: dict, hold_labels, names,
+                num_classes, grid, fit_kwargs, together: bool) -> dict[str, logistic.Selection]:
+  """{name: the L2 strength fitted on the training rows of feature set `name` and chosen on the
+  held-out rows (both standardised with the training rows' statistics)}. One by one, each set
+  is standardised just before its fits (one set's copy in memory at a time)."""
+  def standardized(name):
+    mean, scale = logistic.standardizer(train_feats[name])
+    return (train_feats[name] - mean) * scale, (hold_feats[name] - mean) * scale
+
+  if not together:
+    return {name: logistic.select_l2_many([x], train_labels, [x_val], hold_labels,
+                                          num_classes, grid, names=[name], **fit_kwargs)[0]
+            for name in names for x, x_val in [standardized(name)]}
+  pairs = [standardized(name) for name in names]
+  selections = logistic.select_l2_many([x for x, _ in pairs], train_labels,
+                                       [x_val for _, x_val in pairs], hold_labels, num_classes,
+                                       grid, together=True, names=names, **fit_kwargs)
+  return dict(zip(names, selections))
 
 
 def _refit(train, val, test, num_classes, chosen: logistic.Selection, fit_kwargs):
@@ -281,13 +305,15 @@ def choose_layer(selections: dict[int, logistic.Selection]) -> int:
 
 def check_feature_memory(config, extractor: FeatureExtractor, rows: int) -> None:
   """Raises ConfigError before any encoding when the cached features of `rows` images (every
-  name of `extractor.pools`, float32, on every process after the gather) would not fit in
-  80% of this host's memory (e.g. probe.select_layer on ImageNet)."""
+  name of `extractor.pools`, float32, on every process after the gather; twice that when the
+  probe fits them together, which standardises every set at once) would not fit in 80% of
+  this host's memory (e.g. probe.select_layer on ImageNet)."""
   if extractor.pixels:
     width = int(np.prod(config.image_size)) * config.channels
   else:
     width = size_from_config(config.model)[0].width
-  need = rows * len(extractor.pools) * width * 4
+  copies = 2 if "probe" in config and fits_together(config) else 1
+  need = rows * len(extractor.pools) * width * 4 * copies
   try:
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   except (ValueError, OSError, AttributeError):
@@ -332,13 +358,11 @@ def run_probe(config, workdir: str) -> dict:
   # fitted on them plus the 5,000 held-out ones), at the size its L2 was chosen for.
   low_label = float(cfg.data.label_fraction) < 1.0
   all_labels = train_labels if low_label else np.concatenate([train_labels, hold_labels])
+  by_name = _select_all(train_feats, train_labels, hold_feats, hold_labels,
+                        [name for blocks in named.values() for name in blocks.values()],
+                        num_classes, grid, fit_kwargs, fits_together(cfg))
   for pool, blocks in named.items():
-    selections = {}
-    for k, name in blocks.items():
-      if len(blocks) > 1:
-        log.info("probe %s: block %d of %s", pool, k, list(blocks))
-      selections[k] = _select((train_feats[name], train_labels), (hold_feats[name], hold_labels),
-                              num_classes, grid, fit_kwargs)
+    selections = {k: by_name[name] for k, name in blocks.items()}
     layer = choose_layer(selections)
     chosen, name = selections[layer], blocks[layer]
     if not chosen.converged[chosen.l2]:
@@ -415,8 +439,10 @@ class ProbeJob(KnnJob):
     # norm is below tol (or max_iter iterations).
     # select_layer: choose, per pool, the block (0: the output, 1..depth) on the holdout too,
     # instead of reading classifier.probe_layer.
+    # fit_sets: "together" fits every feature set (pool, block) as one program per strength,
+    # "one_by_one" one after another, "auto" together on an accelerator only (fits_together).
     c.probe = ml_collections.ConfigDict(dict(l2_grid=logistic.DEFAULT_L2_GRID, max_iter=3000,
-                                             tol=1e-4, select_layer=False))
+                                             tol=1e-4, select_layer=False, fit_sets="auto"))
     c.data.holdout = 5000
 
   @classmethod
@@ -430,6 +456,10 @@ class ProbeJob(KnnJob):
     v.require(v.is_number(p.tol) and p.tol > 0, "probe.tol", p.tol, "a positive gradient norm")
     v.require(isinstance(p.select_layer, bool), "probe.select_layer", p.select_layer,
               "True (choose the block on data.holdout) or False (classifier.probe_layer)")
+    v.require(p.fit_sets in FIT_SETS, "probe.fit_sets", p.fit_sets,
+              f"one of {FIT_SETS}: the probe's feature sets fitted as one program per L2 "
+              "strength, one after another, or the first on an accelerator and the second on a "
+              "CPU")
     v.require(config.data.eval_split != "holdout", "data.eval_split", config.data.eval_split,
               "the test split ('' or 'test') for method 'probe': it chooses its L2 strength "
               "(and block) on the data.holdout rows and refits on them, so it cannot score "

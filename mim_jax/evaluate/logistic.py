@@ -13,9 +13,18 @@ wrong. The L2 strength is the one hyper-parameter, chosen on held-out training e
   accuracy(params, x, y)             top-1 accuracy of fitted params
   select_l2(x, y, x_val, y_val, ...) Selection: the L2 strength with the best validation
                                      accuracy, each fit warm-started from the previous one
+  select_l2_many(xs, y, xs_val, ...) one Selection per feature set (e.g. every block), the
+                                     sets fitted one after another or together (`together`)
 
 Objective: mean cross-entropy + l2 / 2 * ||W||^2 (bias not penalised), i.e. scikit-learn's
 C = 1 / (l2 * N).
+
+Fitting several feature sets together (one vmapped L-BFGS per strength instead of one per set
+and strength) is for accelerators: L-BFGS's iterations and line searches are `while` loops,
+and XLA:GPU reads each loop condition on the host, so a fit's time there is round trips, not
+arithmetic; K sets together take about the round trips of the slowest one. On a CPU the
+arithmetic is the cost, and the sets that converged early keep computing until the last one
+has, so one by one is the cheaper order there.
 """
 
 from __future__ import annotations
@@ -85,6 +94,11 @@ def _fit(params, x, y, l2, tol, *, max_iter: int):
   return params, iterations, otu.tree_norm(otu.tree_get(state, "grad")), loss_fn(params)
 
 
+def _zeros_like_params(x: np.ndarray, num_classes: int) -> dict:
+  return {"w": np.zeros((x.shape[-1], num_classes), np.float32),
+          "b": np.zeros((num_classes,), np.float32)}
+
+
 def fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float, *, max_iter: int = 3000,
         tol: float = 1e-4, init: dict | None = None,
         compiler_options: Mapping[str, Any] | None = None) -> tuple[dict, FitInfo]:
@@ -101,7 +115,7 @@ def fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float, *, max_iter: 
   """
   shapes = {"w": (x.shape[1], num_classes), "b": (num_classes,)}
   if init is None:
-    init = {k: np.zeros(shape, np.float32) for k, shape in shapes.items()}
+    init = _zeros_like_params(x, num_classes)
   got = {k: tuple(np.shape(init[k])) for k in shapes}
   if got != shapes:
     raise ValueError(f"init has shapes {got}; features [{x.shape[1]}] and {num_classes} "
@@ -114,6 +128,42 @@ def fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float, *, max_iter: 
   info = FitInfo(iterations=int(iterations), grad_norm=float(grad_norm), loss=float(loss),
                  converged=bool(float(grad_norm) < tol))
   return jax.device_get(params), info
+
+
+def _fit_together(params, xs, y, l2, tol, *, max_iter: int):
+  """_fit over a leading axis of params and xs: one while loop that runs until every set's
+  own condition is false (vmap keeps a finished set's carry as it was)."""
+  one = functools.partial(_fit, max_iter=max_iter)
+  return jax.vmap(one, in_axes=(0, 0, None, None, None))(params, xs, y, l2, tol)
+
+
+def fit_together(xs: np.ndarray, y: np.ndarray, num_classes: int, l2: float, *,
+                 max_iter: int = 3000, tol: float = 1e-4, init: dict | None = None,
+                 compiler_options: Mapping[str, Any] | None = None
+                 ) -> tuple[list[dict], list[FitInfo]]:
+  """`fit` of K feature sets xs [K, N, D] with the same labels y int [N], as one vmapped
+  program (module docstring: for accelerators). Each set's fit stops where its own `fit` would
+  (a set that has converged is carried unchanged while the others iterate), so each result is
+  that of `fit` on the set, up to the rounding of batched matmuls. `init`: {"w" [K, D, C],
+  "b" [K, C]} or None (zeros). Returns the K parameter dicts and FitInfos, in order."""
+  k, _, d = xs.shape
+  if init is None:
+    init = {name: np.stack([value] * k) for name, value in
+            _zeros_like_params(xs[0], num_classes).items()}
+  shapes = {"w": (k, d, num_classes), "b": (k, num_classes)}
+  got = {name: tuple(np.shape(init[name])) for name in shapes}
+  if got != shapes:
+    raise ValueError(f"init has shapes {got}; {k} sets of [{d}] features and {num_classes} "
+                     f"classes need {shapes}")
+  program = jit_with(_fit_together, compiler_options, static_argnames=("max_iter",))
+  params, iterations, grad_norm, loss = jax.device_get(program(
+      {name: jnp.asarray(init[name], jnp.float32) for name in shapes},
+      jnp.asarray(xs, jnp.float32), jnp.asarray(y, jnp.int32), jnp.float32(l2),
+      jnp.float32(tol), max_iter=int(max_iter)))
+  infos = [FitInfo(iterations=int(iterations[i]), grad_norm=float(grad_norm[i]),
+                   loss=float(loss[i]), converged=bool(float(grad_norm[i]) < tol))
+           for i in range(k)]
+  return [{name: np.asarray(params[name][i]) for name in shapes} for i in range(k)], infos
 
 
 def accuracy(params: dict, x: np.ndarray, y: np.ndarray) -> float:
@@ -144,16 +194,52 @@ def select_l2(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray
   path, as glmnet walks it): fits that converge reach the optima of fits from zeros, in fewer
   iterations.
   """
-  scores, converged, fitted, init = {}, {}, {}, None
+  return select_l2_many([x], y, [x_val], y_val, num_classes, grid, **fit_kwargs)[0]
+
+
+def select_l2_many(xs: Sequence[np.ndarray], y: np.ndarray, xs_val: Sequence[np.ndarray],
+                   y_val: np.ndarray, num_classes: int, grid: Sequence[float] = DEFAULT_L2_GRID,
+                   *, together: bool = False, names: Sequence[str] | None = None,
+                   **fit_kwargs) -> list[Selection]:
+  """`select_l2` of each feature set xs[i] [N, D_i] (scored on xs_val[i] [M, D_i]), all with
+  the labels y [N] and y_val [M]: one Selection per set, in order.
+
+  together=False fits the sets one after another (`fit`); True fits them as one program per
+  strength (`fit_together`; all D_i equal), which an accelerator runs in about the time of one
+  set (module docstring). `names` label the sets in the log.
+  """
+  if not len(xs) or len(xs) != len(xs_val):
+    raise ValueError(f"{len(xs)} training and {len(xs_val)} validation feature sets: need the "
+                     "same positive number")
+  names = list(names) if names is not None else [f"set {i}" for i in range(len(xs))]
+  count = len(xs)
+  scores = [{} for _ in range(count)]
+  converged = [{} for _ in range(count)]
+  fitted = [{} for _ in range(count)]
+  inits: list[dict | None] = [None] * count
   for l2 in sorted(grid, reverse=True):
     start = time.perf_counter()
-    params, info = fit(x, y, num_classes, l2, init=init, **fit_kwargs)
-    scores[float(l2)], fitted[float(l2)], init = accuracy(params, x_val, y_val), params, params
-    converged[float(l2)] = info.converged
-    # One line per fit: a probe over a grid on 60,000 examples takes minutes on a CPU.
-    log.info("probe L2 %g: held-out top-1 %.4f, %d L-BFGS iterations (%s, |grad| %.2e), %.0f s",
-             l2, scores[float(l2)], info.iterations,
-             "converged" if info.converged else "stopped at max_iter", info.grad_norm,
-             time.perf_counter() - start)
-  best = max(scores, key=lambda l2: (scores[l2], l2))
-  return Selection(l2=best, scores=scores, converged=converged, params=fitted[best])
+    if together:
+      init = (None if inits[0] is None else
+              {k: np.stack([p[k] for p in inits]) for k in ("w", "b")})
+      results = zip(*fit_together(np.stack(xs), y, num_classes, l2, init=init, **fit_kwargs))
+    else:
+      results = (fit(x, y, num_classes, l2, init=inits[i], **fit_kwargs)
+                 for i, x in enumerate(xs))
+    for i, (params, info) in enumerate(results):
+      scores[i][float(l2)] = accuracy(params, xs_val[i], y_val)
+      fitted[i][float(l2)], inits[i] = params, params
+      converged[i][float(l2)] = info.converged
+      # One line per fit: a probe over a grid on 60,000 examples takes minutes on a CPU.
+      log.info("probe L2 %g%s: held-out top-1 %.4f, %d L-BFGS iterations (%s, |grad| %.2e), "
+               "%.0f s", l2, "" if count == 1 else f" ({names[i]})", scores[i][float(l2)],
+               info.iterations, "converged" if info.converged else "stopped at max_iter",
+               info.grad_norm, time.perf_counter() - start)
+      if not together:  # the next set's fit starts now (`results` fits lazily)
+        start = time.perf_counter()
+  selections = []
+  for i in range(count):
+    best = max(scores[i], key=lambda l2, i=i: (scores[i][l2], l2))
+    selections.append(Selection(l2=best, scores=scores[i], converged=converged[i],
+                                params=fitted[i][best]))
+  return selections
