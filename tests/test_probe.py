@@ -78,32 +78,39 @@ def test_a_warm_start_reaches_the_same_optimum_in_fewer_iterations():
 
 
 def test_sets_fitted_together_end_as_each_would_alone():
-  """fit_together: one vmapped L-BFGS over several feature sets; a set that converges early
-  (a separable one) is carried unchanged while the others iterate, so each set ends at its
-  own fit's iteration count and weights; select_l2_many chooses the same strengths either
-  way."""
+  """fit_together: one vmapped L-BFGS over several feature sets; the set that converges first
+  is carried unchanged while the others iterate, so it ends at its own fit's iteration count, and every set at its own fit's weights (up to the rounding of
+  batched matmuls). select_l2_many scores the strengths alike either way, in groups too."""
   rng = np.random.default_rng(2)
   xs = rng.normal(size=(3, 300, 12)).astype(np.float32)
-  xs[0] *= 1e-3  # nearly no signal: the L2 term dominates, few iterations
+  xs[0] *= 1e-3  # nearly no signal: another problem, another iteration count
   y = np.argmax(xs[1, :, :3] + xs[2, :, 3:6] + 0.5 * rng.normal(size=(300, 3)),
                 axis=1).astype(np.int32)
   together, infos = logistic.fit_together(xs, y, 3, 1e-4, tol=1e-5, max_iter=500)
   alone = [logistic.fit(x, y, 3, 1e-4, tol=1e-5, max_iter=500) for x in xs]
-  assert len({info.iterations for info in infos}) > 1, infos  # they did stop apart
+  counts = [ref_info.iterations for _, ref_info in alone]
+  assert len(set(counts)) > 1, counts  # the sets stop apart, so one is carried while others run
+  first = int(np.argmin(counts))
+  assert infos[first].iterations == counts[first], (infos, counts)  # frozen once converged
   for params, info, (ref, ref_info) in zip(together, infos, alone):
-    assert info.iterations == ref_info.iterations and info.converged == ref_info.converged
+    assert info.converged and ref_info.converged
     for k in ("w", "b"):
-      np.testing.assert_allclose(params[k], ref[k], atol=1e-5)
+      np.testing.assert_allclose(params[k], ref[k], atol=1e-4)
   xv = rng.normal(size=(3, 200, 12)).astype(np.float32)
   yv = np.argmax(xv[1, :, :3] + xv[2, :, 3:6], axis=1).astype(np.int32)
   grid = (1e-1, 1e-3, 1e-5)
   one_by_one = logistic.select_l2_many(list(xs), y, list(xv), yv, 3, grid, tol=1e-5)
-  fitted_together = logistic.select_l2_many(list(xs), y, list(xv), yv, 3, grid, together=True,
-                                            tol=1e-5)
-  assert [s.scores for s in one_by_one] == [s.scores for s in fitted_together]
-  assert [s.l2 for s in one_by_one] == [s.l2 for s in fitted_together]
+  for per_program in (None, 2):  # all three in one program; a group of two, then one alone
+    fitted = logistic.select_l2_many(xs, y, xv, yv, 3, grid, together=True, tol=1e-5,
+                                     sets_per_program=per_program)
+    for a, b in zip(one_by_one, fitted):
+      assert a.scores.keys() == b.scores.keys()
+      assert all(abs(a.scores[k] - b.scores[k]) <= 1 / len(yv) for k in a.scores)
   with pytest.raises(ValueError, match="2 training and 3 validation feature sets"):
     logistic.select_l2_many(list(xs[:2]), y, list(xv), yv, 3, grid)
+  with pytest.raises(ValueError, match="one feature width; got a: 12, b: 5"):
+    logistic.select_l2_many([xs[0], xs[1, :, :5]], y, [xv[0], xv[1, :, :5]], yv, 3, grid,
+                            together=True, names=["a", "b"])
 
 
 def test_holdout_rows_never_reach_training():
@@ -185,8 +192,16 @@ def test_the_block_is_chosen_on_the_holdout_and_scored_as_a_fixed_block_would_be
     fixed = train.run(_probe_config(tiny_encoder, **{"classifier.probe_layer": layer,
                                                      "probe.fit_sets": "one_by_one"}),
                       str(tmp_path / f"{pool}{layer}"))
-    for key in ("probe_top1", "probe_l2", "knn_top1", "probe_holdout_top1"):
-      assert chosen[f"{key}_{pool}"] == fixed[f"{key}_{pool}"], key
+    assert chosen[f"knn_top1_{pool}"] == fixed[f"knn_top1_{pool}"]
+    # Fitted together or alone: the same fits up to the rounding of batched matmuls, so the
+    # same scores within one image (16 held out, 64 test) and, where the held-out scores
+    # agree, the same strength.
+    held_chosen, held_fixed = (r[f"probe_holdout_top1_{pool}"] for r in (chosen, fixed))
+    assert held_chosen.keys() == held_fixed.keys()
+    assert all(abs(held_chosen[k] - held_fixed[k]) <= 1 / 16 for k in held_chosen)
+    assert abs(chosen[f"probe_top1_{pool}"] - fixed[f"probe_top1_{pool}"]) <= 1 / 64
+    if held_chosen == held_fixed:
+      assert chosen[f"probe_l2_{pool}"] == fixed[f"probe_l2_{pool}"]
   with pytest.raises(ConfigError, match="classifier.probe_layer=1 is not used.*select_layer"):
     registry.validate_config(_probe_config(tiny_encoder, **{"probe.select_layer": True,
                                                             "classifier.probe_layer": 1}))
@@ -220,7 +235,16 @@ def test_the_probe_refuses_to_score_its_holdout_and_features_beyond_memory(tiny_
                      r"0\.0 GiB.*probe_layer=k"):
     train.run(_probe_config(tiny_encoder, **{"probe.select_layer": True}), str(tmp_path / "a"))
   assert not (tmp_path / "a" / "results.json").exists()
-  train.run(_probe_config(tiny_encoder), str(tmp_path / "b"))  # 2 pools: 65,536 bytes fit
+  # 2 pools: 65,536 bytes, and 32,768 more for the standardised copy of the 48 training and 16
+  # held-out rows when the two sets are fitted together; 81,920 bytes are allowed.
+  monkeypatch.setattr(frozen.os, "sysconf", lambda name: {"SC_PAGE_SIZE": 1024,
+                                                           "SC_PHYS_PAGES": 100}[name])
+  with pytest.raises(ConfigError, match=r"standardised copy of 64 of them.*"
+                     r"fit_sets='one_by_one'"):
+    train.run(_probe_config(tiny_encoder, **{"probe.fit_sets": "together"}),
+              str(tmp_path / "c"))
+  train.run(_probe_config(tiny_encoder, **{"probe.fit_sets": "one_by_one"}),
+            str(tmp_path / "b"))
 
 
 def test_a_low_label_probe_encodes_only_its_labelled_rows(tiny_encoder, tmp_path, monkeypatch):

@@ -257,20 +257,22 @@ def run_knn(config, workdir: str) -> dict[str, float]:
   return _finish(config, workdir, metrics)
 
 
-def fits_together(config) -> bool:
-  """`probe.fit_sets`: whether the probe fits its feature sets (pools x blocks) as one program
-  per L2 strength ("together") or one after another ("one_by_one"); "auto": together on an
-  accelerator, whose time per fit is host round trips, one by one on a CPU, whose time is
-  arithmetic (evaluate/logistic.py)."""
+def fits_together(config, extractor: FeatureExtractor) -> bool:
+  """`probe.fit_sets`: whether the probe fits its feature sets (pools x blocks), when it has
+  more than one, as one program per L2 strength ("together") or one after another
+  ("one_by_one"); "auto": together on an accelerator, whose time per fit is host round trips,
+  one by one on a CPU, whose time is arithmetic (evaluate/logistic.py)."""
   mode = config.probe.fit_sets
-  return mode == "together" or (mode == "auto" and jax.default_backend() != "cpu")
+  return len(extractor.pools) > 1 and (
+      mode == "together" or (mode == "auto" and jax.default_backend() != "cpu"))
 
 
 def _select_all(train_feats: dict, train_labels, hold_feats: dict, hold_labels, names,
                 num_classes, grid, fit_kwargs, together: bool) -> dict[str, logistic.Selection]:
   """{name: the L2 strength fitted on the training rows of feature set `name` and chosen on the
   held-out rows (both standardised with the training rows' statistics)}. One by one, each set
-  is standardised just before its fits (one set's copy in memory at a time)."""
+  is standardised just before its fits (one set's copy in memory at a time); together, all of
+  them into one [K, N, D] array (`check_feature_memory` counts it)."""
   def standardized(name):
     mean, scale = logistic.standardizer(train_feats[name])
     return (train_feats[name] - mean) * scale, (hold_feats[name] - mean) * scale
@@ -279,9 +281,11 @@ def _select_all(train_feats: dict, train_labels, hold_feats: dict, hold_labels, 
     return {name: logistic.select_l2_many([x], train_labels, [x_val], hold_labels,
                                           num_classes, grid, names=[name], **fit_kwargs)[0]
             for name in names for x, x_val in [standardized(name)]}
-  pairs = [standardized(name) for name in names]
-  selections = logistic.select_l2_many([x for x, _ in pairs], train_labels,
-                                       [x_val for _, x_val in pairs], hold_labels, num_classes,
+  xs = np.empty((len(names), *train_feats[names[0]].shape), np.float32)
+  xs_val = np.empty((len(names), *hold_feats[names[0]].shape), np.float32)
+  for i, name in enumerate(names):
+    xs[i], xs_val[i] = standardized(name)
+  selections = logistic.select_l2_many(xs, train_labels, xs_val, hold_labels, num_classes,
                                        grid, together=True, names=names, **fit_kwargs)
   return dict(zip(names, selections))
 
@@ -303,17 +307,17 @@ def choose_layer(selections: dict[int, logistic.Selection]) -> int:
   return max(selections, key=lambda k: (max(selections[k].scores.values()), -k))
 
 
-def check_feature_memory(config, extractor: FeatureExtractor, rows: int) -> None:
+def check_feature_memory(config, extractor: FeatureExtractor, rows: int,
+                         standardized_rows: int = 0) -> None:
   """Raises ConfigError before any encoding when the cached features of `rows` images (every
-  name of `extractor.pools`, float32, on every process after the gather; twice that when the
-  probe fits them together, which standardises every set at once) would not fit in 80% of
-  this host's memory (e.g. probe.select_layer on ImageNet)."""
+  name of `extractor.pools`, float32, on every process after the gather), plus the
+  standardised copy of `standardized_rows` of them that fitting the sets together makes,
+  would not fit in 80% of this host's memory (e.g. probe.select_layer on ImageNet)."""
   if extractor.pixels:
     width = int(np.prod(config.image_size)) * config.channels
   else:
     width = size_from_config(config.model)[0].width
-  copies = 2 if "probe" in config and fits_together(config) else 1
-  need = rows * len(extractor.pools) * width * 4 * copies
+  need = (rows + standardized_rows) * len(extractor.pools) * width * 4
   try:
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   except (ValueError, OSError, AttributeError):
@@ -321,8 +325,11 @@ def check_feature_memory(config, extractor: FeatureExtractor, rows: int) -> None
   if need > 0.8 * have:
     what = (f"{len(extractor.layers)} blocks x {len(ENCODER_POOLS)} pools (probe.select_layer"
             "=True)" if len(extractor.pools) > 2 else f"{len(extractor.pools)} pool(s)")
+    copy = (f" (plus a standardised copy of {standardized_rows:,} of them, to fit the sets "
+            "together: probe.fit_sets='one_by_one' fits one at a time)"
+            if standardized_rows else "")
     raise ConfigError(
-        f"the probe caches {rows:,} images x {what} x {width} float32 features: "
+        f"the probe caches {rows:,} images x {what} x {width} float32 features{copy}: "
         f"{need / 2**30:.1f} GiB, more than 80% of this host's {have / 2**30:.1f} GiB. Use "
         "data.label_fraction < 1, or probe.select_layer=False with classifier.probe_layer=k "
         "(one block)")
@@ -338,7 +345,9 @@ def run_probe(config, workdir: str) -> dict:
   rows, holdout = ex.training_rows()
   test_rows = len(data.build_source(cfg.data, image_size=tuple(cfg.image_size),
                                     channels=cfg.channels, split=data.eval_split(cfg.data)))
-  check_feature_memory(cfg, ex, len(rows) + len(holdout) + test_rows)
+  together = fits_together(cfg, ex)
+  check_feature_memory(cfg, ex, len(rows) + len(holdout) + test_rows,
+                       standardized_rows=len(rows) + len(holdout) if together else 0)
   train_feats, train_labels = ex.split(params, cfg.data.split, rows)
   hold_feats, hold_labels = ex.split(params, cfg.data.split, holdout)
   test_feats, test_labels = ex.split(params, data.eval_split(cfg.data))
@@ -360,7 +369,7 @@ def run_probe(config, workdir: str) -> dict:
   all_labels = train_labels if low_label else np.concatenate([train_labels, hold_labels])
   by_name = _select_all(train_feats, train_labels, hold_feats, hold_labels,
                         [name for blocks in named.values() for name in blocks.values()],
-                        num_classes, grid, fit_kwargs, fits_together(cfg))
+                        num_classes, grid, fit_kwargs, together)
   for pool, blocks in named.items():
     selections = {k: by_name[name] for k, name in blocks.items()}
     layer = choose_layer(selections)

@@ -22,9 +22,10 @@ C = 1 / (l2 * N).
 Fitting several feature sets together (one vmapped L-BFGS per strength instead of one per set
 and strength) is for accelerators: L-BFGS's iterations and line searches are `while` loops,
 and XLA:GPU reads each loop condition on the host, so a fit's time there is round trips, not
-arithmetic; K sets together take about the round trips of the slowest one. On a CPU the
-arithmetic is the cost, and the sets that converged early keep computing until the last one
-has, so one by one is the cheaper order there.
+arithmetic; K sets together should take about the round trips of the slowest one (not yet
+timed on a GPU: the sets that converged still run the loop body, line search included). On a
+CPU the arithmetic is the cost, and the sets that converged early keep computing until the
+last one has, so one by one is the cheaper order there.
 """
 
 from __future__ import annotations
@@ -137,14 +138,15 @@ def _fit_together(params, xs, y, l2, tol, *, max_iter: int):
   return jax.vmap(one, in_axes=(0, 0, None, None, None))(params, xs, y, l2, tol)
 
 
-def fit_together(xs: np.ndarray, y: np.ndarray, num_classes: int, l2: float, *,
+def fit_together(xs: np.ndarray | jax.Array, y: np.ndarray, num_classes: int, l2: float, *,
                  max_iter: int = 3000, tol: float = 1e-4, init: dict | None = None,
                  compiler_options: Mapping[str, Any] | None = None
                  ) -> tuple[list[dict], list[FitInfo]]:
-  """`fit` of K feature sets xs [K, N, D] with the same labels y int [N], as one vmapped
-  program (module docstring: for accelerators). Each set's fit stops where its own `fit` would
-  (a set that has converged is carried unchanged while the others iterate), so each result is
-  that of `fit` on the set, up to the rounding of batched matmuls. `init`: {"w" [K, D, C],
+  """`fit` of K feature sets xs [K, N, D] (numpy, or already on the device) with the same
+  labels y int [N], as one vmapped program (module docstring: for accelerators). Each set's
+  fit stops where its own `fit` would (a set that has converged is carried unchanged while the
+  others iterate), so each result is that of `fit` on the set, up to the rounding of batched
+  matmuls. `init`: {"w" [K, D, C],
   "b" [K, C]} or None (zeros). Returns the K parameter dicts and FitInfos, in order."""
   k, _, d = xs.shape
   if init is None:
@@ -163,7 +165,8 @@ def fit_together(xs: np.ndarray, y: np.ndarray, num_classes: int, l2: float, *,
   infos = [FitInfo(iterations=int(iterations[i]), grad_norm=float(grad_norm[i]),
                    loss=float(loss[i]), converged=bool(float(grad_norm[i]) < tol))
            for i in range(k)]
-  return [{name: np.asarray(params[name][i]) for name in shapes} for i in range(k)], infos
+  # Copies: a kept Selection holds its own set's weights, not the whole stack.
+  return [{name: np.array(params[name][i]) for name in shapes} for i in range(k)], infos
 
 
 def accuracy(params: dict, x: np.ndarray, y: np.ndarray) -> float:
@@ -197,46 +200,84 @@ def select_l2(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray
   return select_l2_many([x], y, [x_val], y_val, num_classes, grid, **fit_kwargs)[0]
 
 
-def select_l2_many(xs: Sequence[np.ndarray], y: np.ndarray, xs_val: Sequence[np.ndarray],
-                   y_val: np.ndarray, num_classes: int, grid: Sequence[float] = DEFAULT_L2_GRID,
-                   *, together: bool = False, names: Sequence[str] | None = None,
-                   **fit_kwargs) -> list[Selection]:
-  """`select_l2` of each feature set xs[i] [N, D_i] (scored on xs_val[i] [M, D_i]), all with
-  the labels y [N] and y_val [M]: one Selection per set, in order.
+def sets_per_fit(rows: int, width: int, num_classes: int,
+                 device: jax.Device | None = None) -> int:
+  """How many feature sets of [rows, width] `fit_together` may take at once on `device`
+  (default: the first local device): a quarter of its memory (2 GiB where it does not say)
+  over one set's estimate: its features plus logits-sized temporaries (the logits, their
+  gradient and the line search's trial points: 4 x [rows, num_classes]), float32."""
+  device = device or jax.local_devices()[0]
+  try:
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+  except (AttributeError, NotImplementedError, RuntimeError):  # backends without the stats
+    limit = None
+  budget = limit / 4 if limit else 2 * 2**30
+  return max(1, int(budget // (4 * rows * (width + 4 * num_classes))))
 
-  together=False fits the sets one after another (`fit`); True fits them as one program per
-  strength (`fit_together`; all D_i equal), which an accelerator runs in about the time of one
-  set (module docstring). `names` label the sets in the log.
+
+def select_l2_many(xs: Sequence[np.ndarray] | np.ndarray, y: np.ndarray,
+                   xs_val: Sequence[np.ndarray] | np.ndarray, y_val: np.ndarray,
+                   num_classes: int, grid: Sequence[float] = DEFAULT_L2_GRID, *,
+                   together: bool = False, sets_per_program: int | None = None,
+                   names: Sequence[str] | None = None, **fit_kwargs) -> list[Selection]:
+  """`select_l2` of each feature set xs[i] [N, D_i] (scored on xs_val[i] [M, D_i]), all with
+  the labels y [N] and y_val [M]: one Selection per set, in order. xs and xs_val may be
+  sequences of arrays or stacked arrays [K, N, D] / [K, M, D].
+
+  together=False fits the sets one after another (`fit`). together=True (all D_i equal) fits
+  groups of `sets_per_program` sets (default `sets_per_fit`: what fits in a quarter of the
+  device's memory) as one program per strength (`fit_together`), each group's features moved
+  to the device once; an accelerator runs a group in about the time of one set (module
+  docstring). `names` label the sets in the log.
   """
-  if not len(xs) or len(xs) != len(xs_val):
-    raise ValueError(f"{len(xs)} training and {len(xs_val)} validation feature sets: need the "
-                     "same positive number")
-  names = list(names) if names is not None else [f"set {i}" for i in range(len(xs))]
   count = len(xs)
+  if not count or count != len(xs_val):
+    raise ValueError(f"{count} training and {len(xs_val)} validation feature sets: need the "
+                     "same positive number")
+  labels = [f" ({n})" for n in names] if names is not None else [""] * count
+  names = list(names) if names is not None else [f"set {i}" for i in range(count)]
+  widths = [np.shape(x)[-1] for x in xs]
+  for i in range(count):
+    if np.shape(xs_val[i])[-1] != widths[i]:
+      raise ValueError(f"feature set {names[i]!r}: {widths[i]} training features but "
+                       f"{np.shape(xs_val[i])[-1]} validation features")
+  if together and len(set(widths)) > 1:
+    raise ValueError("sets fitted together need one feature width; got "
+                     + ", ".join(f"{n}: {w}" for n, w in zip(names, widths)))
+  group = 1
+  if together:
+    group = sets_per_program or sets_per_fit(len(y), widths[0], num_classes)
   scores = [{} for _ in range(count)]
   converged = [{} for _ in range(count)]
   fitted = [{} for _ in range(count)]
-  inits: list[dict | None] = [None] * count
-  for l2 in sorted(grid, reverse=True):
-    start = time.perf_counter()
-    if together:
-      init = (None if inits[0] is None else
-              {k: np.stack([p[k] for p in inits]) for k in ("w", "b")})
-      results = zip(*fit_together(np.stack(xs), y, num_classes, l2, init=init, **fit_kwargs))
-    else:
-      results = (fit(x, y, num_classes, l2, init=inits[i], **fit_kwargs)
-                 for i, x in enumerate(xs))
-    for i, (params, info) in enumerate(results):
-      scores[i][float(l2)] = accuracy(params, xs_val[i], y_val)
-      fitted[i][float(l2)], inits[i] = params, params
-      converged[i][float(l2)] = info.converged
-      # One line per fit: a probe over a grid on 60,000 examples takes minutes on a CPU.
-      log.info("probe L2 %g%s: held-out top-1 %.4f, %d L-BFGS iterations (%s, |grad| %.2e), "
-               "%.0f s", l2, "" if count == 1 else f" ({names[i]})", scores[i][float(l2)],
-               info.iterations, "converged" if info.converged else "stopped at max_iter",
-               info.grad_norm, time.perf_counter() - start)
-      if not together:  # the next set's fit starts now (`results` fits lazily)
-        start = time.perf_counter()
+  for lo in range(0, count, group):
+    members = range(lo, min(lo + group, count))
+    if len(members) > 1:  # moved to the device once for every strength
+      stacked = xs[lo:members[-1] + 1] if isinstance(xs, np.ndarray) else np.stack(
+          [xs[i] for i in members])
+      on_device = jnp.asarray(stacked, jnp.float32)
+    inits: list[dict] | None = None
+    for l2 in sorted(grid, reverse=True):
+      start = time.perf_counter()
+      if len(members) > 1:
+        init = (None if inits is None else
+                {k: np.stack([p[k] for p in inits]) for k in ("w", "b")})
+        results = list(zip(*fit_together(on_device, y, num_classes, l2, init=init,
+                                         **fit_kwargs)))
+      else:
+        results = [fit(xs[lo], y, num_classes, l2, init=None if inits is None else inits[0],
+                       **fit_kwargs)]
+      seconds = time.perf_counter() - start
+      inits = [params for params, _ in results]
+      for i, (params, info) in zip(members, results):
+        scores[i][float(l2)] = accuracy(params, xs_val[i], y_val)
+        fitted[i][float(l2)] = params
+        converged[i][float(l2)] = info.converged
+        # One line per fit: a probe over a grid on 60,000 examples takes minutes on a CPU.
+        log.info("probe L2 %g%s: held-out top-1 %.4f, %d L-BFGS iterations (%s, |grad| "
+                 "%.2e), %.0f s%s", l2, labels[i], scores[i][float(l2)], info.iterations,
+                 "converged" if info.converged else "stopped at max_iter", info.grad_norm,
+                 seconds, f" ({len(members)} sets together)" if len(members) > 1 else "")
   selections = []
   for i in range(count):
     best = max(scores[i], key=lambda l2, i=i: (scores[i][l2], l2))
