@@ -1,0 +1,79 @@
+"""Draws the training loss and accuracy of fine-tuning runs against epochs: whether a schedule
+ended while its loss was still falling (the curve beside the missed fine-tuning target of
+docs/results.md).
+
+  python docs/plot_finetune_loss.py ROOT OUT.png RUN [RUN ...]
+  (e.g. RUN: tune_mae_e15_lr4e-3_nomix tune_mae_e30_lr4e-3_nomix; needs matplotlib:
+  pip install -e ".[docs]")
+
+Reads ROOT/RUN/metrics.jsonl (the logged training rows: `loss_mean`, the mean loss since the
+previous row, and `accuracy` on the last batch, both on augmented, label-smoothed batches),
+ROOT/RUN/config.json (num_epochs) and, when the run finished, its final evaluation row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+from mim_jax.training import metric_writers  # pylint: disable=wrong-import-position
+
+# Points averaged per plotted point: a logged row every 50 steps is noisy on 256 images.
+SMOOTH = 5
+
+
+def _smoothed(values: list[float]) -> np.ndarray:
+  """Means over consecutive windows of SMOOTH values (the last window may be shorter)."""
+  v = np.asarray(values, np.float64)
+  return np.array([v[i:i + SMOOTH].mean() for i in range(0, len(v), SMOOTH)])
+
+
+def curve(root: str, run: str):
+  """(epochs, loss, accuracy %, label) of a run's training rows, smoothed; the label names the
+  run and its final evaluation (split and top-1) where there is one."""
+  config = json.load(open(os.path.join(root, run, "config.json")))
+  rows = list(metric_writers.read_metrics(os.path.join(root, run)))
+  train = [r for r in rows if "loss_mean" in r]
+  evals = [r for r in rows if "eval_accuracy" in r]
+  # The schedule's length in steps is the last step of a finished run; an unfinished one
+  # counts its epochs from the data (training rows / batch, dropping the last partial batch).
+  rows_per_epoch = 60000 - (config["data"]["holdout"] if config["data"]["eval_split"] ==
+                            "holdout" else 0)
+  steps_per_epoch = rows_per_epoch // config["global_batch_size"]
+  epochs = _smoothed([r["step"] / steps_per_epoch for r in train])
+  label = f"{run} ({config['num_epochs']} epochs)"
+  if evals:
+    split = config["data"]["eval_split"] or "test"
+    label += f": {split} top-1 {100 * evals[-1]['eval_accuracy']:.2f}"
+  return (epochs, _smoothed([r["loss_mean"] for r in train]),
+          100 * _smoothed([r["accuracy"] for r in train]), label)
+
+
+def main(root: str, out: str, *runs: str) -> None:
+  if not runs:
+    raise SystemExit(__doc__)
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=120)
+  for run in runs:
+    epochs, loss, acc, label = curve(root, run)
+    axes[0].plot(epochs, loss, label=label)
+    axes[1].plot(epochs, acc, label=label)
+  axes[0].set_ylabel("training loss (smoothed)")
+  axes[1].set_ylabel("training top-1, augmented batches (%)")
+  for ax in axes:
+    ax.set_xlabel("fine-tuning epochs")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7, loc="upper right")
+  fig.suptitle("Fashion-MNIST fine-tuning: training loss and accuracy", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(out)
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:])
