@@ -146,8 +146,8 @@ def fit_together(xs: np.ndarray | jax.Array, y: np.ndarray, num_classes: int, l2
   labels y int [N], as one vmapped program (module docstring: for accelerators). Each set's
   fit stops where its own `fit` would (a set that has converged is carried unchanged while the
   others iterate), so each result is that of `fit` on the set, up to the rounding of batched
-  matmuls. `init`: {"w" [K, D, C],
-  "b" [K, C]} or None (zeros). Returns the K parameter dicts and FitInfos, in order."""
+  matmuls. `init`: {"w" [K, D, C], "b" [K, C]} or None (zeros). Returns the K parameter dicts
+  and FitInfos, in order."""
   k, _, d = xs.shape
   if init is None:
     init = {name: np.stack([value] * k) for name, value in
