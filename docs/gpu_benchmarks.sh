@@ -14,7 +14,8 @@
 # device, with grain workers feeding device or host augmentation, beside the bare step; (5) HF
 # ViTMAE under torch.compile with fused AdamW on ViT-L/16; (6) XLA flags, one per process, on
 # ViT-B/16; (7) the input pipeline on JPEGs (CPU cores); (8) ViT-L/16 mim_jax again, after the
-# peers (order effects).
+# peers (order effects); (9) the converged probe's L-BFGS fits, one feature set after another
+# against all sets in one loop (probe.fit_sets), on a random Ti/4.
 #
 # VITB / VITL / BATCH / STEPS / LOOP_STEPS override the configs, the global batch of the bench
 # rows (the loop rows of (4) train the Fashion-MNIST recipe's batch), the timed steps and the
@@ -122,4 +123,28 @@ bench vitb_xla 150 "--config=$VITB" "${common[@]}" --peer=none "${xla[@]}"
 bench pipeline 40 "--config=$VITB" --pipeline
 # 8. Our ViT-L/16 row again, after the peers.
 bench vitl_again 60 "--config=$VITL" "${common[@]}" --peer=none
+# 9. The probe's fits: XLA:GPU reads each L-BFGS loop condition on the host. A random Ti/4's
+#    26 feature sets (13 blocks x 2 pools) on 10% of the labels and one L2 strength, fitted one
+#    after another, then in one loop; PROBE_FLAGS replaces the size and data flags.
+PROBE_FLAGS=${PROBE_FLAGS:-"--config.model.variant=Ti/4 --config.model.width=0
+--config.model.depth=0 --config.model.num_heads=0 --config.model.mlp_dim=0
+--config.data.label_fraction=0.1"}
+for mode in one_by_one together; do
+  left=$((BUDGET - SECONDS))
+  [ "$left" -lt 60 ] && { echo "== probe_$mode: skipped, $left s left" | tee -a "$OUT/commands.txt"; continue; }
+  # shellcheck disable=SC2206
+  cmd=(-m mim_jax.main --config=configs/linprobe_fmnist.py --config.init_from=random
+       "${FMNIST[@]}" $PROBE_FLAGS "--config.probe.l2_grid=(1e-3,)"
+       --config.probe.fit_sets=$mode --workdir="$OUT/probe_$mode")
+  echo "== probe_$mode: python ${cmd[*]}" | tee -a "$OUT/commands.txt"
+  rm -rf "${OUT:?}/probe_$mode"
+  timeout --foreground --kill-after=30 "$left" "$PY" "${cmd[@]}" > "$OUT/probe_$mode.log" 2>&1 \
+      || echo "== probe_$mode: failed" >> "$OUT/commands.txt"
+  "$PY" - "$OUT/probe_$mode" "$mode" <<'EOF' | tee -a "$OUT/bench.jsonl"
+import json, sys
+r = json.load(open(sys.argv[1] + "/results.json"))
+print(json.dumps({"impl": "mim_jax_probe", "fit_sets": sys.argv[2], "seconds": r["seconds"],
+                  **{k: v for k, v in r.items() if k.startswith("probe_top1")}}))
+EOF
+done
 echo "== total: $SECONDS s of $BUDGET" | tee -a "$OUT/commands.txt"
