@@ -10,7 +10,7 @@
                              standardised cached features (evaluate/logistic.py), its L2
                              strength (and with `probe.select_layer`, the block) chosen on
                              `data.holdout` training examples; the feature sets are fitted
-                             one after another on a CPU, together on an accelerator
+                             together on a GPU, one after another elsewhere
                              (`probe.fit_sets`)
 
 Protocol. The bank / training rows are the training split as training reads it
@@ -260,11 +260,12 @@ def run_knn(config, workdir: str) -> dict[str, float]:
 def fits_together(config, extractor: FeatureExtractor) -> bool:
   """`probe.fit_sets`: whether the probe fits its feature sets (pools x blocks), when it has
   more than one, as one program per L2 strength ("together") or one after another
-  ("one_by_one"); "auto": together on an accelerator, whose time per fit is host round trips,
-  one by one on a CPU, whose time is arithmetic (evaluate/logistic.py)."""
+  ("one_by_one"); "auto": together on a GPU, whose time per fit is host round trips (XLA:GPU
+  reads each loop condition on the host), one by one on a CPU, whose time is arithmetic, and
+  on a TPU, which runs loops on the device (evaluate/logistic.py)."""
   mode = config.probe.fit_sets
   return len(extractor.pools) > 1 and (
-      mode == "together" or (mode == "auto" and jax.default_backend() != "cpu"))
+      mode == "together" or (mode == "auto" and jax.default_backend() == "gpu"))
 
 
 def _select_all(train_feats: dict, train_labels, hold_feats: dict, hold_labels, names,
@@ -449,7 +450,7 @@ class ProbeJob(KnnJob):
     # select_layer: choose, per pool, the block (0: the output, 1..depth) on the holdout too,
     # instead of reading classifier.probe_layer.
     # fit_sets: "together" fits every feature set (pool, block) as one program per strength,
-    # "one_by_one" one after another, "auto" together on an accelerator only (fits_together).
+    # "one_by_one" one after another, "auto" together on a GPU only (fits_together).
     c.probe = ml_collections.ConfigDict(dict(l2_grid=logistic.DEFAULT_L2_GRID, max_iter=3000,
                                              tol=1e-4, select_layer=False, fit_sets="auto"))
     c.data.holdout = 5000
@@ -466,9 +467,8 @@ class ProbeJob(KnnJob):
     v.require(isinstance(p.select_layer, bool), "probe.select_layer", p.select_layer,
               "True (choose the block on data.holdout) or False (classifier.probe_layer)")
     v.require(p.fit_sets in FIT_SETS, "probe.fit_sets", p.fit_sets,
-              f"one of {FIT_SETS}: the probe's feature sets fitted as one program per L2 "
-              "strength, one after another, or the first on an accelerator and the second on a "
-              "CPU")
+              f"one of {FIT_SETS}: 'together' fits the probe's feature sets as one program per "
+              "L2 strength, 'one_by_one' one after another, 'auto' together on a GPU only")
     v.require(config.data.eval_split != "holdout", "data.eval_split", config.data.eval_split,
               "the test split ('' or 'test') for method 'probe': it chooses its L2 strength "
               "(and block) on the data.holdout rows and refits on them, so it cannot score "

@@ -20,12 +20,12 @@ Objective: mean cross-entropy + l2 / 2 * ||W||^2 (bias not penalised), i.e. scik
 C = 1 / (l2 * N).
 
 Fitting several feature sets together (one vmapped L-BFGS per strength instead of one per set
-and strength) is for accelerators: L-BFGS's iterations and line searches are `while` loops,
+and strength) is for GPUs: L-BFGS's iterations and line searches are `while` loops,
 and XLA:GPU reads each loop condition on the host, so a fit's time there is round trips, not
 arithmetic; K sets together should take about the round trips of the slowest one (not yet
 timed on a GPU: the sets that converged still run the loop body, line search included). On a
 CPU the arithmetic is the cost, and the sets that converged early keep computing until the
-last one has, so one by one is the cheaper order there.
+last one has, so one by one is the cheaper order there; a TPU runs the loops on the device.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def fit_together(xs: np.ndarray | jax.Array, y: np.ndarray, num_classes: int, l2
                  compiler_options: Mapping[str, Any] | None = None
                  ) -> tuple[list[dict], list[FitInfo]]:
   """`fit` of K feature sets xs [K, N, D] (numpy, or already on the device) with the same
-  labels y int [N], as one vmapped program (module docstring: for accelerators). Each set's
+  labels y int [N], as one vmapped program (module docstring: for GPUs). Each set's
   fit stops where its own `fit` would (a set that has converged is carried unchanged while the
   others iterate), so each result is that of `fit` on the set, up to the rounding of batched
   matmuls. `init`: {"w" [K, D, C], "b" [K, C]} or None (zeros). Returns the K parameter dicts
@@ -227,7 +227,7 @@ def select_l2_many(xs: Sequence[np.ndarray] | np.ndarray, y: np.ndarray,
   together=False fits the sets one after another (`fit`). together=True (all D_i equal) fits
   groups of `sets_per_program` sets (default `sets_per_fit`: what fits in a quarter of the
   device's memory) as one program per strength (`fit_together`), each group's features moved
-  to the device once; an accelerator runs a group in about the time of one set (module
+  to the device once; a GPU should run a group in about the time of one set (module
   docstring). `names` label the sets in the log.
   """
   count = len(xs)
