@@ -79,8 +79,9 @@ def test_a_warm_start_reaches_the_same_optimum_in_fewer_iterations():
 
 def test_sets_fitted_together_end_as_each_would_alone():
   """fit_together: one vmapped L-BFGS over several feature sets; the set that converges first
-  is carried unchanged while the others iterate, so it ends at its own fit's iteration count, and every set at its own fit's weights (up to the rounding of
-  batched matmuls). select_l2_many scores the strengths alike either way, in groups too."""
+  is carried unchanged while the others iterate, so it ends at its own fit's iteration count,
+  and every set at its own fit's weights (up to the rounding of batched matmuls).
+  select_l2_many scores the strengths alike either way, in groups too."""
   rng = np.random.default_rng(2)
   xs = rng.normal(size=(3, 300, 12)).astype(np.float32)
   xs[0] *= 1e-3  # nearly no signal: another problem, another iteration count
@@ -175,7 +176,7 @@ def test_the_block_is_chosen_on_the_holdout_and_scored_as_a_fixed_block_would_be
                                                                                 tmp_path):
   """probe.select_layer: per pool, the block with the best held-out score among the output
   and every block; its test figures are those of a probe told that block. The choosing run
-  fits its six feature sets together (one program per L2 strength, as on an accelerator), the
+  fits its six feature sets together (one program per L2 strength, as on a GPU), the
   fixed ones one by one: the same figures."""
   chosen = train.run(_probe_config(tiny_encoder, **{"probe.select_layer": True,
                                                     "probe.fit_sets": "together"}),
