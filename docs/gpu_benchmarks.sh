@@ -84,17 +84,21 @@ bench vitb 90 "--config=$VITB" "${common[@]}" --asymmetry --peer=none \
 #    FMNIST_DIR: the data's folder when not the Debian package's.
 FMNIST=()
 [ -n "${FMNIST_DIR:-}" ] && FMNIST=(--config.data.path="$FMNIST_DIR")
-loop() {  # NAME, then overrides
+main_run() {  # NAME, then mim_jax.main's arguments: a training or evaluation run in
+  # OUT/NAME (log OUT/NAME.log) within the time left; returns 1 when skipped.
   local name=$1; shift
   local left=$((BUDGET - SECONDS))
-  [ "$left" -lt 60 ] && { echo "== $name: skipped, $left s left" | tee -a "$OUT/commands.txt"; return; }
-  local cmd=(-m mim_jax.main --config=configs/mae_fmnist.py --config.model.dtype=bfloat16
-             --config.total_steps="$LOOP_STEPS" --config.log_every=$((LOOP_STEPS / 6))
-             --config.checkpoint_every=100000
-             --config.viz_every=0 "${FMNIST[@]}" "$@" --workdir="$OUT/$name")
+  [ "$left" -lt 60 ] && { echo "== $name: skipped, $left s left" | tee -a "$OUT/commands.txt"; return 1; }
+  local cmd=(-m mim_jax.main "$@" --workdir="$OUT/$name")
   echo "== $name: python ${cmd[*]}" | tee -a "$OUT/commands.txt"
   rm -rf "${OUT:?}/$name"
   timeout --foreground --kill-after=30 "$left" "$PY" "${cmd[@]}" > "$OUT/$name.log" 2>&1 || echo "== $name: failed" >> "$OUT/commands.txt"
+}
+loop() {  # NAME, then overrides
+  local name=$1; shift
+  main_run "$name" --config=configs/mae_fmnist.py --config.model.dtype=bfloat16 \
+      --config.total_steps="$LOOP_STEPS" --config.log_every=$((LOOP_STEPS / 6)) \
+      --config.checkpoint_every=100000 --config.viz_every=0 "${FMNIST[@]}" "$@" || return
   # The last logged rate (the last sixth of the steps), after compilation and the start.
   "$PY" - "$OUT/$name" "$name" <<'EOF' | tee -a "$OUT/bench.jsonl"
 import json, sys
@@ -130,16 +134,10 @@ PROBE_FLAGS=${PROBE_FLAGS:-"--config.model.variant=Ti/4 --config.model.width=0
 --config.model.depth=0 --config.model.num_heads=0 --config.model.mlp_dim=0
 --config.data.label_fraction=0.1"}
 for mode in one_by_one together; do
-  left=$((BUDGET - SECONDS))
-  [ "$left" -lt 60 ] && { echo "== probe_$mode: skipped, $left s left" | tee -a "$OUT/commands.txt"; continue; }
-  # shellcheck disable=SC2206
-  cmd=(-m mim_jax.main --config=configs/linprobe_fmnist.py --config.init_from=random
-       "${FMNIST[@]}" $PROBE_FLAGS "--config.probe.l2_grid=(1e-3,)"
-       --config.probe.fit_sets=$mode --workdir="$OUT/probe_$mode")
-  echo "== probe_$mode: python ${cmd[*]}" | tee -a "$OUT/commands.txt"
-  rm -rf "${OUT:?}/probe_$mode"
-  timeout --foreground --kill-after=30 "$left" "$PY" "${cmd[@]}" > "$OUT/probe_$mode.log" 2>&1 \
-      || echo "== probe_$mode: failed" >> "$OUT/commands.txt"
+  # shellcheck disable=SC2086
+  main_run "probe_$mode" --config=configs/linprobe_fmnist.py --config.init_from=random \
+      "${FMNIST[@]}" $PROBE_FLAGS "--config.probe.l2_grid=(1e-3,)" \
+      --config.probe.fit_sets=$mode || continue
   "$PY" - "$OUT/probe_$mode" "$mode" <<'EOF' | tee -a "$OUT/bench.jsonl"
 import json, sys
 r = json.load(open(sys.argv[1] + "/results.json"))

@@ -7,6 +7,7 @@ import pathlib
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -384,7 +385,6 @@ exec %s "$@"
 
 def _results_calls(tmp_path, script, **env) -> list[list[str]]:
   """The argument lists of every `python -m mim_jax.main` the script runs, in order."""
-  import sys
   calls = tmp_path / "main_calls.log"
   stub_env = _fake_bin(tmp_path, "python", _MAIN_STUB % sys.executable)
   # Each results script starts Python a few times (grid points, choices): 180 s on a busy CPU.
@@ -450,7 +450,6 @@ def test_results_script_fine_tunes_with_a_recorded_choice_when_the_grid_runs_are
   assert ft[-4:-1] == ["--config.optimizer.base_lr=0.004", "--config.classifier.mixup_alpha=0",
                      "--config.classifier.cutmix_alpha=0"], ft
   assert ft[-1].endswith("/ft_mae_s1")
-  import sys
   stub_env = _fake_bin(tmp_path, "python", _MAIN_STUB % sys.executable)
   out = _bash(RESULTS, str(tmp_path / "other"), env=dict(
       stub_env, MAIN_CALLS=str(tmp_path / "other.log"), SECTIONS="finetune_mae"))
@@ -477,7 +476,6 @@ def test_results_script_refuses_a_finished_run_asked_for_with_other_settings(tmp
   move); with others (here TRAIN_FLAGS) the script stops before running anything, instead of
   taking the old run for the new one."""
   import shutil
-  import sys
   first = _results_calls(tmp_path, RESULTS, SECTIONS="pretrain_mae")
   assert len(first) == 1
   moved = tmp_path / "moved"
@@ -519,7 +517,6 @@ def test_results_script_names_runs_of_other_lengths_apart(tmp_path):
 def test_results_script_stops_at_a_run_that_did_not_finish(tmp_path, status, code, says):
   """A preempted run (exit 75) or a failed one stops the script at that run, with its time so
   far kept for the resumed run, instead of going on as if it had finished."""
-  import sys
   stub_env = _fake_bin(tmp_path, "python", _MAIN_STUB % sys.executable)
   calls = tmp_path / "main_calls.log"
   out = _bash(RESULTS, str(tmp_path / "root"), env=dict(
@@ -543,7 +540,6 @@ def test_results_script_stops_at_a_run_that_did_not_finish(tmp_path, status, cod
 def test_results_script_refuses_settings_that_would_run_nothing(tmp_path, env, args, says):
   """A misspelt section, a seed or low-label entry that is not one, or an option / extra
   argument would run nothing (or something else) and end with success: refused, nothing run."""
-  import sys
   stub_env = _fake_bin(tmp_path, "python", _MAIN_STUB % sys.executable)
   calls = tmp_path / "main_calls.log"
   out = _bash(RESULTS, *(args or (str(tmp_path / "root"),)),
@@ -560,7 +556,6 @@ def test_a_sigterm_to_the_results_script_reaches_its_run_and_nothing_outlives_it
   run went on unseen. Also where only python3 exists (a wrapper function run in the background
   would be a subshell that the signal stops alone)."""
   import signal
-  import sys
   import time
   stub = """
 if [ "$1 $2" = "-m mim_jax.main" ]; then
@@ -677,7 +672,6 @@ def test_gpu_results_script_runs_its_waves_side_by_side_in_order(tmp_path):
 def test_gpu_results_script_reports_a_failed_run(tmp_path):
   """A run that fails fails its wave and the script (exit 1, the wave named), while the later
   waves still run what they can."""
-  import sys
   stub_env = _fake_bin(tmp_path, "python", _MAIN_STUB % sys.executable)
   out = _bash(GPU_RESULTS, str(tmp_path / "root"), timeout=180, env=dict(
       stub_env, MAIN_CALLS=str(tmp_path / "calls.log"), MAIN_STATUS="1",
@@ -690,7 +684,6 @@ def test_gpu_results_script_reports_a_failed_run(tmp_path):
 def test_gpu_results_script_passes_a_sigterm_to_every_run_of_a_wave(tmp_path):
   """A SIGTERM to the script reaches each run of the wave under way (each stops with its
   checkpoint, exit 75 here), the script exits 75, and no later wave starts."""
-  import sys
   stub = _fake_bin(tmp_path, "python", """
 if [ "$1 $2" = "-m mim_jax.main" ]; then
   echo started >> "$STARTED"
