@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -475,7 +476,6 @@ def test_results_script_refuses_a_finished_run_asked_for_with_other_settings(tmp
   """A finished run is skipped only if asked for with the arguments it ran with (ROOT may
   move); with others (here TRAIN_FLAGS) the script stops before running anything, instead of
   taking the old run for the new one."""
-  import shutil
   first = _results_calls(tmp_path, RESULTS, SECTIONS="pretrain_mae")
   assert len(first) == 1
   moved = tmp_path / "moved"
@@ -555,8 +555,6 @@ def test_a_sigterm_to_the_results_script_reaches_its_run_and_nothing_outlives_it
   that does the same), and the script stops with 75: before, the script died alone and the
   run went on unseen. Also where only python3 exists (a wrapper function run in the background
   would be a subshell that the signal stops alone)."""
-  import signal
-  import time
   stub = """
 if [ "$1 $2" = "-m mim_jax.main" ]; then
   trap 'echo stopped > "$STUB_PID.term"; exit 75' TERM
