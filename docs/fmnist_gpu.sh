@@ -7,22 +7,34 @@
 # images/s per process, less than a GPU trains this ViT on). The tuning grid runs at the full
 # fine-tuning length (TUNE_EPOCHS 15, not the CPU's 3-epoch proxy).
 #
+# What runs (SECTIONS; a section of docs/fmnist_results.sh each):
+#   default   the 8-minute run: MAE pre-training, its probe + k-NN, fine-tuning per seed with
+#             the settings the held-out grid chose on 2026-12-04 (CHOSEN_tune_mae, lr2e-3
+#             without Mixup/CutMix; docs/results.md), for VARIANT Ti/4. Other variants have
+#             no recorded choice: give CHOSEN_tune_mae or run tune_mae.
+#   all       every section below: both tuning grids, scratch fine-tuning, the baselines'
+#             probes and the other methods (more than one 10-minute call: cut it with
+#             SECTIONS, e.g. SECTIONS="tune_mae tune_scratch finetune_scratch")
 # A ViT this small leaves one GPU mostly idle, so the training runs go in waves of processes
 # side by side (PARALLEL=0: one at a time, as on a CPU), most important first:
 #   1. MAE pre-training, alone (k-NN on the held-out split every KNN_EVERY (20) epochs);
-#   2. the tuning grids of MAE and of scratch fine-tuning (one process per point);
-#   3. fine-tuning per seed, from MAE and from scratch, with the held-out choices;
-#   4. one at a time: the MAE probe, then the baselines (raw-pixel probe, scikit-learn, and the
-#      probe of a random encoder of the same size). The probe's L-BFGS fits loop on the device,
-#      and XLA:GPU reads each loop condition on the host: beside other processes each of those
-#      round trips waits for the GPU's turn (on one H200: fits of 1-6 s while the grid's runs
-#      compiled, 18-89 s once they trained). On a GPU the probe fits its 26 feature sets (2
-#      pools x 13 blocks of a Ti/4) together, one loop per L2 strength instead of 26
-#      (probe.fit_sets, "auto"); not yet timed on a GPU.
+#   2. the MAE probe, alone (below: why);
+#   3. the tuning grids of MAE and of scratch fine-tuning (one process per point);
+#   4. fine-tuning per seed, from MAE and from scratch, with the held-out choices;
+#   5. methods: the pre-training of every one of METHODS (PRE_EPOCHS, 30) side by side (BEiT's
+#      after its tokenizer; MaskDistill's teacher is the MAE encoder of step 1), then their
+#      fine-tuning runs side by side (MAE's held-out choice, as on the CPU);
+#   6. one at a time: the baselines (raw-pixel probe, scikit-learn, and the probe of a random
+#      encoder of the same size), then the probes of METHODS.
+# The probes run alone: their L-BFGS fits loop on the device, and XLA:GPU reads each loop
+# condition on the host: beside other processes each of those round trips waits for the GPU's
+# turn (on one H200: fits of 1-6 s while the grid's runs compiled, 18-89 s once they trained).
+# On a GPU the probe fits its 26 feature sets (2 pools x 13 blocks of a Ti/4) together, one
+# loop per L2 strength instead of 26 (probe.fit_sets, "auto"); not yet timed on a GPU.
 # Each run writes its results.json as it finishes, so a run cut short keeps what it finished and
 # a rerun skips it. Wall times of runs that shared the GPU are not comparable with the CPU's.
-# On one H200 (docs/results.md) pre-training took 263 s and the fine-tuning wave 3.5 minutes;
-# the whole script needs more than one 10-minute call: split it with SECTIONS.
+# On one H200 (docs/results.md) pre-training took 263 s and a wave of six fine-tuning runs 3.5
+# minutes; the default run (pre-training, one probe, three fine-tuning runs) is sized for 8.
 #
 #   bash docs/fmnist_gpu.sh [ROOT=workdirs/fmnist_gpu]
 #
@@ -55,11 +67,28 @@ export TRAIN_FLAGS="${TRAIN_FLAGS:-"--config.model.dtype=bfloat16 --config.data.
 export RANDOM_ENCODER_FLAGS=${RANDOM_ENCODER_FLAGS-$size}
 # A checkpoint and a picture every 200 steps (the CPU recipe's) would stall a GPU step of a few
 # milliseconds: every 2,000 instead.
-export PRETRAIN_FLAGS=${PRETRAIN_FLAGS:-"--config.checkpoint_every=2000 --config.viz_every=2000"}
+export PRETRAIN_FLAGS=${PRETRAIN_FLAGS:-"--config.checkpoint_every=2000"}
+export VIZ_EVERY=${VIZ_EVERY:-2000}
 # The grid without its RandAugment points: those run in the host pipeline, which cannot keep up.
 export TUNE_POINTS=${TUNE_POINTS:-"lr1e-3 lr2e-3 lr1e-3_nomix lr2e-3_nomix lr4e-3_nomix"}
-GPU_SECTIONS="pretrain_mae probe_mae tune_mae tune_scratch finetune_mae finetune_scratch baselines"
-SECTIONS=$(echo ${SECTIONS:-$GPU_SECTIONS})  # one line, single spaces
+GPU_SECTIONS="pretrain_mae probe_mae tune_mae tune_scratch finetune_mae finetune_scratch baselines
+methods"
+SECTIONS=${SECTIONS:-default}
+[ "$SECTIONS" = default ] && SECTIONS="pretrain_mae probe_mae finetune_mae"
+[ "$SECTIONS" = all ] && SECTIONS=$GPU_SECTIONS
+SECTIONS=$(echo $SECTIONS)  # one line, single spaces
+GPU_SECTIONS=$(echo $GPU_SECTIONS)
+# The held-out choices of the 2026-12-04 grids (Ti/4, 15 epochs; docs/results.md), for runs
+# without their grid; a grid that runs now chooses instead.
+if [ "$VARIANT" = Ti/4 ] && [ "$TUNE_EPOCHS" = 15 ]; then
+  [[ " $SECTIONS " == *" tune_mae "* ]] || export CHOSEN_tune_mae=${CHOSEN_tune_mae:-lr2e-3_nomix}
+  [[ " $SECTIONS " == *" tune_scratch "* ]] \
+      || export CHOSEN_tune_scratch=${CHOSEN_tune_scratch:-lr1e-3_nomix}
+fi
+# iBOT's multi-crop views are cut in the host pipeline (data.augment_on='host').
+export FLAGS_ibot=${FLAGS_ibot-"--config.data.augment_on=host --config.data.device_resident=False"}
+export PRE_EPOCHS=${PRE_EPOCHS:-30}
+METHODS=${METHODS:-"maskfeat beit simmim data2vec ibot data2vec2 maskdistill"}
 # Side by side, each process takes the GPU memory it uses, not JAX's default 75% of it.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 [[ $PARALLEL =~ ^[01]$ ]] || { echo "PARALLEL=$PARALLEL: 1 (side by side) or 0" >&2; exit 2; }
@@ -68,8 +97,34 @@ for seed in $SEEDS; do
 done
 for section in $SECTIONS; do  # a section this script does not run would be skipped unsaid
   [[ " $GPU_SECTIONS " == *" $section "* ]] || { echo "SECTIONS: '$section' is not one of this" \
-      "script's ($GPU_SECTIONS); run docs/fmnist_results.sh with TRAIN_FLAGS for the others" >&2
+      "script's (default, all, or of: $GPU_SECTIONS); run docs/fmnist_results.sh with" \
+      "TRAIN_FLAGS for the others" >&2
       exit 2; }
+done
+for method in $METHODS; do  # a job's settings are words: a method is one, known
+  [ -f "configs/${method}_fmnist.py" ] || { echo "METHODS: unknown '$method'" \
+      "(configs/${method}_fmnist.py does not exist)" >&2; exit 2; }
+done
+# Fine-tuning needs its grid's choice: that grid in SECTIONS (or its runs in ROOT), or a
+# recorded one; else its wave would fail after the minutes of those before it.
+has_section() { [[ " $SECTIONS " == *" $1 "* ]]; }
+tune_tag="_e$TUNE_EPOCHS"  # as docs/fmnist_results.sh names the grid's runs
+[ "$TUNE_EPOCHS" = 3 ] && tune_tag=""
+for grid in tune_mae tune_scratch; do
+  chosen="CHOSEN_$grid"
+  case $grid in
+    tune_mae) readers="finetune_mae methods" ;;
+    tune_scratch) readers="finetune_scratch" ;;
+  esac
+  for reader in $readers; do
+    if has_section "$reader" && ! has_section "$grid" && [ -z "${!chosen:-}" ] \
+        && ! compgen -G "$ROOT/$grid${tune_tag}_*/results.json" > /dev/null; then
+      echo "SECTIONS: $reader fine-tunes with the choice of $grid, which neither runs (add" \
+           "$grid to SECTIONS) nor is recorded for VARIANT '$VARIANT' (set $chosen, e.g." \
+           "lr2e-3_nomix)" >&2
+      exit 2
+    fi
+  done
 done
 
 mkdir -p "$ROOT/jobs"
@@ -108,20 +163,28 @@ wave() {
   [ "$status" = 0 ] || { echo "wave $label: a job failed (ROOT/jobs/$label.*.out)"; return 1; }
 }
 
-tune_jobs=() ft_jobs=()
+tune_jobs=() ft_jobs=() method_jobs=() method_ft_jobs=() probe_jobs=("SECTIONS=baselines")
 for point in $TUNE_POINTS; do
   tune_jobs+=("SECTIONS=tune_mae TUNE_POINTS=$point" "SECTIONS=tune_scratch TUNE_POINTS=$point")
 done
 for seed in $SEEDS; do
   ft_jobs+=("SECTIONS=finetune_mae SEEDS=$seed" "SECTIONS=finetune_scratch SEEDS=$seed")
 done
+for method in $METHODS; do
+  method_jobs+=("SECTIONS=methods METHODS=$method METHOD_STEPS=pretrain")
+  method_ft_jobs+=("SECTIONS=methods METHODS=$method METHOD_STEPS=finetune")
+  probe_jobs+=("SECTIONS=methods METHODS=$method METHOD_STEPS=probe")
+done
 status=0
-for step in 1 2 3 4; do
+for step in 1 2 3 4 5 6 7; do
   case $step in
     1) wave pretrain "SECTIONS=pretrain_mae" ;;
-    2) wave tune "${tune_jobs[@]}" ;;
-    3) wave finetune "${ft_jobs[@]}" ;;
-    4) PARALLEL=0 wave probe "SECTIONS=probe_mae" "SECTIONS=baselines" ;;
+    2) wave probe_mae "SECTIONS=probe_mae" ;;
+    3) wave tune "${tune_jobs[@]}" ;;
+    4) wave finetune "${ft_jobs[@]}" ;;
+    5) wave methods "${method_jobs[@]}" ;;
+    6) wave methods_finetune "${method_ft_jobs[@]}" ;;
+    7) PARALLEL=0 wave probes "${probe_jobs[@]}" ;;
   esac
   code=$?
   [ "$code" = 0 ] || status=$code

@@ -18,7 +18,9 @@
 #                 percent:epochs, "1:60 10:30"; LOWLABEL_INITS, "mae scratch", which inits)
 #   methods       METHODS (maskfeat beit simmim data2vec ibot data2vec2 maskdistill) for
 #                 PRE_EPOCHS (30) epochs with the same monitoring, then probe + k-NN and one
-#                 fine-tuning run; MaskDistill distils the MAE encoder of pretrain_mae
+#                 fine-tuning run; MaskDistill distils the MAE encoder of pretrain_mae.
+#                 METHOD_STEPS (pretrain probe finetune) picks which of the three run (the
+#                 GPU script runs the pre-training of every method side by side, then the rest)
 #   distill       the 3-epoch rows of the feature-distillation methods beside the other
 #                 3-epoch rows: MaskDistill (teacher: the MAE encoder), BEiT v2's VQ-KD
 #                 tokenizer (same teacher), BEiT reading it; k-NN on the test split of each
@@ -39,13 +41,18 @@
 # TRAIN_FLAGS (space-separated --config.x=y) are added to every training run (pre-training,
 # tuning, fine-tuning; not the frozen-feature probes), e.g. for a GPU (docs/fmnist_gpu.sh);
 # KNN_EVERY (5) sets the epochs between k-NN scores of a pre-training run. PRETRAIN_FLAGS are
-# added to the pre-training runs alone (e.g. their checkpoint and picture intervals, which
-# fine-tuning configs set apart). RANDOM_ENCODER_FLAGS: the random encoder's size when the
-# pre-trained one is not the configs' demo ViT (e.g. --config.model.variant=Ti/4 and the
-# explicit sizes at 0), so that the random-encoder probe has the same architecture.
+# added to the pre-training runs alone (e.g. their checkpoint interval, which fine-tuning
+# configs set apart); VIZ_EVERY sets the picture interval of the pre-training runs whose
+# method draws pictures (the others have no such field). RANDOM_ENCODER_FLAGS: the random
+# encoder's size when the pre-trained one is not the configs' demo ViT (e.g.
+# --config.model.variant=Ti/4 and the explicit sizes at 0), so that the random-encoder probe
+# has the same architecture.
 # FMNIST_DIR: the Fashion-MNIST files' folder, when not the Debian package's
 # /usr/share/datasets/fashion-mnist (e.g. copied to a machine without the package); given to
 # every run as --config.data.path, and to the scikit-learn baseline.
+# FLAGS_<method> (e.g. FLAGS_ibot) are added last to that method's pre-training in the methods
+# section, after TRAIN_FLAGS (the last of a repeated flag wins): e.g. the host augmentation that
+# iBOT's multi-crop needs where TRAIN_FLAGS move it to the device.
 # TUNE_POINTS (default: the whole grid of docs/fmnist_tools.py): the grid points tune_* runs and
 # fine-tuning chooses from, e.g. a point recorded earlier beside one added to the grid since.
 # CHOSEN_tune_mae / CHOSEN_tune_scratch (e.g. lr4e-3_nomix): a grid point chosen earlier on the
@@ -69,6 +76,7 @@ PY=python
 command -v python > /dev/null || { PY=python3; python() { python3 "$@"; }; }
 SECTIONS=${SECTIONS:-$ALL_SECTIONS}
 METHODS=${METHODS:-"maskfeat beit simmim data2vec ibot data2vec2 maskdistill"}
+METHOD_STEPS=${METHOD_STEPS:-"pretrain probe finetune"}
 TARGETS=${TARGETS:-"pixels norm_pixels hog tokens teacher_features"}
 STUDY_EPOCHS=${STUDY_EPOCHS:-5}
 STUDY_MASKINGS=${STUDY_MASKINGS:-"blockwise random75"}
@@ -105,6 +113,14 @@ done
 for init in $LOWLABEL_INITS; do
   [[ " mae scratch " == *" $init "* ]] \
       || { echo "LOWLABEL_INITS: unknown '$init' (mae, scratch)" >&2; exit 2; }
+done
+for method in $METHODS; do
+  [ -f "configs/${method}_fmnist.py" ] || { echo "METHODS: unknown '$method' (configs/" \
+      "${method}_fmnist.py does not exist)" >&2; exit 2; }
+done
+for step in $METHOD_STEPS; do
+  [[ " pretrain probe finetune " == *" $step "* ]] \
+      || { echo "METHOD_STEPS: unknown '$step' (pretrain, probe, finetune)" >&2; exit 2; }
 done
 for masking in $STUDY_MASKINGS; do
   [[ " blockwise random75 " == *" $masking "* ]] \
@@ -167,9 +183,14 @@ pretrain() {  # NAME METHOD EPOCHS [overrides]: pre-training with k-NN on the he
   local monitor=("${holdout[@]}" --config.knn.every_epochs="$KNN_EVERY")
   # KNN_EVERY=0: no monitor, so no split to score (the same 55,000 training images).
   [ "$KNN_EVERY" = 0 ] && monitor=(--config.data.holdout=5000)
+  # VIZ_EVERY: the picture interval of the methods that draw (their config has viz_every).
+  local pictures=()
+  [ -n "${VIZ_EVERY:-}" ] && python -c "import sys; from mim_jax.config import files; sys.exit(
+      'viz_every' not in files.load_config_file(sys.argv[1]))" "configs/${method}_fmnist.py" \
+      && pictures=(--config.viz_every="$VIZ_EVERY")
   run "$name" --config=configs/${method}_fmnist.py --config.num_epochs="$epochs" \
       --config.optimizer.warmup_epochs="$(python -c "print($epochs / 10)")" \
-      "${monitor[@]}" "${TRAIN[@]}" "${PRETRAIN[@]}" "$@"
+      "${monitor[@]}" "${TRAIN[@]}" "${PRETRAIN[@]}" "${pictures[@]}" "$@"
 }
 probe() { run "$1" --config=configs/linprobe_fmnist.py "${@:2}"; }
 knn() { run "knn_$1" --config=configs/knn_fmnist.py --config.init_from="$ROOT/$1"; }  # on test
@@ -276,19 +297,30 @@ tokenizer() {
       --config.num_epochs=10 --config.optimizer.warmup_epochs=1
 }
 
+method_flags() {  # METHOD: FLAGS_<METHOD> (e.g. FLAGS_ibot), added to its pre-training last
+  local var="FLAGS_$1"
+  echo "${!var:-}"
+}
 if has methods; then
   for method in $METHODS; do
     extra=()
-    if [ "$method" = beit ]; then  # BEiT's stage 1: its tokenizer, trained on the same images
-      tokenizer
-      extra=(--config.tokenizer.path="$ROOT/beit_tokenizer")
-    fi
+    [ "$method" = beit ] && extra=(--config.tokenizer.path="$ROOT/beit_tokenizer")
     [ "$method" = maskdistill ] && extra=(--config.teacher.path="$MAE")
-    pretrain "${method}_e$PRE_EPOCHS" "$method" "$PRE_EPOCHS" "${extra[@]}"
-    probe "probe_${method}_e$PRE_EPOCHS" --config.init_from="$ROOT/${method}_e$PRE_EPOCHS"
-    flags=$(pick tune_mae) || exit 1
-    # shellcheck disable=SC2086
-    ft "ft_${method}${FT_TAG}_s0" "" --config.init_from="$ROOT/${method}_e$PRE_EPOCHS" $flags
+    encoder="$ROOT/${method}_e$PRE_EPOCHS"
+    if listed "$METHOD_STEPS" pretrain; then
+      # BEiT's stage 1: its tokenizer, trained on the same images.
+      [ "$method" = beit ] && tokenizer
+      # shellcheck disable=SC2046
+      pretrain "${method}_e$PRE_EPOCHS" "$method" "$PRE_EPOCHS" "${extra[@]}" \
+          $(method_flags "$method")
+    fi
+    listed "$METHOD_STEPS" probe && probe "probe_${method}_e$PRE_EPOCHS" \
+        --config.init_from="$encoder"
+    if listed "$METHOD_STEPS" finetune; then
+      flags=$(pick tune_mae) || exit 1
+      # shellcheck disable=SC2086
+      ft "ft_${method}${FT_TAG}_s0" "" --config.init_from="$encoder" $flags
+    fi
   done
 fi
 

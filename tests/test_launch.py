@@ -534,6 +534,8 @@ def test_results_script_stops_at_a_run_that_did_not_finish(tmp_path, status, cod
     ({"STUDY_MASKINGS": "random"}, (), "STUDY_MASKINGS: unknown 'random'"),
     ({"TUNE_POINTS": "lr4e-3_nomix lr4e-3_ra"}, (), "TUNE_POINTS: unknown 'lr4e-3_ra'"),
     ({"SEEDS": " "}, (), "SEEDS: empty"),
+    ({"METHODS": "simmim mea"}, (), "METHODS: unknown 'mea'"),
+    ({"METHOD_STEPS": "pretrain fit"}, (), "METHOD_STEPS: unknown 'fit'"),
     ({}, ("--help",), "usage: [SECTIONS=... SEEDS=... ...] bash docs/fmnist_results.sh [ROOT]"),
     ({}, ("a", "b"), "usage:"),
 ])
@@ -621,7 +623,7 @@ def test_gpu_results_script_sets_the_device_flags(tmp_path, monkeypatch):
                          PARALLEL="0")
   assert len(calls) == 6  # MAE, then the grid's five points without RandAugment
   assert "--config.num_epochs=100" in calls[0]
-  assert "--config.checkpoint_every=2000" in calls[0]
+  assert "--config.checkpoint_every=2000" in calls[0] and "--config.viz_every=2000" in calls[0]
   assert not any("checkpoint_every" in a for call in calls[1:] for a in call)
   for call in calls:
     for flag in ("--config.model.dtype=bfloat16", "--config.data.augment_on=device",
@@ -641,22 +643,27 @@ def test_gpu_results_script_sets_the_device_flags(tmp_path, monkeypatch):
 
 
 def test_gpu_results_script_runs_its_waves_side_by_side_in_order(tmp_path):
-  """PARALLEL (default): the runs of a wave at once, waves in order: MAE; both grids;
-  fine-tuning per seed from the held-out choices; then, one at a time, the probes (MAE's and
-  the baselines'). VARIANT="" keeps the demo ViT."""
+  """SECTIONS=all, PARALLEL (default): the runs of a wave at once, waves in order: MAE; its
+  probe alone; both grids; fine-tuning per seed from the held-out choices; the other methods'
+  pre-training, then their fine-tuning; then, one at a time, the baselines' probes and the
+  methods'. VARIANT="" keeps the demo ViT."""
   (tmp_path / "root").mkdir()
   (tmp_path / "root" / "sklearn_pixels.json").write_text("{}")  # the baselines' CPU minutes
-  calls = _results_calls(tmp_path, GPU_RESULTS, SEEDS="1", VARIANT="",
-                         TUNE_POINTS="lr4e-3_nomix")
+  calls = _results_calls(tmp_path, GPU_RESULTS, SECTIONS="all", SEEDS="1", VARIANT="",
+                         TUNE_POINTS="lr4e-3_nomix", METHODS="simmim beit")
   names = [call[-1].rsplit("/", 1)[1] for call in calls]
-  waves = [{"mae_e100"}, {"tune_mae_e15_lr4e-3_nomix", "tune_scratch_e15_lr4e-3_nomix"},
-           {"ft_mae_s1", "ft_scratch_s1"}, {"probe_mae_e100"}, {"probe_pixels"},
-           {"probe_random"}]  # the probes one at a time
+  waves = [{"mae_e100"}, {"probe_mae_e100"},
+           {"tune_mae_e15_lr4e-3_nomix", "tune_scratch_e15_lr4e-3_nomix"},
+           {"ft_mae_s1", "ft_scratch_s1"},
+           {"simmim_e30", "beit_tokenizer", "beit_e30"}, {"ft_simmim_s0", "ft_beit_s0"},
+           # the probes one at a time
+           {"probe_pixels"}, {"probe_random"}, {"probe_simmim_e30"}, {"probe_beit_e30"}]
   start = 0
   for wave in waves:
     assert set(names[start:start + len(wave)]) == wave, names
     start += len(wave)
   assert start == len(names)
+  assert names.index("beit_tokenizer") < names.index("beit_e30")  # in one job, in order
   assert not any("variant" in a for call in calls for a in call)
   # The random encoder of the baselines has the pre-trained one's size, here Ti/4.
   (tmp_path / "ti" / "root").mkdir(parents=True)
@@ -665,6 +672,66 @@ def test_gpu_results_script_runs_its_waves_side_by_side_in_order(tmp_path):
   probe_random = [call for call in calls if call[-1].endswith("/probe_random")][0]
   assert "--config.model.variant=Ti/4" in probe_random
   _unread_settings(probe_random[:-1])
+
+
+def test_gpu_results_script_default_is_the_eight_minute_run(tmp_path):
+  """No SECTIONS: MAE pre-training, its probe, then fine-tuning per seed with the recorded
+  held-out choice of the Ti/4 grid (lr 2e-3, no Mixup/CutMix); a grid that runs chooses
+  instead; without a recorded choice (another VARIANT) it is refused before anything runs."""
+  calls = _results_calls(tmp_path, GPU_RESULTS, SEEDS="0 1")
+  names = [call[-1].rsplit("/", 1)[1] for call in calls]
+  assert names[:2] == ["mae_e100", "probe_mae_e100"]
+  assert sorted(names[2:]) == ["ft_mae_s0", "ft_mae_s1"]
+  for call in calls[2:]:
+    assert call[-4:-1] == ["--config.optimizer.base_lr=0.002",
+                           "--config.classifier.mixup_alpha=0",
+                           "--config.classifier.cutmix_alpha=0"], call
+  (tmp_path / "grid").mkdir()
+  calls = _results_calls(tmp_path / "grid", GPU_RESULTS, SEEDS="0", PARALLEL="0",
+                         SECTIONS="tune_mae finetune_mae", TUNE_POINTS="lr4e-3_nomix")
+  assert [call[-1].rsplit("/", 1)[1] for call in calls] == ["tune_mae_e15_lr4e-3_nomix",
+                                                           "ft_mae_s0"]
+  assert "--config.optimizer.base_lr=0.004" in calls[1]
+  stub_env = _fake_bin(tmp_path, "python", _MAIN_STUB % sys.executable)
+  for env, grid in (({"VARIANT": ""}, "tune_mae"),
+                    ({"VARIANT": "S/4", "SECTIONS": "finetune_scratch"}, "tune_scratch")):
+    out = _bash(GPU_RESULTS, str(tmp_path / "none"),
+                env=dict(stub_env, MAIN_CALLS=str(tmp_path / "none.log"), **env))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"fine-tunes with the choice of {grid}, which neither runs" in out.stderr
+    assert not (tmp_path / "none").exists()
+
+
+def test_gpu_results_script_methods_are_valid_device_command_lines(tmp_path, monkeypatch):
+  """The methods' pre-training runs get the device flags and the Ti/4 encoder, and pass every
+  static check of their method (BEiT's and MaskDistill's those that need no trained tokenizer
+  or teacher); iBOT's multi-crop moves its augmentation back to the host."""
+  from absl import flags
+
+  from mim_jax import main, registry
+  monkeypatch.chdir(REPO)
+  calls = _results_calls(tmp_path, GPU_RESULTS, SECTIONS="methods", PARALLEL="0")
+  pretrain = {call[-1].rsplit("/", 1)[1]: call for call in calls
+              if call[-1].endswith("_e30") and not call[-1].rsplit("/", 1)[1].startswith("probe")}
+  assert sorted(pretrain) == sorted(f"{m}_e30" for m in (
+      "maskfeat", "beit", "simmim", "data2vec", "ibot", "data2vec2", "maskdistill"))
+  assert pretrain["ibot_e30"][-3:-1] == ["--config.data.augment_on=host",
+                                         "--config.data.device_resident=False"]
+  for name, call in pretrain.items():
+    assert "--config.model.variant=Ti/4" in call and "--config.num_epochs=30" in call, name
+    assert "--config.data.device_resident=True" in call, name
+    # Pictures every 2,000 steps where the method draws them (data2vec, iBOT, data2vec 2.0 don't).
+    assert ("--config.viz_every=2000" in call) == (name not in (
+        "data2vec_e30", "ibot_e30", "data2vec2_e30")), name
+    _unread_settings(call)
+    if name in ("beit_e30", "maskdistill_e30"):
+      continue  # their full checks open the trained tokenizer / teacher, absent here
+    flag_values = flags.FlagValues()
+    argv = ["mim_jax.main", *call]
+    main.define_flags(flag_values, argv)
+    flag_values(argv)
+    file_config = files.load_config_file(flag_values["config"].config_filename)
+    registry.validate_config(flag_values.config, file_config)
 
 
 def test_gpu_results_script_reports_a_failed_run(tmp_path):
@@ -710,8 +777,8 @@ exec %s "$@"
 
 def test_gpu_results_script_refuses_sections_it_does_not_run(tmp_path):
   out = _bash(GPU_RESULTS, str(tmp_path / "root"),
-              env=dict(os.environ, SECTIONS="pretrain_mae methods"))
-  assert out.returncode == 2 and "SECTIONS: 'methods' is not one of" in out.stderr
+              env=dict(os.environ, SECTIONS="pretrain_mae lowlabel"))
+  assert out.returncode == 2 and "SECTIONS: 'lowlabel' is not one of" in out.stderr
   assert not (tmp_path / "root").exists()  # refused before anything ran
 
 
