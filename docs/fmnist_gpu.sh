@@ -11,7 +11,9 @@
 #   default   the 8-minute run: MAE pre-training, its probe + k-NN, fine-tuning per seed with
 #             the settings the held-out grid chose on 2026-12-04 (CHOSEN_tune_mae, lr2e-3
 #             without Mixup/CutMix; docs/results.md), for VARIANT Ti/4. Other variants have
-#             no recorded choice: give CHOSEN_tune_mae or run tune_mae.
+#             no recorded choice: give CHOSEN_tune_mae or run tune_mae. (The recorded
+#             choices, MAE's and scratch's, lr1e-3_nomix, are used only where the grid neither
+#             runs in this call nor finished in ROOT.)
 #   all       every section below: both tuning grids, scratch fine-tuning, the baselines'
 #             probes and the other methods (more than one 10-minute call: cut it with
 #             SECTIONS, e.g. SECTIONS="tune_mae tune_scratch finetune_scratch")
@@ -38,7 +40,7 @@
 #
 #   bash docs/fmnist_gpu.sh [ROOT=workdirs/fmnist_gpu]
 #
-# On a CPU it runs too (slowly): e.g. PARALLEL=0 MAE_EPOCHS=1 FT_EPOCHS=1 TUNE_EPOCHS=1 SEEDS=0
+# On a CPU it runs too (slowly): e.g. PARALLEL=0 MAE_EPOCHS=1 FT_EPOCHS=1 SEEDS=0
 # to try it. TRAIN_FLAGS replaces the device flags (bf16, the split and augmentation on the
 # device); VARIANT's size flags are added to it either way. On a machine without internet or
 # without the Debian package, docs/offline_bundle.sh prepares the missing wheels and the
@@ -78,17 +80,13 @@ SECTIONS=${SECTIONS:-default}
 [ "$SECTIONS" = all ] && SECTIONS=$GPU_SECTIONS
 SECTIONS=$(echo $SECTIONS)  # one line, single spaces
 GPU_SECTIONS=$(echo $GPU_SECTIONS)
-# The held-out choices of the 2026-12-04 grids (Ti/4, 15 epochs; docs/results.md), for runs
-# without their grid; a grid that runs now chooses instead.
-if [ "$VARIANT" = Ti/4 ] && [ "$TUNE_EPOCHS" = 15 ]; then
-  [[ " $SECTIONS " == *" tune_mae "* ]] || export CHOSEN_tune_mae=${CHOSEN_tune_mae:-lr2e-3_nomix}
-  [[ " $SECTIONS " == *" tune_scratch "* ]] \
-      || export CHOSEN_tune_scratch=${CHOSEN_tune_scratch:-lr1e-3_nomix}
-fi
+export VIZ_EVERY=${VIZ_EVERY-2000}  # "": the configs' own picture interval
 # iBOT's multi-crop views are cut in the host pipeline (data.augment_on='host').
 export FLAGS_ibot=${FLAGS_ibot-"--config.data.augment_on=host --config.data.device_resident=False"}
 export PRE_EPOCHS=${PRE_EPOCHS:-30}
-METHODS=${METHODS:-"maskfeat beit simmim data2vec ibot data2vec2 maskdistill"}
+ALL_METHODS="maskfeat beit simmim data2vec ibot data2vec2 maskdistill"
+METHODS=${METHODS:-$ALL_METHODS}
+METHOD_STEPS=${METHOD_STEPS:-"pretrain probe finetune"}
 # Side by side, each process takes the GPU memory it uses, not JAX's default 75% of it.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 [[ $PARALLEL =~ ^[01]$ ]] || { echo "PARALLEL=$PARALLEL: 1 (side by side) or 0" >&2; exit 2; }
@@ -101,31 +99,59 @@ for section in $SECTIONS; do  # a section this script does not run would be skip
       "TRAIN_FLAGS for the others" >&2
       exit 2; }
 done
-for method in $METHODS; do  # a job's settings are words: a method is one, known
-  [ -f "configs/${method}_fmnist.py" ] || { echo "METHODS: unknown '$method'" \
-      "(configs/${method}_fmnist.py does not exist)" >&2; exit 2; }
+for method in $METHODS; do  # a job's settings are words: each method one of the known
+  [[ " $ALL_METHODS " == *" $method "* ]] \
+      || { echo "METHODS: unknown '$method' (of: $ALL_METHODS)" >&2; exit 2; }
 done
-# Fine-tuning needs its grid's choice: that grid in SECTIONS (or its runs in ROOT), or a
-# recorded one; else its wave would fail after the minutes of those before it.
+for step in $METHOD_STEPS; do
+  [[ " pretrain probe finetune " == *" $step "* ]] \
+      || { echo "METHOD_STEPS: unknown '$step' (pretrain, probe, finetune)" >&2; exit 2; }
+done
+
+# Fine-tuning reads its grid's choice: the grid in SECTIONS, its finished runs in ROOT (every
+# point of TUNE_POINTS), or a recorded choice: for VARIANT Ti/4 those of the 2026-12-04 grids
+# (docs/results.md: MAE lr2e-3_nomix, scratch lr1e-3_nomix), used only where neither of the
+# others is there. Else the fine-tuning wave would fail after the minutes of those before it.
 has_section() { [[ " $SECTIONS " == *" $1 "* ]]; }
 tune_tag="_e$TUNE_EPOCHS"  # as docs/fmnist_results.sh names the grid's runs
 [ "$TUNE_EPOCHS" = 3 ] && tune_tag=""
+grid_in_root() {  # GRID: every point of TUNE_POINTS finished in ROOT
+  local point
+  for point in $TUNE_POINTS; do
+    [ -f "$ROOT/$1${tune_tag}_$point/results.json" ] || return 1
+  done
+}
 for grid in tune_mae tune_scratch; do
   chosen="CHOSEN_$grid"
   case $grid in
-    tune_mae) readers="finetune_mae methods" ;;
-    tune_scratch) readers="finetune_scratch" ;;
+    tune_mae) readers="finetune_mae methods" recorded=lr2e-3_nomix ;;
+    tune_scratch) readers="finetune_scratch" recorded=lr1e-3_nomix ;;
   esac
+  has_section "$grid" || grid_in_root "$grid" || [ -n "${!chosen:-}" ] && continue
+  if [ "$VARIANT" = Ti/4 ]; then
+    export "$chosen=$recorded"
+    continue
+  fi
   for reader in $readers; do
-    if has_section "$reader" && ! has_section "$grid" && [ -z "${!chosen:-}" ] \
-        && ! compgen -G "$ROOT/$grid${tune_tag}_*/results.json" > /dev/null; then
+    # methods fine-tunes only with METHOD_STEPS' finetune
+    [ "$reader" = methods ] && [[ " $METHOD_STEPS " != *" finetune "* ]] && continue
+    if has_section "$reader"; then
       echo "SECTIONS: $reader fine-tunes with the choice of $grid, which neither runs (add" \
-           "$grid to SECTIONS) nor is recorded for VARIANT '$VARIANT' (set $chosen, e.g." \
-           "lr2e-3_nomix)" >&2
+           "$grid to SECTIONS) nor finished in ROOT, and VARIANT '$VARIANT' has no recorded" \
+           "choice (set $chosen, e.g. $recorded)" >&2
       exit 2
     fi
   done
 done
+# MaskDistill distils the MAE encoder of pretrain_mae: it runs first or has finished in ROOT.
+MAE_DIR="$ROOT/mae_e$MAE_EPOCHS"
+if has_section methods && [[ " $METHODS " == *" maskdistill "* ]] \
+    && [[ " $METHOD_STEPS " == *" pretrain "* ]] && ! has_section pretrain_mae \
+    && [ ! -f "$MAE_DIR/encoder/model.json" ]; then
+  echo "SECTIONS: methods' MaskDistill distils the MAE encoder $MAE_DIR, which neither runs" \
+       "(add pretrain_mae to SECTIONS) nor finished" >&2
+  exit 2
+fi
 
 mkdir -p "$ROOT/jobs"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
@@ -171,9 +197,12 @@ for seed in $SEEDS; do
   ft_jobs+=("SECTIONS=finetune_mae SEEDS=$seed" "SECTIONS=finetune_scratch SEEDS=$seed")
 done
 for method in $METHODS; do
-  method_jobs+=("SECTIONS=methods METHODS=$method METHOD_STEPS=pretrain")
-  method_ft_jobs+=("SECTIONS=methods METHODS=$method METHOD_STEPS=finetune")
-  probe_jobs+=("SECTIONS=methods METHODS=$method METHOD_STEPS=probe")
+  [[ " $METHOD_STEPS " == *" pretrain "* ]] \
+      && method_jobs+=("SECTIONS=methods METHODS=$method METHOD_STEPS=pretrain")
+  [[ " $METHOD_STEPS " == *" finetune "* ]] \
+      && method_ft_jobs+=("SECTIONS=methods METHODS=$method METHOD_STEPS=finetune")
+  [[ " $METHOD_STEPS " == *" probe "* ]] \
+      && probe_jobs+=("SECTIONS=methods METHODS=$method METHOD_STEPS=probe")
 done
 status=0
 for step in 1 2 3 4 5 6 7; do

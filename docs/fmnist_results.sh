@@ -37,7 +37,8 @@
 # ROOT (default workdirs/fmnist_results in the repository) is relative to where the command
 # runs. A SIGTERM or Ctrl-C is passed on to the current run, which stops with its checkpoint
 # written; the script exits 75 and the same command resumes. Unknown SECTIONS, seeds, LOWLABEL
-# entries, LOWLABEL_INITS or STUDY_MASKINGS are refused before anything runs.
+# entries, LOWLABEL_INITS, STUDY_MASKINGS, METHODS or METHOD_STEPS are refused before anything
+# runs.
 # TRAIN_FLAGS (space-separated --config.x=y) are added to every training run (pre-training,
 # tuning, fine-tuning; not the frozen-feature probes), e.g. for a GPU (docs/fmnist_gpu.sh);
 # KNN_EVERY (5) sets the epochs between k-NN scores of a pre-training run. PRETRAIN_FLAGS are
@@ -75,7 +76,8 @@ cd "$(dirname "$0")/.."
 PY=python
 command -v python > /dev/null || { PY=python3; python() { python3 "$@"; }; }
 SECTIONS=${SECTIONS:-$ALL_SECTIONS}
-METHODS=${METHODS:-"maskfeat beit simmim data2vec ibot data2vec2 maskdistill"}
+ALL_METHODS="maskfeat beit simmim data2vec ibot data2vec2 maskdistill"
+METHODS=${METHODS:-$ALL_METHODS}
 METHOD_STEPS=${METHOD_STEPS:-"pretrain probe finetune"}
 TARGETS=${TARGETS:-"pixels norm_pixels hog tokens teacher_features"}
 STUDY_EPOCHS=${STUDY_EPOCHS:-5}
@@ -115,8 +117,8 @@ for init in $LOWLABEL_INITS; do
       || { echo "LOWLABEL_INITS: unknown '$init' (mae, scratch)" >&2; exit 2; }
 done
 for method in $METHODS; do
-  [ -f "configs/${method}_fmnist.py" ] || { echo "METHODS: unknown '$method' (configs/" \
-      "${method}_fmnist.py does not exist)" >&2; exit 2; }
+  [[ " $ALL_METHODS " == *" $method "* ]] \
+      || { echo "METHODS: unknown '$method' (of: $ALL_METHODS)" >&2; exit 2; }
 done
 for step in $METHOD_STEPS; do
   [[ " pretrain probe finetune " == *" $step "* ]] \
@@ -184,10 +186,12 @@ pretrain() {  # NAME METHOD EPOCHS [overrides]: pre-training with k-NN on the he
   # KNN_EVERY=0: no monitor, so no split to score (the same 55,000 training images).
   [ "$KNN_EVERY" = 0 ] && monitor=(--config.data.holdout=5000)
   # VIZ_EVERY: the picture interval of the methods that draw (their config has viz_every).
-  local pictures=()
-  [ -n "${VIZ_EVERY:-}" ] && python -c "import sys; from mim_jax.config import files; sys.exit(
-      'viz_every' not in files.load_config_file(sys.argv[1]))" "configs/${method}_fmnist.py" \
-      && pictures=(--config.viz_every="$VIZ_EVERY")
+  local pictures=() draws
+  if [ -n "${VIZ_EVERY:-}" ]; then
+    draws=$(python -c "import sys; from mim_jax.config import files; print('viz_every' in
+        files.load_config_file(sys.argv[1]))" "configs/${method}_fmnist.py") || exit 1
+    [ "$draws" = True ] && pictures=(--config.viz_every="$VIZ_EVERY")
+  fi
   run "$name" --config=configs/${method}_fmnist.py --config.num_epochs="$epochs" \
       --config.optimizer.warmup_epochs="$(python -c "print($epochs / 10)")" \
       "${monitor[@]}" "${TRAIN[@]}" "${PRETRAIN[@]}" "${pictures[@]}" "$@"

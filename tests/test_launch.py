@@ -692,14 +692,30 @@ def test_gpu_results_script_default_is_the_eight_minute_run(tmp_path):
   assert [call[-1].rsplit("/", 1)[1] for call in calls] == ["tune_mae_e15_lr4e-3_nomix",
                                                            "ft_mae_s0"]
   assert "--config.optimizer.base_lr=0.004" in calls[1]
+  # A grid finished in ROOT (by an earlier call) chooses, not the recorded choice.
+  calls = _results_calls(tmp_path / "grid", GPU_RESULTS, SEEDS="1", SECTIONS="finetune_mae",
+                         TUNE_POINTS="lr4e-3_nomix")[2:]
+  assert [call[-1].rsplit("/", 1)[1] for call in calls] == ["ft_mae_s1"]
+  assert "--config.optimizer.base_lr=0.004" in calls[0]
   stub_env = _fake_bin(tmp_path, "python", _MAIN_STUB % sys.executable)
+  # No grid here, in ROOT or recorded (another variant); a grid in ROOT that misses a point of
+  # TUNE_POINTS (pick would refuse it after the waves before).
   for env, grid in (({"VARIANT": ""}, "tune_mae"),
-                    ({"VARIANT": "S/4", "SECTIONS": "finetune_scratch"}, "tune_scratch")):
-    out = _bash(GPU_RESULTS, str(tmp_path / "none"),
+                    ({"VARIANT": "S/4", "SECTIONS": "finetune_scratch"}, "tune_scratch"),
+                    ({"VARIANT": "", "SECTIONS": "finetune_mae",
+                      "TUNE_POINTS": "lr4e-3_nomix lr2e-3_nomix"}, "tune_mae")):
+    root = tmp_path / "grid" / "root" if "TUNE_POINTS" in env else tmp_path / "none"
+    out = _bash(GPU_RESULTS, str(root),
                 env=dict(stub_env, MAIN_CALLS=str(tmp_path / "none.log"), **env))
     assert out.returncode == 2, out.stdout + out.stderr
     assert f"fine-tunes with the choice of {grid}, which neither runs" in out.stderr
-    assert not (tmp_path / "none").exists()
+    assert not (tmp_path / "none").exists() and not (tmp_path / "none.log").exists()
+  # The header's try-out on a CPU: its TUNE_EPOCHS does not matter without a grid.
+  (tmp_path / "try").mkdir()
+  calls = _results_calls(tmp_path / "try", GPU_RESULTS, PARALLEL="0", MAE_EPOCHS="1",
+                         FT_EPOCHS="1", TUNE_EPOCHS="1", SEEDS="0")
+  assert [call[-1].rsplit("/", 1)[1] for call in calls] == ["mae_e1", "probe_mae_e1",
+                                                           "ft_mae_e1_s0"]
 
 
 def test_gpu_results_script_methods_are_valid_device_command_lines(tmp_path, monkeypatch):
@@ -710,6 +726,8 @@ def test_gpu_results_script_methods_are_valid_device_command_lines(tmp_path, mon
 
   from mim_jax import main, registry
   monkeypatch.chdir(REPO)
+  (tmp_path / "root" / "mae_e100" / "encoder").mkdir(parents=True)  # MaskDistill's teacher
+  (tmp_path / "root" / "mae_e100" / "encoder" / "model.json").write_text("{}")
   calls = _results_calls(tmp_path, GPU_RESULTS, SECTIONS="methods", PARALLEL="0")
   pretrain = {call[-1].rsplit("/", 1)[1]: call for call in calls
               if call[-1].endswith("_e30") and not call[-1].rsplit("/", 1)[1].startswith("probe")}
@@ -775,11 +793,27 @@ exec %s "$@"
   assert "wave finetune" not in out
 
 
-def test_gpu_results_script_refuses_sections_it_does_not_run(tmp_path):
-  out = _bash(GPU_RESULTS, str(tmp_path / "root"),
-              env=dict(os.environ, SECTIONS="pretrain_mae lowlabel"))
-  assert out.returncode == 2 and "SECTIONS: 'lowlabel' is not one of" in out.stderr
-  assert not (tmp_path / "root").exists()  # refused before anything ran
+@pytest.mark.parametrize("env,says", [
+    ({"SECTIONS": "pretrain_mae lowlabel"}, "SECTIONS: 'lowlabel' is not one of"),
+    ({"SECTIONS": "methods", "METHODS": "simmim linprobe"}, "METHODS: unknown 'linprobe'"),
+    ({"SECTIONS": "methods", "METHOD_STEPS": "pretrain fit"}, "METHOD_STEPS: unknown 'fit'"),
+    ({"SECTIONS": "methods", "METHODS": "simmim maskdistill"},
+     "MaskDistill distils the MAE encoder"),
+])
+def test_gpu_results_script_refuses_what_it_would_not_run(tmp_path, env, says):
+  """A section it does not run, a method or step that is none, MaskDistill without its MAE
+  teacher (neither run first nor finished in ROOT): refused before anything ran."""
+  out = _bash(GPU_RESULTS, str(tmp_path / "root"), env=dict(os.environ, **env))
+  assert out.returncode == 2 and says in out.stderr, out.stderr
+  assert not (tmp_path / "root").exists()
+
+
+def test_gpu_results_script_runs_the_method_steps_asked_for(tmp_path):
+  """METHOD_STEPS picks the methods' waves: here their probes alone (their encoders finished)."""
+  calls = _results_calls(tmp_path, GPU_RESULTS, SECTIONS="methods", METHODS="simmim data2vec",
+                         METHOD_STEPS="probe")
+  assert [call[-1].rsplit("/", 1)[1] for call in calls] == ["probe_simmim_e30",
+                                                           "probe_data2vec_e30"]
 
 
 def test_results_script_runs_the_study_under_both_maskings(tmp_path, monkeypatch):
