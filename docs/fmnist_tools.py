@@ -152,9 +152,9 @@ def summary(root: str) -> str:
   if groups:
     lines += ["", "| runs | seeds | fine-tuning, test: mean +- std |", "|---|---|---|"]
     for prefix, accs in groups.items():
-      std = statistics.stdev(accs) if len(accs) > 1 else float("nan")
-      lines.append(f"| {prefix}_s* | {len(accs)} | {100 * statistics.mean(accs):.2f} +- "
-                   f"{100 * std:.2f} |")
+      spread = (f" +- {100 * statistics.stdev(accs):.2f}" if len(accs) > 1
+                else " (one seed: no spread)")
+      lines.append(f"| {prefix}_s* | {len(accs)} | {100 * statistics.mean(accs):.2f}{spread} |")
   return "\n".join(lines)
 
 

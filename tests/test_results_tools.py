@@ -68,6 +68,7 @@ def test_summary_lists_runs_and_seed_means(tmp_path):
   (tmp_path / "mae_e50" / "encoder").mkdir()
   (tmp_path / "mae_e50" / "encoder" / "model.json").write_text("{}")
   _run(tmp_path, "unfinished", None)
+  _run(tmp_path, "ft_simmim_s0", {"eval_accuracy": 0.9}, eval_split="", seconds=60)
   table = tools.summary(str(tmp_path)).splitlines()
   assert "| probe_mae | probe | test | 85.00 / 85.41 | 86.05 / 87.42 |  | 14m10s |" in table
   assert ("| probe_mae_blocks | probe (blocks 4 / 0) | test | 85.00 / 86.00 | 87.00 / 88.00 |  | "
@@ -75,7 +76,8 @@ def test_summary_lists_runs_and_seed_means(tmp_path):
   assert "| ft_mae_s1 | finetune | test |  |  | 92.00 | 1h20m |" in table
   assert "| mae_e50 | mae |  |  |  |  |  |" in table
   assert not any("unfinished" in line for line in table)
-  assert table[-1] == "| ft_mae_s* | 3 | 92.00 +- 1.00 |"
+  assert table[-2:] == ["| ft_mae_s* | 3 | 92.00 +- 1.00 |",
+                        "| ft_simmim_s* | 1 | 90.00 (one seed: no spread) |"]
 
 
 @requires_fmnist
