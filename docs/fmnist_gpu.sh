@@ -99,14 +99,10 @@ for section in $SECTIONS; do  # a section this script does not run would be skip
       "TRAIN_FLAGS for the others" >&2
       exit 2; }
 done
-for method in $METHODS; do  # a job's settings are words: each method one of the known
-  [[ " $ALL_METHODS " == *" $method "* ]] \
-      || { echo "METHODS: unknown '$method' (of: $ALL_METHODS)" >&2; exit 2; }
-done
-for step in $METHOD_STEPS; do
-  [[ " pretrain probe finetune " == *" $step "* ]] \
-      || { echo "METHOD_STEPS: unknown '$step' (pretrain, probe, finetune)" >&2; exit 2; }
-done
+# A job's settings are words: each method and step one of the known.
+# shellcheck disable=SC2086
+{ each_one_of METHODS "$ALL_METHODS" $METHODS
+  each_one_of METHOD_STEPS "pretrain probe finetune" $METHOD_STEPS; }
 
 # Fine-tuning reads its grid's choice: the grid in SECTIONS, its finished runs in ROOT (every
 # point of TUNE_POINTS), or a recorded choice: for VARIANT Ti/4 those of the 2026-12-04 grids

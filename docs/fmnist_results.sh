@@ -100,10 +100,8 @@ FT_TAG="" TUNE_TAG=""
 read -r -d '' -a TRAIN <<< "${TRAIN_FLAGS:-}" || true
 read -r -d '' -a PRETRAIN <<< "${PRETRAIN_FLAGS:-}" || true
 # A misspelt section or seed would run nothing and end with success.
-for section in $SECTIONS; do
-  [[ " ${ALL_SECTIONS//$'\n'/ } " == *" $section "* ]] \
-      || { echo "SECTIONS: unknown '$section' (one of: ${ALL_SECTIONS//$'\n'/ })" >&2; exit 2; }
-done
+# shellcheck disable=SC2086
+each_one_of SECTIONS "$ALL_SECTIONS" $SECTIONS
 [ -n "${SEEDS//[[:space:]]/}" ] || { echo "SEEDS: empty (e.g. SEEDS=\"0 1 2\")" >&2; exit 2; }
 for seed in $SEEDS; do
   [[ $seed =~ ^[0-9]+$ ]] || { echo "SEEDS: '$seed' is not an integer seed" >&2; exit 2; }
@@ -112,22 +110,11 @@ for spec in $LOWLABEL; do
   [[ $spec =~ ^[0-9]+(\.[0-9]+)?:[0-9]+$ ]] \
       || { echo "LOWLABEL: '$spec' is not PERCENT:EPOCHS (e.g. 1:60)" >&2; exit 2; }
 done
-for init in $LOWLABEL_INITS; do
-  [[ " mae scratch " == *" $init "* ]] \
-      || { echo "LOWLABEL_INITS: unknown '$init' (mae, scratch)" >&2; exit 2; }
-done
-for method in $METHODS; do
-  [[ " $ALL_METHODS " == *" $method "* ]] \
-      || { echo "METHODS: unknown '$method' (of: $ALL_METHODS)" >&2; exit 2; }
-done
-for step in $METHOD_STEPS; do
-  [[ " pretrain probe finetune " == *" $step "* ]] \
-      || { echo "METHOD_STEPS: unknown '$step' (pretrain, probe, finetune)" >&2; exit 2; }
-done
-for masking in $STUDY_MASKINGS; do
-  [[ " blockwise random75 " == *" $masking "* ]] \
-      || { echo "STUDY_MASKINGS: unknown '$masking' (blockwise, random75)" >&2; exit 2; }
-done
+# shellcheck disable=SC2086
+{ each_one_of LOWLABEL_INITS "mae scratch" $LOWLABEL_INITS
+  each_one_of METHODS "$ALL_METHODS" $METHODS
+  each_one_of METHOD_STEPS "pretrain probe finetune" $METHOD_STEPS
+  each_one_of STUDY_MASKINGS "blockwise random75" $STUDY_MASKINGS; }
 for point in $TUNE_POINTS; do
   python docs/fmnist_tools.py grid "$point" > /dev/null 2> /dev/null || { echo "TUNE_POINTS:" \
       "unknown '$point' (one of: $(python docs/fmnist_tools.py grid))" >&2; exit 2; }

@@ -1,5 +1,5 @@
-# Shared by the docs scripts (sourced, not run): their one argument, and a command that gets the
-# script's signals.
+# Shared by the docs scripts (sourced, not run): their one argument, the check of their
+# word-list settings, and a command that gets the script's signals.
 
 # output_dir USAGE DEFAULT "$@": prints the output folder the script was given (relative to
 # where the command runs) or DEFAULT (relative to the repository); an option or a second
@@ -17,6 +17,19 @@ output_dir() {
   else
     echo "$PWD/$1"
   fi
+}
+
+# each_one_of NAME "ALLOWED ..." VALUE...: exits 2 unless every VALUE is one of the ALLOWED
+# words (a misspelt one would run nothing, or something else, and end with success).
+each_one_of() {
+  local name=$1 allowed value
+  allowed=$(echo $2)  # one line, single spaces
+  shift 2
+  for value in "$@"; do
+    [[ " $allowed " == *" $value "* ]] || {
+      echo "$name: unknown '$value' (one of: $(echo $allowed | sed 's/ /, /g'))" >&2
+      exit 2; }
+  done
 }
 
 # run_passing_signals COMMAND...: runs COMMAND in the background with this script's SIGTERM and
