@@ -81,8 +81,12 @@ SECTIONS=${SECTIONS:-default}
 SECTIONS=$(echo $SECTIONS)  # one line, single spaces
 GPU_SECTIONS=$(echo $GPU_SECTIONS)
 export VIZ_EVERY=${VIZ_EVERY-2000}  # "": the configs' own picture interval
-# iBOT's multi-crop views are cut in the host pipeline (data.augment_on='host').
-export FLAGS_ibot=${FLAGS_ibot-"--config.data.augment_on=host --config.data.device_resident=False"}
+# iBOT's multi-crop views are cut in the host pipeline (data.augment_on='host'), about 1,200
+# images/s per grain worker (`python -m mim_jax.bench --config=configs/ibot_fmnist.py --feed` on
+# the 2-core CPU VM): 8 workers of the host's cores, the other runs of the wave holding their
+# split on the device.
+export FLAGS_ibot=${FLAGS_ibot-"--config.data.augment_on=host --config.data.device_resident=False
+--config.data.num_workers=8"}
 export PRE_EPOCHS=${PRE_EPOCHS:-30}
 ALL_METHODS="maskfeat beit simmim data2vec ibot data2vec2 maskdistill"
 METHODS=${METHODS:-$ALL_METHODS}

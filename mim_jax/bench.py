@@ -388,33 +388,45 @@ FEEDS = {  # name -> data overrides
 }
 
 
+# A method with its own augmentation (iBOT's multi-crop views) has one feed: grain with it.
+METHOD_AUGMENT_FEED = "grain_method_augment"
+
+
 def bench_feed(config, num_batches: int, rounds: int = 3) -> list[dict]:
   """Images/s of each training iterator of FEEDS on `config`'s data (its batch, workers and
   seed), rounds alternated, each batch's arrays ready on the device before the next; the
   median round per iterator. The step is not run: this is what the input side can deliver
-  (images, labels, boxes and flips; a method's host-drawn masks on neither side)."""
+  (images, labels, boxes and flips; a method's host-drawn masks on neither side). A method
+  with its own augmentation (`Method.train_augment`: iBOT's multi-crop views), which only the
+  grain pipeline runs, gets that one feed (METHOD_AUGMENT_FEED): images/s, each image with
+  all its views."""
   import jax
   import numpy as np
 
-  from mim_jax import data
+  from mim_jax import data, registry
+  from mim_jax.methods.base import TrainLength
   from mim_jax.training import parallel
 
   mesh = parallel.make_mesh(config.mesh)
   sharding = parallel.batch_sharding(mesh)
   size, channels, batch = tuple(config.image_size), config.channels, config.global_batch_size
+  method = registry.build_method(config, TrainLength(steps_per_epoch=1, schedule_steps=1))
+  augment = method.train_augment(config.data, size, channels)
+  feeds = ({METHOD_AUGMENT_FEED: {"augment_on": "host", "device_resident": False}}
+           if augment is not None else FEEDS)
 
   def make(name):
     data_cfg = config.data.copy_and_resolve_references()
-    data_cfg.update(FEEDS[name])
+    data_cfg.update(feeds[name])
     # The same work on every side: the device feeds have no RandAugment or random erasing.
     data_cfg.update({k: v for k, v in (("rand_augment", ""), ("random_erasing", 0.0))
                      if k in data_cfg})
     return data.make_train_iterator(data_cfg, image_size=size, channels=channels,
                                     global_batch_size=batch, seed=config.seed,
-                                    batch_sharding=sharding)
+                                    batch_sharding=sharding, augment=augment)
 
-  rates = {name: [] for name in FEEDS}
-  iterators = {name: make(name) for name in FEEDS}
+  rates = {name: [] for name in feeds}
+  iterators = {name: make(name) for name in feeds}
   try:
     for _ in range(rounds):
       for name, it in iterators.items():
@@ -429,7 +441,7 @@ def bench_feed(config, num_batches: int, rounds: int = 3) -> list[dict]:
       it.close()
   return [{"impl": "mim_jax_feed", "iterator": name, "data": config.data.source,
            "batch": batch, "batches": num_batches, "rounds": rounds,
-           "num_workers": 0 if FEEDS[name].get("device_resident") else config.data.num_workers,
+           "num_workers": 0 if feeds[name].get("device_resident") else config.data.num_workers,
            "images_per_s": round(float(np.median(r)), 1),
            "images_per_s_range": [round(min(r), 1), round(max(r), 1)], "cpu_count": os.cpu_count(),
            "device_kind": jax.devices()[0].device_kind} for name, r in rates.items()]

@@ -175,6 +175,15 @@ def test_feed_benchmark_times_every_training_iterator_on_the_configs_data():
     assert r["images_per_s_range"][0] <= r["images_per_s"] <= r["images_per_s_range"][1]
 
 
+def test_feed_benchmark_times_a_methods_own_augmentation_in_grain():
+  """iBOT's multi-crop views run only in the grain pipeline: its one feed (it crashed on the
+  missing crop fields of the default feeds)."""
+  rows = _bench("--config=configs/ibot_fmnist.py:runlocal", "--feed", "--pipeline_batches=2",
+                "--batch=8")
+  assert [r["iterator"] for r in rows] == ["grain_method_augment"]
+  assert rows[0]["images_per_s"] > 0 and rows[0]["batch"] == 8
+
+
 def test_peak_table_matches_device_kinds():
   from mim_jax.models.flops import (
     peak_tflops,  # not mim_jax.bench: its flags clash with main's

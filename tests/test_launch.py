@@ -733,8 +733,9 @@ def test_gpu_results_script_methods_are_valid_device_command_lines(tmp_path, mon
               if call[-1].endswith("_e30") and not call[-1].rsplit("/", 1)[1].startswith("probe")}
   assert sorted(pretrain) == sorted(f"{m}_e30" for m in (
       "maskfeat", "beit", "simmim", "data2vec", "ibot", "data2vec2", "maskdistill"))
-  assert pretrain["ibot_e30"][-3:-1] == ["--config.data.augment_on=host",
-                                         "--config.data.device_resident=False"]
+  assert pretrain["ibot_e30"][-4:-1] == ["--config.data.augment_on=host",
+                                         "--config.data.device_resident=False",
+                                         "--config.data.num_workers=8"]
   for name, call in pretrain.items():
     assert "--config.model.variant=Ti/4" in call and "--config.num_epochs=30" in call, name
     assert "--config.data.device_resident=True" in call, name
