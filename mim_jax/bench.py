@@ -330,8 +330,20 @@ def bench_hf(config, steps: int, warmup: int, compile_model: bool = False,
                   **extra)
 
 
+def _method_augment(config):
+  """The grain RandomMap of the config's method's own augmentation (iBOT's multi-crop views),
+  or None for the default RandomResizedCrop + flip (`Method.train_augment`)."""
+  from mim_jax import registry
+  from mim_jax.methods.base import TrainLength
+
+  # The augmentation does not depend on the schedule's length.
+  method = registry.build_method(config, TrainLength(steps_per_epoch=1, schedule_steps=1))
+  return method.train_augment(config.data, tuple(config.image_size), config.channels)
+
+
 def bench_pipeline(config, num_images: int, num_batches: int) -> dict:
-  """Images/s of the training input pipeline in one process, in total and per core used."""
+  """Images/s of the training input pipeline in one process, in total and per core used
+  (the method's own augmentation where it has one: iBOT's multi-crop views)."""
   import os
   import tempfile
 
@@ -354,9 +366,10 @@ def bench_pipeline(config, num_images: int, num_batches: int) -> dict:
     data_cfg = config.data.copy_and_resolve_references()
     data_cfg.update(source="image_folder", path=root, num_workers=0)
     batch = min(config.global_batch_size, num_images // 2)
+    augment = _method_augment(config)
     it = data.make_train_iterator(data_cfg, image_size=tuple(config.image_size),
                                   channels=config.channels, global_batch_size=batch, seed=0,
-                                  process_index=0, process_count=1)
+                                  process_index=0, process_count=1, augment=augment)
     next(it)  # warm-up: opening files, first decode
     start = time.perf_counter()
     for _ in range(num_batches):
@@ -376,7 +389,8 @@ def bench_pipeline(config, num_images: int, num_batches: int) -> dict:
           "batches": num_batches, "threads": threads, "cores_used": cores,
           "images_per_s": round(images_per_s, 1),
           "images_per_s_per_core": round(images_per_s / cores, 1),
-          "crop_scale": list(config.data.crop_scale),
+          "augment": "the method's own" if augment is not None else "RandomResizedCrop + flip",
+          "crop_scale": list(config.data.crop_scale) if "crop_scale" in config.data else None,
           "rand_augment": config.data.get("rand_augment", ""),
           "random_erasing": config.data.get("random_erasing", 0.0), **decode}
 
@@ -403,15 +417,13 @@ def bench_feed(config, num_batches: int, rounds: int = 3) -> list[dict]:
   import jax
   import numpy as np
 
-  from mim_jax import data, registry
-  from mim_jax.methods.base import TrainLength
+  from mim_jax import data
   from mim_jax.training import parallel
 
   mesh = parallel.make_mesh(config.mesh)
   sharding = parallel.batch_sharding(mesh)
   size, channels, batch = tuple(config.image_size), config.channels, config.global_batch_size
-  method = registry.build_method(config, TrainLength(steps_per_epoch=1, schedule_steps=1))
-  augment = method.train_augment(config.data, size, channels)
+  augment = _method_augment(config)
   feeds = ({METHOD_AUGMENT_FEED: {"augment_on": "host", "device_resident": False}}
            if augment is not None else FEEDS)
 

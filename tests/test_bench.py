@@ -163,6 +163,15 @@ def test_pipeline_benchmark_reports_images_per_core():
   assert len(rows) == 1 and rows[0]["images_per_s_per_core"] > 0
   assert rows[0]["images_per_s"] >= rows[0]["images_per_s_per_core"]
   assert rows[0]["image_size"] == [224, 224] and rows[0]["batch"] == 8
+  assert rows[0]["augment"] == "RandomResizedCrop + flip"
+
+
+def test_pipeline_benchmark_runs_a_methods_own_augmentation():
+  """iBOT's multi-crop views (it crashed on the default augmentation's missing crop fields)."""
+  rows = _bench("--config=configs/ibot_vits.py", "--pipeline", "--pipeline_images=8",
+                "--pipeline_batches=1", "--batch=4")
+  assert len(rows) == 1 and rows[0]["images_per_s_per_core"] > 0
+  assert rows[0]["augment"] == "the method's own" and rows[0]["crop_scale"] is None
 
 
 def test_feed_benchmark_times_every_training_iterator_on_the_configs_data():
