@@ -12,8 +12,8 @@
 #             the settings the held-out grid chose on 2026-12-04 (CHOSEN_tune_mae, lr2e-3
 #             without Mixup/CutMix; docs/results.md), for VARIANT Ti/4. Other variants have
 #             no recorded choice: give CHOSEN_tune_mae or run tune_mae. (The recorded
-#             choices, MAE's and scratch's, lr1e-3_nomix, are used only where the grid neither
-#             runs in this call nor finished in ROOT.)
+#             choices, MAE's lr2e-3_nomix and scratch's lr1e-3_nomix, are used only where the
+#             grid neither runs in this call nor finished in ROOT.)
 #   all       every section below: both tuning grids, scratch fine-tuning, the baselines'
 #             probes and the other methods (more than one 10-minute call: cut it with
 #             SECTIONS, e.g. SECTIONS="tune_mae tune_scratch finetune_scratch")
@@ -35,8 +35,9 @@
 # loop per L2 strength instead of 26 (probe.fit_sets, "auto"); not yet timed on a GPU.
 # Each run writes its results.json as it finishes, so a run cut short keeps what it finished and
 # a rerun skips it. Wall times of runs that shared the GPU are not comparable with the CPU's.
-# On one H200 (docs/results.md) pre-training took 263 s and a wave of six fine-tuning runs 3.5
-# minutes; the default run (pre-training, one probe, three fine-tuning runs) is sized for 8.
+# On one H200 (docs/results.md) pre-training took 263 s and a wave of six fine-tuning runs 205 s
+# each: the default run (pre-training, one probe, three fine-tuning runs) fits 8 minutes if the
+# probe (never timed alone on a GPU) and the smaller wave take under 217 s together; about 8-9.
 #
 #   bash docs/fmnist_gpu.sh [ROOT=workdirs/fmnist_gpu]
 #
@@ -70,15 +71,13 @@ export RANDOM_ENCODER_FLAGS=${RANDOM_ENCODER_FLAGS-$size}
 # A checkpoint and a picture every 200 steps (the CPU recipe's) would stall a GPU step of a few
 # milliseconds: every 2,000 instead.
 export PRETRAIN_FLAGS=${PRETRAIN_FLAGS:-"--config.checkpoint_every=2000"}
-export VIZ_EVERY=${VIZ_EVERY:-2000}
 # The grid without its RandAugment points: those run in the host pipeline, which cannot keep up.
 export TUNE_POINTS=${TUNE_POINTS:-"lr1e-3 lr2e-3 lr1e-3_nomix lr2e-3_nomix lr4e-3_nomix"}
 GPU_SECTIONS="pretrain_mae probe_mae tune_mae tune_scratch finetune_mae finetune_scratch baselines
 methods"
-SECTIONS=${SECTIONS:-default}
+SECTIONS=$(echo ${SECTIONS:-default})  # one line, single spaces
 [ "$SECTIONS" = default ] && SECTIONS="pretrain_mae probe_mae finetune_mae"
-[ "$SECTIONS" = all ] && SECTIONS=$GPU_SECTIONS
-SECTIONS=$(echo $SECTIONS)  # one line, single spaces
+[ "$SECTIONS" = all ] && SECTIONS=$(echo $GPU_SECTIONS)
 GPU_SECTIONS=$(echo $GPU_SECTIONS)
 export VIZ_EVERY=${VIZ_EVERY-2000}  # "": the configs' own picture interval
 # iBOT's multi-crop views are cut in the host pipeline (data.augment_on='host'), about 1,200

@@ -44,7 +44,7 @@
 # KNN_EVERY (5) sets the epochs between k-NN scores of a pre-training run. PRETRAIN_FLAGS are
 # added to the pre-training runs alone (e.g. their checkpoint interval, which fine-tuning
 # configs set apart); VIZ_EVERY sets the picture interval of the pre-training runs whose
-# method draws pictures (the others have no such field). RANDOM_ENCODER_FLAGS: the random
+# method draws pictures (the others have no such field), after PRETRAIN_FLAGS (it wins). RANDOM_ENCODER_FLAGS: the random
 # encoder's size when the pre-trained one is not the configs' demo ViT (e.g.
 # --config.model.variant=Ti/4 and the explicit sizes at 0), so that the random-encoder probe
 # has the same architecture.

@@ -19,12 +19,15 @@ output_dir() {
   fi
 }
 
-# each_one_of NAME "ALLOWED ..." VALUE...: exits 2 unless every VALUE is one of the ALLOWED
-# words (a misspelt one would run nothing, or something else, and end with success).
+# each_one_of NAME "ALLOWED ..." VALUE...: exits 2 unless there is a VALUE and every one is one
+# of the ALLOWED words (a misspelt or blank one would run nothing, or something else, and end
+# with success).
 each_one_of() {
   local name=$1 allowed value
   allowed=$(echo $2)  # one line, single spaces
   shift 2
+  [ $# -gt 0 ] || { echo "$name: empty (one or more of: $(echo $allowed | sed 's/ /, /g'))" >&2
+                    exit 2; }
   for value in "$@"; do
     [[ " $allowed " == *" $value "* ]] || {
       echo "$name: unknown '$value' (one of: $(echo $allowed | sed 's/ /, /g'))" >&2

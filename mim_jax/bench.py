@@ -26,12 +26,14 @@ CPU).
                few % apart on a shared machine), e.g.
                --variant=model.attention_impl=xla --steps=30 --rounds=6 --peer=none
   --pipeline   instead of steps: images/s per CPU core of the input pipeline (JPEG decode +
-               RandomResizedCrop + flip + normalise) on generated JPEGs, i.e. how many CPU cores
-               feed one accelerator at a given step rate
+               RandomResizedCrop + flip + normalise, or the method's own augmentation: iBOT's
+               multi-crop views) on generated JPEGs, i.e. how many CPU cores feed one
+               accelerator at a given step rate
   --feed       instead of steps: images/s of the training iterators over the config's own data,
                one process, alternated: grain with the host's augmentation, grain feeding
                augmentation on the device, and the split held on the device
-               (data.device_resident); the rate a step must stay under to be fed
+               (data.device_resident); the rate a step must stay under to be fed. A method
+               with its own augmentation (iBOT) has one feed: grain with it
 """
 
 from __future__ import annotations
@@ -334,8 +336,10 @@ def _method_augment(config):
   """The grain RandomMap of the config's method's own augmentation (iBOT's multi-crop views),
   or None for the default RandomResizedCrop + flip (`Method.train_augment`)."""
   from mim_jax import registry
-  from mim_jax.methods.base import TrainLength
+  from mim_jax.methods.base import Method, TrainLength
 
+  if registry.method_class(config.method).train_augment is Method.train_augment:
+    return None  # without building the method: BEiT's reads its tokenizer, MaskDistill its teacher
   # The augmentation does not depend on the schedule's length.
   method = registry.build_method(config, TrainLength(steps_per_epoch=1, schedule_steps=1))
   return method.train_augment(config.data, tuple(config.image_size), config.channels)

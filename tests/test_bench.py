@@ -191,6 +191,12 @@ def test_feed_benchmark_times_a_methods_own_augmentation_in_grain():
                 "--batch=8")
   assert [r["iterator"] for r in rows] == ["grain_method_augment"]
   assert rows[0]["images_per_s"] > 0 and rows[0]["batch"] == 8
+  # A method without its own augmentation is not built for it: BEiT's would read a tokenizer,
+  # and --feed times the input alone.
+  rows = _bench("--config=configs/beit_fmnist.py", "--config.tokenizer.path=/nonexistent",
+                "--feed", "--pipeline_batches=1", "--batch=8")
+  assert [r["iterator"] for r in rows] == ["grain_host_augment", "grain_device_augment",
+                                           "device_resident"]
 
 
 def test_peak_table_matches_device_kinds():

@@ -798,6 +798,7 @@ exec %s "$@"
     ({"SECTIONS": "pretrain_mae lowlabel"}, "SECTIONS: 'lowlabel' is not one of"),
     ({"SECTIONS": "methods", "METHODS": "simmim linprobe"}, "METHODS: unknown 'linprobe'"),
     ({"SECTIONS": "methods", "METHOD_STEPS": "pretrain fit"}, "METHOD_STEPS: unknown 'fit'"),
+    ({"SECTIONS": "methods", "METHODS": " "}, "METHODS: empty"),
     ({"SECTIONS": "methods", "METHODS": "simmim maskdistill"},
      "MaskDistill distils the MAE encoder"),
 ])
@@ -815,6 +816,11 @@ def test_gpu_results_script_runs_the_method_steps_asked_for(tmp_path):
                          METHOD_STEPS="probe")
   assert [call[-1].rsplit("/", 1)[1] for call in calls] == ["probe_simmim_e30",
                                                            "probe_data2vec_e30"]
+  # VIZ_EVERY="" leaves the configs' picture interval (no flag), SECTIONS with blanks around.
+  (tmp_path / "viz").mkdir()
+  calls = _results_calls(tmp_path / "viz", GPU_RESULTS, SECTIONS=" methods ", METHODS="simmim",
+                         METHOD_STEPS="pretrain", VIZ_EVERY="")
+  assert len(calls) == 1 and not any("viz_every" in a for a in calls[0])
 
 
 def test_results_script_runs_the_study_under_both_maskings(tmp_path, monkeypatch):
