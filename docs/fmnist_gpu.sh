@@ -78,6 +78,8 @@ methods"
 SECTIONS=$(echo ${SECTIONS:-default})  # one line, single spaces
 [ "$SECTIONS" = default ] && SECTIONS="pretrain_mae probe_mae finetune_mae"
 [ "$SECTIONS" = all ] && SECTIONS=$(echo $GPU_SECTIONS)
+[ -n "$SECTIONS" ] || { echo "SECTIONS: blank (unset for the default run, or all, or some of:" \
+    $GPU_SECTIONS")" >&2; exit 2; }
 GPU_SECTIONS=$(echo $GPU_SECTIONS)
 export VIZ_EVERY=${VIZ_EVERY-2000}  # "": the configs' own picture interval
 # iBOT's multi-crop views are cut in the host pipeline (data.augment_on='host'), about 1,200

@@ -799,6 +799,7 @@ exec %s "$@"
     ({"SECTIONS": "methods", "METHODS": "simmim linprobe"}, "METHODS: unknown 'linprobe'"),
     ({"SECTIONS": "methods", "METHOD_STEPS": "pretrain fit"}, "METHOD_STEPS: unknown 'fit'"),
     ({"SECTIONS": "methods", "METHODS": " "}, "METHODS: empty"),
+    ({"SECTIONS": "  "}, "SECTIONS: blank"),
     ({"SECTIONS": "methods", "METHODS": "simmim maskdistill"},
      "MaskDistill distils the MAE encoder"),
 ])
