@@ -89,7 +89,7 @@ export VIZ_EVERY=${VIZ_EVERY-2000}  # "": the configs' own picture interval
 export FLAGS_ibot=${FLAGS_ibot-"--config.data.augment_on=host --config.data.device_resident=False
 --config.data.num_workers=8"}
 export PRE_EPOCHS=${PRE_EPOCHS:-30}
-ALL_METHODS="maskfeat beit simmim data2vec ibot data2vec2 maskdistill"
+ALL_METHODS=$FMNIST_METHODS
 METHODS=${METHODS:-$ALL_METHODS}
 METHOD_STEPS=${METHOD_STEPS:-"pretrain probe finetune"}
 # Side by side, each process takes the GPU memory it uses, not JAX's default 75% of it.

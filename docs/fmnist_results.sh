@@ -76,7 +76,7 @@ cd "$(dirname "$0")/.."
 PY=python
 command -v python > /dev/null || { PY=python3; python() { python3 "$@"; }; }
 SECTIONS=${SECTIONS:-$ALL_SECTIONS}
-ALL_METHODS="maskfeat beit simmim data2vec ibot data2vec2 maskdistill"
+ALL_METHODS=$FMNIST_METHODS
 METHODS=${METHODS:-$ALL_METHODS}
 METHOD_STEPS=${METHOD_STEPS:-"pretrain probe finetune"}
 TARGETS=${TARGETS:-"pixels norm_pixels hog tokens teacher_features"}

@@ -19,6 +19,9 @@ output_dir() {
   fi
 }
 
+# The methods of the results scripts' methods section (docs/fmnist_results.sh, docs/fmnist_gpu.sh).
+FMNIST_METHODS="maskfeat beit simmim data2vec ibot data2vec2 maskdistill"
+
 # each_one_of NAME "ALLOWED ..." VALUE...: exits 2 unless there is a VALUE and every one is one
 # of the ALLOWED words (a misspelt or blank one would run nothing, or something else, and end
 # with success).
