@@ -8,7 +8,8 @@
 #   bash docs/gpu_benchmarks.sh [OUT=workdirs/gpu_bench]
 #
 # Rows: (1) MAE ViT-L/16 bf16 with a profile by kernel category, and its levers in the same
-# process (XLA's attention instead of cuDNN's, bfloat16 AdamW moments); (2) HF ViTMAE eager
+# process (XLA's attention instead of cuDNN's, bfloat16 AdamW moments, the non-finite guard
+# as lax.cond instead of selects); (2) HF ViTMAE eager
 # (bf16 autocast) on ViT-L/16, its own process; (3) ViT-B/16: MAE, MAE with mask tokens in the
 # encoder, SimMIM, MaskFeat; (4) the training loop on Fashion-MNIST with the split held on the
 # device, with grain workers feeding device or host augmentation, beside the bare step; (5) HF
@@ -73,7 +74,8 @@ cat "$OUT/machine.txt"
 common=(--batch="$BATCH" --dtype=bfloat16)
 # 1. ViT-L/16: the default step (cuDNN attention, odd lengths padded), profiled, and levers.
 bench vitl 90 "--config=$VITL" "${common[@]}" --peer=none --profile="$OUT/profile_vitl" \
-    --variant=model.attention_impl=xla --variant=optimizer.mu_dtype=bfloat16
+    --variant=model.attention_impl=xla --variant=optimizer.mu_dtype=bfloat16 \
+    --variant=nonfinite_guard=cond
 # 2. The eager PyTorch peer in its own process.
 bench vitl_hf 60 "--config=$VITL" "${common[@]}" --peer=hf --peers_only
 # 3. ViT-B/16: MAE, with mask tokens through the encoder, SimMIM and MaskFeat.

@@ -50,6 +50,7 @@ from conftest import REPO, tiny_mae_config
      r"config.data.path='/nonexistent/fmnist'.*apt-get install -y dataset-fashion-mnist"),
     ({"data.source": "image_folder", "data.path": "/nonexistent/images"}, r"config.data.path"),
     ({"viz_every": -1}, r"config.viz_every=-1"),
+    ({"nonfinite_guard": "where"}, r"config.nonfinite_guard='where' .*'select' or 'cond'"),
     # multistep without epochs would be a constant lr that ignores decay_factor.
     ({"optimizer.schedule": "multistep"}, r"config.optimizer.decay_epochs=\(\) is invalid"),
     # A repeated epoch would merge into one decay (the schedule keys decays by step).

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -259,12 +260,13 @@ class _Quadratic(base.Method):
     return loss, ({"loss": loss}, {"seen": extra["seen"] + x.shape[0]})
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
-def test_nonfinite_step_changes_nothing_but_the_counters(accum, bad):
+@pytest.mark.parametrize("accum,bad,guard", [(1, jnp.nan, "select"), (2, jnp.inf, "select"),
+                                             (1, jnp.inf, "cond"), (2, jnp.nan, "cond")])
+def test_nonfinite_step_changes_nothing_but_the_counters(accum, bad, guard):
   method, tx = _Quadratic(), optax.adamw(1e-2)
   state = step_lib.init_train_state(method, tx, jax.random.key(0), (1, 2, 2, 1))
-  step = jax.jit(step_lib.make_train_step(method, tx, lambda s: 1e-2, accum))
+  step = jax.jit(step_lib.make_train_step(method, tx, lambda s: 1e-2, accum,
+                                          nonfinite_guard=guard))
   good = {"image": jnp.ones((4, 2, 2, 1))}
   poisoned = {"image": good["image"].at[1, 0, 0, 0].set(bad)}
 
@@ -275,12 +277,38 @@ def test_nonfinite_step_changes_nothing_but_the_counters(accum, bad):
                   jax.tree.leaves((state.params, state.opt_state, state.extra)), strict=True):
     np.testing.assert_array_equal(a, b)
   assert int(state.step) == 2 and int(metrics["nonfinite"]) == 1
+  assert np.isnan(float(metrics["update_norm"]))  # no update was applied
   state, metrics = step(state, poisoned, jax.random.key(1))
   assert int(state.nonfinite_streak) == 2 and int(metrics["skipped_updates"]) == 2
   state, metrics = step(state, good, jax.random.key(1))
   assert int(state.nonfinite_streak) == 0 and int(state.skipped_updates) == 2
   assert int(metrics["nonfinite"]) == 0 and np.isfinite(float(metrics["loss"]))
   assert not np.array_equal(before.params["w"], state.params["w"])  # training went on
+
+
+def test_both_nonfinite_guards_train_alike():
+  """'cond' (the CPU default) and 'select' give the same states and metrics over finite,
+  skipped and streak-held steps; a streak that reached `stop_streak` holds under both."""
+  method, tx = _Quadratic(), optax.adamw(1e-2)
+  good = {"image": jnp.ones((4, 2, 2, 1))}
+  poisoned = {"image": good["image"].at[1, 0, 0, 0].set(jnp.nan)}
+  batches = (good, poisoned, good, poisoned, poisoned, good)
+  runs = {}
+  for guard in step_lib.NONFINITE_GUARDS:
+    state = step_lib.init_train_state(method, tx, jax.random.key(0), (1, 2, 2, 1))
+    step = jax.jit(step_lib.make_train_step(method, tx, lambda s: 1e-2, stop_streak=2,
+                                            nonfinite_guard=guard))
+    rows = []
+    for batch in batches:
+      state, metrics = step(state, batch, jax.random.key(1))
+      rows.append(metrics)
+    runs[guard] = (state, rows)
+  chex.assert_trees_all_equal(runs["cond"], runs["select"])
+  state, rows = runs["cond"]
+  assert [int(m["nonfinite"]) for m in rows] == [0, 1, 0, 1, 1, 1]  # the last held, finite
+  assert step_lib.default_nonfinite_guard("") == "cond"  # the test process runs on the CPU
+  with pytest.raises(ValueError, match="nonfinite_guard='where'"):
+    step_lib.make_train_step(method, tx, lambda s: 1e-2, nonfinite_guard="where")
 
 
 def test_schedules_run_on_applied_updates_after_a_skipped_step():

@@ -207,6 +207,8 @@ def validate_optimization(config) -> None:
   for name in ("log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_nonfinite",
                "max_consecutive_failed_saves"):
     positive_int(config, name)
+  require(config.nonfinite_guard in ("", "select", "cond"), "nonfinite_guard",
+          config.nonfinite_guard, "'' (the backend's choice), 'select' or 'cond'")
   require(config.parallel.step in PARALLEL_STEPS, "parallel.step", config.parallel.step,
           f"one of {PARALLEL_STEPS}")
   parallel.check_mesh_axes(config.mesh, config.sharding_rules)

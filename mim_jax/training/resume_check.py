@@ -46,7 +46,7 @@ CHANGEABLE_ON_RESUME = (
     # uninterrupted run: micro-batches draw their own randomness (grad_accum_steps), and a
     # shard_map step's depends on the device index (mesh).
     "mesh", "sharding_rules", "parallel.step", "grad_accum_steps", "compiler_options",
-    "model.remat", "model.attention_impl",
+    "model.remat", "model.attention_impl", "nonfinite_guard",
     # Files that move with the machine, and how the host reads them (not data.num_workers:
     # the saved data position is per worker, docs/reliability.md). data.on_bad_image: a run
     # stopped by a corrupt file under "raise" resumes with "skip", as BadImageError advises

@@ -156,7 +156,8 @@ class Run:
       fn = step.make_train_step(self.method, self.tx, self.schedule,
                                 self.config.grad_accum_steps, axis_name=axes,
                                 norms_every=self.config.log_every, last_step=self.last_step,
-                                stop_streak=self.config.max_consecutive_nonfinite)
+                                stop_streak=self.config.max_consecutive_nonfinite,
+                                nonfinite_guard=self.config.nonfinite_guard)
       state_spec = jax.tree.map(lambda _: P(), self.abstract_state)
       fn = jax.shard_map(fn, mesh=self.mesh, in_specs=(state_spec, P(axes), P()),
                          out_specs=(state_spec, P()))
@@ -164,7 +165,8 @@ class Run:
       fn = parallel.with_activation_mesh(self.mesh, step.make_train_step(
           self.method, self.tx, self.schedule, self.config.grad_accum_steps,
           norms_every=self.config.log_every, last_step=self.last_step,
-          stop_streak=self.config.max_consecutive_nonfinite))
+          stop_streak=self.config.max_consecutive_nonfinite,
+          nonfinite_guard=self.config.nonfinite_guard))
     if self.config.data.get("augment_on", "host") == "device":
       fn = device_augment.augmenting(fn, self.config)
     return compiler_options.jit(

@@ -108,10 +108,22 @@ def _to_varying(x: jax.Array, axis_name) -> jax.Array:
   return jax.lax.pvary(x, axis_name)
 
 
+NONFINITE_GUARDS = ("select", "cond")
+
+
+def default_nonfinite_guard(guard: str) -> str:
+  """How a step keeps its state at a NaN / Inf: `guard`, or for "" the backend's default
+  ("cond" on a CPU, where it was measured faster; "select" elsewhere, until measured)."""
+  if guard:
+    return guard
+  return "cond" if jax.default_backend() == "cpu" else "select"
+
+
 def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     grad_accum_steps: int = 1, axis_name=None, norms_every: int = 1,
                     last_step: Optional[int] = None,
-                    stop_streak: Optional[int] = None) -> Callable:
+                    stop_streak: Optional[int] = None,
+                    nonfinite_guard: str = "") -> Callable:
   """Returns the pure step `(state, batch, rng) -> (state, metrics)`.
 
   Without `axis_name` the step is global: jit it with the batch sharded over a mesh and XLA
@@ -134,8 +146,13 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
   statistics (the linear probe's) move once per microbatch, as in PyTorch.
 
   A step whose loss or gradients hold a NaN or Inf changes nothing but the counters: params,
-  optimizer state and `extra` keep their values (one select per leaf, fused into the update),
-  `skipped_updates` and `nonfinite_streak` grow by one; a finite step resets the streak.
+  optimizer state and `extra` keep their values, `skipped_updates` and `nonfinite_streak` grow
+  by one; a finite step resets the streak. `nonfinite_guard` says how (the same results):
+  "select" computes the update and keeps the old state by one select per leaf; "cond" runs the
+  update inside `lax.cond` and no update at a skipped step; "" picks by backend
+  (`default_nonfinite_guard`). On XLA:CPU the selects are kernels of their own, a read of the
+  new and old state and a write per leaf every step (docs/benchmarks.md: 3-7% of a ViT-B/16
+  MAE step), which "cond" saves; on a GPU, XLA reads a conditional's predicate on the host.
   With `stop_streak` (the loop's `max_consecutive_nonfinite`) a streak that reaches it holds:
   every later step is skipped too, finite or not, so that a loop which reads the streak only at
   its logging steps still sees a streak that ended between two of them, and stops there with
@@ -158,6 +175,9 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
         "teacher temperature, annealing): build it with the run's length, "
         "registry.build_method(config, TrainLength(steps_per_epoch, schedule_steps)), "
         "before making its train step")
+  guard = default_nonfinite_guard(nonfinite_guard)
+  if guard not in NONFINITE_GUARDS:
+    raise ValueError(f"nonfinite_guard={nonfinite_guard!r}: one of {('',) + NONFINITE_GUARDS}")
   if axis_name is not None:
     method = method.with_axis(axis_name)
 
@@ -214,23 +234,33 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
     if axis_name is not None:
       loss, metrics, grads = jax.lax.pmean((loss, metrics, grads), axis_name)
 
-    with jax.named_scope("optimizer"):
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
     # The updates applied before this one: the optimizer's own count (a skipped step restores
     # its state), so the method's schedules (EMA momentum, temperatures) and the logged lr run
     # on the clock the lr and weight-decay schedules run on, skipped steps or not.
     applied = state.step - state.skipped_updates
-    extra = method.after_update(params, extra, applied)  # e.g. an EMA teacher follows params
     grad_norm = _global_norm(grads)
     # One NaN/Inf anywhere in the gradients makes their norm non-finite.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     apply = finite
     if stop_streak is not None:
       apply &= state.nonfinite_streak < stop_streak
-    params, opt_state, extra = jax.tree.map(
-        lambda new, old: jnp.where(apply, new, old),
-        (params, opt_state, extra), (state.params, state.opt_state, state.extra))
+
+    def update(_):
+      with jax.named_scope("optimizer"):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+      return params, opt_state, method.after_update(params, extra, applied), updates
+
+    if guard == "cond":
+      def keep(_):
+        return (state.params, state.opt_state, state.extra,
+                jax.tree.map(jnp.zeros_like, state.params))
+      params, opt_state, extra, updates = jax.lax.cond(apply, update, keep, None)
+    else:
+      params, opt_state, extra, updates = update(None)
+      params, opt_state, extra = jax.tree.map(
+          lambda new, old: jnp.where(apply, new, old),
+          (params, opt_state, extra), (state.params, state.opt_state, state.extra))
     skipped = (~apply).astype(jnp.int32)
     streak = jnp.where(apply, 0, state.nonfinite_streak + 1)
     # Parameter and update norms are only read where they are logged: computed there alone.
@@ -241,6 +271,9 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
       param_norm, update_norm = jax.lax.cond(
           logged, lambda: (_global_norm(params), _global_norm(updates)),
           lambda: (jnp.float32(jnp.nan), jnp.float32(jnp.nan)))
+    # A skipped step applied no update (whatever the discarded one held): NaN under either
+    # guard.
+    update_norm = jnp.where(apply, update_norm, jnp.float32(jnp.nan))
     metrics = dict(metrics)
     metrics.update(learning_rate=schedule(applied), grad_norm=grad_norm,
                    param_norm=param_norm, update_norm=update_norm,
