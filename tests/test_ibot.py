@@ -12,7 +12,7 @@ import pytest
 from mim_jax import data, registry
 from mim_jax.config import defaults as config_defaults
 from mim_jax.config.errors import ConfigError
-from mim_jax.data import multicrop
+from mim_jax.data import multicrop, transforms
 from mim_jax.methods.base import TrainLength
 from mim_jax.objectives import losses, masking, self_distillation
 from mim_jax.training import optim
@@ -110,8 +110,8 @@ def test_teacher_gets_no_gradient_and_centres_follow_their_formula(stepped):
       jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(state.params, state.extra["teacher"])
   assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(grads))
   assert float(optax.tree.norm(student_grads)) > 0
-  views = multicrop.GLOBAL_VIEWS_KEY
-  images = jnp.swapaxes(batch[views], 0, 1).reshape(-1, *batch[views].shape[2:])
+  views = multicrop.normalize_views(batch[multicrop.GLOBAL_VIEWS_KEY], *method.norm)
+  images = jnp.swapaxes(views, 0, 1).reshape(-1, *views.shape[2:])
   t_out = np.asarray(method.model.apply({"params": state.extra["teacher"]}, images))
   cls_mean, patch_mean = t_out[:, 0].mean(0), t_out[:, 1:].mean((0, 1))
   # The loss gathers the batch's mean teacher outputs; the centres move after the update.
@@ -329,6 +329,8 @@ def test_multicrop_batches_shapes_masks_and_exact_resume():
   assert first[multicrop.LOCAL_VIEWS_KEY].shape == (b, 2, 8, 8, 3)
   assert first[multicrop.GLOBAL_MASKS_KEY].shape == (b, 2, 16)
   assert first[multicrop.GLOBAL_MASKS_KEY].dtype == bool
+  # 8-bit views ship as uint8, normalised in the step.
+  assert first[multicrop.GLOBAL_VIEWS_KEY].dtype == first[multicrop.LOCAL_VIEWS_KEY].dtype == np.uint8
   np.testing.assert_array_equal(first["image"], first[multicrop.GLOBAL_VIEWS_KEY][:, 0])
   assert not np.array_equal(first[multicrop.GLOBAL_VIEWS_KEY][:, 0],
                             first[multicrop.GLOBAL_VIEWS_KEY][:, 1])
@@ -356,6 +358,33 @@ def test_multicrop_placeholder_for_undecodable_image():
   good = aug.random_map({"image": np.full((20, 20, 3), 128, np.uint8), "label": 3},
                         np.random.default_rng(0))
   assert good["valid"] and good["label"] == 3
+
+
+def test_views_normalised_in_the_step_equal_the_hosts(stepped):
+  """uint8 views normalised by the step (`normalize_views`) give the loss of the same views
+  normalised on the host (`Normalizer`), to float32 rounding; float32 views pass through, and
+  an image of more than 8 bits ships its views normalised as float32."""
+  method, batch, states, _ = stepped
+  norm = transforms.Normalizer(*method.norm, channels=3)
+  host = {k: (jnp.asarray(norm(np.asarray(x))) if k in (multicrop.GLOBAL_VIEWS_KEY,
+                                                         multicrop.LOCAL_VIEWS_KEY) else x)
+          for k, x in batch.items()}
+  for k in (multicrop.GLOBAL_VIEWS_KEY, multicrop.LOCAL_VIEWS_KEY):
+    np.testing.assert_allclose(multicrop.normalize_views(batch[k], *method.norm), host[k],
+                               rtol=0, atol=1e-6)
+    assert multicrop.normalize_views(host[k], *method.norm) is host[k]
+  rng = jax.random.key(3)
+  loss = jax.jit(lambda b: method.loss(states[1].params, states[1].extra, b, rng)[0])
+  np.testing.assert_allclose(loss(batch), loss(host), rtol=1e-5)
+  # 16-bit pixels (no photometrics: they need 8 bits) become float32 views, normalised.
+  plain = tiny_config(**{"multicrop.jitter_prob": 0.0, "multicrop.grayscale_prob": 0.0,
+                         "multicrop.solarize_prob": 0.0, "multicrop.blur": False})
+  aug = registry.build_method(plain, TrainLength(8, 16)).train_augment(plain.data, (16, 16), 3)
+  deep = np.zeros((20, 20, 3), np.uint16)  # black: (0 - mean) / std < -1 in every channel
+  out = aug.random_map({"image": transforms.as_unit_range(deep), "label": 1},
+                       np.random.default_rng(0))
+  views = out[multicrop.GLOBAL_VIEWS_KEY]
+  assert views.dtype == np.float32 and float(views.max()) < -1
 
 
 def test_variable_ratio_blockwise_masks_half_the_views_within_the_range():
@@ -570,8 +599,9 @@ def test_memory_plan_compiles_the_multi_crop_step():
   c = tiny_config()
   plan = memory_plan.plan(c)
   b = c.global_batch_size
-  expected = 4 * b * (2 * 16 * 16 * 3 + 2 * 8 * 8 * 3 + 16 * 16 * 3) + b * (4 + 2 * 16)
-  assert plan["batch"] == expected, plan  # global + local views, the image, labels, masks
+  # uint8 global + local views and image (8-bit data), int32 labels, bool masks.
+  expected = b * (2 * 16 * 16 * 3 + 2 * 8 * 8 * 3 + 16 * 16 * 3) + b * (4 + 2 * 16)
+  assert plan["batch"] == expected, plan
   assert plan["xla_temp"] > 0 and plan["params"] > 0 and plan["extra"] > 0, plan
 
 

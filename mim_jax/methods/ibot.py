@@ -117,6 +117,7 @@ class IBOT(base.PretrainingMethod):
   def __init__(self, config, length=None):
     super().__init__(config, length)
     self.cfg, self.crop = config.ibot, config.multicrop
+    self.norm = (tuple(config.data.mean), tuple(config.data.std))  # 8-bit views' normalisation
     encoder = encoder_from_config(config.model, config.image_size, config.channels,
                                   use_mask_token=True)
     self.model = IBOTModel(encoder, sd.head_from_config(self.cfg))
@@ -155,7 +156,7 @@ class IBOT(base.PretrainingMethod):
 
   def loss(self, params, extra, batch, rng, train=True):
     c, step = self.cfg, extra["step"]
-    views = batch[multicrop.GLOBAL_VIEWS_KEY]
+    views = multicrop.normalize_views(batch[multicrop.GLOBAL_VIEWS_KEY], *self.norm)
     nv, b = views.shape[1], views.shape[0]
     images = multicrop.views_first(views)
     masks = multicrop.views_first(batch[multicrop.GLOBAL_MASKS_KEY])
@@ -168,6 +169,7 @@ class IBOT(base.PretrainingMethod):
     s_cls = s_out[:, 0].reshape(nv, b, -1)
     local = batch.get(multicrop.LOCAL_VIEWS_KEY)
     if local is not None and local.shape[1]:
+      local = multicrop.normalize_views(local, *self.norm)
       s_local = self.model.apply({"params": student}, multicrop.views_first(local), cls_only=True,
                                  train=train, rngs={"drop_path": local_rng})
       s_cls = jnp.concatenate([s_cls, s_local[:, 0].reshape(local.shape[1], b, -1)])
