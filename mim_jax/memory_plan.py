@@ -22,7 +22,8 @@ program, so only the per-device batch (batch / (data x fsdp)) drives the compile
 
 The numbers are XLA:CPU's, compiled with its memory-minimising scheduler (SCHEDULER_FLAG;
 with the default concurrency-optimised one, activation checkpointing shows no saving); the
-command leaves config.compiler_options out (`plan()` takes the config as given). GPU and TPU
+command leaves config.compiler_options out (`plan()` takes the config as given, except that
+`nonfinite_guard=""` plans the accelerators' "select", not the CPU's "cond"). GPU and TPU
 compilers fuse, lay out and schedule differently (and CPU may keep bfloat16 matmul results
 in float32), so read them as an estimate of the same order, not a guarantee; leave headroom
 (docs/scaling.md).
@@ -83,6 +84,11 @@ def plan(config, devices=None) -> dict[str, Any]:
   import jax
 
   from mim_jax.training import parallel, setup
+  if not config.get("nonfinite_guard", ""):
+    # The step a GPU or TPU run compiles: its default guard, not the CPU's that compiles this
+    # plan ("cond" on a CPU needs less temporary memory, docs/benchmarks.md).
+    config = config.copy_and_resolve_references()
+    config.nonfinite_guard = "select"
   # The schedule's length does not change the memory: a nominal 1000 steps per epoch.
   r = setup.setup_run(setup.prepare(config), devices=devices,
                       num_examples=1000 * config.global_batch_size, process_count=1)
@@ -103,7 +109,7 @@ def plan(config, devices=None) -> dict[str, Any]:
       "mesh": dict(mesh.shape), "devices": mesh.devices.size,
       "global_batch": config.global_batch_size, "per_device_batch": per_device_batch,
       "grad_accum_steps": config.grad_accum_steps, "dtype": config.model.dtype,
-      "remat": config.model.get("remat", "none"),
+      "remat": config.model.get("remat", "none"), "nonfinite_guard": config.nonfinite_guard,
       "num_params": sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params)),
       "params": part("params"), "opt_state": part("opt_state"), "extra": part("extra"),
       "batch": batch_bytes,
@@ -122,6 +128,7 @@ def format_plan(result: dict[str, Any], hbm_gib: float = 0.0) -> str:
       f"mesh {result['mesh']} ({result['devices']} devices), global batch "
       f"{result['global_batch']} = {result['per_device_batch']} per device, grad_accum "
       f"{result['grad_accum_steps']}, dtype {result['dtype']}, remat {result['remat']}, "
+      f"non-finite guard {result['nonfinite_guard']}, "
       f"{result['num_params'] / 1e6:.1f}M params (compiled in {result['compile_s']:.0f} s)",
       f"  params          {gib(result['params'])}",
       f"  opt_state       {gib(result['opt_state'])}",

@@ -363,7 +363,7 @@ def test_multicrop_placeholder_for_undecodable_image():
 def test_views_normalised_in_the_step_equal_the_hosts(stepped):
   """uint8 views normalised by the step (`normalize_views`) give the loss of the same views
   normalised on the host (`Normalizer`), to float32 rounding; float32 views pass through, and
-  an image of more than 8 bits ships its views normalised as float32."""
+  without photometric steps (which need 8 bits) the views ship normalised as float32."""
   method, batch, states, _ = stepped
   norm = transforms.Normalizer(*method.norm, channels=3)
   host = {k: (jnp.asarray(norm(np.asarray(x))) if k in (multicrop.GLOBAL_VIEWS_KEY,
@@ -385,6 +385,12 @@ def test_views_normalised_in_the_step_equal_the_hosts(stepped):
                        np.random.default_rng(0))
   views = out[multicrop.GLOBAL_VIEWS_KEY]
   assert views.dtype == np.float32 and float(views.max()) < -1
+  # One dtype per run: without photometrics 8-bit images and placeholders get float32 too, so
+  # a folder mixing bit depths never stacks raw uint8 rows beside normalised ones.
+  for image in (np.zeros((20, 20, 3), np.uint8), None):
+    out = aug.random_map({"image": image, "label": 1}, np.random.default_rng(0))
+    assert out[multicrop.GLOBAL_VIEWS_KEY].dtype == np.float32
+    assert out[multicrop.LOCAL_VIEWS_KEY].dtype == np.float32
 
 
 def test_variable_ratio_blockwise_masks_half_the_views_within_the_range():

@@ -324,6 +324,7 @@ def test_memory_plan_command(tmp_path):
   text = out.stdout
   assert "mesh {'fsdp': 4} (4 devices), global batch 8 = 2 per device" in text, text
   assert "remat full" in text and "fits in 1 GiB: yes" in text, text
+  assert "non-finite guard select" in text, text  # an accelerator's step, not the CPU's
   for row in ("params", "opt_state", "xla temp", "peak estimate"):
     assert re.search(rf"^  {row} +[0-9.]+ GiB", text, re.M), (row, text)
 

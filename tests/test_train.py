@@ -268,6 +268,19 @@ def test_train_step_compiles_once_per_run_across_logging_checkpoints_and_resume(
   assert compilations(config) == 1
 
 
+def test_config_nonfinite_guard_reaches_the_compiled_step():
+  """config.nonfinite_guard picks the run's step: "cond" adds a conditional around the update
+  to the diagnostics' one, "select" does not, and "" is "cond" on this CPU."""
+  from mim_jax.training import setup
+  cases = {}
+  for guard in ("select", "cond", ""):
+    r = setup.setup_run(setup.prepare(tiny_mae_config(nonfinite_guard=guard)), num_examples=64)
+    batch = setup.abstract_batch(r, r.config.global_batch_size)
+    text = r.jit_step().lower(r.abstract_state, batch, jax.random.key(0)).as_text()
+    cases[guard] = text.count("stablehlo.case")
+  assert cases["cond"] == cases["select"] + 1 and cases[""] == cases["cond"], cases
+
+
 def test_norms_are_computed_at_logged_steps_only_with_the_same_values():
   """Parameter / update norms at the logging interval equal those of a step that computes
   them every step; in between they are NaN (not computed)."""

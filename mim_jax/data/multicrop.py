@@ -10,11 +10,12 @@ method's `train_augment` hook. From one decoded image it makes
                                            global view, True = masked
   "label", "valid"
 
-The views of 8-bit images ship as uint8, normalised in the train step (`normalize_views`):
-a quarter of float32's bytes through the workers' shared memory and onto the device, and no
-per-pixel normalisation on the host (2 of the 28 ms of an ImageNet image's 12 views,
-docs/benchmarks.md). Views of images of more than 8 bits ship as float32, normalised here, and
-`normalize_views` passes them through.
+With photometric steps on (they need 8-bit images) the views ship as uint8, normalised in
+the train step (`normalize_views`): a quarter of float32's bytes through the workers' shared
+memory and onto the device, and no per-pixel normalisation on the host (1.33x images/s per
+core on ImageNet's 12 views, docs/benchmarks.md). With every photometric step off, any
+image (more than 8 bits too) gives float32 views normalised here, which `normalize_views`
+passes through. One dtype per run, placeholders included: a batch never mixes them.
 
 Photometric steps follow DINO / iBOT's recipe (each view: flip, colour jitter with probability
 `jitter_prob` — brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1 in random order —,
@@ -67,11 +68,16 @@ class Photometric:
   blur: bool = True
   solarize_prob: float = 0.2
 
+  @property
+  def active(self) -> bool:
+    """Whether any step is on (each needs 8-bit pixels)."""
+    return bool(self.jitter_prob or self.grayscale_prob or self.blur or self.solarize_prob)
+
   def __call__(self, image: np.ndarray, rng: np.random.Generator, view: int) -> np.ndarray:
     """`view`: 0 / 1 for the global views, 2 for a local one (picks the blur / solarise odds)."""
     c = image.shape[-1]
     if image.dtype != np.uint8 or c not in (1, 3):
-      if self.jitter_prob or self.grayscale_prob or self.blur or self.solarize_prob:
+      if self.active:
         raise ValueError(
             f"the photometric views work on 8-bit grayscale or RGB images, not {image.dtype} "
             f"with {c} channels: set multicrop.jitter_prob, grayscale_prob and solarize_prob "
@@ -132,13 +138,16 @@ class MultiCropAugment(grain.transforms.RandomMap):
       out = out[:, ::-1]
     return self.photometric(np.ascontiguousarray(out), rng, view)
 
+  @property
+  def views_dtype(self) -> type:
+    """uint8 with photometric steps (which refuse other images), else float32 normalised."""
+    return np.uint8 if self.photometric.active else np.float32
+
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    image, c = element["image"], self.normalize.channels
+    image, c, dtype = element["image"], self.normalize.channels, self.views_dtype
     if image is None:
-      # uint8, as an 8-bit source's views; beside float32 views (a source of more than 8
-      # bits) the batch's stack promotes these zeros to float32, and the row is dropped anyway.
-      out = {GLOBAL_VIEWS_KEY: np.zeros((NUM_GLOBAL, *self.image_size, c), np.uint8),
-             LOCAL_VIEWS_KEY: np.zeros((self.num_local, *self.local_size, c), np.uint8),
+      out = {GLOBAL_VIEWS_KEY: np.zeros((NUM_GLOBAL, *self.image_size, c), dtype),
+             LOCAL_VIEWS_KEY: np.zeros((self.num_local, *self.local_size, c), dtype),
              "label": np.int32(-1), VALID_KEY: np.bool_(False)}
       if self.mask_generator is not None:
         out[GLOBAL_MASKS_KEY] = np.zeros((NUM_GLOBAL, self.mask_generator.num_patches), bool)
@@ -147,11 +156,11 @@ class MultiCropAugment(grain.transforms.RandomMap):
                for v in range(NUM_GLOBAL)]
       local = [self._view(image, rng, self.local_scale, self.local_size, 2)
                for _ in range(self.num_local)]
-      # 8-bit views stay uint8 (normalised in the step, `normalize_views`).
-      ship = (lambda x: x) if image.dtype == np.uint8 else self.normalize
+      # uint8 views are normalised in the step (`normalize_views`).
+      ship = (lambda x: x) if dtype == np.uint8 else self.normalize
       out = {GLOBAL_VIEWS_KEY: ship(np.stack(views)),
              LOCAL_VIEWS_KEY: (ship(np.stack(local)) if local else
-                               np.zeros((0, *self.local_size, c), np.uint8)),
+                               np.zeros((0, *self.local_size, c), dtype)),
              "label": np.int32(element["label"]), VALID_KEY: np.bool_(True)}
       if self.mask_generator is not None:
         out[GLOBAL_MASKS_KEY] = self.mask_generator.host(rng, NUM_GLOBAL)

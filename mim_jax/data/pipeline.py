@@ -175,7 +175,8 @@ def train_dataset(data_cfg, *, image_size: tuple[int, int], channels: int,
                   process_count: int | None = None,
                   element_transforms: Sequence[grain.transforms.RandomMap] = (),
                   augment: grain.transforms.RandomMap | None = None) -> grain.IterDataset:
-  """The training pipeline: grain IterDataset of {"image": f32 [B, H, W, C], "label": i32 [B]}.
+  """The training pipeline: grain IterDataset of {"image": f32 [B, H, W, C], "label": i32 [B]}
+  (a method's own `augment` makes its own keys, e.g. iBOT's uint8 multi-crop views).
 
   Reads `data.split`, restricted to the per-class subset when data.label_fraction < 1 (see
   `sources.build_train_source`). `element_transforms` are a method's own per-example random
@@ -258,7 +259,8 @@ def make_train_iterator(data_cfg, *, image_size: tuple[int, int], channels: int,
                         augment: grain.transforms.RandomMap | None = None
                         ) -> grain.DatasetIterator:
   """An infinite iterator of this host's batches {"image": float32 [B, H, W, C] normalised,
-  "label": int32 [B]} (the source's class labels; 0 for a source without labels).
+  "label": int32 [B]} (the source's class labels; 0 for a source without labels); a method's
+  own `augment` sets its own keys and dtypes (iBOT: uint8 views, normalised in its step).
 
   B = global_batch_size // process_count. With data.label_fraction < 1 only the per-class
   subset of the training split is read (`num_examples` gives its size). Deterministic for
