@@ -625,9 +625,14 @@ def main(argv):
   if FLAGS.asymmetry:
     rows.append(_variant(configs[0], **{"model.encoder_mask_tokens": True}))
   try:
-    cpu_devices.configure(FLAGS.cpu_devices, rows, multi_process=False)
+    count = cpu_devices.configure(FLAGS.cpu_devices, rows, multi_process=False)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  if count is not None:  # as mim_jax.main: an explicit count on a GPU or TPU is said unused
+    import jax
+    said = cpu_devices.report(count, FLAGS.cpu_devices, jax.default_backend())
+    if said is not None:
+      logging.log(*said)
   if FLAGS.rounds > 1 and (FLAGS.feed or FLAGS.pipeline or FLAGS.peers_only):
     raise app.UsageError("--rounds alternates the mim_jax train-step rows; --feed, --pipeline "
                          "and --peers_only time none")

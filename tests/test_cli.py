@@ -87,6 +87,8 @@ def test_invalid_config_names_field_value_and_allowed(overrides, match):
     ("mae", {"eval.batch_size": 64}, r"eval.batch_size=64 is not used: the k-NN monitor is off"),
     ("mae", {"data.source": "synthetic", "data.split": "validation"},
      r"data.split='validation' is not used: data.source='synthetic' has the same images"),
+    ("mae", {"data.source": "image_folder", "data.split": "val"},
+     r"data.split='val' is not used: data.source='image_folder' trains on the folder"),
     ("mae", {"data.source": "fashion_mnist", "data.on_bad_image": "raise"},
      r"on_bad_image='raise' is not used: only data.source 'image_folder', 'tfds' and 'npy'"),
     ("mae", {"viz_every": 0, "viz_num_images": 4}, r"viz_num_images=4 is not used: pictures"),
@@ -126,6 +128,9 @@ def test_invalid_config_names_field_value_and_allowed(overrides, match):
      r"teacher_patch_temp=0.05 is not used: the patch loss is off \(ibot.lambda_patch=0\)"),
     ("ibot", {"ibot.lambda_cls": 0.0, "multicrop.num_local": 0, "ibot.teacher_temp": 0.05},
      r"teacher_temp=0.05 is not used: the \[CLS\] loss is off \(ibot.lambda_cls=0\)"),
+    # The pixel probe fits one feature set: how sets are fitted changes nothing.
+    ("probe", {"classifier.features": "pixels", "probe.fit_sets": "together"},
+     r"fit_sets='together' is not used: classifier.features='pixels' runs no encoder"),
 ])
 def test_fields_a_method_would_not_read_are_refused(method, overrides, match):
   """Settings that would silently do nothing (no k-NN monitor to score eval_split, a frozen
@@ -149,6 +154,7 @@ def test_fields_a_method_would_not_read_are_refused(method, overrides, match):
              "classifier.mixup_alpha": {"classifier.mixup_prob": 1.0},
              "classifier.cutmix_alpha": {"classifier.mixup_prob": 1.0},
              "classifier.pool": {"classifier.features": "encoder"},
+             "probe.fit_sets": {"classifier.features": "encoder"},
              "multicrop.grayscale_prob": {"channels": 3},
              "multicrop.local_size": {"multicrop.num_local": 2},
              "ibot.warmup_teacher_temp": {"ibot.warmup_teacher_temp_epochs": 1.0},
@@ -416,6 +422,10 @@ def test_cpu_devices_split_the_batch_across_the_cores(tmp_path, monkeypatch, cap
     assert "--cpu_devices=2 is not used" in caplog.text
   with pytest.raises(ValueError, match="--cpu_devices='two'"):
     cpu_devices.configure("two", [config], multi_process=False)
+  # A k-NN or probe job computes on one device: a count for it would do nothing.
+  job = files.load_config_file(str(REPO / "configs" / "knn_fmnist.py"))
+  with pytest.raises(ValueError, match="--cpu_devices=2: method 'knn' runs no training loop"):
+    cpu_devices.configure("2", [job], multi_process=False)
   # A real start: two devices, and the run says so.
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
   out = subprocess.run([sys.executable, "-m", "mim_jax.main",

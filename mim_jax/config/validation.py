@@ -453,6 +453,9 @@ UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
      "only data.source='synthetic' reads it"),
     (("data.split",), lambda c: c.data.source != "synthetic",
      "data.source='synthetic' has the same images for every split"),
+    (("data.split",), lambda c: c.data.source != "image_folder",
+     "data.source='image_folder' trains on the folder data.path whatever the split's name "
+     "(evaluation splits other than 'holdout' read data.eval_path)"),
     (("data.eval_split",),
      lambda c: c.data.source != "synthetic" or c.data.eval_split == data.sources.HOLDOUT_SPLIT,
      "data.source='synthetic' has the same images for every split (only 'holdout', training "

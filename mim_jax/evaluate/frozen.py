@@ -483,8 +483,9 @@ class ProbeJob(KnnJob):
     return [*super().unread_rules(),
             (("classifier.probe_layer",), lambda c: not c.probe.select_layer,
              "probe.select_layer=True chooses the block on data.holdout"),
-            (("probe.select_layer",), lambda c: c.classifier.features != "pixels",
-             "classifier.features='pixels' runs no encoder (no block to choose)")]
+            (("probe.select_layer", "probe.fit_sets"), lambda c: c.classifier.features != "pixels",
+             "classifier.features='pixels' runs no encoder (no block to choose, and one feature "
+             "set, which fit_sets does not change)")]
 
   @classmethod
   def run(cls, config, workdir):

@@ -108,6 +108,12 @@ def encoder_width(config) -> int:
   return vit.size_from_config(config.model)[0].width
 
 
+def trains(config) -> bool:
+  """Whether `config` runs a training loop, whose batch several CPU devices can split (the
+  frozen-feature jobs have no global batch and compute on one device)."""
+  return "global_batch_size" in config and "model" in config
+
+
 def count_for(config, cores: int) -> int:
   """The largest device count <= `cores` that splits every batch the run shards over its
   devices evenly: the micro-batch (global_batch_size / grad_accum_steps) and the evaluation
@@ -116,8 +122,7 @@ def count_for(config, cores: int) -> int:
   device (it would be copied to every device); at most MAX_AUTO_DEVICES. The encoder is the
   one `init_from` brings, when it names one (`encoder_width`)."""
   mesh = tuple(tuple(axis) for axis in config.get("mesh", ()))
-  if ("global_batch_size" not in config or "model" not in config or len(mesh) != 1
-      or mesh[0][1] != -1):
+  if not trains(config) or len(mesh) != 1 or mesh[0][1] != -1:
     return 1
   if (encoder_width(config) > MAX_AUTO_WIDTH
       or config.get("data", {}).get("device_resident", False)):
@@ -140,6 +145,11 @@ def configure(requested: str, configs, multi_process: bool) -> int | None:
   explicit = requested != AUTO
   if explicit and not (requested.isdigit() and int(requested) >= 1):
     raise ValueError(f"--cpu_devices={requested!r}: expected 'auto' or a count >= 1")
+  if explicit and int(requested) > 1 and configs and not any(trains(c) for c in configs):
+    raise ValueError(
+        f"--cpu_devices={requested}: method {configs[0].get('method', '?')!r} runs no training "
+        "loop and computes on one device (the k-NN and probe jobs): leave --cpu_devices "
+        "out")
   if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or (
       os.environ.get("JAX_NUM_CPU_DEVICES")):
     if explicit:
