@@ -548,6 +548,10 @@ _MODE_FIELDS = {
 }
 _MODE_WHY = {"feed": "each feed its own", "pipeline": "a generated JPEG folder read by one "
              "process, seed 0"}
+# What the input-timing modes read of a config: no model, optimizer or loss is built, so a
+# --config override outside these would do nothing.
+_INPUT_FIELDS = ("method", "data.", "image_size", "channels", "global_batch_size", "seed", "mesh",
+                 "multicrop.", "masking.")
 
 
 def _check_mode_flags(config) -> None:
@@ -563,6 +567,13 @@ def _check_mode_flags(config) -> None:
       raise app.UsageError(f"--{mode} sets {', '.join(_MODE_FIELDS[mode])} itself "
                            f"({_MODE_WHY[mode]}): "
                            f"{', '.join('--config.' + f for f in replaced)} would have no "
+                           "effect")
+    inert = sorted(f for f in overrides
+                   if not any(f == p or (p.endswith(".") and f.startswith(p))
+                              for p in _INPUT_FIELDS))
+    if inert:
+      raise app.UsageError(f"--{mode} times the input pipeline and builds no model, optimizer "
+                           f"or loss: {', '.join('--config.' + f for f in inert)} would have no "
                            "effect")
     own = FLAGS.flags_by_module_dict()[FLAGS.find_module_defining_flag(mode)]
     ignored = sorted(f.name for f in own if f.name not in read and f.present)

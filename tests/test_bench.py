@@ -107,6 +107,8 @@ def test_feed_pipeline_and_peers_only_refuse_flags_they_do_not_read():
                                                         "data.path, data.num_workers, seed itself",
            ("--feed", "--config.data.device_resident=True"): "--config.data.device_resident "
                                                              "would have no effect",
+           ("--feed", "--config.model.dtype=bfloat16"): "builds no model, optimizer or loss: "
+                                                        "--config.model.dtype would have no",
            ("--peers_only", "--variant=model.remat=full"): "--also, --variant and --asymmetry add",
            ("--config.masking.kind=blockwise",): "--peer times HF's MAE, which uses "
                                                   "masking.kind='random': the first config has "
