@@ -451,6 +451,13 @@ UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
      "only data.source='tfds' reads it"),
     (("data.synthetic_size", "data.synthetic_classes"), lambda c: c.data.source == "synthetic",
      "only data.source='synthetic' reads it"),
+    # Labels are read by evaluations, the k-NN monitor and the label-stratified subsets; a
+    # pre-training run without them trains on the images alone.
+    (("data.synthetic_classes",),
+     lambda c: c.data.source != "synthetic" or defaults.scores_eval_split(c)
+     or c.data.get("label_fraction", 1.0) < 1 or c.data.get("holdout", 0) > 0,
+     "no label is read: the run scores no evaluation split (knn.every_epochs=0) and takes no "
+     "data.label_fraction subset or data.holdout"),
     (("data.split",), lambda c: c.data.source != "synthetic",
      "data.source='synthetic' has the same images for every split"),
     (("data.split",), lambda c: c.data.source != "image_folder",
