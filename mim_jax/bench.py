@@ -549,7 +549,8 @@ _MODE_FIELDS = {
 _MODE_WHY = {"feed": "each feed its own", "pipeline": "a generated JPEG folder read by one "
              "process, seed 0"}
 # What the input-timing modes read of a config: no model, optimizer or loss is built, so a
-# --config override outside these would do nothing.
+# --config override outside these (and the method's `weight_fields`: tokenizer or teacher
+# paths its validation requires) would do nothing.
 _INPUT_FIELDS = ("method", "data.", "image_size", "channels", "global_batch_size", "seed", "mesh",
                  "multicrop.", "masking.")
 
@@ -568,9 +569,11 @@ def _check_mode_flags(config) -> None:
                            f"({_MODE_WHY[mode]}): "
                            f"{', '.join('--config.' + f for f in replaced)} would have no "
                            "effect")
+    from mim_jax import registry
+    read_fields = _INPUT_FIELDS + tuple(registry.method_class(config.method).weight_fields)
     inert = sorted(f for f in overrides
                    if not any(f == p or (p.endswith(".") and f.startswith(p))
-                              for p in _INPUT_FIELDS))
+                              for p in read_fields))
     if inert:
       raise app.UsageError(f"--{mode} times the input pipeline and builds no model, optimizer "
                            f"or loss: {', '.join('--config.' + f for f in inert)} would have no "
