@@ -584,6 +584,18 @@ def _check_mode_flags(config) -> None:
       raise app.UsageError(f"--{mode} times the input pipeline and reads only "
                            f"{', '.join('--' + n for n in sorted(read - {mode}))}: "
                            f"{', '.join('--' + n for n in ignored)} would have no effect")
+  if not (FLAGS.feed or FLAGS.pipeline):
+    # The steps run on a generated batch (`on_synthetic_data`): of the input's settings only
+    # the in-step ones act (device augmentation, the normalisation the step applies), and a
+    # classifier's dataset, whose class count sizes its head.
+    read = {"data.augment_on", "data.mean", "data.std"}
+    if "classifier" in config:
+      read |= {"data." + f for f in ("source", "path", "split", "tfds_name", "tfds_data_dir")}
+    inert = sorted(f for f in overrides if f.startswith("data.") and f not in read)
+    if inert:
+      raise app.UsageError("the train step is timed on a generated batch: "
+                           f"{', '.join('--config.' + f for f in inert)} would have no effect "
+                           "(--feed and --pipeline time the input)")
   if FLAGS.pipeline:
     if FLAGS.batch > FLAGS.pipeline_images // 2:
       raise app.UsageError(f"--pipeline: --batch={FLAGS.batch} needs --pipeline_images >= "

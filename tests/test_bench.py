@@ -109,6 +109,8 @@ def test_feed_pipeline_and_peers_only_refuse_flags_they_do_not_read():
                                                              "would have no effect",
            ("--feed", "--config.model.dtype=bfloat16"): "builds no model, optimizer or loss: "
                                                         "--config.model.dtype would have no",
+           ("--config.data.num_workers=4",): "timed on a generated batch: "
+                                             "--config.data.num_workers would have no effect",
            ("--peers_only", "--variant=model.remat=full"): "--also, --variant and --asymmetry add",
            ("--config.masking.kind=blockwise",): "--peer times HF's MAE, which uses "
                                                   "masking.kind='random': the first config has "
@@ -136,10 +138,25 @@ def test_alternated_rows_take_turns_round_by_round(monkeypatch):
 def test_bench_times_a_config_whose_dataset_is_not_on_the_machine(tmp_path):
   """The step runs on a generated batch: an ImageNet config benchmarks on a host without
   ImageNet (a GPU machine), where a training run is refused at start-up."""
-  rows = _bench("--config=configs/mae_vitb.py:runlocal", "--config.data.source=tfds",
-                "--config.data.tfds_name=imagenet2012", f"--config.data.tfds_data_dir={tmp_path}",
-                "--peer=none", "--batch=4")
+  config = tmp_path / "mae_imagenet_small.py"  # the runlocal size, reading ImageNet from TFDS
+  config.write_text(f"""
+import importlib.util
+spec = importlib.util.spec_from_file_location("mae_vitb", "{REPO}/configs/mae_vitb.py")
+mae_vitb = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mae_vitb)
+
+def get_config(arg=None):
+  c = mae_vitb.get_config("runlocal")
+  c.data.update(source="tfds", tfds_name="imagenet2012", tfds_data_dir="{tmp_path}")
+  return c
+""")
+  rows = _bench(f"--config={config}", "--peer=none", "--batch=4")
   assert len(rows) == 1 and rows[0]["images_per_s"] > 0
+  # Telling the step where the data is would change nothing: refused.
+  out = subprocess.run([sys.executable, "-m", "mim_jax.bench", f"--config={config}",
+                        f"--config.data.tfds_data_dir={tmp_path}", "--peer=none"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0 and "--config.data.tfds_data_dir would have no" in out.stderr
 
 
 def test_a_classifier_off_its_dataset_keeps_the_head_size_it_is_given(tmp_path):
