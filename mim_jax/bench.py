@@ -570,7 +570,13 @@ def _check_mode_flags(config) -> None:
                            f"{', '.join('--config.' + f for f in replaced)} would have no "
                            "effect")
     from mim_jax import registry
-    read_fields = _INPUT_FIELDS + tuple(registry.method_class(config.method).weight_fields)
+    from mim_jax.methods import base
+    method = registry.method_class(config.method)
+    read_fields = _INPUT_FIELDS + tuple(method.weight_fields)
+    if method.train_augment is not base.Method.train_augment:
+      # A method's own augmentation is built from the method: iBOT's masks follow the
+      # encoder's patch grid.
+      read_fields += ("model.",)
     inert = sorted(f for f in overrides
                    if not any(f == p or (p.endswith(".") and f.startswith(p))
                               for p in read_fields))
@@ -586,11 +592,14 @@ def _check_mode_flags(config) -> None:
                            f"{', '.join('--' + n for n in ignored)} would have no effect")
   if not (FLAGS.feed or FLAGS.pipeline):
     # The steps run on a generated batch (`on_synthetic_data`): of the input's settings only
-    # the in-step ones act (device augmentation, the normalisation the step applies), and a
-    # classifier's dataset, whose class count sizes its head.
-    read = {"data.augment_on", "data.mean", "data.std"}
+    # the in-step ones act (device augmentation, the normalisation the step applies), a
+    # device-resident split (through the CPU device count) and a classifier's dataset, whose
+    # class count sizes its head.
+    # device_resident: --cpu_devices=auto keeps one device for such a split.
+    read = {"data.augment_on", "data.mean", "data.std", "data.device_resident"}
     if "classifier" in config:
-      read |= {"data." + f for f in ("source", "path", "split", "tfds_name", "tfds_data_dir")}
+      read |= {"data." + f for f in ("source", "path", "split", "tfds_name", "tfds_data_dir",
+                                     "synthetic_classes")}
     inert = sorted(f for f in overrides if f.startswith("data.") and f not in read)
     if inert:
       raise app.UsageError("the train step is timed on a generated batch: "
