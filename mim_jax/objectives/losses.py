@@ -120,9 +120,13 @@ def teacher_probs(logits: jax.Array, center: jax.Array, temperature: jax.Array |
 
 def soft_cross_entropy(student_logits: jax.Array, probs: jax.Array,
                        student_temp: float) -> jax.Array:
-  """-sum_k p_k log softmax(s / student_temp)_k over the last axis."""
-  log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32) / student_temp, axis=-1)
-  return -jnp.sum(probs * log_q, axis=-1)
+  """-sum_k p_k log softmax(s / student_temp)_k over the last axis, computed as
+  logsumexp(z) - sum_k p_k z_k with z = s / student_temp (the teacher's probabilities sum to
+  1): the log-probabilities [..., K] are never formed, and the backward is softmax(z) - p.
+  On 2 CPU cores iBOT's patch loss at [2, 256, 49, 1024] runs its forward and backward 1.37x
+  faster this way (docs/benchmarks.md), equal to float32 rounding."""
+  z = student_logits.astype(jnp.float32) / student_temp
+  return jax.nn.logsumexp(z, axis=-1) - jnp.sum(probs * z, axis=-1)
 
 
 def cross_view_distillation(student_logits: jax.Array, probs: jax.Array,
