@@ -663,7 +663,9 @@ def main(argv):
     count = cpu_devices.configure(FLAGS.cpu_devices, rows, multi_process=False)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  if count is not None:  # as mim_jax.main: an explicit count on a GPU or TPU is said unused
+  if count is not None and not FLAGS.peers_only:
+    # As mim_jax.main: an explicit count on a GPU or TPU is said unused. (Not beside the
+    # PyTorch peers alone: asking for the backend would start JAX on their GPU.)
     import jax
     said = cpu_devices.report(count, FLAGS.cpu_devices, jax.default_backend())
     if said is not None:
