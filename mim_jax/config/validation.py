@@ -28,7 +28,7 @@ from mim_jax.config.errors import ConfigError, config_error
 from mim_jax.evaluate import knn
 from mim_jax.models.vit import MLP_ACTS, REL_POS_BIAS, VIT_SIZES, parse_variant, size_from_config
 from mim_jax.objectives.masking import ATTENTION_ORDERS, MASK_KINDS, num_visible
-from mim_jax.training import compiler_options, optim, parallel
+from mim_jax.training import compiler_options, optim, parallel, step
 from mim_jax.weights import continuation, pretrained
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -207,7 +207,7 @@ def validate_optimization(config) -> None:
   for name in ("log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_nonfinite",
                "max_consecutive_failed_saves"):
     positive_int(config, name)
-  require(config.nonfinite_guard in ("", "select", "cond"), "nonfinite_guard",
+  require(config.nonfinite_guard in ("",) + step.NONFINITE_GUARDS, "nonfinite_guard",
           config.nonfinite_guard, "'' (the backend's choice), 'select' or 'cond'")
   require(config.parallel.step in PARALLEL_STEPS, "parallel.step", config.parallel.step,
           f"one of {PARALLEL_STEPS}")

@@ -169,16 +169,13 @@ class MultiCropAugment(grain.transforms.RandomMap):
 
 
 def normalize_views(views, mean, std):
-  """In the train step: uint8 views [..., C] -> float32 (x / 255 - mean) / std, the constants
-  and the multiply-add of the host's `Normalizer` (equal to rounding); float32 views (sources
-  of more than 8 bits, normalised on the host) pass through."""
+  """In the train step: uint8 views [..., C] -> float32 (x / 255 - mean) / std, with the host's
+  `Normalizer` constants (equal to rounding); float32 views (normalised on the host) pass
+  through."""
   if views.dtype != jnp.uint8:
     return views
-  c = views.shape[-1]
-  mean = np.broadcast_to(np.asarray(mean, np.float32), (c,))
-  std = np.broadcast_to(np.asarray(std, np.float32), (c,))
-  scale = (1.0 / (255.0 * std)).astype(np.float32)
-  return views.astype(jnp.float32) * scale + (-mean / std).astype(np.float32)
+  scale, offset = Normalizer(tuple(mean), tuple(std), views.shape[-1]).constants(uint8=True)
+  return views.astype(jnp.float32) * scale + offset
 
 
 def default_config() -> ml_collections.ConfigDict:

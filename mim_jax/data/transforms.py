@@ -260,11 +260,16 @@ class Normalizer:
   std: tuple[float, ...]
   channels: int
 
-  def __call__(self, image: np.ndarray) -> np.ndarray:
+  def constants(self, uint8: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, offset), float32 [C]: the normalised image is x * scale + offset (x uint8, or
+    float32 in [0, 1]). Also applied in a train step to uint8 data (`multicrop.normalize_views`)."""
     mean = np.broadcast_to(np.asarray(self.mean, np.float32), (self.channels,))
     std = np.broadcast_to(np.asarray(self.std, np.float32), (self.channels,))
-    scale = (1.0 / ((255.0 if image.dtype == np.uint8 else 1.0) * std)).astype(np.float32)
-    offset = (-mean / std).astype(np.float32)
+    scale = (1.0 / ((255.0 if uint8 else 1.0) * std)).astype(np.float32)
+    return scale, (-mean / std).astype(np.float32)
+
+  def __call__(self, image: np.ndarray) -> np.ndarray:
+    scale, offset = self.constants(image.dtype == np.uint8)
     return image.astype(np.float32) * scale + offset
 
 
