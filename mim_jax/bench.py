@@ -592,11 +592,10 @@ def _check_mode_flags(config) -> None:
                            f"{', '.join('--' + n for n in ignored)} would have no effect")
   if not (FLAGS.feed or FLAGS.pipeline):
     # The steps run on a generated batch (`on_synthetic_data`): of the input's settings only
-    # the in-step ones act (device augmentation, the normalisation the step applies), a
-    # device-resident split (through the CPU device count) and a classifier's dataset, whose
-    # class count sizes its head.
-    # device_resident: --cpu_devices=auto keeps one device for such a split.
-    read = {"data.augment_on", "data.mean", "data.std", "data.device_resident"}
+    # the in-step ones act (device augmentation, the normalisation the step applies) and a
+    # classifier's dataset, whose class count sizes its head. A device-resident split changes
+    # the feed, not the step (--feed times it).
+    read = {"data.augment_on", "data.mean", "data.std"}
     if "classifier" in config:
       read |= {"data." + f for f in ("source", "path", "split", "tfds_name", "tfds_data_dir",
                                      "synthetic_classes")}

@@ -111,6 +111,8 @@ def test_feed_pipeline_and_peers_only_refuse_flags_they_do_not_read():
                                                         "--config.model.dtype would have no",
            ("--config.data.num_workers=4",): "timed on a generated batch: "
                                              "--config.data.num_workers would have no effect",
+           ("--config.data.augment_on=device", "--config.data.device_resident=True"):
+               "--config.data.device_resident would have no effect",
            ("--peers_only", "--variant=model.remat=full"): "--also, --variant and --asymmetry add",
            ("--config.masking.kind=blockwise",): "--peer times HF's MAE, which uses "
                                                   "masking.kind='random': the first config has "

@@ -170,6 +170,22 @@ def test_undecodable_images_are_left_out_unless_most_are_bad(tmp_path, good, bad
     assert images.shape == (good, 10, 12, 3) and labels.shape == (good,)
 
 
+def test_cpu_devices_copies_of_the_split_count_together(tmp_path, monkeypatch):
+  """CPU devices share the host's memory: the split's bound holds for all their copies, and
+  the refusal names the device count that fits."""
+  from test_data import data_config, save_image
+  for i in range(4):
+    save_image(tmp_path / f"{i}.png", np.zeros((8, 8, 3), np.uint8))
+  cfg = data_config(source="image_folder", path=str(tmp_path))
+  monkeypatch.setattr(device_resident, "MAX_BYTES", 3 * 4 * 8 * 8 * 3)  # 3 copies of 4 images
+  images, _ = device_resident.load_split(cfg, image_size=(8, 8), channels=3,
+                                         copies_in_one_memory=3)
+  assert images.shape == (4, 8, 8, 3)
+  with pytest.raises(ConfigError, match=r"4 CPU devices' copies in the host's memory.*"
+                     r"--cpu_devices=1"):
+    device_resident.load_split(cfg, image_size=(8, 8), channels=3, copies_in_one_memory=4)
+
+
 @pytest.mark.parametrize("overrides,match", [
     ({"data.device_resident": True}, "augment_on"),
     ({**RESIDENT, "data.num_workers": 4}, "no worker processes"),

@@ -44,7 +44,8 @@ from mim_jax.data.transforms import CROP_BOX_KEY, FLIP_KEY
 log = logging.getLogger(__name__)
 
 # A copy of the split lives on every device: beyond this it would crowd out the model (and it
-# is no longer a "small" dataset; use the grain pipeline with workers).
+# is no longer a "small" dataset; use the grain pipeline with workers). CPU devices share the
+# host's memory, so there the bound holds for all their copies together.
 MAX_BYTES = 4 * 2**30
 _SHUFFLE, _AUGMENT, _EXTRAS = 11, 12, 13  # generator streams, apart from the grain pipeline's
 _STATE_KIND = "mim_jax.device_resident"
@@ -162,10 +163,12 @@ def check_saved_position(position: str | bytes, *, resident: bool) -> None:
                        f"its checkpoint holds the data position of {writer}")
 
 
-def load_split(data_cfg, *, image_size: tuple[int, int],
-               channels: int) -> tuple[np.ndarray, np.ndarray]:
+def load_split(data_cfg, *, image_size: tuple[int, int], channels: int,
+               copies_in_one_memory: int = 1) -> tuple[np.ndarray, np.ndarray]:
   """(images [N, h, w, C] as decoded, labels int32 [N]) of the training split (holdout and
-  label subset applied); undecodable images are left out (data.on_bad_image='skip')."""
+  label subset applied); undecodable images are left out (data.on_bad_image='skip').
+  `copies_in_one_memory`: the device copies that will share one memory (CPU devices share
+  the host's), all of which MAX_BYTES bounds."""
   source = sources.build_train_source(data_cfg, image_size=image_size, channels=channels)
   decoder = pipeline._decoder(data_cfg, channels)  # pylint: disable=protected-access
   images = labels = None
@@ -177,11 +180,14 @@ def load_split(data_cfg, *, image_size: tuple[int, int],
       continue
     if images is None:  # the first decodable image sets the size, dtype and memory
       size = len(source) * image.nbytes
-      if size > MAX_BYTES:
+      if size * copies_in_one_memory > MAX_BYTES:
+        shared = (f", {copies_in_one_memory} CPU devices' copies in the host's memory, "
+                  f"{size * copies_in_one_memory / 2**30:.1f} GiB (or fewer devices: "
+                  "--cpu_devices=1)" if copies_in_one_memory > 1 else "")
         raise config_error("data.device_resident", True,
                            f"False for {source!r}: its {size / 2**30:.1f} GiB would be copied "
-                           f"to every device (at most {MAX_BYTES / 2**30:.0f} GiB); the grain "
-                           "pipeline with data.num_workers reads it from the host")
+                           f"to every device{shared}; at most {MAX_BYTES / 2**30:.0f} GiB; "
+                           "the grain pipeline with data.num_workers reads it from the host")
       images = np.empty((len(source), *image.shape), image.dtype)
       labels = np.empty(len(source), np.int32)
     elif image.shape != images.shape[1:]:
@@ -210,7 +216,10 @@ def make_train_iterator(data_cfg, *, image_size: tuple[int, int], channels: int,
   # pylint: disable-next=protected-access
   process_index, process_count = pipeline._process_index_and_count(process_index, process_count)
   local_batch = pipeline.local_batch_size(global_batch_size, process_count)
-  images, labels = load_split(data_cfg, image_size=image_size, channels=channels)
+  local_devices = batch_sharding.mesh.local_devices
+  on_cpu = all(d.platform == "cpu" for d in local_devices)
+  images, labels = load_split(data_cfg, image_size=image_size, channels=channels,
+                              copies_in_one_memory=len(local_devices) if on_cpu else 1)
   if len(labels) < process_count:
     raise ValueError(f"{len(labels)} decodable training images, fewer than the "
                      f"{process_count} processes sharing them")

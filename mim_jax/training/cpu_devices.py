@@ -118,14 +118,15 @@ def count_for(config, cores: int) -> int:
   """The largest device count <= `cores` that splits every batch the run shards over its
   devices evenly: the micro-batch (global_batch_size / grad_accum_steps) and the evaluation
   batch. 1 for a mesh with fixed axis sizes (the config chose its devices), for jobs
-  without a training loop, for encoders wider than MAX_AUTO_WIDTH and for a split held on the
-  device (it would be copied to every device); at most MAX_AUTO_DEVICES. The encoder is the
-  one `init_from` brings, when it names one (`encoder_width`)."""
+  without a training loop and for encoders wider than MAX_AUTO_WIDTH; at most
+  MAX_AUTO_DEVICES. A split held on the device (data.device_resident) is copied to each CPU
+  device, in the host's memory: data/device_resident.py refuses copies beyond its memory
+  bound, naming --cpu_devices. The encoder is the one `init_from` brings, when it names one
+  (`encoder_width`)."""
   mesh = tuple(tuple(axis) for axis in config.get("mesh", ()))
   if not trains(config) or len(mesh) != 1 or mesh[0][1] != -1:
     return 1
-  if (encoder_width(config) > MAX_AUTO_WIDTH
-      or config.get("data", {}).get("device_resident", False)):
+  if encoder_width(config) > MAX_AUTO_WIDTH:
     return 1
   micro = config.global_batch_size // max(1, config.get("grad_accum_steps", 1))
   eval_batch = config.eval.batch_size if "eval" in config else micro
