@@ -131,18 +131,19 @@ def test_student_never_sees_masked_pixels_and_teacher_gets_no_gradient(stepped):
   assert np.all(per_patch[mask] == 0) and np.all(per_patch[~mask] > 0)
 
 
-@pytest.mark.parametrize("groups", [1, 4])
-def test_grouped_conv_equals_flax_conv_in_value_init_and_gradient(groups):
+@pytest.mark.parametrize("groups,kernel", [(1, 3), (4, 3), (4, 5), (2, 1)])
+def test_grouped_conv_equals_flax_conv_in_value_init_and_gradient(groups, kernel):
   x = jax.random.normal(jax.random.key(0), (2, 5, 6, 8))
-  ours = GroupedConv(12, 3, groups)
-  ref = nn.Conv(12, (3, 3), padding="SAME", feature_group_count=groups)
+  ours = GroupedConv(12, kernel, groups)
+  ref = nn.Conv(12, (kernel, kernel), padding="SAME", feature_group_count=groups)
   p_ours = ours.init(jax.random.key(1), x)["params"]
   p_ref = ref.init(jax.random.key(1), x)["params"]
   jax.tree.map(np.testing.assert_array_equal, p_ours, p_ref)  # same shapes, same draws
   np.testing.assert_allclose(ours.apply({"params": p_ours}, x), ref.apply({"params": p_ref}, x),
                              rtol=1e-5, atol=1e-5)
-  g_ours = jax.grad(lambda p: jnp.sum(ours.apply({"params": p}, x) ** 2))(p_ours)
-  g_ref = jax.grad(lambda p: jnp.sum(ref.apply({"params": p}, x) ** 2))(p_ref)
+  # Parameters and input: the input's gradient is the decoder's path to the encoder.
+  g_ours = jax.grad(lambda p, v: jnp.sum(ours.apply({"params": p}, v) ** 2), (0, 1))(p_ours, x)
+  g_ref = jax.grad(lambda p, v: jnp.sum(ref.apply({"params": p}, v) ** 2), (0, 1))(p_ref, x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_ours, g_ref)
 
 

@@ -78,17 +78,19 @@ class LinearPredictor(nn.Module):
 
 
 class GroupedConv(nn.Module):
-  """A 2-D convolution with 'same' padding in `groups` groups (PyTorch's Conv2d(groups=G)),
-  computed as k*k shifted views and one batched matmul per group.
+  """A 2-D convolution with 'same' padding (odd `kernel_size`) in `groups` groups (PyTorch's
+  Conv2d(groups=G)), computed from matmuls.
 
   Same parameters (kernel [k, k, C_in / G, features], bias [features]) and initialisation as
   `flax.linen.Conv(feature_group_count=G)`, and the same function (tested); XLA's CPU backend
   runs grouped convolutions (and their gradients) through a slow generic path, about 14x
-  slower than this form at data2vec 2.0's decoder shapes, while matmuls are fast everywhere.
-  The views are laid out group-major, [G, B*H*W, k*k*C_in/G], so the batched matmul reads them
-  as they are: with the group axis inside ([B, H, W, k*k, G, C_in/G]), XLA first transposed
-  the k*k-fold tensor, a copy that took 558 ms of a 2.6 s data2vec 2.0 step per layer on 2 CPU
-  cores; this order transposes only the input and the output (docs/benchmarks.md).
+  slower than matmuls at data2vec 2.0's decoder shapes. Row by row: the k column shifts of
+  the input are stacked (a k-fold copy, [G, B*H*W, k*C_in/G], group-major so that the batched
+  matmul reads it as it is), one matmul per group maps them to the k kernel rows' outputs at
+  once ([G, B*H*W, k*C_out/G]), and the output is the sum of those k outputs shifted by their
+  row. Stacking all k*k shifts instead (im2col) copies the input k*k-fold; at data2vec 2.0's
+  Fashion-MNIST decoder (16 groups of 8 channels, 3x3, batch 1024 of 7x7) a layer's forward +
+  backward took 1.72x longer that way on 2 CPU cores (docs/benchmarks.md).
   x [B, H, W, C_in] -> [B, H, W, features].
   """
   features: int
@@ -107,14 +109,17 @@ class GroupedConv(nn.Module):
     # Input channel i of group q is channel q * c_in + i, output channel j of group q is
     # q * c_out + j, as in flax and PyTorch.
     grouped = jnp.transpose(x.reshape(b, h, w, g, c_in), (3, 0, 1, 2, 4))  # [G, B, H, W, i]
-    grouped = jnp.pad(grouped, ((0, 0), (0, 0), (pad, pad), (pad, pad), (0, 0)))
-    views = jnp.stack([grouped[:, :, i:i + h, j:j + w] for i in range(k) for j in range(k)],
-                      axis=-2)  # [G, B, H, W, k*k, i]
-    views = views.reshape(g, b * h * w, k * k * c_in).astype(self.dtype)
-    kern = jnp.transpose(kernel.reshape(k * k, c_in, g, c_out), (2, 0, 1, 3))
-    kern = kern.reshape(g, k * k * c_in, c_out).astype(self.dtype)
-    out = jnp.einsum("gnk,gkj->gnj", views, kern)  # [G, B*H*W, c_out]
-    out = jnp.transpose(out.reshape(g, b, h, w, c_out), (1, 2, 3, 0, 4))
+    grouped = jnp.pad(grouped, ((0, 0), (0, 0), (0, 0), (pad, pad), (0, 0)))
+    views = jnp.stack([grouped[:, :, :, j:j + w] for j in range(k)], axis=-2)  # [.., k, i]
+    views = views.reshape(g, b * h * w, k * c_in).astype(self.dtype)
+    # kernel [row, column, i, (q, j)] -> [q, (column, i), (row, j)]
+    kern = jnp.transpose(kernel.reshape(k, k, c_in, g, c_out), (3, 1, 2, 0, 4))
+    kern = kern.reshape(g, k * c_in, k * c_out).astype(self.dtype)
+    rows = jnp.einsum("gnk,gkj->gnj", views, kern).reshape(g, b, h, w, k, c_out)
+    # Output row y sums kernel row r's output at input row y + r - pad.
+    rows = jnp.pad(rows, ((0, 0), (0, 0), (pad, pad), (0, 0), (0, 0), (0, 0)))
+    out = sum(rows[:, :, r:r + h, :, r] for r in range(k))  # [G, B, H, W, c_out]
+    out = jnp.transpose(out, (1, 2, 3, 0, 4))
     return out.reshape(b, h, w, self.features) + bias.astype(self.dtype)
 
 
