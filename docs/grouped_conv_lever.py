@@ -2,8 +2,8 @@
 convolutional decoder (models/decoders.ConvDecoder) with its grouped 3x3 convolutions computed
 three ways, timed in the same process: `GroupedConv` (what the decoder uses: the k column
 shifts stacked, one matmul per group to the k kernel rows' outputs, their row-shifted sum),
-all k*k shifts stacked (im2col) and one matmul per group (the decoder's form until
-2026-12-05), and flax's `nn.Conv(feature_group_count=G)` (XLA's grouped convolution). One
+all k*k shifts stacked (im2col) and one matmul per group (the decoder's form before the
+row-by-row one, both of 2026-12-05), and flax's `nn.Conv(feature_group_count=G)` (XLA's grouped convolution). One
 JSON line per implementation.
 
   python docs/grouped_conv_lever.py [BATCH] [STEPS]
@@ -57,11 +57,12 @@ class AllShiftsGroupedConv(nn.Module):
     grouped = jnp.transpose(x.reshape(b, h, w, g, c_in), (3, 0, 1, 2, 4))  # [G, B, H, W, i]
     grouped = jnp.pad(grouped, ((0, 0), (0, 0), (pad, pad), (pad, pad), (0, 0)))
     views = jnp.stack([grouped[:, :, i:i + h, j:j + w] for i in range(k) for j in range(k)],
-                      axis=-2).reshape(g, b * h * w, k * k * c_in)
+                      axis=-2).reshape(g, b * h * w, k * k * c_in).astype(self.dtype)
     kern = jnp.transpose(kernel.reshape(k * k, c_in, g, c_out), (2, 0, 1, 3))
-    out = jnp.einsum("gnk,gkj->gnj", views, kern.reshape(g, k * k * c_in, c_out))
+    kern = kern.reshape(g, k * k * c_in, c_out).astype(self.dtype)
+    out = jnp.einsum("gnk,gkj->gnj", views, kern)
     out = jnp.transpose(out.reshape(g, b, h, w, c_out), (1, 2, 3, 0, 4))
-    return out.reshape(b, h, w, self.features) + bias
+    return out.reshape(b, h, w, self.features) + bias.astype(self.dtype)
 
 
 def main(batch: int = 1024, steps: int = 5) -> None:

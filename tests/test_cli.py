@@ -400,7 +400,7 @@ def test_cpu_devices_split_the_batch_across_the_cores(tmp_path, monkeypatch, cap
   resident = tiny_mae_config(**{"eval.batch_size": 12, "data.device_resident": True,
                                 "data.augment_on": "device"})
   # A split held on the devices is copied to each (data/device_resident.py bounds the copies'
-  # memory): the step still splits across the cores, 1.15-1.22x faster on 2 (benchmarks.md).
+  # memory): the step still splits across the cores, 1.22x faster on 2 (benchmarks.md).
   assert cpu_devices.count_for(resident, 16) == 4  # batch 8, evaluation batch 12
   config.eval.batch_size = 4  # the evaluation batch is split over the devices too
   assert cpu_devices.count_for(config, 16) == 2

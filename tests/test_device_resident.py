@@ -182,7 +182,7 @@ def test_cpu_devices_copies_of_the_split_count_together(tmp_path, monkeypatch):
                                          copies_in_one_memory=3)
   assert images.shape == (4, 8, 8, 3)
   with pytest.raises(ConfigError, match=r"4 CPU devices' copies in the host's memory.*"
-                     r"--cpu_devices=1"):
+                     r"--cpu_devices=3\)"):
     device_resident.load_split(cfg, image_size=(8, 8), channels=3, copies_in_one_memory=4)
 
 

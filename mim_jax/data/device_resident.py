@@ -181,9 +181,11 @@ def load_split(data_cfg, *, image_size: tuple[int, int], channels: int,
     if images is None:  # the first decodable image sets the size, dtype and memory
       size = len(source) * image.nbytes
       if size * copies_in_one_memory > MAX_BYTES:
+        fit = MAX_BYTES // size  # the CPU devices whose copies fit together
         shared = (f", {copies_in_one_memory} CPU devices' copies in the host's memory, "
-                  f"{size * copies_in_one_memory / 2**30:.1f} GiB (or fewer devices: "
-                  "--cpu_devices=1)" if copies_in_one_memory > 1 else "")
+                  f"{size * copies_in_one_memory / 2**30:.1f} GiB"
+                  + (f" (or fewer devices: --cpu_devices={fit})" if fit >= 1 else "")
+                  if copies_in_one_memory > 1 else "")
         raise config_error("data.device_resident", True,
                            f"False for {source!r}: its {size / 2**30:.1f} GiB would be copied "
                            f"to every device{shared}; at most {MAX_BYTES / 2**30:.0f} GiB; "
