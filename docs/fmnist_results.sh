@@ -14,8 +14,13 @@
 #   finetune_mae  for each of SEEDS: FT_EPOCHS (15) of fine-tuning with the chosen settings:
 #   finetune_scratch  from MAE, from scratch, and from scratch for as many more epochs as MAE
 #   finetune_matched  pre-training cost in model FLOPs (docs/fmnist_tools.py matched_epochs)
+#   tune_lowlabel for each init of LOWLABEL_INITS, the length of its low-label fine-tuning
+#                 chosen on the held-out split (LOWLABEL_TUNE, percent:epochs,epochs,...,
+#                 default "1:60,240,960 10:30,120"; each init keeps its lr / Mixup choice)
 #   lowlabel      for each of SEEDS: 1% and 10% of the labels, MAE vs scratch (LOWLABEL,
-#                 percent:epochs, "1:60 10:30"; LOWLABEL_INITS, "mae scratch", which inits)
+#                 percent:epochs, "1:60 10:30", the same length for both inits; or
+#                 percent:held-out, each init at the length tune_lowlabel chose for it, the
+#                 length in the run's name; LOWLABEL_INITS, "mae scratch", which inits)
 #   methods       METHODS (maskfeat beit simmim data2vec ibot data2vec2 maskdistill) for
 #                 PRE_EPOCHS (30) epochs with the same monitoring, then probe + k-NN and one
 #                 fine-tuning run; MaskDistill distils the MAE encoder of pretrain_mae.
@@ -65,7 +70,7 @@
 # eval_split=holdout), never on the test set; test numbers come from the final runs only.
 set -u
 ALL_SECTIONS="pretrain_mae baselines probe_mae tune_scratch tune_mae finetune_mae
-finetune_scratch finetune_matched lowlabel methods ratio distill study"
+finetune_scratch finetune_matched tune_lowlabel lowlabel methods ratio distill study"
 source "$(dirname "$0")/script_args.sh"
 ROOT=$(output_dir "[SECTIONS=... SEEDS=... ...] bash docs/fmnist_results.sh [ROOT] (settings \
 are environment variables, listed at the top of this script)" workdirs/fmnist_results "$@") \
@@ -89,6 +94,7 @@ FT_EPOCHS=${FT_EPOCHS:-15}
 TUNE_EPOCHS=${TUNE_EPOCHS:-3}
 KNN_EVERY=${KNN_EVERY:-5}
 LOWLABEL=${LOWLABEL:-"1:60 10:30"}
+LOWLABEL_TUNE=${LOWLABEL_TUNE:-"1:60,240,960 10:30,120"}
 LOWLABEL_INITS=${LOWLABEL_INITS:-"mae scratch"}
 TUNE_POINTS=${TUNE_POINTS:-}
 # A length other than the default joins the run names, so that a longer schedule runs beside the
@@ -106,9 +112,22 @@ each_one_of SECTIONS "$ALL_SECTIONS" $SECTIONS
 for seed in $SEEDS; do
   [[ $seed =~ ^[0-9]+$ ]] || { echo "SEEDS: '$seed' is not an integer seed" >&2; exit 2; }
 done
+for spec in $LOWLABEL_TUNE; do
+  [[ $spec =~ ^[0-9]+(\.[0-9]+)?:[0-9]+(,[0-9]+)*$ ]] || { echo "LOWLABEL_TUNE: '$spec' is" \
+      "not PERCENT:EPOCHS,EPOCHS,... (e.g. 1:60,240,960)" >&2; exit 2; }
+done
+tune_lengths() {  # PERCENT: the lengths LOWLABEL_TUNE tries at that fraction, space-separated
+  local spec
+  for spec in $LOWLABEL_TUNE; do
+    [ "${spec%%:*}" = "$1" ] && { echo "${spec#*:}" | tr , ' '; return; }
+  done
+}
 for spec in $LOWLABEL; do
-  [[ $spec =~ ^[0-9]+(\.[0-9]+)?:[0-9]+$ ]] \
-      || { echo "LOWLABEL: '$spec' is not PERCENT:EPOCHS (e.g. 1:60)" >&2; exit 2; }
+  [[ $spec =~ ^[0-9]+(\.[0-9]+)?:([0-9]+|held-out)$ ]] || { echo "LOWLABEL: '$spec' is not" \
+      "PERCENT:EPOCHS (e.g. 1:60) or PERCENT:held-out" >&2; exit 2; }
+  [ "${spec#*:}" != held-out ] || [ -n "$(tune_lengths "${spec%%:*}")" ] || { echo "LOWLABEL:" \
+      "'$spec' needs the lengths to choose from at ${spec%%:*}% in LOWLABEL_TUNE" \
+      "('$LOWLABEL_TUNE')" >&2; exit 2; }
 done
 # shellcheck disable=SC2086
 { each_one_of LOWLABEL_INITS "mae scratch" $LOWLABEL_INITS
@@ -256,27 +275,59 @@ for seed in $SEEDS; do
   fi
 done
 
-if has lowlabel; then
-  # Epochs over the labelled subset, as in SimCLR's semi-supervised fine-tuning (60 on 1% of
-  # ImageNet, 30 on 10%): 15 epochs of 600 images would be 35 steps. Both inits get the same
-  # budget and their own lr / Mixup chosen on the held-out split with all the labels; warmup
-  # is a tenth of the run, as in the 15-epoch recipe.
+# Epochs over the labelled subset, as in SimCLR's semi-supervised fine-tuning (60 on 1% of
+# ImageNet, 30 on 10%): 15 epochs of 600 images would be 35 steps. Each init keeps its lr /
+# Mixup chosen on the held-out split with all the labels; warmup is a tenth of the run, as in
+# the 15-epoch recipe. The length is either the same for both inits (LOWLABEL PERCENT:EPOCHS)
+# or each init's own, chosen on the held-out split (tune_lowlabel, LOWLABEL PERCENT:held-out):
+# a randomly initialised ViT may need more steps on 600 images than a pre-trained one.
+if has tune_lowlabel || has lowlabel; then
   listed "$LOWLABEL_INITS" mae && { mae_flags=$(pick tune_mae) || exit 1; }
   listed "$LOWLABEL_INITS" scratch && { scratch_flags=$(pick tune_scratch) || exit 1; }
+fi
+lowlabel_run() {  # NAME INIT PERCENT EPOCHS [ARG...]: fine-tuning on PERCENT% of the labels
+  local name=$1 init=$2 pct=$3 epochs=$4
+  shift 4
+  local low=(--config.data.label_fraction="$(python -c "print($pct / 100)")"
+             --config.num_epochs="$epochs"
+             --config.optimizer.warmup_epochs="$(python -c "print($epochs / 10)")")
+  if [ "$init" = mae ]; then
+    # shellcheck disable=SC2086
+    run "$name" --config=configs/finetune_fmnist.py --config.init_from="$MAE" "${low[@]}" "$@" \
+        "${TRAIN[@]}" $mae_flags
+  else
+    # shellcheck disable=SC2086
+    run "$name" --config=configs/finetune_fmnist.py:scratch "${low[@]}" "$@" "${TRAIN[@]}" \
+        $scratch_flags
+  fi
+}
+if has tune_lowlabel; then
+  for spec in $LOWLABEL_TUNE; do
+    pct=${spec%%:*}
+    for init in $LOWLABEL_INITS; do
+      for epochs in $(tune_lengths "$pct"); do
+        lowlabel_run "tune_labels${pct}_${init}_e$epochs" "$init" "$pct" "$epochs" "${holdout[@]}"
+      done
+    done
+  done
+fi
+if has lowlabel; then
   for spec in $LOWLABEL; do
     pct=${spec%%:*} epochs=${spec#*:}
-    low=(--config.data.label_fraction="$(python -c "print($pct / 100)")"
-         --config.num_epochs="$epochs"
-         --config.optimizer.warmup_epochs="$(python -c "print($epochs / 10)")")
     for seed in $SEEDS; do
-      # shellcheck disable=SC2086
-      listed "$LOWLABEL_INITS" mae && run "ft_mae_labels${pct}_s$seed" \
-          --config=configs/finetune_fmnist.py --config.init_from="$MAE" "${low[@]}" \
-          --config.seed="$seed" "${TRAIN[@]}" $mae_flags
-      # shellcheck disable=SC2086
-      listed "$LOWLABEL_INITS" scratch && run "ft_scratch_labels${pct}_s$seed" \
-          --config=configs/finetune_fmnist.py:scratch "${low[@]}" --config.seed="$seed" \
-          "${TRAIN[@]}" $scratch_flags
+      for init in mae scratch; do
+        listed "$LOWLABEL_INITS" "$init" || continue
+        if [ "$epochs" = held-out ]; then
+          # shellcheck disable=SC2046
+          chosen=$(python docs/fmnist_tools.py pick_epochs "$ROOT" "tune_labels${pct}_$init" \
+              $(tune_lengths "$pct")) || exit 1
+          lowlabel_run "ft_${init}_labels${pct}_e${chosen}_s$seed" "$init" "$pct" "$chosen" \
+              --config.seed="$seed"
+        else
+          lowlabel_run "ft_${init}_labels${pct}_s$seed" "$init" "$pct" "$epochs" \
+              --config.seed="$seed"
+        fi
+      done
     done
   done
 fi

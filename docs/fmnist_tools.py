@@ -7,6 +7,9 @@
       the fine-tuning overrides whose run ROOT/PREFIX_* scored best on the held-out split
       (results.json eval_accuracy with eval_split "holdout"); prints them as flags. POINTs
       (default: the whole grid) name the grid points that compete
+  python docs/fmnist_tools.py pick_epochs ROOT PREFIX EPOCHS...
+      the length (of EPOCHS) whose run ROOT/PREFIX_eEPOCHS scored best on the held-out split,
+      ties to the shorter (the low-label rows' own lengths)
   python docs/fmnist_tools.py matched_epochs PRETRAIN_WORKDIR FT_EPOCHS
       FT_EPOCHS plus the epochs of supervised fine-tuning that cost the pre-training's model
       FLOPs (images seen x training FLOPs per image), rounded
@@ -58,23 +61,38 @@ def pick(root: str, prefix: str, points: list[str] | None = None) -> list[str]:
   unknown = [p for p in points if p not in GRID]
   if unknown:
     raise SystemExit(f"no grid point {', '.join(unknown)}: one of {', '.join(GRID)}")
+  scores = _held_out_scores(root, prefix, {p: f"{prefix}_{p}" for p in points})
+  best = max(scores, key=lambda s: (scores[s], -points.index(s)))
+  print(f"{prefix}: held-out accuracy {scores}; chose {best}", file=sys.stderr)
+  return GRID[best]
+
+
+def pick_epochs(root: str, prefix: str, epochs: list[str]) -> str:
+  """The length (of `epochs`) whose run ROOT/PREFIX_eEPOCHS scored best on the held-out split;
+  ties go to the shorter run."""
+  scores = _held_out_scores(root, prefix, {e: f"{prefix}_e{e}" for e in epochs})
+  best = max(scores, key=lambda e: (scores[e], -float(e)))
+  print(f"{prefix}: held-out accuracy by epochs {scores}; chose {best}", file=sys.stderr)
+  return best
+
+
+def _held_out_scores(root: str, prefix: str, runs: dict[str, str]) -> dict[str, float]:
+  """{key: held-out accuracy of run ROOT/NAME} for `runs` {key: NAME}; refuses a grid with
+  a run missing or scored on another split."""
   scores, missing = {}, []
-  for suffix in points:
-    path = os.path.join(root, f"{prefix}_{suffix}", "results.json")
+  for key, name in runs.items():
+    path = os.path.join(root, name, "results.json")
     if not os.path.isfile(path):
       missing.append(path)
       continue
     with open(path) as f:
       results = json.load(f)
-    config = _config(os.path.join(root, f"{prefix}_{suffix}"))
-    if config.data.eval_split != "holdout":
+    if _config(os.path.join(root, name)).data.eval_split != "holdout":
       raise SystemExit(f"{path} was not scored on the held-out split")
-    scores[suffix] = results["eval_accuracy"]
+    scores[key] = results["eval_accuracy"]
   if missing:  # a choice from part of the grid would be a different experiment
     raise SystemExit(f"the tuning grid {prefix}_* is not finished: no {', '.join(missing)}")
-  best = max(scores, key=lambda s: (scores[s], -points.index(s)))
-  print(f"{prefix}: held-out accuracy {scores}; chose {best}", file=sys.stderr)
-  return GRID[best]
+  return scores
 
 
 def _row(root: str, name: str) -> dict | None:
@@ -213,6 +231,8 @@ if __name__ == "__main__":
     print(" ".join(GRID[sys.argv[2]]) if len(sys.argv) > 2 else " ".join(GRID))
   elif command == "pick":
     print(" ".join(pick(sys.argv[2], sys.argv[3], sys.argv[4:])))
+  elif command == "pick_epochs":
+    print(pick_epochs(sys.argv[2], sys.argv[3], sys.argv[4:]))
   elif command == "matched_epochs":
     print(matched_epochs(sys.argv[2], float(sys.argv[3])))
   elif command == "summary":

@@ -531,6 +531,9 @@ def test_results_script_stops_at_a_run_that_did_not_finish(tmp_path, status, cod
     ({"SECTIONS": "finetune_mached"}, (), "SECTIONS: unknown 'finetune_mached'"),
     ({"SEEDS": "0 one"}, (), "SEEDS: 'one' is not an integer seed"),
     ({"LOWLABEL": "10"}, (), "LOWLABEL: '10' is not PERCENT:EPOCHS"),
+    ({"LOWLABEL": "1:held-out", "LOWLABEL_TUNE": "10:30,120"}, (),
+     "LOWLABEL: '1:held-out' needs the lengths to choose from at 1% in LOWLABEL_TUNE"),
+    ({"LOWLABEL_TUNE": "1:60;240"}, (), "LOWLABEL_TUNE: '1:60;240' is not PERCENT:EPOCHS,"),
     ({"STUDY_MASKINGS": "random"}, (), "STUDY_MASKINGS: unknown 'random'"),
     ({"TUNE_POINTS": "lr4e-3_nomix lr4e-3_ra"}, (), "TUNE_POINTS: unknown 'lr4e-3_ra'"),
     ({"SEEDS": " "}, (), "SEEDS: empty"),
@@ -906,6 +909,40 @@ def test_results_script_low_label_rows_of_one_init(tmp_path, monkeypatch):
   out = _bash(RESULTS, str(tmp_path / "root2"),
               env=dict(os.environ, SECTIONS="lowlabel", LOWLABEL_INITS="mae,scratch"))
   assert out.returncode == 2 and "LOWLABEL_INITS: unknown 'mae,scratch'" in out.stderr
+
+
+def test_results_script_chooses_each_init_its_low_label_length_on_the_held_out_split(
+    tmp_path, monkeypatch):
+  """tune_lowlabel runs each init at each length of LOWLABEL_TUNE on the held-out split (with
+  its own lr / Mixup choice); LOWLABEL PERCENT:held-out then fine-tunes each init at the
+  length that won for it (a tie to the shorter), the length in the run's name."""
+  monkeypatch.chdir(REPO)
+  env = dict(SEEDS="0", LOWLABEL_TUNE="1:60,240", CHOSEN_tune_mae="lr4e-3_nomix",
+             CHOSEN_tune_scratch="lr2e-3_nomix")
+  tunes = _results_calls(tmp_path, RESULTS, SECTIONS="tune_lowlabel", **env)
+  names = [c[-1].rsplit("/", 1)[-1] for c in tunes]
+  assert names == ["tune_labels1_mae_e60", "tune_labels1_mae_e240", "tune_labels1_scratch_e60",
+                   "tune_labels1_scratch_e240"]
+  for call, epochs in zip(tunes, ("60", "240", "60", "240")):
+    assert "--config.data.label_fraction=0.01" in call and "--config.data.holdout=5000" in call
+    assert "--config.data.eval_split=holdout" in call
+    assert f"--config.num_epochs={epochs}" in call
+    assert f"--config.optimizer.warmup_epochs={int(epochs) / 10}" in call
+  assert "--config.optimizer.base_lr=0.004" in tunes[0] and "--config.init_from" in tunes[0][1]
+  assert "--config.optimizer.base_lr=0.002" in tunes[2] and not any(
+      "init_from" in a for a in tunes[2])
+  _unread_settings(tunes[1])
+  _unread_settings(tunes[3])
+  # Scratch gains from the longer run on the held-out split; MAE ties (the stand-in's 0.5).
+  (tmp_path / "root" / "tune_labels1_scratch_e240" / "results.json").write_text(
+      '{"eval_accuracy": 0.6}')
+  finals = _results_calls(tmp_path, RESULTS, SECTIONS="lowlabel", LOWLABEL="1:held-out",
+                          **env)[len(tunes):]
+  assert [c[-1].rsplit("/", 1)[-1] for c in finals] == ["ft_mae_labels1_e60_s0",
+                                                        "ft_scratch_labels1_e240_s0"]
+  assert "--config.num_epochs=240" in finals[1] and "--config.seed=0" in finals[1]
+  assert not any("holdout" in a for call in finals for a in call)  # scored on test
+  _unread_settings(finals[1])
 
 
 # --- docs/gpu_benchmarks.sh and docs/cpu_levers.sh ---------------------------------------------

@@ -53,6 +53,19 @@ def test_pick_refuses_a_partial_grid_and_a_test_split(tmp_path):
     tools.pick(str(tmp_path), "tune_mae")
 
 
+def test_pick_epochs_takes_the_best_held_out_length_ties_to_the_shorter(tmp_path):
+  """The low-label rows' own lengths: the best held-out score wins, a tie the shorter run."""
+  for epochs, acc in (("60", 0.70), ("240", 0.78), ("960", 0.78)):
+    _run(tmp_path, f"tune_labels1_scratch_e{epochs}", {"eval_accuracy": acc})
+  assert tools.pick_epochs(str(tmp_path), "tune_labels1_scratch", ["60", "240", "960"]) == "240"
+  assert tools.pick_epochs(str(tmp_path), "tune_labels1_scratch", ["960", "60"]) == "960"
+  with pytest.raises(SystemExit, match="not finished: no .*tune_labels1_scratch_e30"):
+    tools.pick_epochs(str(tmp_path), "tune_labels1_scratch", ["30", "60"])
+  _run(tmp_path, "tune_labels1_mae_e60", {"eval_accuracy": 0.9}, eval_split="test")
+  with pytest.raises(SystemExit, match="not scored on the held-out split"):
+    tools.pick_epochs(str(tmp_path), "tune_labels1_mae", ["60"])
+
+
 def test_summary_lists_runs_and_seed_means(tmp_path):
   for seed, acc in enumerate((0.91, 0.92, 0.93)):
     # The final runs keep data.eval_split "" (the source's test split), as real ones do.
