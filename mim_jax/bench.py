@@ -674,6 +674,15 @@ def main(argv):
                          "and --peers_only time none")
   if FLAGS.rounds > 1 and FLAGS.profile:
     raise app.UsageError("--rounds and --profile: profile the rows in a run of their own")
+  if FLAGS.profile and not FLAGS.peers_only:
+    import jax
+    if jax.default_backend() == "cpu" and jax.device_count() > 1:
+      # Measured: iBOT's teacher softmax-product fusion read 665 ms per step on 2 CPU devices,
+      # 27 ms on one (docs/benchmarks.md): the devices' kernels share one thread pool, and a
+      # kernel's time includes its wait for threads the other device's kernels hold.
+      logging.warning("--profile on %d CPU devices: a kernel's time includes waiting for the "
+                      "thread pool the devices share; --cpu_devices=1 attributes the time "
+                      "kernel by kernel", jax.device_count())
   if FLAGS.steps % FLAGS.rounds:
     raise app.UsageError(f"--steps={FLAGS.steps} over --rounds={FLAGS.rounds}: a multiple of "
                          "the rounds, so that every round times as many steps")

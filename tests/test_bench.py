@@ -13,19 +13,22 @@ from mim_jax.config import files
 from conftest import REPO
 
 
-def _bench(*args):
+def _bench(*args, stderr=None):
   # Few steps for step rows; --pipeline and --feed time no steps (and refuse the flags).
   steps = [] if {"--pipeline", "--feed"} & set(args) else ["--steps=2", "--warmup=1"]
   out = subprocess.run([sys.executable, "-m", "mim_jax.bench", *args, *steps],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
+  if stderr is not None:
+    stderr.append(out.stderr)
   return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
 @pytest.mark.long
 def test_bench_times_mae_its_mask_token_variant_and_the_hf_peer(tmp_path):
+  log = []
   rows = _bench("--config=configs/mae_vitb.py:runlocal", "--asymmetry", "--peer=hf",
-                f"--profile={tmp_path}")
+                f"--profile={tmp_path}", stderr=log)
   assert [(r["impl"], r["encoder_mask_tokens"]) for r in rows] == [
       ("mim_jax", False), ("mim_jax", True), ("hf_transformers_pytorch", False)]
   # The same architecture on both sides (the mask-token variant adds the token).
@@ -46,6 +49,9 @@ def test_bench_times_mae_its_mask_token_variant_and_the_hf_peer(tmp_path):
   # PyTorch's operator names come through (which of them rank highest varies with load: under
   # a busy machine the matmuls fell out of the top list).
   assert any(k["kernel"].startswith("aten::") for k in rows[2]["profile"]["top_kernels"])
+  # Several CPU devices share one thread pool: their kernels' times include waits, said so.
+  shared = "a kernel's time includes waiting for the thread pool the devices share"
+  assert (shared in log[0]) == (rows[0]["device_count"] > 1), log[0][-2000:]
 
 
 def test_bench_times_other_methods_side_by_side():
