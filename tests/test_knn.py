@@ -171,3 +171,47 @@ def test_a_temperature_whose_votes_overflow_is_refused_and_nan_scores_count_as_w
     knn.knn_scores(train, labels, test, num_classes=3, k=20, temperature=0.005)
   nan_row = np.array([[np.nan, 0.0, 0.0], [0.2, 0.5, 0.1]])
   np.testing.assert_array_equal(knn.topk_correct(nan_row, np.array([0, 1]), 1), [False, True])
+
+
+_TWO_DEVICE_SCRIPT = """
+import jax
+import numpy as np
+from conftest import tiny_config
+from mim_jax import data
+from mim_jax.evaluate import frozen
+assert jax.local_device_count() == 2
+config = tiny_config("mae", **{"eval.batch_size": 8})
+split = data.eval_split(config.data)
+extractor = frozen.FeatureExtractor(config)
+params = extractor.encoder.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))
+params = params["params"]
+features, seen = extractor._features, set()
+def spy(p, images):
+  seen.add(len(images.sharding.device_set) if isinstance(images, jax.Array) else 1)
+  return features(p, images)
+extractor._features = spy
+both, labels = extractor.split(params, split)  # batches of 8: half on each device
+assert seen == {2}, seen
+config.eval.batch_size = 7  # batches the devices cannot split: one device
+one, one_labels = frozen.FeatureExtractor(config).split(params, split)
+np.testing.assert_array_equal(labels, one_labels)
+assert len(labels) == 64 and set(both) == set(one) == set(extractor.pools)
+for pool in extractor.pools:
+  np.testing.assert_allclose(both[pool], one[pool], rtol=1e-5, atol=1e-5)
+print("OK")
+"""
+
+
+def test_features_of_a_split_on_two_devices_equal_those_on_one():
+  """In a process with several devices (a data-parallel run's k-NN monitor) each batch is split
+  across them; a batch they cannot split evenly runs on one: the same features and labels."""
+  import os
+  import pathlib
+  import subprocess
+  import sys
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu", PYTHONPATH=f"{repo}:{repo / 'tests'}")
+  out = subprocess.run([sys.executable, "-c", _TWO_DEVICE_SCRIPT], cwd=repo, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr[-4000:]
