@@ -314,19 +314,24 @@ fi
 if has lowlabel; then
   for spec in $LOWLABEL; do
     pct=${spec%%:*} epochs=${spec#*:}
+    for init in mae scratch; do  # length_<init>, name_<init>: chosen once for every seed
+      chosen=$epochs name="ft_${init}_labels${pct}"
+      if listed "$LOWLABEL_INITS" "$init" && [ "$epochs" = held-out ]; then
+        # shellcheck disable=SC2046
+        chosen=$(python docs/fmnist_tools.py pick_epochs "$ROOT" "tune_labels${pct}_$init" \
+            $(tune_lengths "$pct")) || exit 1
+        # The length in the name, unless it is the fixed length of the default rows (1:60,
+        # 10:30): those runs are the same, and finished ones are not run again.
+        [ "$pct:$chosen" = 1:60 ] || [ "$pct:$chosen" = 10:30 ] || name="${name}_e$chosen"
+      fi
+      printf -v "length_$init" %s "$chosen"
+      printf -v "name_$init" %s "$name"
+    done
     for seed in $SEEDS; do
       for init in mae scratch; do
         listed "$LOWLABEL_INITS" "$init" || continue
-        if [ "$epochs" = held-out ]; then
-          # shellcheck disable=SC2046
-          chosen=$(python docs/fmnist_tools.py pick_epochs "$ROOT" "tune_labels${pct}_$init" \
-              $(tune_lengths "$pct")) || exit 1
-          lowlabel_run "ft_${init}_labels${pct}_e${chosen}_s$seed" "$init" "$pct" "$chosen" \
-              --config.seed="$seed"
-        else
-          lowlabel_run "ft_${init}_labels${pct}_s$seed" "$init" "$pct" "$epochs" \
-              --config.seed="$seed"
-        fi
+        length="length_$init" name="name_$init"
+        lowlabel_run "${!name}_s$seed" "$init" "$pct" "${!length}" --config.seed="$seed"
       done
     done
   done

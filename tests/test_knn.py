@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mim_jax.evaluate import knn
+
+from conftest import REPO
 
 
 def _reference_scores(train, train_labels, test, num_classes, k, temperature):
@@ -205,13 +211,8 @@ print("OK")
 def test_features_of_a_split_on_two_devices_equal_those_on_one():
   """In a process with several devices (a data-parallel run's k-NN monitor) each batch is split
   across them; a batch they cannot split evenly runs on one: the same features and labels."""
-  import os
-  import pathlib
-  import subprocess
-  import sys
-  repo = pathlib.Path(__file__).resolve().parents[1]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu", PYTHONPATH=f"{repo}:{repo / 'tests'}")
-  out = subprocess.run([sys.executable, "-c", _TWO_DEVICE_SCRIPT], cwd=repo, env=env,
+             JAX_PLATFORMS="cpu", PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
+  out = subprocess.run([sys.executable, "-c", _TWO_DEVICE_SCRIPT], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr[-4000:]

@@ -915,7 +915,8 @@ def test_results_script_chooses_each_init_its_low_label_length_on_the_held_out_s
     tmp_path, monkeypatch):
   """tune_lowlabel runs each init at each length of LOWLABEL_TUNE on the held-out split (with
   its own lr / Mixup choice); LOWLABEL PERCENT:held-out then fine-tunes each init at the
-  length that won for it (a tie to the shorter), the length in the run's name."""
+  length that won for it (a tie to the shorter), the length in the run's name unless it is the
+  fixed-length rows' own (1:60, 10:30), whose runs are the same."""
   monkeypatch.chdir(REPO)
   env = dict(SEEDS="0", LOWLABEL_TUNE="1:60,240", CHOSEN_tune_mae="lr4e-3_nomix",
              CHOSEN_tune_scratch="lr2e-3_nomix")
@@ -938,8 +939,13 @@ def test_results_script_chooses_each_init_its_low_label_length_on_the_held_out_s
       '{"eval_accuracy": 0.6}')
   finals = _results_calls(tmp_path, RESULTS, SECTIONS="lowlabel", LOWLABEL="1:held-out",
                           **env)[len(tunes):]
-  assert [c[-1].rsplit("/", 1)[-1] for c in finals] == ["ft_mae_labels1_e60_s0",
+  assert [c[-1].rsplit("/", 1)[-1] for c in finals] == ["ft_mae_labels1_s0",
                                                         "ft_scratch_labels1_e240_s0"]
+  assert "--config.num_epochs=60" in finals[0]
+  # The fixed-length row of the same init and length is that run: it is not run again.
+  again = _results_calls(tmp_path, RESULTS, SECTIONS="lowlabel", LOWLABEL="1:60",
+                         LOWLABEL_INITS="mae", **env)
+  assert len(again) == len(tunes) + len(finals)
   assert "--config.num_epochs=240" in finals[1] and "--config.seed=0" in finals[1]
   assert not any("holdout" in a for call in finals for a in call)  # scored on test
   _unread_settings(finals[1])
