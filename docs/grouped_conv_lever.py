@@ -38,22 +38,17 @@ class FlaxGroupedConv(nn.Module):
                    feature_group_count=self.groups, dtype=self.dtype, name="conv")(x)
 
 
-class AllShiftsGroupedConv(nn.Module):
+class AllShiftsGroupedConv(decoders.GroupedConv):
   """The peer: every one of the k*k shifts stacked ([G, B*H*W, k*k*C_in/G], group-major), one
-  batched matmul per group."""
-  features: int
-  kernel_size: int = 3
-  groups: int = 1
-  dtype: object = jnp.float32
+  batched matmul per group; GroupedConv's fields and parameters."""
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
-    k, g = self.kernel_size, self.groups
+    (k, g), pad = (self.kernel_size, self.groups), self.kernel_size // 2
     c_in, c_out = c // g, self.features // g
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, c_in, self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    pad = k // 2
     grouped = jnp.transpose(x.reshape(b, h, w, g, c_in), (3, 0, 1, 2, 4))  # [G, B, H, W, i]
     grouped = jnp.pad(grouped, ((0, 0), (0, 0), (pad, pad), (pad, pad), (0, 0)))
     views = jnp.stack([grouped[:, :, i:i + h, j:j + w] for i in range(k) for j in range(k)],
