@@ -3,8 +3,8 @@ convolutional decoder (models/decoders.ConvDecoder) with its grouped 3x3 convolu
 three ways, timed in the same process: `GroupedConv` (what the decoder uses: the k column
 shifts stacked, one matmul per group to the k kernel rows' outputs, their row-shifted sum),
 all k*k shifts stacked (im2col) and one matmul per group (the decoder's form before the
-row-by-row one, both of 2026-12-05), and flax's `nn.Conv(feature_group_count=G)` (XLA's grouped convolution). One
-JSON line per implementation.
+row-by-row one, both of 2026-12-05), and flax's `nn.Conv(feature_group_count=G)` (XLA's
+grouped convolution). One JSON line per implementation.
 
   python docs/grouped_conv_lever.py [BATCH] [STEPS]
   (default 1024 = batch 256 x 4 masks of configs/data2vec2_fmnist.py: 4 layers of 128

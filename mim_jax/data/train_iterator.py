@@ -25,12 +25,12 @@ def make_train_iterator(data_cfg, *, image_size: tuple[int, int], channels: int,
 
   Without data.device_resident: the grain pipeline (`pipeline.make_train_iterator`), float32
   normalised images (a method's own `augment` may ship uint8, as iBOT's views), per-image
-  `element_transforms` (a method's host-drawn masks) and a
-  method's own `augment`. With data.device_resident the split is held on the devices of
-  `batch_sharding` instead (data/device_resident.py): per-batch `batch_extras(n, rng)`
-  (`Method.example_extras`) take the place of the per-image `element_transforms`, and a
-  method's own `augment` cannot run there (refused with the field). Both resume exactly through
-  `iterator_save_args` / `iterator_restore_args`.
+  `element_transforms` (a method's host-drawn masks) and a method's own `augment`. With
+  data.device_resident the split is held on the devices of `batch_sharding` instead
+  (data/device_resident.py): per-batch `batch_extras(n, rng)` (`Method.example_extras`) take the
+  place of the per-image `element_transforms`, and a method's own `augment` cannot run there
+  (refused with the field). Both resume exactly through `iterator_save_args` /
+  `iterator_restore_args`.
   """
   if not data_cfg.get("device_resident", False):
     return pipeline.make_train_iterator(

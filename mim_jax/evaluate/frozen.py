@@ -118,8 +118,10 @@ class FeatureExtractor:
       # device per core): each batch split across them, the parameters replicated. On 2 CPU
       # cores the Fashion-MNIST k-NN monitor took 67.6 instead of 71.5 s (docs/benchmarks.md);
       # on N accelerators the pass is split N ways instead of running on one.
+      # One process: every array is addressable, so the parameters (replicated over the same
+      # devices in a data-parallel run, or FSDP-sharded) are resharded without a host copy.
       mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
-      params = jax.device_put(_local_copy(params), jax.sharding.NamedSharding(
+      params = jax.device_put(params, jax.sharding.NamedSharding(
           mesh, jax.sharding.PartitionSpec()))
       rows_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
       feats, labels = knn.extract_features(

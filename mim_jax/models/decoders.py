@@ -83,14 +83,14 @@ class GroupedConv(nn.Module):
 
   Same parameters (kernel [k, k, C_in / G, features], bias [features]) and initialisation as
   `flax.linen.Conv(feature_group_count=G)`, and the same function (tested); XLA's CPU backend
-  runs grouped convolutions (and their gradients) through a slow generic path, 13.6-30x
-  slower than matmuls at data2vec 2.0's decoder shapes (docs/benchmarks.md). Row by row: the k column shifts of
-  the input are stacked (a k-fold copy, [G, B*H*W, k*C_in/G], group-major so that the batched
-  matmul reads it as it is), one matmul per group maps them to the k kernel rows' outputs at
-  once ([G, B*H*W, k*C_out/G]), and the output is the sum of those k outputs shifted by their
-  row. Stacking all k*k shifts instead (im2col) copies the input k*k-fold; at data2vec 2.0's
-  Fashion-MNIST decoder (16 groups of 8 channels, 3x3, batch 1024 of 7x7) a layer's forward +
-  backward took about 1.7x longer that way on 2 CPU cores (docs/benchmarks.md).
+  runs grouped convolutions (and their gradients) through a slow generic path, 13.6-30x slower
+  than matmuls at data2vec 2.0's decoder shapes (docs/benchmarks.md). Row by row: the k column
+  shifts of the input are stacked (a k-fold copy, [G, B*H*W, k*C_in/G], group-major so that the
+  batched matmul reads it as it is), one matmul per group maps them to the k kernel rows'
+  outputs at once ([G, B*H*W, k*C_out/G]), and the output is the sum of those k outputs shifted
+  by their row. Stacking all k*k shifts instead (im2col) copies the input k*k-fold; at data2vec
+  2.0's Fashion-MNIST decoder (16 groups of 8 channels, 3x3, batch 1024 of 7x7) a layer's
+  forward + backward took about 1.7x longer that way on 2 CPU cores (docs/benchmarks.md).
   x [B, H, W, C_in] -> [B, H, W, features].
   """
   features: int
