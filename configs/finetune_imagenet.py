@@ -9,8 +9,9 @@ for B / L / H; AdamW (0.9, 0.999), wd 0.05, batch 1024, 5 warmup epochs, cosine 
 Mixup 0.8, CutMix 1.0, label smoothing 0.1, mean pooling + fc_norm, RandomResizedCrop
 (0.08, 1) + flip, RandAugment rand-m9-mstd0.5-inc1 and random erasing 0.25 (timm's, as the
 official code applies them: data/rand_augment.py).
-Arguments: `size=B|L|H` (pick the size of the encoder in init_from: the encoder's shape comes
-from the export, the recipe from this argument), `runlocal`.
+Arguments: `size=B|L|H` (the size of the encoder in init_from: the encoder's shape comes from
+the export, the recipe from this argument, and an encoder of another size is refused; set
+--config.recipe_size='' to run this size's recipe on another encoder anyway), `runlocal`.
 """
 
 from mim_jax import recipes
@@ -24,6 +25,8 @@ def get_config(arg=None):
     raise ValueError(f"size={size!r}: expected one of {sorted(recipes.MAE_FINETUNE)}")
   c = recipes.finetune_recipe(size=size)
   c.model.variant = {"B": "B/16", "L": "L/16", "H": "H/14"}[size]
+  c.recipe_size = size  # an init_from encoder of another size is refused
   if args.get("runlocal"):
     config_defaults.apply_runlocal(c)
+    c.recipe_size = ""  # the smoke run's micro encoder is no recipe's size
   return c

@@ -172,6 +172,37 @@ def test_adopt_encoder_config_takes_size_from_the_export(pretrained_workdir, cap
   assert "the config's encoder fields replaced: model.variant='B/16' -> 'mu/4'" in caplog.text
 
 
+def test_a_size_recipe_refuses_an_encoder_of_another_size(pretrained_workdir):
+  """configs/finetune_imagenet.py:size=L holds ViT-L's lr, layer decay and drop path: on the
+  exported mu/4 encoder (width 64, depth 2) they would apply unnoticed."""
+  from mim_jax.config import files as config_files
+  from mim_jax.training import setup
+  imagenet = config_files.load_config_file(
+      os.path.join(os.path.dirname(__file__), "..", "configs", "finetune_imagenet.py:size=L"))
+  imagenet.init_from = pretrained_workdir
+  with pytest.raises(ConfigError, match=r"config.recipe_size='L' is invalid: the size of the "
+                     r"encoder in init_from=.* mu/4 \(width 64, depth 2\).*recipe_size=''"):
+    setup.prepare(imagenet)
+  config = _eval_config("finetune", pretrained_workdir)
+  config.recipe_size = "mu"  # the encoder's own size
+  assert pretrained.adopt_encoder_config(config).model.variant == "mu/4"
+  config.recipe_size = ""  # any encoder
+  assert pretrained.adopt_encoder_config(config).model.variant == "mu/4"
+
+
+def test_an_architecture_option_of_the_config_file_must_be_the_encoders(pretrained_workdir):
+  """The command line's encoder fields are refused by refuse_dropped_overrides; a config file's
+  option the encoder lacks would be replaced by the encoder's (layer scale off) silently."""
+  config = _eval_config("finetune", pretrained_workdir)
+  file_config = config.copy_and_resolve_references()
+  file_config.model.layer_scale = 0.1
+  with pytest.raises(ConfigError, match=r"config.model.layer_scale=0.1 is invalid: 0.0, the "
+                     r"value the encoder in init_from=.* was trained with"):
+    pretrained.adopt_encoder_config(config, file_config)
+  file_config.model.layer_scale = 0.0  # what the encoder has: nothing is dropped
+  assert pretrained.adopt_encoder_config(config, file_config).model.layer_scale == 0.0
+
+
 # ---- the jobs, end to end ---------------------------------------------------------------------
 
 def test_linear_probe_trains_only_the_head(pretrained_workdir, tmp_path):

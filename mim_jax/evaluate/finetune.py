@@ -18,7 +18,7 @@ from mim_jax.evaluate import classifier_base, mixup
 from mim_jax.methods import base
 from mim_jax.models import flops
 from mim_jax.models.heads import ViTClassifier
-from mim_jax.models.vit import encoder_from_config
+from mim_jax.models.vit import VIT_SIZES, encoder_from_config
 from mim_jax.weights import pretrained
 
 
@@ -38,6 +38,12 @@ class FineTune(base.Method):
         cutmix_alpha=None, mixup_prob=None, mixup_switch_prob=None)
     classifier_base.add_scored_config(c)
     c.optimizer.layer_decay = 1.0  # < 1: layer-wise lr decay (pre-trained encoders)
+    # The encoder size (B, L, H: a model.variant size name) whose published hyper-parameters
+    # the config holds (configs/finetune_imagenet.py:size=...). An evaluation takes its
+    # encoder's shape from init_from, so without this a ViT-L encoder under the ViT-B recipe
+    # would fine-tune with B's lr, layer decay and drop path unnoticed: adopt_encoder_config
+    # refuses an encoder of another size. "" accepts any encoder.
+    c.recipe_size = ""
 
   @classmethod
   def unread_rules(cls):
@@ -62,6 +68,8 @@ class FineTune(base.Method):
   def validate(cls, config):
     classifier_base.validate_scored(config)
     c, opt = config.classifier, config.optimizer
+    v.require(config.recipe_size == "" or config.recipe_size in VIT_SIZES, "recipe_size",
+              config.recipe_size, f"'' (any encoder) or one of {sorted(VIT_SIZES)}")
     v.require(v.is_number(c.label_smoothing) and 0 <= c.label_smoothing < 1,
               "classifier.label_smoothing", c.label_smoothing, "a number in [0, 1)")
     for name in ("mixup_alpha", "cutmix_alpha"):

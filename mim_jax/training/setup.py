@@ -71,7 +71,7 @@ def prepare(config, file_config=None):
   registry.validate_config). Raises ConfigError."""
   config = expand_home(config)
   if registry.method_class(config.method).kind in ("classifier", "job"):
-    config = pretrained.adopt_encoder_config(config)
+    config = pretrained.adopt_encoder_config(config, file_config)
   registry.validate_config(config, file_config)
   return config
 

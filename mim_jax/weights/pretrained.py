@@ -1,7 +1,7 @@
 """Starting an evaluation from a pre-trained encoder (`config.init_from`).
 
   encoder_directory(init_from)       the encoder export inside a workdir, or the path itself
-  adopt_encoder_config(config)       config with the encoder size/patch of the export
+  adopt_encoder_config(config[, file_config])  config with the encoder size/patch of the export
   refuse_dropped_overrides(config, fields)  an error for command-line encoder fields it replaces
   load_encoder_into(params, ...)     pre-trained weights merged into freshly initialised ones
 """
@@ -21,7 +21,7 @@ import numpy as np
 from mim_jax import storage
 from mim_jax.config.errors import ConfigError, config_error
 from mim_jax.convert import our_weights
-from mim_jax.models.vit import resize_posemb, sincos_2d, size_from_config
+from mim_jax.models.vit import VIT_SIZES, resize_posemb, sincos_2d, size_from_config
 from mim_jax.training import checkpoint
 
 log = logging.getLogger(__name__)
@@ -66,18 +66,24 @@ def encoder_posemb(init_from: str) -> str:
   return read_model_info(init_from).get("posemb", "sincos")
 
 
-def adopt_encoder_config(config):
+def adopt_encoder_config(config, file_config=None):
   """Returns a copy of `config` whose encoder size, patch and channels are the export's.
 
   The encoder's shape is a property of the checkpoint, so evaluation configs need not repeat
   it; dtype, drop path and attention settings stay as configured. The image size may differ
-  (fine-tuning at another resolution resizes the position table).
+  (fine-tuning at another resolution resizes the position table). Raises ConfigError where
+  the adoption would silently drop what the config asked for: a `recipe_size` (fine-tuning)
+  other than the encoder's size, or an architecture option that `file_config` (the config
+  file's own config, when known) turns on and the encoder was not trained with.
   """
   if config.init_from in ("", RANDOM):
     return config
   info = read_model_info(config.init_from)
-  config = config.copy_and_resolve_references()
   model = info["config"]["model"]
+  _refuse_other_recipe_size(config, model)
+  if file_config is not None:
+    _refuse_file_architecture(file_config, config.init_from, model)
+  config = config.copy_and_resolve_references()
   replaced = []
   with config.unlocked():
     adopted = {**{f"model.{n}": model.get(n, config.model[n]) for n in SIZE_FIELDS},
@@ -92,6 +98,37 @@ def adopt_encoder_config(config):
            model["variant"], model.get("width"), model.get("depth"), info["image_size"],
            f"; the config's encoder fields replaced: {', '.join(replaced)}" if replaced else "")
   return config
+
+
+def _refuse_other_recipe_size(config, model: dict) -> None:
+  """ConfigError when `config.recipe_size` names another size than the export's encoder."""
+  recipe = config.get("recipe_size", "")
+  if recipe not in VIT_SIZES:
+    return  # "" (any encoder), or a bad name that validation reports
+  theirs = size_from_config(ml_collections.ConfigDict(model))[0]
+  if theirs == VIT_SIZES[recipe]:
+    return
+  raise config_error(
+      "recipe_size", recipe, f"the size of the encoder in init_from={config.init_from}, "
+      f"{model['variant']} (width {theirs.width}, depth {theirs.depth}): this config's lr, "
+      f"layer decay, drop path and epochs are the published recipe for {recipe}",
+      "Pick the recipe of the encoder's size (configs/finetune_imagenet.py:size=...), or set "
+      "--config.recipe_size='' to run this one on it anyway.")
+
+
+def _refuse_file_architecture(file_config, init_from: str, model: dict) -> None:
+  """ConfigError when the config file turns on an architecture option (ARCH_DEFAULTS) the
+  export's encoder does not have: adoption would replace it by the encoder's without a word
+  (the command line's are refused by refuse_dropped_overrides)."""
+  for name, off in ARCH_DEFAULTS.items():
+    asked = file_config.get("model", {}).get(name, off)
+    theirs = model.get(name, off)
+    if asked != off and asked != theirs:
+      raise config_error(
+          f"model.{name}", asked, f"{theirs!r}, the value the encoder in init_from={init_from} "
+          "was trained with (the config file sets another)", "An evaluation builds the encoder "
+          "its weights were trained as: remove the field from the config file, or pre-train / "
+          "import an encoder with it.")
 
 
 def describe_encoder(size, patch: int, channels: int | None = None) -> str:
