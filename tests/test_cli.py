@@ -307,6 +307,13 @@ def test_num_classes_below_an_image_folders_classes_is_refused_before_training(t
   for fine in (0, 3, 5):  # the dataset's count, exactly it, or more
     config.classifier.num_classes = fine
     setup.check_num_classes(config)
+  # The frozen-feature jobs run outside setup_run: they check it before any feature.
+  from mim_jax.evaluate import frozen
+  knn = tiny_mae_config(method="knn", init_from="random", **{
+      "data.source": "image_folder", "data.path": str(tmp_path), "data.eval_path": str(tmp_path),
+      "classifier.num_classes": 2})
+  with pytest.raises(ConfigError, match=r"config.classifier.num_classes=2 is invalid"):
+    frozen._start(knn, str(tmp_path / "knn"))
 
 
 def test_batch_must_split_over_devices_and_accumulation():
