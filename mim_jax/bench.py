@@ -38,6 +38,7 @@ CPU).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -97,6 +98,15 @@ def define_flags() -> None:
 
 
 PEERS = ("hf", "hf_compile", "none")
+# What HF's ViTMAEForPreTraining and torch AdamW run, as the first config's fields (a tuple:
+# any of its values); bench_hf mirrors the rest.
+PEER_RUNS = {"masking.kind": "random", "masking.ratio_range": ((), []),
+             "optimizer.name": "adamw", "optimizer.mu_dtype": ("", "float32"),
+             "optimizer.clip_grad_norm": 0.0, "grad_accum_steps": 1,
+             "model.dtype": ("float32", "bfloat16"), "model.remat": "none",
+             "model.drop_path_rate": 0.0, "model.encoder_mask_tokens": False,
+             "model.layer_scale": 0.0, "model.rel_pos_bias": "", "model.pre_norm": False,
+             "model.abs_posemb": True, "model.mlp_act": "gelu"}
 
 
 def _sig(x: float, digits: int = 4) -> float:
@@ -303,7 +313,8 @@ def bench_hf(config, steps: int, warmup: int, compile_model: bool = False,
   fused = compile_model and device == "cuda"
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(config.optimizer.b1,
                                                              config.optimizer.b2),
-                          weight_decay=config.optimizer.weight_decay, fused=fused or None)
+                          eps=config.optimizer.eps, weight_decay=config.optimizer.weight_decay,
+                          fused=fused or None)
   images = torch.randn(config.global_batch_size, config.channels, *config.image_size,
                        device=device)
   bf16 = device == "cuda" and config.model.dtype == "bfloat16"
@@ -706,15 +717,16 @@ def main(argv):
     raise app.UsageError("--peer and --asymmetry compare against MAE: the first config must be "
                          "an MAE config")
   if peers:
-    # The peer is HF's MAE as it is: uniform random masking and AdamW. A first config that
-    # masks or optimises otherwise would be timed against a peer doing other work.
+    # The peer is HF's MAE as it is (bench_hf mirrors the size, decoder, mask ratio, norm_pix,
+    # AdamW's betas, eps and weight decay, and bf16): a first config that masks, optimises or
+    # builds its ViT otherwise would be timed against a peer doing other work.
     c = configs[0]
-    for field, value, theirs in (("masking.kind", c.masking.kind, "random"),
-                                 ("optimizer.name", c.optimizer.name, "adamw")):
-      if value != theirs:
+    for field, theirs in PEER_RUNS.items():
+      value = functools.reduce(lambda block, name: block[name], field.split("."), c)
+      if value not in (theirs if isinstance(theirs, tuple) else (theirs,)):
         raise app.UsageError(f"--peer times HF's MAE, which uses {field}={theirs!r}: the first "
                              f"config has {value!r}. Time the peer with an MAE config that "
-                             f"matches it, or --peer=none")
+                             f"matches it, or --peer=none (a --variant row may differ)")
   if FLAGS.asymmetry:
     configs.insert(1, _variant(configs[0], **{"model.encoder_mask_tokens": True}))
   labels = {}  # id(config) -> its --variant

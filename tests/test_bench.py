@@ -123,7 +123,9 @@ def test_feed_pipeline_and_peers_only_refuse_flags_they_do_not_read():
            ("--peers_only", "--variant=model.remat=full"): "--also, --variant and --asymmetry add",
            ("--config.masking.kind=blockwise",): "--peer times HF's MAE, which uses "
                                                   "masking.kind='random': the first config has "
-                                                  "'blockwise'"}
+                                                  "'blockwise'",
+           ("--config.model.remat=full",): "--peer times HF's MAE, which uses "
+                                           "model.remat='none': the first config has 'full'"}
   for args, message in cases.items():
     out = subprocess.run([sys.executable, "-m", "mim_jax.bench", "--config=configs/mae_fmnist.py",
                           *args], cwd=REPO, capture_output=True, text=True, timeout=120)
