@@ -12,7 +12,8 @@ parameter or batch is ever allocated. It prints, per device:
   xla arguments / outputs      XLA's compiled memory analysis (outputs alias the donated state)
   xla temp                     XLA's temporary buffers: activations kept for the backward pass,
                                gradients, collectives' buffers
-  peak estimate                arguments + outputs - aliased + temp
+  training split               data.device_resident's copy of the split (read from the data)
+  peak estimate                arguments + outputs - aliased + temp (+ the training split)
 
 `--mesh` is AXIS:SIZE[,AXIS:SIZE] (replaces config.mesh; the simulated device count is the
 product); `--batch` the global batch (config.global_batch_size); `--rules=fsdp` uses
@@ -119,6 +120,13 @@ def plan(config, devices=None) -> dict[str, Any]:
   }
   out["peak"] = (out["xla_arguments"] + out["xla_outputs"] - out["xla_aliased"]
                  + out["xla_temp"])
+  if config.data.get("device_resident", False):
+    # The split's copy lives on the device beside the step (read from the data: its length
+    # and one decoded image), outside the compiled program's arguments.
+    from mim_jax.data import device_resident
+    out["resident_split"] = device_resident.split_bytes(
+        config.data, image_size=tuple(config.image_size), channels=config.channels)
+    out["peak"] += out["resident_split"]
   return out
 
 
@@ -138,8 +146,11 @@ def format_plan(result: dict[str, Any], hbm_gib: float = 0.0) -> str:
       f"  xla outputs     {gib(result['xla_outputs'])} ({gib(result['xla_aliased']).strip()} "
       "aliased to the donated state)",
       f"  xla temp        {gib(result['xla_temp'])}",
-      f"  peak estimate   {gib(result['peak'])}",
   ]
+  if "resident_split" in result:
+    lines.append(f"  training split  {gib(result['resident_split'])} (data.device_resident: "
+                 "a copy on every device)")
+  lines.append(f"  peak estimate   {gib(result['peak'])}")
   if hbm_gib:
     fits = result["peak"] <= hbm_gib * 2**30
     lines.append(f"  fits in {hbm_gib:g} GiB: {'yes' if fits else 'NO'} "

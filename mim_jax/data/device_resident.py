@@ -163,6 +163,19 @@ def check_saved_position(position: str | bytes, *, resident: bool) -> None:
                        f"its checkpoint holds the data position of {writer}")
 
 
+def split_bytes(data_cfg, *, image_size: tuple[int, int], channels: int) -> int:
+  """The bytes of one device's copy of the training split (holdout and label subset applied),
+  from its length and its first decodable image: what load_split would hold, before any
+  undecodable image is left out (the memory planner's estimate)."""
+  source = sources.build_train_source(data_cfg, image_size=image_size, channels=channels)
+  decoder = pipeline._decoder(data_cfg, channels)  # pylint: disable=protected-access
+  for i in range(len(source)):
+    image = decoder.map(source[i])["image"]
+    if image is not None:
+      return len(source) * image.nbytes
+  return 0
+
+
 def load_split(data_cfg, *, image_size: tuple[int, int], channels: int,
                copies_in_one_memory: int = 1) -> tuple[np.ndarray, np.ndarray]:
   """(images [N, h, w, C] as decoded, labels int32 [N]) of the training split (holdout and
