@@ -98,6 +98,10 @@ def define_flags() -> None:
 
 
 PEERS = ("hf", "hf_compile", "none")
+# Settings of the training loop around the step (monitoring, checkpoints, logging, the run's
+# length): the benchmark's step mode never reads them (prefixes of the dotted fields).
+_LOOP_FIELDS = ("knn.", "eval.", "viz_", "checkpoint_every", "keep_checkpoints",
+                "export_encoder", "log_every", "max_consecutive_", "total_steps")
 # What HF's ViTMAEForPreTraining and torch AdamW run, as the first config's fields (a tuple:
 # any of its values); bench_hf mirrors the rest.
 PEER_RUNS = {"masking.kind": "random", "masking.ratio_range": ((), []),
@@ -615,6 +619,11 @@ def _check_mode_flags(config) -> None:
       raise app.UsageError("the train step is timed on a generated batch: "
                            f"{', '.join('--config.' + f for f in inert)} would have no effect "
                            "(--feed and --pipeline time the input)")
+    around = sorted(f for f in overrides if f.startswith(_LOOP_FIELDS))
+    if around:
+      raise app.UsageError("the benchmark times train steps, not the training loop around "
+                           f"them: {', '.join('--config.' + f for f in around)} would have no "
+                           "effect (time a run of python -m mim_jax.main for the loop)")
   if FLAGS.pipeline:
     if FLAGS.batch > FLAGS.pipeline_images // 2:
       raise app.UsageError(f"--pipeline: --batch={FLAGS.batch} needs --pipeline_images >= "
