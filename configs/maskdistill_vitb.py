@@ -8,10 +8,15 @@ Recipe (the paper's ViT-B setting, which follows BEiT v2's code base): 300 epoch
 AdamW (0.9, 0.98), lr 1.5e-3 (given for batch 2048), 10 warmup epochs then cosine to 1e-5,
 wd 0.05, drop path 0.1, gradient clipping 3.0; blockwise masking of 40% of the 196 patches
 (blocks of at least 16 patches); RandomResizedCrop(0.08, 1) + flip; a linear head to the
-teacher's width, smooth-L1 on the teacher's layer-normalised last-layer patch features. The teacher sees the student's view, re-normalised with its own
-statistics (CLIP's mean and std, read from its export).
+teacher's width, smooth-L1 on the teacher's layer-normalised last-layer patch features. The
+teacher sees the student's view, re-normalised with its own statistics (CLIP's mean and std,
+read from its export). Its features are CLIP's final-norm tokens at its width (768 for ViT-B/16):
+not multiplied by CLIP's 512-wide output projection, which BEiT v2's VQ-KD release applies to
+every token (the import keeps that projection as the classifier head, which the teacher does
+not use); that choice is not checked against MaskDistill's own release.
 The student is BEiT v2's ViT: a shared relative position bias, layer scale 0.1, no absolute
-positions (`model.rel_pos_bias`, `model.layer_scale`, `model.abs_posemb`). Arguments: `variant=B/16` (any SIZE/PATCH), `runlocal`.
+positions (`model.rel_pos_bias`, `model.layer_scale`, `model.abs_posemb`). Arguments:
+`variant=B/16` (any SIZE/PATCH), `runlocal`.
 """
 
 from mim_jax import registry
