@@ -16,7 +16,7 @@ import pytest
 from mim_jax import registry
 from mim_jax.config import defaults as config_defaults
 from mim_jax.config.errors import ConfigError
-from mim_jax.objectives.patch_targets import normalize_features
+from mim_jax.objectives.teachers import normalize
 from mim_jax.tokenizers import io
 from mim_jax.training import loop as train
 
@@ -37,7 +37,7 @@ def test_loss_is_the_cosine_distance_to_the_teachers_normalised_features(teacher
   _, (metrics, _) = method.loss(params, extra, {"image": images}, jax.random.key(2),
                                 train=False)
   teacher = method.target.teacher
-  target = normalize_features(teacher.features(extra["teacher"], images, -1), "layer")
+  target = normalize(teacher.features(extra["teacher"], images, -1), "layer")
   out = method.reconstruct(params, {"image": images}, jax.random.key(2), extra)
   np.testing.assert_allclose(out["target"], target, rtol=1e-5, atol=1e-5)
   pred = np.asarray(out["pred"])

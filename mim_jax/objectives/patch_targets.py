@@ -22,7 +22,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from mim_jax.objectives import hog, targets
+from mim_jax.objectives import hog, targets, teachers
 from mim_jax.objectives.frozen_teacher import FrozenTeacher
 from mim_jax.tokenizers import io
 from mim_jax.tokenizers import models as tokenizers
@@ -131,18 +131,10 @@ class Tokens(PatchTarget):
     return tokenizers.encode_flops(self.info)
 
 
-def normalize_features(x: jax.Array, kind: str, eps: float = 1e-6) -> jax.Array:
-  """[B, N, D] -> per-token LayerNorm without affine parameters ("layer", as MaskDistill
-  normalises its teacher's features) or unchanged ("none")."""
-  if kind == "none":
-    return x
-  mean = x.mean(-1, keepdims=True)
-  return (x - mean) / jnp.sqrt(x.var(-1, keepdims=True) + eps)
-
-
 class TeacherFeatures(PatchTarget):
   """A frozen teacher's features of each patch (objectives/frozen_teacher.py), from block
-  `layer` (-1: its output after the final norm), normalised by `norm`."""
+  `layer` (-1: its output after the final norm), normalised by `norm` (teachers.normalize:
+  "layer", per token without affine parameters, as MaskDistill normalises them, or "none")."""
   kind, key = "teacher_features", "teacher"
 
   def __init__(self, teacher: FrozenTeacher, layer: int = -1, norm: str = "layer"):
@@ -150,12 +142,12 @@ class TeacherFeatures(PatchTarget):
     self.teacher, self.layer, self.norm = teacher, int(layer), norm
 
   def __call__(self, state, images):
-    return normalize_features(self.teacher.features(state, images, self.layer), self.norm)
+    return teachers.normalize(self.teacher.features(state, images, self.layer), self.norm)
 
   def with_attention(self, state, images) -> tuple[jax.Array, jax.Array]:
     """(targets [B, N, D], the teacher's last [CLS] attention [B, heads, N]) in one pass."""
     feats, attention = self.teacher.features(state, images, self.layer, attention=True)
-    return normalize_features(feats, self.norm), attention
+    return teachers.normalize(feats, self.norm), attention
 
   def init_extra(self):
     return self.teacher.init_params()
