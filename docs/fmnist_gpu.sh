@@ -90,8 +90,8 @@ export FLAGS_ibot=${FLAGS_ibot-"--config.data.augment_on=host --config.data.devi
 --config.data.num_workers=8"}
 export PRE_EPOCHS=${PRE_EPOCHS:-30}
 ALL_METHODS=$FMNIST_METHODS
-METHODS=${METHODS:-$ALL_METHODS}
-METHOD_STEPS=${METHOD_STEPS:-"pretrain probe finetune"}
+METHODS=$(echo ${METHODS:-$ALL_METHODS})  # one line, single spaces (as SECTIONS)
+METHOD_STEPS=$(echo ${METHOD_STEPS:-"pretrain probe finetune"})
 # Side by side, each process takes the GPU memory it uses, not JAX's default 75% of it.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 [[ $PARALLEL =~ ^[01]$ ]] || { echo "PARALLEL=$PARALLEL: 1 (side by side) or 0" >&2; exit 2; }

@@ -431,6 +431,14 @@ def test_results_script_passes_train_flags_to_training_runs_only(tmp_path):
                         TRAIN_FLAGS="--config.a=1 --config.b=2\n--config.c=3") == calls
 
 
+def test_results_script_runs_sections_listed_across_lines(tmp_path):
+  """A section next to a line break of SECTIONS (the default list spans two lines) runs."""
+  calls = _results_calls(tmp_path, RESULTS, SECTIONS="pretrain_mae\nfinetune_mae", SEEDS="0",
+                         CHOSEN_tune_mae="lr4e-3_nomix")
+  assert [c[-1] for c in calls] == [f"--workdir={tmp_path}/root/mae_e50",
+                                    f"--workdir={tmp_path}/root/ft_mae_s0"], calls
+
+
 def test_results_script_reads_fashion_mnist_from_fmnist_dir(tmp_path):
   """FMNIST_DIR (a machine without the Debian package) reaches every run, probes included."""
   calls = _results_calls(tmp_path, RESULTS, SECTIONS="pretrain_mae probe_mae",
