@@ -38,7 +38,6 @@ CPU).
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -49,7 +48,7 @@ from typing import Any, Callable, NamedTuple
 from absl import app, flags
 from ml_collections import config_flags
 
-from mim_jax.config import files
+from mim_jax.config import checks, files
 from mim_jax.config.errors import refuse_extra_arguments
 
 FLAGS = flags.FLAGS
@@ -98,13 +97,15 @@ def define_flags() -> None:
 
 
 PEERS = ("hf", "hf_compile", "none")
-# Settings of the training loop around the step (monitoring, checkpoints, logging, the run's
-# length): the benchmark's step mode never reads them (prefixes of the dotted fields).
+# Settings of the training loop around the step (monitoring, checkpoints, exports, the run's
+# length, when to stop): they do not change what a timed step costs (prefixes of the dotted
+# fields). log_every is not one: the step computes its norms on logged steps only.
 _LOOP_FIELDS = ("knn.", "eval.", "viz_", "checkpoint_every", "keep_checkpoints",
-                "export_encoder", "log_every", "max_consecutive_", "total_steps")
+                "export_encoder", "max_consecutive_", "total_steps")
 # What HF's ViTMAEForPreTraining and torch AdamW run, as the first config's fields (a tuple:
 # any of its values); bench_hf mirrors the rest.
 PEER_RUNS = {"masking.kind": "random", "masking.ratio_range": ((), []),
+             "data.augment_on": "host",  # else our step also crops and flips; HF's does not
              "optimizer.name": "adamw", "optimizer.mu_dtype": ("", "float32"),
              "optimizer.clip_grad_norm": 0.0, "grad_accum_steps": 1,
              "model.dtype": ("float32", "bfloat16"), "model.remat": "none",
@@ -731,11 +732,13 @@ def main(argv):
     # builds its ViT otherwise would be timed against a peer doing other work.
     c = configs[0]
     for field, theirs in PEER_RUNS.items():
-      value = functools.reduce(lambda block, name: block[name], field.split("."), c)
-      if value not in (theirs if isinstance(theirs, tuple) else (theirs,)):
-        raise app.UsageError(f"--peer times HF's MAE, which uses {field}={theirs!r}: the first "
-                             f"config has {value!r}. Time the peer with an MAE config that "
-                             f"matches it, or --peer=none (a --variant row may differ)")
+      allowed = theirs if isinstance(theirs, tuple) else (theirs,)
+      value = checks.get(c, field)
+      if value not in allowed:
+        uses = " or ".join(f"{field}={a!r}" for a in allowed)
+        raise app.UsageError(f"--peer times HF's MAE, which uses {uses}: the first config has "
+                             f"{value!r}. Time the peer with an MAE config that matches it, or "
+                             "--peer=none (a --variant row may differ)")
   if FLAGS.asymmetry:
     configs.insert(1, _variant(configs[0], **{"model.encoder_mask_tokens": True}))
   labels = {}  # id(config) -> its --variant

@@ -124,8 +124,8 @@ def plan(config, devices=None) -> dict[str, Any]:
     # The split's copy lives on the device beside the step (read from the data: its length
     # and one decoded image), outside the compiled program's arguments.
     from mim_jax.data import device_resident
-    out["resident_split"] = device_resident.split_bytes(
-        config.data, image_size=tuple(config.image_size), channels=config.channels)
+    out["resident_split"] = device_resident.split_bytes(  # r.config: its paths expanded
+        r.config.data, image_size=tuple(config.image_size), channels=config.channels)
     out["peak"] += out["resident_split"]
   return out
 

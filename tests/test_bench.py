@@ -124,9 +124,9 @@ def test_feed_pipeline_and_peers_only_refuse_flags_they_do_not_read():
            ("--config.masking.kind=blockwise",): "--peer times HF's MAE, which uses "
                                                   "masking.kind='random': the first config has "
                                                   "'blockwise'",
-           ("--config.knn.every_epochs=5", "--config.log_every=1"):
-               "not the training loop around them: --config.knn.every_epochs, "
-               "--config.log_every would have no effect",
+           ("--config.knn.every_epochs=5", "--config.checkpoint_every=7"):
+               "not the training loop around them: --config.checkpoint_every, "
+               "--config.knn.every_epochs would have no effect",
            ("--config.model.remat=full",): "--peer times HF's MAE, which uses "
                                            "model.remat='none': the first config has 'full'"}
   for args, message in cases.items():

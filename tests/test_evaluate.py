@@ -180,8 +180,8 @@ def test_a_size_recipe_refuses_an_encoder_of_another_size(pretrained_workdir):
   imagenet = config_files.load_config_file(
       os.path.join(os.path.dirname(__file__), "..", "configs", "finetune_imagenet.py:size=L"))
   imagenet.init_from = pretrained_workdir
-  with pytest.raises(ConfigError, match=r"config.recipe_size='L' is invalid: the size of the "
-                     r"encoder in init_from=.* mu/4 \(width 64, depth 2\).*recipe_size=''"):
+  with pytest.raises(ConfigError, match=r"config.recipe_size='L' is invalid: 'mu', the size "
+                     r"of the encoder in init_from=.* \(width 64, depth 2\).*recipe_size=''"):
     setup.prepare(imagenet)
   config = _eval_config("finetune", pretrained_workdir)
   config.recipe_size = "mu"  # the encoder's own size
@@ -194,12 +194,16 @@ def test_an_architecture_option_of_the_config_file_must_be_the_encoders(pretrain
   """The command line's encoder fields are refused by refuse_dropped_overrides; a config file's
   option the encoder lacks would be replaced by the encoder's (layer scale off) silently."""
   config = _eval_config("finetune", pretrained_workdir)
+  config.model.layer_scale = 0.1
   file_config = config.copy_and_resolve_references()
-  file_config.model.layer_scale = 0.1
+  from mim_jax.training import setup
   with pytest.raises(ConfigError, match=r"config.model.layer_scale=0.1 is invalid: 0.0, the "
                      r"value the encoder in init_from=.* was trained with"):
-    pretrained.adopt_encoder_config(config, file_config)
-  file_config.model.layer_scale = 0.0  # what the encoder has: nothing is dropped
+    setup.prepare(config, file_config)  # as training.loop.run prepares a command line's run
+  config.model.layer_scale = 0.0  # the command line sets the encoder's value: accepted
+  assert pretrained.adopt_encoder_config(config, file_config).model.layer_scale == 0.0
+  file_config.model.layer_scale = 0.0  # the file asks for nothing the encoder lacks
+  config.model.layer_scale = 0.1  # (a command-line 0.1 is refuse_dropped_overrides' to refuse)
   assert pretrained.adopt_encoder_config(config, file_config).model.layer_scale == 0.0
 
 

@@ -66,9 +66,9 @@ _SCRIPT = textwrap.dedent("""
                                     {k: s[k] for k in ("loss", "grad_norm", "update_norm")},
                                     rtol=2e-5)
       # The two steps sum the gradients in another order (per-device sums, then psum): float32
-      # rounding of about 1e-7 of the gradients' scale, which SGD at lr 4 multiplies by 4 each
-      # step (2.3e-6 seen on a parameter of 0.008 on an Intel Xeon VM). A step that dropped a
-      # device's share would differ by about 0.1.
+      # rounding of the gradients, taken at lr 0.25 and carried through three steps in which
+      # the weights move by about 0.1 each (2.3e-6 seen on a parameter of 0.008 on an Intel
+      # Xeon VM). A step that dropped a device's share would differ by about 0.1.
       chex.assert_trees_all_close(g_state.params, s_state.params, rtol=2e-5, atol=1e-5)
       chex.assert_trees_all_close(g_state.extra, s_state.extra, rtol=2e-5, atol=1e-5)
       print(method, "same after 3 steps: loss", [float(m["loss"]) for m in s_metrics])

@@ -82,7 +82,7 @@ def adopt_encoder_config(config, file_config=None):
   model = info["config"]["model"]
   _refuse_other_recipe_size(config, model)
   if file_config is not None:
-    _refuse_file_architecture(file_config, config.init_from, model)
+    _refuse_file_architecture(config, file_config, model)
   config = config.copy_and_resolve_references()
   replaced = []
   with config.unlocked():
@@ -108,27 +108,32 @@ def _refuse_other_recipe_size(config, model: dict) -> None:
   theirs = size_from_config(ml_collections.ConfigDict(model))[0]
   if theirs == VIT_SIZES[recipe]:
     return
+  named = [n for n, s in VIT_SIZES.items() if s == theirs]
   raise config_error(
-      "recipe_size", recipe, f"the size of the encoder in init_from={config.init_from}, "
-      f"{model['variant']} (width {theirs.width}, depth {theirs.depth}): this config's lr, "
-      f"layer decay, drop path and epochs are the published recipe for {recipe}",
-      "Pick the recipe of the encoder's size (configs/finetune_imagenet.py:size=...), or set "
-      "--config.recipe_size='' to run this one on it anyway.")
+      "recipe_size", recipe, f"{named[0]!r}, the size of the encoder in "
+      f"init_from={config.init_from} (width {theirs.width}, depth {theirs.depth})"
+      if named else f"'' for the encoder in init_from={config.init_from} (width "
+      f"{theirs.width}, depth {theirs.depth}: no named size)",
+      f"This config's lr, layer decay, drop path and epochs are the published recipe for "
+      f"{recipe}: pick the recipe of the encoder's size (configs/finetune_imagenet.py:size=...),"
+      " or set --config.recipe_size='' to run this one on it anyway.")
 
 
-def _refuse_file_architecture(file_config, init_from: str, model: dict) -> None:
+def _refuse_file_architecture(config, file_config, model: dict) -> None:
   """ConfigError when the config file turns on an architecture option (ARCH_DEFAULTS) the
-  export's encoder does not have: adoption would replace it by the encoder's without a word
-  (the command line's are refused by refuse_dropped_overrides)."""
+  export's encoder does not have and the run keeps it: adoption would replace it by the
+  encoder's without a word. A command-line value (one that differs from the file's) is
+  refuse_dropped_overrides' to judge: it may set the encoder's own value."""
   for name, off in ARCH_DEFAULTS.items():
     asked = file_config.get("model", {}).get(name, off)
     theirs = model.get(name, off)
-    if asked != off and asked != theirs:
+    if asked != off and asked != theirs and config.model.get(name, off) == asked:
       raise config_error(
-          f"model.{name}", asked, f"{theirs!r}, the value the encoder in init_from={init_from} "
-          "was trained with (the config file sets another)", "An evaluation builds the encoder "
-          "its weights were trained as: remove the field from the config file, or pre-train / "
-          "import an encoder with it.")
+          f"model.{name}", asked, f"{theirs!r}, the value the encoder in "
+          f"init_from={config.init_from} was trained with (the config file sets another)",
+          f"An evaluation builds the encoder its weights were trained as: remove the field from "
+          f"the config file (or pass --config.model.{name}={theirs!r}), or pre-train / import "
+          "an encoder with it.")
 
 
 def describe_encoder(size, patch: int, channels: int | None = None) -> str:
