@@ -65,7 +65,7 @@ VARIANT=${VARIANT-Ti/4}
 size=""
 [ -n "$VARIANT" ] && size="--config.model.variant=$VARIANT --config.model.width=0
 --config.model.depth=0 --config.model.num_heads=0 --config.model.mlp_dim=0"
-export TRAIN_FLAGS="${TRAIN_FLAGS:-"--config.model.dtype=bfloat16 --config.data.augment_on=device
+export TRAIN_FLAGS="${TRAIN_FLAGS-"--config.model.dtype=bfloat16 --config.data.augment_on=device
 --config.data.device_resident=True"} $size"
 export RANDOM_ENCODER_FLAGS=${RANDOM_ENCODER_FLAGS-$size}
 # A checkpoint and a picture every 200 steps (the CPU recipe's) would stall a GPU step of a few

@@ -42,8 +42,8 @@
 # ROOT (default workdirs/fmnist_results in the repository) is relative to where the command
 # runs. A SIGTERM or Ctrl-C is passed on to the current run, which stops with its checkpoint
 # written; the script exits 75 and the same command resumes. Unknown SECTIONS, seeds, LOWLABEL
-# entries, LOWLABEL_INITS, STUDY_MASKINGS, METHODS or METHOD_STEPS are refused before anything
-# runs.
+# entries, LOWLABEL_INITS, STUDY_MASKINGS, TARGETS, METHODS or METHOD_STEPS are refused before
+# anything runs.
 # TRAIN_FLAGS (space-separated --config.x=y) are added to every training run (pre-training,
 # tuning, fine-tuning; not the frozen-feature probes), e.g. for a GPU (docs/fmnist_gpu.sh);
 # KNN_EVERY (5) sets the epochs between k-NN scores of a pre-training run. PRETRAIN_FLAGS are
@@ -133,7 +133,8 @@ done
 { each_one_of LOWLABEL_INITS "mae scratch" $LOWLABEL_INITS
   each_one_of METHODS "$ALL_METHODS" $METHODS
   each_one_of METHOD_STEPS "pretrain probe finetune" $METHOD_STEPS
-  each_one_of STUDY_MASKINGS "blockwise random75" $STUDY_MASKINGS; }
+  each_one_of STUDY_MASKINGS "blockwise random75" $STUDY_MASKINGS
+  each_one_of TARGETS "pixels norm_pixels hog tokens teacher_features" $TARGETS; }
 for point in $TUNE_POINTS; do
   python docs/fmnist_tools.py grid "$point" > /dev/null 2> /dev/null || { echo "TUNE_POINTS:" \
       "unknown '$point' (one of: $(python docs/fmnist_tools.py grid))" >&2; exit 2; }

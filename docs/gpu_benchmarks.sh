@@ -87,14 +87,17 @@ bench vitb 90 "--config=$VITB" "${common[@]}" --asymmetry --peer=none \
 FMNIST=()
 [ -n "${FMNIST_DIR:-}" ] && FMNIST=(--config.data.path="$FMNIST_DIR")
 main_run() {  # NAME, then mim_jax.main's arguments: a training or evaluation run in
-  # OUT/NAME (log OUT/NAME.log) within the time left; returns 1 when skipped.
+  # OUT/NAME (log OUT/NAME.log) within the time left; returns 1 when skipped or failed (a
+  # cut-short run's last logged rate would include its start).
   local name=$1; shift
   local left=$((BUDGET - SECONDS))
   [ "$left" -lt 60 ] && { echo "== $name: skipped, $left s left" | tee -a "$OUT/commands.txt"; return 1; }
   local cmd=(-m mim_jax.main "$@" --workdir="$OUT/$name")
   echo "== $name: python ${cmd[*]}" | tee -a "$OUT/commands.txt"
   rm -rf "${OUT:?}/$name"
-  timeout --foreground --kill-after=30 "$left" "$PY" "${cmd[@]}" > "$OUT/$name.log" 2>&1 || echo "== $name: failed" >> "$OUT/commands.txt"
+  timeout --foreground --kill-after=30 "$left" "$PY" "${cmd[@]}" > "$OUT/$name.log" 2>&1 \
+      || { echo "== $name: failed or cut short, see $name.log" | tee -a "$OUT/commands.txt"
+           return 1; }
 }
 loop() {  # NAME, then overrides
   local name=$1; shift

@@ -75,10 +75,18 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 config_file="${config%%:*}"
 if [[ "$config_file" != /* && -e "$PWD/$config_file" ]]; then
   config="$PWD/$config"
+elif [[ "$config_file" != /* && -f "$repo/$config_file" ]]; then
+  : # relative to the repository root, where the job starts
+elif [[ ! -f "$config_file" ]]; then
+  die "--config=$config: no such file here or in $repo (checked before the job waits in the queue)"
 fi
 
-# The interpreter found now (e.g. the activated environment's) is the one the job runs.
-python_bin="$(command -v "$python_bin" || echo "$python_bin")"
+# The interpreter found now (e.g. the activated environment's) is the one the job runs, by an
+# absolute path: the job starts in the repository root, not here.
+found="$(command -v "$python_bin")" || die "--python=$python_bin: not found (activate the \
+environment, or give the interpreter's path)"
+[[ "$found" = /* ]] || found="$PWD/$found"
+python_bin="$found"
 logs="$workdir/logs"
 script_path="$logs/submit-$(date +%Y%m%d-%H%M%S).sbatch"
 quoted_extra=""

@@ -72,6 +72,13 @@ def test_slurm_optional_settings_are_left_out_and_paths_made_absolute(tmp_path):
   assert "#SBATCH --ntasks-per-node=4" in out.stdout
   # A config path that does not exist here is resolved in the repository root by the job.
   assert f"--config=configs/mae_vitb.py:runlocal --workdir={tmp_path}/rel/run" in out.stdout
+  # An interpreter given relative to here is made absolute (the job starts in the repository).
+  (tmp_path / "py").write_text("#!/bin/sh\n")
+  (tmp_path / "py").chmod(0o755)
+  out = _bash(SLURM, "--nodes=1", "--gpus-per-node=4", "--workdir=rel/run", "--python=./py",
+              "--config=configs/mae_vitb.py", "--dry-run", cwd=tmp_path)
+  assert out.returncode == 0, out.stderr
+  assert f"{tmp_path}/./py -m mim_jax.main" in out.stdout, out.stdout
 
 
 def test_slurm_submits_the_written_script(tmp_path):
@@ -131,6 +138,8 @@ def test_slurm_missing_argument_is_named(missing):
     ("--time=soon", "--time=soon must look like"),
     ("--requeue=0", "--requeue=0 must be a positive number of seconds"),
     ("--frobnicate", "unknown argument '--frobnicate'"),
+    ("--config=configs/mae_vitz.py", "--config=configs/mae_vitz.py: no such file"),
+    ("--python=no-such-python", "--python=no-such-python: not found"),
 ])
 def test_slurm_bad_argument_is_named(bad, match):
   out = _bash(SLURM, *SLURM_ARGS, bad, "--dry-run")
@@ -543,6 +552,7 @@ def test_results_script_stops_at_a_run_that_did_not_finish(tmp_path, status, cod
      "LOWLABEL: '1:held-out' needs the lengths to choose from at 1% in LOWLABEL_TUNE"),
     ({"LOWLABEL_TUNE": "1:60;240"}, (), "LOWLABEL_TUNE: '1:60;240' is not PERCENT:EPOCHS,"),
     ({"STUDY_MASKINGS": "random"}, (), "STUDY_MASKINGS: unknown 'random'"),
+    ({"TARGETS": "pixels hogg"}, (), "TARGETS: unknown 'hogg'"),
     ({"TUNE_POINTS": "lr4e-3_nomix lr4e-3_ra"}, (), "TUNE_POINTS: unknown 'lr4e-3_ra'"),
     ({"SEEDS": " "}, (), "SEEDS: empty"),
     ({"METHODS": "simmim mea"}, (), "METHODS: unknown 'mea'"),
