@@ -23,6 +23,10 @@
 # itself: SLURM sends SIGTERM that many seconds before the time limit (--signal), every
 # process saves a checkpoint at the same step and exits 75, and the job requeues itself
 # (scontrol requeue); the requeued job resumes from that checkpoint. Any other exit ends it.
+# Tested with stub srun / scontrol only: when the first task exits 75, --kill-on-bad-exit has
+# srun kill the tasks still exiting, and if srun then reports a killed task's status rather
+# than the 75 the job ends without requeueing; its checkpoint is written either way, and the
+# same command resumes it.
 set -euo pipefail
 
 # shellcheck source=launch/common.sh
