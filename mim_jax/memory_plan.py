@@ -148,8 +148,11 @@ def format_plan(result: dict[str, Any], hbm_gib: float = 0.0) -> str:
       f"  xla temp        {gib(result['xla_temp'])}",
   ]
   if "resident_split" in result:
+    from mim_jax.data import device_resident
+    over = result["resident_split"] > device_resident.MAX_BYTES
     lines.append(f"  training split  {gib(result['resident_split'])} (data.device_resident: "
-                 "a copy on every device)")
+                 "a copy on every device" + (f"; a run refuses more than "
+                 f"{device_resident.MAX_BYTES / 2**30:.0f} GiB)" if over else ")"))
   lines.append(f"  peak estimate   {gib(result['peak'])}")
   if hbm_gib:
     fits = result["peak"] <= hbm_gib * 2**30

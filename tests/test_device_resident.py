@@ -263,4 +263,6 @@ def test_the_memory_plan_counts_the_split_each_device_holds():
   assert plan["peak"] == (plan["xla_arguments"] + plan["xla_outputs"] - plan["xla_aliased"]
                           + plan["xla_temp"] + images.nbytes)
   assert "training split      0.00 GiB (data.device_resident" in memory_plan.format_plan(plan)
+  assert "a run refuses more than 4 GiB" in memory_plan.format_plan(
+      {**plan, "resident_split": 5 * 2**30})
   assert "resident_split" not in memory_plan.plan(tiny_config("mae"))
