@@ -90,8 +90,8 @@ export FLAGS_ibot=${FLAGS_ibot-"--config.data.augment_on=host --config.data.devi
 --config.data.num_workers=8"}
 export PRE_EPOCHS=${PRE_EPOCHS:-30}
 ALL_METHODS=$FMNIST_METHODS
-METHODS=$(echo ${METHODS:-$ALL_METHODS})  # one line, single spaces (as SECTIONS)
-METHOD_STEPS=$(echo ${METHOD_STEPS:-"pretrain probe finetune"})
+METHODS=${METHODS:-$ALL_METHODS}
+METHOD_STEPS=${METHOD_STEPS:-"pretrain probe finetune"}
 # Side by side, each process takes the GPU memory it uses, not JAX's default 75% of it.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 [[ $PARALLEL =~ ^[01]$ ]] || { echo "PARALLEL=$PARALLEL: 1 (side by side) or 0" >&2; exit 2; }
@@ -99,7 +99,7 @@ for seed in $SEEDS; do
   [[ $seed =~ ^[0-9]+$ ]] || { echo "SEEDS: '$seed' is not an integer seed" >&2; exit 2; }
 done
 for section in $SECTIONS; do  # a section this script does not run would be skipped unsaid
-  [[ " $GPU_SECTIONS " == *" $section "* ]] || { echo "SECTIONS: '$section' is not one of this" \
+  listed "$GPU_SECTIONS" "$section" || { echo "SECTIONS: '$section' is not one of this" \
       "script's (default, all, or of: $GPU_SECTIONS); run docs/fmnist_results.sh with" \
       "TRAIN_FLAGS for the others" >&2
       exit 2; }
@@ -113,7 +113,7 @@ done
 # point of TUNE_POINTS), or a recorded choice: for VARIANT Ti/4 those of the 2026-12-04 grids
 # (docs/results.md: MAE lr2e-3_nomix, scratch lr1e-3_nomix), used only where neither of the
 # others is there. Else the fine-tuning wave would fail after the minutes of those before it.
-has_section() { [[ " $SECTIONS " == *" $1 "* ]]; }
+has_section() { listed "$SECTIONS" "$1"; }
 tune_tag="_e$TUNE_EPOCHS"  # as docs/fmnist_results.sh names the grid's runs
 [ "$TUNE_EPOCHS" = 3 ] && tune_tag=""
 grid_in_root() {  # GRID: every point of TUNE_POINTS finished in ROOT
@@ -135,7 +135,7 @@ for grid in tune_mae tune_scratch; do
   fi
   for reader in $readers; do
     # methods fine-tunes only with METHOD_STEPS' finetune
-    [ "$reader" = methods ] && [[ " $METHOD_STEPS " != *" finetune "* ]] && continue
+    [ "$reader" = methods ] && ! listed "$METHOD_STEPS" finetune && continue
     if has_section "$reader"; then
       echo "SECTIONS: $reader fine-tunes with the choice of $grid, which neither runs (add" \
            "$grid to SECTIONS) nor finished in ROOT, and VARIANT '$VARIANT' has no recorded" \
@@ -146,8 +146,8 @@ for grid in tune_mae tune_scratch; do
 done
 # MaskDistill distils the MAE encoder of pretrain_mae: it runs first or has finished in ROOT.
 MAE_DIR="$ROOT/mae_e$MAE_EPOCHS"
-if has_section methods && [[ " $METHODS " == *" maskdistill "* ]] \
-    && [[ " $METHOD_STEPS " == *" pretrain "* ]] && ! has_section pretrain_mae \
+if has_section methods && listed "$METHODS" maskdistill \
+    && listed "$METHOD_STEPS" pretrain && ! has_section pretrain_mae \
     && [ ! -f "$MAE_DIR/encoder/model.json" ]; then
   echo "SECTIONS: methods' MaskDistill distils the MAE encoder $MAE_DIR, which neither runs" \
        "(add pretrain_mae to SECTIONS) nor finished" >&2
@@ -171,7 +171,7 @@ wave() {
   for job in "$@"; do
     ((STOPPED)) && break
     first=${job%% *}
-    [[ " $SECTIONS " == *" ${first#SECTIONS=} "* ]] || continue
+    listed "$SECTIONS" "${first#SECTIONS=}" || continue
     n=$((n + 1))
     echo "wave $label.$n: $job"
     # shellcheck disable=SC2086
@@ -198,11 +198,11 @@ for seed in $SEEDS; do
   ft_jobs+=("SECTIONS=finetune_mae SEEDS=$seed" "SECTIONS=finetune_scratch SEEDS=$seed")
 done
 for method in $METHODS; do
-  [[ " $METHOD_STEPS " == *" pretrain "* ]] \
+  listed "$METHOD_STEPS" pretrain \
       && method_jobs+=("SECTIONS=methods METHODS=$method METHOD_STEPS=pretrain")
-  [[ " $METHOD_STEPS " == *" finetune "* ]] \
+  listed "$METHOD_STEPS" finetune \
       && method_ft_jobs+=("SECTIONS=methods METHODS=$method METHOD_STEPS=finetune")
-  [[ " $METHOD_STEPS " == *" probe "* ]] \
+  listed "$METHOD_STEPS" probe \
       && probe_jobs+=("SECTIONS=methods METHODS=$method METHOD_STEPS=probe")
 done
 status=0

@@ -184,9 +184,6 @@ run() {  # NAME, then the arguments of mim_jax.main
   esac
 }
 
-# LIST WORD: WORD is one of LIST's words (separated by any whitespace: ALL_SECTIONS and a
-# user's SECTIONS may span lines)
-listed() { [[ " ${1//[[:space:]]/ } " == *" $2 "* ]]; }
 has() { listed "$SECTIONS" "$1"; }
 holdout=(--config.data.holdout=5000 --config.data.eval_split=holdout)
 pretrain() {  # NAME METHOD EPOCHS [overrides]: pre-training with k-NN on the held-out split

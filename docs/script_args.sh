@@ -25,6 +25,9 @@ FMNIST_METHODS="maskfeat beit simmim data2vec ibot data2vec2 maskdistill"
 # each_one_of NAME "ALLOWED ..." VALUE...: exits 2 unless there is a VALUE and every one is one
 # of the ALLOWED words (a misspelt or blank one would run nothing, or something else, and end
 # with success).
+# LIST WORD: WORD is one of LIST's words, separated by any whitespace (a list may span lines).
+listed() { [[ " ${1//[[:space:]]/ } " == *" $2 "* ]]; }
+
 each_one_of() {
   local name=$1 allowed value
   allowed=$(echo $2)  # one line, single spaces
@@ -32,7 +35,7 @@ each_one_of() {
   [ $# -gt 0 ] || { echo "$name: empty (one or more of: $(echo $allowed | sed 's/ /, /g'))" >&2
                     exit 2; }
   for value in "$@"; do
-    [[ " $allowed " == *" $value "* ]] || {
+    listed "$allowed" "$value" || {
       echo "$name: unknown '$value' (one of: $(echo $allowed | sed 's/ /, /g'))" >&2
       exit 2; }
   done

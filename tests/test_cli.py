@@ -291,6 +291,7 @@ def test_num_classes_below_an_image_folders_classes_is_refused_before_training(t
   classifier.num_classes once it has listed the training folder, before building anything."""
   from PIL import Image
 
+  from mim_jax.evaluate import classifier_base
   from mim_jax.training import setup
   for name in ("a", "b", "c"):
     (tmp_path / name).mkdir()
@@ -306,7 +307,7 @@ def test_num_classes_below_an_image_folders_classes_is_refused_before_training(t
     setup.setup_run(config)
   for fine in (0, 3, 5):  # the dataset's count, exactly it, or more
     config.classifier.num_classes = fine
-    setup.check_num_classes(config)
+    classifier_base.check_num_classes(config)
   # The frozen-feature jobs run outside setup_run: they check it before any feature.
   from mim_jax.evaluate import frozen
   knn = tiny_mae_config(method="knn", init_from="random", **{

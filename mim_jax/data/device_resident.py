@@ -163,12 +163,17 @@ def check_saved_position(position: str | bytes, *, resident: bool) -> None:
                        f"its checkpoint holds the data position of {writer}")
 
 
-def split_bytes(data_cfg, *, image_size: tuple[int, int], channels: int) -> int:
-  """The bytes of one device's copy of the training split (holdout and label subset applied),
-  from its length and its first decodable image: what load_split would hold, before any
-  undecodable image is left out (the memory planner's estimate)."""
+def _open_split(data_cfg, image_size: tuple[int, int], channels: int):
+  """(the training source, holdout and label subset applied; its decoder)."""
   source = sources.build_train_source(data_cfg, image_size=image_size, channels=channels)
-  decoder = pipeline._decoder(data_cfg, channels)  # pylint: disable=protected-access
+  return source, pipeline._decoder(data_cfg, channels)  # pylint: disable=protected-access
+
+
+def split_bytes(data_cfg, *, image_size: tuple[int, int], channels: int) -> int:
+  """The bytes of one device's copy of the training split, from its length and its first
+  decodable image: what load_split would hold, before any undecodable image is left out (the
+  memory planner's estimate)."""
+  source, decoder = _open_split(data_cfg, image_size, channels)
   for i in range(len(source)):
     image = decoder.map(source[i])["image"]
     if image is not None:
@@ -182,8 +187,7 @@ def load_split(data_cfg, *, image_size: tuple[int, int], channels: int,
   label subset applied); undecodable images are left out (data.on_bad_image='skip').
   `copies_in_one_memory`: the device copies that will share one memory (CPU devices share
   the host's), all of which MAX_BYTES bounds."""
-  source = sources.build_train_source(data_cfg, image_size=image_size, channels=channels)
-  decoder = pipeline._decoder(data_cfg, channels)  # pylint: disable=protected-access
+  source, decoder = _open_split(data_cfg, image_size, channels)
   images = labels = None
   kept = 0
   for i in range(len(source)):

@@ -20,6 +20,15 @@ def num_classes(config) -> int:
   return data.num_classes(config.data)
 
 
+def check_num_classes(config) -> None:
+  """An evaluation's classifier.num_classes, when set, against its dataset's class count
+  (data.num_classes: the class folders, labels or TFDS info of the training source, listed
+  here). Fashion-MNIST and synthetic data are checked by validation already; the loop's runs
+  (training.setup.setup_run) and the frozen-feature jobs call this before anything costly."""
+  if "classifier" in config and config.classifier.num_classes:
+    v.check_num_classes(config, data.num_classes(config.data))
+
+
 def classification_sums(logits: jax.Array, labels: jax.Array,
                         valid: jax.Array) -> dict[str, jax.Array]:
   """Sums over valid rows: correct top-1 predictions, cross-entropy and count.

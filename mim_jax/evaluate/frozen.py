@@ -246,11 +246,8 @@ def _start(config, workdir: str):
   `registry.prepare`, which training.loop.run calls before it runs a job)."""
   checkpoint.ensure_writable(workdir)
   compiler_options.check(config)
-  if config.classifier.num_classes:
-    # As setup_run does for the loop's runs (setup.check_num_classes; setup imports the
-    # registry, which imports this module): a folder or TFDS source counts its classes only
-    # when listed, and a head too small would fail in the scoring, after every feature.
-    v.check_num_classes(config, data.num_classes(config.data))
+  # A head too small would fail in the scoring, after every feature.
+  classifier_base.check_num_classes(config)
   return config
 
 

@@ -31,6 +31,7 @@ from mim_jax import data, registry
 from mim_jax.config import checks, validation
 from mim_jax.config.errors import ConfigError, config_error
 from mim_jax.data import device_augment, transforms
+from mim_jax.evaluate import classifier_base
 from mim_jax.methods.base import Method, TrainLength
 from mim_jax.training import compiler_options, optim, parallel, step
 from mim_jax.weights import pretrained
@@ -119,14 +120,6 @@ def schedule_lengths(config, num_examples: int) -> tuple[int, int, int]:
         f"schedule with --resume_with_changes).")
   last_step = schedule_steps if config.total_steps == -1 else config.total_steps
   return steps_per_epoch, schedule_steps, last_step
-
-
-def check_num_classes(config) -> None:
-  """An evaluation's classifier.num_classes, when set, against its dataset's class count
-  (data.num_classes: the class folders, labels or TFDS info of the training source, which
-  setup_run has just listed). Fashion-MNIST and synthetic data are checked by validation."""
-  if "classifier" in config and config.classifier.num_classes:
-    validation.check_num_classes(config, data.num_classes(config.data))
 
 
 @dataclasses.dataclass
@@ -225,7 +218,7 @@ def setup_run(config, *, devices=None, num_examples: Optional[int] = None,
   image_size, channels = tuple(config.image_size), config.channels
   if num_examples is None:  # the run's own data (else a nominal length: no data is read)
     num_examples = data.num_examples(config.data, image_size=image_size, channels=channels)
-    check_num_classes(config)
+    classifier_base.check_num_classes(config)
   steps_per_epoch, schedule_steps, last_step = schedule_lengths(config, num_examples)
   schedule = optim.learning_rate_schedule(config.optimizer, config.global_batch_size,
                                           steps_per_epoch, schedule_steps)

@@ -82,7 +82,7 @@ def adopt_encoder_config(config, file_config=None):
   model = info["config"]["model"]
   _refuse_other_recipe_size(config, model)
   if file_config is not None:
-    _refuse_file_architecture(config, file_config, model)
+    _refuse_file_architecture(config, file_config, info)
   config = config.copy_and_resolve_references()
   replaced = []
   with config.unlocked():
@@ -119,15 +119,15 @@ def _refuse_other_recipe_size(config, model: dict) -> None:
       " or set --config.recipe_size='' to run this one on it anyway.")
 
 
-def _refuse_file_architecture(config, file_config, model: dict) -> None:
+def _refuse_file_architecture(config, file_config, info: dict) -> None:
   """ConfigError when the config file turns on an architecture option (ARCH_DEFAULTS) the
-  export's encoder does not have and the run keeps it: adoption would replace it by the
-  encoder's without a word. A command-line value (one that differs from the file's) is
+  encoder of model.json `info` does not have and the run keeps it: adoption would replace it
+  by the encoder's without a word. A command-line value (one that differs from the file's) is
   refuse_dropped_overrides' to judge: it may set the encoder's own value."""
+  differs = encoder_mismatches(file_config.model, config.channels, info)
   for name, off in ARCH_DEFAULTS.items():
-    asked = file_config.get("model", {}).get(name, off)
-    theirs = model.get(name, off)
-    if asked != off and asked != theirs and config.model.get(name, off) == asked:
+    asked, theirs = differs.get(f"model.{name}", (off, off))
+    if asked != off and config.model.get(name, off) == asked:
       raise config_error(
           f"model.{name}", asked, f"{theirs!r}, the value the encoder in "
           f"init_from={config.init_from} was trained with (the config file sets another)",
