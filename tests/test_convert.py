@@ -622,6 +622,39 @@ def test_imported_classifier_fine_tunes_at_a_new_resolution(tmp_path):
   np.testing.assert_array_equal(loaded["head"]["kernel"], fresh["head"]["kernel"])
 
 
+@requires_timm
+def test_a_released_head_that_fits_decides_head_init_std(tmp_path):
+  """classifier.reuse_head=False trains a new head where the released one fits; while the
+  released head loads, a command-line head_init_std is refused (it would do nothing), and it
+  is accepted where the head does not fit or is not reused."""
+  from mim_jax.config.errors import ConfigError
+  from mim_jax.evaluate.finetune import FineTune
+  from mim_jax.weights import pretrained
+  model = _timm_vit(num_classes=NUM_CLASSES, global_pool="avg")
+  directory = _import_to(tmp_path, model.state_dict())
+  config = recipes.finetune_recipe()
+  config.init_from, config.image_size = directory, (IMAGE, IMAGE)
+  config.classifier.update(num_classes=NUM_CLASSES, pool="gap", reuse_head=False)
+  config = pretrained.adopt_encoder_config(config)
+  method = FineTune(config)
+  fresh, extra = method.init(jax.random.key(0), np.zeros((1, IMAGE, IMAGE, 3), np.float32))
+  loaded, _ = method.load_pretrained(fresh, extra)
+  np.testing.assert_array_equal(loaded["head"]["kernel"], fresh["head"]["kernel"])
+  assert not np.array_equal(loaded["head"]["kernel"], _numpy_state(model)["head.weight"].T)
+
+  std = {"classifier.head_init_std": 0.01}
+  pretrained.refuse_dropped_overrides(config, std)  # a new head: the std acts
+  config.classifier.reuse_head = True
+  with pytest.raises(ConfigError, match=r"head_init_std=0.01 is not used: .*reuse_head=False"):
+    pretrained.refuse_dropped_overrides(config, std)
+  for field, value in (("num_classes", NUM_CLASSES + 1), ("pool", "cls")):
+    other = config.copy_and_resolve_references()
+    other.classifier[field] = value  # the released head does not fit: a new one, at this std
+    pretrained.refuse_dropped_overrides(other, std)
+    head = FineTune(other).init(jax.random.key(0), np.zeros((1, IMAGE, IMAGE, 3), np.float32))[0]
+    assert not pretrained.head_fits(pretrained.released_head(directory), head)
+
+
 def test_imported_pretraining_encoder_is_an_init_from_directory(tmp_path, our_mae, our_mae_dir):
   """An imported encoder-only checkpoint reads like an export of our own MAE run."""
   from mim_jax.weights import pretrained

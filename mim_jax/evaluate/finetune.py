@@ -37,6 +37,10 @@ class FineTune(base.Method):
         c, pool=None, head_init_std=None, label_smoothing=None, mixup_alpha=None,
         cutmix_alpha=None, mixup_prob=None, mixup_switch_prob=None)
     classifier_base.add_scored_config(c)
+    # An init_from that holds a classifier head (an imported fine-tuned classifier, e.g. an
+    # official MAE one) of this model's classes and pooling: fine-tuning continues from it
+    # (classifier.head_init_std then does nothing). False trains a new head.
+    c.classifier.reuse_head = True
     c.optimizer.layer_decay = 1.0  # < 1: layer-wise lr decay (pre-trained encoders)
     # The encoder size (B, L, H: a model.variant size name) whose published hyper-parameters
     # the config holds (configs/finetune_imagenet.py:size=...). An evaluation takes its
@@ -54,7 +58,9 @@ class FineTune(base.Method):
       return reads
     # mixup_prob=0 turns both off whatever the alphas (evaluate/mixup.py: mix_batch), and
     # alphas of 0 leave mixup_prob nothing to apply: each refuses the other's settings.
-    return [(("classifier.mixup_prob",), mixing(both=False),
+    return [(("classifier.reuse_head",), lambda c: pretrained.is_pretrained(c.init_from),
+             "there is no init_from to take a classifier head from"),
+            (("classifier.mixup_prob",), mixing(both=False),
              "Mixup and CutMix are both off (mixup_alpha = cutmix_alpha = 0)"),
             (("classifier.mixup_alpha", "classifier.cutmix_alpha",
               "classifier.mixup_switch_prob"), lambda c: c.classifier.mixup_prob > 0,
@@ -68,6 +74,8 @@ class FineTune(base.Method):
   def validate(cls, config):
     classifier_base.validate_scored(config)
     c, opt = config.classifier, config.optimizer
+    v.require(isinstance(c.reuse_head, bool), "classifier.reuse_head", c.reuse_head,
+              "True or False")
     v.require(config.recipe_size == "" or config.recipe_size in VIT_SIZES, "recipe_size",
               config.recipe_size, f"'' (any encoder) or one of {sorted(VIT_SIZES)}")
     v.require(v.is_number(c.label_smoothing) and 0 <= c.label_smoothing < 1,
@@ -117,7 +125,9 @@ class FineTune(base.Method):
   def load_pretrained(self, params, extra):
     params = dict(params, encoder=pretrained.load_encoder_into(
         params["encoder"], self.config.init_from, grid_hw=self.model.encoder.grid_hw))
-    return pretrained.load_classifier_head_into(params, self.config.init_from), extra
+    if self.config.classifier.reuse_head:
+      params = pretrained.load_classifier_head_into(params, self.config.init_from)
+    return params, extra
 
   def loss(self, params, extra, batch, rng, train=True):
     mix_rng, drop_rng = jax.random.split(rng)

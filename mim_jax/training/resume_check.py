@@ -70,7 +70,7 @@ FIXED_ON_RESUME = ("data.num_workers",)
 
 # Fields read only when the weights are first made (initial values): a resume restores the
 # weights, so another value would change nothing, with or without `allow_changes`.
-READ_AT_INIT = ("classifier.head_init_std", "model.layer_scale")
+READ_AT_INIT = ("classifier.head_init_std", "classifier.reuse_head", "model.layer_scale")
 
 # Fields added after runs had started, with the value those runs used implicitly, for fields
 # a config file may set otherwise (configs/maskfeat_vitb.py asks MaskFeat's own HOG bins, the

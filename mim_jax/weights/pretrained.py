@@ -4,6 +4,7 @@
   adopt_encoder_config(config[, file_config])  config with the encoder size/patch of the export
   refuse_dropped_overrides(config, fields)  an error for command-line encoder fields it replaces
   load_encoder_into(params, ...)     pre-trained weights merged into freshly initialised ones
+  load_classifier_head_into(params, ...)  a released classifier head, when it fits
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mim_jax import storage
+from mim_jax import data, storage
 from mim_jax.config.errors import ConfigError, config_error
 from mim_jax.convert import our_weights
 from mim_jax.models.vit import VIT_SIZES, resize_posemb, sincos_2d, size_from_config
@@ -201,6 +202,31 @@ def refuse_dropped_overrides(config, overridden) -> None:
         field, overridden[field], f"the encoder in init_from={config.init_from} is {theirs} "
         f"(this flag asks for {ours})", "An evaluation builds the encoder its weights were "
         "trained as: drop the flag, or pre-train / import an encoder of the shape you want.")
+  if ("classifier.head_init_std" in overridden and config.classifier.get("reuse_head")
+      and _released_head_would_load(config)):
+    raise ConfigError(
+        f"config.classifier.head_init_std={overridden['classifier.head_init_std']!r} is not "
+        f"used: init_from={config.init_from} holds a classifier head that fits this model "
+        "(its classifier/ folder: same classes and pooling), and fine-tuning continues from "
+        "it. Set --config.classifier.reuse_head=False to train a new head at this std, or "
+        "drop the flag.")
+
+
+def _released_head_would_load(config) -> bool:
+  """Whether fine-tuning would load init_from's released classifier head
+  (`load_classifier_head_into`): its class count and pooling (fc_norm for "gap") are the
+  config's; its width is the encoder's, which the run adopts."""
+  found = released_head(config.init_from)
+  if "head" not in found:
+    return False
+  width = found["head"]["kernel"].shape[0]
+  classes = config.classifier.num_classes or data.num_classes(config.data)
+  vector = lambda n: jax.ShapeDtypeStruct((n,), np.float32)
+  ours = {"head": {"kernel": jax.ShapeDtypeStruct((width, classes), np.float32),
+                   "bias": vector(classes)}}
+  if config.classifier.pool == "gap":
+    ours["fc_norm"] = {"scale": vector(width), "bias": vector(width)}
+  return head_fits(found, ours)
 
 
 def load_encoder_into(init_params: Any, init_from: str, *, grid_hw: tuple[int, int]) -> Any:
@@ -256,24 +282,42 @@ def load_encoder_into(init_params: Any, init_from: str, *, grid_hw: tuple[int, i
 CLASSIFIER_PARTS = ("fc_norm", "head")
 
 
+def released_head(init_from: str) -> dict:
+  """The classifier parts ({"fc_norm", "head"}, numpy) that the export `init_from` points to
+  holds in its classifier/ folder (an imported fine-tuned classifier), {} when it has none.
+  Reads only that folder, not the encoder."""
+  directory = os.path.join(encoder_directory(init_from), our_weights.CLASSIFIER_DIR)
+  if not storage.isdir(directory):
+    return {}
+  found = checkpoint.restore_on_host(directory)
+  return {k: found[k] for k in CLASSIFIER_PARTS if k in found}
+
+
+def head_fits(head: dict, params: Any) -> bool:
+  """Whether released classifier parts (`released_head`) have exactly the parts and shapes of
+  a model's (params or jax.ShapeDtypeStructs: {"encoder", "head"[, "fc_norm"]})."""
+  shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)
+  ours = {k: params[k] for k in CLASSIFIER_PARTS if k in params}
+  return bool(head) and set(head) == set(ours) and all(
+      shapes(head[k]) == shapes(ours[k]) for k in head)
+
+
 def load_classifier_head_into(params: Any, init_from: str) -> Any:
   """Puts an imported classifier's `fc_norm` / `head` (an export's classifier/ folder, e.g. an
   official MAE fine-tuned checkpoint) into fine-tuning params when their shapes match, so
-  fine-tuning continues from the released classifier; otherwise the new head is kept (another
-  number of classes, another pooling), with a log line saying so."""
-  directory = os.path.join(encoder_directory(init_from), "classifier")
-  if not storage.isdir(directory):
+  fine-tuning continues from the released classifier (`classifier.reuse_head`, whose caller
+  decides); otherwise the new head is kept (another number of classes, another pooling), with
+  a log line saying so."""
+  found = released_head(init_from)
+  if not found:
     return params
-  _, loaded = our_weights.read_weights(encoder_directory(init_from))
-  found = {k: loaded[k] for k in CLASSIFIER_PARTS if k in loaded}
-  shapes = lambda tree: jax.tree.map(lambda x: tuple(np.shape(x)), tree)
-  if set(found) != {k for k in CLASSIFIER_PARTS if k in params} or any(
-      shapes(found[k]) != shapes(params[k]) for k in found):
+  if not head_fits(found, params):
+    shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)
     log.info("the classifier head in %s does not fit this model (%s vs %s): a new head is "
-             "trained", directory, shapes(found), shapes({k: params[k] for k in
+             "trained", init_from, shapes(found), shapes({k: params[k] for k in
                                                           CLASSIFIER_PARTS if k in params}))
     return params
   log.info("classifier head loaded from %s (classifier.head_init_std is not used: fine-tuning "
-           "continues from this head)", directory)
+           "continues from this head; classifier.reuse_head=False trains a new one)", init_from)
   return dict(params, **{k: jax.tree.map(lambda v, t: np.asarray(v, t.dtype), found[k],
                                          params[k]) for k in found})
