@@ -408,6 +408,29 @@ def test_beit_relative_position_bias_converts_exactly(shared):
 
 
 @requires_timm
+@pytest.mark.parametrize("posemb", ["sincos", "learn"])
+def test_a_position_mode_for_weights_without_a_position_table_is_refused(posemb):
+  """--posemb sincos (check the table) or learn (keep it) cannot act on weights with relative
+  positions only: refused, not silently imported with none."""
+  state = _rel_pos_beit(shared=True).state_dict()
+  with pytest.raises(ValueError, match=rf"posemb='{posemb}' does not apply: these weights have "
+                     "no absolute position table"):
+    import_state_dict(state, num_heads=HEADS, posemb=posemb)
+
+
+def test_a_head_count_against_the_hf_config_is_refused(tmp_path, our_mae_dir):
+  """HF directories record both head counts in config.json; a --num_heads or
+  --decoder_num_heads that contradicts them would load the same weights as another model."""
+  out = str(tmp_path / "hf")
+  export_weights(our_mae_dir, out, "hf")
+  for kwargs, name in (({"num_heads": 2 * HEADS}, "num_heads"),
+                       ({"decoder_num_heads": 2 * DEC_HEADS}, "decoder_num_heads")):
+    with pytest.raises(ValueError, match=rf"{name}=\d+ contradicts the checkpoint's "
+                       rf"config.json, which records"):
+      import_checkpoint(out, **kwargs)
+
+
+@requires_timm
 def test_beit_relative_index_numbered_otherwise_is_refused():
   state = _with_index_buffers(_rel_pos_beit(shared=True))
   state["rel_pos_bias.relative_position_index"] = state[

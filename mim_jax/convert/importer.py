@@ -231,6 +231,10 @@ def _from_timm(tensors: dict[str, Any], posemb: str, notes: list[str]) -> dict[s
     notes.append(f"relative position bias tables kept ({layout.rel_pos_bias}; index buffers, "
                  "if any, checked equal to BEiT's numbering)")
   if not layout.abs_posemb:
+    if posemb != "auto":
+      raise ValueError(f"posemb={posemb!r} does not apply: these weights have no absolute "
+                       "position table (pos_embed), so the encoder adds none (relative "
+                       "positions only, e.g. BEiT); leave posemb at 'auto'")
     notes.append("no absolute position table: the encoder adds none (posemb='none')")
   if layout.pre_norm:
     notes.append("norm_pre kept: a LayerNorm before the first block (model.pre_norm)")
@@ -317,6 +321,13 @@ def import_state_dict(tensors: dict[str, Any], *, num_heads: Optional[int] = Non
   params, patch = found["params"], found["patch_size"]
   act = _mlp_act(found, mlp_act, notes)
   width = int(params["encoder"]["cls_token"].shape[-1])
+  for name, given, recorded in (("num_heads", num_heads, found["num_heads"]),
+                                ("decoder_num_heads", decoder_num_heads,
+                                 found.get("decoder_num_heads"))):
+    if given and recorded and given != recorded:  # HF's config.json records both
+      raise ValueError(f"{name}={given} contradicts the checkpoint's config.json, which "
+                       f"records {recorded}; leave it out (the qkv weights' shapes do not tell "
+                       "the head count, so the wrong one would load and change every feature)")
   heads = _heads(num_heads or found["num_heads"] or found.get("num_heads_hint"), width,
                  HEADS_BY_WIDTH, "encoder", "--num_heads")
   decoder_heads = 0
