@@ -1,7 +1,7 @@
 r"""Features of a pre-trained encoder for downstream work: embeddings, patch tokens, attention.
 
   python -m mim_jax.features --encoder=workdirs/mae_fmnist --images=photos/ --out=feats.npz \
-      [--blocks=0,4] [--patch_tokens] [--attention] [--image_size=224,224] [--pictures=maps/]
+      [--blocks=0,4] [--patch_tokens] [--attention] [--image_size=224,224] [--pictures=maps.png]
 
 From Python:
 
@@ -237,19 +237,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--blocks", default="0", help="comma-separated blocks (0: the output)")
   parser.add_argument("--patch_tokens", action="store_true", help="also per-patch tokens")
   parser.add_argument("--attention", action="store_true", help="attention maps and rollout")
-  parser.add_argument("--image_size", default="", help="H,W (default: the encoder's own)")
-  parser.add_argument("--batch_size", type=int, default=64)
+  parser.add_argument("--image_size", default="",
+                      help="H,W or one side for square images (default: the encoder's own)")
+  parser.add_argument("--batch_size", type=int, default=64, help="images per encoder call")
   parser.add_argument("--crop_fraction", type=float, default=None,
                       help="centre crop of images of another size (default: as the "
                       "evaluations, 0.875 for a folder at up to 224 px, else 1.0)")
   parser.add_argument("--pictures", default="", type=os.path.expanduser,
-                      help="with --attention: a PNG of the maps")
+                      help="with --attention: a PNG file of the maps")
   args = parser.parse_args(argv)
   if args.pictures and not args.attention:
     parser.error("--pictures draws the attention maps: pass --attention too")
+  if args.pictures and (os.path.isdir(args.pictures) or not args.pictures.endswith(".png")):
+    parser.error(f"--pictures={args.pictures}: expected the path of a .png file to write")
   if args.crop_fraction is not None and not 0 < args.crop_fraction <= 1:
     parser.error(f"--crop_fraction={args.crop_fraction}: expected a number in (0, 1]")
-  size = tuple(int(s) for s in args.image_size.split(",")) if args.image_size else None
+  if args.batch_size < 1:
+    parser.error(f"--batch_size={args.batch_size}: expected a positive number of images")
+  size = None
+  if args.image_size:
+    try:
+      size = tuple(int(s) for s in args.image_size.split(","))
+    except ValueError:
+      size = ()
+    if len(size) == 1:
+      size = size * 2
+    if len(size) != 2 or min(size) < 1:
+      parser.error(f"--image_size={args.image_size}: expected H,W or one side, positive "
+                   "integers")
   enc = load(args.encoder, image_size=size)
   images = read_images(args.images)
   crop = args.crop_fraction

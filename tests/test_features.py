@@ -90,11 +90,20 @@ def test_command_line_writes_features_and_attention_pictures(encoder_dir, tmp_pa
 
 def test_command_line_refuses_flags_it_would_not_use(tmp_path, capsys):
   """--pictures draws the attention maps, so without --attention it is an error (it wrote
-  nothing, silently); a crop fraction outside (0, 1] is refused before the encoder loads."""
+  nothing, silently); a crop fraction outside (0, 1], a picture path that is not a PNG file,
+  a batch below 1 and an image size that is not H,W or one side are refused before the
+  encoder loads."""
   common = ["--encoder", str(tmp_path / "absent"), "--images", str(tmp_path / "absent.npy"),
             "--out", str(tmp_path / "f.npz")]
   for extra, message in ((["--pictures", str(tmp_path / "m.png")], "pass --attention too"),
-                         (["--crop_fraction", "1.5"], "--crop_fraction=1.5: expected")):
+                         (["--crop_fraction", "1.5"], "--crop_fraction=1.5: expected"),
+                         # a folder for the picture failed after the .npz had been written
+                         (["--attention", "--pictures", str(tmp_path)],
+                          "expected the path of a .png file"),
+                         # a negative batch wrote an empty .npz, silently
+                         (["--batch_size", "-2"], "--batch_size=-2: expected a positive"),
+                         (["--image_size", "32,32,3"], "--image_size=32,32,3: expected H,W"),
+                         (["--image_size", "a"], "--image_size=a: expected H,W")):
     with pytest.raises(SystemExit) as exited:
       features.main(common + extra)
     assert exited.value.code == 2 and message in capsys.readouterr().err
