@@ -89,19 +89,14 @@ def define_flags() -> None:
                        lower_bound=1)
   flags.DEFINE_bool("feed", False, "Benchmark the training iterators on the config's data "
                     "instead of train steps.")
-  flags.DEFINE_string("profile", "", "Also trace a few steps of each mim_jax row into this "
-                      "folder and report kernel time by category and the top kernels "
-                      "(mim_jax/profiling.py); the PyTorch peers get the same breakdown "
-                      "from torch.profiler")
+  flags.DEFINE_string("profile", "", "Also trace a few steps of each row into this folder "
+                      "(<i>_<method>/ for mim_jax's rows, peer_<name>/trace.json for the "
+                      "PyTorch peers, from torch.profiler) and report kernel time by category "
+                      "and the top kernels (mim_jax/profiling.py)")
   flags.mark_flags_as_required(["config"])
 
 
 PEERS = ("hf", "hf_compile", "none")
-# Settings of the training loop around the step (monitoring, checkpoints, exports, the run's
-# length, when to stop): they do not change what a timed step costs (prefixes of the dotted
-# fields). log_every is not one: the step computes its norms on logged steps only.
-_LOOP_FIELDS = ("knn.", "eval.", "viz_", "checkpoint_every", "keep_checkpoints",
-                "export_encoder", "max_consecutive_", "total_steps")
 # What HF's ViTMAEForPreTraining and torch AdamW run, as the first config's fields (a tuple:
 # any of its values); bench_hf mirrors the rest.
 PEER_RUNS = {"masking.kind": "random", "masking.ratio_range": ((), []),
@@ -295,7 +290,9 @@ def _attention_impl(config) -> str:
 
 
 def bench_hf(config, steps: int, warmup: int, compile_model: bool = False,
-             profile: bool = False, profile_steps: int = 5) -> dict:
+             profile_dir: str = "", profile_steps: int = 5) -> dict:
+  """The HF ViTMAEForPreTraining peer's row (`compile_model`: under torch.compile, with fused
+  AdamW on a GPU); `profile_dir`: also profile a few steps, the trace written there."""
   import torch
   import transformers
 
@@ -335,9 +332,10 @@ def bench_hf(config, steps: int, warmup: int, compile_model: bool = False,
 
   times = timed(one_step, warmup, steps)
   extra = {}
-  if profile:  # after the timing, as for mim_jax's rows
+  if profile_dir:  # after the timing, as for mim_jax's rows
     from mim_jax import profiling
-    extra["profile"] = profiling.profile_torch(one_step, profile_steps)
+    extra["profile"] = profiling.profile_torch(
+        one_step, profile_steps, trace_path=os.path.join(profile_dir, "trace.json"))
   kind = torch.cuda.get_device_name() if device == "cuda" else "cpu"
   # Trainable only: HF keeps the fixed sin-cos tables as frozen parameters.
   params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -528,8 +526,14 @@ def _variant(config, **changes):
 
 def parse_variant(config, spec: str):
   """`config` with the overrides "FIELD=VALUE[,FIELD=VALUE...]" (values as Python literals,
-  else strings)."""
-  return _variant(config, **variant_changes(spec))
+  else strings); UsageError for a field the config does not have."""
+  changes = variant_changes(spec)
+  for field in changes:
+    try:
+      checks.get(config, field)
+    except (KeyError, AttributeError, TypeError):
+      raise app.UsageError(f"--variant={spec}: the config has no field {field!r}") from None
+  return _variant(config, **changes)
 
 
 def variant_changes(spec: str) -> dict[str, Any]:
@@ -549,11 +553,13 @@ def variant_changes(spec: str) -> dict[str, Any]:
 
 # The flags --feed and --pipeline read (they time the input, not train steps); any other one
 # given with them would be dropped, so it is refused.
+# (--pipeline runs grain on the host, in this process: no JAX device, so no --cpu_devices.)
 _MODE_FLAGS = {
     "feed": {"config", "batch", "cpu_devices", "pipeline_batches", "feed"},
-    "pipeline": {"config", "batch", "cpu_devices", "pipeline_batches", "pipeline_images",
-                 "pipeline"},
+    "pipeline": {"config", "batch", "pipeline_batches", "pipeline_images", "pipeline"},
 }
+# The flags only the input-timing modes read: refused when train steps are timed.
+_INPUT_FLAGS = ("pipeline_images", "pipeline_batches")
 
 
 # The config fields each mode sets itself: a --config override of one would do nothing.
@@ -567,8 +573,22 @@ _MODE_WHY = {"feed": "each feed its own", "pipeline": "a generated JPEG folder r
 # What the input-timing modes read of a config: no model, optimizer or loss is built, so a
 # --config override outside these (and the method's `weight_fields`: tokenizer or teacher
 # paths its validation requires) would do nothing.
-_INPUT_FIELDS = ("method", "data.", "image_size", "channels", "global_batch_size", "seed", "mesh",
-                 "multicrop.", "masking.")
+# (The feed places its batches on the config's mesh; the pipeline builds no mesh. Masks drawn
+# on the host are a method's data_transforms, which neither mode runs; a method's own
+# augmentation, iBOT's multi-crop, draws its masks and reads the model's patch grid.)
+_INPUT_FIELDS = {
+    "feed": ("method", "data.", "image_size", "channels", "global_batch_size", "seed", "mesh",
+             "multicrop."),
+    "pipeline": ("method", "data.", "image_size", "channels", "global_batch_size", "seed",
+                 "multicrop."),
+}
+# What the HF peer reads of the first config (bench_hf, PEER_RUNS): with --peers_only any other
+# --config override would do nothing.
+_PEER_FIELDS = ("method", "model.variant", "model.width", "model.depth", "model.num_heads",
+                "model.mlp_dim", "model.dtype", "decoder.width", "decoder.depth",
+                "decoder.num_heads", "masking.ratio", "target.norm_pix", "optimizer.b1",
+                "optimizer.b2", "optimizer.eps", "optimizer.weight_decay", "global_batch_size",
+                "image_size", "channels")
 
 
 def _check_mode_flags(config) -> None:
@@ -588,11 +608,11 @@ def _check_mode_flags(config) -> None:
     from mim_jax import registry
     from mim_jax.methods import base
     method = registry.method_class(config.method)
-    read_fields = _INPUT_FIELDS + tuple(method.weight_fields)
+    read_fields = _INPUT_FIELDS[mode] + tuple(method.weight_fields)
     if method.train_augment is not base.Method.train_augment:
       # A method's own augmentation is built from the method: iBOT's masks follow the
       # encoder's patch grid.
-      read_fields += ("model.",)
+      read_fields += ("model.", "masking.")
     inert = sorted(f for f in overrides
                    if not any(f == p or (p.endswith(".") and f.startswith(p))
                               for p in read_fields))
@@ -607,24 +627,22 @@ def _check_mode_flags(config) -> None:
                            f"{', '.join('--' + n for n in sorted(read - {mode}))}: "
                            f"{', '.join('--' + n for n in ignored)} would have no effect")
   if not (FLAGS.feed or FLAGS.pipeline):
-    # The steps run on a generated batch (`on_synthetic_data`): of the input's settings only
-    # the in-step ones act (device augmentation, the normalisation the step applies) and a
-    # classifier's dataset, whose class count sizes its head. A device-resident split changes
-    # the feed, not the step (--feed times it).
-    read = {"data.augment_on", "data.mean", "data.std"}
-    if "classifier" in config:
-      read |= {"data." + f for f in ("source", "path", "split", "tfds_name", "tfds_data_dir",
-                                     "synthetic_classes")}
-    inert = sorted(f for f in overrides if f.startswith("data.") and f not in read)
-    if inert:
-      raise app.UsageError("the train step is timed on a generated batch: "
-                           f"{', '.join('--config.' + f for f in inert)} would have no effect "
-                           "(--feed and --pipeline time the input)")
-    around = sorted(f for f in overrides if f.startswith(_LOOP_FIELDS))
-    if around:
-      raise app.UsageError("the benchmark times train steps, not the training loop around "
-                           f"them: {', '.join('--config.' + f for f in around)} would have no "
-                           "effect (time a run of python -m mim_jax.main for the loop)")
+    given = sorted(f"--{name}" for name in _INPUT_FLAGS if FLAGS[name].present)
+    if given:
+      raise app.UsageError(f"{', '.join(given)} would have no effect: they size the input "
+                           "timings of --feed and --pipeline, and this run times train steps")
+    if FLAGS.peers_only:
+      # (PEER_RUNS' fields are read too: checked against what HF runs.)
+      _refuse_unread([f for f in overrides if f not in _PEER_FIELDS and f not in PEER_RUNS],
+                     "--config.", "--peers_only times only HF's MAE, which reads the size, "
+                     "dtype, decoder size, mask ratio, norm_pix, AdamW's betas, eps and weight "
+                     "decay, batch and image fields")
+      if FLAGS["cpu_devices"].present:
+        raise app.UsageError("--peers_only times only the PyTorch peers: --cpu_devices (JAX's "
+                             "CPU devices) would have no effect")
+    _refuse_off_step(config, overrides, "--config.")
+    for spec in FLAGS.variant:
+      _refuse_off_step(config, variant_changes(spec), f"--variant={spec}: ")
   if FLAGS.pipeline:
     if FLAGS.batch > FLAGS.pipeline_images // 2:
       raise app.UsageError(f"--pipeline: --batch={FLAGS.batch} needs --pipeline_images >= "
@@ -633,6 +651,26 @@ def _check_mode_flags(config) -> None:
       raise app.UsageError("--pipeline times the host's decode and augmentation: pass "
                            "--config.data.augment_on=host (--feed times augmentation on the "
                            "device)")
+
+
+def _refuse_unread(inert, prefix: str, why: str) -> None:
+  """UsageError naming the dotted fields `inert` (overrides that would go unread), if any."""
+  if inert:
+    raise app.UsageError(f"{why}: {', '.join(prefix + f for f in sorted(inert))} would have "
+                         "no effect")
+
+
+def _refuse_off_step(config, fields, prefix: str) -> None:
+  """UsageError for overrides (`fields`: --config.* or a --variant's) that a timed train step
+  does not read (config.step_fields): the input's settings other than the in-step ones (the
+  steps run on a generated batch, `on_synthetic_data`; a device-resident split changes the
+  feed, which --feed times), the loop's."""
+  from mim_jax.config import step_fields
+  data, loop = step_fields.unread_by_step(config, fields)
+  _refuse_unread(data, prefix, "the train step is timed on a generated batch (--feed and "
+                 "--pipeline time the input)")
+  _refuse_unread(loop, prefix, "the benchmark times train steps, not the training loop around "
+                 "them (time a run of python -m mim_jax.main for the loop)")
 
 
 def _emit(row: dict) -> None:
@@ -669,6 +707,7 @@ def main(argv):
                                    {**overrides, **variant_changes(spec)})
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
+  _check_mode_flags(configs[0])  # before JAX starts: a refused run starts no backend
   if FLAGS.batch:
     configs = [_variant(c, global_batch_size=FLAGS.batch) for c in configs]
   if FLAGS.dtype:
@@ -707,7 +746,6 @@ def main(argv):
   if FLAGS.steps % FLAGS.rounds:
     raise app.UsageError(f"--steps={FLAGS.steps} over --rounds={FLAGS.rounds}: a multiple of "
                          "the rounds, so that every round times as many steps")
-  _check_mode_flags(configs[0])
   if FLAGS.feed:
     for row in bench_feed(configs[0], FLAGS.pipeline_batches):
       _emit(row)
@@ -760,7 +798,8 @@ def main(argv):
                         variant=labels.get(id(c), "")))
   for peer in peers:
     _emit(bench_hf(configs[0], FLAGS.steps, FLAGS.warmup, compile_model=peer == "hf_compile",
-                   profile=bool(FLAGS.profile)))
+                   profile_dir=os.path.join(FLAGS.profile, f"peer_{peer}") if FLAGS.profile
+                   else ""))
 
 
 if __name__ == "__main__":
@@ -771,4 +810,5 @@ if __name__ == "__main__":
   # unaffected). Here, not at import: a program importing this module keeps its own setting.
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   define_flags()
-  app.run(main)
+  from mim_jax import main as trainer  # its parser: unknown --config fields named, no traceback
+  app.run(main, flags_parser=trainer.parse_flags)

@@ -193,6 +193,23 @@ def num_devices(mesh_cfg, devices_flag: int, mesh_source: str, written=None) -> 
   return devices_flag
 
 
+def refuse_unplanned_overrides(config, overridden) -> None:
+  """ConfigError for a `--config.FIELD` the plan does not read: the training loop's settings
+  and the input pipeline's beyond what the step (and data.device_resident's split) reads
+  (config.step_fields). `overridden`: {dotted field: value} of the command line."""
+  from mim_jax.config import step_fields
+  resident = bool(config.data.get("device_resident", False))
+  data, loop = step_fields.unread_by_step(config, overridden, resident_split=resident)
+  for fields, why in ((data, "the plan compiles the train step, which reads of the input only "
+                       "the in-step augmentation and normalisation (and a classifier's class "
+                       "count; with data.device_resident, the split it holds)"),
+                      (loop, "the plan compiles the train step, not the training loop around "
+                       "it (monitoring, checkpoints, exports, the run's length)")):
+    if fields:
+      raise ConfigError(f"{', '.join(f'config.{f}={overridden[f]!r}' for f in fields)} "
+                        f"would not change the plan: {why}. Drop the flag.")
+
+
 def main(argv) -> None:
   refuse_extra_arguments(argv)
   try:
@@ -221,6 +238,7 @@ def _plan_from_flags() -> None:
       "mesh": "mesh", "batch": "global_batch_size", "rules": "sharding_rules"})
   setup.refuse_inert_overrides(config, files.load_config_file(FLAGS["config"].config_filename),
                                overrides)
+  refuse_unplanned_overrides(config, overrides)
   with config.unlocked():
     if FLAGS.mesh:
       config.mesh = parse_mesh(FLAGS.mesh)
@@ -266,4 +284,5 @@ if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   _define_flags()
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  from mim_jax import main as trainer  # its parser: unknown --config fields named, no traceback
+  app.run(main, flags_parser=trainer.parse_flags)

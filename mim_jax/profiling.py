@@ -122,9 +122,11 @@ def torch_category(op: str) -> str:
   return "other"
 
 
-def profile_torch(run_step: Callable[[], None], steps: int, top: int = 15) -> dict:
+def profile_torch(run_step: Callable[[], None], steps: int, top: int = 15,
+                  trace_path: str = "") -> dict:
   """`profile` for a PyTorch step: self time per operator from torch.profiler (CPU time on a
-  CPU, CUDA kernel time on a GPU), in the same categories, per step."""
+  CPU, CUDA kernel time on a GPU), in the same categories, per step; with `trace_path`, the
+  trace is also written there (Chrome trace JSON: chrome://tracing, Perfetto)."""
   import torch
   from torch.autograd import DeviceType
   from torch.profiler import ProfilerActivity
@@ -133,6 +135,9 @@ def profile_torch(run_step: Callable[[], None], steps: int, top: int = 15) -> di
   with torch.profiler.profile(activities=activities) as prof:
     for _ in range(steps):
       run_step()
+  if trace_path:
+    os.makedirs(os.path.dirname(trace_path) or ".", exist_ok=True)
+    prof.export_chrome_trace(trace_path)
   rows = []
   for event in prof.key_averages():
     # On a GPU the kernels appear twice: as their own CUDA rows and as the device time of the

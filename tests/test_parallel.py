@@ -352,6 +352,16 @@ def test_memory_plan_command(tmp_path):
      "beside --config.mesh, which it replaces"),
     (("--mesh=data:2", "--batch=8", "--config.global_batch_size=16"), "--batch=8 is invalid: "
      "given beside --config.global_batch_size"),
+    # Settings the compiled step never reads were planned as if absent.
+    (("--mesh=data:2", "--config.total_steps=5", "--config.checkpoint_every=7"),
+     "config.checkpoint_every=7, config.total_steps=5 would not change the plan: the plan "
+     "compiles the train step, not the training loop"),
+    (("--mesh=data:2", "--config.data.num_workers=3"), "config.data.num_workers=3 would not "
+     "change the plan: the plan compiles the train step, which reads of the input only"),
+    (("--mesh=data:2", "--config.data.device_resident=True", "--config.data.num_workers=3"),
+     "config.data.num_workers=3 would not change the plan"),
+    # An unknown field: named with suggestions, no traceback.
+    (("--mesh=data:2", "--config.modle.width=8"), "config.modle.width"),
 ])
 def test_memory_plan_refuses_bad_flags_in_one_line_before_compiling(args, says):
   """Each bad value is one line naming the flag or field and exit 2, before JAX compiles
