@@ -722,9 +722,10 @@ def main(argv):
     count = cpu_devices.configure(FLAGS.cpu_devices, rows, multi_process=False)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  if count is not None and not FLAGS.peers_only:
+  if count is not None and not (FLAGS.peers_only or FLAGS.pipeline):
     # As mim_jax.main: an explicit count on a GPU or TPU is said unused. (Not beside the
-    # PyTorch peers alone: asking for the backend would start JAX on their GPU.)
+    # PyTorch peers alone: asking for the backend would start JAX on their GPU; nor for
+    # --pipeline, which runs grain on the host and splits no batch across devices.)
     import jax
     said = cpu_devices.report(count, FLAGS.cpu_devices, jax.default_backend())
     if said is not None:
