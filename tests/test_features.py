@@ -36,7 +36,8 @@ def test_features_equal_the_k_nn_jobs(encoder_dir, tmp_path):
   params = enc.params
   for block in (0, 1):
     extractor = frozen.FeatureExtractor(prepared, layer=block)
-    want = np.asarray(extractor._features(params, batch["image"]))  # [B, pools, D]
+    want = np.asarray(extractor._features(params, batch["image"]))  # [B, cls D + gap D]
+    want = want.reshape(len(want), len(extractor.pools), -1)
     # The same images as raw pixels through the public path: de-normalise the batch.
     raw = batch["image"] * np.asarray(enc.std, np.float32) + np.asarray(enc.mean, np.float32)
     got = features.extract(enc, raw.astype(np.float32), blocks=(block,), batch_size=5)

@@ -213,6 +213,43 @@ def test_the_block_is_chosen_on_the_holdout_and_scored_as_a_fixed_block_would_be
                                                   "classifier.features": "pixels"}))
 
 
+def test_dino_features_are_the_last_blocks_cls_tokens_through_the_final_norm(tiny_encoder,
+                                                                             tmp_path):
+  """probe.last_blocks (DINO / iBOT's linear evaluation): the cls tokens of the last blocks,
+  each through the encoder's final LayerNorm, then with last_blocks_gap the mean patch token.
+  With one block that is the encoder output's cls and mean tokens; an earlier block's part is
+  its LayerNorm, computed here in numpy. The probe job fits and reports the set beside the
+  pools (its width differs: fitted in a program of its own when the sets go together)."""
+  from mim_jax.training import setup
+  config = setup.prepare(_probe_config(
+      tiny_encoder, **{"probe.last_blocks": 2, "probe.last_blocks_gap": True}))
+  ex = frozen.job_extractor(config)
+  width = ex.encoder.width
+  assert ex.pools == ("cls", "gap", "dino") and ex.widths == (width, width, 3 * width)
+  params = frozen._encoder_params(config)  # pylint: disable=protected-access
+  feats, _ = ex.split(params, "test")
+  dino = feats["dino"]
+  np.testing.assert_allclose(dino[:, width:2 * width], feats["cls"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dino[:, 2 * width:], feats["gap"], rtol=1e-5, atol=1e-5)
+  images = next(iter(data.make_eval_iterator(config.data, image_size=(16, 16), channels=3,
+                                             batch_size=len(dino), split="test")))["image"]
+  _, aux = ex.encoder.apply({"params": params}, images, train=False)
+  first = np.asarray(aux["blocks"][0][:, 0], np.float64)  # block 1 of 2
+  norm = params["transformer"]["norm"]
+  mean, var = first.mean(-1, keepdims=True), first.var(-1, keepdims=True)
+  expected = (first - mean) / np.sqrt(var + 1e-6) * norm["scale"] + norm["bias"]
+  np.testing.assert_allclose(dino[:, :width], expected, rtol=1e-4, atol=1e-4)
+
+  results = train.run(_probe_config(tiny_encoder, **{
+      "probe.last_blocks": 2, "probe.last_blocks_gap": True, "probe.select_layer": True,
+      "probe.fit_sets": "together"}), str(tmp_path))
+  assert 0 <= results["probe_top1_dino"] <= 1 and 0 <= results["knn_top1_dino"] <= 1
+  assert "probe_layer_dino" not in results and results["probe_layer_cls"] in (0, 1, 2)
+  with pytest.raises(ConfigError, match=r"probe.last_blocks=3 is invalid: 0 \(no DINO feature "
+                     r"set\) to the encoder's 2 blocks"):
+    setup.prepare(_probe_config(tiny_encoder, **{"probe.last_blocks": 3}))
+
+
 def test_the_block_with_the_best_held_out_score_wins_ties_to_the_lowest_index():
   def sel(*scores):
     return logistic.Selection(l2=1e-3, scores=dict(zip((1e-2, 1e-3), scores)),

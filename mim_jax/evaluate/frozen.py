@@ -2,7 +2,8 @@
 
   FeatureExtractor(config)   features of whole splits: {"cls", "gap"} of
                              `classifier.probe_layer` from one encoder pass ({"pixels"} for
-                             the raw-pixel baseline; "cls_block<k>", ... for several blocks)
+                             the raw-pixel baseline; "cls_block<k>", ... for several blocks;
+                             "dino", DINO's concatenated last blocks, with probe.last_blocks)
   KnnMonitor(config)         callable: encoder params -> k-NN scores of every pool (the `knn`
                              job, and k-NN during pre-training)
   run_knn(config, workdir)   method "knn": weighted k-NN (DINO: k = 20, T = 0.07)
@@ -47,7 +48,7 @@ from mim_jax.data import sources
 from mim_jax.evaluate import classifier_base, knn, logistic
 from mim_jax.methods import base
 from mim_jax.models import flops
-from mim_jax.models.heads import pool_tokens
+from mim_jax.models.heads import last_blocks_features, pool_tokens
 from mim_jax.models.vit import encoder_from_config, size_from_config
 from mim_jax.training import checkpoint, compiler_options, metric_writers
 from mim_jax.weights import pretrained
@@ -55,6 +56,7 @@ from mim_jax.weights import pretrained
 log = logging.getLogger(__name__)
 
 ENCODER_POOLS = ("cls", "gap")
+DINO_SET = "dino"  # probe.last_blocks: DINO / iBOT's linear-evaluation features
 FIT_SETS = ("auto", "together", "one_by_one")
 
 
@@ -71,10 +73,13 @@ class FeatureExtractor:
   """Features of whole splits, in source order, on every process."""
 
   def __init__(self, config, *, pixels: bool = False, layer: int = 0,
-               layers: tuple[int, ...] | None = None):
+               layers: tuple[int, ...] | None = None, last_blocks: int = 0,
+               with_gap: bool = False):
     """Features of `config`'s encoder (`pixels`: of the raw pixels instead) at block `layer`
     (0: the encoder output), named by pool; or at each of `layers`, named
-    "<pool>_block<k>" (features.extract's names)."""
+    "<pool>_block<k>" (features.extract's names). `last_blocks` > 0 adds the set "dino":
+    DINO's linear-evaluation features (heads.last_blocks_features, `with_gap` its mean patch
+    token)."""
     self.config = config
     self.pixels = pixels
     self.layers = (layer,) if layers is None else tuple(layers)
@@ -84,21 +89,32 @@ class FeatureExtractor:
       self.pools = ENCODER_POOLS
     else:
       self.pools = tuple(f"{p}_block{k}" for k in self.layers for p in ENCODER_POOLS)
+    if last_blocks and not pixels:
+      self.pools += (DINO_SET,)
     # A pre-training run's own encoder has fixed sin-cos positions; a job's, its export's.
     posemb = pretrained.encoder_posemb(config.init_from) if "classifier" in config else "sincos"
     self.encoder = encoder_from_config(config.model, config.image_size, config.channels,
                                        posemb=posemb)
+    # Each set's width, in the order of self.pools: the rows are their concatenation.
+    width = (int(np.prod(config.image_size)) * config.channels if pixels
+             else self.encoder.width)
+    self.widths = tuple((last_blocks + with_gap) * width if p == DINO_SET else width
+                        for p in self.pools)
 
     def features(params, images):
-      """images [B, H, W, C] -> [B, P, D]: one row per name of `self.pools`, stacked."""
+      """images [B, H, W, C] -> [B, sum(self.widths)]: the sets of `self.pools`, side by
+      side."""
       if self.pixels:
-        return images.reshape(images.shape[0], 1, -1).astype(jnp.float32)
+        return images.reshape(images.shape[0], -1).astype(jnp.float32)
       output, aux = self.encoder.apply({"params": params}, images, train=False)
       rows = []
       for k in self.layers:
         tokens = aux["blocks"][k - 1] if k else output
-        rows += [pool_tokens(tokens, p) for p in ENCODER_POOLS]
-      return jnp.stack(rows, 1).astype(jnp.float32)
+        rows += [pool_tokens(tokens, p).astype(jnp.float32) for p in ENCODER_POOLS]
+      if last_blocks:
+        rows.append(last_blocks_features(aux["blocks"], params, last=last_blocks,
+                                         with_gap=with_gap, dtype=self.encoder.dtype))
+      return jnp.concatenate(rows, 1)
 
     self._features = compiler_options.jit(config, features)
 
@@ -152,8 +168,8 @@ class FeatureExtractor:
       feats, labels = feats[mask], labels[mask]
     if not len(labels):
       return self._checked_empty(split, rows)
-    feats = feats.reshape(feats.shape[0], len(self.pools), -1)
-    return {p: feats[:, i] for i, p in enumerate(self.pools)}, labels
+    sets = np.split(feats, np.cumsum(self.widths)[:-1], axis=1)
+    return dict(zip(self.pools, sets)), labels
 
   def _checked_empty(self, split: str, rows: np.ndarray | None
                      ) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -179,10 +195,13 @@ class FeatureExtractor:
 def job_extractor(config) -> FeatureExtractor:
   """The features a job's `config.classifier` asks for (every block with the probe's
   `probe.select_layer`)."""
-  c = config.classifier
+  c, probe = config.classifier, config.get("probe", {})
+  dino = dict(last_blocks=int(probe.get("last_blocks", 0)),
+              with_gap=bool(probe.get("last_blocks_gap", False)))
   if selects_layer(config):
-    return FeatureExtractor(config, layers=candidate_layers(config))
-  return FeatureExtractor(config, pixels=c.features == "pixels", layer=int(c.probe_layer))
+    return FeatureExtractor(config, layers=candidate_layers(config), **dino)
+  return FeatureExtractor(config, pixels=c.features == "pixels", layer=int(c.probe_layer),
+                          **dino)
 
 
 def selects_layer(config) -> bool:
@@ -300,13 +319,18 @@ def _select_all(train_feats: dict, train_labels, hold_feats: dict, hold_labels, 
     return {name: logistic.select_l2_many([x], train_labels, [x_val], hold_labels,
                                           num_classes, grid, names=[name], **fit_kwargs)[0]
             for name in names for x, x_val in [standardized(name)]}
-  xs = np.empty((len(names), *train_feats[names[0]].shape), np.float32)
-  xs_val = np.empty((len(names), *hold_feats[names[0]].shape), np.float32)
-  for i, name in enumerate(names):
-    xs[i], xs_val[i] = standardized(name)
-  selections = logistic.select_l2_many(xs, train_labels, xs_val, hold_labels, num_classes,
-                                       grid, together=True, names=names, **fit_kwargs)
-  return dict(zip(names, selections))
+  out = {}
+  # One program per width: DINO's concatenated set is wider than the pools.
+  for width in dict.fromkeys(train_feats[name].shape[1] for name in names):
+    group = [name for name in names if train_feats[name].shape[1] == width]
+    xs = np.empty((len(group), *train_feats[group[0]].shape), np.float32)
+    xs_val = np.empty((len(group), *hold_feats[group[0]].shape), np.float32)
+    for i, name in enumerate(group):
+      xs[i], xs_val[i] = standardized(name)
+    out.update(zip(group, logistic.select_l2_many(
+        xs, train_labels, xs_val, hold_labels, num_classes, grid, together=True, names=group,
+        **fit_kwargs)))
+  return {name: out[name] for name in names}
 
 
 def _refit(train, val, test, num_classes, chosen: logistic.Selection, fit_kwargs):
@@ -332,11 +356,8 @@ def check_feature_memory(config, extractor: FeatureExtractor, rows: int,
   name of `extractor.pools`, float32, on every process after the gather), plus the
   standardised copy of `standardized_rows` of them that fitting the sets together makes,
   would not fit in 80% of this host's memory (e.g. probe.select_layer on ImageNet)."""
-  if extractor.pixels:
-    width = int(np.prod(config.image_size)) * config.channels
-  else:
-    width = size_from_config(config.model)[0].width
-  need = (rows + standardized_rows) * len(extractor.pools) * width * 4
+  width = sum(extractor.widths)  # every set side by side
+  need = (rows + standardized_rows) * width * 4
   try:
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   except (ValueError, OSError, AttributeError):
@@ -377,6 +398,8 @@ def run_probe(config, workdir: str) -> dict:
   # Feature name of every (pool, block): one block per pool unless the block is chosen.
   if selects_layer(cfg):
     named = {p: {k: f"{p}_block{k}" for k in ex.layers} for p in ENCODER_POOLS}
+    if DINO_SET in ex.pools:  # its blocks are fixed: the last ones
+      named[DINO_SET] = {0: DINO_SET}
   else:
     named = {p: {int(cfg.classifier.probe_layer): p} for p in ex.pools}
   metrics: dict = {}
@@ -469,8 +492,13 @@ class ProbeJob(KnnJob):
     # instead of reading classifier.probe_layer.
     # fit_sets: "together" fits every feature set (pool, block) as one program per strength,
     # "one_by_one" one after another, "auto" together on a GPU only (fits_together).
+    # last_blocks > 0 adds the feature set "dino", DINO / iBOT's linear-evaluation protocol:
+    # the cls tokens of the last `last_blocks` blocks through the final LayerNorm,
+    # concatenated (DINO ViT-S/16: 4), and with last_blocks_gap the mean patch token of the
+    # last block (ViT-B/16: 1 block and the mean).
     c.probe = ml_collections.ConfigDict(dict(l2_grid=logistic.DEFAULT_L2_GRID, max_iter=3000,
-                                             tol=1e-4, select_layer=False, fit_sets="auto"))
+                                             tol=1e-4, select_layer=False, fit_sets="auto",
+                                             last_blocks=0, last_blocks_gap=False))
     c.data.holdout = 5000
 
   @classmethod
@@ -484,6 +512,11 @@ class ProbeJob(KnnJob):
     v.require(v.is_number(p.tol) and p.tol > 0, "probe.tol", p.tol, "a positive gradient norm")
     v.require(isinstance(p.select_layer, bool), "probe.select_layer", p.select_layer,
               "True (choose the block on data.holdout) or False (classifier.probe_layer)")
+    depth = size_from_config(config.model)[0].depth
+    v.require(v.is_int(p.last_blocks) and 0 <= p.last_blocks <= depth, "probe.last_blocks",
+              p.last_blocks, f"0 (no DINO feature set) to the encoder's {depth} blocks")
+    v.require(isinstance(p.last_blocks_gap, bool), "probe.last_blocks_gap",
+              p.last_blocks_gap, "True or False")
     v.require(p.fit_sets in FIT_SETS, "probe.fit_sets", p.fit_sets,
               f"one of {FIT_SETS}: 'together' fits the probe's feature sets as one program per "
               "L2 strength, 'one_by_one' one after another, 'auto' together on a GPU only")
@@ -501,7 +534,11 @@ class ProbeJob(KnnJob):
     return [*super().unread_rules(),
             (("classifier.probe_layer",), lambda c: not c.probe.select_layer,
              "probe.select_layer=True chooses the block on data.holdout"),
-            (("probe.select_layer", "probe.fit_sets"), lambda c: c.classifier.features != "pixels",
+            (("probe.last_blocks_gap",), lambda c: c.probe.last_blocks > 0,
+             "it adds the mean patch token to the DINO feature set, which "
+             "probe.last_blocks=0 leaves out"),
+            (("probe.select_layer", "probe.fit_sets", "probe.last_blocks",
+              "probe.last_blocks_gap"), lambda c: c.classifier.features != "pixels",
              "classifier.features='pixels' runs no encoder (no block to choose, and one feature "
              "set, which fit_sets does not change)")]
 

@@ -1,6 +1,7 @@
 """Classification heads on top of the ViT encoder (linear probe and fine-tuning).
 
   pool_tokens      tokens [B, T, D] -> features [B, D] (cls token or mean of patch tokens)
+  last_blocks_features  DINO / iBOT's linear-evaluation features: the last blocks' cls tokens
   ProbeHead        BatchNorm without affine parameters + linear layer (the MAE linear probe)
   ViTClassifier    encoder + pooling (+ fc_norm for mean pooling) + linear head (fine-tuning)
   DINOHead         DINO / iBOT's projection head over prototypes; dino_head_flops its cost
@@ -26,6 +27,23 @@ def pool_tokens(tokens: jax.Array, pool: str) -> jax.Array:
   if pool == "gap":
     return jnp.mean(tokens[:, 1:], axis=1)
   raise ValueError(f"pool={pool!r}: expected one of {POOLS}")
+
+
+def last_blocks_features(block_outputs, encoder_params, *, last: int, with_gap: bool,
+                         dtype: Any = jnp.float32) -> jax.Array:
+  """DINO's (and iBOT's) linear-evaluation features, float32 [B, (last + with_gap) * D]: the
+  cls tokens of the `last` blocks, each through the encoder's final LayerNorm (DINO's
+  `get_intermediate_layers`), concatenated, then with `with_gap` the mean patch token of the
+  last block, normalised the same way (`avgpool_patchtokens`). DINO evaluates ViT-S/16 with
+  the last 4 blocks and ViT-B/16 with the last block and the mean patch token.
+
+  block_outputs: the encoder's per-block outputs (aux["blocks"], each [B, 1 + N, D]);
+  encoder_params: its parameters (the final norm is transformer/norm)."""
+  norm = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype)
+  normed = [norm.apply({"params": encoder_params["transformer"]["norm"]}, t)
+            for t in block_outputs[len(block_outputs) - last:]]
+  parts = [t[:, 0] for t in normed] + ([pool_tokens(normed[-1], "gap")] if with_gap else [])
+  return jnp.concatenate(parts, axis=-1).astype(jnp.float32)
 
 
 def encoder_features(encoder: ViTEncoder, encoder_params, images: jax.Array, *, pool: str,
