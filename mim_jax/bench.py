@@ -592,9 +592,12 @@ _PEER_FIELDS = ("method", "model.variant", "model.width", "model.depth", "model.
 
 
 def _check_mode_flags(config) -> None:
-  """UsageError for a flag --feed / --pipeline would not read, or a --config field it sets
-  itself, and for a pipeline row that would not time what it reports (a batch over half the
-  generated images, augmentation on the device)."""
+  """UsageError for a flag or --config field the run's mode would not read: with --feed or
+  --pipeline, a flag they do not read, a field they set themselves, a pipeline row that would
+  not time what it reports (a batch over half the generated images, augmentation on the
+  device); when train steps are timed, the input modes' flags, --config and --variant fields
+  of the input pipeline or the training loop, and with --peers_only what the HF peer does not
+  read."""
   overrides = config_flags.get_override_values(FLAGS["config"])
   for mode, read in _MODE_FLAGS.items():
     if not FLAGS[mode].value:
@@ -629,7 +632,8 @@ def _check_mode_flags(config) -> None:
   if not (FLAGS.feed or FLAGS.pipeline):
     given = sorted(f"--{name}" for name in _INPUT_FLAGS if FLAGS[name].present)
     if given:
-      raise app.UsageError(f"{', '.join(given)} would have no effect: they size the input "
+      raise app.UsageError(f"{', '.join(given)} would have no effect: "
+                           f"{'they size' if len(given) > 1 else 'it sizes'} the input "
                            "timings of --feed and --pipeline, and this run times train steps")
     if FLAGS.peers_only:
       # (PEER_RUNS' fields are read too: checked against what HF runs.)
@@ -642,7 +646,7 @@ def _check_mode_flags(config) -> None:
                              "CPU devices) would have no effect")
     _refuse_off_step(config, overrides, "--config.")
     for spec in FLAGS.variant:
-      _refuse_off_step(config, variant_changes(spec), f"--variant={spec}: ")
+      _refuse_off_step(config, variant_changes(spec), "", where=f"--variant={spec}: ")
   if FLAGS.pipeline:
     if FLAGS.batch > FLAGS.pipeline_images // 2:
       raise app.UsageError(f"--pipeline: --batch={FLAGS.batch} needs --pipeline_images >= "
@@ -660,17 +664,17 @@ def _refuse_unread(inert, prefix: str, why: str) -> None:
                          "no effect")
 
 
-def _refuse_off_step(config, fields, prefix: str) -> None:
+def _refuse_off_step(config, fields, prefix: str, where: str = "") -> None:
   """UsageError for overrides (`fields`: --config.* or a --variant's) that a timed train step
   does not read (config.step_fields): the input's settings other than the in-step ones (the
   steps run on a generated batch, `on_synthetic_data`; a device-resident split changes the
   feed, which --feed times), the loop's."""
   from mim_jax.config import step_fields
   data, loop = step_fields.unread_by_step(config, fields)
-  _refuse_unread(data, prefix, "the train step is timed on a generated batch (--feed and "
-                 "--pipeline time the input)")
-  _refuse_unread(loop, prefix, "the benchmark times train steps, not the training loop around "
-                 "them (time a run of python -m mim_jax.main for the loop)")
+  _refuse_unread(data, prefix, f"{where}the train step is timed on a generated batch (--feed "
+                 "and --pipeline time the input)")
+  _refuse_unread(loop, prefix, f"{where}the benchmark times train steps, not the training "
+                 "loop around them (time a run of python -m mim_jax.main for the loop)")
 
 
 def _emit(row: dict) -> None:
@@ -701,10 +705,10 @@ def main(argv):
     files.refuse_flags_beside_fields(FLAGS, overrides,
                                      {"batch": "global_batch_size", "dtype": "model.dtype"})
     for config, file_config in zip(configs, file_configs):
-      setup.refuse_inert_overrides(config, file_config, overrides)
+      setup.refuse_inert_overrides(config, file_config, overrides, loads_weights=False)
     for spec in FLAGS.variant:
       setup.refuse_inert_overrides(parse_variant(configs[0], spec), file_configs[0],
-                                   {**overrides, **variant_changes(spec)})
+                                   {**overrides, **variant_changes(spec)}, loads_weights=False)
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
   _check_mode_flags(configs[0])  # before JAX starts: a refused run starts no backend
@@ -730,9 +734,9 @@ def main(argv):
     said = cpu_devices.report(count, FLAGS.cpu_devices, jax.default_backend())
     if said is not None:
       logging.log(*said)
-  if FLAGS.rounds > 1 and (FLAGS.feed or FLAGS.pipeline or FLAGS.peers_only):
-    raise app.UsageError("--rounds alternates the mim_jax train-step rows; --feed, --pipeline "
-                         "and --peers_only time none")
+  if FLAGS.rounds > 1 and FLAGS.peers_only:  # (--feed and --pipeline refuse it already)
+    raise app.UsageError("--rounds alternates the mim_jax train-step rows; --peers_only times "
+                         "none")
   if FLAGS.rounds > 1 and FLAGS.profile:
     raise app.UsageError("--rounds and --profile: profile the rows in a run of their own")
   if FLAGS.profile and not FLAGS.peers_only:

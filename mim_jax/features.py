@@ -248,7 +248,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parser.parse_args(argv)
   if args.pictures and not args.attention:
     parser.error("--pictures draws the attention maps: pass --attention too")
-  if args.pictures and (os.path.isdir(args.pictures) or not args.pictures.endswith(".png")):
+  if args.pictures and (os.path.isdir(args.pictures)
+                        or not args.pictures.lower().endswith(".png")):
     parser.error(f"--pictures={args.pictures}: expected the path of a .png file to write")
   if args.crop_fraction is not None and not 0 < args.crop_fraction <= 1:
     parser.error(f"--crop_fraction={args.crop_fraction}: expected a number in (0, 1]")

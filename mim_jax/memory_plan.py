@@ -195,14 +195,13 @@ def num_devices(mesh_cfg, devices_flag: int, mesh_source: str, written=None) -> 
 
 def refuse_unplanned_overrides(config, overridden) -> None:
   """ConfigError for a `--config.FIELD` the plan does not read: the training loop's settings
-  and the input pipeline's beyond what the step (and data.device_resident's split) reads
-  (config.step_fields). `overridden`: {dotted field: value} of the command line."""
+  and the host input pipeline's workers and buffers (config.step_fields; the data fields act:
+  the plan checks the run's data as the run would, and counts a device-resident split).
+  `overridden`: {dotted field: value} of the command line."""
   from mim_jax.config import step_fields
-  resident = bool(config.data.get("device_resident", False))
-  data, loop = step_fields.unread_by_step(config, overridden, resident_split=resident)
-  for fields, why in ((data, "the plan compiles the train step, which reads of the input only "
-                       "the in-step augmentation and normalisation (and a classifier's class "
-                       "count; with data.device_resident, the split it holds)"),
+  data, loop = step_fields.unread_by_step(config, overridden, reads_data=True)
+  for fields, why in ((data, "the plan compiles the train step, and the host pipeline's "
+                       "workers and buffers are not part of it"),
                       (loop, "the plan compiles the train step, not the training loop around "
                        "it (monitoring, checkpoints, exports, the run's length)")):
     if fields:
@@ -237,7 +236,7 @@ def _plan_from_flags() -> None:
   files.refuse_flags_beside_fields(FLAGS, overrides, {
       "mesh": "mesh", "batch": "global_batch_size", "rules": "sharding_rules"})
   setup.refuse_inert_overrides(config, files.load_config_file(FLAGS["config"].config_filename),
-                               overrides)
+                               overrides, loads_weights=False)
   refuse_unplanned_overrides(config, overrides)
   with config.unlocked():
     if FLAGS.mesh:

@@ -2,7 +2,8 @@
 
   profile(run_step, compiled_text, steps, trace_dir) -> {"step_ms", "categories": {...},
                                                           "top_kernels": [...]}
-  profile_torch(run_step, steps)  the same for a PyTorch peer (torch.profiler's self times)
+  profile_torch(run_step, steps[, trace_path])  the same for a PyTorch peer (torch.profiler's
+                                                self times; the trace written to trace_path)
 
 `run_step()` runs one step to completion; it is called `steps` times under
 `jax.profiler.trace(trace_dir)`. The trace's device events (XLA:CPU thunks, GPU kernels) are

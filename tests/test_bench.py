@@ -122,12 +122,14 @@ def test_feed_pipeline_and_peers_only_refuse_flags_they_do_not_read():
            ("--config.data.num_workers=4",): "timed on a generated batch (--feed and "
                                              "--pipeline time the input): "
                                              "--config.data.num_workers would have no effect",
-           ("--variant=data.num_workers=4",): "--variant=data.num_workers=4: data.num_workers "
+           ("--variant=data.num_workers=4",): "--variant=data.num_workers=4: the train step is "
+                                              "timed on a generated batch (--feed and "
+                                              "--pipeline time the input): data.num_workers "
                                               "would have no effect",
-           ("--variant=total_steps=5",): "--variant=total_steps=5: total_steps would have no",
+           ("--variant=total_steps=5",): "for the loop): total_steps would have no",
            ("--variant=model.no_such_field=1",): "--variant=model.no_such_field=1: the config "
                                                  "has no field 'model.no_such_field'",
-           ("--pipeline_batches=3",): "--pipeline_batches would have no effect: they size the "
+           ("--pipeline_batches=3",): "--pipeline_batches would have no effect: it sizes the "
                                       "input timings of --feed and --pipeline",
            ("--pipeline", "--cpu_devices=2"): "--pipeline times the input pipeline and reads "
                                               "only --batch, --config, --pipeline_batches, "

@@ -106,7 +106,7 @@ def test_invalid_config_names_field_value_and_allowed(overrides, match):
     ("finetune", {"classifier.mixup_prob": 0.0, "classifier.cutmix_alpha": 1.0},
      r"cutmix_alpha=1.0 is not used: Mixup and CutMix are never applied"),
     ("finetune", {"classifier.reuse_head": False},
-     r"reuse_head=False is not used: there is no init_from to take a classifier head from"),
+     r"reuse_head=False is not used: init_from holds no classifier head"),
     ("finetune", {"data.source": "image_folder", "data.path": "/train", "data.holdout": 100,
                   "data.eval_split": "holdout", "data.eval_path": "/eval"},
      r"data.eval_path='/eval' is not used: only data.source='image_folder' reads it, for an "
@@ -159,7 +159,6 @@ def test_fields_a_method_would_not_read_are_refused(method, overrides, match):
              "classifier.mixup_alpha": {"classifier.mixup_prob": 1.0},
              "classifier.cutmix_alpha": {"classifier.mixup_prob": 1.0},
              "classifier.pool": {"classifier.features": "encoder"},
-             "classifier.reuse_head": {"init_from": "/an/export"},
              "probe.fit_sets": {"classifier.features": "encoder"},
              "multicrop.grayscale_prob": {"channels": 3},
              "multicrop.local_size": {"multicrop.num_local": 2},

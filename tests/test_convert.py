@@ -670,6 +670,10 @@ def test_a_released_head_that_fits_decides_head_init_std(tmp_path):
   config.classifier.reuse_head = True
   with pytest.raises(ConfigError, match=r"head_init_std=0.01 is not used: .*reuse_head=False"):
     pretrained.refuse_dropped_overrides(config, std)
+  # The benchmark and the memory planner load no weights (and must not start JAX here).
+  pretrained.refuse_dropped_overrides(config, std, loads_weights=False)
+  assert pretrained.has_released_head(directory)
+  assert not pretrained.has_released_head(str(tmp_path / "no_export"))
   for field, value in (("num_classes", NUM_CLASSES + 1), ("pool", "cls")):
     other = config.copy_and_resolve_references()
     other.classifier[field] = value  # the released head does not fit: a new one, at this std

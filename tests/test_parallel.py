@@ -357,9 +357,10 @@ def test_memory_plan_command(tmp_path):
      "config.checkpoint_every=7, config.total_steps=5 would not change the plan: the plan "
      "compiles the train step, not the training loop"),
     (("--mesh=data:2", "--config.data.num_workers=3"), "config.data.num_workers=3 would not "
-     "change the plan: the plan compiles the train step, which reads of the input only"),
-    (("--mesh=data:2", "--config.data.device_resident=True", "--config.data.num_workers=3"),
-     "config.data.num_workers=3 would not change the plan"),
+     "change the plan: the plan compiles the train step, and the host pipeline's workers"),
+    # The data fields act (the plan checks the data as the run would): a missing path is
+    # named, not refused as unread.
+    (("--mesh=data:2", "--config.data.path=/no/such/fmnist"), "config.data.path='/no/such/"),
     # An unknown field: named with suggestions, no traceback.
     (("--mesh=data:2", "--config.modle.width=8"), "config.modle.width"),
 ])

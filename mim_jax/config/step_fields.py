@@ -25,17 +25,19 @@ CLASS_COUNT_FIELDS = tuple("data." + f for f in ("source", "path", "split", "tfd
                                                  "tfds_data_dir", "synthetic_classes"))
 
 
-def unread_by_step(config, fields: Iterable[str], *, resident_split: bool = False
+def unread_by_step(config, fields: Iterable[str], *, reads_data: bool = False
                    ) -> tuple[list[str], list[str]]:
   """(input fields, loop fields): the dotted `fields` (command-line overrides) that a train
   step of `config` does not read, each sorted.
 
-  resident_split: the tool also accounts for data.device_resident's copy of the training split
-  (the memory planner), which the data fields naming, subsetting or decoding the split change:
-  then only the host pipeline's own fields go unread.
+  reads_data: the tool also checks the run's data as the run would and accounts for
+  data.device_resident's copy of the training split (the memory planner), so the data fields
+  naming, subsetting or decoding the data act: then only the host pipeline's own fields go
+  unread. Without it (the benchmark: steps on a generated batch) every data field but the
+  in-step ones does.
   """
   fields = sorted(fields)
-  if resident_split:
+  if reads_data:
     data = [f for f in fields if f in HOST_PIPELINE_FIELDS]
   else:
     read = set(STEP_DATA_FIELDS) | (set(CLASS_COUNT_FIELDS) if "classifier" in config else set())

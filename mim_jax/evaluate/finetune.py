@@ -58,8 +58,8 @@ class FineTune(base.Method):
       return reads
     # mixup_prob=0 turns both off whatever the alphas (evaluate/mixup.py: mix_batch), and
     # alphas of 0 leave mixup_prob nothing to apply: each refuses the other's settings.
-    return [(("classifier.reuse_head",), lambda c: pretrained.is_pretrained(c.init_from),
-             "there is no init_from to take a classifier head from"),
+    return [(("classifier.reuse_head",), lambda c: pretrained.has_released_head(c.init_from),
+             "init_from holds no classifier head (an export's classifier/ folder) to take"),
             (("classifier.mixup_prob",), mixing(both=False),
              "Mixup and CutMix are both off (mixup_alpha = cutmix_alpha = 0)"),
             (("classifier.mixup_alpha", "classifier.cutmix_alpha",

@@ -77,16 +77,19 @@ def prepare(config, file_config=None):
   return config
 
 
-def refuse_inert_overrides(config, file_config, overridden) -> None:
+def refuse_inert_overrides(config, file_config, overridden, loads_weights: bool = True
+                           ) -> None:
   """ConfigError for a command-line override the run would not act on, given the config
   file's own config and the dotted fields the command line set (ml_collections' override
   values): an evaluation's encoder fields that its init_from decides
-  (pretrained.refuse_dropped_overrides), a model.variant whose size the file's size fields
-  override (validation.refuse_shadowed_variant). The trainer, the benchmark and the memory
-  planner call it before any data is read or anything compiled."""
+  (pretrained.refuse_dropped_overrides; with `loads_weights`, the trainer's case, also a head
+  init that a released classifier head makes moot), a model.variant whose size the file's size
+  fields override (validation.refuse_shadowed_variant). The trainer, the benchmark and the
+  memory planner (which load no weights: loads_weights=False) call it before any data is read
+  or anything compiled."""
   config = expand_home(config)
   if registry.method_class(config.method).kind in ("classifier", "job"):
-    pretrained.refuse_dropped_overrides(config, overridden)
+    pretrained.refuse_dropped_overrides(config, overridden, loads_weights=loads_weights)
   validation.refuse_shadowed_variant(config, file_config, overridden)
 
 

@@ -162,7 +162,7 @@ def encoder_mismatches(model_cfg, channels: int, info: dict) -> dict[str, tuple[
   return found
 
 
-def refuse_dropped_overrides(config, overridden) -> None:
+def refuse_dropped_overrides(config, overridden, loads_weights: bool = True) -> None:
   """Raises ConfigError when the command line set an encoder field that `init_from` decides,
   or any encoder field but the variant for the raw-pixel baseline (which builds no encoder).
 
@@ -170,6 +170,9 @@ def refuse_dropped_overrides(config, overridden) -> None:
   from the export, so `--config.model.width=256` beside an init_from of another width would
   otherwise be accepted and silently replaced. `overridden`: the dotted fields set on the
   command line (ml_collections' override values); a value equal to the export's is fine.
+  With `loads_weights` (the trainer; it reads init_from's classifier head with Orbax, which
+  starts JAX: callers that set JAX's device count first pass False), also a
+  classifier.head_init_std that a released head, loaded in its place, makes moot.
   """
   if config.get("classifier", {}).get("features") == "pixels":
     # The raw-pixel baseline builds no encoder (only the variant's patch is still checked
@@ -202,8 +205,8 @@ def refuse_dropped_overrides(config, overridden) -> None:
         field, overridden[field], f"the encoder in init_from={config.init_from} is {theirs} "
         f"(this flag asks for {ours})", "An evaluation builds the encoder its weights were "
         "trained as: drop the flag, or pre-train / import an encoder of the shape you want.")
-  if ("classifier.head_init_std" in overridden and config.classifier.get("reuse_head")
-      and _released_head_would_load(config)):
+  if (loads_weights and "classifier.head_init_std" in overridden
+      and config.classifier.get("reuse_head") and _released_head_would_load(config)):
     raise ConfigError(
         f"config.classifier.head_init_std={overridden['classifier.head_init_std']!r} is not "
         f"used: init_from={config.init_from} holds a classifier head that fits this model "
@@ -216,11 +219,16 @@ def _released_head_would_load(config) -> bool:
   """Whether fine-tuning would load init_from's released classifier head
   (`load_classifier_head_into`): its class count and pooling (fc_norm for "gap") are the
   config's; its width is the encoder's, which the run adopts."""
+  if not has_released_head(config.init_from):
+    return False
   found = released_head(config.init_from)
   if "head" not in found:
     return False
   width = found["head"]["kernel"].shape[0]
-  classes = config.classifier.num_classes or data.num_classes(config.data)
+  try:
+    classes = config.classifier.num_classes or data.num_classes(config.data)
+  except Exception:  # pylint: disable=broad-except  # data the validation then names
+    return False
   vector = lambda n: jax.ShapeDtypeStruct((n,), np.float32)
   ours = {"head": {"kernel": jax.ShapeDtypeStruct((width, classes), np.float32),
                    "bias": vector(classes)}}
@@ -282,14 +290,27 @@ def load_encoder_into(init_params: Any, init_from: str, *, grid_hw: tuple[int, i
 CLASSIFIER_PARTS = ("fc_norm", "head")
 
 
+def has_released_head(init_from: str) -> bool:
+  """Whether the export `init_from` points to holds a classifier/ folder (an imported
+  fine-tuned classifier); False for no export (validation names a bad init_from). Reads no
+  weights (and starts no JAX backend)."""
+  if not is_pretrained(init_from):
+    return False
+  try:
+    directory = encoder_directory(init_from)
+  except ConfigError:
+    return False
+  return storage.isdir(os.path.join(directory, our_weights.CLASSIFIER_DIR))
+
+
 def released_head(init_from: str) -> dict:
   """The classifier parts ({"fc_norm", "head"}, numpy) that the export `init_from` points to
   holds in its classifier/ folder (an imported fine-tuned classifier), {} when it has none.
   Reads only that folder, not the encoder."""
-  directory = os.path.join(encoder_directory(init_from), our_weights.CLASSIFIER_DIR)
-  if not storage.isdir(directory):
+  if not has_released_head(init_from):
     return {}
-  found = checkpoint.restore_on_host(directory)
+  found = checkpoint.restore_on_host(
+      os.path.join(encoder_directory(init_from), our_weights.CLASSIFIER_DIR))
   return {k: found[k] for k in CLASSIFIER_PARTS if k in found}
 
 
