@@ -816,4 +816,11 @@ if __name__ == "__main__":
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   define_flags()
   from mim_jax import main as trainer  # its parser: unknown --config fields named, no traceback
-  app.run(main, flags_parser=trainer.parse_flags)
+
+  def run(argv):
+    try:
+      main(argv)
+    except app.UsageError as e:  # one line and exit 2, as a bad flag value (parse_flags)
+      trainer._fail(str(e))  # pylint: disable=protected-access
+
+  app.run(run, flags_parser=trainer.parse_flags)
