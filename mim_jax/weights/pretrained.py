@@ -219,8 +219,6 @@ def _released_head_would_load(config) -> bool:
   """Whether fine-tuning would load init_from's released classifier head
   (`load_classifier_head_into`): its class count and pooling (fc_norm for "gap") are the
   config's; its width is the encoder's, which the run adopts."""
-  if not has_released_head(config.init_from):
-    return False
   found = released_head(config.init_from)
   if "head" not in found:
     return False
@@ -287,7 +285,11 @@ def load_encoder_into(init_params: Any, init_from: str, *, grid_hw: tuple[int, i
   return jax.tree_util.tree_unflatten(treedef, [out[k] for k in flat_init])
 
 
-CLASSIFIER_PARTS = ("fc_norm", "head")
+CLASSIFIER_PARTS = our_weights.CLASSIFIER_PARTS
+
+
+def _shapes(tree: Any) -> Any:
+  return jax.tree.map(lambda x: tuple(x.shape), tree)
 
 
 def has_released_head(init_from: str) -> bool:
@@ -317,10 +319,9 @@ def released_head(init_from: str) -> dict:
 def head_fits(head: dict, params: Any) -> bool:
   """Whether released classifier parts (`released_head`) have exactly the parts and shapes of
   a model's (params or jax.ShapeDtypeStructs: {"encoder", "head"[, "fc_norm"]})."""
-  shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)
   ours = {k: params[k] for k in CLASSIFIER_PARTS if k in params}
   return bool(head) and set(head) == set(ours) and all(
-      shapes(head[k]) == shapes(ours[k]) for k in head)
+      _shapes(head[k]) == _shapes(ours[k]) for k in head)
 
 
 def load_classifier_head_into(params: Any, init_from: str) -> Any:
@@ -333,10 +334,9 @@ def load_classifier_head_into(params: Any, init_from: str) -> Any:
   if not found:
     return params
   if not head_fits(found, params):
-    shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)
     log.info("the classifier head in %s does not fit this model (%s vs %s): a new head is "
-             "trained", init_from, shapes(found), shapes({k: params[k] for k in
-                                                          CLASSIFIER_PARTS if k in params}))
+             "trained", init_from, _shapes(found), _shapes({k: params[k] for k in
+                                                            CLASSIFIER_PARTS if k in params}))
     return params
   log.info("classifier head loaded from %s (classifier.head_init_std is not used: fine-tuning "
            "continues from this head; classifier.reuse_head=False trains a new one)", init_from)
