@@ -6,7 +6,8 @@
 #
 #   pretrain_mae  MAE, MAE_EPOCHS (50) epochs, k-NN on the held-out split every 5 epochs
 #   baselines     probe + k-NN of raw pixels and of a random encoder; scikit-learn's logistic
-#                 regression on the same pixels (the reference the probe is held to)
+#                 regression on the same pixels (the reference the probe is held to); the
+#                 k-NN of raw pixels on the held-out split (the line beside the k-NN curves)
 #   probe_mae     probe + k-NN of the MAE encoder (cls and mean-pooled tokens; every probe of an
 #                 encoder reads the block chosen per pool on the held-out split)
 #   tune_scratch  fine-tuning lr x Mixup/CutMix on the held-out split (TUNE_EPOCHS (3) epochs,
@@ -219,6 +220,9 @@ if has baselines; then
   probe probe_pixels --config.classifier.features=pixels
   # shellcheck disable=SC2086
   probe probe_random --config.init_from=random ${RANDOM_ENCODER_FLAGS:-}
+  # The raw-pixel line beside the pre-training runs' k-NN curves (docs/plot_knn_curve.py).
+  run knn_pixels_holdout --config=configs/knn_fmnist.py --config.classifier.features=pixels \
+      "${holdout[@]}"
   [ -f "$ROOT/sklearn_pixels.json" ] || python docs/fmnist_tools.py sklearn_pixels \
       "$ROOT/sklearn_pixels.json" "${FMNIST_DIR:-}" || exit 1
 fi

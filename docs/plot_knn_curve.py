@@ -5,7 +5,8 @@ pre-training runs of docs/fmnist_results.sh, beside the raw-pixel k-NN on the sa
   needs matplotlib: pip install -e ".[docs]")
 
 Reads ROOT/RUN/metrics.jsonl (the k-NN monitor's rows), ROOT/RUN/config.json (steps per
-epoch, batch, FLOPs via mim_jax.registry) and ROOT/knn_pixels_holdout/results.json.
+epoch, batch, FLOPs via mim_jax.registry) and ROOT/knn_pixels_holdout/results.json (the
+script's baselines section).
 """
 
 from __future__ import annotations

@@ -678,7 +678,8 @@ def test_gpu_results_script_runs_its_waves_side_by_side_in_order(tmp_path):
            {"ft_mae_s1", "ft_scratch_s1"},
            {"simmim_e30", "beit_tokenizer", "beit_e30"}, {"ft_simmim_s0", "ft_beit_s0"},
            # the probes one at a time
-           {"probe_pixels"}, {"probe_random"}, {"probe_simmim_e30"}, {"probe_beit_e30"}]
+           {"probe_pixels"}, {"probe_random"}, {"knn_pixels_holdout"}, {"probe_simmim_e30"},
+           {"probe_beit_e30"}]
   start = 0
   for wave in waves:
     assert set(names[start:start + len(wave)]) == wave, names
@@ -693,6 +694,10 @@ def test_gpu_results_script_runs_its_waves_side_by_side_in_order(tmp_path):
   probe_random = [call for call in calls if call[-1].endswith("/probe_random")][0]
   assert "--config.model.variant=Ti/4" in probe_random
   _unread_settings(probe_random[:-1])
+  # The raw-pixel k-NN on the held-out split, the line of docs/plot_knn_curve.py.
+  (knn_pixels,) = [call for call in calls if call[-1].endswith("/knn_pixels_holdout")]
+  assert "--config.data.eval_split=holdout" in knn_pixels
+  _unread_settings(knn_pixels[:-1])
 
 
 def test_gpu_results_script_default_is_the_eight_minute_run(tmp_path):
