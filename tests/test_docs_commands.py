@@ -1,0 +1,94 @@
+"""Every `python -m mim_jax.main` command that README.md and docs/*.md show still runs today as
+far as the trainer's start-up checks go: known flags and fields, values of their types, nothing
+the run would not read, every static check of the method. A renamed field or a refused setting
+in a documented command fails here, not for the reader who pastes it.
+
+The docs name paths that do not exist on this machine (a results folder R, ImageNet under
+/data): a command whose only complaint is such a path passes. Commands with shell variables,
+`<...>` or `...`, or a value written as a placeholder (`--config.seed=N`) are left out.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import shlex
+
+import pytest
+from absl import flags
+
+from mim_jax import main, registry
+from mim_jax.config import files
+from mim_jax.config.errors import ConfigError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+# Fields holding a path or a dataset a documented command may name without it being here.
+PATH_FIELDS = ("init_from", "tokenizer.path", "teacher.path", "target.tokenizer.path",
+               "target.teacher.path", "data.path", "data.tfds_name", "data.tfds_data_dir")
+SHELL_OPERATORS = ("&&", "||", ";", "|", "&")
+
+
+def code_lines(text: str) -> list[str]:
+  """The lines of the fenced code blocks and the inline code spans of a markdown text, with
+  backslash continuations joined and, in code blocks, comments after ` #` dropped."""
+  text = re.sub(r"\\\n\s*", " ", text)
+  lines = []
+  for i, part in enumerate(text.split("```")):
+    if i % 2:  # inside a fenced block
+      lines += [line.split(" #")[0] for line in part.splitlines()]
+    else:  # prose: inline spans, which may wrap across lines
+      lines += [" ".join(span.split()) for span in re.findall(r"`([^`\n]+(?:\n[^`\n]+)*)`",
+                                                              part)]
+  return lines
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+  """(where, the arguments after `python -m mim_jax.main`) of every checkable command."""
+  found = []
+  for doc in DOCS:
+    for line in code_lines(doc.read_text()):
+      for match in re.finditer(r"python3? -m mim_jax\.main\b(.*)", line):
+        rest = match.group(1)
+        if "$" in rest or "<" in rest or "..." in rest:
+          continue
+        args = []
+        for token in shlex.split(rest):
+          if token in SHELL_OPERATORS or token.startswith((">", "2>")):
+            break
+          args.append(token)
+        placeholder = any(re.fullmatch(r"--config\.[\w.]+=[A-Z][A-Z_]*", a) for a in args)
+        if placeholder or not any(a.startswith("--config=") for a in args):
+          continue
+        found.append((f"{doc.name}: {' '.join(args)[:90]}", args))
+  return found
+
+
+COMMANDS = documented_commands()
+
+
+def test_the_docs_show_commands_to_check():
+  """The extraction finds the docs' commands (a change of markup would silently skip them)."""
+  where = {w.split(":")[0] for w, _ in COMMANDS}
+  assert {"README.md", "results.md", "weights.md", "scaling.md"} <= where, where
+  assert len(COMMANDS) >= 50, len(COMMANDS)
+
+
+def _path_complaint(err: ConfigError) -> bool:
+  return any(str(err).startswith(f"config.{field}=") for field in PATH_FIELDS)
+
+
+@pytest.mark.parametrize("args", [a for _, a in COMMANDS], ids=[w for w, _ in COMMANDS])
+def test_documented_command_passes_the_start_up_checks(args, monkeypatch):
+  monkeypatch.chdir(REPO)
+  flag_values = flags.FlagValues()
+  argv = ["mim_jax.main", *args]
+  main.define_flags(flag_values, argv)
+  flag_values(argv)  # unknown flags and fields, values that do not parse
+  file_config = files.load_config_file(flag_values["config"].config_filename)
+  try:  # as main.py checks a command line: the file, then the overrides against it
+    registry.check_unread_fields(file_config)
+    registry.validate_config(flag_values.config, file_config)
+  except ConfigError as err:
+    if not _path_complaint(err):
+      raise
