@@ -19,7 +19,8 @@ CPU).
                (the paper's "w/ [M]"), to measure what the visible-only encoder saves
   --peer       hf: HF ViTMAEForPreTraining, same architecture, AdamW, eager PyTorch;
                hf_compile: the same under torch.compile; on a GPU both use bf16 autocast when
-               the config's dtype is bfloat16
+               the config's dtype is bfloat16; none; auto (default): hf beside an MAE config,
+               none beside the other methods
   --peers_only only the peers (the first config sets their architecture and batch)
   --variant    the first config with FIELD=VALUE overrides, a lever against the base row
   --rounds=N   the mim_jax rows timed in turn, N rounds of steps/N steps each (an A/B of levers a
@@ -76,7 +77,8 @@ def define_flags() -> None:
                        "many rounds of steps/rounds steps each, instead of one after the other: "
                        "an A/B of levers a few % apart on a noisy machine. Every row's state "
                        "is held at once.", lower_bound=1)
-  flags.DEFINE_list("peer", ["hf"], "Peers timed in the same run: hf, hf_compile, or none.")
+  flags.DEFINE_list("peer", ["auto"], "Peers timed in the same run: hf, hf_compile, none, or "
+                    "auto: hf when the first config is an MAE config, else none.")
   flags.DEFINE_bool("peers_only", False, "Time only the --peer implementations (e.g. a slow "
                     "torch.compile in a process of its own).")
   flags.DEFINE_multi_string("variant", [], "The first config with FIELD=VALUE[,FIELD=VALUE...] "
@@ -96,7 +98,7 @@ def define_flags() -> None:
   flags.mark_flags_as_required(["config"])
 
 
-PEERS = ("hf", "hf_compile", "none")
+PEERS = ("hf", "hf_compile", "none", "auto")
 # What HF's ViTMAEForPreTraining and torch AdamW run, as the first config's fields (a tuple:
 # any of its values); bench_hf mirrors the rest.
 PEER_RUNS = {"masking.kind": "random", "masking.ratio_range": ((), []),
@@ -758,10 +760,16 @@ def main(argv):
   if FLAGS.pipeline:
     _emit(bench_pipeline(configs[0], FLAGS.pipeline_images, FLAGS.pipeline_batches))
     return
-  peers = [p for p in FLAGS.peer if p != "none"]
   unknown = sorted(set(FLAGS.peer) - set(PEERS))
   if unknown:
     raise app.UsageError(f"--peer: unknown {unknown}; allowed: {', '.join(PEERS)}")
+  if "auto" in FLAGS.peer and len(FLAGS.peer) > 1:
+    raise app.UsageError(f"--peer={','.join(FLAGS.peer)}: auto picks the peer itself; name "
+                         "the peers instead")
+  # The peer is HF's MAE: the default times it beside an MAE config and times no peer beside
+  # the other methods (an explicit --peer=hf there is refused below).
+  peers = ((["hf"] if configs[0].method == "mae" else []) if FLAGS.peer == ["auto"]
+           else [p for p in FLAGS.peer if p != "none"])
   for c in configs:
     if registry.method_class(c.method).kind == "job":
       raise app.UsageError(f"config.method={c.method!r} trains nothing: the benchmark times "

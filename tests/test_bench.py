@@ -68,6 +68,20 @@ def test_bench_times_other_methods_side_by_side():
   assert rows[0]["model"] == rows[1]["model"] == rows[2]["model"]
 
 
+def test_the_default_peer_is_hf_beside_mae_and_none_beside_other_methods():
+  """--peer=auto (the default): a SimMIM config is timed alone (HF's peer is an MAE); an explicit
+  --peer=hf beside it, or auto beside a named peer, is refused."""
+  rows = _bench("--config=configs/simmim_vitb.py:runlocal", "--batch=4")
+  assert [(r["impl"], r["method"]) for r in rows] == [("mim_jax", "simmim")]
+  for args, says in {("--config=configs/simmim_vitb.py:runlocal", "--peer=hf"):
+                         "--peer and --asymmetry compare against MAE",
+                     ("--config=configs/mae_fmnist.py", "--peer=auto,hf"):
+                         "auto picks the peer itself"}.items():
+    out = subprocess.run([sys.executable, "-m", "mim_jax.bench", *args], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and says in out.stderr, out.stderr[-2000:]
+
+
 def test_bench_alternates_a_variant_with_its_base_row_in_rounds():
   """--rounds: the rows timed in turn, each row's steps split over the rounds."""
   rows = _bench("--config=configs/mae_vitb.py:runlocal", "--variant=model.attention_impl=xla",
