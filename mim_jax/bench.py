@@ -50,7 +50,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mim_jax.config import checks, files
-from mim_jax.config.errors import refuse_extra_arguments
+from mim_jax.config.errors import ConfigError, refuse_extra_arguments
 
 FLAGS = flags.FLAGS
 
@@ -184,39 +184,6 @@ class _Prepared(NamedTuple):
   xla_flops: float
 
 
-def on_synthetic_data(config):
-  """`config` reading synthetic images of its own size and channels instead of its dataset:
-  the step is timed on a generated batch, so the dataset need not be on the machine (the
-  ImageNet configs on a GPU host). A classifier keeps its dataset's class count (its head's
-  size), which must then be readable here or given as classifier.num_classes; the synthetic
-  source then has that many classes (data.synthetic_classes), whatever the count."""
-  from mim_jax import data, registry
-  from mim_jax.config import validation
-  from mim_jax.config.errors import ConfigError
-  changes = {"data.source": "synthetic"}
-  # The fields only the dataset's source read (its path, split, TFDS name...) go back to their
-  # defaults: the unread-field checks would refuse them beside a synthetic source.
-  synthetic, base = _variant(config, **changes), registry.base_config(config.method)
-  for fields, reads, _ in validation.UNREAD_RULES:
-    for field in fields:
-      if (field.startswith("data.") and field[len("data."):] in base.data
-          and not validation.rule_reads(reads, synthetic)):
-        changes[field] = validation.get(base, field)
-  if "classifier" in config:
-    classes = config.classifier.num_classes
-    if not classes:
-      try:
-        classes = data.num_classes(config.data)
-      except (ConfigError, OSError) as err:
-        raise app.UsageError(
-            f"the benchmark times {config.method!r} on synthetic images and needs its class "
-            f"count, which data.source={config.data.source!r} cannot give here ({err}); set "
-            "--config.classifier.num_classes") from err
-    changes["classifier.num_classes"] = classes
-    changes["data.synthetic_classes"] = classes  # the head's size, even below 10 classes
-  return _variant(config, **changes)
-
-
 def prepare_mim_jax(config) -> _Prepared:
   """A config's compiled train step on a synthetic batch, ready to time."""
   import jax
@@ -227,7 +194,10 @@ def prepare_mim_jax(config) -> _Prepared:
 
   # The run's own set-up (the step, optimizer and shardings a training run uses); the
   # schedule's length does not change a step's cost.
-  config = on_synthetic_data(config)
+  try:
+    config = setup.on_synthetic_data(config, "the benchmark")
+  except ConfigError as e:
+    raise app.UsageError(str(e)) from None
   r = setup.setup_run(setup.prepare(config), num_examples=1000 * config.global_batch_size)
   state = r.init_state(r.keys()[0])
   step = r.jit_step()
@@ -669,7 +639,7 @@ def _refuse_unread(inert, prefix: str, why: str) -> None:
 def _refuse_off_step(config, fields, prefix: str, where: str = "") -> None:
   """UsageError for overrides (`fields`: --config.* or a --variant's) that a timed train step
   does not read (config.step_fields): the input's settings other than the in-step ones (the
-  steps run on a generated batch, `on_synthetic_data`; a device-resident split changes the
+  steps run on a generated batch, `setup.on_synthetic_data`; a device-resident split changes the
   feed, which --feed times), the loop's."""
   from mim_jax.config import step_fields
   data, loop = step_fields.unread_by_step(config, fields)
@@ -692,7 +662,6 @@ def main(argv):
   # through absl: expected on CPU and GPU machines (main.py quiets it the same way).
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   from mim_jax import registry
-  from mim_jax.config.errors import ConfigError
   from mim_jax.training import setup
   try:
     files.require_loaded(FLAGS)

@@ -5,7 +5,9 @@ r"""Per-device memory of a training step for a config and a mesh, without the ha
 
 The train step of `mim_jax.training.setup` (the same function, optimizer and shardings a run uses) is
 lowered and compiled for the mesh on simulated CPU devices, from abstract shapes only: no
-parameter or batch is ever allocated. It prints, per device:
+parameter or batch is ever allocated, and the dataset is not read (the step is planned on
+synthetic images of the config's size and channels; only data.device_resident's split is read,
+to count its copy). It prints, per device:
 
   params / opt_state / extra   bytes of the state shards each device holds (from the shardings)
   batch                        bytes of the device's slice of the input batch
@@ -194,14 +196,19 @@ def num_devices(mesh_cfg, devices_flag: int, mesh_source: str, written=None) -> 
 
 
 def refuse_unplanned_overrides(config, overridden) -> None:
-  """ConfigError for a `--config.FIELD` the plan does not read: the training loop's settings
-  and the host input pipeline's workers and buffers (config.step_fields; the data fields act:
-  the plan checks the run's data as the run would, and counts a device-resident split).
-  `overridden`: {dotted field: value} of the command line."""
+  """ConfigError for a `--config.FIELD` the plan does not read (config.step_fields): the
+  training loop's settings, and the input's: the plan compiles the step on synthetic images of
+  the config's size, so only the fields the step reads act, and a classifier's class count;
+  with data.device_resident the data fields act too (the split's copy is counted, read from
+  the data), all but the host pipeline's workers and buffers. `overridden`: {dotted field:
+  value} of the command line."""
   from mim_jax.config import step_fields
-  data, loop = step_fields.unread_by_step(config, overridden, reads_data=True)
-  for fields, why in ((data, "the plan compiles the train step, and the host pipeline's "
-                       "workers and buffers are not part of it"),
+  resident = bool(config.data.get("device_resident", False))
+  data, loop = step_fields.unread_by_step(config, overridden, reads_data=resident)
+  for fields, why in ((data, "the plan compiles the train step on synthetic images of the "
+                       "config's size (the data is read only for a data.device_resident "
+                       "split)" if not resident else "the plan compiles the train step, and "
+                       "the host pipeline's workers and buffers are not part of it"),
                       (loop, "the plan compiles the train step, not the training loop around "
                        "it (monitoring, checkpoints, exports, the run's length)")):
     if fields:
@@ -257,6 +264,10 @@ def _plan_from_flags() -> None:
       config.compiler_options = ""
   n = (num_devices(config.mesh, FLAGS.devices, "--mesh", FLAGS.mesh) if FLAGS.mesh
        else num_devices(config.mesh, FLAGS.devices, "mesh"))
+  if not config.data.get("device_resident", False):
+    # The plan is of the step, from shapes: the data need not be on this machine (an ImageNet
+    # run planned on a laptop). A device-resident split is counted from the data itself.
+    config = setup.on_synthetic_data(config, "the memory plan")
   # The static checks a run makes before it starts (an evaluation's encoder adopted from its
   # export first), before JAX starts and the compile; the batch against the mesh follows in
   # plan() (setup_run).

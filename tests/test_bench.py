@@ -215,13 +215,15 @@ def test_a_classifier_off_its_dataset_keeps_the_head_size_it_is_given(tmp_path):
   """The class count a classifier's dataset cannot give here (the folder is on another
   machine) comes from classifier.num_classes, as the refusal advises, even below the synthetic
   source's 10 classes (the advice used to fail validation against those 10)."""
-  from mim_jax import bench, data, registry
+  from mim_jax import data, registry
+  from mim_jax.config.errors import ConfigError
+  from mim_jax.training import setup
   config = files.load_config_file(f"{REPO}/configs/finetune_fmnist.py:scratch")
   config.data.update(source="image_folder", path=str(tmp_path / "elsewhere"))
-  with pytest.raises(bench.app.UsageError, match=r"data.path=.*--config.classifier.num_classes"):
-    bench.on_synthetic_data(config)
+  with pytest.raises(ConfigError, match=r"data.path=.*--config.classifier.num_classes"):
+    setup.on_synthetic_data(config, "the benchmark")
   config.classifier.num_classes = 5
-  synthetic = bench.on_synthetic_data(config)
+  synthetic = setup.on_synthetic_data(config, "the benchmark")
   assert synthetic.classifier.num_classes == 5 and synthetic.data.synthetic_classes == 5
   registry.validate_config(synthetic)
   source = data.build_train_source(synthetic.data, image_size=(28, 28), channels=1)

@@ -311,8 +311,22 @@ def test_on_8_devices_steps_match_init_is_sharded_and_checkpoints_change_mesh():
 
 
 def test_memory_plan_command(tmp_path):
+  """The plan of a config whose dataset (ImageNet from TFDS) is not on the machine: the step is
+  compiled from shapes on synthetic images of its size, as a laptop plans a cluster's run."""
+  config = tmp_path / "mae_imagenet_small.py"  # the runlocal size, reading ImageNet from TFDS
+  config.write_text(f"""
+import importlib.util
+spec = importlib.util.spec_from_file_location("mae_vitb", "{REPO}/configs/mae_vitb.py")
+mae_vitb = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mae_vitb)
+
+def get_config(arg=None):
+  c = mae_vitb.get_config("runlocal")
+  c.data.update(source="tfds", tfds_name="imagenet2012", tfds_data_dir="{tmp_path}")
+  return c
+""")
   out = subprocess.run(
-      [sys.executable, "-m", "mim_jax.memory_plan", "--config=configs/mae_vitb.py:runlocal",
+      [sys.executable, "-m", "mim_jax.memory_plan", f"--config={config}",
        "--mesh=fsdp:4", "--rules=fsdp", "--batch=8", "--hbm_gib=1",
        "--config.model.remat=full",
        # The run's options (a GPU one here) are not applied to the CPU compile standing in.
@@ -356,11 +370,16 @@ def test_memory_plan_command(tmp_path):
     (("--mesh=data:2", "--config.total_steps=5", "--config.checkpoint_every=7"),
      "config.checkpoint_every=7, config.total_steps=5 would not change the plan: the plan "
      "compiles the train step, not the training loop"),
-    (("--mesh=data:2", "--config.data.num_workers=3"), "config.data.num_workers=3 would not "
-     "change the plan: the plan compiles the train step, and the host pipeline's workers"),
-    # The data fields act (the plan checks the data as the run would): a missing path is
-    # named, not refused as unread.
-    (("--mesh=data:2", "--config.data.path=/no/such/fmnist"), "config.data.path='/no/such/"),
+    # The step is planned on synthetic images: the data's fields would change nothing...
+    (("--mesh=data:2", "--config.data.path=/no/such/fmnist"), "config.data.path='/no/such/"
+     "fmnist' would not change the plan: the plan compiles the train step on synthetic images"),
+    # ... except beside a device-resident split, whose copy is counted from the data: then a
+    # missing path is named, and only the host pipeline's workers and buffers go unread.
+    (("--mesh=data:2", "--config.data.augment_on=device", "--config.data.device_resident=True",
+      "--config.data.path=/no/such/fmnist"), "config.data.path='/no/such/fmnist' is invalid"),
+    (("--mesh=data:2", "--config.data.augment_on=device", "--config.data.device_resident=True",
+      "--config.data.num_workers=3"), "config.data.num_workers=3 would not change the plan: "
+     "the plan compiles the train step, and the host pipeline's workers"),
     # An unknown field: named with suggestions, no traceback.
     (("--mesh=data:2", "--config.modle.width=8"), "config.modle.width"),
 ])

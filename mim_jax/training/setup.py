@@ -93,6 +93,46 @@ def refuse_inert_overrides(config, file_config, overridden, loads_weights: bool 
   validation.refuse_shadowed_variant(config, file_config, overridden)
 
 
+def on_synthetic_data(config, tool: str):
+  """`config` reading synthetic images of its own size and channels instead of its dataset, for
+  the tools that build a train step alone (`tool`: the benchmark times it on a generated batch,
+  the memory planner compiles it from shapes), so the dataset need not be on the machine (an
+  ImageNet config on a GPU host or a laptop). The fields only the dataset's source read (its
+  path, split, TFDS name...) go back to their defaults: the unread-field checks would refuse
+  them beside a synthetic source. A classifier keeps its dataset's class count (its head's
+  size), which must then be readable here or given as classifier.num_classes; the synthetic
+  source then has that many classes (data.synthetic_classes), whatever the count. Raises
+  ConfigError."""
+  from mim_jax.config.defaults import override
+
+  def changed(**changes):
+    return override(config.copy_and_resolve_references(), **changes)
+
+  changes = {"data.source": "synthetic"}
+  synthetic, base = changed(**changes), registry.base_config(config.method)
+  for fields, reads, _ in validation.UNREAD_RULES:
+    for field in fields:
+      if (field.startswith("data.") and field[len("data."):] in base.data
+          and not validation.rule_reads(reads, synthetic)):
+        changes[field] = validation.get(base, field)
+  if "classifier" in config:
+    classes = config.classifier.num_classes
+    if not classes:
+      try:
+        classes = data.num_classes(config.data)
+      except (ConfigError, OSError) as err:
+        raise config_error(
+            "classifier.num_classes", classes,
+            f"the class count of {config.method!r}'s head, which data.source="
+            f"{config.data.source!r} cannot give here ({err})",
+            f"{tool[:1].upper() + tool[1:]} builds the step on synthetic images: set "
+            "--config.classifier.num_classes"
+        ) from err
+    changes["classifier.num_classes"] = classes
+    changes["data.synthetic_classes"] = classes  # the head's size, even below 10 classes
+  return changed(**changes)
+
+
 def schedule_lengths(config, num_examples: int) -> tuple[int, int, int]:
   """(steps_per_epoch, schedule_steps, last_step) for a dataset of `num_examples`.
 
