@@ -665,7 +665,6 @@ def _bad_cases(tmp_path, fmnist_folder):
       ("path", dict(fm, path=str(tmp_path / "nope"))),
       ("path", dict(fm, path=str(empty))),             # folder without the IDX files
       ("split", dict(fm, split="validation")),
-      ("eval_split", dict(fm, eval_split="train")),  # would score the training images
       ("synthetic_size", dict(source="synthetic", synthetic_size=0)),
       ("synthetic_classes", dict(source="synthetic", synthetic_classes=0)),
       ("path", dict(source="image_folder", path=str(tmp_path / "missing"))),
@@ -693,6 +692,17 @@ def test_each_bad_field_is_named(tmp_path, fmnist_folder):
     with pytest.raises(ConfigError) as e:
       data.validate_data_config(cfg, image_size=(8, 8), channels=3)
     assert str(e.value).startswith(f"config.data.{field}="), (field, overrides, str(e.value))
+
+
+def test_an_evaluation_may_not_score_its_training_split(fmnist_folder):
+  """Scoring the split it trains on is refused where a run scores an evaluation split; a run
+  (or tool) reading the training split alone may name any split, the test split included."""
+  cfg = data_config(source="fashion_mnist", path=fmnist_folder, mean=(0.3,), std=(0.3,),
+                    eval_split="train")
+  with pytest.raises(ConfigError, match=r"config.data.eval_split='train' is invalid: a split "
+                     r"other than the training split data.split='train'"):
+    data.validate_data_config(cfg, image_size=(28, 28), channels=1, scores_eval_split=True)
+  data.validate_data_config(cfg, image_size=(28, 28), channels=1)
 
 
 def test_fmnist_missing_hint_and_valid_configs(tmp_path, fmnist_folder):

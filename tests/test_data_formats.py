@@ -223,12 +223,46 @@ def test_bad_npy_arrays_are_one_line_errors(tmp_path):
     (("--config.data.std=(0.5,)",), "error: config.data.std=(0.5,) is not read by "
      "mim_jax.data.stats"),
     (("--config.optimizer.base_lr=0.1",), "error: config.optimizer.base_lr=0.1 is not read"),
+    # Data fields it would not read (it printed the training split's statistics for them).
+    (("--config.data.eval_split=test",), "error: config.data.eval_split='test' is not read by "
+     "mim_jax.data.stats"),
+    (("--config.data.hflip=False",), "error: config.data.hflip=False is not read"),
+    (("--config.image_size=(56,56)",), "error: config.image_size=(56, 56) is not read"),
+    (("--config.data.tfds_name=foo",), "error: config.data.tfds_name='foo' is not used: only "
+     "data.source='tfds' reads it"),
+    # A mistyped field or a missing file: one line, not a traceback.
+    (("--config.data.pth=/x",), "error: config.data.pth does not exist: did you mean "
+     "config.data.path"),
+    (("--config=configs/nope.py",), "error: --config='configs/nope.py' is invalid"),
 ])
 def test_channel_statistics_command_refuses_bad_input_in_one_line(args, says):
-  out = subprocess.run([sys.executable, "-m", "mim_jax.data.stats",
-                        f"--config={REPO}/configs/mae_fmnist.py", *args],
+  config = [a for a in args if a.startswith("--config=")] or [
+      f"--config={REPO}/configs/mae_fmnist.py"]
+  out = subprocess.run([sys.executable, "-m", "mim_jax.data.stats", *config,
+                        *[a for a in args if not a.startswith("--config=")]],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
   assert out.returncode == 2 and out.stderr.startswith(says), out.stderr[-2000:]
+
+
+def test_channel_statistics_of_any_split_and_of_a_small_range(tmp_path):
+  """The test split reads as the training split would (it was refused by the check that an
+  evaluation not score its training split); values of a small range print with significant
+  digits (0.0000 was a std the trainer refuses), and a constant channel is an error."""
+  out = subprocess.run([sys.executable, "-m", "mim_jax.data.stats",
+                        f"--config={REPO}/configs/mae_fmnist.py", "--config.data.split=test",
+                        "--max_images=50"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and "50 images of fashion_mnist split 'test'" in out.stderr, (
+      out.stderr[-2000:])
+  assert stats.format_overrides(np.array([0.001]), np.array([2e-5])) == (
+      "--config.data.mean='(0.001,)' --config.data.std='(2e-05,)'")
+  np.save(tmp_path / "train.npy", np.stack([np.full((4, 4, 2), (7, i), np.uint8)
+                                            for i in range(6)]))
+  out = subprocess.run([sys.executable, "-m", "mim_jax.data.stats",
+                        f"--config={REPO}/configs/mae_fmnist.py", "--config.data.source=npy",
+                        f"--config.data.path={tmp_path}", "--config.channels=2"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and "error: channel(s) [0] have the same value" in out.stderr, (
+      out.stderr[-2000:])
 
 
 def test_channel_statistics_skip_a_bad_image_as_its_error_advises(tmp_path):

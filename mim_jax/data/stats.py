@@ -22,6 +22,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from mim_jax.config import files, validation
 from mim_jax.config.errors import ConfigError, config_error, refuse_extra_arguments
 from mim_jax.data import bad_images, sources
 from mim_jax.data.idx import IdxFormatError
@@ -74,28 +75,45 @@ def channel_stats(data_cfg, *, image_size: tuple[int, int], channels: int,
 
 
 def format_overrides(mean: np.ndarray, std: np.ndarray) -> str:
-  fmt = lambda v: "(" + ", ".join(f"{x:.4f}" for x in v) + ("," if len(v) == 1 else "") + ")"
+  # Significant digits, not decimals: float data of small range (0.001 +- 0.00002) would print
+  # a std of 0.0000, which the trainer refuses.
+  fmt = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ("," if len(v) == 1 else "") + ")"
   return f"--config.data.mean='{fmt(mean)}' --config.data.std='{fmt(std)}'"
 
 
-def refuse_unread_overrides(overridden) -> None:
-  """ConfigError for a `--config.FIELD` this command would not read: it reads the images
-  the data.* fields name, at image_size and channels; data.mean / data.std are what it
-  computes. `overridden`: {dotted field: value} of the command line."""
+# What this command reads of a config: the fields that name the training images and pick
+# their subset (sources.build_train_source), how undecodable ones are handled, the channels,
+# and the size synthetic images are made at.
+READ_FIELDS = ("channels", "image_size", *(f"data.{f}" for f in (
+    "source", "path", "split", "tfds_name", "tfds_data_dir", "synthetic_size",
+    "synthetic_classes", "on_bad_image", "label_fraction", "subset_seed", "holdout")))
+
+
+def refuse_unread_overrides(config, file_config, overridden) -> None:
+  """ConfigError for a `--config.FIELD` this command would not read: it reads the training
+  images the data.* fields in READ_FIELDS name, at the config's channels (and image_size, for
+  synthetic images: stored ones are read at their own size), without augmentation, and
+  computes data.mean and data.std; nor the evaluation split (data.eval_split, eval_path). An
+  override that a field beside it makes moot (data.tfds_name beside another source) is refused
+  as the trainer refuses it. `overridden`: {dotted field: value} of the command line."""
   for field, value in sorted(overridden.items()):
-    if (not field.startswith("data.") and field not in ("image_size", "channels")
-        or field in ("data.mean", "data.std")):
+    unread = field not in READ_FIELDS or (field == "image_size"
+                                          and config.data.source != "synthetic")
+    if unread:
       raise ConfigError(
-          f"config.{field}={value!r} is not read by mim_jax.data.stats: it reads the images "
-          "the config's data.* fields name, at its image_size and channels, and computes "
-          "data.mean and data.std. Drop the flag.")
+          f"config.{field}={value!r} is not read by mim_jax.data.stats: it reads the training "
+          "images the config's data source, path, split, subset and holdout fields name, "
+          "whole and without augmentation, at its channels (image_size only for synthetic "
+          "images), and computes data.mean and data.std. Drop the flag.")
+  validation.check_unread(config, file_config, reference="config file's value")
 
 
 def main(argv) -> None:
   refuse_extra_arguments(argv)
   config = FLAGS.config
   try:
-    refuse_unread_overrides(config_flags.get_override_values(FLAGS["config"]))
+    refuse_unread_overrides(config, files.load_config_file(FLAGS["config"].config_filename),
+                            config_flags.get_override_values(FLAGS["config"]))
     if FLAGS.max_images < 0:
       raise config_error("--max_images", FLAGS.max_images, "an image count >= 0 (0: all)")
     # The checks training makes first (a missing folder or file is one line, not a traceback),
@@ -103,7 +121,9 @@ def main(argv) -> None:
     checked = config.data.copy_and_resolve_references()
     with checked.unlocked():
       checked.mean, checked.std = (0.0,), (1.0,)
-    validate_data_config(checked, image_size=tuple(config.image_size), channels=config.channels)
+    # No evaluation split is read: the training split alone is checked, whichever it is.
+    validate_data_config(checked, image_size=tuple(config.image_size), channels=config.channels,
+                         scores_eval_split=False)
     mean, std, count = channel_stats(config.data, image_size=config.image_size,
                                      channels=config.channels, max_images=FLAGS.max_images)
   except (BadImageError, ConfigError, IdxFormatError) as e:
@@ -113,8 +133,14 @@ def main(argv) -> None:
   print(f"{count} images of {config.data.source} split {config.data.split!r}, "
         f"{config.channels} channel(s):", file=sys.stderr)
   print(format_overrides(mean, std))
+  flat = [int(c) for c in np.flatnonzero(std <= 0)]
+  if flat:  # the trainer refuses a std of 0: say so here, not at the run's start
+    print(f"error: channel(s) {flat} have the same value in every pixel read (std 0): "
+          "data.std must be > 0; drop or fix those channels", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  from mim_jax import main as trainer  # its parser: unknown --config fields named, no traceback
+  app.run(main, flags_parser=trainer.parse_flags)

@@ -225,8 +225,9 @@ def _check_empty_classes(data_cfg, field: str, root: str) -> None:
               "no label): %s", root, len(empty), shown)
 
 
-def _validate_labels_and_splits(data_cfg) -> None:
-  """The label subset and the evaluation split (checked without reading any data)."""
+def _validate_labels_and_splits(data_cfg, scores_eval_split: bool) -> None:
+  """The label subset and the evaluation split (checked without reading any data); the
+  evaluation split against the training split only where a run scores it."""
   fraction = data_cfg.label_fraction
   _require(_is_number(fraction) and 0 < fraction <= 1, "label_fraction", fraction,
            "a number in (0, 1]: the fraction of each class of the training split to train on "
@@ -243,7 +244,8 @@ def _validate_labels_and_splits(data_cfg) -> None:
   _require(isinstance(eval_split, str), "eval_split", eval_split,
            "a split name such as 'test' (TFDS ImageNet: 'validation'), or '' for the source's "
            "usual evaluation split")
-  if data_cfg.source != "synthetic":  # synthetic: every split is the same images anyway
+  # synthetic: every split is the same images anyway
+  if data_cfg.source != "synthetic" and scores_eval_split:
     _require(sources.eval_split(data_cfg) != data_cfg.split, "eval_split", eval_split,
              f"a split other than the training split data.split={data_cfg.split!r}: "
              "evaluations would score the images they train on (k-NN finds every query in its "
@@ -355,7 +357,7 @@ def validate_data_config(data_cfg, *, image_size: tuple[int, int], channels: int
   if "crop_scale" in data_cfg:  # a training pipeline with the default augmentation
     _validate_rand_augment(data_cfg, channels)
   _validate_normalisation(data_cfg, channels)
-  _validate_labels_and_splits(data_cfg)
+  _validate_labels_and_splits(data_cfg, scores_eval_split)
   _validate_source(data_cfg, channels)  # last: the checks that touch the file system
   if scores_eval_split:
     _validate_eval_source(data_cfg, channels)
