@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -198,6 +199,12 @@ def test_code_usage_over_a_split_counts_every_token_once(tmp_path):
   with pytest.raises(ConfigError, match=r"split 'holdout' is the training images data.holdout "
                      r"holds out, and config.data.holdout is 0"):
     usage.code_usage(str(tmp_path), c.data, split="holdout", batch_size=10)
+  # An export without its weights (only the JSON copied) is named by the tool's flag, after the
+  # data's checks (it was a FileNotFoundError's traceback, before them).
+  shutil.rmtree(os.path.join(io.tokenizer_directory(str(tmp_path)), io.WEIGHTS_DIR))
+  with pytest.raises(ConfigError, match=r"--tokenizer=.* is invalid: a tokenizer export holding "
+                     r"its weights/ beside tokenizer.json.*then pass --tokenizer=DIR"):
+    usage.code_usage(str(tmp_path), c.data, split="train", batch_size=10, field="--tokenizer")
 
 
 def test_code_usage_refuses_config_overrides_it_would_not_read():
@@ -205,7 +212,9 @@ def test_code_usage_refuses_config_overrides_it_would_not_read():
   tokenizer: --config.image_size or --config.data.mean would do nothing (they were accepted).
   Refused by name with exit 2 before anything is read; data fields pass."""
   for flag, field in (("--config.image_size=(32,32)", "image_size"),
-                      ("--config.data.mean=(0.5,)", "data.mean")):
+                      ("--config.data.mean=(0.5,)", "data.mean"),
+                      ("--config.data.hflip=False", "data.hflip"),
+                      ("--config.data.label_fraction=0.5", "data.label_fraction")):
     done = subprocess.run(
         [sys.executable, "-m", "mim_jax.tokenizers.usage",
          "--config=configs/beit_tokenizer_fmnist.py", "--tokenizer=/nonexistent", flag],
@@ -217,7 +226,12 @@ def test_code_usage_refuses_config_overrides_it_would_not_read():
   # Flags of its own that would fail late or read nothing: one line, before the tokenizer.
   for flags_, says in ((("--batch_size=0",), "--batch_size=0 is invalid: a positive number"),
                        (("--split=test", "--config.data.source=synthetic"),
-                        "--split='test' is invalid: left out, or 'holdout'")):
+                        "--split='test' is invalid: left out, or 'holdout'"),
+                       (("--split=test", "--config.data.eval_split=holdout"),
+                        "--split='test' is invalid: left out beside "
+                        "--config.data.eval_split='holdout'"),
+                       (("--config.data.pth=/x",), "config.data.pth does not exist: did you "
+                        "mean config.data.path")):
     done = subprocess.run(
         [sys.executable, "-m", "mim_jax.tokenizers.usage",
          "--config=configs/beit_tokenizer_fmnist.py", "--tokenizer=/nonexistent", *flags_],
@@ -231,6 +245,7 @@ def test_code_usage_refuses_config_overrides_it_would_not_read():
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert done.returncode == 2 and "error: --tokenizer='/nonexistent' is invalid: an existing " \
       "tokenizer workdir" in done.stderr, done.stderr
+  assert "then pass --tokenizer=DIR" in done.stderr  # the tool's flag, not the config field
 
 
 def test_training_updates_codebook_in_extra_and_resumes_exactly(tmp_path):

@@ -36,11 +36,17 @@ INFO_FILE = "tokenizer.json"
 WEIGHTS_DIR = "weights"
 FORMAT = "mim_jax.tokenizer/1"
 KINDS = ("vq", "dvae")
-TRAIN_HINT = (
-    "Train a tokenizer first: python -m mim_jax.main --config=configs/beit_tokenizer_fmnist.py "
-    "--workdir=DIR (configs/beit_tokenizer_imagenet.py for ImageNet, same image size, patch "
-    "size and vocabulary as the BEiT config), then pass --config.tokenizer.path=DIR (the "
-    "workdir or its tokenizer/ export directory).")
+
+
+def train_hint(field: str = "tokenizer.path") -> str:
+  """How to get a tokenizer, ending with the flag that takes it: `field` as it is when a tool's
+  flag ("--tokenizer"), else the config field's override."""
+  flag = field if field.startswith("--") else f"--config.{field}"
+  return ("Train a tokenizer first: python -m mim_jax.main "
+          "--config=configs/beit_tokenizer_fmnist.py --workdir=DIR "
+          "(configs/beit_tokenizer_imagenet.py for ImageNet, same image size, patch size and "
+          f"vocabulary as the BEiT config), then pass {flag}=DIR (the workdir or its "
+          "tokenizer/ export directory).")
 
 
 def export_tokenizer(directory: str, params: Any, codebook: Any, info: dict) -> str:
@@ -65,10 +71,10 @@ def tokenizer_directory(path: str, field: str = "tokenizer.path") -> str:
   ConfigError on `field` that says how to get one."""
   if not isinstance(path, str) or not path:
     raise config_error(field, path, "the path of a trained tokenizer (BEiT predicts "
-                       "its codes)", TRAIN_HINT)
+                       "its codes)", train_hint(field))
   if not storage.exists(path):
     raise config_error(field, path, "an existing tokenizer workdir or export "
-                       "directory; nothing exists there", TRAIN_HINT)
+                       "directory; nothing exists there", train_hint(field))
   for candidate in (os.path.join(path, EXPORT_DIR), path):
     if storage.isfile(os.path.join(candidate, INFO_FILE)):
       return candidate
@@ -76,7 +82,7 @@ def tokenizer_directory(path: str, field: str = "tokenizer.path") -> str:
       field, path,
       f"a tokenizer workdir whose run finished (it holds {EXPORT_DIR}/{INFO_FILE}) or a "
       f"tokenizer export directory (holding {INFO_FILE} and {WEIGHTS_DIR}/); this is not a "
-      "tokenizer", TRAIN_HINT)
+      "tokenizer", train_hint(field))
 
 
 def read_info(path: str, field: str = "tokenizer.path") -> dict:
@@ -85,11 +91,12 @@ def read_info(path: str, field: str = "tokenizer.path") -> dict:
   try:
     info = json.loads(storage.read_text(os.path.join(directory, INFO_FILE)))
   except (OSError, ValueError) as e:
-    raise config_error(field, path, f"a readable {INFO_FILE} ({e})", TRAIN_HINT)
+    raise config_error(field, path, f"a readable {INFO_FILE} ({e})", train_hint(field))
   if not isinstance(info, dict) or info.get("format") != FORMAT:
     raise config_error(field, path,
                        f"a tokenizer export of format {FORMAT!r}; its {INFO_FILE} says "
-                       f"{info.get('format') if isinstance(info, dict) else info!r}", TRAIN_HINT)
+                       f"{info.get('format') if isinstance(info, dict) else info!r}",
+                       train_hint(field))
   return info
 
 
@@ -98,7 +105,15 @@ def load_tokenizer(path: str, field: str = "tokenizer.path") -> tuple[dict, dict
   `field`: the config's, or a tool's flag such as "--tokenizer")."""
   directory = tokenizer_directory(path, field)
   info = read_info(directory, field)
-  return checkpoint.restore_on_host(os.path.join(directory, WEIGHTS_DIR)), info
+  weights = os.path.join(directory, WEIGHTS_DIR)
+  if not storage.isdir(weights):  # e.g. only the tokenizer.json was copied
+    raise config_error(field, path, f"a tokenizer export holding its {WEIGHTS_DIR}/ beside "
+                       f"{INFO_FILE}; {weights} does not exist", train_hint(field))
+  try:
+    return checkpoint.restore_on_host(weights), info
+  except (OSError, ValueError) as e:  # a truncated or foreign checkpoint
+    raise config_error(field, path, f"a tokenizer export whose {WEIGHTS_DIR}/ Orbax can "
+                       f"read ({type(e).__name__}: {str(e)[:300]})", train_hint(field)) from e
 
 
 def check_matches(path: str, *, vocab_size: int, image_size: tuple[int, int], patch_size: int,
@@ -112,7 +127,7 @@ def check_matches(path: str, *, vocab_size: int, image_size: tuple[int, int], pa
   def require(ok, field, value, allowed):
     if not ok:
       raise config_error(field, value, allowed, f"Point config.{prefix}.path to a tokenizer "
-                         f"trained for this config, or train one. {TRAIN_HINT}")
+                         f"trained for this config, or train one. {train_hint(prefix + '.path')}")
 
   require(info.get("kind") in KINDS, f"{prefix}.path", path,
           f"a tokenizer of kind {KINDS}; {where} has kind {info.get('kind')!r}")

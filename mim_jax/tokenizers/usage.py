@@ -11,9 +11,9 @@ shows whether the codes a BEiT model learns to predict cover the data.
 
 The config names the images (its `data` block: source, path, splits); their size, channels
 and normalisation are the tokenizer's, as a BEiT run reading it must have them. A command-line
-override outside data.*, or of data.mean / data.std, would do nothing and is refused (data
-fields the evaluation view does not read, such as the training augmentation, are not
-checked).
+override the tool would not act on (outside the data fields that name the images: the
+augmentation, the label subset, data.mean / data.std, ...; data.eval_split beside --split) is
+refused.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def code_usage(path: str, data_cfg, *, split: str, batch_size: int = 500,
   channels and normalised with its mean and std (not data_cfg's: codes of images normalised
   otherwise would count codes the tokenizer never gives its BEiT run). Errors name `field`
   for the path (a tool passes its flag, "--tokenizer")."""
-  tokenizer, info = io.load_tokenizer(path, field)
+  info = io.read_info(path, field)  # the geometry the data is checked at; weights below
   if "mean" not in info or "std" not in info:
     raise ConfigError(f"the tokenizer at {path} records no normalisation (mean and std) in its "
                       f"{io.INFO_FILE}: export it with mim_jax, which writes them")
@@ -60,6 +60,7 @@ def code_usage(path: str, data_cfg, *, split: str, batch_size: int = 500,
   data.validate_data_config(data_cfg, image_size=tuple(info["image_size"]),
                             channels=int(info["channels"]),
                             scores_eval_split=split != data_cfg.split)
+  tokenizer, _ = io.load_tokenizer(path, field)
   model = tokenizer_model(info)
   kind, l2 = info["kind"], bool(info.get("l2_normalize", False))
   vocab = int(info["vocab_size"])
@@ -83,20 +84,30 @@ def code_usage(path: str, data_cfg, *, split: str, batch_size: int = 500,
           "usage": float(usage), "perplexity": float(perplexity)}
 
 
-# What this tool reads of a config: the data block, less what the tokenizer decides.
-_TOKENIZER_DECIDES = ("data.mean", "data.std")
+# What this tool reads of a config: the data fields that name a split's images (the held-out
+# ones picked by data.holdout and subset_seed) and how undecodable ones are handled. Size,
+# channels and normalisation are the tokenizer's; nothing is augmented or subsampled.
+READ_FIELDS = tuple(f"data.{f}" for f in (
+    "source", "path", "split", "tfds_name", "tfds_data_dir", "synthetic_size",
+    "synthetic_classes", "on_bad_image", "holdout", "subset_seed", "eval_split", "eval_path"))
 
 
-def refuse_unread_overrides(overridden) -> None:
-  """Raises ConfigError for a `--config.FIELD` the tool
-  would not read: anything outside data.*, and data.mean / data.std (the tokenizer's own
-  normalisation is used). `overridden`: {dotted field: value} of the command line."""
+def refuse_unread_overrides(overridden, split_flag: str = "") -> None:
+  """Raises ConfigError for a `--config.FIELD` the tool would not read: anything but
+  READ_FIELDS (the tokenizer's own size, channels and normalisation are used, every image of the
+  split is read whole), and data.eval_split beside `split_flag` (--split, which names the split
+  read). `overridden`: {dotted field: value} of the command line."""
   for field, value in sorted(overridden.items()):
-    if not field.startswith("data.") or field in _TOKENIZER_DECIDES:
+    if field not in READ_FIELDS:
       raise ConfigError(
-          f"config.{field}={value!r} is not read by mim_jax.tokenizers.usage: it reads the "
-          "images the config's data.* fields name, at the tokenizer's image size and channels "
-          "and with its normalisation (data.mean, data.std). Drop the flag.")
+          f"config.{field}={value!r} is not read by mim_jax.tokenizers.usage: it reads every "
+          "image of a split the config's data source, path, split and holdout fields name, "
+          "whole, at the tokenizer's image size and channels and with its normalisation. "
+          "Drop the flag.")
+  if split_flag and "data.eval_split" in overridden:
+    raise config_error("--split", split_flag, "left out beside --config.data.eval_split="
+                       f"{overridden['data.eval_split']!r}: --split names the split read, and "
+                       "the evaluation split would go unread")
 
 
 def main() -> None:
@@ -115,7 +126,8 @@ def main() -> None:
     config = config_flag.value
     split = split_flag.value or data.eval_split(config.data)
     try:
-      refuse_unread_overrides(config_flags.get_override_values(flags.FLAGS["config"]))
+      refuse_unread_overrides(config_flags.get_override_values(flags.FLAGS["config"]),
+                              split_flag.value)
       if batch.value <= 0:
         raise config_error("--batch_size", batch.value, "a positive number of images per "
                            "tokenizer call")
@@ -132,7 +144,8 @@ def main() -> None:
       sys.exit(EXIT_BAD_INPUT)
     print(json.dumps({"tokenizer": tokenizer.value, "split": split, **out}))
 
-  app.run(run)
+  from mim_jax import main as trainer  # its parser: unknown --config fields named, no traceback
+  app.run(run, flags_parser=trainer.parse_flags)
 
 
 if __name__ == "__main__":
