@@ -16,8 +16,10 @@
 # the job asks for --gpus-per-node rather than --gpus-per-task. DIR must be on a file system
 # that every node shares; the sbatch script and the job's output go to DIR/logs/. The job runs
 # in this checkout with the `python` (or --python) found at submission time: activate the
-# environment first. --dry-run prints the sbatch script and the sbatch command, and submits
-# nothing.
+# environment first; before submitting, that interpreter parses the command line (a mistyped
+# flag or config field is named before the queue). --config and --workdir are this script's
+# (refused after --, as are the distributed flags SLURM's detection sets). --dry-run prints
+# the sbatch script and the sbatch command, and submits nothing.
 #
 # --requeue[=SECONDS] (default 120) makes a run longer than --time, or one preempted, go on by
 # itself: SLURM sends SIGTERM that many seconds before the time limit (--signal), every
@@ -57,12 +59,14 @@ while (($#)); do
   shift
 done
 
+refuse_launcher_flags ${extra[@]+"${extra[@]}"}
 [[ -n "$nodes" ]] || die "--nodes is required (number of nodes)"
 [[ -n "$gpus_per_node" ]] || die "--gpus-per-node is required (GPUs on each node)"
 [[ -n "$workdir" ]] || die "--workdir is required (a directory on a file system all nodes share)"
 [[ -n "$config" ]] || die "--config is required (e.g. configs/mae_vitb.py)"
 [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes=$nodes must be a positive integer"
 [[ "$gpus_per_node" =~ ^[1-9][0-9]*$ ]] || die "--gpus-per-node=$gpus_per_node must be a positive integer"
+[[ "$job_name" =~ ^[^[:space:]]+$ ]] || die "--job-name='$job_name' must be one word (no spaces)"
 if [[ -n "$requeue" && ! "$requeue" =~ ^[1-9][0-9]*$ ]]; then
   die "--requeue=$requeue must be a positive number of seconds (the warning before the time limit)"
 fi
@@ -146,6 +150,22 @@ if ((dry_run)); then
 fi
 
 command -v sbatch >/dev/null || die "sbatch not found: run this on a SLURM login node"
+# Found out now, not after the job's wait in the queue: the job's interpreter must run mim_jax
+# from the repository, and its command line must parse (flags, config fields, their values).
+(cd "$repo" && "$python_bin" -c "import mim_jax.main" >/dev/null 2>&1) || die "--python=\
+$python_bin cannot import mim_jax.main in $repo (activate the environment mim_jax is installed \
+in, or give its interpreter with --python): the job would fail after its wait in the queue"
+(cd "$repo" && "$python_bin" - "--config=$config" "--workdir=$workdir" ${extra[@]+"${extra[@]}"} \
+    <<'PY'
+import sys
+from absl import flags
+from mim_jax import main
+argv = ["mim_jax.main", *sys.argv[1:]]
+flag_values = flags.FlagValues()
+main.define_flags(flag_values, argv)
+main.parse_flags(argv, flag_values)  # a bad flag: its `error:` line, exit 2
+PY
+) || exit 2
 mkdir -p "$logs"
 sbatch_script >"$script_path"
 echo "wrote $script_path"

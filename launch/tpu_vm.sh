@@ -58,6 +58,7 @@ while (($#)); do
   shift
 done
 
+refuse_launcher_flags ${extra[@]+"${extra[@]}"}
 [[ -n "$name" ]] || die "--name is required (the TPU VM's name)"
 [[ -n "$zone" ]] || die "--zone is required (e.g. us-central2-b)"
 [[ -n "$accelerator" ]] || die "--accelerator is required (e.g. v4-32)"

@@ -147,6 +147,31 @@ def test_slurm_bad_argument_is_named(bad, match):
   assert match in out.stderr
 
 
+def test_slurm_checks_the_job_name_and_the_interpreter_before_submitting(tmp_path):
+  """A job name with a space broke its #SBATCH line; an interpreter that cannot import mim_jax
+  failed only once the job had waited in the queue: both refused before sbatch runs."""
+  out = _bash(SLURM, *SLURM_ARGS, "--job-name=my run", "--dry-run")
+  assert out.returncode == 2 and "--job-name='my run' must be one word" in out.stderr
+  env = _fake_bin(tmp_path, "sbatch", "echo 'Submitted batch job 42'")
+  broken = tmp_path / "py"
+  broken.write_text("#!/bin/sh\nexit 1\n")
+  broken.chmod(0o755)
+  out = _bash(SLURM, *SLURM_ARGS[:2], f"--workdir={tmp_path / 'run'}", SLURM_ARGS[3],
+              f"--python={broken}", env=env)
+  assert out.returncode == 2 and "cannot import mim_jax.main" in out.stderr, out.stderr
+  assert not (tmp_path / "calls.log").exists()  # sbatch never ran
+  # A mistyped field after -- is named by the trainer's parser before the queue, too.
+  out = _bash(SLURM, *SLURM_ARGS[:2], f"--workdir={tmp_path / 'run'}", SLURM_ARGS[3],
+              f"--python={sys.executable}", "--", "--config.data.tfds_dta_dir=/x", env=env)
+  assert out.returncode == 2 and "error: config.data.tfds_dta_dir does not exist" in out.stderr, (
+      out.stderr)
+  assert not (tmp_path / "calls.log").exists()
+  # The environment's own interpreter passes and the job is submitted.
+  out = _bash(SLURM, *SLURM_ARGS[:2], f"--workdir={tmp_path / 'run'}", SLURM_ARGS[3],
+              f"--python={sys.executable}", env=env)
+  assert out.returncode == 0 and "Submitted batch job 42" in out.stdout, out.stderr
+
+
 # --- Cloud TPU VM ------------------------------------------------------------------------------
 
 TPU_ARGS = ("--name=mae-test", "--zone=us-central2-b", "--accelerator=v4-32",
@@ -367,6 +392,21 @@ def test_slurm_refuses_a_bucket_workdir_and_empty_values(arg, says):
   args = [a for a in SLURM_ARGS if not (arg.startswith("--workdir") and a.startswith("--workdir"))]
   out = _bash(SLURM, *args, arg, "--dry-run")
   assert out.returncode == 2 and says in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("script, args", [(SLURM, SLURM_ARGS), (TPU, TPU_ARGS)])
+@pytest.mark.parametrize("after, says", [
+    ("--workdir=relative", "--workdir after --: give it to the launcher itself"),
+    ("--config=configs/mae_vitl.py", "--config after --: give it to the launcher itself"),
+    ("--num_processes=2", "--num_processes after --: the launcher's processes find each other"),
+    ("--coordinator_address=h:1", "--coordinator_address after --"),
+])
+def test_launchers_refuse_their_own_flags_after_the_dashes(script, args, after, says):
+  """absl keeps the last of a repeated flag: a --workdir after -- replaced the one the
+  launcher checked (a relative one on a TPU VM lies in the checkout deleted with it)."""
+  out = _bash(script, *args, "--dry-run", "--", "--config.model.dtype=bfloat16", after)
+  assert out.returncode == 2 and f"error: {says}" in out.stderr, out.stderr
+  assert not out.stdout
 
 
 # --- docs/fmnist_results.sh and docs/fmnist_gpu.sh ---------------------------------------------
