@@ -213,6 +213,11 @@ def test_bad_npy_arrays_are_one_line_errors(tmp_path):
   assert out.returncode == 2, out.stderr[-2000:]
   assert out.stderr.startswith("error: ") and "has 3 labels for 4 images" in out.stderr
   assert "Traceback" not in out.stderr
+  # An array numpy reads only with pickles: the field is named in full (it said config.split).
+  np.save(tmp_path / "train.npy", np.array([None] * 4, object), allow_pickle=True)
+  with pytest.raises(ConfigError, match=r"^config.data.split='train' is invalid: a split whose "
+                     r".*train.npy is a .npy array"):
+    data.validate_data_config(_npy_cfg(tmp_path), image_size=(8, 8), channels=1)
 
 
 @pytest.mark.parametrize("args, says", [

@@ -74,7 +74,8 @@ def _check_npy_split(data_cfg, split: str, field: str, channels: int) -> None:
   try:
     images = np.load(file, mmap_mode="r", allow_pickle=False)  # reads the header only
   except ValueError as e:
-    raise config_error(field, value, f"a split whose {file} is a .npy array ({e})") from None
+    raise config_error(f"data.{field}", value, f"a split whose {file} is a .npy array ({e})"
+                       ) from None
   _require(images.ndim in (3, 4), field, value, f"a split whose {file} holds images [N, H, W] "
            f"or [N, H, W, C]; it holds an array of shape {images.shape}")
   _check_channels(field, value, images.dtype, 1 if images.ndim == 3 else images.shape[-1],
