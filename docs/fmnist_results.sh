@@ -268,7 +268,8 @@ for seed in $SEEDS; do
   fi
   if has finetune_matched; then
     flags=$(pick tune_scratch) || exit 1
-    # MATCHED_EPOCHS: the count docs/results.md records (31), when the MAE run is gone.
+    # From the MAE run's config (its record in docs/curves when the run is not in ROOT);
+    # MATCHED_EPOCHS: a count given instead (docs/results.md records 31 and 46).
     matched=${MATCHED_EPOCHS:-}
     [ -n "$matched" ] \
         || matched=$(python docs/fmnist_tools.py matched_epochs "$MAE" "$FT_EPOCHS") || exit 1

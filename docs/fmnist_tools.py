@@ -12,11 +12,16 @@
       ties to the shorter (the low-label rows' own lengths)
   python docs/fmnist_tools.py matched_epochs PRETRAIN_WORKDIR FT_EPOCHS
       FT_EPOCHS plus the epochs of supervised fine-tuning that cost the pre-training's model
-      FLOPs (images seen x training FLOPs per image), rounded
+      FLOPs (images seen x training FLOPs per image), rounded (the pre-training's config from
+      its record in docs/curves when the workdir is gone)
   python docs/fmnist_tools.py summary ROOT
       every finished run under ROOT as a markdown table (k-NN, probe and fine-tuning accuracy
       with the split each was scored on, wall time from ROOT/NAME.seconds), then the runs
       that differ only by seed (NAME_sK) as mean +- sample std over their seeds
+  python docs/fmnist_tools.py keep ROOT RUN [RUN ...]
+      records each pre-training run's config and k-NN rows in docs/curves/RUN.json (and the
+      raw-pixel k-NN of ROOT/knn_pixels_holdout), from which docs/plot_knn_curve.py draws a
+      run whose folder is no longer in ROOT (it went with the machine that trained it)
   python docs/fmnist_tools.py sklearn_pixels OUT_JSON [DATA_DIR]
       the reference the converged linear probe is held to: scikit-learn's multinomial logistic
       regression (lbfgs, 300 iterations, default C) on standardised raw pixels, all 60,000
@@ -182,9 +187,12 @@ def _config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def matched_epochs(pretrain_workdir: str, ft_epochs: float) -> int:
+  """(The pre-training's config from its workdir, else from its record in docs/curves.)"""
   from mim_jax import data, registry
   from mim_jax.models import flops
-  config = _config(pretrain_workdir)
+  folder = pretrain_workdir.rstrip("/")
+  config = ml_collections.ConfigDict(
+      run_record(os.path.dirname(folder), os.path.basename(folder))["config"])
   images = data.num_examples(config.data, image_size=tuple(config.image_size),
                              channels=config.channels)
   pretrain = config.num_epochs * images * flops.train_flops(registry.forward_flops(config))
@@ -195,6 +203,51 @@ def matched_epochs(pretrain_workdir: str, ft_epochs: float) -> int:
   print(f"pre-training {pretrain:.3e} FLOPs = {extra:.2f} fine-tuning epochs of "
         f"{ft_epoch:.3e}", file=sys.stderr)
   return int(round(ft_epochs + extra))
+
+
+CURVES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "curves")
+KNN_KEYS = ("step", "knn_top1_cls", "knn_top1_gap")
+
+
+def run_record(root: str, run: str) -> dict:
+  """{"config": the run's config, "knn": its k-NN rows (step, cls and mean-pooled top-1)} from
+  ROOT/RUN when that folder is there, else from its record docs/curves/RUN.json (`keep`)."""
+  from mim_jax.training import metric_writers
+  folder = os.path.join(root, run)
+  if os.path.isfile(os.path.join(folder, "config.json")):
+    logged = (metric_writers.read_metrics(folder)
+              if os.path.isfile(os.path.join(folder, metric_writers.METRICS_FILE)) else [])
+    rows = [{k: r[k] for k in KNN_KEYS} for r in logged if "knn_top1_cls" in r]
+    with open(os.path.join(folder, "config.json")) as f:
+      return {"config": json.load(f), "knn": rows}
+  kept = os.path.join(CURVES, f"{run}.json")
+  if not os.path.isfile(kept):
+    raise SystemExit(f"{run}: no run folder {folder} and no record {kept}")
+  with open(kept) as f:
+    return json.load(f)
+
+
+def keep(root: str, *runs: str) -> list[str]:
+  """Writes docs/curves/RUN.json for each run, and knn_pixels_holdout.json (the pixel line of
+  the curves' plot) when ROOT has it; returns the files written."""
+  os.makedirs(CURVES, exist_ok=True)
+  written = []
+  for run in runs:
+    if not os.path.isfile(os.path.join(root, run, "config.json")):
+      raise SystemExit(f"{run}: no run folder {os.path.join(root, run)} to keep")
+    rec = {"source": f"python docs/fmnist_tools.py keep ROOT {run}", **run_record(root, run)}
+    written.append(os.path.join(CURVES, f"{run}.json"))
+    with open(written[-1], "w") as f:
+      json.dump(rec, f, indent=1)
+  pixels = os.path.join(root, "knn_pixels_holdout", "results.json")
+  if os.path.isfile(pixels):
+    with open(pixels) as f:
+      value = json.load(f)["knn_top1_pixels"]
+    written.append(os.path.join(CURVES, "knn_pixels_holdout.json"))
+    with open(written[-1], "w") as f:
+      json.dump({"knn_top1_pixels": value, "source": "python docs/fmnist_tools.py keep ROOT"},
+                f, indent=1)
+  return written
 
 
 def sklearn_pixels(out_json: str, data_dir: str = "") -> dict:
@@ -239,5 +292,7 @@ if __name__ == "__main__":
     print(summary(sys.argv[2]))
   elif command == "sklearn_pixels":
     print(sklearn_pixels(*sys.argv[2:4]))
+  elif command == "keep":
+    print("\n".join(keep(sys.argv[2], *sys.argv[3:])))
   else:
     raise SystemExit(__doc__)

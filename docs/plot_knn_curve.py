@@ -6,7 +6,12 @@ pre-training runs of docs/fmnist_results.sh, beside the raw-pixel k-NN on the sa
 
 Reads ROOT/RUN/metrics.jsonl (the k-NN monitor's rows), ROOT/RUN/config.json (steps per
 epoch, batch, FLOPs via mim_jax.registry) and ROOT/knn_pixels_holdout/results.json (the
-script's baselines section).
+script's baselines section). A run whose folder is not in ROOT (it went with the machine that
+trained it) is read from its record in docs/curves/RUN.json: its config and k-NN rows, written
+by `python docs/fmnist_tools.py keep ROOT RUN...` from the run's folder, so that a figure of
+runs trained on different machines can be drawn again. (docs/curves/mae_e50.json was
+transcribed from the table of docs/results.md: its folder went with its VM before `keep`
+existed; the record says so.)
 """
 
 from __future__ import annotations
@@ -19,18 +24,17 @@ import matplotlib
 import ml_collections
 
 matplotlib.use("Agg")
+import fmnist_tools  # pylint: disable=wrong-import-position  # docs/, beside this script
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 
 from mim_jax import registry  # pylint: disable=wrong-import-position
 from mim_jax.models import flops as model_flops  # pylint: disable=wrong-import-position
-from mim_jax.training import metric_writers  # pylint: disable=wrong-import-position
 
 
 def curve(root: str, run: str):
   """(epochs, cls %, mean %, train PFLOPs per point) of a run's k-NN rows."""
-  config = ml_collections.ConfigDict(json.load(open(os.path.join(root, run, "config.json"))))
-  rows = [r for r in metric_writers.read_metrics(os.path.join(root, run))
-          if "knn_top1_cls" in r]
+  rec = fmnist_tools.run_record(root, run)
+  config, rows = ml_collections.ConfigDict(rec["config"]), rec["knn"]
   steps_per_epoch = (60000 - config.data.holdout) // config.global_batch_size
   # Training FLOPs per step: 3x the forward pass, frozen teachers / tokenizers forward only.
   flops = model_flops.train_flops(registry.forward_flops(config)) * config.global_batch_size
@@ -40,14 +44,16 @@ def curve(root: str, run: str):
 
 
 def main(root: str, out: str, *runs: str) -> None:
-  pixels = 100 * json.load(open(os.path.join(root, "knn_pixels_holdout",
-                                             "results.json")))["knn_top1_pixels"]
+  pixels_file = os.path.join(root, "knn_pixels_holdout", "results.json")
+  if not os.path.isfile(pixels_file):
+    pixels_file = os.path.join(fmnist_tools.CURVES, "knn_pixels_holdout.json")
+  pixels = 100 * json.load(open(pixels_file))["knn_top1_pixels"]
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=120, sharey=True)
-  for run in runs or ("mae_e50",):
+  for i, run in enumerate(runs or ("mae_e50",)):
     epochs, cls, mean, pflops = curve(root, run)
-    for ax, x in zip(axes, (epochs, pflops)):
-      ax.plot(x, mean, "o-", label=f"{run}, mean of patch tokens")
-      ax.plot(x, cls, "s--", label=f"{run}, cls token")
+    for ax, x in zip(axes, (epochs, pflops)):  # one colour per run: solid mean, dashed cls
+      ax.plot(x, mean, "o-", color=f"C{i}", label=f"{run}, mean of patch tokens")
+      ax.plot(x, cls, "s--", color=f"C{i}", alpha=0.7, label=f"{run}, cls token")
   for ax, xlabel in zip(axes, ("pre-training epochs", "pre-training compute (PFLOPs)")):
     ax.axhline(pixels, color="gray", linestyle=":", label="raw pixels")
     ax.set_xlabel(xlabel)
