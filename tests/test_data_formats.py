@@ -260,14 +260,21 @@ def test_channel_statistics_of_any_split_and_of_a_small_range(tmp_path):
       out.stderr[-2000:])
   assert stats.format_overrides(np.array([0.001]), np.array([2e-5])) == (
       "--config.data.mean='(0.001,)' --config.data.std='(2e-05,)'")
-  np.save(tmp_path / "train.npy", np.stack([np.full((4, 4, 2), (7, i), np.uint8)
-                                            for i in range(6)]))
+  # A mean far from 0 keeps the digits its std needs (.4g printed 1000.123 as 1000).
+  assert stats.format_overrides(np.array([1000.123, 0.28604]), np.array([0.01, 0.353])) == (
+      "--config.data.mean='(1000.123, 0.286)' --config.data.std='(0.01, 0.353)'")
+  # A constant channel over millions of pixels: E[x^2] - E[x]^2 leaves about 1e-7, which
+  # printed as a valid std; the channel's range says it is constant.
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (5000, 28, 28, 2), np.uint8)
+  images[..., 0] = 200
+  np.save(tmp_path / "train.npy", images)
   out = subprocess.run([sys.executable, "-m", "mim_jax.data.stats",
                         f"--config={REPO}/configs/mae_fmnist.py", "--config.data.source=npy",
                         f"--config.data.path={tmp_path}", "--config.channels=2"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert out.returncode == 2 and "error: channel(s) [0] have the same value" in out.stderr, (
-      out.stderr[-2000:])
+  assert out.returncode == 2 and "error: channel(s) [0] of the 5000 images read have the same " \
+      "value" in out.stderr and not out.stdout, out.stderr[-2000:]
 
 
 def test_channel_statistics_skip_a_bad_image_as_its_error_advises(tmp_path):

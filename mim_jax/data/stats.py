@@ -55,6 +55,9 @@ def channel_stats(data_cfg, *, image_size: tuple[int, int], channels: int,
   read = len(source) if max_images <= 0 else min(max_images, len(source))
   total = np.zeros(channels, np.float64)
   total_sq = np.zeros(channels, np.float64)
+  # A constant channel's std is 0, but E[x^2] - E[x]^2 over millions of pixels leaves a
+  # rounding remainder (about 1e-7): whether a channel varies is read off its range instead.
+  low, high = np.full(channels, np.inf), np.full(channels, -np.inf)
   pixels = count = 0
   for i in range(read):
     image = decode.map(source[i])["image"]  # uint8, or float32 already in [0, 1]
@@ -65,20 +68,32 @@ def channel_stats(data_cfg, *, image_size: tuple[int, int], channels: int,
     flat = image.reshape(-1, channels).astype(np.float64) / scale
     total += flat.sum(axis=0)
     total_sq += np.square(flat).sum(axis=0)
+    low, high = np.minimum(low, flat.min(axis=0)), np.maximum(high, flat.max(axis=0))
     pixels += flat.shape[0]
   if not pixels:
     raise BadImageError(f"none of the {read} images of {data_cfg.source} split "
                         f"{data_cfg.split!r} could be decoded")
   mean = total / pixels
   std = np.sqrt(np.maximum(total_sq / pixels - np.square(mean), 0.0))
+  std[low == high] = 0.0
   return mean, std, count
 
 
 def format_overrides(mean: np.ndarray, std: np.ndarray) -> str:
-  # Significant digits, not decimals: float data of small range (0.001 +- 0.00002) would print
-  # a std of 0.0000, which the trainer refuses.
-  fmt = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ("," if len(v) == 1 else "") + ")"
-  return f"--config.data.mean='{fmt(mean)}' --config.data.std='{fmt(std)}'"
+  """The overrides, each std to 4 significant digits (float data of a small range, 0.001 +-
+  0.00002, printed a std of 0.0000 at 4 decimals) and each mean to a thousandth of its std at
+  least (4 decimals at the least: 1000.123 +- 0.01 printed as 1000 is 12 std off)."""
+  def number(x: float, decimals: int) -> str:
+    text = f"{x:.{decimals}f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+  def decimals(s: float) -> int:
+    return max(4, 3 - int(np.floor(np.log10(s)))) if s > 0 else 4
+
+  tup = lambda parts: "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
+  means = tup([number(m, decimals(s)) for m, s in zip(mean, std)])
+  stds = tup([f"{s:.4g}" for s in std])
+  return f"--config.data.mean='{means}' --config.data.std='{stds}'"
 
 
 # What this command reads of a config: the fields that name the training images and pick
@@ -130,14 +145,14 @@ def main(argv) -> None:
     # Bad input, reported as the trainer reports it: one line and exit 2, no traceback.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
+  flat = [int(c) for c in np.flatnonzero(std <= 0)]
+  if flat:  # the trainer refuses a std of 0: say so here, not at the run's start
+    print(f"error: channel(s) {flat} of the {count} images read have the same value in every "
+          "pixel (std 0): data.std must be > 0; drop or fix those channels", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
   print(f"{count} images of {config.data.source} split {config.data.split!r}, "
         f"{config.channels} channel(s):", file=sys.stderr)
   print(format_overrides(mean, std))
-  flat = [int(c) for c in np.flatnonzero(std <= 0)]
-  if flat:  # the trainer refuses a std of 0: say so here, not at the run's start
-    print(f"error: channel(s) {flat} have the same value in every pixel read (std 0): "
-          "data.std must be > 0; drop or fix those channels", file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":
