@@ -838,3 +838,21 @@ def test_training_reads_a_tfds_dataset_by_name(tmp_path):
   results = loop.run(tiny_config("knn", init_from=str(tmp_path / "mae"), **{
       "knn.k": 5, "data.eval_split": "test", **tfds_fields}), str(tmp_path / "knn"))
   assert 0.2 < results["knn_top1_cls"] <= 1, results
+
+
+@requires_fmnist
+def test_runs_that_score_a_split_may_not_score_their_training_split():
+  """registry.validate_config passes validate_data_config whether the run scores an evaluation
+  split: a k-NN job, and a pre-training run with its k-NN monitor on, are refused one that is
+  their training split; the same pre-training run without the monitor reads no evaluation
+  split and may train on any split."""
+  from conftest import tiny_config
+  fmnist = {"data.source": "fashion_mnist", "data.path": FMNIST_DIR, "image_size": (28, 28),
+            "channels": 1, "data.mean": (0.3,), "data.std": (0.3,)}
+  same = "a split other than the training split"
+  with pytest.raises(ConfigError, match=same):
+    registry.validate_config(tiny_config("knn", **fmnist, **{"data.eval_split": "train"}))
+  with pytest.raises(ConfigError, match=same):
+    registry.validate_config(tiny_config("mae", **fmnist, **{"data.split": "test",
+                                                               "knn.every_epochs": 1}))
+  registry.validate_config(tiny_config("mae", **fmnist, **{"data.split": "test"}))

@@ -345,7 +345,8 @@ def validate_data_config(data_cfg, *, image_size: tuple[int, int], channels: int
   """Checks `config.data` (and the geometry it is used with). Raises ConfigError.
 
   `scores_eval_split`: the run reads the evaluation split (an evaluation, a k-NN monitor), so
-  that split's folder, file or TFDS split must exist too.
+  that split's folder, file or TFDS split must exist too, and must not be the training split
+  (a run or tool that reads the training split alone may name any split).
   """
   size = tuple(image_size)
   if not (len(size) == 2 and all(_is_int(s) and s > 0 for s in size)):

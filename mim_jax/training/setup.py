@@ -121,13 +121,11 @@ def on_synthetic_data(config, tool: str):
       try:
         classes = data.num_classes(config.data)
       except (ConfigError, OSError) as err:
-        raise config_error(
-            "classifier.num_classes", classes,
-            f"the class count of {config.method!r}'s head, which data.source="
-            f"{config.data.source!r} cannot give here ({err})",
-            f"{tool[:1].upper() + tool[1:]} builds the step on synthetic images: set "
-            "--config.classifier.num_classes"
-        ) from err
+        raise ConfigError(
+            f"{tool[:1].upper() + tool[1:]} builds the step on synthetic images and needs the "
+            f"class count of the {config.method} head, which data.source="
+            f"{config.data.source!r} cannot give here ({err}): set "
+            "--config.classifier.num_classes") from err
     changes["classifier.num_classes"] = classes
     changes["data.synthetic_classes"] = classes  # the head's size, even below 10 classes
   return changed(**changes)
