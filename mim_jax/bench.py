@@ -19,8 +19,8 @@ CPU).
                (the paper's "w/ [M]"), to measure what the visible-only encoder saves
   --peer       hf: HF ViTMAEForPreTraining, same architecture, AdamW, eager PyTorch;
                hf_compile: the same under torch.compile; on a GPU both use bf16 autocast when
-               the config's dtype is bfloat16; none; auto (default): hf beside an MAE config,
-               none beside the other methods
+               the config's dtype is bfloat16; none; auto (default): hf beside an MAE config
+               HF's model and optimizer match, else none (with a line saying why)
   --peers_only only the peers (the first config sets their architecture and batch)
   --variant    the first config with FIELD=VALUE overrides, a lever against the base row
   --rounds=N   the mim_jax rows timed in turn, N rounds of steps/N steps each (an A/B of levers a
@@ -78,7 +78,8 @@ def define_flags() -> None:
                        "an A/B of levers a few % apart on a noisy machine. Every row's state "
                        "is held at once.", lower_bound=1)
   flags.DEFINE_list("peer", ["auto"], "Peers timed in the same run: hf, hf_compile, none, or "
-                    "auto: hf when the first config is an MAE config, else none.")
+                    "auto: hf when the first config is an MAE config that HF's model and "
+                    "optimizer match, else none.")
   flags.DEFINE_bool("peers_only", False, "Time only the --peer implementations (e.g. a slow "
                     "torch.compile in a process of its own).")
   flags.DEFINE_multi_string("variant", [], "The first config with FIELD=VALUE[,FIELD=VALUE...] "
@@ -563,6 +564,20 @@ _PEER_FIELDS = ("method", "model.variant", "model.width", "model.depth", "model.
                 "image_size", "channels")
 
 
+def _peer_mismatch(config) -> str:
+  """Why HF's MAE would do other work than `config`'s step ("" if it would not): the peer is
+  HF's MAE as it is (bench_hf mirrors the size, decoder, mask ratio, norm_pix, AdamW's betas,
+  eps and weight decay, and bf16), so a config that masks, optimises or builds its ViT
+  otherwise would be timed against a peer doing other work."""
+  for field, theirs in PEER_RUNS.items():
+    allowed = theirs if isinstance(theirs, tuple) else (theirs,)
+    value = checks.get(config, field)
+    if value not in allowed:
+      uses = " or ".join(f"{field}={a!r}" for a in allowed)
+      return f"--peer times HF's MAE, which uses {uses}: the first config has {value!r}"
+  return ""
+
+
 def _check_mode_flags(config) -> None:
   """UsageError for a flag or --config field the run's mode would not read: with --feed or
   --pipeline, a flag they do not read, a field they set themselves, a pipeline row that would
@@ -735,10 +750,18 @@ def main(argv):
   if "auto" in FLAGS.peer and len(FLAGS.peer) > 1:
     raise app.UsageError(f"--peer={','.join(FLAGS.peer)}: auto picks the peer itself; name "
                          "the peers instead")
-  # The peer is HF's MAE: the default times it beside an MAE config and times no peer beside
-  # the other methods (an explicit --peer=hf there is refused below).
-  peers = ((["hf"] if configs[0].method == "mae" else []) if FLAGS.peer == ["auto"]
-           else [p for p in FLAGS.peer if p != "none"])
+  # The peer is HF's MAE: the default times it beside an MAE config that HF's model and
+  # optimizer match, and no peer otherwise (saying why beside an MAE config); a peer asked for
+  # by name beside a config it does not match is refused below.
+  if FLAGS.peer == ["auto"]:
+    mismatch = _peer_mismatch(configs[0]) if configs[0].method == "mae" else "not MAE"
+    peers = [] if mismatch else ["hf"]
+    if mismatch and configs[0].method == "mae":
+      if FLAGS.peers_only:
+        raise app.UsageError(mismatch)
+      logging.info("--peer=auto times no peer: %s", mismatch)
+  else:
+    peers = [p for p in FLAGS.peer if p != "none"]
   for c in configs:
     if registry.method_class(c.method).kind == "job":
       raise app.UsageError(f"config.method={c.method!r} trains nothing: the benchmark times "
@@ -746,19 +769,9 @@ def main(argv):
   if (peers or FLAGS.asymmetry) and configs[0].method != "mae":
     raise app.UsageError("--peer and --asymmetry compare against MAE: the first config must be "
                          "an MAE config")
-  if peers:
-    # The peer is HF's MAE as it is (bench_hf mirrors the size, decoder, mask ratio, norm_pix,
-    # AdamW's betas, eps and weight decay, and bf16): a first config that masks, optimises or
-    # builds its ViT otherwise would be timed against a peer doing other work.
-    c = configs[0]
-    for field, theirs in PEER_RUNS.items():
-      allowed = theirs if isinstance(theirs, tuple) else (theirs,)
-      value = checks.get(c, field)
-      if value not in allowed:
-        uses = " or ".join(f"{field}={a!r}" for a in allowed)
-        raise app.UsageError(f"--peer times HF's MAE, which uses {uses}: the first config has "
-                             f"{value!r}. Time the peer with an MAE config that matches it, or "
-                             "--peer=none (a --variant row may differ)")
+  if peers and _peer_mismatch(configs[0]):
+    raise app.UsageError(f"{_peer_mismatch(configs[0])}. Time the peer with an MAE config that "
+                         "matches it, or --peer=none (a --variant row may differ)")
   if FLAGS.asymmetry:
     configs.insert(1, _variant(configs[0], **{"model.encoder_mask_tokens": True}))
   labels = {}  # id(config) -> its --variant

@@ -69,10 +69,19 @@ def test_bench_times_other_methods_side_by_side():
 
 
 def test_the_default_peer_is_hf_beside_mae_and_none_beside_other_methods():
-  """--peer=auto (the default): a SimMIM config is timed alone (HF's peer is an MAE); an explicit
-  --peer=hf beside it, or auto beside a named peer, is refused."""
+  """--peer=auto (the default): a SimMIM config is timed alone (HF's peer is an MAE), as is an
+  MAE config HF's MAE does not match; an explicit --peer=hf beside SimMIM, or auto beside a
+  named peer, is refused. (The HF peer beside a matching MAE config: the test above.)"""
   rows = _bench("--config=configs/simmim_vitb.py:runlocal", "--batch=4")
   assert [(r["impl"], r["method"]) for r in rows] == [("mim_jax", "simmim")]
+  # Beside an MAE config HF's MAE does not match (its blocks recomputed), no peer either, and
+  # the log says why.
+  log = []
+  rows = _bench("--config=configs/mae_vitb.py:runlocal", "--config.model.remat=full",
+                "--batch=4", stderr=log)
+  assert [(r["impl"], r["method"]) for r in rows] == [("mim_jax", "mae")]
+  assert "--peer=auto times no peer: --peer times HF's MAE, which uses model.remat='none'" in (
+      log[0]), log[0][-2000:]
   for args, says in {("--config=configs/simmim_vitb.py:runlocal", "--peer=hf"):
                          "--peer and --asymmetry compare against MAE",
                      ("--config=configs/mae_fmnist.py", "--peer=auto,hf"):
@@ -158,14 +167,14 @@ def test_feed_pipeline_and_peers_only_refuse_flags_they_do_not_read():
            ("--config.data.augment_on=device", "--config.data.device_resident=True"):
                "--config.data.device_resident would have no effect",
            ("--peers_only", "--variant=model.remat=full"): "--also, --variant and --asymmetry add",
-           ("--config.masking.kind=blockwise",): "--peer times HF's MAE, which uses "
+           ("--config.masking.kind=blockwise", "--peer=hf"): "--peer times HF's MAE, which uses "
                                                   "masking.kind='random': the first config has "
                                                   "'blockwise'",
            ("--config.knn.every_epochs=5", "--config.checkpoint_every=7"):
                "not the training loop around them (time a run of python -m mim_jax.main for "
                "the loop): --config.checkpoint_every, --config.knn.every_epochs would have no "
                "effect",
-           ("--config.model.remat=full",): "--peer times HF's MAE, which uses "
+           ("--config.model.remat=full", "--peer=hf"): "--peer times HF's MAE, which uses "
                                            "model.remat='none': the first config has 'full'"}
   for args, message in cases.items():
     out = subprocess.run([sys.executable, "-m", "mim_jax.bench", "--config=configs/mae_fmnist.py",
