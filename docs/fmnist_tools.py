@@ -224,7 +224,11 @@ def run_record(root: str, run: str) -> dict:
   if not os.path.isfile(kept):
     raise SystemExit(f"{run}: no run folder {folder} and no record {kept}")
   with open(kept) as f:
-    return json.load(f)
+    rec = json.load(f)
+  # Said every time: the record stands in by the run's name alone, whatever ROOT trained.
+  print(f"{run}: not in {root}; its record {kept} stands in ({rec.get('source', '?')})",
+        file=sys.stderr)
+  return rec
 
 
 def keep(root: str, *runs: str) -> list[str]:

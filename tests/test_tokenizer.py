@@ -231,7 +231,9 @@ def test_code_usage_refuses_config_overrides_it_would_not_read():
                         "--split='test' is invalid: left out beside "
                         "--config.data.eval_split='holdout'"),
                        (("--config.data.pth=/x",), "config.data.pth does not exist: did you "
-                        "mean config.data.path")):
+                        "mean config.data.path"),
+                       (("--config.data.tfds_name=foo",), "config.data.tfds_name='foo' is not "
+                        "used: only data.source='tfds' reads it")):
     done = subprocess.run(
         [sys.executable, "-m", "mim_jax.tokenizers.usage",
          "--config=configs/beit_tokenizer_fmnist.py", "--tokenizer=/nonexistent", *flags_],

@@ -29,6 +29,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mim_jax import data
+from mim_jax.config import files, validation
 from mim_jax.config.errors import ConfigError, config_error, refuse_extra_arguments
 from mim_jax.tokenizers import codebook as cb
 from mim_jax.tokenizers import io
@@ -104,7 +105,7 @@ def refuse_unread_overrides(overridden, split_flag: str = "") -> None:
           "image of a split the config's data source, path, split and holdout fields name, "
           "whole, at the tokenizer's image size and channels and with its normalisation. "
           "Drop the flag.")
-  if split_flag and "data.eval_split" in overridden:
+  if split_flag and overridden.get("data.eval_split", split_flag) != split_flag:
     raise config_error("--split", split_flag, "left out beside --config.data.eval_split="
                        f"{overridden['data.eval_split']!r}: --split names the split read, and "
                        "the evaluation split would go unread")
@@ -128,6 +129,11 @@ def main() -> None:
     try:
       refuse_unread_overrides(config_flags.get_override_values(flags.FLAGS["config"]),
                               split_flag.value)
+      # A field the ones beside it make moot (data.tfds_name beside another source), refused
+      # as the trainer refuses it.
+      validation.check_unread(config, files.load_config_file(flags.FLAGS["config"]
+                                                             .config_filename),
+                              reference="config file's value")
       if batch.value <= 0:
         raise config_error("--batch_size", batch.value, "a positive number of images per "
                            "tokenizer call")
