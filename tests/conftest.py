@@ -96,6 +96,24 @@ def teacher_dir(tmp_path_factory):
   return workdir
 
 
+def imagenet_config_without_its_data(tmp_path: pathlib.Path) -> pathlib.Path:
+  """A config file of the runlocal MAE size reading ImageNet from TFDS in `tmp_path`, where no
+  dataset is prepared: for the tools that build a step without the data (bench, memory_plan)."""
+  config = tmp_path / "mae_imagenet_small.py"
+  config.write_text(f"""
+import importlib.util
+spec = importlib.util.spec_from_file_location("mae_vitb", "{REPO}/configs/mae_vitb.py")
+mae_vitb = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mae_vitb)
+
+def get_config(arg=None):
+  c = mae_vitb.get_config("runlocal")
+  c.data.update(source="tfds", tfds_name="imagenet2012", tfds_data_dir="{tmp_path}")
+  return c
+""")
+  return config
+
+
 def tiny_mae_config(**overrides):
   """`tiny_config` of MAE, or of `method=...` when the overrides name one."""
   return tiny_config(overrides.pop("method", "mae"), **overrides)

@@ -10,7 +10,7 @@ import pytest
 
 from mim_jax.config import files
 
-from conftest import REPO
+from conftest import REPO, imagenet_config_without_its_data
 
 
 def _bench(*args, stderr=None):
@@ -199,18 +199,7 @@ def test_alternated_rows_take_turns_round_by_round(monkeypatch):
 def test_bench_times_a_config_whose_dataset_is_not_on_the_machine(tmp_path):
   """The step runs on a generated batch: an ImageNet config benchmarks on a host without
   ImageNet (a GPU machine), where a training run is refused at start-up."""
-  config = tmp_path / "mae_imagenet_small.py"  # the runlocal size, reading ImageNet from TFDS
-  config.write_text(f"""
-import importlib.util
-spec = importlib.util.spec_from_file_location("mae_vitb", "{REPO}/configs/mae_vitb.py")
-mae_vitb = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mae_vitb)
-
-def get_config(arg=None):
-  c = mae_vitb.get_config("runlocal")
-  c.data.update(source="tfds", tfds_name="imagenet2012", tfds_data_dir="{tmp_path}")
-  return c
-""")
+  config = imagenet_config_without_its_data(tmp_path)
   rows = _bench(f"--config={config}", "--peer=none", "--batch=4")
   assert len(rows) == 1 and rows[0]["images_per_s"] > 0
   # Telling the step where the data is would change nothing: refused.

@@ -24,7 +24,7 @@ from mim_jax.config.errors import ConfigError
 from mim_jax.training import parallel
 from mim_jax.training import step as step_lib
 
-from conftest import FAST_COMPILE_XLA_FLAGS, REPO, tiny_mae_config
+from conftest import FAST_COMPILE_XLA_FLAGS, REPO, imagenet_config_without_its_data, tiny_mae_config
 
 
 def test_mesh_shape_resolves_minus_one():
@@ -313,18 +313,7 @@ def test_on_8_devices_steps_match_init_is_sharded_and_checkpoints_change_mesh():
 def test_memory_plan_command(tmp_path):
   """The plan of a config whose dataset (ImageNet from TFDS) is not on the machine: the step is
   compiled from shapes on synthetic images of its size, as a laptop plans a cluster's run."""
-  config = tmp_path / "mae_imagenet_small.py"  # the runlocal size, reading ImageNet from TFDS
-  config.write_text(f"""
-import importlib.util
-spec = importlib.util.spec_from_file_location("mae_vitb", "{REPO}/configs/mae_vitb.py")
-mae_vitb = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mae_vitb)
-
-def get_config(arg=None):
-  c = mae_vitb.get_config("runlocal")
-  c.data.update(source="tfds", tfds_name="imagenet2012", tfds_data_dir="{tmp_path}")
-  return c
-""")
+  config = imagenet_config_without_its_data(tmp_path)
   out = subprocess.run(
       [sys.executable, "-m", "mim_jax.memory_plan", f"--config={config}",
        "--mesh=fsdp:4", "--rules=fsdp", "--batch=8", "--hbm_gib=1",
