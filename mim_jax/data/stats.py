@@ -12,6 +12,10 @@ first that many). Sums are accumulated in float64 over all pixels; std is the po
 Prints one line, e.g.
 
   --config.data.mean='(0.286,)' --config.data.std='(0.353,)'
+
+A channel with the same value in every pixel read is an error (the trainer refuses a std of 0),
+as is a `--config` override this command would not read (the evaluation split, augmentation,
+the host pipeline's settings, image_size of stored images).
 """
 
 from __future__ import annotations
