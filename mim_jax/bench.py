@@ -769,9 +769,10 @@ def main(argv):
   if (peers or FLAGS.asymmetry) and configs[0].method != "mae":
     raise app.UsageError("--peer and --asymmetry compare against MAE: the first config must be "
                          "an MAE config")
-  if peers and _peer_mismatch(configs[0]):
-    raise app.UsageError(f"{_peer_mismatch(configs[0])}. Time the peer with an MAE config that "
-                         "matches it, or --peer=none (a --variant row may differ)")
+  mismatch = _peer_mismatch(configs[0]) if peers else ""
+  if mismatch:
+    raise app.UsageError(f"{mismatch}. Time the peer with an MAE config that matches it, or "
+                         "--peer=none (a --variant row may differ)")
   if FLAGS.asymmetry:
     configs.insert(1, _variant(configs[0], **{"model.encoder_mask_tokens": True}))
   labels = {}  # id(config) -> its --variant

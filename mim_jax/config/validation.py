@@ -514,6 +514,19 @@ def check_unread(config, defaults, method_rules=(), reference: str = "default") 
                           "it.")
 
 
+def refuse_overrides_a_tool_ignores(config, file_config, overridden, *, read, tool: str,
+                                    reads: str) -> None:
+  """ConfigError for a command-line override (`overridden`: {dotted field: value}) that
+  `tool` (e.g. "mim_jax.data.stats") would not act on: a field outside `read` (`reads` says
+  what it reads, for the message), then one the fields beside it make moot (UNREAD_RULES,
+  against `file_config`, the config file's own values, as the trainer refuses it)."""
+  for field, value in sorted(overridden.items()):
+    if field not in read:
+      raise ConfigError(f"config.{field}={value!r} is not read by {tool}: it reads {reads}. "
+                        "Drop the flag.")
+  check_unread(config, file_config, reference="config file's value")
+
+
 def rule_reads(reads, config) -> bool:
   """Whether an UNREAD_RULES condition holds for `config` (a rule whose condition field the
   config lacks counts as reading: nothing to check)."""

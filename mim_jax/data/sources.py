@@ -37,6 +37,10 @@ from mim_jax.data import idx, subsets
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 SOURCES = ("fashion_mnist", "image_folder", "tfds", "npy", "synthetic")
+# The data fields that say which images a split holds (its held-out part too) and how an
+# undecodable one is handled: what a tool reading a split whole, without augmentation, reads.
+IMAGE_FIELDS = ("source", "path", "split", "tfds_name", "tfds_data_dir", "synthetic_size",
+                "synthetic_classes", "on_bad_image", "holdout", "subset_seed")
 FMNIST_NUM_CLASSES = 10
 
 class FashionMnistSource:

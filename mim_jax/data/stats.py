@@ -100,31 +100,19 @@ def format_overrides(mean: np.ndarray, std: np.ndarray) -> str:
   return f"--config.data.mean='{means}' --config.data.std='{stds}'"
 
 
-# What this command reads of a config: the fields that name the training images and pick
-# their subset (sources.build_train_source), how undecodable ones are handled, the channels,
-# and the size synthetic images are made at.
-READ_FIELDS = ("channels", "image_size", *(f"data.{f}" for f in (
-    "source", "path", "split", "tfds_name", "tfds_data_dir", "synthetic_size",
-    "synthetic_classes", "on_bad_image", "label_fraction", "subset_seed", "holdout")))
-
-
 def refuse_unread_overrides(config, file_config, overridden) -> None:
-  """ConfigError for a `--config.FIELD` this command would not read: it reads the training
-  images the data.* fields in READ_FIELDS name, at the config's channels (and image_size, for
-  synthetic images: stored ones are read at their own size), without augmentation, and
-  computes data.mean and data.std; nor the evaluation split (data.eval_split, eval_path). An
-  override that a field beside it makes moot (data.tfds_name beside another source) is refused
-  as the trainer refuses it. `overridden`: {dotted field: value} of the command line."""
-  for field, value in sorted(overridden.items()):
-    unread = field not in READ_FIELDS or (field == "image_size"
-                                          and config.data.source != "synthetic")
-    if unread:
-      raise ConfigError(
-          f"config.{field}={value!r} is not read by mim_jax.data.stats: it reads the training "
-          "images the config's data source, path, split, subset and holdout fields name, "
-          "whole and without augmentation, at its channels (image_size only for synthetic "
-          "images), and computes data.mean and data.std. Drop the flag.")
-  validation.check_unread(config, file_config, reference="config file's value")
+  """ConfigError for a `--config.FIELD` this command would not act on: it reads the training
+  images the data fields name (`sources.IMAGE_FIELDS`, the label subset), at the config's
+  channels (and image_size, for synthetic images: stored ones are read at their own size),
+  whole and without augmentation, and computes data.mean and data.std; nor a field made moot
+  by those beside it. `overridden`: {dotted field: value} of the command line."""
+  read = ("channels", "data.label_fraction", *(f"data.{f}" for f in sources.IMAGE_FIELDS),
+          *(("image_size",) if config.data.source == "synthetic" else ()))
+  validation.refuse_overrides_a_tool_ignores(
+      config, file_config, overridden, read=read, tool="mim_jax.data.stats",
+      reads="the training images the config's data source, path, split, subset and holdout "
+      "fields name, whole and without augmentation, at its channels (image_size only for "
+      "synthetic images), and computes data.mean and data.std")
 
 
 def main(argv) -> None:

@@ -31,6 +31,7 @@ from ml_collections import config_flags
 from mim_jax import data
 from mim_jax.config import files, validation
 from mim_jax.config.errors import ConfigError, config_error, refuse_extra_arguments
+from mim_jax.data import sources
 from mim_jax.tokenizers import codebook as cb
 from mim_jax.tokenizers import io
 from mim_jax.tokenizers.models import tokenize, tokenizer_model
@@ -85,26 +86,17 @@ def code_usage(path: str, data_cfg, *, split: str, batch_size: int = 500,
           "usage": float(usage), "perplexity": float(perplexity)}
 
 
-# What this tool reads of a config: the data fields that name a split's images (the held-out
-# ones picked by data.holdout and subset_seed) and how undecodable ones are handled. Size,
-# channels and normalisation are the tokenizer's; nothing is augmented or subsampled.
-READ_FIELDS = tuple(f"data.{f}" for f in (
-    "source", "path", "split", "tfds_name", "tfds_data_dir", "synthetic_size",
-    "synthetic_classes", "on_bad_image", "holdout", "subset_seed", "eval_split", "eval_path"))
-
-
-def refuse_unread_overrides(overridden, split_flag: str = "") -> None:
-  """Raises ConfigError for a `--config.FIELD` the tool would not read: anything but
-  READ_FIELDS (the tokenizer's own size, channels and normalisation are used, every image of the
-  split is read whole), and data.eval_split beside `split_flag` (--split, which names the split
-  read). `overridden`: {dotted field: value} of the command line."""
-  for field, value in sorted(overridden.items()):
-    if field not in READ_FIELDS:
-      raise ConfigError(
-          f"config.{field}={value!r} is not read by mim_jax.tokenizers.usage: it reads every "
-          "image of a split the config's data source, path, split and holdout fields name, "
-          "whole, at the tokenizer's image size and channels and with its normalisation. "
-          "Drop the flag.")
+def refuse_unread_overrides(config, file_config, overridden, split_flag: str = "") -> None:
+  """Raises ConfigError for a `--config.FIELD` the tool would not act on: it reads the data
+  fields that name a split's images (`sources.IMAGE_FIELDS`, the evaluation split) and every
+  image of the split whole, at the tokenizer's own size, channels and normalisation; nor a
+  field made moot by those beside it, nor data.eval_split beside another `split_flag`
+  (--split names the split read). `overridden`: {dotted field: value} of the command line."""
+  read = tuple(f"data.{f}" for f in (*sources.IMAGE_FIELDS, "eval_split", "eval_path"))
+  validation.refuse_overrides_a_tool_ignores(
+      config, file_config, overridden, read=read, tool="mim_jax.tokenizers.usage",
+      reads="every image of a split the config's data source, path, split and holdout fields "
+      "name, whole, at the tokenizer's image size and channels and with its normalisation")
   if split_flag and overridden.get("data.eval_split", split_flag) != split_flag:
     raise config_error("--split", split_flag, "left out beside --config.data.eval_split="
                        f"{overridden['data.eval_split']!r}: --split names the split read, and "
@@ -127,13 +119,9 @@ def main() -> None:
     config = config_flag.value
     split = split_flag.value or data.eval_split(config.data)
     try:
-      refuse_unread_overrides(config_flags.get_override_values(flags.FLAGS["config"]),
-                              split_flag.value)
-      # A field the ones beside it make moot (data.tfds_name beside another source), refused
-      # as the trainer refuses it.
-      validation.check_unread(config, files.load_config_file(flags.FLAGS["config"]
-                                                             .config_filename),
-                              reference="config file's value")
+      refuse_unread_overrides(
+          config, files.load_config_file(flags.FLAGS["config"].config_filename),
+          config_flags.get_override_values(flags.FLAGS["config"]), split_flag.value)
       if batch.value <= 0:
         raise config_error("--batch_size", batch.value, "a positive number of images per "
                            "tokenizer call")
