@@ -44,7 +44,7 @@ import logging
 import os
 import statistics
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -55,48 +55,56 @@ from mim_jax.config.errors import ConfigError, refuse_extra_arguments
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = FLAGS,
+                 argv: Sequence[str] | None = None) -> None:
   """The command line of `python -m mim_jax.bench`; defined only when bench runs as the program, so
   that importing bench beside mim_jax.main (tests, notebooks) defines no flag twice."""
   config_flags.DEFINE_config_file("config", None, "Path to a pre-training config file.",
-                                  lock_config=True)
+                                  lock_config=True, flag_values=flag_values,
+                                  sys_argv=None if argv is None else list(argv))
   flags.DEFINE_multi_string("also", [], "Further config files (PATH[:ARG]) timed in the same "
                             "run, with --batch, --dtype and the --config.FIELD overrides (each "
-                            "field must exist in every --also config).")
+                            "field must exist in every --also config).", flag_values=flag_values)
   # Bounds checked by absl when the flags are parsed: one line, before anything runs.
   flags.DEFINE_integer("batch", 0, "Global batch for every measurement (0: each config's own).",
-                       lower_bound=0)
-  flags.DEFINE_string("dtype", "", "Computation dtype for every measurement ('': each config's).")
+                       lower_bound=0, flag_values=flag_values)
+  flags.DEFINE_string("dtype", "", "Computation dtype for every measurement ('': each config's).",
+                      flag_values=flag_values)
   flags.DEFINE_string("cpu_devices", "auto", "JAX CPU devices (CPU runs): 'auto' as "
                       "mim_jax.main trains (small encoders: one per core, as many as split "
                       "every row's batch evenly; else 1), or a count (1: one device "
-                      "parallelising each operation).")
-  flags.DEFINE_integer("steps", 20, "Timed steps per measurement.", lower_bound=1)
-  flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation).", lower_bound=0)
+                      "parallelising each operation).", flag_values=flag_values)
+  flags.DEFINE_integer("steps", 20, "Timed steps per measurement.", lower_bound=1,
+                       flag_values=flag_values)
+  flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation).", lower_bound=0,
+                       flag_values=flag_values)
   flags.DEFINE_integer("rounds", 1, "Time the mim_jax rows (configs, variants) in turn, this "
                        "many rounds of steps/rounds steps each, instead of one after the other: "
                        "an A/B of levers a few % apart on a noisy machine. Every row's state "
-                       "is held at once.", lower_bound=1)
+                       "is held at once.", lower_bound=1, flag_values=flag_values)
   flags.DEFINE_list("peer", ["auto"], "Peers timed in the same run: hf, hf_compile, none, or "
                     "auto: hf when the first config is an MAE config that HF's model and "
-                    "optimizer match, else none.")
+                    "optimizer match, else none.", flag_values=flag_values)
   flags.DEFINE_bool("peers_only", False, "Time only the --peer implementations (e.g. a slow "
-                    "torch.compile in a process of its own).")
+                    "torch.compile in a process of its own).", flag_values=flag_values)
   flags.DEFINE_multi_string("variant", [], "The first config with FIELD=VALUE[,FIELD=VALUE...] "
                             "overrides, timed in the same run (a lever against the base row), "
-                            "e.g. --variant=model.attention_impl=xla.")
-  flags.DEFINE_bool("asymmetry", False, "Also time MAE with mask tokens through the encoder.")
-  flags.DEFINE_bool("pipeline", False, "Benchmark the input pipeline instead of train steps.")
-  flags.DEFINE_integer("pipeline_images", 512, "Generated JPEGs for --pipeline.", lower_bound=1)
+                            "e.g. --variant=model.attention_impl=xla.", flag_values=flag_values)
+  flags.DEFINE_bool("asymmetry", False, "Also time MAE with mask tokens through the encoder.",
+                    flag_values=flag_values)
+  flags.DEFINE_bool("pipeline", False, "Benchmark the input pipeline instead of train steps.",
+                    flag_values=flag_values)
+  flags.DEFINE_integer("pipeline_images", 512, "Generated JPEGs for --pipeline.", lower_bound=1,
+                       flag_values=flag_values)
   flags.DEFINE_integer("pipeline_batches", 8, "Timed batches for --pipeline and --feed.",
-                       lower_bound=1)
+                       lower_bound=1, flag_values=flag_values)
   flags.DEFINE_bool("feed", False, "Benchmark the training iterators on the config's data "
-                    "instead of train steps.")
+                    "instead of train steps.", flag_values=flag_values)
   flags.DEFINE_string("profile", "", "Also trace a few steps of each row into this folder "
                       "(<i>_<method>/ for mim_jax's rows, peer_<name>/trace.json for the "
                       "PyTorch peers, from torch.profiler) and report kernel time by category "
-                      "and the top kernels (mim_jax/profiling.py)")
-  flags.mark_flags_as_required(["config"])
+                      "and the top kernels (mim_jax/profiling.py)", flag_values=flag_values)
+  flags.mark_flags_as_required(["config"], flag_values=flag_values)
 
 
 PEERS = ("hf", "hf_compile", "none", "auto")
@@ -671,11 +679,17 @@ def _emit(row: dict) -> None:
   print(json.dumps({**row, "glibc_tunables": malloc_tunables.active()}), flush=True)
 
 
-def main(argv):
-  refuse_extra_arguments(argv)
-  # JAX probes for a TPU at start-up and logs the failure ("Failed to open libtpu.so") at INFO
-  # through absl: expected on CPU and GPU machines (main.py quiets it the same way).
-  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+class Command(NamedTuple):
+  """A checked bench command line: what `run` times."""
+  configs: list       # the rows: the first config, its variants (and --asymmetry), --also
+  labels: dict        # id(config) -> the --variant spec of that row
+  peers: list[str]    # the PyTorch peers to time ("hf", "hf_compile")
+  rows: list          # every config the run builds, for the CPU device count
+
+
+def checked_command() -> Command:
+  """Every check of the parsed command line (FLAGS), before JAX starts a backend: a refused
+  command starts nothing. app.UsageError names what is wrong."""
   from mim_jax import registry
   from mim_jax.training import setup
   try:
@@ -697,53 +711,26 @@ def main(argv):
                                    {**overrides, **variant_changes(spec)}, loads_weights=False)
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
-  _check_mode_flags(configs[0])  # before JAX starts: a refused run starts no backend
+  _check_mode_flags(configs[0])
   if FLAGS.batch:
     configs = [_variant(c, global_batch_size=FLAGS.batch) for c in configs]
   if FLAGS.dtype:
     configs = [_variant(c, **{"model.dtype": FLAGS.dtype}) for c in configs]
-  from mim_jax.training import cpu_devices
-  # Every row the run will time (the --asymmetry and --variant ones too), before any JAX work:
-  # the count is fixed when the backends start.
+  # Every row the run will time (the --asymmetry and --variant ones too): the CPU device count
+  # is fixed when the backends start.
   rows = list(configs) + [parse_variant(configs[0], spec) for spec in FLAGS.variant]
   if FLAGS.asymmetry:
     rows.append(_variant(configs[0], **{"model.encoder_mask_tokens": True}))
-  try:
-    count = cpu_devices.configure(FLAGS.cpu_devices, rows, multi_process=False)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
-  if count is not None and not (FLAGS.peers_only or FLAGS.pipeline):
-    # As mim_jax.main: an explicit count on a GPU or TPU is said unused. (Not beside the
-    # PyTorch peers alone: asking for the backend would start JAX on their GPU; nor for
-    # --pipeline, which runs grain on the host and splits no batch across devices.)
-    import jax
-    said = cpu_devices.report(count, FLAGS.cpu_devices, jax.default_backend())
-    if said is not None:
-      logging.log(*said)
   if FLAGS.rounds > 1 and FLAGS.peers_only:  # (--feed and --pipeline refuse it already)
     raise app.UsageError("--rounds alternates the mim_jax train-step rows; --peers_only times "
                          "none")
   if FLAGS.rounds > 1 and FLAGS.profile:
     raise app.UsageError("--rounds and --profile: profile the rows in a run of their own")
-  if FLAGS.profile and not FLAGS.peers_only:
-    import jax
-    if jax.default_backend() == "cpu" and jax.device_count() > 1:
-      # Measured: iBOT's teacher softmax-product fusion read 665 ms per step on 2 CPU devices,
-      # 27 ms on one (docs/benchmarks.md): the devices' kernels share one thread pool, and a
-      # kernel's time includes its wait for threads the other device's kernels hold.
-      logging.warning("--profile on %d CPU devices: a kernel's time includes waiting for the "
-                      "thread pool the devices share; --cpu_devices=1 attributes the time "
-                      "kernel by kernel", jax.device_count())
   if FLAGS.steps % FLAGS.rounds:
     raise app.UsageError(f"--steps={FLAGS.steps} over --rounds={FLAGS.rounds}: a multiple of "
                          "the rounds, so that every round times as many steps")
-  if FLAGS.feed:
-    for row in bench_feed(configs[0], FLAGS.pipeline_batches):
-      _emit(row)
-    return
-  if FLAGS.pipeline:
-    _emit(bench_pipeline(configs[0], FLAGS.pipeline_images, FLAGS.pipeline_batches))
-    return
+  if FLAGS.feed or FLAGS.pipeline:  # the input modes time configs[0]'s input alone
+    return Command(configs, {}, [], rows)
   unknown = sorted(set(FLAGS.peer) - set(PEERS))
   if unknown:
     raise app.UsageError(f"--peer: unknown {unknown}; allowed: {', '.join(PEERS)}")
@@ -773,17 +760,66 @@ def main(argv):
   if mismatch:
     raise app.UsageError(f"{mismatch}. Time the peer with an MAE config that matches it, or "
                          "--peer=none (a --variant row may differ)")
-  if FLAGS.asymmetry:
-    configs.insert(1, _variant(configs[0], **{"model.encoder_mask_tokens": True}))
-  labels = {}  # id(config) -> its --variant
-  for spec in reversed(FLAGS.variant):
-    configs.insert(1, parse_variant(configs[0], spec))
-    labels[id(configs[1])] = spec
   if FLAGS.peers_only and not peers:
     raise app.UsageError("--peers_only needs --peer=hf and/or hf_compile")
   if FLAGS.peers_only and (FLAGS.also or FLAGS.variant or FLAGS.asymmetry):
     raise app.UsageError("--peers_only times only the peers: --also, --variant and "
                          "--asymmetry add mim_jax rows it would not run")
+  if FLAGS.asymmetry:
+    configs.insert(1, _variant(configs[0], **{"model.encoder_mask_tokens": True}))
+  labels = {}
+  for spec in reversed(FLAGS.variant):
+    configs.insert(1, parse_variant(configs[0], spec))
+    labels[id(configs[1])] = spec
+  try:  # each row's static checks as its run makes them (prepare_mim_jax makes them again)
+    for c in [] if FLAGS.peers_only else configs:
+      setup.prepare(setup.on_synthetic_data(c, "the benchmark"))
+  except ConfigError as e:
+    raise app.UsageError(str(e)) from None
+  return Command(configs, labels, peers, rows)
+
+
+def main(argv):
+  refuse_extra_arguments(argv)
+  # JAX probes for a TPU at start-up and logs the failure ("Failed to open libtpu.so") at INFO
+  # through absl: expected on CPU and GPU machines (main.py quiets it the same way).
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  command = checked_command()
+  from mim_jax.training import cpu_devices
+  try:
+    count = cpu_devices.configure(FLAGS.cpu_devices, command.rows, multi_process=False)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  if count is not None and not (FLAGS.peers_only or FLAGS.pipeline):
+    # As mim_jax.main: an explicit count on a GPU or TPU is said unused. (Not beside the
+    # PyTorch peers alone: asking for the backend would start JAX on their GPU; nor for
+    # --pipeline, which runs grain on the host and splits no batch across devices.)
+    import jax
+    said = cpu_devices.report(count, FLAGS.cpu_devices, jax.default_backend())
+    if said is not None:
+      logging.log(*said)
+  if FLAGS.profile and not FLAGS.peers_only:
+    import jax
+    if jax.default_backend() == "cpu" and jax.device_count() > 1:
+      # Measured: iBOT's teacher softmax-product fusion read 665 ms per step on 2 CPU devices,
+      # 27 ms on one (docs/benchmarks.md): the devices' kernels share one thread pool, and a
+      # kernel's time includes its wait for threads the other device's kernels hold.
+      logging.warning("--profile on %d CPU devices: a kernel's time includes waiting for the "
+                      "thread pool the devices share; --cpu_devices=1 attributes the time "
+                      "kernel by kernel", jax.device_count())
+  measure(command)
+
+
+def measure(command: Command) -> None:
+  """Times what a checked command asks for, one JSON line per row."""
+  configs, labels, peers = command.configs, command.labels, command.peers
+  if FLAGS.feed:
+    for row in bench_feed(configs[0], FLAGS.pipeline_batches):
+      _emit(row)
+    return
+  if FLAGS.pipeline:
+    _emit(bench_pipeline(configs[0], FLAGS.pipeline_images, FLAGS.pipeline_batches))
+    return
   if FLAGS.rounds > 1:
     for row in bench_alternated(configs, FLAGS.steps, FLAGS.warmup, FLAGS.rounds,
                                 [labels.get(id(c), "") for c in configs]):

@@ -38,7 +38,7 @@ import math
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -49,20 +49,27 @@ from mim_jax.training.run_errors import EXIT_BAD_INPUT
 FLAGS = flags.FLAGS
 
 
-def _define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = FLAGS,
+                 argv: Sequence[str] | None = None) -> None:
   """The command's flags, defined when it runs (importing the module, e.g. next to
   mim_jax.main in one process, defines none)."""
   config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:arg]).",
-                                  lock_config=True)
+                                  lock_config=True, flag_values=flag_values,
+                                  sys_argv=None if argv is None else list(argv))
   flags.DEFINE_string("mesh", "", "AXIS:SIZE[,AXIS:SIZE...], e.g. fsdp:8 or data:2,fsdp:4 "
-                      "(empty: config.mesh on --devices devices).")
+                      "(empty: config.mesh on --devices devices).", flag_values=flag_values)
   flags.DEFINE_integer("devices", 0, "Simulated devices for a mesh with a -1 axis (the config's "
-                       "default data:-1 among them); otherwise the mesh's product.")
-  flags.DEFINE_integer("batch", 0, "Global batch size (0: config.global_batch_size).")
+                       "default data:-1 among them); otherwise the mesh's product.",
+                       flag_values=flag_values)
+  flags.DEFINE_integer("batch", 0, "Global batch size (0: config.global_batch_size).",
+                       flag_values=flag_values)
   flags.DEFINE_enum("rules", "config", ["config", "fsdp", "replicate"],
-                    "Sharding rules: the config's, config_defaults.fsdp_rules(), or replicate.")
-  flags.DEFINE_float("hbm_gib", 0.0, "Device memory in GiB: also say whether the step fits.")
-  flags.DEFINE_bool("json", False, "Also print the numbers as one JSON line.")
+                    "Sharding rules: the config's, config_defaults.fsdp_rules(), or replicate.",
+                    flag_values=flag_values)
+  flags.DEFINE_float("hbm_gib", 0.0, "Device memory in GiB: also say whether the step fits.",
+                     flag_values=flag_values)
+  flags.DEFINE_bool("json", False, "Also print the numbers as one JSON line.",
+                    flag_values=flag_values)
 
 
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
@@ -226,6 +233,29 @@ def main(argv) -> None:
 
 
 def _plan_from_flags() -> None:
+  config, n = checked_config()
+  # XLA:CPU's default scheduler favours concurrency and keeps recomputed (remat) activations
+  # alive as long as stored ones; the memory-minimising scheduler is closer to what GPU and
+  # TPU compilers do under a memory limit. Read when JAX starts its backend, i.e. below.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " " + SCHEDULER_FLAG).strip()
+  import jax
+  # Simulated CPU devices; possible only before JAX starts its backends (nothing above has).
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", n)
+  if jax.device_count() != n:
+    sys.exit(f"error: asked for {n} simulated devices, JAX has {jax.device_count()}")
+  result = plan(config)
+  print(format_plan(result, FLAGS.hbm_gib))
+  if FLAGS.json:
+    import json
+    print("json:", json.dumps(result))
+
+
+def checked_config():
+  """(the config to plan, the simulated device count) of the parsed command line (FLAGS), after
+  every check a run makes before it starts; starts no JAX backend. ConfigError names what is
+  wrong."""
   from mim_jax import registry
   from mim_jax.config import defaults as config_defaults
   from mim_jax.config import files
@@ -271,28 +301,12 @@ def _plan_from_flags() -> None:
   # The static checks a run makes before it starts (an evaluation's encoder adopted from its
   # export first), before JAX starts and the compile; the batch against the mesh follows in
   # plan() (setup_run).
-  config = setup.prepare(config)
-  # XLA:CPU's default scheduler favours concurrency and keeps recomputed (remat) activations
-  # alive as long as stored ones; the memory-minimising scheduler is closer to what GPU and
-  # TPU compilers do under a memory limit. Read when JAX starts its backend, i.e. below.
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " " + SCHEDULER_FLAG).strip()
-  import jax
-  # Simulated CPU devices; possible only before JAX starts its backends (nothing above has).
-  jax.config.update("jax_platforms", "cpu")
-  jax.config.update("jax_num_cpu_devices", n)
-  if jax.device_count() != n:
-    sys.exit(f"error: asked for {n} simulated devices, JAX has {jax.device_count()}")
-  result = plan(config)
-  print(format_plan(result, FLAGS.hbm_gib))
-  if FLAGS.json:
-    import json
-    print("json:", json.dumps(result))
+  return setup.prepare(config), n
 
 
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  _define_flags()
+  define_flags()
   flags.mark_flags_as_required(["config"])
   from mim_jax import main as trainer  # its parser: unknown --config fields named, no traceback
   app.run(main, flags_parser=trainer.parse_flags)

@@ -1,7 +1,9 @@
 """Every `python -m mim_jax.main` command that README.md and docs/*.md show still runs today as
 far as the trainer's start-up checks go: known flags and fields, values of their types, nothing
 the run would not read, every static check of the method. A renamed field or a refused setting
-in a documented command fails here, not for the reader who pastes it.
+in a documented command fails here, not for the reader who pastes it. The same for the
+benchmark's and the memory planner's commands (`python -m mim_jax.bench`, `mim_jax.memory_plan`):
+every check they make before JAX starts, i.e. up to the timing or the compile.
 
 The docs name data that is not on this machine (ImageNet under /data, TFDS folders): the
 checks that read the data's files are left out, every other check runs. Weights they name (a
@@ -49,12 +51,12 @@ def code_lines(text: str) -> list[str]:
   return lines
 
 
-def documented_commands() -> list[tuple[str, list[str]]]:
-  """(where, the arguments after `python -m mim_jax.main`) of every checkable command."""
+def documented_commands(tool: str = "main") -> list[tuple[str, list[str]]]:
+  """(where, the arguments after `python -m mim_jax.<tool>`) of every checkable command."""
   found = []
   for doc in DOCS:
     for line in code_lines(doc.read_text()):
-      for match in re.finditer(r"python3? -m mim_jax\.main\b(.*)", line):
+      for match in re.finditer(rf"python3? -m mim_jax\.{tool}\b(.*)", line):
         rest = match.group(1)
         if "$" in rest or "<" in rest or "..." in rest:
           continue
@@ -71,6 +73,8 @@ def documented_commands() -> list[tuple[str, list[str]]]:
 
 
 COMMANDS = documented_commands()
+BENCH_COMMANDS = documented_commands("bench")
+PLAN_COMMANDS = documented_commands("memory_plan")
 
 
 def test_the_docs_show_commands_to_check():
@@ -78,18 +82,25 @@ def test_the_docs_show_commands_to_check():
   where = {w.split(":")[0] for w, _ in COMMANDS}
   assert {"README.md", "results.md", "weights.md", "scaling.md"} <= where, where
   assert len(COMMANDS) >= 50, len(COMMANDS)
+  assert len(BENCH_COMMANDS) >= 25 and len(PLAN_COMMANDS) >= 15, (len(BENCH_COMMANDS),
+                                                                   len(PLAN_COMMANDS))
 
 
-def _path_complaint(err: ConfigError) -> bool:
+def _path_complaint(err: Exception) -> bool:
   return any(str(err).startswith(f"config.{field}=") for field in PATH_FIELDS)
 
 
-@pytest.mark.parametrize("args", [a for _, a in COMMANDS], ids=[w for w, _ in COMMANDS])
-def test_documented_command_passes_the_start_up_checks(args, monkeypatch):
+@pytest.fixture(name="without_data_files")
+def _without_data_files(monkeypatch):
+  """The data's files (folders, IDX / .npy files, prepared TFDS datasets) are not on this
+  machine: their checks are stubbed, every other check runs."""
   monkeypatch.chdir(REPO)
-  # The data's files (folders, IDX / .npy files, prepared TFDS datasets): not on this machine.
   monkeypatch.setattr(data_validation, "_validate_source", lambda *a, **k: None)
   monkeypatch.setattr(data_validation, "_validate_eval_source", lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("args", [a for _, a in COMMANDS], ids=[w for w, _ in COMMANDS])
+def test_documented_command_passes_the_start_up_checks(args, without_data_files):
   flag_values = flags.FlagValues()
   argv = ["mim_jax.main", *args]
   main.define_flags(flag_values, argv)
@@ -109,3 +120,48 @@ def test_documented_command_passes_the_start_up_checks(args, monkeypatch):
   except ConfigError as err:
     if not _path_complaint(err):
       raise
+
+
+def _tool_flags(module, args, monkeypatch) -> flags.FlagValues:
+  """`module`'s flags (defined on a fresh FlagValues) parsed from `args`, installed as the
+  module's FLAGS for the duration of the test."""
+  flag_values, argv = flags.FlagValues(), [module.__name__, *args]
+  module.define_flags(flag_values, argv)
+  flag_values(argv)
+  monkeypatch.setattr(module, "FLAGS", flag_values)
+  return flag_values
+
+
+@pytest.mark.parametrize("args", [a for _, a in BENCH_COMMANDS],
+                         ids=[w for w, _ in BENCH_COMMANDS])
+def test_documented_bench_command_reaches_its_timing(args, without_data_files, monkeypatch):
+  """Every check of `python -m mim_jax.bench` before JAX starts: the mode's flags, the
+  overrides each row reads, the peer against the config, each row's static checks."""
+  from absl import app
+
+  from mim_jax import bench
+  _tool_flags(bench, args, monkeypatch)
+  try:
+    command = bench.checked_command()
+  except app.UsageError as err:
+    if not _path_complaint(err):
+      raise
+    return
+  assert command.configs and command.rows
+
+
+@pytest.mark.parametrize("args", [a for _, a in PLAN_COMMANDS], ids=[w for w, _ in PLAN_COMMANDS])
+def test_documented_memory_plan_command_reaches_its_compile(args, without_data_files,
+                                                            monkeypatch):
+  """Every check of `python -m mim_jax.memory_plan` before its compile: its flags beside the
+  fields they replace, the overrides the plan reads, the mesh against the devices, the run's
+  static checks."""
+  from mim_jax import memory_plan
+  _tool_flags(memory_plan, args, monkeypatch)
+  try:
+    _, devices = memory_plan.checked_config()
+  except ConfigError as err:
+    if not _path_complaint(err):
+      raise
+    return
+  assert devices >= 1
