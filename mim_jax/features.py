@@ -43,10 +43,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from mim_jax import viz
+from mim_jax import storage, viz
+from mim_jax.config.errors import ConfigError
 from mim_jax.data import pipeline, sources, transforms
 from mim_jax.models.heads import pool_tokens
-from mim_jax.models.vit import ViTEncoder, encoder_from_config
+from mim_jax.models.vit import ViTEncoder, encoder_from_config, size_from_config
 from mim_jax.weights import pretrained
 
 
@@ -69,19 +70,31 @@ class Encoder:
 def load(source: str, *, image_size: Optional[Sequence[int]] = None) -> Encoder:
   """The encoder in `source` (workdir, export or imported checkpoint) at `image_size`
   (default: the resolution it was trained at)."""
-  info = pretrained.read_model_info(source)
+  try:
+    info = pretrained.read_model_info(source)
+  except ConfigError:  # its message names the trainer's config.init_from
+    raise ValueError(f"encoder {source!r}: not a pre-training workdir whose run finished (it "
+                     "holds encoder/model.json), an export directory or a checkpoint imported "
+                     "with python -m mim_jax.convert import") from None
   config = ml_collections.ConfigDict(info["config"])
   size = tuple(int(s) for s in (image_size or info["image_size"]))
+  patch = size_from_config(config.model)[1]
+  if size[0] % patch or size[1] % patch:
+    raise ValueError(f"image size {size}: not a multiple of the encoder's patch size {patch}")
+  data = info["config"].get("data", {})
+  mean, std = tuple(data.get("mean", (0.5,))), tuple(data.get("std", (0.5,)))
+  if len(mean) not in (1, int(info["channels"])):
+    # Imports before 2026-12-05 wrote ImageNet's 3 values beside a 1-channel encoder.
+    raise ValueError(f"{source}: model.json has {len(mean)} normalisation values for a "
+                     f"{info['channels']}-channel encoder; import the checkpoint again")
   posemb = pretrained.encoder_posemb(source)
   module = encoder_from_config(config.model, size, int(info["channels"]), posemb=posemb)
   init = jax.eval_shape(module.init, jax.random.key(0),
                         jnp.zeros((1, *size, int(info["channels"])), jnp.float32))["params"]
   init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), init)
   params = pretrained.load_encoder_into(init, source, grid_hw=module.grid_hw)
-  data = info["config"].get("data", {})
   return Encoder(module=module, params=params, image_size=size, channels=int(info["channels"]),
-                 mean=tuple(data.get("mean", (0.5,))), std=tuple(data.get("std", (0.5,))),
-                 info=info)
+                 mean=mean, std=std, info=info)
 
 
 def prepare(enc: Encoder, images: np.ndarray, crop_fraction: float = 1.0) -> np.ndarray:
@@ -104,7 +117,20 @@ def read_images(path: str) -> np.ndarray:
   """An .npy array [N, H, W(, C)], or every image file of a folder (sorted paths), as arrays
   of their own dtype (8-bit uint8, 16-bit and TIFF float32 in [0, 1])."""
   if path.endswith(".npy"):
-    return np.load(path, allow_pickle=False)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path}: no such file")
+    try:
+      images = np.load(path, allow_pickle=False)
+    except ValueError as e:  # object (pickled) arrays, a file that is not .npy
+      raise ValueError(f"{path}: not an array of images ({e})") from None
+    numeric = np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype,
+                                                                       np.floating)
+    if images.ndim not in (3, 4) or not numeric or not len(images):
+      raise ValueError(f"{path}: expected images [N, H, W] or [N, H, W, C] of integers or "
+                       f"floats, N >= 1; it holds {images.dtype} {list(images.shape)}")
+    return images
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path}: no such folder (or .npy file)")
   paths = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
                  for name in names if name.lower().endswith(sources.IMAGE_EXTENSIONS))
   if not paths:
@@ -113,7 +139,10 @@ def read_images(path: str) -> np.ndarray:
   for p in paths:
     with open(p, "rb") as f:
       data = f.read()
-    decoded.append(transforms.decode_image(data, channels=_file_channels(data)))
+    try:
+      decoded.append(transforms.decode_image(data, channels=_file_channels(data)))
+    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+      raise ValueError(f"{p}: not an image this reader decodes ({e})") from None
   return _stack(decoded, paths)
 
 
@@ -246,6 +275,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--pictures", default="", type=os.path.expanduser,
                       help="with --attention: a PNG file of the maps")
   args = parser.parse_args(argv)
+  try:
+    blocks = [int(b) for b in args.blocks.split(",")]
+  except ValueError:
+    blocks = [-1]
+  if min(blocks) < 0:
+    parser.error(f"--blocks={args.blocks}: expected comma-separated block numbers >= 0 (0: the "
+                 "encoder's output, k: the output of block k)")
+  if os.path.isdir(args.out) or not args.out.lower().endswith(".npz"):
+    parser.error(f"--out={args.out}: expected the path of a .npz file to write")
   if args.pictures and not args.attention:
     parser.error("--pictures draws the attention maps: pass --attention too")
   if args.pictures and (os.path.isdir(args.pictures)
@@ -266,22 +304,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if len(size) != 2 or min(size) < 1:
       parser.error(f"--image_size={args.image_size}: expected H,W or one side, positive "
                    "integers")
+  try:
+    _extract_to_files(args, size, blocks)
+  except (ValueError, OSError) as e:  # bad input: one line and exit 2, as mim_jax.main
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def _extract_to_files(args, size, blocks: list[int]) -> None:
   enc = load(args.encoder, image_size=size)
+  if max(blocks) > enc.module.depth:  # before the images are read
+    raise ValueError(f"--blocks={args.blocks}: this encoder has {enc.module.depth} blocks "
+                     f"(0: its output, 1 to {enc.module.depth}: a block's)")
   images = read_images(args.images)
   crop = args.crop_fraction
   if crop is None:  # the evaluations' rule for this kind of source
     source = "npy" if args.images.endswith(".npy") else "image_folder"
     crop = pipeline.eval_crop_fraction(ml_collections.ConfigDict({"source": source}),
                                        enc.image_size)
-  out = extract(enc, images, blocks=[int(b) for b in args.blocks.split(",")],
-                patch_tokens=args.patch_tokens, attention=args.attention,
-                batch_size=args.batch_size, crop_fraction=crop)
-  np.savez(args.out, **out)
+  out = extract(enc, images, blocks=blocks, patch_tokens=args.patch_tokens,
+                attention=args.attention, batch_size=args.batch_size, crop_fraction=crop)
+  picture = (attention_picture(enc, images, out, crop_fraction=crop) if args.pictures
+             else None)
+  buffer = io.BytesIO()
+  np.savez(buffer, **out)
+  storage.write_bytes(args.out, buffer.getvalue())  # whole or not at all
   print(f"wrote {args.out}: " + ", ".join(f"{k} {v.shape}" for k, v in out.items()),
         file=sys.stderr)
-  if args.pictures:
-    viz.save_png(attention_picture(enc, images, out, crop_fraction=crop), args.pictures)
-  return 0
+  if picture is not None:
+    viz.save_png(picture, args.pictures)
 
 
 if __name__ == "__main__":

@@ -132,6 +132,13 @@ def write_text(path: str, text: str) -> None:
   write_bytes(path, text.encode("utf-8"))
 
 
+def _umask() -> int:
+  """The process's umask (read by setting it, so set back at once)."""
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 def write_bytes(path: str, data: bytes) -> None:
   """Writes `data` to `path` atomically, creating parent directories.
 
@@ -147,6 +154,8 @@ def write_bytes(path: str, data: bytes) -> None:
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)
+    # mkstemp makes the file private (0600); give it the mode open() would have.
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -959,3 +959,127 @@ def test_learned_position_tables_feed_the_probe_and_knn(tmp_path, our_mae, timm_
   learned = encoder_features(monitor.encoder, extra["encoder"], images, pool="cls")
   fixed = monitor.encoder.clone(parent=None, posemb="sincos")
   assert not np.allclose(learned, encoder_features(fixed, extra["encoder"], images, pool="cls"))
+
+
+# --- what the command line writes, and what it refuses before writing -----------------------
+
+def test_a_grayscale_export_imports_with_one_normalisation_value_per_channel(tmp_path):
+  """A 1-channel MAE exported and imported again: model.json carried ImageNet's three
+  mean / std values beside channels=1, so features and reconstruct failed on the import with
+  a broadcasting error. The import now writes one value per channel (ImageNet's averaged,
+  as the timm export does); both read it."""
+  from PIL import Image
+
+  from mim_jax import features
+  config = _our_config()
+  config.channels = 1
+  model = mae.build_model(config)
+  images, _ = _images(channels=1)
+  params = model.init({"params": jax.random.key(3), "masking": jax.random.key(4)}, images)
+  ours = write_weights(str(tmp_path / "ours"), params["params"],
+                       info_from_config(config.to_dict()))
+  export_weights(ours, str(tmp_path / "mae"), "mae")
+  imported = str(tmp_path / "imported")
+  assert cli(["import", str(tmp_path / "mae" / "model.safetensors"), imported, "--num_heads",
+              str(HEADS), "--decoder_num_heads", str(DEC_HEADS)]) == 0
+  info = json.loads((tmp_path / "imported" / "model.json").read_text())
+  assert info["channels"] == 1
+  assert len(info["config"]["data"]["mean"]) == len(info["config"]["data"]["std"]) == 1
+  enc = features.load(imported)
+  pixels = np.random.default_rng(0).integers(0, 256, (2, IMAGE, IMAGE), np.uint8)
+  assert features.extract(enc, pixels)["cls_block0"].shape == (2, WIDTH)
+  path = str(tmp_path / "gray.png")
+  Image.fromarray(pixels[0]).save(path)
+  assert cli(["reconstruct", imported, path, "--out", str(tmp_path / "r.png")]) == 0
+
+
+def test_sixteen_bit_images_reconstruct_on_their_own_scale(tmp_path):
+  """reconstruct divided every decoded image by 255, but 16-bit files decode as floats in
+  [0, 1]: such an image came out nearly black. The same picture as 8 and as 16 bits now
+  normalises alike."""
+  from PIL import Image
+
+  from mim_jax.convert.reconstructions import load_images
+  pixels = np.random.default_rng(0).integers(0, 256, (IMAGE, IMAGE), np.uint8)
+  Image.fromarray(pixels).save(tmp_path / "8.png")
+  Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / "16.png")  # 255 -> 65535
+  eight, sixteen = load_images([str(tmp_path / "8.png"), str(tmp_path / "16.png")],
+                               (IMAGE, IMAGE), 1, (0.5,), (0.25,))
+  np.testing.assert_allclose(sixteen, eight, atol=1e-5)
+  assert abs(float(eight.mean()) - (pixels.mean() / 255 - 0.5) / 0.25) < 1e-4
+
+
+def test_import_replaces_only_an_earlier_export(tmp_path, our_mae_dir, capsys):
+  """`import --overwrite` deleted whatever directory it named: one with other files, or the
+  one holding the checkpoint being imported. It now replaces an earlier export only, and
+  every such refusal comes before the checkpoint is read."""
+  export_weights(our_mae_dir, str(tmp_path / "mae"), "mae")
+  checkpoint = str(tmp_path / "mae" / "model.safetensors")
+  heads = ["--num_heads", str(HEADS), "--decoder_num_heads", str(DEC_HEADS)]
+  notes = tmp_path / "notes"
+  notes.mkdir()
+  (notes / "notes.txt").write_text("keep")
+  assert cli(["import", checkpoint, str(notes), "--overwrite", *heads]) == 2
+  assert "no model.json" in capsys.readouterr().err
+  assert (notes / "notes.txt").read_text() == "keep"
+  # The folder holding the checkpoint (an export with model.json beside it).
+  export = tmp_path / "export"
+  assert cli(["import", checkpoint, str(export), *heads]) == 0
+  inside = export / "checkpoint.safetensors"
+  inside.write_bytes((tmp_path / "mae" / "model.safetensors").read_bytes())
+  assert cli(["import", str(inside), str(export), "--overwrite", *heads]) == 2
+  assert "holds the checkpoint being imported" in capsys.readouterr().err
+  assert inside.exists()
+  # An earlier export is replaced; a file is refused.
+  assert cli(["import", checkpoint, str(export), "--overwrite", *heads]) == 0
+  assert not inside.exists() and (export / "model.json").exists()
+  assert cli(["import", checkpoint, str(notes / "notes.txt"), *heads]) == 2
+  assert "is a file" in capsys.readouterr().err
+  # Head counts and image sizes that cannot be: refused, nothing written.
+  for extra, says in ((["--num_heads", "-2"], "num_heads=-2: expected a positive"),
+                      (["--decoder_num_heads", "0"], "decoder_num_heads=0: expected a positive"),
+                      (["--image_size", "0"], "expected positive sides")):
+    assert cli(["import", checkpoint, str(tmp_path / "bad"), *heads, *extra]) == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_export_replaces_only_an_earlier_export(tmp_path, our_mae_dir, our_mae, capsys):
+  """export wrote into any directory: an earlier export's model.safetensors was replaced
+  silently, and its config.json stayed beside weights of another format; a refused HF
+  export left an empty folder."""
+  out = tmp_path / "out"
+  assert cli(["export", our_mae_dir, str(out), "--format=timm"]) == 0
+  assert (out / "config.json").exists()
+  assert cli(["export", our_mae_dir, str(out), "--format=mae"]) == 2
+  assert "pass --overwrite" in capsys.readouterr().err
+  assert cli(["export", our_mae_dir, str(out), "--format=mae", "--overwrite"]) == 0
+  assert sorted(os.listdir(out)) == ["model.safetensors"]  # timm's config.json went
+  (out / "notes.txt").write_text("keep")
+  assert cli(["export", our_mae_dir, str(out), "--format=timm", "--overwrite"]) == 2
+  assert "notes.txt, which no export writes" in capsys.readouterr().err
+  info, params = our_mae
+  encoder = tmp_path / "encoder_only"
+  write_weights(str(encoder), {"encoder": params["encoder"]}, info)
+  assert cli(["export", str(encoder), str(tmp_path / "hf"), "--format=hf"]) == 2
+  assert "has no MAE decoder" in capsys.readouterr().err
+  assert not (tmp_path / "hf").exists()
+
+
+def test_reconstruct_refuses_bad_input_in_one_line(tmp_path, our_mae_dir, capsys):
+  """A mask ratio outside [0, 1) was a JAX traceback, an --out that is not a .png file an
+  IsADirectoryError after the computation, a file that is not an image a PIL traceback."""
+  from PIL import Image
+  image = str(tmp_path / "a.png")
+  Image.fromarray(np.zeros((IMAGE, IMAGE, 3), np.uint8)).save(image)
+  for extra, says in ((["--mask_ratio", "1.5", "--out", str(tmp_path / "r.png")],
+                       "--mask_ratio=1.5: expected"),
+                      (["--out", str(tmp_path)], "expected the path of a .png file")):
+    with pytest.raises(SystemExit) as exited:
+      cli(["reconstruct", our_mae_dir, image, *extra])
+    assert exited.value.code == 2 and says in capsys.readouterr().err
+  broken = tmp_path / "broken.png"
+  broken.write_bytes(b"not a png")
+  assert cli(["reconstruct", our_mae_dir, str(broken), "--out", str(tmp_path / "r.png")]) == 2
+  assert "broken.png: not an image" in capsys.readouterr().err
+  assert not (tmp_path / "r.png").exists()

@@ -109,3 +109,48 @@ def test_command_line_refuses_flags_it_would_not_use(tmp_path, capsys):
       features.main(common + extra)
     assert exited.value.code == 2 and message in capsys.readouterr().err
   assert not (tmp_path / "f.npz").exists()
+
+
+def test_command_line_bad_input_is_one_line_and_writes_nothing(encoder_dir, tmp_path, capsys):
+  """Each of these was a traceback (exit 1), some after every feature had been computed and
+  then lost; an empty array wrote an empty .npz and exited 0. Now: one line naming the
+  input, exit 2, before the images are read where the check can be made before."""
+  good = tmp_path / "good.npy"
+  np.save(good, _raw_images(n=2))
+  pickled = tmp_path / "pickled.npy"
+  np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+  flat, empty = tmp_path / "flat.npy", tmp_path / "empty.npy"
+  np.save(flat, np.zeros((4, 16), np.uint8))
+  np.save(empty, np.zeros((0, 16, 16, 3), np.uint8))
+  folder = tmp_path / "photos"
+  folder.mkdir()
+  (folder / "broken.png").write_bytes(b"not a png")
+  out = tmp_path / "f.npz"
+  for encoder, images, extra, says in (
+      (tmp_path / "absent", good, [], "not a pre-training workdir whose run finished"),
+      (encoder_dir, tmp_path / "absent.npy", [], "absent.npy: no such file"),
+      (encoder_dir, tmp_path / "absent", [], "absent: no such folder"),
+      (encoder_dir, good, ["--blocks", "9"], "--blocks=9: this encoder has 2 blocks"),
+      (encoder_dir, good, ["--image_size", "18"], "not a multiple of the encoder's patch"),
+      (encoder_dir, pickled, [], "pickled.npy: not an array of images"),
+      (encoder_dir, flat, [], "flat.npy: expected images [N, H, W]"),
+      (encoder_dir, empty, [], "empty.npy: expected images [N, H, W]"),
+      (encoder_dir, folder, [], "broken.png: not an image")):
+    code = features.main(["--encoder", str(encoder), "--images", str(images), "--out",
+                          str(out), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and "Traceback" not in err, (says, err)
+  assert not out.exists()
+  for extra, says in ((["--blocks", "a"], "--blocks=a: expected comma-separated"),
+                      (["--blocks", ""], "--blocks=: expected comma-separated"),
+                      (["--out", str(tmp_path / "feats")], "expected the path of a .npz"),
+                      (["--out", str(tmp_path)], "expected the path of a .npz")):
+    args = ["--encoder", encoder_dir, "--images", str(good), "--out", str(out), *extra]
+    with pytest.raises(SystemExit) as exited:
+      features.main(args)
+    assert exited.value.code == 2 and says in capsys.readouterr().err
+  # A new folder for the output is made (the file written whole).
+  nested = tmp_path / "new" / "f.npz"
+  assert features.main(["--encoder", encoder_dir, "--images", str(good), "--out",
+                        str(nested)]) == 0
+  assert np.load(nested)["cls_block0"].shape == (2, 64)

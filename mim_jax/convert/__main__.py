@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
   exp.add_argument("--format", choices=("timm", "mae", "hf"), required=True)
   exp.add_argument("--step", type=int, default=None,
                    help="workdirs: the checkpoint step (default: the latest)")
+  exp.add_argument("--overwrite", action="store_true",
+                   help="replace the model.safetensors / config.json of an earlier export")
 
   rec = sub.add_parser("reconstruct", help="draw MAE reconstructions of image files")
   rec.add_argument("source", help="export directory with a decoder, or an MAE workdir")
@@ -85,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _import(args) -> None:
   from mim_jax.convert.importer import FORMAT_NAMES, import_checkpoint
+  from mim_jax.convert.our_weights import check_replaceable
+  # Before the checkpoint is read and converted (minutes for a ViT-H).
+  check_replaceable(args.out, overwrite=args.overwrite, source=args.checkpoint)
   model = import_checkpoint(args.checkpoint, key=args.key, num_heads=args.num_heads,
                             decoder_num_heads=args.decoder_num_heads,
                             image_size=args.image_size, posemb=args.posemb,
@@ -103,7 +108,8 @@ def _import(args) -> None:
 
 def _export(args) -> None:
   from mim_jax.convert.exporter import export_weights
-  for path in export_weights(args.source, args.out, args.format, step=args.step):
+  for path in export_weights(args.source, args.out, args.format, step=args.step,
+                            overwrite=args.overwrite):
     print(f"wrote {path}")
 
 
@@ -141,14 +147,20 @@ def _inspect(args) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  args = _parser().parse_args(argv)
+  parser = _parser()
+  args = parser.parse_args(argv)
+  if args.command == "reconstruct":
+    if args.mask_ratio is not None and not 0 <= args.mask_ratio < 1:
+      parser.error(f"--mask_ratio={args.mask_ratio}: expected the masked fraction in [0, 1)")
+    if os.path.isdir(args.out) or not args.out.lower().endswith(".png"):
+      parser.error(f"--out={args.out}: expected the path of a .png file to write")
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
   command = {"import": _import, "export": _export, "reconstruct": _reconstruct,
              "inspect": _inspect}[args.command]
   try:
     command(args)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
+  except (ValueError, OSError) as e:  # OSError: missing, unreadable or undecodable files
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

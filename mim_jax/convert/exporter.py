@@ -32,6 +32,7 @@ from mim_jax.models.vit import ViTSize, size_from_config
 
 FORMATS = ("timm", "mae", "hf")
 WEIGHTS_FILE = "model.safetensors"
+EXPORT_FILES = (WEIGHTS_FILE, "config.json")  # what an export directory holds
 # timm architecture names per encoder width; the model_args in config.json set the exact size.
 TIMM_BASE_ARCH = {192: "vit_tiny", 384: "vit_small", 768: "vit_base", 1024: "vit_large",
                   1280: "vit_huge"}
@@ -75,9 +76,12 @@ def timm_config(info: dict, params: dict[str, Any]) -> dict[str, Any]:
   }
 
 
-def export_weights(source: str, directory: str, fmt: str, *,
-                   step: Optional[int] = None) -> list[str]:
-  """Writes `source`'s weights to `directory` in format `fmt`; returns the files written."""
+def export_weights(source: str, directory: str, fmt: str, *, step: Optional[int] = None,
+                   overwrite: bool = False) -> list[str]:
+  """Writes `source`'s weights to `directory` in format `fmt`; returns the files written.
+  A directory that holds files already is refused, unless `overwrite` and they are an earlier
+  export's (model.safetensors, config.json): those are replaced, a config.json that the new
+  format does not write removed. Every check runs before anything is written."""
   if fmt not in FORMATS:
     raise ValueError(f"format {fmt!r}: expected one of {FORMATS}")
   info, params = read_weights(source, step)
@@ -98,10 +102,6 @@ def export_weights(source: str, directory: str, fmt: str, *,
                      f"{fmt!r} layout cannot say; use --format=timm (its config.json sets "
                      "act_layer)")
   patch, channels, grid = _geometry(info)
-  storage.makedirs(directory)
-  weights_path = os.path.join(directory, WEIGHTS_FILE)
-  written = [weights_path]
-  config = None
   if fmt == "hf":
     if "decoder" not in params:
       raise ValueError(f"{source} has no MAE decoder: an HF ViTMAEForPreTraining export needs "
@@ -109,6 +109,12 @@ def export_weights(source: str, directory: str, fmt: str, *,
     if grid[0] != grid[1]:
       raise ValueError(f"HF ViTMAE supports square inputs only; these weights are for a {grid} "
                        "patch grid")
+  _check_output(directory, overwrite)
+  storage.makedirs(directory)
+  weights_path = os.path.join(directory, WEIGHTS_FILE)
+  written = [weights_path]
+  config = None
+  if fmt == "hf":
     cfg = info["config"]
     state = hf_vitmae_state_dict_from_params(params, patch_size=patch, channels=channels,
                                              grid_hw=grid, legacy_names=True)
@@ -126,9 +132,28 @@ def export_weights(source: str, directory: str, fmt: str, *,
     state = timm_state_dict_from_params(tree, patch_size=patch, channels=channels, grid_hw=grid,
                                         encoder_mask_token=fmt == "mae")
   write_safetensors(weights_path, state, metadata={"format": "pt"})
+  config_path = os.path.join(directory, "config.json")
   if config is not None:
-    config_path = os.path.join(directory, "config.json")
     storage.write_text(config_path, json.dumps(config, indent=2))
     written.append(config_path)
+  elif storage.exists(config_path):  # an earlier export's (--overwrite), not these weights'
+    storage.remove(config_path)
   return written
+
+
+def _check_output(directory: str, overwrite: bool) -> None:
+  """FileExistsError for an output directory that holds files, unless `overwrite` and they
+  are only an earlier export's (EXPORT_FILES)."""
+  if storage.isfile(directory):
+    raise FileExistsError(f"{directory} is a file: name a directory to write the export to")
+  held = sorted(storage.listdir(directory)) if storage.exists(directory) else []
+  if not held:
+    return
+  if not overwrite:
+    raise FileExistsError(f"{directory} holds {', '.join(held)}: pass --overwrite to replace "
+                          "an earlier export, or name a new directory")
+  others = [name for name in held if name not in EXPORT_FILES]
+  if others:
+    raise FileExistsError(f"{directory} holds {', '.join(others)}, which no export writes: "
+                          "--overwrite replaces an earlier export only; name a new directory")
 

@@ -118,6 +118,12 @@ class ImportedModel:
     c = registry.base_config("finetune" if "head" in self.params else "mae")
     c.image_size = tuple(self.image_size)
     c.channels = self.channels
+    if len(c.data.mean) != self.channels:
+      # The checkpoints record no normalisation; the base config's is ImageNet's RGB one. One
+      # value per channel, as exporter.timm_config writes for timm (features and reconstruct
+      # normalise each channel with its own).
+      c.data.mean = (float(np.mean(c.data.mean)),) * self.channels
+      c.data.std = (float(np.mean(c.data.std)),) * self.channels
     c.model.update(model_size_fields(ViTSize(self.width, self.depth, self.num_heads,
                                              self.mlp_dim), self.patch_size))
     c.model.update(layer_scale=self.layer_scale, rel_pos_bias=self.rel_pos_bias,
@@ -182,6 +188,8 @@ def _image_size(image_size: Optional[Sequence[int]], patch: int,
   if len(image_size) not in (1, 2):
     raise ValueError(f"image size {list(image_size)}: one side (square) or height and width")
   size = (int(image_size[0]), int(image_size[-1]))
+  if min(size) < 1:
+    raise ValueError(f"image size {list(image_size)}: expected positive sides")
   if size[0] % patch or size[1] % patch:
     raise ValueError(f"image size {size} is not a multiple of the patch size {patch}")
   return size, (size[0] // patch, size[1] // patch)
@@ -304,6 +312,9 @@ def import_state_dict(tensors: dict[str, Any], *, num_heads: Optional[int] = Non
     raise ValueError(f"posemb={posemb!r}: expected one of {POSEMB_MODES}")
   if mlp_act is not None and mlp_act not in MLP_ACTS:
     raise ValueError(f"mlp_act={mlp_act!r}: expected one of {tuple(MLP_ACTS)}")
+  for name, given in (("num_heads", num_heads), ("decoder_num_heads", decoder_num_heads)):
+    if given is not None and given < 1:
+      raise ValueError(f"{name}={given}: expected a positive number of attention heads")
   notes = list(notes)
   keys = list(tensors)
   refuse_unsupported(keys)

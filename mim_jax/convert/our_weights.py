@@ -161,8 +161,7 @@ def write_weights(directory: str, params: dict, info: dict, *, overwrite: bool =
   written in place, model.json last among the encoder's files.
   """
   directory = storage.absolute(directory)
-  if storage.exists(directory) and storage.listdir(directory) and not overwrite:
-    raise FileExistsError(f"{directory} exists and is not empty (pass --overwrite to replace it)")
+  check_replaceable(directory, overwrite=overwrite)
   if storage.is_url(directory):
     storage.rmtree(directory)
     _write_parts(directory, params, info)
@@ -177,6 +176,27 @@ def write_weights(directory: str, params: dict, info: dict, *, overwrite: bool =
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return directory
+
+
+def check_replaceable(directory: str, *, overwrite: bool, source: str = "") -> None:
+  """FileExistsError unless `directory` may become an export: absent or empty, or (with
+  `overwrite`) an export directory itself (model.json), which must not hold `source`, the
+  checkpoint being read. So --overwrite replaces an earlier export, never another folder."""
+  directory = storage.absolute(directory)
+  if storage.isfile(directory):
+    raise FileExistsError(f"{directory} is a file: name a directory to write the export to")
+  if not (storage.exists(directory) and storage.listdir(directory)):
+    return
+  if not overwrite:
+    raise FileExistsError(f"{directory} exists and is not empty (pass --overwrite to replace it)")
+  if not storage.isfile(os.path.join(directory, "model.json")):
+    raise FileExistsError(f"{directory} holds files but no export (no model.json): --overwrite "
+                          "replaces an earlier export only; name a new directory")
+  if source and not storage.is_url(source):
+    inside = os.path.relpath(os.path.realpath(source), os.path.realpath(directory))
+    if inside == "." or not inside.startswith(".."):
+      raise FileExistsError(f"{directory} holds the checkpoint being imported ({source}): "
+                            "--overwrite would delete it; name another directory")
 
 
 def _write_parts(directory: str, params: dict, info: dict) -> None:

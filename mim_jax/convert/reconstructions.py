@@ -11,20 +11,26 @@ import numpy as np
 
 from mim_jax import viz
 from mim_jax.convert.our_weights import build_mae, read_weights
-from mim_jax.data.transforms import center_crop_box, decode_image, resize_box
+from mim_jax.data.transforms import Normalizer, center_crop_box, decode_image, resize_box
 
 
 def load_images(paths: Sequence[str], image_size: tuple[int, int], channels: int,
                 mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-  """Image files -> normalised float32 [B, H, W, C]: shorter side resized, centre crop."""
+  """Image files -> normalised float32 [B, H, W, C]: shorter side resized, centre crop. 8-bit
+  files are read as uint8, 16-bit ones and TIFFs as float in [0, 1] (`decode_image`): each
+  normalised on its own scale."""
+  normalize = Normalizer(tuple(mean), tuple(std), channels)
   images = []
   for path in paths:
     with open(path, "rb") as f:
-      image = decode_image(f.read(), channels)
+      data = f.read()
+    try:
+      image = decode_image(data, channels)
+    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+      raise ValueError(f"{path}: not an image this reader decodes ({e})") from None
     box = center_crop_box(image.shape[0], image.shape[1], tuple(image_size), crop_fraction=1.0)
-    images.append(resize_box(image, box, tuple(image_size)))
-  x = np.stack(images).astype(np.float32) / 255.0
-  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    images.append(normalize(resize_box(image, box, tuple(image_size))))
+  return np.stack(images)
 
 
 def draw_reconstructions(source: str, image_paths: Sequence[str], out_png: str, *,
