@@ -1056,3 +1056,58 @@ def test_evaluations_due_at_a_preempted_step_run_when_the_run_resumes(tmp_path, 
   train.run(config, str(workdir))
   assert knn_steps() == [2, 4, 6, 8] and pictures() == [2, 4, 6, 8]
   assert (workdir / "encoder").exists() is False and _committed(workdir)[-1] == 8
+
+
+LATE_DEVICE_PROGRAM = """
+import time
+import jax, jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+jax.config.update("jax_num_cpu_devices", 2)
+mesh = Mesh(jax.devices(), ("d",))
+
+def late(x):  # device 1 reaches the all-reduce 4 s after device 0
+  time.sleep(4.0)
+  return x
+
+def body(x):
+  y = jax.lax.cond(jax.lax.axis_index("d") == 1,
+                   lambda x: jax.pure_callback(late, jax.ShapeDtypeStruct(x.shape, x.dtype), x),
+                   lambda x: x, x)
+  return jax.lax.psum(y.sum(), "d")[None]
+
+f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("d"), out_specs=P("d"), check_vma=False))
+print("sum", f(jnp.ones(4)).tolist(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("timeout_s, survives", [(2, False), (30, True)])
+def test_a_late_cpu_device_is_waited_for_not_aborted(timeout_s, survives, monkeypatch):
+  """XLA:CPU aborts the whole process when the devices of a collective arrive too far apart
+  (40 s after a 20 s warning by default): a 2-device training run on a shared 2-core machine,
+  its threads starved by other work, died that way with SIGABRT. The trainer sets a long
+  timeout (cpu_devices.wait_for_late_devices). Shown here with short ones so the test is
+  quick: the flag it sets is read by this jaxlib and decides between the abort and the wait
+  (a misspelled flag would abort every run at start-up instead)."""
+  from mim_jax.training import cpu_devices
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_collective_call_warn_stuck_timeout_seconds=1 "
+                     f"{cpu_devices.COLLECTIVE_TIMEOUT_FLAG}={timeout_s}")
+  cpu_devices.wait_for_late_devices()  # a value given already stays
+  assert f"{cpu_devices.COLLECTIVE_TIMEOUT_FLAG}={timeout_s}" in os.environ["XLA_FLAGS"]
+  assert os.environ["XLA_FLAGS"].count(cpu_devices.COLLECTIVE_TIMEOUT_FLAG) == 1
+  result = subprocess.run([sys.executable, "-c", LATE_DEVICE_PROGRAM], capture_output=True,
+                          text=True, timeout=120, check=False)
+  if survives:
+    assert result.returncode == 0 and "sum [4.0, 4.0]" in result.stdout, result.stderr[-2000:]
+  else:
+    assert result.returncode == -signal.SIGABRT, result.stderr[-2000:]
+    assert "Termination timeout" in result.stderr and "Unknown flag" not in result.stderr
+
+
+def test_the_trainer_sets_the_long_collective_timeout(monkeypatch):
+  from mim_jax.training import cpu_devices
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+  monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
+  cpu_devices.configure("2", [tiny_mae_config()], multi_process=False)  # JAX has started here
+  assert os.environ["XLA_FLAGS"] == ("--xla_cpu_multi_thread_eigen=true "
+                                     f"{cpu_devices.COLLECTIVE_TIMEOUT_FLAG}="
+                                     f"{cpu_devices.COLLECTIVE_TIMEOUT_S}")

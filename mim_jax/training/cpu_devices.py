@@ -136,6 +136,24 @@ def count_for(config, cores: int) -> int:
   return 1
 
 
+# XLA:CPU aborts the process (SIGABRT, "Termination timeout ... exceeded") when the devices
+# of a collective arrive more than 40 s apart (after a 20 s warning). A run's device threads
+# starved by other work on a shared machine (a niced run beside a test suite) arrived that
+# late on 2 cores and lost a 30-epoch run's progress since its last checkpoint (2026-12-05,
+# docs/reliability.md); a late device is waited for instead. A stuck collective (a bug) then
+# shows as the warnings every 20 s and ends after this long.
+COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
+COLLECTIVE_TIMEOUT_S = 3600
+
+
+def wait_for_late_devices() -> None:
+  """Adds COLLECTIVE_TIMEOUT_FLAG to XLA_FLAGS unless it is there; read when JAX starts its
+  backends (so, like the device count, before anything touches JAX)."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if COLLECTIVE_TIMEOUT_FLAG not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {COLLECTIVE_TIMEOUT_FLAG}={COLLECTIVE_TIMEOUT_S}".strip()
+
+
 def configure(requested: str, configs, multi_process: bool) -> int | None:
   """Sets JAX's CPU device count for this process from `requested` ("auto": the smallest
   `count_for` the usable cores over `configs`, the runs this process will run; or a number) and
@@ -144,6 +162,7 @@ def configure(requested: str, configs, multi_process: bool) -> int | None:
   JAX's backends have already started (a notebook or test that ran JAX before)."""
   requested = str(requested).strip().lower()
   explicit = requested != AUTO
+  wait_for_late_devices()  # whatever sets the count below: XLA_FLAGS, JAX_NUM_CPU_DEVICES, us
   if explicit and not (requested.isdigit() and int(requested) >= 1):
     raise ValueError(f"--cpu_devices={requested!r}: expected 'auto' or a count >= 1")
   if explicit and int(requested) > 1 and configs and not any(trains(c) for c in configs):
