@@ -680,7 +680,7 @@ def _emit(row: dict) -> None:
 
 
 class Command(NamedTuple):
-  """A checked bench command line: what `run` times."""
+  """A checked bench command line: what `measure` times."""
   configs: list       # the rows: the first config, its variants (and --asymmetry), --also
   labels: dict        # id(config) -> the --variant spec of that row
   peers: list[str]    # the PyTorch peers to time ("hf", "hf_compile")
@@ -730,6 +730,7 @@ def checked_command() -> Command:
     raise app.UsageError(f"--steps={FLAGS.steps} over --rounds={FLAGS.rounds}: a multiple of "
                          "the rounds, so that every round times as many steps")
   if FLAGS.feed or FLAGS.pipeline:  # the input modes time configs[0]'s input alone
+    _check_cpu_devices(rows)
     return Command(configs, {}, [], rows)
   unknown = sorted(set(FLAGS.peer) - set(PEERS))
   if unknown:
@@ -776,7 +777,16 @@ def checked_command() -> Command:
       setup.prepare(setup.on_synthetic_data(c, "the benchmark"))
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
+  _check_cpu_devices(rows)
   return Command(configs, labels, peers, rows)
+
+
+def _check_cpu_devices(rows) -> None:
+  from mim_jax.training import cpu_devices
+  try:
+    cpu_devices.check_request(FLAGS.cpu_devices, rows)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
 
 
 def main(argv):

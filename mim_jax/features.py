@@ -81,12 +81,7 @@ def load(source: str, *, image_size: Optional[Sequence[int]] = None) -> Encoder:
   patch = size_from_config(config.model)[1]
   if size[0] % patch or size[1] % patch:
     raise ValueError(f"image size {size}: not a multiple of the encoder's patch size {patch}")
-  data = info["config"].get("data", {})
-  mean, std = tuple(data.get("mean", (0.5,))), tuple(data.get("std", (0.5,)))
-  if len(mean) not in (1, int(info["channels"])):
-    # Imports before 2026-12-05 wrote ImageNet's 3 values beside a 1-channel encoder.
-    raise ValueError(f"{source}: model.json has {len(mean)} normalisation values for a "
-                     f"{info['channels']}-channel encoder; import the checkpoint again")
+  mean, std = pretrained.input_normalisation(info, source)
   posemb = pretrained.encoder_posemb(source)
   module = encoder_from_config(config.model, size, int(info["channels"]), posemb=posemb)
   init = jax.eval_shape(module.init, jax.random.key(0),
@@ -284,6 +279,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  "encoder's output, k: the output of block k)")
   if os.path.isdir(args.out) or not args.out.lower().endswith(".npz"):
     parser.error(f"--out={args.out}: expected the path of a .npz file to write")
+  if not storage.is_url(args.images) and not os.path.exists(args.images):
+    parser.error(f"--images={args.images}: no such folder or .npy file")
   if args.pictures and not args.attention:
     parser.error("--pictures draws the attention maps: pass --attention too")
   if args.pictures and (os.path.isdir(args.pictures)
@@ -304,20 +301,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if len(size) != 2 or min(size) < 1:
       parser.error(f"--image_size={args.image_size}: expected H,W or one side, positive "
                    "integers")
+  # Bad input (the encoder, the images, where to write): one line and exit 2, as
+  # mim_jax.main; an error of the extraction itself keeps its traceback.
   try:
-    _extract_to_files(args, size, blocks)
-  except (ValueError, OSError) as e:  # bad input: one line and exit 2, as mim_jax.main
+    enc = load(args.encoder, image_size=size)
+    if max(blocks) > enc.module.depth:  # before the images are read
+      raise ValueError(f"--blocks={args.blocks}: this encoder has {enc.module.depth} blocks "
+                       f"(0: its output, 1 to {enc.module.depth}: a block's)")
+    images = read_images(args.images)
+  except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  out, picture = _features_and_picture(args, enc, images, blocks)
+  try:
+    storage.write_with(args.out, lambda f: np.savez(f, **out))  # whole or not at all
+    if picture is not None:
+      viz.save_png(picture, args.pictures)
+  except OSError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {args.out}: " + ", ".join(f"{k} {v.shape}" for k, v in out.items()),
+        file=sys.stderr)
   return 0
 
 
-def _extract_to_files(args, size, blocks: list[int]) -> None:
-  enc = load(args.encoder, image_size=size)
-  if max(blocks) > enc.module.depth:  # before the images are read
-    raise ValueError(f"--blocks={args.blocks}: this encoder has {enc.module.depth} blocks "
-                     f"(0: its output, 1 to {enc.module.depth}: a block's)")
-  images = read_images(args.images)
+def _features_and_picture(args, enc: Encoder, images, blocks: list[int]):
+  """The features the command line asks for, and the attention picture (None without
+  --pictures)."""
   crop = args.crop_fraction
   if crop is None:  # the evaluations' rule for this kind of source
     source = "npy" if args.images.endswith(".npy") else "image_folder"
@@ -327,13 +337,7 @@ def _extract_to_files(args, size, blocks: list[int]) -> None:
                 attention=args.attention, batch_size=args.batch_size, crop_fraction=crop)
   picture = (attention_picture(enc, images, out, crop_fraction=crop) if args.pictures
              else None)
-  buffer = io.BytesIO()
-  np.savez(buffer, **out)
-  storage.write_bytes(args.out, buffer.getvalue())  # whole or not at all
-  print(f"wrote {args.out}: " + ", ".join(f"{k} {v.shape}" for k, v in out.items()),
-        file=sys.stderr)
-  if picture is not None:
-    viz.save_png(picture, args.pictures)
+  return out, picture
 
 
 if __name__ == "__main__":

@@ -20,9 +20,11 @@ read STORAGE_EMULATOR_HOST, TensorStore (Orbax's array storage) TENSORSTORE_GCS_
 from __future__ import annotations
 
 import glob as glob_lib
+import io
 import os
 import shutil
 import tempfile
+from typing import Any, BinaryIO, Callable
 
 
 def is_url(path: str) -> bool:
@@ -133,29 +135,45 @@ def write_text(path: str, text: str) -> None:
 
 
 def _umask() -> int:
-  """The process's umask (read by setting it, so set back at once)."""
+  """The process's umask: from /proc on Linux; elsewhere read by setting it and setting it
+  back (a thread creating a file in between would get 022)."""
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
   mask = os.umask(0o022)
   os.umask(mask)
   return mask
 
 
 def write_bytes(path: str, data: bytes) -> None:
-  """Writes `data` to `path` atomically, creating parent directories.
+  """Writes `data` to `path` atomically, creating parent directories (see `write_with`)."""
+  write_with(path, lambda f: f.write(data))
 
-  Local: a temporary file in the same directory renamed over `path`. URL: one object upload,
-  which Cloud Storage publishes only when complete.
+
+def write_with(path: str, write: Callable[[BinaryIO], Any]) -> None:
+  """Writes `path` atomically through `write(file)`, creating parent directories: a reader
+  sees the old file or the whole new one, never a part.
+
+  Local: `write` fills a temporary file in the same directory, which is then renamed over
+  `path` with the mode open() would have given it. URL: `write` fills memory, uploaded as one
+  object, which Cloud Storage publishes only when complete.
   """
   if is_url(path):
-    _epath(path).write_bytes(data)
+    buffer = io.BytesIO()
+    write(buffer)
+    _epath(path).write_bytes(buffer.getvalue())
     return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=directory)
   try:
     with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    # mkstemp makes the file private (0600); give it the mode open() would have.
-    os.chmod(tmp, 0o666 & ~_umask())
+      write(f)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private (0600)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -1020,13 +1020,20 @@ def test_import_replaces_only_an_earlier_export(tmp_path, our_mae_dir, capsys):
   notes.mkdir()
   (notes / "notes.txt").write_text("keep")
   assert cli(["import", checkpoint, str(notes), "--overwrite", *heads]) == 2
-  assert "no model.json" in capsys.readouterr().err
+  assert "holds notes.txt" in capsys.readouterr().err
   assert (notes / "notes.txt").read_text() == "keep"
+  (notes / "model.json").write_text("{}")  # a model.json alone does not make an export
+  assert cli(["import", checkpoint, str(notes), "--overwrite", *heads]) == 2
+  assert "not a mim_jax export directory (it holds notes.txt)" in capsys.readouterr().err
   # The folder holding the checkpoint (an export with model.json beside it).
   export = tmp_path / "export"
   assert cli(["import", checkpoint, str(export), *heads]) == 0
-  inside = export / "checkpoint.safetensors"
-  inside.write_bytes((tmp_path / "mae" / "model.safetensors").read_bytes())
+  beside = export / "checkpoint.safetensors"
+  beside.write_bytes((tmp_path / "mae" / "model.safetensors").read_bytes())
+  assert cli(["import", str(beside), str(export), "--overwrite", *heads]) == 2
+  assert "(it holds checkpoint.safetensors)" in capsys.readouterr().err
+  inside = export / "params" / "checkpoint.safetensors"  # deeper: only its path tells
+  beside.rename(inside)
   assert cli(["import", str(inside), str(export), "--overwrite", *heads]) == 2
   assert "holds the checkpoint being imported" in capsys.readouterr().err
   assert inside.exists()
@@ -1078,6 +1085,10 @@ def test_reconstruct_refuses_bad_input_in_one_line(tmp_path, our_mae_dir, capsys
     with pytest.raises(SystemExit) as exited:
       cli(["reconstruct", our_mae_dir, image, *extra])
     assert exited.value.code == 2 and says in capsys.readouterr().err
+  with pytest.raises(SystemExit) as exited:  # before the model loads
+    cli(["reconstruct", our_mae_dir, str(tmp_path / "absent.png"), "--out",
+         str(tmp_path / "r.png")])
+  assert exited.value.code == 2 and "no such image file" in capsys.readouterr().err
   broken = tmp_path / "broken.png"
   broken.write_bytes(b"not a png")
   assert cli(["reconstruct", our_mae_dir, str(broken), "--out", str(tmp_path / "r.png")]) == 2

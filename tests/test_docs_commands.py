@@ -165,3 +165,23 @@ def test_documented_memory_plan_command_reaches_its_compile(args, without_data_f
       raise
     return
   assert devices >= 1
+
+
+@pytest.mark.parametrize("tool, args, says", [
+    ("bench", ["--config=configs/simmim_fmnist.py", "--peer=hf"], "compare against MAE"),
+    ("bench", ["--config=configs/mae_fmnist.py", "--cpu_devices=two"], "expected 'auto'"),
+    ("bench", ["--config=configs/mae_fmnist.py", "--config.data.holdout=5"], "generated batch"),
+    ("bench", ["--config=configs/finetune_fmnist.py:scratch",
+               "--config.optimizer.layer_decay=0.7"], "layer-wise lr decay"),
+    ("memory_plan", ["--config=configs/mae_vitb.py", "--config.knn.every_epochs=3"],
+     "would not change the plan")])
+def test_the_tools_checks_can_refuse(tool, args, says, without_data_files, monkeypatch):
+  """The two tests above can fail: a command their tool refuses is refused by them too."""
+  import importlib
+
+  from absl import app
+  module = importlib.import_module(f"mim_jax.{tool}")
+  _tool_flags(module, args, monkeypatch)
+  check = module.checked_command if tool == "bench" else module.checked_config
+  with pytest.raises((app.UsageError, ConfigError), match=says):
+    check()

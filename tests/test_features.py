@@ -94,7 +94,8 @@ def test_command_line_refuses_flags_it_would_not_use(tmp_path, capsys):
   nothing, silently); a crop fraction outside (0, 1], a picture path that is not a PNG file,
   a batch below 1 and an image size that is not H,W or one side are refused before the
   encoder loads."""
-  common = ["--encoder", str(tmp_path / "absent"), "--images", str(tmp_path / "absent.npy"),
+  np.save(tmp_path / "images.npy", _raw_images(n=2))
+  common = ["--encoder", str(tmp_path / "absent"), "--images", str(tmp_path / "images.npy"),
             "--out", str(tmp_path / "f.npz")]
   for extra, message in ((["--pictures", str(tmp_path / "m.png")], "pass --attention too"),
                          (["--crop_fraction", "1.5"], "--crop_fraction=1.5: expected"),
@@ -128,8 +129,6 @@ def test_command_line_bad_input_is_one_line_and_writes_nothing(encoder_dir, tmp_
   out = tmp_path / "f.npz"
   for encoder, images, extra, says in (
       (tmp_path / "absent", good, [], "not a pre-training workdir whose run finished"),
-      (encoder_dir, tmp_path / "absent.npy", [], "absent.npy: no such file"),
-      (encoder_dir, tmp_path / "absent", [], "absent: no such folder"),
       (encoder_dir, good, ["--blocks", "9"], "--blocks=9: this encoder has 2 blocks"),
       (encoder_dir, good, ["--image_size", "18"], "not a multiple of the encoder's patch"),
       (encoder_dir, pickled, [], "pickled.npy: not an array of images"),
@@ -141,11 +140,13 @@ def test_command_line_bad_input_is_one_line_and_writes_nothing(encoder_dir, tmp_
     err = capsys.readouterr().err
     assert code == 2 and says in err and "Traceback" not in err, (says, err)
   assert not out.exists()
-  for extra, says in ((["--blocks", "a"], "--blocks=a: expected comma-separated"),
+  for extra, says in ((["--images", str(tmp_path / "absent.npy")], "no such folder or .npy"),
+                      (["--blocks", "a"], "--blocks=a: expected comma-separated"),
                       (["--blocks", ""], "--blocks=: expected comma-separated"),
                       (["--out", str(tmp_path / "feats")], "expected the path of a .npz"),
                       (["--out", str(tmp_path)], "expected the path of a .npz")):
     args = ["--encoder", encoder_dir, "--images", str(good), "--out", str(out), *extra]
+    # (argparse keeps the last --images)
     with pytest.raises(SystemExit) as exited:
       features.main(args)
     assert exited.value.code == 2 and says in capsys.readouterr().err

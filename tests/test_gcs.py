@@ -9,6 +9,7 @@ google-cloud-storage read STORAGE_EMULATOR_HOST, TensorStore TENSORSTORE_GCS_HTT
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from mim_jax import storage
@@ -81,6 +83,10 @@ def test_storage_layer_reads_and_writes_gs(gcs):
   root = f"{gcs}/layer"
   storage.write_text(f"{root}/a/x.json", '{"a": 1}')
   storage.write_bytes(f"{root}/a/y.bin", b"\x00\x01")
+  storage.write_with(f"{root}/a/z.npy", lambda f: np.save(f, np.arange(3)))
+  np.testing.assert_array_equal(np.load(io.BytesIO(storage.read_bytes(f"{root}/a/z.npy"))),
+                                np.arange(3))
+  storage.remove(f"{root}/a/z.npy")
   assert storage.exists(f"{root}/a/x.json") and storage.isfile(f"{root}/a/x.json")
   assert storage.isdir(f"{root}/a") and not storage.isfile(f"{root}/a")
   assert json.loads(storage.read_text(f"{root}/a/x.json")) == {"a": 1}
@@ -159,3 +165,4 @@ def test_fashion_mnist_run_in_a_bucket_survives_kill9_and_is_evaluated(gcs, tmp_
   assert proc.wait(timeout=600) == 0, (tmp_path / "knn.log").read_text()[-3000:]
   results = json.loads(storage.read_text(f"{knn}/results.json"))
   assert results["init_from"] == run and 0 <= results["knn_top1_cls"] <= 1
+

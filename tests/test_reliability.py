@@ -29,7 +29,7 @@ import optax
 import pytest
 from PIL import Image
 
-from mim_jax import data, main
+from mim_jax import data, main, storage
 from mim_jax.config.errors import ConfigError
 from mim_jax.data import transforms
 from mim_jax.methods import base
@@ -1106,8 +1106,26 @@ def test_a_late_cpu_device_is_waited_for_not_aborted(timeout_s, survives, monkey
 def test_the_trainer_sets_the_long_collective_timeout(monkeypatch):
   from mim_jax.training import cpu_devices
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
-  monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
-  cpu_devices.configure("2", [tiny_mae_config()], multi_process=False)  # JAX has started here
+  # The count left alone (were JAX not started in this worker yet, it would keep 2 devices).
+  monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "1")
+  assert cpu_devices.configure("2", [tiny_mae_config()], multi_process=False) is None
   assert os.environ["XLA_FLAGS"] == ("--xla_cpu_multi_thread_eigen=true "
                                      f"{cpu_devices.COLLECTIVE_TIMEOUT_FLAG}="
                                      f"{cpu_devices.COLLECTIVE_TIMEOUT_S}")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_local_atomic_writes_get_the_mode_open_would_give(tmp_path, umask):
+  """The temporary file behind an atomic write is private (mkstemp: 0600): exported
+  config.json files and pictures came out unreadable to the group where open() would have
+  made them readable."""
+  old = os.umask(umask)
+  try:
+    storage.write_bytes(str(tmp_path / "a.json"), b"{}")
+    storage.write_with(str(tmp_path / "b.npz"), lambda f: np.savez(f, x=np.zeros(2)))
+  finally:
+    os.umask(old)
+  for name in ("a.json", "b.npz"):
+    assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask
+  assert np.load(tmp_path / "b.npz")["x"].shape == (2,)
+  assert sorted(os.listdir(tmp_path)) == ["a.json", "b.npz"]  # no temporary file left

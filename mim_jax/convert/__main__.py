@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="the MLP activation, where the checkpoint does not record it (timm "
                    "state dicts): needed for CLIP-style towers, quick_gelu for OpenAI CLIP, "
                    "gelu for LAION / OpenCLIP")
-  imp.add_argument("--overwrite", action="store_true", help="replace an existing `out`")
+  imp.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier mim_jax export directory at `out`")
 
   exp = sub.add_parser("export", help="mim_jax weights -> safetensors for timm / MAE / HF")
   exp.add_argument("source", help="export directory or training workdir")
@@ -154,6 +155,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       parser.error(f"--mask_ratio={args.mask_ratio}: expected the masked fraction in [0, 1)")
     if os.path.isdir(args.out) or not args.out.lower().endswith(".png"):
       parser.error(f"--out={args.out}: expected the path of a .png file to write")
+    missing = [p for p in args.images if not os.path.isfile(p)]
+    if missing:  # before the model loads
+      parser.error(f"no such image file: {', '.join(missing)}")
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
   command = {"import": _import, "export": _export, "reconstruct": _reconstruct,

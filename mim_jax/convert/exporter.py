@@ -17,6 +17,7 @@ import` output) or a training workdir (its latest checkpoint).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Optional
 
@@ -29,6 +30,8 @@ from mim_jax.convert.our_weights import read_weights
 from mim_jax.convert.safetensors_io import write_safetensors
 from mim_jax.convert.timm_vit import timm_state_dict_from_params
 from mim_jax.models.vit import ViTSize, size_from_config
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("timm", "mae", "hf")
 WEIGHTS_FILE = "model.safetensors"
@@ -80,8 +83,9 @@ def export_weights(source: str, directory: str, fmt: str, *, step: Optional[int]
                    overwrite: bool = False) -> list[str]:
   """Writes `source`'s weights to `directory` in format `fmt`; returns the files written.
   A directory that holds files already is refused, unless `overwrite` and they are an earlier
-  export's (model.safetensors, config.json): those are replaced, a config.json that the new
-  format does not write removed. Every check runs before anything is written."""
+  export's (model.safetensors, config.json): its config.json is removed first (so that it is
+  never beside the new weights), its weights replaced. Every check runs before anything is
+  written."""
   if fmt not in FORMATS:
     raise ValueError(f"format {fmt!r}: expected one of {FORMATS}")
   info, params = read_weights(source, step)
@@ -111,6 +115,10 @@ def export_weights(source: str, directory: str, fmt: str, *, step: Optional[int]
                        "patch grid")
   _check_output(directory, overwrite)
   storage.makedirs(directory)
+  config_path = os.path.join(directory, "config.json")
+  if storage.exists(config_path):  # an earlier export's (--overwrite): not beside new weights
+    storage.remove(config_path)
+    log.warning("removed %s, an earlier export's", config_path)
   weights_path = os.path.join(directory, WEIGHTS_FILE)
   written = [weights_path]
   config = None
@@ -132,12 +140,9 @@ def export_weights(source: str, directory: str, fmt: str, *, step: Optional[int]
     state = timm_state_dict_from_params(tree, patch_size=patch, channels=channels, grid_hw=grid,
                                         encoder_mask_token=fmt == "mae")
   write_safetensors(weights_path, state, metadata={"format": "pt"})
-  config_path = os.path.join(directory, "config.json")
   if config is not None:
     storage.write_text(config_path, json.dumps(config, indent=2))
     written.append(config_path)
-  elif storage.exists(config_path):  # an earlier export's (--overwrite), not these weights'
-    storage.remove(config_path)
   return written
 
 

@@ -33,6 +33,8 @@ from mim_jax.models.vit import ViTEncoder, encoder_from_config
 from mim_jax.training import checkpoint
 
 DECODER_DIR, CLASSIFIER_DIR = "decoder", "classifier"
+# What an export directory holds (checkpoint.export_encoder, _write_parts).
+EXPORT_ENTRIES = ("model.json", "params", DECODER_DIR, CLASSIFIER_DIR)
 CLASSIFIER_PARTS = ("fc_norm", "head")
 
 
@@ -189,14 +191,23 @@ def check_replaceable(directory: str, *, overwrite: bool, source: str = "") -> N
     return
   if not overwrite:
     raise FileExistsError(f"{directory} exists and is not empty (pass --overwrite to replace it)")
-  if not storage.isfile(os.path.join(directory, "model.json")):
-    raise FileExistsError(f"{directory} holds files but no export (no model.json): --overwrite "
+  others = sorted(set(storage.listdir(directory)) - set(EXPORT_ENTRIES))
+  if not storage.isfile(os.path.join(directory, "model.json")) or others:
+    raise FileExistsError(f"{directory} is not a mim_jax export directory (it holds "
+                          f"{', '.join(others) if others else 'no model.json'}): --overwrite "
                           "replaces an earlier export only; name a new directory")
-  if source and not storage.is_url(source):
-    inside = os.path.relpath(os.path.realpath(source), os.path.realpath(directory))
-    if inside == "." or not inside.startswith(".."):
-      raise FileExistsError(f"{directory} holds the checkpoint being imported ({source}): "
-                            "--overwrite would delete it; name another directory")
+  if source and _inside(source, directory):
+    raise FileExistsError(f"{directory} holds the checkpoint being imported ({source}): "
+                          "--overwrite would delete it; name another directory")
+
+
+def _inside(path: str, directory: str) -> bool:
+  """Whether `path` is `directory` or lies under it (local paths with links resolved)."""
+  if storage.is_url(path) or storage.is_url(directory):
+    path, directory = path.rstrip("/"), directory.rstrip("/")
+    return path == directory or path.startswith(directory + "/")
+  inside = os.path.relpath(os.path.realpath(path), os.path.realpath(directory))
+  return inside != os.pardir and not inside.startswith(os.pardir + os.sep)
 
 
 def _write_parts(directory: str, params: dict, info: dict) -> None:

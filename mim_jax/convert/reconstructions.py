@@ -12,6 +12,7 @@ import numpy as np
 from mim_jax import viz
 from mim_jax.convert.our_weights import build_mae, read_weights
 from mim_jax.data.transforms import Normalizer, center_crop_box, decode_image, resize_box
+from mim_jax.weights import pretrained
 
 
 def load_images(paths: Sequence[str], image_size: tuple[int, int], channels: int,
@@ -48,8 +49,7 @@ def draw_reconstructions(source: str, image_paths: Sequence[str], out_png: str, 
   model, params = build_mae(info, params)
   if mask_ratio is not None:
     model = model.clone(mask_ratio=float(mask_ratio))
-  data = info["config"]["data"]
-  mean, std = data["mean"], data["std"]
+  mean, std = pretrained.input_normalisation(info, source)
   images = load_images(image_paths, model.encoder.image_size, model.encoder.channels, mean, std)
   grid_hw = model.encoder.grid_hw
   noise = jax.random.uniform(jax.random.key(seed), (len(images), grid_hw[0] * grid_hw[1]))

@@ -137,21 +137,46 @@ def count_for(config, cores: int) -> int:
 
 
 # XLA:CPU aborts the process (SIGABRT, "Termination timeout ... exceeded") when the devices
-# of a collective arrive more than 40 s apart (after a 20 s warning). A run's device threads
-# starved by other work on a shared machine (a niced run beside a test suite) arrived that
-# late on 2 cores and lost a 30-epoch run's progress since its last checkpoint (2026-12-05,
-# docs/reliability.md); a late device is waited for instead. A stuck collective (a bug) then
-# shows as the warnings every 20 s and ends after this long.
+# of a collective arrive more than 60 s apart (a warning after 20 s, the abort 40 s later). A
+# run's device threads starved by other work on a shared machine (a niced run beside a test
+# suite) arrived that late on 2 cores (2026-12-05, docs/reliability.md); a late device is
+# waited for instead. A stuck collective (a bug) then shows as the 20 s warning, and the abort
+# comes this long after it.
 COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
 COLLECTIVE_TIMEOUT_S = 3600
+# The flag came with XLA of October 2025 (openxla/xla#32115); jaxlib 0.10.2 and the GPU
+# image's 0.11 read it (tests/test_reliability.py). Older jaxlibs are left alone: XLA stops
+# at start-up on a flag it does not know.
+FIRST_JAXLIB_WITH_TIMEOUT_FLAG = (0, 10)
+
+
+def _jaxlib_version() -> tuple[int, ...]:
+  import jaxlib  # pylint: disable=import-outside-toplevel
+  return tuple(int(p) for p in jaxlib.__version__.split(".")[:2] if p.isdigit())
 
 
 def wait_for_late_devices() -> None:
-  """Adds COLLECTIVE_TIMEOUT_FLAG to XLA_FLAGS unless it is there; read when JAX starts its
-  backends (so, like the device count, before anything touches JAX)."""
+  """Adds COLLECTIVE_TIMEOUT_FLAG to XLA_FLAGS unless it is there (or the jaxlib predates
+  it); read when JAX starts its backends (so, like the device count, before anything touches
+  JAX)."""
   flags = os.environ.get("XLA_FLAGS", "")
-  if COLLECTIVE_TIMEOUT_FLAG not in flags:
+  if (COLLECTIVE_TIMEOUT_FLAG not in flags
+      and _jaxlib_version() >= FIRST_JAXLIB_WITH_TIMEOUT_FLAG):
     os.environ["XLA_FLAGS"] = f"{flags} {COLLECTIVE_TIMEOUT_FLAG}={COLLECTIVE_TIMEOUT_S}".strip()
+
+
+def check_request(requested: str, configs) -> None:
+  """ValueError for a --cpu_devices value `configure` would refuse for `configs`."""
+  requested = str(requested).strip().lower()
+  if requested == AUTO:
+    return
+  if not (requested.isdigit() and int(requested) >= 1):
+    raise ValueError(f"--cpu_devices={requested!r}: expected 'auto' or a count >= 1")
+  if int(requested) > 1 and configs and not any(trains(c) for c in configs):
+    raise ValueError(
+        f"--cpu_devices={requested}: method {configs[0].get('method', '?')!r} runs no training "
+        "loop and computes on one device (the k-NN and probe jobs): leave --cpu_devices "
+        "out")
 
 
 def configure(requested: str, configs, multi_process: bool) -> int | None:
@@ -162,14 +187,8 @@ def configure(requested: str, configs, multi_process: bool) -> int | None:
   JAX's backends have already started (a notebook or test that ran JAX before)."""
   requested = str(requested).strip().lower()
   explicit = requested != AUTO
+  check_request(requested, configs)
   wait_for_late_devices()  # whatever sets the count below: XLA_FLAGS, JAX_NUM_CPU_DEVICES, us
-  if explicit and not (requested.isdigit() and int(requested) >= 1):
-    raise ValueError(f"--cpu_devices={requested!r}: expected 'auto' or a count >= 1")
-  if explicit and int(requested) > 1 and configs and not any(trains(c) for c in configs):
-    raise ValueError(
-        f"--cpu_devices={requested}: method {configs[0].get('method', '?')!r} runs no training "
-        "loop and computes on one device (the k-NN and probe jobs): leave --cpu_devices "
-        "out")
   if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or (
       os.environ.get("JAX_NUM_CPU_DEVICES")):
     if explicit:

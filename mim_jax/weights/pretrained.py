@@ -58,6 +58,20 @@ def read_model_info(init_from: str) -> dict:
   return json.loads(storage.read_text(os.path.join(encoder_directory(init_from), "model.json")))
 
 
+def input_normalisation(info: dict, source: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(mean, std) an export's model.json `info` normalises its inputs with: one value, or one
+  per channel. ValueError for a count that fits neither (imports before 2026-12-05 wrote
+  ImageNet's 3 values beside a 1-channel encoder)."""
+  data = info["config"].get("data", {})
+  mean, std = tuple(data.get("mean", (0.5,))), tuple(data.get("std", (0.5,)))
+  channels = int(info["channels"])
+  if {len(mean), len(std)} - {1, channels}:
+    raise ValueError(f"{source}: model.json has {len(mean)} / {len(std)} normalisation values "
+                     f"(mean / std) for a {channels}-channel encoder; import the checkpoint "
+                     "again")
+  return mean, std
+
+
 def encoder_posemb(init_from: str) -> str:
   """The position-embedding kind of the encoder `init_from` names: "learn" when its export
   carries a learned table (imported classifiers, timm ViTs), else "sincos" (pre-training
