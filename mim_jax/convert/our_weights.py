@@ -182,8 +182,9 @@ def write_weights(directory: str, params: dict, info: dict, *, overwrite: bool =
 
 def check_replaceable(directory: str, *, overwrite: bool, source: str = "") -> None:
   """FileExistsError unless `directory` may become an export: absent or empty, or (with
-  `overwrite`) an export directory itself (model.json), which must not hold `source`, the
-  checkpoint being read. So --overwrite replaces an earlier export, never another folder."""
+  `overwrite`) an export directory itself (model.json beside nothing but EXPORT_ENTRIES),
+  which must not hold `source`, the checkpoint being read. So --overwrite replaces an earlier
+  export, never another folder."""
   directory = storage.absolute(directory)
   if storage.isfile(directory):
     raise FileExistsError(f"{directory} is a file: name a directory to write the export to")
