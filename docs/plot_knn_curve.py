@@ -48,7 +48,7 @@ def main(root: str, out: str, *runs: str) -> None:
   if not os.path.isfile(pixels_file):
     pixels_file = os.path.join(fmnist_tools.CURVES, "knn_pixels_holdout.json")
   pixels = 100 * json.load(open(pixels_file))["knn_top1_pixels"]
-  fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=120, sharey=True)
+  fig, axes = plt.subplots(1, 2, figsize=(9, 4.0), dpi=120, sharey=True)
   for i, run in enumerate(runs or ("mae_e50",)):
     epochs, cls, mean, pflops = curve(root, run)
     for ax, x in zip(axes, (epochs, pflops)):  # one colour per run: solid mean, dashed cls
@@ -59,9 +59,12 @@ def main(root: str, out: str, *runs: str) -> None:
     ax.set_xlabel(xlabel)
     ax.grid(alpha=0.3)
   axes[0].set_ylabel("k-NN top-1, held-out 5,000 (%)")
-  axes[1].legend(fontsize=7, loc="lower right")
+  # Below the panels: inside, it hides the curves once several runs are drawn.
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=3, frameon=False)
   fig.suptitle("Fashion-MNIST: k-NN (k=20) during pre-training", fontsize=10)
-  fig.tight_layout()
+  rows = -(-len(labels) // 3)
+  fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
   fig.savefig(out)
 
 
