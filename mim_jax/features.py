@@ -134,10 +134,7 @@ def read_images(path: str) -> np.ndarray:
   for p in paths:
     with open(p, "rb") as f:
       data = f.read()
-    try:
-      decoded.append(transforms.decode_image(data, channels=_file_channels(data)))
-    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
-      raise ValueError(f"{p}: not an image this reader decodes ({e})") from None
+    decoded.append(transforms.decode_named(data, _file_channels(data), p))
   return _stack(decoded, paths)
 
 
@@ -146,8 +143,11 @@ def _file_channels(data: bytes) -> int:
   if data[:4] in transforms.TIFF_MAGIC:
     shape = tifffile.TiffFile(io.BytesIO(data)).series[0].shape
     return 1 if len(shape) == 2 else int(min(shape[0], shape[-1]))
-  with Image.open(io.BytesIO(data)) as img:
-    return 1 if img.mode in ("L", "I", "I;16", "I;16B", "I;16L", "1", "F") else 3
+  try:
+    with Image.open(io.BytesIO(data)) as img:
+      return 1 if img.mode in ("L", "I", "I;16", "I;16B", "I;16L", "1", "F") else 3
+  except OSError:  # not an image PIL opens: decoding it fails too, naming the file
+    return 3
 
 
 def _stack(images: list[np.ndarray], paths: list[str]) -> np.ndarray:

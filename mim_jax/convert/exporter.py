@@ -26,7 +26,7 @@ import numpy as np
 
 from mim_jax import storage
 from mim_jax.convert.hf_vitmae import hf_vitmae_config, hf_vitmae_state_dict_from_params
-from mim_jax.convert.our_weights import read_weights
+from mim_jax.convert.our_weights import entries_to_replace, read_weights
 from mim_jax.convert.safetensors_io import write_safetensors
 from mim_jax.convert.timm_vit import timm_state_dict_from_params
 from mim_jax.models.vit import ViTSize, size_from_config
@@ -149,14 +149,7 @@ def export_weights(source: str, directory: str, fmt: str, *, step: Optional[int]
 def _check_output(directory: str, overwrite: bool) -> None:
   """FileExistsError for an output directory that holds files, unless `overwrite` and they
   are only an earlier export's (EXPORT_FILES)."""
-  if storage.isfile(directory):
-    raise FileExistsError(f"{directory} is a file: name a directory to write the export to")
-  held = sorted(storage.listdir(directory)) if storage.exists(directory) else []
-  if not held:
-    return
-  if not overwrite:
-    raise FileExistsError(f"{directory} holds {', '.join(held)}: pass --overwrite to replace "
-                          "an earlier export, or name a new directory")
+  held = entries_to_replace(directory, overwrite=overwrite)
   others = [name for name in held if name not in EXPORT_FILES]
   if others:
     raise FileExistsError(f"{directory} holds {', '.join(others)}, which no export writes: "

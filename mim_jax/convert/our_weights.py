@@ -186,13 +186,10 @@ def check_replaceable(directory: str, *, overwrite: bool, source: str = "") -> N
   which must not hold `source`, the checkpoint being read. So --overwrite replaces an earlier
   export, never another folder."""
   directory = storage.absolute(directory)
-  if storage.isfile(directory):
-    raise FileExistsError(f"{directory} is a file: name a directory to write the export to")
-  if not (storage.exists(directory) and storage.listdir(directory)):
+  held = entries_to_replace(directory, overwrite=overwrite)
+  if not held:
     return
-  if not overwrite:
-    raise FileExistsError(f"{directory} exists and is not empty (pass --overwrite to replace it)")
-  others = sorted(set(storage.listdir(directory)) - set(EXPORT_ENTRIES))
+  others = sorted(set(held) - set(EXPORT_ENTRIES))
   if not storage.isfile(os.path.join(directory, "model.json")) or others:
     raise FileExistsError(f"{directory} is not a mim_jax export directory (it holds "
                           f"{', '.join(others) if others else 'no model.json'}): --overwrite "
@@ -200,6 +197,19 @@ def check_replaceable(directory: str, *, overwrite: bool, source: str = "") -> N
   if source and _inside(source, directory):
     raise FileExistsError(f"{directory} holds the checkpoint being imported ({source}): "
                           "--overwrite would delete it; name another directory")
+
+
+def entries_to_replace(directory: str, *, overwrite: bool) -> list[str]:
+  """The entries of output `directory` a write would replace, sorted ([] if it is absent or
+  empty). FileExistsError for a file, or for a directory with entries without `overwrite`;
+  which entries may be replaced is the caller's to check (an export's own kinds)."""
+  if storage.isfile(directory):
+    raise FileExistsError(f"{directory} is a file: name a directory to write the export to")
+  held = sorted(storage.listdir(directory)) if storage.exists(directory) else []
+  if held and not overwrite:
+    raise FileExistsError(f"{directory} holds {', '.join(held)}: pass --overwrite to replace "
+                          "an earlier export, or name a new directory")
+  return held
 
 
 def _inside(path: str, directory: str) -> bool:

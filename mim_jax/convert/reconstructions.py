@@ -11,7 +11,7 @@ import numpy as np
 
 from mim_jax import viz
 from mim_jax.convert.our_weights import build_mae, read_weights
-from mim_jax.data.transforms import Normalizer, center_crop_box, decode_image, resize_box
+from mim_jax.data.transforms import Normalizer, center_crop_box, decode_named, resize_box
 from mim_jax.weights import pretrained
 
 
@@ -25,10 +25,7 @@ def load_images(paths: Sequence[str], image_size: tuple[int, int], channels: int
   for path in paths:
     with open(path, "rb") as f:
       data = f.read()
-    try:
-      image = decode_image(data, channels)
-    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
-      raise ValueError(f"{path}: not an image this reader decodes ({e})") from None
+    image = decode_named(data, channels, path)
     box = center_crop_box(image.shape[0], image.shape[1], tuple(image_size), crop_fraction=1.0)
     images.append(normalize(resize_box(image, box, tuple(image_size))))
   return np.stack(images)

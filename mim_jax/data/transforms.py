@@ -137,6 +137,15 @@ def _decode_jpeg_fast(data: bytes, channels: int) -> np.ndarray | None:
   return array.reshape(array.shape[0], array.shape[1], channels)
 
 
+def decode_named(data: bytes, channels: int, name: str) -> np.ndarray:
+  """`decode_image` of the file `name`, whose failure (PIL's UnidentifiedImageError is an
+  OSError) is a ValueError naming it: a tool's one-line error."""
+  try:
+    return decode_image(data, channels)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{name}: not an image this reader decodes ({e})") from None
+
+
 def decode_image(data: bytes, channels: int) -> np.ndarray:
   """Encoded JPEG/PNG/TIFF bytes -> [h, w, channels]: uint8 for 8-bit images, float32 in
   [0, 1] for 16-bit PNG (grayscale) and TIFF (any depth and channel count). Raises on corrupt
