@@ -24,7 +24,7 @@ CPU).
   --peers_only only the peers (the first config sets their architecture and batch)
   --variant    the first config with FIELD=VALUE overrides, a lever against the base row
   --rounds=N   the mim_jax rows timed in turn, N rounds of steps/N steps each (an A/B of levers a
-               few % apart on a shared machine), e.g.
+               few per cent apart on a shared machine), e.g.
                --variant=model.attention_impl=xla --steps=30 --rounds=6 --peer=none
   --pipeline   instead of steps: images/s per CPU core of the input pipeline (JPEG decode +
                RandomResizedCrop + flip + normalise, or the method's own augmentation: iBOT's

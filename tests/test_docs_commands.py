@@ -231,3 +231,21 @@ def test_every_command_of_the_gpu_benchmark_script_passes_its_checks(tmp_path, m
         _check_bench_command(call[2:], patch)
     elif call[:2] == ["-m", "mim_jax.main"]:
       _check_trainer_command(call[2:])
+
+
+ABSL_CLIS = ("mim_jax.main", "mim_jax.bench", "mim_jax.memory_plan", "mim_jax.data.stats",
+             "mim_jax.tokenizers.usage")
+
+
+@pytest.mark.parametrize("module", ABSL_CLIS)
+def test_help_prints_the_module_docstring_as_written(module):
+  """absl's `--help` %-formats the docstring of `__main__` with the program's path: a lone '%'
+  ("a few % apart") printed as "a few '/path/bench.py'part". A literal per cent sign must be
+  written '%%' or in words."""
+  import ast
+  path = REPO / (module.replace(".", "/") + ".py")
+  doc = ast.get_docstring(ast.parse(path.read_text()), clean=False)
+  assert doc, f"{module} has no docstring for --help"
+  specifiers = doc.count("%") - 2 * doc.count("%%")
+  assert specifiers == 0, f"{module}'s docstring has a '%' that --help would format"
+  assert "app.run(" in path.read_text()  # the module's --help is absl's
