@@ -35,12 +35,19 @@ def crop_resize(image: jax.Array, box: jax.Array, out_size: tuple[int, int]) -> 
 def apply(batch: dict[str, Any], image_size: Sequence[int], mean: Sequence[float],
           std: Sequence[float]) -> dict[str, Any]:
   """The batch with its images augmented: [B, h, w, C] uint8 (or float32 in [0, 1]) +
-  crop_box [B, 4] + flip [B] -> image float32 [B, H, W, C], (x - mean) / std."""
+  crop_box [B, 4] + flip [B] -> image float32 [B, H, W, C], (x - mean) / std. From uint8 the
+  resized pixels are clipped to [0, 1] and rounded to 1/255, as the host path's are."""
   images = batch["image"]
   scale = 1.0 / 255.0 if images.dtype == jnp.uint8 else 1.0
   x = images.astype(jnp.float32) * scale
   out_size = tuple(int(s) for s in image_size)
   x = jax.vmap(lambda im, b: crop_resize(im, b, out_size))(x, batch[CROP_BOX_KEY])
+  if images.dtype == jnp.uint8:
+    # The host path's 8-bit resize (PIL) clips bicubic's overshoot at sharp edges to [0, 255]
+    # and rounds. So here: a tokenizer or teacher trained on one path then reads the other's
+    # images in the range it was trained on (Fashion-MNIST's black background, next to bright
+    # edges, undershoots by up to 0.13 without it).
+    x = jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0) / 255.0
   x = jnp.where(batch[FLIP_KEY][:, None, None, None], x[:, :, ::-1], x)
   channels = x.shape[-1]
   mean = jnp.broadcast_to(jnp.asarray(mean, jnp.float32), (channels,))
