@@ -13,8 +13,9 @@ about 40% of the 196 patches (the official command masks 75; our budget is int(1
 78) with blocks of at least 16 patches and aspect ratios in [0.3, 1/0.3];
 RandomResizedCrop(0.08, 1) + flip; a linear head over 8192 visual tokens, cross-entropy on
 masked patches.
-The official ViT: a shared relative position bias, layer scale 0.1 and no absolute positions
-(`model.rel_pos_bias`, `model.layer_scale`, `model.abs_posemb`).
+The official ViT: a shared relative position bias, layer scale 0.1, no absolute positions and
+its init (`model.rel_pos_bias`, `model.layer_scale`, `model.abs_posemb`, `model.weight_init`:
+N(0, 0.02) cut at +-0.02, each block's branch outputs divided by sqrt(2 * layer)).
 Differences kept on purpose: no colour jitter, and our VQ tokenizer
 (trained on the same data, applied to the same 224-px view) instead of DALL-E's dVAE on a
 112-px second view. Arguments: `variant=B/16` (any SIZE/PATCH), `runlocal`.
@@ -30,7 +31,9 @@ def get_config(arg=None):
   c.model.variant = str(args.get("variant", "B/16"))
   c.model.drop_path_rate = 0.1
   # The official ViT: a relative position bias shared by all blocks, layer scale, no
-  # absolute positions.
+  # absolute positions, and its init (N(0, 0.02) cut at +-0.02, branch outputs divided by
+  # sqrt(2 * layer): models/vit.py weight_inits).
+  c.model.weight_init = "beit"
   c.model.update(rel_pos_bias="shared", layer_scale=0.1, abs_posemb=False)
   c.masking.update(kind="blockwise", ratio=0.4, min_block=16, min_aspect=0.3)
   c.tokenizer.update(vocab_size=8192, path="")

@@ -17,7 +17,8 @@ patches, no extra loss scale (`--loss_scale -1`); teacher decay 0.999 -> 0.9998 
 the whole run, as fairseq's data2vec_vision config anneals it (the release command holds 0.9998
 from the first step: --config.teacher.ema_anneal_fraction=0.0); RandomResizedCrop(0.08, 1) +
 flip (BEiT's crop). The official ViT's shared relative position bias and layer scale 1e-4,
-without absolute positions (`model.rel_pos_bias`, `model.layer_scale`, `model.abs_posemb`). Not
+without absolute positions, and its init (`model.rel_pos_bias`, `model.layer_scale`,
+`model.abs_posemb`, `model.weight_init`). Not
 reproduced: attention dropout 0.05 and colour jitter. `--config.teacher.block_norm=instance
 --config.teacher.final_norm=none` gives the per-channel instance-normalised targets of the
 data2vec paper's speech setup.
@@ -33,7 +34,9 @@ def get_config(arg=None):
   c.model.variant = str(args.get("variant", "B/16"))
   c.model.drop_path_rate = 0.25
   # The official ViT: a relative position bias shared by all blocks, layer scale, no
-  # absolute positions.
+  # absolute positions, and its init (N(0, 0.02) cut at +-0.02, branch outputs divided by
+  # sqrt(2 * layer): models/vit.py weight_inits).
+  c.model.weight_init = "beit"
   c.model.update(rel_pos_bias="shared", layer_scale=1e-4, abs_posemb=False)
   c.masking.update(kind="blockwise", ratio=0.6, min_block=16, min_aspect=0.3)
   c.teacher.update(ema_decay=0.999, ema_end_decay=0.9998, ema_anneal_fraction=1.0, top_k=6,

@@ -77,6 +77,10 @@ def test_invalid_config_names_field_value_and_allowed(overrides, match):
     ("linprobe", {"model.drop_path_rate": 0.1}, r"model.drop_path_rate=0.1 is not used: the "
      "probe's encoder is frozen"),
     ("linprobe", {"model.remat": "full"}, r"model.remat='full' is not used"),
+    ("linprobe", {"classifier.features": "pixels", "model.weight_init": "beit"},
+     r"model.weight_init='beit' is not used: classifier.features='pixels' runs no encoder"),
+    ("finetune", {"model.weight_init": "beit", "init_from": "/exports/mae"},
+     r"model.weight_init='beit' is not used: the encoder's weights come from init_from"),
     ("vq_tokenizer", {"data.eval_split": "test"}, r"data.eval_split='test' is not used: a "
      "tokenizer"),
     ("vqkd_tokenizer", {"data.eval_path": "/x"}, r"data.eval_path='/x' is not used"),
@@ -159,6 +163,8 @@ def test_fields_a_method_would_not_read_are_refused(method, overrides, match):
              "classifier.mixup_alpha": {"classifier.mixup_prob": 1.0},
              "classifier.cutmix_alpha": {"classifier.mixup_prob": 1.0},
              "classifier.pool": {"classifier.features": "encoder"},
+             "model.weight_init": {"classifier.features": "encoder"},
+             "init_from": {"init_from": "random"},
              "probe.fit_sets": {"classifier.features": "encoder"},
              "multicrop.grayscale_prob": {"channels": 3},
              "multicrop.local_size": {"multicrop.num_local": 2},

@@ -435,6 +435,7 @@ def test_layer_scale_of_one_is_the_plain_block():
     ({"model.rel_pos_bias": "global"}, r"config.model.rel_pos_bias='global'.*shared"),
     ({"model.layer_scale": -0.1}, r"config.model.layer_scale=-0.1"),
     ({"model.abs_posemb": False}, r"config.model.abs_posemb=False.*no positions"),
+    ({"model.weight_init": "timm"}, r"config.model.weight_init='timm'.*'xavier', 'beit'"),
 ])
 def test_beit_style_model_fields_are_checked(overrides, match):
   config = tiny_mae_config()
@@ -444,6 +445,51 @@ def test_beit_style_model_fields_are_checked(overrides, match):
       config[section][field] = value
   with pytest.raises(ConfigError, match=match):
     registry.validate_config(config)
+
+
+def test_beit_weight_init_is_the_official_pretraining_init():
+  """model.weight_init='beit', against a transcription of BEiT's / data2vec's pre-training
+  model (unilm beit/modeling_pretrain.py, data2vec_vision beit/modeling_cyclical.py): every
+  Linear (the patch embedding's conv too) and the cls / mask tokens drawn by
+  trunc_normal_(std=0.02, a=-0.02, b=0.02), biases 0, then `fix_init_weight`: block i's
+  attn.proj and mlp.fc2 weights divided by sqrt(2 * (i + 1)). The MAE init stays the default."""
+  images = jnp.zeros((1, 32, 32, 3))
+  def init(weight_init, depth=4):
+    encoder = vit.ViTEncoder(image_size=(32, 32), patch_size=4, width=256, depth=depth,
+                             num_heads=4, mlp_dim=1024, use_mask_token=True,
+                             weight_init=weight_init)
+    return encoder.init(jax.random.key(0), images)["params"]
+  beit, xavier = init("beit"), init("xavier")
+  cut_std = 0.02 * 0.5396  # N(0, 1) cut at +-1 has std 0.5396
+  blocks = beit["transformer"]
+  drawn = {"patch_embed": beit["patch_embed"]["kernel"], "cls": beit["cls_token"],
+           "mask": beit["mask_token"]}
+  for i in range(4):
+    b = blocks[f"blocks_{i}"]
+    drawn |= {f"qkv{i}": b["attn"]["qkv"]["kernel"], f"fc1{i}": b["mlp"]["fc1"]["kernel"]}
+    for name in ("proj", "fc2"):
+      w = np.asarray((b["attn"] if name == "proj" else b["mlp"])[name]["kernel"])
+      # Divided by sqrt(2 * layer_id): the draw itself is cut at +-0.02 with the cut std.
+      undone = w * np.sqrt(2.0 * (i + 1))
+      assert np.abs(undone).max() <= 0.02 + 1e-7
+      assert abs(undone.std() / cut_std - 1) < 0.03, (name, i, undone.std())
+    for leaf in jax.tree.leaves({k: v for k, v in b.items() if "bias" in str(k)}):
+      np.testing.assert_array_equal(leaf, 0)
+  for name, w in drawn.items():
+    w = np.asarray(w)
+    assert np.abs(w).max() <= 0.02 + 1e-7, name
+    if w.size > 10_000:
+      assert abs(w.std() / cut_std - 1) < 0.03, (name, w.std())
+  for b in (blocks["blocks_0"]["attn"]["qkv"]["bias"], blocks["blocks_3"]["mlp"]["fc2"]["bias"]):
+    np.testing.assert_array_equal(b, 0)
+  # Same parameter tree as the default, whose values are MAE's Xavier-uniform draws.
+  assert jax.tree.structure(beit) == jax.tree.structure(xavier)
+  fc1 = np.asarray(xavier["transformer"]["blocks_0"]["mlp"]["fc1"]["kernel"])
+  assert abs(fc1.std() / np.sqrt(2.0 / (256 + 1024)) - 1) < 0.03
+  # An encoder built from a config reads the field.
+  config = tiny_mae_config(**{"model.weight_init": "beit"})
+  built = vit.encoder_from_config(config.model, config.image_size, config.channels)
+  assert built.weight_init == "beit"
 
 
 def test_heads_start_from_the_official_truncated_normal():

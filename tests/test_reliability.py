@@ -850,6 +850,13 @@ def test_resume_refuses_a_config_that_would_train_something_else(tmp_path):
             "random_erasing": 0.25}
   assert resume_check.changed_fields({"data": {"crop_scale": [0.08, 1.0]}}, {"data": recipe}) == [
       ("data.rand_augment", "", "rand-m9-mstd0.5-inc1"), ("data.random_erasing", 0.0, 0.25)]
+  # Runs from before model.weight_init started from MAE's init.
+  model = {"variant": "B/16"}
+  assert resume_check.changed_fields({"model": model},
+                                     {"model": {**model, "weight_init": "xavier"}}) == []
+  assert resume_check.changed_fields({"model": model},
+                                     {"model": {**model, "weight_init": "beit"}}) == [
+      ("model.weight_init", "xavier", "beit")]
 
 
 def test_a_diverged_run_resumes_with_clipping_switched_on(tmp_path):
@@ -912,14 +919,15 @@ def test_resume_with_changes_where_nothing_resumes_says_so(tmp_path, caplog, mon
 
 
 def test_resume_refuses_initial_values_it_would_not_read(tmp_path):
-  """classifier.head_init_std and model.layer_scale set initial weights only: a resume
-  restores the weights, so another value is refused, also with --resume_with_changes (it was
-  logged and recorded as a change taken, and changed nothing)."""
+  """classifier.head_init_std, model.layer_scale and model.weight_init set initial weights
+  only: a resume restores the weights, so another value is refused, also with
+  --resume_with_changes (it was logged and recorded as a change taken, and changed nothing)."""
   from mim_jax.training import metric_writers, resume_check
   for method, field, value in (("finetune", "classifier.head_init_std", 0.02),
-                               ("mae", "model.layer_scale", 0.2)):
+                               ("mae", "model.layer_scale", 0.2),
+                               ("mae", "model.weight_init", "beit")):
     started = tiny_config(method, **{"model.layer_scale": 0.1})
-    workdir = tmp_path / method
+    workdir = tmp_path / field
     workdir.mkdir()
     (workdir / metric_writers.CONFIG_FILE).write_text(
         metric_writers.config_text(started.to_dict()))
@@ -931,7 +939,8 @@ def test_resume_refuses_initial_values_it_would_not_read(tmp_path):
                                     allow_changes=allow)
   # To or from 0 the scale parameters come or go: not an initial value, the restore decides.
   no_scale = tiny_config("mae", **{"model.layer_scale": 0.0})
-  assert resume_check.check_same_run(str(tmp_path / "mae"), no_scale, weight_fields=(),
+  assert resume_check.check_same_run(str(tmp_path / "model.layer_scale"), no_scale,
+                                     weight_fields=(),
                                      allow_changes=True) == [("model.layer_scale", 0.1, 0.0)]
 
 

@@ -26,7 +26,14 @@ from mim_jax.config import defaults
 from mim_jax.config.checks import get, is_int, is_number, pair, positive_int, require  # noqa: F401
 from mim_jax.config.errors import ConfigError, config_error
 from mim_jax.evaluate import knn
-from mim_jax.models.vit import MLP_ACTS, REL_POS_BIAS, VIT_SIZES, parse_variant, size_from_config
+from mim_jax.models.vit import (
+  MLP_ACTS,
+  REL_POS_BIAS,
+  VIT_SIZES,
+  WEIGHT_INITS,
+  parse_variant,
+  size_from_config,
+)
 from mim_jax.objectives.masking import ATTENTION_ORDERS, MASK_KINDS, num_visible
 from mim_jax.training import compiler_options, optim, parallel, step
 from mim_jax.weights import continuation, pretrained
@@ -75,6 +82,9 @@ def validate_model(config) -> None:
             "branch (0: no layer scale; BEiT uses 0.1 for ViT-B, 1e-5 for ViT-L)")
   if "pre_norm" in m:
     require(isinstance(m.pre_norm, bool), "model.pre_norm", m.pre_norm, "True or False")
+  if "weight_init" in m:
+    require(m.weight_init in WEIGHT_INITS, "model.weight_init", m.weight_init,
+            f"one of {WEIGHT_INITS} (xavier: the official MAE's; beit: BEiT's and data2vec's)")
   if "mlp_act" in m:
     require(m.mlp_act in MLP_ACTS, "model.mlp_act", m.mlp_act,
             f"one of {tuple(MLP_ACTS)} (quick_gelu: OpenAI CLIP towers)")
@@ -412,6 +422,9 @@ def check_num_classes(config, dataset_classes: int) -> None:
 # (fields, reads(config) -> bool, why): each field is read only when `reads` holds; otherwise
 # it must keep its default, so that an override never silently does nothing.
 UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
+    (("model.weight_init",), lambda c: not pretrained.is_pretrained(c.get("init_from", "")),
+     "the encoder's weights come from init_from (a head or decoder the run adds starts "
+     "from its own init)"),
     (("optimizer.b1", "optimizer.b2", "optimizer.eps", "optimizer.mu_dtype"),
      lambda c: c.optimizer.name == "adamw", "only optimizer.name='adamw' reads it"),
     (("optimizer.momentum",), lambda c: c.optimizer.name in ("lars", "sgd"),
@@ -475,7 +488,7 @@ UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
      defaults.scores_eval_split,
      "the k-NN monitor is off (knn.every_epochs=0), and nothing else of a pre-training run "
      "scores an evaluation split"),
-    (("classifier.probe_layer", "classifier.pool"),
+    (("classifier.probe_layer", "classifier.pool", "model.weight_init"),
      lambda c: c.classifier.get("features") != "pixels",
      "classifier.features='pixels' runs no encoder (no block to read, no tokens to pool)"),
     (("viz_num_images", "viz_channels"), lambda c: c.viz_every > 0,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any, Optional, Sequence
 
 import chex
@@ -27,7 +28,8 @@ from mim_jax.training import parallel
 
 Dtype = Any
 
-# Xavier-uniform on every linear layer and N(0, 0.02) on learned tokens, as in the official MAE.
+# Xavier-uniform on every linear layer and N(0, 0.02) on learned tokens, as in the official MAE
+# (model.weight_init='xavier', the default; `weight_inits` has BEiT's too).
 dense_init = nn.initializers.xavier_uniform()
 token_init = nn.initializers.normal(stddev=0.02)
 LAYER_NORM_EPS = 1e-6
@@ -42,6 +44,45 @@ def trunc_normal(std: float) -> nn.initializers.Initializer:
   std changes by under 2e-5 of itself."""
   bound = min(2.0 / std, 5.0)
   return nn.initializers.truncated_normal(std, lower=-bound, upper=bound)
+
+
+# model.weight_init: how an encoder built from the config starts (see `weight_inits`).
+WEIGHT_INITS = ("xavier", "beit")
+# BEiT's and data2vec's pre-training code wrap timm's trunc_normal_ with a = -std, b = std: the
+# draws are cut at one standard deviation (+-0.02), not two, so their std is 0.54 x 0.02.
+BEIT_STD = 0.02
+
+
+def _divided(init: nn.initializers.Initializer, divisor: float) -> nn.initializers.Initializer:
+  def scaled(key, shape, dtype=jnp.float32):
+    return init(key, shape, dtype) / divisor
+  return scaled
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightInit:
+  """Initialisers of one block's linear layers: `kernel` for the patch embedding, qkv and fc1,
+  `out` for the branch outputs (attention proj, MLP fc2), `token` for the cls / mask tokens."""
+  kernel: nn.initializers.Initializer
+  out: nn.initializers.Initializer
+  token: nn.initializers.Initializer
+
+
+def weight_inits(scheme: str = "xavier", layer_id: int = 1) -> WeightInit:
+  """The initialisers of `scheme` (`model.weight_init`) for block `layer_id` (1 .. depth).
+
+  "xavier": Xavier-uniform linear layers and N(0, 0.02) tokens, as the official MAE (and
+  timm's ViT in its "jax" mode). "beit": BEiT's and data2vec's pre-training init: linear layers
+  (the patch embedding too) and tokens N(0, 0.02) cut at +-0.02 (BEIT_STD), and each block's
+  two branch outputs divided by sqrt(2 * layer_id) (their `fix_init_weight`), so the residual
+  stream grows more slowly with depth. Biases start at 0 in both.
+  """
+  if scheme == "xavier":
+    return WeightInit(dense_init, dense_init, token_init)
+  if scheme == "beit":
+    cut = nn.initializers.truncated_normal(BEIT_STD, lower=-1.0, upper=1.0)
+    return WeightInit(cut, _divided(cut, math.sqrt(2.0 * layer_id)), cut)
+  raise config_error("model.weight_init", scheme, f"one of {WEIGHT_INITS}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,15 +235,17 @@ class Mlp(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   act: str = "gelu"
+  kernel_init: nn.initializers.Initializer = dense_init   # fc1
+  out_init: nn.initializers.Initializer = dense_init      # fc2
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.act not in MLP_ACTS:
       raise config_error("model.mlp_act", self.act, f"one of {tuple(MLP_ACTS)}")
     width = x.shape[-1]
-    x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=dense_init, name="fc1")(x)
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=self.kernel_init, name="fc1")(x)
     x = MLP_ACTS[self.act](x)
-    return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name="fc2")(x)
+    return nn.Dense(width, dtype=self.dtype, kernel_init=self.out_init, name="fc2")(x)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -362,11 +405,12 @@ class BlockwiseQKV(nn.Module):
   """
   features: int
   dtype: Dtype = jnp.float32
+  kernel_init: nn.initializers.Initializer = dense_init
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     # float32 parameters, as nn.Dense's default param_dtype.
-    kernel = self.param("kernel", dense_init, (x.shape[-1], self.features), jnp.float32)
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     x, kernel, bias = (jnp.asarray(a, self.dtype) for a in (x, kernel, bias))
     w = self.features // 3
@@ -388,6 +432,8 @@ class Attention(nn.Module):
   # None (cuDNN on GPU, heads-major XLA on CPU, XLA elsewhere), "xla", "cudnn" or "heads_major"
   implementation: Optional[str] = None
   rel_pos_grid: Optional[tuple[int, int]] = None
+  kernel_init: nn.initializers.Initializer = dense_init   # qkv
+  out_init: nn.initializers.Initializer = dense_init      # proj
 
   @nn.compact
   def __call__(self, x: jax.Array, bias: Optional[jax.Array] = None,
@@ -397,9 +443,10 @@ class Attention(nn.Module):
     implementation = default_attention_impl(self.implementation)
     if implementation == "heads_major":
       q, k, v = (y.reshape(b, t, self.num_heads, head_dim)
-                 for y in BlockwiseQKV(3 * width, dtype=self.dtype, name="qkv")(x))
+                 for y in BlockwiseQKV(3 * width, dtype=self.dtype, kernel_init=self.kernel_init,
+                                        name="qkv")(x))
     else:
-      qkv = nn.Dense(3 * width, dtype=self.dtype, kernel_init=dense_init, name="qkv")(x)
+      qkv = nn.Dense(3 * width, dtype=self.dtype, kernel_init=self.kernel_init, name="qkv")(x)
       qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim)
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, heads, head_dim]
     if self.rel_pos_grid is not None:
@@ -414,7 +461,7 @@ class Attention(nn.Module):
       self.sow("intermediates", "attention", jax.nn.softmax(logits, -1))
     out = dot_product_attention(q, k, v, implementation=implementation, bias=bias)
     out = out.reshape(b, t, width)
-    return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name="proj")(out)
+    return nn.Dense(width, dtype=self.dtype, kernel_init=self.out_init, name="proj")(out)
 
 
 class Block(nn.Module):
@@ -424,6 +471,8 @@ class Block(nn.Module):
   `layer_scale` > 0 multiplies each branch by a learned per-channel scale starting at that
   value (CaiT's LayerScale, `gamma_1` / `gamma_2` in BEiT): deep pre-training starts close to
   the identity. `rel_pos_grid`: this block's own relative position bias (see `Attention`).
+  `weight_init` and `layer_id` (1 .. depth) pick its linear layers' initialisers
+  (`weight_inits`).
   """
   num_heads: int
   mlp_dim: int
@@ -433,6 +482,8 @@ class Block(nn.Module):
   layer_scale: float = 0.0
   rel_pos_grid: Optional[tuple[int, int]] = None
   mlp_act: str = "gelu"
+  weight_init: str = "xavier"
+  layer_id: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, bias: Optional[jax.Array] = None,
@@ -451,11 +502,14 @@ class Block(nn.Module):
       return y
 
     norm = lambda name: nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name=name)
+    init = weight_inits(self.weight_init, self.layer_id)
     attn = Attention(self.num_heads, dtype=self.dtype, implementation=self.attention_impl,
-                     rel_pos_grid=self.rel_pos_grid, name="attn")
+                     rel_pos_grid=self.rel_pos_grid, kernel_init=init.kernel,
+                     out_init=init.out, name="attn")
+    mlp = Mlp(self.mlp_dim, dtype=self.dtype, act=self.mlp_act, kernel_init=init.kernel,
+              out_init=init.out, name="mlp")
     x = x + residual(scaled(attn(norm("norm1")(x), bias, rel_index), "gamma_1"))
-    x = x + residual(scaled(Mlp(self.mlp_dim, dtype=self.dtype, act=self.mlp_act, name="mlp")(norm("norm2")(x)),
-                            "gamma_2"))
+    x = x + residual(scaled(mlp(norm("norm2")(x)), "gamma_2"))
     return x
 
 
@@ -499,6 +553,7 @@ class Transformer(nn.Module):
   rel_pos_bias: str = ""
   rel_pos_grid: Optional[tuple[int, int]] = None
   mlp_act: str = "gelu"
+  weight_init: str = "xavier"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -520,7 +575,8 @@ class Transformer(nn.Module):
       x = parallel.constrain_batch(x)
       x = block(self.num_heads, self.mlp_dim, drop_path=rate, dtype=self.dtype,
                 attention_impl=self.attention_impl, layer_scale=self.layer_scale,
-                rel_pos_grid=own_grid, mlp_act=self.mlp_act, name=f"blocks_{i}")(
+                rel_pos_grid=own_grid, mlp_act=self.mlp_act, weight_init=self.weight_init,
+                layer_id=i + 1, name=f"blocks_{i}")(
                     x, train, shared, rel_index if own_grid else None)
       block_outputs.append(x)
     x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name=self.norm_name)(x)
@@ -546,8 +602,10 @@ class ViTEncoder(nn.Module):
   configured grid and read at the tokens' grid positions (visible patches, smaller views).
   `pre_norm` adds a LayerNorm `norm_pre` over the tokens before the first block (CLIP's
   ln_pre; timm's pre_norm=True) and `mlp_act="quick_gelu"` OpenAI CLIP's activation, so
-  CLIP towers load as teachers. The sin-cos table is computed for the input's own patch grid, so images smaller than `image_size` (multi-crop local views) work;
-  positions run 0 .. g - 1 on any grid.
+  CLIP towers load as teachers. `weight_init` ("xavier" | "beit", `weight_inits`) sets how the
+  weights start. The sin-cos table is computed for the input's own patch grid, so images
+  smaller than `image_size` (multi-crop local views) work; positions run 0 .. g - 1 on any
+  grid.
 
   Returns (tokens [B, 1 + K or N, D] after the final LayerNorm, aux) where aux holds
   "blocks": the list of per-block outputs (before the final norm).
@@ -569,6 +627,7 @@ class ViTEncoder(nn.Module):
   rel_pos_bias: str = ""
   pre_norm: bool = False
   mlp_act: str = "gelu"
+  weight_init: str = "xavier"
 
   @property
   def grid_hw(self) -> tuple[int, int]:
@@ -592,9 +651,10 @@ class ViTEncoder(nn.Module):
       # and then picking, without a backward pass over masked rows or a scatter-add into the
       # full token tensor (the input pixels need no gradient).
       x = gather_tokens(x, ids_keep)
-    x = nn.Dense(self.width, dtype=self.dtype, kernel_init=dense_init, name="patch_embed")(x)
+    init = weight_inits(self.weight_init)
+    x = nn.Dense(self.width, dtype=self.dtype, kernel_init=init.kernel, name="patch_embed")(x)
     if self.use_mask_token:
-      mask_token = self.param("mask_token", token_init, (1, 1, self.width))
+      mask_token = self.param("mask_token", init.token, (1, 1, self.width))
       if token_mask is not None:
         x = jnp.where(token_mask[:, :, None], mask_token.astype(x.dtype), x)
     elif token_mask is not None:
@@ -618,7 +678,7 @@ class ViTEncoder(nn.Module):
     patch_posemb = posemb[1:][ids_keep] if ids_keep is not None else posemb[None, 1:]
     x = x + patch_posemb.astype(x.dtype)
 
-    cls = self.param("cls_token", token_init, (1, 1, self.width))
+    cls = self.param("cls_token", init.token, (1, 1, self.width))
     cls = (cls + posemb[None, :1]).astype(x.dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
     if self.pre_norm:
@@ -632,7 +692,7 @@ class ViTEncoder(nn.Module):
                             attention_impl=self.attention_impl, remat=self.remat,
                             layer_scale=self.layer_scale, rel_pos_bias=self.rel_pos_bias,
                             rel_pos_grid=tuple(self.grid_hw), mlp_act=self.mlp_act,
-                            name="transformer")(
+                            weight_init=self.weight_init, name="transformer")(
                                 x, train, rel_index)
     return x, {"blocks": blocks}
 
@@ -681,7 +741,7 @@ def describe_size(model_cfg) -> str:
 def encoder_from_config(model_cfg, image_size: Sequence[int], channels: int, *,
                         use_mask_token: bool = False, posemb: str = "sincos") -> ViTEncoder:
   """Builds the encoder described by `config.model` (variant, dtype, attention, drop path,
-  remat, layer scale, relative position bias). `model.abs_posemb=False` (BEiT's recipe:
+  remat, layer scale, relative position bias, weight init). `model.abs_posemb=False` (BEiT's recipe:
   relative positions only) overrides `posemb` with "none"."""
   size, patch = size_from_config(model_cfg)
   if not model_cfg.get("abs_posemb", True):
@@ -694,4 +754,5 @@ def encoder_from_config(model_cfg, image_size: Sequence[int], channels: int, *,
       remat=model_cfg.get("remat", "none"), layer_scale=float(model_cfg.get("layer_scale", 0.0)),
       rel_pos_bias=str(model_cfg.get("rel_pos_bias", "")),
       pre_norm=bool(model_cfg.get("pre_norm", False)),
-      mlp_act=str(model_cfg.get("mlp_act", "gelu")))
+      mlp_act=str(model_cfg.get("mlp_act", "gelu")),
+      weight_init=str(model_cfg.get("weight_init", "xavier")))

@@ -70,7 +70,8 @@ FIXED_ON_RESUME = ("data.num_workers",)
 
 # Fields read only when the weights are first made (initial values): a resume restores the
 # weights, so another value would change nothing, with or without `allow_changes`.
-READ_AT_INIT = ("classifier.head_init_std", "classifier.reuse_head", "model.layer_scale")
+READ_AT_INIT = ("classifier.head_init_std", "classifier.reuse_head", "model.layer_scale",
+                "model.weight_init")
 
 # Fields added after runs had started, with the value those runs used implicitly, for fields
 # a config file may set otherwise (configs/maskfeat_vitb.py asks MaskFeat's own HOG bins, the
@@ -78,7 +79,7 @@ READ_AT_INIT = ("classifier.head_init_std", "classifier.reuse_head", "model.laye
 # scikit-image does and augmented without them). Compared only where the run's config.json has
 # the field's parent block.
 VALUE_BEFORE_FIELD = {"target.hog.binning": "skimage", "data.rand_augment": "",
-                      "data.random_erasing": 0.0}
+                      "data.random_erasing": 0.0, "model.weight_init": "xavier"}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
