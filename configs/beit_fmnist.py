@@ -13,9 +13,9 @@ rows of docs/results.md compare objectives. Blockwise masking of 40% of the 7x7 
 budget of 19 patches, blocks of at least 4 patches: BEiT's 16 of 196 scaled to 49), mask
 tokens, a linear head over the 512 codes, cross-entropy on masked patches; AdamW (0.9, 0.999),
 wd 0.05, clipping 3.0 as in the ImageNet recipe. Left out of the ViT-B recipe at this size, so
-the encoder is MAE's demo ViT as for every method: drop path 0.1, layer scale 0.1 and the shared
-relative position bias in place of absolute positions (configs/beit_vitb.py sets them).
-Arguments: `variant=SIZE/4`, `runlocal`.
+the encoder is MAE's demo ViT as for every method: drop path 0.1, layer scale 0.1, the shared
+relative position bias in place of absolute positions, and BEiT's init (configs/beit_vitb.py
+sets them). Arguments: `variant=SIZE/4`, `runlocal`.
 """
 
 from mim_jax import recipes, registry

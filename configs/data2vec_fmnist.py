@@ -12,9 +12,9 @@ clipping 3.0. The teacher decay is sized for runs of hundreds to thousands of st
 default 3 epochs, 6,420 at the 30 of docs/fmnist_results.sh), instead of ImageNet's 0.999 ->
 0.9998, whose ~5000-step window would leave the teacher near its random initialisation for
 most of such a run. Left out of the ViT-B recipe at this size, so the encoder is MAE's demo ViT
-as for every method: drop path 0.25, layer scale 1e-4 and the shared relative position bias in
-place of absolute positions (configs/data2vec_vitb.py sets them). Arguments: `variant=SIZE/4`,
-`runlocal`.
+as for every method: drop path 0.25, layer scale 1e-4, the shared relative position bias in
+place of absolute positions, and BEiT's init (configs/data2vec_vitb.py sets them). Arguments:
+`variant=SIZE/4`, `runlocal`.
 """
 
 from mim_jax import recipes, registry
