@@ -435,7 +435,7 @@ def test_layer_scale_of_one_is_the_plain_block():
     ({"model.rel_pos_bias": "global"}, r"config.model.rel_pos_bias='global'.*shared"),
     ({"model.layer_scale": -0.1}, r"config.model.layer_scale=-0.1"),
     ({"model.abs_posemb": False}, r"config.model.abs_posemb=False.*no positions"),
-    ({"model.weight_init": "timm"}, r"config.model.weight_init='timm'.*'xavier', 'beit'"),
+    ({"model.weight_init": "timm"}, r"config.model.weight_init='timm'.*'xavier', 'beit', 'simmim'"),
 ])
 def test_beit_style_model_fields_are_checked(overrides, match):
   config = tiny_mae_config()
@@ -449,7 +449,8 @@ def test_beit_style_model_fields_are_checked(overrides, match):
 
 def test_beit_weight_init_is_the_official_pretraining_init():
   """model.weight_init='beit', against a transcription of BEiT's / data2vec's pre-training
-  model (unilm beit/modeling_pretrain.py, data2vec_vision beit/modeling_cyclical.py): every
+  model (unilm beit/modeling_pretrain.py, data2vec_vision beit/modeling_cyclical.py; SimMIM's
+  models/vision_transformer.py the same but uncut: 'simmim'): every
   Linear (the patch embedding's conv too) and the cls / mask tokens drawn by
   trunc_normal_(std=0.02, a=-0.02, b=0.02), biases 0, then `fix_init_weight`: block i's
   attn.proj and mlp.fc2 weights divided by sqrt(2 * (i + 1)). The MAE init stays the default."""
@@ -486,6 +487,10 @@ def test_beit_weight_init_is_the_official_pretraining_init():
   assert jax.tree.structure(beit) == jax.tree.structure(xavier)
   fc1 = np.asarray(xavier["transformer"]["blocks_0"]["mlp"]["fc1"]["kernel"])
   assert abs(fc1.std() / np.sqrt(2.0 / (256 + 1024)) - 1) < 0.03
+  # SimMIM's: timm's trunc_normal_(std=0.02) (cut at +-2: in effect uncut), the same rescale.
+  simmim = init("simmim")["transformer"]["blocks_2"]["mlp"]
+  for name, divisor in (("fc1", 1.0), ("fc2", np.sqrt(6.0))):
+    assert abs(np.asarray(simmim[name]["kernel"]).std() * divisor / 0.02 - 1) < 0.03, name
   # An encoder built from a config reads the field.
   config = tiny_mae_config(**{"model.weight_init": "beit"})
   built = vit.encoder_from_config(config.model, config.image_size, config.channels)

@@ -84,7 +84,8 @@ def validate_model(config) -> None:
     require(isinstance(m.pre_norm, bool), "model.pre_norm", m.pre_norm, "True or False")
   if "weight_init" in m:
     require(m.weight_init in WEIGHT_INITS, "model.weight_init", m.weight_init,
-            f"one of {WEIGHT_INITS} (xavier: the official MAE's; beit: BEiT's and data2vec's)")
+            f"one of {WEIGHT_INITS} (xavier: the official MAE's; beit: BEiT's and data2vec's; "
+            "simmim: SimMIM's)")
   if "mlp_act" in m:
     require(m.mlp_act in MLP_ACTS, "model.mlp_act", m.mlp_act,
             f"one of {tuple(MLP_ACTS)} (quick_gelu: OpenAI CLIP towers)")

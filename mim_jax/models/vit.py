@@ -47,7 +47,7 @@ def trunc_normal(std: float) -> nn.initializers.Initializer:
 
 
 # model.weight_init: how an encoder built from the config starts (see `weight_inits`).
-WEIGHT_INITS = ("xavier", "beit")
+WEIGHT_INITS = ("xavier", "beit", "simmim")
 # BEiT's and data2vec's pre-training code wrap timm's trunc_normal_ with a = -std, b = std: the
 # draws are cut at one standard deviation (+-0.02), not two, so their std is 0.54 x 0.02.
 BEIT_STD = 0.02
@@ -75,13 +75,15 @@ def weight_inits(scheme: str = "xavier", layer_id: int = 1) -> WeightInit:
   timm's ViT in its "jax" mode). "beit": BEiT's and data2vec's pre-training init: linear layers
   (the patch embedding too) and tokens N(0, 0.02) cut at +-0.02 (BEIT_STD), and each block's
   two branch outputs divided by sqrt(2 * layer_id) (their `fix_init_weight`), so the residual
-  stream grows more slowly with depth. Biases start at 0 in both.
+  stream grows more slowly with depth. "simmim": SimMIM's ViT, the same with timm's
+  trunc_normal_(std=0.02) (cut at +-2, so in effect N(0, 0.02)). Biases start at 0 in all.
   """
   if scheme == "xavier":
     return WeightInit(dense_init, dense_init, token_init)
-  if scheme == "beit":
-    cut = nn.initializers.truncated_normal(BEIT_STD, lower=-1.0, upper=1.0)
-    return WeightInit(cut, _divided(cut, math.sqrt(2.0 * layer_id)), cut)
+  if scheme in ("beit", "simmim"):
+    draw = (nn.initializers.truncated_normal(BEIT_STD, lower=-1.0, upper=1.0)
+            if scheme == "beit" else trunc_normal(BEIT_STD))
+    return WeightInit(draw, _divided(draw, math.sqrt(2.0 * layer_id)), draw)
   raise config_error("model.weight_init", scheme, f"one of {WEIGHT_INITS}")
 
 
