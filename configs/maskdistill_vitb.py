@@ -15,7 +15,8 @@ not multiplied by CLIP's 512-wide output projection, which BEiT v2's VQ-KD relea
 every token (the import keeps that projection as the classifier head, which the teacher does
 not use); that choice is not checked against MaskDistill's own release.
 The student is BEiT v2's ViT: a shared relative position bias, layer scale 0.1, no absolute
-positions (`model.rel_pos_bias`, `model.layer_scale`, `model.abs_posemb`). Arguments:
+positions, and BEiT v2's init (`model.rel_pos_bias`, `model.layer_scale`, `model.abs_posemb`,
+`model.weight_init`; unilm beit2/modeling_pretrain.py, BEiT's own). Arguments:
 `variant=B/16` (any SIZE/PATCH), `runlocal`.
 """
 
@@ -29,8 +30,8 @@ def get_config(arg=None):
   c.model.variant = str(args.get("variant", "B/16"))
   c.model.drop_path_rate = 0.1
   # The official ViT: a relative position bias shared by all blocks, layer scale, no
-  # absolute positions.
-  c.model.update(rel_pos_bias="shared", layer_scale=0.1, abs_posemb=False)
+  # absolute positions, and its init (models/vit.py weight_inits).
+  c.model.update(rel_pos_bias="shared", layer_scale=0.1, abs_posemb=False, weight_init="beit")
   c.masking.update(kind="blockwise", ratio=0.4, min_block=16, min_aspect=0.3)
   c.data.crop_scale = (0.08, 1.0)
   c.global_batch_size = 2048
