@@ -13,7 +13,8 @@ groups (2x2 patches), a linear head to the 16x16x3 pixels of each patch, L1 loss
 pixels of the normalised image (no per-patch normalisation); RandomResizedCrop(0.67, 1) + flip.
 The official ViT's shared relative position bias and layer scale 0.1, without absolute
 positions, and its init (`model.rel_pos_bias`, `model.layer_scale`, `model.abs_posemb`,
-`model.weight_init`: N(0, 0.02), each block's branch outputs divided by sqrt(2 * layer)).
+`model.weight_init`: N(0, 0.02) cut at +-0.02, each block's branch outputs divided by
+sqrt(2 * layer)).
 """
 
 from mim_jax import registry
@@ -27,7 +28,7 @@ def get_config(arg=None):
   c.model.drop_path_rate = 0.1
   # The official ViT: a relative position bias shared by all blocks, layer scale, no
   # absolute positions, and its init (models/vit.py weight_inits).
-  c.model.update(rel_pos_bias="shared", layer_scale=0.1, abs_posemb=False, weight_init="simmim")
+  c.model.update(rel_pos_bias="shared", layer_scale=0.1, abs_posemb=False, weight_init="beit")
   c.masking.update(kind="grouped", ratio=0.6, mask_patch_size=32)
   c.target.norm_pix = False
   c.data.crop_scale = (0.67, 1.0)

@@ -80,7 +80,8 @@ def test_invalid_config_names_field_value_and_allowed(overrides, match):
     ("linprobe", {"classifier.features": "pixels", "model.weight_init": "beit"},
      r"model.weight_init='beit' is not used: classifier.features='pixels' runs no encoder"),
     ("finetune", {"model.weight_init": "beit", "init_from": "/exports/mae"},
-     r"model.weight_init='beit' is not used: the encoder's weights come from init_from"),
+     r"model.weight_init='beit' is not used: an evaluation's encoder weights all come from "
+     r"init_from"),
     ("vq_tokenizer", {"data.eval_split": "test"}, r"data.eval_split='test' is not used: a "
      "tokenizer"),
     ("vqkd_tokenizer", {"data.eval_path": "/x"}, r"data.eval_path='/x' is not used"),
@@ -669,3 +670,13 @@ def test_encoder_fields_beside_init_from_must_match_the_export(tmp_path, capsys)
                      r"classifier.features='pixels' runs no encoder"):
     pretrained.refuse_dropped_overrides(c, {"model.dtype": "bfloat16"})
   pretrained.refuse_dropped_overrides(c, {"model.variant": "mu/4"})
+
+
+def test_continued_pre_training_reads_the_weight_init_for_what_the_export_lacks():
+  """An evaluation from an export takes its whole encoder from it: model.weight_init is refused
+  there (above). Continued pre-training keeps the init of what the export lacks (BEiT from an
+  MAE export: the mask token), so the field is accepted."""
+  c = registry.base_config("beit")
+  c.update_from_flattened_dict({"init_from": "/exports/mae", "model.weight_init": "beit"})
+  validation.check_unread(c, registry.base_config("beit"),
+                          registry.method_class("beit").unread_rules())

@@ -122,3 +122,22 @@ def test_device_augmentation_is_refused_where_it_cannot_act(method, overrides, m
   overrides.setdefault("data.augment_on", "device")
   with pytest.raises(ConfigError, match=match):
     validate_config(tiny_config(method, **overrides))
+
+
+def test_only_8_bit_sources_are_clipped_and_rounded():
+  """A float image (16-bit sources are decoded to float32 in [0, 1]) keeps bicubic's overshoot
+  at a sharp edge, as the host path's float resize does; the same image as uint8 is clipped to
+  [0, 1] and rounded to 1/255, as PIL's 8-bit resize."""
+  edge = np.zeros((2, 8, 8, 1), np.float32)
+  edge[:, :, 4:] = 1.0
+  batch = {CROP_BOX_KEY: np.array([[2, 2, 4, 4]] * 2, np.float32),
+           FLIP_KEY: np.array([False, True])}
+  apply = jax.jit(device_augment.apply, static_argnums=(1, 2, 3))
+  floats = np.asarray(apply({**batch, "image": edge}, (8, 8), (0.0,), (1.0,))["image"])
+  assert floats.min() < -0.01 and floats.max() > 1.01  # the overshoot, kept
+  assert np.abs(floats * 255 - np.round(floats * 255)).max() > 0.01  # not on the 8-bit grid
+  bytes_ = np.asarray(apply({**batch, "image": (edge * 255).astype(np.uint8)}, (8, 8), (0.0,),
+                            (1.0,))["image"])
+  assert bytes_.min() >= 0 and bytes_.max() <= 1 + 1e-6
+  np.testing.assert_allclose(bytes_ * 255, np.round(bytes_ * 255), atol=1e-3)
+  np.testing.assert_allclose(bytes_, np.clip(floats, 0, 1), atol=0.5 / 255 + 1e-6)

@@ -15,6 +15,7 @@ placeholder (`--config.seed=N`) are left out.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import pathlib
@@ -233,8 +234,13 @@ def test_every_command_of_the_gpu_benchmark_script_passes_its_checks(tmp_path, m
       _check_trainer_command(call[2:])
 
 
-ABSL_CLIS = ("mim_jax.main", "mim_jax.bench", "mim_jax.memory_plan", "mim_jax.data.stats",
-             "mim_jax.tokenizers.usage")
+# The programs whose --help is absl's (the module docstring): every module that calls app.run.
+ABSL_CLIS = sorted(str(p.relative_to(REPO)) for p in (REPO / "mim_jax").rglob("*.py")
+                   if "app.run(" in p.read_text())
+
+
+def test_the_absl_programs_are_found():
+  assert {"mim_jax/main.py", "mim_jax/bench.py", "mim_jax/memory_plan.py"} <= set(ABSL_CLIS)
 
 
 @pytest.mark.parametrize("module", ABSL_CLIS)
@@ -242,10 +248,7 @@ def test_help_prints_the_module_docstring_as_written(module):
   """absl's `--help` %-formats the docstring of `__main__` with the program's path: a lone '%'
   ("a few % apart") printed as "a few '/path/bench.py'part". A literal per cent sign must be
   written '%%' or in words."""
-  import ast
-  path = REPO / (module.replace(".", "/") + ".py")
-  doc = ast.get_docstring(ast.parse(path.read_text()), clean=False)
+  doc = ast.get_docstring(ast.parse((REPO / module).read_text()), clean=False)
   assert doc, f"{module} has no docstring for --help"
   specifiers = doc.count("%") - 2 * doc.count("%%")
   assert specifiers == 0, f"{module}'s docstring has a '%' that --help would format"
-  assert "app.run(" in path.read_text()  # the module's --help is absl's

@@ -11,9 +11,10 @@ import pytest
 from mim_jax import registry
 from mim_jax.config.errors import ConfigError
 from mim_jax.methods import mae
+from mim_jax.methods.base import TrainLength
 from mim_jax.models import vit
 
-from conftest import tiny_mae_config  # noqa: E402
+from conftest import tiny_config, tiny_mae_config  # noqa: E402
 
 
 def _mae_config(variant, image_size=(224, 224), channels=3, decoder=(512, 8, 16), dtype="float32"):
@@ -435,7 +436,7 @@ def test_layer_scale_of_one_is_the_plain_block():
     ({"model.rel_pos_bias": "global"}, r"config.model.rel_pos_bias='global'.*shared"),
     ({"model.layer_scale": -0.1}, r"config.model.layer_scale=-0.1"),
     ({"model.abs_posemb": False}, r"config.model.abs_posemb=False.*no positions"),
-    ({"model.weight_init": "timm"}, r"config.model.weight_init='timm'.*'xavier', 'beit', 'simmim'"),
+    ({"model.weight_init": "timm"}, r"config.model.weight_init='timm'.*\('xavier', 'beit'\)"),
 ])
 def test_beit_style_model_fields_are_checked(overrides, match):
   config = tiny_mae_config()
@@ -447,18 +448,19 @@ def test_beit_style_model_fields_are_checked(overrides, match):
     registry.validate_config(config)
 
 
-def test_beit_weight_init_is_the_official_pretraining_init():
-  """model.weight_init='beit', against a transcription of BEiT's / data2vec's pre-training
-  model (unilm beit/modeling_pretrain.py, data2vec_vision beit/modeling_cyclical.py; SimMIM's
-  models/vision_transformer.py the same but uncut: 'simmim'): every
-  Linear (the patch embedding's conv too) and the cls / mask tokens drawn by
-  trunc_normal_(std=0.02, a=-0.02, b=0.02), biases 0, then `fix_init_weight`: block i's
-  attn.proj and mlp.fc2 weights divided by sqrt(2 * (i + 1)). The MAE init stays the default."""
+@pytest.mark.parametrize("attention_impl", ["heads_major", "xla"])
+def test_beit_weight_init_is_the_official_pretraining_init(attention_impl):
+  """model.weight_init='beit', against a transcription of the pre-training models of BEiT,
+  BEiT v2, data2vec and SimMIM (unilm beit/ and beit2/ modeling_pretrain.py, data2vec_vision
+  beit/modeling_cyclical.py, SimMIM models/simmim.py): every Linear (the patch embedding's conv
+  too) and the cls / mask tokens drawn by trunc_normal_(std=0.02, a=-0.02, b=0.02), biases 0,
+  then `fix_init_weight`: block i's attn.proj and mlp.fc2 weights divided by sqrt(2 * (i + 1)).
+  Both qkv paths (the CPU's blockwise matmuls, the fused Dense). MAE's init stays the default."""
   images = jnp.zeros((1, 32, 32, 3))
   def init(weight_init, depth=4):
     encoder = vit.ViTEncoder(image_size=(32, 32), patch_size=4, width=256, depth=depth,
                              num_heads=4, mlp_dim=1024, use_mask_token=True,
-                             weight_init=weight_init)
+                             weight_init=weight_init, attention_impl=attention_impl)
     return encoder.init(jax.random.key(0), images)["params"]
   beit, xavier = init("beit"), init("xavier")
   cut_std = 0.02 * 0.5396  # N(0, 1) cut at +-1 has std 0.5396
@@ -474,27 +476,45 @@ def test_beit_weight_init_is_the_official_pretraining_init():
       undone = w * np.sqrt(2.0 * (i + 1))
       assert np.abs(undone).max() <= 0.02 + 1e-7
       assert abs(undone.std() / cut_std - 1) < 0.03, (name, i, undone.std())
-    for leaf in jax.tree.leaves({k: v for k, v in b.items() if "bias" in str(k)}):
-      np.testing.assert_array_equal(leaf, 0)
   for name, w in drawn.items():
     w = np.asarray(w)
     assert np.abs(w).max() <= 0.02 + 1e-7, name
     if w.size > 10_000:
       assert abs(w.std() / cut_std - 1) < 0.03, (name, w.std())
-  for b in (blocks["blocks_0"]["attn"]["qkv"]["bias"], blocks["blocks_3"]["mlp"]["fc2"]["bias"]):
-    np.testing.assert_array_equal(b, 0)
+  biases = [(jax.tree_util.keystr(path), leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(beit)
+            if jax.tree_util.keystr(path).endswith("['bias']")
+            and "norm" not in jax.tree_util.keystr(path)]
+  assert len(biases) == 1 + 4 * 4  # patch embedding; qkv, proj, fc1, fc2 of each block
+  for path, leaf in biases:
+    np.testing.assert_array_equal(leaf, 0, err_msg=path)
   # Same parameter tree as the default, whose values are MAE's Xavier-uniform draws.
   assert jax.tree.structure(beit) == jax.tree.structure(xavier)
   fc1 = np.asarray(xavier["transformer"]["blocks_0"]["mlp"]["fc1"]["kernel"])
   assert abs(fc1.std() / np.sqrt(2.0 / (256 + 1024)) - 1) < 0.03
-  # SimMIM's: timm's trunc_normal_(std=0.02) (cut at +-2: in effect uncut), the same rescale.
-  simmim = init("simmim")["transformer"]["blocks_2"]["mlp"]
-  for name, divisor in (("fc1", 1.0), ("fc2", np.sqrt(6.0))):
-    assert abs(np.asarray(simmim[name]["kernel"]).std() * divisor / 0.02 - 1) < 0.03, name
   # An encoder built from a config reads the field.
   config = tiny_mae_config(**{"model.weight_init": "beit"})
   built = vit.encoder_from_config(config.model, config.image_size, config.channels)
   assert built.weight_init == "beit"
+
+
+def test_a_head_inside_the_official_vit_follows_the_weight_init():
+  """BEiT's, BEiT v2's (MaskDistill) and data2vec's lm_head is a layer of their ViT, drawn as its
+  linear layers (cut at +-0.02 under 'beit'); SimMIM's pixel head is a separate layer with
+  timm's trunc_normal_(0.02), as is every head under MAE's init."""
+  assert registry.method_class("beit").head_in_vit
+  assert registry.method_class("maskdistill").head_in_vit
+  assert not registry.method_class("simmim").head_in_vit
+  images = jnp.zeros((2, 16, 16, 3))
+  for method, scheme, cut in (("data2vec", "beit", True), ("data2vec", "xavier", False),
+                              ("simmim", "beit", False)):
+    config = tiny_config(method, **{"model.weight_init": scheme})
+    built = registry.build_method(config, TrainLength(4, 4))
+    params, _ = built.init(jax.random.key(0), images)
+    kernel = np.asarray(params["predictor"]["head"]["kernel"])
+    assert kernel.size >= 1024
+    assert (np.abs(kernel).max() <= 0.02 + 1e-7) == cut, (method, scheme)
+    assert abs(kernel.std() / (0.02 * 0.5396 if cut else 0.02) - 1) < 0.1, (method, scheme)
 
 
 def test_heads_start_from_the_official_truncated_normal():

@@ -84,8 +84,8 @@ def validate_model(config) -> None:
     require(isinstance(m.pre_norm, bool), "model.pre_norm", m.pre_norm, "True or False")
   if "weight_init" in m:
     require(m.weight_init in WEIGHT_INITS, "model.weight_init", m.weight_init,
-            f"one of {WEIGHT_INITS} (xavier: the official MAE's; beit: BEiT's and data2vec's; "
-            "simmim: SimMIM's)")
+            f"one of {WEIGHT_INITS} (xavier: the official MAE's; beit: that of BEiT, BEiT v2, "
+            "data2vec and SimMIM)")
   if "mlp_act" in m:
     require(m.mlp_act in MLP_ACTS, "model.mlp_act", m.mlp_act,
             f"one of {tuple(MLP_ACTS)} (quick_gelu: OpenAI CLIP towers)")
@@ -423,9 +423,10 @@ def check_num_classes(config, dataset_classes: int) -> None:
 # (fields, reads(config) -> bool, why): each field is read only when `reads` holds; otherwise
 # it must keep its default, so that an override never silently does nothing.
 UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
-    (("model.weight_init",), lambda c: not pretrained.is_pretrained(c.get("init_from", "")),
-     "the encoder's weights come from init_from (a head or decoder the run adds starts "
-     "from its own init)"),
+    # Continued pre-training reads it for what the export lacks (e.g. a mask token).
+    (("model.weight_init",),
+     lambda c: "classifier" not in c or not pretrained.is_pretrained(c.get("init_from", "")),
+     "an evaluation's encoder weights all come from init_from (its head has its own init)"),
     (("optimizer.b1", "optimizer.b2", "optimizer.eps", "optimizer.mu_dtype"),
      lambda c: c.optimizer.name == "adamw", "only optimizer.name='adamw' reads it"),
     (("optimizer.momentum",), lambda c: c.optimizer.name in ("lars", "sgd"),

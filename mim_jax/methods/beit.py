@@ -33,6 +33,7 @@ from mim_jax.tokenizers.models import encode_flops
 class BEiT(MaskedPrediction):
   name = "beit"
   weight_fields = MaskedPrediction.weight_fields + ("tokenizer.path",)
+  head_in_vit = True
 
   @classmethod
   def add_config(cls, c):

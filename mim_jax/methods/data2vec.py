@@ -32,7 +32,7 @@ from mim_jax.methods import base
 from mim_jax.methods.masked_prediction import MaskTokenModel
 from mim_jax.models import flops
 from mim_jax.models.decoders import LinearPredictor
-from mim_jax.models.vit import encoder_from_config, size_from_config
+from mim_jax.models.vit import encoder_from_config, head_init, size_from_config
 from mim_jax.objectives import losses, masking, teachers
 from mim_jax.objectives.frozen_teacher import cls_attention
 from mim_jax.weights import continuation
@@ -110,7 +110,9 @@ class Data2Vec(base.PretrainingMethod):
                                   use_mask_token=True)
     self.model = MaskTokenModel(
         encoder=encoder,
-        predictor=LinearPredictor(encoder.width, dtype=jnp.dtype(config.model.dtype)))
+        predictor=LinearPredictor(encoder.width, dtype=jnp.dtype(config.model.dtype),
+                                  # its lm_head is a layer of the official ViT
+                                  kernel_init=head_init(config.model.get("weight_init", ""))))
     self.teacher = encoder.clone(drop_path_rate=0.0)  # same parameters, no stochastic depth
     self.grid_hw = encoder.grid_hw
     self.mask_generator = masking.mask_generator_from_config(

@@ -104,6 +104,7 @@ def similarity_picture(images: np.ndarray, out: dict, grid_hw, patch: int, chann
 class MaskDistill(MaskedPrediction):
   name = "maskdistill"
   weight_fields = MaskedPrediction.weight_fields + ("teacher.path",)
+  head_in_vit = True  # BEiT v2's code base
 
   @classmethod
   def add_config(cls, c):

@@ -27,7 +27,7 @@ from mim_jax.config import validation
 from mim_jax.methods import base
 from mim_jax.models import flops
 from mim_jax.models.decoders import LinearPredictor
-from mim_jax.models.vit import ViTEncoder, encoder_from_config, size_from_config
+from mim_jax.models.vit import ViTEncoder, encoder_from_config, head_init, size_from_config
 from mim_jax.objectives import masking
 from mim_jax.objectives.patch_targets import PatchTarget
 
@@ -47,6 +47,10 @@ class MaskedPrediction(base.PretrainingMethod):
   pass their target, its width and their loss (and may add config fields)."""
 
   draws = True
+  # Whether the official head is a layer of the ViT itself (BEiT's lm_head), drawn as the
+  # encoder's linear layers under model.weight_init (`models.vit.head_init`); SimMIM's and
+  # MaskFeat's heads are separate layers with their own init.
+  head_in_vit = False
 
   @classmethod
   def validate(cls, config):
@@ -85,7 +89,9 @@ class MaskedPrediction(base.PretrainingMethod):
                                   use_mask_token=True)
     self.model = MaskTokenModel(
         encoder=encoder,
-        predictor=LinearPredictor(target.dim, dtype=jnp.dtype(config.model.dtype)))
+        predictor=LinearPredictor(target.dim, dtype=jnp.dtype(config.model.dtype),
+                                  kernel_init=(head_init(config.model.get("weight_init", ""))
+                                               if self.head_in_vit else None)))
     self.patch_size = encoder.patch_size
     self.grid_hw = encoder.grid_hw
     self.mask_generator = masking.mask_generator_from_config(

@@ -68,11 +68,12 @@ class LinearPredictor(nn.Module):
   out_dim: int
   init_std: float = 0.02
   dtype: Dtype = jnp.float32
+  kernel_init: Optional[nn.initializers.Initializer] = None  # None: trunc_normal(init_std)
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
     x = nn.Dense(self.out_dim, dtype=self.dtype,
-                 kernel_init=trunc_normal(self.init_std),
+                 kernel_init=self.kernel_init or trunc_normal(self.init_std),
                  name="head")(tokens[:, 1:])
     return x.astype(jnp.float32)
 

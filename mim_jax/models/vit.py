@@ -47,9 +47,10 @@ def trunc_normal(std: float) -> nn.initializers.Initializer:
 
 
 # model.weight_init: how an encoder built from the config starts (see `weight_inits`).
-WEIGHT_INITS = ("xavier", "beit", "simmim")
-# BEiT's and data2vec's pre-training code wrap timm's trunc_normal_ with a = -std, b = std: the
-# draws are cut at one standard deviation (+-0.02), not two, so their std is 0.54 x 0.02.
+WEIGHT_INITS = ("xavier", "beit")
+# BEiT's, BEiT v2's, data2vec's and SimMIM's pre-training code wrap timm's trunc_normal_ with
+# a = -std, b = std: the draws are cut at one standard deviation (+-0.02), not two, so their
+# std is 0.54 x 0.02.
 BEIT_STD = 0.02
 
 
@@ -71,20 +72,29 @@ class WeightInit:
 def weight_inits(scheme: str = "xavier", layer_id: int = 1) -> WeightInit:
   """The initialisers of `scheme` (`model.weight_init`) for block `layer_id` (1 .. depth).
 
-  "xavier": Xavier-uniform linear layers and N(0, 0.02) tokens, as the official MAE (and
-  timm's ViT in its "jax" mode). "beit": BEiT's and data2vec's pre-training init: linear layers
-  (the patch embedding too) and tokens N(0, 0.02) cut at +-0.02 (BEIT_STD), and each block's
-  two branch outputs divided by sqrt(2 * layer_id) (their `fix_init_weight`), so the residual
-  stream grows more slowly with depth. "simmim": SimMIM's ViT, the same with timm's
-  trunc_normal_(std=0.02) (cut at +-2, so in effect N(0, 0.02)). Biases start at 0 in all.
+  "xavier": Xavier-uniform linear layers and N(0, 0.02) tokens, as the official MAE. "beit":
+  the pre-training init of BEiT, BEiT v2, data2vec and SimMIM (unilm beit/ and beit2/
+  modeling_pretrain.py, data2vec_vision modeling_cyclical.py, SimMIM models/simmim.py, whose
+  encoder overrides its ViT's `_trunc_normal_` the same way): linear layers (the patch
+  embedding too) and tokens N(0, 0.02) cut at +-0.02 (BEIT_STD), and each block's two branch
+  outputs divided by sqrt(2 * layer_id) (their `fix_init_weight`), so the residual stream
+  grows more slowly with depth. Biases start at 0 in both.
   """
   if scheme == "xavier":
     return WeightInit(dense_init, dense_init, token_init)
-  if scheme in ("beit", "simmim"):
-    draw = (nn.initializers.truncated_normal(BEIT_STD, lower=-1.0, upper=1.0)
-            if scheme == "beit" else trunc_normal(BEIT_STD))
-    return WeightInit(draw, _divided(draw, math.sqrt(2.0 * layer_id)), draw)
+  if scheme == "beit":
+    cut = nn.initializers.truncated_normal(BEIT_STD, lower=-1.0, upper=1.0)
+    return WeightInit(cut, _divided(cut, math.sqrt(2.0 * layer_id)), cut)
   raise config_error("model.weight_init", scheme, f"one of {WEIGHT_INITS}")
+
+
+def head_init(scheme: str = "xavier") -> nn.initializers.Initializer:
+  """The init of a prediction head that the official code builds inside its ViT (BEiT's,
+  BEiT v2's and data2vec's `lm_head`), so that `_init_weights` draws it as the encoder's
+  linear layers: under "beit" N(0, 0.02) cut at +-0.02; otherwise timm's trunc_normal_(0.02)."""
+  if scheme == "beit":
+    return weight_inits(scheme).kernel
+  return trunc_normal(BEIT_STD)
 
 
 @dataclasses.dataclass(frozen=True)

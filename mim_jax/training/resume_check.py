@@ -150,7 +150,8 @@ def check_same_run(workdir: str, config, *, weight_fields: tuple[str, ...],
         f"{workdir} holds a run to resume, started with config.{key}={old!r} ({new!r} now): "
         f"{key} sets initial weights only, and a resume restores the weights from the "
         f"checkpoint, so the new value would change nothing (also with --resume_with_changes). "
-        "Give the new setting another --workdir.")
+        f"Resume it as it started with --config.{key}={old!r}, or give the new setting another "
+        "--workdir.")
   moved = [key for key, _, _ in changes if key in weight_fields]
   if not allow_changes:
     weights = (f" {', '.join(moved)}: the weights were read when the run started and are "
