@@ -24,7 +24,8 @@ against the regression's per-token mean is 0.01 x 256 = 2.56 times the per-sampl
 
 Differences (model, not method): the release's image blocks are post-LayerNorm and take
 targets from each block's feed-forward output before its residual; mim_jax's ViT is
-pre-LayerNorm and takes block outputs (see mim_jax/methods/data2vec2.py).
+pre-LayerNorm and takes block outputs (see mim_jax/methods/data2vec2.py); the encoder starts
+from MAE's init (`model.weight_init`), not fairseq's.
 """
 
 from mim_jax import registry

@@ -17,7 +17,9 @@ momentum 0.9; last layer frozen for the first epoch; lambda 1 for both losses. V
 crops at 224 px of scale (0.25, 1) and 10 local crops at 96 px of scale (0.05, 0.25), with
 DINO's colour jitter / grayscale / blur / solarisation. Masking: blockwise (min block 16
 patches, aspect 0.3 .. 1/0.3) on half of the global views, each with a ratio drawn from (0.1,
-0.5) (iBOT's pred_ratio 0 / 0.3 with pred_ratio_var 0 / 0.2).
+0.5) (iBOT's pred_ratio 0 / 0.3 with pred_ratio_var 0 / 0.2). Not reproduced: the release's
+ViT init (DINO's: linear layers trunc_normal_(0.02), the patch-embedding conv at PyTorch's
+default, a zero mask embedding); the encoder starts from MAE's (`model.weight_init`).
 """
 
 from mim_jax import registry

@@ -11,7 +11,8 @@ clipping 0.02, no drop path; blockwise masking (BEiT's generator) of 40% of the 
 196, blocks of at least 16 patches); targets: HOG with 9 orientation bins over 8x8-px cells (2x2
 cells per patch), Sobel gradients, a 16-px Gaussian window, L2-normalised per cell and colour
 channel, 108 values per patch; a linear head and MSE on masked patches; RandomResizedCrop(0.5,
-1) + flip.
+1) + flip. Not reproduced: the official ViT init; the encoder starts from MAE's
+(`model.weight_init`).
 """
 
 from mim_jax import registry
