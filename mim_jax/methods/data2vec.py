@@ -112,7 +112,7 @@ class Data2Vec(base.PretrainingMethod):
         encoder=encoder,
         predictor=LinearPredictor(encoder.width, dtype=jnp.dtype(config.model.dtype),
                                   # its lm_head is a layer of the official ViT
-                                  kernel_init=head_init(config.model.get("weight_init", ""))))
+                                  kernel_init=head_init(config.model.get("weight_init", "xavier"))))
     self.teacher = encoder.clone(drop_path_rate=0.0)  # same parameters, no stochastic depth
     self.grid_hw = encoder.grid_hw
     self.mask_generator = masking.mask_generator_from_config(

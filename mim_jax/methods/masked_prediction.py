@@ -90,7 +90,7 @@ class MaskedPrediction(base.PretrainingMethod):
     self.model = MaskTokenModel(
         encoder=encoder,
         predictor=LinearPredictor(target.dim, dtype=jnp.dtype(config.model.dtype),
-                                  kernel_init=(head_init(config.model.get("weight_init", ""))
+                                  kernel_init=(head_init(config.model.get("weight_init", "xavier"))
                                                if self.head_in_vit else None)))
     self.patch_size = encoder.patch_size
     self.grid_hw = encoder.grid_hw
