@@ -17,9 +17,11 @@ momentum 0.9; last layer frozen for the first epoch; lambda 1 for both losses. V
 crops at 224 px of scale (0.25, 1) and 10 local crops at 96 px of scale (0.05, 0.25), with
 DINO's colour jitter / grayscale / blur / solarisation. Masking: blockwise (min block 16
 patches, aspect 0.3 .. 1/0.3) on half of the global views, each with a ratio drawn from (0.1,
-0.5) (iBOT's pred_ratio 0 / 0.3 with pred_ratio_var 0 / 0.2). Not reproduced: the release's
-ViT init (DINO's: linear layers trunc_normal_(0.02), the patch-embedding conv at PyTorch's
-default, a zero mask embedding); the encoder starts from MAE's (`model.weight_init`).
+0.5) (iBOT's pred_ratio 0 / 0.3 with pred_ratio_var 0 / 0.2). The ViT starts as the release's
+(DINO's, `model.weight_init="dino"`): linear layers and the cls token trunc_normal_(0.02), the
+patch-embedding conv at PyTorch's default, a zero mask embedding. Not reproduced: its learned
+position table (trunc_normal_(0.02), interpolated for the 96-px views); the encoder adds the
+fixed sin-cos table of each view's own grid, as MAE's.
 """
 
 from mim_jax import registry
@@ -31,6 +33,8 @@ def get_config(arg=None):
   c = registry.base_config("ibot")
   c.model.variant = str(args.get("variant", "S/16"))
   c.model.drop_path_rate = 0.1
+  # DINO's ViT init, which iBOT's release keeps (models/vit.py weight_inits).
+  c.model.weight_init = "dino"
   c.masking.update(kind="blockwise", ratio_range=(0.1, 0.5), mask_probability=0.5,
                    min_block=16, min_aspect=0.3)
   c.ibot.update(out_dim=8192, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=False,

@@ -436,7 +436,7 @@ def test_layer_scale_of_one_is_the_plain_block():
     ({"model.rel_pos_bias": "global"}, r"config.model.rel_pos_bias='global'.*shared"),
     ({"model.layer_scale": -0.1}, r"config.model.layer_scale=-0.1"),
     ({"model.abs_posemb": False}, r"config.model.abs_posemb=False.*no positions"),
-    ({"model.weight_init": "timm"}, r"config.model.weight_init='timm'.*\('xavier', 'beit'\)"),
+    ({"model.weight_init": "timm"}, r"config.model.weight_init='timm'.*\('xavier', 'beit', 'dino'\)"),
 ])
 def test_beit_style_model_fields_are_checked(overrides, match):
   config = tiny_mae_config()
@@ -496,6 +496,47 @@ def test_beit_weight_init_is_the_official_pretraining_init(attention_impl):
   config = tiny_mae_config(**{"model.weight_init": "beit"})
   built = vit.encoder_from_config(config.model, config.image_size, config.channels)
   assert built.weight_init == "beit"
+
+
+@pytest.mark.parametrize("attention_impl", ["heads_major", "xla"])
+def test_dino_weight_init_is_the_vit_of_ibots_release(attention_impl):
+  """model.weight_init='dino', against a transcription of bytedance/ibot
+  models/vision_transformer.py (DINO's ViT): every Linear and the cls token by timm's
+  trunc_normal_(std=0.02) (cut at +-2: not cut), Linear biases 0, no per-block rescale; the
+  patch-embedding Conv2d untouched by `_init_weights`, so PyTorch's default
+  (kaiming_uniform_(a=sqrt(5)) weights and a uniform bias, both within +-1/sqrt(fan_in)); the
+  mask embedding zeros."""
+  patch, channels, width = 4, 3, 256
+  images = jnp.zeros((1, 32, 32, channels))
+  encoder = vit.ViTEncoder(image_size=(32, 32), patch_size=patch, width=width, depth=4,
+                           num_heads=4, mlp_dim=1024, use_mask_token=True, weight_init="dino",
+                           attention_impl=attention_impl)
+  params = encoder.init(jax.random.key(0), images)["params"]
+  fan_in = patch * patch * channels
+  bound = 1 / np.sqrt(fan_in)
+  for name in ("kernel", "bias"):
+    w = np.asarray(params["patch_embed"][name])
+    assert np.abs(w).max() <= bound + 1e-7, name
+    assert np.abs(w).max() > 0.9 * bound, name  # filled to the bound: a uniform draw
+    assert abs(w.std() / (bound / np.sqrt(3)) - 1) < 0.1, (name, w.std())
+  np.testing.assert_array_equal(params["mask_token"], 0)
+  drawn = {"cls": params["cls_token"]}
+  for i in range(4):
+    b = params["transformer"][f"blocks_{i}"]
+    drawn |= {f"qkv{i}": b["attn"]["qkv"]["kernel"], f"proj{i}": b["attn"]["proj"]["kernel"],
+              f"fc1{i}": b["mlp"]["fc1"]["kernel"], f"fc2{i}": b["mlp"]["fc2"]["kernel"]}
+    for layer in (b["attn"]["qkv"], b["attn"]["proj"], b["mlp"]["fc1"], b["mlp"]["fc2"]):
+      np.testing.assert_array_equal(layer["bias"], 0)
+  for name, w in drawn.items():
+    w = np.asarray(w)
+    # Not cut at one std (beit's) and not rescaled per block: the same N(0, 0.02) everywhere.
+    assert np.abs(w).max() > 0.05, name
+    tolerance = 0.03 if w.size > 10_000 else 0.2
+    assert abs(w.std() / 0.02 - 1) < tolerance, (name, w.std())
+  xavier = vit.ViTEncoder(image_size=(32, 32), patch_size=patch, width=width, depth=4,
+                          num_heads=4, mlp_dim=1024, use_mask_token=True).init(
+                              jax.random.key(0), images)["params"]
+  assert jax.tree.structure(params) == jax.tree.structure(xavier)
 
 
 def test_a_head_inside_the_official_vit_follows_the_weight_init():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import chex
 import flax.linen as nn
@@ -47,7 +47,7 @@ def trunc_normal(std: float) -> nn.initializers.Initializer:
 
 
 # model.weight_init: how an encoder built from the config starts (see `weight_inits`).
-WEIGHT_INITS = ("xavier", "beit")
+WEIGHT_INITS = ("xavier", "beit", "dino")
 # BEiT's, BEiT v2's, data2vec's and SimMIM's pre-training code wrap timm's trunc_normal_ with
 # a = -std, b = std: the draws are cut at one standard deviation (+-0.02), not two, so their
 # std is 0.54 x 0.02.
@@ -60,31 +60,62 @@ def _divided(init: nn.initializers.Initializer, divisor: float) -> nn.initialize
   return scaled
 
 
+def _torch_default_bias(fan_in: int) -> nn.initializers.Initializer:
+  """PyTorch's default bias of a Linear / Conv2d: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+  def uniform(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return uniform
+
+
+def _zero_bias(fan_in: int) -> nn.initializers.Initializer:
+  del fan_in
+  return nn.initializers.zeros
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightInit:
-  """Initialisers of one block's linear layers: `kernel` for the patch embedding, qkv and fc1,
-  `out` for the branch outputs (attention proj, MLP fc2), `token` for the cls / mask tokens."""
+  """Initialisers of one block's linear layers: `kernel` for qkv and fc1, `out` for the branch
+  outputs (attention proj, MLP fc2), `token` for the cls token; and of the embedding:
+  `patch_kernel` for the patch embedding [p * p * C, D], `patch_bias(fan_in)` its bias's
+  initialiser for fan_in = p * p * C, `mask_token` for the mask token."""
   kernel: nn.initializers.Initializer
   out: nn.initializers.Initializer
   token: nn.initializers.Initializer
+  patch_kernel: nn.initializers.Initializer
+  patch_bias: Callable[[int], nn.initializers.Initializer]
+  mask_token: nn.initializers.Initializer
 
 
 def weight_inits(scheme: str = "xavier", layer_id: int = 1) -> WeightInit:
   """The initialisers of `scheme` (`model.weight_init`) for block `layer_id` (1 .. depth).
 
-  "xavier": Xavier-uniform linear layers and N(0, 0.02) tokens, as the official MAE. "beit":
-  the pre-training init of BEiT, BEiT v2, data2vec and SimMIM (unilm beit/ and beit2/
-  modeling_pretrain.py, data2vec_vision modeling_cyclical.py, SimMIM models/simmim.py, whose
-  encoder overrides its ViT's `_trunc_normal_` the same way): linear layers (the patch
-  embedding too) and tokens N(0, 0.02) cut at +-0.02 (BEIT_STD), and each block's two branch
-  outputs divided by sqrt(2 * layer_id) (their `fix_init_weight`), so the residual stream
-  grows more slowly with depth. Biases start at 0 in both.
+  "xavier": Xavier-uniform linear layers (the patch embedding too) and N(0, 0.02) tokens, as
+  the official MAE. "beit": the pre-training init of BEiT, BEiT v2, data2vec and SimMIM (unilm
+  beit/ and beit2/ modeling_pretrain.py, data2vec_vision modeling_cyclical.py, SimMIM
+  models/simmim.py, whose encoder overrides its ViT's `_trunc_normal_` the same way): linear
+  layers (the patch embedding too) and tokens N(0, 0.02) cut at +-0.02 (BEIT_STD), and each
+  block's two branch outputs divided by sqrt(2 * layer_id) (their `fix_init_weight`), so the
+  residual stream grows more slowly with depth. "dino": the ViT of DINO that iBOT's release
+  builds on (bytedance/ibot models/vision_transformer.py): linear layers and the cls token
+  timm's trunc_normal_(0.02) (cut at +-2, i.e. not at all), no rescale, the patch embedding
+  left at PyTorch's Conv2d default (kaiming_uniform_(a=sqrt(5)): weights and bias
+  U(-1/sqrt(fan_in), 1/sqrt(fan_in))), and a zero mask token (its `masked_embed`). Block biases
+  start at 0 in all three; the patch embedding's bias at 0 except under "dino".
   """
   if scheme == "xavier":
-    return WeightInit(dense_init, dense_init, token_init)
+    return WeightInit(dense_init, dense_init, token_init, patch_kernel=dense_init,
+                      patch_bias=_zero_bias, mask_token=token_init)
   if scheme == "beit":
     cut = nn.initializers.truncated_normal(BEIT_STD, lower=-1.0, upper=1.0)
-    return WeightInit(cut, _divided(cut, math.sqrt(2.0 * layer_id)), cut)
+    return WeightInit(cut, _divided(cut, math.sqrt(2.0 * layer_id)), cut, patch_kernel=cut,
+                      patch_bias=_zero_bias, mask_token=cut)
+  if scheme == "dino":
+    normal = trunc_normal(0.02)
+    # kaiming_uniform_(a=sqrt(5)): gain^2 = 2 / (1 + 5), bound sqrt(3 * gain^2 / fan_in).
+    conv_default = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+    return WeightInit(normal, normal, normal, patch_kernel=conv_default,
+                      patch_bias=_torch_default_bias, mask_token=nn.initializers.zeros)
   raise config_error("model.weight_init", scheme, f"one of {WEIGHT_INITS}")
 
 
@@ -614,7 +645,7 @@ class ViTEncoder(nn.Module):
   configured grid and read at the tokens' grid positions (visible patches, smaller views).
   `pre_norm` adds a LayerNorm `norm_pre` over the tokens before the first block (CLIP's
   ln_pre; timm's pre_norm=True) and `mlp_act="quick_gelu"` OpenAI CLIP's activation, so
-  CLIP towers load as teachers. `weight_init` ("xavier" | "beit", `weight_inits`) sets how the
+  CLIP towers load as teachers. `weight_init` ("xavier" | "beit" | "dino", `weight_inits`) sets how the
   weights start. The sin-cos table is computed for the input's own patch grid, so images
   smaller than `image_size` (multi-crop local views) work; positions run 0 .. g - 1 on any
   grid.
@@ -664,9 +695,10 @@ class ViTEncoder(nn.Module):
       # full token tensor (the input pixels need no gradient).
       x = gather_tokens(x, ids_keep)
     init = weight_inits(self.weight_init)
-    x = nn.Dense(self.width, dtype=self.dtype, kernel_init=init.kernel, name="patch_embed")(x)
+    x = nn.Dense(self.width, dtype=self.dtype, kernel_init=init.patch_kernel,
+                 bias_init=init.patch_bias(x.shape[-1]), name="patch_embed")(x)
     if self.use_mask_token:
-      mask_token = self.param("mask_token", init.token, (1, 1, self.width))
+      mask_token = self.param("mask_token", init.mask_token, (1, 1, self.width))
       if token_mask is not None:
         x = jnp.where(token_mask[:, :, None], mask_token.astype(x.dtype), x)
     elif token_mask is not None:
