@@ -436,7 +436,8 @@ def test_layer_scale_of_one_is_the_plain_block():
     ({"model.rel_pos_bias": "global"}, r"config.model.rel_pos_bias='global'.*shared"),
     ({"model.layer_scale": -0.1}, r"config.model.layer_scale=-0.1"),
     ({"model.abs_posemb": False}, r"config.model.abs_posemb=False.*no positions"),
-    ({"model.weight_init": "timm"}, r"config.model.weight_init='timm'.*\('xavier', 'beit', 'dino'\)"),
+    ({"model.weight_init": "timm"},
+     r"config.model.weight_init='timm'.*\('xavier', 'beit', 'dino'\)"),
 ])
 def test_beit_style_model_fields_are_checked(overrides, match):
   config = tiny_mae_config()
