@@ -101,7 +101,9 @@ def weight_inits(scheme: str = "xavier", layer_id: int = 1) -> WeightInit:
   timm's trunc_normal_(0.02) (cut at +-2, i.e. not at all), no rescale, the patch embedding
   left at PyTorch's Conv2d default (kaiming_uniform_(a=sqrt(5)): weights and bias
   U(-1/sqrt(fan_in), 1/sqrt(fan_in))), and a zero mask token (its `masked_embed`). Block biases
-  start at 0 in all three; the patch embedding's bias at 0 except under "dino".
+  start at 0 in all three; the patch embedding's bias at 0 except under "dino" (the official
+  MAE leaves its conv bias at PyTorch's uniform default too; "xavier" keeps it 0, as every
+  recorded run started).
   """
   if scheme == "xavier":
     return WeightInit(dense_init, dense_init, token_init, patch_kernel=dense_init,
