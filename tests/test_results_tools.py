@@ -139,3 +139,40 @@ def test_a_kept_curve_stands_in_for_a_run_folder_that_is_gone(tmp_path, monkeypa
   assert tools.matched_epochs(str(gone / "mae_e50"), 30) == tools.matched_epochs(str(run), 30)
   with pytest.raises(SystemExit, match="no run folder .* and no record"):
     tools.run_record(str(gone), "simmim_e30")
+
+
+def test_sklearn_reference_with_the_probes_l2_solves_the_probes_objective(tmp_path):
+  """`sklearn_pixels OUT DIR L2`: scikit-learn's fit with C = 1 / (L2 N) reaches the optimum of
+  the probe's objective (mean cross-entropy + L2 / 2 |W|^2) on the same standardised pixels,
+  so it scores what the probe's own L-BFGS does (tests/test_probe.py compares the weights)."""
+  pytest.importorskip("sklearn")
+  import numpy as np
+
+  from test_data_labels import write_idx
+
+  from mim_jax.data import idx
+  from mim_jax.evaluate import logistic
+  rng = np.random.default_rng(0)
+  prototypes = 128 + rng.normal(0, 20, (3, 6, 6))
+  data = {}
+  for split, n in (("train", 300), ("test", 150)):
+    labels = rng.integers(0, 3, n)
+    noise = rng.normal(0, 90, (n, 6, 6))
+    images = np.clip(prototypes[labels] + noise, 0, 255).astype(np.uint8)
+    prefix = idx.FMNIST_PREFIXES[split]
+    write_idx(str(tmp_path / f"{prefix}-images-idx3-ubyte.gz"), images)
+    write_idx(str(tmp_path / f"{prefix}-labels-idx1-ubyte.gz"), labels)
+    data[split] = (images.reshape(n, -1).astype(np.float32) / 255.0, labels.astype(np.int32))
+  result = tools.sklearn_pixels(str(tmp_path / "out.json"), str(tmp_path), "1e-2")
+  assert json.loads((tmp_path / "out.json").read_text()) == result
+  assert result["C"] == pytest.approx(1 / (1e-2 * 300))
+  (x, y), (xt, yt) = data["train"], data["test"]
+  mean, scale = logistic.standardizer(x)
+  params, info = logistic.fit((x - mean) * scale, y, 3, 1e-2, tol=1e-6)
+  assert info.converged
+  ours = logistic.accuracy(params, (xt - mean) * scale, yt)
+  assert 0.5 < ours < 1.0  # a problem that is neither trivial nor hopeless
+  assert result["test_top1"] == pytest.approx(ours, abs=1 / 150)
+  # The same optimum of the same objective (accuracy alone hardly moves with the L2 strength).
+  optimum = float(logistic._loss(params, (x - mean) * scale, y, 1e-2))
+  assert result["objective"] == pytest.approx(optimum, rel=1e-4)
