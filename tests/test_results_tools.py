@@ -147,7 +147,6 @@ def test_sklearn_reference_with_the_probes_l2_solves_the_probes_objective(tmp_pa
   so it scores what the probe's own L-BFGS does (tests/test_probe.py compares the weights)."""
   pytest.importorskip("sklearn")
   import numpy as np
-
   from test_data_labels import write_idx
 
   from mim_jax.data import idx
