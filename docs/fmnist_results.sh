@@ -225,6 +225,14 @@ if has baselines; then
       "${holdout[@]}"
   [ -f "$ROOT/sklearn_pixels.json" ] || python docs/fmnist_tools.py sklearn_pixels \
       "$ROOT/sklearn_pixels.json" "${FMNIST_DIR:-}" || exit 1
+  # And on the probe's own problem: the L2 strength it chose on the pixels as scikit-learn's C,
+  # run to convergence (about 20 minutes on one core).
+  if [ ! -f "$ROOT/sklearn_pixels_matched.json" ]; then
+    read_l2='import json, sys; print(json.load(open(sys.argv[1]))["probe_l2_pixels"])'
+    pixels_l2=$(python -c "$read_l2" "$ROOT/probe_pixels/results.json") || exit 1
+    python docs/fmnist_tools.py sklearn_pixels "$ROOT/sklearn_pixels_matched.json" \
+        "${FMNIST_DIR:-}" "$pixels_l2" || exit 1
+  fi
 fi
 has probe_mae && probe "probe_mae_e$MAE_EPOCHS" --config.init_from="$MAE"
 

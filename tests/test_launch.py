@@ -415,9 +415,15 @@ RESULTS = REPO / "docs" / "fmnist_results.sh"
 GPU_RESULTS = REPO / "docs" / "fmnist_gpu.sh"
 
 # Stands in for `python -m mim_jax.main`: logs its arguments (tab-separated, one call per line)
-# and leaves what a finished run leaves (config.json with the held-out split, results.json);
-# every other python call is the real one.
+# and leaves what a finished run leaves (config.json with the held-out split, results.json, the
+# pixel probe's with its chosen L2); also for scikit-learn's pixel baselines (logged with their
+# arguments); every other python call is the real one.
 _MAIN_STUB = """
+if [ "$1 $2" = "docs/fmnist_tools.py sklearn_pixels" ]; then
+  line=$(printf '%%s\\t' sklearn "${@:3}"); printf '%%s\\n' "$line" >> "$MAIN_CALLS"
+  echo '{}' > "$3"
+  exit 0
+fi
 if [ "$1 $2" = "-m mim_jax.main" ]; then
   # One write per call: fmnist_gpu.sh runs several at once.
   line=$(printf '%%s\\t' "${@:3}"); printf '%%s\\n' "$line" >> "$MAIN_CALLS"
@@ -425,7 +431,9 @@ if [ "$1 $2" = "-m mim_jax.main" ]; then
   for a in "$@"; do
     case $a in --workdir=*) w=${a#--workdir=}; mkdir -p "$w"
       echo '{"data": {"eval_split": "holdout"}}' > "$w/config.json"
-      echo '{"eval_accuracy": 0.5}' > "$w/results.json";; esac
+      echo '{"eval_accuracy": 0.5}' > "$w/results.json"
+      case $w in */probe_pixels) echo '{"probe_l2_pixels": 0.001}' > "$w/results.json";; esac;;
+    esac
   done
   exit 0
 fi
@@ -478,6 +486,19 @@ def test_results_script_passes_train_flags_to_training_runs_only(tmp_path):
   # A second run with the same settings skips what finished.
   assert _results_calls(tmp_path, RESULTS, SECTIONS="pretrain_mae probe_mae",
                         TRAIN_FLAGS="--config.a=1 --config.b=2\n--config.c=3") == calls
+
+
+def test_results_script_holds_scikit_learn_to_the_pixel_probes_own_l2(tmp_path):
+  """The baselines: scikit-learn's logistic regression with its defaults, then with the L2
+  strength the pixel probe chose (its results.json), each once."""
+  calls = _results_calls(tmp_path, RESULTS, SECTIONS="baselines")
+  names = [call[-1].rsplit("/", 1)[-1] for call in calls if call[0] != "sklearn"]
+  assert names == ["probe_pixels", "probe_random", "knn_pixels_holdout"]
+  root = tmp_path / "root"
+  assert [call for call in calls if call[0] == "sklearn"] == [
+      ["sklearn", f"{root}/sklearn_pixels.json"],  # (the log drops a last empty argument)
+      ["sklearn", f"{root}/sklearn_pixels_matched.json", "", "0.001"]]
+  assert _results_calls(tmp_path, RESULTS, SECTIONS="baselines") == calls  # all skipped
 
 
 def test_results_script_runs_sections_listed_across_lines(tmp_path):
@@ -709,7 +730,8 @@ def test_gpu_results_script_runs_its_waves_side_by_side_in_order(tmp_path):
   pre-training, then their fine-tuning; then, one at a time, the baselines' probes and the
   methods'. VARIANT="" keeps the demo ViT."""
   (tmp_path / "root").mkdir()
-  (tmp_path / "root" / "sklearn_pixels.json").write_text("{}")  # the baselines' CPU minutes
+  for name in ("sklearn_pixels.json", "sklearn_pixels_matched.json"):  # the baselines' CPU minutes
+    (tmp_path / "root" / name).write_text("{}")
   calls = _results_calls(tmp_path, GPU_RESULTS, SECTIONS="all", SEEDS="1", VARIANT="",
                          TUNE_POINTS="lr4e-3_nomix", METHODS="simmim beit")
   names = [call[-1].rsplit("/", 1)[1] for call in calls]
@@ -729,7 +751,8 @@ def test_gpu_results_script_runs_its_waves_side_by_side_in_order(tmp_path):
   assert not any("variant" in a for call in calls for a in call)
   # The random encoder of the baselines has the pre-trained one's size, here Ti/4.
   (tmp_path / "ti" / "root").mkdir(parents=True)
-  (tmp_path / "ti" / "root" / "sklearn_pixels.json").write_text("{}")
+  for name in ("sklearn_pixels.json", "sklearn_pixels_matched.json"):
+    (tmp_path / "ti" / "root" / name).write_text("{}")
   calls = _results_calls(tmp_path / "ti", GPU_RESULTS, SECTIONS="baselines")
   probe_random = [call for call in calls if call[-1].endswith("/probe_random")][0]
   assert "--config.model.variant=Ti/4" in probe_random
