@@ -19,7 +19,7 @@ results table was measured with the global clip).
 Photometric views for 1-channel images: brightness / contrast jitter (p 0.8) and solarisation
 of the second global view (p 0.2) are kept; saturation, hue and grayscale act on colour only,
 and Gaussian blur (sigma up to 2 px) is off, since it wipes out most of a 28-px garment.
-The exported encoder is the teacher's. The ViT starts from MAE's init, as every Fashion-MNIST
+The exported encoder is the teacher's. The ViT starts from MAE's init, as does every Fashion-MNIST
 recipe (configs/ibot_vits.py starts it as DINO's: `model.weight_init`). Arguments:
 `variant=SIZE/4`, `runlocal`.
 

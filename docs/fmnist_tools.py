@@ -277,11 +277,14 @@ def sklearn_pixels(out_json: str, data_dir: str = "", l2: str = "") -> dict:
   scaler = StandardScaler().fit(x)
   settings = {"max_iter": 300}
   if l2:
+    if float(l2) <= 0:
+      raise SystemExit(f"sklearn_pixels: L2 {l2!r} is not a strength > 0 (C = 1 / (L2 N))")
     settings = {"C": 1.0 / (float(l2) * len(x)), "max_iter": 10_000, "tol": 1e-6}
   x = scaler.transform(x)
   model = LogisticRegression(**settings).fit(x, y)
   result = {"test_top1": float((model.predict(scaler.transform(x_test)) == y_test).mean()),
             "iterations": int(model.n_iter_.max()), "seconds": time.perf_counter() - start}
+  result["converged"] = result["iterations"] < settings["max_iter"]
   if l2:
     # The probe's objective at scikit-learn's solution: equal to the probe's optimum when both
     # solve the same problem.

@@ -141,8 +141,6 @@ OFFICIAL_INITS = {"beit_vitb.py": "beit", "data2vec_vitb.py": "beit", "simmim_vi
                          ids=os.path.basename)
 def test_each_recipe_starts_its_vit_as_its_official_code(path):
   c = _load(path)
-  if "weight_init" not in c.get("model", {}):  # evaluations: their encoder comes from init_from
-    return
   assert c.model.weight_init == OFFICIAL_INITS.get(os.path.basename(path), "xavier")
 
 

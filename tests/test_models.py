@@ -502,16 +502,17 @@ def test_beit_weight_init_is_the_official_pretraining_init(attention_impl):
 @pytest.mark.parametrize("attention_impl", ["heads_major", "xla"])
 def test_dino_weight_init_is_the_vit_of_ibots_release(attention_impl):
   """model.weight_init='dino', against a transcription of bytedance/ibot
-  models/vision_transformer.py (DINO's ViT): every Linear and the cls token by timm's
-  trunc_normal_(std=0.02) (cut at +-2: not cut), Linear biases 0, no per-block rescale; the
+  models/vision_transformer.py (DINO's ViT): every Linear and the cls token by DINO's
+  utils.trunc_normal_(std=0.02) (timm's; cut at +-2: not cut), Linear biases 0, no per-block rescale; the
   patch-embedding Conv2d untouched by `_init_weights`, so PyTorch's default
   (kaiming_uniform_(a=sqrt(5)) weights and a uniform bias, both within +-1/sqrt(fan_in)); the
   mask embedding zeros."""
-  patch, channels, width = 4, 3, 256
+  # One channel: fan_in 16, where the conv default's bound (0.25) is far from Xavier's (0.149).
+  patch, channels, width = 4, 1, 256
   images = jnp.zeros((1, 32, 32, channels))
   encoder = vit.ViTEncoder(image_size=(32, 32), patch_size=patch, width=width, depth=4,
-                           num_heads=4, mlp_dim=1024, use_mask_token=True, weight_init="dino",
-                           attention_impl=attention_impl)
+                           num_heads=4, mlp_dim=1024, channels=channels, use_mask_token=True,
+                           weight_init="dino", attention_impl=attention_impl)
   params = encoder.init(jax.random.key(0), images)["params"]
   fan_in = patch * patch * channels
   bound = 1 / np.sqrt(fan_in)
@@ -519,7 +520,8 @@ def test_dino_weight_init_is_the_vit_of_ibots_release(attention_impl):
     w = np.asarray(params["patch_embed"][name])
     assert np.abs(w).max() <= bound + 1e-7, name
     assert np.abs(w).max() > 0.9 * bound, name  # filled to the bound: a uniform draw
-    assert abs(w.std() / (bound / np.sqrt(3)) - 1) < 0.1, (name, w.std())
+    tolerance = 0.02 if w.size > 1000 else 0.15
+    assert abs(w.std() / (bound / np.sqrt(3)) - 1) < tolerance, (name, w.std())
   np.testing.assert_array_equal(params["mask_token"], 0)
   drawn = {"cls": params["cls_token"]}
   for i in range(4):
@@ -535,7 +537,7 @@ def test_dino_weight_init_is_the_vit_of_ibots_release(attention_impl):
     tolerance = 0.03 if w.size > 10_000 else 0.2
     assert abs(w.std() / 0.02 - 1) < tolerance, (name, w.std())
   xavier = vit.ViTEncoder(image_size=(32, 32), patch_size=patch, width=width, depth=4,
-                          num_heads=4, mlp_dim=1024, use_mask_token=True).init(
+                          num_heads=4, mlp_dim=1024, channels=channels, use_mask_token=True).init(
                               jax.random.key(0), images)["params"]
   assert jax.tree.structure(params) == jax.tree.structure(xavier)
 

@@ -167,7 +167,7 @@ def test_sklearn_reference_with_the_probes_l2_solves_the_probes_objective(tmp_pa
   assert result["C"] == pytest.approx(1 / (1e-2 * 300))
   (x, y), (xt, yt) = data["train"], data["test"]
   mean, scale = logistic.standardizer(x)
-  params, info = logistic.fit((x - mean) * scale, y, 3, 1e-2, tol=1e-6)
+  params, info = logistic.fit((x - mean) * scale, y, 3, 1e-2, tol=1e-5)
   assert info.converged
   ours = logistic.accuracy(params, (xt - mean) * scale, yt)
   assert 0.5 < ours < 1.0  # a problem that is neither trivial nor hopeless

@@ -98,7 +98,7 @@ def weight_inits(scheme: str = "xavier", layer_id: int = 1) -> WeightInit:
   block's two branch outputs divided by sqrt(2 * layer_id) (their `fix_init_weight`), so the
   residual stream grows more slowly with depth. "dino": the ViT of DINO that iBOT's release
   builds on (bytedance/ibot models/vision_transformer.py): linear layers and the cls token
-  timm's trunc_normal_(0.02) (cut at +-2, i.e. not at all), no rescale, the patch embedding
+  DINO's (timm's) trunc_normal_(0.02) (cut at +-2, i.e. not at all), no rescale, the patch embedding
   left at PyTorch's Conv2d default (kaiming_uniform_(a=sqrt(5)): weights and bias
   U(-1/sqrt(fan_in), 1/sqrt(fan_in))), and a zero mask token (its `masked_embed`). Block biases
   start at 0 in all three; the patch embedding's bias at 0 except under "dino" (the official
