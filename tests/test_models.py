@@ -503,8 +503,8 @@ def test_beit_weight_init_is_the_official_pretraining_init(attention_impl):
 def test_dino_weight_init_is_the_vit_of_ibots_release(attention_impl):
   """model.weight_init='dino', against a transcription of bytedance/ibot
   models/vision_transformer.py (DINO's ViT): every Linear and the cls token by DINO's
-  utils.trunc_normal_(std=0.02) (timm's; cut at +-2: not cut), Linear biases 0, no per-block rescale; the
-  patch-embedding Conv2d untouched by `_init_weights`, so PyTorch's default
+  utils.trunc_normal_(std=0.02) (timm's; cut at +-2: not cut), Linear biases 0, no per-block
+  rescale; the patch-embedding Conv2d untouched by `_init_weights`, so PyTorch's default
   (kaiming_uniform_(a=sqrt(5)) weights and a uniform bias, both within +-1/sqrt(fan_in)); the
   mask embedding zeros."""
   # One channel: fan_in 16, where the conv default's bound (0.25) is far from Xavier's (0.149).
