@@ -26,9 +26,9 @@
 #   5. methods: the pre-training of every one of METHODS (PRE_EPOCHS, 30) side by side (BEiT's
 #      after its tokenizer; MaskDistill's teacher is the MAE encoder of step 1), then their
 #      fine-tuning runs side by side (MAE's held-out choice, as on the CPU);
-#   6. one at a time: the baselines (raw-pixel probe, scikit-learn, the probe of a random
-#      encoder of the same size, the raw-pixel k-NN on the held-out split), then the probes of
-#      METHODS.
+#   6. one at a time: the baselines (raw-pixel probe, scikit-learn with its defaults, the probe
+#      of a random encoder of the same size, the raw-pixel k-NN on the held-out split), then the
+#      probes of METHODS.
 # The probes run alone: their L-BFGS fits loop on the device, and XLA:GPU reads each loop
 # condition on the host: beside other processes each of those round trips waits for the GPU's
 # turn (on one H200: fits of 1-6 s while the grid's runs compiled, 18-89 s once they trained).
@@ -90,6 +90,9 @@ export VIZ_EVERY=${VIZ_EVERY-2000}  # "": the configs' own picture interval
 export FLAGS_ibot=${FLAGS_ibot-"--config.data.augment_on=host --config.data.device_resident=False
 --config.data.num_workers=8"}
 export PRE_EPOCHS=${PRE_EPOCHS:-30}
+# scikit-learn's fit of the probe's own problem (baselines) takes about 20 CPU minutes and
+# cannot resume: it stays out of a device call (run it on a CPU with docs/fmnist_results.sh).
+export SKLEARN_MATCHED=${SKLEARN_MATCHED:-0}
 ALL_METHODS=$FMNIST_METHODS
 METHODS=${METHODS:-$ALL_METHODS}
 METHOD_STEPS=${METHOD_STEPS:-"pretrain probe finetune"}

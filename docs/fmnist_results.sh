@@ -6,8 +6,10 @@
 #
 #   pretrain_mae  MAE, MAE_EPOCHS (50) epochs, k-NN on the held-out split every 5 epochs
 #   baselines     probe + k-NN of raw pixels and of a random encoder; scikit-learn's logistic
-#                 regression on the same pixels (the reference the probe is held to); the
-#                 k-NN of raw pixels on the held-out split (the line beside the k-NN curves)
+#                 regression on the same pixels (the reference the probe is held to), with its
+#                 defaults and with the pixel probe's L2 strength (SKLEARN_MATCHED, 1; 0 skips
+#                 this one); the k-NN of raw pixels on the held-out split (the line beside the
+#                 k-NN curves)
 #   probe_mae     probe + k-NN of the MAE encoder (cls and mean-pooled tokens; every probe of an
 #                 encoder reads the block chosen per pool on the held-out split)
 #   tune_scratch  fine-tuning lr x Mixup/CutMix on the held-out split (TUNE_EPOCHS (3) epochs,
@@ -98,6 +100,9 @@ LOWLABEL=${LOWLABEL:-"1:60 10:30"}
 LOWLABEL_TUNE=${LOWLABEL_TUNE:-"1:60,240,960 10:30,120"}
 LOWLABEL_INITS=${LOWLABEL_INITS:-"mae scratch"}
 TUNE_POINTS=${TUNE_POINTS:-}
+SKLEARN_MATCHED=${SKLEARN_MATCHED:-1}
+[[ $SKLEARN_MATCHED =~ ^[01]$ ]] || { echo "SKLEARN_MATCHED=$SKLEARN_MATCHED: 1 (run) or 0" >&2
+  exit 2; }
 # A length other than the default joins the run names, so that a longer schedule runs beside the
 # default one instead of being taken for it (e.g. FT_EPOCHS=30: ft_mae_e30_s0).
 FT_TAG="" TUNE_TAG=""
@@ -226,12 +231,15 @@ if has baselines; then
   [ -f "$ROOT/sklearn_pixels.json" ] || python docs/fmnist_tools.py sklearn_pixels \
       "$ROOT/sklearn_pixels.json" "${FMNIST_DIR:-}" || exit 1
   # And on the probe's own problem: the L2 strength it chose on the pixels as scikit-learn's C,
-  # run to convergence (about 20 minutes on one core).
-  if [ ! -f "$ROOT/sklearn_pixels_matched.json" ]; then
+  # run to convergence (about 20 minutes on one core, no resume; SKLEARN_MATCHED=0 skips it),
+  # again whenever the probe has chosen another strength since.
+  if [ "$SKLEARN_MATCHED" = 1 ]; then
     read_l2='import json, sys; print(json.load(open(sys.argv[1]))["probe_l2_pixels"])'
     pixels_l2=$(python -c "$read_l2" "$ROOT/probe_pixels/results.json") || exit 1
-    python docs/fmnist_tools.py sklearn_pixels "$ROOT/sklearn_pixels_matched.json" \
-        "${FMNIST_DIR:-}" "$pixels_l2" || exit 1
+    same_l2='import json, sys; sys.exit(json.load(open(sys.argv[1]))["l2"] != float(sys.argv[2]))'
+    python -c "$same_l2" "$ROOT/sklearn_pixels_matched.json" "$pixels_l2" 2> /dev/null \
+        || python docs/fmnist_tools.py sklearn_pixels "$ROOT/sklearn_pixels_matched.json" \
+            "${FMNIST_DIR:-}" "$pixels_l2" || exit 1
   fi
 fi
 has probe_mae && probe "probe_mae_e$MAE_EPOCHS" --config.init_from="$MAE"

@@ -421,7 +421,7 @@ GPU_RESULTS = REPO / "docs" / "fmnist_gpu.sh"
 _MAIN_STUB = """
 if [ "$1 $2" = "docs/fmnist_tools.py sklearn_pixels" ]; then
   line=$(printf '%%s\\t' sklearn "${@:3}"); printf '%%s\\n' "$line" >> "$MAIN_CALLS"
-  echo '{}' > "$3"
+  if [ -n "${5:-}" ]; then printf '{"l2": %%s}' "$5" > "$3"; else echo '{}' > "$3"; fi
   exit 0
 fi
 if [ "$1 $2" = "-m mim_jax.main" ]; then
@@ -490,7 +490,8 @@ def test_results_script_passes_train_flags_to_training_runs_only(tmp_path):
 
 def test_results_script_holds_scikit_learn_to_the_pixel_probes_own_l2(tmp_path):
   """The baselines: scikit-learn's logistic regression with its defaults, then with the L2
-  strength the pixel probe chose (its results.json), each once."""
+  strength the pixel probe chose (its results.json), each once, the second again if the probe
+  has chosen another strength since."""
   calls = _results_calls(tmp_path, RESULTS, SECTIONS="baselines")
   names = [call[-1].rsplit("/", 1)[-1] for call in calls if call[0] != "sklearn"]
   assert names == ["probe_pixels", "probe_random", "knn_pixels_holdout"]
@@ -499,6 +500,14 @@ def test_results_script_holds_scikit_learn_to_the_pixel_probes_own_l2(tmp_path):
       ["sklearn", f"{root}/sklearn_pixels.json"],  # (the log drops a last empty argument)
       ["sklearn", f"{root}/sklearn_pixels_matched.json", "", "0.001"]]
   assert _results_calls(tmp_path, RESULTS, SECTIONS="baselines") == calls  # all skipped
+  # A pixel probe that chose another strength since: the matched fit runs again, with it.
+  (root / "sklearn_pixels_matched.json").write_text('{"l2": 0.01}')
+  again = _results_calls(tmp_path, RESULTS, SECTIONS="baselines")[len(calls):]
+  assert again == [["sklearn", f"{root}/sklearn_pixels_matched.json", "", "0.001"]]
+  # SKLEARN_MATCHED=0 (docs/fmnist_gpu.sh's default) leaves it out.
+  (tmp_path / "off").mkdir()
+  calls = _results_calls(tmp_path / "off", RESULTS, SECTIONS="baselines", SKLEARN_MATCHED="0")
+  assert [call[0] for call in calls if call[0] == "sklearn"] == ["sklearn"]  # the defaults' only
 
 
 def test_results_script_runs_sections_listed_across_lines(tmp_path):
@@ -616,6 +625,7 @@ def test_results_script_stops_at_a_run_that_did_not_finish(tmp_path, status, cod
     ({"TARGETS": "pixels hogg"}, (), "TARGETS: unknown 'hogg'"),
     ({"TUNE_POINTS": "lr4e-3_nomix lr4e-3_ra"}, (), "TUNE_POINTS: unknown 'lr4e-3_ra'"),
     ({"SEEDS": " "}, (), "SEEDS: empty"),
+    ({"SKLEARN_MATCHED": "yes"}, (), "SKLEARN_MATCHED=yes: 1 (run) or 0"),
     ({"METHODS": "simmim mea"}, (), "METHODS: unknown 'mea'"),
     ({"METHOD_STEPS": "pretrain fit"}, (), "METHOD_STEPS: unknown 'fit'"),
     ({}, ("--help",), "usage: [SECTIONS=... SEEDS=... ...] bash docs/fmnist_results.sh [ROOT]"),
@@ -730,8 +740,7 @@ def test_gpu_results_script_runs_its_waves_side_by_side_in_order(tmp_path):
   pre-training, then their fine-tuning; then, one at a time, the baselines' probes and the
   methods'. VARIANT="" keeps the demo ViT."""
   (tmp_path / "root").mkdir()
-  for name in ("sklearn_pixels.json", "sklearn_pixels_matched.json"):  # the baselines' CPU minutes
-    (tmp_path / "root" / name).write_text("{}")
+  (tmp_path / "root" / "sklearn_pixels.json").write_text("{}")  # the baselines' CPU minutes
   calls = _results_calls(tmp_path, GPU_RESULTS, SECTIONS="all", SEEDS="1", VARIANT="",
                          TUNE_POINTS="lr4e-3_nomix", METHODS="simmim beit")
   names = [call[-1].rsplit("/", 1)[1] for call in calls]
@@ -751,8 +760,7 @@ def test_gpu_results_script_runs_its_waves_side_by_side_in_order(tmp_path):
   assert not any("variant" in a for call in calls for a in call)
   # The random encoder of the baselines has the pre-trained one's size, here Ti/4.
   (tmp_path / "ti" / "root").mkdir(parents=True)
-  for name in ("sklearn_pixels.json", "sklearn_pixels_matched.json"):
-    (tmp_path / "ti" / "root" / name).write_text("{}")
+  (tmp_path / "ti" / "root" / "sklearn_pixels.json").write_text("{}")
   calls = _results_calls(tmp_path / "ti", GPU_RESULTS, SECTIONS="baselines")
   probe_random = [call for call in calls if call[-1].endswith("/probe_random")][0]
   assert "--config.model.variant=Ti/4" in probe_random
