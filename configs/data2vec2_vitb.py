@@ -24,8 +24,10 @@ against the regression's per-token mean is 0.01 x 256 = 2.56 times the per-sampl
 
 Differences (model, not method): the release's image blocks are post-LayerNorm and take
 targets from each block's feed-forward output before its residual; mim_jax's ViT is
-pre-LayerNorm and takes block outputs (see mim_jax/methods/data2vec2.py); the encoder starts
-from MAE's init (`model.weight_init`), not fairseq's.
+pre-LayerNorm and takes block outputs (see mim_jax/methods/data2vec2.py). The encoder starts
+as the release's (`model.weight_init="data2vec2"`: linear layers N(0, 0.02), a Xavier-uniform
+patch embedding, the cls token N(0, 1)); its convolutional decoder keeps mim_jax's init, not
+the release's PyTorch defaults.
 """
 
 from mim_jax import registry
@@ -36,6 +38,7 @@ def get_config(arg=None):
   args = config_defaults.parse_arg(arg)
   c = registry.base_config("data2vec2")
   c.model.variant = str(args.get("variant", "B/16"))
+  c.model.weight_init = "data2vec2"  # fairseq's init_bert_params and image encoder
   c.masking.update(kind="inverse_block", ratio=0.8, block=3, adjust=0.07, num_masks=16)
   c.decoder.update(width=768, depth=6, kernel=3, groups=16, noise_std=0.01)
   c.teacher.update(ema_decay=0.9998, ema_end_decay=0.99999, ema_anneal_fraction=100_000 / 375_300,

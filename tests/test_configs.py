@@ -134,7 +134,8 @@ def test_imagenet_configs_follow_the_paper():
 # The ViT init of each recipe's official code (models/vit.py weight_inits); recipes whose
 # release's init is not transcribed keep MAE's and say so, as do the Fashion-MNIST ones.
 OFFICIAL_INITS = {"beit_vitb.py": "beit", "data2vec_vitb.py": "beit", "simmim_vitb.py": "beit",
-                  "maskdistill_vitb.py": "beit", "ibot_vits.py": "dino"}
+                  "maskdistill_vitb.py": "beit", "ibot_vits.py": "dino",
+                  "data2vec2_vitb.py": "data2vec2"}
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIG_FILES if "tokenizer" not in p],

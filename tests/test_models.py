@@ -437,7 +437,7 @@ def test_layer_scale_of_one_is_the_plain_block():
     ({"model.layer_scale": -0.1}, r"config.model.layer_scale=-0.1"),
     ({"model.abs_posemb": False}, r"config.model.abs_posemb=False.*no positions"),
     ({"model.weight_init": "timm"},
-     r"config.model.weight_init='timm'.*\('xavier', 'beit', 'dino'\)"),
+     r"config.model.weight_init='timm'.*\('xavier', 'beit', 'dino', 'data2vec2'\)"),
 ])
 def test_beit_style_model_fields_are_checked(overrides, match):
   config = tiny_mae_config()
@@ -540,6 +540,33 @@ def test_dino_weight_init_is_the_vit_of_ibots_release(attention_impl):
                           num_heads=4, mlp_dim=1024, channels=channels, use_mask_token=True).init(
                               jax.random.key(0), images)["params"]
   assert jax.tree.structure(params) == jax.tree.structure(xavier)
+
+
+def test_data2vec2_weight_init_is_the_fairseq_image_models():
+  """model.weight_init='data2vec2', against a transcription of fairseq's data2vec 2.0
+  (examples/data2vec/models/data2vec2.py: `init_bert_params` on every Linear, mae_init off;
+  modalities/images.py: the patch-embedding conv's weight Xavier-uniform as [D, C p p], its
+  bias left at PyTorch's default; modalities/base.py: the extra (cls) token nn.init.normal_,
+  i.e. N(0, 1), with the image recipe's init_extra_token_zero false)."""
+  patch, channels, width = 4, 1, 256
+  images = jnp.zeros((1, 32, 32, channels))
+  params = vit.ViTEncoder(image_size=(32, 32), patch_size=patch, width=width, depth=2,
+                          num_heads=4, mlp_dim=1024, channels=channels,
+                          weight_init="data2vec2").init(jax.random.key(0), images)["params"]
+  fan_in = patch * patch * channels
+  kernel = np.asarray(params["patch_embed"]["kernel"])
+  xavier_bound = np.sqrt(6 / (fan_in + width))
+  assert xavier_bound * 0.9 < np.abs(kernel).max() <= xavier_bound + 1e-7
+  bias = np.asarray(params["patch_embed"]["bias"])
+  assert 0.9 / np.sqrt(fan_in) < np.abs(bias).max() <= 1 / np.sqrt(fan_in) + 1e-7
+  cls = np.asarray(params["cls_token"])
+  assert abs(cls.std() - 1) < 0.15 and np.abs(cls).max() > 2  # N(0, 1): not N(0, 0.02)
+  for i in range(2):
+    b = params["transformer"][f"blocks_{i}"]
+    for layer in (b["attn"]["qkv"], b["attn"]["proj"], b["mlp"]["fc1"], b["mlp"]["fc2"]):
+      w = np.asarray(layer["kernel"])
+      assert abs(w.std() / 0.02 - 1) < 0.03 and np.abs(w).max() > 0.05  # not cut, not scaled
+      np.testing.assert_array_equal(layer["bias"], 0)
 
 
 def test_a_head_inside_the_official_vit_follows_the_weight_init():

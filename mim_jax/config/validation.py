@@ -85,7 +85,8 @@ def validate_model(config) -> None:
   if "weight_init" in m:
     require(m.weight_init in WEIGHT_INITS, "model.weight_init", m.weight_init,
             f"one of {WEIGHT_INITS} (xavier: the official MAE's; beit: that of BEiT, BEiT v2, "
-            "data2vec and SimMIM; dino: that of DINO's ViT, which iBOT's release uses)")
+            "data2vec and SimMIM; dino: that of DINO's ViT, which iBOT's release uses; data2vec2: "
+            "data2vec 2.0's image model)")
   if "mlp_act" in m:
     require(m.mlp_act in MLP_ACTS, "model.mlp_act", m.mlp_act,
             f"one of {tuple(MLP_ACTS)} (quick_gelu: OpenAI CLIP towers)")

@@ -47,7 +47,7 @@ def trunc_normal(std: float) -> nn.initializers.Initializer:
 
 
 # model.weight_init: how an encoder built from the config starts (see `weight_inits`).
-WEIGHT_INITS = ("xavier", "beit", "dino")
+WEIGHT_INITS = ("xavier", "beit", "dino", "data2vec2")
 # BEiT's, BEiT v2's, data2vec's and SimMIM's pre-training code wrap timm's trunc_normal_ with
 # a = -std, b = std: the draws are cut at one standard deviation (+-0.02), not two, so their
 # std is 0.54 x 0.02.
@@ -98,12 +98,18 @@ def weight_inits(scheme: str = "xavier", layer_id: int = 1) -> WeightInit:
   block's two branch outputs divided by sqrt(2 * layer_id) (their `fix_init_weight`), so the
   residual stream grows more slowly with depth. "dino": the ViT of DINO that iBOT's release
   builds on (bytedance/ibot models/vision_transformer.py): linear layers and the cls token
-  DINO's (timm's) trunc_normal_(0.02) (cut at +-2, i.e. not at all), no rescale, the patch embedding
-  left at PyTorch's Conv2d default (kaiming_uniform_(a=sqrt(5)): weights and bias
-  U(-1/sqrt(fan_in), 1/sqrt(fan_in))), and a zero mask token (its `masked_embed`). Block biases
-  start at 0 in all three; the patch embedding's bias at 0 except under "dino" (the official
-  MAE leaves its conv bias at PyTorch's uniform default too; "xavier" keeps it 0, as every
-  recorded run started).
+  DINO's (timm's) trunc_normal_(0.02) (cut at +-2, i.e. not at all), no rescale, the patch
+  embedding left at PyTorch's Conv2d default (kaiming_uniform_(a=sqrt(5)): weights and bias
+  U(-1/sqrt(fan_in), 1/sqrt(fan_in))), and a zero mask token (its `masked_embed`).
+  "data2vec2": data2vec 2.0's image model (fairseq examples/data2vec: Data2VecMultiModel
+  applies `init_bert_params`, its `mae_init` off by default; modalities/images.py): linear
+  layers N(0, 0.02) (fairseq's normal_, not cut; here cut at 5 std, `trunc_normal`'s float32
+  guard), no rescale, the patch-embedding conv Xavier-uniform with its bias at PyTorch's
+  default, and the cls token (its extra token, `init_extra_token_zero` off in the image
+  recipe) N(0, 1); its student encodes the visible patches only, so no mask token is read.
+  Block biases start at 0 in all four; the patch embedding's bias at 0 under "xavier" and
+  "beit" (the official MAE leaves its conv bias at PyTorch's uniform default; "xavier" keeps
+  it 0, as every recorded run started).
   """
   if scheme == "xavier":
     return WeightInit(dense_init, dense_init, token_init, patch_kernel=dense_init,
@@ -118,6 +124,10 @@ def weight_inits(scheme: str = "xavier", layer_id: int = 1) -> WeightInit:
     conv_default = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
     return WeightInit(normal, normal, normal, patch_kernel=conv_default,
                       patch_bias=_torch_default_bias, mask_token=nn.initializers.zeros)
+  if scheme == "data2vec2":
+    normal = trunc_normal(0.02)
+    return WeightInit(normal, normal, nn.initializers.normal(1.0), patch_kernel=dense_init,
+                      patch_bias=_torch_default_bias, mask_token=token_init)
   raise config_error("model.weight_init", scheme, f"one of {WEIGHT_INITS}")
 
 
@@ -647,8 +657,8 @@ class ViTEncoder(nn.Module):
   configured grid and read at the tokens' grid positions (visible patches, smaller views).
   `pre_norm` adds a LayerNorm `norm_pre` over the tokens before the first block (CLIP's
   ln_pre; timm's pre_norm=True) and `mlp_act="quick_gelu"` OpenAI CLIP's activation, so
-  CLIP towers load as teachers. `weight_init` ("xavier" | "beit" | "dino", `weight_inits`) sets
-  how the weights start. The sin-cos table is computed for the input's own patch grid, so images
+  CLIP towers load as teachers. `weight_init` (`WEIGHT_INITS`, `weight_inits`) sets how the
+  weights start. The sin-cos table is computed for the input's own patch grid, so images
   smaller than `image_size` (multi-crop local views) work; positions run 0 .. g - 1 on any
   grid.
 
