@@ -264,6 +264,7 @@ def sklearn_pixels(out_json: str, data_dir: str = "", l2: str = "") -> dict:
 
   import numpy as np
   from sklearn.linear_model import LogisticRegression
+  from sklearn.metrics import log_loss
   from sklearn.preprocessing import StandardScaler
 
   from mim_jax.config.defaults import FMNIST_PATH
@@ -288,10 +289,7 @@ def sklearn_pixels(out_json: str, data_dir: str = "", l2: str = "") -> dict:
   if l2:
     # The probe's objective at scikit-learn's solution: equal to the probe's optimum when both
     # solve the same problem.
-    logits = x @ model.coef_.T + model.intercept_
-    top = logits.max(1, keepdims=True)
-    log_z = top[:, 0] + np.log(np.exp(logits - top).sum(1))
-    ce = float(np.mean(log_z - logits[np.arange(len(y)), y]))
+    ce = log_loss(y, model.predict_proba(x), labels=model.classes_)
     result |= {"l2": float(l2), "C": settings["C"], "tol": settings["tol"],
                "objective": ce + 0.5 * float(l2) * float(np.sum(model.coef_ ** 2))}
   with open(out_json, "w") as f:
