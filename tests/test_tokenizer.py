@@ -207,22 +207,43 @@ def test_code_usage_over_a_split_counts_every_token_once(tmp_path):
     usage.code_usage(str(tmp_path), c.data, split="train", batch_size=10, field="--tokenizer")
 
 
-def test_code_usage_refuses_config_overrides_it_would_not_read():
+def _usage_refusal(flags_, monkeypatch, capsys) -> str:
+  """What `python -m mim_jax.tokenizers.usage --config=configs/beit_tokenizer_fmnist.py
+  --tokenizer=/nonexistent FLAGS` prints on stderr exiting with code 2, run in this process as
+  the program runs it (its flags on fresh FlagValues, the trainer's parser, then `run`)."""
+  from absl import flags
+
+  from mim_jax import main as trainer
+  from mim_jax.tokenizers import usage
+  monkeypatch.chdir(REPO)
+  argv = ["mim_jax.tokenizers.usage", "--config=configs/beit_tokenizer_fmnist.py",
+          "--tokenizer=/nonexistent", *flags_]
+  flag_values = flags.FlagValues()
+  usage.define_flags(flag_values, argv)
+  with pytest.raises(SystemExit) as exit_:
+    usage.run(trainer.parse_flags(argv, flag_values), flag_values)
+  assert exit_.value.code == 2
+  return capsys.readouterr().err
+
+
+def test_code_usage_refuses_config_overrides_it_would_not_read(monkeypatch, capsys):
   """The tool reads data.* and takes image size, channels and normalisation from the
   tokenizer: --config.image_size or --config.data.mean would do nothing (they were accepted).
-  Refused by name with exit 2 before anything is read; data fields pass."""
+  Refused by name with exit 2 before anything is read; data fields pass. (In this process; the
+  first case also as the program.)"""
+  done = subprocess.run(
+      [sys.executable, "-m", "mim_jax.tokenizers.usage",
+       "--config=configs/beit_tokenizer_fmnist.py", "--tokenizer=/nonexistent",
+       "--config.image_size=(32,32)"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2 and "error: config.image_size=" in done.stderr, done.stderr
+  assert "Traceback" not in done.stderr
   for flag, field in (("--config.image_size=(32,32)", "image_size"),
                       ("--config.data.mean=(0.5,)", "data.mean"),
                       ("--config.data.hflip=False", "data.hflip"),
                       ("--config.data.label_fraction=0.5", "data.label_fraction")):
-    done = subprocess.run(
-        [sys.executable, "-m", "mim_jax.tokenizers.usage",
-         "--config=configs/beit_tokenizer_fmnist.py", "--tokenizer=/nonexistent", flag],
-        cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2, done.stderr
-    assert f"error: config.{field}=" in done.stderr
-    assert "is not read by mim_jax.tokenizers.usage" in done.stderr
-    assert "Traceback" not in done.stderr
+    err = _usage_refusal((flag,), monkeypatch, capsys)
+    assert f"error: config.{field}=" in err
+    assert "is not read by mim_jax.tokenizers.usage" in err
   # Flags of its own that would fail late or read nothing: one line, before the tokenizer.
   for flags_, says in ((("--batch_size=0",), "--batch_size=0 is invalid: a positive number"),
                        (("--split=test", "--config.data.source=synthetic"),
@@ -234,20 +255,12 @@ def test_code_usage_refuses_config_overrides_it_would_not_read():
                         "mean config.data.path"),
                        (("--config.data.tfds_name=foo",), "config.data.tfds_name='foo' is not "
                         "used: only data.source='tfds' reads it")):
-    done = subprocess.run(
-        [sys.executable, "-m", "mim_jax.tokenizers.usage",
-         "--config=configs/beit_tokenizer_fmnist.py", "--tokenizer=/nonexistent", *flags_],
-        cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and done.stderr.startswith(f"error: {says}"), done.stderr
+    err = _usage_refusal(flags_, monkeypatch, capsys)
+    assert err.startswith(f"error: {says}"), err
   # A data override is the tool's business: accepted, and the missing tokenizer named by flag.
-  done = subprocess.run(
-      [sys.executable, "-m", "mim_jax.tokenizers.usage",
-       "--config=configs/beit_tokenizer_fmnist.py", "--tokenizer=/nonexistent",
-       "--config.data.split=test"],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert done.returncode == 2 and "error: --tokenizer='/nonexistent' is invalid: an existing " \
-      "tokenizer workdir" in done.stderr, done.stderr
-  assert "then pass --tokenizer=DIR" in done.stderr  # the tool's flag, not the config field
+  err = _usage_refusal(("--config.data.split=test",), monkeypatch, capsys)
+  assert "error: --tokenizer='/nonexistent' is invalid: an existing tokenizer workdir" in err, err
+  assert "then pass --tokenizer=DIR" in err  # the tool's flag, not the config field
 
 
 def test_training_updates_codebook_in_extra_and_resumes_exactly(tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -103,41 +104,51 @@ def refuse_unread_overrides(config, file_config, overridden, split_flag: str = "
                        "the evaluation split would go unread")
 
 
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
+                 argv: Sequence[str] | None = None) -> None:
+  """The tool's flags, on `flag_values` (`argv`: the command line whose `--config.FIELD`
+  overrides they take; None: sys.argv). Defined by `main`, not at import, so that importing
+  `code_usage` next to mim_jax.main (which has its own --config) in one process does not
+  clash."""
+  config_flags.DEFINE_config_file("config", None, "a config naming the data to read",
+                                  flag_values=flag_values,
+                                  sys_argv=None if argv is None else list(argv))
+  flags.DEFINE_string("tokenizer", None, "a tokenizer directory or its training workdir",
+                      flag_values=flag_values)
+  flags.DEFINE_string("split", "", "the split to read ('': the evaluation split)",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("batch_size", 500, "images per tokenizer call", flag_values=flag_values)
+  flags.mark_flags_as_required(["config", "tokenizer"], flag_values=flag_values)
+
+
+def run(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The tool on parsed flags: refuses a bad command line (one line on stderr, exit 2, before
+  the tokenizer or any image is read), then prints the usage as one JSON line."""
+  refuse_extra_arguments(argv)
+  config = flag_values.config
+  split_flag, batch = flag_values.split, flag_values.batch_size
+  split = split_flag or data.eval_split(config.data)
+  try:
+    refuse_unread_overrides(
+        config, files.load_config_file(flag_values["config"].config_filename),
+        config_flags.get_override_values(flag_values["config"]), split_flag)
+    if batch <= 0:
+      raise config_error("--batch_size", batch, "a positive number of images per tokenizer call")
+    if split_flag and config.data.source == "synthetic" and split_flag != data.HOLDOUT_SPLIT:
+      raise config_error("--split", split_flag, "left out, or 'holdout' (training images held "
+                         "out by data.holdout): data.source='synthetic' has the same images "
+                         "for every split")
+    out = code_usage(flag_values.tokenizer, config.data, split=split, batch_size=batch,
+                     field="--tokenizer")
+  except (ConfigError, data.IdxFormatError, data.BadImageError) as e:
+    # Bad input, reported as the trainer reports it: one line and exit 2, no traceback.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+  print(json.dumps({"tokenizer": flag_values.tokenizer, "split": split, **out}))
+
+
 def main() -> None:
-  # Flags are defined here, not at import, so that importing `code_usage` next to
-  # mim_jax.main (which has its own --config) in one process does not clash.
-  config_flag = config_flags.DEFINE_config_file("config", None,
-                                                "a config naming the data to read")
-  tokenizer = flags.DEFINE_string("tokenizer", None,
-                                  "a tokenizer directory or its training workdir")
-  split_flag = flags.DEFINE_string("split", "", "the split to read ('': the evaluation split)")
-  batch = flags.DEFINE_integer("batch_size", 500, "images per tokenizer call")
-  flags.mark_flags_as_required(["config", "tokenizer"])
-
-  def run(argv) -> None:
-    refuse_extra_arguments(argv)
-    config = config_flag.value
-    split = split_flag.value or data.eval_split(config.data)
-    try:
-      refuse_unread_overrides(
-          config, files.load_config_file(flags.FLAGS["config"].config_filename),
-          config_flags.get_override_values(flags.FLAGS["config"]), split_flag.value)
-      if batch.value <= 0:
-        raise config_error("--batch_size", batch.value, "a positive number of images per "
-                           "tokenizer call")
-      if split_flag.value and config.data.source == "synthetic" \
-          and split_flag.value != data.HOLDOUT_SPLIT:
-        raise config_error("--split", split_flag.value, "left out, or 'holdout' (training "
-                           "images held out by data.holdout): data.source='synthetic' has the "
-                           "same images for every split")
-      out = code_usage(tokenizer.value, config.data, split=split, batch_size=batch.value,
-                       field="--tokenizer")
-    except (ConfigError, data.IdxFormatError, data.BadImageError) as e:
-      # Bad input, reported as the trainer reports it: one line and exit 2, no traceback.
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(EXIT_BAD_INPUT)
-    print(json.dumps({"tokenizer": tokenizer.value, "split": split, **out}))
-
+  define_flags()
   from mim_jax import main as trainer  # its parser: unknown --config fields named, no traceback
   app.run(run, flags_parser=trainer.parse_flags)
 
