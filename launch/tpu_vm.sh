@@ -187,6 +187,12 @@ if ((!dry_run)); then
 fi
 create_status=0
 run "${create[@]}" || create_status=$?
+# A creation that ended by SIGINT or SIGTERM (130, 143: a Ctrl-C reaches gcloud too) was
+# interrupted, not refused: its VM may exist. Bash may run this script's own trap for the
+# signal only after the next commands, so the status decides: exit through the clean-up.
+if ((create_status == 130 || create_status == 143)); then
+  exit "$create_status"
+fi
 if ((create_status)); then
   trap - EXIT
   rm -f "$archive"

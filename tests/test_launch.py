@@ -290,8 +290,9 @@ def test_tpu_settings_that_would_fail_after_the_vm_exists_are_refused_first(tmp_
 def test_tpu_deletes_what_an_interrupted_creation_may_have_left_but_not_after_a_refusal(
     tmp_path):
   """The clean-up is armed before the creation: a Ctrl-C during its minutes (here the stand-in
-  gcloud interrupts the script) ends with the delete; a creation that fails by itself (a name
-  already taken by another run's VM) deletes nothing."""
+  gcloud interrupts the script, or only exits as an interrupted gcloud does) ends with the
+  delete; a creation that fails by itself (a name already taken by another run's VM) deletes
+  nothing."""
   interrupted = 'if [[ "$*" == *" create "* ]]; then kill -INT $PPID; exit 130; fi'
   env = _fake_bin(tmp_path, "gcloud", interrupted)
   out = _bash(TPU, *TPU_ARGS, f"--log={tmp_path}/train.log", env=env)
@@ -299,6 +300,16 @@ def test_tpu_deletes_what_an_interrupted_creation_may_have_left_but_not_after_a_
   calls = (tmp_path / "calls.log").read_text().splitlines()
   assert [" ".join(c.split()[2:4]) for c in calls] == ["tpu-vm create", "tpu-vm delete"]
   (tmp_path / "calls.log").unlink()
+  # The same when the script's own trap has not run by the time the creation returns (bash may
+  # run it only commands later; the suite once saw no delete under load): a creation that ended
+  # by SIGINT or SIGTERM is an interrupted one.
+  for status in (130, 143):
+    env = _fake_bin(tmp_path, "gcloud", f'if [[ "$*" == *" create "* ]]; then exit {status}; fi')
+    out = _bash(TPU, *TPU_ARGS, f"--log={tmp_path}/train.log", env=env)
+    assert out.returncode == status, out.stderr
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert [" ".join(c.split()[2:4]) for c in calls] == ["tpu-vm create", "tpu-vm delete"]
+    (tmp_path / "calls.log").unlink()
   env = _fake_bin(tmp_path, "gcloud", 'if [[ "$*" == *" create "* ]]; then exit 4; fi')
   out = _bash(TPU, *TPU_ARGS, f"--log={tmp_path}/train.log", env=env)
   assert out.returncode == 4, out.stderr
@@ -332,10 +343,13 @@ fi
 # exits 75, as mim_jax.main does.
 _FAKE_TRAINER = """#!/usr/bin/env bash
 echo $$ > "$STUB_DIR/train.pid"
-sleep 120 & echo $! > "$STUB_DIR/sleep.pid"
 trap 'kill $!; echo "worker: checkpoint written after SIGTERM"; exit 75' TERM
+sleep 120 & echo $! > "$STUB_DIR/sleep.pid"
 wait
 """
+# (The trap is set before sleep.pid, the test's signal to stop it, is written: a SIGTERM before
+# it would kill the stand-in without its checkpoint line and leave `sleep` holding the log's
+# pipe open for two minutes.)
 
 
 @pytest.mark.parametrize("signal_name, keep", [("SIGTERM", False), ("SIGINT", True)])
