@@ -280,3 +280,18 @@ def build_tfds_fashion_mnist(data_dir: str, train: int = 256, test: int = 64,
                             {"skip_registration": True}, body)
   builder(data_dir=data_dir, file_format="array_record").download_and_prepare()
   return name
+
+
+def tool_flags(module, args, monkeypatch) -> list[str]:
+  """`python -m MODULE ARGS` parsed in this process as the program parses it: `module`'s flags
+  defined on a fresh FlagValues (its `define_flags`), read by the trainer's parser (a bad flag
+  exits 2 with its one-line error), installed as the module's FLAGS for the test. Returns the
+  remaining argv, for the module's `main(argv)` / `run(argv)`."""
+  from absl import flags
+
+  from mim_jax import main as trainer
+  flag_values, argv = flags.FlagValues(), [module.__name__, *args]
+  module.define_flags(flag_values, argv)
+  remaining = trainer.parse_flags(argv, flag_values)
+  monkeypatch.setattr(module, "FLAGS", flag_values)
+  return remaining

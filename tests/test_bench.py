@@ -10,7 +10,7 @@ import pytest
 
 from mim_jax.config import files
 
-from conftest import REPO, imagenet_config_without_its_data
+from conftest import REPO, imagenet_config_without_its_data, tool_flags
 
 
 def _bench(*args, stderr=None):
@@ -129,17 +129,12 @@ def _refusal(args, monkeypatch, capsys) -> str:
   """What `python -m mim_jax.bench --config=configs/mae_fmnist.py ARGS` says refusing its
   command line, from its checks run in this process as the program runs them (its flag parser,
   then `checked_command`, both before JAX starts a backend); "" if nothing is refused."""
-  from absl import app, flags
+  from absl import app
 
   from mim_jax import bench
-  from mim_jax import main as trainer
   monkeypatch.chdir(REPO)
-  argv = ["mim_jax.bench", "--config=configs/mae_fmnist.py", *args]
-  flag_values = flags.FlagValues()
-  bench.define_flags(flag_values, argv)
-  monkeypatch.setattr(bench, "FLAGS", flag_values)
   try:
-    trainer.parse_flags(argv, flag_values)
+    tool_flags(bench, ["--config=configs/mae_fmnist.py", *args], monkeypatch)
     bench.checked_command()
   except SystemExit:
     return capsys.readouterr().err

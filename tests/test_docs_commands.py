@@ -33,6 +33,8 @@ from mim_jax.config.errors import ConfigError
 from mim_jax.data import validation as data_validation
 from mim_jax.training import setup
 
+from conftest import tool_flags
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 # Fields naming weights a documented command may point to without them being here.
@@ -132,21 +134,11 @@ def _check_trainer_command(args: list[str]) -> None:
       raise
 
 
-def _tool_flags(module, args, monkeypatch) -> flags.FlagValues:
-  """`module`'s flags (defined on a fresh FlagValues) parsed from `args`, installed as the
-  module's FLAGS for the duration of the test."""
-  flag_values, argv = flags.FlagValues(), [module.__name__, *args]
-  module.define_flags(flag_values, argv)
-  flag_values(argv)
-  monkeypatch.setattr(module, "FLAGS", flag_values)
-  return flag_values
-
-
 def _check_bench_command(args: list[str], monkeypatch) -> None:
   from absl import app
 
   from mim_jax import bench
-  _tool_flags(bench, args, monkeypatch)
+  tool_flags(bench, args, monkeypatch)
   try:
     command = bench.checked_command()
   except app.UsageError as err:
@@ -171,7 +163,7 @@ def test_documented_memory_plan_command_reaches_its_compile(args, without_data_f
   fields they replace, the overrides the plan reads, the mesh against the devices, the run's
   static checks."""
   from mim_jax import memory_plan
-  _tool_flags(memory_plan, args, monkeypatch)
+  tool_flags(memory_plan, args, monkeypatch)
   try:
     _, devices = memory_plan.checked_config()
   except ConfigError as err:
@@ -195,7 +187,7 @@ def test_the_tools_checks_can_refuse(tool, args, says, without_data_files, monke
 
   from absl import app
   module = importlib.import_module(f"mim_jax.{tool}")
-  _tool_flags(module, args, monkeypatch)
+  tool_flags(module, args, monkeypatch)
   check = module.checked_command if tool == "bench" else module.checked_config
   with pytest.raises((app.UsageError, ConfigError), match=says):
     check()

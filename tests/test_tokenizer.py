@@ -20,7 +20,7 @@ from mim_jax.tokenizers import io
 from mim_jax.tokenizers import models as tokenizers_models
 from mim_jax.training import loop as train
 
-from conftest import REPO, requires_fmnist, tiny_mae_config
+from conftest import REPO, requires_fmnist, tiny_mae_config, tool_flags
 
 
 def tiny_tokenizer_config(**overrides):
@@ -210,18 +210,12 @@ def test_code_usage_over_a_split_counts_every_token_once(tmp_path):
 def _usage_refusal(flags_, monkeypatch, capsys) -> str:
   """What `python -m mim_jax.tokenizers.usage --config=configs/beit_tokenizer_fmnist.py
   --tokenizer=/nonexistent FLAGS` prints on stderr exiting with code 2, run in this process as
-  the program runs it (its flags on fresh FlagValues, the trainer's parser, then `run`)."""
-  from absl import flags
-
-  from mim_jax import main as trainer
+  the program runs it (its parser, then `run`)."""
   from mim_jax.tokenizers import usage
   monkeypatch.chdir(REPO)
-  argv = ["mim_jax.tokenizers.usage", "--config=configs/beit_tokenizer_fmnist.py",
-          "--tokenizer=/nonexistent", *flags_]
-  flag_values = flags.FlagValues()
-  usage.define_flags(flag_values, argv)
   with pytest.raises(SystemExit) as exit_:
-    usage.run(trainer.parse_flags(argv, flag_values), flag_values)
+    usage.run(tool_flags(usage, ["--config=configs/beit_tokenizer_fmnist.py",
+                                 "--tokenizer=/nonexistent", *flags_], monkeypatch))
   assert exit_.value.code == 2
   return capsys.readouterr().err
 

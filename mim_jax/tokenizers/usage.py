@@ -104,7 +104,10 @@ def refuse_unread_overrides(config, file_config, overridden, split_flag: str = "
                        "the evaluation split would go unread")
 
 
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
+FLAGS = flags.FLAGS
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS,
                  argv: Sequence[str] | None = None) -> None:
   """The tool's flags, on `flag_values` (`argv`: the command line whose `--config.FIELD`
   overrides they take; None: sys.argv). Defined by `main`, not at import, so that importing
@@ -121,30 +124,29 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
   flags.mark_flags_as_required(["config", "tokenizer"], flag_values=flag_values)
 
 
-def run(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """The tool on parsed flags: refuses a bad command line (one line on stderr, exit 2, before
-  the tokenizer or any image is read), then prints the usage as one JSON line."""
+def run(argv) -> None:
+  """The tool on the parsed FLAGS: refuses a bad command line (one line on stderr, exit 2,
+  before the tokenizer or any image is read), then prints the usage as one JSON line."""
   refuse_extra_arguments(argv)
-  config = flag_values.config
-  split_flag, batch = flag_values.split, flag_values.batch_size
+  config = FLAGS.config
+  split_flag, batch = FLAGS.split, FLAGS.batch_size
   split = split_flag or data.eval_split(config.data)
   try:
-    refuse_unread_overrides(
-        config, files.load_config_file(flag_values["config"].config_filename),
-        config_flags.get_override_values(flag_values["config"]), split_flag)
+    refuse_unread_overrides(config, files.load_config_file(FLAGS["config"].config_filename),
+                            config_flags.get_override_values(FLAGS["config"]), split_flag)
     if batch <= 0:
       raise config_error("--batch_size", batch, "a positive number of images per tokenizer call")
     if split_flag and config.data.source == "synthetic" and split_flag != data.HOLDOUT_SPLIT:
       raise config_error("--split", split_flag, "left out, or 'holdout' (training images held "
                          "out by data.holdout): data.source='synthetic' has the same images "
                          "for every split")
-    out = code_usage(flag_values.tokenizer, config.data, split=split, batch_size=batch,
+    out = code_usage(FLAGS.tokenizer, config.data, split=split, batch_size=batch,
                      field="--tokenizer")
   except (ConfigError, data.IdxFormatError, data.BadImageError) as e:
     # Bad input, reported as the trainer reports it: one line and exit 2, no traceback.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
-  print(json.dumps({"tokenizer": flag_values.tokenizer, "split": split, **out}))
+  print(json.dumps({"tokenizer": FLAGS.tokenizer, "split": split, **out}))
 
 
 def main() -> None:
