@@ -16,7 +16,8 @@
 #   tune_mae      a proxy for the full length): from scratch, and from the MAE encoder
 #   finetune_mae  for each of SEEDS: FT_EPOCHS (15) of fine-tuning with the chosen settings:
 #   finetune_scratch  from MAE, from scratch, and from scratch for as many more epochs as MAE
-#   finetune_matched  pre-training cost in model FLOPs (docs/fmnist_tools.py matched_epochs)
+#   finetune_matched  pre-training cost in model FLOPs (docs/fmnist_tools.py matched_epochs;
+#                 MATCHED_EPOCHS, a number of epochs, instead)
 #   tune_lowlabel for each init of LOWLABEL_INITS, the length of its low-label fine-tuning
 #                 chosen on the held-out split (LOWLABEL_TUNE, percent:epochs,epochs,...,
 #                 default "1:60,240,960 10:30,120"; each init keeps its lr / Mixup choice)
