@@ -565,6 +565,33 @@ def test_short_fashion_mnist_run_lowers_the_loss_without_collapse():
   assert np.mean(mean_ent[-5:]) > np.mean(ent[-5:]) + 0.2, (mean_ent, ent)
 
 
+def test_head_starts_as_dino_and_ibot_do():
+  """The MLP from N(0, 0.02) truncated; the prototype directions from PyTorch's default linear
+  init, U(+-1/sqrt(fan_in)), measured here on torch.nn.Linear itself (iBOT's head.py makes
+  that layer after applying its init), so only the layout [in, out] vs [out, in] differs."""
+  torch = pytest.importorskip("torch")
+  from mim_jax.models.heads import DINOHead
+
+  bottleneck, out = 128, 4096
+  head = DINOHead(out_dim=out, hidden_dim=64, bottleneck_dim=bottleneck, norm_last_layer=False)
+  params = head.init(jax.random.key(0), jnp.zeros((1, 32)))["params"]
+  ours = np.asarray(params["last_layer"])
+  torch.manual_seed(0)
+  theirs = torch.nn.Linear(bottleneck, out, bias=False).weight.detach().numpy().T
+  assert ours.shape == theirs.shape
+  bound = 1 / np.sqrt(bottleneck)
+  for w in (ours, theirs):
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.999 * bound
+    np.testing.assert_allclose(w.std(), bound / np.sqrt(3), rtol=0.01)
+    np.testing.assert_allclose(w.mean(), 0, atol=2e-4)
+  # The column norms an optimizer step is measured against: the reference's, not 0.02's.
+  np.testing.assert_allclose(np.linalg.norm(ours, axis=0).mean(),
+                             np.linalg.norm(theirs, axis=0).mean(), rtol=0.01)
+  np.testing.assert_array_equal(params["last_layer_scale"], np.ones(out))
+  # timm's trunc_normal_(std=0.02) cuts at +-2 itself, not at 2 std: a plain N(0, 0.02) here.
+  np.testing.assert_allclose(np.asarray(params["mlp_0"]["kernel"]).std(), 0.02, rtol=0.05)
+
+
 def test_configs_follow_the_recipe():
   from ml_collections import config_flags
 

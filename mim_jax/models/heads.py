@@ -113,6 +113,10 @@ def dino_head_flops(tokens: int, width: int, hidden_dim: int, bottleneck_dim: in
   return float(2 * tokens * (width * h + h * h + h * b + b * k))
 
 
+# PyTorch's nn.Linear default (kaiming_uniform with a = sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+PROTOTYPE_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
 class DINOHead(nn.Module):
   """tokens [..., D] -> prototype logits [..., out_dim] (float32): DINO / iBOT's projection head.
 
@@ -121,8 +125,12 @@ class DINOHead(nn.Module):
   whose columns (one per prototype) have unit norm times a scale: fixed at 1 with
   `norm_last_layer` (DINO's default, iBOT ViT-B), a trainable per-prototype `last_layer_scale`
   otherwise (iBOT ViT-S: norm_last_layer false). Sizes of iBOT: 3 layers, hidden 2048,
-  bottleneck 256, 8192 prototypes; linear layers start from N(0, 0.02) truncated, biases 0.
-  The parameter `last_layer` holds the direction matrix [bottleneck_dim, out_dim].
+  bottleneck 256, 8192 prototypes. The MLP's layers start from N(0, 0.02) truncated, biases 0;
+  the prototype directions `last_layer` [bottleneck_dim, out_dim] from U(+-1/sqrt(bottleneck_dim)),
+  PyTorch's default for a linear layer, which DINO / iBOT keep because they create that layer
+  after applying their init: with unit-norm columns only its direction counts, but its norm
+  sets how far an optimizer step turns a prototype (N(0, 0.02) columns would turn 1.8x faster
+  at bottleneck 256, 2.5x at 128).
   """
   out_dim: int
   hidden_dim: int = 2048
@@ -139,7 +147,7 @@ class DINOHead(nn.Module):
                   approximate=False)
     x = nn.Dense(self.bottleneck_dim, kernel_init=init, name=f"mlp_{self.num_layers - 1}")(x)
     x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-    v = self.param("last_layer", init, (self.bottleneck_dim, self.out_dim))
+    v = self.param("last_layer", PROTOTYPE_INIT, (self.bottleneck_dim, self.out_dim))
     w = v / jnp.linalg.norm(v, axis=0, keepdims=True)
     if not self.norm_last_layer:
       w = w * self.param("last_layer_scale", nn.initializers.ones, (self.out_dim,))
