@@ -317,6 +317,26 @@ def test_tpu_deletes_what_an_interrupted_creation_may_have_left_but_not_after_a_
   assert [" ".join(c.split()[2:4]) for c in calls] == ["tpu-vm create"]
 
 
+def _process_tree(pid: int) -> str:
+  """`pid` and its descendants: state, kernel wait channel, blocked / ignored / caught signal
+  masks and command line, for the message of a launcher that did not stop in time."""
+  lines, todo = [], [pid]
+  while todo:
+    p = todo.pop()
+    try:
+      status = pathlib.Path(f"/proc/{p}/status").read_text()
+      wchan = pathlib.Path(f"/proc/{p}/wchan").read_text()
+      cmd = pathlib.Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:160]
+      kids = pathlib.Path(f"/proc/{p}/task/{p}/children").read_text().split()
+    except (FileNotFoundError, ProcessLookupError):
+      continue
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    lines.append(f"{p} {fields.get('State')} wchan={wchan} blk={fields.get('SigBlk')} "
+                 f"ign={fields.get('SigIgn')} cgt={fields.get('SigCgt')} {cmd}")
+    todo += [int(k) for k in kids]
+  return "\n".join(lines)
+
+
 def _running(pid: int) -> bool:
   """Whether process `pid` exists and has not exited (an exited orphan may wait as a zombie
   where PID 1 does not reap)."""
@@ -372,8 +392,21 @@ def test_tpu_interrupted_run_stops_the_training_before_deleting_or_keeping(tmp_p
   while not (tmp_path / "sleep.pid").exists():
     assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
     time.sleep(0.1)
+  before = _process_tree(proc.pid)
   proc.send_signal(getattr(signal, signal_name))
-  _, stderr = proc.communicate(timeout=60)
+  try:
+    _, stderr = proc.communicate(timeout=60)
+  except subprocess.TimeoutExpired as e:
+    # Under load this once outlived the minute (2026-12-06, the suite beside a training run)
+    # without the trap's first line: say what every process was doing, then end them.
+    after = _process_tree(proc.pid)
+    for pid_file in ("train.pid", "sleep.pid"):
+      if (tmp_path / pid_file).exists():
+        os.kill(int((tmp_path / pid_file).read_text()), signal.SIGKILL)
+    proc.kill()
+    proc.communicate()
+    pytest.fail(f"the launcher did not stop within 60 s of {signal_name}; stderr: {e.stderr!r}\n"
+                f"before the signal:\n{before}\nafter 60 s:\n{after}")
   assert proc.returncode == 128 + getattr(signal, signal_name), stderr
   # The pid the training command wrote is the trainer's (exec keeps the process).
   assert (tmp_path / "home" / "mim_jax.pid").read_text() == (tmp_path / "train.pid").read_text()
