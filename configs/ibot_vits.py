@@ -21,10 +21,9 @@ patches, aspect 0.3 .. 1/0.3) on half of the global views, each with a ratio dra
 (DINO's, `model.weight_init="dino"`): linear layers and the cls token trunc_normal_(0.02), the
 patch-embedding conv at PyTorch's default, a zero mask embedding. Not reproduced: its learned
 position table (trunc_normal_(0.02), interpolated for the 96-px views); the encoder adds the
-fixed sin-cos table of each view's own grid, as MAE's. Nor its weight-decay groups: the release
-decays every tensor of two or more dimensions (the cls token, the mask embedding and the
-prototypes' scales, [8192, 1] there), where mim_jax exempts tokens and position tables
-(training/optim.NO_DECAY_NAMES, MAE's rule) and holds the scales as a vector.
+fixed sin-cos table of each view's own grid, as MAE's. Weight decay follows the release's groups
+(`IBOT.decay_mask`): every tensor of two or more dimensions, the cls token and the mask
+embedding included, and the prototypes' scales.
 """
 
 from mim_jax import registry

@@ -55,7 +55,7 @@ def _first_step(c):
   method, it = _iterator(c)
   batch = _device_batch(method, next(it))
   schedule = optim.learning_rate_schedule(c.optimizer, c.global_batch_size, 8, 16)
-  tx = optim.build_optimizer(c.optimizer, schedule)
+  tx = optim.build_optimizer(c.optimizer, schedule, decay_mask=method.decay_mask)
   state = jax.jit(lambda r: step_lib.init_train_state(method, tx, r, (1, 16, 16, 3)))(
       jax.random.key(0))
   step = jax.jit(step_lib.make_train_step(method, tx, schedule,
@@ -185,7 +185,7 @@ def _freeze_run(hold: bool, num_steps: int = 4):
   _, it = _iterator(c)
   batch = _device_batch(method, next(it))
   schedule = optax.constant_schedule(1e-3)
-  tx = optim.build_optimizer(c.optimizer, schedule, 16)
+  tx = optim.build_optimizer(c.optimizer, schedule, 16, method.decay_mask)
   if hold:
     tx = method.wrap_optimizer(tx)
   state = jax.jit(lambda r: step_lib.init_train_state(method, tx, r, (1, 16, 16, 3)))(
@@ -548,7 +548,7 @@ def test_short_fashion_mnist_run_lowers_the_loss_without_collapse():
   registry.validate_config(c)
   method, it = _iterator(c)
   schedule = optax.constant_schedule(1e-3)
-  tx = optim.build_optimizer(c.optimizer, schedule)
+  tx = optim.build_optimizer(c.optimizer, schedule, decay_mask=method.decay_mask)
   state = jax.jit(lambda r: step_lib.init_train_state(method, tx, r, (1, 28, 28, 1)))(
       jax.random.key(0))
   step = jax.jit(step_lib.make_train_step(method, tx, schedule), donate_argnums=(0,))
@@ -563,6 +563,32 @@ def test_short_fashion_mnist_run_lowers_the_loss_without_collapse():
   assert end < 0.5 * start, (start, end, kl)
   assert np.mean(ent[-5:]) < np.log(128) - 0.3, ent
   assert np.mean(mean_ent[-5:]) > np.mean(ent[-5:]) + 0.2, (mean_ent, ent)
+
+
+def test_weight_decay_groups_are_ibots_in_the_trainers_optimizer():
+  """iBOT decays every parameter of two or more dimensions (the cls token and the mask
+  embedding too) and the prototypes' scales ([out_dim, 1] in the release), not biases or norm
+  parameters; MAE's groups (the default) exempt the tokens. Checked on the optimizer the
+  trainer builds (setup_run): one AdamW update with zero gradients is the decay alone."""
+  from mim_jax.training.setup import setup_run
+
+  c = tiny_config(**{"optimizer.weight_decay": 0.05, "optimizer.warmup_epochs": 0.0,
+                     "ibot.freeze_last_layer_epochs": 0.0})
+  run = setup_run(c, devices=jax.devices()[:1], num_examples=64)
+  state = jax.jit(run.init_fn)(jax.random.key(0))
+  params = jax.device_get(state.params)
+  zeros = jax.tree.map(np.zeros_like, params)
+  updates, _ = run.tx.update(zeros, jax.device_get(state.opt_state), params)
+  moved = {"/".join(str(getattr(k, "key", k)) for k in path): bool(np.any(u != 0))
+           for path, u in jax.tree_util.tree_leaves_with_path(updates)}
+  for name in ("encoder/cls_token", "encoder/mask_token", "head/last_layer_scale",
+               "head/last_layer", "head/mlp_0/kernel", "encoder/patch_embed/kernel"):
+    assert moved[name], name
+  for name in ("encoder/patch_embed/bias", "head/mlp_0/bias",
+               "encoder/transformer/norm/scale", "encoder/transformer/blocks_0/norm1/bias"):
+    assert not moved[name], name
+  mae = optim.weight_decay_mask(params)
+  assert not mae["encoder"]["cls_token"] and not mae["head"]["last_layer_scale"]
 
 
 def test_head_starts_as_dino_and_ibot_do():

@@ -44,7 +44,7 @@ import numpy as np
 from mim_jax.config import defaults, validation
 from mim_jax.data.transforms import AddTokenMask
 from mim_jax.objectives import masking
-from mim_jax.training import checkpoint
+from mim_jax.training import checkpoint, optim
 from mim_jax.weights import continuation, pretrained
 
 Params = Any
@@ -202,6 +202,12 @@ class Method:
     GradientTransformation): `tx` itself unless the method holds some parameters still for a
     while (iBOT's head prototypes). Loops that build their own `tx` pass it through here."""
     return tx
+
+  def decay_mask(self, params: Params) -> Any:
+    """Which parameters weight decay applies to (a tree of bools like `params`): matrices, not
+    biases, norms, tokens or position tables (MAE's groups, `optim.weight_decay_mask`), unless
+    the method's release groups them otherwise."""
+    return optim.weight_decay_mask(params)
 
   def after_update(self, params: Params, extra: Extra, step: jax.Array) -> Extra:
     """Runs inside the jitted step after the optimizer update, on the new params (an EMA

@@ -130,6 +130,14 @@ class IBOT(base.PretrainingMethod):
   def _epochs(self, epochs: float) -> int:
     return int(round(float(epochs) * self.length.steps_per_epoch))
 
+  def decay_mask(self, params):
+    """iBOT's groups (its utils.get_params_groups): every parameter but biases and vectors
+    decays, the cls token and the mask embedding included, and the prototypes' scales, which
+    the release holds as [out_dim, 1] (weight norm's g) and mim_jax as a vector."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x.ndim > 1 or getattr(path[-1], "key", None) == "last_layer_scale",
+        params)
+
   def wrap_optimizer(self, tx):
     """The head's last layer holds still for `ibot.freeze_last_layer_epochs`."""
     return sd.hold_last_layer(tx, self._epochs(self.cfg.freeze_last_layer_epochs))

@@ -176,8 +176,8 @@ def hold_during_first_updates(tx: optax.GradientTransformation, steps: int,
   return optax.chain(tx, optax.masked(hold, mask))
 
 
-def build_optimizer(opt_cfg, schedule: optax.Schedule,
-                    schedule_steps: Optional[int] = None) -> optax.GradientTransformation:
+def build_optimizer(opt_cfg, schedule: optax.Schedule, schedule_steps: Optional[int] = None,
+                    decay_mask=weight_decay_mask) -> optax.GradientTransformation:
   """The configured optimizer with masked weight decay, clipping and layer decay.
 
   adamw: decoupled weight decay (b1, b2, eps; the first moment in `mu_dtype`, e.g. bfloat16
@@ -187,6 +187,8 @@ def build_optimizer(opt_cfg, schedule: optax.Schedule,
   as in MAE's util/lars.py, whereas optax.lars applies it after).  sgd: momentum SGD with L2
   weight decay added to the gradient (as PyTorch's SGD). `schedule_steps` is the length of a
   weight-decay schedule (`optimizer.weight_decay_schedule`), needed only for one.
+  `decay_mask` (params -> a tree of bools) picks the parameters weight decay applies to, and
+  LARS's trust ratio (default `weight_decay_mask`; a method's own groups: `Method.decay_mask`).
   """
   weight_decay = weight_decay_schedule(opt_cfg, schedule_steps)
   parts = []
@@ -197,17 +199,17 @@ def build_optimizer(opt_cfg, schedule: optax.Schedule,
   if name == "adamw":
     parts.append(optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
                              mu_dtype=opt_cfg.get("mu_dtype") or None,
-                             weight_decay=weight_decay, mask=weight_decay_mask))
+                             weight_decay=weight_decay, mask=decay_mask))
   elif name == "lars":
     parts.append(optax.chain(
-        optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
+        optax.add_decayed_weights(weight_decay, mask=decay_mask),
         optax.masked(optax.scale_by_trust_ratio(trust_coefficient=opt_cfg.trust_coefficient,
-                                                eps=0.0), weight_decay_mask),
+                                                eps=0.0), decay_mask),
         optax.trace(decay=opt_cfg.momentum),
         optax.scale_by_learning_rate(schedule)))
   elif name == "sgd":
     parts.append(optax.chain(
-        optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
+        optax.add_decayed_weights(weight_decay, mask=decay_mask),
         optax.sgd(schedule, momentum=opt_cfg.momentum or None)))
   else:
     raise ValueError(f"optimizer.name={name!r}: expected one of {OPTIMIZERS}")

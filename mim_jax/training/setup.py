@@ -237,7 +237,8 @@ class Run:
     if saved["name"] != self.config.optimizer.name:
       return None  # another optimizer's moments are not this one's, whatever their shapes
     tx = self.method.wrap_optimizer(optim.build_optimizer(
-        ml_collections.ConfigDict(saved), self.schedule, self.schedule_steps))
+        ml_collections.ConfigDict(saved), self.schedule, self.schedule_steps,
+        self.method.decay_mask))
     opt_state = jax.eval_shape(tx.init, self.abstract_state.params)
     theirs, ours = jax.tree.leaves(opt_state), jax.tree.leaves(self.abstract_state.opt_state)
     if len(theirs) != len(ours) or any(a.shape != b.shape for a, b in zip(theirs, ours)):
@@ -264,7 +265,8 @@ def setup_run(config, *, devices=None, num_examples: Optional[int] = None,
   schedule = optim.learning_rate_schedule(config.optimizer, config.global_batch_size,
                                           steps_per_epoch, schedule_steps)
   method = registry.build_method(config, TrainLength(steps_per_epoch, schedule_steps))
-  tx = method.wrap_optimizer(optim.build_optimizer(config.optimizer, schedule, schedule_steps))
+  tx = method.wrap_optimizer(optim.build_optimizer(config.optimizer, schedule, schedule_steps,
+                                                   method.decay_mask))
   # Shape first, then shard: nothing is materialised before its sharding is known.
   init_fn = functools.partial(step.init_train_state, method, tx,
                               image_shape=(1, *image_size, channels))
