@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import re
@@ -327,9 +328,12 @@ def _process_tree(pid: int) -> str:
       status = pathlib.Path(f"/proc/{p}/status").read_text()
       wchan = pathlib.Path(f"/proc/{p}/wchan").read_text()
       cmd = pathlib.Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:160]
-      kids = pathlib.Path(f"/proc/{p}/task/{p}/children").read_text().split()
     except (FileNotFoundError, ProcessLookupError):
       continue
+    try:
+      kids = pathlib.Path(f"/proc/{p}/task/{p}/children").read_text().split()
+    except (FileNotFoundError, ProcessLookupError):
+      kids = []
     fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
     lines.append(f"{p} {fields.get('State')} wchan={wchan} blk={fields.get('SigBlk')} "
                  f"ign={fields.get('SigIgn')} cgt={fields.get('SigCgt')} {cmd}")
@@ -396,16 +400,18 @@ def test_tpu_interrupted_run_stops_the_training_before_deleting_or_keeping(tmp_p
   proc.send_signal(getattr(signal, signal_name))
   try:
     _, stderr = proc.communicate(timeout=60)
-  except subprocess.TimeoutExpired as e:
+  except subprocess.TimeoutExpired:
     # Under load this once outlived the minute (2026-12-06, the suite beside a training run)
     # without the trap's first line: say what every process was doing, then end them.
     after = _process_tree(proc.pid)
     for pid_file in ("train.pid", "sleep.pid"):
-      if (tmp_path / pid_file).exists():
-        os.kill(int((tmp_path / pid_file).read_text()), signal.SIGKILL)
+      with contextlib.suppress(OSError, ValueError):
+        pid = int((tmp_path / pid_file).read_text())
+        after += f"\n{pid_file}:\n{_process_tree(pid)}"
+        os.kill(pid, signal.SIGKILL)
     proc.kill()
-    proc.communicate()
-    pytest.fail(f"the launcher did not stop within 60 s of {signal_name}; stderr: {e.stderr!r}\n"
+    _, stderr = proc.communicate()
+    pytest.fail(f"the launcher did not stop within 60 s of {signal_name}; stderr: {stderr!r}\n"
                 f"before the signal:\n{before}\nafter 60 s:\n{after}")
   assert proc.returncode == 128 + getattr(signal, signal_name), stderr
   # The pid the training command wrote is the trainer's (exec keeps the process).

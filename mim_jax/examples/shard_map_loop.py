@@ -30,8 +30,10 @@ def main(steps: int = 4, per_device_batch: int = 2) -> list[float]:
   config.decoder.update(width=64, depth=2, num_heads=4)
   method = MAE(config)
   schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 2, steps)
+  # decay_mask: the method's weight-decay groups (MAE's: matrices, no biases, norms or tokens);
   # wrap_optimizer: `tx` itself for MAE; iBOT holds its head's prototypes still at first.
-  tx = method.wrap_optimizer(optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.05))
+  tx = method.wrap_optimizer(optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.05,
+                                          mask=method.decay_mask))
 
   state = jax.jit(init_train_state, static_argnums=(0, 1, 3))(
       method, tx, jax.random.key(0), (1, 32, 32, 3))

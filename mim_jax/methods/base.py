@@ -24,6 +24,8 @@ Hooks, by when they run:
                          load_pretrained(params, extra) on fresh host state (through
                          training.step.with_initial_weights); weight_fields
                          (the config fields naming the weights it loads, for resumes)
+  optimizer              decay_mask(params) (the parameters weight decay applies to),
+                         wrap_optimizer(tx) (e.g. parameters held still for a while)
   input                  data_transforms(), train_augment(...), batch_keys, example_extras(...)
   step                   loss(...), after_update(...)
   outputs                encoder_params(...), export(...), draws + reconstruct(...) + picture(...),

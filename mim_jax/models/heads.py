@@ -113,7 +113,7 @@ def dino_head_flops(tokens: int, width: int, hidden_dim: int, bottleneck_dim: in
   return float(2 * tokens * (width * h + h * h + h * b + b * k))
 
 
-# PyTorch's nn.Linear default (kaiming_uniform with a = sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+# PyTorch's nn.Linear default (kaiming_uniform with a = sqrt(5)): U(+-1/sqrt(fan_in)).
 PROTOTYPE_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 

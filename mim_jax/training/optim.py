@@ -1,8 +1,9 @@
 """Optimizers and the learning-rate schedule shared by every method and evaluation.
 
 AdamW (pre-training, fine-tuning), LARS (the MAE linear probe) and SGD, all with weight decay
-masked off biases, norms, tokens and position embeddings, optional global-norm clipping, and
-optional layer-wise learning-rate decay for fine-tuning ViTs (BEiT / MAE).
+masked off biases, norms, tokens and position embeddings by default (a method may group its
+parameters otherwise: `Method.decay_mask`), optional global-norm clipping, and optional
+layer-wise learning-rate decay for fine-tuning ViTs (BEiT / MAE).
 """
 
 from __future__ import annotations
