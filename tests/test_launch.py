@@ -376,6 +376,16 @@ wait
 # pipe open for two minutes.)
 
 
+# Starts a command with SIGINT at its default action, as a terminal starts the launcher. A test
+# process may have it ignored (a suite started in the background with `nohup ... &`: ignored
+# SIGHUP and SIGINT, which its children inherit), and a non-interactive bash that starts with a
+# signal ignored cannot trap it: the launcher would be deaf to the Ctrl-C under test (seen:
+# every process of the run with SigIgn 0x7, the launcher waiting on, no trap run).
+_WITH_DEFAULT_SIGINT = [sys.executable, "-c", "import os, signal, sys; "
+                        "signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                        "os.execvp(sys.argv[1], sys.argv[1:])"]
+
+
 @pytest.mark.parametrize("signal_name, keep", [("SIGTERM", False), ("SIGINT", True)])
 def test_tpu_interrupted_run_stops_the_training_before_deleting_or_keeping(tmp_path, signal_name,
                                                                            keep):
@@ -390,8 +400,8 @@ def test_tpu_interrupted_run_stops_the_training_before_deleting_or_keeping(tmp_p
   (tmp_path / "home" / "mim_jax").mkdir(parents=True)
   log = tmp_path / "train.log"
   args = [*TPU_ARGS, f"--log={log}"] + (["--keep"] if keep else [])
-  proc = subprocess.Popen(["bash", str(TPU), *args], cwd=REPO, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  proc = subprocess.Popen([*_WITH_DEFAULT_SIGINT, "bash", str(TPU), *args], cwd=REPO, env=env,
+                          text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   deadline = time.monotonic() + 30
   while not (tmp_path / "sleep.pid").exists():
     assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
@@ -401,8 +411,7 @@ def test_tpu_interrupted_run_stops_the_training_before_deleting_or_keeping(tmp_p
   try:
     _, stderr = proc.communicate(timeout=60)
   except subprocess.TimeoutExpired:
-    # Under load this once outlived the minute (2026-12-06, the suite beside a training run)
-    # without the trap's first line: say what every process was doing, then end them.
+    # Say what every process was doing (their signal masks included), then end them.
     after = _process_tree(proc.pid)
     for pid_file in ("train.pid", "sleep.pid"):
       with contextlib.suppress(OSError, ValueError):
