@@ -134,9 +134,7 @@ class IBOT(base.PretrainingMethod):
     """iBOT's groups (its utils.get_params_groups): every parameter but biases and vectors
     decays, the cls token and the mask embedding included, and the prototypes' scales, which
     the release holds as [out_dim, 1] (weight norm's g) and mim_jax as a vector."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: x.ndim > 1 or getattr(path[-1], "key", None) == "last_layer_scale",
-        params)
+    return jax.tree.map(lambda x, last: x.ndim > 1 or last, params, sd.last_layer_mask(params))
 
   def wrap_optimizer(self, tx):
     """The head's last layer holds still for `ibot.freeze_last_layer_epochs`."""
