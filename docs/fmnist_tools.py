@@ -19,9 +19,10 @@
       with the split each was scored on, wall time from ROOT/NAME.seconds), then the runs
       that differ only by seed (NAME_sK) as mean +- sample std over their seeds
   python docs/fmnist_tools.py keep ROOT RUN [RUN ...]
-      records each pre-training run's config and k-NN rows in docs/curves/RUN.json (and the
-      raw-pixel k-NN of ROOT/knn_pixels_holdout), from which docs/plot_knn_curve.py draws a
-      run whose folder is no longer in ROOT (it went with the machine that trained it)
+      records each run's config, k-NN rows, training rows and evaluation rows in
+      docs/curves/RUN.json (and the raw-pixel k-NN of ROOT/knn_pixels_holdout), from which
+      docs/plot_knn_curve.py and docs/plot_finetune_loss.py draw a run whose folder is no
+      longer in ROOT (it went with the machine that trained it)
   python docs/fmnist_tools.py sklearn_pixels OUT_JSON [DATA_DIR [L2]]
       the reference the converged linear probe is held to: scikit-learn's multinomial logistic
       regression (lbfgs) on standardised raw pixels, all 60,000 training images, scored on the
@@ -209,19 +210,31 @@ def matched_epochs(pretrain_workdir: str, ft_epochs: float) -> int:
 
 CURVES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "curves")
 KNN_KEYS = ("step", "knn_top1_cls", "knn_top1_gap")
+# The logged training rows' loss (mean since the previous row) and last-batch accuracy (a
+# classifier's only), and the evaluation rows' scores: what plot_finetune_loss.py draws.
+TRAIN_KEYS = ("step", "loss_mean", "accuracy")
+EVAL_KEYS = ("step", "eval_accuracy", "eval_loss")
+
+
+def _rows(logged: list[dict], marker: str, keys: tuple[str, ...]) -> list[dict]:
+  """The logged rows that have `marker`, each cut to those of `keys` it has."""
+  return [{k: r[k] for k in keys if k in r} for r in logged if marker in r]
 
 
 def run_record(root: str, run: str) -> dict:
-  """{"config": the run's config, "knn": its k-NN rows (step, cls and mean-pooled top-1)} from
-  ROOT/RUN when that folder is there, else from its record docs/curves/RUN.json (`keep`)."""
+  """{"config": the run's config, "knn": its k-NN rows (step, cls and mean-pooled top-1),
+  "train": its training rows (step, loss_mean, accuracy), "eval": its evaluation rows (step,
+  eval_accuracy, eval_loss)} from ROOT/RUN when that folder is there, else from its record
+  docs/curves/RUN.json (`keep`; records kept before 2026-12-06 have "config" and "knn" only)."""
   from mim_jax.training import metric_writers
   folder = os.path.join(root, run)
   if os.path.isfile(os.path.join(folder, "config.json")):
-    logged = (metric_writers.read_metrics(folder)
+    logged = (list(metric_writers.read_metrics(folder))
               if os.path.isfile(os.path.join(folder, metric_writers.METRICS_FILE)) else [])
-    rows = [{k: r[k] for k in KNN_KEYS} for r in logged if "knn_top1_cls" in r]
     with open(os.path.join(folder, "config.json")) as f:
-      return {"config": json.load(f), "knn": rows}
+      return {"config": json.load(f), "knn": _rows(logged, "knn_top1_cls", KNN_KEYS),
+              "train": _rows(logged, "loss_mean", TRAIN_KEYS),
+              "eval": _rows(logged, "eval_accuracy", EVAL_KEYS)}
   kept = os.path.join(CURVES, f"{run}.json")
   if not os.path.isfile(kept):
     raise SystemExit(f"{run}: no run folder {folder} and no record {kept}")
@@ -234,8 +247,8 @@ def run_record(root: str, run: str) -> dict:
 
 
 def keep(root: str, *runs: str) -> list[str]:
-  """Writes docs/curves/RUN.json for each run, and knn_pixels_holdout.json (the pixel line of
-  the curves' plot) when ROOT has it; returns the files written."""
+  """Writes docs/curves/RUN.json (`run_record`) for each run, and knn_pixels_holdout.json (the
+  pixel line of the curves' plot) when ROOT has it; returns the files written."""
   os.makedirs(CURVES, exist_ok=True)
   written = []
   for run in runs:

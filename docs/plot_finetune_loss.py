@@ -8,22 +8,20 @@ docs/results.md).
 
 Reads ROOT/RUN/metrics.jsonl (the logged training rows: `loss_mean`, the mean loss since the
 previous row, and `accuracy` on the last batch, both on augmented, label-smoothed batches),
-ROOT/RUN/config.json (num_epochs) and, when the run finished, its final evaluation row.
+ROOT/RUN/config.json (num_epochs) and, when the run finished, its final evaluation row; for a
+run no longer in ROOT, its record docs/curves/RUN.json (`python docs/fmnist_tools.py keep`).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 import matplotlib
 
 matplotlib.use("Agg")
+import fmnist_tools  # pylint: disable=wrong-import-position  # docs/, beside this script
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
-
-from mim_jax.training import metric_writers  # pylint: disable=wrong-import-position
 
 # Points averaged per plotted point: a logged row every 50 steps is noisy on 256 images.
 SMOOTH = 5
@@ -38,10 +36,12 @@ def _smoothed(values: list[float]) -> np.ndarray:
 def curve(root: str, run: str):
   """(epochs, loss, accuracy %, label) of a run's training rows, smoothed; the label names the
   run and its final evaluation (split and top-1) where there is one."""
-  config = json.load(open(os.path.join(root, run, "config.json")))
-  rows = list(metric_writers.read_metrics(os.path.join(root, run)))
-  train = [r for r in rows if "loss_mean" in r]
-  evals = [r for r in rows if "eval_accuracy" in r]
+  rec = fmnist_tools.run_record(root, run)
+  if "train" not in rec:
+    raise SystemExit(f"{run}: its record has no training rows (kept before they were)")
+  config, train, evals = rec["config"], rec["train"], rec["eval"]
+  if not train or "accuracy" not in train[0]:
+    raise SystemExit(f"{run}: no logged training rows with an accuracy (a classifier's run)")
   # The schedule's length in steps is the last step of a finished run; an unfinished one
   # counts its epochs from the data (training rows / batch, dropping the last partial batch).
   rows_per_epoch = 60000 - (config["data"]["holdout"] if config["data"]["eval_split"] ==

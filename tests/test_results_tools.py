@@ -114,8 +114,8 @@ def test_matched_epochs_spends_the_pre_training_flops_on_fine_tuning(tmp_path):
 
 @requires_fmnist
 def test_a_kept_curve_stands_in_for_a_run_folder_that_is_gone(tmp_path, monkeypatch):
-  """`keep` records a pre-training run's config and k-NN rows (and the pixel line) in
-  docs/curves: the curves' plot and the compute-matched epochs read the record once the run's
+  """`keep` records a run's config, k-NN, training and evaluation rows (and the pixel line) in
+  docs/curves: the curves' plots and the compute-matched epochs read the record once the run's
   folder went with its machine, the same as from the folder."""
   monkeypatch.setattr(tools, "CURVES", str(tmp_path / "curves"))
   root = tmp_path / "root"
@@ -123,8 +123,9 @@ def test_a_kept_curve_stands_in_for_a_run_folder_that_is_gone(tmp_path, monkeypa
   run.mkdir(parents=True)
   config = json.loads((REPO / "docs" / "curves" / "mae_e50.json").read_text())["config"]
   (run / "config.json").write_text(json.dumps(config))
-  rows = [{"step": 10, "loss": 0.9}, {"step": 1070, "knn_top1_cls": 0.81, "knn_top1_gap": 0.8,
-                                      "knn_top5_cls": 0.97}]
+  rows = [{"step": 10, "loss": 0.9, "loss_mean": 0.95, "accuracy": 0.5, "grad_norm": 2.0},
+          {"step": 1070, "knn_top1_cls": 0.81, "knn_top1_gap": 0.8, "knn_top5_cls": 0.97},
+          {"step": 1070, "eval_accuracy": 0.9, "eval_loss": 0.3, "eval_top5": 0.99}]
   (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   (root / "knn_pixels_holdout").mkdir()
   (root / "knn_pixels_holdout" / "results.json").write_text('{"knn_top1_pixels": 0.86}')
@@ -132,9 +133,13 @@ def test_a_kept_curve_stands_in_for_a_run_folder_that_is_gone(tmp_path, monkeypa
       "mae_e50.json", "knn_pixels_holdout.json"]
   from_folder = tools.run_record(str(root), "mae_e50")
   assert from_folder["knn"] == [{"step": 1070, "knn_top1_cls": 0.81, "knn_top1_gap": 0.8}]
+  # The training and evaluation rows docs/plot_finetune_loss.py draws, cut to their keys.
+  assert from_folder["train"] == [{"step": 10, "loss_mean": 0.95, "accuracy": 0.5}]
+  assert from_folder["eval"] == [{"step": 1070, "eval_accuracy": 0.9, "eval_loss": 0.3}]
   gone = tmp_path / "elsewhere"
   kept = tools.run_record(str(gone), "mae_e50")
-  assert kept["knn"] == from_folder["knn"] and kept["config"] == config
+  assert all(kept[k] == from_folder[k] for k in ("knn", "train", "eval"))
+  assert kept["config"] == config
   assert "keep" in kept["source"]
   assert tools.matched_epochs(str(gone / "mae_e50"), 30) == tools.matched_epochs(str(run), 30)
   with pytest.raises(SystemExit, match="no run folder .* and no record"):
