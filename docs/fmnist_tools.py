@@ -229,7 +229,7 @@ def run_record(root: str, run: str) -> dict:
   from mim_jax.training import metric_writers
   folder = os.path.join(root, run)
   if os.path.isfile(os.path.join(folder, "config.json")):
-    logged = (list(metric_writers.read_metrics(folder))
+    logged = (metric_writers.read_metrics(folder)
               if os.path.isfile(os.path.join(folder, metric_writers.METRICS_FILE)) else [])
     with open(os.path.join(folder, "config.json")) as f:
       return {"config": json.load(f), "knn": _rows(logged, "knn_top1_cls", KNN_KEYS),
