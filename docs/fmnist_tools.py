@@ -23,6 +23,9 @@
       docs/curves/RUN.json (and the raw-pixel k-NN of ROOT/knn_pixels_holdout), from which
       docs/plot_knn_curve.py and docs/plot_finetune_loss.py draw a run whose folder is no
       longer in ROOT (it went with the machine that trained it)
+  python docs/fmnist_tools.py windows ROOT RUN [STEPS]
+      a run's training loss / accuracy (%) as means over each STEPS (500) steps, from its
+      folder or its record: the training-curve tables of docs/results.md
   python docs/fmnist_tools.py sklearn_pixels OUT_JSON [DATA_DIR [L2]]
       the reference the converged linear probe is held to: scikit-learn's multinomial logistic
       regression (lbfgs) on standardised raw pixels, all 60,000 training images, scored on the
@@ -269,6 +272,22 @@ def keep(root: str, *runs: str) -> list[str]:
   return written
 
 
+def windows(root: str, run: str, steps: int = 500) -> list[tuple[int, int, float, float]]:
+  """(first step, last step, mean loss_mean, mean accuracy %) of the run's logged training
+  rows over each `steps` steps (the last window ends at the last logged step)."""
+  train = run_record(root, run).get("train")
+  if not train or "accuracy" not in train[0]:
+    raise SystemExit(f"{run}: no logged training rows with an accuracy (a classifier's run)")
+  last, out = train[-1]["step"], []
+  for lo in range(0, last, steps):
+    rows = [r for r in train if lo < r["step"] <= lo + steps]
+    if rows:
+      out.append((lo + 1, min(lo + steps, last),
+                  sum(r["loss_mean"] for r in rows) / len(rows),
+                  100 * sum(r["accuracy"] for r in rows) / len(rows)))
+  return out
+
+
 def sklearn_pixels(out_json: str, data_dir: str = "", l2: str = "") -> dict:
   """scikit-learn's logistic regression on standardised pixels (data_dir: the Debian
   package's folder by default, as the configs read): its defaults, or with `l2` the probe's
@@ -326,6 +345,9 @@ if __name__ == "__main__":
     print(summary(sys.argv[2]))
   elif command == "sklearn_pixels":
     print(sklearn_pixels(*sys.argv[2:5]))
+  elif command == "windows":
+    for first, last, loss, acc in windows(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:5])):
+      print(f"{first:,}-{last:,}: {loss:.3f} / {acc:.1f}")
   elif command == "keep":
     print("\n".join(keep(sys.argv[2], *sys.argv[3:])))
   else:

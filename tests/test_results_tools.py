@@ -140,6 +140,8 @@ def test_a_kept_curve_stands_in_for_a_run_folder_that_is_gone(tmp_path, monkeypa
   kept = tools.run_record(str(gone), "mae_e50")
   assert all(kept[k] == from_folder[k] for k in ("knn", "train", "eval"))
   assert kept["config"] == config
+  # results.md's training-curve tables: window means of those rows, from the record.
+  assert tools.windows(str(gone), "mae_e50") == [(1, 10, 0.95, 50.0)]
   assert "keep" in kept["source"]
   assert tools.matched_epochs(str(gone / "mae_e50"), 30) == tools.matched_epochs(str(run), 30)
   with pytest.raises(SystemExit, match="no run folder .* and no record"):
