@@ -19,7 +19,7 @@ import optax
 import pytest
 
 from mim_jax import registry
-from mim_jax.methods import base
+from mim_jax.methods import base, mae
 from mim_jax.training import checkpoint, metric_writers
 from mim_jax.training import loop as train
 from mim_jax.training import step as step_lib
@@ -108,6 +108,31 @@ def test_custom_loop_example_runs():
   from mim_jax.examples import custom_loop
   losses = custom_loop.main(steps=3)
   assert len(losses) == 3 and all(np.isfinite(losses))
+
+
+def _readme_section_code(title: str) -> str:
+  """The ```python block of README.md's section `title`."""
+  readme = (REPO / "README.md").read_text()
+  section = readme.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+  return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_snippet_for_your_own_loop_runs_as_written():
+  # As a reader pastes it: eager init, then the donated, jitted step.
+  scope = {}
+  exec(compile(_readme_section_code("Using the parts from your own code"), "README.md", "exec"),
+       scope)
+  assert np.isfinite(float(scope["metrics"]["loss"]))
+  assert int(scope["state"].step) == 1
+
+
+def test_init_train_state_refuses_a_shape_the_method_was_not_built_for():
+  config = registry.base_config("mae")
+  config.image_size, config.channels, config.model.variant = (32, 32), 3, "mu/8"
+  method, tx = mae.MAE(config), optax.adamw(1e-3)
+  for shape in [(1, 224, 224, 3), (1, 32, 32, 1), (32, 32, 3)]:
+    with pytest.raises(ValueError, match=r"config.image_size=\(32, 32\) and config.channels=3"):
+      step_lib.init_train_state(method, tx, jax.random.key(0), shape)
 
 
 def _final_params(workdir):

@@ -1,7 +1,7 @@
 """The pure training step every method shares, importable on its own.
 
   TrainState                 step, params, optimizer state, the method's extra state (a pytree)
-  init_train_state(...)      fresh state (traced: use under jit / eval_shape)
+  init_train_state(...)      fresh state (under jit / eval_shape, or eagerly)
   make_train_step(...)       (state, batch, rng) -> (state, metrics), pure and jittable
 
 No data, checkpoints or logs here (training/loop.py wires those); a user's own loop can call
@@ -47,15 +47,34 @@ DEVICE_AUGMENT_KEY = "crop_box"
 
 def init_train_state(method, tx: optax.GradientTransformation, rng: jax.Array,
                      image_shape: tuple[int, ...]) -> TrainState:
-  """Fresh state for images of `image_shape` [B, H, W, C] (traced: use under jit/eval_shape).
+  """Fresh state for images of `image_shape` [B, H, W, C], the size the method's config was
+  built for (`config.image_size`, `config.channels`; refused otherwise). Under jit or
+  eval_shape (the trainer) or eagerly.
 
   A method that reads weights when a run starts (`method.wants_weights()`: init_from, BEiT's
   frozen tokenizer, MaskDistill's teacher) holds placeholders for them here, zeros for a
   tokenizer: pass the state through `with_initial_weights` before the first step."""
+  _check_image_shape(method, tuple(image_shape))
   params, extra = method.init(rng, jnp.zeros(image_shape, jnp.float32))
-  zero = jnp.zeros([], jnp.int32)
-  return TrainState(step=zero, params=params, opt_state=tx.init(params), extra=extra,
-                    skipped_updates=zero, nonfinite_streak=zero)
+  # Three arrays, not one shared: eagerly one buffer in three leaves could not be donated.
+  step, skipped, streak = (jnp.zeros([], jnp.int32) for _ in range(3))
+  return TrainState(step=step, params=params, opt_state=tx.init(params), extra=extra,
+                    skipped_updates=skipped, nonfinite_streak=streak)
+
+
+def _check_image_shape(method, image_shape: tuple[int, ...]) -> None:
+  """Refuses an `image_shape` [B, H, W, C] other than the size the method was built for: its
+  position tables, patch grid and masks come from `config.image_size` / `config.channels`,
+  and a state of another size fails only later, deep in the loss."""
+  config = getattr(method, "config", None)
+  if config is None or "image_size" not in config or "channels" not in config:
+    return  # a method of one's own without a config
+  built = (*(int(n) for n in config.image_size), int(config.channels))
+  if len(image_shape) != 4 or tuple(image_shape[1:]) != built:
+    raise ValueError(
+        f"image_shape {image_shape}: expected [B, H, W, C] with (H, W, C) = {built}, the "
+        f"config.image_size={tuple(config.image_size)} and config.channels={config.channels} "
+        f"the method was built with; set those to the images' size before building the method")
 
 
 def to_host(tree: Any) -> Any:
