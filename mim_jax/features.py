@@ -138,6 +138,21 @@ def read_images(path: str) -> np.ndarray:
   return _stack(decoded, paths)
 
 
+def check_channels(enc: Encoder, images, source: str, encoder: str) -> None:
+  """Raises ValueError naming the first image of `images` (from `source`) whose channels the
+  encoder (from `encoder`) cannot take, before anything is computed."""
+  for i, image in enumerate(images):
+    image = np.asarray(image)
+    c = 1 if image.ndim == 2 else image.shape[-1]
+    if transforms.channel_conversion_error(image.dtype, c, enc.channels):
+      raise ValueError(
+          f"{source}: image {i} has {c} channel(s) ({image.dtype}) and the encoder at "
+          f"{encoder} takes {enc.channels}; only grayscale to RGB and, for 8-bit images, RGB(A) "
+          "to grayscale are converted: give images of its channel count")
+    if isinstance(images, np.ndarray) and images.dtype != object:
+      return  # one array: every image has the first one's channels
+
+
 def _file_channels(data: bytes) -> int:
   """The channel count a file has (its own, not converted)."""
   if data[:4] in transforms.TIFF_MAGIC:
@@ -309,6 +324,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       raise ValueError(f"--blocks={args.blocks}: this encoder has {enc.module.depth} blocks "
                        f"(0: its output, 1 to {enc.module.depth}: a block's)")
     images = read_images(args.images)
+    check_channels(enc, images, args.images, args.encoder)
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -3,11 +3,15 @@ attention maps, from Python and from the command line."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from mim_jax import features
+from mim_jax.config.errors import ConfigError
+from mim_jax.convert import our_weights
 from mim_jax.data import make_eval_iterator
 from mim_jax.evaluate import frozen
 from mim_jax.training import loop, setup
@@ -112,6 +116,30 @@ def test_command_line_refuses_flags_it_would_not_use(tmp_path, capsys):
   assert not (tmp_path / "f.npz").exists()
 
 
+def test_loading_a_training_workdir_warns_of_nothing(encoder_dir, caplog):
+  """Orbax warned of a missing _CHECKPOINT_METADATA in the step's `state` item, which keeps it
+  one folder up: a complete restore looked like a broken checkpoint."""
+  with caplog.at_level(logging.WARNING):
+    _, params = our_weights.read_weights(encoder_dir)  # continued pre-training's reader
+  assert set(params) == {"encoder", "decoder"}
+  assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_an_evaluation_refusing_its_encoders_channels_says_they_came_from_init_from(
+    encoder_dir, tmp_path):
+  """config.channels of an evaluation is the encoder's (adopted from init_from), not one the
+  user set: the refusal says where it came from."""
+  for split in ("train", "test"):
+    np.save(tmp_path / f"{split}.npy", np.zeros((8, 16, 16, 5), np.uint16))
+    np.save(tmp_path / f"{split}_labels.npy", np.zeros(8, np.int64))
+  config = tiny_config("knn", init_from=encoder_dir, **{
+      "data.source": "npy", "data.path": str(tmp_path), "data.eval_split": "test",
+      "data.mean": (0.5,), "data.std": (0.5,)})
+  with pytest.raises(ConfigError, match=r"config.channels=3 is invalid: .*they have 5.*"
+                     r"config.channels is the encoder's in config.init_from=.*had 3 channel"):
+    setup.prepare(config)
+
+
 def test_command_line_bad_input_is_one_line_and_writes_nothing(encoder_dir, tmp_path, capsys):
   """Each of these was a traceback (exit 1), some after every feature had been computed and
   then lost; an empty array wrote an empty .npz and exited 0. Now: one line naming the
@@ -123,6 +151,8 @@ def test_command_line_bad_input_is_one_line_and_writes_nothing(encoder_dir, tmp_
   flat, empty = tmp_path / "flat.npy", tmp_path / "empty.npy"
   np.save(flat, np.zeros((4, 16), np.uint8))
   np.save(empty, np.zeros((0, 16, 16, 3), np.uint8))
+  bands = tmp_path / "bands.npy"  # 16-bit, 5 bands: no conversion to the encoder's RGB
+  np.save(bands, np.zeros((3, 16, 16, 5), np.uint16))
   folder = tmp_path / "photos"
   folder.mkdir()
   (folder / "broken.png").write_bytes(b"not a png")
@@ -134,7 +164,9 @@ def test_command_line_bad_input_is_one_line_and_writes_nothing(encoder_dir, tmp_
       (encoder_dir, pickled, [], "pickled.npy: not an array of images"),
       (encoder_dir, flat, [], "flat.npy: expected images [N, H, W]"),
       (encoder_dir, empty, [], "empty.npy: expected images [N, H, W]"),
-      (encoder_dir, folder, [], "broken.png: not an image")):
+      (encoder_dir, folder, [], "broken.png: not an image"),
+      (encoder_dir, bands, [], "bands.npy: image 0 has 5 channel(s) (uint16) and the encoder "
+       f"at {encoder_dir} takes 3")):
     code = features.main(["--encoder", str(encoder), "--images", str(images), "--out",
                           str(out), *extra])
     err = capsys.readouterr().err

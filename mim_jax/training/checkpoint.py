@@ -312,11 +312,23 @@ def restore_on_host(path: str) -> Any:
   in a process with other devices (a run on 8 GPUs, or on 2 CPU devices, read on 1)."""
   checkpointer = ocp.StandardCheckpointer()
   path = storage.absolute(path)
-  metadata = checkpointer.metadata(path)
-  tree = getattr(metadata, "item_metadata", metadata)  # newer Orbax wraps the tree
-  target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree,
-                        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-  return checkpointer.restore(path, target)
+  # A training step's `state` item keeps its _CHECKPOINT_METADATA one level up, in the step's
+  # folder (CheckpointManager's layout); Orbax warns that the item has none, but the restore is
+  # complete: that warning alone is dropped (an export's params folder has its own).
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addFilter(_no_missing_item_metadata_warning)
+  try:
+    metadata = checkpointer.metadata(path)
+    tree = getattr(metadata, "item_metadata", metadata)  # newer Orbax wraps the tree
+    target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree,
+                          is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    return checkpointer.restore(path, target)
+  finally:
+    absl_logger.removeFilter(_no_missing_item_metadata_warning)
+
+
+def _no_missing_item_metadata_warning(record: logging.LogRecord) -> bool:
+  return not record.getMessage().startswith("Metadata file does not exist")
 
 
 def load_encoder(directory: str) -> tuple[Any, dict]:

@@ -71,9 +71,19 @@ def prepare(config, file_config=None):
   must fit the configured model instead); then every static check (`file_config`: see
   registry.validate_config). Raises ConfigError."""
   config = expand_home(config)
-  if registry.method_class(config.method).kind in ("classifier", "job"):
+  adopts = registry.method_class(config.method).kind in ("classifier", "job")
+  if adopts:
     config = pretrained.adopt_encoder_config(config, file_config)
-  registry.validate_config(config, file_config)
+  try:
+    registry.validate_config(config, file_config)
+  except ConfigError as e:
+    # A refused channel count an evaluation took from its encoder, not from the command line.
+    if adopts and str(e).startswith("config.channels=") and config.init_from not in (
+        "", pretrained.RANDOM):
+      raise ConfigError(f"{e} config.channels is the encoder's in config.init_from="
+                        f"{config.init_from}: its images had {config.channels} channel(s); "
+                        "evaluate it on data of that many") from None
+    raise
   return config
 
 
