@@ -13,7 +13,9 @@ from absl import app
 
 
 class ConfigError(ValueError):
-  """A configuration field holds a value mim_jax cannot run with."""
+  """A configuration field holds a value mim_jax cannot run with; `field` names it (dotted,
+  as in the message) where the error was built by `config_error`, else ""."""
+  field = ""
 
 
 def config_error(field: str, value: Any, allowed: str, hint: str = "") -> ConfigError:
@@ -23,7 +25,9 @@ def config_error(field: str, value: Any, allowed: str, hint: str = "") -> Config
   message = f"{name}={value!r} is invalid: {allowed}."
   if hint:
     message += f" {hint}"
-  return ConfigError(message)
+  error = ConfigError(message)
+  error.field = field
+  return error
 
 
 def dotted_keys(config: Any, prefix: str = "") -> list[str]:

@@ -78,8 +78,7 @@ def prepare(config, file_config=None):
     registry.validate_config(config, file_config)
   except ConfigError as e:
     # A refused channel count an evaluation took from its encoder, not from the command line.
-    if adopts and str(e).startswith("config.channels=") and config.init_from not in (
-        "", pretrained.RANDOM):
+    if adopts and e.field == "channels" and config.init_from not in ("", pretrained.RANDOM):
       raise ConfigError(f"{e} config.channels is the encoder's in config.init_from="
                         f"{config.init_from}: its images had {config.channels} channel(s); "
                         "evaluate it on data of that many") from None
