@@ -109,6 +109,49 @@ def test_continued_simmim_loads_its_predictor_and_keeps_the_source_loss(tmp_path
                              method.loss(src, {}, {"image": images}, rng)[0], rtol=1e-6)
 
 
+def _merged_under(config, weight_init: str):
+  config = config.copy_and_resolve_references()
+  config.model.weight_init = weight_init
+  method = registry.build_method(config)
+  params, _ = method.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  return continuation.merge_source(jax.device_get(params), config)[0]
+
+
+@pytest.mark.parametrize("source_method,method", [
+    ("mae", "mae"), ("mae", "simmim"), ("mae", "data2vec"), ("simmim", "simmim"),
+    ("simmim", "mae")])
+def test_weight_init_counts_as_read_exactly_when_it_changes_the_loaded_params(
+    tmp_path_factory, mae_source, source_method, method):
+  # draws_under_weight_init decides, from the source's metadata alone, whether continued
+  # pre-training reads model.weight_init: the weights after loading must differ between two
+  # schemes exactly when it says so (a mask token the source lacks, data2vec's lm_head), and
+  # validation refuses the field exactly when they do not.
+  source = (mae_source if source_method == "mae"
+            else _source(tmp_path_factory, f"{source_method}_source", method=source_method))
+  config = tiny_mae_config(method=method, init_from=source)
+  if method == "data2vec":
+    config.masking.update(kind="blockwise", ratio=0.5, min_block=2)
+    config.teacher.top_k = 2
+  a, b = _merged_under(config, "xavier"), _merged_under(config, "beit")
+  changed = not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  cls = registry.method_class(method)
+  assert continuation.draws_under_weight_init(
+      config, mask_token=cls.encoder_mask_token(config), head_in_vit=cls.head_in_vit) == changed
+  config.model.weight_init = "beit"
+  if changed:
+    registry.check_unread_fields(config)
+  else:
+    with pytest.raises(ConfigError, match=r"model.weight_init='beit' is not used"):
+      registry.check_unread_fields(config)
+
+
+def test_every_pre_training_method_keeps_the_weight_init_rule():
+  # A method's own unread_rules extend its base class's (the continued pre-training rule).
+  for name, cls in registry.METHODS.items():
+    if cls.kind == "pretraining":
+      assert any(fields == ("model.weight_init",) for fields, _, _ in cls.unread_rules()), name
+
+
 def test_data2vec_teacher_starts_as_the_loaded_student(mae_source):
   config = tiny_mae_config(method="data2vec", init_from=mae_source)
   config.masking.update(kind="blockwise", ratio=0.5, min_block=2)

@@ -424,7 +424,7 @@ def check_num_classes(config, dataset_classes: int) -> None:
 # (fields, reads(config) -> bool, why): each field is read only when `reads` holds; otherwise
 # it must keep its default, so that an override never silently does nothing.
 UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
-    # Continued pre-training reads it for what the export lacks (e.g. a mask token).
+    # Continued pre-training: the method's own rule (methods.base.PretrainingMethod).
     (("model.weight_init",),
      lambda c: "classifier" not in c or not pretrained.is_pretrained(c.get("init_from", "")),
      "an evaluation's encoder weights all come from init_from (its head has its own init)"),

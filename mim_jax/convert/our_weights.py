@@ -21,6 +21,7 @@ import re
 import shutil
 from typing import Any, Optional, Sequence
 
+import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -104,6 +105,22 @@ def released_path(workdir: str) -> tuple[str, ...]:
 def write_released_path(workdir: str, path: Sequence[str]) -> None:
   storage.write_text(os.path.join(workdir, RELEASED_FILE),
                      json.dumps({"path": list(path)}) + "\n")
+
+
+def encoder_array_names(source: str) -> set[str]:
+  """The paths (jax.tree_util.keystr, e.g. "['mask_token']") of the encoder arrays that
+  `read_weights(source)` reads, from the checkpoint's metadata alone (no array is read)."""
+  if storage.isfile(os.path.join(source, "model.json")):
+    tree = checkpoint.saved_tree(os.path.join(source, "params"))
+  else:
+    step = latest_step(os.path.join(source, "checkpoints"))
+    if step is None:  # a workdir without checkpoints: its encoder/ export, as read_weights
+      return encoder_array_names(os.path.join(source, "encoder"))
+    tree = checkpoint.saved_tree(os.path.join(source, "checkpoints", str(step), "state"))
+    for key in released_path(source) + ("encoder",):
+      tree = tree[key]
+  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda m: hasattr(m, "shape"))
+  return {jax.tree_util.keystr(p) for p, _ in leaves}
 
 
 def read_weights(source: str, step: Optional[int] = None,

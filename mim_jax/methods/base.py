@@ -283,6 +283,27 @@ class PretrainingMethod(Method):
   """What pre-training methods share: masking, the k-NN monitor, pictures and the export."""
 
   kind = "pretraining"
+  # What model.weight_init draws besides the encoder's layers, so that continued pre-training
+  # knows whether it still reads it (weights/continuation.py): a mask token in the encoder
+  # (mask-token methods), and a prediction head that the official code builds inside its ViT
+  # (BEiT's and data2vec's lm_head, drawn as the encoder's layers: `models.vit.head_init`);
+  # other heads and decoders have inits of their own.
+  mask_token_in_encoder = False
+  head_in_vit = False
+
+  @classmethod
+  def encoder_mask_token(cls, config) -> bool:
+    """Whether the encoder of a run of `config` holds a mask token."""
+    return cls.mask_token_in_encoder
+
+  @classmethod
+  def unread_rules(cls):
+    return [(("model.weight_init",),
+             lambda c: continuation.draws_under_weight_init(
+                 c, mask_token=cls.encoder_mask_token(c), head_in_vit=cls.head_in_vit),
+             "init_from replaces every array it draws (the whole encoder; it draws only a mask "
+             "token the source lacks and a head inside the ViT, BEiT's or data2vec's, that "
+             "the source's method did not train)")]
 
   @classmethod
   def add_config(cls, c):

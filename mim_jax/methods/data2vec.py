@@ -64,6 +64,8 @@ class Data2Vec(base.PretrainingMethod):
 
   name = "data2vec"
   schedules_by_length = True
+  mask_token_in_encoder = True
+  head_in_vit = True  # its lm_head
 
   @classmethod
   def add_config(cls, c):
@@ -80,7 +82,8 @@ class Data2Vec(base.PretrainingMethod):
 
   @classmethod
   def unread_rules(cls):
-    return [(("teacher.ema_decay",), lambda c: c.teacher.ema_anneal_fraction > 0,
+    return [*super().unread_rules(),
+            (("teacher.ema_decay",), lambda c: c.teacher.ema_anneal_fraction > 0,
              "the EMA decay is teacher.ema_end_decay from the start "
              "(teacher.ema_anneal_fraction=0)")]
 

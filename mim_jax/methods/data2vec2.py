@@ -52,6 +52,8 @@ class Data2Vec2(data2vec.Data2Vec):
   continued pre-training are data2vec's (`data2vec.Data2Vec`)."""
 
   name = "data2vec2"
+  mask_token_in_encoder = False  # the student encodes the visible patches only
+  head_in_vit = False  # a convolutional decoder with its own init
 
   @classmethod
   def add_config(cls, c):

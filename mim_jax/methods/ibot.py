@@ -63,6 +63,7 @@ class IBOT(base.PretrainingMethod):
   schedules_by_length = True
   batch_keys = (multicrop.GLOBAL_VIEWS_KEY, multicrop.LOCAL_VIEWS_KEY,
                 multicrop.GLOBAL_MASKS_KEY)
+  mask_token_in_encoder = True
 
   @classmethod
   def add_config(cls, c):
@@ -75,7 +76,8 @@ class IBOT(base.PretrainingMethod):
 
   @classmethod
   def unread_rules(cls):
-    return sd.unread_rules("ibot") + multicrop.UNREAD_RULES + [
+    return [
+        *super().unread_rules(), *sd.unread_rules("ibot"), *multicrop.UNREAD_RULES,
         # A loss weighted 0 leaves its teacher temperatures in the logged metrics alone.
         (("ibot.teacher_temp", "ibot.warmup_teacher_temp"), lambda c: c.ibot.lambda_cls > 0,
          "the [CLS] loss is off (ibot.lambda_cls=0)"),

@@ -56,6 +56,10 @@ class MAE(base.PretrainingMethod):
   draws = True
 
   @classmethod
+  def encoder_mask_token(cls, config) -> bool:
+    return bool(config.model.get("encoder_mask_tokens", False))
+
+  @classmethod
   def add_config(cls, c):
     super().add_config(c)
     # The paper's "encoder w/ [M]" ablation (Table 1c): all patches with mask tokens.

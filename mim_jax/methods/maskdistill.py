@@ -129,7 +129,8 @@ class MaskDistill(MaskedPrediction):
 
   @classmethod
   def unread_rules(cls):
-    return [(("target.smooth_l1_beta",), lambda c: c.target.loss == "smooth_l1",
+    return [*super().unread_rules(),
+            (("target.smooth_l1_beta",), lambda c: c.target.loss == "smooth_l1",
              "only target.loss='smooth_l1' reads it")]
 
   @classmethod

@@ -47,10 +47,9 @@ class MaskedPrediction(base.PretrainingMethod):
   pass their target, its width and their loss (and may add config fields)."""
 
   draws = True
-  # Whether the official head is a layer of the ViT itself (BEiT's lm_head), drawn as the
-  # encoder's linear layers under model.weight_init (`models.vit.head_init`); SimMIM's and
-  # MaskFeat's heads are separate layers with their own init.
-  head_in_vit = False
+  mask_token_in_encoder = True
+  # head_in_vit (base.PretrainingMethod): BEiT's and MaskDistill's are; SimMIM's and MaskFeat's
+  # heads are separate layers with their own init.
 
   @classmethod
   def validate(cls, config):

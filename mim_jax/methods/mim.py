@@ -89,6 +89,7 @@ class MIM(MaskedPrediction):
     def of_kind(kind):
       return lambda c: c.target.kind == kind
     return [
+        *super().unread_rules(),
         (("target.hog.cell_size", "target.hog.num_bins", "target.hog.gradient",
           "target.hog.gaussian_window", "target.hog.binning"), of_kind("hog"),
          "only target.kind='hog' reads it"),

@@ -14,6 +14,7 @@ elsewhere cannot run code when it is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -312,17 +313,29 @@ def restore_on_host(path: str) -> Any:
   in a process with other devices (a run on 8 GPUs, or on 2 CPU devices, read on 1)."""
   checkpointer = ocp.StandardCheckpointer()
   path = storage.absolute(path)
-  # A training step's `state` item keeps its _CHECKPOINT_METADATA one level up, in the step's
-  # folder (CheckpointManager's layout); Orbax warns that the item has none, but the restore is
-  # complete: that warning alone is dropped (an export's params folder has its own).
+  target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), saved_tree(path),
+                        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+  with _quiet_item_metadata():
+    return checkpointer.restore(path, target)
+
+
+def saved_tree(path: str) -> Any:
+  """The tree of what Orbax saved at `path`, each array's metadata (shape, dtype) in its place:
+  only JSON is read."""
+  with _quiet_item_metadata():
+    metadata = ocp.StandardCheckpointer().metadata(storage.absolute(path))
+  return getattr(metadata, "item_metadata", metadata)  # newer Orbax wraps the tree
+
+
+@contextlib.contextmanager
+def _quiet_item_metadata():
+  """A training step's `state` item keeps its _CHECKPOINT_METADATA one level up, in the step's
+  folder (CheckpointManager's layout); Orbax warns that the item has none, but the item is
+  complete: that warning alone is dropped (an export's params folder has its own)."""
   absl_logger = logging.getLogger("absl")
   absl_logger.addFilter(_no_missing_item_metadata_warning)
   try:
-    metadata = checkpointer.metadata(path)
-    tree = getattr(metadata, "item_metadata", metadata)  # newer Orbax wraps the tree
-    target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree,
-                          is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-    return checkpointer.restore(path, target)
+    yield
   finally:
     absl_logger.removeFilter(_no_missing_item_metadata_warning)
 

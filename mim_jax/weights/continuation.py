@@ -42,7 +42,8 @@ from mim_jax.weights import pretrained
 log = logging.getLogger(__name__)
 
 # Encoder arrays allowed to be absent on one side, and why (see the module docstring).
-_FRESH_IF_MISSING = ("['mask_token']",)
+_MASK_TOKEN = "['mask_token']"
+_FRESH_IF_MISSING = (_MASK_TOKEN,)
 _UNUSED_IF_EXTRA = ("['mask_token']", "['pos_embed']")
 
 
@@ -103,6 +104,26 @@ def check_source_fits(config) -> None:
         "weights whose encoder fits the configured one "
         f"({pretrained.describe_encoder(size, patch, config.channels)}); the source's encoder "
         f"has {pretrained.describe_encoder(src_size, src_patch, src_channels)}", hint)
+
+
+def draws_under_weight_init(config, *, mask_token: bool, head_in_vit: bool) -> bool:
+  """Whether a pre-training run of `config` draws any array under model.weight_init.
+
+  Always, but in continued pre-training, whose source replaces the whole fresh encoder: then
+  only the encoder's mask token (`mask_token`: the method's encoder has one) when the source's
+  encoder has none (MAE -> SimMIM), and a head the official code builds inside its ViT
+  (`head_in_vit`) when the source was trained by another method (the head starts fresh). Reads
+  the source's metadata, no array.
+  """
+  if not wanted(config):
+    return True
+  try:
+    info = our_weights.read_info(config.init_from)
+    fresh_token = mask_token and _MASK_TOKEN not in our_weights.encoder_array_names(
+        config.init_from)
+  except (FileNotFoundError, ValueError, KeyError):
+    return True  # check_source_fits or the load names the problem
+  return fresh_token or (head_in_vit and info.get("method") != config.method)
 
 
 def _flat(tree: Any) -> dict[str, Any]:
