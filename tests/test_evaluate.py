@@ -190,6 +190,22 @@ def test_a_size_recipe_refuses_an_encoder_of_another_size(pretrained_workdir):
   assert pretrained.adopt_encoder_config(config).model.variant == "mu/4"
 
 
+def test_a_size_recipe_from_scratch_refuses_a_configured_encoder_of_another_size():
+  """Without init_from the encoder is the config's own: a recipe of another size would train
+  it with that size's lr, layer decay and drop path just the same."""
+  from mim_jax import registry
+  from mim_jax.config import files as config_files
+  config = config_files.load_config_file(
+      os.path.join(os.path.dirname(__file__), "..", "configs", "finetune_fmnist.py:scratch"))
+  config.recipe_size = "L"
+  with pytest.raises(ConfigError, match=r"config.recipe_size='L' is invalid: '' for the encoder "
+                     r"in the config's model.\* .*\(width 128, depth 6: no named size\)"):
+    registry.validate_config(config)
+  config.update(recipe_size="S", model=dict(variant="S/4", width=0, depth=0, num_heads=0,
+                                            mlp_dim=0))
+  registry.validate_config(config)  # the configured encoder is ViT-S
+
+
 def test_an_architecture_option_of_the_config_file_must_be_the_encoders(pretrained_workdir):
   """The command line's encoder fields are refused by refuse_dropped_overrides; a config file's
   option the encoder lacks would be replaced by the encoder's (layer scale off) silently."""

@@ -78,6 +78,9 @@ class FineTune(base.Method):
               "True or False")
     v.require(config.recipe_size == "" or config.recipe_size in VIT_SIZES, "recipe_size",
               config.recipe_size, f"'' (any encoder) or one of {sorted(VIT_SIZES)}")
+    if not pretrained.is_pretrained(config.init_from):  # init_from's encoder: when adopted
+      pretrained.refuse_other_recipe_size(
+          config, config.model, "the config's model.* (trained from scratch: no init_from)")
     v.require(v.is_number(c.label_smoothing) and 0 <= c.label_smoothing < 1,
               "classifier.label_smoothing", c.label_smoothing, "a number in [0, 1)")
     for name in ("mixup_alpha", "cutmix_alpha"):

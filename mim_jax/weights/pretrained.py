@@ -95,7 +95,7 @@ def adopt_encoder_config(config, file_config=None):
     return config
   info = read_model_info(config.init_from)
   model = info["config"]["model"]
-  _refuse_other_recipe_size(config, model)
+  refuse_other_recipe_size(config, model, f"init_from={config.init_from}")
   if file_config is not None:
     _refuse_file_architecture(config, file_config, info)
   config = config.copy_and_resolve_references()
@@ -115,8 +115,9 @@ def adopt_encoder_config(config, file_config=None):
   return config
 
 
-def _refuse_other_recipe_size(config, model: dict) -> None:
-  """ConfigError when `config.recipe_size` names another size than the export's encoder."""
+def refuse_other_recipe_size(config, model, where: str) -> None:
+  """ConfigError when `config.recipe_size` names another size than the encoder of `model` (a
+  model block: the export's, or the config's own from scratch); `where` names that encoder."""
   recipe = config.get("recipe_size", "")
   if recipe not in VIT_SIZES:
     return  # "" (any encoder), or a bad name that validation reports
@@ -125,10 +126,9 @@ def _refuse_other_recipe_size(config, model: dict) -> None:
     return
   named = [n for n, s in VIT_SIZES.items() if s == theirs]
   raise config_error(
-      "recipe_size", recipe, f"{named[0]!r}, the size of the encoder in "
-      f"init_from={config.init_from} (width {theirs.width}, depth {theirs.depth})"
-      if named else f"'' for the encoder in init_from={config.init_from} (width "
-      f"{theirs.width}, depth {theirs.depth}: no named size)",
+      "recipe_size", recipe, f"{named[0]!r}, the size of the encoder in {where} (width "
+      f"{theirs.width}, depth {theirs.depth})" if named else f"'' for the encoder in {where} "
+      f"(width {theirs.width}, depth {theirs.depth}: no named size)",
       f"This config's lr, layer decay, drop path and epochs are the published recipe for "
       f"{recipe}: pick the recipe of the encoder's size (configs/finetune_imagenet.py:size=...),"
       " or set --config.recipe_size='' to run this one on it anyway.")
