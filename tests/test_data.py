@@ -747,6 +747,12 @@ def test_the_evaluation_split_a_run_scores_is_checked_before_it_starts(tmp_path)
                      r"evaluation images: this run scores split 'eval'"):
     check(folder)
   check(data_config(**{**folder.to_dict(), "holdout": 1, "eval_split": "holdout"}))
+  # Any other name would read data.eval_path just the same: a name that does nothing.
+  with_eval = {**folder.to_dict(), "eval_path": str(tmp_path / "img")}
+  check(data_config(**{**with_eval, "eval_split": "eval"}))
+  with pytest.raises(ConfigError, match=r"config.data.eval_split='validation' is invalid: one "
+                     r"of \('', 'eval', 'holdout'\) for data.source='image_folder'"):
+    check(data_config(**{**with_eval, "eval_split": "validation"}))
   # .npy arrays: the evaluation split's file, read by its header.
   npy = tmp_path / "npy"
   npy.mkdir()

@@ -251,6 +251,11 @@ def _validate_labels_and_splits(data_cfg, scores_eval_split: bool) -> None:
              f"a split other than the training split data.split={data_cfg.split!r}: "
              "evaluations would score the images they train on (k-NN finds every query in its "
              "own bank); for a validation score use 'holdout' with data.holdout > 0")
+  folder_splits = ("", sources.DEFAULT_EVAL_SPLITS["image_folder"], sources.HOLDOUT_SPLIT)
+  _require(data_cfg.source != "image_folder" or eval_split in folder_splits, "eval_split",
+           eval_split, f"one of {folder_splits} for data.source='image_folder': its evaluation "
+           "images are the folder data.eval_path ('' or 'eval') whatever the split's name, or "
+           "'holdout' (data.holdout training images)")
   if data_cfg.source == "fashion_mnist" and eval_split != sources.HOLDOUT_SPLIT:
     eval_split = sources.eval_split(data_cfg)
     _require(eval_split in idx.FMNIST_PREFIXES, "eval_split", eval_split,
