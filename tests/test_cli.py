@@ -663,13 +663,37 @@ def test_encoder_fields_beside_init_from_must_match_the_export(tmp_path, capsys)
   c.init_from = export
   c.model.update({k[6:]: v for k, v in asked.items()})
   pretrained.refuse_dropped_overrides(c, asked)
-  # The raw-pixel baseline builds no encoder: its settings are refused, the variant (whose
-  # patch is still checked against image_size) is not.
+  # The raw-pixel baseline runs no encoder: its settings are refused, the variant too, and its
+  # patch does not constrain the image size.
   c.init_from, c.classifier.features = "", "pixels"
-  with pytest.raises(ConfigError, match=r"config.model.dtype='bfloat16' is not used: "
-                     r"classifier.features='pixels' runs no encoder"):
-    pretrained.refuse_dropped_overrides(c, {"model.dtype": "bfloat16"})
-  pretrained.refuse_dropped_overrides(c, {"model.variant": "mu/4"})
+  for field, value in (("model.dtype", "bfloat16"), ("model.variant", "mu/4")):
+    with pytest.raises(ConfigError, match=rf"config.{field}='{value}' is not used: "
+                       r"classifier.features='pixels' runs no encoder"):
+      pretrained.refuse_dropped_overrides(c, {field: value})
+  c.image_size = (30, 30)  # not a multiple of the variant's patch (4)
+  validation.validate_model(c)
+  c.classifier.features = "encoder"
+  with pytest.raises(ConfigError, match=r"config.image_size=\(30, 30\) is invalid"):
+    validation.validate_model(c)
+
+
+def test_a_tokenizer_refuses_a_variant_that_changes_only_the_size():
+  """A tokenizer reads only the variant's patch (its code grid): B/16 -> L/16 does nothing,
+  B/16 -> B/8 changes the grid."""
+  from mim_jax.training import setup
+  file_config = files.load_config_file(f"{REPO}/configs/beit_tokenizer_imagenet.py")
+  config = file_config.copy_and_resolve_references()
+  config.model.variant = "L/16"
+  with pytest.raises(ConfigError, match=r"config.model.variant='L/16' is not used: a "
+                     r"tokenizer reads only the variant's patch size"):
+    setup.refuse_inert_overrides(config, file_config, {"model.variant": "L/16"})
+  config.model.variant = "B/8"
+  setup.refuse_inert_overrides(config, file_config, {"model.variant": "B/8"})
+  # Nor does it read labels: synthetic data's class count is refused as well.
+  config.update_from_flattened_dict({"data.source": "synthetic", "data.synthetic_classes": 3})
+  with pytest.raises(ConfigError, match=r"data.synthetic_classes=3 is not used: a tokenizer "
+                     r"reads no labels"):
+    registry.validate_config(config, file_config)
 
 
 def test_continued_pre_training_reads_the_weight_init_for_what_the_export_lacks():

@@ -105,12 +105,33 @@ def validate_model(config) -> None:
   image_size = tuple(config.image_size)
   require(len(image_size) == 2 and all(is_int(s) and s > 0 for s in image_size),
           "image_size", image_size, "(height, width), two positive integers")
-  for axis, s in zip(("height", "width"), image_size):
+  # The raw-pixel baseline runs no encoder: any image size is its features' size.
+  pixels = config.get("classifier", {}).get("features") == "pixels"
+  for axis, s in zip(("height", "width"), image_size if not pixels else ()):
     require(s % patch == 0, "image_size", image_size,
             f"each side divisible by the patch size {patch} of model.variant="
             f"{m.variant!r}; the {axis} {s} is not")
   require(is_int(config.channels) and config.channels > 0, "channels", config.channels,
           "a positive integer (1 for grayscale, 3 for RGB)")
+
+
+def refuse_tokenizer_size(config, file_config, overridden) -> None:
+  """ConfigError when the command line set a tokenizer's model.variant to one of the config
+  file's patch size: a tokenizer reads only the patch (its code grid), so another size name
+  (B/16 -> L/16) would change nothing."""
+  if "model.variant" not in overridden or "variant" not in file_config.get("model", {}):
+    return
+  variant, file_variant = config.model.variant, file_config.model.variant
+  try:
+    patch, file_patch = parse_variant(variant)[1], parse_variant(file_variant)[1]
+  except ConfigError:
+    return  # validate_model names a bad variant
+  if variant != file_variant and patch == file_patch:
+    raise ConfigError(
+        f"config.model.variant={variant!r} is not used: a tokenizer reads only the variant's "
+        f"patch size (its code grid), and {variant!r} has the patch {patch} of the config "
+        f"file's {file_variant!r}. Drop the flag (the encoder that reads the tokenizer may be "
+        "of any size with that patch).")
 
 
 def refuse_shadowed_variant(config, file_config, overridden) -> None:
@@ -123,7 +144,7 @@ def refuse_shadowed_variant(config, file_config, overridden) -> None:
   if "model.variant" not in overridden or "variant" not in file_config.get("model", {}):
     return
   if config.get("classifier", {}).get("features") == "pixels":
-    return  # the raw-pixel baseline builds no encoder: only the variant's patch is checked
+    return  # the raw-pixel baseline runs no encoder (pretrained.refuse_dropped_overrides)
   variant, file_variant = config.model.variant, file_config.model.variant
   name = variant.partition("/")[0]
   if name == file_variant.partition("/")[0] or name not in VIT_SIZES:

@@ -110,7 +110,8 @@ class VQTokenizer(base.Method):
   @classmethod
   def unread_rules(cls):
     return [(("data.eval_split", "data.eval_path"), lambda c: False,
-             "a tokenizer run scores no evaluation split (its pictures use data.split)")]
+             "a tokenizer run scores no evaluation split (its pictures use data.split)"),
+            (("data.synthetic_classes",), lambda c: False, "a tokenizer reads no labels")]
 
   @classmethod
   def validate(cls, config):

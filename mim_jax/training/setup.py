@@ -93,12 +93,16 @@ def refuse_inert_overrides(config, file_config, overridden, loads_weights: bool 
   values): an evaluation's encoder fields that its init_from decides
   (pretrained.refuse_dropped_overrides; with `loads_weights`, the trainer's case, also a head
   init that a released classifier head makes moot), a model.variant whose size the file's size
-  fields override (validation.refuse_shadowed_variant). The trainer, the benchmark and the
+  fields override (validation.refuse_shadowed_variant) or a tokenizer does not read
+  (validation.refuse_tokenizer_size). The trainer, the benchmark and the
   memory planner (which load no weights: loads_weights=False) call it before any data is read
   or anything compiled."""
   config = expand_home(config)
-  if registry.method_class(config.method).kind in ("classifier", "job"):
+  kind = registry.method_class(config.method).kind
+  if kind in ("classifier", "job"):
     pretrained.refuse_dropped_overrides(config, overridden, loads_weights=loads_weights)
+  if kind == "tokenizer":
+    validation.refuse_tokenizer_size(config, file_config, overridden)
   validation.refuse_shadowed_variant(config, file_config, overridden)
 
 

@@ -189,10 +189,9 @@ def refuse_dropped_overrides(config, overridden, loads_weights: bool = True) -> 
   classifier.head_init_std that a released head, loaded in its place, makes moot.
   """
   if config.get("classifier", {}).get("features") == "pixels":
-    # The raw-pixel baseline builds no encoder (only the variant's patch is still checked
-    # against image_size): its settings would do nothing.
+    # The raw-pixel baseline runs no encoder: its settings would do nothing.
     for field in overridden:
-      if field.startswith("model.") and field != "model.variant":
+      if field.startswith("model."):
         raise ConfigError(f"config.{field}={overridden[field]!r} is not used: "
                           "classifier.features='pixels' runs no encoder. Drop the flag, or "
                           "probe an encoder (classifier.features='encoder' with init_from).")
