@@ -94,6 +94,9 @@ def mae_state():
     ([(".*", "largest")], "largest:AXIS"),
     ([(".*", "largest:tensor")], "axis 'tensor'"),
     ([(".*", (None, None, None, None, None))], "has 5 entries but"),
+    # The first matching rule applies: one behind a catch-all would never shard anything.
+    ([(".*", ()), ("kernel", "largest:data")], r"every path this one matches is taken before "
+     r"it, e.g. by \('.\*', \(\)\)"),
 ])
 def test_bad_sharding_rules_fail_naming_rule_and_mesh(mae_state, rules, match):
   _, abstract, mesh = mae_state

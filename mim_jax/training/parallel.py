@@ -261,8 +261,9 @@ def tree_shardings(mesh: Mesh, abstract_tree: Any, rules: Sequence[Sequence[Any]
   """NamedShardings for every leaf of `abstract_tree` by the first matching rule.
 
   Raises ConfigError for a rule whose regex matches no leaf path (a typo would otherwise
-  silently replicate what it meant to shard), an unknown axis, or an axis size that does not
-  divide the dimension it shards.
+  silently replicate what it meant to shard) or only paths an earlier rule already takes (it
+  would never apply), an unknown axis, or an axis size that does not divide the dimension it
+  shards.
   """
   rules = [tuple(r) for r in rules]
   for rule in rules:
@@ -277,6 +278,17 @@ def tree_shardings(mesh: Mesh, abstract_tree: Any, rules: Sequence[Sequence[Any]
           "sharding_rules", rule,
           f"a regex that matches at least one path of the training state ({len(names)} "
           f"leaves, e.g. {example!r}); this rule matches none ({describe_mesh(mesh)})")
+  first = {next(i for i, (regex, _, _) in enumerate(compiled) if regex.search(n))
+           for n in names if any(regex.search(n) for regex, _, _ in compiled)}
+  for i, (regex, _, rule) in enumerate(compiled):
+    if i not in first:
+      earlier = next(r for rx, _, r in compiled[:i] if any(
+          rx.search(n) for n in names if regex.search(n)))
+      raise config_error(
+          "sharding_rules", rule,
+          "a rule that is the first to match at least one path of the training state (the "
+          f"first matching rule applies); every path this one matches is taken before it, "
+          f"e.g. by {earlier!r}: move it before that rule or drop it")
 
   def leaf_sharding(path, leaf):
     name = path_string(path)
