@@ -670,6 +670,8 @@ def _refuse_off_step(config, fields, prefix: str, where: str = "") -> None:
                  "and --pipeline time the input)")
   _refuse_unread(loop, prefix, f"{where}the benchmark times train steps, not the training "
                  "loop around them (time a run of python -m mim_jax.main for the loop)")
+  _refuse_unread(step_fields.values_only(fields), prefix, f"{where}a step with other values "
+                 "of the lr schedule, Adam's constants or the seed runs the same computation")
 
 
 def _emit(row: dict) -> None:

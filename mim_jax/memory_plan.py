@@ -217,7 +217,10 @@ def refuse_unplanned_overrides(config, overridden) -> None:
                        "split)" if not resident else "the plan compiles the train step, and "
                        "the host pipeline's workers and buffers are not part of it"),
                       (loop, "the plan compiles the train step, not the training loop around "
-                       "it (monitoring, checkpoints, exports, the run's length)")):
+                       "it (monitoring, checkpoints, exports, the run's length)"),
+                      (step_fields.values_only(overridden),
+                       "a step compiled with other values of the lr schedule, Adam's constants "
+                       "or the seed holds the same arrays")):
     if fields:
       raise ConfigError(f"{', '.join(f'config.{f}={overridden[f]!r}' for f in fields)} "
                         f"would not change the plan: {why}. Drop the flag.")

@@ -168,6 +168,9 @@ def test_feed_pipeline_and_peers_only_refuse_flags_they_do_not_read(monkeypatch,
                                               "--pipeline time the input): data.num_workers "
                                               "would have no effect",
            ("--variant=total_steps=5",): "for the loop): total_steps would have no",
+           ("--config.optimizer.base_lr=0.1",): "a step with other values of the lr schedule, "
+                                                "Adam's constants or the seed runs the same "
+                                                "computation: --config.optimizer.base_lr would",
            ("--variant=model.no_such_field=1",): "--variant=model.no_such_field=1: the config "
                                                  "has no field 'model.no_such_field'",
            ("--pipeline_batches=3",): "--pipeline_batches would have no effect: it sizes the "

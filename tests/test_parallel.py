@@ -362,6 +362,10 @@ def test_memory_plan_command(tmp_path):
     (("--mesh=data:2", "--config.total_steps=5", "--config.checkpoint_every=7"),
      "config.checkpoint_every=7, config.total_steps=5 would not change the plan: the plan "
      "compiles the train step, not the training loop"),
+    # Nor do the values a compiled step holds as constants.
+    (("--mesh=data:2", "--config.optimizer.base_lr=0.5", "--config.seed=7"),
+     "config.optimizer.base_lr=0.5, config.seed=7 would not change the plan: a step compiled "
+     "with other values"),
     # The step is planned on synthetic images: the data's fields would change nothing...
     (("--mesh=data:2", "--config.data.path=/no/such/fmnist"), "config.data.path='/no/such/"
      "fmnist' would not change the plan: the plan compiles the train step on synthetic images"),

@@ -15,6 +15,14 @@ from typing import Iterable
 LOOP_FIELDS = ("knn.", "eval.", "viz_", "checkpoint_every", "keep_checkpoints",
                "export_encoder", "max_consecutive_", "total_steps")
 
+# Numbers the step reads as values only (the lr schedule's, Adam's, the seed), and the run's
+# length in epochs (the schedule's scale): the step compiled with others has the same shapes,
+# memory and speed. The tools that compile or time a step refuse them (`values_only`).
+VALUE_FIELDS = ("seed", "num_epochs", "optimizer.base_lr", "optimizer.lr_batch_reference",
+                "optimizer.min_lr", "optimizer.warmup_epochs", "optimizer.decay_epochs",
+                "optimizer.decay_factor", "optimizer.b1", "optimizer.b2", "optimizer.eps",
+                "optimizer.weight_decay_end")
+
 # The input settings a step reads: the augmentation it runs itself and the normalisation it
 # applies (data.augment_on=device).
 STEP_DATA_FIELDS = ("data.augment_on", "data.mean", "data.std")
@@ -44,3 +52,8 @@ def unread_by_step(config, fields: Iterable[str], *, reads_data: bool = False
     data = [f for f in fields if f.startswith("data.") and f not in read]
   loop = [f for f in fields if f.startswith(LOOP_FIELDS)]
   return data, loop
+
+
+def values_only(fields: Iterable[str]) -> list[str]:
+  """The dotted `fields` (command-line overrides) in VALUE_FIELDS, sorted."""
+  return sorted(f for f in fields if f in VALUE_FIELDS)
