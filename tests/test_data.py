@@ -738,8 +738,9 @@ def test_the_evaluation_split_a_run_scores_is_checked_before_it_starts(tmp_path)
                               scores_eval_split=scores)
 
   # An image folder: the evaluation split is data.eval_path, which must be set.
-  (tmp_path / "img" / "a").mkdir(parents=True)
-  Image.new("L", (8, 8)).save(tmp_path / "img" / "a" / "0.png")
+  for name in ("a", "b"):
+    (tmp_path / "img" / name).mkdir(parents=True)
+    Image.new("L", (8, 8)).save(tmp_path / "img" / name / "0.png")
   folder = data_config(source="image_folder", path=str(tmp_path / "img"), mean=(0.5,),
                        std=(0.5,))
   check(folder, scores=False)  # pre-training without a k-NN monitor never reads it
@@ -768,6 +769,8 @@ def test_the_evaluation_split_a_run_scores_is_checked_before_it_starts(tmp_path)
   with pytest.raises(ConfigError, match=r"config.channels=1 is invalid: .*they have 3, stored "
                      r"as float32.*set config.channels=3"):
     check(arrays)
+  for split in ("train", "test"):
+    np.save(npy / f"{split}_labels.npy", np.array([0, 1, 0, 1]))
   check(arrays, channels=3)
   # TFDS: split names from the prepared dataset's dataset_info.json, slices and sums allowed.
   (tmp_path / "tfds" / "toy" / "1.0.0").mkdir(parents=True)
@@ -783,6 +786,62 @@ def test_the_evaluation_split_a_run_scores_is_checked_before_it_starts(tmp_path)
   with pytest.raises(ConfigError, match=r"config.data.eval_split='val' is invalid"):
     check(data_config(**tfds_cfg, split="train", eval_split="val"))
   check(data_config(**tfds_cfg, split="train", eval_split="val"), scores=False)
+
+
+def test_labels_a_run_scores_must_name_classes(tmp_path):
+  """A run that scores labels (an evaluation, a k-NN monitor) scored labels it did not have:
+  npy without a labels file (every label 0: accuracy 1.0), float or negative labels, a flat
+  image folder, an evaluation folder with classes the training folder lacks (found only at
+  the first evaluation, after training). Each is refused by validation now."""
+  def check(cfg, scores=True):
+    data.validate_data_config(cfg, image_size=(8, 8), channels=1, scores_eval_split=scores)
+
+  npy = tmp_path / "npy"
+  npy.mkdir()
+  for split in ("train", "test"):
+    np.save(npy / f"{split}.npy", np.zeros((4, 8, 8), np.uint8))
+  arrays = data_config(source="npy", path=str(npy), mean=(0.5,), std=(0.5,))
+  check(arrays, scores=False)  # pre-training reads no labels
+  with pytest.raises(ConfigError, match=r"config.data.split='train' is invalid: a split with "
+                     r"its labels file .*train_labels.npy does not exist"):
+    check(arrays)
+  bad = {"float64": np.array([0.0, 1.0, 0.5, 1.0]), "smallest is -1": np.array([0, 1, -1, 1]),
+         "holds only label 0": np.zeros(4, np.int64)}
+  for says, labels in bad.items():
+    np.save(npy / "train_labels.npy", labels)
+    with pytest.raises(ConfigError, match=says):
+      check(arrays)
+  np.save(npy / "train_labels.npy", np.array([0, 1, 0, 1]))
+  with pytest.raises(ConfigError, match=r"config.data.eval_split='test' is invalid: .*"
+                     r"test_labels.npy does not exist"):
+    check(arrays)
+  np.save(npy / "test_labels.npy", np.array([1, 0, 1, 0]))
+  check(arrays)
+
+  def folder(root, classes, loose=False):
+    for name in classes:
+      (root / name).mkdir(parents=True)
+      Image.new("L", (8, 8)).save(root / name / "0.png")
+    root.mkdir(parents=True, exist_ok=True)
+    if loose:
+      Image.new("L", (8, 8)).save(root / "stray.png")
+    return str(root)
+
+  def images(train, evaluation):
+    return data_config(source="image_folder", path=train, eval_path=evaluation, mean=(0.5,),
+                       std=(0.5,))
+  train = folder(tmp_path / "train", ["a", "b"])
+  with pytest.raises(ConfigError, match=r"config.data.path=.* is invalid: a training folder of "
+                     r"at least 2 class sub-folders .* it has 1"):
+    check(images(folder(tmp_path / "one", ["a"]), train))
+  with pytest.raises(ConfigError, match=r"config.data.eval_path=.* is invalid: a folder whose "
+                     r"images lie in class sub-folders.* 1 lie directly in it"):
+    check(images(train, folder(tmp_path / "flat", [], loose=True)))
+  with pytest.raises(ConfigError, match=r"config.data.eval_path=.* is invalid: an evaluation "
+                     r"folder whose class sub-folders are among .* also has \['c'\]"):
+    check(images(train, folder(tmp_path / "bc", ["b", "c"])))
+  check(images(train, folder(tmp_path / "b", ["b"])))
+  check(images(train, folder(tmp_path / "bc2", ["b", "c"])), scores=False)
 
 
 @requires_fmnist

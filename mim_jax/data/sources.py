@@ -106,7 +106,7 @@ class NpySource:
     return f"NpySource({self.images_path!r}, n={len(self)})"
 
 
-def _is_image_file(name: str) -> bool:
+def is_image_file(name: str) -> bool:
   return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
@@ -115,7 +115,7 @@ def _walk_images(root: str):
   for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
     dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
     for name in sorted(filenames):
-      if _is_image_file(name):
+      if is_image_file(name):
         yield os.path.join(dirpath, name)
 
 

@@ -152,6 +152,65 @@ def _validate_eval_source(data_cfg, channels: int) -> None:
     _require_tfds_split(data_cfg, split, "eval_split")
 
 
+def _validate_scored_labels(data_cfg) -> None:
+  """Labels a run scores must name classes: an npy split's labels file (integers >= 0), at
+  least 2 classes to train on, and an evaluation folder's classes among the training folder's.
+  Without these a run scored labels it did not have (every label 0: accuracy 1.0)."""
+  split = sources.eval_split(data_cfg)
+  scored = [("split", data_cfg.split)]
+  if split != sources.HOLDOUT_SPLIT:
+    scored.append(("eval_split", split))
+  if data_cfg.source == "npy":
+    for field, name in scored:
+      labels = _npy_labels(data_cfg, field, name)
+      if field == "split":
+        _require(labels.max(initial=0) >= 1, field, name, "a training split of at least 2 "
+                 f"classes for a run that scores labels; {name}_labels.npy holds only label "
+                 f"{labels.max(initial=0)}")
+  elif data_cfg.source == "image_folder":
+    roots = [("path", data_cfg.path)]
+    if split != sources.HOLDOUT_SPLIT:
+      roots.append(("eval_path", data_cfg.eval_path))
+    for field, root in roots:
+      loose = sorted(n for n in os.listdir(root) if sources.is_image_file(n)
+                     and os.path.isfile(os.path.join(root, n)))
+      _require(not loose, field, root, "a folder whose images lie in class sub-folders, for a "
+               f"run that scores labels: {len(loose)} lie directly in it (e.g. {loose[:1]}), "
+               "where they would all count as the first class")
+    classes = _class_folders(data_cfg.path)
+    _require(len(classes) >= 2, "path", data_cfg.path, "a training folder of at least 2 class "
+             f"sub-folders with images, for a run that scores labels; it has {len(classes)}")
+    if split != sources.HOLDOUT_SPLIT:
+      unknown = sorted(set(_class_folders(data_cfg.eval_path)) - set(classes))
+      _require(not unknown, "eval_path", data_cfg.eval_path, "an evaluation folder whose class "
+               f"sub-folders are among the training folder's {len(classes)} (labels are the "
+               f"training folder's class indices); it also has {unknown[:5]}")
+
+
+def _npy_labels(data_cfg, field: str, name: str) -> np.ndarray:
+  """The labels of npy split `name` (data.`field`), which must exist as integers >= 0."""
+  file = os.path.join(data_cfg.path, f"{name}_labels.npy")
+  _require(os.path.isfile(file), field, name, f"a split with its labels file for a run that "
+           f"scores labels: {file} does not exist (without it every label would be 0)")
+  try:
+    labels = np.load(file, allow_pickle=False)
+  except ValueError as e:
+    raise config_error(f"data.{field}", name, f"a split whose {file} is a .npy array ({e})"
+                       ) from None
+  _require(np.issubdtype(labels.dtype, np.integer), field, name, f"integer class labels in "
+           f"{file}; it holds {labels.dtype}")
+  _require(labels.min(initial=0) >= 0, field, name, f"class labels >= 0 in {file}; its "
+           f"smallest is {labels.min()}")
+  return labels
+
+
+def _class_folders(root: str) -> list[str]:
+  """The first-level sub-folders of `root` that hold images (an image folder's classes)."""
+  return sorted(n for n in os.listdir(root) if not n.startswith(".")
+                and os.path.isdir(os.path.join(root, n))
+                and sources.has_any_image(os.path.join(root, n)))
+
+
 def tfds_data_dir(data_dir: str) -> str:
   """The folder TFDS reads prepared datasets from: `data_dir`, else $TFDS_DATA_DIR, else
   ~/tensorflow_datasets (TFDS's own default), without importing tensorflow_datasets."""
@@ -368,3 +427,4 @@ def validate_data_config(data_cfg, *, image_size: tuple[int, int], channels: int
   _validate_source(data_cfg, channels)  # last: the checks that touch the file system
   if scores_eval_split:
     _validate_eval_source(data_cfg, channels)
+    _validate_scored_labels(data_cfg)
