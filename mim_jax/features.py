@@ -44,10 +44,11 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from mim_jax import storage, viz
-from mim_jax.config.errors import ConfigError
+from mim_jax.config.errors import ConfigError, config_error
 from mim_jax.data import pipeline, sources, transforms
 from mim_jax.models.heads import pool_tokens
 from mim_jax.models.vit import ViTEncoder, encoder_from_config, size_from_config
+from mim_jax.training import checkpoint
 from mim_jax.weights import pretrained
 
 
@@ -65,6 +66,27 @@ class Encoder:
   @property
   def grid(self) -> tuple[int, int]:
     return self.module.grid_hw
+
+
+def check_out_file(flag: str, path: str) -> None:
+  """ConfigError naming `flag` unless a file can be written at local `path`: its folder exists
+  or can be created (no part of it is a file) and takes a new file. Creates nothing; a URL
+  (gs://) is left to its write. Command lines call it before their work, which a failed write
+  after it would lose."""
+  if storage.is_url(path):
+    return
+  allowed = "a file in a folder that exists or can be created, and that this process may write to"
+  existing = os.path.dirname(os.path.abspath(path))
+  while not os.path.lexists(existing):  # the folders the write would create
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    kind = "a file, not" if os.path.isfile(existing) else "not"
+    raise config_error(flag, path, allowed, f"{existing} is {kind} a folder.")
+  try:
+    checkpoint.ensure_writable(existing)  # a probe file: permissions, read-only, disk full
+  except checkpoint.WorkdirNotWritableError as e:
+    reason = getattr(e.__cause__, "strerror", None) or e.__cause__ or e
+    raise config_error(flag, path, allowed, f"{existing} cannot be written ({reason}).") from None
 
 
 def load(source: str, *, image_size: Optional[Sequence[int]] = None) -> Encoder:
@@ -319,6 +341,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   # Bad input (the encoder, the images, where to write): one line and exit 2, as
   # mim_jax.main; an error of the extraction itself keeps its traceback.
   try:
+    check_out_file("--out", args.out)
+    if args.pictures:
+      check_out_file("--pictures", args.pictures)
     enc = load(args.encoder, image_size=size)
     if max(blocks) > enc.module.depth:  # before the images are read
       raise ValueError(f"--blocks={args.blocks}: this encoder has {enc.module.depth} blocks "

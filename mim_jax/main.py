@@ -71,8 +71,9 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str] | None = Non
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and pictures "
                       "(default: workdirs/<config file name>).", flag_values=flag_values)
   flags.DEFINE_string("coordinator_address", "",
-                      "Multi-process runs: HOST:PORT of process 0's coordinator service "
-                      "(empty: detect SLURM / Cloud TPU, else a single process).",
+                      "Multi-process runs: HOST:PORT ([IPv6]:PORT) of process 0's coordinator "
+                      "service, port 1..65535 (empty: detect SLURM / Cloud TPU, else a single "
+                      "process).",
                       flag_values=flag_values)
   flags.DEFINE_integer("num_processes", 0,
                        "Multi-process runs: the number of processes (0: detect).",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import functools
 import io
 import json
@@ -1071,6 +1072,36 @@ def test_export_replaces_only_an_earlier_export(tmp_path, our_mae_dir, our_mae, 
   assert cli(["export", str(encoder), str(tmp_path / "hf"), "--format=hf"]) == 2
   assert "has no MAE decoder" in capsys.readouterr().err
   assert not (tmp_path / "hf").exists()
+
+
+def test_reconstruct_refuses_an_out_it_cannot_write_before_the_model_loads(tmp_path, capsys,
+                                                                           monkeypatch):
+  """An --out under a regular file, or in a read-only folder, failed after the reconstructions
+  had been computed, naming the parent folder (`File exists`) or a temporary file. Now one line
+  naming --out before the model loads (absent here: it is never reached)."""
+  from PIL import Image
+
+  from mim_jax.training import checkpoint
+  image = str(tmp_path / "a.png")
+  Image.fromarray(np.zeros((IMAGE, IMAGE, 3), np.uint8)).save(image)
+  afile, readonly = tmp_path / "afile", tmp_path / "readonly"
+  afile.write_text("")
+  readonly.mkdir()
+  real_open = open
+
+  def read_only_open(path, *args, **kwargs):  # root ignores chmod: fail as a read-only mount
+    if str(path).startswith(str(readonly) + os.sep):
+      raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+    return real_open(path, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoint, "open", read_only_open, raising=False)
+  for out, says in ((afile / "r.png", f"{afile} is a file, not a folder"),
+                    (readonly / "r.png", f"{readonly} cannot be written (Read-only file")):
+    assert cli(["reconstruct", str(tmp_path / "absent"), image, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out={str(out)!r} is invalid: a file in a folder"), err
+    assert says in err and len(err.strip().splitlines()) == 1, err
+  assert os.listdir(readonly) == []
 
 
 def test_reconstruct_refuses_bad_input_in_one_line(tmp_path, our_mae_dir, capsys):

@@ -3,7 +3,9 @@ attention maps, from Python and from the command line."""
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from mim_jax.config.errors import ConfigError
 from mim_jax.convert import our_weights
 from mim_jax.data import make_eval_iterator
 from mim_jax.evaluate import frozen
-from mim_jax.training import loop, setup
+from mim_jax.training import checkpoint, loop, setup
 
 from conftest import tiny_config
 
@@ -187,3 +189,46 @@ def test_command_line_bad_input_is_one_line_and_writes_nothing(encoder_dir, tmp_
   assert features.main(["--encoder", encoder_dir, "--images", str(good), "--out",
                         str(nested)]) == 0
   assert np.load(nested)["cls_block0"].shape == (2, 64)
+
+
+def _read_only(monkeypatch, folder):
+  """Makes writes under `folder` fail as on a read-only file system (root ignores chmod)."""
+  real_open = open
+
+  def fake_open(path, *args, **kwargs):
+    if str(path).startswith(str(folder) + os.sep):
+      raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+    return real_open(path, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoint, "open", fake_open, raising=False)  # ensure_writable's probe
+
+
+def test_an_out_it_cannot_write_is_refused_before_the_encoder_loads(tmp_path, capsys,
+                                                                     monkeypatch):
+  """--out under a regular file, or in a read-only folder, failed only after every feature
+  had been computed, naming the parent (`File exists`) or a temporary file, not --out. Now one
+  line naming the flag before the encoder loads (absent here: it is never reached)."""
+  np.save(tmp_path / "images.npy", _raw_images(n=2))
+  afile, readonly = tmp_path / "afile", tmp_path / "readonly"
+  afile.write_text("")
+  readonly.mkdir()
+  _read_only(monkeypatch, readonly)
+  common = ["--encoder", str(tmp_path / "absent"), "--images", str(tmp_path / "images.npy")]
+  for flag, path, extra, says in (
+      ("--out", afile / "x.npz", [], f"{afile} is a file, not a folder"),
+      ("--out", afile / "deeper" / "x.npz", [], f"{afile} is a file, not a folder"),
+      ("--out", readonly / "x.npz", [], f"{readonly} cannot be written (Read-only file"),
+      ("--out", readonly / "new" / "x.npz", [], f"{readonly} cannot be written (Read-only"),
+      ("--pictures", afile / "m.png", ["--out", str(tmp_path / "f.npz"), "--attention"],
+       f"{afile} is a file, not a folder")):
+    code = features.main([*common, *extra, flag, str(path)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith(f"error: {flag}={str(path)!r} is invalid: a file in a folder"), err
+    assert says in err and len(err.strip().splitlines()) == 1, err
+  assert sorted(os.listdir(readonly)) == [] and not (tmp_path / "f.npz").exists()
+  # A writable --out passes and creates nothing yet: the absent encoder is the error.
+  for out in (tmp_path / "new" / "f.npz", "gs://bucket/f.npz"):  # gs://: left to its write
+    assert features.main([*common, "--out", str(out)]) == 2
+    assert "not a pre-training workdir" in capsys.readouterr().err
+  assert not (tmp_path / "new").exists()

@@ -15,6 +15,7 @@ import time
 import jax
 import pytest
 
+from mim_jax.config.errors import ConfigError
 from mim_jax.training import distributed, metric_writers, run_errors
 
 from conftest import FAST_COMPILE_XLA_FLAGS, REPO
@@ -70,6 +71,32 @@ def test_incomplete_or_inconsistent_flags_are_rejected(calls, args, match):
   with pytest.raises(ValueError, match=match):
     distributed.maybe_initialize(*args)
   assert calls == []
+
+
+@pytest.mark.parametrize("address,says", [
+    ("localhost", "It has no port"),  # an IndexError inside JAX
+    ("localhost:abc", "The port 'abc' is not a number"),  # a segfault or an RPC traceback
+    ("localhost:99999", "The port '99999' is not a number"),  # waited for ever
+    ("localhost:0", "The port '0' is not a number"),
+    ("http://localhost:12355", "Drop the scheme"),  # waited for ever
+    ("::1:12355", "An IPv6 address goes in brackets"),
+    (":12355", "HOST:PORT or [IPv6]:PORT"),
+    ("my host:12355", "HOST:PORT or [IPv6]:PORT"),
+])
+def test_a_malformed_coordinator_address_is_refused_before_jax_sees_it(calls, address, says):
+  with pytest.raises(ConfigError) as raised:
+    distributed.maybe_initialize(address, 2, 0)
+  message = str(raised.value)
+  assert message.startswith(f"--coordinator_address={address!r} is invalid: HOST:PORT")
+  assert says in message and "\n" not in message
+  assert calls == []
+
+
+@pytest.mark.parametrize("address", ["localhost:12355", "10.0.0.1:1", "node-01.cluster:65535",
+                                     "[::1]:12355", "[fe80::1%eth0]:8476"])
+def test_well_formed_coordinator_addresses_pass(calls, address):
+  distributed.maybe_initialize(address, 2, 1)
+  assert calls == [{"coordinator_address": address, "num_processes": 2, "process_id": 1}]
 
 
 def test_one_process_asked_inside_a_cluster_job_of_several_is_refused(calls, monkeypatch):
@@ -145,6 +172,20 @@ def test_cli_rejects_incomplete_flags(tmp_path):
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "missing --coordinator_address" in proc.stderr
+
+
+def test_cli_refuses_a_malformed_coordinator_address_in_one_line(tmp_path):
+  """`localhost` ended in an IndexError traceback inside JAX (exit 1)."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "mim_jax.main", "--config=configs/mae_vitb.py:runlocal",
+       f"--workdir={tmp_path}", "--coordinator_address=localhost", "--num_processes=2",
+       "--process_id=0"],
+      cwd=REPO, capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert errors and errors[0].startswith("error: --coordinator_address='localhost' is invalid")
+  assert "Traceback" not in proc.stderr
 
 
 def _run_together(commands: list[list[str]], env: dict, timeout: int) -> tuple[list, list[str]]:

@@ -116,6 +116,8 @@ def _export(args) -> None:
 
 def _reconstruct(args) -> None:
   from mim_jax.convert.reconstructions import draw_reconstructions
+  from mim_jax.features import check_out_file
+  check_out_file("--out", args.out)  # before the model loads and runs
   norm_pix = None if args.norm_pix == "auto" else args.norm_pix == "true"
   draw_reconstructions(args.source, args.images, args.out, mask_ratio=args.mask_ratio,
                        seed=args.seed, norm_pix=norm_pix)

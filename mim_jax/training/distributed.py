@@ -27,9 +27,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Mapping
 
 import jax
+
+from mim_jax.config.errors import config_error
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,9 @@ FORCE_ENV = "MIM_JAX_DISTRIBUTED"
 # or a batch script that starts Python without srun (where SLURM_NTASKS alone may be > 1).
 _SLURM_STEP_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
                     "SLURM_LOCALID")
+# A host name or IPv4 address, or an IPv6 address in brackets (with an optional %zone): what
+# JAX splits at the last ':' to bind its coordinator on the port.
+_HOST = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+(%[A-Za-z0-9._-]+)?\]")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -69,6 +75,26 @@ def detect_cluster(env: Mapping[str, str] | None = None) -> str | None:
   if env.get("MEGASCALE_COORDINATOR_ADDRESS") or _int_env(env, "MEGASCALE_NUM_SLICES") > 1:
     return "tpu"
   return None
+
+
+def check_coordinator_address(address: str) -> None:
+  """ConfigError naming --coordinator_address unless `address` is HOST:PORT or [IPv6]:PORT
+  with a port in 1..65535: JAX fails on anything else with a traceback, a crash, or a wait for
+  a coordinator that never answers."""
+  host, colon, port = address.rpartition(":")
+  if "://" in address:
+    problem = "Drop the scheme: a host and a port only."
+  elif not colon:
+    problem = "It has no port."
+  elif not _HOST.fullmatch(host):
+    problem = "An IPv6 address goes in brackets." if host.count(":") > 1 else ""
+  elif not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+    problem = f"The port {port!r} is not a number in 1..65535."
+  else:
+    return
+  raise config_error("--coordinator_address", address,
+                     "HOST:PORT or [IPv6]:PORT, process 0's address and a free port in "
+                     "1..65535 (e.g. localhost:12355, 10.0.0.1:12355, [::1]:12355)", problem)
 
 
 def _is_initialized() -> bool:
@@ -112,6 +138,7 @@ def initialize_args(coordinator_address: str = "", num_processes: int = 0,
     if not 0 <= process_id < num_processes:
       raise ValueError(f"--process_id={process_id} must be in [0, {num_processes}) for "
                        f"--num_processes={num_processes}")
+    check_coordinator_address(coordinator_address)
     return {"coordinator_address": coordinator_address, "num_processes": num_processes,
             "process_id": process_id}
   force = env.get(FORCE_ENV, "").strip().lower()
