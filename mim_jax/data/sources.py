@@ -35,7 +35,8 @@ from PIL import Image
 from mim_jax.config.errors import ConfigError, config_error
 from mim_jax.data import idx, subsets
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+# PIL decodes the last two (transforms.decode_image); torchvision's folders read them too.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 SOURCES = ("fashion_mnist", "image_folder", "tfds", "npy", "synthetic")
 # The data fields that say which images a split holds (its held-out part too) and how an
 # undecodable one is handled: what a tool reading a split whole, without augmentation, reads.
