@@ -42,6 +42,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 from typing import NoReturn, Sequence
 
 from absl import app, flags
@@ -97,6 +98,10 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str] | None = Non
   flags.mark_flags_as_required(["config"], flag_values=flag_values)
 
 
+# How ml_collections' --config flag reports an exception of the config file's get_config.
+_CONFIG_LOAD_ERROR = "Error whilst parsing config file"
+
+
 def _fail(message: str, code: int = run_errors.EXIT_BAD_INPUT) -> NoReturn:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(code)
@@ -143,20 +148,62 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> l
       files.require_loaded(flag_values)
   except ConfigError as e:
     _fail(str(e))
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-    unknown = _unknown_overrides(argv)
-    if unknown:
-      _fail("\n".join(str(u) for u in unknown))
-    message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    name = getattr(e, "flagname", "")
-    if isinstance(e, flags.UnrecognizedFlagError) and "." in name:
-      # `--confg.seed=3`: a mistyped prefix of a config override.
-      message += f". Did you mean --config.{name.split('.', 1)[1]}?"
-    _fail(f"{message}\nPass --helpfull for the flags; config fields are in "
-          "mim_jax/config/defaults.py.")
+  except flags.IllegalFlagValueError as e:
+    if _CONFIG_LOAD_ERROR not in str(e):
+      _fail_flag_error(argv, e)
+    # The config file's code (or an argument it refused) failed: its error in one line.
+    spec = _config_path(argv)
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    where = [m for m in (re.match(r'\s*File "([^"]+)", line (\d+)', line) for line in lines)
+             if m and spec and m.group(1) == spec.split(":")[0]]
+    at = f" ({where[-1].group(1)}, line {where[-1].group(2)})" if where else ""
+    last = lines[-1].strip().removeprefix(f"{ConfigError.__module__}.ConfigError: ")
+    _fail(f"--config={spec} does not load: {last}{at}")
+  except Exception as e:  # pylint: disable=broad-except
+    # Raised by the config file's own code as it loads (--config=README.md, a mistyped field
+    # in the file): its error in one line, at the file's line. Anything else is a bug.
+    message = _config_file_error(argv, e)
+    if message:
+      _fail(message)
+    if not isinstance(e, (flags.Error, AttributeError, KeyError, TypeError, ValueError,
+                          OSError)):
+      raise
+    _fail_flag_error(argv, e)
   if remaining[1:]:
     _fail(extra_arguments_message(remaining[1:]))
   return remaining
+
+
+def _fail_flag_error(argv: Sequence[str], e: Exception) -> NoReturn:
+  """A bad flag or override, with the fields it was probably meant to be."""
+  unknown = _unknown_overrides(argv)
+  if unknown:
+    _fail("\n".join(str(u) for u in unknown))
+  message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+  name = getattr(e, "flagname", "")
+  if isinstance(e, flags.UnrecognizedFlagError) and "." in name:
+    # `--confg.seed=3`: a mistyped prefix of a config override.
+    message += f". Did you mean --config.{name.split('.', 1)[1]}?"
+  _fail(f"{message}\nPass --helpfull for the flags; config fields are in "
+        "mim_jax/config/defaults.py.")
+
+
+def _config_file_error(argv: Sequence[str], e: Exception) -> str | None:
+  """One line for an exception raised in the --config file's own code (None otherwise)."""
+  spec = _config_path(argv)
+  path = spec.split(":")[0] if spec else None
+  frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == path]
+  if isinstance(e, SyntaxError) and e.filename == path:
+    what = f"{e.msg} (line {e.lineno})"
+  elif frames:
+    # ml_collections wraps a missing field's KeyError (and its "Did you mean") in another.
+    inner = e.args[0] if len(e.args) == 1 and isinstance(e.args[0], KeyError) else e
+    text = inner.args[0] if isinstance(inner, KeyError) and inner.args else str(inner)
+    what = f"{' '.join(str(text).split())} (line {frames[-1].lineno})"
+  else:
+    return None
+  return (f"--config={spec} does not load: {type(e).__name__}: {what}. A config file is "
+          "Python whose get_config(arg=None) returns an ml_collections.ConfigDict")
 
 
 def run_from_flags(flag_values: flags.FlagValues, cpu_devices_auto: bool = True) -> None:

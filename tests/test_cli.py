@@ -583,6 +583,32 @@ def test_malformed_command_lines_fail_fast_naming_the_field(tmp_path, monkeypatc
   assert len(MALFORMED) >= 30 and not compiled, compiled
 
 
+def test_a_config_file_that_fails_to_load_is_one_line(tmp_path, capsys):
+  """A config file's own error (a mistyped field, a bad argument, not Python, not a
+  ConfigDict) was a traceback, or a repr of a KeyError: one line now, at the file's line."""
+  from mim_jax import main
+  (tmp_path / "typo.py").write_text(
+      "from mim_jax import registry\n\ndef get_config(arg=None):\n"
+      "  c = registry.base_config('mae')\n  c.optimzer.base_lr = 1e-3\n  return c\n")
+  (tmp_path / "dict.py").write_text("def get_config(arg=None):\n  return {'method': 'mae'}\n")
+  cases = {
+      f"{tmp_path}/typo.py": "AttributeError: 'optimzer' Did you mean \"optimizer\" instead "
+                             "of \"optimzer\"? (line 5)",
+      f"{tmp_path}/dict.py": "returns an ml_collections.ConfigDict; it returns a dict",
+      f"{REPO}/README.md": "does not load: SyntaxError:",
+      f"{REPO}/configs/mae_fmnist.py:runlocl": "does not load: ValueError: unknown config "
+                                               "argument(s) ['runlocl']",
+      f"{REPO}/configs/mae_fmnist.py:variant=Q/4,runlocal": "config.model.variant='Q/4' is "
+                                                            "invalid",
+  }
+  for spec, expected in cases.items():
+    with pytest.raises(SystemExit) as exit_info:
+      main.cli(["mim_jax.main", f"--config={spec}", f"--workdir={tmp_path / 'w'}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, (spec, err)
+    assert err.startswith("error: ") and expected in err and err.count("\n") == 1, (spec, err)
+
+
 def test_a_command_line_variant_sets_the_size_or_is_refused(tmp_path, capsys):
   """The Fashion-MNIST recipes set width, depth, heads and MLP beside variant Ti/4, and those
   fields take precedence over a variant's size: `--config.model.variant=S/4` alone trained the

@@ -290,7 +290,8 @@ def apply_runlocal(c: ml_collections.ConfigDict, keep_data: bool = False) -> ml_
   1,000 held-out training images against 5% of the rest (not 10,000 test images against
   60,000 on Fashion-MNIST). Only the fields the config has are touched.
   """
-  patch = int(c.model.variant.split("/")[1])
+  from mim_jax.models.vit import parse_variant  # the models import this module
+  _, patch = parse_variant(c.model.variant)  # a bad variant named as given, before mu/ replaces it
   # Two steps of a micro model are bound by compilation: LLVM's lowest optimisation level
   # compiles a step about 1.4x faster (a Fashion-MNIST MAE smoke run 11 s instead of 16).
   c.compiler_options = "--xla_backend_optimization_level=0"

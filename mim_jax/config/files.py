@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 
+import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
@@ -35,7 +36,8 @@ def require_loaded(flag_values, name: str = "config") -> None:
   raises OSError when such a config is first read (at parsing only if an override reads it),
   with a traceback; every tool asks here first."""
   try:
-    flag_values[name].value.keys()
+    value = flag_values[name].value
+    value.keys()
   except OSError as e:
     # The operating system's reason ("[Errno 2] No such file or directory: ..."), not the
     # lines ml_collections wraps it in.
@@ -44,6 +46,10 @@ def require_loaded(flag_values, name: str = "config") -> None:
     raise config_error(f"--{name}", flag_values[name].config_filename,
                        "a config file that loads, e.g. configs/mae_fmnist.py[:ARG]", reason
                        ) from None
+  if not isinstance(value, ml_collections.ConfigDict):
+    raise config_error(f"--{name}", flag_values[name].config_filename,
+                       "a config file whose get_config(arg=None) returns an "
+                       f"ml_collections.ConfigDict; it returns a {type(value).__name__}")
 
 
 # The values by which a tool's flag says "the config's own": such a flag replaces nothing.
