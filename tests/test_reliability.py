@@ -8,6 +8,7 @@ through switches in the library.
 from __future__ import annotations
 
 import ast
+import contextlib
 import errno
 import json
 import logging
@@ -17,6 +18,7 @@ import pickle
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,7 +35,7 @@ from mim_jax import data, main, storage
 from mim_jax.config.errors import ConfigError
 from mim_jax.data import transforms
 from mim_jax.methods import base
-from mim_jax.training import checkpoint, metric_writers, run_errors
+from mim_jax.training import checkpoint, metric_writers, run_errors, workdir_lock
 from mim_jax.training import loop as train
 from mim_jax.training import step as step_lib
 
@@ -1011,6 +1013,114 @@ def test_a_restore_failure_unrelated_to_the_changed_settings_keeps_its_own_error
   with pytest.raises(ConfigError, match=r"changed settings \(config.model.depth\)"):
     train.run(tiny_mae_config(total_steps=3, **{"model.depth": 3}), workdir,
               resume_with_changes=True)
+
+
+# Holds the workdir lock of argv[1], forks a child that outlives it (as a data worker can),
+# prints the child's pid and sleeps until killed.
+HOLD_LOCK = r"""
+import os, sys, time
+from mim_jax.training import workdir_lock
+with workdir_lock.hold(sys.argv[1]):
+  child = os.fork()
+  if child == 0:
+    time.sleep(600)
+    os._exit(0)
+  print(child, flush=True)
+  time.sleep(600)
+"""
+
+
+def test_a_second_run_on_a_busy_workdir_stops_before_it_starts(tmp_path, monkeypatch, capsys):
+  """Two runs on one workdir both resumed the same checkpoint and saved the same steps over
+  each other's, and both exited 0. The second now stops with exit 2 and one line naming the
+  workdir and the process holding it, before it compiles, reads or restores anything. The lock
+  goes with its holder, also on kill -9 (a child it forked does not keep it); each process of a
+  multi-process run holds its own; a run releases it when it returns or raises."""
+  workdir = tmp_path / "run"
+  holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(workdir)], cwd=REPO,
+                            env=_env(), stdout=subprocess.PIPE, text=True)
+  child = None
+  try:
+    child = int(holder.stdout.readline())
+    calls = []
+
+    def fake_train(config, workdir, resume_with_changes=False):
+      calls.append(workdir)
+      return "trained"
+    monkeypatch.setattr(train, "train", fake_train)
+    with pytest.raises(SystemExit) as exit_info:
+      main.cli(["mim_jax.main", RUNLOCAL, f"--workdir={workdir}"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {workdir} is in use by another run (pid {holder.pid} on host "
+                          f"{socket.gethostname()}, started "), err
+    assert not calls and os.listdir(workdir) == [workdir_lock.LOCK_FILE]
+    _kill9(holder)
+    assert _alive(child)  # its forked child lives on, without the lock
+    assert train.run(tiny_mae_config(), str(workdir)) == "trained"
+  finally:
+    if holder.poll() is None:
+      _kill9(holder)
+    if child:
+      with contextlib.suppress(ProcessLookupError):
+        os.kill(child, signal.SIGKILL)
+  assert calls == [str(workdir)]
+
+  def failing_train(config, workdir, resume_with_changes=False):
+    raise RuntimeError("a failed run")
+  monkeypatch.setattr(train, "train", failing_train)
+  with pytest.raises(RuntimeError, match="a failed run"):
+    train.run(tiny_mae_config(), str(workdir))
+  with workdir_lock.hold(str(workdir), 0), workdir_lock.hold(str(workdir), 1):
+    with pytest.raises(workdir_lock.WorkdirInUseError, match=rf"\(pid {os.getpid()} on host "):
+      with workdir_lock.hold(str(workdir), 1):
+        pass
+  with workdir_lock.hold(str(workdir), 1):
+    pass
+  with workdir_lock.hold("gs://no-such-bucket/run"):  # not locked, nothing touched
+    pass
+
+
+def test_a_workdir_without_its_config_json_resumes_only_on_purpose(tmp_path, capsys):
+  """A workdir with checkpoints whose config.json was deleted resumed under changed settings
+  without a word, and never wrote config.json again, so no later resume was checked; a corrupt
+  one was a JSONDecodeError traceback. Both are now a one-line error naming the file (exit 2),
+  checkpoints untouched; --resume_with_changes resumes, records it and writes config.json."""
+  from mim_jax.training import resume_check
+  workdir = tmp_path / "run"
+  config_json = workdir / metric_writers.CONFIG_FILE
+  train.run(tiny_mae_config(total_steps=2), str(workdir))
+  steps = _committed(workdir)
+  lower_lr = tiny_mae_config(total_steps=3, **{"optimizer.base_lr": 1e-4})
+  config_json.unlink()
+  with pytest.raises(ConfigError, match=re.escape(
+      f"{config_json} is missing, but {workdir} holds checkpoints to resume") +
+      r".*Restore config.json .* --resume_with_changes \(config.json is then written from it\)"):
+    train.run(lower_lr, str(workdir))
+  assert not config_json.exists() and _committed(workdir) == steps
+  config_json.write_text("{bad json")
+  with pytest.raises(ConfigError, match=re.escape(f"{config_json} is unreadable "
+                                                  "(JSONDecodeError: ")):
+    train.run(lower_lr, str(workdir))
+  with pytest.raises(SystemExit) as exit_info:
+    main.cli(["mim_jax.main", RUNLOCAL, f"--workdir={workdir}"])
+  err = capsys.readouterr().err.strip()
+  assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+  assert err.startswith(f"error: {config_json} is unreadable"), err
+  assert config_json.read_text() == "{bad json" and _committed(workdir) == steps
+
+  state = train.run(lower_lr, str(workdir), resume_with_changes=True)
+  assert int(state.step) == 3
+  assert json.loads(config_json.read_text()) == json.loads(
+      metric_writers.config_text(lower_lr.to_dict()))
+  entry = json.loads((workdir / resume_check.CHANGES_FILE).read_text())
+  assert entry["step"] == 2 and entry["changes"] == {}, entry
+  assert entry["unchecked"].startswith("config.json is unreadable (JSONDecodeError"), entry
+  # Later resumes are checked against it again.
+  with pytest.raises(ConfigError, match=r"config.optimizer.base_lr: 0.0001 in this run, "
+                     r"0.00015 now"):
+    train.run(tiny_mae_config(total_steps=4), str(workdir))
 
 
 def test_evaluations_due_at_a_preempted_step_run_when_the_run_resumes(tmp_path, monkeypatch):

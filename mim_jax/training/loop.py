@@ -34,6 +34,7 @@ from mim_jax.training import (
   resume_check,
   run_errors,
   setup,
+  workdir_lock,
 )
 from mim_jax.training import step as step_lib
 
@@ -50,16 +51,19 @@ def run(config, workdir: str, file_config=None, resume_with_changes: bool = Fals
   """Runs `config.method` in `workdir`: a job (k-NN, probe) once, anything else through the
   training loop (`train`). Returns the job's metrics or the final TrainState. `file_config`:
   see registry.validate_config (mim_jax.main passes the config file without overrides);
-  `resume_with_changes`: see `train`."""
+  `resume_with_changes`: see `train`. Holds the workdir's lock (training/workdir_lock.py)
+  throughout: another run on a local `workdir` raises WorkdirInUseError (a ConfigError)."""
   data.sources.forget_listings()  # folders as they are now, not as an earlier run saw them
   config = setup.prepare(config, file_config)
   cls = registry.method_class(config.method)
-  if cls.kind == "job":
-    if resume_with_changes:
-      log.warning("--resume_with_changes is not used: method %r is a job that runs whole "
-                  "each time, with no checkpoint to resume", config.method)
-    return cls.run(config, workdir)
-  return train(config, workdir, resume_with_changes=resume_with_changes)
+  # Before any data is read or anything compiled; held until the run returns or raises.
+  with workdir_lock.hold(workdir, jax.process_index()):
+    if cls.kind == "job":
+      if resume_with_changes:
+        log.warning("--resume_with_changes is not used: method %r is a job that runs whole "
+                    "each time, with no checkpoint to resume", config.method)
+      return cls.run(config, workdir)
+    return train(config, workdir, resume_with_changes=resume_with_changes)
 
 
 def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.TrainState:
@@ -93,10 +97,11 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
                                  save_every=config.checkpoint_every, keep=config.keep_checkpoints,
                                  max_consecutive_failures=config.max_consecutive_failed_saves)
   changes = []
-  if ckpt.latest_step() is None and resume_with_changes:
+  resumed = ckpt.latest_step() is not None
+  if not resumed and resume_with_changes:
     log.warning("--resume_with_changes is not used: %s holds no checkpoint, so the run starts "
                 "at step 0 with this config", workdir)
-  if ckpt.latest_step() is not None:  # before the data (a device-resident split) is loaded
+  if resumed:  # before the data (a device-resident split) is loaded
     try:
       changes = resume_check.check_same_run(
           workdir, config, weight_fields=method.weight_fields,
@@ -122,7 +127,7 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
   host_batch = batch = None
   try:
     state, start_step = _restore_or_init(config, r, ckpt, train_iter, init_rng, changes)
-    if changes and is_chief:
+    if resumed and is_chief:  # the changes, or a config.json that was missing or unreadable
       resume_check.record_changes(workdir, config, start_step, changes)
     train_step = r.jit_step()
 

@@ -17,7 +17,9 @@ A change on purpose (a lower lr or gradient clipping after a divergence, a recip
 defaults moved) resumes with `allow_changes` (`python -m mim_jax.main ...
 --resume_with_changes`): the differences are logged, appended to the workdir's
 config_changes.jsonl with the step they start at, and config.json then holds the new config,
-which later resumes are compared with.
+which later resumes are compared with. A workdir with checkpoints whose config.json is missing
+or unreadable resumes only with `allow_changes` too (unchecked: there is nothing to compare
+with), and config.json is then written from the new config.
 """
 
 from __future__ import annotations
@@ -117,16 +119,27 @@ def check_same_run(workdir: str, config, *, weight_fields: tuple[str, ...],
   """The changes to record (`record_changes`) once the run has resumed: [] when `config`
   matches the run's saved config.json in every field that cannot change on resume. Raises
   ConfigError for a difference unless `allow_changes`, which logs them instead. Call it only
-  when `workdir` holds a checkpoint to resume.
+  when `workdir` holds a checkpoint to resume. A config.json that is missing or unreadable
+  (deleted, cut short) leaves nothing to compare with: a ConfigError naming it, unless
+  `allow_changes`, which resumes unchecked (and `record_changes` writes it again).
 
   `weight_fields` (the method's `Method.weight_fields`) name the weights the run read when it
   started and keeps in its checkpoints: a resume restores those arrays whatever the path says
   now, so another path resumes only with `allow_changes`, taken as the same weights moved (a
   new machine, a bucket mounted elsewhere); other weights need another workdir."""
-  path = os.path.join(workdir, metric_writers.CONFIG_FILE)
-  if not storage.exists(path):
-    return []  # written at step 0 before any checkpoint; absent only for foreign workdirs
-  saved = json.loads(storage.read_text(path))
+  saved, problem = _read_saved(workdir)
+  if saved is None:
+    path = os.path.join(workdir, metric_writers.CONFIG_FILE)
+    if not allow_changes:
+      raise ConfigError(
+          f"{path} {problem}, but {workdir} holds checkpoints to resume: without the config "
+          "the run started with, this config cannot be checked against it. Restore config.json "
+          "(e.g. from a copy of the workdir), or resume with this config on purpose: "
+          "--resume_with_changes (config.json is then written from it).")
+    log.warning("%s %s: resuming %s with this config unchecked (--resume_with_changes); "
+                "config.json is written from it once the checkpoint is restored", path,
+                problem, workdir)
+    return []
   changes = changed_fields(saved, json.loads(metric_writers.config_text(config.to_dict())))
   if not changes:
     return []
@@ -173,12 +186,35 @@ def check_same_run(workdir: str, config, *, weight_fields: tuple[str, ...],
   return changes
 
 
+def _read_saved(workdir: str) -> tuple[dict | None, str]:
+  """(the run's saved config, "") or (None, what is wrong with its config.json)."""
+  path = os.path.join(workdir, metric_writers.CONFIG_FILE)
+  if not storage.exists(path):
+    return None, "is missing"
+  try:
+    saved = json.loads(storage.read_text(path))
+  except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+    first_line = (str(e).splitlines() or [""])[0][:200]
+    return None, f"is unreadable ({type(e).__name__}: {first_line})"
+  if not isinstance(saved, dict):
+    return None, f"is unreadable (a JSON {type(saved).__name__}, not an object)"
+  return saved, ""
+
+
 def record_changes(workdir: str, config, step: int, changes: list) -> None:
-  """After a resume with `changes` (from `check_same_run`) at `step`: appends them to
+  """After a resume at `step` with `changes` (from `check_same_run`): appends them to
   config_changes.jsonl and makes config.json the new config, which later resumes compare with.
-  Only once the checkpoint has been restored, so a resume that fails records nothing."""
+  A config.json that was missing or unreadable (a resume `check_same_run` allowed unchecked) is
+  written again, and the entry says so; otherwise, without changes, nothing is written. Only
+  once the checkpoint has been restored, so a resume that fails records nothing."""
+  _, problem = _read_saved(workdir)
+  if not changes and not problem:
+    return
   entry = {"step": step, "changes": {key: {"was": old, "now": new}
                                      for key, old, new in changes}}
+  if problem:
+    entry["unchecked"] = (f"{metric_writers.CONFIG_FILE} {problem}: written from the resumed "
+                          "config, which nothing was compared with")
   log_path = os.path.join(workdir, CHANGES_FILE)
   previous = storage.read_text(log_path) if storage.exists(log_path) else ""
   storage.write_text(log_path, previous + json.dumps(entry) + "\n")
