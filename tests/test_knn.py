@@ -216,3 +216,18 @@ def test_features_of_a_split_on_two_devices_equal_those_on_one():
   out = subprocess.run([sys.executable, "-c", _TWO_DEVICE_SCRIPT], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr[-4000:]
+
+
+def test_a_k_beyond_the_bank_is_refused_before_the_first_evaluation():
+  """knn.k=100000 against a bank of 54 images ran (a pre-training monitor's only after its
+  first epochs), each query voting with every image: refused when the monitor is built."""
+  from mim_jax.config.errors import ConfigError
+  from mim_jax.evaluate import frozen
+
+  from conftest import tiny_config
+  config = tiny_config("mae", **{"knn.every_epochs": 1, "knn.k": 65})  # 64 synthetic images
+  with pytest.raises(ConfigError, match=r"config.knn.k=65 is invalid: at most the 64 training "
+                     r"images of the k-NN bank"):
+    frozen.KnnMonitor(config)
+  config.knn.k = 64
+  assert len(frozen.KnnMonitor(config).bank_rows) == 64

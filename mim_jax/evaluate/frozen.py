@@ -43,7 +43,7 @@ from jax.experimental import multihost_utils
 
 from mim_jax import data, storage
 from mim_jax.config import validation as v
-from mim_jax.config.errors import ConfigError
+from mim_jax.config.errors import ConfigError, config_error
 from mim_jax.data import sources
 from mim_jax.evaluate import classifier_base, knn, logistic
 from mim_jax.methods import base
@@ -226,11 +226,18 @@ class KnnMonitor:
     self.extractor = extractor or FeatureExtractor(config)
     self.encoder = self.extractor.encoder
     self.num_classes = classifier_base.num_classes(config)
+    # Before the first evaluation (a monitor's comes after epochs of training): a k beyond the
+    # bank would vote with every image, at the cost of sorting k of them.
+    self.bank_rows = self.extractor.training_rows()[0]
+    k = config.knn.k
+    if k > len(self.bank_rows):
+      raise config_error("knn.k", k, f"at most the {len(self.bank_rows)} training images of "
+                         "the k-NN bank (the official protocol: 20)")
 
   def __call__(self, encoder_params) -> dict[str, float]:
     start = time.perf_counter()
     cfg, ex = self.config, self.extractor
-    bank, bank_labels = ex.split(encoder_params, cfg.data.split, ex.training_rows()[0])
+    bank, bank_labels = ex.split(encoder_params, cfg.data.split, self.bank_rows)
     queries, query_labels = ex.split(encoder_params, data.eval_split(cfg.data))
     out = {}
     for pool in ex.pools:
