@@ -134,12 +134,14 @@ def _validate_source(data_cfg, channels: int) -> None:
 
 
 def _validate_eval_source(data_cfg, channels: int) -> None:
-  """The evaluation split a run scores can be read: its folder, file or TFDS split exists."""
+  """The evaluation split a run scores can be read (its folder, file or TFDS split exists;
+  'holdout' is training images, checked with the training split), and the labels it scores
+  name classes."""
   split = sources.eval_split(data_cfg)
-  if split == sources.HOLDOUT_SPLIT:  # training images: checked with the training split
-    return
   source = data_cfg.source
-  if source == "fashion_mnist":
+  if split == sources.HOLDOUT_SPLIT:
+    pass
+  elif source == "fashion_mnist":
     _check_fmnist_split(data_cfg.path, split)
   elif source == "image_folder":
     _require(bool(data_cfg.eval_path), "eval_path", data_cfg.eval_path,
@@ -150,6 +152,7 @@ def _validate_eval_source(data_cfg, channels: int) -> None:
     _check_npy_split(data_cfg, split, "eval_split", channels)
   elif source == "tfds":
     _require_tfds_split(data_cfg, split, "eval_split")
+  _validate_scored_labels(data_cfg)
 
 
 def _validate_scored_labels(data_cfg) -> None:
@@ -427,4 +430,3 @@ def validate_data_config(data_cfg, *, image_size: tuple[int, int], channels: int
   _validate_source(data_cfg, channels)  # last: the checks that touch the file system
   if scores_eval_split:
     _validate_eval_source(data_cfg, channels)
-    _validate_scored_labels(data_cfg)

@@ -226,10 +226,20 @@ class KnnMonitor:
     self.extractor = extractor or FeatureExtractor(config)
     self.encoder = self.extractor.encoder
     self.num_classes = classifier_base.num_classes(config)
-    # Before the first evaluation (a monitor's comes after epochs of training): a k beyond the
-    # bank would vote with every image, at the cost of sorting k of them.
-    self.bank_rows = self.extractor.training_rows()[0]
-    k = config.knn.k
+    self._bank_rows = None
+
+  @property
+  def bank_rows(self) -> np.ndarray:
+    """Positions in the training split of the bank's images (read once)."""
+    if self._bank_rows is None:
+      self._bank_rows = self.extractor.training_rows()[0]
+    return self._bank_rows
+
+  def check_bank(self) -> None:
+    """ConfigError for a knn.k beyond the bank: each query would vote with every image, at the
+    cost of sorting k of them. Callers ask before the first evaluation (a monitor's comes
+    after epochs of training)."""
+    k = self.config.knn.k
     if k > len(self.bank_rows):
       raise config_error("knn.k", k, f"at most the {len(self.bank_rows)} training images of "
                          "the k-NN bank (the official protocol: 20)")
@@ -296,7 +306,9 @@ def run_knn(config, workdir: str) -> dict[str, float]:
   """The k-NN job (method "knn"): scores the encoder of `config.init_from`."""
   config = _start(config, workdir)
   start = time.perf_counter()
-  metrics = KnnMonitor(config, job_extractor(config))(_encoder_params(config))
+  monitor = KnnMonitor(config, job_extractor(config))
+  monitor.check_bank()  # before the encoder's features
+  metrics = monitor(_encoder_params(config))
   metrics["seconds"] = time.perf_counter() - start
   return _finish(config, workdir, metrics)
 

@@ -166,6 +166,8 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
     knn_every = _epochs_to_steps(config.knn.every_epochs if method.kind == "pretraining" else 0,
                                  r.steps_per_epoch)
     knn = frozen.KnnMonitor(config) if knn_every else None
+    if knn:
+      knn.check_bank()  # before training, not at the first evaluation
     final_metrics: dict[str, float] = {}
 
     def eval_due(step: int, at_end: bool) -> bool:
@@ -244,8 +246,8 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
           pending = draw_due(step, at_end) or eval_due(step, at_end) or knn_due(step, at_end)
           ckpt.save(step, state, train_iter, force=True, evaluations_pending=pending)
           ckpt.wait()
-          log.warning("checkpoint for step %d written after SIGTERM (a preemption notice); "
-                      "exiting", step)
+          log.warning("checkpoint for step %d written after SIGTERM (a preemption notice) or "
+                      "Ctrl-C; exiting", step)
           break
         if draw_due(step, at_end=step == last_step):
           draw(step, state.params, state.extra)
