@@ -247,6 +247,25 @@ def test_preemption_watcher_single_process_and_allgather_fallback(monkeypatch):
   assert gathered == [0] and watcher.triggered
 
 
+def test_a_first_ctrl_c_saves_as_a_preemption_notice_a_second_stops_at_once():
+  """Ctrl-C lost every step since the last checkpoint (up to checkpoint_every - 1). The first
+  now sets the flag (save at the step boundary, exit 75); the second is Python's again."""
+  from mim_jax.training import preemption
+  def ctrl_c():
+    os.kill(os.getpid(), signal.SIGINT)
+    for _ in range(50):  # Python runs the handler between bytecodes
+      time.sleep(0.01)
+
+  before = signal.getsignal(signal.SIGINT)
+  with preemption.PreemptionWatcher(start_step=0) as watcher:
+    assert not watcher.should_stop(1)
+    ctrl_c()  # no KeyboardInterrupt: the flag
+    assert watcher.should_stop(2)
+    with pytest.raises(KeyboardInterrupt):
+      ctrl_c()
+  assert signal.getsignal(signal.SIGINT) == before
+
+
 # ----------------------------------------------------------------------------- 3. NaN / Inf
 
 

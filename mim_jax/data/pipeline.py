@@ -112,6 +112,8 @@ def init_worker(worker_index: int, worker_count: int) -> None:
   """
   del worker_index, worker_count
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  # Ctrl-C reaches the terminal's whole process group: the trainer saves first (preemption.py).
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   parent = os.getppid()
 
   def watch():

@@ -7,7 +7,8 @@ stops (run_errors.Preempted: `python -m mim_jax.main` exits 75), so the same com
 from it.
 
   * One process: a Python SIGTERM handler sets a flag; the loop stops after the step in
-    progress.
+    progress. Ctrl-C (SIGINT) does the same, once: a second Ctrl-C stops at once, as Python
+    does, without a checkpoint (a first one lost every step since the last checkpoint).
   * Several processes: JAX's preemption sync manager (started by `jax.distributed.initialize`)
     catches SIGTERM in any process, tells the others through the coordination service, and
     `multihost_utils.reached_preemption_sync_point(step)` becomes true at the same step in
@@ -59,7 +60,7 @@ class PreemptionWatcher:
     self.sync_every = max(1, int(sync_every))
     self.signalled = False  # this process received SIGTERM (local flag)
     self.stopped_at: int | None = None
-    self._previous_handler = None
+    self._previous_handlers: dict[int, object] = {}
     self._use_jax_service = False
 
   def __enter__(self) -> PreemptionWatcher:
@@ -71,18 +72,25 @@ class PreemptionWatcher:
 
     def handler(signum, frame):
       del frame
-      log.warning("received signal %d: saving a checkpoint at the next step boundary", signum)
+      if signum == signal.SIGINT:
+        # The next Ctrl-C is Python's own again: KeyboardInterrupt, no checkpoint.
+        signal.signal(signal.SIGINT, self._previous_handlers.pop(signal.SIGINT))
+        log.warning("Ctrl-C: saving a checkpoint at the next step boundary, then stopping "
+                    "(Ctrl-C again: stop at once, without it)")
+      else:
+        log.warning("received signal %d: saving a checkpoint at the next step boundary", signum)
       self.signalled = True
-    try:
-      self._previous_handler = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. called from a notebook worker)
-      self._previous_handler = None
+    for signum in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous_handlers[signum] = signal.signal(signum, handler)
+      except ValueError:  # not the main thread (e.g. called from a notebook worker)
+        break
     return self
 
   def __exit__(self, *exc) -> None:
-    if self._previous_handler is not None:
-      signal.signal(signal.SIGTERM, self._previous_handler)
-      self._previous_handler = None
+    for signum, previous in self._previous_handlers.items():
+      signal.signal(signum, previous)
+    self._previous_handlers.clear()
 
   @property
   def triggered(self) -> bool:

@@ -42,7 +42,8 @@ class CheckpointSaveError(RunError):
 
 
 class Preempted(RunError):
-  """The run saved a checkpoint after a preemption notice (SIGTERM) and stopped before its end.
+  """The run saved a checkpoint after a preemption notice (SIGTERM) or a first Ctrl-C and
+  stopped before its end.
 
   Not a failure: `python -m mim_jax.main` prints the message without "error:" and exits
   EXIT_PREEMPTED, and the same command resumes from `step`.
@@ -50,6 +51,7 @@ class Preempted(RunError):
   exit_code = EXIT_PREEMPTED
 
   def __init__(self, step: int, workdir: str):
-    super().__init__(f"stopped after a preemption notice (SIGTERM) with the checkpoint of step "
-                     f"{step} written in {workdir}: run the same command to continue")
+    super().__init__(f"stopped after a preemption notice (SIGTERM) or Ctrl-C with the "
+                     f"checkpoint of step {step} written in {workdir}: run the same command to "
+                     "continue")
     self.step = step
