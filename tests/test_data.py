@@ -802,11 +802,14 @@ def test_labels_a_run_scores_must_name_classes(tmp_path):
     np.save(npy / f"{split}.npy", np.zeros((4, 8, 8), np.uint8))
   arrays = data_config(source="npy", path=str(npy), mean=(0.5,), std=(0.5,))
   check(arrays, scores=False)  # pre-training reads no labels
+  # A tool that reads an evaluation split's images alone (tokenizers.usage --split=test).
+  data.validate_data_config(arrays, image_size=(8, 8), channels=1, scores_eval_split=True,
+                            scores_labels=False)
   with pytest.raises(ConfigError, match=r"config.data.split='train' is invalid: a split with "
                      r"its labels file .*train_labels.npy does not exist"):
     check(arrays)
   bad = {"float64": np.array([0.0, 1.0, 0.5, 1.0]), "smallest is -1": np.array([0, 1, -1, 1]),
-         "holds only label 0": np.zeros(4, np.int64)}
+         r"holds only label\(s\) \[1\]": np.ones(4, np.int64)}
   for says, labels in bad.items():
     np.save(npy / "train_labels.npy", labels)
     with pytest.raises(ConfigError, match=says):
@@ -814,6 +817,10 @@ def test_labels_a_run_scores_must_name_classes(tmp_path):
   np.save(npy / "train_labels.npy", np.array([0, 1, 0, 1]))
   with pytest.raises(ConfigError, match=r"config.data.eval_split='test' is invalid: .*"
                      r"test_labels.npy does not exist"):
+    check(arrays)
+  np.save(npy / "test_labels.npy", np.array([1, 0, 1, 2]))
+  with pytest.raises(ConfigError, match=r"labels are among the training split's; "
+                     r"test_labels.npy also has \[2\]"):
     check(arrays)
   np.save(npy / "test_labels.npy", np.array([1, 0, 1, 0]))
   check(arrays)

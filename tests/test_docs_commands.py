@@ -103,6 +103,7 @@ def _without_data_files(monkeypatch):
   monkeypatch.chdir(REPO)
   monkeypatch.setattr(data_validation, "_validate_source", lambda *a, **k: None)
   monkeypatch.setattr(data_validation, "_validate_eval_source", lambda *a, **k: None)
+  monkeypatch.setattr(data_validation, "_validate_scored_labels", lambda *a, **k: None)
 
 
 @pytest.mark.parametrize("args", [a for _, a in COMMANDS], ids=[w for w, _ in COMMANDS])

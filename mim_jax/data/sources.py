@@ -125,15 +125,25 @@ def has_any_image(root: str) -> bool:
   return next(_walk_images(root), None) is not None
 
 
+def _sub_folders(root: str) -> list[str]:
+  return sorted(n for n in os.listdir(root)
+                if not n.startswith(".") and os.path.isdir(os.path.join(root, n)))
+
+
 def empty_class_folders(root: str) -> list[str]:
   """First-level sub-folders of `root` (classes) with no image in them, sorted.
 
   `list_image_folder` ignores them (a class needs an image), so they are not classes: worth a
   warning, since a class folder that lost its images shifts the labels of the ones after it.
   """
-  names = sorted(n for n in os.listdir(root)
-                 if not n.startswith(".") and os.path.isdir(os.path.join(root, n)))
-  return [os.path.join(root, n) for n in names if not has_any_image(os.path.join(root, n))]
+  return [os.path.join(root, n) for n in _sub_folders(root)
+          if not has_any_image(os.path.join(root, n))]
+
+
+def class_folders(root: str) -> list[str]:
+  """The names of `root`'s classes, sorted: its first-level sub-folders that hold an image (as
+  `list_image_folder` finds them, without listing every file: one image each is enough)."""
+  return [n for n in _sub_folders(root) if has_any_image(os.path.join(root, n))]
 
 
 @functools.lru_cache(maxsize=8)

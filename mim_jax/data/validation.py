@@ -5,7 +5,9 @@ an image or imports tfds: the paths are checked for existence (image folders: fo
 image file, and for class sub-folders without any, which are an error with
 data.on_bad_image='raise' and a warning otherwise), .npy files by their header (shape, dtype:
 convertible to config.channels), TFDS split names by the prepared dataset's
-dataset_info.json, and the evaluation split where the run scores one.
+dataset_info.json, and the evaluation split where the run scores one. A run that scores
+labels also has them checked: npy labels files are read whole (integers, one per image), and
+an image folder's first-level sub-folders are its classes.
 """
 
 from __future__ import annotations
@@ -134,9 +136,8 @@ def _validate_source(data_cfg, channels: int) -> None:
 
 
 def _validate_eval_source(data_cfg, channels: int) -> None:
-  """The evaluation split a run scores can be read (its folder, file or TFDS split exists;
-  'holdout' is training images, checked with the training split), and the labels it scores
-  name classes."""
+  """The evaluation split a run scores can be read: its folder, file or TFDS split exists
+  ('holdout' is training images, checked with the training split)."""
   split = sources.eval_split(data_cfg)
   source = data_cfg.source
   if split == sources.HOLDOUT_SPLIT:
@@ -152,7 +153,6 @@ def _validate_eval_source(data_cfg, channels: int) -> None:
     _check_npy_split(data_cfg, split, "eval_split", channels)
   elif source == "tfds":
     _require_tfds_split(data_cfg, split, "eval_split")
-  _validate_scored_labels(data_cfg)
 
 
 def _validate_scored_labels(data_cfg) -> None:
@@ -160,16 +160,17 @@ def _validate_scored_labels(data_cfg) -> None:
   least 2 classes to train on, and an evaluation folder's classes among the training folder's.
   Without these a run scored labels it did not have (every label 0: accuracy 1.0)."""
   split = sources.eval_split(data_cfg)
-  scored = [("split", data_cfg.split)]
-  if split != sources.HOLDOUT_SPLIT:
-    scored.append(("eval_split", split))
   if data_cfg.source == "npy":
-    for field, name in scored:
-      labels = _npy_labels(data_cfg, field, name)
-      if field == "split":
-        _require(labels.max(initial=0) >= 1, field, name, "a training split of at least 2 "
-                 f"classes for a run that scores labels; {name}_labels.npy holds only label "
-                 f"{labels.max(initial=0)}")
+    train = _npy_labels(data_cfg, "split", data_cfg.split)
+    present = np.unique(train)
+    _require(len(present) >= 2, "split", data_cfg.split, "a training split of at least 2 "
+             f"classes for a run that scores labels; {data_cfg.split}_labels.npy holds only "
+             f"label(s) {present.tolist()}")
+    if split != sources.HOLDOUT_SPLIT:
+      extra = np.setdiff1d(_npy_labels(data_cfg, "eval_split", split), present)
+      _require(not len(extra), "eval_split", split, f"an evaluation split whose labels are "
+               f"among the training split's; {split}_labels.npy also has {extra[:5].tolist()}, "
+               "which no classifier or k-NN bank of the training images can predict")
   elif data_cfg.source == "image_folder":
     roots = [("path", data_cfg.path)]
     if split != sources.HOLDOUT_SPLIT:
@@ -180,11 +181,11 @@ def _validate_scored_labels(data_cfg) -> None:
       _require(not loose, field, root, "a folder whose images lie in class sub-folders, for a "
                f"run that scores labels: {len(loose)} lie directly in it (e.g. {loose[:1]}), "
                "where they would all count as the first class")
-    classes = _class_folders(data_cfg.path)
+    classes = sources.class_folders(data_cfg.path)
     _require(len(classes) >= 2, "path", data_cfg.path, "a training folder of at least 2 class "
              f"sub-folders with images, for a run that scores labels; it has {len(classes)}")
     if split != sources.HOLDOUT_SPLIT:
-      unknown = sorted(set(_class_folders(data_cfg.eval_path)) - set(classes))
+      unknown = sorted(set(sources.class_folders(data_cfg.eval_path)) - set(classes))
       _require(not unknown, "eval_path", data_cfg.eval_path, "an evaluation folder whose class "
                f"sub-folders are among the training folder's {len(classes)} (labels are the "
                f"training folder's class indices); it also has {unknown[:5]}")
@@ -205,13 +206,6 @@ def _npy_labels(data_cfg, field: str, name: str) -> np.ndarray:
   _require(labels.min(initial=0) >= 0, field, name, f"class labels >= 0 in {file}; its "
            f"smallest is {labels.min()}")
   return labels
-
-
-def _class_folders(root: str) -> list[str]:
-  """The first-level sub-folders of `root` that hold images (an image folder's classes)."""
-  return sorted(n for n in os.listdir(root) if not n.startswith(".")
-                and os.path.isdir(os.path.join(root, n))
-                and sources.has_any_image(os.path.join(root, n)))
 
 
 def tfds_data_dir(data_dir: str) -> str:
@@ -288,7 +282,7 @@ def _check_empty_classes(data_cfg, field: str, root: str) -> None:
               "no label): %s", root, len(empty), shown)
 
 
-def _validate_labels_and_splits(data_cfg, scores_eval_split: bool) -> None:
+def _validate_labels_and_splits(data_cfg, scores_eval_split: bool, scores_labels: bool) -> None:
   """The label subset and the evaluation split (checked without reading any data); the
   evaluation split against the training split only where a run scores it."""
   fraction = data_cfg.label_fraction
@@ -314,7 +308,10 @@ def _validate_labels_and_splits(data_cfg, scores_eval_split: bool) -> None:
              "evaluations would score the images they train on (k-NN finds every query in its "
              "own bank); for a validation score use 'holdout' with data.holdout > 0")
   folder_splits = ("", sources.DEFAULT_EVAL_SPLITS["image_folder"], sources.HOLDOUT_SPLIT)
-  _require(data_cfg.source != "image_folder" or eval_split in folder_splits, "eval_split",
+  # A run's evaluation split (tools naming a split with a flag of their own, e.g.
+  # tokenizers.usage --split, put it here too, and may name the folder as they like).
+  _require(not scores_labels or data_cfg.source != "image_folder" or eval_split in folder_splits,
+           "eval_split",
            eval_split, f"one of {folder_splits} for data.source='image_folder': its evaluation "
            "images are the folder data.eval_path ('' or 'eval') whatever the split's name, or "
            "'holdout' (data.holdout training images)")
@@ -408,12 +405,15 @@ def _validate_loading(data_cfg) -> None:
 
 
 def validate_data_config(data_cfg, *, image_size: tuple[int, int], channels: int,
-                         scores_eval_split: bool = False) -> None:
+                         scores_eval_split: bool = False,
+                         scores_labels: bool | None = None) -> None:
   """Checks `config.data` (and the geometry it is used with). Raises ConfigError.
 
   `scores_eval_split`: the run reads the evaluation split (an evaluation, a k-NN monitor), so
   that split's folder, file or TFDS split must exist too, and must not be the training split
-  (a run or tool that reads the training split alone may name any split).
+  (a run or tool that reads the training split alone may name any split). `scores_labels`
+  (default: as `scores_eval_split`): it scores labels, which must then name classes (a tool
+  that reads an evaluation split's images alone passes False).
   """
   size = tuple(image_size)
   if not (len(size) == 2 and all(_is_int(s) and s > 0 for s in size)):
@@ -426,7 +426,10 @@ def validate_data_config(data_cfg, *, image_size: tuple[int, int], channels: int
   if "crop_scale" in data_cfg:  # a training pipeline with the default augmentation
     _validate_rand_augment(data_cfg, channels)
   _validate_normalisation(data_cfg, channels)
-  _validate_labels_and_splits(data_cfg, scores_eval_split)
+  scores_labels = scores_eval_split if scores_labels is None else scores_labels
+  _validate_labels_and_splits(data_cfg, scores_eval_split, scores_labels)
   _validate_source(data_cfg, channels)  # last: the checks that touch the file system
   if scores_eval_split:
     _validate_eval_source(data_cfg, channels)
+  if scores_labels:
+    _validate_scored_labels(data_cfg)

@@ -62,7 +62,7 @@ def code_usage(path: str, data_cfg, *, split: str, batch_size: int = 500,
     data_cfg.eval_split = split
   data.validate_data_config(data_cfg, image_size=tuple(info["image_size"]),
                             channels=int(info["channels"]),
-                            scores_eval_split=split != data_cfg.split)
+                            scores_eval_split=split != data_cfg.split, scores_labels=False)
   tokenizer, _ = io.load_tokenizer(path, field)
   model = tokenizer_model(info)
   kind, l2 = info["kind"], bool(info.get("l2_normalize", False))
