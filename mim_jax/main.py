@@ -149,10 +149,13 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> l
   except ConfigError as e:
     _fail(str(e))
   except flags.IllegalFlagValueError as e:
+    spec = _config_path(argv)
+    if spec and "--config must have a value other than None" in str(e):
+      _fail(f"--config={spec} is invalid: its get_config(arg=None) returned None (a missing "
+            "`return`?): it returns an ml_collections.ConfigDict")
     if _CONFIG_LOAD_ERROR not in str(e):
       _fail_flag_error(argv, e)
     # The config file's code (or an argument it refused) failed: its error in one line.
-    spec = _config_path(argv)
     lines = [line for line in str(e).splitlines() if line.strip()]
     where = [m for m in (re.match(r'\s*File "([^"]+)", line (\d+)', line) for line in lines)
              if m and spec and m.group(1) == spec.split(":")[0]]

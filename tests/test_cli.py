@@ -591,10 +591,12 @@ def test_a_config_file_that_fails_to_load_is_one_line(tmp_path, capsys):
       "from mim_jax import registry\n\ndef get_config(arg=None):\n"
       "  c = registry.base_config('mae')\n  c.optimzer.base_lr = 1e-3\n  return c\n")
   (tmp_path / "dict.py").write_text("def get_config(arg=None):\n  return {'method': 'mae'}\n")
+  (tmp_path / "none.py").write_text("def get_config(arg=None):\n  c = None\n")
   cases = {
       f"{tmp_path}/typo.py": "AttributeError: 'optimzer' Did you mean \"optimizer\" instead "
                              "of \"optimzer\"? (line 5)",
       f"{tmp_path}/dict.py": "returns an ml_collections.ConfigDict; it returns a dict",
+      f"{tmp_path}/none.py": "its get_config(arg=None) returned None",
       f"{REPO}/README.md": "does not load: SyntaxError:",
       f"{REPO}/configs/mae_fmnist.py:runlocl": "does not load: ValueError: unknown config "
                                                "argument(s) ['runlocl']",

@@ -119,19 +119,31 @@ def _merged_under(config, weight_init: str):
 
 @pytest.mark.parametrize("source_method,method", [
     ("mae", "mae"), ("mae", "simmim"), ("mae", "data2vec"), ("simmim", "simmim"),
-    ("simmim", "mae")])
+    ("simmim", "mae"), ("simmim_export", "simmim"), ("data2vec", "data2vec"),
+    ("data2vec_export", "data2vec")])
 def test_weight_init_counts_as_read_exactly_when_it_changes_the_loaded_params(
     tmp_path_factory, mae_source, source_method, method):
   # draws_under_weight_init decides, from the source's metadata alone, whether continued
   # pre-training reads model.weight_init: the weights after loading must differ between two
   # schemes exactly when it says so (a mask token the source lacks, data2vec's lm_head), and
   # validation refuses the field exactly when they do not.
-  source = (mae_source if source_method == "mae"
-            else _source(tmp_path_factory, f"{source_method}_source", method=source_method))
-  config = tiny_mae_config(method=method, init_from=source)
-  if method == "data2vec":
-    config.masking.update(kind="blockwise", ratio=0.5, min_block=2)
-    config.teacher.top_k = 2
+  def data2vec_sized(config):
+    if config.method == "data2vec":
+      config.masking.update(kind="blockwise", ratio=0.5, min_block=2)
+      config.teacher.top_k = 2
+    return config
+
+  name = source_method.removesuffix("_export")
+  if name == "mae":
+    source = mae_source
+  else:  # one training run per method, its encoder/ export beside it (exports hold no head)
+    source = str(tmp_path_factory.getbasetemp() / f"{name}_source")
+    if not os.path.isdir(source):
+      os.makedirs(source)
+      train.run(data2vec_sized(tiny_mae_config(total_steps=4, method=name)), source)
+  if source_method.endswith("_export"):
+    source = os.path.join(source, "encoder")
+  config = data2vec_sized(tiny_mae_config(method=method, init_from=source))
   a, b = _merged_under(config, "xavier"), _merged_under(config, "beit")
   changed = not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
   cls = registry.method_class(method)

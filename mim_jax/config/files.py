@@ -37,7 +37,7 @@ def require_loaded(flag_values, name: str = "config") -> None:
   with a traceback; every tool asks here first."""
   try:
     value = flag_values[name].value
-    value.keys()
+    getattr(value, "keys", None)  # ml_collections' placeholder raises its OSError here
   except OSError as e:
     # The operating system's reason ("[Errno 2] No such file or directory: ..."), not the
     # lines ml_collections wraps it in.

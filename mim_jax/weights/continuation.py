@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shlex
 from typing import Any
 
@@ -34,6 +35,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from mim_jax import storage
 from mim_jax.config.errors import config_error
 from mim_jax.convert import our_weights
 from mim_jax.models.vit import size_from_config
@@ -112,8 +114,9 @@ def draws_under_weight_init(config, *, mask_token: bool, head_in_vit: bool) -> b
   Always, but in continued pre-training, whose source replaces the whole fresh encoder: then
   only the encoder's mask token (`mask_token`: the method's encoder has one) when the source's
   encoder has none (MAE -> SimMIM), and a head the official code builds inside its ViT
-  (`head_in_vit`) when the source was trained by another method (the head starts fresh). Reads
-  the source's metadata, no array.
+  (`head_in_vit`) unless the source is a training workdir of the same method (an export holds
+  no predictor; another method's is not loaded). Reads the source's metadata, no array; any
+  failure to read it counts as drawing (the load reports it).
   """
   if not wanted(config):
     return True
@@ -121,9 +124,11 @@ def draws_under_weight_init(config, *, mask_token: bool, head_in_vit: bool) -> b
     info = our_weights.read_info(config.init_from)
     fresh_token = mask_token and _MASK_TOKEN not in our_weights.encoder_array_names(
         config.init_from)
-  except (FileNotFoundError, ValueError, KeyError):
-    return True  # check_source_fits or the load names the problem
-  return fresh_token or (head_in_vit and info.get("method") != config.method)
+  except Exception:  # pylint: disable=broad-except  # check_source_fits or the load says why
+    return True
+  export = storage.isfile(os.path.join(config.init_from, "model.json")) or not storage.isdir(
+      os.path.join(config.init_from, "checkpoints"))
+  return fresh_token or (head_in_vit and (export or info.get("method") != config.method))
 
 
 def _flat(tree: Any) -> dict[str, Any]:
