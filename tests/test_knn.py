@@ -231,3 +231,24 @@ def test_a_k_beyond_the_bank_is_refused_before_the_first_evaluation():
     frozen.KnnMonitor(config).check_bank()
   config.knn.k = 64
   frozen.KnnMonitor(config).check_bank()
+
+
+def test_the_training_loop_checks_the_bank_before_it_trains(tmp_path):
+  from mim_jax.config.errors import ConfigError
+  from mim_jax.training import loop
+
+  from conftest import tiny_config
+  config = tiny_config("mae", **{"knn.every_epochs": 1, "knn.k": 65, "total_steps": 2})
+  with pytest.raises(ConfigError, match=r"config.knn.k=65 is invalid"):
+    loop.run(config, str(tmp_path / "w"))
+  assert not os.listdir(tmp_path / "w" / "checkpoints")
+
+
+def test_the_probe_job_checks_its_bank_before_the_features():
+  from mim_jax.config.errors import ConfigError
+  from mim_jax.evaluate import frozen
+
+  from conftest import tiny_config
+  config = tiny_config("probe", **{"init_from": "random", "knn.k": 65, "data.holdout": 4})
+  with pytest.raises(ConfigError, match=r"config.knn.k=65 is invalid: at most the 64 "):
+    frozen.run_probe(config, "/nonexistent/never/written")

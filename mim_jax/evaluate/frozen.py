@@ -215,6 +215,13 @@ def candidate_layers(config) -> tuple[int, ...]:
   return tuple(range(size_from_config(config.model)[0].depth + 1))
 
 
+def check_bank_size(config, bank_size: int) -> None:
+  """ConfigError for a knn.k beyond the `bank_size` training images of the k-NN bank."""
+  if config.knn.k > bank_size:
+    raise config_error("knn.k", config.knn.k, f"at most the {bank_size} training images of "
+                       "the k-NN bank (the official protocol: 20)")
+
+
 class KnnMonitor:
   """Callable: encoder params -> {"knn_top1_<pool>", "knn_top5_<pool>"} on data.eval_split.
 
@@ -239,10 +246,7 @@ class KnnMonitor:
     """ConfigError for a knn.k beyond the bank: each query would vote with every image, at the
     cost of sorting k of them. Callers ask before the first evaluation (a monitor's comes
     after epochs of training)."""
-    k = self.config.knn.k
-    if k > len(self.bank_rows):
-      raise config_error("knn.k", k, f"at most the {len(self.bank_rows)} training images of "
-                         "the k-NN bank (the official protocol: 20)")
+    check_bank_size(self.config, len(self.bank_rows))
 
   def __call__(self, encoder_params) -> dict[str, float]:
     start = time.perf_counter()
@@ -402,6 +406,8 @@ def run_probe(config, workdir: str) -> dict:
   ex = job_extractor(cfg)
   params = _encoder_params(cfg)
   rows, holdout = ex.training_rows()
+  # Its k-NN bank (below): every training row, the holdout too unless labels are a subset.
+  check_bank_size(cfg, len(rows) + (0 if float(cfg.data.label_fraction) < 1.0 else len(holdout)))
   test_rows = len(data.build_source(cfg.data, image_size=tuple(cfg.image_size),
                                     channels=cfg.channels, split=data.eval_split(cfg.data)))
   together = fits_together(cfg, ex)

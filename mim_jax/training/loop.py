@@ -116,6 +116,15 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
     except ConfigError:
       ckpt.close()
       raise
+  knn_every = _epochs_to_steps(config.knn.every_epochs if method.kind == "pretraining" else 0,
+                               r.steps_per_epoch)
+  knn = frozen.KnnMonitor(config) if knn_every else None
+  if knn:
+    try:
+      knn.check_bank()  # before the data, a restore or a record, not at the first evaluation
+    except ConfigError:
+      ckpt.close()
+      raise
   micro_shape = (config.global_batch_size // config.grad_accum_steps, *image_size, channels)
   train_iter = data.make_train_iterator(
       config.data, image_size=image_size, channels=channels,
@@ -163,11 +172,6 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
         method.evaluates) else None
     eval_every = _epochs_to_steps(config.eval.every_epochs if method.evaluates else 0,
                                   r.steps_per_epoch)
-    knn_every = _epochs_to_steps(config.knn.every_epochs if method.kind == "pretraining" else 0,
-                                 r.steps_per_epoch)
-    knn = frozen.KnnMonitor(config) if knn_every else None
-    if knn:
-      knn.check_bank()  # before training, not at the first evaluation
     final_metrics: dict[str, float] = {}
 
     def eval_due(step: int, at_end: bool) -> bool:
