@@ -567,9 +567,8 @@ _INPUT_FIELDS = {
 # --config override would do nothing.
 _PEER_FIELDS = ("method", "model.variant", "model.width", "model.depth", "model.num_heads",
                 "model.mlp_dim", "model.dtype", "decoder.width", "decoder.depth",
-                "decoder.num_heads", "masking.ratio", "target.norm_pix", "optimizer.b1",
-                "optimizer.b2", "optimizer.eps", "optimizer.weight_decay", "global_batch_size",
-                "image_size", "channels")
+                "decoder.num_heads", "masking.ratio", "target.norm_pix", "optimizer.weight_decay",
+                "global_batch_size", "image_size", "channels")  # AdamW's betas and eps: values
 
 
 def _peer_mismatch(config) -> str:
@@ -634,8 +633,8 @@ def _check_mode_flags(config) -> None:
       # (PEER_RUNS' fields are read too: checked against what HF runs.)
       _refuse_unread([f for f in overrides if f not in _PEER_FIELDS and f not in PEER_RUNS],
                      "--config.", "--peers_only times only HF's MAE, which reads the size, "
-                     "dtype, decoder size, mask ratio, norm_pix, AdamW's betas, eps and weight "
-                     "decay, batch and image fields")
+                     "dtype, decoder size, mask ratio, norm_pix, weight decay, batch and image "
+                     "fields")
       if FLAGS["cpu_devices"].present:
         raise app.UsageError("--peers_only times only the PyTorch peers: --cpu_devices (JAX's "
                              "CPU devices) would have no effect")

@@ -183,7 +183,7 @@ def test_feed_pipeline_and_peers_only_refuse_flags_they_do_not_read(monkeypatch,
            ("--peers_only", "--cpu_devices=1"): "--cpu_devices (JAX's CPU devices) would have",
            ("--peers_only", "--config.model.attention_impl=xla"):
                "--peers_only times only HF's MAE, which reads the size, dtype, decoder size, "
-               "mask ratio, norm_pix, AdamW's betas, eps and weight decay, batch and image "
+               "mask ratio, norm_pix, weight decay, batch and image "
                "fields: --config.model.attention_impl would have no effect",
            ("--config.data.augment_on=device", "--config.data.device_resident=True"):
                "--config.data.device_resident would have no effect",

@@ -720,7 +720,7 @@ def test_a_tokenizer_refuses_a_variant_that_changes_only_the_size():
   # Nor does it read labels: synthetic data's class count is refused as well.
   config.update_from_flattened_dict({"data.source": "synthetic", "data.synthetic_classes": 3})
   with pytest.raises(ConfigError, match=r"data.synthetic_classes=3 is not used: a tokenizer "
-                     r"reads no labels"):
+                     r"reads labels only to draw data.holdout"):
     registry.validate_config(config, file_config)
 
 

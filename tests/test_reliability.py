@@ -264,6 +264,13 @@ def test_a_first_ctrl_c_saves_as_a_preemption_notice_a_second_stops_at_once():
     with pytest.raises(KeyboardInterrupt):
       ctrl_c()
   assert signal.getsignal(signal.SIGINT) == before
+  # A background job of a script starts with SIGINT ignored: the watcher leaves it so.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    with preemption.PreemptionWatcher(start_step=0) as watcher:
+      assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, before)
 
 
 # ----------------------------------------------------------------------------- 3. NaN / Inf

@@ -540,15 +540,15 @@ def check_unread(config, defaults, method_rules=(), reference: str = "default") 
   for that feature errors.
   """
   for fields, reads, why in [*UNREAD_RULES, *method_rules]:
-    present = [f for f in fields if _has(config, f)]
-    if not present or rule_reads(reads, config):
+    # Values first: a condition may read files (continued pre-training's source metadata).
+    changed = [f for f in fields if _has(config, f) and _has(defaults, f)
+               and _normal(get(config, f)) != _normal(get(defaults, f))]
+    if not changed or rule_reads(reads, config):
       continue
-    for field in present:
-      value, default = get(config, field), get(defaults, field)
-      if _normal(value) != _normal(default):
-        raise ConfigError(f"config.{field}={value!r} is not used: {why}. Leave it at its "
-                          f"{reference} ({default!r}) or change the setting that would read "
-                          "it.")
+    field = changed[0]
+    value, default = get(config, field), get(defaults, field)
+    raise ConfigError(f"config.{field}={value!r} is not used: {why}. Leave it at its "
+                      f"{reference} ({default!r}) or change the setting that would read it.")
 
 
 def refuse_overrides_a_tool_ignores(config, file_config, overridden, *, read, tool: str,

@@ -111,7 +111,10 @@ class VQTokenizer(base.Method):
   def unread_rules(cls):
     return [(("data.eval_split", "data.eval_path"), lambda c: False,
              "a tokenizer run scores no evaluation split (its pictures use data.split)"),
-            (("data.synthetic_classes",), lambda c: False, "a tokenizer reads no labels")]
+            (("data.synthetic_classes",),
+             lambda c: c.data.get("holdout", 0) > 0 or c.data.get("label_fraction", 1.0) < 1,
+             "a tokenizer reads labels only to draw data.holdout or a data.label_fraction "
+             "subset, class by class")]
 
   @classmethod
   def validate(cls, config):

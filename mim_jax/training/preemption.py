@@ -80,7 +80,11 @@ class PreemptionWatcher:
       else:
         log.warning("received signal %d: saving a checkpoint at the next step boundary", signum)
       self.signalled = True
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    # SIGINT only where it is Python's Ctrl-C: a background job of a script starts with it
+    # ignored (docs/script_args.sh passes its own signals on as SIGTERM).
+    ours = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT)
+                               is signal.default_int_handler else [])
+    for signum in ours:
       try:
         self._previous_handlers[signum] = signal.signal(signum, handler)
       except ValueError:  # not the main thread (e.g. called from a notebook worker)

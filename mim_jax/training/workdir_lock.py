@@ -79,7 +79,10 @@ def hold(workdir: str, process_index: int = 0) -> Iterator[None]:
   path = lock_path(workdir, process_index)
   try:
     os.makedirs(workdir, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # not inherited by exec'd children
+    try:
+      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # not inherited by exec'd children
+    except PermissionError:  # another user's lock file: flock needs no write access
+      fd = os.open(path, os.O_RDONLY)
   except OSError as e:
     raise WorkdirNotWritableError(
         f"cannot write to {workdir!r} ({e.strerror or e}); checkpoints and logs go there, so "
@@ -106,8 +109,11 @@ def hold(workdir: str, process_index: int = 0) -> Iterator[None]:
     # In place, not storage.write_text: a rename would put the lock on a file no one opens.
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "process_index": process_index,
               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(holder) + "\n").encode("utf-8"), 0)
+    try:  # for another run's message only: a full disk or a read-only descriptor is no error
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, (json.dumps(holder) + "\n").encode("utf-8"), 0)
+    except OSError:
+      pass
     yield
   finally:
     if fd in _held:  # else a forked child, which closed its copy
