@@ -244,11 +244,11 @@ def test_the_training_loop_checks_the_bank_before_it_trains(tmp_path):
   assert not os.listdir(tmp_path / "w" / "checkpoints")
 
 
-def test_the_probe_job_checks_its_bank_before_the_features():
+def test_the_probe_job_checks_its_bank_before_the_features(tmp_path):
   from mim_jax.config.errors import ConfigError
   from mim_jax.evaluate import frozen
 
   from conftest import tiny_config
   config = tiny_config("probe", **{"init_from": "random", "knn.k": 65, "data.holdout": 4})
   with pytest.raises(ConfigError, match=r"config.knn.k=65 is invalid: at most the 64 "):
-    frozen.run_probe(config, "/nonexistent/never/written")
+    frozen.run_probe(config, str(tmp_path / "probe"))
