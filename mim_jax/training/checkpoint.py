@@ -25,7 +25,6 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from jax.experimental import multihost_utils
 
 from mim_jax import data, storage
@@ -210,8 +209,7 @@ class Checkpointer:
     """(shape, dtype) of every array of checkpoint `step`'s state, sorted, from its metadata
     (nothing is read but the JSON); None when the metadata cannot be read."""
     try:
-      tree = ocp.PyTreeCheckpointHandler().metadata(
-          epath.Path(self.directory) / str(step) / "state")
+      tree = saved_tree(os.path.join(self.directory, str(step), "state"))
       leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape"))
       return sorted((tuple(a.shape), str(a.dtype)) for a in leaves)
     except Exception:  # pylint: disable=broad-except  # only used to word an error
