@@ -964,6 +964,31 @@ def test_learned_position_tables_feed_the_probe_and_knn(tmp_path, our_mae, timm_
 
 # --- what the command line writes, and what it refuses before writing -----------------------
 
+@pytest.mark.parametrize("fmt", ["timm", "hf"])
+def test_inspect_describes_every_export_format(tmp_path, our_mae_dir, fmt, capsys):
+  """`inspect` imports what `export` writes: an encoder-only timm export (no decoder head count
+  to give) and an HF directory whose config.json records the head counts."""
+  export_weights(our_mae_dir, str(tmp_path / fmt), fmt)
+  assert cli(["inspect", str(tmp_path / fmt)]) == 0
+  out = capsys.readouterr().out
+  assert "does not import" not in out
+  assert f"width {WIDTH}, depth {DEPTH}" in out
+
+
+def test_timm_architecture_names_are_registered_in_timm():
+  """create_model("local-dir:...") looks the architecture name up before model_args apply, so
+  every name an export can write must be one timm registers (there is no vit_huge_patch16)."""
+  from mim_jax.convert.exporter import timm_architecture
+  if timm is None:
+    pytest.skip("timm is not installed")
+  names = {timm_architecture(width, patch) for width in (64, 192, 384, 768, 1024, 1280, 2048)
+           for patch in (4, 8, 14, 16, 32)}
+  assert names <= set(timm.list_models("vit_*"))
+  assert timm_architecture(1280, 16) == "vit_huge_patch14_224"
+  assert timm_architecture(384, 8) == "vit_small_patch8_224"
+  assert timm_architecture(96, 4) == "vit_tiny_patch16_224"  # nearest published width
+
+
 def test_a_grayscale_export_imports_with_one_normalisation_value_per_channel(tmp_path):
   """A 1-channel MAE exported and imported again: model.json carried ImageNet's three
   mean / std values beside channels=1, so features and reconstruct failed on the import with

@@ -134,11 +134,18 @@ def _inspect(args) -> None:
     print(f"  - {note}")
   for name, value in loaded.tensors.items():
     print(f"  {name}: {tuple(value.shape)} {value.dtype}")
+  # Head counts and mlp_act only fill in what a state dict cannot record (no shape depends on
+  # them); `import` asks for them where they matter. A count the checkpoint's config.json
+  # records is left to it (a different one is refused), and a decoder count is given only to
+  # weights that hold a decoder (an encoder-only export refuses one).
+  recorded = loaded.hf_config or {}
+  has_decoder = any(name.startswith("decoder") for name in loaded.tensors)
   try:
-    # mlp_act only fills in what a state dict cannot record (shapes do not depend on it);
-    # `import` asks for it where it matters (CLIP-style towers).
-    model = import_state_dict(loaded.tensors, hf_config=loaded.hf_config, num_heads=1,
-                              decoder_num_heads=1, mlp_act="gelu")
+    model = import_state_dict(
+        loaded.tensors, hf_config=loaded.hf_config, mlp_act="gelu",
+        num_heads=None if recorded.get("num_attention_heads") else 1,
+        decoder_num_heads=(None if recorded.get("decoder_num_attention_heads") or not has_decoder
+                           else 1))
     print(f"imports as {model.source_format}: parts {sorted(model.params)}, "
           f"width {model.width}, depth {model.depth}, patch {model.patch_size}, "
           f"images {model.image_size}, positions {model.posemb}")

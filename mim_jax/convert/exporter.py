@@ -36,9 +36,26 @@ log = logging.getLogger(__name__)
 FORMATS = ("timm", "mae", "hf")
 WEIGHTS_FILE = "model.safetensors"
 EXPORT_FILES = (WEIGHTS_FILE, "config.json")  # what an export directory holds
-# timm architecture names per encoder width; the model_args in config.json set the exact size.
-TIMM_BASE_ARCH = {192: "vit_tiny", 384: "vit_small", 768: "vit_base", 1024: "vit_large",
-                  1280: "vit_huge"}
+# timm architecture names, each registered in timm (create_model looks the name up before
+# model_args set the exact size): the name of the same width and patch where timm has one, else
+# the published size's default patch, else the size nearest in width. Huge has no patch-16 name.
+TIMM_ARCH = {(192, 16): "vit_tiny_patch16_224",
+             (384, 8): "vit_small_patch8_224", (384, 16): "vit_small_patch16_224",
+             (384, 32): "vit_small_patch32_224",
+             (768, 8): "vit_base_patch8_224", (768, 16): "vit_base_patch16_224",
+             (768, 32): "vit_base_patch32_224",
+             (1024, 14): "vit_large_patch14_224", (1024, 16): "vit_large_patch16_224",
+             (1024, 32): "vit_large_patch32_224",
+             (1280, 14): "vit_huge_patch14_224"}
+TIMM_DEFAULT_PATCH = {192: 16, 384: 16, 768: 16, 1024: 16, 1280: 14}
+
+
+def timm_architecture(width: int, patch: int) -> str:
+  """A registered timm ViT name for an encoder `width` wide with `patch` x `patch` patches."""
+  if (width, patch) in TIMM_ARCH:
+    return TIMM_ARCH[width, patch]
+  nearest = min(TIMM_DEFAULT_PATCH, key=lambda w: abs(w - width))
+  return TIMM_ARCH[nearest, TIMM_DEFAULT_PATCH[nearest]]
 
 
 def _model_size(info: dict) -> tuple[ViTSize, int]:
@@ -59,7 +76,7 @@ def timm_config(info: dict, params: dict[str, Any]) -> dict[str, Any]:
   channels, image_size = int(info["channels"]), [int(s) for s in info["image_size"]]
   num_classes = int(np.shape(params["head"]["kernel"])[-1]) if "head" in params else 0
   pool = "avg" if "fc_norm" in params else "token"
-  arch = f"{TIMM_BASE_ARCH.get(size.width, 'vit_base')}_patch16_224"
+  arch = timm_architecture(size.width, patch)
   mean, std = info["config"]["data"]["mean"], info["config"]["data"]["std"]
   if len(mean) != channels:  # timm wants one value per input channel
     mean, std = [float(np.mean(mean))] * channels, [float(np.mean(std))] * channels
