@@ -695,23 +695,29 @@ def checked_command() -> Command:
   from mim_jax.training import setup
   try:
     files.require_loaded(FLAGS)
+    # An --also file that does not load (missing, its code failing) is named in one line, as a
+    # bad --config is.
+    file_configs = [files.load_config_file(FLAGS["config"].config_filename),
+                    *(files.load_flag_config(s, "--also") for s in FLAGS.also)]
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
-  file_configs = [files.load_config_file(s) for s in [FLAGS["config"].config_filename,
-                                                       *FLAGS.also]]
   configs = [FLAGS.config, *(with_overrides(c, spec)
                              for c, spec in zip(file_configs[1:], FLAGS.also))]
   overrides = config_flags.get_override_values(FLAGS["config"])
+  # Which row an error is about: an --also config's own (an unknown method) is named.
+  where = ""
   try:  # overrides the rows would not act on (e.g. a variant the files' size fields override)
     files.refuse_flags_beside_fields(FLAGS, overrides,
                                      {"batch": "global_batch_size", "dtype": "model.dtype"})
-    for config, file_config in zip(configs, file_configs):
+    for config, file_config, where in zip(configs, file_configs,
+                                          ["", *(f"--also={s}: " for s in FLAGS.also)]):
       setup.refuse_inert_overrides(config, file_config, overrides, loads_weights=False)
+    where = ""
     for spec in FLAGS.variant:
       setup.refuse_inert_overrides(parse_variant(configs[0], spec), file_configs[0],
                                    {**overrides, **variant_changes(spec)}, loads_weights=False)
   except ConfigError as e:
-    raise app.UsageError(str(e)) from None
+    raise app.UsageError(where + str(e)) from None
   _check_mode_flags(configs[0])
   if FLAGS.batch:
     configs = [_variant(c, global_batch_size=FLAGS.batch) for c in configs]
@@ -731,6 +737,8 @@ def checked_command() -> Command:
     raise app.UsageError(f"--steps={FLAGS.steps} over --rounds={FLAGS.rounds}: a multiple of "
                          "the rounds, so that every round times as many steps")
   if FLAGS.feed or FLAGS.pipeline:  # the input modes time configs[0]'s input alone
+    if FLAGS.feed:
+      _check_feed_data(configs[0])
     _check_cpu_devices(rows)
     return Command(configs, {}, [], rows)
   unknown = sorted(set(FLAGS.peer) - set(PEERS))
@@ -780,6 +788,18 @@ def checked_command() -> Command:
     raise app.UsageError(str(e)) from None
   _check_cpu_devices(rows)
   return Command(configs, labels, peers, rows)
+
+
+def _check_feed_data(config) -> None:
+  """--feed reads the config's own training split: the checks training makes of it first (a
+  missing folder or file, a truncated .npy, non-finite float pixels: one line, not a
+  traceback from inside the iterators). The split alone: --feed scores no evaluation split."""
+  from mim_jax import data
+  try:
+    data.validate_data_config(config.data, image_size=tuple(config.image_size),
+                              channels=config.channels, scores_eval_split=False)
+  except ConfigError as e:
+    raise app.UsageError(f"--feed: {e}") from None
 
 
 def _check_cpu_devices(rows) -> None:

@@ -145,6 +145,9 @@ def read_images(path: str) -> np.ndarray:
     if images.ndim not in (3, 4) or not numeric or not len(images):
       raise ValueError(f"{path}: expected images [N, H, W] or [N, H, W, C] of integers or "
                        f"floats, N >= 1; it holds {images.dtype} {list(images.shape)}")
+    bad = sources.nonfinite_report(images)  # NaN or inf pixels would give NaN feature rows
+    if bad:
+      raise ValueError(f"{path}: it holds {bad}: {sources.NONFINITE_ADVICE}")
     return images
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no such folder (or .npy file)")
@@ -156,7 +159,10 @@ def read_images(path: str) -> np.ndarray:
   for p in paths:
     with open(p, "rb") as f:
       data = f.read()
-    decoded.append(transforms.decode_named(data, _file_channels(data), p))
+    image = transforms.decode_named(data, _file_channels(data), p)
+    if sources.nonfinite_report(image[None]):  # a float TIFF's NaN: NaN feature rows
+      raise ValueError(f"{p}: non-finite (NaN or inf) pixel values: {sources.NONFINITE_ADVICE}")
+    decoded.append(image)
   return _stack(decoded, paths)
 
 

@@ -42,15 +42,15 @@ import logging
 import os
 import re
 import sys
-import traceback
 from typing import NoReturn, Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from mim_jax.config import files
+from mim_jax.config import checks, files
 from mim_jax.config.errors import (
   ConfigError,
+  config_error,
   dotted_keys,
   extra_arguments_message,
   unknown_field_error,
@@ -96,10 +96,6 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str] | None = Non
                     "appended to the workdir's config_changes.jsonl. Off: such a resume is "
                     "refused, naming the fields.", flag_values=flag_values)
   flags.mark_flags_as_required(["config"], flag_values=flag_values)
-
-
-# How ml_collections' --config flag reports an exception of the config file's get_config.
-_CONFIG_LOAD_ERROR = "Error whilst parsing config file"
 
 
 def _fail(message: str, code: int = run_errors.EXIT_BAD_INPUT) -> NoReturn:
@@ -149,23 +145,14 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> l
   except ConfigError as e:
     _fail(str(e))
   except flags.IllegalFlagValueError as e:
-    spec = _config_path(argv)
-    if spec and "--config must have a value other than None" in str(e):
-      _fail(f"--config={spec} is invalid: its get_config(arg=None) returned None (a missing "
-            "`return`?): it returns an ml_collections.ConfigDict")
-    if _CONFIG_LOAD_ERROR not in str(e):
+    message = files.load_error_message(_config_path(argv), e)
+    if message is None:
       _fail_flag_error(argv, e)
-    # The config file's code (or an argument it refused) failed: its error in one line.
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    where = [m for m in (re.match(r'\s*File "([^"]+)", line (\d+)', line) for line in lines)
-             if m and spec and m.group(1) == spec.split(":")[0]]
-    at = f" ({where[-1].group(1)}, line {where[-1].group(2)})" if where else ""
-    last = lines[-1].strip().removeprefix(f"{ConfigError.__module__}.ConfigError: ")
-    _fail(f"--config={spec} does not load: {last}{at}")
+    _fail(message)
   except Exception as e:  # pylint: disable=broad-except
     # Raised by the config file's own code as it loads (--config=README.md, a mistyped field
     # in the file): its error in one line, at the file's line. Anything else is a bug.
-    message = _config_file_error(argv, e)
+    message = files.load_error_message(_config_path(argv), e)
     if message:
       _fail(message)
     if not isinstance(e, (flags.Error, AttributeError, KeyError, TypeError, ValueError,
@@ -182,6 +169,9 @@ def _fail_flag_error(argv: Sequence[str], e: Exception) -> NoReturn:
   unknown = _unknown_overrides(argv)
   if unknown:
     _fail("\n".join(str(u) for u in unknown))
+  wrong_type = _wrong_type_error(argv, e)
+  if wrong_type:
+    _fail(str(wrong_type))
   message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
   name = getattr(e, "flagname", "")
   if isinstance(e, flags.UnrecognizedFlagError) and "." in name:
@@ -191,22 +181,40 @@ def _fail_flag_error(argv: Sequence[str], e: Exception) -> NoReturn:
         "mim_jax/config/defaults.py.")
 
 
-def _config_file_error(argv: Sequence[str], e: Exception) -> str | None:
-  """One line for an exception raised in the --config file's own code (None otherwise)."""
-  spec = _config_path(argv)
-  path = spec.split(":")[0] if spec else None
-  frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == path]
-  if isinstance(e, SyntaxError) and e.filename == path:
-    what = f"{e.msg} (line {e.lineno})"
-  elif frames:
-    # ml_collections wraps a missing field's KeyError (and its "Did you mean") in another.
-    inner = e.args[0] if len(e.args) == 1 and isinstance(e.args[0], KeyError) else e
-    text = inner.args[0] if isinstance(inner, KeyError) and inner.args else str(inner)
-    what = f"{' '.join(str(text).split())} (line {frames[-1].lineno})"
-  else:
+# What an override of a field of each type takes (ml_collections parses the value as the
+# type of the file's value, and says only "invalid literal for int() with base 10: '1.5'").
+_TYPE_TAKES = {int: "a whole number (the field is an integer)",
+               float: "a number (the field is a float)", bool: "True or False"}
+# Fields of whole numbers with another way to ask for a fraction.
+_WHOLE_NUMBER_HINTS = {
+    "num_epochs": "For part of an epoch, --config.total_steps=N stops the run at step N (the "
+                  "lr schedule keeps its num_epochs length).",
+}
+
+
+def _wrong_type_error(argv: Sequence[str], e: Exception) -> ConfigError | None:
+  """`config.FIELD='VALUE' is invalid: <what the field takes>` for an override whose value
+  does not parse as its field's type (`--config.num_epochs=1.5`); None for any other error."""
+  found = re.match(r"flag --config\.([^=\s]+)=", str(e))
+  if not isinstance(e, flags.IllegalFlagValueError) or not found:
     return None
-  return (f"--config={spec} does not load: {type(e).__name__}: {what}. A config file is "
-          "Python whose get_config(arg=None) returns an ml_collections.ConfigDict")
+  field = found.group(1)
+  try:
+    kind = type(checks.get(files.load_config_file(_config_path(argv)), field))
+  except Exception:  # pylint: disable=broad-except  # no file config: absl's message stands
+    return None
+  if kind not in _TYPE_TAKES:
+    return None
+  given = None
+  for i, arg in enumerate(argv):  # the last one given is the one parsed
+    if arg.startswith(f"--config.{field}="):
+      given = arg.split("=", 1)[1]
+    elif arg == f"--config.{field}" and i + 1 < len(argv):
+      given = argv[i + 1]
+  if given is None:
+    return None
+  hint = _WHOLE_NUMBER_HINTS.get(field.rsplit(".", 1)[-1], "") if kind is int else ""
+  return config_error(field, given, _TYPE_TAKES[kind], hint)
 
 
 def run_from_flags(flag_values: flags.FlagValues, cpu_devices_auto: bool = True) -> None:
@@ -216,7 +224,14 @@ def run_from_flags(flag_values: flags.FlagValues, cpu_devices_auto: bool = True)
   failed checkpoints (4); other exceptions are bugs and keep their traceback. Without
   `cpu_devices_auto` only an explicit --cpu_devices count changes the CPU device count.
   """
-  from mim_jax.training import cpu_devices, distributed  # after flag parsing: fast `--help`
+  from mim_jax.data import validation as data_validation  # after flag parsing: fast `--help`
+  from mim_jax.training import cpu_devices, distributed
+  workdir = workdir_of(flag_values)
+  try:  # before the backends and the process group start, and before the workdir is made
+    if "data" in flag_values.config:
+      data_validation.check_workdir_outside_images(flag_values.config.data, workdir)
+  except ConfigError as e:
+    _fail(str(e))
   count = None
   try:
     # Before anything touches JAX devices: the backends start with the device count and the
@@ -239,7 +254,6 @@ def run_from_flags(flag_values: flags.FlagValues, cpu_devices_auto: bool = True)
 
   from mim_jax import data, registry
   from mim_jax.training import checkpoint, loop, setup
-  workdir = workdir_of(flag_values)
   try:
     config = flag_values.config
     file_config = files.load_config_file(flag_values["config"].config_filename)

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from mim_jax.config import files
@@ -322,3 +323,44 @@ def test_also_configs_take_the_command_lines_overrides(monkeypatch):
                        r"overrides act on every row, and this config cannot take one of "
                        rf"\['{missing}'\]"):
       bench.with_overrides(files.load_config_file(spec), spec)
+
+
+def test_also_and_feed_inputs_that_do_not_load_are_one_line_errors(tmp_path, monkeypatch,
+                                                                   capsys):
+  """--also naming a missing file or a config whose code fails, and --feed on a missing folder
+  or a truncated .npy, were tracebacks; an --also config of an unknown method was refused
+  without naming the --also row. Now one line naming the flag and the file, before JAX starts
+  (as a bad --config is reported)."""
+  (tmp_path / "raises.py").write_text(
+      "from mim_jax import registry\n\ndef get_config(arg=None):\n"
+      "  return registry.base_config('nosuch')\n")
+  (tmp_path / "unknown.py").write_text(
+      "from mim_jax import registry\n\ndef get_config(arg=None):\n"
+      "  c = registry.base_config('mae')\n  c.method = 'nosuch'\n  return c\n")
+  np.save(tmp_path / "train.npy", np.zeros((16, 8, 8), np.float32))
+  whole = (tmp_path / "train.npy").read_bytes()
+  (tmp_path / "cut").mkdir()
+  (tmp_path / "cut" / "train.npy").write_bytes(whole[:len(whole) // 2])
+  missing = tmp_path / "missing.py"
+  cases = {
+      (f"--also={missing}",): f"--also='{missing}' is invalid: a config file that loads, e.g. "
+                              f"configs/mae_fmnist.py[:ARG]. [Errno 2] No such file or "
+                              f"directory: '{missing}'",
+      (f"--also={tmp_path}",): f"--also='{tmp_path}' is invalid: a config file that loads",
+      (f"--also={tmp_path}/raises.py",): f"--also={tmp_path}/raises.py does not load: "
+                                         "config.method='nosuch' is invalid: one of [",
+      (f"--also={tmp_path}/unknown.py",): f"--also={tmp_path}/unknown.py: config.method="
+                                          "'nosuch' is invalid: one of [",
+      ("--also=configs/mae_fmnist.py:nosucharg",): "--also=configs/mae_fmnist.py:nosucharg "
+                                                   "does not load: ValueError: unknown config "
+                                                   "argument(s) ['nosucharg']",
+      ("--feed", f"--config.data.path={tmp_path}/none"): f"--feed: config.data.path='{tmp_path}"
+                                                         "/none' is invalid: an existing folder",
+      ("--feed", "--config.data.source=npy", f"--config.data.path={tmp_path}/cut"):
+          f"--feed: config.data.split='train' is invalid: a split whose {tmp_path}/cut/train.npy "
+          "is a .npy array (the file is truncated: its header describes float32 [16, 8, 8], "
+          f"{len(whole)} bytes with the header, and it has {len(whole) // 2})",
+  }
+  for args, message in cases.items():
+    said = _refusal(args, monkeypatch, capsys)
+    assert message in " ".join(said.split()) and "Traceback" not in said, (args, said[-800:])

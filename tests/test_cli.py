@@ -732,3 +732,66 @@ def test_continued_pre_training_reads_the_weight_init_for_what_the_export_lacks(
   c.update_from_flattened_dict({"init_from": "/exports/mae", "model.weight_init": "beit"})
   validation.check_unread(c, registry.base_config("beit"),
                           registry.method_class("beit").unread_rules())
+
+
+def test_a_workdir_inside_the_image_folder_it_trains_on_is_refused(tmp_path, capsys):
+  """--workdir in (or equal to) data.path of an image folder was accepted: the next run would
+  list its pictures as images, in a class folder of their own. Refused in one line before
+  the workdir is made, also through a symlink and for data.eval_path; a folder beside the
+  images (a name they prefix) is fine."""
+  from PIL import Image
+
+  from mim_jax import data, main
+  images, evals = tmp_path / "images", tmp_path / "eval"
+  for root in (images, evals):
+    for label in ("a", "b"):
+      (root / label).mkdir(parents=True)
+      Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / label / "0.png")
+  (tmp_path / "link").symlink_to(images)
+  common = [f"--config={REPO}/configs/mae_fmnist.py:runlocal",
+            "--config.data.source=image_folder", f"--config.data.path={images}",
+            f"--config.data.eval_path={evals}"]
+  for workdir, field, root in ((images, "path", images), (images / "run", "path", images),
+                               (tmp_path / "link" / "a" / "run", "path", images),
+                               (evals / "run", "eval_path", evals)):
+    with pytest.raises(SystemExit) as exit_info:
+      main.cli(["mim_jax.main", *common, f"--workdir={workdir}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert err.startswith(f"error: --workdir='{workdir}' is invalid: a folder outside the image "
+                          f"folder config.data.{field}='{root}' that the run reads") and (
+        err.count("\n") == 1), err
+  assert sorted(os.listdir(images)) == ["a", "b"] and sorted(os.listdir(evals)) == ["a", "b"]
+  cfg = files.load_config_file(f"{REPO}/configs/mae_fmnist.py").data
+  cfg.update(source="image_folder", path=str(images))
+  data.check_workdir_outside_images(cfg, str(tmp_path / "images_run"))
+  data.check_workdir_outside_images(cfg, str(tmp_path))  # the images inside the workdir: fine
+
+
+def test_an_override_of_the_wrong_type_says_what_the_field_takes(capsys):
+  """--config.num_epochs=1.5 said only "invalid literal for int() with base 10: '1.5'": now the
+  field, the value and what it takes (a whole number; for num_epochs, how to train part of an
+  epoch), for any integer, float or bool field."""
+  from absl import flags
+
+  from mim_jax import main
+  cases = {
+      ("--config.num_epochs=1.5",): "config.num_epochs='1.5' is invalid: a whole number (the "
+                                    "field is an integer). For part of an epoch, "
+                                    "--config.total_steps=N stops the run at step N",
+      ("--config.knn.k", "2.5"): "config.knn.k='2.5' is invalid: a whole number (the field is an "
+                                 "integer).\n",
+      ("--config.seed=1e3",): "config.seed='1e3' is invalid: a whole number",
+      ("--config.optimizer.base_lr=fast",): "config.optimizer.base_lr='fast' is invalid: a "
+                                            "number (the field is a float).",
+      ("--config.data.hflip=maybe",): "config.data.hflip='maybe' is invalid: True or False.",
+  }
+  for args, says in cases.items():
+    argv = ["mim_jax.main", f"--config={REPO}/configs/mae_fmnist.py", *args]
+    flag_values = flags.FlagValues()
+    main.define_flags(flag_values, argv)
+    with pytest.raises(SystemExit) as exit_info:
+      main.parse_flags(argv, flag_values)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"error: {says}"), (args, err)
+    assert "invalid literal" not in err and "could not convert" not in err, err

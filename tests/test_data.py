@@ -10,6 +10,7 @@ import gzip
 import io
 import logging
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -507,6 +508,44 @@ def test_corrupt_images_skipped_with_warning_and_count(bad_folder, caplog):
     assert path in warned
   assert set(data.skipped_images()) == bad
   assert data.num_skipped_images() >= 4  # each bad file at least once per epoch
+
+
+def test_an_unreadable_folder_is_one_error_after_a_few_warnings_naming_the_files(tmp_path,
+                                                                                caplog):
+  """Every file corrupt: each skip was a warning quoting PIL's "<_io.BytesIO object at
+  0x...>" for the file, repeated every epoch until 1000 images had been read. Now the first
+  WARN_FIRST files are named by their paths, then counts only, and one BadImageError once an
+  epoch's worth of images has failed."""
+  from mim_jax.data import bad_images
+  root = tmp_path / "unreadable"
+  root.mkdir()
+  for i in range(12):
+    (root / f"{i:02d}.png").write_bytes(b"not a png" * 3)
+  data.reset_skipped_images()
+  cfg = data_config(source="image_folder", path=str(root), on_bad_image="skip", mean=(0.0,),
+                    std=(1.0,))
+  it = data.make_train_iterator(cfg, image_size=(8, 8), channels=3, global_batch_size=4,
+                                seed=0, process_index=0, process_count=1)
+  with caplog.at_level(logging.WARNING), pytest.raises(
+      data.BadImageError, match=rf"none of the 12 images read of ImageFolderSource\('{root}', "
+      r"n=12, classes=0\) \(an epoch's worth\) could be decoded"):
+    next(it)
+  warned = [r.getMessage() for r in caplog.records if r.name == bad_images.log.name]
+  # (An earlier test's unclosed iterator may still decode its own bad files ahead: its lines
+  # share this process's budget of named files.)
+  named = [line for line in warned if line.startswith("skipping bad image")]
+  counts = [line.split(" by process")[0] for line in warned if line not in named]
+  assert len(named) == bad_images.WARN_FIRST, warned
+  mine = [line for line in named if str(root) in line]
+  assert mine, warned
+  for line in mine:
+    assert re.match(rf"skipping bad image {root}/\d\d\.png \(ValueError: not an image format "
+                    r"PIL recognises \(data starting b'not a pn'\)\)", line), line
+  assert "Further bad images are not named" in named[-1]
+  # 12 images and a few batches of read-ahead: the count's line at 10, not yet at 100.
+  assert counts in ([], ["10 bad images skipped so far"]), counts
+  assert "BytesIO" not in " ".join(warned)
+  data.reset_skipped_images()
 
 
 def test_skip_count_is_seen_from_worker_processes(bad_folder):

@@ -233,6 +233,44 @@ def test_bad_npy_arrays_are_one_line_errors(tmp_path):
     data.validate_data_config(_npy_cfg(tmp_path), image_size=(8, 8), channels=1)
 
 
+def test_float_images_with_nan_or_inf_are_refused_naming_the_file(tmp_path, monkeypatch):
+  """A float .npy split holding NaN or inf printed nan statistics, wrote NaN feature rows and
+  trained on NaN input. The shared checks refuse it, naming the file, the count and the first
+  image: data validation (training, the statistics, bench --feed) and the source itself (a
+  run that builds one unvalidated); a float TIFF of an image folder is a bad image for the
+  decoder (test_features has the features' reader). The scan goes chunk by chunk (3 images at
+  a time here)."""
+  monkeypatch.setattr(sources, "_SCAN_BYTES", 3 * 8 * 8 * 4)
+  images = np.random.default_rng(0).random((40, 8, 8), np.float32)
+  images[17, 2, 3], images[17, 5, 5], images[31, 0, 0] = np.nan, np.nan, -np.inf
+  np.save(tmp_path / "train.npy", images)
+  says = (rf"{tmp_path}/train.npy holds .*2 NaN and 1 inf value\(s\) in 2 of its 40 "
+          r"image\(s\), the first in image 17")
+  with pytest.raises(ConfigError, match=r"^config.data.split='train' is invalid: a split whose "
+                     rf".*{says}.*NaN or inf input makes the loss NaN"):
+    data.validate_data_config(_npy_cfg(tmp_path), image_size=(8, 8), channels=1)
+  with pytest.raises(ConfigError, match=says):
+    sources.NpySource(str(tmp_path), "train")
+  decode = transforms.DecodeImage(channels=1, on_bad_image="raise", skip_log_dir="")
+  tiff = tmp_path / "band.tif"
+  tiff.write_bytes(_tiff(images[31]))
+  with pytest.raises(transforms.BadImageError, match=rf"{tiff}: ValueError: 1 NaN or inf"):
+    decode.map({"path": str(tiff)})
+  # The statistics command: one line and exit 2 (it printed nan for the mean and std).
+  out = subprocess.run([sys.executable, "-m", "mim_jax.data.stats",
+                        f"--config={REPO}/configs/mae_fmnist.py", "--config.data.source=npy",
+                        f"--config.data.path={tmp_path}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and not out.stdout, out.stderr[-2000:]
+  assert out.stderr.startswith("error: config.data.split='train' is invalid") and (
+      "2 NaN and 1 inf value(s) in 2 of its 40 image(s), the first in image 17" in out.stderr)
+  # Finite float data (rewritten: a new version of the file) passes every check.
+  images[17], images[31] = 0.5, 0.25
+  np.save(tmp_path / "train.npy", images)
+  data.validate_data_config(_npy_cfg(tmp_path), image_size=(8, 8), channels=1)
+  assert len(sources.NpySource(str(tmp_path), "train")) == 40
+
+
 @pytest.mark.parametrize("args, says", [
     (("--max_images=-1",), "error: --max_images=-1 is invalid: an image count >= 0"),
     (("--config.data.path=/no/such/folder",), "error: config.data.path='/no/such/folder' is "

@@ -232,3 +232,25 @@ def test_an_out_it_cannot_write_is_refused_before_the_encoder_loads(tmp_path, ca
     assert features.main([*common, "--out", str(out)]) == 2
     assert "not a pre-training workdir" in capsys.readouterr().err
   assert not (tmp_path / "new").exists()
+
+
+def test_images_with_nan_or_inf_are_refused_naming_the_file(tmp_path):
+  """Float images holding NaN or inf gave NaN feature rows, written without a word. The reader
+  refuses them (main prints its ValueError in one line, exit 2), naming the file, the count
+  and the first image of an array, before the encoder runs."""
+  import tifffile
+  images = np.random.default_rng(0).random((6, 16, 16, 3), np.float32)
+  images[4, 1, 2, 0] = np.nan
+  np.save(tmp_path / "bands.npy", images)
+  with pytest.raises(ValueError, match=rf"^{tmp_path}/bands.npy: it holds 1 NaN value\(s\) in 1 "
+                     r"of its 6 image\(s\), the first in image 4: pixel values must be finite"):
+    features.read_images(str(tmp_path / "bands.npy"))
+  folder = tmp_path / "tiffs"
+  folder.mkdir()
+  tifffile.imwrite(folder / "0.tif", images[0])
+  tifffile.imwrite(folder / "1.tif", images[4])
+  with pytest.raises(ValueError, match=rf"^{folder}/1.tif: non-finite \(NaN or inf\) pixel"):
+    features.read_images(str(folder))
+  images[4] = 0.5  # finite floats are read as they are
+  np.save(tmp_path / "bands.npy", images)
+  assert features.read_images(str(tmp_path / "bands.npy")).shape == (6, 16, 16, 3)

@@ -1,6 +1,7 @@
 """The input pipeline: sources, augmentation and deterministic, resumable grain iterators.
 
   validate_data_config(data_cfg, *, image_size, channels)            cheap config checks
+  check_workdir_outside_images(data_cfg, workdir)                    no workdir in the images
   build_source(data_cfg, *, image_size, channels)                    raw random-access source
   build_train_source(data_cfg, *, image_size, channels)              + the label subset
   num_examples(data_cfg, *, image_size, channels, split=None)        examples per epoch
@@ -63,13 +64,14 @@ from mim_jax.data.sources import (
 from mim_jax.data.subsets import SubsetSource, per_class_subset
 from mim_jax.data.train_iterator import make_train_iterator
 from mim_jax.data.transforms import AddTokenMask, BadImageError
-from mim_jax.data.validation import validate_data_config
+from mim_jax.data.validation import check_workdir_outside_images, validate_data_config
 
 __all__ = [
     "AddTokenMask",
     "BadImageError", "HOLDOUT_SPLIT", "ITERATOR_HANDLER", "ITERATOR_HANDLER_NAME",
     "IdxFormatError", "SOURCES",
     "SubsetSource", "build_source", "build_train_source", "check_saved_position",
+    "check_workdir_outside_images",
     "eval_dataset", "eval_split",
     "iterator_restore_args", "iterator_save_args", "make_eval_iterator", "make_train_iterator",
     "num_classes", "num_examples", "num_skipped_images", "parse_idx", "per_class_subset",

@@ -10,6 +10,10 @@ Read it from the main process with `num_skipped_images()` / `skipped_images()`. 
 one entry: a bad file met in every epoch is counted once per epoch. With workers, the count
 includes images decoded ahead of the batches consumed so far (prefetching).
 
+The log names a process's first WARN_FIRST bad files, each once (not again every epoch), then
+says only how many it skipped, at 10, 100, 1000, ... skips: a folder of thousands of bad files
+(or one read for hundreds of epochs) does not bury the training log.
+
 The directory's name is chosen at start-up but the directory is made by the first skip: a run
 without bad images leaves nothing behind, even when it is killed before its exit handlers run.
 """
@@ -29,6 +33,12 @@ log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _directory: str | None = None
 _owner_pid: int | None = None
+
+WARN_FIRST = 5  # bad files a process names in the log; after them, counts only
+# Per skip log (`log_directory()`: one per run's main process): the files this process has
+# named so far, and how many images it has skipped.
+_named: dict[str, set[str]] = {}
+_skips: dict[str, int] = {}
 
 
 def log_directory() -> str:
@@ -53,9 +63,22 @@ def _cleanup(directory: str, owner_pid: int) -> None:
 
 
 def record_skip(directory: str, path: str, reason: str) -> None:
-  """Warns that `path` is skipped and appends it to this process's file in `directory`."""
-  log.warning("skipping bad image %s (%s); set config.data.on_bad_image='raise' to stop "
-              "instead", path, reason)
+  """Appends the skipped `path` to this process's file in `directory`, and warns: naming it
+  if it is one of the first WARN_FIRST bad files this process skips into `directory`, else at
+  every power of ten of its skips there, with their count."""
+  with _lock:  # the decision and its line together: the reader threads' lines stay in order
+    named = _named.setdefault(directory, set())
+    count = _skips[directory] = _skips.get(directory, 0) + 1
+    if path not in named and len(named) < WARN_FIRST:
+      named.add(path)
+      log.warning("skipping bad image %s (%s); set config.data.on_bad_image='raise' to stop "
+                  "instead%s", path, reason,
+                  ". Further bad images are not named, only counted (a line at 10, 100, ... "
+                  "skips)" if len(named) == WARN_FIRST else "")
+    elif count >= 10 and str(count).rstrip("0") == "1":  # 10, 100, 1000, ...
+      log.warning("%d bad images skipped so far by process %d (the first %d named above; "
+                  "config.data.on_bad_image='raise' stops at the first, naming it)", count,
+                  os.getpid(), len(named))
   with _lock:
     os.makedirs(directory, mode=0o700, exist_ok=True)
     with open(os.path.join(directory, f"{os.getpid()}.txt"), "a", encoding="utf-8") as f:
@@ -80,9 +103,12 @@ def num_skipped_images() -> int:
 
 
 def reset_skipped_images() -> None:
-  """Forgets all recorded skips (e.g. between tests or evaluation passes)."""
+  """Forgets all recorded skips (e.g. between tests or evaluation passes), and which files
+  this process has named in the log."""
   directory = log_directory()
   with _lock:
+    _named.clear()
+    _skips.clear()
     if not os.path.isdir(directory):
       return
     for name in os.listdir(directory):

@@ -237,7 +237,8 @@ def train_dataset(data_cfg, *, image_size: tuple[int, int], channels: int,
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=num_workers, per_worker_buffer_size=int(data_cfg.prefetch_buffer_size)),
         worker_init_fn=init_worker)
-  it_ds = it_ds.map(transforms.DropInvalidRows(MAX_BAD_IMAGE_FRACTION))
+  it_ds = it_ds.map(transforms.DropInvalidRows(MAX_BAD_IMAGE_FRACTION, epoch_size=per_host,
+                                               source=repr(source)))
   it_ds = it_ds.filter(transforms.NonEmptyBatch())
   # An emptied batch is expected (all its images bad) and DropInvalidRows bounds how many
   # there can be, so grain's warning about filtered-out elements would only mislead.

@@ -73,8 +73,9 @@ class FashionMnistSource:
 class NpySource:
   """Arrays in .npy files: DIR/SPLIT.npy holds the images [N, H, W] or [N, H, W, C] of any
   dtype (uint8; uint16 and other integers, read as a fraction of their maximum; floats as
-  they are, e.g. reflectances in [0, 1]); DIR/SPLIT_labels.npy, if present, the int labels
-  [N] (else every label is 0). Opened memory-mapped: arrays larger than memory work."""
+  they are, e.g. reflectances in [0, 1], finite: NaN or inf is refused); DIR/SPLIT_labels.npy,
+  if present, the int labels [N] (else every label is 0). Opened memory-mapped: arrays larger
+  than memory work."""
 
   def __init__(self, folder: str, split: str):
     self.images_path = os.path.join(folder, f"{split}.npy")
@@ -83,6 +84,13 @@ class NpySource:
     if self.images.ndim not in (3, 4):
       raise ConfigError(f"{self.images_path} holds an array of shape {self.images.shape}; "
                         "expected [N, H, W] or [N, H, W, C] (config.data.path)")
+    # Float images with NaN or inf would turn the loss NaN (training) or print nan statistics:
+    # refused here too, for the callers that build a source without data validation (the
+    # scan is remembered per file, so after validation this costs nothing).
+    bad = npy_nonfinite(self.images_path, self.images)
+    if bad:
+      raise ConfigError(f"{self.images_path} holds {bad} (config.data.path): "
+                        f"{NONFINITE_ADVICE}")
     labels_path = os.path.join(folder, f"{split}_labels.npy")
     self._labels = (np.asarray(np.load(labels_path, allow_pickle=False), np.int32).reshape(-1)
                     if os.path.isfile(labels_path) else np.zeros(len(self.images), np.int32))
@@ -105,6 +113,57 @@ class NpySource:
 
   def __repr__(self) -> str:
     return f"NpySource({self.images_path!r}, n={len(self)})"
+
+
+# Float images are scanned for NaN and inf in chunks of about this many bytes: one pass over a
+# memory-mapped array, never all of it in memory at once.
+_SCAN_BYTES = 64 * 2**20
+NONFINITE_ADVICE = ("pixel values must be finite numbers (NaN or inf input makes the loss, "
+                    "statistics and features NaN); replace or drop those images")
+
+
+def nonfinite_report(images: np.ndarray) -> str:
+  """"" when every value of the images `images` [N, ...] is finite (integer images always are),
+  else what is not: "3 NaN and 1 inf value(s) in 2 image(s), the first in image 17". One pass,
+  chunk by chunk, so that a memory-mapped array is read but never loaded whole."""
+  if not np.issubdtype(images.dtype, np.floating) or not images.size:
+    return ""
+  step = max(1, _SCAN_BYTES // max(1, images[:1].nbytes))
+  nan = inf = bad_images = 0
+  first = -1
+  for start in range(0, len(images), step):
+    chunk = np.asarray(images[start:start + step])
+    finite = np.isfinite(chunk)
+    if finite.all():  # the common case: one reduction, no counting
+      continue
+    bad_rows = ~finite.reshape(len(chunk), -1).all(axis=1)
+    if first < 0:
+      first = start + int(np.argmax(bad_rows))
+    bad_images += int(bad_rows.sum())
+    count_nan = int(np.isnan(chunk).sum())
+    nan += count_nan
+    inf += int(finite.size - finite.sum()) - count_nan
+  if first < 0:
+    return ""
+  kinds = " and ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "inf")) if n)
+  return (f"{kinds} value(s) in {bad_images} of its {len(images)} image(s), the first in "
+          f"image {first}")
+
+
+_NONFINITE_SCANS: dict[tuple[str, int, int], str] = {}
+
+
+def npy_nonfinite(path: str, images: np.ndarray | None = None) -> str:
+  """`nonfinite_report` of the .npy file at `path` (`images`: the file already opened),
+  remembered per version of the file (its size and modification time), so that validation
+  and the sources a run builds from the file scan it once per process."""
+  stat = os.stat(path)
+  key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+  if key not in _NONFINITE_SCANS:
+    if images is None:
+      images = np.load(path, mmap_mode="r", allow_pickle=False)
+    _NONFINITE_SCANS[key] = nonfinite_report(images)
+  return _NONFINITE_SCANS[key]
 
 
 def is_image_file(name: str) -> bool:

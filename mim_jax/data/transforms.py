@@ -20,7 +20,7 @@ import grain
 import numpy as np
 import simplejpeg
 import tifffile
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from mim_jax.data import bad_images
 from mim_jax.data import rand_augment as rand_augment_lib
@@ -90,10 +90,14 @@ def channel_conversion_error(stored: np.dtype, c: int, channels: int) -> str | N
 
 
 def check_image_array(image: np.ndarray) -> np.ndarray:
-  """Returns uint8 [h, w, c] `image` unchanged; raises ValueError for an empty one (0 x w)."""
+  """Returns [h, w, c] `image` unchanged; raises ValueError for an empty one (0 x w) and for
+  float pixels that are NaN or inf (a float TIFF's: they would make the loss NaN)."""
   if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
     raise ValueError(f"image has shape {image.shape}; expected [height, width, channels] with "
                      "a positive height and width")
+  if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+    raise ValueError(f"{int(np.size(image) - np.isfinite(image).sum())} NaN or inf pixel "
+                     "value(s): pixel values must be finite numbers")
   return image
 
 
@@ -146,6 +150,17 @@ def decode_named(data: bytes, channels: int, name: str) -> np.ndarray:
     raise ValueError(f"{name}: not an image this reader decodes ({e})") from None
 
 
+def _open_image(data: bytes) -> Image.Image:
+  """PIL's Image.open of `data`. Data PIL cannot identify is a ValueError saying so: PIL's own
+  message names the io.BytesIO object it read ("cannot identify image file <_io.BytesIO
+  object at 0x...>"), not the file, which the callers name."""
+  try:
+    return Image.open(io.BytesIO(data))
+  except UnidentifiedImageError:
+    what = "an empty file" if not data else f"data starting {bytes(data[:8])!r}"
+    raise ValueError(f"not an image format PIL recognises ({what})") from None
+
+
 def decode_image(data: bytes, channels: int) -> np.ndarray:
   """Encoded JPEG/PNG/TIFF bytes -> [h, w, channels]: uint8 for 8-bit images, float32 in
   [0, 1] for 16-bit PNG (grayscale) and TIFF (any depth and channel count). Raises on corrupt
@@ -165,7 +180,7 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
     kind = "grayscale + alpha" if png[1] == 4 else "colour"
     raise ValueError(f"16-bit {kind} PNG: PIL reads it as 8 bits; store the image as TIFF or "
                      "in a .npy array to keep its bits")
-  with Image.open(io.BytesIO(data)) as img:
+  with _open_image(data) as img:
     img.load()
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: every bit kept
       array = np.asarray(img)
@@ -407,14 +422,21 @@ class DropInvalidRows(grain.transforms.Map):
   examples, and hence every batch after `RebatchIterDataset`, is the same for any number of
   workers. Raises BadImageError when more than `max_bad_fraction` of a window of
   `window` consecutive images was bad: a mostly unreadable dataset is misconfigured, and an
-  all-bad one would otherwise make the infinite stream spin forever.
+  all-bad one would otherwise make the infinite stream spin forever. `epoch_size` (this
+  process's images per epoch, 0: unknown) makes a stream whose first `epoch_size` images all
+  failed an error at once, naming `source`: no image of the split decodes (a folder smaller
+  than the window would otherwise be read, and its skips logged, for many epochs first).
   """
 
-  def __init__(self, max_bad_fraction: float, window: int = 1000):
+  def __init__(self, max_bad_fraction: float, window: int = 1000, epoch_size: int = 0,
+               source: str = ""):
     self.max_bad_fraction = max_bad_fraction
     self.window = window
+    self.epoch_size = epoch_size
+    self.source = source
     self._seen = 0
     self._bad = 0
+    self._read_without_valid = 0  # images read before the first that decoded (-1: one did)
 
   def map(self, batch: dict[str, Any]) -> dict[str, Any]:
     batch = dict(batch)
@@ -425,6 +447,14 @@ class DropInvalidRows(grain.transforms.Map):
     return {k: v[valid] for k, v in batch.items()}
 
   def _count(self, valid: np.ndarray) -> None:
+    if self._read_without_valid >= 0:
+      self._read_without_valid = -1 if valid.any() else self._read_without_valid + valid.size
+      if self.epoch_size and self._read_without_valid >= self.epoch_size:
+        source = self.source or "the training split"
+        raise BadImageError(
+            f"none of the {self._read_without_valid} images read of {source} (an epoch's "
+            "worth) could be decoded; the warnings above name the first: check "
+            "config.data.path / config.data.source")
     self._seen += valid.size
     self._bad += int(valid.size - valid.sum())
     if self._seen < self.window:

@@ -1,13 +1,14 @@
 """Cheap checks of `config.data` before anything is read or compiled.
 
-Every failure is a `ConfigError` naming the field as `config.data.<field>`. Nothing here opens
-an image or imports tfds: the paths are checked for existence (image folders: for at least one
-image file, and for class sub-folders without any, which are an error with
-data.on_bad_image='raise' and a warning otherwise), .npy files by their header (shape, dtype:
-convertible to config.channels), TFDS split names by the prepared dataset's
-dataset_info.json, and the evaluation split where the run scores one. A run that scores
-labels also has them checked: npy labels files are read whole (integers, one per image), and
-an image folder's first-level sub-folders are its classes.
+Every failure is a `ConfigError` naming the field as `config.data.<field>` (or --workdir, for
+a workdir inside the images: `check_workdir_outside_images`). Nothing here opens an image or
+imports tfds: the paths are checked for existence (image folders: for at least one image file,
+and for class sub-folders without any, which are an error with data.on_bad_image='raise' and a
+warning otherwise), .npy files by their header (shape, dtype: convertible to config.channels;
+float arrays also by one chunked pass for NaN and inf, once per file per process), TFDS split
+names by the prepared dataset's dataset_info.json, and the evaluation split where the run
+scores one. A run that scores labels also has them checked: npy labels files are read whole
+(integers, one per image), and an image folder's first-level sub-folders are its classes.
 """
 
 from __future__ import annotations
@@ -76,12 +77,37 @@ def _check_npy_split(data_cfg, split: str, field: str, channels: int) -> None:
   try:
     images = np.load(file, mmap_mode="r", allow_pickle=False)  # reads the header only
   except ValueError as e:
-    raise config_error(f"data.{field}", value, f"a split whose {file} is a .npy array ({e})"
-                       ) from None
+    raise config_error(f"data.{field}", value, f"a split whose {file} is a .npy array "
+                       f"({_npy_load_problem(file, e)})") from None
   _require(images.ndim in (3, 4), field, value, f"a split whose {file} holds images [N, H, W] "
            f"or [N, H, W, C]; it holds an array of shape {images.shape}")
   _check_channels(field, value, images.dtype, 1 if images.ndim == 3 else images.shape[-1],
                   channels)
+  # The one check here that reads the pixels: float images only, in one chunked pass over the
+  # memory-mapped file, once per file per process (sources.npy_nonfinite).
+  bad = sources.npy_nonfinite(file, images)
+  _require(not bad, field, value, f"a split whose {file} holds finite pixel values; it holds "
+           f"{bad}", "NaN or inf input makes the loss NaN: replace or drop those images.")
+
+
+def _npy_load_problem(file: str, error: ValueError) -> str:
+  """Why np.load refused `file`: a truncated file (numpy's "mmap length is greater than file
+  size") said as such, with the sizes; else numpy's own reason."""
+  try:
+    with open(file, "rb") as f:
+      version = np.lib.format.read_magic(f)
+      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0)
+      shape, _, dtype = read_header(f)
+      header = f.tell()
+    need = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = os.path.getsize(file)
+  except Exception:  # pylint: disable=broad-except  # not even a .npy header: numpy's reason
+    return str(error)
+  if size < need:
+    return (f"the file is truncated: its header describes {dtype} {list(shape)}, {need} bytes "
+            f"with the header, and it has {size}")
+  return str(error)
 
 
 def _validate_source(data_cfg, channels: int) -> None:
@@ -402,6 +428,26 @@ def _validate_loading(data_cfg) -> None:
   _require(_is_int(data_cfg.prefetch_buffer_size) and data_cfg.prefetch_buffer_size > 0,
            "prefetch_buffer_size", data_cfg.prefetch_buffer_size,
            "a positive integer (batches buffered per worker)")
+
+
+def check_workdir_outside_images(data_cfg, workdir: str) -> None:
+  """ConfigError when a run's `workdir` is, or lies inside, an image folder it reads
+  (data.path, data.eval_path of data.source='image_folder'): its reconstruction pictures
+  (PNG) would be listed as images by the next run (in a class sub-folder of their own: a new
+  class, shifting the labels after it), and every run would list its checkpoints too."""
+  if data_cfg.get("source") != "image_folder" or not workdir or storage.is_url(workdir):
+    return
+  work = os.path.realpath(os.path.expanduser(workdir))
+  for field in ("path", "eval_path"):
+    root = data_cfg.get(field)
+    if not isinstance(root, str) or not root or storage.is_url(root):
+      continue
+    images = os.path.realpath(os.path.expanduser(root))
+    if os.path.commonpath([work, images]) == images:
+      raise config_error("--workdir", workdir, f"a folder outside the image folder "
+                         f"config.data.{field}={root!r} that the run reads",
+                         "Its pictures and checkpoints would be read as images (a new class "
+                         "folder) by the next run: choose a --workdir elsewhere.")
 
 
 def validate_data_config(data_cfg, *, image_size: tuple[int, int], channels: int,
