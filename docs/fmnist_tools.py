@@ -19,7 +19,8 @@
       with the split each was scored on, wall time from ROOT/NAME.seconds), then the runs
       that differ only by seed (NAME_sK) as mean +- sample std over their seeds
   python docs/fmnist_tools.py keep ROOT RUN [RUN ...]
-      records each run's config, k-NN rows, training rows and evaluation rows in
+      records each run's config, k-NN rows, training rows, evaluation rows and training
+      FLOPs per image (counted while its teacher or tokenizer is at hand) in
       docs/curves/RUN.json (and the raw-pixel k-NN of ROOT/knn_pixels_holdout), from which
       docs/plot_knn_curve.py and docs/plot_finetune_loss.py draw a run whose folder is no
       longer in ROOT (it went with the machine that trained it)
@@ -194,14 +195,14 @@ def _config(workdir: str) -> ml_collections.ConfigDict:
 
 def matched_epochs(pretrain_workdir: str, ft_epochs: float) -> int:
   """(The pre-training's config from its workdir, else from its record in docs/curves.)"""
-  from mim_jax import data, registry
+  from mim_jax import data
   from mim_jax.models import flops
   folder = pretrain_workdir.rstrip("/")
-  config = ml_collections.ConfigDict(
-      run_record(os.path.dirname(folder), os.path.basename(folder))["config"])
+  rec = run_record(os.path.dirname(folder), os.path.basename(folder))
+  config = ml_collections.ConfigDict(rec["config"])
   images = data.num_examples(config.data, image_size=tuple(config.image_size),
                              channels=config.channels)
-  pretrain = config.num_epochs * images * flops.train_flops(registry.forward_flops(config))
+  pretrain = config.num_epochs * images * train_flops_per_image(rec)
   # A fine-tuning epoch: all 60,000 training images through the whole encoder, 3x forward.
   encoder = flops.encoder_flops(config.model, tuple(config.image_size), config.channels)
   ft_epoch = 60_000 * flops.TRAIN_FORWARD_RATIO * encoder
@@ -249,6 +250,17 @@ def run_record(root: str, run: str) -> dict:
   return rec
 
 
+def train_flops_per_image(rec: dict) -> float:
+  """Training FLOPs per image of the run `rec` (`run_record`): the count `keep` stored, else
+  counted from its config now. A frozen teacher's or tokenizer's forward pass counts, and
+  counting it reads that folder: a record keeps the count made while the folder was there."""
+  if "train_flops_per_image" in rec:
+    return float(rec["train_flops_per_image"])
+  from mim_jax import registry
+  from mim_jax.models import flops
+  return flops.train_flops(registry.forward_flops(ml_collections.ConfigDict(rec["config"])))
+
+
 def keep(root: str, *runs: str) -> list[str]:
   """Writes docs/curves/RUN.json (`run_record`) for each run, and knn_pixels_holdout.json (the
   pixel line of the curves' plot) when ROOT has it; returns the files written."""
@@ -258,6 +270,7 @@ def keep(root: str, *runs: str) -> list[str]:
     if not os.path.isfile(os.path.join(root, run, "config.json")):
       raise SystemExit(f"{run}: no run folder {os.path.join(root, run)} to keep")
     rec = {"source": f"python docs/fmnist_tools.py keep ROOT {run}", **run_record(root, run)}
+    rec["train_flops_per_image"] = train_flops_per_image(rec)  # needs its teacher/tokenizer
     written.append(os.path.join(CURVES, f"{run}.json"))
     with open(written[-1], "w") as f:
       json.dump(rec, f, indent=1)

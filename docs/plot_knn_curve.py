@@ -27,9 +27,6 @@ matplotlib.use("Agg")
 import fmnist_tools  # pylint: disable=wrong-import-position  # docs/, beside this script
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 
-from mim_jax import registry  # pylint: disable=wrong-import-position
-from mim_jax.models import flops as model_flops  # pylint: disable=wrong-import-position
-
 
 def curve(root: str, run: str):
   """(epochs, cls %, mean %, train PFLOPs per point) of a run's k-NN rows."""
@@ -37,7 +34,7 @@ def curve(root: str, run: str):
   config, rows = ml_collections.ConfigDict(rec["config"]), rec["knn"]
   steps_per_epoch = (60000 - config.data.holdout) // config.global_batch_size
   # Training FLOPs per step: 3x the forward pass, frozen teachers / tokenizers forward only.
-  flops = model_flops.train_flops(registry.forward_flops(config)) * config.global_batch_size
+  flops = fmnist_tools.train_flops_per_image(rec) * config.global_batch_size
   epochs = [r["step"] / steps_per_epoch for r in rows]
   return (epochs, [100 * r["knn_top1_cls"] for r in rows],
           [100 * r["knn_top1_gap"] for r in rows], [r["step"] * flops / 1e15 for r in rows])

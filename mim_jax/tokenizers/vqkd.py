@@ -27,7 +27,6 @@ import numpy as np
 
 from mim_jax import viz
 from mim_jax.config import validation as v
-from mim_jax.config.errors import ConfigError
 from mim_jax.methods.maskdistill import (
   build_teacher,
   teacher_fields,
@@ -74,10 +73,8 @@ class VQKDTokenizer(VQTokenizer):
   def forward_flops(cls, config):
     info = cls._info(config)
     enc, dec = models.encode_flops(info), models.decode_flops(info)
-    try:
-      teacher = build_teacher(config, config.teacher, "teacher").forward_flops()
-    except ConfigError:
-      teacher = 0.0
+    # The teacher's forward pass counts (it runs in every step): no count without it.
+    teacher = build_teacher(config, config.teacher, "teacher").forward_flops()
     return {"encoder": enc, "decoder": dec, "teacher": teacher, "total": enc + dec + teacher}
 
   def __init__(self, config, length=None):
