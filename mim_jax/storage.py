@@ -106,6 +106,26 @@ def rmtree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def rename(path: str, new_path: str) -> None:
+  """Moves file or directory `path` to `new_path`, which must not exist. Local: one atomic
+  rename. URL: Cloud Storage has no rename, so every object is copied, then deleted; a move
+  cut short leaves a partial copy, with the original (or what is left of it) still there.
+  (Not gcsfs's `mv`, which first tries an object-move API that some buckets and the test
+  emulator refuse, and falls back to the same copy only after retrying for half a minute.)"""
+  if exists(new_path):
+    raise FileExistsError(f"{new_path} already exists")
+  if not is_url(path):
+    os.rename(path, new_path)
+    return
+  _fresh(new_path)
+  from etils.epath import backend  # pylint: disable=g-import-not-at-top
+  fs = backend.fsspec_backend.fs(str(path))
+  source = str(_fresh(path)).rstrip("/")
+  fs.copy(source, str(new_path).rstrip("/"), recursive=fs.isdir(source))
+  fs.rm(source, recursive=True)
+  _fresh(path)
+
+
 def remove(path: str) -> None:
   """Deletes file `path` if it exists."""
   if is_url(path):

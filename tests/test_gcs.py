@@ -93,6 +93,11 @@ def test_storage_layer_reads_and_writes_gs(gcs):
   assert storage.read_bytes(f"{root}/a/y.bin") == b"\x00\x01"
   assert sorted(storage.listdir(f"{root}/a")) == ["x.json", "y.bin"]
   assert storage.glob(f"{root}/a/*.bin") == [f"{root}/a/y.bin"]
+  # A folder moved whole (a damaged checkpoint set aside): every object copied, then deleted.
+  storage.rename(f"{root}/a", f"{root}/a.damaged")
+  assert sorted(storage.listdir(f"{root}/a.damaged")) == ["x.json", "y.bin"]
+  assert not storage.exists(f"{root}/a/x.json") and not storage.isdir(f"{root}/a")
+  storage.rename(f"{root}/a.damaged", f"{root}/a")
   storage.rmtree(f"{root}/a")
   assert not storage.exists(f"{root}/a/x.json")
   # metrics.jsonl without append: rows kept, the object rewritten whole at each flush.

@@ -17,6 +17,7 @@ import pathlib
 import pickle
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -1039,6 +1040,134 @@ def test_a_restore_failure_unrelated_to_the_changed_settings_keeps_its_own_error
   with pytest.raises(ConfigError, match=r"changed settings \(config.model.depth\)"):
     train.run(tiny_mae_config(total_steps=3, **{"model.depth": 3}), workdir,
               resume_with_changes=True)
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tmp_path_factory) -> pathlib.Path:
+  """A tiny MAE run of 4 steps with checkpoints 1, 2 and 4, which the damaged-checkpoint tests
+  copy (each its own) and damage; its own folders stay whole, to compare with."""
+  workdir = tmp_path_factory.mktemp("checkpointed") / "run"
+  train.run(tiny_mae_config(total_steps=4), str(workdir))
+  assert _committed(workdir) == [1, 2, 4]
+  return workdir
+
+
+def _damage(step_dir: pathlib.Path, how: str) -> None:
+  """Damages a committed checkpoint folder as a full disk, a copy that stopped halfway or a
+  hand-made cleanup does."""
+  if how == "emptied":
+    shutil.rmtree(step_dir)
+    step_dir.mkdir()
+  elif how == "truncated":  # the array data files (Orbax's OCDBT layout) cut short
+    files = list(step_dir.glob("state/ocdbt.process_*/d/*"))
+    assert files, sorted(str(p.relative_to(step_dir)) for p in step_dir.rglob("*"))
+    for f in files:
+      f.write_bytes(f.read_bytes()[:10])
+  elif how == "metadata cut short":  # the state's tree and array metadata
+    metadata = step_dir / "state" / "_METADATA"
+    metadata.write_text(metadata.read_text()[:100])
+  else:
+    raise ValueError(how)
+
+
+def _listing(folder: pathlib.Path) -> dict[str, int]:
+  return {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*")
+          if p.is_file()}
+
+
+@pytest.mark.parametrize("how, reason", [
+    ("emptied", "the folder is empty"),
+    ("truncated", 'OUT_OF_RANGE: Error reading "'),
+])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(
+    checkpointed_run, tmp_path, caplog, how, reason):
+  """A committed step folder emptied or cut short later ended the resume in Orbax's
+  traceback. Now one WARNING line names the folder and the reason, the run resumes from the
+  previous step with that step's data position (the step it writes again equals the lost
+  one bit for bit), and the damaged folder is moved aside, kept, and never listed again."""
+  workdir = tmp_path / "run"
+  shutil.copytree(checkpointed_run, workdir)
+  damaged = workdir / "checkpoints" / "4"
+  _damage(damaged, how)
+  kept = _listing(damaged)
+  with caplog.at_level(logging.WARNING, logger="mim_jax.training.loop"):
+    state = train.run(tiny_mae_config(total_steps=5), str(workdir))
+  assert int(state.step) == 5
+  warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+  assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+  assert warnings[0].startswith(f"checkpoint folder {damaged} is damaged, not resumed from: "
+                                f"{reason}"), warnings[0]
+  assert warnings[0].endswith("trying the previous one, step 2"), warnings[0]
+  assert f"moved the damaged checkpoint folder {damaged} aside to {damaged}.damaged" \
+      in caplog.text
+  set_aside = workdir / "checkpoints" / "4.damaged"
+  assert _listing(set_aside) == kept  # moved whole, as it was found
+  assert _committed(workdir) == [2, 4, 5]
+  ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"), save_every=2, keep=3)
+  assert ckpt.all_steps() == [2, 4, 5]  # Orbax does not list it
+  ckpt.close()
+  for a, b in zip(_saved_params(workdir, 4), _saved_params(checkpointed_run, 4), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert [row["step"] for row in metric_writers.read_metrics(str(workdir))
+          if "loss" in row] == [1, 2, 3, 4, 5]
+
+
+def test_no_restorable_checkpoint_is_one_error_naming_each_step(checkpointed_run, tmp_path,
+                                                                monkeypatch, capsys):
+  """Every step folder damaged: exit 2 (bad input, as a bad workdir) and one error naming the
+  workdir, each step tried and why, and what to do; no traceback, nothing moved."""
+  workdir = tmp_path / "run"
+  shutil.copytree(checkpointed_run, workdir)
+  folders = workdir / "checkpoints"
+  for step, how in ((4, "emptied"), (2, "truncated"), (1, "metadata cut short")):
+    _damage(folders / str(step), how)
+  before = _listing(folders)
+  run = train.run
+  monkeypatch.setattr(train, "run", lambda config, workdir, **kwargs: run(
+      tiny_mae_config(total_steps=5), workdir, **kwargs))
+  with pytest.raises(SystemExit) as exit_info:
+    main.cli(["mim_jax.main", RUNLOCAL, f"--workdir={workdir}"])
+  err = capsys.readouterr().err
+  assert exit_info.value.code == run_errors.EXIT_BAD_INPUT == 2, err
+  assert "Traceback" not in err, err
+  assert err.startswith(f"error: no checkpoint in {folders} can be restored: every step "
+                        "folder is damaged"), err
+  assert f"  step 4 ({folders / '4'}): the folder is empty\n" in err, err
+  assert f"  step 2 ({folders / '2'}): OUT_OF_RANGE: Error reading " in err, err
+  assert f"  step 1 ({folders / '1'}): state/_METADATA is unreadable (JSONDecodeError" in err
+  assert "Start the run afresh in another --workdir" in err
+  assert "move or delete these step folders" in err
+  assert _listing(folders) == before  # nothing moved aside, nothing deleted
+
+
+def test_resume_with_changes_does_not_blame_the_changes_for_a_damaged_checkpoint(
+    checkpointed_run, tmp_path, caplog):
+  """Under --resume_with_changes a damaged newest step (its state/_METADATA cut short) was a
+  ConfigError saying the changed settings change the state's arrays. The damage is now told
+  from a true mismatch: the run resumes the previous step under the changes, recorded there;
+  a true mismatch (another depth) still names the field."""
+  from mim_jax.training import resume_check
+  workdir = tmp_path / "run"
+  shutil.copytree(checkpointed_run, workdir)
+  _damage(workdir / "checkpoints" / "4", "metadata cut short")
+  lower_lr = {"optimizer.base_lr": 1e-4}
+  with caplog.at_level(logging.WARNING, logger="mim_jax.training.loop"):
+    state = train.run(tiny_mae_config(total_steps=5, **lower_lr), str(workdir),
+                      resume_with_changes=True)
+  assert int(state.step) == 5
+  warning = next(r.getMessage() for r in caplog.records if "is damaged" in r.getMessage())
+  assert "state/_METADATA is unreadable (JSONDecodeError" in warning, warning
+  assert "base_lr" not in warning and "changed settings" not in warning, warning
+  changes = [json.loads(line) for line in
+             (workdir / resume_check.CHANGES_FILE).read_text().splitlines()]
+  assert changes == [{"step": 2, "changes": {"optimizer.base_lr": {"was": 1.5e-4,
+                                                                   "now": 1e-4}}}]
+  assert (workdir / "checkpoints" / "4.damaged").is_dir()
+  with pytest.raises(ConfigError, match=r"checkpoint 5 in .* cannot be resumed with the changed "
+                     r"settings \(config.model.depth\)"):
+    train.run(tiny_mae_config(total_steps=6, **lower_lr, **{"model.depth": 3}), str(workdir),
+              resume_with_changes=True)
+  assert not list((workdir / "checkpoints").glob("5.damaged*"))  # a mismatch is not damage
 
 
 # Holds the workdir lock of argv[1], forks a child that outlives it (as a data worker can),

@@ -7,6 +7,23 @@ deleted when the next run opens the folder), and pruned to the newest `keep` ste
 that fails (disk full, I/O error) is logged, its temporary directory removed and the save
 tried again at the next interval; `max_consecutive_failures` failures in a row stop the run.
 
+A step folder can still be damaged after it was committed: files deleted or cut short (a full
+disk, a crashed file server, a copy of the workdir that stopped halfway, a hand-made cleanup).
+On resume the loop (training/loop.py) tries the steps newest first. A step is damaged when its
+files say so: `missing_parts` before a restore (no `state` item; no data-iterator position, or
+this process's missing or unreadable), `damage` after one failed (state/_METADATA missing or
+unreadable, or, where the saved arrays are those the run builds, the restore's error is
+TensorStore's or Orbax's word for a missing, cut-short or undecodable file). A damaged step is
+skipped with a one-line WARNING and the previous one tried; once one restores, the damaged
+newer ones are moved aside to `<step>.damaged` (`set_aside`): kept, never deleted, and never
+chosen again, as Orbax lists, prunes and cleans up only folders named by the step number alone.
+The data iterator's position lives in the step folder, so it is always the restored step's. Any
+other failure (a config whose arrays differ from the checkpoint's, a storage that refuses a
+read) is not damage: it is raised and nothing is moved. When no step restores,
+CheckpointRestoreError (exit 2) names every step tried and why, and nothing is moved. The
+processes of a multi-process run share the folder and take each decision together (`agree`);
+process 0 moves the folders.
+
 Nothing here unpickles: Orbax stores arrays with TensorStore and metadata as JSON, the data
 iterator's position is JSON, and model.json is JSON, so a checkpoint or encoder directory from
 elsewhere cannot run code when it is loaded.
@@ -18,7 +35,9 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
+import sys
 import uuid
 from typing import Any
 
@@ -33,6 +52,19 @@ from mim_jax.training.run_errors import CheckpointSaveError
 log = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
+# A damaged step folder moved aside: `<step>.damaged` (then .damaged-2, ...). Orbax lists,
+# prunes and cleans up only names matching its step pattern (digits, or its temporary suffix),
+# so these are never restored, deleted or written over.
+DAMAGED_SUFFIX = ".damaged"
+
+# What restoring one step came to on one process; `agree` makes it the same on all.
+RESTORED, DAMAGED, FAILED = 0, 1, 2
+
+# TensorStore's status codes for stored bytes that are missing, cut short or cannot be decoded
+# (Orbax's array reads raise its errors as "<CODE>: Error reading ..."). Only read as damage
+# where the saved arrays are those the restore asked for: a shape or dtype that differs can
+# fail an open with FAILED_PRECONDITION too.
+_DAMAGE_STATUS = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE", "FAILED_PRECONDITION")
 
 
 class WorkdirNotWritableError(OSError):
@@ -130,6 +162,92 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    """The committed steps, oldest first."""
+    return sorted(self.manager.all_steps())
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def missing_parts(self, step: int) -> str | None:
+    """What checkpoint `step` lacks that every restore reads, or None; checked before a
+    restore, from the folder listing and the data positions (small JSON files) only.
+
+    No `state` item (an emptied folder); no data-iterator position at all, or this process's
+    missing among those of its process count, or unreadable: such a step would resume with
+    another step's data order, or none (`has_iterator_state` takes a folder without this
+    process's file for one written by another number of processes)."""
+    step_dir = self.step_dir(step)
+    if not storage.isdir(os.path.join(step_dir, "state")):
+      names = storage.listdir(step_dir) if storage.isdir(step_dir) else []
+      return "the folder is empty" if not names else (
+          f"it has no state/ folder (the training state), only {', '.join(sorted(names))}")
+    data_dir = os.path.join(step_dir, "data")
+    names = storage.listdir(data_dir) if storage.isdir(data_dir) else []
+    positions = [n for n in names if re.fullmatch(r"process_\d+-of-\d+\.json", n)]
+    if not positions:
+      return "it has no data-iterator position (data/process_*.json)"
+    mine = self._iterator_file(step)
+    name = os.path.basename(mine)
+    if storage.exists(mine):
+      try:
+        json.loads(storage.read_text(mine))
+      except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"data/{name} (the data-iterator position) is unreadable ({_first_line(e)})"
+    elif any(n.endswith(f"-of-{jax.process_count()}.json") for n in positions):
+      return f"data/{name} (this process's data-iterator position) is missing"
+    return None
+
+  def damage(self, step: int, error: Exception, target: Any) -> str | None:
+    """Why checkpoint `step` is damaged, given that restoring it onto `target` raised
+    `error`; None when its files are not shown to be (then `error` has another cause: a
+    config whose arrays differ from the checkpoint's, a storage that refused, a bug).
+
+    Damaged: state/_METADATA (the state's tree and arrays) is missing or unreadable, or
+    `error` comes from a missing, cut-short or undecodable file (TensorStore's status,
+    FileNotFoundError, a JSON file cut short) while the saved arrays are `target`'s, or
+    cannot be read either. Reads JSON only."""
+    metadata = os.path.join(self.step_dir(step), "state", "_METADATA")
+    if not storage.exists(metadata):
+      return "state/_METADATA (the training state's tree and arrays) is missing"
+    try:
+      json.loads(storage.read_text(metadata))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+      return f"state/_METADATA is unreadable ({_first_line(e)})"
+    saved = self.saved_arrays(step)
+    if saved is not None and saved != arrays_of(target):
+      return None  # a true structure mismatch: not the files' fault
+    return _read_damage(error)
+
+  def set_aside(self, steps: list[int]) -> dict[int, str]:
+    """Moves the folders of damaged `steps` to `<step>.damaged` (a free name), where nothing
+    reads, prunes or deletes them, and makes the manager forget them: its latest step (the
+    next save's interval) is the restored one again. {step: new path} on process 0, which
+    moves them (the folder is shared), {} on the others; every process must call it
+    (a barrier), after all agreed on `steps` (`agree`). Raises OSError when a move fails: a
+    damaged folder left in place would be overwritten by the next save of its step."""
+    moved, failure = {}, None
+    if jax.process_index() == 0:
+      for step in steps:
+        target = self.step_dir(step) + DAMAGED_SUFFIX
+        n = 1
+        while storage.exists(target):
+          n += 1
+          target = f"{self.step_dir(step)}{DAMAGED_SUFFIX}-{n}"
+        try:
+          storage.rename(self.step_dir(step), target)
+        except Exception as e:  # pylint: disable=broad-except  # each backend raises its own
+          failure = OSError(f"could not move the damaged checkpoint folder {self.step_dir(step)} "
+                            f"aside to {target} ({_first_line(e)}); move or delete it, then run "
+                            "the same command again")
+          break
+        moved[step] = target
+    if agree(FAILED if failure else RESTORED)[0] == FAILED:
+      raise failure or OSError(f"process 0 could not move a damaged checkpoint folder in "
+                               f"{self.directory} aside (see its log)")
+    self.manager.reload()
+    return moved
+
   def should_save(self, step: int) -> bool:
     """Whether `step` is on the save interval (or a multi-host preemption sync point)."""
     return self.manager.should_save(step)
@@ -207,11 +325,12 @@ class Checkpointer:
 
   def saved_arrays(self, step: int) -> list[tuple[tuple[int, ...], str]] | None:
     """(shape, dtype) of every array of checkpoint `step`'s state, sorted, from its metadata
-    (nothing is read but the JSON); None when the metadata cannot be read."""
+    (nothing is read but the JSON); None when the metadata cannot be read (Orbax then logs
+    that it failed and gives no tree, which is not a state without arrays)."""
     try:
       tree = saved_tree(os.path.join(self.directory, str(step), "state"))
       leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape"))
-      return sorted((tuple(a.shape), str(a.dtype)) for a in leaves)
+      return sorted((tuple(a.shape), str(a.dtype)) for a in leaves) or None
     except Exception:  # pylint: disable=broad-except  # only used to word an error
       return None
 
@@ -287,6 +406,52 @@ class Checkpointer:
       storage.rmtree(path)
 
 
+def arrays_of(tree: Any) -> list[tuple[tuple[int, ...], str]]:
+  """(shape, dtype) of every array of `tree` (arrays or jax.ShapeDtypeStruct), sorted: what
+  `Checkpointer.saved_arrays` reads from a checkpoint's metadata."""
+  return sorted((tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(tree))
+
+
+def agree(outcome: int) -> tuple[int, int]:
+  """(the worst of every process's `outcome` (RESTORED < DAMAGED < FAILED), the first process
+  with it). Every process of a run must call it at the same point: one all-gather of an int.
+
+  The checkpoint folder is shared, so the processes read the same files and mostly come to
+  the same outcome; where they do not (a process that read only undamaged shards), they act
+  on the worst: a step damaged for one is damaged for all. One limit: Orbax's restore ends
+  with a barrier across processes, so a process whose restore succeeded while another's
+  failed waits there until Orbax's barrier times out, and then fails (FAILED) too."""
+  if jax.process_count() == 1:
+    return outcome, 0
+  outcomes = np.asarray(multihost_utils.process_allgather(np.int32(outcome))).reshape(-1)
+  worst = int(outcomes.max())
+  return worst, int(np.argmax(outcomes == worst))
+
+
+def _read_damage(error: BaseException) -> str | None:
+  """The line of `error` or its causes that says a file of the checkpoint is missing, cut
+  short or undecodable, or None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    line = _first_line(error, with_type=False)
+    if isinstance(error, FileNotFoundError) or line.split(":", 1)[0] in _DAMAGE_STATUS:
+      return line
+    if isinstance(error, json.JSONDecodeError):
+      return f"a JSON file is cut short or corrupt ({line})"
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _first_line(error: BaseException, with_type: bool = True, limit: int = 300) -> str:
+  """`error`'s first line, without TensorStore's spec dump, at most `limit` characters."""
+  text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+  text = text.split(" [tensorstore_spec", 1)[0]
+  if with_type or not text:
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def export_encoder(directory: str, encoder_params: Any, model_info: dict) -> str:
   """Writes encoder-only parameters (Orbax) plus a JSON description for downstream use.
 
@@ -323,6 +488,35 @@ def saved_tree(path: str) -> Any:
   with _quiet_item_metadata():
     metadata = ocp.StandardCheckpointer().metadata(storage.absolute(path))
   return getattr(metadata, "item_metadata", metadata)  # newer Orbax wraps the tree
+
+
+@contextlib.contextmanager
+def quiet_failed_restores():
+  """Drops what Orbax's restore of a damaged checkpoint leaves behind when it fails while
+  opening its arrays, up to hundreds of tracebacks that would bury the one-line warning about
+  the damage: the sibling reads' errors that nobody retrieved (asyncio's "Task exception was
+  never retrieved"), and TensorStore's callbacks into the event loop that the failure closed
+  ("RuntimeError: Event loop is closed", through sys.unraisablehook). The failure itself is
+  raised as ever; anything else reaches its hook or handler as before."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not (unraisable.exc_type is RuntimeError
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+
+  asyncio_logger = logging.getLogger("asyncio")
+  sys.unraisablehook = hook
+  asyncio_logger.addFilter(_no_unretrieved_task_error)
+  try:
+    yield
+  finally:
+    asyncio_logger.removeFilter(_no_unretrieved_task_error)
+    sys.unraisablehook = previous
+
+
+def _no_unretrieved_task_error(record: logging.LogRecord) -> bool:
+  return not record.getMessage().startswith("Task exception was never retrieved")
 
 
 @contextlib.contextmanager

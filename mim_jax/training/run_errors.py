@@ -2,7 +2,8 @@
 
   0  the run finished
   1  an unexpected error: a bug, reported with Python's traceback
-  2  bad input found before training: configuration, command line, workdir, data files
+  2  bad input found before training: configuration, command line, workdir (also one whose
+     checkpoints are all damaged), data files
   3  training diverged: the loss or gradients were non-finite for too many consecutive steps
   4  checkpoints could not be written for too many consecutive attempts
   5  a multi-process run lost one of its processes (killed, crashed, preempted without notice):
@@ -39,6 +40,12 @@ class CheckpointSaveError(RunError):
   """Checkpoint writes failed `config.max_consecutive_failed_saves` times in a row, or the
   final / preemption checkpoint could not be written."""
   exit_code = EXIT_CHECKPOINT_FAILED
+
+
+class CheckpointRestoreError(RunError):
+  """No checkpoint of the workdir could be restored: every step folder is damaged (files
+  missing, cut short or unreadable). Bad input found before training, like a bad workdir."""
+  exit_code = EXIT_BAD_INPUT
 
 
 class Preempted(RunError):
