@@ -9,7 +9,7 @@ tried again at the next interval; `max_consecutive_failures` failures in a row s
 
 A step folder can still be damaged after it was committed: files deleted or cut short (a full
 disk, a crashed file server, a copy of the workdir that stopped halfway, a hand-made cleanup).
-On resume the loop (training/loop.py) tries the steps newest first. A step is damaged when its
+On resume, training/restore.py tries the steps newest first. A step is damaged when its
 files say so: `missing_parts` before a restore (no `state` item; no data-iterator position, or
 this process's missing or unreadable), `damage` after one failed (state/_METADATA missing or
 unreadable, or, where the saved arrays are those the run builds, the restore's error is
