@@ -38,6 +38,7 @@ The config file is a Python module and runs as code: only pass config files you 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -253,7 +254,8 @@ def run_from_flags(flag_values: flags.FlagValues, cpu_devices_auto: bool = True)
       logging.log(*said)
 
   from mim_jax import data, registry
-  from mim_jax.training import checkpoint, loop, setup
+  from mim_jax.training import checkpoint, loop, orbax_noise, setup
+  orbax_noise.start()  # for the whole process: the last of Orbax's noise comes at exit
   try:
     config = flag_values.config
     file_config = files.load_config_file(flag_values["config"].config_filename)
@@ -273,10 +275,25 @@ def run_from_flags(flag_values: flags.FlagValues, cpu_devices_auto: bool = True)
     sys.exit(e.exit_code)
   except run_errors.RunError as e:
     _fail(str(e), e.exit_code)
+  except OSError as e:
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+      raise
+    _fail(_storage_full_message(e, workdir), run_errors.EXIT_CHECKPOINT_FAILED)
   except jax.errors.JaxRuntimeError as e:
     if jax.process_count() > 1:
       _stop_after_lost_process(e, workdir)
     raise
+
+
+def _storage_full_message(error: OSError, workdir: str) -> str:
+  """One line for a write that found the workdir's storage full (a log, a picture, results;
+  failed checkpoint writes are counted and reported by the Checkpointer)."""
+  from mim_jax.convert import our_weights
+  latest = our_weights.latest_step(os.path.join(workdir, "checkpoints"))
+  where = f" writing {error.filename}" if error.filename else ""
+  return (f"the storage of {workdir} is full ({error.strerror or error}{where}); the latest "
+          f"complete checkpoint is {'step ' + str(latest) if latest is not None else 'none'}: "
+          "free space (or raise the quota), then run the same command to resume")
 
 
 def _stop_after_lost_process(error: Exception, workdir: str) -> None:

@@ -635,15 +635,83 @@ def test_failed_checkpoint_writes_are_retried_then_stop_the_run(tmp_path, monkey
   workdir = tmp_path / "w"
   config = tiny_mae_config(total_steps=8, checkpoint_every=1, keep_checkpoints=10,
                            max_consecutive_failed_saves=2)
-  with caplog.at_level(logging.ERROR, logger="mim_jax.training.checkpoint"):
+  with caplog.at_level(logging.ERROR):
     with pytest.raises(run_errors.CheckpointSaveError,
                        match=r"2 checkpoint saves in a row failed \(the last for step 6.*"
                              r"latest complete checkpoint .* is step 4"):
       train.run(config, str(workdir))
   assert "checkpoint for step 2 could not be written" in caplog.text
+  # Each failure is our one line, not Orbax's own reports of it with their tracebacks too.
+  assert [r.name for r in caplog.records if r.name != "mim_jax.training.checkpoint"] == []
   assert _committed(workdir) == [1, 3, 4]
   assert _partial(workdir) == []
   assert max(_logged_steps(workdir)) == 6
+
+
+def test_orbax_noise_drops_only_a_failed_checkpoint_s_echoes(monkeypatch):
+  """While quiet: TensorStore's "Event loop is closed" and Orbax's unfinished write coroutines
+  (unraisable), and asyncio's never-retrieved errors of checkpoint writes are dropped; any
+  other unraisable or asyncio error still reaches its hook or handler, and all is restored."""
+  import types
+
+  from mim_jax.training import orbax_noise
+  # From a clean slate: an in-process CLI run of an earlier test left it on for the process.
+  monkeypatch.setattr(orbax_noise, "_users", 0)
+  for name in ("absl", "asyncio"):
+    monkeypatch.setattr(logging.getLogger(name), "filters", [])
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+
+  def unraisable(exc, obj=None):
+    return types.SimpleNamespace(exc_type=type(exc), exc_value=exc, object=obj)
+
+  async def not_orbax():
+    pass
+  coroutine = not_orbax()
+  coroutine.close()
+  orbax_code = types.SimpleNamespace(cr_code=types.SimpleNamespace(
+      co_filename="/site-packages/orbax/checkpoint/_src/serialization/serialization.py"))
+  records = []
+  handler = logging.Handler()
+  handler.emit = records.append
+  asyncio_log = logging.getLogger("asyncio")
+  asyncio_log.addHandler(handler)
+  try:
+    with orbax_noise.quiet():
+      sys.unraisablehook(unraisable(RuntimeError("Event loop is closed")))
+      sys.unraisablehook(unraisable(ImportError("shutting down"), orbax_code))
+      sys.unraisablehook(unraisable(RuntimeError("something else"), coroutine))
+      asyncio_log.error("Task exception was never retrieved\nfuture: <Task coro=<write() "
+                        "defined at /x/orbax/checkpoint/y.py>>")
+      asyncio_log.error("Task exception was never retrieved\nfuture: <Task coro=<mine()>>")
+    sys.unraisablehook(unraisable(RuntimeError("Event loop is closed")))
+    asyncio_log.error("Task exception was never retrieved\nfuture: <Task coro=<orbax>>")
+  finally:
+    asyncio_log.removeHandler(handler)
+  assert [str(u.exc_value) for u in seen] == ["something else", "Event loop is closed"]
+  assert [r.getMessage().split("coro=<")[1][:5] for r in records] == ["mine(", "orbax"]
+
+
+def test_a_full_disk_outside_the_checkpoints_is_one_error(tmp_path, monkeypatch, capsys):
+  """A write other than a checkpoint's that finds the storage full (here the first
+  reconstruction picture) ends the run with exit 4 and one line naming the workdir and the
+  latest complete checkpoint, not a traceback."""
+  from mim_jax import viz
+
+  def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  monkeypatch.setattr(viz, "save_png", no_space)
+  run = train.run
+  monkeypatch.setattr(train, "run", lambda config, workdir, **kwargs: run(
+      tiny_mae_config(total_steps=2, viz_every=2), workdir, **kwargs))
+  workdir = tmp_path / "w"
+  with pytest.raises(SystemExit) as exit_info:
+    main.cli(["mim_jax.main", RUNLOCAL, f"--workdir={workdir}"])
+  err = capsys.readouterr().err
+  assert exit_info.value.code == run_errors.EXIT_CHECKPOINT_FAILED == 4, err
+  assert "Traceback" not in err, err
+  assert err.startswith(f"error: the storage of {workdir} is full (No space left on device); "
+                        "the latest complete checkpoint is step 1: free space"), err
 
 
 def test_failed_last_checkpoint_fails_the_run(tmp_path, monkeypatch):
@@ -1090,7 +1158,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(
   damaged = workdir / "checkpoints" / "4"
   _damage(damaged, how)
   kept = _listing(damaged)
-  with caplog.at_level(logging.WARNING, logger="mim_jax.training.loop"):
+  with caplog.at_level(logging.WARNING, logger="mim_jax.training.restore"):
     state = train.run(tiny_mae_config(total_steps=5), str(workdir))
   assert int(state.step) == 5
   warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
@@ -1151,7 +1219,7 @@ def test_resume_with_changes_does_not_blame_the_changes_for_a_damaged_checkpoint
   shutil.copytree(checkpointed_run, workdir)
   _damage(workdir / "checkpoints" / "4", "metadata cut short")
   lower_lr = {"optimizer.base_lr": 1e-4}
-  with caplog.at_level(logging.WARNING, logger="mim_jax.training.loop"):
+  with caplog.at_level(logging.WARNING, logger="mim_jax.training.restore"):
     state = train.run(tiny_mae_config(total_steps=5, **lower_lr), str(workdir),
                       resume_with_changes=True)
   assert int(state.step) == 5

@@ -37,7 +37,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import uuid
 from typing import Any
 
@@ -47,6 +46,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from mim_jax import data, storage
+from mim_jax.training import orbax_noise
 from mim_jax.training.run_errors import CheckpointSaveError
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,7 @@ class Checkpointer:
         enable_should_save_is_saving_in_progress_check=False)
     self.directory = storage.absolute(directory)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    orbax_noise.start()  # a failed write or read is one line of ours, until close()
     self.max_consecutive_failures = max_consecutive_failures
     self.consecutive_failures = 0
     self._in_flight: int | None = None  # step of the asynchronous save not yet confirmed
@@ -351,9 +352,13 @@ class Checkpointer:
     """Waits for the save in flight (a failure is only logged) and releases the manager;
     after `abandon()`, returns at once."""
     if self._abandoned:
+      orbax_noise.stop()
       return
-    self._confirm_in_flight(count=False)
-    self.manager.close()
+    try:
+      self._confirm_in_flight(count=False)
+      self.manager.close()
+    finally:
+      orbax_noise.stop()
 
   def abandon(self) -> None:
     """For a multi-process run that lost a process: `close()` will not wait for the save in
@@ -488,35 +493,6 @@ def saved_tree(path: str) -> Any:
   with _quiet_item_metadata():
     metadata = ocp.StandardCheckpointer().metadata(storage.absolute(path))
   return getattr(metadata, "item_metadata", metadata)  # newer Orbax wraps the tree
-
-
-@contextlib.contextmanager
-def quiet_failed_restores():
-  """Drops what Orbax's restore of a damaged checkpoint leaves behind when it fails while
-  opening its arrays, up to hundreds of tracebacks that would bury the one-line warning about
-  the damage: the sibling reads' errors that nobody retrieved (asyncio's "Task exception was
-  never retrieved"), and TensorStore's callbacks into the event loop that the failure closed
-  ("RuntimeError: Event loop is closed", through sys.unraisablehook). The failure itself is
-  raised as ever; anything else reaches its hook or handler as before."""
-  previous = sys.unraisablehook
-
-  def hook(unraisable):
-    if not (unraisable.exc_type is RuntimeError
-            and str(unraisable.exc_value) == "Event loop is closed"):
-      previous(unraisable)
-
-  asyncio_logger = logging.getLogger("asyncio")
-  sys.unraisablehook = hook
-  asyncio_logger.addFilter(_no_unretrieved_task_error)
-  try:
-    yield
-  finally:
-    asyncio_logger.removeFilter(_no_unretrieved_task_error)
-    sys.unraisablehook = previous
-
-
-def _no_unretrieved_task_error(record: logging.LogRecord) -> bool:
-  return not record.getMessage().startswith("Task exception was never retrieved")
 
 
 @contextlib.contextmanager

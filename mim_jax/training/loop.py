@@ -318,8 +318,7 @@ def _restore_or_init(config, r: setup.Run, ckpt: checkpoint.Checkpointer, train_
                        if key.startswith("optimizer.")}
     if saved_optimizer:
       target = r.abstract_state_saved_with(saved_optimizer) or abstract_state
-    with checkpoint.quiet_failed_restores():  # the leftovers of a damaged step's restore
-      state, start_step = restore.restore_newest(config, ckpt, train_iter, target, changes)
+    state, start_step = restore.restore_newest(config, ckpt, train_iter, target, changes)
     if target is not abstract_state:  # read in the saved optimizer's tree: the same arrays
       state = state.replace(opt_state=jax.tree.unflatten(
           jax.tree.structure(abstract_state.opt_state), jax.tree.leaves(state.opt_state)))

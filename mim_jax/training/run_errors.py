@@ -5,7 +5,8 @@
   2  bad input found before training: configuration, command line, workdir (also one whose
      checkpoints are all damaged), data files
   3  training diverged: the loss or gradients were non-finite for too many consecutive steps
-  4  checkpoints could not be written for too many consecutive attempts
+  4  checkpoints could not be written for too many consecutive attempts, or the workdir's
+     storage filled up (a log or picture could not be written; the command line's message)
   5  a multi-process run lost one of its processes (killed, crashed, preempted without notice):
      the others stop too instead of waiting for it
  75  the run stopped cleanly after a preemption notice (SIGTERM): its checkpoint is written and
