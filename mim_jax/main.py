@@ -225,14 +225,8 @@ def run_from_flags(flag_values: flags.FlagValues, cpu_devices_auto: bool = True)
   failed checkpoints (4); other exceptions are bugs and keep their traceback. Without
   `cpu_devices_auto` only an explicit --cpu_devices count changes the CPU device count.
   """
-  from mim_jax.data import validation as data_validation  # after flag parsing: fast `--help`
-  from mim_jax.training import cpu_devices, distributed
+  from mim_jax.training import cpu_devices, distributed  # after flag parsing: fast `--help`
   workdir = workdir_of(flag_values)
-  try:  # before the backends and the process group start, and before the workdir is made
-    if "data" in flag_values.config:
-      data_validation.check_workdir_outside_images(flag_values.config.data, workdir)
-  except ConfigError as e:
-    _fail(str(e))
   count = None
   try:
     # Before anything touches JAX devices: the backends start with the device count and the
@@ -254,8 +248,7 @@ def run_from_flags(flag_values: flags.FlagValues, cpu_devices_auto: bool = True)
       logging.log(*said)
 
   from mim_jax import data, registry
-  from mim_jax.training import checkpoint, loop, orbax_noise, setup
-  orbax_noise.start()  # for the whole process: the last of Orbax's noise comes at exit
+  from mim_jax.training import checkpoint, loop, setup
   try:
     config = flag_values.config
     file_config = files.load_config_file(flag_values["config"].config_filename)
@@ -286,14 +279,20 @@ def run_from_flags(flag_values: flags.FlagValues, cpu_devices_auto: bool = True)
 
 
 def _storage_full_message(error: OSError, workdir: str) -> str:
-  """One line for a write that found the workdir's storage full (a log, a picture, results;
-  failed checkpoint writes are counted and reported by the Checkpointer)."""
+  """One line for a write that found its storage full: the workdir's (a log, a picture,
+  results; failed checkpoint writes are counted and reported by the Checkpointer) when the
+  file is in it or unnamed, else the file's (a temporary folder, a cache)."""
+  from mim_jax import storage
   from mim_jax.convert import our_weights
   latest = our_weights.latest_step(os.path.join(workdir, "checkpoints"))
-  where = f" writing {error.filename}" if error.filename else ""
-  return (f"the storage of {workdir} is full ({error.strerror or error}{where}); the latest "
-          f"complete checkpoint is {'step ' + str(latest) if latest is not None else 'none'}: "
-          "free space (or raise the quota), then run the same command to resume")
+  name = os.fspath(error.filename) if error.filename else ""
+  where = f" writing {name}" if name else ""
+  in_workdir = not name or storage.is_url(workdir) or os.path.commonpath(
+      [os.path.abspath(name), os.path.abspath(workdir)]) == os.path.abspath(workdir)
+  storage_of = f"the storage of {workdir}" if in_workdir else f"the storage of {name}"
+  return (f"{storage_of} is full ({error.strerror or error}{where}); the latest complete "
+          f"checkpoint in {workdir} is {'step ' + str(latest) if latest is not None else 'none'}"
+          ": free space (or raise the quota), then run the same command to resume")
 
 
 def _stop_after_lost_process(error: Exception, workdir: str) -> None:
@@ -357,8 +356,11 @@ def main(argv):
   # JAX probes for a TPU on every start and logs the failure ("Failed to open libtpu.so") at
   # INFO: on CPU and GPU machines that is expected, not news.
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-  from mim_jax.training import malloc_tunables
+  from mim_jax.training import malloc_tunables, orbax_noise
   malloc_tunables.log_if_tuned()
+  # For the whole program (the Checkpointer quiets it while open): the last of Orbax's noise
+  # after a failed write comes at exit. Not in cli(), which leaves its process as it was.
+  orbax_noise.start()
   run_from_flags(FLAGS)
 
 

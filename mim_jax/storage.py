@@ -195,7 +195,9 @@ def write_with(path: str, write: Callable[[BinaryIO], Any]) -> None:
       write(f)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private (0600)
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.remove(tmp)
+    if isinstance(e, OSError) and e.filename is None:
+      e.filename = path  # a failed write() names no file: say which (a full disk's message)
     raise

@@ -510,6 +510,25 @@ def test_corrupt_images_skipped_with_warning_and_count(bad_folder, caplog):
   assert data.num_skipped_images() >= 4  # each bad file at least once per epoch
 
 
+def test_an_epoch_of_bad_images_across_a_resume_is_not_an_unreadable_split():
+  """The count of images without one that decodes starts where the stream resumed: one
+  epoch's length of bad images can span two epochs' shuffles of a half-readable split (here 4
+  bad in a row of an epoch of 4), which is no reason to stop; 2 x 4 - 1 in a row is."""
+  from mim_jax.data import transforms
+  drop = transforms.DropInvalidRows(max_bad_fraction=1.0, epoch_size=4, source="S")
+
+  def batch(*valid):
+    return {"image": np.zeros((len(valid), 2)), transforms.VALID_KEY: np.array(valid)}
+  for valid in ((False, False), (False, False), (True, True)):
+    drop.map(batch(*valid))
+  stuck = transforms.DropInvalidRows(max_bad_fraction=1.0, epoch_size=4, source="S")
+  stuck.map(batch(False, False, False, False))
+  stuck.map(batch(False, False))
+  with pytest.raises(data.BadImageError, match="none of the 8 images this process read in a row "
+                     r"of S could be decoded: a whole epoch of its share \(4 images\)"):
+    stuck.map(batch(False, False))
+
+
 def test_an_unreadable_folder_is_one_error_after_a_few_warnings_naming_the_files(tmp_path,
                                                                                 caplog):
   """Every file corrupt: each skip was a warning quoting PIL's "<_io.BytesIO object at
@@ -527,8 +546,9 @@ def test_an_unreadable_folder_is_one_error_after_a_few_warnings_naming_the_files
   it = data.make_train_iterator(cfg, image_size=(8, 8), channels=3, global_batch_size=4,
                                 seed=0, process_index=0, process_count=1)
   with caplog.at_level(logging.WARNING), pytest.raises(
-      data.BadImageError, match=rf"none of the 12 images read of ImageFolderSource\('{root}', "
-      r"n=12, classes=0\) \(an epoch's worth\) could be decoded"):
+      data.BadImageError, match=rf"none of the 24 images this process read in a row of "
+      rf"ImageFolderSource\('{root}', n=12, classes=0\) could be decoded: a whole epoch of its "
+      r"share \(12 images\)"):
     next(it)
   warned = [r.getMessage() for r in caplog.records if r.name == bad_images.log.name]
   # (An earlier test's unclosed iterator may still decode its own bad files ahead: its lines

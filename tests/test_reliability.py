@@ -657,6 +657,7 @@ def test_orbax_noise_drops_only_a_failed_checkpoint_s_echoes(monkeypatch):
   from mim_jax.training import orbax_noise
   # From a clean slate: an in-process CLI run of an earlier test left it on for the process.
   monkeypatch.setattr(orbax_noise, "_users", 0)
+  monkeypatch.setattr(orbax_noise, "_previous_hook", None)
   for name in ("absl", "asyncio"):
     monkeypatch.setattr(logging.getLogger(name), "filters", [])
   seen = []
@@ -711,7 +712,11 @@ def test_a_full_disk_outside_the_checkpoints_is_one_error(tmp_path, monkeypatch,
   assert exit_info.value.code == run_errors.EXIT_CHECKPOINT_FAILED == 4, err
   assert "Traceback" not in err, err
   assert err.startswith(f"error: the storage of {workdir} is full (No space left on device); "
-                        "the latest complete checkpoint is step 1: free space"), err
+                        f"the latest complete checkpoint in {workdir} is step 1: free space"), err
+  # A full disk elsewhere (a temporary folder) is named as such, not blamed on the workdir.
+  elsewhere = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "tmp" / "x"))
+  assert main._storage_full_message(elsewhere, str(workdir)).startswith(
+      f"the storage of {tmp_path / 'tmp' / 'x'} is full (No space left on device writing ")
 
 
 def test_failed_last_checkpoint_fails_the_run(tmp_path, monkeypatch):
@@ -1134,6 +1139,9 @@ def _damage(step_dir: pathlib.Path, how: str) -> None:
   elif how == "metadata cut short":  # the state's tree and array metadata
     metadata = step_dir / "state" / "_METADATA"
     metadata.write_text(metadata.read_text()[:100])
+  elif how == "position cut short":  # the data iterator's position (JSON)
+    position = next(step_dir.glob("data/process_0-of-*.json"))
+    position.write_text(position.read_text()[:5])
   else:
     raise ValueError(how)
 
@@ -1146,6 +1154,8 @@ def _listing(folder: pathlib.Path) -> dict[str, int]:
 @pytest.mark.parametrize("how, reason", [
     ("emptied", "the folder is empty"),
     ("truncated", 'OUT_OF_RANGE: Error reading "'),
+    ("position cut short", "data/process_0-of-1.json (the data-iterator position) is "
+                           "unreadable (JSONDecodeError"),
 ])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(
     checkpointed_run, tmp_path, caplog, how, reason):

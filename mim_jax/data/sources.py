@@ -150,15 +150,15 @@ def nonfinite_report(images: np.ndarray) -> str:
           f"image {first}")
 
 
-_NONFINITE_SCANS: dict[tuple[str, int, int], str] = {}
+_NONFINITE_SCANS: dict[tuple[str, int, int, int, int], str] = {}
 
 
 def npy_nonfinite(path: str, images: np.ndarray | None = None) -> str:
   """`nonfinite_report` of the .npy file at `path` (`images`: the file already opened),
-  remembered per version of the file (its size and modification time), so that validation
-  and the sources a run builds from the file scan it once per process."""
+  remembered per version of the file (inode, size, modification and change times), so that
+  validation and the sources a run builds from the file scan it once per process."""
   stat = os.stat(path)
-  key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+  key = (os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
   if key not in _NONFINITE_SCANS:
     if images is None:
       images = np.load(path, mmap_mode="r", allow_pickle=False)

@@ -90,14 +90,24 @@ def channel_conversion_error(stored: np.dtype, c: int, channels: int) -> str | N
 
 
 def check_image_array(image: np.ndarray) -> np.ndarray:
-  """Returns [h, w, c] `image` unchanged; raises ValueError for an empty one (0 x w) and for
-  float pixels that are NaN or inf (a float TIFF's: they would make the loss NaN)."""
+  """Returns [h, w, c] `image` unchanged; raises ValueError for an empty one (0 x w)."""
   if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
     raise ValueError(f"image has shape {image.shape}; expected [height, width, channels] with "
                      "a positive height and width")
+  return image
+
+
+class NonFiniteImageError(ValueError):
+  """An image whose stored float pixels include NaN or inf."""
+
+
+def check_stored_floats(image: np.ndarray) -> np.ndarray:
+  """Returns `image` as stored; raises ValueError when it holds floats that are NaN or inf (a
+  float TIFF's or array record's: they would make the loss NaN). Integer images, and the
+  floats converted from them, are finite: only stored floats pay for the check."""
   if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
-    raise ValueError(f"{int(np.size(image) - np.isfinite(image).sum())} NaN or inf pixel "
-                     "value(s): pixel values must be finite numbers")
+    raise NonFiniteImageError(f"{int(np.size(image) - np.isfinite(image).sum())} NaN or inf "
+                              "pixel value(s): pixel values must be finite numbers")
   return image
 
 
@@ -114,7 +124,7 @@ def _png_bit_depth_and_colour(data: bytes) -> tuple[int, int] | None:
 def _decode_tiff(data: bytes, channels: int) -> np.ndarray:
   """A TIFF (any bit depth, any channel count, [h, w], [h, w, c] or planar [c, h, w]) ->
   [h, w, channels], read with tifffile."""
-  array = np.asarray(tifffile.imread(io.BytesIO(data)))
+  array = check_stored_floats(np.asarray(tifffile.imread(io.BytesIO(data))))
   if array.ndim == 3 and array.shape[-1] != channels and array.shape[0] == channels:
     array = np.moveaxis(array, 0, -1)  # planar (channel-first) storage
   return to_channels(array, channels)
@@ -146,6 +156,8 @@ def decode_named(data: bytes, channels: int, name: str) -> np.ndarray:
   OSError) is a ValueError naming it: a tool's one-line error."""
   try:
     return decode_image(data, channels)
+  except NonFiniteImageError as e:  # decoded, but unusable
+    raise NonFiniteImageError(f"{name}: {e}") from None
   except (OSError, ValueError) as e:
     raise ValueError(f"{name}: not an image this reader decodes ({e})") from None
 
@@ -322,7 +334,7 @@ class DecodeImage(grain.transforms.Map):
       if isinstance(image, np.ndarray):
         # Array records can hold channel counts no conversion exists for (e.g. 2): that is a
         # bad image like a corrupt file, handled by the same policy and named the same way.
-        decoded = check_image_array(to_channels(image, self.channels))
+        decoded = check_image_array(to_channels(check_stored_floats(image), self.channels))
       else:
         if image is None:
           with open(path, "rb") as f:
@@ -423,9 +435,12 @@ class DropInvalidRows(grain.transforms.Map):
   workers. Raises BadImageError when more than `max_bad_fraction` of a window of
   `window` consecutive images was bad: a mostly unreadable dataset is misconfigured, and an
   all-bad one would otherwise make the infinite stream spin forever. `epoch_size` (this
-  process's images per epoch, 0: unknown) makes a stream whose first `epoch_size` images all
-  failed an error at once, naming `source`: no image of the split decodes (a folder smaller
-  than the window would otherwise be read, and its skips logged, for many epochs first).
+  process's images per epoch, 0: unknown) makes 2 x `epoch_size` - 1 images in a row without
+  one that decodes an error at once, naming `source`: that run holds a whole epoch of this
+  process's share, so none of its images decodes (a folder smaller than the window would
+  otherwise be read, and its skips logged, for many epochs first). Not `epoch_size` alone: the
+  count starts where the stream was resumed, and a stretch of one epoch's length across two
+  epochs' shuffles need not hold every image.
   """
 
   def __init__(self, max_bad_fraction: float, window: int = 1000, epoch_size: int = 0,
@@ -449,12 +464,13 @@ class DropInvalidRows(grain.transforms.Map):
   def _count(self, valid: np.ndarray) -> None:
     if self._read_without_valid >= 0:
       self._read_without_valid = -1 if valid.any() else self._read_without_valid + valid.size
-      if self.epoch_size and self._read_without_valid >= self.epoch_size:
+      if self.epoch_size and self._read_without_valid >= 2 * self.epoch_size - 1:
         source = self.source or "the training split"
         raise BadImageError(
-            f"none of the {self._read_without_valid} images read of {source} (an epoch's "
-            "worth) could be decoded; the warnings above name the first: check "
-            "config.data.path / config.data.source")
+            f"none of the {self._read_without_valid} images this process read in a row of "
+            f"{source} could be decoded: a whole epoch of its share ({self.epoch_size} images) "
+            "is among them; the warnings above name the first: check config.data.path / "
+            "config.data.source")
     self._seen += valid.size
     self._bad += int(valid.size - valid.sum())
     if self._seen < self.window:

@@ -1,4 +1,5 @@
-"""Cheap checks of `config.data` before anything is read or compiled.
+"""Checks of `config.data` before training reads or compiles anything: cheap, but for one pass
+over the pixels of a float .npy split (NaN and inf), once per file per process.
 
 Every failure is a `ConfigError` naming the field as `config.data.<field>` (or --workdir, for
 a workdir inside the images: `check_workdir_outside_images`). Nothing here opens an image or

@@ -47,7 +47,7 @@ from jax.experimental import multihost_utils
 
 from mim_jax import data, storage
 from mim_jax.training import orbax_noise
-from mim_jax.training.run_errors import CheckpointSaveError
+from mim_jax.training.run_errors import CheckpointRestoreError, CheckpointSaveError
 
 log = logging.getLogger(__name__)
 
@@ -215,18 +215,24 @@ class Checkpointer:
       json.loads(storage.read_text(metadata))
     except (OSError, UnicodeDecodeError, ValueError) as e:
       return f"state/_METADATA is unreadable ({_first_line(e)})"
-    saved = self.saved_arrays(step)
-    if saved is not None and saved != arrays_of(target):
+    if self.arrays_differ(step, target):
       return None  # a true structure mismatch: not the files' fault
     return _read_damage(error)
+
+  def arrays_differ(self, step: int, target: Any) -> bool:
+    """Whether checkpoint `step`'s metadata readably holds other arrays (shapes, dtypes) than
+    `target`: a structure mismatch (False when the metadata cannot be read to tell)."""
+    saved = self.saved_arrays(step)
+    return saved is not None and saved != arrays_of(target)
 
   def set_aside(self, steps: list[int]) -> dict[int, str]:
     """Moves the folders of damaged `steps` to `<step>.damaged` (a free name), where nothing
     reads, prunes or deletes them, and makes the manager forget them: its latest step (the
     next save's interval) is the restored one again. {step: new path} on process 0, which
     moves them (the folder is shared), {} on the others; every process must call it
-    (a barrier), after all agreed on `steps` (`agree`). Raises OSError when a move fails: a
-    damaged folder left in place would be overwritten by the next save of its step."""
+    (a barrier), after all agreed on `steps` (`agree`). Raises CheckpointRestoreError (exit 2)
+    when a move fails: a damaged folder left in place would be overwritten by the next save of
+    its step."""
     moved, failure = {}, None
     if jax.process_index() == 0:
       for step in steps:
@@ -238,14 +244,15 @@ class Checkpointer:
         try:
           storage.rename(self.step_dir(step), target)
         except Exception as e:  # pylint: disable=broad-except  # each backend raises its own
-          failure = OSError(f"could not move the damaged checkpoint folder {self.step_dir(step)} "
-                            f"aside to {target} ({_first_line(e)}); move or delete it, then run "
-                            "the same command again")
+          failure = CheckpointRestoreError(
+              f"could not move the damaged checkpoint folder {self.step_dir(step)} aside to "
+              f"{target} ({_first_line(e)}); move or delete it, then run the same command again")
           break
         moved[step] = target
     if agree(FAILED if failure else RESTORED)[0] == FAILED:
-      raise failure or OSError(f"process 0 could not move a damaged checkpoint folder in "
-                               f"{self.directory} aside (see its log)")
+      raise failure or CheckpointRestoreError(
+          f"process 0 could not move a damaged checkpoint folder in {self.directory} aside (see "
+          "its log); move or delete it, then run the same command again")
     self.manager.reload()
     return moved
 
@@ -444,7 +451,7 @@ def _read_damage(error: BaseException) -> str | None:
       return line
     if isinstance(error, json.JSONDecodeError):
       return f"a JSON file is cut short or corrupt ({line})"
-    error = error.__cause__ or error.__context__
+    error = error.__cause__  # explicit chains only: not an error met while handling another
   return None
 
 

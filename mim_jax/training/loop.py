@@ -55,6 +55,8 @@ def run(config, workdir: str, file_config=None, resume_with_changes: bool = Fals
   `resume_with_changes`: see `train`. Holds the workdir's lock (training/workdir_lock.py)
   throughout: another run on a local `workdir` raises WorkdirInUseError (a ConfigError)."""
   data.sources.forget_listings()  # folders as they are now, not as an earlier run saw them
+  if "data" in config:  # before the workdir is made: not inside the images it would read
+    data.check_workdir_outside_images(config.data, workdir)
   config = setup.prepare(config, file_config)
   cls = registry.method_class(config.method)
   # Before any data is read or anything compiled; held until the run returns or raises.
@@ -127,12 +129,16 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
       ckpt.close()
       raise
   micro_shape = (config.global_batch_size // config.grad_accum_steps, *image_size, channels)
-  train_iter = data.make_train_iterator(
-      config.data, image_size=image_size, channels=channels,
-      global_batch_size=config.global_batch_size, seed=config.seed,
-      element_transforms=method.data_transforms(),
-      augment=method.train_augment(config.data, image_size, channels),
-      batch_sharding=r.batch_sharding, batch_extras=method.example_extras)
+  try:  # a device-resident split is read here: its bad image must not leave ckpt open
+    train_iter = data.make_train_iterator(
+        config.data, image_size=image_size, channels=channels,
+        global_batch_size=config.global_batch_size, seed=config.seed,
+        element_transforms=method.data_transforms(),
+        augment=method.train_augment(config.data, image_size, channels),
+        batch_sharding=r.batch_sharding, batch_extras=method.example_extras)
+  except BaseException:
+    ckpt.close()
+    raise
   writer = None
   host_batch = batch = None
   try:

@@ -12,9 +12,10 @@ only those are dropped:
 
   with orbax_noise.quiet(): ...     (or start() / stop(), counted: nested users are fine)
 
-The Checkpointer starts it when it opens and stops it when it closes; the command line starts
-it once more for the whole process, since the last of it arrives at exit (Orbax's unfinished
-write coroutines, collected as the interpreter shuts down).
+The Checkpointer starts it when it opens and stops it when it closes; the program
+(`python -m mim_jax.main`) starts it once more for the whole process, since the last of it
+arrives at exit (Orbax's unfinished write coroutines, collected as the interpreter shuts
+down).
 
 Anything else reaches its hook or handler as before.
 """

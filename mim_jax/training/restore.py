@@ -41,17 +41,20 @@ def restore_newest(config, ckpt: checkpoint.Checkpointer, train_iter, target,
   # position (written by another process count) then starts from the fresh position.
   fresh_position = train_iter.get_state() if len(steps) > 1 else None
   for i, step in enumerate(steps):
-    state = error = reason = None
-    try:  # every failure reaches `agree` below: the other processes wait there
-      reason = ckpt.missing_parts(step)
-      if reason is None:
+    state = error = None
+    # Agreed before any process restores: Orbax's restore ends with a barrier across the
+    # processes, which one that skipped the step (its own data position missing) never joins.
+    reason = _quietly(ckpt.missing_parts, step)
+    outcome, process = checkpoint.agree(checkpoint.DAMAGED if reason else checkpoint.RESTORED)
+    if outcome == checkpoint.RESTORED:
+      try:  # every failure reaches `agree` below: the other processes wait there
         state = _restore_step(config, ckpt, step, target, train_iter,
                               fresh_position if damaged else None)
-    except Exception as e:  # pylint: disable=broad-except  # damage, or raised below
-      reason = None if isinstance(e, ConfigError) else ckpt.damage(step, e, target)
-      error = None if reason else e
-    outcome, process = checkpoint.agree(checkpoint.FAILED if error is not None else
-                                        checkpoint.DAMAGED if reason else checkpoint.RESTORED)
+      except Exception as e:  # pylint: disable=broad-except  # damage, or raised below
+        reason = None if isinstance(e, ConfigError) else ckpt.damage(step, e, target)
+        error = None if reason else e
+      outcome, process = checkpoint.agree(checkpoint.FAILED if error is not None else
+                                          checkpoint.DAMAGED if reason else checkpoint.RESTORED)
     if outcome == checkpoint.FAILED:
       _raise_restore_error(error or run_errors.RunError(
           f"process {process} could not restore checkpoint {step} in {ckpt.directory} (see "
@@ -76,6 +79,15 @@ def restore_newest(config, ckpt: checkpoint.Checkpointer, train_iter, target,
       f"(files missing, cut short or unreadable):\n{tried}\nNothing was moved or deleted. "
       "Start the run afresh in another --workdir, or, to restart this workdir from step 0, "
       "move or delete these step folders first (its logs are then rewound to step 0).")
+
+
+def _quietly(missing_parts, step: int) -> str | None:
+  """`missing_parts(step)`, a storage error reading the listing being a reason too: every
+  process must reach the `agree` after it."""
+  try:
+    return missing_parts(step)
+  except Exception as e:  # pylint: disable=broad-except  # each storage backend its own
+    return f"its listing cannot be read ({type(e).__name__}: {e})"
 
 
 def _restore_step(config, ckpt: checkpoint.Checkpointer, step: int, target, train_iter,
@@ -103,8 +115,7 @@ def _raise_restore_error(error: Exception, ckpt: checkpoint.Checkpointer, step: 
   holds (Orbax's ValueError), else as it is (the changes are not blamed for what they did not
   cause, nor when the metadata cannot be read to tell)."""
   if changes and isinstance(error, ValueError) and not isinstance(error, ConfigError):
-    saved = ckpt.saved_arrays(step)
-    if saved is not None and saved != checkpoint.arrays_of(target):
+    if ckpt.arrays_differ(step, target):
       fields = ", ".join(f"config.{key}" for key, _, _ in changes)
       first_line = str(error).strip().splitlines()[0] if str(error).strip() else (
           type(error).__name__)
