@@ -44,8 +44,12 @@ def restore_newest(config, ckpt: checkpoint.Checkpointer, train_iter, target,
     state = error = None
     # Agreed before any process restores: Orbax's restore ends with a barrier across the
     # processes, which one that skipped the step (its own data position missing) never joins.
-    reason = _quietly(ckpt.missing_parts, step)
-    outcome, process = checkpoint.agree(checkpoint.DAMAGED if reason else checkpoint.RESTORED)
+    try:  # a storage that refuses the listing is not damage: raised below, after `agree`
+      reason = ckpt.missing_parts(step)
+    except Exception as e:  # pylint: disable=broad-except  # each storage backend its own
+      reason, error = None, e
+    outcome, process = checkpoint.agree(checkpoint.FAILED if error is not None else
+                                        checkpoint.DAMAGED if reason else checkpoint.RESTORED)
     if outcome == checkpoint.RESTORED:
       try:  # every failure reaches `agree` below: the other processes wait there
         state = _restore_step(config, ckpt, step, target, train_iter,
@@ -79,15 +83,6 @@ def restore_newest(config, ckpt: checkpoint.Checkpointer, train_iter, target,
       f"(files missing, cut short or unreadable):\n{tried}\nNothing was moved or deleted. "
       "Start the run afresh in another --workdir, or, to restart this workdir from step 0, "
       "move or delete these step folders first (its logs are then rewound to step 0).")
-
-
-def _quietly(missing_parts, step: int) -> str | None:
-  """`missing_parts(step)`, a storage error reading the listing being a reason too: every
-  process must reach the `agree` after it."""
-  try:
-    return missing_parts(step)
-  except Exception as e:  # pylint: disable=broad-except  # each storage backend its own
-    return f"its listing cannot be read ({type(e).__name__}: {e})"
 
 
 def _restore_step(config, ckpt: checkpoint.Checkpointer, step: int, target, train_iter,
