@@ -12,7 +12,8 @@ includes images decoded ahead of the batches consumed so far (prefetching).
 
 The log names a process's first WARN_FIRST bad files, each once (not again every epoch), then
 says only how many it skipped, at 10, 100, 1000, ... skips: a folder of thousands of bad files
-(or one read for hundreds of epochs) does not bury the training log.
+(or one read for hundreds of epochs) does not bury the training log. Each decoding process
+keeps its own budget: with data workers, up to WARN_FIRST names per worker.
 
 The directory's name is chosen at start-up but the directory is made by the first skip: a run
 without bad images leaves nothing behind, even when it is killed before its exit handlers run.
