@@ -287,8 +287,7 @@ def _storage_full_message(error: OSError, workdir: str) -> str:
   latest = our_weights.latest_step(os.path.join(workdir, "checkpoints"))
   name = os.fspath(error.filename) if error.filename else ""
   where = f" writing {name}" if name else ""
-  in_workdir = not name or storage.is_url(workdir) or os.path.commonpath(
-      [os.path.abspath(name), os.path.abspath(workdir)]) == os.path.abspath(workdir)
+  in_workdir = not name or storage.is_url(workdir) or storage.is_within(name, workdir)
   storage_of = f"the storage of {workdir}" if in_workdir else f"the storage of {name}"
   return (f"{storage_of} is full ({error.strerror or error}{where}); the latest complete "
           f"checkpoint in {workdir} is {'step ' + str(latest) if latest is not None else 'none'}"
@@ -312,9 +311,9 @@ def _stop_after_lost_process(error: Exception, workdir: str) -> None:
 
   from mim_jax.convert import our_weights
   latest = our_weights.latest_step(os.path.join(workdir, "checkpoints"))
-  first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  failed = run_errors.first_line(error, with_type=False)
   print(f"process {jax.process_index()} of {jax.process_count()} stops: a collective with the "
-        f"other processes failed ({first_line[:300]}), so another process of this run has most "
+        f"other processes failed ({failed}), so another process of this run has most "
         f"likely died. The latest complete checkpoint in {workdir} is step {latest}: run the "
         "same command on every process to resume from it.", file=sys.stderr, flush=True)
   logging.shutdown()

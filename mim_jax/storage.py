@@ -106,6 +106,15 @@ def rmtree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def is_within(path: str, folder: str) -> bool:
+  """Whether local `path` is `folder` or lies inside it, after `~` and symlinks are resolved
+  (either may not exist yet). False when either is a URL."""
+  if is_url(path) or is_url(folder):
+    return False
+  path, folder = (os.path.realpath(os.path.expanduser(p)) for p in (path, folder))
+  return os.path.commonpath([path, folder]) == folder
+
+
 def rename(path: str, new_path: str) -> None:
   """Moves file or directory `path` to `new_path`, which must not exist. Local: one atomic
   rename. URL: Cloud Storage has no rename, so every object is copied, then deleted; a move

@@ -32,11 +32,16 @@ CONFIG_LOAD_ERROR = "Error whilst parsing config file"
 def load_config_file(spec: str):
   """The config `spec` ("PATH[:ARG]", as --config takes it) describes, without overrides:
   loaded by ml_collections' own --config flag, so exactly as the command line loads it."""
+  return _parsed_probe(spec).config
+
+
+def _parsed_probe(spec: str) -> flags.FlagValues:
+  """Flags holding only ml_collections' --config flag, parsed with `spec`."""
   probe = flags.FlagValues()
   probe_argv = ["mim_jax", f"--config={spec}"]
   config_flags.DEFINE_config_file("config", None, "", flag_values=probe, sys_argv=probe_argv)
   probe(probe_argv)
-  return probe.config
+  return probe
 
 
 def load_flag_config(spec: str, flag: str):
@@ -44,11 +49,8 @@ def load_flag_config(spec: str, flag: str):
   (the benchmark's --also): a file that does not load (missing, a folder, its code failing,
   get_config returning no ConfigDict) is a ConfigError of one line naming `flag` and the file,
   as a bad --config is reported, not a traceback."""
-  probe = flags.FlagValues()
-  probe_argv = ["mim_jax", f"--config={spec}"]
-  config_flags.DEFINE_config_file("config", None, "", flag_values=probe, sys_argv=probe_argv)
   try:
-    probe(probe_argv)
+    probe = _parsed_probe(spec)
     require_loaded(probe, flag=flag)
   except ConfigError:
     raise

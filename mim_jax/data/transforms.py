@@ -105,9 +105,11 @@ def check_stored_floats(image: np.ndarray) -> np.ndarray:
   """Returns `image` as stored; raises ValueError when it holds floats that are NaN or inf (a
   float TIFF's or array record's: they would make the loss NaN). Integer images, and the
   floats converted from them, are finite: only stored floats pay for the check."""
-  if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
-    raise NonFiniteImageError(f"{int(np.size(image) - np.isfinite(image).sum())} NaN or inf "
-                              "pixel value(s): pixel values must be finite numbers")
+  if np.issubdtype(image.dtype, np.floating):
+    finite = np.isfinite(image)
+    if not finite.all():
+      raise NonFiniteImageError(f"{int(finite.size - finite.sum())} NaN or inf pixel "
+                                "value(s): pixel values must be finite numbers")
   return image
 
 

@@ -436,15 +436,11 @@ def check_workdir_outside_images(data_cfg, workdir: str) -> None:
   (data.path, data.eval_path of data.source='image_folder'): its reconstruction pictures
   (PNG) would be listed as images by the next run (in a class sub-folder of their own: a new
   class, shifting the labels after it), and every run would list its checkpoints too."""
-  if data_cfg.get("source") != "image_folder" or not workdir or storage.is_url(workdir):
+  if data_cfg.get("source") != "image_folder" or not workdir:
     return
-  work = os.path.realpath(os.path.expanduser(workdir))
   for field in ("path", "eval_path"):
     root = data_cfg.get(field)
-    if not isinstance(root, str) or not root or storage.is_url(root):
-      continue
-    images = os.path.realpath(os.path.expanduser(root))
-    if os.path.commonpath([work, images]) == images:
+    if isinstance(root, str) and root and storage.is_within(workdir, root):
       raise config_error("--workdir", workdir, f"a folder outside the image folder "
                          f"config.data.{field}={root!r} that the run reads",
                          "Its pictures and checkpoints would be read as images (a new class "

@@ -47,7 +47,11 @@ from jax.experimental import multihost_utils
 
 from mim_jax import data, storage
 from mim_jax.training import orbax_noise
-from mim_jax.training.run_errors import CheckpointRestoreError, CheckpointSaveError
+from mim_jax.training.run_errors import (
+  CheckpointRestoreError,
+  CheckpointSaveError,
+  first_line,
+)
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +198,7 @@ class Checkpointer:
       try:
         json.loads(storage.read_text(mine))
       except (OSError, UnicodeDecodeError, ValueError) as e:
-        return f"data/{name} (the data-iterator position) is unreadable ({_first_line(e)})"
+        return f"data/{name} (the data-iterator position) is unreadable ({first_line(e)})"
     elif any(n.endswith(f"-of-{jax.process_count()}.json") for n in positions):
       return f"data/{name} (this process's data-iterator position) is missing"
     return None
@@ -214,7 +218,7 @@ class Checkpointer:
     try:
       json.loads(storage.read_text(metadata))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-      return f"state/_METADATA is unreadable ({_first_line(e)})"
+      return f"state/_METADATA is unreadable ({first_line(e)})"
     if self.arrays_differ(step, target):
       return None  # a true structure mismatch: not the files' fault
     return _read_damage(error)
@@ -246,7 +250,7 @@ class Checkpointer:
         except Exception as e:  # pylint: disable=broad-except  # each backend raises its own
           failure = CheckpointRestoreError(
               f"could not move the damaged checkpoint folder {self.step_dir(step)} aside to "
-              f"{target} ({_first_line(e)}); move or delete it, then run the same command again")
+              f"{target} ({first_line(e)}); move or delete it, then run the same command again")
           break
         moved[step] = target
     if agree(FAILED if failure else RESTORED)[0] == FAILED:
@@ -337,8 +341,7 @@ class Checkpointer:
     that it failed and gives no tree, which is not a state without arrays)."""
     try:
       tree = saved_tree(os.path.join(self.directory, str(step), "state"))
-      leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape"))
-      return sorted((tuple(a.shape), str(a.dtype)) for a in leaves) or None
+      return arrays_of(jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape"))) or None
     except Exception:  # pylint: disable=broad-except  # only used to word an error
       return None
 
@@ -446,22 +449,13 @@ def _read_damage(error: BaseException) -> str | None:
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
-    line = _first_line(error, with_type=False)
+    line = first_line(error, with_type=False)
     if isinstance(error, FileNotFoundError) or line.split(":", 1)[0] in _DAMAGE_STATUS:
       return line
     if isinstance(error, json.JSONDecodeError):
       return f"a JSON file is cut short or corrupt ({line})"
     error = error.__cause__  # explicit chains only: not an error met while handling another
   return None
-
-
-def _first_line(error: BaseException, with_type: bool = True, limit: int = 300) -> str:
-  """`error`'s first line, without TensorStore's spec dump, at most `limit` characters."""
-  text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-  text = text.split(" [tensorstore_spec", 1)[0]
-  if with_type or not text:
-    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
-  return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def export_encoder(directory: str, encoder_params: Any, model_info: dict) -> str:

@@ -112,12 +112,11 @@ def _raise_restore_error(error: Exception, ckpt: checkpoint.Checkpointer, step: 
   if changes and isinstance(error, ValueError) and not isinstance(error, ConfigError):
     if ckpt.arrays_differ(step, target):
       fields = ", ".join(f"config.{key}" for key, _, _ in changes)
-      first_line = str(error).strip().splitlines()[0] if str(error).strip() else (
-          type(error).__name__)
+      orbax_said = run_errors.first_line(error, with_type=False)
       raise ConfigError(
           f"checkpoint {step} in {ckpt.directory} cannot be resumed with the changed "
           f"settings ({fields}): one of them changes the arrays of the training state (model "
           f"size, optimizer.name, method parts) that the checkpoint holds (Orbax: "
-          f"{first_line}). Give the new settings another --workdir, or resume without "
+          f"{orbax_said}). Give the new settings another --workdir, or resume without "
           "them.") from error
   raise error

@@ -27,6 +27,17 @@ EXIT_PEER_LOST = 5
 EXIT_PREEMPTED = 75
 
 
+def first_line(error: BaseException, with_type: bool = True, limit: int = 300) -> str:
+  """`error`'s first line for a one-line message ("Type: text", or the text alone without
+  `with_type`; the type's name when it has no text), without TensorStore's spec dump, at most
+  `limit` characters."""
+  text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+  text = text.split(" [tensorstore_spec", 1)[0]
+  if with_type or not text:
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class RunError(RuntimeError):
   """A run stopped on purpose, with a message for the user and a process exit code."""
   exit_code = 1
