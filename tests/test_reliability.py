@@ -1190,6 +1190,22 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(
           if "loss" in row] == [1, 2, 3, 4, 5]
 
 
+def test_a_damaged_step_past_a_shorter_schedule_does_not_refuse_the_resume(
+    checkpointed_run, tmp_path):
+  """The shorter-schedule refusal read the newest step folder even when it was damaged: a run
+  ending at step 3 was refused for step 4, which it would never have resumed from. It now
+  resumes from step 2 and trains to its end; an intact step past the end is still refused."""
+  workdir = tmp_path / "run"
+  shutil.copytree(checkpointed_run, workdir)
+  _damage(workdir / "checkpoints" / "4", "emptied")
+  assert int(train.run(tiny_mae_config(total_steps=3), str(workdir),
+                       resume_with_changes=True).step) == 3
+  assert (workdir / "checkpoints" / "4.damaged").is_dir()
+  with pytest.raises(ConfigError, match=r"a schedule reaching the step of the latest "
+                     r"checkpoint in .*, 3: this run ends at step 2"):
+    train.run(tiny_mae_config(total_steps=2), str(workdir), resume_with_changes=True)
+
+
 def test_no_restorable_checkpoint_is_one_error_naming_each_step(checkpointed_run, tmp_path,
                                                                 monkeypatch, capsys):
   """Every step folder damaged: exit 2 (bad input, as a bad workdir) and one error naming the

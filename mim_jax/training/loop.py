@@ -109,11 +109,14 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
       changes = resume_check.check_same_run(
           workdir, config, weight_fields=method.weight_fields,
           allow_changes=resume_with_changes)
-      if ckpt.latest_step() > last_step:  # the loop would not run: no evaluation, no export
+      # The step it would resume from, past damaged ones: past the end the loop would not
+      # run (no evaluation, no export).
+      newest = restore.newest_intact_step(ckpt) if ckpt.latest_step() > last_step else None
+      if newest is not None and newest > last_step:
         field = "total_steps" if config.total_steps > 0 else "num_epochs"
         raise config_error(
             field, config[field], f"a schedule reaching the step of the latest checkpoint in "
-            f"{ckpt.directory}, {ckpt.latest_step()}: this run ends at step {last_step}",
+            f"{ckpt.directory}, {newest}: this run ends at step {last_step}",
             "A shorter schedule cannot resume a run that is past its end; start it in another "
             "--workdir.")
     except ConfigError:

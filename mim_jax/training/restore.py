@@ -1,5 +1,7 @@
 """Which checkpoint a run resumes from: the newest that restores, past damaged ones.
 
+  newest_intact_step(ckpt) -> step | None   the step a resume would start from, judged
+                                            from the folder listing alone (cheap)
   restore_newest(config, ckpt, train_iter, target, changes) -> (state, step)
 
 A committed step folder can be damaged afterwards (files deleted or cut short); the steps are
@@ -18,6 +20,23 @@ from mim_jax.training import checkpoint, run_errors
 from mim_jax.training import step as step_lib
 
 log = logging.getLogger(__name__)
+
+
+def newest_intact_step(ckpt: checkpoint.Checkpointer) -> int | None:
+  """The newest step without missing parts (Checkpointer.missing_parts), agreed by every
+  process as restore_newest agrees, or None: where a resume starts unless restoring it shows
+  its arrays cut short. Reads the folder listings and the data positions only, so the loop
+  can refuse a schedule that ends before it ahead of loading data or restoring anything. A
+  storage error listing a step counts the step as intact (restore_newest raises it)."""
+  for step in ckpt.all_steps()[::-1]:
+    try:
+      reason = ckpt.missing_parts(step)
+    except Exception:  # pylint: disable=broad-except  # each storage backend its own
+      reason = None
+    outcome, _ = checkpoint.agree(checkpoint.DAMAGED if reason else checkpoint.RESTORED)
+    if outcome != checkpoint.DAMAGED:
+      return step
+  return None
 
 
 def restore_newest(config, ckpt: checkpoint.Checkpointer, train_iter, target,
