@@ -466,3 +466,37 @@ def test_killing_one_process_stops_the_other_and_the_same_command_resumes_both(t
     assert proc.returncode == 0, f"process {i} exited {proc.returncode}:\n{text[-3000:]}"
   assert f"at step {latest}" in outputs[0], outputs[0][-3000:]
   assert [row["step"] for row in metric_writers.read_metrics(str(workdir))] == list(range(1, 61))
+
+
+@pytest.mark.long
+def test_two_processes_agree_to_skip_a_step_damaged_for_one_of_them(tmp_path):
+  """Process 1's data position in the newest checkpoint is cut short: only process 1 finds the
+  step damaged. Both skip it together (checkpoint.agree, before any restore: Orbax's restore
+  ends with a barrier process 0 would wait at alone), resume the step before, move the damaged
+  one aside once and train to the end, each step logged once."""
+  workdir = tmp_path / "run"
+  env = _one_device_per_process_env()
+
+  def commands(total_steps: int) -> list[list[str]]:
+    port = _free_port()
+    return [[sys.executable, "-m", "mim_jax.main", "--config=configs/mae_vitb.py:runlocal",
+             f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
+             "--num_processes=2", f"--process_id={i}", f"--config.total_steps={total_steps}",
+             "--config.checkpoint_every=1", "--config.viz_every=0",
+             "--config.export_encoder=false"] for i in range(2)]
+
+  for total_steps in (2, 3):
+    if total_steps == 3:
+      position = workdir / "checkpoints" / "2" / "data" / "process_1-of-2.json"
+      position.write_text(position.read_text()[:5])
+    procs, outputs = _run_together(commands(total_steps), env, timeout=240)
+    for i, (proc, out) in enumerate(zip(procs, outputs)):
+      assert proc.returncode == 0, f"process {i} exited {proc.returncode}:\n{out[-4000:]}"
+  assert "data/process_1-of-2.json (the data-iterator position) is unreadable" in outputs[1], \
+      outputs[1][-4000:]
+  assert "process 1 found it damaged" in outputs[0], outputs[0][-4000:]
+  assert all("at step 1" in out for out in outputs), outputs[0][-3000:]
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()
+                if not p.name.startswith("_")) == ["1", "2", "2.damaged", "3"]
+  assert [row["step"] for row in metric_writers.read_metrics(str(workdir))
+          if "loss" in row] == [1, 2, 3]
