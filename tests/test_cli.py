@@ -737,7 +737,8 @@ def test_continued_pre_training_reads_the_weight_init_for_what_the_export_lacks(
 def test_a_workdir_inside_the_image_folder_it_trains_on_is_refused(tmp_path, capsys):
   """--workdir in (or equal to) data.path of an image folder was accepted: the next run would
   list its pictures as images, in a class folder of their own. Refused in one line before
-  the workdir is made, also through a symlink and for data.eval_path; a folder beside the
+  the workdir is made, also through a symlink (to the folder, or a class folder linked in
+  from the folder holding the workdir) and for data.eval_path; a folder beside the
   images (a name they prefix) is fine."""
   from PIL import Image
 
@@ -766,6 +767,13 @@ def test_a_workdir_inside_the_image_folder_it_trains_on_is_refused(tmp_path, cap
   cfg.update(source="image_folder", path=str(images))
   data.check_workdir_outside_images(cfg, str(tmp_path / "images_run"))
   data.check_workdir_outside_images(cfg, str(tmp_path))  # the images inside the workdir: fine
+  # A class folder linked in from the folder that holds the workdir: the listing follows it.
+  (tmp_path / "home" / "runs").mkdir(parents=True)
+  (images / "c").symlink_to(tmp_path / "home")
+  with pytest.raises(ConfigError, match=r"config.data.path='.*images' that the run reads "
+                     rf"\(through the symlink {images / 'c'} -> {tmp_path / 'home'}\)"):
+    data.check_workdir_outside_images(cfg, str(tmp_path / "home" / "runs" / "r1"))
+  data.check_workdir_outside_images(cfg, str(tmp_path / "elsewhere"))
 
 
 def test_an_override_of_the_wrong_type_says_what_the_field_takes(capsys):

@@ -435,16 +435,36 @@ def check_workdir_outside_images(data_cfg, workdir: str) -> None:
   """ConfigError when a run's `workdir` is, or lies inside, an image folder it reads
   (data.path, data.eval_path of data.source='image_folder'): its reconstruction pictures
   (PNG) would be listed as images by the next run (in a class sub-folder of their own: a new
-  class, shifting the labels after it), and every run would list its checkpoints too."""
+  class, shifting the labels after it), and every run would list its checkpoints too. Also
+  when a symlink in the folder's first level leads to the workdir or a folder holding it."""
   if data_cfg.get("source") != "image_folder" or not workdir:
     return
   for field in ("path", "eval_path"):
     root = data_cfg.get(field)
-    if isinstance(root, str) and root and storage.is_within(workdir, root):
+    if not (isinstance(root, str) and root):
+      continue
+    # The listing follows symlinks: a linked class folder that holds the workdir is read too.
+    # First-level links only (the usual layout: classes linked in from elsewhere), which costs
+    # one listing of the root; deeper links are not looked for.
+    linked = [os.path.join(root, n) for n in _entries(root)
+              if os.path.islink(os.path.join(root, n))]
+    inside = next((link for link in linked if storage.is_within(workdir, link)), None)
+    if storage.is_within(workdir, root) or inside:
+      where = f" (through the symlink {inside} -> {os.path.realpath(inside)})" if inside else ""
       raise config_error("--workdir", workdir, f"a folder outside the image folder "
-                         f"config.data.{field}={root!r} that the run reads",
+                         f"config.data.{field}={root!r} that the run reads{where}",
                          "Its pictures and checkpoints would be read as images (a new class "
                          "folder) by the next run: choose a --workdir elsewhere.")
+
+
+def _entries(root: str) -> list[str]:
+  """The names in local folder `root`, or none (a URL, a missing folder: reported elsewhere)."""
+  if storage.is_url(root) or not os.path.isdir(root):
+    return []
+  try:
+    return sorted(os.listdir(root))
+  except OSError:
+    return []
 
 
 def validate_data_config(data_cfg, *, image_size: tuple[int, int], channels: int,
