@@ -649,9 +649,11 @@ def test_failed_checkpoint_writes_are_retried_then_stop_the_run(tmp_path, monkey
 
 
 def test_orbax_noise_drops_only_a_failed_checkpoint_s_echoes(monkeypatch):
-  """While quiet: TensorStore's "Event loop is closed" and Orbax's unfinished write coroutines
-  (unraisable), and asyncio's never-retrieved errors of checkpoint writes are dropped; any
-  other unraisable or asyncio error still reaches its hook or handler, and all is restored."""
+  """While quiet: TensorStore's "Event loop is closed" (raised in a call from native code) and
+  Orbax's unfinished write coroutines (unraisable), and asyncio's never-retrieved errors of
+  checkpoint writes are dropped; any other unraisable (the same error from Python code) or
+  asyncio error still reaches its hook or handler, and all is restored."""
+  import asyncio
   import types
 
   from mim_jax.training import orbax_noise
@@ -663,8 +665,20 @@ def test_orbax_noise_drops_only_a_failed_checkpoint_s_echoes(monkeypatch):
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", seen.append)
 
-  def unraisable(exc, obj=None):
-    return types.SimpleNamespace(exc_type=type(exc), exc_value=exc, object=obj)
+  def unraisable(exc, obj=None, tb=None):
+    return types.SimpleNamespace(exc_type=type(exc), exc_value=exc, object=obj,
+                                 exc_traceback=tb)
+
+  # TensorStore's echo reaches the hook from a native thread: the traceback starts in
+  # call_soon_threadsafe. From Python code it starts at the caller, and is kept.
+  loop = asyncio.new_event_loop()
+  loop.close()
+  try:
+    loop.call_soon_threadsafe(print)
+  except RuntimeError as e:
+    closed, from_python = e, e.__traceback__
+  from_native = from_python.tb_next
+  assert from_native.tb_frame.f_code.co_name == "call_soon_threadsafe"
 
   async def not_orbax():
     pass
@@ -679,17 +693,21 @@ def test_orbax_noise_drops_only_a_failed_checkpoint_s_echoes(monkeypatch):
   asyncio_log.addHandler(handler)
   try:
     with orbax_noise.quiet():
+      sys.unraisablehook(unraisable(closed, tb=from_native))
+      sys.unraisablehook(unraisable(closed, tb=from_python))
       sys.unraisablehook(unraisable(RuntimeError("Event loop is closed")))
       sys.unraisablehook(unraisable(ImportError("shutting down"), orbax_code))
       sys.unraisablehook(unraisable(RuntimeError("something else"), coroutine))
       asyncio_log.error("Task exception was never retrieved\nfuture: <Task coro=<write() "
                         "defined at /x/orbax/checkpoint/y.py>>")
       asyncio_log.error("Task exception was never retrieved\nfuture: <Task coro=<mine()>>")
-    sys.unraisablehook(unraisable(RuntimeError("Event loop is closed")))
+    sys.unraisablehook(unraisable(closed, tb=from_native))
     asyncio_log.error("Task exception was never retrieved\nfuture: <Task coro=<orbax>>")
   finally:
     asyncio_log.removeHandler(handler)
-  assert [str(u.exc_value) for u in seen] == ["something else", "Event loop is closed"]
+  assert [(str(u.exc_value), u.exc_traceback) for u in seen] == [
+      ("Event loop is closed", from_python), ("Event loop is closed", None),
+      ("something else", None), ("Event loop is closed", from_native)]
   assert [r.getMessage().split("coro=<")[1][:5] for r in records] == ["mine(", "orbax"]
 
 

@@ -7,7 +7,7 @@ TensorStore print the same failure again, hundreds of times over (about 2,000 li
 failed saves of the demo model on a full disk): Orbax's own ERROR records with tracebacks,
 asyncio's "Task exception was never retrieved" for every array write that failed beside the
 first, and TensorStore's callbacks into the event loop that the failure closed ("RuntimeError:
-Event loop is closed", through sys.unraisablehook). While a Checkpointer is open, those and
+Event loop is closed", through sys.unraisablehook, from native code: no Python caller). While a Checkpointer is open, those and
 only those are dropped:
 
   with orbax_noise.quiet(): ...     (or start() / stop(), counted: nested users are fine)
@@ -38,8 +38,19 @@ _users = 0
 _previous_hook = None
 
 
+def _native_call_into_closed_loop(unraisable) -> bool:
+  """TensorStore's echo: "Event loop is closed" raised by asyncio's call_soon_threadsafe
+  called from native code (a TensorStore thread finishing a failed write), so that the
+  traceback's first frame is call_soon_threadsafe itself; from Python code it starts at the
+  caller's frame and is kept."""
+  tb = getattr(unraisable, "exc_traceback", None)
+  return (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) ==
+          "Event loop is closed" and tb is not None and
+          tb.tb_frame.f_code.co_name == "call_soon_threadsafe")
+
+
 def _hook(unraisable) -> None:
-  if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+  if _native_call_into_closed_loop(unraisable):
     return
   # An Orbax write coroutine that the failure left unfinished, collected at exit.
   code = getattr(unraisable.object, "cr_code", None)
