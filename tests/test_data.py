@@ -568,6 +568,37 @@ def test_an_unreadable_folder_is_one_error_after_a_few_warnings_naming_the_files
   data.reset_skipped_images()
 
 
+def test_data_workers_share_the_budget_of_named_bad_files(tmp_path):
+  """With data workers each worker named its own first WARN_FIRST bad files (2 workers, 10
+  names, some files twice). The run's processes now share one budget through the skip log: 5
+  names in all, each file at most once."""
+  root = tmp_path / "unreadable"
+  root.mkdir()
+  for i in range(16):
+    (root / f"{i:02d}.png").write_bytes(b"not a png" * 3)
+  script = f"""
+import logging
+from mim_jax import data
+import test_data
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+cfg = test_data.data_config(source="image_folder", path={str(root)!r}, on_bad_image="skip",
+                            num_workers=2, mean=(0.0,), std=(1.0,))
+it = data.make_train_iterator(cfg, image_size=(8, 8), channels=3, global_batch_size=4,
+                              seed=0, process_index=0, process_count=1)
+try:
+  next(it)
+except data.BadImageError as e:
+  print("BadImageError", flush=True)
+it.close()
+"""
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       cwd=os.path.dirname(__file__), timeout=300)
+  assert "BadImageError" in out.stdout, out.stderr[-3000:]
+  named = re.findall(r"skipping bad image (\S+) \(", out.stderr)
+  assert len(named) == 5 == len(set(named)), out.stderr[-3000:]
+  assert all(path.startswith(str(root)) for path in named), named
+
+
 def test_skip_count_is_seen_from_worker_processes(bad_folder):
   root, bad = bad_folder
   data.reset_skipped_images()

@@ -10,10 +10,12 @@ Read it from the main process with `num_skipped_images()` / `skipped_images()`. 
 one entry: a bad file met in every epoch is counted once per epoch. With workers, the count
 includes images decoded ahead of the batches consumed so far (prefetching).
 
-The log names a process's first WARN_FIRST bad files, each once (not again every epoch), then
-says only how many it skipped, at 10, 100, 1000, ... skips: a folder of thousands of bad files
-(or one read for hundreds of epochs) does not bury the training log. Each decoding process
-keeps its own budget: with data workers, up to WARN_FIRST names per worker.
+The log names the run's first WARN_FIRST bad files, each once (not again every epoch, nor
+again by another worker), then each process says only how many it skipped, at 10, 100, 1000,
+... skips: a folder of thousands of bad files (or one read for hundreds of epochs) does not bury
+the training log. The budget is shared by the main process and its data workers through the
+same directory: a name is claimed by creating its file there (`named/`, O_EXCL, so that two
+workers never both win one).
 
 The directory's name is chosen at start-up but the directory is made by the first skip: a run
 without bad images leaves nothing behind, even when it is killed before its exit handlers run.
@@ -22,6 +24,7 @@ without bad images leaves nothing behind, even when it is killed before its exit
 from __future__ import annotations
 
 import atexit
+import hashlib
 import logging
 import os
 import secrets
@@ -35,10 +38,9 @@ _lock = threading.Lock()
 _directory: str | None = None
 _owner_pid: int | None = None
 
-WARN_FIRST = 5  # bad files a process names in the log; after them, counts only
-# Per skip log (`log_directory()`: one per run's main process): the files this process has
-# named so far, and how many images it has skipped.
-_named: dict[str, set[str]] = {}
+WARN_FIRST = 5  # bad files a run names in the log (all its processes); then counts only
+# Per skip log (`log_directory()`: one per run's main process): how many images this process
+# has skipped into it.
 _skips: dict[str, int] = {}
 
 
@@ -65,25 +67,47 @@ def _cleanup(directory: str, owner_pid: int) -> None:
 
 def record_skip(directory: str, path: str, reason: str) -> None:
   """Appends the skipped `path` to this process's file in `directory`, and warns: naming it
-  if it is one of the first WARN_FIRST bad files this process skips into `directory`, else at
-  every power of ten of its skips there, with their count."""
+  if it is one of the first WARN_FIRST bad files the run's processes skip into `directory`,
+  else at every power of ten of this process's skips there, with their count."""
   with _lock:  # the decision and its line together: the reader threads' lines stay in order
-    named = _named.setdefault(directory, set())
+    os.makedirs(os.path.join(directory, _NAMED), mode=0o700, exist_ok=True)
     count = _skips[directory] = _skips.get(directory, 0) + 1
-    if path not in named and len(named) < WARN_FIRST:
-      named.add(path)
+    slot = _claim_name(directory, path)
+    if slot is not None:
       log.warning("skipping bad image %s (%s); set config.data.on_bad_image='raise' to stop "
                   "instead%s", path, reason,
                   ". Further bad images are not named, only counted (a line at 10, 100, ... "
-                  "skips)" if len(named) == WARN_FIRST else "")
+                  "skips)" if slot == WARN_FIRST - 1 else "")
     elif count >= 10 and str(count).rstrip("0") == "1":  # 10, 100, 1000, ...
-      log.warning("%d bad images skipped so far by process %d (the first %d named above; "
-                  "config.data.on_bad_image='raise' stops at the first, naming it)", count,
-                  os.getpid(), len(named))
-  with _lock:
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+      log.warning("%d bad images skipped so far by process %d (the first %d of the run named "
+                  "in the log; config.data.on_bad_image='raise' stops at the first, naming it)",
+                  count, os.getpid(), WARN_FIRST)
     with open(os.path.join(directory, f"{os.getpid()}.txt"), "a", encoding="utf-8") as f:
       f.write(path.replace("\n", " ") + "\n")
+
+
+_NAMED = "named"  # sub-folder of the skip log: the claims of the run's named files
+
+
+def _claim_name(directory: str, path: str) -> int | None:
+  """The slot (0 .. WARN_FIRST - 1) this process won to name `path` in the log, or None: the
+  path was named already (by any process of the run) or every slot is taken. Claims are files
+  created with O_EXCL, first one per path, then one per slot, so no two processes win one."""
+  named = os.path.join(directory, _NAMED)
+  digest = hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+  if not _create(os.path.join(named, f"path_{digest}")):
+    return None
+  return next((i for i in range(WARN_FIRST) if _create(os.path.join(named, f"slot_{i}"))),
+              None)
+
+
+def _create(path: str) -> bool:
+  """Creates the empty file `path`; False when it exists."""
+  try:
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+  except FileExistsError:
+    return False
+  return True
 
 
 def skipped_images() -> list[str]:
@@ -92,7 +116,7 @@ def skipped_images() -> list[str]:
   paths: list[str] = []
   if not os.path.isdir(directory):  # nothing skipped yet
     return paths
-  for name in sorted(os.listdir(directory)):
+  for name in sorted(n for n in os.listdir(directory) if n.endswith(".txt")):
     with open(os.path.join(directory, name), encoding="utf-8") as f:
       paths.extend(line.rstrip("\n") for line in f if line.strip())
   return paths
@@ -105,12 +129,15 @@ def num_skipped_images() -> int:
 
 def reset_skipped_images() -> None:
   """Forgets all recorded skips (e.g. between tests or evaluation passes), and which files
-  this process has named in the log."""
+  the run has named in the log."""
   directory = log_directory()
   with _lock:
-    _named.clear()
     _skips.clear()
     if not os.path.isdir(directory):
       return
     for name in os.listdir(directory):
-      os.remove(os.path.join(directory, name))
+      path = os.path.join(directory, name)
+      if os.path.isdir(path):  # the claims of named files
+        shutil.rmtree(path)
+      else:
+        os.remove(path)
