@@ -87,7 +87,8 @@ def _check_npy_split(data_cfg, split: str, field: str, channels: int) -> None:
   # The one check here that reads the pixels: float images only, in one chunked pass over the
   # memory-mapped file, once per file per process (sources.npy_nonfinite). In a multi-host
   # run every host scans the file it reads (in parallel: one scan's wall time); sharing the
-  # scan would need a collective here, before the runtime's processes agree to start.
+  # scan would need a collective inside validation, which a process that refused an earlier
+  # field never reaches (the others would wait there).
   bad = sources.npy_nonfinite(file, images)
   _require(not bad, field, value, f"a split whose {file} holds finite pixel values; it holds "
            f"{bad}", "NaN or inf input makes the loss NaN: replace or drop those images.")
