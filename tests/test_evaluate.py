@@ -279,6 +279,39 @@ def test_finetune_from_pretrained_and_low_label_run(pretrained_workdir, tmp_path
   assert json.load(open(tmp_path / "results.json")) == results
 
 
+def test_a_fine_tuned_workdir_is_an_init_from(pretrained_workdir, tmp_path):
+  """Fine-tuning exported nothing: its encoder and head left the workdir only through
+  `convert export` (timm, HF), and init_from refused it. It now writes workdir/encoder, the
+  fine-tuned encoder with its learned positions and the head beside it (classifier/): k-NN
+  and fine-tuning again read it, the latter taking the head as well."""
+  ft = tmp_path / "ft"
+  state = train.run(_eval_config("finetune", pretrained_workdir, total_steps=3, log_every=3),
+                    str(ft))
+  info = json.load(open(ft / "encoder" / "model.json"))
+  assert info["method"] == "finetune" and info["posemb"] == "learn"
+  assert pretrained.encoder_posemb(str(ft)) == "learn" and pretrained.has_released_head(str(ft))
+  encoder, _ = checkpoint.load_encoder(str(ft / "encoder"))
+  final = jax.device_get(state.params)
+  for a, b in zip(jax.tree.leaves(encoder), jax.tree.leaves(final["encoder"]), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert "pos_embed" in encoder  # learned in fine-tuning, kept
+
+  knn = _eval_config("knn", str(ft))
+  knn.knn.k = 5
+  assert train.run(knn, str(tmp_path / "knn"))["knn_top1_gap"] > 0.2
+  from mim_jax import features
+  enc = features.load(str(ft))
+  for a, b in zip(jax.tree.leaves(enc.params), jax.tree.leaves(final["encoder"]), strict=True):
+    np.testing.assert_array_equal(a, b)
+  again = _eval_config("finetune", str(ft), total_steps=1, log_every=1)
+  method = FineTune(pretrained.adopt_encoder_config(again))
+  params, extra = method.init(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))
+  params, _ = method.load_pretrained(jax.device_get(params), extra)
+  for part in ("encoder", "head", "fc_norm"):
+    for a, b in zip(jax.tree.leaves(params[part]), jax.tree.leaves(final[part]), strict=True):
+      np.testing.assert_array_equal(a, b)
+
+
 def test_knn_job_writes_results(pretrained_workdir, tmp_path):
   config = _eval_config("knn", pretrained_workdir)
   config.knn.k = 5

@@ -34,7 +34,7 @@ from mim_jax.models.vit import ViTEncoder, encoder_from_config
 from mim_jax.training import checkpoint
 
 DECODER_DIR, CLASSIFIER_DIR = "decoder", "classifier"
-# What an export directory holds (checkpoint.export_encoder, _write_parts).
+# What an export directory holds (checkpoint.export_encoder, write_parts).
 EXPORT_ENTRIES = ("model.json", "params", DECODER_DIR, CLASSIFIER_DIR)
 CLASSIFIER_PARTS = ("fc_norm", "head")
 
@@ -183,12 +183,12 @@ def write_weights(directory: str, params: dict, info: dict, *, overwrite: bool =
   check_replaceable(directory, overwrite=overwrite)
   if storage.is_url(directory):
     storage.rmtree(directory)
-    _write_parts(directory, params, info)
+    write_parts(directory, params, info)
     return directory
   tmp = f"{directory}.partial-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   try:
-    _write_parts(tmp, params, info)
+    write_parts(tmp, params, info)
     if os.path.exists(directory):
       shutil.rmtree(directory)
     os.replace(tmp, directory)
@@ -238,7 +238,10 @@ def _inside(path: str, directory: str) -> bool:
   return inside != os.pardir and not inside.startswith(os.pardir + os.sep)
 
 
-def _write_parts(directory: str, params: dict, info: dict) -> None:
+def write_parts(directory: str, params: dict, info: dict) -> None:
+  """Writes `params` ({"encoder"[, "decoder"][, "fc_norm", "head"]}) into export `directory`
+  in place: the encoder and model.json (checkpoint.export_encoder), decoder/, classifier/.
+  Collective, as Orbax's saves: every process of a run calls it with the same values."""
   checkpoint.export_encoder(directory, params["encoder"], info)
   if "decoder" in params:
     _save(os.path.join(directory, DECODER_DIR), params["decoder"])

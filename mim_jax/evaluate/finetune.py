@@ -9,11 +9,14 @@ from scratch (the supervised baseline).
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from mim_jax.config import validation as v
+from mim_jax.convert import our_weights
 from mim_jax.evaluate import classifier_base, mixup
 from mim_jax.methods import base
 from mim_jax.models import flops
@@ -48,6 +51,8 @@ class FineTune(base.Method):
     # would fine-tune with B's lr, layer decay and drop path unnoticed: adopt_encoder_config
     # refuses an encoder of another size. "" accepts any encoder.
     c.recipe_size = ""
+    # The fine-tuned classifier as the run's end product, in workdir/encoder (see `export`).
+    c.export_encoder = True
 
   @classmethod
   def unread_rules(cls):
@@ -74,8 +79,9 @@ class FineTune(base.Method):
   def validate(cls, config):
     classifier_base.validate_scored(config)
     c, opt = config.classifier, config.optimizer
-    v.require(isinstance(c.reuse_head, bool), "classifier.reuse_head", c.reuse_head,
-              "True or False")
+    for field, value in (("classifier.reuse_head", c.reuse_head),
+                         ("export_encoder", config.export_encoder)):
+      v.require(isinstance(value, bool), field, value, "True or False")
     v.require(config.recipe_size == "" or config.recipe_size in VIT_SIZES, "recipe_size",
               config.recipe_size, f"'' (any encoder) or one of {sorted(VIT_SIZES)}")
     if not pretrained.is_pretrained(config.init_from):  # init_from's encoder: when adopted
@@ -107,9 +113,10 @@ class FineTune(base.Method):
     super().__init__(config, length)
     # Fine-tuning learns the absolute positions (MAE's recipe); an encoder with relative
     # positions only (imported BEiT, posemb "none") keeps none.
-    posemb = "none" if pretrained.encoder_posemb(config.init_from) == "none" else "learn"
+    self.posemb = ("none" if pretrained.encoder_posemb(config.init_from) == "none"
+                   else "learn")
     encoder = encoder_from_config(config.model, config.image_size, config.channels,
-                                  posemb=posemb)
+                                  posemb=self.posemb)
     self.num_classes = classifier_base.num_classes(config)
     self.model = ViTClassifier(encoder=encoder, num_classes=self.num_classes,
                                pool=config.classifier.pool,
@@ -131,6 +138,16 @@ class FineTune(base.Method):
     if self.config.classifier.reuse_head:
       params = pretrained.load_classifier_head_into(params, self.config.init_from)
     return params, extra
+
+  def export(self, workdir, params, extra, info):
+    """The fine-tuned classifier, laid out as an imported one: workdir/encoder holds the
+    encoder with its learned position table (model.json "posemb") and the head beside it
+    (classifier/), so that init_from reads the workdir (k-NN, probe, features, a teacher,
+    fine-tuning again, which takes the head: classifier.reuse_head) and the converter exports
+    it. Collective, as Method.export."""
+    parts = {k: params[k] for k in ("encoder",) + our_weights.CLASSIFIER_PARTS if k in params}
+    our_weights.write_parts(os.path.join(workdir, "encoder"), parts,
+                            dict(info, posemb=self.posemb))
 
   def loss(self, params, extra, batch, rng, train=True):
     mix_rng, drop_rng = jax.random.split(rng)

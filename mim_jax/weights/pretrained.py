@@ -41,14 +41,16 @@ def is_pretrained(init_from: str) -> bool:
 
 
 def encoder_directory(init_from: str) -> str:
-  """`init_from`/encoder if that holds an export (a pre-training workdir), else `init_from`."""
+  """`init_from`/encoder if that holds an export (a finished pre-training or fine-tuning
+  workdir), else `init_from`."""
   for candidate in (os.path.join(init_from, "encoder"), init_from):
     if storage.isfile(os.path.join(candidate, "model.json")):
       return candidate
   raise config_error(
       "init_from", init_from,
-      "a pre-training workdir whose run finished (it holds encoder/model.json) or an encoder "
-      "directory written by mim_jax.training.checkpoint.export_encoder",
+      "a pre-training workdir whose run finished, or a fine-tuning one (it holds "
+      "encoder/model.json), or an encoder directory written by "
+      "mim_jax.training.checkpoint.export_encoder",
       hint="run the pre-training config first, e.g. python -m mim_jax.main "
       "--config=configs/mae_fmnist.py --workdir=DIR, then pass --config.init_from=DIR")
 
