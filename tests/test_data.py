@@ -11,6 +11,7 @@ import io
 import logging
 import os
 import re
+import stat
 import struct
 import subprocess
 import sys
@@ -529,8 +530,8 @@ def test_an_epoch_of_bad_images_across_a_resume_is_not_an_unreadable_split():
     stuck.map(batch(False, False))
 
 
-def test_an_unreadable_folder_is_one_error_after_a_few_warnings_naming_the_files(tmp_path,
-                                                                                caplog):
+def test_an_unreadable_folder_is_one_error_after_a_few_warnings_naming_the_files(
+    tmp_path, caplog, monkeypatch):
   """Every file corrupt: each skip was a warning quoting PIL's "<_io.BytesIO object at
   0x...>" for the file, repeated every epoch until 1000 images had been read. Now the first
   WARN_FIRST files are named by their paths, then counts only, and one BadImageError once an
@@ -540,6 +541,10 @@ def test_an_unreadable_folder_is_one_error_after_a_few_warnings_naming_the_files
   root.mkdir()
   for i in range(12):
     (root / f"{i:02d}.png").write_bytes(b"not a png" * 3)
+  # A skip log of its own: an earlier test's unclosed iterator may still decode its bad files
+  # ahead, into the process's log and its budget of named files.
+  monkeypatch.setattr(bad_images, "_directory", str(tmp_path / "skips"))
+  monkeypatch.setattr(bad_images, "_owner_pid", os.getpid())
   data.reset_skipped_images()
   cfg = data_config(source="image_folder", path=str(root), on_bad_image="skip", mean=(0.0,),
                     std=(1.0,))
@@ -551,14 +556,12 @@ def test_an_unreadable_folder_is_one_error_after_a_few_warnings_naming_the_files
       r"share \(12 images\)"):
     next(it)
   warned = [r.getMessage() for r in caplog.records if r.name == bad_images.log.name]
-  # (An earlier test's unclosed iterator may still decode its own bad files ahead: its lines
-  # share this process's budget of named files.)
-  named = [line for line in warned if line.startswith("skipping bad image")]
-  counts = [line.split(" by process")[0] for line in warned if line not in named]
+  named = [line for line in warned if line.startswith("skipping bad image")
+           and str(root) in line]
+  counts = [line.split(" by process")[0] for line in warned
+            if line.startswith(tuple("0123456789"))]
   assert len(named) == bad_images.WARN_FIRST, warned
-  mine = [line for line in named if str(root) in line]
-  assert mine, warned
-  for line in mine:
+  for line in named:
     assert re.match(rf"skipping bad image {root}/\d\d\.png \(ValueError: not an image format "
                     r"PIL recognises \(data starting b'not a pn'\)\)", line), line
   assert "Further bad images are not named" in named[-1]
@@ -568,9 +571,23 @@ def test_an_unreadable_folder_is_one_error_after_a_few_warnings_naming_the_files
   data.reset_skipped_images()
 
 
+def test_the_skip_log_is_private_and_claims_stop_with_the_budget(tmp_path):
+  """The skip log lists file paths in the shared temporary folder: mode 0o700 (the claims'
+  sub-folder had made it with the umask's mode). Once the named files' budget is spent, later
+  bad files leave no claim file behind (a folder of a million bad images made a million)."""
+  from mim_jax.data import bad_images
+  directory = tmp_path / "skips"
+  for i in range(3 * bad_images.WARN_FIRST):
+    bad_images.record_skip(str(directory), f"/images/{i}.png", "bad")
+  assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+  claims = sorted(os.listdir(directory / "named"))
+  assert len(claims) == 2 * bad_images.WARN_FIRST, claims  # a path and a slot per named file
+  assert (directory / f"{os.getpid()}.txt").read_text().count("\n") == 3 * bad_images.WARN_FIRST
+
+
 def test_data_workers_share_the_budget_of_named_bad_files(tmp_path):
   """With data workers each worker named its own first WARN_FIRST bad files (2 workers, 10
-  names, some files twice). The run's processes now share one budget through the skip log: 5
+  names, some files twice). A host's processes now share one budget through the skip log: 5
   names in all, each file at most once."""
   root = tmp_path / "unreadable"
   root.mkdir()

@@ -10,12 +10,12 @@ Read it from the main process with `num_skipped_images()` / `skipped_images()`. 
 one entry: a bad file met in every epoch is counted once per epoch. With workers, the count
 includes images decoded ahead of the batches consumed so far (prefetching).
 
-The log names the run's first WARN_FIRST bad files, each once (not again every epoch, nor
-again by another worker), then each process says only how many it skipped, at 10, 100, 1000,
-... skips: a folder of thousands of bad files (or one read for hundreds of epochs) does not bury
-the training log. The budget is shared by the main process and its data workers through the
-same directory: a name is claimed by creating its file there (`named/`, O_EXCL, so that two
-workers never both win one).
+The log names the first WARN_FIRST bad files, each once (not again every epoch, nor again by
+another worker), then each process says only how many it skipped, at 10, 100, 1000, ... skips:
+a folder of thousands of bad files (or one read for hundreds of epochs) does not bury the
+training log. The budget is shared by a host's main process and its data workers through the
+directory (each host of a multi-host run has its own): a name is claimed by creating its file
+there (`named/`, O_EXCL, so that two workers never both win one).
 
 The directory's name is chosen at start-up but the directory is made by the first skip: a run
 without bad images leaves nothing behind, even when it is killed before its exit handlers run.
@@ -67,10 +67,10 @@ def _cleanup(directory: str, owner_pid: int) -> None:
 
 def record_skip(directory: str, path: str, reason: str) -> None:
   """Appends the skipped `path` to this process's file in `directory`, and warns: naming it
-  if it is one of the first WARN_FIRST bad files the run's processes skip into `directory`,
+  if it is one of the first WARN_FIRST bad files this host's processes skip into `directory`,
   else at every power of ten of this process's skips there, with their count."""
   with _lock:  # the decision and its line together: the reader threads' lines stay in order
-    os.makedirs(os.path.join(directory, _NAMED), mode=0o700, exist_ok=True)
+    os.makedirs(directory, mode=0o700, exist_ok=True)  # private: the mode applies to the leaf
     count = _skips[directory] = _skips.get(directory, 0) + 1
     slot = _claim_name(directory, path)
     if slot is not None:
@@ -79,26 +79,37 @@ def record_skip(directory: str, path: str, reason: str) -> None:
                   ". Further bad images are not named, only counted (a line at 10, 100, ... "
                   "skips)" if slot == WARN_FIRST - 1 else "")
     elif count >= 10 and str(count).rstrip("0") == "1":  # 10, 100, 1000, ...
-      log.warning("%d bad images skipped so far by process %d (the first %d of the run named "
-                  "in the log; config.data.on_bad_image='raise' stops at the first, naming it)",
-                  count, os.getpid(), WARN_FIRST)
+      log.warning("%d bad images skipped so far by process %d (the first bad files, up to "
+                  "%d, are named in the log; config.data.on_bad_image='raise' stops at the "
+                  "first, naming it)", count, os.getpid(), WARN_FIRST)
     with open(os.path.join(directory, f"{os.getpid()}.txt"), "a", encoding="utf-8") as f:
       f.write(path.replace("\n", " ") + "\n")
 
 
-_NAMED = "named"  # sub-folder of the skip log: the claims of the run's named files
+_NAMED = "named"  # sub-folder of the skip log: the claims of the files named in the log
+_budget_spent: set[str] = set()  # skip logs whose every slot this process has seen taken
 
 
 def _claim_name(directory: str, path: str) -> int | None:
   """The slot (0 .. WARN_FIRST - 1) this process won to name `path` in the log, or None: the
-  path was named already (by any process of the run) or every slot is taken. Claims are files
-  created with O_EXCL, first one per path, then one per slot, so no two processes win one."""
+  path was named already (by any process sharing `directory`) or every slot is taken. Claims
+  are files created with O_EXCL, first one per path, then one per slot in order, so no two
+  processes win one; once the last slot is taken no claim is made (no file per bad image). A
+  claim that cannot be made (the folder reset meanwhile) names nothing."""
   named = os.path.join(directory, _NAMED)
-  digest = hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-  if not _create(os.path.join(named, f"path_{digest}")):
+  last_slot = os.path.join(named, f"slot_{WARN_FIRST - 1}")
+  if directory in _budget_spent or os.path.exists(last_slot):
+    _budget_spent.add(directory)
     return None
-  return next((i for i in range(WARN_FIRST) if _create(os.path.join(named, f"slot_{i}"))),
-              None)
+  try:
+    os.makedirs(named, mode=0o700, exist_ok=True)
+    digest = hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    if not _create(os.path.join(named, f"path_{digest}")):
+      return None
+    return next((i for i in range(WARN_FIRST) if _create(os.path.join(named, f"slot_{i}"))),
+                None)
+  except OSError:
+    return None
 
 
 def _create(path: str) -> bool:
@@ -133,11 +144,12 @@ def reset_skipped_images() -> None:
   directory = log_directory()
   with _lock:
     _skips.clear()
+    _budget_spent.clear()
     if not os.path.isdir(directory):
       return
     for name in os.listdir(directory):
       path = os.path.join(directory, name)
-      if os.path.isdir(path):  # the claims of named files
-        shutil.rmtree(path)
+      if os.path.isdir(path):  # the claims of named files (a worker may still claim one)
+        shutil.rmtree(path, ignore_errors=True)
       else:
         os.remove(path)
