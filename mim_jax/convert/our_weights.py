@@ -3,12 +3,14 @@
   read_weights(source)            (model info, params) of an export directory or a workdir
   read_info(source)               its model info alone (no arrays read)
   write_weights(directory, ...)   an export directory (what `--config.init_from` accepts)
+  write_parts(directory, ...)     the same written in place, collectively (a run's own export)
   build_mae(info, params)         MaskedAutoencoder for params with a "decoder"
   build_classifier(info, params)  ViTClassifier for params with a "head"
 
 An export directory is `checkpoint.export_encoder`'s layout (model.json + params/, the encoder)
 plus, when the weights have them, Orbax sub-directories decoder/ (the MAE decoder, e.g. of an
-official `*_full.pth`) and classifier/ ({"fc_norm", "head"} of a fine-tuned classifier).
+official `*_full.pth`) and classifier/ ({"fc_norm", "head"} of a fine-tuned classifier: an
+imported one, or a fine-tuning run's own export).
 Evaluations read only the encoder part. `params` here are always one tree, shaped like the
 model's: {"encoder", ["decoder"], ["fc_norm"], ["head"]}.
 """
@@ -240,14 +242,16 @@ def _inside(path: str, directory: str) -> bool:
 
 def write_parts(directory: str, params: dict, info: dict) -> None:
   """Writes `params` ({"encoder"[, "decoder"][, "fc_norm", "head"]}) into export `directory`
-  in place: the encoder and model.json (checkpoint.export_encoder), decoder/, classifier/.
-  Collective, as Orbax's saves: every process of a run calls it with the same values."""
-  checkpoint.export_encoder(directory, params["encoder"], info)
+  in place: decoder/, classifier/, then the encoder and model.json (checkpoint.export_encoder)
+  last, so that a write cut short leaves no model.json, which readers look for first (never
+  an export that looks whole without its head). Collective, as Orbax's saves: every process
+  of a run calls it with the same values."""
   if "decoder" in params:
     _save(os.path.join(directory, DECODER_DIR), params["decoder"])
   classifier = {k: params[k] for k in CLASSIFIER_PARTS if k in params}
   if classifier:
     _save(os.path.join(directory, CLASSIFIER_DIR), classifier)
+  checkpoint.export_encoder(directory, params["encoder"], info)
 
 
 def _config(info: dict) -> ml_collections.ConfigDict:

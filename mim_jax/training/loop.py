@@ -115,8 +115,8 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
       if newest is not None and newest > last_step:
         field = "total_steps" if config.total_steps > 0 else "num_epochs"
         raise config_error(
-            field, config[field], f"a schedule reaching the step of the latest checkpoint in "
-            f"{ckpt.directory}, {newest}: this run ends at step {last_step}",
+            field, config[field], f"a schedule reaching the step of the newest intact "
+            f"checkpoint in {ckpt.directory}, {newest}: this run ends at step {last_step}",
             "A shorter schedule cannot resume a run that is past its end; start it in another "
             "--workdir.")
     except ConfigError:

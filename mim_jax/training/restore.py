@@ -31,7 +31,9 @@ def newest_intact_step(ckpt: checkpoint.Checkpointer) -> int | None:
   for step in ckpt.all_steps()[::-1]:
     try:
       reason = ckpt.missing_parts(step)
-    except Exception:  # pylint: disable=broad-except  # each storage backend its own
+    except Exception as e:  # pylint: disable=broad-except  # each storage backend its own
+      log.warning("could not list checkpoint folder %s (%s): taken as intact", ckpt.step_dir(step),
+                  run_errors.first_line(e))
       reason = None
     outcome, _ = checkpoint.agree(checkpoint.DAMAGED if reason else checkpoint.RESTORED)
     if outcome != checkpoint.DAMAGED:

@@ -46,13 +46,26 @@ def encoder_directory(init_from: str) -> str:
   for candidate in (os.path.join(init_from, "encoder"), init_from):
     if storage.isfile(os.path.join(candidate, "model.json")):
       return candidate
+  hint = ("run the pre-training config first, e.g. python -m mim_jax.main "
+          "--config=configs/mae_fmnist.py --workdir=DIR, then pass --config.init_from=DIR")
+  if _workdir_method(init_from) == "finetune":
+    hint = ("it is a fine-tuning workdir without its export (unfinished, or run before "
+            "fine-tuning exported its classifier): run its command again; a finished run "
+            "resumes at its last step and writes encoder/ (add --config.export_encoder=True "
+            "if it was turned off)")
   raise config_error(
       "init_from", init_from,
       "a pre-training workdir whose run finished, or a fine-tuning one (it holds "
       "encoder/model.json), or an encoder directory written by "
-      "mim_jax.training.checkpoint.export_encoder",
-      hint="run the pre-training config first, e.g. python -m mim_jax.main "
-      "--config=configs/mae_fmnist.py --workdir=DIR, then pass --config.init_from=DIR")
+      "mim_jax.training.checkpoint.export_encoder", hint=hint)
+
+
+def _workdir_method(directory: str) -> str | None:
+  """The method of the training workdir `directory` (its config.json), or None."""
+  try:
+    return json.loads(storage.read_text(os.path.join(directory, "config.json"))).get("method")
+  except (OSError, ValueError, AttributeError):
+    return None
 
 
 def read_model_info(init_from: str) -> dict:
