@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -770,10 +771,14 @@ def test_a_workdir_inside_the_image_folder_it_trains_on_is_refused(tmp_path, cap
   # A class folder linked in from the folder that holds the workdir: the listing follows it.
   (tmp_path / "home" / "runs").mkdir(parents=True)
   (images / "c").symlink_to(tmp_path / "home")
+  link, target = re.escape(str(images / "c")), re.escape(os.path.realpath(tmp_path / "home"))
   with pytest.raises(ConfigError, match=r"config.data.path='.*images' that the run reads "
-                     rf"\(through the symlink {images / 'c'} -> {tmp_path / 'home'}\)"):
+                     rf"\(through the symlink {link} -> {target}\)"):
     data.check_workdir_outside_images(cfg, str(tmp_path / "home" / "runs" / "r1"))
   data.check_workdir_outside_images(cfg, str(tmp_path / "elsewhere"))
+  # A hidden link is not listed (nor read): no refusal for it.
+  (images / "c").rename(images / ".c")
+  data.check_workdir_outside_images(cfg, str(tmp_path / "home" / "runs" / "r1"))
 
 
 def test_an_override_of_the_wrong_type_says_what_the_field_takes(capsys):

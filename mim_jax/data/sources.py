@@ -166,14 +166,19 @@ def npy_nonfinite(path: str, images: np.ndarray | None = None) -> str:
   return _NONFINITE_SCANS[key]
 
 
+def is_listed_name(name: str) -> bool:
+  """Whether an image folder's listing reads the file or folder `name` (hidden ones: no)."""
+  return not name.startswith(".")
+
+
 def is_image_file(name: str) -> bool:
-  return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+  return name.lower().endswith(IMAGE_EXTENSIONS) and is_listed_name(name)
 
 
 def _walk_images(root: str):
   """Yields image file paths under `root` in sorted, deterministic order (hidden dirs skipped)."""
   for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    dirnames[:] = sorted(d for d in dirnames if is_listed_name(d))
     for name in sorted(filenames):
       if is_image_file(name):
         yield os.path.join(dirpath, name)
@@ -186,7 +191,7 @@ def has_any_image(root: str) -> bool:
 
 def _sub_folders(root: str) -> list[str]:
   return sorted(n for n in os.listdir(root)
-                if not n.startswith(".") and os.path.isdir(os.path.join(root, n)))
+                if is_listed_name(n) and os.path.isdir(os.path.join(root, n)))
 
 
 def empty_class_folders(root: str) -> list[str]:

@@ -446,28 +446,31 @@ def check_workdir_outside_images(data_cfg, workdir: str) -> None:
     root = data_cfg.get(field)
     if not (isinstance(root, str) and root):
       continue
-    # The listing follows symlinks: a linked class folder that holds the workdir is read too.
-    # First-level links only (the usual layout: classes linked in from elsewhere), which costs
-    # one listing of the root; deeper links are not looked for.
-    linked = [os.path.join(root, n) for n in _entries(root)
-              if os.path.islink(os.path.join(root, n))]
-    inside = next((link for link in linked if storage.is_within(workdir, link)), None)
-    if storage.is_within(workdir, root) or inside:
-      where = f" (through the symlink {inside} -> {os.path.realpath(inside)})" if inside else ""
+    where = "" if storage.is_within(workdir, root) else _link_to(workdir, root)
+    if where is not None:
       raise config_error("--workdir", workdir, f"a folder outside the image folder "
                          f"config.data.{field}={root!r} that the run reads{where}",
                          "Its pictures and checkpoints would be read as images (a new class "
                          "folder) by the next run: choose a --workdir elsewhere.")
 
 
-def _entries(root: str) -> list[str]:
-  """The names in local folder `root`, or none (a URL, a missing folder: reported elsewhere)."""
+def _link_to(workdir: str, root: str) -> str | None:
+  """" (through the symlink LINK -> TARGET)" when a symlink among the entries of local image
+  folder `root` that its listing reads (sources.is_listed_name) leads to `workdir` or a folder
+  holding it, else None. The listing follows links; first-level ones only are looked at (the
+  usual layout: class folders linked in from elsewhere), in one scan of the root that reads
+  no file's metadata (d_type); a URL or a missing folder: None (reported elsewhere)."""
   if storage.is_url(root) or not os.path.isdir(root):
-    return []
+    return None
   try:
-    return sorted(os.listdir(root))
+    with os.scandir(root) as entries:
+      for entry in entries:
+        if (sources.is_listed_name(entry.name) and entry.is_symlink()
+            and storage.is_within(workdir, entry.path)):
+          return f" (through the symlink {entry.path} -> {os.path.realpath(entry.path)})"
   except OSError:
-    return []
+    pass
+  return None
 
 
 def validate_data_config(data_cfg, *, image_size: tuple[int, int], channels: int,
