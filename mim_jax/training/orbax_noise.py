@@ -7,7 +7,8 @@ TensorStore print the same failure again, hundreds of times over (about 2,000 li
 failed saves of the demo model on a full disk): Orbax's own ERROR records with tracebacks,
 asyncio's "Task exception was never retrieved" for every array write that failed beside the
 first, and TensorStore's callbacks into the event loop that the failure closed ("RuntimeError:
-Event loop is closed", through sys.unraisablehook, from native code: no Python caller). While a Checkpointer is open, those and
+Event loop is closed", through sys.unraisablehook, called from native code: no Python
+caller). While a Checkpointer is open, those and
 only those are dropped:
 
   with orbax_noise.quiet(): ...     (or start() / stop(), counted: nested users are fine)
