@@ -96,8 +96,8 @@ def load(source: str, *, image_size: Optional[Sequence[int]] = None) -> Encoder:
     info = pretrained.read_model_info(source)
   except ConfigError:  # its message names the trainer's config.init_from
     raise ValueError(f"encoder {source!r}: not a pre-training workdir whose run finished, or "
-                     "a fine-tuning one (it holds encoder/model.json), an export directory or a checkpoint imported "
-                     "with python -m mim_jax.convert import") from None
+                     "a fine-tuning one (it holds encoder/model.json), an export directory, "
+                     "or a checkpoint imported with python -m mim_jax.convert import") from None
   config = ml_collections.ConfigDict(info["config"])
   size = tuple(int(s) for s in (image_size or info["image_size"]))
   patch = size_from_config(config.model)[1]

@@ -345,7 +345,7 @@ def test_knn_during_pretraining_is_logged(tmp_path):
 # ---- bad input ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method,overrides,match", [
-    ("linprobe", {"init_from": ""}, r"config.init_from='' .*pre-training workdir"),
+    ("linprobe", {"init_from": ""}, r"config.init_from='' .*a pre-training or fine-tuning workdir"),
     ("knn", {"init_from": "/nonexistent/run"}, r"config.init_from='/nonexistent/run'.*"
      r"encoder/model.json.*--config.init_from=DIR"),
     ("linprobe", {"classifier.probe_layer": 3}, r"config.classifier.probe_layer=3 .*\[0, 2\]"),

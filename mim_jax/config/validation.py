@@ -401,8 +401,9 @@ def validate_classifier(config) -> None:
               "'' with classifier.features='pixels' (the raw-pixel baseline loads no encoder)")
     else:
       require(isinstance(config.init_from, str) and config.init_from != "", "init_from",
-              config.init_from, f"a pre-training workdir or encoder directory ({config.method} "
-              "evaluates a pre-trained encoder), or 'random' for a random-encoder baseline")
+              config.init_from, f"a pre-training or fine-tuning workdir or an encoder "
+              f"directory ({config.method} evaluates a trained encoder), or 'random' for a "
+              "random-encoder baseline")
   if config.init_from not in ("", "random"):
     pretrained.encoder_directory(config.init_from)  # raises a ConfigError naming init_from
   require(is_int(c.num_classes) and c.num_classes >= 0, "classifier.num_classes",

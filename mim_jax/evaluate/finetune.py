@@ -40,8 +40,9 @@ class FineTune(base.Method):
         c, pool=None, head_init_std=None, label_smoothing=None, mixup_alpha=None,
         cutmix_alpha=None, mixup_prob=None, mixup_switch_prob=None)
     classifier_base.add_scored_config(c)
-    # An init_from that holds a classifier head (an imported fine-tuned classifier, e.g. an
-    # official MAE one) of this model's classes and pooling: fine-tuning continues from it
+    # An init_from that holds a classifier head (a fine-tuning workdir, an imported fine-tuned
+    # classifier, e.g. an official MAE one) of this model's classes and pooling: fine-tuning
+    # continues from it
     # (classifier.head_init_std then does nothing). False trains a new head.
     c.classifier.reuse_head = True
     c.optimizer.layer_decay = 1.0  # < 1: layer-wise lr decay (pre-trained encoders)

@@ -36,7 +36,7 @@ TEACHER_HINT = ("Train one first (e.g. python -m mim_jax.main --config=configs/m
 
 
 def teacher_fields() -> ml_collections.ConfigDict:
-  """The frozen teacher: an encoder export / pre-training workdir / imported checkpoint
+  """The frozen teacher: an encoder export / pre-training or fine-tuning workdir / import
   (`path`), the block whose output is the target (`layer`: -1 = the output after the final
   norm, k = block k), and the targets' normalisation (`norm`: "layer" = per-token LayerNorm
   without affine parameters, or "none")."""

@@ -1,7 +1,8 @@
 """A frozen teacher encoder: any encoder mim_jax can load, giving features to predict.
 
-The teacher is an export (a pre-training workdir, `mim_jax.training.checkpoint.export_encoder`)
-or a checkpoint imported through `mim_jax.convert` (timm / HF ViTs). It sees the student's
+The teacher is an export (a pre-training or fine-tuning workdir,
+`mim_jax.training.checkpoint.export_encoder`) or a checkpoint imported through `mim_jax.convert`
+(timm / HF ViTs). It sees the student's
 augmented view, un-normalised with the student's statistics and normalised with its own, and
 resized when its patch size differs so that its patch grid is the student's (a /14 teacher of
 a /16 student at 224 px sees 196 px, as MaskAlign feeds CLIP-L/14). Its parameters travel in
@@ -55,8 +56,9 @@ class FrozenTeacher:
     try:
       info = pretrained.read_model_info(source)
     except ConfigError as err:
-      raise config_error(field, source, "a finished pre-training workdir, an encoder export or "
-                         "an imported checkpoint (python -m mim_jax.convert)") from err
+      raise config_error(field, source, "a finished pre-training or fine-tuning workdir, an "
+                         "encoder export or an imported checkpoint (python -m mim_jax.convert)"
+                         ) from err
     if int(info["channels"]) != channels:
       raise config_error(field, source, f"an encoder of {channels} channels (the student's); "
                          f"this one takes {info['channels']}")

@@ -89,7 +89,7 @@ def input_normalisation(info: dict, source: str) -> tuple[tuple[float, ...], tup
 
 def encoder_posemb(init_from: str) -> str:
   """The position-embedding kind of the encoder `init_from` names: "learn" when its export
-  carries a learned table (imported classifiers, timm ViTs), else "sincos" (pre-training
+  carries a learned table (fine-tuned classifiers, timm ViTs), else "sincos" (pre-training
   exports, random and from-scratch encoders)."""
   if not is_pretrained(init_from):
     return "sincos"
@@ -335,7 +335,7 @@ def has_released_head(init_from: str) -> bool:
 
 def released_head(init_from: str) -> dict:
   """The classifier parts ({"fc_norm", "head"}, numpy) that the export `init_from` points to
-  holds in its classifier/ folder (an imported fine-tuned classifier), {} when it has none.
+  holds in its classifier/ folder (a fine-tuned classifier), {} when it has none.
   Reads only that folder, not the encoder."""
   if not has_released_head(init_from):
     return {}
