@@ -779,6 +779,10 @@ def test_a_workdir_inside_the_image_folder_it_trains_on_is_refused(tmp_path, cap
   # A hidden link is not listed (nor read): no refusal for it.
   (images / "c").rename(images / ".c")
   data.check_workdir_outside_images(cfg, str(tmp_path / "home" / "runs" / "r1"))
+  # A class folder linked to the pictures inside the workdir: refused too.
+  (images / "d").symlink_to(tmp_path / "home" / "runs" / "r1" / "reconstructions")
+  with pytest.raises(ConfigError, match=r"through the symlink .*d -> "):
+    data.check_workdir_outside_images(cfg, str(tmp_path / "home" / "runs" / "r1"))
 
 
 def test_an_override_of_the_wrong_type_says_what_the_field_takes(capsys):

@@ -439,7 +439,8 @@ def check_workdir_outside_images(data_cfg, workdir: str) -> None:
   (data.path, data.eval_path of data.source='image_folder'): its reconstruction pictures
   (PNG) would be listed as images by the next run (in a class sub-folder of their own: a new
   class, shifting the labels after it), and every run would list its checkpoints too. Also
-  when a symlink in the folder's first level leads to the workdir or a folder holding it."""
+  when a symlink in the folder's first level leads to the workdir, a folder holding it or one
+  inside it."""
   if data_cfg.get("source") != "image_folder" or not workdir:
     return
   for field in ("path", "eval_path"):
@@ -456,8 +457,8 @@ def check_workdir_outside_images(data_cfg, workdir: str) -> None:
 
 def _link_to(workdir: str, root: str) -> str | None:
   """" (through the symlink LINK -> TARGET)" when a symlink among the entries of local image
-  folder `root` that its listing reads (sources.is_listed_name) leads to `workdir` or a folder
-  holding it, else None. The listing follows links; first-level ones only are looked at (the
+  folder `root` that its listing reads (sources.is_listed_name) leads to `workdir`, a folder
+  holding it or a folder inside it, else None. The listing follows links; first-level ones only are looked at (the
   usual layout: class folders linked in from elsewhere), in one scan of the root that reads
   no file's metadata (d_type); a URL or a missing folder: None (reported elsewhere)."""
   if storage.is_url(root) or not os.path.isdir(root):
@@ -466,7 +467,8 @@ def _link_to(workdir: str, root: str) -> str | None:
     with os.scandir(root) as entries:
       for entry in entries:
         if (sources.is_listed_name(entry.name) and entry.is_symlink()
-            and storage.is_within(workdir, entry.path)):
+            and (storage.is_within(workdir, entry.path)
+                 or storage.is_within(entry.path, workdir))):
           return f" (through the symlink {entry.path} -> {os.path.realpath(entry.path)})"
   except OSError:
     pass
