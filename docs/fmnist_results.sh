@@ -155,12 +155,19 @@ settings() {  # a run's arguments, one per line, ROOT written as ROOT (a moved R
   for arg in "$@"; do echo "${arg//"$ROOT"/ROOT}"; done
 }
 
+finished() {  # NAME: the run's end product is there: results.json (evaluations, fine-tuning),
+  # else an export (pre-training, tokenizers). A fine-tuning run exports its classifier just
+  # before its results.json: that export alone is not the end.
+  local dir=$ROOT/$1
+  [ -f "$dir/results.json" ] || [ -f "$dir/tokenizer/tokenizer.json" ] && return 0
+  [ -f "$dir/encoder/model.json" ] && ! grep -q '"method": "finetune"' "$dir/config.json"
+}
+
 run() {  # NAME, then the arguments of mim_jax.main
   local name=$1; shift
   local asked
   asked=$(settings "$@")
-  if [ -f "$ROOT/$name/results.json" ] || [ -f "$ROOT/$name/encoder/model.json" ] \
-      || [ -f "$ROOT/$name/tokenizer/tokenizer.json" ]; then
+  if finished "$name"; then
     # A finished run is skipped only if it ran with the settings asked now: else a changed
     # setting (TRAIN_FLAGS, a length, a choice) would be taken as done and never run.
     if [ -f "$ROOT/$name.args" ] && [ "$(cat "$ROOT/$name.args")" != "$asked" ]; then

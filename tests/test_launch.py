@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import re
@@ -604,6 +605,20 @@ def test_results_script_fine_tunes_with_a_recorded_choice_when_the_grid_runs_are
   out = _bash(RESULTS, str(tmp_path / "other"), env=dict(
       stub_env, MAIN_CALLS=str(tmp_path / "other.log"), SECTIONS="finetune_mae"))
   assert out.returncode == 1 and "tuning grid tune_mae_* is not finished" in out.stderr
+
+
+def test_results_script_takes_a_fine_tuning_run_s_export_alone_for_unfinished(tmp_path):
+  """Fine-tuning exports its classifier (encoder/model.json) just before its results.json:
+  a run stopped between the two is run again (it resumes at its last step and scores), while
+  a pre-training run's export is its end and it is skipped."""
+  root = tmp_path / "root"
+  for name, method in (("ft_mae_s0", "finetune"), ("mae_e50", "mae")):
+    (root / name / "encoder").mkdir(parents=True)
+    (root / name / "encoder" / "model.json").write_text("{}")
+    (root / name / "config.json").write_text(json.dumps({"method": method}, indent=2))
+  calls = _results_calls(tmp_path, RESULTS, SECTIONS="pretrain_mae finetune_mae", SEEDS="0",
+                         CHOSEN_tune_mae="lr4e-3_nomix")
+  assert [call[-1].rsplit("/", 1)[1] for call in calls] == ["ft_mae_s0"]
 
 
 def test_results_script_tunes_and_chooses_among_the_tune_points_only(tmp_path):
