@@ -30,6 +30,9 @@
 #                 fine-tuning run; MaskDistill distils the MAE encoder of pretrain_mae.
 #                 METHOD_STEPS (pretrain probe finetune) picks which of the three run (the
 #                 GPU script runs the pre-training of every method side by side, then the rest)
+#   probe_finetuned  probe + k-NN of the encoder of the fine-tuning run FINETUNED
+#                 (ft_maskdistill_s0, of methods): features trained with every label, which
+#                 put the probe target (random encoder + 10) in scale
 #   distill       the 3-epoch rows of the feature-distillation methods beside the other
 #                 3-epoch rows: MaskDistill (teacher: the MAE encoder), BEiT v2's VQ-KD
 #                 tokenizer (same teacher), BEiT reading it; k-NN on the test split of each
@@ -74,7 +77,8 @@
 # eval_split=holdout), never on the test set; test numbers come from the final runs only.
 set -u
 ALL_SECTIONS="pretrain_mae baselines probe_mae tune_scratch tune_mae finetune_mae
-finetune_scratch finetune_matched tune_lowlabel lowlabel methods ratio distill study"
+finetune_scratch finetune_matched tune_lowlabel lowlabel methods probe_finetuned ratio distill
+study"
 source "$(dirname "$0")/script_args.sh"
 ROOT=$(output_dir "[SECTIONS=... SEEDS=... ...] bash docs/fmnist_results.sh [ROOT] (settings \
 are environment variables, listed at the top of this script)" workdirs/fmnist_results "$@") \
@@ -399,6 +403,10 @@ if has methods; then
     fi
   done
 fi
+
+# A fine-tuning run exports its classifier (encoder/): its features, probed as any encoder's.
+FINETUNED=${FINETUNED:-ft_maskdistill_s0}
+has probe_finetuned && probe "probe_$FINETUNED" --config.init_from="$ROOT/$FINETUNED"
 
 if has ratio; then
   for ratio in 0.5 0.6 0.9; do

@@ -621,6 +621,15 @@ def test_results_script_takes_a_fine_tuning_run_s_export_alone_for_unfinished(tm
   assert [call[-1].rsplit("/", 1)[1] for call in calls] == ["ft_mae_s0"]
 
 
+def test_results_script_probes_a_fine_tuned_encoder(tmp_path):
+  """probe_finetuned: the probe of a fine-tuning run's export (FINETUNED), the scale of the
+  probe target."""
+  calls = _results_calls(tmp_path, RESULTS, SECTIONS="probe_finetuned", FINETUNED="ft_x_s0")
+  assert [call[:2] for call in calls] == [[
+      "--config=configs/linprobe_fmnist.py", f"--config.init_from={tmp_path}/root/ft_x_s0"]]
+  assert calls[0][-1] == f"--workdir={tmp_path}/root/probe_ft_x_s0"
+
+
 def test_results_script_tunes_and_chooses_among_the_tune_points_only(tmp_path):
   """TUNE_POINTS: the grid points run (a recorded winner beside a point added since) and the
   only ones fine-tuning chooses from, so the rest of the grid need not run again."""
