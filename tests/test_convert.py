@@ -975,6 +975,35 @@ def test_inspect_describes_every_export_format(tmp_path, our_mae_dir, fmt, capsy
   assert f"width {WIDTH}, depth {DEPTH}" in out
 
 
+def test_inspect_describes_our_own_exports_and_workdirs(tmp_path, our_mae_dir, our_mae,
+                                                        capsys):
+  """`inspect` on mim_jax's own weights said "a directory without config.json: pass the
+  checkpoint file itself". It now describes an export directory and a training workdir (the
+  arrays `read_weights` reads, shapes and dtypes from their metadata)."""
+  assert cli(["inspect", our_mae_dir]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith(f"{our_mae_dir}: a mim_jax export directory, method mae: encoder ")
+  assert "positions sincos, parts ['decoder', 'encoder']" in out.splitlines()[0]
+  assert f"  encoder['cls_token']: (1, 1, {WIDTH}) float32" in out
+  assert "  decoder['mask_token']" in out
+  import orbax.checkpoint as ocp
+  info, params = our_mae
+  workdir = tmp_path / "run"  # as train.run leaves it
+  state = {"step": np.int32(3), "params": params, "extra": {},
+           "opt_state": {"mu": jax.tree.map(np.zeros_like, params)}}
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(str(workdir / "checkpoints" / "3" / "state"), state)
+  checkpointer.wait_until_finished()
+  (workdir / "config.json").write_text(json.dumps(info["config"]))
+  assert cli(["inspect", str(workdir)]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith(f"{workdir}: a mim_jax training workdir (checkpoint 3), method mae")
+  for part in ("encoder", "decoder"):  # the optimizer state is not listed
+    listed = [line for line in out.splitlines()[1:] if line.startswith(f"  {part}[")]
+    assert len(listed) == len(jax.tree.leaves(params[part])), out
+  assert len(out.splitlines()) == 1 + len(jax.tree.leaves(params))
+
+
 def test_timm_architecture_names_are_registered_in_timm():
   """create_model("local-dir:...") looks the architecture name up before model_args apply, so
   every name an export can write must be one timm registers (there is no vit_huge_patch16)."""

@@ -12,7 +12,7 @@ r"""Weight interop from the command line: import, export, reconstruct, inspect.
   # reconstructions of MAE weights with a decoder on image files
   python -m mim_jax.convert reconstruct weights/mae_vitb_full a.jpg b.jpg --out=recon.png
 
-  # what a checkpoint holds and how it would be read
+  # what a checkpoint holds and how it would be read (also a mim_jax export or workdir)
   python -m mim_jax.convert inspect checkpoint.pth
 
 Errors (unknown layout, missing or unexpected keys, wrong shapes, files that are not
@@ -127,6 +127,8 @@ def _reconstruct(args) -> None:
 def _inspect(args) -> None:
   from mim_jax.convert.importer import import_state_dict
   from mim_jax.convert.state_dicts import read_state_dict
+  if not args.key and _inspect_ours(args.checkpoint):
+    return
   loaded = read_state_dict(args.checkpoint, args.key)
   print(f"{loaded.path}: {len(loaded.tensors)} tensors"
         + (f" under {loaded.container!r}" if loaded.container else ""))
@@ -154,6 +156,29 @@ def _inspect(args) -> None:
             "for LAION / OpenCLIP)")
   except ValueError as e:
     print(f"does not import: {e}")
+
+
+def _inspect_ours(source: str) -> bool:
+  """Describes the mim_jax weights in `source` (an export directory or a training workdir):
+  the model and every array's shape and dtype, read from metadata. False when it holds none."""
+  import jax
+
+  from mim_jax.convert import our_weights
+  try:
+    info, what, parts = our_weights.saved_parts(source)
+  except FileNotFoundError:
+    return False
+  model = info["config"]["model"]
+  posemb = info.get("posemb") or ("learn" if "pos_embed" in parts["encoder"] else "sincos")
+  height, width = info["image_size"]
+  print(f"{source}: {what}, method {info['method']}: encoder {model['variant']} (width "
+        f"{model.get('width')}, depth {model.get('depth')}), images {height}x{width}x"
+        f"{info['channels']}, positions {posemb}, parts {sorted(parts)}")
+  for part, tree in parts.items():
+    for path, leaf in jax.tree_util.tree_leaves_with_path(
+        tree, is_leaf=lambda m: hasattr(m, "shape")):
+      print(f"  {part}{jax.tree_util.keystr(path)}: {tuple(leaf.shape)} {leaf.dtype}")
+  return True
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -2,6 +2,7 @@
 
   read_weights(source)            (model info, params) of an export directory or a workdir
   read_info(source)               its model info alone (no arrays read)
+  saved_parts(source)             its parts' array shapes and dtypes (no arrays read)
   write_weights(directory, ...)   an export directory (what `--config.init_from` accepts)
   write_parts(directory, ...)     the same written in place, collectively (a run's own export)
   build_mae(info, params)         MaskedAutoencoder for params with a "decoder"
@@ -112,17 +113,43 @@ def write_released_path(workdir: str, path: Sequence[str]) -> None:
 def encoder_array_names(source: str) -> set[str]:
   """The paths (jax.tree_util.keystr, e.g. "['mask_token']") of the encoder arrays that
   `read_weights(source)` reads, from the checkpoint's metadata alone (no array is read)."""
+  return {jax.tree_util.keystr(p) for p, _ in _array_leaves(saved_parts(source)[2]["encoder"])}
+
+
+def _array_leaves(tree: Any) -> list:
+  return jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda m: hasattr(m, "shape"))
+
+
+def saved_parts(source: str, step: Optional[int] = None) -> tuple[dict, str, dict]:
+  """(model info, what `source` is, {part: its tree of array metadata (shape, dtype)}) of the
+  weights `read_weights(source, step)` reads, from the metadata alone (no array is read).
+  FileNotFoundError when `source` holds no mim_jax weights."""
   if storage.isfile(os.path.join(source, "model.json")):
-    tree = checkpoint.saved_tree(os.path.join(source, "params"))
-  else:
-    step = latest_step(os.path.join(source, "checkpoints"))
-    if step is None:  # a workdir without checkpoints: its encoder/ export, as read_weights
-      return encoder_array_names(os.path.join(source, "encoder"))
+    parts = {"encoder": checkpoint.saved_tree(os.path.join(source, "params"))}
+    if storage.isdir(os.path.join(source, DECODER_DIR)):
+      parts["decoder"] = checkpoint.saved_tree(os.path.join(source, DECODER_DIR))
+    if storage.isdir(os.path.join(source, CLASSIFIER_DIR)):
+      parts.update(checkpoint.saved_tree(os.path.join(source, CLASSIFIER_DIR)))
+    return read_info(source), "a mim_jax export directory", parts
+  step = step if step is not None else latest_step(os.path.join(source, "checkpoints"))
+  if storage.isfile(os.path.join(source, "config.json")) and step is not None:
+    info = read_info(source)
     tree = checkpoint.saved_tree(os.path.join(source, "checkpoints", str(step), "state"))
-    for key in released_path(source) + ("encoder",):
+    for key in released_path(source):
       tree = tree[key]
-  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda m: hasattr(m, "shape"))
-  return {jax.tree_util.keystr(p) for p, _ in leaves}
+    return (info, f"a mim_jax training workdir (checkpoint {step})",
+            _released_parts(info, tree, all_parts=False))
+  if storage.isfile(os.path.join(source, "encoder", "model.json")):
+    return saved_parts(os.path.join(source, "encoder"))
+  return read_info(source), "", {}  # read_info raises: neither an export nor a workdir
+
+
+def _released_parts(info: dict, released: dict, all_parts: bool) -> dict:
+  """The parts of a workdir's released tree that `read_weights` returns: the encoder, an MAE
+  run's decoder, a fine-tuning run's head; with `all_parts`, every part the run trains."""
+  keep = {"mae": ("encoder", "decoder"), "finetune": ("encoder",) + CLASSIFIER_PARTS}.get(
+      info["method"], ("encoder",))
+  return {k: v for k, v in released.items() if all_parts or k in keep}
 
 
 def read_weights(source: str, step: Optional[int] = None,
@@ -153,13 +180,10 @@ def read_weights(source: str, step: Optional[int] = None,
     path = os.path.join(source, "checkpoints", str(step), "state")
     if not storage.isdir(path):
       raise FileNotFoundError(f"{source} has no checkpoint of step {step}")
-    state = checkpoint.restore_on_host(path)
-    keep = {"mae": ("encoder", "decoder"), "finetune": ("encoder",) + CLASSIFIER_PARTS}.get(
-        info["method"], ("encoder",))
-    released = state
+    released = checkpoint.restore_on_host(path)
     for key in released_path(source):
       released = released[key]
-    params = {k: v for k, v in released.items() if all_parts or k in keep}
+    params = _released_parts(info, released, all_parts)
     if "encoder" not in params:
       raise ValueError(f"the {info['method']} run in {source} trains no encoder of its own "
                        "(its encoder is frozen): export the workdir it was initialised from")
