@@ -474,8 +474,7 @@ def test_two_processes_agree_to_skip_a_step_damaged_for_one_of_them(tmp_path):
   finds the step damaged. A rerun with a schedule ending at step 2 is not refused for step 3
   (both agree it is damaged: had process 0 refused alone, process 1 would wait at the restore
   barrier), both skip it together before any restore (Orbax's restore ends with a barrier
-  process 0 would wait at alone), resume step 2, move step 3 aside once; a longer schedule
-  then trains step 3 again, each step logged once."""
+  process 0 would wait at alone), resume step 2 and move step 3 aside once."""
   workdir = tmp_path / "run"
   env = _one_device_per_process_env()
 
@@ -487,7 +486,7 @@ def test_two_processes_agree_to_skip_a_step_damaged_for_one_of_them(tmp_path):
              "--config.checkpoint_every=1", "--config.viz_every=0",
              "--config.export_encoder=false"] for i in range(2)]
 
-  for total_steps in (3, 2, 3):
+  for total_steps in (3, 2):
     procs, outputs = _run_together(commands(total_steps), env, timeout=240)
     for i, (proc, out) in enumerate(zip(procs, outputs)):
       assert proc.returncode == 0, f"process {i} exited {proc.returncode}:\n{out[-4000:]}"
@@ -496,10 +495,10 @@ def test_two_processes_agree_to_skip_a_step_damaged_for_one_of_them(tmp_path):
           outputs[1], outputs[1][-4000:]
       assert "process 1 found it damaged" in outputs[0], outputs[0][-4000:]
       assert all("at step 2" in out for out in outputs), outputs[0][-3000:]
-    elif not (workdir / "checkpoints" / "3.damaged").exists():
+    else:
       position = workdir / "checkpoints" / "3" / "data" / "process_1-of-2.json"
       position.write_text(position.read_text()[:5])
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()
-                if not p.name.startswith("_")) == ["1", "2", "3", "3.damaged"]
+                if not p.name.startswith("_")) == ["1", "2", "3.damaged"]
   assert [row["step"] for row in metric_writers.read_metrics(str(workdir))
-          if "loss" in row] == [1, 2, 3]
+          if "loss" in row] == [1, 2]
