@@ -983,7 +983,8 @@ def test_inspect_describes_our_own_exports_and_workdirs(tmp_path, our_mae_dir, o
   assert cli(["inspect", our_mae_dir]) == 0
   out = capsys.readouterr().out
   assert out.startswith(f"{our_mae_dir}: a mim_jax export directory, method mae: encoder ")
-  assert "positions sincos, parts ['decoder', 'encoder']" in out.splitlines()[0]
+  assert (f"(width {WIDTH}, depth {DEPTH}, patch {PATCH}), images {IMAGE}x{IMAGE}x3, "
+          "positions sincos, parts ['decoder', 'encoder']") in out.splitlines()[0], out
   assert f"  encoder['cls_token']: (1, 1, {WIDTH}) float32" in out
   assert "  decoder['mask_token']" in out
   import orbax.checkpoint as ocp
@@ -1002,6 +1003,17 @@ def test_inspect_describes_our_own_exports_and_workdirs(tmp_path, our_mae_dir, o
     listed = [line for line in out.splitlines()[1:] if line.startswith(f"  {part}[")]
     assert len(listed) == len(jax.tree.leaves(params[part])), out
   assert len(out.splitlines()) == 1 + len(jax.tree.leaves(params))
+  # A run that releases no encoder (a tokenizer's net and codebook): its parts, listed.
+  tokenizer = tmp_path / "tokenizer_run"
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(str(tokenizer / "checkpoints" / "2" / "state"),
+                    {"step": np.int32(2), "params": {"net": params["decoder"]}, "extra": {}})
+  checkpointer.wait_until_finished()
+  (tokenizer / "config.json").write_text(json.dumps(dict(info["config"], method="tok")))
+  assert cli(["inspect", str(tokenizer)]) == 0
+  out = capsys.readouterr().out
+  assert out.splitlines()[0] == (f"{tokenizer}: a mim_jax training workdir (checkpoint 2), "
+                                 "method tok, parts ['net']"), out
 
 
 def test_timm_architecture_names_are_registered_in_timm():

@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="whether the decoder predicts per-patch normalised pixels "
                    "(auto: from the weights' config)")
 
-  ins = sub.add_parser("inspect", help="list a checkpoint's tensors and how it would import")
+  ins = sub.add_parser("inspect", help="list a checkpoint's tensors and how it would import "
+                       "(or a mim_jax export's or training workdir's arrays)")
   ins.add_argument("checkpoint")
   ins.add_argument("--key", default=None)
   return parser
@@ -127,7 +128,10 @@ def _reconstruct(args) -> None:
 def _inspect(args) -> None:
   from mim_jax.convert.importer import import_state_dict
   from mim_jax.convert.state_dicts import read_state_dict
-  if not args.key and _inspect_ours(args.checkpoint):
+  if _inspect_ours(args.checkpoint):
+    if args.key:
+      raise ValueError(f"--key={args.key}: a key picks the entry of a checkpoint file; "
+                       f"{args.checkpoint} holds mim_jax weights (described above)")
     return
   loaded = read_state_dict(args.checkpoint, args.key)
   print(f"{loaded.path}: {len(loaded.tensors)} tensors"
@@ -160,23 +164,34 @@ def _inspect(args) -> None:
 
 def _inspect_ours(source: str) -> bool:
   """Describes the mim_jax weights in `source` (an export directory or a training workdir):
-  the model and every array's shape and dtype, read from metadata. False when it holds none."""
+  the model and every array's shape and dtype of every part it releases, read from metadata.
+  False when it holds none. ValueError for one whose metadata cannot be read."""
   import jax
+  import ml_collections
 
   from mim_jax.convert import our_weights
+  from mim_jax.models.vit import size_from_config
   try:
-    info, what, parts = our_weights.saved_parts(source)
+    info, what, parts = our_weights.saved_parts(source, all_parts=True)
   except FileNotFoundError:
     return False
-  model = info["config"]["model"]
-  posemb = info.get("posemb") or ("learn" if "pos_embed" in parts["encoder"] else "sincos")
-  height, width = info["image_size"]
-  print(f"{source}: {what}, method {info['method']}: encoder {model['variant']} (width "
-        f"{model.get('width')}, depth {model.get('depth')}), images {height}x{width}x"
-        f"{info['channels']}, positions {posemb}, parts {sorted(parts)}")
+  except (KeyError, TypeError) as e:  # a config.json or state tree of another shape
+    raise ValueError(f"{source} looks like mim_jax weights but cannot be read: "
+                     f"{type(e).__name__}: {e}") from None
+  config = info["config"]
+  described = f"method {info['method']}"
+  if "encoder" in parts and "model" in config:
+    model = config["model"]
+    size, patch = size_from_config(ml_collections.ConfigDict(model))
+    posemb = info.get("posemb") or ("learn" if "pos_embed" in parts["encoder"] else
+                                    "sincos" if model.get("abs_posemb", True) else "none")
+    height, width = info["image_size"]
+    described += (f": encoder {model['variant']} (width {size.width}, depth {size.depth}, "
+                  f"patch {patch}), images {height}x{width}x{info['channels']}, positions "
+                  f"{posemb}")
+  print(f"{source}: {what}, {described}, parts {sorted(parts)}")
   for part, tree in parts.items():
-    for path, leaf in jax.tree_util.tree_leaves_with_path(
-        tree, is_leaf=lambda m: hasattr(m, "shape")):
+    for path, leaf in our_weights.array_leaves(tree):
       print(f"  {part}{jax.tree_util.keystr(path)}: {tuple(leaf.shape)} {leaf.dtype}")
   return True
 

@@ -3,6 +3,7 @@
   read_weights(source)            (model info, params) of an export directory or a workdir
   read_info(source)               its model info alone (no arrays read)
   saved_parts(source)             its parts' array shapes and dtypes (no arrays read)
+  array_leaves(tree)              (path, array) of every array of a parameter tree
   write_weights(directory, ...)   an export directory (what `--config.init_from` accepts)
   write_parts(directory, ...)     the same written in place, collectively (a run's own export)
   build_mae(info, params)         MaskedAutoencoder for params with a "decoder"
@@ -113,35 +114,53 @@ def write_released_path(workdir: str, path: Sequence[str]) -> None:
 def encoder_array_names(source: str) -> set[str]:
   """The paths (jax.tree_util.keystr, e.g. "['mask_token']") of the encoder arrays that
   `read_weights(source)` reads, from the checkpoint's metadata alone (no array is read)."""
-  return {jax.tree_util.keystr(p) for p, _ in _array_leaves(saved_parts(source)[2]["encoder"])}
+  parts = saved_parts(source)[2]
+  if "encoder" not in parts:
+    raise ValueError(f"{source} holds no encoder (parts {sorted(parts)})")
+  return {jax.tree_util.keystr(p) for p, _ in array_leaves(parts["encoder"])}
 
 
-def _array_leaves(tree: Any) -> list:
+def array_leaves(tree: Any) -> list:
+  """(path, leaf) of every array of `tree`, arrays or their metadata (shape, dtype)."""
   return jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda m: hasattr(m, "shape"))
 
 
-def saved_parts(source: str, step: Optional[int] = None) -> tuple[dict, str, dict]:
+def saved_parts(source: str, all_parts: bool = False) -> tuple[dict, str, dict]:
   """(model info, what `source` is, {part: its tree of array metadata (shape, dtype)}) of the
-  weights `read_weights(source, step)` reads, from the metadata alone (no array is read).
-  FileNotFoundError when `source` holds no mim_jax weights."""
+  weights `read_weights(source, all_parts=...)` reads, from the metadata alone (no array is
+  read). FileNotFoundError when `source` is neither an export nor a training workdir with a
+  checkpoint (nor one with an export); ValueError when it is one whose arrays' metadata is
+  missing."""
+  def tree(path: str) -> Any:
+    saved = checkpoint.saved_tree(path) if storage.isdir(path) else None
+    if saved is None:
+      raise ValueError(f"{path}: no saved arrays there (a folder cut short?)")
+    return saved
+
   if storage.isfile(os.path.join(source, "model.json")):
-    parts = {"encoder": checkpoint.saved_tree(os.path.join(source, "params"))}
+    parts = {"encoder": tree(os.path.join(source, "params"))}
     if storage.isdir(os.path.join(source, DECODER_DIR)):
-      parts["decoder"] = checkpoint.saved_tree(os.path.join(source, DECODER_DIR))
+      parts["decoder"] = tree(os.path.join(source, DECODER_DIR))
     if storage.isdir(os.path.join(source, CLASSIFIER_DIR)):
-      parts.update(checkpoint.saved_tree(os.path.join(source, CLASSIFIER_DIR)))
+      parts.update(tree(os.path.join(source, CLASSIFIER_DIR)))
     return read_info(source), "a mim_jax export directory", parts
-  step = step if step is not None else latest_step(os.path.join(source, "checkpoints"))
-  if storage.isfile(os.path.join(source, "config.json")) and step is not None:
-    info = read_info(source)
-    tree = checkpoint.saved_tree(os.path.join(source, "checkpoints", str(step), "state"))
-    for key in released_path(source):
-      tree = tree[key]
-    return (info, f"a mim_jax training workdir (checkpoint {step})",
-            _released_parts(info, tree, all_parts=False))
+  config_path = os.path.join(source, "config.json")
+  step = latest_step(os.path.join(source, "checkpoints"))
+  if storage.isfile(config_path) and step is not None:
+    info = info_from_config(json.loads(storage.read_text(config_path)))
+    released = tree(os.path.join(source, "checkpoints", str(step), "state"))
+    path = released_path(source)
+    for key in path:
+      released = released[key]
+    where = "" if path == ("params",) else f", the weights it releases: {'.'.join(path)}"
+    return (info, f"a mim_jax training workdir (checkpoint {step}{where})",
+            _released_parts(info, released, all_parts))
   if storage.isfile(os.path.join(source, "encoder", "model.json")):
-    return saved_parts(os.path.join(source, "encoder"))
-  return read_info(source), "", {}  # read_info raises: neither an export nor a workdir
+    info, _, parts = saved_parts(os.path.join(source, "encoder"))
+    return info, "a mim_jax training workdir without checkpoints: its encoder/ export", parts
+  raise FileNotFoundError(
+      f"{source} is neither an export directory (model.json + params/) nor a training workdir "
+      "(config.json + checkpoints/)")
 
 
 def _released_parts(info: dict, released: dict, all_parts: bool) -> dict:
