@@ -31,8 +31,9 @@
 #                 METHOD_STEPS (pretrain probe finetune) picks which of the three run (the
 #                 GPU script runs the pre-training of every method side by side, then the rest)
 #   probe_finetuned  probe + k-NN of the encoder of the fine-tuning run FINETUNED
-#                 (ft_maskdistill_s0, of methods): features trained with every label, which
-#                 put the probe target (random encoder + 10) in scale
+#                 (ft_maskdistill_s0, of methods; skipped if it has not finished): features
+#                 trained with every label, which put the probe target (random encoder + 10)
+#                 in scale
 #   distill       the 3-epoch rows of the feature-distillation methods beside the other
 #                 3-epoch rows: MaskDistill (teacher: the MAE encoder), BEiT v2's VQ-KD
 #                 tokenizer (same teacher), BEiT reading it; k-NN on the test split of each
@@ -159,12 +160,12 @@ settings() {  # a run's arguments, one per line, ROOT written as ROOT (a moved R
   for arg in "$@"; do echo "${arg//"$ROOT"/ROOT}"; done
 }
 
-finished() {  # NAME: the run's end product is there: results.json (evaluations, fine-tuning),
-  # else an export (pre-training, tokenizers). A fine-tuning run exports its classifier just
-  # before its results.json: that export alone is not the end.
+finished() {  # NAME: the run's end product is there (docs/fmnist_tools.py finished: its
+  # results.json, else its export if it scores nothing); Python only for an export alone.
   local dir=$ROOT/$1
-  [ -f "$dir/results.json" ] || [ -f "$dir/tokenizer/tokenizer.json" ] && return 0
-  [ -f "$dir/encoder/model.json" ] && ! grep -q '"method": "finetune"' "$dir/config.json"
+  [ -f "$dir/results.json" ] && return 0
+  [ -f "$dir/encoder/model.json" ] || [ -f "$dir/tokenizer/tokenizer.json" ] || return 1
+  "$PY" docs/fmnist_tools.py finished "$dir"
 }
 
 run() {  # NAME, then the arguments of mim_jax.main
@@ -405,8 +406,15 @@ if has methods; then
 fi
 
 # A fine-tuning run exports its classifier (encoder/): its features, probed as any encoder's.
-FINETUNED=${FINETUNED:-ft_maskdistill_s0}
-has probe_finetuned && probe "probe_$FINETUNED" --config.init_from="$ROOT/$FINETUNED"
+FINETUNED=${FINETUNED:-ft_maskdistill${FT_TAG}_s0}
+if has probe_finetuned; then
+  if finished "$FINETUNED"; then
+    probe "probe_$FINETUNED" --config.init_from="$ROOT/$FINETUNED"
+  else
+    echo "probe_finetuned: $ROOT/$FINETUNED has not finished (the methods section's" \
+         "MaskDistill fine-tuning, or FINETUNED=another fine-tuning run): skipped"
+  fi
+fi
 
 if has ratio; then
   for ratio in 0.5 0.6 0.9; do

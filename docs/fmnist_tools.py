@@ -14,6 +14,10 @@
       FT_EPOCHS plus the epochs of supervised fine-tuning that cost the pre-training's model
       FLOPs (images seen x training FLOPs per image), rounded (the pre-training's config from
       its record in docs/curves when the workdir is gone)
+  python docs/fmnist_tools.py finished WORKDIR
+      exit status 0 if the run in WORKDIR has finished: its results.json, or its tokenizer or
+      encoder export when the run scores nothing (a fine-tuning run and a pre-training run
+      with the k-NN monitor export just before they write results.json); else 1
   python docs/fmnist_tools.py summary ROOT
       every finished run under ROOT as a markdown table (k-NN, probe and fine-tuning accuracy
       with the split each was scored on, wall time from ROOT/NAME.seconds), then the runs
@@ -107,18 +111,38 @@ def _held_out_scores(root: str, prefix: str, runs: dict[str, str]) -> dict[str, 
   return scores
 
 
+def finished(workdir: str) -> bool:
+  """Whether the run in `workdir` has finished: its results.json is there, or, for a run that
+  scores nothing (a pre-training run without the k-NN monitor, a tokenizer), its export. A
+  fine-tuning run and a monitored pre-training run export just before their results.json, so
+  their export alone is a run stopped in between (the rerun resumes at its last step)."""
+  if os.path.isfile(os.path.join(workdir, "results.json")):
+    return True
+  if os.path.isfile(os.path.join(workdir, "tokenizer", "tokenizer.json")):
+    return True
+  if not os.path.isfile(os.path.join(workdir, "encoder", "model.json")):
+    return False
+  try:
+    config = _config(workdir)
+  except (OSError, ValueError):
+    return False  # no config.json to tell: run it (a finished run resumes at its end)
+  scores = config.get("method") == "finetune" or float(
+      config.get("knn", {}).get("every_epochs", 0) or 0) > 0
+  return not scores
+
+
 def _row(root: str, name: str) -> dict | None:
   """One finished run's scores (fractions), the split they were measured on and its wall
-  seconds; None if ROOT/NAME is not a finished run (no results.json, no exported encoder)."""
+  seconds; None if ROOT/NAME is not a finished run (`finished`)."""
   workdir = os.path.join(root, name)
+  if not finished(workdir):
+    return None
   path = os.path.join(workdir, "results.json")
   if os.path.isfile(path):
     with open(path) as f:
       r = json.load(f)
-  elif os.path.isfile(os.path.join(workdir, "encoder", "model.json")):
-    r = {"method": _config(workdir).get("method", "?")}  # pre-training without a monitor
   else:
-    return None
+    r = {"method": _config(workdir).get("method", "?")}  # pre-training without a monitor
   row = {"name": name, "method": r.get("method", "?"), "split": r.get("eval_split")}
   if row["split"] is None and any(k.startswith("knn_") for k in r):  # pre-training's monitor
     row["split"] = _split(workdir)
@@ -354,6 +378,8 @@ if __name__ == "__main__":
     print(pick_epochs(sys.argv[2], sys.argv[3], sys.argv[4:]))
   elif command == "matched_epochs":
     print(matched_epochs(sys.argv[2], float(sys.argv[3])))
+  elif command == "finished":
+    sys.exit(0 if finished(sys.argv[2]) else 1)
   elif command == "summary":
     print(summary(sys.argv[2]))
   elif command == "sklearn_pixels":

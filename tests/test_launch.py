@@ -619,11 +619,24 @@ def test_results_script_takes_a_fine_tuning_run_s_export_alone_for_unfinished(tm
   calls = _results_calls(tmp_path, RESULTS, SECTIONS="pretrain_mae finetune_mae", SEEDS="0",
                          CHOSEN_tune_mae="lr4e-3_nomix")
   assert [call[-1].rsplit("/", 1)[1] for call in calls] == ["ft_mae_s0"]
+  # A pre-training run with the k-NN monitor writes results.json after its export too.
+  (root / "mae_e50" / "config.json").write_text(
+      json.dumps({"method": "mae", "knn": {"every_epochs": 5.0}}, indent=2))
+  (tmp_path / "main_calls.log").unlink()
+  calls = _results_calls(tmp_path, RESULTS, SECTIONS="pretrain_mae")
+  assert [call[-1].rsplit("/", 1)[1] for call in calls] == ["mae_e50"]
 
 
 def test_results_script_probes_a_fine_tuned_encoder(tmp_path):
   """probe_finetuned: the probe of a fine-tuning run's export (FINETUNED), the scale of the
   probe target."""
+  stub_env = _fake_bin(tmp_path, "python", _MAIN_STUB % sys.executable)
+  out = _bash(RESULTS, str(tmp_path / "root"), env=dict(
+      stub_env, MAIN_CALLS=str(tmp_path / "none.log"), SECTIONS="probe_finetuned"))
+  assert out.returncode == 0 and "ft_maskdistill_s0 has not finished" in out.stdout, out.stderr
+  assert not (tmp_path / "none.log").exists()
+  (tmp_path / "root" / "ft_x_s0").mkdir()
+  (tmp_path / "root" / "ft_x_s0" / "results.json").write_text("{}")
   calls = _results_calls(tmp_path, RESULTS, SECTIONS="probe_finetuned", FINETUNED="ft_x_s0")
   assert [call[:2] for call in calls] == [[
       "--config=configs/linprobe_fmnist.py", f"--config.init_from={tmp_path}/root/ft_x_s0"]]
