@@ -167,9 +167,9 @@ def training_fields(c: ml_collections.ConfigDict) -> None:
 def init_from_field(c: ml_collections.ConfigDict) -> None:
   """`init_from`: weights to start from. Evaluations: a finished pre-training or fine-tuning
   workdir (its `encoder/` export) or an encoder directory, whose model.json fixes the encoder
-  size and patch; "random"
-  keeps the seeded random initialisation (a baseline). Pre-training: continue from a workdir,
-  an export or an imported checkpoint whose encoder fits the configured one."""
+  size and patch; "random" keeps the seeded random initialisation (a baseline). Pre-training:
+  continue from a workdir, an export or an imported checkpoint whose encoder fits the
+  configured one."""
   c.init_from = ""
 
 

@@ -401,7 +401,7 @@ def validate_classifier(config) -> None:
               "'' with classifier.features='pixels' (the raw-pixel baseline loads no encoder)")
     else:
       require(isinstance(config.init_from, str) and config.init_from != "", "init_from",
-              config.init_from, f"a pre-training or fine-tuning workdir or an encoder "
+              config.init_from, "a pre-training or fine-tuning workdir or an encoder "
               f"directory ({config.method} evaluates a trained encoder), or 'random' for a "
               "random-encoder baseline")
   if config.init_from not in ("", "random"):

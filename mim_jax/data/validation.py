@@ -458,9 +458,11 @@ def check_workdir_outside_images(data_cfg, workdir: str) -> None:
 def _link_to(workdir: str, root: str) -> str | None:
   """" (through the symlink LINK -> TARGET)" when a symlink among the entries of local image
   folder `root` that its listing reads (sources.is_listed_name) leads to `workdir`, a folder
-  holding it or a folder inside it, else None. The listing follows links; first-level ones only are looked at (the
-  usual layout: class folders linked in from elsewhere), in one scan of the root that reads
-  no file's metadata (d_type); a URL or a missing folder: None (reported elsewhere)."""
+  holding it or a folder inside it, else None. The listing follows links; first-level ones
+  only are looked at (the usual layout: class folders linked in from elsewhere), in one scan
+  of the root that reads no file's metadata (d_type); a URL or a missing folder: None
+  (reported elsewhere). On the safe side, a workdir under a hidden folder the listing skips
+  is still refused."""
   if storage.is_url(root) or not os.path.isdir(root):
     return None
   try:

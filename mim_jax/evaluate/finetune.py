@@ -42,8 +42,7 @@ class FineTune(base.Method):
     classifier_base.add_scored_config(c)
     # An init_from that holds a classifier head (a fine-tuning workdir, an imported fine-tuned
     # classifier, e.g. an official MAE one) of this model's classes and pooling: fine-tuning
-    # continues from it
-    # (classifier.head_init_std then does nothing). False trains a new head.
+    # continues from it (classifier.head_init_std then does nothing). False trains a new head.
     c.classifier.reuse_head = True
     c.optimizer.layer_decay = 1.0  # < 1: layer-wise lr decay (pre-trained encoders)
     # The encoder size (B, L, H: a model.variant size name) whose published hyper-parameters

@@ -8,8 +8,7 @@ failed saves of the demo model on a full disk): Orbax's own ERROR records with t
 asyncio's "Task exception was never retrieved" for every array write that failed beside the
 first, and TensorStore's callbacks into the event loop that the failure closed ("RuntimeError:
 Event loop is closed", through sys.unraisablehook, called from native code: no Python
-caller). While a Checkpointer is open, those and
-only those are dropped:
+caller). While a Checkpointer is open, those and only those are dropped:
 
   with orbax_noise.quiet(): ...     (or start() / stop(), counted: nested users are fine)
 
