@@ -3,9 +3,9 @@
 The teacher is an export (a pre-training or fine-tuning workdir,
 `mim_jax.training.checkpoint.export_encoder`) or a checkpoint imported through
 `mim_jax.convert` (timm / HF ViTs). It sees the student's augmented view, un-normalised with
-the student's statistics and normalised with its own, and
-resized when its patch size differs so that its patch grid is the student's (a /14 teacher of
-a /16 student at 224 px sees 196 px, as MaskAlign feeds CLIP-L/14). Its parameters travel in
+the student's statistics and normalised with its own, and resized when its patch size differs
+so that its patch grid is the student's (a /14 teacher of a /16 student at 224 px sees 196 px,
+as MaskAlign feeds CLIP-L/14). Its parameters travel in
 the method's `extra` (checkpointed with the run, never optimised) and its outputs are under
 stop_gradient.
 
