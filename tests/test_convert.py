@@ -987,6 +987,9 @@ def test_inspect_describes_our_own_exports_and_workdirs(tmp_path, our_mae_dir, o
           "positions sincos, parts ['decoder', 'encoder']") in out.splitlines()[0], out
   assert f"  encoder['cls_token']: (1, 1, {WIDTH}) float32" in out
   assert "  decoder['mask_token']" in out
+  assert cli(["inspect", our_mae_dir, "--key", "model"]) == 2  # a key picks a file's entry
+  err = capsys.readouterr()
+  assert not err.out and "--key=model: a key picks the entry of a checkpoint file" in err.err
   import orbax.checkpoint as ocp
   info, params = our_mae
   workdir = tmp_path / "run"  # as train.run leaves it

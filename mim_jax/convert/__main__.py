@@ -128,10 +128,10 @@ def _reconstruct(args) -> None:
 def _inspect(args) -> None:
   from mim_jax.convert.importer import import_state_dict
   from mim_jax.convert.state_dicts import read_state_dict
-  if _inspect_ours(args.checkpoint):
-    if args.key:
-      raise ValueError(f"--key={args.key}: a key picks the entry of a checkpoint file; "
-                       f"{args.checkpoint} holds mim_jax weights (described above)")
+  if args.key and _holds_ours(args.checkpoint):
+    raise ValueError(f"--key={args.key}: a key picks the entry of a checkpoint file; "
+                     f"{args.checkpoint} holds mim_jax weights (inspect it without --key)")
+  if not args.key and _inspect_ours(args.checkpoint):
     return
   loaded = read_state_dict(args.checkpoint, args.key)
   print(f"{loaded.path}: {len(loaded.tensors)} tensors"
@@ -160,6 +160,18 @@ def _inspect(args) -> None:
             "for LAION / OpenCLIP)")
   except ValueError as e:
     print(f"does not import: {e}")
+
+
+def _holds_ours(source: str) -> bool:
+  """Whether `source` is a mim_jax export directory or training workdir (metadata only)."""
+  from mim_jax.convert import our_weights
+  try:
+    our_weights.saved_parts(source)
+  except FileNotFoundError:
+    return False
+  except Exception:  # pylint: disable=broad-except  # ours, but unreadable: described so
+    return True
+  return True
 
 
 def _inspect_ours(source: str) -> bool:
