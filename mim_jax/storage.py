@@ -107,10 +107,12 @@ def rmtree(path: str) -> None:
 
 
 def is_within(path: str, folder: str) -> bool:
-  """Whether local `path` is `folder` or lies inside it, after `~` and symlinks are resolved
-  (either may not exist yet). False when either is a URL."""
+  """Whether `path` is `folder` or lies inside it: local paths after `~` and symlinks are
+  resolved (either may not exist yet), URLs by their text; a URL is never within a local
+  folder, nor a local path within a URL."""
   if is_url(path) or is_url(folder):
-    return False
+    path, folder = path.rstrip("/"), folder.rstrip("/")
+    return path == folder or path.startswith(folder + "/")
   path, folder = (os.path.realpath(os.path.expanduser(p)) for p in (path, folder))
   return os.path.commonpath([path, folder]) == folder
 

@@ -128,10 +128,7 @@ def _reconstruct(args) -> None:
 def _inspect(args) -> None:
   from mim_jax.convert.importer import import_state_dict
   from mim_jax.convert.state_dicts import read_state_dict
-  if args.key and _holds_ours(args.checkpoint):
-    raise ValueError(f"--key={args.key}: a key picks the entry of a checkpoint file; "
-                     f"{args.checkpoint} holds mim_jax weights (inspect it without --key)")
-  if not args.key and _inspect_ours(args.checkpoint):
+  if _inspect_ours(args.checkpoint, key=args.key):
     return
   loaded = read_state_dict(args.checkpoint, args.key)
   print(f"{loaded.path}: {len(loaded.tensors)} tensors"
@@ -162,22 +159,11 @@ def _inspect(args) -> None:
     print(f"does not import: {e}")
 
 
-def _holds_ours(source: str) -> bool:
-  """Whether `source` is a mim_jax export directory or training workdir (metadata only)."""
-  from mim_jax.convert import our_weights
-  try:
-    our_weights.saved_parts(source)
-  except FileNotFoundError:
-    return False
-  except Exception:  # pylint: disable=broad-except  # ours, but unreadable: described so
-    return True
-  return True
-
-
-def _inspect_ours(source: str) -> bool:
+def _inspect_ours(source: str, key: Optional[str] = None) -> bool:
   """Describes the mim_jax weights in `source` (an export directory or a training workdir):
   the model and every array's shape and dtype of every part it releases, read from metadata.
-  False when it holds none. ValueError for one whose metadata cannot be read."""
+  False when it holds none. ValueError for one whose metadata cannot be read, and for a `key`
+  (it picks the entry of a checkpoint file)."""
   import jax
   import ml_collections
 
@@ -190,6 +176,9 @@ def _inspect_ours(source: str) -> bool:
   except (KeyError, TypeError) as e:  # a config.json or state tree of another shape
     raise ValueError(f"{source} looks like mim_jax weights but cannot be read: "
                      f"{type(e).__name__}: {e}") from None
+  if key:
+    raise ValueError(f"--key={key}: a key picks the entry of a checkpoint file; {source} "
+                     "holds mim_jax weights (inspect it without --key)")
   config = info["config"]
   described = f"method {info['method']}"
   if "encoder" in parts and "model" in config:

@@ -256,7 +256,7 @@ def check_replaceable(directory: str, *, overwrite: bool, source: str = "") -> N
     raise FileExistsError(f"{directory} is not a mim_jax export directory (it holds "
                           f"{', '.join(others) if others else 'no model.json'}): --overwrite "
                           "replaces an earlier export only; name a new directory")
-  if source and _inside(source, directory):
+  if source and storage.is_within(source, directory):
     raise FileExistsError(f"{directory} holds the checkpoint being imported ({source}): "
                           "--overwrite would delete it; name another directory")
 
@@ -272,15 +272,6 @@ def entries_to_replace(directory: str, *, overwrite: bool) -> list[str]:
     raise FileExistsError(f"{directory} holds {', '.join(held)}: pass --overwrite to replace "
                           "an earlier export, or name a new directory")
   return held
-
-
-def _inside(path: str, directory: str) -> bool:
-  """Whether `path` is `directory` or lies under it (local paths with links resolved)."""
-  if storage.is_url(path) or storage.is_url(directory):
-    path, directory = path.rstrip("/"), directory.rstrip("/")
-    return path == directory or path.startswith(directory + "/")
-  inside = os.path.relpath(os.path.realpath(path), os.path.realpath(directory))
-  return inside != os.pardir and not inside.startswith(os.pardir + os.sep)
 
 
 def write_parts(directory: str, params: dict, info: dict) -> None:

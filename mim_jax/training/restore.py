@@ -29,16 +29,28 @@ def newest_intact_step(ckpt: checkpoint.Checkpointer) -> int | None:
   can refuse a schedule that ends before it ahead of loading data or restoring anything. A
   storage error listing a step counts the step as intact (restore_newest raises it)."""
   for step in ckpt.all_steps()[::-1]:
-    try:
-      reason = ckpt.missing_parts(step)
-    except Exception as e:  # pylint: disable=broad-except  # each storage backend its own
-      log.warning("could not list checkpoint folder %s (%s): taken as intact", ckpt.step_dir(step),
-                  run_errors.first_line(e))
-      reason = None
-    outcome, _ = checkpoint.agree(checkpoint.DAMAGED if reason else checkpoint.RESTORED)
+    outcome, _, _, error = _agreed_listing(ckpt, step)
+    if error is not None:
+      log.warning("could not list checkpoint folder %s (%s): taken as intact",
+                  ckpt.step_dir(step), run_errors.first_line(error))
     if outcome != checkpoint.DAMAGED:
       return step
   return None
+
+
+def _agreed_listing(ckpt: checkpoint.Checkpointer, step: int):
+  """(outcome agreed by every process, the first process with it, this process's missing
+  parts, this process's listing error) of checkpoint `step`'s folder, before any restore:
+  DAMAGED where a process misses a part (Checkpointer.missing_parts), FAILED where one could
+  not list it (a storage that refuses the listing is not damage), else RESTORED."""
+  reason = error = None
+  try:
+    reason = ckpt.missing_parts(step)
+  except Exception as e:  # pylint: disable=broad-except  # each storage backend its own
+    error = e
+  outcome, process = checkpoint.agree(checkpoint.FAILED if error is not None else
+                                      checkpoint.DAMAGED if reason else checkpoint.RESTORED)
+  return outcome, process, reason, error
 
 
 def restore_newest(config, ckpt: checkpoint.Checkpointer, train_iter, target,
@@ -62,15 +74,11 @@ def restore_newest(config, ckpt: checkpoint.Checkpointer, train_iter, target,
   # position (written by another process count) then starts from the fresh position.
   fresh_position = train_iter.get_state() if len(steps) > 1 else None
   for i, step in enumerate(steps):
-    state = error = None
+    state = None
     # Agreed before any process restores: Orbax's restore ends with a barrier across the
     # processes, which one that skipped the step (its own data position missing) never joins.
-    try:  # a storage that refuses the listing is not damage: raised below, after `agree`
-      reason = ckpt.missing_parts(step)
-    except Exception as e:  # pylint: disable=broad-except  # each storage backend its own
-      reason, error = None, e
-    outcome, process = checkpoint.agree(checkpoint.FAILED if error is not None else
-                                        checkpoint.DAMAGED if reason else checkpoint.RESTORED)
+    # A listing error is raised below (FAILED).
+    outcome, process, reason, error = _agreed_listing(ckpt, step)
     if outcome == checkpoint.RESTORED:
       try:  # every failure reaches `agree` below: the other processes wait there
         state = _restore_step(config, ckpt, step, target, train_iter,
