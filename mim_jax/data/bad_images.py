@@ -38,7 +38,7 @@ _lock = threading.Lock()
 _directory: str | None = None
 _owner_pid: int | None = None
 
-WARN_FIRST = 5  # bad files a run names in the log (all its processes); then counts only
+WARN_FIRST = 5  # bad files a host names in the log (its processes together); then counts
 # Per skip log (`log_directory()`: one per run's main process): how many images this process
 # has skipped into it.
 _skips: dict[str, int] = {}
