@@ -266,8 +266,10 @@ def test_linear_probe_learns_a_separable_problem():
 def test_finetune_from_pretrained_and_low_label_run(pretrained_workdir, tmp_path):
   config = _eval_config("finetune", pretrained_workdir, total_steps=3, log_every=3)
   config.data.label_fraction = 0.5
+  config.export_encoder = False  # fine-tuning exports by default: off, it writes no encoder/
   state = train.run(config, str(tmp_path))
   assert int(state.step) == 3
+  assert not (tmp_path / "encoder").exists()
   results = json.load(open(tmp_path / "results.json"))
   assert results["eval_count"] == 64 and np.isfinite(results["eval_loss"])
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
