@@ -35,7 +35,7 @@ def get_config(arg=None):
   c.model.drop_path_rate = 0.25
   # The official ViT: a relative position bias shared by all blocks, layer scale, no
   # absolute positions, and its init (N(0, 0.02) cut at +-0.02, branch outputs divided by
-  # sqrt(2 * layer): models/vit.py weight_inits).
+  # sqrt(2 * layer): models/initializers.py weight_inits).
   c.model.weight_init = "beit"
   c.model.update(rel_pos_bias="shared", layer_scale=1e-4, abs_posemb=False)
   c.masking.update(kind="blockwise", ratio=0.6, min_block=16, min_aspect=0.3)

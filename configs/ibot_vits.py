@@ -35,7 +35,7 @@ def get_config(arg=None):
   c = registry.base_config("ibot")
   c.model.variant = str(args.get("variant", "S/16"))
   c.model.drop_path_rate = 0.1
-  # DINO's ViT init, which iBOT's release keeps (models/vit.py weight_inits).
+  # DINO's ViT init, which iBOT's release keeps (models/initializers.py weight_inits).
   c.model.weight_init = "dino"
   c.masking.update(kind="blockwise", ratio_range=(0.1, 0.5), mask_probability=0.5,
                    min_block=16, min_aspect=0.3)

@@ -27,7 +27,7 @@ def get_config(arg=None):
   c.model.variant = str(args.get("variant", "B/16"))
   c.model.drop_path_rate = 0.1
   # The official ViT: a relative position bias shared by all blocks, layer scale, no
-  # absolute positions, and its init (models/vit.py weight_inits).
+  # absolute positions, and its init (models/initializers.py weight_inits).
   c.model.update(rel_pos_bias="shared", layer_scale=0.1, abs_posemb=False, weight_init="beit")
   c.masking.update(kind="grouped", ratio=0.6, mask_patch_size=32)
   c.target.norm_pix = False

@@ -266,8 +266,9 @@ def summarise_mim_jax(prepared: _Prepared, times: list[float], config, profile_d
 def _attention_impl(config) -> str:
   """The attention implementation the row ran: the config's, or the backend's default
   resolved ("heads_major" on a CPU, "cudnn" on a GPU; "jax_default" where jax.nn chooses)."""
-  from mim_jax.models import vit
-  return vit.default_attention_impl(config.model.get("attention_impl") or None) or "jax_default"
+  from mim_jax.models import attention
+  return (attention.default_attention_impl(config.model.get("attention_impl") or None)
+          or "jax_default")
 
 
 def bench_hf(config, steps: int, warmup: int, compile_model: bool = False,

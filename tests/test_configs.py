@@ -131,7 +131,7 @@ def test_imagenet_configs_follow_the_paper():
     assert (c.decoder.width, c.decoder.depth, c.decoder.num_heads) == (512, 8, 16)
 
 
-# The ViT init of each recipe's official code (models/vit.py weight_inits); recipes whose
+# The ViT init of each recipe's official code (models/initializers.py weight_inits); recipes whose
 # release's init is not transcribed keep MAE's and say so, as do the Fashion-MNIST ones.
 OFFICIAL_INITS = {"beit_vitb.py": "beit", "data2vec_vitb.py": "beit", "simmim_vitb.py": "beit",
                   "maskdistill_vitb.py": "beit", "ibot_vits.py": "dino",

@@ -12,7 +12,7 @@ from mim_jax import registry
 from mim_jax.config.errors import ConfigError
 from mim_jax.methods import mae
 from mim_jax.methods.base import TrainLength
-from mim_jax.models import vit
+from mim_jax.models import attention, vit
 
 from conftest import tiny_config, tiny_mae_config  # noqa: E402
 
@@ -196,32 +196,32 @@ def test_cudnn_attention_pads_odd_lengths_and_falls_back_only_for_rejected_shape
 
   q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 7, 4, 8))
   expected = jax.grad(lambda q: (real(q, k, v, implementation="xla") ** 2).sum())(q)
-  grad = jax.grad(lambda q: (vit.dot_product_attention(q, k, v, "cudnn") ** 2).sum())(q)
+  grad = jax.grad(lambda q: (attention.dot_product_attention(q, k, v, "cudnn") ** 2).sum())(q)
   np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
   assert calls == [(8, "cudnn")]  # 7 tokens padded to 8, on cuDNN
 
   calls.clear()
-  vit.dot_product_attention(q[:, :6], k[:, :6], v[:, :6], "cudnn")
+  attention.dot_product_attention(q[:, :6], k[:, :6], v[:, :6], "cudnn")
   assert calls == [(6, "cudnn")]  # an even length is not padded
 
   calls.clear()
   q4, k4, v4 = q[..., :4], k[..., :4], v[..., :4]  # head dim 4: rejected whatever the length
-  with caplog.at_level("INFO", logger=vit.__name__):
-    grad = jax.grad(lambda q: (vit.dot_product_attention(q, k4, v4, "cudnn") ** 2).sum())(q4)
+  with caplog.at_level("INFO", logger=attention.__name__):
+    grad = jax.grad(lambda q: (attention.dot_product_attention(q, k4, v4, "cudnn") ** 2).sum())(q4)
   expected = jax.grad(lambda q: (real(q, k4, v4, implementation="xla") ** 2).sum())(q4)
   np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
   assert calls == [(8, "cudnn"), (7, "xla")]
   assert "uses XLA's attention" in caplog.text
 
   calls.clear()
-  vit.dot_product_attention(q, k, v, "xla")  # XLA's attention, unpadded
+  attention.dot_product_attention(q, k, v, "xla")  # XLA's attention, unpadded
   assert calls == [(7, "xla")]
   calls.clear()
-  vit.dot_product_attention(q, k, v)  # the default on this CPU machine: heads-major, no jax.nn
+  attention.dot_product_attention(q, k, v)  # the default on this CPU machine: heads-major, no jax.nn
   assert calls == []
   monkeypatch.setattr(jax.nn, "dot_product_attention", real)
   with pytest.raises(RuntimeError, match="cuDNN"):  # no cuDNN on this machine: an error
-    vit.dot_product_attention(q, k, v, "cudnn")
+    attention.dot_product_attention(q, k, v, "cudnn")
 
 
 @pytest.mark.parametrize("tokens,multiple", [(197, 8), (197, 64), (50, 64), (17, 2)])
@@ -234,7 +234,7 @@ def test_padded_attention_equals_unpadded_in_value_and_gradient(tokens, multiple
     return (fn(q, k, v) * w).sum()
   # Jitted: op by op, the gradients' hundreds of small operations take seconds each case.
   plain = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))
-  padded = jax.jit(lambda q, k, v: vit.padded_attention(q, k, v, multiple, implementation="xla"))
+  padded = jax.jit(lambda q, k, v: attention.padded_attention(q, k, v, multiple, implementation="xla"))
   np.testing.assert_allclose(padded(q, k, v), plain(q, k, v), rtol=1e-5, atol=1e-6)
   grad = lambda fn: jax.jit(jax.grad(lambda *a: loss(fn, *a), argnums=(0, 1, 2)))
   for a, b in zip(grad(padded)(q, k, v), grad(plain)(q, k, v)):
@@ -255,7 +255,7 @@ def test_heads_major_attention_equals_jax_attention_in_value_and_gradient(
 
   def loss(fn, q, k, v, bias):
     return jnp.sum((fn(q, k, v, bias) * w).astype(jnp.float32))
-  ours = lambda q, k, v, b: vit.dot_product_attention(q, k, v, "heads_major", bias=b)
+  ours = lambda q, k, v, b: attention.dot_product_attention(q, k, v, "heads_major", bias=b)
   ref = lambda q, k, v, b: jax.nn.dot_product_attention(
       q, k, v, None if b is None else b.astype(q.dtype), implementation="xla")
   tol = 1e-5 if dtype == "float32" else 3e-2
@@ -278,8 +278,8 @@ def test_attention_layer_is_one_function_of_one_set_of_parameters_in_every_imple
   float32 to rounding, bfloat16 with a relative position bias to bfloat16's rounding."""
   grid = (3, 4) if rel_pos else None  # 12 patches + [CLS]
   x = jax.random.normal(jax.random.key(0), (2, 13, 64)).astype(dtype)
-  index = vit.relative_position_index(grid, grid) if rel_pos else None
-  layers = {impl: vit.Attention(num_heads=4, dtype=jnp.dtype(dtype), implementation=impl,
+  index = attention.relative_position_index(grid, grid) if rel_pos else None
+  layers = {impl: attention.Attention(num_heads=4, dtype=jnp.dtype(dtype), implementation=impl,
                                 rel_pos_grid=grid) for impl in ("heads_major", "xla")}
   params = {impl: layer.init(jax.random.key(1), x, rel_index=index)
             for impl, layer in layers.items()}
@@ -303,7 +303,7 @@ def test_attention_layer_is_one_function_of_one_set_of_parameters_in_every_imple
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
   if jax.default_backend() == "cpu":
-    assert vit.default_attention_impl(None) == "heads_major"
+    assert attention.default_attention_impl(None) == "heads_major"
 
 
 def test_gelu_with_its_own_gradient_equals_the_exact_gelu():
@@ -364,7 +364,7 @@ def test_padded_attention_with_a_bias_equals_unpadded():
   q, k, v = jax.random.normal(jax.random.key(2), (3, 2, 17, 4, 8))
   bias = jax.random.normal(jax.random.key(3), (2, 4, 17, 17))
   plain = jax.nn.dot_product_attention(q, k, v, bias, implementation="xla")
-  padded = vit.padded_attention(q, k, v, 8, implementation="xla", bias=bias)
+  padded = attention.padded_attention(q, k, v, 8, implementation="xla", bias=bias)
   np.testing.assert_allclose(padded, plain, rtol=1e-5, atol=1e-6)
 
 
@@ -406,12 +406,12 @@ def test_relative_position_bias_follows_the_visible_patches(rel_pos_bias):
 def test_relative_index_of_a_smaller_grid_reads_the_same_offsets():
   """A 2 x 2 view (multi-crop) reads the entries of a 4 x 4 table that the top-left 2 x 2
   patches of a full image read: the same offsets."""
-  small = vit.relative_position_index((4, 4), (2, 2))[0]
-  full = vit.relative_position_index((4, 4), (4, 4))[0]
+  small = attention.relative_position_index((4, 4), (2, 2))[0]
+  full = attention.relative_position_index((4, 4), (4, 4))[0]
   tokens = np.array([0, 1, 2, 5, 6])  # [CLS], then grid cells (0,0) (0,1) (1,0) (1,1)
   np.testing.assert_array_equal(small, full[tokens][:, tokens])
   with pytest.raises(ValueError, match="cannot serve a"):
-    vit.relative_position_index((2, 2), (4, 4))
+    attention.relative_position_index((2, 2), (4, 4))
 
 
 def test_layer_scale_of_one_is_the_plain_block():

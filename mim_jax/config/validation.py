@@ -26,14 +26,9 @@ from mim_jax.config import defaults
 from mim_jax.config.checks import get, is_int, is_number, pair, positive_int, require  # noqa: F401
 from mim_jax.config.errors import ConfigError, config_error
 from mim_jax.evaluate import knn
-from mim_jax.models.vit import (
-  MLP_ACTS,
-  REL_POS_BIAS,
-  VIT_SIZES,
-  WEIGHT_INITS,
-  parse_variant,
-  size_from_config,
-)
+from mim_jax.models.attention import REL_POS_BIAS
+from mim_jax.models.initializers import WEIGHT_INITS
+from mim_jax.models.vit import MLP_ACTS, VIT_SIZES, parse_variant, size_from_config
 from mim_jax.objectives.masking import ATTENTION_ORDERS, MASK_KINDS, num_visible
 from mim_jax.training import compiler_options, optim, parallel, step
 from mim_jax.weights import continuation, pretrained
@@ -70,7 +65,7 @@ def validate_model(config) -> None:
     require(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl", m.attention_impl,
             f"one of {ATTENTION_IMPLS} ('': cuDNN on GPU, heads_major on CPU, XLA elsewhere)")
     # cuDNN's fused attention takes bfloat16 / float16 only: asked for in float32, every layer
-    # would fall back to XLA's attention (models.vit.dot_product_attention) under its name.
+    # would fall back to XLA's attention (models.attention.dot_product_attention) under its name.
     require(m.attention_impl != "cudnn" or m.get("dtype", "float32") != "float32",
             "model.attention_impl", m.attention_impl, "'cudnn' with model.dtype='bfloat16' or "
             "'float16' (cuDNN's fused attention takes no float32; '' picks it where it runs)")

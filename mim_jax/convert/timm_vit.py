@@ -66,7 +66,8 @@ from mim_jax.convert.layouts import (
     state_problems,
     to_numpy,
 )
-from mim_jax.models.vit import num_relative_positions, relative_position_index, sincos_2d
+from mim_jax.models.attention import num_relative_positions, relative_position_index
+from mim_jax.models.vit import sincos_2d
 
 POSEMBS = ("sincos", "learn")
 
@@ -112,7 +113,7 @@ class TimmLayout:
   abs_posemb: bool = True
   pre_norm: bool = False      # norm_pre: a LayerNorm before the blocks (CLIP style)
   patch_bias: bool = True     # timm's pre_norm models have none
-  rel_pos_bias: str = ""      # "" | "shared" | "per_block" (models.vit.REL_POS_BIAS)
+  rel_pos_bias: str = ""      # "" | "shared" | "per_block" (models.attention.REL_POS_BIAS)
   rel_pos_heads: int = 0
 
   @property
@@ -387,7 +388,7 @@ def params_from_timm_vit(state_dict: Mapping[str, Any], *,
 
 def _check_rel_index_buffers(state: dict[str, np.ndarray], layout: TimmLayout) -> None:
   """Removes the `relative_position_index` buffers official BEiT checkpoints store, after
-  checking each equals the index mim_jax computes (`vit.relative_position_index`): a table
+  checking each equals the index mim_jax computes (`attention.relative_position_index`): a table
   numbered another way would load without error and compute another function."""
   buffers = sorted(k for k in state if k.endswith("relative_position_index"))
   if not buffers:

@@ -286,7 +286,7 @@ class PretrainingMethod(Method):
   # What model.weight_init draws besides the encoder's layers, so that continued pre-training
   # knows whether it still reads it (weights/continuation.py): a mask token in the encoder
   # (mask-token methods), and a prediction head that the official code builds inside its ViT
-  # (BEiT's and data2vec's lm_head, drawn as the encoder's layers: `models.vit.head_init`);
+  # (BEiT's and data2vec's lm_head, drawn as the encoder's layers: `models.initializers.head_init`);
   # other heads and decoders have inits of their own.
   mask_token_in_encoder = False
   head_in_vit = False

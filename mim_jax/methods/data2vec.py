@@ -32,7 +32,8 @@ from mim_jax.methods import base
 from mim_jax.methods.masked_prediction import MaskTokenModel
 from mim_jax.models import flops
 from mim_jax.models.decoders import LinearPredictor
-from mim_jax.models.vit import encoder_from_config, head_init, size_from_config
+from mim_jax.models.initializers import head_init
+from mim_jax.models.vit import encoder_from_config, size_from_config
 from mim_jax.objectives import losses, masking, teachers
 from mim_jax.objectives.frozen_teacher import cls_attention
 from mim_jax.weights import continuation

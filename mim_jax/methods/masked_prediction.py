@@ -27,7 +27,8 @@ from mim_jax.config import validation
 from mim_jax.methods import base
 from mim_jax.models import flops
 from mim_jax.models.decoders import LinearPredictor
-from mim_jax.models.vit import ViTEncoder, encoder_from_config, head_init, size_from_config
+from mim_jax.models.initializers import head_init
+from mim_jax.models.vit import ViTEncoder, encoder_from_config, size_from_config
 from mim_jax.objectives import masking
 from mim_jax.objectives.patch_targets import PatchTarget
 

@@ -8,14 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mim_jax.models.vit import (
-  Transformer,
-  dense_init,
-  permute_tokens,
-  sincos_2d,
-  token_init,
-  trunc_normal,
-)
+from mim_jax.models.initializers import dense_init, token_init, trunc_normal
+from mim_jax.models.vit import Transformer, permute_tokens, sincos_2d
 
 Dtype = Any
 

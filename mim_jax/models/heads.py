@@ -15,7 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mim_jax.models.vit import LAYER_NORM_EPS, ViTEncoder, trunc_normal
+from mim_jax.models.initializers import trunc_normal
+from mim_jax.models.vit import LAYER_NORM_EPS, ViTEncoder
 
 POOLS = ("cls", "gap")
 

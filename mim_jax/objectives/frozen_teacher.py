@@ -129,6 +129,6 @@ class FrozenTeacher:
 
 def cls_attention(intermediates, depth: int) -> jax.Array:
   """The last block's [CLS] attention over the patches, [B, heads, N], from the
-  "intermediates" a ViTEncoder sows when that collection is mutable (models/vit.Attention)."""
+  "intermediates" a ViTEncoder sows when that collection is mutable (models/attention.Attention)."""
   weights = intermediates["transformer"][f"blocks_{depth - 1}"]["attn"]["attention"][0]
   return weights[:, :, 0, 1:]
