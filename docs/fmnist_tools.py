@@ -31,6 +31,11 @@
   python docs/fmnist_tools.py windows ROOT RUN [STEPS]
       a run's training loss / accuracy (%) as means over each STEPS (500) steps, from its
       folder or its record: the training-curve tables of docs/results.md
+  python docs/fmnist_tools.py lowlabel ROOT [LOWLABEL_TUNE]
+      the low-label length tuning's held-out top-1 (%) per fraction, init and length, as
+      markdown rows: the runs ROOT/tune_labels<PCT>_<INIT>_e<EPOCHS> of LOWLABEL_TUNE (default
+      "1:60,240,960 10:30,120", docs/fmnist_results.sh) that have finished, from their folders
+      or records; docs/plot_lowlabel.py draws them
   python docs/fmnist_tools.py sklearn_pixels OUT_JSON [DATA_DIR [L2]]
       the reference the converged linear probe is held to: scikit-learn's multinomial logistic
       regression (lbfgs) on standardised raw pixels, all 60,000 training images, scored on the
@@ -309,6 +314,33 @@ def keep(root: str, *runs: str) -> list[str]:
   return written
 
 
+LOWLABEL_TUNE = "1:60,240,960 10:30,120"  # docs/fmnist_results.sh's default
+
+
+def lowlabel_lengths(root: str, tune: str = LOWLABEL_TUNE,
+                     inits: tuple[str, ...] = ("mae", "scratch")) -> dict:
+  """{percent: {init: [(epochs, held-out top-1 %), ...]}} of the low-label length tuning
+  (`tune_lowlabel` of docs/fmnist_results.sh, runs ROOT/tune_labels<PCT>_<INIT>_e<EPOCHS>):
+  the finished runs, from their folders, or their records (`keep`) where a folder is gone; a
+  run neither finished nor kept is left out."""
+  out: dict = {}
+  for spec in tune.split():
+    pct, lengths = spec.split(":")
+    for init in inits:
+      for epochs in lengths.split(","):
+        run = f"tune_labels{pct}_{init}_e{epochs}"
+        folder = os.path.join(root, run)
+        if not (finished(folder) if os.path.isdir(folder)
+                else os.path.isfile(os.path.join(CURVES, f"{run}.json"))):
+          continue
+        rec = run_record(root, run)
+        if rec["config"]["data"]["eval_split"] != "holdout" or not rec["eval"]:
+          raise SystemExit(f"{run}: no final evaluation on the held-out split")
+        acc = 100.0 * rec["eval"][-1]["eval_accuracy"]
+        out.setdefault(pct, {}).setdefault(init, []).append((int(epochs), acc))
+  return out
+
+
 def windows(root: str, run: str, steps: int = 500) -> list[tuple[int, int, float, float]]:
   """(first step, last step, mean loss_mean, mean accuracy %) of the run's logged training
   rows over each `steps` steps (the last window ends at the last logged step)."""
@@ -382,6 +414,10 @@ if __name__ == "__main__":
     sys.exit(0 if finished(sys.argv[2]) else 1)
   elif command == "summary":
     print(summary(sys.argv[2]))
+  elif command == "lowlabel":
+    for pct, by_init in lowlabel_lengths(sys.argv[2], *sys.argv[3:4]).items():
+      for init, points in by_init.items():
+        print(f"| {pct}% | {init} | " + ", ".join(f"{a:.2f} ({e} ep)" for e, a in points) + " |")
   elif command == "sklearn_pixels":
     print(sklearn_pixels(*sys.argv[2:5]))
   elif command == "windows":

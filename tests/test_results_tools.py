@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import pathlib
+import shutil
 
 import pytest
 
@@ -146,6 +147,36 @@ def test_a_kept_curve_stands_in_for_a_run_folder_that_is_gone(tmp_path, monkeypa
   assert tools.matched_epochs(str(gone / "mae_e50"), 30) == tools.matched_epochs(str(run), 30)
   with pytest.raises(SystemExit, match="no run folder .* and no record"):
     tools.run_record(str(gone), "simmim_e30")
+
+
+def test_lowlabel_lengths_reads_finished_tuning_runs_and_their_records(tmp_path, monkeypatch):
+  """The held-out points of docs/plot_lowlabel.py: finished runs only (a run still training has
+  no score yet), a kept record where the folder is gone, and no run scored on another split."""
+  monkeypatch.setattr(tools, "CURVES", str(tmp_path / "curves"))
+  root = tmp_path / "R"
+  for name, acc in (("tune_labels1_mae_e60", 0.82), ("tune_labels1_scratch_e60", 0.55),
+                    ("tune_labels1_scratch_e240", 0.76), ("tune_labels10_mae_e30", 0.887)):
+    _run(root, name, {"eval_accuracy": acc})
+    (root / name / "metrics.jsonl").write_text(
+        json.dumps({"step": 5, "loss_mean": 1.0, "accuracy": 0.5}) + "\n"
+        + json.dumps({"step": 9, "eval_accuracy": acc, "eval_loss": 0.5}) + "\n")
+  _run(root, "tune_labels1_mae_e240", None)  # still training: left out
+  points = tools.lowlabel_lengths(str(root))
+  assert {pct: {init: [(e, round(a, 6)) for e, a in pts] for init, pts in by_init.items()}
+          for pct, by_init in points.items()} == {
+      "1": {"mae": [(60, 82.0)], "scratch": [(60, 55.0), (240, 76.0)]},
+      "10": {"mae": [(30, 88.7)]}}
+  (tmp_path / "curves").mkdir()  # its record (as `keep` writes it), then the folder gone
+  (tmp_path / "curves" / "tune_labels10_mae_e30.json").write_text(
+      json.dumps(tools.run_record(str(root), "tune_labels10_mae_e30")))
+  shutil.rmtree(root / "tune_labels10_mae_e30")
+  assert tools.lowlabel_lengths(str(root), "10:30,120")["10"] == {"mae": [(30, 88.7)]}
+  _run(root, "tune_labels10_scratch_e30", {"eval_accuracy": 0.8}, eval_split="test")
+  (root / "tune_labels10_scratch_e30" / "metrics.jsonl").write_text(
+      json.dumps({"step": 9, "eval_accuracy": 0.8}) + "\n")
+  with pytest.raises(SystemExit, match="tune_labels10_scratch_e30: no final evaluation on the "
+                     "held-out split"):
+    tools.lowlabel_lengths(str(root), "10:30")
 
 
 def test_sklearn_reference_with_the_probes_l2_solves_the_probes_objective(tmp_path):
