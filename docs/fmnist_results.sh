@@ -20,7 +20,10 @@
 #                 MATCHED_EPOCHS, a number of epochs, instead)
 #   tune_lowlabel for each init of LOWLABEL_INITS, the length of its low-label fine-tuning
 #                 chosen on the held-out split (LOWLABEL_TUNE, percent:epochs,epochs,...,
-#                 default "1:60,240,960 10:30,120"; each init keeps its lr / Mixup choice)
+#                 default "1:60,240,960 10:30,120"; each init keeps its lr / Mixup choice).
+#                 While the longest length wins, LOWLABEL_EXTEND (4) x it runs too, if that
+#                 run takes at most LOWLABEL_MAX_STEPS (10240) steps: the grid extends until
+#                 the best length is inside it (LOWLABEL_EXTEND=1: never)
 #   lowlabel      for each of SEEDS: 1% and 10% of the labels, MAE vs scratch (LOWLABEL,
 #                 percent:epochs, "1:60 10:30", the same length for both inits; or
 #                 percent:held-out, each init at the length tune_lowlabel chose for it, the
@@ -105,6 +108,8 @@ KNN_EVERY=${KNN_EVERY:-5}
 LOWLABEL=${LOWLABEL:-"1:60 10:30"}
 LOWLABEL_TUNE=${LOWLABEL_TUNE:-"1:60,240,960 10:30,120"}
 LOWLABEL_INITS=${LOWLABEL_INITS:-"mae scratch"}
+LOWLABEL_EXTEND=${LOWLABEL_EXTEND:-4}
+LOWLABEL_MAX_STEPS=${LOWLABEL_MAX_STEPS:-10240}
 TUNE_POINTS=${TUNE_POINTS:-}
 SKLEARN_MATCHED=${SKLEARN_MATCHED:-1}
 [[ $SKLEARN_MATCHED =~ ^[01]$ ]] || { echo "SKLEARN_MATCHED=$SKLEARN_MATCHED: 1 (run) or 0" >&2
@@ -127,6 +132,9 @@ done
 for spec in $LOWLABEL_TUNE; do
   [[ $spec =~ ^[0-9]+(\.[0-9]+)?:[0-9]+(,[0-9]+)*$ ]] || { echo "LOWLABEL_TUNE: '$spec' is" \
       "not PERCENT:EPOCHS,EPOCHS,... (e.g. 1:60,240,960)" >&2; exit 2; }
+done
+for var in LOWLABEL_EXTEND LOWLABEL_MAX_STEPS; do
+  [[ ${!var} =~ ^[1-9][0-9]*$ ]] || { echo "$var=${!var}: a positive integer" >&2; exit 2; }
 done
 tune_lengths() {  # PERCENT: the lengths LOWLABEL_TUNE tries at that fraction, space-separated
   local spec
@@ -342,6 +350,18 @@ if has tune_lowlabel; then
       for epochs in $(tune_lengths "$pct"); do
         lowlabel_run "tune_labels${pct}_${init}_e$epochs" "$init" "$pct" "$epochs" "${holdout[@]}"
       done
+      # The longest length won: LOWLABEL_EXTEND x it next, until the best is inside the grid.
+      last=""
+      while :; do
+        # shellcheck disable=SC2046
+        epochs=$(python docs/fmnist_tools.py next_epochs "$ROOT" "tune_labels${pct}_$init" \
+            "$LOWLABEL_EXTEND" "$LOWLABEL_MAX_STEPS" $(tune_lengths "$pct")) || exit 1
+        [ -n "$epochs" ] || break
+        [ "$epochs" != "$last" ] || { echo "tune_labels${pct}_${init}_e$epochs ran but has no" \
+            "results.json: see $ROOT/tune_labels${pct}_${init}_e$epochs.log" >&2; exit 1; }
+        last=$epochs
+        lowlabel_run "tune_labels${pct}_${init}_e$epochs" "$init" "$pct" "$epochs" "${holdout[@]}"
+      done
     done
   done
 fi
@@ -352,8 +372,8 @@ if has lowlabel; then
       chosen=$epochs name="ft_${init}_labels${pct}"
       if listed "$LOWLABEL_INITS" "$init" && [ "$epochs" = held-out ]; then
         # shellcheck disable=SC2046
-        chosen=$(python docs/fmnist_tools.py pick_epochs "$ROOT" "tune_labels${pct}_$init" \
-            $(tune_lengths "$pct")) || exit 1
+        chosen=$(python docs/fmnist_tools.py pick_length "$ROOT" "tune_labels${pct}_$init" \
+            "$LOWLABEL_EXTEND" "$LOWLABEL_MAX_STEPS" $(tune_lengths "$pct")) || exit 1
         # The length in the name, unless it is the fixed length of the default rows (1:60,
         # 10:30): those runs are the same, and finished ones are not run again.
         [ "$pct:$chosen" = 1:60 ] || [ "$pct:$chosen" = 10:30 ] || name="${name}_e$chosen"

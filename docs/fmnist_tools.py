@@ -10,6 +10,14 @@
   python docs/fmnist_tools.py pick_epochs ROOT PREFIX EPOCHS...
       the length (of EPOCHS) whose run ROOT/PREFIX_eEPOCHS scored best on the held-out split,
       ties to the shorter (the low-label rows' own lengths)
+  python docs/fmnist_tools.py next_epochs ROOT PREFIX FACTOR MAX_STEPS EPOCHS...
+      the length still to run before the choice of pick_length can be made (nothing when it
+      can): FACTOR x the longest length tried, when that one won on the held-out split and a
+      run FACTOR x as long would take at most MAX_STEPS steps (the grid extends along the
+      winning direction until the best length is inside it)
+  python docs/fmnist_tools.py pick_length ROOT PREFIX FACTOR MAX_STEPS EPOCHS...
+      pick_epochs over EPOCHS and the extensions next_epochs asked for; fails while one of
+      them has not run
   python docs/fmnist_tools.py matched_epochs PRETRAIN_WORKDIR FT_EPOCHS
       FT_EPOCHS plus the epochs of supervised fine-tuning that cost the pre-training's model
       FLOPs (images seen x training FLOPs per image), rounded (the pre-training's config from
@@ -31,11 +39,11 @@
   python docs/fmnist_tools.py windows ROOT RUN [STEPS]
       a run's training loss / accuracy (%) as means over each STEPS (500) steps, from its
       folder or its record: the training-curve tables of docs/results.md
-  python docs/fmnist_tools.py lowlabel ROOT [LOWLABEL_TUNE]
+  python docs/fmnist_tools.py lowlabel ROOT
       the low-label length tuning's held-out top-1 (%) per fraction, init and length, as
-      markdown rows: the runs ROOT/tune_labels<PCT>_<INIT>_e<EPOCHS> of LOWLABEL_TUNE (default
-      "1:60,240,960 10:30,120", docs/fmnist_results.sh) that have finished, from their folders
-      or records; docs/plot_lowlabel.py draws them
+      markdown rows: the finished runs ROOT/tune_labels<PCT>_<INIT>_e<EPOCHS>
+      (docs/fmnist_results.sh tune_lowlabel), from their folders or records;
+      docs/plot_lowlabel.py draws them
   python docs/fmnist_tools.py sklearn_pixels OUT_JSON [DATA_DIR [L2]]
       the reference the converged linear probe is held to: scikit-learn's multinomial logistic
       regression (lbfgs) on standardised raw pixels, all 60,000 training images, scored on the
@@ -48,6 +56,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import ml_collections
@@ -95,6 +104,45 @@ def pick_epochs(root: str, prefix: str, epochs: list[str]) -> str:
   best = max(scores, key=lambda e: (scores[e], -float(e)))
   print(f"{prefix}: held-out accuracy by epochs {scores}; chose {best}", file=sys.stderr)
   return best
+
+
+def extended_epochs(root: str, prefix: str, epochs: list[str], factor: int,
+                    max_steps: int) -> tuple[list[str], str | None]:
+  """(the lengths the choice is made from, the length still to run or None).
+
+  `epochs`, and while the longest of them wins on the held-out split (ties to the shorter, as
+  `pick_epochs`), `factor` x that one, if its run would take at most `max_steps` steps (the
+  steps of the longest run, from its results.json, times `factor`): a length chosen at the
+  grid's edge may only be the edge's, so the grid extends along the winning direction until
+  the best is inside it, as the lr grid did (GRID)."""
+  lengths = list(epochs)
+  while True:
+    scores = _held_out_scores(root, prefix, {e: f"{prefix}_e{e}" for e in lengths})
+    best = max(scores, key=lambda e: (scores[e], -float(e)))
+    longest = max(lengths, key=float)
+    if best != longest or factor <= 1:
+      return lengths, None
+    with open(os.path.join(root, f"{prefix}_e{longest}", "results.json")) as f:
+      steps = int(json.load(f).get("step", 0))
+    if steps * factor > max_steps:
+      print(f"{prefix}: the longest length, {longest} epochs, won; {factor}x it would take "
+            f"{steps * factor} steps, more than {max_steps}: not extended", file=sys.stderr)
+      return lengths, None
+    following = str(int(float(longest) * factor))
+    if not finished(os.path.join(root, f"{prefix}_e{following}")):
+      return lengths, following
+    lengths.append(following)
+
+
+def pick_length(root: str, prefix: str, epochs: list[str], factor: int, max_steps: int) -> str:
+  """`pick_epochs` over `epochs` and their extensions (`extended_epochs`), all of which have
+  run."""
+  lengths, following = extended_epochs(root, prefix, epochs, factor, max_steps)
+  if following is not None:
+    raise SystemExit(f"{prefix}: the longest length tried won on the held-out split, so "
+                     f"{following} epochs run next ({prefix}_e{following}, the tune_lowlabel "
+                     "section) before the choice")
+  return pick_epochs(root, prefix, lengths)
 
 
 def _held_out_scores(root: str, prefix: str, runs: dict[str, str]) -> dict[str, float]:
@@ -314,31 +362,30 @@ def keep(root: str, *runs: str) -> list[str]:
   return written
 
 
-LOWLABEL_TUNE = "1:60,240,960 10:30,120"  # docs/fmnist_results.sh's default
-
-
-def lowlabel_lengths(root: str, tune: str = LOWLABEL_TUNE,
-                     inits: tuple[str, ...] = ("mae", "scratch")) -> dict:
+def lowlabel_lengths(root: str) -> dict:
   """{percent: {init: [(epochs, held-out top-1 %), ...]}} of the low-label length tuning
-  (`tune_lowlabel` of docs/fmnist_results.sh, runs ROOT/tune_labels<PCT>_<INIT>_e<EPOCHS>):
-  the finished runs, from their folders, or their records (`keep`) where a folder is gone; a
-  run neither finished nor kept is left out."""
-  out: dict = {}
-  for spec in tune.split():
-    pct, lengths = spec.split(":")
-    for init in inits:
-      for epochs in lengths.split(","):
-        run = f"tune_labels{pct}_{init}_e{epochs}"
-        folder = os.path.join(root, run)
-        if not (finished(folder) if os.path.isdir(folder)
-                else os.path.isfile(os.path.join(CURVES, f"{run}.json"))):
-          continue
-        rec = run_record(root, run)
-        if rec["config"]["data"]["eval_split"] != "holdout" or not rec["eval"]:
-          raise SystemExit(f"{run}: no final evaluation on the held-out split")
-        acc = 100.0 * rec["eval"][-1]["eval_accuracy"]
-        out.setdefault(pct, {}).setdefault(init, []).append((int(epochs), acc))
-  return out
+  (`tune_lowlabel` of docs/fmnist_results.sh, runs ROOT/tune_labels<PCT>_<INIT>_e<EPOCHS>,
+  the grid's extensions included), sorted by fraction and length: the finished runs, from their
+  folders, or their records (`keep`) where a folder is gone; a run neither finished nor kept
+  is left out."""
+  pattern = re.compile(r"tune_labels([0-9.]+)_(mae|scratch)_e([0-9]+)$")
+  names = set(os.listdir(root)) if os.path.isdir(root) else set()
+  if os.path.isdir(CURVES):
+    names |= {n[:-len(".json")] for n in os.listdir(CURVES) if n.endswith(".json")}
+  found: dict = {}
+  for run in names:
+    match = pattern.match(run)
+    if not match or (os.path.isdir(os.path.join(root, run))
+                     and not finished(os.path.join(root, run))):
+      continue
+    pct, init, epochs = match.groups()
+    rec = run_record(root, run)
+    if rec["config"]["data"]["eval_split"] != "holdout" or not rec["eval"]:
+      raise SystemExit(f"{run}: no final evaluation on the held-out split")
+    acc = 100.0 * rec["eval"][-1]["eval_accuracy"]
+    found.setdefault(pct, {}).setdefault(init, []).append((int(epochs), acc))
+  return {pct: {init: sorted(found[pct][init]) for init in sorted(found[pct])}
+          for pct in sorted(found, key=float)}
 
 
 def windows(root: str, run: str, steps: int = 500) -> list[tuple[int, int, float, float]]:
@@ -408,6 +455,12 @@ if __name__ == "__main__":
     print(" ".join(pick(sys.argv[2], sys.argv[3], sys.argv[4:])))
   elif command == "pick_epochs":
     print(pick_epochs(sys.argv[2], sys.argv[3], sys.argv[4:]))
+  elif command in ("next_epochs", "pick_length"):
+    root, prefix, factor, max_steps, *lengths = sys.argv[2:]
+    if command == "next_epochs":
+      print(extended_epochs(root, prefix, lengths, int(factor), int(max_steps))[1] or "")
+    else:
+      print(pick_length(root, prefix, lengths, int(factor), int(max_steps)))
   elif command == "matched_epochs":
     print(matched_epochs(sys.argv[2], float(sys.argv[3])))
   elif command == "finished":
@@ -415,7 +468,7 @@ if __name__ == "__main__":
   elif command == "summary":
     print(summary(sys.argv[2]))
   elif command == "lowlabel":
-    for pct, by_init in lowlabel_lengths(sys.argv[2], *sys.argv[3:4]).items():
+    for pct, by_init in lowlabel_lengths(sys.argv[2]).items():
       for init, points in by_init.items():
         print(f"| {pct}% | {init} | " + ", ".join(f"{a:.2f} ({e} ep)" for e, a in points) + " |")
   elif command == "sklearn_pixels":

@@ -1,14 +1,13 @@
 """Draws the low-label length tuning: held-out top-1 against fine-tuning epochs, MAE-initialised
 and from scratch, one panel per label fraction (what each init's own length is chosen from).
 
-  python docs/plot_lowlabel.py ROOT OUT.png [LOWLABEL_TUNE]
-  (LOWLABEL_TUNE as docs/fmnist_results.sh's, default "1:60,240,960 10:30,120"; needs
-  matplotlib: pip install -e ".[docs]")
+  python docs/plot_lowlabel.py ROOT OUT.png      (needs matplotlib: pip install -e ".[docs]")
 
 Reads the finished runs ROOT/tune_labels<PCT>_<INIT>_e<EPOCHS> (`fmnist_tools.lowlabel_lengths`:
-their folders, or their records in docs/curves); each init's chosen length (the best held-out
-score, ties to the shorter run, as `pick_epochs`) is drawn as a filled star once all its
-lengths have run.
+their folders, or their records in docs/curves); each init's best held-out length so far
+(ties to the shorter run, as `pick_epochs`) is drawn as a filled star: the choice, once the
+tuning has finished (docs/fmnist_results.sh tune_lowlabel, whose grid extends while its longest
+length wins).
 """
 
 from __future__ import annotations
@@ -25,21 +24,19 @@ STYLE = {"mae": ("MAE-initialised (50 epochs)", "tab:blue", "o"),
          "scratch": ("from scratch (no layer decay)", "tab:orange", "s")}
 
 
-def main(root: str, out: str, tune: str = fmnist_tools.LOWLABEL_TUNE) -> None:
-  points = fmnist_tools.lowlabel_lengths(root, tune)
+def main(root: str, out: str) -> None:
+  points = fmnist_tools.lowlabel_lengths(root)
   if not points:
     raise SystemExit(f"no finished low-label tuning run under {root} (or in docs/curves)")
   fig, axes = plt.subplots(1, len(points), figsize=(4.6 * len(points), 3.6), dpi=120,
                            squeeze=False)
-  tried = {spec.split(":")[0]: len(spec.split(":")[1].split(",")) for spec in tune.split()}
   for ax, (pct, by_init) in zip(axes[0], points.items()):
     for init, pts in by_init.items():
       label, color, marker = STYLE[init]
       epochs, accs = [e for e, _ in pts], [a for _, a in pts]
       ax.plot(epochs, accs, marker=marker, color=color, label=label)
-      if len(pts) == tried[pct]:  # chosen once every length has run
-        best = max(pts, key=lambda p: (p[1], -p[0]))  # pick_epochs' rule
-        ax.plot(*best, marker="*", markersize=14, color=color, linestyle="none")
+      best = max(pts, key=lambda p: (p[1], -p[0]))  # pick_epochs' rule
+      ax.plot(*best, marker="*", markersize=14, color=color, linestyle="none")
       for e, a in pts:
         ax.annotate(f"{a:.1f}", (e, a), textcoords="offset points", xytext=(0, 7),
                     ha="center", fontsize=8)
@@ -52,7 +49,7 @@ def main(root: str, out: str, tune: str = fmnist_tools.LOWLABEL_TUNE) -> None:
     ax.margins(x=0.08, y=0.15)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-  fig.suptitle("Low-label fine-tuning length, chosen on the held-out split (star: chosen)",
+  fig.suptitle("Low-label fine-tuning length on the held-out split (star: the best length)",
                fontsize=10)
   fig.tight_layout()
   fig.savefig(out)
@@ -60,6 +57,6 @@ def main(root: str, out: str, tune: str = fmnist_tools.LOWLABEL_TUNE) -> None:
 
 
 if __name__ == "__main__":
-  if len(sys.argv) not in (3, 4):
+  if len(sys.argv) != 3:
     raise SystemExit(__doc__)
   main(*sys.argv[1:])

@@ -170,13 +170,37 @@ def test_lowlabel_lengths_reads_finished_tuning_runs_and_their_records(tmp_path,
   (tmp_path / "curves" / "tune_labels10_mae_e30.json").write_text(
       json.dumps(tools.run_record(str(root), "tune_labels10_mae_e30")))
   shutil.rmtree(root / "tune_labels10_mae_e30")
-  assert tools.lowlabel_lengths(str(root), "10:30,120")["10"] == {"mae": [(30, 88.7)]}
+  assert tools.lowlabel_lengths(str(root))["10"] == {"mae": [(30, 88.7)]}
   _run(root, "tune_labels10_scratch_e30", {"eval_accuracy": 0.8}, eval_split="test")
   (root / "tune_labels10_scratch_e30" / "metrics.jsonl").write_text(
       json.dumps({"step": 9, "eval_accuracy": 0.8}) + "\n")
   with pytest.raises(SystemExit, match="tune_labels10_scratch_e30: no final evaluation on the "
                      "held-out split"):
-    tools.lowlabel_lengths(str(root), "10:30")
+    tools.lowlabel_lengths(str(root))
+
+
+def test_the_length_grid_extends_while_its_longest_length_wins(tmp_path):
+  """A length chosen at the grid's edge may only be the edge's: 4x the longest runs next, and
+  again while it wins, unless that run would take more than the step budget."""
+  def scored(epochs, acc):
+    _run(tmp_path, f"tune_labels1_scratch_e{epochs}",
+         {"eval_accuracy": acc, "step": 2 * int(epochs)})
+  scored(60, 0.55)
+  scored(240, 0.76)
+  extend = lambda cap: tools.extended_epochs(str(tmp_path), "tune_labels1_scratch",
+                                             ["60", "240"], 4, cap)
+  assert extend(10_000) == (["60", "240"], "960")
+  assert extend(1_919) == (["60", "240"], None)  # 4 x 480 steps: over the budget
+  with pytest.raises(SystemExit, match="so 960 epochs run next"):
+    tools.pick_length(str(tmp_path), "tune_labels1_scratch", ["60", "240"], 4, 10_000)
+  scored(960, 0.78)  # won again: 3840 next
+  assert extend(10_000) == (["60", "240", "960"], "3840")
+  scored(3840, 0.78)  # a tie goes to the shorter: 960 is inside the grid now
+  assert extend(10_000) == (["60", "240", "960", "3840"], None)
+  assert tools.pick_length(str(tmp_path), "tune_labels1_scratch", ["60", "240"], 4,
+                           10_000) == "960"
+  assert tools.pick_length(str(tmp_path), "tune_labels1_scratch", ["60", "240"], 1,
+                           10_000) == "240"  # factor 1: the grid as given
 
 
 def test_sklearn_reference_with_the_probes_l2_solves_the_probes_objective(tmp_path):
