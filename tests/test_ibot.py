@@ -160,7 +160,8 @@ def test_temperature_and_momentum_schedules():
                                (99, 0.07, 0.09)]:
     got = [float(t) for t in method.teacher_temps(jnp.int32(step))]
     np.testing.assert_allclose(got, [cls_t, patch_t], rtol=1e-6)
-  for step, want in [(0, 0.996), (50, 0.998), (100, 1.0), (200, 1.0)]:
+  for step, want in [(0, 0.996), (25, 1.0 - 0.004 * 0.5 * (1 + np.cos(np.pi / 4))), (50, 0.998),
+                     (100, 1.0), (200, 1.0)]:
     assert float(method.momentum(jnp.int32(step))) == pytest.approx(want, abs=1e-7)
 
 

@@ -432,6 +432,28 @@ def test_layer_scale_of_one_is_the_plain_block():
                              rtol=1e-6, atol=1e-6)
 
 
+def test_layer_scale_multiplies_each_branch_by_its_own_gamma():
+  """gamma_1 scales the attention branch, gamma_2 the MLP branch (a gamma of 1 cannot tell a
+  scale from none, nor the two apart): zero scales leave the input, and each branch is the
+  plain block's branch times its gamma, per channel."""
+  x = jax.random.normal(jax.random.key(0), (2, 5, 32))
+  block = vit.Block(num_heads=4, mlp_dim=64, layer_scale=1.0)
+  params = _randomized(block.init(jax.random.key(1), x))["params"]
+  plain = vit.Block(num_heads=4, mlp_dim=64)
+
+  def run(g1, g2):
+    return block.apply({"params": {**params, "gamma_1": g1, "gamma_2": g2}}, x)
+  zero, g = jnp.zeros(32), jax.random.uniform(jax.random.key(2), (32,), minval=0.5, maxval=2.0)
+  np.testing.assert_allclose(run(zero, zero), x, rtol=0, atol=0)
+  no_gamma = {k: v for k, v in params.items() if not k.startswith("gamma_")}
+  no_mlp = jax.tree_util.tree_map(jnp.zeros_like, no_gamma["mlp"])  # fc2 output 0: no branch
+  attn_branch = plain.apply({"params": {**no_gamma, "mlp": no_mlp}}, x) - x
+  np.testing.assert_allclose(run(g, zero) - x, g * attn_branch, rtol=1e-5, atol=1e-6)
+  no_attn = jax.tree_util.tree_map(jnp.zeros_like, no_gamma["attn"])  # proj output 0
+  mlp_branch = plain.apply({"params": {**no_gamma, "attn": no_attn}}, x) - x
+  np.testing.assert_allclose(run(zero, g) - x, g * mlp_branch, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("overrides,match", [
     ({"model.rel_pos_bias": "global"}, r"config.model.rel_pos_bias='global'.*shared"),
     ({"model.layer_scale": -0.1}, r"config.model.layer_scale=-0.1"),
