@@ -156,6 +156,30 @@ def test_teacher_receives_no_gradient_and_loss_uses_masked_smooth_l1(stepped):
   assert float(metrics["target_std"]) > 0.1  # normalised targets have not collapsed
 
 
+@pytest.mark.parametrize("block_norm,final_norm", [("layer", "layer"), ("instance", "none")])
+def test_targets_average_the_last_top_k_blocks_before_the_final_norm(block_norm, final_norm):
+  """data2vec's targets from the teacher's block outputs as flax records each block's call
+  (not through the encoder's own list of them): the last top_k of 3 blocks, each taken before
+  the encoder's final LayerNorm, without [CLS], normalised, averaged, normalised again."""
+  method = registry.build_method(tiny_config(**{
+      "model.depth": 3, "teacher.top_k": 2, "teacher.block_norm": block_norm,
+      "teacher.final_norm": final_norm}))
+  images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  teacher = method.teacher.init(jax.random.key(2), images)["params"]
+  _, state = method.teacher.apply({"params": teacher}, images, capture_intermediates=True,
+                                  mutable=["intermediates"])
+  blocks = [np.asarray(state["intermediates"]["transformer"][f"blocks_{i}"]["__call__"][0],
+                       np.float64)[:, 1:] for i in range(3)]
+
+  def norm(x, kind):  # no affine; biased variance; eps as the official code's
+    axis = {"layer": -1, "instance": 1}.get(kind)
+    if axis is None:
+      return x
+    return (x - x.mean(axis, keepdims=True)) / np.sqrt(x.var(axis, keepdims=True) + 1e-5)
+  want = norm((norm(blocks[1], block_norm) + norm(blocks[2], block_norm)) / 2, final_norm)
+  np.testing.assert_allclose(method.targets(teacher, images), want, rtol=1e-4, atol=1e-4)
+
+
 # --- runs: checkpointed teacher, learning on real data -------------------------------------------
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax.numpy as jnp
 import numpy as np
@@ -37,18 +39,36 @@ class MaskedLossesTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_every_masked_loss_scores_masked_patches_only(self):
+    """Each loss (and `masked_loss`'s name for it) equals its numpy formula on the masked
+    patches, and visible patches change nothing."""
     rng = np.random.default_rng(3)
     pred, target = (rng.normal(size=(2, 5, 3)).astype(np.float32) for _ in range(2))
+    pred[0, 0] = target[0, 0] + np.array([0.3, -2.5, 1.0])  # both sides of smooth-L1's beta 1.5
     mask = np.array([[1, 0, 0, 1, 1], [0, 1, 0, 0, 0]], np.float32)
-    for loss_fn in (losses.masked_mse, losses.masked_l1, losses.masked_smooth_l1):
+    d = pred.astype(np.float64) - target
+    on_masked = lambda per_patch: (per_patch * mask).sum() / mask.sum()
+    cosine = (pred * target).sum(-1) / (np.linalg.norm(pred, axis=-1)
+                                        * np.linalg.norm(target, axis=-1))
+    huber = np.where(np.abs(d) < 1.5, 0.5 * d ** 2 / 1.5, np.abs(d) - 0.75)
+    references = {"mse": on_masked((d ** 2).mean(-1)), "l1": on_masked(np.abs(d).mean(-1)),
+                  "smooth_l1": on_masked(huber.mean(-1)), "cosine": on_masked(1 - cosine)}
+    for name, want in references.items():
+      loss_fn = losses.masked_loss(name, beta=1.5)
       loss = self.variant(loss_fn)(pred, target, mask)
+      np.testing.assert_allclose(loss, want, rtol=1e-5, err_msg=name)
       changed = np.where(mask[..., None] > 0, pred, pred + 50.0)
       chex.assert_trees_all_close(self.variant(loss_fn)(changed, target, mask), loss,
                                   rtol=1e-6)
+    smooth_l1 = functools.partial(losses.masked_smooth_l1, beta=1.5)  # beta: static
+    np.testing.assert_allclose(self.variant(smooth_l1)(pred, target, mask),
+                               references["smooth_l1"], rtol=1e-5)
     logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
     labels = rng.integers(0, 7, (2, 5))
-    ce = self.variant(losses.masked_cross_entropy)(logits, labels, mask)
-    chex.assert_shape(ce, ())
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_p, labels[..., None], -1)[..., 0]
+    for ce_fn in (losses.masked_cross_entropy, losses.masked_loss("cross_entropy")):
+      np.testing.assert_allclose(self.variant(ce_fn)(logits, labels, mask), on_masked(nll),
+                                 rtol=1e-5)
 
   def test_mismatched_shapes_are_refused(self):
     with pytest.raises(AssertionError):

@@ -108,6 +108,20 @@ def test_loss_counts_masked_patches_only_and_no_gradient_reaches_the_teacher(tea
   assert "teacher" not in params  # the optimizer never sees it
 
 
+def test_loss_is_smooth_l1_with_its_beta_on_the_masked_patches(teacher_dir):
+  """The paper's loss by its formula (the targets are checked against the teacher above):
+  smooth L1 with target.smooth_l1_beta, over channels, then over the masked patches."""
+  method, params, extra, batch = _state(tiny_distill_config(teacher_dir, **{
+      "target.smooth_l1_beta": 0.5}))
+  loss, _ = method.loss(params, extra, batch, jax.random.key(2), train=False)
+  out = method.forward(params, extra, batch, jax.random.key(2), train=False)
+  d = np.asarray(out["pred"], np.float64) - np.asarray(out["target"])
+  assert (np.abs(d) < 0.5).any() and (np.abs(d) >= 0.5).any()  # both sides of beta
+  per_patch = np.where(np.abs(d) < 0.5, d ** 2, np.abs(d) - 0.25).mean(-1)
+  mask = np.asarray(batch[masking.TOKEN_MASK_KEY], np.float64)
+  np.testing.assert_allclose(loss, (per_patch * mask).sum() / mask.sum(), rtol=1e-5)
+
+
 def test_training_keeps_the_teacher_frozen_and_resumes_exactly(teacher_dir, tmp_path):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   final = train.run(tiny_distill_config(teacher_dir, total_steps=4, viz_every=2), straight)

@@ -356,6 +356,23 @@ def test_visible_only_encoder_equals_embedding_everything_then_picking():
   embedded = got["intermediates"]["patch_embed"]["__call__"][0]
   np.testing.assert_allclose(embedded + pos[1:][ids_keep], picked, rtol=1e-6, atol=1e-6)
   assert ours.shape == (2, 5, 32)
+  # The whole encoder, its own position gather included: every patch kept in a shuffled order
+  # gives the full encoder's tokens in that order, and the same parameter gradients.
+  order = jnp.stack([jax.random.permutation(jax.random.key(s), 16) for s in (2, 3)])
+  weights = jax.random.normal(jax.random.key(4), (2, 17, 32))
+
+  def shuffled(p):
+    return enc.apply({"params": p}, images, ids_keep=order)[0]
+
+  def full_then_gathered(p):
+    out = enc.apply({"params": p}, images)[0]
+    return jnp.concatenate([out[:, :1], vit.gather_tokens(out[:, 1:], order)], axis=1)
+  np.testing.assert_allclose(shuffled(params), full_then_gathered(params), rtol=1e-5,
+                             atol=1e-5)
+  grads = [jax.grad(lambda p, f=f: jnp.sum(f(p) * weights))(params)
+           for f in (shuffled, full_then_gathered)]
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_padded_attention_with_a_bias_equals_unpadded():
