@@ -103,10 +103,20 @@ def test_targets_are_the_frozen_tokenizers_codes_and_get_no_gradient(tokenizer_d
   loss_of_extra = lambda ex: method.loss(params, ex, batch, jax.random.key(2))[0]
   grads = jax.grad(loss_of_extra)(jax.tree.map(jnp.asarray, extra))
   assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(grads))
-  loss, (metrics, new_extra) = method.loss(params, extra, batch, jax.random.key(2))
-  assert set(metrics) >= {"loss", "accuracy", "mask_fraction"} and np.isfinite(float(loss))
-  assert 0 < float(metrics["mask_fraction"]) < 1 and 0 <= float(metrics["accuracy"]) <= 1
+  loss, (metrics, new_extra) = method.loss(params, extra, batch, jax.random.key(2),
+                                          train=False)
   jax.tree.map(np.testing.assert_array_equal, new_extra, extra)
+  # By their formulas on the masked positions: cross-entropy against the codes, the accuracy
+  # of the predicted code, the fraction masked.
+  mask = np.asarray(batch[masking.TOKEN_MASK_KEY])
+  logits = np.asarray(method.model.apply({"params": params}, batch["image"], mask), np.float64)
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(log_p, np.asarray(codes)[..., None], -1)[..., 0]
+  hit = logits.argmax(-1) == np.asarray(codes)
+  assert 0 < mask.mean() < 1 and hit[mask].mean() != hit.mean()  # masked-only is visible
+  np.testing.assert_allclose(loss, nll[mask].mean(), rtol=1e-5)
+  assert float(metrics["accuracy"]) == pytest.approx(hit[mask].mean())
+  assert float(metrics["mask_fraction"]) == pytest.approx(mask.mean())
   out = method.reconstruct(params, batch, jax.random.key(3), extra)
   picture = method.picture(np.asarray(batch["image"]), jax.device_get(out))
   assert picture.dtype == np.uint8 and picture.shape[-1] == 3

@@ -462,9 +462,20 @@ def test_random_masks_follow_ratio_range_and_mask_probability():
 
 
 def test_local_views_use_their_own_sincos_grid(stepped):
+  """An 8-px local view (a 2 x 2 patch grid) is encoded with the sin-cos table of a 2 x 2
+  grid, as an encoder built for 8-px images encodes it with the same weights (not with rows of
+  the 16-px global views' 4 x 4 table)."""
   method, _, states, _ = stepped
-  out = method.model.apply({"params": states[0].params}, jnp.zeros((2, 8, 8, 3)))
+  params = states[1].params
+  view = jax.random.normal(jax.random.key(3), (2, 8, 8, 3))
+  out = method.model.apply({"params": params}, view)
   assert out.shape == (2, 5, 32)
+  encoder = method.model.encoder
+  assert encoder.posemb == "sincos" and tuple(encoder.image_size) == (16, 16)
+  native = encoder.clone(image_size=(8, 8), parent=None)
+  want, _ = native.apply({"params": params["encoder"]}, view)
+  got, _ = encoder.clone(parent=None).apply({"params": params["encoder"]}, view)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("field,value,match", [
