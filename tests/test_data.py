@@ -7,6 +7,7 @@ Fashion-MNIST files are used where installed.
 from __future__ import annotations
 
 import gzip
+import importlib.abc
 import io
 import logging
 import os
@@ -728,6 +729,27 @@ def test_synthetic_source_deterministic_and_smooth():
   assert data.num_examples(cfg, image_size=(8, 8), channels=3) == 37
 
 
+class _TensorFlowImports(importlib.abc.MetaPathFinder):
+  """Records every attempt to import TensorFlow while it is first on sys.meta_path: TensorFlow
+  is not installed here, so `tensorflow not in sys.modules` holds whatever the code does; an
+  attempt shows the code that would load it where it is installed (a GPU image)."""
+
+  def __init__(self):
+    self.names = []
+
+  def find_spec(self, name, path=None, target=None):
+    if name == "tensorflow" or name.startswith("tensorflow."):
+      self.names.append(name)
+    return None  # the other finders decide
+
+  def __enter__(self):
+    sys.meta_path.insert(0, self)
+    return self
+
+  def __exit__(self, *exc):
+    sys.meta_path.remove(self)
+
+
 @requires_fmnist
 def test_tfds_dataset_is_read_by_name_without_tensorflow(tmp_path):
   """A real TFDS dataset (ArrayRecord, built by TFDS from the Fashion-MNIST files) read through
@@ -736,6 +758,13 @@ def test_tfds_dataset_is_read_by_name_without_tensorflow(tmp_path):
   name = build_tfds_fashion_mnist(str(tmp_path))
   cfg = data_config(source="tfds", tfds_name=name, split="train", tfds_data_dir=str(tmp_path),
                     mean=(0.0,), std=(1.0,))
+  with _TensorFlowImports() as tensorflow_imports:
+    _read_tfds_fashion_mnist(cfg)
+  assert tensorflow_imports.names == []
+  assert "tensorflow" not in sys.modules
+
+
+def _read_tfds_fashion_mnist(cfg):
   data.validate_data_config(cfg, image_size=(28, 28), channels=1)
   assert data.num_examples(cfg, image_size=(28, 28), channels=1) == 256
   assert data.num_classes(cfg) == 10  # from the dataset's info
@@ -751,7 +780,6 @@ def test_tfds_dataset_is_read_by_name_without_tensorflow(tmp_path):
   np.testing.assert_array_equal(np.bincount(source.labels(), minlength=10),
                                 np.bincount(idx.load_fmnist(FMNIST_DIR, "train")[1][:256],
                                             minlength=10))
-  assert "tensorflow" not in sys.modules
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -986,15 +1014,20 @@ def test_a_channel_count_the_images_cannot_take_is_refused_before_training(tmp_p
 
 
 def test_validation_imports_neither_tfds_nor_tensorflow():
-  code = ("import sys\n"
+  code = ("import importlib.abc, sys\n"
+          "attempts = []\n"
+          "class Record(importlib.abc.MetaPathFinder):\n"  # TensorFlow is not installed here
+          "  def find_spec(self, name, path=None, target=None):\n"
+          "    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets'):\n"
+          "      attempts.append(name)\n"
+          "sys.meta_path.insert(0, Record())\n"
           "from mim_jax import data, registry\n"
           "c = registry.base_config('mae')\n"
           "try:\n"
           "  data.validate_data_config(c.data, image_size=(224, 224), channels=3)\n"
           "except Exception as e:\n"
           "  assert 'tfds build imagenet2012' in str(e), e  # not prepared here: named\n"
-          "bad = [m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules]\n"
-          "assert not bad, bad\n")
+          "assert not attempts, attempts\n")
   result = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True,
                           text=True, timeout=60)
   assert result.returncode == 0, result.stderr[-2000:]

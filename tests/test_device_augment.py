@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import numpy as np
 import pytest
@@ -105,12 +107,18 @@ def test_crop_of_the_whole_image_at_its_own_size_is_the_image():
   np.testing.assert_allclose(np.asarray(out), image, atol=1e-5)
 
 
-def test_training_with_device_augmentation_runs_and_resumes(tmp_path):
+def test_training_with_device_augmentation_runs_and_resumes(tmp_path, caplog):
+  """Stopped after 2 steps and resumed, a run with augmentation on the device ends with the
+  weights of 3 steps in one go, bit for bit (the crop boxes and flips resume with the data)."""
+  config = lambda steps: tiny_config("mae", total_steps=steps, **{"data.augment_on": "device"})
   workdir = str(tmp_path / "w")
-  train.run(tiny_config("mae", total_steps=2, **{"data.augment_on": "device"}), workdir)
-  state = train.run(tiny_config("mae", total_steps=3, **{"data.augment_on": "device"}),
-                    workdir)
-  assert int(state.step) == 3
+  train.run(config(2), workdir)
+  with caplog.at_level(logging.INFO, logger=train.__name__):
+    state = train.run(config(3), workdir)
+  assert int(state.step) == 3 and "at step 2" in caplog.text
+  straight = train.run(config(3), str(tmp_path / "straight"))
+  for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(state.params), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize("method,overrides,match", [

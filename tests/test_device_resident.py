@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -102,13 +103,15 @@ def test_batches_are_the_split_rows_with_their_labels_and_resume_exactly():
     fresh.set_state(b'{"next_index": 3}')  # a grain iterator's position
 
 
-def test_training_from_a_device_resident_split_resumes_bit_for_bit(tmp_path):
+def test_training_from_a_device_resident_split_resumes_bit_for_bit(tmp_path, caplog):
   """2 steps, stop, 2 more == 4 in one go; a method with host-drawn masks (blockwise) trains
   too (test_host_drawn_extras_... checks the masks themselves)."""
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   final = train.run(tiny_config("mae", total_steps=4, **RESIDENT), straight)
   train.run(tiny_config("mae", total_steps=2, **RESIDENT), resumed)
-  again = train.run(tiny_config("mae", total_steps=4, **RESIDENT), resumed)
+  with caplog.at_level(logging.INFO, logger=train.__name__):
+    again = train.run(tiny_config("mae", total_steps=4, **RESIDENT), resumed)
+  assert "at step 2" in caplog.text  # resumed, not started again with the same seed
   for a, b in zip(jax.tree.leaves(final.params), jax.tree.leaves(again.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   config = tiny_config("mim", total_steps=2, **RESIDENT, **{"masking.min_block": 2})
@@ -227,6 +230,7 @@ import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from conftest import tiny_config
 from mim_jax.data import device_resident
+assert jax.device_count() == 4, jax.devices()  # else 1 device against itself
 config = tiny_config("mae", global_batch_size=16, **{"data.augment_on": "device",
                                                      "data.device_resident": True})
 def batches(devices):
@@ -245,6 +249,7 @@ print("OK")
 def test_batches_gathered_on_4_devices_equal_one_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu", PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
+  env.pop("JAX_NUM_CPU_DEVICES", None)  # it would override XLA_FLAGS' count
   out = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=300)
   assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr[-4000:]

@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -39,13 +40,18 @@ def test_features_equal_the_k_nn_jobs(encoder_dir, tmp_path):
   batch = next(make_eval_iterator(prepared.data, image_size=(16, 16), channels=3,
                                   batch_size=16, process_index=0, process_count=1))
   enc = features.load(encoder_dir)
-  params = enc.params
+  params, _ = checkpoint.load_encoder(os.path.join(encoder_dir, "encoder"))  # the job's weights
+  for a, b in zip(jax.tree.leaves(enc.params), jax.tree.leaves(params), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert (tuple(enc.mean), tuple(enc.std)) == (tuple(prepared.data.mean),
+                                               tuple(prepared.data.std))
   for block in (0, 1):
     extractor = frozen.FeatureExtractor(prepared, layer=block)
     want = np.asarray(extractor._features(params, batch["image"]))  # [B, cls D + gap D]
     want = want.reshape(len(want), len(extractor.pools), -1)
     # The same images as raw pixels through the public path: de-normalise the batch.
-    raw = batch["image"] * np.asarray(enc.std, np.float32) + np.asarray(enc.mean, np.float32)
+    raw = (batch["image"] * np.asarray(prepared.data.std, np.float32)
+           + np.asarray(prepared.data.mean, np.float32))
     got = features.extract(enc, raw.astype(np.float32), blocks=(block,), batch_size=5)
     np.testing.assert_allclose(got[f"cls_block{block}"], want[:, 0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got[f"gap_block{block}"], want[:, 1], rtol=1e-5, atol=1e-5)

@@ -208,6 +208,8 @@ _SCRIPT = textwrap.dedent("""
       lowered = step.lower(state, batch, jax.random.key(2))
       if len(devices) > 1:  # the blocks' activation constraints are in the program
         assert "@Sharding" in lowered.as_text() or "sharding_constraint" in lowered.as_text()
+      if accum > 1:  # the micro-batch loop is in the program (one pass would match too)
+        assert f"length={accum}" in str(jax.make_jaxpr(step)(state, batch, jax.random.key(2)))
       new_state, metrics = step(state, batch, jax.random.key(2))
       return new_state, jax.device_get(new_state.params), jax.device_get(metrics)
 

@@ -584,10 +584,12 @@ def test_a_run_stopped_by_a_bad_image_resumes_skipping_it(tmp_path):
          "--config.global_batch_size=7", "--config.num_epochs=3", "--config.log_every=1"]
   main.cli([*run, "--config.data.on_bad_image=raise", "--config.total_steps=2"])
   (images / "3.png").write_bytes(b"\x89PNG not really")  # the file goes bad meanwhile
+  data.reset_skipped_images()  # the skip log is this process's: other tests' skips out
   main.cli([*run, "--config.data.on_bad_image=skip", "--config.total_steps=6"])
   rows = metric_writers.read_metrics(str(tmp_path / "w"))
   assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4, 5, 6]
   assert rows[-1]["skipped_images"] >= 1
+  assert {os.path.basename(p) for p in data.skipped_images()} == {"3.png"}
 
 
 # ----------------------------------------------------------------------------- 5. storage
@@ -919,7 +921,13 @@ def test_data_workers_exit_when_the_trainer_is_killed(tmp_path):
   try:
     _wait_for(lambda: len(_logged_steps(workdir)) >= 2, proc)
     workers = _children(proc.pid)
-    assert len(workers) >= 2, workers  # the grain workers (and a resource tracker)
+    def is_worker(pid):  # grain's workers are multiprocessing's spawned children
+      try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+          return b"spawn_main" in f.read()
+      except OSError:
+        return False
+    assert sum(map(is_worker, workers)) == 2, workers  # both (and a resource tracker)
   finally:
     _kill9(proc)
   deadline = time.time() + 10
@@ -992,17 +1000,22 @@ def test_resume_refuses_a_config_that_would_train_something_else(tmp_path):
       ("model.weight_init", "xavier", "beit")]
 
 
-def test_a_diverged_run_resumes_with_clipping_switched_on(tmp_path):
+def test_a_diverged_run_resumes_with_clipping_switched_on(tmp_path, caplog):
   """NonFiniteError advises setting optimizer.clip_grad_norm and resuming with
   --resume_with_changes: clipping adds a stage to the optimizer's state tree (without arrays),
   and the checkpoint written without it is read into the new tree, its moments intact (a clip
   that never triggers trains exactly as the uninterrupted run), and back off again."""
-  train.run(tiny_mae_config(total_steps=3), str(tmp_path / "straight"))
+  straight = train.run(tiny_mae_config(total_steps=3), str(tmp_path / "straight"))
   workdir = str(tmp_path / "run")
   train.run(tiny_mae_config(total_steps=2), workdir)
   clip = {"optimizer.clip_grad_norm": 1e9}
-  state = train.run(tiny_mae_config(total_steps=3, **clip), workdir, resume_with_changes=True)
-  assert int(state.step) == 3
+  with caplog.at_level(logging.INFO, logger=train.__name__):
+    state = train.run(tiny_mae_config(total_steps=3, **clip), workdir, resume_with_changes=True)
+  assert int(state.step) == 3 and "at step 2" in caplog.text  # resumed, not started again
+  # The clip is in the optimizer (its stage in the state tree) and in the recorded config.
+  assert jax.tree.structure(state.opt_state) != jax.tree.structure(straight.opt_state)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["optimizer"]["clip_grad_norm"] == 1e9
   for a, b in zip(_saved_params(tmp_path / "run", 3), _saved_params(tmp_path / "straight", 3),
                   strict=True):
     np.testing.assert_array_equal(a, b)

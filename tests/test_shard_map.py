@@ -43,6 +43,11 @@ _SCRIPT = textwrap.dedent("""
         if config.method == "mae":        # MAE's masks from given noise: the same in both steps
           batch[NOISE_KEY] = rng.random((16, 16)).astype(np.float32)
         batch = jax.device_put(batch, r.batch_sharding)
+        if i == 0:  # the step asked for: shard_map or not, its micro-batch loop
+          program = str(step.trace(state, batch, jax.random.key(7)).jaxpr)
+          assert ("shard_map" in program) == (config.parallel.step == "shard_map"), config.method
+          accum = int(config.grad_accum_steps)
+          assert accum == 1 or f"length={accum}" in program, config.method
         state, m = step(state, batch, jax.random.key(7))
         metrics.append(jax.device_get(m))
       return jax.device_get(state), metrics

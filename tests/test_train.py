@@ -32,13 +32,15 @@ class _LinearRegression(base.Method):
   name = "toy"
 
   def init(self, rng, images):
-    return {"w": jax.random.normal(rng, (images[0].size, 1)) * 0.1}, {"seen": jnp.zeros([])}
+    return ({"w": jax.random.normal(rng, (images[0].size, 1)) * 0.1},
+            {"seen": jnp.zeros([]), "passes": jnp.zeros([], jnp.int32)})
 
   def loss(self, params, extra, batch, rng, train=True):
     x = batch["image"].reshape(batch["image"].shape[0], -1)
     loss = jnp.mean(jnp.square(x @ params["w"] - 1.0))
-    # `extra` threads through the microbatches: it counts the examples seen.
-    return loss, ({"loss": loss}, {**extra, "seen": extra["seen"] + x.shape[0]})
+    # `extra` threads through the microbatches: it counts the examples seen and the passes.
+    return loss, ({"loss": loss}, {**extra, "seen": extra["seen"] + x.shape[0],
+                                   "passes": extra["passes"] + 1})
 
 
 def test_grad_accumulation_matches_full_batch():
@@ -54,6 +56,8 @@ def test_grad_accumulation_matches_full_batch():
                               rtol=1e-5)
   assert int(s4.step) == 1
   assert float(s1.extra["seen"]) == float(s4.extra["seen"]) == 8
+  # Four passes of 2 examples, not one of 8 (which would also match the full batch).
+  assert int(s1.extra["passes"]) == 1 and int(s4.extra["passes"]) == 4
 
 
 class _WithAverage(_LinearRegression):
@@ -148,13 +152,16 @@ def _losses(workdir):
     return {row["step"]: row["loss"] for row in map(json.loads, f)}
 
 
-def test_run_writes_everything_and_resumes_exactly(tmp_path):
+def test_run_writes_everything_and_resumes_exactly(tmp_path, caplog):
   """N steps, stop, N more == 2N in one go, bit for bit (params and per-step losses)."""
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   config = tiny_mae_config(total_steps=4, viz_every=2)
   final_straight = train.run(config, straight)
   train.run(tiny_mae_config(total_steps=2, viz_every=2), resumed)
-  final_resumed = train.run(tiny_mae_config(total_steps=4, viz_every=2), resumed)
+  with caplog.at_level(logging.INFO, logger=train.__name__):
+    final_resumed = train.run(tiny_mae_config(total_steps=4, viz_every=2), resumed)
+  # Resumed at step 2, not started again (the same seed would give the same weights).
+  assert f"resumed from {resumed}/checkpoints at step 2" in caplog.text
 
   for a, b in zip(jax.tree.leaves(final_straight.params), jax.tree.leaves(final_resumed.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
