@@ -155,7 +155,10 @@ def test_five_band_npy_data_through_training_pictures_and_evaluation(tmp_path):
   results = loop.run(tiny_config("knn", init_from=str(tmp_path / "mae"), **{"knn.k": 5,
                                                                           **fields}),
                      str(tmp_path / "knn"))
-  assert 0 <= results["knn_top1_cls"] <= 1
+  # The 16 test arrays are the first 16 training arrays (their labels arbitrary): each finds
+  # itself in the bank only if both splits are read alike (mean-pooled: a 2-step encoder's
+  # [CLS] token hardly depends on its image yet).
+  assert results["knn_top1_gap"] >= 0.9, results
   assert data.num_classes(_npy_cfg(folder)) == 4
   batch = next(data.make_eval_iterator(_npy_cfg(folder), image_size=(16, 16), channels=5,
                                        batch_size=4, process_index=0, process_count=1))
