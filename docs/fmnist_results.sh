@@ -21,7 +21,7 @@
 #   tune_lowlabel for each init of LOWLABEL_INITS, the length of its low-label fine-tuning
 #                 chosen on the held-out split (LOWLABEL_TUNE, percent:epochs,epochs,...,
 #                 default "1:60,240,960 10:30,120"; each init keeps its lr / Mixup choice).
-#                 While the longest length wins, LOWLABEL_EXTEND (4) x it runs too, if that
+#                 While the longest length wins, LOWLABEL_EXTEND (2) x it runs too, if that
 #                 run takes at most LOWLABEL_MAX_STEPS (10240) steps: the grid extends until
 #                 the best length is inside it (LOWLABEL_EXTEND=1: never)
 #   lowlabel      for each of SEEDS: 1% and 10% of the labels, MAE vs scratch (LOWLABEL,
@@ -108,7 +108,7 @@ KNN_EVERY=${KNN_EVERY:-5}
 LOWLABEL=${LOWLABEL:-"1:60 10:30"}
 LOWLABEL_TUNE=${LOWLABEL_TUNE:-"1:60,240,960 10:30,120"}
 LOWLABEL_INITS=${LOWLABEL_INITS:-"mae scratch"}
-LOWLABEL_EXTEND=${LOWLABEL_EXTEND:-4}
+LOWLABEL_EXTEND=${LOWLABEL_EXTEND:-2}
 LOWLABEL_MAX_STEPS=${LOWLABEL_MAX_STEPS:-10240}
 TUNE_POINTS=${TUNE_POINTS:-}
 SKLEARN_MATCHED=${SKLEARN_MATCHED:-1}

@@ -1107,7 +1107,7 @@ def test_results_script_low_label_rows_of_one_init(tmp_path, monkeypatch):
 def test_results_script_chooses_each_init_its_low_label_length_on_the_held_out_split(
     tmp_path, monkeypatch):
   """tune_lowlabel runs each init at each length of LOWLABEL_TUNE on the held-out split (with
-  its own lr / Mixup choice), and 4x the longest while the longest wins (up to
+  its own lr / Mixup choice), and 2x the longest while the longest wins (up to
   LOWLABEL_MAX_STEPS); LOWLABEL PERCENT:held-out then fine-tunes each init at the length that
   won for it (a tie to the shorter), the length in the run's name unless it is the
   fixed-length rows' own (1:60, 10:30), whose runs are the same."""
@@ -1129,23 +1129,23 @@ def test_results_script_chooses_each_init_its_low_label_length_on_the_held_out_s
   _unread_settings(tunes[1])
   _unread_settings(tunes[3])
   # Scratch gains from the longer run on the held-out split; MAE ties (the stand-in's 0.5).
-  # Its best length is the grid's longest, so the choice waits for 4x it (960 epochs).
+  # Its best length is the grid's longest, so the choice waits for 2x it (480 epochs).
   (tmp_path / "root" / "tune_labels1_scratch_e240" / "results.json").write_text(
       '{"eval_accuracy": 0.6, "step": 480}')
   out = _bash(RESULTS, str(tmp_path / "root"), env=dict(
       _fake_bin(tmp_path, "python", _MAIN_STUB % sys.executable), SECTIONS="lowlabel",
       LOWLABEL="1:held-out", MAIN_CALLS=str(tmp_path / "refused.log"), **env), timeout=180)
-  assert out.returncode == 1 and ("so 960 epochs run next (tune_labels1_scratch_e960, the "
+  assert out.returncode == 1 and ("so 480 epochs run next (tune_labels1_scratch_e480, the "
                                   "tune_lowlabel section)") in out.stderr
   assert not (tmp_path / "refused.log").exists()  # nothing ran
-  # Capped: 4x 480 steps is more than LOWLABEL_MAX_STEPS, so 240 stays the choice, at the edge.
-  capped = _results_calls(tmp_path, RESULTS, SECTIONS="tune_lowlabel", LOWLABEL_MAX_STEPS="1919",
+  # Capped: 2x 480 steps is more than LOWLABEL_MAX_STEPS, so 240 stays the choice, at the edge.
+  capped = _results_calls(tmp_path, RESULTS, SECTIONS="tune_lowlabel", LOWLABEL_MAX_STEPS="959",
                           **env)
   assert len(capped) == len(tunes)
   extended = _results_calls(tmp_path, RESULTS, SECTIONS="tune_lowlabel", **env)[len(tunes):]
-  assert [c[-1].rsplit("/", 1)[-1] for c in extended] == ["tune_labels1_scratch_e960"]
-  assert "--config.num_epochs=960" in extended[0] and "--config.data.holdout=5000" in extended[0]
-  tunes += extended  # the stand-in scores 960 epochs 0.5: 240 is inside the grid, chosen
+  assert [c[-1].rsplit("/", 1)[-1] for c in extended] == ["tune_labels1_scratch_e480"]
+  assert "--config.num_epochs=480" in extended[0] and "--config.data.holdout=5000" in extended[0]
+  tunes += extended  # the stand-in scores 480 epochs 0.5: 240 is inside the grid, chosen
   finals = _results_calls(tmp_path, RESULTS, SECTIONS="lowlabel", LOWLABEL="1:held-out",
                           **env)[len(tunes):]
   assert [c[-1].rsplit("/", 1)[-1] for c in finals] == ["ft_mae_labels1_s0",
