@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import subprocess
 import sys
 
@@ -67,6 +69,30 @@ def test_bench_times_other_methods_side_by_side():
   assert all(r["global_batch"] == 4 and r["images_per_s"] > 0 for r in rows)
   # The same encoder: MAE adds a decoder, SimMIM a mask token and a linear head.
   assert rows[0]["model"] == rows[1]["model"] == rows[2]["model"]
+  for r in rows:  # the rates from the timed steps and the model's FLOPs, not just positive
+    assert r["images_per_s"] == pytest.approx(r["global_batch"] / r["step_s_median"], rel=2e-3)
+    assert r["achieved_tflops"] == pytest.approx(
+        r["train_gflops_per_image"] * r["images_per_s"] / 1e3, rel=2e-3)
+    assert r["mfu"] is None  # a CPU has no peak to divide by
+  from mim_jax.training import malloc_tunables
+  if platform.libc_ver()[0] == "glibc" and malloc_tunables.VARIABLE not in os.environ:
+    # The bench re-executed itself with glibc's malloc settings, as mim_jax.main does.
+    assert all(r["glibc_tunables"] == malloc_tunables.TUNABLES for r in rows), rows[0]
+
+
+def test_a_row_divides_its_achieved_flops_by_the_devices_peak():
+  """MFU: achieved TFLOP/s (training FLOPs per image x images/s) over the dense bf16 peak of
+  the device kind (an H100's 989 TFLOP/s)."""
+  from mim_jax import bench, registry
+  from mim_jax.models import flops
+  config = files.load_config_file(str(REPO / "configs" / "mae_vitb.py"))
+  row = bench._summary("mim_jax", [0.5, 0.4, 0.6], config, "NVIDIA H100 80GB HBM3")
+  per_image = flops.train_flops(registry.forward_flops(config))
+  achieved = per_image * config.global_batch_size / 0.5 / 1e12
+  assert row["images_per_s"] == pytest.approx(config.global_batch_size / 0.5, rel=1e-3)
+  assert row["achieved_tflops"] == pytest.approx(achieved, rel=1e-3)
+  assert row["peak_tflops_bf16"] == flops.peak_tflops("H100")
+  assert row["mfu"] == pytest.approx(achieved / row["peak_tflops_bf16"], rel=1e-3)
 
 
 def test_the_default_peer_is_hf_beside_mae_and_none_beside_other_methods():

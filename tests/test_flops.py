@@ -48,8 +48,9 @@ def test_analytic_flops_match_xla_within_the_elementwise_share(name, overrides, 
   analytic = flops.train_flops(registry.forward_flops(config))
   xla = _xla_flops_per_image(config)
   # XLA also counts norms, softmax, GELU and the optimizer: measured 1.010-1.022x on these
-  # configs. Matmuls are >= 90% of the work, and a formula missing a matmul would be off by more.
-  assert 1.0 <= xla / analytic <= 1.10, (xla, analytic)
+  # configs. The bound is tight enough that the smallest term a formula could miss, the
+  # attention products (4.4-7% of these steps), takes the ratio past it.
+  assert 1.0 <= xla / analytic <= 1.035, (xla, analytic)
 
 
 def test_flops_formula_on_the_paper_models():

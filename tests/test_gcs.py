@@ -104,6 +104,7 @@ def test_storage_layer_reads_and_writes_gs(gcs):
   writer = metric_writers.MetricWriter(root, tensorboard=False)
   writer.write_scalars(1, {"loss": 1.0})
   writer.flush()
+  assert metric_writers.read_metrics(root) == [{"step": 1, "loss": 1.0}]  # stored at the flush
   writer.write_scalars(2, {"loss": float("nan")})
   writer.close()
   assert metric_writers.read_metrics(root) == [{"step": 1, "loss": 1.0},

@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -123,6 +124,7 @@ def test_slurm_requeue_resubmits_only_a_run_stopped_by_sigterm(tmp_path, status,
 
 def test_slurm_without_requeue_has_no_signal_or_requeue():
   out = _bash(SLURM, *SLURM_ARGS, "--dry-run")
+  assert out.returncode == 0 and "#SBATCH --nodes=2" in out.stdout and "srun " in out.stdout
   assert "--signal" not in out.stdout and "requeue" not in out.stdout
 
 
@@ -208,8 +210,11 @@ def test_tpu_dry_run_prints_create_install_run_delete_in_order():
   assert "--worker=all" in t and "python3 -m mim_jax.main" in t
   assert "--config=configs/mae_vitb.py --workdir=gs://bucket/mae" in t
   assert "MIM_JAX_DISTRIBUTED=1" in t
-  # Extra flags pass through to mim_jax.main (inside the remote command, shell-quoted).
-  assert "--config.total_steps=100 --config.data.path=" in t and "/data/my images" in t
+  # Extra flags pass through to mim_jax.main (inside the remote command, shell-quoted): the
+  # remote shell gets the path with its space as one word.
+  remote = next(a for a in shlex.split(t) if a.startswith("--command="))[len("--command="):]
+  words = shlex.split(remote)
+  assert words[words.index("--config.total_steps=100") + 1] == "--config.data.path=/data/my images"
   assert re.search(r"2>&1 \| tee -a logs/tpu-mae-test-\d{8}-\d{6}\.log$", t)
   assert "--quiet" in lines[delete[0]] and "mae-test" in lines[delete[0]]
 
@@ -1057,6 +1062,13 @@ def test_results_script_fine_tunes_each_seed_with_the_held_out_choice(tmp_path, 
     assert not any("holdout" in a for a in call)  # the final runs are scored on test
   for call in calls:
     _unread_settings(call)
+  # A grid point that scores best on the held-out split is the choice (not the first point).
+  (tmp_path / "root" / "tune_mae_lr4e-3_nomix" / "results.json").write_text(
+      '{"eval_accuracy": 0.6}')
+  later = _results_calls(tmp_path, RESULTS, SECTIONS="finetune_mae", SEEDS="2")[len(calls):]
+  assert [c[-1].rsplit("/", 1)[-1] for c in later] == ["ft_mae_s2"]
+  assert "--config.optimizer.base_lr=0.004" in later[0]
+  assert "--config.classifier.mixup_alpha=0" in later[0]
 
 
 def test_results_script_every_section_is_a_valid_command_line(tmp_path, monkeypatch):

@@ -55,6 +55,19 @@ def test_metrics_flushed_each_call(tmp_path):
   w.close()
 
 
+def _events(path: str):
+  """The records of a TensorBoard event file (TFRecord framing: an 8-byte length, its 4-byte
+  CRC, the payload, the payload's CRC), parsed as Event protos."""
+  from tensorboardX.proto import event_pb2
+  with open(path, "rb") as f:
+    data = f.read()
+  at = 0
+  while at < len(data):
+    length = int.from_bytes(data[at:at + 8], "little")
+    yield event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+    at += 12 + length + 4
+
+
 def test_tensorboard_event_files_and_hparams(tmp_path):
   workdir = str(tmp_path)
   config = {"model": {"variant": "mu/4", "patch": (4, 4)}, "lr": 1.5e-4, "seed": 0}
@@ -64,6 +77,15 @@ def test_tensorboard_event_files_and_hparams(tmp_path):
     w.write_image(1, "reconstructions", np.zeros((8, 12, 3), np.uint8))
   files = _event_files(workdir)
   assert files and all(os.path.getsize(f) > 0 for f in files)
+  # What the event files hold (a writer always writes a version record, so a size says
+  # nothing): the scalar, the image and the config text, and no string scalar.
+  tags = {}
+  for event in (e for f in files for e in _events(f)):
+    for value in event.summary.value:
+      kind = value.WhichOneof("value")
+      tags[value.tag] = (event.step, value.simple_value if kind == "simple_value" else kind)
+  assert tags == {"loss": (1, 0.5), "reconstructions": (1, "image"),
+                  "config/text_summary": (0, "tensor")}, tags
   with open(tmp_path / "config.json") as f:
     text = f.read()
   assert "\n  " in text  # pretty-printed
