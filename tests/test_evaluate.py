@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import os
 
 import jax
@@ -117,6 +118,17 @@ def test_resize_posemb_keeps_cls_and_is_identity_on_same_grid():
   np.testing.assert_allclose(vit.resize_posemb(const, (4, 4), (2, 3))[1:], 0.25, atol=1e-6)
   with pytest.raises(ValueError, match="rows"):
     vit.resize_posemb(table, (3, 3), (4, 4))
+  # Rows stay rows and columns columns (a non-square grid, so a swapped axis shows): channel 0
+  # ramps down the rows, channel 1 across the columns, and so after the resize.
+  rows, cols = np.meshgrid(np.arange(3.0), np.arange(5.0), indexing="ij")
+  grid = np.zeros((3, 5, 32), np.float32)
+  grid[..., 0], grid[..., 1] = rows, cols
+  ramps = jnp.concatenate([table[:1], jnp.asarray(grid.reshape(15, 32))])
+  out = np.asarray(vit.resize_posemb(ramps, (3, 5), (6, 10))[1:]).reshape(6, 10, 32)
+  np.testing.assert_allclose(out[..., 0], out[:, :1, 0].repeat(10, 1), atol=1e-5)
+  np.testing.assert_allclose(out[..., 1], out[:1, :, 1].repeat(6, 0), atol=1e-5)
+  assert (np.diff(out[:, 0, 0]) >= -1e-6).all() and out[-1, 0, 0] - out[0, 0, 0] > 1.5
+  assert (np.diff(out[0, :, 1]) >= -1e-6).all() and out[0, -1, 1] - out[0, 0, 1] > 3
 
 
 def test_finetune_starts_from_the_pretrained_function(pretrained_workdir):
@@ -232,6 +244,11 @@ def test_linear_probe_trains_only_the_head(pretrained_workdir, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.extra["encoder"]), loaded)
   assert set(state.params) == {"head"}
   assert float(jnp.abs(state.extra["batch_stats"]["bn"]["mean"]).sum()) > 0
+  # The head did learn: every logged step moved it (no weight decay here: a frozen head's
+  # update would be exactly 0).
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  moved = [r["update_norm"] for r in rows if "update_norm" in r]
+  assert moved and all(m > 0 for m in moved), moved
   results = json.load(open(tmp_path / "results.json"))
   assert results["method"] == "linprobe" and results["eval_count"] == 64
   assert 0.0 <= results["eval_accuracy"] <= 1.0
@@ -263,11 +280,17 @@ def test_linear_probe_learns_a_separable_problem():
   assert float(sums["correct"]) / float(sums["count"]) > 0.95, float(loss)
 
 
-def test_finetune_from_pretrained_and_low_label_run(pretrained_workdir, tmp_path):
+def test_finetune_from_pretrained_and_low_label_run(pretrained_workdir, tmp_path, caplog):
   config = _eval_config("finetune", pretrained_workdir, total_steps=3, log_every=3)
-  config.data.label_fraction = 0.5
   config.export_encoder = False  # fine-tuning exports by default: off, it writes no encoder/
-  state = train.run(config, str(tmp_path))
+  with caplog.at_level(logging.INFO, logger=train.__name__):
+    train.run(config.copy_and_resolve_references(), str(tmp_path / "all_labels"))
+    config.data.label_fraction = 0.5
+    state = train.run(config, str(tmp_path))
+  # Half the labelled examples per epoch: the run trains on the labelled subset only.
+  all_labels, half = [int(m) for m in re.findall(r"(\d+) examples per epoch", caplog.text)]
+  assert half <= all_labels // 2 + config.global_batch_size, (all_labels, half)
+  assert half < all_labels
   assert int(state.step) == 3
   assert not (tmp_path / "encoder").exists()
   results = json.load(open(tmp_path / "results.json"))

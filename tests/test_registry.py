@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import inspect
 import json
+import logging
 import os
 import pathlib
 
@@ -103,7 +104,7 @@ def _toy_config(**overrides):
                                         "checkpoint_every": 2, **overrides})
 
 
-def test_a_method_is_one_class_and_a_config(toy, tmp_path):
+def test_a_method_is_one_class_and_a_config(toy, tmp_path, caplog):
   """Registered, it validates, trains, checkpoints, resumes exactly and exports; its field
   is refused for other methods and theirs for it."""
   config = _toy_config()
@@ -115,7 +116,9 @@ def test_a_method_is_one_class_and_a_config(toy, tmp_path):
   interrupted, whole = str(tmp_path / "interrupted"), str(tmp_path / "whole")
   loop.run(_toy_config(total_steps=2), interrupted)
   assert max(map(int, os.listdir(os.path.join(interrupted, "checkpoints")))) == 2
-  resumed = loop.run(_toy_config(), interrupted)
+  with caplog.at_level(logging.INFO, logger=loop.__name__):
+    resumed = loop.run(_toy_config(), interrupted)
+  assert "at step 2" in caplog.text  # resumed (a restart with the same seed ends alike)
   uninterrupted = loop.run(_toy_config(), whole)
   assert int(resumed.step) == int(uninterrupted.step) == 8
   chex.assert_trees_all_equal(jax.device_get(resumed.params),

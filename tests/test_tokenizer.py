@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -257,10 +258,12 @@ def test_code_usage_refuses_config_overrides_it_would_not_read(monkeypatch, caps
   assert "then pass --tokenizer=DIR" in err  # the tool's flag, not the config field
 
 
-def test_training_updates_codebook_in_extra_and_resumes_exactly(tmp_path):
+def test_training_updates_codebook_in_extra_and_resumes_exactly(tmp_path, caplog):
   straight = train.run(tiny_tokenizer_config(), str(tmp_path / "a"))
   train.run(tiny_tokenizer_config(total_steps=2), str(tmp_path / "b"))
-  resumed = train.run(tiny_tokenizer_config(), str(tmp_path / "b"))  # resumes at step 2
+  with caplog.at_level(logging.INFO, logger=train.__name__):
+    resumed = train.run(tiny_tokenizer_config(), str(tmp_path / "b"))
+  assert "at step 2" in caplog.text  # resumed (a restart with the same seed ends alike)
   for key in ("codebook", "cluster_size", "embed_sum", "unused_steps"):
     np.testing.assert_array_equal(straight.extra[key], resumed.extra[key])
   jax.tree.map(np.testing.assert_array_equal, straight.params, resumed.params)

@@ -56,8 +56,7 @@ def test_training_keeps_the_teacher_frozen_and_the_codebook_on_the_sphere(
   workdir = str(tmp_path / "run")
   state = train.run(tiny_vqkd_config(teacher_dir, total_steps=4), workdir)
   loaded = registry.build_method(tiny_vqkd_config(teacher_dir)).target.load_extra()
-  for ours, theirs in zip(jax.tree.leaves(state.extra["teacher"]), jax.tree.leaves(loaded)):
-    np.testing.assert_array_equal(ours, theirs)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.extra["teacher"]), loaded)
   np.testing.assert_allclose(np.linalg.norm(state.extra["codebook"], axis=-1), 1.0, rtol=1e-5)
   info = io.read_info(workdir)
   assert info["feature_dim"] == 64 and info["kind"] == "vq" and info["l2_normalize"]
@@ -103,3 +102,7 @@ def test_short_run_on_fashion_mnist_lowers_the_loss_and_beit_reads_the_export(tm
   codes = registry.build_method(beit).target(
       state.extra["tokenizer"], jnp.zeros((2, 28, 28, 1), jnp.float32))
   assert codes.shape == (2, 49) and codes.dtype == jnp.int32
+  # BEiT's frozen tokenizer is the export, every array of it (not a fresh one of its shape).
+  exported, _ = io.load_tokenizer(tokenizer)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.extra["tokenizer"]),
+               exported)
