@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import os
+import re
 
 import jax
 import jax.numpy as jnp
