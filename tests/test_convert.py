@@ -33,7 +33,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from mim_jax import recipes, registry  # noqa: E402  (after the skip: no torch, no tests)
+from mim_jax import recipes, registry, viz  # noqa: E402  (after the skip: no torch, no tests)
 from mim_jax.convert import safetensors_io  # noqa: E402
 from mim_jax.convert.__main__ import main as cli  # noqa: E402
 from mim_jax.convert.exporter import export_weights  # noqa: E402
@@ -930,7 +930,28 @@ def test_cli_import_inspect_reconstruct(tmp_path, our_mae_dir):
   png = str(tmp_path / "recon.png")
   assert cli(["reconstruct", out, *paths, "--out", png, "--seed", "1"]) == 0
   picture = np.asarray(Image.open(png))
-  assert picture.shape[0] > 2 * IMAGE and picture.shape[2] == 3
+  s = viz.upscale_factor(IMAGE, IMAGE)
+  side = s * IMAGE
+  assert picture.shape == (2 * side + viz.GAP, 4 * side + 3 * viz.GAP, 3)
+  # The second image is at the model's size (no resize): its first panel is its pixels
+  # (the weights' normalisation undone, to rounding), and in the masked panel each patch is
+  # grey (masked) or the original, as is the reconstruction + visible panel where visible.
+  row = picture[side + viz.GAP:]
+  original, masked, _, pasted = (row[:, c * (side + viz.GAP):c * (side + viz.GAP) + side]
+                                 for c in range(4))
+  pixels = np.asarray(Image.open(paths[1])).astype(int)
+  np.testing.assert_allclose(original.astype(int), np.kron(pixels, np.ones((s, s, 1))), atol=1)
+  grey, tile = np.uint8(round(viz.MASK_GREY * 255)), PATCH * s
+  hidden = 0
+  for y in range(0, side, tile):
+    for x in range(0, side, tile):
+      where = np.s_[y:y + tile, x:x + tile]
+      if (masked[where] == grey).all():
+        hidden += 1
+      else:
+        np.testing.assert_array_equal(masked[where], original[where])
+        np.testing.assert_array_equal(pasted[where], original[where])
+  assert hidden == round(0.75 * GRID[0] * GRID[1])  # the weights' mask ratio
 
 
 def test_learned_position_tables_feed_the_probe_and_knn(tmp_path, our_mae, timm_state):

@@ -55,7 +55,7 @@ def test_grid_shape_masked_grey_and_visible_pasted(channels):
   mean, std = [0.3] * channels, [0.2] * channels
   images = rng.normal(size=(b, h, w, channels)).astype(np.float32)
   n = (h // p) * (w // p)
-  pred = rng.normal(size=(b, n, p * p * channels)).astype(np.float32) * 10  # far from images
+  pred = rng.normal(size=(b, n, p * p * channels)).astype(np.float32)  # unrelated to images
   mask = (rng.random((b, n)) < 0.75).astype(np.int32)
   mask[:, 0], mask[:, 1] = 1, 0  # at least one masked and one visible patch per row
 
@@ -71,10 +71,18 @@ def test_grid_shape_masked_grey_and_visible_pasted(channels):
   assert (grid[s * h:s * h + viz.GAP] == 255).all()
 
   original = _display_uint8(images[:rows], mean, std, s)
+  # The prediction as an image, patch k at grid row k // (w / p), column k % (w / p), its
+  # values in (y, x, channel) order: written out here, not through viz.unpatchify.
+  gw = w // p
+  predicted = np.zeros((b, h, w, channels), np.float32)
+  for k in range(n):
+    y, x = (k // gw) * p, (k % gw) * p
+    predicted[:, y:y + p, x:x + p] = pred[:, k].reshape(b, p, p, channels)
+  predicted = _display_uint8(predicted[:rows], mean, std, s)
   grey = np.uint8(round(viz.MASK_GREY * 255))
   for r, (orig, masked, recon, pasted) in enumerate(_panels(grid, rows, s * h, s * w)):
     np.testing.assert_array_equal(orig, original[r])
-    gw = w // p
+    np.testing.assert_array_equal(recon, predicted[r])
     for k in range(n):
       y, x = (k // gw) * p * s, (k % gw) * p * s
       tile = np.s_[y:y + p * s, x:x + p * s]
