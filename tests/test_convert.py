@@ -819,46 +819,52 @@ def timm_state(our_mae):
   return timm_state_dict_from_params(our_mae[1], patch_size=PATCH, channels=3, grid_hw=GRID)
 
 
-def _import_fails(tmp_path, state, match) -> str:
-  """Import through the CLI; asserts status 2, the message, and that nothing was written."""
+def _import_fails(tmp_path, state, match, capsys=None) -> str:
+  """Import through the CLI; asserts status 2, the message (on stderr too, given `capsys`),
+  and that nothing was written."""
   path = str(tmp_path / "bad.safetensors")
   safetensors_io.write_safetensors(path, state)
   with pytest.raises(ValueError, match=match) as excinfo:
     import_checkpoint(path, num_heads=HEADS, decoder_num_heads=DEC_HEADS)
   out = str(tmp_path / "out")
-  assert cli(["import", path, out, "--num_heads", str(HEADS)]) == 2
+  if capsys is not None:
+    capsys.readouterr()
+  assert cli(["import", path, out, "--num_heads", str(HEADS), "--decoder_num_heads",
+              str(DEC_HEADS)]) == 2
+  if capsys is not None:
+    assert re.search(match, capsys.readouterr().err), match
   assert not os.path.exists(out) and not any("partial" in p for p in os.listdir(tmp_path))
   return str(excinfo.value)
 
 
-def test_missing_key_is_named(tmp_path, timm_state):
+def test_missing_key_is_named(tmp_path, timm_state, capsys):
   state = dict(timm_state)
   del state["blocks.1.mlp.fc2.bias"]
-  _import_fails(tmp_path, state, r"missing keys: blocks\.1\.mlp\.fc2\.bias$")
+  _import_fails(tmp_path, state, r"missing keys: blocks\.1\.mlp\.fc2\.bias$", capsys)
 
 
-def test_unexpected_shapes_are_named(tmp_path, timm_state):
+def test_unexpected_shapes_are_named(tmp_path, timm_state, capsys):
   state = dict(timm_state)
   state["blocks.0.attn.qkv.weight"] = state["blocks.0.attn.qkv.weight"][:-1]
   state["decoder_pred.bias"] = np.zeros(7, np.float32)
-  message = _import_fails(tmp_path, state, "shape mismatches")
+  message = _import_fails(tmp_path, state, "shape mismatches", capsys)
   assert "blocks.0.attn.qkv.weight: got (191, 64), expected (192, 64)" in message
   assert "decoder_pred.bias: got (7,), expected (192,)" in message
 
 
-def test_unknown_keys_and_unsupported_features_are_named(tmp_path, timm_state):
+def test_unknown_keys_and_unsupported_features_are_named(tmp_path, timm_state, capsys):
   state = dict(timm_state, **{"blocks.0.attn.extra.weight": np.zeros(3, np.float32)})
-  _import_fails(tmp_path, state, r"unknown keys: blocks\.0\.attn\.extra\.weight")
+  _import_fails(tmp_path, state, r"unknown keys: blocks\.0\.attn\.extra\.weight", capsys)
   state = dict(timm_state, dist_token=np.zeros((1, 1, WIDTH), np.float32),
                **{"head_dist.weight": np.zeros((2, WIDTH), np.float32)})
-  message = _import_fails(tmp_path, state, "DeiT distillation token")
+  message = _import_fails(tmp_path, state, "DeiT distillation token", capsys)
   assert "dist_token" in message and "head_dist.weight" in message
 
 
-def test_a_different_architecture_is_refused_with_its_keys(tmp_path):
+def test_a_different_architecture_is_refused_with_its_keys(tmp_path, capsys):
   resnet = {"conv1.weight": np.zeros((64, 3, 7, 7), np.float32),
             "bn1.weight": np.ones(64, np.float32), "fc.weight": np.zeros((10, 64), np.float32)}
-  message = _import_fails(tmp_path, resnet, "not a ViT checkpoint of a known layout")
+  message = _import_fails(tmp_path, resnet, "not a ViT checkpoint of a known layout", capsys)
   assert "conv1.weight" in message and "fc.weight" in message
 
 
