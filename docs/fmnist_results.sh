@@ -23,7 +23,8 @@
 #                 default "1:60,240,960 10:30,120"; each init keeps its lr / Mixup choice).
 #                 While the longest length wins, LOWLABEL_EXTEND (2) x it runs too, if that
 #                 run takes at most LOWLABEL_MAX_STEPS (10240) steps: the grid extends until
-#                 the best length is inside it (LOWLABEL_EXTEND=1: never)
+#                 the best length is inside it (so a grid of one length always grows;
+#                 LOWLABEL_EXTEND=1: never). lowlabel picks with the same two settings
 #   lowlabel      for each of SEEDS: 1% and 10% of the labels, MAE vs scratch (LOWLABEL,
 #                 percent:epochs, "1:60 10:30", the same length for both inits; or
 #                 percent:held-out, each init at the length tune_lowlabel chose for it, the

@@ -122,8 +122,12 @@ def extended_epochs(root: str, prefix: str, epochs: list[str], factor: int,
     longest = max(lengths, key=float)
     if best != longest or factor <= 1:
       return lengths, None
-    with open(os.path.join(root, f"{prefix}_e{longest}", "results.json")) as f:
-      steps = int(json.load(f).get("step", 0))
+    path = os.path.join(root, f"{prefix}_e{longest}", "results.json")
+    with open(path) as f:
+      results = json.load(f)
+    if "step" not in results:  # 0 steps would pass any budget: the grid would double forever
+      raise SystemExit(f"{path}: no 'step' to bound the grid's extension by")
+    steps = int(results["step"])
     if steps * factor > max_steps:
       print(f"{prefix}: the longest length, {longest} epochs, won; {factor}x it would take "
             f"{steps * factor} steps, more than {max_steps}: not extended", file=sys.stderr)
@@ -380,7 +384,7 @@ def lowlabel_lengths(root: str) -> dict:
       continue
     pct, init, epochs = match.groups()
     rec = run_record(root, run)
-    if rec["config"]["data"]["eval_split"] != "holdout" or not rec["eval"]:
+    if rec["config"]["data"]["eval_split"] != "holdout" or not rec.get("eval"):
       raise SystemExit(f"{run}: no final evaluation on the held-out split")
     acc = 100.0 * rec["eval"][-1]["eval_accuracy"]
     found.setdefault(pct, {}).setdefault(init, []).append((int(epochs), acc))

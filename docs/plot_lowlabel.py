@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import fmnist_tools  # pylint: disable=wrong-import-position  # docs/, beside this script
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 
-STYLE = {"mae": ("MAE-initialised (50 epochs)", "tab:blue", "o"),
+STYLE = {"mae": ("MAE-initialised", "tab:blue", "o"),
          "scratch": ("from scratch (no layer decay)", "tab:orange", "s")}
 
 

@@ -201,6 +201,10 @@ def test_the_length_grid_extends_while_its_longest_length_wins(tmp_path):
                            10_000) == "960"
   assert tools.pick_length(str(tmp_path), "tune_labels1_scratch", ["60", "240"], 1,
                            10_000) == "240"  # factor 1: the grid as given
+  # A results.json without its step could not bound the extension: refused, not doubled on.
+  _run(tmp_path, "tune_labels10_mae_e30", {"eval_accuracy": 0.8})
+  with pytest.raises(SystemExit, match="no 'step' to bound the grid's extension by"):
+    tools.extended_epochs(str(tmp_path), "tune_labels10_mae", ["30"], 2, 10_000)
 
 
 def test_sklearn_reference_with_the_probes_l2_solves_the_probes_objective(tmp_path):

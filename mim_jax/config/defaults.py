@@ -45,7 +45,7 @@ def core_fields(c: ml_collections.ConfigDict) -> None:
       dtype="float32",         # computation dtype; parameters are always float32
       # "": cuDNN's fused kernel on GPU (odd lengths padded), heads-major XLA attention with
       # blockwise qkv matmuls on CPU (faster there), XLA elsewhere; or "xla" / "cudnn" /
-      # "heads_major" (models/vit.py); the same parameters and function in every case
+      # "heads_major" (models/attention.py); the same parameters and function in every case
       attention_impl="",
       # BEiT-style options (models/vit.py): the initial per-channel scale of each residual
       # branch (0: none), a learned relative position bias ("" | "shared" | "per_block"),
