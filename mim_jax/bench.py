@@ -124,7 +124,10 @@ def _sig(x: float, digits: int = 4) -> float:
   return float(f"{x:.{digits}g}")
 
 
-def _summary(name: str, times: list[float], config, device_kind: str, **extra) -> dict:
+def _summary(name: str, times: list[float], config, device_kind: str, device_count: int = 1,
+             **extra) -> dict:
+  """The JSON row of `times` (seconds per step of `config`'s global batch on `device_count`
+  devices of `device_kind`): MFU divides the achieved FLOP/s by the peak of them all."""
   from mim_jax import registry
   from mim_jax.models import flops
   from mim_jax.models.vit import describe_size
@@ -134,6 +137,7 @@ def _summary(name: str, times: list[float], config, device_kind: str, **extra) -
   train_flops = flops.train_flops(registry.forward_flops(config))
   achieved = train_flops * images_per_s / 1e12
   peak = flops.peak_tflops(device_kind)
+  peak = peak * device_count if peak else None
   return {"impl": name, "method": config.method, "model": describe_size(config.model),
           "image_size": list(config.image_size),
           "masking": config.masking.kind if "masking" in config else None,
@@ -145,7 +149,8 @@ def _summary(name: str, times: list[float], config, device_kind: str, **extra) -
           "step_s_iqr": round(q[2] - q[0], 5), "images_per_s": round(images_per_s, 1),
           "train_gflops_per_image": _sig(train_flops / 1e9),
           "achieved_tflops": _sig(achieved), "peak_tflops_bf16": peak,
-          "mfu": _sig(achieved / peak) if peak else None, **extra}
+          "device_count": device_count, "mfu": _sig(achieved / peak) if peak else None,
+          **extra}
 
 
 def timed(step, warmup: int, steps: int) -> list[float]:
@@ -860,6 +865,12 @@ def measure(command: Command) -> None:
     profile_dir = os.path.join(FLAGS.profile, f"{i}_{c.method}") if FLAGS.profile else ""
     _emit(bench_mim_jax(c, FLAGS.steps, FLAGS.warmup, profile_dir,
                         variant=labels.get(id(c), "")))
+  if peers and not FLAGS.peers_only:
+    import jax
+    if jax.default_backend() != "cpu" and jax.device_count() > 1:
+      logging.warning("the PyTorch peer runs on one %s, mim_jax's rows data-parallel on %d: "
+                      "compare images/s per device (or MFU, which counts every device's peak)",
+                      jax.default_backend().upper(), jax.device_count())
   for peer in peers:
     _emit(bench_hf(configs[0], FLAGS.steps, FLAGS.warmup, compile_model=peer == "hf_compile",
                    profile_dir=os.path.join(FLAGS.profile, f"peer_{peer}") if FLAGS.profile

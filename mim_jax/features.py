@@ -161,7 +161,7 @@ def read_images(path: str) -> np.ndarray:
       data = f.read()
     # (A float TIFF's NaN or inf is refused by the decoder: it would give NaN feature rows.)
     decoded.append(transforms.decode_named(data, _file_channels(data), p))
-  return _stack(decoded, paths)
+  return _stack(decoded)
 
 
 def check_channels(enc: Encoder, images, source: str, encoder: str) -> None:
@@ -191,7 +191,7 @@ def _file_channels(data: bytes) -> int:
     return 3
 
 
-def _stack(images: list[np.ndarray], paths: list[str]) -> np.ndarray:
+def _stack(images: list[np.ndarray]) -> np.ndarray:
   shapes = {im.shape for im in images}
   if len(shapes) > 1:
     # Differently sized files: each is resized on its own by `prepare`; keep them as a list.

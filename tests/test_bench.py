@@ -82,7 +82,7 @@ def test_bench_times_other_methods_side_by_side():
 
 def test_a_row_divides_its_achieved_flops_by_the_devices_peak():
   """MFU: achieved TFLOP/s (training FLOPs per image x images/s) over the dense bf16 peak of
-  the device kind (an H100's 989 TFLOP/s)."""
+  the devices that ran the step (an H100's 989 TFLOP/s each)."""
   from mim_jax import bench, registry
   from mim_jax.models import flops
   config = files.load_config_file(str(REPO / "configs" / "mae_vitb.py"))
@@ -93,6 +93,10 @@ def test_a_row_divides_its_achieved_flops_by_the_devices_peak():
   assert row["achieved_tflops"] == pytest.approx(achieved, rel=1e-3)
   assert row["peak_tflops_bf16"] == flops.peak_tflops("H100")
   assert row["mfu"] == pytest.approx(achieved / row["peak_tflops_bf16"], rel=1e-3)
+  # The same throughput from 8 devices is an eighth of the utilisation.
+  eight = bench._summary("mim_jax", [0.5, 0.4, 0.6], config, "NVIDIA H100 80GB HBM3",
+                         device_count=8)
+  assert eight["device_count"] == 8 and eight["mfu"] == pytest.approx(row["mfu"] / 8, rel=1e-3)
 
 
 def test_the_default_peer_is_hf_beside_mae_and_none_beside_other_methods():

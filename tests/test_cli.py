@@ -409,6 +409,22 @@ def test_cpu_device_count_is_reported_for_the_backend_that_trains():
       "only on the CPU")
 
 
+def test_a_count_asked_for_after_jax_started_is_a_warning(monkeypatch, caplog):
+  """main.cli() in a process whose JAX already runs (a notebook) cannot change the device
+  count: an explicit --cpu_devices says so as a warning (it was an INFO line), auto quietly."""
+  jax.devices()  # the backends run from here on, whatever count they started with
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
+  config = tiny_mae_config(global_batch_size=12, **{"eval.batch_size": 12})
+  with caplog.at_level(logging.INFO, logger=cpu_devices.__name__):
+    assert cpu_devices.configure("3", [config], multi_process=False) is None
+    assert cpu_devices.configure("auto", [config], multi_process=False) is None
+  levels = [(r.levelno, "--cpu_devices=3" in r.getMessage()) for r in caplog.records
+            if "could act" in r.getMessage()]
+  assert levels == [(logging.WARNING, True), (logging.INFO, False)], caplog.text
+  assert len(jax.devices()) == len(jax.devices("cpu"))  # nothing changed under the tests
+
+
 def test_cpu_devices_split_the_batch_across_the_cores(tmp_path, monkeypatch, caplog):
   """On the CPU a run gets one JAX device per usable core, as many as split its batches
   evenly (the batch runs data parallel); an explicit count and XLA_FLAGS' own count win."""

@@ -631,6 +631,25 @@ def test_head_starts_as_dino_and_ibot_do():
   np.testing.assert_allclose(np.asarray(params["mlp_0"]["kernel"]).std(), 0.02, rtol=0.05)
 
 
+def test_the_head_computes_in_the_models_dtype():
+  """model.dtype=bfloat16 reaches the head's four matmuls (it ran them in float32 whatever the
+  encoder did); its parameters, normalisations and logits stay float32, and in float32 it is
+  the float32 head."""
+  c = tiny_config(**{"model.dtype": "bfloat16"})
+  method = registry.build_method(c, TrainLength(8, 16))
+  head = method.model.head
+  x = jax.random.normal(jax.random.key(0), (2, 5, 32), jnp.bfloat16)
+  params = head.init(jax.random.key(1), x)["params"]
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  dots = [e for e in jax.make_jaxpr(lambda p: head.apply({"params": p}, x))(params).eqns
+          if e.primitive.name == "dot_general"]
+  assert len(dots) == 4 and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+  logits = head.apply({"params": params}, x)
+  assert logits.dtype == jnp.float32
+  f32 = head.clone(dtype=jnp.float32).apply({"params": params}, x.astype(jnp.float32))
+  np.testing.assert_allclose(logits, f32, rtol=0.05, atol=0.05)
+
+
 def test_configs_follow_the_recipe():
   from ml_collections import config_flags
 

@@ -770,6 +770,24 @@ def test_failed_last_checkpoint_fails_the_run(tmp_path, monkeypatch):
   assert _partial(tmp_path) == [] and _committed(tmp_path) == []
 
 
+def test_a_state_that_cannot_be_saved_raises_at_once(tmp_path, monkeypatch):
+  """A TypeError from the save (an unserialisable state or data position) is a bug: raised at
+  the first save, not logged and retried as a storage failure for several intervals."""
+  it = data.make_train_iterator(tiny_mae_config().data, image_size=(8, 8), channels=3,
+                                global_batch_size=4, seed=0, process_index=0, process_count=1)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), save_every=1, keep=2)
+
+  def unserialisable(*args, **kwargs):
+    raise TypeError("cannot serialise an object of type 'generator'")
+  monkeypatch.setattr(ckpt.manager, "save", unserialisable)
+  with pytest.raises(TypeError, match="generator"):
+    ckpt.save(1, {"w": np.zeros(2, np.float32)}, it)
+  assert ckpt.consecutive_failures == 0
+  monkeypatch.undo()
+  ckpt.close()
+  it.close()
+
+
 def test_an_abandoned_checkpointer_closes_without_waiting_for_its_save(tmp_path, monkeypatch):
   """After a peer process died the save in flight can never pass its barrier: close() must
   return at once (the process then exits with code 5), not wait for it."""

@@ -258,6 +258,8 @@ def read_torch_checkpoint(path: str) -> tuple[Any, list[str]]:
     except pickle.UnpicklingError as e:
       if not is_zip:
         raise NotACheckpointError(f"{path} is not a PyTorch checkpoint ({e})") from None
+    except (OSError, MemoryError):
+      raise  # the file could not be read (permissions, a disk error) or fit: not its format
     except Exception as e:  # pylint: disable=broad-except  # whatever garbage makes it raise
       detail = (str(e).splitlines() or ["empty input"])[0]
       raise NotACheckpointError(f"{path} is not a PyTorch checkpoint (torch.load: "

@@ -373,7 +373,7 @@ def choose_layer(selections: dict[int, logistic.Selection]) -> int:
   return max(selections, key=lambda k: (max(selections[k].scores.values()), -k))
 
 
-def check_feature_memory(config, extractor: FeatureExtractor, rows: int,
+def check_feature_memory(extractor: FeatureExtractor, rows: int,
                          standardized_rows: int = 0) -> None:
   """Raises ConfigError before any encoding when the cached features of `rows` images (every
   name of `extractor.pools`, float32, on every process after the gather), plus the
@@ -411,7 +411,7 @@ def run_probe(config, workdir: str) -> dict:
   test_rows = len(data.build_source(cfg.data, image_size=tuple(cfg.image_size),
                                     channels=cfg.channels, split=data.eval_split(cfg.data)))
   together = fits_together(cfg, ex)
-  check_feature_memory(cfg, ex, len(rows) + len(holdout) + test_rows,
+  check_feature_memory(ex, len(rows) + len(holdout) + test_rows,
                        standardized_rows=len(rows) + len(holdout) if together else 0)
   train_feats, train_labels = ex.split(params, cfg.data.split, rows)
   hold_feats, hold_labels = ex.split(params, cfg.data.split, holdout)

@@ -122,7 +122,7 @@ class IBOT(base.PretrainingMethod):
     self.norm = (tuple(config.data.mean), tuple(config.data.std))  # 8-bit views' normalisation
     encoder = encoder_from_config(config.model, config.image_size, config.channels,
                                   use_mask_token=True)
-    self.model = IBOTModel(encoder, sd.head_from_config(self.cfg))
+    self.model = IBOTModel(encoder, sd.head_from_config(self.cfg, config.model.dtype))
     self.grid_hw = encoder.grid_hw
     # Drawn per global view by the multi-crop transform (`mask_generator` stays None: the loop
     # adds no single-view mask of its own).

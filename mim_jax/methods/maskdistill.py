@@ -38,8 +38,10 @@ TEACHER_HINT = ("Train one first (e.g. python -m mim_jax.main --config=configs/m
 def teacher_fields() -> ml_collections.ConfigDict:
   """The frozen teacher: an encoder export / pre-training or fine-tuning workdir / import
   (`path`), the block whose output is the target (`layer`: -1 = the output after the final
-  norm, k = block k), and the targets' normalisation (`norm`: "layer" = per-token LayerNorm
-  without affine parameters, or "none")."""
+  norm, k = the output of the block at index k, counted from 0 (0: the first block); the
+  probe's `classifier.probe_layer` and `mim_jax.features`' blocks count from 1, 0 being the
+  output there: their block k is `layer=k - 1` here), and the targets' normalisation (`norm`:
+  "layer" = per-token LayerNorm without affine parameters, or "none")."""
   return ml_collections.ConfigDict(dict(path="", layer=-1, norm="layer"))
 
 
@@ -64,7 +66,7 @@ def validate_teacher(config, t, prefix: str) -> FrozenTeacher:
   teacher = build_teacher(config, t, prefix)
   v.require(v.is_int(t.layer) and -1 <= t.layer < teacher.depth, f"{prefix}.layer", t.layer,
             f"-1 (the output after the final norm) or a block index in [0, {teacher.depth}) "
-            f"of the teacher at {t.path}")
+            f"of the teacher at {t.path}, counted from 0 (the probe's block k is k - 1 here)")
   v.require(t.norm in patch_targets.FEATURE_NORMS, f"{prefix}.norm", t.norm,
             f"one of {patch_targets.FEATURE_NORMS}")
   return teacher

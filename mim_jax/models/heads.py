@@ -132,24 +132,30 @@ class DINOHead(nn.Module):
   after applying their init: with unit-norm columns only its direction counts, but its norm
   sets how far an optimizer step turns a prototype (N(0, 0.02) columns would turn 1.8x faster
   at bottleneck 256, 2.5x at 128).
+
+  `dtype`: the matmuls' compute dtype (the encoder's `model.dtype`; DINO / iBOT run the head
+  under autocast too); parameters, the L2 normalisations and the logits stay float32.
   """
   out_dim: int
   hidden_dim: int = 2048
   bottleneck_dim: int = 256
   num_layers: int = 3
   norm_last_layer: bool = True
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     init = trunc_normal(0.02)
-    x = x.astype(jnp.float32)
+    x = x.astype(self.dtype)
     for i in range(self.num_layers - 1):
-      x = nn.gelu(nn.Dense(self.hidden_dim, kernel_init=init, name=f"mlp_{i}")(x),
-                  approximate=False)
-    x = nn.Dense(self.bottleneck_dim, kernel_init=init, name=f"mlp_{self.num_layers - 1}")(x)
+      x = nn.gelu(nn.Dense(self.hidden_dim, kernel_init=init, dtype=self.dtype,
+                           name=f"mlp_{i}")(x), approximate=False)
+    x = nn.Dense(self.bottleneck_dim, kernel_init=init, dtype=self.dtype,
+                 name=f"mlp_{self.num_layers - 1}")(x).astype(jnp.float32)
     x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
     v = self.param("last_layer", PROTOTYPE_INIT, (self.bottleneck_dim, self.out_dim))
     w = v / jnp.linalg.norm(v, axis=0, keepdims=True)
     if not self.norm_last_layer:
       w = w * self.param("last_layer_scale", nn.initializers.ones, (self.out_dim,))
-    return x @ w
+    return jnp.matmul(x.astype(self.dtype), w.astype(self.dtype),
+                      preferred_element_type=jnp.float32)

@@ -98,7 +98,11 @@ class FrozenTeacher:
     return pretrained.load_encoder_into(init, self.source, grid_hw=self.module.grid_hw)
 
   def prepare(self, images: jax.Array) -> jax.Array:
-    """Student-normalised images [B, H, W, C] -> the teacher's input [B, h, w, C]."""
+    """Student-normalised images [B, H, W, C] (H, W: the student's size) -> the teacher's
+    input [B, h, w, C]."""
+    if tuple(images.shape[1:3]) != self.student_size:  # static: raised while tracing
+      raise ValueError(f"images of {tuple(images.shape[1:3])} px for a teacher set up for the "
+                       f"student's {self.student_size}: its grid would not be the student's")
     x = images.astype(jnp.float32)
     if (self.mean, self.std) != (self.student_mean, self.student_std):
       x = x * jnp.asarray(self.student_std) + jnp.asarray(self.student_mean)
@@ -109,7 +113,8 @@ class FrozenTeacher:
 
   def features(self, params, images: jax.Array, layer: int = -1, attention: bool = False):
     """Patch features [B, N, D] (float32, no gradient) of block `layer` (-1: the encoder's
-    output after its final norm; k: block k's output); with `attention`, also the last
+    output after its final norm; k: the output of the block at index k, from 0; the probe and
+    `mim_jax.features` count blocks from 1); with `attention`, also the last
     block's [CLS] attention over the patches [B, heads, N]."""
     x = self.prepare(images)
     if attention:

@@ -83,10 +83,11 @@ def unread_rules(group: str) -> list:
            f"({group}.warmup_teacher_temp_epochs=0)")]
 
 
-def head_from_config(cfg) -> DINOHead:
+def head_from_config(cfg, dtype: str = "float32") -> DINOHead:
+  """The DINO head of `cfg` (the method's head fields), computing in `dtype` (model.dtype)."""
   return DINOHead(out_dim=int(cfg.out_dim), hidden_dim=int(cfg.hidden_dim),
                   bottleneck_dim=int(cfg.bottleneck_dim),
-                  norm_last_layer=bool(cfg.norm_last_layer))
+                  norm_last_layer=bool(cfg.norm_last_layer), dtype=jnp.dtype(dtype))
 
 
 def head_flops(cfg, width: int, tokens: int) -> float:

@@ -25,7 +25,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-EPS_NORM = 1e-6
+# F.normalize's floor on the norm, 1e-12, as a floor on the squared norm (a floor of 1e-6 on
+# it, as before, left vectors shorter than 1e-3 off the unit sphere). On the squared norm, not
+# the norm: its gradient stays finite at a zero vector.
+EPS_NORM = 1e-24
 
 
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:

@@ -285,6 +285,10 @@ class Checkpointer:
     metadata = {"evaluations_pending": True} if evaluations_pending else None
     try:
       started = self.manager.save(step, args=args, force=force, custom_metadata=metadata)
+    except (TypeError, AttributeError):
+      # A state or iterator position that cannot be saved is a bug to see now, not a storage
+      # failure to retry for max_consecutive_failed_saves intervals without checkpoints.
+      raise
     except Exception as e:  # pylint: disable=broad-except  # any I/O error of any backend
       self._record_failure(step, e)
       return False

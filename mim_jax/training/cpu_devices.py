@@ -204,8 +204,10 @@ def configure(requested: str, configs, multi_process: bool) -> int | None:
   try:
     jax.config.update("jax_num_cpu_devices", count)
   except RuntimeError:  # the backends are running: the count they started with stays
-    log.info("JAX's backends were started before --cpu_devices could act: the CPU device count "
-             "stays as it is")
+    # A count asked for and not given is worth a warning (auto: the choice was ours).
+    log.log(logging.WARNING if explicit else logging.INFO,
+            "JAX's backends were started before --cpu_devices%s could act: the CPU device "
+            "count stays as it is", f"={requested}" if explicit else "")
     return None
   return count
 
