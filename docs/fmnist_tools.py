@@ -97,11 +97,16 @@ def pick(root: str, prefix: str, points: list[str] | None = None) -> list[str]:
   return GRID[best]
 
 
+def best_length(scores: dict[str, float]) -> str:
+  """The length (epochs, as text) with the best held-out score; ties go to the shorter run."""
+  return max(scores, key=lambda e: (scores[e], -float(e)))
+
+
 def pick_epochs(root: str, prefix: str, epochs: list[str]) -> str:
   """The length (of `epochs`) whose run ROOT/PREFIX_eEPOCHS scored best on the held-out split;
   ties go to the shorter run."""
   scores = _held_out_scores(root, prefix, {e: f"{prefix}_e{e}" for e in epochs})
-  best = max(scores, key=lambda e: (scores[e], -float(e)))
+  best = best_length(scores)
   print(f"{prefix}: held-out accuracy by epochs {scores}; chose {best}", file=sys.stderr)
   return best
 
@@ -118,7 +123,7 @@ def extended_epochs(root: str, prefix: str, epochs: list[str], factor: int,
   lengths = list(epochs)
   while True:
     scores = _held_out_scores(root, prefix, {e: f"{prefix}_e{e}" for e in lengths})
-    best = max(scores, key=lambda e: (scores[e], -float(e)))
+    best = best_length(scores)
     longest = max(lengths, key=float)
     if best != longest or factor <= 1:
       return lengths, None

@@ -35,8 +35,8 @@ def main(root: str, out: str) -> None:
       label, color, marker = STYLE[init]
       epochs, accs = [e for e, _ in pts], [a for _, a in pts]
       ax.plot(epochs, accs, marker=marker, color=color, label=label)
-      best = max(pts, key=lambda p: (p[1], -p[0]))  # pick_epochs' rule
-      ax.plot(*best, marker="*", markersize=14, color=color, linestyle="none")
+      best = int(fmnist_tools.best_length({str(e): a for e, a in pts}))  # pick_epochs' rule
+      ax.plot(best, dict(pts)[best], marker="*", markersize=14, color=color, linestyle="none")
       for e, a in pts:
         ax.annotate(f"{a:.1f}", (e, a), textcoords="offset points", xytext=(0, 7),
                     ha="center", fontsize=8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.abc
 import os
 import pathlib
 import shutil
@@ -129,6 +130,28 @@ def prepared_tfds_root(tmp_path, monkeypatch):
   (version / "dataset_info.json").write_text("{}")
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
   return str(tmp_path / "tfds")
+
+
+class ImportAttempts(importlib.abc.MetaPathFinder):
+  """Records every attempt to import the packages `names` (and their modules) while it is
+  first on sys.meta_path. Where a package is not installed, `name not in sys.modules` holds
+  whatever the code does; an attempt shows the code that would load it where it is (e.g.
+  TensorFlow on a GPU image)."""
+
+  def __init__(self, *names: str):
+    self.packages, self.names = names, []
+
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in self.packages:
+      self.names.append(name)
+    return None  # the other finders decide
+
+  def __enter__(self):
+    sys.meta_path.insert(0, self)
+    return self
+
+  def __exit__(self, *exc):
+    sys.meta_path.remove(self)
 
 
 requires_fmnist = pytest.mark.skipif(

@@ -7,7 +7,6 @@ Fashion-MNIST files are used where installed.
 from __future__ import annotations
 
 import gzip
-import importlib.abc
 import io
 import logging
 import os
@@ -26,7 +25,13 @@ from mim_jax import data, registry
 from mim_jax.config.errors import ConfigError
 from mim_jax.data import idx, sources, transforms
 
-from conftest import FMNIST_DIR, REPO, build_tfds_fashion_mnist, requires_fmnist
+from conftest import (
+  FMNIST_DIR,
+  REPO,
+  ImportAttempts,
+  build_tfds_fashion_mnist,
+  requires_fmnist,
+)
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -729,27 +734,6 @@ def test_synthetic_source_deterministic_and_smooth():
   assert data.num_examples(cfg, image_size=(8, 8), channels=3) == 37
 
 
-class _TensorFlowImports(importlib.abc.MetaPathFinder):
-  """Records every attempt to import TensorFlow while it is first on sys.meta_path: TensorFlow
-  is not installed here, so `tensorflow not in sys.modules` holds whatever the code does; an
-  attempt shows the code that would load it where it is installed (a GPU image)."""
-
-  def __init__(self):
-    self.names = []
-
-  def find_spec(self, name, path=None, target=None):
-    if name == "tensorflow" or name.startswith("tensorflow."):
-      self.names.append(name)
-    return None  # the other finders decide
-
-  def __enter__(self):
-    sys.meta_path.insert(0, self)
-    return self
-
-  def __exit__(self, *exc):
-    sys.meta_path.remove(self)
-
-
 @requires_fmnist
 def test_tfds_dataset_is_read_by_name_without_tensorflow(tmp_path):
   """A real TFDS dataset (ArrayRecord, built by TFDS from the Fashion-MNIST files) read through
@@ -758,7 +742,7 @@ def test_tfds_dataset_is_read_by_name_without_tensorflow(tmp_path):
   name = build_tfds_fashion_mnist(str(tmp_path))
   cfg = data_config(source="tfds", tfds_name=name, split="train", tfds_data_dir=str(tmp_path),
                     mean=(0.0,), std=(1.0,))
-  with _TensorFlowImports() as tensorflow_imports:
+  with ImportAttempts("tensorflow") as tensorflow_imports:
     _read_tfds_fashion_mnist(cfg)
   assert tensorflow_imports.names == []
   assert "tensorflow" not in sys.modules
@@ -1014,20 +998,17 @@ def test_a_channel_count_the_images_cannot_take_is_refused_before_training(tmp_p
 
 
 def test_validation_imports_neither_tfds_nor_tensorflow():
-  code = ("import importlib.abc, sys\n"
-          "attempts = []\n"
-          "class Record(importlib.abc.MetaPathFinder):\n"  # TensorFlow is not installed here
-          "  def find_spec(self, name, path=None, target=None):\n"
-          "    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets'):\n"
-          "      attempts.append(name)\n"
-          "sys.meta_path.insert(0, Record())\n"
+  code = ("import sys\n"
+          "sys.path.insert(0, 'tests')\n"
+          "from conftest import ImportAttempts\n"
+          "attempts = ImportAttempts('tensorflow', 'tensorflow_datasets').__enter__()\n"
           "from mim_jax import data, registry\n"
           "c = registry.base_config('mae')\n"
           "try:\n"
           "  data.validate_data_config(c.data, image_size=(224, 224), channels=3)\n"
           "except Exception as e:\n"
           "  assert 'tfds build imagenet2012' in str(e), e  # not prepared here: named\n"
-          "assert not attempts, attempts\n")
+          "assert not attempts.names, attempts.names\n")
   result = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True,
                           text=True, timeout=60)
   assert result.returncode == 0, result.stderr[-2000:]

@@ -10,8 +10,9 @@ checks that read the data's files are left out, every other check runs. Weights 
 results folder R, imported checkpoints) are not here either: a complaint about such a path,
 when nothing is there, is answered by a stand-in of the same shape (freshly initialised
 weights of the command's encoder size, a random tokenizer), and the checks run again with it:
-the checks after the one that opens the path (a probe's classifier fields, say) still run. Commands with shell variables, `<...>` or `...`, or a value written as a
-placeholder (`--config.seed=N`) are left out.
+the checks after the one that opens the path (a probe's classifier fields, say) still run.
+Commands with shell variables, `<...>` or `...`, or a value written as a placeholder
+(`--config.seed=N`) are left out.
 """
 
 from __future__ import annotations
@@ -94,25 +95,14 @@ def test_the_docs_show_commands_to_check():
                                                                    len(PLAN_COMMANDS))
 
 
-def _missing_path(err: Exception, config) -> str | None:
-  """The field of PATH_FIELDS the complaint `err` is about, if its path is not on this
-  machine (a complaint about a path that is here, or about `random`, is a real one)."""
-  for field in PATH_FIELDS:
-    if str(err).startswith(f"config.{field}="):
-      value = config
-      for key in field.split("."):
-        value = value[key]
-      if value and value != "random" and not os.path.exists(os.path.expanduser(value)):
-        return field
-  return None
-
-
-def _path_complaint(err: Exception) -> bool:
-  """Whether `err` is a complaint about a weights path that is not on this machine (the tools'
-  checks, which the stand-ins do not reach)."""
+def _missing_path(err: Exception) -> str | None:
+  """The field of PATH_FIELDS that the complaint `err` is about, when its path is not on this
+  machine (a complaint about a path that is here, or about '' or 'random', is a real one)."""
   match = re.match(r"config\.([\w.]+)='([^']*)'", str(err))
-  return bool(match and match.group(1) in PATH_FIELDS and match.group(2) not in ("", "random")
-              and not os.path.exists(os.path.expanduser(match.group(2))))
+  if match and match.group(1) in PATH_FIELDS and match.group(2) not in ("", "random") and (
+      not os.path.exists(os.path.expanduser(match.group(2)))):
+    return match.group(1)
+  return None
 
 
 _STAND_INS: dict = {}
@@ -172,7 +162,7 @@ def _check_trainer_command(args: list[str], stand_ins: pathlib.Path) -> None:
       registry.validate_config(config, file_config)
       return
     except ConfigError as err:
-      field = _missing_path(err, config)
+      field = _missing_path(err)
       if field is None:
         raise
       config_defaults.override(config, **{field: _stand_in(field, config, stand_ins)})
@@ -187,7 +177,7 @@ def _check_bench_command(args: list[str], monkeypatch) -> None:
   try:
     command = bench.checked_command()
   except app.UsageError as err:
-    if not _path_complaint(err):
+    if _missing_path(err) is None:
       raise
     return
   assert command.configs and command.rows
@@ -212,7 +202,7 @@ def test_documented_memory_plan_command_reaches_its_compile(args, without_data_f
   try:
     _, devices = memory_plan.checked_config()
   except ConfigError as err:
-    if not _path_complaint(err):
+    if _missing_path(err) is None:
       raise
     return
   assert devices >= 1

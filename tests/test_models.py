@@ -217,7 +217,7 @@ def test_cudnn_attention_pads_odd_lengths_and_falls_back_only_for_rejected_shape
   attention.dot_product_attention(q, k, v, "xla")  # XLA's attention, unpadded
   assert calls == [(7, "xla")]
   calls.clear()
-  attention.dot_product_attention(q, k, v)  # the default on this CPU machine: heads-major, no jax.nn
+  attention.dot_product_attention(q, k, v)  # this CPU's default: heads-major, no jax.nn
   assert calls == []
   monkeypatch.setattr(jax.nn, "dot_product_attention", real)
   with pytest.raises(RuntimeError, match="cuDNN"):  # no cuDNN on this machine: an error
@@ -234,7 +234,8 @@ def test_padded_attention_equals_unpadded_in_value_and_gradient(tokens, multiple
     return (fn(q, k, v) * w).sum()
   # Jitted: op by op, the gradients' hundreds of small operations take seconds each case.
   plain = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))
-  padded = jax.jit(lambda q, k, v: attention.padded_attention(q, k, v, multiple, implementation="xla"))
+  padded = jax.jit(lambda q, k, v: attention.padded_attention(q, k, v, multiple,
+                                                              implementation="xla"))
   np.testing.assert_allclose(padded(q, k, v), plain(q, k, v), rtol=1e-5, atol=1e-6)
   grad = lambda fn: jax.jit(jax.grad(lambda *a: loss(fn, *a), argnums=(0, 1, 2)))
   for a, b in zip(grad(padded)(q, k, v), grad(plain)(q, k, v)):

@@ -55,8 +55,8 @@ def core_fields(c: ml_collections.ConfigDict) -> None:
       abs_posemb=True,
       pre_norm=False,          # a LayerNorm before the first block (CLIP's ln_pre)
       mlp_act="gelu",          # MLP activation: exact "gelu", or "quick_gelu" (OpenAI CLIP)
-      # How the encoder's weights start (models/initializers.py weight_inits): "xavier" (the official
-      # MAE), "beit" (BEiT, BEiT v2, data2vec, SimMIM: N(0, 0.02) cut at +-0.02, branch
+      # How the encoder's weights start (models/initializers.py weight_inits): "xavier" (the
+      # official MAE), "beit" (BEiT, BEiT v2, data2vec, SimMIM: N(0, 0.02) cut at +-0.02, branch
       # outputs divided by sqrt(2 * layer)), "dino" (DINO's ViT, iBOT's release: N(0, 0.02),
       # the patch embedding at PyTorch's default, a zero mask token) or "data2vec2" (data2vec
       # 2.0's: N(0, 0.02), a Xavier patch embedding, a N(0, 1) cls token); init_from's weights

@@ -340,9 +340,9 @@ class ViTEncoder(nn.Module):
   `pre_norm` adds a LayerNorm `norm_pre` over the tokens before the first block (CLIP's
   ln_pre; timm's pre_norm=True) and `mlp_act="quick_gelu"` OpenAI CLIP's activation, so
   CLIP towers load as teachers. `weight_init` (`initializers.WEIGHT_INITS`, `weight_inits`)
-  sets how the weights start. The sin-cos table is computed for the input's own patch grid, so images
-  smaller than `image_size` (multi-crop local views) work; positions run 0 .. g - 1 on any
-  grid.
+  sets how the weights start. The sin-cos table is computed for the input's own patch grid,
+  so images smaller than `image_size` (multi-crop local views) work; positions run 0 .. g - 1
+  on any grid.
 
   Returns (tokens [B, 1 + K or N, D] after the final LayerNorm, aux) where aux holds
   "blocks": the list of per-block outputs (before the final norm).
