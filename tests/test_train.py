@@ -258,7 +258,10 @@ def test_sigterm_saves_and_exits_75_then_resume_finishes(tmp_path):
   assert steps[-3:] == [saved[-1] + 1, saved[-1] + 2, saved[-1] + 2]  # the last: k-NN
 
 
-def test_corrupt_image_is_skipped_counted_and_never_fed(tmp_path):
+def test_corrupt_image_is_skipped_and_counted_by_the_run(tmp_path):
+  """The trainer's side of on_bad_image: the run goes on, counts and names the file ("skip"),
+  or stops naming it ("raise"). That no skipped image reaches a batch is checked on the
+  batches themselves, tests/test_data.py::test_corrupt_images_skipped_with_warning_and_count."""
   from PIL import Image
 
   from mim_jax import data
