@@ -301,7 +301,15 @@ def build_tfds_fashion_mnist(data_dir: str, train: int = 256, test: int = 64,
   class_name = "".join(part.capitalize() for part in name.split("_"))
   builder = types.new_class(class_name, (tfds.core.GeneratorBasedBuilder,),
                             {"skip_registration": True}, body)
-  builder(data_dir=data_dir, file_format="array_record").download_and_prepare()
+  # TFDS makes an empty temporary folder (tempfile.mkdtemp) for a builder whose dataset is not
+  # prepared yet, and never removes it: made inside data_dir's parent, not left in /tmp.
+  scratch = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(data_dir)))
+  saved, tempfile.tempdir = tempfile.tempdir, scratch
+  try:
+    builder(data_dir=data_dir, file_format="array_record").download_and_prepare()
+  finally:
+    tempfile.tempdir = saved
+    shutil.rmtree(scratch, ignore_errors=True)
   return name
 
 

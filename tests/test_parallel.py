@@ -304,12 +304,13 @@ _SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.long
-def test_on_8_devices_steps_match_init_is_sharded_and_checkpoints_change_mesh():
+def test_on_8_devices_steps_match_init_is_sharded_and_checkpoints_change_mesh(tmp_path):
   """One subprocess with 8 simulated devices: a data-parallel, an FSDP and a data x FSDP step
   equal the 1-device step; the sharded init; accumulation; restore onto 4 and 1 devices."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 "
              + FAST_COMPILE_XLA_FLAGS,
-             JAX_PLATFORMS="cpu", PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
+             JAX_PLATFORMS="cpu", PYTHONPATH=f"{REPO}:{REPO / 'tests'}",
+             TMPDIR=str(tmp_path))  # the script's workdir (tempfile.mkdtemp) goes with it
   out = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=600)
   assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr[-6000:]

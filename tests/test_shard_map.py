@@ -100,7 +100,7 @@ _SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.long
-def test_shard_map_step_equals_the_jit_step_on_8_devices():
+def test_shard_map_step_equals_the_jit_step_on_8_devices(tmp_path):
   """MAE (masks from noise), iBOT (per-view host masks of varying counts, centres), the linear
   probe (BatchNorm statistics) and SimMIM with accumulation: three steps of the per-device
   step under shard_map give the loss, gradient norm, parameters and extra state of the global
@@ -108,7 +108,8 @@ def test_shard_map_step_equals_the_jit_step_on_8_devices():
   parallel.step='shard_map'."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 "
              + FAST_COMPILE_XLA_FLAGS,
-             JAX_PLATFORMS="cpu", PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
+             JAX_PLATFORMS="cpu", PYTHONPATH=f"{REPO}:{REPO / 'tests'}",
+             TMPDIR=str(tmp_path))  # the script's workdir (tempfile.mkdtemp) goes with it
   out = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=900)
   assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr[-6000:]
