@@ -30,6 +30,11 @@
       every finished run under ROOT as a markdown table (k-NN, probe and fine-tuning accuracy
       with the split each was scored on, wall time from ROOT/NAME.seconds), then the runs
       that differ only by seed (NAME_sK) as mean +- sample std over their seeds
+  python docs/fmnist_tools.py status ROOT
+      every run under ROOT that started and has not finished, as a markdown table: its last
+      logged step of the schedule's, its newest checkpoint, its seconds so far (ROOT/NAME.seconds,
+      the invocations that ended) and whether a process is training it now; what a rerun of
+      docs/fmnist_results.sh resumes
   python docs/fmnist_tools.py keep ROOT RUN [RUN ...]
       records each run's config, k-NN rows, training rows, evaluation rows and training
       FLOPs per image (counted while its teacher or tokenizer is at hand) in
@@ -274,6 +279,70 @@ def summary(root: str) -> str:
   return "\n".join(lines)
 
 
+def _last_step(workdir: str) -> int | None:
+  """The step of the last line of WORKDIR/metrics.jsonl that has one (None: nothing logged)."""
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl"), "rb") as f:
+      f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))  # the last lines are enough
+      lines = f.read().decode("utf-8", "replace").splitlines()
+  except OSError:
+    return None
+  for line in reversed(lines):
+    try:
+      return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+      continue
+  return None
+
+
+def _schedule_steps(log: str) -> int | None:
+  """The schedule's length the run's log names last ("schedule N steps"), else None."""
+  try:
+    with open(log, errors="replace") as f:
+      found = re.findall(r"schedule (\d+) steps", f.read())
+  except OSError:
+    return None
+  return int(found[-1]) if found else None
+
+
+def _training_now(workdirs: set[str]) -> set[str]:
+  """The workdirs of `workdirs` that a running process names (--workdir=DIR; Linux /proc)."""
+  running = set()
+  for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+    try:
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        args = f.read().decode("utf-8", "replace").split("\0")
+    except OSError:
+      continue  # gone, or not ours to read
+    running.update(a.split("=", 1)[1] for a in args
+                   if a.startswith("--workdir=") and a.split("=", 1)[1] in workdirs)
+  return running
+
+
+def status(root: str) -> str:
+  """Markdown: each run under ROOT with a config.json that has not finished (`finished`)."""
+  started = [name for name in sorted(os.listdir(root))
+             if os.path.isfile(os.path.join(root, name, "config.json"))
+             and not finished(os.path.join(root, name))]
+  now = _training_now({os.path.join(root, name) for name in started})
+  lines = ["| run | last logged step | schedule (steps) | newest checkpoint | seconds so far "
+           "| training now |", "|---|---|---|---|---|---|"]
+  for name in started:
+    workdir = os.path.join(root, name)
+    step, total = _last_step(workdir), _schedule_steps(os.path.join(root, f"{name}.log"))
+    ckpts = os.path.join(workdir, "checkpoints")
+    saved = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) \
+        if os.path.isdir(ckpts) else []
+    spent = ""
+    if os.path.isfile(seconds := os.path.join(root, f"{name}.seconds")):
+      with open(seconds) as f:
+        spent = f.read().strip()
+    lines.append(f"| {name} | {'' if step is None else step} | {total or ''} | "
+                 f"{saved[-1] if saved else ''} | {spent} | "
+                 f"{'yes' if workdir in now else 'no'} |")
+  return "\n".join(lines)
+
+
 def _config(workdir: str) -> ml_collections.ConfigDict:
   with open(os.path.join(workdir, "config.json")) as f:
     return ml_collections.ConfigDict(json.load(f))
@@ -476,6 +545,8 @@ if __name__ == "__main__":
     sys.exit(0 if finished(sys.argv[2]) else 1)
   elif command == "summary":
     print(summary(sys.argv[2]))
+  elif command == "status":
+    print(status(sys.argv[2]))
   elif command == "lowlabel":
     for pct, by_init in lowlabel_lengths(sys.argv[2]).items():
       for init, points in by_init.items():

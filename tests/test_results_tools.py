@@ -94,6 +94,36 @@ def test_summary_lists_runs_and_seed_means(tmp_path):
                         "| ft_simmim_s* | 1 | 90.00 (one seed: no spread) |"]
 
 
+def test_status_lists_the_started_runs_that_have_not_finished(tmp_path):
+  """What a rerun resumes: each unfinished run's last logged step of its schedule, its newest
+  checkpoint, its seconds so far and whether a process trains it now; finished runs and
+  folders that are not runs are left out."""
+  import subprocess
+  import sys
+  _run(tmp_path, "ft_done_s0", {"eval_accuracy": 0.9}, eval_split="", seconds=60)
+  _run(tmp_path, "ft_stopped_s0", None, seconds=1276)
+  _run(tmp_path, "ft_running_s0", None)
+  (tmp_path / "not_a_run").mkdir()
+  for name, steps, saved in (("ft_stopped_s0", (50, 100), (60, 100)),
+                             ("ft_running_s0", (50,), ())):
+    workdir = tmp_path / name
+    (workdir / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in steps) + "{cut sho")
+    for step in saved:
+      (workdir / "checkpoints" / str(step)).mkdir(parents=True)
+    (tmp_path / f"{name}.log").write_text("... schedule 300 steps, training to step 300\n"
+                                           "... resumed; schedule 3840 steps, training\n")
+  trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                              f"--workdir={tmp_path / 'ft_running_s0'}"])
+  try:
+    table = tools.status(str(tmp_path)).splitlines()
+  finally:
+    trainer.kill()
+    trainer.wait()
+  assert table[2:] == ["| ft_running_s0 | 50 | 3840 |  |  | yes |",
+                       "| ft_stopped_s0 | 100 | 3840 | 100 | 1276 | no |"], table
+
+
 @requires_fmnist
 def test_matched_epochs_spends_the_pre_training_flops_on_fine_tuning(tmp_path):
   """50 MAE epochs on 55,000 images of configs/mae_fmnist.py, counted by hand per image
