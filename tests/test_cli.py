@@ -370,6 +370,13 @@ def test_cli_unknown_field_is_rejected(tmp_path):
              "--config.masking.ration=0.5")
   assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
   assert "config.masking.ration does not exist: did you mean config.masking.ratio" in out.stderr
+  # A renamed field says what it is called now and how its values map.
+  out = _cli(f"--config={REPO}/configs/maskdistill_fmnist.py:runlocal", f"--workdir={tmp_path}",
+             "--config.teacher.layer=3")
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert ("config.teacher.layer was renamed: config.teacher.block" in out.stderr
+          and "teacher.layer=k (from 0; -1 the output after the final norm) is "
+              "teacher.block=k+1" in out.stderr), out.stderr[-2000:]
 
 
 def test_cgroup_cpu_quota_caps_the_usable_cores(tmp_path):

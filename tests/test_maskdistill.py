@@ -59,7 +59,7 @@ def test_targets_are_the_teachers_normalised_features(teacher_dir):
 
 def test_teacher_features_of_a_middle_block(teacher_dir):
   method, params, extra, batch = _state(tiny_distill_config(teacher_dir, **{
-      "teacher.layer": 0, "teacher.norm": "none"}))
+      "teacher.block": 1, "teacher.norm": "none"}))
   enc = features.load(teacher_dir)
   _, aux = enc.module.apply({"params": enc.params}, batch["image"])
   got = method.targets(extra, batch["image"])
@@ -221,7 +221,7 @@ def test_norm_pixels_with_another_loss_trains(tmp_path):
     ("mim", {"target.kind": "teacher_features"}, r"config.target.teacher.path='' .*mim_jax.convert"),
     ("mim", {"target.kind": "tokens"}, r"config.target.tokenizer.path=''"),
     ("maskdistill", {"teacher.path": "/nonexistent"}, r"config.teacher.path='/nonexistent'"),
-    ("maskdistill", {"teacher.layer": 7}, r"config.teacher.layer=7 .*\[0, 2\)"),
+    ("maskdistill", {"teacher.block": 7}, r"config.teacher.block=7 .*\[1, 2\]"),
     ("maskdistill", {"teacher.norm": "batch"}, r"config.teacher.norm='batch'"),
     ("maskdistill", {"target.loss": "cross_entropy"}, r"config.target.loss='cross_entropy'"),
     ("maskdistill", {"channels": 1, "data.mean": (0.5,), "data.std": (0.5,)},

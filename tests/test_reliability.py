@@ -1016,6 +1016,13 @@ def test_resume_refuses_a_config_that_would_train_something_else(tmp_path):
   assert resume_check.changed_fields({"model": model},
                                      {"model": {**model, "weight_init": "beit"}}) == [
       ("model.weight_init", "xavier", "beit")]
+  # A renamed field: the run's value under the old name, compared as the new field's.
+  teacher = {"path": "/t", "norm": "layer"}
+  for saved_layer, block, was in ((-1, 0, None), (2, 3, None), (-1, 1, 0), (2, 0, 3)):
+    for wrap, prefix in ((lambda t: t, ""), (lambda t: {"target": t}, "target.")):
+      got = resume_check.changed_fields(wrap({"teacher": {**teacher, "layer": saved_layer}}),
+                                        wrap({"teacher": {**teacher, "block": block}}))
+      assert got == ([] if was is None else [(f"{prefix}teacher.block", was, block)]), got
 
 
 def test_a_diverged_run_resumes_with_clipping_switched_on(tmp_path, caplog):

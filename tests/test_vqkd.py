@@ -37,7 +37,7 @@ def test_loss_is_the_cosine_distance_to_the_teachers_normalised_features(teacher
   _, (metrics, _) = method.loss(params, extra, {"image": images}, jax.random.key(2),
                                 train=False)
   teacher = method.target.teacher
-  target = normalize(teacher.features(extra["teacher"], images, -1), "layer")
+  target = normalize(teacher.features(extra["teacher"], images, 0), "layer")
   out = method.reconstruct(params, {"image": images}, jax.random.key(2), extra)
   np.testing.assert_allclose(out["target"], target, rtol=1e-5, atol=1e-5)
   pred = np.asarray(out["pred"])
@@ -64,7 +64,7 @@ def test_training_keeps_the_teacher_frozen_and_the_codebook_on_the_sphere(
 
 @pytest.mark.parametrize("overrides,match", [
     ({"tokenizer.l2_normalize": False}, r"config.tokenizer.l2_normalize=False.*cosine"),
-    ({"teacher.layer": 7}, r"config.teacher.layer=7.*\[0, 2\)"),
+    ({"teacher.block": 7}, r"config.teacher.block=7.*\[1, 2\]"),
     ({"teacher.norm": "batch"}, r"config.teacher.norm='batch'"),
 ])
 def test_bad_fields_fail_at_start_up_naming_the_field(teacher_dir, overrides, match):

@@ -62,8 +62,23 @@ def similar_keys(field: str, known: Iterable[str], limit: int = 3) -> list[str]:
   return unique[:limit]
 
 
+def _renamed_teacher_layer(prefix: str) -> str:
+  return (f"config.{prefix}.block, which counts blocks as the probe and mim_jax.features do: "
+          f"{prefix}.layer=k (from 0; -1 the output after the final norm) is "
+          f"{prefix}.block=k+1 (0 the output after the final norm)")
+
+
+# Fields renamed: old name -> what to write now. A renamed field is refused, never mapped, so a
+# config written for the old meaning cannot run with another.
+RENAMED_FIELDS = {"teacher.layer": _renamed_teacher_layer("teacher"),
+                  "target.teacher.layer": _renamed_teacher_layer("target.teacher")}
+
+
 def unknown_field_error(field: str, known: Iterable[str]) -> ConfigError:
-  """`config.<field> does not exist` with a "did you mean" list of similar fields."""
+  """`config.<field> does not exist` with a "did you mean" list of similar fields, or what a
+  renamed field is called now (RENAMED_FIELDS)."""
+  if field in RENAMED_FIELDS:
+    return ConfigError(f"config.{field} was renamed: {RENAMED_FIELDS[field]}.")
   message = f"config.{field} does not exist"
   suggestions = similar_keys(field, known)
   if suggestions:

@@ -8,7 +8,7 @@ and smooth-L1 (or, as MVP, 1 - cosine) between the head's output and the teacher
 normalised features at the masked patches. The teacher (`teacher.path`) is any encoder mim_jax
 loads: its own exports, or timm / HF ViTs imported with `python -m mim_jax.convert` (the paper
 distils CLIP ViT-B/16). It sees the full, unmasked view; its features are its last block's
-output after the final norm (`teacher.layer=-1`) or block k's, layer-normalised without affine
+output after the final norm (`teacher.block=0`) or block k's, layer-normalised without affine
 parameters (`teacher.norm="layer"`, as the paper normalises its targets). Its weights live in
 the run's `extra` (checkpointed, never optimised).
 
@@ -37,12 +37,11 @@ TEACHER_HINT = ("Train one first (e.g. python -m mim_jax.main --config=configs/m
 
 def teacher_fields() -> ml_collections.ConfigDict:
   """The frozen teacher: an encoder export / pre-training or fine-tuning workdir / import
-  (`path`), the block whose output is the target (`layer`: -1 = the output after the final
-  norm, k = the output of the block at index k, counted from 0 (0: the first block); the
-  probe's `classifier.probe_layer` and `mim_jax.features`' blocks count from 1, 0 being the
-  output there: their block k is `layer=k - 1` here), and the targets' normalisation (`norm`:
-  "layer" = per-token LayerNorm without affine parameters, or "none")."""
-  return ml_collections.ConfigDict(dict(path="", layer=-1, norm="layer"))
+  (`path`), the block whose output is the target (`block`: 0 = the output after the final
+  norm, k = the output of block k, counted from 1, as the probe's `classifier.probe_layer` and
+  `mim_jax.features` count), and the targets' normalisation (`norm`: "layer" = per-token
+  LayerNorm without affine parameters, or "none")."""
+  return ml_collections.ConfigDict(dict(path="", block=0, norm="layer"))
 
 
 def build_teacher(config, t, prefix: str) -> FrozenTeacher:
@@ -62,18 +61,18 @@ def build_teacher(config, t, prefix: str) -> FrozenTeacher:
 
 def validate_teacher(config, t, prefix: str) -> FrozenTeacher:
   """Checks the teacher fields `t` (at `prefix`): an encoder that exists, fits the student's
-  channels, and has block `layer`. Returns the teacher."""
+  channels, and has `block`. Returns the teacher."""
   teacher = build_teacher(config, t, prefix)
-  v.require(v.is_int(t.layer) and -1 <= t.layer < teacher.depth, f"{prefix}.layer", t.layer,
-            f"-1 (the output after the final norm) or a block index in [0, {teacher.depth}) "
-            f"of the teacher at {t.path}, counted from 0 (the probe's block k is k - 1 here)")
+  v.require(v.is_int(t.block) and 0 <= t.block <= teacher.depth, f"{prefix}.block", t.block,
+            f"0 (the output after the final norm) or a block in [1, {teacher.depth}] of the "
+            f"teacher at {t.path}, counted from 1 as the probe counts")
   v.require(t.norm in patch_targets.FEATURE_NORMS, f"{prefix}.norm", t.norm,
             f"one of {patch_targets.FEATURE_NORMS}")
   return teacher
 
 
 def teacher_target(config, t, prefix: str) -> patch_targets.TeacherFeatures:
-  return patch_targets.TeacherFeatures(build_teacher(config, t, prefix), int(t.layer), t.norm)
+  return patch_targets.TeacherFeatures(build_teacher(config, t, prefix), int(t.block), t.norm)
 
 
 def teacher_width(config, t, prefix: str) -> int:

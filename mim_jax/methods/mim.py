@@ -95,7 +95,7 @@ class MIM(MaskedPrediction):
          "only target.kind='hog' reads it"),
         (("target.tokenizer.path", "target.tokenizer.vocab_size"), of_kind("tokens"),
          "only target.kind='tokens' reads it"),
-        (("target.teacher.path", "target.teacher.layer", "target.teacher.norm"),
+        (("target.teacher.path", "target.teacher.block", "target.teacher.norm"),
          of_kind("teacher_features"), "only target.kind='teacher_features' reads it"),
         (("target.smooth_l1_beta",), lambda c: _loss_name(c.target) == "smooth_l1",
          "only the smooth_l1 loss reads it"),

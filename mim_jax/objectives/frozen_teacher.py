@@ -10,8 +10,8 @@ the method's `extra` (checkpointed with the run, never optimised) and its output
 stop_gradient.
 
   teacher = FrozenTeacher.from_source(path, image_size=..., channels=..., mean=..., std=...)
-  teacher.features(params, images, layer=-1) -> [B, N, D] patch features
-  teacher.features(params, images, layer=-1, attention=True) -> (features, cls_attention
+  teacher.features(params, images, block=0) -> [B, N, D] patch features
+  teacher.features(params, images, block=0, attention=True) -> (features, cls_attention
       [B, heads, N]: the last block's [CLS] attention over the patches)
 """
 
@@ -111,18 +111,18 @@ class FrozenTeacher:
       x = jax.image.resize(x, (x.shape[0], *self.image_size, x.shape[-1]), "bicubic")
     return x
 
-  def features(self, params, images: jax.Array, layer: int = -1, attention: bool = False):
-    """Patch features [B, N, D] (float32, no gradient) of block `layer` (-1: the encoder's
-    output after its final norm; k: the output of the block at index k, from 0; the probe and
-    `mim_jax.features` count blocks from 1); with `attention`, also the last
-    block's [CLS] attention over the patches [B, heads, N]."""
+  def features(self, params, images: jax.Array, block: int = 0, attention: bool = False):
+    """Patch features [B, N, D] (float32, no gradient) of `block` (0: the encoder's output
+    after its final norm; k >= 1: the output of block k, counted from 1, as the probe and
+    `mim_jax.features` count); with `attention`, also the last block's [CLS] attention over
+    the patches [B, heads, N]."""
     x = self.prepare(images)
     if attention:
       (tokens, aux), state = self.module.apply({"params": params}, x, train=False,
                                                mutable=["intermediates"])
     else:
       tokens, aux = self.module.apply({"params": params}, x, train=False)
-    out = tokens if layer == -1 else aux["blocks"][layer]
+    out = tokens if block == 0 else aux["blocks"][block - 1]
     feats = jax.lax.stop_gradient(out[:, 1:].astype(jnp.float32))
     if not attention:
       return feats

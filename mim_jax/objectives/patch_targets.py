@@ -132,21 +132,22 @@ class Tokens(PatchTarget):
 
 
 class TeacherFeatures(PatchTarget):
-  """A frozen teacher's features of each patch (objectives/frozen_teacher.py), from block
-  `layer` (-1: its output after the final norm), normalised by `norm` (teachers.normalize:
-  "layer", per token without affine parameters, as MaskDistill normalises them, or "none")."""
+  """A frozen teacher's features of each patch (objectives/frozen_teacher.py), from `block`
+  (0: its output after the final norm; k: block k's, from 1), normalised by `norm`
+  (teachers.normalize: "layer", per token without affine parameters, as MaskDistill
+  normalises them, or "none")."""
   kind, key = "teacher_features", "teacher"
 
-  def __init__(self, teacher: FrozenTeacher, layer: int = -1, norm: str = "layer"):
+  def __init__(self, teacher: FrozenTeacher, block: int = 0, norm: str = "layer"):
     super().__init__(teacher.width)
-    self.teacher, self.layer, self.norm = teacher, int(layer), norm
+    self.teacher, self.block, self.norm = teacher, int(block), norm
 
   def __call__(self, state, images):
-    return teachers.normalize(self.teacher.features(state, images, self.layer), self.norm)
+    return teachers.normalize(self.teacher.features(state, images, self.block), self.norm)
 
   def with_attention(self, state, images) -> tuple[jax.Array, jax.Array]:
     """(targets [B, N, D], the teacher's last [CLS] attention [B, heads, N]) in one pass."""
-    feats, attention = self.teacher.features(state, images, self.layer, attention=True)
+    feats, attention = self.teacher.features(state, images, self.block, attention=True)
     return teachers.normalize(feats, self.norm), attention
 
   def init_extra(self):

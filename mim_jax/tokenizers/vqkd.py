@@ -65,7 +65,7 @@ class VQKDTokenizer(VQTokenizer):
     info = tokenizer_info(config)
     # 0 before the teacher exists (FLOPs of an unchecked config): a decoder to 1 feature then
     info["feature_dim"] = teacher_width(config, config.teacher, "teacher") or 1
-    info["teacher"] = {"path": str(config.teacher.path), "layer": int(config.teacher.layer),
+    info["teacher"] = {"path": str(config.teacher.path), "block": int(config.teacher.block),
                        "norm": str(config.teacher.norm)}
     return info
 
