@@ -7,7 +7,7 @@ a run without reading the source.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 from absl import app
 
@@ -62,23 +62,31 @@ def similar_keys(field: str, known: Iterable[str], limit: int = 3) -> list[str]:
   return unique[:limit]
 
 
-def _renamed_teacher_layer(prefix: str) -> str:
-  return (f"config.{prefix}.block, which counts blocks as the probe and mim_jax.features do: "
-          f"{prefix}.layer=k (from 0; -1 the output after the final norm) is "
-          f"{prefix}.block=k+1 (0 the output after the final norm)")
+class Renamed(NamedTuple):
+  """A field's new name, its value for a value of the old field, and how they map (words)."""
+  name: str
+  value: Callable[[Any], Any]
+  how: str
 
 
-# Fields renamed: old name -> what to write now. A renamed field is refused, never mapped, so a
-# config written for the old meaning cannot run with another.
-RENAMED_FIELDS = {"teacher.layer": _renamed_teacher_layer("teacher"),
-                  "target.teacher.layer": _renamed_teacher_layer("target.teacher")}
+# Fields renamed: old name -> Renamed. A config that sets the old name is refused with `how`
+# (never mapped: a config written for the old meaning cannot run with another); a run's
+# config.json written under it is compared under the new name on resume (resume_check).
+RENAMED_FIELDS = {
+    f"{p}teacher.layer": Renamed(
+        f"{p}teacher.block", lambda layer: layer + 1,
+        "which counts blocks as the probe and mim_jax.features do: "
+        f"{p}teacher.layer=k (from 0; -1 the output after the final norm) is "
+        f"{p}teacher.block=k+1 (0 the output after the final norm)")
+    for p in ("", "target.")}
 
 
 def unknown_field_error(field: str, known: Iterable[str]) -> ConfigError:
   """`config.<field> does not exist` with a "did you mean" list of similar fields, or what a
   renamed field is called now (RENAMED_FIELDS)."""
   if field in RENAMED_FIELDS:
-    return ConfigError(f"config.{field} was renamed: {RENAMED_FIELDS[field]}.")
+    renamed = RENAMED_FIELDS[field]
+    return ConfigError(f"config.{field} was renamed: config.{renamed.name}, {renamed.how}.")
   message = f"config.{field} does not exist"
   suggestions = similar_keys(field, known)
   if suggestions:

@@ -30,7 +30,7 @@ import os
 from typing import Any
 
 from mim_jax import storage
-from mim_jax.config.errors import ConfigError
+from mim_jax.config.errors import RENAMED_FIELDS, ConfigError
 from mim_jax.training import metric_writers
 
 log = logging.getLogger(__name__)
@@ -83,12 +83,6 @@ READ_AT_INIT = ("classifier.head_init_std", "classifier.reuse_head", "model.laye
 VALUE_BEFORE_FIELD = {"target.hog.binning": "skimage", "data.rand_augment": "",
                       "data.random_erasing": 0.0, "model.weight_init": "xavier"}
 
-# Fields renamed after runs had started (config/errors.RENAMED_FIELDS): old name -> (new name,
-# the new field's value for the old one), so that a run's config.json written under the old
-# name is compared under the new (else the field would be missing on one side, uncompared).
-RENAMED_FIELDS = {f"{p}teacher.layer": (f"{p}teacher.block", lambda layer: layer + 1)
-                  for p in ("", "target.")}
-
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
   """{"data.path": ..., "seed": ...}: the leaves of nested dicts by dotted path."""
@@ -112,9 +106,11 @@ def changed_fields(saved: dict, config: dict) -> list[tuple[str, Any, Any]]:
   Both are plain JSON-like dicts (config.json's, and the config as `write_hparams` writes it).
   """
   old, new = _flatten(saved), _flatten(config)
-  for key, (name, value) in RENAMED_FIELDS.items():
-    if key in old and name not in old:
-      old[name] = value(old.pop(key))
+  # A field renamed since the run started is compared under its new name (else it would be
+  # missing on one side, not compared).
+  for key, renamed in RENAMED_FIELDS.items():
+    if key in old and renamed.name not in old:
+      old[renamed.name] = renamed.value(old.pop(key))
   for key, before in VALUE_BEFORE_FIELD.items():
     parent = key.rsplit(".", 1)[0] + "."
     if key not in old and key in new and any(k.startswith(parent) for k in old):
