@@ -32,9 +32,9 @@
       that differ only by seed (NAME_sK) as mean +- sample std over their seeds
   python docs/fmnist_tools.py status ROOT
       every run under ROOT that started and has not finished, as a markdown table: its last
-      logged step of the schedule's, its newest checkpoint, its seconds so far (ROOT/NAME.seconds,
-      the invocations that ended) and whether a process is training it now; what a rerun of
-      docs/fmnist_results.sh resumes
+      logged step and its schedule's length, its newest checkpoint, its seconds so far
+      (ROOT/NAME.seconds, the invocations that ended) and whether a process is training it
+      now; what a rerun of docs/fmnist_results.sh resumes
   python docs/fmnist_tools.py keep ROOT RUN [RUN ...]
       records each run's config, k-NN rows, training rows, evaluation rows and training
       FLOPs per image (counted while its teacher or tokenizer is at hand) in
@@ -306,21 +306,27 @@ def _schedule_steps(log: str) -> int | None:
 
 
 def _training_now(workdirs: set[str]) -> set[str]:
-  """The workdirs of `workdirs` that a running process names (--workdir=DIR; Linux /proc)."""
+  """The workdirs (real paths) of `workdirs` that a running process names (--workdir=DIR or
+  --workdir DIR, relative to its working directory; Linux /proc)."""
+  wanted = {os.path.realpath(w) for w in workdirs}
   running = set()
   for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
     try:
       with open(f"/proc/{pid}/cmdline", "rb") as f:
         args = f.read().decode("utf-8", "replace").split("\0")
+      cwd = os.readlink(f"/proc/{pid}/cwd") if "--workdir" in " ".join(args) else ""
     except OSError:
       continue  # gone, or not ours to read
-    running.update(a.split("=", 1)[1] for a in args
-                   if a.startswith("--workdir=") and a.split("=", 1)[1] in workdirs)
+    named = [a.split("=", 1)[1] for a in args if a.startswith("--workdir=")]
+    named += [b for a, b in zip(args, args[1:]) if a == "--workdir"]
+    running.update(w for n in named if (w := os.path.realpath(os.path.join(cwd, n))) in wanted)
   return running
 
 
 def status(root: str) -> str:
   """Markdown: each run under ROOT with a config.json that has not finished (`finished`)."""
+  if not os.path.isdir(root):
+    raise SystemExit(f"{root} is not a folder of runs")
   started = [name for name in sorted(os.listdir(root))
              if os.path.isfile(os.path.join(root, name, "config.json"))
              and not finished(os.path.join(root, name))]
@@ -335,11 +341,11 @@ def status(root: str) -> str:
         if os.path.isdir(ckpts) else []
     spent = ""
     if os.path.isfile(seconds := os.path.join(root, f"{name}.seconds")):
-      with open(seconds) as f:
+      with open(seconds, errors="replace") as f:
         spent = f.read().strip()
     lines.append(f"| {name} | {'' if step is None else step} | {total or ''} | "
                  f"{saved[-1] if saved else ''} | {spent} | "
-                 f"{'yes' if workdir in now else 'no'} |")
+                 f"{'yes' if os.path.realpath(workdir) in now else 'no'} |")
   return "\n".join(lines)
 
 
@@ -545,7 +551,7 @@ if __name__ == "__main__":
     sys.exit(0 if finished(sys.argv[2]) else 1)
   elif command == "summary":
     print(summary(sys.argv[2]))
-  elif command == "status":
+  elif command == "status" and len(sys.argv) == 3:
     print(status(sys.argv[2]))
   elif command == "lowlabel":
     for pct, by_init in lowlabel_lengths(sys.argv[2]).items():

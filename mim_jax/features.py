@@ -47,7 +47,7 @@ from mim_jax import storage, viz
 from mim_jax.config.errors import ConfigError, config_error
 from mim_jax.data import pipeline, sources, transforms
 from mim_jax.models.heads import pool_tokens
-from mim_jax.models.vit import ViTEncoder, encoder_from_config, size_from_config
+from mim_jax.models.vit import ViTEncoder, block_output, encoder_from_config, size_from_config
 from mim_jax.training import checkpoint
 from mim_jax.weights import pretrained
 
@@ -226,7 +226,7 @@ def _feature_fn(enc: Encoder, blocks: tuple[int, ...], patch_tokens: bool, atten
       tokens, aux = enc.module.apply({"params": params}, images)
     out = {}
     for b in blocks:
-      t = tokens if b == 0 else aux["blocks"][b - 1]
+      t = block_output(tokens, aux, b)
       out[f"cls_block{b}"] = pool_tokens(t, "cls").astype(jnp.float32)
       out[f"gap_block{b}"] = pool_tokens(t, "gap").astype(jnp.float32)
       if patch_tokens:

@@ -74,11 +74,12 @@ def test_invalid_config_names_field_value_and_allowed(overrides, match):
 
 
 # (method, field) of the table below that no setting of the method reads, so the refusal is
-# all there is to test; and classifier.reuse_head, read when init_from is an export holding a
-# classifier (a folder on disk: tests/test_convert.py accepts it there).
+# all there is to test here.
 NEVER_READ = {("linprobe", "model.drop_path_rate"), ("linprobe", "model.remat"),
-              ("vq_tokenizer", "data.eval_split"), ("vqkd_tokenizer", "data.eval_path"),
-              ("finetune", "classifier.reuse_head")}
+              ("vq_tokenizer", "data.eval_split"), ("vqkd_tokenizer", "data.eval_path")}
+# Read where no config setting alone makes it read: classifier.reuse_head reads the classifier
+# an init_from export holds (a folder on disk: tests/test_convert.py accepts it there).
+READ_FROM_FILES = {("finetune", "classifier.reuse_head")}
 
 
 @pytest.mark.parametrize("method,overrides,match", [
@@ -188,7 +189,7 @@ def test_fields_a_method_would_not_read_are_refused(method, overrides, match):
                   ("finetune", "data.eval_split"): {"data.source": "fashion_mnist"}})
   field = list(overrides)[-1]
   fix = reading.get((method, field), reading.get(field, {}))
-  if (method, field) in NEVER_READ:  # no setting of this method reads it: nothing to accept
+  if (method, field) in NEVER_READ | READ_FROM_FILES:  # no setting alone: nothing to accept
     assert not (fix and all(validation._has(c, f) for f in fix)), (method, field)
     return
   assert fix and all(validation._has(c, f) for f in fix), (method, field)
@@ -377,6 +378,11 @@ def test_cli_unknown_field_is_rejected(tmp_path):
   assert ("config.teacher.layer was renamed: config.teacher.block" in out.stderr
           and "teacher.layer=k (from 0; -1 the output after the final norm) is "
               "teacher.block=k+1" in out.stderr), out.stderr[-2000:]
+  # Where the new field does not exist either, the old name is an unknown field as any other.
+  from mim_jax.config.errors import unknown_field_error
+  assert str(unknown_field_error("teacher.layer", ["masking.ratio"])).startswith(
+      "config.teacher.layer does not exist")
+  assert "was renamed" in str(unknown_field_error("teacher.layer", ["teacher.block"]))
 
 
 def test_cgroup_cpu_quota_caps_the_usable_cores(tmp_path):

@@ -57,14 +57,15 @@ def test_targets_are_the_teachers_normalised_features(teacher_dir):
   assert method.target.dim == enc.module.width
 
 
-def test_teacher_features_of_a_middle_block(teacher_dir):
+@pytest.mark.parametrize("block", [1, 2])  # the teacher's 2 blocks: 2, its last, before its norm
+def test_teacher_features_of_a_block(teacher_dir, block):
   method, params, extra, batch = _state(tiny_distill_config(teacher_dir, **{
-      "teacher.block": 1, "teacher.norm": "none"}))
+      "teacher.block": block, "teacher.norm": "none"}))
   enc = features.load(teacher_dir)
   _, aux = enc.module.apply({"params": enc.params}, batch["image"])
   got = method.targets(extra, batch["image"])
-  assert got.shape == (4, 16, enc.module.width)
-  np.testing.assert_allclose(got, np.asarray(aux["blocks"][0])[:, 1:], atol=2e-5)
+  assert got.shape == (4, 16, enc.module.width) and len(aux["blocks"]) == 2
+  np.testing.assert_allclose(got, np.asarray(aux["blocks"][block - 1])[:, 1:], atol=2e-5)
 
 
 def test_teacher_sees_its_own_normalisation_and_resolution(teacher_dir):
@@ -222,6 +223,8 @@ def test_norm_pixels_with_another_loss_trains(tmp_path):
     ("mim", {"target.kind": "tokens"}, r"config.target.tokenizer.path=''"),
     ("maskdistill", {"teacher.path": "/nonexistent"}, r"config.teacher.path='/nonexistent'"),
     ("maskdistill", {"teacher.block": 7}, r"config.teacher.block=7 .*\[1, 2\]"),
+    ("maskdistill", {"teacher.block": 3}, r"config.teacher.block=3 .*\[1, 2\]"),
+    ("maskdistill", {"teacher.block": -1}, r"config.teacher.block=-1 .*0 \(the output"),
     ("maskdistill", {"teacher.norm": "batch"}, r"config.teacher.norm='batch'"),
     ("maskdistill", {"target.loss": "cross_entropy"}, r"config.target.loss='cross_entropy'"),
     ("maskdistill", {"channels": 1, "data.mean": (0.5,), "data.std": (0.5,)},

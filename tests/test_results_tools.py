@@ -103,7 +103,9 @@ def test_status_lists_the_started_runs_that_have_not_finished(tmp_path):
   _run(tmp_path, "ft_done_s0", {"eval_accuracy": 0.9}, eval_split="", seconds=60)
   _run(tmp_path, "ft_stopped_s0", None, seconds=1276)
   _run(tmp_path, "ft_running_s0", None)
+  _run(tmp_path, "ft_new_s0", None)  # config.json written, nothing logged yet
   (tmp_path / "not_a_run").mkdir()
+  (tmp_path / "commands.txt").write_text("python -m mim_jax.main ...\n")
   for name, steps, saved in (("ft_stopped_s0", (50, 100), (60, 100)),
                              ("ft_running_s0", (50,), ())):
     workdir = tmp_path / name
@@ -113,15 +115,18 @@ def test_status_lists_the_started_runs_that_have_not_finished(tmp_path):
       (workdir / "checkpoints" / str(step)).mkdir(parents=True)
     (tmp_path / f"{name}.log").write_text("... schedule 300 steps, training to step 300\n"
                                            "... resumed; schedule 3840 steps, training\n")
+  # Named relative to the trainer's working directory, as a relative ROOT gives it.
   trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                              f"--workdir={tmp_path / 'ft_running_s0'}"])
+                              "--workdir=./ft_running_s0"], cwd=tmp_path)
   try:
-    table = tools.status(str(tmp_path)).splitlines()
+    for root in (str(tmp_path), str(tmp_path) + "//"):
+      table = tools.status(root).splitlines()
+      assert table[2:] == ["| ft_new_s0 |  |  |  |  | no |",
+                           "| ft_running_s0 | 50 | 3840 |  |  | yes |",
+                           "| ft_stopped_s0 | 100 | 3840 | 100 | 1276 | no |"], table
   finally:
     trainer.kill()
     trainer.wait()
-  assert table[2:] == ["| ft_running_s0 | 50 | 3840 |  |  | yes |",
-                       "| ft_stopped_s0 | 100 | 3840 | 100 | 1276 | no |"], table
 
 
 @requires_fmnist

@@ -65,6 +65,8 @@ def test_training_keeps_the_teacher_frozen_and_the_codebook_on_the_sphere(
 @pytest.mark.parametrize("overrides,match", [
     ({"tokenizer.l2_normalize": False}, r"config.tokenizer.l2_normalize=False.*cosine"),
     ({"teacher.block": 7}, r"config.teacher.block=7.*\[1, 2\]"),
+    ({"teacher.block": 3}, r"config.teacher.block=3.*\[1, 2\]"),  # the teacher has 2 blocks
+    ({"teacher.block": -1}, r"config.teacher.block=-1.*0 \(the output"),  # teacher.layer's -1
     ({"teacher.norm": "batch"}, r"config.teacher.norm='batch'"),
 ])
 def test_bad_fields_fail_at_start_up_naming_the_field(teacher_dir, overrides, match):

@@ -83,8 +83,9 @@ RENAMED_FIELDS = {
 
 def unknown_field_error(field: str, known: Iterable[str]) -> ConfigError:
   """`config.<field> does not exist` with a "did you mean" list of similar fields, or what a
-  renamed field is called now (RENAMED_FIELDS)."""
-  if field in RENAMED_FIELDS:
+  renamed field is called now (RENAMED_FIELDS), where the config has the new one."""
+  known = list(known)
+  if field in RENAMED_FIELDS and RENAMED_FIELDS[field].name in known:
     renamed = RENAMED_FIELDS[field]
     return ConfigError(f"config.{field} was renamed: config.{renamed.name}, {renamed.how}.")
   message = f"config.{field} does not exist"

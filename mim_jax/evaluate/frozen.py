@@ -49,7 +49,7 @@ from mim_jax.evaluate import classifier_base, knn, logistic
 from mim_jax.methods import base
 from mim_jax.models import flops
 from mim_jax.models.heads import last_blocks_features, pool_tokens
-from mim_jax.models.vit import encoder_from_config, size_from_config
+from mim_jax.models.vit import block_output, encoder_from_config, size_from_config
 from mim_jax.training import checkpoint, compiler_options, metric_writers
 from mim_jax.weights import pretrained
 
@@ -109,7 +109,7 @@ class FeatureExtractor:
       output, aux = self.encoder.apply({"params": params}, images, train=False)
       rows = []
       for k in self.layers:
-        tokens = aux["blocks"][k - 1] if k else output
+        tokens = block_output(output, aux, k)
         rows += [pool_tokens(tokens, p).astype(jnp.float32) for p in ENCODER_POOLS]
       if last_blocks:
         rows.append(last_blocks_features(aux["blocks"], params, last=last_blocks,

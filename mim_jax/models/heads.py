@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from mim_jax.models.initializers import trunc_normal
-from mim_jax.models.vit import LAYER_NORM_EPS, ViTEncoder
+from mim_jax.models.vit import LAYER_NORM_EPS, ViTEncoder, block_output
 
 POOLS = ("cls", "gap")
 
@@ -55,9 +55,7 @@ def encoder_features(encoder: ViTEncoder, encoder_params, images: jax.Array, *, 
   output of block k, since masked-image-modeling features are often best below the top.
   """
   tokens, aux = encoder.apply({"params": encoder_params}, images, train=False)
-  if layer:
-    tokens = aux["blocks"][layer - 1]
-  return pool_tokens(tokens, pool).astype(jnp.float32)
+  return pool_tokens(block_output(tokens, aux, layer), pool).astype(jnp.float32)
 
 
 class ProbeHead(nn.Module):

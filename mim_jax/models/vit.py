@@ -435,6 +435,14 @@ class ViTEncoder(nn.Module):
     return x, {"blocks": blocks}
 
 
+def block_output(tokens: jax.Array, aux: dict, block: int) -> jax.Array:
+  """The tokens [B, T, D] of `block` from a ViTEncoder's `(tokens, aux)`: 0 the encoder's
+  output (after its final LayerNorm), k in 1..depth block k's output (before that norm; block
+  `depth` is therefore not block 0). The numbering of the probe, `mim_jax.features` and a
+  frozen teacher's `teacher.block`."""
+  return tokens if block == 0 else aux["blocks"][block - 1]
+
+
 def resize_posemb(posemb: jax.Array, old_grid: tuple[int, int],
                   new_grid: tuple[int, int]) -> jax.Array:
   """Bicubic resize of a learned position table [1 + h*w, D] to another patch grid.

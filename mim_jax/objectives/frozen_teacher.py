@@ -27,7 +27,7 @@ import numpy as np
 
 from mim_jax.config.errors import ConfigError, config_error
 from mim_jax.models import flops
-from mim_jax.models.vit import ViTEncoder, encoder_from_config, size_from_config
+from mim_jax.models.vit import ViTEncoder, block_output, encoder_from_config, size_from_config
 from mim_jax.weights import pretrained
 
 
@@ -113,8 +113,8 @@ class FrozenTeacher:
 
   def features(self, params, images: jax.Array, block: int = 0, attention: bool = False):
     """Patch features [B, N, D] (float32, no gradient) of `block` (0: the encoder's output
-    after its final norm; k >= 1: the output of block k, counted from 1, as the probe and
-    `mim_jax.features` count); with `attention`, also the last block's [CLS] attention over
+    after its final norm; k >= 1: the output of block k, counted from 1, before that norm:
+    `models.vit.block_output`); with `attention`, also the last block's [CLS] attention over
     the patches [B, heads, N]."""
     x = self.prepare(images)
     if attention:
@@ -122,7 +122,7 @@ class FrozenTeacher:
                                                mutable=["intermediates"])
     else:
       tokens, aux = self.module.apply({"params": params}, x, train=False)
-    out = tokens if block == 0 else aux["blocks"][block - 1]
+    out = block_output(tokens, aux, block)
     feats = jax.lax.stop_gradient(out[:, 1:].astype(jnp.float32))
     if not attention:
       return feats

@@ -133,7 +133,7 @@ class Tokens(PatchTarget):
 
 class TeacherFeatures(PatchTarget):
   """A frozen teacher's features of each patch (objectives/frozen_teacher.py), from `block`
-  (0: its output after the final norm; k: block k's, from 1), normalised by `norm`
+  (0: its output after the final norm; k: block k's, from 1, before it), normalised by `norm`
   (teachers.normalize: "layer", per token without affine parameters, as MaskDistill
   normalises them, or "none")."""
   kind, key = "teacher_features", "teacher"
