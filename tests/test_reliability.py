@@ -1023,6 +1023,8 @@ def test_resume_refuses_a_config_that_would_train_something_else(tmp_path):
       got = resume_check.changed_fields(wrap({"teacher": {**teacher, "layer": saved_layer}}),
                                         wrap({"teacher": {**teacher, "block": block}}))
       assert got == ([] if was is None else [(f"{prefix}teacher.block", was, block)]), got
+  assert resume_check.changed_fields({"teacher": {"layer": None}}, {"teacher": {"block": 0}}) == [
+      ("teacher.block", None, 0)]  # an edited config.json: refused as a change, not a crash
 
 
 def test_a_diverged_run_resumes_with_clipping_switched_on(tmp_path, caplog):

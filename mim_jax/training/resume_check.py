@@ -110,7 +110,11 @@ def changed_fields(saved: dict, config: dict) -> list[tuple[str, Any, Any]]:
   # missing on one side, not compared).
   for key, renamed in RENAMED_FIELDS.items():
     if key in old and renamed.name not in old:
-      old[renamed.name] = renamed.value(old.pop(key))
+      value = old.pop(key)
+      try:
+        old[renamed.name] = renamed.value(value)
+      except TypeError:  # not a value the old field could hold: compared as it is
+        old[renamed.name] = value
   for key, before in VALUE_BEFORE_FIELD.items():
     parent = key.rsplit(".", 1)[0] + "."
     if key not in old and key in new and any(k.startswith(parent) for k in old):
