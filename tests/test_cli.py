@@ -812,6 +812,11 @@ def test_a_workdir_inside_the_image_folder_it_trains_on_is_refused(tmp_path, cap
   cfg.update(source="image_folder", path=str(images))
   data.check_workdir_outside_images(cfg, str(tmp_path / "images_run"))
   data.check_workdir_outside_images(cfg, str(tmp_path))  # the images inside the workdir: fine
+  # Under a hidden folder of the image folder: never listed, so fine; under a listed one, not.
+  data.check_workdir_outside_images(cfg, str(images / ".runs" / "r1"))
+  data.check_workdir_outside_images(cfg, str(images / "a" / ".runs"))
+  with pytest.raises(ConfigError, match=r"that the run reads(?! \(through)"):
+    data.check_workdir_outside_images(cfg, str(images / ".runs" / ".." / "a" / "r1"))
   # A class folder linked in from the folder that holds the workdir: the listing follows it.
   (tmp_path / "home" / "runs").mkdir(parents=True)
   (images / "c").symlink_to(tmp_path / "home")

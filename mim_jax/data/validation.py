@@ -440,19 +440,33 @@ def check_workdir_outside_images(data_cfg, workdir: str) -> None:
   (PNG) would be listed as images by the next run (in a class sub-folder of their own: a new
   class, shifting the labels after it), and every run would list its checkpoints too. Also
   when a symlink in the folder's first level leads to the workdir, a folder holding it or one
-  inside it."""
+  inside it. A workdir under a hidden folder of the image folder (`.runs/r1`) is fine: the
+  listing skips hidden folders (sources.is_listed_name)."""
   if data_cfg.get("source") != "image_folder" or not workdir:
     return
   for field in ("path", "eval_path"):
     root = data_cfg.get(field)
     if not (isinstance(root, str) and root):
       continue
-    where = "" if storage.is_within(workdir, root) else _link_to(workdir, root)
+    where = "" if _listed_within(workdir, root) else _link_to(workdir, root)
     if where is not None:
       raise config_error("--workdir", workdir, f"a folder outside the image folder "
                          f"config.data.{field}={root!r} that the run reads{where}",
                          "Its pictures and checkpoints would be read as images (a new class "
                          "folder) by the next run: choose a --workdir elsewhere.")
+
+
+def _listed_within(workdir: str, root: str) -> bool:
+  """Whether `workdir` is local image folder `root`, or lies inside it where its listing reads
+  (no hidden folder on the way: sources.is_listed_name)."""
+  if not storage.is_within(workdir, root):
+    return False
+  if storage.is_url(workdir) or storage.is_url(root):
+    inside = workdir.rstrip("/")[len(root.rstrip("/")):]
+  else:
+    inside = os.path.relpath(*(os.path.realpath(os.path.expanduser(p)) for p in (workdir, root)))
+  parts = [p for p in inside.replace(os.sep, "/").split("/") if p not in ("", ".")]
+  return all(sources.is_listed_name(p) for p in parts)
 
 
 def _link_to(workdir: str, root: str) -> str | None:
@@ -461,8 +475,7 @@ def _link_to(workdir: str, root: str) -> str | None:
   holding it or a folder inside it, else None. The listing follows links; first-level ones
   only are looked at (the usual layout: class folders linked in from elsewhere), in one scan
   of the root that reads no file's metadata (d_type); a URL or a missing folder: None
-  (reported elsewhere). On the safe side, a workdir under a hidden folder the listing skips
-  is still refused."""
+  (reported elsewhere)."""
   if storage.is_url(root) or not os.path.isdir(root):
     return None
   try:
