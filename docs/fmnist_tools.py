@@ -34,7 +34,8 @@
       every run under ROOT that started and has not finished, as a markdown table: its last
       logged step and its schedule's length, its newest checkpoint, its seconds so far
       (ROOT/NAME.seconds, the invocations that ended) and whether a process is training it
-      now; what a rerun of docs/fmnist_results.sh resumes
+      now (with the time left its log's last line estimates); what a rerun of
+      docs/fmnist_results.sh resumes
   python docs/fmnist_tools.py keep ROOT RUN [RUN ...]
       records each run's config, k-NN rows, training rows, evaluation rows and training
       FLOPs per image (counted while its teacher or tokenizer is at hand) in
@@ -295,14 +296,17 @@ def _last_step(workdir: str) -> int | None:
   return None
 
 
-def _schedule_steps(log: str) -> int | None:
-  """The schedule's length the run's log names last ("schedule N steps"), else None."""
+def _from_log(log: str) -> tuple[int | None, str]:
+  """(the schedule's length the run's log names last, "schedule N steps", else None; the
+  time left its last progress line estimates, "ETA H:MM:SS", else "")."""
   try:
     with open(log, errors="replace") as f:
-      found = re.findall(r"schedule (\d+) steps", f.read())
+      text = f.read()
   except OSError:
-    return None
-  return int(found[-1]) if found else None
+    return None, ""
+  schedule = re.findall(r"schedule (\d+) steps", text)
+  eta = re.findall(r"ETA (\d+:\d\d:\d\d)", text)
+  return (int(schedule[-1]) if schedule else None), (eta[-1] if eta else "")
 
 
 def _training_now(workdirs: set[str]) -> set[str]:
@@ -332,10 +336,11 @@ def status(root: str) -> str:
              and not finished(os.path.join(root, name))]
   now = _training_now({os.path.join(root, name) for name in started})
   lines = ["| run | last logged step | schedule (steps) | newest checkpoint | seconds so far "
-           "| training now |", "|---|---|---|---|---|---|"]
+           "| training now (its log's ETA) |", "|---|---|---|---|---|---|"]
   for name in started:
     workdir = os.path.join(root, name)
-    step, total = _last_step(workdir), _schedule_steps(os.path.join(root, f"{name}.log"))
+    step, (total, eta) = _last_step(workdir), _from_log(os.path.join(root, f"{name}.log"))
+    training = os.path.realpath(workdir) in now
     ckpts = os.path.join(workdir, "checkpoints")
     saved = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) \
         if os.path.isdir(ckpts) else []
@@ -345,7 +350,7 @@ def status(root: str) -> str:
         spent = f.read().strip()
     lines.append(f"| {name} | {'' if step is None else step} | {total or ''} | "
                  f"{saved[-1] if saved else ''} | {spent} | "
-                 f"{'yes' if os.path.realpath(workdir) in now else 'no'} |")
+                 f"{(f'yes ({eta})' if eta else 'yes') if training else 'no'} |")
   return "\n".join(lines)
 
 

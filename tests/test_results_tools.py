@@ -114,7 +114,9 @@ def test_status_lists_the_started_runs_that_have_not_finished(tmp_path):
     for step in saved:
       (workdir / "checkpoints" / str(step)).mkdir(parents=True)
     (tmp_path / f"{name}.log").write_text("... schedule 300 steps, training to step 300\n"
-                                           "... resumed; schedule 3840 steps, training\n")
+                                           "... resumed; schedule 3840 steps, training\n"
+                                           "step 50/3840 (1.3%) | ... | ETA ?\n"
+                                           "step 100/3840 (2.6%) | ... | ETA 1:02:03\n")
   # Named relative to the trainer's working directory, as a relative ROOT gives it.
   trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
                               "--workdir=./ft_running_s0"], cwd=tmp_path)
@@ -122,7 +124,7 @@ def test_status_lists_the_started_runs_that_have_not_finished(tmp_path):
     for root in (str(tmp_path), str(tmp_path) + "//"):
       table = tools.status(root).splitlines()
       assert table[2:] == ["| ft_new_s0 |  |  |  |  | no |",
-                           "| ft_running_s0 | 50 | 3840 |  |  | yes |",
+                           "| ft_running_s0 | 50 | 3840 |  |  | yes (1:02:03) |",
                            "| ft_stopped_s0 | 100 | 3840 | 100 | 1276 | no |"], table
   finally:
     trainer.kill()
