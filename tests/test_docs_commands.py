@@ -279,3 +279,30 @@ def test_help_prints_the_module_docstring_as_written(module):
   assert doc, f"{module} has no docstring for --help"
   specifiers = doc.count("%") - 2 * doc.count("%%")
   assert specifiers == 0, f"{module}'s docstring has a '%' that --help would format"
+
+
+def _github_anchors(text: str) -> set[str]:
+  """The anchors GitHub gives a markdown file's headings (outside code blocks): lower case,
+  punctuation dropped, spaces as hyphens, a repeated one suffixed -1, -2, ..."""
+  anchors, seen, in_code = set(), {}, False
+  for line in text.splitlines():
+    if line.startswith("```"):
+      in_code = not in_code
+    elif not in_code and (m := re.match(r"#{1,6} (.*)", line)):
+      base = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+      anchors.add(f"{base}-{seen[base]}" if seen.get(base) else base)
+      seen[base] = seen.get(base, 0) + 1
+  return anchors
+
+
+@pytest.mark.parametrize("doc", ["README.md", *sorted(f"docs/{p.name}"
+                                                     for p in (REPO / "docs").glob("*.md"))])
+def test_links_to_headings_of_the_same_file_lead_somewhere(doc):
+  """A contents list or a cross-reference (`[text](#anchor)`) names a heading that exists: a
+  heading renamed as results arrive breaks no link silently."""
+  text = (REPO / doc).read_text()
+  prose = re.sub(r"```.*?```", "", text, flags=re.S)
+  broken = sorted(set(re.findall(r"\]\(#([^)\s]+)\)", prose)) - _github_anchors(text))
+  assert not broken, f"{doc}: links to no heading: {broken}"
+  assert _github_anchors("# A b\n## What the +10 asks: x (y, 1%)\n# A b\n```\n# c\n```") == {
+      "a-b", "what-the-10-asks-x-y-1", "a-b-1"}
