@@ -19,6 +19,7 @@ import ml_collections
 
 from mim_jax.config import validation
 from mim_jax.config.errors import ConfigError, config_error, dotted_keys, unknown_field_error
+from mim_jax.evaluate.attentive_probe import AttentiveProbe
 from mim_jax.evaluate.finetune import FineTune
 from mim_jax.evaluate.frozen import KnnJob, ProbeJob
 from mim_jax.evaluate.linear_probe import LinearProbe
@@ -62,7 +63,8 @@ def register(cls: type[Method], replace: bool = False) -> type[Method]:
 for _cls in (mae.MAE, simmim.SimMIM, maskfeat.MaskFeat, data2vec.Data2Vec, data2vec2.Data2Vec2,
              ibot.IBOT, beit.BEiT,
              maskdistill.MaskDistill, mim.MIM,
-             VQTokenizer, VQKDTokenizer, DVAETokenizer, LinearProbe, FineTune, KnnJob, ProbeJob):
+             VQTokenizer, VQKDTokenizer, DVAETokenizer, LinearProbe, AttentiveProbe, FineTune,
+             KnnJob, ProbeJob):
   register(_cls)
 
 

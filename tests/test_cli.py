@@ -29,7 +29,8 @@ from conftest import REPO, tiny_mae_config
     ({"image_size": (16, 18)}, r"config.image_size=\(16, 18\) .*divisible by the patch size 4.*width 18"),
     ({"model.variant": "Q/4"}, r"config.model.variant='Q/4'"),
     ({"model.variant": "B16"}, r"config.model.variant='B16'.*SIZE/PATCH"),
-    ({"method": "maee"}, r"config.method='maee' is invalid: one of \['beit', 'data2vec', 'data2vec2', "
+    ({"method": "maee"}, r"config.method='maee' is invalid: one of \['attentive_probe', 'beit', "
+     r"'data2vec', 'data2vec2', "
      r"'dvae_tokenizer', 'finetune', 'ibot', 'knn', 'linprobe', 'mae', 'maskdistill', "
      r"'maskfeat', 'mim', 'probe', 'simmim', 'vq_tokenizer', 'vqkd_tokenizer'\]"),
     ({"model.dtype": "float8"}, r"config.model.dtype='float8'"),

@@ -103,7 +103,7 @@ def test_config_loads_and_validates(path, some_encoder, tokenizer_for, teacher_f
     version = tmp_path / config.data.tfds_name / "5.1.0"
     version.mkdir(parents=True)
     (version / "dataset_info.json").write_text("{}")
-  if config.method in ("linprobe", "knn", "probe"):
+  if config.method in ("linprobe", "knn", "probe", "attentive_probe"):
     with pytest.raises(ConfigError, match="config.init_from=''"):
       registry.validate_config(config)
     config.init_from = some_encoder
@@ -204,7 +204,7 @@ def test_runlocal_variant_trains(path, tmp_path, tokenizer_for, teacher_for):
   config = _load(path, "runlocal")
   if config.data.source == "fashion_mnist" and not os.path.isdir(config.data.path):
     pytest.skip("Fashion-MNIST not installed")
-  if config.method in ("linprobe", "knn", "probe", "finetune"):
+  if config.method in ("linprobe", "knn", "probe", "finetune", "attentive_probe"):
     config.init_from = export_fresh_encoder(config, str(tmp_path / "pretrain"))
   if config.method == "beit":
     config.tokenizer.path = tokenizer_for(config)

@@ -158,7 +158,8 @@ def test_every_config_field_is_read_by_its_method(method):
            "multicrop": {"ibot"},
            "tokenizer": {"beit", "vq_tokenizer", "vqkd_tokenizer", "dvae_tokenizer"},
            "probe": {"probe"},
-           "classifier": {"linprobe", "finetune", "knn", "probe"}}
+           "classifier": {"linprobe", "finetune", "knn", "probe", "attentive_probe"},
+           "attentive": {"attentive_probe"}}
   for block, methods in owned.items():
     assert (block in keys) == (method in methods), (method, block)
   assert ("masking" in keys) == (registry.method_class(method).kind == "pretraining")

@@ -3,6 +3,8 @@
   pool_tokens      tokens [B, T, D] -> features [B, D] (cls token or mean of patch tokens)
   last_blocks_features  DINO / iBOT's linear-evaluation features: the last blocks' cls tokens
   ProbeHead        BatchNorm without affine parameters + linear layer (the MAE linear probe)
+  AttentivePoolingHead  a learned query attending over frozen tokens, then a linear layer
+                   (the attentive probe); attentive_head_flops its cost
   ViTClassifier    encoder + pooling (+ fc_norm for mean pooling) + linear head (fine-tuning)
   DINOHead         DINO / iBOT's projection head over prototypes; dino_head_flops its cost
 """
@@ -15,8 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mim_jax.models.initializers import trunc_normal
-from mim_jax.models.vit import LAYER_NORM_EPS, ViTEncoder, block_output
+from mim_jax.models.initializers import dense_init, trunc_normal
+from mim_jax.models.vit import LAYER_NORM_EPS, Mlp, ViTEncoder, block_output
 
 POOLS = ("cls", "gap")
 
@@ -79,6 +81,47 @@ class ProbeHead(nn.Module):
     return nn.Dense(self.num_classes,
                     kernel_init=trunc_normal(self.head_init_std),
                     name="head")(x)
+
+
+class AttentivePoolingHead(nn.Module):
+  """tokens [B, N, D] -> logits [B, num_classes] (float32): the attentive probe's head.
+
+  One pre-norm transformer block whose only query is a learned token: it attends over the
+  (layer-normalised) frozen tokens with `num_heads` heads, adds an MLP (`mlp_ratio` x D), and
+  the result, layer-normalised, goes through a linear classifier (V-JEPA's and AIM's attentive
+  probe, with one query). A linear probe reads one pooled vector; this head chooses per image
+  which patches to read, so features that are not linearly separable once averaged (MIM's, at
+  their raw scale) can still be read out without fine-tuning the encoder.
+  """
+  num_classes: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  head_init_std: float = 0.01
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    tokens = tokens.astype(jnp.float32)
+    batch, _, width = tokens.shape
+    query = self.param("query", trunc_normal(0.02), (1, 1, width))
+    x = jnp.broadcast_to(query, (batch, 1, width))
+    keys = nn.LayerNorm(epsilon=LAYER_NORM_EPS, name="norm_tokens")(tokens)
+    x = x + nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, kernel_init=dense_init, name="attn")(
+            nn.LayerNorm(epsilon=LAYER_NORM_EPS, name="norm_query")(x), keys)
+    x = x + Mlp(int(self.mlp_ratio * width), name="mlp")(
+        nn.LayerNorm(epsilon=LAYER_NORM_EPS, name="norm_mlp")(x))
+    x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, name="norm")(x)[:, 0]
+    return nn.Dense(self.num_classes, kernel_init=trunc_normal(self.head_init_std),
+                    name="head")(x)
+
+
+def attentive_head_flops(tokens: int, width: int, mlp_dim: int, num_classes: int) -> float:
+  """Forward FLOPs of `AttentivePoolingHead` over `tokens` tokens (2 per multiply-add): the
+  key and value projections of every token, the query's projection, its attention over the
+  tokens, the output projection, the MLP and the classifier."""
+  macs = (2 * tokens * width * width + 2 * width * width + 2 * tokens * width
+          + 2 * width * mlp_dim + width * num_classes)
+  return 2.0 * macs
 
 
 class ViTClassifier(nn.Module):
