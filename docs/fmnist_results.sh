@@ -41,6 +41,10 @@
 #   distill       the 3-epoch rows of the feature-distillation methods beside the other
 #                 3-epoch rows: MaskDistill (teacher: the MAE encoder), BEiT v2's VQ-KD
 #                 tokenizer (same teacher), BEiT reading it; k-NN on the test split of each
+#   attentive     the attentive probe (configs/attentive_probe_fmnist.py, ATTENTIVE_EPOCHS (10)
+#                 epochs) of the MAE encoder of pretrain_mae and of a random encoder, each with
+#                 its lr of ATTENTIVE_LRS (5e-4 1e-3 2e-3) chosen on the held-out split, then
+#                 trained on every training image and scored once on the test split
 #   ratio         MAE at masking ratios 0.5 / 0.6 / 0.9: probe + k-NN + fine-tuning
 #   study         the target-level study: configs/mim_fmnist.py with each of TARGETS (pixels
 #                 norm_pixels hog tokens teacher_features) for STUDY_EPOCHS (5) epochs, the
@@ -82,8 +86,8 @@
 # eval_split=holdout), never on the test set; test numbers come from the final runs only.
 set -u
 ALL_SECTIONS="pretrain_mae baselines probe_mae tune_scratch tune_mae finetune_mae
-finetune_scratch finetune_matched tune_lowlabel lowlabel methods probe_finetuned ratio distill
-study"
+finetune_scratch finetune_matched tune_lowlabel lowlabel methods probe_finetuned attentive ratio
+distill study"
 source "$(dirname "$0")/script_args.sh"
 ROOT=$(output_dir "[SECTIONS=... SEEDS=... ...] bash docs/fmnist_results.sh [ROOT] (settings \
 are environment variables, listed at the top of this script)" workdirs/fmnist_results "$@") \
@@ -435,6 +439,27 @@ if has probe_finetuned; then
     echo "probe_finetuned: $ROOT/$FINETUNED has not finished (the methods section's" \
          "MaskDistill fine-tuning, or FINETUNED=another fine-tuning run): skipped"
   fi
+fi
+
+ATTENTIVE_EPOCHS=${ATTENTIVE_EPOCHS:-10}
+ATTENTIVE_LRS=${ATTENTIVE_LRS:-"5e-4 1e-3 2e-3"}
+if has attentive; then
+  for init in mae random; do
+    from=$MAE encoder_flags=()
+    # shellcheck disable=SC2206
+    [ "$init" = random ] && from=random encoder_flags=(${RANDOM_ENCODER_FLAGS:-})
+    attentive=(--config=configs/attentive_probe_fmnist.py --config.init_from="$from"
+               --config.num_epochs="$ATTENTIVE_EPOCHS" "${TRAIN[@]}" "${encoder_flags[@]}")
+    tuned=()
+    for lr in $ATTENTIVE_LRS; do
+      run "tune_attentive_${init}_lr$lr" "${attentive[@]}" --config.optimizer.base_lr="$lr" \
+          "${holdout[@]}"
+      tuned+=("lr$lr")
+    done
+    best=$(python docs/fmnist_tools.py pick_suffix "$ROOT" "tune_attentive_$init" \
+        "${tuned[@]}") || exit 1
+    run "attentive_$init" "${attentive[@]}" --config.optimizer.base_lr="${best#lr}"
+  done
 fi
 
 if has ratio; then

@@ -10,6 +10,9 @@
   python docs/fmnist_tools.py pick_epochs ROOT PREFIX EPOCHS...
       the length (of EPOCHS) whose run ROOT/PREFIX_eEPOCHS scored best on the held-out split,
       ties to the shorter (the low-label rows' own lengths)
+  python docs/fmnist_tools.py pick_suffix ROOT PREFIX SUFFIX...
+      the SUFFIX whose run ROOT/PREFIX_SUFFIX scored best on the held-out split, ties to the
+      earlier one (the attentive probe's lr)
   python docs/fmnist_tools.py next_epochs ROOT PREFIX FACTOR MAX_STEPS EPOCHS...
       the length still to run before the choice of pick_length can be made (nothing when it
       can): FACTOR x the longest length tried, when that one won on the held-out split and a
@@ -114,6 +117,15 @@ def pick_epochs(root: str, prefix: str, epochs: list[str]) -> str:
   scores = _held_out_scores(root, prefix, {e: f"{prefix}_e{e}" for e in epochs})
   best = best_length(scores)
   print(f"{prefix}: held-out accuracy by epochs {scores}; chose {best}", file=sys.stderr)
+  return best
+
+
+def pick_suffix(root: str, prefix: str, suffixes: list[str]) -> str:
+  """The suffix (of `suffixes`) whose run ROOT/PREFIX_SUFFIX scored best on the held-out
+  split; ties go to the earlier one."""
+  scores = _held_out_scores(root, prefix, {s: f"{prefix}_{s}" for s in suffixes})
+  best = max(scores, key=lambda s: (scores[s], -suffixes.index(s)))
+  print(f"{prefix}: held-out accuracy {scores}; chose {best}", file=sys.stderr)
   return best
 
 
@@ -544,6 +556,8 @@ if __name__ == "__main__":
     print(" ".join(pick(sys.argv[2], sys.argv[3], sys.argv[4:])))
   elif command == "pick_epochs":
     print(pick_epochs(sys.argv[2], sys.argv[3], sys.argv[4:]))
+  elif command == "pick_suffix":
+    print(pick_suffix(sys.argv[2], sys.argv[3], sys.argv[4:]))
   elif command in ("next_epochs", "pick_length"):
     root, prefix, factor, max_steps, *lengths = sys.argv[2:]
     if command == "next_epochs":

@@ -1101,6 +1101,35 @@ def test_results_script_every_section_is_a_valid_command_line(tmp_path, monkeypa
     _unread_settings(call)
 
 
+def test_results_script_attentive_probe_takes_each_init_its_held_out_lr(tmp_path, monkeypatch):
+  """The attentive section: each init's lr grid on the held-out split, then that init's final
+  run with its own choice, on every training image and scored on the test split."""
+  monkeypatch.chdir(REPO)
+  calls = _results_calls(tmp_path, RESULTS, SECTIONS="attentive",
+                         RANDOM_ENCODER_FLAGS="--config.model.variant=Ti/4")
+  names = [c[-1].rsplit("/", 1)[-1] for c in calls]
+  assert names == [f"tune_attentive_mae_lr{lr}" for lr in ("5e-4", "1e-3", "2e-3")] + [
+      "attentive_mae"] + [f"tune_attentive_random_lr{lr}" for lr in ("5e-4", "1e-3", "2e-3")] + [
+      "attentive_random"]
+  for name, call in zip(names, calls):
+    assert call[0] == "--config=configs/attentive_probe_fmnist.py"
+    assert ("--config.data.eval_split=holdout" in call) == name.startswith("tune_"), call
+    assert ("--config.model.variant=Ti/4" in call) == ("random" in name), call
+    _unread_settings(call)
+  assert f"--config.init_from={tmp_path}/root/mae_e50" in calls[3]
+  assert "--config.init_from=random" in calls[7]
+  # Ties (every stand-in run scores 0.5) go to the first lr; a better one is chosen per init.
+  assert "--config.optimizer.base_lr=5e-4" in calls[3]
+  (tmp_path / "root" / "tune_attentive_random_lr2e-3" / "results.json").write_text(
+      '{"eval_accuracy": 0.6}')
+  for name in ("attentive_mae", "attentive_random"):
+    shutil.rmtree(tmp_path / "root" / name)
+  later = _results_calls(tmp_path, RESULTS, SECTIONS="attentive",
+                         RANDOM_ENCODER_FLAGS="--config.model.variant=Ti/4")[len(calls):]
+  assert "--config.optimizer.base_lr=5e-4" in later[0]
+  assert "--config.optimizer.base_lr=2e-3" in later[1]
+
+
 def test_results_script_low_label_rows_of_one_init(tmp_path, monkeypatch):
   """LOWLABEL_INITS=scratch runs the scratch rows alone: they need no pre-trained encoder, so
   they can run while (or without) the MAE checkpoint that the MAE rows read."""
