@@ -43,7 +43,7 @@
 #                 tokenizer (same teacher), BEiT reading it; k-NN on the test split of each
 #   attentive     the attentive probe (configs/attentive_probe_fmnist.py, ATTENTIVE_EPOCHS (10)
 #                 epochs) of the MAE encoder of pretrain_mae and of a random encoder, each with
-#                 its lr of ATTENTIVE_LRS (5e-4 1e-3 2e-3) chosen on the held-out split, then
+#                 its lr of ATTENTIVE_LRS (1e-3 2e-3 4e-3) chosen on the held-out split, then
 #                 trained on every training image and scored once on the test split
 #   ratio         MAE at masking ratios 0.5 / 0.6 / 0.9: probe + k-NN + fine-tuning
 #   study         the target-level study: configs/mim_fmnist.py with each of TARGETS (pixels
@@ -442,7 +442,7 @@ if has probe_finetuned; then
 fi
 
 ATTENTIVE_EPOCHS=${ATTENTIVE_EPOCHS:-10}
-ATTENTIVE_LRS=${ATTENTIVE_LRS:-"5e-4 1e-3 2e-3"}
+ATTENTIVE_LRS=${ATTENTIVE_LRS:-"1e-3 2e-3 4e-3"}
 if has attentive; then
   for init in mae random; do
     from=$MAE encoder_flags=()

@@ -1108,8 +1108,8 @@ def test_results_script_attentive_probe_takes_each_init_its_held_out_lr(tmp_path
   calls = _results_calls(tmp_path, RESULTS, SECTIONS="attentive",
                          RANDOM_ENCODER_FLAGS="--config.model.variant=Ti/4")
   names = [c[-1].rsplit("/", 1)[-1] for c in calls]
-  assert names == [f"tune_attentive_mae_lr{lr}" for lr in ("5e-4", "1e-3", "2e-3")] + [
-      "attentive_mae"] + [f"tune_attentive_random_lr{lr}" for lr in ("5e-4", "1e-3", "2e-3")] + [
+  assert names == [f"tune_attentive_mae_lr{lr}" for lr in ("1e-3", "2e-3", "4e-3")] + [
+      "attentive_mae"] + [f"tune_attentive_random_lr{lr}" for lr in ("1e-3", "2e-3", "4e-3")] + [
       "attentive_random"]
   for name, call in zip(names, calls):
     assert call[0] == "--config=configs/attentive_probe_fmnist.py"
@@ -1119,14 +1119,14 @@ def test_results_script_attentive_probe_takes_each_init_its_held_out_lr(tmp_path
   assert f"--config.init_from={tmp_path}/root/mae_e50" in calls[3]
   assert "--config.init_from=random" in calls[7]
   # Ties (every stand-in run scores 0.5) go to the first lr; a better one is chosen per init.
-  assert "--config.optimizer.base_lr=5e-4" in calls[3]
+  assert "--config.optimizer.base_lr=1e-3" in calls[3]
   (tmp_path / "root" / "tune_attentive_random_lr2e-3" / "results.json").write_text(
       '{"eval_accuracy": 0.6}')
   for name in ("attentive_mae", "attentive_random"):
     shutil.rmtree(tmp_path / "root" / name)
   later = _results_calls(tmp_path, RESULTS, SECTIONS="attentive",
                          RANDOM_ENCODER_FLAGS="--config.model.variant=Ti/4")[len(calls):]
-  assert "--config.optimizer.base_lr=5e-4" in later[0]
+  assert "--config.optimizer.base_lr=1e-3" in later[0]
   assert "--config.optimizer.base_lr=2e-3" in later[1]
 
 
