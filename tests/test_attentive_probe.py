@@ -1,5 +1,7 @@
 """The attentive probe (evaluate/attentive_probe.py, models.heads.AttentivePoolingHead)."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ from mim_jax import registry
 from mim_jax.config.errors import ConfigError
 from mim_jax.models import flops
 from mim_jax.models.heads import AttentivePoolingHead, attentive_head_flops
+from mim_jax.training import checkpoint, optim
 from mim_jax.training import step as step_lib
 
 from conftest import export_fresh_encoder, tiny_config
@@ -55,11 +58,38 @@ def encoder_dir(tmp_path_factory):
   return export_fresh_encoder(tiny_config("mae"), str(tmp_path_factory.mktemp("encoder")))
 
 
-def test_training_moves_the_head_only(encoder_dir):
-  """Steps of the loop's train step: the frozen encoder (in extra) stays bit for bit, the
-  head learns a fixed batch (its loss falls)."""
-  config = _probe_config(encoder_dir, **{"optimizer.base_lr": 1e-2,
-                                         "optimizer.warmup_epochs": 0.0})
+@pytest.mark.parametrize("block", [0, 1])
+def test_the_probe_reads_the_loaded_encoder_at_its_block(encoder_dir, block):
+  """The exported weights are loaded into the frozen encoder (not its random init), and the
+  tokens read are block `probe_layer`'s (0: the output after the final norm)."""
+  config = _probe_config(encoder_dir, **{"classifier.probe_layer": block})
+  method = registry.build_method(config)
+  state = step_lib.with_initial_weights(method, step_lib.init_train_state(
+      method, optax.adamw(1e-3), jax.random.key(1), (1, *config.image_size, config.channels)))
+  loaded, _ = checkpoint.load_encoder(os.path.join(encoder_dir, "encoder"))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.extra["encoder"]), loaded)
+  images = jax.random.normal(jax.random.key(0), (2, *config.image_size, config.channels))
+  out, aux = method.encoder.apply({"params": loaded}, images, train=False)
+  np.testing.assert_allclose(method.tokens(state.extra["encoder"], images),
+                             out if block == 0 else aux["blocks"][block - 1], atol=1e-6)
+
+
+def test_weight_decay_skips_the_heads_biases_and_query():
+  head, params, _ = _head_and_params()
+  mask = optim.weight_decay_mask(params)
+  assert mask["attn"]["query"]["kernel"] and mask["mlp"]["fc1"]["kernel"] and mask["head"][
+      "kernel"]
+  assert params["attn"]["query"]["bias"].ndim == 2 and not mask["attn"]["query"]["bias"]
+  assert not (mask["query_token"] or mask["mlp"]["fc1"]["bias"] or mask["norm"]["scale"])
+
+
+@pytest.mark.parametrize("init_from", ["encoder", "random"])
+def test_training_moves_the_head_only(encoder_dir, init_from):
+  """Steps of the loop's train step: the head learns a fixed batch (its loss falls) from the
+  loaded encoder's tokens and from a random encoder's (the baseline); the encoder, in extra,
+  stays as it was."""
+  config = _probe_config(encoder_dir if init_from == "encoder" else "random",
+                         **{"optimizer.base_lr": 1e-2, "optimizer.warmup_epochs": 0.0})
   registry.validate_config(config)
   method = registry.build_method(config)
   images = jax.random.normal(jax.random.key(0), (8, *config.image_size, config.channels))
@@ -75,7 +105,7 @@ def test_training_moves_the_head_only(encoder_dir):
     first = float(metrics["loss"]) if first is None else first
   assert float(metrics["loss"]) < 0.5 * first, (first, float(metrics["loss"]))
   jax.tree.map(np.testing.assert_array_equal, state.extra["encoder"], extra["encoder"])
-  assert not np.allclose(state.params["head"]["query"], params["head"]["query"])
+  assert not np.allclose(state.params["head"]["query_token"], params["head"]["query_token"])
 
 
 def test_forward_flops_count_the_frozen_encoder_once(encoder_dir):
@@ -90,6 +120,8 @@ def test_forward_flops_count_the_frozen_encoder_once(encoder_dir):
     ({"attentive.num_heads": 3}, r"config.attentive.num_heads=3 is invalid: 0 \(the encoder's "
                                  r"heads\) or a divisor of the encoder width"),
     ({"attentive.mlp_ratio": 0}, r"config.attentive.mlp_ratio=0.0 is invalid: a positive number"),
+    ({"attentive.mlp_ratio": 0.001}, r"config.attentive.mlp_ratio=0.001 is invalid: .*at least "
+                                     r"one unit wide"),
     ({"classifier.probe_layer": 9}, r"config.classifier.probe_layer=9 is invalid"),
     ({"model.drop_path_rate": 0.1}, r"model.drop_path_rate=0.1 is not used: the probe's "
                                     r"encoder is frozen"),

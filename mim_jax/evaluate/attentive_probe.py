@@ -1,5 +1,5 @@
 """Attentive probing: a learned query attends over a frozen encoder's tokens, then a linear
-classifier (`models.heads.AttentivePoolingHead`; the protocol of V-JEPA and AIM).
+classifier (`models.heads.AttentivePoolingHead`: V-JEPA's attentive classifier, one block).
 
 The encoder is frozen as in the linear probe (its weights in `extra`, outside the optimizer,
 run forward only under stop_gradient): the tokens of `classifier.probe_layer` (0 = the encoder
@@ -7,8 +7,9 @@ output, k = block k), the [CLS] token among them, are read by one cross-attentio
 `attentive.num_heads` heads (0: the encoder's) and an MLP of `attentive.mlp_ratio` x its
 width, trained by the loop with the config's optimizer on augmented images (RandomResizedCrop
 + flip). Where the linear probe reads one pooled vector, this head weighs the patches per
-image: a fairer read-out of features that are not linearly separable once averaged, which
-MIM's often are not, at the price of a head with parameters of its own (about 12 x width^2).
+image: a fairer read-out of features that are not linearly separable once averaged (MIM's
+often are not), at the price of a head with parameters of its own ((4 + 2 mlp_ratio) x
+width^2 besides the classifier). Weight decay skips its biases and its query token.
 `init_from=random` is the random-encoder baseline.
 """
 
@@ -57,8 +58,9 @@ class AttentiveProbe(base.Method):
     v.require(v.is_int(a.num_heads) and a.num_heads >= 0 and width % max(a.num_heads, 1) == 0,
               "attentive.num_heads", a.num_heads,
               f"0 (the encoder's heads) or a divisor of the encoder width {width}")
-    v.require(v.is_number(a.mlp_ratio) and a.mlp_ratio > 0, "attentive.mlp_ratio",
-              a.mlp_ratio, "a positive number (the MLP's width over the encoder's)")
+    v.require(v.is_number(a.mlp_ratio) and a.mlp_ratio * width >= 1, "attentive.mlp_ratio",
+              a.mlp_ratio, f"a positive number (the MLP's width over the encoder's {width}), "
+              "at least one unit wide")
 
   @classmethod
   def unread_rules(cls):
@@ -92,9 +94,10 @@ class AttentiveProbe(base.Method):
     return pretrained.is_pretrained(self.config.init_from)
 
   def tokens(self, encoder_params, images):
-    """Frozen tokens [B, 1 + N, D] (float32) of block `probe_layer` of images [B, H, W, C]."""
+    """Frozen tokens [B, 1 + N, D] (float32) of block `probe_layer` of images [B, H, W, C]
+    (the encoder lives in `extra`, which the optimizer never sees)."""
     out, aux = self.encoder.apply({"params": encoder_params}, images, train=False)
-    return jax.lax.stop_gradient(block_output(out, aux, self.layer).astype(jnp.float32))
+    return block_output(out, aux, self.layer).astype(jnp.float32)
 
   def init(self, rng, images):
     enc_rng, head_rng = jax.random.split(rng)

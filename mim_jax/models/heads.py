@@ -86,10 +86,11 @@ class ProbeHead(nn.Module):
 class AttentivePoolingHead(nn.Module):
   """tokens [B, N, D] -> logits [B, num_classes] (float32): the attentive probe's head.
 
-  One pre-norm transformer block whose only query is a learned token: it attends over the
-  (layer-normalised) frozen tokens with `num_heads` heads, adds an MLP (`mlp_ratio` x D), and
-  the result, layer-normalised, goes through a linear classifier (V-JEPA's and AIM's attentive
-  probe, with one query). A linear probe reads one pooled vector; this head chooses per image
+  V-JEPA's attentive classifier with one query and one block: a learned token (`query_token`)
+  attends over the layer-normalised frozen tokens with `num_heads` heads (residual to the
+  query), then an MLP (`mlp_ratio` x D, pre-norm, residual), then, unlike V-JEPA, a LayerNorm
+  before the linear classifier (as fine-tuning's fc_norm). (4 + 2 mlp_ratio) D^2 parameters
+  besides the classifier. A linear probe reads one pooled vector; this head chooses per image
   which patches to read, so features that are not linearly separable once averaged (MIM's, at
   their raw scale) can still be read out without fine-tuning the encoder.
   """
@@ -102,12 +103,11 @@ class AttentivePoolingHead(nn.Module):
   def __call__(self, tokens: jax.Array) -> jax.Array:
     tokens = tokens.astype(jnp.float32)
     batch, _, width = tokens.shape
-    query = self.param("query", trunc_normal(0.02), (1, 1, width))
+    query = self.param("query_token", trunc_normal(0.02), (1, 1, width))
     x = jnp.broadcast_to(query, (batch, 1, width))
     keys = nn.LayerNorm(epsilon=LAYER_NORM_EPS, name="norm_tokens")(tokens)
     x = x + nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, kernel_init=dense_init, name="attn")(
-            nn.LayerNorm(epsilon=LAYER_NORM_EPS, name="norm_query")(x), keys)
+        num_heads=self.num_heads, kernel_init=dense_init, name="attn")(x, keys)
     x = x + Mlp(int(self.mlp_ratio * width), name="mlp")(
         nn.LayerNorm(epsilon=LAYER_NORM_EPS, name="norm_mlp")(x))
     x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, name="norm")(x)[:, 0]

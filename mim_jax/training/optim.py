@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 OPTIMIZERS = ("adamw", "lars", "sgd")
 SCHEDULES = ("cosine", "multistep")
 
-# Parameters exempt from weight decay besides biases and norm scales (ndim <= 1).
-NO_DECAY_NAMES = frozenset({"cls_token", "mask_token", "pos_embed", "dist_token"})
+# Parameters exempt from weight decay besides biases and norm scales (ndim <= 1): tokens,
+# position tables, and biases of more dimensions (flax's attention keeps [heads, head_dim]).
+NO_DECAY_NAMES = frozenset({"cls_token", "mask_token", "pos_embed", "dist_token",
+                            "query_token", "bias"})
 
 
 def peak_learning_rate(opt_cfg, global_batch_size: int) -> float:
