@@ -19,9 +19,11 @@ sys.path.insert(0, str(REPO))
 # workers and every process a test starts (JAX reads these variables when it starts; set here,
 # before any test imports it). Tests compile the same micro models' steps again and again, as
 # fresh closures or in fresh processes, and on two cores compiling is a large share of the
-# suite's time. A cache the caller set (JAX_COMPILATION_CACHE_DIR) is used as it is.
+# suite's time. A cache the caller set (JAX_COMPILATION_CACHE_DIR) is used as it is; a
+# process started without one on purpose (JAX_ENABLE_COMPILATION_CACHE=false) makes none.
 _OWN_XLA_CACHE = None
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+if ("JAX_COMPILATION_CACHE_DIR" not in os.environ
+    and os.environ.get("JAX_ENABLE_COMPILATION_CACHE", "").lower() not in ("false", "0")):
   _OWN_XLA_CACHE = tempfile.mkdtemp(prefix="mim_jax_tests_xla_cache_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_XLA_CACHE
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
