@@ -22,22 +22,19 @@ import optax
 
 from mim_jax.config import validation as v
 from mim_jax.evaluate import classifier_base
-from mim_jax.methods import base
 from mim_jax.models import flops
 from mim_jax.models.heads import AttentivePoolingHead, attentive_head_flops
 from mim_jax.models.vit import block_output, encoder_from_config, size_from_config
 from mim_jax.weights import pretrained
 
 
-class AttentiveProbe(base.Method):
+class AttentiveProbe(classifier_base.FrozenEncoderClassifier):
   """The attentive probe as the training loop sees it (see `methods.base.Method`).
 
   params = {"head": AttentivePoolingHead}; extra = {"encoder": the frozen encoder}.
   """
 
   name = "attentive_probe"
-  kind = "classifier"
-  evaluates = True
 
   @classmethod
   def add_config(cls, c):
@@ -61,13 +58,6 @@ class AttentiveProbe(base.Method):
     v.require(v.is_number(a.mlp_ratio) and a.mlp_ratio * width >= 1, "attentive.mlp_ratio",
               a.mlp_ratio, f"a positive number (the MLP's width over the encoder's {width}), "
               "at least one unit wide")
-
-  @classmethod
-  def unread_rules(cls):
-    # The frozen encoder runs forward only, in inference mode, with no gradient to keep.
-    return [(("model.drop_path_rate", "model.remat"), lambda c: False,
-             "the probe's encoder is frozen (forward only, no stochastic depth, nothing to "
-             "recompute)")]
 
   @classmethod
   def forward_flops(cls, config):
@@ -105,11 +95,6 @@ class AttentiveProbe(base.Method):
     head = self.head.init(head_rng, self.tokens(encoder, images))["params"]
     return {"head": head}, {"encoder": encoder}
 
-  def load_pretrained(self, params, extra):
-    extra = dict(extra, encoder=pretrained.load_encoder_into(
-        extra["encoder"], self.config.init_from, grid_hw=self.encoder.grid_hw))
-    return params, extra
-
   def logits(self, params, extra, images):
     """Logits [B, classes] of images [B, H, W, C]."""
     return self.head.apply({"params": params["head"]}, self.tokens(extra["encoder"], images))
@@ -120,10 +105,3 @@ class AttentiveProbe(base.Method):
     loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]))
     metrics = {"loss": loss, "accuracy": classifier_base.accuracy(logits, batch["label"])}
     return loss, (metrics, extra)
-
-  def eval_metrics(self, params, extra, batch):
-    return classifier_base.classification_sums(self.logits(params, extra, batch["image"]),
-                                               batch["label"], batch["mask"])
-
-  def encoder_params(self, params, extra):
-    return extra["encoder"]

@@ -10,6 +10,8 @@ import optax
 from mim_jax import data
 from mim_jax.config import defaults
 from mim_jax.config import validation as v
+from mim_jax.methods import base
+from mim_jax.weights import pretrained
 
 
 def num_classes(config) -> int:
@@ -66,3 +68,31 @@ def validate_scored(config) -> None:
   e = config.eval.every_epochs
   v.require(v.is_number(e) and e >= 0, "eval.every_epochs", e,
             "a number >= 0 (0: only at the end)")
+
+
+class FrozenEncoderClassifier(base.Method):
+  """What the probes that train a head on a frozen encoder share (the linear probe, the
+  attentive probe): the encoder lives in `extra["encoder"]`, outside the optimizer, loaded
+  from init_from and run forward only; a subclass defines `logits(params, extra, images)`."""
+
+  kind = "classifier"
+  evaluates = True
+
+  @classmethod
+  def unread_rules(cls):
+    # The frozen encoder runs forward only, in inference mode, with no gradient to keep.
+    return [(("model.drop_path_rate", "model.remat"), lambda c: False,
+             "the probe's encoder is frozen (forward only, no stochastic depth, nothing to "
+             "recompute)")]
+
+  def load_pretrained(self, params, extra):
+    extra = dict(extra, encoder=pretrained.load_encoder_into(
+        extra["encoder"], self.config.init_from, grid_hw=self.encoder.grid_hw))
+    return params, extra
+
+  def eval_metrics(self, params, extra, batch):
+    return classification_sums(self.logits(params, extra, batch["image"]), batch["label"],
+                               batch["mask"])
+
+  def encoder_params(self, params, extra):
+    return extra["encoder"]

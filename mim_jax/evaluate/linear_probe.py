@@ -15,22 +15,19 @@ import jax.numpy as jnp
 import optax
 
 from mim_jax.evaluate import classifier_base
-from mim_jax.methods import base
 from mim_jax.models import flops
 from mim_jax.models.heads import ProbeHead, encoder_features
 from mim_jax.models.vit import encoder_from_config
 from mim_jax.weights import pretrained
 
 
-class LinearProbe(base.Method):
+class LinearProbe(classifier_base.FrozenEncoderClassifier):
   """The linear probe as the training loop sees it (see `methods.base.Method`).
 
   params = {"head": Dense}; extra = {"encoder": frozen encoder, "batch_stats": BatchNorm stats}.
   """
 
   name = "linprobe"
-  kind = "classifier"
-  evaluates = True
 
   @classmethod
   def add_config(cls, c):
@@ -42,13 +39,6 @@ class LinearProbe(base.Method):
   @classmethod
   def validate(cls, config):
     classifier_base.validate_scored(config)
-
-  @classmethod
-  def unread_rules(cls):
-    # The frozen encoder runs forward only, in inference mode, with no gradient to keep.
-    return [(("model.drop_path_rate", "model.remat"), lambda c: False,
-             "the probe's encoder is frozen (forward only, no stochastic depth, nothing to "
-             "recompute)")]
 
   @classmethod
   def forward_flops(cls, config):
@@ -88,11 +78,6 @@ class LinearProbe(base.Method):
     return ({"head": variables["params"]},
             {"encoder": encoder, "batch_stats": variables["batch_stats"]})
 
-  def load_pretrained(self, params, extra):
-    extra = dict(extra, encoder=pretrained.load_encoder_into(
-        extra["encoder"], self.config.init_from, grid_hw=self.encoder.grid_hw))
-    return params, extra
-
   def loss(self, params, extra, batch, rng, train=True):
     del rng
     feats = self.features(extra["encoder"], batch["image"])
@@ -107,10 +92,3 @@ class LinearProbe(base.Method):
     """Evaluation logits [B, classes] with the running BatchNorm statistics."""
     return self.head.apply({"params": params["head"], "batch_stats": extra["batch_stats"]},
                            self.features(extra["encoder"], images), train=False)
-
-  def eval_metrics(self, params, extra, batch):
-    return classifier_base.classification_sums(self.logits(params, extra, batch["image"]),
-                                               batch["label"], batch["mask"])
-
-  def encoder_params(self, params, extra):
-    return extra["encoder"]
