@@ -24,8 +24,7 @@ from mim_jax.config import validation as v
 from mim_jax.evaluate import classifier_base
 from mim_jax.models import flops
 from mim_jax.models.heads import AttentivePoolingHead, attentive_head_flops
-from mim_jax.models.vit import block_output, encoder_from_config, size_from_config
-from mim_jax.weights import pretrained
+from mim_jax.models.vit import block_output, size_from_config
 
 
 class AttentiveProbe(classifier_base.FrozenEncoderClassifier):
@@ -71,17 +70,11 @@ class AttentiveProbe(classifier_base.FrozenEncoderClassifier):
 
   def __init__(self, config, length=None):
     super().__init__(config, length)
-    self.encoder = encoder_from_config(config.model, config.image_size, config.channels,
-                                       posemb=pretrained.encoder_posemb(config.init_from))
-    self.layer = int(config.classifier.probe_layer)
     heads = int(config.attentive.num_heads) or self.encoder.num_heads
     self.head = AttentivePoolingHead(num_classes=classifier_base.num_classes(config),
                                      num_heads=heads,
                                      mlp_ratio=float(config.attentive.mlp_ratio),
                                      head_init_std=config.classifier.head_init_std)
-
-  def wants_weights(self) -> bool:
-    return pretrained.is_pretrained(self.config.init_from)
 
   def tokens(self, encoder_params, images):
     """Frozen tokens [B, 1 + N, D] (float32) of block `probe_layer` of images [B, H, W, C]

@@ -11,6 +11,7 @@ from mim_jax import data
 from mim_jax.config import defaults
 from mim_jax.config import validation as v
 from mim_jax.methods import base
+from mim_jax.models.vit import encoder_from_config
 from mim_jax.weights import pretrained
 
 
@@ -73,10 +74,21 @@ def validate_scored(config) -> None:
 class FrozenEncoderClassifier(base.Method):
   """What the probes that train a head on a frozen encoder share (the linear probe, the
   attentive probe): the encoder lives in `extra["encoder"]`, outside the optimizer, loaded
-  from init_from and run forward only; a subclass defines `logits(params, extra, images)`."""
+  from init_from and run forward only (`self.encoder`, sized by the config as init_from's
+  export sets it; `self.layer`, the block read); a subclass defines `logits(params, extra,
+  images)`."""
 
   kind = "classifier"
   evaluates = True
+
+  def __init__(self, config, length=None):
+    super().__init__(config, length)
+    self.encoder = encoder_from_config(config.model, config.image_size, config.channels,
+                                       posemb=pretrained.encoder_posemb(config.init_from))
+    self.layer = int(config.classifier.probe_layer)
+
+  def wants_weights(self) -> bool:
+    return pretrained.is_pretrained(self.config.init_from)
 
   @classmethod
   def unread_rules(cls):

@@ -17,8 +17,6 @@ import optax
 from mim_jax.evaluate import classifier_base
 from mim_jax.models import flops
 from mim_jax.models.heads import ProbeHead, encoder_features
-from mim_jax.models.vit import encoder_from_config
-from mim_jax.weights import pretrained
 
 
 class LinearProbe(classifier_base.FrozenEncoderClassifier):
@@ -49,15 +47,12 @@ class LinearProbe(classifier_base.FrozenEncoderClassifier):
   def __init__(self, config, length=None):
     super().__init__(config, length)
     self.pixels = config.classifier.features == "pixels"
-    self.encoder = encoder_from_config(config.model, config.image_size, config.channels,
-                                       posemb=pretrained.encoder_posemb(config.init_from))
     self.pool = config.classifier.pool
-    self.layer = int(config.classifier.probe_layer)
     self.head = ProbeHead(num_classes=classifier_base.num_classes(config),
                           head_init_std=config.classifier.head_init_std)
 
   def wants_weights(self) -> bool:
-    return pretrained.is_pretrained(self.config.init_from) and not self.pixels
+    return super().wants_weights() and not self.pixels
 
   def with_axis(self, axis_name):
     clone = super().with_axis(axis_name)

@@ -39,8 +39,9 @@ def teacher_fields() -> ml_collections.ConfigDict:
   """The frozen teacher: an encoder export / pre-training or fine-tuning workdir / import
   (`path`), the block whose output is the target (`block`: 0 = the output after the final
   norm, k = the output of block k, counted from 1, before that norm, as the probe's
-  `classifier.probe_layer` and `mim_jax.features` count: `models.vit.block_output`), and the targets' normalisation (`norm`: "layer" = per-token
-  LayerNorm without affine parameters, or "none")."""
+  `classifier.probe_layer` and `mim_jax.features` count: `models.vit.block_output`), and the
+  targets' normalisation (`norm`: "layer" = per-token LayerNorm without affine parameters, or
+  "none")."""
   return ml_collections.ConfigDict(dict(path="", block=0, norm="layer"))
 
 
