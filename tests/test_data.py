@@ -231,6 +231,23 @@ def test_image_folder_labels_and_recursive_listing(tmp_path):
   assert "image" not in src[0]  # listing does not decode
 
 
+def test_image_folder_lists_each_image_once_through_links_that_loop(tmp_path):
+  """A symlink back up the tree (to the root; to a linked-in class's own folder) is not
+  descended again: os.walk(followlinks=True) alone lists x.png about 40 times (up to the
+  kernel's limit on links in a path). A link to a folder elsewhere (a class linked in) is still
+  followed."""
+  root, px = tmp_path / "root", np.full((4, 4, 3), 7, np.uint8)
+  x = save_image(root / "a" / "x.png", px)
+  save_image(tmp_path / "elsewhere" / "y.png", px)
+  (root / "a" / "up").symlink_to(root)
+  (root / "b").symlink_to(tmp_path / "elsewhere")
+  (tmp_path / "elsewhere" / "back").symlink_to(tmp_path / "elsewhere")
+  src = data.build_source(data_config(source="image_folder", path=str(root)),
+                          image_size=(4, 4), channels=3)
+  assert sorted(src[i]["path"] for i in range(len(src))) == [x, str(root / "b" / "y.png")]
+  assert src.classes == ("a", "b")
+
+
 def test_image_folder_root_images_get_label_zero(tmp_path):
   root = tmp_path / "flat"
   for i in range(3):

@@ -176,9 +176,23 @@ def is_image_file(name: str) -> bool:
 
 
 def _walk_images(root: str):
-  """Yields image file paths under `root` in sorted, deterministic order (hidden dirs skipped)."""
+  """Yields image file paths under `root` in sorted, deterministic order (hidden dirs skipped).
+
+  Symlinked folders are followed (class folders linked in from elsewhere), except a link back
+  to a folder on the way down to it (`cls/all -> ..`): os.walk would descend it again and
+  again until the kernel's limit on links in a path, listing every image below it ~40 times
+  (and 2^40 times with two such links). Each folder is listed once along any path.
+  """
+  above: dict[str, frozenset[str]] = {}  # folder -> real paths of the folders from root to it
   for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-    dirnames[:] = sorted(d for d in dirnames if is_listed_name(d))
+    on_the_way = above.pop(dirpath, frozenset()) | {os.path.realpath(dirpath)}
+    kept = []
+    for d in sorted(d for d in dirnames if is_listed_name(d)):
+      path = os.path.join(dirpath, d)
+      if os.path.realpath(path) not in on_the_way:
+        kept.append(d)
+        above[path] = on_the_way
+    dirnames[:] = kept
     for name in sorted(filenames):
       if is_image_file(name):
         yield os.path.join(dirpath, name)
