@@ -115,7 +115,7 @@ def load(source: str, *, image_size: Optional[Sequence[int]] = None) -> Encoder:
 
 
 def prepare(enc: Encoder, images: np.ndarray, crop_fraction: float = 1.0) -> np.ndarray:
-  """Raw images [N, H, W(, C)] (uint8, uint16 / other integers, or float in [0, 1]) ->
+  """Raw images [N, H, W(, C)] (uint8, uint16, or float in [0, 1]) ->
   normalised float32 [N, *image_size, C]: the evaluation preprocessing (resize + centre
   crop keeping `crop_fraction` when the size differs), as `data.make_eval_iterator` does it."""
   normalize = transforms.Normalizer(enc.mean, enc.std, enc.channels)
@@ -145,6 +145,9 @@ def read_images(path: str) -> np.ndarray:
     if images.ndim not in (3, 4) or not numeric or not len(images):
       raise ValueError(f"{path}: expected images [N, H, W] or [N, H, W, C] of integers or "
                        f"floats, N >= 1; it holds {images.dtype} {list(images.shape)}")
+    error = transforms.stored_dtype_error(images.dtype)
+    if error:
+      raise ValueError(f"{path}: {error}")
     bad = sources.nonfinite_report(images)  # NaN or inf pixels would give NaN feature rows
     if bad:
       raise ValueError(f"{path}: it holds {bad}: {sources.NONFINITE_ADVICE}")

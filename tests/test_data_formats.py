@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mim_jax import data, recipes, registry
+from mim_jax import data, features, recipes, registry
 from mim_jax.config.errors import ConfigError
 from mim_jax.data import sources, stats, transforms
 from mim_jax.training import loop
@@ -234,6 +234,72 @@ def test_bad_npy_arrays_are_one_line_errors(tmp_path):
   with pytest.raises(ConfigError, match=r"^config.data.split='train' is invalid: a split whose "
                      r".*train.npy is a .npy array"):
     data.validate_data_config(_npy_cfg(tmp_path), image_size=(8, 8), channels=1)
+
+
+def test_integer_pixels_other_than_uint8_and_uint16_are_refused_before_training(tmp_path):
+  """An int64 array of 0..255 (what np.array of a list of ints gives) was read as fractions of
+  int64's maximum: every image ~1e-17, one constant after normalisation, and training went on.
+  Refused by validation, the decoder (a TIFF) and the feature tool, saying what to store."""
+  np.save(tmp_path / "train.npy", np.full((4, 8, 8), 200, np.int64))
+  with pytest.raises(ConfigError, match=r"train.npy holds pixels of a type that is read; int64 "
+                     r"pixel values are not read: store 8-bit data as uint8"):
+    data.validate_data_config(_npy_cfg(tmp_path), image_size=(8, 8), channels=1)
+  with pytest.raises(ValueError, match=r"int16 pixel values are not read"):
+    transforms.decode_image(_tiff(np.full((4, 4), -3, np.int16)), channels=1)
+  with pytest.raises(ValueError, match=r"train.npy: int64 pixel values are not read"):
+    features.read_images(str(tmp_path / "train.npy"))
+
+
+def test_8_bit_images_of_any_channel_count_stay_8_bit_through_the_resize():
+  """A uint8 image of 2 or 4+ channels was resized as float32 of 0..255 and then normalised as
+  if in [0, 1] (no / 255): 255x too large on the host path only. Each channel is resized as 8-bit
+  grayscale, exactly as a 1-channel image is."""
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (12, 10, 4), np.uint8)
+  box = (1.5, 0.5, 9.0, 8.0)
+  out = transforms.resize_box(image, box, (6, 5))
+  assert out.dtype == np.uint8 and out.shape == (6, 5, 4)
+  for k in range(4):
+    np.testing.assert_array_equal(out[..., k:k + 1],
+                                  transforms.resize_box(image[..., k:k + 1], box, (6, 5)))
+
+
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+  buf = io.BytesIO()
+  image.save(buf, fmt)
+  return buf.getvalue()
+
+
+def test_8_bit_tiffs_are_read_by_what_their_values_mean():
+  """Palette, CMYK, bilevel and inverted-grayscale (MINISWHITE) TIFFs were read as raw samples
+  (palette indices as grey levels, C, M, Y as R, G, B): now as PIL reads them, the same pixels
+  as the PNG of the same image. 16-bit and multi-band TIFFs still keep every sample."""
+  rgb = np.zeros((4, 4, 3), np.uint8)
+  rgb[:2], rgb[2:] = (255, 0, 0), (0, 0, 255)
+  image = Image.fromarray(rgb)
+  for variant in (image.quantize(2), image.convert("CMYK"), image.convert("1")):
+    for channels in (1, 3):
+      png = variant if variant.mode != "CMYK" else variant.convert("RGB")
+      np.testing.assert_array_equal(
+          transforms.decode_image(_encoded(variant, "TIFF"), channels),
+          transforms.decode_image(_encoded(png, "PNG"), channels), err_msg=variant.mode)
+  grey = np.array([[0, 255], [255, 0]], np.uint8)  # stored inverted, the tag says so
+  inverted = _tiff(255 - grey, photometric="miniswhite")
+  np.testing.assert_array_equal(transforms.decode_image(inverted, 1)[..., 0], grey)
+
+
+def test_8_bit_files_with_alpha_keep_it_for_2_and_4_channels():
+  """config.channels=4 (or 2) with RGBA (gray + alpha) PNGs failed on every image (converted to
+  RGB, then reshaped to 4 channels); more channels than a PNG holds is a clear error."""
+  rgba = np.random.default_rng(0).integers(0, 256, (6, 5, 4), np.uint8)
+  png = _encoded(Image.fromarray(rgba, "RGBA"), "PNG")
+  np.testing.assert_array_equal(transforms.decode_image(png, 4), rgba)
+  gray_alpha = transforms.decode_image(png, 2)
+  np.testing.assert_array_equal(gray_alpha[..., 1], rgba[..., 3])
+  np.testing.assert_array_equal(gray_alpha[..., 0],
+                                np.asarray(Image.fromarray(rgba, "RGBA").convert("LA"))[..., 0])
+  with pytest.raises(ValueError, match=r"has at most 4 channels, not the 5 of config.channels"):
+    transforms.decode_image(png, 5)
 
 
 def test_float_images_with_nan_or_inf_are_refused_naming_the_file(tmp_path, monkeypatch):

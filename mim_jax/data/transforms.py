@@ -38,13 +38,29 @@ class BadImageError(ValueError):
 # ----------------------------------------------------------------------------- channels
 
 
+def stored_dtype_error(stored: np.dtype) -> str | None:
+  """Why images stored as `stored` are not read, or None when they are: integers other than
+  uint8 and uint16 have no one meaning as pixel values (an int64 array of 0..255, what
+  `np.array` of a list of ints gives, read as a fraction of int64's maximum would be all
+  ~1e-17; signed data has no zero level), so the user says what they mean by converting."""
+  stored = np.dtype(stored)
+  if stored in (np.uint8, np.uint16) or not np.issubdtype(stored, np.integer):
+    return None
+  return (f"{stored} pixel values are not read: store 8-bit data as uint8, 16-bit as uint16 "
+          "(read as fractions of 65535), or anything else as float32 in the units you mean "
+          "(then `python -m mim_jax.data.stats` gives the normalisation)")
+
+
 def as_unit_range(image: np.ndarray) -> np.ndarray:
-  """uint8 stays uint8; uint16 / int / float become float32 in [0, 1] (integers divided by
-  their type's maximum, floats as they are)."""
+  """uint8 stays uint8; uint16 becomes float32 in [0, 1] (divided by 65535), floats float32
+  as they are; other integer types are refused (`stored_dtype_error`)."""
   if image.dtype == np.uint8:
     return image
-  if np.issubdtype(image.dtype, np.integer):
-    return (image.astype(np.float32) / float(np.iinfo(image.dtype).max)).astype(np.float32)
+  error = stored_dtype_error(image.dtype)
+  if error:
+    raise ValueError(error)
+  if image.dtype == np.uint16:
+    return (image.astype(np.float32) / 65535.0).astype(np.float32)
   return image.astype(np.float32)
 
 
@@ -175,15 +191,42 @@ def _open_image(data: bytes) -> Image.Image:
     raise ValueError(f"not an image format PIL recognises ({what})") from None
 
 
+# config.channels -> the PIL mode an 8-bit file is converted to (alpha kept for 2 and 4).
+_PIL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+# 8-bit TIFF modes PIL converts by what their values mean (palette, inverted grayscale,
+# CMYK, YCbCr, bilevel; JPEG-compressed too), which tifffile's raw samples do not say.
+_PIL_TIFF_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
+
+
+def _pil_reads_8_bit_tiff(data: bytes, channels: int) -> bool:
+  """Whether a TIFF is decoded through PIL: 8-bit images of a mode PIL converts into
+  grayscale or RGB (`_PIL_TIFF_MODES`) when the model takes 1 or 3 channels. Any other TIFF
+  (16-bit, float, more bands, or a model of other channel counts) keeps every sample as stored
+  through tifffile."""
+  if channels not in (1, 3):
+    return False
+  try:
+    with Image.open(io.BytesIO(data)) as img:  # reads the header only
+      # PIL names some 16-bit TIFFs by an 8-bit mode (RGB, RGBA) and cuts them to 8 bits:
+      # the samples' stored depth decides, not the mode.
+      bits = img.tag_v2.get(258, (1,))  # BitsPerSample; absent: bilevel
+      bits = bits if isinstance(bits, tuple) else (bits,)
+      return img.mode in _PIL_TIFF_MODES and all(b in (1, 8) for b in bits)
+  except Exception:  # pylint: disable=broad-except  # PIL cannot: tifffile decides or says why
+    return False
+
+
 def decode_image(data: bytes, channels: int) -> np.ndarray:
   """Encoded JPEG/PNG/TIFF bytes -> [h, w, channels]: uint8 for 8-bit images, float32 in
-  [0, 1] for 16-bit PNG (grayscale) and TIFF (any depth and channel count). Raises on corrupt
-  data, and on 16-bit colour PNG, which PIL would cut to 8 bits (store those as TIFF).
+  [0, 1] for 16-bit PNG (grayscale) and TIFF (8-bit of other channel counts, 16-bit or float,
+  any channel count). 8-bit files become grayscale, gray + alpha, RGB or RGBA for 1, 2, 3, 4
+  channels. Raises on corrupt data, and on 16-bit colour PNG, which PIL would cut to 8 bits
+  (store those as TIFF).
 
   `load()` forces the full decode here, so a truncated file fails now (PIL otherwise decodes
   lazily and would fail later inside a resize).
   """
-  if data[:4] in TIFF_MAGIC:
+  if data[:4] in TIFF_MAGIC and not _pil_reads_8_bit_tiff(data, channels):
     return _decode_tiff(data, channels)
   if data[:2] == JPEG_MAGIC:
     fast = _decode_jpeg_fast(data, channels)
@@ -205,7 +248,10 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
         raise ValueError(f"32-bit integer {img.format} image: store it as a .npy array or a "
                          "TIFF (float or integer) to keep its range")
       return to_channels(array.astype(np.uint16), channels)
-    mode = "L" if channels == 1 else "RGB"
+    mode = _PIL_MODES.get(channels)
+    if mode is None:
+      raise ValueError(f"a {img.format} image ({img.mode}) has at most 4 channels, not the "
+                       f"{channels} of config.channels: multi-band data goes in TIFF or .npy")
     if img.mode != mode:
       # Palette / alpha / CMYK / 16-bit images go through RGB first so 'L' sees real colours.
       img = img.convert("RGB") if mode == "L" and img.mode not in ("RGB", "L") else img
@@ -267,8 +313,9 @@ def center_crop_box(height: int, width: int, out_size: tuple[int, int],
 def resize_box(image: np.ndarray, box: Sequence[float], out_size: tuple[int, int]) -> np.ndarray:
   """Bicubic resize of `image[box]` ([h, w, c]) to [out_h, out_w, c] of the same dtype.
 
-  uint8 grayscale / RGB: PIL's 8-bit resize (rounded to uint8). float32 (high bit depth, any
-  channel count): PIL's 32-bit float resize of each channel, no rounding. The bicubic filter
+  uint8: PIL's 8-bit resize (RGB at once, any other channel count channel by channel; rounded
+  to uint8, as the normalisation expects of uint8). float32 (high bit depth, any channel
+  count): PIL's 32-bit float resize of each channel, no rounding. The bicubic filter
   reads the pixels just outside the box where the image has them (PIL's `resize(box=)`);
   torchvision's RandomResizedCrop crops first and so repeats the box's edge: the outermost
   output pixels differ slightly, the interior is the same.
@@ -277,10 +324,14 @@ def resize_box(image: np.ndarray, box: Sequence[float], out_size: tuple[int, int
   out_h, out_w = out_size
   c = image.shape[-1]
   pil_box = (left, top, left + w, top + h)
-  if image.dtype == np.uint8 and c in (1, 3):
-    pil = Image.fromarray(image[..., 0] if c == 1 else image, "L" if c == 1 else "RGB")
-    pil = pil.resize((out_w, out_h), Image.Resampling.BICUBIC, box=pil_box)
-    return np.asarray(pil).reshape(out_h, out_w, c)
+  if image.dtype == np.uint8 and c == 3:
+    pil = Image.fromarray(image, "RGB").resize((out_w, out_h), Image.Resampling.BICUBIC,
+                                               box=pil_box)
+    return np.asarray(pil)
+  if image.dtype == np.uint8:  # any other count: each channel as 8-bit grayscale, still uint8
+    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(image[..., k]), "L")
+                                .resize((out_w, out_h), Image.Resampling.BICUBIC, box=pil_box))
+                     for k in range(c)], axis=-1)
   channels = [np.asarray(Image.fromarray(np.ascontiguousarray(image[..., k], np.float32), "F")
                          .resize((out_w, out_h), Image.Resampling.BICUBIC, box=pil_box))
               for k in range(c)]

@@ -82,6 +82,9 @@ def _check_npy_split(data_cfg, split: str, field: str, channels: int) -> None:
                        f"({_npy_load_problem(file, e)})") from None
   _require(images.ndim in (3, 4), field, value, f"a split whose {file} holds images [N, H, W] "
            f"or [N, H, W, C]; it holds an array of shape {images.shape}")
+  error = transforms.stored_dtype_error(images.dtype)
+  _require(not error, field, value, f"a split whose {file} holds pixels of a type that is "
+           f"read; {error}")
   _check_channels(field, value, images.dtype, 1 if images.ndim == 3 else images.shape[-1],
                   channels)
   # The one check here that reads the pixels: float images only, in one chunked pass over the
