@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import platform
@@ -320,12 +321,13 @@ def test_num_classes_below_an_image_folders_classes_is_refused_before_training(t
 
   from mim_jax.evaluate import classifier_base
   from mim_jax.training import setup
-  for name in ("a", "b", "c"):
-    (tmp_path / name).mkdir()
+  for folder, name in itertools.product(("train", "val"), ("a", "b", "c")):
+    (tmp_path / folder / name).mkdir(parents=True)
     for i in range(4):
-      Image.new("RGB", (16, 16), (i, 0, 0)).save(tmp_path / name / f"{i}.png")
+      Image.new("RGB", (16, 16), (i, 0, 0)).save(tmp_path / folder / name / f"{i}.png")
+  folders = {"data.path": str(tmp_path / "train"), "data.eval_path": str(tmp_path / "val")}
   config = tiny_mae_config(method="finetune", global_batch_size=4, **{
-      "data.source": "image_folder", "data.path": str(tmp_path), "data.eval_path": str(tmp_path),
+      "data.source": "image_folder", **folders,
       "classifier.num_classes": 2})
   registry.validate_config(config)  # the class count needs the listing
   with pytest.raises(ConfigError, match=r"config.classifier.num_classes=2 is invalid: 0 \(the "
@@ -338,7 +340,7 @@ def test_num_classes_below_an_image_folders_classes_is_refused_before_training(t
   # The frozen-feature jobs run outside setup_run: they check it before any feature.
   from mim_jax.evaluate import frozen
   knn = tiny_mae_config(method="knn", init_from="random", **{
-      "data.source": "image_folder", "data.path": str(tmp_path), "data.eval_path": str(tmp_path),
+      "data.source": "image_folder", **folders,
       "classifier.num_classes": 2})
   with pytest.raises(ConfigError, match=r"config.classifier.num_classes=2 is invalid"):
     frozen._start(knn, str(tmp_path / "knn"))

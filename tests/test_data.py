@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import logging
 import os
 import re
@@ -874,9 +875,9 @@ def test_the_evaluation_split_a_run_scores_is_checked_before_it_starts(tmp_path)
                               scores_eval_split=scores)
 
   # An image folder: the evaluation split is data.eval_path, which must be set.
-  for name in ("a", "b"):
-    (tmp_path / "img" / name).mkdir(parents=True)
-    Image.new("L", (8, 8)).save(tmp_path / "img" / name / "0.png")
+  for folder, name in itertools.product(("img", "val"), ("a", "b")):
+    (tmp_path / folder / name).mkdir(parents=True)
+    Image.new("L", (8, 8)).save(tmp_path / folder / name / "0.png")
   folder = data_config(source="image_folder", path=str(tmp_path / "img"), mean=(0.5,),
                        std=(0.5,))
   check(folder, scores=False)  # pre-training without a k-NN monitor never reads it
@@ -885,8 +886,14 @@ def test_the_evaluation_split_a_run_scores_is_checked_before_it_starts(tmp_path)
     check(folder)
   check(data_config(**{**folder.to_dict(), "holdout": 1, "eval_split": "holdout"}))
   # Any other name would read data.eval_path just the same: a name that does nothing.
-  with_eval = {**folder.to_dict(), "eval_path": str(tmp_path / "img")}
+  with_eval = {**folder.to_dict(), "eval_path": str(tmp_path / "val")}
   check(data_config(**{**with_eval, "eval_split": "eval"}))
+  # The training folder, or one inside it or holding it, as the evaluation images: scored on
+  # what it trains on (a random encoder's k-NN scored 97% on random noise that way).
+  for inside in ("img", "img/a", "."):
+    with pytest.raises(ConfigError, match=r"config.data.eval_path=.* is invalid: a folder apart "
+                       r"from the training images data.path=.*img' \(neither inside the other"):
+      check(data_config(**{**with_eval, "eval_path": str(tmp_path / inside)}))
   with pytest.raises(ConfigError, match=r"config.data.eval_split='validation' is invalid: one "
                      r"of \('', 'eval', 'holdout'\) for data.source='image_folder'"):
     check(data_config(**{**with_eval, "eval_split": "validation"}))

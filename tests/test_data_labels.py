@@ -284,8 +284,10 @@ def test_each_run_lists_an_image_folder_as_it_is_when_the_run_starts(tmp_path, m
   seen = []
   monkeypatch.setattr(registry.method_class("knn"), "run", classmethod(
       lambda cls, c, w: seen.append(len(sources.list_image_folder(c.data.path)[0]))))
+  save_png(tmp_path / "evaluation" / "a" / "1.png")
   config = tiny_config("knn", init_from="random", **{
-      "data.source": "image_folder", "data.path": root, "data.eval_path": root,
+      "data.source": "image_folder", "data.path": root,
+      "data.eval_path": str(tmp_path / "evaluation"),
       "data.mean": (0.5,), "data.std": (0.5,)})
   loop.run(config, str(tmp_path / "first"))
   save_png(tmp_path / "images" / "b" / "3.png")

@@ -25,7 +25,7 @@ from mim_jax.training import checkpoint, optim
 from mim_jax.training import loop as train
 from mim_jax.weights import pretrained
 
-from conftest import tiny_mae_config
+from conftest import export_fresh_encoder, tiny_config, tiny_mae_config
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +184,31 @@ def test_adopt_encoder_config_takes_size_from_the_export(pretrained_workdir, cap
   assert "the config's encoder fields replaced: model.variant='B/16' -> 'mu/4'" in caplog.text
 
 
+def test_an_evaluation_normalises_its_inputs_as_the_encoder_learned(tmp_path, caplog):
+  """The jobs and classifiers normalised with their config's mean / std (ImageNet's in the
+  base configs) whatever the encoder was trained with: features of another input scale, no
+  word said. The export's values are adopted, unless the command line set others."""
+  export_fresh_encoder(tiny_config("mae", **{"data.mean": (0.9,), "data.std": (0.05,)}),
+                       str(tmp_path))
+  job = tiny_config("knn", init_from=str(tmp_path))
+  assert tuple(job.data.mean) != (0.9,)
+  with caplog.at_level(logging.INFO, logger="mim_jax.weights.pretrained"):
+    adopted = pretrained.adopt_encoder_config(job, file_config=job)
+  assert tuple(adopted.data.mean) == (0.9,) and tuple(adopted.data.std) == (0.05,)
+  assert f"data.mean={tuple(job.data.mean)!r} -> (0.9,)" in caplog.text
+  # One value per channel equal to the single stored one: nothing to replace.
+  same = config_defaults.override(job.copy_and_resolve_references(),
+                                  **{"data.mean": (0.9,) * 3, "data.std": (0.05,) * 3})
+  assert tuple(pretrained.adopt_encoder_config(same, file_config=same).data.mean) == (0.9,) * 3
+  # Set on the command line (it differs from the file's): kept, with a warning.
+  command_line = config_defaults.override(job.copy_and_resolve_references(),
+                                          **{"data.mean": (0.25,)})
+  with caplog.at_level(logging.WARNING, logger="mim_jax.weights.pretrained"):
+    kept = pretrained.adopt_encoder_config(command_line, file_config=job)
+  assert tuple(kept.data.mean) == (0.25,) and tuple(kept.data.std) == (0.05,)
+  assert "config.data.mean=(0.25,) from the command line, not the (0.9,)" in caplog.text
+
+
 def test_a_size_recipe_refuses_an_encoder_of_another_size(pretrained_workdir):
   """configs/finetune_imagenet.py:size=L holds ViT-L's lr, layer decay and drop path: on the
   exported mu/4 encoder (width 64, depth 2) they would apply unnoticed."""
@@ -327,6 +352,15 @@ def test_a_fine_tuned_workdir_is_an_init_from(pretrained_workdir, tmp_path):
   from mim_jax import features
   enc = features.load(str(ft))
   for a, b in zip(jax.tree.leaves(enc.params), jax.tree.leaves(final["encoder"]), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # At another resolution the k-NN and probe jobs resize its learned position table, as the
+  # loop's probes and mim_jax.features do (they loaded the table as stored, and failed).
+  from mim_jax.evaluate import frozen
+  from mim_jax.training import setup
+  at_24 = frozen._encoder_params(setup.prepare(_eval_config("knn", str(ft), image_size=(24, 24))))
+  want = features.load(str(ft), image_size=(24, 24)).params
+  assert at_24["pos_embed"].shape == (1 + 36, 64)
+  for a, b in zip(jax.tree.leaves(at_24), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(a, b)
   again = _eval_config("finetune", str(ft), total_steps=1, log_every=1)
   method = FineTune(pretrained.adopt_encoder_config(again))

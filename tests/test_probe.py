@@ -334,14 +334,15 @@ def test_a_holdout_that_cannot_be_decoded_is_named(tmp_path):
   held-out rows, the job stops with the reason instead of failing on empty arrays."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
-  for c in range(2):
-    for i in range(8):
-      path = tmp_path / "imgs" / f"class{c}" / f"{i}.png"
-      path.parent.mkdir(parents=True, exist_ok=True)
-      Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+  for folder, count in (("imgs", 8), ("val", 2)):
+    for c in range(2):
+      for i in range(count):
+        path = tmp_path / folder / f"class{c}" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
   config = _probe_config("", **{"classifier.features": "pixels", "data.source": "image_folder",
                                 "data.path": str(tmp_path / "imgs"),
-                                "data.eval_path": str(tmp_path / "imgs"), "data.holdout": 4,
+                                "data.eval_path": str(tmp_path / "val"), "data.holdout": 4,
                                 "data.synthetic_size": 10000})  # the synthetic source's default
   source = data.build_source(config.data, image_size=(16, 16), channels=3)
   for index in sources.holdout_indices(config.data, source.labels()):

@@ -71,8 +71,8 @@ class FashionMnistSource:
 
 
 class NpySource:
-  """Arrays in .npy files: DIR/SPLIT.npy holds the images [N, H, W] or [N, H, W, C] of any
-  dtype (uint8; uint16 and other integers, read as a fraction of their maximum; floats as
+  """Arrays in .npy files: DIR/SPLIT.npy holds the images [N, H, W] or [N, H, W, C] of
+  dtype (uint8; uint16, read as a fraction of 65535; other integer types are refused; floats as
   they are, e.g. reflectances in [0, 1], finite: NaN or inf is refused); DIR/SPLIT_labels.npy,
   if present, the int labels [N] (else every label is 0). Opened memory-mapped: arrays larger
   than memory work."""

@@ -340,6 +340,16 @@ def _validate_labels_and_splits(data_cfg, scores_eval_split: bool, scores_labels
              f"a split other than the training split data.split={data_cfg.split!r}: "
              "evaluations would score the images they train on (k-NN finds every query in its "
              "own bank); for a validation score use 'holdout' with data.holdout > 0")
+    # Image folders have no split names: their evaluation images are data.eval_path.
+    eval_path, path = data_cfg.get("eval_path", ""), data_cfg.get("path", "")
+    _require(not (data_cfg.source == "image_folder" and eval_split != sources.HOLDOUT_SPLIT
+                  and isinstance(eval_path, str) and eval_path and isinstance(path, str)
+                  and path and (storage.is_within(eval_path, path)
+                                or storage.is_within(path, eval_path))),
+             "eval_path", eval_path, f"a folder apart from the training images data.path="
+             f"{path!r} (neither inside the other): evaluations would score images they train "
+             "on (k-NN finds every query in its own bank); for a validation score use "
+             "eval_split='holdout' with data.holdout > 0")
   folder_splits = ("", sources.DEFAULT_EVAL_SPLITS["image_folder"], sources.HOLDOUT_SPLIT)
   # A run's evaluation split (tools naming a split with a flag of their own, e.g.
   # tokenizers.usage --split, put it here too, and may name the folder as they like).

@@ -277,8 +277,14 @@ def _encoder_params(config):
     # the method's encoder key), so every baseline scores the same encoder.
     init_rng = jax.random.split(jax.random.key(config.seed))[0]
     return encoder.init(jax.random.split(init_rng)[0], image)["params"]
-  params, _ = checkpoint.load_encoder(pretrained.encoder_directory(config.init_from))
-  return params
+  # Into the job's encoder at config.image_size: a learned position table (a fine-tuned
+  # export) is resized to the job's patch grid, as the loop's classifiers and features do.
+  encoder = encoder_from_config(config.model, config.image_size, config.channels,
+                                posemb=pretrained.encoder_posemb(config.init_from))
+  init = jax.eval_shape(encoder.init, jax.random.key(0),
+                        jnp.zeros((1, *config.image_size, config.channels)))["params"]
+  init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), init)
+  return pretrained.load_encoder_into(init, config.init_from, grid_hw=encoder.grid_hw)
 
 
 def _start(config, workdir: str):

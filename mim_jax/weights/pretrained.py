@@ -97,7 +97,8 @@ def encoder_posemb(init_from: str) -> str:
 
 
 def adopt_encoder_config(config, file_config=None):
-  """Returns a copy of `config` whose encoder size, patch and channels are the export's.
+  """Returns a copy of `config` whose encoder size, patch and channels are the export's, and
+  its input normalisation (data.mean / std) unless the command line set it.
 
   The encoder's shape is a property of the checkpoint, so evaluation configs need not repeat
   it; dtype, drop path and attention settings stay as configured. The image size may differ
@@ -124,10 +125,40 @@ def adopt_encoder_config(config, file_config=None):
       if block.get(name) != value:
         replaced.append(f"{field}={block.get(name)!r} -> {value!r}")
       block[name] = value
+    if "data" in config:
+      replaced += _adopt_normalisation(config, file_config, info)
   log.info("encoder from %s: %s (width %s, depth %s), trained on images %s%s", config.init_from,
            model["variant"], model.get("width"), model.get("depth"), info["image_size"],
            f"; the config's encoder fields replaced: {', '.join(replaced)}" if replaced else "")
   return config
+
+
+def _adopt_normalisation(config, file_config, info: dict) -> list[str]:
+  """Sets config.data.mean / std to those the encoder of model.json `info` was trained with
+  (features.load reads the same), unless the command line set them (they differ from the
+  config file's own): an explicit choice is kept, with a warning. The evaluation configs'
+  values (ImageNet's in the base configs) would otherwise feed the encoder inputs of another
+  scale than it learned on, and the scores would silently drop. Returns what it replaced."""
+  theirs = dict(zip(("mean", "std"), input_normalisation(info, config.init_from)))
+  channels = int(info["channels"])
+  replaced = []
+  for name, value in theirs.items():
+    ours = tuple(float(x) for x in config.data[name])
+    if _per_channel(ours, channels) == _per_channel(value, channels):
+      continue
+    if file_config is not None and tuple(file_config.data.get(name, ())) != tuple(ours):
+      log.warning("config.data.%s=%s from the command line, not the %s that the encoder in %s "
+                  "was trained with", name, ours, value, config.init_from)
+      continue
+    replaced.append(f"data.{name}={ours!r} -> {tuple(value)!r}")
+    config.data[name] = tuple(value)
+  return replaced
+
+
+def _per_channel(values, channels: int) -> tuple[float, ...]:
+  """One value per channel (a single value stands for every channel)."""
+  values = tuple(float(v) for v in values)
+  return values * channels if len(values) == 1 else values
 
 
 def refuse_other_recipe_size(config, model, where: str) -> None:
