@@ -1,6 +1,7 @@
 """MaskDistill ViT-B/16 pre-training on ImageNet-1k (Peng et al., 2022), teacher CLIP ViT-B/16.
 
-  python -m mim_jax.convert import CLIP_VIT_B16_VISION_CHECKPOINT /tmp/clip_b16
+  python -m mim_jax.convert import CLIP_VIT_B16_VISION_CHECKPOINT /tmp/clip_b16 \
+      --mlp_act=quick_gelu
   python -m mim_jax.main --config=configs/maskdistill_vitb.py --workdir=DIR \
       --config.teacher.path=/tmp/clip_b16 --config.data.tfds_data_dir=/path/to/tfds
 

@@ -1,6 +1,7 @@
 """BEiT v2's VQ-KD tokenizer on ImageNet-1k, distilling a CLIP ViT-B/16 (Peng et al., 2022).
 
-  python -m mim_jax.convert import CLIP_VIT_B16_VISION_CHECKPOINT /tmp/clip_b16
+  python -m mim_jax.convert import CLIP_VIT_B16_VISION_CHECKPOINT /tmp/clip_b16 \
+      --mlp_act=quick_gelu
   python -m mim_jax.main --config=configs/vqkd_tokenizer_imagenet.py --workdir=DIR \
       --config.teacher.path=/tmp/clip_b16 --config.data.tfds_data_dir=/path/to/tfds
   python -m mim_jax.main --config=configs/beit_vitb.py --config.tokenizer.path=DIR ...

@@ -326,6 +326,10 @@ def test_clip_style_pre_norm_converts_exactly_and_exports_back(tmp_path, act):
   info = imported.model_info()
   assert info["config"]["model"]["pre_norm"] is True
   assert info["config"]["model"]["mlp_act"] == act
+  # CLIP's input statistics (both families' preprocessing), not ImageNet's: a teacher reads
+  # them from the export and re-normalises the student's view (it saw ImageNet's before).
+  assert tuple(info["config"]["data"]["mean"]) == (0.48145466, 0.4578275, 0.40821073)
+  assert tuple(info["config"]["data"]["std"]) == (0.26862954, 0.26130258, 0.27577711)
   encoder = build_encoder(info, imported.params)
   tokens, _ = encoder.apply({"params": imported.params["encoder"]}, images)
   assert rel_err(tokens, ref) < REL_TOL
@@ -359,6 +363,25 @@ def test_clip_style_tower_needs_its_activation_named(tmp_path):
   # Plain ViTs (no norm_pre) are exact GELU without being told.
   assert import_state_dict(_timm_vit().state_dict(), num_heads=HEADS,
                            posemb="learn").mlp_act == "gelu"
+
+
+@requires_timm
+def test_an_import_records_the_input_normalisation_it_is_given(tmp_path):
+  """--mean / --std: the statistics the weights were trained with, written to the export that
+  evaluations and teachers normalise with; ImageNet's for a plain ViT by default; checked."""
+  state = _timm_vit().state_dict()
+  info = import_state_dict(state, num_heads=HEADS, posemb="learn").model_info()
+  assert tuple(info["config"]["data"]["mean"]) == (0.485, 0.456, 0.406)
+  given = import_state_dict(state, num_heads=HEADS, posemb="learn", mean=(0.5,), std=(0.25,))
+  given.write(str(tmp_path / "ours"))
+  from mim_jax.weights import pretrained
+  assert pretrained.input_normalisation(pretrained.read_model_info(str(tmp_path / "ours")),
+                                        "ours") == ((0.5,), (0.25,))
+  with pytest.raises(ValueError, match="mean and std: give both or neither"):
+    import_state_dict(state, num_heads=HEADS, posemb="learn", mean=(0.5,))
+  with pytest.raises(ValueError, match=r"std=\[0.2, 0.0, 0.2\]: one value or one per channel "
+                     r"\(3\), each > 0"):
+    import_state_dict(state, num_heads=HEADS, posemb="learn", mean=(0.5,), std=(0.2, 0.0, 0.2))
 
 
 def _with_index_buffers(model) -> dict[str, np.ndarray]:

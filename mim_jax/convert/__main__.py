@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="the MLP activation, where the checkpoint does not record it (timm "
                    "state dicts): needed for CLIP-style towers, quick_gelu for OpenAI CLIP, "
                    "gelu for LAION / OpenCLIP")
+  imp.add_argument("--mean", type=float, nargs="+", default=None, metavar="M",
+                   help="the input normalisation the weights were trained with, one value or "
+                   "one per channel (default: CLIP's for a CLIP-style tower, else ImageNet's); "
+                   "evaluations and teachers apply it")
+  imp.add_argument("--std", type=float, nargs="+", default=None, metavar="S",
+                   help="the standard deviation of that normalisation (with --mean)")
   imp.add_argument("--overwrite", action="store_true",
                    help="replace an earlier mim_jax export directory at `out`")
 
@@ -95,7 +101,7 @@ def _import(args) -> None:
   model = import_checkpoint(args.checkpoint, key=args.key, num_heads=args.num_heads,
                             decoder_num_heads=args.decoder_num_heads,
                             image_size=args.image_size, posemb=args.posemb,
-                            mlp_act=args.mlp_act)
+                            mlp_act=args.mlp_act, mean=args.mean, std=args.std)
   directory = model.write(args.out, overwrite=args.overwrite)
   config = model.config()
   print(f"imported {args.checkpoint} ({FORMAT_NAMES[model.source_format]}): encoder "

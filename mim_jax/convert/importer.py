@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 POSEMB_MODES = ("auto", "sincos", "learn")
 FORMAT_NAMES = {"timm": "timm / official MAE names", "beit": "BEiT names (absolute positions)",
                 "hf-vitmae": "HF ViTMAEForPreTraining"}
+# OpenAI CLIP's input statistics, which OpenCLIP's LAION towers keep too (open_clip's
+# OPENAI_DATASET_MEAN / STD): a CLIP-style tower's default, since a state dict records none.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Heads of the published widths (ViT Ti/S/B/L/H; the MAE decoder is 512 wide with 16 heads).
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 DECODER_HEADS_BY_WIDTH = {512: 16}
@@ -68,6 +72,10 @@ class ImportedModel:
   notes: list[str] = dataclasses.field(default_factory=list)
   abs_posemb: bool = True      # False: BEiT's relative positions only (posemb "none")
   mlp_act: str = "gelu"        # "quick_gelu": OpenAI CLIP towers (models.vit.MLP_ACTS)
+  # The input normalisation the weights were trained with (one value, or one per channel);
+  # None: the base config's (ImageNet's).
+  mean: Optional[tuple[float, ...]] = None
+  std: Optional[tuple[float, ...]] = None
 
   @property
   def encoder(self) -> dict[str, Any]:
@@ -118,7 +126,9 @@ class ImportedModel:
     c = registry.base_config("finetune" if "head" in self.params else "mae")
     c.image_size = tuple(self.image_size)
     c.channels = self.channels
-    if len(c.data.mean) != self.channels:
+    if self.mean is not None:
+      c.data.mean, c.data.std = tuple(self.mean), tuple(self.std)
+    elif len(c.data.mean) != self.channels:
       # The checkpoints record no normalisation; the base config's is ImageNet's RGB one. One
       # value per channel, as exporter.timm_config writes for timm (features and reconstruct
       # normalise each channel with its own).
@@ -294,11 +304,40 @@ def _mlp_act(found: dict[str, Any], given: Optional[str], notes: list[str]) -> s
   return "gelu"
 
 
+def _normalisation(found: dict[str, Any], mean: Optional[Sequence[float]],
+                   std: Optional[Sequence[float]], notes: list[str]
+                   ) -> tuple[Optional[tuple[float, ...]], Optional[tuple[float, ...]]]:
+  """(mean, std) of the imported weights' inputs: as given (both; each one value or one per
+  channel, std > 0), else CLIP's for a CLIP-style tower (norm_pre: a teacher fed
+  ImageNet-normalised pixels would compute its targets off the distribution it learned on),
+  else (None, None): the base config's ImageNet statistics."""
+  if (mean is None) != (std is None):
+    raise ValueError("mean and std: give both or neither (the input normalisation the weights "
+                     "were trained with)")
+  if mean is None:
+    if not found.get("pre_norm"):
+      return None, None
+    notes.append("input normalisation: CLIP's mean and std (a CLIP-style tower; the state dict "
+                 "records none; --mean / --std to give others)")
+    return CLIP_MEAN, CLIP_STD
+  channels = int(found["channels"])
+  out = []
+  for name, given in (("mean", mean), ("std", std)):
+    values = tuple(float(v) for v in given)
+    if len(values) not in (1, channels) or (name == "std" and min(values) <= 0):
+      raise ValueError(f"{name}={list(values)}: one value or one per channel ({channels})"
+                       + (", each > 0" if name == "std" else ""))
+    out.append(values)
+  return out[0], out[1]
+
+
 def import_state_dict(tensors: dict[str, Any], *, num_heads: Optional[int] = None,
                       decoder_num_heads: Optional[int] = None,
                       image_size: Optional[Sequence[int]] = None, posemb: str = "auto",
                       hf_config: Optional[dict] = None, source: str = "",
-                      notes: Sequence[str] = (), mlp_act: Optional[str] = None) -> ImportedModel:
+                      notes: Sequence[str] = (), mlp_act: Optional[str] = None,
+                      mean: Optional[Sequence[float]] = None,
+                      std: Optional[Sequence[float]] = None) -> ImportedModel:
   """A state dict (name -> numpy array or torch tensor) -> ImportedModel.
 
   posemb: "sincos" checks `pos_embed` against the fixed sin-cos table and drops it (official
@@ -306,7 +345,10 @@ def import_state_dict(tensors: dict[str, Any], *, num_heads: Optional[int] = Non
   classifiers (a head or fc_norm), else "sincos". image_size (H, W): the input size the
   weights are for; a learned table is resized (bicubic) to its patch grid. mlp_act: the
   blocks' activation ("gelu" | "quick_gelu") where the checkpoint does not record it; a
-  CLIP-style tower (norm_pre) needs it named (OpenAI CLIP: "quick_gelu").
+  CLIP-style tower (norm_pre) needs it named (OpenAI CLIP: "quick_gelu"). mean, std (both or neither): the
+  input normalisation the weights were trained with (one value or one per channel), which
+  evaluations and teachers then apply; by default CLIP's for a CLIP-style tower, else the base
+  config's (ImageNet's).
   """
   if posemb not in POSEMB_MODES:
     raise ValueError(f"posemb={posemb!r}: expected one of {POSEMB_MODES}")
@@ -331,6 +373,7 @@ def import_state_dict(tensors: dict[str, Any], *, num_heads: Optional[int] = Non
 
   params, patch = found["params"], found["patch_size"]
   act = _mlp_act(found, mlp_act, notes)
+  mean, std = _normalisation(found, mean, std, notes)
   width = int(params["encoder"]["cls_token"].shape[-1])
   for name, given, recorded in (("num_heads", num_heads, found["num_heads"]),
                                 ("decoder_num_heads", decoder_num_heads,
@@ -367,7 +410,7 @@ def import_state_dict(tensors: dict[str, Any], *, num_heads: Optional[int] = Non
       channels=found["channels"], image_size=size, num_heads=heads,
       decoder_num_heads=decoder_heads, mask_ratio=found["mask_ratio"],
       norm_pix_loss=found["norm_pix_loss"], notes=notes,
-      abs_posemb=found.get("abs_posemb", True), mlp_act=act)
+      abs_posemb=found.get("abs_posemb", True), mlp_act=act, mean=mean, std=std)
   for note in notes:
     log.info("%s", note)
   return model
