@@ -64,6 +64,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -387,7 +388,9 @@ def matched_epochs(pretrain_workdir: str, ft_epochs: float) -> int:
   extra = pretrain / ft_epoch
   print(f"pre-training {pretrain:.3e} FLOPs = {extra:.2f} fine-tuning epochs of "
         f"{ft_epoch:.3e}", file=sys.stderr)
-  return int(round(ft_epochs + extra))
+  # Rounded up: the baseline gets at least the compute of pre-training + fine-tuning (a
+  # rounding down, or Python's round-half-even at x.5, would give it less than it is matched to).
+  return math.ceil(ft_epochs + extra - 1e-9)
 
 
 CURVES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "curves")
