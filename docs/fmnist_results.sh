@@ -75,7 +75,8 @@
 # FLAGS_<method> (e.g. FLAGS_ibot) are added last to that method's pre-training in the methods
 # section, after TRAIN_FLAGS (the last of a repeated flag wins): e.g. the host augmentation that
 # iBOT's multi-crop needs where TRAIN_FLAGS move it to the device.
-# TUNE_POINTS (default: the whole grid of docs/fmnist_tools.py): the grid points tune_* runs and
+# TUNE_POINTS (default: DEFAULT_POINTS of docs/fmnist_tools.py, the five points of the recorded
+# choice; the grid's later points only when named): the grid points tune_* runs and
 # fine-tuning chooses from, e.g. a point recorded earlier beside one added to the grid since.
 # CHOSEN_tune_mae / CHOSEN_tune_scratch (e.g. lr4e-3_nomix): a grid point chosen earlier on the
 # held-out split and recorded in docs/results.md, used instead of ROOT's tune_* runs (when
@@ -188,7 +189,16 @@ run() {  # NAME, then the arguments of mim_jax.main
   if finished "$name"; then
     # A finished run is skipped only if it ran with the settings asked now: else a changed
     # setting (TRAIN_FLAGS, a length, a choice) would be taken as done and never run.
-    if [ -f "$ROOT/$name.args" ] && [ "$(cat "$ROOT/$name.args")" != "$asked" ]; then
+    if [ ! -f "$ROOT/$name.args" ]; then
+      # Started by hand, or by this script before it recorded settings: nothing says it ran
+      # with the settings asked now, and a skip would take it as their result.
+      { echo "$ROOT/$name finished, but $ROOT/$name.args (the settings it ran with) is missing."
+        echo "Compare its config.json with the settings asked now; if they agree, keep it with:"
+        printf "cat > %q <<'EOF'\n%s\nEOF\n" "$ROOT/$name.args" "$asked"
+        echo "Else move it away or use another ROOT."; } >&2
+      exit 2
+    fi
+    if [ "$(cat "$ROOT/$name.args")" != "$asked" ]; then
       { echo "$ROOT/$name finished with other settings than asked now (< then, > now):"
         diff "$ROOT/$name.args" <(echo "$asked")
         echo "Move it away or use another ROOT to run it with the new settings."; } >&2

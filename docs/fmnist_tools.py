@@ -2,11 +2,11 @@
 
   python docs/fmnist_tools.py grid [SUFFIX]
       the flags of one point of the tuning grid (run-name suffix, e.g. lr2e-3_nomix); without
-      SUFFIX the grid's points
+      SUFFIX the points tuned by default (DEFAULT_POINTS: those of the recorded choice)
   python docs/fmnist_tools.py pick ROOT PREFIX [POINT ...]
       the fine-tuning overrides whose run ROOT/PREFIX_* scored best on the held-out split
       (results.json eval_accuracy with eval_split "holdout"); prints them as flags. POINTs
-      (default: the whole grid) name the grid points that compete
+      (default: DEFAULT_POINTS) name the grid points that compete
   python docs/fmnist_tools.py pick_epochs ROOT PREFIX EPOCHS...
       the length (of EPOCHS) whose run ROOT/PREFIX_eEPOCHS scored best on the held-out split,
       ties to the shorter (the low-label rows' own lengths)
@@ -84,6 +84,11 @@ GRID = {
     "lr4e-3_nomix": ["--config.optimizer.base_lr=0.004", "--config.classifier.mixup_alpha=0",
                      "--config.classifier.cutmix_alpha=0"],
 }
+# The points the tuning sections run and choose among by default: the grid of the recorded
+# 3-epoch choice (docs/results.md). The later points below compare with a chosen point
+# (TUNE_POINTS); in the default they would add runs the record never had, and could change
+# the choice.
+DEFAULT_POINTS = tuple(GRID)
 # Added on 2026-12-04, when both inits had chosen their lr without Mixup/CutMix: the official
 # fine-tuning recipe's RandAugment and random erasing on each init's chosen point (scratch
 # 2e-3, MAE 4e-3), run beside that point again (TUNE_POINTS) for a same-machine comparison.
@@ -95,9 +100,9 @@ GRID["lr4e-3"] = ["--config.optimizer.base_lr=0.004"]
 
 
 def pick(root: str, prefix: str, points: list[str] | None = None) -> list[str]:
-  """The flags of the grid point (of `points`, default the whole grid) whose run
+  """The flags of the grid point (of `points`, default DEFAULT_POINTS) whose run
   ROOT/PREFIX_POINT scored best on the held-out split; ties go to the earlier point."""
-  points = list(points or GRID)
+  points = list(points or DEFAULT_POINTS)
   unknown = [p for p in points if p not in GRID]
   if unknown:
     raise SystemExit(f"no grid point {', '.join(unknown)}: one of {', '.join(GRID)}")
@@ -450,7 +455,16 @@ def keep(root: str, *runs: str) -> list[str]:
   for run in runs:
     if not os.path.isfile(os.path.join(root, run, "config.json")):
       raise SystemExit(f"{run}: no run folder {os.path.join(root, run)} to keep")
+    if not finished(os.path.join(root, run)):
+      # Its curve would stop where the run stands and be drawn as the run's.
+      raise SystemExit(f"{run}: has not finished ({os.path.join(root, run)}); keep it when it "
+                       "has")
     rec = {"source": f"python docs/fmnist_tools.py keep ROOT {run}", **run_record(root, run)}
+    for name, suffix in (("seconds", ".seconds"), ("args", ".args")):
+      path = os.path.join(root, run + suffix)  # the wall time and settings the script recorded
+      if os.path.isfile(path):
+        with open(path, errors="replace") as f:
+          rec[name] = f.read().strip()
     rec["train_flops_per_image"] = train_flops_per_image(rec)  # needs its teacher/tokenizer
     written.append(os.path.join(CURVES, f"{run}.json"))
     with open(written[-1], "w") as f:
@@ -554,7 +568,7 @@ if __name__ == "__main__":
   if command == "grid":
     if len(sys.argv) > 2 and sys.argv[2] not in GRID:
       raise SystemExit(f"no grid point {sys.argv[2]!r}: one of {', '.join(GRID)}")
-    print(" ".join(GRID[sys.argv[2]]) if len(sys.argv) > 2 else " ".join(GRID))
+    print(" ".join(GRID[sys.argv[2]]) if len(sys.argv) > 2 else " ".join(DEFAULT_POINTS))
   elif command == "pick":
     print(" ".join(pick(sys.argv[2], sys.argv[3], sys.argv[4:])))
   elif command == "pick_epochs":

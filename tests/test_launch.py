@@ -546,7 +546,7 @@ def test_results_script_passes_train_flags_to_training_runs_only(tmp_path):
   assert "--config.num_epochs=50" in pretrain
   assert "--config.optimizer.warmup_epochs=5.0" in pretrain
   assert probe[0] == "--config=configs/linprobe_fmnist.py"
-  assert len(tunes) == 8  # the points of docs/fmnist_tools.py's GRID
+  assert len(tunes) == 5  # docs/fmnist_tools.py's DEFAULT_POINTS (the recorded choice's)
   for call in (pretrain, *tunes):  # every flag its own argument, also those on a second line
     first = call.index("--config.a=1")
     assert call[first:first + 3] == ["--config.a=1", "--config.b=2", "--config.c=3"], call
@@ -621,6 +621,16 @@ def test_results_script_takes_a_fine_tuning_run_s_export_alone_for_unfinished(tm
     (root / name / "encoder").mkdir(parents=True)
     (root / name / "encoder" / "model.json").write_text("{}")
     (root / name / "config.json").write_text(json.dumps({"method": method}, indent=2))
+  # A finished run without the settings it ran with (NAME.args: started by hand) is not taken
+  # for the one asked: the script stops, saying how to keep it once it is checked.
+  stub_env = _fake_bin(tmp_path, "python", _MAIN_STUB % sys.executable)
+  out = _bash(RESULTS, str(root), env=dict(stub_env, MAIN_CALLS=str(tmp_path / "none.log"),
+                                           SECTIONS="pretrain_mae"))
+  assert out.returncode == 2 and "mae_e50.args (the settings it ran with) is missing" in (
+      out.stderr), out.stdout + out.stderr
+  assert not (tmp_path / "none.log").exists()
+  keep = out.stderr.split("keep it with:\n", 1)[1].split("\nEOF\n", 1)[0] + "\nEOF\n"
+  subprocess.run(["bash", "-c", keep], check=True)
   calls = _results_calls(tmp_path, RESULTS, SECTIONS="pretrain_mae finetune_mae", SEEDS="0",
                          CHOSEN_tune_mae="lr4e-3_nomix")
   assert [call[-1].rsplit("/", 1)[1] for call in calls] == ["ft_mae_s0"]
@@ -1050,10 +1060,12 @@ def test_results_script_fine_tunes_each_seed_with_the_held_out_choice(tmp_path, 
   monkeypatch.chdir(REPO)
   calls = _results_calls(tmp_path, RESULTS, SECTIONS="tune_mae finetune_mae", SEEDS="0 1")
   names = [c[-1].rsplit("/", 1)[-1] for c in calls]
+  # The five points of the recorded choice, not the grid's later additions (which compare
+  # with a chosen point when named in TUNE_POINTS): a rerun chooses as the record did.
   assert names == [f"tune_mae_{s}" for s in (
-      "lr1e-3", "lr2e-3", "lr1e-3_nomix", "lr2e-3_nomix", "lr4e-3_nomix", "lr2e-3_nomix_ra",
-      "lr4e-3_nomix_ra", "lr4e-3")] + ["ft_mae_s0", "ft_mae_s1"]
-  for seed, call in enumerate(calls[8:]):
+      "lr1e-3", "lr2e-3", "lr1e-3_nomix", "lr2e-3_nomix", "lr4e-3_nomix")] + [
+          "ft_mae_s0", "ft_mae_s1"]
+  for seed, call in enumerate(calls[5:]):
     # Every grid point scored 0.5 on the held-out split: the tie goes to the first.
     assert "--config.optimizer.base_lr=0.001" in call and "--config.num_epochs=15" in call
     assert "--config.classifier.mixup_alpha=0" not in call  # lr1e-3, not lr1e-3_nomix

@@ -167,8 +167,14 @@ def test_a_kept_curve_stands_in_for_a_run_folder_that_is_gone(tmp_path, monkeypa
   (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   (root / "knn_pixels_holdout").mkdir()
   (root / "knn_pixels_holdout" / "results.json").write_text('{"knn_top1_pixels": 0.86}')
+  # Not finished (no results.json): its curve would stop where the run stands.
+  with pytest.raises(SystemExit, match="mae_e50: has not finished"):
+    tools.keep(str(root), "mae_e50")
+  (run / "results.json").write_text('{"knn_top1_cls": 0.81}')
+  (root / "mae_e50.seconds").write_text("4356\n")
   assert [pathlib.Path(p).name for p in tools.keep(str(root), "mae_e50")] == [
       "mae_e50.json", "knn_pixels_holdout.json"]
+  assert json.loads((tmp_path / "curves" / "mae_e50.json").read_text())["seconds"] == "4356"
   from_folder = tools.run_record(str(root), "mae_e50")
   assert from_folder["knn"] == [{"step": 1070, "knn_top1_cls": 0.81, "knn_top1_gap": 0.8}]
   # The training and evaluation rows docs/plot_finetune_loss.py draws, cut to their keys.
