@@ -284,3 +284,29 @@ def test_sklearn_reference_with_the_probes_l2_solves_the_probes_objective(tmp_pa
   # The same optimum of the same objective (accuracy alone hardly moves with the L2 strength).
   optimum = float(logistic._loss(params, (x - mean) * scale, y, 1e-2))
   assert result["objective"] == pytest.approx(optimum, rel=1e-4)
+
+
+def test_the_mask_ratio_plot_reads_the_runs_of_today_s_ratio_section(tmp_path):
+  """docs/plot_mask_ratio.py read only the first round's 3-epoch runs (lp_/knn_mae_r*, keys
+  eval_accuracy / knn_top1), which the ratio section no longer writes: it drew nothing of it."""
+  pytest.importorskip("matplotlib")
+  spec = importlib.util.spec_from_file_location("plot", REPO / "docs" / "plot_mask_ratio.py")
+  plot = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(plot)
+
+  def put(name, scores):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "results.json").write_text(json.dumps(scores))
+  put("lp_mae_r0.5", {"eval_accuracy": 0.7})
+  assert plot.series(str(tmp_path))[1].startswith("MAE pre-training, 3 epochs")
+  put("probe_mae_e50", {"probe_top1_gap": 0.874, "knn_top1_gap": 0.854})
+  put("probe_mae_e50_r0.9", {"probe_top1_gap": 0.86, "knn_top1_gap": 0.84})
+  put("ft_mae_r0.9_s0", {"eval_accuracy": 0.92})
+  drawn, title = plot.series(str(tmp_path))
+  assert title.startswith("MAE pre-training, 50 epochs")
+  probe, knn, finetune = (points for _, points, _ in drawn)
+  assert probe[0.75] == pytest.approx(87.4) and probe[0.9] == pytest.approx(86.0)
+  assert knn[0.9] == pytest.approx(84.0) and finetune[0.9] == pytest.approx(92.0)
+  assert finetune[0.75] is None and probe[0.5] is None
+  plot.main(str(tmp_path), str(tmp_path / "ratio.png"))
+  assert (tmp_path / "ratio.png").stat().st_size > 0
