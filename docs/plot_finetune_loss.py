@@ -44,8 +44,13 @@ def curve(root: str, run: str):
     raise SystemExit(f"{run}: no logged training rows with an accuracy (a classifier's run)")
   # The schedule's length in steps is the last step of a finished run; an unfinished one
   # counts its epochs from the data (training rows / batch, dropping the last partial batch).
-  rows_per_epoch = 60000 - (config["data"]["holdout"] if config["data"]["eval_split"] ==
-                            "holdout" else 0)
+  # (The trainer's own count: the held-out images and a low-label subset left out.)
+  import ml_collections  # pylint: disable=import-outside-toplevel
+
+  from mim_jax import data  # pylint: disable=import-outside-toplevel
+  rows_per_epoch = data.num_examples(ml_collections.ConfigDict(config["data"]),
+                                     image_size=tuple(config["image_size"]),
+                                     channels=config["channels"])
   steps_per_epoch = rows_per_epoch // config["global_batch_size"]
   epochs = _smoothed([r["step"] / steps_per_epoch for r in train])
   label = f"{run} ({config['num_epochs']} epochs)"
