@@ -5,8 +5,10 @@ Stage 1 first (the tokenizer, configs/beit_tokenizer_imagenet.py), then:
   python -m mim_jax.main --config=configs/beit_vitb.py --workdir=DIR \
       --config.tokenizer.path=TOKENIZER_WORKDIR --config.data.tfds_data_dir=/path/to/tfds
 
-Recipe (paper, section 2.5 / appendix, and the official pre-training command in
-microsoft/unilm beit/README.md): 800 epochs, batch 2048, AdamW (0.9, 0.999), lr 1.5e-3 (given
+Recipe (paper, section 2.5 / appendix, and the 2021 release's pre-training script; the current
+microsoft/unilm beit/README.md command sets drop path 0 and the current script's default
+betas are (0.9, 0.98): the paper's values are kept): 800 epochs, batch 2048, AdamW (0.9,
+0.999), lr 1.5e-3 (given
 for batch 2048, so lr_batch_reference=2048), 10 warmup epochs then cosine (to min lr 1e-5,
 the script's default), wd 0.05, drop path 0.1, gradient clipping 3.0; blockwise masking of
 about 40% of the 196 patches (the official command masks 75; our budget is int(196 x 0.4) =
