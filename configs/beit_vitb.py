@@ -8,8 +8,8 @@ Stage 1 first (the tokenizer, configs/beit_tokenizer_imagenet.py), then:
 Recipe (paper, section 2.5 / appendix, and the 2021 release's pre-training script; the current
 microsoft/unilm beit/README.md command sets drop path 0 and the current script's default
 betas are (0.9, 0.98): the paper's values are kept): 800 epochs, batch 2048, AdamW (0.9,
-0.999), lr 1.5e-3 (given
-for batch 2048, so lr_batch_reference=2048), 10 warmup epochs then cosine (to min lr 1e-5,
+0.999), lr 1.5e-3 (given for batch 2048, so lr_batch_reference=2048), 10 warmup epochs then
+cosine (to min lr 1e-5,
 the script's default), wd 0.05, drop path 0.1, gradient clipping 3.0; blockwise masking of
 about 40% of the 196 patches (the official command masks 75; our budget is int(196 x 0.4) =
 78) with blocks of at least 16 patches and aspect ratios in [0.3, 1/0.3];
