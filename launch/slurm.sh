@@ -25,10 +25,12 @@
 # itself: SLURM sends SIGTERM that many seconds before the time limit (--signal), every
 # process saves a checkpoint at the same step and exits 75, and the job requeues itself
 # (scontrol requeue); the requeued job resumes from that checkpoint. Any other exit ends it.
-# Tested with stub srun / scontrol only: when the first task exits 75, --kill-on-bad-exit has
-# srun kill the tasks still exiting, and if srun then reports a killed task's status rather
-# than the 75 the job ends without requeueing; its checkpoint is written either way, and the
-# same command resumes it.
+# With --requeue, srun runs with --kill-on-bad-exit=0: with 1, the first task's 75 would have
+# srun kill the tasks still exiting, and srun reports a killed task's signal before an exit
+# code, so the job would end without requeueing. Each task stops by itself instead (all at the
+# same step after the notice; a process lost on the way stops the others within seconds,
+# exit 5), and srun's status is their 75. Tested with stub srun / scontrol only; the checkpoint
+# is written either way, and the same command resumes it.
 set -euo pipefail
 
 # shellcheck source=launch/common.sh
@@ -74,6 +76,8 @@ if [[ -n "$time_limit" && ! "$time_limit" =~ ^([0-9]+-)?[0-9]+(:[0-9]{1,2}){0,2}
   die "--time=$time_limit must look like HH:MM:SS or D-HH:MM:SS"
 fi
 
+[[ "$workdir" != *%* ]] || die "--workdir=$workdir: SLURM reads % in the output path as a \
+filename pattern (%j, %x, ...): choose a path without %"
 [[ "$workdir" != *://* ]] || die "--workdir=$workdir must be a path on a file system every node \
 shares (the job's sbatch script and output go under it; gs:// workdirs are for launch/tpu_vm.sh)"
 
@@ -121,7 +125,6 @@ sbatch_script() {
 #SBATCH --nodes=${nodes}
 #SBATCH --ntasks-per-node=${gpus_per_node}
 #SBATCH --gpus-per-node=${gpus_per_node}
-#SBATCH --output=${logs}/%x-%j.out
 EOF
   [[ -z "$partition" ]] || echo "#SBATCH --partition=${partition}"
   [[ -z "$time_limit" ]] || echo "#SBATCH --time=${time_limit}"
@@ -136,7 +139,7 @@ EOF
 set -euo pipefail
 cd $(printf '%q' "$repo")
 export PYTHONUNBUFFERED=1
-srun --label --kill-on-bad-exit=1 $(printf '%q' "$python_bin") -m mim_jax.main \\
+srun --label --kill-on-bad-exit=$([[ -n "$requeue" ]] && echo 0 || echo 1) $(printf '%q' "$python_bin") -m mim_jax.main \\
     --config=$(printf '%q' "$config") --workdir=$(printf '%q' "$workdir")${quoted_extra}${requeue_tail}
 EOF
 }
@@ -145,7 +148,7 @@ if ((dry_run)); then
   echo "# sbatch script ($script_path):"
   sbatch_script
   echo "# command:"
-  echo "sbatch $(printf '%q' "$script_path")"
+  echo "sbatch --output=$(printf '%q' "$logs/%x-%j.out") $(printf '%q' "$script_path")"
   exit 0
 fi
 
@@ -169,5 +172,7 @@ PY
 mkdir -p "$logs"
 sbatch_script >"$script_path"
 echo "wrote $script_path"
-sbatch "$script_path"
+# On the command line, not as an #SBATCH line: sbatch splits those at spaces (a workdir with a
+# space in its path would be refused after the script was written).
+sbatch --output="$logs/%x-%j.out" "$script_path"
 echo "output: $logs/${job_name}-<jobid>.out"

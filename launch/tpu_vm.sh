@@ -205,14 +205,26 @@ if ((queued)); then
     echo "# repeated until the state is ACTIVE:"
     show "${state_cmd[@]}"
   else
+    # A failed status query (a transient API error) is retried: under set -e it ended the
+    # script, and the cleanup deleted the queued resource with its place in the queue. Ten
+    # failures in a row (about 5 minutes) mean something lasting (credentials, project).
+    failures=0 poll=${MIM_JAX_TPU_POLL_SECONDS:-30}
     while :; do
-      state="$("${state_cmd[@]}")"
+      if ! state="$("${state_cmd[@]}")"; then
+        failures=$((failures + 1))
+        ((failures < 10)) || die "queued resource $name: its state could not be read 10 times" \
+                                 "in a row (the command above)"
+        echo "queued resource $name: state query failed ($failures), retrying" >&2
+        sleep "$poll"
+        continue
+      fi
+      failures=0
       echo "queued resource $name: $state" >&2
       case "$state" in
         ACTIVE) break ;;
         FAILED|SUSPENDED) die "queued resource $name is $state" ;;
       esac
-      sleep 30
+      sleep "$poll"
     done
   fi
 fi

@@ -51,8 +51,7 @@ def test_slurm_dry_run_prints_one_task_per_gpu_and_the_srun_line():
   assert out.returncode == 0, out.stderr
   text = out.stdout
   for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-               "#SBATCH --partition=gpu", "#SBATCH --time=12:00:00",
-               "#SBATCH --output=/shared/run/logs/%x-%j.out"):
+               "#SBATCH --partition=gpu", "#SBATCH --time=12:00:00"):
     assert line in text.splitlines(), line
   assert "--gpus-per-task" not in text  # JAX's SLURM detection wants every GPU visible
   srun = re.search(r"^srun .*\\\n.*$", text, re.M).group(0)
@@ -63,7 +62,8 @@ def test_slurm_dry_run_prints_one_task_per_gpu_and_the_srun_line():
   assert srun.endswith(r"--config.model.dtype=bfloat16 --config.data.path=/data/my\ images")
   assert f"cd {REPO}" in text
   command = text.strip().splitlines()[-1]
-  assert re.fullmatch(r"sbatch /shared/run/logs/submit-\d{8}-\d{6}\.sbatch", command)
+  assert re.fullmatch(r"sbatch --output=/shared/run/logs/%x-%j\.out "
+                      r"/shared/run/logs/submit-\d{8}-\d{6}\.sbatch", command)
   assert not os.path.exists("/shared/run")  # a dry run writes nothing
 
 
@@ -85,18 +85,22 @@ def test_slurm_optional_settings_are_left_out_and_paths_made_absolute(tmp_path):
 
 
 def test_slurm_submits_the_written_script(tmp_path):
-  env = _fake_bin(tmp_path, "sbatch", "echo 'Submitted batch job 42'")
-  workdir = tmp_path / "run"
+  """The job's output path goes on sbatch's command line (an #SBATCH line is split at spaces:
+  a workdir with a space was refused by sbatch after the script was written)."""
+  env = _fake_bin(tmp_path, "sbatch", 'printf "%s\\n" "$@"; echo "Submitted batch job 42"')
+  workdir = tmp_path / "my run"
   out = _bash(SLURM, "--nodes=3", "--gpus-per-node=2", f"--workdir={workdir}",
               "--config=configs/mae_vitb.py", "--", "--config.total_steps=10", env=env)
   assert out.returncode == 0, out.stderr
   assert "Submitted batch job 42" in out.stdout
   scripts = list((workdir / "logs").glob("submit-*.sbatch"))
   assert len(scripts) == 1
-  assert (tmp_path / "calls.log").read_text().split() == [str(scripts[0])]
+  assert out.stdout.splitlines()[1:3] == [f"--output={workdir}/logs/%x-%j.out", str(scripts[0])]
   body = scripts[0].read_text()
+  assert "#SBATCH --output" not in body
   assert "#SBATCH --nodes=3" in body and "#SBATCH --ntasks-per-node=2" in body
-  assert body.rstrip().endswith(f"--workdir={workdir} --config.total_steps=10")
+  assert body.rstrip().endswith("--workdir=" + str(workdir).replace(" ", "\\ ")
+                                + " --config.total_steps=10")
   syntax = subprocess.run(["bash", "-n", str(scripts[0])], capture_output=True, text=True)
   assert syntax.returncode == 0, syntax.stderr
 
@@ -118,7 +122,9 @@ def test_slurm_requeue_resubmits_only_a_run_stopped_by_sigterm(tmp_path, status,
                        env=dict(env, SLURM_JOB_ID="42"))
   assert job.returncode == status, job.stderr
   calls = (tmp_path / "calls.log").read_text().splitlines()
-  assert calls[0].startswith("--label --kill-on-bad-exit=1 ") and "-m mim_jax.main" in calls[0]
+  # srun kills no task that exits first (with 1, the 75 of the first could be reported as the
+  # others' kill signal): each stops by itself at the same step.
+  assert calls[0].startswith("--label --kill-on-bad-exit=0 ") and "-m mim_jax.main" in calls[0]
   assert calls[1:] == (["requeue 42"] if requeued else [])
 
 
@@ -126,6 +132,11 @@ def test_slurm_without_requeue_has_no_signal_or_requeue():
   out = _bash(SLURM, *SLURM_ARGS, "--dry-run")
   assert out.returncode == 0 and "#SBATCH --nodes=2" in out.stdout and "srun " in out.stdout
   assert "--signal" not in out.stdout and "requeue" not in out.stdout
+  assert "srun --label --kill-on-bad-exit=1 " in out.stdout
+  # % in the workdir: SLURM would read it as a pattern of the output path.
+  args = [a for a in SLURM_ARGS if not a.startswith("--workdir=")]
+  out = _bash(SLURM, *args, "--workdir=/tmp/run%j", "--dry-run")
+  assert out.returncode != 0 and "SLURM reads % in the output path" in out.stderr
 
 
 @pytest.mark.parametrize("missing", ["--nodes", "--gpus-per-node", "--workdir", "--config"])
@@ -256,6 +267,24 @@ def test_tpu_runs_the_commands_and_deletes_even_after_a_failed_run(tmp_path):
                    "tpu-vm ssh", "tpu-vm ssh", "queued-resources delete"]
   assert "worker output" in log.read_text()
   assert not list(tmp_path.glob("mim_jax-*.tar.gz"))  # the archive is removed
+
+
+def test_tpu_queued_resource_survives_a_failed_state_query(tmp_path):
+  """A transient error of `queued-resources describe` is retried: it ended the script (set -e)
+  and the cleanup deleted the queued resource, losing its place in the queue."""
+  once = tmp_path / "failed_once"
+  env = _fake_bin(tmp_path, "gcloud",
+                  'if [[ "$*" == *"queued-resources describe"* ]]; then\n'
+                  f'  if [[ ! -e {once} ]]; then touch {once}; echo 503 >&2; exit 1; fi\n'
+                  '  echo ACTIVE\nfi')
+  out = _bash(TPU, *TPU_ARGS, "--queued", f"--log={tmp_path}/train.log",
+              env=dict(env, MIM_JAX_TPU_POLL_SECONDS="0"))
+  assert out.returncode == 0, out.stderr
+  assert "state query failed (1), retrying" in out.stderr
+  kinds = [" ".join(c.split()[2:4]) for c in (tmp_path / "calls.log").read_text().splitlines()]
+  assert kinds[:3] == ["queued-resources create", "queued-resources describe",
+                       "queued-resources describe"]
+  assert kinds[3] == "tpu-vm scp"  # it went on to the run
 
 
 def test_tpu_copies_this_checkout(tmp_path):
