@@ -4,7 +4,7 @@
 # Usage:
 #   bash launch/slurm.sh --nodes=N --gpus-per-node=G --workdir=DIR --config=CONFIG \
 #       [--partition=P] [--time=HH:MM:SS] [--account=A] [--job-name=NAME] [--python=BIN] \
-#       [--requeue[=SECONDS]] [--dry-run] [-- extra mim_jax.main flags]
+#       [--cpus-per-task=C] [--requeue[=SECONDS]] [--dry-run] [-- extra mim_jax.main flags]
 #
 # Example:
 #   bash launch/slurm.sh --nodes=2 --gpus-per-node=8 --workdir=/shared/ckpt/mae_vitl \
@@ -20,6 +20,10 @@
 # flag or config field is named before the queue). --config and --workdir are this script's
 # (refused after --, as are the distributed flags SLURM's detection sets). --dry-run prints
 # the sbatch script and the sbatch command, and submits nothing.
+#
+# --cpus-per-task=C: the cores each GPU's process gets (SLURM's default is one, which its JAX
+# host threads and data.num_workers decoding processes then share on a node with CPU limits);
+# srun is given the same (SRUN_CPUS_PER_TASK: since Slurm 22.05 it does not inherit sbatch's).
 #
 # --requeue[=SECONDS] (default 120) makes a run longer than --time, or one preempted, go on by
 # itself: SLURM sends SIGTERM that many seconds before the time limit (--signal), every
@@ -37,7 +41,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
 nodes="" gpus_per_node="" workdir="" config="" partition="" time_limit="" account=""
-job_name="mim_jax" python_bin="python" dry_run=0 requeue=""
+job_name="mim_jax" python_bin="python" dry_run=0 requeue="" cpus_per_task=""
 extra=()
 while (($#)); do
   refuse_empty_value "$1"
@@ -51,6 +55,7 @@ while (($#)); do
     --account=*) account="${1#*=}" ;;
     --job-name=*) job_name="${1#*=}" ;;
     --python=*) python_bin="${1#*=}" ;;
+    --cpus-per-task=*) cpus_per_task="${1#*=}" ;;
     --requeue) requeue=120 ;;
     --requeue=*) requeue="${1#*=}" ;;
     --dry-run) dry_run=1 ;;
@@ -69,6 +74,9 @@ refuse_launcher_flags ${extra[@]+"${extra[@]}"}
 [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes=$nodes must be a positive integer"
 [[ "$gpus_per_node" =~ ^[1-9][0-9]*$ ]] || die "--gpus-per-node=$gpus_per_node must be a positive integer"
 [[ "$job_name" =~ ^[^[:space:]]+$ ]] || die "--job-name='$job_name' must be one word (no spaces)"
+if [[ -n "$cpus_per_task" && ! "$cpus_per_task" =~ ^[1-9][0-9]*$ ]]; then
+  die "--cpus-per-task=$cpus_per_task must be a positive integer (cores per GPU process)"
+fi
 if [[ -n "$requeue" && ! "$requeue" =~ ^[1-9][0-9]*$ ]]; then
   die "--requeue=$requeue must be a positive number of seconds (the warning before the time limit)"
 fi
@@ -129,6 +137,7 @@ EOF
   [[ -z "$partition" ]] || echo "#SBATCH --partition=${partition}"
   [[ -z "$time_limit" ]] || echo "#SBATCH --time=${time_limit}"
   [[ -z "$account" ]] || echo "#SBATCH --account=${account}"
+  [[ -z "$cpus_per_task" ]] || echo "#SBATCH --cpus-per-task=${cpus_per_task}"
   if [[ -n "$requeue" ]]; then
     echo "#SBATCH --requeue"
     echo "#SBATCH --signal=TERM@${requeue}"
@@ -138,7 +147,8 @@ EOF
 # node's GPUs and JAX's SLURM detection gives it GPU number SLURM_LOCALID.
 set -euo pipefail
 cd $(printf '%q' "$repo")
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1${cpus_per_task:+
+export SRUN_CPUS_PER_TASK=${cpus_per_task}}
 srun --label --kill-on-bad-exit=$([[ -n "$requeue" ]] && echo 0 || echo 1) $(printf '%q' "$python_bin") -m mim_jax.main \\
     --config=$(printf '%q' "$config") --workdir=$(printf '%q' "$workdir")${quoted_extra}${requeue_tail}
 EOF

@@ -133,6 +133,12 @@ def test_slurm_without_requeue_has_no_signal_or_requeue():
   assert out.returncode == 0 and "#SBATCH --nodes=2" in out.stdout and "srun " in out.stdout
   assert "--signal" not in out.stdout and "requeue" not in out.stdout
   assert "srun --label --kill-on-bad-exit=1 " in out.stdout
+  assert "--cpus-per-task" not in out.stdout and "SRUN_CPUS_PER_TASK" not in out.stdout
+  out = _bash(SLURM, *SLURM_ARGS, "--cpus-per-task=12", "--dry-run")
+  lines = out.stdout.splitlines()
+  assert "#SBATCH --cpus-per-task=12" in lines and "export SRUN_CPUS_PER_TASK=12" in lines
+  out = _bash(SLURM, *SLURM_ARGS, "--cpus-per-task=0", "--dry-run")
+  assert out.returncode != 0 and "--cpus-per-task=0 must be a positive integer" in out.stderr
   # % in the workdir: SLURM would read it as a pattern of the output path.
   args = [a for a in SLURM_ARGS if not a.startswith("--workdir=")]
   out = _bash(SLURM, *args, "--workdir=/tmp/run%j", "--dry-run")
