@@ -3,13 +3,17 @@
 #
 # Usage:
 #   bash launch/tpu_vm.sh --name=NAME --zone=ZONE --accelerator=TYPE --workdir=DIR \
-#       --config=CONFIG [--version=tpu-ubuntu2204-base] [--project=P] [--queued] [--spot] \
+#       --config=CONFIG [--version=RUNTIME] [--project=P] [--queued] [--spot] \
 #       [--log=FILE] [--keep] [--dry-run] [-- extra mim_jax.main flags]
 #
 # Example:
 #   bash launch/tpu_vm.sh --name=mae-vitl --zone=us-central2-b --accelerator=v4-32 \
 #       --workdir=gs://BUCKET/mae_vitl --config=configs/mae_vitl.py --queued --spot \
 #       -- --config.data.tfds_data_dir=/mnt/shared/tfds --config.model.dtype=bfloat16
+#
+# --version: the TPU software (runtime) version; by default the one Google gives for JAX on the
+# accelerator's generation: v2-alpha-tpuv6e (v6e), v2-alpha-tpuv5 (v5p), v2-alpha-tpuv5-lite
+# (v5e: v5litepod-N), tpu-ubuntu2204-base (v4 and older).
 #
 # Steps, each a gcloud command:
 #   1. create the TPU VM (`tpu-vm create`), or with --queued a queued resource
@@ -33,7 +37,7 @@ set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "$0")/common.sh"
 
-name="" zone="" accelerator="" version="tpu-ubuntu2204-base" workdir="" config="" project=""
+name="" zone="" accelerator="" version="" workdir="" config="" project=""
 log_file="" queued=0 spot=0 keep=0 dry_run=0
 extra=()
 while (($#)); do
@@ -62,6 +66,16 @@ refuse_launcher_flags ${extra[@]+"${extra[@]}"}
 [[ -n "$name" ]] || die "--name is required (the TPU VM's name)"
 [[ -n "$zone" ]] || die "--zone is required (e.g. us-central2-b)"
 [[ -n "$accelerator" ]] || die "--accelerator is required (e.g. v4-32)"
+if [[ -z "$version" ]]; then
+  # The software version Google documents for JAX on each TPU generation (cloud.google.com/tpu/
+  # docs/runtimes): the v4 image does not create v5e, v5p or v6e slices.
+  case "$accelerator" in
+    v6e-*) version=v2-alpha-tpuv6e ;;
+    v5p-*) version=v2-alpha-tpuv5 ;;
+    v5litepod-*|v5e-*) version=v2-alpha-tpuv5-lite ;;
+    *) version=tpu-ubuntu2204-base ;;
+  esac
+fi
 [[ -n "$workdir" ]] || die "--workdir is required (a directory every worker reaches, e.g. gs://...)"
 [[ -n "$config" ]] || die "--config is required (e.g. configs/mae_vitb.py)"
 [[ "$name" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] || \

@@ -275,6 +275,19 @@ def test_tpu_runs_the_commands_and_deletes_even_after_a_failed_run(tmp_path):
   assert not list(tmp_path.glob("mim_jax-*.tar.gz"))  # the archive is removed
 
 
+@pytest.mark.parametrize("accelerator, version", [
+    ("v4-32", "tpu-ubuntu2204-base"), ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+    ("v5p-8", "v2-alpha-tpuv5"), ("v6e-8", "v2-alpha-tpuv6e")])
+def test_tpu_default_software_version_follows_the_accelerator(accelerator, version):
+  """The v4 image was the default for every --accelerator: v5e, v5p and v6e slices need their
+  own (creation fails with it); --version still wins."""
+  args = [a for a in TPU_ARGS if not a.startswith("--accelerator=")]
+  out = _bash(TPU, *args, f"--accelerator={accelerator}", "--dry-run")
+  assert out.returncode == 0 and f"--version={version}" in out.stdout, out.stdout + out.stderr
+  out = _bash(TPU, *args, f"--accelerator={accelerator}", "--version=custom", "--dry-run")
+  assert "--version=custom" in out.stdout
+
+
 def test_tpu_queued_resource_survives_a_failed_state_query(tmp_path):
   """A transient error of `queued-resources describe` is retried: it ended the script (set -e)
   and the cleanup deleted the queued resource, losing its place in the queue."""
