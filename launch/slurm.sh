@@ -115,8 +115,9 @@ if ((${#extra[@]})); then
   quoted_extra="${quoted_extra% }"
 fi
 
-requeue_tail=""
+requeue_tail="" kill_on_bad_exit=1
 if [[ -n "$requeue" ]]; then
+  kill_on_bad_exit=0  # each task stops by itself, and srun reports their 75 (header)
   # 75: every process saved the checkpoint of one step after SIGTERM (mim_jax run_errors).
   requeue_tail=' && status=0 || status=$?
 if [[ $status -eq 75 ]]; then
@@ -149,7 +150,7 @@ set -euo pipefail
 cd $(printf '%q' "$repo")
 export PYTHONUNBUFFERED=1${cpus_per_task:+
 export SRUN_CPUS_PER_TASK=${cpus_per_task}}
-srun --label --kill-on-bad-exit=$([[ -n "$requeue" ]] && echo 0 || echo 1) $(printf '%q' "$python_bin") -m mim_jax.main \\
+srun --label --kill-on-bad-exit=${kill_on_bad_exit} $(printf '%q' "$python_bin") -m mim_jax.main \\
     --config=$(printf '%q' "$config") --workdir=$(printf '%q' "$workdir")${quoted_extra}${requeue_tail}
 EOF
 }

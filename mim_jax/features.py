@@ -106,10 +106,7 @@ def load(source: str, *, image_size: Optional[Sequence[int]] = None) -> Encoder:
   mean, std = pretrained.input_normalisation(info, source)
   posemb = pretrained.encoder_posemb(source)
   module = encoder_from_config(config.model, size, int(info["channels"]), posemb=posemb)
-  init = jax.eval_shape(module.init, jax.random.key(0),
-                        jnp.zeros((1, *size, int(info["channels"])), jnp.float32))["params"]
-  init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), init)
-  params = pretrained.load_encoder_into(init, source, grid_hw=module.grid_hw)
+  params = pretrained.encoder_params_for(module, source, size, int(info["channels"]))
   return Encoder(module=module, params=params, image_size=size, channels=int(info["channels"]),
                  mean=mean, std=std, info=info)
 

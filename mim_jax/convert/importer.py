@@ -345,10 +345,10 @@ def import_state_dict(tensors: dict[str, Any], *, num_heads: Optional[int] = Non
   classifiers (a head or fc_norm), else "sincos". image_size (H, W): the input size the
   weights are for; a learned table is resized (bicubic) to its patch grid. mlp_act: the
   blocks' activation ("gelu" | "quick_gelu") where the checkpoint does not record it; a
-  CLIP-style tower (norm_pre) needs it named (OpenAI CLIP: "quick_gelu"). mean, std (both or neither): the
-  input normalisation the weights were trained with (one value or one per channel), which
-  evaluations and teachers then apply; by default CLIP's for a CLIP-style tower, else the base
-  config's (ImageNet's).
+  CLIP-style tower (norm_pre) needs it named (OpenAI CLIP: "quick_gelu"). mean, std (both or
+  neither): the input normalisation the weights were trained with (one value or one per
+  channel), which evaluations and teachers then apply; by default CLIP's for a CLIP-style
+  tower, else the base config's (ImageNet's).
   """
   if posemb not in POSEMB_MODES:
     raise ValueError(f"posemb={posemb!r}: expected one of {POSEMB_MODES}")

@@ -281,10 +281,8 @@ def _encoder_params(config):
   # export) is resized to the job's patch grid, as the loop's classifiers and features do.
   encoder = encoder_from_config(config.model, config.image_size, config.channels,
                                 posemb=pretrained.encoder_posemb(config.init_from))
-  init = jax.eval_shape(encoder.init, jax.random.key(0),
-                        jnp.zeros((1, *config.image_size, config.channels)))["params"]
-  init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), init)
-  return pretrained.load_encoder_into(init, config.init_from, grid_hw=encoder.grid_hw)
+  return pretrained.encoder_params_for(encoder, config.init_from, config.image_size,
+                                       config.channels)
 
 
 def _start(config, workdir: str):

@@ -294,6 +294,15 @@ def _released_head_would_load(config) -> bool:
   return head_fits(found, ours)
 
 
+def encoder_params_for(module, init_from: str, image_size, channels: int) -> Any:
+  """The encoder weights of export `init_from` laid out for encoder `module` at `image_size`
+  (a learned position table resized to its patch grid: `load_encoder_into`), as numpy."""
+  init = jax.eval_shape(module.init, jax.random.key(0),
+                        jnp.zeros((1, *image_size, channels), jnp.float32))["params"]
+  init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), init)
+  return load_encoder_into(init, init_from, grid_hw=module.grid_hw)
+
+
 def load_encoder_into(init_params: Any, init_from: str, *, grid_hw: tuple[int, int]) -> Any:
   """Replaces the encoder weights in `init_params` by the pre-trained ones.
 
