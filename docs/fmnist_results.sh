@@ -163,7 +163,7 @@ done
   each_one_of TARGETS "pixels norm_pixels hog tokens teacher_features" $TARGETS; }
 for point in $TUNE_POINTS; do
   python docs/fmnist_tools.py grid "$point" > /dev/null 2> /dev/null || { echo "TUNE_POINTS:" \
-      "unknown '$point' (one of: $(python docs/fmnist_tools.py grid))" >&2; exit 2; }
+      "unknown '$point' (one of: $(python docs/fmnist_tools.py grid --all))" >&2; exit 2; }
 done
 DATA=()
 [ -n "${FMNIST_DIR:-}" ] && DATA=(--config.data.path="$FMNIST_DIR")

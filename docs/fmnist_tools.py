@@ -2,7 +2,8 @@
 
   python docs/fmnist_tools.py grid [SUFFIX]
       the flags of one point of the tuning grid (run-name suffix, e.g. lr2e-3_nomix); without
-      SUFFIX the points tuned by default (DEFAULT_POINTS: those of the recorded choice)
+      SUFFIX the points tuned by default (DEFAULT_POINTS: those of the recorded choice);
+      --all: every point
   python docs/fmnist_tools.py pick ROOT PREFIX [POINT ...]
       the fine-tuning overrides whose run ROOT/PREFIX_* scored best on the held-out split
       (results.json eval_accuracy with eval_split "holdout"); prints them as flags. POINTs
@@ -566,9 +567,12 @@ def sklearn_pixels(out_json: str, data_dir: str = "", l2: str = "") -> dict:
 if __name__ == "__main__":
   command = sys.argv[1]
   if command == "grid":
-    if len(sys.argv) > 2 and sys.argv[2] not in GRID:
+    if len(sys.argv) > 2 and sys.argv[2] == "--all":
+      print(" ".join(GRID))
+    elif len(sys.argv) > 2 and sys.argv[2] not in GRID:
       raise SystemExit(f"no grid point {sys.argv[2]!r}: one of {', '.join(GRID)}")
-    print(" ".join(GRID[sys.argv[2]]) if len(sys.argv) > 2 else " ".join(DEFAULT_POINTS))
+    else:
+      print(" ".join(GRID[sys.argv[2]]) if len(sys.argv) > 2 else " ".join(DEFAULT_POINTS))
   elif command == "pick":
     print(" ".join(pick(sys.argv[2], sys.argv[3], sys.argv[4:])))
   elif command == "pick_epochs":

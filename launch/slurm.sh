@@ -32,8 +32,8 @@
 # With --requeue, srun runs with --kill-on-bad-exit=0: with 1, the first task's 75 would have
 # srun kill the tasks still exiting, and srun reports a killed task's signal before an exit
 # code, so the job would end without requeueing. Each task stops by itself instead (all at the
-# same step after the notice; a process lost on the way stops the others within seconds,
-# exit 5), and srun's status is their 75. Tested with stub srun / scontrol only; the checkpoint
+# same step after the notice; a process lost on the way stops the others, exit 5: at once on
+# CPU, after JAX's heartbeat timeout (100 s) on GPU), and srun's status is their 75. Tested with stub srun / scontrol only; the checkpoint
 # is written either way, and the same command resumes it.
 set -euo pipefail
 

@@ -227,7 +227,7 @@ if ((queued)); then
       if ! state="$("${state_cmd[@]}")"; then
         failures=$((failures + 1))
         ((failures < 10)) || die "queued resource $name: its state could not be read 10 times" \
-                                 "in a row (the command above)"
+                                 "in a row ($(show "${state_cmd[@]}"))"
         echo "queued resource $name: state query failed ($failures), retrying" >&2
         sleep "$poll"
         continue

@@ -259,9 +259,11 @@ def test_8_bit_images_of_any_channel_count_stay_8_bit_through_the_resize():
   box = (1.5, 0.5, 9.0, 8.0)
   out = transforms.resize_box(image, box, (6, 5))
   assert out.dtype == np.uint8 and out.shape == (6, 5, 4)
-  for k in range(4):
-    np.testing.assert_array_equal(out[..., k:k + 1],
-                                  transforms.resize_box(image[..., k:k + 1], box, (6, 5)))
+  top, left, h, w = box
+  for k in range(4):  # PIL's 8-bit bicubic resize of the channel alone
+    want = Image.fromarray(image[..., k], "L").resize(
+        (5, 6), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+    np.testing.assert_array_equal(out[..., k], np.asarray(want))
 
 
 def _encoded(image: Image.Image, fmt: str) -> bytes:
@@ -286,6 +288,16 @@ def test_8_bit_tiffs_are_read_by_what_their_values_mean():
   grey = np.array([[0, 255], [255, 0]], np.uint8)  # stored inverted, the tag says so
   inverted = _tiff(255 - grey, photometric="miniswhite")
   np.testing.assert_array_equal(transforms.decode_image(inverted, 1)[..., 0], grey)
+  # What PIL would misread stays with tifffile: signed 8-bit samples (refused), and bands
+  # beyond the mode's (RGB + 2: read whole, not cut to RGB).
+  with pytest.raises(ValueError, match="int8 pixel values are not read"):
+    transforms.decode_image(_tiff(np.full((4, 4), -3, np.int8)), channels=1)
+  bands = np.random.default_rng(0).integers(0, 256, (6, 6, 5), np.uint8)
+  five = _tiff(bands, photometric="rgb", planarconfig="contig", extrasamples=(0, 0))
+  assert Image.open(io.BytesIO(five)).mode == "RGB"  # PIL's view: the two extra bands gone
+  np.testing.assert_array_equal(transforms.decode_image(five, 5), bands)
+  with pytest.raises(ValueError, match="5 channels to 3"):
+    transforms.decode_image(five, 3)
 
 
 def test_8_bit_files_with_alpha_keep_it_for_2_and_4_channels():

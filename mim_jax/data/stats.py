@@ -6,8 +6,8 @@ r"""Per-channel mean and std of a data source, printed as the config overrides t
 
 The training split the config names is read as training reads it (without the `data.holdout`
 examples, only the `data.label_fraction` subset when below 1; same decoder: 8-bit images
-in [0, 1] as x / 255, 16-bit and other integer images as a fraction of their type's maximum,
-floats as they are) but without augmentation, every image whole (`--max_images` > 0: the
+in [0, 1] as x / 255, 16-bit images as a fraction of 65535, floats as they are; other
+integer types are refused) but without augmentation, every image whole (`--max_images` > 0: the
 first that many). Sums are accumulated in float64 over all pixels; std is the population std.
 Prints one line, e.g.
 

@@ -198,35 +198,51 @@ _PIL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 _PIL_TIFF_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
 
 
+def _as_tuple(value) -> tuple:
+  return value if isinstance(value, tuple) else (value,)
+
+
 def _pil_reads_8_bit_tiff(data: bytes, channels: int) -> bool:
-  """Whether a TIFF is decoded through PIL: 8-bit images of a mode PIL converts into
-  grayscale or RGB (`_PIL_TIFF_MODES`) when the model takes 1 or 3 channels. Any other TIFF
-  (16-bit, float, more bands, or a model of other channel counts) keeps every sample as stored
-  through tifffile."""
+  """Whether a TIFF is decoded through PIL: unsigned 8-bit (or bilevel) images of a mode PIL
+  converts into grayscale or RGB (`_PIL_TIFF_MODES`), with no band beyond the mode's, when the
+  model takes 1 or 3 channels. Any other TIFF (16-bit, float, signed, extra bands, or a model
+  of other channel counts) keeps every sample as stored through tifffile."""
   if channels not in (1, 3):
     return False
   try:
     with Image.open(io.BytesIO(data)) as img:  # reads the header only
       # PIL names some 16-bit TIFFs by an 8-bit mode (RGB, RGBA) and cuts them to 8 bits:
       # the samples' stored depth decides, not the mode.
-      bits = img.tag_v2.get(258, (1,))  # BitsPerSample; absent: bilevel
-      bits = bits if isinstance(bits, tuple) else (bits,)
-      return img.mode in _PIL_TIFF_MODES and all(b in (1, 8) for b in bits)
+      # Signed 8-bit samples (SampleFormat 2) PIL reads as unsigned grey levels, and extra
+      # bands beyond its mode's it drops (RGB + 2 bands opens as "RGB"): tifffile keeps both
+      # as they are, where they are refused or read whole.
+      tags = img.tag_v2
+      bits, formats = (_as_tuple(tags.get(tag, (default,))) for tag, default in
+                       ((258, 1), (339, 1)))  # BitsPerSample, SampleFormat (1: unsigned)
+      samples = int(tags.get(277, 1))  # SamplesPerPixel
+      return (img.mode in _PIL_TIFF_MODES and all(b in (1, 8) for b in bits)
+              and all(f == 1 for f in formats) and samples == len(img.getbands()))
   except Exception:  # pylint: disable=broad-except  # PIL cannot: tifffile decides or says why
     return False
 
 
 def decode_image(data: bytes, channels: int) -> np.ndarray:
   """Encoded JPEG/PNG/TIFF bytes -> [h, w, channels]: uint8 for 8-bit images, float32 in
-  [0, 1] for 16-bit PNG (grayscale) and TIFF (8-bit of other channel counts, 16-bit or float,
-  any channel count). 8-bit files become grayscale, gray + alpha, RGB or RGBA for 1, 2, 3, 4
-  channels. Raises on corrupt data, and on 16-bit colour PNG, which PIL would cut to 8 bits
-  (store those as TIFF).
+  [0, 1] for 16-bit PNG (grayscale) and 16-bit or float TIFF (any channel count). 8-bit
+  JPEG / PNG / BMP / WebP files become grayscale, gray + alpha, RGB or RGBA for 1, 2, 3, 4
+  channels; 8-bit TIFFs are read by PIL for 1 or 3 channels (palette, CMYK, inverted
+  grayscale converted), else sample by sample (tifffile). Raises on corrupt data, and on
+  16-bit colour PNG, which PIL would cut to 8 bits (store those as TIFF).
 
   `load()` forces the full decode here, so a truncated file fails now (PIL otherwise decodes
   lazily and would fail later inside a resize).
   """
-  if data[:4] in TIFF_MAGIC and not _pil_reads_8_bit_tiff(data, channels):
+  if data[:4] in TIFF_MAGIC:
+    if _pil_reads_8_bit_tiff(data, channels):
+      try:
+        return _decode_with_pil(data, channels)
+      except (OSError, ValueError):
+        pass  # a compression PIL's build lacks: tifffile's reading, or its reason
     return _decode_tiff(data, channels)
   if data[:2] == JPEG_MAGIC:
     fast = _decode_jpeg_fast(data, channels)
@@ -237,6 +253,12 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
     kind = "grayscale + alpha" if png[1] == 4 else "colour"
     raise ValueError(f"16-bit {kind} PNG: PIL reads it as 8 bits; store the image as TIFF or "
                      "in a .npy array to keep its bits")
+  return _decode_with_pil(data, channels)
+
+
+def _decode_with_pil(data: bytes, channels: int) -> np.ndarray:
+  """`decode_image`'s PIL path: 16-bit grayscale kept (float32 in [0, 1]), 8-bit images
+  converted to the mode of `channels` (_PIL_MODES)."""
   with _open_image(data) as img:
     img.load()
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: every bit kept

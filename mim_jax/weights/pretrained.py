@@ -136,7 +136,8 @@ def adopt_encoder_config(config, file_config=None):
 def _adopt_normalisation(config, file_config, info: dict) -> list[str]:
   """Sets config.data.mean / std to those the encoder of model.json `info` was trained with
   (features.load reads the same), unless the command line set them (they differ from the
-  config file's own): an explicit choice is kept, with a warning. The evaluation configs'
+  config file's own `file_config`): an explicit choice is kept, with a warning. Without
+  `file_config` (a program's config) they are replaced, with a warning. The evaluation configs'
   values (ImageNet's in the base configs) would otherwise feed the encoder inputs of another
   scale than it learned on, and the scores would silently drop. Returns what it replaced."""
   theirs = dict(zip(("mean", "std"), input_normalisation(info, config.init_from)))
@@ -152,6 +153,12 @@ def _adopt_normalisation(config, file_config, info: dict) -> list[str]:
       continue
     replaced.append(f"data.{name}={ours!r} -> {tuple(value)!r}")
     config.data[name] = tuple(value)
+  if replaced and file_config is None:
+    # A program's config (no config file to tell its own values from a command line's): it
+    # may have meant its values, so the replacement is a warning, not only the info line.
+    log.warning("config.data normalisation replaced by the encoder's in %s (%s): pass "
+                "file_config (the config before your changes) to keep values you set",
+                config.init_from, ", ".join(replaced))
   return replaced
 
 
