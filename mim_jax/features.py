@@ -151,8 +151,10 @@ def read_images(path: str) -> np.ndarray:
     return images
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no such folder (or .npy file)")
-  paths = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
-                 for name in names if name.lower().endswith(sources.IMAGE_EXTENSIONS))
+  # The image folders' own listing (hidden files and folders skipped, linked folders
+  # followed, each folder's files before its sub-folders), so that rows come in the order and
+  # number the evaluations read the same folder.
+  paths = list(sources.walk_images(path))
   if not paths:
     raise FileNotFoundError(f"no {'/'.join(sources.IMAGE_EXTENSIONS)} images under {path}")
   decoded = []
@@ -192,10 +194,15 @@ def _file_channels(data: bytes) -> int:
 
 
 def _stack(images: list[np.ndarray]) -> np.ndarray:
-  shapes = {im.shape for im in images}
-  if len(shapes) > 1:
-    # Differently sized files: each is resized on its own by `prepare`; keep them as a list.
-    return np.asarray(images, dtype=object)
+  if len({(im.shape, im.dtype) for im in images}) > 1:
+    # Differently sized files, each resized on its own by `prepare`, or of other types (8-bit
+    # uint8 0..255 beside 16-bit float32 0..1: stacked, the 8-bit ones would become floats of
+    # 0..255 read as if in [0, 1]): kept as a list of arrays (filled one by one: np.asarray
+    # would make arrays of one shape a single array of objects).
+    out = np.empty(len(images), dtype=object)
+    for i, image in enumerate(images):
+      out[i] = image
+    return out
   return np.stack(images)
 
 
@@ -320,7 +327,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  "encoder's output, k: the output of block k)")
   if os.path.isdir(args.out) or not args.out.lower().endswith(".npz"):
     parser.error(f"--out={args.out}: expected the path of a .npz file to write")
-  if not storage.is_url(args.images) and not os.path.exists(args.images):
+  if storage.is_url(args.images):
+    parser.error(f"--images={args.images}: a local folder or .npy file (copy bucket data "
+                 "here first)")
+  if not os.path.exists(args.images):
     parser.error(f"--images={args.images}: no such folder or .npy file")
   if args.pictures and not args.attention:
     parser.error("--pictures draws the attention maps: pass --attention too")

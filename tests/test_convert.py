@@ -546,6 +546,21 @@ def test_timm_export_loads_into_timm(tmp_path, our_mae_dir, our_mae):
       load_file(os.path.join(out, "model.safetensors")), strict=True)
 
 
+def test_timm_export_crops_as_mim_jax_evaluates(our_mae):
+  """pretrained_cfg's crop_pct is the evaluation's centre crop: 0.875 for photographs at up
+  to 224 px (it was 1.0 for every export: timm's transform saw another crop), 1.0 for framed
+  data and above 224 px."""
+  import copy
+
+  from mim_jax.convert.exporter import timm_config
+  info, params = our_mae
+  for source, size, crop in (("image_folder", [224, 224], 0.875),
+                             ("fashion_mnist", [224, 224], 1.0), ("tfds", [384, 384], 1.0)):
+    other = copy.deepcopy(info)
+    other["config"]["data"]["source"], other["image_size"] = source, size
+    assert timm_config(other, params)["pretrained_cfg"]["crop_pct"] == crop, source
+
+
 @requires_timm
 def test_finetuned_classifier_exports_to_timm_avg_pool(tmp_path):
   """A mean-pooling classifier -> timm global_pool='avg' (fc_norm, no final norm)."""

@@ -260,3 +260,24 @@ def test_images_with_nan_or_inf_are_refused_naming_the_file(tmp_path):
   images[4] = 0.5  # finite floats are read as they are
   np.save(tmp_path / "bands.npy", images)
   assert features.read_images(str(tmp_path / "bands.npy")).shape == (6, 16, 16, 3)
+
+
+def test_a_folder_is_read_in_the_evaluations_order_and_types_are_not_mixed(tmp_path):
+  """The rows of a folder come as the image folders list it (each folder's files, then its
+  sub-folders; hidden ones skipped): a sort of full paths put cat-2/ before cat/ and read
+  .ipynb_checkpoints/ copies. An 8-bit and a 16-bit image of one size were stacked into one
+  float array, the 8-bit one as 0..255 read as if in [0, 1]."""
+  from mim_jax.data import sources, transforms
+  px = np.full((8, 8), 128, np.uint8)
+  for name in ("a.png", "cat/x.png", "cat-2/y.png", ".ipynb_checkpoints/z.png"):
+    os.makedirs(os.path.dirname(str(tmp_path / name)) or str(tmp_path), exist_ok=True)
+    Image.fromarray(px).save(tmp_path / name)
+  images = features.read_images(str(tmp_path))
+  assert len(images) == 3 and list(sources.walk_images(str(tmp_path))) == [
+      str(tmp_path / n) for n in ("a.png", "cat/x.png", "cat-2/y.png")]
+  Image.fromarray(px.astype(np.uint16) * 257).save(tmp_path / "cat" / "x.png")  # 16-bit
+  mixed = features.read_images(str(tmp_path))
+  assert mixed.dtype == object and [im.dtype for im in mixed] == [np.uint8, np.float32, np.uint8]
+  norm = transforms.Normalizer((0.5,), (0.5,), 1)
+  values = [float(norm(transforms.to_channels(im, 1)).max()) for im in mixed]
+  np.testing.assert_allclose(values, values[0], atol=1e-6)  # the same grey, the same input

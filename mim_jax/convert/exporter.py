@@ -29,6 +29,7 @@ from mim_jax.convert.hf_vitmae import hf_vitmae_config, hf_vitmae_state_dict_fro
 from mim_jax.convert.our_weights import entries_to_replace, read_weights
 from mim_jax.convert.safetensors_io import write_safetensors
 from mim_jax.convert.timm_vit import timm_state_dict_from_params
+from mim_jax.data.pipeline import eval_crop_fraction
 from mim_jax.models.vit import ViTSize, size_from_config
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,11 @@ def timm_config(info: dict, params: dict[str, Any]) -> dict[str, Any]:
   pool = "avg" if "fc_norm" in params else "token"
   arch = timm_architecture(size.width, patch)
   mean, std = info["config"]["data"]["mean"], info["config"]["data"]["std"]
+  # timm's evaluation transform (resize to input / crop_pct, centre crop) as mim_jax evaluates
+  # these weights: 0.875 for photographs at up to 224 px, 1.0 for framed data (it was 1.0
+  # always, so an ImageNet classifier run through timm's transform saw another crop).
+  crop_pct = eval_crop_fraction(ml_collections.ConfigDict(info["config"]["data"]),
+                                tuple(image_size))
   if len(mean) != channels:  # timm wants one value per input channel
     mean, std = [float(np.mean(mean))] * channels, [float(np.mean(std))] * channels
   return {
@@ -91,7 +97,7 @@ def timm_config(info: dict, params: dict[str, Any]) -> dict[str, Any]:
                      "act_layer": info["config"]["model"].get("mlp_act", "gelu")},
       "pretrained_cfg": {"num_classes": num_classes, "input_size": [channels, *image_size],
                          "fixed_input_size": True, "interpolation": "bicubic",
-                         "crop_pct": 1.0, "mean": list(mean), "std": list(std),
+                         "crop_pct": crop_pct, "mean": list(mean), "std": list(std),
                          "first_conv": "patch_embed.proj", "classifier": "head"},
   }
 

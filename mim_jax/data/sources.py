@@ -175,7 +175,7 @@ def is_image_file(name: str) -> bool:
   return name.lower().endswith(IMAGE_EXTENSIONS) and is_listed_name(name)
 
 
-def _walk_images(root: str):
+def walk_images(root: str):
   """Yields image file paths under `root` in sorted, deterministic order (hidden dirs skipped).
 
   Symlinked folders are followed (class folders linked in from elsewhere), except a link back
@@ -200,7 +200,7 @@ def _walk_images(root: str):
 
 def has_any_image(root: str) -> bool:
   """True as soon as one image file is found under `root` (cheap check for validation)."""
-  return next(_walk_images(root), None) is not None
+  return next(walk_images(root), None) is not None
 
 
 def _sub_folders(root: str) -> list[str]:
@@ -237,7 +237,7 @@ def list_image_folder(
   num_examples, num_classes, the train and the eval iterator all need it (ImageNet: ~1.3M
   files); callers pass both arguments positionally, as lru_cache keys on how they were given.
   """
-  paths = tuple(_walk_images(root))
+  paths = tuple(walk_images(root))
   firsts = [os.path.relpath(p, root).split(os.sep) for p in paths]
   found = sorted({parts[0] for parts in firsts if len(parts) > 1})
   if classes is None:
