@@ -24,7 +24,7 @@ from mim_jax.training import checkpoint, metric_writers
 from mim_jax.training import loop as train
 from mim_jax.training import step as step_lib
 
-from conftest import REPO, tiny_mae_config
+from conftest import REPO, tiny_config, tiny_mae_config
 
 
 class _LinearRegression(base.Method):
@@ -58,6 +58,32 @@ def test_grad_accumulation_matches_full_batch():
   assert float(s1.extra["seen"]) == float(s4.extra["seen"]) == 8
   # Four passes of 2 examples, not one of 8 (which would also match the full batch).
   assert int(s1.extra["passes"]) == 1 and int(s4.extra["passes"]) == 4
+
+
+@pytest.mark.parametrize("method_name, overrides", [
+    ("simmim", {}), ("data2vec", {"masking.min_block": 2})])  # blocks that fit a 4x4 grid
+def test_accumulated_masked_means_equal_the_whole_batch_s(method_name, overrides):
+  """Masks whose count varies per image (here half the images unmasked): each microbatch's
+  masked mean was weighed the same, a microbatch of unmasked images as much as the others
+  (a 16-21% gradient difference); weighed by its share of the masked patches, the update is
+  the whole batch's to float rounding."""
+  config = tiny_config(method_name, **{"masking.mask_probability": 0.5, **overrides})
+  method = registry.build_method(config, base.TrainLength(1, 2))
+  tx = optax.sgd(1.0)
+  state = step_lib.init_train_state(method, tx, jax.random.key(0), (1, 16, 16, 3))
+  state = step_lib.with_initial_weights(method, state, None)
+  images = jax.random.normal(jax.random.key(1), (8, 16, 16, 3))
+  masks = method.example_extras(8, np.random.default_rng(3))
+  counts = np.asarray(masks["token_mask"]).sum(-1)
+  assert (counts == 0).any() and (counts > 0).any()  # the case: some images unmasked
+  batch = {"image": images, **masks}
+  after = {}
+  for k in (1, 2, 4):
+    after[k], metrics = jax.jit(step_lib.make_train_step(method, tx, lambda s: 1.0, k))(
+        state, batch, jax.random.key(2))
+    assert float(metrics["update_norm"]) > 1e-3
+  for k in (2, 4):
+    chex.assert_trees_all_close(after[k].params, after[1].params, rtol=1e-4, atol=1e-6)
 
 
 class _WithAverage(_LinearRegression):

@@ -84,6 +84,11 @@ class Method:
   # draws that many per image ([B, M, N], data2vec 2.0's masked copies).
   mask_generator: Optional[masking.MaskGenerator] = None
   masks_per_image: int = 1
+  # True when the loss is one mean over the masked patches of the mask it is given (host
+  # masks: batch["token_mask"]): gradient accumulation then weighs each microbatch by its
+  # share of the batch's masked patches, so that the update equals the whole batch's one mean
+  # (training.step).
+  loss_is_masked_mean: bool = False
   # Whether the method draws pictures (reconstruct + picture) and is scored (eval_metrics).
   draws: bool = False
   evaluates: bool = False

@@ -46,6 +46,7 @@ class MaskTokenModel(nn.Module):
 class MaskedPrediction(base.PretrainingMethod):
   """A mask-token method as the training loop sees it (see `methods.base.Method`); subclasses
   pass their target, its width and their loss (and may add config fields)."""
+  loss_is_masked_mean = True  # loss_fn: a masked mean (losses.py)
 
   draws = True
   mask_token_in_encoder = True

@@ -138,6 +138,26 @@ def default_nonfinite_guard(guard: str) -> str:
   return "cond" if jax.default_backend() == "cpu" else "select"
 
 
+def _masked_share_weights(method, micro: Any, k: int, axis_name) -> jax.Array:
+  """float32 [k]: each microbatch's weight in the accumulated mean. 1 each (every microbatch's
+  loss its own mean, as PyTorch accumulates), except for a method whose loss is one mean over
+  the masked patches of host-drawn masks (`loss_is_masked_mean`, batch["token_mask"] [k, B/k,
+  N]): k x its share of the batch's masked patches, so that the mean of the weighted
+  microbatch means is the whole batch's mean, with masks whose count varies per image too
+  (`masking.mask_probability` < 1, a `ratio_range`). Under shard_map the counts are averaged
+  over the devices, as `losses.masked_mean` averages them."""
+  from mim_jax.objectives.masking import TOKEN_MASK_KEY  # pylint: disable=import-outside-toplevel
+  ones = jnp.ones((k,), jnp.float32)
+  if (not getattr(method, "loss_is_masked_mean", False) or not isinstance(micro, dict)
+      or TOKEN_MASK_KEY not in micro or getattr(method, "masks_per_image", 1) != 1):
+    return ones
+  counts = jnp.sum(micro[TOKEN_MASK_KEY].reshape(k, -1).astype(jnp.float32), axis=1)
+  if axis_name is not None:
+    counts = jax.lax.pmean(counts, axis_name)
+  total = jnp.sum(counts)
+  return jnp.where(total > 0, k * counts / jnp.maximum(total, 1.0), ones)
+
+
 def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     grad_accum_steps: int = 1, axis_name=None, norms_every: int = 1,
                     last_step: Optional[int] = None,
@@ -158,12 +178,13 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
   the same whether or not the run was interrupted. With `grad_accum_steps` > 1 the batch is
   split into that many microbatches whose gradients are averaged before one update. Each
   microbatch's loss is its own mean, as PyTorch's accumulation computes it (BEiT's
-  `update_freq`): a masked loss is divided by the microbatch's masked count, so where that
-  count varies per image the update weighs patches differently from the whole batch's one
-  mean: slightly under blockwise masks (their count varies by about 0.4% between 8-image
-  microbatches), much under `masking.mask_probability` < 1 or a `ratio_range` (a microbatch of
-  unmasked images weighs as much as the others; a 16-21% gradient difference measured on a
-  tiny SimMIM). iBOT's loss is a mean per image, the same either way; fixed-count masks too.
+  `update_freq`), except where a method's loss is one mean over host-drawn masks
+  (`loss_is_masked_mean`: SimMIM, MaskFeat, BEiT, data2vec, MaskDistill, mim): there each
+  microbatch is weighed by its share of the batch's masked patches (`_masked_share_weights`),
+  and the update is the whole batch's (unweighted, a microbatch of unmasked images under
+  `masking.mask_probability` < 1 weighed as much as the others: a 16-21% gradient difference
+  on a tiny SimMIM). iBOT's loss is a mean per image, the same either way; MAE's fixed-count
+  masks too.
   Statistics a method keeps by EMA (iBOT's centres, VQ codebooks) move once per update from
   the whole batch (summed in `extra` by the loss, applied in `after_update`); BatchNorm running
   statistics (the linear probe's) move once per microbatch, as in PyTorch.
@@ -240,18 +261,23 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
         zeros, loss_zero, metric_zeros = jax.tree.map(
             lambda x: _to_varying(x, axis_name), (zeros, loss_zero, metric_zeros))
 
+      weights = _masked_share_weights(method, micro, grad_accum_steps, axis_name)
+
       def accumulate(carry, inputs):
         # `extra` (e.g. BatchNorm statistics) threads through the microbatches in order.
         loss_sum, metric_sum, grad_sum, extra = carry
-        index, microbatch = inputs
+        index, microbatch, weight = inputs
         l, m, g, extra = grad_fn(state.params, extra, microbatch,
                                  jax.random.fold_in(rng, index))
+        l, g = l * weight, jax.tree.map(lambda x: x * weight, g)
+        if "loss" in m:
+          m = {**m, "loss": m["loss"] * weight}
         return (loss_sum + l, jax.tree.map(jnp.add, metric_sum, m),
                 jax.tree.map(jnp.add, grad_sum, g), extra), None
 
       (loss, metrics, grads, extra), _ = jax.lax.scan(
           accumulate, (loss_zero, metric_zeros, zeros, state.extra),
-          (jnp.arange(grad_accum_steps), micro))
+          (jnp.arange(grad_accum_steps), micro, weights))
       loss, metrics, grads = jax.tree.map(lambda x: x / grad_accum_steps,
                                           (loss, metrics, grads))
     if axis_name is not None:
