@@ -62,12 +62,11 @@ def validate_ema_teacher(config) -> None:
 
 class Data2Vec(base.PretrainingMethod):
   """data2vec as the training loop sees it (see `methods.base.Method`)."""
-  loss_is_masked_mean = True  # losses.masked_smooth_l1
-
   name = "data2vec"
   schedules_by_length = True
   mask_token_in_encoder = True
   head_in_vit = True  # its lm_head
+  loss_is_masked_mean = True  # losses.masked_smooth_l1
 
   @classmethod
   def add_config(cls, c):

@@ -46,10 +46,9 @@ class MaskTokenModel(nn.Module):
 class MaskedPrediction(base.PretrainingMethod):
   """A mask-token method as the training loop sees it (see `methods.base.Method`); subclasses
   pass their target, its width and their loss (and may add config fields)."""
-  loss_is_masked_mean = True  # loss_fn: a masked mean (losses.py)
-
   draws = True
   mask_token_in_encoder = True
+  loss_is_masked_mean = True  # loss_fn: a masked mean (losses.py)
   # head_in_vit (base.PretrainingMethod): BEiT's and MaskDistill's are; SimMIM's and MaskFeat's
   # heads are separate layers with their own init.
 

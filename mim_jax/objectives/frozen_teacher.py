@@ -23,7 +23,6 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from mim_jax.config.errors import ConfigError, config_error
 from mim_jax.models import flops
@@ -94,8 +93,8 @@ class FrozenTeacher:
 
   def load_params(self) -> Any:
     """The teacher's weights (numpy), in the layout of `init_params`."""
-    init = jax.tree.map(np.asarray, self.init_params())
-    return pretrained.load_encoder_into(init, self.source, grid_hw=self.module.grid_hw)
+    return pretrained.encoder_params_for(self.module, self.source, self.image_size,
+                                         self.channels)
 
   def prepare(self, images: jax.Array) -> jax.Array:
     """Student-normalised images [B, H, W, C] (H, W: the student's size) -> the teacher's

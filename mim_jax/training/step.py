@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import optax
 from jax.experimental import multihost_utils
 
+from mim_jax.objectives.masking import TOKEN_MASK_KEY
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -146,7 +148,6 @@ def _masked_share_weights(method, micro: Any, k: int, axis_name) -> jax.Array:
   microbatch means is the whole batch's mean, with masks whose count varies per image too
   (`masking.mask_probability` < 1, a `ratio_range`). Under shard_map the counts are averaged
   over the devices, as `losses.masked_mean` averages them."""
-  from mim_jax.objectives.masking import TOKEN_MASK_KEY  # pylint: disable=import-outside-toplevel
   ones = jnp.ones((k,), jnp.float32)
   if (not getattr(method, "loss_is_masked_mean", False) or not isinstance(micro, dict)
       or TOKEN_MASK_KEY not in micro or getattr(method, "masks_per_image", 1) != 1):
