@@ -416,6 +416,24 @@ def test_per_host_shards_are_disjoint_and_cover(indexed_fmnist):
   assert {i % 2 for i in shards[0]} == {0, 1}
 
 
+def test_uneven_shards_drop_other_examples_each_epoch(indexed_fmnist):
+  """24 examples on 5 hosts: 4 each, 4 dropped per epoch, drawn with each epoch's permutation
+  (cutting the source first dropped examples 20..23 every epoch: never seen)."""
+  epochs = [[] for _ in range(3)]
+  for host in range(5):
+    it = data.make_train_iterator(indexed_fmnist, image_size=(4, 4), channels=1,
+                                  global_batch_size=5, seed=0, process_index=host,
+                                  process_count=5)
+    ids = ids_from_batches(take(it, 12))  # local batch 1: three epochs of 4
+    for e in range(3):
+      epochs[e] += ids[4 * e:4 * (e + 1)]
+  for ids in epochs:
+    assert len(set(ids)) == 20 and set(ids) <= set(range(24))
+  assert set().union(*map(set, epochs)) == set(range(24))
+  assert len({frozenset(ids) for ids in epochs}) == 3
+
+
+
 # ----------------------------------------------------------------------------- resume
 
 

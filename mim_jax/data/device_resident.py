@@ -10,7 +10,8 @@ normalisation run in the train step, as with data.augment_on="device" (required)
 
 The stream: every epoch is one permutation of the split (holdout and label subset taken first,
 as in the grain pipeline; seeded by (seed, epoch), the same on every host), of which host k
-reads positions k, k + process_count, ... (a disjoint, equal share); batch b is positions
+reads positions k, k + process_count, ... (a disjoint, equal share; the permutation's last
+N % process_count rows are left out, other rows each epoch); batch b is positions
 [b B, (b + 1) B) of the epochs laid end to end, so a batch may span two epochs (as in the
 grain pipeline). The boxes, flips and masks of batch b come from generators seeded by (seed,
 stream, host, b): the iterator's state is one integer, a restore is exact, and the batches do
@@ -85,12 +86,15 @@ def _epoch_order(seed: int, epoch: int, rows: int) -> np.ndarray:
 def stream_rows(seed: int, process_index: int, process_count: int, num_examples: int,
                 batch_index: int, local_batch: int) -> np.ndarray:
   """int64 [local_batch]: the split's rows in this host's batch `batch_index`."""
-  per_host = num_examples // process_count  # equal shards, as in the grain pipeline
+  # Equal shards, as in the grain pipeline: each epoch's permutation is of the whole split and
+  # its last num_examples % process_count rows are dropped, other rows each epoch (a
+  # permutation of only the first rows would never show the split's last ones).
+  per_host = num_examples // process_count
   positions = batch_index * local_batch + np.arange(local_batch)
   epochs, offsets = np.divmod(positions, per_host)
   rows = np.empty(local_batch, np.int64)
   for epoch in np.unique(epochs):
-    order = _epoch_order(seed, int(epoch), per_host * process_count)
+    order = _epoch_order(seed, int(epoch), num_examples)
     here = epochs == epoch
     rows[here] = order[offsets[here] * process_count + process_index]  # host k: k::count
   return rows

@@ -4,8 +4,9 @@ Training, per host (process_index of process_count):
 
   source (data.split) -> per-class label subset (if data.label_fraction < 1; the same on every
   host) -> shuffle (one permutation of the whole split, the same on every host) -> repeat
-  (reshuffled per epoch) -> [process_index::process_count] (every host a disjoint, equal share
-  of each epoch, as PyTorch's DistributedSampler) -> DecodeImage -> TrainAugment (random_map; an
+  (reshuffled per epoch) -> each epoch's first process_count * (N // process_count) ->
+  [process_index::process_count] (every host a disjoint, equal share of each epoch, as
+  PyTorch's DistributedSampler) -> DecodeImage -> TrainAugment (random_map; an
   undecodable image becomes a row marked invalid) -> batch(local_batch) -> to_iter_dataset ->
   mp_prefetch (if num_workers > 0) -> DropInvalidRows -> NonEmptyBatch -> rebatch(local_batch)
 
@@ -28,6 +29,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Sequence
@@ -172,6 +174,31 @@ def _decoder(data_cfg, channels: int) -> transforms.DecodeImage:
                                 skip_log_dir=bad_images.log_directory())
 
 
+class _EachEpochTrimmed(grain.MapDataset):
+  """An infinite stream of `epoch_length`-element epochs with only the first `keep` of each.
+
+  Equal shards drop an epoch's last `epoch_length - keep` (< process_count) elements; taken
+  from each reshuffled epoch, they are other examples each epoch (cutting the source before the
+  shuffle dropped the split's last files every epoch: never seen).
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, epoch_length: int, keep: int):
+    super().__init__(parent)
+    self._epoch_length, self._keep = epoch_length, keep
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def __str__(self) -> str:
+    return f"EachEpochTrimmed(keep={self._keep} of {self._epoch_length})"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    epoch, offset = divmod(index, self._keep)
+    return self._parent[epoch * self._epoch_length + offset]
+
+
 def train_dataset(data_cfg, *, image_size: tuple[int, int], channels: int,
                   global_batch_size: int, seed: int, process_index: int | None = None,
                   process_count: int | None = None,
@@ -197,13 +224,14 @@ def train_dataset(data_cfg, *, image_size: tuple[int, int], channels: int,
   if per_host == 0:
     raise ValueError(f"{source!r} has {len(source)} examples, fewer than the {process_count} "
                      "processes sharing it")
-  ds = grain.MapDataset.source(source)[:per_host * process_count]
   shuffle_seed, augment_seed = _derive_seeds(seed, process_index)
   # One permutation of the whole split per epoch, then every process_count-th element: each
   # host a disjoint share of each epoch, mixing all of the split. (Sharding first and shuffling
   # each shard with the same seed made a global batch groups of process_count neighbouring
   # rows: a few classes per batch in a class-sorted image folder.)
-  ds = ds.shuffle(seed=shuffle_seed).repeat()  # infinite; each epoch reshuffled from the seed
+  ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()  # reshuffled/epoch
+  if per_host * process_count < len(source):
+    ds = _EachEpochTrimmed(ds, epoch_length=len(source), keep=per_host * process_count)
   ds = ds[process_index::process_count]
   ds = ds.map(_decoder(data_cfg, channels))
   if augment is None and data_cfg.get("augment_on", "host") == "device":
