@@ -211,9 +211,20 @@ run() {  # NAME, then the arguments of mim_jax.main
   # An interrupted run resumes: its time so far is kept and added to.
   local before=0
   [ -f "$ROOT/$name.seconds" ] && before=$(cat "$ROOT/$name.seconds")
-  local start=$SECONDS status=0
+  local start=$SECONDS status=0 ticker
+  # The time so far is also written every minute, so a script killed without a chance to write
+  # it (SIGKILL) loses at most a minute of it; the writer stops with this script.
+  ( trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+    while :; do
+      sleep "${SECONDS_EVERY:-60}" & nap=$!
+      wait "$nap"; kill -0 $$ 2>/dev/null || exit 0
+      echo $((before + SECONDS - start)) > "$ROOT/$name.seconds.tmp" &&
+        mv "$ROOT/$name.seconds.tmp" "$ROOT/$name.seconds"
+    done ) &
+  ticker=$!
   # A SIGTERM or Ctrl-C to this script reaches the run, which writes a checkpoint and exits 75.
   run_passing_signals "$PY" -m mim_jax.main "${args[@]}" >> "$ROOT/$name.log" 2>&1 || status=$?
+  kill "$ticker" 2>/dev/null; wait "$ticker" 2>/dev/null
   echo $((before + SECONDS - start)) > "$ROOT/$name.seconds"
   # Stopped on request: a training run exits 75 with its checkpoint written; one stopped before
   # its first step, or an evaluation job (no checkpoint: it starts again), dies of the signal.

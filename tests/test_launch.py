@@ -843,6 +843,46 @@ exec %s "$@"
   assert (tmp_path / "pid.term").read_text().strip() == "stopped"
 
 
+def test_results_script_keeps_a_killed_run_s_time_so_far(tmp_path):
+  """A SIGKILL gives the script no chance to write NAME.seconds at the end: the time so far is
+  written as it goes (every SECONDS_EVERY seconds), and the writer stops with the script."""
+  stub = """
+if [ "$1 $2" = "-m mim_jax.main" ]; then
+  echo $$ > "$STUB_PID.tmp" && mv "$STUB_PID.tmp" "$STUB_PID"
+  while :; do sleep 0.1; done
+fi
+exec %s "$@"
+""" % sys.executable
+  env = dict(_fake_bin(tmp_path, "python", stub), STUB_PID=str(tmp_path / "pid"),
+             SECTIONS="pretrain_mae", SECONDS_EVERY="1")
+  root = tmp_path / "root"
+  command = ["bash", str(RESULTS), str(root)]
+  script = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 30
+    while not (root / "mae_e50.seconds").exists() and time.time() < deadline:
+      time.sleep(0.1)
+    time.sleep(1.5)
+    script.kill()
+    script.wait(timeout=10)
+    seconds = int((root / "mae_e50.seconds").read_text())
+    time.sleep(2)  # the writer notices within SECONDS_EVERY
+
+    def same_command(pid: str) -> bool:
+      try:
+        return pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1] == [
+            c.encode() for c in command]
+      except OSError:
+        return False
+    writers = [pid for pid in os.listdir("/proc") if pid.isdigit() and same_command(pid)]
+  finally:
+    if (tmp_path / "pid").exists() and _alive(int((tmp_path / "pid").read_text())):
+      os.kill(int((tmp_path / "pid").read_text()), signal.SIGKILL)  # no stand-in left behind
+  assert seconds >= 2
+  assert not writers, "the time writer outlived the script"
+
+
 def _alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)
