@@ -8,7 +8,7 @@ import os
 import pytest
 from ml_collections import config_flags
 
-from mim_jax import registry
+from mim_jax import recipes, registry
 from mim_jax.config.errors import ConfigError
 from mim_jax.training import loop as train
 
@@ -91,7 +91,10 @@ def _set_teacher(config, teacher_for) -> None:
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
 def test_config_loads_and_validates(path, some_encoder, tokenizer_for, teacher_for, tmp_path,
                                     monkeypatch):
-  config = _load(path)
+  _validate(_load(path), some_encoder, tokenizer_for, teacher_for, tmp_path, monkeypatch)
+
+
+def _validate(config, some_encoder, tokenizer_for, teacher_for, tmp_path, monkeypatch) -> None:
   if config.data.source == "fashion_mnist" and not os.path.isdir(config.data.path):
     pytest.skip("Fashion-MNIST not installed")
   if config.data.source == "tfds":
@@ -196,12 +199,96 @@ def test_finetune_imagenet_sizes_follow_the_official_recipe():
   assert (lp.optimizer.name, lp.optimizer.base_lr, lp.optimizer.weight_decay) == ("lars", 0.1, 0.0)
   assert (lp.global_batch_size, lp.num_epochs, lp.optimizer.warmup_epochs) == (16384, 90, 10)
 
+FINETUNE_IMAGENET = str(REPO / "configs" / "finetune_imagenet.py")
+RECIPE_ARGS = [f"recipe={r},size={s}" for r in recipes.FINETUNE_RECIPES
+               for s in recipes.finetune_sizes(r)]
+
+
+@pytest.mark.parametrize("arg", RECIPE_ARGS)
+def test_each_finetune_recipe_loads_and_validates(arg, some_encoder, tokenizer_for, teacher_for,
+                                                  tmp_path, monkeypatch):
+  config = _load(FINETUNE_IMAGENET, arg)
+  assert config.recipe_size == arg.rpartition("=")[2]
+  _validate(config, some_encoder, tokenizer_for, teacher_for, tmp_path, monkeypatch)
+
+
+# Each release's numbers as it gives them (the sources: each recipe's docstring in
+# mim_jax/recipes.py): global batch, the peak lr at that batch, layer decay, drop path, epochs,
+# warmup epochs, weight decay, Adam b2, pooling.
+OFFICIAL_FINETUNING = {
+    ("beit", "B"): (1024, 4e-3, 0.65, 0.1, 100, 20, 0.05, 0.999, "gap"),
+    ("beit", "L"): (1024, 1e-3, 0.75, 0.2, 50, 5, 0.05, 0.999, "gap"),
+    ("simmim", "B"): (2048, 1.25e-3 * 2048 / 512, 0.65, 0.1, 100, 20, 0.05, 0.999, "gap"),
+    ("maskfeat", "B"): (512, 2e-3, 0.65, 0.1, 100, 20, 0.05, 0.999, "gap"),
+    ("maskfeat", "L"): (256, 1e-3, 0.75, 0.1, 50, 5, 0.05, 0.999, "gap"),
+    ("data2vec", "B"): (1024, 4e-3, 0.65, 0.2, 100, 10, 0.0, 0.999, "gap"),
+    ("data2vec", "L"): (1024, 5e-3, 0.65, 0.25, 50, 5, 0.05, 0.999, "gap"),
+    ("data2vec2", "B"): (512, 1e-3, 0.65, 0.1, 100, 16000 / 2502, 0.05, 0.95, "gap"),
+    ("data2vec2", "L"): (512, 5e-4, 0.75, 0.2, 50, 16000 / 2502, 0.05, 0.95, "gap"),
+    ("ibot", "S"): (1024, 4e-3, 0.75, 0.1, 200, 20, 0.05, 0.999, "cls"),
+    ("ibot", "B"): (1024, 4e-3, 0.65, 0.1, 100, 20, 0.05, 0.999, "cls"),
+    ("ibot", "L"): (1024, 4e-3, 0.75, 0.2, 50, 5, 0.05, 0.999, "cls"),
+}
+
+
+def test_finetune_recipes_follow_their_releases():
+  # Every recipe but MAE's (pinned above) is pinned here, and no size is left out.
+  assert set(OFFICIAL_FINETUNING) == {(r, s) for r in recipes.FINETUNE_RECIPES if r != "mae"
+                                      for s in recipes.finetune_sizes(r)}
+  for (recipe, size), want in OFFICIAL_FINETUNING.items():
+    c = _load(FINETUNE_IMAGENET, f"recipe={recipe},size={size}")
+    o = c.optimizer
+    got = (c.global_batch_size, o.base_lr * c.global_batch_size / o.lr_batch_reference,
+           o.layer_decay, c.model.drop_path_rate, c.num_epochs, o.warmup_epochs,
+           o.weight_decay, o.b2, c.classifier.pool)
+    assert got[:-1] == pytest.approx(want[:-1]), (recipe, size, got, want)
+    assert got[-1] == want[-1], (recipe, size)
+    assert c.model.variant == {"S": "S/16", "B": "B/16", "L": "L/16"}[size]
+    # What they all share (each release's defaults).
+    assert (c.classifier.label_smoothing, c.data.rand_augment, c.data.random_erasing) == (
+        0.1, "rand-m9-mstd0.5-inc1", 0.25)
+    assert (c.classifier.cutmix_alpha, c.classifier.mixup_switch_prob, o.b1) == (1.0, 0.5, 0.9)
+  simmim = _load(FINETUNE_IMAGENET, "recipe=simmim")
+  assert (simmim.optimizer.clip_grad_norm, simmim.optimizer.min_lr) == (5.0, 2.5e-7 * 2048 / 512)
+  for size, clip, min_lr in (("B", 0.0, 1e-6), ("L", 4.0, 1e-7)):
+    d2v2 = _load(FINETUNE_IMAGENET, f"recipe=data2vec2,size={size}")
+    assert (d2v2.classifier.mixup_alpha, d2v2.classifier.mixup_prob) == (0.7, 0.9)
+    assert (d2v2.classifier.head_init_std, d2v2.optimizer.clip_grad_norm) == (0.02, clip)
+    assert d2v2.optimizer.min_lr == min_lr
+    assert round(d2v2.optimizer.warmup_epochs * (1281167 // 512)) == 16000  # updates
+  beit = _load(FINETUNE_IMAGENET, "recipe=beit")
+  assert (beit.classifier.mixup_alpha, beit.classifier.head_init_std) == (0.8, 2e-5)
+  assert _load(FINETUNE_IMAGENET).to_dict() == _load(FINETUNE_IMAGENET, "recipe=mae").to_dict()
+
+
+def test_finetune_imagenet_refuses_an_unknown_recipe_or_size():
+  with pytest.raises(ValueError, match=r"recipe='maskdistill': expected one of \['beit', "):
+    _load(FINETUNE_IMAGENET, "recipe=maskdistill")
+  with pytest.raises(ValueError, match=r"size='L': the simmim recipe is published for B only"):
+    _load(FINETUNE_IMAGENET, "recipe=simmim,size=L")
+  with pytest.raises(ValueError, match=r"size='S': the mae recipe is published for B, L, H"):
+    _load(FINETUNE_IMAGENET, "size=S")
+  with pytest.raises(ValueError, match="unknown config argument"):
+    _load(FINETUNE_IMAGENET, "recipes=beit")
+
+
+def test_a_finetune_recipe_with_cls_pooling_trains(tmp_path, tokenizer_for, teacher_for):
+  """iBOT's recipe pools the [CLS] token where MAE's averages the patches: its tiny variant
+  trains too."""
+  config = _load(FINETUNE_IMAGENET, "recipe=ibot,runlocal")
+  assert config.classifier.pool == "cls"
+  _train_runlocal(config, tmp_path, tokenizer_for, teacher_for)
+
+
 
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
 def test_runlocal_variant_trains(path, tmp_path, tokenizer_for, teacher_for):
-  config = _load(path, "runlocal")
+  _train_runlocal(_load(path, "runlocal"), tmp_path, tokenizer_for, teacher_for)
+
+
+def _train_runlocal(config, tmp_path, tokenizer_for, teacher_for) -> None:
   if config.data.source == "fashion_mnist" and not os.path.isdir(config.data.path):
     pytest.skip("Fashion-MNIST not installed")
   if config.method in ("linprobe", "knn", "probe", "finetune", "attentive_probe"):
