@@ -4,9 +4,12 @@ Composed from `masked_prediction.MaskedPrediction` with pixel targets (the norma
 no per-patch normalisation, as in SimMIM) and `losses.masked_l1`; masking is SimMIM's random
 masking of `masking.mask_patch_size` groups (configs/simmim_*.py).
 
-Differences from the official ViT-B recipe, kept on purpose: fixed 2-D sin-cos positions
-instead of shared relative position bias, and no layer scale (the same encoder as every other
-method here, so results compare encoders trained by different objectives).
+The method's defaults keep the encoder every other method here uses (fixed 2-D sin-cos
+positions, no relative position bias, no layer scale, MAE's init), so that results compare
+objectives; configs/simmim_vitb.py sets the official ViT instead (a shared relative position
+bias, layer scale 0.1, no absolute positions, BEiT's init: `model.weight_init="beit"`). The
+pixel head starts from timm's trunc_normal_(0.02) with a zero bias; the release leaves its 1x1
+convolution at PyTorch's default (weights and bias U(+-1/sqrt(D)), a std of 0.0208 at D = 768).
 """
 
 from __future__ import annotations
