@@ -6,8 +6,8 @@ The demo encoder and budget of configs/mae_fmnist.py (3 epochs, lr 1e-3, half-co
 rows of docs/results.md compare objectives, not schedules. Blockwise masking of 60% of the 7x7
 patch grid (a budget of 29 patches; blocks of at least 4 patches, the ImageNet recipe's 16 of
 196 scaled to 49); targets: the mean of the teacher's last 3 of 6 blocks (ViT-B: 6 of 12; the
-upper half of any `variant`), normalised as in the ViT-B recipe; smooth-L1 with beta 2; AdamW (0.9, 0.999),
-clipping 3.0. The teacher decay is sized for runs of hundreds to thousands of steps: 0.99 ->
+upper half of any `variant`), normalised as in the ViT-B recipe; smooth-L1 with beta 2; AdamW
+(0.9, 0.999), clipping 3.0. The teacher decay is sized for runs of hundreds to thousands of steps: 0.99 ->
 0.999 (averaging over ~100 -> ~1000 steps), annealed over the whole schedule (642 steps at the
 default 3 epochs, 6,420 at the 30 of docs/fmnist_results.sh), instead of ImageNet's 0.999 ->
 0.9998, whose ~5000-step window would leave the teacher near its random initialisation for

@@ -294,7 +294,8 @@ def attention_picture(enc: Encoder, images: np.ndarray, out: dict[str, np.ndarra
 
   panels = [shown] + [panel(np.asarray(m, np.float32)) for m in maps]
   s = viz.upscale_factor(*shown.shape[1:3])
-  return viz._tile([p.repeat(s, axis=1).repeat(s, axis=2) for p in panels])  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  return viz._tile([p.repeat(s, axis=1).repeat(s, axis=2) for p in panels])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

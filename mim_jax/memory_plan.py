@@ -3,9 +3,9 @@ r"""Per-device memory of a training step for a config and a mesh, without the ha
   python -m mim_jax.memory_plan --config=configs/mae_vith.py --mesh=fsdp:8 --batch=4096 \
       [--rules=fsdp] [--hbm_gib=80] [--config.model.dtype=bfloat16] [--config.model.remat=full]
 
-The train step of `mim_jax.training.setup` (the same function, optimizer and shardings a run uses) is
-lowered and compiled for the mesh on simulated CPU devices, from abstract shapes only: no
-parameter or batch is ever allocated, and the dataset is not read (the step is planned on
+The train step of `mim_jax.training.setup` (the same function, optimizer and shardings a run
+uses) is lowered and compiled for the mesh on simulated CPU devices, from abstract shapes only:
+no parameter or batch is ever allocated, and the dataset is not read (the step is planned on
 synthetic images of the config's size and channels; only data.device_resident's split is read,
 to count its copy). It prints, per device:
 
@@ -106,7 +106,8 @@ def plan(config, devices=None) -> dict[str, Any]:
   abstract_batch = setup.abstract_batch(r, config.global_batch_size)
   step = r.jit_step()
   t0 = time.perf_counter()
-  lowered = step.lower(abstract_state, abstract_batch, jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  lowered = step.lower(abstract_state, abstract_batch, rng)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   stats = compiled.memory_analysis()

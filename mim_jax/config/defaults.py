@@ -196,8 +196,8 @@ def masking_block(**overrides) -> ml_collections.ConfigDict:
 def pretraining_fields(c: ml_collections.ConfigDict, *, masking: bool = True,
                        pictures: bool = True) -> None:
   """What pre-training methods share: init_from (continued pre-training), masking, pictures
-  (for methods that draw), the encoder export and the k-NN monitor (frozen cls / mean-pooled encoder output, weighted
-  k-NN on data.eval_split every `knn.every_epochs`; 0 = off)."""
+  (for methods that draw), the encoder export and the k-NN monitor (frozen cls / mean-pooled
+  encoder output, weighted k-NN on data.eval_split every `knn.every_epochs`; 0 = off)."""
   init_from_field(c)
   if masking:
     c.masking = masking_block()
@@ -272,7 +272,8 @@ SCALE_ARGS = ("fsdp", "remat", "bf16")
 
 def parse_arg(arg: str | None,
               allowed: tuple[str, ...] = ("variant", "runlocal")) -> dict[str, str | bool]:
-  """Parses a config argument like "variant=L/16,runlocal" into {"variant": "L/16", "runlocal": True}."""
+  """Parses a config argument like "variant=L/16,runlocal" into
+  {"variant": "L/16", "runlocal": True}."""
   out: dict[str, str | bool] = {}
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
@@ -283,7 +284,8 @@ def parse_arg(arg: str | None,
   return out
 
 
-def apply_runlocal(c: ml_collections.ConfigDict, keep_data: bool = False) -> ml_collections.ConfigDict:
+def apply_runlocal(c: ml_collections.ConfigDict,
+                   keep_data: bool = False) -> ml_collections.ConfigDict:
   """Shrinks any recipe to a seconds-long smoke run (used by CI).
 
   The model becomes the micro size with the recipe's patch size; unless `keep_data`, the data

@@ -267,8 +267,8 @@ def _from_timm(tensors: dict[str, Any], posemb: str, notes: list[str]) -> dict[s
               grid=square_grid(layout.num_patches), num_heads=None, decoder_num_heads=None,
               mask_ratio=0.75, norm_pix_loss=True, abs_posemb=layout.abs_posemb,
               pre_norm=layout.pre_norm,
-              num_heads_hint=layout.rel_pos_heads, source_format="beit" if layout.layer_scale == "gamma" or layout.qv_bias
-              else "timm")
+              num_heads_hint=layout.rel_pos_heads,
+              source_format="beit" if layout.layer_scale == "gamma" or layout.qv_bias else "timm")
 
 
 def _has_rel_pos_bias(encoder: dict[str, Any]) -> bool:

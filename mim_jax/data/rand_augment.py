@@ -8,12 +8,13 @@ PIL ops on uint8 [H, W, 1 or 3] arrays and numpy on the normalised float32 image
 draw from the element's `np.random.Generator` (so a run is reproducible and resumes exactly).
 
 RandAugment (Cubuk et al., 2020) in timm's form, from its config string
-`rand-m{M}-n{N}-mstd{S}-inc{0|1}-p{P}` (sections in any order; defaults M=10, N=2, S=0,
-inc0, P=0.5): N ops drawn uniformly with replacement from the 15 of `OPS_INCREASING` (inc1) or
-`OPS` (inc0); each applied with probability P at a magnitude drawn from N(M, S) (S = 0: M;
-S > 100: uniform in [0, M], as timm reads it), clipped to [0, 10]; each op's argument is its
-magnitude scaled as below, with a random sign where the op has one. Geometric ops resample bicubically and fill with the data mean (timm's
-`img_mean` with `interpolation='bicubic'`, as MAE's recipe passes them).
+`rand-m{M}-n{N}-mstd{S}-inc{0|1}-p{P}` (sections in any order; defaults M=10, N=2, S=0, inc0,
+P=0.5): N ops drawn uniformly with replacement from the 15 of `OPS_INCREASING` (inc1) or `OPS`
+(inc0); each applied with probability P at a magnitude drawn from N(M, S) (S = 0: M; S > 100:
+uniform in [0, M], as timm reads it), clipped to [0, 10]; each op's argument is its magnitude
+scaled as below, with a random sign where the op has one. Geometric ops resample bicubically and
+fill with the data mean (timm's `img_mean` with `interpolation='bicubic'`, as MAE's recipe
+passes them).
 """
 
 from __future__ import annotations

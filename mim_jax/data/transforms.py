@@ -1,12 +1,13 @@
 """Per-element image transforms: decoding, RandomResizedCrop, flip, resize + centre crop, and
 normalisation, plus the grain transform classes that apply them.
 
-Images between transforms are numpy arrays [h, w, c] with c the model's channel count: uint8
-for 8-bit files (PIL's exact L / RGB path, unchanged since the first results), float32 in
-[0, 1] for everything else (16-bit PNG / TIFF, float or uint16 arrays, any channel count), so
-no bit of a 16-bit image is lost (float32 holds 24). Only the last step normalises. Randomness comes exclusively from the per-element
-`np.random.Generator` that grain's `random_map` derives from (seed, element position), so an
-element's augmentation does not depend on worker count, threads or prefetching.
+Images between transforms are numpy arrays [h, w, c] with c the model's channel count: uint8 for
+8-bit files (PIL's exact L / RGB path, unchanged since the first results), float32 in [0, 1] for
+everything else (16-bit PNG / TIFF, float or uint16 arrays, any channel count), so no bit of a
+16-bit image is lost (float32 holds 24). Only the last step normalises. Randomness comes
+exclusively from the per-element `np.random.Generator` that grain's `random_map` derives from
+(seed, element position), so an element's augmentation does not depend on worker count, threads
+or prefetching.
 """
 
 from __future__ import annotations

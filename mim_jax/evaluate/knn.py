@@ -6,11 +6,11 @@ exactly as `knn_classifier` in DINO's `eval_knn.py`.
 
 Memory: the training bank is streamed through the device in chunks of `bank_chunk` rows while a
 running top-k (similarity and label) is kept for every test feature, so the largest intermediate
-is one [query_chunk, bank_chunk + k] similarity block (and, once at the end, one
-[query_chunk, k, C] one-hot vote block, used instead of a scatter-add so that the sums are
-deterministic on GPU). Device memory beyond that is the normalised test set [Nte, D] and the
-running top-k [Nte, k]; the bank may live on the host and be arbitrarily large. Every kernel sees static shapes (the last chunk is padded), so each
-compiles once per (chunk sizes, k, D) and not once per chunk.
+is one [query_chunk, bank_chunk + k] similarity block (and, once at the end, one [query_chunk,
+k, C] one-hot vote block, used instead of a scatter-add so that the sums are deterministic on
+GPU). Device memory beyond that is the normalised test set [Nte, D] and the running top-k [Nte,
+k]; the bank may live on the host and be arbitrarily large. Every kernel sees static shapes (the
+last chunk is padded), so each compiles once per (chunk sizes, k, D) and not once per chunk.
 """
 
 from __future__ import annotations

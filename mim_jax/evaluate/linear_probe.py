@@ -2,9 +2,9 @@
 
 The encoder is frozen: its weights live in `extra`, outside the optimizer, and its features are
 taken under stop_gradient from `classifier.probe_layer` (0 = encoder output) with
-`classifier.pool` (cls token or mean of patch tokens). `classifier.features="pixels"` probes
-the flattened normalised pixels instead (the raw-pixel baseline). Training images are augmented as in
-pre-training (RandomResizedCrop + flip); the MAE recipe uses LARS, lr 0.1 x batch / 256, no
+`classifier.pool` (cls token or mean of patch tokens). `classifier.features="pixels"` probes the
+flattened normalised pixels instead (the raw-pixel baseline). Training images are augmented as
+in pre-training (RandomResizedCrop + flip); the MAE recipe uses LARS, lr 0.1 x batch / 256, no
 weight decay, 90 epochs with 10 of warmup (configs/linprobe_*.py).
 """
 

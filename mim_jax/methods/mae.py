@@ -31,7 +31,8 @@ def build_model(config) -> MaskedAutoencoder:
   decoder = MAEDecoder(
       grid_hw=encoder.grid_hw, out_dim=p * p * config.channels, width=config.decoder.width,
       depth=config.decoder.depth, num_heads=config.decoder.num_heads,
-      dtype=jnp.dtype(config.model.dtype), attention_impl=config.model.get("attention_impl") or None,
+      dtype=jnp.dtype(config.model.dtype),
+      attention_impl=config.model.get("attention_impl") or None,
       remat=config.model.get("remat", "none"))
   return MaskedAutoencoder(encoder=encoder, decoder=decoder, mask_ratio=config.masking.ratio,
                            encoder_mask_tokens=encoder_mask_tokens)

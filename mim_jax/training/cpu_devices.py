@@ -1,15 +1,16 @@
 """On the CPU, one JAX device per core: the batch split across the cores (data parallel).
 
 XLA:CPU runs a program on one device and parallelises each operation over the cores; the small
-operations of a small ViT (attention over 13-50 tokens, norms, element-wise fusions) leave
-cores idle that way. Several CPU devices, one per core, each run the whole step on their share
-of the batch: the demo MAE step ran 1.20x and the Fashion-MNIST fine-tuning step 1.18x faster
-on 2 cores (docs/benchmarks.md). Large models keep one device: the matmuls of ViT-B/16 already
-fill every core, and each device would hold a replica of its state, whose update and gradient
-all-reduce then run twice (its step at batch 8 took 2.0x longer on 2 devices). The count is a property of the process: JAX reads
-`jax_num_cpu_devices` once, when its backends start, so `configure` runs before anything else
-touches JAX (mim_jax.main and mim_jax.bench call it first). GPU and TPU runs are unaffected:
-their devices are the accelerators, the CPU backend only grows devices nobody uses.
+operations of a small ViT (attention over 13-50 tokens, norms, element-wise fusions) leave cores
+idle that way. Several CPU devices, one per core, each run the whole step on their share of the
+batch: the demo MAE step ran 1.20x and the Fashion-MNIST fine-tuning step 1.18x faster on 2
+cores (docs/benchmarks.md). Large models keep one device: the matmuls of ViT-B/16 already fill
+every core, and each device would hold a replica of its state, whose update and gradient
+all-reduce then run twice (its step at batch 8 took 2.0x longer on 2 devices). The count is a
+property of the process: JAX reads `jax_num_cpu_devices` once, when its backends start, so
+`configure` runs before anything else touches JAX (mim_jax.main and mim_jax.bench call it
+first). GPU and TPU runs are unaffected: their devices are the accelerators, the CPU backend
+only grows devices nobody uses.
 """
 
 from __future__ import annotations

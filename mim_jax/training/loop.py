@@ -169,8 +169,9 @@ def train(config, workdir: str, resume_with_changes: bool = False) -> step_lib.T
     progress = metric_writers.ProgressLogger(last_step, start_step=start_step,
                                              log_fn=(lambda s: log.info("%s", s)) if is_chief
                                              else (lambda s: None))
-    log.info("%s %s: %d examples per epoch, %d steps/epoch, schedule %d steps, training to step %d on "
-             "%d device(s), micro-batch %s", config.method, vit.describe_size(config.model),
+    log.info("%s %s: %d examples per epoch, %d steps/epoch, schedule %d steps, training to "
+             "step %d on %d device(s), micro-batch %s", config.method,
+             vit.describe_size(config.model),
              r.steps_per_epoch * config.global_batch_size, r.steps_per_epoch,
              r.schedule_steps, last_step, jax.device_count(), micro_shape)
 

@@ -68,7 +68,8 @@ def mesh_shape(mesh_cfg: Sequence[Sequence[Any]], num_devices: int) -> dict[str,
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
     raise config_error("mesh", list(map(tuple, mesh_cfg)),
-                       f"the sizes multiply to {math.prod(sizes)} but there are {num_devices} devices")
+                       f"the sizes multiply to {math.prod(sizes)} but there are {num_devices} "
+                       "devices")
   return dict(zip(names, sizes))
 
 

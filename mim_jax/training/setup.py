@@ -296,8 +296,8 @@ def setup_run(config, *, devices=None, num_examples: Optional[int] = None,
              replicated=parallel.replicated(mesh))
 
 
-def abstract_batch(run: Run, batch_size: int,
-                   source_size: Optional[tuple[int, int]] = None) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(run: Run, batch_size: int, source_size: Optional[tuple[int, int]] = None
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
   """The keys and shapes of a training batch of `batch_size` as the step reads it: the
   method's own augmentation's element (multi-crop views) or images + labels, plus what the
   method's input transforms add (host-drawn masks). With data.augment_on="device" the images
