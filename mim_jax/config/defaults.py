@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from mim_jax.models.vit import parse_variant
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FMNIST_MEAN = (0.2860,)
@@ -293,7 +295,6 @@ def apply_runlocal(c: ml_collections.ConfigDict,
   1,000 held-out training images against 5% of the rest (not 10,000 test images against
   60,000 on Fashion-MNIST). Only the fields the config has are touched.
   """
-  from mim_jax.models.vit import parse_variant  # the models import this module
   _, patch = parse_variant(c.model.variant)  # a bad variant named as given, before mu/ replaces it
   # Two steps of a micro model are bound by compilation: LLVM's lowest optimisation level
   # compiles a step about 1.4x faster (a Fashion-MNIST MAE smoke run 11 s instead of 16).

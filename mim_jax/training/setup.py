@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from mim_jax import data, registry
 from mim_jax.config import checks, validation
+from mim_jax.config.defaults import override
 from mim_jax.config.errors import ConfigError, config_error
 from mim_jax.data import device_augment, transforms
 from mim_jax.evaluate import classifier_base
@@ -116,8 +117,6 @@ def on_synthetic_data(config, tool: str):
   size), which must then be readable here or given as classifier.num_classes; the synthetic
   source then has that many classes (data.synthetic_classes), whatever the count. Raises
   ConfigError."""
-  from mim_jax.config.defaults import override
-
   def changed(**changes):
     return override(config.copy_and_resolve_references(), **changes)
 
