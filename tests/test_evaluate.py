@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -171,6 +172,41 @@ def test_incompatible_pretrained_encoder_is_reported(pretrained_workdir):
   params, extra = method.init(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))
   with pytest.raises(ValueError, match=r"pre-trained parameter .* has shape \(1, 1, 64\), the model expects \(1, 1, 32\)"):
     method.load_pretrained(jax.device_get(params), extra)
+
+
+@pytest.mark.parametrize("damage", ["other_encoder", "model_json_without_config",
+                                    "model_json_cut_short", "params_missing"])
+def test_an_export_that_cannot_be_loaded_is_one_config_error_naming_it(tmp_path, damage):
+  """An export of another encoder type (or an older parameter layout), a model.json without
+  the encoder's config or cut short, a params/ folder gone (a re-export cut short): a
+  ConfigError naming the folder (exit 2, one line), not a KeyError or Orbax's traceback."""
+  good = export_fresh_encoder(tiny_mae_config(), str(tmp_path / "good"))
+  export = tmp_path / "export"
+  shutil.copytree(os.path.join(good, "encoder"), export)
+  info = json.loads((export / "model.json").read_text())
+  if damage == "other_encoder":
+    shutil.rmtree(export / "params")
+    checkpoint.export_encoder(str(export), {"blocks": {"w": np.zeros((3, 3), np.float32)}},
+                              info)
+  elif damage == "model_json_without_config":
+    (export / "model.json").write_text(json.dumps({k: v for k, v in info.items()
+                                                   if k != "config"}))
+  elif damage == "model_json_cut_short":
+    (export / "model.json").write_text((export / "model.json").read_text()[:40])
+  else:
+    shutil.rmtree(export / "params")
+  config = pretrained.adopt_encoder_config(_eval_config("linprobe", good))
+  encoder = vit.encoder_from_config(config.model, config.image_size, config.channels)
+  what = {"other_encoder": r"has no counterpart in the model",
+          "model_json_without_config": r"model.json lacks config.model.variant",
+          "model_json_cut_short": r"model.json is unreadable",
+          "params_missing": r"params/ folder \(the weights\) is missing"}[damage]
+  with pytest.raises(ConfigError, match=f"the encoder export {re.escape(str(export))} cannot "
+                     f"be loaded: .*{what}"):
+    pretrained.encoder_params_for(encoder, str(export), config.image_size, config.channels)
+  if damage.startswith("model_json"):  # what an evaluation reads first: the encoder's config
+    with pytest.raises(ConfigError, match=re.escape(str(export))):
+      pretrained.adopt_encoder_config(_eval_config("linprobe", str(export)))
 
 
 def test_adopt_encoder_config_takes_size_from_the_export(pretrained_workdir, caplog):
