@@ -1075,6 +1075,20 @@ def test_resume_with_changes_refuses_another_number_of_data_workers(tmp_path):
   assert (tmp_path / "run" / "config.json").read_text() == saved
 
 
+def test_resume_with_changes_refuses_another_global_batch(tmp_path):
+  """The saved data position and the step count batches of the run's size: resumed at another
+  batch (accepted before, with a warning), the stream went on at another example and the
+  epochs and schedule changed meaning. Refused by name, nothing written."""
+  workdir = str(tmp_path / "run")
+  train.run(tiny_mae_config(total_steps=2), workdir)
+  saved = (tmp_path / "run" / "config.json").read_text()
+  with pytest.raises(ConfigError, match=r"config.global_batch_size=8 \(16 now\).*grad_accum_steps"
+                     r".*resumes only with global_batch_size=8 \(also with --resume_with_changes"):
+    train.run(tiny_mae_config(total_steps=3, global_batch_size=16), workdir,
+              resume_with_changes=True)
+  assert (tmp_path / "run" / "config.json").read_text() == saved
+
+
 def test_resume_with_changes_where_nothing_resumes_says_so(tmp_path, caplog, monkeypatch):
   """A fresh workdir, or a job (k-NN, probe) that runs whole each time: the flag has nothing
   to act on, and the log says so instead of accepting it without a word."""

@@ -65,10 +65,19 @@ CHANGEABLE_ON_RESUME = (
 )
 
 
-# Fields that no resume may change, not even with `allow_changes`: the checkpoint's data
-# position is saved per worker process (docs/reliability.md), and grain cannot restore it
-# into another number of workers.
-FIXED_ON_RESUME = ("data.num_workers",)
+# Fields that no resume may change, not even with `allow_changes`, with why: the checkpoint's
+# data position is saved per worker process (docs/reliability.md), and grain cannot restore it
+# into another number of workers; it counts batches of the run's size, so under another batch
+# it would point at other examples (part of an epoch skipped or seen twice) while the step
+# counter's epochs and schedule changed meaning.
+FIXED_ON_RESUME = {
+    "data.num_workers": "its checkpoints hold the data position of each worker process, which "
+                        "no other number of workers can take up",
+    "global_batch_size": "its checkpoints hold the data position and the schedule's step in "
+                         "batches of that size, which under another batch would skip or repeat "
+                         "examples (a machine with fewer devices keeps the batch with "
+                         "--config.grad_accum_steps)",
+}
 
 # Fields read only when the weights are first made (initial values): a resume restores the
 # weights, so another value would change nothing, with or without `allow_changes`.
@@ -159,8 +168,7 @@ def check_same_run(workdir: str, config, *, weight_fields: tuple[str, ...],
     key, old, new = fixed[0]
     raise ConfigError(
         f"{workdir} holds a run to resume, started with config.{key}={old!r} ({new!r} now): "
-        "its checkpoints hold the data position of each worker process, which no other "
-        f"number of workers can take up, so it resumes only with {key}={old!r} (also with "
+        f"{FIXED_ON_RESUME[key]}, so it resumes only with {key}={old!r} (also with "
         "--resume_with_changes). Give the new setting another --workdir.")
   # layer_scale 0 means no scale parameters: to or from 0 the state's arrays change, which
   # the restore reports; between non-zero values only the (restored) initial value does.
