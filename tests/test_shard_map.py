@@ -124,6 +124,48 @@ def test_user_code_calls_the_step_under_its_own_shard_map():
   assert "step 3:" in out.stdout and "on 4 device(s)" in out.stdout
 
 
+_FEW_MASKED_SCRIPT = textwrap.dedent("""
+    import types
+    import jax, numpy as np
+    from jax.sharding import Mesh, PartitionSpec as P
+    from mim_jax.objectives import losses
+    from mim_jax.objectives.masking import TOKEN_MASK_KEY
+    from mim_jax.training import step as step_lib
+
+    assert jax.device_count() == 4
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+    per_patch = np.random.default_rng(0).random((8, 16)).astype(np.float32)
+    mask = np.zeros((8, 16), bool)
+    mask[[0, 3, 5], [2, 7, 11]] = True  # 3 masked patches in the whole batch, on 3 devices
+    per_device = jax.jit(jax.shard_map(
+        lambda x, m: jax.lax.pmean(losses.masked_mean(x, m, "d"), "d"), mesh=mesh,
+        in_specs=(P("d"), P("d")), out_specs=P()))
+    np.testing.assert_allclose(per_device(per_patch, mask), losses.masked_mean(per_patch, mask),
+                               rtol=1e-6)
+    # The microbatches' weights in an accumulated step: rows 0 (microbatch 0), 3 and 5 (1).
+    method = types.SimpleNamespace(loss_is_masked_mean=True)
+    micro = {TOKEN_MASK_KEY: mask.reshape(4, 2, 16).swapaxes(0, 1)}
+    weights = jax.jit(jax.shard_map(
+        lambda m: step_lib._masked_share_weights(method, {TOKEN_MASK_KEY: m}, 2, "d"),
+        mesh=mesh, in_specs=P(None, "d"), out_specs=P()))(micro[TOKEN_MASK_KEY])
+    np.testing.assert_allclose(weights, step_lib._masked_share_weights(method, micro, 2, None))
+    np.testing.assert_allclose(weights, [2 / 3, 4 / 3], rtol=1e-6)
+    print("OK")
+""")
+
+
+def test_masked_means_equal_the_global_step_with_fewer_masked_patches_than_devices():
+  """A batch with fewer masked patches than devices (3 on 4): the per-device masked mean and the
+  accumulation weights are the whole batch's, as in the global step. The per-device count was
+  floored at one patch on every device, dividing the sum by the device count (0.38 x the loss
+  and gradients of the global step on 8 devices, 0.08 x with 2 microbatches)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  out = subprocess.run([sys.executable, "-c", _FEW_MASKED_SCRIPT], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr[-4000:]
+
+
 @pytest.mark.parametrize("overrides, match", [
     ({"sharding_rules": ((".*", "largest:fsdp:16384"),), "mesh": (("fsdp", -1),)},
      r"config.sharding_rules=.*replicate-only rules"),

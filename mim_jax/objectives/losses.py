@@ -22,17 +22,21 @@ def masked_mean(per_patch: jax.Array, mask: jax.Array,
   """Mean of per_patch [B, N] over the masked entries of mask [B, N] (0 when none are).
 
   With `axis_name` (a per-device step under shard_map, each device holding an equal share of
-  the batch) the count is averaged over the devices first: each device returns its sum over
-  the mean count, and the mean of those over the devices is the mean over the whole batch,
-  also when devices hold different numbers of masked patches.
+  the batch) each device returns its sum over the mean count of the devices, and the mean of
+  those over the devices is the mean over the whole batch, also when devices hold different
+  numbers of masked patches. The floor of one patch applies to the whole batch's count, as in
+  the global step (floored per device, a batch with fewer masked patches than devices would
+  have its mean divided by the device count instead of the patch count).
   """
   chex.assert_rank(per_patch, 2)
   chex.assert_equal_shape([per_patch, mask])
   mask = mask.astype(jnp.float32)
   count = jnp.sum(mask)
-  if axis_name is not None:
-    count = jax.lax.pmean(count, axis_name)
-  return jnp.sum(per_patch * mask) / jnp.maximum(count, 1.0)
+  total = jnp.sum(per_patch * mask)
+  if axis_name is None:
+    return total / jnp.maximum(count, 1.0)
+  devices = jax.lax.psum(1, axis_name)
+  return total * devices / jnp.maximum(jax.lax.psum(count, axis_name), 1.0)
 
 
 def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array,

@@ -146,15 +146,15 @@ def _masked_share_weights(method, micro: Any, k: int, axis_name) -> jax.Array:
   the masked patches of host-drawn masks (`loss_is_masked_mean`, batch["token_mask"] [k, B/k,
   N]): k x its share of the batch's masked patches, so that the mean of the weighted
   microbatch means is the whole batch's mean, with masks whose count varies per image too
-  (`masking.mask_probability` < 1, a `ratio_range`). Under shard_map the counts are averaged
-  over the devices, as `losses.masked_mean` averages them."""
+  (`masking.mask_probability` < 1, a `ratio_range`). Under shard_map the counts are summed
+  over the devices: the whole batch's, as in the global step."""
   ones = jnp.ones((k,), jnp.float32)
   if (not getattr(method, "loss_is_masked_mean", False) or not isinstance(micro, dict)
       or TOKEN_MASK_KEY not in micro or getattr(method, "masks_per_image", 1) != 1):
     return ones
   counts = jnp.sum(micro[TOKEN_MASK_KEY].reshape(k, -1).astype(jnp.float32), axis=1)
   if axis_name is not None:
-    counts = jax.lax.pmean(counts, axis_name)
+    counts = jax.lax.psum(counts, axis_name)
   total = jnp.sum(counts)
   return jnp.where(total > 0, k * counts / jnp.maximum(total, 1.0), ones)
 
