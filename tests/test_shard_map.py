@@ -176,6 +176,14 @@ def test_shard_map_needs_replicated_state(overrides, match):
     registry.validate_config(tiny_config("mae", **{"parallel.step": "shard_map", **overrides}))
 
 
+@pytest.mark.parametrize("spec", [(), "replicate", None, (None, None)])
+def test_shard_map_takes_every_replicating_spec(spec):
+  """The specs that replicate (parallel._parse_spec): "replicate" and (None, None) were refused
+  as not replicate-only, None failed with a TypeError."""
+  registry.validate_config(tiny_config("mae", **{"parallel.step": "shard_map",
+                                                 "sharding_rules": ((".*", spec),)}))
+
+
 def test_methods_whose_statistics_do_not_follow_an_axis_refuse_shard_map():
   with pytest.raises(ConfigError, match=r"config.parallel.step='shard_map' is invalid: 'jit' "
                      r"for method 'vq_tokenizer'"):

@@ -242,7 +242,8 @@ def validate_optimization(config) -> None:
   parallel.check_mesh_axes(config.mesh, config.sharding_rules)
   if config.parallel.step == "shard_map":
     rules = tuple(tuple(r) for r in config.sharding_rules)
-    require(all(not tuple(spec) for _, spec in rules), "sharding_rules", rules,
+    # Replicating specs: (), "replicate", None or a tuple of Nones (parallel._parse_spec).
+    require(not parallel.rule_axes(rules), "sharding_rules", rules,
             "replicate-only rules ((\".*\", ()),) with parallel.step='shard_map' (its state is "
             "replicated; shard parameters with the global step, parallel.step='jit')")
 
