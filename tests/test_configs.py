@@ -280,9 +280,6 @@ def test_a_finetune_recipe_with_cls_pooling_trains(tmp_path, tokenizer_for, teac
   _train_runlocal(config, tmp_path, tokenizer_for, teacher_for)
 
 
-
-
-
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
 def test_runlocal_variant_trains(path, tmp_path, tokenizer_for, teacher_for):
   _train_runlocal(_load(path, "runlocal"), tmp_path, tokenizer_for, teacher_for)
