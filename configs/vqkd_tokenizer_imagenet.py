@@ -13,7 +13,12 @@ cosine loss to the teacher's last-layer patch features, the teacher seeing the s
 decay 1e-4, 100 epochs.
 Differences kept on purpose: the tokenizer's networks are mim_jax's convolutional encoder and
 feature decoder (256 wide, 2 residual blocks each), not the release's ViT-B encoder and
-3-block transformer decoder; codes start random rather than from k-means; lr 1e-3 at batch
+3-block transformer decoder; codes start random rather than from k-means; the codebook's EMA
+is VQ-VAE's (`tokenizers.codebook`: each code the re-normalised decayed sum of the vectors
+assigned to it, so a code moves by its share of the recent assignments), where the release's
+NormEMAVectorQuantizer moves each code assigned in a batch by 1 - decay towards the normalised
+mean of its vectors whatever their number, and codes unused for 100 steps are re-seeded from
+the batch (the release has no restarts); lr 1e-3 at batch
 1024 with 5 warm-up epochs (the release: batch 512, 10 warm-up epochs); the targets are the
 teacher's final-norm patch tokens layer-normalised (teacher.norm), where the release takes
 CLIP's tokens after its 512-wide output projection, without a further norm.

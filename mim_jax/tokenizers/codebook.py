@@ -17,7 +17,11 @@ appendix A.1; Razavi et al. 2019):
 Codes unassigned for `restart_after` steps in a row are re-seeded from encoder outputs of the
 current batch (a dead-code restart, as in Jukebox / ViT-VQGAN), with N_k = 1 and m_k = e_k.
 With `l2` (BEiT v2, ViT-VQGAN) vectors and codes live on the unit sphere, so the nearest code
-is the one of largest cosine similarity.
+is the one of largest cosine similarity; e_k is then the direction of m_k (the smoothing, a
+positive factor, changes nothing), a code moving by its share of the recent assignments. BEiT
+v2's release (norm_ema_quantizer.py) updates differently: e_k <- normalise(decay e_k +
+(1 - decay) normalise(s_k / n_k)) for the codes assigned in the batch, a fixed step whatever
+n_k, and no restarts.
 """
 
 from __future__ import annotations

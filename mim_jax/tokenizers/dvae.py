@@ -9,8 +9,13 @@ DALL-E: 1 -> 1/16), the step count kept in `extra` by `after_update`.
 
   loss = mean (decoded - image)^2 + kl_weight * mean_patches KL(softmax(logits) || uniform)
 
-with KL(q || U) = sum_k q_k log(V q_k). The codes are argmax(logits) (no noise); the export
+with KL(q || U) = sum_k q_k log(V q_k), q the softmax of the encoder's logits (no noise, no
+temperature, as DALL-E's). The codes are argmax(logits) (no noise); the export
 (`tokenizers.io`, kind "dvae") holds the networks and the code table as its codebook.
+Differences from DALL-E's dVAE training, kept on purpose: the MSE of the normalised image in
+place of its logit-Laplace likelihood, means over pixels and patches in place of sums, a KL
+weight fixed from the start (DALL-E raises beta from 0 to 6.6 over the first 5000 updates)
+and the temperature annealed over a fraction of the run (DALL-E: its first 150,000 updates).
 """
 
 from __future__ import annotations

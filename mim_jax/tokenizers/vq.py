@@ -17,7 +17,9 @@ in `extra` and do not restore.
 
 Metrics: loss, recon_loss, commit_loss, codebook_usage (fraction of the codes used in the
 batch), perplexity (exp of the entropy of the batch's code frequencies) and restarted_codes
-(of the previous update).
+(of the previous update). With `grad_accum_steps` = k, usage and perplexity are the means of
+the k micro-batches' values, not the whole batch's (a micro-batch uses fewer codes); the EMA
+step is the whole batch's.
 At the end the run exports WORKDIR/tokenizer/ (`tokenizers.io`).
 """
 

@@ -3,8 +3,10 @@
 Vector-quantised knowledge distillation (Peng et al., 2022): the tokenizer's encoder maps
 each patch to a unit vector z, which is replaced by its nearest code of an l2-normalised
 codebook (nearest by cosine; the codebook follows the assigned vectors by EMA, with dead-code
-restarts, `tokenizers.codebook`); the decoder then reconstructs not pixels but the frozen
-teacher's features of that patch, and the loss is their cosine distance:
+restarts, `tokenizers.codebook`: VQ-VAE's EMA of assigned sums and counts, not the release's
+NormEMAVectorQuantizer, which moves each code assigned in a batch by 1 - decay towards the
+normalised mean of its vectors and restarts none); the decoder then reconstructs not pixels
+but the frozen teacher's features of that patch, and the loss is their cosine distance:
 
   loss = mean over patches (1 - cos(decoded, teacher features)) + commitment * |z - sg(e)|^2
 
