@@ -3,6 +3,11 @@ multi-crop pipeline with per-view masks, config errors, and a short Fashion-MNIS
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,11 +19,18 @@ from mim_jax.config import defaults as config_defaults
 from mim_jax.config.errors import ConfigError
 from mim_jax.data import multicrop, transforms
 from mim_jax.methods.base import TrainLength
-from mim_jax.objectives import losses, masking, self_distillation
+from mim_jax.objectives import losses, masking, self_distillation, teachers
 from mim_jax.training import optim
 from mim_jax.training import step as step_lib
 
-from conftest import FMNIST_DIR, requires_fmnist, take_steps, tiny_mae_config
+from conftest import (
+    FAST_COMPILE_XLA_FLAGS,
+    FMNIST_DIR,
+    REPO,
+    requires_fmnist,
+    take_steps,
+    tiny_mae_config,
+)
 
 LAST_LAYER = self_distillation.LAST_LAYER
 
@@ -50,9 +62,11 @@ def _device_batch(method, host_batch):
           if k in host_batch}
 
 
-def _first_step(c):
-  """(method, first batch, initial state, jitted train step) of config `c`."""
-  method, it = _iterator(c)
+def _first_step(c, method=None):
+  """(method, first batch, initial state, jitted train step) of config `c` (with `method`: its
+  step, on the same batch and state)."""
+  built, it = _iterator(c)
+  method = method or built
   batch = _device_batch(method, next(it))
   schedule = optim.learning_rate_schedule(c.optimizer, c.global_batch_size, 8, 16)
   tx = optim.build_optimizer(c.optimizer, schedule, decay_mask=method.decay_mask)
@@ -72,6 +86,135 @@ def stepped():
                                                           "optimizer.base_lr": 1.6e-2}))
   states, metrics = take_steps(step, state, batch, jax.random.key(1))
   return method, batch, states, metrics
+
+
+def _view_major_loss(method, params, extra, batch, rng, train=True):
+  """`IBOT.loss` as it was before 2026-12-07: the views flattened view-major ([V * B, ...],
+  which gathered the whole batch onto every device of a sharded batch) and the losses read
+  from its rows. The reference of the batch-major form."""
+  c, step = method.cfg, extra["step"]
+
+  def views_first(x):
+    return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
+
+  views = multicrop.normalize_views(batch[multicrop.GLOBAL_VIEWS_KEY], *method.norm)
+  nv, b = views.shape[1], views.shape[0]
+  images, masks = views_first(views), views_first(batch[multicrop.GLOBAL_MASKS_KEY])
+  student = self_distillation.stop_last_layer_gradient(
+      params, step < method._epochs(c.freeze_last_layer_epochs))
+  global_rng, local_rng = jax.random.split(rng)
+  t_out = jax.lax.stop_gradient(method.model.apply({"params": extra["teacher"]}, images))
+  s_out = method.model.apply({"params": student}, images, masks, train=train,
+                             rngs={"drop_path": global_rng})
+  s_cls = s_out[:, 0].reshape(nv, b, -1)
+  local = multicrop.normalize_views(batch[multicrop.LOCAL_VIEWS_KEY], *method.norm)
+  s_local = method.model.apply({"params": student}, views_first(local), cls_only=True,
+                               train=train, rngs={"drop_path": local_rng})
+  s_cls = jnp.concatenate([s_cls, s_local[:, 0].reshape(local.shape[1], b, -1)])
+  temp, patch_temp = method.teacher_temps(step)
+  k = t_out.shape[-1]
+  p_cls = losses.teacher_probs(t_out[:, 0], extra["center_cls"], temp)
+  p_patch = losses.teacher_probs(t_out[:, 1:], extra["center_patch"], patch_temp)
+  cls_loss = losses.cross_view_distillation(s_cls, p_cls.reshape(nv, b, k), c.student_temp)
+  patch_loss = losses.masked_patch_distillation(
+      s_out[:, 1:].reshape(nv, b, -1, k), p_patch.reshape(nv, b, -1, k), masks.reshape(nv, b, -1),
+      c.student_temp)
+  loss = c.lambda_cls * cls_loss + c.lambda_patch * patch_loss
+  metrics = {"loss": loss, "cls_loss": cls_loss, "patch_loss": patch_loss,
+             "teacher_temp": temp, "teacher_momentum": method.momentum(step),
+             "mask_fraction": jnp.mean(masks.astype(jnp.float32)),
+             **self_distillation.collapse_metrics(p_cls)}
+  for name, logits in (("center_cls", t_out[:, 0]), ("center_patch", t_out[:, 1:])):
+    extra = teachers.accumulate_centre(extra, name, logits)
+  return loss, (metrics, teachers.count_micro_batch(extra))
+
+
+def _assert_same_to_rounding(got, want):
+  """Each leaf within float32 rounding of its own scale: a sum in another order differs by
+  about 1e-7 of the terms' size, also in entries whose exact value is 0 (the key bias's
+  gradient is rounding noise)."""
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(jax.device_get(got))[0],
+                          jax.tree.leaves(jax.device_get(want)), strict=True):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.max(np.abs(b)) + 1e-7,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_batch_major_views_give_the_view_major_step():
+  """The views go through the encoders batch-major ([B * V, ...], which keeps a sharded
+  batch's sharding) and back to [V, B, ...] for the losses: without drop path (the only
+  per-row randomness) the loss, metrics, gradients and updated state (centres included) of a
+  step are those of the view-major loss it replaced, with per-view masks of varying counts and
+  local views. SGD: Adam's first update is about sign(gradient), which turns the rounding
+  noise of a zero gradient into a full step."""
+  c = tiny_config(**{"optimizer.name": "sgd", "optimizer.base_lr": 4.0,
+                     "optimizer.warmup_epochs": 0.0, "optimizer.weight_decay": 0.0,
+                     "model.drop_path_rate": 0.0})
+  method, batch, state, step = _first_step(c)
+  masks = np.asarray(batch[multicrop.GLOBAL_MASKS_KEY])
+  assert masks[:, 0].sum(-1).tolist() != masks[:, 1].sum(-1).tolist()  # rows must line up
+
+  class ViewMajor(type(method)):
+    def loss(self, params, extra, batch, rng, train=True):
+      return _view_major_loss(self, params, extra, batch, rng, train)
+
+  reference = ViewMajor(c, TrainLength(8, 16))
+  state = state.replace(extra={**state.extra, "center_cls": state.extra["center_cls"] + 0.5,
+                               "center_patch": state.extra["center_patch"] - 0.5})
+  rng = jax.random.key(1)
+  grads = [jax.jit(jax.grad(lambda p, m=m: m.loss(p, state.extra, batch, rng)[0]))(state.params)
+           for m in (method, reference)]
+  assert float(optax.tree.norm(grads[0])) > 0
+  _assert_same_to_rounding(grads[0], grads[1])
+  _, _, _, ref_step = _first_step(c, method=reference)
+  new, metrics = step(state, batch, rng)
+  old, ref_metrics = ref_step(state, batch, rng)
+  assert float(metrics["patch_loss"]) > 0 and float(metrics["cls_loss"]) > 0
+  assert float(metrics["update_norm"]) > 0.01
+  _assert_same_to_rounding(metrics, ref_metrics)
+  _assert_same_to_rounding(new, old)
+  assert not np.allclose(new.extra["center_cls"], state.extra["center_cls"])
+
+
+_SHARDED_SCRIPT = textwrap.dedent(r"""
+    import re, jax
+    from mim_jax.config import defaults as config_defaults
+    from mim_jax.training import setup
+    from test_ibot import tiny_config
+
+    assert jax.device_count() == 8
+    c = tiny_config(global_batch_size=16, mesh=[("data", 2), ("fsdp", 4)],
+                    sharding_rules=config_defaults.fsdp_rules(min_size=64))
+    r = setup.setup_run(setup.prepare(c), num_examples=64)
+    batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=r.batch_sharding)
+             for k, s in setup.abstract_batch(r, 16).items()}
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=r.replicated)
+    hlo = r.jit_step().lower(r.abstract_state, batch, key).compile().as_text()
+    gathers = re.findall(r"= \(?(\w+)\[([\d,]*)\][^ ]* all-gather(?:-start)?\(", hlo)
+    assert gathers  # the FSDP parameters are gathered
+    # Masks (pred), patches [.., 48], or arrays of rank 4 or more: views [.., H, W, C] and
+    # per-view outputs [V, B, ...] (the teacher's patch logits for the centres); the tiny
+    # model's parameters are at most 2-D.
+    views = [(t, d) for t, d in gathers
+             if t == "pred" or d.endswith(",48") or d.count(",") >= 3]
+    assert not views, views
+    print("OK", len(gathers))
+""")
+
+
+def test_a_sharded_batch_of_views_is_never_gathered(tmp_path):
+  """On a data=2 x fsdp=4 mesh (8 simulated devices) the compiled step gathers no views,
+  patches, masks or teacher outputs of the batch: each device encodes its own images' views
+  (flattened view-major, the whole batch of views and masks was gathered onto every device,
+  with XLA's "Involuntary full rematerialization" warning; a centre's mean over a reshape of
+  the [V, B, ...] outputs to rows gathered the teacher's logits)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 "
+             + FAST_COMPILE_XLA_FLAGS, JAX_PLATFORMS="cpu",
+             PYTHONPATH=f"{REPO}:{REPO / 'tests'}", TMPDIR=str(tmp_path))
+  out = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr[-6000:]
+  assert "rematerialization" not in out.stderr, out.stderr[-6000:]
 
 
 # --- teacher, centres and schedules -----------------------------------------------------------

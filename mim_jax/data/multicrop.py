@@ -186,9 +186,20 @@ def default_config() -> ml_collections.ConfigDict:
       jitter_prob=0.8, grayscale_prob=0.2, blur=True, solarize_prob=0.2))
 
 
-def views_first(x):
-  """[B, V, ...] -> [V * B, ...] (view-major): a batch's views as one batch for the encoder."""
-  return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
+def flatten_views(x):
+  """[B, V, ...] -> [B * V, ...] (batch-major: image b's views are rows b * V .. b * V + V - 1):
+  a batch's views as one batch for the encoder. A plain reshape, so the rows keep B's sharding
+  over the mesh's batch axes; the view-major [V * B, ...] order merges V with the sharded B
+  into one dimension, which no sharding expresses, and XLA gathered the whole batch of views
+  onto every device for it."""
+  return x.reshape(-1, *x.shape[2:])
+
+
+def split_views(x, num_views: int):
+  """[B * V, ...] (batch-major, `flatten_views`) -> [V, B, ...]: per-row outputs of the
+  flattened views in the view-first layout the losses take. A reshape of the sharded rows into
+  [B, V] and a transpose, both of which keep B's sharding."""
+  return x.reshape(-1, num_views, *x.shape[1:]).swapaxes(0, 1)
 
 
 def add_config(c: ml_collections.ConfigDict) -> None:

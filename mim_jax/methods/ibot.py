@@ -163,28 +163,33 @@ class IBOT(base.PretrainingMethod):
     return sd.teacher_momentum(self.cfg, step, self.length.schedule_steps)
 
   def loss(self, params, extra, batch, rng, train=True):
+    """The encoders see each kind of view as one batch, batch-major (`multicrop.flatten_views`:
+    [B * V, ...] keeps the batch's sharding); their outputs go back to [V, B, ...] for the
+    losses (`multicrop.split_views`)."""
     c, step = self.cfg, extra["step"]
     views = multicrop.normalize_views(batch[multicrop.GLOBAL_VIEWS_KEY], *self.norm)
-    nv, b = views.shape[1], views.shape[0]
-    images = multicrop.views_first(views)
-    masks = multicrop.views_first(batch[multicrop.GLOBAL_MASKS_KEY])
+    nv = views.shape[1]
+    images = multicrop.flatten_views(views)                                # [B * V, H, W, C]
+    row_masks = multicrop.flatten_views(batch[multicrop.GLOBAL_MASKS_KEY])  # [B * V, N]
+    masks = multicrop.split_views(row_masks, nv)                           # [V, B, N]
     student = sd.stop_last_layer_gradient(  # see wrap_optimizer
         params, step < self._epochs(c.freeze_last_layer_epochs))
     global_rng, local_rng = jax.random.split(rng)
-    t_out = jax.lax.stop_gradient(self.model.apply({"params": extra["teacher"]}, images))
-    s_out = self.model.apply({"params": student}, images, masks, train=train,
-                             rngs={"drop_path": global_rng})
-    s_cls = s_out[:, 0].reshape(nv, b, -1)
+    t_out = multicrop.split_views(jax.lax.stop_gradient(  # [V, B, 1 + N, K]
+        self.model.apply({"params": extra["teacher"]}, images)), nv)
+    s_out = multicrop.split_views(self.model.apply(  # [V, B, 1 + N, K]
+        {"params": student}, images, row_masks, train=train, rngs={"drop_path": global_rng}),
+        nv)
+    s_cls = s_out[:, :, 0]
     local = batch.get(multicrop.LOCAL_VIEWS_KEY)
     if local is not None and local.shape[1]:
       local = multicrop.normalize_views(local, *self.norm)
-      s_local = self.model.apply({"params": student}, multicrop.views_first(local), cls_only=True,
-                                 train=train, rngs={"drop_path": local_rng})
-      s_cls = jnp.concatenate([s_cls, s_local[:, 0].reshape(local.shape[1], b, -1)])
+      s_local = self.model.apply({"params": student}, multicrop.flatten_views(local),
+                                 cls_only=True, train=train, rngs={"drop_path": local_rng})
+      s_cls = jnp.concatenate([s_cls, multicrop.split_views(s_local[:, 0], local.shape[1])])
     temp, patch_temp = self.teacher_temps(step)
     cls_loss, patch_loss, p_cls = sd.distillation_losses(
-        c, extra, (temp, patch_temp), s_cls, s_out[:, 1:].reshape(nv, b, -1, s_out.shape[-1]),
-        t_out, masks.reshape(nv, b, -1))
+        c, extra, (temp, patch_temp), s_cls, s_out[:, :, 1:], t_out, masks)
     loss = c.lambda_cls * cls_loss + c.lambda_patch * patch_loss
     metrics = {"loss": loss, "cls_loss": cls_loss, "patch_loss": patch_loss,
                "teacher_temp": temp, "teacher_momentum": self.momentum(step),

@@ -176,7 +176,10 @@ def mean_output(teacher_logits: jax.Array, shape: tuple[int, ...],
                 axis_name: AxisName = None) -> jax.Array:
   """The mean of teacher_logits over all axes but the last (every device's share with
   `axis_name`), float32 in `shape` (a centre's)."""
-  batch_mean = jnp.mean(teacher_logits.astype(jnp.float32).reshape(-1, shape[-1]), axis=0)
+  # A mean over the axes, not over a reshape to [-1, K]: merging a sharded batch axis with a
+  # leading one (iBOT's [V, B, ...]) is no sharding XLA can express, and it would gather them.
+  x = teacher_logits.astype(jnp.float32)
+  batch_mean = jnp.mean(x, axis=tuple(range(x.ndim - 1)))
   if axis_name is not None:
     batch_mean = jax.lax.pmean(batch_mean, axis_name)
   return batch_mean.reshape(shape)

@@ -174,33 +174,32 @@ def distillation_losses(cfg, extra: dict, temps, student_cls: jax.Array,
   """iBOT's two losses against the centred, sharpened teacher outputs.
 
   student_cls [Vs, B, K]: the student's [CLS] logits of every view (the V global views first);
-  student_patch [V, B, N, K]; teacher_out [V * B, 1 + N, K] (view-major, [CLS] first); masks
-  [V, B, N] (True = masked); temps: the (cls, patch) teacher temperatures. Returns
-  (cls_loss, patch_loss, the teacher's [CLS] probabilities [V * B, K]).
+  student_patch [V, B, N, K]; teacher_out [V, B, 1 + N, K] ([CLS] first); masks [V, B, N]
+  (True = masked); temps: the (cls, patch) teacher temperatures. Returns (cls_loss,
+  patch_loss, the teacher's [CLS] probabilities [V, B, K]).
   """
-  nv, b, n, k = student_patch.shape
-  p_cls = losses.teacher_probs(teacher_out[:, 0], extra["center_cls"], temps[0])
-  p_patch = losses.teacher_probs(teacher_out[:, 1:], extra["center_patch"], temps[1])
-  cls_loss = losses.cross_view_distillation(student_cls, p_cls.reshape(nv, b, k),
-                                            cfg.student_temp)
-  patch_loss = losses.masked_patch_distillation(student_patch, p_patch.reshape(nv, b, n, k),
-                                                masks, cfg.student_temp)
+  p_cls = losses.teacher_probs(teacher_out[:, :, 0], extra["center_cls"], temps[0])
+  p_patch = losses.teacher_probs(teacher_out[:, :, 1:], extra["center_patch"], temps[1])
+  cls_loss = losses.cross_view_distillation(student_cls, p_cls, cfg.student_temp)
+  patch_loss = losses.masked_patch_distillation(student_patch, p_patch, masks, cfg.student_temp)
   return cls_loss, patch_loss, p_cls
 
 
 def accumulate_centres(extra: dict, teacher_out: jax.Array, axis_name=None) -> dict:
-  """`extra` with this micro-batch's teacher outputs [V * B, 1 + N, K] added to the sums the
-  centres move to after the update (`update_teacher`)."""
-  for name, logits in (("center_cls", teacher_out[:, 0]), ("center_patch", teacher_out[:, 1:])):
+  """`extra` with this micro-batch's teacher outputs [V, B, 1 + N, K] ([CLS] first) added to
+  the sums the centres move to after the update (`update_teacher`)."""
+  for name, logits in (("center_cls", teacher_out[:, :, 0]),
+                       ("center_patch", teacher_out[:, :, 1:])):
     extra = teachers.accumulate_centre(extra, name, logits, axis_name)
   return teachers.count_micro_batch(extra)
 
 
 def collapse_metrics(teacher_cls_probs: jax.Array, axis_name=None) -> dict[str, jax.Array]:
-  """Entropy of the teacher's [CLS] distributions [B, K]: per image (near 0: sharpening wins)
-  and of their batch mean (near 0: every image on one prototype, i.e. collapse)."""
+  """Entropy of the teacher's [CLS] distributions [..., K] (e.g. [V, B, K]): per image and view
+  (near 0: sharpening wins) and of their mean (near 0: every image on one prototype, i.e.
+  collapse)."""
   p = teacher_cls_probs
-  mean_p = jnp.mean(p, axis=0)
+  mean_p = jnp.mean(p, axis=tuple(range(p.ndim - 1)))
   if axis_name is not None:
     mean_p = jax.lax.pmean(mean_p, axis_name)
   return {"teacher_entropy": jnp.mean(-jnp.sum(p * jnp.log(p + 1e-12), axis=-1)),
