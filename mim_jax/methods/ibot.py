@@ -163,23 +163,19 @@ class IBOT(base.PretrainingMethod):
     return sd.teacher_momentum(self.cfg, step, self.length.schedule_steps)
 
   def loss(self, params, extra, batch, rng, train=True):
-    """The encoders see each kind of view as one batch, batch-major (`multicrop.flatten_views`:
-    [B * V, ...] keeps the batch's sharding); their outputs go back to [V, B, ...] for the
-    losses (`multicrop.split_views`)."""
+    """Views enter the encoders batch-major (multicrop.flatten_views), leave as [V, B, ...]."""
     c, step = self.cfg, extra["step"]
     views = multicrop.normalize_views(batch[multicrop.GLOBAL_VIEWS_KEY], *self.norm)
-    nv = views.shape[1]
-    images = multicrop.flatten_views(views)                                # [B * V, H, W, C]
+    nv, images = views.shape[1], multicrop.flatten_views(views)            # [B * V, H, W, C]
     row_masks = multicrop.flatten_views(batch[multicrop.GLOBAL_MASKS_KEY])  # [B * V, N]
     masks = multicrop.split_views(row_masks, nv)                           # [V, B, N]
     student = sd.stop_last_layer_gradient(  # see wrap_optimizer
         params, step < self._epochs(c.freeze_last_layer_epochs))
     global_rng, local_rng = jax.random.split(rng)
-    t_out = multicrop.split_views(jax.lax.stop_gradient(  # [V, B, 1 + N, K]
-        self.model.apply({"params": extra["teacher"]}, images)), nv)
-    s_out = multicrop.split_views(self.model.apply(  # [V, B, 1 + N, K]
-        {"params": student}, images, row_masks, train=train, rngs={"drop_path": global_rng}),
-        nv)
+    teacher = jax.lax.stop_gradient(self.model.apply({"params": extra["teacher"]}, images))
+    t_out = multicrop.split_views(teacher, nv)  # [V, B, 1 + N, K]
+    s_out = multicrop.split_views(self.model.apply({"params": student}, images, row_masks,
+        train=train, rngs={"drop_path": global_rng}), nv)  # [V, B, 1 + N, K]
     s_cls = s_out[:, :, 0]
     local = batch.get(multicrop.LOCAL_VIEWS_KEY)
     if local is not None and local.shape[1]:
