@@ -143,14 +143,10 @@ def _assert_same_to_rounding(got, want):
 def test_batch_major_views_give_the_view_major_step():
   """The views go through the encoders batch-major ([B * V, ...], which keeps a sharded
   batch's sharding) and back to [V, B, ...] for the losses: without drop path (the only
-  per-row randomness) the loss, metrics, gradients and updated state (centres included) of a
-  step are those of the view-major loss it replaced, with per-view masks of varying counts and
-  local views. SGD: Adam's first update is about sign(gradient), which turns the rounding
-  noise of a zero gradient into a full step."""
-  c = tiny_config(**{"optimizer.name": "sgd", "optimizer.base_lr": 4.0,
-                     "optimizer.warmup_epochs": 0.0, "optimizer.weight_decay": 0.0,
-                     "model.drop_path_rate": 0.0})
-  method, batch, state, step = _first_step(c)
+  per-row randomness) the loss, metrics, gradients and the centres' batch statistics are those
+  of the view-major loss it replaced, with per-view masks of varying counts and local views."""
+  c = tiny_config(**{"model.drop_path_rate": 0.0})
+  method, batch, state, _ = _first_step(c)
   masks = np.asarray(batch[multicrop.GLOBAL_MASKS_KEY])
   assert masks[:, 0].sum(-1).tolist() != masks[:, 1].sum(-1).tolist()  # rows must line up
 
@@ -159,21 +155,17 @@ def test_batch_major_views_give_the_view_major_step():
       return _view_major_loss(self, params, extra, batch, rng, train)
 
   reference = ViewMajor(c, TrainLength(8, 16))
-  state = state.replace(extra={**state.extra, "center_cls": state.extra["center_cls"] + 0.5,
-                               "center_patch": state.extra["center_patch"] - 0.5})
+  extra = {**state.extra, "center_cls": state.extra["center_cls"] + 0.5,
+           "center_patch": state.extra["center_patch"] - 0.5}
   rng = jax.random.key(1)
-  grads = [jax.jit(jax.grad(lambda p, m=m: m.loss(p, state.extra, batch, rng)[0]))(state.params)
-           for m in (method, reference)]
-  assert float(optax.tree.norm(grads[0])) > 0
-  _assert_same_to_rounding(grads[0], grads[1])
-  _, _, _, ref_step = _first_step(c, method=reference)
-  new, metrics = step(state, batch, rng)
-  old, ref_metrics = ref_step(state, batch, rng)
+  got, want = (jax.jit(jax.value_and_grad(lambda p, m=m: m.loss(p, extra, batch, rng),
+                                          has_aux=True))(state.params)
+               for m in (method, reference))
+  (_, (metrics, new_extra)), grads = got
   assert float(metrics["patch_loss"]) > 0 and float(metrics["cls_loss"]) > 0
-  assert float(metrics["update_norm"]) > 0.01
-  _assert_same_to_rounding(metrics, ref_metrics)
-  _assert_same_to_rounding(new, old)
-  assert not np.allclose(new.extra["center_cls"], state.extra["center_cls"])
+  assert float(optax.tree.norm(grads)) > 0
+  assert float(jnp.abs(new_extra["batch_center_cls"]).sum()) > 0  # the centres' statistics
+  _assert_same_to_rounding(got, want)
 
 
 _SHARDED_SCRIPT = textwrap.dedent(r"""
