@@ -199,6 +199,7 @@ def test_finetune_imagenet_sizes_follow_the_official_recipe():
   assert (lp.optimizer.name, lp.optimizer.base_lr, lp.optimizer.weight_decay) == ("lars", 0.1, 0.0)
   assert (lp.global_batch_size, lp.num_epochs, lp.optimizer.warmup_epochs) == (16384, 90, 10)
 
+
 FINETUNE_IMAGENET = str(REPO / "configs" / "finetune_imagenet.py")
 RECIPE_ARGS = [f"recipe={r},size={s}" for r in recipes.FINETUNE_RECIPES
                for s in recipes.finetune_sizes(r)]
