@@ -46,6 +46,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from mim_jax import data, storage
+from mim_jax.config.errors import ConfigError
 from mim_jax.training import orbax_noise
 from mim_jax.training.run_errors import (
   CheckpointRestoreError,
@@ -518,7 +519,40 @@ def _no_missing_item_metadata_warning(record: logging.LogRecord) -> bool:
 
 
 def load_encoder(directory: str) -> tuple[Any, dict]:
-  """Reads what `export_encoder` wrote: (encoder params as numpy arrays, model info)."""
+  """Reads what `export_encoder` wrote: (encoder params as numpy arrays, model info). A
+  ConfigError naming `directory` (`unusable_export`) when it cannot be read."""
   directory = storage.absolute(directory)
-  info = json.loads(storage.read_text(os.path.join(directory, "model.json")))
-  return restore_on_host(os.path.join(directory, "params")), info
+  info = read_export_info(directory)
+  try:
+    return restore_on_host(os.path.join(directory, "params")), info
+  except FileNotFoundError as e:  # Orbax's word for a params/ folder missing or cut short
+    raise unusable_export(directory, "its params/ folder (the weights) is missing or "
+                          f"incomplete ({first_line(e)})") from e
+
+
+def read_export_info(directory: str) -> dict:
+  """The model.json of export `directory`; a ConfigError naming it when the file cannot be
+  read or lacks what every export writes (the encoder's image size, channels and config), so
+  that a cut-short file or another program's folder is not a KeyError deep in a run."""
+  try:
+    info = json.loads(storage.read_text(os.path.join(directory, "model.json")))
+  except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+    raise unusable_export(directory, f"its model.json is unreadable ({first_line(e)})") from e
+  config = info.get("config") if isinstance(info, dict) else None
+  model = config.get("model") if isinstance(config, dict) else None
+  missing = [key for key in ("image_size", "channels") if not isinstance(info, dict)
+             or key not in info]
+  if not isinstance(model, dict) or "variant" not in model:
+    missing.append("config.model.variant")
+  if missing:
+    raise unusable_export(directory, f"its model.json lacks {', '.join(missing)}")
+  return info
+
+
+def unusable_export(directory: str, problem: str) -> ConfigError:
+  """The error for an encoder export (`export_encoder`'s layout) that cannot be loaded: a
+  one-line message (exit 2 from the command line), not a traceback."""
+  return ConfigError(
+      f"the encoder export {directory} cannot be loaded: {problem}. Export it again with this "
+      "mim_jax (run the command that wrote it: a finished run rewrites its export), or point "
+      "to another export")

@@ -23,7 +23,7 @@ from mim_jax import data, storage
 from mim_jax.config.errors import ConfigError, config_error
 from mim_jax.convert import our_weights
 from mim_jax.models.vit import VIT_SIZES, resize_posemb, sincos_2d, size_from_config
-from mim_jax.training import checkpoint, run_errors
+from mim_jax.training import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -69,38 +69,8 @@ def _workdir_method(directory: str) -> str | None:
 
 
 def read_model_info(init_from: str) -> dict:
-  """The model.json of the export that `init_from` points to (`export_model_info`)."""
-  return export_model_info(encoder_directory(init_from))
-
-
-def export_model_info(directory: str) -> dict:
-  """The model.json of export `directory`; a ConfigError naming it when the file cannot be
-  read or lacks what every export writes (the encoder's image size, channels and config), so
-  that a cut-short file or another program's folder is not a KeyError deep in a run."""
-  path = os.path.join(directory, "model.json")
-  try:
-    info = json.loads(storage.read_text(path))
-  except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
-    raise _unusable_export(directory, f"its model.json is unreadable "
-                           f"({run_errors.first_line(e)})") from e
-  config = info.get("config") if isinstance(info, dict) else None
-  model = config.get("model") if isinstance(config, dict) else None
-  missing = [key for key in ("image_size", "channels") if not isinstance(info, dict)
-             or key not in info]
-  if not isinstance(model, dict) or "variant" not in model:
-    missing.append("config.model.variant")
-  if missing:
-    raise _unusable_export(directory, f"its model.json lacks {', '.join(missing)}")
-  return info
-
-
-def _unusable_export(directory: str, problem: str) -> ConfigError:
-  """The error for an encoder export (`checkpoint.export_encoder`'s layout) that cannot be
-  loaded: a one-line message (exit 2 from the command line), not a traceback."""
-  return ConfigError(
-      f"the encoder export {directory} cannot be loaded: {problem}. Export it again with this "
-      "mim_jax (run the command that wrote it: a finished run rewrites its export), or point "
-      "to another export")
+  """The model.json of the export that `init_from` points to (`checkpoint.read_export_info`)."""
+  return checkpoint.read_export_info(encoder_directory(init_from))
 
 
 def input_normalisation(info: dict, source: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -351,12 +321,7 @@ def load_encoder_into(init_params: Any, init_from: str, *, grid_hw: tuple[int, i
   their initial values.
   """
   directory = encoder_directory(init_from)
-  info = export_model_info(directory)
-  try:
-    loaded = checkpoint.restore_on_host(os.path.join(directory, "params"))
-  except FileNotFoundError as e:  # Orbax's word for a params/ folder missing or cut short
-    raise _unusable_export(directory, "its params/ folder (the weights) is missing or "
-                           f"incomplete ({run_errors.first_line(e)})") from e
+  loaded, info = checkpoint.load_encoder(directory)
   src_patch = int(info["config"]["model"]["variant"].split("/")[1])
   src_grid = tuple(s // src_patch for s in info["image_size"])
   flat_init = {jax.tree_util.keystr(p): (p, v)
@@ -370,16 +335,17 @@ def load_encoder_into(init_params: Any, init_from: str, *, grid_hw: tuple[int, i
       log.info("pre-trained %s is not used by this model (it sees unmasked images)", key)
       continue
     if key not in flat_init:
-      raise _unusable_export(directory, f"pre-trained parameter {key} has no counterpart in the "
-                             "model: the export was written by a different encoder type or an "
-                             "older layout of its parameters")
+      raise checkpoint.unusable_export(
+          directory, f"pre-trained parameter {key} has no counterpart in the model: the export "
+          "was written by a different encoder type or an older layout of its parameters")
     target = flat_init[key][1]
     value = np.asarray(value)
     if key.endswith("['pos_embed']") and value.shape != target.shape:
       value = np.asarray(resize_posemb(value, src_grid, grid_hw))
     if value.shape != target.shape:
-      raise _unusable_export(directory, f"pre-trained parameter {key} has shape {value.shape}, "
-                             f"the model expects {target.shape}")
+      raise checkpoint.unusable_export(
+          directory, f"pre-trained parameter {key} has shape {value.shape}, the model expects "
+          f"{target.shape}")
     out[key] = value.astype(target.dtype)
   loaded_keys = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(loaded)}
   loaded_keys &= set(flat_init)
