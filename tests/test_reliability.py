@@ -894,8 +894,9 @@ def test_tampered_checkpoint_and_encoder_do_not_run_code(tmp_path):
     ckpt.restore(1, abstract, it)
   ckpt.close()
 
-  encoder = checkpoint.export_encoder(str(tmp_path / "enc"), state, {"variant": "mu/4"})
-  assert checkpoint.load_encoder(encoder)[1] == {"variant": "mu/4"}
+  info = {"image_size": [8, 8], "channels": 3, "config": {"model": {"variant": "mu/4"}}}
+  encoder = checkpoint.export_encoder(str(tmp_path / "enc"), state, info)
+  assert checkpoint.load_encoder(encoder)[1] == info  # loads intact
   for path in [p for p in pathlib.Path(encoder).rglob("*") if p.is_file()]:
     path.write_bytes(payload)
   with pytest.raises(Exception):
