@@ -7,21 +7,19 @@
   python -m mim_jax.main --config=configs/beit_vitb.py --config.tokenizer.path=DIR ...
 
 From the paper and its release: 8192 codes of 32 dimensions, l2-normalised (codes chosen by
-cosine similarity), EMA codebook (decay 0.99), commitment weight 1 (modeling_vqkd.py's beta),
-cosine loss to the teacher's last-layer patch features, the teacher seeing the same 224-px view
-(re-normalised with its own statistics), RandomResizedCrop(0.08, 1), AdamW (0.9, 0.99), weight
-decay 1e-4, 100 epochs.
+cosine similarity), the release's codebook (NormEMAVectorQuantizer: each code assigned in a
+batch moves by 1 - decay = 0.01 towards the normalised mean of its vectors; codes start from 10
+iterations of spherical k-means on the first batch's vectors; no dead-code restarts),
+commitment weight 1 (modeling_vqkd.py's beta), cosine loss to the teacher's last-layer patch
+features, the teacher seeing the same 224-px view (re-normalised with its own statistics),
+RandomResizedCrop(0.08, 1), AdamW (0.9, 0.99), weight decay 1e-4, 100 epochs.
 Differences kept on purpose: the tokenizer's networks are mim_jax's convolutional encoder and
 feature decoder (256 wide, 2 residual blocks each), not the release's ViT-B encoder and
-3-block transformer decoder; codes start random rather than from k-means; the codebook's EMA
-is VQ-VAE's (`tokenizers.codebook`: each code the re-normalised decayed sum of the vectors
-assigned to it, so a code moves by its share of the recent assignments), where the release's
-NormEMAVectorQuantizer moves each code assigned in a batch by 1 - decay towards the normalised
-mean of its vectors whatever their number, and codes unused for 100 steps are re-seeded from
-the batch (the release has no restarts); lr 1e-3 at batch
-1024 with 5 warm-up epochs (the release: batch 512, 10 warm-up epochs); the targets are the
-teacher's final-norm patch tokens layer-normalised (teacher.norm), where the release takes
-CLIP's tokens after its 512-wide output projection, without a further norm.
+3-block transformer decoder; the k-means runs on the first step's whole batch (in the release
+each GPU clusters its own share); lr 1e-3 at batch 1024 with 5 warm-up epochs (the release:
+batch 512, 10 warm-up epochs); the targets are the teacher's final-norm patch tokens
+layer-normalised (teacher.norm), where the release takes CLIP's tokens after its 512-wide
+output projection, without a further norm.
 Arguments: `variant=B/16` (the patch grid), `runlocal`.
 """
 
@@ -34,7 +32,8 @@ def get_config(arg=None):
   c = registry.base_config("vqkd_tokenizer")
   c.model.variant = str(args.get("variant", "B/16"))
   c.tokenizer.update(vocab_size=8192, code_dim=32, l2_normalize=True, decay=0.99,
-                     eps=1e-5, commitment=1.0, restart_after=100, width=256, num_blocks=2)
+                     codebook_update="norm_ema", kmeans_init=10, commitment=1.0,
+                     restart_after=0, width=256, num_blocks=2)
   c.data.crop_scale = (0.08, 1.0)
   c.global_batch_size = 1024
   c.num_epochs = 100
@@ -42,5 +41,5 @@ def get_config(arg=None):
                      weight_decay=1e-4, warmup_epochs=5.0, schedule="cosine")
   if args.get("runlocal"):
     config_defaults.apply_runlocal(c)
-    c.tokenizer.update(vocab_size=16, width=16, num_blocks=1, restart_after=1)
+    c.tokenizer.update(vocab_size=16, width=16, num_blocks=1)
   return c

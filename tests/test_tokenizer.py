@@ -114,6 +114,91 @@ def test_restart_candidates_are_a_uniform_draw_over_the_step_s_micro_batches():
   assert not np.any(after["batch_counts"]) and float(after["batch_micro_batches"]) == 0
 
 
+def _unit(x):
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def test_norm_ema_update_equals_beit_v2_s_quantizer():
+  """BEiT v2's NormEMAVectorQuantizer update, transcribed from its release
+  (norm_ema_quantizer.py) in numpy: one-hot encodings, bins with empty ones set to 1, the
+  normalised mean of each code's vectors (the old code where a code got none), then
+  weight <- l2norm(decay weight + (1 - decay) mean). Fed in two micro-batches, as under
+  gradient accumulation: the step's statistics make one update."""
+  rng = np.random.default_rng(0)
+  k, d, decay = 5, 4, 0.9
+  extra = {**cb.init_state(jax.random.key(0), k, d, l2=True), **cb.init_step_stats(k, d)}
+  z = _unit(rng.normal(size=(12, d))).astype(np.float32)
+  codes = np.array([0, 2, 0, 3, 0, 2, 2, 0, 3, 0, 0, 2], np.int32)  # codes 1 and 4 unused
+  for half in (slice(0, 6), slice(6, 12)):
+    extra = cb.accumulate_step_stats(extra, jnp.asarray(z[half]), jnp.asarray(codes[half]),
+                                     jax.random.key(1))
+  new = jax.device_get(cb.apply_step_stats(extra, decay=decay, eps=1e-5, l2=True,
+                                           restart_after=0, update="norm_ema"))
+  weight = np.asarray(extra["codebook"])
+  encodings = np.eye(k, dtype=np.float32)[codes]
+  bins = encodings.sum(0)
+  zero = bins == 0
+  mean = _unit((z.T @ encodings / np.where(zero, 1.0, bins)[None, :]).T)
+  mean = np.where(zero[:, None], weight, mean)
+  np.testing.assert_allclose(new["codebook"], _unit(decay * weight + (1 - decay) * mean),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(new["codebook"][zero], weight[zero])  # unassigned: unmoved
+  np.testing.assert_allclose(new["cluster_size"],
+                             decay * np.asarray(extra["cluster_size"]) + (1 - decay) * bins,
+                             rtol=1e-6)
+  np.testing.assert_array_equal(new["unused_steps"], [0, 1, 0, 0, 1])
+  # The rule differs from VQ-VAE's: the same statistics move the codes elsewhere.
+  sums = jax.device_get(cb.apply_step_stats(extra, decay=decay, eps=1e-5, l2=True,
+                                            restart_after=0))
+  assert not np.allclose(sums["codebook"][~zero], new["codebook"][~zero], atol=1e-3)
+
+
+@pytest.mark.parametrize("l2", [True, False])
+def test_kmeans_is_lloyd_s_algorithm_from_distinct_rows(l2):
+  """Against numpy's Lloyd iterations from the same starting rows (BEiT v2's `kmeans`:
+  spherical with l2, a centre that gets no rows kept); the start is K distinct rows."""
+  rng = np.random.default_rng(1)
+  z = rng.normal(size=(40, 3)).astype(np.float32)
+  z = _unit(z) if l2 else z
+  key, k = jax.random.key(3), 6
+  rows = np.asarray(jax.random.choice(key, 40, (k,), replace=False))
+  assert len(set(rows.tolist())) == k
+  centres = z[rows]
+  for _ in range(4):
+    assign = np.argmin(((z[:, None] - centres[None]) ** 2).sum(-1), axis=1)
+    counts = np.bincount(assign, minlength=k).astype(np.float32)
+    means = np.stack([z[assign == i].mean(0) if counts[i] else centres[i] for i in range(k)])
+    centres = _unit(means) if l2 else means
+  got, got_counts = jax.device_get(cb.kmeans(key, jnp.asarray(z), k, 4, l2))
+  np.testing.assert_allclose(got, centres, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(got_counts, counts)
+  few, _ = cb.kmeans(key, jnp.asarray(z[:3]), k, 0, l2)  # fewer rows than codes: repeats
+  assert {tuple(r) for r in np.asarray(few).round(5)} <= {tuple(r) for r in z[:3].round(5)}
+
+
+def test_kmeans_initialises_the_codebook_once_from_the_first_training_batch():
+  """With tokenizer.kmeans_init, the first training step's loss replaces the random codes by
+  k-means of that batch's encoder vectors before choosing codes, and marks it done; later
+  steps, evaluation and pictures leave the codebook to the EMA."""
+  config = tiny_tokenizer_config(**{"tokenizer.kmeans_init": 3,
+                                    "tokenizer.codebook_update": "norm_ema"})
+  method = registry.build_method(config)
+  images = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+  params, extra = method.init(jax.random.key(1), images)
+  assert int(extra[cb.INITTED]) == 0
+  batch = {"image": images}
+  _, (_, evaluated) = method.loss(params, extra, batch, jax.random.key(2), train=False)
+  np.testing.assert_array_equal(evaluated["codebook"], extra["codebook"])
+  _, (_, first) = method.loss(params, extra, batch, jax.random.key(2))
+  z = tokenizers_models.encode(method.model, params, images, True).reshape(-1, 8)
+  init_rng, _ = method.split_init_rng(jax.random.key(2), True)
+  centres, _ = cb.kmeans(init_rng, z, 16, 3, True)
+  np.testing.assert_allclose(first["codebook"], centres, rtol=1e-5, atol=1e-6)
+  assert int(first[cb.INITTED]) == 1 and float(first["batch_counts"].sum()) == z.shape[0]
+  _, (_, second) = method.loss(params, first, batch, jax.random.key(5))
+  np.testing.assert_array_equal(second["codebook"], first["codebook"])  # not again
+
+
 def test_codebook_takes_one_ema_step_per_update_with_gradient_accumulation(tmp_path):
   """Two micro-batches move the codebook exactly as the whole batch does: one EMA step from
   the whole batch's assignments (updated per micro-batch it took two steps of the decay)."""
@@ -258,13 +343,17 @@ def test_code_usage_refuses_config_overrides_it_would_not_read(monkeypatch, caps
   assert "then pass --tokenizer=DIR" in err  # the tool's flag, not the config field
 
 
-def test_training_updates_codebook_in_extra_and_resumes_exactly(tmp_path, caplog):
-  straight = train.run(tiny_tokenizer_config(), str(tmp_path / "a"))
-  train.run(tiny_tokenizer_config(total_steps=2), str(tmp_path / "b"))
+@pytest.mark.parametrize("codebook", [{}, {"tokenizer.codebook_update": "norm_ema",
+                                             "tokenizer.kmeans_init": 2}],
+                         ids=["ema_sums", "norm_ema_kmeans"])
+def test_training_updates_codebook_in_extra_and_resumes_exactly(tmp_path, caplog, codebook):
+  straight = train.run(tiny_tokenizer_config(**codebook), str(tmp_path / "a"))
+  train.run(tiny_tokenizer_config(total_steps=2, **codebook), str(tmp_path / "b"))
   with caplog.at_level(logging.INFO, logger=train.__name__):
-    resumed = train.run(tiny_tokenizer_config(), str(tmp_path / "b"))
+    resumed = train.run(tiny_tokenizer_config(**codebook), str(tmp_path / "b"))
   assert "at step 2" in caplog.text  # resumed (a restart with the same seed ends alike)
-  for key in ("codebook", "cluster_size", "embed_sum", "unused_steps"):
+  for key in ("codebook", "cluster_size", "embed_sum", "unused_steps", *straight.extra.keys()
+              & {cb.INITTED}):
     np.testing.assert_array_equal(straight.extra[key], resumed.extra[key])
   jax.tree.map(np.testing.assert_array_equal, straight.params, resumed.params)
   fresh = cb.init_state(jax.random.key(0), 16, 8, True)
@@ -278,10 +367,20 @@ def test_training_updates_codebook_in_extra_and_resumes_exactly(tmp_path, caplog
 @pytest.mark.parametrize("field,value,match", [
     ("tokenizer.decay", 1.0, "tokenizer.decay=1.0"),
     ("tokenizer.vocab_size", 1, "tokenizer.vocab_size=1"),
-    ("tokenizer.restart_after", -1, "tokenizer.restart_after=-1")])
+    ("tokenizer.restart_after", -1, "tokenizer.restart_after=-1"),
+    ("tokenizer.codebook_update", "norm", "tokenizer.codebook_update='norm'.*ema_sums"),
+    ("tokenizer.kmeans_init", -1, "tokenizer.kmeans_init=-1")])
 def test_bad_tokenizer_fields_are_rejected(field, value, match):
   with pytest.raises(ConfigError, match=match):
     tiny_tokenizer_config(**{field: value})
+
+
+def test_norm_ema_needs_unit_codes_and_reads_no_smoothing():
+  with pytest.raises(ConfigError, match="codebook_update='norm_ema'.*l2_normalize=False"):
+    tiny_tokenizer_config(**{"tokenizer.codebook_update": "norm_ema",
+                             "tokenizer.l2_normalize": False})
+  with pytest.raises(ConfigError, match="config.tokenizer.eps=0.001 is not used"):
+    tiny_tokenizer_config(**{"tokenizer.codebook_update": "norm_ema", "tokenizer.eps": 1e-3})
 
 
 @requires_fmnist

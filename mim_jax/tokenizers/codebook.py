@@ -18,10 +18,15 @@ Codes unassigned for `restart_after` steps in a row are re-seeded from encoder o
 current batch (a dead-code restart, as in Jukebox / ViT-VQGAN), with N_k = 1 and m_k = e_k.
 With `l2` (BEiT v2, ViT-VQGAN) vectors and codes live on the unit sphere, so the nearest code
 is the one of largest cosine similarity; e_k is then the direction of m_k (the smoothing, a
-positive factor, changes nothing), a code moving by its share of the recent assignments. BEiT
-v2's release (norm_ema_quantizer.py) updates differently: e_k <- normalise(decay e_k +
-(1 - decay) normalise(s_k / n_k)) for the codes assigned in the batch, a fixed step whatever
-n_k, and no restarts.
+positive factor, changes nothing), a code moving by its share of the recent assignments.
+
+`update="norm_ema"` is BEiT v2's rule instead (its release's NormEMAVectorQuantizer, for unit
+vectors only): each code assigned in the batch moves a fixed step towards the direction of its
+vectors' mean, whatever their number, and unassigned codes stay where they are:
+  e_k <- normalise(decay e_k + (1 - decay) normalise(s_k / n_k))    for n_k > 0
+(N_k and m_k follow their EMAs as above, as statistics; the smoothing eps is not read). The
+release restarts no codes (restart_after=0 reproduces it) and starts its codebook from k-means
+of the first batch's vectors (`kmeans`, `init_by_kmeans`).
 """
 
 from __future__ import annotations
@@ -112,6 +117,61 @@ def ema_update_from_stats(state: dict, counts: jax.Array, sums: jax.Array, *, de
           "unused_steps": unused}
 
 
+def norm_ema_update_from_stats(state: dict, counts: jax.Array, sums: jax.Array, *,
+                               decay: float) -> dict:
+  """BEiT v2's update of unit codes from a batch's statistics counts [K], sums [K, D] (the
+  module docstring's `norm_ema`); N_k, m_k and `unused_steps` as in `ema_update_from_stats`."""
+  assigned = (counts > 0)[:, None]
+  direction = l2_normalize(sums / jnp.maximum(counts, 1.0)[:, None])
+  moved = l2_normalize(decay * state["codebook"] + (1.0 - decay) * direction)
+  unused = jnp.where(counts > 0, 0, state["unused_steps"] + 1).astype(jnp.int32)
+  return {"codebook": jnp.where(assigned, moved, state["codebook"]),
+          "cluster_size": decay * state["cluster_size"] + (1.0 - decay) * counts,
+          "embed_sum": decay * state["embed_sum"] + (1.0 - decay) * sums,
+          "unused_steps": unused}
+
+
+UPDATES = ("ema_sums", "norm_ema")  # the codebook update rules (module docstring)
+
+
+def kmeans(rng: jax.Array, z: jax.Array, num_clusters: int, iterations: int,
+           l2: bool) -> tuple[jax.Array, jax.Array]:
+  """Lloyd's k-means of rows z [M, D] -> (centres [K, D] float32, counts [K] of the last
+  assignment), as BEiT v2's release initialises its codebook: centres start at K distinct rows
+  (drawn with replacement when M < K), each iteration assigns every row to its nearest centre
+  and moves each centre that received rows to their mean (re-normalised when `l2`: spherical
+  k-means, nearest by cosine); a centre without rows stays."""
+  z = z.astype(jnp.float32).reshape(-1, z.shape[-1])
+  rows = jax.random.choice(rng, z.shape[0], (num_clusters,), replace=z.shape[0] < num_clusters)
+
+  def lloyd(_, carry):
+    centres, _ = carry
+    counts, sums = assignment_stats(z, nearest_codes(z, centres), num_clusters)
+    means = sums / jnp.maximum(counts, 1.0)[:, None]
+    means = l2_normalize(means) if l2 else means
+    return jnp.where((counts > 0)[:, None], means, centres), counts
+
+  return jax.lax.fori_loop(0, iterations, lloyd,
+                           (z[rows], jnp.zeros((num_clusters,), jnp.float32)))
+
+
+INITTED = "codebook_initted"  # in `extra` of a run with k-means initialisation: int32 0 / 1
+
+
+def init_by_kmeans(extra: dict, z: jax.Array, rng: jax.Array, *, iterations: int,
+                   l2: bool) -> dict:
+  """`extra` whose codebook is, on the first call of a run (its INITTED entry 0), k-means
+  (`kmeans`) of the vectors z [M, D] it is given, with N_k = 1, m_k = e_k as in `init_state`,
+  and INITTED set; afterwards `extra` as it is. Only the branch taken runs (a `lax.cond`)."""
+  def initialise(extra):
+    centres, _ = kmeans(rng, jax.lax.stop_gradient(z), extra["codebook"].shape[0], iterations,
+                        l2)
+    return {**extra, "codebook": centres, "embed_sum": centres,
+            "cluster_size": jnp.ones_like(extra["cluster_size"]),
+            INITTED: jnp.ones_like(extra[INITTED])}
+  return jax.lax.cond(extra[INITTED] > 0, lambda e: e, initialise, extra)
+
+
 def restart_dead_codes(state: dict, z: jax.Array, rng: jax.Array, *,
                        restart_after: int) -> tuple[dict, jax.Array]:
   """Re-seeds codes with unused_steps >= restart_after from random rows of z [M, D].
@@ -179,13 +239,19 @@ def accumulate_step_stats(extra: dict, z: jax.Array, codes: jax.Array, rng: jax.
 
 
 def apply_step_stats(extra: dict, *, decay: float, eps: float, l2: bool,
-                     restart_after: int) -> dict:
-  """The step's EMA update and dead-code restarts from the statistics that
-  `accumulate_step_stats` gathered; they are zeroed for the next step, the number of codes
-  restarted kept in `restarted_codes`. Other entries of `extra` are kept."""
+                     restart_after: int, update: str = "ema_sums") -> dict:
+  """The step's EMA update (`update`: one of UPDATES) and dead-code restarts from the
+  statistics that `accumulate_step_stats` gathered; they are zeroed for the next step, the
+  number of codes restarted kept in `restarted_codes`. Other entries of `extra` are kept."""
   state = {k: extra[k] for k in ("codebook", "cluster_size", "embed_sum", "unused_steps")}
-  state = ema_update_from_stats(state, extra["batch_counts"], extra["batch_sums"], decay=decay,
-                                eps=eps, l2=l2)
+  if update == "norm_ema":
+    state = norm_ema_update_from_stats(state, extra["batch_counts"], extra["batch_sums"],
+                                       decay=decay)
+  elif update == "ema_sums":
+    state = ema_update_from_stats(state, extra["batch_counts"], extra["batch_sums"],
+                                  decay=decay, eps=eps, l2=l2)
+  else:
+    raise ValueError(f"codebook update {update!r} is not one of {UPDATES}")
   state, restarted = restart_dead_codes_from(state, extra["batch_picks"],
                                              restart_after=restart_after)
   cleared = {k: jnp.zeros_like(extra[k]) for k in STEP_KEYS}

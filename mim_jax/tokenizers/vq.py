@@ -107,7 +107,10 @@ class VQTokenizer(base.Method):
         decay=0.99,            # codebook EMA decay
         eps=1e-5,              # Laplace smoothing of the EMA cluster sizes
         commitment=0.25,       # weight of the commitment loss (VQ-VAE: 0.25)
-        restart_after=100)     # re-seed codes unused for this many steps (0: never)
+        restart_after=100,     # re-seed codes unused for this many steps (0: never)
+        codebook_update="ema_sums",  # or "norm_ema" (BEiT v2's release; tokenizers.codebook)
+        kmeans_init=0)         # k-means iterations on the first batch's vectors (0: random
+                               # codes; BEiT v2's release: 10)
 
   @classmethod
   def unread_rules(cls):
@@ -116,7 +119,10 @@ class VQTokenizer(base.Method):
             (("data.synthetic_classes",),
              lambda c: c.data.get("holdout", 0) > 0 or c.data.get("label_fraction", 1.0) < 1,
              "a tokenizer reads labels only to draw data.holdout or a data.label_fraction "
-             "subset, class by class")]
+             "subset, class by class"),
+            (("tokenizer.eps",), lambda c: c.tokenizer.codebook_update == "ema_sums",
+             "BEiT v2's codebook update (tokenizer.codebook_update='norm_ema') smooths no "
+             "cluster sizes")]
 
   @classmethod
   def validate(cls, config):
@@ -133,6 +139,15 @@ class VQTokenizer(base.Method):
               "re-seeded; 0 disables restarts)")
     v.require(isinstance(t.l2_normalize, bool), "tokenizer.l2_normalize", t.l2_normalize,
               "true or false")
+    v.require(t.codebook_update in cb.UPDATES, "tokenizer.codebook_update", t.codebook_update,
+              f"one of {', '.join(cb.UPDATES)} (VQ-VAE's EMA of assigned sums and counts, or "
+              "BEiT v2's normalised EMA of unit codes)")
+    v.require(t.codebook_update != "norm_ema" or t.l2_normalize is True,
+              "tokenizer.codebook_update", t.codebook_update,
+              "'ema_sums' with tokenizer.l2_normalize=False: 'norm_ema' moves unit codes")
+    v.require(v.is_int(t.kmeans_init) and t.kmeans_init >= 0, "tokenizer.kmeans_init",
+              t.kmeans_init, "an integer >= 0 (k-means iterations on the first batch's vectors; "
+              "0 starts from random codes; BEiT v2: 10)")
 
   @classmethod
   def forward_flops(cls, config):
@@ -149,6 +164,7 @@ class VQTokenizer(base.Method):
     if "decay" in t:  # a codebook trained by EMA (VQ, VQ-KD); a dVAE has none
       self.decay, self.eps = float(t.decay), float(t.eps)
       self.commitment, self.restart_after = float(t.commitment), int(t.restart_after)
+      self.update, self.kmeans_init = str(t.codebook_update), int(t.kmeans_init)
     self.patch_size = self.info["patch_size"]
     # How pictures show the (normalised) images: the data's mean / std, the chosen channels.
     self.display = dict(mean=tuple(config.data.mean), std=tuple(config.data.std),
@@ -161,17 +177,30 @@ class VQTokenizer(base.Method):
     model_rng, code_rng = jax.random.split(rng)
     params = self.model.init({"params": model_rng}, images)["params"]
     code_dim = self.info["code_dim"]
+    initted = {cb.INITTED: jnp.zeros([], jnp.int32)} if self.kmeans_init else {}
     return params, {**cb.init_state(code_rng, self.vocab_size, code_dim, self.l2),
-                    **cb.init_step_stats(self.vocab_size, code_dim)}
+                    **cb.init_step_stats(self.vocab_size, code_dim), **initted}
 
-  def _forward(self, params, extra, images):
+  def _forward(self, params, extra, images, rng=None):
+    """(z, e, codes, decoded, extra); with `rng` (a training step) the codebook is first
+    initialised by k-means of this batch's vectors if the run asks for it and has not yet."""
     z = models.encode(self.model, params, images, self.l2)
-    flat = z.reshape(-1, z.shape[-1])
-    codes = cb.nearest_codes(jax.lax.stop_gradient(flat), extra["codebook"])
+    flat = jax.lax.stop_gradient(z.reshape(-1, z.shape[-1]))
+    if rng is not None and self.kmeans_init:
+      extra = cb.init_by_kmeans(extra, flat, rng, iterations=self.kmeans_init, l2=self.l2)
+    codes = cb.nearest_codes(flat, extra["codebook"])
     e = extra["codebook"][codes].reshape(z.shape)
     z_q = z + jax.lax.stop_gradient(e - z)  # straight-through estimator
     recon = self.model.apply({"params": params}, z_q, method=self.model.decode)
-    return z, e, codes, recon
+    return z, e, codes, recon, extra
+
+  def split_init_rng(self, rng, train):
+    """(the key of the codebook's k-means initialisation, or None where none can run; the key
+    for the rest of the step): `rng` itself is the latter without k-means, so such runs draw
+    their restarts as before the option existed."""
+    if not (train and self.kmeans_init):
+      return None, rng
+    return tuple(jax.random.split(rng))
 
   def gather_codebook_stats(self, extra, z, codes, rng, train):
     """`extra` with the encoder's vectors z and their codes added to the step's codebook
@@ -184,11 +213,12 @@ class VQTokenizer(base.Method):
     """The codebook's one EMA step of this optimizer step, and its dead-code restarts; other
     entries of `extra` (a VQ-KD teacher) are kept."""
     return cb.apply_step_stats(extra, decay=self.decay, eps=self.eps, l2=self.l2,
-                               restart_after=self.restart_after)
+                               restart_after=self.restart_after, update=self.update)
 
   def loss(self, params, extra, batch, rng, train=True):
     images = batch["image"].astype(jnp.float32)
-    z, e, codes, recon = self._forward(params, extra, images)
+    init_rng, rng = self.split_init_rng(rng, train)
+    z, e, codes, recon, extra = self._forward(params, extra, images, init_rng)
     recon_loss = jnp.mean(jnp.square(recon - images))
     commit_loss = jnp.mean(jnp.square(z - jax.lax.stop_gradient(e)))
     loss = recon_loss + self.commitment * commit_loss
@@ -201,7 +231,7 @@ class VQTokenizer(base.Method):
 
   def reconstruct(self, params, batch, rng, extra):
     """{"pred": decoded patches [B, N, p*p*C], "mask": zeros [B, N]} for pictures."""
-    _, _, codes, recon = self._forward(params, extra, batch["image"])
+    _, _, codes, recon, _ = self._forward(params, extra, batch["image"])
     pred = patchify(recon, self.patch_size)
     return {"pred": pred, "mask": jnp.zeros(pred.shape[:2], jnp.float32)}
 

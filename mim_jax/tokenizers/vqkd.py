@@ -2,11 +2,12 @@
 
 Vector-quantised knowledge distillation (Peng et al., 2022): the tokenizer's encoder maps
 each patch to a unit vector z, which is replaced by its nearest code of an l2-normalised
-codebook (nearest by cosine; the codebook follows the assigned vectors by EMA, with dead-code
-restarts, `tokenizers.codebook`: VQ-VAE's EMA of assigned sums and counts, not the release's
-NormEMAVectorQuantizer, which moves each code assigned in a batch by 1 - decay towards the
-normalised mean of its vectors and restarts none); the decoder then reconstructs not pixels
-but the frozen teacher's features of that patch, and the loss is their cosine distance:
+codebook (nearest by cosine; the codebook follows the assigned vectors by EMA,
+`tokenizers.codebook`: by default VQ-VAE's EMA of assigned sums and counts with dead-code
+restarts; `tokenizer.codebook_update='norm_ema'`, `kmeans_init=10`, `restart_after=0` is the
+release's NormEMAVectorQuantizer, as configs/vqkd_tokenizer_imagenet.py sets it); the decoder
+then reconstructs not pixels but the frozen teacher's features of that patch, and the loss is
+their cosine distance:
 
   loss = mean over patches (1 - cos(decoded, teacher features)) + commitment * |z - sg(e)|^2
 
@@ -97,15 +98,16 @@ class VQKDTokenizer(VQTokenizer):
   def load_pretrained(self, params, extra):
     return params, {**extra, "teacher": self.target.load_extra()}
 
-  def _decode(self, params, extra, images):
+  def _decode(self, params, extra, images, rng=None):
     """The VQ forward pass (`VQTokenizer._forward`) with the decoded features as [B, N, F]."""
-    z, e, codes, decoded = self._forward(params, extra, images)
-    return z, e, codes, decoded.reshape(z.shape[0], -1, decoded.shape[-1])
+    z, e, codes, decoded, extra = self._forward(params, extra, images, rng)
+    return z, e, codes, decoded.reshape(z.shape[0], -1, decoded.shape[-1]), extra
 
   def loss(self, params, extra, batch, rng, train=True):
     images = batch["image"].astype(jnp.float32)
     target = jax.lax.stop_gradient(self.target(extra["teacher"], images))  # [B, N, F]
-    z, e, codes, decoded = self._decode(params, extra, images)
+    init_rng, rng = self.split_init_rng(rng, train)
+    z, e, codes, decoded, extra = self._decode(params, extra, images, init_rng)
     everywhere = jnp.ones(target.shape[:2], jnp.float32)
     recon_loss = losses.masked_cosine(decoded, target, everywhere)
     commit_loss = jnp.mean(jnp.square(z - jax.lax.stop_gradient(e)))
@@ -120,7 +122,7 @@ class VQKDTokenizer(VQTokenizer):
   def reconstruct(self, params, batch, rng, extra):
     """{"pred": decoded features [B, N, F], "target": the teacher's [B, N, F]}."""
     images = batch["image"].astype(jnp.float32)
-    _, _, _, decoded = self._decode(params, extra, images)
+    _, _, _, decoded, _ = self._decode(params, extra, images)
     return {"pred": decoded, "target": self.target(extra["teacher"], images)}
 
   def picture(self, images: np.ndarray, out: dict) -> np.ndarray:
