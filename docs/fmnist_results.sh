@@ -41,6 +41,9 @@
 #   distill       the 3-epoch rows of the feature-distillation methods beside the other
 #                 3-epoch rows: MaskDistill (teacher: the MAE encoder), BEiT v2's VQ-KD
 #                 tokenizer (same teacher), BEiT reading it; k-NN on the test split of each
+#   codebook      the VQ-KD tokenizer of distill (VQ-VAE's codebook EMA, restarts) beside the
+#                 same run with BEiT v2's release codebook (codebook_update=norm_ema, 10 k-means
+#                 iterations on the first batch, no restarts): loss, cosine and code usage
 #   attentive     the attentive probe (configs/attentive_probe_fmnist.py, ATTENTIVE_EPOCHS (10)
 #                 epochs) of the MAE encoder of pretrain_mae and of a random encoder, each with
 #                 its lr of ATTENTIVE_LRS (1e-3 2e-3 4e-3) chosen on the held-out split, then
@@ -88,7 +91,7 @@
 set -u
 ALL_SECTIONS="pretrain_mae baselines probe_mae tune_scratch tune_mae finetune_mae
 finetune_scratch finetune_matched tune_lowlabel lowlabel methods probe_finetuned attentive ratio
-distill study"
+distill codebook study"
 source "$(dirname "$0")/script_args.sh"
 ROOT=$(output_dir "[SECTIONS=... SEEDS=... ...] bash docs/fmnist_results.sh [ROOT] (settings \
 are environment variables, listed at the top of this script)" workdirs/fmnist_results "$@") \
@@ -503,6 +506,13 @@ if has distill; then
   run beit_vqkd_e3 --config=configs/beit_fmnist.py --config.tokenizer.path="$ROOT/vqkd_tokenizer" \
       "${TRAIN[@]}"
   knn beit_vqkd_e3
+fi
+
+if has codebook; then
+  run vqkd_tokenizer --config=configs/vqkd_tokenizer_fmnist.py --config.teacher.path="$MAE"
+  run vqkd_tokenizer_norm_ema --config=configs/vqkd_tokenizer_fmnist.py \
+      --config.teacher.path="$MAE" --config.tokenizer.codebook_update=norm_ema \
+      --config.tokenizer.kmeans_init=10 --config.tokenizer.restart_after=0
 fi
 
 if has study; then
