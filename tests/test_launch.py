@@ -1173,22 +1173,23 @@ def test_results_script_fine_tunes_each_seed_with_the_held_out_choice(tmp_path, 
 
 def test_results_script_every_section_is_a_valid_command_line(tmp_path, monkeypatch):
   """Every run of the sections not covered above (scratch tuning and fine-tuning, low labels,
-  the other methods at 30 epochs, the masking-ratio sweep, the 3-epoch distillation rows)
+  the other methods at 30 epochs, the masking-ratio sweep, the 3-epoch distillation rows, the
+  VQ-KD codebook comparison)
   loads and passes the unread-field checks; finetune_matched reads a real pre-training run
   (tests/test_results_tools.py)."""
   monkeypatch.chdir(REPO)
   calls = _results_calls(
       tmp_path, RESULTS, SEEDS="0",
       SECTIONS="tune_scratch tune_mae finetune_mae finetune_scratch lowlabel methods ratio "
-               "distill")
+               "distill codebook")
   names = [c[-1].rsplit("/", 1)[-1] for c in calls]
   for expected in ("ft_scratch_s0", "ft_mae_labels1_s0", "ft_scratch_labels10_s0",
                    "beit_tokenizer", "ibot_e30", "probe_ibot_e30", "ft_ibot_s0", "data2vec2_e30",
                    "ft_maskdistill_s0", "mae_e50_r0.9", "ft_mae_r0.5_s0", "knn_maskdistill_e3",
-                   "vqkd_tokenizer", "knn_beit_vqkd_e3"):
+                   "vqkd_tokenizer", "knn_beit_vqkd_e3", "vqkd_tokenizer_norm_ema"):
     assert expected in names, names
   teacher = f"--config.teacher.path={tmp_path}/root/mae_e50"
-  for name in ("maskdistill_e30", "maskdistill_e3", "vqkd_tokenizer"):
+  for name in ("maskdistill_e30", "maskdistill_e3", "vqkd_tokenizer", "vqkd_tokenizer_norm_ema"):
     assert teacher in calls[names.index(name)], name
   for name, fraction, epochs in (("ft_mae_labels1_s0", "0.01", "60"),
                                  ("ft_scratch_labels10_s0", "0.1", "30")):
