@@ -158,6 +158,11 @@ if has_section methods && listed "$METHODS" maskdistill \
   exit 2
 fi
 
+# Which methods draw pictures (VIZ_EVERY applies to them), asked once for every job.
+if [ -n "$VIZ_EVERY" ] && has_section methods && listed "$METHOD_STEPS" pretrain; then
+  DRAWING_METHODS=$(drawing_methods $METHODS) || exit 1
+  export DRAWING_METHODS
+fi
 mkdir -p "$ROOT/jobs"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
   python -c "import jax; print(jax.__version__, jax.devices())"; } > "$ROOT/machine.txt" 2>&1

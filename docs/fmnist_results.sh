@@ -247,12 +247,13 @@ pretrain() {  # NAME METHOD EPOCHS [overrides]: pre-training with k-NN on the he
   local monitor=("${holdout[@]}" --config.knn.every_epochs="$KNN_EVERY")
   # KNN_EVERY=0: no monitor, so no split to score (the same 55,000 training images).
   [ "$KNN_EVERY" = 0 ] && monitor=(--config.data.holdout=5000)
-  # VIZ_EVERY: the picture interval of the methods that draw (their config has viz_every).
-  local pictures=() draws
+  # VIZ_EVERY: the picture interval of the methods that draw (their config has viz_every;
+  # DRAWING_METHODS, when set, lists them: docs/fmnist_gpu.sh asks once for all its jobs).
+  local pictures=()
   if [ -n "${VIZ_EVERY:-}" ]; then
-    draws=$(python -c "import sys; from mim_jax.config import files; print('viz_every' in
-        files.load_config_file(sys.argv[1]))" "configs/${method}_fmnist.py") || exit 1
-    [ "$draws" = True ] && pictures=(--config.viz_every="$VIZ_EVERY")
+    local drawing
+    drawing=${DRAWING_METHODS-$(drawing_methods "$method")} || exit 1
+    listed "$drawing" "$method" && pictures=(--config.viz_every="$VIZ_EVERY")
   fi
   run "$name" --config=configs/${method}_fmnist.py --config.num_epochs="$epochs" \
       --config.optimizer.warmup_epochs="$(python -c "print($epochs / 10)")" \

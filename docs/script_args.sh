@@ -66,3 +66,11 @@ wait_for_exit() {
     kill -0 "$1" 2> /dev/null || return "$status"
   done
 }
+
+# drawing_methods METHOD...: those of the METHODs whose configs/METHOD_fmnist.py draws pictures
+# (has viz_every), space-separated; one Python start for all of them.
+drawing_methods() {
+  python -c "import sys; from mim_jax.config import files
+print(' '.join(m for m in sys.argv[1:]
+               if 'viz_every' in files.load_config_file(f'configs/{m}_fmnist.py')))" "$@"
+}

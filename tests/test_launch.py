@@ -1123,6 +1123,17 @@ def test_gpu_results_script_runs_the_method_steps_asked_for(tmp_path):
   assert len(calls) == 1 and not any("viz_every" in a for a in calls[0])
 
 
+def test_results_script_sets_the_picture_interval_of_the_methods_that_draw(tmp_path):
+  """VIZ_EVERY alone: the script asks which methods' configs draw (SimMIM does, data2vec not);
+  DRAWING_METHODS (docs/fmnist_gpu.sh sets it) answers instead."""
+  for env, drawn in (({}, {"simmim_e30"}), ({"DRAWING_METHODS": "data2vec"}, {"data2vec_e30"})):
+    (tmp_path / str(len(env))).mkdir()
+    calls = _results_calls(tmp_path / str(len(env)), RESULTS, SECTIONS="methods",
+                           METHODS="simmim data2vec", METHOD_STEPS="pretrain", VIZ_EVERY="7",
+                           **env)
+    assert {c[-1].rsplit("/", 1)[1] for c in calls if "--config.viz_every=7" in c} == drawn
+
+
 def test_results_script_runs_the_study_under_both_maskings(tmp_path, monkeypatch):
   monkeypatch.chdir(REPO)
   calls = _results_calls(tmp_path, RESULTS, SECTIONS="study")
