@@ -158,9 +158,12 @@ if has_section methods && listed "$METHODS" maskdistill \
   exit 2
 fi
 
-# Which methods draw pictures (VIZ_EVERY applies to them), asked once for every job.
-if [ -n "$VIZ_EVERY" ] && has_section methods && listed "$METHOD_STEPS" pretrain; then
-  DRAWING_METHODS=$(drawing_methods $METHODS) || exit 1
+# Which pre-trained methods draw pictures (VIZ_EVERY applies to them), asked once for every
+# job; MAE's pre-training asks it too.
+unset DRAWING_METHODS
+if [ -n "$VIZ_EVERY" ] && { has_section pretrain_mae \
+    || { has_section methods && listed "$METHOD_STEPS" pretrain; }; }; then
+  DRAWING_METHODS=$(drawing_methods mae $METHODS) || exit 1
   export DRAWING_METHODS
 fi
 mkdir -p "$ROOT/jobs"

@@ -1132,6 +1132,14 @@ def test_results_script_sets_the_picture_interval_of_the_methods_that_draw(tmp_p
                            METHODS="simmim data2vec", METHOD_STEPS="pretrain", VIZ_EVERY="7",
                            **env)
     assert {c[-1].rsplit("/", 1)[1] for c in calls if "--config.viz_every=7" in c} == drawn
+  # The GPU script asks once for all its jobs, MAE's pre-training among them; a list left in
+  # the caller's environment is not used.
+  (tmp_path / "gpu").mkdir()
+  calls = _results_calls(tmp_path / "gpu", GPU_RESULTS, SECTIONS="pretrain_mae methods",
+                         METHODS="simmim data2vec", METHOD_STEPS="pretrain", VIZ_EVERY="7",
+                         DRAWING_METHODS="data2vec")
+  assert {c[-1].rsplit("/", 1)[1] for c in calls if "--config.viz_every=7" in c} == {
+      "mae_e100", "simmim_e30"}
 
 
 def test_results_script_runs_the_study_under_both_maskings(tmp_path, monkeypatch):

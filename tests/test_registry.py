@@ -167,7 +167,8 @@ def test_every_config_field_is_read_by_its_method(method):
   if method == "ibot":
     assert "crop_scale" not in c.data  # its views use multicrop.global_scale
   if "tokenizer" in keys and method == "dvae_tokenizer":
-    assert not {"decay", "eps", "commitment", "restart_after", "l2_normalize"} & set(c.tokenizer)
+    assert not {"decay", "eps", "commitment", "restart_after", "l2_normalize",
+                "codebook_update", "kmeans_init"} & set(c.tokenizer)
 
 
 @pytest.mark.parametrize("method", sorted(registry.METHODS))

@@ -1017,6 +1017,13 @@ def test_resume_refuses_a_config_that_would_train_something_else(tmp_path):
   assert resume_check.changed_fields({"model": model},
                                      {"model": {**model, "weight_init": "beit"}}) == [
       ("model.weight_init", "xavier", "beit")]
+  # Tokenizer runs from before BEiT v2's codebook: VQ-VAE's update from random codes.
+  tokenizer = {"vocab_size": 16, "decay": 0.99}
+  assert resume_check.changed_fields({"tokenizer": tokenizer}, {"tokenizer": {
+      **tokenizer, "codebook_update": "ema_sums", "kmeans_init": 0}}) == []
+  assert resume_check.changed_fields({"tokenizer": tokenizer}, {"tokenizer": {
+      **tokenizer, "codebook_update": "norm_ema", "kmeans_init": 10}}) == [
+      ("tokenizer.codebook_update", "ema_sums", "norm_ema"), ("tokenizer.kmeans_init", 0, 10)]
   # A renamed field: the run's value under the old name, compared as the new field's.
   teacher = {"path": "/t", "norm": "layer"}
   for saved_layer, block, was in ((-1, 0, None), (2, 3, None), (-1, 1, 0), (2, 0, 3)):

@@ -162,14 +162,16 @@ def init_by_kmeans(extra: dict, z: jax.Array, rng: jax.Array, *, iterations: int
                    l2: bool) -> dict:
   """`extra` whose codebook is, on the first call of a run (its INITTED entry 0), k-means
   (`kmeans`) of the vectors z [M, D] it is given, with N_k = 1, m_k = e_k as in `init_state`,
-  and INITTED set; afterwards `extra` as it is. Only the branch taken runs (a `lax.cond`)."""
-  def initialise(extra):
-    centres, _ = kmeans(rng, jax.lax.stop_gradient(z), extra["codebook"].shape[0], iterations,
+  and INITTED set; afterwards `extra` as it is. Only the branch taken runs (a `lax.cond`, on
+  the codebook's entries alone: not through a teacher's weights beside them in `extra`)."""
+  def initialise(state):
+    centres, _ = kmeans(rng, jax.lax.stop_gradient(z), state["codebook"].shape[0], iterations,
                         l2)
-    return {**extra, "codebook": centres, "embed_sum": centres,
-            "cluster_size": jnp.ones_like(extra["cluster_size"]),
-            INITTED: jnp.ones_like(extra[INITTED])}
-  return jax.lax.cond(extra[INITTED] > 0, lambda e: e, initialise, extra)
+    return {"codebook": centres, "embed_sum": centres,
+            "cluster_size": jnp.ones_like(state["cluster_size"]),
+            INITTED: jnp.ones_like(state[INITTED])}
+  state = {k: extra[k] for k in ("codebook", "embed_sum", "cluster_size", INITTED)}
+  return {**extra, **jax.lax.cond(extra[INITTED] > 0, lambda s: s, initialise, state)}
 
 
 def restart_dead_codes(state: dict, z: jax.Array, rng: jax.Array, *,

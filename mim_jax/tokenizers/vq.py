@@ -4,12 +4,14 @@ The encoder (`tokenizers.models`) maps each patch of the BEiT grid to a vector z
 with `tokenizer.l2_normalize`, as in BEiT v2 / ViT-VQGAN), which is replaced by its nearest
 code; the decoder reconstructs the normalised image from the codes. Gradients pass the
 quantiser unchanged (the straight-through estimator, z + sg(e - z)); the codebook is not
-trained by gradients but follows the assigned vectors by EMA with Laplace smoothing and
-dead-code restarts (`tokenizers.codebook`), its state in the method's `extra`. The codebook
-takes one EMA step (and its restarts) per optimizer step, in `after_update`, from statistics the
-loss sums over the step's micro-batches: with `grad_accum_steps` = k it moves exactly as with
-the whole batch at once, as the parameters do (a PyTorch quantiser, updated per forward pass,
-would take k EMA steps per update). `restarted_codes` is the number of codes the previous
+trained by gradients but follows the assigned vectors by EMA (`tokenizer.codebook_update`:
+VQ-VAE's, with Laplace smoothing, or BEiT v2's) and dead-code restarts (`tokenizers.codebook`),
+its state in the method's `extra`. The codebook takes one EMA step (and its restarts) per
+optimizer step, in `after_update`, from statistics the loss sums over the step's micro-batches:
+with `grad_accum_steps` = k it moves exactly as with the whole batch at once, as the parameters
+do (a PyTorch quantiser, updated per forward pass, would take k EMA steps per update). With
+`tokenizer.kmeans_init` the codes start as k-means of the first training step's encoder
+vectors (of its first micro-batch under gradient accumulation). `restarted_codes` is the number of codes the previous
 update re-seeded. VQ / VQ-KD checkpoints written before 2026-12-03 lack these step statistics
 in `extra` and do not restore.
 
