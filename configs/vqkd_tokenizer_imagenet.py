@@ -16,9 +16,10 @@ RandomResizedCrop(0.08, 1), AdamW (0.9, 0.99), weight decay 1e-4, 100 epochs.
 Differences kept on purpose: the tokenizer's networks are mim_jax's convolutional encoder and
 feature decoder (256 wide, 2 residual blocks each), not the release's ViT-B encoder and
 3-block transformer decoder; the k-means runs on the first step's whole batch (its first
-micro-batch under gradient accumulation; in the release each GPU clusters its own share); lr 1e-3 at batch 1024 with 5 warm-up epochs (the release:
-batch 512, 10 warm-up epochs); the targets are the teacher's final-norm patch tokens
-layer-normalised (teacher.norm), where the release takes CLIP's tokens after its 512-wide
+micro-batch under gradient accumulation; in the release each GPU clusters its own share);
+lr 1e-3 at batch 1024 with 5 warm-up epochs (the release: batch 512, 10 warm-up epochs); the
+targets are the teacher's final-norm patch tokens layer-normalised (teacher.norm), where the
+release takes CLIP's tokens after its 512-wide
 output projection, without a further norm.
 Arguments: `variant=B/16` (the patch grid), `runlocal`.
 """

@@ -11,9 +11,9 @@ optimizer step, in `after_update`, from statistics the loss sums over the step's
 with `grad_accum_steps` = k it moves exactly as with the whole batch at once, as the parameters
 do (a PyTorch quantiser, updated per forward pass, would take k EMA steps per update). With
 `tokenizer.kmeans_init` the codes start as k-means of the first training step's encoder
-vectors (of its first micro-batch under gradient accumulation). `restarted_codes` is the number of codes the previous
-update re-seeded. VQ / VQ-KD checkpoints written before 2026-12-03 lack these step statistics
-in `extra` and do not restore.
+vectors (of its first micro-batch under gradient accumulation). `restarted_codes` is the
+number of codes the previous update re-seeded. VQ / VQ-KD checkpoints written before
+2026-12-03 lack these step statistics in `extra` and do not restore.
 
   loss = mean (decoded - image)^2 + commitment * mean (z - sg(e))^2
 
