@@ -19,8 +19,7 @@ feature decoder (256 wide, 2 residual blocks each), not the release's ViT-B enco
 micro-batch under gradient accumulation; in the release each GPU clusters its own share);
 lr 1e-3 at batch 1024 with 5 warm-up epochs (the release: batch 512, 10 warm-up epochs); the
 targets are the teacher's final-norm patch tokens layer-normalised (teacher.norm), where the
-release takes CLIP's tokens after its 512-wide
-output projection, without a further norm.
+release takes CLIP's tokens after its 512-wide output projection, without a further norm.
 Arguments: `variant=B/16` (the patch grid), `runlocal`.
 """
 
