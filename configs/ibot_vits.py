@@ -16,7 +16,9 @@ weight decay 0.04 -> 0.4 along a cosine; shared DINO head with 8192 prototypes (
 momentum 0.9; last layer frozen for the first epoch; lambda 1 for both losses. Views: 2 global
 crops at 224 px of scale (0.25, 1) and 10 local crops at 96 px of scale (0.05, 0.25), with
 DINO's colour jitter / grayscale / blur / solarisation. Masking: blockwise (min block 16
-patches, aspect 0.3 .. 1/0.3) on half of the global views, each with a ratio drawn from (0.1,
+patches, iBOT's (min(grid) // 3)^2 for the 14x14 grid of S/16 at 224 px: another grid, e.g.
+`variant=S/8`, keeps 16 unless masking.min_block is set to it, where the release derives it
+from the grid; aspect 0.3 .. 1/0.3) on half of the global views, each with a ratio drawn from (0.1,
 0.5) (iBOT's pred_ratio 0 / 0.3 with pred_ratio_var 0 / 0.2). The ViT starts as the release's
 (DINO's, `model.weight_init="dino"`): linear layers and the cls token trunc_normal_(0.02), the
 patch-embedding conv at PyTorch's default, a zero mask embedding. Not reproduced: its learned
