@@ -20,10 +20,10 @@ its init (`model.rel_pos_bias`, `model.layer_scale`, `model.abs_posemb`, `model.
 N(0, 0.02) cut at +-0.02, each block's branch outputs divided by sqrt(2 * layer)).
 Differences kept on purpose: no colour jitter, and our VQ tokenizer
 (trained on the same data, applied to the same 224-px view) instead of DALL-E's dVAE on a
-112-px second view. With a VQ-KD tokenizer (BEiT v2's stage 2) the masks are BEiT v1's: a
-mask falls a few patches short of the budget when its last blocks do not fit (31% of 4,000
-masks on 14x14 at 78: 77.5 patches on average, at least 70), where BEiT v2's generator tops up
-or trims each mask to exactly its count. Arguments: `variant=B/16` (any SIZE/PATCH), `runlocal`.
+112-px second view. BEiT v1's masks fall a few patches short of the budget when their last
+blocks do not fit (31% of 4,000 masks on 14x14 at 78: 77.5 patches on average, at least 70);
+BEiT v2's generator tops each up to exactly its count: `--config.masking.exact_count=True`
+with a VQ-KD tokenizer (BEiT v2's stage 2). Arguments: `variant=B/16` (any SIZE/PATCH), `runlocal`.
 """
 
 from mim_jax import registry

@@ -5,10 +5,15 @@ from __future__ import annotations
 import math
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
+from mim_jax import registry
+from mim_jax.config.errors import ConfigError
 from mim_jax.objectives import masking
+
+from conftest import tiny_config
 
 # ---------------------------------------------------------------------------------------------
 # Independent transcriptions of the references, driven by an explicit np.random.Generator in
@@ -174,6 +179,23 @@ def test_blockwise_counts_never_exceed_budget_and_reach_it_on_average():
   assert (counts == 75).mean() > 0.5
 
 
+def test_blockwise_exact_count_tops_up_short_rows_as_beit_v2():
+  """exact=True: every row has the budget; a row the blocks leave short keeps its blocks and
+  gets the rest at random among its unmasked patches (beit2/masking_generator.py)."""
+  for row in range(60):
+    blocks = masking.blockwise_mask(np.random.default_rng(row), 1, (14, 14), 78)[0]
+    exact = masking.blockwise_mask(np.random.default_rng(row), 1, (14, 14), 78, exact=True)[0]
+    assert exact.sum() == 78 and np.all(exact[blocks])  # the blocks, plus patches if short
+    if blocks.sum() == 78:
+      np.testing.assert_array_equal(exact, blocks)
+  short = [r for r in range(60)
+           if masking.blockwise_mask(np.random.default_rng(r), 1, (14, 14), 78)[0].sum() < 78]
+  assert len(short) > 5  # the case the option is for arose
+  config = ml_collections.ConfigDict({"kind": "blockwise", "ratio": 0.4, "exact_count": True})
+  generator = masking.mask_generator_from_config(config, (14, 14), 16)
+  assert set(generator.host(np.random.default_rng(0), 50).sum(axis=1)) == {78}
+
+
 def test_blockwise_determinism_from_jax_key():
   a = masking.blockwise_mask(jax.random.key(0), 6, (14, 14), 75)
   again = masking.blockwise_mask(jax.random.key(0), 6, (14, 14), 75)
@@ -290,3 +312,12 @@ def test_mask_to_ids_rejects_unequal_counts():
   equal[:, :4] = True
   with pytest.raises(ValueError):
     masking.mask_to_ids(equal, num_keep=4)  # 5 visible per row, not 4
+
+
+def test_exact_count_is_read_by_blockwise_masks_only():
+  config = tiny_config("maskfeat", **{"masking.exact_count": True, "masking.min_block": 2,
+                                      "target.hog.cell_size": 2, "target.hog.gaussian_window": 4})
+  assert registry.build_method(config).mask_generator.exact_count
+  with pytest.raises(ConfigError, match=r"masking.exact_count=True is not used: only "
+                     "masking.kind='blockwise' reads it"):
+    registry.check_unread_fields(tiny_config("mae", **{"masking.exact_count": True}))

@@ -1024,6 +1024,8 @@ def test_resume_refuses_a_config_that_would_train_something_else(tmp_path):
   assert resume_check.changed_fields({"tokenizer": tokenizer}, {"tokenizer": {
       **tokenizer, "codebook_update": "norm_ema", "kmeans_init": 10}}) == [
       ("tokenizer.codebook_update", "ema_sums", "norm_ema"), ("tokenizer.kmeans_init", 0, 10)]
+  assert resume_check.changed_fields({"masking": {"kind": "blockwise"}}, {"masking": {
+      "kind": "blockwise", "exact_count": True}}) == [("masking.exact_count", False, True)]
   # A renamed field: the run's value under the old name, compared as the new field's.
   teacher = {"path": "/t", "norm": "layer"}
   for saved_layer, block, was in ((-1, 0, None), (2, 3, None), (-1, 1, 0), (2, 0, 3)):

@@ -186,6 +186,7 @@ def masking_block(**overrides) -> ml_collections.ConfigDict:
       mask_patch_size=0,       # grouped: side of a mask group in pixels (0: the patch size)
       min_block=16,            # blockwise: minimum rectangle area in patches
       min_aspect=0.3,          # blockwise: aspect ratios in [min_aspect, 1 / min_aspect]
+      exact_count=False,       # blockwise: top up a short mask to exactly its budget (BEiT v2)
       ratio_range=(),          # (lo, hi) draws each sample's ratio from U(lo, hi)
       mask_probability=1.0,    # fraction of samples masked (the rest stay whole)
       block=3,                 # inverse_block: side of a visible block in patches

@@ -377,6 +377,8 @@ def validate_masking(config, image_size: tuple[int, int], patch: int,
             f"at most the masking budget int({num_patches} x {top}) = {budget} patches")
     require(is_number(m.min_aspect) and 0 < m.min_aspect <= 1, "masking.min_aspect",
             m.min_aspect, "a number in (0, 1] (BEiT: 0.3)")
+    require(isinstance(m.get("exact_count", False), bool), "masking.exact_count",
+            m.get("exact_count"), "true or false (BEiT v2 tops up short masks: true)")
   if m.kind == "inverse_block":
     require(is_int(m.block) and 0 < m.block <= min(grid), "masking.block", m.block,
             f"a positive integer at most the patch grid side {min(grid)} (data2vec 2.0: 3)")
@@ -464,7 +466,8 @@ UNREAD_RULES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
      "only optimizer.weight_decay_schedule='cosine' reads it"),
     (("masking.mask_patch_size",), lambda c: c.masking.kind == "grouped",
      "only masking.kind='grouped' reads it"),
-    (("masking.min_block", "masking.min_aspect"), lambda c: c.masking.kind == "blockwise",
+    (("masking.min_block", "masking.min_aspect", "masking.exact_count"),
+     lambda c: c.masking.kind == "blockwise",
      "only masking.kind='blockwise' reads it"),
     # Every kind drawn in the input pipeline honours a per-sample ratio (MaskGenerator._variable,
     # iBOT's 'block' and 'rand' shapes); attention masks are chosen in the step (refused there).

@@ -87,12 +87,13 @@ READ_AT_INIT = ("classifier.head_init_std", "classifier.reuse_head", "model.laye
 # Fields added after runs had started, with the value those runs used implicitly, for fields
 # a config file may set otherwise (configs/maskfeat_vitb.py asks MaskFeat's own HOG bins, the
 # ImageNet fine-tuning recipe RandAugment and random erasing, configs/vqkd_tokenizer_imagenet.py
-# BEiT v2's codebook; the earlier runs binned as scikit-image does, augmented without them and
-# updated VQ-VAE's way from random codes). Compared only where the run's config.json has
-# the field's parent block.
+# BEiT v2's codebook; the earlier runs binned as scikit-image does, augmented without them,
+# updated VQ-VAE's way from random codes and left short blockwise masks short). Compared only
+# where the run's config.json has the field's parent block.
 VALUE_BEFORE_FIELD = {"target.hog.binning": "skimage", "data.rand_augment": "",
                       "data.random_erasing": 0.0, "model.weight_init": "xavier",
-                      "tokenizer.codebook_update": "ema_sums", "tokenizer.kmeans_init": 0}
+                      "tokenizer.codebook_update": "ema_sums", "tokenizer.kmeans_init": 0,
+                      "masking.exact_count": False}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
