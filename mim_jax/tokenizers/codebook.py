@@ -104,31 +104,30 @@ def ema_update(state: dict, z: jax.Array, codes: jax.Array, *, decay: float, eps
 def ema_update_from_stats(state: dict, counts: jax.Array, sums: jax.Array, *, decay: float,
                           eps: float, l2: bool) -> dict:
   """`ema_update` from a batch's statistics (`assignment_stats`): counts [K], sums [K, D]."""
-  vocab_size = state["codebook"].shape[0]
-  size = decay * state["cluster_size"] + (1.0 - decay) * counts
-  embed_sum = decay * state["embed_sum"] + (1.0 - decay) * sums
+  stats = _moving_statistics(state, counts, sums, decay)
+  size, vocab_size = stats["cluster_size"], counts.shape[0]
   total = jnp.sum(size)
   smoothed = (size + eps) / (total + vocab_size * eps) * total
-  codebook = embed_sum / smoothed[:, None]
-  if l2:
-    codebook = l2_normalize(codebook)
-  unused = jnp.where(counts > 0, 0, state["unused_steps"] + 1).astype(jnp.int32)
-  return {"codebook": codebook, "cluster_size": size, "embed_sum": embed_sum,
-          "unused_steps": unused}
+  codebook = stats["embed_sum"] / smoothed[:, None]
+  return {**stats, "codebook": l2_normalize(codebook) if l2 else codebook}
 
 
 def norm_ema_update_from_stats(state: dict, counts: jax.Array, sums: jax.Array, *,
                                decay: float) -> dict:
   """BEiT v2's update of unit codes from a batch's statistics counts [K], sums [K, D] (the
   module docstring's `norm_ema`); N_k, m_k and `unused_steps` as in `ema_update_from_stats`."""
-  assigned = (counts > 0)[:, None]
   direction = l2_normalize(sums / jnp.maximum(counts, 1.0)[:, None])
   moved = l2_normalize(decay * state["codebook"] + (1.0 - decay) * direction)
-  unused = jnp.where(counts > 0, 0, state["unused_steps"] + 1).astype(jnp.int32)
-  return {"codebook": jnp.where(assigned, moved, state["codebook"]),
-          "cluster_size": decay * state["cluster_size"] + (1.0 - decay) * counts,
+  return {**_moving_statistics(state, counts, sums, decay),
+          "codebook": jnp.where((counts > 0)[:, None], moved, state["codebook"])}
+
+
+def _moving_statistics(state: dict, counts: jax.Array, sums: jax.Array, decay: float) -> dict:
+  """What both update rules keep alike: the EMAs N_k and m_k, and `unused_steps` counting up
+  for codes absent from the batch and reset for the others."""
+  return {"cluster_size": decay * state["cluster_size"] + (1.0 - decay) * counts,
           "embed_sum": decay * state["embed_sum"] + (1.0 - decay) * sums,
-          "unused_steps": unused}
+          "unused_steps": jnp.where(counts > 0, 0, state["unused_steps"] + 1).astype(jnp.int32)}
 
 
 UPDATES = ("ema_sums", "norm_ema")  # the codebook update rules (module docstring)
