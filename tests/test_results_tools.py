@@ -118,9 +118,13 @@ def test_status_lists_the_started_runs_that_have_not_finished(tmp_path):
                                            "step 50/3840 (1.3%) | ... | ETA ?\n"
                                            "step 100/3840 (2.6%) | ... | ETA 1:02:03\n")
   # Named relative to the trainer's working directory, as a relative ROOT gives it.
-  trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                              "--workdir=./ft_running_s0"], cwd=tmp_path)
+  trainer = subprocess.Popen(
+      [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)",
+       "--workdir=./ft_running_s0"], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
   try:
+    # Popen returns once exec has begun, before the kernel has set the new command line
+    # (/proc/PID/cmdline reads empty for a moment): wait for the interpreter to run.
+    assert trainer.stdout.readline() == "up\n"
     for root in (str(tmp_path), str(tmp_path) + "//"):
       table = tools.status(root).splitlines()
       assert table[2:] == ["| ft_new_s0 |  |  |  |  | no |",
