@@ -22,8 +22,8 @@ Differences kept on purpose: no colour jitter, and our VQ tokenizer
 (trained on the same data, applied to the same 224-px view) instead of DALL-E's dVAE on a
 112-px second view. BEiT v1's masks fall a few patches short of the budget when their last
 blocks do not fit (31% of 4,000 masks on 14x14 at 78: 77.5 patches on average, at least 70);
-BEiT v2's generator tops each up to exactly its count: `--config.masking.exact_count=True`
-with a VQ-KD tokenizer (BEiT v2's stage 2). Arguments: `variant=B/16` (any SIZE/PATCH), `runlocal`.
+BEiT v2's generator tops each up to exactly its count (`masking.exact_count`;
+configs/beit2_vitb.py is BEiT v2's stage 2). Arguments: `variant=B/16` (any SIZE/PATCH), `runlocal`.
 """
 
 from mim_jax import registry

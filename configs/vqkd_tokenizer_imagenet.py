@@ -4,7 +4,7 @@
       --mlp_act=quick_gelu
   python -m mim_jax.main --config=configs/vqkd_tokenizer_imagenet.py --workdir=DIR \
       --config.teacher.path=/tmp/clip_b16 --config.data.tfds_data_dir=/path/to/tfds
-  python -m mim_jax.main --config=configs/beit_vitb.py --config.tokenizer.path=DIR ...
+  python -m mim_jax.main --config=configs/beit2_vitb.py --config.tokenizer.path=DIR ...
 
 From the paper and its release: 8192 codes of 32 dimensions, l2-normalised (codes chosen by
 cosine similarity), the release's codebook (NormEMAVectorQuantizer: each code assigned in a

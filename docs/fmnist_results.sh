@@ -41,6 +41,10 @@
 #   distill       the 3-epoch rows of the feature-distillation methods beside the other
 #                 3-epoch rows: MaskDistill (teacher: the MAE encoder), BEiT v2's VQ-KD
 #                 tokenizer (same teacher), BEiT reading it; k-NN on the test split of each
+#   aggregation   BEiT reading distill's VQ-KD tokenizer (3 epochs, as there) beside BEiT v2's
+#                 stage 2 (the same run with patch aggregation: the last block's [CLS] beside
+#                 block 4's patches through 2 blocks; masks topped up to exactly 19 patches):
+#                 k-NN and probe of each, cls and mean-pooled
 #   codebook      the VQ-KD tokenizer of distill (VQ-VAE's codebook EMA, restarts) beside the
 #                 same run with BEiT v2's release codebook (codebook_update=norm_ema, 10 k-means
 #                 iterations on the first batch, no restarts): loss, cosine and code usage
@@ -91,7 +95,7 @@
 set -u
 ALL_SECTIONS="pretrain_mae baselines probe_mae tune_scratch tune_mae finetune_mae
 finetune_scratch finetune_matched tune_lowlabel lowlabel methods probe_finetuned attentive ratio
-distill codebook study"
+distill aggregation codebook study"
 source "$(dirname "$0")/script_args.sh"
 ROOT=$(output_dir "[SECTIONS=... SEEDS=... ...] bash docs/fmnist_results.sh [ROOT] (settings \
 are environment variables, listed at the top of this script)" workdirs/fmnist_results "$@") \
@@ -507,6 +511,19 @@ if has distill; then
   run beit_vqkd_e3 --config=configs/beit_fmnist.py --config.tokenizer.path="$ROOT/vqkd_tokenizer" \
       "${TRAIN[@]}"
   knn beit_vqkd_e3
+fi
+
+if has aggregation; then
+  run vqkd_tokenizer --config=configs/vqkd_tokenizer_fmnist.py --config.teacher.path="$MAE"
+  beit_vqkd=(--config=configs/beit_fmnist.py --config.tokenizer.path="$ROOT/vqkd_tokenizer"
+             "${TRAIN[@]}")
+  run beit_vqkd_e3 "${beit_vqkd[@]}"
+  run beit2_vqkd_e3 "${beit_vqkd[@]}" --config.patch_aggregation.from_block=4 \
+      --config.masking.exact_count=True
+  for name in beit_vqkd_e3 beit2_vqkd_e3; do
+    knn "$name"
+    probe "probe_$name" --config.init_from="$ROOT/$name"
+  done
 fi
 
 if has codebook; then

@@ -122,6 +122,15 @@ def tiny_mae_config(**overrides):
   return tiny_config(overrides.pop("method", "mae"), **overrides)
 
 
+def tiny_beit_config(tokenizer_path: str = "", **overrides):
+  """A micro BEiT config on synthetic 16x16 RGB images (16 patches of 4x4), 16 codes."""
+  from mim_jax.config import defaults as config_defaults
+  c = tiny_mae_config(method="beit")
+  c.masking.update(kind="blockwise", ratio=0.4, min_block=2)
+  c.tokenizer.update(vocab_size=16, path=tokenizer_path)
+  return config_defaults.override(c, **overrides)
+
+
 @pytest.fixture
 def prepared_tfds_root(tmp_path, monkeypatch):
   """TFDS_DATA_DIR pointing at a folder where ImageNet looks prepared to the start-up check

@@ -12,20 +12,17 @@ import numpy as np
 import pytest
 
 from mim_jax import registry
-from mim_jax.config import defaults as config_defaults
 from mim_jax.config.errors import ConfigError
 from mim_jax.objectives import losses, masking
 from mim_jax.training import loop as train
 
-from conftest import REPO, export_random_tokenizer, requires_fmnist, tiny_mae_config
-
-
-def tiny_beit_config(tokenizer_path: str = "", **overrides):
-  """A micro BEiT config on synthetic 16x16 RGB images (16 patches of 4x4), 16 codes."""
-  c = tiny_mae_config(method="beit")
-  c.masking.update(kind="blockwise", ratio=0.4, min_block=2)
-  c.tokenizer.update(vocab_size=16, path=tokenizer_path)
-  return config_defaults.override(c, **overrides)
+from conftest import (
+  REPO,
+  export_random_tokenizer,
+  requires_fmnist,
+  tiny_beit_config,
+  tiny_mae_config,
+)
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ def test_there_are_configs():
           "beit_tokenizer_fmnist.py", "beit_tokenizer_imagenet.py", "ibot_vits.py",
           "ibot_fmnist.py", "maskdistill_vitb.py", "maskdistill_fmnist.py",
           "mim_fmnist.py", "vqkd_tokenizer_fmnist.py", "vqkd_tokenizer_imagenet.py",
-          "data2vec2_vitb.py", "data2vec2_fmnist.py"} <= names
+          "data2vec2_vitb.py", "data2vec2_fmnist.py", "beit2_vitb.py"} <= names
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +136,8 @@ def test_imagenet_configs_follow_the_paper():
 
 # The ViT init of each recipe's official code (models/initializers.py weight_inits); recipes whose
 # release's init is not transcribed keep MAE's and say so, as do the Fashion-MNIST ones.
-OFFICIAL_INITS = {"beit_vitb.py": "beit", "data2vec_vitb.py": "beit", "simmim_vitb.py": "beit",
-                  "maskdistill_vitb.py": "beit", "ibot_vits.py": "dino",
+OFFICIAL_INITS = {"beit_vitb.py": "beit", "beit2_vitb.py": "beit", "data2vec_vitb.py": "beit",
+                  "simmim_vitb.py": "beit", "maskdistill_vitb.py": "beit", "ibot_vits.py": "dino",
                   "data2vec2_vitb.py": "data2vec2"}
 
 

@@ -37,7 +37,8 @@ def _xla_flops_per_image(config) -> float:
 @pytest.mark.parametrize("name,overrides", [
     ("mae_fmnist.py", {}), ("mae_fmnist.py", {"model.encoder_mask_tokens": True}),
     ("simmim_fmnist.py", {}), ("maskfeat_fmnist.py", {}), ("data2vec_fmnist.py", {}),
-    ("ibot_fmnist.py", {}), ("beit_fmnist.py", {})])
+    ("ibot_fmnist.py", {}), ("beit_fmnist.py", {}),
+    ("beit_fmnist.py", {"patch_aggregation.from_block": 4})])
 def test_analytic_flops_match_xla_within_the_elementwise_share(name, overrides, tmp_path):
   config = _load(name)
   config.global_batch_size = BATCH

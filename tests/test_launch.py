@@ -1193,14 +1193,14 @@ def test_results_script_fine_tunes_each_seed_with_the_held_out_choice(tmp_path, 
 def test_results_script_every_section_is_a_valid_command_line(tmp_path, monkeypatch):
   """Every run of the sections not covered above (scratch tuning and fine-tuning, low labels,
   the other methods at 30 epochs, the masking-ratio sweep, the 3-epoch distillation rows, the
-  VQ-KD codebook comparison)
+  VQ-KD codebook comparison, BEiT beside BEiT v2's patch aggregation)
   loads and passes the unread-field checks; finetune_matched reads a real pre-training run
   (tests/test_results_tools.py)."""
   monkeypatch.chdir(REPO)
   calls = _results_calls(
       tmp_path, RESULTS, SEEDS="0",
       SECTIONS="tune_scratch tune_mae finetune_mae finetune_scratch lowlabel methods ratio "
-               "distill codebook")
+               "distill codebook aggregation")
   names = [c[-1].rsplit("/", 1)[-1] for c in calls]
   for expected in ("ft_scratch_s0", "ft_mae_labels1_s0", "ft_scratch_labels10_s0",
                    "beit_tokenizer", "ibot_e30", "probe_ibot_e30", "ft_ibot_s0", "data2vec2_e30",
@@ -1217,6 +1217,15 @@ def test_results_script_every_section_is_a_valid_command_line(tmp_path, monkeypa
     assert f"--config.num_epochs={epochs}" in call and "--config.num_epochs=15" not in call
   beit_vqkd = calls[names.index("beit_vqkd_e3")]
   assert f"--config.tokenizer.path={tmp_path}/root/vqkd_tokenizer" in beit_vqkd
+  # BEiT v2: the same run with the aggregation and exact counts; BEiT's run is distill's row
+  # (the aggregation section skips it, finished with the same settings).
+  assert names.count("beit_vqkd_e3") == 1
+  beit2 = calls[names.index("beit2_vqkd_e3")]
+  assert beit2[:len(beit_vqkd) - 1] == beit_vqkd[:-1]
+  assert beit2[len(beit_vqkd) - 1:-1] == ["--config.patch_aggregation.from_block=4",
+                                          "--config.masking.exact_count=True"]
+  for name in ("knn_beit2_vqkd_e3", "probe_beit2_vqkd_e3", "probe_beit_vqkd_e3"):
+    assert name in names, names
   for call in calls:
     _unread_settings(call)
 

@@ -9,6 +9,12 @@ masked patch (`losses.masked_cross_entropy`). The tokenizer (stage 1, trained by
 state is checkpointed with the run) and encodes the batch inside the jitted step under
 stop_gradient.
 
+BEiT v2's patch aggregation (`config.patch_aggregation`, `models.aggregation`): with
+`from_block` k > 0, `depth` more blocks read the last block's [CLS] beside block k's patch
+tokens and the same head predicts the same codes from them; the two cross-entropies add
+(BEiT v2: k = 9 of 12, 2 blocks, with a VQ-KD tokenizer; configs/beit2_vitb.py). The blocks
+are dropped after pre-training, as in the release.
+
 Differences from the official recipe, kept on purpose: fixed 2-D sin-cos positions instead of
 relative position bias, no layer scale (the encoder every method here shares), and our own VQ
 tokenizer, trained on the same data and applied to the same augmented view at the encoder's
@@ -24,10 +30,12 @@ import numpy as np
 from mim_jax import viz
 from mim_jax.config import validation
 from mim_jax.methods.masked_prediction import MaskedPrediction
+from mim_jax.models.aggregation import AggregatingMaskTokenModel, aggregation_flops
 from mim_jax.models.vit import size_from_config
 from mim_jax.objectives import losses, patch_targets
 from mim_jax.tokenizers import io
 from mim_jax.tokenizers.models import encode_flops
+from mim_jax.weights import continuation
 
 
 class BEiT(MaskedPrediction):
@@ -42,12 +50,30 @@ class BEiT(MaskedPrediction):
     # The frozen tokenizer: a tokenizer workdir or export (`tokenizers.io`); its vocabulary
     # must be vocab_size (BEiT: 8192) and its geometry this config's (checked at start-up).
     c.tokenizer = ml_collections.ConfigDict(dict(path="", vocab_size=8192))
+    # BEiT v2's patch aggregation: from_block 0 is off (BEiT v1); k reads block k's patches.
+    c.patch_aggregation = ml_collections.ConfigDict(dict(from_block=0, depth=2))
+
+  @classmethod
+  def unread_rules(cls):
+    rules = [(fields, (lambda c, r=reads: r(c) or _draws_aggregation(c))
+              if fields == ("model.weight_init",) else reads, why)
+             for fields, reads, why in super().unread_rules()]
+    return rules + [(("patch_aggregation.depth",),
+                     lambda c: c.patch_aggregation.from_block > 0,
+                     "only patch_aggregation.from_block > 0 reads it")]
 
   @classmethod
   def validate(cls, config):
     super().validate(config)
-    t, image_size = config.tokenizer, tuple(config.image_size)
-    _, patch = size_from_config(config.model)
+    t, image_size, agg = config.tokenizer, tuple(config.image_size), config.patch_aggregation
+    size, patch = size_from_config(config.model)
+    validation.require(
+        validation.is_int(agg.from_block) and 0 <= agg.from_block < size.depth,
+        "patch_aggregation.from_block", agg.from_block,
+        f"0 (off) or the block 1 .. {size.depth - 1} of this {size.depth}-block encoder whose "
+        "patch tokens the aggregation reads (BEiT v2: 9 of 12)")
+    validation.require(validation.is_int(agg.depth) and agg.depth >= 1,
+                       "patch_aggregation.depth", agg.depth, "an integer >= 1 (BEiT v2: 2)")
     validation.require(validation.is_int(t.vocab_size) and t.vocab_size >= 2,
                        "tokenizer.vocab_size", t.vocab_size, "an integer >= 2 (BEiT: 8192)")
     io.check_matches(t.path, vocab_size=t.vocab_size, image_size=image_size, patch_size=patch,
@@ -62,9 +88,24 @@ class BEiT(MaskedPrediction):
   def target_flops(cls, config):
     return encode_flops(io.read_info(str(config.tokenizer.path)))
 
+  @classmethod
+  def forward_flops(cls, config):
+    out = super().forward_flops(config)
+    if config.patch_aggregation.from_block:
+      size, patch = size_from_config(config.model)
+      n = (config.image_size[0] // patch) * (config.image_size[1] // patch)
+      out["aggregation"] = aggregation_flops(n, size.width, size.mlp_dim,
+                                             config.patch_aggregation.depth, cls.target_dim(config))
+      out["total"] += out["aggregation"]
+    return out
+
   def __init__(self, config, length=None):
     super().__init__(config, length, target=patch_targets.Tokens(config.tokenizer.path),
                      loss_fn=losses.masked_cross_entropy)
+    agg = config.patch_aggregation
+    if agg.from_block:
+      self.model = AggregatingMaskTokenModel(self.model.encoder, self.model.predictor,
+                                             from_block=agg.from_block, depth=agg.depth)
 
   def extra_metrics(self, pred, target, mask):
     hit = (jnp.argmax(pred, axis=-1) == target).astype(jnp.float32)
@@ -84,6 +125,15 @@ class BEiT(MaskedPrediction):
     if "hit" in out:
       return hit_picture(images, out, self.grid_hw, self.patch_size, self.display)
     return token_picture(images, out, self.grid_hw, self.patch_size, self.display)
+
+
+def _draws_aggregation(config) -> bool:
+  """Whether a run of `config` draws aggregation blocks under model.weight_init: unless it
+  continues from a BEiT workdir whose aggregation has as many blocks."""
+  if not config.patch_aggregation.from_block:
+    return False
+  saved = continuation.loadable_part(config, "aggregation")
+  return saved is None or len(saved) != config.patch_aggregation.depth
 
 
 def decoded_codes(target: patch_targets.Tokens, extra, logits, codes, mask, grid_hw) -> dict:

@@ -120,8 +120,9 @@ class MaskedPrediction(base.PretrainingMethod):
     return params, {**extra, self.target.key: self.target.load_extra()}
 
   def forward(self, params, extra, batch, rng, train: bool) -> dict[str, jax.Array]:
-    """{"pred" [B, N, F], "target" [B, N, F] (or int codes [B, N]), "mask" bool [B, N]} and,
-    with masking.kind='attention', the teacher's last [CLS] attention "attention" [B, heads,
+    """{"pred" [B, N, F], "target" [B, N, F] (or int codes [B, N]), "mask" bool [B, N]}; a
+    model that returns (pred, {name: pred}) adds "more_preds" (that dict); with
+    masking.kind='attention', the teacher's last [CLS] attention "attention" [B, heads,
     N] whose head average chose the mask (one teacher pass gives targets and attention)."""
     mask_rng, drop_rng = jax.random.split(rng)
     out = {}
@@ -134,6 +135,8 @@ class MaskedPrediction(base.PretrainingMethod):
       mask = self.mask_generator.sample(batch, mask_rng)
     pred = self.model.apply({"params": params}, batch["image"], mask, train=train,
                             rngs={"drop_path": drop_rng})
+    if isinstance(pred, tuple):  # more heads predicting the same targets
+      pred, out["more_preds"] = pred
     return {**out, "pred": pred, "target": target, "mask": mask}
 
   def targets(self, extra, images):
@@ -149,9 +152,17 @@ class MaskedPrediction(base.PretrainingMethod):
     out = self.forward(params, extra, batch, rng, train)
     pred, target, mask = out["pred"], out["target"], out["mask"]
     loss = self.loss_fn(pred, target, mask, axis_name=self.axis_name)
-    metrics = {"loss": loss, "mask_fraction": jnp.mean(mask.astype(jnp.float32)),
+    metrics = {"mask_fraction": jnp.mean(mask.astype(jnp.float32)),
                **self.extra_metrics(pred, target, mask)}
-    return loss, (metrics, extra)
+    # A model with more heads (BEiT v2's patch aggregation) adds each head's loss on the same
+    # targets and masks; "mim_loss" is then the main head's.
+    for name, more in out.get("more_preds", {}).items():
+      metrics["mim_loss"] = metrics.get("mim_loss", loss)
+      more_loss = self.loss_fn(more, target, mask, axis_name=self.axis_name)
+      metrics[f"{name}_loss"] = more_loss
+      metrics.update({f"{name}_{k}": v for k, v in self.extra_metrics(more, target, mask).items()})
+      loss = loss + more_loss
+    return loss, ({"loss": loss, **metrics}, extra)
 
   def reconstruct(self, params, batch, rng, extra):
     """{"pred", "target": [B, N, F], "mask": [B, N] float32 (, "attention")} for pictures."""

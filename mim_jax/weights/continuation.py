@@ -131,6 +131,21 @@ def draws_under_weight_init(config, *, mask_token: bool, head_in_vit: bool) -> b
   return fresh_token or (head_in_vit and (export or info.get("method") != config.method))
 
 
+def loadable_part(config, part: str) -> Any:
+  """The array metadata (shape, dtype) of the `part` of the source that continued pre-training
+  of `config` loads, or None where that part starts fresh: no source, an export (the encoder
+  alone), another method's workdir, or a workdir without it (`merge_source` also compares its
+  shapes). From the checkpoint's metadata alone; a source that cannot be read counts as None
+  (check_source_fits or the load says why)."""
+  if not wanted(config):
+    return None
+  try:
+    info, _, parts = our_weights.saved_parts(config.init_from, all_parts=True)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return parts.get(part) if info.get("method") == config.method else None
+
+
 def _flat(tree: Any) -> dict[str, Any]:
   return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
