@@ -168,10 +168,9 @@ done
   each_one_of METHOD_STEPS "pretrain probe finetune" $METHOD_STEPS
   each_one_of STUDY_MASKINGS "blockwise random75" $STUDY_MASKINGS
   each_one_of TARGETS "pixels norm_pixels hog tokens teacher_features" $TARGETS; }
-for point in $TUNE_POINTS; do
-  python docs/fmnist_tools.py grid "$point" > /dev/null 2> /dev/null || { echo "TUNE_POINTS:" \
-      "unknown '$point' (one of: $(python docs/fmnist_tools.py grid --all))" >&2; exit 2; }
-done
+# shellcheck disable=SC2086
+check=$(python docs/fmnist_tools.py grid --check $TUNE_POINTS 2>&1) \
+    || { echo "TUNE_POINTS: $check" >&2; exit 2; }
 DATA=()
 [ -n "${FMNIST_DIR:-}" ] && DATA=(--config.data.path="$FMNIST_DIR")
 mkdir -p "$ROOT"

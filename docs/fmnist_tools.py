@@ -569,6 +569,10 @@ if __name__ == "__main__":
   if command == "grid":
     if len(sys.argv) > 2 and sys.argv[2] == "--all":
       print(" ".join(GRID))
+    elif len(sys.argv) > 2 and sys.argv[2] == "--check":  # every point named, in one start
+      unknown = [p for p in sys.argv[3:] if p not in GRID]
+      if unknown:
+        raise SystemExit(f"unknown {unknown[0]!r} (one of: {' '.join(GRID)})")
     elif len(sys.argv) > 2 and sys.argv[2] not in GRID:
       raise SystemExit(f"no grid point {sys.argv[2]!r}: one of {', '.join(GRID)}")
     else:
