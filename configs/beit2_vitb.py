@@ -17,10 +17,11 @@ patches (blocks of at least 16, aspect ratios in [0.3, 1/0.3], short masks toppe
 224-px view. For the 300-epoch schedule the release sets b2 0.98 and drop path 0:
 `--config.num_epochs=300 --config.optimizer.b2=0.98 --config.model.drop_path_rate=0`.
 Differences kept on purpose: no colour jitter (the release's default 0.4), bilinear resizing
-where the release uses bicubic (and Lanczos for the tokenizer's view), and our VQ-KD tokenizer
+where the command asks for bicubic (both views), and our VQ-KD tokenizer
 (configs/vqkd_tokenizer_imagenet.py says how it differs from the release's).
 Arguments: `variant=B/16` (any SIZE/PATCH; the aggregation reads block depth - 3, the
-release's 9 of 12 and 21 of 24; for L/16 the release sets layer scale 1e-5), `runlocal`.
+release's 9 of 12 and 21 of 24; layer scale 0.1, and the release's 1e-5 from 24 blocks up),
+`runlocal`.
 """
 
 from mim_jax import registry
@@ -34,7 +35,10 @@ def get_config(arg=None):
   c.model.variant = str(args.get("variant", "B/16"))
   c.model.drop_path_rate = 0.1
   c.model.weight_init = "beit"
-  c.model.update(rel_pos_bias="shared", layer_scale=0.1, abs_posemb=False)
+  depth = size_from_config(c.model)[0].depth
+  # The release's layer scale: 0.1 for its base model, 1e-5 for its large one.
+  c.model.update(rel_pos_bias="shared", layer_scale=0.1 if depth < 24 else 1e-5,
+                 abs_posemb=False)
   # 75 of 196 patches: int(196 * 75 / 196) = 75, BEiT v2's num_mask_patches, always reached.
   c.masking.update(kind="blockwise", ratio=75 / 196, min_block=16, min_aspect=0.3,
                    exact_count=True)
@@ -48,6 +52,6 @@ def get_config(arg=None):
     config_defaults.apply_runlocal(c)
     c.masking.min_block = 1  # 2x2-patch synthetic images: a budget of one patch
     c.tokenizer.vocab_size = 16  # the runlocal tokenizer of configs/vqkd_tokenizer_imagenet.py
-  depth = size_from_config(c.model)[0].depth
+  depth = size_from_config(c.model)[0].depth  # runlocal's micro model has 2
   c.patch_aggregation.update(from_block=max(depth - 3, 1), depth=2)  # 9 of 12, 21 of 24
   return c

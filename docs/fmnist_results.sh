@@ -44,7 +44,7 @@
 #   aggregation   BEiT reading distill's VQ-KD tokenizer (3 epochs, as there) beside BEiT v2's
 #                 stage 2 (the same run with patch aggregation: the last block's [CLS] beside
 #                 block 4's patches through 2 blocks; masks topped up to exactly 19 patches):
-#                 k-NN and probe of each, cls and mean-pooled
+#                 k-NN and probe of each, cls and mean-pooled; one pair per seed of SEEDS
 #   codebook      the VQ-KD tokenizer of distill (VQ-VAE's codebook EMA, restarts) beside the
 #                 same run with BEiT v2's release codebook (codebook_update=norm_ema, 10 k-means
 #                 iterations on the first batch, no restarts): loss, cosine and code usage
@@ -516,12 +516,17 @@ if has aggregation; then
   run vqkd_tokenizer --config=configs/vqkd_tokenizer_fmnist.py --config.teacher.path="$MAE"
   beit_vqkd=(--config=configs/beit_fmnist.py --config.tokenizer.path="$ROOT/vqkd_tokenizer"
              "${TRAIN[@]}")
-  run beit_vqkd_e3 "${beit_vqkd[@]}"
-  run beit2_vqkd_e3 "${beit_vqkd[@]}" --config.patch_aggregation.from_block=4 \
-      --config.masking.exact_count=True
-  for name in beit_vqkd_e3 beit2_vqkd_e3; do
-    knn "$name"
-    probe "probe_$name" --config.init_from="$ROOT/$name"
+  for seed in $SEEDS; do
+    # Seed 0 is distill's BEiT row as it ran (the configs' own seed); the others name theirs.
+    tag="" seeded=()
+    [ "$seed" = 0 ] || { tag="_s$seed"; seeded=(--config.seed="$seed"); }
+    run "beit_vqkd_e3$tag" "${beit_vqkd[@]}" "${seeded[@]}"
+    run "beit2_vqkd_e3$tag" "${beit_vqkd[@]}" --config.patch_aggregation.from_block=4 \
+        --config.masking.exact_count=True "${seeded[@]}"
+    for name in "beit_vqkd_e3$tag" "beit2_vqkd_e3$tag"; do
+      knn "$name"
+      probe "probe_$name" --config.init_from="$ROOT/$name"
+    done
   done
 fi
 

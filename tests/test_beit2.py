@@ -49,12 +49,14 @@ def _init(method, batch):
   return method.load_pretrained(jax.device_get(params), jax.device_get(extra))
 
 
+@pytest.mark.parametrize("rel_pos_bias", ["shared", "per_block"])
 def test_the_aggregation_reads_the_last_cls_and_block_k_patches_through_its_blocks(
-    tokenizer_dir):
+    rel_pos_bias, tokenizer_dir):
   """The second prediction, written out from the parts: [block 3's CLS, block 1's patches]
   (before the final norm) -> two blocks (layer ids 2 and 3, reading the encoder's shared
-  relative position bias) -> the encoder's final norm -> the same linear head."""
-  method = registry.build_method(_v2(tokenizer_dir))
+  relative position bias, or each its own table) -> the encoder's final norm -> the same
+  linear head."""
+  method = registry.build_method(_v2(tokenizer_dir, **{"model.rel_pos_bias": rel_pos_bias}))
   batch = _batch(method)
   params, _ = _init(method, batch)
   assert set(params) == {"encoder", "predictor", "aggregation"}
@@ -68,10 +70,14 @@ def test_the_aggregation_reads_the_last_cls_and_block_k_patches_through_its_bloc
   x = jnp.concatenate([aux["blocks"][2][:, :1], aux["blocks"][0][:, 1:]], axis=1)
   own = params["encoder"]["transformer"]
   index = attention.relative_position_index((4, 4), (4, 4))
-  bias = attention.RelativePositionBias((4, 4), 2).apply({"params": own["rel_pos_bias"]}, index)
+  shared = rel_pos_bias == "shared"
+  bias = attention.RelativePositionBias((4, 4), 2).apply(
+      {"params": own["rel_pos_bias"]}, index) if shared else None
   for j in range(2):
-    block = vit.Block(2, 256, layer_scale=0.1, weight_init="beit", layer_id=2 + j)
-    x = block.apply({"params": params["aggregation"]["blocks_" + str(j)]}, x, False, bias)
+    block = vit.Block(2, 256, layer_scale=0.1, weight_init="beit", layer_id=2 + j,
+                      rel_pos_grid=None if shared else (4, 4))
+    x = block.apply({"params": params["aggregation"]["blocks_" + str(j)]}, x, False, bias,
+                    None if shared else index)
   x = nn.LayerNorm(epsilon=vit.LAYER_NORM_EPS).apply({"params": own["norm"]}, x)
   want = head.apply({"params": params["predictor"]}, x)
   np.testing.assert_allclose(more["aggregation"], want, rtol=1e-5, atol=1e-6)
@@ -92,10 +98,56 @@ def test_the_two_cross_entropies_add_and_from_block_0_is_beit_v1(tokenizer_dir):
   assert "mim_loss" not in v1_m and "aggregation_loss" not in v1_m
   np.testing.assert_allclose(m["mim_loss"], v1_loss, rtol=1e-6)
   np.testing.assert_allclose(loss, m["mim_loss"] + m["aggregation_loss"], rtol=1e-6)
-  assert m["loss"] == loss and m["accuracy"] == v1_m["accuracy"]
+  assert m["accuracy"] == v1_m["accuracy"]
   assert 0 <= float(m["aggregation_accuracy"]) <= 1 and float(m["aggregation_loss"]) > 0
-  grads = jax.grad(lambda p: v2.loss(p, extra, batch, jax.random.key(3))[0])(params)
-  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["aggregation"]))
+  # The aggregation's loss alone reaches its blocks, the encoder's final norm and shared
+  # bias table it reads, and the blocks above block 1 through the [CLS] token only.
+  grads = jax.grad(lambda p: v2.loss(p, extra, batch, jax.random.key(3))[1][0][
+      "aggregation_loss"])(params)
+  enc = grads["encoder"]["transformer"]
+  for part in (grads["aggregation"], enc["norm"], enc["rel_pos_bias"], enc["blocks_2"]):
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(part))
+
+
+def test_gradient_accumulation_gives_the_whole_batchs_step_and_metrics(tokenizer_dir):
+  """Half the images unmasked, so micro-batches hold different counts of masked patches: with
+  2 micro-batches the update and every masked mean logged (both heads' losses and accuracies)
+  are the whole batch's, and the logged loss is still the sum of the two."""
+  import optax
+
+  from mim_jax.methods.base import TrainLength
+  from mim_jax.training import step as step_lib
+  method = registry.build_method(_v2(tokenizer_dir, **{"masking.mask_probability": 0.5}),
+                                 TrainLength(1, 2))
+  tx = optax.sgd(1.0)
+  state = step_lib.with_initial_weights(
+      method, step_lib.init_train_state(method, tx, jax.random.key(0), (1, 16, 16, 3)), None)
+  batch = {"image": jax.random.normal(jax.random.key(1), (8, 16, 16, 3)),
+           **method.example_extras(8, np.random.default_rng(3))}
+  counts = np.asarray(batch[masking.TOKEN_MASK_KEY]).reshape(2, -1).sum(1)
+  assert counts[0] != counts[1], counts  # the case: unequal shares
+  out = {k: jax.jit(step_lib.make_train_step(method, tx, lambda s: 1.0, k))(
+      state, batch, jax.random.key(2)) for k in (1, 2)}
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               out[2][0].params, out[1][0].params)
+  for name in ("loss", "mim_loss", "aggregation_loss", "accuracy", "aggregation_accuracy"):
+    np.testing.assert_allclose(out[2][1][name], out[1][1][name], rtol=1e-5, err_msg=name)
+  m = out[2][1]
+  np.testing.assert_allclose(m["loss"], m["mim_loss"] + m["aggregation_loss"], rtol=1e-5)
+
+
+def test_each_head_block_drops_its_path_at_its_own_rate():
+  """The rates reach the blocks: a block at rate 0 never drops (the same output under every
+  drop-path rng), one at 0.9 does."""
+  enc = vit.ViTEncoder((16, 16), 4, width=32, depth=2, num_heads=2, mlp_dim=64,
+                       drop_path_rate=0.9)
+  x = jax.random.normal(jax.random.key(0), (8, 17, 32))
+  for from_block, drops in ((0, False), (1, True)):  # rates [0] and [0.9]
+    head = aggregation.AggregationBlocks(enc, from_block, 1)
+    params = head.init(jax.random.key(1), x, False, None, None)
+    outs = [head.apply(params, x, True, None, None, rngs={"drop_path": jax.random.key(s)})
+            for s in range(3)]
+    assert (not np.allclose(outs[0], outs[1]) or not np.allclose(outs[0], outs[2])) == drops
 
 
 def test_drop_path_rates_follow_the_releases_ramp():
@@ -154,8 +206,10 @@ def test_continued_pre_training_loads_the_aggregation_from_a_beit2_run_only(toke
   assert {"mim_loss", "aggregation_accuracy", "accuracy"} <= set(logged)
   assert logged["loss"] == pytest.approx(logged["mim_loss"] + logged["aggregation_loss"],
                                          rel=1e-5)
-  _, _, parts = our_weights.saved_parts(os.path.join(v2_dir, "encoder"))
-  assert set(parts) == {"encoder"}
+  # The export is the encoder alone: the same arrays as BEiT v1's.
+  assert our_weights.encoder_array_names(os.path.join(v2_dir, "encoder")) == \
+      our_weights.encoder_array_names(os.path.join(v1_dir, "encoder"))
+  assert set(our_weights.saved_parts(os.path.join(v2_dir, "encoder"))[2]) == {"encoder"}
 
   from_v2 = _v2(tokenizer_dir, init_from=v2_dir, **steps)
   with pytest.raises(ConfigError, match="config.model.weight_init=.*init_from replaces"):
@@ -164,3 +218,9 @@ def test_continued_pre_training_loads_the_aggregation_from_a_beit2_run_only(toke
   registry.validate_config(from_v2)
   _, report = continuation.merge_source(jax.device_get(fresh), from_v2)
   assert {"encoder", "predictor", "aggregation"} <= set(report.loaded), report
+  # A head of another depth starts fresh, drawn under model.weight_init, which is read.
+  deeper = _v2(tokenizer_dir, init_from=v2_dir, **{"patch_aggregation.depth": 3}, **steps)
+  registry.validate_config(deeper)
+  fresh3, _ = registry.build_method(deeper).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  _, report = continuation.merge_source(jax.device_get(fresh3), deeper)
+  assert "aggregation (its shapes differ from the source's)" in report.fresh, report

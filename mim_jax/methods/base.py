@@ -89,6 +89,9 @@ class Method:
   # share of the batch's masked patches, so that the update equals the whole batch's one mean
   # (training.step).
   loss_is_masked_mean: bool = False
+  # The logged metrics that are such means too (the loss, BEiT's accuracy, each head's loss):
+  # weighed like the loss under gradient accumulation, so each is the whole batch's.
+  masked_mean_metrics: tuple[str, ...] = ("loss",)
   # Whether the method draws pictures (reconstruct + picture) and is scored (eval_metrics).
   draws: bool = False
   evaluates: bool = False
@@ -302,13 +305,21 @@ class PretrainingMethod(Method):
     return cls.mask_token_in_encoder
 
   @classmethod
+  def draws_more_under_weight_init(cls, config) -> bool:
+    """Whether a run of `config` draws arrays under model.weight_init beyond those
+    `continuation.draws_under_weight_init` knows (e.g. BEiT v2's aggregation blocks when the
+    source has none): model.weight_init is then read in continued pre-training too."""
+    return False
+
+  @classmethod
   def unread_rules(cls):
     return [(("model.weight_init",),
              lambda c: continuation.draws_under_weight_init(
-                 c, mask_token=cls.encoder_mask_token(c), head_in_vit=cls.head_in_vit),
+                 c, mask_token=cls.encoder_mask_token(c), head_in_vit=cls.head_in_vit)
+             or cls.draws_more_under_weight_init(c),
              "init_from replaces every array it draws (the whole encoder; it draws only a mask "
-             "token the source lacks and a head inside the ViT, BEiT's or data2vec's, that "
-             "the source's method did not train)")]
+             "token the source lacks, a head inside the ViT, BEiT's or data2vec's, that the "
+             "source's method did not train, and BEiT v2's aggregation blocks the source lacks)")]
 
   @classmethod
   def add_config(cls, c):

@@ -29,7 +29,7 @@ import numpy as np
 
 from mim_jax import viz
 from mim_jax.config import validation
-from mim_jax.methods.masked_prediction import MaskedPrediction
+from mim_jax.methods.masked_prediction import MaskedPrediction, num_patches
 from mim_jax.models.aggregation import AggregatingMaskTokenModel, aggregation_flops
 from mim_jax.models.vit import size_from_config
 from mim_jax.objectives import losses, patch_targets
@@ -55,12 +55,18 @@ class BEiT(MaskedPrediction):
 
   @classmethod
   def unread_rules(cls):
-    rules = [(fields, (lambda c, r=reads: r(c) or _draws_aggregation(c))
-              if fields == ("model.weight_init",) else reads, why)
-             for fields, reads, why in super().unread_rules()]
-    return rules + [(("patch_aggregation.depth",),
-                     lambda c: c.patch_aggregation.from_block > 0,
-                     "only patch_aggregation.from_block > 0 reads it")]
+    return super().unread_rules() + [(("patch_aggregation.depth",),
+                                      lambda c: c.patch_aggregation.from_block > 0,
+                                      "only patch_aggregation.from_block > 0 reads it")]
+
+  @classmethod
+  def draws_more_under_weight_init(cls, config):
+    """The aggregation blocks, unless continued from a BEiT workdir that has as many (the
+    encoder fits, `check_source_fits`, so the count is what can differ)."""
+    if not config.patch_aggregation.from_block:
+      return False
+    saved = continuation.loadable_part(config, "aggregation")
+    return saved is None or len(saved) != config.patch_aggregation.depth
 
   @classmethod
   def validate(cls, config):
@@ -92,9 +98,8 @@ class BEiT(MaskedPrediction):
   def forward_flops(cls, config):
     out = super().forward_flops(config)
     if config.patch_aggregation.from_block:
-      size, patch = size_from_config(config.model)
-      n = (config.image_size[0] // patch) * (config.image_size[1] // patch)
-      out["aggregation"] = aggregation_flops(n, size.width, size.mlp_dim,
+      size, _ = size_from_config(config.model)
+      out["aggregation"] = aggregation_flops(num_patches(config), size.width, size.mlp_dim,
                                              config.patch_aggregation.depth, cls.target_dim(config))
       out["total"] += out["aggregation"]
     return out
@@ -103,9 +108,11 @@ class BEiT(MaskedPrediction):
     super().__init__(config, length, target=patch_targets.Tokens(config.tokenizer.path),
                      loss_fn=losses.masked_cross_entropy)
     agg = config.patch_aggregation
+    self.masked_mean_metrics = ("loss", "accuracy")
     if agg.from_block:
       self.model = AggregatingMaskTokenModel(self.model.encoder, self.model.predictor,
                                              from_block=agg.from_block, depth=agg.depth)
+      self.masked_mean_metrics += ("mim_loss", "aggregation_loss", "aggregation_accuracy")
 
   def extra_metrics(self, pred, target, mask):
     hit = (jnp.argmax(pred, axis=-1) == target).astype(jnp.float32)
@@ -125,15 +132,6 @@ class BEiT(MaskedPrediction):
     if "hit" in out:
       return hit_picture(images, out, self.grid_hw, self.patch_size, self.display)
     return token_picture(images, out, self.grid_hw, self.patch_size, self.display)
-
-
-def _draws_aggregation(config) -> bool:
-  """Whether a run of `config` draws aggregation blocks under model.weight_init: unless it
-  continues from a BEiT workdir whose aggregation has as many blocks."""
-  if not config.patch_aggregation.from_block:
-    return False
-  saved = continuation.loadable_part(config, "aggregation")
-  return saved is None or len(saved) != config.patch_aggregation.depth
 
 
 def decoded_codes(target: patch_targets.Tokens, extra, logits, codes, mask, grid_hw) -> dict:

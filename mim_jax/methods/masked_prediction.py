@@ -70,7 +70,7 @@ class MaskedPrediction(base.PretrainingMethod):
   def forward_flops(cls, config):
     size, _ = size_from_config(config.model)
     encoder = flops.encoder_flops(config.model, config.image_size, config.channels)
-    decoder = float(2 * _num_patches(config) * size.width * cls.target_dim(config))
+    decoder = float(2 * num_patches(config) * size.width * cls.target_dim(config))
     target = cls.target_flops(config)
     out = {"encoder": encoder, "decoder": decoder, "total": encoder + decoder + target}
     if target:
@@ -156,8 +156,9 @@ class MaskedPrediction(base.PretrainingMethod):
                **self.extra_metrics(pred, target, mask)}
     # A model with more heads (BEiT v2's patch aggregation) adds each head's loss on the same
     # targets and masks; "mim_loss" is then the main head's.
+    if out.get("more_preds"):
+      metrics["mim_loss"] = loss
     for name, more in out.get("more_preds", {}).items():
-      metrics["mim_loss"] = metrics.get("mim_loss", loss)
       more_loss = self.loss_fn(more, target, mask, axis_name=self.axis_name)
       metrics[f"{name}_loss"] = more_loss
       metrics.update({f"{name}_{k}": v for k, v in self.extra_metrics(more, target, mask).items()})
@@ -170,6 +171,7 @@ class MaskedPrediction(base.PretrainingMethod):
     return {**out, "mask": out["mask"].astype(jnp.float32)}
 
 
-def _num_patches(config) -> int:
+def num_patches(config) -> int:
+  """N, the patches of one image of `config`."""
   _, patch = size_from_config(config.model)
   return (config.image_size[0] // patch) * (config.image_size[1] // patch)

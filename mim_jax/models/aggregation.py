@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from mim_jax.models import flops
 from mim_jax.models.attention import RelativePositionBias, relative_position_index
-from mim_jax.models.vit import LAYER_NORM_EPS, ViTEncoder, block_class
+from mim_jax.models.vit import LAYER_NORM_EPS, ViTEncoder, block_class, block_output
 from mim_jax.training import parallel
 
 
@@ -76,19 +76,21 @@ class AggregatingMaskTokenModel(nn.Module):
   def __call__(self, images: jax.Array, token_mask: jax.Array, *, train: bool = False):
     e = self.encoder
     tokens, aux = e(images, token_mask=token_mask, train=train)
-    blocks = aux["blocks"]
-    x = jnp.concatenate([blocks[-1][:, :1], blocks[self.from_block - 1][:, 1:]], axis=1)
+    x = jnp.concatenate([block_output(tokens, aux, e.depth)[:, :1],
+                         block_output(tokens, aux, self.from_block)[:, 1:]], axis=1)
     own = e.variables["params"]["transformer"]
     rel_index = shared_bias = None
     if e.rel_pos_bias:
       grid = (images.shape[1] // e.patch_size, images.shape[2] // e.patch_size)
       rel_index = relative_position_index(tuple(e.grid_hw), grid)
     if e.rel_pos_bias == "shared":
-      shared_bias = RelativePositionBias(tuple(e.grid_hw), e.num_heads).apply(
+      # The encoder's table, applied as a function (parent=None: no module of this one).
+      shared_bias = RelativePositionBias(tuple(e.grid_hw), e.num_heads, parent=None).apply(
           {"params": own["rel_pos_bias"]}, rel_index)
     x = AggregationBlocks(e, self.from_block, self.depth, name="aggregation")(
         x, train, shared_bias, rel_index)
-    x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=e.dtype).apply({"params": own["norm"]}, x)
+    x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=e.dtype, parent=None).apply(
+        {"params": own["norm"]}, x)
     return self.predictor(tokens), {"aggregation": self.predictor(x)}
 
 

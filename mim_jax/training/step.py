@@ -263,6 +263,7 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
             lambda x: _to_varying(x, axis_name), (zeros, loss_zero, metric_zeros))
 
       weights = _masked_share_weights(method, micro, grad_accum_steps, axis_name)
+      masked_means = getattr(method, "masked_mean_metrics", ("loss",))
 
       def accumulate(carry, inputs):
         # `extra` (e.g. BatchNorm statistics) threads through the microbatches in order.
@@ -271,8 +272,7 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule: optax.Sc
         l, m, g, extra = grad_fn(state.params, extra, microbatch,
                                  jax.random.fold_in(rng, index))
         l, g = l * weight, jax.tree.map(lambda x: x * weight, g)
-        if "loss" in m:
-          m = {**m, "loss": m["loss"] * weight}
+        m = {k: v * weight if k in masked_means else v for k, v in m.items()}
         return (loss_sum + l, jax.tree.map(jnp.add, metric_sum, m),
                 jax.tree.map(jnp.add, grad_sum, g), extra), None
 
