@@ -24,34 +24,8 @@ release's 9 of 12 and 21 of 24; layer scale 0.1, and the release's 1e-5 from 24 
 `runlocal`.
 """
 
-from mim_jax import registry
-from mim_jax.config import defaults as config_defaults
-from mim_jax.models.vit import size_from_config
+from mim_jax import recipes
 
 
 def get_config(arg=None):
-  args = config_defaults.parse_arg(arg)
-  c = registry.base_config("beit")
-  c.model.variant = str(args.get("variant", "B/16"))
-  c.model.drop_path_rate = 0.1
-  c.model.weight_init = "beit"
-  depth = size_from_config(c.model)[0].depth
-  # The release's layer scale: 0.1 for its base model, 1e-5 for its large one.
-  c.model.update(rel_pos_bias="shared", layer_scale=0.1 if depth < 24 else 1e-5,
-                 abs_posemb=False)
-  # 75 of 196 patches: int(196 * 75 / 196) = 75, BEiT v2's num_mask_patches, always reached.
-  c.masking.update(kind="blockwise", ratio=75 / 196, min_block=16, min_aspect=0.3,
-                   exact_count=True)
-  c.tokenizer.update(vocab_size=8192, path="")
-  c.data.crop_scale = (0.2, 1.0)
-  c.global_batch_size = 2048
-  c.num_epochs = 1600
-  c.optimizer.update(name="adamw", base_lr=1.5e-3, lr_batch_reference=2048, b1=0.9, b2=0.999,
-                     weight_decay=0.05, warmup_epochs=10.0, min_lr=1e-5, clip_grad_norm=3.0)
-  if args.get("runlocal"):
-    config_defaults.apply_runlocal(c)
-    c.masking.min_block = 1  # 2x2-patch synthetic images: a budget of one patch
-    c.tokenizer.vocab_size = 16  # the runlocal tokenizer of configs/vqkd_tokenizer_imagenet.py
-  depth = size_from_config(c.model)[0].depth  # runlocal's micro model has 2
-  c.patch_aggregation.update(from_block=max(depth - 3, 1), depth=2)  # 9 of 12, 21 of 24
-  return c
+  return recipes.beit_imagenet_config(arg, version=2)

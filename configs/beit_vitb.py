@@ -26,29 +26,8 @@ BEiT v2's generator tops each up to exactly its count (`masking.exact_count`;
 configs/beit2_vitb.py is BEiT v2's stage 2). Arguments: `variant=B/16` (any SIZE/PATCH), `runlocal`.
 """
 
-from mim_jax import registry
-from mim_jax.config import defaults as config_defaults
+from mim_jax import recipes
 
 
 def get_config(arg=None):
-  args = config_defaults.parse_arg(arg)
-  c = registry.base_config("beit")
-  c.model.variant = str(args.get("variant", "B/16"))
-  c.model.drop_path_rate = 0.1
-  # The official ViT: a relative position bias shared by all blocks, layer scale, no
-  # absolute positions, and its init (N(0, 0.02) cut at +-0.02, branch outputs divided by
-  # sqrt(2 * layer): models/initializers.py weight_inits).
-  c.model.weight_init = "beit"
-  c.model.update(rel_pos_bias="shared", layer_scale=0.1, abs_posemb=False)
-  c.masking.update(kind="blockwise", ratio=0.4, min_block=16, min_aspect=0.3)
-  c.tokenizer.update(vocab_size=8192, path="")
-  c.data.crop_scale = (0.08, 1.0)
-  c.global_batch_size = 2048
-  c.num_epochs = 800
-  c.optimizer.update(name="adamw", base_lr=1.5e-3, lr_batch_reference=2048, b1=0.9, b2=0.999,
-                     weight_decay=0.05, warmup_epochs=10.0, min_lr=1e-5, clip_grad_norm=3.0)
-  if args.get("runlocal"):
-    config_defaults.apply_runlocal(c)
-    c.masking.min_block = 1  # 2x2-patch synthetic images: a budget of one patch
-    c.tokenizer.vocab_size = 16  # the runlocal tokenizer of configs/beit_tokenizer_imagenet.py
-  return c
+  return recipes.beit_imagenet_config(arg, version=1)

@@ -27,6 +27,47 @@ def mae_imagenet_config(arg: str | None, default_variant: str) -> ml_collections
   return c
 
 
+def beit_imagenet_config(arg: str | None, version: int = 1) -> ml_collections.ConfigDict:
+  """BEiT's ImageNet stage 2 (`version` 1: configs/beit_vitb.py; 2: BEiT v2's release,
+  configs/beit2_vitb.py, whose docstrings give the sources); `arg` may hold `variant=...`
+  (default B/16) and `runlocal`.
+
+  Shared: the BEiT ViT (a shared relative position bias, layer scale, no absolute positions,
+  BEiT's init: N(0, 0.02) cut at +-0.02, branch outputs divided by sqrt(2 * layer)), drop
+  path 0.1, blockwise masks (blocks of at least 16 patches, aspect ratios in [0.3, 1/0.3]),
+  8192 codes, batch 2048, AdamW (0.9, 0.999) at lr 1.5e-3 for that batch, 10 warm-up epochs
+  then cosine to 1e-5, weight decay 0.05, clipping 3.0. Version 1: 800 epochs, 40% masked,
+  crops from 8% of the image, layer scale 0.1. Version 2: 1,600 epochs, exactly 75 of 196
+  masked, crops from 20%, layer scale 0.1 (1e-5 from 24 blocks up), the patch aggregation
+  reading block depth - 3 through 2 blocks."""
+  from mim_jax.models.vit import size_from_config
+  args = parse_arg(arg)
+  c = registry.base_config("beit")
+  c.model.variant = str(args.get("variant", "B/16"))
+  depth = size_from_config(c.model)[0].depth
+  c.model.update(drop_path_rate=0.1, weight_init="beit", rel_pos_bias="shared",
+                 layer_scale=0.1 if version == 1 or depth < 24 else 1e-5, abs_posemb=False)
+  c.masking.update(kind="blockwise", min_block=16, min_aspect=0.3)
+  if version == 1:
+    c.masking.ratio = 0.4
+  else:  # int(196 * 75 / 196) = 75, the release's num_mask_patches, each mask topped up to it
+    c.masking.update(ratio=75 / 196, exact_count=True)
+  c.tokenizer.update(vocab_size=8192, path="")
+  c.data.crop_scale = (0.08 if version == 1 else 0.2, 1.0)
+  c.global_batch_size = 2048
+  c.num_epochs = 800 if version == 1 else 1600
+  c.optimizer.update(name="adamw", base_lr=1.5e-3, lr_batch_reference=2048, b1=0.9, b2=0.999,
+                     weight_decay=0.05, warmup_epochs=10.0, min_lr=1e-5, clip_grad_norm=3.0)
+  if args.get("runlocal"):
+    apply_runlocal(c)
+    c.masking.min_block = 1  # 2x2-patch synthetic images: a budget of one patch
+    c.tokenizer.vocab_size = 16  # the runlocal tokenizers of configs/*_tokenizer_imagenet.py
+  if version == 2:
+    depth = size_from_config(c.model)[0].depth  # runlocal's micro model has 2
+    c.patch_aggregation.update(from_block=max(depth - 3, 1), depth=2)  # 9 of 12, 21 of 24
+  return c
+
+
 def fmnist_pretraining(c: ml_collections.ConfigDict,
                        arg: str | None) -> ml_collections.ConfigDict:
   """The Fashion-MNIST pre-training budget every method shares, so their rows compare: 3 epochs
