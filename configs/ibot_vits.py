@@ -15,11 +15,11 @@ weight decay 0.04 -> 0.4 along a cosine; shared DINO head with 8192 prototypes (
 0.04 -> 0.07 over 30 epochs for [CLS] and patches; teacher momentum 0.996 -> 1 (cosine), centre
 momentum 0.9; last layer frozen for the first epoch; lambda 1 for both losses. Views: 2 global
 crops at 224 px of scale (0.25, 1) and 10 local crops at 96 px of scale (0.05, 0.25), with
-DINO's colour jitter / grayscale / blur / solarisation. Masking: blockwise (min block 16
-patches, iBOT's (min(grid) // 3)^2 for the 14x14 grid of S/16 at 224 px: another grid, e.g.
-`variant=S/8`, keeps 16 unless masking.min_block is set to it, where the release derives it
-from the grid; aspect 0.3 .. 1/0.3) on half of the global views, each with a ratio drawn from (0.1,
-0.5) (iBOT's pred_ratio 0 / 0.3 with pred_ratio_var 0 / 0.2). The ViT starts as the release's
+DINO's colour jitter / grayscale / blur / solarisation. Masking: blockwise (min block
+(min(grid) // 3)^2 patches as the release derives it: 16 for the 14x14 grid of S/16 at 224 px,
+81 for `variant=S/8`'s 28x28; a --config.model.variant override keeps the argument's, so set
+masking.min_block with it; aspect 0.3 .. 1/0.3) on half of the global views, each with a ratio
+drawn from (0.1, 0.5) (iBOT's pred_ratio 0 / 0.3 with pred_ratio_var 0 / 0.2). The ViT starts as the release's
 (DINO's, `model.weight_init="dino"`): linear layers and the cls token trunc_normal_(0.02), the
 patch-embedding conv at PyTorch's default, a zero mask embedding. Not reproduced: its learned
 position table (trunc_normal_(0.02), interpolated for the 96-px views); the encoder adds the
@@ -30,6 +30,7 @@ embedding included, and the prototypes' scales.
 
 from mim_jax import registry
 from mim_jax.config import defaults as config_defaults
+from mim_jax.models.vit import parse_variant
 
 
 def get_config(arg=None):
@@ -39,8 +40,9 @@ def get_config(arg=None):
   c.model.drop_path_rate = 0.1
   # DINO's ViT init, which iBOT's release keeps (models/initializers.py weight_inits).
   c.model.weight_init = "dino"
+  grid = min(c.image_size) // parse_variant(c.model.variant)[1]
   c.masking.update(kind="blockwise", ratio_range=(0.1, 0.5), mask_probability=0.5,
-                   min_block=16, min_aspect=0.3)
+                   min_block=(grid // 3) ** 2, min_aspect=0.3)
   c.ibot.update(out_dim=8192, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=False,
                 student_temp=0.1, warmup_teacher_temp=0.04, teacher_temp=0.07,
                 warmup_teacher_patch_temp=0.04, teacher_patch_temp=0.07,

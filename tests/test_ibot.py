@@ -813,6 +813,10 @@ def test_configs_follow_the_recipe():
   k = s.masking
   assert (k.kind, tuple(k.ratio_range), k.mask_probability, k.min_block) == (
       "blockwise", (0.1, 0.5), 0.5, 16)
+  # The release's min_num_patches, (min(H, W) // 3) ** 2 of the grid: 81 on S/8's 28 x 28.
+  s8 = config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
+      "config", str(REPO / "configs" / "ibot_vits.py")).get_config("variant=S/8")
+  assert s8.masking.min_block == (28 // 3) ** 2 == 81
   assert s.model.drop_path_rate == 0.1
   f, mae = load("ibot_fmnist.py"), load("mae_fmnist.py")
   assert f.model.to_dict() == {k: v for k, v in mae.model.items() if k in f.model}
